@@ -1,0 +1,18 @@
+//! Compiles the public contract in `proto/` with protox (pure Rust, no protoc to
+//! install) and writes the descriptor set that server reflection serves.
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/ern_registry/v1/common.proto", "proto/ern_registry/v1/case.proto"];
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(files, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out.join("ern_registry_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
