@@ -84,3 +84,14 @@ impl std::fmt::Display for FieldViolations {
 }
 
 impl std::error::Error for FieldViolations {}
+
+mod codes;
+mod dates;
+mod record;
+
+pub use codes::{
+    CentreCode, ClientReference, CountryCode, DomainError, HgncSymbol, HgvsVariant, HpoTerm, Icd10,
+    Icd11, IcfCode, ORPHA_UNDIAGNOSED, Omim, Orphacode, RegistryCode,
+};
+pub use dates::{MIN_YEAR, PartialDate, YearMonth};
+pub use record::{CaseRecord, GeneticFinding, Onset, OnsetKind, PatientStatus, Sex};
