@@ -1,0 +1,678 @@
+//! Patient pseudonyms (`docs/pseudonyms.md`).
+//!
+//! `pseudonym = HMAC-SHA256(K_registry,v, encode(normalise(identifiers)))`, where
+//! `K_registry,v = HKDF-SHA256(salt, master secret, info = registry code ‖ key version)`.
+//! The same patient gets the same pseudonym from any centre within one registry, and
+//! unlinkable pseudonyms in different registries. Identifiers live only in
+//! [`PatientIdentity`], which zeroises its memory on drop and never prints its content.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::RwLock;
+
+use chrono::NaiveDate;
+use ring::{hkdf, hmac};
+use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
+use zeroize::Zeroizing;
+
+use crate::domain::{CountryCode, FieldViolations, MIN_YEAR, Sex};
+use crate::keys::MasterSecret;
+use crate::proto;
+
+/// Domain separation of the HMAC input.
+pub const ENCODING_TAG: &[u8] = b"ern-registry/pseudonym/v1";
+/// HKDF salt of the registry keys.
+pub const HKDF_SALT: &[u8] = b"ern-registry/v1 pseudonym";
+/// Longest accepted identifier field, in characters.
+pub const MAX_FIELD_CHARS: usize = 128;
+
+/// Crockford's base32 alphabet (no I, L, O, U).
+const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+/// Length of a pseudonym's text: `R000-V000-` + 32 characters + check character.
+pub const PSEUDONYM_LEN: usize = 43;
+
+/// Normalised patient identifiers. Zeroised on drop; `Debug` prints nothing of them.
+pub enum PatientIdentity {
+    National {
+        country: CountryCode,
+        value: Zeroizing<String>,
+    },
+    Demographic {
+        given_names: Zeroizing<String>,
+        family_name: Zeroizing<String>,
+        date_of_birth: Zeroizing<String>,
+        sex: Sex,
+        place_of_birth: Zeroizing<String>,
+        country_of_birth: CountryCode,
+    },
+}
+
+impl fmt::Debug for PatientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PatientIdentity::National { .. } => f.write_str("PatientIdentity::National(..)"),
+            PatientIdentity::Demographic { .. } => f.write_str("PatientIdentity::Demographic(..)"),
+        }
+    }
+}
+
+/// Folds a name or place for keying: Unicode NFKD, diacritics dropped, letters that do
+/// not decompose mapped (ø→o, ß→ss, æ→ae, ...), lower case, and everything that is not a
+/// letter or digit (spaces, hyphens, apostrophes, dots) removed.
+pub fn normalise_text(s: &str) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::with_capacity(s.len()));
+    for c in s.nfkd().filter(|c| !is_combining_mark(*c)) {
+        for lower in c.to_lowercase() {
+            match lower {
+                'ø' => out.push('o'),
+                'ł' => out.push('l'),
+                'đ' | 'ð' => out.push('d'),
+                'ħ' => out.push('h'),
+                'ı' => out.push('i'),
+                'ß' => out.push_str("ss"),
+                'æ' => out.push_str("ae"),
+                'œ' => out.push_str("oe"),
+                'þ' => out.push_str("th"),
+                c if c.is_alphanumeric() => out.push(c),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Checks a Dutch citizen service number (BSN): 9 digits (8 are left-padded with a 0)
+/// passing the 11-check. Returns the 9-digit form.
+pub fn check_bsn(digits: &str) -> Option<String> {
+    if !(8..=9).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let padded = format!("{digits:0>9}");
+    let d: Vec<i64> = padded.bytes().map(|b| i64::from(b - b'0')).collect();
+    let sum: i64 = d[..8]
+        .iter()
+        .zip((2..=9).rev())
+        .map(|(d, w)| d * w)
+        .sum::<i64>()
+        - d[8];
+    (sum % 11 == 0 && d.iter().any(|&x| x != 0)).then_some(padded)
+}
+
+fn bounded<'a>(v: &mut FieldViolations, field: &str, s: &'a str) -> Option<&'a str> {
+    if s.trim().is_empty() {
+        v.push(field, "is required");
+        None
+    } else if s.chars().count() > MAX_FIELD_CHARS {
+        v.push(
+            field,
+            format!("must be at most {MAX_FIELD_CHARS} characters"),
+        );
+        None
+    } else {
+        Some(s)
+    }
+}
+
+fn country(v: &mut FieldViolations, field: &str, s: &str) -> Option<CountryCode> {
+    let upper = Zeroizing::new(s.trim().to_ascii_uppercase());
+    v.check(field, CountryCode::parse(&upper))
+}
+
+fn text_field(v: &mut FieldViolations, field: &str, s: &str) -> Option<Zeroizing<String>> {
+    let s = bounded(v, field, s)?;
+    let n = normalise_text(s);
+    if n.is_empty() {
+        v.push(field, "must contain letters or digits");
+        return None;
+    }
+    Some(n)
+}
+
+impl PatientIdentity {
+    /// Validates and normalises identifiers from the wire. Violations name the field
+    /// (`national.value`, `demographic.date_of_birth`) and never contain the value.
+    pub fn from_proto(p: &proto::PatientIdentifiers) -> Result<Self, FieldViolations> {
+        use proto::patient_identifiers::Kind;
+        let mut v = FieldViolations::new();
+        match &p.kind {
+            None => {
+                v.push("kind", "national or demographic identifiers are required");
+                Err(v)
+            }
+            Some(Kind::National(n)) => {
+                let country = country(&mut v, "national.issuing_country", &n.issuing_country);
+                let value = bounded(&mut v, "national.value", &n.value).and_then(|raw| {
+                    let compact: Zeroizing<String> = Zeroizing::new(
+                        raw.chars()
+                            .filter(|c| !matches!(c, ' ' | '.' | '-'))
+                            .map(|c| c.to_ascii_uppercase())
+                            .collect(),
+                    );
+                    if compact.is_empty() || !compact.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                        v.push(
+                            "national.value",
+                            "must be letters and digits (spaces, dots and dashes are ignored)",
+                        );
+                        return None;
+                    }
+                    if country.as_ref().is_some_and(|c| c.as_str() == "NL") {
+                        match check_bsn(&compact) {
+                            Some(bsn) => return Some(Zeroizing::new(bsn)),
+                            None => {
+                                v.push(
+                                    "national.value",
+                                    "must be a valid BSN: 9 digits passing the 11-check",
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                    Some(compact)
+                });
+                v.into_result()?;
+                Ok(PatientIdentity::National {
+                    country: country.expect("no violations"),
+                    value: value.expect("no violations"),
+                })
+            }
+            Some(Kind::Demographic(d)) => {
+                let given_names = text_field(&mut v, "demographic.given_names", &d.given_names);
+                let family_name = text_field(&mut v, "demographic.family_name", &d.family_name);
+                let date_of_birth = bounded(&mut v, "demographic.date_of_birth", &d.date_of_birth).and_then(|s| {
+                    let ok = s.len() == 10
+                        && NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                            .is_ok_and(|date| date.format("%Y-%m-%d").to_string() == s && date.year_ok());
+                    if ok {
+                        Some(Zeroizing::new(s.to_owned()))
+                    } else {
+                        v.push("demographic.date_of_birth", "must be a real date \"YYYY-MM-DD\", from 1880 on and not in the future");
+                        None
+                    }
+                });
+                let sex = v.check("demographic.sex_at_birth", Sex::from_proto(d.sex_at_birth));
+                let place_of_birth =
+                    text_field(&mut v, "demographic.place_of_birth", &d.place_of_birth);
+                let country_of_birth =
+                    country(&mut v, "demographic.country_of_birth", &d.country_of_birth);
+                v.into_result()?;
+                Ok(PatientIdentity::Demographic {
+                    given_names: given_names.expect("no violations"),
+                    family_name: family_name.expect("no violations"),
+                    date_of_birth: date_of_birth.expect("no violations"),
+                    sex: sex.expect("no violations"),
+                    place_of_birth: place_of_birth.expect("no violations"),
+                    country_of_birth: country_of_birth.expect("no violations"),
+                })
+            }
+        }
+    }
+
+    /// The HMAC input: the tag, then every field as a 4-byte big-endian length and
+    /// its UTF-8 bytes, so no two different identities encode alike.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(128));
+        let mut field = |bytes: &[u8]| {
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            out.extend_from_slice(bytes);
+        };
+        field(ENCODING_TAG);
+        match self {
+            PatientIdentity::National { country, value } => {
+                field(b"national");
+                field(country.as_str().as_bytes());
+                field(value.as_bytes());
+            }
+            PatientIdentity::Demographic {
+                given_names,
+                family_name,
+                date_of_birth,
+                sex,
+                place_of_birth,
+                country_of_birth,
+            } => {
+                field(b"demographic");
+                field(given_names.as_bytes());
+                field(family_name.as_bytes());
+                field(date_of_birth.as_bytes());
+                field(sex.as_str().as_bytes());
+                field(place_of_birth.as_bytes());
+                field(country_of_birth.as_str().as_bytes());
+            }
+        }
+        out
+    }
+}
+
+trait YearOk {
+    fn year_ok(&self) -> bool;
+}
+
+impl YearOk for NaiveDate {
+    fn year_ok(&self) -> bool {
+        use chrono::Datelike;
+        self.year() >= MIN_YEAR && *self <= chrono::Utc::now().date_naive()
+    }
+}
+
+/// Which registry key to use: the registry's number (1..=999, shown in the pseudonym),
+/// its code (bound into the key) and the key version.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryRef<'a> {
+    pub seq: u16,
+    pub code: &'a str,
+    pub key_version: u16,
+}
+
+/// Derives pseudonyms; holds the HKDF pseudo-random key and a cache of registry keys.
+pub struct Pseudonymiser {
+    prk: hkdf::Prk,
+    keys: RwLock<HashMap<(String, u16), hmac::Key>>,
+}
+
+struct KeyLen;
+
+impl hkdf::KeyType for KeyLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+impl Pseudonymiser {
+    pub fn new(master: &MasterSecret) -> Self {
+        Pseudonymiser {
+            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.expose()),
+            keys: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn registry_key(&self, code: &str, version: u16) -> hmac::Key {
+        if let Some(key) = self
+            .keys
+            .read()
+            .expect("key cache")
+            .get(&(code.to_owned(), version))
+        {
+            return key.clone();
+        }
+        let mut info = Vec::with_capacity(64);
+        info.extend_from_slice(b"registry-key");
+        info.extend_from_slice(&(code.len() as u32).to_be_bytes());
+        info.extend_from_slice(code.as_bytes());
+        info.extend_from_slice(&u32::from(version).to_be_bytes());
+        let info = [info.as_slice()];
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        self.prk
+            .expand(&info, KeyLen)
+            .and_then(|okm| okm.fill(bytes.as_mut()))
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let key = hmac::Key::new(hmac::HMAC_SHA256, bytes.as_ref());
+        self.keys
+            .write()
+            .expect("key cache")
+            .insert((code.to_owned(), version), key.clone());
+        key
+    }
+
+    /// The pseudonym of `identity` in `registry`.
+    pub fn derive(&self, registry: RegistryRef<'_>, identity: &PatientIdentity) -> Pseudonym {
+        let key = self.registry_key(registry.code, registry.key_version);
+        let tag = hmac::sign(&key, &identity.encode());
+        Pseudonym::from_tag(registry.seq, registry.key_version, &tag.as_ref()[..20])
+    }
+}
+
+/// Luhn mod 32 check character over the alphabet values of `chars`.
+fn check_char(chars: &[u8]) -> u8 {
+    let mut sum = 0u32;
+    let mut factor = 2;
+    for &c in chars.iter().rev() {
+        let addend = factor * value_of(c).expect("alphabet character");
+        factor = if factor == 2 { 1 } else { 2 };
+        sum += addend / 32 + addend % 32;
+    }
+    ALPHABET[((32 - sum % 32) % 32) as usize]
+}
+
+fn value_of(c: u8) -> Option<u32> {
+    ALPHABET.iter().position(|&a| a == c).map(|p| p as u32)
+}
+
+/// Why a pseudonym given by a client was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PseudonymError {
+    #[error(
+        "must be a pseudonym as issued: \"R<3 digits>-V<3 digits>-\" and 33 characters of Crockford base32 (43 in all)"
+    )]
+    Format,
+    #[error("has a wrong check character (mistyped?)")]
+    Check,
+}
+
+/// A patient pseudonym, e.g. `R009-V001-` + 33 characters. 160 bits of the HMAC, the
+/// registry number and key version in clear, and a check character that catches any
+/// single mistyped character and most swaps of neighbours.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Pseudonym(String);
+
+impl fmt::Debug for Pseudonym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pseudonym({}…)", &self.0[..10])
+    }
+}
+
+impl Pseudonym {
+    fn from_tag(seq: u16, version: u16, tag: &[u8]) -> Self {
+        debug_assert!(seq <= 999 && version <= 999 && tag.len() == 20);
+        let mut body = Vec::with_capacity(PSEUDONYM_LEN);
+        let mut acc = 0u64;
+        let mut bits = 0;
+        for &b in tag {
+            acc = acc << 8 | u64::from(b);
+            bits += 8;
+            while bits >= 5 {
+                bits -= 5;
+                body.push(ALPHABET[((acc >> bits) & 31) as usize]);
+            }
+        }
+        let mut checked: Vec<u8> = format!("{seq:03}{version:03}").into_bytes();
+        checked.extend_from_slice(&body);
+        body.push(check_char(&checked));
+        let mut text = format!("R{seq:03}-V{version:03}-");
+        text.push_str(std::str::from_utf8(&body).expect("ascii"));
+        Pseudonym(text)
+    }
+
+    pub fn parse(s: &str) -> Result<Self, PseudonymError> {
+        let b = s.as_bytes();
+        let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+        let shape = b.len() == PSEUDONYM_LEN
+            && b[0] == b'R'
+            && digits(1..4)
+            && &b[4..6] == b"-V"
+            && digits(6..9)
+            && b[9] == b'-'
+            && b[10..].iter().all(|&c| value_of(c).is_some());
+        if !shape {
+            return Err(PseudonymError::Format);
+        }
+        let mut checked: Vec<u8> = [&b[1..4], &b[6..9], &b[10..PSEUDONYM_LEN - 1]].concat();
+        if check_char(&checked) != b[PSEUDONYM_LEN - 1] {
+            return Err(PseudonymError::Check);
+        }
+        checked.clear();
+        Ok(Pseudonym(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The registry number in the prefix.
+    pub fn registry_seq(&self) -> u16 {
+        self.0[1..4].parse().expect("checked at construction")
+    }
+
+    pub fn key_version(&self) -> u16 {
+        self.0[6..9].parse().expect("checked at construction")
+    }
+}
+
+impl fmt::Display for Pseudonym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn master() -> MasterSecret {
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        MasterSecret::from_bytes(bytes)
+    }
+
+    fn national(country: &str, value: &str) -> proto::PatientIdentifiers {
+        proto::PatientIdentifiers {
+            kind: Some(proto::patient_identifiers::Kind::National(
+                proto::NationalIdentifier {
+                    issuing_country: country.into(),
+                    value: value.into(),
+                },
+            )),
+        }
+    }
+
+    fn demographic(
+        given: &str,
+        family: &str,
+        dob: &str,
+        place: &str,
+        country: &str,
+    ) -> proto::PatientIdentifiers {
+        proto::PatientIdentifiers {
+            kind: Some(proto::patient_identifiers::Kind::Demographic(
+                proto::DemographicIdentifiers {
+                    given_names: given.into(),
+                    family_name: family.into(),
+                    date_of_birth: dob.into(),
+                    sex_at_birth: proto::Sex::Female as i32,
+                    place_of_birth: place.into(),
+                    country_of_birth: country.into(),
+                },
+            )),
+        }
+    }
+
+    fn derive(p: &proto::PatientIdentifiers, code: &str, seq: u16, version: u16) -> String {
+        let identity = PatientIdentity::from_proto(p).unwrap();
+        Pseudonymiser::new(&master())
+            .derive(
+                RegistryRef {
+                    seq,
+                    code,
+                    key_version: version,
+                },
+                &identity,
+            )
+            .to_string()
+    }
+
+    #[test]
+    fn normalisation_folds_spelling_variants() {
+        assert_eq!(
+            *normalise_text("Van den Broeck-Müller"),
+            "vandenbroeckmuller"
+        );
+        assert_eq!(
+            *normalise_text("VAN DEN BROECK MULLER"),
+            "vandenbroeckmuller"
+        );
+        assert_eq!(
+            *normalise_text("Søren Łukasz Þór Straße Æsa"),
+            "sorenlukaszthorstrasseaesa"
+        );
+        assert_eq!(
+            *normalise_text("Ｚｏë\u{0301}"),
+            "zoe",
+            "full-width and stacked marks"
+        );
+        assert_eq!(*normalise_text("O'Brien, Jr."), "obrienjr");
+        assert_eq!(
+            *normalise_text("Δημήτρης"),
+            "δημητρης",
+            "other scripts are kept, accents dropped"
+        );
+    }
+
+    #[test]
+    fn bsn_eleven_check() {
+        assert_eq!(check_bsn("123456782").as_deref(), Some("123456782"));
+        assert_eq!(
+            check_bsn("12345672").as_deref(),
+            Some("012345672"),
+            "8 digits are left-padded"
+        );
+        for bad in ["123456781", "000000000", "1234567820", "12345a782", ""] {
+            assert!(check_bsn(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn national_identifiers_are_compacted_and_checked() {
+        let a = derive(&national("NL", "1234.56.782"), "ERN-EYE", 9, 1);
+        let b = derive(&national("nl", " 123-456-782 "), "ERN-EYE", 9, 1);
+        assert_eq!(a, b);
+        let err = PatientIdentity::from_proto(&national("NL", "123456781")).unwrap_err();
+        assert_eq!(
+            err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
+            ["national.value"]
+        );
+        assert!(err.iter().all(|v| !v.description.contains("123456781")));
+        assert!(PatientIdentity::from_proto(&national("DE", "123456781")).is_ok());
+        let err = PatientIdentity::from_proto(&national("XX", &"9".repeat(200))).unwrap_err();
+        assert_eq!(err.len(), 2);
+    }
+
+    #[test]
+    fn demographic_fields_are_all_checked() {
+        let err =
+            PatientIdentity::from_proto(&demographic("", "--", "2015-02-30", "Gent", "Belgium"))
+                .unwrap_err();
+        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "demographic.given_names",
+                "demographic.family_name",
+                "demographic.date_of_birth",
+                "demographic.country_of_birth"
+            ]
+        );
+        assert!(
+            PatientIdentity::from_proto(&demographic("a", "b", "2999-01-01", "c", "BE")).is_err()
+        );
+        assert!(PatientIdentity::from_proto(&proto::PatientIdentifiers { kind: None }).is_err());
+    }
+
+    #[test]
+    fn same_patient_same_registry_same_pseudonym_other_registry_unlinkable() {
+        let id = national("NL", "123456782");
+        assert_eq!(derive(&id, "ERN-EYE", 9, 1), derive(&id, "ERN-EYE", 9, 1));
+        let eye = derive(&id, "ERN-EYE", 9, 1);
+        let lung = derive(&id, "ERN-LUNG", 13, 1);
+        assert_ne!(eye[10..], lung[10..]);
+        let v2 = derive(&id, "ERN-EYE", 9, 2);
+        assert!(v2.starts_with("R009-V002-"));
+        assert_ne!(
+            eye[10..],
+            v2[10..],
+            "a new key version gives new pseudonyms"
+        );
+        // The code is bound into the key: the same number with another code differs.
+        assert_ne!(eye[10..], derive(&id, "ERN-EYF", 9, 1)[10..]);
+    }
+
+    #[test]
+    fn encoding_is_unambiguous() {
+        // Shifting characters between fields must change the encoding.
+        let a =
+            PatientIdentity::from_proto(&demographic("anne", "marie", "2015-06-02", "gent", "BE"))
+                .unwrap();
+        let b =
+            PatientIdentity::from_proto(&demographic("annem", "arie", "2015-06-02", "gent", "BE"))
+                .unwrap();
+        assert_ne!(*a.encode(), *b.encode());
+        assert_eq!(format!("{a:?}"), "PatientIdentity::Demographic(..)");
+    }
+
+    #[test]
+    fn check_character_catches_typos() {
+        let p = derive(&national("NL", "123456782"), "ERN-EYE", 9, 1);
+        assert_eq!(p.len(), PSEUDONYM_LEN);
+        let parsed = Pseudonym::parse(&p).unwrap();
+        assert_eq!((parsed.registry_seq(), parsed.key_version()), (9, 1));
+        assert!(!format!("{parsed:?}").contains(&p[10..]));
+        let mut bytes = p.clone().into_bytes();
+        for i in (1..4).chain(6..9).chain(10..PSEUDONYM_LEN) {
+            let orig = bytes[i];
+            for &c in ALPHABET.iter().filter(|&&c| c != orig) {
+                if i < 10 && !c.is_ascii_digit() {
+                    continue;
+                }
+                bytes[i] = c;
+                let typo = String::from_utf8(bytes.clone()).unwrap();
+                assert_eq!(
+                    Pseudonym::parse(&typo),
+                    Err(PseudonymError::Check),
+                    "position {i}"
+                );
+                bytes[i] = orig;
+            }
+        }
+        for bad in [
+            "",
+            "R009-V001-",
+            &p.to_lowercase(),
+            &p[..42],
+            &format!("{p}0"),
+        ] {
+            assert_eq!(Pseudonym::parse(bad), Err(PseudonymError::Format));
+        }
+    }
+
+    /// The vectors published in `docs/pseudonyms.md` are what the code computes.
+    #[test]
+    fn published_test_vectors_hold() {
+        let doc = include_str!("../docs/pseudonyms.md");
+        let mut checked = 0;
+        for line in doc.lines().filter(|l| l.starts_with("| V")) {
+            let cells: Vec<&str> = line
+                .split('|')
+                .map(|c| c.trim().trim_matches('`'))
+                .collect();
+            // | id | registry | seq | version | kind | fields | pseudonym |
+            let (code, seq, version, kind, fields, expected) = (
+                cells[2],
+                cells[3].parse().unwrap(),
+                cells[4].parse().unwrap(),
+                cells[5],
+                cells[6],
+                cells[7],
+            );
+            let f: Vec<&str> = fields.split(" / ").collect();
+            let identifiers = match kind {
+                "national" => national(f[0], f[1]),
+                _ => demographic(f[0], f[1], f[2], f[3], f[4]),
+            };
+            assert_eq!(derive(&identifiers, code, seq, version), expected, "{line}");
+            checked += 1;
+        }
+        assert!(checked >= 6, "the vectors table was not found");
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,50}") {
+            let _ = Pseudonym::parse(&s);
+        }
+
+        #[test]
+        fn derived_pseudonyms_parse(tag in proptest::collection::vec(any::<u8>(), 20), seq in 1u16..1000, v in 1u16..1000) {
+            let p = Pseudonym::from_tag(seq, v, &tag);
+            let parsed = Pseudonym::parse(p.as_str()).unwrap();
+            prop_assert_eq!(parsed.registry_seq(), seq);
+            prop_assert_eq!(parsed.key_version(), v);
+        }
+
+        #[test]
+        fn normalisation_is_idempotent(s in "\\PC{0,40}") {
+            let once = normalise_text(&s);
+            prop_assert_eq!(&*normalise_text(&once), &*once);
+        }
+    }
+}
