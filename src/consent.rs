@@ -1,0 +1,466 @@
+//! Consent: the rules that decide whether a patient's data may be stored or counted.
+//!
+//! Consent is kept per (registry, pseudonym) as an append-only history of decisions, one
+//! scope each. The decision *in force* for a scope at an instant is the one with the latest
+//! `given_at` at or before that instant (ties: the one recorded last). Ordering by when the
+//! patient decided, not by when somebody typed it in, is deliberate: a stale attestation of
+//! an old grant can never override a newer refusal or withdrawal, which is exactly the
+//! "re-consent must be given after the withdrawal" rule of the design brief. An expired
+//! grant counts as absent.
+//!
+//! This module is pure: no I/O. The store evaluates the same rule in SQL for read paths
+//! (see `store::consent_in_force_sql`), and the tests of both pin them to each other.
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::domain::FieldViolations;
+use crate::proto;
+
+/// How far in the future a `given_at` may lie before it is rejected (clock skew between
+/// the hospital's systems and ours).
+pub const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+/// Longest accepted consent-form version label.
+pub const MAX_FORM_VERSION_LEN: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    RegistryInclusion,
+    ResearchUse,
+    Recontact,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [
+        Scope::RegistryInclusion,
+        Scope::ResearchUse,
+        Scope::Recontact,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::RegistryInclusion => "registry_inclusion",
+            Scope::ResearchUse => "research_use",
+            Scope::Recontact => "recontact",
+        }
+    }
+
+    pub fn parse_db(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
+    }
+
+    fn from_proto(value: i32) -> Option<Scope> {
+        match proto::ConsentScope::try_from(value).ok()? {
+            proto::ConsentScope::RegistryInclusion => Some(Scope::RegistryInclusion),
+            proto::ConsentScope::ResearchUse => Some(Scope::ResearchUse),
+            proto::ConsentScope::Recontact => Some(Scope::Recontact),
+            proto::ConsentScope::Unspecified => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Granted,
+    Refused,
+    Withdrawn,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Granted => "granted",
+            Decision::Refused => "refused",
+            Decision::Withdrawn => "withdrawn",
+        }
+    }
+
+    pub fn parse_db(s: &str) -> Option<Decision> {
+        [Decision::Granted, Decision::Refused, Decision::Withdrawn]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+/// Who put a decision on file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Attested by the treating physician with a submission.
+    PhysicianAttestation,
+    /// Recorded by a consent officer.
+    ConsentOfficer,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::PhysicianAttestation => "physician_attestation",
+            Source::ConsentOfficer => "consent_officer",
+        }
+    }
+}
+
+/// One consent decision for one scope, as it arrives (not yet on file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentDecision {
+    pub scope: Scope,
+    pub decision: Decision,
+    pub given_at: DateTime<Utc>,
+    pub form_version: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A decision on file (or about to be, within the same transaction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentEvent {
+    /// Order of recording; larger is later. Events not yet written use `i64::MAX` and up.
+    pub seq: i64,
+    pub scope: Scope,
+    pub decision: Decision,
+    pub given_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The decision in force for `scope` at `at`, if any.
+pub fn in_force(events: &[ConsentEvent], scope: Scope, at: DateTime<Utc>) -> Option<&ConsentEvent> {
+    events
+        .iter()
+        .filter(|e| e.scope == scope && e.given_at <= at)
+        .max_by_key(|e| (e.given_at, e.seq))
+}
+
+/// Whether `scope` is granted and not expired at `at`.
+pub fn is_active(events: &[ConsentEvent], scope: Scope, at: DateTime<Utc>) -> bool {
+    in_force(events, scope, at)
+        .is_some_and(|e| e.decision == Decision::Granted && e.expires_at.is_none_or(|exp| exp > at))
+}
+
+/// Why a record may not be stored: said to the physician, so it names the scope and the
+/// state, never clinical data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InclusionRefused {
+    #[error("no REGISTRY_INCLUSION consent is on file for this patient in this registry")]
+    Missing,
+    #[error("the REGISTRY_INCLUSION consent in force is refused")]
+    Refused,
+    #[error(
+        "the REGISTRY_INCLUSION consent in force is withdrawn; a new consent given after the withdrawal is needed"
+    )]
+    Withdrawn,
+    #[error("the REGISTRY_INCLUSION consent in force has expired")]
+    Expired,
+}
+
+/// Decides whether a record may be stored: REGISTRY_INCLUSION granted and not expired.
+pub fn check_inclusion(events: &[ConsentEvent], at: DateTime<Utc>) -> Result<(), InclusionRefused> {
+    match in_force(events, Scope::RegistryInclusion, at) {
+        None => Err(InclusionRefused::Missing),
+        Some(e) => match e.decision {
+            Decision::Refused => Err(InclusionRefused::Refused),
+            Decision::Withdrawn => Err(InclusionRefused::Withdrawn),
+            Decision::Granted if e.expires_at.is_some_and(|exp| exp <= at) => {
+                Err(InclusionRefused::Expired)
+            }
+            Decision::Granted => Ok(()),
+        },
+    }
+}
+
+/// Parses the consent a physician attests with a submission. Only GRANTED and REFUSED may
+/// be attested (withdrawal is the consent officers' business); each scope at most once;
+/// `given_at` not in the future; `expires_at` after `given_at`.
+pub fn parse_attestation(
+    items: &[proto::ScopeConsent],
+    now: DateTime<Utc>,
+) -> Result<Vec<ConsentDecision>, FieldViolations> {
+    let mut violations = FieldViolations::new();
+    let mut out = Vec::with_capacity(items.len());
+    if items.len() > Scope::ALL.len() {
+        violations.push("consent", "at most one decision per scope (3)");
+        return Err(violations);
+    }
+    let mut seen = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let path = |f: &str| format!("consent[{i}].{f}");
+        let scope = Scope::from_proto(item.scope);
+        if scope.is_none() {
+            violations.push(
+                path("scope"),
+                "must be REGISTRY_INCLUSION, RESEARCH_USE or RECONTACT",
+            );
+        }
+        if let Some(s) = scope {
+            if seen.contains(&s) {
+                violations.push(path("scope"), "each scope may appear only once");
+            }
+            seen.push(s);
+        }
+        let decision = match proto::ConsentState::try_from(item.state) {
+            Ok(proto::ConsentState::Granted) => Some(Decision::Granted),
+            Ok(proto::ConsentState::Refused) => Some(Decision::Refused),
+            Ok(proto::ConsentState::Withdrawn) => {
+                violations.push(
+                    path("state"),
+                    "a physician can attest GRANTED or REFUSED; withdrawals are recorded by a consent officer",
+                );
+                None
+            }
+            _ => {
+                violations.push(path("state"), "must be GRANTED or REFUSED");
+                None
+            }
+        };
+        let given_at = match item.given_at.as_ref().map(timestamp_from_proto) {
+            None => {
+                violations.push(path("given_at"), "is required");
+                None
+            }
+            Some(None) => {
+                violations.push(path("given_at"), "is not a valid timestamp");
+                None
+            }
+            Some(Some(t)) if t > now + CLOCK_SKEW => {
+                violations.push(path("given_at"), "must not be in the future");
+                None
+            }
+            Some(Some(t)) => Some(t),
+        };
+        let form_version = item.form_version.trim();
+        if form_version.is_empty() {
+            violations.push(path("form_version"), "is required");
+        } else if form_version.len() > MAX_FORM_VERSION_LEN
+            || !form_version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || " -_.:/()".contains(c))
+        {
+            violations.push(
+                path("form_version"),
+                "must be at most 64 characters of letters, digits, spaces and -_.:/()",
+            );
+        }
+        let expires_at = match item.expires_at.as_ref().map(timestamp_from_proto) {
+            None => None,
+            Some(None) => {
+                violations.push(path("expires_at"), "is not a valid timestamp");
+                None
+            }
+            Some(Some(t)) => {
+                if given_at.is_some_and(|g| t <= g) {
+                    violations.push(path("expires_at"), "must be after given_at");
+                }
+                Some(t)
+            }
+        };
+        if let (Some(scope), Some(decision), Some(given_at)) = (scope, decision, given_at) {
+            out.push(ConsentDecision {
+                scope,
+                decision,
+                given_at,
+                form_version: form_version.to_owned(),
+                expires_at,
+            });
+        }
+    }
+    violations.into_result().map(|()| out)
+}
+
+/// Converts a protobuf timestamp; `None` when out of chrono's range or malformed.
+pub fn timestamp_from_proto(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    let nanos = u32::try_from(t.nanos).ok()?;
+    DateTime::from_timestamp(t.seconds, nanos)
+}
+
+pub fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(days: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap() + Duration::days(days)
+    }
+
+    fn ev(seq: i64, scope: Scope, decision: Decision, given: i64) -> ConsentEvent {
+        ConsentEvent {
+            seq,
+            scope,
+            decision,
+            given_at: t(given),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn missing_inclusion_is_refused() {
+        let events = [ev(1, Scope::ResearchUse, Decision::Granted, 0)];
+        assert_eq!(
+            check_inclusion(&events, t(1)),
+            Err(InclusionRefused::Missing)
+        );
+    }
+
+    #[test]
+    fn granted_inclusion_allows_storage() {
+        let events = [ev(1, Scope::RegistryInclusion, Decision::Granted, 0)];
+        assert_eq!(check_inclusion(&events, t(1)), Ok(()));
+    }
+
+    #[test]
+    fn refused_inclusion_is_refused() {
+        let events = [ev(1, Scope::RegistryInclusion, Decision::Refused, 0)];
+        assert_eq!(
+            check_inclusion(&events, t(1)),
+            Err(InclusionRefused::Refused)
+        );
+    }
+
+    #[test]
+    fn withdrawal_overrides_earlier_grant() {
+        let events = [
+            ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
+            ev(2, Scope::RegistryInclusion, Decision::Withdrawn, 5),
+        ];
+        assert_eq!(
+            check_inclusion(&events, t(6)),
+            Err(InclusionRefused::Withdrawn)
+        );
+    }
+
+    #[test]
+    fn stale_grant_recorded_after_withdrawal_does_not_reinstate() {
+        // Recorded later (seq 3), but given before the withdrawal: the withdrawal stands.
+        let events = [
+            ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
+            ev(2, Scope::RegistryInclusion, Decision::Withdrawn, 5),
+            ev(3, Scope::RegistryInclusion, Decision::Granted, 4),
+        ];
+        assert_eq!(
+            check_inclusion(&events, t(6)),
+            Err(InclusionRefused::Withdrawn)
+        );
+    }
+
+    #[test]
+    fn consent_given_after_withdrawal_reinstates() {
+        let events = [
+            ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
+            ev(2, Scope::RegistryInclusion, Decision::Withdrawn, 5),
+            ev(3, Scope::RegistryInclusion, Decision::Granted, 7),
+        ];
+        assert_eq!(check_inclusion(&events, t(8)), Ok(()));
+        // ... but not before it was given.
+        assert_eq!(
+            check_inclusion(&events, t(6)),
+            Err(InclusionRefused::Withdrawn)
+        );
+    }
+
+    #[test]
+    fn expired_grant_counts_as_absent() {
+        let mut e = ev(1, Scope::RegistryInclusion, Decision::Granted, 0);
+        e.expires_at = Some(t(10));
+        let events = [e];
+        assert_eq!(check_inclusion(&events, t(9)), Ok(()));
+        assert_eq!(
+            check_inclusion(&events, t(10)),
+            Err(InclusionRefused::Expired)
+        );
+        assert!(!is_active(&events, Scope::RegistryInclusion, t(11)));
+    }
+
+    #[test]
+    fn scopes_are_independent() {
+        let events = [
+            ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
+            ev(2, Scope::ResearchUse, Decision::Refused, 0),
+        ];
+        assert!(is_active(&events, Scope::RegistryInclusion, t(1)));
+        assert!(!is_active(&events, Scope::ResearchUse, t(1)));
+        assert!(!is_active(&events, Scope::Recontact, t(1)));
+    }
+
+    #[test]
+    fn same_instant_ties_go_to_the_later_recording() {
+        let events = [
+            ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
+            ev(2, Scope::RegistryInclusion, Decision::Refused, 0),
+        ];
+        assert_eq!(
+            check_inclusion(&events, t(1)),
+            Err(InclusionRefused::Refused)
+        );
+    }
+
+    fn item(scope: proto::ConsentScope, state: proto::ConsentState) -> proto::ScopeConsent {
+        proto::ScopeConsent {
+            scope: scope as i32,
+            state: state as i32,
+            given_at: Some(timestamp_to_proto(t(0))),
+            form_version: "F-2024".into(),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn attestation_rejects_withdrawal_future_dates_duplicates_and_reports_all() {
+        let mut future = item(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Granted,
+        );
+        future.given_at = Some(timestamp_to_proto(t(30)));
+        future.form_version = String::new();
+        let items = [
+            item(
+                proto::ConsentScope::RegistryInclusion,
+                proto::ConsentState::Withdrawn,
+            ),
+            future,
+            item(
+                proto::ConsentScope::RegistryInclusion,
+                proto::ConsentState::Granted,
+            ),
+        ];
+        let err = parse_attestation(&items, t(1)).unwrap_err();
+        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
+        assert!(fields.contains(&"consent[0].state"), "{fields:?}");
+        assert!(fields.contains(&"consent[1].given_at"), "{fields:?}");
+        assert!(fields.contains(&"consent[1].form_version"), "{fields:?}");
+        assert!(fields.contains(&"consent[2].scope"), "{fields:?}");
+    }
+
+    #[test]
+    fn attestation_accepts_valid_decisions() {
+        let mut research = item(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Refused,
+        );
+        research.expires_at = Some(timestamp_to_proto(t(400)));
+        let items = [
+            item(
+                proto::ConsentScope::RegistryInclusion,
+                proto::ConsentState::Granted,
+            ),
+            research,
+        ];
+        let parsed = parse_attestation(&items, t(1)).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1].decision, Decision::Refused);
+        assert_eq!(parsed[1].expires_at, Some(t(400)));
+    }
+
+    #[test]
+    fn attestation_rejects_expiry_before_given() {
+        let mut i = item(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+        );
+        i.expires_at = Some(timestamp_to_proto(t(-1)));
+        let err = parse_attestation(&[i], t(1)).unwrap_err();
+        assert_eq!(err.iter().next().unwrap().field, "consent[0].expires_at");
+    }
+}

@@ -1,0 +1,479 @@
+//! Case records and consent history in SQL.
+//!
+//! Writes here run inside the writer's transaction and are called only by
+//! [`super::writer`]. Reads filter on consent in force *in the same statement* that
+//! fetches clinical data, so there is no step between "is consent in force?" and "read the
+//! row" in which a withdrawal could slip.
+
+use chrono::{DateTime, Utc};
+use sqlx::{AnyConnection, Row};
+
+use super::{Result, StoreError, from_millis, millis};
+use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
+use crate::domain::{CaseRecord, OnsetKind, PartialDate, PatientStatus, Sex};
+use crate::proto;
+
+/// SQL condition: the decision in force for `scope` (a literal from [`Scope::as_str`]) of
+/// the patient `alias.registry_id, alias.pseudonym` at `$now_param` is granted and not
+/// expired. Mirrors [`crate::consent::is_active`].
+pub fn consent_in_force_sql(alias: &str, scope: Scope, now_param: &str) -> String {
+    format!(
+        "(SELECT CASE WHEN x.state = 'granted' AND (x.expires_at IS NULL OR x.expires_at > {now}) \
+                      THEN 1 ELSE 0 END \
+          FROM consent_events x \
+          WHERE x.registry_id = {a}.registry_id AND x.pseudonym = {a}.pseudonym \
+            AND x.scope = '{scope}' AND x.given_at <= {now} \
+          ORDER BY x.given_at DESC, x.id DESC LIMIT 1) = 1",
+        a = alias,
+        scope = scope.as_str(),
+        now = now_param,
+    )
+}
+
+/// A case record as stored: plain column values. Built from and turned back into the
+/// domain `CaseRecord` by `crate::store::cases::{to_row, from_row}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CaseRow {
+    pub birth_year_month: String,
+    pub sex: String,
+    pub status: String,
+    pub date_of_death: Option<String>,
+    pub first_contact_date: Option<String>,
+    pub onset_kind: String,
+    pub onset_date: Option<String>,
+    pub undiagnosed: bool,
+    pub orphacode: Option<i64>,
+    pub diagnosis_date: Option<String>,
+    pub icd10: String,
+    pub icd11: String,
+    pub omim: String,
+    pub hpo_terms: String,
+    pub icf_codes: String,
+    pub genetic_findings: String,
+    pub genes: Vec<String>,
+    pub diagnosis_year: Option<i64>,
+    pub onset_age_days: Option<i64>,
+    pub diagnosis_age_days: Option<i64>,
+    pub delay_days: Option<i64>,
+}
+
+/// One stored version of a case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub version: i64,
+    pub recorded_at: DateTime<Utc>,
+    pub recorded_by: String,
+    pub row: CaseRow,
+}
+
+/// A case of one centre as read back, versions oldest first (the last is current).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCase {
+    pub centre_code: String,
+    pub country: String,
+    pub versions: Vec<StoredVersion>,
+}
+
+/// The consent history of a patient in a registry.
+pub async fn load_consent(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<Vec<ConsentEvent>> {
+    let rows = sqlx::query(
+        "SELECT id, scope, state, given_at, expires_at FROM consent_events \
+         WHERE registry_id = $1 AND pseudonym = $2 ORDER BY id",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let scope: String = r.try_get(1)?;
+            let state: String = r.try_get(2)?;
+            Ok(ConsentEvent {
+                seq: r.try_get(0)?,
+                scope: Scope::parse_db(&scope)
+                    .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
+                decision: Decision::parse_db(&state)
+                    .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
+                given_at: from_millis(r.try_get(3)?)?,
+                expires_at: r
+                    .try_get::<Option<i64>, _>(4)?
+                    .map(from_millis)
+                    .transpose()?,
+            })
+        })
+        .collect()
+}
+
+pub async fn append_consent(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    decision: &ConsentDecision,
+    recorded_by: i64,
+    source: Source,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, form_version, \
+                                     expires_at, recorded_by, recorded_at, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .bind(decision.scope.as_str())
+    .bind(decision.decision.as_str())
+    .bind(millis(decision.given_at))
+    .bind(decision.form_version.as_str())
+    .bind(decision.expires_at.map(millis))
+    .bind(recorded_by)
+    .bind(millis(now))
+    .bind(source.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The case of `centre_id` for this patient: (case id, current version).
+pub async fn find_case(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    centre_id: i64,
+) -> Result<Option<(i64, i64)>> {
+    let row = sqlx::query(
+        "SELECT id, current_version FROM cases WHERE registry_id = $1 AND pseudonym = $2 AND centre_id = $3",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .bind(centre_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+}
+
+pub async fn insert_case(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    centre_id: i64,
+    recorded_by: i64,
+    row: &CaseRow,
+    now: DateTime<Utc>,
+) -> Result<i64> {
+    let case_id: i64 = sqlx::query(
+        "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, updated_at) \
+         VALUES ($1, $2, $3, 1, $4, $4) RETURNING id",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .bind(centre_id)
+    .bind(millis(now))
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    insert_version(conn, case_id, 1, recorded_by, row, now).await?;
+    Ok(case_id)
+}
+
+/// Stores `row` as `version` of the case and makes it current.
+pub async fn insert_version(
+    conn: &mut AnyConnection,
+    case_id: i64,
+    version: i64,
+    recorded_by: i64,
+    row: &CaseRow,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, sex, \
+             status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, orphacode, \
+             diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, genetic_findings, diagnosis_year, \
+             onset_age_days, diagnosis_age_days, delay_days) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
+                 $20, $21, $22, $23, $24)",
+    )
+    .bind(case_id)
+    .bind(version)
+    .bind(millis(now))
+    .bind(recorded_by)
+    .bind(row.birth_year_month.as_str())
+    .bind(row.sex.as_str())
+    .bind(row.status.as_str())
+    .bind(row.date_of_death.as_deref())
+    .bind(row.first_contact_date.as_deref())
+    .bind(row.onset_kind.as_str())
+    .bind(row.onset_date.as_deref())
+    .bind(i64::from(row.undiagnosed))
+    .bind(row.orphacode)
+    .bind(row.diagnosis_date.as_deref())
+    .bind(row.icd10.as_str())
+    .bind(row.icd11.as_str())
+    .bind(row.omim.as_str())
+    .bind(row.hpo_terms.as_str())
+    .bind(row.icf_codes.as_str())
+    .bind(row.genetic_findings.as_str())
+    .bind(row.diagnosis_year)
+    .bind(row.onset_age_days)
+    .bind(row.diagnosis_age_days)
+    .bind(row.delay_days)
+    .execute(&mut *conn)
+    .await?;
+    for gene in &row.genes {
+        sqlx::query("INSERT INTO case_genes (case_id, version, gene) VALUES ($1, $2, $3)")
+            .bind(case_id)
+            .bind(version)
+            .bind(gene.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    if version > 1 {
+        sqlx::query("UPDATE cases SET current_version = $1, updated_at = $2 WHERE id = $3")
+            .bind(version)
+            .bind(millis(now))
+            .bind(case_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reads back the case of `centre_id` for a patient, only while REGISTRY_INCLUSION is in
+/// force at `now` (checked in the same statement). With `history`, every version.
+pub async fn get_case(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    centre_id: i64,
+    now: DateTime<Utc>,
+    history: bool,
+) -> Result<Option<StoredCase>> {
+    let sql = format!(
+        "SELECT ce.code, ce.country, v.version, v.recorded_at, p.name, v.birth_year_month, v.sex, \
+                v.status, v.date_of_death, v.first_contact_date, v.onset_kind, v.onset_date, \
+                v.undiagnosed, v.orphacode, v.diagnosis_date, v.icd10, v.icd11, v.omim, v.hpo_terms, \
+                v.icf_codes, v.genetic_findings, v.diagnosis_year, v.onset_age_days, \
+                v.diagnosis_age_days, v.delay_days \
+         FROM cases c \
+         JOIN centres ce ON ce.id = c.centre_id \
+         JOIN case_versions v ON v.case_id = c.id AND (v.version = c.current_version OR $5 = 1) \
+         JOIN principals p ON p.id = v.recorded_by \
+         WHERE c.registry_id = $1 AND c.pseudonym = $2 AND c.centre_id = $3 AND {} \
+         ORDER BY v.version",
+        consent_in_force_sql("c", Scope::RegistryInclusion, "$4")
+    );
+    let rows = sqlx::query(&sql)
+        .bind(registry_id)
+        .bind(pseudonym)
+        .bind(centre_id)
+        .bind(millis(now))
+        .bind(i64::from(history))
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut case = StoredCase {
+        centre_code: first.try_get(0)?,
+        country: first.try_get(1)?,
+        versions: Vec::with_capacity(rows.len()),
+    };
+    for r in &rows {
+        let genetic_findings: String = r.try_get(20)?;
+        case.versions.push(StoredVersion {
+            version: r.try_get(2)?,
+            recorded_at: from_millis(r.try_get(3)?)?,
+            recorded_by: r.try_get(4)?,
+            row: CaseRow {
+                birth_year_month: r.try_get(5)?,
+                sex: r.try_get(6)?,
+                status: r.try_get(7)?,
+                date_of_death: r.try_get(8)?,
+                first_contact_date: r.try_get(9)?,
+                onset_kind: r.try_get(10)?,
+                onset_date: r.try_get(11)?,
+                undiagnosed: r.try_get::<i64, _>(12)? != 0,
+                orphacode: r.try_get(13)?,
+                diagnosis_date: r.try_get(14)?,
+                icd10: r.try_get(15)?,
+                icd11: r.try_get(16)?,
+                omim: r.try_get(17)?,
+                hpo_terms: r.try_get(18)?,
+                icf_codes: r.try_get(19)?,
+                genes: genes_of(&genetic_findings),
+                genetic_findings,
+                diagnosis_year: r.try_get(21)?,
+                onset_age_days: r.try_get(22)?,
+                diagnosis_age_days: r.try_get(23)?,
+                delay_days: r.try_get(24)?,
+            },
+        });
+    }
+    Ok(Some(case))
+}
+
+/// Gene symbols of an encoded `genetic_findings` column ("GENE|variant GENE2").
+pub fn genes_of(encoded: &str) -> Vec<String> {
+    encoded
+        .split(' ')
+        .filter(|f| !f.is_empty())
+        .filter_map(|f| f.split('|').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The columns of a record, with the derived values research queries group on.
+pub fn to_row(r: &CaseRecord) -> CaseRow {
+    let text = |d: Option<PartialDate>| d.map(|d| d.to_string());
+    CaseRow {
+        birth_year_month: r.birth.to_string(),
+        sex: r.sex.as_str().to_owned(),
+        status: r.status.as_str().to_owned(),
+        date_of_death: text(r.date_of_death),
+        first_contact_date: text(r.first_contact),
+        onset_kind: r.onset.kind().as_str().to_owned(),
+        onset_date: text(r.onset.date()),
+        undiagnosed: r.undiagnosed,
+        orphacode: r.orphacode.as_ref().map(|c| i64::from(c.number())),
+        diagnosis_date: text(r.diagnosis_date),
+        icd10: join(&r.icd10),
+        icd11: join(&r.icd11),
+        omim: join(&r.omim),
+        hpo_terms: join(&r.hpo_terms),
+        icf_codes: join(&r.icf_codes),
+        genetic_findings: r
+            .genetic_findings
+            .iter()
+            .map(|f| {
+                std::iter::once(f.gene.to_string())
+                    .chain(f.variants.iter().map(ToString::to_string))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        genes: r
+            .genetic_findings
+            .iter()
+            .map(|f| f.gene.to_string())
+            .collect(),
+        diagnosis_year: r.diagnosis_date.map(|d| i64::from(d.year())),
+        onset_age_days: r.onset_age_days(),
+        diagnosis_age_days: r.diagnosis_age_days(),
+        delay_days: r.delay_days(),
+    }
+}
+
+/// Rebuilds the domain record from stored columns, re-checking everything: a row that
+/// does not parse is reported as corruption, never served.
+pub fn from_row(row: &CaseRow) -> Result<CaseRecord> {
+    let corrupt = || StoreError::Corrupt("case_versions row does not parse".into());
+    let words = |s: &str| {
+        s.split(' ')
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let onset_kind = OnsetKind::parse_db(&row.onset_kind).ok_or_else(corrupt)?;
+    let proto_record = proto::CaseRecord {
+        birth_year_month: row.birth_year_month.clone(),
+        sex: Sex::parse_db(&row.sex).ok_or_else(corrupt)?.to_proto(),
+        status: PatientStatus::parse_db(&row.status)
+            .ok_or_else(corrupt)?
+            .to_proto(),
+        date_of_death: row.date_of_death.clone().unwrap_or_default(),
+        first_contact_date: row.first_contact_date.clone().unwrap_or_default(),
+        onset_kind: onset_kind.to_proto(),
+        onset_date: row.onset_date.clone().unwrap_or_default(),
+        undiagnosed: row.undiagnosed,
+        diagnosis: Some(proto::Diagnosis {
+            orphacode: row
+                .orphacode
+                .map(|n| format!("ORPHA:{n}"))
+                .unwrap_or_default(),
+            icd10: words(&row.icd10),
+            icd11: words(&row.icd11),
+            omim: words(&row.omim),
+        }),
+        diagnosis_date: row.diagnosis_date.clone().unwrap_or_default(),
+        genetic_findings: words(&row.genetic_findings)
+            .iter()
+            .map(|f| {
+                let mut parts = f.split('|').map(str::to_owned);
+                proto::GeneticFinding {
+                    gene: parts.next().unwrap_or_default(),
+                    variants: parts.collect(),
+                }
+            })
+            .collect(),
+        hpo_terms: words(&row.hpo_terms),
+        icf_codes: words(&row.icf_codes),
+    };
+    // Stored records were valid when written; "today" far ahead only disables the
+    // not-in-the-future check, which is about the time of writing.
+    let far_future = chrono::NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date");
+    CaseRecord::from_proto(&proto_record, far_future).map_err(|_| corrupt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip() {
+        let proto_record = proto::CaseRecord {
+            birth_year_month: "2015-06".into(),
+            sex: proto::Sex::Female as i32,
+            status: proto::PatientStatus::Deceased as i32,
+            date_of_death: "2020".into(),
+            first_contact_date: "2016-02".into(),
+            onset_kind: proto::OnsetKind::Date as i32,
+            onset_date: "2015-09".into(),
+            undiagnosed: false,
+            diagnosis: Some(proto::Diagnosis {
+                orphacode: "ORPHA:586".into(),
+                icd10: vec!["E84.0".into(), "E84.1".into()],
+                icd11: vec!["CA25".into()],
+                omim: vec![],
+            }),
+            diagnosis_date: "2016-03-14".into(),
+            genetic_findings: vec![
+                proto::GeneticFinding {
+                    gene: "CFTR".into(),
+                    variants: vec![
+                        "NM_000492.4:c.1521_1523del".into(),
+                        "NM_000492.4:c.350G>A".into(),
+                    ],
+                },
+                proto::GeneticFinding {
+                    gene: "SCNN1B".into(),
+                    variants: vec![],
+                },
+            ],
+            hpo_terms: vec!["HP:0006528".into(), "HP:0002110".into()],
+            icf_codes: vec![],
+        };
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        let record = CaseRecord::from_proto(&proto_record, today).unwrap();
+        let row = to_row(&record);
+        assert_eq!(row.genes, ["CFTR", "SCNN1B"]);
+        assert_eq!(genes_of(&row.genetic_findings), row.genes);
+        assert_eq!(row.orphacode, Some(586));
+        assert_eq!(row.diagnosis_year, Some(2016));
+        assert_eq!(from_row(&row).unwrap(), record);
+        let mut broken = row.clone();
+        broken.sex = "x".into();
+        assert!(from_row(&broken).is_err());
+    }
+}

@@ -1,0 +1,443 @@
+//! Persistence: one SQL schema on SQLite (embedded default) and PostgreSQL (production).
+//!
+//! Both databases are reached through sqlx's `Any` driver, so every query is written once,
+//! in the common subset of both dialects (`$1` placeholders, integer milliseconds for
+//! instants, text for dates); the schema itself is kept per dialect under `migrations/`.
+//! Reads go straight to the pool. Writes of clinical data and consent go through the
+//! [`writer::Writer`], which batches concurrent requests into one transaction (group
+//! commit) and answers each only after the commit is durable.
+//!
+//! This module never sees a patient identifier: it stores pseudonyms, and it is the only
+//! module that speaks SQL.
+
+pub mod cases;
+pub mod writer;
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor, Row};
+
+use crate::auth::{CentreRef, Principal, Role};
+
+/// ERN registries seeded at first start (code, name, scope), in a fixed order: the
+/// position (1-based) is the registry number in pseudonyms, so it must never change.
+const ERN_SEED: &str = include_str!("../erns.csv");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl,
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A registry as the service needs it on the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    pub id: i64,
+    pub code: String,
+    pub name: String,
+    pub active_key_version: i64,
+    pub min_cell_count: i64,
+}
+
+/// What authentication needs from an API key's row.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub secret_hash: String,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub principal_disabled: bool,
+    pub principal: Principal,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+pub fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub fn from_millis(ms: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| StoreError::Corrupt("timestamp out of range".into()))
+}
+
+impl Store {
+    /// Connects, applying per-connection settings: on SQLite WAL journaling, full
+    /// synchronous commits (an acknowledged write survives a crash or power loss),
+    /// foreign keys and a busy timeout for the admin CLI writing beside the server.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Applies the migrations under `migrations/<dialect>/` and seeds the ERN registries.
+    pub async fn migrate(&self) -> Result<()> {
+        match self.backend {
+            Backend::Sqlite => {
+                sqlx::migrate!("./migrations/sqlite")
+                    .run(&self.pool)
+                    .await?
+            }
+            Backend::Postgres => {
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&self.pool)
+                    .await?
+            }
+        }
+        self.seed_registries().await
+    }
+
+    async fn seed_registries(&self) -> Result<()> {
+        let now = millis(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        for (i, line) in ERN_SEED
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+        {
+            let mut fields = line.splitn(3, ',');
+            let (Some(code), Some(name), Some(scope)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(StoreError::Corrupt(format!(
+                    "seed line {} malformed",
+                    i + 2
+                )));
+            };
+            sqlx::query(
+                "INSERT INTO registries (id, code, name, scope, created_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(i as i64 + 1)
+            .bind(code.trim())
+            .bind(name.trim())
+            .bind(scope.trim())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_registries(&self) -> Result<Vec<Registry>> {
+        let rows = sqlx::query(
+            "SELECT id, code, name, active_key_version, min_cell_count FROM registries ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(registry_from_row).collect()
+    }
+
+    pub async fn registry_by_code(&self, code: &str) -> Result<Option<Registry>> {
+        let row = sqlx::query(
+            "SELECT id, code, name, active_key_version, min_cell_count FROM registries WHERE code = $1",
+        )
+        .bind(code)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(registry_from_row).transpose()
+    }
+
+    /// Creates a centre that is a member of the ERNs keeping `registries`.
+    pub async fn create_centre(
+        &self,
+        code: &str,
+        name: &str,
+        country: &str,
+        registries: &[String],
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT id FROM centres WHERE code = $1")
+            .bind(code)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::AlreadyExists(format!("centre {code}")));
+        }
+        let id: i64 = sqlx::query(
+            "INSERT INTO centres (code, name, country, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(code)
+        .bind(name)
+        .bind(country)
+        .bind(millis(Utc::now()))
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        for registry_id in resolve_registries(&mut tx, registries).await? {
+            sqlx::query("INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2)")
+                .bind(id)
+                .bind(registry_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Creates a principal. Physicians need a centre; researchers need registries;
+    /// consent officers need one or the other; admins neither.
+    pub async fn create_principal(
+        &self,
+        name: &str,
+        role: Role,
+        centre: Option<&str>,
+        registries: &[String],
+    ) -> Result<i64> {
+        match role {
+            Role::Physician if centre.is_none() => {
+                return Err(StoreError::Invalid(
+                    "a physician belongs to a centre (--centre)".into(),
+                ));
+            }
+            Role::Researcher if registries.is_empty() => {
+                return Err(StoreError::Invalid(
+                    "a researcher is a member of at least one ERN (--ern)".into(),
+                ));
+            }
+            Role::ConsentOfficer if centre.is_none() && registries.is_empty() => {
+                return Err(StoreError::Invalid(
+                    "a consent officer acts for a centre (--centre) or registries (--ern)".into(),
+                ));
+            }
+            Role::Admin if centre.is_some() || !registries.is_empty() => {
+                return Err(StoreError::Invalid(
+                    "an admin is bound to no centre or ERN".into(),
+                ));
+            }
+            Role::Physician if !registries.is_empty() => {
+                return Err(StoreError::Invalid(
+                    "a physician's registries are those of its centre's ERNs; drop --ern".into(),
+                ));
+            }
+            _ => {}
+        }
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT id FROM principals WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(StoreError::AlreadyExists(format!("principal {name}")));
+        }
+        let centre_id: Option<i64> = match centre {
+            None => None,
+            Some(code) => Some(
+                sqlx::query("SELECT id FROM centres WHERE code = $1")
+                    .bind(code)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(format!("centre {code}")))?
+                    .try_get(0)?,
+            ),
+        };
+        let id: i64 = sqlx::query(
+            "INSERT INTO principals (name, role, centre_id, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(centre_id)
+        .bind(millis(Utc::now()))
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        for registry_id in resolve_registries(&mut tx, registries).await? {
+            sqlx::query(
+                "INSERT INTO principal_registries (principal_id, registry_id) VALUES ($1, $2)",
+            )
+            .bind(id)
+            .bind(registry_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn principal_id(&self, name: &str) -> Result<i64> {
+        sqlx::query("SELECT id FROM principals WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("principal {name}")))?
+            .try_get(0)
+            .map_err(Into::into)
+    }
+
+    pub async fn insert_api_key(
+        &self,
+        key_id: &str,
+        principal_id: i64,
+        secret_hash: &str,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, principal_id, secret_hash, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(key_id)
+        .bind(principal_id)
+        .bind(secret_hash)
+        .bind(millis(Utc::now()))
+        .bind(expires_at.map(millis))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Revokes a key; returns whether a live key was revoked.
+    pub async fn revoke_api_key(&self, key_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(millis(Utc::now()))
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Loads an API key with its principal and the registries the principal may act on.
+    pub async fn load_key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
+        let Some(row) = sqlx::query(
+            "SELECT k.secret_hash, k.expires_at, k.revoked_at, p.id, p.name, p.role, p.disabled_at, \
+                    c.id, c.code, c.country \
+             FROM api_keys k JOIN principals p ON p.id = k.principal_id \
+             LEFT JOIN centres c ON c.id = p.centre_id \
+             WHERE k.key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let principal_id: i64 = row.try_get(3)?;
+        let role: String = row.try_get(5)?;
+        let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt("unknown role".into()))?;
+        let centre = match row.try_get::<Option<i64>, _>(7)? {
+            None => None,
+            Some(id) => Some(CentreRef {
+                id,
+                code: row.try_get(8)?,
+                country: row.try_get(9)?,
+            }),
+        };
+        let registries: BTreeSet<i64> = sqlx::query(
+            "SELECT registry_id FROM principal_registries WHERE principal_id = $1 \
+             UNION SELECT registry_id FROM centre_registries WHERE centre_id = $2",
+        )
+        .bind(principal_id)
+        .bind(centre.as_ref().map(|c| c.id))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()?;
+        Ok(Some(KeyRecord {
+            secret_hash: row.try_get(0)?,
+            expires_at: row.try_get(1)?,
+            revoked_at: row.try_get(2)?,
+            principal_disabled: row.try_get::<Option<i64>, _>(6)?.is_some(),
+            principal: Principal {
+                id: principal_id,
+                name: row.try_get(4)?,
+                role,
+                centre,
+                registries,
+            },
+        }))
+    }
+}
+
+fn registry_from_row(row: &sqlx::any::AnyRow) -> Result<Registry> {
+    Ok(Registry {
+        id: row.try_get(0)?,
+        code: row.try_get(1)?,
+        name: row.try_get(2)?,
+        active_key_version: row.try_get(3)?,
+        min_cell_count: row.try_get(4)?,
+    })
+}
+
+async fn resolve_registries(conn: &mut sqlx::AnyConnection, codes: &[String]) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(codes.len());
+    for code in codes {
+        let id: i64 = sqlx::query("SELECT id FROM registries WHERE code = $1")
+            .bind(code)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("registry {code}")))?
+            .try_get(0)?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}

@@ -1,0 +1,293 @@
+//! The write path: group commit of concurrent submissions.
+//!
+//! Every write of clinical data or consent is a [`Command`] sent to a writer task. A
+//! writer takes whatever has queued up (up to `max_batch`), applies it in one transaction,
+//! commits (on SQLite with `synchronous = FULL`, so the commit is fsynced) and only then
+//! answers each caller. Under load, one fsync covers hundreds of submissions; when idle,
+//! a submission is committed alone at once, with no added latency.
+//!
+//! Commands are partitioned over writers by a hash of the patient (registry, pseudonym), so
+//! all writes about one patient are applied in arrival order by one writer and never race
+//! each other. SQLite allows one writer at a time, so it gets one partition; PostgreSQL
+//! gets several.
+//!
+//! Each command checks everything that can refuse it (consent, existence, version) before
+//! it writes anything, so a refused command needs no rollback. If the transaction fails
+//! for a database reason, the batch is retried one command per transaction, so one bad
+//! command cannot fail the others.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use chrono::{DateTime, Utc};
+use sqlx::AnyConnection;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use super::cases::{self, CaseRow};
+use super::{Store, StoreError};
+use crate::consent::{self, ConsentDecision, ConsentEvent, InclusionRefused, Source};
+
+/// Queue length per writer before senders wait (back-pressure).
+const QUEUE_DEPTH: usize = 8192;
+
+/// Stores a new case of a centre, with the physician's consent attestation.
+#[derive(Debug, Clone)]
+pub struct SubmitCase {
+    pub registry_id: i64,
+    pub pseudonym: String,
+    pub centre_id: i64,
+    pub principal_id: i64,
+    pub consent: Vec<ConsentDecision>,
+    pub row: CaseRow,
+    pub now: DateTime<Utc>,
+}
+
+/// Stores a new version of an existing case of the centre.
+#[derive(Debug, Clone)]
+pub struct UpdateCase {
+    pub registry_id: i64,
+    pub pseudonym: String,
+    pub centre_id: i64,
+    pub principal_id: i64,
+    pub expected_version: i64,
+    pub consent: Vec<ConsentDecision>,
+    pub row: CaseRow,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Command {
+    Submit(SubmitCase),
+    Update(UpdateCase),
+}
+
+impl Command {
+    fn patient(&self) -> (i64, &str) {
+        match self {
+            Command::Submit(c) => (c.registry_id, &c.pseudonym),
+            Command::Update(c) => (c.registry_id, &c.pseudonym),
+        }
+    }
+}
+
+/// What a committed command stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub version: i64,
+    pub recorded_at: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Consent(#[from] InclusionRefused),
+    #[error("your centre already has a case for this patient in this registry")]
+    AlreadyExists,
+    #[error("no such case of your centre")]
+    NotFound,
+    #[error("the case is at version {current}, not the expected one")]
+    VersionConflict { current: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the write queue is closed: the service is shutting down")]
+    ShuttingDown,
+}
+
+type Job = (Command, oneshot::Sender<Result<Written, WriteError>>);
+
+/// Handle to the writer tasks; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    queues: Vec<mpsc::Sender<Job>>,
+}
+
+impl Writer {
+    /// Starts `partitions` writer tasks over `store`. They stop when every handle is
+    /// dropped, after finishing what was queued.
+    pub fn start(store: Store, partitions: usize, max_batch: usize) -> Writer {
+        let partitions = partitions.max(1);
+        let max_batch = max_batch.max(1);
+        let queues = (0..partitions)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                tokio::spawn(run(store.clone(), rx, max_batch));
+                tx
+            })
+            .collect();
+        Writer { queues }
+    }
+
+    /// Applies `command` and waits until it is durably committed (or refused).
+    pub async fn execute(&self, command: Command) -> Result<Written, WriteError> {
+        let (registry_id, pseudonym) = command.patient();
+        let mut h = DefaultHasher::new();
+        (registry_id, pseudonym).hash(&mut h);
+        let queue = &self.queues[(h.finish() % self.queues.len() as u64) as usize];
+        let (tx, rx) = oneshot::channel();
+        queue
+            .send((command, tx))
+            .await
+            .map_err(|_| WriteError::ShuttingDown)?;
+        rx.await.map_err(|_| WriteError::ShuttingDown)?
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        let jobs = std::mem::take(&mut batch);
+        let commands: Vec<&Command> = jobs.iter().map(|(c, _)| c).collect();
+        match apply_batch(&store, &commands).await {
+            Ok(results) => {
+                for ((_, reply), result) in jobs.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(err) if jobs.len() == 1 => {
+                error!(error = %err, "write failed");
+                if let Some((_, reply)) = jobs.into_iter().next() {
+                    let _ = reply.send(Err(WriteError::Store(err)));
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
+                for (command, reply) in jobs {
+                    let result = match apply_batch(&store, &[&command]).await {
+                        Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
+                        Err(err) => {
+                            error!(error = %err, "write failed");
+                            Err(WriteError::Store(err))
+                        }
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// Applies commands in one transaction. `Err` means the transaction failed as a whole
+/// and nothing was committed; refusals of single commands are in the `Ok` vector.
+async fn apply_batch(
+    store: &Store,
+    commands: &[&Command],
+) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let mut results = Vec::with_capacity(commands.len());
+    for command in commands {
+        let result = match command {
+            Command::Submit(c) => submit(&mut tx, c).await,
+            Command::Update(c) => update(&mut tx, c).await,
+        };
+        match result {
+            Err(WriteError::Store(err)) => return Err(err),
+            other => results.push(other),
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// The consent history with the attested decisions appended as if already on file.
+async fn consent_with(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    attested: &[ConsentDecision],
+) -> Result<Vec<ConsentEvent>, StoreError> {
+    let mut events = cases::load_consent(conn, registry_id, pseudonym).await?;
+    let next = events.last().map_or(0, |e| e.seq) + 1;
+    events.extend(attested.iter().enumerate().map(|(i, d)| ConsentEvent {
+        seq: next + i as i64,
+        scope: d.scope,
+        decision: d.decision,
+        given_at: d.given_at,
+        expires_at: d.expires_at,
+    }));
+    Ok(events)
+}
+
+async fn record_attestation(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    attested: &[ConsentDecision],
+    principal_id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    for decision in attested {
+        cases::append_consent(
+            conn,
+            registry_id,
+            pseudonym,
+            decision,
+            principal_id,
+            Source::PhysicianAttestation,
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, WriteError> {
+    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
+    consent::check_inclusion(&events, c.now)?;
+    if cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id)
+        .await?
+        .is_some()
+    {
+        return Err(WriteError::AlreadyExists);
+    }
+    record_attestation(
+        conn,
+        c.registry_id,
+        &c.pseudonym,
+        &c.consent,
+        c.principal_id,
+        c.now,
+    )
+    .await?;
+    cases::insert_case(
+        conn,
+        c.registry_id,
+        &c.pseudonym,
+        c.centre_id,
+        c.principal_id,
+        &c.row,
+        c.now,
+    )
+    .await?;
+    Ok(Written {
+        version: 1,
+        recorded_at: c.now,
+    })
+}
+
+async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, WriteError> {
+    let Some((case_id, current)) =
+        cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id).await?
+    else {
+        return Err(WriteError::NotFound);
+    };
+    if current != c.expected_version {
+        return Err(WriteError::VersionConflict { current });
+    }
+    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
+    consent::check_inclusion(&events, c.now)?;
+    record_attestation(
+        conn,
+        c.registry_id,
+        &c.pseudonym,
+        &c.consent,
+        c.principal_id,
+        c.now,
+    )
+    .await?;
+    let version = current + 1;
+    cases::insert_version(conn, case_id, version, c.principal_id, &c.row, c.now).await?;
+    Ok(Written {
+        version,
+        recorded_at: c.now,
+    })
+}
