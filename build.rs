@@ -5,7 +5,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/ern_registry/v1/common.proto", "proto/ern_registry/v1/case.proto"];
+    let files = [
+        "proto/ern_registry/v1/common.proto",
+        "proto/ern_registry/v1/case.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -1,7 +1,15 @@
 //! ern-registry: a pseudonymised patient registry service for the European Reference
 //! Networks on rare diseases. See `docs/architecture.md` for the map.
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod consent;
 pub mod domain;
+pub mod keys;
+pub mod pseudonym;
+pub mod startup;
+pub mod store;
 
 /// Generated code of the public contract (`proto/ern_registry/v1`).
 pub mod proto {

@@ -1,1 +1,176 @@
-fn main() {}
+//! The `ern-registry` binary: parses the command line and calls the library.
+
+use std::process::ExitCode;
+
+use chrono::{Duration, Utc};
+use clap::Parser;
+use ring::rand::SystemRandom;
+use tracing_subscriber::EnvFilter;
+
+use ern_registry::auth::{self, Role};
+use ern_registry::config::{AdminCommand, Cli, Command, GlobalArgs, LogFormat};
+use ern_registry::keys::MasterSecret;
+use ern_registry::startup::{self, Application};
+use ern_registry::store::Store;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("ERN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(&cli.global, args).await,
+        Command::Keygen { out } => keygen(&cli.global, out),
+        Command::Admin(cmd) => admin(&cli.global, cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AnyError = Box<dyn std::error::Error>;
+
+async fn serve(global: &GlobalArgs, args: ern_registry::config::ServeArgs) -> Result<(), AnyError> {
+    let key_file = args
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| global.data_dir.join("master.key"));
+    tracing::info!(
+        listen = %args.listen,
+        database = %global.database_url_redacted(),
+        master_key_file = %key_file.display(),
+        max_message_bytes = args.max_message_bytes,
+        max_batch = args.max_batch,
+        request_timeout_secs = args.request_timeout_secs,
+        "starting ern-registry {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let app = Application::build(args, &global.database_url(), &key_file).await?;
+    app.run_until_stopped(startup::shutdown_signal()).await?;
+    Ok(())
+}
+
+fn keygen(global: &GlobalArgs, out: Option<std::path::PathBuf>) -> Result<(), AnyError> {
+    let path = out.unwrap_or_else(|| global.data_dir.join("master.key"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    MasterSecret::create_new(&path)?;
+    println!(
+        "wrote a new master key to {} (mode 0600); back it up and keep it secret",
+        path.display()
+    );
+    Ok(())
+}
+
+async fn open(global: &GlobalArgs) -> Result<Store, AnyError> {
+    Ok(startup::open_store(&global.database_url(), 2).await?)
+}
+
+async fn print_new_key(
+    store: &Store,
+    principal_id: i64,
+    expires_in_days: Option<u32>,
+) -> Result<(), AnyError> {
+    let issued = tokio::task::spawn_blocking(|| auth::issue_key(&SystemRandom::new()))
+        .await?
+        .map_err(|_| "no system randomness")?;
+    let expires_at = expires_in_days.map(|d| Utc::now() + Duration::days(i64::from(d)));
+    store
+        .insert_api_key(
+            &issued.key_id,
+            principal_id,
+            &issued.secret_hash,
+            expires_at,
+        )
+        .await?;
+    println!(
+        "api key (shown once, store it now): {}",
+        issued.token.as_str()
+    );
+    println!("key id: {}", issued.key_id);
+    if let Some(at) = expires_at {
+        println!("expires: {}", at.to_rfc3339());
+    }
+    Ok(())
+}
+
+async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
+    let store = open(global).await?;
+    match cmd {
+        AdminCommand::ListRegistries => {
+            for r in store.list_registries().await? {
+                println!(
+                    "{:<22} key v{}  k={}  {}",
+                    r.code, r.active_key_version, r.min_cell_count, r.name
+                );
+            }
+        }
+        AdminCommand::CreateCentre {
+            code,
+            name,
+            country,
+            erns,
+        } => {
+            let code = ern_registry::domain::CentreCode::parse(&code)?;
+            let country = ern_registry::domain::CountryCode::parse(&country.to_ascii_uppercase())?;
+            let id = store
+                .create_centre(code.as_str(), name.trim(), country.as_str(), &erns)
+                .await?;
+            println!(
+                "created centre {} (id {id}) in {}",
+                code.as_str(),
+                erns.join(", ")
+            );
+        }
+        AdminCommand::CreatePrincipal {
+            name,
+            role,
+            centre,
+            erns,
+            expires_in_days,
+        } => {
+            let role = Role::parse(&role)
+                .ok_or("role must be physician, consent-officer, researcher or admin")?;
+            let name = name.trim();
+            if name.is_empty() || name.len() > 128 {
+                return Err("name must be 1 to 128 characters".into());
+            }
+            let id = store
+                .create_principal(name, role, centre.as_deref(), &erns)
+                .await?;
+            println!("created {role} {name} (id {id})");
+            print_new_key(&store, id, expires_in_days).await?;
+        }
+        AdminCommand::IssueKey {
+            principal,
+            expires_in_days,
+        } => {
+            let id = store.principal_id(&principal).await?;
+            print_new_key(&store, id, expires_in_days).await?;
+        }
+        AdminCommand::RevokeKey { key_id } => {
+            if store.revoke_api_key(&key_id).await? {
+                println!("revoked key {key_id}; it is refused from the next call on");
+            } else {
+                return Err(format!("no live key {key_id}").into());
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
+}

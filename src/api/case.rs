@@ -1,0 +1,413 @@
+//! `CaseService`: physicians submit, update and read back their own centre's cases.
+//!
+//! A submission is handled in this order: authenticate; require the physician role and a
+//! registry of the centre's ERNs; convert the whole request to domain types (reporting all
+//! violations at once); derive the pseudonym (only now, for an authorised and valid
+//! request, and the identifiers are zeroised right after); hand the write to the writer,
+//! which checks consent and commits durably before we answer.
+
+use std::pin::Pin;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use zeroize::Zeroize;
+
+use super::{ApiError, SharedState};
+use crate::auth::{Principal, Role};
+use crate::consent::{self, timestamp_to_proto};
+use crate::domain::{CaseRecord, ClientReference, FieldViolations};
+use crate::proto::{self, case_service_server::CaseService};
+use crate::pseudonym::{PatientIdentity, Pseudonym, RegistryRef};
+use crate::store::cases;
+use crate::store::writer::{Command, SubmitCase, UpdateCase, WriteError};
+
+/// Submissions of one bulk stream processed concurrently (results stay in order).
+const BULK_IN_FLIGHT: usize = 64;
+
+pub struct CaseApi {
+    state: SharedState,
+}
+
+impl CaseApi {
+    pub fn new(state: SharedState) -> Self {
+        CaseApi { state }
+    }
+}
+
+/// Overwrites the identifier strings of a request in place.
+fn zeroize_identifiers(patient: &mut Option<proto::PatientIdentifiers>) {
+    if let Some(p) = patient.as_mut() {
+        match p.kind.as_mut() {
+            Some(proto::patient_identifiers::Kind::National(n)) => {
+                n.value.zeroize();
+                n.issuing_country.zeroize();
+            }
+            Some(proto::patient_identifiers::Kind::Demographic(d)) => {
+                d.given_names.zeroize();
+                d.family_name.zeroize();
+                d.date_of_birth.zeroize();
+                d.place_of_birth.zeroize();
+                d.country_of_birth.zeroize();
+            }
+            None => {}
+        }
+    }
+    *patient = None;
+}
+
+fn parse_record(
+    record: Option<&proto::CaseRecord>,
+    violations: &mut FieldViolations,
+) -> Option<CaseRecord> {
+    match record {
+        None => {
+            violations.push("record", "is required");
+            None
+        }
+        Some(r) => match CaseRecord::from_proto(r, Utc::now().date_naive()) {
+            Ok(record) => Some(record),
+            Err(v) => {
+                violations.extend(v.nest("record"));
+                None
+            }
+        },
+    }
+}
+
+fn parse_consent(
+    items: &[proto::ScopeConsent],
+    violations: &mut FieldViolations,
+) -> Vec<consent::ConsentDecision> {
+    match consent::parse_attestation(items, Utc::now()) {
+        Ok(c) => c,
+        Err(v) => {
+            violations.extend(v);
+            Vec::new()
+        }
+    }
+}
+
+fn registry_ref(registry: &crate::store::Registry) -> Result<RegistryRef<'_>, ApiError> {
+    let corrupt = || {
+        ApiError::Internal(crate::store::StoreError::Corrupt(
+            "registry numbering".into(),
+        ))
+    };
+    Ok(RegistryRef {
+        seq: u16::try_from(registry.id).map_err(|_| corrupt())?,
+        code: &registry.code,
+        key_version: u16::try_from(registry.active_key_version).map_err(|_| corrupt())?,
+    })
+}
+
+/// One submission, start to finish, for an already authenticated physician.
+async fn submit_one(
+    state: &SharedState,
+    principal: &Principal,
+    mut request: proto::SubmitCaseRequest,
+) -> Result<proto::SubmitCaseResponse, ApiError> {
+    let centre = principal.require_centre()?.clone();
+    let registry = state
+        .registry_for(principal, &request.registry, "registry")
+        .await;
+    let registry = match registry {
+        Ok(r) => r,
+        Err(e) => {
+            zeroize_identifiers(&mut request.patient);
+            return Err(e);
+        }
+    };
+    let mut violations = FieldViolations::new();
+    let identity = match request.patient.as_ref() {
+        None => {
+            violations.push("patient", "is required");
+            None
+        }
+        Some(p) => match PatientIdentity::from_proto(p) {
+            Ok(identity) => Some(identity),
+            Err(v) => {
+                violations.extend(v.nest("patient"));
+                None
+            }
+        },
+    };
+    zeroize_identifiers(&mut request.patient);
+    let record = parse_record(request.record.as_ref(), &mut violations);
+    let consent = parse_consent(&request.consent, &mut violations);
+    violations.check(
+        "client_reference",
+        ClientReference::parse(&request.client_reference),
+    );
+    let (Some(identity), Some(record)) = (identity, record) else {
+        return Err(ApiError::Invalid(violations));
+    };
+    violations.into_result()?;
+
+    let pseudonym = state
+        .pseudonymiser
+        .derive(registry_ref(&registry)?, &identity);
+    drop(identity);
+    let now = Utc::now();
+    let command = Command::Submit(SubmitCase {
+        registry_id: registry.id,
+        pseudonym: pseudonym.as_str().to_owned(),
+        centre_id: centre.id,
+        principal_id: principal.id,
+        consent,
+        row: cases::to_row(&record),
+        now,
+    });
+    match state.writer.execute(command).await {
+        Ok(written) => Ok(proto::SubmitCaseResponse {
+            pseudonym: pseudonym.as_str().to_owned(),
+            version: written.version as u32,
+            recorded_at: Some(timestamp_to_proto(written.recorded_at)),
+        }),
+        Err(WriteError::AlreadyExists) => Err(ApiError::CaseExists {
+            registry: registry.code,
+            pseudonym: pseudonym.as_str().to_owned(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn rejection(err: ApiError) -> proto::Rejection {
+    let code = err.code() as i32;
+    let field_violations = match &err {
+        ApiError::Invalid(v) => v
+            .iter()
+            .map(|v| proto::FieldViolation {
+                field: v.field.clone(),
+                description: v.description.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    // The same message the unary call would carry (internal errors get logged there).
+    let message = Status::from(err).message().to_owned();
+    proto::Rejection {
+        code,
+        message,
+        field_violations,
+    }
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<proto::SubmitCasesResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CaseService for CaseApi {
+    async fn submit_case(
+        &self,
+        request: Request<proto::SubmitCaseRequest>,
+    ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
+        let principal = match self.state.authorize(&request, Role::Physician).await {
+            Ok(p) => p,
+            Err(e) => {
+                let mut inner = request.into_inner();
+                zeroize_identifiers(&mut inner.patient);
+                return Err(e.into());
+            }
+        };
+        let response = submit_one(&self.state, &principal, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    type SubmitCasesStream = ResultStream;
+
+    async fn submit_cases(
+        &self,
+        request: Request<Streaming<proto::SubmitCaseRequest>>,
+    ) -> Result<Response<Self::SubmitCasesStream>, Status> {
+        let principal = self.state.authorize(&request, Role::Physician).await?;
+        principal.require_centre().map_err(ApiError::from)?;
+        let mut input = request.into_inner();
+        let state = self.state.clone();
+        // Submissions are processed concurrently, BULK_IN_FLIGHT at a time; their results
+        // leave in the order the submissions came.
+        let (pending_tx, mut pending_rx) =
+            mpsc::channel::<(u64, String, tokio::task::JoinHandle<_>)>(BULK_IN_FLIGHT);
+        let (out_tx, out_rx) = mpsc::channel(BULK_IN_FLIGHT);
+        let reader_out = out_tx.clone();
+        tokio::spawn(async move {
+            let mut sequence = 0u64;
+            while let Some(item) = input.next().await {
+                let mut item = match item {
+                    Ok(item) => item,
+                    Err(status) => {
+                        let _ = reader_out.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let reference = match ClientReference::parse(&item.client_reference) {
+                    Ok(r) => r.as_str().to_owned(),
+                    Err(_) => String::new(),
+                };
+                let state = state.clone();
+                let principal = principal.clone();
+                let handle = tokio::spawn(async move {
+                    let item = std::mem::take(&mut item);
+                    submit_one(&state, &principal, item).await
+                });
+                if pending_tx
+                    .send((sequence, reference, handle))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sequence += 1;
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((sequence, client_reference, handle)) = pending_rx.recv().await {
+                let outcome = match handle.await {
+                    Ok(Ok(accepted)) => proto::submit_cases_result::Outcome::Accepted(accepted),
+                    Ok(Err(err)) => proto::submit_cases_result::Outcome::Rejected(rejection(err)),
+                    Err(_) => proto::submit_cases_result::Outcome::Rejected(rejection(
+                        ApiError::Unavailable,
+                    )),
+                };
+                let result = proto::SubmitCasesResult {
+                    sequence,
+                    client_reference,
+                    outcome: Some(outcome),
+                };
+                if out_tx.send(Ok(result)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn get_case(
+        &self,
+        request: Request<proto::GetCaseRequest>,
+    ) -> Result<Response<proto::GetCaseResponse>, Status> {
+        let principal = self.state.authorize(&request, Role::Physician).await?;
+        let centre = principal.require_centre().map_err(ApiError::from)?.clone();
+        let req = request.into_inner();
+        let registry = self
+            .state
+            .registry_for(&principal, &req.registry, "registry")
+            .await?;
+        let pseudonym = parse_pseudonym(&req.pseudonym, &registry)?;
+        let mut conn = self.state.store.pool().acquire().await.map_err(into_api)?;
+        let stored = cases::get_case(
+            &mut conn,
+            registry.id,
+            pseudonym.as_str(),
+            centre.id,
+            Utc::now(),
+            req.include_history,
+        )
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no case of your centre with this pseudonym in {} (or no REGISTRY_INCLUSION consent in force)",
+                registry.code
+            ))
+        })?;
+        let mut versions = stored
+            .versions
+            .iter()
+            .map(|v| {
+                Ok(proto::CaseVersion {
+                    version: v.version as u32,
+                    recorded_at: Some(timestamp_to_proto(v.recorded_at)),
+                    recorded_by: v.recorded_by.clone(),
+                    record: Some(cases::from_row(&v.row)?.to_proto()),
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let current = versions.pop();
+        Ok(Response::new(proto::GetCaseResponse {
+            case: Some(proto::Case {
+                registry: registry.code,
+                pseudonym: pseudonym.as_str().to_owned(),
+                centre: stored.centre_code,
+                country: stored.country,
+                current,
+                history: versions,
+            }),
+        }))
+    }
+
+    async fn update_case(
+        &self,
+        request: Request<proto::UpdateCaseRequest>,
+    ) -> Result<Response<proto::UpdateCaseResponse>, Status> {
+        let principal = self.state.authorize(&request, Role::Physician).await?;
+        let centre = principal.require_centre().map_err(ApiError::from)?.clone();
+        let req = request.into_inner();
+        let registry = self
+            .state
+            .registry_for(&principal, &req.registry, "registry")
+            .await?;
+        let mut violations = FieldViolations::new();
+        let pseudonym = match parse_pseudonym(&req.pseudonym, &registry) {
+            Ok(p) => Some(p),
+            Err(ApiError::Invalid(v)) => {
+                violations.extend(v);
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if req.expected_version == 0 {
+            violations.push(
+                "expected_version",
+                "is required: the version the update is based on",
+            );
+        }
+        let record = parse_record(req.record.as_ref(), &mut violations);
+        let consent = parse_consent(&req.consent, &mut violations);
+        let (Some(pseudonym), Some(record)) = (pseudonym, record) else {
+            return Err(ApiError::Invalid(violations).into());
+        };
+        violations.into_result().map_err(ApiError::from)?;
+        let command = Command::Update(UpdateCase {
+            registry_id: registry.id,
+            pseudonym: pseudonym.as_str().to_owned(),
+            centre_id: centre.id,
+            principal_id: principal.id,
+            expected_version: i64::from(req.expected_version),
+            consent,
+            row: cases::to_row(&record),
+            now: Utc::now(),
+        });
+        let written = match self.state.writer.execute(command).await {
+            Ok(w) => w,
+            Err(WriteError::NotFound) => {
+                return Err(ApiError::NotFound(format!(
+                    "no case of your centre with this pseudonym in {}",
+                    registry.code
+                ))
+                .into());
+            }
+            Err(e) => return Err(ApiError::from(e).into()),
+        };
+        Ok(Response::new(proto::UpdateCaseResponse {
+            pseudonym: pseudonym.as_str().to_owned(),
+            version: written.version as u32,
+            recorded_at: Some(timestamp_to_proto(written.recorded_at)),
+        }))
+    }
+}
+
+fn into_api(err: sqlx::Error) -> ApiError {
+    ApiError::Internal(err.into())
+}
+
+/// Parses a pseudonym of `registry`; one of another registry is a field violation.
+fn parse_pseudonym(text: &str, registry: &crate::store::Registry) -> Result<Pseudonym, ApiError> {
+    let mut v = FieldViolations::new();
+    match Pseudonym::parse(text) {
+        Ok(p) if i64::from(p.registry_seq()) == registry.id => return Ok(p),
+        Ok(_) => v.push("pseudonym", "belongs to another registry"),
+        Err(e) => v.push("pseudonym", e.to_string()),
+    }
+    Err(ApiError::Invalid(v))
+}

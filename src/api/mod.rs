@@ -1,0 +1,215 @@
+//! The gRPC layer: thin handlers that authenticate, convert protobuf to domain types,
+//! call the domain and the store, and convert back.
+//!
+//! Every error of every handler passes through [`ApiError`] and is mapped to a
+//! `tonic::Status` in exactly one place ([`From<ApiError> for Status`]), with the
+//! canonical code a client can act on and structured details (`tonic-types`): field
+//! violations for INVALID_ARGUMENT, a precondition failure naming the missing consent for
+//! FAILED_PRECONDITION. Messages never contain identifiers or clinical values; an internal
+//! failure is logged with a reference the client is given, never the cause.
+
+pub mod case;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::error;
+
+use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role};
+use crate::consent::InclusionRefused;
+use crate::domain::{FieldViolations, RegistryCode};
+use crate::pseudonym::Pseudonymiser;
+use crate::store::writer::{WriteError, Writer};
+use crate::store::{Registry, Store, StoreError};
+
+/// What the handlers share.
+pub struct AppState {
+    pub store: Store,
+    pub writer: Writer,
+    pub verifier: KeyVerifier,
+    pub pseudonymiser: Pseudonymiser,
+}
+
+pub type SharedState = Arc<AppState>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("the request has {} invalid field(s); see the field violations", .0.len())]
+    Invalid(FieldViolations),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MissingConsent(#[from] InclusionRefused),
+    #[error(
+        "your centre already has a case for this patient in registry {registry}; use UpdateCase"
+    )]
+    CaseExists { registry: String, pseudonym: String },
+    #[error("the case is at version {current}; read it again and re-apply your change")]
+    VersionConflict { current: i64 },
+    #[error("the service is shutting down; retry on another instance or later")]
+    Unavailable,
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        ApiError::Internal(err)
+    }
+}
+
+impl From<FieldViolations> for ApiError {
+    fn from(v: FieldViolations) -> Self {
+        ApiError::Invalid(v)
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(err: WriteError) -> Self {
+        match err {
+            WriteError::Consent(refused) => ApiError::MissingConsent(refused),
+            // The handler knows the registry and pseudonym and maps these itself; these
+            // arms are the fallback.
+            WriteError::AlreadyExists => ApiError::CaseExists {
+                registry: String::new(),
+                pseudonym: String::new(),
+            },
+            WriteError::NotFound => ApiError::NotFound("no such case of your centre".into()),
+            WriteError::VersionConflict { current } => ApiError::VersionConflict { current },
+            WriteError::Store(err) => ApiError::Internal(err),
+            WriteError::ShuttingDown => ApiError::Unavailable,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::Auth(AuthError::MissingCredentials | AuthError::InvalidKey) => {
+                Code::Unauthenticated
+            }
+            ApiError::Auth(_) => Code::PermissionDenied,
+            ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::MissingConsent(_) => Code::FailedPrecondition,
+            ApiError::CaseExists { .. } => Code::AlreadyExists,
+            ApiError::VersionConflict { .. } => Code::Aborted,
+            ApiError::Unavailable => Code::Unavailable,
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        let code = err.code();
+        match err {
+            ApiError::Invalid(violations) => {
+                let mut details = ErrorDetails::new();
+                for v in violations.iter() {
+                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                }
+                let message = ApiError::Invalid(violations).to_string();
+                Status::with_error_details(code, message, details)
+            }
+            ApiError::MissingConsent(refused) => Status::with_error_details(
+                code,
+                refused.to_string(),
+                ErrorDetails::with_precondition_failure_violation(
+                    "CONSENT",
+                    "REGISTRY_INCLUSION",
+                    refused.to_string(),
+                ),
+            ),
+            ApiError::CaseExists {
+                ref registry,
+                ref pseudonym,
+            } => {
+                let details = ErrorDetails::with_resource_info(
+                    "case",
+                    pseudonym.clone(),
+                    registry.clone(),
+                    "",
+                );
+                Status::with_error_details(code, err.to_string(), details)
+            }
+            ApiError::Internal(ref cause) => {
+                let reference = incident_reference();
+                error!(reference = %reference, error = %cause, "internal error");
+                Status::new(
+                    code,
+                    format!("internal error; quote reference {reference} to the operator"),
+                )
+            }
+            other => Status::new(code, other.to_string()),
+        }
+    }
+}
+
+/// A short random reference tying a client-visible error to the server log.
+fn incident_reference() -> String {
+    let mut bytes = [0u8; 6];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl AppState {
+    /// Authenticates the caller of a request: a live key of an enabled principal.
+    pub async fn authenticate<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<Principal, ApiError> {
+        let key = PresentedKey::from_metadata(request.metadata())?;
+        let Some(record) = self.store.load_key(&key.key_id).await? else {
+            return Err(AuthError::InvalidKey.into());
+        };
+        let now = Utc::now().timestamp_millis();
+        let live = record.revoked_at.is_none()
+            && record.expires_at.is_none_or(|exp| exp > now)
+            && !record.principal_disabled;
+        // Verify even a dead key, so that timing does not tell a revoked key from a bad one.
+        let verified = self.verifier.verify(&key, &record.secret_hash).await;
+        if verified && live {
+            Ok(record.principal)
+        } else {
+            Err(AuthError::InvalidKey.into())
+        }
+    }
+
+    /// Authenticates and requires `role`.
+    pub async fn authorize<T>(
+        &self,
+        request: &tonic::Request<T>,
+        role: Role,
+    ) -> Result<Principal, ApiError> {
+        let principal = self.authenticate(request).await?;
+        principal.require_role(role)?;
+        Ok(principal)
+    }
+
+    /// Resolves a registry named in a request and checks the caller may act on it.
+    /// A malformed code is a field violation; an unknown one NOT_FOUND.
+    pub async fn registry_for(
+        &self,
+        principal: &Principal,
+        code: &str,
+        field: &str,
+    ) -> Result<Registry, ApiError> {
+        let code = RegistryCode::parse(code).map_err(|e| {
+            let mut v = FieldViolations::new();
+            v.push(field, e.to_string());
+            ApiError::Invalid(v)
+        })?;
+        let registry = self
+            .store
+            .registry_by_code(code.as_str())
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no registry {}", code.as_str())))?;
+        principal.require_registry(registry.id, &registry.code)?;
+        Ok(registry)
+    }
+}

@@ -1,0 +1,215 @@
+//! Command line and environment: one typed structure per subcommand, safe defaults.
+//!
+//! Every option has an environment variable (`ERN_...`, and the conventional
+//! `DATABASE_URL`). With no options at all, `serve` listens on loopback, keeps its
+//! SQLite database and master key under `./data/`, and needs nothing else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ern-registry",
+    version,
+    about = "Pseudonymised patient registry service for the European Reference Networks"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Directory for the embedded database and the master key file.
+    #[arg(long, env = "ERN_DATA_DIR", default_value = "data", global = true)]
+    pub data_dir: PathBuf,
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB. Default: SQLite in the data dir.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    /// Log format.
+    #[arg(long, env = "ERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl GlobalArgs {
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("registry.db").display()
+            )
+        })
+    }
+
+    /// `--database-url` with any password replaced, for logs.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(&self.database_url())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC service.
+    Serve(ServeArgs),
+    /// Create a new master key file (mode 0600). Refuses to overwrite one.
+    Keygen {
+        /// Where to write it. Default: <data dir>/master.key.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Administration: centres, principals, API keys, registries.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ERN_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Master key file; created (mode 0600) on first start if missing.
+    #[arg(long, env = "ERN_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Refuse to create a master key: fail if the key file is missing (production).
+    #[arg(long, env = "ERN_REQUIRE_MASTER_KEY", default_value_t = false)]
+    pub require_master_key: bool,
+    /// Largest accepted request message, in bytes.
+    #[arg(long, env = "ERN_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Writer tasks (group commit). Default: 1 on SQLite, 4 on PostgreSQL.
+    #[arg(long, env = "ERN_WRITERS")]
+    pub writers: Option<usize>,
+    /// Most writes committed in one transaction.
+    #[arg(long, env = "ERN_MAX_BATCH", default_value_t = 512)]
+    pub max_batch: usize,
+    /// Database connection pool size.
+    #[arg(long, env = "ERN_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Deadline for any one call, in seconds.
+    #[arg(long, env = "ERN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+}
+
+/// The defaults of `serve`, for embedding (tests, benchmarks).
+impl Default for ServeArgs {
+    fn default() -> Self {
+        ServeArgs {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            master_key_file: None,
+            require_master_key: false,
+            max_message_bytes: 1024 * 1024,
+            writers: None,
+            max_batch: 512,
+            db_max_connections: 16,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// List the registries (one per ERN).
+    ListRegistries,
+    /// Create a centre and the ERNs it belongs to.
+    CreateCentre {
+        /// Short code, e.g. NL-AMC.
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        /// ISO 3166-1 alpha-2 country code.
+        #[arg(long)]
+        country: String,
+        /// Registry (ERN) code the centre is a member of; repeat for several.
+        #[arg(long = "ern", required = true)]
+        erns: Vec<String>,
+    },
+    /// Create a principal and print its first API key (shown once).
+    CreatePrincipal {
+        #[arg(long)]
+        name: String,
+        /// physician, consent-officer, researcher or admin.
+        #[arg(long)]
+        role: String,
+        /// Centre code (physicians; consent officers of a centre).
+        #[arg(long)]
+        centre: Option<String>,
+        /// Registry (ERN) code (researchers; registry consent officers); repeatable.
+        #[arg(long = "ern")]
+        erns: Vec<String>,
+        /// Key lifetime in days (default: no expiry).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// Issue another API key for a principal (shown once).
+    IssueKey {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// Revoke an API key by its id (the 16 hex digits after `ern_`).
+    RevokeKey {
+        #[arg(long)]
+        key_id: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://ern:s3cret@db:5432/ern"),
+            "postgres://ern:***@db:5432/ern"
+        );
+        assert_eq!(redact_url("postgres://ern@db/ern"), "postgres://ern@db/ern");
+        assert_eq!(
+            redact_url("sqlite://data/registry.db"),
+            "sqlite://data/registry.db"
+        );
+    }
+
+    #[test]
+    fn cli_parses_serve_defaults() {
+        let cli = Cli::try_parse_from(["ern-registry", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve")
+        };
+        assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
+        assert!(cli.global.database_url().starts_with("sqlite://"));
+    }
+}

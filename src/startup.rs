@@ -1,0 +1,218 @@
+//! The composition root: builds the application from its configuration (database, keys,
+//! writer, services, server) and runs it until asked to stop.
+//!
+//! `main` parses the command line and calls [`Application::build`]; the integration
+//! tests and the benchmark do the same with port 0 and their own database.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+use crate::api::{AppState, case::CaseApi};
+use crate::auth::KeyVerifier;
+use crate::config::ServeArgs;
+use crate::keys::{KeyError, MasterSecret};
+use crate::proto::case_service_server::CaseServiceServer;
+use crate::pseudonym::Pseudonymiser;
+use crate::store::writer::Writer;
+use crate::store::{Backend, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("no system randomness")]
+    Random,
+}
+
+/// Creates the directory a file will live in, if needed.
+fn ensure_parent(path: &Path) -> Result<(), StartupError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StartupError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Loads the master key, creating it when allowed (and saying so loudly).
+pub fn load_master_key(path: &Path, may_create: bool) -> Result<MasterSecret, StartupError> {
+    if !may_create {
+        return Ok(MasterSecret::load(path)?);
+    }
+    ensure_parent(path)?;
+    let (secret, created) = MasterSecret::load_or_create(path)?;
+    if created {
+        warn!(
+            path = %path.display(),
+            "CREATED A NEW MASTER KEY. Every pseudonym depends on it: back it up now, \
+             keep it secret, and never lose it. Losing it unlinks all future submissions \
+             from existing records."
+        );
+    }
+    Ok(secret)
+}
+
+/// Opens the database (creating the SQLite directory if needed) and migrates it.
+pub async fn open_store(database_url: &str, max_connections: u32) -> Result<Store, StartupError> {
+    if let Some(path) = database_url
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
+    {
+        ensure_parent(Path::new(path))?;
+    }
+    let store = Store::connect(database_url, max_connections).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+pub struct Application {
+    local_addr: SocketAddr,
+    listener: TcpListener,
+    state: Arc<AppState>,
+    args: ServeArgs,
+}
+
+impl Application {
+    /// Builds everything and binds the listener; nothing is served until
+    /// [`Application::run_until_stopped`].
+    pub async fn build(
+        args: ServeArgs,
+        database_url: &str,
+        master_key_file: &Path,
+    ) -> Result<Application, StartupError> {
+        let master = load_master_key(master_key_file, !args.require_master_key)?;
+        let store = open_store(database_url, args.db_max_connections).await?;
+        let writers = args.writers.unwrap_or(match store.backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 4,
+        });
+        let writers = if store.backend() == Backend::Sqlite {
+            1
+        } else {
+            writers
+        };
+        let writer = Writer::start(store.clone(), writers, args.max_batch);
+        let rng = SystemRandom::new();
+        let state = Arc::new(AppState {
+            verifier: KeyVerifier::new(&rng).map_err(|_| StartupError::Random)?,
+            pseudonymiser: Pseudonymiser::new(&master),
+            store,
+            writer,
+        });
+        let listener =
+            TcpListener::bind(args.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: args.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                addr: args.listen,
+                source,
+            })?;
+        info!(%local_addr, backend = ?state.store.backend(), writers, "ern-registry ready");
+        Ok(Application {
+            local_addr,
+            listener,
+            state,
+            args,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking calls, lets running calls
+    /// finish, and drains the write queue.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<CaseServiceServer<CaseApi>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let max = self.args.max_message_bytes;
+        let cases = CaseServiceServer::new(CaseApi::new(self.state.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let result = Server::builder()
+            .timeout(self.args.request_timeout())
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(cases)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        info!("server stopped; closing the database");
+        // The writer tasks finish their queues when the last handle (in the state) goes.
+        let store = self.state.store.clone();
+        drop(self.state);
+        store.close().await;
+        result.map_err(Into::into)
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    info!("shutdown requested");
+}
