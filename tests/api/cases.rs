@@ -1,0 +1,211 @@
+//! Submitting, reading back, updating and bulk-uploading cases.
+
+use ern_registry::proto::{self, GetCaseRequest, UpdateCaseRequest};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn submitted_case_is_read_back_as_submitted() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let resp = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.version, 1);
+    assert_eq!(resp.pseudonym.len(), 43);
+    assert!(
+        resp.pseudonym.starts_with("R013-V001-"),
+        "{}",
+        resp.pseudonym
+    );
+
+    let got = dr
+        .get_case(GetCaseRequest {
+            registry: "ERN-LUNG".into(),
+            pseudonym: resp.pseudonym.clone(),
+            include_history: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .case
+        .unwrap();
+    assert_eq!(got.pseudonym, resp.pseudonym);
+    assert_eq!(got.centre, "NL-AMC");
+    assert_eq!(got.country, "NL");
+    let current = got.current.unwrap();
+    assert_eq!(current.version, 1);
+    assert_eq!(current.recorded_by, "dr-a");
+    assert_eq!(current.record.unwrap(), record());
+    assert!(got.history.is_empty());
+}
+
+#[tokio::test]
+async fn update_keeps_history_and_newest_counts() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let p = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(2))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut changed = record();
+    changed.status = proto::PatientStatus::Deceased as i32;
+    changed.date_of_death = "2023-01".into();
+    let up = dr
+        .update_case(UpdateCaseRequest {
+            registry: "ERN-EYE".into(),
+            pseudonym: p.clone(),
+            expected_version: 1,
+            record: Some(changed.clone()),
+            consent: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(up.version, 2);
+
+    let got = dr
+        .get_case(GetCaseRequest {
+            registry: "ERN-EYE".into(),
+            pseudonym: p.clone(),
+            include_history: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .case
+        .unwrap();
+    assert_eq!(got.current.unwrap().record.unwrap(), changed);
+    assert_eq!(got.history.len(), 1);
+    assert_eq!(got.history[0].version, 1);
+    assert_eq!(got.history[0].record.clone().unwrap(), record());
+}
+
+#[tokio::test]
+async fn stale_update_is_aborted_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let p = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(3))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let update = |v| UpdateCaseRequest {
+        registry: "ERN-EYE".into(),
+        pseudonym: p.clone(),
+        expected_version: v,
+        record: Some(record()),
+        consent: vec![],
+    };
+    dr.update_case(update(1)).await.unwrap();
+    let err = dr.update_case(update(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(err.message().contains("version 2"), "{}", err.message());
+    assert_eq!(app.count("case_versions").await, 2);
+}
+
+#[tokio::test]
+async fn resubmitting_the_same_patient_from_the_same_centre_is_already_exists() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let first = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(4))))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(4))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    use tonic_types::StatusExt;
+    let info = err.get_error_details().resource_info().cloned().unwrap();
+    assert_eq!(
+        info.resource_name, first.pseudonym,
+        "the caller learns which case to update"
+    );
+    assert_eq!(app.count("cases").await, 1);
+}
+
+#[tokio::test]
+async fn bulk_upload_returns_one_result_per_record_in_order() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut requests = Vec::new();
+    for i in 0..200u32 {
+        let mut req = submission("ERN-EYE", national("NL", &bsn(1000 + i)));
+        req.client_reference = format!("row-{i}");
+        if i % 50 == 7 {
+            req.record
+                .as_mut()
+                .unwrap()
+                .diagnosis
+                .as_mut()
+                .unwrap()
+                .orphacode = "ORPHA:x".into();
+        }
+        if i % 50 == 9 {
+            req.consent.clear();
+        }
+        requests.push(req);
+    }
+    let mut results = dr
+        .submit_cases(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0u64;
+    while let Some(r) = results.next().await {
+        let r = r.unwrap();
+        assert_eq!(r.sequence, seen);
+        assert_eq!(r.client_reference, format!("row-{seen}"));
+        match r.outcome.unwrap() {
+            proto::submit_cases_result::Outcome::Accepted(a) => {
+                assert!(
+                    seen % 50 != 7 && seen % 50 != 9,
+                    "row {seen} should have been refused"
+                );
+                assert_eq!(a.version, 1);
+            }
+            proto::submit_cases_result::Outcome::Rejected(rej) => {
+                if seen % 50 == 7 {
+                    assert_eq!(rej.code, Code::InvalidArgument as i32);
+                    assert_eq!(rej.field_violations[0].field, "record.diagnosis.orphacode");
+                } else {
+                    assert_eq!(seen % 50, 9, "row {seen} refused: {}", rej.message);
+                    assert_eq!(rej.code, Code::FailedPrecondition as i32);
+                }
+            }
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 200);
+    assert_eq!(app.count("cases").await, 192);
+}
+
+#[tokio::test]
+async fn concurrent_submissions_are_all_committed() {
+    let app = TestApp::spawn().await;
+    let dr = app.physician("dr-a", "NL-AMC").await;
+    let mut tasks = Vec::new();
+    for i in 0..100u32 {
+        let mut dr = dr.clone();
+        tasks.push(tokio::spawn(async move {
+            dr.submit_case(submission("ERN-EYE", national("NL", &bsn(5000 + i))))
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(app.count("cases").await, 100);
+    assert_eq!(app.count("consent_events").await, 200);
+}

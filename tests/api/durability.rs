@@ -1,0 +1,104 @@
+//! An acknowledged submission survives `kill -9` of the server process.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ern_registry::proto::GetCaseRequest;
+
+use crate::helpers::*;
+
+fn start(dir: &std::path::Path, url: &str, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--database-url",
+            url,
+            "serve",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("ERN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the server binary")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_ready(port: u16) -> tonic::transport::Channel {
+    for _ in 0..200 {
+        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not come up");
+}
+
+#[tokio::test]
+async fn acknowledged_submissions_survive_kill_9() {
+    // The TestApp only provides the database and the principals; the server under test
+    // is the real binary in its own process.
+    let app = TestApp::spawn().await;
+    app.centre("NL-AMC", "NL", &["ERN-EYE"]).await;
+    let token = app
+        .principal(
+            "dr-a",
+            ern_registry::auth::Role::Physician,
+            Some("NL-AMC"),
+            &[],
+        )
+        .await;
+    let url = app.database_url.clone();
+    let dir = app.dir.path().to_path_buf();
+    // Same master key as the TestApp (in the same data dir), so pseudonyms agree.
+    let port = free_port();
+    let mut server = start(&dir, &url, port);
+    let channel = wait_ready(port).await;
+    let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+    let mut client = ern_registry::proto::case_service_client::CaseServiceClient::with_interceptor(
+        channel,
+        bearer.clone(),
+    );
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let r = client
+            .submit_case(submission("ERN-EYE", national("NL", &bsn(9000 + i))))
+            .await
+            .unwrap();
+        acked.push(r.into_inner().pseudonym);
+    }
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let port = free_port();
+    let mut server = start(&dir, &url, port);
+    let channel = wait_ready(port).await;
+    let mut client = ern_registry::proto::case_service_client::CaseServiceClient::with_interceptor(
+        channel, bearer,
+    );
+    for p in acked {
+        client
+            .get_case(GetCaseRequest {
+                registry: "ERN-EYE".into(),
+                pseudonym: p,
+                include_history: false,
+            })
+            .await
+            .expect("an acknowledged case is still there");
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

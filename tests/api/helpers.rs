@@ -1,0 +1,366 @@
+//! `TestApp`: the real server on an ephemeral port, with its own fresh database.
+//!
+//! SQLite by default (a file in a temporary directory). With `ERN_TEST_DATABASE_URL`
+//! set to a PostgreSQL URL (of a database the test user may `CREATE DATABASE` from, e.g.
+//! `postgres://postgres@127.0.0.1:5433/postgres`), each app gets a fresh PostgreSQL
+//! database instead, so the same tests run on both.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use ern_registry::auth::{self, Role};
+use ern_registry::config::ServeArgs;
+use ern_registry::proto::{self, case_service_client::CaseServiceClient};
+use ern_registry::startup::Application;
+use ern_registry::store::Store;
+use ring::rand::SystemRandom;
+use sqlx::Connection;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Everything every test app logged, for tests that check what never reaches the log.
+pub static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("trace,h2=info,hyper=info,tower=info,sqlx=info")
+            .with_writer(|| LogSink)
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
+
+pub type Client = CaseServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+pub struct Bearer(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub store: Store,
+    pub database_url: String,
+    pub dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A fresh database URL: a SQLite file in `dir`, or a new PostgreSQL database.
+pub async fn fresh_database(dir: &TempDir) -> String {
+    match std::env::var("ERN_TEST_DATABASE_URL") {
+        Ok(admin_url) if !admin_url.is_empty() => {
+            sqlx::any::install_default_drivers();
+            let mut bytes = [0u8; 8];
+            ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut bytes).unwrap();
+            let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let name = format!("ern_test_{name}");
+            let mut conn = sqlx::AnyConnection::connect(&admin_url)
+                .await
+                .expect("connect to test PostgreSQL");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .expect("create test database");
+            let (base, _) = admin_url
+                .rsplit_once('/')
+                .expect("URL with a database name");
+            format!("{base}/{name}")
+        }
+        _ => format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("registry.db").display()
+        ),
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(ServeArgs::default()).await
+    }
+
+    pub async fn spawn_with(mut args: ServeArgs) -> TestApp {
+        init_logging();
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = fresh_database(&dir).await;
+        args.listen = "127.0.0.1:0".parse().unwrap();
+        let key_file = dir.path().join("master.key");
+        let app = Application::build(args, &database_url, &key_file)
+            .await
+            .expect("application builds");
+        let addr = app.local_addr();
+        let store = app.store().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            app.run_until_stopped(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        TestApp {
+            addr,
+            store,
+            database_url,
+            dir,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Stops the server and waits until it has drained.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.starts_with("sqlite:")
+    }
+
+    pub fn sqlite_files(&self) -> Vec<PathBuf> {
+        let db = self.dir.path().join("registry.db");
+        vec![
+            db.clone(),
+            db.with_extension("db-wal"),
+            db.with_extension("db-shm"),
+        ]
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    pub async fn client(&self, token: Option<&str>) -> Client {
+        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+        CaseServiceClient::with_interceptor(self.channel().await, bearer)
+    }
+
+    pub async fn centre(&self, code: &str, country: &str, erns: &[&str]) {
+        let erns: Vec<String> = erns.iter().map(|s| s.to_string()).collect();
+        self.store
+            .create_centre(code, &format!("{code} hospital"), country, &erns)
+            .await
+            .unwrap();
+    }
+
+    /// Creates a principal and returns its API key.
+    pub async fn principal(
+        &self,
+        name: &str,
+        role: Role,
+        centre: Option<&str>,
+        erns: &[&str],
+    ) -> String {
+        let erns: Vec<String> = erns.iter().map(|s| s.to_string()).collect();
+        let id = self
+            .store
+            .create_principal(name, role, centre, &erns)
+            .await
+            .unwrap();
+        let issued = tokio::task::spawn_blocking(|| auth::issue_key(&SystemRandom::new()).unwrap())
+            .await
+            .unwrap();
+        self.store
+            .insert_api_key(&issued.key_id, id, &issued.secret_hash, None)
+            .await
+            .unwrap();
+        issued.token.to_string()
+    }
+
+    /// A centre in ERN-EYE and ERN-LUNG with a physician; returns the physician's client.
+    pub async fn physician(&self, name: &str, centre: &str) -> Client {
+        if self
+            .store
+            .registry_by_code("ERN-EYE")
+            .await
+            .unwrap()
+            .is_none()
+        {
+            panic!("registries not seeded");
+        }
+        let exists = sqlx::query("SELECT 1 FROM centres WHERE code = $1")
+            .bind(centre)
+            .fetch_optional(self.store.pool())
+            .await
+            .unwrap()
+            .is_some();
+        if !exists {
+            self.centre(centre, "NL", &["ERN-EYE", "ERN-LUNG"]).await;
+        }
+        let token = self
+            .principal(name, Role::Physician, Some(centre), &[])
+            .await;
+        self.client(Some(&token)).await
+    }
+
+    /// Counts rows of a table (tests only; the name is a literal).
+    pub async fn count(&self, table: &str) -> i64 {
+        use sqlx::Row;
+        sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
+            .try_get::<i64, _>(0)
+            .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A valid BSN derived from `seed` (8 digits + the 11-check digit).
+pub fn bsn(seed: u32) -> String {
+    // Each seed owns ten consecutive numbers, at most one of which fails the 11-check, so
+    // distinct seeds (below 9,000,000) give distinct BSNs.
+    let mut n = 10_000_000 + (seed % 9_000_000) * 10;
+    loop {
+        let digits: Vec<u32> = format!("{n:08}")
+            .bytes()
+            .map(|b| u32::from(b - b'0'))
+            .collect();
+        let sum: u32 = digits.iter().zip((2..=9).rev()).map(|(d, w)| d * w).sum();
+        let check = sum % 11;
+        if check < 10 {
+            return format!("{n:08}{check}");
+        }
+        n += 1;
+    }
+}
+
+pub fn national(country: &str, value: &str) -> proto::PatientIdentifiers {
+    proto::PatientIdentifiers {
+        kind: Some(proto::patient_identifiers::Kind::National(
+            proto::NationalIdentifier {
+                issuing_country: country.into(),
+                value: value.into(),
+            },
+        )),
+    }
+}
+
+pub fn ts(rfc3339: &str) -> prost_types::Timestamp {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap();
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
+}
+
+pub fn consent(
+    scope: proto::ConsentScope,
+    state: proto::ConsentState,
+    given: &str,
+) -> proto::ScopeConsent {
+    proto::ScopeConsent {
+        scope: scope as i32,
+        state: state as i32,
+        given_at: Some(ts(given)),
+        form_version: "ERN-2024-01".into(),
+        expires_at: None,
+    }
+}
+
+pub fn inclusion_granted() -> Vec<proto::ScopeConsent> {
+    vec![
+        consent(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+            "2024-03-01T10:00:00Z",
+        ),
+        consent(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Granted,
+            "2024-03-01T10:00:00Z",
+        ),
+    ]
+}
+
+/// A valid, diagnosed case record (cystic fibrosis, diagnosed in infancy).
+pub fn record() -> proto::CaseRecord {
+    proto::CaseRecord {
+        birth_year_month: "2015-06".into(),
+        sex: proto::Sex::Female as i32,
+        status: proto::PatientStatus::Alive as i32,
+        date_of_death: String::new(),
+        first_contact_date: "2016-02".into(),
+        onset_kind: proto::OnsetKind::Date as i32,
+        onset_date: "2015-09".into(),
+        undiagnosed: false,
+        diagnosis: Some(proto::Diagnosis {
+            orphacode: "ORPHA:586".into(),
+            icd10: vec!["E84.0".into()],
+            icd11: vec!["CA25".into()],
+            omim: vec!["OMIM:219700".into()],
+        }),
+        diagnosis_date: "2016-03-14".into(),
+        genetic_findings: vec![proto::GeneticFinding {
+            gene: "CFTR".into(),
+            variants: vec!["NM_000492.4:c.1521_1523del".into()],
+        }],
+        hpo_terms: vec!["HP:0006528".into()],
+        icf_codes: vec!["b440".into()],
+    }
+}
+
+pub fn submission(registry: &str, patient: proto::PatientIdentifiers) -> proto::SubmitCaseRequest {
+    proto::SubmitCaseRequest {
+        registry: registry.into(),
+        patient: Some(patient),
+        record: Some(record()),
+        consent: inclusion_granted(),
+        client_reference: String::new(),
+    }
+}
+
+/// Field paths of an INVALID_ARGUMENT status.
+pub fn violations(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}

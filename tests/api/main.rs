@@ -1,0 +1,13 @@
+//! Integration tests: the real server on an ephemeral port, a real tonic client.
+//! One test binary (link once); one module per feature.
+
+mod helpers;
+
+mod auth;
+mod cases;
+mod consent;
+mod durability;
+mod privacy;
+mod pseudonyms;
+mod service;
+mod validation;
