@@ -57,7 +57,8 @@ async fn all_violations_are_reported_at_once() {
 #[tokio::test]
 async fn each_code_format_is_checked() {
     let app = TestApp::spawn().await;
-    let cases: Vec<(&str, Box<dyn Fn(&mut proto::CaseRecord)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut proto::CaseRecord)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "record.diagnosis.orphacode",
             Box::new(|r| r.diagnosis.as_mut().unwrap().orphacode = "558".into()),
