@@ -350,10 +350,8 @@ impl CaseRecord {
                 v.push(field, msg);
             }
         };
-        if let Some(b) = birth {
-            if b.as_partial().is_future(today) {
-                flag(&mut v, "birth_year_month", "must not be in the future");
-            }
+        if birth.is_some_and(|b| b.as_partial().is_future(today)) {
+            flag(&mut v, "birth_year_month", "must not be in the future");
         }
         for (field, date) in dated {
             if date.is_some_and(|d| d.is_future(today)) {
