@@ -37,8 +37,12 @@ fn seconds() -> f64 {
         .unwrap_or(5.0)
 }
 
+/// Seeds handed out so far: every submission of a run is a different patient.
+static NEXT_SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A valid BSN per seed; distinct seeds (below 9,000,000) give distinct BSNs.
 fn bsn(seed: u64) -> String {
-    let mut n = seed % 90_000_000 + 10_000_000;
+    let mut n = 10_000_000 + (seed % 9_000_000) * 10;
     loop {
         let digits: Vec<u64> = format!("{n:08}")
             .bytes()
@@ -246,7 +250,7 @@ fn client(channel: Channel, token: &str) -> Client {
     CaseServiceClient::with_interceptor(channel, f)
 }
 
-async fn bench_unary(channels: &[Channel], token: &str, concurrency: usize, base: u64) -> Figure {
+async fn bench_unary(channels: &[Channel], token: &str, concurrency: usize) -> Figure {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -255,13 +259,11 @@ async fn bench_unary(channels: &[Channel], token: &str, concurrency: usize, base
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let seed = base + (t as u64) * 10_000_000 + i;
+                let seed = NEXT_SEED.fetch_add(1, Ordering::Relaxed);
                 let t0 = Instant::now();
                 c.submit_case(submission(seed)).await.expect("submit");
                 latencies.push(t0.elapsed());
-                i += 1;
             }
             latencies
         }));
@@ -286,14 +288,15 @@ async fn bench_unary(channels: &[Channel], token: &str, concurrency: usize, base
     }
 }
 
-async fn bench_bulk(channel: Channel, token: &str, streams: usize, base: u64) -> Figure {
+async fn bench_bulk(channel: Channel, token: &str, streams: usize) -> Figure {
     let per_stream = (seconds() * 4000.0) as u64;
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for s in 0..streams {
+    for _ in 0..streams {
         let mut c = client(channel.clone(), token);
         tasks.push(tokio::spawn(async move {
-            let reqs = (0..per_stream).map(move |i| submission(base + s as u64 * 10_000_000 + i));
+            let first = NEXT_SEED.fetch_add(per_stream, Ordering::Relaxed);
+            let reqs = (first..first + per_stream).map(submission);
             let mut out = c
                 .submit_cases(tokio_stream::iter(reqs))
                 .await
@@ -399,9 +402,9 @@ async fn async_main() {
     for _ in 0..4 {
         channels.push(connect().await);
     }
-    figures.push(bench_unary(&channels, &token, 1, 1_000_000_000).await);
-    figures.push(bench_unary(&channels, &token, 256, 2_000_000_000).await);
-    figures.push(bench_bulk(channel.clone(), &token, 4, 5_000_000_000).await);
+    figures.push(bench_unary(&channels, &token, 1).await);
+    figures.push(bench_unary(&channels, &token, 256).await);
+    figures.push(bench_bulk(channel.clone(), &token, 4).await);
     let _ = stop_tx.send(());
     let _ = server.await;
 
