@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/ern_registry/v1/common.proto",
         "proto/ern_registry/v1/case.proto",
+        "proto/ern_registry/v1/consent.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

@@ -49,7 +49,15 @@ impl Scope {
         Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
     }
 
-    fn from_proto(value: i32) -> Option<Scope> {
+    pub fn to_proto(self) -> proto::ConsentScope {
+        match self {
+            Scope::RegistryInclusion => proto::ConsentScope::RegistryInclusion,
+            Scope::ResearchUse => proto::ConsentScope::ResearchUse,
+            Scope::Recontact => proto::ConsentScope::Recontact,
+        }
+    }
+
+    pub fn from_proto(value: i32) -> Option<Scope> {
         match proto::ConsentScope::try_from(value).ok()? {
             proto::ConsentScope::RegistryInclusion => Some(Scope::RegistryInclusion),
             proto::ConsentScope::ResearchUse => Some(Scope::ResearchUse),
@@ -72,6 +80,14 @@ impl Decision {
             Decision::Granted => "granted",
             Decision::Refused => "refused",
             Decision::Withdrawn => "withdrawn",
+        }
+    }
+
+    pub fn to_proto(self) -> proto::ConsentState {
+        match self {
+            Decision::Granted => proto::ConsentState::Granted,
+            Decision::Refused => proto::ConsentState::Refused,
+            Decision::Withdrawn => proto::ConsentState::Withdrawn,
         }
     }
 
@@ -201,7 +217,7 @@ pub fn parse_attestation(
             Ok(proto::ConsentState::Withdrawn) => {
                 violations.push(
                     path("state"),
-                    "a physician can attest GRANTED or REFUSED; withdrawals are recorded by a consent officer",
+                    "must be GRANTED or REFUSED here; a consent officer records withdrawals with ConsentService.WithdrawConsent",
                 );
                 None
             }
@@ -223,7 +239,9 @@ pub fn parse_attestation(
                 violations.push(path("given_at"), "must not be in the future");
                 None
             }
-            Some(Some(t)) => Some(t),
+            // A time slightly ahead of ours (clock skew) is recorded as now, so nothing
+            // on file ever lies in the future and a withdrawal made now supersedes it.
+            Some(Some(t)) => Some(t.min(now)),
         };
         let form_version = item.form_version.trim();
         if form_version.is_empty() {

@@ -15,11 +15,12 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::api::{AppState, case::CaseApi};
+use crate::api::{AppState, case::CaseApi, consent::ConsentApi};
 use crate::auth::KeyVerifier;
 use crate::config::ServeArgs;
 use crate::keys::{KeyError, MasterSecret};
 use crate::proto::case_service_server::CaseServiceServer;
+use crate::proto::consent_service_server::ConsentServiceServer;
 use crate::pseudonym::Pseudonymiser;
 use crate::store::writer::Writer;
 use crate::store::{Backend, Store, StoreError};
@@ -164,6 +165,9 @@ impl Application {
         health_reporter
             .set_serving::<CaseServiceServer<CaseApi>>()
             .await;
+        health_reporter
+            .set_serving::<ConsentServiceServer<ConsentApi>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -176,6 +180,9 @@ impl Application {
         let cases = CaseServiceServer::new(CaseApi::new(self.state.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let consent = ConsentServiceServer::new(ConsentApi::new(self.state.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let result = Server::builder()
             .timeout(self.args.request_timeout())
@@ -183,6 +190,7 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(cases)
+            .add_service(consent)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         info!("server stopped; closing the database");

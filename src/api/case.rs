@@ -12,14 +12,13 @@ use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
-use zeroize::Zeroize;
 
-use super::{ApiError, SharedState};
+use super::{ApiError, SharedState, parse_pseudonym, registry_ref, zeroize_identifiers};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::proto::{self, case_service_server::CaseService};
-use crate::pseudonym::{PatientIdentity, Pseudonym, RegistryRef};
+use crate::pseudonym::PatientIdentity;
 use crate::store::cases;
 use crate::store::writer::{Command, SubmitCase, UpdateCase, WriteError};
 
@@ -34,27 +33,6 @@ impl CaseApi {
     pub fn new(state: SharedState) -> Self {
         CaseApi { state }
     }
-}
-
-/// Overwrites the identifier strings of a request in place.
-fn zeroize_identifiers(patient: &mut Option<proto::PatientIdentifiers>) {
-    if let Some(p) = patient.as_mut() {
-        match p.kind.as_mut() {
-            Some(proto::patient_identifiers::Kind::National(n)) => {
-                n.value.zeroize();
-                n.issuing_country.zeroize();
-            }
-            Some(proto::patient_identifiers::Kind::Demographic(d)) => {
-                d.given_names.zeroize();
-                d.family_name.zeroize();
-                d.date_of_birth.zeroize();
-                d.place_of_birth.zeroize();
-                d.country_of_birth.zeroize();
-            }
-            None => {}
-        }
-    }
-    *patient = None;
 }
 
 fn parse_record(
@@ -87,19 +65,6 @@ fn parse_consent(
             Vec::new()
         }
     }
-}
-
-fn registry_ref(registry: &crate::store::Registry) -> Result<RegistryRef<'_>, ApiError> {
-    let corrupt = || {
-        ApiError::Internal(crate::store::StoreError::Corrupt(
-            "registry numbering".into(),
-        ))
-    };
-    Ok(RegistryRef {
-        seq: u16::try_from(registry.id).map_err(|_| corrupt())?,
-        code: &registry.code,
-        key_version: u16::try_from(registry.active_key_version).map_err(|_| corrupt())?,
-    })
 }
 
 /// One submission, start to finish, for an already authenticated physician.
@@ -159,7 +124,7 @@ async fn submit_one(
         row: cases::to_row(&record),
         now,
     });
-    match state.writer.execute(command).await {
+    match state.writer.execute_case(command).await {
         Ok(written) => Ok(proto::SubmitCaseResponse {
             pseudonym: pseudonym.as_str().to_owned(),
             version: written.version as u32,
@@ -378,7 +343,7 @@ impl CaseService for CaseApi {
             row: cases::to_row(&record),
             now: Utc::now(),
         });
-        let written = match self.state.writer.execute(command).await {
+        let written = match self.state.writer.execute_case(command).await {
             Ok(w) => w,
             Err(WriteError::NotFound) => {
                 return Err(ApiError::NotFound(format!(
@@ -399,15 +364,4 @@ impl CaseService for CaseApi {
 
 fn into_api(err: sqlx::Error) -> ApiError {
     ApiError::Internal(err.into())
-}
-
-/// Parses a pseudonym of `registry`; one of another registry is a field violation.
-fn parse_pseudonym(text: &str, registry: &crate::store::Registry) -> Result<Pseudonym, ApiError> {
-    let mut v = FieldViolations::new();
-    match Pseudonym::parse(text) {
-        Ok(p) if i64::from(p.registry_seq()) == registry.id => return Ok(p),
-        Ok(_) => v.push("pseudonym", "belongs to another registry"),
-        Err(e) => v.push("pseudonym", e.to_string()),
-    }
-    Err(ApiError::Invalid(v))
 }

@@ -9,6 +9,7 @@
 //! failure is logged with a reference the client is given, never the cause.
 
 pub mod case;
+pub mod consent;
 
 use std::sync::Arc;
 
@@ -16,11 +17,12 @@ use chrono::Utc;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::error;
+use zeroize::Zeroize;
 
 use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role};
 use crate::consent::InclusionRefused;
 use crate::domain::{FieldViolations, RegistryCode};
-use crate::pseudonym::Pseudonymiser;
+use crate::pseudonym::{Pseudonym, Pseudonymiser, RegistryRef};
 use crate::store::writer::{WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
 
@@ -50,6 +52,8 @@ pub enum ApiError {
     CaseExists { registry: String, pseudonym: String },
     #[error("the case is at version {current}; read it again and re-apply your change")]
     VersionConflict { current: i64 },
+    #[error("{0}")]
+    Precondition(String),
     #[error("the service is shutting down; retry on another instance or later")]
     Unavailable,
     #[error("internal error")]
@@ -82,6 +86,7 @@ impl From<WriteError> for ApiError {
             WriteError::VersionConflict { current } => ApiError::VersionConflict { current },
             WriteError::Store(err) => ApiError::Internal(err),
             WriteError::ShuttingDown => ApiError::Unavailable,
+            e @ WriteError::UseWithdrawal => ApiError::Precondition(e.to_string()),
         }
     }
 }
@@ -98,6 +103,7 @@ impl ApiError {
             ApiError::MissingConsent(_) => Code::FailedPrecondition,
             ApiError::CaseExists { .. } => Code::AlreadyExists,
             ApiError::VersionConflict { .. } => Code::Aborted,
+            ApiError::Precondition(_) => Code::FailedPrecondition,
             ApiError::Unavailable => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -212,4 +218,46 @@ impl AppState {
         principal.require_registry(registry.id, &registry.code)?;
         Ok(registry)
     }
+}
+
+/// Parses a pseudonym of `registry`; one of another registry is a field violation.
+pub fn parse_pseudonym(text: &str, registry: &Registry) -> Result<Pseudonym, ApiError> {
+    let mut v = FieldViolations::new();
+    match Pseudonym::parse(text) {
+        Ok(p) if i64::from(p.registry_seq()) == registry.id => return Ok(p),
+        Ok(_) => v.push("pseudonym", "belongs to another registry"),
+        Err(e) => v.push("pseudonym", e.to_string()),
+    }
+    Err(ApiError::Invalid(v))
+}
+
+/// The key reference of a registry for pseudonym derivation.
+pub fn registry_ref(registry: &Registry) -> Result<RegistryRef<'_>, ApiError> {
+    let corrupt = || ApiError::Internal(StoreError::Corrupt("registry numbering".into()));
+    Ok(RegistryRef {
+        seq: u16::try_from(registry.id).map_err(|_| corrupt())?,
+        code: &registry.code,
+        key_version: u16::try_from(registry.active_key_version).map_err(|_| corrupt())?,
+    })
+}
+
+/// Overwrites the identifier strings of a request in place.
+pub fn zeroize_identifiers(patient: &mut Option<crate::proto::PatientIdentifiers>) {
+    if let Some(p) = patient.as_mut() {
+        match p.kind.as_mut() {
+            Some(crate::proto::patient_identifiers::Kind::National(n)) => {
+                n.value.zeroize();
+                n.issuing_country.zeroize();
+            }
+            Some(crate::proto::patient_identifiers::Kind::Demographic(d)) => {
+                d.given_names.zeroize();
+                d.family_name.zeroize();
+                d.date_of_birth.zeroize();
+                d.place_of_birth.zeroize();
+                d.country_of_birth.zeroize();
+            }
+            None => {}
+        }
+    }
+    *patient = None;
 }

@@ -108,6 +108,7 @@ pub async fn load_consent(
         .collect()
 }
 
+/// Appends one decision to the patient's consent history; returns its id.
 pub async fn append_consent(
     conn: &mut AnyConnection,
     registry_id: i64,
@@ -116,11 +117,11 @@ pub async fn append_consent(
     recorded_by: i64,
     source: Source,
     now: DateTime<Utc>,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<i64> {
+    let row = sqlx::query(
         "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, form_version, \
                                      expires_at, recorded_by, recorded_at, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -132,9 +133,9 @@ pub async fn append_consent(
     .bind(recorded_by)
     .bind(millis(now))
     .bind(source.as_str())
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(())
+    Ok(row.try_get(0)?)
 }
 
 /// The case of `centre_id` for this patient: (case id, current version).

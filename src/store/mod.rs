@@ -11,6 +11,7 @@
 //! module that speaks SQL.
 
 pub mod cases;
+pub mod consent;
 pub mod writer;
 
 use std::collections::BTreeSet;
@@ -110,7 +111,8 @@ impl Store {
                     if backend == Backend::Sqlite {
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
+                             PRAGMA secure_delete = ON;",
                         )
                         .await?;
                     }

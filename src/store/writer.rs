@@ -24,8 +24,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
 use super::cases::{self, CaseRow};
+use super::consent::{self as consent_store, WithdrawalReason};
 use super::{Store, StoreError};
-use crate::consent::{self, ConsentDecision, ConsentEvent, InclusionRefused, Source};
+use crate::consent::{
+    self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source,
+};
 
 /// Queue length per writer before senders wait (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
@@ -55,10 +58,35 @@ pub struct UpdateCase {
     pub now: DateTime<Utc>,
 }
 
+/// A consent officer's decisions (granted or refused) for one patient.
+#[derive(Debug, Clone)]
+pub struct RecordConsent {
+    pub registry_id: i64,
+    pub pseudonym: String,
+    pub principal_id: i64,
+    pub decisions: Vec<ConsentDecision>,
+    pub now: DateTime<Utc>,
+}
+
+/// A consent officer's withdrawal, effective at `now`. Withdrawing REGISTRY_INCLUSION
+/// erases the patient's record in the registry and leaves a tombstone with `receipt_id`.
+#[derive(Debug, Clone)]
+pub struct Withdraw {
+    pub registry_id: i64,
+    pub pseudonym: String,
+    pub principal_id: i64,
+    pub scopes: Vec<Scope>,
+    pub reason: WithdrawalReason,
+    pub receipt_id: String,
+    pub now: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone)]
 pub enum Command {
     Submit(SubmitCase),
     Update(UpdateCase),
+    RecordConsent(RecordConsent),
+    Withdraw(Withdraw),
 }
 
 impl Command {
@@ -66,15 +94,31 @@ impl Command {
         match self {
             Command::Submit(c) => (c.registry_id, &c.pseudonym),
             Command::Update(c) => (c.registry_id, &c.pseudonym),
+            Command::RecordConsent(c) => (c.registry_id, &c.pseudonym),
+            Command::Withdraw(c) => (c.registry_id, &c.pseudonym),
         }
     }
 }
 
-/// What a committed command stored.
+/// What a committed case command stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     pub version: i64,
     pub recorded_at: DateTime<Utc>,
+}
+
+/// What a committed command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Case(Written),
+    /// Ids of the consent events appended.
+    Consent(Vec<i64>),
+    /// Ids of the withdrawal events; (cases, versions) erased when REGISTRY_INCLUSION
+    /// was withdrawn.
+    Withdrawn {
+        events: Vec<i64>,
+        erased: Option<(i64, i64)>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +135,13 @@ pub enum WriteError {
     Store(#[from] StoreError),
     #[error("the write queue is closed: the service is shutting down")]
     ShuttingDown,
+    #[error(
+        "the registry holds this patient's record: withdraw REGISTRY_INCLUSION instead (erases it, with a receipt)"
+    )]
+    UseWithdrawal,
 }
 
-type Job = (Command, oneshot::Sender<Result<Written, WriteError>>);
+type Job = (Command, oneshot::Sender<Result<Output, WriteError>>);
 
 /// Handle to the writer tasks; cheap to clone.
 #[derive(Clone)]
@@ -117,8 +165,18 @@ impl Writer {
         Writer { queues }
     }
 
+    /// Applies a case command and waits until it is durably committed (or refused).
+    pub async fn execute_case(&self, command: Command) -> Result<Written, WriteError> {
+        match self.execute(command).await? {
+            Output::Case(w) => Ok(w),
+            _ => Err(WriteError::Store(StoreError::Corrupt(
+                "writer answered a case command with another output".into(),
+            ))),
+        }
+    }
+
     /// Applies `command` and waits until it is durably committed (or refused).
-    pub async fn execute(&self, command: Command) -> Result<Written, WriteError> {
+    pub async fn execute(&self, command: Command) -> Result<Output, WriteError> {
         let (registry_id, pseudonym) = command.patient();
         let mut h = DefaultHasher::new();
         (registry_id, pseudonym).hash(&mut h);
@@ -171,13 +229,15 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
 async fn apply_batch(
     store: &Store,
     commands: &[&Command],
-) -> Result<Vec<Result<Written, WriteError>>, StoreError> {
+) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     let mut tx = store.pool().begin().await?;
     let mut results = Vec::with_capacity(commands.len());
     for command in commands {
         let result = match command {
-            Command::Submit(c) => submit(&mut tx, c).await,
-            Command::Update(c) => update(&mut tx, c).await,
+            Command::Submit(c) => submit(&mut tx, c).await.map(Output::Case),
+            Command::Update(c) => update(&mut tx, c).await.map(Output::Case),
+            Command::RecordConsent(c) => record_consent(&mut tx, c).await,
+            Command::Withdraw(c) => withdraw(&mut tx, c).await,
         };
         match result {
             Err(WriteError::Store(err)) => return Err(err),
@@ -290,4 +350,75 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
         version,
         recorded_at: c.now,
     })
+}
+
+async fn record_consent(conn: &mut AnyConnection, c: &RecordConsent) -> Result<Output, WriteError> {
+    let before = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
+    let after = consent_with(conn, c.registry_id, &c.pseudonym, &c.decisions).await?;
+    let was_included = consent::is_active(&before, Scope::RegistryInclusion, c.now);
+    let still_included = consent::is_active(&after, Scope::RegistryInclusion, c.now);
+    if was_included
+        && !still_included
+        && consent_store::has_cases(conn, c.registry_id, &c.pseudonym).await?
+    {
+        return Err(WriteError::UseWithdrawal);
+    }
+    let mut ids = Vec::with_capacity(c.decisions.len());
+    for decision in &c.decisions {
+        ids.push(
+            cases::append_consent(
+                conn,
+                c.registry_id,
+                &c.pseudonym,
+                decision,
+                c.principal_id,
+                Source::ConsentOfficer,
+                c.now,
+            )
+            .await?,
+        );
+    }
+    Ok(Output::Consent(ids))
+}
+
+async fn withdraw(conn: &mut AnyConnection, c: &Withdraw) -> Result<Output, WriteError> {
+    let mut events = Vec::with_capacity(c.scopes.len());
+    let mut erased = None;
+    for &scope in &c.scopes {
+        let decision = ConsentDecision {
+            scope,
+            decision: Decision::Withdrawn,
+            given_at: c.now,
+            form_version: "withdrawal".into(),
+            expires_at: None,
+        };
+        let id = cases::append_consent(
+            conn,
+            c.registry_id,
+            &c.pseudonym,
+            &decision,
+            c.principal_id,
+            Source::ConsentOfficer,
+            c.now,
+        )
+        .await?;
+        events.push(id);
+        if scope == Scope::RegistryInclusion {
+            let counts = consent_store::erase_patient(conn, c.registry_id, &c.pseudonym).await?;
+            consent_store::insert_erasure(
+                conn,
+                &c.receipt_id,
+                c.registry_id,
+                &c.pseudonym,
+                c.now,
+                c.principal_id,
+                c.reason,
+                counts,
+                id,
+            )
+            .await?;
+            erased = Some(counts);
+        }
+    }
+    Ok(Output::Withdrawn { events, erased })
 }

@@ -364,3 +364,52 @@ pub fn violations(status: &tonic::Status) -> Vec<String> {
         .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
         .unwrap_or_default()
 }
+
+pub type OfficerClient = ern_registry::proto::consent_service_client::ConsentServiceClient<
+    InterceptedService<Channel, Bearer>,
+>;
+
+impl TestApp {
+    /// A consent officer acting for `erns` (no centre); returns their client.
+    pub async fn officer(&self, name: &str, erns: &[&str]) -> OfficerClient {
+        let token = self.principal(name, Role::ConsentOfficer, None, erns).await;
+        let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+        ern_registry::proto::consent_service_client::ConsentServiceClient::with_interceptor(
+            self.channel().await,
+            bearer,
+        )
+    }
+}
+
+pub fn by_identifiers(ids: proto::PatientIdentifiers) -> Option<proto::PatientRef> {
+    Some(proto::PatientRef {
+        kind: Some(proto::patient_ref::Kind::Identifiers(ids)),
+    })
+}
+
+pub fn by_pseudonym(p: &str) -> Option<proto::PatientRef> {
+    Some(proto::PatientRef {
+        kind: Some(proto::patient_ref::Kind::Pseudonym(p.to_string())),
+    })
+}
+
+pub fn withdrawal(
+    registry: &str,
+    patient: Option<proto::PatientRef>,
+    scopes: &[proto::ConsentScope],
+) -> proto::WithdrawConsentRequest {
+    proto::WithdrawConsentRequest {
+        registry: registry.into(),
+        patient,
+        scopes: scopes.iter().map(|s| *s as i32).collect(),
+        reason: proto::WithdrawalReason::PatientRequest as i32,
+    }
+}
+
+pub fn get_case(registry: &str, pseudonym: &str) -> proto::GetCaseRequest {
+    proto::GetCaseRequest {
+        registry: registry.into(),
+        pseudonym: pseudonym.into(),
+        include_history: true,
+    }
+}

@@ -1,0 +1,217 @@
+//! Consent history as officers see it, erasure of a patient's record, and receipts.
+//!
+//! Erasure runs inside the writer's transaction together with the withdrawal it follows
+//! from, so there is no instant at which the withdrawal is on file and the record still
+//! exists, nor the other way round.
+
+use chrono::{DateTime, Utc};
+use sqlx::{AnyConnection, Row};
+
+use super::{Result, StoreError, from_millis, millis};
+use crate::consent::{Decision, Scope};
+
+/// Why consent was withdrawn, as kept in the tombstone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithdrawalReason {
+    PatientRequest,
+    RepresentativeRequest,
+    ConsentInvalid,
+    Other,
+}
+
+impl WithdrawalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WithdrawalReason::PatientRequest => "patient_request",
+            WithdrawalReason::RepresentativeRequest => "representative_request",
+            WithdrawalReason::ConsentInvalid => "consent_invalid",
+            WithdrawalReason::Other => "other",
+        }
+    }
+
+    pub fn parse_db(s: &str) -> Option<Self> {
+        [
+            WithdrawalReason::PatientRequest,
+            WithdrawalReason::RepresentativeRequest,
+            WithdrawalReason::ConsentInvalid,
+            WithdrawalReason::Other,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// One consent decision on file, with who recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentRecord {
+    pub id: i64,
+    pub scope: Scope,
+    pub decision: Decision,
+    pub given_at: DateTime<Utc>,
+    pub form_version: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub recorded_at: DateTime<Utc>,
+    pub recorded_by: String,
+    pub source: String,
+}
+
+/// The full consent history of a patient in a registry, in the order recorded.
+pub async fn history(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<Vec<ConsentRecord>> {
+    let rows = sqlx::query(
+        "SELECT e.id, e.scope, e.state, e.given_at, e.form_version, e.expires_at, e.recorded_at, \
+                p.name, e.source \
+         FROM consent_events e JOIN principals p ON p.id = e.recorded_by \
+         WHERE e.registry_id = $1 AND e.pseudonym = $2 ORDER BY e.id",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let scope: String = r.try_get(1)?;
+            let state: String = r.try_get(2)?;
+            Ok(ConsentRecord {
+                id: r.try_get(0)?,
+                scope: Scope::parse_db(&scope)
+                    .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
+                decision: Decision::parse_db(&state)
+                    .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
+                given_at: from_millis(r.try_get(3)?)?,
+                form_version: r.try_get(4)?,
+                expires_at: r
+                    .try_get::<Option<i64>, _>(5)?
+                    .map(from_millis)
+                    .transpose()?,
+                recorded_at: from_millis(r.try_get(6)?)?,
+                recorded_by: r.try_get(7)?,
+                source: r.try_get(8)?,
+            })
+        })
+        .collect()
+}
+
+/// Whether any centre holds a record of this patient in the registry.
+pub async fn has_cases(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<bool> {
+    let row = sqlx::query("SELECT COUNT(*) FROM cases WHERE registry_id = $1 AND pseudonym = $2")
+        .bind(registry_id)
+        .bind(pseudonym)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.try_get::<i64, _>(0)? > 0)
+}
+
+/// Deletes every case of the patient in the registry with all versions and gene rows.
+/// Returns (cases, versions) erased.
+pub async fn erase_patient(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<(i64, i64)> {
+    let counts = sqlx::query(
+        "SELECT COUNT(DISTINCT c.id), COUNT(v.version) FROM cases c \
+         LEFT JOIN case_versions v ON v.case_id = c.id \
+         WHERE c.registry_id = $1 AND c.pseudonym = $2",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (cases, versions): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
+    for sql in [
+        "DELETE FROM case_genes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
+        "DELETE FROM case_versions WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
+        "DELETE FROM cases WHERE registry_id = $1 AND pseudonym = $2",
+    ] {
+        sqlx::query(sql)
+            .bind(registry_id)
+            .bind(pseudonym)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok((cases, versions))
+}
+
+/// A tombstone, as stored and as shown on a receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erasure {
+    pub receipt_id: String,
+    pub registry_id: i64,
+    pub registry_code: String,
+    pub pseudonym: String,
+    pub erased_at: DateTime<Utc>,
+    pub erased_by: String,
+    pub reason: WithdrawalReason,
+    pub cases_erased: i64,
+    pub versions_erased: i64,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_erasure(
+    conn: &mut AnyConnection,
+    receipt_id: &str,
+    registry_id: i64,
+    pseudonym: &str,
+    erased_at: DateTime<Utc>,
+    erased_by: i64,
+    reason: WithdrawalReason,
+    (cases, versions): (i64, i64),
+    consent_event_id: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO erasures (receipt_id, registry_id, pseudonym, erased_at, erased_by, reason, \
+                               cases_erased, versions_erased, consent_event_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(receipt_id)
+    .bind(registry_id)
+    .bind(pseudonym)
+    .bind(millis(erased_at))
+    .bind(erased_by)
+    .bind(reason.as_str())
+    .bind(cases)
+    .bind(versions)
+    .bind(consent_event_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn erasure_by_receipt(
+    conn: &mut AnyConnection,
+    receipt_id: &str,
+) -> Result<Option<Erasure>> {
+    let row = sqlx::query(
+        "SELECT x.receipt_id, x.registry_id, r.code, x.pseudonym, x.erased_at, p.name, x.reason, \
+                x.cases_erased, x.versions_erased \
+         FROM erasures x JOIN registries r ON r.id = x.registry_id JOIN principals p ON p.id = x.erased_by \
+         WHERE x.receipt_id = $1",
+    )
+    .bind(receipt_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| {
+        let reason: String = r.try_get(6)?;
+        Ok(Erasure {
+            receipt_id: r.try_get(0)?,
+            registry_id: r.try_get(1)?,
+            registry_code: r.try_get(2)?,
+            pseudonym: r.try_get(3)?,
+            erased_at: from_millis(r.try_get(4)?)?,
+            erased_by: r.try_get(5)?,
+            reason: WithdrawalReason::parse_db(&reason)
+                .ok_or_else(|| StoreError::Corrupt("unknown withdrawal reason".into()))?,
+            cases_erased: r.try_get(7)?,
+            versions_erased: r.try_get(8)?,
+        })
+    })
+    .transpose()
+}

@@ -1,0 +1,442 @@
+//! Consent officers: record, read and withdraw consent; withdrawal erases at once.
+
+use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
+use tonic::Code;
+
+use crate::helpers::*;
+
+const INCLUSION: &[S] = &[S::RegistryInclusion];
+
+#[tokio::test]
+async fn officer_records_consent_and_reads_history_and_state_in_force() {
+    let app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let mut expiring = consent(S::Recontact, St::Granted, "2024-03-01T10:00:00Z");
+    expiring.expires_at = Some(ts("2025-03-01T10:00:00Z"));
+    let recorded = officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(1))),
+            decisions: vec![
+                consent(S::RegistryInclusion, St::Granted, "2024-03-01T10:00:00Z"),
+                consent(S::ResearchUse, St::Refused, "2024-03-01T10:00:00Z"),
+                expiring,
+            ],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recorded.recorded.len(), 3);
+    assert!(
+        recorded
+            .recorded
+            .iter()
+            .all(|e| e.recorded_by == "co-eye" && e.source == "consent_officer")
+    );
+    let status = |s: &proto::ConsentStatus, scope: S| {
+        s.scopes
+            .iter()
+            .find(|x| x.scope == scope as i32)
+            .copied()
+            .unwrap()
+    };
+    let now = recorded.in_force.unwrap();
+    assert!(status(&now, S::RegistryInclusion).active);
+    assert_eq!(status(&now, S::ResearchUse).state, St::Refused as i32);
+    assert!(
+        !status(&now, S::Recontact).active,
+        "expired counts as absent"
+    );
+
+    // The physician's submission finds the consent on file.
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut req = submission("ERN-EYE", national("NL", &bsn(1)));
+    req.consent.clear();
+    let submitted = dr.submit_case(req).await.unwrap().into_inner();
+    assert_eq!(submitted.pseudonym, recorded.pseudonym);
+
+    // State at a date before anything was given: nothing in force.
+    let got = officer
+        .get_consent(proto::GetConsentRequest {
+            registry: "ERN-EYE".into(),
+            pseudonym: recorded.pseudonym.clone(),
+            at: Some(ts("2024-01-01T00:00:00Z")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.history.len(), 3);
+    assert!(
+        got.history.windows(2).all(|w| w[0].id < w[1].id),
+        "oldest first"
+    );
+    let then = got.in_force.unwrap();
+    assert!(
+        then.scopes
+            .iter()
+            .all(|s| s.state == St::Unspecified as i32 && !s.active)
+    );
+    let mid = officer
+        .get_consent(proto::GetConsentRequest {
+            registry: "ERN-EYE".into(),
+            pseudonym: recorded.pseudonym,
+            at: Some(ts("2024-06-01T00:00:00Z")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status(mid.in_force.as_ref().unwrap(), S::Recontact).active,
+        "not yet expired then"
+    );
+}
+
+#[tokio::test]
+async fn withdrawing_inclusion_erases_every_version_at_once_with_a_receipt() {
+    let app = TestApp::spawn().await;
+    let mut a = app.physician("dr-a", "NL-AMC").await;
+    let mut b = app.physician("dr-b", "BE-UZL").await;
+    let p = a
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(2))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    a.update_case(proto::UpdateCaseRequest {
+        registry: "ERN-EYE".into(),
+        pseudonym: p.clone(),
+        expected_version: 1,
+        record: Some(record()),
+        consent: vec![],
+    })
+    .await
+    .unwrap();
+    let mut other_centre = submission("ERN-EYE", national("NL", &bsn(2)));
+    other_centre.consent.clear();
+    b.submit_case(other_centre).await.unwrap();
+    // Another patient, and the same patient in another registry, stay.
+    a.submit_case(submission("ERN-EYE", national("NL", &bsn(3))))
+        .await
+        .unwrap();
+    a.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
+        .await
+        .unwrap();
+    assert_eq!(app.count("cases").await, 4);
+
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let response = officer
+        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
+        .await
+        .unwrap()
+        .into_inner();
+    let receipt = response.receipt.expect("a receipt");
+    assert_eq!((receipt.cases_erased, receipt.versions_erased), (2, 3));
+    assert_eq!(receipt.pseudonym, p);
+    assert_eq!(receipt.erased_by, "co-eye");
+    assert_eq!(
+        receipt.reason,
+        proto::WithdrawalReason::PatientRequest as i32
+    );
+
+    // Gone, for every centre, at once.
+    assert_eq!(
+        a.get_case(get_case("ERN-EYE", &p))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        b.get_case(get_case("ERN-EYE", &p))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(app.count("cases").await, 2);
+    let left: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM case_versions v JOIN cases c ON c.id = v.case_id WHERE c.pseudonym = $1")
+        .bind(&p)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+
+    // The receipt can be looked up later; the tombstone holds no clinical data.
+    let again = officer
+        .get_erasure_receipt(proto::GetErasureReceiptRequest {
+            receipt_id: receipt.receipt_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, receipt);
+    let mut lung_officer = app.officer("co-lung", &["ERN-LUNG"]).await;
+    let err = lung_officer
+        .get_erasure_receipt(proto::GetErasureReceiptRequest {
+            receipt_id: receipt.receipt_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::NotFound,
+        "another registry's receipt is not shown"
+    );
+
+    // A new submission is refused while the withdrawal is in force, even with an old form.
+    let err = a
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(2))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Re-consent given after the withdrawal lets the patient back in.
+    let mut again = submission("ERN-EYE", national("NL", &bsn(2)));
+    again.consent = vec![proto::ScopeConsent {
+        given_at: Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() + 1,
+            nanos: 0,
+        }),
+        ..consent(S::RegistryInclusion, St::Granted, "2024-03-01T10:00:00Z")
+    }];
+    a.submit_case(again).await.unwrap();
+}
+
+#[tokio::test]
+async fn withdrawing_research_use_keeps_the_record() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let p = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(4))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let response = officer
+        .withdraw_consent(withdrawal(
+            "ERN-EYE",
+            by_identifiers(national("NL", &bsn(4))),
+            &[S::ResearchUse],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.pseudonym, p);
+    assert!(response.receipt.is_none());
+    let research = response
+        .in_force
+        .unwrap()
+        .scopes
+        .into_iter()
+        .find(|s| s.scope == S::ResearchUse as i32)
+        .unwrap();
+    assert_eq!(research.state, St::Withdrawn as i32);
+    assert!(!research.active);
+    dr.get_case(get_case("ERN-EYE", &p)).await.unwrap();
+}
+
+#[tokio::test]
+async fn refusing_inclusion_over_a_stored_record_must_go_through_withdrawal() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    dr.submit_case(submission("ERN-EYE", national("NL", &bsn(5))))
+        .await
+        .unwrap();
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let err = officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(5))),
+            decisions: vec![consent(
+                S::RegistryInclusion,
+                St::Refused,
+                "2025-01-01T00:00:00Z",
+            )],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("withdraw"));
+    assert_eq!(app.count("consent_events").await, 2, "nothing recorded");
+}
+
+#[tokio::test]
+async fn officers_are_scoped_to_their_registries_and_role() {
+    let app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let err = officer
+        .withdraw_consent(withdrawal(
+            "ERN-LUNG",
+            by_identifiers(national("NL", &bsn(6))),
+            INCLUSION,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // A physician may not use the consent service at all.
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let p = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(6))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let token = app
+        .principal(
+            "dr-x",
+            ern_registry::auth::Role::Physician,
+            Some("NL-AMC"),
+            &[],
+        )
+        .await;
+    let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+    let mut as_physician = proto::consent_service_client::ConsentServiceClient::with_interceptor(
+        app.channel().await,
+        bearer,
+    );
+    let err = as_physician
+        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // And an officer never gets clinical data: the case service refuses them.
+    let token = app
+        .principal(
+            "co-2",
+            ern_registry::auth::Role::ConsentOfficer,
+            None,
+            &["ERN-EYE"],
+        )
+        .await;
+    let mut officer_on_cases = app.client(Some(&token)).await;
+    let err = officer_on_cases
+        .get_case(get_case("ERN-EYE", &p))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(app.count("cases").await, 1);
+}
+
+#[tokio::test]
+async fn bad_requests_list_every_violation() {
+    let app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let err = officer
+        .withdraw_consent(proto::WithdrawConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_pseudonym("R009-V001-NOTAPSEUDONYM"),
+            scopes: vec![0, S::ResearchUse as i32, S::ResearchUse as i32],
+            reason: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&err),
+        ["patient.pseudonym", "scopes[0]", "scopes[2]", "reason"]
+    );
+    let err = officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", "123456781")),
+            decisions: vec![consent(
+                S::RegistryInclusion,
+                St::Withdrawn,
+                "2024-03-01T10:00:00Z",
+            )],
+            client_reference: "a b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violations(&err),
+        [
+            "patient.identifiers.national.value",
+            "decisions[0].state",
+            "client_reference"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bulk_consent_is_atomic_per_patient_with_a_result_each() {
+    let app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let entries: Vec<_> = (0..40u32)
+        .map(|i| proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national(
+                "NL",
+                &if i == 13 {
+                    "123456781".to_string()
+                } else {
+                    bsn(1000 + i)
+                },
+            )),
+            decisions: if i == 21 {
+                // One good and one bad decision: nothing of this patient is recorded.
+                vec![
+                    consent(S::RegistryInclusion, St::Granted, "2024-03-01T10:00:00Z"),
+                    consent(S::ResearchUse, St::Granted, "2999-01-01T00:00:00Z"),
+                ]
+            } else {
+                inclusion_granted()
+            },
+            client_reference: format!("row-{i}"),
+        })
+        .collect();
+    let results = officer
+        .record_consents(proto::RecordConsentsRequest { entries })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 40);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.index as usize, i);
+        assert_eq!(r.client_reference, format!("row-{i}"));
+        let rejected = matches!(
+            r.outcome,
+            Some(proto::record_consents_result::Outcome::Rejected(_))
+        );
+        assert_eq!(rejected, i == 13 || i == 21, "row {i}");
+    }
+    assert_eq!(app.count("consent_events").await, 38 * 2);
+    let err = officer
+        .record_consents(proto::RecordConsentsRequest { entries: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn erased_clinical_data_leaves_the_sqlite_files() {
+    let app = TestApp::spawn().await;
+    if !app.is_sqlite() {
+        return; // PostgreSQL reclaims deleted rows with VACUUM; see docs/consent.md.
+    }
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut req = submission("ERN-EYE", national("NL", &bsn(7)));
+    let marker = "NM_999123.4:c.4242_4243delinsGATTACA";
+    req.record.as_mut().unwrap().genetic_findings[0].variants = vec![marker.into()];
+    let p = dr.submit_case(req).await.unwrap().into_inner().pseudonym;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    officer
+        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    for file in app.sqlite_files() {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "erased data still in {}",
+            file.display()
+        );
+    }
+}
