@@ -243,19 +243,17 @@ impl KeyVerifier {
     /// Whether `key`'s secret matches `stored_hash` (an Argon2 PHC string).
     pub async fn verify(&self, key: &PresentedKey, stored_hash: &str) -> bool {
         let msg = Self::tag_message(stored_hash, &key.secret);
-        let cached = self
-            .verified
-            .read()
-            .map(|m| m.get(&key.key_id).cloned())
-            .unwrap_or(None);
-        if let Some(tag) = cached
-            && hmac::verify(&self.tag_key, &msg, tag.as_ref()).is_ok()
-        {
+        if self.cached(&key.key_id, &msg) {
             return true;
         }
         let Ok(_permit) = self.hashing.clone().acquire_owned().await else {
             return false;
         };
+        // Many calls with a key not yet cached (a client opening with a burst) queue
+        // here; the first one to get a permit verifies, the rest find its result.
+        if self.cached(&key.key_id, &msg) {
+            return true;
+        }
         let secret = key.secret.clone();
         let stored = stored_hash.to_owned();
         let ok = tokio::task::spawn_blocking(move || {
@@ -275,6 +273,15 @@ impl KeyVerifier {
             }
         }
         ok
+    }
+
+    fn cached(&self, key_id: &str, msg: &[u8]) -> bool {
+        let tag = self
+            .verified
+            .read()
+            .map(|m| m.get(key_id).cloned())
+            .unwrap_or(None);
+        tag.is_some_and(|tag| hmac::verify(&self.tag_key, msg, tag.as_ref()).is_ok())
     }
 
     /// Forgets a key (after revocation in this process; other processes rely on the
