@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, SharedState, parse_pseudonym, registry_ref, zeroize_identifiers};
+use super::{ApiError, SharedState, parse_pseudonym, registry_ref, rejection, zeroize_identifiers};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
@@ -135,27 +135,6 @@ async fn submit_one(
             pseudonym: pseudonym.as_str().to_owned(),
         }),
         Err(e) => Err(e.into()),
-    }
-}
-
-fn rejection(err: ApiError) -> proto::Rejection {
-    let code = err.code() as i32;
-    let field_violations = match &err {
-        ApiError::Invalid(v) => v
-            .iter()
-            .map(|v| proto::FieldViolation {
-                field: v.field.clone(),
-                description: v.description.clone(),
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    // The same message the unary call would carry (internal errors get logged there).
-    let message = Status::from(err).message().to_owned();
-    proto::Rejection {
-        code,
-        message,
-        field_violations,
     }
 }
 

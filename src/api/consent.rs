@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, SharedState, parse_pseudonym, registry_ref, zeroize_identifiers};
+use super::{ApiError, SharedState, parse_pseudonym, registry_ref, rejection, zeroize_identifiers};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, ConsentEvent, Scope, timestamp_from_proto, timestamp_to_proto};
 use crate::domain::{ClientReference, FieldViolations};
@@ -35,6 +35,15 @@ impl ConsentApi {
 fn now_millis() -> DateTime<Utc> {
     DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
         .expect("current time is in range")
+}
+
+/// Overwrites the identifiers of a patient reference, if it holds any.
+fn zeroize_patient_ref(patient: &mut Option<proto::PatientRef>) {
+    if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
+        patient.as_mut().and_then(|p| p.kind.as_mut())
+    {
+        zeroize_identifiers(&mut Some(std::mem::take(ids)));
+    }
 }
 
 /// Resolves the patient of a request to a pseudonym of `registry`: from identifiers
@@ -151,11 +160,7 @@ async fn record_one(
     {
         Ok(r) => r,
         Err(e) => {
-            if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
-                request.patient.as_mut().and_then(|p| p.kind.as_mut())
-            {
-                zeroize_identifiers(&mut Some(std::mem::take(ids)));
-            }
+            zeroize_patient_ref(&mut request.patient);
             return Err(e);
         }
     };
@@ -211,26 +216,6 @@ async fn record_one(
     })
 }
 
-fn rejection(err: ApiError) -> proto::Rejection {
-    let code = err.code() as i32;
-    let field_violations = match &err {
-        ApiError::Invalid(v) => v
-            .iter()
-            .map(|v| proto::FieldViolation {
-                field: v.field.clone(),
-                description: v.description.clone(),
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let message = Status::from(err).message().to_owned();
-    proto::Rejection {
-        code,
-        message,
-        field_violations,
-    }
-}
-
 fn reason_from_proto(value: i32) -> Option<WithdrawalReason> {
     match proto::WithdrawalReason::try_from(value).ok()? {
         proto::WithdrawalReason::PatientRequest => Some(WithdrawalReason::PatientRequest),
@@ -274,11 +259,7 @@ impl ConsentService for ConsentApi {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
-                if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
-                    inner.patient.as_mut().and_then(|p| p.kind.as_mut())
-                {
-                    zeroize_identifiers(&mut Some(std::mem::take(ids)));
-                }
+                zeroize_patient_ref(&mut inner.patient);
                 return Err(e.into());
             }
         };
@@ -343,11 +324,7 @@ impl ConsentService for ConsentApi {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
-                if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
-                    inner.patient.as_mut().and_then(|p| p.kind.as_mut())
-                {
-                    zeroize_identifiers(&mut Some(std::mem::take(ids)));
-                }
+                zeroize_patient_ref(&mut inner.patient);
                 return Err(e.into());
             }
         };
@@ -359,11 +336,7 @@ impl ConsentService for ConsentApi {
         {
             Ok(r) => r,
             Err(e) => {
-                if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
-                    req.patient.as_mut().and_then(|p| p.kind.as_mut())
-                {
-                    zeroize_identifiers(&mut Some(std::mem::take(ids)));
-                }
+                zeroize_patient_ref(&mut req.patient);
                 return Err(e.into());
             }
         };

@@ -261,3 +261,25 @@ pub fn zeroize_identifiers(patient: &mut Option<crate::proto::PatientIdentifiers
     }
     *patient = None;
 }
+
+/// The per-item outcome of a bulk call: the status a unary call would get.
+pub fn rejection(err: ApiError) -> crate::proto::Rejection {
+    let code = err.code() as i32;
+    let field_violations = match &err {
+        ApiError::Invalid(v) => v
+            .iter()
+            .map(|v| crate::proto::FieldViolation {
+                field: v.field.clone(),
+                description: v.description.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    // The same message the unary call would carry (internal errors get logged there).
+    let message = Status::from(err).message().to_owned();
+    crate::proto::Rejection {
+        code,
+        message,
+        field_violations,
+    }
+}
