@@ -42,18 +42,7 @@ static NEXT_SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 /// A valid BSN per seed; distinct seeds (below 9,000,000) give distinct BSNs.
 fn bsn(seed: u64) -> String {
-    let mut n = 10_000_000 + (seed % 9_000_000) * 10;
-    loop {
-        let digits: Vec<u64> = format!("{n:08}")
-            .bytes()
-            .map(|b| u64::from(b - b'0'))
-            .collect();
-        let sum: u64 = digits.iter().zip((2..=9).rev()).map(|(d, w)| d * w).sum();
-        if sum % 11 < 10 {
-            return format!("{n:08}{}", sum % 11);
-        }
-        n += 1;
-    }
+    ern_registry::synthetic::bsn((seed % 9_000_000) as u32)
 }
 
 fn national(value: String) -> proto::PatientIdentifiers {

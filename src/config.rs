@@ -85,6 +85,23 @@ pub enum Command {
     /// Administration: centres, principals, API keys, registries.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Fill a registry with synthetic patients (demo centres, fictitious BSNs, realistic
+    /// distributions) through the same write path as submissions. For demos and
+    /// benchmarks only: never on a registry with real patients.
+    Demo {
+        /// Registry (ERN) code.
+        #[arg(long, default_value = "ERN-LUNG")]
+        registry: String,
+        /// How many patients to add (after those already there).
+        #[arg(long, default_value_t = 2000)]
+        patients: u32,
+        /// Seed of the generator: the same seed gives the same patients.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Master key file. Default: <data dir>/master.key (created if missing).
+        #[arg(long, env = "ERN_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -113,6 +130,12 @@ pub struct ServeArgs {
     /// Deadline for any one call, in seconds.
     #[arg(long, env = "ERN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// Research queries (ResearchService calls) each principal may make per minute; a
+    /// burst of up to this many is allowed, then calls are refused (RESOURCE_EXHAUSTED,
+    /// with the time to wait) until the rate allows again.
+    #[arg(long, env = "ERN_RESEARCH_QUERIES_PER_MINUTE", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub research_queries_per_minute: u32,
 }
 
 impl ServeArgs {
@@ -133,6 +156,7 @@ impl Default for ServeArgs {
             max_batch: 512,
             db_max_connections: 16,
             request_timeout_secs: 30,
+            research_queries_per_minute: 60,
         }
     }
 }
@@ -141,6 +165,16 @@ impl Default for ServeArgs {
 pub enum AdminCommand {
     /// List the registries (one per ERN).
     ListRegistries,
+    /// Set a registry's research threshold k: counts from 1 to k-1 are never published
+    /// (default 5).
+    SetMinCellCount {
+        /// Registry (ERN) code, e.g. ERN-EYE.
+        #[arg(long)]
+        registry: String,
+        /// The new threshold, 2 to 100.
+        #[arg(long)]
+        k: i64,
+    },
     /// Create a centre and the ERNs it belongs to.
     CreateCentre {
         /// Short code, e.g. NL-AMC.

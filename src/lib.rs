@@ -1,6 +1,7 @@
 //! ern-registry: a pseudonymised patient registry service for the European Reference
 //! Networks on rare diseases. See `docs/architecture.md` for the map.
 
+pub mod aggregate;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -8,8 +9,10 @@ pub mod consent;
 pub mod domain;
 pub mod keys;
 pub mod pseudonym;
+pub mod ratelimit;
 pub mod startup;
 pub mod store;
+pub mod synthetic;
 
 /// Generated code of the public contract (`proto/ern_registry/v1`).
 pub mod proto {

@@ -10,8 +10,11 @@ use tracing_subscriber::EnvFilter;
 use ern_registry::auth::{self, Role};
 use ern_registry::config::{AdminCommand, Cli, Command, GlobalArgs, LogFormat};
 use ern_registry::keys::MasterSecret;
+use ern_registry::pseudonym::Pseudonymiser;
 use ern_registry::startup::{self, Application};
-use ern_registry::store::Store;
+use ern_registry::store::writer::Writer;
+use ern_registry::store::{Backend, Store};
+use ern_registry::synthetic;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("ERN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -33,6 +36,12 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(&cli.global, args).await,
         Command::Keygen { out } => keygen(&cli.global, out),
         Command::Admin(cmd) => admin(&cli.global, cmd).await,
+        Command::Demo {
+            registry,
+            patients,
+            seed,
+            master_key_file,
+        } => demo(&cli.global, &registry, patients, seed, master_key_file).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,6 +87,46 @@ fn keygen(global: &GlobalArgs, out: Option<std::path::PathBuf>) -> Result<(), An
     Ok(())
 }
 
+async fn demo(
+    global: &GlobalArgs,
+    registry: &str,
+    patients: u32,
+    seed: u64,
+    master_key_file: Option<std::path::PathBuf>,
+) -> Result<(), AnyError> {
+    let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
+    let master = startup::load_master_key(&key_file, true)?;
+    let store = startup::open_store(&global.database_url(), 4).await?;
+    // One writer on SQLite (a single-writer database), several on PostgreSQL.
+    let partitions = match store.backend() {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 4,
+    };
+    let writer = Writer::start(store.clone(), partitions, 256);
+    let pseudonymiser = Pseudonymiser::new(&master);
+    let started = std::time::Instant::now();
+    let done = synthetic::populate(
+        &store,
+        &writer,
+        &pseudonymiser,
+        registry,
+        patients,
+        seed,
+        |n| eprintln!("{n} patients written"),
+    )
+    .await?;
+    drop(writer);
+    println!(
+        "{registry}: wrote {} synthetic patients (numbers {} to {}) in {:.1} s",
+        done.written,
+        done.first,
+        u64::from(done.first) + done.written,
+        started.elapsed().as_secs_f64()
+    );
+    store.close().await;
+    Ok(())
+}
+
 async fn open(global: &GlobalArgs) -> Result<Store, AnyError> {
     Ok(startup::open_store(&global.database_url(), 2).await?)
 }
@@ -120,6 +169,10 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
                     r.code, r.active_key_version, r.min_cell_count, r.name
                 );
             }
+        }
+        AdminCommand::SetMinCellCount { registry, k } => {
+            store.set_min_cell_count(&registry, k).await?;
+            println!("{registry}: counts below {k} are suppressed from the next query on");
         }
         AdminCommand::CreateCentre {
             code,

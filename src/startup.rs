@@ -15,13 +15,15 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::api::{AppState, case::CaseApi, consent::ConsentApi};
+use crate::api::{AppState, case::CaseApi, consent::ConsentApi, research::ResearchApi};
 use crate::auth::KeyVerifier;
 use crate::config::ServeArgs;
 use crate::keys::{KeyError, MasterSecret};
 use crate::proto::case_service_server::CaseServiceServer;
 use crate::proto::consent_service_server::ConsentServiceServer;
+use crate::proto::research_service_server::ResearchServiceServer;
 use crate::pseudonym::Pseudonymiser;
+use crate::ratelimit::PrincipalLimiter;
 use crate::store::writer::Writer;
 use crate::store::{Backend, Store, StoreError};
 
@@ -122,6 +124,10 @@ impl Application {
         let state = Arc::new(AppState {
             verifier: KeyVerifier::new(&rng).map_err(|_| StartupError::Random)?,
             pseudonymiser: Pseudonymiser::new(&master),
+            research_limiter: PrincipalLimiter::per_minute(
+                "research queries",
+                args.research_queries_per_minute,
+            ),
             store,
             writer,
         });
@@ -168,6 +174,9 @@ impl Application {
         health_reporter
             .set_serving::<ConsentServiceServer<ConsentApi>>()
             .await;
+        health_reporter
+            .set_serving::<ResearchServiceServer<ResearchApi>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -183,6 +192,9 @@ impl Application {
         let consent = ConsentServiceServer::new(ConsentApi::new(self.state.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let research = ResearchServiceServer::new(ResearchApi::new(self.state.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let result = Server::builder()
             .timeout(self.args.request_timeout())
@@ -191,6 +203,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(cases)
             .add_service(consent)
+            .add_service(research)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         info!("server stopped; closing the database");

@@ -10,6 +10,7 @@
 
 pub mod case;
 pub mod consent;
+pub mod research;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role};
 use crate::consent::InclusionRefused;
 use crate::domain::{FieldViolations, RegistryCode};
 use crate::pseudonym::{Pseudonym, Pseudonymiser, RegistryRef};
+use crate::ratelimit::{PrincipalLimiter, RateLimited};
 use crate::store::writer::{WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
 
@@ -32,6 +34,8 @@ pub struct AppState {
     pub writer: Writer,
     pub verifier: KeyVerifier,
     pub pseudonymiser: Pseudonymiser,
+    /// Research queries per principal.
+    pub research_limiter: PrincipalLimiter,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -54,6 +58,8 @@ pub enum ApiError {
     VersionConflict { current: i64 },
     #[error("{0}")]
     Precondition(String),
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
     #[error("the service is shutting down; retry on another instance or later")]
     Unavailable,
     #[error("internal error")]
@@ -104,6 +110,7 @@ impl ApiError {
             ApiError::CaseExists { .. } => Code::AlreadyExists,
             ApiError::VersionConflict { .. } => Code::Aborted,
             ApiError::Precondition(_) => Code::FailedPrecondition,
+            ApiError::RateLimited(_) => Code::ResourceExhausted,
             ApiError::Unavailable => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -143,6 +150,11 @@ impl From<ApiError> for Status {
                 );
                 Status::with_error_details(code, err.to_string(), details)
             }
+            ApiError::RateLimited(limited) => Status::with_error_details(
+                code,
+                limited.to_string(),
+                ErrorDetails::with_retry_info(Some(limited.retry_after)),
+            ),
             ApiError::Internal(ref cause) => {
                 let reference = incident_reference();
                 error!(reference = %reference, error = %cause, "internal error");

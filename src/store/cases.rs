@@ -135,7 +135,47 @@ pub async fn append_consent(
     .bind(source.as_str())
     .fetch_one(&mut *conn)
     .await?;
-    Ok(row.try_get(0)?)
+    let id: i64 = row.try_get(0)?;
+    // Keep the decision in force per scope (what research queries join) in step.
+    sqlx::query(
+        "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
+         SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
+             expires_at = excluded.expires_at \
+         WHERE excluded.given_at > consent_current.given_at \
+            OR (excluded.given_at = consent_current.given_at AND excluded.event_id > consent_current.event_id)",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .bind(decision.scope.as_str())
+    .bind(id)
+    .bind(decision.decision.as_str())
+    .bind(millis(decision.given_at))
+    .bind(decision.expires_at.map(millis))
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Makes `case_id` the case that represents the patient in research counts (the one
+/// written last).
+pub async fn set_representative(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    case_id: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO patients (registry_id, pseudonym, case_id) VALUES ($1, $2, $3) \
+         ON CONFLICT (registry_id, pseudonym) DO UPDATE SET case_id = excluded.case_id",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .bind(case_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The case of `centre_id` for this patient: (case id, current version).

@@ -127,6 +127,7 @@ pub async fn erase_patient(
     .await?;
     let (cases, versions): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
     for sql in [
+        "DELETE FROM patients WHERE registry_id = $1 AND pseudonym = $2",
         "DELETE FROM case_genes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
         "DELETE FROM case_versions WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
         "DELETE FROM cases WHERE registry_id = $1 AND pseudonym = $2",

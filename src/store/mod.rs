@@ -12,6 +12,7 @@
 
 pub mod cases;
 pub mod consent;
+pub mod research;
 pub mod writer;
 
 use std::collections::BTreeSet;
@@ -53,6 +54,9 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The thresholds an admin may set for small-count suppression.
+pub const MIN_CELL_COUNT_RANGE: std::ops::RangeInclusive<i64> = 2..=100;
 
 /// A registry as the service needs it on the request path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +210,26 @@ impl Store {
         row.as_ref().map(registry_from_row).transpose()
     }
 
+    /// Sets a registry's minimum published cell count k (2..=100).
+    pub async fn set_min_cell_count(&self, code: &str, k: i64) -> Result<()> {
+        if !(MIN_CELL_COUNT_RANGE).contains(&k) {
+            return Err(StoreError::Invalid(format!(
+                "the minimum cell count must be {} to {}",
+                MIN_CELL_COUNT_RANGE.start(),
+                MIN_CELL_COUNT_RANGE.end()
+            )));
+        }
+        let done = sqlx::query("UPDATE registries SET min_cell_count = $1 WHERE code = $2")
+            .bind(k)
+            .bind(code)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("registry {code}")));
+        }
+        Ok(())
+    }
+
     /// Creates a centre that is a member of the ERNs keeping `registries`.
     pub async fn create_centre(
         &self,
@@ -320,6 +344,56 @@ impl Store {
         }
         tx.commit().await?;
         Ok(id)
+    }
+
+    /// The centre `code`, created if missing, and made a member of `registry_id`'s ERN
+    /// if it is not yet (for demo data).
+    pub async fn ensure_centre(
+        &self,
+        code: &str,
+        name: &str,
+        country: &str,
+        registry_id: i64,
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let id: i64 = match sqlx::query("SELECT id FROM centres WHERE code = $1")
+            .bind(code)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            Some(row) => row.try_get(0)?,
+            None => sqlx::query(
+                "INSERT INTO centres (code, name, country, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+            )
+            .bind(code)
+            .bind(name)
+            .bind(country)
+            .bind(millis(Utc::now()))
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?,
+        };
+        sqlx::query(
+            "INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2) \
+             ON CONFLICT (centre_id, registry_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(registry_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Patients (pseudonyms with a case) in a registry.
+    pub async fn patients_in_registry(&self, registry_id: i64) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) FROM patients WHERE registry_id = $1")
+                .bind(registry_id)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?,
+        )
     }
 
     pub async fn principal_id(&self, name: &str) -> Result<i64> {

@@ -308,7 +308,7 @@ async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, Wri
         c.now,
     )
     .await?;
-    cases::insert_case(
+    let case_id = cases::insert_case(
         conn,
         c.registry_id,
         &c.pseudonym,
@@ -318,6 +318,7 @@ async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, Wri
         c.now,
     )
     .await?;
+    cases::set_representative(conn, c.registry_id, &c.pseudonym, case_id).await?;
     Ok(Written {
         version: 1,
         recorded_at: c.now,
@@ -346,6 +347,7 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
     .await?;
     let version = current + 1;
     cases::insert_version(conn, case_id, version, c.principal_id, &c.row, c.now).await?;
+    cases::set_representative(conn, c.registry_id, &c.pseudonym, case_id).await?;
     Ok(Written {
         version,
         recorded_at: c.now,

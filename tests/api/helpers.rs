@@ -251,23 +251,9 @@ impl Drop for TestApp {
     }
 }
 
-/// A valid BSN derived from `seed` (8 digits + the 11-check digit).
+/// A valid BSN derived from `seed`; distinct seeds (below 9,000,000) give distinct BSNs.
 pub fn bsn(seed: u32) -> String {
-    // Each seed owns ten consecutive numbers, at most one of which fails the 11-check, so
-    // distinct seeds (below 9,000,000) give distinct BSNs.
-    let mut n = 10_000_000 + (seed % 9_000_000) * 10;
-    loop {
-        let digits: Vec<u32> = format!("{n:08}")
-            .bytes()
-            .map(|b| u32::from(b - b'0'))
-            .collect();
-        let sum: u32 = digits.iter().zip((2..=9).rev()).map(|(d, w)| d * w).sum();
-        let check = sum % 11;
-        if check < 10 {
-            return format!("{n:08}{check}");
-        }
-        n += 1;
-    }
+    ern_registry::synthetic::bsn(seed)
 }
 
 pub fn national(country: &str, value: &str) -> proto::PatientIdentifiers {

@@ -11,5 +11,6 @@ mod durability;
 mod officers;
 mod privacy;
 mod pseudonyms;
+mod research;
 mod service;
 mod validation;

@@ -1,0 +1,649 @@
+//! Research aggregates: what a researcher may learn, and how small counts are protected.
+//!
+//! Pure logic, no SQL and no I/O: the dimensions a table can be grouped and filtered by,
+//! their bands and labels, the assembly of the groups the database counted into a table,
+//! cell suppression ([`suppress`]), diagnostic-delay bands and quantiles, and the volume
+//! bands of "where is the expertise". The store computes the groups (`store::research`);
+//! the API layer only converts. `docs/privacy.md` explains the guarantees and the limits.
+
+pub mod suppress;
+
+use std::collections::BTreeMap;
+
+use crate::domain::{
+    CentreCode, CountryCode, HgncSymbol, ORPHA_UNDIAGNOSED, Orphacode, PatientStatus, Sex,
+};
+use suppress::{Protected, SuppressError, Table};
+
+/// Most interior cells of a published table (rows × columns). Finer tables are refused:
+/// they are mostly suppressed anyway, and their protection would cost too much.
+pub const MAX_TABLE_CELLS: usize = 10_000;
+/// Most dimensions of a count table, and of the groups of a delay table.
+pub const MAX_COUNT_DIMENSIONS: usize = 4;
+pub const MAX_DELAY_DIMENSIONS: usize = 3;
+/// Most values of one filter.
+pub const MAX_FILTER_VALUES: usize = 100;
+/// Most Orphacodes in one expertise search.
+pub const MAX_EXPERTISE_CODES: usize = 20;
+
+const DAYS_PER_YEAR: f64 = 365.25;
+
+/// Age bands (in years, lower bound inclusive). The last band is open.
+pub const AGE_BANDS: [(&str, u32); 7] = [
+    ("<1", 0),
+    ("1-4", 1),
+    ("5-11", 5),
+    ("12-17", 12),
+    ("18-39", 18),
+    ("40-64", 40),
+    ("65+", 65),
+];
+
+/// Diagnostic-delay bands (in years, lower bound inclusive), as the design fixes them.
+pub const DELAY_BANDS: [(&str, u32); 5] = [
+    ("<1y", 0),
+    ("1-5y", 1),
+    ("5-10y", 5),
+    ("10-20y", 10),
+    (">20y", 20),
+];
+
+/// Lower bound in days of age band `i` (`AGE_BANDS[i]`), for the SQL that bands ages.
+pub fn age_band_start_days(i: usize) -> i64 {
+    (f64::from(AGE_BANDS[i].1) * DAYS_PER_YEAR).round() as i64
+}
+
+/// Lower bound in months of delay band `i`.
+pub fn delay_band_start_months(i: usize) -> i64 {
+    i64::from(DELAY_BANDS[i].1) * 12
+}
+
+/// The delay band of a delay in whole months.
+pub fn delay_band(months: i64) -> usize {
+    (0..DELAY_BANDS.len())
+        .rev()
+        .find(|&i| months >= delay_band_start_months(i))
+        .unwrap_or(0)
+}
+
+/// What a table can be grouped and filtered by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dimension {
+    Diagnosis,
+    Sex,
+    OnsetAgeBand,
+    DiagnosisAgeBand,
+    Country,
+    Centre,
+    DiagnosisYear,
+    PatientStatus,
+    Gene,
+}
+
+/// A group value as the database returns it: integers for codes, years and bands, text
+/// for the rest, `Missing` for unknown (no onset date, no gene, ...).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Int(i64),
+    Text(String),
+    Missing,
+}
+
+/// One filter: keep rows whose value of `dimension` is one of `values`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub dimension: Dimension,
+    pub values: Vec<Key>,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 9] = [
+        Dimension::Diagnosis,
+        Dimension::Sex,
+        Dimension::OnsetAgeBand,
+        Dimension::DiagnosisAgeBand,
+        Dimension::Country,
+        Dimension::Centre,
+        Dimension::DiagnosisYear,
+        Dimension::PatientStatus,
+        Dimension::Gene,
+    ];
+
+    /// Name in messages and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dimension::Diagnosis => "DIAGNOSIS",
+            Dimension::Sex => "SEX",
+            Dimension::OnsetAgeBand => "ONSET_AGE_BAND",
+            Dimension::DiagnosisAgeBand => "DIAGNOSIS_AGE_BAND",
+            Dimension::Country => "COUNTRY",
+            Dimension::Centre => "CENTRE",
+            Dimension::DiagnosisYear => "DIAGNOSIS_YEAR",
+            Dimension::PatientStatus => "PATIENT_STATUS",
+            Dimension::Gene => "GENE",
+        }
+    }
+
+    /// The value of a group as published.
+    pub fn label(self, key: &Key) -> String {
+        match (self, key) {
+            (Dimension::Diagnosis, Key::Int(n)) if *n == i64::from(ORPHA_UNDIAGNOSED) => {
+                "undiagnosed".into()
+            }
+            (Dimension::Diagnosis, Key::Int(n)) => format!("ORPHA:{n}"),
+            (Dimension::OnsetAgeBand | Dimension::DiagnosisAgeBand, Key::Int(i)) => {
+                usize::try_from(*i)
+                    .ok()
+                    .and_then(|i| AGE_BANDS.get(i))
+                    .map_or_else(|| "unknown".into(), |b| b.0.into())
+            }
+            (Dimension::Gene, Key::Missing) => "none".into(),
+            (_, Key::Int(n)) => n.to_string(),
+            (_, Key::Text(s)) => s.clone(),
+            (_, Key::Missing) => "unknown".into(),
+        }
+    }
+
+    /// Parses a filter value in the form [`Dimension::label`] publishes.
+    pub fn parse_value(self, s: &str) -> Result<Key, String> {
+        let bad = |what: &str| Err(format!("{s:?} is not {what}"));
+        match self {
+            Dimension::Diagnosis if s == "undiagnosed" => Ok(Key::Int(ORPHA_UNDIAGNOSED.into())),
+            Dimension::Diagnosis => Orphacode::parse(s)
+                .map(|c| Key::Int(c.number().into()))
+                .or_else(|_| bad("an Orphacode (ORPHA:nnnn) or \"undiagnosed\"")),
+            Dimension::Sex => Sex::parse_db(s)
+                .map(|v| Key::Text(v.as_str().into()))
+                .map_or_else(|| bad("female, male, undetermined or unknown"), Ok),
+            Dimension::PatientStatus => PatientStatus::parse_db(s)
+                .map(|v| Key::Text(v.as_str().into()))
+                .map_or_else(
+                    || bad("alive, deceased, lost_to_follow_up or opted_out"),
+                    Ok,
+                ),
+            Dimension::OnsetAgeBand | Dimension::DiagnosisAgeBand => {
+                if s == "unknown" {
+                    return Ok(Key::Missing);
+                }
+                match AGE_BANDS.iter().position(|b| b.0 == s) {
+                    Some(i) => Ok(Key::Int(i as i64)),
+                    None => bad("an age band (<1, 1-4, 5-11, 12-17, 18-39, 40-64, 65+, unknown)"),
+                }
+            }
+            Dimension::Country => CountryCode::parse(s)
+                .map(|c| Key::Text(c.as_str().into()))
+                .or_else(|_| bad("an ISO 3166-1 alpha-2 country code")),
+            Dimension::Centre => CentreCode::parse(s)
+                .map(|c| Key::Text(c.as_str().into()))
+                .or_else(|_| bad("a centre code")),
+            Dimension::DiagnosisYear => {
+                if s == "unknown" {
+                    return Ok(Key::Missing);
+                }
+                match s.parse::<i64>() {
+                    Ok(y) if (1900..=2200).contains(&y) && s.len() == 4 => Ok(Key::Int(y)),
+                    _ => bad("a year (YYYY) or \"unknown\""),
+                }
+            }
+            Dimension::Gene if s == "none" => Ok(Key::Missing),
+            Dimension::Gene => HgncSymbol::parse(s)
+                .map(|g| Key::Text(g.as_str().into()))
+                .or_else(|_| bad("an HGNC gene symbol or \"none\"")),
+        }
+    }
+}
+
+/// Why a query cannot be answered as asked. Every variant is the caller's to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error(
+        "the table would have more than {MAX_TABLE_CELLS} cells: group by fewer dimensions or add filters"
+    )]
+    TooFine,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<SuppressError> for QueryError {
+    fn from(err: SuppressError) -> Self {
+        // Table sizes are capped before protection (MAX_TABLE_CELLS), so this is a bug.
+        QueryError::Invalid(err.to_string())
+    }
+}
+
+/// A protected count table with its labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountTable {
+    pub row_dimension: Option<Dimension>,
+    pub column_dimensions: Vec<Dimension>,
+    pub row_labels: Vec<String>,
+    /// Per column, its value for each column dimension (one empty key for a one-way table).
+    pub column_labels: Vec<Vec<String>>,
+    pub protected: Protected,
+}
+
+impl CountTable {
+    /// Cells and totals suppressed.
+    pub fn suppressed(&self) -> usize {
+        self.protected.primary + self.protected.secondary
+    }
+}
+
+/// Accumulates the groups the database counted (each a key per dimension and a count)
+/// into a table: rows by the first dimension, columns by the combination of the others.
+#[derive(Debug, Default)]
+pub struct TableBuilder {
+    rows: BTreeMap<Key, usize>,
+    cols: BTreeMap<Vec<Key>, usize>,
+    counts: Vec<(usize, usize, u64)>,
+}
+
+impl TableBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one group; fails once the table could no longer be published.
+    pub fn add(&mut self, mut keys: Vec<Key>, count: u64) -> Result<(), QueryError> {
+        let row_key = if keys.is_empty() {
+            Key::Missing
+        } else {
+            keys.remove(0)
+        };
+        let next = self.rows.len();
+        let r = *self.rows.entry(row_key).or_insert(next);
+        let next = self.cols.len();
+        let c = *self.cols.entry(keys).or_insert(next);
+        if self.rows.len().saturating_mul(self.cols.len()) > MAX_TABLE_CELLS {
+            return Err(QueryError::TooFine);
+        }
+        self.counts.push((r, c, count));
+        Ok(())
+    }
+
+    /// Builds and protects the table; `group_by` is what the keys were grouped by.
+    pub fn finish(self, group_by: &[Dimension], k: u64) -> Result<CountTable, QueryError> {
+        let (row_dim, col_dims) = match group_by.split_first() {
+            Some((r, c)) => (Some(*r), c.to_vec()),
+            None => (None, Vec::new()),
+        };
+        // Rows and columns in key order (BTreeMap): positions were assigned on arrival.
+        let row_order: Vec<(Key, usize)> = self.rows.into_iter().collect();
+        let col_order: Vec<(Vec<Key>, usize)> = self.cols.into_iter().collect();
+        let mut row_pos = vec![0; row_order.len()];
+        for (pos, (_, arrival)) in row_order.iter().enumerate() {
+            row_pos[*arrival] = pos;
+        }
+        let mut col_pos = vec![0; col_order.len()];
+        for (pos, (_, arrival)) in col_order.iter().enumerate() {
+            col_pos[*arrival] = pos;
+        }
+        let (nrows, ncols) = (row_order.len().max(1), col_order.len().max(1));
+        let mut cells = vec![0u64; nrows * ncols];
+        for (r, c, n) in self.counts {
+            cells[row_pos[r] * ncols + col_pos[c]] += n;
+        }
+        let table = if col_dims.is_empty() {
+            Table::one_way(cells)
+        } else {
+            Table::two_way(nrows, ncols, cells)?
+        };
+        let protected = suppress::protect(&table, k)?;
+        let row_labels = match row_dim {
+            Some(dim) => row_order.iter().map(|(key, _)| dim.label(key)).collect(),
+            None => vec!["all".to_string()],
+        };
+        let column_labels = if col_dims.is_empty() {
+            vec![Vec::new()]
+        } else {
+            col_order
+                .iter()
+                .map(|(keys, _)| {
+                    col_dims
+                        .iter()
+                        .zip(keys)
+                        .map(|(dim, key)| dim.label(key))
+                        .collect()
+                })
+                .collect()
+        };
+        Ok(CountTable {
+            row_dimension: row_dim,
+            column_dimensions: col_dims,
+            row_labels,
+            column_labels,
+            protected,
+        })
+    }
+}
+
+/// Quantiles of the delay, in years.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quantiles {
+    pub p25: f64,
+    pub median: f64,
+    pub p75: f64,
+    pub p90: f64,
+}
+
+/// A histogram of delays in whole months, built in ascending month order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DelayHistogram {
+    /// (months, patients), ascending by months.
+    bins: Vec<(i64, u64)>,
+    total: u64,
+}
+
+impl DelayHistogram {
+    pub fn add(&mut self, months: i64, count: u64) {
+        match self.bins.last_mut() {
+            Some((m, n)) if *m == months => *n += count,
+            _ => {
+                debug_assert!(self.bins.last().is_none_or(|(m, _)| *m < months));
+                self.bins.push((months, count));
+            }
+        }
+        self.total += count;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Patients per delay band.
+    pub fn bands(&self) -> [u64; DELAY_BANDS.len()] {
+        let mut out = [0; DELAY_BANDS.len()];
+        for &(m, n) in &self.bins {
+            out[delay_band(m)] += n;
+        }
+        out
+    }
+
+    /// The value at 0-based rank `i` of the sorted delays.
+    fn at(&self, i: u64) -> i64 {
+        let mut seen = 0;
+        for &(m, n) in &self.bins {
+            seen += n;
+            if i < seen {
+                return m;
+            }
+        }
+        self.bins.last().map_or(0, |b| b.0)
+    }
+
+    /// Quantile `p` (0..=1), linearly interpolated between order statistics (the usual
+    /// "type 7" definition), in months.
+    fn quantile_months(&self, p: f64) -> f64 {
+        let h = (self.total - 1) as f64 * p;
+        let lo = h.floor() as u64;
+        let (a, b) = (
+            self.at(lo) as f64,
+            self.at((lo + 1).min(self.total - 1)) as f64,
+        );
+        a + (h - lo as f64) * (b - a)
+    }
+
+    /// Quantiles in years (one decimal), only for at least `k` patients.
+    pub fn quantiles(&self, k: u64) -> Option<Quantiles> {
+        if self.total < k.max(1) {
+            return None;
+        }
+        let years = |p| (self.quantile_months(p) / 12.0 * 10.0).round() / 10.0;
+        Some(Quantiles {
+            p25: years(0.25),
+            median: years(0.5),
+            p75: years(0.75),
+            p90: years(0.9),
+        })
+    }
+}
+
+/// One group of the delay table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelayGroup {
+    pub labels: Vec<String>,
+    pub bands: Vec<Option<u64>>,
+    pub total: Option<u64>,
+    pub quantiles: Option<Quantiles>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelayTable {
+    pub groups: Vec<DelayGroup>,
+    pub band_totals: Vec<Option<u64>>,
+    pub grand_total: Option<u64>,
+    pub overall: Option<Quantiles>,
+    pub suppressed: usize,
+}
+
+/// Accumulates delay histograms group by group (the database returns them ordered by
+/// group, then months), keeping only the band counts and quantiles of finished groups.
+#[derive(Debug)]
+pub struct DelayBuilder {
+    k: u64,
+    group_by: Vec<Dimension>,
+    current: Option<(Vec<Key>, DelayHistogram)>,
+    groups: Vec<(Vec<String>, [u64; DELAY_BANDS.len()], Option<Quantiles>)>,
+    overall: BTreeMap<i64, u64>,
+}
+
+impl DelayBuilder {
+    pub fn new(group_by: &[Dimension], k: u64) -> Self {
+        DelayBuilder {
+            k,
+            group_by: group_by.to_vec(),
+            current: None,
+            groups: Vec::new(),
+            overall: BTreeMap::new(),
+        }
+    }
+
+    /// Adds `count` patients with a delay of `months` in the group `keys`.
+    pub fn add(&mut self, keys: Vec<Key>, months: i64, count: u64) -> Result<(), QueryError> {
+        *self.overall.entry(months).or_default() += count;
+        match &mut self.current {
+            Some((current, hist)) if *current == keys => hist.add(months, count),
+            _ => {
+                self.close_group();
+                if (self.groups.len() + 1) * DELAY_BANDS.len() > MAX_TABLE_CELLS {
+                    return Err(QueryError::TooFine);
+                }
+                let mut hist = DelayHistogram::default();
+                hist.add(months, count);
+                self.current = Some((keys, hist));
+            }
+        }
+        Ok(())
+    }
+
+    fn close_group(&mut self) {
+        if let Some((keys, hist)) = self.current.take() {
+            let labels = self
+                .group_by
+                .iter()
+                .zip(&keys)
+                .map(|(dim, key)| dim.label(key))
+                .collect();
+            self.groups
+                .push((labels, hist.bands(), hist.quantiles(self.k)));
+        }
+    }
+
+    pub fn finish(mut self) -> Result<DelayTable, QueryError> {
+        self.close_group();
+        let mut overall = DelayHistogram::default();
+        for (m, n) in &self.overall {
+            overall.add(*m, *n);
+        }
+        let rows = self.groups.len().max(1);
+        let mut cells = Vec::with_capacity(rows * DELAY_BANDS.len());
+        for (_, bands, _) in &self.groups {
+            cells.extend_from_slice(bands);
+        }
+        if self.groups.is_empty() {
+            cells.resize(DELAY_BANDS.len(), 0);
+        }
+        let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?;
+        let p = suppress::protect(&table, self.k)?;
+        let ncols = DELAY_BANDS.len();
+        let groups = self
+            .groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, (labels, _, quantiles))| DelayGroup {
+                labels,
+                bands: p.cells[i * ncols..(i + 1) * ncols].to_vec(),
+                total: p.row_totals[i],
+                quantiles,
+            })
+            .collect();
+        Ok(DelayTable {
+            groups,
+            band_totals: p.col_totals.clone(),
+            grand_total: p.grand_total,
+            overall: overall.quantiles(self.k),
+            suppressed: p.primary + p.secondary,
+        })
+    }
+}
+
+/// A band of case volume at a centre: never an exact number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeBand {
+    pub min: u64,
+    pub max: Option<u64>,
+}
+
+impl VolumeBand {
+    pub fn label(&self) -> String {
+        match self.max {
+            Some(max) if max == self.min => max.to_string(),
+            Some(max) => format!("{}-{}", self.min, max),
+            None => format!("{}+", self.min),
+        }
+    }
+}
+
+/// The volume band of `cases` (≥ 1) under threshold `k`: everything below k is one
+/// band ("1-4" for k = 5), then 5-9, 10-19, 20-49, 50-99, 100-499, 500+ (bands that
+/// start below k merge into the band of k).
+pub fn volume_band(cases: u64, k: u64) -> VolumeBand {
+    let k = k.max(2);
+    let mut starts = vec![1, k];
+    starts.extend([10, 20, 50, 100, 500].into_iter().filter(|&s| s > k));
+    let i = starts.iter().rposition(|&s| cases >= s).unwrap_or(0);
+    VolumeBand {
+        min: starts[i],
+        max: starts.get(i + 1).map(|next| next - 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip_through_filters() {
+        let cases = [
+            (Dimension::Diagnosis, "ORPHA:558"),
+            (Dimension::Diagnosis, "undiagnosed"),
+            (Dimension::Sex, "female"),
+            (Dimension::OnsetAgeBand, "<1"),
+            (Dimension::DiagnosisAgeBand, "65+"),
+            (Dimension::OnsetAgeBand, "unknown"),
+            (Dimension::Country, "NL"),
+            (Dimension::Centre, "NL-AMC"),
+            (Dimension::DiagnosisYear, "2019"),
+            (Dimension::DiagnosisYear, "unknown"),
+            (Dimension::PatientStatus, "lost_to_follow_up"),
+            (Dimension::Gene, "CFTR"),
+            (Dimension::Gene, "none"),
+        ];
+        for (dim, text) in cases {
+            let key = dim.parse_value(text).unwrap();
+            assert_eq!(dim.label(&key), text, "{dim:?}");
+        }
+        for (dim, text) in [
+            (Dimension::Diagnosis, "558"),
+            (Dimension::Sex, "F"),
+            (Dimension::OnsetAgeBand, "0-1"),
+            (Dimension::DiagnosisYear, "19"),
+            (Dimension::Country, "nl'; DROP"),
+            (Dimension::Gene, "cf tr"),
+        ] {
+            assert!(dim.parse_value(text).is_err(), "{dim:?} {text}");
+        }
+    }
+
+    #[test]
+    fn delay_bands_include_their_lower_bound() {
+        assert_eq!(delay_band(0), 0);
+        assert_eq!(delay_band(11), 0);
+        assert_eq!(delay_band(12), 1);
+        assert_eq!(delay_band(59), 1);
+        assert_eq!(delay_band(60), 2);
+        assert_eq!(delay_band(239), 3);
+        assert_eq!(delay_band(240), 4);
+        assert_eq!(delay_band(900), 4);
+    }
+
+    #[test]
+    fn quantiles_interpolate_and_need_k() {
+        let mut h = DelayHistogram::default();
+        for m in [0, 12, 24, 36, 48] {
+            h.add(m, 1);
+        }
+        assert_eq!(h.quantiles(6), None);
+        let q = h.quantiles(5).unwrap();
+        assert_eq!(q.median, 2.0);
+        assert_eq!(q.p25, 1.0);
+        assert_eq!(q.p75, 3.0);
+        assert_eq!(q.p90, 3.6);
+        let mut same = DelayHistogram::default();
+        same.add(30, 7);
+        assert_eq!(same.quantiles(5).unwrap().median, 2.5);
+        assert_eq!(same.bands(), [0, 7, 0, 0, 0]);
+    }
+
+    #[test]
+    fn volume_bands_hide_exact_counts() {
+        let label = |n, k| volume_band(n, k).label();
+        assert_eq!(label(1, 5), "1-4");
+        assert_eq!(label(4, 5), "1-4");
+        assert_eq!(label(5, 5), "5-9");
+        assert_eq!(label(19, 5), "10-19");
+        assert_eq!(label(499, 5), "100-499");
+        assert_eq!(label(10_000, 5), "500+");
+        assert_eq!(label(12, 15), "1-14");
+        assert_eq!(label(15, 15), "15-19");
+        assert_eq!(label(1, 2), "1");
+    }
+
+    #[test]
+    fn table_rows_and_columns_are_in_key_order() {
+        let mut b = TableBuilder::new();
+        let k = |s: &str| Key::Text(s.into());
+        b.add(vec![k("NL"), k("male")], 7).unwrap();
+        b.add(vec![k("BE"), k("female")], 9).unwrap();
+        b.add(vec![k("NL"), k("female")], 12).unwrap();
+        let t = b.finish(&[Dimension::Country, Dimension::Sex], 5).unwrap();
+        assert_eq!(t.row_labels, ["BE", "NL"]);
+        assert_eq!(t.column_labels, [vec!["female"], vec!["male"]]);
+        // BE has no male patients: a published zero.
+        assert_eq!(t.protected.cells[1], Some(0));
+        assert_eq!(t.protected.grand_total, Some(28));
+    }
+
+    #[test]
+    fn a_table_too_fine_is_refused() {
+        let mut b = TableBuilder::new();
+        let mut result = Ok(());
+        for i in 0..=MAX_TABLE_CELLS as i64 {
+            result = b.add(vec![Key::Int(i), Key::Int(i)], 1);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(QueryError::TooFine));
+    }
+}

@@ -1,0 +1,487 @@
+//! `ResearchService`: aggregate queries with small-count suppression.
+//!
+//! Thin: validates the request into a [`Selection`], lets the database count, lets
+//! [`crate::aggregate`] assemble and protect the table, converts it. Nothing here ever
+//! sees a row or a pseudonym.
+
+use std::collections::BTreeSet;
+
+use chrono::Utc;
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::{ApiError, SharedState};
+use crate::aggregate::{
+    self, CountTable, DELAY_BANDS, Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS,
+    MAX_EXPERTISE_CODES, MAX_FILTER_VALUES, Quantiles, QueryError, TableBuilder,
+};
+use crate::auth::{AuthError, Principal, Role};
+use crate::consent::timestamp_to_proto;
+use crate::domain::{CountryCode, FieldViolations, ORPHA_UNDIAGNOSED, Orphacode, RegistryCode};
+use crate::proto::{self, research_service_server::ResearchService};
+use crate::store::research::{ResearchError, Selection};
+use crate::store::{Registry, StoreError};
+
+pub struct ResearchApi {
+    state: SharedState,
+}
+
+impl ResearchApi {
+    pub fn new(state: SharedState) -> Self {
+        ResearchApi { state }
+    }
+}
+
+impl Dimension {
+    pub fn from_proto(value: i32) -> Option<Dimension> {
+        use proto::Dimension as P;
+        Some(match P::try_from(value).ok()? {
+            P::Unspecified => return None,
+            P::Diagnosis => Dimension::Diagnosis,
+            P::Sex => Dimension::Sex,
+            P::OnsetAgeBand => Dimension::OnsetAgeBand,
+            P::DiagnosisAgeBand => Dimension::DiagnosisAgeBand,
+            P::Country => Dimension::Country,
+            P::Centre => Dimension::Centre,
+            P::DiagnosisYear => Dimension::DiagnosisYear,
+            P::PatientStatus => Dimension::PatientStatus,
+            P::Gene => Dimension::Gene,
+        })
+    }
+
+    pub fn to_proto(self) -> i32 {
+        use proto::Dimension as P;
+        (match self {
+            Dimension::Diagnosis => P::Diagnosis,
+            Dimension::Sex => P::Sex,
+            Dimension::OnsetAgeBand => P::OnsetAgeBand,
+            Dimension::DiagnosisAgeBand => P::DiagnosisAgeBand,
+            Dimension::Country => P::Country,
+            Dimension::Centre => P::Centre,
+            Dimension::DiagnosisYear => P::DiagnosisYear,
+            Dimension::PatientStatus => P::PatientStatus,
+            Dimension::Gene => P::Gene,
+        }) as i32
+    }
+}
+
+impl From<ResearchError> for ApiError {
+    fn from(err: ResearchError) -> Self {
+        match err {
+            ResearchError::Store(e) => ApiError::Internal(e),
+            ResearchError::Query(QueryError::TooFine) => {
+                let mut v = FieldViolations::new();
+                v.push("group_by", QueryError::TooFine.to_string());
+                ApiError::Invalid(v)
+            }
+            ResearchError::Query(QueryError::Invalid(msg)) => {
+                ApiError::Internal(StoreError::Invalid(msg))
+            }
+        }
+    }
+}
+
+/// Validates group-by dimensions: known, distinct, at most `max`.
+fn parse_group_by(values: &[i32], max: usize, v: &mut FieldViolations) -> Vec<Dimension> {
+    if values.len() > max {
+        v.push("group_by", format!("at most {max} dimensions"));
+        return Vec::new();
+    }
+    let mut seen = BTreeSet::new();
+    let mut dims = Vec::with_capacity(values.len());
+    for (i, &value) in values.iter().enumerate() {
+        match Dimension::from_proto(value) {
+            None => v.push(format!("group_by[{i}]"), "is not a dimension"),
+            Some(d) if !seen.insert(d) => v.push(format!("group_by[{i}]"), "is repeated"),
+            Some(d) => dims.push(d),
+        }
+    }
+    dims
+}
+
+fn parse_filters(filters: &[proto::Filter], v: &mut FieldViolations) -> Vec<Filter> {
+    if filters.len() > Dimension::ALL.len() {
+        v.push("filters", "at most one filter per dimension");
+        return Vec::new();
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(filters.len());
+    for (i, f) in filters.iter().enumerate() {
+        let field = format!("filters[{i}]");
+        let Some(dimension) = Dimension::from_proto(f.dimension) else {
+            v.push(format!("{field}.dimension"), "is not a dimension");
+            continue;
+        };
+        if !seen.insert(dimension) {
+            v.push(format!("{field}.dimension"), "has another filter already");
+            continue;
+        }
+        if f.values.is_empty() || f.values.len() > MAX_FILTER_VALUES {
+            v.push(
+                format!("{field}.values"),
+                format!("give 1 to {MAX_FILTER_VALUES} values"),
+            );
+            continue;
+        }
+        let mut values = Vec::with_capacity(f.values.len());
+        for (j, text) in f.values.iter().enumerate() {
+            match dimension.parse_value(text) {
+                Ok(key) => values.push(key),
+                Err(msg) if text.len() <= 64 => v.push(format!("{field}.values[{j}]"), msg),
+                Err(_) => v.push(format!("{field}.values[{j}]"), "is too long"),
+            }
+        }
+        out.push(Filter { dimension, values });
+    }
+    out
+}
+
+fn cell(value: Option<u64>) -> Option<proto::Cell> {
+    Some(proto::Cell { count: value })
+}
+
+fn quantiles(q: Option<Quantiles>) -> Option<proto::DelayQuantiles> {
+    q.map(|q| proto::DelayQuantiles {
+        p25_years: q.p25,
+        median_years: q.median,
+        p75_years: q.p75,
+        p90_years: q.p90,
+    })
+}
+
+fn table_to_proto(
+    registry: &Registry,
+    table: CountTable,
+    by_gene: bool,
+    as_of: Timestamp,
+) -> proto::CountTable {
+    let p = &table.protected;
+    let ncols = table.column_labels.len();
+    let one_way = table.column_dimensions.is_empty();
+    let rows = table
+        .row_labels
+        .iter()
+        .enumerate()
+        .map(|(r, label)| proto::TableRow {
+            label: label.clone(),
+            cells: p.cells[r * ncols..(r + 1) * ncols]
+                .iter()
+                .map(|c| proto::Cell { count: *c })
+                .collect(),
+            total: if one_way { None } else { cell(p.row_totals[r]) },
+        })
+        .collect();
+    proto::CountTable {
+        registry: registry.code.clone(),
+        min_cell_count: registry.min_cell_count as u32,
+        unit: if by_gene {
+            "patient-gene pairs"
+        } else {
+            "patients"
+        }
+        .into(),
+        row_dimension: table.row_dimension.map_or(0, Dimension::to_proto),
+        column_dimensions: table
+            .column_dimensions
+            .iter()
+            .map(|d| d.to_proto())
+            .collect(),
+        columns: table
+            .column_labels
+            .iter()
+            .map(|values| proto::ColumnKey {
+                values: values.clone(),
+            })
+            .collect(),
+        rows,
+        column_totals: p
+            .col_totals
+            .iter()
+            .map(|c| proto::Cell { count: *c })
+            .collect(),
+        grand_total: cell(p.grand_total),
+        suppressed: table.suppressed() as u32,
+        as_of: Some(as_of),
+    }
+}
+
+impl ResearchApi {
+    /// The caller (a researcher) and the registry they asked about, if it is theirs.
+    async fn researcher_registry<T>(
+        &self,
+        request: &Request<T>,
+        code: &str,
+    ) -> Result<(Principal, Registry), ApiError> {
+        let principal = self.state.authorize(request, Role::Researcher).await?;
+        self.state.research_limiter.check(principal.id)?;
+        let registry = self
+            .state
+            .registry_for(&principal, code, "registry")
+            .await?;
+        Ok((principal, registry))
+    }
+
+    /// The registries the caller may search for expertise: a researcher's own; for a
+    /// physician every registry (finding where expertise is, for a referral, is their
+    /// use of it); restricted to `asked` when given.
+    async fn expertise_registries(
+        &self,
+        principal: &Principal,
+        asked: &[String],
+        v: &mut FieldViolations,
+    ) -> Result<Vec<Registry>, ApiError> {
+        let all = self.state.store.list_registries().await?;
+        let allowed: Vec<Registry> = match principal.role {
+            Role::Physician => all,
+            Role::Researcher => all
+                .into_iter()
+                .filter(|r| principal.registries.contains(&r.id))
+                .collect(),
+            _ => {
+                return Err(AuthError::WrongRole {
+                    needed: "physician or researcher",
+                }
+                .into());
+            }
+        };
+        if asked.is_empty() {
+            return Ok(allowed);
+        }
+        let mut chosen = Vec::new();
+        for (i, code) in asked.iter().enumerate() {
+            let Ok(code) = RegistryCode::parse(code) else {
+                v.push(format!("registries[{i}]"), "is not a registry code");
+                continue;
+            };
+            match allowed.iter().find(|r| r.code == code.as_str()) {
+                Some(r) => chosen.push(r.clone()),
+                None => {
+                    return Err(AuthError::ForeignRegistry {
+                        registry: code.as_str().into(),
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(chosen)
+    }
+}
+
+#[tonic::async_trait]
+impl ResearchService for ResearchApi {
+    async fn count_patients(
+        &self,
+        request: Request<proto::CountPatientsRequest>,
+    ) -> Result<Response<proto::CountTable>, Status> {
+        let req = request.get_ref();
+        let (principal, registry) = self.researcher_registry(&request, &req.registry).await?;
+        let mut v = FieldViolations::new();
+        let group_by = parse_group_by(&req.group_by, MAX_COUNT_DIMENSIONS, &mut v);
+        let filters = parse_filters(&req.filters, &mut v);
+        v.into_result().map_err(ApiError::from)?;
+        let now = Utc::now();
+        let selection = Selection {
+            registry_id: registry.id,
+            group_by,
+            filters,
+            now,
+        };
+        let mut builder = TableBuilder::new();
+        self.state
+            .store
+            .count_patients(&selection, &mut builder)
+            .await
+            .map_err(ApiError::from)?;
+        let k = registry.min_cell_count as u64;
+        let table = builder
+            .finish(&selection.group_by, k)
+            .map_err(|e| ApiError::from(ResearchError::Query(e)))?;
+        info!(
+            principal = principal.id,
+            registry = %registry.code,
+            dimensions = selection.group_by.len(),
+            filters = selection.filters.len(),
+            cells = table.protected.cells.len(),
+            suppressed = table.suppressed(),
+            "research count"
+        );
+        let by_gene = selection.group_by.contains(&Dimension::Gene);
+        Ok(Response::new(table_to_proto(
+            &registry,
+            table,
+            by_gene,
+            timestamp_to_proto(now),
+        )))
+    }
+
+    async fn diagnostic_delay(
+        &self,
+        request: Request<proto::DiagnosticDelayRequest>,
+    ) -> Result<Response<proto::DiagnosticDelayResponse>, Status> {
+        let req = request.get_ref();
+        let (principal, registry) = self.researcher_registry(&request, &req.registry).await?;
+        let mut v = FieldViolations::new();
+        let group_by = parse_group_by(&req.group_by, MAX_DELAY_DIMENSIONS, &mut v);
+        let filters = parse_filters(&req.filters, &mut v);
+        v.into_result().map_err(ApiError::from)?;
+        let now = Utc::now();
+        let selection = Selection {
+            registry_id: registry.id,
+            group_by,
+            filters,
+            now,
+        };
+        let k = registry.min_cell_count as u64;
+        let table = self
+            .state
+            .store
+            .diagnostic_delay(&selection, k)
+            .await
+            .map_err(ApiError::from)?;
+        info!(
+            principal = principal.id,
+            registry = %registry.code,
+            groups = table.groups.len(),
+            suppressed = table.suppressed,
+            "research diagnostic delay"
+        );
+        Ok(Response::new(proto::DiagnosticDelayResponse {
+            registry: registry.code.clone(),
+            min_cell_count: registry.min_cell_count as u32,
+            group_by: selection.group_by.iter().map(|d| d.to_proto()).collect(),
+            bands: DELAY_BANDS.iter().map(|b| b.0.to_string()).collect(),
+            groups: table
+                .groups
+                .into_iter()
+                .map(|g| proto::DelayGroup {
+                    labels: g.labels,
+                    bands: g
+                        .bands
+                        .into_iter()
+                        .map(|c| proto::Cell { count: c })
+                        .collect(),
+                    total: cell(g.total),
+                    quantiles: quantiles(g.quantiles),
+                })
+                .collect(),
+            band_totals: table
+                .band_totals
+                .into_iter()
+                .map(|c| proto::Cell { count: c })
+                .collect(),
+            grand_total: cell(table.grand_total),
+            overall: quantiles(table.overall),
+            suppressed: table.suppressed as u32,
+            as_of: Some(timestamp_to_proto(now)),
+        }))
+    }
+
+    async fn find_expertise(
+        &self,
+        request: Request<proto::FindExpertiseRequest>,
+    ) -> Result<Response<proto::FindExpertiseResponse>, Status> {
+        let principal = self.state.authenticate(&request).await?;
+        if !matches!(principal.role, Role::Physician | Role::Researcher) {
+            return Err(ApiError::from(AuthError::WrongRole {
+                needed: "physician or researcher",
+            })
+            .into());
+        }
+        self.state
+            .research_limiter
+            .check(principal.id)
+            .map_err(ApiError::from)?;
+        let req = request.get_ref();
+        let mut v = FieldViolations::new();
+        if req.orphacodes.is_empty() || req.orphacodes.len() > MAX_EXPERTISE_CODES {
+            v.push(
+                "orphacodes",
+                format!("give 1 to {MAX_EXPERTISE_CODES} Orphacodes"),
+            );
+        }
+        let mut codes = BTreeSet::new();
+        for (i, text) in req.orphacodes.iter().take(MAX_EXPERTISE_CODES).enumerate() {
+            match Orphacode::parse(text) {
+                Ok(c) if c.number() == ORPHA_UNDIAGNOSED => v.push(
+                    format!("orphacodes[{i}]"),
+                    "is the code of undiagnosed cases, not a diagnosis",
+                ),
+                Ok(c) => {
+                    codes.insert(i64::from(c.number()));
+                }
+                Err(e) => v.push(format!("orphacodes[{i}]"), e.to_string()),
+            }
+        }
+        if req.countries.len() > MAX_FILTER_VALUES {
+            v.push("countries", format!("at most {MAX_FILTER_VALUES}"));
+        }
+        let mut countries = BTreeSet::new();
+        for (i, text) in req.countries.iter().take(MAX_FILTER_VALUES).enumerate() {
+            match CountryCode::parse(text) {
+                Ok(c) => {
+                    countries.insert(c.as_str().to_string());
+                }
+                Err(e) => v.push(format!("countries[{i}]"), e.to_string()),
+            }
+        }
+        if req.registries.len() > 64 {
+            v.push("registries", "at most 64");
+        }
+        let registries = if req.registries.len() > 64 {
+            Vec::new()
+        } else {
+            self.expertise_registries(&principal, &req.registries, &mut v)
+                .await?
+        };
+        v.into_result().map_err(ApiError::from)?;
+        let now = Utc::now();
+        let ids: Vec<i64> = registries.iter().map(|r| r.id).collect();
+        let codes: Vec<i64> = codes.into_iter().collect();
+        let countries: Vec<String> = countries.into_iter().collect();
+        let rows = self
+            .state
+            .store
+            .expertise(&codes, &ids, &countries, now)
+            .await
+            .map_err(ApiError::from)?;
+        let mut centres: Vec<(aggregate::VolumeBand, proto::ExpertiseCentre)> = rows
+            .into_iter()
+            .filter_map(|row| {
+                let registry = registries.iter().find(|r| r.id == row.registry_id)?;
+                let band = aggregate::volume_band(row.cases, registry.min_cell_count as u64);
+                let centre = proto::ExpertiseCentre {
+                    centre_code: row.centre_code,
+                    centre_name: row.centre_name,
+                    country: row.country,
+                    registry: registry.code.clone(),
+                    volume: Some(proto::VolumeBand {
+                        min: band.min as u32,
+                        max: band.max.map(|m| m as u32),
+                        label: band.label(),
+                    }),
+                };
+                Some((band, centre))
+            })
+            .collect();
+        // Largest band first; within a band by centre code, never by the exact count.
+        centres.sort_by(|(a, ca), (b, cb)| {
+            b.min
+                .cmp(&a.min)
+                .then_with(|| ca.centre_code.cmp(&cb.centre_code))
+                .then_with(|| ca.registry.cmp(&cb.registry))
+        });
+        info!(
+            principal = principal.id,
+            role = principal.role.as_str(),
+            codes = codes.len(),
+            centres = centres.len(),
+            "research expertise"
+        );
+        Ok(Response::new(proto::FindExpertiseResponse {
+            centres: centres.into_iter().map(|(_, c)| c).collect(),
+            registries: registries.iter().map(|r| r.code.clone()).collect(),
+            as_of: Some(timestamp_to_proto(now)),
+        }))
+    }
+}

@@ -1,0 +1,416 @@
+//! The SQL of research aggregates: counting happens in the database, grouped and
+//! filtered there; only the groups (at most a table's worth) come back, as a stream.
+//!
+//! A patient is counted once per registry, through the case that represents them
+//! (`patients`, the one written last), and only while both REGISTRY_INCLUSION and
+//! RESEARCH_USE are in force at `now` (`consent_current`). Filter values are always bound
+//! as parameters, never spliced into the SQL text.
+
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, Row};
+use tokio_stream::StreamExt;
+
+use super::{Result, Store, StoreError, millis};
+use crate::aggregate::{
+    AGE_BANDS, DelayBuilder, DelayTable, Dimension, Filter, Key, QueryError, TableBuilder,
+    age_band_start_days,
+};
+use crate::domain::ORPHA_UNDIAGNOSED;
+
+/// What to count: a registry's consented patients, grouped and filtered.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub registry_id: i64,
+    pub group_by: Vec<Dimension>,
+    pub filters: Vec<Filter>,
+    pub now: DateTime<Utc>,
+}
+
+/// A centre with cases of the diagnoses searched, in one registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertiseRow {
+    pub centre_code: String,
+    pub centre_name: String,
+    pub country: String,
+    pub registry_id: i64,
+    pub cases: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResearchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+impl From<sqlx::Error> for ResearchError {
+    fn from(err: sqlx::Error) -> Self {
+        ResearchError::Store(err.into())
+    }
+}
+
+/// Both consents in force at `$2` for the patient of `p` (registry `$1`).
+const CONSENTED: &str = "JOIN consent_current ri ON ri.registry_id = p.registry_id \
+         AND ri.pseudonym = p.pseudonym AND ri.scope = 'registry_inclusion' \
+     JOIN consent_current ru ON ru.registry_id = p.registry_id \
+         AND ru.pseudonym = p.pseudonym AND ru.scope = 'research_use'";
+const CONSENTED_WHERE: &str = "ri.state = 'granted' AND (ri.expires_at IS NULL OR ri.expires_at > $2) \
+     AND ru.state = 'granted' AND (ru.expires_at IS NULL OR ru.expires_at > $2)";
+
+/// The SQL expression of a dimension's group value, over `v` (the current version),
+/// `ce` (the centre) and `g` (the gene row, when grouped by gene).
+fn expression(dim: Dimension) -> String {
+    match dim {
+        Dimension::Diagnosis => format!("COALESCE(v.orphacode, {ORPHA_UNDIAGNOSED})"),
+        Dimension::Sex => "v.sex".into(),
+        Dimension::OnsetAgeBand => age_band("v.onset_age_days"),
+        Dimension::DiagnosisAgeBand => age_band("v.diagnosis_age_days"),
+        Dimension::Country => "ce.country".into(),
+        Dimension::Centre => "ce.code".into(),
+        Dimension::DiagnosisYear => "v.diagnosis_year".into(),
+        Dimension::PatientStatus => "v.status".into(),
+        Dimension::Gene => "g.gene".into(),
+    }
+}
+
+/// `CASE` mapping an age in days to its band index (NULL when unknown).
+fn age_band(column: &str) -> String {
+    // Cast: PostgreSQL types integer literals as INT4, the rest of the schema is BIGINT.
+    let mut sql = String::from("CAST((CASE");
+    for i in (1..AGE_BANDS.len()).rev() {
+        sql.push_str(&format!(
+            " WHEN {column} >= {} THEN {i}",
+            age_band_start_days(i)
+        ));
+    }
+    sql.push_str(&format!(
+        " WHEN {column} IS NOT NULL THEN 0 END) AS BIGINT)"
+    ));
+    sql
+}
+
+/// Whether the dimension's value is an integer (else text).
+fn is_integer(dim: Dimension) -> bool {
+    matches!(
+        dim,
+        Dimension::Diagnosis
+            | Dimension::OnsetAgeBand
+            | Dimension::DiagnosisAgeBand
+            | Dimension::DiagnosisYear
+    )
+}
+
+/// A parameter to bind.
+#[derive(Debug, Clone)]
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// SQL text and parameters under construction; `$1` is the registry, `$2` now.
+struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+}
+
+impl Sql {
+    fn param(&mut self, key: &Key) -> Option<String> {
+        let bind = match key {
+            Key::Int(n) => Bind::Int(*n),
+            Key::Text(s) => Bind::Text(s.clone()),
+            Key::Missing => return None,
+        };
+        self.binds.push(bind);
+        Some(format!("${}", self.binds.len() + 2))
+    }
+
+    /// `expr` is one of `values` (NULL for `Missing`).
+    fn one_of(&mut self, expr: &str, values: &[Key]) -> String {
+        let params: Vec<String> = values.iter().filter_map(|k| self.param(k)).collect();
+        let mut alternatives = Vec::new();
+        if !params.is_empty() {
+            alternatives.push(format!("{expr} IN ({})", params.join(", ")));
+        }
+        if values.contains(&Key::Missing) {
+            alternatives.push(format!("{expr} IS NULL"));
+        }
+        if alternatives.is_empty() {
+            "1 = 0".into()
+        } else {
+            format!("({})", alternatives.join(" OR "))
+        }
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: Query<'q, Any, AnyArguments<'q>>,
+    ) -> Query<'q, Any, AnyArguments<'q>> {
+        self.binds.iter().fold(query, |q, b| match b {
+            Bind::Int(n) => q.bind(*n),
+            Bind::Text(s) => q.bind(s.as_str()),
+        })
+    }
+}
+
+/// `SELECT <group values>, <extra> ... FROM <consented patients> WHERE ... GROUP BY ...`.
+fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_where: &str) -> Sql {
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let by_gene = sel.group_by.contains(&Dimension::Gene);
+    let mut conditions = vec![format!("p.registry_id = $1 AND {CONSENTED_WHERE}")];
+    if !extra_where.is_empty() {
+        conditions.push(extra_where.to_string());
+    }
+    for f in &sel.filters {
+        if f.dimension == Dimension::Gene && !by_gene {
+            // Filtering by gene without grouping by it: the patient has one of the genes
+            // (or none, for "none").
+            let genes: Vec<Key> = f
+                .values
+                .iter()
+                .filter(|k| **k != Key::Missing)
+                .cloned()
+                .collect();
+            let mut alternatives = Vec::new();
+            if !genes.is_empty() {
+                let cond = sql.one_of("g2.gene", &genes);
+                alternatives.push(format!(
+                    "EXISTS (SELECT 1 FROM case_genes g2 WHERE g2.case_id = c.id \
+                     AND g2.version = c.current_version AND {cond})"
+                ));
+            }
+            if f.values.contains(&Key::Missing) {
+                alternatives.push(
+                    "NOT EXISTS (SELECT 1 FROM case_genes g3 WHERE g3.case_id = c.id \
+                     AND g3.version = c.current_version)"
+                        .into(),
+                );
+            }
+            conditions.push(format!("({})", alternatives.join(" OR ")));
+        } else {
+            let cond = sql.one_of(&expression(f.dimension), &f.values);
+            conditions.push(cond);
+        }
+    }
+    let groups: Vec<String> = sel.group_by.iter().map(|d| expression(*d)).collect();
+    let mut select: Vec<String> = groups.clone();
+    select.push(extra_select.to_string());
+    let mut group_by: Vec<String> = groups;
+    group_by.extend(extra_group.iter().map(|s| s.to_string()));
+    let gene_join = if by_gene {
+        "LEFT JOIN case_genes g ON g.case_id = c.id AND g.version = c.current_version"
+    } else {
+        ""
+    };
+    sql.text = format!(
+        "SELECT {select} FROM patients p {CONSENTED} \
+         JOIN cases c ON c.id = p.case_id \
+         JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
+         JOIN centres ce ON ce.id = c.centre_id {gene_join} \
+         WHERE {conditions}{group}{order}",
+        select = select.join(", "),
+        conditions = conditions.join(" AND "),
+        group = if group_by.is_empty() {
+            String::new()
+        } else {
+            format!(" GROUP BY {}", group_by.join(", "))
+        },
+        order = if group_by.is_empty() {
+            String::new()
+        } else {
+            format!(" ORDER BY {}", group_by.join(", "))
+        },
+    );
+    sql
+}
+
+fn key_at(row: &sqlx::any::AnyRow, i: usize, dim: Dimension) -> Result<Key, sqlx::Error> {
+    Ok(if is_integer(dim) {
+        row.try_get::<Option<i64>, _>(i)?
+            .map_or(Key::Missing, Key::Int)
+    } else {
+        row.try_get::<Option<String>, _>(i)?
+            .map_or(Key::Missing, Key::Text)
+    })
+}
+
+fn count_at(row: &sqlx::any::AnyRow, i: usize) -> Result<u64, StoreError> {
+    let n: i64 = row.try_get(i)?;
+    u64::try_from(n).map_err(|_| StoreError::Corrupt("negative count".into()))
+}
+
+impl Store {
+    /// Counts consented patients per group into `table`. Rows stream from the database;
+    /// the scan stops as soon as the table would be too fine to publish.
+    pub async fn count_patients(
+        &self,
+        sel: &Selection,
+        table: &mut TableBuilder,
+    ) -> Result<(), ResearchError> {
+        let sql = grouped(sel, "COUNT(*)", &[], "");
+        let query = sql.bind(
+            sqlx::query(&sql.text)
+                .bind(sel.registry_id)
+                .bind(millis(sel.now)),
+        );
+        let mut rows = query.fetch(self.pool());
+        let n = sel.group_by.len();
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            let keys = sel
+                .group_by
+                .iter()
+                .enumerate()
+                .map(|(i, d)| key_at(&row, i, *d))
+                .collect::<Result<Vec<_>, _>>()?;
+            table.add(keys, count_at(&row, n)?)?;
+        }
+        Ok(())
+    }
+
+    /// Diagnostic delays (whole months) of consented patients with a known delay, per
+    /// group, streamed in group order into the delay table.
+    pub async fn diagnostic_delay(
+        &self,
+        sel: &Selection,
+        k: u64,
+    ) -> Result<DelayTable, ResearchError> {
+        // Whole months: days × 12 / 365.25, in integer arithmetic on both databases.
+        let months = "(v.delay_days * 48) / 1461";
+        let sql = grouped(
+            sel,
+            &format!("{months}, COUNT(*)"),
+            &[months],
+            "v.delay_days IS NOT NULL",
+        );
+        let query = sql.bind(
+            sqlx::query(&sql.text)
+                .bind(sel.registry_id)
+                .bind(millis(sel.now)),
+        );
+        let mut rows = query.fetch(self.pool());
+        let n = sel.group_by.len();
+        let mut builder = DelayBuilder::new(&sel.group_by, k);
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            let keys = sel
+                .group_by
+                .iter()
+                .enumerate()
+                .map(|(i, d)| key_at(&row, i, *d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let m: i64 = row.try_get(n)?;
+            builder.add(keys, m, count_at(&row, n + 1)?)?;
+        }
+        Ok(builder.finish()?)
+    }
+
+    /// Centres with cases (current versions) of any of `orphacodes` in `registries`,
+    /// optionally only in `countries`, counting cases of consented patients.
+    pub async fn expertise(
+        &self,
+        orphacodes: &[i64],
+        registries: &[i64],
+        countries: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ExpertiseRow>> {
+        if orphacodes.is_empty() || registries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut n = 1;
+        let mut params = |count: usize| {
+            let list: Vec<String> = (0..count).map(|i| format!("${}", n + i)).collect();
+            n += count;
+            list.join(", ")
+        };
+        let now_param = params(1);
+        let codes = params(orphacodes.len());
+        let regs = params(registries.len());
+        let country_filter = if countries.is_empty() {
+            String::new()
+        } else {
+            format!(" AND ce.country IN ({})", params(countries.len()))
+        };
+        let sql = format!(
+            "SELECT ce.code, ce.name, ce.country, c.registry_id, COUNT(*) \
+             FROM case_versions v \
+             JOIN cases c ON c.id = v.case_id AND c.current_version = v.version \
+             JOIN centres ce ON ce.id = c.centre_id \
+             JOIN consent_current ri ON ri.registry_id = c.registry_id \
+                 AND ri.pseudonym = c.pseudonym AND ri.scope = 'registry_inclusion' \
+             JOIN consent_current ru ON ru.registry_id = c.registry_id \
+                 AND ru.pseudonym = c.pseudonym AND ru.scope = 'research_use' \
+             WHERE v.orphacode IN ({codes}) AND c.registry_id IN ({regs}){country_filter} \
+               AND ri.state = 'granted' AND (ri.expires_at IS NULL OR ri.expires_at > {now_param}) \
+               AND ru.state = 'granted' AND (ru.expires_at IS NULL OR ru.expires_at > {now_param}) \
+             GROUP BY ce.code, ce.name, ce.country, c.registry_id"
+        );
+        let mut query = sqlx::query(&sql).bind(millis(now));
+        for code in orphacodes {
+            query = query.bind(*code);
+        }
+        for reg in registries {
+            query = query.bind(*reg);
+        }
+        for country in countries {
+            query = query.bind(country.as_str());
+        }
+        let rows = query.fetch_all(self.pool()).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ExpertiseRow {
+                    centre_code: r.try_get(0)?,
+                    centre_name: r.try_get(1)?,
+                    country: r.try_get(2)?,
+                    registry_id: r.try_get(3)?,
+                    cases: count_at(r, 4)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_values_are_parameters() {
+        let sel = Selection {
+            registry_id: 9,
+            group_by: vec![Dimension::Country, Dimension::Gene],
+            filters: vec![
+                Filter {
+                    dimension: Dimension::Sex,
+                    values: vec![Key::Text("female".into())],
+                },
+                Filter {
+                    dimension: Dimension::OnsetAgeBand,
+                    values: vec![Key::Int(0), Key::Missing],
+                },
+            ],
+            now: Utc::now(),
+        };
+        let sql = grouped(&sel, "COUNT(*)", &[], "");
+        assert!(!sql.text.contains("female"));
+        assert!(sql.text.contains("v.sex IN ($3)"));
+        assert!(sql.text.contains("IN ($4) OR CAST((CASE"));
+        assert!(sql.text.contains("LEFT JOIN case_genes g"));
+        assert_eq!(sql.binds.len(), 2);
+    }
+
+    #[test]
+    fn age_bands_in_sql_match_the_domain() {
+        let sql = age_band("x");
+        assert!(
+            sql.starts_with("CAST((CASE WHEN x >= 23741 THEN 6"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("WHEN x IS NOT NULL THEN 0 END) AS BIGINT)"));
+    }
+}

@@ -1,0 +1,717 @@
+//! ResearchService: aggregates over consented patients only, small counts suppressed.
+
+use ern_registry::auth::Role;
+use ern_registry::proto::{
+    self, ConsentScope, ConsentState, Dimension, research_service_client::ResearchServiceClient,
+};
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::helpers::*;
+
+type Research = ResearchServiceClient<InterceptedService<Channel, Bearer>>;
+
+impl TestApp {
+    async fn research_client(&self, token: &str) -> Research {
+        let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+        ResearchServiceClient::with_interceptor(self.channel().await, bearer)
+    }
+
+    async fn researcher(&self, name: &str, erns: &[&str]) -> Research {
+        let token = self.principal(name, Role::Researcher, None, erns).await;
+        self.research_client(&token).await
+    }
+}
+
+/// A patient to submit: who, where, what.
+#[derive(Clone)]
+struct Patient {
+    seed: u32,
+    centre: &'static str,
+    orphacode: &'static str,
+    sex: proto::Sex,
+    /// Onset and diagnosis dates (birth is 2015-06).
+    onset: &'static str,
+    diagnosis: &'static str,
+    gene: Option<&'static str>,
+}
+
+fn patient(seed: u32, centre: &'static str, orphacode: &'static str, sex: proto::Sex) -> Patient {
+    Patient {
+        seed,
+        centre,
+        orphacode,
+        sex,
+        onset: "2015-09",
+        diagnosis: "2016-03-14",
+        gene: Some("CFTR"),
+    }
+}
+
+fn request_for(p: &Patient) -> proto::SubmitCaseRequest {
+    let mut req = submission("ERN-LUNG", national("NL", &bsn(p.seed)));
+    let rec = req.record.as_mut().unwrap();
+    rec.sex = p.sex as i32;
+    rec.onset_date = p.onset.into();
+    rec.diagnosis_date = p.diagnosis.into();
+    rec.first_contact_date = String::new();
+    let dx = rec.diagnosis.as_mut().unwrap();
+    dx.orphacode = p.orphacode.into();
+    dx.icd10.clear();
+    dx.icd11.clear();
+    dx.omim.clear();
+    rec.genetic_findings = match p.gene {
+        Some(g) => vec![proto::GeneticFinding {
+            gene: g.into(),
+            variants: vec![],
+        }],
+        None => vec![],
+    };
+    req
+}
+
+/// Two centres (NL, BE) in ERN-EYE and ERN-LUNG, each with a physician; submits the
+/// patients to ERN-LUNG.
+async fn populate(app: &TestApp, patients: &[Patient]) {
+    app.centre("BE-UZL", "BE", &["ERN-EYE", "ERN-LUNG"]).await;
+    let mut nl = app.physician("dr-nl", "NL-AMC").await;
+    let mut be = app.physician("dr-be", "BE-UZL").await;
+    for p in patients {
+        let client = if p.centre == "NL-AMC" {
+            &mut nl
+        } else {
+            &mut be
+        };
+        client.submit_case(request_for(p)).await.unwrap();
+    }
+}
+
+/// NL: 12 CF female, 7 CF male, 3 PCD female; BE: 8 CF female, 2 CF male.
+fn cohort() -> Vec<Patient> {
+    let mut out = Vec::new();
+    let mut seed = 100;
+    let mut add = |n, centre, code, sex| {
+        for _ in 0..n {
+            seed += 1;
+            out.push(patient(seed, centre, code, sex));
+        }
+    };
+    add(12, "NL-AMC", "ORPHA:586", proto::Sex::Female);
+    add(7, "NL-AMC", "ORPHA:586", proto::Sex::Male);
+    add(3, "NL-AMC", "ORPHA:244", proto::Sex::Female);
+    add(8, "BE-UZL", "ORPHA:586", proto::Sex::Female);
+    add(2, "BE-UZL", "ORPHA:586", proto::Sex::Male);
+    out
+}
+
+fn count_request(group_by: &[Dimension]) -> proto::CountPatientsRequest {
+    proto::CountPatientsRequest {
+        registry: "ERN-LUNG".into(),
+        group_by: group_by.iter().map(|d| *d as i32).collect(),
+        filters: vec![],
+    }
+}
+
+fn filter(dimension: Dimension, values: &[&str]) -> proto::Filter {
+    proto::Filter {
+        dimension: dimension as i32,
+        values: values.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// Every count a table publishes, cells and totals.
+fn published(t: &proto::CountTable) -> Vec<u64> {
+    let mut out: Vec<u64> = t
+        .rows
+        .iter()
+        .flat_map(|r| r.cells.iter().chain(r.total.iter()))
+        .chain(t.column_totals.iter())
+        .chain(t.grand_total.iter())
+        .filter_map(|c| c.count)
+        .collect();
+    out.sort();
+    out
+}
+
+fn cell(t: &proto::CountTable, row: &str, col: &[&str]) -> Option<u64> {
+    let r = t.rows.iter().position(|r| r.label == row).unwrap();
+    let c = t.columns.iter().position(|c| c.values == col).unwrap();
+    t.rows[r].cells[c].count
+}
+
+fn grand_total(t: &proto::CountTable) -> Option<u64> {
+    t.grand_total.as_ref().unwrap().count
+}
+
+#[tokio::test]
+async fn counts_by_country_and_sex_suppress_small_cells_and_their_complements() {
+    let app = TestApp::spawn().await;
+    populate(&app, &cohort()).await;
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+
+    let t = researcher
+        .count_patients(count_request(&[Dimension::Country, Dimension::Sex]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.min_cell_count, 5);
+    assert_eq!(t.unit, "patients");
+    assert_eq!(t.row_dimension, Dimension::Country as i32);
+    let rows: Vec<&str> = t.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(rows, ["BE", "NL"]);
+    // BE male = 2 is below k: hidden. In a 2 x 2 table with its totals published, hiding
+    // one cell means hiding all four (any one would give the others away).
+    for (row, col) in [
+        ("BE", "male"),
+        ("BE", "female"),
+        ("NL", "male"),
+        ("NL", "female"),
+    ] {
+        assert_eq!(cell(&t, row, &[col]), None, "{row} {col}");
+    }
+    assert_eq!(t.suppressed, 4);
+    let row_totals: Vec<Option<u64>> = t.rows.iter().map(|r| r.total.unwrap().count).collect();
+    assert_eq!(row_totals, [Some(10), Some(22)]);
+    let col_totals: Vec<Option<u64>> = t.column_totals.iter().map(|c| c.count).collect();
+    assert_eq!(col_totals, [Some(23), Some(9)]);
+    assert_eq!(grand_total(&t), Some(32));
+    assert!(
+        published(&t).iter().all(|&n| n == 0 || n >= 5),
+        "{:?}",
+        published(&t)
+    );
+
+    // One-way by diagnosis: PCD (3) is hidden, and so must CF be, or the total tells.
+    let t = researcher
+        .count_patients(count_request(&[Dimension::Diagnosis]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(t.column_totals.is_empty());
+    assert!(
+        t.rows
+            .iter()
+            .all(|r| r.total.is_none() && r.cells.len() == 1)
+    );
+    let by_label = |label: &str| t.rows.iter().find(|r| r.label == label).unwrap().cells[0].count;
+    assert_eq!(by_label("ORPHA:244"), None);
+    assert_eq!(by_label("ORPHA:586"), None);
+    assert_eq!(grand_total(&t), Some(32));
+
+    // No dimension at all: the total.
+    let t = researcher
+        .count_patients(count_request(&[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.rows.len(), 1);
+    assert_eq!(t.rows[0].cells[0].count, Some(32));
+}
+
+#[tokio::test]
+async fn filters_narrow_the_table_and_gene_counts_pairs() {
+    let app = TestApp::spawn().await;
+    populate(&app, &cohort()).await;
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+
+    let mut req = count_request(&[Dimension::Sex]);
+    req.filters = vec![
+        filter(Dimension::Country, &["NL"]),
+        filter(Dimension::Diagnosis, &["ORPHA:586"]),
+    ];
+    let t = researcher.count_patients(req).await.unwrap().into_inner();
+    assert_eq!(grand_total(&t), Some(19));
+    let female = t.rows.iter().find(|r| r.label == "female").unwrap();
+    assert_eq!(female.cells[0].count, Some(12));
+    assert_eq!(
+        t.rows.iter().find(|r| r.label == "male").unwrap().cells[0].count,
+        Some(7)
+    );
+
+    let mut req = count_request(&[Dimension::Gene]);
+    req.filters = vec![filter(Dimension::Gene, &["CFTR", "none"])];
+    let t = researcher.count_patients(req).await.unwrap().into_inner();
+    assert_eq!(t.unit, "patient-gene pairs");
+    assert_eq!(grand_total(&t), Some(32));
+
+    let mut req = count_request(&[Dimension::DiagnosisAgeBand, Dimension::OnsetAgeBand]);
+    req.filters = vec![filter(Dimension::DiagnosisYear, &["2016"])];
+    let t = researcher.count_patients(req).await.unwrap().into_inner();
+    // Born 2015-06, onset 2015-09, diagnosed 2016-03: all under one year at both.
+    assert_eq!(t.rows.len(), 1);
+    assert_eq!(t.rows[0].label, "<1");
+    assert_eq!(t.columns[0].values, ["<1"]);
+    assert_eq!(grand_total(&t), Some(32));
+}
+
+#[tokio::test]
+async fn a_withdrawn_or_expired_consent_leaves_the_very_next_query() {
+    let app = TestApp::spawn().await;
+    let mut patients = cohort();
+    patients.truncate(12); // 12 NL female CF
+    populate(&app, &patients).await;
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let mut officer = app.officer("officer", &["ERN-LUNG"]).await;
+    let total = |t: proto::CountTable| grand_total(&t);
+    assert_eq!(
+        total(
+            researcher
+                .count_patients(count_request(&[]))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Some(12)
+    );
+
+    // Withdraw research use: the record stays, the count drops at once.
+    officer
+        .withdraw_consent(withdrawal(
+            "ERN-LUNG",
+            by_identifiers(national("NL", &bsn(101))),
+            &[ConsentScope::ResearchUse],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(app.count("cases").await, 12);
+    assert_eq!(
+        total(
+            researcher
+                .count_patients(count_request(&[]))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Some(11)
+    );
+
+    // Withdraw inclusion: erased, and gone from the count.
+    officer
+        .withdraw_consent(withdrawal(
+            "ERN-LUNG",
+            by_identifiers(national("NL", &bsn(102))),
+            &[ConsentScope::RegistryInclusion],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        total(
+            researcher
+                .count_patients(count_request(&[]))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Some(10)
+    );
+
+    // A research consent that expires: counted before, not after.
+    let expiry = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let mut grant = consent(
+        ConsentScope::ResearchUse,
+        ConsentState::Granted,
+        "2025-01-01T00:00:00Z",
+    );
+    grant.expires_at = Some(prost_types::Timestamp {
+        seconds: expiry.timestamp(),
+        nanos: expiry.timestamp_subsec_nanos() as i32,
+    });
+    officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-LUNG".into(),
+            patient: by_identifiers(national("NL", &bsn(103))),
+            decisions: vec![grant],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        total(
+            researcher
+                .count_patients(count_request(&[]))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Some(10)
+    );
+    let left = expiry - chrono::Utc::now() + chrono::Duration::milliseconds(100);
+    tokio::time::sleep(left.to_std().unwrap_or_default()).await;
+    assert_eq!(
+        total(
+            researcher
+                .count_patients(count_request(&[]))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Some(9)
+    );
+
+    // Patients without research consent were never counted: submit one with inclusion only.
+    let mut dr = app.physician("dr-2", "NL-AMC").await;
+    let mut req = request_for(&patient(999, "NL-AMC", "ORPHA:586", proto::Sex::Male));
+    req.consent.truncate(1);
+    dr.submit_case(req).await.unwrap();
+    assert_eq!(
+        total(
+            researcher
+                .count_patients(count_request(&[]))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Some(9)
+    );
+}
+
+#[tokio::test]
+async fn a_patient_seen_at_two_centres_counts_once() {
+    let app = TestApp::spawn().await;
+    let mut patients = cohort();
+    patients.truncate(6);
+    populate(&app, &patients).await;
+    let mut be = app.physician("dr-be-2", "BE-UZL").await;
+    // The same patient (seed 101), submitted by the Belgian centre too.
+    be.submit_case(request_for(&patient(
+        101,
+        "BE-UZL",
+        "ORPHA:586",
+        proto::Sex::Female,
+    )))
+    .await
+    .unwrap();
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let t = researcher
+        .count_patients(count_request(&[Dimension::Centre]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grand_total(&t), Some(6));
+}
+
+#[tokio::test]
+async fn the_threshold_is_per_registry_and_set_by_an_admin() {
+    let app = TestApp::spawn().await;
+    populate(&app, &cohort()).await;
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let mut req = count_request(&[Dimension::Sex]);
+    req.filters = vec![
+        filter(Dimension::Country, &["NL"]),
+        filter(Dimension::Diagnosis, &["ORPHA:586"]),
+    ];
+    let t = researcher
+        .count_patients(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        t.rows.iter().find(|r| r.label == "male").unwrap().cells[0].count,
+        Some(7)
+    );
+
+    app.store.set_min_cell_count("ERN-LUNG", 10).await.unwrap();
+    let t = researcher.count_patients(req).await.unwrap().into_inner();
+    assert_eq!(t.min_cell_count, 10);
+    assert_eq!(
+        t.rows.iter().find(|r| r.label == "male").unwrap().cells[0].count,
+        None
+    );
+    assert!(published(&t).iter().all(|&n| n == 0 || n >= 10));
+    assert!(app.store.set_min_cell_count("ERN-LUNG", 1).await.is_err());
+}
+
+#[tokio::test]
+async fn diagnostic_delay_in_bands_with_quantiles_only_for_groups_of_k() {
+    let app = TestApp::spawn().await;
+    let mut patients = Vec::new();
+    // 6 NL patients diagnosed within a year; 5 NL patients after about 3 years;
+    // 3 BE patients after about 12 years.
+    for i in 0..6 {
+        patients.push(patient(200 + i, "NL-AMC", "ORPHA:586", proto::Sex::Female));
+    }
+    for i in 0..5 {
+        let mut p = patient(300 + i, "NL-AMC", "ORPHA:586", proto::Sex::Female);
+        p.diagnosis = "2018-09";
+        patients.push(p);
+    }
+    for i in 0..3 {
+        let mut p = patient(400 + i, "BE-UZL", "ORPHA:586", proto::Sex::Male);
+        p.diagnosis = "2026-01";
+        patients.push(p);
+    }
+    // Unknown onset: no delay, not in this table.
+    let mut unknown = patient(500, "NL-AMC", "ORPHA:586", proto::Sex::Female);
+    unknown.onset = "";
+    patients.push(unknown);
+    let mut requests: Vec<_> = patients.iter().map(request_for).collect();
+    requests
+        .last_mut()
+        .unwrap()
+        .record
+        .as_mut()
+        .unwrap()
+        .onset_kind = proto::OnsetKind::Unknown as i32;
+    app.centre("BE-UZL", "BE", &["ERN-EYE", "ERN-LUNG"]).await;
+    let mut nl = app.physician("dr-nl", "NL-AMC").await;
+    let mut be = app.physician("dr-be", "BE-UZL").await;
+    for (p, req) in patients.iter().zip(requests) {
+        let client = if p.centre == "NL-AMC" {
+            &mut nl
+        } else {
+            &mut be
+        };
+        client.submit_case(req).await.unwrap();
+    }
+
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let r = researcher
+        .diagnostic_delay(proto::DiagnosticDelayRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: vec![Dimension::Country as i32],
+            filters: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.bands, ["<1y", "1-5y", "5-10y", "10-20y", ">20y"]);
+    // 14 patients with a known delay; published only if it gives nothing away.
+    assert!(r.grand_total.unwrap().count.is_none_or(|n| n == 14));
+    let nl = r.groups.iter().find(|g| g.labels == ["NL"]).unwrap();
+    let be = r.groups.iter().find(|g| g.labels == ["BE"]).unwrap();
+    // NL's total (11) is hidden as a complement: with it and the grand total, BE's 3
+    // could be worked out.
+    assert_eq!(be.total.unwrap().count, None);
+    let q = nl.quantiles.unwrap();
+    assert!(
+        q.median_years < 1.0 && q.p90_years > 2.5 && q.p90_years < 3.5,
+        "{q:?}"
+    );
+    assert_eq!(be.quantiles, None, "3 patients: below k, no quantiles");
+    assert_eq!(be.bands[3].count, None, "3 in 10-20y: suppressed");
+    let counts: Vec<u64> = r
+        .groups
+        .iter()
+        .flat_map(|g| g.bands.iter().chain(g.total.iter()))
+        .chain(r.band_totals.iter())
+        .filter_map(|c| c.count)
+        .collect();
+    assert!(counts.iter().all(|&n| n == 0 || n >= 5), "{counts:?}");
+    assert!(r.overall.is_some());
+}
+
+#[tokio::test]
+async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
+    let app = TestApp::spawn().await;
+    populate(&app, &cohort()).await;
+    let physician_token = app
+        .principal("dr-eye", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let mut physician = app.research_client(&physician_token).await;
+    let req = proto::FindExpertiseRequest {
+        orphacodes: vec!["ORPHA:586".into(), "ORPHA:244".into()],
+        countries: vec![],
+        registries: vec![],
+    };
+    let r = physician
+        .find_expertise(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let centres: Vec<(&str, &str, &str)> = r
+        .centres
+        .iter()
+        .map(|c| {
+            (
+                c.centre_code.as_str(),
+                c.registry.as_str(),
+                c.volume.as_ref().unwrap().label.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        centres,
+        [
+            ("NL-AMC", "ERN-LUNG", "20-49"),
+            ("BE-UZL", "ERN-LUNG", "10-19")
+        ]
+    );
+    assert_eq!(r.registries.len(), 24, "a physician searches every ERN");
+
+    let r = physician
+        .find_expertise(proto::FindExpertiseRequest {
+            orphacodes: vec!["ORPHA:244".into()],
+            countries: vec!["NL".into()],
+            registries: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.centres.len(), 1);
+    let band = r.centres[0].volume.clone().unwrap();
+    assert_eq!(
+        (band.min, band.max, band.label.as_str()),
+        (1, Some(4), "1-4")
+    );
+
+    // A researcher of another ERN finds nothing there, and may not ask for ERN-LUNG.
+    let mut eye = app.researcher("res-eye", &["ERN-EYE"]).await;
+    let r = eye.find_expertise(req.clone()).await.unwrap().into_inner();
+    assert!(r.centres.is_empty());
+    assert_eq!(r.registries, ["ERN-EYE"]);
+    let mut asks_lung = req.clone();
+    asks_lung.registries = vec!["ERN-LUNG".into()];
+    let err = eye.find_expertise(asks_lung).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Consent officers have no business here.
+    let officer_token = app
+        .principal("officer", Role::ConsentOfficer, None, &["ERN-LUNG"])
+        .await;
+    let err = app
+        .research_client(&officer_token)
+        .await
+        .find_expertise(req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn only_researchers_of_the_ern_may_count() {
+    let app = TestApp::spawn().await;
+    populate(&app, &cohort()[..6]).await;
+    let physician_token = app
+        .principal("dr-x", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let err = app
+        .research_client(&physician_token)
+        .await
+        .count_patients(count_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut eye = app.researcher("res-eye", &["ERN-EYE"]).await;
+    let err = eye.count_patients(count_request(&[])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = eye
+        .diagnostic_delay(proto::DiagnosticDelayRequest {
+            registry: "ERN-LUNG".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut anonymous = ResearchServiceClient::new(app.channel().await);
+    let err = anonymous
+        .count_patients(count_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn malformed_queries_name_the_field() {
+    let app = TestApp::spawn().await;
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let cases: Vec<(proto::CountPatientsRequest, &str)> = vec![
+        (
+            proto::CountPatientsRequest {
+                registry: "ERN-LUNG".into(),
+                group_by: vec![Dimension::Sex as i32, Dimension::Sex as i32],
+                filters: vec![],
+            },
+            "group_by[1]",
+        ),
+        (
+            proto::CountPatientsRequest {
+                registry: "ERN-LUNG".into(),
+                group_by: vec![0],
+                filters: vec![],
+            },
+            "group_by[0]",
+        ),
+        (
+            proto::CountPatientsRequest {
+                registry: "ERN-LUNG".into(),
+                group_by: vec![1, 2, 3, 4, 5],
+                filters: vec![],
+            },
+            "group_by",
+        ),
+        (
+            proto::CountPatientsRequest {
+                registry: "ERN-LUNG".into(),
+                group_by: vec![],
+                filters: vec![filter(Dimension::Diagnosis, &["586"])],
+            },
+            "filters[0].values[0]",
+        ),
+        (
+            proto::CountPatientsRequest {
+                registry: "ERN-LUNG".into(),
+                group_by: vec![],
+                filters: vec![filter(Dimension::Sex, &[])],
+            },
+            "filters[0].values",
+        ),
+        (
+            proto::CountPatientsRequest {
+                registry: "not a registry".into(),
+                group_by: vec![],
+                filters: vec![],
+            },
+            "registry",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = researcher.count_patients(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert_eq!(violations(&err), [field]);
+    }
+    let err = researcher
+        .find_expertise(proto::FindExpertiseRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["orphacodes"]);
+}
+
+#[tokio::test]
+async fn research_queries_are_rate_limited_per_principal() {
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        research_queries_per_minute: 3,
+        ..Default::default()
+    })
+    .await;
+    let mut first = app.researcher("res-1", &["ERN-LUNG"]).await;
+    let mut second = app.researcher("res-2", &["ERN-LUNG"]).await;
+    for _ in 0..3 {
+        first.count_patients(count_request(&[])).await.unwrap();
+    }
+    let err = first.count_patients(count_request(&[])).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    let retry = tonic_types::StatusExt::get_error_details(&err)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry info");
+    assert!(retry > std::time::Duration::from_secs(1), "{retry:?}");
+    // Expertise searches count against the same allowance.
+    let err = first
+        .find_expertise(proto::FindExpertiseRequest {
+            orphacodes: vec!["ORPHA:586".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Another researcher is not affected.
+    second.count_patients(count_request(&[])).await.unwrap();
+}
