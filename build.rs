@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ern_registry/v1/case.proto",
         "proto/ern_registry/v1/consent.proto",
         "proto/ern_registry/v1/research.proto",
+        "proto/ern_registry/v1/admin.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

@@ -350,6 +350,8 @@ async fn async_main() {
     let (url, backend) = database_url(dir.path()).await;
     let args = ServeArgs {
         listen: "127.0.0.1:0".parse().expect("addr"),
+        // The benchmark is one principal submitting as fast as it can.
+        derivations_per_minute: 10_000_000,
         ..ServeArgs::default()
     };
     let app = Application::build(args, &url, &dir.path().join("master.key"))

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::keys::Passphrase;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ern-registry",
@@ -78,13 +80,25 @@ pub enum Command {
     Serve(ServeArgs),
     /// Create a new master key file (mode 0600). Refuses to overwrite one.
     Keygen {
-        /// Where to write it. Default: <data dir>/master.key.
+        /// Where to write it. Default: <data dir>/master.key (with --passphrase:
+        /// <data dir>/master.kdf).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Passphrase mode: write the Argon2id parameter file (fresh salt, cost, check)
+        /// for the passphrase in ERN_MASTER_PASSPHRASE or --master-passphrase-file,
+        /// instead of a key file.
+        #[arg(long)]
+        passphrase: bool,
+        /// File holding the master passphrase (first line).
+        #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
+        master_passphrase_file: Option<PathBuf>,
     },
     /// Administration: centres, principals, API keys, registries.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Fill a registry with synthetic patients (demo centres, fictitious BSNs, realistic
     /// distributions) through the same write path as submissions. For demos and
     /// benchmarks only: never on a registry with real patients.
@@ -101,6 +115,9 @@ pub enum Command {
         /// Master key file. Default: <data dir>/master.key (created if missing).
         #[arg(long, env = "ERN_MASTER_KEY_FILE")]
         master_key_file: Option<PathBuf>,
+        /// File holding the master passphrase (first line); see `serve --help`.
+        #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
+        master_passphrase_file: Option<PathBuf>,
     },
 }
 
@@ -112,7 +129,8 @@ pub struct ServeArgs {
     /// Master key file; created (mode 0600) on first start if missing.
     #[arg(long, env = "ERN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// Refuse to create a master key: fail if the key file is missing (production).
+    /// Refuse to create a master key: fail if the key file (with a passphrase: the
+    /// parameter file) is missing (production).
     #[arg(long, env = "ERN_REQUIRE_MASTER_KEY", default_value_t = false)]
     pub require_master_key: bool,
     /// Largest accepted request message, in bytes.
@@ -136,6 +154,29 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_RESEARCH_QUERIES_PER_MINUTE", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub research_queries_per_minute: u32,
+    /// Pseudonym derivations (submissions and consent calls that send identifiers) each
+    /// principal may make per minute, in bursts of up to as many; beyond, calls fail with
+    /// RESOURCE_EXHAUSTED and the time to wait. Raise it for a bulk migration.
+    #[arg(long, env = "ERN_DERIVATIONS_PER_MINUTE", default_value_t = 1200,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub derivations_per_minute: u32,
+    /// Serve Prometheus metrics (plain HTTP, GET /metrics) on this address, e.g.
+    /// 127.0.0.1:9464. Off when unset.
+    #[arg(long, env = "ERN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File holding the master passphrase (first line, line ending stripped). With a
+    /// passphrase (from this file or ERN_MASTER_PASSPHRASE, never a flag, so that it
+    /// stays out of the process list), the master secret is derived from it with
+    /// Argon2id instead of read from the key file.
+    #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
+    pub master_passphrase_file: Option<PathBuf>,
+    /// Argon2id parameter file of the passphrase (salt, cost, check); created (mode 0600)
+    /// on first start if missing. Default: master.kdf next to the master key file.
+    #[arg(long, env = "ERN_MASTER_KDF_FILE")]
+    pub master_kdf_file: Option<PathBuf>,
+    /// The passphrase itself: set by `main` from ERN_MASTER_PASSPHRASE or the file.
+    #[arg(skip)]
+    pub master_passphrase: Option<Passphrase>,
 }
 
 impl ServeArgs {
@@ -157,14 +198,42 @@ impl Default for ServeArgs {
             db_max_connections: 16,
             request_timeout_secs: 30,
             research_queries_per_minute: 60,
+            derivations_per_minute: 1200,
+            metrics_listen: None,
+            master_passphrase_file: None,
+            master_kdf_file: None,
+            master_passphrase: None,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the whole MAC chain; exit non-zero naming the first broken entry on any
+    /// modification, deletion or reordering. Needs the master key.
+    Verify {
+        /// Master key file. Default: <data dir>/master.key (with a passphrase, its
+        /// parameter file master.kdf beside it).
+        #[arg(long, env = "ERN_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+        /// File holding the master passphrase (first line); see `serve --help`.
+        #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
+        master_passphrase_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// List the registries (one per ERN).
     ListRegistries,
+    /// Start a new key version for a registry's pseudonyms. Patients the registry does
+    /// not know yet get pseudonyms of the new version; known patients keep theirs, so
+    /// every record stays linked. See docs/pseudonyms.md.
+    RotateKey {
+        /// Registry (ERN) code, e.g. ERN-EYE.
+        #[arg(long)]
+        registry: String,
+    },
     /// Set a registry's research threshold k: counts from 1 to k-1 are never published
     /// (default 5).
     SetMinCellCount {

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod consent;

@@ -8,8 +8,11 @@ use ring::rand::SystemRandom;
 use tracing_subscriber::EnvFilter;
 
 use ern_registry::auth::{self, Role};
-use ern_registry::config::{AdminCommand, Cli, Command, GlobalArgs, LogFormat};
-use ern_registry::keys::MasterSecret;
+use std::sync::Arc;
+
+use ern_registry::audit::AuditKey;
+use ern_registry::config::{AdminCommand, AuditCommand, Cli, Command, GlobalArgs, LogFormat};
+use ern_registry::keys::{self, KdfFile, MasterSecret, Passphrase};
 use ern_registry::pseudonym::Pseudonymiser;
 use ern_registry::startup::{self, Application};
 use ern_registry::store::writer::Writer;
@@ -34,14 +37,33 @@ async fn main() -> ExitCode {
     init_logging(cli.global.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve(&cli.global, args).await,
-        Command::Keygen { out } => keygen(&cli.global, out),
+        Command::Keygen {
+            out,
+            passphrase,
+            master_passphrase_file,
+        } => keygen(&cli.global, out, passphrase, master_passphrase_file),
         Command::Admin(cmd) => admin(&cli.global, cmd).await,
+        Command::Audit(AuditCommand::Verify {
+            master_key_file,
+            master_passphrase_file,
+        }) => audit_verify(&cli.global, master_key_file, master_passphrase_file).await,
         Command::Demo {
             registry,
             patients,
             seed,
             master_key_file,
-        } => demo(&cli.global, &registry, patients, seed, master_key_file).await,
+            master_passphrase_file,
+        } => {
+            demo(
+                &cli.global,
+                &registry,
+                patients,
+                seed,
+                master_key_file,
+                master_passphrase_file,
+            )
+            .await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,7 +76,11 @@ async fn main() -> ExitCode {
 
 type AnyError = Box<dyn std::error::Error>;
 
-async fn serve(global: &GlobalArgs, args: ern_registry::config::ServeArgs) -> Result<(), AnyError> {
+async fn serve(
+    global: &GlobalArgs,
+    mut args: ern_registry::config::ServeArgs,
+) -> Result<(), AnyError> {
+    args.master_passphrase = Passphrase::from_env_or_file(args.master_passphrase_file.as_deref())?;
     let key_file = args
         .master_key_file
         .clone()
@@ -74,10 +100,44 @@ async fn serve(global: &GlobalArgs, args: ern_registry::config::ServeArgs) -> Re
     Ok(())
 }
 
-fn keygen(global: &GlobalArgs, out: Option<std::path::PathBuf>) -> Result<(), AnyError> {
-    let path = out.unwrap_or_else(|| global.data_dir.join("master.key"));
+fn keygen(
+    global: &GlobalArgs,
+    out: Option<std::path::PathBuf>,
+    passphrase_mode: bool,
+    passphrase_file: Option<std::path::PathBuf>,
+) -> Result<(), AnyError> {
+    let default_name = if passphrase_mode {
+        "master.kdf"
+    } else {
+        "master.key"
+    };
+    let path = out.unwrap_or_else(|| global.data_dir.join(default_name));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
+    }
+    if passphrase_mode {
+        let passphrase =
+            Passphrase::from_env_or_file(passphrase_file.as_deref())?.ok_or_else(|| {
+                format!(
+                    "--passphrase needs {} or --master-passphrase-file",
+                    keys::PASSPHRASE_ENV
+                )
+            })?;
+        let (kdf, _) = KdfFile::create_new(&path, &passphrase)?;
+        println!(
+            "wrote the master key parameters (Argon2id {}, fresh salt, check) to {} (mode \
+             0600); back it up: the passphrase alone cannot recreate the master secret",
+            kdf.params().cost(),
+            path.display()
+        );
+        return Ok(());
+    }
+    if passphrase_file.is_some() || std::env::var_os(keys::PASSPHRASE_ENV).is_some() {
+        return Err(
+            "a master passphrase is configured: use `keygen --passphrase`, or unset it to \
+             create a key file"
+                .into(),
+        );
     }
     MasterSecret::create_new(&path)?;
     println!(
@@ -93,16 +153,24 @@ async fn demo(
     patients: u32,
     seed: u64,
     master_key_file: Option<std::path::PathBuf>,
+    master_passphrase_file: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
+    let passphrase = Passphrase::from_env_or_file(master_passphrase_file.as_deref())?;
     let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
-    let master = startup::load_master_key(&key_file, true)?;
+    let kdf_file = KdfFile::default_path(&key_file);
+    let master = startup::load_master_secret(&key_file, &kdf_file, passphrase.as_ref(), true)?;
     let store = startup::open_store(&global.database_url(), 4).await?;
     // One writer on SQLite (a single-writer database), several on PostgreSQL.
     let partitions = match store.backend() {
         Backend::Sqlite => 1,
         Backend::Postgres => 4,
     };
-    let writer = Writer::start(store.clone(), partitions, 256);
+    let writer = Writer::start(
+        store.clone(),
+        partitions,
+        256,
+        Arc::new(AuditKey::derive(&master)),
+    );
     let pseudonymiser = Pseudonymiser::new(&master);
     let started = std::time::Instant::now();
     let done = synthetic::populate(
@@ -125,6 +193,40 @@ async fn demo(
     );
     store.close().await;
     Ok(())
+}
+
+/// Walks the audit chain; an error (non-zero exit) names the first broken entry.
+async fn audit_verify(
+    global: &GlobalArgs,
+    master_key_file: Option<std::path::PathBuf>,
+    master_passphrase_file: Option<std::path::PathBuf>,
+) -> Result<(), AnyError> {
+    let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
+    let kdf_file = KdfFile::default_path(&key_file);
+    let passphrase = Passphrase::from_env_or_file(master_passphrase_file.as_deref())?;
+    let master = startup::load_master_secret(&key_file, &kdf_file, passphrase.as_ref(), false)?;
+    let store = open(global).await?;
+    let result = store.verify_audit(&AuditKey::derive(&master)).await?;
+    store.close().await;
+    match result {
+        Ok(v) => {
+            println!(
+                "audit log intact: {} entries; head entry {} with MAC {}",
+                v.entries,
+                v.head_seq,
+                if v.head_mac.is_empty() {
+                    "-"
+                } else {
+                    &v.head_mac
+                }
+            );
+            println!(
+                "record the head elsewhere (e.g. in your ticketing system) to detect a truncated tail later"
+            );
+            Ok(())
+        }
+        Err(broken) => Err(format!("audit log BROKEN: {broken}").into()),
+    }
 }
 
 async fn open(global: &GlobalArgs) -> Result<Store, AnyError> {
@@ -169,6 +271,13 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
                     r.code, r.active_key_version, r.min_cell_count, r.name
                 );
             }
+        }
+        AdminCommand::RotateKey { registry } => {
+            let version = store.rotate_registry_key(&registry).await?;
+            println!(
+                "{registry}: new patients get pseudonyms of key version {version} from the next call on \
+                 (a running service reads it per call); known patients keep theirs"
+            );
         }
         AdminCommand::SetMinCellCount { registry, k } => {
             store.set_min_cell_count(&registry, k).await?;

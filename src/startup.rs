@@ -15,10 +15,14 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::api::{AppState, case::CaseApi, consent::ConsentApi, research::ResearchApi};
+use crate::api::{
+    AppState, admin::AdminApi, case::CaseApi, consent::ConsentApi, research::ResearchApi,
+};
+use crate::audit::AuditKey;
 use crate::auth::KeyVerifier;
 use crate::config::ServeArgs;
-use crate::keys::{KeyError, MasterSecret};
+use crate::keys::{KdfFile, KeyError, MasterSecret, MasterSource, Passphrase};
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::case_service_server::CaseServiceServer;
 use crate::proto::consent_service_server::ConsentServiceServer;
 use crate::proto::research_service_server::ResearchServiceServer;
@@ -49,6 +53,41 @@ pub enum StartupError {
     Transport(#[from] tonic::transport::Error),
     #[error("no system randomness")]
     Random,
+    #[error("cannot serve metrics on {addr}: {reason}")]
+    Metrics { addr: SocketAddr, reason: String },
+}
+
+/// Serves Prometheus metrics on `addr` (process-wide: a second call in the same process,
+/// as in tests, keeps the first exporter).
+fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
+    use metrics_exporter_prometheus::{BuildError, PrometheusBuilder};
+    match PrometheusBuilder::new().with_http_listener(addr).install() {
+        Ok(()) => {}
+        Err(BuildError::FailedToSetGlobalRecorder(_)) => {
+            warn!(%addr, "a metrics exporter is already installed in this process");
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(StartupError::Metrics {
+                addr,
+                reason: e.to_string(),
+            });
+        }
+    }
+    metrics::describe_counter!(
+        "ern_calls_total",
+        "Calls by method and outcome (gRPC status code name)"
+    );
+    metrics::describe_counter!(
+        "ern_pseudonym_derivations_total",
+        "Pseudonym derivations by principal: a principal far above its peers is probing"
+    );
+    metrics::describe_counter!(
+        "ern_rate_limited_total",
+        "Calls refused by a per-principal rate limit, by limit"
+    );
+    info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
 }
 
 /// Creates the directory a file will live in, if needed.
@@ -75,6 +114,53 @@ pub fn load_master_key(path: &Path, may_create: bool) -> Result<MasterSecret, St
             "CREATED A NEW MASTER KEY. Every pseudonym depends on it: back it up now, \
              keep it secret, and never lose it. Losing it unlinks all future submissions \
              from existing records."
+        );
+    }
+    Ok(secret)
+}
+
+/// Loads the master secret from the passphrase when one is configured (with its Argon2id
+/// parameter file `kdf_file`), else from the key file, refusing the ambiguous cases (see
+/// [`MasterSource::select`]). Creates the file it needs when allowed, and says so loudly.
+pub fn load_master_secret(
+    key_file: &Path,
+    kdf_file: &Path,
+    passphrase: Option<&Passphrase>,
+    may_create: bool,
+) -> Result<MasterSecret, StartupError> {
+    let (kdf_file, passphrase) = match MasterSource::select(key_file, kdf_file, passphrase)? {
+        MasterSource::KeyFile(path) => {
+            info!(path = %path.display(), "master secret: key file");
+            return load_master_key(path, may_create);
+        }
+        MasterSource::Passphrase {
+            kdf_file,
+            passphrase,
+        } => (kdf_file, passphrase),
+    };
+    let (kdf, secret, created) = if may_create {
+        ensure_parent(kdf_file)?;
+        KdfFile::unlock_or_create(kdf_file, passphrase)?
+    } else {
+        let kdf = KdfFile::load(kdf_file)?;
+        let secret = kdf.unlock(passphrase)?;
+        (kdf, secret, false)
+    };
+    let cost = kdf.params().cost();
+    if created {
+        warn!(
+            path = %kdf_file.display(),
+            %cost,
+            "CREATED A NEW MASTER KEY PARAMETER FILE (Argon2id salt and cost) for the \
+             passphrase. Every pseudonym depends on the passphrase and this file together: \
+             back the file up now and never lose either. The passphrase alone cannot \
+             recreate the master secret."
+        );
+    } else {
+        info!(
+            path = %kdf_file.display(),
+            %cost,
+            "master secret: derived from the passphrase (Argon2id), check passed"
         );
     }
     Ok(secret)
@@ -108,7 +194,19 @@ impl Application {
         database_url: &str,
         master_key_file: &Path,
     ) -> Result<Application, StartupError> {
-        let master = load_master_key(master_key_file, !args.require_master_key)?;
+        let kdf_file = args
+            .master_kdf_file
+            .clone()
+            .unwrap_or_else(|| KdfFile::default_path(master_key_file));
+        let master = load_master_secret(
+            master_key_file,
+            &kdf_file,
+            args.master_passphrase.as_ref(),
+            !args.require_master_key,
+        )?;
+        if let Some(addr) = args.metrics_listen {
+            install_metrics(addr)?;
+        }
         let store = open_store(database_url, args.db_max_connections).await?;
         let writers = args.writers.unwrap_or(match store.backend() {
             Backend::Sqlite => 1,
@@ -119,7 +217,12 @@ impl Application {
         } else {
             writers
         };
-        let writer = Writer::start(store.clone(), writers, args.max_batch);
+        let writer = Writer::start(
+            store.clone(),
+            writers,
+            args.max_batch,
+            Arc::new(AuditKey::derive(&master)),
+        );
         let rng = SystemRandom::new();
         let state = Arc::new(AppState {
             verifier: KeyVerifier::new(&rng).map_err(|_| StartupError::Random)?,
@@ -127,6 +230,10 @@ impl Application {
             research_limiter: PrincipalLimiter::per_minute(
                 "research queries",
                 args.research_queries_per_minute,
+            ),
+            derivation_limiter: PrincipalLimiter::per_minute(
+                "pseudonym derivations",
+                args.derivations_per_minute,
             ),
             store,
             writer,
@@ -177,6 +284,9 @@ impl Application {
         health_reporter
             .set_serving::<ResearchServiceServer<ResearchApi>>()
             .await;
+        health_reporter
+            .set_serving::<AdminServiceServer<AdminApi>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -195,6 +305,9 @@ impl Application {
         let research = ResearchServiceServer::new(ResearchApi::new(self.state.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let admin = AdminServiceServer::new(AdminApi::new(self.state.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let result = Server::builder()
             .timeout(self.args.request_timeout())
@@ -204,6 +317,7 @@ impl Application {
             .add_service(cases)
             .add_service(consent)
             .add_service(research)
+            .add_service(admin)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         info!("server stopped; closing the database");

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, Zipf};
 use tokio::task::JoinSet;
 
+use crate::audit::Entry;
 use crate::auth::Role;
 use crate::consent::{ConsentDecision, Decision, Scope};
 use crate::domain::CaseRecord;
@@ -430,7 +431,16 @@ pub async fn populate(
             now,
         });
         let writer = writer.clone();
-        in_flight.spawn(async move { writer.execute_case(command).await });
+        let audit = Entry {
+            principal_id: Some(principal_id),
+            principal: GENERATOR_PRINCIPAL.into(),
+            role: Role::Admin.as_str().into(),
+            method: "demo/SyntheticCase".into(),
+            registry: registry.code.clone(),
+            items: 1,
+            ..Entry::default()
+        };
+        in_flight.spawn(async move { writer.execute_case(command, Some(audit)).await });
         while in_flight.len() >= 512 {
             if let Some(done) = in_flight.join_next().await {
                 done.expect("writer task")?;

@@ -7,14 +7,15 @@
 //! which checks consent and commits durably before we answer.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, SharedState, parse_pseudonym, registry_ref, rejection, zeroize_identifiers};
-use crate::auth::{Principal, Role};
+use super::{ApiError, Call, SharedState, parse_pseudonym, rejection, zeroize_identifiers};
+use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::proto::{self, case_service_server::CaseService};
@@ -72,10 +73,11 @@ async fn submit_one(
     state: &SharedState,
     principal: &Principal,
     mut request: proto::SubmitCaseRequest,
+    call: &mut Call,
 ) -> Result<proto::SubmitCaseResponse, ApiError> {
     let centre = principal.require_centre()?.clone();
     let registry = state
-        .registry_for(principal, &request.registry, "registry")
+        .registry_for(call, principal, &request.registry, "registry")
         .await;
     let registry = match registry {
         Ok(r) => r,
@@ -111,8 +113,8 @@ async fn submit_one(
     violations.into_result()?;
 
     let pseudonym = state
-        .pseudonymiser
-        .derive(registry_ref(&registry)?, &identity);
+        .derive_pseudonym(principal, &registry, &identity)
+        .await?;
     drop(identity);
     let now = Utc::now();
     let command = Command::Submit(SubmitCase {
@@ -124,7 +126,7 @@ async fn submit_one(
         row: cases::to_row(&record),
         now,
     });
-    match state.writer.execute_case(command).await {
+    match state.writer.execute_case(command, call.for_writer()).await {
         Ok(written) => Ok(proto::SubmitCaseResponse {
             pseudonym: pseudonym.as_str().to_owned(),
             version: written.version as u32,
@@ -140,13 +142,13 @@ async fn submit_one(
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<proto::SubmitCasesResult, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl CaseService for CaseApi {
-    async fn submit_case(
+impl CaseApi {
+    async fn submit_case_inner(
         &self,
         request: Request<proto::SubmitCaseRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
-        let principal = match self.state.authorize(&request, Role::Physician).await {
+        let principal = match self.state.authorize(&request, Role::Physician, call).await {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
@@ -154,18 +156,24 @@ impl CaseService for CaseApi {
                 return Err(e.into());
             }
         };
-        let response = submit_one(&self.state, &principal, request.into_inner()).await?;
+        let response = submit_one(&self.state, &principal, request.into_inner(), call).await?;
         Ok(Response::new(response))
     }
 
-    type SubmitCasesStream = ResultStream;
-
-    async fn submit_cases(
+    async fn submit_cases_inner(
         &self,
         request: Request<Streaming<proto::SubmitCaseRequest>>,
-    ) -> Result<Response<Self::SubmitCasesStream>, Status> {
-        let principal = self.state.authorize(&request, Role::Physician).await?;
+        call: &mut Call,
+    ) -> Result<Response<ResultStream>, Status> {
+        let principal = self
+            .state
+            .authorize(&request, Role::Physician, call)
+            .await?;
         principal.require_centre().map_err(ApiError::from)?;
+        // The key is checked again for every item, so that a key revoked (or expired,
+        // or its principal disabled) while the stream is open stops it at the next item.
+        let key =
+            Arc::new(PresentedKey::from_metadata(request.metadata()).map_err(ApiError::from)?);
         let mut input = request.into_inner();
         let state = self.state.clone();
         // Submissions are processed concurrently, BULK_IN_FLIGHT at a time; their results
@@ -189,10 +197,25 @@ impl CaseService for CaseApi {
                     Err(_) => String::new(),
                 };
                 let state = state.clone();
-                let principal = principal.clone();
+                let key = key.clone();
                 let handle = tokio::spawn(async move {
-                    let item = std::mem::take(&mut item);
-                    submit_one(&state, &principal, item).await
+                    let mut item = std::mem::take(&mut item);
+                    // Each item is audited on its own, with the write it makes.
+                    let mut call = Call::new("CaseService/SubmitCases");
+                    let result = match state.authenticate_key(&key, &mut call).await {
+                        Ok(principal) => submit_one(&state, &principal, item, &mut call).await,
+                        Err(e) => {
+                            zeroize_identifiers(&mut item.patient);
+                            Err(e)
+                        }
+                    };
+                    let code = result
+                        .as_ref()
+                        .map_or_else(ApiError::code, |_| tonic::Code::Ok);
+                    match state.record(call, code).await {
+                        Err(_) if result.is_ok() => Err(ApiError::Unavailable),
+                        _ => result,
+                    }
                 });
                 if pending_tx
                     .send((sequence, reference, handle))
@@ -226,16 +249,20 @@ impl CaseService for CaseApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
-    async fn get_case(
+    async fn get_case_inner(
         &self,
         request: Request<proto::GetCaseRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::GetCaseResponse>, Status> {
-        let principal = self.state.authorize(&request, Role::Physician).await?;
+        let principal = self
+            .state
+            .authorize(&request, Role::Physician, call)
+            .await?;
         let centre = principal.require_centre().map_err(ApiError::from)?.clone();
         let req = request.into_inner();
         let registry = self
             .state
-            .registry_for(&principal, &req.registry, "registry")
+            .registry_for(call, &principal, &req.registry, "registry")
             .await?;
         let pseudonym = parse_pseudonym(&req.pseudonym, &registry)?;
         let mut conn = self.state.store.pool().acquire().await.map_err(into_api)?;
@@ -280,16 +307,20 @@ impl CaseService for CaseApi {
         }))
     }
 
-    async fn update_case(
+    async fn update_case_inner(
         &self,
         request: Request<proto::UpdateCaseRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::UpdateCaseResponse>, Status> {
-        let principal = self.state.authorize(&request, Role::Physician).await?;
+        let principal = self
+            .state
+            .authorize(&request, Role::Physician, call)
+            .await?;
         let centre = principal.require_centre().map_err(ApiError::from)?.clone();
         let req = request.into_inner();
         let registry = self
             .state
-            .registry_for(&principal, &req.registry, "registry")
+            .registry_for(call, &principal, &req.registry, "registry")
             .await?;
         let mut violations = FieldViolations::new();
         let pseudonym = match parse_pseudonym(&req.pseudonym, &registry) {
@@ -322,7 +353,12 @@ impl CaseService for CaseApi {
             row: cases::to_row(&record),
             now: Utc::now(),
         });
-        let written = match self.state.writer.execute_case(command).await {
+        let written = match self
+            .state
+            .writer
+            .execute_case(command, call.for_writer())
+            .await
+        {
             Ok(w) => w,
             Err(WriteError::NotFound) => {
                 return Err(ApiError::NotFound(format!(
@@ -338,6 +374,47 @@ impl CaseService for CaseApi {
             version: written.version as u32,
             recorded_at: Some(timestamp_to_proto(written.recorded_at)),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl CaseService for CaseApi {
+    type SubmitCasesStream = ResultStream;
+
+    async fn submit_case(
+        &self,
+        request: Request<proto::SubmitCaseRequest>,
+    ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
+        let mut call = Call::new("CaseService/SubmitCase");
+        let result = self.submit_case_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn submit_cases(
+        &self,
+        request: Request<Streaming<proto::SubmitCaseRequest>>,
+    ) -> Result<Response<Self::SubmitCasesStream>, Status> {
+        let mut call = Call::new("CaseService/SubmitCases");
+        let result = self.submit_cases_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn get_case(
+        &self,
+        request: Request<proto::GetCaseRequest>,
+    ) -> Result<Response<proto::GetCaseResponse>, Status> {
+        let mut call = Call::new("CaseService/GetCase");
+        let result = self.get_case_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn update_case(
+        &self,
+        request: Request<proto::UpdateCaseRequest>,
+    ) -> Result<Response<proto::UpdateCaseResponse>, Status> {
+        let mut call = Call::new("CaseService/UpdateCase");
+        let result = self.update_case_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
     }
 }
 

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, SharedState, parse_pseudonym, registry_ref, rejection, zeroize_identifiers};
+use super::{ApiError, Call, SharedState, parse_pseudonym, rejection, zeroize_identifiers};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, ConsentEvent, Scope, timestamp_from_proto, timestamp_to_proto};
 use crate::domain::{ClientReference, FieldViolations};
@@ -48,8 +48,9 @@ fn zeroize_patient_ref(patient: &mut Option<proto::PatientRef>) {
 
 /// Resolves the patient of a request to a pseudonym of `registry`: from identifiers
 /// (derived here, identifiers zeroised at once) or from a pseudonym given.
-fn resolve_patient(
+async fn resolve_patient(
     state: &SharedState,
+    principal: &Principal,
     registry: &Registry,
     patient: &mut Option<proto::PatientRef>,
     violations: &mut FieldViolations,
@@ -75,8 +76,8 @@ fn resolve_patient(
             match identity {
                 Ok(identity) => Ok(Some(
                     state
-                        .pseudonymiser
-                        .derive(registry_ref(registry)?, &identity),
+                        .derive_pseudonym(principal, registry, &identity)
+                        .await?,
                 )),
                 Err(v) => {
                     violations.extend(v.nest("patient.identifiers"));
@@ -153,9 +154,10 @@ async fn record_one(
     state: &SharedState,
     principal: &Principal,
     mut request: proto::RecordConsentRequest,
+    call: &mut Call,
 ) -> Result<proto::RecordConsentResponse, ApiError> {
     let registry = match state
-        .registry_for(principal, &request.registry, "registry")
+        .registry_for(call, principal, &request.registry, "registry")
         .await
     {
         Ok(r) => r,
@@ -165,7 +167,14 @@ async fn record_one(
         }
     };
     let mut violations = FieldViolations::new();
-    let pseudonym = resolve_patient(state, &registry, &mut request.patient, &mut violations)?;
+    let pseudonym = resolve_patient(
+        state,
+        principal,
+        &registry,
+        &mut request.patient,
+        &mut violations,
+    )
+    .await?;
     let now = now_millis();
     let decisions = if request.decisions.is_empty() {
         violations.push("decisions", "at least one decision is required");
@@ -200,7 +209,7 @@ async fn record_one(
         decisions,
         now,
     });
-    let ids = match state.writer.execute(command).await? {
+    let ids = match state.writer.execute(command, call.for_writer()).await? {
         Output::Consent(ids) => ids,
         _ => return Err(ApiError::Unavailable),
     };
@@ -249,13 +258,17 @@ fn new_receipt_id() -> Result<String, ApiError> {
     ))
 }
 
-#[tonic::async_trait]
-impl ConsentService for ConsentApi {
-    async fn record_consent(
+impl ConsentApi {
+    async fn record_consent_inner(
         &self,
         request: Request<proto::RecordConsentRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::RecordConsentResponse>, Status> {
-        let principal = match self.state.authorize(&request, Role::ConsentOfficer).await {
+        let principal = match self
+            .state
+            .authorize(&request, Role::ConsentOfficer, call)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
@@ -264,15 +277,19 @@ impl ConsentService for ConsentApi {
             }
         };
         Ok(Response::new(
-            record_one(&self.state, &principal, request.into_inner()).await?,
+            record_one(&self.state, &principal, request.into_inner(), call).await?,
         ))
     }
 
-    async fn record_consents(
+    async fn record_consents_inner(
         &self,
         request: Request<proto::RecordConsentsRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::RecordConsentsResponse>, Status> {
-        let principal = self.state.authorize(&request, Role::ConsentOfficer).await?;
+        let principal = self
+            .state
+            .authorize(&request, Role::ConsentOfficer, call)
+            .await?;
         let entries = request.into_inner().entries;
         if entries.is_empty() || entries.len() > MAX_BULK_ENTRIES {
             let mut v = FieldViolations::new();
@@ -294,7 +311,19 @@ impl ConsentService for ConsentApi {
                 let principal = principal.clone();
                 (
                     reference,
-                    tokio::spawn(async move { record_one(&state, &principal, entry).await }),
+                    tokio::spawn(async move {
+                        // Each entry is audited on its own, with the write it makes.
+                        let mut call = Call::new("ConsentService/RecordConsents");
+                        call.by(&principal);
+                        let result = record_one(&state, &principal, entry, &mut call).await;
+                        let code = result
+                            .as_ref()
+                            .map_or_else(ApiError::code, |_| tonic::Code::Ok);
+                        match state.record(call, code).await {
+                            Err(_) if result.is_ok() => Err(ApiError::Unavailable),
+                            _ => result,
+                        }
+                    }),
                 )
             })
             .collect();
@@ -316,11 +345,16 @@ impl ConsentService for ConsentApi {
         Ok(Response::new(proto::RecordConsentsResponse { results }))
     }
 
-    async fn withdraw_consent(
+    async fn withdraw_consent_inner(
         &self,
         request: Request<proto::WithdrawConsentRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::WithdrawConsentResponse>, Status> {
-        let principal = match self.state.authorize(&request, Role::ConsentOfficer).await {
+        let principal = match self
+            .state
+            .authorize(&request, Role::ConsentOfficer, call)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
@@ -331,7 +365,7 @@ impl ConsentService for ConsentApi {
         let mut req = request.into_inner();
         let registry = match self
             .state
-            .registry_for(&principal, &req.registry, "registry")
+            .registry_for(call, &principal, &req.registry, "registry")
             .await
         {
             Ok(r) => r,
@@ -341,7 +375,14 @@ impl ConsentService for ConsentApi {
             }
         };
         let mut violations = FieldViolations::new();
-        let pseudonym = resolve_patient(&self.state, &registry, &mut req.patient, &mut violations)?;
+        let pseudonym = resolve_patient(
+            &self.state,
+            &principal,
+            &registry,
+            &mut req.patient,
+            &mut violations,
+        )
+        .await?;
         let mut scopes = Vec::new();
         if req.scopes.is_empty() {
             violations.push("scopes", "at least one scope is required");
@@ -383,7 +424,7 @@ impl ConsentService for ConsentApi {
         let erased = match self
             .state
             .writer
-            .execute(command)
+            .execute(command, call.for_writer())
             .await
             .map_err(ApiError::from)?
         {
@@ -408,15 +449,19 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    async fn get_consent(
+    async fn get_consent_inner(
         &self,
         request: Request<proto::GetConsentRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::GetConsentResponse>, Status> {
-        let principal = self.state.authorize(&request, Role::ConsentOfficer).await?;
+        let principal = self
+            .state
+            .authorize(&request, Role::ConsentOfficer, call)
+            .await?;
         let req = request.into_inner();
         let registry = self
             .state
-            .registry_for(&principal, &req.registry, "registry")
+            .registry_for(call, &principal, &req.registry, "registry")
             .await?;
         let mut violations = FieldViolations::new();
         let pseudonym = match parse_pseudonym(&req.pseudonym, &registry) {
@@ -447,11 +492,15 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    async fn get_erasure_receipt(
+    async fn get_erasure_receipt_inner(
         &self,
         request: Request<proto::GetErasureReceiptRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::ErasureReceipt>, Status> {
-        let principal = self.state.authorize(&request, Role::ConsentOfficer).await?;
+        let principal = self
+            .state
+            .authorize(&request, Role::ConsentOfficer, call)
+            .await?;
         let receipt_id = request.into_inner().receipt_id;
         let well_formed = receipt_id.len() == 37
             && receipt_id.starts_with("rcpt-")
@@ -491,5 +540,53 @@ impl ConsentService for ConsentApi {
             cases_erased: erasure.cases_erased as u32,
             versions_erased: erasure.versions_erased as u32,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl ConsentService for ConsentApi {
+    async fn record_consent(
+        &self,
+        request: Request<proto::RecordConsentRequest>,
+    ) -> Result<Response<proto::RecordConsentResponse>, Status> {
+        let mut call = Call::new("ConsentService/RecordConsent");
+        let result = self.record_consent_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn record_consents(
+        &self,
+        request: Request<proto::RecordConsentsRequest>,
+    ) -> Result<Response<proto::RecordConsentsResponse>, Status> {
+        let mut call = Call::new("ConsentService/RecordConsents");
+        let result = self.record_consents_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn withdraw_consent(
+        &self,
+        request: Request<proto::WithdrawConsentRequest>,
+    ) -> Result<Response<proto::WithdrawConsentResponse>, Status> {
+        let mut call = Call::new("ConsentService/WithdrawConsent");
+        let result = self.withdraw_consent_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn get_consent(
+        &self,
+        request: Request<proto::GetConsentRequest>,
+    ) -> Result<Response<proto::GetConsentResponse>, Status> {
+        let mut call = Call::new("ConsentService/GetConsent");
+        let result = self.get_consent_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn get_erasure_receipt(
+        &self,
+        request: Request<proto::GetErasureReceiptRequest>,
+    ) -> Result<Response<proto::ErasureReceipt>, Status> {
+        let mut call = Call::new("ConsentService/GetErasureReceipt");
+        let result = self.get_erasure_receipt_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
     }
 }

@@ -8,6 +8,7 @@
 //! FAILED_PRECONDITION. Messages never contain identifiers or clinical values; an internal
 //! failure is logged with a reference the client is given, never the cause.
 
+pub mod admin;
 pub mod case;
 pub mod consent;
 pub mod research;
@@ -17,15 +18,16 @@ use std::sync::Arc;
 use chrono::Utc;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-use tracing::error;
+use tracing::{error, warn};
 use zeroize::Zeroize;
 
+use crate::audit::{Entry, code_name};
 use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role};
 use crate::consent::InclusionRefused;
 use crate::domain::{FieldViolations, RegistryCode};
-use crate::pseudonym::{Pseudonym, Pseudonymiser, RegistryRef};
+use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser, RegistryRef};
 use crate::ratelimit::{PrincipalLimiter, RateLimited};
-use crate::store::writer::{WriteError, Writer};
+use crate::store::writer::{Command, WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
 
 /// What the handlers share.
@@ -36,6 +38,8 @@ pub struct AppState {
     pub pseudonymiser: Pseudonymiser,
     /// Research queries per principal.
     pub research_limiter: PrincipalLimiter,
+    /// Pseudonym derivations per principal.
+    pub derivation_limiter: PrincipalLimiter,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -175,13 +179,168 @@ fn incident_reference() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The audit record of one call, filled in as the handler learns who and what. Every
+/// call is concluded with [`AppState::conclude`], which appends it (unless the writer
+/// already did, in the transaction of the change it records).
+#[derive(Debug, Clone)]
+pub struct Call {
+    entry: Entry,
+    audited: bool,
+}
+
+impl Call {
+    /// `method` as `Service/Method`.
+    pub fn new(method: &str) -> Call {
+        Call {
+            entry: Entry {
+                method: method.into(),
+                ..Entry::default()
+            },
+            audited: false,
+        }
+    }
+
+    /// The authenticated caller.
+    pub fn by(&mut self, principal: &Principal) {
+        self.entry.principal_id = Some(principal.id);
+        self.entry.principal = principal.name.clone();
+        self.entry.role = principal.role.as_str().into();
+        self.entry.centre = principal
+            .centre
+            .as_ref()
+            .map(|c| c.code.clone())
+            .unwrap_or_default();
+    }
+
+    /// The registry the call is about.
+    pub fn registry(&mut self, code: &str) {
+        self.entry.registry = code.into();
+    }
+
+    /// How many records, cells or items the call wrote or returned.
+    pub fn items(&mut self, n: usize) {
+        self.entry.items = n as i64;
+    }
+
+    /// The entry for the writer to append with the change (and its outcome).
+    pub fn for_writer(&mut self) -> Option<Entry> {
+        self.audited = true;
+        Some(self.entry.clone())
+    }
+}
+
 impl AppState {
+    /// Appends the call's audit entry with its outcome, unless the writer appended it
+    /// with the change, and passes the result on. A successful call whose entry cannot be
+    /// committed fails: nothing is answered that the log does not show.
+    pub async fn conclude<T>(
+        &self,
+        call: Call,
+        result: Result<tonic::Response<T>, Status>,
+    ) -> Result<tonic::Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        metrics::counter!(
+            "ern_calls_total",
+            "method" => call.entry.method.clone(),
+            "outcome" => code_name(code)
+        )
+        .increment(1);
+        match self.record(call, code).await {
+            Err(err) if result.is_ok() => {
+                error!(error = %err, "audit entry not committed; the call fails");
+                Err(Status::unavailable(
+                    "the call could not be recorded in the audit log; retry later",
+                ))
+            }
+            Err(err) => {
+                warn!(error = %err, "audit entry of a failed call not committed");
+                result
+            }
+            Ok(()) => result,
+        }
+    }
+
+    /// Appends the entry of a call that did not reach the writer (a read, a refusal).
+    pub async fn record(&self, call: Call, code: Code) -> Result<(), WriteError> {
+        if call.audited {
+            return Ok(());
+        }
+        let mut entry = call.entry;
+        entry.outcome = code_name(code).into();
+        self.writer.execute(Command::Audit, Some(entry)).await?;
+        Ok(())
+    }
+
+    /// Derives a patient's pseudonym for `principal`: the only way the API derives one.
+    /// Derivation is an oracle (a BSN is enumerable), so it is rate limited per principal
+    /// and counted per principal in the metrics.
+    ///
+    /// After a key rotation, new patients get pseudonyms of the active key version, and a
+    /// patient already known to the registry under an older version keeps that pseudonym
+    /// (their records and consent stay linked): the older versions are derived too and
+    /// looked up.
+    pub async fn derive_pseudonym(
+        &self,
+        principal: &Principal,
+        registry: &Registry,
+        identity: &PatientIdentity,
+    ) -> Result<Pseudonym, ApiError> {
+        if let Err(limited) = self.derivation_limiter.check(principal.id) {
+            metrics::counter!("ern_rate_limited_total", "limit" => "pseudonym_derivations")
+                .increment(1);
+            return Err(limited.into());
+        }
+        metrics::counter!("ern_pseudonym_derivations_total", "principal" => principal.name.clone())
+            .increment(1);
+        let active = registry_ref(registry)?;
+        let current = self.pseudonymiser.derive(active, identity);
+        if active.key_version <= 1 {
+            return Ok(current);
+        }
+        let older: Vec<Pseudonym> = (1..active.key_version)
+            .map(|key_version| {
+                self.pseudonymiser.derive(
+                    RegistryRef {
+                        key_version,
+                        ..active
+                    },
+                    identity,
+                )
+            })
+            .collect();
+        let candidates: Vec<&str> = older.iter().map(Pseudonym::as_str).collect();
+        match self.store.known_pseudonym(registry.id, &candidates).await? {
+            Some(known) => Ok(older
+                .into_iter()
+                .find(|p| p.as_str() == known)
+                .unwrap_or(current)),
+            None => Ok(current),
+        }
+    }
+
     /// Authenticates the caller of a request: a live key of an enabled principal.
     pub async fn authenticate<T>(
         &self,
         request: &tonic::Request<T>,
+        call: &mut Call,
     ) -> Result<Principal, ApiError> {
         let key = PresentedKey::from_metadata(request.metadata())?;
+        self.authenticate_key(&key, call).await
+    }
+
+    /// Checks a presented key against its row (read on every call: revocation, expiry and
+    /// disabling take effect at once) and the verification cache.
+    pub async fn authenticate_key(
+        &self,
+        key: &PresentedKey,
+        call: &mut Call,
+    ) -> Result<Principal, ApiError> {
+        // The key id is public (it names the key, it does not unlock it): a failed
+        // attempt is recorded under it.
+        call.entry.principal = format!("key:{}", key.key_id);
         let Some(record) = self.store.load_key(&key.key_id).await? else {
             return Err(AuthError::InvalidKey.into());
         };
@@ -190,8 +349,9 @@ impl AppState {
             && record.expires_at.is_none_or(|exp| exp > now)
             && !record.principal_disabled;
         // Verify even a dead key, so that timing does not tell a revoked key from a bad one.
-        let verified = self.verifier.verify(&key, &record.secret_hash).await;
+        let verified = self.verifier.verify(key, &record.secret_hash).await;
         if verified && live {
+            call.by(&record.principal);
             Ok(record.principal)
         } else {
             Err(AuthError::InvalidKey.into())
@@ -203,8 +363,9 @@ impl AppState {
         &self,
         request: &tonic::Request<T>,
         role: Role,
+        call: &mut Call,
     ) -> Result<Principal, ApiError> {
-        let principal = self.authenticate(request).await?;
+        let principal = self.authenticate(request, call).await?;
         principal.require_role(role)?;
         Ok(principal)
     }
@@ -213,6 +374,7 @@ impl AppState {
     /// A malformed code is a field violation; an unknown one NOT_FOUND.
     pub async fn registry_for(
         &self,
+        call: &mut Call,
         principal: &Principal,
         code: &str,
         field: &str,
@@ -222,6 +384,7 @@ impl AppState {
             v.push(field, e.to_string());
             ApiError::Invalid(v)
         })?;
+        call.registry(code.as_str());
         let registry = self
             .store
             .registry_by_code(code.as_str())
@@ -293,5 +456,26 @@ pub fn rejection(err: ApiError) -> crate::proto::Rejection {
         code,
         message,
         field_violations,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_audits_the_status_the_client_gets() {
+        let errors = [
+            WriteError::AlreadyExists,
+            WriteError::NotFound,
+            WriteError::VersionConflict { current: 2 },
+            WriteError::Store(StoreError::Corrupt("x".into())),
+            WriteError::ShuttingDown,
+            WriteError::UseWithdrawal,
+        ];
+        for e in errors {
+            let code = e.code();
+            assert_eq!(ApiError::from(e).code(), code);
+        }
     }
 }

@@ -11,7 +11,7 @@ use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::{ApiError, SharedState};
+use super::{ApiError, Call, SharedState};
 use crate::aggregate::{
     self, CountTable, DELAY_BANDS, Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS,
     MAX_EXPERTISE_CODES, MAX_FILTER_VALUES, Quantiles, QueryError, TableBuilder,
@@ -212,12 +212,22 @@ impl ResearchApi {
         &self,
         request: &Request<T>,
         code: &str,
+        call: &mut Call,
     ) -> Result<(Principal, Registry), ApiError> {
-        let principal = self.state.authorize(request, Role::Researcher).await?;
-        self.state.research_limiter.check(principal.id)?;
+        let principal = self
+            .state
+            .authorize(request, Role::Researcher, call)
+            .await?;
+        self.state
+            .research_limiter
+            .check(principal.id)
+            .inspect_err(|_| {
+                metrics::counter!("ern_rate_limited_total", "limit" => "research_queries")
+                    .increment(1);
+            })?;
         let registry = self
             .state
-            .registry_for(&principal, code, "registry")
+            .registry_for(call, &principal, code, "registry")
             .await?;
         Ok((principal, registry))
     }
@@ -268,14 +278,16 @@ impl ResearchApi {
     }
 }
 
-#[tonic::async_trait]
-impl ResearchService for ResearchApi {
-    async fn count_patients(
+impl ResearchApi {
+    async fn count_patients_inner(
         &self,
         request: Request<proto::CountPatientsRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::CountTable>, Status> {
         let req = request.get_ref();
-        let (principal, registry) = self.researcher_registry(&request, &req.registry).await?;
+        let (principal, registry) = self
+            .researcher_registry(&request, &req.registry, call)
+            .await?;
         let mut v = FieldViolations::new();
         let group_by = parse_group_by(&req.group_by, MAX_COUNT_DIMENSIONS, &mut v);
         let filters = parse_filters(&req.filters, &mut v);
@@ -297,6 +309,7 @@ impl ResearchService for ResearchApi {
         let table = builder
             .finish(&selection.group_by, k)
             .map_err(|e| ApiError::from(ResearchError::Query(e)))?;
+        call.items(table.protected.cells.len());
         info!(
             principal = principal.id,
             registry = %registry.code,
@@ -315,12 +328,15 @@ impl ResearchService for ResearchApi {
         )))
     }
 
-    async fn diagnostic_delay(
+    async fn diagnostic_delay_inner(
         &self,
         request: Request<proto::DiagnosticDelayRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::DiagnosticDelayResponse>, Status> {
         let req = request.get_ref();
-        let (principal, registry) = self.researcher_registry(&request, &req.registry).await?;
+        let (principal, registry) = self
+            .researcher_registry(&request, &req.registry, call)
+            .await?;
         let mut v = FieldViolations::new();
         let group_by = parse_group_by(&req.group_by, MAX_DELAY_DIMENSIONS, &mut v);
         let filters = parse_filters(&req.filters, &mut v);
@@ -339,6 +355,7 @@ impl ResearchService for ResearchApi {
             .diagnostic_delay(&selection, k)
             .await
             .map_err(ApiError::from)?;
+        call.items(table.groups.len());
         info!(
             principal = principal.id,
             registry = %registry.code,
@@ -377,11 +394,12 @@ impl ResearchService for ResearchApi {
         }))
     }
 
-    async fn find_expertise(
+    async fn find_expertise_inner(
         &self,
         request: Request<proto::FindExpertiseRequest>,
+        call: &mut Call,
     ) -> Result<Response<proto::FindExpertiseResponse>, Status> {
-        let principal = self.state.authenticate(&request).await?;
+        let principal = self.state.authenticate(&request, call).await?;
         if !matches!(principal.role, Role::Physician | Role::Researcher) {
             return Err(ApiError::from(AuthError::WrongRole {
                 needed: "physician or researcher",
@@ -391,6 +409,10 @@ impl ResearchService for ResearchApi {
         self.state
             .research_limiter
             .check(principal.id)
+            .inspect_err(|_| {
+                metrics::counter!("ern_rate_limited_total", "limit" => "research_queries")
+                    .increment(1);
+            })
             .map_err(ApiError::from)?;
         let req = request.get_ref();
         let mut v = FieldViolations::new();
@@ -471,6 +493,7 @@ impl ResearchService for ResearchApi {
                 .then_with(|| ca.centre_code.cmp(&cb.centre_code))
                 .then_with(|| ca.registry.cmp(&cb.registry))
         });
+        call.items(centres.len());
         info!(
             principal = principal.id,
             role = principal.role.as_str(),
@@ -483,5 +506,35 @@ impl ResearchService for ResearchApi {
             registries: registries.iter().map(|r| r.code.clone()).collect(),
             as_of: Some(timestamp_to_proto(now)),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl ResearchService for ResearchApi {
+    async fn count_patients(
+        &self,
+        request: Request<proto::CountPatientsRequest>,
+    ) -> Result<Response<proto::CountTable>, Status> {
+        let mut call = Call::new("ResearchService/CountPatients");
+        let result = self.count_patients_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn diagnostic_delay(
+        &self,
+        request: Request<proto::DiagnosticDelayRequest>,
+    ) -> Result<Response<proto::DiagnosticDelayResponse>, Status> {
+        let mut call = Call::new("ResearchService/DiagnosticDelay");
+        let result = self.diagnostic_delay_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+
+    async fn find_expertise(
+        &self,
+        request: Request<proto::FindExpertiseRequest>,
+    ) -> Result<Response<proto::FindExpertiseResponse>, Status> {
+        let mut call = Call::new("ResearchService/FindExpertise");
+        let result = self.find_expertise_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
     }
 }

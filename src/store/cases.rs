@@ -155,24 +155,98 @@ pub async fn append_consent(
     .bind(decision.expires_at.map(millis))
     .execute(&mut *conn)
     .await?;
+    refresh_eligibility(conn, registry_id, pseudonym).await?;
     Ok(id)
 }
 
-/// Makes `case_id` the case that represents the patient in research counts (the one
-/// written last).
+/// Research eligibility from the decisions in force: both REGISTRY_INCLUSION and
+/// RESEARCH_USE granted, until the earlier of their expiries.
+async fn eligibility(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<(bool, Option<i64>)> {
+    let rows = sqlx::query(
+        "SELECT scope, state, expires_at FROM consent_current \
+         WHERE registry_id = $1 AND pseudonym = $2 AND scope IN ('registry_inclusion', 'research_use')",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut granted = 0;
+    let mut until: Option<i64> = None;
+    for r in &rows {
+        let state: String = r.try_get(1)?;
+        if state == "granted" {
+            granted += 1;
+            if let Some(t) = r.try_get::<Option<i64>, _>(2)? {
+                until = Some(until.map_or(t, |u| u.min(t)));
+            }
+        }
+    }
+    Ok((granted == 2, until))
+}
+
+async fn refresh_eligibility(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<()> {
+    let (eligible, until) = eligibility(conn, registry_id, pseudonym).await?;
+    sqlx::query(
+        "UPDATE patients SET eligible = $1, eligible_until = $2 \
+         WHERE registry_id = $3 AND pseudonym = $4",
+    )
+    .bind(i64::from(eligible))
+    .bind(until)
+    .bind(registry_id)
+    .bind(pseudonym)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Makes version `version` of case `case_id` (just written: `row`) what represents the
+/// patient in research counts, with their research eligibility.
 pub async fn set_representative(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
     case_id: i64,
+    version: i64,
+    centre_id: i64,
+    row: &CaseRow,
 ) -> Result<()> {
+    let (eligible, until) = eligibility(conn, registry_id, pseudonym).await?;
     sqlx::query(
-        "INSERT INTO patients (registry_id, pseudonym, case_id) VALUES ($1, $2, $3) \
-         ON CONFLICT (registry_id, pseudonym) DO UPDATE SET case_id = excluded.case_id",
+        "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
+                               orphacode, sex, status, diagnosis_year, onset_age_days, \
+                               diagnosis_age_days, delay_days, eligible, eligible_until) \
+         VALUES ($1, $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
+                 $9, $10, $11, $12, $13, $14) \
+         ON CONFLICT (registry_id, pseudonym) DO UPDATE \
+         SET case_id = excluded.case_id, version = excluded.version, \
+             centre_id = excluded.centre_id, country = excluded.country, \
+             orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
+             diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
+             diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
+             eligible = excluded.eligible, eligible_until = excluded.eligible_until",
     )
     .bind(registry_id)
     .bind(pseudonym)
     .bind(case_id)
+    .bind(version)
+    .bind(centre_id)
+    .bind(row.orphacode)
+    .bind(row.sex.as_str())
+    .bind(row.status.as_str())
+    .bind(row.diagnosis_year)
+    .bind(row.onset_age_days)
+    .bind(row.diagnosis_age_days)
+    .bind(row.delay_days)
+    .bind(i64::from(eligible))
+    .bind(until)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -10,6 +10,7 @@
 //! This module never sees a patient identifier: it stores pseudonyms, and it is the only
 //! module that speaks SQL.
 
+pub mod audit;
 pub mod cases;
 pub mod consent;
 pub mod research;
@@ -383,6 +384,53 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(id)
+    }
+
+    /// The first of `candidates` (lowest key version) the registry knows: a pseudonym with
+    /// a consent decision on file.
+    pub async fn known_pseudonym(
+        &self,
+        registry_id: i64,
+        candidates: &[&str],
+    ) -> Result<Option<String>> {
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        let params: Vec<String> = (0..candidates.len())
+            .map(|i| format!("${}", i + 2))
+            .collect();
+        let sql = format!(
+            "SELECT pseudonym FROM consent_current WHERE registry_id = $1 AND pseudonym IN ({}) \
+             ORDER BY pseudonym LIMIT 1",
+            params.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(registry_id);
+        for c in candidates {
+            query = query.bind(*c);
+        }
+        Ok(query
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?)
+    }
+
+    /// Starts a new key version for a registry: pseudonyms of patients it does not know
+    /// yet carry the new version; known patients keep theirs. Returns the new version.
+    pub async fn rotate_registry_key(&self, code: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE registries SET active_key_version = active_key_version + 1 \
+             WHERE code = $1 AND active_key_version < 999 RETURNING active_key_version",
+        )
+        .bind(code)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(r.try_get(0)?),
+            None => Err(StoreError::NotFound(format!(
+                "registry {code} (or its key version is already 999)"
+            ))),
+        }
     }
 
     /// Patients (pseudonyms with a case) in a registry.

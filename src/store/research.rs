@@ -1,10 +1,11 @@
 //! The SQL of research aggregates: counting happens in the database, grouped and
 //! filtered there; only the groups (at most a table's worth) come back, as a stream.
 //!
-//! A patient is counted once per registry, through the case that represents them
-//! (`patients`, the one written last), and only while both REGISTRY_INCLUSION and
-//! RESEARCH_USE are in force at `now` (`consent_current`). Filter values are always bound
-//! as parameters, never spliced into the SQL text.
+//! A patient is counted once per registry, through their research row (`patients`: the
+//! values of the case written last, kept by the writer), and only while both
+//! REGISTRY_INCLUSION and RESEARCH_USE are in force at `now` (the row's eligibility,
+//! kept with every consent event). A query is one scan of one registry's rows. Filter
+//! values are always bound as parameters, never spliced into the SQL text.
 
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyArguments;
@@ -52,26 +53,21 @@ impl From<sqlx::Error> for ResearchError {
     }
 }
 
-/// Both consents in force at `$2` for the patient of `p` (registry `$1`).
-const CONSENTED: &str = "JOIN consent_current ri ON ri.registry_id = p.registry_id \
-         AND ri.pseudonym = p.pseudonym AND ri.scope = 'registry_inclusion' \
-     JOIN consent_current ru ON ru.registry_id = p.registry_id \
-         AND ru.pseudonym = p.pseudonym AND ru.scope = 'research_use'";
-const CONSENTED_WHERE: &str = "ri.state = 'granted' AND (ri.expires_at IS NULL OR ri.expires_at > $2) \
-     AND ru.state = 'granted' AND (ru.expires_at IS NULL OR ru.expires_at > $2)";
+/// Research eligibility of the patient of `p` at `$2`: both consents granted, not expired.
+const ELIGIBLE: &str = "p.eligible = 1 AND (p.eligible_until IS NULL OR p.eligible_until > $2)";
 
-/// The SQL expression of a dimension's group value, over `v` (the current version),
-/// `ce` (the centre) and `g` (the gene row, when grouped by gene).
+/// The SQL expression of a dimension's group value over `p` (the patient's research row),
+/// `ce` (the centre, joined when needed) and `g` (the gene row, when grouped by gene).
 fn expression(dim: Dimension) -> String {
     match dim {
-        Dimension::Diagnosis => format!("COALESCE(v.orphacode, {ORPHA_UNDIAGNOSED})"),
-        Dimension::Sex => "v.sex".into(),
-        Dimension::OnsetAgeBand => age_band("v.onset_age_days"),
-        Dimension::DiagnosisAgeBand => age_band("v.diagnosis_age_days"),
-        Dimension::Country => "ce.country".into(),
+        Dimension::Diagnosis => format!("COALESCE(p.orphacode, {ORPHA_UNDIAGNOSED})"),
+        Dimension::Sex => "p.sex".into(),
+        Dimension::OnsetAgeBand => age_band("p.onset_age_days"),
+        Dimension::DiagnosisAgeBand => age_band("p.diagnosis_age_days"),
+        Dimension::Country => "p.country".into(),
         Dimension::Centre => "ce.code".into(),
-        Dimension::DiagnosisYear => "v.diagnosis_year".into(),
-        Dimension::PatientStatus => "v.status".into(),
+        Dimension::DiagnosisYear => "p.diagnosis_year".into(),
+        Dimension::PatientStatus => "p.status".into(),
         Dimension::Gene => "g.gene".into(),
     }
 }
@@ -162,7 +158,7 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
         binds: Vec::new(),
     };
     let by_gene = sel.group_by.contains(&Dimension::Gene);
-    let mut conditions = vec![format!("p.registry_id = $1 AND {CONSENTED_WHERE}")];
+    let mut conditions = vec![format!("p.registry_id = $1 AND {ELIGIBLE}")];
     if !extra_where.is_empty() {
         conditions.push(extra_where.to_string());
     }
@@ -180,14 +176,14 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
             if !genes.is_empty() {
                 let cond = sql.one_of("g2.gene", &genes);
                 alternatives.push(format!(
-                    "EXISTS (SELECT 1 FROM case_genes g2 WHERE g2.case_id = c.id \
-                     AND g2.version = c.current_version AND {cond})"
+                    "EXISTS (SELECT 1 FROM case_genes g2 WHERE g2.case_id = p.case_id \
+                     AND g2.version = p.version AND {cond})"
                 ));
             }
             if f.values.contains(&Key::Missing) {
                 alternatives.push(
-                    "NOT EXISTS (SELECT 1 FROM case_genes g3 WHERE g3.case_id = c.id \
-                     AND g3.version = c.current_version)"
+                    "NOT EXISTS (SELECT 1 FROM case_genes g3 WHERE g3.case_id = p.case_id \
+                     AND g3.version = p.version)"
                         .into(),
                 );
             }
@@ -203,15 +199,19 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
     let mut group_by: Vec<String> = groups;
     group_by.extend(extra_group.iter().map(|s| s.to_string()));
     let gene_join = if by_gene {
-        "LEFT JOIN case_genes g ON g.case_id = c.id AND g.version = c.current_version"
+        " LEFT JOIN case_genes g ON g.case_id = p.case_id AND g.version = p.version"
+    } else {
+        ""
+    };
+    let by_centre = sel.group_by.contains(&Dimension::Centre)
+        || sel.filters.iter().any(|f| f.dimension == Dimension::Centre);
+    let centre_join = if by_centre {
+        " JOIN centres ce ON ce.id = p.centre_id"
     } else {
         ""
     };
     sql.text = format!(
-        "SELECT {select} FROM patients p {CONSENTED} \
-         JOIN cases c ON c.id = p.case_id \
-         JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
-         JOIN centres ce ON ce.id = c.centre_id {gene_join} \
+        "SELECT {select} FROM patients p{centre_join}{gene_join} \
          WHERE {conditions}{group}{order}",
         select = select.join(", "),
         conditions = conditions.join(" AND "),
@@ -281,12 +281,12 @@ impl Store {
         k: u64,
     ) -> Result<DelayTable, ResearchError> {
         // Whole months: days × 12 / 365.25, in integer arithmetic on both databases.
-        let months = "(v.delay_days * 48) / 1461";
+        let months = "(p.delay_days * 48) / 1461";
         let sql = grouped(
             sel,
             &format!("{months}, COUNT(*)"),
             &[months],
-            "v.delay_days IS NOT NULL",
+            "p.delay_days IS NOT NULL",
         );
         let query = sql.bind(
             sqlx::query(&sql.text)
@@ -398,7 +398,7 @@ mod tests {
         };
         let sql = grouped(&sel, "COUNT(*)", &[], "");
         assert!(!sql.text.contains("female"));
-        assert!(sql.text.contains("v.sex IN ($3)"));
+        assert!(sql.text.contains("p.sex IN ($3)"));
         assert!(sql.text.contains("IN ($4) OR CAST((CASE"));
         assert!(sql.text.contains("LEFT JOIN case_genes g"));
         assert_eq!(sql.binds.len(), 2);

@@ -23,9 +23,16 @@ use sqlx::AnyConnection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
+use std::sync::Arc;
+
+use tonic::Code;
+
+use super::audit as audit_store;
 use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
+use super::millis;
 use super::{Store, StoreError};
+use crate::audit::{AuditKey, Entry, code_name};
 use crate::consent::{
     self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source,
 };
@@ -87,6 +94,8 @@ pub enum Command {
     Update(UpdateCase),
     RecordConsent(RecordConsent),
     Withdraw(Withdraw),
+    /// Nothing to change: only the audit entry that comes with it (a read, a refusal).
+    Audit,
 }
 
 impl Command {
@@ -96,6 +105,7 @@ impl Command {
             Command::Update(c) => (c.registry_id, &c.pseudonym),
             Command::RecordConsent(c) => (c.registry_id, &c.pseudonym),
             Command::Withdraw(c) => (c.registry_id, &c.pseudonym),
+            Command::Audit => (0, ""),
         }
     }
 }
@@ -119,6 +129,7 @@ pub enum Output {
         events: Vec<i64>,
         erased: Option<(i64, i64)>,
     },
+    Audited,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +152,28 @@ pub enum WriteError {
     UseWithdrawal,
 }
 
-type Job = (Command, oneshot::Sender<Result<Output, WriteError>>);
+impl WriteError {
+    /// The status a client gets for this error (`api::ApiError` maps it the same way;
+    /// a test holds them together). Recorded as the outcome of the audit entry.
+    pub fn code(&self) -> Code {
+        match self {
+            WriteError::Consent(_) | WriteError::UseWithdrawal => Code::FailedPrecondition,
+            WriteError::AlreadyExists => Code::AlreadyExists,
+            WriteError::NotFound => Code::NotFound,
+            WriteError::VersionConflict { .. } => Code::Aborted,
+            WriteError::Store(_) => Code::Internal,
+            WriteError::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+/// A command, the audit entry recording it (its outcome filled in by the writer), and
+/// where to answer.
+type Job = (
+    Command,
+    Option<Entry>,
+    oneshot::Sender<Result<Output, WriteError>>,
+);
 
 /// Handle to the writer tasks; cheap to clone.
 #[derive(Clone)]
@@ -152,13 +184,19 @@ pub struct Writer {
 impl Writer {
     /// Starts `partitions` writer tasks over `store`. They stop when every handle is
     /// dropped, after finishing what was queued.
-    pub fn start(store: Store, partitions: usize, max_batch: usize) -> Writer {
+    /// Audit entries are appended with the key `audit`.
+    pub fn start(
+        store: Store,
+        partitions: usize,
+        max_batch: usize,
+        audit: Arc<AuditKey>,
+    ) -> Writer {
         let partitions = partitions.max(1);
         let max_batch = max_batch.max(1);
         let queues = (0..partitions)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-                tokio::spawn(run(store.clone(), rx, max_batch));
+                tokio::spawn(run(store.clone(), rx, max_batch, audit.clone()));
                 tx
             })
             .collect();
@@ -166,8 +204,12 @@ impl Writer {
     }
 
     /// Applies a case command and waits until it is durably committed (or refused).
-    pub async fn execute_case(&self, command: Command) -> Result<Written, WriteError> {
-        match self.execute(command).await? {
+    pub async fn execute_case(
+        &self,
+        command: Command,
+        audit: Option<Entry>,
+    ) -> Result<Written, WriteError> {
+        match self.execute(command, audit).await? {
             Output::Case(w) => Ok(w),
             _ => Err(WriteError::Store(StoreError::Corrupt(
                 "writer answered a case command with another output".into(),
@@ -175,48 +217,56 @@ impl Writer {
         }
     }
 
-    /// Applies `command` and waits until it is durably committed (or refused).
-    pub async fn execute(&self, command: Command) -> Result<Output, WriteError> {
+    /// Applies `command` and waits until it is durably committed (or refused), together
+    /// with its audit entry: the entry is appended in the same transaction, with the
+    /// command's outcome, whether the command succeeds or is refused.
+    pub async fn execute(
+        &self,
+        command: Command,
+        audit: Option<Entry>,
+    ) -> Result<Output, WriteError> {
         let (registry_id, pseudonym) = command.patient();
         let mut h = DefaultHasher::new();
         (registry_id, pseudonym).hash(&mut h);
         let queue = &self.queues[(h.finish() % self.queues.len() as u64) as usize];
         let (tx, rx) = oneshot::channel();
         queue
-            .send((command, tx))
+            .send((command, audit, tx))
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
         rx.await.map_err(|_| WriteError::ShuttingDown)?
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, key: Arc<AuditKey>) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let jobs = std::mem::take(&mut batch);
-        let commands: Vec<&Command> = jobs.iter().map(|(c, _)| c).collect();
-        match apply_batch(&store, &commands).await {
+        let commands: Vec<(&Command, Option<&Entry>)> =
+            jobs.iter().map(|(c, a, _)| (c, a.as_ref())).collect();
+        match apply_batch(&store, &key, &commands).await {
             Ok(results) => {
-                for ((_, reply), result) in jobs.into_iter().zip(results) {
+                for ((_, _, reply), result) in jobs.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
             }
             Err(err) if jobs.len() == 1 => {
                 error!(error = %err, "write failed");
-                if let Some((_, reply)) = jobs.into_iter().next() {
+                if let Some((_, _, reply)) = jobs.into_iter().next() {
                     let _ = reply.send(Err(WriteError::Store(err)));
                 }
             }
             Err(err) => {
                 warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
-                for (command, reply) in jobs {
-                    let result = match apply_batch(&store, &[&command]).await {
-                        Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
-                        Err(err) => {
-                            error!(error = %err, "write failed");
-                            Err(WriteError::Store(err))
-                        }
-                    };
+                for (command, audit, reply) in jobs {
+                    let result =
+                        match apply_batch(&store, &key, &[(&command, audit.as_ref())]).await {
+                            Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
+                            Err(err) => {
+                                error!(error = %err, "write failed");
+                                Err(WriteError::Store(err))
+                            }
+                        };
                     let _ = reply.send(result);
                 }
             }
@@ -224,26 +274,45 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
     }
 }
 
-/// Applies commands in one transaction. `Err` means the transaction failed as a whole
-/// and nothing was committed; refusals of single commands are in the `Ok` vector.
+/// Applies commands in one transaction, with their audit entries appended at its end (so
+/// the chain's lock is held only briefly). `Err` means the transaction failed as a whole
+/// and nothing was committed, audit entries included; refusals of single commands are in
+/// the `Ok` vector, and their entries record the refusal.
 async fn apply_batch(
     store: &Store,
-    commands: &[&Command],
+    key: &AuditKey,
+    commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     let mut tx = store.pool().begin().await?;
     let mut results = Vec::with_capacity(commands.len());
-    for command in commands {
+    let mut entries = Vec::new();
+    for (command, audit) in commands {
         let result = match command {
             Command::Submit(c) => submit(&mut tx, c).await.map(Output::Case),
             Command::Update(c) => update(&mut tx, c).await.map(Output::Case),
             Command::RecordConsent(c) => record_consent(&mut tx, c).await,
             Command::Withdraw(c) => withdraw(&mut tx, c).await,
+            Command::Audit => Ok(Output::Audited),
         };
+        if let Some(entry) = audit {
+            let outcome = match &result {
+                Ok(_) => Code::Ok,
+                Err(e) => e.code(),
+            };
+            let mut entry = (*entry).clone();
+            // An entry that comes with a change records the change's outcome; one that
+            // comes alone (Command::Audit) carries the outcome of its call already.
+            if entry.outcome.is_empty() {
+                entry.outcome = code_name(outcome).to_string();
+            }
+            entries.push((millis(Utc::now()), entry));
+        }
         match result {
             Err(WriteError::Store(err)) => return Err(err),
             other => results.push(other),
         }
     }
+    audit_store::append(&mut tx, key, &entries).await?;
     tx.commit().await?;
     Ok(results)
 }
@@ -318,7 +387,16 @@ async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, Wri
         c.now,
     )
     .await?;
-    cases::set_representative(conn, c.registry_id, &c.pseudonym, case_id).await?;
+    cases::set_representative(
+        conn,
+        c.registry_id,
+        &c.pseudonym,
+        case_id,
+        1,
+        c.centre_id,
+        &c.row,
+    )
+    .await?;
     Ok(Written {
         version: 1,
         recorded_at: c.now,
@@ -347,7 +425,16 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
     .await?;
     let version = current + 1;
     cases::insert_version(conn, case_id, version, c.principal_id, &c.row, c.now).await?;
-    cases::set_representative(conn, c.registry_id, &c.pseudonym, case_id).await?;
+    cases::set_representative(
+        conn,
+        c.registry_id,
+        &c.pseudonym,
+        case_id,
+        version,
+        c.centre_id,
+        &c.row,
+    )
+    .await?;
     Ok(Written {
         version,
         recorded_at: c.now,

@@ -60,6 +60,38 @@ async fn a_revoked_key_is_refused_on_the_next_call() {
 }
 
 #[tokio::test]
+async fn a_key_revoked_while_a_bulk_stream_is_open_stops_it_at_the_next_item() {
+    use ern_registry::proto::submit_cases_result::Outcome;
+    let app = TestApp::spawn().await;
+    app.centre("NL-AMC", "NL", &["ERN-EYE"]).await;
+    let token = app
+        .principal("dr-a", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let mut dr = app.client(Some(&token)).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut results = dr
+        .submit_cases(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(submission("ERN-EYE", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+    let first = results.message().await.unwrap().unwrap();
+    assert!(matches!(first.outcome, Some(Outcome::Accepted(_))));
+    assert!(app.store.revoke_api_key(&token[4..20]).await.unwrap());
+    tx.send(submission("ERN-EYE", national("NL", &bsn(2))))
+        .await
+        .unwrap();
+    let second = results.message().await.unwrap().unwrap();
+    match second.outcome {
+        Some(Outcome::Rejected(r)) => assert_eq!(r.code, Code::Unauthenticated as i32),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(app.count("cases").await, 1);
+}
+
+#[tokio::test]
 async fn other_roles_may_not_submit() {
     let app = TestApp::spawn().await;
     app.centre("NL-AMC", "NL", &["ERN-EYE"]).await;

@@ -3,6 +3,8 @@
 
 mod helpers;
 
+mod access;
+mod audit;
 mod auth;
 mod cases;
 mod consent;

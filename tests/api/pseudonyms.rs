@@ -84,3 +84,130 @@ async fn a_bsn_failing_the_eleven_check_is_rejected() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
+    // A free port for the metrics exporter (process-wide; no other test installs one).
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        derivations_per_minute: 3,
+        metrics_listen: Some(metrics),
+        ..Default::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-enumerator", "NL-AMC").await;
+    let mut other = app.physician("dr-other", "NL-AMC").await;
+    for seed in 0..3 {
+        dr.submit_case(submission("ERN-EYE", national("NL", &bsn(seed))))
+            .await
+            .unwrap();
+    }
+    let err = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(3))))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    let retry = tonic_types::StatusExt::get_error_details(&err)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry info");
+    assert!(retry > std::time::Duration::from_secs(1));
+    // Consent calls with identifiers derive too, and count against the same allowance.
+    let mut officer = app.officer("co-limit", &["ERN-EYE"]).await;
+    officer
+        .record_consent(ern_registry::proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(0))),
+            decisions: inclusion_granted(),
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap();
+    // Another physician has an allowance of their own.
+    other
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(10))))
+        .await
+        .unwrap();
+    assert_eq!(app.count("cases").await, 4);
+
+    let text = scrape(metrics).await.unwrap();
+    assert!(
+        text.contains("ern_pseudonym_derivations_total{principal=\"dr-enumerator\"} 3"),
+        "{text}"
+    );
+    assert!(text.contains("ern_rate_limited_total{limit=\"pseudonym_derivations\"}"));
+}
+
+/// GET /metrics over plain HTTP/1.1.
+async fn scrape(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+#[tokio::test]
+async fn after_a_key_rotation_new_patients_get_the_new_version_and_known_ones_keep_theirs() {
+    let app = TestApp::spawn().await;
+    let mut amc = app.physician("dr-amc", "NL-AMC").await;
+    let mut umc = app.physician("dr-umc", "NL-UMC").await;
+    let before = amc
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(1))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    assert!(before.starts_with("R009-V001-"), "{before}");
+
+    assert_eq!(app.store.rotate_registry_key("ERN-EYE").await.unwrap(), 2);
+
+    // A new patient: the new version.
+    let new = amc
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(2))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    assert!(new.starts_with("R009-V002-"), "{new}");
+    // The known patient, from another centre: still linked under the old pseudonym.
+    let again = umc
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(1))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    assert_eq!(again, before);
+    // And a consent officer naming the patient by identifiers reaches the same records.
+    let mut officer = app.officer("co-rot", &["ERN-EYE"]).await;
+    let receipt = officer
+        .withdraw_consent(withdrawal(
+            "ERN-EYE",
+            by_identifiers(national("NL", &bsn(1))),
+            &[proto::ConsentScope::RegistryInclusion],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.pseudonym, before);
+    assert_eq!(receipt.receipt.unwrap().cases_erased, 2);
+    // Other registries are untouched by the rotation.
+    let lung = amc
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(3))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    assert!(lung.starts_with("R013-V001-"), "{lung}");
+}

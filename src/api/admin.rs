@@ -1,0 +1,121 @@
+//! `AdminService`: the audit log, read by admins. Listing the log is itself audited.
+
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, Call, SharedState};
+use crate::auth::Role;
+use crate::consent::{timestamp_from_proto, timestamp_to_proto};
+use crate::domain::FieldViolations;
+use crate::proto::{self, admin_service_server::AdminService};
+use crate::store::audit::AuditFilter;
+use crate::store::{from_millis, millis};
+
+/// Entries of one page when the request names no limit, and at most.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+/// Longest accepted filter text.
+const MAX_FILTER: usize = 200;
+
+pub struct AdminApi {
+    state: SharedState,
+}
+
+impl AdminApi {
+    pub fn new(state: SharedState) -> Self {
+        AdminApi { state }
+    }
+
+    async fn list_audit_entries_inner(
+        &self,
+        request: Request<proto::ListAuditEntriesRequest>,
+        call: &mut Call,
+    ) -> Result<Response<proto::ListAuditEntriesResponse>, Status> {
+        self.state.authorize(&request, Role::Admin, call).await?;
+        let req = request.into_inner();
+        let mut v = FieldViolations::new();
+        for (field, value) in [
+            ("principal", &req.principal),
+            ("method", &req.method),
+            ("registry", &req.registry),
+            ("outcome", &req.outcome),
+        ] {
+            if value.len() > MAX_FILTER {
+                v.push(field, format!("at most {MAX_FILTER} bytes"));
+            }
+        }
+        let mut time = |field: &str, t: &Option<prost_types::Timestamp>| match t {
+            None => 0,
+            Some(t) => match timestamp_from_proto(t) {
+                Some(t) => millis(t),
+                None => {
+                    v.push(field, "is not a valid timestamp");
+                    0
+                }
+            },
+        };
+        let since = time("since", &req.since);
+        let until = time("until", &req.until);
+        if req.limit > MAX_PAGE {
+            v.push("limit", format!("at most {MAX_PAGE}"));
+        }
+        v.into_result().map_err(ApiError::from)?;
+        let limit = if req.limit == 0 {
+            DEFAULT_PAGE
+        } else {
+            req.limit
+        };
+        let filter = AuditFilter {
+            principal: req.principal,
+            method: req.method,
+            registry: req.registry,
+            outcome: req.outcome,
+            since,
+            until,
+            after_seq: i64::try_from(req.after_seq).unwrap_or(i64::MAX),
+            limit: i64::from(limit),
+        };
+        let stored = self
+            .state
+            .store
+            .audit_entries(&filter)
+            .await
+            .map_err(ApiError::from)?;
+        call.items(stored.len());
+        let next_after_seq = if stored.len() == limit as usize {
+            stored.last().map_or(0, |e| e.seq as u64)
+        } else {
+            0
+        };
+        let entries = stored
+            .into_iter()
+            .map(|s| proto::AuditEntry {
+                seq: s.seq as u64,
+                at: from_millis(s.at).ok().map(timestamp_to_proto),
+                principal: s.entry.principal,
+                role: s.entry.role,
+                centre: s.entry.centre,
+                method: s.entry.method,
+                registry: s.entry.registry,
+                outcome: s.entry.outcome,
+                items: s.entry.items,
+                mac: s.mac,
+            })
+            .collect();
+        Ok(Response::new(proto::ListAuditEntriesResponse {
+            entries,
+            next_after_seq,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn list_audit_entries(
+        &self,
+        request: Request<proto::ListAuditEntriesRequest>,
+    ) -> Result<Response<proto::ListAuditEntriesResponse>, Status> {
+        let mut call = Call::new("AdminService/ListAuditEntries");
+        let result = self.list_audit_entries_inner(request, &mut call).await;
+        self.state.conclude(call, result).await
+    }
+}
