@@ -100,6 +100,8 @@ pub enum AuthError {
     WrongRole { needed: &'static str },
     #[error("your principal is not bound to a centre")]
     NoCentre,
+    #[error("this principal must call over a connection with its bound client certificate")]
+    CertificateMismatch,
     #[error("you are not a member of the ERN that keeps registry {registry}")]
     ForeignRegistry { registry: String },
 }
@@ -130,6 +132,15 @@ impl Principal {
     pub fn require_centre(&self) -> Result<&CentreRef, AuthError> {
         self.centre.as_ref().ok_or(AuthError::NoCentre)
     }
+}
+
+/// The SHA-256 fingerprint (lower-case hex) of a DER-encoded certificate.
+pub fn certificate_fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A presented API key, split into its public id and its secret.

@@ -164,6 +164,24 @@ pub struct ServeArgs {
     /// 127.0.0.1:9464. Off when unset.
     #[arg(long, env = "ERN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS certificate chain (PEM) of the service. With --tls-key, calls are served over
+    /// TLS only.
+    #[arg(long, env = "ERN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the service.
+    #[arg(long, env = "ERN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that sign client certificates: enables mutual TLS, and
+    /// every connection must present a client certificate signed by one of them. A
+    /// principal bound to certificates (`admin bind-certificate`) must present one of its
+    /// own.
+    #[arg(long, env = "ERN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback address. Without TLS the service refuses to
+    /// listen anywhere but loopback unless this is set (e.g. behind a TLS-terminating
+    /// proxy in the same pod).
+    #[arg(long, env = "ERN_ALLOW_PLAINTEXT", default_value_t = false)]
+    pub allow_plaintext: bool,
     /// File holding the master passphrase (first line, line ending stripped). With a
     /// passphrase (from this file or ERN_MASTER_PASSPHRASE, never a flag, so that it
     /// stays out of the process list), the master secret is derived from it with
@@ -200,6 +218,10 @@ impl Default for ServeArgs {
             research_queries_per_minute: 60,
             derivations_per_minute: 1200,
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            allow_plaintext: false,
             master_passphrase_file: None,
             master_kdf_file: None,
             master_passphrase: None,
@@ -226,6 +248,15 @@ pub enum AuditCommand {
 pub enum AdminCommand {
     /// List the registries (one per ERN).
     ListRegistries,
+    /// Bind a client certificate to a principal: from then on the principal's calls must
+    /// come over mutual TLS with this (or another bound) certificate.
+    BindCertificate {
+        #[arg(long)]
+        principal: String,
+        /// The client certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+    },
     /// Start a new key version for a registry's pseudonyms. Patients the registry does
     /// not know yet get pseudonyms of the new version; known patients keep theirs, so
     /// every record stays linked. See docs/pseudonyms.md.

@@ -272,6 +272,16 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
                 );
             }
         }
+        AdminCommand::BindCertificate { principal, cert } => {
+            use rustls_pki_types::{CertificateDer, pem::PemObject};
+            let der = CertificateDer::from_pem_file(&cert)
+                .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
+            let fingerprint = auth::certificate_fingerprint(&der);
+            store.bind_certificate(&principal, &fingerprint).await?;
+            println!(
+                "bound certificate {fingerprint} to {principal}: its calls must now present it (mutual TLS)"
+            );
+        }
         AdminCommand::RotateKey { registry } => {
             let version = store.rotate_registry_key(&registry).await?;
             println!(

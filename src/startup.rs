@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use ring::rand::SystemRandom;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::api::{
@@ -55,6 +55,44 @@ pub enum StartupError {
     Random,
     #[error("cannot serve metrics on {addr}: {reason}")]
     Metrics { addr: SocketAddr, reason: String },
+    #[error("cannot read {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing plaintext gRPC on {0}, which is not a loopback address: configure --tls-cert and \
+         --tls-key, or set --allow-plaintext if a proxy in front terminates TLS"
+    )]
+    Plaintext(SocketAddr),
+}
+
+/// The server's TLS configuration, from PEM files; `None` for plaintext, which is only
+/// allowed on loopback unless forced.
+fn tls_config(args: &ServeArgs) -> Result<Option<ServerTlsConfig>, StartupError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| StartupError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        if !args.listen.ip().is_loopback() && !args.allow_plaintext {
+            return Err(StartupError::Plaintext(args.listen));
+        }
+        if !args.listen.ip().is_loopback() {
+            warn!(listen = %args.listen, "serving PLAINTEXT gRPC on a non-loopback address (--allow-plaintext)");
+        }
+        return Ok(None);
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(false);
+        info!("mutual TLS: client certificates required");
+    }
+    Ok(Some(config))
 }
 
 /// Serves Prometheus metrics on `addr` (process-wide: a second call in the same process,
@@ -184,6 +222,7 @@ pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
     args: ServeArgs,
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Application {
@@ -238,6 +277,7 @@ impl Application {
             store,
             writer,
         });
+        let tls = tls_config(&args)?;
         let listener =
             TcpListener::bind(args.listen)
                 .await
@@ -257,6 +297,7 @@ impl Application {
             listener,
             state,
             args,
+            tls,
         })
     }
 
@@ -309,7 +350,11 @@ impl Application {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let result = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls)?;
+        }
+        let result = server
             .timeout(self.args.request_timeout())
             .add_service(health_service)
             .add_service(reflection_v1)

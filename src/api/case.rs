@@ -14,7 +14,10 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, Call, SharedState, parse_pseudonym, rejection, zeroize_identifiers};
+use super::{
+    ApiError, Call, SharedState, client_certificate, parse_pseudonym, rejection,
+    zeroize_identifiers,
+};
 use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
@@ -174,6 +177,7 @@ impl CaseApi {
         // or its principal disabled) while the stream is open stops it at the next item.
         let key =
             Arc::new(PresentedKey::from_metadata(request.metadata()).map_err(ApiError::from)?);
+        let certificate: Arc<Option<String>> = Arc::new(client_certificate(&request));
         let mut input = request.into_inner();
         let state = self.state.clone();
         // Submissions are processed concurrently, BULK_IN_FLIGHT at a time; their results
@@ -198,11 +202,15 @@ impl CaseApi {
                 };
                 let state = state.clone();
                 let key = key.clone();
+                let certificate = certificate.clone();
                 let handle = tokio::spawn(async move {
                     let mut item = std::mem::take(&mut item);
                     // Each item is audited on its own, with the write it makes.
                     let mut call = Call::new("CaseService/SubmitCases");
-                    let result = match state.authenticate_key(&key, &mut call).await {
+                    let result = match state
+                        .authenticate_key(&key, certificate.as_ref().as_deref(), &mut call)
+                        .await
+                    {
                         Ok(principal) => submit_one(&state, &principal, item, &mut call).await,
                         Err(e) => {
                             zeroize_identifiers(&mut item.patient);

@@ -104,9 +104,11 @@ impl From<WriteError> for ApiError {
 impl ApiError {
     pub fn code(&self) -> Code {
         match self {
-            ApiError::Auth(AuthError::MissingCredentials | AuthError::InvalidKey) => {
-                Code::Unauthenticated
-            }
+            ApiError::Auth(
+                AuthError::MissingCredentials
+                | AuthError::InvalidKey
+                | AuthError::CertificateMismatch,
+            ) => Code::Unauthenticated,
             ApiError::Auth(_) => Code::PermissionDenied,
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
@@ -328,7 +330,9 @@ impl AppState {
         call: &mut Call,
     ) -> Result<Principal, ApiError> {
         let key = PresentedKey::from_metadata(request.metadata())?;
-        self.authenticate_key(&key, call).await
+        let certificate = client_certificate(request);
+        self.authenticate_key(&key, certificate.as_deref(), call)
+            .await
     }
 
     /// Checks a presented key against its row (read on every call: revocation, expiry and
@@ -336,6 +340,7 @@ impl AppState {
     pub async fn authenticate_key(
         &self,
         key: &PresentedKey,
+        certificate: Option<&str>,
         call: &mut Call,
     ) -> Result<Principal, ApiError> {
         // The key id is public (it names the key, it does not unlock it): a failed
@@ -352,6 +357,12 @@ impl AppState {
         let verified = self.verifier.verify(key, &record.secret_hash).await;
         if verified && live {
             call.by(&record.principal);
+            // A principal bound to client certificates must present one of them (mutual
+            // TLS): a stolen key alone is not enough.
+            let bound = &record.bound_certificates;
+            if !bound.is_empty() && !certificate.is_some_and(|c| bound.iter().any(|b| b == c)) {
+                return Err(AuthError::CertificateMismatch.into());
+            }
             Ok(record.principal)
         } else {
             Err(AuthError::InvalidKey.into())
@@ -393,6 +404,14 @@ impl AppState {
         principal.require_registry(registry.id, &registry.code)?;
         Ok(registry)
     }
+}
+
+/// The fingerprint of the client certificate of the request's connection (mutual TLS).
+pub fn client_certificate<T>(request: &tonic::Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    certs
+        .first()
+        .map(|c| crate::auth::certificate_fingerprint(c))
 }
 
 /// Parses a pseudonym of `registry`; one of another registry is a field violation.

@@ -77,6 +77,9 @@ pub struct KeyRecord {
     pub revoked_at: Option<i64>,
     pub principal_disabled: bool,
     pub principal: Principal,
+    /// SHA-256 fingerprints (hex) of the client certificates bound to the principal; when
+    /// any, calls must come over a connection that presented one of them.
+    pub bound_certificates: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -488,6 +491,21 @@ impl Store {
     }
 
     /// Loads an API key with its principal and the registries the principal may act on.
+    /// Binds a client certificate (its SHA-256 fingerprint) to a principal.
+    pub async fn bind_certificate(&self, principal: &str, fingerprint: &str) -> Result<()> {
+        let id = self.principal_id(principal).await?;
+        sqlx::query(
+            "INSERT INTO principal_certificates (principal_id, fingerprint, created_at) \
+             VALUES ($1, $2, $3) ON CONFLICT (principal_id, fingerprint) DO NOTHING",
+        )
+        .bind(id)
+        .bind(fingerprint)
+        .bind(millis(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn load_key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
         let Some(row) = sqlx::query(
             "SELECT k.secret_hash, k.expires_at, k.revoked_at, p.id, p.name, p.role, p.disabled_at, \
@@ -524,7 +542,16 @@ impl Store {
         .iter()
         .map(|r| r.try_get::<i64, _>(0))
         .collect::<Result<_, _>>()?;
+        let bound_certificates =
+            sqlx::query("SELECT fingerprint FROM principal_certificates WHERE principal_id = $1")
+                .bind(principal_id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<_, _>>()?;
         Ok(Some(KeyRecord {
+            bound_certificates,
             secret_hash: row.try_get(0)?,
             expires_at: row.try_get(1)?,
             revoked_at: row.try_get(2)?,

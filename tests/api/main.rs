@@ -15,4 +15,5 @@ mod privacy;
 mod pseudonyms;
 mod research;
 mod service;
+mod tls;
 mod validation;

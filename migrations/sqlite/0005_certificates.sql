@@ -1,0 +1,9 @@
+-- Client certificates bound to principals (mutual TLS). Keep in step with
+-- ../postgres/0005_certificates.sql. A principal with bound certificates must call over a
+-- connection that presented one of them.
+CREATE TABLE principal_certificates (
+    principal_id INTEGER NOT NULL REFERENCES principals (id),
+    fingerprint  TEXT    NOT NULL, -- SHA-256 of the DER certificate, lower-case hex
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (principal_id, fingerprint)
+);
