@@ -15,8 +15,8 @@ use ern_registry::config::{AdminCommand, AuditCommand, Cli, Command, GlobalArgs,
 use ern_registry::keys::{self, KdfFile, MasterSecret, Passphrase};
 use ern_registry::pseudonym::Pseudonymiser;
 use ern_registry::startup::{self, Application};
+use ern_registry::store::Store;
 use ern_registry::store::writer::Writer;
-use ern_registry::store::{Backend, Store};
 use ern_registry::synthetic;
 
 fn init_logging(format: LogFormat) {
@@ -160,11 +160,7 @@ async fn demo(
     let kdf_file = KdfFile::default_path(&key_file);
     let master = startup::load_master_secret(&key_file, &kdf_file, passphrase.as_ref(), true)?;
     let store = startup::open_store(&global.database_url(), 4).await?;
-    // One writer on SQLite (a single-writer database), several on PostgreSQL.
-    let partitions = match store.backend() {
-        Backend::Sqlite => 1,
-        Backend::Postgres => 4,
-    };
+    let partitions = store.backend().default_writers();
     let writer = Writer::start(
         store.clone(),
         partitions,

@@ -247,10 +247,9 @@ impl Application {
             install_metrics(addr)?;
         }
         let store = open_store(database_url, args.db_max_connections).await?;
-        let writers = args.writers.unwrap_or(match store.backend() {
-            Backend::Sqlite => 1,
-            Backend::Postgres => 4,
-        });
+        let writers = args
+            .writers
+            .unwrap_or_else(|| store.backend().default_writers());
         let writers = if store.backend() == Backend::Sqlite {
             1
         } else {

@@ -97,6 +97,17 @@ pub fn from_millis(ms: i64) -> Result<DateTime<Utc>> {
         .ok_or_else(|| StoreError::Corrupt("timestamp out of range".into()))
 }
 
+impl Backend {
+    /// Writer partitions by default: one on SQLite (a single-writer database), several on
+    /// PostgreSQL.
+    pub fn default_writers(self) -> usize {
+        match self {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 4,
+        }
+    }
+}
+
 impl Store {
     /// Connects, applying per-connection settings: on SQLite WAL journaling, full
     /// synchronous commits (an acknowledged write survives a crash or power loss),
