@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A body that is not a valid message is INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::api::codec::StrictProstCodec")
         .compile_fds(fds)?;
     Ok(())
 }

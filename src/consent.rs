@@ -282,9 +282,11 @@ pub fn parse_attestation(
     violations.into_result().map(|()| out)
 }
 
-/// Converts a protobuf timestamp; `None` when out of chrono's range or malformed.
+/// Converts a protobuf timestamp; `None` when out of chrono's range or malformed (nanos
+/// must be 0..=999,999,999, as protobuf defines them: chrono would otherwise read a larger
+/// value as a leap second).
 pub fn timestamp_from_proto(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    let nanos = u32::try_from(t.nanos).ok()?;
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
     DateTime::from_timestamp(t.seconds, nanos)
 }
 
@@ -298,6 +300,14 @@ pub fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_with_out_of_range_nanos_are_malformed() {
+        let t = |seconds, nanos| timestamp_from_proto(&prost_types::Timestamp { seconds, nanos });
+        assert!(t(59, 999_999_999).is_some());
+        assert_eq!(t(59, 1_500_000_000), None);
+        assert_eq!(t(0, -1), None);
+    }
 
     fn t(days: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_700_000_000, 0).unwrap() + Duration::days(days)

@@ -144,9 +144,12 @@ impl Dimension {
         }
     }
 
-    /// Parses a filter value in the form [`Dimension::label`] publishes.
+    /// Parses a filter value in the form [`Dimension::label`] publishes; the error says what
+    /// was expected.
     pub fn parse_value(self, s: &str) -> Result<Key, String> {
-        let bad = |what: &str| Err(format!("{s:?} is not {what}"));
+        // The message names what is expected, never the value given (the field path says
+        // which one).
+        let bad = |what: &str| Err(format!("is not {what}"));
         match self {
             Dimension::Diagnosis if s == "undiagnosed" => Ok(Key::Int(ORPHA_UNDIAGNOSED.into())),
             Dimension::Diagnosis => Orphacode::parse(s)

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod case;
+pub mod codec;
 pub mod consent;
 pub mod research;
 
