@@ -151,6 +151,28 @@ pub fn is_active(events: &[ConsentEvent], scope: Scope, at: DateTime<Utc>) -> bo
         .is_some_and(|e| e.decision == Decision::Granted && e.expires_at.is_none_or(|exp| exp > at))
 }
 
+/// Research eligibility from a consent history: whether REGISTRY_INCLUSION and
+/// RESEARCH_USE are both granted in the decisions in force at `at`, and until when (the
+/// earlier of their expiries; `None`: no expiry). Expiry is left to the query, which
+/// compares it with its own time.
+pub fn research_eligibility(
+    events: &[ConsentEvent],
+    at: DateTime<Utc>,
+) -> (bool, Option<DateTime<Utc>>) {
+    let mut until: Option<DateTime<Utc>> = None;
+    for scope in [Scope::RegistryInclusion, Scope::ResearchUse] {
+        match in_force(events, scope, at) {
+            Some(e) if e.decision == Decision::Granted => {
+                if let Some(exp) = e.expires_at {
+                    until = Some(until.map_or(exp, |u| u.min(exp)));
+                }
+            }
+            _ => return (false, None),
+        }
+    }
+    (true, until)
+}
+
 /// Why a record may not be stored: said to the physician, so it names the scope and the
 /// state, never clinical data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -300,6 +322,32 @@ pub fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn research_eligibility_needs_both_scopes_and_ends_at_the_earlier_expiry() {
+        let event = |seq, scope, decision, given: i64, expires: Option<i64>| ConsentEvent {
+            seq,
+            scope,
+            decision,
+            given_at: t(given),
+            expires_at: expires.map(t),
+        };
+        let inclusion = event(1, Scope::RegistryInclusion, Decision::Granted, 0, Some(50));
+        let research = event(2, Scope::ResearchUse, Decision::Granted, 0, Some(40));
+        assert_eq!(
+            research_eligibility(&[inclusion.clone()], t(10)),
+            (false, None)
+        );
+        assert_eq!(
+            research_eligibility(&[inclusion.clone(), research.clone()], t(10)),
+            (true, Some(t(40)))
+        );
+        let withdrawn = event(3, Scope::ResearchUse, Decision::Withdrawn, 5, None);
+        assert_eq!(
+            research_eligibility(&[inclusion, research, withdrawn], t(10)),
+            (false, None)
+        );
+    }
 
     #[test]
     fn timestamps_with_out_of_range_nanos_are_malformed() {

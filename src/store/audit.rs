@@ -7,6 +7,9 @@ use tokio_stream::StreamExt;
 use super::{Result, Store, StoreError};
 use crate::audit::{AuditKey, Broken, Entry, Stored, Verifier, bounded};
 
+/// Entries per INSERT statement (11 parameters each: well inside both databases' limits).
+const INSERT_CHUNK: usize = 256;
+
 /// Appends `entries` (each with its time, in milliseconds) to the chain, in order, inside
 /// the caller's transaction. Takes the head row's lock first, so concurrent transactions
 /// append one after the other and the numbering follows commit order.
@@ -25,6 +28,7 @@ pub async fn append(
     let last: i64 = head.try_get(0)?;
     let mut previous: String = head.try_get(1)?;
     let mut seq = last - entries.len() as i64;
+    let mut rows = Vec::with_capacity(entries.len());
     for (at, entry) in entries {
         seq += 1;
         let entry = Entry {
@@ -37,25 +41,43 @@ pub async fn append(
             ..entry.clone()
         };
         let mac = key.mac(&previous, seq, *at, &entry);
-        sqlx::query(
-            "INSERT INTO audit_log (seq, at, principal_id, principal, role, centre, method, registry, \
-                                    outcome, items, mac) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(seq)
-        .bind(*at)
-        .bind(entry.principal_id)
-        .bind(entry.principal.as_str())
-        .bind(entry.role.as_str())
-        .bind(entry.centre.as_str())
-        .bind(entry.method.as_str())
-        .bind(entry.registry.as_str())
-        .bind(entry.outcome.as_str())
-        .bind(entry.items)
-        .bind(mac.as_str())
-        .execute(&mut *conn)
-        .await?;
-        previous = mac;
+        previous = mac.clone();
+        rows.push(Stored {
+            seq,
+            at: *at,
+            entry,
+            mac,
+        });
+    }
+    // Multi-row inserts: one statement per chunk, not per entry.
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p: Vec<String> = (1..=11).map(|j| format!("${}", i * 11 + j)).collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO audit_log (seq, at, principal_id, principal, role, centre, method, \
+                                    registry, outcome, items, mac) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for r in chunk {
+            query = query
+                .bind(r.seq)
+                .bind(r.at)
+                .bind(r.entry.principal_id)
+                .bind(r.entry.principal.as_str())
+                .bind(r.entry.role.as_str())
+                .bind(r.entry.centre.as_str())
+                .bind(r.entry.method.as_str())
+                .bind(r.entry.registry.as_str())
+                .bind(r.entry.outcome.as_str())
+                .bind(r.entry.items)
+                .bind(r.mac.as_str());
+        }
+        query.execute(&mut *conn).await?;
     }
     sqlx::query("UPDATE audit_head SET mac = $1 WHERE id = 1")
         .bind(previous)

@@ -155,7 +155,6 @@ pub async fn append_consent(
     .bind(decision.expires_at.map(millis))
     .execute(&mut *conn)
     .await?;
-    refresh_eligibility(conn, registry_id, pseudonym).await?;
     Ok(id)
 }
 
@@ -188,7 +187,9 @@ async fn eligibility(
     Ok((granted == 2, until))
 }
 
-async fn refresh_eligibility(
+/// Recomputes the research eligibility of the patient's research row (if it has one) from
+/// the decisions in force; call after appending consent events without a case write.
+pub async fn refresh_eligibility(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -207,18 +208,33 @@ async fn refresh_eligibility(
     Ok(())
 }
 
-/// Makes version `version` of case `case_id` (just written: `row`) what represents the
-/// patient in research counts, with their research eligibility.
+/// What represents a patient in research counts: a version of one of their cases, and
+/// their research eligibility (`consent::research_eligibility`).
+pub struct Representative<'a> {
+    pub case_id: i64,
+    pub version: i64,
+    pub centre_id: i64,
+    pub row: &'a CaseRow,
+    pub eligible: bool,
+    pub eligible_until: Option<DateTime<Utc>>,
+}
+
+/// Makes `r` (just written) what represents the patient in research counts.
 pub async fn set_representative(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
-    case_id: i64,
-    version: i64,
-    centre_id: i64,
-    row: &CaseRow,
+    r: Representative<'_>,
 ) -> Result<()> {
-    let (eligible, until) = eligibility(conn, registry_id, pseudonym).await?;
+    let Representative {
+        case_id,
+        version,
+        centre_id,
+        row,
+        eligible,
+        eligible_until,
+    } = r;
+    let until = eligible_until.map(millis);
     sqlx::query(
         "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                orphacode, sex, status, diagnosis_year, onset_age_days, \

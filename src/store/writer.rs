@@ -387,14 +387,19 @@ async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, Wri
         c.now,
     )
     .await?;
+    let (eligible, eligible_until) = consent::research_eligibility(&events, c.now);
     cases::set_representative(
         conn,
         c.registry_id,
         &c.pseudonym,
-        case_id,
-        1,
-        c.centre_id,
-        &c.row,
+        cases::Representative {
+            case_id,
+            version: 1,
+            centre_id: c.centre_id,
+            row: &c.row,
+            eligible,
+            eligible_until,
+        },
     )
     .await?;
     Ok(Written {
@@ -425,14 +430,19 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
     .await?;
     let version = current + 1;
     cases::insert_version(conn, case_id, version, c.principal_id, &c.row, c.now).await?;
+    let (eligible, eligible_until) = consent::research_eligibility(&events, c.now);
     cases::set_representative(
         conn,
         c.registry_id,
         &c.pseudonym,
-        case_id,
-        version,
-        c.centre_id,
-        &c.row,
+        cases::Representative {
+            case_id,
+            version,
+            centre_id: c.centre_id,
+            row: &c.row,
+            eligible,
+            eligible_until,
+        },
     )
     .await?;
     Ok(Written {
@@ -467,6 +477,7 @@ async fn record_consent(conn: &mut AnyConnection, c: &RecordConsent) -> Result<O
             .await?,
         );
     }
+    cases::refresh_eligibility(conn, c.registry_id, &c.pseudonym).await?;
     Ok(Output::Consent(ids))
 }
 
@@ -509,5 +520,6 @@ async fn withdraw(conn: &mut AnyConnection, c: &Withdraw) -> Result<Output, Writ
             erased = Some(counts);
         }
     }
+    cases::refresh_eligibility(conn, c.registry_id, &c.pseudonym).await?;
     Ok(Output::Withdrawn { events, erased })
 }
