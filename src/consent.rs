@@ -335,7 +335,7 @@ mod tests {
         let inclusion = event(1, Scope::RegistryInclusion, Decision::Granted, 0, Some(50));
         let research = event(2, Scope::ResearchUse, Decision::Granted, 0, Some(40));
         assert_eq!(
-            research_eligibility(&[inclusion.clone()], t(10)),
+            research_eligibility(std::slice::from_ref(&inclusion), t(10)),
             (false, None)
         );
         assert_eq!(
