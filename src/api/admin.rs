@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, SharedState};
+use super::{ApiError, Call, SharedState, audited};
 use crate::auth::Role;
 use crate::consent::{timestamp_from_proto, timestamp_to_proto};
 use crate::domain::FieldViolations;
@@ -114,8 +114,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<proto::ListAuditEntriesRequest>,
     ) -> Result<Response<proto::ListAuditEntriesResponse>, Status> {
-        let mut call = Call::new("AdminService/ListAuditEntries");
-        let result = self.list_audit_entries_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "AdminService/ListAuditEntries",
+            list_audit_entries_inner,
+            request
+        )
     }
 }

@@ -15,7 +15,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    ApiError, Call, SharedState, client_certificate, parse_pseudonym, rejection,
+    ApiError, Call, SharedState, audited, client_certificate, parse_pseudonym, rejection,
     zeroize_identifiers,
 };
 use crate::auth::{PresentedKey, Principal, Role};
@@ -393,36 +393,28 @@ impl CaseService for CaseApi {
         &self,
         request: Request<proto::SubmitCaseRequest>,
     ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
-        let mut call = Call::new("CaseService/SubmitCase");
-        let result = self.submit_case_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(self, "CaseService/SubmitCase", submit_case_inner, request)
     }
 
     async fn submit_cases(
         &self,
         request: Request<Streaming<proto::SubmitCaseRequest>>,
     ) -> Result<Response<Self::SubmitCasesStream>, Status> {
-        let mut call = Call::new("CaseService/SubmitCases");
-        let result = self.submit_cases_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(self, "CaseService/SubmitCases", submit_cases_inner, request)
     }
 
     async fn get_case(
         &self,
         request: Request<proto::GetCaseRequest>,
     ) -> Result<Response<proto::GetCaseResponse>, Status> {
-        let mut call = Call::new("CaseService/GetCase");
-        let result = self.get_case_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(self, "CaseService/GetCase", get_case_inner, request)
     }
 
     async fn update_case(
         &self,
         request: Request<proto::UpdateCaseRequest>,
     ) -> Result<Response<proto::UpdateCaseResponse>, Status> {
-        let mut call = Call::new("CaseService/UpdateCase");
-        let result = self.update_case_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(self, "CaseService/UpdateCase", update_case_inner, request)
     }
 }
 

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, SharedState, parse_pseudonym, rejection, zeroize_identifiers};
+use super::{
+    ApiError, Call, SharedState, audited, parse_pseudonym, rejection, zeroize_identifiers,
+};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, ConsentEvent, Scope, timestamp_from_proto, timestamp_to_proto};
 use crate::domain::{ClientReference, FieldViolations};
@@ -549,44 +551,59 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<proto::RecordConsentRequest>,
     ) -> Result<Response<proto::RecordConsentResponse>, Status> {
-        let mut call = Call::new("ConsentService/RecordConsent");
-        let result = self.record_consent_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ConsentService/RecordConsent",
+            record_consent_inner,
+            request
+        )
     }
 
     async fn record_consents(
         &self,
         request: Request<proto::RecordConsentsRequest>,
     ) -> Result<Response<proto::RecordConsentsResponse>, Status> {
-        let mut call = Call::new("ConsentService/RecordConsents");
-        let result = self.record_consents_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ConsentService/RecordConsents",
+            record_consents_inner,
+            request
+        )
     }
 
     async fn withdraw_consent(
         &self,
         request: Request<proto::WithdrawConsentRequest>,
     ) -> Result<Response<proto::WithdrawConsentResponse>, Status> {
-        let mut call = Call::new("ConsentService/WithdrawConsent");
-        let result = self.withdraw_consent_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ConsentService/WithdrawConsent",
+            withdraw_consent_inner,
+            request
+        )
     }
 
     async fn get_consent(
         &self,
         request: Request<proto::GetConsentRequest>,
     ) -> Result<Response<proto::GetConsentResponse>, Status> {
-        let mut call = Call::new("ConsentService/GetConsent");
-        let result = self.get_consent_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ConsentService/GetConsent",
+            get_consent_inner,
+            request
+        )
     }
 
     async fn get_erasure_receipt(
         &self,
         request: Request<proto::GetErasureReceiptRequest>,
     ) -> Result<Response<proto::ErasureReceipt>, Status> {
-        let mut call = Call::new("ConsentService/GetErasureReceipt");
-        let result = self.get_erasure_receipt_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ConsentService/GetErasureReceipt",
+            get_erasure_receipt_inner,
+            request
+        )
     }
 }

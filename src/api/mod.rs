@@ -182,6 +182,17 @@ fn incident_reference() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The body of every RPC method: runs the handler `$inner` inside a [`Call`] named
+/// `$method` ("Service/Method") and concludes it (audit entry, metrics, status).
+macro_rules! audited {
+    ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
+        let mut call = $crate::api::Call::new($method);
+        let result = $self.$inner($request, &mut call).await;
+        $self.state.conclude(call, result).await
+    }};
+}
+pub(crate) use audited;
+
 /// The audit record of one call, filled in as the handler learns who and what. Every
 /// call is concluded with [`AppState::conclude`], which appends it (unless the writer
 /// already did, in the transaction of the change it records).

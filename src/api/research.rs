@@ -11,7 +11,7 @@ use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::{ApiError, Call, SharedState};
+use super::{ApiError, Call, SharedState, audited};
 use crate::aggregate::{
     self, CountTable, DELAY_BANDS, Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS,
     MAX_EXPERTISE_CODES, MAX_FILTER_VALUES, Quantiles, QueryError, TableBuilder,
@@ -232,6 +232,29 @@ impl ResearchApi {
         Ok((principal, registry))
     }
 
+    /// The caller (a researcher of the registry asked about) and what to count: the
+    /// request's (registry, group_by, filters) validated, at most `max` dimensions.
+    async fn selection<T>(
+        &self,
+        request: &Request<T>,
+        (registry, group_by, filters): (&str, &[i32], &[proto::Filter]),
+        max: usize,
+        call: &mut Call,
+    ) -> Result<(Principal, Registry, Selection), ApiError> {
+        let (principal, registry) = self.researcher_registry(request, registry, call).await?;
+        let mut v = FieldViolations::new();
+        let group_by = parse_group_by(group_by, max, &mut v);
+        let filters = parse_filters(filters, &mut v);
+        v.into_result()?;
+        let selection = Selection {
+            registry_id: registry.id,
+            group_by,
+            filters,
+            now: Utc::now(),
+        };
+        Ok((principal, registry, selection))
+    }
+
     /// The registries the caller may search for expertise: a researcher's own; for a
     /// physician every registry (finding where expertise is, for a referral, is their
     /// use of it); restricted to `asked` when given.
@@ -285,20 +308,15 @@ impl ResearchApi {
         call: &mut Call,
     ) -> Result<Response<proto::CountTable>, Status> {
         let req = request.get_ref();
-        let (principal, registry) = self
-            .researcher_registry(&request, &req.registry, call)
+        let (principal, registry, selection) = self
+            .selection(
+                &request,
+                (&req.registry, &req.group_by, &req.filters),
+                MAX_COUNT_DIMENSIONS,
+                call,
+            )
             .await?;
-        let mut v = FieldViolations::new();
-        let group_by = parse_group_by(&req.group_by, MAX_COUNT_DIMENSIONS, &mut v);
-        let filters = parse_filters(&req.filters, &mut v);
-        v.into_result().map_err(ApiError::from)?;
-        let now = Utc::now();
-        let selection = Selection {
-            registry_id: registry.id,
-            group_by,
-            filters,
-            now,
-        };
+        let now = selection.now;
         let mut builder = TableBuilder::new();
         self.state
             .store
@@ -334,20 +352,15 @@ impl ResearchApi {
         call: &mut Call,
     ) -> Result<Response<proto::DiagnosticDelayResponse>, Status> {
         let req = request.get_ref();
-        let (principal, registry) = self
-            .researcher_registry(&request, &req.registry, call)
+        let (principal, registry, selection) = self
+            .selection(
+                &request,
+                (&req.registry, &req.group_by, &req.filters),
+                MAX_DELAY_DIMENSIONS,
+                call,
+            )
             .await?;
-        let mut v = FieldViolations::new();
-        let group_by = parse_group_by(&req.group_by, MAX_DELAY_DIMENSIONS, &mut v);
-        let filters = parse_filters(&req.filters, &mut v);
-        v.into_result().map_err(ApiError::from)?;
-        let now = Utc::now();
-        let selection = Selection {
-            registry_id: registry.id,
-            group_by,
-            filters,
-            now,
-        };
+        let now = selection.now;
         let k = registry.min_cell_count as u64;
         let table = self
             .state
@@ -515,26 +528,35 @@ impl ResearchService for ResearchApi {
         &self,
         request: Request<proto::CountPatientsRequest>,
     ) -> Result<Response<proto::CountTable>, Status> {
-        let mut call = Call::new("ResearchService/CountPatients");
-        let result = self.count_patients_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ResearchService/CountPatients",
+            count_patients_inner,
+            request
+        )
     }
 
     async fn diagnostic_delay(
         &self,
         request: Request<proto::DiagnosticDelayRequest>,
     ) -> Result<Response<proto::DiagnosticDelayResponse>, Status> {
-        let mut call = Call::new("ResearchService/DiagnosticDelay");
-        let result = self.diagnostic_delay_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ResearchService/DiagnosticDelay",
+            diagnostic_delay_inner,
+            request
+        )
     }
 
     async fn find_expertise(
         &self,
         request: Request<proto::FindExpertiseRequest>,
     ) -> Result<Response<proto::FindExpertiseResponse>, Status> {
-        let mut call = Call::new("ResearchService/FindExpertise");
-        let result = self.find_expertise_inner(request, &mut call).await;
-        self.state.conclude(call, result).await
+        audited!(
+            self,
+            "ResearchService/FindExpertise",
+            find_expertise_inner,
+            request
+        )
     }
 }

@@ -239,6 +239,15 @@ fn key_at(row: &sqlx::any::AnyRow, i: usize, dim: Dimension) -> Result<Key, sqlx
     })
 }
 
+/// The group values of a row: its first columns, one per dimension grouped by.
+fn keys_of(row: &sqlx::any::AnyRow, group_by: &[Dimension]) -> Result<Vec<Key>, sqlx::Error> {
+    group_by
+        .iter()
+        .enumerate()
+        .map(|(i, d)| key_at(row, i, *d))
+        .collect()
+}
+
 fn count_at(row: &sqlx::any::AnyRow, i: usize) -> Result<u64, StoreError> {
     let n: i64 = row.try_get(i)?;
     u64::try_from(n).map_err(|_| StoreError::Corrupt("negative count".into()))
@@ -262,13 +271,7 @@ impl Store {
         let n = sel.group_by.len();
         while let Some(row) = rows.next().await {
             let row = row?;
-            let keys = sel
-                .group_by
-                .iter()
-                .enumerate()
-                .map(|(i, d)| key_at(&row, i, *d))
-                .collect::<Result<Vec<_>, _>>()?;
-            table.add(keys, count_at(&row, n)?)?;
+            table.add(keys_of(&row, &sel.group_by)?, count_at(&row, n)?)?;
         }
         Ok(())
     }
@@ -298,14 +301,8 @@ impl Store {
         let mut builder = DelayBuilder::new(&sel.group_by, k);
         while let Some(row) = rows.next().await {
             let row = row?;
-            let keys = sel
-                .group_by
-                .iter()
-                .enumerate()
-                .map(|(i, d)| key_at(&row, i, *d))
-                .collect::<Result<Vec<_>, _>>()?;
             let m: i64 = row.try_get(n)?;
-            builder.add(keys, m, count_at(&row, n + 1)?)?;
+            builder.add(keys_of(&row, &sel.group_by)?, m, count_at(&row, n + 1)?)?;
         }
         Ok(builder.finish()?)
     }

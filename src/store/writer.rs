@@ -387,25 +387,53 @@ async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, Wri
         c.now,
     )
     .await?;
-    let (eligible, eligible_until) = consent::research_eligibility(&events, c.now);
-    cases::set_representative(
+    represent(
         conn,
         c.registry_id,
         &c.pseudonym,
-        cases::Representative {
-            case_id,
-            version: 1,
-            centre_id: c.centre_id,
-            row: &c.row,
-            eligible,
-            eligible_until,
-        },
+        case_id,
+        1,
+        c.centre_id,
+        &c.row,
+        &events,
+        c.now,
     )
     .await?;
     Ok(Written {
         version: 1,
         recorded_at: c.now,
     })
+}
+
+/// Makes the version just written represent the patient in research counts, with the
+/// eligibility its consent history gives.
+#[allow(clippy::too_many_arguments)]
+async fn represent(
+    conn: &mut AnyConnection,
+    registry_id: i64,
+    pseudonym: &str,
+    case_id: i64,
+    version: i64,
+    centre_id: i64,
+    row: &CaseRow,
+    events: &[ConsentEvent],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let (eligible, eligible_until) = consent::research_eligibility(events, now);
+    cases::set_representative(
+        conn,
+        registry_id,
+        pseudonym,
+        cases::Representative {
+            case_id,
+            version,
+            centre_id,
+            row,
+            eligible,
+            eligible_until,
+        },
+    )
+    .await
 }
 
 async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, WriteError> {
@@ -430,19 +458,16 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
     .await?;
     let version = current + 1;
     cases::insert_version(conn, case_id, version, c.principal_id, &c.row, c.now).await?;
-    let (eligible, eligible_until) = consent::research_eligibility(&events, c.now);
-    cases::set_representative(
+    represent(
         conn,
         c.registry_id,
         &c.pseudonym,
-        cases::Representative {
-            case_id,
-            version,
-            centre_id: c.centre_id,
-            row: &c.row,
-            eligible,
-            eligible_until,
-        },
+        case_id,
+        version,
+        c.centre_id,
+        &c.row,
+        &events,
+        c.now,
     )
     .await?;
     Ok(Written {
