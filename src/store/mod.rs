@@ -261,16 +261,7 @@ impl Store {
         if exists.is_some() {
             return Err(StoreError::AlreadyExists(format!("centre {code}")));
         }
-        let id: i64 = sqlx::query(
-            "INSERT INTO centres (code, name, country, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(code)
-        .bind(name)
-        .bind(country)
-        .bind(millis(Utc::now()))
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
+        let id = insert_centre(&mut tx, code, name, country).await?;
         for registry_id in resolve_registries(&mut tx, registries).await? {
             sqlx::query("INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2)")
                 .bind(id)
@@ -377,16 +368,7 @@ impl Store {
             .await?
         {
             Some(row) => row.try_get(0)?,
-            None => sqlx::query(
-                "INSERT INTO centres (code, name, country, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
-            )
-            .bind(code)
-            .bind(name)
-            .bind(country)
-            .bind(millis(Utc::now()))
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?,
+            None => insert_centre(&mut tx, code, name, country).await?,
         };
         sqlx::query(
             "INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2) \
@@ -576,6 +558,24 @@ impl Store {
             },
         }))
     }
+}
+
+async fn insert_centre(
+    conn: &mut sqlx::AnyConnection,
+    code: &str,
+    name: &str,
+    country: &str,
+) -> Result<i64> {
+    Ok(sqlx::query(
+        "INSERT INTO centres (code, name, country, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(code)
+    .bind(name)
+    .bind(country)
+    .bind(millis(Utc::now()))
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?)
 }
 
 fn registry_from_row(row: &sqlx::any::AnyRow) -> Result<Registry> {

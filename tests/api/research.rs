@@ -140,6 +140,16 @@ fn cell(t: &proto::CountTable, row: &str, col: &[&str]) -> Option<u64> {
     t.rows[r].cells[c].count
 }
 
+/// The researcher's count of every consented patient of ERN-LUNG, now.
+async fn total(researcher: &mut Research) -> Option<u64> {
+    let t = researcher
+        .count_patients(count_request(&[]))
+        .await
+        .unwrap()
+        .into_inner();
+    grand_total(&t)
+}
+
 fn grand_total(t: &proto::CountTable) -> Option<u64> {
     t.grand_total.as_ref().unwrap().count
 }
@@ -253,17 +263,7 @@ async fn a_withdrawn_or_expired_consent_leaves_the_very_next_query() {
     populate(&app, &patients).await;
     let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
     let mut officer = app.officer("officer", &["ERN-LUNG"]).await;
-    let total = |t: proto::CountTable| grand_total(&t);
-    assert_eq!(
-        total(
-            researcher
-                .count_patients(count_request(&[]))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        Some(12)
-    );
+    assert_eq!(total(&mut researcher).await, Some(12));
 
     // Withdraw research use: the record stays, the count drops at once.
     officer
@@ -275,16 +275,7 @@ async fn a_withdrawn_or_expired_consent_leaves_the_very_next_query() {
         .await
         .unwrap();
     assert_eq!(app.count("cases").await, 12);
-    assert_eq!(
-        total(
-            researcher
-                .count_patients(count_request(&[]))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        Some(11)
-    );
+    assert_eq!(total(&mut researcher).await, Some(11));
 
     // Withdraw inclusion: erased, and gone from the count.
     officer
@@ -295,16 +286,7 @@ async fn a_withdrawn_or_expired_consent_leaves_the_very_next_query() {
         ))
         .await
         .unwrap();
-    assert_eq!(
-        total(
-            researcher
-                .count_patients(count_request(&[]))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        Some(10)
-    );
+    assert_eq!(total(&mut researcher).await, Some(10));
 
     // A research consent that expires: counted before, not after.
     let expiry = chrono::Utc::now() + chrono::Duration::seconds(4);
@@ -326,44 +308,17 @@ async fn a_withdrawn_or_expired_consent_leaves_the_very_next_query() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        total(
-            researcher
-                .count_patients(count_request(&[]))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        Some(10)
-    );
+    assert_eq!(total(&mut researcher).await, Some(10));
     let left = expiry - chrono::Utc::now() + chrono::Duration::milliseconds(100);
     tokio::time::sleep(left.to_std().unwrap_or_default()).await;
-    assert_eq!(
-        total(
-            researcher
-                .count_patients(count_request(&[]))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        Some(9)
-    );
+    assert_eq!(total(&mut researcher).await, Some(9));
 
     // Patients without research consent were never counted: submit one with inclusion only.
     let mut dr = app.physician("dr-2", "NL-AMC").await;
     let mut req = request_for(&patient(999, "NL-AMC", "ORPHA:586", proto::Sex::Male));
     req.consent.truncate(1);
     dr.submit_case(req).await.unwrap();
-    assert_eq!(
-        total(
-            researcher
-                .count_patients(count_request(&[]))
-                .await
-                .unwrap()
-                .into_inner()
-        ),
-        Some(9)
-    );
+    assert_eq!(total(&mut researcher).await, Some(9));
 }
 
 #[tokio::test]
