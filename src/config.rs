@@ -248,6 +248,12 @@ pub enum AuditCommand {
 pub enum AdminCommand {
     /// List the registries (one per ERN).
     ListRegistries,
+    /// Disable a principal (someone who left): all their keys are refused from the next
+    /// call on; their records and audit entries stay.
+    DisablePrincipal {
+        #[arg(long)]
+        name: String,
+    },
     /// Bind a client certificate to a principal: from then on the principal's calls must
     /// come over mutual TLS with this (or another bound) certificate.
     BindCertificate {

@@ -268,6 +268,13 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
                 );
             }
         }
+        AdminCommand::DisablePrincipal { name } => {
+            if store.disable_principal(&name).await? {
+                println!("disabled {name}: every key of theirs is refused from the next call on");
+            } else {
+                return Err(format!("{name} is disabled already").into());
+            }
+        }
         AdminCommand::BindCertificate { principal, cert } => {
             use rustls_pki_types::{CertificateDer, pem::PemObject};
             let der = CertificateDer::from_pem_file(&cert)

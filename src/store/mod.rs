@@ -483,7 +483,20 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Loads an API key with its principal and the registries the principal may act on.
+    /// Disables a principal: every key of theirs is refused from the next call on (the
+    /// keys stay on file, for the audit log's sake). Returns false if already disabled.
+    pub async fn disable_principal(&self, name: &str) -> Result<bool> {
+        let id = self.principal_id(name).await?;
+        let done = sqlx::query(
+            "UPDATE principals SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL",
+        )
+        .bind(millis(Utc::now()))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Binds a client certificate (its SHA-256 fingerprint) to a principal.
     pub async fn bind_certificate(&self, principal: &str, fingerprint: &str) -> Result<()> {
         let id = self.principal_id(principal).await?;

@@ -325,14 +325,8 @@ impl World {
                 .expect("a live key works before it is killed");
         }
         assert!(app.store.revoke_api_key(key_id(&revoked)).await.unwrap());
-        // The store has no operation to disable a principal yet; set the column the
-        // authentication path reads.
-        sqlx::query("UPDATE principals SET disabled_at = $1 WHERE name = $2")
-            .bind(Utc::now().timestamp_millis())
-            .bind("dr-disabled")
-            .execute(app.store.pool())
-            .await
-            .unwrap();
+        assert!(app.store.disable_principal("dr-disabled").await.unwrap());
+        assert!(!app.store.disable_principal("dr-disabled").await.unwrap());
         let expired_id = app
             .store
             .create_principal("dr-expired", Role::Physician, Some("NL-LUNG-A"), &[])
