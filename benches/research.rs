@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ern_registry::aggregate::suppress::Rules;
 use ern_registry::aggregate::{Dimension, Filter, Key, TableBuilder};
 use ern_registry::keys::MasterSecret;
 use ern_registry::pseudonym::Pseudonymiser;
@@ -153,8 +154,9 @@ fn queries() -> Vec<Query> {
 }
 
 /// Runs one query; returns (cells, suppressed) to show what was computed.
-async fn run(store: &Store, registry_id: i64, k: u64, q: &Query) -> (usize, usize) {
+async fn run(store: &Store, registry_id: i64, rules: Rules, q: &Query) -> (usize, usize) {
     let now = Utc::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
     match &q.kind {
         Kind::Count(group_by, filters) => {
             let sel = Selection {
@@ -168,7 +170,7 @@ async fn run(store: &Store, registry_id: i64, k: u64, q: &Query) -> (usize, usiz
                 .count_patients(&sel, &mut builder)
                 .await
                 .expect("count");
-            let table = builder.finish(group_by, k).expect("table");
+            let table = builder.finish(group_by, rules, deadline).expect("table");
             (table.protected.cells.len(), table.suppressed())
         }
         Kind::Delay(group_by) => {
@@ -178,7 +180,8 @@ async fn run(store: &Store, registry_id: i64, k: u64, q: &Query) -> (usize, usiz
                 filters: vec![],
                 now,
             };
-            let table = store.diagnostic_delay(&sel, k).await.expect("delay");
+            let builder = store.diagnostic_delay(&sel).await.expect("delay");
+            let table = builder.finish(rules, deadline).expect("delay table");
             (table.groups.len() * 5, table.suppressed)
         }
         Kind::Expertise(codes) => {
@@ -251,18 +254,22 @@ async fn async_main() {
         .patients_in_registry(registry.id)
         .await
         .expect("count");
-    let k = registry.min_cell_count as u64;
+    let rules = Rules::new(
+        registry.min_cell_count as u64,
+        registry.protection_level as u64,
+    )
+    .expect("rules");
 
     reset_peak_rss();
     let baseline = peak_rss_mib();
     let mut lines = Vec::new();
     for q in queries() {
         // One warm-up, then timed runs.
-        let (cells, suppressed) = run(&store, registry.id, k, &q).await;
+        let (cells, suppressed) = run(&store, registry.id, rules, &q).await;
         let mut times: Vec<Duration> = Vec::with_capacity(runs);
         for _ in 0..runs {
             let t = Instant::now();
-            run(&store, registry.id, k, &q).await;
+            run(&store, registry.id, rules, &q).await;
             times.push(t.elapsed());
         }
         times.sort();
@@ -283,7 +290,7 @@ async fn async_main() {
     let mut out = format!(
         "\n## Research queries, {backend}, {}\n\nCommand: `{}cargo bench --bench research` \
          (ERN_BENCH_RUNS={runs}); {} cores; {patients} synthetic patients in {REGISTRY} \
-         (`ern-registry demo` generator), k = {k}. Time per query below the gRPC layer: SQL \
+         (`ern-registry demo` generator), k = {}, p = {}. Time per query below the gRPC layer: SQL \
          aggregation, table assembly and cell suppression; median and slowest of {runs} runs \
          after one warm-up.\n\n",
         Utc::now().format("%Y-%m-%d"),
@@ -293,6 +300,8 @@ async fn async_main() {
             ""
         },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rules.k(),
+        rules.protection(),
     );
     out.push_str(
         "| query | median ms | slowest ms | cells | suppressed |\n|---|---:|---:|---:|---:|\n",

@@ -154,6 +154,17 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_RESEARCH_QUERIES_PER_MINUTE", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub research_queries_per_minute: u32,
+    /// Time a research answer may take to be proven safe (cell suppression and its audit),
+    /// in milliseconds, counted from when it asks for a worker. An answer not proven safe
+    /// in time is not given (FAILED_PRECONDITION: ask a coarser question).
+    #[arg(long, env = "ERN_PROTECTION_BUDGET_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=120_000))]
+    pub protection_budget_ms: u64,
+    /// Research tables protected at once, each on a blocking thread off the async runtime;
+    /// further queries wait for a worker within their budget.
+    #[arg(long, env = "ERN_PROTECTION_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub protection_workers: u64,
     /// Pseudonym derivations (submissions and consent calls that send identifiers) each
     /// principal may make per minute, in bursts of up to as many; beyond, calls fail with
     /// RESOURCE_EXHAUSTED and the time to wait. Raise it for a bulk migration.
@@ -216,6 +227,8 @@ impl Default for ServeArgs {
             db_max_connections: 16,
             request_timeout_secs: 30,
             research_queries_per_minute: 60,
+            protection_budget_ms: 5_000,
+            protection_workers: 2,
             derivations_per_minute: 1200,
             metrics_listen: None,
             tls_cert: None,
@@ -280,6 +293,17 @@ pub enum AdminCommand {
         /// The new threshold, 2 to 100.
         #[arg(long)]
         k: i64,
+    },
+    /// Set a registry's protection level p: for every count a research answer hides,
+    /// the interval anyone can prove from the answer is at least p wide (default 1: no
+    /// hidden count is ever pinned to one value). See docs/privacy.md.
+    SetProtectionLevel {
+        /// Registry (ERN) code, e.g. ERN-EYE.
+        #[arg(long)]
+        registry: String,
+        /// The new level, 1 to 100.
+        #[arg(long)]
+        level: i64,
     },
     /// Create a centre and the ERNs it belongs to.
     CreateCentre {

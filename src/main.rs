@@ -263,8 +263,8 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
         AdminCommand::ListRegistries => {
             for r in store.list_registries().await? {
                 println!(
-                    "{:<22} key v{}  k={}  {}",
-                    r.code, r.active_key_version, r.min_cell_count, r.name
+                    "{:<22} key v{}  k={}  p={}  {}",
+                    r.code, r.active_key_version, r.min_cell_count, r.protection_level, r.name
                 );
             }
         }
@@ -295,6 +295,12 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
         AdminCommand::SetMinCellCount { registry, k } => {
             store.set_min_cell_count(&registry, k).await?;
             println!("{registry}: counts below {k} are suppressed from the next query on");
+        }
+        AdminCommand::SetProtectionLevel { registry, level } => {
+            store.set_protection_level(&registry, level).await?;
+            println!(
+                "{registry}: every hidden count lies in an interval at least {level} wide, from the next query on"
+            );
         }
         AdminCommand::CreateCentre {
             code,

@@ -273,6 +273,10 @@ impl Application {
                 "pseudonym derivations",
                 args.derivations_per_minute,
             ),
+            protection: crate::api::research::ProtectionPool::new(
+                args.protection_workers as usize,
+                std::time::Duration::from_millis(args.protection_budget_ms),
+            ),
             store,
             writer,
         });

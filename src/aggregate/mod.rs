@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use crate::domain::{
     CentreCode, CountryCode, HgncSymbol, ORPHA_UNDIAGNOSED, Orphacode, PatientStatus, Sex,
 };
-use suppress::{Protected, SuppressError, Table};
+use std::time::Instant;
+
+use suppress::{Protected, Rules, SuppressError, Table};
 
 /// Most interior cells of a published table (rows × columns). Finer tables are refused:
 /// they are mostly suppressed anyway, and their protection would cost too much.
@@ -203,14 +205,21 @@ pub enum QueryError {
         "the table would have more than {MAX_TABLE_CELLS} cells: group by fewer dimensions or add filters"
     )]
     TooFine,
+    #[error(
+        "the table could not be proven safe to publish within the time allowed: group by fewer dimensions or add filters"
+    )]
+    Unprovable,
     #[error("{0}")]
     Invalid(String),
 }
 
 impl From<SuppressError> for QueryError {
     fn from(err: SuppressError) -> Self {
-        // Table sizes are capped before protection (MAX_TABLE_CELLS), so this is a bug.
-        QueryError::Invalid(err.to_string())
+        match err {
+            SuppressError::OutOfTime { .. } => QueryError::Unprovable,
+            // Table sizes and rules are checked before protection, so this is a bug.
+            err => QueryError::Invalid(err.to_string()),
+        }
     }
 }
 
@@ -264,8 +273,14 @@ impl TableBuilder {
         Ok(())
     }
 
-    /// Builds and protects the table; `group_by` is what the keys were grouped by.
-    pub fn finish(self, group_by: &[Dimension], k: u64) -> Result<CountTable, QueryError> {
+    /// Builds and protects the table; `group_by` is what the keys were grouped by. Gives
+    /// up at `deadline`: a table not proven safe by then is not published.
+    pub fn finish(
+        self,
+        group_by: &[Dimension],
+        rules: Rules,
+        deadline: Instant,
+    ) -> Result<CountTable, QueryError> {
         let (row_dim, col_dims) = match group_by.split_first() {
             Some((r, c)) => (Some(*r), c.to_vec()),
             None => (None, Vec::new()),
@@ -291,7 +306,7 @@ impl TableBuilder {
         } else {
             Table::two_way(nrows, ncols, cells)?
         };
-        let protected = suppress::protect(&table, k)?;
+        let protected = suppress::protect(&table, rules, deadline)?;
         let row_labels = match row_dim {
             Some(dim) => row_order.iter().map(|(key, _)| dim.label(key)).collect(),
             None => vec!["all".to_string()],
@@ -386,9 +401,10 @@ impl DelayHistogram {
         a + (h - lo as f64) * (b - a)
     }
 
-    /// Quantiles in years (one decimal), only for at least `k` patients.
-    pub fn quantiles(&self, k: u64) -> Option<Quantiles> {
-        if self.total < k.max(1) {
+    /// Quantiles in years (one decimal); `None` for an empty histogram. Whether they may
+    /// be published is [`DelayBuilder::finish`]'s decision.
+    pub fn quantiles(&self) -> Option<Quantiles> {
+        if self.total == 0 {
             return None;
         }
         let years = |p| (self.quantile_months(p) / 12.0 * 10.0).round() / 10.0;
@@ -423,7 +439,6 @@ pub struct DelayTable {
 /// group, then months), keeping only the band counts and quantiles of finished groups.
 #[derive(Debug)]
 pub struct DelayBuilder {
-    k: u64,
     group_by: Vec<Dimension>,
     current: Option<(Vec<Key>, DelayHistogram)>,
     groups: Vec<(Vec<String>, [u64; DELAY_BANDS.len()], Option<Quantiles>)>,
@@ -431,9 +446,8 @@ pub struct DelayBuilder {
 }
 
 impl DelayBuilder {
-    pub fn new(group_by: &[Dimension], k: u64) -> Self {
+    pub fn new(group_by: &[Dimension]) -> Self {
         DelayBuilder {
-            k,
             group_by: group_by.to_vec(),
             current: None,
             groups: Vec::new(),
@@ -467,12 +481,16 @@ impl DelayBuilder {
                 .zip(&keys)
                 .map(|(dim, key)| dim.label(key))
                 .collect();
-            self.groups
-                .push((labels, hist.bands(), hist.quantiles(self.k)));
+            self.groups.push((labels, hist.bands(), hist.quantiles()));
         }
     }
 
-    pub fn finish(mut self) -> Result<DelayTable, QueryError> {
+    /// Protects the band table and decides which quantiles may be published: only a
+    /// group whose total and every band count are published (so at least k patients), and
+    /// the overall quantiles only when the grand total and every band total are. Their
+    /// presence then follows from published values alone and tells an attacker nothing
+    /// about a hidden count; their values bound only published counts.
+    pub fn finish(mut self, rules: Rules, deadline: Instant) -> Result<DelayTable, QueryError> {
         self.close_group();
         let mut overall = DelayHistogram::default();
         for (m, n) in &self.overall {
@@ -487,24 +505,33 @@ impl DelayBuilder {
             cells.resize(DELAY_BANDS.len(), 0);
         }
         let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?;
-        let p = suppress::protect(&table, self.k)?;
+        let p = suppress::protect(&table, rules, deadline)?;
         let ncols = DELAY_BANDS.len();
+        let publishable = |total: Option<u64>, bands: &[Option<u64>]| {
+            total.is_some_and(|t| t >= rules.k()) && bands.iter().all(Option::is_some)
+        };
         let groups = self
             .groups
             .into_iter()
             .enumerate()
-            .map(|(i, (labels, _, quantiles))| DelayGroup {
-                labels,
-                bands: p.cells[i * ncols..(i + 1) * ncols].to_vec(),
-                total: p.row_totals[i],
-                quantiles,
+            .map(|(i, (labels, _, quantiles))| {
+                let bands = p.cells[i * ncols..(i + 1) * ncols].to_vec();
+                let total = p.row_totals[i];
+                DelayGroup {
+                    quantiles: quantiles.filter(|_| publishable(total, &bands)),
+                    labels,
+                    bands,
+                    total,
+                }
             })
             .collect();
         Ok(DelayTable {
             groups,
-            band_totals: p.col_totals.clone(),
+            overall: overall
+                .quantiles()
+                .filter(|_| publishable(p.grand_total, &p.col_totals)),
+            band_totals: p.col_totals,
             grand_total: p.grand_total,
-            overall: overall.quantiles(self.k),
             suppressed: p.primary + p.secondary,
         })
     }
@@ -527,18 +554,43 @@ impl VolumeBand {
     }
 }
 
-/// The volume band of `cases` (≥ 1) under threshold `k`: everything below k is one
-/// band ("1-4" for k = 5), then 5-9, 10-19, 20-49, 50-99, 100-499, 500+ (bands that
-/// start below k merge into the band of k).
-pub fn volume_band(cases: u64, k: u64) -> VolumeBand {
-    let k = k.max(2);
-    let mut starts = vec![1, k];
-    starts.extend([10, 20, 50, 100, 500].into_iter().filter(|&s| s > k));
-    let i = starts.iter().rposition(|&s| cases >= s).unwrap_or(0);
-    VolumeBand {
-        min: starts[i],
-        max: starts.get(i + 1).map(|next| next - 1),
+/// Lower bounds of the fixed volume bands (1-9, 10-19, 20-49, 50-99, 100-199, 200-499,
+/// 500-999, 1000+). Fixed, so that no threshold produces a band of one value.
+pub const VOLUME_BAND_STARTS: [u64; 8] = [1, 10, 20, 50, 100, 200, 500, 1000];
+
+/// The bands in force for threshold `k` and protection level `p`: the fixed bands, with
+/// the lowest merged into the next while it lies below `k` (its top is less than k) or is
+/// narrower than `p` (top minus bottom). Every band then reaches k, is at least `p` wide,
+/// and none is a single value.
+pub fn volume_bands(k: u64, protection: u64) -> Vec<VolumeBand> {
+    let mut bands: Vec<VolumeBand> = VOLUME_BAND_STARTS
+        .iter()
+        .enumerate()
+        .map(|(i, &min)| VolumeBand {
+            min,
+            max: VOLUME_BAND_STARTS.get(i + 1).map(|next| next - 1),
+        })
+        .collect();
+    let mut i = 0;
+    while i + 1 < bands.len() {
+        let narrow = |b: &VolumeBand| b.max.is_some_and(|max| max < k || max - b.min < protection);
+        if narrow(&bands[i]) {
+            let next = bands.remove(i + 1);
+            bands[i].max = next.max;
+        } else {
+            i += 1;
+        }
     }
+    bands
+}
+
+/// The volume band of `cases` (>= 1) under threshold `k` and protection level `p`.
+pub fn volume_band(cases: u64, k: u64, protection: u64) -> VolumeBand {
+    volume_bands(k, protection)
+        .into_iter()
+        .rev()
+        .find(|b| cases >= b.min)
+        .unwrap_or(VolumeBand { min: 1, max: None })
 }
 
 #[cfg(test)]
@@ -596,30 +648,85 @@ mod tests {
         for m in [0, 12, 24, 36, 48] {
             h.add(m, 1);
         }
-        assert_eq!(h.quantiles(6), None);
-        let q = h.quantiles(5).unwrap();
+        assert_eq!(DelayHistogram::default().quantiles(), None);
+        let q = h.quantiles().unwrap();
         assert_eq!(q.median, 2.0);
         assert_eq!(q.p25, 1.0);
         assert_eq!(q.p75, 3.0);
         assert_eq!(q.p90, 3.6);
         let mut same = DelayHistogram::default();
         same.add(30, 7);
-        assert_eq!(same.quantiles(5).unwrap().median, 2.5);
+        assert_eq!(same.quantiles().unwrap().median, 2.5);
         assert_eq!(same.bands(), [0, 7, 0, 0, 0]);
     }
 
     #[test]
+    fn quantiles_only_for_groups_whose_total_and_bands_are_all_published() {
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut b = DelayBuilder::new(&[Dimension::Sex]);
+        let key = |s: &str| vec![Key::Text(s.into())];
+        // female: 40 patients, every band well filled; male: 30, two in the last band.
+        for (band_months, n) in [(0, 8), (24, 8), (72, 8), (150, 8), (300, 8)] {
+            b.add(key("female"), band_months, n).unwrap();
+        }
+        for (band_months, n) in [(0, 10), (24, 10), (72, 5), (150, 3), (300, 2)] {
+            b.add(key("male"), band_months, n).unwrap();
+        }
+        let t = b.finish(rules, deadline).unwrap();
+        let (female, male) = (&t.groups[0], &t.groups[1]);
+        assert!(male.bands.iter().any(Option::is_none));
+        assert_eq!(male.quantiles, None, "a hidden band: no quantiles");
+        let shown = |g: &DelayGroup| g.total.is_some() && g.bands.iter().all(Option::is_some);
+        assert_eq!(female.quantiles.is_some(), shown(female));
+        let all = t.grand_total.is_some() && t.band_totals.iter().all(Option::is_some);
+        assert_eq!(t.overall.is_some(), all);
+    }
+
+    #[test]
     fn volume_bands_hide_exact_counts() {
-        let label = |n, k| volume_band(n, k).label();
-        assert_eq!(label(1, 5), "1-4");
-        assert_eq!(label(4, 5), "1-4");
-        assert_eq!(label(5, 5), "5-9");
-        assert_eq!(label(19, 5), "10-19");
-        assert_eq!(label(499, 5), "100-499");
-        assert_eq!(label(10_000, 5), "500+");
-        assert_eq!(label(12, 15), "1-14");
-        assert_eq!(label(15, 15), "15-19");
-        assert_eq!(label(1, 2), "1");
+        let label = |n, k| volume_band(n, k, 1).label();
+        assert_eq!(label(1, 5), "1-9");
+        assert_eq!(label(9, 5), "1-9");
+        assert_eq!(label(10, 5), "10-19");
+        assert_eq!(label(499, 5), "200-499");
+        assert_eq!(label(10_000, 5), "1000+");
+        assert_eq!(label(12, 15), "1-19");
+        assert_eq!(label(1, 2), "1-9");
+        assert_eq!(label(9, 9), "1-9");
+        assert_eq!(label(19, 19), "1-19");
+        // p = 20: 1-9 and 10-19 are narrower, so they merge with 20-49.
+        assert_eq!(volume_band(15, 5, 20).label(), "1-49");
+        assert_eq!(volume_band(60, 5, 20).label(), "50-99");
+    }
+
+    #[test]
+    fn no_volume_band_is_a_single_value_below_k_or_narrower_than_p() {
+        for k in 2..=100 {
+            for p in [1, 2, 5, 10, 25, 50, 100] {
+                let bands = volume_bands(k, p);
+                assert_eq!(bands[0].min, 1);
+                for (i, b) in bands.iter().enumerate() {
+                    if let Some(max) = b.max {
+                        assert!(max >= k, "k={k} p={p}: band {} lies below k", b.label());
+                        assert!(
+                            max - b.min >= p,
+                            "k={k} p={p}: band {} too narrow",
+                            b.label()
+                        );
+                        assert_eq!(bands[i + 1].min, max + 1, "bands are contiguous");
+                    } else {
+                        assert_eq!(i, bands.len() - 1, "only the top band is open");
+                    }
+                    // The band's label never names a single value.
+                    assert!(b.label().contains('-') || b.label().ends_with('+'));
+                }
+                for cases in 1..2_000 {
+                    let b = volume_band(cases, k, p);
+                    assert!(cases >= b.min && b.max.is_none_or(|m| cases <= m));
+                }
+            }
+        }
     }
 
     #[test]
@@ -629,7 +736,11 @@ mod tests {
         b.add(vec![k("NL"), k("male")], 7).unwrap();
         b.add(vec![k("BE"), k("female")], 9).unwrap();
         b.add(vec![k("NL"), k("female")], 12).unwrap();
-        let t = b.finish(&[Dimension::Country, Dimension::Sex], 5).unwrap();
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let t = b
+            .finish(&[Dimension::Country, Dimension::Sex], rules, deadline)
+            .unwrap();
         assert_eq!(t.row_labels, ["BE", "NL"]);
         assert_eq!(t.column_labels, [vec!["female"], vec!["male"]]);
         // BE has no male patients: a published zero.

@@ -1,44 +1,67 @@
 //! Statistical disclosure control for frequency tables: primary and complementary cell
-//! suppression, with an exact audit.
+//! suppression, audited by the attacker's own linear program.
 //!
 //! A researcher receives counts of patients, with row totals, column totals and a grand
 //! total. Every count in `1..k` is hidden (*primary* suppression), margins included; zeros
-//! are published. Hiding small cells is not enough: the published cells and totals form a
-//! linear system, and a hidden cell that the system determines is as good as published.
-//! So further cells are hidden (*complementary* suppression) until no hidden value can be
-//! recomputed.
+//! are published. Hiding small cells is not enough: an attacker who takes everything the
+//! table publishes — every additivity relation, every published value, and the fact that a
+//! hidden count is a whole number of at least 1 (zeros are never hidden) — can bound each
+//! hidden cell by linear programming, and combining equations often pins cells that no
+//! single equation pins. So further cells are hidden (*complementary* suppression) until,
+//! for every hidden cell, the interval the attacker can prove is wide enough:
 //!
-//! The audit is exact linear algebra, in the spirit of Statistics Norway's Gaussian
-//! elimination method (`GaussSuppression`, in the R packages SSBtools and GaussSuppression,
-//! Langsrud 2024): the unknowns are the hidden cells, the equations are the table's
-//! additivity relations, and a hidden cell is recoverable exactly when its unit vector lies
-//! in the row space of the equations restricted to the hidden cells. That is decided on a
-//! reduced row echelon form computed with checked integer arithmetic, so the audit is never
-//! wrong: it answers, or it returns [`SuppressError::ArithmeticOverflow`]. Complements are
-//! chosen greedily and deterministically: for each recoverable cell, the published
-//! non-zero cell sharing an equation with it with the smallest value (then interior before
-//! margins before the grand total, then position), or failing that the smallest published
-//! non-zero cell anywhere; the audit is repeated until it finds nothing (one complement per
-//! audit at first, in batches once a table needs very many). A final pass tries to publish
-//! each complement again, largest first, keeping it published when the audit still finds
-//! nothing. Zeros are never hidden: counts are non-negative, so hidden cells that had to
-//! add up to 0 would all be 0. tau-Argus and sdcTable offer the heavier references: HITAS
-//! (optimal suppression by mixed-integer programming, with a protection interval for every
-//! hidden cell) and HYPERCUBE (a geometric heuristic with a similar aim).
+//! - **sliding protection**: its upper bound minus its lower bound is at least the
+//!   registry's protection level `p` (`p >= 1`: no hidden value is ever pinned);
+//! - **upper protection** of every primary cell: the attacker's upper bound is at least
+//!   `k`, so no answer proves that a hidden count is below the threshold.
 //!
-//! Limits, on purpose: this protects against *exact* recovery from *one* table. It does not
-//! guarantee a protection interval: linear programming on the published values (with
-//! non-negativity) can still bound a hidden cell, sometimes tightly. It does not protect
-//! against differencing between several queries (linked tables, a filter that removes one
-//! patient): that is the job of the query audit and rate limits. `docs/privacy.md` states
-//! the guarantees and the limits for researchers and for the data protection officer.
+//! These are the protection levels of tau-Argus and sdcTable (HITAS/OPT: an upper,
+//! lower and sliding protection level per sensitive cell, checked against the attacker's
+//! LP bounds); the choice of levels is explained in `docs/privacy.md`.
+//!
+//! **The attacker's LP is solved exactly, as a network flow.** Every table the service
+//! publishes is a one-way table (cells and a grand total) or a two-way table with row,
+//! column and grand totals. In the table extended by its totals, every value appears in
+//! exactly two equations (its row's and its column's), so after flipping the sign of the
+//! totals row and column (`z = s_i t_j x`) the equations say that every extended row and
+//! column of `z` sums to zero: the constraint matrix is that of a bipartite network and
+//! totally unimodular. A change of the hidden values that keeps every equation is a
+//! *circulation* on that network (published values are fixed, so only hidden cells are
+//! edges; a hidden cell can grow without limit and shrink to 1). The largest increase of a
+//! hidden cell that the attacker cannot rule out is therefore the maximum flow around a
+//! cycle through it, and likewise the largest decrease: that is the attacker's LP optimum,
+//! computed in integers by augmenting paths, with no floating point to mislead (the LP's
+//! vertices are integral, so its bounds are the integer bounds too). A one-way table is
+//! the same network with a single equation node and a node without an equation. This is
+//! the network formulation that tau-Argus offers for two-dimensional tables (Castro's
+//! network flows); the test suite checks it against a general LP solver.
+//!
+//! Complements: cells are checked in order (primary cells first, complements as they are
+//! added). When a cell's interval is too narrow, the cheapest path that would carry more
+//! flow around it is found (Dijkstra over the residual network; a hidden cell costs
+//! nothing, a published one its value, so small interior cells go before totals), and the
+//! published cells on it are hidden. Hiding a cell only frees the attacker's system, so a
+//! cell found safe stays safe and one pass suffices. A final pass tries to publish
+//! complements again (largest first) while the whole audit still holds, within the time
+//! left. Before the table is returned, every hidden cell is audited once more: the answer
+//! is proven safe or not given ([`SuppressError::OutOfTime`] past the deadline, never an
+//! unproven table).
+//!
+//! Limits, on purpose: this protects *one* table against an attacker who knows the
+//! method's inputs but not the data. It does not protect against differencing between
+//! several queries (linked tables, a filter that removes one patient), nor against an
+//! attacker who reasons about which complement the greedy choice would have taken:
+//! `docs/privacy.md` states the guarantees and the limits.
 
-/// Most interior cells of a table this module protects. The audit is polynomial, but a
-/// finer table is mostly suppressed anyway and only costs time.
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+/// Most interior cells of a table this module protects.
 pub const MAX_CELLS: usize = 20_000;
+/// Largest protection level (and k) a table can be asked for.
+pub const MAX_LEVEL: u64 = 1_000;
 
-/// Audits with one complement each before complements are added in batches.
-const SEQUENTIAL_ROUNDS: usize = 256;
 /// Most complements tried for publication again after the greedy pass.
 const PRUNE_ATTEMPTS: usize = 256;
 
@@ -97,6 +120,36 @@ impl Table {
     }
 }
 
+/// What a published table must guarantee: the threshold `k` and the protection level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    k: u64,
+    protection: u64,
+}
+
+impl Rules {
+    /// `k` in `2..=MAX_LEVEL`: counts `1..k` are hidden and no hidden count can be proven
+    /// below `k`. `protection` in `1..=MAX_LEVEL`: the least width of the interval an
+    /// attacker can prove for any hidden value.
+    pub fn new(k: u64, protection: u64) -> Result<Rules, SuppressError> {
+        if !(2..=MAX_LEVEL).contains(&k) {
+            return Err(SuppressError::BadThreshold { k });
+        }
+        if !(1..=MAX_LEVEL).contains(&protection) {
+            return Err(SuppressError::BadProtectionLevel { protection });
+        }
+        Ok(Rules { k, protection })
+    }
+
+    pub fn k(&self) -> u64 {
+        self.k
+    }
+
+    pub fn protection(&self) -> u64 {
+        self.protection
+    }
+}
+
 /// What may be published: `None` = suppressed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Protected {
@@ -113,7 +166,9 @@ pub struct Protected {
     pub secondary: usize,
 }
 
-/// Why a table cannot be protected. Every variant but the last two is the caller's to fix.
+/// Why a table cannot be published. The first four are the caller's to fix;
+/// `OutOfTime` asks for a coarser question; `Internal` is a bug, reported rather than
+/// publishing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SuppressError {
     #[error(
@@ -126,131 +181,80 @@ pub enum SuppressError {
     },
     #[error("the table has {cells} cells; at most {MAX_CELLS} can be protected")]
     TooLarge { cells: usize },
-    #[error("the suppression threshold k must be at least 2, got {k}")]
-    KTooSmall { k: u64 },
+    #[error("the suppression threshold k must be 2 to {MAX_LEVEL}, got {k}")]
+    BadThreshold { k: u64 },
+    #[error("the protection level must be 1 to {MAX_LEVEL}, got {protection}")]
+    BadProtectionLevel { protection: u64 },
     #[error("a total of the table does not fit in 64 bits")]
     TotalOverflow,
-    #[error("exact elimination overflowed 64-bit integers; refusing to guess")]
-    ArithmeticOverflow,
-    /// A broken invariant of this module (a bug), reported rather than publishing.
+    #[error("the table could not be proven safe within {} ms", budget.as_millis())]
+    OutOfTime { budget: Duration },
     #[error("internal error in cell suppression: {0}")]
     Internal(&'static str),
 }
 
-/// Protects `table`: hides every count in `1..k` (margins included), then as many further
-/// non-zero cells as needed so that no hidden value follows from the published ones.
-/// Deterministic: the same table and `k` always give the same result.
-pub fn protect(table: &Table, k: u64) -> Result<Protected, SuppressError> {
-    if k < 2 {
-        return Err(SuppressError::KTooSmall { k });
-    }
+/// Protects `table` under `rules`, giving up (and publishing nothing) at `deadline`.
+/// Deterministic: the same table and rules always give the same result.
+pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protected, SuppressError> {
+    let started = Instant::now();
+    let out_of_time = || SuppressError::OutOfTime {
+        budget: deadline.saturating_duration_since(started),
+    };
     table.check()?;
     let layout = Layout::of(table);
     let values = layout.values(&table.cells)?;
-    let equations = layout.equations();
-    let mut member_of: Vec<Vec<usize>> = vec![Vec::new(); values.len()];
-    for (e, eq) in equations.iter().enumerate() {
-        for &(cell, _) in eq {
-            member_of[cell].push(e);
-        }
-    }
+    let network = Network::new(&layout, &values);
+    let mut audit = Audit::new(&network, rules);
     let preference = |cell: usize| (values[cell], layout.class(cell), cell);
 
-    let mut hidden: Vec<bool> = values.iter().map(|&v| (1..k).contains(&v)).collect();
+    let mut hidden: Vec<bool> = values.iter().map(|&v| v > 0 && v < rules.k).collect();
     let primary = hidden.iter().filter(|&&h| h).count();
-    let mut secondary = 0;
 
-    // The fallback candidates, best first; hidden cells only accumulate, so a cursor that
-    // never moves back finds the best published one.
-    let mut fallback: Vec<usize> = (0..values.len()).filter(|&c| values[c] > 0).collect();
-    fallback.sort_unstable_by_key(|&c| preference(c));
-    let mut cursor = 0;
-
-    // Termination: zeros are never hidden, and every round but the last hides at least
-    // one more non-zero cell. Once every non-zero cell is hidden, no hidden cell is
-    // recoverable: a hidden interior cell x_ij >= 1 moves by +1 together with R_i >= x_ij,
-    // C_j >= x_ij and G >= R_i (all non-zero, hence hidden) without breaking an equation;
-    // a hidden margin is non-zero, so it has a non-zero (hidden) part that moves it the
-    // same way; in a one-way table x_i moves with G. So while an audit finds a recoverable
-    // cell, some non-zero cell is still published. Within a round the complements of the
-    // first exposed cells may use the last ones up; the others are then safe already.
-    let mut rounds = 0;
-    loop {
-        let mut exposed = recoverable(&equations, &hidden)?;
-        if exposed.is_empty() {
-            // Linear algebra pins nothing; but a hidden cell is never zero, and bounds
-            // propagated through the equations can still pin one (e.g. two hidden ones
-            // in a row whose total is 2). Treat such a cell as exposed too.
-            match pinned_by_bounds(&equations, &hidden, &values) {
-                Some(cell) => exposed = vec![cell],
-                None => break,
-            }
+    // One pass: a cell found safe stays safe as more cells are hidden, since every hidden
+    // cell only adds an edge to the attacker's network.
+    let mut queue: Vec<usize> = (0..values.len()).filter(|&c| hidden[c]).collect();
+    let mut next = 0;
+    while next < queue.len() {
+        if Instant::now() >= deadline {
+            return Err(out_of_time());
         }
-        // One complement per round while rounds are few: a complement often protects
-        // several exposed cells at once, and batching would hide more than needed. Large
-        // tables needing many complements fall back to one per exposed cell per round.
-        rounds += 1;
-        if rounds <= SEQUENTIAL_ROUNDS {
-            exposed.truncate(1);
-        }
-        let before = secondary;
-        for cell in exposed {
-            if !hidden[cell] {
-                continue;
-            }
-            if let Some(rectangle) = layout
-                .cheapest_rectangle(cell, &values, &hidden)
-                .filter(|r| !r.is_empty())
-            {
-                // A rectangle of hidden cells in the table extended by its totals is a
-                // cycle: moving its corners by +1/-1 alternately keeps every equation.
-                for c in rectangle {
-                    hidden[c] = true;
-                    secondary += 1;
-                }
-                continue;
-            }
-            let neighbour = member_of[cell]
-                .iter()
-                .flat_map(|&e| equations[e].iter().map(|&(c, _)| c))
-                .filter(|&c| !hidden[c] && values[c] > 0)
-                .min_by_key(|&c| preference(c));
-            let complement = neighbour.or_else(|| {
-                while cursor < fallback.len() && hidden[fallback[cursor]] {
-                    cursor += 1;
-                }
-                fallback.get(cursor).copied()
-            });
-            let Some(complement) = complement else { break };
-            hidden[complement] = true;
-            secondary += 1;
-        }
-        if secondary == before {
-            // Impossible by the argument above; never publish a table the audit rejects.
-            return Err(SuppressError::Internal(
-                "a hidden cell is recoverable and no cell is left to hide",
-            ));
-        }
+        let cell = queue[next];
+        next += 1;
+        let newly = audit.make_safe(cell, &mut hidden)?;
+        queue.extend(newly);
     }
 
-    // Greedy choices can still hide more than needed. Try to publish each complement
-    // again, largest value first (the most useful to a researcher), and keep it published
-    // if the audit still finds nothing recoverable; bounded for large tables.
+    // Greedy choices can hide more than needed: publish complements again, largest first,
+    // while every hidden cell stays safe. Optional work: it stops at half the time left.
+    let prune_until = Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2;
     let mut complements: Vec<usize> = (0..values.len())
-        .filter(|&c| hidden[c] && !(1..k).contains(&values[c]))
+        .filter(|&c| hidden[c] && values[c] >= rules.k)
         .collect();
-    complements.sort_unstable_by_key(|&c| std::cmp::Reverse(preference(c)));
+    complements.sort_unstable_by_key(|&c| Reverse(preference(c)));
     for cell in complements.into_iter().take(PRUNE_ATTEMPTS) {
         hidden[cell] = false;
-        if recoverable(&equations, &hidden)?.is_empty()
-            && pinned_by_bounds(&equations, &hidden, &values).is_none()
-        {
-            secondary -= 1;
-        } else {
-            hidden[cell] = true;
+        match audit.first_unsafe(&hidden, prune_until) {
+            Ok(None) => {}
+            Ok(Some(_)) => hidden[cell] = true,
+            Err(_) => {
+                hidden[cell] = true;
+                break;
+            }
         }
     }
 
+    // Prove it before it leaves.
+    let verdict = audit.first_unsafe(&hidden, deadline).map_err(|e| match e {
+        SuppressError::OutOfTime { .. } => out_of_time(),
+        e => e,
+    })?;
+    if verdict.is_some() {
+        return Err(SuppressError::Internal(
+            "a hidden cell failed the final audit",
+        ));
+    }
+
+    let hidden_count = hidden.iter().filter(|&&h| h).count();
     let publish = |range: std::ops::Range<usize>| -> Vec<Option<u64>> {
         range.map(|c| (!hidden[c]).then_some(values[c])).collect()
     };
@@ -271,96 +275,35 @@ pub fn protect(table: &Table, k: u64) -> Result<Protected, SuppressError> {
         col_totals,
         grand_total: (!hidden[grand]).then_some(values[grand]),
         primary,
-        secondary,
+        secondary: hidden_count - primary,
     })
 }
 
-/// The range of `coef * x` for a cell with bounds `lo..=hi`.
-fn term_range(lo: &[i128], hi: &[i128], c: usize, coef: i64) -> (i128, i128) {
-    let (a, b) = (i128::from(coef) * lo[c], i128::from(coef) * hi[c]);
-    (a.min(b), a.max(b))
-}
-
-/// A hidden cell whose value interval collapses to one value when the attacker's bounds
-/// are propagated through the equations: published cells are exact, hidden cells are at
-/// least 1 (zeros are never hidden) and unbounded above; each equation then bounds each
-/// of its cells by the others' bounds, repeated until nothing changes. Not a full linear
-/// program, but it catches what bounds reveal one equation at a time (two hidden ones in a
-/// row of total 2; a hidden total forced to its smallest possible value by another).
-fn pinned_by_bounds(equations: &[Equation], hidden: &[bool], values: &[u64]) -> Option<usize> {
-    const INF: i128 = i128::MAX / 4;
-    let mut lo: Vec<i128> = Vec::with_capacity(values.len());
-    let mut hi: Vec<i128> = Vec::with_capacity(values.len());
-    for (c, &v) in values.iter().enumerate() {
-        let (l, h) = if hidden[c] {
-            (1, INF)
-        } else {
-            (i128::from(v), i128::from(v))
-        };
-        lo.push(l);
-        hi.push(h);
+/// The interval an attacker can prove for every hidden cell of a published table:
+/// `(cell index as in [`Protected`] order, lower bound, upper bound)`, `None` for an
+/// unbounded upper end. For docs and tests: the exact LP bounds of the attacker model.
+pub fn attacker_intervals(
+    table: &Table,
+    protected: &Protected,
+) -> Result<Vec<(usize, u64, Option<u64>)>, SuppressError> {
+    table.check()?;
+    let layout = Layout::of(table);
+    let values = layout.values(&table.cells)?;
+    let network = Network::new(&layout, &values);
+    let mut hidden: Vec<bool> = protected.cells.iter().map(Option::is_none).collect();
+    hidden.extend(protected.row_totals.iter().map(Option::is_none));
+    hidden.extend(protected.col_totals.iter().map(Option::is_none));
+    hidden.push(protected.grand_total.is_none());
+    let mut flows = Flows::new(&network);
+    let mut out = Vec::new();
+    for c in (0..values.len()).filter(|&c| hidden[c]) {
+        let up = flows.up(c, &hidden, UNBOUNDED);
+        let down = flows.down(c, &hidden, UNBOUNDED);
+        let lo = values[c] - down as u64;
+        let hi = (up < UNBOUNDED).then(|| values[c] + up as u64);
+        out.push((c, lo, hi));
     }
-    let clamp = |x: i128| x.clamp(-INF, INF);
-    // Every pass tightens some bound or stops; bounds are integers between the true value
-    // and 1 or INF, so this ends, and a fixed cap keeps the cost linear in practice.
-    for _ in 0..64 {
-        let mut changed = false;
-        for eq in equations {
-            if !eq.iter().any(|&(c, _)| hidden[c]) {
-                continue;
-            }
-            // sum(coef * x) = 0. The range of each term is [min, max] of coef * bounds;
-            // sums keep the finite parts and count the infinite ones, so that each term
-            // can be bounded by the others alone.
-            let (mut low, mut low_inf, mut high, mut high_inf) = (0i128, 0u32, 0i128, 0u32);
-            for &(c, coef) in eq {
-                let (a, b) = term_range(&lo, &hi, c, coef);
-                if a <= -INF {
-                    low_inf += 1
-                } else {
-                    low += a
-                }
-                if b >= INF { high_inf += 1 } else { high += b }
-            }
-            for &(c, coef) in eq {
-                if !hidden[c] {
-                    continue;
-                }
-                let (a, b) = term_range(&lo, &hi, c, coef);
-                // The others' sum: finite when no other term is infinite.
-                let others_low = match (a <= -INF, low_inf) {
-                    (true, 1) => Some(low),
-                    (false, 0) => Some(low - a),
-                    _ => None,
-                };
-                let others_high = match (b >= INF, high_inf) {
-                    (true, 1) => Some(high),
-                    (false, 0) => Some(high - b),
-                    _ => None,
-                };
-                // coef * x = -(sum of the others).
-                let (mut l, mut h) = (
-                    others_high.map_or(-INF, |v| -v),
-                    others_low.map_or(INF, |v| -v),
-                );
-                if coef < 0 {
-                    (l, h) = (-h, -l);
-                }
-                if l > lo[c] {
-                    lo[c] = clamp(l);
-                    changed = true;
-                }
-                if h < hi[c] {
-                    hi[c] = clamp(h);
-                    changed = true;
-                }
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
-    (0..values.len()).find(|&c| hidden[c] && lo[c] >= hi[c])
+    Ok(out)
 }
 
 fn sum(values: impl Iterator<Item = u64>) -> Result<u64, SuppressError> {
@@ -370,10 +313,6 @@ fn sum(values: impl Iterator<Item = u64>) -> Result<u64, SuppressError> {
     }
     Ok(total)
 }
-
-/// One additivity relation over the cells: `(cell, coefficient)`, +1 for the parts and -1
-/// for the total, so the coefficients times the true values sum to zero.
-type Equation = Vec<(usize, i64)>;
 
 /// Numbering of every cell of a table: the interior row-major, then (two-way only) the row
 /// totals, the column totals, and last the grand total.
@@ -396,14 +335,6 @@ impl Layout {
         self.rows * self.cols
     }
 
-    fn row_total(&self, i: usize) -> usize {
-        self.interior() + i
-    }
-
-    fn col_total(&self, j: usize) -> usize {
-        self.interior() + self.rows + j
-    }
-
     fn grand(&self) -> usize {
         if self.two_way {
             self.interior() + self.rows + self.cols
@@ -424,18 +355,8 @@ impl Layout {
         }
     }
 
-    /// The cell at (`r`, `c`) of the table extended by its totals: row `rows` holds the
+    /// Coordinates of `cell` in the table extended by its totals: row `rows` holds the
     /// column totals, column `cols` the row totals, and (`rows`, `cols`) the grand total.
-    fn extended(&self, r: usize, c: usize) -> usize {
-        match (r < self.rows, c < self.cols) {
-            (true, true) => r * self.cols + c,
-            (true, false) => self.row_total(r),
-            (false, true) => self.col_total(c),
-            (false, false) => self.grand(),
-        }
-    }
-
-    /// Coordinates of `cell` in the extended table.
     fn coordinates(&self, cell: usize) -> (usize, usize) {
         if cell < self.interior() {
             (cell / self.cols, cell % self.cols)
@@ -448,46 +369,7 @@ impl Layout {
         }
     }
 
-    /// The published cells to hide so that `cell` becomes a corner of a rectangle of
-    /// hidden cells in the extended table (two-way tables only), choosing the rectangle
-    /// that hides the least: smallest total value, then fewest totals, then position.
-    /// Zeros are never hidden, so rectangles through a published zero do not count.
-    fn cheapest_rectangle(
-        &self,
-        cell: usize,
-        values: &[u64],
-        hidden: &[bool],
-    ) -> Option<Vec<usize>> {
-        if !self.two_way {
-            return None;
-        }
-        let (r, c) = self.coordinates(cell);
-        // (total value hidden, totals hidden, row, column) of the best rectangle so far.
-        type Cost = (u128, u8, usize, usize);
-        let mut best: Option<(Cost, Vec<usize>)> = None;
-        for k in (0..=self.rows).filter(|&k| k != r) {
-            for l in (0..=self.cols).filter(|&l| l != c) {
-                let corners = [
-                    self.extended(r, l),
-                    self.extended(k, c),
-                    self.extended(k, l),
-                ];
-                if corners.iter().any(|&x| !hidden[x] && values[x] == 0) {
-                    continue;
-                }
-                let new: Vec<usize> = corners.into_iter().filter(|&x| !hidden[x]).collect();
-                let cost: u128 = new.iter().map(|&x| u128::from(values[x])).sum();
-                let margins = new.iter().map(|&x| self.class(x)).sum::<u8>();
-                let key = (cost, margins, k, l);
-                if best.as_ref().is_none_or(|(b, _)| key < *b) {
-                    best = Some((key, new));
-                }
-            }
-        }
-        best.map(|(_, new)| new)
-    }
-
-    /// The values of all cells, margins computed.
+    /// Every value in [`Layout`] order: the cells, then the totals.
     fn values(&self, cells: &[u64]) -> Result<Vec<u64>, SuppressError> {
         let mut values = cells.to_vec();
         if self.two_way {
@@ -503,425 +385,508 @@ impl Layout {
         values.push(sum(cells.iter().copied())?);
         Ok(values)
     }
+}
 
-    /// Every equation the published table satisfies. Two-way: each row, each column, and
-    /// the grand total as the sum of the row totals and of the column totals. One-way: the
-    /// grand total as the sum of the cells. (Any other relation is a combination of these.)
-    fn equations(&self) -> Vec<Equation> {
-        let (rows, cols) = (self.rows, self.cols);
-        let total = |parts: &mut dyn Iterator<Item = usize>, total: usize| -> Equation {
-            parts.map(|c| (c, 1)).chain([(total, -1)]).collect()
+/// Flow amounts: counts fit in 64 bits, so `i128` never overflows below this sentinel.
+type Amount = i128;
+const UNBOUNDED: Amount = i128::MAX / 4;
+
+/// The attacker's system as a network. Node numbering: two-way, the extended rows
+/// `0..=rows` and then the extended columns; one-way, the single equation (0) and a node
+/// without an equation (1). Every non-zero value is an edge `from -> to` whose flow is
+/// `sign * (change of the value)`; only hidden values are edges of the attacker's system,
+/// the others are candidates for hiding.
+struct Network<'a> {
+    values: &'a [u64],
+    from: Vec<usize>,
+    to: Vec<usize>,
+    sign: Vec<i8>,
+    /// Per node, the non-zero cells incident to it.
+    incident: Vec<Vec<usize>>,
+    class: Vec<u8>,
+}
+
+impl<'a> Network<'a> {
+    fn new(layout: &Layout, values: &'a [u64]) -> Network<'a> {
+        let n = values.len();
+        let nodes = if layout.two_way {
+            layout.rows + layout.cols + 2
+        } else {
+            2
         };
-        if !self.two_way {
-            return vec![total(&mut (0..self.interior()), self.grand())];
-        }
-        let mut equations = Vec::with_capacity(rows + cols + 2);
-        for i in 0..rows {
-            equations.push(total(&mut (i * cols..(i + 1) * cols), self.row_total(i)));
-        }
-        for j in 0..cols {
-            equations.push(total(
-                &mut (0..rows).map(|i| i * cols + j),
-                self.col_total(j),
-            ));
-        }
-        equations.push(total(
-            &mut (0..rows).map(|i| self.row_total(i)),
-            self.grand(),
-        ));
-        equations.push(total(
-            &mut (0..cols).map(|j| self.col_total(j)),
-            self.grand(),
-        ));
-        equations
-    }
-}
-
-/// The hidden cells whose value the equations determine, in cell order.
-///
-/// Unknowns are the hidden cells; published values move to the right-hand side, which does
-/// not change what is determined. A hidden cell `j` is determined iff `e_j` is in the row
-/// space of the restricted coefficient matrix. In any reduced form (each pivot row has its
-/// pivot and zeros in every other pivot column) that means: `j` is a pivot column and its
-/// row has no other non-zero entry. (If `e_j = sum c_p r_p`, reading the pivot columns
-/// gives `c_p = [p == j]`.)
-fn recoverable(equations: &[Equation], hidden: &[bool]) -> Result<Vec<usize>, SuppressError> {
-    let mut column_of = vec![usize::MAX; hidden.len()];
-    let mut cell_of = Vec::new();
-    for (cell, _) in hidden.iter().enumerate().filter(|(_, h)| **h) {
-        column_of[cell] = cell_of.len();
-        cell_of.push(cell);
-    }
-    // Only equations touching a hidden cell say anything about the hidden cells.
-    let mut system: Vec<Row> = Vec::new();
-    for eq in equations {
-        let mut row: Row = eq
-            .iter()
-            .filter(|(cell, _)| hidden[*cell])
-            .map(|&(cell, a)| (column_of[cell], a))
-            .collect();
-        row.sort_unstable_by_key(|&(c, _)| c);
-        row.dedup_by(|later, earlier| {
-            let same = later.0 == earlier.0;
-            if same {
-                // A cell twice in one equation: add the coefficients (checked below).
-                earlier.1 = earlier.1.saturating_add(later.1);
-            }
-            same
-        });
-        if row.iter().any(|&(_, a)| a == i64::MIN || a == i64::MAX) {
-            return Err(SuppressError::ArithmeticOverflow);
-        }
-        row.retain(|&(_, a)| a != 0);
-        if !row.is_empty() {
-            system.push(row);
-        }
-    }
-
-    let mut reduced = Reduced::new(cell_of.len());
-    for (eq, preferred) in elimination_order(&system, cell_of.len()) {
-        reduced.insert(std::mem::take(&mut system[eq]), preferred)?;
-    }
-    let mut exposed: Vec<usize> = reduced
-        .rows
-        .iter()
-        .filter(|row| row.len() == 1)
-        .map(|row| cell_of[row[0].0])
-        .collect();
-    exposed.sort_unstable();
-    Ok(exposed)
-}
-
-/// A sparse row of the system: `(column, coefficient)`, sorted by column, no zeros.
-type Row = Vec<(usize, i64)>;
-
-/// The order in which equations enter the elimination, and the pivot column each prefers.
-///
-/// Correctness does not depend on it (any reduced form answers the question); speed does.
-/// Equations sharing a column are neighbours; we take a breadth-first forest and insert
-/// its leaves first, each pivoting on the column that links it to its parent. For a table
-/// (every cell in exactly two equations, the incidence matrix of a bipartite graph) an
-/// equation then only absorbs its children's rows, a pivot never has to be eliminated from
-/// earlier rows, and a reduced row holds only the hidden cells that close a cycle through
-/// it: the fill-in stays near the size of the answer instead of rows x hidden cells.
-fn elimination_order(system: &[Row], columns: usize) -> Vec<(usize, Option<usize>)> {
-    let mut equations_of: Vec<Vec<usize>> = vec![Vec::new(); columns];
-    for (e, row) in system.iter().enumerate() {
-        for &(c, _) in row {
-            equations_of[c].push(e);
-        }
-    }
-    let mut visited = vec![false; system.len()];
-    let mut parent_column = vec![None; system.len()];
-    let mut order = Vec::with_capacity(system.len());
-    for root in 0..system.len() {
-        if visited[root] {
-            continue;
-        }
-        visited[root] = true;
-        let mut head = order.len();
-        order.push(root);
-        while head < order.len() {
-            let e = order[head];
-            head += 1;
-            for &(c, _) in &system[e] {
-                for &f in &equations_of[c] {
-                    if !visited[f] {
-                        visited[f] = true;
-                        parent_column[f] = Some(c);
-                        order.push(f);
-                    }
-                }
-            }
-        }
-    }
-    order.reverse();
-    order.into_iter().map(|e| (e, parent_column[e])).collect()
-}
-
-/// A reduced row echelon form built one equation at a time, in exact integer arithmetic.
-///
-/// Rows are kept fraction-free: a row stands for itself divided by its pivot, and is
-/// divided by the gcd of its entries after every operation, so entries stay small (for a
-/// table's totally unimodular matrix they stay in {-1, 0, 1}). Every multiplication and
-/// addition is checked; overflow is an error, never a wrong answer.
-struct Reduced {
-    rows: Vec<Row>,
-    /// Pivot column of each row.
-    pivots: Vec<usize>,
-    /// For each column, the row it is the pivot of.
-    pivot_row: Vec<Option<usize>>,
-    /// Dense scratch row for reducing a new equation, with the columns it touched.
-    scratch: Vec<i64>,
-    touched: Vec<usize>,
-    is_touched: Vec<bool>,
-}
-
-fn overflow() -> SuppressError {
-    SuppressError::ArithmeticOverflow
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
-/// `x * a + y * b`, checked.
-fn combine(x: i64, a: i64, y: i64, b: i64) -> Result<i64, SuppressError> {
-    x.checked_mul(a)
-        .zip(y.checked_mul(b))
-        .and_then(|(p, q)| p.checked_add(q))
-        .ok_or_else(overflow)
-}
-
-/// Factors `(a, b)` with `a * entry + b * pivot == 0` and `a > 0`: `a` scales the row being
-/// reduced (which holds `entry`), `b` the pivot row.
-fn cancel(pivot: i64, entry: i64) -> Result<(i64, i64), SuppressError> {
-    let g = gcd(pivot.unsigned_abs(), entry.unsigned_abs());
-    let g = i64::try_from(g).map_err(|_| overflow())?;
-    let (a, b) = (pivot / g, -(entry / g));
-    if a < 0 {
-        Ok((
-            a.checked_neg().ok_or_else(overflow)?,
-            b.checked_neg().ok_or_else(overflow)?,
-        ))
-    } else {
-        Ok((a, b))
-    }
-}
-
-/// Divides a row by the gcd of its entries and makes the entry at `pivot` positive.
-fn normalise(row: &mut Row, pivot: usize) -> Result<(), SuppressError> {
-    let g = row.iter().fold(0, |g, &(_, v)| gcd(g, v.unsigned_abs()));
-    let g = i64::try_from(g).map_err(|_| overflow())?;
-    let negative = row.iter().any(|&(c, v)| c == pivot && v < 0);
-    let g = if negative { -g } else { g };
-    if g != 1 {
-        for (_, v) in row.iter_mut() {
-            *v /= g;
-        }
-    }
-    Ok(())
-}
-
-fn entry(row: &Row, column: usize) -> Option<i64> {
-    row.binary_search_by_key(&column, |&(c, _)| c)
-        .ok()
-        .map(|i| row[i].1)
-}
-
-impl Reduced {
-    fn new(columns: usize) -> Reduced {
-        Reduced {
-            rows: Vec::new(),
-            pivots: Vec::new(),
-            pivot_row: vec![None; columns],
-            scratch: vec![0; columns],
-            touched: Vec::new(),
-            is_touched: vec![false; columns],
-        }
-    }
-
-    fn touch(&mut self, column: usize) {
-        if !self.is_touched[column] {
-            self.is_touched[column] = true;
-            self.touched.push(column);
-        }
-    }
-
-    /// Adds one equation, keeping the form reduced.
-    fn insert(&mut self, row: Row, preferred: Option<usize>) -> Result<(), SuppressError> {
-        // Reduce against the pivot rows. They are zero in each other's pivot columns, so
-        // subtracting one never brings another pivot column back in: one pass over the
-        // pivot columns of the original row is enough.
-        for &(c, v) in &row {
-            self.scratch[c] = v;
-            self.touch(c);
-        }
-        for &(c, _) in &row {
-            let Some(p) = self.pivot_row[c] else { continue };
-            let entry = self.scratch[c];
-            if entry == 0 {
-                continue;
-            }
-            let pivot = entry_of_pivot(&self.rows[p], c)?;
-            let (a, b) = cancel(pivot, entry)?;
-            if a != 1 {
-                for &t in &self.touched {
-                    self.scratch[t] = self.scratch[t].checked_mul(a).ok_or_else(overflow)?;
-                }
-            }
-            for i in 0..self.rows[p].len() {
-                let (col, val) = self.rows[p][i];
-                self.scratch[col] = combine(1, self.scratch[col], b, val)?;
-                self.touch(col);
-            }
-        }
-        let mut reduced: Row = Vec::with_capacity(self.touched.len());
-        for &t in &self.touched {
-            if self.scratch[t] != 0 {
-                reduced.push((t, self.scratch[t]));
-            }
-            self.scratch[t] = 0;
-            self.is_touched[t] = false;
-        }
-        self.touched.clear();
-        if reduced.is_empty() {
-            return Ok(()); // A consequence of the equations already in.
-        }
-        reduced.sort_unstable_by_key(|&(c, _)| c);
-
-        let pivot = preferred
-            .filter(|&c| entry(&reduced, c).is_some())
-            .unwrap_or(reduced[0].0);
-        normalise(&mut reduced, pivot)?;
-        let pivot_value = entry_of_pivot(&reduced, pivot)?;
-
-        // Clear the new pivot column from the earlier rows.
-        for q in 0..self.rows.len() {
-            let Some(v) = entry(&self.rows[q], pivot) else {
-                continue;
+        let mut net = Network {
+            values,
+            from: vec![0; n],
+            to: vec![0; n],
+            sign: vec![1; n],
+            incident: vec![Vec::new(); nodes],
+            class: (0..n).map(|c| layout.class(c)).collect(),
+        };
+        for c in 0..n {
+            let (from, to, sign) = if layout.two_way {
+                let (r, col) = layout.coordinates(c);
+                let s_row = if r == layout.rows { -1 } else { 1 };
+                let t_col = if col == layout.cols { -1 } else { 1 };
+                (layout.rows + 1 + col, r, s_row * t_col)
+            } else {
+                (1, 0, if c == layout.grand() { -1 } else { 1 })
             };
-            let (a, b) = cancel(pivot_value, v)?;
-            let merged = merge(&self.rows[q], a, &reduced, b)?;
-            self.rows[q] = merged;
-            normalise(&mut self.rows[q], self.pivots[q])?;
+            net.from[c] = from;
+            net.to[c] = to;
+            net.sign[c] = sign;
+            if values[c] > 0 {
+                net.incident[from].push(c);
+                net.incident[to].push(c);
+            }
         }
-        self.pivot_row[pivot] = Some(self.rows.len());
-        self.pivots.push(pivot);
-        self.rows.push(reduced);
-        Ok(())
+        net
+    }
+
+    /// Capacity of cell `c` in the forward (`from -> to`) or backward direction before any
+    /// flow: a value can grow without bound and shrink to 1.
+    fn capacity(&self, c: usize, forward: bool) -> Amount {
+        let slack = Amount::from(self.values[c]) - 1;
+        if (self.sign[c] > 0) == forward {
+            UNBOUNDED
+        } else {
+            slack
+        }
+    }
+
+    /// The other end of `c` seen from `node`, and whether that traverses it forward.
+    fn across(&self, c: usize, node: usize) -> (usize, bool) {
+        if self.from[c] == node {
+            (self.to[c], true)
+        } else {
+            (self.from[c], false)
+        }
     }
 }
 
-fn entry_of_pivot(row: &Row, pivot: usize) -> Result<i64, SuppressError> {
-    entry(row, pivot).ok_or(SuppressError::Internal("a pivot row lost its pivot"))
+/// Augmenting-path maximum flow on the hidden cells, capped at a limit, with reusable
+/// scratch space.
+struct Flows<'n, 'a> {
+    net: &'n Network<'a>,
+    /// Net forward flow per cell in the current computation.
+    flow: Vec<Amount>,
+    used: Vec<usize>,
+    /// Per node: the cell and direction it was reached by, in the current search.
+    parent: Vec<Option<(usize, bool)>>,
+    seen: Vec<u32>,
+    stamp: u32,
 }
 
-/// `a * x + b * y` for sparse rows, dropping zeros.
-fn merge(x: &Row, a: i64, y: &Row, b: i64) -> Result<Row, SuppressError> {
-    let mut out = Vec::with_capacity(x.len() + y.len());
-    let (mut i, mut j) = (0, 0);
-    while i < x.len() || j < y.len() {
-        let next = match (x.get(i), y.get(j)) {
-            (Some(&(cx, vx)), Some(&(cy, _))) if cx < cy => {
-                i += 1;
-                (cx, combine(vx, a, 0, 0)?)
+impl<'n, 'a> Flows<'n, 'a> {
+    fn new(net: &'n Network<'a>) -> Self {
+        let nodes = net.incident.len();
+        Flows {
+            net,
+            flow: vec![0; net.values.len()],
+            used: Vec::new(),
+            parent: vec![None; nodes],
+            seen: vec![0; nodes],
+            stamp: 0,
+        }
+    }
+
+    fn residual(&self, c: usize, forward: bool) -> Amount {
+        let cap = self.net.capacity(c, forward);
+        if cap >= UNBOUNDED {
+            return UNBOUNDED;
+        }
+        if forward {
+            cap - self.flow[c]
+        } else {
+            cap + self.flow[c]
+        }
+    }
+
+    fn reset(&mut self) {
+        for &c in &self.used {
+            self.flow[c] = 0;
+        }
+        self.used.clear();
+    }
+
+    /// Maximum flow from `s` to `t` over hidden cells other than `skip`, up to `limit`
+    /// (`limit` at once when an unbounded path exists). Leaves the flow in place.
+    fn max_flow(
+        &mut self,
+        s: usize,
+        t: usize,
+        skip: usize,
+        hidden: &[bool],
+        limit: Amount,
+    ) -> Amount {
+        self.reset();
+        let mut total: Amount = 0;
+        while total < limit {
+            let Some(bottleneck) = self.search(s, t, skip, hidden) else {
+                break;
+            };
+            if bottleneck >= UNBOUNDED {
+                return limit;
             }
-            (Some(&(cx, _)), Some(&(cy, vy))) if cy < cx => {
-                j += 1;
-                (cy, combine(0, 0, vy, b)?)
+            let push = bottleneck.min(limit - total);
+            let mut node = t;
+            while node != s {
+                let (c, forward) = self.parent[node].expect("on the path");
+                if self.flow[c] == 0 {
+                    self.used.push(c);
+                }
+                if forward {
+                    self.flow[c] += push;
+                    node = self.net.from[c];
+                } else {
+                    self.flow[c] -= push;
+                    node = self.net.to[c];
+                }
             }
-            (Some(&(cx, vx)), Some(&(_, vy))) => {
-                i += 1;
-                j += 1;
-                (cx, combine(vx, a, vy, b)?)
+            total += push;
+        }
+        total
+    }
+
+    /// Breadth-first search for an augmenting path; its bottleneck.
+    fn search(&mut self, s: usize, t: usize, skip: usize, hidden: &[bool]) -> Option<Amount> {
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.seen.iter_mut().for_each(|x| *x = 0);
+            self.stamp = 1;
+        }
+        let mut queue = std::collections::VecDeque::from([s]);
+        self.seen[s] = self.stamp;
+        while let Some(node) = queue.pop_front() {
+            for &c in &self.net.incident[node] {
+                if c == skip || !hidden[c] {
+                    continue;
+                }
+                let (other, forward) = self.net.across(c, node);
+                if self.seen[other] == self.stamp || self.residual(c, forward) <= 0 {
+                    continue;
+                }
+                self.seen[other] = self.stamp;
+                self.parent[other] = Some((c, forward));
+                if other == t {
+                    let mut bottleneck = UNBOUNDED;
+                    let mut n = t;
+                    while n != s {
+                        let (c, forward) = self.parent[n].expect("on the path");
+                        bottleneck = bottleneck.min(self.residual(c, forward));
+                        n = if forward {
+                            self.net.from[c]
+                        } else {
+                            self.net.to[c]
+                        };
+                    }
+                    return Some(bottleneck);
+                }
+                queue.push_back(other);
             }
-            (Some(&(cx, vx)), None) => {
-                i += 1;
-                (cx, combine(vx, a, 0, 0)?)
-            }
-            (None, Some(&(cy, vy))) => {
-                j += 1;
-                (cy, combine(0, 0, vy, b)?)
-            }
-            (None, None) => unreachable!("loop condition"),
+        }
+        None
+    }
+
+    /// Ends `(s, t)` of the return path when cell `c` grows: growing `x` moves flow along
+    /// `c` forward if its sign is positive, so the cycle closes from `to` back to `from`.
+    fn growth_ends(&self, c: usize) -> (usize, usize) {
+        if self.net.sign[c] > 0 {
+            (self.net.to[c], self.net.from[c])
+        } else {
+            (self.net.from[c], self.net.to[c])
+        }
+    }
+
+    /// How far the attacker cannot rule out that hidden cell `c` is above its value, up
+    /// to `limit`.
+    fn up(&mut self, c: usize, hidden: &[bool], limit: Amount) -> Amount {
+        let (s, t) = self.growth_ends(c);
+        self.max_flow(s, t, c, hidden, limit)
+    }
+
+    /// How far below its value, up to `limit` (and never below 1).
+    fn down(&mut self, c: usize, hidden: &[bool], limit: Amount) -> Amount {
+        let slack = Amount::from(self.net.values[c]) - 1;
+        let limit = limit.min(slack);
+        if limit <= 0 {
+            return 0;
+        }
+        let (t, s) = self.growth_ends(c);
+        self.max_flow(s, t, c, hidden, limit)
+    }
+}
+
+/// The check of each hidden cell against the rules, and the choice of complements.
+struct Audit<'n, 'a> {
+    flows: Flows<'n, 'a>,
+    rules: Rules,
+}
+
+impl<'n, 'a> Audit<'n, 'a> {
+    fn new(net: &'n Network<'a>, rules: Rules) -> Self {
+        Audit {
+            flows: Flows::new(net),
+            rules,
+        }
+    }
+
+    /// How much room above its value cell `c` needs: `k - value` for a primary cell
+    /// (upper protection), then at least what the sliding protection still lacks given
+    /// `down`.
+    fn needed_up(&self, c: usize, down: Amount) -> Amount {
+        let value = self.flows.net.values[c];
+        let k = Amount::from(self.rules.k);
+        let upper = if value < self.rules.k {
+            k - Amount::from(value)
+        } else {
+            0
         };
-        if next.1 != 0 {
-            out.push(next);
+        upper.max(Amount::from(self.rules.protection) - down)
+    }
+
+    /// Whether hidden cell `c` is safe under `hidden`.
+    fn is_safe(&mut self, c: usize, hidden: &[bool]) -> bool {
+        let down = self
+            .flows
+            .down(c, hidden, Amount::from(self.rules.protection));
+        let need = self.needed_up(c, down);
+        need <= 0 || self.flows.up(c, hidden, need) >= need
+    }
+
+    /// The first hidden cell that is not safe, if any.
+    fn first_unsafe(
+        &mut self,
+        hidden: &[bool],
+        deadline: Instant,
+    ) -> Result<Option<usize>, SuppressError> {
+        for (i, c) in (0..hidden.len()).filter(|&c| hidden[c]).enumerate() {
+            if i % 16 == 0 && Instant::now() >= deadline {
+                return Err(SuppressError::OutOfTime {
+                    budget: Duration::ZERO,
+                });
+            }
+            if !self.is_safe(c, hidden) {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hides published cells until `c` is safe; returns the cells it hid.
+    fn make_safe(&mut self, c: usize, hidden: &mut [bool]) -> Result<Vec<usize>, SuppressError> {
+        let down = self
+            .flows
+            .down(c, hidden, Amount::from(self.rules.protection));
+        let need = self.needed_up(c, down);
+        let mut added = Vec::new();
+        if need <= 0 {
+            return Ok(added);
+        }
+        loop {
+            let up = self.flows.up(c, hidden, need);
+            if up >= need {
+                return Ok(added);
+            }
+            // `up` left its flow in place: find the cheapest path in the residual network
+            // on which published cells, once hidden, carry more.
+            let (s, t) = self.flows.growth_ends(c);
+            let path = self
+                .cheapest_path(s, t, c, hidden)
+                .ok_or(SuppressError::Internal(
+                    "a hidden cell cannot be protected by hiding more",
+                ))?;
+            if path.is_empty() {
+                return Err(SuppressError::Internal("an augmenting path was missed"));
+            }
+            for cell in path {
+                hidden[cell] = true;
+                added.push(cell);
+            }
         }
     }
-    Ok(out)
+
+    /// Dijkstra from `s` to `t` over every non-zero cell but `skip` with residual room:
+    /// hidden cells cost nothing, published ones their value (then their class, so totals
+    /// go last). Returns the published cells on the cheapest path.
+    fn cheapest_path(
+        &self,
+        s: usize,
+        t: usize,
+        skip: usize,
+        hidden: &[bool],
+    ) -> Option<Vec<usize>> {
+        let net = self.flows.net;
+        let nodes = net.incident.len();
+        let mut best: Vec<Option<u128>> = vec![None; nodes];
+        let mut via: Vec<Option<usize>> = vec![None; nodes];
+        let mut heap = BinaryHeap::from([Reverse((0u128, s))]);
+        best[s] = Some(0);
+        while let Some(Reverse((cost, node))) = heap.pop() {
+            if best[node].is_some_and(|b| b < cost) {
+                continue;
+            }
+            if node == t {
+                break;
+            }
+            for &c in &net.incident[node] {
+                if c == skip {
+                    continue;
+                }
+                let (other, forward) = net.across(c, node);
+                let room = if hidden[c] {
+                    self.flows.residual(c, forward)
+                } else {
+                    net.capacity(c, forward)
+                };
+                if room <= 0 {
+                    continue;
+                }
+                let step = if hidden[c] {
+                    0
+                } else {
+                    u128::from(net.values[c]) * 4 + u128::from(net.class[c]) + 1
+                };
+                let next = cost + step;
+                if best[other].is_none_or(|b| next < b) {
+                    best[other] = Some(next);
+                    via[other] = Some(c);
+                    heap.push(Reverse((next, other)));
+                }
+            }
+        }
+        best[t]?;
+        let mut path = Vec::new();
+        let mut node = t;
+        while node != s {
+            let c = via[node]?;
+            if !hidden[c] {
+                path.push(c);
+            }
+            node = net.across(c, node).0;
+        }
+        Some(path)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn hidden_cells(p: &Protected) -> Vec<usize> {
-        (0..p.cells.len())
-            .filter(|&i| p.cells[i].is_none())
-            .collect()
+    fn rules(k: u64, p: u64) -> Rules {
+        Rules::new(k, p).unwrap()
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
+    fn run(t: &Table, k: u64, p: u64) -> Protected {
+        protect(t, rules(k, p), soon()).unwrap()
+    }
+
+    /// Every hidden cell's interval, checked against the rules.
+    fn assert_safe(t: &Table, p: &Protected, k: u64, level: u64) {
+        let layout = Layout::of(t);
+        let values = layout.values(&t.cells).unwrap();
+        for (c, lo, hi) in attacker_intervals(t, p).unwrap() {
+            let width = hi.map_or(u64::MAX, |h| h - lo);
+            assert!(width >= level, "cell {c} = {} in [{lo}, {hi:?}]", values[c]);
+            if values[c] < k {
+                assert!(hi.is_none_or(|h| h >= k), "cell {c} proven below k");
+            }
+        }
     }
 
     #[test]
     fn one_small_cell_in_a_2x2_hides_all_four_interior_cells() {
         let t = Table::two_way(2, 2, vec![3, 10, 10, 10]).unwrap();
-        let p = protect(&t, 5).unwrap();
+        let p = run(&t, 5, 1);
         assert_eq!(p.cells, vec![None; 4]);
         assert_eq!(p.row_totals, vec![Some(13), Some(20)]);
         assert_eq!(p.col_totals, vec![Some(13), Some(20)]);
         assert_eq!(p.grand_total, Some(33));
         assert_eq!((p.primary, p.secondary), (1, 3));
+        assert_safe(&t, &p, 5, 1);
     }
 
     #[test]
-    fn one_small_cell_among_large_ones_is_hidden_in_a_rectangle_of_the_smallest() {
-        #[rustfmt::skip]
-        let t = Table::two_way(3, 3, vec![
-            2, 50, 60,
-            40, 70, 80,
-            90, 100, 110,
-        ]).unwrap();
-        let p = protect(&t, 5).unwrap();
-        // x00 first takes its smallest neighbour x10 (40); then x00 takes x01 (50) and
-        // x10 takes x11 (70), which closes the rectangle.
-        assert_eq!(hidden_cells(&p), vec![0, 1, 3, 4]);
-        assert!(
-            p.row_totals
-                .iter()
-                .chain(&p.col_totals)
-                .all(Option::is_some)
+    fn the_attacker_interval_of_a_2x2_is_the_lp_optimum() {
+        let t = Table::two_way(2, 2, vec![3, 10, 10, 10]).unwrap();
+        let p = run(&t, 5, 1);
+        let intervals = attacker_intervals(&t, &p).unwrap();
+        // x00 + x01 = 13, x00 + x10 = 13, x01 + x11 = 20, every x >= 1.
+        assert_eq!(
+            intervals,
+            vec![
+                (0, 1, Some(12)),
+                (1, 1, Some(12)),
+                (2, 1, Some(12)),
+                (3, 8, Some(19))
+            ]
         );
-        assert_eq!((p.primary, p.secondary), (1, 3));
     }
 
     #[test]
     fn one_small_cell_in_a_one_way_table_needs_a_second_hidden_cell() {
-        let p = protect(&Table::one_way(vec![3, 20, 10]), 5).unwrap();
+        let t = Table::one_way(vec![3, 20, 10]);
+        let p = run(&t, 5, 1);
         assert_eq!(p.cells, vec![None, Some(20), None]);
         assert_eq!(p.grand_total, Some(33));
         assert!(p.row_totals.is_empty() && p.col_totals.is_empty());
         assert_eq!((p.primary, p.secondary), (1, 1));
+        assert_safe(&t, &p, 5, 1);
+    }
+
+    #[test]
+    fn hidden_ones_are_not_left_pinned_by_their_total() {
+        // [1, 1, 1] with 20 beside them: three hidden ones and G = 23 would leave each in
+        // [1, 1] if 20 stayed published. 20 goes too: each one is then in [1, 18].
+        let t = Table::one_way(vec![1, 1, 1, 20]);
+        let p = run(&t, 5, 1);
+        assert_eq!(p.cells, vec![None; 4]);
+        assert_eq!(p.grand_total, Some(23));
+        assert_safe(&t, &p, 5, 1);
     }
 
     #[test]
     fn a_one_way_table_of_small_cells_hides_its_total_too() {
-        let p = protect(&Table::one_way(vec![1, 0, 2]), 5).unwrap();
+        let p = run(&Table::one_way(vec![1, 0, 2]), 5, 1);
         assert_eq!(p.cells, vec![None, Some(0), None]);
         assert_eq!(p.grand_total, None);
         assert_eq!((p.primary, p.secondary), (3, 0));
     }
 
     #[test]
+    fn combined_equations_cannot_pin_a_cell() {
+        // The shape: margins large enough to publish, small cells scattered. An
+        // attacker combining rows and columns with hidden >= 1 must not pin anything.
+        #[rustfmt::skip]
+        let t = Table::two_way(3, 3, vec![
+            1, 6, 1,
+            7, 1, 9,
+            1, 8, 1,
+        ]).unwrap();
+        for (k, level) in [(2, 1), (3, 1), (5, 1), (5, 3), (10, 2)] {
+            let p = run(&t, k, level);
+            assert_safe(&t, &p, k, level);
+        }
+    }
+
+    #[test]
     fn margins_below_k_are_hidden() {
         let t = Table::two_way(2, 2, vec![1, 1, 1, 1]).unwrap();
-        let p = protect(&t, 3).unwrap();
+        let p = run(&t, 3, 1);
         assert_eq!(p.cells, vec![None; 4]);
         assert_eq!(p.row_totals, vec![None, None]);
         assert_eq!(p.col_totals, vec![None, None]);
         // With G = 4 published, four hidden cells that are each at least 1 are all 1.
         assert_eq!(p.grand_total, None);
-        assert_eq!((p.primary, p.secondary), (8, 1));
-    }
-
-    #[test]
-    fn a_small_row_total_is_protected_by_another_total() {
-        let t = Table::two_way(2, 2, vec![0, 3, 10, 10]).unwrap();
-        let p = protect(&t, 5).unwrap();
-        // R0 = 3 and x01 = 3 are primary; R0 would follow from G - R1 and x01 from C1 - x11.
-        assert_eq!(p.cells, vec![Some(0), None, Some(10), None]);
-        assert_eq!(p.row_totals, vec![None, None]);
-        assert_eq!(p.col_totals, vec![Some(10), Some(13)]);
-        assert_eq!(p.grand_total, Some(23));
-        assert_eq!((p.primary, p.secondary), (2, 2));
+        assert_safe(&t, &p, 3, 1);
     }
 
     #[test]
     fn an_all_zero_table_is_published_whole() {
-        let p = protect(&Table::two_way(2, 3, vec![0; 6]).unwrap(), 5).unwrap();
+        let p = run(&Table::two_way(2, 3, vec![0; 6]).unwrap(), 5, 1);
         assert_eq!(p.cells, vec![Some(0); 6]);
         assert_eq!(p.row_totals, vec![Some(0); 2]);
         assert_eq!(p.col_totals, vec![Some(0); 3]);
@@ -932,7 +897,7 @@ mod tests {
     #[test]
     fn k_above_every_count_hides_everything_but_the_zeros() {
         let t = Table::two_way(2, 2, vec![0, 4, 5, 6]).unwrap();
-        let p = protect(&t, 100).unwrap();
+        let p = run(&t, 100, 1);
         assert_eq!(p.cells, vec![Some(0), None, None, None]);
         assert_eq!(p.row_totals, vec![None, None]);
         assert_eq!(p.col_totals, vec![None, None]);
@@ -941,45 +906,41 @@ mod tests {
     }
 
     #[test]
-    fn a_small_cell_beside_zeros_takes_a_complement_from_elsewhere() {
-        // x00 = 3 with zeros beside it: R0 = C0 = 3 are hidden too, yet all three follow
-        // from G - R1. Zeros are never hidden, so the complement is G: x00, R0, C0 and G
-        // are a rectangle of the table extended by its totals (one free parameter).
-        let t = Table::two_way(2, 2, vec![3, 0, 0, 10]).unwrap();
-        let p = protect(&t, 5).unwrap();
-        assert_eq!(p.cells, vec![None, Some(0), Some(0), Some(10)]);
-        assert_eq!(p.row_totals, vec![None, Some(10)]);
-        assert_eq!(p.col_totals, vec![None, Some(10)]);
-        assert_eq!(p.grand_total, None);
-        assert_eq!((p.primary, p.secondary), (3, 1));
-    }
-
-    #[test]
-    fn bounds_can_pin_cells_the_linear_audit_leaves_free() {
-        // k = 2 hides the ones (x02, x11, R0, C1, C2). Linear algebra then needs R1 hidden
-        // (else x11 = R1 - 2). With G = 4 published, R0 + R1 = 4 and R1 = 2 + x11 >= 3 pin
-        // R0 = 1 for an attacker who knows hidden cells are at least 1: G goes too.
-        let t = Table::two_way(2, 3, vec![0, 0, 1, 2, 1, 0]).unwrap();
-        let p = protect(&t, 2).unwrap();
-        assert_eq!(
-            p.cells,
-            vec![Some(0), Some(0), None, Some(2), None, Some(0)]
-        );
-        assert_eq!(p.row_totals, vec![None, None]);
-        assert_eq!(p.col_totals, vec![Some(2), None, None]);
-        assert_eq!(p.grand_total, None);
-        assert_eq!((p.primary, p.secondary), (5, 2));
+    fn a_higher_protection_level_hides_more() {
+        #[rustfmt::skip]
+        let t = Table::two_way(3, 4, vec![
+            2, 30, 41, 12,
+            25, 3, 60, 14,
+            33, 47, 2, 90,
+        ]).unwrap();
+        let low = run(&t, 3, 1);
+        let high = run(&t, 3, 20);
+        assert_safe(&t, &low, 3, 1);
+        assert_safe(&t, &high, 3, 20);
+        let hidden = |p: &Protected| p.primary + p.secondary;
+        assert!(hidden(&high) >= hidden(&low));
     }
 
     #[test]
     fn protection_is_deterministic() {
         let cells: Vec<u64> = (0..48u64).map(|i| (i * 7919 + 13) % 23 % 9).collect();
         let t = Table::two_way(6, 8, cells).unwrap();
-        assert_eq!(protect(&t, 5).unwrap(), protect(&t, 5).unwrap());
+        assert_eq!(run(&t, 5, 2), run(&t, 5, 2));
     }
 
     #[test]
-    fn bad_shapes_sizes_and_thresholds_are_refused() {
+    fn a_table_that_cannot_be_proven_in_time_is_refused() {
+        let cells: Vec<u64> = (0..10_000u64).map(|i| (i * 7919 + 13) % 7).collect();
+        let t = Table::two_way(100, 100, cells).unwrap();
+        let past = Instant::now();
+        assert!(matches!(
+            protect(&t, rules(5, 1), past),
+            Err(SuppressError::OutOfTime { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_shapes_sizes_and_rules_are_refused() {
         assert_eq!(
             Table::two_way(2, 3, vec![1; 5]),
             Err(SuppressError::ShapeMismatch {
@@ -1001,14 +962,16 @@ mod tests {
             Err(SuppressError::TooLarge { cells: 20_100 })
         );
         assert_eq!(
-            protect(&Table::one_way(vec![0; MAX_CELLS + 1]), 5),
+            protect(&Table::one_way(vec![0; MAX_CELLS + 1]), rules(5, 1), soon()),
             Err(SuppressError::TooLarge {
                 cells: MAX_CELLS + 1
             })
         );
-        let t = Table::one_way(vec![1, 2]);
-        assert_eq!(protect(&t, 1), Err(SuppressError::KTooSmall { k: 1 }));
-        assert_eq!(protect(&t, 0), Err(SuppressError::KTooSmall { k: 0 }));
+        assert_eq!(Rules::new(1, 1), Err(SuppressError::BadThreshold { k: 1 }));
+        assert_eq!(
+            Rules::new(5, 0),
+            Err(SuppressError::BadProtectionLevel { protection: 0 })
+        );
         let not_one_way = Table {
             rows: 1,
             cols: 2,
@@ -1016,48 +979,13 @@ mod tests {
             cells: vec![1, 2],
         };
         assert!(matches!(
-            protect(&not_one_way, 5),
+            protect(&not_one_way, rules(5, 1), soon()),
             Err(SuppressError::ShapeMismatch { .. })
         ));
         let overflowing = Table::one_way(vec![u64::MAX, 1]);
-        assert_eq!(protect(&overflowing, 5), Err(SuppressError::TotalOverflow));
-    }
-
-    #[test]
-    fn hiding_every_non_zero_cell_is_safe() {
-        let t = Table::two_way(3, 4, vec![0, 1, 7, 0, 2, 0, 0, 9, 0, 0, 4, 1]).unwrap();
-        let layout = Layout::of(&t);
-        let values = layout.values(&t.cells).unwrap();
-        let hidden: Vec<bool> = values.iter().map(|&v| v > 0).collect();
         assert_eq!(
-            recoverable(&layout.equations(), &hidden).unwrap(),
-            Vec::<usize>::new()
-        );
-    }
-
-    #[test]
-    fn the_audit_is_exact_beyond_unit_coefficients() {
-        // 2a + 4b + c = ., a + 2b = .: c is determined, a and b are not.
-        let eqs = vec![vec![(0, 2), (1, 4), (2, 1)], vec![(0, 1), (1, 2)]];
-        assert_eq!(recoverable(&eqs, &[true; 3]).unwrap(), vec![2]);
-        // 2a + 3b = ., a + b = .: both determined.
-        let eqs = vec![vec![(0, 2), (1, 3)], vec![(0, 1), (1, 1)]];
-        assert_eq!(recoverable(&eqs, &[true; 2]).unwrap(), vec![0, 1]);
-        // Only hidden cells count: with b published, a + b = . gives a away.
-        let eqs = vec![vec![(0, 1), (1, 1)]];
-        assert_eq!(recoverable(&eqs, &[true, false]).unwrap(), vec![0]);
-    }
-
-    #[test]
-    fn overflow_is_an_error_not_an_answer() {
-        let big = i64::MAX / 2 + 1;
-        let eqs = vec![
-            vec![(0, 3), (1, big), (2, 1)],
-            vec![(0, 2), (1, 1), (2, big)],
-        ];
-        assert_eq!(
-            recoverable(&eqs, &[true; 3]),
-            Err(SuppressError::ArithmeticOverflow)
+            protect(&overflowing, rules(5, 1), soon()),
+            Err(SuppressError::TotalOverflow)
         );
     }
 }

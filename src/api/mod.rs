@@ -41,6 +41,8 @@ pub struct AppState {
     pub research_limiter: PrincipalLimiter,
     /// Pseudonym derivations per principal.
     pub derivation_limiter: PrincipalLimiter,
+    /// Where research tables are protected: off the async runtime, bounded, with a deadline.
+    pub protection: research::ProtectionPool,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -67,6 +69,8 @@ pub enum ApiError {
     RateLimited(#[from] RateLimited),
     #[error("the service is shutting down; retry on another instance or later")]
     Unavailable,
+    #[error("{0}; retry in a moment")]
+    Busy(&'static str),
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -118,7 +122,7 @@ impl ApiError {
             ApiError::VersionConflict { .. } => Code::Aborted,
             ApiError::Precondition(_) => Code::FailedPrecondition,
             ApiError::RateLimited(_) => Code::ResourceExhausted,
-            ApiError::Unavailable => Code::Unavailable,
+            ApiError::Unavailable | ApiError::Busy(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
     }

@@ -5,6 +5,8 @@
 //! sees a row or a pseudonym.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use prost_types::Timestamp;
@@ -12,6 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::{ApiError, Call, SharedState, audited};
+use crate::aggregate::suppress::Rules;
 use crate::aggregate::{
     self, CountTable, DELAY_BANDS, Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS,
     MAX_EXPERTISE_CODES, MAX_FILTER_VALUES, Quantiles, QueryError, TableBuilder,
@@ -25,6 +28,55 @@ use crate::store::{Registry, StoreError};
 
 pub struct ResearchApi {
     state: SharedState,
+}
+
+/// Where research tables are protected: a bounded pool of blocking threads, so that one
+/// large table cannot stall other calls on the async runtime, and a deadline per query.
+/// A table not proven safe by its deadline is never published (fail closed).
+pub struct ProtectionPool {
+    permits: Arc<tokio::sync::Semaphore>,
+    budget: Duration,
+}
+
+impl ProtectionPool {
+    /// At most `workers` protections at once, each given `budget` from the moment it asks
+    /// (waiting for a worker counts).
+    pub fn new(workers: usize, budget: Duration) -> Self {
+        ProtectionPool {
+            permits: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
+            budget,
+        }
+    }
+
+    /// Runs `work` (given its deadline) on a blocking thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Instant) -> Result<T, QueryError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let deadline = Instant::now() + self.budget;
+        let permit =
+            tokio::time::timeout_at(deadline.into(), Arc::clone(&self.permits).acquire_owned())
+                .await
+                .map_err(|_| ApiError::Busy("every research worker is busy"))?
+                .map_err(|_| ApiError::Unavailable)?;
+        let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(deadline)
+        })
+        .await
+        .map_err(|_| ApiError::Internal(StoreError::Invalid("table protection panicked".into())))?;
+        joined.map_err(|e| ApiError::from(ResearchError::Query(e)))
+    }
+}
+
+/// The registry's disclosure rules, as the store keeps them (checked there on write).
+fn rules_of(registry: &Registry) -> Result<Rules, ApiError> {
+    let level = |v: i64| u64::try_from(v).unwrap_or(0);
+    Rules::new(
+        level(registry.min_cell_count),
+        level(registry.protection_level),
+    )
+    .map_err(|e| ApiError::Internal(StoreError::Invalid(e.to_string())))
 }
 
 impl ResearchApi {
@@ -74,6 +126,9 @@ impl From<ResearchError> for ApiError {
                 let mut v = FieldViolations::new();
                 v.push("group_by", QueryError::TooFine.to_string());
                 ApiError::Invalid(v)
+            }
+            ResearchError::Query(e @ QueryError::Unprovable) => {
+                ApiError::Precondition(e.to_string())
             }
             ResearchError::Query(QueryError::Invalid(msg)) => {
                 ApiError::Internal(StoreError::Invalid(msg))
@@ -175,6 +230,7 @@ fn table_to_proto(
     proto::CountTable {
         registry: registry.code.clone(),
         min_cell_count: registry.min_cell_count as u32,
+        protection_level: registry.protection_level as u32,
         unit: if by_gene {
             "patient-gene pairs"
         } else {
@@ -323,10 +379,13 @@ impl ResearchApi {
             .count_patients(&selection, &mut builder)
             .await
             .map_err(ApiError::from)?;
-        let k = registry.min_cell_count as u64;
-        let table = builder
-            .finish(&selection.group_by, k)
-            .map_err(|e| ApiError::from(ResearchError::Query(e)))?;
+        let rules = rules_of(&registry)?;
+        let group_by = selection.group_by.clone();
+        let table = self
+            .state
+            .protection
+            .run(move |deadline| builder.finish(&group_by, rules, deadline))
+            .await?;
         call.items(table.protected.cells.len());
         info!(
             principal = principal.id,
@@ -361,13 +420,18 @@ impl ResearchApi {
             )
             .await?;
         let now = selection.now;
-        let k = registry.min_cell_count as u64;
-        let table = self
+        let rules = rules_of(&registry)?;
+        let builder = self
             .state
             .store
-            .diagnostic_delay(&selection, k)
+            .diagnostic_delay(&selection)
             .await
             .map_err(ApiError::from)?;
+        let table = self
+            .state
+            .protection
+            .run(move |deadline| builder.finish(rules, deadline))
+            .await?;
         call.items(table.groups.len());
         info!(
             principal = principal.id,
@@ -379,6 +443,7 @@ impl ResearchApi {
         Ok(Response::new(proto::DiagnosticDelayResponse {
             registry: registry.code.clone(),
             min_cell_count: registry.min_cell_count as u32,
+            protection_level: registry.protection_level as u32,
             group_by: selection.group_by.iter().map(|d| d.to_proto()).collect(),
             bands: DELAY_BANDS.iter().map(|b| b.0.to_string()).collect(),
             groups: table
@@ -484,7 +549,11 @@ impl ResearchApi {
             .into_iter()
             .filter_map(|row| {
                 let registry = registries.iter().find(|r| r.id == row.registry_id)?;
-                let band = aggregate::volume_band(row.cases, registry.min_cell_count as u64);
+                let band = aggregate::volume_band(
+                    row.cases,
+                    registry.min_cell_count as u64,
+                    registry.protection_level as u64,
+                );
                 let centre = proto::ExpertiseCentre {
                     centre_code: row.centre_code,
                     centre_name: row.centre_name,

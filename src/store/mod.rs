@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod cases;
 pub mod consent;
+pub mod purge;
 pub mod research;
 pub mod writer;
 
@@ -52,12 +53,25 @@ pub enum StoreError {
     Invalid(String),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    #[error(
+        "erasure {receipt} is committed, but its data may still be in the database files: {cause}"
+    )]
+    NotPurged { receipt: String, cause: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The thresholds an admin may set for small-count suppression.
 pub const MIN_CELL_COUNT_RANGE: std::ops::RangeInclusive<i64> = 2..=100;
+/// Allowed protection levels of a registry.
+pub const PROTECTION_LEVEL_RANGE: std::ops::RangeInclusive<i64> = 1..=100;
+
+/// The two disclosure-control settings of a registry.
+#[derive(Debug, Clone, Copy)]
+enum DisclosureSetting {
+    MinCellCount,
+    ProtectionLevel,
+}
 
 /// A registry as the service needs it on the request path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +81,8 @@ pub struct Registry {
     pub name: String,
     pub active_key_version: i64,
     pub min_cell_count: i64,
+    /// Least width of the interval anyone can prove for a hidden research count.
+    pub protection_level: i64,
 }
 
 /// What authentication needs from an API key's row.
@@ -208,7 +224,7 @@ impl Store {
 
     pub async fn list_registries(&self) -> Result<Vec<Registry>> {
         let rows = sqlx::query(
-            "SELECT id, code, name, active_key_version, min_cell_count FROM registries ORDER BY id",
+            "SELECT id, code, name, active_key_version, min_cell_count, protection_level FROM registries ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -217,7 +233,7 @@ impl Store {
 
     pub async fn registry_by_code(&self, code: &str) -> Result<Option<Registry>> {
         let row = sqlx::query(
-            "SELECT id, code, name, active_key_version, min_cell_count FROM registries WHERE code = $1",
+            "SELECT id, code, name, active_key_version, min_cell_count, protection_level FROM registries WHERE code = $1",
         )
         .bind(code)
         .fetch_optional(&self.pool)
@@ -227,15 +243,43 @@ impl Store {
 
     /// Sets a registry's minimum published cell count k (2..=100).
     pub async fn set_min_cell_count(&self, code: &str, k: i64) -> Result<()> {
-        if !(MIN_CELL_COUNT_RANGE).contains(&k) {
+        self.set_disclosure_setting(code, DisclosureSetting::MinCellCount, k)
+            .await
+    }
+
+    /// Sets a registry's protection level (1..=100): the least width of the interval an
+    /// attacker can prove for any value a research answer hides.
+    pub async fn set_protection_level(&self, code: &str, level: i64) -> Result<()> {
+        self.set_disclosure_setting(code, DisclosureSetting::ProtectionLevel, level)
+            .await
+    }
+
+    async fn set_disclosure_setting(
+        &self,
+        code: &str,
+        setting: DisclosureSetting,
+        value: i64,
+    ) -> Result<()> {
+        let (column, what, range) = match setting {
+            DisclosureSetting::MinCellCount => {
+                ("min_cell_count", "minimum cell count", MIN_CELL_COUNT_RANGE)
+            }
+            DisclosureSetting::ProtectionLevel => (
+                "protection_level",
+                "protection level",
+                PROTECTION_LEVEL_RANGE,
+            ),
+        };
+        if !range.contains(&value) {
             return Err(StoreError::Invalid(format!(
-                "the minimum cell count must be {} to {}",
-                MIN_CELL_COUNT_RANGE.start(),
-                MIN_CELL_COUNT_RANGE.end()
+                "the {what} must be {} to {}",
+                range.start(),
+                range.end()
             )));
         }
-        let done = sqlx::query("UPDATE registries SET min_cell_count = $1 WHERE code = $2")
-            .bind(k)
+        let sql = format!("UPDATE registries SET {column} = $1 WHERE code = $2");
+        let done = sqlx::query(&sql)
+            .bind(value)
             .bind(code)
             .execute(&self.pool)
             .await?;
@@ -598,6 +642,7 @@ fn registry_from_row(row: &sqlx::any::AnyRow) -> Result<Registry> {
         name: row.try_get(2)?,
         active_key_version: row.try_get(3)?,
         min_cell_count: row.try_get(4)?,
+        protection_level: row.try_get(5)?,
     })
 }
 

@@ -15,8 +15,7 @@ use tokio_stream::StreamExt;
 
 use super::{Result, Store, StoreError, millis};
 use crate::aggregate::{
-    AGE_BANDS, DelayBuilder, DelayTable, Dimension, Filter, Key, QueryError, TableBuilder,
-    age_band_start_days,
+    AGE_BANDS, DelayBuilder, Dimension, Filter, Key, QueryError, TableBuilder, age_band_start_days,
 };
 use crate::domain::ORPHA_UNDIAGNOSED;
 
@@ -278,11 +277,8 @@ impl Store {
 
     /// Diagnostic delays (whole months) of consented patients with a known delay, per
     /// group, streamed in group order into the delay table.
-    pub async fn diagnostic_delay(
-        &self,
-        sel: &Selection,
-        k: u64,
-    ) -> Result<DelayTable, ResearchError> {
+    /// The histograms are returned unprotected: protection runs off the async runtime.
+    pub async fn diagnostic_delay(&self, sel: &Selection) -> Result<DelayBuilder, ResearchError> {
         // Whole months: days × 12 / 365.25, in integer arithmetic on both databases.
         let months = "(p.delay_days * 48) / 1461";
         let sql = grouped(
@@ -298,13 +294,13 @@ impl Store {
         );
         let mut rows = query.fetch(self.pool());
         let n = sel.group_by.len();
-        let mut builder = DelayBuilder::new(&sel.group_by, k);
+        let mut builder = DelayBuilder::new(&sel.group_by);
         while let Some(row) = rows.next().await {
             let row = row?;
             let m: i64 = row.try_get(n)?;
             builder.add(keys_of(&row, &sel.group_by)?, m, count_at(&row, n + 1)?)?;
         }
-        Ok(builder.finish()?)
+        Ok(builder)
     }
 
     /// Centres with cases (current versions) of any of `orphacodes` in `registries`,

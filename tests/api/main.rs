@@ -2,6 +2,8 @@
 //! One test binary (link once); one module per feature.
 
 mod helpers;
+#[path = "../common/lp_attacker.rs"]
+mod lp_attacker;
 
 mod access;
 mod audit;
@@ -9,6 +11,7 @@ mod auth;
 mod cases;
 mod consent;
 mod consent_races;
+mod disclosure;
 mod durability;
 mod officers;
 mod privacy;

@@ -1,0 +1,82 @@
+//! Time to protect large research tables: cell suppression with the attacker's-LP audit
+//! (network flows) on 200 x 60 tables of several mixes of zeros, small and large counts.
+//!
+//! `cargo bench --bench suppress` appends a section to `docs/benchmarks.md`
+//! (`ERN_BENCH_WRITE=0` to only print). In-process: the pure function, no gRPC.
+
+use std::time::{Duration, Instant};
+
+use ern_registry::aggregate::suppress::{Rules, Table, protect};
+
+/// Pseudo-random counts: weights (out of 100) of 0, 1..=4, 5..=40 and 41..=2000.
+fn generated_cells(n: usize, [w0, w1, w2, _]: [u64; 4], seed: u64) -> Vec<u64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|_| {
+            let r = next() % 100;
+            let x = next();
+            if r < w0 {
+                0
+            } else if r < w0 + w1 {
+                1 + x % 4
+            } else if r < w0 + w1 + w2 {
+                5 + x % 36
+            } else {
+                41 + x % 1960
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let mixes: [(&str, [u64; 4]); 6] = [
+        ("mostly zeros", [70, 15, 10, 5]),
+        ("skewed", [40, 30, 20, 10]),
+        ("mostly small", [10, 60, 25, 5]),
+        ("few small among large", [0, 3, 7, 90]),
+        ("one percent small", [0, 1, 0, 99]),
+        ("zeros and lone small cells", [80, 3, 0, 17]),
+    ];
+    let mut out = format!(
+        "\n## Protecting a 200 x 60 table, {}\n\n`cargo bench --bench suppress` (in-process, \
+         release, one thread; the service runs it on a blocking worker with a 5 s budget).\n\n\
+         | mix | k | p | ms (median of 3) | primary | complements |\n|---|---:|---:|---:|---:|---:|\n",
+        chrono::Utc::now().format("%Y-%m-%d")
+    );
+    for (seed, (name, weights)) in mixes.into_iter().enumerate() {
+        let t = Table::two_way(200, 60, generated_cells(200 * 60, weights, seed as u64)).unwrap();
+        for (k, p) in [(5, 1), (10, 3)] {
+            let rules = Rules::new(k, p).unwrap();
+            let mut times = Vec::new();
+            let mut last = None;
+            for _ in 0..3 {
+                let start = Instant::now();
+                let deadline = start + Duration::from_secs(600);
+                last = Some(protect(&t, rules, deadline).expect("protected"));
+                times.push(start.elapsed());
+            }
+            times.sort();
+            let p_ = last.unwrap();
+            let line = format!(
+                "| {name} | {k} | {p} | {:.1} | {} | {} |\n",
+                times[1].as_secs_f64() * 1e3,
+                p_.primary,
+                p_.secondary
+            );
+            print!("{line}");
+            out.push_str(&line);
+        }
+    }
+    if std::env::var("ERN_BENCH_WRITE").as_deref() != Ok("0") {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
+        let mut doc = std::fs::read_to_string(path).expect("read docs/benchmarks.md");
+        doc.push_str(&out);
+        std::fs::write(path, doc).expect("write docs/benchmarks.md");
+    }
+}

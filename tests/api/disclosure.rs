@@ -1,0 +1,255 @@
+//! The attacker of research answers, end to end: random small registries with many small
+//! cells, filled over gRPC, asked every kind of research question, and every answer
+//! handed to an LP solver (`common/lp_attacker.rs`, independent of the service's audit)
+//! that takes all the answer publishes and bounds each hidden count.
+
+use ern_registry::auth::Role;
+use ern_registry::config::ServeArgs;
+use ern_registry::proto::{self, Dimension, research_service_client::ResearchServiceClient};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::helpers::*;
+use crate::lp_attacker::{Interval, Published};
+
+/// Every way an answer's hidden counts break the rules: narrower than `p`, or provably
+/// below `k` (a hidden count whose upper bound is below k was a count below k: the true
+/// value always lies within the attacker's interval).
+fn broken(intervals: &[Interval], k: u64, p: u64, hidden: &mut usize) -> Vec<String> {
+    *hidden += intervals.len();
+    intervals
+        .iter()
+        .filter(|iv| iv.width() < p || iv.hi.is_some_and(|hi| hi < k))
+        .map(|iv| format!("{iv:?}"))
+        .collect()
+}
+
+fn count_view(t: &proto::CountTable) -> Published {
+    let two_way = !t.column_dimensions.is_empty();
+    let cols = t.columns.len().max(1);
+    Published {
+        rows: t.rows.len(),
+        cols,
+        two_way,
+        cells: t
+            .rows
+            .iter()
+            .flat_map(|r| r.cells.iter().map(|c| c.count))
+            .collect(),
+        row_totals: if two_way {
+            t.rows
+                .iter()
+                .map(|r| r.total.as_ref().unwrap().count)
+                .collect()
+        } else {
+            vec![]
+        },
+        col_totals: t.column_totals.iter().map(|c| c.count).collect(),
+        grand: t.grand_total.as_ref().unwrap().count,
+    }
+}
+
+fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
+    Published {
+        rows: d.groups.len().max(1),
+        cols: d.bands.len(),
+        two_way: true,
+        cells: if d.groups.is_empty() {
+            vec![Some(0); d.bands.len()]
+        } else {
+            d.groups
+                .iter()
+                .flat_map(|g| g.bands.iter().map(|c| c.count))
+                .collect()
+        },
+        row_totals: if d.groups.is_empty() {
+            vec![Some(0)]
+        } else {
+            d.groups
+                .iter()
+                .map(|g| g.total.as_ref().unwrap().count)
+                .collect()
+        },
+        col_totals: d.band_totals.iter().map(|c| c.count).collect(),
+        grand: d.grand_total.as_ref().unwrap().count,
+    }
+}
+
+const CODES: [&str; 4] = ["ORPHA:586", "ORPHA:244", "ORPHA:1899", "ORPHA:98896"];
+const GENES: [Option<&str>; 3] = [Some("CFTR"), Some("DNAH5"), None];
+const CENTRES: [&str; 3] = ["NL-AMC", "BE-UZL", "DE-CHA"];
+const DIMENSIONS: [Dimension; 8] = [
+    Dimension::Diagnosis,
+    Dimension::Sex,
+    Dimension::OnsetAgeBand,
+    Dimension::DiagnosisAgeBand,
+    Dimension::Country,
+    Dimension::Centre,
+    Dimension::DiagnosisYear,
+    Dimension::Gene,
+];
+
+/// A random case: small categories, so that tables have many small cells.
+fn random_case(rng: &mut StdRng, registry: &str, seed: u32) -> proto::SubmitCaseRequest {
+    let mut req = submission(registry, national("NL", &bsn(seed)));
+    let rec = req.record.as_mut().unwrap();
+    let birth_year = rng.gen_range(1995..=2015);
+    let birth_month = rng.gen_range(1..=12);
+    rec.birth_year_month = format!("{birth_year}-{birth_month:02}");
+    rec.sex = [proto::Sex::Female, proto::Sex::Male][rng.gen_range(0..2)] as i32;
+    let onset = birth_year * 12 + birth_month - 1 + rng.gen_range(1..=72);
+    let diagnosis = (onset + rng.gen_range(0..=150)).min(2026 * 12 + 5);
+    rec.onset_date = format!("{}-{:02}", onset / 12, onset % 12 + 1);
+    rec.diagnosis_date = format!("{}-{:02}-15", diagnosis / 12, diagnosis % 12 + 1);
+    rec.first_contact_date = String::new();
+    let dx = rec.diagnosis.as_mut().unwrap();
+    dx.orphacode = CODES[rng.gen_range(0..CODES.len())].into();
+    dx.icd10.clear();
+    dx.icd11.clear();
+    dx.omim.clear();
+    rec.genetic_findings = match GENES[rng.gen_range(0..GENES.len())] {
+        Some(g) => vec![proto::GeneticFinding {
+            gene: g.into(),
+            variants: vec![],
+        }],
+        None => vec![],
+    };
+    req
+}
+
+fn random_dimensions(rng: &mut StdRng, max: usize) -> Vec<i32> {
+    let n = rng.gen_range(1..=max);
+    let mut dims = DIMENSIONS.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(dims.remove(rng.gen_range(0..dims.len())) as i32);
+    }
+    out
+}
+
+fn random_filters(rng: &mut StdRng) -> Vec<proto::Filter> {
+    let filter = |dimension: Dimension, values: &[&str]| proto::Filter {
+        dimension: dimension as i32,
+        values: values.iter().map(|s| s.to_string()).collect(),
+    };
+    match rng.gen_range(0..4) {
+        0 => vec![filter(Dimension::Sex, &["female"])],
+        1 => vec![filter(Dimension::Country, &["NL", "BE"])],
+        2 => vec![filter(Dimension::Diagnosis, &CODES[..2])],
+        _ => vec![],
+    }
+}
+
+#[tokio::test]
+async fn an_lp_attacker_narrows_no_hidden_count_of_any_research_answer() {
+    let app = TestApp::spawn_with(ServeArgs {
+        research_queries_per_minute: 100_000,
+        derivations_per_minute: 1_000_000,
+        ..ServeArgs::default()
+    })
+    .await;
+    let registries = ["ERN-LUNG", "ERN-EYE", "ERN-SKIN"];
+    app.centre("BE-UZL", "BE", &registries).await;
+    app.centre("DE-CHA", "DE", &registries).await;
+    app.centre("NL-AMC", "NL", &registries).await;
+    let mut physicians = Vec::new();
+    for (i, centre) in CENTRES.iter().enumerate() {
+        physicians.push(app.physician(&format!("dr-{i}"), centre).await);
+    }
+    let token = app
+        .principal("attacker", Role::Researcher, None, &registries)
+        .await;
+    let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+    let mut researcher = ResearchServiceClient::with_interceptor(app.channel().await, bearer);
+
+    let mut rng = StdRng::seed_from_u64(0x11_2026);
+    let mut seed = 1_000;
+    let mut answers = 0;
+    let mut hidden = 0;
+    for registry in registries {
+        let k = rng.gen_range(2..=20);
+        let p = rng.gen_range(1..=4);
+        app.store.set_min_cell_count(registry, k).await.unwrap();
+        app.store.set_protection_level(registry, p).await.unwrap();
+        let (k, p) = (k as u64, p as u64);
+        let patients = rng.gen_range(60..=140);
+        for _ in 0..patients {
+            seed += 1;
+            let req = random_case(&mut rng, registry, seed);
+            let physician = rng.gen_range(0..physicians.len());
+            physicians[physician].submit_case(req).await.unwrap();
+        }
+
+        for _ in 0..12 {
+            let t = researcher
+                .count_patients(proto::CountPatientsRequest {
+                    registry: registry.into(),
+                    group_by: random_dimensions(&mut rng, 4),
+                    filters: random_filters(&mut rng),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!((t.min_cell_count, t.protection_level), (k as u32, p as u32));
+            let found = broken(&count_view(&t).attack(), k, p, &mut hidden);
+            assert!(
+                found.is_empty(),
+                "{registry} k={k} p={p}: {found:?} in {t:?}"
+            );
+            answers += 1;
+        }
+
+        for _ in 0..8 {
+            let d = researcher
+                .diagnostic_delay(proto::DiagnosticDelayRequest {
+                    registry: registry.into(),
+                    group_by: random_dimensions(&mut rng, 3),
+                    filters: random_filters(&mut rng),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let found = broken(&delay_view(&d).attack(), k, p, &mut hidden);
+            assert!(
+                found.is_empty(),
+                "{registry} k={k} p={p}: {found:?} in {d:?}"
+            );
+            // Quantiles exactly where their presence follows from published values.
+            for g in &d.groups {
+                let all_shown = g.total.as_ref().unwrap().count.is_some()
+                    && g.bands.iter().all(|b| b.count.is_some());
+                assert_eq!(g.quantiles.is_some(), all_shown, "{g:?}");
+            }
+            let all_shown = d.grand_total.as_ref().unwrap().count.is_some()
+                && d.band_totals.iter().all(|b| b.count.is_some());
+            assert_eq!(d.overall.is_some(), all_shown);
+            answers += 1;
+        }
+
+        let e = researcher
+            .find_expertise(proto::FindExpertiseRequest {
+                orphacodes: CODES.iter().map(|s| s.to_string()).collect(),
+                countries: vec![],
+                registries: vec![registry.into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!e.centres.is_empty());
+        for c in &e.centres {
+            let band = c.volume.as_ref().unwrap();
+            if let Some(max) = band.max {
+                assert!(u64::from(max) >= k, "band {} lies below k={k}", band.label);
+                assert!(
+                    u64::from(max - band.min) >= p,
+                    "band {} narrower than p={p}",
+                    band.label
+                );
+            }
+        }
+    }
+    assert_eq!(answers, 60);
+    // The answers had plenty to attack: the test cannot pass on empty suppression.
+    assert!(hidden >= 300, "only {hidden} hidden counts attacked");
+    eprintln!("{answers} answers, {hidden} hidden counts attacked");
+}
