@@ -190,6 +190,25 @@ proptest! {
     }
 }
 
+/// A small registry's two-way table (e.g. onset age band x sex): every cell a handful.
+fn small_registry_table() -> impl Strategy<Value = Table> {
+    (2usize..=8, 2usize..=4).prop_flat_map(|(rows, cols)| {
+        proptest::collection::vec(0u64..=7, rows * cols)
+            .prop_map(move |cells| Table::two_way(rows, cols, cells).unwrap())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn lp_attacker_pins_nothing_in_small_registries(t in small_registry_table(), k in 2u64..=6) {
+        let p = run(&t, k, 1);
+        let found = attack(&t, &p, k, 1);
+        prop_assert!(found.is_empty(), "k={}: {:?} from {:?} of {:?}", k, found, p, t);
+    }
+}
+
 fn all_cells(t: &Table) -> Vec<Cell> {
     let mut out: Vec<Cell> = (0..t.rows)
         .flat_map(|i| (0..t.cols).map(move |j| Cell::Inner(i, j)))
