@@ -629,3 +629,45 @@ impl ResearchService for ResearchApi {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Key;
+
+    /// A one-way table with small cells, so protection has work to do.
+    fn builder() -> TableBuilder {
+        let mut b = TableBuilder::new();
+        for (i, n) in [1u64, 2, 30, 3, 40].into_iter().enumerate() {
+            b.add(vec![Key::Int(i as i64)], n).unwrap();
+        }
+        b
+    }
+
+    #[tokio::test]
+    async fn a_table_not_proven_in_time_is_refused_not_published() {
+        let pool = ProtectionPool::new(1, Duration::ZERO);
+        let rules = Rules::new(5, 1).unwrap();
+        let b = builder();
+        let err = pool
+            .run(move |deadline| b.finish(&[Dimension::Sex], rules, deadline))
+            .await
+            .unwrap_err();
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("coarser") || status.message().contains("fewer"));
+    }
+
+    #[tokio::test]
+    async fn protection_runs_within_its_budget_off_the_runtime() {
+        let pool = ProtectionPool::new(1, Duration::from_secs(5));
+        let rules = Rules::new(5, 1).unwrap();
+        let b = builder();
+        let table = pool
+            .run(move |deadline| b.finish(&[Dimension::Sex], rules, deadline))
+            .await
+            .unwrap();
+        assert_eq!(table.protected.cells[0], None);
+        assert_eq!(table.protected.grand_total, Some(76));
+    }
+}
