@@ -422,7 +422,7 @@ impl<'a> Network<'a> {
             incident: vec![Vec::new(); nodes],
             class: (0..n).map(|c| layout.class(c)).collect(),
         };
-        for c in 0..n {
+        for (c, &value) in values.iter().enumerate() {
             let (from, to, sign) = if layout.two_way {
                 let (r, col) = layout.coordinates(c);
                 let s_row = if r == layout.rows { -1 } else { 1 };
@@ -434,7 +434,7 @@ impl<'a> Network<'a> {
             net.from[c] = from;
             net.to[c] = to;
             net.sign[c] = sign;
-            if values[c] > 0 {
+            if value > 0 {
                 net.incident[from].push(c);
                 net.incident[to].push(c);
             }
