@@ -173,34 +173,25 @@ pub fn research_eligibility(
     (true, until)
 }
 
-/// Why a record may not be stored: said to the physician, so it names the scope and the
-/// state, never clinical data.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InclusionRefused {
-    #[error("no REGISTRY_INCLUSION consent is on file for this patient in this registry")]
-    Missing,
-    #[error("the REGISTRY_INCLUSION consent in force is refused")]
-    Refused,
-    #[error(
-        "the REGISTRY_INCLUSION consent in force is withdrawn; a new consent given after the withdrawal is needed"
-    )]
-    Withdrawn,
-    #[error("the REGISTRY_INCLUSION consent in force has expired")]
-    Expired,
-}
+/// A record may not be stored: no REGISTRY_INCLUSION consent is in force.
+///
+/// Deliberately says nothing about *why* (nothing on file, refused, withdrawn, expired):
+/// it is said to a physician, who may be of any centre of the ERN and may have sent the
+/// identifiers of someone they do not treat. Telling the states apart would let them
+/// learn, from one refused submission, that a person was in the registry and left it, or
+/// refused it. Consent officers see the state through `ConsentService`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no REGISTRY_INCLUSION consent in force for this patient in this registry, so nothing was stored: attest the patient's current consent with the request, or have a consent officer record it"
+)]
+pub struct InclusionRefused;
 
 /// Decides whether a record may be stored: REGISTRY_INCLUSION granted and not expired.
 pub fn check_inclusion(events: &[ConsentEvent], at: DateTime<Utc>) -> Result<(), InclusionRefused> {
-    match in_force(events, Scope::RegistryInclusion, at) {
-        None => Err(InclusionRefused::Missing),
-        Some(e) => match e.decision {
-            Decision::Refused => Err(InclusionRefused::Refused),
-            Decision::Withdrawn => Err(InclusionRefused::Withdrawn),
-            Decision::Granted if e.expires_at.is_some_and(|exp| exp <= at) => {
-                Err(InclusionRefused::Expired)
-            }
-            Decision::Granted => Ok(()),
-        },
+    if is_active(events, Scope::RegistryInclusion, at) {
+        Ok(())
+    } else {
+        Err(InclusionRefused)
     }
 }
 
@@ -371,13 +362,20 @@ mod tests {
         }
     }
 
+    /// Storage is refused at `at`, with `decision` as the inclusion decision in force
+    /// (the refusal itself does not say which).
+    fn assert_refused(events: &[ConsentEvent], at: DateTime<Utc>, decision: Option<Decision>) {
+        assert_eq!(check_inclusion(events, at), Err(InclusionRefused));
+        assert_eq!(
+            in_force(events, Scope::RegistryInclusion, at).map(|e| e.decision),
+            decision
+        );
+    }
+
     #[test]
     fn missing_inclusion_is_refused() {
         let events = [ev(1, Scope::ResearchUse, Decision::Granted, 0)];
-        assert_eq!(
-            check_inclusion(&events, t(1)),
-            Err(InclusionRefused::Missing)
-        );
+        assert_refused(&events, t(1), None);
     }
 
     #[test]
@@ -389,10 +387,7 @@ mod tests {
     #[test]
     fn refused_inclusion_is_refused() {
         let events = [ev(1, Scope::RegistryInclusion, Decision::Refused, 0)];
-        assert_eq!(
-            check_inclusion(&events, t(1)),
-            Err(InclusionRefused::Refused)
-        );
+        assert_refused(&events, t(1), Some(Decision::Refused));
     }
 
     #[test]
@@ -401,10 +396,7 @@ mod tests {
             ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
             ev(2, Scope::RegistryInclusion, Decision::Withdrawn, 5),
         ];
-        assert_eq!(
-            check_inclusion(&events, t(6)),
-            Err(InclusionRefused::Withdrawn)
-        );
+        assert_refused(&events, t(6), Some(Decision::Withdrawn));
     }
 
     #[test]
@@ -415,10 +407,7 @@ mod tests {
             ev(2, Scope::RegistryInclusion, Decision::Withdrawn, 5),
             ev(3, Scope::RegistryInclusion, Decision::Granted, 4),
         ];
-        assert_eq!(
-            check_inclusion(&events, t(6)),
-            Err(InclusionRefused::Withdrawn)
-        );
+        assert_refused(&events, t(6), Some(Decision::Withdrawn));
     }
 
     #[test]
@@ -430,10 +419,7 @@ mod tests {
         ];
         assert_eq!(check_inclusion(&events, t(8)), Ok(()));
         // ... but not before it was given.
-        assert_eq!(
-            check_inclusion(&events, t(6)),
-            Err(InclusionRefused::Withdrawn)
-        );
+        assert_refused(&events, t(6), Some(Decision::Withdrawn));
     }
 
     #[test]
@@ -442,10 +428,7 @@ mod tests {
         e.expires_at = Some(t(10));
         let events = [e];
         assert_eq!(check_inclusion(&events, t(9)), Ok(()));
-        assert_eq!(
-            check_inclusion(&events, t(10)),
-            Err(InclusionRefused::Expired)
-        );
+        assert_refused(&events, t(10), Some(Decision::Granted));
         assert!(!is_active(&events, Scope::RegistryInclusion, t(11)));
     }
 
@@ -466,10 +449,7 @@ mod tests {
             ev(1, Scope::RegistryInclusion, Decision::Granted, 0),
             ev(2, Scope::RegistryInclusion, Decision::Refused, 0),
         ];
-        assert_eq!(
-            check_inclusion(&events, t(1)),
-            Err(InclusionRefused::Refused)
-        );
+        assert_refused(&events, t(1), Some(Decision::Refused));
     }
 
     fn item(scope: proto::ConsentScope, state: proto::ConsentState) -> proto::ScopeConsent {

@@ -2,7 +2,10 @@
 //!
 //! Writes go through the writer (partitioned by patient), so a withdrawal is serialised
 //! with every submission about the same patient, and the erasure commits in the same
-//! transaction as the withdrawal. No response of this service carries clinical data.
+//! transaction as the withdrawal. No response of this service carries clinical data, and
+//! none names who recorded a decision or erased a record (nor the form label they typed)
+//! to anyone but the recorder and the recorder's centre: that name tells which centre
+//! treats the patient.
 
 use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
@@ -90,16 +93,38 @@ async fn resolve_patient(
     }
 }
 
-fn event_to_proto(e: &ConsentRecord) -> proto::ConsentEvent {
+/// Whether `viewer` may see who recorded a decision (or erased a record): the recorder
+/// themself, and principals of the recorder's centre. A recorder's name (and the form
+/// label their centre typed, which often names the hospital) tells which centre treats
+/// the patient; an officer of another centre, or of the ERN, acts on the patient's
+/// consent without needing that.
+fn recorder_visible_to(viewer: &Principal, recorder_id: i64, recorder_centre: Option<i64>) -> bool {
+    viewer.id == recorder_id
+        || viewer
+            .centre
+            .as_ref()
+            .is_some_and(|c| recorder_centre == Some(c.id))
+}
+
+/// A decision on file as `viewer` may see it: to anyone but the recorder's centre, the
+/// role it was recorded in (`source`) and the dates, without the recorder's name or the
+/// form label.
+fn event_to_proto(e: &ConsentRecord, viewer: &Principal) -> proto::ConsentEvent {
+    let (recorded_by, form_version) =
+        if recorder_visible_to(viewer, e.recorder_id, e.recorder_centre) {
+            (e.recorded_by.clone(), e.form_version.clone())
+        } else {
+            (String::new(), String::new())
+        };
     proto::ConsentEvent {
         id: e.id as u64,
         scope: e.scope.to_proto() as i32,
         state: e.decision.to_proto() as i32,
         given_at: Some(timestamp_to_proto(e.given_at)),
-        form_version: e.form_version.clone(),
+        form_version,
         expires_at: e.expires_at.map(timestamp_to_proto),
         recorded_at: Some(timestamp_to_proto(e.recorded_at)),
-        recorded_by: e.recorded_by.clone(),
+        recorded_by,
         source: e.source.clone(),
     }
 }
@@ -221,7 +246,7 @@ async fn record_one(
         recorded: history
             .iter()
             .filter(|e| ids.contains(&e.id))
-            .map(event_to_proto)
+            .map(|e| event_to_proto(e, principal))
             .collect(),
         in_force: Some(status_at(&history, now)),
     })
@@ -490,7 +515,10 @@ impl ConsentApi {
         Ok(Response::new(proto::GetConsentResponse {
             pseudonym: pseudonym.as_str().to_owned(),
             in_force: Some(status_at(&history, at)),
-            history: history.iter().map(event_to_proto).collect(),
+            history: history
+                .iter()
+                .map(|e| event_to_proto(e, &principal))
+                .collect(),
         }))
     }
 
@@ -532,12 +560,19 @@ impl ConsentApi {
         if !principal.registries.contains(&erasure.registry_id) {
             return Err(not_found().into());
         }
+        // Who erased it, as in the consent history: for the eraser's centre only.
+        let shown = recorder_visible_to(&principal, erasure.eraser_id, erasure.eraser_centre);
+        let erased_by = if shown {
+            erasure.erased_by
+        } else {
+            String::new()
+        };
         Ok(Response::new(proto::ErasureReceipt {
             receipt_id: erasure.receipt_id,
             registry: erasure.registry_code,
             pseudonym: erasure.pseudonym,
             erased_at: Some(timestamp_to_proto(erasure.erased_at)),
-            erased_by: erasure.erased_by,
+            erased_by,
             reason: reason_to_proto(erasure.reason),
             cases_erased: erasure.cases_erased as u32,
             versions_erased: erasure.versions_erased as u32,

@@ -140,7 +140,10 @@ impl From<ApiError> for Status {
                 let message = ApiError::Invalid(violations).to_string();
                 Status::with_error_details(code, message, details)
             }
-            ApiError::MissingConsent(refused) => Status::with_error_details(
+            // One message and one detail, whatever is on file for the patient: said to a
+            // physician, who must not learn from it whether a person refused, withdrew or
+            // let consent expire (`InclusionRefused` carries no state to tell).
+            ApiError::MissingConsent(refused @ InclusionRefused) => Status::with_error_details(
                 code,
                 refused.to_string(),
                 ErrorDetails::with_precondition_failure_violation(

@@ -51,7 +51,11 @@ pub struct ConsentRecord {
     pub form_version: String,
     pub expires_at: Option<DateTime<Utc>>,
     pub recorded_at: DateTime<Utc>,
+    /// The recorder's name; `recorder_id` and `recorder_centre` say whose it is (the API
+    /// shows it only to the recorder's centre).
     pub recorded_by: String,
+    pub recorder_id: i64,
+    pub recorder_centre: Option<i64>,
     pub source: String,
 }
 
@@ -63,7 +67,7 @@ pub async fn history(
 ) -> Result<Vec<ConsentRecord>> {
     let rows = sqlx::query(
         "SELECT e.id, e.scope, e.state, e.given_at, e.form_version, e.expires_at, e.recorded_at, \
-                p.name, e.source \
+                p.name, e.source, p.id, p.centre_id \
          FROM consent_events e JOIN principals p ON p.id = e.recorded_by \
          WHERE e.registry_id = $1 AND e.pseudonym = $2 ORDER BY e.id",
     )
@@ -90,6 +94,8 @@ pub async fn history(
                 recorded_at: from_millis(r.try_get(6)?)?,
                 recorded_by: r.try_get(7)?,
                 source: r.try_get(8)?,
+                recorder_id: r.try_get(9)?,
+                recorder_centre: r.try_get(10)?,
             })
         })
         .collect()
@@ -149,7 +155,10 @@ pub struct Erasure {
     pub registry_code: String,
     pub pseudonym: String,
     pub erased_at: DateTime<Utc>,
+    /// The withdrawing officer's name; `eraser_id` and `eraser_centre` say whose it is.
     pub erased_by: String,
+    pub eraser_id: i64,
+    pub eraser_centre: Option<i64>,
     pub reason: WithdrawalReason,
     pub cases_erased: i64,
     pub versions_erased: i64,
@@ -192,7 +201,7 @@ pub async fn erasure_by_receipt(
 ) -> Result<Option<Erasure>> {
     let row = sqlx::query(
         "SELECT x.receipt_id, x.registry_id, r.code, x.pseudonym, x.erased_at, p.name, x.reason, \
-                x.cases_erased, x.versions_erased \
+                x.cases_erased, x.versions_erased, p.id, p.centre_id \
          FROM erasures x JOIN registries r ON r.id = x.registry_id JOIN principals p ON p.id = x.erased_by \
          WHERE x.receipt_id = $1",
     )
@@ -208,6 +217,8 @@ pub async fn erasure_by_receipt(
             pseudonym: r.try_get(3)?,
             erased_at: from_millis(r.try_get(4)?)?,
             erased_by: r.try_get(5)?,
+            eraser_id: r.try_get(9)?,
+            eraser_centre: r.try_get(10)?,
             reason: WithdrawalReason::parse_db(&reason)
                 .ok_or_else(|| StoreError::Corrupt("unknown withdrawal reason".into()))?,
             cases_erased: r.try_get(7)?,

@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod cases;
 mod consent;
+mod consent_oracle;
 mod consent_races;
 mod disclosure;
 mod durability;
