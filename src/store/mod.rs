@@ -66,6 +66,58 @@ pub const MIN_CELL_COUNT_RANGE: std::ops::RangeInclusive<i64> = 2..=100;
 /// Allowed protection levels of a registry.
 pub const PROTECTION_LEVEL_RANGE: std::ops::RangeInclusive<i64> = 1..=100;
 
+/// What the database does with a commit before it reports success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous`: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA.
+    Sqlite {
+        journal_mode: String,
+        synchronous: i64,
+    },
+    Postgres {
+        fsync: String,
+        synchronous_commit: String,
+    },
+}
+
+impl Durability {
+    /// Refuses settings under which an acknowledged write could be lost in a crash or a
+    /// power failure: SQLite must journal to a WAL with `synchronous` FULL or EXTRA (every
+    /// commit fsynced); PostgreSQL must have `fsync` on and `synchronous_commit` not off.
+    pub fn check(&self) -> Result<()> {
+        let unsafe_ = |what: String| Err(StoreError::Invalid(format!(
+            "the database would not keep acknowledged writes through a crash: {what}"
+        )));
+        match self {
+            Durability::Sqlite {
+                journal_mode,
+                synchronous,
+            } => {
+                if !journal_mode.eq_ignore_ascii_case("wal") {
+                    return unsafe_(format!("SQLite journal_mode is {journal_mode}, not wal"));
+                }
+                if *synchronous < 2 {
+                    return unsafe_(format!("SQLite synchronous is {synchronous}, not FULL (2)"));
+                }
+            }
+            Durability::Postgres {
+                fsync,
+                synchronous_commit,
+            } => {
+                if fsync != "on" {
+                    return unsafe_(format!("PostgreSQL fsync is {fsync}; set fsync = on"));
+                }
+                if synchronous_commit == "off" {
+                    return unsafe_(
+                        "PostgreSQL synchronous_commit is off; set it to on".to_string(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The two disclosure-control settings of a registry.
 #[derive(Debug, Clone, Copy)]
 enum DisclosureSetting {
@@ -156,7 +208,30 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Store { pool, backend })
+        let store = Store { pool, backend };
+        store.durability().await?.check()?;
+        Ok(store)
+    }
+
+    /// The durability settings in force on a connection of the pool: SQLite's journal
+    /// mode and `synchronous` level; PostgreSQL's `fsync` and `synchronous_commit`.
+    pub async fn durability(&self) -> Result<Durability> {
+        let mut conn = self.pool.acquire().await?;
+        let text = |sql: &'static str| sqlx::query_scalar::<_, String>(sql);
+        Ok(match self.backend {
+            Backend::Sqlite => Durability::Sqlite {
+                journal_mode: text("PRAGMA journal_mode").fetch_one(&mut *conn).await?,
+                synchronous: sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+                    .fetch_one(&mut *conn)
+                    .await?,
+            },
+            Backend::Postgres => Durability::Postgres {
+                fsync: text("SHOW fsync").fetch_one(&mut *conn).await?,
+                synchronous_commit: text("SHOW synchronous_commit")
+                    .fetch_one(&mut *conn)
+                    .await?,
+            },
+        })
     }
 
     pub fn backend(&self) -> Backend {

@@ -102,3 +102,61 @@ async fn acknowledged_submissions_survive_kill_9() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[tokio::test]
+async fn every_connection_commits_durably() {
+    let app = TestApp::spawn().await;
+    // Hold several connections at once, so that each is a distinct one, and read the
+    // settings in force on each: a connection opened without them would lose
+    // acknowledged writes in a power failure (a kill -9 alone cannot show that).
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(app.store.pool().acquire().await.unwrap());
+    }
+    for conn in &mut held {
+        if app.is_sqlite() {
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!((sync, journal.as_str()), (2, "wal"), "FULL and WAL");
+        } else {
+            let fsync: String = sqlx::query_scalar("SHOW fsync")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            let commit: String = sqlx::query_scalar("SHOW synchronous_commit")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(fsync, "on");
+            assert_ne!(commit, "off");
+        }
+    }
+}
+
+#[test]
+fn settings_that_lose_acknowledged_writes_are_refused() {
+    use ern_registry::store::Durability;
+    let sqlite = |journal: &str, sync| Durability::Sqlite {
+        journal_mode: journal.into(),
+        synchronous: sync,
+    };
+    assert!(sqlite("wal", 2).check().is_ok());
+    assert!(sqlite("wal", 3).check().is_ok());
+    assert!(sqlite("wal", 1).check().is_err(), "NORMAL loses the last commits");
+    assert!(sqlite("wal", 0).check().is_err());
+    assert!(sqlite("delete", 2).check().is_err());
+    let pg = |fsync: &str, commit: &str| Durability::Postgres {
+        fsync: fsync.into(),
+        synchronous_commit: commit.into(),
+    };
+    assert!(pg("on", "on").check().is_ok());
+    assert!(pg("on", "remote_apply").check().is_ok());
+    assert!(pg("off", "on").check().is_err());
+    assert!(pg("on", "off").check().is_err());
+}
