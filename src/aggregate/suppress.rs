@@ -41,11 +41,12 @@
 //! flow around it is found (Dijkstra over the residual network; a hidden cell costs
 //! nothing, a published one its value, so small interior cells go before totals), and the
 //! published cells on it are hidden. Hiding a cell only frees the attacker's system, so a
-//! cell found safe stays safe and one pass suffices. A final pass tries to publish
-//! complements again (largest first) while the whole audit still holds, within the time
-//! left. Before the table is returned, every hidden cell is audited once more: the answer
-//! is proven safe or not given ([`SuppressError::OutOfTime`] past the deadline, never an
-//! unproven table).
+//! cell found safe stays safe and one pass proves the whole pattern. A final pass tries to
+//! publish complements again (largest first), keeping each published only when a full
+//! audit of the new pattern passes; its number of tries depends on the table alone, so
+//! the same table always gives the same answer. The pattern returned is thus always one
+//! proven in full; past the deadline the answer is refused
+//! ([`SuppressError::OutOfTime`]), never cut short or unproven.
 //!
 //! Limits, on purpose: this protects *one* table against an attacker who knows the
 //! method's inputs but not the data. It does not protect against differencing between
@@ -62,8 +63,10 @@ pub const MAX_CELLS: usize = 20_000;
 /// Largest protection level (and k) a table can be asked for.
 pub const MAX_LEVEL: u64 = 1_000;
 
-/// Most complements tried for publication again after the greedy pass.
+/// Most complements tried for publication again after the greedy pass, and most cell
+/// audits all those tries may take together (each try audits every hidden cell).
 const PRUNE_ATTEMPTS: usize = 256;
+const PRUNE_WORK: usize = 200_000;
 
 /// A frequency table of non-negative counts. `cols == 1` with `two_way == false` is a
 /// one-way table: its cells and a grand total (no row/column totals are published).
@@ -207,12 +210,14 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     let mut audit = Audit::new(&network, rules);
     let preference = |cell: usize| (values[cell], layout.class(cell), cell);
 
-    let mut hidden: Vec<bool> = values.iter().map(|&v| v > 0 && v < rules.k).collect();
-    let primary = hidden.iter().filter(|&&h| h).count();
+    let primary_cells: Vec<bool> = values.iter().map(|&v| v > 0 && v < rules.k).collect();
+    let primary = primary_cells.iter().filter(|&&h| h).count();
+    let mut hidden = Hidden::new(&network, primary_cells);
 
     // One pass: a cell found safe stays safe as more cells are hidden, since every hidden
-    // cell only adds an edge to the attacker's network.
-    let mut queue: Vec<usize> = (0..values.len()).filter(|&c| hidden[c]).collect();
+    // cell only adds an edge to the attacker's network. So when the pass ends, every
+    // hidden cell is proven safe in the final pattern.
+    let mut queue: Vec<usize> = hidden.cells().collect();
     let mut next = 0;
     while next < queue.len() {
         if Instant::now() >= deadline {
@@ -225,38 +230,31 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     }
 
     // Greedy choices can hide more than needed: publish complements again, largest first,
-    // while every hidden cell stays safe. Optional work: it stops at half the time left.
-    let prune_until = Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2;
-    let mut complements: Vec<usize> = (0..values.len())
-        .filter(|&c| hidden[c] && values[c] >= rules.k)
-        .collect();
+    // keeping each published only when a full audit of the new pattern passes (so the
+    // pattern returned is always one audited in full). The number of tries is a function
+    // of the table alone, so the same table always gives the same answer; past the
+    // deadline the answer is refused, never cut short.
+    let mut complements: Vec<usize> = hidden.cells().filter(|&c| values[c] >= rules.k).collect();
     complements.sort_unstable_by_key(|&c| Reverse(preference(c)));
-    for cell in complements.into_iter().take(PRUNE_ATTEMPTS) {
-        hidden[cell] = false;
-        match audit.first_unsafe(&hidden, prune_until) {
-            Ok(None) => {}
-            Ok(Some(_)) => hidden[cell] = true,
-            Err(_) => {
-                hidden[cell] = true;
-                break;
-            }
+    let hidden_now = hidden.cells().count().max(1);
+    let tries = PRUNE_ATTEMPTS.min(PRUNE_WORK / hidden_now);
+    for cell in complements.into_iter().take(tries) {
+        hidden.publish(&network, cell);
+        let neighbours: Vec<usize> = [network.from[cell], network.to[cell]]
+            .iter()
+            .flat_map(|&n| hidden.adjacent[n].iter().copied())
+            .collect();
+        let safe = audit
+            .all_safe(&hidden, &neighbours, deadline)
+            .map_err(|_| out_of_time())?;
+        if !safe {
+            hidden.hide(&network, cell);
         }
     }
 
-    // Prove it before it leaves.
-    let verdict = audit.first_unsafe(&hidden, deadline).map_err(|e| match e {
-        SuppressError::OutOfTime { .. } => out_of_time(),
-        e => e,
-    })?;
-    if verdict.is_some() {
-        return Err(SuppressError::Internal(
-            "a hidden cell failed the final audit",
-        ));
-    }
-
-    let hidden_count = hidden.iter().filter(|&&h| h).count();
+    let hidden_count = hidden.cells().count();
     let publish = |range: std::ops::Range<usize>| -> Vec<Option<u64>> {
-        range.map(|c| (!hidden[c]).then_some(values[c])).collect()
+        range.map(|c| (!hidden.contains(c)).then_some(values[c])).collect()
     };
     let interior = table.cells.len();
     let (row_totals, col_totals) = if layout.two_way {
@@ -273,7 +271,7 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
         cells: publish(0..interior),
         row_totals,
         col_totals,
-        grand_total: (!hidden[grand]).then_some(values[grand]),
+        grand_total: (!hidden.contains(grand)).then_some(values[grand]),
         primary,
         secondary: hidden_count - primary,
     })
@@ -294,9 +292,10 @@ pub fn attacker_intervals(
     hidden.extend(protected.row_totals.iter().map(Option::is_none));
     hidden.extend(protected.col_totals.iter().map(Option::is_none));
     hidden.push(protected.grand_total.is_none());
+    let hidden = Hidden::new(&network, hidden);
     let mut flows = Flows::new(&network);
     let mut out = Vec::new();
-    for c in (0..values.len()).filter(|&c| hidden[c]) {
+    for c in hidden.cells() {
         let up = flows.up(c, &hidden, UNBOUNDED);
         let down = flows.down(c, &hidden, UNBOUNDED);
         let lo = values[c] - down as u64;
@@ -463,6 +462,48 @@ impl<'a> Network<'a> {
     }
 }
 
+/// The hidden cells, with each node's hidden cells, so that the attacker's network is
+/// walked without looking at published cells.
+struct Hidden {
+    is: Vec<bool>,
+    adjacent: Vec<Vec<usize>>,
+}
+
+impl Hidden {
+    fn new(net: &Network<'_>, is: Vec<bool>) -> Hidden {
+        let mut adjacent = vec![Vec::new(); net.incident.len()];
+        for (c, _) in is.iter().enumerate().filter(|&(_, &h)| h) {
+            adjacent[net.from[c]].push(c);
+            adjacent[net.to[c]].push(c);
+        }
+        Hidden { is, adjacent }
+    }
+
+    fn contains(&self, c: usize) -> bool {
+        self.is[c]
+    }
+
+    fn hide(&mut self, net: &Network<'_>, c: usize) {
+        if !self.is[c] {
+            self.is[c] = true;
+            self.adjacent[net.from[c]].push(c);
+            self.adjacent[net.to[c]].push(c);
+        }
+    }
+
+    fn publish(&mut self, net: &Network<'_>, c: usize) {
+        if self.is[c] {
+            self.is[c] = false;
+            self.adjacent[net.from[c]].retain(|&x| x != c);
+            self.adjacent[net.to[c]].retain(|&x| x != c);
+        }
+    }
+
+    fn cells(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.is.len()).filter(|&c| self.is[c])
+    }
+}
+
 /// Augmenting-path maximum flow on the hidden cells, capped at a limit, with reusable
 /// scratch space.
 struct Flows<'n, 'a> {
@@ -515,7 +556,7 @@ impl<'n, 'a> Flows<'n, 'a> {
         s: usize,
         t: usize,
         skip: usize,
-        hidden: &[bool],
+        hidden: &Hidden,
         limit: Amount,
     ) -> Amount {
         self.reset();
@@ -548,7 +589,7 @@ impl<'n, 'a> Flows<'n, 'a> {
     }
 
     /// Breadth-first search for an augmenting path; its bottleneck.
-    fn search(&mut self, s: usize, t: usize, skip: usize, hidden: &[bool]) -> Option<Amount> {
+    fn search(&mut self, s: usize, t: usize, skip: usize, hidden: &Hidden) -> Option<Amount> {
         self.stamp = self.stamp.wrapping_add(1);
         if self.stamp == 0 {
             self.seen.iter_mut().for_each(|x| *x = 0);
@@ -557,8 +598,8 @@ impl<'n, 'a> Flows<'n, 'a> {
         let mut queue = std::collections::VecDeque::from([s]);
         self.seen[s] = self.stamp;
         while let Some(node) = queue.pop_front() {
-            for &c in &self.net.incident[node] {
-                if c == skip || !hidden[c] {
+            for &c in &hidden.adjacent[node] {
+                if c == skip {
                     continue;
                 }
                 let (other, forward) = self.net.across(c, node);
@@ -599,13 +640,13 @@ impl<'n, 'a> Flows<'n, 'a> {
 
     /// How far the attacker cannot rule out that hidden cell `c` is above its value, up
     /// to `limit`.
-    fn up(&mut self, c: usize, hidden: &[bool], limit: Amount) -> Amount {
+    fn up(&mut self, c: usize, hidden: &Hidden, limit: Amount) -> Amount {
         let (s, t) = self.growth_ends(c);
         self.max_flow(s, t, c, hidden, limit)
     }
 
     /// How far below its value, up to `limit` (and never below 1).
-    fn down(&mut self, c: usize, hidden: &[bool], limit: Amount) -> Amount {
+    fn down(&mut self, c: usize, hidden: &Hidden, limit: Amount) -> Amount {
         let slack = Amount::from(self.net.values[c]) - 1;
         let limit = limit.min(slack);
         if limit <= 0 {
@@ -645,35 +686,47 @@ impl<'n, 'a> Audit<'n, 'a> {
     }
 
     /// Whether hidden cell `c` is safe under `hidden`.
-    fn is_safe(&mut self, c: usize, hidden: &[bool]) -> bool {
+    fn is_safe(&mut self, c: usize, hidden: &Hidden) -> bool {
+        // Room above alone usually suffices: one flow instead of two.
+        let most = self.needed_up(c, 0);
+        let up = self.flows.up(c, hidden, most);
+        if up >= most {
+            return true;
+        }
+        // `up` is then exact (below its cap): add the room below.
         let down = self
             .flows
             .down(c, hidden, Amount::from(self.rules.protection));
-        let need = self.needed_up(c, down);
-        need <= 0 || self.flows.up(c, hidden, need) >= need
+        up >= self.needed_up(c, down)
     }
 
-    /// The first hidden cell that is not safe, if any.
-    fn first_unsafe(
+    /// Whether every hidden cell is safe; the cells in `first` are checked first (those
+    /// most likely to fail), so that a failing audit usually ends early.
+    fn all_safe(
         &mut self,
-        hidden: &[bool],
+        hidden: &Hidden,
+        first: &[usize],
         deadline: Instant,
-    ) -> Result<Option<usize>, SuppressError> {
-        for (i, c) in (0..hidden.len()).filter(|&c| hidden[c]).enumerate() {
+    ) -> Result<bool, SuppressError> {
+        let rest = hidden.cells().filter(|c| !first.contains(c));
+        for (i, c) in first.iter().copied().chain(rest).enumerate() {
             if i % 16 == 0 && Instant::now() >= deadline {
                 return Err(SuppressError::OutOfTime {
                     budget: Duration::ZERO,
                 });
             }
-            if !self.is_safe(c, hidden) {
-                return Ok(Some(c));
+            if hidden.contains(c) && !self.is_safe(c, hidden) {
+                return Ok(false);
             }
         }
-        Ok(None)
+        Ok(true)
     }
 
     /// Hides published cells until `c` is safe; returns the cells it hid.
-    fn make_safe(&mut self, c: usize, hidden: &mut [bool]) -> Result<Vec<usize>, SuppressError> {
+    fn make_safe(&mut self, c: usize, hidden: &mut Hidden) -> Result<Vec<usize>, SuppressError> {
+        if self.is_safe(c, hidden) {
+            return Ok(Vec::new());
+        }
         let down = self
             .flows
             .down(c, hidden, Amount::from(self.rules.protection));
@@ -690,16 +743,14 @@ impl<'n, 'a> Audit<'n, 'a> {
             // `up` left its flow in place: find the cheapest path in the residual network
             // on which published cells, once hidden, carry more.
             let (s, t) = self.flows.growth_ends(c);
-            let path = self
-                .cheapest_path(s, t, c, hidden)
-                .ok_or(SuppressError::Internal(
-                    "a hidden cell cannot be protected by hiding more",
-                ))?;
+            let path = self.cheapest_path(s, t, c, hidden).ok_or(SuppressError::Internal(
+                "a hidden cell cannot be protected by hiding more",
+            ))?;
             if path.is_empty() {
                 return Err(SuppressError::Internal("an augmenting path was missed"));
             }
             for cell in path {
-                hidden[cell] = true;
+                hidden.hide(self.flows.net, cell);
                 added.push(cell);
             }
         }
@@ -713,7 +764,7 @@ impl<'n, 'a> Audit<'n, 'a> {
         s: usize,
         t: usize,
         skip: usize,
-        hidden: &[bool],
+        hidden: &Hidden,
     ) -> Option<Vec<usize>> {
         let net = self.flows.net;
         let nodes = net.incident.len();
@@ -733,7 +784,7 @@ impl<'n, 'a> Audit<'n, 'a> {
                     continue;
                 }
                 let (other, forward) = net.across(c, node);
-                let room = if hidden[c] {
+                let room = if hidden.contains(c) {
                     self.flows.residual(c, forward)
                 } else {
                     net.capacity(c, forward)
@@ -741,7 +792,7 @@ impl<'n, 'a> Audit<'n, 'a> {
                 if room <= 0 {
                     continue;
                 }
-                let step = if hidden[c] {
+                let step = if hidden.contains(c) {
                     0
                 } else {
                     u128::from(net.values[c]) * 4 + u128::from(net.class[c]) + 1
@@ -759,7 +810,7 @@ impl<'n, 'a> Audit<'n, 'a> {
         let mut node = t;
         while node != s {
             let c = via[node]?;
-            if !hidden[c] {
+            if !hidden.contains(c) {
                 path.push(c);
             }
             node = net.across(c, node).0;
