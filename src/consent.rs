@@ -11,10 +11,14 @@
 //! This module is pure: no I/O. The store evaluates the same rule in SQL for read paths
 //! (see `store::consent_in_force_sql`), and the tests of both pin them to each other.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 
 use crate::domain::FieldViolations;
+use crate::domain::MIN_YEAR;
 use crate::proto;
+
+/// The latest year an expiry may name; a consent without expiry leaves it unset.
+pub const MAX_EXPIRY_YEAR: i32 = 2200;
 
 /// How far in the future a `given_at` may lie before it is rejected (clock skew between
 /// the hospital's systems and ours).
@@ -252,6 +256,11 @@ pub fn parse_attestation(
                 violations.push(path("given_at"), "must not be in the future");
                 None
             }
+            // The same earliest year as every date of a record.
+            Some(Some(t)) if t.year() < MIN_YEAR => {
+                violations.push(path("given_at"), format!("must not be before {MIN_YEAR}"));
+                None
+            }
             // A time slightly ahead of ours (clock skew) is recorded as now, so nothing
             // on file ever lies in the future and a withdrawal made now supersedes it.
             Some(Some(t)) => Some(t.min(now)),
@@ -278,6 +287,13 @@ pub fn parse_attestation(
             Some(Some(t)) => {
                 if given_at.is_some_and(|g| t <= g) {
                     violations.push(path("expires_at"), "must be after given_at");
+                } else if t.year() > MAX_EXPIRY_YEAR {
+                    violations.push(
+                        path("expires_at"),
+                        format!(
+                            "must not be after {MAX_EXPIRY_YEAR} (leave it unset for no expiry)"
+                        ),
+                    );
                 }
                 Some(t)
             }
@@ -487,6 +503,37 @@ mod tests {
         assert!(fields.contains(&"consent[1].given_at"), "{fields:?}");
         assert!(fields.contains(&"consent[1].form_version"), "{fields:?}");
         assert!(fields.contains(&"consent[2].scope"), "{fields:?}");
+    }
+
+    #[test]
+    fn consent_dates_follow_the_rules_of_record_dates() {
+        let year = |y: i32| {
+            let at = chrono::NaiveDate::from_ymd_opt(y, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc();
+            Some(timestamp_to_proto(at))
+        };
+        let mut ancient = item(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+        );
+        ancient.given_at = year(1);
+        let mut far = item(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Granted,
+        );
+        far.expires_at = year(9000);
+        let err = parse_attestation(&[ancient, far], t(1)).unwrap_err();
+        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["consent[0].given_at", "consent[1].expires_at"]);
+        let mut oldest = item(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+        );
+        oldest.given_at = year(MIN_YEAR);
+        assert!(parse_attestation(&[oldest], t(1)).is_ok());
     }
 
     #[test]
