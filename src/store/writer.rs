@@ -15,15 +15,19 @@
 //! it writes anything, so a refused command needs no rollback. If the transaction fails
 //! for a database reason, the batch is retried one command per transaction, so one bad
 //! command cannot fail the others.
+//!
+//! A command that erased (a REGISTRY_INCLUSION withdrawal) is answered only after the
+//! commit *and* a purge pass ([`super::purge`]): on SQLite a WAL checkpoint that takes the
+//! erased bytes out of every database file. The other commands of its batch are answered
+//! at the commit, as always.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::AnyConnection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
-
-use std::sync::Arc;
 
 use tonic::Code;
 
@@ -31,6 +35,7 @@ use super::audit as audit_store;
 use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
 use super::millis;
+use super::purge::{self, Purger};
 use super::{Store, StoreError};
 use crate::audit::{AuditKey, Entry, code_name};
 use crate::consent::{
@@ -167,13 +172,40 @@ impl WriteError {
     }
 }
 
+type Reply = oneshot::Sender<Result<Output, WriteError>>;
+
 /// A command, the audit entry recording it (its outcome filled in by the writer), and
 /// where to answer.
-type Job = (
-    Command,
-    Option<Entry>,
-    oneshot::Sender<Result<Output, WriteError>>,
-);
+type Job = (Command, Option<Entry>, Reply);
+
+/// The outcome of a job, ready to be answered.
+struct Answer {
+    reply: Reply,
+    result: Result<Output, WriteError>,
+    /// The receipt, when the command erased a record: answered only after a purge.
+    erased: Option<String>,
+}
+
+impl Answer {
+    fn new(command: &Command, reply: Reply, result: Result<Output, WriteError>) -> Answer {
+        // Only a REGISTRY_INCLUSION withdrawal erases: RecordConsent refuses to end the
+        // inclusion of a stored record (WriteError::UseWithdrawal), and expiry keeps it.
+        let erased = match (command, &result) {
+            (
+                Command::Withdraw(w),
+                Ok(Output::Withdrawn {
+                    erased: Some(_), ..
+                }),
+            ) => Some(w.receipt_id.clone()),
+            _ => None,
+        };
+        Answer {
+            reply,
+            result,
+            erased,
+        }
+    }
+}
 
 /// Handle to the writer tasks; cheap to clone.
 #[derive(Clone)]
@@ -193,10 +225,17 @@ impl Writer {
     ) -> Writer {
         let partitions = partitions.max(1);
         let max_batch = max_batch.max(1);
+        let purger = Arc::new(Purger::new(store.clone()));
         let queues = (0..partitions)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-                tokio::spawn(run(store.clone(), rx, max_batch, audit.clone()));
+                tokio::spawn(run(
+                    store.clone(),
+                    rx,
+                    max_batch,
+                    audit.clone(),
+                    purger.clone(),
+                ));
                 tx
             })
             .collect();
@@ -219,7 +258,9 @@ impl Writer {
 
     /// Applies `command` and waits until it is durably committed (or refused), together
     /// with its audit entry: the entry is appended in the same transaction, with the
-    /// command's outcome, whether the command succeeds or is refused.
+    /// command's outcome, whether the command succeeds or is refused. A command that
+    /// erased returns once the erased data is purged; if the purge cannot be confirmed
+    /// (SQLite), it returns `StoreError::NotPurged` although the erasure is committed.
     pub async fn execute(
         &self,
         command: Command,
@@ -238,39 +279,104 @@ impl Writer {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, key: Arc<AuditKey>) {
+async fn run(
+    store: Store,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    key: Arc<AuditKey>,
+    purger: Arc<Purger>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut batch, max_batch).await > 0 {
-        let jobs = std::mem::take(&mut batch);
-        let commands: Vec<(&Command, Option<&Entry>)> =
-            jobs.iter().map(|(c, a, _)| (c, a.as_ref())).collect();
-        match apply_batch(&store, &key, &commands).await {
-            Ok(results) => {
-                for ((_, _, reply), result) in jobs.into_iter().zip(results) {
-                    let _ = reply.send(result);
+    loop {
+        let received = if purger.is_pending() {
+            // A purge could not complete: retry it when due, even while idle.
+            match tokio::time::timeout(purge::RETRY_EVERY, rx.recv_many(&mut batch, max_batch))
+                .await
+            {
+                Ok(n) => n,
+                Err(_) => {
+                    purger.retry(false).await;
+                    continue;
                 }
             }
-            Err(err) if jobs.len() == 1 => {
-                error!(error = %err, "write failed");
-                if let Some((_, _, reply)) = jobs.into_iter().next() {
-                    let _ = reply.send(Err(WriteError::Store(err)));
-                }
-            }
-            Err(err) => {
-                warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
-                for (command, audit, reply) in jobs {
-                    let result =
-                        match apply_batch(&store, &key, &[(&command, audit.as_ref())]).await {
-                            Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
-                            Err(err) => {
-                                error!(error = %err, "write failed");
-                                Err(WriteError::Store(err))
-                            }
-                        };
-                    let _ = reply.send(result);
-                }
-            }
+        } else {
+            rx.recv_many(&mut batch, max_batch).await
+        };
+        if received == 0 {
+            break;
         }
+        let jobs = std::mem::take(&mut batch);
+        let answers = apply_jobs(&store, &key, jobs).await;
+        deliver(&purger, answers).await;
+        purger.retry(false).await;
+    }
+    // Shutting down: a last, full attempt at a purge still pending.
+    purger.retry(true).await;
+}
+
+/// Applies the jobs in one transaction or, if that fails, one transaction each.
+async fn apply_jobs(store: &Store, key: &AuditKey, jobs: Vec<Job>) -> Vec<Answer> {
+    let commands: Vec<(&Command, Option<&Entry>)> =
+        jobs.iter().map(|(c, a, _)| (c, a.as_ref())).collect();
+    match apply_batch(store, key, &commands).await {
+        Ok(results) => jobs
+            .into_iter()
+            .zip(results)
+            .map(|((command, _, reply), result)| Answer::new(&command, reply, result))
+            .collect(),
+        Err(err) if jobs.len() == 1 => {
+            error!(error = %err, "write failed");
+            jobs.into_iter()
+                .next()
+                .map(|(command, _, reply)| {
+                    Answer::new(&command, reply, Err(WriteError::Store(err)))
+                })
+                .into_iter()
+                .collect()
+        }
+        Err(err) => {
+            warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
+            let mut answers = Vec::with_capacity(jobs.len());
+            for (command, audit, reply) in jobs {
+                let result = match apply_batch(store, key, &[(&command, audit.as_ref())]).await {
+                    Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
+                    Err(err) => {
+                        error!(error = %err, "write failed");
+                        Err(WriteError::Store(err))
+                    }
+                };
+                answers.push(Answer::new(&command, reply, result));
+            }
+            answers
+        }
+    }
+}
+
+/// Answers every job: at once, except those that erased, which are answered after a purge
+/// pass (with an error instead of their receipt if the pass could not purge).
+async fn deliver(purger: &Purger, answers: Vec<Answer>) {
+    let mut erasures = Vec::new();
+    for answer in answers {
+        if answer.erased.is_some() {
+            erasures.push(answer);
+        } else {
+            let _ = answer.reply.send(answer.result);
+        }
+    }
+    if erasures.is_empty() {
+        return;
+    }
+    let receipts: Vec<String> = erasures.iter().filter_map(|a| a.erased.clone()).collect();
+    let purged = purger.after_erasure(&receipts).await;
+    for answer in erasures {
+        let result = match &purged {
+            Ok(()) => answer.result,
+            Err(cause) => Err(WriteError::Store(StoreError::NotPurged {
+                receipt: answer.erased.unwrap_or_default(),
+                cause: cause.to_string(),
+            })),
+        };
+        let _ = answer.reply.send(result);
     }
 }
 

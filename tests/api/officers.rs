@@ -411,32 +411,81 @@ async fn bulk_consent_is_atomic_per_patient_with_a_result_each() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// Where `needle` occurs among the SQLite files (database, WAL, shared memory).
+fn sqlite_files_holding(app: &TestApp, needle: &str) -> Vec<String> {
+    app.sqlite_files()
+        .iter()
+        .filter(|file| {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+        .map(|file| file.display().to_string())
+        .collect()
+}
+
+/// The receipt is the promise: when it arrives, the erased record is in no SQLite file,
+/// so a file-level backup taken from then on cannot hold it. Scanned while the server
+/// runs, with no shutdown and no checkpoint but the server's own.
 #[tokio::test]
-async fn erased_clinical_data_leaves_the_sqlite_files() {
+async fn erased_clinical_data_is_in_no_sqlite_file_when_the_receipt_arrives() {
     let app = TestApp::spawn().await;
     if !app.is_sqlite() {
-        return; // PostgreSQL reclaims deleted rows with VACUUM; see docs/consent.md.
+        return; // PostgreSQL keeps bytes of pruned rows in free space; see docs/consent.md.
     }
     let mut dr = app.physician("dr-a", "NL-AMC").await;
-    let mut req = submission("ERN-EYE", national("NL", &bsn(7)));
-    let marker = "NM_999123.4:c.4242_4243delinsGATTACA";
-    req.record.as_mut().unwrap().genetic_findings[0].variants = vec![marker.into()];
-    let p = dr.submit_case(req).await.unwrap().into_inner().pseudonym;
-    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
-    officer
-        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
+    let with_variant = |patient: u32, variant: &str| {
+        let mut req = submission("ERN-EYE", national("NL", &bsn(patient)));
+        req.record.as_mut().unwrap().genetic_findings[0].variants = vec![variant.into()];
+        req
+    };
+    // Two versions of the erased record, each with its own marker, and a patient who
+    // stays: their marker shows that the scan does find what is still stored.
+    let erased = [
+        "NM_999123.4:c.4242_4243delinsGATTACA",
+        "NM_999123.4:c.5151_5152delinsCATTAG",
+    ];
+    let kept = "NM_999123.4:c.6161_6162delinsTAGCAT";
+    let p = dr
+        .submit_case(with_variant(7, erased[0]))
         .await
-        .unwrap();
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(app.store.pool())
-        .await
-        .unwrap();
-    for file in app.sqlite_files() {
-        let bytes = std::fs::read(&file).unwrap_or_default();
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut second = record();
+    second.genetic_findings[0].variants = vec![erased[1].into()];
+    dr.update_case(proto::UpdateCaseRequest {
+        registry: "ERN-EYE".into(),
+        pseudonym: p.clone(),
+        expected_version: 1,
+        record: Some(second),
+        consent: vec![],
+    })
+    .await
+    .unwrap();
+    dr.submit_case(with_variant(8, kept)).await.unwrap();
+    for marker in erased.iter().chain([&kept]) {
         assert!(
-            !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
-            "erased data still in {}",
-            file.display()
+            !sqlite_files_holding(&app, marker).is_empty(),
+            "{marker} stored"
         );
     }
+
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let receipt = officer
+        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
+        .await
+        .unwrap()
+        .into_inner()
+        .receipt
+        .expect("an erasure receipt");
+    assert_eq!((receipt.cases_erased, receipt.versions_erased), (1, 2));
+
+    for marker in erased {
+        assert_eq!(
+            sqlite_files_holding(&app, marker),
+            Vec::<String>::new(),
+            "erased data still on disk when the receipt arrived"
+        );
+    }
+    assert!(!sqlite_files_holding(&app, kept).is_empty());
 }

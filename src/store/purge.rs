@@ -1,0 +1,391 @@
+//! Physical erasure: after a withdrawal's erasure commits, and before its receipt is
+//! answered, the erased bytes are pushed out of the database files as far as the engine
+//! allows. Called only by [`super::writer`], for every committed command that erased.
+//!
+//! **SQLite.** `secure_delete = ON` zeroes deleted cells in the pages the erasing
+//! transaction writes, but in WAL mode those pages go to the `-wal` file first: until a
+//! checkpoint, the database file and the WAL's older frames (the submission's) still hold
+//! the record, and a file-level backup taken then keeps it. So a pass runs
+//! `PRAGMA wal_checkpoint(TRUNCATE)`, which copies every committed page back into the
+//! database file and truncates the WAL to zero bytes; the `-shm` file holds only the WAL
+//! index (frame and page numbers), never page content. The checkpoint must wait for readers
+//! whose snapshot still uses the WAL (they may be reading the record right now: its bytes
+//! are legitimately in use); their queries are short, so a pass waits for them, within a
+//! bound, and checks the result (`busy` must be 0). A receipt on SQLite therefore means
+//! "gone from every database file". When the bound passes first, the withdrawal is answered
+//! with an error instead of a receipt, loudly logged and counted; the erasure itself stays
+//! committed (nothing to undo), and the writer retries the checkpoint every few seconds
+//! until it succeeds.
+//!
+//! **PostgreSQL** has no secure delete, and no statement removes a deleted row's bytes
+//! from a table file short of rewriting the table (`VACUUM FULL`, which locks the tables
+//! against every read and write for seconds on a large registry). A pass waits (bounded)
+//! until no transaction older than the erasure is still open, then runs `VACUUM` on the
+//! four tables the erasure deletes from, which prunes the dead rows and their index
+//! entries: no tool that reads tuples finds them any more, but their bytes stay in the
+//! pages' free space until new rows overwrite them. That is hygiene, not a claim a receipt
+//! makes, so a pass that cannot complete is logged and counted but does not fail the
+//! withdrawal. `docs/consent.md` says what stays where, and for how long.
+//!
+//! Concurrent erasures (PostgreSQL runs several writer partitions) share passes: a pass
+//! covers every erasure committed before it started, so a caller whose erasure is covered
+//! by a pass that completed while it waited does not start another.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use tokio::sync::Mutex;
+use tracing::{debug, error, info, warn};
+
+use super::{Backend, Store};
+
+/// How long a withdrawal's reply may wait, on SQLite, for readers that keep the checkpoint
+/// from completing.
+const SQLITE_WAIT: Duration = Duration::from_secs(15);
+/// Longest wait inside one checkpoint attempt (the connection's busy handler); attempts
+/// repeat until the overall wait is spent.
+const SQLITE_ATTEMPT_WAIT: Duration = Duration::from_secs(1);
+/// A deferred retry waits only briefly, so that it never stalls the writer for long.
+const SQLITE_RETRY_WAIT: Duration = Duration::from_millis(200);
+/// How often the writer retries a purge that could not complete.
+pub const RETRY_EVERY: Duration = Duration::from_secs(5);
+/// How long a PostgreSQL pass waits for transactions older than the erasure to end.
+const POSTGRES_HORIZON_WAIT: Duration = Duration::from_secs(5);
+const POSTGRES_POLL: Duration = Duration::from_millis(10);
+
+/// The tables an erasure deletes from (`consent::erase_patient`). Skips a table an
+/// autovacuum is busy with instead of queueing behind it; index entries are always
+/// removed (otherwise VACUUM may keep them when few pages changed).
+const POSTGRES_VACUUM: &str =
+    "VACUUM (INDEX_CLEANUP ON, SKIP_LOCKED) patients, case_genes, case_versions, cases";
+
+/// Client transactions of this database that started before `$1` (microseconds since the
+/// epoch) and still hold a transaction id or a snapshot: dead rows they might see cannot be
+/// pruned yet. Sessions of other roles show no `xact_start` to an unprivileged role and
+/// are not counted.
+const POSTGRES_OLDER_TRANSACTIONS: &str = "SELECT COUNT(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+       AND backend_type = 'client backend' \
+       AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) \
+       AND xact_start < to_timestamp(CAST($1 AS DOUBLE PRECISION) / 1000000)";
+
+/// The purge after an erasure could not be confirmed (SQLite): the erased record may still
+/// be in the WAL or the database file.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Incomplete(String);
+
+impl From<sqlx::Error> for Incomplete {
+    fn from(err: sqlx::Error) -> Self {
+        Incomplete(format!("database error: {err}"))
+    }
+}
+
+/// Runs purge passes for the writer partitions of one store.
+pub struct Purger {
+    store: Store,
+    /// Passes started so far; pass `n` covers every erasure committed before it started.
+    started: AtomicU64,
+    /// Whether an erasure is committed whose purge is not confirmed (cheap check for the
+    /// writer loop; the details are in `state`).
+    pending: AtomicBool,
+    state: Mutex<State>,
+    sqlite_wait: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// The latest pass that completed (on SQLite: whose checkpoint succeeded).
+    completed: u64,
+    /// Receipts of erasures committed but not confirmed purged.
+    unpurged: Vec<String>,
+    last_retry: Option<Instant>,
+}
+
+impl Purger {
+    pub fn new(store: Store) -> Purger {
+        Purger::with_wait(store, SQLITE_WAIT)
+    }
+
+    fn with_wait(store: Store, sqlite_wait: Duration) -> Purger {
+        Purger {
+            store,
+            started: AtomicU64::new(0),
+            pending: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            sqlite_wait,
+        }
+    }
+
+    /// Purges after the erasures with these receipts committed; call before answering
+    /// them. `Err` (SQLite only) means the erased data may still be in the files: the
+    /// caller must not hand out the receipts as if it were gone.
+    pub async fn after_erasure(&self, receipts: &[String]) -> Result<(), Incomplete> {
+        // Passes numbered from here on start after this point, hence after the commit.
+        let needed = self.started.load(Ordering::SeqCst) + 1;
+        let mut state = self.state.lock().await;
+        if state.completed >= needed {
+            return Ok(());
+        }
+        let pass = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let begun = Instant::now();
+        match self.store.backend() {
+            Backend::Sqlite => {
+                let result = checkpoint(self.store.pool(), self.sqlite_wait).await;
+                record("sqlite", begun, result.is_ok());
+                match result {
+                    Ok(()) => {
+                        state.completed = pass;
+                        self.cleared(&mut state);
+                        debug!(
+                            ?receipts,
+                            elapsed_ms = begun.elapsed().as_millis() as u64,
+                            "erased data purged from the SQLite files"
+                        );
+                        Ok(())
+                    }
+                    Err(err) => {
+                        state.unpurged.extend(receipts.iter().cloned());
+                        state.last_retry = Some(Instant::now());
+                        self.pending.store(true, Ordering::SeqCst);
+                        error!(
+                            ?receipts,
+                            error = %err,
+                            "ERASURE NOT PURGED: the erasure is committed, but the erased data \
+                             may still be in the SQLite WAL or database file; the withdrawal is \
+                             answered with an error and the checkpoint retried"
+                        );
+                        Err(err)
+                    }
+                }
+            }
+            Backend::Postgres => {
+                let result = vacuum(self.store.pool()).await;
+                record("postgres", begun, matches!(result, Ok(true)));
+                match result {
+                    Ok(true) => debug!(
+                        ?receipts,
+                        elapsed_ms = begun.elapsed().as_millis() as u64,
+                        "erased rows pruned"
+                    ),
+                    Ok(false) => warn!(
+                        ?receipts,
+                        "a transaction older than the erasure stayed open: VACUUM may have \
+                         left the erased rows unpruned (autovacuum prunes them later)"
+                    ),
+                    Err(err) => error!(?receipts, error = %err, "VACUUM after an erasure failed"),
+                }
+                state.completed = pass;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether an erasure waits for its purge (SQLite, after a failed pass).
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Retries a pending purge, briefly, at most every [`RETRY_EVERY`] unless `force`.
+    pub async fn retry(&self, force: bool) {
+        if !self.is_pending() {
+            return;
+        }
+        let mut state = self.state.lock().await;
+        if !force && state.last_retry.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
+            return;
+        }
+        state.last_retry = Some(Instant::now());
+        let wait = if force {
+            self.sqlite_wait
+        } else {
+            SQLITE_RETRY_WAIT
+        };
+        let pass = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let begun = Instant::now();
+        let result = checkpoint(self.store.pool(), wait).await;
+        record("sqlite", begun, result.is_ok());
+        match result {
+            Ok(()) => {
+                state.completed = pass;
+                self.cleared(&mut state);
+            }
+            Err(err) => {
+                warn!(receipts = ?state.unpurged, error = %err, "erased data still not purged");
+            }
+        }
+    }
+
+    fn cleared(&self, state: &mut State) {
+        if !state.unpurged.is_empty() {
+            info!(receipts = ?state.unpurged,
+                  "erased data of earlier erasures is now purged from the SQLite files");
+            state.unpurged.clear();
+        }
+        self.pending.store(false, Ordering::SeqCst);
+    }
+}
+
+fn record(backend: &'static str, begun: Instant, ok: bool) {
+    let outcome = if ok { "ok" } else { "incomplete" };
+    metrics::counter!("ern_erasure_purges_total", "backend" => backend, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("ern_erasure_purge_seconds", "backend" => backend)
+        .record(begun.elapsed().as_secs_f64());
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` until it completes (`busy` = 0) or `wait` is spent.
+/// Each attempt lets the connection's busy handler wait for readers and writers, for at
+/// most [`SQLITE_ATTEMPT_WAIT`]; the connection's own busy timeout is restored afterwards.
+async fn checkpoint(pool: &AnyPool, wait: Duration) -> Result<(), Incomplete> {
+    let deadline = Instant::now() + wait;
+    let mut conn = pool.acquire().await?;
+    let busy_timeout: i64 = conn.fetch_one("PRAGMA busy_timeout").await?.try_get(0)?;
+    let mut attempts = 0u32;
+    let result = loop {
+        attempts += 1;
+        let attempt_wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(SQLITE_ATTEMPT_WAIT);
+        let attempt = checkpoint_once(&mut conn, attempt_wait).await;
+        match attempt {
+            Err(err) => break Err(Incomplete::from(err)),
+            Ok((_, -1, _)) => {
+                break Err(Incomplete(
+                    "the database is not in WAL mode; checkpoint impossible".into(),
+                ));
+            }
+            Ok((0, _, _)) => break Ok(()),
+            Ok((_, log, copied)) if Instant::now() >= deadline => {
+                break Err(Incomplete(format!(
+                    "the WAL checkpoint stayed busy for {} ms ({attempts} attempts; \
+                     {copied} of {log} WAL frames copied back): a reader or another \
+                     process held the database",
+                    wait.as_millis()
+                )));
+            }
+            Ok(_) => {}
+        }
+    };
+    if conn
+        .execute(format!("PRAGMA busy_timeout = {busy_timeout}").as_str())
+        .await
+        .is_err()
+    {
+        conn.close_on_drop();
+    }
+    result
+}
+
+/// One `PRAGMA wal_checkpoint(TRUNCATE)` whose busy handler waits at most `wait`:
+/// (busy, WAL frames, frames copied back).
+async fn checkpoint_once(
+    conn: &mut AnyConnection,
+    wait: Duration,
+) -> Result<(i64, i64, i64), sqlx::Error> {
+    conn.execute(format!("PRAGMA busy_timeout = {}", wait.as_millis()).as_str())
+        .await?;
+    let row = conn.fetch_one("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+}
+
+/// Waits (bounded) until no transaction older than now is open, then VACUUMs the tables
+/// an erasure deletes from. `Ok(false)`: the wait ran out, so VACUUM may have kept the
+/// erased rows for an older snapshot.
+async fn vacuum(pool: &AnyPool) -> Result<bool, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let since: i64 =
+        sqlx::query("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+    let deadline = Instant::now() + POSTGRES_HORIZON_WAIT;
+    let horizon_passed = loop {
+        let older: i64 = sqlx::query(POSTGRES_OLDER_TRANSACTIONS)
+            .bind(since)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        if older == 0 {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(POSTGRES_POLL).await;
+    };
+    // VACUUM cannot run in a transaction block: sent as a simple query, in autocommit.
+    conn.execute(POSTGRES_VACUUM).await?;
+    Ok(horizon_passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    const MARKER: &str = "NM_999777.1:c.77_78delinsPURGETEST";
+
+    fn files_hold_marker(db: &std::path::Path) -> Vec<String> {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let path = format!("{}{suffix}", db.display());
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                bytes
+                    .windows(MARKER.len())
+                    .any(|w| w == MARKER.as_bytes())
+                    .then_some(path)
+            })
+            .collect()
+    }
+
+    /// A reader whose snapshot predates the erasure keeps the checkpoint from completing:
+    /// the pass must report it (no receipt), stay pending, and purge once the reader ends.
+    #[tokio::test]
+    async fn a_blocked_checkpoint_is_reported_and_retried_until_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("p.db");
+        let url = format!("sqlite://{}?mode=rwc", db.display());
+        let store = Store::connect(&url, 4).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t (v) VALUES ($1), ('other')")
+            .bind(MARKER)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut reader = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("BEGIN; SELECT COUNT(*) FROM t;")
+            .execute(&mut reader)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM t WHERE v = $1")
+            .bind(MARKER)
+            .execute(store.pool())
+            .await
+            .unwrap();
+
+        let purger = Purger::with_wait(store.clone(), Duration::from_millis(300));
+        let receipts = vec!["ER-test".to_string()];
+        assert!(purger.after_erasure(&receipts).await.is_err());
+        assert!(purger.is_pending());
+        assert!(!files_hold_marker(&db).is_empty());
+
+        sqlx::raw_sql("COMMIT").execute(&mut reader).await.unwrap();
+        purger.retry(true).await;
+        assert!(!purger.is_pending());
+        assert_eq!(files_hold_marker(&db), Vec::<String>::new());
+        assert_eq!(
+            std::fs::metadata(dir.path().join("p.db-wal"))
+                .unwrap()
+                .len(),
+            0
+        );
+        // The next erasure needs a pass of its own, and gets one.
+        assert!(purger.after_erasure(&receipts).await.is_ok());
+    }
+}
