@@ -254,7 +254,9 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
 
     let hidden_count = hidden.cells().count();
     let publish = |range: std::ops::Range<usize>| -> Vec<Option<u64>> {
-        range.map(|c| (!hidden.contains(c)).then_some(values[c])).collect()
+        range
+            .map(|c| (!hidden.contains(c)).then_some(values[c]))
+            .collect()
     };
     let interior = table.cells.len();
     let (row_totals, col_totals) = if layout.two_way {
@@ -743,9 +745,11 @@ impl<'n, 'a> Audit<'n, 'a> {
             // `up` left its flow in place: find the cheapest path in the residual network
             // on which published cells, once hidden, carry more.
             let (s, t) = self.flows.growth_ends(c);
-            let path = self.cheapest_path(s, t, c, hidden).ok_or(SuppressError::Internal(
-                "a hidden cell cannot be protected by hiding more",
-            ))?;
+            let path = self
+                .cheapest_path(s, t, c, hidden)
+                .ok_or(SuppressError::Internal(
+                    "a hidden cell cannot be protected by hiding more",
+                ))?;
             if path.is_empty() {
                 return Err(SuppressError::Internal("an augmenting path was missed"));
             }
