@@ -11,12 +11,15 @@
 
 #[path = "common/lp_attacker.rs"]
 mod lp_attacker;
+#[path = "common/tables.rs"]
+mod tables;
 
 use std::time::{Duration, Instant};
 
 use ern_registry::aggregate::suppress::{Protected, Rules, Table, attacker_intervals, protect};
 use lp_attacker::{Cell, Published, confirm, violations};
 use proptest::prelude::*;
+use tables::generated_cells;
 
 fn published(t: &Table, p: &Protected) -> Published {
     Published {
@@ -228,32 +231,6 @@ fn value_of(p: &Published, cell: Cell) -> Option<u64> {
         Cell::Col(j) => p.col_totals[j],
         Cell::Grand => p.grand,
     }
-}
-
-/// Pseudo-random counts: weights (out of 100) of 0, 1..=4, 5..=40 and 41..=2000.
-pub fn generated_cells(n: usize, [w0, w1, w2, _]: [u64; 4], seed: u64) -> Vec<u64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..n)
-        .map(|_| {
-            let r = next() % 100;
-            let x = next();
-            if r < w0 {
-                0
-            } else if r < w0 + w1 {
-                1 + x % 4
-            } else if r < w0 + w1 + w2 {
-                5 + x % 36
-            } else {
-                41 + x % 1960
-            }
-        })
-        .collect()
 }
 
 #[test]
