@@ -352,6 +352,7 @@ async fn async_main() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         // The benchmark is one principal submitting as fast as it can.
         derivations_per_minute: 10_000_000,
+        max_calls_in_flight: 1024,
         ..ServeArgs::default()
     };
     let app = Application::build(args, &url, &dir.path().join("master.key"))
@@ -366,7 +367,7 @@ async fn async_main() {
         .create_principal("bench", Role::Physician, Some("BENCH"), &[])
         .await
         .expect("principal");
-    let issued = auth::issue_key(&SystemRandom::new()).expect("key");
+    let issued = auth::issue_key(&SystemRandom::new(), &app.key_hasher()).expect("key");
     store
         .insert_api_key(&issued.key_id, pid, &issued.secret_hash, None)
         .await

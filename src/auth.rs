@@ -1,37 +1,55 @@
 //! Authentication (API keys) and authorisation (role and ERN) of every call.
 //!
 //! An API key reads `ern_<key id: 16 hex>_<secret: 64 hex>`. The key id is public and
-//! indexes the `api_keys` row; the secret is 256 random bits of which only an Argon2id
-//! hash is stored, and it is shown once when issued.
+//! indexes the `api_keys` row; the secret is 256 random bits, shown once when issued, of
+//! which only a keyed hash is stored: HMAC-SHA256, under a pepper derived with HKDF from
+//! the master secret, of the key id and the secret ([`KeyHasher`]).
 //!
-//! Argon2id costs tens of milliseconds by design, far too much for every call of a
-//! service that takes thousands of submissions a second. So a successful verification is
-//! remembered: the [`KeyVerifier`] keeps, per key id, an HMAC (under a random key that
-//! lives only in this process) of the stored hash and the presented secret. A later call
-//! with the same secret against the same stored hash matches that tag with a constant-time
-//! comparison instead of paying Argon2 again. The key's database row is still read on
-//! every call, so revocation, expiry and a disabled principal take effect on the very next
-//! call, and a re-issued hash never matches an old tag. Failed verifications are never
-//! cached, and at most [`MAX_CONCURRENT_HASHES`] Argon2 runs at once, so a flood of bad
-//! keys cannot eat every core.
+//! Why not a password hash. Argon2id and its kin make guessing a *low-entropy* password
+//! expensive; a 256-bit random secret cannot be guessed at any price, so their slowness
+//! buys nothing against a thief of the table, while it costs the service tens of
+//! milliseconds and 19 MiB per attempt: a flood of wrong secrets for a (public) key id
+//! took every core. The pepper adds what a plain hash would not: whoever can write the
+//! `api_keys` table but does not hold the master secret cannot plant a key of their own.
+//! Verification is one HMAC, compared in constant time (`ring::hmac::verify`), on every
+//! call; nothing needs caching.
+//!
+//! Keys issued by earlier versions carry an Argon2id hash. Such a key is verified with
+//! Argon2id once and, on success, re-stored as HMAC ([`Verdict::Migrate`]). At most one
+//! Argon2 run goes on at a time, and a call that finds it busy is refused at once
+//! ([`Verdict::Busy`]) rather than queued: a flood against a key id not yet migrated costs
+//! at most one core, and no memory beyond that one run.
+//!
+//! The only memory kept per key is what a correct secret adds: [`KeyVerifier`] remembers
+//! the stored hash of keys verified in this process, so that a caller whose network
+//! address has used up its allowance of refusals (`refusals`) can still be let through,
+//! without a database read, when it presents a valid key.
 //!
 //! Authorisation is deny by default: a handler states the role it needs and the registry
 //! it touches, and [`Principal`] refuses anything else.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
-use ring::{hmac, rand::SecureRandom};
+use ring::{hkdf, hmac, rand::SecureRandom};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-/// Most Argon2 verifications running at once.
-pub const MAX_CONCURRENT_HASHES: usize = 2;
-/// Most remembered verifications; past this, the cache is cleared and refills.
-const CACHE_CAPACITY: usize = 100_000;
+use crate::keys::MasterSecret;
+
+/// Most Argon2 verifications (of keys not yet migrated) running at once.
+pub const MAX_CONCURRENT_ARGON2: usize = 1;
+/// Most keys remembered as verified; past this, the table is cleared and refills.
+const KNOWN_CAPACITY: usize = 100_000;
 const KEY_PREFIX: &str = "ern_";
+/// How a stored HMAC hash starts; the rest is 64 hex digits.
+pub const HMAC_HASH_PREFIX: &str = "hmac-sha256$";
+const PEPPER_SALT: &[u8] = b"ern-registry";
+const PEPPER_INFO: &[u8] = b"ern-registry api key pepper v1";
+const HASH_LABEL: &[u8] = b"ern-registry api key v1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -198,27 +216,79 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Argon2id with the OWASP-recommended minimum (19 MiB, 2 passes, 1 lane).
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Argon2id with the OWASP-recommended minimum (19 MiB, 2 passes, 1 lane): what keys of
+/// earlier versions were hashed with. Verification reads the parameters from the hash.
 fn argon2() -> Argon2<'static> {
     let params = Params::new(19 * 1024, 2, 1, None).expect("static Argon2 parameters are valid");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Issues a fresh key. Slow (one Argon2id hash); call off the async executor.
-pub fn issue_key(rng: &dyn SecureRandom) -> Result<IssuedKey, ring::error::Unspecified> {
+/// The keyed hash of API key secrets: HMAC-SHA256 under a pepper derived from the master
+/// secret (HKDF, its own label, so it is unrelated to every pseudonym and audit key).
+pub struct KeyHasher(hmac::Key);
+
+impl std::fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHasher(..)")
+    }
+}
+
+impl KeyHasher {
+    pub fn derive(master: &MasterSecret) -> KeyHasher {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, PEPPER_SALT).extract(master.expose());
+        let okm = prk
+            .expand(&[PEPPER_INFO], hmac::HMAC_SHA256)
+            .expect("an HMAC-SHA256 key is a valid HKDF-SHA256 length");
+        KeyHasher(hmac::Key::from(okm))
+    }
+
+    /// label ‖ len(key id) ‖ key id ‖ secret: the key id binds a hash to its row.
+    fn message(key_id: &str, secret: &str) -> Zeroizing<Vec<u8>> {
+        let mut msg = Zeroizing::new(Vec::with_capacity(
+            HASH_LABEL.len() + 8 + key_id.len() + secret.len(),
+        ));
+        msg.extend_from_slice(HASH_LABEL);
+        msg.extend_from_slice(&(key_id.len() as u64).to_be_bytes());
+        msg.extend_from_slice(key_id.as_bytes());
+        msg.extend_from_slice(secret.as_bytes());
+        msg
+    }
+
+    /// The stored form: `hmac-sha256$<64 hex>`.
+    pub fn hash(&self, key_id: &str, secret: &str) -> String {
+        let tag = hmac::sign(&self.0, &Self::message(key_id, secret));
+        format!("{HMAC_HASH_PREFIX}{}", hex(tag.as_ref()))
+    }
+
+    /// Whether `secret` is the one hashed to `stored` (constant time).
+    fn verify(&self, key_id: &str, secret: &str, stored: &[u8; 32]) -> bool {
+        hmac::verify(&self.0, &Self::message(key_id, secret), stored).is_ok()
+    }
+}
+
+/// Issues a fresh key, hashed with `hasher`.
+pub fn issue_key(
+    rng: &dyn SecureRandom,
+    hasher: &KeyHasher,
+) -> Result<IssuedKey, ring::error::Unspecified> {
     let mut id = [0u8; 8];
     let mut secret = Zeroizing::new([0u8; 32]);
-    let mut salt = [0u8; 16];
     rng.fill(&mut id)?;
     rng.fill(secret.as_mut())?;
-    rng.fill(&mut salt)?;
     let key_id = hex(&id);
     let secret_hex = Zeroizing::new(hex(secret.as_ref()));
-    let salt = SaltString::encode_b64(&salt).map_err(|_| ring::error::Unspecified)?;
-    let secret_hash = argon2()
-        .hash_password(secret_hex.as_bytes(), &salt)
-        .map_err(|_| ring::error::Unspecified)?
-        .to_string();
+    let secret_hash = hasher.hash(&key_id, &secret_hex);
     let token = Zeroizing::new(format!("{KEY_PREFIX}{key_id}_{}", secret_hex.as_str()));
     Ok(IssuedKey {
         token,
@@ -227,79 +297,173 @@ pub fn issue_key(rng: &dyn SecureRandom) -> Result<IssuedKey, ring::error::Unspe
     })
 }
 
-/// Verifies presented secrets against stored hashes, remembering successes.
+/// A stored hash, by kind.
+enum StoredHash<'a> {
+    Hmac([u8; 32]),
+    /// An Argon2 PHC string of an earlier version.
+    Argon2(&'a str),
+    Unknown,
+}
+
+impl<'a> StoredHash<'a> {
+    fn parse(stored: &'a str) -> StoredHash<'a> {
+        if let Some(hex) = stored.strip_prefix(HMAC_HASH_PREFIX) {
+            return unhex32(hex).map_or(StoredHash::Unknown, StoredHash::Hmac);
+        }
+        if stored.starts_with("$argon2") {
+            return StoredHash::Argon2(stored);
+        }
+        StoredHash::Unknown
+    }
+}
+
+/// What checking a presented secret against a stored hash found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The secret matches.
+    Valid,
+    /// The secret matches an Argon2 hash of an earlier version: store this HMAC hash
+    /// instead, so that the key never costs Argon2 again.
+    Migrate(String),
+    /// It does not match (or the stored hash is of no known kind).
+    Invalid,
+    /// The hash is Argon2 and the one Argon2 run allowed at a time is taken: refused
+    /// without trying, so that a flood cannot queue work or memory.
+    Busy,
+}
+
+/// Counts of the work authentication did, for the metrics and for tests that assert a
+/// flood did not cause it.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    argon2_runs: AtomicU64,
+    key_lookups: AtomicU64,
+}
+
+impl AuthCounters {
+    /// Argon2 verifications started (keys of earlier versions).
+    pub fn argon2_runs(&self) -> u64 {
+        self.argon2_runs.load(Ordering::Relaxed)
+    }
+
+    /// API key rows read from the database.
+    pub fn key_lookups(&self) -> u64 {
+        self.key_lookups.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn looked_up_key(&self) {
+        self.key_lookups.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Verifies presented secrets against stored hashes.
 pub struct KeyVerifier {
-    tag_key: hmac::Key,
-    verified: RwLock<HashMap<String, hmac::Tag>>,
-    hashing: Arc<Semaphore>,
+    hasher: Arc<KeyHasher>,
+    /// Key id → stored HMAC of keys verified in this process. Only a correct secret adds
+    /// an entry, so its size follows the valid keys in use, not what callers send.
+    known: RwLock<HashMap<String, [u8; 32]>>,
+    argon2: Arc<Semaphore>,
+    counters: Arc<AuthCounters>,
 }
 
 impl KeyVerifier {
-    pub fn new(rng: &dyn SecureRandom) -> Result<KeyVerifier, ring::error::Unspecified> {
-        Ok(KeyVerifier {
-            tag_key: hmac::Key::generate(hmac::HMAC_SHA256, rng)?,
-            verified: RwLock::new(HashMap::new()),
-            hashing: Arc::new(Semaphore::new(MAX_CONCURRENT_HASHES)),
-        })
-    }
-
-    fn tag_message(stored_hash: &str, secret: &str) -> Zeroizing<Vec<u8>> {
-        let mut msg = Zeroizing::new(Vec::with_capacity(stored_hash.len() + secret.len() + 1));
-        msg.extend_from_slice(stored_hash.as_bytes());
-        msg.push(0);
-        msg.extend_from_slice(secret.as_bytes());
-        msg
-    }
-
-    /// Whether `key`'s secret matches `stored_hash` (an Argon2 PHC string).
-    pub async fn verify(&self, key: &PresentedKey, stored_hash: &str) -> bool {
-        let msg = Self::tag_message(stored_hash, &key.secret);
-        if self.cached(&key.key_id, &msg) {
-            return true;
+    pub fn new(hasher: Arc<KeyHasher>) -> KeyVerifier {
+        KeyVerifier {
+            hasher,
+            known: RwLock::new(HashMap::new()),
+            argon2: Arc::new(Semaphore::new(MAX_CONCURRENT_ARGON2)),
+            counters: Arc::new(AuthCounters::default()),
         }
-        let Ok(_permit) = self.hashing.clone().acquire_owned().await else {
-            return false;
+    }
+
+    pub fn hasher(&self) -> &Arc<KeyHasher> {
+        &self.hasher
+    }
+
+    pub fn counters(&self) -> &Arc<AuthCounters> {
+        &self.counters
+    }
+
+    /// Checks `key`'s secret against `stored_hash` (an HMAC hash, or an Argon2 PHC string
+    /// of an earlier version).
+    pub async fn verify(&self, key: &PresentedKey, stored_hash: &str) -> Verdict {
+        match StoredHash::parse(stored_hash) {
+            StoredHash::Hmac(stored) => {
+                if self.hasher.verify(&key.key_id, &key.secret, &stored) {
+                    self.remember(&key.key_id, stored);
+                    Verdict::Valid
+                } else {
+                    Verdict::Invalid
+                }
+            }
+            StoredHash::Argon2(phc) => self.verify_argon2(key, phc).await,
+            StoredHash::Unknown => Verdict::Invalid,
+        }
+    }
+
+    async fn verify_argon2(&self, key: &PresentedKey, phc: &str) -> Verdict {
+        // Fail fast: a call that would wait for Argon2 is refused, never queued.
+        let Ok(permit) = self.argon2.clone().try_acquire_owned() else {
+            metrics::counter!("ern_argon2_busy_total").increment(1);
+            return Verdict::Busy;
         };
-        // Many calls with a key not yet cached (a client opening with a burst) queue
-        // here; the first one to get a permit verifies, the rest find its result.
-        if self.cached(&key.key_id, &msg) {
-            return true;
-        }
+        self.counters.argon2_runs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ern_argon2_verifications_total").increment(1);
         let secret = key.secret.clone();
-        let stored = stored_hash.to_owned();
+        let stored = phc.to_owned();
         let ok = tokio::task::spawn_blocking(move || {
+            // The permit goes with the work: a caller that gives up does not free it
+            // while Argon2 still runs.
+            let _permit = permit;
             PasswordHash::new(&stored)
                 .map(|parsed| argon2().verify_password(secret.as_bytes(), &parsed).is_ok())
                 .unwrap_or(false)
         })
         .await
         .unwrap_or(false);
-        if ok {
-            let tag = hmac::sign(&self.tag_key, &msg);
-            if let Ok(mut map) = self.verified.write() {
-                if map.len() >= CACHE_CAPACITY {
-                    map.clear();
-                }
-                map.insert(key.key_id.clone(), tag);
-            }
+        if !ok {
+            return Verdict::Invalid;
         }
-        ok
+        let migrated = self.hasher.hash(&key.key_id, &key.secret);
+        if let Some(tag) = migrated.strip_prefix(HMAC_HASH_PREFIX).and_then(unhex32) {
+            self.remember(&key.key_id, tag);
+        }
+        Verdict::Migrate(migrated)
     }
 
-    fn cached(&self, key_id: &str, msg: &[u8]) -> bool {
-        let tag = self
-            .verified
+    fn remember(&self, key_id: &str, stored: [u8; 32]) {
+        if let Ok(mut known) = self.known.write() {
+            if known.get(key_id) == Some(&stored) {
+                return;
+            }
+            if known.len() >= KNOWN_CAPACITY {
+                known.clear();
+            }
+            known.insert(key_id.to_owned(), stored);
+        }
+    }
+
+    /// Whether `key` is one verified in this process, with its secret: no database read.
+    /// Says nothing about whether the key is still live (the caller then authenticates
+    /// in full); used to let a valid caller through while its address is refused.
+    pub fn known_good(&self, key: &PresentedKey) -> bool {
+        let stored = self
+            .known
             .read()
-            .map(|m| m.get(key_id).cloned())
+            .map(|m| m.get(&key.key_id).copied())
             .unwrap_or(None);
-        tag.is_some_and(|tag| hmac::verify(&self.tag_key, msg, tag.as_ref()).is_ok())
+        stored.is_some_and(|stored| self.hasher.verify(&key.key_id, &key.secret, &stored))
     }
 
-    /// Forgets a key (after revocation in this process; other processes rely on the
-    /// database row, which is read on every call anyway).
+    /// Keys remembered as verified.
+    pub fn known_keys(&self) -> usize {
+        self.known.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Forgets a key (e.g. after its revocation in this process).
     pub fn forget(&self, key_id: &str) {
-        if let Ok(mut map) = self.verified.write() {
-            map.remove(key_id);
+        if let Ok(mut known) = self.known.write() {
+            known.remove(key_id);
         }
     }
 }
@@ -332,34 +496,125 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn issued_key_verifies_and_a_wrong_secret_does_not() {
-        let rng = SystemRandom::new();
-        let issued = issue_key(&rng).unwrap();
-        let verifier = KeyVerifier::new(&rng).unwrap();
-        let key = PresentedKey::parse(&issued.token).unwrap();
-        assert_eq!(key.key_id, issued.key_id);
-        assert!(verifier.verify(&key, &issued.secret_hash).await);
-        // Second time from the cache.
-        assert!(verifier.verify(&key, &issued.secret_hash).await);
+    fn hasher(seed: u8) -> Arc<KeyHasher> {
+        Arc::new(KeyHasher::derive(&MasterSecret::from_bytes([seed; 32])))
+    }
 
-        let mut wrong = issued.token.to_string();
+    fn wrong(token: &str) -> PresentedKey {
+        let mut wrong = token.to_string();
         let last = wrong.pop().unwrap();
         wrong.push(if last == '0' { '1' } else { '0' });
-        let wrong = PresentedKey::parse(&wrong).unwrap();
-        assert!(!verifier.verify(&wrong, &issued.secret_hash).await);
+        PresentedKey::parse(&wrong).unwrap()
+    }
+
+    /// The Argon2id PHC string an earlier version stored for `token`'s secret.
+    fn legacy_hash(token: &str) -> String {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let secret = &token[21..];
+        let salt = SaltString::encode_b64(&[9u8; 16]).unwrap();
+        argon2()
+            .hash_password(secret.as_bytes(), &salt)
+            .unwrap()
+            .to_string()
     }
 
     #[tokio::test]
-    async fn cached_success_does_not_survive_a_new_hash() {
+    async fn issued_key_verifies_and_a_wrong_secret_does_not() {
         let rng = SystemRandom::new();
-        let issued = issue_key(&rng).unwrap();
-        let other = issue_key(&rng).unwrap();
-        let verifier = KeyVerifier::new(&rng).unwrap();
+        let verifier = KeyVerifier::new(hasher(1));
+        let issued = issue_key(&rng, verifier.hasher()).unwrap();
+        assert!(issued.secret_hash.starts_with(HMAC_HASH_PREFIX));
         let key = PresentedKey::parse(&issued.token).unwrap();
-        assert!(verifier.verify(&key, &issued.secret_hash).await);
-        // The same key id now stored with another hash: the cache must not vouch for it.
-        assert!(!verifier.verify(&key, &other.secret_hash).await);
+        assert_eq!(key.key_id, issued.key_id);
+        assert_eq!(
+            verifier.verify(&key, &issued.secret_hash).await,
+            Verdict::Valid
+        );
+        assert_eq!(
+            verifier
+                .verify(&wrong(&issued.token), &issued.secret_hash)
+                .await,
+            Verdict::Invalid
+        );
+        assert_eq!(verifier.counters().argon2_runs(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hash_is_bound_to_its_pepper_and_its_key_id() {
+        let rng = SystemRandom::new();
+        let issued = issue_key(&rng, &hasher(1)).unwrap();
+        let key = PresentedKey::parse(&issued.token).unwrap();
+        // Another master secret: another pepper.
+        let other = KeyVerifier::new(hasher(2));
+        assert_eq!(
+            other.verify(&key, &issued.secret_hash).await,
+            Verdict::Invalid
+        );
+        // The same secret under another key id.
+        let moved = format!("ern_{}_{}", "0123456789abcdef", &issued.token[21..]);
+        let moved = PresentedKey::parse(&moved).unwrap();
+        let verifier = KeyVerifier::new(hasher(1));
+        assert_eq!(
+            verifier.verify(&moved, &issued.secret_hash).await,
+            Verdict::Invalid
+        );
+        assert_eq!(verifier.verify(&key, "not a hash").await, Verdict::Invalid);
+    }
+
+    #[tokio::test]
+    async fn a_legacy_argon2_hash_verifies_once_and_is_migrated() {
+        let rng = SystemRandom::new();
+        let verifier = KeyVerifier::new(hasher(1));
+        let issued = issue_key(&rng, verifier.hasher()).unwrap();
+        let legacy = legacy_hash(&issued.token);
+        let key = PresentedKey::parse(&issued.token).unwrap();
+        assert_eq!(
+            verifier.verify(&wrong(&issued.token), &legacy).await,
+            Verdict::Invalid
+        );
+        match verifier.verify(&key, &legacy).await {
+            Verdict::Migrate(hash) => assert_eq!(hash, issued.secret_hash),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(verifier.counters().argon2_runs(), 2);
+    }
+
+    #[tokio::test]
+    async fn argon2_is_refused_at_once_while_busy() {
+        let rng = SystemRandom::new();
+        let verifier = KeyVerifier::new(hasher(1));
+        let issued = issue_key(&rng, verifier.hasher()).unwrap();
+        let legacy = legacy_hash(&issued.token);
+        let held = verifier.argon2.clone().try_acquire_owned().unwrap();
+        let key = PresentedKey::parse(&issued.token).unwrap();
+        assert_eq!(verifier.verify(&key, &legacy).await, Verdict::Busy);
+        assert_eq!(verifier.counters().argon2_runs(), 0);
+        drop(held);
+        assert!(matches!(
+            verifier.verify(&key, &legacy).await,
+            Verdict::Migrate(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn only_a_correct_secret_is_remembered() {
+        let rng = SystemRandom::new();
+        let verifier = KeyVerifier::new(hasher(1));
+        let issued = issue_key(&rng, verifier.hasher()).unwrap();
+        let key = PresentedKey::parse(&issued.token).unwrap();
+        for _ in 0..100 {
+            let _ = verifier
+                .verify(&wrong(&issued.token), &issued.secret_hash)
+                .await;
+        }
+        assert_eq!(verifier.known_keys(), 0);
+        assert!(!verifier.known_good(&key));
+        verifier.verify(&key, &issued.secret_hash).await;
+        assert_eq!(verifier.known_keys(), 1);
+        assert!(verifier.known_good(&key));
+        assert!(!verifier.known_good(&wrong(&issued.token)));
+        verifier.forget(&issued.key_id);
+        assert!(!verifier.known_good(&key));
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up: the size of `serve`'s options costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC service.
@@ -93,7 +95,9 @@ pub enum Command {
         #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
         master_passphrase_file: Option<PathBuf>,
     },
-    /// Administration: centres, principals, API keys, registries.
+    /// Administration: centres, principals, API keys, registries. Every command that
+    /// changes something is recorded in the audit log (who: the OS user), so it needs the
+    /// master key.
     #[command(subcommand)]
     Admin(AdminCommand),
     /// The tamper-evident audit log.
@@ -148,6 +152,13 @@ pub struct ServeArgs {
     /// Deadline for any one call, in seconds.
     #[arg(long, env = "ERN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// On SIGTERM or Ctrl-C: seconds that calls in flight and open streams get to finish
+    /// before they are ended with UNAVAILABLE. The writer then commits what it has queued
+    /// (at most 5 more seconds) and the process exits 0. Keep grace + 5 below the
+    /// orchestrator's kill timeout (30 s in Kubernetes and Docker).
+    #[arg(long, env = "ERN_SHUTDOWN_GRACE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace_secs: u64,
     /// Research queries (ResearchService calls) each principal may make per minute; a
     /// burst of up to this many is allowed, then calls are refused (RESOURCE_EXHAUSTED,
     /// with the time to wait) until the rate allows again.
@@ -171,6 +182,52 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_DERIVATIONS_PER_MINUTE", default_value_t = 1200,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub derivations_per_minute: u32,
+    /// Calls refused before authentication (no key, a wrong or dead key) that one network
+    /// peer (an IPv4 address, an IPv6 /64) may cause per minute, in bursts of as many.
+    /// Beyond, its calls are refused with RESOURCE_EXHAUSTED and the time to wait, without
+    /// a database read, unless they present a key this process has verified before.
+    #[arg(long, env = "ERN_REFUSALS_PER_PEER_PER_MINUTE", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub refusals_per_peer_per_minute: u32,
+    /// Refused unauthenticated calls are audited as one entry per peer, method and outcome
+    /// with their number, written every this many seconds (and at shutdown).
+    #[arg(long, env = "ERN_REFUSAL_SUMMARY_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub refusal_summary_secs: u64,
+    /// Calls of one principal running at once (an open bulk stream is one); as many more
+    /// wait for one of them to finish, and beyond that calls are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ERN_MAX_CALLS_IN_FLIGHT", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_calls_in_flight: u32,
+    /// Invalid items (rejected as INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND,
+    /// UNAUTHENTICATED or RESOURCE_EXHAUSTED) one bulk stream may send before it is ended
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ERN_MAX_STREAM_INVALID_ITEMS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_stream_invalid_items: u32,
+    /// Connections open at once; further ones are closed on accept.
+    #[arg(long, env = "ERN_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Connections open at once from one peer (an IPv4 address, an IPv6 /64).
+    #[arg(long, env = "ERN_MAX_CONNECTIONS_PER_PEER", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_peer: u32,
+    /// Concurrent HTTP/2 streams (calls) per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "ERN_MAX_STREAMS_PER_CONNECTION", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_streams_per_connection: u32,
+    /// A connection without any call for this many seconds is closed (0: never).
+    #[arg(long, env = "ERN_IDLE_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub idle_timeout_secs: u64,
+    /// HTTP/2 keepalive: a PING every this many seconds on every connection; one not
+    /// acknowledged within 20 s closes it. Also the idle time before TCP keepalive probes.
+    /// 0 turns both off.
+    #[arg(long, env = "ERN_KEEPALIVE_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub keepalive_secs: u64,
     /// Serve Prometheus metrics (plain HTTP, GET /metrics) on this address, e.g.
     /// 127.0.0.1:9464. Off when unset.
     #[arg(long, env = "ERN_METRICS_LISTEN")]
@@ -212,6 +269,20 @@ impl ServeArgs {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs.max(1))
     }
+
+    /// `None` when connections may stay idle.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
+    }
+
+    /// `None` when keepalive is off.
+    pub fn keepalive(&self) -> Option<Duration> {
+        (self.keepalive_secs > 0).then(|| Duration::from_secs(self.keepalive_secs))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
 }
 
 /// The defaults of `serve`, for embedding (tests, benchmarks).
@@ -226,10 +297,20 @@ impl Default for ServeArgs {
             max_batch: 512,
             db_max_connections: 16,
             request_timeout_secs: 30,
+            shutdown_grace_secs: 20,
             research_queries_per_minute: 60,
             protection_budget_ms: 5_000,
             protection_workers: 2,
             derivations_per_minute: 1200,
+            refusals_per_peer_per_minute: 300,
+            refusal_summary_secs: 60,
+            max_calls_in_flight: 64,
+            max_stream_invalid_items: 1000,
+            max_connections: 1024,
+            max_connections_per_peer: 64,
+            max_streams_per_connection: 200,
+            idle_timeout_secs: 300,
+            keepalive_secs: 60,
             metrics_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -244,17 +325,39 @@ impl Default for ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Walk the whole MAC chain; exit non-zero naming the first broken entry on any
-    /// modification, deletion or reordering. Needs the master key.
+    /// Verify the whole log: every entry's MAC link (also entries after the head), the
+    /// head both ways, and every consent event and erasure tombstone against the entry
+    /// that wrote it. Exits non-zero naming the entry (or row) on any modification,
+    /// deletion, insertion or reordering; prints the head as ID:MAC. Needs the master key.
     Verify {
-        /// Master key file. Default: <data dir>/master.key (with a passphrase, its
-        /// parameter file master.kdf beside it).
-        #[arg(long, env = "ERN_MASTER_KEY_FILE")]
-        master_key_file: Option<PathBuf>,
-        /// File holding the master passphrase (first line); see `serve --help`.
-        #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
-        master_passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        master: MasterArgs,
+        /// A head recorded earlier (ID:MAC, as `audit head` prints it): also fail unless
+        /// that entry is still in the log with that MAC. Detects a tail deleted together
+        /// with the head, which the log alone cannot show.
+        #[arg(long, value_name = "ID:MAC")]
+        expect_head: Option<crate::audit::Anchor>,
     },
+    /// Verify the whole log (as `verify`) and print only its head, ID:MAC, to record
+    /// outside the database (a ticket, another system) for `verify --expect-head`.
+    Head {
+        #[command(flatten)]
+        master: MasterArgs,
+    },
+}
+
+/// Where the master secret is, for commands that need a key derived from it: every
+/// changing admin command appends its audit entry to the MAC chain, and an API key's hash
+/// is keyed by a pepper derived from the master secret.
+#[derive(Debug, Clone, Args)]
+pub struct MasterArgs {
+    /// Master key file. Default: <data dir>/master.key (with a passphrase, its parameter
+    /// file master.kdf beside it).
+    #[arg(long, env = "ERN_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// File holding the master passphrase (first line); see `serve --help`.
+    #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
+    pub master_passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +369,8 @@ pub enum AdminCommand {
     DisablePrincipal {
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Bind a client certificate to a principal: from then on the principal's calls must
     /// come over mutual TLS with this (or another bound) certificate.
@@ -275,6 +380,8 @@ pub enum AdminCommand {
         /// The client certificate (PEM).
         #[arg(long)]
         cert: PathBuf,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Start a new key version for a registry's pseudonyms. Patients the registry does
     /// not know yet get pseudonyms of the new version; known patients keep theirs, so
@@ -283,6 +390,8 @@ pub enum AdminCommand {
         /// Registry (ERN) code, e.g. ERN-EYE.
         #[arg(long)]
         registry: String,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Set a registry's research threshold k: counts from 1 to k-1 are never published
     /// (default 5).
@@ -293,6 +402,8 @@ pub enum AdminCommand {
         /// The new threshold, 2 to 100.
         #[arg(long)]
         k: i64,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Set a registry's protection level p: for every count a research answer hides,
     /// the interval anyone can prove from the answer is at least p wide (default 1: no
@@ -304,6 +415,8 @@ pub enum AdminCommand {
         /// The new level, 1 to 100.
         #[arg(long)]
         level: i64,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Create a centre and the ERNs it belongs to.
     CreateCentre {
@@ -318,6 +431,8 @@ pub enum AdminCommand {
         /// Registry (ERN) code the centre is a member of; repeat for several.
         #[arg(long = "ern", required = true)]
         erns: Vec<String>,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Create a principal and print its first API key (shown once).
     CreatePrincipal {
@@ -335,6 +450,8 @@ pub enum AdminCommand {
         /// Key lifetime in days (default: no expiry).
         #[arg(long)]
         expires_in_days: Option<u32>,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Issue another API key for a principal (shown once).
     IssueKey {
@@ -342,11 +459,15 @@ pub enum AdminCommand {
         principal: String,
         #[arg(long)]
         expires_in_days: Option<u32>,
+        #[command(flatten)]
+        master: MasterArgs,
     },
     /// Revoke an API key by its id (the 16 hex digits after `ern_`).
     RevokeKey {
         #[arg(long)]
         key_id: String,
+        #[command(flatten)]
+        master: MasterArgs,
     },
 }
 

@@ -22,13 +22,15 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Version};
-use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 use zeroize::Zeroizing;
 
 const HEADER: &str = "ern-registry-master-key v1 ";
 const KDF_HEADER: &str = "ern-registry-master-kdf v1 argon2id ";
 const CHECK_LABEL: &[u8] = b"ern-registry master check v1";
+const FINGERPRINT_SALT: &[u8] = b"ern-registry";
+const FINGERPRINT_INFO: &[u8] = b"ern-registry master fingerprint v1";
 const SALT_BYTES: usize = 16;
 
 /// The environment variable holding the master passphrase (never a flag: flags show in
@@ -151,6 +153,17 @@ impl MasterSecret {
         hmac::Key::new(hmac::HMAC_SHA256, self.expose())
     }
 
+    /// The secret's public name, which a database records to recognise the secret it was
+    /// made with ([`Fingerprint`]).
+    pub fn fingerprint(&self) -> Fingerprint {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, FINGERPRINT_SALT).extract(self.expose());
+        let mut bytes = [0u8; 32];
+        prk.expand(&[FINGERPRINT_INFO], Len32)
+            .and_then(|okm| okm.fill(&mut bytes))
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        Fingerprint(bytes)
+    }
+
     /// Reads a key file, refusing one that group or others may read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = read_private(path, 256)?;
@@ -207,6 +220,57 @@ impl MasterSecret {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+struct Len32;
+
+impl hkdf::KeyType for Len32 {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+/// The public name of a master secret: `HKDF-SHA256(salt = "ern-registry", IKM = secret,
+/// info = "ern-registry master fingerprint v1")`, 32 bytes. The database records it at
+/// first start so that a start with another secret (a lost key file replaced by a new
+/// one, the wrong backup, a recreated parameter file) is refused instead of silently
+/// giving every patient new pseudonyms.
+///
+/// It is not secret, and it is not the secret: HKDF is one-way, and its label makes it
+/// unrelated to every key derived for pseudonyms and the audit chain. It does let whoever
+/// holds it test a candidate secret, which gains nothing: a key file's secret is 256
+/// random bits, and a passphrase's costs an Argon2id run per guess, with the salt of the
+/// parameter file, which is not in the database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// From the 64 lower-case hex digits [`Fingerprint::to_hex`] gives.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        parse_hex(hex, &mut bytes)?;
+        Some(Fingerprint(bytes))
+    }
+
+    /// 64 lower-case hex digits, as stored.
+    pub fn to_hex(&self) -> String {
+        let mut text = String::with_capacity(64);
+        push_hex(&mut text, &self.0);
+        text
+    }
+}
+
+/// The first 16 hex digits, enough to tell two secrets apart in a message or a log.
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex()[..16])
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
     }
 }
 
@@ -713,6 +777,28 @@ mod tests {
         );
         assert!(!format!("{secret:?}").contains("ab"));
     }
+
+    #[test]
+    fn fingerprint_matches_pinned_vector() {
+        // HKDF-SHA256(salt "ern-registry", IKM 00..1f, info "ern-registry master
+        // fingerprint v1"), reproduced with Python's hmac module. It must never change:
+        // every database records it and refuses to start with a secret that gives another.
+        let secret = MasterSecret::from_bytes(std::array::from_fn(|i| i as u8));
+        let fingerprint = secret.fingerprint();
+        assert_eq!(fingerprint.to_hex(), PINNED_FINGERPRINT);
+        assert_eq!(
+            Fingerprint::from_hex(PINNED_FINGERPRINT).unwrap(),
+            fingerprint
+        );
+        assert_eq!(fingerprint.to_string(), PINNED_FINGERPRINT[..16]);
+        assert_ne!(&fingerprint.0, secret.expose());
+        assert_ne!(MasterSecret::from_bytes([0; 32]).fingerprint(), fingerprint);
+        assert!(Fingerprint::from_hex(&PINNED_FINGERPRINT.to_uppercase()).is_none());
+        assert!(Fingerprint::from_hex(&PINNED_FINGERPRINT[1..]).is_none());
+    }
+
+    const PINNED_FINGERPRINT: &str =
+        "a596b49d49aa906c22531e00ef9d515b82710fdd6822cd8e75736e66613ce8c2";
 
     /// Cheap Argon2id parameters, so that the unit tests stay fast.
     const TEST_COST: Cost = Cost {

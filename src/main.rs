@@ -10,14 +10,19 @@ use tracing_subscriber::EnvFilter;
 use ern_registry::auth::{self, Role};
 use std::sync::Arc;
 
-use ern_registry::audit::AuditKey;
-use ern_registry::config::{AdminCommand, AuditCommand, Cli, Command, GlobalArgs, LogFormat};
+use ern_registry::audit::{Anchor, AuditKey, Entry, code_name};
+use ern_registry::config::{
+    AdminCommand, AuditCommand, Cli, Command, GlobalArgs, LogFormat, MasterArgs,
+};
 use ern_registry::keys::{self, KdfFile, MasterSecret, Passphrase};
 use ern_registry::pseudonym::Pseudonymiser;
-use ern_registry::startup::{self, Application};
-use ern_registry::store::Store;
+use ern_registry::startup::{self, Application, MasterUse};
+use ern_registry::store::admin;
 use ern_registry::store::writer::Writer;
+use ern_registry::store::{Store, StoreError};
 use ern_registry::synthetic;
+use sqlx::AnyConnection;
+use tonic::Code;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("ERN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -44,9 +49,12 @@ async fn main() -> ExitCode {
         } => keygen(&cli.global, out, passphrase, master_passphrase_file),
         Command::Admin(cmd) => admin(&cli.global, cmd).await,
         Command::Audit(AuditCommand::Verify {
-            master_key_file,
-            master_passphrase_file,
-        }) => audit_verify(&cli.global, master_key_file, master_passphrase_file).await,
+            master,
+            expect_head,
+        }) => audit_verify(&cli.global, &master, expect_head, false).await,
+        Command::Audit(AuditCommand::Head { master }) => {
+            audit_verify(&cli.global, &master, None, true).await
+        }
         Command::Demo {
             registry,
             patients,
@@ -113,7 +121,7 @@ fn keygen(
     };
     let path = out.unwrap_or_else(|| global.data_dir.join(default_name));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        ern_registry::data_dir::create_private_dir(dir)?;
     }
     if passphrase_mode {
         let passphrase =
@@ -158,8 +166,15 @@ async fn demo(
     let passphrase = Passphrase::from_env_or_file(master_passphrase_file.as_deref())?;
     let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
     let kdf_file = KdfFile::default_path(&key_file);
-    let master = startup::load_master_secret(&key_file, &kdf_file, passphrase.as_ref(), true)?;
     let store = startup::open_store(&global.database_url(), 4).await?;
+    let master = startup::open_master_secret(
+        &store,
+        &key_file,
+        &kdf_file,
+        passphrase.as_ref(),
+        MasterUse::Write { may_create: true },
+    )
+    .await?;
     let partitions = store.backend().default_writers();
     let writer = Writer::start(
         store.clone(),
@@ -191,133 +206,368 @@ async fn demo(
     Ok(())
 }
 
-/// Walks the audit chain; an error (non-zero exit) names the first broken entry.
+/// Verifies the whole audit log; an error (non-zero exit) names the entry or row found
+/// broken. With `head_only`, prints just the head (`ID:MAC`) for recording elsewhere.
 async fn audit_verify(
     global: &GlobalArgs,
-    master_key_file: Option<std::path::PathBuf>,
-    master_passphrase_file: Option<std::path::PathBuf>,
+    master: &MasterArgs,
+    expect_head: Option<Anchor>,
+    head_only: bool,
 ) -> Result<(), AnyError> {
-    let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
-    let kdf_file = KdfFile::default_path(&key_file);
-    let passphrase = Passphrase::from_env_or_file(master_passphrase_file.as_deref())?;
-    let master = startup::load_master_secret(&key_file, &kdf_file, passphrase.as_ref(), false)?;
     let store = open(global).await?;
-    let result = store.verify_audit(&AuditKey::derive(&master)).await?;
+    let secret = master_secret(global, &store, master, MasterUse::Read).await?;
+    let result = store
+        .verify_audit_against(&AuditKey::derive(&secret), expect_head.clone())
+        .await?;
     store.close().await;
-    match result {
-        Ok(v) => {
-            println!(
-                "audit log intact: {} entries; head entry {} with MAC {}",
-                v.entries,
-                v.head_seq,
-                if v.head_mac.is_empty() {
-                    "-"
-                } else {
-                    &v.head_mac
-                }
-            );
-            println!(
-                "record the head elsewhere (e.g. in your ticketing system) to detect a truncated tail later"
-            );
-            Ok(())
-        }
-        Err(broken) => Err(format!("audit log BROKEN: {broken}").into()),
+    let verified = result.map_err(|broken| format!("audit log BROKEN: {broken}"))?;
+    if head_only {
+        println!("{}", verified.anchor());
+        return Ok(());
     }
+    println!(
+        "audit log intact: {} entries, every consent event and erasure tombstone as its entry recorded it",
+        verified.entries
+    );
+    if let Some(anchor) = expect_head {
+        println!("the anchored head {anchor} is in the log");
+    }
+    if verified.unadopted > 0 {
+        println!(
+            "{} consent events and tombstones written before rows were audited are not covered yet; the next write adopts them",
+            verified.unadopted
+        );
+    }
+    println!("head: {}", verified.anchor());
+    println!(
+        "record the head elsewhere (e.g. in your ticketing system) and pass it to `audit verify --expect-head` later: a log truncated since then, head and all, fails"
+    );
+    Ok(())
 }
 
 async fn open(global: &GlobalArgs) -> Result<Store, AnyError> {
     Ok(startup::open_store(&global.database_url(), 2).await?)
 }
 
-async fn print_new_key(
+/// The master secret of `store`, from the key file or passphrase `master` names.
+async fn master_secret(
+    global: &GlobalArgs,
     store: &Store,
-    principal_id: i64,
-    expires_in_days: Option<u32>,
-) -> Result<(), AnyError> {
-    let issued = tokio::task::spawn_blocking(|| auth::issue_key(&SystemRandom::new()))
-        .await?
-        .map_err(|_| "no system randomness")?;
-    let expires_at = expires_in_days.map(|d| Utc::now() + Duration::days(i64::from(d)));
-    store
-        .insert_api_key(
-            &issued.key_id,
-            principal_id,
-            &issued.secret_hash,
-            expires_at,
-        )
-        .await?;
-    println!(
-        "api key (shown once, store it now): {}",
-        issued.token.as_str()
-    );
-    println!("key id: {}", issued.key_id);
-    if let Some(at) = expires_at {
-        println!("expires: {}", at.to_rfc3339());
-    }
-    Ok(())
+    master: &MasterArgs,
+    usage: MasterUse,
+) -> Result<MasterSecret, AnyError> {
+    let key_file = master
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| global.data_dir.join("master.key"));
+    let kdf_file = KdfFile::default_path(&key_file);
+    let passphrase = Passphrase::from_env_or_file(master.master_passphrase_file.as_deref())?;
+    Ok(
+        startup::open_master_secret(store, &key_file, &kdf_file, passphrase.as_ref(), usage)
+            .await?,
+    )
 }
 
 async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
     let store = open(global).await?;
-    match cmd {
-        AdminCommand::ListRegistries => {
-            for r in store.list_registries().await? {
+    let result = match cmd {
+        AdminCommand::ListRegistries => list_registries(&store).await,
+        cmd => audited_admin(global, &store, cmd).await,
+    };
+    store.close().await;
+    result
+}
+
+async fn list_registries(store: &Store) -> Result<(), AnyError> {
+    for r in store.list_registries().await? {
+        println!(
+            "{:<22} key v{}  k={}  p={}  {}",
+            r.code, r.active_key_version, r.min_cell_count, r.protection_level, r.name
+        );
+    }
+    Ok(())
+}
+
+/// Who runs the admin command line, as its audit entries name them: `admin-cli:<user>`
+/// (the process's user; with the invoking user when run through sudo), or `admin-cli`.
+fn cli_principal() -> String {
+    let sudo = std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty());
+    match (os_user(), sudo) {
+        (Some(user), Some(by)) if by != user => format!("admin-cli:{user} (sudo from {by})"),
+        (Some(user), _) => format!("admin-cli:{user}"),
+        (None, _) => "admin-cli".to_string(),
+    }
+}
+
+/// The name of the process's user: the owner of `/proc/self` looked up in `/etc/passwd`
+/// (Linux), else `$USER`.
+fn os_user() -> Option<String> {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata("/proc/self") {
+        use std::os::unix::fs::MetadataExt;
+        let uid = meta.uid().to_string();
+        let name = std::fs::read_to_string("/etc/passwd")
+            .ok()
+            .and_then(|passwd| {
+                passwd.lines().find_map(|line| {
+                    let mut fields = line.split(':');
+                    let name = fields.next()?;
+                    (fields.nth(1)? == uid).then(|| name.to_string())
+                })
+            });
+        return Some(name.unwrap_or_else(|| format!("uid {uid}")));
+    }
+    std::env::var("USER").ok().filter(|u| !u.is_empty())
+}
+
+/// Why an admin action was refused: the code its audit entry records, and the message.
+struct Refused {
+    code: Code,
+    message: String,
+}
+
+impl From<StoreError> for Refused {
+    fn from(err: StoreError) -> Refused {
+        Refused {
+            code: admin::outcome(&err),
+            message: err.to_string(),
+        }
+    }
+}
+
+fn refused(code: Code, message: impl Into<String>) -> Refused {
+    Refused {
+        code,
+        message: message.into(),
+    }
+}
+
+/// What an admin action did: what to print once it is committed, what it acted on if
+/// that became known only by doing it, and a key to show once.
+#[derive(Default)]
+struct Done {
+    lines: Vec<String>,
+    target: Option<String>,
+    key: Option<(auth::IssuedKey, Option<chrono::DateTime<Utc>>)>,
+}
+
+/// An admin command that changes something: runs it in one transaction with its audit
+/// entry, or, refused, rolls it back and records the refusal. Nothing is printed (no API
+/// key shown) before the commit.
+async fn audited_admin(
+    global: &GlobalArgs,
+    store: &Store,
+    cmd: AdminCommand,
+) -> Result<(), AnyError> {
+    let Some(master) = admin_master(&cmd) else {
+        return Err("not an admin command that changes something".into());
+    };
+    let secret = master_secret(global, store, master, MasterUse::Write { may_create: false })
+        .await
+        .map_err(|e| {
+            format!(
+                "{e}\n(admin commands record themselves in the audit log, so they need the database's master key)"
+            )
+        })?;
+    let key = AuditKey::derive(&secret);
+    let (method, registry, target) = describe(&cmd);
+    let mut entry = Entry {
+        principal: cli_principal(),
+        role: Role::Admin.as_str().into(),
+        method: format!("AdminCli/{method}"),
+        registry,
+        target,
+        items: 1,
+        ..Entry::default()
+    };
+    let mut action = store.begin_admin().await?;
+    match run_admin(action.conn(), &secret, cmd).await {
+        Ok(done) => {
+            entry.outcome = code_name(Code::Ok).into();
+            if let Some(target) = done.target {
+                entry.target = target;
+            }
+            action.commit(&key, entry).await?;
+            for line in done.lines {
+                println!("{line}");
+            }
+            if let Some((issued, expires_at)) = done.key {
                 println!(
-                    "{:<22} key v{}  k={}  p={}  {}",
-                    r.code, r.active_key_version, r.min_cell_count, r.protection_level, r.name
+                    "api key (shown once, store it now): {}",
+                    issued.token.as_str()
                 );
+                println!("key id: {}", issued.key_id);
+                if let Some(at) = expires_at {
+                    println!("expires: {}", at.to_rfc3339());
+                }
             }
+            Ok(())
         }
-        AdminCommand::DisablePrincipal { name } => {
-            if store.disable_principal(&name).await? {
-                println!("disabled {name}: every key of theirs is refused from the next call on");
-            } else {
-                return Err(format!("{name} is disabled already").into());
+        Err(refusal) => {
+            action.rollback().await?;
+            entry.outcome = code_name(refusal.code).into();
+            if let Err(e) = store.audit_alone(&key, entry).await {
+                eprintln!("warning: the refusal could not be recorded in the audit log: {e}");
             }
+            Err(refusal.message.into())
         }
-        AdminCommand::BindCertificate { principal, cert } => {
+    }
+}
+
+/// The master key arguments of an admin command that changes something.
+fn admin_master(cmd: &AdminCommand) -> Option<&MasterArgs> {
+    match cmd {
+        AdminCommand::ListRegistries => None,
+        AdminCommand::DisablePrincipal { master, .. }
+        | AdminCommand::BindCertificate { master, .. }
+        | AdminCommand::RotateKey { master, .. }
+        | AdminCommand::SetMinCellCount { master, .. }
+        | AdminCommand::SetProtectionLevel { master, .. }
+        | AdminCommand::CreateCentre { master, .. }
+        | AdminCommand::CreatePrincipal { master, .. }
+        | AdminCommand::IssueKey { master, .. }
+        | AdminCommand::RevokeKey { master, .. } => Some(master),
+    }
+}
+
+/// The audit entry's action, registry and target of an admin command, as given.
+fn describe(cmd: &AdminCommand) -> (&'static str, String, String) {
+    let none = String::new;
+    match cmd {
+        AdminCommand::ListRegistries => ("ListRegistries", none(), none()),
+        AdminCommand::DisablePrincipal { name, .. } => {
+            ("DisablePrincipal", none(), format!("principal {name}"))
+        }
+        AdminCommand::BindCertificate { principal, .. } => {
+            ("BindCertificate", none(), format!("principal {principal}"))
+        }
+        AdminCommand::RotateKey { registry, .. } => ("RotateKey", registry.clone(), none()),
+        AdminCommand::SetMinCellCount { registry, k, .. } => {
+            ("SetMinCellCount", registry.clone(), format!("k {k}"))
+        }
+        AdminCommand::SetProtectionLevel {
+            registry, level, ..
+        } => (
+            "SetProtectionLevel",
+            registry.clone(),
+            format!("level {level}"),
+        ),
+        AdminCommand::CreateCentre { code, erns, .. } => {
+            ("CreateCentre", erns.join(","), format!("centre {code}"))
+        }
+        AdminCommand::CreatePrincipal { name, erns, .. } => (
+            "CreatePrincipal",
+            erns.join(","),
+            format!("principal {name}"),
+        ),
+        AdminCommand::IssueKey { principal, .. } => {
+            ("IssueKey", none(), format!("principal {principal}"))
+        }
+        AdminCommand::RevokeKey { key_id, .. } => ("RevokeKey", none(), format!("key {key_id}")),
+    }
+}
+
+/// Issues an API key for principal `principal_id` on `conn`; shown after the commit.
+async fn issue_key(
+    conn: &mut AnyConnection,
+    secret: &MasterSecret,
+    principal_id: i64,
+    expires_in_days: Option<u32>,
+) -> Result<(auth::IssuedKey, Option<chrono::DateTime<Utc>>), Refused> {
+    let hasher = auth::KeyHasher::derive(secret);
+    let issued = auth::issue_key(&SystemRandom::new(), &hasher)
+        .map_err(|_| refused(Code::Internal, "no system randomness"))?;
+    let expires_at = expires_in_days.map(|d| Utc::now() + Duration::days(i64::from(d)));
+    admin::insert_api_key(
+        conn,
+        &issued.key_id,
+        principal_id,
+        &issued.secret_hash,
+        expires_at,
+    )
+    .await?;
+    Ok((issued, expires_at))
+}
+
+async fn run_admin(
+    conn: &mut AnyConnection,
+    secret: &MasterSecret,
+    cmd: AdminCommand,
+) -> Result<Done, Refused> {
+    let mut done = Done::default();
+    match cmd {
+        AdminCommand::ListRegistries => {}
+        AdminCommand::DisablePrincipal { name, .. } => {
+            if !admin::disable_principal(conn, &name).await? {
+                return Err(refused(
+                    Code::FailedPrecondition,
+                    format!("{name} is disabled already"),
+                ));
+            }
+            done.lines.push(format!(
+                "disabled {name}: every key of theirs is refused from the next call on"
+            ));
+        }
+        AdminCommand::BindCertificate {
+            principal, cert, ..
+        } => {
             use rustls_pki_types::{CertificateDer, pem::PemObject};
-            let der = CertificateDer::from_pem_file(&cert)
-                .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
+            let der = CertificateDer::from_pem_file(&cert).map_err(|e| {
+                refused(
+                    Code::InvalidArgument,
+                    format!("{}: not a PEM certificate: {e}", cert.display()),
+                )
+            })?;
             let fingerprint = auth::certificate_fingerprint(&der);
-            store.bind_certificate(&principal, &fingerprint).await?;
-            println!(
+            admin::bind_certificate(conn, &principal, &fingerprint).await?;
+            done.target = Some(format!("principal {principal}, certificate {fingerprint}"));
+            done.lines.push(format!(
                 "bound certificate {fingerprint} to {principal}: its calls must now present it (mutual TLS)"
-            );
+            ));
         }
-        AdminCommand::RotateKey { registry } => {
-            let version = store.rotate_registry_key(&registry).await?;
-            println!(
+        AdminCommand::RotateKey { registry, .. } => {
+            let version = admin::rotate_registry_key(conn, &registry).await?;
+            done.target = Some(format!("key version {version}"));
+            done.lines.push(format!(
                 "{registry}: new patients get pseudonyms of key version {version} from the next call on \
                  (a running service reads it per call); known patients keep theirs"
-            );
+            ));
         }
-        AdminCommand::SetMinCellCount { registry, k } => {
-            store.set_min_cell_count(&registry, k).await?;
-            println!("{registry}: counts below {k} are suppressed from the next query on");
+        AdminCommand::SetMinCellCount { registry, k, .. } => {
+            admin::set_min_cell_count(conn, &registry, k).await?;
+            done.lines.push(format!(
+                "{registry}: counts below {k} are suppressed from the next query on"
+            ));
         }
-        AdminCommand::SetProtectionLevel { registry, level } => {
-            store.set_protection_level(&registry, level).await?;
-            println!(
+        AdminCommand::SetProtectionLevel {
+            registry, level, ..
+        } => {
+            admin::set_protection_level(conn, &registry, level).await?;
+            done.lines.push(format!(
                 "{registry}: every hidden count lies in an interval at least {level} wide, from the next query on"
-            );
+            ));
         }
         AdminCommand::CreateCentre {
             code,
             name,
             country,
             erns,
+            ..
         } => {
-            let code = ern_registry::domain::CentreCode::parse(&code)?;
-            let country = ern_registry::domain::CountryCode::parse(&country.to_ascii_uppercase())?;
-            let id = store
-                .create_centre(code.as_str(), name.trim(), country.as_str(), &erns)
-                .await?;
-            println!(
+            let invalid = |e: ern_registry::domain::DomainError| {
+                refused(Code::InvalidArgument, e.to_string())
+            };
+            let code = ern_registry::domain::CentreCode::parse(&code).map_err(invalid)?;
+            let country = ern_registry::domain::CountryCode::parse(&country.to_ascii_uppercase())
+                .map_err(invalid)?;
+            let id =
+                admin::create_centre(conn, code.as_str(), name.trim(), country.as_str(), &erns)
+                    .await?;
+            done.lines.push(format!(
                 "created centre {} (id {id}) in {}",
                 code.as_str(),
                 erns.join(", ")
-            );
+            ));
         }
         AdminCommand::CreatePrincipal {
             name,
@@ -325,34 +575,45 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
             centre,
             erns,
             expires_in_days,
+            ..
         } => {
-            let role = Role::parse(&role)
-                .ok_or("role must be physician, consent-officer, researcher or admin")?;
+            let role = Role::parse(&role).ok_or_else(|| {
+                refused(
+                    Code::InvalidArgument,
+                    "role must be physician, consent-officer, researcher or admin",
+                )
+            })?;
             let name = name.trim();
             if name.is_empty() || name.len() > 128 {
-                return Err("name must be 1 to 128 characters".into());
+                return Err(refused(
+                    Code::InvalidArgument,
+                    "name must be 1 to 128 characters",
+                ));
             }
-            let id = store
-                .create_principal(name, role, centre.as_deref(), &erns)
-                .await?;
-            println!("created {role} {name} (id {id})");
-            print_new_key(&store, id, expires_in_days).await?;
+            let id = admin::create_principal(conn, name, role, centre.as_deref(), &erns).await?;
+            let (issued, expires_at) = issue_key(conn, secret, id, expires_in_days).await?;
+            done.target = Some(format!("principal {name}, key {}", issued.key_id));
+            done.lines.push(format!("created {role} {name} (id {id})"));
+            done.key = Some((issued, expires_at));
         }
         AdminCommand::IssueKey {
             principal,
             expires_in_days,
+            ..
         } => {
-            let id = store.principal_id(&principal).await?;
-            print_new_key(&store, id, expires_in_days).await?;
+            let id = admin::principal_id(conn, &principal).await?;
+            let (issued, expires_at) = issue_key(conn, secret, id, expires_in_days).await?;
+            done.target = Some(format!("principal {principal}, key {}", issued.key_id));
+            done.key = Some((issued, expires_at));
         }
-        AdminCommand::RevokeKey { key_id } => {
-            if store.revoke_api_key(&key_id).await? {
-                println!("revoked key {key_id}; it is refused from the next call on");
-            } else {
-                return Err(format!("no live key {key_id}").into());
+        AdminCommand::RevokeKey { key_id, .. } => {
+            if !admin::revoke_api_key(conn, &key_id).await? {
+                return Err(refused(Code::NotFound, format!("no live key {key_id}")));
             }
+            done.lines.push(format!(
+                "revoked key {key_id}; it is refused from the next call on"
+            ));
         }
     }
-    store.close().await;
-    Ok(())
+    Ok(done)
 }

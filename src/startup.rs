@@ -7,27 +7,34 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use ring::rand::SystemRandom;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio::sync::watch;
+use tonic::server::NamedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::api::drain::DrainLayer;
+use crate::api::wire::WireContractLayer;
 use crate::api::{
     AppState, admin::AdminApi, case::CaseApi, consent::ConsentApi, research::ResearchApi,
 };
 use crate::audit::AuditKey;
-use crate::auth::KeyVerifier;
+use crate::auth::{AuthCounters, KeyHasher, KeyVerifier};
 use crate::config::ServeArgs;
-use crate::keys::{KdfFile, KeyError, MasterSecret, MasterSource, Passphrase};
+use crate::connections::{ConnectionLimits, Connections};
+use crate::data_dir::{self, DataDirError, ServerLock};
+use crate::health::DatabaseWatch;
+use crate::keys::{Fingerprint, KdfFile, KeyError, MasterSecret, MasterSource, Passphrase};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::case_service_server::CaseServiceServer;
 use crate::proto::consent_service_server::ConsentServiceServer;
 use crate::proto::research_service_server::ResearchServiceServer;
 use crate::pseudonym::Pseudonymiser;
-use crate::ratelimit::PrincipalLimiter;
+use crate::ratelimit::{CallGate, PrincipalLimiter};
+use crate::refusals::{Flusher, Refusals};
 use crate::store::writer::Writer;
 use crate::store::{Backend, Store, StoreError};
 
@@ -37,11 +44,38 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
+    #[error(transparent)]
+    DataFiles(#[from] DataDirError),
+    #[error(
+        "{origin} is missing, but this database already holds pseudonyms or audit entries \
+         made with a master secret ({recorded}). {remedy}. No new secret is created: it \
+         would give every patient new pseudonyms and break the audit chain",
+        remedy = .origin.remedy()
+    )]
+    MasterMissing {
+        origin: MasterOrigin,
+        recorded: RecordedFingerprint,
     },
+    #[error(
+        "the master secret from {origin} is not the one this database was made with (its \
+         fingerprint is {found}, the database's is {recorded}). {remedy}. Refusing to \
+         start: another secret would give every patient new pseudonyms and break the audit \
+         chain",
+        remedy = .origin.remedy()
+    )]
+    MasterMismatch {
+        origin: MasterOrigin,
+        recorded: Fingerprint,
+        found: Fingerprint,
+    },
+    #[error(
+        "the master secret from {origin} does not verify the last entry of this database's \
+         audit log, and the database records no master key fingerprint yet (an earlier \
+         version made it): this is not the secret it was last used with, or that entry was \
+         modified (`ern-registry audit verify` tells). {remedy}",
+        remedy = .origin.remedy()
+    )]
+    MasterAuditMismatch { origin: MasterOrigin },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -85,7 +119,9 @@ fn tls_config(args: &ServeArgs) -> Result<Option<ServerTlsConfig>, StartupError>
         }
         return Ok(None);
     };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    let mut config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(cert)?, read(key)?))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca) = &args.tls_client_ca {
         config = config
             .client_ca_root(Certificate::from_pem(read(ca)?))
@@ -122,19 +158,32 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
     );
     metrics::describe_counter!(
         "ern_rate_limited_total",
-        "Calls refused by a per-principal rate limit, by limit"
+        "Calls refused by a rate limit (per principal, per peer, per stream), by limit"
+    );
+    metrics::describe_counter!(
+        "ern_connections_refused_total",
+        "Connections closed on accept by a cap (in all, per peer), by limit"
+    );
+    metrics::describe_counter!(
+        "ern_connections_idle_closed_total",
+        "Connections closed after the idle timeout without a call"
+    );
+    metrics::describe_counter!(
+        "ern_argon2_verifications_total",
+        "Argon2id verifications of API keys of earlier versions (migrated on success)"
+    );
+    metrics::describe_counter!(
+        "ern_argon2_busy_total",
+        "Calls refused at once because the one Argon2id run allowed at a time was taken"
     );
     info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
 }
 
-/// Creates the directory a file will live in, if needed.
+/// Creates the directory a file will live in, if needed (0700).
 fn ensure_parent(path: &Path) -> Result<(), StartupError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StartupError::DataDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        data_dir::create_private_dir(dir)?;
     }
     Ok(())
 }
@@ -204,13 +253,159 @@ pub fn load_master_secret(
     Ok(secret)
 }
 
-/// Opens the database (creating the SQLite directory if needed) and migrates it.
+/// Where the master secret comes from, for messages that say how to restore it.
+#[derive(Debug, Clone)]
+pub enum MasterOrigin {
+    KeyFile(PathBuf),
+    Passphrase { kdf_file: PathBuf },
+}
+
+impl MasterOrigin {
+    fn file(&self) -> &Path {
+        match self {
+            MasterOrigin::KeyFile(path) => path,
+            MasterOrigin::Passphrase { kdf_file } => kdf_file,
+        }
+    }
+
+    fn remedy(&self) -> String {
+        match self {
+            MasterOrigin::KeyFile(path) => format!(
+                "Restore the master key file this database was made with from your backup to \
+                 {} (mode 0600) and start again",
+                path.display()
+            ),
+            MasterOrigin::Passphrase { kdf_file } => format!(
+                "Restore the parameter file this database was made with from your backup to \
+                 {} and give the passphrase it was made with",
+                kdf_file.display()
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for MasterOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MasterOrigin::KeyFile(path) => write!(f, "the master key file {}", path.display()),
+            MasterOrigin::Passphrase { kdf_file } => write!(
+                f,
+                "the passphrase's master key parameter file {}",
+                kdf_file.display()
+            ),
+        }
+    }
+}
+
+/// The fingerprint a database records, for messages.
+#[derive(Debug)]
+pub struct RecordedFingerprint(Option<Fingerprint>);
+
+impl std::fmt::Display for RecordedFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(fingerprint) => write!(f, "fingerprint {fingerprint}"),
+            None => f.write_str("by an earlier version, which recorded no fingerprint"),
+        }
+    }
+}
+
+/// What a command does with the master secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterUse {
+    /// Writes pseudonyms and audit entries (`serve`, `demo`): creates the secret for an
+    /// empty database when `may_create`, and records its fingerprint if none is.
+    Write { may_create: bool },
+    /// Only reads (`audit verify`): never creates a secret nor records a fingerprint.
+    Read,
+}
+
+/// Loads the master secret for `store` and makes sure it is the database's own: the one
+/// whose fingerprint the database records. A secret is created (when `usage` allows) only
+/// for an empty database: no fingerprint recorded and no row made with a secret
+/// (`Store::holds_master_derived_data`). Otherwise a missing key or parameter file, a
+/// different key and a secret from a wrong passphrase all stop the command, with a
+/// message that says what to restore. A database of an earlier version, with data but no
+/// fingerprint, takes the fingerprint of the secret its first writing start uses, after
+/// that secret has verified the last audit entry (when there is one).
+pub async fn open_master_secret(
+    store: &Store,
+    key_file: &Path,
+    kdf_file: &Path,
+    passphrase: Option<&Passphrase>,
+    usage: MasterUse,
+) -> Result<MasterSecret, StartupError> {
+    let origin = match MasterSource::select(key_file, kdf_file, passphrase)? {
+        MasterSource::KeyFile(path) => MasterOrigin::KeyFile(path.to_path_buf()),
+        MasterSource::Passphrase { kdf_file, .. } => MasterOrigin::Passphrase {
+            kdf_file: kdf_file.to_path_buf(),
+        },
+    };
+    let recorded = store.master_fingerprint().await?;
+    let empty = recorded.is_none() && !store.holds_master_derived_data().await?;
+    let may_create = empty && usage == (MasterUse::Write { may_create: true });
+    let master = match load_master_secret(key_file, kdf_file, passphrase, may_create) {
+        Err(StartupError::Key(KeyError::Read { path, source }))
+            if !empty && source.kind() == std::io::ErrorKind::NotFound && path == origin.file() =>
+        {
+            return Err(StartupError::MasterMissing {
+                origin,
+                recorded: RecordedFingerprint(recorded),
+            });
+        }
+        other => other?,
+    };
+    let found = master.fingerprint();
+    match recorded {
+        Some(recorded) if recorded == found => {
+            info!(fingerprint = %found, "master secret: the one this database was made with");
+        }
+        Some(recorded) => {
+            return Err(StartupError::MasterMismatch {
+                origin,
+                recorded,
+                found,
+            });
+        }
+        None if usage == MasterUse::Read => {
+            warn!(
+                "the database records no master key fingerprint yet: the secret is not checked \
+                 until `serve` records the fingerprint of the one it uses"
+            );
+        }
+        None => {
+            if !empty
+                && store
+                    .audit_head_verifies(&AuditKey::derive(&master))
+                    .await?
+                    == Some(false)
+            {
+                return Err(StartupError::MasterAuditMismatch { origin });
+            }
+            let on_record = store.record_master_fingerprint(&found).await?;
+            if on_record != found {
+                // Another process recorded its own secret first.
+                return Err(StartupError::MasterMismatch {
+                    origin,
+                    recorded: on_record,
+                    found,
+                });
+            }
+            if empty {
+                info!(fingerprint = %found, "recorded the master secret's fingerprint: this database now starts with this secret only");
+            } else {
+                warn!(fingerprint = %found, "recorded the fingerprint of the master secret in use for a database of an earlier version: it now starts with this secret only");
+            }
+        }
+    }
+    Ok(master)
+}
+
+/// Opens the database and migrates it. For SQLite, first creates its directory (0700) and
+/// file (0600) if missing and narrows the modes of existing data files (`data_dir`).
 pub async fn open_store(database_url: &str, max_connections: u32) -> Result<Store, StartupError> {
-    if let Some(path) = database_url
-        .strip_prefix("sqlite://")
-        .map(|p| p.split('?').next().unwrap_or(p))
-    {
-        ensure_parent(Path::new(path))?;
+    if let Some(db) = data_dir::sqlite_path(database_url) {
+        data_dir::prepare_sqlite_files(&db)?;
     }
     let store = Store::connect(database_url, max_connections).await?;
     store.migrate().await?;
@@ -218,11 +413,16 @@ pub async fn open_store(database_url: &str, max_connections: u32) -> Result<Stor
 }
 
 pub struct Application {
+    /// The SQLite database's server lock (`data_dir`), held until `run_until_stopped`
+    /// returns: it is dropped with what is left of `self`, after the database is closed.
+    _lock: Option<ServerLock>,
     local_addr: SocketAddr,
     listener: TcpListener,
     state: Arc<AppState>,
     args: ServeArgs,
     tls: Option<ServerTlsConfig>,
+    /// Dead once every writer task has finished: each holds the audit key until it ends.
+    writer_tasks: Weak<AuditKey>,
 }
 
 impl Application {
@@ -237,16 +437,24 @@ impl Application {
             .master_kdf_file
             .clone()
             .unwrap_or_else(|| KdfFile::default_path(master_key_file));
-        let master = load_master_secret(
-            master_key_file,
-            &kdf_file,
-            args.master_passphrase.as_ref(),
-            !args.require_master_key,
-        )?;
+        // One server per SQLite database: locked before anything else touches it.
+        let lock = data_dir::sqlite_path(database_url)
+            .map(|db| ServerLock::acquire(&db))
+            .transpose()?;
         if let Some(addr) = args.metrics_listen {
             install_metrics(addr)?;
         }
         let store = open_store(database_url, args.db_max_connections).await?;
+        let master = open_master_secret(
+            &store,
+            master_key_file,
+            &kdf_file,
+            args.master_passphrase.as_ref(),
+            MasterUse::Write {
+                may_create: !args.require_master_key,
+            },
+        )
+        .await?;
         let writers = args
             .writers
             .unwrap_or_else(|| store.backend().default_writers());
@@ -255,15 +463,11 @@ impl Application {
         } else {
             writers
         };
-        let writer = Writer::start(
-            store.clone(),
-            writers,
-            args.max_batch,
-            Arc::new(AuditKey::derive(&master)),
-        );
-        let rng = SystemRandom::new();
+        let audit_key = Arc::new(AuditKey::derive(&master));
+        let writer_tasks = Arc::downgrade(&audit_key);
+        let writer = Writer::start(store.clone(), writers, args.max_batch, audit_key);
         let state = Arc::new(AppState {
-            verifier: KeyVerifier::new(&rng).map_err(|_| StartupError::Random)?,
+            verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master))),
             pseudonymiser: Pseudonymiser::new(&master),
             research_limiter: PrincipalLimiter::per_minute(
                 "research queries",
@@ -273,10 +477,14 @@ impl Application {
                 "pseudonym derivations",
                 args.derivations_per_minute,
             ),
+            refusals: Arc::new(Refusals::per_minute(args.refusals_per_peer_per_minute)),
+            calls: CallGate::new(args.max_calls_in_flight),
+            max_stream_invalid_items: args.max_stream_invalid_items,
             protection: crate::api::research::ProtectionPool::new(
                 args.protection_workers as usize,
                 std::time::Duration::from_millis(args.protection_budget_ms),
             ),
+            database: DatabaseWatch::new(database_url),
             store,
             writer,
         });
@@ -296,11 +504,13 @@ impl Application {
             })?;
         info!(%local_addr, backend = ?state.store.backend(), writers, "ern-registry ready");
         Ok(Application {
+            _lock: lock,
             local_addr,
             listener,
             state,
             args,
             tls,
+            writer_tasks,
         })
     }
 
@@ -312,8 +522,21 @@ impl Application {
         &self.state.store
     }
 
-    /// Serves until `shutdown` resolves, then stops taking calls, lets running calls
-    /// finish, and drains the write queue.
+    /// The hash of API keys (under this master secret's pepper): what `admin issue-key`
+    /// and tests store for a new key.
+    pub fn key_hasher(&self) -> Arc<KeyHasher> {
+        self.state.verifier.hasher().clone()
+    }
+
+    /// Counts of authentication work (Argon2 runs, key reads).
+    pub fn auth_counters(&self) -> Arc<AuthCounters> {
+        self.state.verifier.counters().clone()
+    }
+
+    /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting
+    /// connections, gives calls in flight and open streams `--shutdown-grace-secs` to
+    /// finish and ends those still open with UNAVAILABLE ([`DrainLayer`]), lets the writer
+    /// commit what it has queued (at most [`WRITER_FLUSH_LIMIT`]) and closes the database.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -352,13 +575,64 @@ impl Application {
         let admin = AdminServiceServer::new(AdminApi::new(self.state.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let services = vec![
+            CaseServiceServer::<CaseApi>::NAME,
+            ConsentServiceServer::<ConsentApi>::NAME,
+            ResearchServiceServer::<ResearchApi>::NAME,
+            AdminServiceServer::<AdminApi>::NAME,
+        ];
+        // `stopping` turns true on the shutdown signal, `deadline` when the grace is over.
+        let (stopping_tx, stopping) = watch::channel(false);
+        let (deadline_tx, deadline) = watch::channel(false);
+        let probe = tokio::spawn(self.state.database.clone().run(
+            health_reporter.clone(),
+            services.clone(),
+            stopping.clone(),
+        ));
+        let grace = self.args.shutdown_grace();
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping_tx.send(true);
+            for service in std::iter::once("").chain(services) {
+                health_reporter
+                    .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            info!(
+                ?grace,
+                "shutting down: NOT_SERVING, no new connections, calls in flight may finish"
+            );
+        };
+        let wire = WireContractLayer::new(
+            &[
+                crate::proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ],
+            max,
+        );
+        let connections = Connections::new(ConnectionLimits {
+            max_connections: self.args.max_connections as usize,
+            max_per_peer: self.args.max_connections_per_peer as usize,
+            idle_timeout: self.args.idle_timeout(),
+        });
+        let incoming = connections.incoming(self.listener, self.args.keepalive());
+        let refusal_summary = Flusher::start(
+            self.state.refusals.clone(),
+            self.state.writer.clone(),
+            Duration::from_secs(self.args.refusal_summary_secs),
+        );
         let mut server = Server::builder();
         if let Some(tls) = self.tls {
             server = server.tls_config(tls)?;
         }
-        let result = server
+        let serve = server
             .timeout(self.args.request_timeout())
+            .http2_keepalive_interval(self.args.keepalive())
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(self.args.max_streams_per_connection)
+            .layer(connections.layer())
+            .layer(DrainLayer::new(deadline))
+            .layer(wire)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -366,14 +640,82 @@ impl Application {
             .add_service(consent)
             .add_service(research)
             .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
-        info!("server stopped; closing the database");
-        // The writer tasks finish their queues when the last handle (in the state) goes.
+            .serve_with_incoming_shutdown(incoming, signal);
+        let result = serve_until_deadline(serve, stopping, deadline_tx, grace).await;
+        probe.abort();
+        // The last summary of refused calls goes in before the writer drains.
+        refusal_summary.finish().await;
+        info!("server stopped; the writer finishes its queue");
+        // The writer tasks finish their queues when the last handle (in the state, which
+        // tasks of streams ended at the deadline may still hold for a moment) goes; the
+        // database is closed only after them, so that no queued write is cut off.
         let store = self.state.store.clone();
         drop(self.state);
-        store.close().await;
-        result.map_err(Into::into)
+        let flushed_by = Instant::now() + WRITER_FLUSH_LIMIT;
+        while self.writer_tasks.strong_count() > 0 {
+            if Instant::now() > flushed_by {
+                error!(
+                    limit = ?WRITER_FLUSH_LIMIT,
+                    "the writer did not finish its queue in time; writes not yet committed \
+                     are lost (their callers were never told they succeeded)"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let closing = flushed_by
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        if tokio::time::timeout(closing, store.close()).await.is_err() {
+            warn!("the database connections did not close in time");
+        }
+        info!("database closed");
+        result
+    }
+}
+
+/// How long an HTTP/2 keepalive PING may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a client may take over the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the writer may take to commit its queue, and the database to close, after
+/// the server has stopped.
+pub const WRITER_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long connections may stay open after the grace (their calls have been ended)
+/// before the server stops waiting for them.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Runs `serve` (which stops accepting when `stopping` turns true and returns when every
+/// connection has closed); `grace` after `stopping`, sets `deadline`, which ends every
+/// call still open (`DrainLayer`), and stops waiting for connections [`CLOSE_LIMIT`]
+/// later.
+async fn serve_until_deadline(
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    mut stopping: watch::Receiver<bool>,
+    deadline: watch::Sender<bool>,
+    grace: Duration,
+) -> Result<(), StartupError> {
+    let deadline_passes = async {
+        if stopping.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+        warn!(
+            ?grace,
+            "shutdown grace over: calls still open end with UNAVAILABLE"
+        );
+        let _ = deadline.send(true);
+        tokio::time::sleep(CLOSE_LIMIT).await;
+    };
+    tokio::select! {
+        result = serve => result.map_err(Into::into),
+        () = deadline_passes => {
+            warn!("connections still open after the grace; no longer waiting for them");
+            Ok(())
+        }
     }
 }
 

@@ -633,6 +633,7 @@ impl Server {
             let app = Application::build(args, &url, &key_file).await.unwrap();
             let addr = app.local_addr();
             let store = app.store().clone();
+            let hasher = app.key_hasher();
             tokio::spawn(async move {
                 app.run_until_stopped(async {
                     let _ = rx.await;
@@ -648,10 +649,7 @@ impl Server {
                 .create_principal("dr-fuzz", Role::Physician, Some("NL-AMC"), &[])
                 .await
                 .unwrap();
-            let issued =
-                tokio::task::spawn_blocking(|| auth::issue_key(&SystemRandom::new()).unwrap())
-                    .await
-                    .unwrap();
+            let issued = auth::issue_key(&SystemRandom::new(), &hasher).unwrap();
             store
                 .insert_api_key(&issued.key_id, id, &issued.secret_hash, None)
                 .await

@@ -99,6 +99,7 @@ impl AdminApi {
                 outcome: s.entry.outcome,
                 items: s.entry.items,
                 mac: s.mac,
+                target: s.entry.target,
             })
             .collect();
         Ok(Response::new(proto::ListAuditEntriesResponse {

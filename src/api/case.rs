@@ -23,6 +23,7 @@ use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::proto::{self, case_service_server::CaseService};
 use crate::pseudonym::PatientIdentity;
+use crate::ratelimit::{Limit, RateLimited};
 use crate::store::cases;
 use crate::store::writer::{Command, SubmitCase, UpdateCase, WriteError};
 
@@ -173,6 +174,10 @@ impl CaseApi {
             .authorize(&request, Role::Physician, call)
             .await?;
         principal.require_centre().map_err(ApiError::from)?;
+        // An open stream is one of the principal's calls in flight until its input ends.
+        let permit = call.take_permit();
+        let peer = call.peer();
+        let max_invalid = self.state.max_stream_invalid_items;
         // The key is checked again for every item, so that a key revoked (or expired,
         // or its principal disabled) while the stream is open stops it at the next item.
         let key =
@@ -187,6 +192,7 @@ impl CaseApi {
         let (out_tx, out_rx) = mpsc::channel(BULK_IN_FLIGHT);
         let reader_out = out_tx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut sequence = 0u64;
             while let Some(item) = input.next().await {
                 let mut item = match item {
@@ -207,6 +213,7 @@ impl CaseApi {
                     let mut item = std::mem::take(&mut item);
                     // Each item is audited on its own, with the write it makes.
                     let mut call = Call::new("CaseService/SubmitCases");
+                    call.from_peer(peer);
                     let result = match state
                         .authenticate_key(&key, certificate.as_ref().as_deref(), &mut call)
                         .await
@@ -235,11 +242,20 @@ impl CaseApi {
                 sequence += 1;
             }
         });
+        // Results leave in order; a stream that has sent `max_invalid` invalid items is
+        // ended (RESOURCE_EXHAUSTED), so that an endless stream of garbage stops costing a
+        // key check and an audit entry per item.
         tokio::spawn(async move {
+            let mut invalid = 0u32;
             while let Some((sequence, client_reference, handle)) = pending_rx.recv().await {
                 let outcome = match handle.await {
                     Ok(Ok(accepted)) => proto::submit_cases_result::Outcome::Accepted(accepted),
-                    Ok(Err(err)) => proto::submit_cases_result::Outcome::Rejected(rejection(err)),
+                    Ok(Err(err)) => {
+                        if is_invalid_item(&err) {
+                            invalid += 1;
+                        }
+                        proto::submit_cases_result::Outcome::Rejected(rejection(err))
+                    }
                     Err(_) => proto::submit_cases_result::Outcome::Rejected(rejection(
                         ApiError::Unavailable,
                     )),
@@ -250,6 +266,16 @@ impl CaseApi {
                     outcome: Some(outcome),
                 };
                 if out_tx.send(Ok(result)).await.is_err() {
+                    break;
+                }
+                if invalid >= max_invalid {
+                    metrics::counter!("ern_rate_limited_total", "limit" => "stream_invalid_items")
+                        .increment(1);
+                    let limited = RateLimited {
+                        limit: Limit::StreamInvalidItems { max: max_invalid },
+                        retry_after: std::time::Duration::from_secs(1),
+                    };
+                    let _ = out_tx.send(Err(ApiError::from(limited).into())).await;
                     break;
                 }
             }
@@ -416,6 +442,20 @@ impl CaseService for CaseApi {
     ) -> Result<Response<proto::UpdateCaseResponse>, Status> {
         audited!(self, "CaseService/UpdateCase", update_case_inner, request)
     }
+}
+
+/// A rejection that says the item is unacceptable whatever is on file (malformed, not the
+/// caller's to send, over a limit): what an endless stream of garbage gets.
+fn is_invalid_item(err: &ApiError) -> bool {
+    use tonic::Code;
+    matches!(
+        err.code(),
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::NotFound
+            | Code::Unauthenticated
+            | Code::ResourceExhausted
+    )
 }
 
 fn into_api(err: sqlx::Error) -> ApiError {

@@ -6,28 +6,34 @@
 //! canonical code a client can act on and structured details (`tonic-types`): field
 //! violations for INVALID_ARGUMENT, a precondition failure naming the missing consent for
 //! FAILED_PRECONDITION. Messages never contain identifiers or clinical values; an internal
-//! failure is logged with a reference the client is given, never the cause.
+//! failure is logged with a reference the client is given, never the cause. A database
+//! that cannot be reached now (`StoreError::is_unavailable`) is not an internal failure:
+//! UNAVAILABLE with a retry hint, and while the probe (`crate::health`) finds it away,
+//! every call is refused so at once, before its handler runs.
 
 pub mod admin;
 pub mod case;
 pub mod codec;
 pub mod consent;
+pub mod drain;
 pub mod research;
+pub mod wire;
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 use zeroize::Zeroize;
 
 use crate::audit::{Entry, code_name};
-use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role};
+use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role, Verdict};
 use crate::consent::InclusionRefused;
 use crate::domain::{FieldViolations, RegistryCode};
 use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser, RegistryRef};
-use crate::ratelimit::{PrincipalLimiter, RateLimited};
+use crate::ratelimit::{CallGate, CallPermit, Peer, PrincipalLimiter, RateLimited};
+use crate::refusals::Refusals;
 use crate::store::writer::{Command, WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
 
@@ -41,8 +47,16 @@ pub struct AppState {
     pub research_limiter: PrincipalLimiter,
     /// Pseudonym derivations per principal.
     pub derivation_limiter: PrincipalLimiter,
+    /// Calls refused before authentication: per-peer allowance, audit summary.
+    pub refusals: Arc<Refusals>,
+    /// Calls in flight per principal.
+    pub calls: CallGate,
+    /// Invalid items a bulk stream may send before it is ended.
+    pub max_stream_invalid_items: u32,
     /// Where research tables are protected: off the async runtime, bounded, with a deadline.
     pub protection: research::ProtectionPool,
+    /// Whether the database answers (probed every second; see `crate::health`).
+    pub database: crate::health::DatabaseWatch,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -123,6 +137,7 @@ impl ApiError {
             ApiError::Precondition(_) => Code::FailedPrecondition,
             ApiError::RateLimited(_) => Code::ResourceExhausted,
             ApiError::Unavailable | ApiError::Busy(_) => Code::Unavailable,
+            ApiError::Internal(cause) if cause.is_unavailable() => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -169,6 +184,10 @@ impl From<ApiError> for Status {
                 limited.to_string(),
                 ErrorDetails::with_retry_info(Some(limited.retry_after)),
             ),
+            ApiError::Internal(ref cause) if cause.is_unavailable() => {
+                warn!(error = %cause, "database unreachable");
+                database_unreachable()
+            }
             ApiError::Internal(ref cause) => {
                 let reference = incident_reference();
                 error!(reference = %reference, error = %cause, "internal error");
@@ -182,6 +201,16 @@ impl From<ApiError> for Status {
     }
 }
 
+/// The answer to a call the database cannot serve now: UNAVAILABLE, with the time after
+/// which a retry may succeed (gRPC `RetryInfo`: the probe's period).
+pub fn database_unreachable() -> Status {
+    Status::with_error_details(
+        Code::Unavailable,
+        "the database is unreachable; retry in a moment",
+        ErrorDetails::with_retry_info(Some(crate::health::PROBE_EVERY)),
+    )
+}
+
 /// A short random reference tying a client-visible error to the server log.
 fn incident_reference() -> String {
     let mut bytes = [0u8; 6];
@@ -190,11 +219,16 @@ fn incident_reference() -> String {
 }
 
 /// The body of every RPC method: runs the handler `$inner` inside a [`Call`] named
-/// `$method` ("Service/Method") and concludes it (audit entry, metrics, status).
+/// `$method` ("Service/Method") and concludes it (audit entry, metrics, status). While
+/// the database is unreachable the handler does not run: the call is refused at once.
 macro_rules! audited {
     ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
         let mut call = $crate::api::Call::new($method);
-        let result = $self.$inner($request, &mut call).await;
+        let result = if $self.state.database.is_reachable() {
+            $self.$inner($request, &mut call).await
+        } else {
+            Err($crate::api::database_unreachable())
+        };
         $self.state.conclude(call, result).await
     }};
 }
@@ -207,6 +241,10 @@ pub(crate) use audited;
 pub struct Call {
     entry: Entry,
     audited: bool,
+    /// Where the call came from (for refusals before authentication).
+    peer: Peer,
+    /// The principal's place among its calls in flight, held until the call is dropped.
+    permit: Option<Arc<CallPermit>>,
 }
 
 impl Call {
@@ -218,6 +256,8 @@ impl Call {
                 ..Entry::default()
             },
             audited: false,
+            peer: Peer::Unknown,
+            permit: None,
         }
     }
 
@@ -241,6 +281,22 @@ impl Call {
     /// How many records, cells or items the call wrote or returned.
     pub fn items(&mut self, n: usize) {
         self.entry.items = n as i64;
+    }
+
+    /// The network peer the call came from.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    /// Sets the peer (for the items of a stream, which are calls of their own).
+    pub fn from_peer(&mut self, peer: Peer) {
+        self.peer = peer;
+    }
+
+    /// Takes the principal's in-flight place out of the call, for a stream to hold while
+    /// it is open.
+    pub fn take_permit(&mut self) -> Option<Arc<CallPermit>> {
+        self.permit.take()
     }
 
     /// The entry for the writer to append with the change (and its outcome).
@@ -269,6 +325,12 @@ impl AppState {
             "outcome" => code_name(code)
         )
         .increment(1);
+        // Nothing can be recorded while the database is away, and trying would hold the
+        // refused caller until the pool gives up.
+        if code == Code::Unavailable && !self.database.is_reachable() {
+            warn!(method = %call.entry.method, "call refused while the database is unreachable; not in the audit log");
+            return result;
+        }
         match self.record(call, code).await {
             Err(err) if result.is_ok() => {
                 error!(error = %err, "audit entry not committed; the call fails");
@@ -287,6 +349,17 @@ impl AppState {
     /// Appends the entry of a call that did not reach the writer (a read, a refusal).
     pub async fn record(&self, call: Call, code: Code) -> Result<(), WriteError> {
         if call.audited {
+            return Ok(());
+        }
+        // A call that never authenticated is counted per peer, not logged one by one: a
+        // flood of bad keys must not cost an audit row each (`refusals`).
+        if call.entry.principal_id.is_none() {
+            self.refusals.note(
+                call.peer,
+                &call.entry.principal,
+                &call.entry.method,
+                code_name(code),
+            );
             return Ok(());
         }
         let mut entry = call.entry;
@@ -342,38 +415,94 @@ impl AppState {
         }
     }
 
-    /// Authenticates the caller of a request: a live key of an enabled principal.
+    /// Authenticates the caller of a request: a live key of an enabled principal. Then
+    /// takes the principal's place among its calls in flight (held by `call`).
+    ///
+    /// A refusal takes one from the peer's allowance (`refusals`); a peer with none left
+    /// is refused here, before any database read, unless it presents a key this process
+    /// has verified (another caller behind the same address).
     pub async fn authenticate<T>(
         &self,
         request: &tonic::Request<T>,
         call: &mut Call,
     ) -> Result<Principal, ApiError> {
-        let key = PresentedKey::from_metadata(request.metadata())?;
-        let certificate = client_certificate(request);
-        self.authenticate_key(&key, certificate.as_deref(), call)
-            .await
+        let peer = Peer::of(request.remote_addr());
+        call.peer = peer;
+        let key = PresentedKey::from_metadata(request.metadata());
+        if let Err(limited) = self.refusals.check(peer)
+            && !key.as_ref().is_ok_and(|key| self.verifier.known_good(key))
+        {
+            metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
+            return Err(limited.into());
+        }
+        let result = match &key {
+            Ok(key) => {
+                let certificate = client_certificate(request);
+                self.authenticate_key(key, certificate.as_deref(), call)
+                    .await
+            }
+            Err(e) => Err(e.clone().into()),
+        };
+        let principal = match result {
+            Ok(principal) => principal,
+            Err(err) => {
+                if matches!(err, ApiError::Busy(_)) || err.code() == Code::Unauthenticated {
+                    self.refusals.charge(peer);
+                }
+                return Err(err);
+            }
+        };
+        let permit = self.calls.enter(principal.id).await.inspect_err(|_| {
+            metrics::counter!("ern_rate_limited_total", "limit" => "calls_in_flight").increment(1);
+        })?;
+        call.permit = Some(Arc::new(permit));
+        Ok(principal)
     }
 
     /// Checks a presented key against its row (read on every call: revocation, expiry and
-    /// disabling take effect at once) and the verification cache.
+    /// disabling take effect at once). A key of an earlier version, hashed with Argon2id,
+    /// is re-stored as HMAC once verified.
     pub async fn authenticate_key(
         &self,
         key: &PresentedKey,
         certificate: Option<&str>,
         call: &mut Call,
     ) -> Result<Principal, ApiError> {
-        // The key id is public (it names the key, it does not unlock it): a failed
-        // attempt is recorded under it.
-        call.entry.principal = format!("key:{}", key.key_id);
+        self.verifier.counters().looked_up_key();
         let Some(record) = self.store.load_key(&key.key_id).await? else {
             return Err(AuthError::InvalidKey.into());
         };
+        // The key id is public (it names the key, it does not unlock it): a failed
+        // attempt on a key that exists is recorded under it. (Ids that name no key are
+        // not: they are whatever the caller chose.)
+        call.entry.principal = format!("key:{}", key.key_id);
         let now = Utc::now().timestamp_millis();
         let live = record.revoked_at.is_none()
             && record.expires_at.is_none_or(|exp| exp > now)
             && !record.principal_disabled;
-        // Verify even a dead key, so that timing does not tell a revoked key from a bad one.
-        let verified = self.verifier.verify(key, &record.secret_hash).await;
+        // Verify even a dead key, so that refusing it costs what refusing a wrong secret
+        // costs.
+        let verified = match self.verifier.verify(key, &record.secret_hash).await {
+            Verdict::Valid => true,
+            Verdict::Migrate(hash) => {
+                match self
+                    .store
+                    .replace_key_hash(&key.key_id, &record.secret_hash, &hash)
+                    .await
+                {
+                    Ok(true) => {
+                        info!(key_id = %key.key_id, "API key hash migrated from Argon2id to HMAC-SHA256")
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        warn!(key_id = %key.key_id, error = %err, "API key hash not migrated; it will be on its next use")
+                    }
+                }
+                true
+            }
+            Verdict::Invalid => false,
+            Verdict::Busy => return Err(ApiError::Busy("API key verification is busy")),
+        };
         if verified && live {
             call.by(&record.principal);
             // A principal bound to client certificates must present one of them (mutual

@@ -1,65 +1,230 @@
-//! SQL of the audit log: appending to the chain inside a caller's transaction, listing
-//! with filters, and streaming the chain for verification.
+//! SQL of the audit log: appending to the chain inside a caller's transaction (tagging the
+//! consent events and erasure tombstones the entries' writes inserted), listing with
+//! filters, and verifying the whole log with the rows it covers.
+//!
+//! Verification reads in one transaction (a snapshot: REPEATABLE READ on PostgreSQL, one
+//! read transaction on SQLite), so a server writing meanwhile cannot make rows and
+//! entries disagree; it pages through the chain by sequence number, and for each page
+//! reads the rows that name its entries (`audit_seq`, indexed), so memory stays flat
+//! however long the log.
 
-use sqlx::{AnyConnection, Row};
+use std::collections::BTreeMap;
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Connection, Executor, Row};
 use tokio_stream::StreamExt;
 
-use super::{Result, Store, StoreError};
-use crate::audit::{AuditKey, Broken, Entry, Stored, Verifier, bounded};
+use super::{Backend, Result, Store, StoreError};
+use crate::audit::{
+    ADOPTION_METHOD, AdoptionDigest, Anchor, AuditKey, Broken, CoveredRow, Covers, Entry, Head,
+    RowCheck, Stored, Table, VERSION, Value, Verifier, bounded, row_hash,
+};
 
-/// Entries per INSERT statement (11 parameters each: well inside both databases' limits).
+/// Entries per INSERT statement (14 parameters each: well inside both databases' limits).
 const INSERT_CHUNK: usize = 256;
+/// Rows tagged with their entry per UPDATE statement.
+const TAG_CHUNK: usize = 500;
+/// Entries verified per page.
+const PAGE: i64 = 1000;
 
-/// Appends `entries` (each with its time, in milliseconds) to the chain, in order, inside
-/// the caller's transaction. Takes the head row's lock first, so concurrent transactions
-/// append one after the other and the numbering follows commit order.
-pub async fn append(
-    conn: &mut AnyConnection,
-    key: &AuditKey,
-    entries: &[(i64, Entry)],
-) -> Result<()> {
-    if entries.is_empty() {
+/// The rows a command inserted, for its audit entry to cover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wrote {
+    /// Ids of the consent events inserted.
+    pub consent_events: Vec<i64>,
+    /// Ids of the erasure tombstones inserted.
+    pub erasures: Vec<i64>,
+}
+
+impl Wrote {
+    fn ids(&self, table: Table) -> &[i64] {
+        match table {
+            Table::ConsentEvents => &self.consent_events,
+            Table::Erasures => &self.erasures,
+        }
+    }
+}
+
+/// An entry to append: its time (milliseconds), the entry, and the rows its write inserted.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub at: i64,
+    pub entry: Entry,
+    pub wrote: Wrote,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Int,
+    OptInt,
+    Text,
+}
+
+/// The columns of a covered row, in the order they are hashed (the id first).
+fn columns(table: Table) -> &'static [(&'static str, Kind)] {
+    use Kind::*;
+    match table {
+        Table::ConsentEvents => &[
+            ("id", Int),
+            ("registry_id", Int),
+            ("pseudonym", Text),
+            ("scope", Text),
+            ("state", Text),
+            ("given_at", Int),
+            ("form_version", Text),
+            ("expires_at", OptInt),
+            ("recorded_by", Int),
+            ("recorded_at", Int),
+            ("source", Text),
+        ],
+        Table::Erasures => &[
+            ("id", Int),
+            ("receipt_id", Text),
+            ("registry_id", Int),
+            ("pseudonym", Text),
+            ("erased_at", Int),
+            ("erased_by", Int),
+            ("reason", Text),
+            ("cases_erased", Int),
+            ("versions_erased", Int),
+            ("consent_event_id", Int),
+        ],
+    }
+}
+
+fn column_list(table: Table) -> String {
+    columns(table)
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Decodes a covered row (its columns from `offset` on, as [`column_list`] selects them)
+/// and hashes it: (id, hash). Strict: a value of another type than the column's is an
+/// error naming the column (and the id, when that much is readable).
+/// A covered row's value that is not of its column's type: the row's id (if readable) and
+/// the column.
+type Unreadable = (Option<i64>, &'static str);
+
+fn hash_row(
+    table: Table,
+    row: &AnyRow,
+    offset: usize,
+) -> std::result::Result<(i64, [u8; 32]), Unreadable> {
+    enum Owned {
+        Int(i64),
+        Null,
+        Text(String),
+    }
+    let mut id = None;
+    let mut values = Vec::with_capacity(columns(table).len());
+    for (i, (name, kind)) in columns(table).iter().enumerate() {
+        let at = offset + i;
+        let value = match kind {
+            Kind::Int => row.try_get::<i64, _>(at).map(Owned::Int),
+            Kind::OptInt => row
+                .try_get::<Option<i64>, _>(at)
+                .map(|v| v.map_or(Owned::Null, Owned::Int)),
+            Kind::Text => row.try_get::<String, _>(at).map(Owned::Text),
+        }
+        .map_err(|_| (id, *name))?;
+        if i == 0
+            && let Owned::Int(n) = value
+        {
+            id = Some(n);
+        }
+        values.push(value);
+    }
+    let borrowed: Vec<Value<'_>> = values
+        .iter()
+        .map(|v| match v {
+            Owned::Int(n) => Value::Int(*n),
+            Owned::Null => Value::Null,
+            Owned::Text(s) => Value::Text(s),
+        })
+        .collect();
+    Ok((id.unwrap_or_default(), row_hash(table, &borrowed)))
+}
+
+fn corrupt(table: Table, (id, column): Unreadable) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{table} {}: its {column} is not readable as stored",
+        id.map_or_else(|| "?".to_string(), |id| id.to_string())
+    ))
+}
+
+/// Appends `pending` to the chain, in order, inside the caller's transaction. Takes the
+/// head row's lock first, so concurrent transactions append one after the other and the
+/// numbering follows commit order. Each entry covers the consent events and tombstones
+/// its write inserted: they are tagged with the entry's number and their hashes go into
+/// the MACed entry. The first append after migration 0009 first adopts, in one entry,
+/// the rows written before rows were audited.
+pub async fn append(conn: &mut AnyConnection, key: &AuditKey, pending: &[Pending]) -> Result<()> {
+    if pending.is_empty() {
         return Ok(());
     }
-    let head = sqlx::query("UPDATE audit_head SET seq = seq + $1 WHERE id = 1 RETURNING seq, mac")
-        .bind(entries.len() as i64)
-        .fetch_one(&mut *conn)
-        .await?;
-    let last: i64 = head.try_get(0)?;
+    let head = sqlx::query(
+        "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, mac, rows_adopted",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut seq: i64 = head.try_get(0)?;
     let mut previous: String = head.try_get(1)?;
-    let mut seq = last - entries.len() as i64;
-    let mut rows = Vec::with_capacity(entries.len());
-    for (at, entry) in entries {
+    let adopted: i64 = head.try_get(2)?;
+    let mut rows = Vec::with_capacity(pending.len() + 1);
+    if adopted == 0
+        && let Some(entry) = adopt(conn, seq + 1).await?
+    {
         seq += 1;
-        let entry = Entry {
-            principal: bounded(&entry.principal),
-            role: bounded(&entry.role),
-            centre: bounded(&entry.centre),
-            method: bounded(&entry.method),
-            registry: bounded(&entry.registry),
-            outcome: bounded(&entry.outcome),
-            ..entry.clone()
-        };
-        let mac = key.mac(&previous, seq, *at, &entry);
+        let at = pending[0].at;
+        let mac = key.mac(&previous, seq, at, &entry);
         previous = mac.clone();
         rows.push(Stored {
             seq,
-            at: *at,
+            at,
+            version: VERSION,
+            entry,
+            mac,
+        });
+    }
+    let mut covered = tag_rows(conn, seq + 1, pending).await?;
+    for p in pending {
+        seq += 1;
+        let entry = Entry {
+            principal: bounded(&p.entry.principal),
+            role: bounded(&p.entry.role),
+            centre: bounded(&p.entry.centre),
+            method: bounded(&p.entry.method),
+            registry: bounded(&p.entry.registry),
+            outcome: bounded(&p.entry.outcome),
+            target: bounded(&p.entry.target),
+            rows: Covers::format_rows(&covered.remove(&seq).unwrap_or_default()),
+            ..p.entry.clone()
+        };
+        let mac = key.mac(&previous, seq, p.at, &entry);
+        previous = mac.clone();
+        rows.push(Stored {
+            seq,
+            at: p.at,
+            version: VERSION,
             entry,
             mac,
         });
     }
     // Multi-row inserts: one statement per chunk, not per entry.
+    const PARAMS: usize = 14;
     for chunk in rows.chunks(INSERT_CHUNK) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
-                let p: Vec<String> = (1..=11).map(|j| format!("${}", i * 11 + j)).collect();
+                let p: Vec<String> = (1..=PARAMS)
+                    .map(|j| format!("${}", i * PARAMS + j))
+                    .collect();
                 format!("({})", p.join(", "))
             })
             .collect();
         let sql = format!(
-            "INSERT INTO audit_log (seq, at, principal_id, principal, role, centre, method, \
-                                    registry, outcome, items, mac) VALUES {}",
+            "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);
@@ -67,6 +232,7 @@ pub async fn append(
             query = query
                 .bind(r.seq)
                 .bind(r.at)
+                .bind(r.version)
                 .bind(r.entry.principal_id)
                 .bind(r.entry.principal.as_str())
                 .bind(r.entry.role.as_str())
@@ -75,15 +241,116 @@ pub async fn append(
                 .bind(r.entry.registry.as_str())
                 .bind(r.entry.outcome.as_str())
                 .bind(r.entry.items)
+                .bind(r.entry.target.as_str())
+                .bind(r.entry.rows.as_str())
                 .bind(r.mac.as_str());
         }
         query.execute(&mut *conn).await?;
     }
-    sqlx::query("UPDATE audit_head SET mac = $1 WHERE id = 1")
+    sqlx::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
+        .bind(seq)
         .bind(previous)
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Tags the rows `pending` wrote with their entries' numbers (the first entry is `first`)
+/// and returns their hashes per entry. Only rows not yet tagged are taken: a row is
+/// covered by exactly one entry.
+async fn tag_rows(
+    conn: &mut AnyConnection,
+    first: i64,
+    pending: &[Pending],
+) -> Result<BTreeMap<i64, Vec<CoveredRow>>> {
+    let mut covered: BTreeMap<i64, Vec<CoveredRow>> = BTreeMap::new();
+    for table in Table::ALL {
+        let pairs: Vec<(i64, i64)> = pending
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                p.wrote
+                    .ids(table)
+                    .iter()
+                    .map(move |&id| (id, first + i as i64))
+            })
+            .collect();
+        for chunk in pairs.chunks(TAG_CHUNK) {
+            // Integers formatted here, never input.
+            let cases: Vec<String> = chunk
+                .iter()
+                .map(|(id, seq)| format!("WHEN {id} THEN {seq}"))
+                .collect();
+            let ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
+            let sql = format!(
+                "UPDATE {t} SET audit_seq = CASE id {cases} END \
+                 WHERE id IN ({ids}) AND audit_seq IS NULL RETURNING audit_seq, {columns}",
+                t = table.sql(),
+                cases = cases.join(" "),
+                ids = ids.join(", "),
+                columns = column_list(table),
+            );
+            let tagged = sqlx::query(&sql)
+                .persistent(false)
+                .fetch_all(&mut *conn)
+                .await?;
+            if tagged.len() != chunk.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "{} of {} {table} rows written in this transaction could be tagged with their audit entry",
+                    tagged.len(),
+                    chunk.len()
+                )));
+            }
+            for row in &tagged {
+                let seq: i64 = row.try_get(0)?;
+                let (id, hash) = hash_row(table, row, 1).map_err(|e| corrupt(table, e))?;
+                covered
+                    .entry(seq)
+                    .or_default()
+                    .push(CoveredRow::new(table, id, &hash));
+            }
+        }
+    }
+    for rows in covered.values_mut() {
+        rows.sort_by_key(|r| (r.table, r.id));
+    }
+    Ok(covered)
+}
+
+/// Tags the rows written before rows were audited (`audit_seq` 0, set by migration 0009)
+/// with entry `seq` and returns that entry, covering them all with one digest; `None`
+/// when there are none.
+async fn adopt(conn: &mut AnyConnection, seq: i64) -> Result<Option<Entry>> {
+    let mut digest = AdoptionDigest::default();
+    for table in Table::ALL {
+        let t = table.sql();
+        sqlx::query(&format!(
+            "UPDATE {t} SET audit_seq = $1 WHERE audit_seq = 0"
+        ))
+        .bind(seq)
+        .execute(&mut *conn)
+        .await?;
+        let sql = format!(
+            "SELECT {} FROM {t} WHERE audit_seq = $1 ORDER BY id",
+            column_list(table)
+        );
+        let mut rows = sqlx::query(&sql).bind(seq).fetch(&mut *conn);
+        while let Some(row) = rows.next().await {
+            let (_, hash) = hash_row(table, &row?, 0).map_err(|e| corrupt(table, e))?;
+            digest.add(table, &hash);
+        }
+    }
+    if digest.rows() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Entry {
+        principal: "ern-registry".into(),
+        method: ADOPTION_METHOD.into(),
+        outcome: "OK".into(),
+        items: digest.rows(),
+        rows: digest.finish(),
+        ..Entry::default()
+    }))
 }
 
 /// Filters of an audit listing; empty means any.
@@ -101,33 +368,72 @@ pub struct AuditFilter {
     pub limit: i64,
 }
 
-fn stored_from(row: &sqlx::any::AnyRow) -> Result<Stored, sqlx::Error> {
+/// An entry of the log as [`COLUMNS`] selects it; `Err` names the column that does not
+/// hold a value of its type.
+fn stored_from(row: &AnyRow) -> std::result::Result<Stored, &'static str> {
+    fn get<'r, T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>>(
+        row: &'r AnyRow,
+        i: usize,
+        name: &'static str,
+    ) -> std::result::Result<T, &'static str> {
+        row.try_get(i).map_err(|_| name)
+    }
     Ok(Stored {
-        seq: row.try_get(0)?,
-        at: row.try_get(1)?,
+        seq: get(row, 0, "seq")?,
+        at: get(row, 1, "at")?,
+        version: get(row, 2, "version")?,
         entry: Entry {
-            principal_id: row.try_get(2)?,
-            principal: row.try_get(3)?,
-            role: row.try_get(4)?,
-            centre: row.try_get(5)?,
-            method: row.try_get(6)?,
-            registry: row.try_get(7)?,
-            outcome: row.try_get(8)?,
-            items: row.try_get(9)?,
+            principal_id: get(row, 3, "principal_id")?,
+            principal: get(row, 4, "principal")?,
+            role: get(row, 5, "role")?,
+            centre: get(row, 6, "centre")?,
+            method: get(row, 7, "method")?,
+            registry: get(row, 8, "registry")?,
+            outcome: get(row, 9, "outcome")?,
+            items: get(row, 10, "items")?,
+            target: get(row, 11, "target")?,
+            rows: get(row, 12, "row_hashes")?,
         },
-        mac: row.try_get(10)?,
+        mac: get(row, 13, "mac")?,
     })
 }
 
-const COLUMNS: &str =
-    "seq, at, principal_id, principal, role, centre, method, registry, outcome, items, mac";
+fn stored_or_corrupt(row: &AnyRow) -> Result<Stored> {
+    stored_from(row).map_err(|column| {
+        let seq = row
+            .try_get::<i64, _>(0)
+            .map_or_else(|_| "?".to_string(), |s| s.to_string());
+        StoreError::Corrupt(format!("audit entry {seq}: its {column} is not readable"))
+    })
+}
 
-/// The outcome of walking the whole chain.
+const COLUMNS: &str = "seq, at, version, principal_id, principal, role, centre, method, \
+                       registry, outcome, items, target, row_hashes, mac";
+
+/// The outcome of verifying the whole log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub entries: u64,
     pub head_seq: i64,
+    /// Hex; empty for an empty log.
     pub head_mac: String,
+    /// Consent events and tombstones written before rows were audited and not adopted
+    /// yet (the next append adopts them); unchecked until then.
+    pub unadopted: i64,
+}
+
+impl Verified {
+    /// The head, to record outside the database (`audit head`).
+    pub fn anchor(&self) -> Anchor {
+        Anchor {
+            seq: self.head_seq,
+            mac: if self.head_mac.is_empty() {
+                Anchor::GENESIS_MAC.to_string()
+            } else {
+                self.head_mac.clone()
+            },
+        }
+    }
 }
 
 impl Store {
@@ -171,39 +477,211 @@ impl Store {
             query = query.bind(t);
         }
         let rows = query.fetch_all(self.pool()).await?;
-        rows.iter()
-            .map(|r| stored_from(r).map_err(StoreError::from))
-            .collect()
+        rows.iter().map(stored_or_corrupt).collect()
     }
 
-    /// Walks the whole chain in sequence order (streamed: memory stays flat), then checks
-    /// its end against the head. `Ok(Err(_))` names the first broken entry.
+    /// Whether the last entry of the chain (the head's) carries the MAC `key` gives it
+    /// after the entry before it: one link, however long the log, to recognise the key
+    /// the log was last written with. `None` for an empty
+    /// log; `Some(false)` also when either entry is missing.
+    pub async fn audit_head_verifies(&self, key: &AuditKey) -> Result<Option<bool>> {
+        let head = sqlx::query("SELECT seq, mac FROM audit_head WHERE id = 1")
+            .fetch_one(self.pool())
+            .await?;
+        let (head_seq, head_mac): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        if head_seq == 0 {
+            return Ok(None);
+        }
+        let sql =
+            format!("SELECT {COLUMNS} FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq");
+        let rows = sqlx::query(&sql)
+            .bind(head_seq - 1)
+            .bind(head_seq)
+            .fetch_all(self.pool())
+            .await?;
+        let entries = rows
+            .iter()
+            .map(stored_or_corrupt)
+            .collect::<Result<Vec<_>>>()?;
+        let (previous, last) = match &entries[..] {
+            [last] if head_seq == 1 && last.seq == 1 => (String::new(), last),
+            [previous, last] if last.seq == head_seq => (previous.mac.clone(), last),
+            _ => return Ok(Some(false)),
+        };
+        Ok(Some(last.mac == head_mac && key.verify(&previous, last)))
+    }
+
+    /// Verifies the whole log: every entry (not only those up to the head) in sequence
+    /// order, the head both ways, every consent event and tombstone against the entry
+    /// that wrote it, and no such row covered by no entry. `Ok(Err(_))` names the first
+    /// problem found.
     pub async fn verify_audit(
         &self,
         key: &AuditKey,
     ) -> Result<std::result::Result<Verified, Broken>> {
+        self.verify_audit_against(key, None).await
+    }
+
+    /// [`Store::verify_audit`], and the entry `anchor` names (a head recorded earlier)
+    /// must be in the chain with that MAC: a log truncated or rewritten since fails.
+    pub async fn verify_audit_against(
+        &self,
+        key: &AuditKey,
+        anchor: Option<Anchor>,
+    ) -> Result<std::result::Result<Verified, Broken>> {
         let mut conn = self.pool().acquire().await?;
-        let head = sqlx::query("SELECT seq, mac FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?;
-        let (head_seq, head_mac): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
-        let sql = format!("SELECT {COLUMNS} FROM audit_log WHERE seq <= $1 ORDER BY seq");
-        let mut rows = sqlx::query(&sql).bind(head_seq).fetch(&mut *conn);
-        let mut verifier = Verifier::new(key);
-        while let Some(row) = rows.next().await {
-            let stored = stored_from(&row?)?;
-            if let Err(broken) = verifier.check(&stored) {
-                return Ok(Err(broken));
-            }
+        let mut tx = conn.begin().await?;
+        if self.backend() == Backend::Postgres {
+            tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await?;
         }
-        drop(rows);
-        if let Err(broken) = verifier.finish(head_seq, &head_mac) {
+        let result = verify_in(&mut tx, key, anchor).await;
+        tx.rollback().await?;
+        result
+    }
+}
+
+async fn read_head(conn: &mut AnyConnection) -> Result<std::result::Result<Head, Broken>> {
+    let Some(row) = sqlx::query("SELECT seq, mac FROM audit_head WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(Err(Broken::HeadUnreadable {
+            problem: "missing (its row was deleted)".into(),
+        }));
+    };
+    let unreadable = |column: &str| Broken::HeadUnreadable {
+        problem: format!("its {column} is not readable as stored (type changed)"),
+    };
+    let Ok(seq) = row.try_get::<i64, _>(0) else {
+        return Ok(Err(unreadable("seq")));
+    };
+    let Ok(mac) = row.try_get::<String, _>(1) else {
+        return Ok(Err(unreadable("mac")));
+    };
+    Ok(Ok(Head { seq, mac }))
+}
+
+/// Returns early with `Ok(Err(broken))` from a function returning
+/// `Result<Result<_, Broken>>`.
+macro_rules! broken {
+    ($e:expr) => {
+        if let Err(broken) = $e {
             return Ok(Err(broken));
         }
-        Ok(Ok(Verified {
-            entries: verifier.checked,
-            head_seq,
-            head_mac: verifier.head_mac().to_string(),
-        }))
+    };
+}
+
+async fn verify_in(
+    conn: &mut AnyConnection,
+    key: &AuditKey,
+    anchor: Option<Anchor>,
+) -> Result<std::result::Result<Verified, Broken>> {
+    let head = match read_head(conn).await? {
+        Ok(head) => head,
+        Err(broken) => return Ok(Err(broken)),
+    };
+    let mut verifier = Verifier::new(key).with_anchor(anchor);
+    let mut after = i64::MIN;
+    let sql = format!("SELECT {COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT {PAGE}");
+    loop {
+        let page = sqlx::query(&sql).bind(after).fetch_all(&mut *conn).await?;
+        let Some(first) = page.first() else {
+            break;
+        };
+        let first = first.try_get::<i64, _>(0)?;
+        let mut rows = RowCheck::default();
+        for row in &page {
+            let stored = match stored_from(row) {
+                Ok(stored) => stored,
+                Err(column) => {
+                    let seq = row.try_get(0).unwrap_or(verifier.next_seq());
+                    return Ok(Err(Broken::Unreadable { seq, column }));
+                }
+            };
+            broken!(verifier.check(&stored));
+            broken!(rows.expect(&stored));
+            after = stored.seq;
+        }
+        broken!(check_rows(conn, &mut rows, first, after).await?);
+        broken!(rows.finish());
+        if (page.len() as i64) < PAGE {
+            break;
+        }
     }
+    broken!(verifier.finish(&head));
+    let last = verifier.next_seq() - 1;
+    // Rows naming no entry of the chain. Rows of before migration 0009 (0) are allowed
+    // only while no entry of this version exists: the first append adopts them.
+    let lowest = if verifier.current_seen() { 1 } else { 0 };
+    for table in Table::ALL {
+        let sql = format!(
+            "SELECT id FROM {} WHERE audit_seq IS NULL OR audit_seq < $1 OR audit_seq > $2 \
+             OR audit_seq <> CAST(audit_seq AS BIGINT) ORDER BY id LIMIT 1",
+            table.sql()
+        );
+        if let Some(row) = sqlx::query(&sql)
+            .bind(lowest)
+            .bind(last)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            let id = row.try_get(0)?;
+            return Ok(Err(Broken::RowUncovered { table, id }));
+        }
+    }
+    let mut unadopted = 0;
+    if lowest == 0 {
+        for table in Table::ALL {
+            let sql = format!("SELECT COUNT(*) FROM {} WHERE audit_seq = 0", table.sql());
+            unadopted += sqlx::query(&sql)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get::<i64, _>(0)?;
+        }
+    }
+    Ok(Ok(Verified {
+        entries: verifier.checked,
+        head_seq: head.seq,
+        head_mac: verifier.head_mac().to_string(),
+        unadopted,
+    }))
+}
+
+/// Feeds `rows` every consent event and tombstone naming an entry from `first` to `last`,
+/// table by table, each in (entry, id) order.
+async fn check_rows(
+    conn: &mut AnyConnection,
+    rows: &mut RowCheck,
+    first: i64,
+    last: i64,
+) -> Result<std::result::Result<(), Broken>> {
+    for table in Table::ALL {
+        let sql = format!(
+            "SELECT audit_seq, {} FROM {} WHERE audit_seq >= $1 AND audit_seq <= $2 \
+             ORDER BY audit_seq, id",
+            column_list(table),
+            table.sql()
+        );
+        let mut stream = sqlx::query(&sql).bind(first).bind(last).fetch(&mut *conn);
+        while let Some(row) = stream.next().await {
+            let row = row?;
+            let (id, hash) = match hash_row(table, &row, 1) {
+                Ok(hashed) => hashed,
+                Err((id, column)) => {
+                    let id = id.unwrap_or_default();
+                    return Ok(Err(Broken::RowUnreadable { table, id, column }));
+                }
+            };
+            let Ok(seq) = row.try_get::<i64, _>(0) else {
+                return Ok(Err(Broken::RowUnreadable {
+                    table,
+                    id,
+                    column: "audit_seq",
+                }));
+            };
+            broken!(rows.row(table, seq, id, &hash));
+        }
+    }
+    Ok(Ok(()))
 }

@@ -164,6 +164,7 @@ pub struct Erasure {
     pub versions_erased: i64,
 }
 
+/// Inserts a tombstone; returns its id (the audit entry of the withdrawal covers it).
 #[allow(clippy::too_many_arguments)]
 pub async fn insert_erasure(
     conn: &mut AnyConnection,
@@ -175,11 +176,11 @@ pub async fn insert_erasure(
     reason: WithdrawalReason,
     (cases, versions): (i64, i64),
     consent_event_id: i64,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<i64> {
+    let row = sqlx::query(
         "INSERT INTO erasures (receipt_id, registry_id, pseudonym, erased_at, erased_by, reason, \
                                cases_erased, versions_erased, consent_event_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
     )
     .bind(receipt_id)
     .bind(registry_id)
@@ -190,9 +191,9 @@ pub async fn insert_erasure(
     .bind(cases)
     .bind(versions)
     .bind(consent_event_id)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(())
+    Ok(row.try_get(0)?)
 }
 
 pub async fn erasure_by_receipt(

@@ -10,9 +10,11 @@
 //! This module never sees a patient identifier: it stores pseudonyms, and it is the only
 //! module that speaks SQL.
 
+pub mod admin;
 pub mod audit;
 pub mod cases;
 pub mod consent;
+pub mod master;
 pub mod purge;
 pub mod research;
 pub mod writer;
@@ -61,6 +63,61 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl StoreError {
+    /// Whether the error says the database cannot be reached *now*, so that the same call
+    /// may well succeed in a moment (the API answers UNAVAILABLE with a retry hint, never
+    /// INTERNAL): see [`unreachable_now`].
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(err) => unreachable_now(err),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a database error means "not reachable now" rather than "wrong": no connection
+/// to be had (pool timeout, pool closed at shutdown), a connection refused, reset or cut
+/// (I/O errors of those kinds), PostgreSQL shutting down, restarting or recovering
+/// (SQLSTATE class 08 connection exceptions; 57P01 admin shutdown, 57P02 crash shutdown,
+/// 57P03 cannot connect now; 53300 too many connections, which sqlx itself retries) or
+/// SQLite still busy after its busy timeout (another process holds the write lock).
+pub fn unreachable_now(err: &sqlx::Error) -> bool {
+    use sqlx::error::DatabaseError;
+    use std::io::ErrorKind;
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::NotConnected
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::TimedOut
+                | ErrorKind::AddrNotAvailable
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::NetworkDown
+        ),
+        sqlx::Error::Database(db) => {
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                let code = pg.code();
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+            } else if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                // The extended result code; its low byte is the primary code, SQLITE_BUSY = 5.
+                sqlite
+                    .code()
+                    .and_then(|code| code.parse::<i32>().ok())
+                    .is_some_and(|code| code & 0xff == 5)
+            } else {
+                false
+            }
+        }
+        _ => false,
+    }
+}
+
 /// The thresholds an admin may set for small-count suppression.
 pub const MIN_CELL_COUNT_RANGE: std::ops::RangeInclusive<i64> = 2..=100;
 /// Allowed protection levels of a registry.
@@ -85,9 +142,11 @@ impl Durability {
     /// power failure: SQLite must journal to a WAL with `synchronous` FULL or EXTRA (every
     /// commit fsynced); PostgreSQL must have `fsync` on and `synchronous_commit` not off.
     pub fn check(&self) -> Result<()> {
-        let unsafe_ = |what: String| Err(StoreError::Invalid(format!(
-            "the database would not keep acknowledged writes through a crash: {what}"
-        )));
+        let unsafe_ = |what: String| {
+            Err(StoreError::Invalid(format!(
+                "the database would not keep acknowledged writes through a crash: {what}"
+            )))
+        };
         match self {
             Durability::Sqlite {
                 journal_mode,
@@ -318,50 +377,15 @@ impl Store {
 
     /// Sets a registry's minimum published cell count k (2..=100).
     pub async fn set_min_cell_count(&self, code: &str, k: i64) -> Result<()> {
-        self.set_disclosure_setting(code, DisclosureSetting::MinCellCount, k)
-            .await
+        let mut conn = self.pool.acquire().await?;
+        admin::set_min_cell_count(&mut conn, code, k).await
     }
 
     /// Sets a registry's protection level (1..=100): the least width of the interval an
     /// attacker can prove for any value a research answer hides.
     pub async fn set_protection_level(&self, code: &str, level: i64) -> Result<()> {
-        self.set_disclosure_setting(code, DisclosureSetting::ProtectionLevel, level)
-            .await
-    }
-
-    async fn set_disclosure_setting(
-        &self,
-        code: &str,
-        setting: DisclosureSetting,
-        value: i64,
-    ) -> Result<()> {
-        let (column, what, range) = match setting {
-            DisclosureSetting::MinCellCount => {
-                ("min_cell_count", "minimum cell count", MIN_CELL_COUNT_RANGE)
-            }
-            DisclosureSetting::ProtectionLevel => (
-                "protection_level",
-                "protection level",
-                PROTECTION_LEVEL_RANGE,
-            ),
-        };
-        if !range.contains(&value) {
-            return Err(StoreError::Invalid(format!(
-                "the {what} must be {} to {}",
-                range.start(),
-                range.end()
-            )));
-        }
-        let sql = format!("UPDATE registries SET {column} = $1 WHERE code = $2");
-        let done = sqlx::query(&sql)
-            .bind(value)
-            .bind(code)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("registry {code}")));
-        }
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        admin::set_protection_level(&mut conn, code, level).await
     }
 
     /// Creates a centre that is a member of the ERNs keeping `registries`.
@@ -373,21 +397,7 @@ impl Store {
         registries: &[String],
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT id FROM centres WHERE code = $1")
-            .bind(code)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_some() {
-            return Err(StoreError::AlreadyExists(format!("centre {code}")));
-        }
-        let id = insert_centre(&mut tx, code, name, country).await?;
-        for registry_id in resolve_registries(&mut tx, registries).await? {
-            sqlx::query("INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2)")
-                .bind(id)
-                .bind(registry_id)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let id = admin::create_centre(&mut tx, code, name, country, registries).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -401,72 +411,8 @@ impl Store {
         centre: Option<&str>,
         registries: &[String],
     ) -> Result<i64> {
-        match role {
-            Role::Physician if centre.is_none() => {
-                return Err(StoreError::Invalid(
-                    "a physician belongs to a centre (--centre)".into(),
-                ));
-            }
-            Role::Researcher if registries.is_empty() => {
-                return Err(StoreError::Invalid(
-                    "a researcher is a member of at least one ERN (--ern)".into(),
-                ));
-            }
-            Role::ConsentOfficer if centre.is_none() && registries.is_empty() => {
-                return Err(StoreError::Invalid(
-                    "a consent officer acts for a centre (--centre) or registries (--ern)".into(),
-                ));
-            }
-            Role::Admin if centre.is_some() || !registries.is_empty() => {
-                return Err(StoreError::Invalid(
-                    "an admin is bound to no centre or ERN".into(),
-                ));
-            }
-            Role::Physician if !registries.is_empty() => {
-                return Err(StoreError::Invalid(
-                    "a physician's registries are those of its centre's ERNs; drop --ern".into(),
-                ));
-            }
-            _ => {}
-        }
         let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT id FROM principals WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_some() {
-            return Err(StoreError::AlreadyExists(format!("principal {name}")));
-        }
-        let centre_id: Option<i64> = match centre {
-            None => None,
-            Some(code) => Some(
-                sqlx::query("SELECT id FROM centres WHERE code = $1")
-                    .bind(code)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(format!("centre {code}")))?
-                    .try_get(0)?,
-            ),
-        };
-        let id: i64 = sqlx::query(
-            "INSERT INTO principals (name, role, centre_id, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(name)
-        .bind(role.as_str())
-        .bind(centre_id)
-        .bind(millis(Utc::now()))
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        for registry_id in resolve_registries(&mut tx, registries).await? {
-            sqlx::query(
-                "INSERT INTO principal_registries (principal_id, registry_id) VALUES ($1, $2)",
-            )
-            .bind(id)
-            .bind(registry_id)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let id = admin::create_principal(&mut tx, name, role, centre, registries).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -533,19 +479,8 @@ impl Store {
     /// Starts a new key version for a registry: pseudonyms of patients it does not know
     /// yet carry the new version; known patients keep theirs. Returns the new version.
     pub async fn rotate_registry_key(&self, code: &str) -> Result<i64> {
-        let row = sqlx::query(
-            "UPDATE registries SET active_key_version = active_key_version + 1 \
-             WHERE code = $1 AND active_key_version < 999 RETURNING active_key_version",
-        )
-        .bind(code)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(r.try_get(0)?),
-            None => Err(StoreError::NotFound(format!(
-                "registry {code} (or its key version is already 999)"
-            ))),
-        }
+        let mut conn = self.pool.acquire().await?;
+        admin::rotate_registry_key(&mut conn, code).await
     }
 
     /// Patients (pseudonyms with a case) in a registry.
@@ -560,13 +495,8 @@ impl Store {
     }
 
     pub async fn principal_id(&self, name: &str) -> Result<i64> {
-        sqlx::query("SELECT id FROM principals WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("principal {name}")))?
-            .try_get(0)
-            .map_err(Into::into)
+        let mut conn = self.pool.acquire().await?;
+        admin::principal_id(&mut conn, name).await
     }
 
     pub async fn insert_api_key(
@@ -576,58 +506,44 @@ impl Store {
         secret_hash: &str,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (key_id, principal_id, secret_hash, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+        let mut conn = self.pool.acquire().await?;
+        admin::insert_api_key(&mut conn, key_id, principal_id, secret_hash, expires_at).await
+    }
+
+    /// Replaces a key's stored hash (an Argon2 hash of an earlier version by its HMAC),
+    /// if it is still `old`; returns whether it was replaced.
+    pub async fn replace_key_hash(&self, key_id: &str, old: &str, new: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET secret_hash = $1 WHERE key_id = $2 AND secret_hash = $3",
         )
+        .bind(new)
         .bind(key_id)
-        .bind(principal_id)
-        .bind(secret_hash)
-        .bind(millis(Utc::now()))
-        .bind(expires_at.map(millis))
+        .bind(old)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Revokes a key; returns whether a live key was revoked.
     pub async fn revoke_api_key(&self, key_id: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
-        )
-        .bind(millis(Utc::now()))
-        .bind(key_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        admin::revoke_api_key(&mut conn, key_id).await
     }
 
     /// Disables a principal: every key of theirs is refused from the next call on (the
     /// keys stay on file, for the audit log's sake). Returns false if already disabled.
     pub async fn disable_principal(&self, name: &str) -> Result<bool> {
-        let id = self.principal_id(name).await?;
-        let done = sqlx::query(
-            "UPDATE principals SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL",
-        )
-        .bind(millis(Utc::now()))
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let mut tx = self.pool.begin().await?;
+        let disabled = admin::disable_principal(&mut tx, name).await?;
+        tx.commit().await?;
+        Ok(disabled)
     }
 
     /// Binds a client certificate (its SHA-256 fingerprint) to a principal.
     pub async fn bind_certificate(&self, principal: &str, fingerprint: &str) -> Result<()> {
-        let id = self.principal_id(principal).await?;
-        sqlx::query(
-            "INSERT INTO principal_certificates (principal_id, fingerprint, created_at) \
-             VALUES ($1, $2, $3) ON CONFLICT (principal_id, fingerprint) DO NOTHING",
-        )
-        .bind(id)
-        .bind(fingerprint)
-        .bind(millis(Utc::now()))
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        admin::bind_certificate(&mut tx, principal, fingerprint).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -735,4 +651,68 @@ async fn resolve_registries(conn: &mut sqlx::AnyConnection, codes: &[String]) ->
         }
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod unavailable_tests {
+    use super::*;
+    use sqlx::Connection;
+
+    #[test]
+    fn connection_failures_are_unavailable_and_mistakes_are_not() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+            ErrorKind::UnexpectedEof,
+        ] {
+            assert!(StoreError::Database(sqlx::Error::Io(Error::from(kind))).is_unavailable());
+        }
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(
+            !StoreError::Database(sqlx::Error::Io(ErrorKind::PermissionDenied.into()))
+                .is_unavailable()
+        );
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_unavailable());
+        assert!(!StoreError::Corrupt("x".into()).is_unavailable());
+    }
+
+    /// A real SQLITE_BUSY through the `Any` driver the service uses: another connection
+    /// holds the write lock past the busy timeout. A constraint violation is not
+    /// "unavailable": retrying it would fail the same way.
+    #[tokio::test]
+    async fn sqlite_busy_is_unavailable() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display());
+        let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("PRAGMA busy_timeout = 0")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(StoreError::Database(busy).is_unavailable());
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        let duplicate = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(!StoreError::Database(duplicate).is_unavailable());
+    }
 }

@@ -11,6 +11,15 @@
 //! each other. SQLite allows one writer at a time, so it gets one partition; PostgreSQL
 //! gets several.
 //!
+//! That ordering ends at the process. On PostgreSQL several instances share the database,
+//! and each command reads consent, then writes, under READ COMMITTED: a withdrawal
+//! committed by another instance between the two would leave a case stored (and counted in
+//! research) after its erasure. So every transaction first takes a transaction-scoped
+//! advisory lock per patient it touches ([`lock_patients`]), all at once and in key order
+//! (no deadlock between batches), before its first read; the instance holding it commits
+//! before the next one reads. SQLite needs none: one server per database (`data_dir`), and
+//! its write lock makes a transaction that read a stale snapshot fail rather than write.
+//!
 //! Each command checks everything that can refuse it (consent, existence, version) before
 //! it writes anything, so a refused command needs no rollback. If the transaction fails
 //! for a database reason, the batch is retried one command per transaction, so one bad
@@ -21,22 +30,24 @@
 //! erased bytes out of every database file. The other commands of its batch are answered
 //! at the commit, as always.
 
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Executor};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
 use tonic::Code;
 
-use super::audit as audit_store;
+use super::audit::{self as audit_store, Pending, Wrote};
 use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
 use super::millis;
 use super::purge::{self, Purger};
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 use crate::audit::{AuditKey, Entry, code_name};
 use crate::consent::{
     self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source,
@@ -104,6 +115,17 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command's name, for an entry the writer makes itself.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Submit(_) => "Submit",
+            Command::Update(_) => "Update",
+            Command::RecordConsent(_) => "RecordConsent",
+            Command::Withdraw(_) => "Withdraw",
+            Command::Audit => "Audit",
+        }
+    }
+
     fn patient(&self) -> (i64, &str) {
         match self {
             Command::Submit(c) => (c.registry_id, &c.pseudonym),
@@ -166,6 +188,7 @@ impl WriteError {
             WriteError::AlreadyExists => Code::AlreadyExists,
             WriteError::NotFound => Code::NotFound,
             WriteError::VersionConflict { .. } => Code::Aborted,
+            WriteError::Store(e) if e.is_unavailable() => Code::Unavailable,
             WriteError::Store(_) => Code::Internal,
             WriteError::ShuttingDown => Code::Unavailable,
         }
@@ -326,13 +349,13 @@ async fn apply_jobs(store: &Store, key: &AuditKey, jobs: Vec<Job>) -> Vec<Answer
             .collect(),
         Err(err) if jobs.len() == 1 => {
             error!(error = %err, "write failed");
-            jobs.into_iter()
-                .next()
-                .map(|(command, _, reply)| {
-                    Answer::new(&command, reply, Err(WriteError::Store(err)))
-                })
-                .into_iter()
-                .collect()
+            let mut answers = Vec::with_capacity(1);
+            if let Some((command, audit, reply)) = jobs.into_iter().next() {
+                let err = WriteError::Store(err);
+                audit_failure(store, key, &command, audit, &err).await;
+                answers.push(Answer::new(&command, reply, Err(err)));
+            }
+            answers
         }
         Err(err) => {
             warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
@@ -342,13 +365,48 @@ async fn apply_jobs(store: &Store, key: &AuditKey, jobs: Vec<Job>) -> Vec<Answer
                     Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
                     Err(err) => {
                         error!(error = %err, "write failed");
-                        Err(WriteError::Store(err))
+                        let err = WriteError::Store(err);
+                        audit_failure(store, key, &command, audit, &err).await;
+                        Err(err)
                     }
                 };
                 answers.push(Answer::new(&command, reply, result));
             }
             answers
         }
+    }
+}
+
+/// Appends the entry of a write whose transaction failed (and rolled back with the entry
+/// it carried), in a transaction of its own, with the outcome the caller gets: a failed
+/// write is in the log too. The entry of an audit-only job is not: its call fails because
+/// its entry could not be written (`api::AppState::conclude`), so there is nothing true to
+/// record. If this append fails as well (the database is away, the log refuses writes),
+/// the failure is logged.
+async fn audit_failure(
+    store: &Store,
+    key: &AuditKey,
+    command: &Command,
+    audit: Option<Entry>,
+    err: &WriteError,
+) {
+    let (Some(mut entry), false) = (audit, matches!(command, Command::Audit)) else {
+        return;
+    };
+    entry.outcome = code_name(err.code()).to_string();
+    let pending = [Pending {
+        at: millis(Utc::now()),
+        entry,
+        wrote: Wrote::default(),
+    }];
+    let appended = async {
+        let mut tx = store.pool().begin().await?;
+        audit_store::append(&mut tx, key, &pending).await?;
+        tx.commit().await?;
+        Ok::<(), StoreError>(())
+    };
+    if let Err(e) = appended.await {
+        warn!(error = %e, "audit entry of a failed write not committed");
     }
 }
 
@@ -381,37 +439,55 @@ async fn deliver(purger: &Purger, answers: Vec<Answer>) {
 }
 
 /// Applies commands in one transaction, with their audit entries appended at its end (so
-/// the chain's lock is held only briefly). `Err` means the transaction failed as a whole
-/// and nothing was committed, audit entries included; refusals of single commands are in
-/// the `Ok` vector, and their entries record the refusal.
+/// the chain's lock is held only briefly); each entry covers the consent events and
+/// tombstones its command inserted (`store::audit::append`). `Err` means the transaction
+/// failed as a whole and nothing was committed, audit entries included (the caller then
+/// records the failure: [`audit_failure`]); refusals of single commands are in the `Ok`
+/// vector, and their entries record the refusal.
 async fn apply_batch(
     store: &Store,
     key: &AuditKey,
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     let mut tx = store.pool().begin().await?;
+    lock_patients(&mut tx, store.backend(), commands).await?;
     let mut results = Vec::with_capacity(commands.len());
     let mut entries = Vec::new();
     for (command, audit) in commands {
+        // The consent events and tombstones the command inserts: its entry covers them.
+        let mut wrote = Wrote::default();
         let result = match command {
-            Command::Submit(c) => submit(&mut tx, c).await.map(Output::Case),
-            Command::Update(c) => update(&mut tx, c).await.map(Output::Case),
-            Command::RecordConsent(c) => record_consent(&mut tx, c).await,
-            Command::Withdraw(c) => withdraw(&mut tx, c).await,
+            Command::Submit(c) => submit(&mut tx, c, &mut wrote).await.map(Output::Case),
+            Command::Update(c) => update(&mut tx, c, &mut wrote).await.map(Output::Case),
+            Command::RecordConsent(c) => record_consent(&mut tx, c, &mut wrote).await,
+            Command::Withdraw(c) => withdraw(&mut tx, c, &mut wrote).await,
             Command::Audit => Ok(Output::Audited),
+        };
+        // Rows are never left uncovered, even by a command sent without an entry.
+        let audit = match audit {
+            Some(entry) => Some(Entry::clone(entry)),
+            None if wrote != Wrote::default() => Some(Entry {
+                method: format!("Writer/{}", command.name()),
+                ..Entry::default()
+            }),
+            None => None,
         };
         if let Some(entry) = audit {
             let outcome = match &result {
                 Ok(_) => Code::Ok,
                 Err(e) => e.code(),
             };
-            let mut entry = (*entry).clone();
+            let mut entry = entry;
             // An entry that comes with a change records the change's outcome; one that
             // comes alone (Command::Audit) carries the outcome of its call already.
             if entry.outcome.is_empty() {
                 entry.outcome = code_name(outcome).to_string();
             }
-            entries.push((millis(Utc::now()), entry));
+            entries.push(Pending {
+                at: millis(Utc::now()),
+                entry,
+                wrote,
+            });
         }
         match result {
             Err(WriteError::Store(err)) => return Err(err),
@@ -421,6 +497,63 @@ async fn apply_batch(
     audit_store::append(&mut tx, key, &entries).await?;
     tx.commit().await?;
     Ok(results)
+}
+
+/// On PostgreSQL, makes this transaction wait for every other transaction, of any
+/// instance, about the patients of `commands`, and makes them wait for it until it ends.
+/// Called first in the transaction, before any read.
+///
+/// One `pg_advisory_xact_lock` per patient ([`patient_lock_key`]), sorted and deduplicated,
+/// in one round trip: transactions that take their locks in one global order cannot
+/// deadlock on them, and nothing else is locked while waiting (the audit chain's head is
+/// locked last). The transaction is pinned to READ COMMITTED in the same round trip
+/// whatever the server's default: each later statement then reads a snapshot taken after
+/// the lock was granted, so it sees everything the previous holder committed (PostgreSQL
+/// makes a commit visible before it releases the transaction's locks). Under REPEATABLE
+/// READ the snapshot would be the lock statement's own, taken before the wait.
+/// Only commands that read or change a patient's consent or cases lock; an audit-only
+/// batch takes nothing.
+async fn lock_patients(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    commands: &[(&Command, Option<&Entry>)],
+) -> Result<(), StoreError> {
+    if backend != Backend::Postgres {
+        return Ok(());
+    }
+    let mut keys = BTreeSet::new();
+    for (command, _) in commands {
+        if !matches!(command, Command::Audit) {
+            let (registry_id, pseudonym) = command.patient();
+            keys.insert(patient_lock_key(registry_id, pseudonym));
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // Integers formatted here, never input; quoted and cast so that i64::MIN parses too.
+    // Several statements in one string: sent as one simple query, run in this order.
+    let mut sql = String::from("SET TRANSACTION ISOLATION LEVEL READ COMMITTED;");
+    for key in keys {
+        let _ = write!(sql, " SELECT pg_advisory_xact_lock('{key}'::bigint);");
+    }
+    conn.execute(sql.as_str()).await?;
+    Ok(())
+}
+
+/// The advisory-lock key of a patient: the first 8 bytes of SHA-256 over a label, the
+/// registry id and the pseudonym. Defined here, not by `std`'s hasher (which may change
+/// between Rust releases), so that every instance, of any version (a rolling upgrade
+/// runs two), takes the same lock for the same patient. A collision between two patients
+/// only makes one wait for the other.
+fn patient_lock_key(registry_id: i64, pseudonym: &str) -> i64 {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(b"ern-registry patient lock v1\0");
+    digest.update(&registry_id.to_be_bytes());
+    digest.update(pseudonym.as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest.finish().as_ref()[..8]);
+    i64::from_be_bytes(key)
 }
 
 /// The consent history with the attested decisions appended as if already on file.
@@ -442,6 +575,22 @@ async fn consent_with(
     Ok(events)
 }
 
+/// The instant at which a command applies the consent rules: its own time, or the latest
+/// date given on file when that is later.
+///
+/// A command's time is taken when its request arrives, on its instance's clock, before it
+/// queues and waits for the patient's lock. By the time it reads the history, another
+/// instance (or a command that arrived later and overtook it here) may have committed a
+/// decision dated after it, typically a withdrawal. That decision is on file, so it
+/// precedes this command's write and must be in force for it; at the command's own time
+/// it would not be yet, and a submission would be stored after the erasure. Nothing on
+/// file is dated ahead of the clock that recorded it (a date given up to 5 minutes ahead
+/// is recorded as "now"), so this moves the instant only by that delay and by the clock
+/// skew between instances.
+fn in_force_at(events: &[ConsentEvent], now: DateTime<Utc>) -> DateTime<Utc> {
+    events.iter().map(|e| e.given_at).fold(now, DateTime::max)
+}
+
 async fn record_attestation(
     conn: &mut AnyConnection,
     registry_id: i64,
@@ -449,32 +598,40 @@ async fn record_attestation(
     attested: &[ConsentDecision],
     principal_id: i64,
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<i64>, StoreError> {
+    let mut ids = Vec::with_capacity(attested.len());
     for decision in attested {
-        cases::append_consent(
-            conn,
-            registry_id,
-            pseudonym,
-            decision,
-            principal_id,
-            Source::PhysicianAttestation,
-            now,
-        )
-        .await?;
+        ids.push(
+            cases::append_consent(
+                conn,
+                registry_id,
+                pseudonym,
+                decision,
+                principal_id,
+                Source::PhysicianAttestation,
+                now,
+            )
+            .await?,
+        );
     }
-    Ok(())
+    Ok(ids)
 }
 
-async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, WriteError> {
+async fn submit(
+    conn: &mut AnyConnection,
+    c: &SubmitCase,
+    wrote: &mut Wrote,
+) -> Result<Written, WriteError> {
     let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
-    consent::check_inclusion(&events, c.now)?;
+    let at = in_force_at(&events, c.now);
+    consent::check_inclusion(&events, at)?;
     if cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id)
         .await?
         .is_some()
     {
         return Err(WriteError::AlreadyExists);
     }
-    record_attestation(
+    wrote.consent_events = record_attestation(
         conn,
         c.registry_id,
         &c.pseudonym,
@@ -502,7 +659,7 @@ async fn submit(conn: &mut AnyConnection, c: &SubmitCase) -> Result<Written, Wri
         c.centre_id,
         &c.row,
         &events,
-        c.now,
+        at,
     )
     .await?;
     Ok(Written {
@@ -542,18 +699,30 @@ async fn represent(
     .await
 }
 
-async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, WriteError> {
+async fn update(
+    conn: &mut AnyConnection,
+    c: &UpdateCase,
+    wrote: &mut Wrote,
+) -> Result<Written, WriteError> {
     let Some((case_id, current)) =
         cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id).await?
     else {
         return Err(WriteError::NotFound);
     };
+    // Consent before the version, and without it the answer for a case that does not
+    // exist: a record the caller may not see (consent lapsed, refused) is not told apart
+    // from an erased one, also not by a stale `expected_version`, and the audit entry says
+    // NOT_FOUND too. An attestation sent with the update counts, so a renewed consent
+    // still brings a lapsed record back.
+    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
+    let at = in_force_at(&events, c.now);
+    if consent::check_inclusion(&events, at).is_err() {
+        return Err(WriteError::NotFound);
+    }
     if current != c.expected_version {
         return Err(WriteError::VersionConflict { current });
     }
-    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
-    consent::check_inclusion(&events, c.now)?;
-    record_attestation(
+    wrote.consent_events = record_attestation(
         conn,
         c.registry_id,
         &c.pseudonym,
@@ -573,7 +742,7 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
         c.centre_id,
         &c.row,
         &events,
-        c.now,
+        at,
     )
     .await?;
     Ok(Written {
@@ -582,11 +751,16 @@ async fn update(conn: &mut AnyConnection, c: &UpdateCase) -> Result<Written, Wri
     })
 }
 
-async fn record_consent(conn: &mut AnyConnection, c: &RecordConsent) -> Result<Output, WriteError> {
+async fn record_consent(
+    conn: &mut AnyConnection,
+    c: &RecordConsent,
+    wrote: &mut Wrote,
+) -> Result<Output, WriteError> {
     let before = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
     let after = consent_with(conn, c.registry_id, &c.pseudonym, &c.decisions).await?;
-    let was_included = consent::is_active(&before, Scope::RegistryInclusion, c.now);
-    let still_included = consent::is_active(&after, Scope::RegistryInclusion, c.now);
+    let at = in_force_at(&after, c.now);
+    let was_included = consent::is_active(&before, Scope::RegistryInclusion, at);
+    let still_included = consent::is_active(&after, Scope::RegistryInclusion, at);
     if was_included
         && !still_included
         && consent_store::has_cases(conn, c.registry_id, &c.pseudonym).await?
@@ -608,18 +782,27 @@ async fn record_consent(conn: &mut AnyConnection, c: &RecordConsent) -> Result<O
             .await?,
         );
     }
+    wrote.consent_events.clone_from(&ids);
     cases::refresh_eligibility(conn, c.registry_id, &c.pseudonym).await?;
     Ok(Output::Consent(ids))
 }
 
-async fn withdraw(conn: &mut AnyConnection, c: &Withdraw) -> Result<Output, WriteError> {
+async fn withdraw(
+    conn: &mut AnyConnection,
+    c: &Withdraw,
+    wrote: &mut Wrote,
+) -> Result<Output, WriteError> {
     let mut events = Vec::with_capacity(c.scopes.len());
     let mut erased = None;
+    // Dated no earlier than anything on file, so that it is in force from its commit on,
+    // also over a decision another instance committed, dated after this call arrived.
+    let history = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
+    let given_at = in_force_at(&history, c.now);
     for &scope in &c.scopes {
         let decision = ConsentDecision {
             scope,
             decision: Decision::Withdrawn,
-            given_at: c.now,
+            given_at,
             form_version: "withdrawal".into(),
             expires_at: None,
         };
@@ -634,9 +817,10 @@ async fn withdraw(conn: &mut AnyConnection, c: &Withdraw) -> Result<Output, Writ
         )
         .await?;
         events.push(id);
+        wrote.consent_events.push(id);
         if scope == Scope::RegistryInclusion {
             let counts = consent_store::erase_patient(conn, c.registry_id, &c.pseudonym).await?;
-            consent_store::insert_erasure(
+            let tombstone = consent_store::insert_erasure(
                 conn,
                 &c.receipt_id,
                 c.registry_id,
@@ -648,9 +832,55 @@ async fn withdraw(conn: &mut AnyConnection, c: &Withdraw) -> Result<Output, Writ
                 id,
             )
             .await?;
+            wrote.erasures.push(tombstone);
             erased = Some(counts);
         }
     }
     cases::refresh_eligibility(conn, c.registry_id, &c.pseudonym).await?;
     Ok(Output::Withdrawn { events, erased })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patient_lock_keys_are_fixed_by_their_definition() {
+        // Instances of different versions share a database during a rolling upgrade: a
+        // changed key would let them write about one patient at once.
+        assert_eq!(
+            patient_lock_key(3, "R003-0123456789abcdef"),
+            -5385635654714174390
+        );
+        assert_ne!(
+            patient_lock_key(3, "R003-0123456789abcdef"),
+            patient_lock_key(4, "R003-0123456789abcdef")
+        );
+        assert_ne!(
+            patient_lock_key(3, "R003-0123456789abcdef"),
+            patient_lock_key(3, "R003-0123456789abcdee")
+        );
+    }
+
+    #[test]
+    fn consent_applies_at_the_latest_date_on_file_when_it_is_later() {
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let event = |seq, decision, given_at| ConsentEvent {
+            seq,
+            scope: Scope::RegistryInclusion,
+            decision,
+            given_at,
+            expires_at: None,
+        };
+        let granted = event(1, Decision::Granted, t(0));
+        // A withdrawal committed by another instance, dated after this command arrived.
+        let withdrawn = event(2, Decision::Withdrawn, t(5));
+        let events = [granted.clone(), withdrawn];
+        assert!(consent::check_inclusion(&events, t(3)).is_ok());
+        let at = in_force_at(&events, t(3));
+        assert_eq!(at, t(5));
+        assert!(consent::check_inclusion(&events, at).is_err());
+        // Nothing later on file: the command's own time.
+        assert_eq!(in_force_at(&[granted], t(3)), t(3));
+    }
 }

@@ -16,13 +16,12 @@
 use std::time::Instant;
 
 use chrono::{Duration, Utc};
-use ern_registry::auth::{self, Role};
+use ern_registry::auth::Role;
 use ern_registry::proto::{
     self, ConsentScope as S, ConsentState as St, admin_service_client::AdminServiceClient,
     case_service_client::CaseServiceClient, consent_service_client::ConsentServiceClient,
     research_service_client::ResearchServiceClient,
 };
-use ring::rand::SystemRandom;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -95,7 +94,8 @@ enum Caller {
     Malformed,
     /// The NL-LUNG-A physician's key id with a wrong secret.
     WrongSecret,
-    /// A NL-LUNG-A physician's key, used once (so its verification is cached), then revoked.
+    /// A NL-LUNG-A physician's key, used once (so this process knows it as valid), then
+    /// revoked.
     Revoked,
     /// A NL-LUNG-A physician's key that expired an hour ago.
     Expired,
@@ -202,19 +202,7 @@ async fn issue_key_for(
     principal_id: i64,
     expires_at: Option<chrono::DateTime<Utc>>,
 ) -> String {
-    let issued = tokio::task::spawn_blocking(|| auth::issue_key(&SystemRandom::new()).unwrap())
-        .await
-        .unwrap();
-    app.store
-        .insert_api_key(
-            &issued.key_id,
-            principal_id,
-            &issued.secret_hash,
-            expires_at,
-        )
-        .await
-        .unwrap();
-    issued.token.to_string()
+    app.issue_key(principal_id, expires_at).await
 }
 
 fn key_id(token: &str) -> &str {
@@ -310,8 +298,8 @@ impl World {
         }
 
         // Dead keys of a physician who could otherwise do everything the NL-LUNG-A
-        // physician can. The revoked and the disabled key succeed once first, so that their
-        // verification is cached when they are refused.
+        // physician can. The revoked and the disabled key succeed once first, so that this
+        // process knows them as valid when they are refused.
         let revoked = app
             .principal("dr-revoked", Role::Physician, Some("NL-LUNG-A"), &[])
             .await;
@@ -558,7 +546,7 @@ async fn revoking_a_cached_key_refuses_the_very_next_call() {
         .unwrap()
         .into_inner()
         .pseudonym;
-    // Verified by Argon2 on the first call; this one is answered from the cache.
+    // A key that has worked (and that this process now knows as valid) ...
     dr.get_case(get_case("ERN-LUNG", &pseudonym)).await.unwrap();
 
     assert!(app.store.revoke_api_key(key_id(&token)).await.unwrap());

@@ -104,9 +104,10 @@ async fn every_call_is_recorded_with_its_outcome_and_no_identifier() {
                 "FAILED_PRECONDITION"
             ),
             ("CaseService/GetCase", "dr-audit", "ERN-LUNG", "OK"),
-            ("CaseService/GetCase", "", "", "UNAUTHENTICATED"),
         ]
     );
+    // The refused call is not an entry of its own: refusals before authentication are
+    // summarised per peer (below, and `tests/api/abuse.rs`).
     assert_eq!(all[0].role, "physician");
     assert_eq!(all[0].centre, "NL-AMC");
     assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
@@ -120,7 +121,7 @@ async fn every_call_is_recorded_with_its_outcome_and_no_identifier() {
         },
     )
     .await;
-    assert_eq!(denied.len(), 1);
+    assert_eq!(denied.len(), 0);
     let listings = entries(
         &mut admin,
         proto::ListAuditEntriesRequest {
@@ -132,21 +133,54 @@ async fn every_call_is_recorded_with_its_outcome_and_no_identifier() {
     .await;
     assert_eq!(listings.len(), 2);
 
-    // No identifier anywhere in the log.
+    // No identifier and no pseudonym anywhere in the log.
     let rows = sqlx::query(
-        "SELECT principal, role, centre, method, registry, outcome, mac FROM audit_log",
+        "SELECT principal, role, centre, method, registry, outcome, target, row_hashes, mac \
+         FROM audit_log",
     )
     .fetch_all(app.store.pool())
     .await
     .unwrap();
+    let pseudonym = &accepted.pseudonym[accepted.pseudonym.len() - 16..];
     for row in rows {
-        for i in 0..7 {
+        for i in 0..9 {
             let text: String = row.try_get(i).unwrap();
             assert!(!text.contains(&canary[..6]), "{text}");
+            assert!(!text.contains(pseudonym), "{text}");
         }
     }
-    // The four calls and the three listings.
+    // The three calls and the three listings.
     assert_eq!(app.verify().await.unwrap() as usize, all.len() + 3);
+
+    // At shutdown the refused call goes into the chain as its peer's summary entry.
+    let mut app = app;
+    app.stop_server().await;
+    let refused: Vec<(String, String, String, i64)> = sqlx::query(
+        "SELECT principal, method, outcome, items FROM audit_log WHERE principal_id IS NULL",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.get::<String, _>(0),
+            r.get::<String, _>(1),
+            r.get::<String, _>(2),
+            r.get::<i64, _>(3),
+        )
+    })
+    .collect();
+    assert_eq!(
+        refused,
+        [(
+            "peer:127.0.0.1".to_string(),
+            "CaseService/GetCase".to_string(),
+            "UNAUTHENTICATED".to_string(),
+            1
+        )]
+    );
+    assert_eq!(app.verify().await.unwrap() as usize, all.len() + 4);
 }
 
 /// Makes every insert into the audit log fail.

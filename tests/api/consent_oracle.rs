@@ -4,9 +4,10 @@
 //! submission is refused, what they are told must not depend on what is on file for that
 //! person: never registered, refused, withdrawn, expired, or registered in another
 //! registry all answer with the same bytes. Likewise a read or an update of a case the
-//! caller cannot see says nothing about why. And a consent officer learns who recorded a
-//! consent decision (and so which centre treats the patient) only when they are of the
-//! recorder's centre.
+//! caller cannot see says nothing about why, also when it is their own centre's case and
+//! its consent lapsed (stored) or was withdrawn (erased). And a consent officer learns who
+//! recorded a consent decision (and so which centre treats the patient) only when they are
+//! of the recorder's centre.
 
 use std::time::Duration;
 
@@ -136,6 +137,7 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
     const OTHER_REGISTRY: u32 = 9_107;
     const OWN_EXPIRED: u32 = 9_108;
     const INCLUDED_ELSEWHERE: u32 = 9_109;
+    const OWN_WITHDRAWN: u32 = 9_110;
 
     officer
         .record_consent(recording(
@@ -158,16 +160,21 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
         ))
         .await
         .unwrap();
-    // Withdrawn after another centre stored a record (erased), and without one.
+    // Withdrawn after another centre stored a record (erased), after the attacker's own
+    // centre did (erased), and without one.
     other
         .submit_case(submission(REGISTRY, national("NL", &bsn(WITHDRAWN))))
+        .await
+        .unwrap();
+    attacker
+        .submit_case(submission(REGISTRY, national("NL", &bsn(OWN_WITHDRAWN))))
         .await
         .unwrap();
     officer
         .record_consent(recording(WITHDRAWN_UNSTORED, inclusion_granted()))
         .await
         .unwrap();
-    for seed in [WITHDRAWN, WITHDRAWN_UNSTORED] {
+    for seed in [WITHDRAWN, OWN_WITHDRAWN, WITHDRAWN_UNSTORED] {
         officer
             .withdraw_consent(withdrawal(
                 REGISTRY,
@@ -280,8 +287,9 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
     );
 
     // GetCase and UpdateCase of a case the attacker cannot see: one NOT_FOUND each,
-    // whether the pseudonym was never used, its patient refused, withdrew (erased),
-    // expired, or another centre holds an included case.
+    // whether the pseudonym was never used, its patient refused, withdrew (erased, also
+    // the attacker's own case), expired (also over the attacker's own stored case), or
+    // another centre holds an included case.
     let mut hidden = Vec::new();
     for (state, seed) in refused_states {
         hidden.push((state, pseudonym_of(&app, REGISTRY, seed).await));
@@ -289,6 +297,10 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
     hidden.push((
         "included, another centre's case",
         pseudonym_of(&app, REGISTRY, INCLUDED_ELSEWHERE).await,
+    ));
+    hidden.push((
+        "withdrawn (own centre's record erased)",
+        pseudonym_of(&app, REGISTRY, OWN_WITHDRAWN).await,
     ));
     let mut reads = Vec::new();
     for (state, p) in &hidden {
@@ -300,38 +312,53 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
     }
     assert_all_alike("GetCase", &reads);
     assert_eq!(reads[0].1.code, Code::NotFound);
+    // UpdateCase, with the current version of a stored case (1) and a stale one (2): the
+    // attacker's own case whose consent lapsed answers as one that was erased or never
+    // existed, so an update does not tell an expiry from a withdrawal either.
     let mut updates = Vec::new();
     for (state, p) in &hidden {
-        if *state == "expired (own centre's record stored)" {
-            continue; // The attacker's own case: below.
+        for expected_version in [1, 2] {
+            let err = attacker
+                .update_case(proto::UpdateCaseRequest {
+                    registry: REGISTRY.into(),
+                    pseudonym: p.clone(),
+                    expected_version,
+                    record: Some(record()),
+                    consent: vec![],
+                })
+                .await
+                .expect_err(state);
+            updates.push((*state, observe(&err)));
         }
-        let err = attacker
-            .update_case(proto::UpdateCaseRequest {
-                registry: REGISTRY.into(),
-                pseudonym: p.clone(),
-                expected_version: 1,
-                record: Some(record()),
-                consent: vec![],
-            })
-            .await
-            .expect_err(state);
-        updates.push((*state, observe(&err)));
     }
     assert_all_alike("UpdateCase", &updates);
     assert_eq!(updates[0].1.code, Code::NotFound);
-    // An update of the attacker's own case whose consent lapsed is refused with the
-    // submission's refusal, not with anything that names the lapse.
-    let err = attacker
-        .update_case(proto::UpdateCaseRequest {
-            registry: REGISTRY.into(),
-            pseudonym: pseudonym_of(&app, REGISTRY, OWN_EXPIRED).await,
-            expected_version: 1,
-            record: Some(record()),
-            consent: vec![],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(observe(&err), refusal);
+    // The audit log records the same outcome for all of them.
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM audit_log \
+         WHERE principal = 'dr-probe' AND method = 'CaseService/UpdateCase'",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(outcomes.len(), updates.len());
+    assert!(outcomes.iter().all(|o| o == "NOT_FOUND"), "{outcomes:?}");
+    assert_eq!(app.count("cases").await, cases_before, "nothing stored");
+
+    // A consent renewed with the update brings the attacker's own lapsed case back: the
+    // version check applies again, then the update is stored.
+    let p = pseudonym_of(&app, REGISTRY, OWN_EXPIRED).await;
+    let renewed = |expected_version| proto::UpdateCaseRequest {
+        registry: REGISTRY.into(),
+        pseudonym: p.clone(),
+        expected_version,
+        record: Some(record()),
+        consent: expiring_in(3600),
+    };
+    let err = attacker.update_case(renewed(2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    let updated = attacker.update_case(renewed(1)).await.unwrap().into_inner();
+    assert_eq!(updated.version, 2);
 }
 
 /// A consent officer of `centre`; returns their client.

@@ -61,6 +61,9 @@ async fn acknowledged_submissions_survive_kill_9() {
             &[],
         )
         .await;
+    // One server per data dir: the TestApp's stops, its database and key stay.
+    let mut app = app;
+    app.stop_server().await;
     let url = app.database_url.clone();
     let dir = app.dir.path().to_path_buf();
     // Same master key as the TestApp (in the same data dir), so pseudonyms agree.
@@ -148,7 +151,10 @@ fn settings_that_lose_acknowledged_writes_are_refused() {
     };
     assert!(sqlite("wal", 2).check().is_ok());
     assert!(sqlite("wal", 3).check().is_ok());
-    assert!(sqlite("wal", 1).check().is_err(), "NORMAL loses the last commits");
+    assert!(
+        sqlite("wal", 1).check().is_err(),
+        "NORMAL loses the last commits"
+    );
     assert!(sqlite("wal", 0).check().is_err());
     assert!(sqlite("delete", 2).check().is_err());
     let pg = |fsync: &str, commit: &str| Durability::Postgres {

@@ -71,6 +71,10 @@ pub struct TestApp {
     pub store: Store,
     pub database_url: String,
     pub dir: TempDir,
+    /// Authentication work done by the server (Argon2 runs, key reads).
+    pub auth: std::sync::Arc<auth::AuthCounters>,
+    /// The server's API key hash (its master secret's pepper).
+    pub key_hasher: std::sync::Arc<auth::KeyHasher>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -108,17 +112,24 @@ impl TestApp {
         Self::spawn_with(ServeArgs::default()).await
     }
 
-    pub async fn spawn_with(mut args: ServeArgs) -> TestApp {
+    pub async fn spawn_with(args: ServeArgs) -> TestApp {
+        Self::spawn_via(args, |url| url.to_owned()).await
+    }
+
+    /// An app whose server reaches its fresh database at `route(url)` (e.g. through a
+    /// proxy the test controls) instead of `url`; `database_url` stays the direct one.
+    pub async fn spawn_via(mut args: ServeArgs, route: impl FnOnce(&str) -> String) -> TestApp {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
         let database_url = fresh_database(&dir).await;
         args.listen = "127.0.0.1:0".parse().unwrap();
         let key_file = dir.path().join("master.key");
-        let app = Application::build(args, &database_url, &key_file)
+        let app = Application::build(args, &route(&database_url), &key_file)
             .await
             .expect("application builds");
         let addr = app.local_addr();
         let store = app.store().clone();
+        let (auth, key_hasher) = (app.auth_counters(), app.key_hasher());
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -132,6 +143,8 @@ impl TestApp {
             store,
             database_url,
             dir,
+            auth,
+            key_hasher,
             shutdown: Some(tx),
             server: Some(server),
         }
@@ -139,11 +152,19 @@ impl TestApp {
 
     /// Stops the server and waits until it has drained.
     pub async fn stop(mut self) {
+        self.stop_server().await;
+    }
+
+    /// Stops the server and waits until it has drained (releasing its lock on the data
+    /// dir), keeping the data dir, for another server on the same files; `store` is
+    /// connected again (the server closed it).
+    pub async fn stop_server(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
             server.await.unwrap();
+            self.store = Store::connect(&self.database_url, 4).await.unwrap();
         }
     }
 
@@ -195,11 +216,23 @@ impl TestApp {
             .create_principal(name, role, centre, &erns)
             .await
             .unwrap();
-        let issued = tokio::task::spawn_blocking(|| auth::issue_key(&SystemRandom::new()).unwrap())
-            .await
-            .unwrap();
+        self.issue_key(id, None).await
+    }
+
+    /// Issues a key for an existing principal, expiring at `expires_at`.
+    pub async fn issue_key(
+        &self,
+        principal_id: i64,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> String {
+        let issued = auth::issue_key(&SystemRandom::new(), &self.key_hasher).unwrap();
         self.store
-            .insert_api_key(&issued.key_id, id, &issued.secret_hash, None)
+            .insert_api_key(
+                &issued.key_id,
+                principal_id,
+                &issued.secret_hash,
+                expires_at,
+            )
             .await
             .unwrap();
         issued.token.to_string()

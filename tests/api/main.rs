@@ -5,8 +5,10 @@ mod helpers;
 #[path = "../common/lp_attacker.rs"]
 mod lp_attacker;
 
+mod abuse;
 mod access;
 mod audit;
+mod audit_complete;
 mod auth;
 mod cases;
 mod consent;
@@ -14,10 +16,17 @@ mod consent_oracle;
 mod consent_races;
 mod disclosure;
 mod durability;
+mod file_modes;
+mod instance_races;
+mod master_key;
 mod officers;
+mod outage;
 mod privacy;
 mod pseudonyms;
 mod research;
+mod server_lock;
 mod service;
+mod shutdown;
 mod tls;
 mod validation;
+mod wire;

@@ -168,5 +168,7 @@ async fn oversized_messages_are_refused() {
     let mut req = submission("ERN-EYE", national("NL", &bsn(400)));
     req.record.as_mut().unwrap().hpo_terms = vec!["HP:0000001".to_string(); 200_000];
     let err = dr.submit_case(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    // The code gRPC names for a message over a configured limit, and the limit.
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(err.message().contains("1048576 bytes"), "{}", err.message());
 }

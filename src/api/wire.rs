@@ -1,0 +1,505 @@
+//! The gRPC contract on the wire, held before tonic reads a request: a tower layer around
+//! every route (the registry's services, health and reflection).
+//!
+//! tonic is lenient where the gRPC over HTTP/2 specification is not, and strict with the
+//! wrong code where the caller is at fault: it serves any `content-type`, answers a broken
+//! length prefix or a compressed flag without `grpc-encoding` with INTERNAL (the code of a
+//! server bug), an oversized message with OUT_OF_RANGE, an empty unary body with INTERNAL,
+//! and silently drops the second message of a unary call. This layer decides first:
+//!
+//! - a `content-type` that does not start with `application/grpc` is refused with HTTP 415
+//!   Unsupported Media Type, as `PROTOCOL-HTTP2.md` says a server should (so that no plain
+//!   HTTP client takes the answer for a success); `application/grpc+<subtype>` other than
+//!   `+proto` is a gRPC request in a message format this service does not speak:
+//!   UNIMPLEMENTED, like a compression it does not support;
+//! - a body whose framing is broken (a length prefix that announces more than arrives, a
+//!   compressed flag with no `grpc-encoding`, a flag other than 0 or 1) is INVALID_ARGUMENT:
+//!   the caller's to fix, never INTERNAL (the service promises that malformed input never
+//!   produces INTERNAL; `docs/security.md`);
+//! - a message longer than `--max-message-bytes` is RESOURCE_EXHAUSTED, naming the limit,
+//!   as the status-code table of gRPC says for a message over a configured limit; a
+//!   request message is refused from its length prefix, before its bytes are buffered, and
+//!   a response message over the limit (tonic's encoder says OUT_OF_RANGE) fails the call
+//!   with the same code;
+//! - a unary or server-streaming call (one request message by contract) with no message or
+//!   with a second one is UNIMPLEMENTED: the table's code for a request cardinality
+//!   violation.
+//!
+//! The framing is followed as the bytes pass, without buffering: the layer only counts.
+//! Its verdict reaches tonic as an error of the request body, which tonic gives the client
+//! as the call's status (for a streaming call, as the status that ends the stream).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http_body::Frame;
+use prost::Message;
+use prost::bytes::Bytes;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::codegen::http::{self, HeaderMap, HeaderValue, StatusCode, header};
+
+/// The content types of the contract: protobuf messages in gRPC framing.
+const GRPC: &str = "application/grpc";
+const GRPC_PROTO: &str = "application/grpc+proto";
+
+/// The gRPC message prefix: a compressed flag and a big-endian length.
+const PREFIX: usize = 5;
+
+/// Enforces the wire contract in front of every route (see the module documentation).
+#[derive(Clone)]
+pub struct WireContractLayer {
+    rules: Arc<Rules>,
+}
+
+struct Rules {
+    /// Paths (`/package.Service/Method`) of methods that take exactly one request message.
+    single_request: HashSet<String>,
+    max_message_bytes: usize,
+}
+
+impl WireContractLayer {
+    /// The rules for the methods in `descriptor_sets` (encoded `FileDescriptorSet`s):
+    /// those that are not client-streaming take exactly one request message. A path in no
+    /// set is held to the framing rules only (tonic answers an unknown method itself).
+    pub fn new(descriptor_sets: &[&[u8]], max_message_bytes: usize) -> WireContractLayer {
+        WireContractLayer {
+            rules: Arc::new(Rules {
+                single_request: single_request_methods(descriptor_sets),
+                max_message_bytes,
+            }),
+        }
+    }
+}
+
+/// The paths of the methods of `descriptor_sets` that take one request message.
+fn single_request_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
+    let mut paths = HashSet::new();
+    for set in descriptor_sets {
+        // The sets are compiled into the binary; `single_request_methods_are_known` holds
+        // them decodable.
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
+            continue;
+        };
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    if !method.client_streaming() {
+                        let service = match package {
+                            "" => service.name().to_owned(),
+                            package => format!("{package}.{}", service.name()),
+                        };
+                        paths.insert(format!("/{service}/{}", method.name()));
+                    }
+                }
+            }
+        }
+    }
+    paths
+}
+
+impl<S> tower_layer::Layer<S> for WireContractLayer {
+    type Service = WireContract<S>;
+
+    fn layer(&self, inner: S) -> WireContract<S> {
+        WireContract {
+            inner,
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+/// The service of [`WireContractLayer`].
+#[derive(Clone)]
+pub struct WireContract<S> {
+    inner: S,
+    rules: Arc<Rules>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for WireContract<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if let Some(refusal) = refuse_content_type(request.headers()) {
+            return Box::pin(std::future::ready(Ok(refusal)));
+        }
+        let single = self.rules.single_request.contains(request.uri().path());
+        // A compressed message needs a `grpc-encoding` other than identity; one tonic does
+        // not support is refused by tonic (UNIMPLEMENTED) before the body is read.
+        let encoded = request
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|v| v.as_bytes() != b"identity");
+        let framing = Framing {
+            single,
+            encoded,
+            limit: self.rules.max_message_bytes,
+            prefix: [0; PREFIX],
+            have: 0,
+            remaining: 0,
+            messages: 0,
+        };
+        let request = request.map(|body| {
+            Body::new(FramedBody {
+                inner: body,
+                framing,
+                done: false,
+            })
+        });
+        let limit = self.rules.max_message_bytes;
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            Ok(response.map(|body| Body::new(SizedResponse { inner: body, limit })))
+        })
+    }
+}
+
+/// The response that refuses the request's content type; `None` for those of the contract.
+fn refuse_content_type(headers: &HeaderMap) -> Option<http::Response<Body>> {
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match media.as_deref() {
+        Some(GRPC | GRPC_PROTO) => None,
+        Some(m) if m.starts_with("application/grpc+") => Some(
+            Status::unimplemented(format!(
+                "this service speaks protobuf only: send content-type {GRPC} or {GRPC_PROTO}"
+            ))
+            .into_http(),
+        ),
+        _ => {
+            let message = format!(
+                "this is a gRPC service: requests need content-type {GRPC} or {GRPC_PROTO}\n"
+            );
+            let mut response = http::Response::new(Body::new(message));
+            *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            // For a gRPC client that mislabelled its request: the same refusal as a status.
+            let _ = Status::unimplemented(format!("content-type must be {GRPC} or {GRPC_PROTO}"))
+                .add_header(headers);
+            Some(response)
+        }
+    }
+}
+
+/// Where a request body stands in its gRPC framing.
+#[derive(Debug, Clone)]
+struct Framing {
+    /// The method takes exactly one message.
+    single: bool,
+    /// The call names a `grpc-encoding` (other than identity).
+    encoded: bool,
+    limit: usize,
+    /// The prefix of the next message, as far as it has arrived.
+    prefix: [u8; PREFIX],
+    have: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    /// Messages whose prefix has arrived.
+    messages: usize,
+}
+
+impl Framing {
+    /// Follows the framing over the next bytes of the body.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Status> {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(bytes.len());
+                self.remaining -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.have == 0 && self.single && self.messages >= 1 {
+                return Err(Status::unimplemented(
+                    "this method takes exactly one request message; the call sent more",
+                ));
+            }
+            let n = (PREFIX - self.have).min(bytes.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == PREFIX {
+                self.have = 0;
+                self.start_message()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a complete prefix and starts its message.
+    fn start_message(&mut self) -> Result<(), Status> {
+        match self.prefix[0] {
+            0 => {}
+            1 if self.encoded => {}
+            1 => {
+                return Err(Status::invalid_argument(
+                    "a request message is flagged compressed, but the call names no \
+                     grpc-encoding",
+                ));
+            }
+            flag => {
+                return Err(Status::invalid_argument(format!(
+                    "a request message has compressed-flag {flag}; only 0 and 1 are defined"
+                )));
+            }
+        }
+        let len = u32::from_be_bytes([
+            self.prefix[1],
+            self.prefix[2],
+            self.prefix[3],
+            self.prefix[4],
+        ]) as usize;
+        if len > self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "a request message of {len} bytes exceeds the limit of {} bytes",
+                self.limit
+            )));
+        }
+        self.messages += 1;
+        self.remaining = len;
+        Ok(())
+    }
+
+    /// The verdict at the end of the body.
+    fn finish(&self) -> Result<(), Status> {
+        if self.have > 0 {
+            return Err(Status::invalid_argument(format!(
+                "the request body ends inside a message prefix ({} of its {PREFIX} bytes)",
+                self.have
+            )));
+        }
+        if self.remaining > 0 {
+            return Err(Status::invalid_argument(format!(
+                "the request body ends {} bytes short of the length its last message \
+                 announces",
+                self.remaining
+            )));
+        }
+        if self.single && self.messages == 0 {
+            return Err(Status::unimplemented(
+                "this method takes exactly one request message; the call sent none",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What tonic's encoder says of a response message over the limit (with OUT_OF_RANGE).
+const TONIC_TOO_LARGE: &str = "Error, encoded message length too large";
+
+/// A response body whose status, if it is tonic's OUT_OF_RANGE for a message over the
+/// limit, is made RESOURCE_EXHAUSTED naming the limit (no handler answers OUT_OF_RANGE).
+struct SizedResponse {
+    inner: Body,
+    limit: usize,
+}
+
+impl http_body::Body for SizedResponse {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Some(Ok(frame)) = frame else {
+            return Poll::Ready(frame);
+        };
+        let too_large = frame.trailers_ref().is_some_and(|trailers| {
+            Status::from_header_map(trailers).is_some_and(|status| {
+                status.code() == tonic::Code::OutOfRange
+                    && status.message().starts_with(TONIC_TOO_LARGE)
+            })
+        });
+        if !too_large {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let mut trailers = HeaderMap::new();
+        let _ = Status::resource_exhausted(format!(
+            "the response message exceeds the limit of {} bytes",
+            self.limit
+        ))
+        .add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// A request body whose framing is checked as it passes.
+struct FramedBody {
+    inner: Body,
+    framing: Framing,
+    /// The body has ended or failed: nothing more is read.
+    done: bool,
+}
+
+impl FramedBody {
+    /// Ends the body with `status` (its remaining bytes are not read).
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.done = true;
+        self.inner = Body::empty();
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+impl http_body::Body for FramedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let checked = match frame.data_ref() {
+                    Some(data) => self.framing.feed(data),
+                    // Trailers end the body.
+                    None => self.framing.finish(),
+                };
+                match checked {
+                    Ok(()) => Poll::Ready(Some(Ok(frame))),
+                    Err(status) => self.fail(status),
+                }
+            }
+            Some(Err(status)) => {
+                self.done = true;
+                Poll::Ready(Some(Err(status)))
+            }
+            None => {
+                self.done = true;
+                match self.framing.finish() {
+                    Ok(()) => Poll::Ready(None),
+                    Err(status) => self.fail(status),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // An ended body that still owes its verdict (no message on a unary call) must be
+        // polled once more.
+        self.done || (self.inner.is_end_stream() && self.framing.finish().is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(single: bool, limit: usize) -> Framing {
+        Framing {
+            single,
+            encoded: false,
+            limit,
+            prefix: [0; PREFIX],
+            have: 0,
+            remaining: 0,
+            messages: 0,
+        }
+    }
+
+    fn message(flag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![flag];
+        m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn single_request_methods_are_known() {
+        let paths = single_request_methods(&[
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ]);
+        assert!(paths.contains("/ern_registry.v1.CaseService/SubmitCase"));
+        assert!(paths.contains("/grpc.health.v1.Health/Check"));
+        assert!(paths.contains("/grpc.health.v1.Health/Watch"));
+        assert!(!paths.contains("/ern_registry.v1.CaseService/SubmitCases"));
+    }
+
+    #[test]
+    fn a_message_split_anywhere_is_followed() {
+        let mut bytes = message(0, b"hello");
+        bytes.extend(message(0, b""));
+        bytes.extend(message(0, b"world!"));
+        for split in 0..bytes.len() {
+            let mut f = framing(false, 100);
+            f.feed(&bytes[..split]).unwrap();
+            f.feed(&bytes[split..]).unwrap();
+            f.finish().unwrap();
+            assert_eq!(f.messages, 3);
+        }
+    }
+
+    #[test]
+    fn broken_framing_is_invalid_argument() {
+        let code = |bytes: &[u8]| {
+            let mut f = framing(false, 100);
+            f.feed(bytes).and_then(|()| f.finish()).unwrap_err().code()
+        };
+        assert_eq!(code(&message(1, b"x")), tonic::Code::InvalidArgument);
+        assert_eq!(code(&message(2, b"x")), tonic::Code::InvalidArgument);
+        assert_eq!(code(&message(0, b"abc")[..6]), tonic::Code::InvalidArgument);
+        assert_eq!(code(&[0, 0]), tonic::Code::InvalidArgument);
+        let mut f = framing(false, 100);
+        f.encoded = true;
+        f.feed(&message(1, b"x")).unwrap();
+    }
+
+    #[test]
+    fn the_length_prefix_alone_is_refused_over_the_limit() {
+        let mut f = framing(false, 4);
+        let status = f.feed(&[0, 0, 0, 0, 5]).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("limit of 4 bytes"));
+        f = framing(false, 4);
+        f.feed(&message(0, b"four")).unwrap();
+    }
+
+    #[test]
+    fn a_single_request_method_takes_exactly_one_message() {
+        let mut f = framing(true, 100);
+        assert_eq!(f.finish().unwrap_err().code(), tonic::Code::Unimplemented);
+        f.feed(&message(0, b"one")).unwrap();
+        f.finish().unwrap();
+        assert_eq!(f.feed(&[0]).unwrap_err().code(), tonic::Code::Unimplemented);
+    }
+}

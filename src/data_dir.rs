@@ -1,0 +1,255 @@
+//! The files of an embedded (SQLite) database: who may read them, and which one server
+//! may serve them.
+//!
+//! - **Modes.** The database and its `-wal`, `-shm` and `-journal` files, and the lock
+//!   file, are the owner's only (0600); a directory created for them is 0700. SQLite
+//!   creates a database 0644 and gives its `-wal` and `-shm` files the database's mode, so
+//!   the database file is created here first, empty (which SQLite takes for an empty
+//!   database), as 0600. Files an earlier version left readable by group or others are
+//!   narrowed to 0600 at start-up, with a warning, rather than refused: they hold
+//!   pseudonymised data, not the master secret, and refusing would stop every upgraded
+//!   deployment until someone ran `chmod`. (The master key, which is a secret, is refused
+//!   instead: `keys`.)
+//! - **One server.** SQLite allows one writer at a time; two servers on one database
+//!   both start, then fail each other's writes with "database is locked". `serve` takes an
+//!   exclusive lock on `<database>.lock` (e.g. `registry.lock` beside `registry.db`) for
+//!   its whole life and writes its process id into it, so a second server stops at start
+//!   and names the first. The lock is the operating system's (`flock` on Unix): it goes
+//!   with the process, also after `kill -9`, and a stale file with an old process id means
+//!   nothing. Admin commands do not take it (short transactions, SQLite's busy timeout),
+//!   and nothing here applies to PostgreSQL, where several servers are the scale-out design.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use tracing::warn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot create {path} (mode 0600): {source}")]
+    CreateFile { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is readable by group or others and cannot be made private (chmod 600): {source}"
+    )]
+    Mode { path: PathBuf, source: io::Error },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error(
+        "another ern-registry server ({holder}) is serving {database}: it holds the lock on \
+         {lock}. Stop it first, or give this server a database of its own (--data-dir); two \
+         servers on one SQLite database fail each other's writes. Admin commands may run \
+         beside it"
+    )]
+    Locked {
+        database: PathBuf,
+        lock: PathBuf,
+        holder: Holder,
+    },
+}
+
+/// The process id a lock file names, if it names one.
+#[derive(Debug)]
+pub struct Holder(Option<u32>);
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(pid) => write!(f, "pid {pid}"),
+            None => f.write_str("process id not yet written"),
+        }
+    }
+}
+
+/// The database file of a SQLite URL (`sqlite://PATH?...` or `sqlite:PATH`); `None` for
+/// in-memory databases and other URLs.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || query.split('&').any(|p| p == "mode=memory") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
+/// Creates `dir` and any missing parent as 0700; directories that exist keep their mode.
+pub fn create_private_dir(dir: &Path) -> Result<(), DataDirError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|source| DataDirError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn create_parent(path: &Path) -> Result<(), DataDirError> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => create_private_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Options that create a file as 0600 (the process umask can only narrow that).
+fn private_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
+/// Narrows `path` to 0600 if group or others have any access to it; a missing file is
+/// left missing.
+fn make_private(path: &Path) -> Result<(), DataDirError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = match fs::metadata(path) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(DataDirError::Mode {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        if mode & 0o077 != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+                DataDirError::Mode {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            warn!(
+                path = %path.display(),
+                was = format!("{mode:04o}"),
+                "made a data file private (0600): group or others could read it"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// `registry.db` → `registry.db-wal` (SQLite's names for its side files).
+fn side_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Before SQLite opens `db`: creates its directory (0700) and the database file (0600)
+/// if missing, and narrows the database and its side files to 0600 if they are wider.
+pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
+    create_parent(db)?;
+    match private_options().write(true).create_new(true).open(db) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(DataDirError::CreateFile {
+                path: db.to_path_buf(),
+                source,
+            });
+        }
+    }
+    make_private(db)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        make_private(&side_file(db, suffix))?;
+    }
+    Ok(())
+}
+
+/// The lock file of a database: `registry.db` → `registry.lock`.
+pub fn lock_path(db: &Path) -> PathBuf {
+    db.with_extension("lock")
+}
+
+/// The exclusive lock of one server on a SQLite database, held until dropped.
+#[derive(Debug)]
+pub struct ServerLock {
+    _file: File,
+}
+
+impl ServerLock {
+    /// Takes the lock of `db` (creating its directory and the lock file, 0700 and 0600)
+    /// and writes this process's id into it; refuses, naming the holder, if another
+    /// process (or another server in this one) holds it.
+    pub fn acquire(db: &Path) -> Result<ServerLock, DataDirError> {
+        let path = lock_path(db);
+        create_parent(&path)?;
+        let lock_err = |source| DataDirError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = private_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        make_private(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = (&file).take(32).read_to_string(&mut text);
+                return Err(DataDirError::Locked {
+                    database: db.to_path_buf(),
+                    lock: path,
+                    holder: Holder(text.trim().parse().ok()),
+                });
+            }
+            Err(TryLockError::Error(source)) => return Err(lock_err(source)),
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.flush())
+            .map_err(lock_err)?;
+        Ok(ServerLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        for (url, path) in [
+            (
+                "sqlite://data/registry.db?mode=rwc",
+                Some("data/registry.db"),
+            ),
+            (
+                "sqlite:///var/lib/ern/registry.db",
+                Some("/var/lib/ern/registry.db"),
+            ),
+            ("sqlite:registry.db", Some("registry.db")),
+            ("sqlite::memory:", None),
+            ("sqlite://:memory:", None),
+            ("sqlite://x.db?mode=memory", None),
+            ("postgres://ern@db/ern", None),
+        ] {
+            assert_eq!(sqlite_path(url), path.map(PathBuf::from), "{url}");
+        }
+        assert_eq!(
+            lock_path(Path::new("data/registry.db")),
+            Path::new("data/registry.lock")
+        );
+        assert_eq!(
+            side_file(Path::new("data/registry.db"), "-wal"),
+            Path::new("data/registry.db-wal")
+        );
+    }
+}

@@ -1,0 +1,329 @@
+//! Administration: centres, principals, API keys, registry settings, each on a connection
+//! the caller chooses, so that the admin command line can run an action and its audit
+//! entry in one transaction ([`AdminAction`]). The `Store` methods of the same names run
+//! each in a transaction of its own, unaudited (tests, demo data).
+//!
+//! An admin action's entry records the OS user (`admin-cli:<user>`), the action
+//! (`AdminCli/<Action>`), the registry, what it acted on (`target`) and its outcome; a
+//! refused action rolls back and its entry is appended alone, so refusals are in the
+//! chain too.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Any, AnyConnection, Row, Transaction};
+
+use super::audit::{self as audit_store, Pending, Wrote};
+use super::{
+    DisclosureSetting, MIN_CELL_COUNT_RANGE, PROTECTION_LEVEL_RANGE, Result, Store, StoreError,
+    insert_centre, millis, resolve_registries,
+};
+use crate::audit::{AuditKey, Entry};
+use crate::auth::Role;
+
+/// An admin action in progress: its transaction, committed with the action's audit
+/// entry ([`AdminAction::commit`]), or dropped (rolled back) when the action fails.
+pub struct AdminAction {
+    tx: Transaction<'static, Any>,
+}
+
+impl Store {
+    /// Starts an admin action. It takes the chain's head lock first: on SQLite that makes
+    /// the transaction a writer from its first statement, so a server committing beside it
+    /// makes it wait (busy timeout) rather than fail on a stale read; on PostgreSQL it
+    /// holds appends back for the few milliseconds an action takes.
+    pub async fn begin_admin(&self) -> Result<AdminAction> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        Ok(AdminAction { tx })
+    }
+
+    /// Appends `entry` (an admin action that failed and was rolled back) in a
+    /// transaction of its own.
+    pub async fn audit_alone(&self, key: &AuditKey, entry: Entry) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        append(&mut tx, key, entry).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl AdminAction {
+    /// The connection the action's statements run on.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    /// Appends the action's entry and commits both.
+    pub async fn commit(mut self, key: &AuditKey, entry: Entry) -> Result<()> {
+        append(&mut self.tx, key, entry).await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Undoes the action (it failed); its entry is then appended alone
+    /// ([`Store::audit_alone`]).
+    pub async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}
+
+async fn append(conn: &mut AnyConnection, key: &AuditKey, entry: Entry) -> Result<()> {
+    let pending = [Pending {
+        at: millis(Utc::now()),
+        entry,
+        wrote: Wrote::default(),
+    }];
+    audit_store::append(conn, key, &pending).await
+}
+
+/// The gRPC code name an admin action's failure is recorded with.
+pub fn outcome(err: &StoreError) -> tonic::Code {
+    match err {
+        StoreError::NotFound(_) => tonic::Code::NotFound,
+        StoreError::AlreadyExists(_) => tonic::Code::AlreadyExists,
+        StoreError::Invalid(_) => tonic::Code::InvalidArgument,
+        e if e.is_unavailable() => tonic::Code::Unavailable,
+        _ => tonic::Code::Internal,
+    }
+}
+
+/// Sets a registry's research threshold k or protection level.
+pub(super) async fn set_disclosure_setting(
+    conn: &mut AnyConnection,
+    code: &str,
+    setting: DisclosureSetting,
+    value: i64,
+) -> Result<()> {
+    let (column, what, range) = match setting {
+        DisclosureSetting::MinCellCount => {
+            ("min_cell_count", "minimum cell count", MIN_CELL_COUNT_RANGE)
+        }
+        DisclosureSetting::ProtectionLevel => (
+            "protection_level",
+            "protection level",
+            PROTECTION_LEVEL_RANGE,
+        ),
+    };
+    if !range.contains(&value) {
+        return Err(StoreError::Invalid(format!(
+            "the {what} must be {} to {}",
+            range.start(),
+            range.end()
+        )));
+    }
+    let sql = format!("UPDATE registries SET {column} = $1 WHERE code = $2");
+    let done = sqlx::query(&sql)
+        .bind(value)
+        .bind(code)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound(format!("registry {code}")));
+    }
+    Ok(())
+}
+
+/// Sets a registry's minimum published cell count k (2..=100).
+pub async fn set_min_cell_count(conn: &mut AnyConnection, code: &str, k: i64) -> Result<()> {
+    set_disclosure_setting(conn, code, DisclosureSetting::MinCellCount, k).await
+}
+
+/// Sets a registry's protection level (1..=100).
+pub async fn set_protection_level(conn: &mut AnyConnection, code: &str, level: i64) -> Result<()> {
+    set_disclosure_setting(conn, code, DisclosureSetting::ProtectionLevel, level).await
+}
+
+/// Creates a centre that is a member of the ERNs keeping `registries`.
+pub async fn create_centre(
+    conn: &mut AnyConnection,
+    code: &str,
+    name: &str,
+    country: &str,
+    registries: &[String],
+) -> Result<i64> {
+    let exists = sqlx::query("SELECT id FROM centres WHERE code = $1")
+        .bind(code)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if exists.is_some() {
+        return Err(StoreError::AlreadyExists(format!("centre {code}")));
+    }
+    let id = insert_centre(conn, code, name, country).await?;
+    for registry_id in resolve_registries(conn, registries).await? {
+        sqlx::query("INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2)")
+            .bind(id)
+            .bind(registry_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(id)
+}
+
+/// Creates a principal. Physicians need a centre; researchers need registries;
+/// consent officers need one or the other; admins neither.
+pub async fn create_principal(
+    conn: &mut AnyConnection,
+    name: &str,
+    role: Role,
+    centre: Option<&str>,
+    registries: &[String],
+) -> Result<i64> {
+    match role {
+        Role::Physician if centre.is_none() => {
+            return Err(StoreError::Invalid(
+                "a physician belongs to a centre (--centre)".into(),
+            ));
+        }
+        Role::Researcher if registries.is_empty() => {
+            return Err(StoreError::Invalid(
+                "a researcher is a member of at least one ERN (--ern)".into(),
+            ));
+        }
+        Role::ConsentOfficer if centre.is_none() && registries.is_empty() => {
+            return Err(StoreError::Invalid(
+                "a consent officer acts for a centre (--centre) or registries (--ern)".into(),
+            ));
+        }
+        Role::Admin if centre.is_some() || !registries.is_empty() => {
+            return Err(StoreError::Invalid(
+                "an admin is bound to no centre or ERN".into(),
+            ));
+        }
+        Role::Physician if !registries.is_empty() => {
+            return Err(StoreError::Invalid(
+                "a physician's registries are those of its centre's ERNs; drop --ern".into(),
+            ));
+        }
+        _ => {}
+    }
+    let exists = sqlx::query("SELECT id FROM principals WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if exists.is_some() {
+        return Err(StoreError::AlreadyExists(format!("principal {name}")));
+    }
+    let centre_id: Option<i64> = match centre {
+        None => None,
+        Some(code) => Some(
+            sqlx::query("SELECT id FROM centres WHERE code = $1")
+                .bind(code)
+                .fetch_optional(&mut *conn)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("centre {code}")))?
+                .try_get(0)?,
+        ),
+    };
+    let id: i64 = sqlx::query(
+        "INSERT INTO principals (name, role, centre_id, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(name)
+    .bind(role.as_str())
+    .bind(centre_id)
+    .bind(millis(Utc::now()))
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    for registry_id in resolve_registries(conn, registries).await? {
+        sqlx::query("INSERT INTO principal_registries (principal_id, registry_id) VALUES ($1, $2)")
+            .bind(id)
+            .bind(registry_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(id)
+}
+
+/// Starts a new key version for a registry: pseudonyms of patients it does not know
+/// yet carry the new version; known patients keep theirs. Returns the new version.
+pub async fn rotate_registry_key(conn: &mut AnyConnection, code: &str) -> Result<i64> {
+    let row = sqlx::query(
+        "UPDATE registries SET active_key_version = active_key_version + 1 \
+         WHERE code = $1 AND active_key_version < 999 RETURNING active_key_version",
+    )
+    .bind(code)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r.try_get(0)?),
+        None => Err(StoreError::NotFound(format!(
+            "registry {code} (or its key version is already 999)"
+        ))),
+    }
+}
+
+pub async fn principal_id(conn: &mut AnyConnection, name: &str) -> Result<i64> {
+    sqlx::query("SELECT id FROM principals WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("principal {name}")))?
+        .try_get(0)
+        .map_err(Into::into)
+}
+
+pub async fn insert_api_key(
+    conn: &mut AnyConnection,
+    key_id: &str,
+    principal_id: i64,
+    secret_hash: &str,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO api_keys (key_id, principal_id, secret_hash, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(key_id)
+    .bind(principal_id)
+    .bind(secret_hash)
+    .bind(millis(Utc::now()))
+    .bind(expires_at.map(millis))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Revokes a key; returns whether a live key was revoked.
+pub async fn revoke_api_key(conn: &mut AnyConnection, key_id: &str) -> Result<bool> {
+    let done =
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL")
+            .bind(millis(Utc::now()))
+            .bind(key_id)
+            .execute(&mut *conn)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Disables a principal: every key of theirs is refused from the next call on (the
+/// keys stay on file, for the audit log's sake). Returns false if already disabled.
+pub async fn disable_principal(conn: &mut AnyConnection, name: &str) -> Result<bool> {
+    let id = principal_id(conn, name).await?;
+    let done =
+        sqlx::query("UPDATE principals SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL")
+            .bind(millis(Utc::now()))
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Binds a client certificate (its SHA-256 fingerprint) to a principal.
+pub async fn bind_certificate(
+    conn: &mut AnyConnection,
+    principal: &str,
+    fingerprint: &str,
+) -> Result<()> {
+    let id = principal_id(conn, principal).await?;
+    sqlx::query(
+        "INSERT INTO principal_certificates (principal_id, fingerprint, created_at) \
+         VALUES ($1, $2, $3) ON CONFLICT (principal_id, fingerprint) DO NOTHING",
+    )
+    .bind(id)
+    .bind(fingerprint)
+    .bind(millis(Utc::now()))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

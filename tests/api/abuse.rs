@@ -1,0 +1,578 @@
+//! Abuse costs the attacker, not the service: floods of bad keys, wrong secrets, calls in
+//! flight, garbage streams and idle connections, each bounded in count and time, over
+//! loopback. Assertions count (audit rows, refusals, Argon2 runs, key reads), never time.
+
+use std::time::Duration;
+
+use ern_registry::audit::AuditKey;
+use ern_registry::auth::{HMAC_HASH_PREFIX, Role};
+use ern_registry::config::ServeArgs;
+use ern_registry::keys::MasterSecret;
+use ern_registry::proto::case_service_client::CaseServiceClient;
+use ern_registry::proto::submit_cases_result::Outcome;
+use sqlx::Row;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::helpers::*;
+
+/// Calls per flood, and connections they come over.
+const FLOOD: usize = 200;
+const CONNECTIONS: usize = 8;
+
+fn client(channel: &Channel, token: &str) -> Client {
+    let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+    CaseServiceClient::with_interceptor(channel.clone(), bearer)
+}
+
+/// A well-formed key whose id names no key.
+fn garbage_key(n: usize) -> String {
+    format!("ern_{:016x}_{:064x}", 0xdead_0000_0000_u64 + n as u64, n)
+}
+
+/// `token` with another secret.
+fn wrong_secret(token: &str, n: usize) -> String {
+    format!("{}{:064x}", &token[..21], n + 1)
+}
+
+/// Sends `FLOOD` GetCase calls, `tokens(i)` for the i-th, over `CONNECTIONS` connections
+/// (each sequential); returns every status code and how many refusals carried RetryInfo.
+async fn flood(app: &TestApp, tokens: impl Fn(usize) -> String) -> (Vec<Code>, usize) {
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let channel = app.channel().await;
+        let tokens: Vec<String> = (0..FLOOD / CONNECTIONS)
+            .map(|i| tokens(c * (FLOOD / CONNECTIONS) + i))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for token in tokens {
+                let status = client(&channel, &token)
+                    .get_case(get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA"))
+                    .await
+                    .unwrap_err();
+                let retry = status.get_error_details().retry_info().is_some();
+                out.push((status.code(), retry));
+            }
+            out
+        }));
+    }
+    let mut codes = Vec::new();
+    let mut with_retry = 0;
+    for t in tasks {
+        for (code, retry) in t.await.unwrap() {
+            codes.push(code);
+            with_retry += usize::from(retry && code == Code::ResourceExhausted);
+        }
+    }
+    (codes, with_retry)
+}
+
+fn count(codes: &[Code], code: Code) -> usize {
+    codes.iter().filter(|c| **c == code).count()
+}
+
+/// Audit entries without a principal: (principal, method, outcome, items), in order.
+async fn summary_rows(app: &TestApp) -> Vec<(String, String, String, i64)> {
+    sqlx::query(
+        "SELECT principal, method, outcome, items FROM audit_log WHERE principal_id IS NULL \
+         ORDER BY principal, method, outcome",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+async fn chain_verifies(app: &TestApp) -> i64 {
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    app.store
+        .verify_audit(&AuditKey::derive(&master))
+        .await
+        .unwrap()
+        .expect("the audit chain verifies")
+        .head_seq
+}
+
+#[tokio::test]
+async fn garbage_keys_are_summarised_per_peer_and_refused_without_the_database_past_the_allowance()
+{
+    const ALLOWANCE: usize = 20;
+    let app = TestApp::spawn_with(ServeArgs {
+        refusals_per_peer_per_minute: ALLOWANCE as u32,
+        ..ServeArgs::default()
+    })
+    .await;
+    // A physician who has called before, from the same address as the flood.
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+    let rows = app.count("audit_log").await;
+    let reads = app.auth.key_lookups();
+
+    let (codes, with_retry) = flood(&app, garbage_key).await;
+
+    let refused = count(&codes, Code::Unauthenticated);
+    let limited = count(&codes, Code::ResourceExhausted);
+    assert_eq!(refused + limited, FLOOD, "{codes:?}");
+    // The allowance, overshot at most by the calls already under way when it ran out
+    // (and by what refilled meanwhile: one per three seconds).
+    assert!(
+        (ALLOWANCE..=ALLOWANCE + CONNECTIONS + 1).contains(&refused),
+        "{refused} refused as UNAUTHENTICATED"
+    );
+    assert_eq!(
+        with_retry, limited,
+        "every RESOURCE_EXHAUSTED says when to retry"
+    );
+    // Past the allowance, no key was read: each refusal cost no database work ...
+    assert_eq!(app.auth.key_lookups() - reads, refused as u64);
+    // ... and no refusal cost an audit row.
+    assert_eq!(app.count("audit_log").await, rows);
+
+    // The physician behind the same address still gets through (their key was verified
+    // before), audited as ever; a key never used in this process does not, while the
+    // address is refused.
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
+        .await
+        .unwrap();
+    assert_eq!(app.count("audit_log").await, rows + 1);
+    let fresh = app
+        .principal("dr-fresh", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let status = app
+        .client(Some(&fresh))
+        .await
+        .get_case(get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+
+    // At shutdown the summary goes into the chain: one entry per peer, method and outcome.
+    let mut app = app;
+    app.stop_server().await;
+    assert_eq!(
+        summary_rows(&app).await,
+        [
+            (
+                "peer:127.0.0.1".to_string(),
+                "CaseService/GetCase".to_string(),
+                "RESOURCE_EXHAUSTED".to_string(),
+                limited as i64 + 1
+            ),
+            (
+                "peer:127.0.0.1".to_string(),
+                "CaseService/GetCase".to_string(),
+                "UNAUTHENTICATED".to_string(),
+                refused as i64
+            ),
+        ]
+    );
+    assert_eq!(app.count("audit_log").await, rows + 3);
+    assert_eq!(chain_verifies(&app).await, rows + 3);
+}
+
+#[tokio::test]
+async fn refusals_are_summarised_periodically() {
+    let app = TestApp::spawn_with(ServeArgs {
+        refusal_summary_secs: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut anonymous = app.client(None).await;
+    for _ in 0..3 {
+        let status = anonymous
+            .get_case(get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    // Bounded wait for the next flush (every second); no timing is asserted.
+    let mut rows = Vec::new();
+    for _ in 0..300 {
+        rows = summary_rows(&app).await;
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rows,
+        [(
+            "peer:127.0.0.1".to_string(),
+            "CaseService/GetCase".to_string(),
+            "UNAUTHENTICATED".to_string(),
+            3
+        )]
+    );
+}
+
+#[tokio::test]
+async fn wrong_secrets_for_a_real_key_cost_no_argon2_and_a_fresh_key_works() {
+    let app = TestApp::spawn().await;
+    app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
+    let victim = app
+        .principal("dr-victim", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let (codes, _) = flood(&app, |n| wrong_secret(&victim, n)).await;
+    assert_eq!(count(&codes, Code::Unauthenticated), FLOOD, "{codes:?}");
+    assert_eq!(app.auth.argon2_runs(), 0);
+    // A key issued now works on its first call (its hash is an HMAC, nothing queues).
+    let fresh = app
+        .principal("dr-fresh", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    app.client(Some(&fresh))
+        .await
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(3))))
+        .await
+        .unwrap();
+    // The attempts are summarised under the key they tried.
+    let mut app = app;
+    app.stop_server().await;
+    let rows = summary_rows(&app).await;
+    let key_id = &victim[4..20];
+    assert_eq!(
+        rows,
+        [(
+            format!("peer:127.0.0.1 key:{key_id}"),
+            "CaseService/GetCase".to_string(),
+            "UNAUTHENTICATED".to_string(),
+            FLOOD as i64
+        )]
+    );
+}
+
+/// Stores `token`'s secret the way an earlier version did: an Argon2id PHC string.
+async fn make_legacy(app: &TestApp, token: &str) {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let secret = token[21..].to_string();
+    let phc = tokio::task::spawn_blocking(move || {
+        let params = argon2::Params::new(19 * 1024, 2, 1, None).unwrap();
+        let argon2 =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::encode_b64(&[7u8; 16]).unwrap();
+        argon2
+            .hash_password(secret.as_bytes(), &salt)
+            .unwrap()
+            .to_string()
+    })
+    .await
+    .unwrap();
+    sqlx::query("UPDATE api_keys SET secret_hash = $1 WHERE key_id = $2")
+        .bind(phc)
+        .bind(&token[4..20])
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+}
+
+async fn stored_hash(app: &TestApp, token: &str) -> String {
+    sqlx::query("SELECT secret_hash FROM api_keys WHERE key_id = $1")
+        .bind(&token[4..20])
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_key_of_an_earlier_version_is_verified_with_argon2_once_and_migrated() {
+    let app = TestApp::spawn().await;
+    app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
+    let token = app
+        .principal("dr-old", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    make_legacy(&app, &token).await;
+    assert!(stored_hash(&app, &token).await.starts_with("$argon2id$"));
+    let mut dr = app.client(Some(&token)).await;
+    for seed in 0..3 {
+        dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(10 + seed))))
+            .await
+            .unwrap();
+    }
+    assert!(
+        stored_hash(&app, &token)
+            .await
+            .starts_with(HMAC_HASH_PREFIX)
+    );
+    assert_eq!(
+        app.auth.argon2_runs(),
+        1,
+        "Argon2 ran once, on the first use"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_against_a_key_not_yet_migrated_runs_argon2_a_bounded_number_of_times() {
+    const ALLOWANCE: usize = 10;
+    let app = TestApp::spawn_with(ServeArgs {
+        refusals_per_peer_per_minute: ALLOWANCE as u32,
+        ..ServeArgs::default()
+    })
+    .await;
+    app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
+    let token = app
+        .principal("dr-old", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    make_legacy(&app, &token).await;
+    let (codes, _) = flood(&app, |n| wrong_secret(&token, n)).await;
+    let refused = count(&codes, Code::Unauthenticated);
+    let busy = count(&codes, Code::Unavailable);
+    let limited = count(&codes, Code::ResourceExhausted);
+    assert_eq!(refused + busy + limited, FLOOD, "{codes:?}");
+    // Every Argon2 run is a refusal; every other call was refused without one (busy: the
+    // one run allowed at a time was taken; limited: the address's allowance was spent).
+    assert_eq!(app.auth.argon2_runs(), refused as u64);
+    assert!(
+        refused + busy <= ALLOWANCE + CONNECTIONS + 1,
+        "{refused} Argon2 runs, {busy} busy"
+    );
+    assert!(refused >= 1);
+    // Nothing was migrated by a wrong secret.
+    assert!(stored_hash(&app, &token).await.starts_with("$argon2id$"));
+}
+
+#[tokio::test]
+async fn a_principal_has_at_most_so_many_calls_in_flight() {
+    const MAX: u32 = 2;
+    let app = TestApp::spawn_with(ServeArgs {
+        max_calls_in_flight: MAX,
+        ..ServeArgs::default()
+    })
+    .await;
+    let dr = app.physician("dr-a", "NL-AMC").await;
+    let mut other = app.physician("dr-b", "NL-AMC").await;
+    // Two open bulk streams are two calls in flight, for as long as they are open.
+    let mut streams = Vec::new();
+    for _ in 0..MAX {
+        let (tx, rx) = mpsc::channel(1);
+        let results = dr
+            .clone()
+            .submit_cases(ReceiverStream::new(rx))
+            .await
+            .unwrap();
+        streams.push((tx, results));
+    }
+    // Six more calls: two may wait for a place, four are refused at once.
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    for i in 0..6u32 {
+        let (mut dr, done_tx) = (dr.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let result = dr
+                .submit_case(submission("ERN-LUNG", national("NL", &bsn(100 + i))))
+                .await;
+            let _ = done_tx.send(result.map(|_| ()).map_err(|s| s.code()));
+        });
+    }
+    for _ in 0..4 {
+        let result = tokio::time::timeout(Duration::from_secs(30), done.recv())
+            .await
+            .expect("four calls answered")
+            .unwrap();
+        assert_eq!(result, Err(Code::ResourceExhausted));
+    }
+    // Another principal is not held up.
+    other
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(200))))
+        .await
+        .unwrap();
+    // When the streams close, the two waiting calls run.
+    drop(streams);
+    for _ in 0..2 {
+        assert_eq!(done.recv().await.unwrap(), Ok(()));
+    }
+}
+
+#[tokio::test]
+async fn an_endless_stream_of_invalid_items_is_ended() {
+    const MAX: u32 = 10;
+    const SENT: u32 = 500;
+    let app = TestApp::spawn_with(ServeArgs {
+        max_stream_invalid_items: MAX,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let (tx, rx) = mpsc::channel(16);
+    let sender = tokio::spawn(async move {
+        for i in 0..SENT {
+            let mut item = submission("ERN-LUNG", national("NL", &bsn(i)));
+            item.registry = "not a registry".into();
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut results = dr
+        .submit_cases(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rejected = 0;
+    let end = loop {
+        match results.message().await {
+            Ok(Some(result)) => {
+                assert!(matches!(result.outcome, Some(Outcome::Rejected(_))));
+                rejected += 1;
+            }
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let end = end.expect("the stream is ended with an error");
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert_eq!(rejected, MAX);
+    sender.abort();
+    // Items already read when it ended may still finish; the rest were never processed.
+    let audited: i64 = sqlx::query(
+        "SELECT COUNT(*) FROM audit_log WHERE method = 'CaseService/SubmitCases' AND principal_id IS NOT NULL",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap()
+    .get(0);
+    assert!(audited < i64::from(SENT) / 2, "{audited} items processed");
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once() {
+    let app = TestApp::spawn_with(ServeArgs {
+        max_connections: 2,
+        ..ServeArgs::default()
+    })
+    .await;
+    let held = [
+        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
+    ];
+    // The two are admitted (a call over each would work); a third is closed.
+    let mut third = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut byte = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(20), third.read(&mut byte))
+        .await
+        .expect("the third connection is closed by the server");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Places come back when connections close.
+    drop(held);
+    let channel = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect_lazy();
+    let mut anonymous = CaseServiceClient::new(channel);
+    let mut code = Code::Unavailable;
+    for _ in 0..100 {
+        code = anonymous
+            .get_case(get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA"))
+            .await
+            .unwrap_err()
+            .code();
+        if code != Code::Unavailable {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, Code::Unauthenticated);
+}
+
+/// Reads one HTTP/2 frame: (type, flags, payload); `None` at end of file.
+async fn read_frame(tcp: &mut tokio::net::TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    tcp.read_exact(&mut header).await.ok()?;
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.ok()?;
+    Some((header[3], header[4], payload))
+}
+
+#[tokio::test]
+async fn the_server_caps_streams_pings_and_closes_idle_connections() {
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    let app = TestApp::spawn_with(ServeArgs {
+        max_streams_per_connection: 7,
+        keepalive_secs: 1,
+        idle_timeout_secs: 3,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // Client preface and an empty SETTINGS frame; then nothing: no call.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut max_streams = None;
+    let mut pings = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some((kind, flags, payload)) = read_frame(&mut tcp).await {
+            match kind {
+                SETTINGS if flags & 1 == 0 => {
+                    for setting in payload.chunks(6) {
+                        if u16::from_be_bytes([setting[0], setting[1]]) == MAX_CONCURRENT_STREAMS {
+                            max_streams = Some(u32::from_be_bytes([
+                                setting[2], setting[3], setting[4], setting[5],
+                            ]));
+                        }
+                    }
+                    // Acknowledge the server's settings.
+                    let _ = tcp.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0]).await;
+                }
+                PING if flags & 1 == 0 => {
+                    pings += 1;
+                    let mut ack = vec![0, 0, 8, PING, 1, 0, 0, 0, 0];
+                    ack.extend_from_slice(&payload);
+                    let _ = tcp.write_all(&ack).await;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection is closed by the server"
+    );
+    assert_eq!(max_streams, Some(7));
+    assert!(pings >= 1, "keepalive PINGs are sent");
+}
+
+#[tokio::test]
+async fn a_connection_with_an_open_stream_is_not_idle() {
+    let app = TestApp::spawn_with(ServeArgs {
+        idle_timeout_secs: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let (tx, rx) = mpsc::channel(1);
+    let mut results = dr
+        .submit_cases(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // An idle connection opened after the stream's is closed first ...
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "an idle connection is closed");
+    // ... while the stream's connection, idle as long, still carries it.
+    tx.send(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+    let result = results.message().await.unwrap().unwrap();
+    assert!(matches!(result.outcome, Some(Outcome::Accepted(_))));
+}

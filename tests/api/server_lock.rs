@@ -1,0 +1,104 @@
+//! One server per SQLite database: a second `serve` on the same data dir stops at start,
+//! naming the first; admin commands still run beside it. On PostgreSQL several servers
+//! share one database (the scale-out design).
+
+use std::process::Command;
+
+use ern_registry::config::ServeArgs;
+use ern_registry::data_dir::DataDirError;
+use ern_registry::startup::{Application, StartupError};
+
+use crate::helpers::*;
+use crate::master_key::must_refuse;
+
+fn args() -> ServeArgs {
+    ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServeArgs::default()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    let mut app = TestApp::spawn().await;
+    let key = app.dir.path().join("master.key");
+    if !app.is_sqlite() {
+        // PostgreSQL: a second server on the same database is welcome.
+        drop(
+            Application::build(args(), &app.database_url, &key)
+                .await
+                .expect("a second server on PostgreSQL"),
+        );
+        return;
+    }
+    let mut dr = app.physician("dr-lock", "NL-AMC").await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+
+    // The real binary, as an operator would start it, on the same data dir (the TestApp's
+    // database is the default one there), on a port of its own.
+    let stderr = must_refuse({
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+        command
+            .arg("--data-dir")
+            .arg(app.dir.path())
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .env("ERN_LOG", "warn")
+            .env_remove("DATABASE_URL")
+            .env_remove("ERN_MASTER_KEY_FILE");
+        command
+    })
+    .await;
+    let lock = app.dir.path().join("registry.lock");
+    assert!(
+        stderr.contains(&format!(
+            "another ern-registry server (pid {}) is serving",
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&lock.display().to_string()), "{stderr}");
+
+    // In this process too.
+    match Application::build(args(), &app.database_url, &key).await {
+        Err(StartupError::DataFiles(DataDirError::Locked { .. })) => {}
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a second server started"),
+    }
+
+    // The first one serves on, and an admin command runs beside it.
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
+        .await
+        .expect("the first server still serves");
+    let admin = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+        .arg("--data-dir")
+        .arg(app.dir.path())
+        .args(["admin", "list-registries"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        admin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
+    assert!(String::from_utf8_lossy(&admin.stdout).contains("ERN-LUNG"));
+
+    // Once it has stopped, the next one starts.
+    app.stop_server().await;
+    drop(
+        Application::build(args(), &app.database_url, &key)
+            .await
+            .expect("starts once the first has stopped"),
+    );
+}

@@ -1,0 +1,389 @@
+//! The gRPC contract on the wire, as an attacker (or a broken client) speaks it: raw
+//! HTTP/2 frames (h2) to the real server, with the framing, cardinality, size and
+//! content-type the client chooses. Every answer is the code the gRPC specification (or,
+//! for broken framing, the service's promise of "never INTERNAL") names, and the server
+//! keeps serving.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ern_registry::auth::Role;
+use ern_registry::config::ServeArgs;
+use ern_registry::proto;
+use prost::Message;
+use prost::bytes::Bytes;
+use tonic::Code;
+use tonic::codegen::http::{self, HeaderMap, StatusCode};
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::helpers::{TestApp, bsn, get_case, national, submission};
+
+const CHECK: &str = "/grpc.health.v1.Health/Check";
+const SUBMIT: &str = "/ern_registry.v1.CaseService/SubmitCase";
+const SUBMIT_MANY: &str = "/ern_registry.v1.CaseService/SubmitCases";
+const GRPC: Option<&str> = Some("application/grpc");
+
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// What came back for one raw call.
+struct Answer {
+    http: StatusCode,
+    headers: HeaderMap,
+    data: Vec<u8>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Answer {
+    /// The call's gRPC status: from the trailers, or the headers of a trailers-only answer.
+    fn status(&self) -> tonic::Status {
+        self.trailers
+            .as_ref()
+            .and_then(tonic::Status::from_header_map)
+            .or_else(|| tonic::Status::from_header_map(&self.headers))
+            .unwrap_or_else(|| panic!("no grpc-status (HTTP {})", self.http))
+    }
+
+    fn code(&self) -> Code {
+        self.status().code()
+    }
+
+    /// The messages of the response body.
+    fn messages(&self) -> usize {
+        let (mut at, mut n) = (0, 0);
+        while at + 5 <= self.data.len() {
+            let len = u32::from_be_bytes(self.data[at + 1..at + 5].try_into().unwrap()) as usize;
+            at += 5 + len;
+            n += 1;
+        }
+        n
+    }
+}
+
+/// A length-prefixed gRPC message with compressed-flag `flag`.
+fn framed(flag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![flag];
+    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn health_check() -> Vec<u8> {
+    HealthCheckRequest {
+        service: String::new(),
+    }
+    .encode_to_vec()
+}
+
+/// One call over a fresh HTTP/2 connection: POST `path` with `content_type`, `headers`
+/// and the request body sent as `frames` (DATA frames; none: the headers end the stream).
+async fn call(
+    addr: SocketAddr,
+    path: &str,
+    content_type: Option<&str>,
+    headers: &[(&str, &str)],
+    frames: Vec<Vec<u8>>,
+) -> Answer {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("te", "trailers");
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let last = frames.len();
+    let (response, mut body) = client
+        .send_request(request.body(()).unwrap(), last == 0)
+        .unwrap();
+    for (i, frame) in frames.into_iter().enumerate() {
+        // The server may answer (and reset the stream) before it has read everything.
+        let _ = body.send_data(Bytes::from(frame), i + 1 == last);
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("the server answers")
+        .unwrap();
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { break };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.ok().flatten();
+    Answer {
+        http: parts.status,
+        headers: parts.headers,
+        data,
+        trailers,
+    }
+}
+
+/// A physician's bearer header value.
+async fn physician_token(app: &TestApp) -> String {
+    app.centre("NL-WIRE", "NL", &["ERN-LUNG"]).await;
+    let token = app
+        .principal("dr-wire", Role::Physician, Some("NL-WIRE"), &[])
+        .await;
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+async fn broken_framing_is_invalid_argument_never_internal() {
+    let app = TestApp::spawn().await;
+    let bearer = physician_token(&app).await;
+    let auth = [("authorization", bearer.as_str())];
+    let mut body = health_check();
+    body.push(0); // a non-empty message for the cases that cut it
+    let cases: Vec<(&str, Headers, Vec<u8>)> = vec![
+        ("compressed flag, no grpc-encoding", &[], framed(1, &body)),
+        (
+            "compressed flag, identity encoding",
+            &[("grpc-encoding", "identity")],
+            framed(1, &body),
+        ),
+        ("compressed-flag 2", &[], framed(2, &body)),
+        (
+            "length prefix longer than the body",
+            &[],
+            vec![0, 0, 0, 0, 50, 8, 1],
+        ),
+        ("a prefix cut short", &[], vec![0, 0, 0]),
+    ];
+    for (case, headers, bytes) in cases {
+        let answer = call(app.addr, CHECK, GRPC, headers, vec![bytes.clone()]).await;
+        assert_eq!(
+            answer.code(),
+            Code::InvalidArgument,
+            "{case} (health): {}",
+            answer.status().message()
+        );
+        let mut with_auth = headers.to_vec();
+        with_auth.extend(auth);
+        // Our own unary method and our client-streaming one (whose stream ends with it).
+        for path in [SUBMIT, SUBMIT_MANY] {
+            let answer = call(app.addr, path, GRPC, &with_auth, vec![bytes.clone()]).await;
+            assert_eq!(
+                answer.code(),
+                Code::InvalidArgument,
+                "{case} ({path}): {}",
+                answer.status().message()
+            );
+        }
+    }
+    // A stream cut inside its second message, over several frames: the stream ends with
+    // the framing error.
+    let first = framed(
+        0,
+        &submission("ERN-LUNG", national("NL", &bsn(4000))).encode_to_vec(),
+    );
+    let answer = call(
+        app.addr,
+        SUBMIT_MANY,
+        GRPC,
+        &auth,
+        vec![first, vec![0, 0, 0, 0, 9], vec![1, 2]],
+    )
+    .await;
+    assert_eq!(
+        answer.code(),
+        Code::InvalidArgument,
+        "{:?}",
+        answer.status()
+    );
+    still_serving(&app).await;
+}
+
+#[tokio::test]
+async fn a_unary_call_takes_exactly_one_request_message() {
+    let app = TestApp::spawn().await;
+    let bearer = physician_token(&app).await;
+    let one = framed(0, &health_check());
+
+    let answer = call(app.addr, CHECK, GRPC, &[], vec![one.clone()]).await;
+    assert_eq!(answer.code(), Code::Ok);
+    assert_eq!(answer.messages(), 1);
+
+    let none = call(app.addr, CHECK, GRPC, &[], vec![]).await;
+    assert_eq!(none.code(), Code::Unimplemented, "{:?}", none.status());
+    let empty_frame = call(app.addr, CHECK, GRPC, &[], vec![vec![]]).await;
+    assert_eq!(empty_frame.code(), Code::Unimplemented);
+
+    let two_in_one_frame = [one.clone(), one.clone()].concat();
+    let answer = call(app.addr, CHECK, GRPC, &[], vec![two_in_one_frame]).await;
+    assert_eq!(answer.code(), Code::Unimplemented, "{:?}", answer.status());
+    assert_eq!(answer.messages(), 0, "the call is refused, not answered");
+    let answer = call(app.addr, CHECK, GRPC, &[], vec![one.clone(), one.clone()]).await;
+    assert_eq!(answer.code(), Code::Unimplemented);
+
+    // Our own unary method: refused whatever the messages say (not a silent first-wins).
+    let submit = framed(
+        0,
+        &submission("ERN-LUNG", national("NL", &bsn(4100))).encode_to_vec(),
+    );
+    let auth = [("authorization", bearer.as_str())];
+    let answer = call(
+        app.addr,
+        SUBMIT,
+        GRPC,
+        &auth,
+        vec![submit.clone(), submit.clone()],
+    )
+    .await;
+    assert_eq!(answer.code(), Code::Unimplemented, "{:?}", answer.status());
+    assert_eq!(app.count("cases").await, 0, "nothing of it was stored");
+
+    // A client-streaming method takes any number.
+    let second = framed(
+        0,
+        &submission("ERN-LUNG", national("NL", &bsn(4101))).encode_to_vec(),
+    );
+    let answer = call(app.addr, SUBMIT_MANY, GRPC, &auth, vec![submit, second]).await;
+    assert_eq!(answer.code(), Code::Ok, "{:?}", answer.status());
+    assert_eq!(answer.messages(), 2);
+    still_serving(&app).await;
+}
+
+#[tokio::test]
+async fn an_oversize_message_is_resource_exhausted_naming_the_limit() {
+    let app = TestApp::spawn_with(ServeArgs {
+        max_message_bytes: 4096,
+        ..ServeArgs::default()
+    })
+    .await;
+    // Refused from its length prefix: the megabyte it announces is never sent.
+    let answer = call(
+        app.addr,
+        CHECK,
+        GRPC,
+        &[],
+        vec![[0u8, 0, 0x10, 0, 0].to_vec(), vec![0; 16]],
+    )
+    .await;
+    assert_eq!(answer.code(), Code::ResourceExhausted);
+    assert!(
+        answer.status().message().contains("limit of 4096 bytes"),
+        "{}",
+        answer.status().message()
+    );
+    let answer = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &[8; 4097])]).await;
+    assert_eq!(answer.code(), Code::ResourceExhausted);
+    // At the limit the size is fine (and these bytes are no message: the codec's answer).
+    let answer = call(app.addr, SUBMIT, GRPC, &[], vec![framed(0, &[0xff; 4096])]).await;
+    assert_eq!(
+        answer.code(),
+        Code::InvalidArgument,
+        "{:?}",
+        answer.status()
+    );
+
+    // What an ordinary client sees.
+    let mut dr = app.physician("dr-big", "NL-BIG").await;
+    let mut big = submission("ERN-LUNG", national("NL", &bsn(4200)));
+    big.record.as_mut().unwrap().hpo_terms = vec!["HP:0006528".into(); 500];
+    let status = dr.submit_case(big).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("4096"), "{}", status.message());
+    still_serving(&app).await;
+}
+
+#[tokio::test]
+async fn a_response_over_the_limit_is_resource_exhausted_too() {
+    let app = TestApp::spawn_with(ServeArgs {
+        max_message_bytes: 1024,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-long", "NL-LONG").await;
+    let pseudonym = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(4300))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    // Each version adds a record to the history; the request stays small.
+    for version in 1..=8 {
+        dr.update_case(proto::UpdateCaseRequest {
+            registry: "ERN-LUNG".into(),
+            pseudonym: pseudonym.clone(),
+            expected_version: version,
+            record: Some(crate::helpers::record()),
+            consent: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    let mut read = get_case("ERN-LUNG", &pseudonym);
+    read.include_history = false;
+    dr.get_case(read).await.expect("the case alone fits");
+    let status = dr
+        .get_case(get_case("ERN-LUNG", &pseudonym))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limit of 1024 bytes"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_grpc_is_refused_with_415() {
+    let app = TestApp::spawn().await;
+    let one = || vec![framed(0, &health_check())];
+    for content_type in [
+        None,
+        Some("application/json"),
+        Some("text/plain"),
+        Some("application/grpc-web"),
+        Some("application/grpcx"),
+    ] {
+        let answer = call(app.addr, CHECK, content_type, &[], one()).await;
+        assert_eq!(
+            answer.http,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+        // ... with the refusal as a gRPC status too, for a client that mislabelled.
+        assert_eq!(answer.code(), Code::Unimplemented);
+    }
+    // A gRPC request in a message format other than protobuf: a gRPC refusal.
+    let answer = call(app.addr, CHECK, Some("application/grpc+json"), &[], one()).await;
+    assert_eq!(answer.http, StatusCode::OK);
+    assert_eq!(answer.code(), Code::Unimplemented);
+    // A compression the service does not take.
+    let answer = call(app.addr, CHECK, GRPC, &[("grpc-encoding", "gzip")], one()).await;
+    assert_eq!(answer.code(), Code::Unimplemented);
+    for content_type in ["application/grpc", "application/grpc+proto"] {
+        let answer = call(app.addr, CHECK, Some(content_type), &[], one()).await;
+        assert_eq!(answer.code(), Code::Ok, "{content_type}");
+        assert_eq!(answer.messages(), 1);
+    }
+    still_serving(&app).await;
+}
+
+/// The server still answers an ordinary client.
+async fn still_serving(app: &TestApp) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "ern_registry.v1.CaseService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, proto_serving());
+}
+
+fn proto_serving() -> i32 {
+    tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+}
