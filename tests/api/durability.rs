@@ -25,14 +25,6 @@ fn start(dir: &std::path::Path, url: &str, port: u16) -> Child {
         .expect("start the server binary")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_ready(port: u16) -> tonic::transport::Channel {
     for _ in 0..200 {
         if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))

@@ -284,6 +284,15 @@ impl Drop for TestApp {
     }
 }
 
+/// A loopback port free at the time of the call, for a server binary started by a test.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A valid BSN derived from `seed`; distinct seeds (below 9,000,000) give distinct BSNs.
 pub fn bsn(seed: u32) -> String {
     ern_registry::synthetic::bsn(seed)

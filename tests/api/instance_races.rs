@@ -43,14 +43,6 @@ impl Drop for Instance {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts the real binary on `url`, with the master key of `dir` (the same for both, so
 /// they derive the same pseudonyms); its log goes to `dir/<name>.log`.
 async fn start(dir: &Path, url: &str, name: &str) -> Instance {

@@ -94,14 +94,6 @@ pub async fn must_refuse(mut command: Command) -> String {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `serve` of the real binary on `app`'s database and key file.
 fn serve(app: &TestApp) -> Command {
     let mut command = binary();

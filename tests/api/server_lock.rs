@@ -18,14 +18,6 @@ fn args() -> ServeArgs {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let mut app = TestApp::spawn().await;
