@@ -179,6 +179,10 @@ pub struct ServerLock {
     _file: File,
 }
 
+/// How often, and how far apart, a busy lock is tried again before the start is refused.
+const LOCK_RETRIES: u32 = 20;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl ServerLock {
     /// Takes the lock of `db` (creating its directory and the lock file, 0700 and 0600)
     /// and writes this process's id into it; refuses, naming the holder, if another
@@ -198,7 +202,21 @@ impl ServerLock {
             .open(&path)
             .map_err(lock_err)?;
         make_private(&path)?;
-        match file.try_lock() {
+        // A lock just released can look held for a moment: a process that forks (to start
+        // a child) while another thread drops the lock keeps a copy of its descriptor
+        // until the child execs. So a busy lock is tried again for a short while before
+        // the start is refused.
+        let mut tries = 0;
+        let locked = loop {
+            match file.try_lock() {
+                Err(TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(LOCK_RETRY_PAUSE);
+                }
+                other => break other,
+            }
+        };
+        match locked {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut text = String::new();
