@@ -6,6 +6,9 @@
 //! time: `ERN_BENCH_SECONDS`, default 20, of flood). Appends a section to
 //! `docs/benchmarks.md` (`ERN_BENCH_WRITE=0` to only print).
 
+#[path = "common/report.rs"]
+mod report;
+
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -243,13 +246,7 @@ fn main() {
         legit,
         first_call.as_secs_f64() * 1e3,
     );
-    print!("{out}");
-    if std::env::var("ERN_BENCH_WRITE").as_deref() != Ok("0") {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
-        let mut doc = std::fs::read_to_string(path).expect("read docs/benchmarks.md");
-        doc.push_str(&out);
-        std::fs::write(path, doc).expect("write docs/benchmarks.md");
-    }
+    report::publish(&out);
 }
 
 fn tempfile_dir() -> String {

@@ -13,6 +13,9 @@
 //! service's own write path. Each query is what a `ResearchService` call does below the
 //! gRPC layer: the SQL aggregation, the table assembly and the cell suppression.
 
+#[path = "common/report.rs"]
+mod report;
+
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -316,12 +319,6 @@ async fn async_main() {
              held).\n"
         ));
     }
-    print!("{out}");
-    if std::env::var("ERN_BENCH_WRITE").as_deref() != Ok("0") {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
-        let mut doc = std::fs::read_to_string(path).expect("read docs/benchmarks.md");
-        doc.push_str(&out);
-        std::fs::write(path, doc).expect("write docs/benchmarks.md");
-    }
+    report::publish(&out);
     store.close().await;
 }

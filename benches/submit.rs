@@ -13,6 +13,9 @@
 //! - unary submissions: SubmitCase calls per second from concurrent clients, p50/p99;
 //! - bulk stream: records per second through SubmitCases.
 
+#[path = "common/report.rs"]
+mod report;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -427,13 +430,5 @@ async fn async_main() {
             f.detail
         ));
     }
-    print!("{out}");
-    if std::env::var("ERN_BENCH_WRITE").as_deref() != Ok("0") {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
-        let mut doc = std::fs::read_to_string(path).unwrap_or_else(|_| {
-            "# Benchmarks\n\nEach section is one run of the command it names, on this project's 2-core machine; ratios compare with the raw limits measured in the same run.\n".into()
-        });
-        doc.push_str(&out);
-        std::fs::write(path, doc).expect("write docs/benchmarks.md");
-    }
+    report::publish(&out);
 }

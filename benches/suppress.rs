@@ -4,6 +4,9 @@
 //! `cargo bench --bench suppress` appends a section to `docs/benchmarks.md`
 //! (`ERN_BENCH_WRITE=0` to only print). In-process: the pure function, no gRPC.
 
+#[path = "common/report.rs"]
+mod report;
+
 use std::time::{Duration, Instant};
 
 use ern_registry::aggregate::suppress::{Rules, Table, protect};
@@ -47,14 +50,8 @@ fn main() {
                 p_.primary,
                 p_.secondary
             );
-            print!("{line}");
             out.push_str(&line);
         }
     }
-    if std::env::var("ERN_BENCH_WRITE").as_deref() != Ok("0") {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
-        let mut doc = std::fs::read_to_string(path).expect("read docs/benchmarks.md");
-        doc.push_str(&out);
-        std::fs::write(path, doc).expect("write docs/benchmarks.md");
-    }
+    report::publish(&out);
 }

@@ -9,14 +9,6 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-/// A small deterministic jitter so rounds interleave differently.
-fn jitter(seed: u64) -> Duration {
-    let x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    Duration::from_micros((x >> 33) % 3000)
-}
-
 #[tokio::test]
 async fn withdrawals_race_submissions_and_reads() {
     let app = TestApp::spawn().await;
@@ -44,7 +36,7 @@ async fn withdrawals_race_submissions_and_reads() {
             tasks.push(tokio::spawn(async move {
                 let k = u64::from(seed);
                 let withdraw = async {
-                    tokio::time::sleep(jitter(k)).await;
+                    tokio::time::sleep(jitter(k, 3000)).await;
                     officer
                         .withdraw_consent(withdrawal(
                             "ERN-EYE",
@@ -56,7 +48,7 @@ async fn withdrawals_race_submissions_and_reads() {
                     Instant::now()
                 };
                 let submit = async {
-                    tokio::time::sleep(jitter(k + 1)).await;
+                    tokio::time::sleep(jitter(k + 1, 3000)).await;
                     let mut req = submission("ERN-EYE", national("NL", &bsn(seed)));
                     req.consent.clear();
                     let started = Instant::now();
@@ -66,7 +58,7 @@ async fn withdrawals_race_submissions_and_reads() {
                 let reads = async {
                     let mut seen = Vec::new();
                     for n in 0..12u64 {
-                        tokio::time::sleep(jitter(k + 2 + n) / 4).await;
+                        tokio::time::sleep(jitter(k + 2 + n, 3000) / 4).await;
                         let started = Instant::now();
                         let r = a.get_case(get_case("ERN-EYE", &p)).await;
                         seen.push((started, r.map(|_| ()).map_err(|e| e.code())));

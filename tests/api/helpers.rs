@@ -284,6 +284,15 @@ impl Drop for TestApp {
     }
 }
 
+/// A pseudo-random delay below `max_micros` µs, fixed by `seed`: spreads the tasks of a
+/// race test so that both orders happen.
+pub fn jitter(seed: u64, max_micros: u64) -> std::time::Duration {
+    let x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    std::time::Duration::from_micros((x >> 33) % max_micros)
+}
+
 /// A loopback port free at the time of the call, for a server binary started by a test.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -89,14 +89,6 @@ fn bearer(token: &str) -> Bearer {
     Bearer(Some(format!("Bearer {token}").parse().unwrap()))
 }
 
-/// A small deterministic jitter (0–2 ms) so that rounds interleave differently.
-fn jitter(seed: u64) -> Duration {
-    let x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    Duration::from_micros((x >> 33) % 2000)
-}
-
 /// How many rows of `table` (with `registry_id` and `pseudonym`, or reached through
 /// `cases`) belong to a patient whose REGISTRY_INCLUSION in force is not granted, i.e.
 /// were stored or kept after a withdrawal without a newer consent; `filter` narrows the
@@ -176,7 +168,7 @@ async fn withdrawals_on_one_instance_race_writes_on_another() {
             tasks.push(tokio::spawn(async move {
                 let k = u64::from(seed);
                 let withdraw = async {
-                    tokio::time::sleep(jitter(k)).await;
+                    tokio::time::sleep(jitter(k, 2000)).await;
                     officer
                         .withdraw_consent(withdrawal(
                             REGISTRY,
@@ -189,7 +181,7 @@ async fn withdrawals_on_one_instance_race_writes_on_another() {
                 };
                 let mut submit_b = dr_b.clone();
                 let submit = async move {
-                    tokio::time::sleep(jitter(k + 1)).await;
+                    tokio::time::sleep(jitter(k + 1, 2000)).await;
                     let mut req = submission(REGISTRY, national("NL", &bsn(seed)));
                     if seed % 2 == 0 {
                         req.consent.clear();
@@ -201,7 +193,7 @@ async fn withdrawals_on_one_instance_race_writes_on_another() {
                 let mut update_a = dr_a.clone();
                 let update_p = p.clone();
                 let update = async move {
-                    tokio::time::sleep(jitter(k + 2)).await;
+                    tokio::time::sleep(jitter(k + 2, 2000)).await;
                     let started = Instant::now();
                     let r = update_a
                         .update_case(proto::UpdateCaseRequest {
@@ -217,7 +209,7 @@ async fn withdrawals_on_one_instance_race_writes_on_another() {
                 let reads = async {
                     let mut seen: Vec<Timed> = Vec::new();
                     for n in 0..8u64 {
-                        tokio::time::sleep(jitter(k + 3 + n) / 2).await;
+                        tokio::time::sleep(jitter(k + 3 + n, 2000) / 2).await;
                         let reader = if n % 2 == 0 { &mut dr_a } else { &mut dr_b };
                         let started = Instant::now();
                         let r = reader.get_case(get_case(REGISTRY, &p)).await;
