@@ -54,17 +54,20 @@ impl GlobalArgs {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` with `***`.
+/// Replaces the password of `scheme://user:password@host/...` with `***`, parsing the URL
+/// as the database driver does (the last `@` of the authority ends the user info, so a
+/// password with an unencoded `@` is hidden whole). A URL that does not parse is not
+/// printed at all: it might still hold a password.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Only fails for URLs that cannot have a password, which this one has.
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(a database URL that does not parse)".to_string(),
     }
 }
 
@@ -482,6 +485,22 @@ mod tests {
             "postgres://ern:***@db:5432/ern"
         );
         assert_eq!(redact_url("postgres://ern@db/ern"), "postgres://ern@db/ern");
+        // An unencoded `@` or `:` in the password: none of it may show.
+        for url in [
+            "postgres://ern:p@ss:w0rd@db:5432/ern",
+            "postgres://ern:s3cret@@db/ern?sslmode=require",
+            "postgres://ern:%40secret@db/ern",
+        ] {
+            let shown = redact_url(url);
+            assert!(shown.starts_with("postgres://ern:***@db"), "{shown}");
+            for part in ["p@ss", "ss:w0rd", "w0rd", "s3cret", "secret"] {
+                assert!(!shown.contains(part), "{shown}");
+            }
+        }
+        assert_eq!(
+            redact_url("not a url: pw"),
+            "(a database URL that does not parse)"
+        );
         assert_eq!(
             redact_url("sqlite://data/registry.db"),
             "sqlite://data/registry.db"
