@@ -154,11 +154,7 @@ impl Principal {
 
 /// The SHA-256 fingerprint (lower-case hex) of a DER-encoded certificate.
 pub fn certificate_fingerprint(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
 /// A presented API key, split into its public id and its secret.
@@ -212,18 +208,9 @@ pub struct IssuedKey {
     pub secret_hash: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -268,7 +255,7 @@ impl KeyHasher {
     /// The stored form: `hmac-sha256$<64 hex>`.
     pub fn hash(&self, key_id: &str, secret: &str) -> String {
         let tag = hmac::sign(&self.0, &Self::message(key_id, secret));
-        format!("{HMAC_HASH_PREFIX}{}", hex(tag.as_ref()))
+        format!("{HMAC_HASH_PREFIX}{}", hex::encode(tag.as_ref()))
     }
 
     /// Whether `secret` is the one hashed to `stored` (constant time).
@@ -286,8 +273,8 @@ pub fn issue_key(
     let mut secret = Zeroizing::new([0u8; 32]);
     rng.fill(&mut id)?;
     rng.fill(secret.as_mut())?;
-    let key_id = hex(&id);
-    let secret_hex = Zeroizing::new(hex(secret.as_ref()));
+    let key_id = hex::encode(id);
+    let secret_hex = Zeroizing::new(hex::encode(secret.as_ref()));
     let secret_hash = hasher.hash(&key_id, &secret_hex);
     let token = Zeroizing::new(format!("{KEY_PREFIX}{key_id}_{}", secret_hex.as_str()));
     Ok(IssuedKey {

@@ -340,27 +340,15 @@ fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
 }
 
 fn push_hex(text: &mut String, bytes: &[u8]) {
-    for b in bytes {
-        text.push(char::from_digit(u32::from(b >> 4), 16).expect("nibble"));
-        text.push(char::from_digit(u32::from(b & 0xf), 16).expect("nibble"));
-    }
+    text.push_str(&hex::encode(bytes));
 }
 
-/// Lower-case hex only, exactly `out.len()` bytes.
-fn parse_hex(hex: &str, out: &mut [u8]) -> Option<()> {
-    let hex = hex.as_bytes();
-    if hex.len() != 2 * out.len() {
+/// Lower-case hex only (as written), exactly `out.len()` bytes.
+fn parse_hex(text: &str, out: &mut [u8]) -> Option<()> {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    for (byte, pair) in out.iter_mut().zip(hex.chunks(2)) {
-        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(())
+    hex::decode_to_slice(text, out).ok()
 }
 
 fn check_passphrase_length(len: usize) -> Result<(), KeyError> {

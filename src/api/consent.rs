@@ -279,10 +279,7 @@ fn new_receipt_id() -> Result<String, ApiError> {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| ApiError::Unavailable)?;
-    Ok(format!(
-        "rcpt-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
+    Ok(format!("rcpt-{}", hex::encode(bytes)))
 }
 
 impl ConsentApi {

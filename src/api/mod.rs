@@ -215,7 +215,7 @@ pub fn database_unreachable() -> Status {
 fn incident_reference() -> String {
     let mut bytes = [0u8; 6];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// The body of every RPC method: runs the handler `$inner` inside a [`Call`] named
