@@ -329,7 +329,7 @@ struct Refused {
 impl From<StoreError> for Refused {
     fn from(err: StoreError) -> Refused {
         Refused {
-            code: admin::outcome(&err),
+            code: admin_outcome(&err),
             message: err.to_string(),
         }
     }
@@ -616,4 +616,15 @@ async fn run_admin(
         }
     }
     Ok(done)
+}
+
+/// The gRPC code name an admin action's failure is recorded with.
+fn admin_outcome(err: &ern_registry::store::StoreError) -> tonic::Code {
+    match err {
+        ern_registry::store::StoreError::NotFound(_) => tonic::Code::NotFound,
+        ern_registry::store::StoreError::AlreadyExists(_) => tonic::Code::AlreadyExists,
+        ern_registry::store::StoreError::Invalid(_) => tonic::Code::InvalidArgument,
+        e if e.is_unavailable() => tonic::Code::Unavailable,
+        _ => tonic::Code::Internal,
+    }
 }

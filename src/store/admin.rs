@@ -78,17 +78,6 @@ async fn append(conn: &mut AnyConnection, key: &AuditKey, entry: Entry) -> Resul
     audit_store::append(conn, key, &pending).await
 }
 
-/// The gRPC code name an admin action's failure is recorded with.
-pub fn outcome(err: &StoreError) -> tonic::Code {
-    match err {
-        StoreError::NotFound(_) => tonic::Code::NotFound,
-        StoreError::AlreadyExists(_) => tonic::Code::AlreadyExists,
-        StoreError::Invalid(_) => tonic::Code::InvalidArgument,
-        e if e.is_unavailable() => tonic::Code::Unavailable,
-        _ => tonic::Code::Internal,
-    }
-}
-
 /// Sets a registry's research threshold k or protection level.
 pub(super) async fn set_disclosure_setting(
     conn: &mut AnyConnection,
