@@ -450,17 +450,41 @@ async fn apply_batch(
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     let mut tx = store.pool().begin().await?;
-    lock_patients(&mut tx, store.backend(), commands).await?;
+    match apply_in(&mut tx, store.backend(), key, commands).await {
+        Ok(results) => {
+            tx.commit().await?;
+            Ok(results)
+        }
+        Err(err) => {
+            // Rolled back now, not when sqlx gets round to a dropped transaction: until
+            // then its connection would keep SQLite's write lock, and the retry of the
+            // batch's jobs one by one, on another connection, would find it locked.
+            if let Err(e) = tx.rollback().await {
+                warn!(error = %e, "rollback of a failed write transaction failed");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// The body of [`apply_batch`], inside its transaction.
+async fn apply_in(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    key: &AuditKey,
+    commands: &[(&Command, Option<&Entry>)],
+) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
+    lock_patients(tx, backend, commands).await?;
     let mut results = Vec::with_capacity(commands.len());
     let mut entries = Vec::new();
     for (command, audit) in commands {
         // The consent events and tombstones the command inserts: its entry covers them.
         let mut wrote = Wrote::default();
         let result = match command {
-            Command::Submit(c) => submit(&mut tx, c, &mut wrote).await.map(Output::Case),
-            Command::Update(c) => update(&mut tx, c, &mut wrote).await.map(Output::Case),
-            Command::RecordConsent(c) => record_consent(&mut tx, c, &mut wrote).await,
-            Command::Withdraw(c) => withdraw(&mut tx, c, &mut wrote).await,
+            Command::Submit(c) => submit(tx, c, &mut wrote).await.map(Output::Case),
+            Command::Update(c) => update(tx, c, &mut wrote).await.map(Output::Case),
+            Command::RecordConsent(c) => record_consent(tx, c, &mut wrote).await,
+            Command::Withdraw(c) => withdraw(tx, c, &mut wrote).await,
             Command::Audit => Ok(Output::Audited),
         };
         // Rows are never left uncovered, even by a command sent without an entry.
@@ -494,8 +518,7 @@ async fn apply_batch(
             other => results.push(other),
         }
     }
-    audit_store::append(&mut tx, key, &entries).await?;
-    tx.commit().await?;
+    audit_store::append(tx, key, &entries).await?;
     Ok(results)
 }
 

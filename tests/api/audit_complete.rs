@@ -538,7 +538,11 @@ async fn a_write_whose_transaction_fails_still_leaves_its_entry() {
     for call in calls {
         results.push(call.await.unwrap());
     }
-    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 6);
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        6,
+        "{results:?}"
+    );
     assert_eq!(
         results
             .iter()
