@@ -10,11 +10,12 @@ use tracing_subscriber::EnvFilter;
 use ern_registry::auth::{self, Role};
 use std::sync::Arc;
 
-use ern_registry::audit::{Anchor, AuditKey, Entry, code_name};
+use ern_registry::audit::{Anchor, AuditKey, Entry};
 use ern_registry::config::{
     AdminCommand, AuditCommand, Cli, Command, GlobalArgs, LogFormat, MasterArgs,
 };
 use ern_registry::keys::{self, KdfFile, MasterSecret, Passphrase};
+use ern_registry::outcome::Outcome;
 use ern_registry::pseudonym::Pseudonymiser;
 use ern_registry::startup::{self, Application, MasterUse};
 use ern_registry::store::admin;
@@ -22,7 +23,6 @@ use ern_registry::store::writer::Writer;
 use ern_registry::store::{Store, StoreError};
 use ern_registry::synthetic;
 use sqlx::AnyConnection;
-use tonic::Code;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("ERN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -322,7 +322,7 @@ fn os_user() -> Option<String> {
 
 /// Why an admin action was refused: the code its audit entry records, and the message.
 struct Refused {
-    code: Code,
+    code: Outcome,
     message: String,
 }
 
@@ -335,7 +335,7 @@ impl From<StoreError> for Refused {
     }
 }
 
-fn refused(code: Code, message: impl Into<String>) -> Refused {
+fn refused(code: Outcome, message: impl Into<String>) -> Refused {
     Refused {
         code,
         message: message.into(),
@@ -383,7 +383,7 @@ async fn audited_admin(
     let mut action = store.begin_admin().await?;
     match run_admin(action.conn(), &secret, cmd).await {
         Ok(done) => {
-            entry.outcome = code_name(Code::Ok).into();
+            entry.outcome = Outcome::Ok.name().into();
             if let Some(target) = done.target {
                 entry.target = target;
             }
@@ -405,7 +405,7 @@ async fn audited_admin(
         }
         Err(refusal) => {
             action.rollback().await?;
-            entry.outcome = code_name(refusal.code).into();
+            entry.outcome = refusal.code.name().into();
             if let Err(e) = store.audit_alone(&key, entry).await {
                 eprintln!("warning: the refusal could not be recorded in the audit log: {e}");
             }
@@ -476,7 +476,7 @@ async fn issue_key(
 ) -> Result<(auth::IssuedKey, Option<chrono::DateTime<Utc>>), Refused> {
     let hasher = auth::KeyHasher::derive(secret);
     let issued = auth::issue_key(&SystemRandom::new(), &hasher)
-        .map_err(|_| refused(Code::Internal, "no system randomness"))?;
+        .map_err(|_| refused(Outcome::Internal, "no system randomness"))?;
     let expires_at = expires_in_days.map(|d| Utc::now() + Duration::days(i64::from(d)));
     admin::insert_api_key(
         conn,
@@ -500,7 +500,7 @@ async fn run_admin(
         AdminCommand::DisablePrincipal { name, .. } => {
             if !admin::disable_principal(conn, &name).await? {
                 return Err(refused(
-                    Code::FailedPrecondition,
+                    Outcome::FailedPrecondition,
                     format!("{name} is disabled already"),
                 ));
             }
@@ -514,7 +514,7 @@ async fn run_admin(
             use rustls_pki_types::{CertificateDer, pem::PemObject};
             let der = CertificateDer::from_pem_file(&cert).map_err(|e| {
                 refused(
-                    Code::InvalidArgument,
+                    Outcome::InvalidArgument,
                     format!("{}: not a PEM certificate: {e}", cert.display()),
                 )
             })?;
@@ -555,7 +555,7 @@ async fn run_admin(
             ..
         } => {
             let invalid = |e: ern_registry::domain::DomainError| {
-                refused(Code::InvalidArgument, e.to_string())
+                refused(Outcome::InvalidArgument, e.to_string())
             };
             let code = ern_registry::domain::CentreCode::parse(&code).map_err(invalid)?;
             let country = ern_registry::domain::CountryCode::parse(&country.to_ascii_uppercase())
@@ -579,14 +579,14 @@ async fn run_admin(
         } => {
             let role = Role::parse(&role).ok_or_else(|| {
                 refused(
-                    Code::InvalidArgument,
+                    Outcome::InvalidArgument,
                     "role must be physician, consent-officer, researcher or admin",
                 )
             })?;
             let name = name.trim();
             if name.is_empty() || name.len() > 128 {
                 return Err(refused(
-                    Code::InvalidArgument,
+                    Outcome::InvalidArgument,
                     "name must be 1 to 128 characters",
                 ));
             }
@@ -608,7 +608,7 @@ async fn run_admin(
         }
         AdminCommand::RevokeKey { key_id, .. } => {
             if !admin::revoke_api_key(conn, &key_id).await? {
-                return Err(refused(Code::NotFound, format!("no live key {key_id}")));
+                return Err(refused(Outcome::NotFound, format!("no live key {key_id}")));
             }
             done.lines.push(format!(
                 "revoked key {key_id}; it is refused from the next call on"
@@ -619,12 +619,12 @@ async fn run_admin(
 }
 
 /// The gRPC code name an admin action's failure is recorded with.
-fn admin_outcome(err: &ern_registry::store::StoreError) -> tonic::Code {
+fn admin_outcome(err: &ern_registry::store::StoreError) -> Outcome {
     match err {
-        ern_registry::store::StoreError::NotFound(_) => tonic::Code::NotFound,
-        ern_registry::store::StoreError::AlreadyExists(_) => tonic::Code::AlreadyExists,
-        ern_registry::store::StoreError::Invalid(_) => tonic::Code::InvalidArgument,
-        e if e.is_unavailable() => tonic::Code::Unavailable,
-        _ => tonic::Code::Internal,
+        ern_registry::store::StoreError::NotFound(_) => Outcome::NotFound,
+        ern_registry::store::StoreError::AlreadyExists(_) => Outcome::AlreadyExists,
+        ern_registry::store::StoreError::Invalid(_) => Outcome::InvalidArgument,
+        e if e.is_unavailable() => Outcome::Unavailable,
+        _ => Outcome::Internal,
     }
 }

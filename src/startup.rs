@@ -18,9 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::api::drain::DrainLayer;
 use crate::api::wire::WireContractLayer;
-use crate::api::{
-    AppState, admin::AdminApi, case::CaseApi, consent::ConsentApi, research::ResearchApi,
-};
+use crate::api::{admin::AdminApi, case::CaseApi, consent::ConsentApi, research::ResearchApi};
 use crate::audit::AuditKey;
 use crate::auth::{AuthCounters, KeyHasher, KeyVerifier};
 use crate::config::ServeArgs;
@@ -35,6 +33,7 @@ use crate::proto::research_service_server::ResearchServiceServer;
 use crate::pseudonym::Pseudonymiser;
 use crate::ratelimit::{CallGate, PrincipalLimiter};
 use crate::refusals::{Flusher, Refusals};
+use crate::service::Services;
 use crate::store::writer::Writer;
 use crate::store::{Backend, Store, StoreError};
 
@@ -418,7 +417,7 @@ pub struct Application {
     _lock: Option<ServerLock>,
     local_addr: SocketAddr,
     listener: TcpListener,
-    state: Arc<AppState>,
+    state: Arc<Services>,
     args: ServeArgs,
     tls: Option<ServerTlsConfig>,
     /// Dead once every writer task has finished: each holds the audit key until it ends.
@@ -466,7 +465,7 @@ impl Application {
         let audit_key = Arc::new(AuditKey::derive(&master));
         let writer_tasks = Arc::downgrade(&audit_key);
         let writer = Writer::start(store.clone(), writers, args.max_batch, audit_key);
-        let state = Arc::new(AppState {
+        let state = Arc::new(Services {
             verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master))),
             pseudonymiser: Pseudonymiser::new(&master),
             research_limiter: PrincipalLimiter::per_minute(
@@ -480,7 +479,7 @@ impl Application {
             refusals: Arc::new(Refusals::per_minute(args.refusals_per_peer_per_minute)),
             calls: CallGate::new(args.max_calls_in_flight),
             max_stream_invalid_items: args.max_stream_invalid_items,
-            protection: crate::api::research::ProtectionPool::new(
+            protection: crate::service::research::ProtectionPool::new(
                 args.protection_workers as usize,
                 std::time::Duration::from_millis(args.protection_budget_ms),
             ),

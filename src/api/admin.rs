@@ -2,11 +2,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, SharedState, audited};
+use super::{SharedState, audited, authorize};
 use crate::auth::Role;
 use crate::consent::{timestamp_from_proto, timestamp_to_proto};
 use crate::domain::FieldViolations;
 use crate::proto::{self, admin_service_server::AdminService};
+use crate::service::{Call, ServiceError, admin};
 use crate::store::audit::AuditFilter;
 use crate::store::{from_millis, millis};
 
@@ -30,7 +31,7 @@ impl AdminApi {
         request: Request<proto::ListAuditEntriesRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::ListAuditEntriesResponse>, Status> {
-        self.state.authorize(&request, Role::Admin, call).await?;
+        let principal = authorize(&self.state, &request, Role::Admin, call).await?;
         let req = request.into_inner();
         let mut v = FieldViolations::new();
         for (field, value) in [
@@ -58,7 +59,7 @@ impl AdminApi {
         if req.limit > MAX_PAGE {
             v.push("limit", format!("at most {MAX_PAGE}"));
         }
-        v.into_result().map_err(ApiError::from)?;
+        v.into_result().map_err(ServiceError::from)?;
         let limit = if req.limit == 0 {
             DEFAULT_PAGE
         } else {
@@ -74,19 +75,10 @@ impl AdminApi {
             after_seq: i64::try_from(req.after_seq).unwrap_or(i64::MAX),
             limit: i64::from(limit),
         };
-        let stored = self
-            .state
-            .store
-            .audit_entries(&filter)
-            .await
-            .map_err(ApiError::from)?;
-        call.items(stored.len());
-        let next_after_seq = if stored.len() == limit as usize {
-            stored.last().map_or(0, |e| e.seq as u64)
-        } else {
-            0
-        };
-        let entries = stored
+        let page = admin::list_audit_entries(&self.state, &principal, &filter, call).await?;
+        let next_after_seq = page.next_after_seq;
+        let entries = page
+            .entries
             .into_iter()
             .map(|s| proto::AuditEntry {
                 seq: s.seq as u64,

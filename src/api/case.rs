@@ -14,18 +14,15 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{
-    ApiError, Call, SharedState, audited, client_certificate, parse_pseudonym, rejection,
-    zeroize_identifiers,
-};
+use super::{SharedState, audited, authorize, client_certificate, rejection, zeroize_identifiers};
 use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
+use crate::outcome::Outcome;
 use crate::proto::{self, case_service_server::CaseService};
 use crate::pseudonym::PatientIdentity;
 use crate::ratelimit::{Limit, RateLimited};
-use crate::store::cases;
-use crate::store::writer::{Command, SubmitCase, UpdateCase, WriteError};
+use crate::service::{Call, ServiceError, cases, parse_pseudonym};
 
 /// Submissions of one bulk stream processed concurrently (results stay in order).
 const BULK_IN_FLIGHT: usize = 64;
@@ -78,13 +75,9 @@ async fn submit_one(
     principal: &Principal,
     mut request: proto::SubmitCaseRequest,
     call: &mut Call,
-) -> Result<proto::SubmitCaseResponse, ApiError> {
-    let centre = principal.require_centre()?.clone();
-    let registry = state
-        .registry_for(call, principal, &request.registry, "registry")
-        .await;
-    let registry = match registry {
-        Ok(r) => r,
+) -> Result<proto::SubmitCaseResponse, ServiceError> {
+    let access = match cases::open(state, principal, &request.registry, "registry", call).await {
+        Ok(access) => access,
         Err(e) => {
             zeroize_identifiers(&mut request.patient);
             return Err(e);
@@ -112,36 +105,20 @@ async fn submit_one(
         ClientReference::parse(&request.client_reference),
     );
     let (Some(identity), Some(record)) = (identity, record) else {
-        return Err(ApiError::Invalid(violations));
+        return Err(ServiceError::Invalid(violations));
     };
     violations.into_result()?;
-
-    let pseudonym = state
-        .derive_pseudonym(principal, &registry, &identity)
-        .await?;
-    drop(identity);
-    let now = Utc::now();
-    let command = Command::Submit(SubmitCase {
-        registry_id: registry.id,
-        pseudonym: pseudonym.as_str().to_owned(),
-        centre_id: centre.id,
-        principal_id: principal.id,
+    let submission = cases::Submission {
+        identity,
+        record,
         consent,
-        row: cases::to_row(&record),
-        now,
-    });
-    match state.writer.execute_case(command, call.for_writer()).await {
-        Ok(written) => Ok(proto::SubmitCaseResponse {
-            pseudonym: pseudonym.as_str().to_owned(),
-            version: written.version as u32,
-            recorded_at: Some(timestamp_to_proto(written.recorded_at)),
-        }),
-        Err(WriteError::AlreadyExists) => Err(ApiError::CaseExists {
-            registry: registry.code,
-            pseudonym: pseudonym.as_str().to_owned(),
-        }),
-        Err(e) => Err(e.into()),
-    }
+    };
+    let stored = cases::submit(state, &access, submission, call).await?;
+    Ok(proto::SubmitCaseResponse {
+        pseudonym: stored.pseudonym.as_str().to_owned(),
+        version: stored.version as u32,
+        recorded_at: Some(timestamp_to_proto(stored.recorded_at)),
+    })
 }
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<proto::SubmitCasesResult, Status>> + Send>>;
@@ -152,7 +129,7 @@ impl CaseApi {
         request: Request<proto::SubmitCaseRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
-        let principal = match self.state.authorize(&request, Role::Physician, call).await {
+        let principal = match authorize(&self.state, &request, Role::Physician, call).await {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
@@ -169,11 +146,8 @@ impl CaseApi {
         request: Request<Streaming<proto::SubmitCaseRequest>>,
         call: &mut Call,
     ) -> Result<Response<ResultStream>, Status> {
-        let principal = self
-            .state
-            .authorize(&request, Role::Physician, call)
-            .await?;
-        principal.require_centre().map_err(ApiError::from)?;
+        let principal = authorize(&self.state, &request, Role::Physician, call).await?;
+        principal.require_centre().map_err(ServiceError::from)?;
         // An open stream is one of the principal's calls in flight until its input ends.
         let permit = call.take_permit();
         let peer = call.peer();
@@ -181,7 +155,7 @@ impl CaseApi {
         // The key is checked again for every item, so that a key revoked (or expired,
         // or its principal disabled) while the stream is open stops it at the next item.
         let key =
-            Arc::new(PresentedKey::from_metadata(request.metadata()).map_err(ApiError::from)?);
+            Arc::new(PresentedKey::from_metadata(request.metadata()).map_err(ServiceError::from)?);
         let certificate: Arc<Option<String>> = Arc::new(client_certificate(&request));
         let mut input = request.into_inner();
         let state = self.state.clone();
@@ -226,9 +200,9 @@ impl CaseApi {
                     };
                     let code = result
                         .as_ref()
-                        .map_or_else(ApiError::code, |_| tonic::Code::Ok);
+                        .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
                     match state.record(call, code).await {
-                        Err(_) if result.is_ok() => Err(ApiError::Unavailable),
+                        Err(_) if result.is_ok() => Err(ServiceError::Unavailable),
                         _ => result,
                     }
                 });
@@ -257,7 +231,7 @@ impl CaseApi {
                         proto::submit_cases_result::Outcome::Rejected(rejection(err))
                     }
                     Err(_) => proto::submit_cases_result::Outcome::Rejected(rejection(
-                        ApiError::Unavailable,
+                        ServiceError::Unavailable,
                     )),
                 };
                 let result = proto::SubmitCasesResult {
@@ -275,7 +249,7 @@ impl CaseApi {
                         limit: Limit::StreamInvalidItems { max: max_invalid },
                         retry_after: std::time::Duration::from_secs(1),
                     };
-                    let _ = out_tx.send(Err(ApiError::from(limited).into())).await;
+                    let _ = out_tx.send(Err(ServiceError::from(limited).into())).await;
                     break;
                 }
             }
@@ -288,53 +262,28 @@ impl CaseApi {
         request: Request<proto::GetCaseRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::GetCaseResponse>, Status> {
-        let principal = self
-            .state
-            .authorize(&request, Role::Physician, call)
-            .await?;
-        let centre = principal.require_centre().map_err(ApiError::from)?.clone();
+        let principal = authorize(&self.state, &request, Role::Physician, call).await?;
         let req = request.into_inner();
-        let registry = self
-            .state
-            .registry_for(call, &principal, &req.registry, "registry")
-            .await?;
-        let pseudonym = parse_pseudonym(&req.pseudonym, &registry)?;
-        let mut conn = self.state.store.pool().acquire().await.map_err(into_api)?;
-        let stored = cases::get_case(
-            &mut conn,
-            registry.id,
-            pseudonym.as_str(),
-            centre.id,
-            Utc::now(),
-            req.include_history,
-        )
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no case of your centre with this pseudonym in {} (or no REGISTRY_INCLUSION consent in force)",
-                registry.code
-            ))
-        })?;
-        let mut versions = stored
+        let access = cases::open(&self.state, &principal, &req.registry, "registry", call).await?;
+        let pseudonym = parse_pseudonym(&req.pseudonym, access.registry())?;
+        let case = cases::get(&self.state, &access, pseudonym, req.include_history).await?;
+        let mut versions: Vec<proto::CaseVersion> = case
             .versions
             .iter()
-            .map(|v| {
-                Ok(proto::CaseVersion {
-                    version: v.version as u32,
-                    recorded_at: Some(timestamp_to_proto(v.recorded_at)),
-                    recorded_by: v.recorded_by.clone(),
-                    record: Some(cases::from_row(&v.row)?.to_proto()),
-                })
+            .map(|v| proto::CaseVersion {
+                version: v.version as u32,
+                recorded_at: Some(timestamp_to_proto(v.recorded_at)),
+                recorded_by: v.recorded_by.clone(),
+                record: Some(v.record.to_proto()),
             })
-            .collect::<Result<Vec<_>, ApiError>>()?;
+            .collect();
         let current = versions.pop();
         Ok(Response::new(proto::GetCaseResponse {
             case: Some(proto::Case {
-                registry: registry.code,
-                pseudonym: pseudonym.as_str().to_owned(),
-                centre: stored.centre_code,
-                country: stored.country,
+                registry: access.registry().code.clone(),
+                pseudonym: case.pseudonym.as_str().to_owned(),
+                centre: case.centre_code,
+                country: case.country,
                 current,
                 history: versions,
             }),
@@ -346,20 +295,13 @@ impl CaseApi {
         request: Request<proto::UpdateCaseRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::UpdateCaseResponse>, Status> {
-        let principal = self
-            .state
-            .authorize(&request, Role::Physician, call)
-            .await?;
-        let centre = principal.require_centre().map_err(ApiError::from)?.clone();
+        let principal = authorize(&self.state, &request, Role::Physician, call).await?;
         let req = request.into_inner();
-        let registry = self
-            .state
-            .registry_for(call, &principal, &req.registry, "registry")
-            .await?;
+        let access = cases::open(&self.state, &principal, &req.registry, "registry", call).await?;
         let mut violations = FieldViolations::new();
-        let pseudonym = match parse_pseudonym(&req.pseudonym, &registry) {
+        let pseudonym = match parse_pseudonym(&req.pseudonym, access.registry()) {
             Ok(p) => Some(p),
-            Err(ApiError::Invalid(v)) => {
+            Err(ServiceError::Invalid(v)) => {
                 violations.extend(v);
                 None
             }
@@ -374,39 +316,20 @@ impl CaseApi {
         let record = parse_record(req.record.as_ref(), &mut violations);
         let consent = parse_consent(&req.consent, &mut violations);
         let (Some(pseudonym), Some(record)) = (pseudonym, record) else {
-            return Err(ApiError::Invalid(violations).into());
+            return Err(ServiceError::Invalid(violations).into());
         };
-        violations.into_result().map_err(ApiError::from)?;
-        let command = Command::Update(UpdateCase {
-            registry_id: registry.id,
-            pseudonym: pseudonym.as_str().to_owned(),
-            centre_id: centre.id,
-            principal_id: principal.id,
+        violations.into_result().map_err(ServiceError::from)?;
+        let update = cases::Update {
+            pseudonym,
             expected_version: i64::from(req.expected_version),
+            record,
             consent,
-            row: cases::to_row(&record),
-            now: Utc::now(),
-        });
-        let written = match self
-            .state
-            .writer
-            .execute_case(command, call.for_writer())
-            .await
-        {
-            Ok(w) => w,
-            Err(WriteError::NotFound) => {
-                return Err(ApiError::NotFound(format!(
-                    "no case of your centre with this pseudonym in {}",
-                    registry.code
-                ))
-                .into());
-            }
-            Err(e) => return Err(ApiError::from(e).into()),
         };
+        let stored = cases::update(&self.state, &access, update, call).await?;
         Ok(Response::new(proto::UpdateCaseResponse {
-            pseudonym: pseudonym.as_str().to_owned(),
-            version: written.version as u32,
-            recorded_at: Some(timestamp_to_proto(written.recorded_at)),
+            pseudonym: stored.pseudonym.as_str().to_owned(),
+            version: stored.version as u32,
+            recorded_at: Some(timestamp_to_proto(stored.recorded_at)),
         }))
     }
 }
@@ -446,18 +369,13 @@ impl CaseService for CaseApi {
 
 /// A rejection that says the item is unacceptable whatever is on file (malformed, not the
 /// caller's to send, over a limit): what an endless stream of garbage gets.
-fn is_invalid_item(err: &ApiError) -> bool {
-    use tonic::Code;
+fn is_invalid_item(err: &ServiceError) -> bool {
     matches!(
-        err.code(),
-        Code::InvalidArgument
-            | Code::PermissionDenied
-            | Code::NotFound
-            | Code::Unauthenticated
-            | Code::ResourceExhausted
+        err.outcome(),
+        Outcome::InvalidArgument
+            | Outcome::PermissionDenied
+            | Outcome::NotFound
+            | Outcome::Unauthenticated
+            | Outcome::ResourceExhausted
     )
-}
-
-fn into_api(err: sqlx::Error) -> ApiError {
-    ApiError::Internal(err.into())
 }

@@ -1,27 +1,23 @@
 //! `ConsentService`: consent officers record, read and withdraw consent.
 //!
-//! Writes go through the writer (partitioned by patient), so a withdrawal is serialised
-//! with every submission about the same patient, and the erasure commits in the same
-//! transaction as the withdrawal. No response of this service carries clinical data, and
-//! none names who recorded a decision or erased a record (nor the form label they typed)
-//! to anyone but the recorder and the recorder's centre: that name tells which centre
-//! treats the patient.
+//! Protobuf in and out; the rules (who may act, who sees a recorder's name, what a
+//! withdrawal erases) are in `crate::service::consent`.
 
-use chrono::{DateTime, Utc};
-use ring::rand::SecureRandom;
+use chrono::Utc;
 use tonic::{Request, Response, Status};
 
-use super::{
-    ApiError, Call, SharedState, audited, parse_pseudonym, rejection, zeroize_identifiers,
-};
+use super::{SharedState, audited, authorize, rejection, zeroize_identifiers};
 use crate::auth::{Principal, Role};
-use crate::consent::{self, ConsentEvent, Scope, timestamp_from_proto, timestamp_to_proto};
+use crate::consent::{self, Scope, timestamp_from_proto, timestamp_to_proto};
 use crate::domain::{ClientReference, FieldViolations};
+use crate::outcome::Outcome;
 use crate::proto::{self, consent_service_server::ConsentService};
 use crate::pseudonym::{PatientIdentity, Pseudonym};
-use crate::store::Registry;
-use crate::store::consent::{self as consent_store, ConsentRecord, WithdrawalReason};
-use crate::store::writer::{Command, Output, RecordConsent, Withdraw};
+use crate::service::consent::{
+    self as consent_service, ConsentAccess, ConsentView, EventView, Receipt, ScopeStatus,
+};
+use crate::service::{Call, ServiceError, parse_pseudonym};
+use crate::store::consent::WithdrawalReason;
 
 /// Most entries of one RecordConsents call.
 pub const MAX_BULK_ENTRIES: usize = 1000;
@@ -36,12 +32,6 @@ impl ConsentApi {
     }
 }
 
-/// Now, at the millisecond precision the store keeps.
-fn now_millis() -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
-        .expect("current time is in range")
-}
-
 /// Overwrites the identifiers of a patient reference, if it holds any.
 fn zeroize_patient_ref(patient: &mut Option<proto::PatientRef>) {
     if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
@@ -51,24 +41,23 @@ fn zeroize_patient_ref(patient: &mut Option<proto::PatientRef>) {
     }
 }
 
-/// Resolves the patient of a request to a pseudonym of `registry`: from identifiers
-/// (derived here, identifiers zeroised at once) or from a pseudonym given.
+/// Resolves the patient of a request to a pseudonym of the registry: from identifiers
+/// (derived by the service, identifiers zeroised at once) or from a pseudonym given.
 async fn resolve_patient(
     state: &SharedState,
-    principal: &Principal,
-    registry: &Registry,
+    access: &ConsentAccess,
     patient: &mut Option<proto::PatientRef>,
     violations: &mut FieldViolations,
-) -> Result<Option<Pseudonym>, ApiError> {
+) -> Result<Option<Pseudonym>, ServiceError> {
     use proto::patient_ref::Kind;
     let Some(kind) = patient.as_mut().and_then(|p| p.kind.as_mut()) else {
         violations.push("patient", "identifiers or a pseudonym are required");
         return Ok(None);
     };
     match kind {
-        Kind::Pseudonym(text) => match parse_pseudonym(text, registry) {
+        Kind::Pseudonym(text) => match parse_pseudonym(text, access.registry()) {
             Ok(p) => Ok(Some(p)),
-            Err(ApiError::Invalid(v)) => {
+            Err(ServiceError::Invalid(v)) => {
                 violations.extend(v.nest("patient"));
                 Ok(None)
             }
@@ -80,9 +69,7 @@ async fn resolve_patient(
             zeroize_identifiers(&mut taken);
             match identity {
                 Ok(identity) => Ok(Some(
-                    state
-                        .derive_pseudonym(principal, registry, &identity)
-                        .await?,
+                    consent_service::resolve(state, access, identity).await?,
                 )),
                 Err(v) => {
                     violations.extend(v.nest("patient.identifiers"));
@@ -93,67 +80,34 @@ async fn resolve_patient(
     }
 }
 
-/// Whether `viewer` may see who recorded a decision (or erased a record): the recorder
-/// themself, and principals of the recorder's centre. A recorder's name (and the form
-/// label their centre typed, which often names the hospital) tells which centre treats
-/// the patient; an officer of another centre, or of the ERN, acts on the patient's
-/// consent without needing that.
-fn recorder_visible_to(viewer: &Principal, recorder_id: i64, recorder_centre: Option<i64>) -> bool {
-    viewer.id == recorder_id
-        || viewer
-            .centre
-            .as_ref()
-            .is_some_and(|c| recorder_centre == Some(c.id))
-}
-
-/// A decision on file as `viewer` may see it: to anyone but the recorder's centre, the
-/// role it was recorded in (`source`) and the dates, without the recorder's name or the
-/// form label.
-fn event_to_proto(e: &ConsentRecord, viewer: &Principal) -> proto::ConsentEvent {
-    let (recorded_by, form_version) =
-        if recorder_visible_to(viewer, e.recorder_id, e.recorder_centre) {
-            (e.recorded_by.clone(), e.form_version.clone())
-        } else {
-            (String::new(), String::new())
-        };
+fn event_to_proto(e: &EventView) -> proto::ConsentEvent {
     proto::ConsentEvent {
         id: e.id as u64,
         scope: e.scope.to_proto() as i32,
         state: e.decision.to_proto() as i32,
         given_at: Some(timestamp_to_proto(e.given_at)),
-        form_version,
+        form_version: e.form_version.clone(),
         expires_at: e.expires_at.map(timestamp_to_proto),
         recorded_at: Some(timestamp_to_proto(e.recorded_at)),
-        recorded_by,
+        recorded_by: e.recorded_by.clone(),
         source: e.source.clone(),
     }
 }
 
-/// The decision in force per scope at `at`.
-pub fn status_at(history: &[ConsentRecord], at: DateTime<Utc>) -> proto::ConsentStatus {
-    let events: Vec<ConsentEvent> = history
-        .iter()
-        .map(|e| ConsentEvent {
-            seq: e.id,
-            scope: e.scope,
-            decision: e.decision,
-            given_at: e.given_at,
-            expires_at: e.expires_at,
-        })
-        .collect();
+fn status_to_proto(at: chrono::DateTime<Utc>, scopes: &[ScopeStatus]) -> proto::ConsentStatus {
     proto::ConsentStatus {
         at: Some(timestamp_to_proto(at)),
-        scopes: Scope::ALL
-            .into_iter()
-            .map(|scope| match consent::in_force(&events, scope, at) {
+        scopes: scopes
+            .iter()
+            .map(|s| match &s.in_force {
                 None => proto::ScopeStatus {
-                    scope: scope.to_proto() as i32,
+                    scope: s.scope.to_proto() as i32,
                     ..Default::default()
                 },
                 Some(e) => proto::ScopeStatus {
-                    scope: scope.to_proto() as i32,
+                    scope: s.scope.to_proto() as i32,
                     state: e.decision.to_proto() as i32,
-                    active: consent::is_active(&events, scope, at),
+                    active: e.active,
                     given_at: Some(timestamp_to_proto(e.given_at)),
                     expires_at: e.expires_at.map(timestamp_to_proto),
                 },
@@ -162,18 +116,21 @@ pub fn status_at(history: &[ConsentRecord], at: DateTime<Utc>) -> proto::Consent
     }
 }
 
-async fn history(
-    state: &SharedState,
-    registry_id: i64,
-    pseudonym: &str,
-) -> Result<Vec<ConsentRecord>, ApiError> {
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    Ok(consent_store::history(&mut conn, registry_id, pseudonym).await?)
+fn in_force(view: &ConsentView) -> Option<proto::ConsentStatus> {
+    Some(status_to_proto(view.at, &view.in_force))
+}
+
+fn receipt_to_proto(r: Receipt) -> proto::ErasureReceipt {
+    proto::ErasureReceipt {
+        receipt_id: r.receipt_id,
+        registry: r.registry,
+        pseudonym: r.pseudonym,
+        erased_at: Some(timestamp_to_proto(r.erased_at)),
+        erased_by: r.erased_by,
+        reason: reason_to_proto(r.reason),
+        cases_erased: r.cases_erased as u32,
+        versions_erased: r.versions_erased as u32,
+    }
 }
 
 /// One RecordConsent, start to finish, for an authenticated officer.
@@ -182,27 +139,18 @@ async fn record_one(
     principal: &Principal,
     mut request: proto::RecordConsentRequest,
     call: &mut Call,
-) -> Result<proto::RecordConsentResponse, ApiError> {
-    let registry = match state
-        .registry_for(call, principal, &request.registry, "registry")
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            zeroize_patient_ref(&mut request.patient);
-            return Err(e);
-        }
-    };
+) -> Result<proto::RecordConsentResponse, ServiceError> {
+    let access =
+        match consent_service::open(state, principal, &request.registry, "registry", call).await {
+            Ok(access) => access,
+            Err(e) => {
+                zeroize_patient_ref(&mut request.patient);
+                return Err(e);
+            }
+        };
     let mut violations = FieldViolations::new();
-    let pseudonym = resolve_patient(
-        state,
-        principal,
-        &registry,
-        &mut request.patient,
-        &mut violations,
-    )
-    .await?;
-    let now = now_millis();
+    let pseudonym = resolve_patient(state, &access, &mut request.patient, &mut violations).await?;
+    let now = consent_service::now_millis();
     let decisions = if request.decisions.is_empty() {
         violations.push("decisions", "at least one decision is required");
         Vec::new()
@@ -226,29 +174,14 @@ async fn record_one(
         ClientReference::parse(&request.client_reference),
     );
     let Some(pseudonym) = pseudonym else {
-        return Err(ApiError::Invalid(violations));
+        return Err(ServiceError::Invalid(violations));
     };
     violations.into_result()?;
-    let command = Command::RecordConsent(RecordConsent {
-        registry_id: registry.id,
-        pseudonym: pseudonym.as_str().to_owned(),
-        principal_id: principal.id,
-        decisions,
-        now,
-    });
-    let ids = match state.writer.execute(command, call.for_writer()).await? {
-        Output::Consent(ids) => ids,
-        _ => return Err(ApiError::Unavailable),
-    };
-    let history = history(state, registry.id, pseudonym.as_str()).await?;
+    let view = consent_service::record(state, &access, pseudonym, decisions, now, call).await?;
     Ok(proto::RecordConsentResponse {
-        pseudonym: pseudonym.as_str().to_owned(),
-        recorded: history
-            .iter()
-            .filter(|e| ids.contains(&e.id))
-            .map(|e| event_to_proto(e, principal))
-            .collect(),
-        in_force: Some(status_at(&history, now)),
+        pseudonym: view.pseudonym.as_str().to_owned(),
+        recorded: view.events.iter().map(event_to_proto).collect(),
+        in_force: in_force(&view),
     })
 }
 
@@ -273,26 +206,13 @@ fn reason_to_proto(reason: WithdrawalReason) -> i32 {
     }) as i32
 }
 
-/// A fresh receipt id: "rcpt-" and 128 random bits in hex.
-fn new_receipt_id() -> Result<String, ApiError> {
-    let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| ApiError::Unavailable)?;
-    Ok(format!("rcpt-{}", hex::encode(bytes)))
-}
-
 impl ConsentApi {
     async fn record_consent_inner(
         &self,
         request: Request<proto::RecordConsentRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::RecordConsentResponse>, Status> {
-        let principal = match self
-            .state
-            .authorize(&request, Role::ConsentOfficer, call)
-            .await
-        {
+        let principal = match authorize(&self.state, &request, Role::ConsentOfficer, call).await {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
@@ -310,10 +230,7 @@ impl ConsentApi {
         request: Request<proto::RecordConsentsRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::RecordConsentsResponse>, Status> {
-        let principal = self
-            .state
-            .authorize(&request, Role::ConsentOfficer, call)
-            .await?;
+        let principal = authorize(&self.state, &request, Role::ConsentOfficer, call).await?;
         let entries = request.into_inner().entries;
         if entries.is_empty() || entries.len() > MAX_BULK_ENTRIES {
             let mut v = FieldViolations::new();
@@ -321,7 +238,7 @@ impl ConsentApi {
                 "entries",
                 format!("must have 1 to {MAX_BULK_ENTRIES} entries"),
             );
-            return Err(ApiError::Invalid(v).into());
+            return Err(ServiceError::Invalid(v).into());
         }
         // Each patient is its own writer command (atomic per patient); they run
         // concurrently and are grouped into transactions by the writer.
@@ -340,11 +257,11 @@ impl ConsentApi {
                         let mut call = Call::new("ConsentService/RecordConsents");
                         call.by(&principal);
                         let result = record_one(&state, &principal, entry, &mut call).await;
-                        let code = result
+                        let outcome = result
                             .as_ref()
-                            .map_or_else(ApiError::code, |_| tonic::Code::Ok);
-                        match state.record(call, code).await {
-                            Err(_) if result.is_ok() => Err(ApiError::Unavailable),
+                            .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
+                        match state.record(call, outcome).await {
+                            Err(_) if result.is_ok() => Err(ServiceError::Unavailable),
                             _ => result,
                         }
                     }),
@@ -357,7 +274,7 @@ impl ConsentApi {
                 Ok(Ok(recorded)) => proto::record_consents_result::Outcome::Recorded(recorded),
                 Ok(Err(err)) => proto::record_consents_result::Outcome::Rejected(rejection(err)),
                 Err(_) => proto::record_consents_result::Outcome::Rejected(rejection(
-                    ApiError::Unavailable,
+                    ServiceError::Unavailable,
                 )),
             };
             results.push(proto::RecordConsentsResult {
@@ -374,11 +291,7 @@ impl ConsentApi {
         request: Request<proto::WithdrawConsentRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::WithdrawConsentResponse>, Status> {
-        let principal = match self
-            .state
-            .authorize(&request, Role::ConsentOfficer, call)
-            .await
-        {
+        let principal = match authorize(&self.state, &request, Role::ConsentOfficer, call).await {
             Ok(p) => p,
             Err(e) => {
                 let mut inner = request.into_inner();
@@ -387,26 +300,19 @@ impl ConsentApi {
             }
         };
         let mut req = request.into_inner();
-        let registry = match self
-            .state
-            .registry_for(call, &principal, &req.registry, "registry")
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                zeroize_patient_ref(&mut req.patient);
-                return Err(e.into());
-            }
-        };
+        let access =
+            match consent_service::open(&self.state, &principal, &req.registry, "registry", call)
+                .await
+            {
+                Ok(access) => access,
+                Err(e) => {
+                    zeroize_patient_ref(&mut req.patient);
+                    return Err(e.into());
+                }
+            };
         let mut violations = FieldViolations::new();
-        let pseudonym = resolve_patient(
-            &self.state,
-            &principal,
-            &registry,
-            &mut req.patient,
-            &mut violations,
-        )
-        .await?;
+        let pseudonym =
+            resolve_patient(&self.state, &access, &mut req.patient, &mut violations).await?;
         let mut scopes = Vec::new();
         if req.scopes.is_empty() {
             violations.push("scopes", "at least one scope is required");
@@ -431,45 +337,16 @@ impl ConsentApi {
             );
         }
         let (Some(pseudonym), Some(reason)) = (pseudonym, reason) else {
-            return Err(ApiError::Invalid(violations).into());
+            return Err(ServiceError::Invalid(violations).into());
         };
-        violations.into_result().map_err(ApiError::from)?;
-        let now = now_millis();
-        let receipt_id = new_receipt_id()?;
-        let command = Command::Withdraw(Withdraw {
-            registry_id: registry.id,
-            pseudonym: pseudonym.as_str().to_owned(),
-            principal_id: principal.id,
-            scopes,
-            reason,
-            receipt_id: receipt_id.clone(),
-            now,
-        });
-        let erased = match self
-            .state
-            .writer
-            .execute(command, call.for_writer())
-            .await
-            .map_err(ApiError::from)?
-        {
-            Output::Withdrawn { erased, .. } => erased,
-            _ => return Err(ApiError::Unavailable.into()),
-        };
-        let history = history(&self.state, registry.id, pseudonym.as_str()).await?;
-        let receipt = erased.map(|(cases, versions)| proto::ErasureReceipt {
-            receipt_id,
-            registry: registry.code.clone(),
-            pseudonym: pseudonym.as_str().to_owned(),
-            erased_at: Some(timestamp_to_proto(now)),
-            erased_by: principal.name.clone(),
-            reason: reason_to_proto(reason),
-            cases_erased: cases as u32,
-            versions_erased: versions as u32,
-        });
+        violations.into_result().map_err(ServiceError::from)?;
+        let withdrawn =
+            consent_service::withdraw(&self.state, &access, pseudonym, scopes, reason, call)
+                .await?;
         Ok(Response::new(proto::WithdrawConsentResponse {
-            pseudonym: pseudonym.as_str().to_owned(),
-            in_force: Some(status_at(&history, now)),
-            receipt,
+            pseudonym: withdrawn.view.pseudonym.as_str().to_owned(),
+            in_force: in_force(&withdrawn.view),
+            receipt: withdrawn.receipt.map(receipt_to_proto),
         }))
     }
 
@@ -478,19 +355,14 @@ impl ConsentApi {
         request: Request<proto::GetConsentRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::GetConsentResponse>, Status> {
-        let principal = self
-            .state
-            .authorize(&request, Role::ConsentOfficer, call)
-            .await?;
+        let principal = authorize(&self.state, &request, Role::ConsentOfficer, call).await?;
         let req = request.into_inner();
-        let registry = self
-            .state
-            .registry_for(call, &principal, &req.registry, "registry")
-            .await?;
+        let access =
+            consent_service::open(&self.state, &principal, &req.registry, "registry", call).await?;
         let mut violations = FieldViolations::new();
-        let pseudonym = match parse_pseudonym(&req.pseudonym, &registry) {
+        let pseudonym = match parse_pseudonym(&req.pseudonym, access.registry()) {
             Ok(p) => Some(p),
-            Err(ApiError::Invalid(v)) => {
+            Err(ServiceError::Invalid(v)) => {
                 violations.extend(v);
                 None
             }
@@ -505,17 +377,14 @@ impl ConsentApi {
             }
         };
         let Some(pseudonym) = pseudonym else {
-            return Err(ApiError::Invalid(violations).into());
+            return Err(ServiceError::Invalid(violations).into());
         };
-        violations.into_result().map_err(ApiError::from)?;
-        let history = history(&self.state, registry.id, pseudonym.as_str()).await?;
+        violations.into_result().map_err(ServiceError::from)?;
+        let view = consent_service::get(&self.state, &access, pseudonym, at).await?;
         Ok(Response::new(proto::GetConsentResponse {
-            pseudonym: pseudonym.as_str().to_owned(),
-            in_force: Some(status_at(&history, at)),
-            history: history
-                .iter()
-                .map(|e| event_to_proto(e, &principal))
-                .collect(),
+            pseudonym: view.pseudonym.as_str().to_owned(),
+            in_force: in_force(&view),
+            history: view.events.iter().map(event_to_proto).collect(),
         }))
     }
 
@@ -524,56 +393,18 @@ impl ConsentApi {
         request: Request<proto::GetErasureReceiptRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::ErasureReceipt>, Status> {
-        let principal = self
-            .state
-            .authorize(&request, Role::ConsentOfficer, call)
-            .await?;
+        let principal = authorize(&self.state, &request, Role::ConsentOfficer, call).await?;
         let receipt_id = request.into_inner().receipt_id;
-        let well_formed = receipt_id.len() == 37
-            && receipt_id.starts_with("rcpt-")
-            && receipt_id[5..].bytes().all(|b| b.is_ascii_hexdigit());
-        if !well_formed {
+        if !consent_service::is_receipt_id(&receipt_id) {
             let mut v = FieldViolations::new();
             v.push(
                 "receipt_id",
                 "must be a receipt id as issued: \"rcpt-\" and 32 hex digits",
             );
-            return Err(ApiError::Invalid(v).into());
+            return Err(ServiceError::Invalid(v).into());
         }
-        let mut conn = self
-            .state
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(|e| ApiError::Internal(e.into()))?;
-        let not_found =
-            || ApiError::NotFound("no erasure receipt with this id in your registries".into());
-        let erasure = consent_store::erasure_by_receipt(&mut conn, &receipt_id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(not_found)?;
-        // A receipt of a registry the officer does not serve is not theirs to see.
-        if !principal.registries.contains(&erasure.registry_id) {
-            return Err(not_found().into());
-        }
-        // Who erased it, as in the consent history: for the eraser's centre only.
-        let shown = recorder_visible_to(&principal, erasure.eraser_id, erasure.eraser_centre);
-        let erased_by = if shown {
-            erasure.erased_by
-        } else {
-            String::new()
-        };
-        Ok(Response::new(proto::ErasureReceipt {
-            receipt_id: erasure.receipt_id,
-            registry: erasure.registry_code,
-            pseudonym: erasure.pseudonym,
-            erased_at: Some(timestamp_to_proto(erasure.erased_at)),
-            erased_by,
-            reason: reason_to_proto(erasure.reason),
-            cases_erased: erasure.cases_erased as u32,
-            versions_erased: erasure.versions_erased as u32,
-        }))
+        let receipt = consent_service::receipt(&self.state, &principal, &receipt_id).await?;
+        Ok(Response::new(receipt_to_proto(receipt)))
     }
 }
 

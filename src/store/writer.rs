@@ -40,18 +40,17 @@ use sqlx::{AnyConnection, Executor};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
-use tonic::Code;
-
 use super::audit::{self as audit_store, Pending, Wrote};
 use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
 use super::millis;
 use super::purge::{self, Purger};
 use super::{Backend, Store, StoreError};
-use crate::audit::{AuditKey, Entry, code_name};
+use crate::audit::{AuditKey, Entry};
 use crate::consent::{
     self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source,
 };
+use crate::outcome::Outcome;
 
 /// Queue length per writer before senders wait (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
@@ -180,17 +179,17 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// The status a client gets for this error (`api::ApiError` maps it the same way;
-    /// a test holds them together). Recorded as the outcome of the audit entry.
-    pub fn code(&self) -> Code {
+    /// The outcome of the command, recorded in its audit entry (the service maps the
+    /// error to the same outcome: `service::ServiceError::outcome`).
+    pub fn outcome(&self) -> Outcome {
         match self {
-            WriteError::Consent(_) | WriteError::UseWithdrawal => Code::FailedPrecondition,
-            WriteError::AlreadyExists => Code::AlreadyExists,
-            WriteError::NotFound => Code::NotFound,
-            WriteError::VersionConflict { .. } => Code::Aborted,
-            WriteError::Store(e) if e.is_unavailable() => Code::Unavailable,
-            WriteError::Store(_) => Code::Internal,
-            WriteError::ShuttingDown => Code::Unavailable,
+            WriteError::Consent(_) | WriteError::UseWithdrawal => Outcome::FailedPrecondition,
+            WriteError::AlreadyExists => Outcome::AlreadyExists,
+            WriteError::NotFound => Outcome::NotFound,
+            WriteError::VersionConflict { .. } => Outcome::Aborted,
+            WriteError::Store(e) if e.is_unavailable() => Outcome::Unavailable,
+            WriteError::Store(_) => Outcome::Internal,
+            WriteError::ShuttingDown => Outcome::Unavailable,
         }
     }
 }
@@ -380,7 +379,7 @@ async fn apply_jobs(store: &Store, key: &AuditKey, jobs: Vec<Job>) -> Vec<Answer
 /// Appends the entry of a write whose transaction failed (and rolled back with the entry
 /// it carried), in a transaction of its own, with the outcome the caller gets: a failed
 /// write is in the log too. The entry of an audit-only job is not: its call fails because
-/// its entry could not be written (`api::AppState::conclude`), so there is nothing true to
+/// its entry could not be written (`api::conclude`), so there is nothing true to
 /// record. If this append fails as well (the database is away, the log refuses writes),
 /// the failure is logged.
 async fn audit_failure(
@@ -393,7 +392,7 @@ async fn audit_failure(
     let (Some(mut entry), false) = (audit, matches!(command, Command::Audit)) else {
         return;
     };
-    entry.outcome = code_name(err.code()).to_string();
+    entry.outcome = err.outcome().name().to_string();
     let pending = [Pending {
         at: millis(Utc::now()),
         entry,
@@ -498,14 +497,14 @@ async fn apply_in(
         };
         if let Some(entry) = audit {
             let outcome = match &result {
-                Ok(_) => Code::Ok,
-                Err(e) => e.code(),
+                Ok(_) => Outcome::Ok,
+                Err(e) => e.outcome(),
             };
             let mut entry = entry;
             // An entry that comes with a change records the change's outcome; one that
             // comes alone (Command::Audit) carries the outcome of its call already.
             if entry.outcome.is_empty() {
-                entry.outcome = code_name(outcome).to_string();
+                entry.outcome = outcome.name().to_string();
             }
             entries.push(Pending {
                 at: millis(Utc::now()),

@@ -1,0 +1,233 @@
+//! Cases: physicians submit, update and read back their own centre's cases.
+//!
+//! A submission runs in this order: the caller is authenticated (by `api`, through
+//! [`Services::authorize`]); [`open`] requires the physician role, a centre, and a
+//! registry of the centre's ERNs, and returns the [`CaseAccess`] every other function here
+//! takes (no access, no call); `api` converts the request to domain types, reporting all
+//! violations at once; only then does [`submit`] derive the pseudonym (rate limited,
+//! counted) and hand the write to the writer, which checks consent and commits durably
+//! before anything is answered.
+
+use chrono::{DateTime, Utc};
+
+use super::{Call, ServiceError, Services};
+use crate::auth::{CentreRef, Principal, Role};
+use crate::consent::ConsentDecision;
+use crate::domain::CaseRecord;
+use crate::pseudonym::{PatientIdentity, Pseudonym};
+use crate::store::cases;
+use crate::store::writer::{Command, SubmitCase, UpdateCase, WriteError};
+use crate::store::{Registry, StoreError};
+
+/// A physician's access to one registry: proof that the caller is a physician of a
+/// centre that is a member of the registry's ERN. Only [`open`] makes one.
+#[derive(Debug, Clone)]
+pub struct CaseAccess {
+    principal: Principal,
+    centre: CentreRef,
+    registry: Registry,
+}
+
+impl CaseAccess {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+}
+
+/// Requires that `principal` is a physician of a centre and may act on the registry
+/// `registry_code` (a malformed code is a violation of `field`, an unknown one NOT_FOUND,
+/// one outside the centre's ERNs PERMISSION_DENIED).
+pub async fn open(
+    services: &Services,
+    principal: &Principal,
+    registry_code: &str,
+    field: &str,
+    call: &mut Call,
+) -> Result<CaseAccess, ServiceError> {
+    principal.require_role(Role::Physician)?;
+    let centre = principal.require_centre()?.clone();
+    let registry = services
+        .registry_for(call, principal, registry_code, field)
+        .await?;
+    Ok(CaseAccess {
+        principal: principal.clone(),
+        centre,
+        registry,
+    })
+}
+
+/// A new case as submitted: who the patient is, the record, and the consent the
+/// physician attests.
+pub struct Submission {
+    pub identity: PatientIdentity,
+    pub record: CaseRecord,
+    pub consent: Vec<ConsentDecision>,
+}
+
+/// A new version of an existing case of the centre.
+pub struct Update {
+    pub pseudonym: Pseudonym,
+    /// The version the update is based on (optimistic concurrency: ABORTED if stale).
+    pub expected_version: i64,
+    pub record: CaseRecord,
+    pub consent: Vec<ConsentDecision>,
+}
+
+/// What a submission or an update stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub pseudonym: Pseudonym,
+    pub version: i64,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// A case of the caller's centre as read back: versions oldest first, the last current.
+#[derive(Debug, Clone)]
+pub struct CaseView {
+    pub pseudonym: Pseudonym,
+    pub centre_code: String,
+    pub country: String,
+    pub versions: Vec<VersionView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VersionView {
+    pub version: i64,
+    pub recorded_at: DateTime<Utc>,
+    pub recorded_by: String,
+    pub record: CaseRecord,
+}
+
+/// Submits a new case: derives the pseudonym (the identity is dropped right after), then
+/// the writer checks consent (attested plus on file) and that the centre has no case of
+/// the patient yet, and commits the case, version 1 and the consent events.
+pub async fn submit(
+    services: &Services,
+    access: &CaseAccess,
+    submission: Submission,
+    call: &mut Call,
+) -> Result<Stored, ServiceError> {
+    let Submission {
+        identity,
+        record,
+        consent,
+    } = submission;
+    let pseudonym = services
+        .derive_pseudonym(&access.principal, &access.registry, &identity)
+        .await?;
+    drop(identity);
+    let command = Command::Submit(SubmitCase {
+        registry_id: access.registry.id,
+        pseudonym: pseudonym.as_str().to_owned(),
+        centre_id: access.centre.id,
+        principal_id: access.principal.id,
+        consent,
+        row: cases::to_row(&record),
+        now: Utc::now(),
+    });
+    match services
+        .writer
+        .execute_case(command, call.for_writer())
+        .await
+    {
+        Ok(written) => Ok(Stored {
+            pseudonym,
+            version: written.version,
+            recorded_at: written.recorded_at,
+        }),
+        Err(WriteError::AlreadyExists) => Err(ServiceError::CaseExists {
+            registry: access.registry.code.clone(),
+            pseudonym: pseudonym.as_str().to_owned(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Stores a new version of a case of the caller's centre.
+pub async fn update(
+    services: &Services,
+    access: &CaseAccess,
+    update: Update,
+    call: &mut Call,
+) -> Result<Stored, ServiceError> {
+    let command = Command::Update(UpdateCase {
+        registry_id: access.registry.id,
+        pseudonym: update.pseudonym.as_str().to_owned(),
+        centre_id: access.centre.id,
+        principal_id: access.principal.id,
+        expected_version: update.expected_version,
+        consent: update.consent,
+        row: cases::to_row(&update.record),
+        now: Utc::now(),
+    });
+    match services
+        .writer
+        .execute_case(command, call.for_writer())
+        .await
+    {
+        Ok(written) => Ok(Stored {
+            pseudonym: update.pseudonym,
+            version: written.version,
+            recorded_at: written.recorded_at,
+        }),
+        Err(WriteError::NotFound) => Err(ServiceError::NotFound(format!(
+            "no case of your centre with this pseudonym in {}",
+            access.registry.code
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads a case of the caller's centre, filtered on REGISTRY_INCLUSION in force now in
+/// the same statement. No case, another centre's case and no consent all answer the same
+/// NOT_FOUND.
+pub async fn get(
+    services: &Services,
+    access: &CaseAccess,
+    pseudonym: Pseudonym,
+    include_history: bool,
+) -> Result<CaseView, ServiceError> {
+    let mut conn = services
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    let stored = cases::get_case(
+        &mut conn,
+        access.registry.id,
+        pseudonym.as_str(),
+        access.centre.id,
+        Utc::now(),
+        include_history,
+    )
+    .await?
+    .ok_or_else(|| {
+        ServiceError::NotFound(format!(
+            "no case of your centre with this pseudonym in {} (or no REGISTRY_INCLUSION consent in force)",
+            access.registry.code
+        ))
+    })?;
+    let versions = stored
+        .versions
+        .iter()
+        .map(|v| {
+            Ok(VersionView {
+                version: v.version,
+                recorded_at: v.recorded_at,
+                recorded_by: v.recorded_by.clone(),
+                record: cases::from_row(&v.row)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(CaseView {
+        pseudonym,
+        centre_code: stored.centre_code,
+        country: stored.country,
+        versions,
+    })
+}

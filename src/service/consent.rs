@@ -1,0 +1,379 @@
+//! Consent: consent officers record, read and withdraw consent, and look up erasure
+//! receipts.
+//!
+//! Writes go through the writer (partitioned by patient), so a withdrawal is serialised
+//! with every submission about the same patient, and the erasure commits in the same
+//! transaction as the withdrawal. Nothing here returns clinical data, and nothing names
+//! who recorded a decision or erased a record (nor the form label they typed) to anyone
+//! but the recorder and the recorder's centre ([`recorder_visible_to`]): that name tells
+//! which centre treats the patient.
+
+use chrono::{DateTime, Utc};
+use ring::rand::SecureRandom;
+
+use super::{Call, ServiceError, Services};
+use crate::auth::{Principal, Role};
+use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope};
+use crate::pseudonym::{PatientIdentity, Pseudonym};
+use crate::store::consent::{self as consent_store, ConsentRecord, Erasure, WithdrawalReason};
+use crate::store::writer::{Command, Output, RecordConsent, Withdraw};
+use crate::store::{Registry, StoreError};
+
+/// A consent officer's access to one registry. Only [`open`] makes one.
+#[derive(Debug, Clone)]
+pub struct ConsentAccess {
+    principal: Principal,
+    registry: Registry,
+}
+
+impl ConsentAccess {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Requires the consent-officer role (again: deny by default) and a registry of the
+/// officer's.
+pub async fn open(
+    services: &Services,
+    principal: &Principal,
+    registry_code: &str,
+    field: &str,
+    call: &mut Call,
+) -> Result<ConsentAccess, ServiceError> {
+    principal.require_role(Role::ConsentOfficer)?;
+    let registry = services
+        .registry_for(call, principal, registry_code, field)
+        .await?;
+    Ok(ConsentAccess {
+        principal: principal.clone(),
+        registry,
+    })
+}
+
+/// Requires the consent-officer role, for calls that name no registry (a receipt
+/// lookup: the receipt names it).
+pub fn require_officer(principal: &Principal) -> Result<(), ServiceError> {
+    Ok(principal.require_role(Role::ConsentOfficer)?)
+}
+
+/// The pseudonym of a patient named by identifiers: derived (rate limited and counted
+/// per officer, like a physician's). The identity is dropped here.
+pub async fn resolve(
+    services: &Services,
+    access: &ConsentAccess,
+    identity: PatientIdentity,
+) -> Result<Pseudonym, ServiceError> {
+    services
+        .derive_pseudonym(&access.principal, &access.registry, &identity)
+        .await
+}
+
+/// Now, at the millisecond precision the store keeps.
+pub fn now_millis() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
+        .expect("current time is in range")
+}
+
+/// A decision on file as the viewer may see it: to anyone but the recorder's centre,
+/// without the recorder's name or the form label.
+#[derive(Debug, Clone)]
+pub struct EventView {
+    pub id: i64,
+    pub scope: Scope,
+    pub decision: Decision,
+    pub given_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub recorded_at: DateTime<Utc>,
+    /// Empty unless the viewer may see it.
+    pub recorded_by: String,
+    /// Empty unless the viewer may see it.
+    pub form_version: String,
+    pub source: String,
+}
+
+/// The decision in force for one scope at an instant, if any.
+#[derive(Debug, Clone)]
+pub struct ScopeStatus {
+    pub scope: Scope,
+    pub in_force: Option<InForce>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InForce {
+    pub decision: Decision,
+    /// Granted and not expired at the instant.
+    pub active: bool,
+    pub given_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A patient's consent as an officer sees it.
+#[derive(Debug, Clone)]
+pub struct ConsentView {
+    pub pseudonym: Pseudonym,
+    /// The instant `in_force` is evaluated at.
+    pub at: DateTime<Utc>,
+    pub in_force: Vec<ScopeStatus>,
+    /// The whole history (GetConsent) or the decisions just recorded (RecordConsent).
+    pub events: Vec<EventView>,
+}
+
+/// What a withdrawal did.
+#[derive(Debug, Clone)]
+pub struct Withdrawn {
+    pub view: ConsentView,
+    /// When REGISTRY_INCLUSION was withdrawn: the erasure, after its purge.
+    pub receipt: Option<Receipt>,
+}
+
+/// An erasure receipt as the viewer may see it.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub receipt_id: String,
+    pub registry: String,
+    pub pseudonym: String,
+    pub erased_at: DateTime<Utc>,
+    /// Empty unless the viewer may see it.
+    pub erased_by: String,
+    pub reason: WithdrawalReason,
+    pub cases_erased: i64,
+    pub versions_erased: i64,
+}
+
+/// Whether `viewer` may see who recorded a decision (or erased a record): the recorder
+/// themself, and principals of the recorder's centre. A recorder's name (and the form
+/// label their centre typed, which often names the hospital) tells which centre treats
+/// the patient; an officer of another centre, or of the ERN, acts on the patient's
+/// consent without needing that.
+pub fn recorder_visible_to(
+    viewer: &Principal,
+    recorder_id: i64,
+    recorder_centre: Option<i64>,
+) -> bool {
+    viewer.id == recorder_id
+        || viewer
+            .centre
+            .as_ref()
+            .is_some_and(|c| recorder_centre == Some(c.id))
+}
+
+fn event_view(e: &ConsentRecord, viewer: &Principal) -> EventView {
+    let shown = recorder_visible_to(viewer, e.recorder_id, e.recorder_centre);
+    EventView {
+        id: e.id,
+        scope: e.scope,
+        decision: e.decision,
+        given_at: e.given_at,
+        expires_at: e.expires_at,
+        recorded_at: e.recorded_at,
+        recorded_by: if shown {
+            e.recorded_by.clone()
+        } else {
+            String::new()
+        },
+        form_version: if shown {
+            e.form_version.clone()
+        } else {
+            String::new()
+        },
+        source: e.source.clone(),
+    }
+}
+
+/// The decision in force per scope at `at` (`consent::in_force`, `consent::is_active`).
+pub fn status_at(history: &[ConsentRecord], at: DateTime<Utc>) -> Vec<ScopeStatus> {
+    let events: Vec<ConsentEvent> = history
+        .iter()
+        .map(|e| ConsentEvent {
+            seq: e.id,
+            scope: e.scope,
+            decision: e.decision,
+            given_at: e.given_at,
+            expires_at: e.expires_at,
+        })
+        .collect();
+    Scope::ALL
+        .into_iter()
+        .map(|scope| ScopeStatus {
+            scope,
+            in_force: consent::in_force(&events, scope, at).map(|e| InForce {
+                decision: e.decision,
+                active: consent::is_active(&events, scope, at),
+                given_at: e.given_at,
+                expires_at: e.expires_at,
+            }),
+        })
+        .collect()
+}
+
+async fn history(
+    services: &Services,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<Vec<ConsentRecord>, ServiceError> {
+    let mut conn = services
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    Ok(consent_store::history(&mut conn, registry_id, pseudonym).await?)
+}
+
+/// Records an officer's decisions (granted or refused) for one patient, effective `now`
+/// (given at, at the latest, now); answers the decisions recorded and those in force.
+pub async fn record(
+    services: &Services,
+    access: &ConsentAccess,
+    pseudonym: Pseudonym,
+    decisions: Vec<ConsentDecision>,
+    now: DateTime<Utc>,
+    call: &mut Call,
+) -> Result<ConsentView, ServiceError> {
+    let command = Command::RecordConsent(RecordConsent {
+        registry_id: access.registry.id,
+        pseudonym: pseudonym.as_str().to_owned(),
+        principal_id: access.principal.id,
+        decisions,
+        now,
+    });
+    let ids = match services.writer.execute(command, call.for_writer()).await? {
+        Output::Consent(ids) => ids,
+        _ => return Err(ServiceError::Unavailable),
+    };
+    let history = history(services, access.registry.id, pseudonym.as_str()).await?;
+    Ok(ConsentView {
+        events: history
+            .iter()
+            .filter(|e| ids.contains(&e.id))
+            .map(|e| event_view(e, &access.principal))
+            .collect(),
+        in_force: status_at(&history, now),
+        at: now,
+        pseudonym,
+    })
+}
+
+/// A fresh receipt id: "rcpt-" and 128 random bits in hex.
+fn new_receipt_id() -> Result<String, ServiceError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ServiceError::Unavailable)?;
+    Ok(format!("rcpt-{}", hex::encode(bytes)))
+}
+
+/// Whether `text` has the form of a receipt id as issued.
+pub fn is_receipt_id(text: &str) -> bool {
+    text.len() == 37
+        && text.starts_with("rcpt-")
+        && text[5..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Withdraws consent for `scopes`, effective now. Withdrawing REGISTRY_INCLUSION erases
+/// the patient's record in the registry; the receipt is answered after the purge.
+pub async fn withdraw(
+    services: &Services,
+    access: &ConsentAccess,
+    pseudonym: Pseudonym,
+    scopes: Vec<Scope>,
+    reason: WithdrawalReason,
+    call: &mut Call,
+) -> Result<Withdrawn, ServiceError> {
+    let now = now_millis();
+    let receipt_id = new_receipt_id()?;
+    let command = Command::Withdraw(Withdraw {
+        registry_id: access.registry.id,
+        pseudonym: pseudonym.as_str().to_owned(),
+        principal_id: access.principal.id,
+        scopes,
+        reason,
+        receipt_id: receipt_id.clone(),
+        now,
+    });
+    let erased = match services.writer.execute(command, call.for_writer()).await? {
+        Output::Withdrawn { erased, .. } => erased,
+        _ => return Err(ServiceError::Unavailable),
+    };
+    let history = history(services, access.registry.id, pseudonym.as_str()).await?;
+    let receipt = erased.map(|(cases, versions)| Receipt {
+        receipt_id,
+        registry: access.registry.code.clone(),
+        pseudonym: pseudonym.as_str().to_owned(),
+        erased_at: now,
+        erased_by: access.principal.name.clone(),
+        reason,
+        cases_erased: cases,
+        versions_erased: versions,
+    });
+    Ok(Withdrawn {
+        view: ConsentView {
+            in_force: status_at(&history, now),
+            at: now,
+            events: Vec::new(),
+            pseudonym,
+        },
+        receipt,
+    })
+}
+
+/// A patient's consent history and the decisions in force at `at`.
+pub async fn get(
+    services: &Services,
+    access: &ConsentAccess,
+    pseudonym: Pseudonym,
+    at: DateTime<Utc>,
+) -> Result<ConsentView, ServiceError> {
+    let history = history(services, access.registry.id, pseudonym.as_str()).await?;
+    Ok(ConsentView {
+        in_force: status_at(&history, at),
+        events: history
+            .iter()
+            .map(|e| event_view(e, &access.principal))
+            .collect(),
+        at,
+        pseudonym,
+    })
+}
+
+/// An erasure receipt by its id, for an officer of the registry it belongs to (to any
+/// other: NOT_FOUND, as if it did not exist).
+pub async fn receipt(
+    services: &Services,
+    principal: &Principal,
+    receipt_id: &str,
+) -> Result<Receipt, ServiceError> {
+    require_officer(principal)?;
+    let mut conn = services
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    let not_found =
+        || ServiceError::NotFound("no erasure receipt with this id in your registries".into());
+    let erasure: Erasure = consent_store::erasure_by_receipt(&mut conn, receipt_id)
+        .await?
+        .ok_or_else(not_found)?;
+    // A receipt of a registry the officer does not serve is not theirs to see.
+    if !principal.registries.contains(&erasure.registry_id) {
+        return Err(not_found());
+    }
+    // Who erased it, as in the consent history: for the eraser's centre only.
+    let shown = recorder_visible_to(principal, erasure.eraser_id, erasure.eraser_centre);
+    Ok(Receipt {
+        receipt_id: erasure.receipt_id,
+        registry: erasure.registry_code,
+        pseudonym: erasure.pseudonym,
+        erased_at: erasure.erased_at,
+        erased_by: if shown {
+            erasure.erased_by
+        } else {
+            String::new()
+        },
+        reason: erasure.reason,
+        cases_erased: erasure.cases_erased,
+        versions_erased: erasure.versions_erased,
+    })
+}

@@ -1,0 +1,483 @@
+//! The service layer: one home for each use case's rules.
+//!
+//! Every use case (submit a case, record consent, withdraw, count patients, ...) is a
+//! method of a service here, and owns, in this order: authentication and authorisation of
+//! the caller (role, centre, ERN), pseudonym derivation (rate limited and counted; the
+//! only path to [`Pseudonymiser::derive`] outside the demo generator), consent policy, the
+//! write through [`Writer`] or the read through the store, and the audit record of the
+//! outcome ([`Call`]). It speaks domain types and [`ServiceError`]; it knows neither
+//! protobuf nor gRPC. `api` converts protobuf to domain types and back and maps
+//! [`ServiceError`] to a `tonic::Status` in one place; `store` runs SQL and holds no
+//! policy.
+//!
+//! - [`cases`]: physicians submit, update and read their centre's cases;
+//! - [`consent`]: consent officers record, read and withdraw consent, look up receipts;
+//! - [`research`]: aggregates for researchers, where-is-the-expertise for physicians;
+//! - [`admin`]: the audit log for admins.
+
+pub mod admin;
+pub mod cases;
+pub mod consent;
+pub mod research;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tracing::{info, warn};
+
+use crate::audit::Entry;
+use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role, Verdict};
+use crate::consent::InclusionRefused;
+use crate::domain::{FieldViolations, RegistryCode};
+use crate::outcome::Outcome;
+use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser, RegistryRef};
+use crate::ratelimit::{CallGate, CallPermit, Peer, PrincipalLimiter, RateLimited};
+use crate::refusals::Refusals;
+use crate::store::writer::{Command, WriteError, Writer};
+use crate::store::{Registry, Store, StoreError};
+
+/// What the services share: the store, the writer, the key verifier, the pseudonymiser and
+/// the limits. One per process, behind an `Arc`.
+pub struct Services {
+    pub store: Store,
+    pub writer: Writer,
+    pub verifier: KeyVerifier,
+    pub pseudonymiser: Pseudonymiser,
+    /// Research queries per principal.
+    pub research_limiter: PrincipalLimiter,
+    /// Pseudonym derivations per principal.
+    pub derivation_limiter: PrincipalLimiter,
+    /// Calls refused before authentication: per-peer allowance, audit summary.
+    pub refusals: Arc<Refusals>,
+    /// Calls in flight per principal.
+    pub calls: CallGate,
+    /// Invalid items a bulk stream may send before it is ended.
+    pub max_stream_invalid_items: u32,
+    /// Where research tables are protected: off the async runtime, bounded, with a deadline.
+    pub protection: research::ProtectionPool,
+    /// Whether the database answers (probed every second; see `crate::health`).
+    pub database: crate::health::DatabaseWatch,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("the request has {} invalid field(s); see the field violations", .0.len())]
+    Invalid(FieldViolations),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MissingConsent(#[from] InclusionRefused),
+    #[error(
+        "your centre already has a case for this patient in registry {registry}; use UpdateCase"
+    )]
+    CaseExists { registry: String, pseudonym: String },
+    #[error("the case is at version {current}; read it again and re-apply your change")]
+    VersionConflict { current: i64 },
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+    #[error("the service is shutting down; retry on another instance or later")]
+    Unavailable,
+    #[error("{0}; retry in a moment")]
+    Busy(&'static str),
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(err: StoreError) -> Self {
+        ServiceError::Internal(err)
+    }
+}
+
+impl From<FieldViolations> for ServiceError {
+    fn from(v: FieldViolations) -> Self {
+        ServiceError::Invalid(v)
+    }
+}
+
+impl From<WriteError> for ServiceError {
+    fn from(err: WriteError) -> Self {
+        match err {
+            WriteError::Consent(refused) => ServiceError::MissingConsent(refused),
+            // The handler knows the registry and pseudonym and maps these itself; these
+            // arms are the fallback.
+            WriteError::AlreadyExists => ServiceError::CaseExists {
+                registry: String::new(),
+                pseudonym: String::new(),
+            },
+            WriteError::NotFound => ServiceError::NotFound("no such case of your centre".into()),
+            WriteError::VersionConflict { current } => ServiceError::VersionConflict { current },
+            WriteError::Store(err) => ServiceError::Internal(err),
+            WriteError::ShuttingDown => ServiceError::Unavailable,
+            e @ WriteError::UseWithdrawal => ServiceError::Precondition(e.to_string()),
+        }
+    }
+}
+
+impl ServiceError {
+    /// How a use case that fails so ends: recorded in its audit entry, and the status
+    /// code `api` answers with.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ServiceError::Auth(
+                AuthError::MissingCredentials
+                | AuthError::InvalidKey
+                | AuthError::CertificateMismatch,
+            ) => Outcome::Unauthenticated,
+            ServiceError::Auth(_) => Outcome::PermissionDenied,
+            ServiceError::Invalid(_) => Outcome::InvalidArgument,
+            ServiceError::NotFound(_) => Outcome::NotFound,
+            ServiceError::MissingConsent(_) => Outcome::FailedPrecondition,
+            ServiceError::CaseExists { .. } => Outcome::AlreadyExists,
+            ServiceError::VersionConflict { .. } => Outcome::Aborted,
+            ServiceError::Precondition(_) => Outcome::FailedPrecondition,
+            ServiceError::RateLimited(_) => Outcome::ResourceExhausted,
+            ServiceError::Unavailable | ServiceError::Busy(_) => Outcome::Unavailable,
+            ServiceError::Internal(cause) if cause.is_unavailable() => Outcome::Unavailable,
+            ServiceError::Internal(_) => Outcome::Internal,
+        }
+    }
+}
+
+/// The audit record of one call, filled in as the handler learns who and what. Every
+/// call is concluded with [`api::conclude`], which appends it (unless the writer
+/// already did, in the transaction of the change it records).
+#[derive(Debug, Clone)]
+pub struct Call {
+    entry: Entry,
+    audited: bool,
+    /// Where the call came from (for refusals before authentication).
+    peer: Peer,
+    /// The principal's place among its calls in flight, held until the call is dropped.
+    permit: Option<Arc<CallPermit>>,
+}
+
+impl Call {
+    /// The method, as `Service/Method`.
+    pub fn method(&self) -> &str {
+        &self.entry.method
+    }
+
+    /// `method` as `Service/Method`.
+    pub fn new(method: &str) -> Call {
+        Call {
+            entry: Entry {
+                method: method.into(),
+                ..Entry::default()
+            },
+            audited: false,
+            peer: Peer::Unknown,
+            permit: None,
+        }
+    }
+
+    /// The authenticated caller.
+    pub fn by(&mut self, principal: &Principal) {
+        self.entry.principal_id = Some(principal.id);
+        self.entry.principal = principal.name.clone();
+        self.entry.role = principal.role.as_str().into();
+        self.entry.centre = principal
+            .centre
+            .as_ref()
+            .map(|c| c.code.clone())
+            .unwrap_or_default();
+    }
+
+    /// The registry the call is about.
+    pub fn registry(&mut self, code: &str) {
+        self.entry.registry = code.into();
+    }
+
+    /// How many records, cells or items the call wrote or returned.
+    pub fn items(&mut self, n: usize) {
+        self.entry.items = n as i64;
+    }
+
+    /// The network peer the call came from.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    /// Sets the peer (for the items of a stream, which are calls of their own).
+    pub fn from_peer(&mut self, peer: Peer) {
+        self.peer = peer;
+    }
+
+    /// Takes the principal's in-flight place out of the call, for a stream to hold while
+    /// it is open.
+    pub fn take_permit(&mut self) -> Option<Arc<CallPermit>> {
+        self.permit.take()
+    }
+
+    /// The entry for the writer to append with the change (and its outcome).
+    pub fn for_writer(&mut self) -> Option<Entry> {
+        self.audited = true;
+        Some(self.entry.clone())
+    }
+}
+
+/// What a caller presents: the API key (or why none could be read), the fingerprint of
+/// its client certificate (mutual TLS) and where it called from. Built by `api` from the
+/// request's metadata and connection.
+pub struct Credentials {
+    pub key: Result<PresentedKey, AuthError>,
+    pub certificate: Option<String>,
+    pub peer: Peer,
+}
+
+impl Services {
+    /// Appends the entry of a call that did not reach the writer (a read, a refusal).
+    pub async fn record(&self, call: Call, outcome: Outcome) -> Result<(), WriteError> {
+        if call.audited {
+            return Ok(());
+        }
+        // A call that never authenticated is counted per peer, not logged one by one: a
+        // flood of bad keys must not cost an audit row each (`refusals`).
+        if call.entry.principal_id.is_none() {
+            self.refusals.note(
+                call.peer,
+                &call.entry.principal,
+                &call.entry.method,
+                outcome.name(),
+            );
+            return Ok(());
+        }
+        let mut entry = call.entry;
+        entry.outcome = outcome.name().into();
+        self.writer.execute(Command::Audit, Some(entry)).await?;
+        Ok(())
+    }
+
+    /// Derives a patient's pseudonym for `principal`: the only way the API derives one.
+    /// Derivation is an oracle (a BSN is enumerable), so it is rate limited per principal
+    /// and counted per principal in the metrics.
+    ///
+    /// After a key rotation, new patients get pseudonyms of the active key version, and a
+    /// patient already known to the registry under an older version keeps that pseudonym
+    /// (their records and consent stay linked): the older versions are derived too and
+    /// looked up.
+    async fn derive_pseudonym(
+        &self,
+        principal: &Principal,
+        registry: &Registry,
+        identity: &PatientIdentity,
+    ) -> Result<Pseudonym, ServiceError> {
+        if let Err(limited) = self.derivation_limiter.check(principal.id) {
+            metrics::counter!("ern_rate_limited_total", "limit" => "pseudonym_derivations")
+                .increment(1);
+            return Err(limited.into());
+        }
+        metrics::counter!("ern_pseudonym_derivations_total", "principal" => principal.name.clone())
+            .increment(1);
+        let active = registry_ref(registry)?;
+        let current = self.pseudonymiser.derive(active, identity);
+        if active.key_version <= 1 {
+            return Ok(current);
+        }
+        let older: Vec<Pseudonym> = (1..active.key_version)
+            .map(|key_version| {
+                self.pseudonymiser.derive(
+                    RegistryRef {
+                        key_version,
+                        ..active
+                    },
+                    identity,
+                )
+            })
+            .collect();
+        let candidates: Vec<&str> = older.iter().map(Pseudonym::as_str).collect();
+        match self.store.known_pseudonym(registry.id, &candidates).await? {
+            Some(known) => Ok(older
+                .into_iter()
+                .find(|p| p.as_str() == known)
+                .unwrap_or(current)),
+            None => Ok(current),
+        }
+    }
+
+    /// Authenticates a caller: a live key of an enabled principal. Then takes the
+    /// principal's place among its calls in flight (held by `call`).
+    ///
+    /// A refusal takes one from the peer's allowance (`refusals`); a peer with none left
+    /// is refused here, before any database read, unless it presents a key this process
+    /// has verified (another caller behind the same address).
+    pub async fn authenticate(
+        &self,
+        credentials: &Credentials,
+        call: &mut Call,
+    ) -> Result<Principal, ServiceError> {
+        let peer = credentials.peer;
+        call.peer = peer;
+        let key = &credentials.key;
+        if let Err(limited) = self.refusals.check(peer)
+            && !key.as_ref().is_ok_and(|key| self.verifier.known_good(key))
+        {
+            metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
+            return Err(limited.into());
+        }
+        let result = match key {
+            Ok(key) => {
+                self.authenticate_key(key, credentials.certificate.as_deref(), call)
+                    .await
+            }
+            Err(e) => Err(e.clone().into()),
+        };
+        let principal = match result {
+            Ok(principal) => principal,
+            Err(err) => {
+                if matches!(err, ServiceError::Busy(_)) || err.outcome() == Outcome::Unauthenticated
+                {
+                    self.refusals.charge(peer);
+                }
+                return Err(err);
+            }
+        };
+        let permit = self.calls.enter(principal.id).await.inspect_err(|_| {
+            metrics::counter!("ern_rate_limited_total", "limit" => "calls_in_flight").increment(1);
+        })?;
+        call.permit = Some(Arc::new(permit));
+        Ok(principal)
+    }
+
+    /// Checks a presented key against its row (read on every call: revocation, expiry and
+    /// disabling take effect at once). A key of an earlier version, hashed with Argon2id,
+    /// is re-stored as HMAC once verified.
+    pub async fn authenticate_key(
+        &self,
+        key: &PresentedKey,
+        certificate: Option<&str>,
+        call: &mut Call,
+    ) -> Result<Principal, ServiceError> {
+        self.verifier.counters().looked_up_key();
+        let Some(record) = self.store.load_key(&key.key_id).await? else {
+            return Err(AuthError::InvalidKey.into());
+        };
+        // The key id is public (it names the key, it does not unlock it): a failed
+        // attempt on a key that exists is recorded under it. (Ids that name no key are
+        // not: they are whatever the caller chose.)
+        call.entry.principal = format!("key:{}", key.key_id);
+        let now = Utc::now().timestamp_millis();
+        let live = record.revoked_at.is_none()
+            && record.expires_at.is_none_or(|exp| exp > now)
+            && !record.principal_disabled;
+        // Verify even a dead key, so that refusing it costs what refusing a wrong secret
+        // costs.
+        let verified = match self.verifier.verify(key, &record.secret_hash).await {
+            Verdict::Valid => true,
+            Verdict::Migrate(hash) => {
+                match self
+                    .store
+                    .replace_key_hash(&key.key_id, &record.secret_hash, &hash)
+                    .await
+                {
+                    Ok(true) => {
+                        info!(key_id = %key.key_id, "API key hash migrated from Argon2id to HMAC-SHA256")
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        warn!(key_id = %key.key_id, error = %err, "API key hash not migrated; it will be on its next use")
+                    }
+                }
+                true
+            }
+            Verdict::Invalid => false,
+            Verdict::Busy => return Err(ServiceError::Busy("API key verification is busy")),
+        };
+        if verified && live {
+            call.by(&record.principal);
+            // A principal bound to client certificates must present one of them (mutual
+            // TLS): a stolen key alone is not enough.
+            let bound = &record.bound_certificates;
+            if !bound.is_empty() && !certificate.is_some_and(|c| bound.iter().any(|b| b == c)) {
+                return Err(AuthError::CertificateMismatch.into());
+            }
+            Ok(record.principal)
+        } else {
+            Err(AuthError::InvalidKey.into())
+        }
+    }
+
+    /// Authenticates and requires `role`.
+    pub async fn authorize(
+        &self,
+        credentials: &Credentials,
+        role: Role,
+        call: &mut Call,
+    ) -> Result<Principal, ServiceError> {
+        let principal = self.authenticate(credentials, call).await?;
+        principal.require_role(role)?;
+        Ok(principal)
+    }
+
+    /// Resolves a registry named in a request and checks the caller may act on it.
+    /// A malformed code is a field violation; an unknown one NOT_FOUND.
+    pub async fn registry_for(
+        &self,
+        call: &mut Call,
+        principal: &Principal,
+        code: &str,
+        field: &str,
+    ) -> Result<Registry, ServiceError> {
+        let code = RegistryCode::parse(code).map_err(|e| {
+            let mut v = FieldViolations::new();
+            v.push(field, e.to_string());
+            ServiceError::Invalid(v)
+        })?;
+        call.registry(code.as_str());
+        let registry = self
+            .store
+            .registry_by_code(code.as_str())
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("no registry {}", code.as_str())))?;
+        principal.require_registry(registry.id, &registry.code)?;
+        Ok(registry)
+    }
+}
+
+/// Parses a pseudonym of `registry`; one of another registry is a field violation.
+pub fn parse_pseudonym(text: &str, registry: &Registry) -> Result<Pseudonym, ServiceError> {
+    let mut v = FieldViolations::new();
+    match Pseudonym::parse(text) {
+        Ok(p) if i64::from(p.registry_seq()) == registry.id => return Ok(p),
+        Ok(_) => v.push("pseudonym", "belongs to another registry"),
+        Err(e) => v.push("pseudonym", e.to_string()),
+    }
+    Err(ServiceError::Invalid(v))
+}
+
+/// The key reference of a registry for pseudonym derivation.
+pub fn registry_ref(registry: &Registry) -> Result<RegistryRef<'_>, ServiceError> {
+    let corrupt = || ServiceError::Internal(StoreError::Corrupt("registry numbering".into()));
+    Ok(RegistryRef {
+        seq: u16::try_from(registry.id).map_err(|_| corrupt())?,
+        code: &registry.code,
+        key_version: u16::try_from(registry.active_key_version).map_err(|_| corrupt())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer records a command's outcome in its audit entry itself: it must be the
+    /// outcome the caller is answered with.
+    #[test]
+    fn the_writer_audits_the_outcome_the_caller_gets() {
+        let errors = [
+            WriteError::AlreadyExists,
+            WriteError::NotFound,
+            WriteError::VersionConflict { current: 2 },
+            WriteError::Store(StoreError::Corrupt("x".into())),
+            WriteError::ShuttingDown,
+            WriteError::UseWithdrawal,
+        ];
+        for e in errors {
+            let outcome = e.outcome();
+            assert_eq!(ServiceError::from(e).outcome(), outcome);
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Research: aggregates for researchers (counts, diagnostic delay) and where the
+//! expertise is, for physicians and researchers.
+//!
+//! Who may ask what, the rate of questions, and that no table leaves before
+//! `aggregate::suppress` has proven it safe against the registry's rules: all here. The
+//! database counts (`store::research`), `aggregate` assembles and protects; nothing here
+//! ever sees a row or a pseudonym.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tracing::info;
+
+use super::{Call, ServiceError, Services};
+use crate::aggregate::suppress::Rules;
+use crate::aggregate::{self, CountTable, DelayTable, Dimension, Filter, QueryError, TableBuilder};
+use crate::auth::{AuthError, Principal, Role};
+use crate::domain::{FieldViolations, RegistryCode};
+use crate::store::research::{ResearchError, Selection};
+use crate::store::{Registry, StoreError};
+
+/// Where research tables are protected: a bounded pool of blocking threads, so that one
+/// large table cannot stall other calls on the async runtime, and a deadline per query.
+/// A table not proven safe by its deadline is never published (fail closed).
+pub struct ProtectionPool {
+    permits: Arc<tokio::sync::Semaphore>,
+    budget: Duration,
+}
+
+impl ProtectionPool {
+    /// At most `workers` protections at once, each given `budget` from the moment it asks
+    /// (waiting for a worker counts).
+    pub fn new(workers: usize, budget: Duration) -> Self {
+        ProtectionPool {
+            permits: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
+            budget,
+        }
+    }
+
+    /// Runs `work` (given its deadline) on a blocking thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Instant) -> Result<T, QueryError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let deadline = Instant::now() + self.budget;
+        let permit =
+            tokio::time::timeout_at(deadline.into(), Arc::clone(&self.permits).acquire_owned())
+                .await
+                .map_err(|_| ServiceError::Busy("every research worker is busy"))?
+                .map_err(|_| ServiceError::Unavailable)?;
+        let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(deadline)
+        })
+        .await
+        .map_err(|_| {
+            ServiceError::Internal(StoreError::Invalid("table protection panicked".into()))
+        })?;
+        joined.map_err(|e| ServiceError::from(ResearchError::Query(e)))
+    }
+}
+
+impl From<ResearchError> for ServiceError {
+    fn from(err: ResearchError) -> Self {
+        match err {
+            ResearchError::Store(e) => ServiceError::Internal(e),
+            ResearchError::Query(QueryError::TooFine) => {
+                let mut v = FieldViolations::new();
+                v.push("group_by", QueryError::TooFine.to_string());
+                ServiceError::Invalid(v)
+            }
+            ResearchError::Query(e @ QueryError::Unprovable) => {
+                ServiceError::Precondition(e.to_string())
+            }
+            ResearchError::Query(QueryError::Invalid(msg)) => {
+                ServiceError::Internal(StoreError::Invalid(msg))
+            }
+        }
+    }
+}
+
+/// The registry's disclosure rules, as the store keeps them (checked there on write).
+fn rules_of(registry: &Registry) -> Result<Rules, ServiceError> {
+    let level = |v: i64| u64::try_from(v).unwrap_or(0);
+    Rules::new(
+        level(registry.min_cell_count),
+        level(registry.protection_level),
+    )
+    .map_err(|e| ServiceError::Internal(StoreError::Invalid(e.to_string())))
+}
+
+/// Takes one question from the principal's research allowance.
+fn take_question(services: &Services, principal: &Principal) -> Result<(), ServiceError> {
+    services
+        .research_limiter
+        .check(principal.id)
+        .inspect_err(|_| {
+            metrics::counter!("ern_rate_limited_total", "limit" => "research_queries").increment(1);
+        })?;
+    Ok(())
+}
+
+/// A researcher's access to one registry of their ERNs, one question taken from their
+/// allowance. Only [`open`] makes one.
+#[derive(Debug, Clone)]
+pub struct ResearchAccess {
+    principal: Principal,
+    registry: Registry,
+}
+
+impl ResearchAccess {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Requires the researcher role, takes one question from the allowance, and requires a
+/// registry of the researcher's.
+pub async fn open(
+    services: &Services,
+    principal: &Principal,
+    registry_code: &str,
+    call: &mut Call,
+) -> Result<ResearchAccess, ServiceError> {
+    principal.require_role(Role::Researcher)?;
+    take_question(services, principal)?;
+    let registry = services
+        .registry_for(call, principal, registry_code, "registry")
+        .await?;
+    Ok(ResearchAccess {
+        principal: principal.clone(),
+        registry,
+    })
+}
+
+/// A protected count table, as of `as_of`.
+pub struct Counted {
+    pub table: CountTable,
+    /// Grouped by gene: the unit is patient-gene pairs, not patients.
+    pub by_gene: bool,
+    pub as_of: DateTime<Utc>,
+}
+
+/// Counts consented patients grouped by `group_by`, filtered; protected.
+pub async fn count_patients(
+    services: &Services,
+    access: &ResearchAccess,
+    group_by: Vec<Dimension>,
+    filters: Vec<Filter>,
+    call: &mut Call,
+) -> Result<Counted, ServiceError> {
+    let selection = Selection {
+        registry_id: access.registry.id,
+        group_by,
+        filters,
+        now: Utc::now(),
+    };
+    let mut builder = TableBuilder::new();
+    services
+        .store
+        .count_patients(&selection, &mut builder)
+        .await?;
+    let rules = rules_of(&access.registry)?;
+    let group_by = selection.group_by.clone();
+    let table = services
+        .protection
+        .run(move |deadline| builder.finish(&group_by, rules, deadline))
+        .await?;
+    call.items(table.protected.cells.len());
+    info!(
+        principal = access.principal.id,
+        registry = %access.registry.code,
+        dimensions = selection.group_by.len(),
+        filters = selection.filters.len(),
+        cells = table.protected.cells.len(),
+        suppressed = table.suppressed(),
+        "research count"
+    );
+    Ok(Counted {
+        table,
+        by_gene: selection.group_by.contains(&Dimension::Gene),
+        as_of: selection.now,
+    })
+}
+
+/// Diagnostic delay per group, protected; quantiles only for fully published groups.
+pub async fn diagnostic_delay(
+    services: &Services,
+    access: &ResearchAccess,
+    group_by: Vec<Dimension>,
+    filters: Vec<Filter>,
+    call: &mut Call,
+) -> Result<(DelayTable, DateTime<Utc>), ServiceError> {
+    let selection = Selection {
+        registry_id: access.registry.id,
+        group_by,
+        filters,
+        now: Utc::now(),
+    };
+    let rules = rules_of(&access.registry)?;
+    let builder = services.store.diagnostic_delay(&selection).await?;
+    let table = services
+        .protection
+        .run(move |deadline| builder.finish(rules, deadline))
+        .await?;
+    call.items(table.groups.len());
+    info!(
+        principal = access.principal.id,
+        registry = %access.registry.code,
+        groups = table.groups.len(),
+        suppressed = table.suppressed,
+        "research diagnostic delay"
+    );
+    Ok((table, selection.now))
+}
+
+/// Requires a physician or a researcher, and takes one question from the allowance.
+pub fn open_expertise(services: &Services, principal: &Principal) -> Result<(), ServiceError> {
+    if !matches!(principal.role, Role::Physician | Role::Researcher) {
+        return Err(AuthError::WrongRole {
+            needed: "physician or researcher",
+        }
+        .into());
+    }
+    take_question(services, principal)
+}
+
+/// The registries `principal` may search for expertise: a researcher's own; for a
+/// physician every registry (finding where expertise is, for a referral, is their use of
+/// it); restricted to `asked` when given (a malformed code is a violation of
+/// `registries[i]`, one not allowed PERMISSION_DENIED).
+pub async fn expertise_registries(
+    services: &Services,
+    principal: &Principal,
+    asked: &[String],
+    v: &mut FieldViolations,
+) -> Result<Vec<Registry>, ServiceError> {
+    let all = services.store.list_registries().await?;
+    let allowed: Vec<Registry> = match principal.role {
+        Role::Physician => all,
+        Role::Researcher => all
+            .into_iter()
+            .filter(|r| principal.registries.contains(&r.id))
+            .collect(),
+        _ => {
+            return Err(AuthError::WrongRole {
+                needed: "physician or researcher",
+            }
+            .into());
+        }
+    };
+    if asked.is_empty() {
+        return Ok(allowed);
+    }
+    let mut chosen = Vec::new();
+    for (i, code) in asked.iter().enumerate() {
+        let Ok(code) = RegistryCode::parse(code) else {
+            v.push(format!("registries[{i}]"), "is not a registry code");
+            continue;
+        };
+        match allowed.iter().find(|r| r.code == code.as_str()) {
+            Some(r) => chosen.push(r.clone()),
+            None => {
+                return Err(AuthError::ForeignRegistry {
+                    registry: code.as_str().into(),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// A centre with expertise, its number of cases shown only as a volume band.
+#[derive(Debug, Clone)]
+pub struct ExpertiseCentre {
+    pub centre_code: String,
+    pub centre_name: String,
+    pub country: String,
+    pub registry: String,
+    pub volume: aggregate::VolumeBand,
+}
+
+/// The centres with consented cases of `orphacodes` in `registries` (optionally in
+/// `countries`): largest band first, within a band by centre code, never by the exact
+/// count.
+pub async fn find_expertise(
+    services: &Services,
+    principal: &Principal,
+    orphacodes: &[i64],
+    countries: &[String],
+    registries: &[Registry],
+    call: &mut Call,
+) -> Result<(Vec<ExpertiseCentre>, DateTime<Utc>), ServiceError> {
+    let now = Utc::now();
+    let ids: Vec<i64> = registries.iter().map(|r| r.id).collect();
+    let rows = services
+        .store
+        .expertise(orphacodes, &ids, countries, now)
+        .await?;
+    let mut centres: Vec<ExpertiseCentre> = rows
+        .into_iter()
+        .filter_map(|row| {
+            let registry = registries.iter().find(|r| r.id == row.registry_id)?;
+            Some(ExpertiseCentre {
+                volume: aggregate::volume_band(
+                    row.cases,
+                    registry.min_cell_count as u64,
+                    registry.protection_level as u64,
+                ),
+                centre_code: row.centre_code,
+                centre_name: row.centre_name,
+                country: row.country,
+                registry: registry.code.clone(),
+            })
+        })
+        .collect();
+    centres.sort_by(|a, b| {
+        b.volume
+            .min
+            .cmp(&a.volume.min)
+            .then_with(|| a.centre_code.cmp(&b.centre_code))
+            .then_with(|| a.registry.cmp(&b.registry))
+    });
+    call.items(centres.len());
+    info!(
+        principal = principal.id,
+        role = principal.role.as_str(),
+        codes = orphacodes.len(),
+        centres = centres.len(),
+        "research expertise"
+    );
+    Ok((centres, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Key;
+
+    /// A one-way table with small cells, so protection has work to do.
+    fn builder() -> TableBuilder {
+        let mut b = TableBuilder::new();
+        for (i, n) in [1u64, 2, 30, 3, 40].into_iter().enumerate() {
+            b.add(vec![Key::Int(i as i64)], n).unwrap();
+        }
+        b
+    }
+
+    #[tokio::test]
+    async fn a_table_not_proven_in_time_is_refused_not_published() {
+        let pool = ProtectionPool::new(1, Duration::ZERO);
+        let rules = Rules::new(5, 1).unwrap();
+        let b = builder();
+        let err = pool
+            .run(move |deadline| b.finish(&[Dimension::Sex], rules, deadline))
+            .await
+            .unwrap_err();
+        assert_eq!(err.outcome(), crate::outcome::Outcome::FailedPrecondition);
+        let message = err.to_string();
+        assert!(message.contains("coarser") || message.contains("fewer"));
+    }
+
+    #[tokio::test]
+    async fn protection_runs_within_its_budget_off_the_runtime() {
+        let pool = ProtectionPool::new(1, Duration::from_secs(5));
+        let rules = Rules::new(5, 1).unwrap();
+        let b = builder();
+        let table = pool
+            .run(move |deadline| b.finish(&[Dimension::Sex], rules, deadline))
+            .await
+            .unwrap();
+        assert_eq!(table.protected.cells[0], None);
+        assert_eq!(table.protected.grand_total, Some(76));
+    }
+}
