@@ -2,27 +2,22 @@
 
 use std::process::ExitCode;
 
-use chrono::{Duration, Utc};
 use clap::Parser;
-use ring::rand::SystemRandom;
 use tracing_subscriber::EnvFilter;
 
-use ern_registry::auth::{self, Role};
 use std::sync::Arc;
 
-use ern_registry::audit::{Anchor, AuditKey, Entry};
+use ern_registry::audit::{Anchor, AuditKey};
 use ern_registry::config::{
     AdminCommand, AuditCommand, Cli, Command, GlobalArgs, LogFormat, MasterArgs,
 };
 use ern_registry::keys::{self, KdfFile, MasterSecret, Passphrase};
-use ern_registry::outcome::Outcome;
 use ern_registry::pseudonym::Pseudonymiser;
+use ern_registry::service::admin::{self as admin_service, AdminAction};
 use ern_registry::startup::{self, Application, MasterUse};
-use ern_registry::store::admin;
+use ern_registry::store::Store;
 use ern_registry::store::writer::Writer;
-use ern_registry::store::{Store, StoreError};
 use ern_registry::synthetic;
-use sqlx::AnyConnection;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("ERN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -320,40 +315,9 @@ fn os_user() -> Option<String> {
     std::env::var("USER").ok().filter(|u| !u.is_empty())
 }
 
-/// Why an admin action was refused: the code its audit entry records, and the message.
-struct Refused {
-    code: Outcome,
-    message: String,
-}
-
-impl From<StoreError> for Refused {
-    fn from(err: StoreError) -> Refused {
-        Refused {
-            code: admin_outcome(&err),
-            message: err.to_string(),
-        }
-    }
-}
-
-fn refused(code: Outcome, message: impl Into<String>) -> Refused {
-    Refused {
-        code,
-        message: message.into(),
-    }
-}
-
-/// What an admin action did: what to print once it is committed, what it acted on if
-/// that became known only by doing it, and a key to show once.
-#[derive(Default)]
-struct Done {
-    lines: Vec<String>,
-    target: Option<String>,
-    key: Option<(auth::IssuedKey, Option<chrono::DateTime<Utc>>)>,
-}
-
-/// An admin command that changes something: runs it in one transaction with its audit
-/// entry, or, refused, rolls it back and records the refusal. Nothing is printed (no API
-/// key shown) before the commit.
+/// An admin command that changes something: run by `service::admin::run_action`, in one
+/// transaction with its audit entry (a refusal is recorded too). Nothing is printed (no
+/// API key shown) before the commit.
 async fn audited_admin(
     global: &GlobalArgs,
     store: &Store,
@@ -369,49 +333,81 @@ async fn audited_admin(
                 "{e}\n(admin commands record themselves in the audit log, so they need the database's master key)"
             )
         })?;
-    let key = AuditKey::derive(&secret);
-    let (method, registry, target) = describe(&cmd);
-    let mut entry = Entry {
-        principal: cli_principal(),
-        role: Role::Admin.as_str().into(),
-        method: format!("AdminCli/{method}"),
-        registry,
-        target,
-        items: 1,
-        ..Entry::default()
+    let Some(action) = admin_action(cmd) else {
+        return Err("not an admin command that changes something".into());
     };
-    let mut action = store.begin_admin().await?;
-    match run_admin(action.conn(), &secret, cmd).await {
-        Ok(done) => {
-            entry.outcome = Outcome::Ok.name().into();
-            if let Some(target) = done.target {
-                entry.target = target;
-            }
-            action.commit(&key, entry).await?;
-            for line in done.lines {
-                println!("{line}");
-            }
-            if let Some((issued, expires_at)) = done.key {
-                println!(
-                    "api key (shown once, store it now): {}",
-                    issued.token.as_str()
-                );
-                println!("key id: {}", issued.key_id);
-                if let Some(at) = expires_at {
-                    println!("expires: {}", at.to_rfc3339());
-                }
-            }
-            Ok(())
-        }
-        Err(refusal) => {
-            action.rollback().await?;
-            entry.outcome = refusal.code.name().into();
-            if let Err(e) = store.audit_alone(&key, entry).await {
-                eprintln!("warning: the refusal could not be recorded in the audit log: {e}");
-            }
-            Err(refusal.message.into())
+    let done = admin_service::run_action(store, &secret, &cli_principal(), action).await?;
+    for line in done.lines {
+        println!("{line}");
+    }
+    if let Some((issued, expires_at)) = done.key {
+        println!(
+            "api key (shown once, store it now): {}",
+            issued.token.as_str()
+        );
+        println!("key id: {}", issued.key_id);
+        if let Some(at) = expires_at {
+            println!("expires: {}", at.to_rfc3339());
         }
     }
+    Ok(())
+}
+
+/// The action of an admin command that changes something (a certificate file is read
+/// here; a file that cannot be read is refused, and recorded, like a malformed one).
+fn admin_action(cmd: AdminCommand) -> Option<AdminAction> {
+    Some(match cmd {
+        AdminCommand::ListRegistries => return None,
+        AdminCommand::DisablePrincipal { name, .. } => AdminAction::DisablePrincipal { name },
+        AdminCommand::BindCertificate {
+            principal, cert, ..
+        } => AdminAction::BindCertificate {
+            principal,
+            pem: std::fs::read(&cert).map_err(|e| format!("{}: {e}", cert.display())),
+        },
+        AdminCommand::RotateKey { registry, .. } => AdminAction::RotateKey { registry },
+        AdminCommand::SetMinCellCount { registry, k, .. } => {
+            AdminAction::SetMinCellCount { registry, k }
+        }
+        AdminCommand::SetProtectionLevel {
+            registry, level, ..
+        } => AdminAction::SetProtectionLevel { registry, level },
+        AdminCommand::CreateCentre {
+            code,
+            name,
+            country,
+            erns,
+            ..
+        } => AdminAction::CreateCentre {
+            code,
+            name,
+            country,
+            erns,
+        },
+        AdminCommand::CreatePrincipal {
+            name,
+            role,
+            centre,
+            erns,
+            expires_in_days,
+            ..
+        } => AdminAction::CreatePrincipal {
+            name,
+            role,
+            centre,
+            erns,
+            expires_in_days,
+        },
+        AdminCommand::IssueKey {
+            principal,
+            expires_in_days,
+            ..
+        } => AdminAction::IssueKey {
+            principal,
+            expires_in_days,
+        },
+        AdminCommand::RevokeKey { key_id, .. } => AdminAction::RevokeKey { key_id },
+    })
 }
 
 /// The master key arguments of an admin command that changes something.
@@ -427,204 +423,5 @@ fn admin_master(cmd: &AdminCommand) -> Option<&MasterArgs> {
         | AdminCommand::CreatePrincipal { master, .. }
         | AdminCommand::IssueKey { master, .. }
         | AdminCommand::RevokeKey { master, .. } => Some(master),
-    }
-}
-
-/// The audit entry's action, registry and target of an admin command, as given.
-fn describe(cmd: &AdminCommand) -> (&'static str, String, String) {
-    let none = String::new;
-    match cmd {
-        AdminCommand::ListRegistries => ("ListRegistries", none(), none()),
-        AdminCommand::DisablePrincipal { name, .. } => {
-            ("DisablePrincipal", none(), format!("principal {name}"))
-        }
-        AdminCommand::BindCertificate { principal, .. } => {
-            ("BindCertificate", none(), format!("principal {principal}"))
-        }
-        AdminCommand::RotateKey { registry, .. } => ("RotateKey", registry.clone(), none()),
-        AdminCommand::SetMinCellCount { registry, k, .. } => {
-            ("SetMinCellCount", registry.clone(), format!("k {k}"))
-        }
-        AdminCommand::SetProtectionLevel {
-            registry, level, ..
-        } => (
-            "SetProtectionLevel",
-            registry.clone(),
-            format!("level {level}"),
-        ),
-        AdminCommand::CreateCentre { code, erns, .. } => {
-            ("CreateCentre", erns.join(","), format!("centre {code}"))
-        }
-        AdminCommand::CreatePrincipal { name, erns, .. } => (
-            "CreatePrincipal",
-            erns.join(","),
-            format!("principal {name}"),
-        ),
-        AdminCommand::IssueKey { principal, .. } => {
-            ("IssueKey", none(), format!("principal {principal}"))
-        }
-        AdminCommand::RevokeKey { key_id, .. } => ("RevokeKey", none(), format!("key {key_id}")),
-    }
-}
-
-/// Issues an API key for principal `principal_id` on `conn`; shown after the commit.
-async fn issue_key(
-    conn: &mut AnyConnection,
-    secret: &MasterSecret,
-    principal_id: i64,
-    expires_in_days: Option<u32>,
-) -> Result<(auth::IssuedKey, Option<chrono::DateTime<Utc>>), Refused> {
-    let hasher = auth::KeyHasher::derive(secret);
-    let issued = auth::issue_key(&SystemRandom::new(), &hasher)
-        .map_err(|_| refused(Outcome::Internal, "no system randomness"))?;
-    let expires_at = expires_in_days.map(|d| Utc::now() + Duration::days(i64::from(d)));
-    admin::insert_api_key(
-        conn,
-        &issued.key_id,
-        principal_id,
-        &issued.secret_hash,
-        expires_at,
-    )
-    .await?;
-    Ok((issued, expires_at))
-}
-
-async fn run_admin(
-    conn: &mut AnyConnection,
-    secret: &MasterSecret,
-    cmd: AdminCommand,
-) -> Result<Done, Refused> {
-    let mut done = Done::default();
-    match cmd {
-        AdminCommand::ListRegistries => {}
-        AdminCommand::DisablePrincipal { name, .. } => {
-            if !admin::disable_principal(conn, &name).await? {
-                return Err(refused(
-                    Outcome::FailedPrecondition,
-                    format!("{name} is disabled already"),
-                ));
-            }
-            done.lines.push(format!(
-                "disabled {name}: every key of theirs is refused from the next call on"
-            ));
-        }
-        AdminCommand::BindCertificate {
-            principal, cert, ..
-        } => {
-            use rustls_pki_types::{CertificateDer, pem::PemObject};
-            let der = CertificateDer::from_pem_file(&cert).map_err(|e| {
-                refused(
-                    Outcome::InvalidArgument,
-                    format!("{}: not a PEM certificate: {e}", cert.display()),
-                )
-            })?;
-            let fingerprint = auth::certificate_fingerprint(&der);
-            admin::bind_certificate(conn, &principal, &fingerprint).await?;
-            done.target = Some(format!("principal {principal}, certificate {fingerprint}"));
-            done.lines.push(format!(
-                "bound certificate {fingerprint} to {principal}: its calls must now present it (mutual TLS)"
-            ));
-        }
-        AdminCommand::RotateKey { registry, .. } => {
-            let version = admin::rotate_registry_key(conn, &registry).await?;
-            done.target = Some(format!("key version {version}"));
-            done.lines.push(format!(
-                "{registry}: new patients get pseudonyms of key version {version} from the next call on \
-                 (a running service reads it per call); known patients keep theirs"
-            ));
-        }
-        AdminCommand::SetMinCellCount { registry, k, .. } => {
-            admin::set_min_cell_count(conn, &registry, k).await?;
-            done.lines.push(format!(
-                "{registry}: counts below {k} are suppressed from the next query on"
-            ));
-        }
-        AdminCommand::SetProtectionLevel {
-            registry, level, ..
-        } => {
-            admin::set_protection_level(conn, &registry, level).await?;
-            done.lines.push(format!(
-                "{registry}: every hidden count lies in an interval at least {level} wide, from the next query on"
-            ));
-        }
-        AdminCommand::CreateCentre {
-            code,
-            name,
-            country,
-            erns,
-            ..
-        } => {
-            let invalid = |e: ern_registry::domain::DomainError| {
-                refused(Outcome::InvalidArgument, e.to_string())
-            };
-            let code = ern_registry::domain::CentreCode::parse(&code).map_err(invalid)?;
-            let country = ern_registry::domain::CountryCode::parse(&country.to_ascii_uppercase())
-                .map_err(invalid)?;
-            let id =
-                admin::create_centre(conn, code.as_str(), name.trim(), country.as_str(), &erns)
-                    .await?;
-            done.lines.push(format!(
-                "created centre {} (id {id}) in {}",
-                code.as_str(),
-                erns.join(", ")
-            ));
-        }
-        AdminCommand::CreatePrincipal {
-            name,
-            role,
-            centre,
-            erns,
-            expires_in_days,
-            ..
-        } => {
-            let role = Role::parse(&role).ok_or_else(|| {
-                refused(
-                    Outcome::InvalidArgument,
-                    "role must be physician, consent-officer, researcher or admin",
-                )
-            })?;
-            let name = name.trim();
-            if name.is_empty() || name.len() > 128 {
-                return Err(refused(
-                    Outcome::InvalidArgument,
-                    "name must be 1 to 128 characters",
-                ));
-            }
-            let id = admin::create_principal(conn, name, role, centre.as_deref(), &erns).await?;
-            let (issued, expires_at) = issue_key(conn, secret, id, expires_in_days).await?;
-            done.target = Some(format!("principal {name}, key {}", issued.key_id));
-            done.lines.push(format!("created {role} {name} (id {id})"));
-            done.key = Some((issued, expires_at));
-        }
-        AdminCommand::IssueKey {
-            principal,
-            expires_in_days,
-            ..
-        } => {
-            let id = admin::principal_id(conn, &principal).await?;
-            let (issued, expires_at) = issue_key(conn, secret, id, expires_in_days).await?;
-            done.target = Some(format!("principal {principal}, key {}", issued.key_id));
-            done.key = Some((issued, expires_at));
-        }
-        AdminCommand::RevokeKey { key_id, .. } => {
-            if !admin::revoke_api_key(conn, &key_id).await? {
-                return Err(refused(Outcome::NotFound, format!("no live key {key_id}")));
-            }
-            done.lines.push(format!(
-                "revoked key {key_id}; it is refused from the next call on"
-            ));
-        }
-    }
-    Ok(done)
-}
-
-/// The gRPC code name an admin action's failure is recorded with.
-fn admin_outcome(err: &ern_registry::store::StoreError) -> Outcome {
-    match err {
-        ern_registry::store::StoreError::NotFound(_) => Outcome::NotFound,
-        ern_registry::store::StoreError::AlreadyExists(_) => Outcome::AlreadyExists,
-        ern_registry::store::StoreError::Invalid(_) => Outcome::InvalidArgument,
-        e if e.is_unavailable() => Outcome::Unavailable,
-        _ => Outcome::Internal,
     }
 }

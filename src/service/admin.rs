@@ -1,12 +1,19 @@
-//! Admin: the audit log, read by admins. Listing the log is itself audited (by the call's
-//! own entry). The admin command line (`ern-registry admin ...`) records its actions in
-//! the same chain, through `store::admin`.
+//! Admin: the audit log, read by admins over gRPC (listing it is itself audited, by the
+//! call's own entry), and the actions of the admin command line (`ern-registry admin
+//! ...`): their rules, and the audit entry each is committed with, in its transaction
+//! ([`run_action`]).
 
-use super::Services;
-use super::{Call, ServiceError};
-use crate::audit::Stored;
-use crate::auth::{Principal, Role};
+use chrono::{DateTime, Duration, Utc};
+use ring::rand::SystemRandom;
+use sqlx::AnyConnection;
+
+use super::{Call, ServiceError, Services};
+use crate::audit::{AuditKey, Entry, Stored};
+use crate::auth::{self, Principal, Role};
+use crate::keys::MasterSecret;
+use crate::outcome::Outcome;
 use crate::store::audit::AuditFilter;
+use crate::store::{Store, StoreError, admin};
 
 /// One page of the audit log, oldest first, and the sequence number to continue after
 /// (0 when this page is the last).
@@ -34,4 +41,378 @@ pub async fn list_audit_entries(
         entries,
         next_after_seq,
     })
+}
+
+// ----- The admin command line's actions -----
+
+/// An action of the admin command line (`ern-registry admin ...`) that changes something.
+/// The command line reads its arguments (and a certificate file) into one of these; the
+/// rules and the audit entry are here.
+#[derive(Debug, Clone)]
+pub enum AdminAction {
+    DisablePrincipal {
+        name: String,
+    },
+    /// `pem`: the certificate file's bytes, or why it could not be read.
+    BindCertificate {
+        principal: String,
+        pem: Result<Vec<u8>, String>,
+    },
+    RotateKey {
+        registry: String,
+    },
+    SetMinCellCount {
+        registry: String,
+        k: i64,
+    },
+    SetProtectionLevel {
+        registry: String,
+        level: i64,
+    },
+    CreateCentre {
+        code: String,
+        name: String,
+        country: String,
+        erns: Vec<String>,
+    },
+    CreatePrincipal {
+        name: String,
+        role: String,
+        centre: Option<String>,
+        erns: Vec<String>,
+        expires_in_days: Option<u32>,
+    },
+    IssueKey {
+        principal: String,
+        expires_in_days: Option<u32>,
+    },
+    RevokeKey {
+        key_id: String,
+    },
+}
+
+/// Why an admin action was refused: the outcome its audit entry records, and the message.
+#[derive(Debug)]
+pub struct Refused {
+    pub outcome: Outcome,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl From<StoreError> for Refused {
+    fn from(err: StoreError) -> Refused {
+        Refused {
+            outcome: store_outcome(&err),
+            message: err.to_string(),
+        }
+    }
+}
+
+fn refused(outcome: Outcome, message: impl Into<String>) -> Refused {
+    Refused {
+        outcome,
+        message: message.into(),
+    }
+}
+
+/// The outcome a failed admin action is recorded with.
+fn store_outcome(err: &StoreError) -> Outcome {
+    match err {
+        StoreError::NotFound(_) => Outcome::NotFound,
+        StoreError::AlreadyExists(_) => Outcome::AlreadyExists,
+        StoreError::Invalid(_) => Outcome::InvalidArgument,
+        e if e.is_unavailable() => Outcome::Unavailable,
+        _ => Outcome::Internal,
+    }
+}
+
+/// What an admin action did, committed with its audit entry: what to tell the operator,
+/// and an API key to show once.
+#[derive(Default)]
+pub struct Done {
+    pub lines: Vec<String>,
+    target: Option<String>,
+    pub key: Option<(auth::IssuedKey, Option<DateTime<Utc>>)>,
+}
+
+/// Which principals make sense: physicians belong to a centre (their registries are
+/// those of its ERNs); researchers are members of at least one ERN; consent officers act
+/// for a centre or for registries; admins are bound to neither.
+pub fn check_principal_shape(
+    role: Role,
+    has_centre: bool,
+    has_registries: bool,
+) -> Result<(), Refused> {
+    let invalid = |m: &str| Err(refused(Outcome::InvalidArgument, m));
+    match role {
+        Role::Physician if !has_centre => invalid("a physician belongs to a centre (--centre)"),
+        Role::Physician if has_registries => {
+            invalid("a physician's registries are those of its centre's ERNs; drop --ern")
+        }
+        Role::Researcher if !has_registries => {
+            invalid("a researcher is a member of at least one ERN (--ern)")
+        }
+        Role::ConsentOfficer if !has_centre && !has_registries => {
+            invalid("a consent officer acts for a centre (--centre) or registries (--ern)")
+        }
+        Role::Admin if has_centre || has_registries => {
+            invalid("an admin is bound to no centre or ERN")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs an admin action in one transaction with its audit entry (by `operator`), or,
+/// refused, rolls it back and records the refusal in an entry of its own. Nothing is
+/// returned to show (no API key) before the commit.
+pub async fn run_action(
+    store: &Store,
+    secret: &MasterSecret,
+    operator: &str,
+    action: AdminAction,
+) -> Result<Done, Refused> {
+    let key = AuditKey::derive(secret);
+    let (method, registry, target) = describe(&action);
+    let mut entry = Entry {
+        principal: operator.to_owned(),
+        role: Role::Admin.as_str().into(),
+        method: format!("AdminCli/{method}"),
+        registry,
+        target,
+        items: 1,
+        ..Entry::default()
+    };
+    let mut tx = store.begin_admin().await?;
+    match apply(tx.conn(), secret, action).await {
+        Ok(done) => {
+            entry.outcome = Outcome::Ok.name().into();
+            if let Some(target) = &done.target {
+                entry.target.clone_from(target);
+            }
+            tx.commit(&key, entry).await?;
+            Ok(done)
+        }
+        Err(refusal) => {
+            tx.rollback().await?;
+            entry.outcome = refusal.outcome.name().into();
+            if let Err(e) = store.audit_alone(&key, entry).await {
+                tracing::warn!(error = %e, "the refusal of an admin action could not be recorded in the audit log");
+            }
+            Err(refusal)
+        }
+    }
+}
+
+/// The audit entry's action, registry and target of an admin action, as given.
+fn describe(action: &AdminAction) -> (&'static str, String, String) {
+    let none = String::new;
+    match action {
+        AdminAction::DisablePrincipal { name } => {
+            ("DisablePrincipal", none(), format!("principal {name}"))
+        }
+        AdminAction::BindCertificate { principal, .. } => {
+            ("BindCertificate", none(), format!("principal {principal}"))
+        }
+        AdminAction::RotateKey { registry } => ("RotateKey", registry.clone(), none()),
+        AdminAction::SetMinCellCount { registry, k } => {
+            ("SetMinCellCount", registry.clone(), format!("k {k}"))
+        }
+        AdminAction::SetProtectionLevel {
+            registry, level, ..
+        } => (
+            "SetProtectionLevel",
+            registry.clone(),
+            format!("level {level}"),
+        ),
+        AdminAction::CreateCentre { code, erns, .. } => {
+            ("CreateCentre", erns.join(","), format!("centre {code}"))
+        }
+        AdminAction::CreatePrincipal { name, erns, .. } => (
+            "CreatePrincipal",
+            erns.join(","),
+            format!("principal {name}"),
+        ),
+        AdminAction::IssueKey { principal, .. } => {
+            ("IssueKey", none(), format!("principal {principal}"))
+        }
+        AdminAction::RevokeKey { key_id } => ("RevokeKey", none(), format!("key {key_id}")),
+    }
+}
+
+/// Issues an API key for principal `principal_id` on `conn`; shown after the commit.
+async fn issue_key(
+    conn: &mut AnyConnection,
+    secret: &MasterSecret,
+    principal_id: i64,
+    expires_in_days: Option<u32>,
+) -> Result<(auth::IssuedKey, Option<chrono::DateTime<Utc>>), Refused> {
+    let hasher = auth::KeyHasher::derive(secret);
+    let issued = auth::issue_key(&SystemRandom::new(), &hasher)
+        .map_err(|_| refused(Outcome::Internal, "no system randomness"))?;
+    let expires_at = expires_in_days.map(|d| Utc::now() + Duration::days(i64::from(d)));
+    admin::insert_api_key(
+        conn,
+        &issued.key_id,
+        principal_id,
+        &issued.secret_hash,
+        expires_at,
+    )
+    .await?;
+    Ok((issued, expires_at))
+}
+
+async fn apply(
+    conn: &mut AnyConnection,
+    secret: &MasterSecret,
+    action: AdminAction,
+) -> Result<Done, Refused> {
+    let mut done = Done::default();
+    match action {
+        AdminAction::DisablePrincipal { name } => {
+            if !admin::disable_principal(conn, &name).await? {
+                return Err(refused(
+                    Outcome::FailedPrecondition,
+                    format!("{name} is disabled already"),
+                ));
+            }
+            done.lines.push(format!(
+                "disabled {name}: every key of theirs is refused from the next call on"
+            ));
+        }
+        AdminAction::BindCertificate { principal, pem } => {
+            use rustls_pki_types::{CertificateDer, pem::PemObject};
+            let der = pem
+                .and_then(|pem| CertificateDer::from_pem_slice(&pem).map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    refused(
+                        Outcome::InvalidArgument,
+                        format!("not a PEM certificate: {e}"),
+                    )
+                })?;
+            let fingerprint = auth::certificate_fingerprint(&der);
+            admin::bind_certificate(conn, &principal, &fingerprint).await?;
+            done.target = Some(format!("principal {principal}, certificate {fingerprint}"));
+            done.lines.push(format!(
+                "bound certificate {fingerprint} to {principal}: its calls must now present it (mutual TLS)"
+            ));
+        }
+        AdminAction::RotateKey { registry } => {
+            let version = admin::rotate_registry_key(conn, &registry).await?;
+            done.target = Some(format!("key version {version}"));
+            done.lines.push(format!(
+                "{registry}: new patients get pseudonyms of key version {version} from the next call on \
+                 (a running service reads it per call); known patients keep theirs"
+            ));
+        }
+        AdminAction::SetMinCellCount { registry, k } => {
+            admin::set_min_cell_count(conn, &registry, k).await?;
+            done.lines.push(format!(
+                "{registry}: counts below {k} are suppressed from the next query on"
+            ));
+        }
+        AdminAction::SetProtectionLevel {
+            registry, level, ..
+        } => {
+            admin::set_protection_level(conn, &registry, level).await?;
+            done.lines.push(format!(
+                "{registry}: every hidden count lies in an interval at least {level} wide, from the next query on"
+            ));
+        }
+        AdminAction::CreateCentre {
+            code,
+            name,
+            country,
+            erns,
+        } => {
+            let invalid =
+                |e: crate::domain::DomainError| refused(Outcome::InvalidArgument, e.to_string());
+            let code = crate::domain::CentreCode::parse(&code).map_err(invalid)?;
+            let country = crate::domain::CountryCode::parse(&country.to_ascii_uppercase())
+                .map_err(invalid)?;
+            let id =
+                admin::create_centre(conn, code.as_str(), name.trim(), country.as_str(), &erns)
+                    .await?;
+            done.lines.push(format!(
+                "created centre {} (id {id}) in {}",
+                code.as_str(),
+                erns.join(", ")
+            ));
+        }
+        AdminAction::CreatePrincipal {
+            name,
+            role,
+            centre,
+            erns,
+            expires_in_days,
+        } => {
+            let role = Role::parse(&role).ok_or_else(|| {
+                refused(
+                    Outcome::InvalidArgument,
+                    "role must be physician, consent-officer, researcher or admin",
+                )
+            })?;
+            let name = name.trim();
+            if name.is_empty() || name.len() > 128 {
+                return Err(refused(
+                    Outcome::InvalidArgument,
+                    "name must be 1 to 128 characters",
+                ));
+            }
+            check_principal_shape(role, centre.is_some(), !erns.is_empty())?;
+            let id = admin::create_principal(conn, name, role, centre.as_deref(), &erns).await?;
+            let (issued, expires_at) = issue_key(conn, secret, id, expires_in_days).await?;
+            done.target = Some(format!("principal {name}, key {}", issued.key_id));
+            done.lines.push(format!("created {role} {name} (id {id})"));
+            done.key = Some((issued, expires_at));
+        }
+        AdminAction::IssueKey {
+            principal,
+            expires_in_days,
+        } => {
+            let id = admin::principal_id(conn, &principal).await?;
+            let (issued, expires_at) = issue_key(conn, secret, id, expires_in_days).await?;
+            done.target = Some(format!("principal {principal}, key {}", issued.key_id));
+            done.key = Some((issued, expires_at));
+        }
+        AdminAction::RevokeKey { key_id } => {
+            if !admin::revoke_api_key(conn, &key_id).await? {
+                return Err(refused(Outcome::NotFound, format!("no live key {key_id}")));
+            }
+            done.lines.push(format!(
+                "revoked key {key_id}; it is refused from the next call on"
+            ));
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_principals_that_make_sense_are_created() {
+        let ok = |role, centre, registries| check_principal_shape(role, centre, registries).is_ok();
+        assert!(ok(Role::Physician, true, false));
+        assert!(!ok(Role::Physician, false, false));
+        assert!(!ok(Role::Physician, true, true));
+        assert!(ok(Role::Researcher, false, true));
+        assert!(ok(Role::Researcher, true, true));
+        assert!(!ok(Role::Researcher, true, false));
+        assert!(ok(Role::ConsentOfficer, true, false));
+        assert!(ok(Role::ConsentOfficer, false, true));
+        assert!(!ok(Role::ConsentOfficer, false, false));
+        assert!(ok(Role::Admin, false, false));
+        assert!(!ok(Role::Admin, true, false));
+        assert!(!ok(Role::Admin, false, true));
+        let refusal = check_principal_shape(Role::Admin, true, false).unwrap_err();
+        assert_eq!(refusal.outcome, Outcome::InvalidArgument);
+    }
 }

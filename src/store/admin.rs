@@ -150,8 +150,8 @@ pub async fn create_centre(
     Ok(id)
 }
 
-/// Creates a principal. Physicians need a centre; researchers need registries;
-/// consent officers need one or the other; admins neither.
+/// Creates a principal (which shapes make sense is the service's rule:
+/// `service::admin::check_principal_shape`).
 pub async fn create_principal(
     conn: &mut AnyConnection,
     name: &str,
@@ -159,34 +159,6 @@ pub async fn create_principal(
     centre: Option<&str>,
     registries: &[String],
 ) -> Result<i64> {
-    match role {
-        Role::Physician if centre.is_none() => {
-            return Err(StoreError::Invalid(
-                "a physician belongs to a centre (--centre)".into(),
-            ));
-        }
-        Role::Researcher if registries.is_empty() => {
-            return Err(StoreError::Invalid(
-                "a researcher is a member of at least one ERN (--ern)".into(),
-            ));
-        }
-        Role::ConsentOfficer if centre.is_none() && registries.is_empty() => {
-            return Err(StoreError::Invalid(
-                "a consent officer acts for a centre (--centre) or registries (--ern)".into(),
-            ));
-        }
-        Role::Admin if centre.is_some() || !registries.is_empty() => {
-            return Err(StoreError::Invalid(
-                "an admin is bound to no centre or ERN".into(),
-            ));
-        }
-        Role::Physician if !registries.is_empty() => {
-            return Err(StoreError::Invalid(
-                "a physician's registries are those of its centre's ERNs; drop --ern".into(),
-            ));
-        }
-        _ => {}
-    }
     let exists = sqlx::query("SELECT id FROM principals WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *conn)

@@ -402,8 +402,9 @@ impl Store {
         Ok(id)
     }
 
-    /// Creates a principal. Physicians need a centre; researchers need registries;
-    /// consent officers need one or the other; admins neither.
+    /// Creates a principal, unaudited: for tests, benches and the demo generator's own
+    /// principal. The admin command line creates principals through
+    /// `service::admin::run_action`, which checks their shape and audits.
     pub async fn create_principal(
         &self,
         name: &str,

@@ -430,6 +430,32 @@ async fn admin_cli_actions_are_audited_with_their_outcome() {
     assert!(!again.status.success());
     let unknown = app.cli(&["admin", "rotate-key", "--registry", "ERN-NONE"]);
     assert!(!unknown.status.success());
+    // A principal of a shape the service refuses: an admin bound to a centre.
+    let misshapen = app.cli(&[
+        "admin",
+        "create-principal",
+        "--name",
+        "root-at-amc",
+        "--role",
+        "admin",
+        "--centre",
+        "NL-AMC",
+    ]);
+    assert!(!misshapen.status.success());
+    assert!(
+        String::from_utf8_lossy(&misshapen.stderr).contains("bound to no centre"),
+        "{}",
+        String::from_utf8_lossy(&misshapen.stderr)
+    );
+    let bad_cert = app.cli(&[
+        "admin",
+        "bind-certificate",
+        "--principal",
+        "dr-cli",
+        "--cert",
+        "/nonexistent/cert.pem",
+    ]);
+    assert!(!bad_cert.status.success());
 
     let rows = sqlx::query(
         "SELECT principal, role, method, registry, outcome FROM audit_log ORDER BY seq",
@@ -454,6 +480,8 @@ async fn admin_cli_actions_are_audited_with_their_outcome() {
         ("AdminCli/DisablePrincipal", "", "OK"),
         ("AdminCli/CreateCentre", "ERN-EYE", "ALREADY_EXISTS"),
         ("AdminCli/RotateKey", "ERN-NONE", "NOT_FOUND"),
+        ("AdminCli/CreatePrincipal", "", "INVALID_ARGUMENT"),
+        ("AdminCli/BindCertificate", "", "INVALID_ARGUMENT"),
     ];
     assert_eq!(
         cli.iter()
