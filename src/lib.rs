@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod consent;

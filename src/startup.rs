@@ -21,6 +21,7 @@ use crate::api::wire::WireContractLayer;
 use crate::api::{admin::AdminApi, case::CaseApi, consent::ConsentApi, research::ResearchApi};
 use crate::audit::AuditKey;
 use crate::auth::{AuthCounters, KeyHasher, KeyVerifier};
+use crate::clock::{Clock, SystemClock};
 use crate::config::ServeArgs;
 use crate::connections::{ConnectionLimits, Connections};
 use crate::data_dir::{self, DataDirError, ServerLock};
@@ -432,6 +433,17 @@ impl Application {
         database_url: &str,
         master_key_file: &Path,
     ) -> Result<Application, StartupError> {
+        Self::build_with_clock(args, database_url, master_key_file, Arc::new(SystemClock)).await
+    }
+
+    /// [`Application::build`] with the clock every decision reads (tests move it forward
+    /// instead of sleeping; `crate::clock`).
+    pub async fn build_with_clock(
+        args: ServeArgs,
+        database_url: &str,
+        master_key_file: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Application, StartupError> {
         let kdf_file = args
             .master_kdf_file
             .clone()
@@ -484,6 +496,7 @@ impl Application {
                 std::time::Duration::from_millis(args.protection_budget_ms),
             ),
             database: DatabaseWatch::new(database_url),
+            clock,
             store,
             writer,
         });

@@ -9,7 +9,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -39,6 +39,7 @@ impl CaseApi {
 
 fn parse_record(
     record: Option<&proto::CaseRecord>,
+    now: DateTime<Utc>,
     violations: &mut FieldViolations,
 ) -> Option<CaseRecord> {
     match record {
@@ -46,7 +47,7 @@ fn parse_record(
             violations.push("record", "is required");
             None
         }
-        Some(r) => match CaseRecord::from_proto(r, Utc::now().date_naive()) {
+        Some(r) => match CaseRecord::from_proto(r, now.date_naive()) {
             Ok(record) => Some(record),
             Err(v) => {
                 violations.extend(v.nest("record"));
@@ -58,9 +59,10 @@ fn parse_record(
 
 fn parse_consent(
     items: &[proto::ScopeConsent],
+    now: DateTime<Utc>,
     violations: &mut FieldViolations,
 ) -> Vec<consent::ConsentDecision> {
-    match consent::parse_attestation(items, Utc::now()) {
+    match consent::parse_attestation(items, now) {
         Ok(c) => c,
         Err(v) => {
             violations.extend(v);
@@ -98,8 +100,9 @@ async fn submit_one(
         },
     };
     zeroize_identifiers(&mut request.patient);
-    let record = parse_record(request.record.as_ref(), &mut violations);
-    let consent = parse_consent(&request.consent, &mut violations);
+    let now = state.clock.now();
+    let record = parse_record(request.record.as_ref(), now, &mut violations);
+    let consent = parse_consent(&request.consent, now, &mut violations);
     violations.check(
         "client_reference",
         ClientReference::parse(&request.client_reference),
@@ -313,8 +316,9 @@ impl CaseApi {
                 "is required: the version the update is based on",
             );
         }
-        let record = parse_record(req.record.as_ref(), &mut violations);
-        let consent = parse_consent(&req.consent, &mut violations);
+        let now = self.state.clock.now();
+        let record = parse_record(req.record.as_ref(), now, &mut violations);
+        let consent = parse_consent(&req.consent, now, &mut violations);
         let (Some(pseudonym), Some(record)) = (pseudonym, record) else {
             return Err(ServiceError::Invalid(violations).into());
         };

@@ -3,7 +3,6 @@
 //! Protobuf in and out; the rules (who may act, who sees a recorder's name, what a
 //! withdrawal erases) are in `crate::service::consent`.
 
-use chrono::Utc;
 use tonic::{Request, Response, Status};
 
 use super::{SharedState, audited, authorize, rejection, zeroize_identifiers};
@@ -94,7 +93,10 @@ fn event_to_proto(e: &EventView) -> proto::ConsentEvent {
     }
 }
 
-fn status_to_proto(at: chrono::DateTime<Utc>, scopes: &[ScopeStatus]) -> proto::ConsentStatus {
+fn status_to_proto(
+    at: chrono::DateTime<chrono::Utc>,
+    scopes: &[ScopeStatus],
+) -> proto::ConsentStatus {
     proto::ConsentStatus {
         at: Some(timestamp_to_proto(at)),
         scopes: scopes
@@ -150,7 +152,7 @@ async fn record_one(
         };
     let mut violations = FieldViolations::new();
     let pseudonym = resolve_patient(state, &access, &mut request.patient, &mut violations).await?;
-    let now = consent_service::now_millis();
+    let now = consent_service::now_millis(state);
     let decisions = if request.decisions.is_empty() {
         violations.push("decisions", "at least one decision is required");
         Vec::new()
@@ -369,11 +371,11 @@ impl ConsentApi {
             Err(e) => return Err(e.into()),
         };
         let at = match req.at.as_ref().map(timestamp_from_proto) {
-            None => Utc::now(),
+            None => self.state.clock.now(),
             Some(Some(t)) => t,
             Some(None) => {
                 violations.push("at", "is not a valid timestamp");
-                Utc::now()
+                self.state.clock.now()
             }
         };
         let Some(pseudonym) = pseudonym else {

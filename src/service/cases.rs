@@ -127,7 +127,7 @@ pub async fn submit(
         principal_id: access.principal.id,
         consent,
         row: cases::to_row(&record),
-        now: Utc::now(),
+        now: services.clock.now(),
     });
     match services
         .writer
@@ -162,7 +162,7 @@ pub async fn update(
         expected_version: update.expected_version,
         consent: update.consent,
         row: cases::to_row(&update.record),
-        now: Utc::now(),
+        now: services.clock.now(),
     });
     match services
         .writer
@@ -202,7 +202,7 @@ pub async fn get(
         access.registry.id,
         pseudonym.as_str(),
         access.centre.id,
-        Utc::now(),
+        services.clock.now(),
         include_history,
     )
     .await?

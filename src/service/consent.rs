@@ -69,10 +69,10 @@ pub async fn resolve(
         .await
 }
 
-/// Now, at the millisecond precision the store keeps.
-pub fn now_millis() -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
-        .expect("current time is in range")
+/// Now, by the services' clock, at the millisecond precision the store keeps.
+pub fn now_millis(services: &Services) -> DateTime<Utc> {
+    let now = services.clock.now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
 }
 
 /// A decision on file as the viewer may see it: to anyone but the recorder's centre,
@@ -281,7 +281,7 @@ pub async fn withdraw(
     reason: WithdrawalReason,
     call: &mut Call,
 ) -> Result<Withdrawn, ServiceError> {
-    let now = now_millis();
+    let now = now_millis(services);
     let receipt_id = new_receipt_id()?;
     let command = Command::Withdraw(Withdraw {
         registry_id: access.registry.id,

@@ -22,11 +22,11 @@ pub mod research;
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use tracing::{info, warn};
 
 use crate::audit::Entry;
 use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role, Verdict};
+use crate::clock::Clock;
 use crate::consent::InclusionRefused;
 use crate::domain::{FieldViolations, RegistryCode};
 use crate::outcome::Outcome;
@@ -57,6 +57,8 @@ pub struct Services {
     pub protection: research::ProtectionPool,
     /// Whether the database answers (probed every second; see `crate::health`).
     pub database: crate::health::DatabaseWatch,
+    /// The clock of every decision (`crate::clock`).
+    pub clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +362,7 @@ impl Services {
         // attempt on a key that exists is recorded under it. (Ids that name no key are
         // not: they are whatever the caller chose.)
         call.entry.principal = format!("key:{}", key.key_id);
-        let now = Utc::now().timestamp_millis();
+        let now = self.clock.now().timestamp_millis();
         let live = record.revoked_at.is_none()
             && record.expires_at.is_none_or(|exp| exp > now)
             && !record.principal_disabled;

@@ -154,7 +154,7 @@ pub async fn count_patients(
         registry_id: access.registry.id,
         group_by,
         filters,
-        now: Utc::now(),
+        now: services.clock.now(),
     };
     let mut builder = TableBuilder::new();
     services
@@ -196,7 +196,7 @@ pub async fn diagnostic_delay(
         registry_id: access.registry.id,
         group_by,
         filters,
-        now: Utc::now(),
+        now: services.clock.now(),
     };
     let rules = rules_of(&access.registry)?;
     let builder = services.store.diagnostic_delay(&selection).await?;
@@ -293,7 +293,7 @@ pub async fn find_expertise(
     registries: &[Registry],
     call: &mut Call,
 ) -> Result<(Vec<ExpertiseCentre>, DateTime<Utc>), ServiceError> {
-    let now = Utc::now();
+    let now = services.clock.now();
     let ids: Vec<i64> = registries.iter().map(|r| r.id).collect();
     let rows = services
         .store

@@ -9,8 +9,6 @@
 //! recorded a consent decision (and so which centre treats the patient) only when they are
 //! of the recorder's centre.
 
-use std::time::Duration;
-
 use ern_registry::auth::Role;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
@@ -211,7 +209,7 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
         ))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    app.clock.advance(chrono::Duration::seconds(4));
     let cases_before = app.count("cases").await;
     let events_before = app.count("consent_events").await;
 

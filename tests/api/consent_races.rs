@@ -2,7 +2,7 @@
 //! or submission that starts after a withdrawal's reply sees the patient's record.
 //! Plus the consent rules that must refuse, one test each.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
 use tonic::Code;
@@ -168,11 +168,35 @@ async fn an_expired_inclusion_hides_the_record_from_read_back() {
     });
     let p = dr.submit_case(req).await.unwrap().into_inner().pseudonym;
     dr.get_case(get_case("ERN-EYE", &p)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    app.clock.advance(chrono::Duration::seconds(4));
     let err = dr.get_case(get_case("ERN-EYE", &p)).await.unwrap_err();
     assert_eq!(
         err.code(),
         Code::NotFound,
         "expired consent counts as absent"
     );
+}
+
+#[tokio::test]
+async fn an_inclusion_is_in_force_until_the_instant_it_expires_and_not_at_it() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut req = submission("ERN-EYE", national("NL", &bsn(23)));
+    let expiry = chrono::Utc::now() + chrono::Duration::days(30);
+    let expiry = chrono::DateTime::from_timestamp(expiry.timestamp(), 0).unwrap();
+    req.consent[0].expires_at = Some(prost_types::Timestamp {
+        seconds: expiry.timestamp(),
+        nanos: 0,
+    });
+    let p = dr.submit_case(req).await.unwrap().into_inner().pseudonym;
+    app.clock
+        .freeze_at(expiry - chrono::Duration::milliseconds(1));
+    dr.get_case(get_case("ERN-EYE", &p))
+        .await
+        .expect("in force a millisecond before it expires");
+    for at in [expiry, expiry + chrono::Duration::milliseconds(1)] {
+        app.clock.freeze_at(at);
+        let err = dr.get_case(get_case("ERN-EYE", &p)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "at {at}: expired");
+    }
 }

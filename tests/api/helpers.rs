@@ -8,9 +8,10 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ern_registry::auth::{self, Role};
+use ern_registry::clock::TestClock;
 use ern_registry::config::ServeArgs;
 use ern_registry::proto::{self, case_service_client::CaseServiceClient};
 use ern_registry::startup::Application;
@@ -70,6 +71,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub store: Store,
     pub database_url: String,
+    /// The server's clock: move it forward instead of sleeping until something expires.
+    pub clock: Arc<TestClock>,
     pub dir: TempDir,
     /// Authentication work done by the server (Argon2 runs, key reads).
     pub auth: std::sync::Arc<auth::AuthCounters>,
@@ -124,9 +127,11 @@ impl TestApp {
         let database_url = fresh_database(&dir).await;
         args.listen = "127.0.0.1:0".parse().unwrap();
         let key_file = dir.path().join("master.key");
-        let app = Application::build(args, &route(&database_url), &key_file)
-            .await
-            .expect("application builds");
+        let clock = Arc::new(TestClock::new());
+        let app =
+            Application::build_with_clock(args, &route(&database_url), &key_file, clock.clone())
+                .await
+                .expect("application builds");
         let addr = app.local_addr();
         let store = app.store().clone();
         let (auth, key_hasher) = (app.auth_counters(), app.key_hasher());
@@ -142,6 +147,7 @@ impl TestApp {
             addr,
             store,
             database_url,
+            clock,
             dir,
             auth,
             key_hasher,
