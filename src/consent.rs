@@ -8,8 +8,10 @@
 //! "re-consent must be given after the withdrawal" rule of the design brief. An expired
 //! grant counts as absent.
 //!
-//! This module is pure: no I/O. The store evaluates the same rule in SQL for read paths
-//! (see `store::consent_in_force_sql`), and the tests of both pin them to each other.
+//! This module is pure: no I/O, and it is the source of truth. The store states the same
+//! rule in SQL once, in `store::consent_model`, for every read path (and keeps the table of
+//! decisions in force with it); the property test `tests/api/consent_model.rs` pins that
+//! SQL to [`in_force`] and [`is_active`] on random consent histories, on both databases.
 
 use chrono::{DateTime, Datelike, Duration, Utc};
 

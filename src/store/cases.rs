@@ -8,27 +8,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::{AnyConnection, Row};
 
-use super::{Result, StoreError, from_millis, millis};
-use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
+use super::{Result, StoreError, consent_model, from_millis, millis};
+use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{CaseRecord, OnsetKind, PartialDate, PatientStatus, Sex};
 use crate::proto;
-
-/// SQL condition: the decision in force for `scope` (a literal from [`Scope::as_str`]) of
-/// the patient `alias.registry_id, alias.pseudonym` at `$now_param` is granted and not
-/// expired. Mirrors [`crate::consent::is_active`].
-pub fn consent_in_force_sql(alias: &str, scope: Scope, now_param: &str) -> String {
-    format!(
-        "(SELECT CASE WHEN x.state = 'granted' AND (x.expires_at IS NULL OR x.expires_at > {now}) \
-                      THEN 1 ELSE 0 END \
-          FROM consent_events x \
-          WHERE x.registry_id = {a}.registry_id AND x.pseudonym = {a}.pseudonym \
-            AND x.scope = '{scope}' AND x.given_at <= {now} \
-          ORDER BY x.given_at DESC, x.id DESC LIMIT 1) = 1",
-        a = alias,
-        scope = scope.as_str(),
-        now = now_param,
-    )
-}
 
 /// A case record as stored: plain column values. Built from and turned back into the
 /// domain `CaseRecord` by `crate::store::cases::{to_row, from_row}`.
@@ -136,55 +119,9 @@ pub async fn append_consent(
     .fetch_one(&mut *conn)
     .await?;
     let id: i64 = row.try_get(0)?;
-    // Keep the decision in force per scope (what research queries join) in step.
-    sqlx::query(
-        "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
-         SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
-             expires_at = excluded.expires_at \
-         WHERE excluded.given_at > consent_current.given_at \
-            OR (excluded.given_at = consent_current.given_at AND excluded.event_id > consent_current.event_id)",
-    )
-    .bind(registry_id)
-    .bind(pseudonym)
-    .bind(decision.scope.as_str())
-    .bind(id)
-    .bind(decision.decision.as_str())
-    .bind(millis(decision.given_at))
-    .bind(decision.expires_at.map(millis))
-    .execute(&mut *conn)
-    .await?;
+    // Keep the decision in force per scope (what expertise searches read) in step.
+    consent_model::record_current(conn, registry_id, pseudonym, id, decision).await?;
     Ok(id)
-}
-
-/// Research eligibility from the decisions in force: both REGISTRY_INCLUSION and
-/// RESEARCH_USE granted, until the earlier of their expiries.
-async fn eligibility(
-    conn: &mut AnyConnection,
-    registry_id: i64,
-    pseudonym: &str,
-) -> Result<(bool, Option<i64>)> {
-    let rows = sqlx::query(
-        "SELECT scope, state, expires_at FROM consent_current \
-         WHERE registry_id = $1 AND pseudonym = $2 AND scope IN ('registry_inclusion', 'research_use')",
-    )
-    .bind(registry_id)
-    .bind(pseudonym)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut granted = 0;
-    let mut until: Option<i64> = None;
-    for r in &rows {
-        let state: String = r.try_get(1)?;
-        if state == "granted" {
-            granted += 1;
-            if let Some(t) = r.try_get::<Option<i64>, _>(2)? {
-                until = Some(until.map_or(t, |u| u.min(t)));
-            }
-        }
-    }
-    Ok((granted == 2, until))
 }
 
 /// Recomputes the research eligibility of the patient's research row (if it has one) from
@@ -194,13 +131,19 @@ pub async fn refresh_eligibility(
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<()> {
-    let (eligible, until) = eligibility(conn, registry_id, pseudonym).await?;
+    let events = load_consent(conn, registry_id, pseudonym).await?;
+    // The decisions in force from the latest date given on file on, as `consent_current`
+    // holds them; whether the earlier expiry has passed is the query's business.
+    let (eligible, until) = match events.iter().map(|e| e.given_at).max() {
+        Some(latest) => consent::research_eligibility(&events, latest),
+        None => (false, None),
+    };
     sqlx::query(
         "UPDATE patients SET eligible = $1, eligible_until = $2 \
          WHERE registry_id = $3 AND pseudonym = $4",
     )
     .bind(i64::from(eligible))
-    .bind(until)
+    .bind(until.map(millis))
     .bind(registry_id)
     .bind(pseudonym)
     .execute(&mut *conn)
@@ -394,7 +337,7 @@ pub async fn get_case(
          JOIN principals p ON p.id = v.recorded_by \
          WHERE c.registry_id = $1 AND c.pseudonym = $2 AND c.centre_id = $3 AND {} \
          ORDER BY v.version",
-        consent_in_force_sql("c", Scope::RegistryInclusion, "$4")
+        consent_model::active_in_history("c", Scope::RegistryInclusion, "$4")
     );
     let rows = sqlx::query(&sql)
         .bind(registry_id)

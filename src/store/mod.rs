@@ -14,6 +14,7 @@ pub mod admin;
 pub mod audit;
 pub mod cases;
 pub mod consent;
+pub mod consent_model;
 pub mod master;
 pub mod purge;
 pub mod research;

@@ -13,10 +13,11 @@ use sqlx::query::Query;
 use sqlx::{Any, Row};
 use tokio_stream::StreamExt;
 
-use super::{Result, Store, StoreError, millis};
+use super::{Result, Store, StoreError, consent_model, millis};
 use crate::aggregate::{
     AGE_BANDS, DelayBuilder, Dimension, Filter, Key, QueryError, TableBuilder, age_band_start_days,
 };
+use crate::consent::Scope;
 use crate::domain::ORPHA_UNDIAGNOSED;
 
 /// What to count: a registry's consented patients, grouped and filtered.
@@ -51,9 +52,6 @@ impl From<sqlx::Error> for ResearchError {
         ResearchError::Store(err.into())
     }
 }
-
-/// Research eligibility of the patient of `p` at `$2`: both consents granted, not expired.
-const ELIGIBLE: &str = "p.eligible = 1 AND (p.eligible_until IS NULL OR p.eligible_until > $2)";
 
 /// The SQL expression of a dimension's group value over `p` (the patient's research row),
 /// `ce` (the centre, joined when needed) and `g` (the gene row, when grouped by gene).
@@ -157,7 +155,11 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
         binds: Vec::new(),
     };
     let by_gene = sel.group_by.contains(&Dimension::Gene);
-    let mut conditions = vec![format!("p.registry_id = $1 AND {ELIGIBLE}")];
+    // The patient of `p` may be counted at `$2`: both consents granted, not expired.
+    let mut conditions = vec![format!(
+        "p.registry_id = $1 AND {}",
+        consent_model::research_eligible("p", "$2")
+    )];
     if !extra_where.is_empty() {
         conditions.push(extra_where.to_string());
     }
@@ -334,14 +336,11 @@ impl Store {
              FROM case_versions v \
              JOIN cases c ON c.id = v.case_id AND c.current_version = v.version \
              JOIN centres ce ON ce.id = c.centre_id \
-             JOIN consent_current ri ON ri.registry_id = c.registry_id \
-                 AND ri.pseudonym = c.pseudonym AND ri.scope = 'registry_inclusion' \
-             JOIN consent_current ru ON ru.registry_id = c.registry_id \
-                 AND ru.pseudonym = c.pseudonym AND ru.scope = 'research_use' \
              WHERE v.orphacode IN ({codes}) AND c.registry_id IN ({regs}){country_filter} \
-               AND ri.state = 'granted' AND (ri.expires_at IS NULL OR ri.expires_at > {now_param}) \
-               AND ru.state = 'granted' AND (ru.expires_at IS NULL OR ru.expires_at > {now_param}) \
-             GROUP BY ce.code, ce.name, ce.country, c.registry_id"
+               AND {inclusion} AND {research} \
+             GROUP BY ce.code, ce.name, ce.country, c.registry_id",
+            inclusion = consent_model::active_current("c", Scope::RegistryInclusion, &now_param),
+            research = consent_model::active_current("c", Scope::ResearchUse, &now_param),
         );
         let mut query = sqlx::query(&sql).bind(millis(now));
         for code in orphacodes {

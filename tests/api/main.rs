@@ -12,6 +12,7 @@ mod audit_complete;
 mod auth;
 mod cases;
 mod consent;
+mod consent_model;
 mod consent_oracle;
 mod consent_races;
 mod disclosure;
