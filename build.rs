@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ern_registry/v1/admin.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds the migrations; it notices an edited file, not a new one.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("ern_registry_descriptor.bin"), fds.encode_to_vec())?;

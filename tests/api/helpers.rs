@@ -121,10 +121,29 @@ impl TestApp {
 
     /// An app whose server reaches its fresh database at `route(url)` (e.g. through a
     /// proxy the test controls) instead of `url`; `database_url` stays the direct one.
-    pub async fn spawn_via(mut args: ServeArgs, route: impl FnOnce(&str) -> String) -> TestApp {
+    pub async fn spawn_via(args: ServeArgs, route: impl FnOnce(&str) -> String) -> TestApp {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
         let database_url = fresh_database(&dir).await;
+        Self::start(args, dir, database_url, route).await
+    }
+
+    /// An app on a database the test prepared (e.g. as an earlier version left it), with
+    /// its master key file at `dir/master.key`.
+    pub async fn spawn_on(dir: TempDir, database_url: String) -> TestApp {
+        init_logging();
+        Self::start(ServeArgs::default(), dir, database_url, |url| {
+            url.to_owned()
+        })
+        .await
+    }
+
+    async fn start(
+        mut args: ServeArgs,
+        dir: TempDir,
+        database_url: String,
+        route: impl FnOnce(&str) -> String,
+    ) -> TestApp {
         args.listen = "127.0.0.1:0".parse().unwrap();
         let key_file = dir.path().join("master.key");
         let clock = Arc::new(TestClock::new());

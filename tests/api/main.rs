@@ -20,6 +20,7 @@ mod durability;
 mod file_modes;
 mod instance_races;
 mod master_key;
+mod migrations;
 mod officers;
 mod outage;
 mod privacy;
