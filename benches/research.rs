@@ -228,6 +228,7 @@ async fn async_main() {
             partitions,
             512,
             std::sync::Arc::new(ern_registry::audit::AuditKey::derive(&master)),
+            std::sync::Arc::new(ern_registry::service::consent::RegistryConsentRules),
         );
         let done = synthetic::populate(
             &store,

@@ -176,6 +176,7 @@ async fn demo(
         partitions,
         256,
         Arc::new(AuditKey::derive(&master)),
+        Arc::new(ern_registry::service::consent::RegistryConsentRules),
     );
     let pseudonymiser = Pseudonymiser::new(&master);
     let started = std::time::Instant::now();

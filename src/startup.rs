@@ -35,6 +35,7 @@ use crate::pseudonym::Pseudonymiser;
 use crate::ratelimit::{CallGate, PrincipalLimiter};
 use crate::refusals::{Flusher, Refusals};
 use crate::service::Services;
+use crate::service::consent::RegistryConsentRules;
 use crate::store::writer::Writer;
 use crate::store::{Backend, Store, StoreError};
 
@@ -476,7 +477,13 @@ impl Application {
         };
         let audit_key = Arc::new(AuditKey::derive(&master));
         let writer_tasks = Arc::downgrade(&audit_key);
-        let writer = Writer::start(store.clone(), writers, args.max_batch, audit_key);
+        let writer = Writer::start(
+            store.clone(),
+            writers,
+            args.max_batch,
+            audit_key,
+            Arc::new(RegistryConsentRules),
+        );
         let state = Arc::new(Services {
             verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master))),
             pseudonymiser: Pseudonymiser::new(&master),

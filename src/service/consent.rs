@@ -13,11 +13,65 @@ use ring::rand::SecureRandom;
 
 use super::{Call, ServiceError, Services};
 use crate::auth::{Principal, Role};
-use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope};
+use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope};
 use crate::pseudonym::{PatientIdentity, Pseudonym};
 use crate::store::consent::{self as consent_store, ConsentRecord, Erasure, WithdrawalReason};
-use crate::store::writer::{Command, Output, RecordConsent, Withdraw};
+use crate::store::writer::{Command, ConsentRules, Output, RecordConsent, Withdraw};
 use crate::store::{Registry, StoreError};
+
+/// The registry's consent rules as the writer applies them in its transaction
+/// (`store::writer::ConsentRules`): the rules of `crate::consent`, at the instant
+/// [`effective_at`] gives.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RegistryConsentRules;
+
+impl ConsentRules for RegistryConsentRules {
+    fn effective_at(&self, history: &[ConsentEvent], now: DateTime<Utc>) -> DateTime<Utc> {
+        effective_at(history, now)
+    }
+
+    fn may_store_case(
+        &self,
+        history: &[ConsentEvent],
+        at: DateTime<Utc>,
+    ) -> Result<(), InclusionRefused> {
+        consent::check_inclusion(history, at)
+    }
+
+    fn ends_inclusion(
+        &self,
+        before: &[ConsentEvent],
+        after: &[ConsentEvent],
+        at: DateTime<Utc>,
+    ) -> bool {
+        consent::is_active(before, Scope::RegistryInclusion, at)
+            && !consent::is_active(after, Scope::RegistryInclusion, at)
+    }
+
+    fn research_eligibility(
+        &self,
+        history: &[ConsentEvent],
+        at: DateTime<Utc>,
+    ) -> (bool, Option<DateTime<Utc>>) {
+        consent::research_eligibility(history, at)
+    }
+}
+
+/// The instant at which a command applies the consent rules: its own time, or the latest
+/// date given on file when that is later.
+///
+/// A command's time is taken when its request arrives, on its instance's clock, before it
+/// queues and waits for the patient's lock. By the time it reads the history, another
+/// instance (or a command that arrived later and overtook it here) may have committed a
+/// decision dated after it, typically a withdrawal. That decision is on file, so it
+/// precedes this command's write and must be in force for it; at the command's own time
+/// it would not be yet, and a submission would be stored after the erasure. Nothing on
+/// file is dated ahead of the clock that recorded it (a date given up to 5 minutes ahead
+/// is recorded as "now"), so this moves the instant only by that delay and by the clock
+/// skew between instances.
+pub fn effective_at(events: &[ConsentEvent], now: DateTime<Utc>) -> DateTime<Utc> {
+    events.iter().map(|e| e.given_at).fold(now, DateTime::max)
+}
 
 /// A consent officer's access to one registry. Only [`open`] makes one.
 #[derive(Debug, Clone)]
@@ -376,4 +430,48 @@ pub async fn receipt(
         cases_erased: erasure.cases_erased,
         versions_erased: erasure.versions_erased,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consent_applies_at_the_latest_date_on_file_when_it_is_later() {
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let event = |seq, decision, given_at| ConsentEvent {
+            seq,
+            scope: Scope::RegistryInclusion,
+            decision,
+            given_at,
+            expires_at: None,
+        };
+        let granted = event(1, Decision::Granted, t(0));
+        // A withdrawal committed by another instance, dated after this command arrived.
+        let withdrawn = event(2, Decision::Withdrawn, t(5));
+        let events = [granted.clone(), withdrawn];
+        assert!(consent::check_inclusion(&events, t(3)).is_ok());
+        let at = effective_at(&events, t(3));
+        assert_eq!(at, t(5));
+        assert!(consent::check_inclusion(&events, at).is_err());
+        // Nothing later on file: the command's own time.
+        assert_eq!(effective_at(&[granted], t(3)), t(3));
+    }
+    #[test]
+    fn ending_inclusion_is_a_grant_in_force_before_and_not_after() {
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let event = |seq, decision| ConsentEvent {
+            seq,
+            scope: Scope::RegistryInclusion,
+            decision,
+            given_at: t(seq),
+            expires_at: None,
+        };
+        let granted = vec![event(1, Decision::Granted)];
+        let refused = vec![event(1, Decision::Granted), event(2, Decision::Refused)];
+        let rules = RegistryConsentRules;
+        assert!(rules.ends_inclusion(&granted, &refused, t(3)));
+        assert!(!rules.ends_inclusion(&granted, &granted, t(3)));
+        assert!(!rules.ends_inclusion(&[], &refused, t(3)));
+    }
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AnyConnection, Row};
 
 use super::{Result, StoreError, consent_model, from_millis, millis};
-use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope, Source};
+use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{CaseRecord, OnsetKind, PartialDate, PatientStatus, Sex};
 use crate::proto;
 
@@ -124,20 +124,15 @@ pub async fn append_consent(
     Ok(id)
 }
 
-/// Recomputes the research eligibility of the patient's research row (if it has one) from
-/// the decisions in force; call after appending consent events without a case write.
-pub async fn refresh_eligibility(
+/// Sets the research eligibility of the patient's research row (if it has one): what
+/// the consent rules make of the decisions in force (`store::writer::ConsentRules`).
+pub async fn set_eligibility(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
+    eligible: bool,
+    until: Option<DateTime<Utc>>,
 ) -> Result<()> {
-    let events = load_consent(conn, registry_id, pseudonym).await?;
-    // The decisions in force from the latest date given on file on, as `consent_current`
-    // holds them; whether the earlier expiry has passed is the query's business.
-    let (eligible, until) = match events.iter().map(|e| e.given_at).max() {
-        Some(latest) => consent::research_eligibility(&events, latest),
-        None => (false, None),
-    };
     sqlx::query(
         "UPDATE patients SET eligible = $1, eligible_until = $2 \
          WHERE registry_id = $3 AND pseudonym = $4",
@@ -152,7 +147,7 @@ pub async fn refresh_eligibility(
 }
 
 /// What represents a patient in research counts: a version of one of their cases, and
-/// their research eligibility (`consent::research_eligibility`).
+/// their research eligibility (as the writer's `ConsentRules` give it).
 pub struct Representative<'a> {
     pub case_id: i64,
     pub version: i64,

@@ -47,9 +47,7 @@ use super::millis;
 use super::purge::{self, Purger};
 use super::{Backend, Store, StoreError};
 use crate::audit::{AuditKey, Entry};
-use crate::consent::{
-    self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source,
-};
+use crate::consent::{ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source};
 use crate::outcome::Outcome;
 
 /// Queue length per writer before senders wait (back-pressure).
@@ -194,6 +192,41 @@ impl WriteError {
     }
 }
 
+/// The consent rules the writer applies, inside its transaction and under the patient's
+/// lock, to the history it has just read. They are the service layer's
+/// (`service::consent::RegistryConsentRules`), handed to the writer at start: the writer
+/// reads, asks and writes; it decides nothing about consent itself.
+pub trait ConsentRules: Send + Sync + 'static {
+    /// The instant at which a command that arrived at `now` applies the rules, given the
+    /// history on file.
+    fn effective_at(&self, history: &[ConsentEvent], now: DateTime<Utc>) -> DateTime<Utc>;
+
+    /// Whether a case of the patient may be stored (or updated) at `at`, the history
+    /// including the decisions attested with it.
+    fn may_store_case(
+        &self,
+        history: &[ConsentEvent],
+        at: DateTime<Utc>,
+    ) -> Result<(), InclusionRefused>;
+
+    /// Whether officer decisions that take the history from `before` to `after` end the
+    /// patient's inclusion at `at`: refused (a withdrawal, with its erasure, must be used)
+    /// while the registry holds a record of the patient.
+    fn ends_inclusion(
+        &self,
+        before: &[ConsentEvent],
+        after: &[ConsentEvent],
+        at: DateTime<Utc>,
+    ) -> bool;
+
+    /// The patient's research eligibility at `at`: whether counted, and until when.
+    fn research_eligibility(
+        &self,
+        history: &[ConsentEvent],
+        at: DateTime<Utc>,
+    ) -> (bool, Option<DateTime<Utc>>);
+}
+
 type Reply = oneshot::Sender<Result<Output, WriteError>>;
 
 /// A command, the audit entry recording it (its outcome filled in by the writer), and
@@ -244,6 +277,7 @@ impl Writer {
         partitions: usize,
         max_batch: usize,
         audit: Arc<AuditKey>,
+        rules: Arc<dyn ConsentRules>,
     ) -> Writer {
         let partitions = partitions.max(1);
         let max_batch = max_batch.max(1);
@@ -256,6 +290,7 @@ impl Writer {
                     rx,
                     max_batch,
                     audit.clone(),
+                    rules.clone(),
                     purger.clone(),
                 ));
                 tx
@@ -306,6 +341,7 @@ async fn run(
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     key: Arc<AuditKey>,
+    rules: Arc<dyn ConsentRules>,
     purger: Arc<Purger>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
@@ -328,7 +364,7 @@ async fn run(
             break;
         }
         let jobs = std::mem::take(&mut batch);
-        let answers = apply_jobs(&store, &key, jobs).await;
+        let answers = apply_jobs(&store, &key, rules.as_ref(), jobs).await;
         deliver(&purger, answers).await;
         purger.retry(false).await;
     }
@@ -337,10 +373,15 @@ async fn run(
 }
 
 /// Applies the jobs in one transaction or, if that fails, one transaction each.
-async fn apply_jobs(store: &Store, key: &AuditKey, jobs: Vec<Job>) -> Vec<Answer> {
+async fn apply_jobs(
+    store: &Store,
+    key: &AuditKey,
+    rules: &dyn ConsentRules,
+    jobs: Vec<Job>,
+) -> Vec<Answer> {
     let commands: Vec<(&Command, Option<&Entry>)> =
         jobs.iter().map(|(c, a, _)| (c, a.as_ref())).collect();
-    match apply_batch(store, key, &commands).await {
+    match apply_batch(store, key, rules, &commands).await {
         Ok(results) => jobs
             .into_iter()
             .zip(results)
@@ -360,15 +401,16 @@ async fn apply_jobs(store: &Store, key: &AuditKey, jobs: Vec<Job>) -> Vec<Answer
             warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
             let mut answers = Vec::with_capacity(jobs.len());
             for (command, audit, reply) in jobs {
-                let result = match apply_batch(store, key, &[(&command, audit.as_ref())]).await {
-                    Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
-                    Err(err) => {
-                        error!(error = %err, "write failed");
-                        let err = WriteError::Store(err);
-                        audit_failure(store, key, &command, audit, &err).await;
-                        Err(err)
-                    }
-                };
+                let result =
+                    match apply_batch(store, key, rules, &[(&command, audit.as_ref())]).await {
+                        Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
+                        Err(err) => {
+                            error!(error = %err, "write failed");
+                            let err = WriteError::Store(err);
+                            audit_failure(store, key, &command, audit, &err).await;
+                            Err(err)
+                        }
+                    };
                 answers.push(Answer::new(&command, reply, result));
             }
             answers
@@ -446,10 +488,11 @@ async fn deliver(purger: &Purger, answers: Vec<Answer>) {
 async fn apply_batch(
     store: &Store,
     key: &AuditKey,
+    rules: &dyn ConsentRules,
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     let mut tx = store.pool().begin().await?;
-    match apply_in(&mut tx, store.backend(), key, commands).await {
+    match apply_in(&mut tx, store.backend(), key, rules, commands).await {
         Ok(results) => {
             tx.commit().await?;
             Ok(results)
@@ -471,6 +514,7 @@ async fn apply_in(
     tx: &mut AnyConnection,
     backend: Backend,
     key: &AuditKey,
+    rules: &dyn ConsentRules,
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     lock_patients(tx, backend, commands).await?;
@@ -480,10 +524,10 @@ async fn apply_in(
         // The consent events and tombstones the command inserts: its entry covers them.
         let mut wrote = Wrote::default();
         let result = match command {
-            Command::Submit(c) => submit(tx, c, &mut wrote).await.map(Output::Case),
-            Command::Update(c) => update(tx, c, &mut wrote).await.map(Output::Case),
-            Command::RecordConsent(c) => record_consent(tx, c, &mut wrote).await,
-            Command::Withdraw(c) => withdraw(tx, c, &mut wrote).await,
+            Command::Submit(c) => submit(tx, rules, c, &mut wrote).await.map(Output::Case),
+            Command::Update(c) => update(tx, rules, c, &mut wrote).await.map(Output::Case),
+            Command::RecordConsent(c) => record_consent(tx, rules, c, &mut wrote).await,
+            Command::Withdraw(c) => withdraw(tx, rules, c, &mut wrote).await,
             Command::Audit => Ok(Output::Audited),
         };
         // Rows are never left uncovered, even by a command sent without an entry.
@@ -597,22 +641,6 @@ async fn consent_with(
     Ok(events)
 }
 
-/// The instant at which a command applies the consent rules: its own time, or the latest
-/// date given on file when that is later.
-///
-/// A command's time is taken when its request arrives, on its instance's clock, before it
-/// queues and waits for the patient's lock. By the time it reads the history, another
-/// instance (or a command that arrived later and overtook it here) may have committed a
-/// decision dated after it, typically a withdrawal. That decision is on file, so it
-/// precedes this command's write and must be in force for it; at the command's own time
-/// it would not be yet, and a submission would be stored after the erasure. Nothing on
-/// file is dated ahead of the clock that recorded it (a date given up to 5 minutes ahead
-/// is recorded as "now"), so this moves the instant only by that delay and by the clock
-/// skew between instances.
-fn in_force_at(events: &[ConsentEvent], now: DateTime<Utc>) -> DateTime<Utc> {
-    events.iter().map(|e| e.given_at).fold(now, DateTime::max)
-}
-
 async fn record_attestation(
     conn: &mut AnyConnection,
     registry_id: i64,
@@ -641,12 +669,13 @@ async fn record_attestation(
 
 async fn submit(
     conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
     c: &SubmitCase,
     wrote: &mut Wrote,
 ) -> Result<Written, WriteError> {
     let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
-    let at = in_force_at(&events, c.now);
-    consent::check_inclusion(&events, at)?;
+    let at = rules.effective_at(&events, c.now);
+    rules.may_store_case(&events, at)?;
     if cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id)
         .await?
         .is_some()
@@ -674,6 +703,7 @@ async fn submit(
     .await?;
     represent(
         conn,
+        rules,
         c.registry_id,
         &c.pseudonym,
         case_id,
@@ -695,6 +725,7 @@ async fn submit(
 #[allow(clippy::too_many_arguments)]
 async fn represent(
     conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
     registry_id: i64,
     pseudonym: &str,
     case_id: i64,
@@ -704,7 +735,7 @@ async fn represent(
     events: &[ConsentEvent],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let (eligible, eligible_until) = consent::research_eligibility(events, now);
+    let (eligible, eligible_until) = rules.research_eligibility(events, now);
     cases::set_representative(
         conn,
         registry_id,
@@ -723,6 +754,7 @@ async fn represent(
 
 async fn update(
     conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
     c: &UpdateCase,
     wrote: &mut Wrote,
 ) -> Result<Written, WriteError> {
@@ -737,8 +769,8 @@ async fn update(
     // NOT_FOUND too. An attestation sent with the update counts, so a renewed consent
     // still brings a lapsed record back.
     let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
-    let at = in_force_at(&events, c.now);
-    if consent::check_inclusion(&events, at).is_err() {
+    let at = rules.effective_at(&events, c.now);
+    if rules.may_store_case(&events, at).is_err() {
         return Err(WriteError::NotFound);
     }
     if current != c.expected_version {
@@ -757,6 +789,7 @@ async fn update(
     cases::insert_version(conn, case_id, version, c.principal_id, &c.row, c.now).await?;
     represent(
         conn,
+        rules,
         c.registry_id,
         &c.pseudonym,
         case_id,
@@ -775,16 +808,14 @@ async fn update(
 
 async fn record_consent(
     conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
     c: &RecordConsent,
     wrote: &mut Wrote,
 ) -> Result<Output, WriteError> {
     let before = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
     let after = consent_with(conn, c.registry_id, &c.pseudonym, &c.decisions).await?;
-    let at = in_force_at(&after, c.now);
-    let was_included = consent::is_active(&before, Scope::RegistryInclusion, at);
-    let still_included = consent::is_active(&after, Scope::RegistryInclusion, at);
-    if was_included
-        && !still_included
+    let at = rules.effective_at(&after, c.now);
+    if rules.ends_inclusion(&before, &after, at)
         && consent_store::has_cases(conn, c.registry_id, &c.pseudonym).await?
     {
         return Err(WriteError::UseWithdrawal);
@@ -805,12 +836,13 @@ async fn record_consent(
         );
     }
     wrote.consent_events.clone_from(&ids);
-    cases::refresh_eligibility(conn, c.registry_id, &c.pseudonym).await?;
+    refresh_eligibility(conn, rules, c.registry_id, &c.pseudonym).await?;
     Ok(Output::Consent(ids))
 }
 
 async fn withdraw(
     conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
     c: &Withdraw,
     wrote: &mut Wrote,
 ) -> Result<Output, WriteError> {
@@ -819,7 +851,7 @@ async fn withdraw(
     // Dated no earlier than anything on file, so that it is in force from its commit on,
     // also over a decision another instance committed, dated after this call arrived.
     let history = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
-    let given_at = in_force_at(&history, c.now);
+    let given_at = rules.effective_at(&history, c.now);
     for &scope in &c.scopes {
         let decision = ConsentDecision {
             scope,
@@ -858,8 +890,26 @@ async fn withdraw(
             erased = Some(counts);
         }
     }
-    cases::refresh_eligibility(conn, c.registry_id, &c.pseudonym).await?;
+    refresh_eligibility(conn, rules, c.registry_id, &c.pseudonym).await?;
     Ok(Output::Withdrawn { events, erased })
+}
+
+/// Recomputes the research eligibility of the patient's research row (if it has one) from
+/// the decisions on file; after appending consent events without a case write.
+async fn refresh_eligibility(
+    conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<(), StoreError> {
+    let events = cases::load_consent(conn, registry_id, pseudonym).await?;
+    // The decisions in force from the latest date given on file on, as `consent_current`
+    // holds them; whether the earlier expiry has passed is the query's business.
+    let (eligible, until) = match events.iter().map(|e| e.given_at).max() {
+        Some(latest) => rules.research_eligibility(&events, latest),
+        None => (false, None),
+    };
+    cases::set_eligibility(conn, registry_id, pseudonym, eligible, until).await
 }
 
 #[cfg(test)]
@@ -882,27 +932,5 @@ mod tests {
             patient_lock_key(3, "R003-0123456789abcdef"),
             patient_lock_key(3, "R003-0123456789abcdee")
         );
-    }
-
-    #[test]
-    fn consent_applies_at_the_latest_date_on_file_when_it_is_later() {
-        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
-        let event = |seq, decision, given_at| ConsentEvent {
-            seq,
-            scope: Scope::RegistryInclusion,
-            decision,
-            given_at,
-            expires_at: None,
-        };
-        let granted = event(1, Decision::Granted, t(0));
-        // A withdrawal committed by another instance, dated after this command arrived.
-        let withdrawn = event(2, Decision::Withdrawn, t(5));
-        let events = [granted.clone(), withdrawn];
-        assert!(consent::check_inclusion(&events, t(3)).is_ok());
-        let at = in_force_at(&events, t(3));
-        assert_eq!(at, t(5));
-        assert!(consent::check_inclusion(&events, at).is_err());
-        // Nothing later on file: the command's own time.
-        assert_eq!(in_force_at(&[granted], t(3)), t(3));
     }
 }

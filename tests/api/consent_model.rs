@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Duration, Utc};
 use ern_registry::auth::Role;
 use ern_registry::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope, Source};
+use ern_registry::service::consent::RegistryConsentRules;
 use ern_registry::store::cases::{self, CaseRow, Representative};
+use ern_registry::store::writer::ConsentRules;
 use ern_registry::store::{Store, consent_model, millis};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -160,7 +162,13 @@ impl Model {
                 expires_at: d.expires_at,
             });
         }
-        cases::refresh_eligibility(&mut tx, self.registry_id, &pseudonym)
+        // As the writer refreshes it after consent events: the rules' eligibility from the
+        // latest date given on.
+        let (eligible, until) = match events.iter().map(|e| e.given_at).max() {
+            Some(latest) => RegistryConsentRules.research_eligibility(&events, latest),
+            None => (false, None),
+        };
+        cases::set_eligibility(&mut tx, self.registry_id, &pseudonym, eligible, until)
             .await
             .unwrap();
         tx.commit().await.unwrap();
