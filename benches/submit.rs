@@ -15,6 +15,8 @@
 
 #[path = "common/report.rs"]
 mod report;
+#[path = "../tests/common/bsn.rs"]
+mod test_bsn;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,7 +47,7 @@ static NEXT_SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 /// A valid BSN per seed; distinct seeds (below 9,000,000) give distinct BSNs.
 fn bsn(seed: u64) -> String {
-    ern_registry::synthetic::bsn((seed % 9_000_000) as u32)
+    test_bsn::bsn((seed % 9_000_000) as u32)
 }
 
 fn national(value: String) -> proto::PatientIdentifiers {

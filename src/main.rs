@@ -162,6 +162,9 @@ async fn demo(
     let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
     let kdf_file = KdfFile::default_path(&key_file);
     let store = startup::open_store(&global.database_url(), 4).await?;
+    // Before the master secret, which a first start would create or record: a database
+    // with real patients is refused with nothing written (`populate` checks again).
+    synthetic::check_synthetic_only(&store).await?;
     let master = startup::open_master_secret(
         &store,
         &key_file,

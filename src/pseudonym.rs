@@ -5,12 +5,22 @@
 //! The same patient gets the same pseudonym from any centre within one registry, and
 //! unlinkable pseudonyms in different registries. Identifiers live only in
 //! [`PatientIdentity`], which zeroises its memory on drop and never prints its content.
+//!
+//! [`Pseudonymiser::candidates`] and [`Candidates::choose`] are the derivation of a
+//! patient's pseudonym in a registry, key versions included (the caller looks up which of
+//! the older pseudonyms the registry knows): `service::Services::derive_pseudonym` uses
+//! them behind its rate limit, and `demo` for its synthetic patients.
+//! Synthetic patients (`demo`, tests, benchmarks) carry national identifiers of their own
+//! issuer, [`SYNTHETIC_ISSUER`]: a code no country can ever hold, so a synthetic patient
+//! can never be given a real patient's pseudonym, and they take the same validation and
+//! derivation as real identifiers.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::RwLock;
+use std::sync::{LazyLock, RwLock};
 
 use chrono::NaiveDate;
+use data_encoding::{Encoding, Specification};
 use ring::{hkdf, hmac};
 use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
 use zeroize::Zeroizing;
@@ -27,14 +37,69 @@ pub const HKDF_SALT: &[u8] = b"ern-registry/v1 pseudonym";
 pub const MAX_FIELD_CHARS: usize = 128;
 
 /// Crockford's base32 alphabet (no I, L, O, U).
-const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+const ALPHABET: &str = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+/// Crockford's base32 over [`ALPHABET`]: most significant bit first, no padding (a
+/// pseudonym encodes 160 bits, exactly 32 characters).
+static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str(ALPHABET);
+    spec.encoding().expect("32 distinct ASCII symbols")
+});
 /// Length of a pseudonym's text: `R000-V000-` + 32 characters + check character.
 pub const PSEUDONYM_LEN: usize = 43;
+
+/// The issuer of synthetic national identifiers (`docs/pseudonyms.md`, "Synthetic
+/// identifiers").
+///
+/// `XT` is an ISO 3166-1 *user-assigned* code element. ISO 3166 leaves AA, QM to QZ, XA
+/// to XZ and ZZ to users and its maintenance agency never assigns them to a country, so
+/// no state issues personal identifiers under `XT`. The user-assigned codes that do
+/// stand for real people somewhere were passed over: XK (Kosovo), XI and XU (Northern
+/// Ireland, the rest of the United Kingdom, in EU customs and VAT), and XX and ZZ, which
+/// systems use for an unknown or invalid country (a real patient's identifier of unknown
+/// origin could arrive under them). The service accepts no other code that is not
+/// officially assigned, and an `XT` value must have the synthetic format
+/// ([`is_synthetic_value`]): an identifier under `XT` is a synthetic patient's, never a
+/// real one's, while it passes the same validation, encoding and HMAC as a real one. A
+/// Dutch test BSN range would not do: far too small for the generator's millions.
+pub const SYNTHETIC_ISSUER: &str = "XT";
+/// A synthetic identifier's value: these letters, then [`SYNTHETIC_DIGITS`] digits.
+pub const SYNTHETIC_PREFIX: &str = "SYN";
+/// Digits of a synthetic identifier's value, after [`SYNTHETIC_PREFIX`].
+pub const SYNTHETIC_DIGITS: usize = 9;
+
+/// Whether `compact` (spaces, dots and dashes removed, upper case) is a synthetic
+/// identifier's value: [`SYNTHETIC_PREFIX`] and [`SYNTHETIC_DIGITS`] digits, e.g.
+/// `SYN000000042`.
+pub fn is_synthetic_value(compact: &str) -> bool {
+    compact
+        .strip_prefix(SYNTHETIC_PREFIX)
+        .is_some_and(|d| d.len() == SYNTHETIC_DIGITS && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Who issued a national identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issuer {
+    /// A country, by its officially assigned ISO 3166-1 alpha-2 code.
+    Country(CountryCode),
+    /// The synthetic-data generator: [`SYNTHETIC_ISSUER`].
+    Synthetic,
+}
+
+impl Issuer {
+    /// The code, as it enters the HMAC input.
+    pub fn code(&self) -> &str {
+        match self {
+            Issuer::Country(country) => country.as_str(),
+            Issuer::Synthetic => SYNTHETIC_ISSUER,
+        }
+    }
+}
 
 /// Normalised patient identifiers. Zeroised on drop; `Debug` prints nothing of them.
 pub enum PatientIdentity {
     National {
-        country: CountryCode,
+        issuer: Issuer,
         value: Zeroizing<String>,
     },
     Demographic {
@@ -118,6 +183,15 @@ fn country(v: &mut FieldViolations, field: &str, s: &str) -> Option<CountryCode>
     v.check(field, CountryCode::parse(&upper))
 }
 
+/// A national identifier's issuer: a country, or [`SYNTHETIC_ISSUER`] (only here: it is
+/// no country of birth, centre or research dimension).
+fn issuer(v: &mut FieldViolations, field: &str, s: &str) -> Option<Issuer> {
+    if s.trim().eq_ignore_ascii_case(SYNTHETIC_ISSUER) {
+        return Some(Issuer::Synthetic);
+    }
+    country(v, field, s).map(Issuer::Country)
+}
+
 fn text_field(v: &mut FieldViolations, field: &str, s: &str) -> Option<Zeroizing<String>> {
     let s = bounded(v, field, s)?;
     let n = normalise_text(s);
@@ -140,7 +214,7 @@ impl PatientIdentity {
                 Err(v)
             }
             Some(Kind::National(n)) => {
-                let country = country(&mut v, "national.issuing_country", &n.issuing_country);
+                let issuer = issuer(&mut v, "national.issuing_country", &n.issuing_country);
                 let value = bounded(&mut v, "national.value", &n.value).and_then(|raw| {
                     let compact: Zeroizing<String> = Zeroizing::new(
                         raw.chars()
@@ -155,23 +229,32 @@ impl PatientIdentity {
                         );
                         return None;
                     }
-                    if country.as_ref().is_some_and(|c| c.as_str() == "NL") {
-                        match check_bsn(&compact) {
-                            Some(bsn) => return Some(Zeroizing::new(bsn)),
+                    match &issuer {
+                        Some(Issuer::Country(c)) if c.as_str() == "NL" => match check_bsn(&compact) {
+                            Some(bsn) => Some(Zeroizing::new(bsn)),
                             None => {
                                 v.push(
                                     "national.value",
                                     "must be a valid BSN: 9 digits passing the 11-check",
                                 );
-                                return None;
+                                None
                             }
+                        },
+                        Some(Issuer::Synthetic) if !is_synthetic_value(&compact) => {
+                            v.push(
+                                "national.value",
+                                format!(
+                                    "must be a synthetic identifier: \"{SYNTHETIC_PREFIX}\" and {SYNTHETIC_DIGITS} digits"
+                                ),
+                            );
+                            None
                         }
+                        _ => Some(compact),
                     }
-                    Some(compact)
                 });
                 v.into_result()?;
                 Ok(PatientIdentity::National {
-                    country: country.expect("no violations"),
+                    issuer: issuer.expect("no violations"),
                     value: value.expect("no violations"),
                 })
             }
@@ -207,6 +290,17 @@ impl PatientIdentity {
         }
     }
 
+    /// Whether these are synthetic identifiers ([`SYNTHETIC_ISSUER`]).
+    pub fn is_synthetic(&self) -> bool {
+        matches!(
+            self,
+            PatientIdentity::National {
+                issuer: Issuer::Synthetic,
+                ..
+            }
+        )
+    }
+
     /// The HMAC input: the tag, then every field as a 4-byte big-endian length and
     /// its UTF-8 bytes, so no two different identities encode alike.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
@@ -217,9 +311,9 @@ impl PatientIdentity {
         };
         field(ENCODING_TAG);
         match self {
-            PatientIdentity::National { country, value } => {
+            PatientIdentity::National { issuer, value } => {
                 field(b"national");
-                field(country.as_str().as_bytes());
+                field(issuer.code().as_bytes());
                 field(value.as_bytes());
             }
             PatientIdentity::Demographic {
@@ -261,6 +355,29 @@ pub struct RegistryRef<'a> {
     pub seq: u16,
     pub code: &'a str,
     pub key_version: u16,
+}
+
+/// The pseudonyms a patient may have in a registry: under the active key version, and
+/// under each older one. A patient the registry does not know gets the active version's;
+/// one it knows under an older version keeps that pseudonym (`docs/pseudonyms.md`, "Key
+/// rotation"), so that records and consent stay linked.
+pub struct Candidates {
+    current: Pseudonym,
+    older: Vec<Pseudonym>,
+}
+
+impl Candidates {
+    /// The older versions' pseudonyms, to look up among those with consent on file.
+    pub fn older(&self) -> Vec<&str> {
+        self.older.iter().map(Pseudonym::as_str).collect()
+    }
+
+    /// The patient's pseudonym, given which older one (if any) the registry knows.
+    pub fn choose(self, known: Option<&str>) -> Pseudonym {
+        known
+            .and_then(|known| self.older.into_iter().find(|p| p.as_str() == known))
+            .unwrap_or(self.current)
+    }
 }
 
 /// Derives pseudonyms; holds the HKDF pseudo-random key and a cache of registry keys.
@@ -313,11 +430,38 @@ impl Pseudonymiser {
         key
     }
 
-    /// The pseudonym of `identity` in `registry`.
+    /// The pseudonym of `identity` under one key version of a registry. To find a
+    /// patient's pseudonym in a registry, use [`Self::candidates`].
+    ///
+    /// Synthetic identifiers are derived like any other, and counted in
+    /// `ern_synthetic_pseudonym_derivations_total`: a deployment sees synthetic patients
+    /// arrive.
     pub fn derive(&self, registry: RegistryRef<'_>, identity: &PatientIdentity) -> Pseudonym {
+        if identity.is_synthetic() {
+            metrics::counter!("ern_synthetic_pseudonym_derivations_total").increment(1);
+        }
         let key = self.registry_key(registry.code, registry.key_version);
         let tag = hmac::sign(&key, &identity.encode());
         Pseudonym::from_tag(registry.seq, registry.key_version, &tag.as_ref()[..20])
+    }
+
+    /// The candidate pseudonyms of `identity` in the registry `active` refers to (its
+    /// active key version): see [`Candidates`].
+    pub fn candidates(&self, active: RegistryRef<'_>, identity: &PatientIdentity) -> Candidates {
+        Candidates {
+            current: self.derive(active, identity),
+            older: (1..active.key_version)
+                .map(|key_version| {
+                    self.derive(
+                        RegistryRef {
+                            key_version,
+                            ..active
+                        },
+                        identity,
+                    )
+                })
+                .collect(),
+        }
     }
 }
 
@@ -330,11 +474,11 @@ fn check_char(chars: &[u8]) -> u8 {
         factor = if factor == 2 { 1 } else { 2 };
         sum += addend / 32 + addend % 32;
     }
-    ALPHABET[((32 - sum % 32) % 32) as usize]
+    ALPHABET.as_bytes()[((32 - sum % 32) % 32) as usize]
 }
 
 fn value_of(c: u8) -> Option<u32> {
-    ALPHABET.iter().position(|&a| a == c).map(|p| p as u32)
+    ALPHABET.bytes().position(|a| a == c).map(|p| p as u32)
 }
 
 /// Why a pseudonym given by a client was refused.
@@ -363,17 +507,7 @@ impl fmt::Debug for Pseudonym {
 impl Pseudonym {
     fn from_tag(seq: u16, version: u16, tag: &[u8]) -> Self {
         debug_assert!(seq <= 999 && version <= 999 && tag.len() == 20);
-        let mut body = Vec::with_capacity(PSEUDONYM_LEN);
-        let mut acc = 0u64;
-        let mut bits = 0;
-        for &b in tag {
-            acc = acc << 8 | u64::from(b);
-            bits += 8;
-            while bits >= 5 {
-                bits -= 5;
-                body.push(ALPHABET[((acc >> bits) & 31) as usize]);
-            }
-        }
+        let mut body = BASE32.encode(tag).into_bytes();
         let mut checked: Vec<u8> = format!("{seq:03}{version:03}").into_bytes();
         checked.extend_from_slice(&body);
         body.push(check_char(&checked));
@@ -600,7 +734,7 @@ mod tests {
         let mut bytes = p.clone().into_bytes();
         for i in (1..4).chain(6..9).chain(10..PSEUDONYM_LEN) {
             let orig = bytes[i];
-            for &c in ALPHABET.iter().filter(|&&c| c != orig) {
+            for c in ALPHABET.bytes().filter(|&c| c != orig) {
                 if i < 10 && !c.is_ascii_digit() {
                     continue;
                 }
@@ -652,7 +786,97 @@ mod tests {
             assert_eq!(derive(&identifiers, code, seq, version), expected, "{line}");
             checked += 1;
         }
-        assert!(checked >= 6, "the vectors table was not found");
+        assert!(checked >= 9, "the vectors table was not found");
+    }
+
+    #[test]
+    fn synthetic_identifiers_have_their_own_issuer_and_format() {
+        let synthetic = PatientIdentity::from_proto(&national("XT", "SYN000000042")).unwrap();
+        assert!(synthetic.is_synthetic());
+        assert!(
+            !PatientIdentity::from_proto(&national("NL", "123456782"))
+                .unwrap()
+                .is_synthetic()
+        );
+        // Compacted and upper-cased like any national identifier.
+        assert_eq!(
+            derive(&national(" xt ", "syn-000.000 042"), "ERN-EYE", 9, 1),
+            derive(&national("XT", "SYN000000042"), "ERN-EYE", 9, 1)
+        );
+        // The issuer is part of the HMAC input, as a country's is.
+        assert_ne!(
+            derive(&national("XT", "SYN000000042"), "ERN-EYE", 9, 1)[10..],
+            derive(&national("DE", "SYN000000042"), "ERN-EYE", 9, 1)[10..]
+        );
+        for bad in [
+            "SYN00000042",
+            "SYN0000000042",
+            "SYN",
+            "XYZ000000042",
+            "123456782",
+        ] {
+            let err = PatientIdentity::from_proto(&national("XT", bad)).unwrap_err();
+            assert_eq!(
+                err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
+                ["national.value"],
+                "{bad}"
+            );
+        }
+        // No other user-assigned code is an issuer, and XT is no country of birth.
+        for code in ["XX", "ZZ", "XK", "XI", "AA", "QM", "XS"] {
+            let err = PatientIdentity::from_proto(&national(code, "SYN000000042")).unwrap_err();
+            assert_eq!(
+                err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
+                ["national.issuing_country"],
+                "{code}"
+            );
+        }
+        assert!(
+            PatientIdentity::from_proto(&demographic("a", "b", "2015-01-01", "c", "XT")).is_err()
+        );
+    }
+
+    /// Pseudonym texts as the hand-written Crockford encoder made them (computed before
+    /// it was replaced by `data-encoding`): stored pseudonyms must keep matching.
+    #[test]
+    fn pseudonym_text_is_unchanged_by_the_base32_encoder() {
+        let pattern = |f: fn(u8) -> u8| -> Vec<u8> { (0..20).map(f).collect() };
+        let cases: [(u16, u16, Vec<u8>, &str); 5] = [
+            (
+                1,
+                1,
+                vec![0; 20],
+                "R001-V001-00000000000000000000000000000000X",
+            ),
+            (
+                999,
+                999,
+                vec![0xff; 20],
+                "R999-V999-ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZF",
+            ),
+            (
+                9,
+                1,
+                pattern(|i| i),
+                "R009-V001-000G40R40M30E209185GR38E1W8124GK2",
+            ),
+            (
+                13,
+                2,
+                pattern(|i| i.wrapping_mul(37).wrapping_add(11)),
+                "R013-V002-1CR5AYMZRKMGWCTRFPHCFV0H6SDR19EAN",
+            ),
+            (
+                42,
+                3,
+                pattern(|i| if i % 2 == 0 { 0xa5 } else { 0x5a }),
+                "R042-V003-MNDAAPN5BAJNN9ATMNDAAPN5BAJNN9AT0",
+            ),
+        ];
+        for (seq, version, tag, expected) in cases {
+            let text = Pseudonym::from_tag(seq, version, &tag).to_string();
+            assert_eq!(text, expected, "seq {seq}, version {version}");
+        }
     }
 
     proptest! {
@@ -667,6 +891,22 @@ mod tests {
             let parsed = Pseudonym::parse(p.as_str()).unwrap();
             prop_assert_eq!(parsed.registry_seq(), seq);
             prop_assert_eq!(parsed.key_version(), v);
+        }
+
+        /// The encoder agrees with RFC 4648 base32 (`data-encoding`'s own) read through
+        /// Crockford's alphabet, for any tag.
+        #[test]
+        fn pseudonym_body_is_crockford_base32(tag in proptest::collection::vec(any::<u8>(), 20)) {
+            let p = Pseudonym::from_tag(1, 1, &tag);
+            let rfc: String = data_encoding::BASE32_NOPAD
+                .encode(&tag)
+                .chars()
+                .map(|c| {
+                    let i = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567".find(c).unwrap();
+                    char::from(ALPHABET.as_bytes()[i])
+                })
+                .collect();
+            prop_assert_eq!(&p.as_str()[10..42], rfc.as_str());
         }
 
         #[test]

@@ -4,9 +4,18 @@
 //! than twenty years after). Centres are skewed in size too.
 //!
 //! Every record is built as a client would send it and validated by the same code as a
-//! submission (`CaseRecord::from_proto`); every patient gets a valid (fictitious) BSN,
-//! pseudonymised by the real [`Pseudonymiser`]; records are written through the
-//! [`Writer`], so consent and research tables are maintained exactly as in service.
+//! submission (`CaseRecord::from_proto`); every patient gets a synthetic national
+//! identifier ([`identifier`]), validated and pseudonymised by the same code as a real one
+//! (`PatientIdentity::from_proto`, [`Pseudonymiser::candidates`]); records are
+//! written through the [`Writer`], so consent and research tables are maintained exactly
+//! as in service.
+//!
+//! Two rules keep synthetic and real patients apart. A synthetic identifier is issued by
+//! [`SYNTHETIC_ISSUER`], a code no country can hold, so it can never be a real patient's
+//! (and never yields a real patient's pseudonym). And [`populate`] writes only into a
+//! database whose patient data is all its own ([`check_synthetic_only`]): it refuses,
+//! writing nothing, a database with one case, consent decision or erasure recorded by
+//! anyone but [`GENERATOR_PRINCIPAL`].
 
 use chrono::{Duration, NaiveDate, TimeZone, Utc};
 use rand::rngs::StdRng;
@@ -19,7 +28,9 @@ use crate::auth::Role;
 use crate::consent::{ConsentDecision, Decision, Scope};
 use crate::domain::CaseRecord;
 use crate::proto;
-use crate::pseudonym::{PatientIdentity, Pseudonymiser, RegistryRef};
+use crate::pseudonym::{
+    PatientIdentity, Pseudonymiser, SYNTHETIC_DIGITS, SYNTHETIC_ISSUER, SYNTHETIC_PREFIX,
+};
 use crate::store::writer::{Command, SubmitCase, WriteError, Writer};
 use crate::store::{Store, StoreError, cases};
 
@@ -96,27 +107,18 @@ pub const CENTRES: [(&str, &str, &str); 24] = [
     ("LU-CHL", "Centre Hospitalier de Luxembourg", "LU"),
 ];
 
-/// The principal synthetic records are recorded by.
+/// The principal synthetic records are recorded by: an admin principal, which the API
+/// never lets submit a case or record consent.
 pub const GENERATOR_PRINCIPAL: &str = "synthetic-data-generator";
 
-/// A valid Dutch BSN (8 digits and the 11-check digit) for the synthetic patient `n`.
-/// Each `n` owns ten consecutive numbers, at most one of which fails the check, so
-/// distinct `n` below 9,000,000 give distinct BSNs.
-pub fn bsn(n: u32) -> String {
-    let mut base = 10_000_000 + (n % 9_000_000) * 10;
-    loop {
-        let digits = format!("{base:08}");
-        let sum: u32 = digits
-            .bytes()
-            .zip((2..=9).rev())
-            .map(|(d, w)| u32::from(d - b'0') * w)
-            .sum();
-        let check = sum % 11;
-        if check < 10 {
-            return format!("{digits}{check}");
-        }
-        base += 1;
-    }
+/// Synthetic patients per registry: one for each synthetic identifier.
+pub const MAX_PATIENTS: u32 = 10u32.pow(SYNTHETIC_DIGITS as u32);
+
+/// The synthetic national identifier value of patient `n` (below [`MAX_PATIENTS`]), e.g.
+/// `SYN000000042`, issued by [`SYNTHETIC_ISSUER`]: distinct `n` give distinct values.
+pub fn identifier(n: u32) -> String {
+    debug_assert!(n < MAX_PATIENTS);
+    format!("{SYNTHETIC_PREFIX}{n:0width$}", width = SYNTHETIC_DIGITS)
 }
 
 /// One synthetic patient as a client would submit it.
@@ -317,8 +319,8 @@ impl Generator {
             identifiers: proto::PatientIdentifiers {
                 kind: Some(proto::patient_identifiers::Kind::National(
                     proto::NationalIdentifier {
-                        issuing_country: "NL".into(),
-                        value: bsn(n),
+                        issuing_country: SYNTHETIC_ISSUER.into(),
+                        value: identifier(n),
                     },
                 )),
             },
@@ -337,8 +339,40 @@ pub enum SyntheticError {
     Write(#[from] WriteError),
     #[error("no registry {0}")]
     NoRegistry(String),
-    #[error("at most 9,000,000 synthetic patients per registry")]
+    #[error("at most {MAX_PATIENTS} synthetic patients per registry")]
     TooMany,
+    #[error(
+        "refused: this database holds patient data that the synthetic-data generator did not \
+         write ({0} recorded by another principal); demo writes only into a database with no \
+         patients or synthetic ones only, and wrote nothing"
+    )]
+    NotSynthetic(&'static str),
+    #[error(
+        "refused: a principal named {GENERATOR_PRINCIPAL} exists and is not the generator's (an \
+         admin); demo wrote nothing"
+    )]
+    GeneratorName,
+}
+
+/// Refuses a database that holds patient data not written by the generator: a case
+/// version, consent decision or erasure recorded by any principal but the admin principal
+/// [`GENERATOR_PRINCIPAL`] (`Store::patient_data_not_recorded_by`), or a principal of
+/// another role under that name. The rule is for the whole database, not one registry:
+/// demo data must never share a database (its centres, principals, master secret) with
+/// real patients. Returns the generator principal's id, if it exists. Reads only.
+pub async fn check_synthetic_only(store: &Store) -> Result<Option<i64>, SyntheticError> {
+    let generator = match store.principal_role(GENERATOR_PRINCIPAL).await? {
+        Some((id, role)) if role == Role::Admin.as_str() => Some(id),
+        Some(_) => return Err(SyntheticError::GeneratorName),
+        None => None,
+    };
+    match store
+        .patient_data_not_recorded_by(GENERATOR_PRINCIPAL)
+        .await?
+    {
+        Some(what) => Err(SyntheticError::NotSynthetic(what)),
+        None => Ok(generator),
+    }
 }
 
 /// What [`populate`] did.
@@ -351,6 +385,9 @@ pub struct Populated {
 /// Creates the demo centres (members of `registry_code`) if missing, and writes
 /// `patients` new synthetic patients to the registry, numbered after those already there
 /// (so running it again adds more). `progress` is called now and then with the count.
+///
+/// Refuses, before it writes anything, a database that holds patient data it did not
+/// write ([`check_synthetic_only`]).
 pub async fn populate(
     store: &Store,
     writer: &Writer,
@@ -364,6 +401,21 @@ pub async fn populate(
         .registry_by_code(registry_code)
         .await?
         .ok_or_else(|| SyntheticError::NoRegistry(registry_code.into()))?;
+    let generator_id = check_synthetic_only(store).await?;
+    let first = u32::try_from(store.patients_in_registry(registry.id).await?)
+        .map_err(|_| SyntheticError::TooMany)?;
+    if u64::from(first) + u64::from(patients) > u64::from(MAX_PATIENTS) {
+        return Err(SyntheticError::TooMany);
+    }
+    // Checked: from here on it writes.
+    let principal_id = match generator_id {
+        Some(id) => id,
+        None => {
+            store
+                .create_principal(GENERATOR_PRINCIPAL, Role::Admin, None, &[])
+                .await?
+        }
+    };
     let mut centre_ids = Vec::with_capacity(CENTRES.len());
     for (code, name, country) in CENTRES {
         centre_ids.push(
@@ -372,33 +424,20 @@ pub async fn populate(
                 .await?,
         );
     }
-    let principal_id = match store.principal_id(GENERATOR_PRINCIPAL).await {
-        Ok(id) => id,
-        Err(StoreError::NotFound(_)) => {
-            store
-                .create_principal(GENERATOR_PRINCIPAL, Role::Admin, None, &[])
-                .await?
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let first = u32::try_from(store.patients_in_registry(registry.id).await?)
-        .map_err(|_| SyntheticError::TooMany)?;
-    if u64::from(first) + u64::from(patients) > 9_000_000 {
-        return Err(SyntheticError::TooMany);
-    }
     let today = Utc::now().date_naive();
     let generator = Generator::new(seed, today);
-    let reference = RegistryRef {
-        seq: registry.id as u16,
-        code: &registry.code,
-        key_version: registry.active_key_version as u16,
-    };
     let mut in_flight = JoinSet::new();
     let mut written = 0u64;
     for n in first..first + patients {
         let p = generator.patient(n);
-        let identity = PatientIdentity::from_proto(&p.identifiers).expect("valid synthetic BSN");
-        let pseudonym = pseudonymiser.derive(reference, &identity);
+        let identity =
+            PatientIdentity::from_proto(&p.identifiers).expect("valid synthetic identifier");
+        // The registry's rule, as `service::Services::derive_pseudonym` applies it.
+        let candidates = pseudonymiser.candidates(registry.key_ref()?, &identity);
+        let known = store
+            .known_pseudonym(registry.id, &candidates.older())
+            .await?;
+        let pseudonym = candidates.choose(known.as_deref());
         let record = CaseRecord::from_proto(&p.record, today).expect("validated when drawn");
         let now = Utc::now();
         let consent = p
@@ -462,7 +501,6 @@ pub async fn populate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pseudonym::check_bsn;
 
     fn sample(n: u32) -> Vec<SyntheticPatient> {
         let g = Generator::new(7, NaiveDate::from_ymd_opt(2026, 11, 1).unwrap());
@@ -473,15 +511,36 @@ mod tests {
     fn patients_are_valid_distinct_and_deterministic() {
         let a = sample(300);
         let b = sample(300);
-        let mut bsns = std::collections::BTreeSet::new();
+        let mut values = std::collections::BTreeSet::new();
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.record, y.record);
+            let identity = PatientIdentity::from_proto(&x.identifiers).unwrap();
+            assert!(identity.is_synthetic());
             let Some(proto::patient_identifiers::Kind::National(id)) = &x.identifiers.kind else {
                 panic!("national identifier expected");
             };
-            assert!(check_bsn(&id.value).is_some(), "{}", id.value);
-            assert!(bsns.insert(id.value.clone()));
+            assert!(values.insert(id.value.clone()));
         }
+    }
+
+    #[test]
+    fn every_patient_number_has_a_valid_synthetic_identifier() {
+        for n in [0, 1, 42, 8_999_999, MAX_PATIENTS - 1] {
+            let ids = proto::PatientIdentifiers {
+                kind: Some(proto::patient_identifiers::Kind::National(
+                    proto::NationalIdentifier {
+                        issuing_country: SYNTHETIC_ISSUER.into(),
+                        value: identifier(n),
+                    },
+                )),
+            };
+            assert!(
+                PatientIdentity::from_proto(&ids).unwrap().is_synthetic(),
+                "{n}"
+            );
+        }
+        assert_eq!(identifier(42), "SYN000000042");
+        assert_eq!(identifier(MAX_PATIENTS - 1), "SYN999999999");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! Case counts are set per test to keep the whole binary to a few seconds in debug;
 //! `PROPTEST_CASES` raises them all for a longer local run.
 
+#[path = "common/bsn.rs"]
+mod bsn;
 #[path = "../fuzz/fuzz_targets/properties/mod.rs"]
 mod properties;
 
@@ -785,7 +787,7 @@ fn malformed_submissions_to_the_server_are_never_internal_and_never_echo_identif
         kind: Some(proto::patient_identifiers::Kind::National(
             proto::NationalIdentifier {
                 issuing_country: "NL".into(),
-                value: ern_registry::synthetic::bsn(4242),
+                value: bsn::bsn(4242),
             },
         )),
     });

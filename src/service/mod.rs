@@ -30,7 +30,7 @@ use crate::clock::Clock;
 use crate::consent::InclusionRefused;
 use crate::domain::{FieldViolations, RegistryCode};
 use crate::outcome::Outcome;
-use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser, RegistryRef};
+use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser};
 use crate::ratelimit::{CallGate, CallPermit, Peer, PrincipalLimiter, RateLimited};
 use crate::refusals::Refusals;
 use crate::store::writer::{Command, WriteError, Writer};
@@ -275,30 +275,12 @@ impl Services {
         }
         metrics::counter!("ern_pseudonym_derivations_total", "principal" => principal.name.clone())
             .increment(1);
-        let active = registry_ref(registry)?;
-        let current = self.pseudonymiser.derive(active, identity);
-        if active.key_version <= 1 {
-            return Ok(current);
-        }
-        let older: Vec<Pseudonym> = (1..active.key_version)
-            .map(|key_version| {
-                self.pseudonymiser.derive(
-                    RegistryRef {
-                        key_version,
-                        ..active
-                    },
-                    identity,
-                )
-            })
-            .collect();
-        let candidates: Vec<&str> = older.iter().map(Pseudonym::as_str).collect();
-        match self.store.known_pseudonym(registry.id, &candidates).await? {
-            Some(known) => Ok(older
-                .into_iter()
-                .find(|p| p.as_str() == known)
-                .unwrap_or(current)),
-            None => Ok(current),
-        }
+        let candidates = self.pseudonymiser.candidates(registry.key_ref()?, identity);
+        let known = self
+            .store
+            .known_pseudonym(registry.id, &candidates.older())
+            .await?;
+        Ok(candidates.choose(known.as_deref()))
     }
 
     /// Authenticates a caller: a live key of an enabled principal. Then takes the
@@ -449,16 +431,6 @@ pub fn parse_pseudonym(text: &str, registry: &Registry) -> Result<Pseudonym, Ser
         Err(e) => v.push("pseudonym", e.to_string()),
     }
     Err(ServiceError::Invalid(v))
-}
-
-/// The key reference of a registry for pseudonym derivation.
-pub fn registry_ref(registry: &Registry) -> Result<RegistryRef<'_>, ServiceError> {
-    let corrupt = || ServiceError::Internal(StoreError::Corrupt("registry numbering".into()));
-    Ok(RegistryRef {
-        seq: u16::try_from(registry.id).map_err(|_| corrupt())?,
-        code: &registry.code,
-        key_version: u16::try_from(registry.active_key_version).map_err(|_| corrupt())?,
-    })
 }
 
 #[cfg(test)]

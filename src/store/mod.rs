@@ -197,6 +197,19 @@ pub struct Registry {
     pub protection_level: i64,
 }
 
+impl Registry {
+    /// The key reference of the registry for pseudonym derivation: its number, code and
+    /// active key version.
+    pub fn key_ref(&self) -> Result<crate::pseudonym::RegistryRef<'_>> {
+        let corrupt = || StoreError::Corrupt("registry numbering".into());
+        Ok(crate::pseudonym::RegistryRef {
+            seq: u16::try_from(self.id).map_err(|_| corrupt())?,
+            code: &self.code,
+            key_version: u16::try_from(self.active_key_version).map_err(|_| corrupt())?,
+        })
+    }
+}
+
 /// What authentication needs from an API key's row.
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
@@ -494,6 +507,45 @@ impl Store {
                 .await?
                 .try_get(0)?,
         )
+    }
+
+    /// The first kind of patient data recorded by a principal other than the admin
+    /// principal `generator` (`"a case"`, `"a consent decision"`, `"an erasure"`), or
+    /// `None` when every case version, consent event and erasure tombstone in the database
+    /// was recorded by it (or there is none). `demo` writes only into such a database.
+    pub async fn patient_data_not_recorded_by(
+        &self,
+        generator: &str,
+    ) -> Result<Option<&'static str>> {
+        const GENERATOR: &str = "SELECT id FROM principals WHERE name = $1 AND role = $2";
+        let checks = [
+            ("a case", "case_versions", "recorded_by"),
+            ("a consent decision", "consent_events", "recorded_by"),
+            ("an erasure", "erasures", "erased_by"),
+        ];
+        for (what, table, recorder) in checks {
+            let found = sqlx::query(&format!(
+                "SELECT 1 FROM {table} WHERE {recorder} NOT IN ({GENERATOR}) LIMIT 1"
+            ))
+            .bind(generator)
+            .bind(Role::Admin.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            if found.is_some() {
+                return Ok(Some(what));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The id and role of the principal `name`, if there is one.
+    pub async fn principal_role(&self, name: &str) -> Result<Option<(i64, String)>> {
+        sqlx::query("SELECT id, role FROM principals WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .transpose()
     }
 
     pub async fn principal_id(&self, name: &str) -> Result<i64> {

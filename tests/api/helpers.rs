@@ -327,10 +327,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A valid BSN derived from `seed`; distinct seeds (below 9,000,000) give distinct BSNs.
-pub fn bsn(seed: u32) -> String {
-    ern_registry::synthetic::bsn(seed)
-}
+pub use crate::bsn::bsn;
 
 pub fn national(country: &str, value: &str) -> proto::PatientIdentifiers {
     proto::PatientIdentifiers {

@@ -1,6 +1,8 @@
 //! Integration tests: the real server on an ephemeral port, a real tonic client.
 //! One test binary (link once); one module per feature.
 
+#[path = "../common/bsn.rs"]
+mod bsn;
 mod helpers;
 #[path = "../common/lp_attacker.rs"]
 mod lp_attacker;
@@ -15,6 +17,7 @@ mod consent;
 mod consent_model;
 mod consent_oracle;
 mod consent_races;
+mod demo;
 mod disclosure;
 mod durability;
 mod file_modes;

@@ -297,49 +297,103 @@ async fn only_an_empty_database_gets_a_new_key() {
     assert!(!key.exists());
 }
 
+/// `audit verify` or `demo` on `app`'s database with the key file `key`.
+fn run(app: &TestApp, subcommand: &[&str], key: &Path) -> Command {
+    let mut command = binary();
+    command
+        .args(["--database-url", &app.database_url])
+        .args(subcommand)
+        .arg("--master-key-file")
+        .arg(key);
+    command
+}
+
 #[tokio::test]
-async fn audit_verify_and_demo_check_the_key_too() {
+async fn audit_verify_checks_the_key_too() {
     let app = app_with_a_patient(args()).await;
-    let cases = app.count("cases").await;
     let other = app.dir.path().join("other.key");
     other_key(&other);
-    let run = |subcommand: &[&str], key: &Path| {
-        let mut command = binary();
-        command
-            .args(["--database-url", &app.database_url])
-            .args(subcommand)
-            .arg("--master-key-file")
-            .arg(key);
-        command
-    };
-
-    let stderr = must_refuse(run(&["audit", "verify"], &other)).await;
+    let stderr = must_refuse(run(&app, &["audit", "verify"], &other)).await;
     assert!(
         stderr.contains("is not the one this database was made with"),
         "{stderr}"
     );
-    let stderr = must_refuse(run(&["demo", "--patients", "3"], &other)).await;
+    let own = run(&app, &["audit", "verify"], &key_file(&app))
+        .output()
+        .unwrap();
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+}
+
+/// `demo` checks the key of a database it may write to (synthetic patients only).
+#[tokio::test]
+async fn demo_checks_the_key_too() {
+    let mut app = TestApp::spawn_with(args()).await;
+    app.stop_server().await;
+    let own = run(&app, &["demo", "--patients", "3"], &key_file(&app))
+        .output()
+        .unwrap();
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let cases = app.count("cases").await;
+    assert_eq!(cases, 3);
+
+    let other = app.dir.path().join("other.key");
+    other_key(&other);
+    let stderr = must_refuse(run(&app, &["demo", "--patients", "3"], &other)).await;
     assert!(
         stderr.contains("is not the one this database was made with"),
         "{stderr}"
     );
     let missing = app.dir.path().join("missing.key");
-    let stderr = must_refuse(run(&["demo", "--patients", "3"], &missing)).await;
+    let stderr = must_refuse(run(&app, &["demo", "--patients", "3"], &missing)).await;
     assert!(stderr.contains("is missing"), "{stderr}");
     assert!(!missing.exists(), "demo created a new key");
     assert_eq!(app.count("cases").await, cases, "demo wrote nothing");
 
-    // With the database's own key both work.
-    for subcommand in [&["audit", "verify"][..], &["demo", "--patients", "3"]] {
-        let own = run(subcommand, &key_file(&app)).output().unwrap();
+    let own = run(&app, &["demo", "--patients", "3"], &key_file(&app))
+        .output()
+        .unwrap();
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    assert_eq!(app.count("cases").await, cases + 3, "demo added patients");
+}
+
+/// A database with a real patient is refused before the key is even read: nothing is
+/// written, not even a new key file.
+#[tokio::test]
+async fn demo_refuses_a_database_with_real_patients_whatever_the_key() {
+    let app = app_with_a_patient(args()).await;
+    let tables = [
+        "cases",
+        "consent_events",
+        "centres",
+        "principals",
+        "audit_log",
+    ];
+    let mut before = Vec::new();
+    for table in tables {
+        before.push(app.count(table).await);
+    }
+    let missing = app.dir.path().join("missing.key");
+    for key in [key_file(&app), missing.clone()] {
+        let stderr = must_refuse(run(&app, &["demo", "--patients", "3"], &key)).await;
         assert!(
-            own.status.success(),
-            "{subcommand:?}: {}",
-            String::from_utf8_lossy(&own.stderr)
+            stderr.contains("refused: this database holds patient data"),
+            "{stderr}"
         );
     }
-    assert!(
-        app.count("cases").await > cases,
-        "demo wrote with its own key"
-    );
+    assert!(!missing.exists(), "demo created a new key");
+    for (table, count) in tables.iter().zip(before) {
+        assert_eq!(app.count(table).await, count, "{table}");
+    }
 }
