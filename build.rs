@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("ern_registry_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
+    let builder = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         // A body that is not a valid message is INVALID_ARGUMENT, not INTERNAL.
@@ -28,7 +28,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             ".ern_registry.v1.NationalIdentifier",
             ".ern_registry.v1.DemographicIdentifiers",
-        ])
-        .compile_fds(fds)?;
+        ]);
+    // Every message (and oneof) that can hold a patient identifier overwrites it when it
+    // is dropped, on whatever path: an answer, an error, an early return, a cancelled
+    // call, a panic unwinding. No handler has to remember to wipe anything. (Moving a
+    // field out of these types is refused by the compiler: take it, or borrow it.)
+    let builder = IDENTIFIER_TYPES.iter().fold(builder, |builder, path| {
+        builder.type_attribute(path, "#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]")
+    });
+    builder.compile_fds(fds)?;
     Ok(())
 }
+
+/// The generated types that hold patient identifiers: the identifier messages and the
+/// wrappers through which a request carries them (a message's path also matches its
+/// nested types, so their `oneof kind` enums get the derives too).
+const IDENTIFIER_TYPES: [&str; 4] = [
+    ".ern_registry.v1.NationalIdentifier",
+    ".ern_registry.v1.DemographicIdentifiers",
+    ".ern_registry.v1.PatientIdentifiers",
+    ".ern_registry.v1.PatientRef",
+];

@@ -31,6 +31,7 @@ use ern_registry::pseudonym::{PatientIdentity, Pseudonymiser, RegistryRef};
 use ern_registry::startup::Application;
 use ern_registry::store::cases::{self, CaseRow};
 use ring::rand::SystemRandom;
+use secrecy::ExposeSecret;
 use sqlx::Connection;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -377,7 +378,7 @@ async fn async_main() {
         .insert_api_key(&issued.key_id, pid, &issued.secret_hash, None)
         .await
         .expect("key");
-    let token = issued.token.to_string();
+    let token = issued.token.expose_secret().to_owned();
 
     let mut figures = vec![bench_hmac()];
     figures.push(bench_raw_insert(&app).await);

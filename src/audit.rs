@@ -40,6 +40,7 @@ use std::collections::BTreeMap;
 use ring::digest;
 use ring::hkdf;
 use ring::hmac;
+use secrecy::ExposeSecret;
 
 use crate::keys::MasterSecret;
 
@@ -98,6 +99,10 @@ pub struct Stored {
 }
 
 /// The key of the chain, derived from the master secret.
+///
+/// A ring key, not a `secrecy` box: ring gives no way to read its bytes back and its
+/// `Debug` names only the algorithm; it is not wiped on drop, but lives as long as the
+/// process. The bytes it is made from are wiped (`Zeroizing`).
 pub struct AuditKey(hmac::Key);
 
 impl std::fmt::Debug for AuditKey {
@@ -116,7 +121,8 @@ impl hkdf::KeyType for Len32 {
 
 impl AuditKey {
     pub fn derive(master: &MasterSecret) -> AuditKey {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"ern-registry").extract(master.expose());
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"ern-registry").extract(master.expose_secret());
         let okm = prk
             .expand(&[KEY_INFO], Len32)
             .expect("32 bytes is a valid HKDF-SHA256 length");

@@ -35,6 +35,7 @@ use std::sync::{Arc, RwLock};
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
 use ring::{hkdf, hmac, rand::SecureRandom};
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
@@ -157,10 +158,11 @@ pub fn certificate_fingerprint(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
-/// A presented API key, split into its public id and its secret.
+/// A presented API key, split into its public id and its secret (never printed; wiped
+/// on drop; read only by this module, to hash it).
 pub struct PresentedKey {
     pub key_id: String,
-    secret: Zeroizing<String>,
+    secret: SecretString,
 }
 
 impl PresentedKey {
@@ -180,7 +182,7 @@ impl PresentedKey {
         }
         Ok(PresentedKey {
             key_id: id.to_owned(),
-            secret: Zeroizing::new(secret.to_owned()),
+            secret: SecretString::from(secret),
         })
     }
 
@@ -201,9 +203,10 @@ impl PresentedKey {
     }
 }
 
-/// A newly issued API key: the full token (show it once) and what to store.
+/// A newly issued API key: the full token (show it once: `token.expose_secret()`) and
+/// what to store.
 pub struct IssuedKey {
-    pub token: Zeroizing<String>,
+    pub token: SecretString,
     pub key_id: String,
     pub secret_hash: String,
 }
@@ -223,6 +226,10 @@ fn argon2() -> Argon2<'static> {
 
 /// The keyed hash of API key secrets: HMAC-SHA256 under a pepper derived from the master
 /// secret (HKDF, its own label, so it is unrelated to every pseudonym and audit key).
+///
+/// The pepper stays a `ring::hmac::Key` rather than a `secrecy` box: ring gives no way to
+/// read a key's bytes back and its `Debug` names only the algorithm, which is all a
+/// `SecretBox` adds; ring does not wipe it on drop, but it lives as long as the process.
 pub struct KeyHasher(hmac::Key);
 
 impl std::fmt::Debug for KeyHasher {
@@ -233,7 +240,7 @@ impl std::fmt::Debug for KeyHasher {
 
 impl KeyHasher {
     pub fn derive(master: &MasterSecret) -> KeyHasher {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, PEPPER_SALT).extract(master.expose());
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, PEPPER_SALT).extract(master.expose_secret());
         let okm = prk
             .expand(&[PEPPER_INFO], hmac::HMAC_SHA256)
             .expect("an HMAC-SHA256 key is a valid HKDF-SHA256 length");
@@ -274,9 +281,18 @@ pub fn issue_key(
     rng.fill(&mut id)?;
     rng.fill(secret.as_mut())?;
     let key_id = hex::encode(id);
-    let secret_hex = Zeroizing::new(hex::encode(secret.as_ref()));
-    let secret_hash = hasher.hash(&key_id, &secret_hex);
-    let token = Zeroizing::new(format!("{KEY_PREFIX}{key_id}_{}", secret_hex.as_str()));
+    let mut secret_hex = Zeroizing::new([0u8; 64]);
+    hex::encode_to_slice(secret.as_ref(), secret_hex.as_mut()).expect("32 bytes are 64 hex digits");
+    let secret_hex = std::str::from_utf8(secret_hex.as_ref()).expect("hex digits are ASCII");
+    let secret_hash = hasher.hash(&key_id, secret_hex);
+    // Allocated once at its final size: nothing is reallocated (and left unwiped), and
+    // boxing it into the `SecretString` copies nothing.
+    let mut token = String::with_capacity(KEY_PREFIX.len() + key_id.len() + 1 + secret_hex.len());
+    token.push_str(KEY_PREFIX);
+    token.push_str(&key_id);
+    token.push('_');
+    token.push_str(secret_hex);
+    let token = SecretString::from(token);
     Ok(IssuedKey {
         token,
         key_id,
@@ -376,7 +392,10 @@ impl KeyVerifier {
     pub async fn verify(&self, key: &PresentedKey, stored_hash: &str) -> Verdict {
         match StoredHash::parse(stored_hash) {
             StoredHash::Hmac(stored) => {
-                if self.hasher.verify(&key.key_id, &key.secret, &stored) {
+                if self
+                    .hasher
+                    .verify(&key.key_id, key.secret.expose_secret(), &stored)
+                {
                     self.remember(&key.key_id, stored);
                     Verdict::Valid
                 } else {
@@ -403,7 +422,11 @@ impl KeyVerifier {
             // while Argon2 still runs.
             let _permit = permit;
             PasswordHash::new(&stored)
-                .map(|parsed| argon2().verify_password(secret.as_bytes(), &parsed).is_ok())
+                .map(|parsed| {
+                    argon2()
+                        .verify_password(secret.expose_secret().as_bytes(), &parsed)
+                        .is_ok()
+                })
                 .unwrap_or(false)
         })
         .await
@@ -411,7 +434,7 @@ impl KeyVerifier {
         if !ok {
             return Verdict::Invalid;
         }
-        let migrated = self.hasher.hash(&key.key_id, &key.secret);
+        let migrated = self.hasher.hash(&key.key_id, key.secret.expose_secret());
         if let Some(tag) = migrated.strip_prefix(HMAC_HASH_PREFIX).and_then(unhex32) {
             self.remember(&key.key_id, tag);
         }
@@ -439,7 +462,10 @@ impl KeyVerifier {
             .read()
             .map(|m| m.get(&key.key_id).copied())
             .unwrap_or(None);
-        stored.is_some_and(|stored| self.hasher.verify(&key.key_id, &key.secret, &stored))
+        stored.is_some_and(|stored| {
+            self.hasher
+                .verify(&key.key_id, key.secret.expose_secret(), &stored)
+        })
     }
 
     /// Keys remembered as verified.
@@ -511,7 +537,7 @@ mod tests {
         let verifier = KeyVerifier::new(hasher(1));
         let issued = issue_key(&rng, verifier.hasher()).unwrap();
         assert!(issued.secret_hash.starts_with(HMAC_HASH_PREFIX));
-        let key = PresentedKey::parse(&issued.token).unwrap();
+        let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
         assert_eq!(key.key_id, issued.key_id);
         assert_eq!(
             verifier.verify(&key, &issued.secret_hash).await,
@@ -519,7 +545,7 @@ mod tests {
         );
         assert_eq!(
             verifier
-                .verify(&wrong(&issued.token), &issued.secret_hash)
+                .verify(&wrong(issued.token.expose_secret()), &issued.secret_hash)
                 .await,
             Verdict::Invalid
         );
@@ -530,7 +556,7 @@ mod tests {
     async fn a_hash_is_bound_to_its_pepper_and_its_key_id() {
         let rng = SystemRandom::new();
         let issued = issue_key(&rng, &hasher(1)).unwrap();
-        let key = PresentedKey::parse(&issued.token).unwrap();
+        let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
         // Another master secret: another pepper.
         let other = KeyVerifier::new(hasher(2));
         assert_eq!(
@@ -538,7 +564,11 @@ mod tests {
             Verdict::Invalid
         );
         // The same secret under another key id.
-        let moved = format!("ern_{}_{}", "0123456789abcdef", &issued.token[21..]);
+        let moved = format!(
+            "ern_{}_{}",
+            "0123456789abcdef",
+            &issued.token.expose_secret()[21..]
+        );
         let moved = PresentedKey::parse(&moved).unwrap();
         let verifier = KeyVerifier::new(hasher(1));
         assert_eq!(
@@ -553,10 +583,12 @@ mod tests {
         let rng = SystemRandom::new();
         let verifier = KeyVerifier::new(hasher(1));
         let issued = issue_key(&rng, verifier.hasher()).unwrap();
-        let legacy = legacy_hash(&issued.token);
-        let key = PresentedKey::parse(&issued.token).unwrap();
+        let legacy = legacy_hash(issued.token.expose_secret());
+        let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
         assert_eq!(
-            verifier.verify(&wrong(&issued.token), &legacy).await,
+            verifier
+                .verify(&wrong(issued.token.expose_secret()), &legacy)
+                .await,
             Verdict::Invalid
         );
         match verifier.verify(&key, &legacy).await {
@@ -571,9 +603,9 @@ mod tests {
         let rng = SystemRandom::new();
         let verifier = KeyVerifier::new(hasher(1));
         let issued = issue_key(&rng, verifier.hasher()).unwrap();
-        let legacy = legacy_hash(&issued.token);
+        let legacy = legacy_hash(issued.token.expose_secret());
         let held = verifier.argon2.clone().try_acquire_owned().unwrap();
-        let key = PresentedKey::parse(&issued.token).unwrap();
+        let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
         assert_eq!(verifier.verify(&key, &legacy).await, Verdict::Busy);
         assert_eq!(verifier.counters().argon2_runs(), 0);
         drop(held);
@@ -588,10 +620,10 @@ mod tests {
         let rng = SystemRandom::new();
         let verifier = KeyVerifier::new(hasher(1));
         let issued = issue_key(&rng, verifier.hasher()).unwrap();
-        let key = PresentedKey::parse(&issued.token).unwrap();
+        let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
         for _ in 0..100 {
             let _ = verifier
-                .verify(&wrong(&issued.token), &issued.secret_hash)
+                .verify(&wrong(issued.token.expose_secret()), &issued.secret_hash)
                 .await;
         }
         assert_eq!(verifier.known_keys(), 0);
@@ -599,7 +631,7 @@ mod tests {
         verifier.verify(&key, &issued.secret_hash).await;
         assert_eq!(verifier.known_keys(), 1);
         assert!(verifier.known_good(&key));
-        assert!(!verifier.known_good(&wrong(&issued.token)));
+        assert!(!verifier.known_good(&wrong(issued.token.expose_secret())));
         verifier.forget(&issued.key_id);
         assert!(!verifier.known_good(&key));
     }

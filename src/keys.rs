@@ -15,6 +15,11 @@
 //! parameter file, like a password hash, lets whoever reads it test guesses offline at the
 //! Argon2id cost; hence mode 0600, a minimum passphrase length and a minimum cost. The
 //! passphrase is never written anywhere, and the copies this module makes are wiped.
+//!
+//! Both secrets are `secrecy` boxes: one heap block each, wiped on drop, no `Debug` that
+//! shows them, read only through [`ExposeSecret::expose_secret`] (easy to find in a
+//! review). The master secret is filled in place in its block (random bytes, the Argon2id
+//! output, the decoded key file): this module leaves no copy of it on the stack.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -24,6 +29,7 @@ use std::path::{Path, PathBuf};
 use argon2::{Algorithm, Argon2, Version};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{hkdf, hmac};
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox, SecretSlice};
 use zeroize::Zeroizing;
 
 const HEADER: &str = "ern-registry-master-key v1 ";
@@ -101,8 +107,10 @@ pub enum KeyError {
     PassphraseMissing(PathBuf),
 }
 
-/// 32 secret bytes, wiped from memory on drop, never printed.
-pub struct MasterSecret(Zeroizing<[u8; 32]>);
+/// 32 secret bytes, wiped from memory on drop, never printed. They stay in one heap
+/// block: moving a `MasterSecret` moves a pointer and leaves no copy of the bytes behind
+/// (a `Zeroizing<[u8; 32]>` moved by value could leave one in the frame it left).
+pub struct MasterSecret(SecretBox<[u8; 32]>);
 
 impl std::fmt::Debug for MasterSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,16 +118,33 @@ impl std::fmt::Debug for MasterSecret {
     }
 }
 
+impl ExposeSecret<[u8; 32]> for MasterSecret {
+    fn expose_secret(&self) -> &[u8; 32] {
+        self.0.expose_secret()
+    }
+}
+
 impl MasterSecret {
+    /// Zeroes in the secret's heap block, to be filled in place.
+    fn zeroed() -> Self {
+        MasterSecret(SecretBox::new(Box::new([0u8; 32])))
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8; 32] {
+        self.0.expose_secret_mut()
+    }
+
     pub fn generate(rng: &dyn SecureRandom) -> Result<Self, KeyError> {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        rng.fill(bytes.as_mut()).map_err(|_| KeyError::Random)?;
-        Ok(MasterSecret(bytes))
+        let mut secret = Self::zeroed();
+        rng.fill(secret.bytes_mut()).map_err(|_| KeyError::Random)?;
+        Ok(secret)
     }
 
     /// For tests and benchmarks with fixed keys.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        MasterSecret(Zeroizing::new(bytes))
+        let mut secret = Self::zeroed();
+        *secret.bytes_mut() = bytes;
+        secret
     }
 
     /// Derives the secret from a passphrase with Argon2id (version 0x13, 32-byte output)
@@ -132,31 +157,28 @@ impl MasterSecret {
         // takes to recompute the output.
         let mut blocks =
             Zeroizing::new(vec![argon2::Block::default(); argon2_params.block_count()]);
-        let mut bytes = Zeroizing::new([0u8; 32]);
+        let mut secret = Self::zeroed();
         Argon2::new(Algorithm::Argon2id, Version::V0x13, argon2_params)
             .hash_password_into_with_memory(
                 passphrase,
                 &params.salt,
-                bytes.as_mut(),
+                secret.bytes_mut(),
                 blocks.as_mut_slice(),
             )
             .map_err(KeyError::Argon2)?;
-        Ok(MasterSecret(bytes))
-    }
-
-    pub fn expose(&self) -> &[u8; 32] {
-        &self.0
+        Ok(secret)
     }
 
     /// The key of the check stored in a parameter file (HMAC-SHA256 of [`CHECK_LABEL`]).
     fn check_key(&self) -> hmac::Key {
-        hmac::Key::new(hmac::HMAC_SHA256, self.expose())
+        hmac::Key::new(hmac::HMAC_SHA256, self.expose_secret())
     }
 
     /// The secret's public name, which a database records to recognise the secret it was
     /// made with ([`Fingerprint`]).
     pub fn fingerprint(&self) -> Fingerprint {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, FINGERPRINT_SALT).extract(self.expose());
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, FINGERPRINT_SALT).extract(self.expose_secret());
         let mut bytes = [0u8; 32];
         prk.expand(&[FINGERPRINT_INFO], Len32)
             .and_then(|okm| okm.fill(&mut bytes))
@@ -175,18 +197,19 @@ impl MasterSecret {
         if hex.len() != 64 {
             return None;
         }
-        let mut bytes = Zeroizing::new([0u8; 32]);
+        let mut secret = Self::zeroed();
+        let bytes = secret.bytes_mut();
         for (i, pair) in hex.chunks(2).enumerate() {
             let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
             bytes[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
         }
-        Some(MasterSecret(bytes))
+        Some(secret)
     }
 
     fn encode(&self) -> Zeroizing<String> {
         let mut text = Zeroizing::new(String::with_capacity(HEADER.len() + 65));
         text.push_str(HEADER);
-        for b in self.0.iter() {
+        for b in self.expose_secret().iter() {
             text.push(char::from_digit(u32::from(b >> 4), 16).expect("nibble"));
             text.push(char::from_digit(u32::from(b & 0xf), 16).expect("nibble"));
         }
@@ -364,7 +387,7 @@ fn check_passphrase_length(len: usize) -> Result<(), KeyError> {
 /// A master passphrase of [`MIN_PASSPHRASE_BYTES`] to [`MAX_PASSPHRASE_BYTES`] bytes,
 /// wiped from memory on drop, never printed.
 #[derive(Clone)]
-pub struct Passphrase(Zeroizing<Vec<u8>>);
+pub struct Passphrase(SecretSlice<u8>);
 
 impl fmt::Debug for Passphrase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -375,7 +398,10 @@ impl fmt::Debug for Passphrase {
 impl Passphrase {
     pub fn new(bytes: Zeroizing<Vec<u8>>) -> Result<Self, KeyError> {
         check_passphrase_length(bytes.len())?;
-        Ok(Passphrase(bytes))
+        // A copy of exactly its length, so that boxing it reallocates nothing (which
+        // would leave the bytes unwiped in the freed block); `bytes`, with whatever spare
+        // capacity it has, is wiped when it is dropped here.
+        Ok(Passphrase(SecretSlice::from(bytes.to_vec())))
     }
 
     /// The first line of a file, without its line ending (`\n` or `\r\n`).
@@ -423,9 +449,11 @@ impl Passphrase {
             (None, None) => Ok(None),
         }
     }
+}
 
-    pub fn expose(&self) -> &[u8] {
-        &self.0
+impl ExposeSecret<[u8]> for Passphrase {
+    fn expose_secret(&self) -> &[u8] {
+        self.0.expose_secret()
     }
 }
 
@@ -587,7 +615,7 @@ impl KdfFile {
         passphrase: &Passphrase,
     ) -> Result<(KdfFile, MasterSecret), KeyError> {
         let params = KdfParams::generate(&SystemRandom::new())?;
-        Self::create_with(path, passphrase.expose(), params)
+        Self::create_with(path, passphrase.expose_secret(), params)
     }
 
     fn create_with(
@@ -613,7 +641,7 @@ impl KdfFile {
 
     /// Derives the secret and verifies it against the stored check (in constant time).
     pub fn unlock(&self, passphrase: &Passphrase) -> Result<MasterSecret, KeyError> {
-        self.unlock_bytes(passphrase.expose())
+        self.unlock_bytes(passphrase.expose_secret())
     }
 
     fn unlock_bytes(&self, passphrase: &[u8]) -> Result<MasterSecret, KeyError> {
@@ -711,14 +739,14 @@ mod tests {
         assert!(fresh);
         let (loaded, fresh) = MasterSecret::load_or_create(&path).unwrap();
         assert!(!fresh);
-        assert_eq!(created.expose(), loaded.expose());
+        assert_eq!(created.expose_secret(), loaded.expose_secret());
         assert!(matches!(
             MasterSecret::create_new(&path),
             Err(KeyError::Exists(_))
         ));
         assert_eq!(
-            MasterSecret::load(&path).unwrap().expose(),
-            created.expose()
+            MasterSecret::load(&path).unwrap().expose_secret(),
+            created.expose_secret()
         );
         #[cfg(unix)]
         {
@@ -760,7 +788,9 @@ mod tests {
         let secret = MasterSecret::from_bytes([0xab; 32]);
         let text = secret.encode();
         assert_eq!(
-            MasterSecret::decode(text.trim_end()).unwrap().expose(),
+            MasterSecret::decode(text.trim_end())
+                .unwrap()
+                .expose_secret(),
             &[0xab; 32]
         );
         assert!(!format!("{secret:?}").contains("ab"));
@@ -779,7 +809,7 @@ mod tests {
             fingerprint
         );
         assert_eq!(fingerprint.to_string(), PINNED_FINGERPRINT[..16]);
-        assert_ne!(&fingerprint.0, secret.expose());
+        assert_ne!(&fingerprint.0, secret.expose_secret());
         assert_ne!(MasterSecret::from_bytes([0; 32]).fingerprint(), fingerprint);
         assert!(Fingerprint::from_hex(&PINNED_FINGERPRINT.to_uppercase()).is_none());
         assert!(Fingerprint::from_hex(&PINNED_FINGERPRINT[1..]).is_none());
@@ -828,7 +858,7 @@ mod tests {
         // from RFC 9106. It must never change: existing deployments would derive another
         // secret from the same passphrase.
         let secret = MasterSecret::from_passphrase(PASSPHRASE, &test_params()).unwrap();
-        assert_eq!(hex(secret.expose()), PINNED_SECRET);
+        assert_eq!(hex(secret.expose_secret()), PINNED_SECRET);
         let check = hmac::sign(&secret.check_key(), CHECK_LABEL);
         assert_eq!(hex(check.as_ref()), PINNED_CHECK);
         // Salt and cost both matter.
@@ -838,15 +868,15 @@ mod tests {
         assert_ne!(
             MasterSecret::from_passphrase(PASSPHRASE, &other)
                 .unwrap()
-                .expose(),
-            secret.expose()
+                .expose_secret(),
+            secret.expose_secret()
         );
         let other = KdfParams::insecure_for_tests(Cost { t: 3, ..TEST_COST }, salt);
         assert_ne!(
             MasterSecret::from_passphrase(PASSPHRASE, &other)
                 .unwrap()
-                .expose(),
-            secret.expose()
+                .expose_secret(),
+            secret.expose_secret()
         );
     }
 
@@ -871,7 +901,7 @@ mod tests {
         assert_eq!(loaded.check, created.check);
         assert_eq!(loaded.path(), path);
         let unlocked = loaded.unlock(&passphrase(PASSPHRASE)).unwrap();
-        assert_eq!(unlocked.expose(), secret.expose());
+        assert_eq!(unlocked.expose_secret(), secret.expose_secret());
         assert!(!text.contains("horse"));
     }
 
@@ -1053,7 +1083,7 @@ mod tests {
         ] {
             fs::write(&path, text).unwrap();
             let read = Passphrase::read_file(&path).unwrap();
-            assert_eq!(read.expose(), expected);
+            assert_eq!(read.expose_secret(), expected);
             assert_eq!(format!("{read:?}"), "Passphrase(..)");
         }
         fs::write(&path, "too short\ncorrect horse battery staple\n").unwrap();
@@ -1075,7 +1105,7 @@ mod tests {
             Passphrase::resolve(from_env(), None)
                 .unwrap()
                 .unwrap()
-                .expose(),
+                .expose_secret(),
             PASSPHRASE
         );
         assert!(Passphrase::resolve(None, None).unwrap().is_none());
@@ -1130,7 +1160,7 @@ mod tests {
         assert_eq!(file.params().cost(), Cost::DEFAULT);
         let (_, loaded, fresh) = KdfFile::unlock_or_create(&path, &pass).unwrap();
         assert!(!fresh);
-        assert_eq!(loaded.expose(), created.expose());
+        assert_eq!(loaded.expose_secret(), created.expose_secret());
         assert!(matches!(
             KdfFile::unlock_or_create(&path, &passphrase(b"not the right passphrase")),
             Err(KeyError::WrongPassphrase(_))
@@ -1138,6 +1168,6 @@ mod tests {
         // Another salt, another secret: the same passphrase elsewhere is unrelated.
         let elsewhere = dir.path().join("other.kdf");
         let (_, other, _) = KdfFile::unlock_or_create(&elsewhere, &pass).unwrap();
-        assert_ne!(other.expose(), created.expose());
+        assert_ne!(other.expose_secret(), created.expose_secret());
     }
 }

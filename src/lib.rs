@@ -61,6 +61,109 @@ pub mod proto {
 #[cfg(test)]
 mod tests {
     use super::proto;
+    use zeroize::{Zeroize, ZeroizeOnDrop};
+
+    /// Compiles only for types that wipe themselves when dropped.
+    fn assert_zeroize_on_drop<T: ZeroizeOnDrop>() {}
+
+    fn national(value: &str) -> proto::NationalIdentifier {
+        proto::NationalIdentifier {
+            issuing_country: "NL".into(),
+            value: value.into(),
+        }
+    }
+
+    fn demographic() -> proto::DemographicIdentifiers {
+        proto::DemographicIdentifiers {
+            given_names: "Anneke".into(),
+            family_name: "Visser-de Jong".into(),
+            date_of_birth: "2015-06-01".into(),
+            sex_at_birth: 1,
+            place_of_birth: "Zwolle".into(),
+            country_of_birth: "NL".into(),
+        }
+    }
+
+    /// The bytes of `s`'s whole buffer, from its start to its capacity. Sound after
+    /// `zeroize`, which keeps the buffer and writes every byte of it.
+    fn buffer(s: &str, capacity: usize) -> &[u8] {
+        // SAFETY: the allocation of the String behind `s` is `capacity` bytes long, alive
+        // while `s` is borrowed, and every byte of it was written (by the String, then by
+        // `zeroize`), so all of them are initialised.
+        unsafe { std::slice::from_raw_parts(s.as_ptr(), capacity) }
+    }
+
+    #[test]
+    fn identifier_messages_wipe_themselves_when_dropped() {
+        // What guarantees that every exit path wipes: the drop glue of these types. (A
+        // dropped message cannot be inspected soundly; what the drop calls is checked
+        // below, on the types themselves.)
+        assert_zeroize_on_drop::<proto::NationalIdentifier>();
+        assert_zeroize_on_drop::<proto::DemographicIdentifiers>();
+        assert_zeroize_on_drop::<proto::PatientIdentifiers>();
+        assert_zeroize_on_drop::<proto::patient_identifiers::Kind>();
+        assert_zeroize_on_drop::<proto::PatientRef>();
+        assert_zeroize_on_drop::<proto::patient_ref::Kind>();
+        assert_zeroize_on_drop::<Option<proto::PatientIdentifiers>>();
+        assert_zeroize_on_drop::<crate::pseudonym::PatientIdentity>();
+    }
+
+    #[test]
+    fn zeroize_overwrites_every_identifier_byte() {
+        let mut n = national("123456782");
+        let (value_ptr, value_cap) = (n.value.as_ptr(), n.value.capacity());
+        n.zeroize();
+        assert_eq!(
+            n.value.as_ptr(),
+            value_ptr,
+            "the buffer is wiped, not replaced"
+        );
+        assert!(n.value.is_empty() && n.issuing_country.is_empty());
+        assert!(buffer(&n.value, value_cap).iter().all(|&b| b == 0));
+
+        let mut d = demographic();
+        let caps = [
+            d.given_names.capacity(),
+            d.family_name.capacity(),
+            d.date_of_birth.capacity(),
+            d.place_of_birth.capacity(),
+            d.country_of_birth.capacity(),
+        ];
+        d.zeroize();
+        let fields = [
+            &d.given_names,
+            &d.family_name,
+            &d.date_of_birth,
+            &d.place_of_birth,
+            &d.country_of_birth,
+        ];
+        for (field, cap) in fields.into_iter().zip(caps) {
+            assert!(field.is_empty());
+            assert!(cap > 0 && buffer(field, cap).iter().all(|&b| b == 0));
+        }
+        assert_eq!(d.sex_at_birth, 0);
+    }
+
+    #[test]
+    fn zeroize_empties_the_wrappers() {
+        let mut wrapped = proto::PatientIdentifiers {
+            kind: Some(proto::patient_identifiers::Kind::Demographic(demographic())),
+        };
+        wrapped.zeroize();
+        assert_eq!(wrapped, proto::PatientIdentifiers::default());
+
+        let mut reference = proto::PatientRef {
+            kind: Some(proto::patient_ref::Kind::Identifiers(
+                proto::PatientIdentifiers {
+                    kind: Some(proto::patient_identifiers::Kind::National(national(
+                        "123456782",
+                    ))),
+                },
+            )),
+        };
+        reference.zeroize();
+        assert_eq!(reference, proto::PatientRef::default());
+    }
 
     #[test]
     fn identifiers_never_print() {

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
 
 use std::sync::Arc;
@@ -347,7 +348,7 @@ async fn audited_admin(
     if let Some((issued, expires_at)) = done.key {
         println!(
             "api key (shown once, store it now): {}",
-            issued.token.as_str()
+            issued.token.expose_secret()
         );
         println!("key id: {}", issued.key_id);
         if let Some(at) = expires_at {

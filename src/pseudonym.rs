@@ -22,6 +22,7 @@ use std::sync::{LazyLock, RwLock};
 use chrono::NaiveDate;
 use data_encoding::{Encoding, Specification};
 use ring::{hkdf, hmac};
+use secrecy::ExposeSecret;
 use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
 use zeroize::Zeroizing;
 
@@ -97,8 +98,14 @@ impl Issuer {
 }
 
 /// Normalised patient identifiers. Zeroised on drop; `Debug` prints nothing of them.
+///
+/// Every identifying field is a `Zeroizing<String>`; the derive checks it (a field added
+/// without `skip` is wiped too) and marks the type `ZeroizeOnDrop`. The countries and
+/// the sex are not identifying on their own.
+#[derive(zeroize::ZeroizeOnDrop)]
 pub enum PatientIdentity {
     National {
+        #[zeroize(skip)]
         issuer: Issuer,
         value: Zeroizing<String>,
     },
@@ -106,8 +113,10 @@ pub enum PatientIdentity {
         given_names: Zeroizing<String>,
         family_name: Zeroizing<String>,
         date_of_birth: Zeroizing<String>,
+        #[zeroize(skip)]
         sex: Sex,
         place_of_birth: Zeroizing<String>,
+        #[zeroize(skip)]
         country_of_birth: CountryCode,
     },
 }
@@ -381,6 +390,11 @@ impl Candidates {
 }
 
 /// Derives pseudonyms; holds the HKDF pseudo-random key and a cache of registry keys.
+///
+/// Both are ring key types, not `secrecy` boxes: ring gives no way to read their bytes
+/// back and their `Debug` names only the algorithm, which is what a `SecretBox` would add.
+/// ring does not wipe them on drop; they live as long as the process. The bytes a
+/// registry key is made from are wiped (`Zeroizing`).
 pub struct Pseudonymiser {
     prk: hkdf::Prk,
     keys: RwLock<HashMap<(String, u16), hmac::Key>>,
@@ -397,7 +411,7 @@ impl hkdf::KeyType for KeyLen {
 impl Pseudonymiser {
     pub fn new(master: &MasterSecret) -> Self {
         Pseudonymiser {
-            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.expose()),
+            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.expose_secret()),
             keys: RwLock::new(HashMap::new()),
         }
     }

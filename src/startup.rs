@@ -121,7 +121,12 @@ fn tls_config(args: &ServeArgs) -> Result<Option<ServerTlsConfig>, StartupError>
         return Ok(None);
     };
     let mut config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(cert)?, read(key)?))
+        // The private key's PEM read here is wiped once tonic has made its own copy
+        // (tonic and rustls keep theirs, unwiped, for the life of the server).
+        .identity(Identity::from_pem(
+            read(cert)?,
+            zeroize::Zeroizing::new(read(key)?),
+        ))
         .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca) = &args.tls_client_ca {
         config = config

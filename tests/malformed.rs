@@ -31,6 +31,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use prost::Message;
 use prost::bytes::{Buf, BufMut};
 use ring::rand::SystemRandom;
+use secrecy::ExposeSecret;
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic_types::StatusExt;
@@ -561,7 +562,9 @@ fn the_leak_check_catches_an_echoed_identifier() {
                 given_names: "Must".into(),
                 family_name: "digits".into(),
                 date_of_birth: "required".into(),
-                ..Default::default()
+                sex_at_birth: 0,
+                place_of_birth: String::new(),
+                country_of_birth: String::new(),
             },
         )),
     });
@@ -661,7 +664,9 @@ impl Server {
                 .connect()
                 .await
                 .unwrap();
-            let token = format!("Bearer {}", issued.token.as_str()).parse().unwrap();
+            let token = format!("Bearer {}", issued.token.expose_secret())
+                .parse()
+                .unwrap();
             (channel, token, store)
         });
         Server {

@@ -3,8 +3,10 @@
 //! A submission is handled in this order: authenticate; require the physician role and a
 //! registry of the centre's ERNs; convert the whole request to domain types (reporting all
 //! violations at once); derive the pseudonym (only now, for an authorised and valid
-//! request, and the identifiers are zeroised right after); hand the write to the writer,
-//! which checks consent and commits durably before we answer.
+//! request); hand the write to the writer, which checks consent and commits durably
+//! before we answer. The identifiers of the request are wiped when their message is
+//! dropped (`ZeroizeOnDrop`, set in build.rs), whichever way the call ends; a handler
+//! drops them as soon as they are parsed, so they never wait for the writer.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{SharedState, audited, authorize, client_certificate, rejection, zeroize_identifiers};
+use super::{SharedState, audited, authorize, client_certificate, rejection};
 use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
@@ -78,13 +80,7 @@ async fn submit_one(
     mut request: proto::SubmitCaseRequest,
     call: &mut Call,
 ) -> Result<proto::SubmitCaseResponse, ServiceError> {
-    let access = match cases::open(state, principal, &request.registry, "registry", call).await {
-        Ok(access) => access,
-        Err(e) => {
-            zeroize_identifiers(&mut request.patient);
-            return Err(e);
-        }
-    };
+    let access = cases::open(state, principal, &request.registry, "registry", call).await?;
     let mut violations = FieldViolations::new();
     let identity = match request.patient.as_ref() {
         None => {
@@ -99,7 +95,9 @@ async fn submit_one(
             }
         },
     };
-    zeroize_identifiers(&mut request.patient);
+    // Parsed (and normalised into `identity`, itself wiped on drop): the identifiers of
+    // the request are overwritten here, not when the submission is done.
+    drop(request.patient.take());
     let now = state.clock.now();
     let record = parse_record(request.record.as_ref(), now, &mut violations);
     let consent = parse_consent(&request.consent, now, &mut violations);
@@ -132,14 +130,7 @@ impl CaseApi {
         request: Request<proto::SubmitCaseRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
-        let principal = match authorize(&self.state, &request, Role::Physician, call).await {
-            Ok(p) => p,
-            Err(e) => {
-                let mut inner = request.into_inner();
-                zeroize_identifiers(&mut inner.patient);
-                return Err(e.into());
-            }
-        };
+        let principal = authorize(&self.state, &request, Role::Physician, call).await?;
         let response = submit_one(&self.state, &principal, request.into_inner(), call).await?;
         Ok(Response::new(response))
     }
@@ -172,7 +163,7 @@ impl CaseApi {
             let _permit = permit;
             let mut sequence = 0u64;
             while let Some(item) = input.next().await {
-                let mut item = match item {
+                let item = match item {
                     Ok(item) => item,
                     Err(status) => {
                         let _ = reader_out.send(Err(status)).await;
@@ -187,7 +178,6 @@ impl CaseApi {
                 let key = key.clone();
                 let certificate = certificate.clone();
                 let handle = tokio::spawn(async move {
-                    let mut item = std::mem::take(&mut item);
                     // Each item is audited on its own, with the write it makes.
                     let mut call = Call::new("CaseService/SubmitCases");
                     call.from_peer(peer);
@@ -196,10 +186,8 @@ impl CaseApi {
                         .await
                     {
                         Ok(principal) => submit_one(&state, &principal, item, &mut call).await,
-                        Err(e) => {
-                            zeroize_identifiers(&mut item.patient);
-                            Err(e)
-                        }
+                        // `item` is dropped unread; its identifiers are wiped with it.
+                        Err(e) => Err(e),
                     };
                     let code = result
                         .as_ref()

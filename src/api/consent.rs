@@ -1,11 +1,13 @@
 //! `ConsentService`: consent officers record, read and withdraw consent.
 //!
 //! Protobuf in and out; the rules (who may act, who sees a recorder's name, what a
-//! withdrawal erases) are in `crate::service::consent`.
+//! withdrawal erases) are in `crate::service::consent`. Identifiers in a `PatientRef` are
+//! wiped when it is dropped (`ZeroizeOnDrop`, set in build.rs): [`resolve_patient`] takes
+//! it and drops it as soon as the identity is parsed; every other exit drops it too.
 
 use tonic::{Request, Response, Status};
 
-use super::{SharedState, audited, authorize, rejection, zeroize_identifiers};
+use super::{SharedState, audited, authorize, rejection};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, Scope, timestamp_from_proto, timestamp_to_proto};
 use crate::domain::{ClientReference, FieldViolations};
@@ -31,50 +33,43 @@ impl ConsentApi {
     }
 }
 
-/// Overwrites the identifiers of a patient reference, if it holds any.
-fn zeroize_patient_ref(patient: &mut Option<proto::PatientRef>) {
-    if let Some(proto::patient_ref::Kind::Identifiers(ids)) =
-        patient.as_mut().and_then(|p| p.kind.as_mut())
-    {
-        zeroize_identifiers(&mut Some(std::mem::take(ids)));
-    }
-}
-
 /// Resolves the patient of a request to a pseudonym of the registry: from identifiers
-/// (derived by the service, identifiers zeroised at once) or from a pseudonym given.
+/// (derived by the service) or from a pseudonym given. Takes the reference, so that its
+/// identifiers are wiped (dropped) before the derivation waits for anything.
 async fn resolve_patient(
     state: &SharedState,
     access: &ConsentAccess,
-    patient: &mut Option<proto::PatientRef>,
+    patient: Option<proto::PatientRef>,
     violations: &mut FieldViolations,
 ) -> Result<Option<Pseudonym>, ServiceError> {
     use proto::patient_ref::Kind;
-    let Some(kind) = patient.as_mut().and_then(|p| p.kind.as_mut()) else {
-        violations.push("patient", "identifiers or a pseudonym are required");
-        return Ok(None);
-    };
-    match kind {
-        Kind::Pseudonym(text) => match parse_pseudonym(text, access.registry()) {
-            Ok(p) => Ok(Some(p)),
-            Err(ServiceError::Invalid(v)) => {
-                violations.extend(v.nest("patient"));
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        },
-        Kind::Identifiers(ids) => {
-            let identity = PatientIdentity::from_proto(ids);
-            let mut taken = Some(std::mem::take(ids));
-            zeroize_identifiers(&mut taken);
-            match identity {
-                Ok(identity) => Ok(Some(
-                    consent_service::resolve(state, access, identity).await?,
-                )),
-                Err(v) => {
-                    violations.extend(v.nest("patient.identifiers"));
+    let identity = match patient.as_ref().and_then(|p| p.kind.as_ref()) {
+        None => {
+            violations.push("patient", "identifiers or a pseudonym are required");
+            return Ok(None);
+        }
+        Some(Kind::Pseudonym(text)) => {
+            return match parse_pseudonym(text, access.registry()) {
+                Ok(p) => Ok(Some(p)),
+                Err(ServiceError::Invalid(v)) => {
+                    violations.extend(v.nest("patient"));
                     Ok(None)
                 }
-            }
+                Err(e) => Err(e),
+            };
+        }
+        Some(Kind::Identifiers(ids)) => PatientIdentity::from_proto(ids),
+    };
+    // Parsed (and normalised into `identity`, itself wiped on drop): the identifiers of
+    // the request are overwritten here.
+    drop(patient);
+    match identity {
+        Ok(identity) => Ok(Some(
+            consent_service::resolve(state, access, identity).await?,
+        )),
+        Err(v) => {
+            violations.extend(v.nest("patient.identifiers"));
+            Ok(None)
         }
     }
 }
@@ -143,15 +138,10 @@ async fn record_one(
     call: &mut Call,
 ) -> Result<proto::RecordConsentResponse, ServiceError> {
     let access =
-        match consent_service::open(state, principal, &request.registry, "registry", call).await {
-            Ok(access) => access,
-            Err(e) => {
-                zeroize_patient_ref(&mut request.patient);
-                return Err(e);
-            }
-        };
+        consent_service::open(state, principal, &request.registry, "registry", call).await?;
     let mut violations = FieldViolations::new();
-    let pseudonym = resolve_patient(state, &access, &mut request.patient, &mut violations).await?;
+    let pseudonym =
+        resolve_patient(state, &access, request.patient.take(), &mut violations).await?;
     let now = consent_service::now_millis(state);
     let decisions = if request.decisions.is_empty() {
         violations.push("decisions", "at least one decision is required");
@@ -214,14 +204,7 @@ impl ConsentApi {
         request: Request<proto::RecordConsentRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::RecordConsentResponse>, Status> {
-        let principal = match authorize(&self.state, &request, Role::ConsentOfficer, call).await {
-            Ok(p) => p,
-            Err(e) => {
-                let mut inner = request.into_inner();
-                zeroize_patient_ref(&mut inner.patient);
-                return Err(e.into());
-            }
-        };
+        let principal = authorize(&self.state, &request, Role::ConsentOfficer, call).await?;
         Ok(Response::new(
             record_one(&self.state, &principal, request.into_inner(), call).await?,
         ))
@@ -293,28 +276,13 @@ impl ConsentApi {
         request: Request<proto::WithdrawConsentRequest>,
         call: &mut Call,
     ) -> Result<Response<proto::WithdrawConsentResponse>, Status> {
-        let principal = match authorize(&self.state, &request, Role::ConsentOfficer, call).await {
-            Ok(p) => p,
-            Err(e) => {
-                let mut inner = request.into_inner();
-                zeroize_patient_ref(&mut inner.patient);
-                return Err(e.into());
-            }
-        };
+        let principal = authorize(&self.state, &request, Role::ConsentOfficer, call).await?;
         let mut req = request.into_inner();
         let access =
-            match consent_service::open(&self.state, &principal, &req.registry, "registry", call)
-                .await
-            {
-                Ok(access) => access,
-                Err(e) => {
-                    zeroize_patient_ref(&mut req.patient);
-                    return Err(e.into());
-                }
-            };
+            consent_service::open(&self.state, &principal, &req.registry, "registry", call).await?;
         let mut violations = FieldViolations::new();
         let pseudonym =
-            resolve_patient(&self.state, &access, &mut req.patient, &mut violations).await?;
+            resolve_patient(&self.state, &access, req.patient.take(), &mut violations).await?;
         let mut scopes = Vec::new();
         if req.scopes.is_empty() {
             violations.push("scopes", "at least one scope is required");

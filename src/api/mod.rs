@@ -24,7 +24,6 @@ use std::sync::Arc;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::{error, warn};
-use zeroize::Zeroize;
 
 use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::InclusionRefused;
@@ -209,27 +208,6 @@ pub fn client_certificate<T>(request: &tonic::Request<T>) -> Option<String> {
     certs
         .first()
         .map(|c| crate::auth::certificate_fingerprint(c))
-}
-
-/// Overwrites the identifier strings of a request in place.
-pub fn zeroize_identifiers(patient: &mut Option<crate::proto::PatientIdentifiers>) {
-    if let Some(p) = patient.as_mut() {
-        match p.kind.as_mut() {
-            Some(crate::proto::patient_identifiers::Kind::National(n)) => {
-                n.value.zeroize();
-                n.issuing_country.zeroize();
-            }
-            Some(crate::proto::patient_identifiers::Kind::Demographic(d)) => {
-                d.given_names.zeroize();
-                d.family_name.zeroize();
-                d.date_of_birth.zeroize();
-                d.place_of_birth.zeroize();
-                d.country_of_birth.zeroize();
-            }
-            None => {}
-        }
-    }
-    *patient = None;
 }
 
 /// The per-item outcome of a bulk call: the status a unary call would get.

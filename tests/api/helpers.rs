@@ -17,6 +17,7 @@ use ern_registry::proto::{self, case_service_client::CaseServiceClient};
 use ern_registry::startup::Application;
 use ern_registry::store::Store;
 use ring::rand::SystemRandom;
+use secrecy::ExposeSecret;
 use sqlx::Connection;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -260,7 +261,7 @@ impl TestApp {
             )
             .await
             .unwrap();
-        issued.token.to_string()
+        issued.token.expose_secret().to_owned()
     }
 
     /// A centre in ERN-EYE and ERN-LUNG with a physician; returns the physician's client.

@@ -31,6 +31,7 @@
 //! chain, legacy entries and adopted rows included, verifies. On whichever database the
 //! pass runs on.
 
+use secrecy::ExposeSecret;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -1103,7 +1104,7 @@ fn mac_v1(master: &MasterSecret, previous: &str, seq: i64, e: &LegacyEntry) -> S
     }
     let mut key = [0u8; 32];
     hkdf::Salt::new(hkdf::HKDF_SHA256, b"ern-registry")
-        .extract(master.expose())
+        .extract(master.expose_secret())
         .expand(&[b"ern-registry audit log key v1"], Len32)
         .unwrap()
         .fill(&mut key)
@@ -1248,7 +1249,7 @@ async fn write_legacy(pool: &AnyPool, master: &MasterSecret, version: i64) -> Le
 
     // The physician's key, hashed with Argon2id as keys were then.
     let issued = auth::issue_key(&SystemRandom::new(), &KeyHasher::derive(master)).unwrap();
-    let token = issued.token.to_string();
+    let token = issued.token.expose_secret().to_string();
     let argon2 = argon2::Argon2::new(
         argon2::Algorithm::Argon2id,
         argon2::Version::V0x13,
