@@ -15,8 +15,6 @@
 
 #[path = "common/report.rs"]
 mod report;
-#[path = "../tests/common/bsn.rs"]
-mod test_bsn;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,11 +23,13 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ern_registry::auth::{self, Role};
 use ern_registry::config::ServeArgs;
+use ern_registry::domain::CaseRecord;
+use ern_registry::fixtures;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, case_service_client::CaseServiceClient};
 use ern_registry::pseudonym::{PatientIdentity, Pseudonymiser, RegistryRef};
 use ern_registry::startup::Application;
-use ern_registry::store::cases::{self, CaseRow};
+use ern_registry::store::cases;
 use ring::rand::SystemRandom;
 use secrecy::ExposeSecret;
 use sqlx::Connection;
@@ -46,61 +46,14 @@ fn seconds() -> f64 {
 /// Seeds handed out so far: every submission of a run is a different patient.
 static NEXT_SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A valid BSN per seed; distinct seeds (below 9,000,000) give distinct BSNs.
-fn bsn(seed: u64) -> String {
-    test_bsn::bsn((seed % 9_000_000) as u32)
-}
-
-fn national(value: String) -> proto::PatientIdentifiers {
-    proto::PatientIdentifiers {
-        kind: Some(proto::patient_identifiers::Kind::National(
-            proto::NationalIdentifier {
-                issuing_country: "NL".into(),
-                value,
-            },
-        )),
-    }
-}
-
-fn record() -> proto::CaseRecord {
-    proto::CaseRecord {
-        birth_year_month: "2015-06".into(),
-        sex: proto::Sex::Female as i32,
-        status: proto::PatientStatus::Alive as i32,
-        onset_kind: proto::OnsetKind::Date as i32,
-        onset_date: "2015-09".into(),
-        diagnosis: Some(proto::Diagnosis {
-            orphacode: "ORPHA:586".into(),
-            icd10: vec!["E84.0".into()],
-            ..Default::default()
-        }),
-        diagnosis_date: "2016-03-14".into(),
-        genetic_findings: vec![proto::GeneticFinding {
-            gene: "CFTR".into(),
-            variants: vec!["NM_000492.4:c.1521_1523del".into()],
-        }],
-        hpo_terms: vec!["HP:0006528".into()],
-        ..Default::default()
-    }
-}
-
+/// The shared valid submission (`ern_registry::fixtures`) of a patient per seed; distinct
+/// seeds (below 9,000,000) are distinct patients.
 fn submission(seed: u64) -> proto::SubmitCaseRequest {
-    proto::SubmitCaseRequest {
-        registry: "ERN-LUNG".into(),
-        patient: Some(national(bsn(seed))),
-        record: Some(record()),
-        consent: vec![proto::ScopeConsent {
-            scope: proto::ConsentScope::RegistryInclusion as i32,
-            state: proto::ConsentState::Granted as i32,
-            given_at: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 0,
-            }),
-            form_version: "F1".into(),
-            expires_at: None,
-        }],
-        client_reference: String::new(),
-    }
+    fixtures::submission("ERN-LUNG", patient(seed))
+}
+
+fn patient(seed: u64) -> proto::PatientIdentifiers {
+    fixtures::national("NL", &fixtures::bsn((seed % 9_000_000) as u32))
 }
 
 struct Figure {
@@ -125,7 +78,7 @@ fn bench_hmac() -> Figure {
         key_version: 1,
     };
     let identities: Vec<PatientIdentity> = (0..1000)
-        .map(|i| PatientIdentity::from_proto(&national(bsn(i))).expect("valid"))
+        .map(|i| PatientIdentity::from_proto(&patient(i)).expect("valid"))
         .collect();
     let start = Instant::now();
     let mut n = 0u64;
@@ -176,19 +129,9 @@ async fn bench_empty_grpc(channel: Channel, concurrency: usize) -> Figure {
 }
 
 async fn bench_raw_insert(app: &Application) -> Figure {
-    let row = CaseRow {
-        birth_year_month: "2015-06".into(),
-        sex: "female".into(),
-        status: "alive".into(),
-        onset_kind: "date".into(),
-        onset_date: Some("2015-09".into()),
-        orphacode: Some(586),
-        diagnosis_date: Some("2016-03-14".into()),
-        icd10: "E84.0".into(),
-        genetic_findings: "CFTR|NM_000492.4:c.1521_1523del".into(),
-        genes: vec!["CFTR".into()],
-        ..Default::default()
-    };
+    // The row of the fixture's record: what a unary submission of it stores.
+    let record = CaseRecord::from_proto(&fixtures::record(), fixtures::today()).expect("valid");
+    let row = cases::to_row(&record);
     let centre: i64 = sqlx::Row::get(
         &sqlx::query("SELECT id FROM centres WHERE code = 'BENCH'")
             .fetch_one(app.store().pool())

@@ -471,13 +471,7 @@ mod tests {
     }
 
     fn item(scope: proto::ConsentScope, state: proto::ConsentState) -> proto::ScopeConsent {
-        proto::ScopeConsent {
-            scope: scope as i32,
-            state: state as i32,
-            given_at: Some(timestamp_to_proto(t(0))),
-            form_version: "F-2024".into(),
-            expires_at: None,
-        }
+        crate::fixtures::consent_at(scope, state, t(0))
     }
 
     #[test]

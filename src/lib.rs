@@ -11,6 +11,10 @@ pub mod connections;
 pub mod consent;
 pub mod data_dir;
 pub mod domain;
+/// Test data shared by unit tests, integration tests, benches and fuzz targets; never in a
+/// normal build (see the module documentation).
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod health;
 pub mod keys;
 pub mod outcome;
@@ -61,6 +65,7 @@ pub mod proto {
 #[cfg(test)]
 mod tests {
     use super::proto;
+    use crate::fixtures;
     use zeroize::{Zeroize, ZeroizeOnDrop};
 
     /// Compiles only for types that wipe themselves when dropped.
@@ -167,32 +172,19 @@ mod tests {
 
     #[test]
     fn identifiers_never_print() {
-        let request = proto::SubmitCaseRequest {
-            registry: "ERN-LUNG".into(),
-            patient: Some(proto::PatientIdentifiers {
-                kind: Some(proto::patient_identifiers::Kind::National(
-                    proto::NationalIdentifier {
-                        issuing_country: "NL".into(),
-                        value: "123456782".into(),
-                    },
-                )),
-            }),
-            ..Default::default()
-        };
+        let request = fixtures::submission("ERN-LUNG", fixtures::national("NL", fixtures::BSN));
         let printed = format!("{request:?} {request:#?}");
-        assert!(!printed.contains("123456782"), "{printed}");
+        assert!(!printed.contains(fixtures::BSN), "{printed}");
         assert!(printed.contains("<redacted>"));
-        let demographic = proto::DemographicIdentifiers {
-            given_names: "Anneke".into(),
-            family_name: "Visser-de Jong".into(),
-            date_of_birth: "2015-06-01".into(),
-            sex_at_birth: 1,
-            place_of_birth: "Zwolle".into(),
-            country_of_birth: "NL".into(),
-        };
-        let printed = format!("{demographic:?}");
-        for secret in ["Anneke", "Visser", "2015-06-01", "Zwolle"] {
-            assert!(!printed.contains(secret), "{printed}");
+        let person = fixtures::person();
+        let printed = format!("{person:?} {:?}", fixtures::demographic(person.clone()));
+        for secret in [
+            &person.given_names,
+            &person.family_name,
+            &person.date_of_birth,
+            &person.place_of_birth,
+        ] {
+            assert!(!printed.contains(secret.as_str()), "{printed}");
         }
     }
 }

@@ -584,17 +584,9 @@ mod tests {
         MasterSecret::from_bytes(bytes)
     }
 
-    fn national(country: &str, value: &str) -> proto::PatientIdentifiers {
-        proto::PatientIdentifiers {
-            kind: Some(proto::patient_identifiers::Kind::National(
-                proto::NationalIdentifier {
-                    issuing_country: country.into(),
-                    value: value.into(),
-                },
-            )),
-        }
-    }
+    use crate::fixtures::{BSN, national};
 
+    /// The fixture's demographic identifiers with every field but the sex replaced.
     fn demographic(
         given: &str,
         family: &str,
@@ -602,18 +594,14 @@ mod tests {
         place: &str,
         country: &str,
     ) -> proto::PatientIdentifiers {
-        proto::PatientIdentifiers {
-            kind: Some(proto::patient_identifiers::Kind::Demographic(
-                proto::DemographicIdentifiers {
-                    given_names: given.into(),
-                    family_name: family.into(),
-                    date_of_birth: dob.into(),
-                    sex_at_birth: proto::Sex::Female as i32,
-                    place_of_birth: place.into(),
-                    country_of_birth: country.into(),
-                },
-            )),
-        }
+        crate::fixtures::demographic(proto::DemographicIdentifiers {
+            given_names: given.into(),
+            family_name: family.into(),
+            date_of_birth: dob.into(),
+            place_of_birth: place.into(),
+            country_of_birth: country.into(),
+            ..crate::fixtures::person()
+        })
     }
 
     fn derive(p: &proto::PatientIdentifiers, code: &str, seq: u16, version: u16) -> String {
@@ -709,7 +697,7 @@ mod tests {
 
     #[test]
     fn same_patient_same_registry_same_pseudonym_other_registry_unlinkable() {
-        let id = national("NL", "123456782");
+        let id = national("NL", BSN);
         assert_eq!(derive(&id, "ERN-EYE", 9, 1), derive(&id, "ERN-EYE", 9, 1));
         let eye = derive(&id, "ERN-EYE", 9, 1);
         let lung = derive(&id, "ERN-LUNG", 13, 1);
@@ -740,7 +728,7 @@ mod tests {
 
     #[test]
     fn check_character_catches_typos() {
-        let p = derive(&national("NL", "123456782"), "ERN-EYE", 9, 1);
+        let p = derive(&national("NL", BSN), "ERN-EYE", 9, 1);
         assert_eq!(p.len(), PSEUDONYM_LEN);
         let parsed = Pseudonym::parse(&p).unwrap();
         assert_eq!((parsed.registry_seq(), parsed.key_version()), (9, 1));

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         properties::submission(&req);
     }
     // A bare record merged into the valid one, so that record fields are hit directly.
-    let mut record = properties::valid_record();
+    let mut record = ern_registry::fixtures::record();
     if record.merge(data).is_ok() {
         let mut req = properties::valid_submission();
         req.record = Some(record);

@@ -479,35 +479,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn today() -> NaiveDate {
-        NaiveDate::from_ymd_opt(2026, 11, 24).unwrap()
-    }
-
-    fn valid() -> proto::CaseRecord {
-        proto::CaseRecord {
-            birth_year_month: "2015-06".into(),
-            sex: proto::Sex::Female as i32,
-            status: proto::PatientStatus::Alive as i32,
-            date_of_death: String::new(),
-            first_contact_date: "2016-02".into(),
-            onset_kind: proto::OnsetKind::Date as i32,
-            onset_date: "2015-09".into(),
-            undiagnosed: false,
-            diagnosis: Some(proto::Diagnosis {
-                orphacode: "ORPHA:586".into(),
-                icd10: vec!["E84.0".into()],
-                icd11: vec!["CA25".into()],
-                omim: vec!["OMIM:219700".into()],
-            }),
-            diagnosis_date: "2016-03-14".into(),
-            genetic_findings: vec![proto::GeneticFinding {
-                gene: "CFTR".into(),
-                variants: vec!["NM_000492.4:c.1521_1523del".into()],
-            }],
-            hpo_terms: vec!["HP:0006528".into()],
-            icf_codes: vec!["b440".into()],
-        }
-    }
+    use crate::fixtures::{record as valid, today};
 
     fn fields(r: &proto::CaseRecord) -> Vec<String> {
         match CaseRecord::from_proto(r, today()) {

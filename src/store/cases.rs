@@ -501,22 +501,17 @@ mod tests {
 
     #[test]
     fn rows_round_trip() {
+        // The fixture, deceased, with a second ICD-10 code, gene, variant and HPO term:
+        // every list column holds more than one entry.
+        let valid = crate::fixtures::record();
         let proto_record = proto::CaseRecord {
-            birth_year_month: "2015-06".into(),
-            sex: proto::Sex::Female as i32,
             status: proto::PatientStatus::Deceased as i32,
             date_of_death: "2020".into(),
-            first_contact_date: "2016-02".into(),
-            onset_kind: proto::OnsetKind::Date as i32,
-            onset_date: "2015-09".into(),
-            undiagnosed: false,
             diagnosis: Some(proto::Diagnosis {
-                orphacode: "ORPHA:586".into(),
                 icd10: vec!["E84.0".into(), "E84.1".into()],
-                icd11: vec!["CA25".into()],
                 omim: vec![],
+                ..valid.diagnosis.clone().unwrap()
             }),
-            diagnosis_date: "2016-03-14".into(),
             genetic_findings: vec![
                 proto::GeneticFinding {
                     gene: "CFTR".into(),
@@ -532,6 +527,7 @@ mod tests {
             ],
             hpo_terms: vec!["HP:0006528".into(), "HP:0002110".into()],
             icf_codes: vec![],
+            ..valid
         };
         let today = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
         let record = CaseRecord::from_proto(&proto_record, today).unwrap();

@@ -94,12 +94,11 @@ fn bare_submission(seed: u32) -> proto::SubmitCaseRequest {
 }
 
 fn recording(seed: u32, decisions: Vec<proto::ScopeConsent>) -> proto::RecordConsentRequest {
-    proto::RecordConsentRequest {
-        registry: REGISTRY.into(),
-        patient: by_identifiers(national("NL", &bsn(seed))),
+    consent_request(
+        REGISTRY,
+        by_identifiers(national("NL", &bsn(seed))),
         decisions,
-        client_reference: String::new(),
-    }
+    )
 }
 
 /// Inclusion (and research use) granted now, expiring in `secs` seconds.

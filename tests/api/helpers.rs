@@ -4,6 +4,9 @@
 //! set to a PostgreSQL URL (of a database the test user may `CREATE DATABASE` from, e.g.
 //! `postgres://postgres@127.0.0.1:5433/postgres`), each app gets a fresh PostgreSQL
 //! database instead, so the same tests run on both.
+//!
+//! The valid messages (record, submission, identifiers, consent) are the shared
+//! `ern_registry::fixtures`, re-exported here so that `use crate::helpers::*` brings both.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ern_registry::auth::{self, Role};
 use ern_registry::clock::TestClock;
 use ern_registry::config::ServeArgs;
-use ern_registry::proto::{self, case_service_client::CaseServiceClient};
+use ern_registry::proto::case_service_client::CaseServiceClient;
 use ern_registry::startup::Application;
 use ern_registry::store::Store;
 use ring::rand::SystemRandom;
@@ -23,6 +26,8 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+pub use ern_registry::fixtures::*;
 
 /// Everything every test app logged, for tests that check what never reaches the log.
 pub static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -328,93 +333,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub use crate::bsn::bsn;
-
-pub fn national(country: &str, value: &str) -> proto::PatientIdentifiers {
-    proto::PatientIdentifiers {
-        kind: Some(proto::patient_identifiers::Kind::National(
-            proto::NationalIdentifier {
-                issuing_country: country.into(),
-                value: value.into(),
-            },
-        )),
-    }
-}
-
-pub fn ts(rfc3339: &str) -> prost_types::Timestamp {
-    let t = chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap();
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: 0,
-    }
-}
-
-pub fn consent(
-    scope: proto::ConsentScope,
-    state: proto::ConsentState,
-    given: &str,
-) -> proto::ScopeConsent {
-    proto::ScopeConsent {
-        scope: scope as i32,
-        state: state as i32,
-        given_at: Some(ts(given)),
-        form_version: "ERN-2024-01".into(),
-        expires_at: None,
-    }
-}
-
-pub fn inclusion_granted() -> Vec<proto::ScopeConsent> {
-    vec![
-        consent(
-            proto::ConsentScope::RegistryInclusion,
-            proto::ConsentState::Granted,
-            "2024-03-01T10:00:00Z",
-        ),
-        consent(
-            proto::ConsentScope::ResearchUse,
-            proto::ConsentState::Granted,
-            "2024-03-01T10:00:00Z",
-        ),
-    ]
-}
-
-/// A valid, diagnosed case record (cystic fibrosis, diagnosed in infancy).
-pub fn record() -> proto::CaseRecord {
-    proto::CaseRecord {
-        birth_year_month: "2015-06".into(),
-        sex: proto::Sex::Female as i32,
-        status: proto::PatientStatus::Alive as i32,
-        date_of_death: String::new(),
-        first_contact_date: "2016-02".into(),
-        onset_kind: proto::OnsetKind::Date as i32,
-        onset_date: "2015-09".into(),
-        undiagnosed: false,
-        diagnosis: Some(proto::Diagnosis {
-            orphacode: "ORPHA:586".into(),
-            icd10: vec!["E84.0".into()],
-            icd11: vec!["CA25".into()],
-            omim: vec!["OMIM:219700".into()],
-        }),
-        diagnosis_date: "2016-03-14".into(),
-        genetic_findings: vec![proto::GeneticFinding {
-            gene: "CFTR".into(),
-            variants: vec!["NM_000492.4:c.1521_1523del".into()],
-        }],
-        hpo_terms: vec!["HP:0006528".into()],
-        icf_codes: vec!["b440".into()],
-    }
-}
-
-pub fn submission(registry: &str, patient: proto::PatientIdentifiers) -> proto::SubmitCaseRequest {
-    proto::SubmitCaseRequest {
-        registry: registry.into(),
-        patient: Some(patient),
-        record: Some(record()),
-        consent: inclusion_granted(),
-        client_reference: String::new(),
-    }
-}
-
 /// Field paths of an INVALID_ARGUMENT status.
 pub fn violations(status: &tonic::Status) -> Vec<String> {
     use tonic_types::StatusExt;
@@ -438,38 +356,5 @@ impl TestApp {
             self.channel().await,
             bearer,
         )
-    }
-}
-
-pub fn by_identifiers(ids: proto::PatientIdentifiers) -> Option<proto::PatientRef> {
-    Some(proto::PatientRef {
-        kind: Some(proto::patient_ref::Kind::Identifiers(ids)),
-    })
-}
-
-pub fn by_pseudonym(p: &str) -> Option<proto::PatientRef> {
-    Some(proto::PatientRef {
-        kind: Some(proto::patient_ref::Kind::Pseudonym(p.to_string())),
-    })
-}
-
-pub fn withdrawal(
-    registry: &str,
-    patient: Option<proto::PatientRef>,
-    scopes: &[proto::ConsentScope],
-) -> proto::WithdrawConsentRequest {
-    proto::WithdrawConsentRequest {
-        registry: registry.into(),
-        patient,
-        scopes: scopes.iter().map(|s| *s as i32).collect(),
-        reason: proto::WithdrawalReason::PatientRequest as i32,
-    }
-}
-
-pub fn get_case(registry: &str, pseudonym: &str) -> proto::GetCaseRequest {
-    proto::GetCaseRequest {
-        registry: registry.into(),
-        pseudonym: pseudonym.into(),
-        include_history: true,
     }
 }

@@ -1,11 +1,12 @@
 //! Integration tests: the real server on an ephemeral port, a real tonic client.
 //! One test binary (link once); one module per feature.
 
-#[path = "../common/bsn.rs"]
-mod bsn;
 mod helpers;
 #[path = "../common/lp_attacker.rs"]
 mod lp_attacker;
+/// The input-edge properties the fuzz targets check, run here with proptest (`malformed`).
+#[path = "../../fuzz/fuzz_targets/properties/mod.rs"]
+mod properties;
 
 mod abuse;
 mod access;
@@ -22,6 +23,7 @@ mod disclosure;
 mod durability;
 mod file_modes;
 mod instance_races;
+mod malformed;
 mod master_key;
 mod migrations;
 mod officers;

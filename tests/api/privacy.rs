@@ -12,18 +12,13 @@ fn canary_bsn() -> String {
 const CANARY_NAME: &str = "Qwyxlvorthian";
 
 fn canary_demographic() -> proto::PatientIdentifiers {
-    proto::PatientIdentifiers {
-        kind: Some(proto::patient_identifiers::Kind::Demographic(
-            proto::DemographicIdentifiers {
-                given_names: "Aurelia".into(),
-                family_name: CANARY_NAME.into(),
-                date_of_birth: "2015-06-02".into(),
-                sex_at_birth: proto::Sex::Female as i32,
-                place_of_birth: "Ootmarsum".into(),
-                country_of_birth: "NL".into(),
-            },
-        )),
-    }
+    // Field by field: the message wipes itself on drop, so `..person()` cannot move out.
+    let mut canary = person();
+    canary.given_names = "Aurelia".into();
+    canary.family_name = CANARY_NAME.into();
+    canary.place_of_birth = "Ootmarsum".into();
+    canary.country_of_birth = "NL".into();
+    demographic(canary)
 }
 
 fn contains_canary(haystack: &[u8]) -> bool {

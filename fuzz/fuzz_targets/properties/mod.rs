@@ -1,6 +1,7 @@
 //! The properties of the input edge, shared by the fuzz targets (`fuzz/fuzz_targets/`) and
-//! the stable proptest suite (`tests/malformed.rs`, which includes this file by path), so
-//! both check exactly the same thing.
+//! the stable proptest suite (`tests/api/malformed.rs`; `tests/api/main.rs` includes this
+//! file by path), so both check exactly the same thing. Both start from the valid messages
+//! of `ern_registry::fixtures`, as every other test does.
 //!
 //! For any input: nothing panics; what a parser accepts re-parses to itself; a rejected
 //! request is a set of field violations whose paths name real fields of the message
@@ -23,7 +24,6 @@
 
 use std::sync::OnceLock;
 
-use chrono::{DateTime, NaiveDate, Utc};
 use ern_registry::aggregate::Dimension;
 use ern_registry::auth::PresentedKey;
 use ern_registry::consent::{self, Scope, parse_attestation, timestamp_from_proto};
@@ -31,131 +31,53 @@ use ern_registry::domain::{
     CaseRecord, CentreCode, ClientReference, CountryCode, FieldViolations, HgncSymbol, HgvsVariant,
     HpoTerm, Icd10, Icd11, IcfCode, Omim, Orphacode, PartialDate, RegistryCode, YearMonth,
 };
+use ern_registry::fixtures::{self, now, today};
 use ern_registry::proto;
 use ern_registry::pseudonym::{PatientIdentity, Pseudonym, check_bsn, normalise_text};
-
-/// The fixed "today" of record conversions.
-pub fn today() -> NaiveDate {
-    NaiveDate::from_ymd_opt(2026, 11, 24).expect("valid date")
-}
-
-/// The fixed "now" of consent conversions.
-pub fn now() -> DateTime<Utc> {
-    today().and_hms_opt(12, 0, 0).expect("valid time").and_utc()
-}
 
 /// Shortest identifier (in characters) the leak check looks for; shorter strings occur
 /// in any English sentence.
 pub const MIN_SECRET_CHARS: usize = 4;
 
 // ---------------------------------------------------------------------------------------
-// Valid messages, the base of "near-valid" inputs.
+// Valid messages, the base of "near-valid" inputs: the shared fixtures
+// (`ern_registry::fixtures`), with a few fields set so that the base reaches more rules.
 
-/// A valid BSN (passes the 11-check).
-pub const VALID_BSN: &str = "123456782";
-
-pub fn valid_national() -> proto::PatientIdentifiers {
-    proto::PatientIdentifiers {
-        kind: Some(proto::patient_identifiers::Kind::National(
-            proto::NationalIdentifier {
-                issuing_country: "NL".into(),
-                value: VALID_BSN.into(),
-            },
-        )),
-    }
-}
-
-pub fn valid_demographic() -> proto::PatientIdentifiers {
-    proto::PatientIdentifiers {
-        kind: Some(proto::patient_identifiers::Kind::Demographic(
-            proto::DemographicIdentifiers {
-                given_names: "Anna Maria".into(),
-                family_name: "van den Broeck".into(),
-                date_of_birth: "2015-06-12".into(),
-                sex_at_birth: proto::Sex::Female as i32,
-                place_of_birth: "Leuven".into(),
-                country_of_birth: "BE".into(),
-            },
-        )),
-    }
-}
-
-pub fn valid_record() -> proto::CaseRecord {
-    proto::CaseRecord {
-        birth_year_month: "2015-06".into(),
-        sex: proto::Sex::Female as i32,
-        status: proto::PatientStatus::Alive as i32,
-        date_of_death: String::new(),
-        first_contact_date: "2016-02".into(),
-        onset_kind: proto::OnsetKind::Date as i32,
-        onset_date: "2015-09".into(),
-        undiagnosed: false,
-        diagnosis: Some(proto::Diagnosis {
-            orphacode: "ORPHA:586".into(),
-            icd10: vec!["E84.0".into()],
-            icd11: vec!["CA25".into()],
-            omim: vec!["OMIM:219700".into()],
-        }),
-        diagnosis_date: "2016-03-14".into(),
-        genetic_findings: vec![proto::GeneticFinding {
-            gene: "CFTR".into(),
-            variants: vec!["NM_000492.4:c.1521_1523del".into()],
-        }],
-        hpo_terms: vec!["HP:0006528".into()],
-        icf_codes: vec!["b440".into()],
-    }
-}
-
+/// The fixtures' attestation with research use refused: both states in the base.
 pub fn valid_consent() -> Vec<proto::ScopeConsent> {
-    let given = consent::timestamp_to_proto(now() - chrono::Duration::days(30));
-    vec![
-        proto::ScopeConsent {
-            scope: proto::ConsentScope::RegistryInclusion as i32,
-            state: proto::ConsentState::Granted as i32,
-            given_at: Some(given),
-            form_version: "ERN-2024-01".into(),
-            expires_at: None,
-        },
-        proto::ScopeConsent {
-            scope: proto::ConsentScope::ResearchUse as i32,
-            state: proto::ConsentState::Refused as i32,
-            given_at: Some(given),
-            form_version: "ERN-2024-01".into(),
-            expires_at: None,
-        },
-    ]
+    let mut items = fixtures::inclusion_granted();
+    items[1].state = proto::ConsentState::Refused as i32;
+    items
 }
 
+/// The fixtures' submission (national identifier) with a client reference.
 pub fn valid_submission() -> proto::SubmitCaseRequest {
     proto::SubmitCaseRequest {
-        registry: "ERN-LUNG".into(),
-        patient: Some(valid_national()),
-        record: Some(valid_record()),
         consent: valid_consent(),
         client_reference: "batch-1:row.7".into(),
+        ..fixtures::submission("ERN-LUNG", fixtures::national("NL", fixtures::BSN))
     }
 }
 
+/// A recording for the fixtures' person (demographic identifiers), with a client
+/// reference.
 pub fn valid_record_consent() -> proto::RecordConsentRequest {
     proto::RecordConsentRequest {
-        registry: "ERN-LUNG".into(),
-        patient: Some(proto::PatientRef {
-            kind: Some(proto::patient_ref::Kind::Identifiers(valid_demographic())),
-        }),
-        decisions: valid_consent(),
         client_reference: "officer-7".into(),
+        ..fixtures::consent_request(
+            "ERN-LUNG",
+            fixtures::by_identifiers(fixtures::demographic(fixtures::person())),
+            valid_consent(),
+        )
     }
 }
 
 pub fn valid_withdrawal() -> proto::WithdrawConsentRequest {
-    proto::WithdrawConsentRequest {
-        registry: "ERN-LUNG".into(),
-        patient: Some(proto::PatientRef {
-            kind: Some(proto::patient_ref::Kind::Identifiers(valid_national())),
-        }),
-        scopes: vec![proto::ConsentScope::RegistryInclusion as i32],
-        reason: proto::WithdrawalReason::PatientRequest as i32,
-    }
+    fixtures::withdrawal(
+        "ERN-LUNG",
+        fixtures::by_identifiers(fixtures::national("NL", fixtures::BSN)),
+        &[proto::ConsentScope::RegistryInclusion],
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -519,7 +441,7 @@ pub fn template_corpus() -> &'static str {
             }
         }
         // Record and consent templates, for the messages that check both together.
-        let mut record = valid_record();
+        let mut record = fixtures::record();
         record.birth_year_month = "x".into();
         record.sex = 99;
         record.diagnosis = None;
@@ -630,7 +552,7 @@ pub fn submission(req: &proto::SubmitCaseRequest) -> FieldViolations {
         let secrets = identifier_secrets(patient);
         if !secrets.is_empty() {
             let mut swapped = req.clone();
-            swapped.patient = Some(valid_national());
+            swapped.patient = Some(fixtures::national("NL", fixtures::BSN));
             let neutral = descriptions(&convert_submission(&swapped));
             assert_no_secret(
                 "a violation description",

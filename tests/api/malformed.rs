@@ -2,39 +2,35 @@
 //! a log line.
 //!
 //! The properties are those of the fuzz targets (`fuzz/`), from the same file
-//! (`fuzz/fuzz_targets/properties/mod.rs`), run here on the stable toolchain with
-//! proptest: arbitrary strings into every parser; arbitrary and mutated bytes decoded as
-//! requests; and "near-valid" requests (a valid one with one to three fields mutated),
-//! which get past the first check and reach the deeper rules. The last tests send such
-//! requests, and raw bytes, to the real server and look at what a client and the log see.
+//! (`fuzz/fuzz_targets/properties/mod.rs`, included by `main.rs`), run here on the stable
+//! toolchain with proptest: arbitrary strings into every parser; arbitrary and mutated
+//! bytes decoded as requests; and "near-valid" requests (a valid one with one to three
+//! fields mutated), which get past the first check and reach the deeper rules. The last
+//! tests send such requests, and raw bytes, to the real server (`TestApp`, so on SQLite
+//! and on PostgreSQL) and look at what a client and the log see.
 //!
-//! Case counts are set per test to keep the whole binary to a few seconds in debug;
+//! Case counts are set per test to keep these tests to a few seconds in debug;
 //! `PROPTEST_CASES` raises them all for a longer local run.
 
-#[path = "common/bsn.rs"]
-mod bsn;
-#[path = "../fuzz/fuzz_targets/properties/mod.rs"]
-mod properties;
-
 use std::cell::{Cell, RefCell};
-use std::io::Write;
-use std::sync::{Mutex, OnceLock};
 
-use ern_registry::auth::{self, Role};
-use ern_registry::config::ServeArgs;
+use ern_registry::auth::Role;
 use ern_registry::domain::FieldViolations;
-use ern_registry::proto::{self, case_service_client::CaseServiceClient};
-use ern_registry::startup::Application;
+use ern_registry::fixtures;
+use ern_registry::proto;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use prost::Message;
 use prost::bytes::{Buf, BufMut};
-use ring::rand::SystemRandom;
-use secrecy::ExposeSecret;
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
+
+use crate::helpers::{Bearer, Client, TestApp, logs};
+use crate::properties;
 
 /// Cases of a test, unless `PROPTEST_CASES` says otherwise.
 fn cases(default: u32) -> Config {
@@ -83,7 +79,7 @@ fn enum_number() -> BoxedStrategy<i32> {
 }
 
 fn timestamp() -> BoxedStrategy<Option<prost_types::Timestamp>> {
-    let now = properties::now().timestamp();
+    let now = fixtures::now().timestamp();
     let seconds = prop_oneof![
         3 => (now - 40 * 365 * 86_400)..(now + 86_400),
         1 => any::<i64>(),
@@ -150,7 +146,7 @@ fn identifiers() -> BoxedStrategy<proto::PatientIdentifiers> {
     });
     let one_field = (0usize..6, name(), date_of_birth(), country(), enum_number()).prop_map(
         |(field, text, dob, country, sex)| {
-            let mut p = properties::valid_demographic();
+            let mut p = fixtures::demographic(fixtures::person());
             if let Some(Kind::Demographic(d)) = p.kind.as_mut() {
                 match field {
                     0 => d.given_names = text,
@@ -187,7 +183,7 @@ fn identifiers() -> BoxedStrategy<proto::PatientIdentifiers> {
             },
         );
     prop_oneof![
-        1 => Just(properties::valid_national()),
+        1 => Just(fixtures::national("NL", fixtures::BSN)),
         1 => Just(proto::PatientIdentifiers { kind: None }),
         4 => national,
         4 => one_field,
@@ -290,16 +286,6 @@ fn list(r: &mut proto::CaseRecord, which: usize) -> &mut Vec<String> {
     }
 }
 
-/// A valid entry of each list, for overflowing it.
-const LIST_ENTRY: [&str; LISTS] = [
-    "E84.0",
-    "CA25",
-    "OMIM:219700",
-    "HP:0006528",
-    "b440",
-    "NM_000492.4:c.1521_1523del",
-];
-
 fn change() -> BoxedStrategy<Change> {
     prop_oneof![
         1 => prop_oneof![Just("ERN-LUNG".to_owned()), any_text()].prop_map(Change::Registry),
@@ -324,7 +310,7 @@ fn change() -> BoxedStrategy<Change> {
 
 impl Change {
     fn apply(self, req: &mut proto::SubmitCaseRequest) {
-        let record = req.record.get_or_insert_with(properties::valid_record);
+        let record = req.record.get_or_insert_with(fixtures::record);
         match self {
             Change::Registry(s) => req.registry = s,
             Change::Patient(p) => req.patient = p,
@@ -352,7 +338,11 @@ impl Change {
                     items.push(first);
                 }
             }
-            Change::ListOverflow(l) => *list(record, l) = vec![LIST_ENTRY[l].to_owned(); 300],
+            Change::ListOverflow(l) => {
+                // The fixture's (valid) entry of that list, far too often.
+                let entry = list(&mut fixtures::record(), l)[0].clone();
+                *list(record, l) = vec![entry; 300];
+            }
             Change::Gene(s) => match record.genetic_findings.first_mut() {
                 Some(f) => f.gene = s,
                 None => record.genetic_findings.push(proto::GeneticFinding {
@@ -543,7 +533,7 @@ proptest! {
 /// The leak check itself finds a leak: a description that echoes a name is caught.
 #[test]
 fn the_leak_check_catches_an_echoed_identifier() {
-    let p = properties::valid_demographic();
+    let p = fixtures::demographic(fixtures::person());
     let secrets = properties::identifier_secrets(&p);
     assert!(
         secrets.iter().any(|s| s == "vandenbroeck"),
@@ -574,108 +564,42 @@ fn the_leak_check_catches_an_echoed_identifier() {
 // ---------------------------------------------------------------------------------------
 // The real server.
 
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct LogSink;
-
-impl Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
-}
-
-fn init_logging() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("trace,h2=info,hyper=info,tower=info,sqlx=info")
-            .with_writer(|| LogSink)
-            .with_ansi(false)
-            .without_time()
-            .try_init();
-    });
-}
-
+/// A `TestApp` driven from proptest's synchronous runner: the app lives on a runtime of
+/// its own, and each call blocks on it.
 struct Server {
+    app: TestApp,
+    client: Client,
+    /// The same physician's channel, for bodies sent as they are.
+    raw: tonic::client::Grpc<InterceptedService<Channel, Bearer>>,
     runtime: tokio::runtime::Runtime,
-    channel: tonic::transport::Channel,
-    token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-    store: ern_registry::store::Store,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
 }
 
 impl Server {
-    /// The real application on port 0 with a fresh SQLite database, a centre in ERN-LUNG
-    /// and a physician of it.
+    /// The real application on port 0 with a fresh database, a centre in ERN-LUNG and a
+    /// physician of it.
     fn start() -> Server {
-        init_logging();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("registry.db").display()
-        );
-        let key_file = dir.path().join("master.key");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (channel, token, store) = runtime.block_on(async {
-            let args = ServeArgs {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                ..ServeArgs::default()
-            };
-            let app = Application::build(args, &url, &key_file).await.unwrap();
-            let addr = app.local_addr();
-            let store = app.store().clone();
-            let hasher = app.key_hasher();
-            tokio::spawn(async move {
-                app.run_until_stopped(async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("server runs");
-            });
-            store
-                .create_centre("NL-AMC", "NL-AMC hospital", "NL", &["ERN-LUNG".to_owned()])
-                .await
-                .unwrap();
-            let id = store
-                .create_principal("dr-fuzz", Role::Physician, Some("NL-AMC"), &[])
-                .await
-                .unwrap();
-            let issued = auth::issue_key(&SystemRandom::new(), &hasher).unwrap();
-            store
-                .insert_api_key(&issued.key_id, id, &issued.secret_hash, None)
-                .await
-                .unwrap();
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let token = format!("Bearer {}", issued.token.expose_secret())
-                .parse()
-                .unwrap();
-            (channel, token, store)
+        let (app, client, raw) = runtime.block_on(async {
+            let app = TestApp::spawn().await;
+            app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
+            let token = app
+                .principal("dr-fuzz", Role::Physician, Some("NL-AMC"), &[])
+                .await;
+            let client = app.client(Some(&token)).await;
+            let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+            let raw =
+                tonic::client::Grpc::new(InterceptedService::new(app.channel().await, bearer));
+            (app, client, raw)
         });
         Server {
+            app,
+            client,
+            raw,
             runtime,
-            channel,
-            token,
-            store,
-            shutdown: Some(tx),
-            _dir: dir,
         }
     }
 
@@ -683,34 +607,14 @@ impl Server {
         &self,
         req: proto::SubmitCaseRequest,
     ) -> Result<proto::SubmitCaseResponse, tonic::Status> {
-        let mut request = tonic::Request::new(req);
-        request
-            .metadata_mut()
-            .insert("authorization", self.token.clone());
-        let mut client = CaseServiceClient::new(self.channel.clone());
+        let mut client = self.client.clone();
         self.runtime
-            .block_on(client.submit_case(request))
+            .block_on(client.submit_case(req))
             .map(tonic::Response::into_inner)
     }
 
     fn cases_stored(&self) -> i64 {
-        use sqlx::Row;
-        self.runtime.block_on(async {
-            sqlx::query("SELECT COUNT(*) FROM cases")
-                .fetch_one(self.store.pool())
-                .await
-                .unwrap()
-                .try_get::<i64, _>(0)
-                .unwrap()
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.runtime.block_on(self.app.count("cases"))
     }
 }
 
@@ -743,7 +647,7 @@ fn malformed_submissions_to_the_server_are_never_internal_and_never_echo_identif
                 .unwrap_or_default();
             all_secrets.borrow_mut().extend(secrets.iter().cloned());
             let mut swapped = req.clone();
-            swapped.patient = Some(properties::valid_national());
+            swapped.patient = Some(fixtures::national("NL", fixtures::BSN));
             let neutral = properties::descriptions(&properties::convert_submission(&swapped));
             let registry_ok = req.registry == "ERN-LUNG";
             match server.submit(req.clone()) {
@@ -788,14 +692,7 @@ fn malformed_submissions_to_the_server_are_never_internal_and_never_echo_identif
     // Still up, and it stored exactly what it accepted.
     assert_eq!(server.cases_stored(), accepted.get());
     let mut fresh = properties::valid_submission();
-    fresh.patient = Some(proto::PatientIdentifiers {
-        kind: Some(proto::patient_identifiers::Kind::National(
-            proto::NationalIdentifier {
-                issuing_country: "NL".into(),
-                value: bsn::bsn(4242),
-            },
-        )),
-    });
+    fresh.patient = Some(fixtures::national("NL", &fixtures::bsn(4242)));
     server
         .submit(fresh)
         .expect("the server still takes a valid case");
@@ -858,11 +755,8 @@ impl tonic::codec::Decoder for RawCodec {
 
 impl Server {
     fn submit_raw(&self, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
-        let mut request = tonic::Request::new(body);
-        request
-            .metadata_mut()
-            .insert("authorization", self.token.clone());
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let request = tonic::Request::new(body);
+        let mut grpc = self.raw.clone();
         self.runtime.block_on(async {
             grpc.ready()
                 .await
