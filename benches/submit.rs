@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ern_registry::auth::{self, Role};
 use ern_registry::config::ServeArgs;
-use ern_registry::domain::CaseRecord;
 use ern_registry::fixtures;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, case_service_client::CaseServiceClient};
@@ -130,7 +129,8 @@ async fn bench_empty_grpc(channel: Channel, concurrency: usize) -> Figure {
 
 async fn bench_raw_insert(app: &Application) -> Figure {
     // The row of the fixture's record: what a unary submission of it stores.
-    let record = CaseRecord::from_proto(&fixtures::record(), fixtures::today()).expect("valid");
+    let record = ern_registry::api::convert::case_record(&fixtures::record(), fixtures::today())
+        .expect("valid");
     let row = cases::to_row(&record);
     let centre: i64 = sqlx::Row::get(
         &sqlx::query("SELECT id FROM centres WHERE code = 'BENCH'")

@@ -238,13 +238,12 @@ pub fn get_case(registry: &str, pseudonym: &str) -> proto::GetCaseRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::CaseRecord;
     use crate::pseudonym::PatientIdentity;
 
     /// The fixtures are what they promise: every consumer relies on them being valid.
     #[test]
     fn every_fixture_is_valid() {
-        CaseRecord::from_proto(&record(), today()).expect("record");
+        crate::api::convert::case_record(&record(), today()).expect("record");
         PatientIdentity::from_proto(&national("NL", BSN)).expect("national");
         PatientIdentity::from_proto(&national("NL", &bsn(7))).expect("derived BSN");
         PatientIdentity::from_proto(&demographic(person())).expect("demographic");

@@ -281,7 +281,10 @@ impl PatientIdentity {
                         None
                     }
                 });
-                let sex = v.check("demographic.sex_at_birth", Sex::from_proto(d.sex_at_birth));
+                let sex = v.check(
+                    "demographic.sex_at_birth",
+                    crate::api::convert::sex(d.sex_at_birth),
+                );
                 let place_of_birth =
                     text_field(&mut v, "demographic.place_of_birth", &d.place_of_birth);
                 let country_of_birth =

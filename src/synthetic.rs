@@ -4,7 +4,7 @@
 //! than twenty years after). Centres are skewed in size too.
 //!
 //! Every record is built as a client would send it and validated by the same code as a
-//! submission (`CaseRecord::from_proto`); every patient gets a synthetic national
+//! submission (`api::convert::case_record`); every patient gets a synthetic national
 //! identifier ([`identifier`]), validated and pseudonymised by the same code as a real one
 //! (`PatientIdentity::from_proto`, [`Pseudonymiser::candidates`]); records are
 //! written through the [`Writer`], so consent and research tables are maintained exactly
@@ -26,7 +26,6 @@ use tokio::task::JoinSet;
 use crate::audit::Entry;
 use crate::auth::Role;
 use crate::consent::{ConsentDecision, Decision, Scope};
-use crate::domain::CaseRecord;
 use crate::proto;
 use crate::pseudonym::{
     PatientIdentity, Pseudonymiser, SYNTHETIC_DIGITS, SYNTHETIC_ISSUER, SYNTHETIC_PREFIX,
@@ -178,7 +177,7 @@ impl Generator {
             let p = self.draw(n, &mut rng);
             // Month-resolution dates can rarely contradict each other at the edges
             // (e.g. death in the month of diagnosis); draw again.
-            if CaseRecord::from_proto(&p.record, self.today).is_ok() {
+            if crate::api::convert::case_record(&p.record, self.today).is_ok() {
                 return p;
             }
         }
@@ -438,7 +437,8 @@ pub async fn populate(
             .known_pseudonym(registry.id, &candidates.older())
             .await?;
         let pseudonym = candidates.choose(known.as_deref());
-        let record = CaseRecord::from_proto(&p.record, today).expect("validated when drawn");
+        let record =
+            crate::api::convert::case_record(&p.record, today).expect("validated when drawn");
         let now = Utc::now();
         let consent = p
             .consent
@@ -547,9 +547,9 @@ mod tests {
     fn the_shapes_are_those_of_rare_disease() {
         let today = NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
         let patients = sample(4000);
-        let records: Vec<CaseRecord> = patients
+        let records: Vec<crate::domain::CaseRecord> = patients
             .iter()
-            .map(|p| CaseRecord::from_proto(&p.record, today).unwrap())
+            .map(|p| crate::api::convert::case_record(&p.record, today).unwrap())
             .collect();
         let delays: Vec<i64> = records.iter().filter_map(|r| r.delay_days()).collect();
         let share = |f: &dyn Fn(i64) -> bool| {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{SharedState, audited, authorize, client_certificate, rejection};
+use super::{SharedState, audited, authorize, client_certificate, convert, rejection};
 use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
@@ -49,7 +49,7 @@ fn parse_record(
             violations.push("record", "is required");
             None
         }
-        Some(r) => match CaseRecord::from_proto(r, now.date_naive()) {
+        Some(r) => match convert::case_record(r, now.date_naive()) {
             Ok(record) => Some(record),
             Err(v) => {
                 violations.extend(v.nest("record"));
@@ -265,7 +265,7 @@ impl CaseApi {
                 version: v.version as u32,
                 recorded_at: Some(timestamp_to_proto(v.recorded_at)),
                 recorded_by: v.recorded_by.clone(),
-                record: Some(v.record.to_proto()),
+                record: Some(convert::case_record_to_proto(&v.record)),
             })
             .collect();
         let current = versions.pop();

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod case;
 pub mod codec;
 pub mod consent;
+pub mod convert;
 pub mod drain;
 pub mod research;
 pub mod wire;

@@ -94,4 +94,8 @@ pub use codes::{
     Icd11, IcfCode, ORPHA_UNDIAGNOSED, Omim, Orphacode, RegistryCode,
 };
 pub use dates::{MIN_YEAR, PartialDate, YearMonth};
-pub use record::{CaseRecord, GeneticFinding, Onset, OnsetKind, PatientStatus, Sex};
+pub use record::{
+    CaseRecord, FindingInput, GeneticFinding, MAX_GENETIC_FINDINGS, MAX_HPO_TERMS, MAX_ICD10,
+    MAX_ICD11, MAX_ICF_CODES, MAX_OMIM, MAX_VARIANTS_PER_GENE, Onset, OnsetKind, PatientStatus,
+    RecordInput, Sex,
+};

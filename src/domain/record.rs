@@ -10,7 +10,6 @@ use super::codes::{
 };
 use super::dates::{PartialDate, YearMonth};
 use super::{DomainError, FieldViolations};
-use crate::proto;
 
 /// Upper bounds of the repeated fields of a record.
 pub const MAX_ICD10: usize = 32;
@@ -25,13 +24,16 @@ pub const MAX_ICF_CODES: usize = 128;
 const PRENATAL_ALLOWANCE_DAYS: u64 = 280;
 
 macro_rules! db_enum {
-    ($(#[$doc:meta])* $name:ident, $proto:ty, $what:literal { $($variant:ident = $text:literal <- $pv:ident),+ $(,)? }) => {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum $name { $($variant),+ }
 
         impl $name {
-            /// The value as stored in the database.
+            /// Every value.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The value's stable name (as stored).
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
@@ -39,51 +41,37 @@ macro_rules! db_enum {
             pub fn parse_db(s: &str) -> Option<Self> {
                 match s { $($text => Some($name::$variant),)+ _ => None }
             }
-
-            /// From the protobuf enum; `_UNSPECIFIED` and unknown numbers are refused.
-            pub fn from_proto(value: i32) -> Result<Self, DomainError> {
-                match <$proto>::try_from(value) {
-                    $(Ok(<$proto>::$pv) => Ok($name::$variant),)+
-                    _ => Err(DomainError::Format($what)),
-                }
-            }
-
-            pub fn to_proto(self) -> i32 {
-                match self { $($name::$variant => <$proto>::$pv as i32),+ }
-            }
         }
     };
 }
 
 db_enum!(
     /// Sex as in the common data elements.
-    Sex, proto::Sex, "one of SEX_FEMALE, SEX_MALE, SEX_UNDETERMINED, SEX_UNKNOWN" {
-        Female = "female" <- Female,
-        Male = "male" <- Male,
-        Undetermined = "undetermined" <- Undetermined,
-        Unknown = "unknown" <- Unknown,
+    Sex {
+        Female = "female",
+        Male = "male",
+        Undetermined = "undetermined",
+        Unknown = "unknown",
     }
 );
 
 db_enum!(
     /// Vital and follow-up status.
-    PatientStatus, proto::PatientStatus,
-    "one of PATIENT_STATUS_ALIVE, PATIENT_STATUS_DECEASED, PATIENT_STATUS_LOST_TO_FOLLOW_UP, PATIENT_STATUS_OPTED_OUT" {
-        Alive = "alive" <- Alive,
-        Deceased = "deceased" <- Deceased,
-        LostToFollowUp = "lost_to_follow_up" <- LostToFollowUp,
-        OptedOut = "opted_out" <- OptedOut,
+    PatientStatus {
+        Alive = "alive",
+        Deceased = "deceased",
+        LostToFollowUp = "lost_to_follow_up",
+        OptedOut = "opted_out",
     }
 );
 
 db_enum!(
     /// How the onset is known.
-    OnsetKind, proto::OnsetKind,
-    "one of ONSET_KIND_ANTENATAL, ONSET_KIND_AT_BIRTH, ONSET_KIND_DATE, ONSET_KIND_UNKNOWN" {
-        Antenatal = "antenatal" <- Antenatal,
-        AtBirth = "at_birth" <- AtBirth,
-        Date = "date" <- Date,
-        Unknown = "unknown" <- Unknown,
+    OnsetKind {
+        Antenatal = "antenatal",
+        AtBirth = "at_birth",
+        Date = "date",
+        Unknown = "unknown",
     }
 );
 
@@ -119,6 +107,38 @@ impl Onset {
 pub struct GeneticFinding {
     pub gene: HgncSymbol,
     pub variants: Vec<HgvsVariant>,
+}
+
+/// A case record as it arrives, before any check: texts as sent, the enumerations already
+/// mapped from their wire values (an `Err` is reported as a violation of its field, in
+/// its place among the others). Built by `api::convert` from a request and by
+/// `store::cases` from stored columns; [`CaseRecord::validate`] is the one place a record
+/// is checked.
+#[derive(Debug, Clone)]
+pub struct RecordInput<'a> {
+    pub birth_year_month: &'a str,
+    pub sex: Result<Sex, DomainError>,
+    pub status: Result<PatientStatus, DomainError>,
+    pub date_of_death: &'a str,
+    pub first_contact_date: &'a str,
+    pub onset_kind: Result<OnsetKind, DomainError>,
+    pub onset_date: &'a str,
+    pub undiagnosed: bool,
+    pub orphacode: &'a str,
+    pub icd10: &'a [String],
+    pub icd11: &'a [String],
+    pub omim: &'a [String],
+    pub diagnosis_date: &'a str,
+    pub genetic_findings: Vec<FindingInput<'a>>,
+    pub hpo_terms: &'a [String],
+    pub icf_codes: &'a [String],
+}
+
+/// A genetic finding as it arrives: the gene and its variants, as sent.
+#[derive(Debug, Clone, Copy)]
+pub struct FindingInput<'a> {
+    pub gene: &'a str,
+    pub variants: &'a [String],
 }
 
 /// A valid case record: every code well-formed, dates consistent with each other.
@@ -179,14 +199,15 @@ fn optional_date(v: &mut FieldViolations, field: &str, s: &str) -> Option<Partia
 }
 
 impl CaseRecord {
-    /// Converts and checks a record from the wire. Reports every violation, with paths
-    /// relative to the record (`diagnosis.orphacode`, `hpo_terms[2]`).
-    pub fn from_proto(r: &proto::CaseRecord, today: NaiveDate) -> Result<Self, FieldViolations> {
+    /// Checks a record as it arrives. Reports every violation, with paths relative to the
+    /// record (`diagnosis.orphacode`, `hpo_terms[2]`); `today` is the latest date any date
+    /// of the record may name.
+    pub fn validate(r: &RecordInput<'_>, today: NaiveDate) -> Result<Self, FieldViolations> {
         let mut v = FieldViolations::new();
-        let birth = v.check("birth_year_month", YearMonth::parse(&r.birth_year_month));
-        let sex = v.check("sex", Sex::from_proto(r.sex));
-        let status = v.check("status", PatientStatus::from_proto(r.status));
-        let mut date_of_death = optional_date(&mut v, "date_of_death", &r.date_of_death);
+        let birth = v.check("birth_year_month", YearMonth::parse(r.birth_year_month));
+        let sex = v.check("sex", r.sex);
+        let status = v.check("status", r.status);
+        let mut date_of_death = optional_date(&mut v, "date_of_death", r.date_of_death);
         if date_of_death.is_some() && status.is_some_and(|s| s != PatientStatus::Deceased) {
             v.push(
                 "date_of_death",
@@ -194,15 +215,15 @@ impl CaseRecord {
             );
             date_of_death = None;
         }
-        let first_contact = optional_date(&mut v, "first_contact_date", &r.first_contact_date);
-        let onset_kind = v.check("onset_kind", OnsetKind::from_proto(r.onset_kind));
+        let first_contact = optional_date(&mut v, "first_contact_date", r.first_contact_date);
+        let onset_kind = v.check("onset_kind", r.onset_kind);
         let onset = match onset_kind {
             Some(OnsetKind::Date) => {
                 if r.onset_date.is_empty() {
                     v.push("onset_date", "is required with ONSET_KIND_DATE");
                     None
                 } else {
-                    v.check("onset_date", PartialDate::parse(&r.onset_date))
+                    v.check("onset_date", PartialDate::parse(r.onset_date))
                         .map(Onset::Date)
                 }
             }
@@ -219,17 +240,12 @@ impl CaseRecord {
             None => None,
         };
 
-        let empty = proto::Diagnosis::default();
-        let diagnosis = r.diagnosis.as_ref().unwrap_or(&empty);
-        let orphacode = if diagnosis.orphacode.is_empty() {
+        let orphacode = if r.orphacode.is_empty() {
             None
         } else {
-            v.check(
-                "diagnosis.orphacode",
-                Orphacode::parse(&diagnosis.orphacode),
-            )
+            v.check("diagnosis.orphacode", Orphacode::parse(r.orphacode))
         };
-        let diagnosis_date = optional_date(&mut v, "diagnosis_date", &r.diagnosis_date);
+        let diagnosis_date = optional_date(&mut v, "diagnosis_date", r.diagnosis_date);
         if r.undiagnosed {
             if orphacode
                 .as_ref()
@@ -250,7 +266,7 @@ impl CaseRecord {
                 );
             }
         } else {
-            if diagnosis.orphacode.is_empty() {
+            if r.orphacode.is_empty() {
                 v.push(
                     "diagnosis.orphacode",
                     "is required unless the case is undiagnosed",
@@ -271,38 +287,20 @@ impl CaseRecord {
                 );
             }
         }
-        let icd10 = parse_list(
-            &mut v,
-            "diagnosis.icd10",
-            &diagnosis.icd10,
-            MAX_ICD10,
-            Icd10::parse,
-        );
-        let icd11 = parse_list(
-            &mut v,
-            "diagnosis.icd11",
-            &diagnosis.icd11,
-            MAX_ICD11,
-            Icd11::parse,
-        );
-        let omim = parse_list(
-            &mut v,
-            "diagnosis.omim",
-            &diagnosis.omim,
-            MAX_OMIM,
-            Omim::parse,
-        );
+        let icd10 = parse_list(&mut v, "diagnosis.icd10", r.icd10, MAX_ICD10, Icd10::parse);
+        let icd11 = parse_list(&mut v, "diagnosis.icd11", r.icd11, MAX_ICD11, Icd11::parse);
+        let omim = parse_list(&mut v, "diagnosis.omim", r.omim, MAX_OMIM, Omim::parse);
         let hpo_terms = parse_list(
             &mut v,
             "hpo_terms",
-            &r.hpo_terms,
+            r.hpo_terms,
             MAX_HPO_TERMS,
             HpoTerm::parse,
         );
         let icf_codes = parse_list(
             &mut v,
             "icf_codes",
-            &r.icf_codes,
+            r.icf_codes,
             MAX_ICF_CODES,
             IcfCode::parse,
         );
@@ -317,7 +315,7 @@ impl CaseRecord {
             let mut genes = HashSet::new();
             for (i, f) in r.genetic_findings.iter().enumerate() {
                 let field = format!("genetic_findings[{i}]");
-                let gene = v.check(format!("{field}.gene"), HgncSymbol::parse(&f.gene));
+                let gene = v.check(format!("{field}.gene"), HgncSymbol::parse(f.gene));
                 if gene.as_ref().is_some_and(|g| !genes.insert(g.clone())) {
                     v.push(
                         format!("{field}.gene"),
@@ -327,7 +325,7 @@ impl CaseRecord {
                 let variants = parse_list(
                     &mut v,
                     &format!("{field}.variants"),
-                    &f.variants,
+                    f.variants,
                     MAX_VARIANTS_PER_GENE,
                     HgvsVariant::parse,
                 );
@@ -411,44 +409,6 @@ impl CaseRecord {
         })
     }
 
-    pub fn to_proto(&self) -> proto::CaseRecord {
-        fn strings<T: std::fmt::Display>(items: &[T]) -> Vec<String> {
-            items.iter().map(ToString::to_string).collect()
-        }
-        let text = |d: Option<PartialDate>| d.map(|d| d.to_string()).unwrap_or_default();
-        proto::CaseRecord {
-            birth_year_month: self.birth.to_string(),
-            sex: self.sex.to_proto(),
-            status: self.status.to_proto(),
-            date_of_death: text(self.date_of_death),
-            first_contact_date: text(self.first_contact),
-            onset_kind: self.onset.kind().to_proto(),
-            onset_date: text(self.onset.date()),
-            undiagnosed: self.undiagnosed,
-            diagnosis: Some(proto::Diagnosis {
-                orphacode: self
-                    .orphacode
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                icd10: strings(&self.icd10),
-                icd11: strings(&self.icd11),
-                omim: strings(&self.omim),
-            }),
-            diagnosis_date: text(self.diagnosis_date),
-            genetic_findings: self
-                .genetic_findings
-                .iter()
-                .map(|f| proto::GeneticFinding {
-                    gene: f.gene.to_string(),
-                    variants: strings(&f.variants),
-                })
-                .collect(),
-            hpo_terms: strings(&self.hpo_terms),
-            icf_codes: strings(&self.icf_codes),
-        }
-    }
-
     /// Estimated age at onset in days (midpoints of partial dates); 0 for onset before
     /// or at birth, `None` when unknown.
     pub fn onset_age_days(&self) -> Option<i64> {
@@ -471,153 +431,5 @@ impl CaseRecord {
     /// (e.g. newborn screening), `None` when either end is unknown.
     pub fn delay_days(&self) -> Option<i64> {
         Some((self.diagnosis_age_days()? - self.onset_age_days()?).max(0))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    use crate::fixtures::{record as valid, today};
-
-    fn fields(r: &proto::CaseRecord) -> Vec<String> {
-        match CaseRecord::from_proto(r, today()) {
-            Ok(_) => Vec::new(),
-            Err(v) => v.iter().map(|v| v.field.clone()).collect(),
-        }
-    }
-
-    #[test]
-    fn a_valid_record_round_trips() {
-        let record = CaseRecord::from_proto(&valid(), today()).unwrap();
-        assert_eq!(record.to_proto(), valid());
-        assert_eq!(record.onset_age_days(), Some(92));
-        assert_eq!(
-            record.delay_days(),
-            Some(record.diagnosis_age_days().unwrap() - 92)
-        );
-    }
-
-    #[test]
-    fn undiagnosed_rules() {
-        let mut r = valid();
-        r.undiagnosed = true;
-        assert_eq!(fields(&r), ["diagnosis.orphacode", "diagnosis_date"]);
-        r.diagnosis.as_mut().unwrap().orphacode = "ORPHA:616874".into();
-        r.diagnosis_date.clear();
-        assert!(fields(&r).is_empty());
-        r.hpo_terms.clear();
-        assert_eq!(fields(&r), ["hpo_terms"]);
-        let mut r = valid();
-        r.diagnosis.as_mut().unwrap().orphacode = "ORPHA:616874".into();
-        assert_eq!(
-            fields(&r),
-            ["diagnosis.orphacode"],
-            "undiagnosed code needs the flag"
-        );
-    }
-
-    #[test]
-    fn required_and_enum_fields() {
-        let r = proto::CaseRecord::default();
-        let f = fields(&r);
-        for expected in [
-            "birth_year_month",
-            "sex",
-            "status",
-            "onset_kind",
-            "diagnosis.orphacode",
-            "diagnosis_date",
-        ] {
-            assert!(f.iter().any(|x| x == expected), "{expected} in {f:?}");
-        }
-        let mut r = valid();
-        r.sex = 99;
-        assert_eq!(fields(&r), ["sex"]);
-        let mut r = valid();
-        r.onset_kind = proto::OnsetKind::AtBirth as i32;
-        assert_eq!(fields(&r), ["onset_date"], "date only with ONSET_KIND_DATE");
-        r.onset_date.clear();
-        assert!(fields(&r).is_empty());
-        let mut r = valid();
-        r.onset_date.clear();
-        assert_eq!(fields(&r), ["onset_date"]);
-    }
-
-    #[test]
-    fn dates_are_consistent() {
-        let mut r = valid();
-        r.onset_date = "2015-03".into();
-        assert_eq!(fields(&r), ["onset_date"], "onset before birth");
-        r.onset_kind = proto::OnsetKind::Antenatal as i32;
-        r.onset_date.clear();
-        r.diagnosis_date = "2015-03-01".into();
-        assert!(
-            fields(&r).is_empty(),
-            "prenatal diagnosis with antenatal onset"
-        );
-        r.diagnosis_date = "2013-01-01".into();
-        assert_eq!(fields(&r), ["diagnosis_date"], "beyond any pregnancy");
-
-        let mut r = valid();
-        r.status = proto::PatientStatus::Deceased as i32;
-        r.date_of_death = "2016".into();
-        assert!(fields(&r).is_empty(), "overlapping partial dates are fine");
-        r.date_of_death = "2015-07".into();
-        assert_eq!(fields(&r), ["date_of_death"]);
-
-        let mut r = valid();
-        r.first_contact_date = "2030".into();
-        assert_eq!(fields(&r), ["first_contact_date"]);
-        let mut r = valid();
-        r.diagnosis_date = "2015-08-01".into();
-        assert!(
-            fields(&r).is_empty(),
-            "diagnosis before onset (screening) is allowed"
-        );
-        let record = CaseRecord::from_proto(&r, today()).unwrap();
-        assert_eq!(record.delay_days(), Some(0));
-    }
-
-    #[test]
-    fn repeated_fields_are_bounded_and_deduplicated() {
-        let mut r = valid();
-        r.hpo_terms = vec![
-            "HP:0006528".into(),
-            "HP:0000001".into(),
-            "HP:0006528".into(),
-        ];
-        assert_eq!(fields(&r), ["hpo_terms[2]"]);
-        r.hpo_terms = vec!["HP:0000001".into(); MAX_HPO_TERMS + 1];
-        assert_eq!(fields(&r), ["hpo_terms"]);
-        let mut r = valid();
-        r.genetic_findings.push(r.genetic_findings[0].clone());
-        assert_eq!(fields(&r), ["genetic_findings[1].gene"]);
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_records_never_panic(
-            birth in "\\PC{0,10}", death in "[0-9-]{0,10}", onset in "[0-9-]{0,10}",
-            diag in "[0-9-]{0,10}", sex in -1i32..6, status in -1i32..6, kind in -1i32..6,
-            undiagnosed: bool, code in "(ORPHA:)?[0-9]{0,8}",
-        ) {
-            let mut r = valid();
-            r.birth_year_month = birth;
-            r.date_of_death = death;
-            r.onset_date = onset;
-            r.diagnosis_date = diag;
-            r.sex = sex;
-            r.status = status;
-            r.onset_kind = kind;
-            r.undiagnosed = undiagnosed;
-            r.diagnosis.as_mut().unwrap().orphacode = code;
-            if let Ok(record) = CaseRecord::from_proto(&r, today()) {
-                // What was accepted re-parses to the same thing.
-                prop_assert_eq!(CaseRecord::from_proto(&record.to_proto(), today()).unwrap(), record.clone());
-                prop_assert!(record.delay_days().is_none_or(|d| d >= 0));
-            }
-        }
     }
 }

@@ -10,8 +10,9 @@ use sqlx::{AnyConnection, Row};
 
 use super::{Result, StoreError, consent_model, from_millis, millis};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
-use crate::domain::{CaseRecord, OnsetKind, PartialDate, PatientStatus, Sex};
-use crate::proto;
+use crate::domain::{
+    CaseRecord, DomainError, FindingInput, OnsetKind, PartialDate, PatientStatus, RecordInput, Sex,
+};
 
 /// A case record as stored: plain column values. Built from and turned back into the
 /// domain `CaseRecord` by `crate::store::cases::{to_row, from_row}`.
@@ -444,8 +445,9 @@ pub fn to_row(r: &CaseRecord) -> CaseRow {
     }
 }
 
-/// Rebuilds the domain record from stored columns, re-checking everything: a row that
-/// does not parse is reported as corruption, never served.
+/// Rebuilds the domain record from stored columns, re-checking everything
+/// (`CaseRecord::validate`, straight from the columns): a row that does not parse is
+/// reported as corruption, never served.
 pub fn from_row(row: &CaseRow) -> Result<CaseRecord> {
     let corrupt = || StoreError::Corrupt("case_versions row does not parse".into());
     let words = |s: &str| {
@@ -454,50 +456,51 @@ pub fn from_row(row: &CaseRow) -> Result<CaseRecord> {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let onset_kind = OnsetKind::parse_db(&row.onset_kind).ok_or_else(corrupt)?;
-    let proto_record = proto::CaseRecord {
-        birth_year_month: row.birth_year_month.clone(),
-        sex: Sex::parse_db(&row.sex).ok_or_else(corrupt)?.to_proto(),
-        status: PatientStatus::parse_db(&row.status)
-            .ok_or_else(corrupt)?
-            .to_proto(),
-        date_of_death: row.date_of_death.clone().unwrap_or_default(),
-        first_contact_date: row.first_contact_date.clone().unwrap_or_default(),
-        onset_kind: onset_kind.to_proto(),
-        onset_date: row.onset_date.clone().unwrap_or_default(),
+    let stored = |what: &'static str| DomainError::Format(what);
+    let (icd10, icd11, omim) = (words(&row.icd10), words(&row.icd11), words(&row.omim));
+    let (hpo_terms, icf_codes) = (words(&row.hpo_terms), words(&row.icf_codes));
+    let findings: Vec<(String, Vec<String>)> = words(&row.genetic_findings)
+        .iter()
+        .map(|f| {
+            let mut parts = f.split('|').map(str::to_owned);
+            (parts.next().unwrap_or_default(), parts.collect())
+        })
+        .collect();
+    let orphacode = row
+        .orphacode
+        .map(|n| format!("ORPHA:{n}"))
+        .unwrap_or_default();
+    let input = RecordInput {
+        birth_year_month: &row.birth_year_month,
+        sex: Sex::parse_db(&row.sex).ok_or(stored("a stored sex")),
+        status: PatientStatus::parse_db(&row.status).ok_or(stored("a stored status")),
+        date_of_death: row.date_of_death.as_deref().unwrap_or_default(),
+        first_contact_date: row.first_contact_date.as_deref().unwrap_or_default(),
+        onset_kind: OnsetKind::parse_db(&row.onset_kind).ok_or(stored("a stored onset kind")),
+        onset_date: row.onset_date.as_deref().unwrap_or_default(),
         undiagnosed: row.undiagnosed,
-        diagnosis: Some(proto::Diagnosis {
-            orphacode: row
-                .orphacode
-                .map(|n| format!("ORPHA:{n}"))
-                .unwrap_or_default(),
-            icd10: words(&row.icd10),
-            icd11: words(&row.icd11),
-            omim: words(&row.omim),
-        }),
-        diagnosis_date: row.diagnosis_date.clone().unwrap_or_default(),
-        genetic_findings: words(&row.genetic_findings)
+        orphacode: &orphacode,
+        icd10: &icd10,
+        icd11: &icd11,
+        omim: &omim,
+        diagnosis_date: row.diagnosis_date.as_deref().unwrap_or_default(),
+        genetic_findings: findings
             .iter()
-            .map(|f| {
-                let mut parts = f.split('|').map(str::to_owned);
-                proto::GeneticFinding {
-                    gene: parts.next().unwrap_or_default(),
-                    variants: parts.collect(),
-                }
-            })
+            .map(|(gene, variants)| FindingInput { gene, variants })
             .collect(),
-        hpo_terms: words(&row.hpo_terms),
-        icf_codes: words(&row.icf_codes),
+        hpo_terms: &hpo_terms,
+        icf_codes: &icf_codes,
     };
     // Stored records were valid when written; "today" far ahead only disables the
     // not-in-the-future check, which is about the time of writing.
     let far_future = chrono::NaiveDate::from_ymd_opt(9999, 12, 31).expect("valid date");
-    CaseRecord::from_proto(&proto_record, far_future).map_err(|_| corrupt())
+    CaseRecord::validate(&input, far_future).map_err(|_| corrupt())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto;
 
     #[test]
     fn rows_round_trip() {
@@ -530,7 +533,7 @@ mod tests {
             ..valid
         };
         let today = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
-        let record = CaseRecord::from_proto(&proto_record, today).unwrap();
+        let record = crate::api::convert::case_record(&proto_record, today).unwrap();
         let row = to_row(&record);
         assert_eq!(row.genes, ["CFTR", "SCNN1B"]);
         assert_eq!(genes_of(&row.genetic_findings), row.genes);

@@ -28,8 +28,8 @@ use ern_registry::aggregate::Dimension;
 use ern_registry::auth::PresentedKey;
 use ern_registry::consent::{self, Scope, parse_attestation, timestamp_from_proto};
 use ern_registry::domain::{
-    CaseRecord, CentreCode, ClientReference, CountryCode, FieldViolations, HgncSymbol, HgvsVariant,
-    HpoTerm, Icd10, Icd11, IcfCode, Omim, Orphacode, PartialDate, RegistryCode, YearMonth,
+    CentreCode, ClientReference, CountryCode, FieldViolations, HgncSymbol, HgvsVariant, HpoTerm,
+    Icd10, Icd11, IcfCode, Omim, Orphacode, PartialDate, RegistryCode, YearMonth,
 };
 use ern_registry::fixtures::{self, now, today};
 use ern_registry::proto;
@@ -445,10 +445,12 @@ pub fn template_corpus() -> &'static str {
         record.birth_year_month = "x".into();
         record.sex = 99;
         record.diagnosis = None;
-        if let Err(v) = CaseRecord::from_proto(&record, today()) {
+        if let Err(v) = ern_registry::api::convert::case_record(&record, today()) {
             add(v);
         }
-        if let Err(v) = CaseRecord::from_proto(&proto::CaseRecord::default(), today()) {
+        if let Err(v) =
+            ern_registry::api::convert::case_record(&proto::CaseRecord::default(), today())
+        {
             add(v);
         }
         let items = vec![proto::ScopeConsent::default(); 2];
@@ -509,10 +511,13 @@ pub fn convert_submission(req: &proto::SubmitCaseRequest) -> FieldViolations {
     }
     match req.record.as_ref() {
         None => v.push("record", "is required"),
-        Some(r) => match CaseRecord::from_proto(r, today()) {
+        Some(r) => match ern_registry::api::convert::case_record(r, today()) {
             Ok(record) => {
-                let again = CaseRecord::from_proto(&record.to_proto(), today())
-                    .expect("an accepted record re-parses");
+                let again = ern_registry::api::convert::case_record(
+                    &ern_registry::api::convert::case_record_to_proto(&record),
+                    today(),
+                )
+                .expect("an accepted record re-parses");
                 assert_eq!(again, record, "an accepted record round-trips");
                 assert!(record.delay_days().is_none_or(|d| d >= 0));
                 assert!(record.onset_age_days().is_none_or(|d| d >= 0));
