@@ -17,7 +17,6 @@ use chrono::{DateTime, Datelike, Duration, Utc};
 
 use crate::domain::FieldViolations;
 use crate::domain::MIN_YEAR;
-use crate::proto;
 
 /// The latest year an expiry may name; a consent without expiry leaves it unset.
 pub const MAX_EXPIRY_YEAR: i32 = 2200;
@@ -54,23 +53,6 @@ impl Scope {
     pub fn parse_db(s: &str) -> Option<Scope> {
         Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
     }
-
-    pub fn to_proto(self) -> proto::ConsentScope {
-        match self {
-            Scope::RegistryInclusion => proto::ConsentScope::RegistryInclusion,
-            Scope::ResearchUse => proto::ConsentScope::ResearchUse,
-            Scope::Recontact => proto::ConsentScope::Recontact,
-        }
-    }
-
-    pub fn from_proto(value: i32) -> Option<Scope> {
-        match proto::ConsentScope::try_from(value).ok()? {
-            proto::ConsentScope::RegistryInclusion => Some(Scope::RegistryInclusion),
-            proto::ConsentScope::ResearchUse => Some(Scope::ResearchUse),
-            proto::ConsentScope::Recontact => Some(Scope::Recontact),
-            proto::ConsentScope::Unspecified => None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,14 +68,6 @@ impl Decision {
             Decision::Granted => "granted",
             Decision::Refused => "refused",
             Decision::Withdrawn => "withdrawn",
-        }
-    }
-
-    pub fn to_proto(self) -> proto::ConsentState {
-        match self {
-            Decision::Granted => proto::ConsentState::Granted,
-            Decision::Refused => proto::ConsentState::Refused,
-            Decision::Withdrawn => proto::ConsentState::Withdrawn,
         }
     }
 
@@ -201,11 +175,23 @@ pub fn check_inclusion(events: &[ConsentEvent], at: DateTime<Utc>) -> Result<(),
     }
 }
 
-/// Parses the consent a physician attests with a submission. Only GRANTED and REFUSED may
+/// One attested decision as it arrives, before any check (built by `api::convert` from the
+/// wire): the scope and decision if the values name one, the times if present (`Some(None)`:
+/// present but not a valid time).
+#[derive(Debug, Clone, Copy)]
+pub struct AttestationItem<'a> {
+    pub scope: Option<Scope>,
+    pub decision: Option<Decision>,
+    pub given_at: Option<Option<DateTime<Utc>>>,
+    pub form_version: &'a str,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// Checks the consent a physician attests with a submission. Only GRANTED and REFUSED may
 /// be attested (withdrawal is the consent officers' business); each scope at most once;
 /// `given_at` not in the future; `expires_at` after `given_at`.
-pub fn parse_attestation(
-    items: &[proto::ScopeConsent],
+pub fn check_attestation(
+    items: &[AttestationItem<'_>],
     now: DateTime<Utc>,
 ) -> Result<Vec<ConsentDecision>, FieldViolations> {
     let mut violations = FieldViolations::new();
@@ -217,7 +203,7 @@ pub fn parse_attestation(
     let mut seen = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let path = |f: &str| format!("consent[{i}].{f}");
-        let scope = Scope::from_proto(item.scope);
+        let scope = item.scope;
         if scope.is_none() {
             violations.push(
                 path("scope"),
@@ -230,22 +216,21 @@ pub fn parse_attestation(
             }
             seen.push(s);
         }
-        let decision = match proto::ConsentState::try_from(item.state) {
-            Ok(proto::ConsentState::Granted) => Some(Decision::Granted),
-            Ok(proto::ConsentState::Refused) => Some(Decision::Refused),
-            Ok(proto::ConsentState::Withdrawn) => {
+        let decision = match item.decision {
+            Some(d @ (Decision::Granted | Decision::Refused)) => Some(d),
+            Some(Decision::Withdrawn) => {
                 violations.push(
                     path("state"),
                     "must be GRANTED or REFUSED here; a consent officer records withdrawals with ConsentService.WithdrawConsent",
                 );
                 None
             }
-            _ => {
+            None => {
                 violations.push(path("state"), "must be GRANTED or REFUSED");
                 None
             }
         };
-        let given_at = match item.given_at.as_ref().map(timestamp_from_proto) {
+        let given_at = match item.given_at {
             None => {
                 violations.push(path("given_at"), "is required");
                 None
@@ -280,7 +265,7 @@ pub fn parse_attestation(
                 "must be at most 64 characters of letters, digits, spaces and -_.:/()",
             );
         }
-        let expires_at = match item.expires_at.as_ref().map(timestamp_from_proto) {
+        let expires_at = match item.expires_at {
             None => None,
             Some(None) => {
                 violations.push(path("expires_at"), "is not a valid timestamp");
@@ -313,21 +298,6 @@ pub fn parse_attestation(
     violations.into_result().map(|()| out)
 }
 
-/// Converts a protobuf timestamp; `None` when out of chrono's range or malformed (nanos
-/// must be 0..=999,999,999, as protobuf defines them: chrono would otherwise read a larger
-/// value as a leap second).
-pub fn timestamp_from_proto(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
-    DateTime::from_timestamp(t.seconds, nanos)
-}
-
-pub fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,14 +326,6 @@ mod tests {
             research_eligibility(&[inclusion, research, withdrawn], t(10)),
             (false, None)
         );
-    }
-
-    #[test]
-    fn timestamps_with_out_of_range_nanos_are_malformed() {
-        let t = |seconds, nanos| timestamp_from_proto(&prost_types::Timestamp { seconds, nanos });
-        assert!(t(59, 999_999_999).is_some());
-        assert_eq!(t(59, 1_500_000_000), None);
-        assert_eq!(t(0, -1), None);
     }
 
     fn t(days: i64) -> DateTime<Utc> {
@@ -468,98 +430,5 @@ mod tests {
             ev(2, Scope::RegistryInclusion, Decision::Refused, 0),
         ];
         assert_refused(&events, t(1), Some(Decision::Refused));
-    }
-
-    fn item(scope: proto::ConsentScope, state: proto::ConsentState) -> proto::ScopeConsent {
-        crate::fixtures::consent_at(scope, state, t(0))
-    }
-
-    #[test]
-    fn attestation_rejects_withdrawal_future_dates_duplicates_and_reports_all() {
-        let mut future = item(
-            proto::ConsentScope::ResearchUse,
-            proto::ConsentState::Granted,
-        );
-        future.given_at = Some(timestamp_to_proto(t(30)));
-        future.form_version = String::new();
-        let items = [
-            item(
-                proto::ConsentScope::RegistryInclusion,
-                proto::ConsentState::Withdrawn,
-            ),
-            future,
-            item(
-                proto::ConsentScope::RegistryInclusion,
-                proto::ConsentState::Granted,
-            ),
-        ];
-        let err = parse_attestation(&items, t(1)).unwrap_err();
-        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
-        assert!(fields.contains(&"consent[0].state"), "{fields:?}");
-        assert!(fields.contains(&"consent[1].given_at"), "{fields:?}");
-        assert!(fields.contains(&"consent[1].form_version"), "{fields:?}");
-        assert!(fields.contains(&"consent[2].scope"), "{fields:?}");
-    }
-
-    #[test]
-    fn consent_dates_follow_the_rules_of_record_dates() {
-        let year = |y: i32| {
-            let at = chrono::NaiveDate::from_ymd_opt(y, 1, 1)
-                .unwrap()
-                .and_hms_opt(0, 0, 0)
-                .unwrap()
-                .and_utc();
-            Some(timestamp_to_proto(at))
-        };
-        let mut ancient = item(
-            proto::ConsentScope::RegistryInclusion,
-            proto::ConsentState::Granted,
-        );
-        ancient.given_at = year(1);
-        let mut far = item(
-            proto::ConsentScope::ResearchUse,
-            proto::ConsentState::Granted,
-        );
-        far.expires_at = year(9000);
-        let err = parse_attestation(&[ancient, far], t(1)).unwrap_err();
-        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
-        assert_eq!(fields, ["consent[0].given_at", "consent[1].expires_at"]);
-        let mut oldest = item(
-            proto::ConsentScope::RegistryInclusion,
-            proto::ConsentState::Granted,
-        );
-        oldest.given_at = year(MIN_YEAR);
-        assert!(parse_attestation(&[oldest], t(1)).is_ok());
-    }
-
-    #[test]
-    fn attestation_accepts_valid_decisions() {
-        let mut research = item(
-            proto::ConsentScope::ResearchUse,
-            proto::ConsentState::Refused,
-        );
-        research.expires_at = Some(timestamp_to_proto(t(400)));
-        let items = [
-            item(
-                proto::ConsentScope::RegistryInclusion,
-                proto::ConsentState::Granted,
-            ),
-            research,
-        ];
-        let parsed = parse_attestation(&items, t(1)).unwrap();
-        assert_eq!(parsed.len(), 2);
-        assert_eq!(parsed[1].decision, Decision::Refused);
-        assert_eq!(parsed[1].expires_at, Some(t(400)));
-    }
-
-    #[test]
-    fn attestation_rejects_expiry_before_given() {
-        let mut i = item(
-            proto::ConsentScope::RegistryInclusion,
-            proto::ConsentState::Granted,
-        );
-        i.expires_at = Some(timestamp_to_proto(t(-1)));
-        let err = parse_attestation(&[i], t(1)).unwrap_err();
-        assert_eq!(err.iter().next().unwrap().field, "consent[0].expires_at");
     }
 }

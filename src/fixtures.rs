@@ -100,7 +100,7 @@ pub fn utc(rfc3339: &str) -> DateTime<Utc> {
 
 /// An RFC 3339 time as a protobuf timestamp.
 pub fn ts(rfc3339: &str) -> prost_types::Timestamp {
-    crate::consent::timestamp_to_proto(utc(rfc3339))
+    crate::api::convert::timestamp_to_proto(utc(rfc3339))
 }
 
 /// One consent decision on the fixtures' form, given at `given` (RFC 3339), no expiry.
@@ -121,7 +121,7 @@ pub fn consent_at(
     proto::ScopeConsent {
         scope: scope as i32,
         state: state as i32,
-        given_at: Some(crate::consent::timestamp_to_proto(given)),
+        given_at: Some(crate::api::convert::timestamp_to_proto(given)),
         form_version: FORM_VERSION.into(),
         expires_at: None,
     }
@@ -247,6 +247,6 @@ mod tests {
         PatientIdentity::from_proto(&national("NL", BSN)).expect("national");
         PatientIdentity::from_proto(&national("NL", &bsn(7))).expect("derived BSN");
         PatientIdentity::from_proto(&demographic(person())).expect("demographic");
-        crate::consent::parse_attestation(&inclusion_granted(), now()).expect("consent");
+        crate::api::convert::attestation(&inclusion_granted(), now()).expect("consent");
     }
 }

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use crate::audit::Entry;
 use crate::auth::Role;
-use crate::consent::{ConsentDecision, Decision, Scope};
+use crate::consent::{ConsentDecision, Decision};
 use crate::proto;
 use crate::pseudonym::{
     PatientIdentity, Pseudonymiser, SYNTHETIC_DIGITS, SYNTHETIC_ISSUER, SYNTHETIC_PREFIX,
@@ -448,7 +448,7 @@ pub async fn populate(
                     chrono::DateTime::from_timestamp(t.seconds, 0).unwrap_or(now)
                 };
                 ConsentDecision {
-                    scope: Scope::from_proto(c.scope).expect("valid scope"),
+                    scope: crate::api::convert::scope(c.scope).expect("valid scope"),
                     decision: if c.state == proto::ConsentState::Granted as i32 {
                         Decision::Granted
                     } else {

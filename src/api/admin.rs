@@ -2,9 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
+use super::convert::{timestamp as timestamp_from_proto, timestamp_to_proto};
 use super::{SharedState, audited, authorize};
 use crate::auth::Role;
-use crate::consent::{timestamp_from_proto, timestamp_to_proto};
 use crate::domain::FieldViolations;
 use crate::proto::{self, admin_service_server::AdminService};
 use crate::service::{Call, ServiceError, admin};

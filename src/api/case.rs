@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::convert::timestamp_to_proto;
 use super::{SharedState, audited, authorize, client_certificate, convert, rejection};
 use crate::auth::{PresentedKey, Principal, Role};
-use crate::consent::{self, timestamp_to_proto};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::outcome::Outcome;
 use crate::proto::{self, case_service_server::CaseService};
@@ -63,8 +63,8 @@ fn parse_consent(
     items: &[proto::ScopeConsent],
     now: DateTime<Utc>,
     violations: &mut FieldViolations,
-) -> Vec<consent::ConsentDecision> {
-    match consent::parse_attestation(items, now) {
+) -> Vec<crate::consent::ConsentDecision> {
+    match convert::attestation(items, now) {
         Ok(c) => c,
         Err(v) => {
             violations.extend(v);

@@ -7,9 +7,9 @@
 
 use tonic::{Request, Response, Status};
 
+use super::convert::{timestamp as timestamp_from_proto, timestamp_to_proto};
 use super::{SharedState, audited, authorize, rejection};
 use crate::auth::{Principal, Role};
-use crate::consent::{self, Scope, timestamp_from_proto, timestamp_to_proto};
 use crate::domain::{ClientReference, FieldViolations};
 use crate::outcome::Outcome;
 use crate::proto::{self, consent_service_server::ConsentService};
@@ -77,8 +77,8 @@ async fn resolve_patient(
 fn event_to_proto(e: &EventView) -> proto::ConsentEvent {
     proto::ConsentEvent {
         id: e.id as u64,
-        scope: e.scope.to_proto() as i32,
-        state: e.decision.to_proto() as i32,
+        scope: crate::api::convert::scope_to_proto(e.scope),
+        state: crate::api::convert::decision_to_proto(e.decision),
         given_at: Some(timestamp_to_proto(e.given_at)),
         form_version: e.form_version.clone(),
         expires_at: e.expires_at.map(timestamp_to_proto),
@@ -98,12 +98,12 @@ fn status_to_proto(
             .iter()
             .map(|s| match &s.in_force {
                 None => proto::ScopeStatus {
-                    scope: s.scope.to_proto() as i32,
+                    scope: crate::api::convert::scope_to_proto(s.scope),
                     ..Default::default()
                 },
                 Some(e) => proto::ScopeStatus {
-                    scope: s.scope.to_proto() as i32,
-                    state: e.decision.to_proto() as i32,
+                    scope: crate::api::convert::scope_to_proto(s.scope),
+                    state: crate::api::convert::decision_to_proto(e.decision),
                     active: e.active,
                     given_at: Some(timestamp_to_proto(e.given_at)),
                     expires_at: e.expires_at.map(timestamp_to_proto),
@@ -147,10 +147,10 @@ async fn record_one(
         violations.push("decisions", "at least one decision is required");
         Vec::new()
     } else {
-        match consent::parse_attestation(&request.decisions, now) {
+        match crate::api::convert::attestation(&request.decisions, now) {
             Ok(d) => d,
             Err(v) => {
-                // parse_attestation names its items "consent[i]"; here they are decisions.
+                // convert::attestation names its items "consent[i]"; here they are decisions.
                 for item in v.iter() {
                     violations.push(
                         item.field.replacen("consent", "decisions", 1),
@@ -288,7 +288,7 @@ impl ConsentApi {
             violations.push("scopes", "at least one scope is required");
         }
         for (i, &value) in req.scopes.iter().enumerate() {
-            match Scope::from_proto(value) {
+            match crate::api::convert::scope(value) {
                 None => violations.push(
                     format!("scopes[{i}]"),
                     "must be REGISTRY_INCLUSION, RESEARCH_USE or RECONTACT",

@@ -2,8 +2,9 @@
 //! structure, mapped to `domain::RecordInput` (checked by `CaseRecord::validate`, the one
 //! place a record is checked) and back. The domain knows nothing of protobuf.
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 
+use crate::consent::{self, AttestationItem, ConsentDecision, Decision, Scope};
 use crate::domain::{
     CaseRecord, DomainError, FieldViolations, FindingInput, OnsetKind, PartialDate, PatientStatus,
     RecordInput, Sex,
@@ -144,6 +145,76 @@ pub fn case_record_to_proto(record: &CaseRecord) -> proto::CaseRecord {
             .collect(),
         hpo_terms: strings(&record.hpo_terms),
         icf_codes: strings(&record.icf_codes),
+    }
+}
+
+/// A consent scope from the wire; `_UNSPECIFIED` and unknown numbers are `None`.
+pub fn scope(value: i32) -> Option<Scope> {
+    match proto::ConsentScope::try_from(value).ok()? {
+        proto::ConsentScope::RegistryInclusion => Some(Scope::RegistryInclusion),
+        proto::ConsentScope::ResearchUse => Some(Scope::ResearchUse),
+        proto::ConsentScope::Recontact => Some(Scope::Recontact),
+        proto::ConsentScope::Unspecified => None,
+    }
+}
+
+pub fn scope_to_proto(scope: Scope) -> i32 {
+    (match scope {
+        Scope::RegistryInclusion => proto::ConsentScope::RegistryInclusion,
+        Scope::ResearchUse => proto::ConsentScope::ResearchUse,
+        Scope::Recontact => proto::ConsentScope::Recontact,
+    }) as i32
+}
+
+/// A consent state from the wire; `_UNSPECIFIED` and unknown numbers are `None`.
+pub fn decision(value: i32) -> Option<Decision> {
+    match proto::ConsentState::try_from(value).ok()? {
+        proto::ConsentState::Granted => Some(Decision::Granted),
+        proto::ConsentState::Refused => Some(Decision::Refused),
+        proto::ConsentState::Withdrawn => Some(Decision::Withdrawn),
+        proto::ConsentState::Unspecified => None,
+    }
+}
+
+pub fn decision_to_proto(decision: Decision) -> i32 {
+    (match decision {
+        Decision::Granted => proto::ConsentState::Granted,
+        Decision::Refused => proto::ConsentState::Refused,
+        Decision::Withdrawn => proto::ConsentState::Withdrawn,
+    }) as i32
+}
+
+/// Converts and checks the consent attested with a submission
+/// (`consent::check_attestation`).
+pub fn attestation(
+    items: &[proto::ScopeConsent],
+    now: DateTime<Utc>,
+) -> Result<Vec<ConsentDecision>, FieldViolations> {
+    let items: Vec<AttestationItem<'_>> = items
+        .iter()
+        .map(|item| AttestationItem {
+            scope: scope(item.scope),
+            decision: decision(item.state),
+            given_at: item.given_at.as_ref().map(timestamp),
+            form_version: &item.form_version,
+            expires_at: item.expires_at.as_ref().map(timestamp),
+        })
+        .collect();
+    consent::check_attestation(&items, now)
+}
+
+/// Converts a protobuf timestamp; `None` when out of chrono's range or malformed (nanos
+/// must be 0..=999,999,999, as protobuf defines them: chrono would otherwise read a larger
+/// value as a leap second).
+pub fn timestamp(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    DateTime::from_timestamp(t.seconds, nanos)
+}
+
+pub fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
     }
 }
 
@@ -293,5 +364,116 @@ mod tests {
                 prop_assert!(record.delay_days().is_none_or(|d| d >= 0));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod attestation_tests {
+    use super::*;
+    use crate::domain::MIN_YEAR;
+
+    fn t(days: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + days * 86_400, 0).unwrap()
+    }
+
+    fn item(scope: proto::ConsentScope, state: proto::ConsentState) -> proto::ScopeConsent {
+        crate::fixtures::consent_at(scope, state, t(0))
+    }
+
+    #[test]
+    fn attestation_rejects_withdrawal_future_dates_duplicates_and_reports_all() {
+        let mut future = item(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Granted,
+        );
+        future.given_at = Some(timestamp_to_proto(t(30)));
+        future.form_version = String::new();
+        let items = [
+            item(
+                proto::ConsentScope::RegistryInclusion,
+                proto::ConsentState::Withdrawn,
+            ),
+            future,
+            item(
+                proto::ConsentScope::RegistryInclusion,
+                proto::ConsentState::Granted,
+            ),
+        ];
+        let err = attestation(&items, t(1)).unwrap_err();
+        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
+        assert!(fields.contains(&"consent[0].state"), "{fields:?}");
+        assert!(fields.contains(&"consent[1].given_at"), "{fields:?}");
+        assert!(fields.contains(&"consent[1].form_version"), "{fields:?}");
+        assert!(fields.contains(&"consent[2].scope"), "{fields:?}");
+    }
+
+    #[test]
+    fn consent_dates_follow_the_rules_of_record_dates() {
+        let year = |y: i32| {
+            let at = chrono::NaiveDate::from_ymd_opt(y, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc();
+            Some(timestamp_to_proto(at))
+        };
+        let mut ancient = item(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+        );
+        ancient.given_at = year(1);
+        let mut far = item(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Granted,
+        );
+        far.expires_at = year(9000);
+        let err = attestation(&[ancient, far], t(1)).unwrap_err();
+        let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["consent[0].given_at", "consent[1].expires_at"]);
+        let mut oldest = item(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+        );
+        oldest.given_at = year(MIN_YEAR);
+        assert!(attestation(&[oldest], t(1)).is_ok());
+    }
+
+    #[test]
+    fn attestation_accepts_valid_decisions() {
+        let mut research = item(
+            proto::ConsentScope::ResearchUse,
+            proto::ConsentState::Refused,
+        );
+        research.expires_at = Some(timestamp_to_proto(t(400)));
+        let items = [
+            item(
+                proto::ConsentScope::RegistryInclusion,
+                proto::ConsentState::Granted,
+            ),
+            research,
+        ];
+        let parsed = attestation(&items, t(1)).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1].decision, Decision::Refused);
+        assert_eq!(parsed[1].expires_at, Some(t(400)));
+    }
+
+    #[test]
+    fn attestation_rejects_expiry_before_given() {
+        let mut i = item(
+            proto::ConsentScope::RegistryInclusion,
+            proto::ConsentState::Granted,
+        );
+        i.expires_at = Some(timestamp_to_proto(t(-1)));
+        let err = attestation(&[i], t(1)).unwrap_err();
+        assert_eq!(err.iter().next().unwrap().field, "consent[0].expires_at");
+    }
+
+    #[test]
+    fn timestamps_with_out_of_range_nanos_are_malformed() {
+        let t = |seconds, nanos| timestamp(&prost_types::Timestamp { seconds, nanos });
+        assert!(t(59, 999_999_999).is_some());
+        assert_eq!(t(59, 1_500_000_000), None);
+        assert_eq!(t(0, -1), None);
     }
 }

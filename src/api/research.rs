@@ -9,12 +9,12 @@ use std::collections::BTreeSet;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
+use super::convert::timestamp_to_proto;
 use super::{SharedState, audited, authenticate};
 use crate::aggregate::{
     CountTable, DELAY_BANDS, Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS,
     MAX_EXPERTISE_CODES, MAX_FILTER_VALUES, Quantiles,
 };
-use crate::consent::timestamp_to_proto;
 use crate::domain::{CountryCode, FieldViolations, ORPHA_UNDIAGNOSED, Orphacode};
 use crate::proto::{self, research_service_server::ResearchService};
 use crate::service::research::{self, ResearchAccess};

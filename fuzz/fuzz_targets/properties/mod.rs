@@ -25,8 +25,11 @@
 use std::sync::OnceLock;
 
 use ern_registry::aggregate::Dimension;
+use ern_registry::api::convert::{
+    attestation as parse_attestation, timestamp as timestamp_from_proto, timestamp_to_proto,
+};
 use ern_registry::auth::PresentedKey;
-use ern_registry::consent::{self, Scope, parse_attestation, timestamp_from_proto};
+use ern_registry::consent;
 use ern_registry::domain::{
     CentreCode, ClientReference, CountryCode, FieldViolations, HgncSymbol, HgvsVariant, HpoTerm,
     Icd10, Icd11, IcfCode, Omim, Orphacode, PartialDate, RegistryCode, YearMonth,
@@ -656,14 +659,19 @@ fn convert_withdrawal(req: &proto::WithdrawConsentRequest) -> FieldViolations {
     }
     let mut seen = Vec::new();
     for (i, &value) in req.scopes.iter().enumerate() {
-        match Scope::from_proto(value) {
+        match ern_registry::api::convert::scope(value) {
             None => v.push(
                 format!("scopes[{i}]"),
                 "must be REGISTRY_INCLUSION, RESEARCH_USE or RECONTACT",
             ),
             Some(s) if seen.contains(&s) => v.push(format!("scopes[{i}]"), "is a duplicate"),
             Some(s) => {
-                assert_eq!(Scope::from_proto(s.to_proto() as i32), Some(s));
+                assert_eq!(
+                    ern_registry::api::convert::scope(ern_registry::api::convert::scope_to_proto(
+                        s
+                    )),
+                    Some(s)
+                );
                 seen.push(s);
             }
         }
@@ -701,7 +709,7 @@ pub fn withdrawal(req: &proto::WithdrawConsentRequest) -> FieldViolations {
 /// A timestamp from the wire either is refused or survives the round trip.
 pub fn timestamp(t: &prost_types::Timestamp) {
     if let Some(at) = timestamp_from_proto(t) {
-        let back = consent::timestamp_to_proto(at);
+        let back = timestamp_to_proto(at);
         assert_eq!(
             timestamp_from_proto(&back),
             Some(at),
