@@ -77,7 +77,7 @@ fn bench_hmac() -> Figure {
         key_version: 1,
     };
     let identities: Vec<PatientIdentity> = (0..1000)
-        .map(|i| PatientIdentity::from_proto(&patient(i)).expect("valid"))
+        .map(|i| ern_registry::api::convert::patient_identity(&patient(i)).expect("valid"))
         .collect();
     let start = Instant::now();
     let mut n = 0u64;

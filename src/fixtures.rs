@@ -238,15 +238,14 @@ pub fn get_case(registry: &str, pseudonym: &str) -> proto::GetCaseRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pseudonym::PatientIdentity;
 
     /// The fixtures are what they promise: every consumer relies on them being valid.
     #[test]
     fn every_fixture_is_valid() {
         crate::api::convert::case_record(&record(), today()).expect("record");
-        PatientIdentity::from_proto(&national("NL", BSN)).expect("national");
-        PatientIdentity::from_proto(&national("NL", &bsn(7))).expect("derived BSN");
-        PatientIdentity::from_proto(&demographic(person())).expect("demographic");
+        crate::api::convert::patient_identity(&national("NL", BSN)).expect("national");
+        crate::api::convert::patient_identity(&national("NL", &bsn(7))).expect("derived BSN");
+        crate::api::convert::patient_identity(&demographic(person())).expect("demographic");
         crate::api::convert::attestation(&inclusion_granted(), now()).expect("consent");
     }
 }

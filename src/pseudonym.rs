@@ -28,7 +28,6 @@ use zeroize::Zeroizing;
 
 use crate::domain::{CountryCode, FieldViolations, MIN_YEAR, Sex};
 use crate::keys::MasterSecret;
-use crate::proto;
 
 /// Domain separation of the HMAC input.
 pub const ENCODING_TAG: &[u8] = b"ern-registry/pseudonym/v1";
@@ -211,20 +210,60 @@ fn text_field(v: &mut FieldViolations, field: &str, s: &str) -> Option<Zeroizing
     Some(n)
 }
 
+/// Identifiers as they arrive, before any check: borrowed from the request (which wipes
+/// itself when dropped), the sex at birth already mapped from its wire value.
+#[derive(Debug, Clone, Copy)]
+pub enum IdentifiersInput<'a> {
+    National(NationalInput<'a>),
+    Demographic(DemographicInput<'a>),
+}
+
+#[derive(Clone, Copy)]
+pub struct NationalInput<'a> {
+    pub issuing_country: &'a str,
+    pub value: &'a str,
+}
+
+#[derive(Clone, Copy)]
+pub struct DemographicInput<'a> {
+    pub given_names: &'a str,
+    pub family_name: &'a str,
+    pub date_of_birth: &'a str,
+    pub sex_at_birth: Result<Sex, crate::domain::DomainError>,
+    pub place_of_birth: &'a str,
+    pub country_of_birth: &'a str,
+}
+
+// Identifiers never print.
+impl fmt::Debug for NationalInput<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NationalInput")
+            .field("issuing_country", &self.issuing_country)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for DemographicInput<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DemographicInput").finish_non_exhaustive()
+    }
+}
+
 impl PatientIdentity {
-    /// Validates and normalises identifiers from the wire. Violations name the field
-    /// (`national.value`, `demographic.date_of_birth`) and never contain the value.
-    pub fn from_proto(p: &proto::PatientIdentifiers) -> Result<Self, FieldViolations> {
-        use proto::patient_identifiers::Kind;
+    /// Validates and normalises identifiers as they arrive (`api::convert::patient_identity`
+    /// builds the input from the wire). Violations name the field (`national.value`,
+    /// `demographic.date_of_birth`) and never contain the value.
+    pub fn parse(input: Option<IdentifiersInput<'_>>) -> Result<Self, FieldViolations> {
         let mut v = FieldViolations::new();
-        match &p.kind {
+        match input {
             None => {
                 v.push("kind", "national or demographic identifiers are required");
                 Err(v)
             }
-            Some(Kind::National(n)) => {
-                let issuer = issuer(&mut v, "national.issuing_country", &n.issuing_country);
-                let value = bounded(&mut v, "national.value", &n.value).and_then(|raw| {
+            Some(IdentifiersInput::National(n)) => {
+                let issuer = issuer(&mut v, "national.issuing_country", n.issuing_country);
+                let value = bounded(&mut v, "national.value", n.value).and_then(|raw| {
                     let compact: Zeroizing<String> = Zeroizing::new(
                         raw.chars()
                             .filter(|c| !matches!(c, ' ' | '.' | '-'))
@@ -267,10 +306,10 @@ impl PatientIdentity {
                     value: value.expect("no violations"),
                 })
             }
-            Some(Kind::Demographic(d)) => {
-                let given_names = text_field(&mut v, "demographic.given_names", &d.given_names);
-                let family_name = text_field(&mut v, "demographic.family_name", &d.family_name);
-                let date_of_birth = bounded(&mut v, "demographic.date_of_birth", &d.date_of_birth).and_then(|s| {
+            Some(IdentifiersInput::Demographic(d)) => {
+                let given_names = text_field(&mut v, "demographic.given_names", d.given_names);
+                let family_name = text_field(&mut v, "demographic.family_name", d.family_name);
+                let date_of_birth = bounded(&mut v, "demographic.date_of_birth", d.date_of_birth).and_then(|s| {
                     let ok = s.len() == 10
                         && NaiveDate::parse_from_str(s, "%Y-%m-%d")
                             .is_ok_and(|date| date.format("%Y-%m-%d").to_string() == s && date.year_ok());
@@ -281,14 +320,11 @@ impl PatientIdentity {
                         None
                     }
                 });
-                let sex = v.check(
-                    "demographic.sex_at_birth",
-                    crate::api::convert::sex(d.sex_at_birth),
-                );
+                let sex = v.check("demographic.sex_at_birth", d.sex_at_birth);
                 let place_of_birth =
-                    text_field(&mut v, "demographic.place_of_birth", &d.place_of_birth);
+                    text_field(&mut v, "demographic.place_of_birth", d.place_of_birth);
                 let country_of_birth =
-                    country(&mut v, "demographic.country_of_birth", &d.country_of_birth);
+                    country(&mut v, "demographic.country_of_birth", d.country_of_birth);
                 v.into_result()?;
                 Ok(PatientIdentity::Demographic {
                     given_names: given_names.expect("no violations"),
@@ -577,6 +613,7 @@ impl fmt::Display for Pseudonym {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto;
     use proptest::prelude::*;
 
     fn master() -> MasterSecret {
@@ -608,7 +645,7 @@ mod tests {
     }
 
     fn derive(p: &proto::PatientIdentifiers, code: &str, seq: u16, version: u16) -> String {
-        let identity = PatientIdentity::from_proto(p).unwrap();
+        let identity = crate::api::convert::patient_identity(p).unwrap();
         Pseudonymiser::new(&master())
             .derive(
                 RegistryRef {
@@ -666,22 +703,28 @@ mod tests {
         let a = derive(&national("NL", "1234.56.782"), "ERN-EYE", 9, 1);
         let b = derive(&national("nl", " 123-456-782 "), "ERN-EYE", 9, 1);
         assert_eq!(a, b);
-        let err = PatientIdentity::from_proto(&national("NL", "123456781")).unwrap_err();
+        let err = crate::api::convert::patient_identity(&national("NL", "123456781")).unwrap_err();
         assert_eq!(
             err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
             ["national.value"]
         );
         assert!(err.iter().all(|v| !v.description.contains("123456781")));
-        assert!(PatientIdentity::from_proto(&national("DE", "123456781")).is_ok());
-        let err = PatientIdentity::from_proto(&national("XX", &"9".repeat(200))).unwrap_err();
+        assert!(crate::api::convert::patient_identity(&national("DE", "123456781")).is_ok());
+        let err =
+            crate::api::convert::patient_identity(&national("XX", &"9".repeat(200))).unwrap_err();
         assert_eq!(err.len(), 2);
     }
 
     #[test]
     fn demographic_fields_are_all_checked() {
-        let err =
-            PatientIdentity::from_proto(&demographic("", "--", "2015-02-30", "Gent", "Belgium"))
-                .unwrap_err();
+        let err = crate::api::convert::patient_identity(&demographic(
+            "",
+            "--",
+            "2015-02-30",
+            "Gent",
+            "Belgium",
+        ))
+        .unwrap_err();
         let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -693,9 +736,13 @@ mod tests {
             ]
         );
         assert!(
-            PatientIdentity::from_proto(&demographic("a", "b", "2999-01-01", "c", "BE")).is_err()
+            crate::api::convert::patient_identity(&demographic("a", "b", "2999-01-01", "c", "BE"))
+                .is_err()
         );
-        assert!(PatientIdentity::from_proto(&proto::PatientIdentifiers { kind: None }).is_err());
+        assert!(
+            crate::api::convert::patient_identity(&proto::PatientIdentifiers { kind: None })
+                .is_err()
+        );
     }
 
     #[test]
@@ -719,12 +766,22 @@ mod tests {
     #[test]
     fn encoding_is_unambiguous() {
         // Shifting characters between fields must change the encoding.
-        let a =
-            PatientIdentity::from_proto(&demographic("anne", "marie", "2015-06-02", "gent", "BE"))
-                .unwrap();
-        let b =
-            PatientIdentity::from_proto(&demographic("annem", "arie", "2015-06-02", "gent", "BE"))
-                .unwrap();
+        let a = crate::api::convert::patient_identity(&demographic(
+            "anne",
+            "marie",
+            "2015-06-02",
+            "gent",
+            "BE",
+        ))
+        .unwrap();
+        let b = crate::api::convert::patient_identity(&demographic(
+            "annem",
+            "arie",
+            "2015-06-02",
+            "gent",
+            "BE",
+        ))
+        .unwrap();
         assert_ne!(*a.encode(), *b.encode());
         assert_eq!(format!("{a:?}"), "PatientIdentity::Demographic(..)");
     }
@@ -796,10 +853,11 @@ mod tests {
 
     #[test]
     fn synthetic_identifiers_have_their_own_issuer_and_format() {
-        let synthetic = PatientIdentity::from_proto(&national("XT", "SYN000000042")).unwrap();
+        let synthetic =
+            crate::api::convert::patient_identity(&national("XT", "SYN000000042")).unwrap();
         assert!(synthetic.is_synthetic());
         assert!(
-            !PatientIdentity::from_proto(&national("NL", "123456782"))
+            !crate::api::convert::patient_identity(&national("NL", "123456782"))
                 .unwrap()
                 .is_synthetic()
         );
@@ -820,7 +878,7 @@ mod tests {
             "XYZ000000042",
             "123456782",
         ] {
-            let err = PatientIdentity::from_proto(&national("XT", bad)).unwrap_err();
+            let err = crate::api::convert::patient_identity(&national("XT", bad)).unwrap_err();
             assert_eq!(
                 err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
                 ["national.value"],
@@ -829,7 +887,8 @@ mod tests {
         }
         // No other user-assigned code is an issuer, and XT is no country of birth.
         for code in ["XX", "ZZ", "XK", "XI", "AA", "QM", "XS"] {
-            let err = PatientIdentity::from_proto(&national(code, "SYN000000042")).unwrap_err();
+            let err =
+                crate::api::convert::patient_identity(&national(code, "SYN000000042")).unwrap_err();
             assert_eq!(
                 err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
                 ["national.issuing_country"],
@@ -837,7 +896,8 @@ mod tests {
             );
         }
         assert!(
-            PatientIdentity::from_proto(&demographic("a", "b", "2015-01-01", "c", "XT")).is_err()
+            crate::api::convert::patient_identity(&demographic("a", "b", "2015-01-01", "c", "XT"))
+                .is_err()
         );
     }
 

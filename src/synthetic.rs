@@ -27,9 +27,7 @@ use crate::audit::Entry;
 use crate::auth::Role;
 use crate::consent::{ConsentDecision, Decision};
 use crate::proto;
-use crate::pseudonym::{
-    PatientIdentity, Pseudonymiser, SYNTHETIC_DIGITS, SYNTHETIC_ISSUER, SYNTHETIC_PREFIX,
-};
+use crate::pseudonym::{Pseudonymiser, SYNTHETIC_DIGITS, SYNTHETIC_ISSUER, SYNTHETIC_PREFIX};
 use crate::store::writer::{Command, SubmitCase, WriteError, Writer};
 use crate::store::{Store, StoreError, cases};
 
@@ -429,8 +427,8 @@ pub async fn populate(
     let mut written = 0u64;
     for n in first..first + patients {
         let p = generator.patient(n);
-        let identity =
-            PatientIdentity::from_proto(&p.identifiers).expect("valid synthetic identifier");
+        let identity = crate::api::convert::patient_identity(&p.identifiers)
+            .expect("valid synthetic identifier");
         // The registry's rule, as `service::Services::derive_pseudonym` applies it.
         let candidates = pseudonymiser.candidates(registry.key_ref()?, &identity);
         let known = store
@@ -514,7 +512,7 @@ mod tests {
         let mut values = std::collections::BTreeSet::new();
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.record, y.record);
-            let identity = PatientIdentity::from_proto(&x.identifiers).unwrap();
+            let identity = crate::api::convert::patient_identity(&x.identifiers).unwrap();
             assert!(identity.is_synthetic());
             let Some(proto::patient_identifiers::Kind::National(id)) = &x.identifiers.kind else {
                 panic!("national identifier expected");
@@ -535,7 +533,9 @@ mod tests {
                 )),
             };
             assert!(
-                PatientIdentity::from_proto(&ids).unwrap().is_synthetic(),
+                crate::api::convert::patient_identity(&ids)
+                    .unwrap()
+                    .is_synthetic(),
                 "{n}"
             );
         }

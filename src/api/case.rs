@@ -22,7 +22,6 @@ use crate::auth::{PresentedKey, Principal, Role};
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::outcome::Outcome;
 use crate::proto::{self, case_service_server::CaseService};
-use crate::pseudonym::PatientIdentity;
 use crate::ratelimit::{Limit, RateLimited};
 use crate::service::{Call, ServiceError, cases, parse_pseudonym};
 
@@ -87,7 +86,7 @@ async fn submit_one(
             violations.push("patient", "is required");
             None
         }
-        Some(p) => match PatientIdentity::from_proto(p) {
+        Some(p) => match crate::api::convert::patient_identity(p) {
             Ok(identity) => Some(identity),
             Err(v) => {
                 violations.extend(v.nest("patient"));

@@ -13,7 +13,7 @@ use crate::auth::{Principal, Role};
 use crate::domain::{ClientReference, FieldViolations};
 use crate::outcome::Outcome;
 use crate::proto::{self, consent_service_server::ConsentService};
-use crate::pseudonym::{PatientIdentity, Pseudonym};
+use crate::pseudonym::Pseudonym;
 use crate::service::consent::{
     self as consent_service, ConsentAccess, ConsentView, EventView, Receipt, ScopeStatus,
 };
@@ -58,7 +58,7 @@ async fn resolve_patient(
                 Err(e) => Err(e),
             };
         }
-        Some(Kind::Identifiers(ids)) => PatientIdentity::from_proto(ids),
+        Some(Kind::Identifiers(ids)) => crate::api::convert::patient_identity(ids),
     };
     // Parsed (and normalised into `identity`, itself wiped on drop): the identifiers of
     // the request are overwritten here.

@@ -10,6 +10,7 @@ use crate::domain::{
     RecordInput, Sex,
 };
 use crate::proto;
+use crate::pseudonym::{DemographicInput, IdentifiersInput, NationalInput, PatientIdentity};
 
 /// A `proto::Sex` value; `_UNSPECIFIED` and unknown numbers are refused.
 pub fn sex(value: i32) -> Result<Sex, DomainError> {
@@ -146,6 +147,26 @@ pub fn case_record_to_proto(record: &CaseRecord) -> proto::CaseRecord {
         hpo_terms: strings(&record.hpo_terms),
         icf_codes: strings(&record.icf_codes),
     }
+}
+
+/// Converts, checks and normalises a patient's identifiers from the wire
+/// (`PatientIdentity::parse`).
+pub fn patient_identity(p: &proto::PatientIdentifiers) -> Result<PatientIdentity, FieldViolations> {
+    use proto::patient_identifiers::Kind;
+    PatientIdentity::parse(p.kind.as_ref().map(|kind| match kind {
+        Kind::National(n) => IdentifiersInput::National(NationalInput {
+            issuing_country: &n.issuing_country,
+            value: &n.value,
+        }),
+        Kind::Demographic(d) => IdentifiersInput::Demographic(DemographicInput {
+            given_names: &d.given_names,
+            family_name: &d.family_name,
+            date_of_birth: &d.date_of_birth,
+            sex_at_birth: sex(d.sex_at_birth),
+            place_of_birth: &d.place_of_birth,
+            country_of_birth: &d.country_of_birth,
+        }),
+    }))
 }
 
 /// A consent scope from the wire; `_UNSPECIFIED` and unknown numbers are `None`.

@@ -12,7 +12,7 @@
 use ern_registry::auth::Role;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
-use ern_registry::pseudonym::{PatientIdentity, Pseudonymiser, RegistryRef};
+use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -72,7 +72,8 @@ fn assert_all_alike<T: std::fmt::Debug + PartialEq>(what: &str, seen: &[(&str, T
 async fn pseudonym_of(app: &TestApp, registry: &str, seed: u32) -> String {
     let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
     let registry = app.store.registry_by_code(registry).await.unwrap().unwrap();
-    let identity = PatientIdentity::from_proto(&national("NL", &bsn(seed))).unwrap();
+    let identity =
+        ern_registry::api::convert::patient_identity(&national("NL", &bsn(seed))).unwrap();
     Pseudonymiser::new(&master)
         .derive(
             RegistryRef {

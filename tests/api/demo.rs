@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use ern_registry::audit::AuditKey;
 use ern_registry::keys::MasterSecret;
-use ern_registry::pseudonym::{PatientIdentity, Pseudonymiser, SYNTHETIC_ISSUER};
+use ern_registry::pseudonym::{Pseudonymiser, SYNTHETIC_ISSUER};
 use ern_registry::store::writer::Writer;
 use ern_registry::synthetic::{self, CENTRES, GENERATOR_PRINCIPAL, Generator, SyntheticError};
 use sqlx::Row;
@@ -219,7 +219,7 @@ async fn the_registry_derivation_keeps_known_patients_and_demo_follows_key_rotat
         .unwrap();
     let pseudonymiser = Pseudonymiser::new(&master(&app));
     let derive = async |n: u32| {
-        let identity = PatientIdentity::from_proto(&synthetic(n)).unwrap();
+        let identity = ern_registry::api::convert::patient_identity(&synthetic(n)).unwrap();
         let candidates = pseudonymiser.candidates(lung.key_ref().unwrap(), &identity);
         let known = app
             .store

@@ -40,7 +40,7 @@ use ern_registry::audit::AuditKey;
 use ern_registry::auth::{self, KeyHasher};
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto;
-use ern_registry::pseudonym::{PatientIdentity, Pseudonymiser, RegistryRef};
+use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
 use ern_registry::store::{Backend, Store};
 use ring::rand::SystemRandom;
 use ring::{hkdf, hmac};
@@ -1274,7 +1274,8 @@ async fn write_legacy(pool: &AnyPool, master: &MasterSecret, version: i64) -> Le
     // The patients' pseudonyms, derived as the service derives them.
     let pseudonymiser = Pseudonymiser::new(master);
     let pseudonym = |seed: u32| {
-        let identity = PatientIdentity::from_proto(&national("NL", &bsn(seed))).unwrap();
+        let identity =
+            ern_registry::api::convert::patient_identity(&national("NL", &bsn(seed))).unwrap();
         let registry = RegistryRef {
             seq: registry as u16,
             code: REGISTRY,

@@ -36,7 +36,7 @@ use ern_registry::domain::{
 };
 use ern_registry::fixtures::{self, now, today};
 use ern_registry::proto;
-use ern_registry::pseudonym::{PatientIdentity, Pseudonym, check_bsn, normalise_text};
+use ern_registry::pseudonym::{Pseudonym, check_bsn, normalise_text};
 
 /// Shortest identifier (in characters) the leak check looks for; shorter strings occur
 /// in any English sentence.
@@ -439,7 +439,7 @@ pub fn template_corpus() -> &'static str {
             demographic("-", "2999-01-01", 1, "NL"),
         ];
         for p in &probes {
-            if let Err(v) = PatientIdentity::from_proto(p) {
+            if let Err(v) = ern_registry::api::convert::patient_identity(p) {
                 add(v);
             }
         }
@@ -499,7 +499,7 @@ pub fn convert_submission(req: &proto::SubmitCaseRequest) -> FieldViolations {
     let mut v = FieldViolations::new();
     match req.patient.as_ref() {
         None => v.push("patient", "is required"),
-        Some(p) => match PatientIdentity::from_proto(p) {
+        Some(p) => match ern_registry::api::convert::patient_identity(p) {
             Ok(identity) => {
                 assert!(!identity.encode().is_empty());
                 let shown = format!("{identity:?}");
@@ -592,7 +592,7 @@ fn convert_patient_ref(patient: Option<&proto::PatientRef>, v: &mut FieldViolati
             }
         }
         Some(Kind::Identifiers(ids)) => {
-            if let Err(e) = PatientIdentity::from_proto(ids) {
+            if let Err(e) = ern_registry::api::convert::patient_identity(ids) {
                 v.extend(e.nest("patient.identifiers"));
             }
         }
