@@ -6,7 +6,7 @@
 //! Every record is built as a client would send it and validated by the same code as a
 //! submission (`api::convert::case_record`); every patient gets a synthetic national
 //! identifier ([`identifier`]), validated and pseudonymised by the same code as a real one
-//! (`PatientIdentity::from_proto`, [`Pseudonymiser::candidates`]); records are
+//! (`api::convert::patient_identity`, [`Pseudonymiser::candidates`]); records are
 //! written through the [`Writer`], so consent and research tables are maintained exactly
 //! as in service.
 //!

@@ -1,7 +1,7 @@
 //! Arbitrary bytes as a `SubmitCaseRequest`: decoded on their own, and merged into a
 //! valid request (protobuf merge overwrites scalars and appends to lists, so this gives
 //! "near-valid" requests that reach the deeper rules). The request then goes through the
-//! conversions of a submission: `PatientIdentity::from_proto`, `api::convert::case_record`
+//! conversions of a submission: `api::convert::patient_identity`, `api::convert::case_record`
 //! (fixed today), `parse_attestation` and `ClientReference::parse`.
 
 #![no_main]
