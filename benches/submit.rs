@@ -28,7 +28,7 @@ use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, case_service_client::CaseServiceClient};
 use ern_registry::pseudonym::{PatientIdentity, Pseudonymiser, RegistryRef};
 use ern_registry::startup::Application;
-use ern_registry::store::cases;
+use ern_registry::store::{cases, writer_sql};
 use ring::rand::SystemRandom;
 use secrecy::ExposeSecret;
 use sqlx::Connection;
@@ -152,7 +152,7 @@ async fn bench_raw_insert(app: &Application) -> Figure {
     while start.elapsed().as_secs_f64() < seconds() {
         let mut tx = conn.begin().await.expect("begin");
         for _ in 0..512 {
-            cases::insert_case(
+            writer_sql::insert_case(
                 &mut tx,
                 12,
                 &format!("RAW-{n}"),

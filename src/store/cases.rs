@@ -93,7 +93,7 @@ pub async fn load_consent(
 }
 
 /// Appends one decision to the patient's consent history; returns its id.
-pub async fn append_consent(
+pub(crate) async fn append_consent(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -127,7 +127,7 @@ pub async fn append_consent(
 
 /// Sets the research eligibility of the patient's research row (if it has one): what
 /// the consent rules make of the decisions in force (`store::writer::ConsentRules`).
-pub async fn set_eligibility(
+pub(crate) async fn set_eligibility(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -159,7 +159,7 @@ pub struct Representative<'a> {
 }
 
 /// Makes `r` (just written) what represents the patient in research counts.
-pub async fn set_representative(
+pub(crate) async fn set_representative(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -208,7 +208,7 @@ pub async fn set_representative(
 }
 
 /// The case of `centre_id` for this patient: (case id, current version).
-pub async fn find_case(
+pub(crate) async fn find_case(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -225,7 +225,7 @@ pub async fn find_case(
     row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
-pub async fn insert_case(
+pub(crate) async fn insert_case(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -250,7 +250,7 @@ pub async fn insert_case(
 }
 
 /// Stores `row` as `version` of the case and makes it current.
-pub async fn insert_version(
+pub(crate) async fn insert_version(
     conn: &mut AnyConnection,
     case_id: i64,
     version: i64,

@@ -102,7 +102,7 @@ pub async fn history(
 }
 
 /// Whether any centre holds a record of this patient in the registry.
-pub async fn has_cases(
+pub(crate) async fn has_cases(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -117,7 +117,7 @@ pub async fn has_cases(
 
 /// Deletes every case of the patient in the registry with all versions and gene rows.
 /// Returns (cases, versions) erased.
-pub async fn erase_patient(
+pub(crate) async fn erase_patient(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,
@@ -166,7 +166,7 @@ pub struct Erasure {
 
 /// Inserts a tombstone; returns its id (the audit entry of the withdrawal covers it).
 #[allow(clippy::too_many_arguments)]
-pub async fn insert_erasure(
+pub(crate) async fn insert_erasure(
     conn: &mut AnyConnection,
     receipt_id: &str,
     registry_id: i64,

@@ -134,7 +134,7 @@ pub fn research_eligible(alias: &str, now: &str) -> String {
 /// Keeps `consent_current` in step with a decision just appended to the history as
 /// `event_id`: it becomes the scope's row unless the row on file supersedes it. Runs in the
 /// writer's transaction, with the append.
-pub async fn record_current(
+pub(crate) async fn record_current(
     conn: &mut AnyConnection,
     registry_id: i64,
     pseudonym: &str,

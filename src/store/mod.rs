@@ -10,6 +10,81 @@
 //! This module never sees a patient identifier: it stores pseudonyms, and it is the only
 //! module that speaks SQL.
 
+/// The writer's own statements, for tests and benches that must put rows on file exactly
+/// as the writer does (`tests/api/consent_model.rs`, the raw-insert baseline of
+/// `benches/submit.rs`). Compiled only with the `fixtures` feature: in a normal build these
+/// statements are `pub(crate)` and only `store::writer` calls them, inside its transaction.
+#[cfg(feature = "fixtures")]
+pub mod writer_sql {
+    use chrono::{DateTime, Utc};
+    use sqlx::AnyConnection;
+
+    use super::Result;
+    use super::cases::{CaseRow, Representative};
+    use crate::consent::{ConsentDecision, Source};
+
+    pub async fn insert_case(
+        conn: &mut AnyConnection,
+        registry_id: i64,
+        pseudonym: &str,
+        centre_id: i64,
+        principal_id: i64,
+        row: &CaseRow,
+        now: DateTime<Utc>,
+    ) -> Result<i64> {
+        super::cases::insert_case(
+            conn,
+            registry_id,
+            pseudonym,
+            centre_id,
+            principal_id,
+            row,
+            now,
+        )
+        .await
+    }
+
+    pub async fn append_consent(
+        conn: &mut AnyConnection,
+        registry_id: i64,
+        pseudonym: &str,
+        decision: &ConsentDecision,
+        principal_id: i64,
+        source: Source,
+        now: DateTime<Utc>,
+    ) -> Result<i64> {
+        super::cases::append_consent(
+            conn,
+            registry_id,
+            pseudonym,
+            decision,
+            principal_id,
+            source,
+            now,
+        )
+        .await
+    }
+
+    pub async fn set_representative(
+        conn: &mut AnyConnection,
+        registry_id: i64,
+        pseudonym: &str,
+        representative: Representative<'_>,
+    ) -> Result<()> {
+        super::cases::set_representative(conn, registry_id, pseudonym, representative).await
+    }
+
+    pub async fn set_eligibility(
+        conn: &mut AnyConnection,
+        registry_id: i64,
+        pseudonym: &str,
+        eligible: bool,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        super::cases::set_eligibility(conn, registry_id, pseudonym, eligible, until).await
+    }
+}
+
 pub mod admin;
 pub mod audit;
 pub mod cases;

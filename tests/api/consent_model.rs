@@ -25,7 +25,7 @@ use ern_registry::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope
 use ern_registry::service::consent::RegistryConsentRules;
 use ern_registry::store::cases::{self, CaseRow, Representative};
 use ern_registry::store::writer::ConsentRules;
-use ern_registry::store::{Store, consent_model, millis};
+use ern_registry::store::{Store, consent_model, millis, writer_sql};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use sqlx::Row;
@@ -115,7 +115,7 @@ impl Model {
         };
         let recorded = DateTime::from_timestamp_millis(1_750_000_000_000).unwrap();
         let mut tx = self.store.pool().begin().await.unwrap();
-        let case_id = cases::insert_case(
+        let case_id = writer_sql::insert_case(
             &mut tx,
             self.registry_id,
             &pseudonym,
@@ -126,7 +126,7 @@ impl Model {
         )
         .await
         .unwrap();
-        cases::set_representative(
+        writer_sql::set_representative(
             &mut tx,
             self.registry_id,
             &pseudonym,
@@ -143,7 +143,7 @@ impl Model {
         .unwrap();
         let mut events = Vec::with_capacity(decisions.len());
         for d in decisions {
-            let id = cases::append_consent(
+            let id = writer_sql::append_consent(
                 &mut tx,
                 self.registry_id,
                 &pseudonym,
@@ -168,7 +168,7 @@ impl Model {
             Some(latest) => RegistryConsentRules.research_eligibility(&events, latest),
             None => (false, None),
         };
-        cases::set_eligibility(&mut tx, self.registry_id, &pseudonym, eligible, until)
+        writer_sql::set_eligibility(&mut tx, self.registry_id, &pseudonym, eligible, until)
             .await
             .unwrap();
         tx.commit().await.unwrap();
