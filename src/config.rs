@@ -174,6 +174,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_PROTECTION_BUDGET_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(10..=120_000))]
     pub protection_budget_ms: u64,
+    /// Answer research queries from the in-memory research index, loaded from the
+    /// database at start and kept in step with every commit (of every instance); false:
+    /// from SQL scans of the database (slower, the reference implementation).
+    #[arg(long, env = "ERN_RESEARCH_INDEX", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub research_index: bool,
     /// Research tables protected at once, each on a blocking thread off the async runtime;
     /// further queries wait for a worker within their budget.
     #[arg(long, env = "ERN_PROTECTION_WORKERS", default_value_t = 2,
@@ -304,6 +310,7 @@ impl Default for ServeArgs {
             research_queries_per_minute: 60,
             protection_budget_ms: 5_000,
             protection_workers: 2,
+            research_index: true,
             derivations_per_minute: 1200,
             refusals_per_peer_per_minute: 300,
             refusal_summary_secs: 60,

@@ -36,6 +36,7 @@ use crate::ratelimit::{CallGate, PrincipalLimiter};
 use crate::refusals::{Flusher, Refusals};
 use crate::service::Services;
 use crate::service::consent::RegistryConsentRules;
+use crate::service::research::ResearchIndex;
 use crate::store::writer::Writer;
 use crate::store::{Backend, Store, StoreError};
 
@@ -482,12 +483,19 @@ impl Application {
         };
         let audit_key = Arc::new(AuditKey::derive(&master));
         let writer_tasks = Arc::downgrade(&audit_key);
-        let writer = Writer::start(
+        let research_index = if args.research_index {
+            Some(ResearchIndex::load(&store).await?)
+        } else {
+            info!("research index off: research queries scan the database");
+            None
+        };
+        let writer = Writer::start_with(
             store.clone(),
             writers,
             args.max_batch,
             audit_key,
             Arc::new(RegistryConsentRules),
+            research_index.as_ref().map(ResearchIndex::after_commit),
         );
         let state = Arc::new(Services {
             verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master))),
@@ -509,6 +517,7 @@ impl Application {
             ),
             database: DatabaseWatch::new(database_url),
             clock,
+            research_index,
             store,
             writer,
         });

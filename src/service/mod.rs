@@ -55,6 +55,8 @@ pub struct Services {
     pub max_stream_invalid_items: u32,
     /// Where research tables are protected: off the async runtime, bounded, with a deadline.
     pub protection: research::ProtectionPool,
+    /// The in-memory research index; `None`: research queries scan the database.
+    pub research_index: Option<research::ResearchIndex>,
     /// Whether the database answers (probed every second; see `crate::health`).
     pub database: crate::health::DatabaseWatch,
     /// The clock of every decision (`crate::clock`).

@@ -3,22 +3,103 @@
 //!
 //! Who may ask what, the rate of questions, and that no table leaves before
 //! `aggregate::suppress` has proven it safe against the registry's rules: all here. The
-//! database counts (`store::research`), `aggregate` assembles and protects; nothing here
-//! ever sees a row or a pseudonym.
+//! counting is done by the in-memory research index ([`ResearchIndex`], private module
+//! `index`: columns of codes per registry, kept in step with every commit of every
+//! instance) or, when the server runs without it (`--research-index=false`), by the
+//! database (`store::research`, the reference the index is tested against); `aggregate`
+//! assembles and protects. Nothing here ever sees a row or a pseudonym.
 
+mod index;
+#[cfg(test)]
+mod index_tests;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Call, ServiceError, Services};
 use crate::aggregate::suppress::Rules;
 use crate::aggregate::{self, CountTable, DelayTable, Dimension, Filter, QueryError, TableBuilder};
 use crate::auth::{AuthError, Principal, Role};
 use crate::domain::{FieldViolations, RegistryCode};
-use crate::store::research::{ResearchError, Selection};
-use crate::store::{Registry, StoreError};
+use crate::store::research::{ExpertiseRow, ResearchError, Selection};
+use crate::store::writer::AfterCommit;
+use crate::store::{Registry, Store, StoreError};
+
+/// The research index, as the rest of the service sees it: built at start-up, told of
+/// the writer's commits, and otherwise reachable only by the use cases of this module.
+pub struct ResearchIndex {
+    index: Arc<index::Index>,
+}
+
+impl ResearchIndex {
+    /// Gives a slot to research rows without one, then loads the index from the database;
+    /// logs how long it took and how much memory it holds (also as metrics).
+    pub async fn load(store: &Store) -> Result<ResearchIndex, StoreError> {
+        let started = Instant::now();
+        let numbered = crate::store::research_index::number_unnumbered(store).await?;
+        if numbered > 0 {
+            warn!(
+                rows = numbered,
+                "research rows without a slot were given one"
+            );
+        }
+        let index = index::Index::load(store).await?;
+        let size = index.size();
+        let seconds = started.elapsed().as_secs_f64();
+        metrics::gauge!("ern_research_index_load_seconds").set(seconds);
+        metrics::gauge!("ern_research_index_patients").set(size.patients as f64);
+        metrics::gauge!("ern_research_index_bytes").set(size.bytes as f64);
+        info!(
+            patients = size.patients,
+            bytes = size.bytes,
+            bytes_per_patient = size.bytes / size.patients.max(1),
+            seconds,
+            "research index loaded"
+        );
+        Ok(ResearchIndex {
+            index: Arc::new(index),
+        })
+    }
+
+    /// What the writer calls after each commit, before it answers: the index catches up.
+    pub fn after_commit(&self) -> Arc<dyn AfterCommit> {
+        Arc::new(CatchUp(Arc::clone(&self.index)))
+    }
+
+    /// Catches up, then runs `query` on the index off the async runtime.
+    async fn query<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&index::Index) -> Result<T, ResearchError> + Send + 'static,
+    ) -> Result<T, ResearchError> {
+        self.index.catch_up().await?;
+        let index = Arc::clone(&self.index);
+        tokio::task::spawn_blocking(move || query(&index))
+            .await
+            .map_err(|_| {
+                ResearchError::Store(StoreError::Invalid(
+                    "a research index query panicked".into(),
+                ))
+            })?
+    }
+}
+
+struct CatchUp(Arc<index::Index>);
+
+impl AfterCommit for CatchUp {
+    fn after_commit(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Err(e) = self.0.catch_up().await {
+                // Queries catch up before they answer: they will apply it, or fail.
+                warn!(error = %e, "research index: catching up after a commit failed");
+            }
+        })
+    }
+}
 
 /// Where research tables are protected: a bounded pool of blocking threads, so that one
 /// large table cannot stall other calls on the async runtime, and a deadline per query.
@@ -156,11 +237,20 @@ pub async fn count_patients(
         filters,
         now: services.clock.now(),
     };
-    let mut builder = TableBuilder::new();
-    services
-        .store
-        .count_patients(&selection, &mut builder)
-        .await?;
+    let builder = match &services.research_index {
+        Some(index) => {
+            let sel = selection.clone();
+            index.query(move |i| i.count(&sel)).await?
+        }
+        None => {
+            let mut builder = TableBuilder::new();
+            services
+                .store
+                .count_patients(&selection, &mut builder)
+                .await?;
+            builder
+        }
+    };
     let rules = rules_of(&access.registry)?;
     let group_by = selection.group_by.clone();
     let table = services
@@ -199,7 +289,13 @@ pub async fn diagnostic_delay(
         now: services.clock.now(),
     };
     let rules = rules_of(&access.registry)?;
-    let builder = services.store.diagnostic_delay(&selection).await?;
+    let builder = match &services.research_index {
+        Some(index) => {
+            let sel = selection.clone();
+            index.query(move |i| i.diagnostic_delay(&sel)).await?
+        }
+        None => services.store.diagnostic_delay(&selection).await?,
+    };
     let table = services
         .protection
         .run(move |deadline| builder.finish(rules, deadline))
@@ -295,10 +391,21 @@ pub async fn find_expertise(
 ) -> Result<(Vec<ExpertiseCentre>, DateTime<Utc>), ServiceError> {
     let now = services.clock.now();
     let ids: Vec<i64> = registries.iter().map(|r| r.id).collect();
-    let rows = services
-        .store
-        .expertise(orphacodes, &ids, countries, now)
-        .await?;
+    let rows: Vec<ExpertiseRow> = match &services.research_index {
+        Some(index) => {
+            let (codes, countries) = (orphacodes.to_vec(), countries.to_vec());
+            let at = now.timestamp_millis();
+            index
+                .query(move |i| Ok(i.expertise(&codes, &ids, &countries, at)))
+                .await?
+        }
+        None => {
+            services
+                .store
+                .expertise(orphacodes, &ids, countries, now)
+                .await?
+        }
+    };
     let mut centres: Vec<ExpertiseCentre> = rows
         .into_iter()
         .filter_map(|row| {

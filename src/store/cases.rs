@@ -174,19 +174,25 @@ pub(crate) async fn set_representative(
         eligible_until,
     } = r;
     let until = eligible_until.map(millis);
+    // The genes of the version too (as in `case_genes`): the research index reads them
+    // with the row.
+    let mut genes: Vec<&str> = row.genes.iter().map(String::as_str).collect();
+    genes.sort_unstable();
+    genes.dedup();
     sqlx::query(
         "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                orphacode, sex, status, diagnosis_year, onset_age_days, \
-                               diagnosis_age_days, delay_days, eligible, eligible_until) \
+                               diagnosis_age_days, delay_days, eligible, eligible_until, genes) \
          VALUES ($1, $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14) \
+                 $9, $10, $11, $12, $13, $14, $15) \
          ON CONFLICT (registry_id, pseudonym) DO UPDATE \
          SET case_id = excluded.case_id, version = excluded.version, \
              centre_id = excluded.centre_id, country = excluded.country, \
              orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
              diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
              diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
-             eligible = excluded.eligible, eligible_until = excluded.eligible_until",
+             eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
+             genes = excluded.genes",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -202,6 +208,7 @@ pub(crate) async fn set_representative(
     .bind(row.delay_days)
     .bind(i64::from(eligible))
     .bind(until)
+    .bind(genes.join(" "))
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -93,6 +93,7 @@ pub mod consent_model;
 pub mod master;
 pub mod purge;
 pub mod research;
+pub mod research_index;
 pub mod writer;
 
 use std::collections::BTreeSet;

@@ -70,7 +70,7 @@ fn expression(dim: Dimension) -> String {
 }
 
 /// `CASE` mapping an age in days to its band index (NULL when unknown).
-fn age_band(column: &str) -> String {
+pub(super) fn age_band(column: &str) -> String {
     // Cast: PostgreSQL types integer literals as INT4, the rest of the schema is BIGINT.
     let mut sql = String::from("CAST((CASE");
     for i in (1..AGE_BANDS.len()).rev() {
@@ -221,10 +221,16 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
         } else {
             format!(" GROUP BY {}", group_by.join(", "))
         },
+        // Unknown (NULL) last on both databases, as `Key` orders: SQLite sorts NULL
+        // first, PostgreSQL last.
         order = if group_by.is_empty() {
             String::new()
         } else {
-            format!(" ORDER BY {}", group_by.join(", "))
+            let order: Vec<String> = group_by
+                .iter()
+                .map(|e| format!("({e}) IS NULL, {e}"))
+                .collect();
+            format!(" ORDER BY {}", order.join(", "))
         },
     );
     sql

@@ -29,10 +29,18 @@
 //! commit *and* a purge pass ([`super::purge`]): on SQLite a WAL checkpoint that takes the
 //! erased bytes out of every database file. The other commands of its batch are answered
 //! at the commit, as always.
+//!
+//! The in-memory research index of every instance follows the research rows through a
+//! change log (`super::research_index`): a transaction reads its patients' research slots
+//! before its commands and, as its last statements, numbers and logs the slots it changed
+//! under one counter's lock, so that the log's numbers commit in order. After the commit,
+//! before answering, the writer lets its own index catch up ([`AfterCommit`]).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -45,6 +53,7 @@ use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
 use super::millis;
 use super::purge::{self, Purger};
+use super::research_index;
 use super::{Backend, Store, StoreError};
 use crate::audit::{AuditKey, Entry};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source};
@@ -262,6 +271,15 @@ impl Answer {
     }
 }
 
+/// Told by the writer after every commit of a batch that wrote about patients, before any
+/// caller of the batch is answered: how the research index (`service::research`) applies
+/// the batch's changes (from the change log, `super::research_index`) in the same
+/// critical section as the commit. It cannot fail the batch: the commit is done, and
+/// every research query catches up with the log before it answers anyway.
+pub trait AfterCommit: Send + Sync {
+    fn after_commit(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
 /// Handle to the writer tasks; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
@@ -279,6 +297,18 @@ impl Writer {
         audit: Arc<AuditKey>,
         rules: Arc<dyn ConsentRules>,
     ) -> Writer {
+        Self::start_with(store, partitions, max_batch, audit, rules, None)
+    }
+
+    /// [`Writer::start`], telling `after_commit` of every commit before answering.
+    pub fn start_with(
+        store: Store,
+        partitions: usize,
+        max_batch: usize,
+        audit: Arc<AuditKey>,
+        rules: Arc<dyn ConsentRules>,
+        after_commit: Option<Arc<dyn AfterCommit>>,
+    ) -> Writer {
         let partitions = partitions.max(1);
         let max_batch = max_batch.max(1);
         let purger = Arc::new(Purger::new(store.clone()));
@@ -292,6 +322,7 @@ impl Writer {
                     audit.clone(),
                     rules.clone(),
                     purger.clone(),
+                    after_commit.clone(),
                 ));
                 tx
             })
@@ -343,6 +374,7 @@ async fn run(
     key: Arc<AuditKey>,
     rules: Arc<dyn ConsentRules>,
     purger: Arc<Purger>,
+    after_commit: Option<Arc<dyn AfterCommit>>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     loop {
@@ -364,7 +396,11 @@ async fn run(
             break;
         }
         let jobs = std::mem::take(&mut batch);
+        let about_patients = jobs.iter().any(|(c, _, _)| !matches!(c, Command::Audit));
         let answers = apply_jobs(&store, &key, rules.as_ref(), jobs).await;
+        if let (true, Some(hook)) = (about_patients, &after_commit) {
+            hook.after_commit().await;
+        }
         deliver(&purger, answers).await;
         purger.retry(false).await;
     }
@@ -518,6 +554,13 @@ async fn apply_in(
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
     lock_patients(tx, backend, commands).await?;
+    // Only a withdrawal deletes a research row (erasure), and with it the slot to log.
+    let erasable = commands
+        .iter()
+        .filter(|(c, _)| matches!(c, Command::Withdraw(_)))
+        .map(|(c, _)| c.patient())
+        .collect();
+    let research = research_index::slots_before(tx, &erasable).await?;
     let mut results = Vec::with_capacity(commands.len());
     let mut entries = Vec::new();
     for (command, audit) in commands {
@@ -562,7 +605,23 @@ async fn apply_in(
         }
     }
     audit_store::append(tx, key, &entries).await?;
+    let changed = patients_of(commands, &results);
+    research_index::log_changes(tx, &research, &changed).await?;
     Ok(results)
+}
+
+/// The patients of the commands that succeeded (a refused command writes nothing): the
+/// research rows the change log must name.
+fn patients_of<'a>(
+    commands: &[(&'a Command, Option<&Entry>)],
+    results: &[Result<Output, WriteError>],
+) -> BTreeSet<(i64, &'a str)> {
+    commands
+        .iter()
+        .zip(results)
+        .filter(|((c, _), r)| !matches!(c, Command::Audit) && r.is_ok())
+        .map(|((c, _), _)| c.patient())
+        .collect()
 }
 
 /// On PostgreSQL, makes this transaction wait for every other transaction, of any

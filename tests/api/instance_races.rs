@@ -57,6 +57,7 @@ async fn start(dir: &Path, url: &str, name: &str) -> Instance {
         // limit in the way.
         .args(["--max-calls-in-flight", "10000"])
         .args(["--derivations-per-minute", "1000000"])
+        .args(["--research-queries-per-minute", "100000"])
         .env("ERN_LOG", "warn")
         .env_remove("DATABASE_URL")
         .env_remove("ERN_MASTER_KEY_FILE")
@@ -288,5 +289,143 @@ async fn withdrawals_on_one_instance_race_writes_on_another() {
         stored_then_erased > 0 && refused > 0,
         "{stored_then_erased} stored, {refused} refused"
     );
+    drop((a, b));
+}
+
+/// Research queries on one instance, withdrawals and submissions on the other: a query
+/// counts every patient whose submission on B was answered before it started, and no
+/// patient whose withdrawal on B was answered before it started. Instance A learns of B's
+/// commits only through the change log (`store::research_index`): without its catch-up,
+/// A's index would never see them.
+#[tokio::test]
+async fn research_on_one_instance_sees_what_another_committed_before_it() {
+    let mut app = TestApp::spawn().await;
+    if app.is_sqlite() {
+        return; // One server per SQLite data dir: nothing to race across processes.
+    }
+    app.centre("NL-AMC", "NL", &[REGISTRY]).await;
+    let physician = app
+        .principal("dr-a", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let officer = app
+        .principal("co-eye", Role::ConsentOfficer, None, &[REGISTRY])
+        .await;
+    let researcher = app
+        .principal("res-eye", Role::Researcher, None, &[REGISTRY])
+        .await;
+    app.stop_server().await;
+    let dir = app.dir.path().to_path_buf();
+    let url = app.database_url.clone();
+    let a = start(&dir, &url, "research-a").await;
+    let b = start(&dir, &url, "research-b").await;
+    let (on_a, on_b) = (channel(&a).await.unwrap(), channel(&b).await.unwrap());
+    let physician = proto::case_service_client::CaseServiceClient::with_interceptor(
+        on_b.clone(),
+        bearer(&physician),
+    );
+    let officer = proto::consent_service_client::ConsentServiceClient::with_interceptor(
+        on_b.clone(),
+        bearer(&officer),
+    );
+    let research = proto::research_service_client::ResearchServiceClient::with_interceptor(
+        on_a.clone(),
+        bearer(&researcher),
+    );
+    let total = |mut research: proto::research_service_client::ResearchServiceClient<_>| async move {
+        let t = research
+            .count_patients(proto::CountPatientsRequest {
+                registry: REGISTRY.into(),
+                group_by: vec![],
+                filters: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        t.grand_total
+            .and_then(|c| c.count)
+            .expect("a total of at least k")
+    };
+
+    const NEW: u64 = 24;
+    const WITHDRAWN: u64 = 16;
+    let mut base = 0u64;
+    for round in 0..4u32 {
+        // B stores new patients; A counts every one of them from the next query on.
+        let mut pseudonyms = Vec::new();
+        for i in 0..NEW as u32 {
+            let seed = 40_000 + round * 100 + i;
+            pseudonyms.push(
+                physician
+                    .clone()
+                    .submit_case(submission(REGISTRY, national("NL", &bsn(seed))))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .pseudonym,
+            );
+        }
+        assert_eq!(
+            total(research.clone()).await,
+            base + NEW,
+            "A counts the patients B stored before the query"
+        );
+        // B withdraws (research use or inclusion) while A counts.
+        let mut withdrawals = Vec::new();
+        for (i, p) in pseudonyms.iter().take(WITHDRAWN as usize).enumerate() {
+            let (mut officer, p) = (officer.clone(), p.clone());
+            let scope = if i % 2 == 0 {
+                S::ResearchUse
+            } else {
+                S::RegistryInclusion
+            };
+            withdrawals.push(tokio::spawn(async move {
+                tokio::time::sleep(jitter(u64::from(round) * 100 + i as u64, 20_000)).await;
+                let started = Instant::now();
+                officer
+                    .withdraw_consent(withdrawal(REGISTRY, by_pseudonym(&p), &[scope]))
+                    .await
+                    .unwrap();
+                (started, Instant::now())
+            }));
+        }
+        let mut queries = Vec::new();
+        for n in 0..40u64 {
+            let research = research.clone();
+            queries.push(tokio::spawn(async move {
+                tokio::time::sleep(jitter(1_000 + u64::from(round) * 100 + n, 24_000)).await;
+                let started = Instant::now();
+                let count = total(research).await;
+                (started, count, Instant::now())
+            }));
+        }
+        let mut done = Vec::new();
+        for w in withdrawals {
+            done.push(w.await.unwrap());
+        }
+        for q in queries {
+            let (started, count, ended) = q.await.unwrap();
+            let answered_before = done.iter().filter(|(_, acked)| *acked < started).count() as u64;
+            let begun_before = done.iter().filter(|(begun, _)| *begun < ended).count() as u64;
+            assert!(
+                count <= base + NEW - answered_before,
+                "a query on A counted a patient whose withdrawal B had answered before it \
+                 started ({count} > {})",
+                base + NEW - answered_before
+            );
+            assert!(
+                count >= base + NEW - begun_before,
+                "a query on A missed a patient not yet withdrawn ({count} < {})",
+                base + NEW - begun_before
+            );
+        }
+        base += NEW - WITHDRAWN;
+        assert_eq!(total(research.clone()).await, base);
+    }
+    // B's own index, caught up with its own writes, agrees.
+    let on_b_research = proto::research_service_client::ResearchServiceClient::with_interceptor(
+        on_b.clone(),
+        bearer(&researcher),
+    );
+    assert_eq!(total(on_b_research).await, base);
     drop((a, b));
 }

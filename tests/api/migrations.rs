@@ -76,10 +76,13 @@ const DIALECT_ONLY: &[DialectOnly] = &[
             "column audit_log.seq generated",
             "column master_key.id generated",
             "column registries.id generated",
+            "column research_log.seq generated",
+            "column research_seq.id generated",
         ],
         why: "an INTEGER PRIMARY KEY is SQLite's rowid, which takes the next number when none \
               is given; PostgreSQL's BIGINT key (no identity) does not. The service always \
-              gives these: the registry's number, the chain's next sequence number, row 1.",
+              gives these: the registry's number, the chain's next sequence number, row 1, \
+              the research change's number (from the change counter).",
     },
     DialectOnly {
         side: Side::Postgres,

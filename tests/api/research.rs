@@ -759,3 +759,144 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
     }
     assert_eq!(snapshot(&app).await, kept);
 }
+
+/// Research queries racing withdrawals on one server: no query counts a patient whose
+/// withdrawal was answered before the query started, and none drops a patient whose
+/// withdrawal had not started when the query ended. (Across two server processes:
+/// `instance_races.rs`.)
+#[tokio::test]
+async fn queries_racing_withdrawals_never_count_an_answered_withdrawal() {
+    use std::time::Instant;
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        research_queries_per_minute: 100_000,
+        ..Default::default()
+    })
+    .await;
+    const PATIENTS: u64 = 24;
+    const WITHDRAWN: u64 = 16;
+    let patients: Vec<Patient> = (0..PATIENTS as u32)
+        .map(|i| patient(700 + i, "NL-AMC", "ORPHA:586", proto::Sex::Female))
+        .collect();
+    populate(&app, &patients).await;
+    let researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let officer = app.officer("officer", &["ERN-LUNG"]).await;
+    assert_eq!(total(&mut researcher.clone()).await, Some(PATIENTS));
+    let mut withdrawals = Vec::new();
+    for (i, p) in patients.iter().take(WITHDRAWN as usize).enumerate() {
+        let (mut officer, seed) = (officer.clone(), p.seed);
+        let scope = if i % 2 == 0 {
+            ConsentScope::ResearchUse
+        } else {
+            ConsentScope::RegistryInclusion
+        };
+        withdrawals.push(tokio::spawn(async move {
+            tokio::time::sleep(jitter(i as u64, 20_000)).await;
+            let started = Instant::now();
+            officer
+                .withdraw_consent(withdrawal(
+                    "ERN-LUNG",
+                    by_identifiers(national("NL", &bsn(seed))),
+                    &[scope],
+                ))
+                .await
+                .unwrap();
+            (started, Instant::now())
+        }));
+    }
+    let mut queries = Vec::new();
+    for n in 0..40u64 {
+        let mut researcher = researcher.clone();
+        queries.push(tokio::spawn(async move {
+            tokio::time::sleep(jitter(100 + n, 24_000)).await;
+            let started = Instant::now();
+            let count = total(&mut researcher).await.expect("at least k");
+            (started, count, Instant::now())
+        }));
+    }
+    let mut done = Vec::new();
+    for w in withdrawals {
+        done.push(w.await.unwrap());
+    }
+    for q in queries {
+        let (started, count, ended) = q.await.unwrap();
+        let answered_before = done.iter().filter(|(_, acked)| *acked < started).count() as u64;
+        let begun_before = done.iter().filter(|(begun, _)| *begun < ended).count() as u64;
+        assert!(
+            count <= PATIENTS - answered_before,
+            "a query counted a patient whose withdrawal was answered before it started"
+        );
+        assert!(
+            count >= PATIENTS - begun_before,
+            "a query missed a patient not yet withdrawn"
+        );
+    }
+    assert_eq!(
+        total(&mut researcher.clone()).await,
+        Some(PATIENTS - WITHDRAWN)
+    );
+}
+
+#[tokio::test]
+async fn the_genes_backfill_matches_what_the_writer_keeps() {
+    // Upgrading a registry with data: migration 0011 fills `patients.genes` from the gene
+    // rows. Its SQL must agree with what the writer keeps.
+    let app = TestApp::spawn().await;
+    let mut patients = cohort();
+    patients.truncate(6);
+    patients[1].gene = None;
+    populate(&app, &patients).await;
+    let mut dr = app.physician("dr-genes", "NL-AMC").await;
+    let mut req = request_for(&patient(901, "NL-AMC", "ORPHA:586", proto::Sex::Male));
+    req.record.as_mut().unwrap().genetic_findings = ["SCNN1B", "CFTR", "DNAH5"]
+        .iter()
+        .map(|g| proto::GeneticFinding {
+            gene: g.to_string(),
+            variants: vec![],
+        })
+        .collect();
+    dr.submit_case(req).await.unwrap();
+    let genes = || async {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT pseudonym, genes FROM patients ORDER BY pseudonym",
+        )
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+    };
+    let kept = genes().await;
+    assert!(
+        kept.iter().any(|(_, g)| g == "CFTR DNAH5 SCNN1B"),
+        "{kept:?}"
+    );
+    assert!(kept.iter().any(|(_, g)| g.is_empty()), "{kept:?}");
+
+    let dialect = if app.is_sqlite() {
+        "sqlite"
+    } else {
+        "postgres"
+    };
+    let migration = std::fs::read_to_string(format!(
+        "{}/migrations/{dialect}/0011_research_index.sql",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    sqlx::query("UPDATE patients SET genes = 'stale'")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let backfill = migration
+        .split(';')
+        .map(|s| {
+            s.lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .find(|s| s.trim_start().starts_with("UPDATE patients SET genes"))
+        .expect("the backfill of genes");
+    sqlx::raw_sql(&backfill)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(genes().await, kept);
+}

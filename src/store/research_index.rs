@@ -1,0 +1,685 @@
+//! The SQL behind the in-memory research index (`service::research`): the change log the
+//! writer keeps, and the reads an instance loads its index from and catches up with.
+//!
+//! **Slots.** Every research row (`patients`) has a `slot`, a number per registry given
+//! by the writer when it creates the row and kept while the row lives. An instance keeps
+//! each patient's codes at their slot, so it can apply a change without holding the
+//! patient's pseudonym. A slot is the largest in use plus one, given under the change
+//! counter's lock (below), so two writers, of any instances, never give the same one; a
+//! slot freed by an erasure may be given again (readers re-read the slot either way).
+//!
+//! **The change log.** A writer transaction that changed research rows (a submission,
+//! an update, a consent decision or a withdrawal that succeeded) ends, after its audit
+//! entries and just before its commit, by raising the one-row counter `research_seq` by
+//! the number of slots it touched and writing one `research_log` row per slot: the
+//! slots its patients had before it ([`slots_before`], read under the patients' locks
+//! before any command runs: a withdrawal deletes the row, and with it the slot) and after
+//! it. A log row names a registry and a slot, nothing else: no pseudonym, no clinical
+//! value, so it needs no erasure.
+//!
+//! **Why a reader misses nothing.** The counter's row lock is held from that `UPDATE`
+//! to the commit, so these transactions commit one after the other in the order of their
+//! numbers, and PostgreSQL makes a commit visible before it releases the transaction's
+//! locks. A snapshot that shows `seq = n` therefore shows every log row numbered up to n
+//! and none above: numbers are never committed out of order, which a sequence or an
+//! identity column would allow (a later commit of a lower number, after a reader has
+//! moved past it). Readers read the counter, the log after their position and the rows
+//! of the slots it names in one snapshot ([`Store::research_changes`]). The lock is taken
+//! after the audit chain's head, which every writer transaction already takes last: it
+//! adds no new ordering between writers (`docs/scaling.md`, "Research index").
+//!
+//! Nothing here returns a pseudonym: rows are keyed by (registry, slot).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use sqlx::{AnyConnection, Executor, Row};
+use tokio_stream::StreamExt;
+
+use super::{Backend, Result, Store, StoreError};
+
+/// Log rows kept behind the newest change: an instance further behind reloads its index.
+const LOG_KEPT: i64 = 1_000_000;
+/// The log is pruned whenever the counter passes a multiple of this.
+const PRUNE_EVERY: i64 = 4096;
+/// Most slots in one `IN` list.
+const CHUNK: usize = 500;
+/// More changed slots than this since an instance's position: it reloads instead.
+const MOST_CHANGES: usize = 50_000;
+
+/// A patient's research row, as the index needs it: the values of the case that
+/// represents them, banded as the SQL reference (`store::research`) bands them, their
+/// centre, and until when they may be counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatientRow {
+    pub registry_id: i64,
+    pub slot: i64,
+    pub centre_id: i64,
+    pub orphacode: Option<i64>,
+    pub diagnosis_year: Option<i64>,
+    /// Index of the age band (`aggregate::AGE_BANDS`) at onset; `None`: unknown.
+    pub onset_band: Option<i64>,
+    /// Index of the age band at diagnosis; `None`: unknown.
+    pub diagnosis_band: Option<i64>,
+    /// Diagnostic delay in whole months; `None`: unknown.
+    pub delay_months: Option<i64>,
+    /// `None`: REGISTRY_INCLUSION and RESEARCH_USE are not both granted in the decisions
+    /// in force; else they are, until this instant (milliseconds; `i64::MAX`: no expiry).
+    pub counted_until: Option<i64>,
+    /// The row as read ([`patient_columns`]): the text fields are read from it.
+    text: String,
+    /// Where the fields before sex, status, country and genes end.
+    cuts: [usize; 4],
+}
+
+impl PatientRow {
+    pub fn sex(&self) -> &str {
+        &self.text[self.cuts[0] + 1..self.cuts[1]]
+    }
+
+    pub fn status(&self) -> &str {
+        &self.text[self.cuts[1] + 1..self.cuts[2]]
+    }
+
+    /// The country of the patient's centre, when the row was written.
+    pub fn country(&self) -> &str {
+        &self.text[self.cuts[2] + 1..self.cuts[3]]
+    }
+
+    /// The gene symbols of the representative version (`patients.genes`).
+    pub fn genes(&self) -> impl Iterator<Item = &str> {
+        self.text[self.cuts[3] + 1..]
+            .split(' ')
+            .filter(|g| !g.is_empty())
+    }
+}
+
+/// A centre, as research answers name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CentreRow {
+    pub id: i64,
+    pub code: String,
+    pub name: String,
+    pub country: String,
+}
+
+/// Where loaded rows go. Per slot, its patient row comes before its other cases.
+pub trait IndexSink {
+    /// The slot changed: forget what it held (its row, if it has one, follows).
+    fn clear(&mut self, registry_id: i64, slot: i64);
+    fn patient(&mut self, row: PatientRow) -> Result<()>;
+    /// A case of the patient other than the one that represents them (another centre's),
+    /// with the diagnosis of its current version: "where is the expertise" counts cases.
+    fn other_case(
+        &mut self,
+        registry_id: i64,
+        slot: i64,
+        centre_id: i64,
+        orphacode: Option<i64>,
+    ) -> Result<()>;
+}
+
+/// What changed after an instance's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changes {
+    /// Nothing: the index is as of `through`.
+    None { through: i64 },
+    /// The changed slots went to the sink; the index is as of `through` once they apply.
+    Loaded { through: i64 },
+    /// Too far behind (the log was pruned past the position, or too much changed):
+    /// reload everything.
+    Reload,
+}
+
+/// A research row as the index reads it: one text value, "|"-separated, with some fields
+/// packed into one integer first. A driver's work is per value (on SQLite each value is
+/// copied and freed under the library's allocator lock, by two threads), and a load reads
+/// a million rows: one value per row takes half the time of six. [`patient_row`] unpacks
+/// it. Assumes slots below 2^32, years from -1 to 2^30 and delays below 2^32 months (the
+/// writer's values are far inside); sex, status, country and genes never hold a "|".
+fn patient_columns() -> String {
+    format!(
+        "(p.registry_id * 4294967296 + p.slot) || '|' \
+         || (p.centre_id * 64 + COALESCE({onset}, 7) * 8 + COALESCE({diagnosis}, 7)) || '|' \
+         || COALESCE(CAST(p.orphacode AS TEXT), '') || '|' \
+         || ((COALESCE(p.diagnosis_year, -1) + 1) * 4294967296 \
+             + COALESCE((p.delay_days * 48) / 1461 + 1, 0)) || '|' \
+         || (CASE WHEN p.eligible = 0 THEN '' \
+             ELSE CAST(COALESCE(p.eligible_until, 9223372036854775807) AS TEXT) END) || '|' \
+         || p.sex || '|' || p.status || '|' || p.country || '|' || p.genes",
+        onset = super::research::age_band("p.onset_age_days"),
+        diagnosis = super::research::age_band("p.diagnosis_age_days"),
+    )
+}
+
+/// Unpacks the research row in column `at` of `r` ([`patient_columns`]).
+fn patient_row(r: &sqlx::any::AnyRow, at: usize) -> Result<PatientRow> {
+    let corrupt = || StoreError::Corrupt("research row does not unpack".into());
+    let text: String = r.try_get(at)?;
+    let bars: Vec<usize> = text.match_indices('|').map(|(i, _)| i).collect();
+    let [a, b, c, d, e, f, g, h] = bars[..] else {
+        return Err(corrupt());
+    };
+    let number = |from: usize, to: usize| -> Result<Option<i64>> {
+        let field = &text[from..to];
+        if field.is_empty() {
+            return Ok(None);
+        }
+        field.parse().map(Some).map_err(|_| corrupt())
+    };
+    let registry_slot = number(0, a)?.ok_or_else(corrupt)?;
+    let centre_bands = number(a + 1, b)?.ok_or_else(corrupt)?;
+    let orphacode = number(b + 1, c)?;
+    let year_months = number(c + 1, d)?.ok_or_else(corrupt)?;
+    let counted_until = number(d + 1, e)?;
+    let band = |b: i64| (b != 7).then_some(b);
+    let known = |v: i64| (v >= 0).then_some(v);
+    Ok(PatientRow {
+        registry_id: registry_slot >> 32,
+        slot: registry_slot & 0xffff_ffff,
+        centre_id: centre_bands >> 6,
+        onset_band: band((centre_bands >> 3) & 7),
+        diagnosis_band: band(centre_bands & 7),
+        orphacode,
+        diagnosis_year: known((year_months >> 32) - 1),
+        delay_months: known((year_months & 0xffff_ffff) - 1),
+        counted_until,
+        cuts: [e, f, g, h],
+        text,
+    })
+}
+
+/// Parts of a load read at once, and parts of each table.
+const LOAD_TASKS: usize = 2;
+/// Rows handed to the sink at a time (the sink is locked once per batch).
+const LOAD_BATCH: usize = 2048;
+
+/// One part of a load ([`Store::research_load`]).
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    /// The research rows whose slot is `part` modulo [`LOAD_TASKS`].
+    Patients {
+        part: i64,
+    },
+    Others,
+}
+
+/// A load task's result: the change number its snapshot is as of.
+fn joined(done: Option<std::result::Result<Result<i64>, tokio::task::JoinError>>) -> Result<i64> {
+    match done {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(StoreError::Invalid(format!(
+            "a research index load task failed: {e}"
+        ))),
+        None => Ok(i64::MAX),
+    }
+}
+
+/// Reads one part in its own snapshot, handing rows to `sink` a batch at a time.
+async fn load_part<S: IndexSink + Send>(
+    store: Store,
+    part: Part,
+    sink: Arc<Mutex<S>>,
+) -> Result<i64> {
+    let mut tx = snapshot(&store).await?;
+    let (through, _) = counter(&mut tx).await?;
+    let lock = || sink.lock().unwrap_or_else(|e| e.into_inner());
+    match part {
+        Part::Patients { part } => {
+            let sql = format!(
+                "SELECT {} FROM patients p WHERE p.slot IS NOT NULL AND p.slot % $1 = $2",
+                patient_columns()
+            );
+            let mut rows = sqlx::query(&sql)
+                .bind(LOAD_TASKS as i64)
+                .bind(part)
+                .fetch(&mut *tx);
+            let mut batch = Vec::with_capacity(LOAD_BATCH);
+            while let Some(row) = rows.next().await {
+                batch.push(patient_row(&row?, 0)?);
+                if batch.len() == LOAD_BATCH {
+                    let mut sink = lock();
+                    for row in batch.drain(..) {
+                        sink.patient(row)?;
+                    }
+                }
+            }
+            let mut sink = lock();
+            for row in batch {
+                sink.patient(row)?;
+            }
+        }
+        Part::Others => {
+            // Patients with more than one case are few: found on the (registry,
+            // pseudonym, centre) index first.
+            let rows = sqlx::query(
+                "SELECT p.registry_id, p.slot, c.centre_id, v.orphacode \
+                 FROM (SELECT registry_id, pseudonym FROM cases \
+                       GROUP BY registry_id, pseudonym HAVING COUNT(*) > 1) m \
+                 JOIN patients p ON p.registry_id = m.registry_id AND p.pseudonym = m.pseudonym \
+                 JOIN cases c ON c.registry_id = m.registry_id AND c.pseudonym = m.pseudonym \
+                     AND c.id <> p.case_id \
+                 JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
+                 WHERE p.slot IS NOT NULL",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut sink = lock();
+            for row in rows {
+                sink.other_case(
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                )?;
+            }
+        }
+    }
+    tx.rollback().await?;
+    Ok(through)
+}
+
+/// Opens a read-only transaction on one snapshot (PostgreSQL: REPEATABLE READ; SQLite's
+/// read transaction keeps the snapshot of its first read).
+async fn snapshot(store: &Store) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+    let mut tx = store.pool().begin().await?;
+    if store.backend() == Backend::Postgres {
+        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await?;
+    }
+    Ok(tx)
+}
+
+/// (change number, pruned through) of the counter.
+async fn counter(conn: &mut AnyConnection) -> Result<(i64, i64)> {
+    let row = sqlx::query("SELECT seq, pruned_through FROM research_seq WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    /// Every centre (for the labels of research answers).
+    pub async fn research_centres(&self, ids: Option<&[i64]>) -> Result<Vec<CentreRow>> {
+        let rows = match ids {
+            None => {
+                sqlx::query("SELECT id, code, name, country FROM centres")
+                    .fetch_all(self.pool())
+                    .await?
+            }
+            Some([]) => return Ok(Vec::new()),
+            Some(ids) => {
+                let sql = format!(
+                    "SELECT id, code, name, country FROM centres WHERE id IN ({})",
+                    placeholders(1, ids.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for id in ids {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(self.pool()).await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(CentreRow {
+                    id: r.try_get(0)?,
+                    code: r.try_get(1)?,
+                    name: r.try_get(2)?,
+                    country: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Streams every research row and the patients' other cases into `sink`; returns
+    /// the change number the load is as of.
+    ///
+    /// The rows are read by several tasks at once (shares of `patients`, the other
+    /// cases), each on its own connection and snapshot: a
+    /// million rows through one connection take seconds, mostly per-row work of the
+    /// driver. Each snapshot is as of some change number; the load is as of the lowest.
+    /// A slot changed after that number may have been read at different changes by
+    /// different tasks, but it is named in the log after that number, so the first
+    /// catch-up (before any query is answered) reads it again, whole.
+    pub async fn research_load<S: IndexSink + Send + 'static>(
+        &self,
+        sink: Arc<Mutex<S>>,
+    ) -> Result<i64> {
+        // Each part scans its table in key order and keeps one row in LOAD_TASKS: the
+        // database's scan is cheap, the driver's work per row returned is not. (Ranges of
+        // slots would read rows in slot order, one index lookup each.)
+        let mut parts: Vec<Part> = Vec::new();
+        for part in 0..LOAD_TASKS as i64 {
+            parts.push(Part::Patients { part });
+        }
+        parts.push(Part::Others);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut through = i64::MAX;
+        for part in parts {
+            while tasks.len() >= LOAD_TASKS {
+                through = through.min(joined(tasks.join_next().await)?);
+            }
+            tasks.spawn(load_part(self.clone(), part, Arc::clone(&sink)));
+        }
+        while let Some(done) = tasks.join_next().await {
+            through = through.min(joined(Some(done))?);
+        }
+        if through == i64::MAX {
+            // No rows at all: the counter now.
+            let mut conn = self.pool().acquire().await?;
+            through = counter(&mut conn).await?.0;
+        }
+        Ok(through)
+    }
+
+    /// The changes committed after change `applied`, from one snapshot: each changed slot
+    /// is cleared in `sink`, then its row and other cases (if it still has a row) are
+    /// given. A slot may be named more than once: the last state wins, as the rows are
+    /// read after the log.
+    pub async fn research_changes(
+        &self,
+        applied: i64,
+        sink: &mut impl IndexSink,
+    ) -> Result<Changes> {
+        let mut tx = snapshot(self).await?;
+        // The counter and the log after `applied`, in one statement (a row of NULLs when
+        // nothing was logged after it).
+        let rows = sqlx::query(
+            "SELECT s.seq, s.pruned_through, l.registry_id, l.slot FROM research_seq s \
+             LEFT JOIN research_log l ON l.seq > $1 WHERE s.id = 1",
+        )
+        .bind(applied)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::Corrupt("the research change counter is missing".into()));
+        };
+        let (through, pruned_through): (i64, i64) = (first.try_get(0)?, first.try_get(1)?);
+        if through == applied {
+            tx.rollback().await?;
+            return Ok(Changes::None { through });
+        }
+        if pruned_through > applied || through < applied {
+            tx.rollback().await?;
+            return Ok(Changes::Reload);
+        }
+        let mut slots: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+        for r in &rows {
+            if let (Some(registry_id), Some(slot)) =
+                (r.try_get::<Option<i64>, _>(2)?, r.try_get::<Option<i64>, _>(3)?)
+            {
+                slots.entry(registry_id).or_default().insert(slot);
+            }
+        }
+        if slots.values().map(BTreeSet::len).sum::<usize>() > MOST_CHANGES {
+            tx.rollback().await?;
+            return Ok(Changes::Reload);
+        }
+        for (&registry_id, set) in &slots {
+            for &slot in set {
+                sink.clear(registry_id, slot);
+            }
+            let set: Vec<i64> = set.iter().copied().collect();
+            for chunk in set.chunks(CHUNK) {
+                load_slots(&mut tx, self.backend(), registry_id, chunk, sink).await?;
+            }
+        }
+        tx.rollback().await?;
+        Ok(Changes::Loaded { through })
+    }
+}
+
+/// The rows of `slots` of a registry, with their other cases, in one statement. On
+/// SQLite, `INDEXED BY` and `CROSS JOIN` make it start from the slots, as PostgreSQL's
+/// planner does: without statistics SQLite takes an equality on `registry_id` for a few
+/// rows and scanned the registry's rows (and cases) instead, at every catch-up.
+async fn load_slots(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    registry_id: i64,
+    slots: &[i64],
+    sink: &mut impl IndexSink,
+) -> Result<()> {
+    let list = placeholders(2, slots.len());
+    let by_slot = match backend {
+        Backend::Sqlite => "patients p INDEXED BY patients_slot",
+        Backend::Postgres => "patients p",
+    };
+    let sql = format!(
+        "SELECT 0, {patient} FROM {by_slot} \
+         WHERE p.registry_id = $1 AND p.slot IN ({list}) \
+         UNION ALL \
+         SELECT 1, CAST(p.slot AS TEXT) || '|' || c.centre_id || '|' \
+                   || COALESCE(CAST(v.orphacode AS TEXT), '') \
+         FROM {by_slot} CROSS JOIN cases c \
+         JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
+         WHERE p.registry_id = $1 AND p.slot IN ({list}) \
+           AND c.registry_id = p.registry_id AND c.pseudonym = p.pseudonym \
+           AND c.id <> p.case_id \
+         ORDER BY 1",
+        patient = patient_columns(),
+    );
+    let mut q = sqlx::query(&sql).bind(registry_id);
+    for slot in slots {
+        q = q.bind(*slot);
+    }
+    for row in q.fetch_all(&mut *conn).await? {
+        if row.try_get::<i64, _>(0)? == 0 {
+            sink.patient(patient_row(&row, 1)?)?;
+            continue;
+        }
+        let text: &str = row.try_get(1)?;
+        let corrupt = || StoreError::Corrupt("another case does not unpack".into());
+        let mut fields = text.split('|');
+        let (Some(slot), Some(centre), Some(orphacode), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(corrupt());
+        };
+        let number = |s: &str| s.parse::<i64>().map_err(|_| corrupt());
+        sink.other_case(
+            registry_id,
+            number(slot)?,
+            number(centre)?,
+            (!orphacode.is_empty()).then(|| number(orphacode)).transpose()?,
+        )?;
+    }
+    Ok(())
+}
+
+/// The research slots a writer transaction's patients hold before its commands run (read
+/// under their locks): a withdrawal deletes the research row, and with it the slot the
+/// change log must name.
+#[derive(Debug, Default)]
+pub(super) struct Before(BTreeMap<(i64, String), i64>);
+
+/// Reads the slots of `patients` (registry, pseudonym), inside the writer's transaction.
+pub(super) async fn slots_before(
+    conn: &mut AnyConnection,
+    patients: &BTreeSet<(i64, &str)>,
+) -> Result<Before> {
+    let mut before = Before::default();
+    for ((registry_id, pseudonym), slot) in slots_of(conn, patients).await? {
+        if let Some(slot) = slot {
+            before.0.insert((registry_id, pseudonym), slot);
+        }
+    }
+    Ok(before)
+}
+
+/// (registry, pseudonym) → slot (NULL: a row created in this transaction) of the research
+/// rows of `patients` that exist.
+async fn slots_of(
+    conn: &mut AnyConnection,
+    patients: &BTreeSet<(i64, &str)>,
+) -> Result<Vec<((i64, String), Option<i64>)>> {
+    let mut by_registry: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+    for &(registry_id, pseudonym) in patients {
+        by_registry.entry(registry_id).or_default().push(pseudonym);
+    }
+    let mut out = Vec::new();
+    for (registry_id, pseudonyms) in by_registry {
+        for chunk in pseudonyms.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(registry_id);
+            for p in chunk {
+                q = q.bind(*p);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                out.push(((registry_id, row.try_get(0)?), row.try_get(1)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The last statements of a writer transaction whose commands changed the research rows
+/// of `changed` (registry, pseudonym): gives new rows their slots and logs every slot
+/// touched, under the change counter's lock (module doc).
+pub(super) async fn log_changes(
+    conn: &mut AnyConnection,
+    before: &Before,
+    changed: &BTreeSet<(i64, &str)>,
+) -> Result<()> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let mut touched: BTreeSet<(i64, i64)> = BTreeSet::new();
+    for &(registry_id, pseudonym) in changed {
+        if let Some(&slot) = before.0.get(&(registry_id, pseudonym.to_owned())) {
+            touched.insert((registry_id, slot));
+        }
+    }
+    let mut unnumbered: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for ((registry_id, pseudonym), slot) in slots_of(conn, changed).await? {
+        match slot {
+            Some(slot) => {
+                touched.insert((registry_id, slot));
+            }
+            None => unnumbered.entry(registry_id).or_default().push(pseudonym),
+        }
+    }
+    let new = unnumbered.values().map(Vec::len).sum::<usize>();
+    let count = touched.len() + new;
+    if count == 0 {
+        return Ok(());
+    }
+    // The lock: held to the commit (module doc).
+    let row = sqlx::query(
+        "UPDATE research_seq SET seq = seq + $1 WHERE id = 1 RETURNING seq, pruned_through",
+    )
+    .bind(count as i64)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (last, pruned_through): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    for (registry_id, pseudonyms) in unnumbered {
+        let largest: Option<i64> =
+            sqlx::query("SELECT MAX(slot) FROM patients WHERE registry_id = $1")
+                .bind(registry_id)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+        let mut next = largest.map_or(0, |s| s + 1);
+        for chunk in pseudonyms.chunks(CHUNK) {
+            // Slots next, next + 1, ...: one per row, in pseudonym order.
+            let sql = format!(
+                "UPDATE patients SET slot = n.slot \
+                 FROM (SELECT registry_id, pseudonym, \
+                              $2 + ROW_NUMBER() OVER (ORDER BY pseudonym) - 1 AS slot \
+                       FROM patients \
+                       WHERE registry_id = $1 AND slot IS NULL AND pseudonym IN ({})) AS n \
+                 WHERE patients.registry_id = n.registry_id AND patients.pseudonym = n.pseudonym",
+                placeholders(3, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(registry_id).bind(next);
+            for p in chunk {
+                q = q.bind(p.as_str());
+            }
+            let done = q.execute(&mut *conn).await?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Err(StoreError::Corrupt(
+                    "research rows changed while their slots were given".into(),
+                ));
+            }
+            for _ in chunk {
+                touched.insert((registry_id, next));
+                next += 1;
+            }
+        }
+    }
+    // A new row may take the slot an erasure of this transaction freed: one log row then
+    // names both, and a number goes unused (harmless: readers read after a number).
+    let touched: Vec<(i64, i64)> = touched.into_iter().collect();
+    let mut seq = last - touched.len() as i64;
+    for chunk in touched.chunks(CHUNK) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO research_log (seq, registry_id, slot) VALUES {}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for &(registry_id, slot) in chunk {
+            seq += 1;
+            q = q.bind(seq).bind(registry_id).bind(slot);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    if last / PRUNE_EVERY > (last - count as i64) / PRUNE_EVERY && last - LOG_KEPT > pruned_through
+    {
+        let through = last - LOG_KEPT;
+        sqlx::query("DELETE FROM research_log WHERE seq <= $1")
+            .bind(through)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("UPDATE research_seq SET pruned_through = $1 WHERE id = 1")
+            .bind(through)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Gives a slot to every research row without one (rows written before the writer gave
+/// slots, e.g. restored from a dump of an earlier version) and logs them. Called at
+/// start-up, before the index is loaded.
+pub async fn number_unnumbered(store: &Store) -> Result<u64> {
+    let mut tx = store.pool().begin().await?;
+    if store.backend() == Backend::Postgres {
+        // As the writer's transactions: the counter's lock orders, READ COMMITTED reads
+        // what was committed before it was granted.
+        tx.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await?;
+    }
+    // On the (registry, slot) index, registry by registry.
+    let rows = sqlx::query(
+        "SELECT registry_id, pseudonym FROM patients \
+         WHERE registry_id IN (SELECT id FROM registries) AND slot IS NULL",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let owned: Vec<(i64, String)> = rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_>>()?;
+    let changed: BTreeSet<(i64, &str)> = owned.iter().map(|(r, p)| (*r, p.as_str())).collect();
+    log_changes(&mut tx, &Before::default(), &changed).await?;
+    tx.commit().await?;
+    Ok(owned.len() as u64)
+}
