@@ -400,7 +400,9 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let Some(first) = rows.first() else {
-            return Err(StoreError::Corrupt("the research change counter is missing".into()));
+            return Err(StoreError::Corrupt(
+                "the research change counter is missing".into(),
+            ));
         };
         let (through, pruned_through): (i64, i64) = (first.try_get(0)?, first.try_get(1)?);
         if through == applied {
@@ -413,9 +415,10 @@ impl Store {
         }
         let mut slots: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
         for r in &rows {
-            if let (Some(registry_id), Some(slot)) =
-                (r.try_get::<Option<i64>, _>(2)?, r.try_get::<Option<i64>, _>(3)?)
-            {
+            if let (Some(registry_id), Some(slot)) = (
+                r.try_get::<Option<i64>, _>(2)?,
+                r.try_get::<Option<i64>, _>(3)?,
+            ) {
                 slots.entry(registry_id).or_default().insert(slot);
             }
         }
@@ -489,7 +492,9 @@ async fn load_slots(
             registry_id,
             number(slot)?,
             number(centre)?,
-            (!orphacode.is_empty()).then(|| number(orphacode)).transpose()?,
+            (!orphacode.is_empty())
+                .then(|| number(orphacode))
+                .transpose()?,
         )?;
     }
     Ok(())
