@@ -12,10 +12,11 @@
 //! an update, a consent decision or a withdrawal that succeeded) ends, after its audit
 //! entries and just before its commit, by raising the one-row counter `research_seq` by
 //! the number of slots it touched and writing one `research_log` row per slot: the
-//! slots its patients had before it ([`slots_before`], read under the patients' locks
-//! before any command runs: a withdrawal deletes the row, and with it the slot) and after
-//! it. A log row names a registry and a slot, nothing else: no pseudonym, no clinical
-//! value, so it needs no erasure.
+//! slots its patients have after it and, for the patients it withdraws, the slots they had
+//! before ([`slots_before`], read under the patients' locks before any command runs: a
+//! withdrawal of inclusion deletes the row, and with it the slot; nothing else does). A
+//! log row names a registry and a slot, nothing else: no pseudonym, no clinical value, so
+//! it needs no erasure. (A number may go unused; readers only read after a number.)
 //!
 //! **Why a reader misses nothing.** The counter's row lock is held from that `UPDATE`
 //! to the commit, so these transactions commit one after the other in the order of their
