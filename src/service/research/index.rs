@@ -194,25 +194,15 @@ impl Columns {
             v.resize(len, fill);
         }
         grow(&mut self.until, len, ABSENT);
-        for column in [
-            &mut self.diagnosis,
-            &mut self.sex,
-            &mut self.onset_band,
-            &mut self.diagnosis_band,
-            &mut self.country,
-            &mut self.centre,
-            &mut self.year,
-            &mut self.status,
-            &mut self.delay,
-        ] {
+        for column in self.code_columns() {
             grow(column, len, 0);
         }
         grow(&mut self.genes, len, NO_GENES);
     }
 
-    fn shrink(&mut self) {
-        self.until.shrink_to_fit();
-        for column in [
+    /// The nine columns of small codes, one entry per slot.
+    fn code_columns(&mut self) -> [&mut Vec<u16>; 9] {
+        [
             &mut self.diagnosis,
             &mut self.sex,
             &mut self.onset_band,
@@ -222,7 +212,12 @@ impl Columns {
             &mut self.year,
             &mut self.status,
             &mut self.delay,
-        ] {
+        ]
+    }
+
+    fn shrink(&mut self) {
+        self.until.shrink_to_fit();
+        for column in self.code_columns() {
             column.shrink_to_fit();
         }
         self.genes.shrink_to_fit();
