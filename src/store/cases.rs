@@ -5,10 +5,15 @@
 //! fetches clinical data, so there is no step between "is consent in force?" and "read the
 //! row" in which a withdrawal could slip.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use sqlx::{AnyConnection, Row};
 
-use super::{Result, StoreError, consent_model, from_millis, millis};
+use super::{
+    ROWS_PER_STATEMENT, Result, StoreError, consent_model, from_millis, millis, placeholders,
+    values_rows,
+};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{
     CaseRecord, DomainError, FindingInput, OnsetKind, PartialDate, PatientStatus, RecordInput, Sex,
@@ -72,24 +77,304 @@ pub async fn load_consent(
     .bind(pseudonym)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            let scope: String = r.try_get(1)?;
-            let state: String = r.try_get(2)?;
-            Ok(ConsentEvent {
-                seq: r.try_get(0)?,
-                scope: Scope::parse_db(&scope)
-                    .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
-                decision: Decision::parse_db(&state)
-                    .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
-                given_at: from_millis(r.try_get(3)?)?,
-                expires_at: r
-                    .try_get::<Option<i64>, _>(4)?
-                    .map(from_millis)
-                    .transpose()?,
-            })
+    rows.iter().map(|r| event_from_row(r, 0)).collect()
+}
+
+/// A `consent_events` row read as `id, scope, state, given_at, expires_at` from column
+/// `at` on.
+fn event_from_row(r: &sqlx::any::AnyRow, at: usize) -> Result<ConsentEvent> {
+    let scope: String = r.try_get(at + 1)?;
+    let state: String = r.try_get(at + 2)?;
+    Ok(ConsentEvent {
+        seq: r.try_get(at)?,
+        scope: Scope::parse_db(&scope)
+            .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
+        decision: Decision::parse_db(&state)
+            .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
+        given_at: from_millis(r.try_get(at + 3)?)?,
+        expires_at: r
+            .try_get::<Option<i64>, _>(at + 4)?
+            .map(from_millis)
+            .transpose()?,
+    })
+}
+
+/// The patients of `patients` grouped by registry, in chunks of at most
+/// [`ROWS_PER_STATEMENT`] pseudonyms (one `IN` list each).
+fn by_registry<'a>(patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<&'a str>)> {
+    let mut grouped: BTreeMap<i64, Vec<&'a str>> = BTreeMap::new();
+    for &(registry_id, pseudonym) in patients {
+        grouped.entry(registry_id).or_default().push(pseudonym);
+    }
+    grouped
+        .into_iter()
+        .flat_map(|(registry_id, pseudonyms)| {
+            pseudonyms
+                .chunks(ROWS_PER_STATEMENT)
+                .map(|chunk| (registry_id, chunk.to_vec()))
+                .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// The consent histories of several patients (registry id, pseudonym), each oldest event
+/// first as [`load_consent`] gives it: one statement per registry and chunk instead of
+/// one per patient. Patients with no history are absent.
+pub(crate) async fn load_consent_many(
+    conn: &mut AnyConnection,
+    patients: &[(i64, &str)],
+) -> Result<HashMap<(i64, String), Vec<ConsentEvent>>> {
+    let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
+    for (registry_id, pseudonyms) in by_registry(patients) {
+        let sql = format!(
+            "SELECT pseudonym, id, scope, state, given_at, expires_at FROM consent_events \
+             WHERE registry_id = $1 AND pseudonym IN ({}) ORDER BY id",
+            placeholders(2, pseudonyms.len())
+        );
+        let mut query = sqlx::query(&sql).bind(registry_id);
+        for pseudonym in &pseudonyms {
+            query = query.bind(*pseudonym);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let pseudonym: String = row.try_get(0)?;
+            let event = event_from_row(&row, 1)?;
+            histories
+                .entry((registry_id, pseudonym))
+                .or_default()
+                .push(event);
+        }
+    }
+    Ok(histories)
+}
+
+/// The (registry id, pseudonym, centre id) of every case of the patients: one statement
+/// per registry and chunk.
+pub(crate) async fn cases_of_many(
+    conn: &mut AnyConnection,
+    patients: &[(i64, &str)],
+) -> Result<HashSet<(i64, String, i64)>> {
+    let mut found = HashSet::new();
+    for (registry_id, pseudonyms) in by_registry(patients) {
+        let sql = format!(
+            "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym IN ({})",
+            placeholders(2, pseudonyms.len())
+        );
+        let mut query = sqlx::query(&sql).bind(registry_id);
+        for pseudonym in &pseudonyms {
+            query = query.bind(*pseudonym);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            found.insert((registry_id, row.try_get(0)?, row.try_get(1)?));
+        }
+    }
+    Ok(found)
+}
+
+/// A decision to append to a patient's history, for [`append_consent_many`].
+pub(crate) struct NewDecision<'a> {
+    pub registry_id: i64,
+    pub pseudonym: &'a str,
+    pub decision: &'a ConsentDecision,
+    pub recorded_by: i64,
+    pub source: Source,
+    pub now: DateTime<Utc>,
+}
+
+/// [`append_consent`] for many decisions at once: one multi-row `INSERT` per chunk into
+/// the history, one into `consent_current`. Returns the ids in the order of `decisions`.
+///
+/// No two decisions may share (registry, patient, scope): the ids come back from
+/// `RETURNING` in no promised order and are paired with the decisions by that key, and
+/// one upsert may not touch a `consent_current` row twice. (An attestation names each
+/// scope at most once, and the writer puts one command per patient in a run.)
+pub(crate) async fn append_consent_many(
+    conn: &mut AnyConnection,
+    decisions: &[NewDecision<'_>],
+) -> Result<Vec<i64>> {
+    const COLUMNS: usize = 10;
+    let mut ids = Vec::with_capacity(decisions.len());
+    for chunk in decisions.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, \
+                                         form_version, expires_at, recorded_by, recorded_at, source) \
+             VALUES {} RETURNING id, registry_id, pseudonym, scope",
+            values_rows(chunk.len(), COLUMNS)
+        );
+        let mut query = sqlx::query(&sql);
+        for d in chunk {
+            query = query
+                .bind(d.registry_id)
+                .bind(d.pseudonym)
+                .bind(d.decision.scope.as_str())
+                .bind(d.decision.decision.as_str())
+                .bind(millis(d.decision.given_at))
+                .bind(d.decision.form_version.as_str())
+                .bind(d.decision.expires_at.map(millis))
+                .bind(d.recorded_by)
+                .bind(millis(d.now))
+                .bind(d.source.as_str());
+        }
+        let mut returned: HashMap<(i64, String, String), i64> = HashMap::new();
+        for row in query.fetch_all(&mut *conn).await? {
+            let key = (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+            if returned.insert(key, row.try_get(0)?).is_some() {
+                return Err(StoreError::Corrupt(
+                    "two consent decisions of one scope for one patient in a run".into(),
+                ));
+            }
+        }
+        let mut current = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            let key = (
+                d.registry_id,
+                d.pseudonym.to_owned(),
+                d.decision.scope.as_str().to_owned(),
+            );
+            let id = returned.get(&key).copied().ok_or_else(|| {
+                StoreError::Corrupt("an inserted consent decision came back without its id".into())
+            })?;
+            ids.push(id);
+            current.push((d.registry_id, d.pseudonym, id, d.decision));
+        }
+        consent_model::record_current_many(conn, &current).await?;
+    }
+    Ok(ids)
+}
+
+/// A new case, for [`insert_cases_many`].
+pub(crate) struct NewCase<'a> {
+    pub registry_id: i64,
+    pub pseudonym: &'a str,
+    pub centre_id: i64,
+    pub recorded_by: i64,
+    pub row: &'a CaseRow,
+    pub now: DateTime<Utc>,
+}
+
+/// [`insert_case`] for many cases at once (each at version 1): one multi-row `INSERT` per
+/// table and chunk. Returns the case ids in the order of `cases`, paired by the table's
+/// unique key (registry, patient, centre).
+pub(crate) async fn insert_cases_many(
+    conn: &mut AnyConnection,
+    cases: &[NewCase<'_>],
+) -> Result<Vec<i64>> {
+    const COLUMNS: usize = 5;
+    let mut ids = Vec::with_capacity(cases.len());
+    for chunk in cases.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, \
+                                updated_at) \
+             VALUES {} RETURNING id, registry_id, pseudonym, centre_id",
+            (0..chunk.len())
+                .map(|r| {
+                    let b = 1 + r * COLUMNS;
+                    format!(
+                        "(${}, ${}, ${}, 1, ${}, ${})",
+                        b,
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for c in chunk {
+            query = query
+                .bind(c.registry_id)
+                .bind(c.pseudonym)
+                .bind(c.centre_id)
+                .bind(millis(c.now))
+                .bind(millis(c.now));
+        }
+        let mut returned: HashMap<(i64, String, i64), i64> = HashMap::new();
+        for row in query.fetch_all(&mut *conn).await? {
+            returned.insert(
+                (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?),
+                row.try_get(0)?,
+            );
+        }
+        let mut versions = Vec::with_capacity(chunk.len());
+        for c in chunk {
+            let id = returned
+                .get(&(c.registry_id, c.pseudonym.to_owned(), c.centre_id))
+                .copied()
+                .ok_or_else(|| {
+                    StoreError::Corrupt("an inserted case came back without its id".into())
+                })?;
+            ids.push(id);
+            versions.push((id, c));
+        }
+        insert_first_versions(conn, &versions).await?;
+    }
+    Ok(ids)
+}
+
+/// Version 1 of each new case, and its genes: one multi-row `INSERT` per table.
+async fn insert_first_versions(
+    conn: &mut AnyConnection,
+    cases: &[(i64, &NewCase<'_>)],
+) -> Result<()> {
+    const COLUMNS: usize = 24;
+    let sql = format!(
+        "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, \
+             sex, status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, \
+             orphacode, diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, \
+             genetic_findings, diagnosis_year, onset_age_days, diagnosis_age_days, delay_days) \
+         VALUES {}",
+        values_rows(cases.len(), COLUMNS)
+    );
+    let mut query = sqlx::query(&sql);
+    for (case_id, c) in cases {
+        let row = c.row;
+        query = query
+            .bind(*case_id)
+            .bind(1_i64)
+            .bind(millis(c.now))
+            .bind(c.recorded_by)
+            .bind(row.birth_year_month.as_str())
+            .bind(row.sex.as_str())
+            .bind(row.status.as_str())
+            .bind(row.date_of_death.as_deref())
+            .bind(row.first_contact_date.as_deref())
+            .bind(row.onset_kind.as_str())
+            .bind(row.onset_date.as_deref())
+            .bind(i64::from(row.undiagnosed))
+            .bind(row.orphacode)
+            .bind(row.diagnosis_date.as_deref())
+            .bind(row.icd10.as_str())
+            .bind(row.icd11.as_str())
+            .bind(row.omim.as_str())
+            .bind(row.hpo_terms.as_str())
+            .bind(row.icf_codes.as_str())
+            .bind(row.genetic_findings.as_str())
+            .bind(row.diagnosis_year)
+            .bind(row.onset_age_days)
+            .bind(row.diagnosis_age_days)
+            .bind(row.delay_days);
+    }
+    query.execute(&mut *conn).await?;
+    let genes: Vec<(i64, &str)> = cases
+        .iter()
+        .flat_map(|(case_id, c)| c.row.genes.iter().map(move |g| (*case_id, g.as_str())))
+        .collect();
+    for chunk in genes.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO case_genes (case_id, version, gene) VALUES {}",
+            (0..chunk.len())
+                .map(|r| format!("(${}, 1, ${})", 1 + 2 * r, 2 + 2 * r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (case_id, gene) in chunk {
+            query = query.bind(*case_id).bind(*gene);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Appends one decision to the patient's consent history; returns its id.
@@ -174,11 +459,6 @@ pub(crate) async fn set_representative(
         eligible_until,
     } = r;
     let until = eligible_until.map(millis);
-    // The genes of the version too (as in `case_genes`): the research index reads them
-    // with the row.
-    let mut genes: Vec<&str> = row.genes.iter().map(String::as_str).collect();
-    genes.sort_unstable();
-    genes.dedup();
     sqlx::query(
         "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                orphacode, sex, status, diagnosis_year, onset_age_days, \
@@ -208,10 +488,85 @@ pub(crate) async fn set_representative(
     .bind(row.delay_days)
     .bind(i64::from(eligible))
     .bind(until)
-    .bind(genes.join(" "))
+    // The genes of the version too (as in `case_genes`): the research index reads them
+    // with the row.
+    .bind(genes_column(row))
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// [`set_representative`] for many patients at once (no patient twice): one multi-row
+/// upsert per chunk.
+pub(crate) async fn set_representatives_many(
+    conn: &mut AnyConnection,
+    representatives: &[(i64, &str, Representative<'_>)],
+) -> Result<()> {
+    const COLUMNS: usize = 15;
+    for chunk in representatives.chunks(ROWS_PER_STATEMENT) {
+        let rows = (0..chunk.len())
+            .map(|r| {
+                let b = 1 + r * COLUMNS;
+                let p = |i: usize| format!("${}", b + i);
+                format!(
+                    "({}, {}, {}, {}, {}, (SELECT country FROM centres WHERE id = {}), {})",
+                    p(0),
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4),
+                    p(4),
+                    (5..COLUMNS).map(p).collect::<Vec<_>>().join(", ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
+                                   orphacode, sex, status, diagnosis_year, onset_age_days, \
+                                   diagnosis_age_days, delay_days, eligible, eligible_until, genes) \
+             VALUES {rows} \
+             ON CONFLICT (registry_id, pseudonym) DO UPDATE \
+             SET case_id = excluded.case_id, version = excluded.version, \
+                 centre_id = excluded.centre_id, country = excluded.country, \
+                 orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
+                 diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
+                 diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
+                 eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
+                 genes = excluded.genes"
+        );
+        let mut query = sqlx::query(&sql);
+        for (registry_id, pseudonym, r) in chunk {
+            let row = r.row;
+            query = query
+                .bind(*registry_id)
+                .bind(*pseudonym)
+                .bind(r.case_id)
+                .bind(r.version)
+                .bind(r.centre_id)
+                .bind(row.orphacode)
+                .bind(row.sex.as_str())
+                .bind(row.status.as_str())
+                .bind(row.diagnosis_year)
+                .bind(row.onset_age_days)
+                .bind(row.diagnosis_age_days)
+                .bind(row.delay_days)
+                .bind(i64::from(r.eligible))
+                .bind(r.eligible_until.map(millis))
+                .bind(genes_column(row));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The `patients.genes` value of a row: its gene symbols, sorted, deduplicated, separated
+/// by one space.
+fn genes_column(row: &CaseRow) -> String {
+    let mut genes: Vec<&str> = row.genes.iter().map(String::as_str).collect();
+    genes.sort_unstable();
+    genes.dedup();
+    genes.join(" ")
 }
 
 /// The case of `centre_id` for this patient: (case id, current version).

@@ -34,7 +34,7 @@
 
 use sqlx::AnyConnection;
 
-use super::{Result, millis};
+use super::{Result, millis, values_rows};
 use crate::consent::{ConsentDecision, Decision, Scope};
 
 /// The order in which the decisions of one scope supersede each other: by the date given,
@@ -160,5 +160,39 @@ pub(crate) async fn record_current(
         .bind(decision.expires_at.map(millis))
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// [`record_current`] for many decisions just appended, in one multi-row upsert. No two
+/// may share (registry, patient, scope): one statement may not update a row twice.
+pub(crate) async fn record_current_many(
+    conn: &mut AnyConnection,
+    decisions: &[(i64, &str, i64, &ConsentDecision)],
+) -> Result<()> {
+    if decisions.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
+         VALUES {} \
+         ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
+         SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
+             expires_at = excluded.expires_at \
+         WHERE {}",
+        values_rows(decisions.len(), 7),
+        Order::current("excluded").supersedes(&Order::current("consent_current")),
+    );
+    let mut query = sqlx::query(&sql);
+    for (registry_id, pseudonym, event_id, decision) in decisions {
+        query = query
+            .bind(*registry_id)
+            .bind(*pseudonym)
+            .bind(decision.scope.as_str())
+            .bind(*event_id)
+            .bind(decision.decision.as_str())
+            .bind(millis(decision.given_at))
+            .bind(decision.expires_at.map(millis));
+    }
+    query.execute(&mut *conn).await?;
     Ok(())
 }

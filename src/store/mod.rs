@@ -305,6 +305,28 @@ pub struct Store {
     backend: Backend,
 }
 
+/// `$from, $from+1, ...`: `n` numbered parameters, for an `IN (...)` list.
+pub(crate) fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, $2), ($3, $4), ...`: the `VALUES` rows of a multi-row statement, `rows` rows of
+/// `columns` parameters each, numbered from 1.
+pub(crate) fn values_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(1 + r * columns, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The most rows one multi-row statement carries: at the widest row written
+/// (`case_versions`, 24 columns) 6,144 parameters, well inside SQLite's 32,766 and
+/// PostgreSQL's 65,535.
+pub(crate) const ROWS_PER_STATEMENT: usize = 256;
+
 pub fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::{AnyConnection, Executor, Row};
 use tokio_stream::StreamExt;
 
+use super::placeholders;
 use super::{Backend, Result, Store, StoreError};
 
 /// Log rows kept behind the newest change: an instance further behind reloads its index.
@@ -297,13 +298,6 @@ async fn counter(conn: &mut AnyConnection) -> Result<(i64, i64)> {
         .fetch_one(&mut *conn)
         .await?;
     Ok((row.try_get(0)?, row.try_get(1)?))
-}
-
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 impl Store {

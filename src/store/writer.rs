@@ -563,46 +563,70 @@ async fn apply_in(
     let research = research_index::slots_before(tx, &erasable).await?;
     let mut results = Vec::with_capacity(commands.len());
     let mut entries = Vec::new();
-    for (command, audit) in commands {
-        // The consent events and tombstones the command inserts: its entry covers them.
-        let mut wrote = Wrote::default();
-        let result = match command {
-            Command::Submit(c) => submit(tx, rules, c, &mut wrote).await.map(Output::Case),
-            Command::Update(c) => update(tx, rules, c, &mut wrote).await.map(Output::Case),
-            Command::RecordConsent(c) => record_consent(tx, rules, c, &mut wrote).await,
-            Command::Withdraw(c) => withdraw(tx, rules, c, &mut wrote).await,
-            Command::Audit => Ok(Output::Audited),
-        };
-        // Rows are never left uncovered, even by a command sent without an entry.
-        let audit = match audit {
-            Some(entry) => Some(Entry::clone(entry)),
-            None if wrote != Wrote::default() => Some(Entry {
-                method: format!("Writer/{}", command.name()),
-                ..Entry::default()
-            }),
-            None => None,
-        };
-        if let Some(entry) = audit {
-            let outcome = match &result {
-                Ok(_) => Outcome::Ok,
-                Err(e) => e.outcome(),
+    let mut start = 0;
+    while start < commands.len() {
+        // A run of submissions about distinct patients is applied with one statement per
+        // table; any other command on its own, in order.
+        let end = submit_run_end(commands, start);
+        let outcomes = if end > start + 1 {
+            let run: Vec<&SubmitCase> = commands[start..end]
+                .iter()
+                .filter_map(|(c, _)| match c {
+                    Command::Submit(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
+            submit_run(tx, rules, &run)
+                .await?
+                .into_iter()
+                .map(|(r, wrote)| (r.map(Output::Case), wrote))
+                .collect()
+        } else {
+            let command = commands[start].0;
+            // The consent events and tombstones the command inserts: its entry covers them.
+            let mut wrote = Wrote::default();
+            let result = match command {
+                Command::Submit(c) => submit(tx, rules, c, &mut wrote).await.map(Output::Case),
+                Command::Update(c) => update(tx, rules, c, &mut wrote).await.map(Output::Case),
+                Command::RecordConsent(c) => record_consent(tx, rules, c, &mut wrote).await,
+                Command::Withdraw(c) => withdraw(tx, rules, c, &mut wrote).await,
+                Command::Audit => Ok(Output::Audited),
             };
-            let mut entry = entry;
-            // An entry that comes with a change records the change's outcome; one that
-            // comes alone (Command::Audit) carries the outcome of its call already.
-            if entry.outcome.is_empty() {
-                entry.outcome = outcome.name().to_string();
+            vec![(result, wrote)]
+        };
+        for ((command, audit), (result, wrote)) in commands[start..end].iter().zip(outcomes) {
+            // Rows are never left uncovered, even by a command sent without an entry.
+            let audit = match audit {
+                Some(entry) => Some(Entry::clone(entry)),
+                None if wrote != Wrote::default() => Some(Entry {
+                    method: format!("Writer/{}", command.name()),
+                    ..Entry::default()
+                }),
+                None => None,
+            };
+            if let Some(entry) = audit {
+                let outcome = match &result {
+                    Ok(_) => Outcome::Ok,
+                    Err(e) => e.outcome(),
+                };
+                let mut entry = entry;
+                // An entry that comes with a change records the change's outcome; one that
+                // comes alone (Command::Audit) carries the outcome of its call already.
+                if entry.outcome.is_empty() {
+                    entry.outcome = outcome.name().to_string();
+                }
+                entries.push(Pending {
+                    at: millis(Utc::now()),
+                    entry,
+                    wrote,
+                });
             }
-            entries.push(Pending {
-                at: millis(Utc::now()),
-                entry,
-                wrote,
-            });
+            match result {
+                Err(WriteError::Store(err)) => return Err(err),
+                other => results.push(other),
+            }
         }
-        match result {
-            Err(WriteError::Store(err)) => return Err(err),
-            other => results.push(other),
-        }
+        start = end;
     }
     audit_store::append(tx, key, &entries).await?;
     let changed = patients_of(commands, &results);
@@ -689,6 +713,12 @@ async fn consent_with(
     attested: &[ConsentDecision],
 ) -> Result<Vec<ConsentEvent>, StoreError> {
     let mut events = cases::load_consent(conn, registry_id, pseudonym).await?;
+    with_attested(&mut events, attested);
+    Ok(events)
+}
+
+/// Appends the attested decisions to a history read from file, as if already on file.
+fn with_attested(events: &mut Vec<ConsentEvent>, attested: &[ConsentDecision]) {
     let next = events.last().map_or(0, |e| e.seq) + 1;
     events.extend(attested.iter().enumerate().map(|(i, d)| ConsentEvent {
         seq: next + i as i64,
@@ -697,7 +727,6 @@ async fn consent_with(
         given_at: d.given_at,
         expires_at: d.expires_at,
     }));
-    Ok(events)
 }
 
 async fn record_attestation(
@@ -777,6 +806,122 @@ async fn submit(
         version: 1,
         recorded_at: c.now,
     })
+}
+
+/// The end of the run of submissions that starts at `start`: consecutive `Submit`
+/// commands about distinct patients (so that none needs to see what another of the run
+/// wrote). `start + 1` when `start` is not a submission.
+fn submit_run_end(commands: &[(&Command, Option<&Entry>)], start: usize) -> usize {
+    let mut patients = BTreeSet::new();
+    let mut end = start;
+    while let Some((Command::Submit(c), _)) = commands.get(end) {
+        if !patients.insert((c.registry_id, c.pseudonym.as_str())) {
+            break;
+        }
+        end += 1;
+    }
+    end.max(start + 1)
+}
+
+/// [`submit`] for a run of submissions about distinct patients, with the same checks in
+/// the same order, but one statement per table for the whole run: the consent histories
+/// and existing cases are read at once, each submission is decided on its own, and what
+/// the accepted ones write goes in multi-row statements. Answers in the order of `run`.
+async fn submit_run(
+    conn: &mut AnyConnection,
+    rules: &dyn ConsentRules,
+    run: &[&SubmitCase],
+) -> Result<Vec<(Result<Written, WriteError>, Wrote)>, StoreError> {
+    let patients: Vec<(i64, &str)> = run
+        .iter()
+        .map(|c| (c.registry_id, c.pseudonym.as_str()))
+        .collect();
+    let mut histories = cases::load_consent_many(conn, &patients).await?;
+    let existing = cases::cases_of_many(conn, &patients).await?;
+    let mut outcomes: Vec<(Result<Written, WriteError>, Wrote)> = Vec::with_capacity(run.len());
+    // The accepted submissions: index in `run`, history with the attestation, instant.
+    let mut accepted = Vec::with_capacity(run.len());
+    for (i, c) in run.iter().enumerate() {
+        let mut events = histories
+            .remove(&(c.registry_id, c.pseudonym.clone()))
+            .unwrap_or_default();
+        with_attested(&mut events, &c.consent);
+        let at = rules.effective_at(&events, c.now);
+        let decided = match rules.may_store_case(&events, at) {
+            Err(refused) => Err(WriteError::Consent(refused)),
+            Ok(()) if existing.contains(&(c.registry_id, c.pseudonym.clone(), c.centre_id)) => {
+                Err(WriteError::AlreadyExists)
+            }
+            Ok(()) => {
+                accepted.push((i, events, at));
+                Ok(Written {
+                    version: 1,
+                    recorded_at: c.now,
+                })
+            }
+        };
+        outcomes.push((decided, Wrote::default()));
+    }
+    if accepted.is_empty() {
+        return Ok(outcomes);
+    }
+    let decisions: Vec<cases::NewDecision<'_>> = accepted
+        .iter()
+        .flat_map(|(i, _, _)| {
+            let c = run[*i];
+            c.consent.iter().map(move |decision| cases::NewDecision {
+                registry_id: c.registry_id,
+                pseudonym: &c.pseudonym,
+                decision,
+                recorded_by: c.principal_id,
+                source: Source::PhysicianAttestation,
+                now: c.now,
+            })
+        })
+        .collect();
+    let mut event_ids = cases::append_consent_many(conn, &decisions)
+        .await?
+        .into_iter();
+    for (i, _, _) in &accepted {
+        outcomes[*i].1.consent_events = event_ids.by_ref().take(run[*i].consent.len()).collect();
+    }
+    let new_cases: Vec<cases::NewCase<'_>> = accepted
+        .iter()
+        .map(|(i, _, _)| {
+            let c = run[*i];
+            cases::NewCase {
+                registry_id: c.registry_id,
+                pseudonym: &c.pseudonym,
+                centre_id: c.centre_id,
+                recorded_by: c.principal_id,
+                row: &c.row,
+                now: c.now,
+            }
+        })
+        .collect();
+    let case_ids = cases::insert_cases_many(conn, &new_cases).await?;
+    let representatives: Vec<(i64, &str, cases::Representative<'_>)> = accepted
+        .iter()
+        .zip(case_ids)
+        .map(|((i, events, at), case_id)| {
+            let c = run[*i];
+            let (eligible, eligible_until) = rules.research_eligibility(events, *at);
+            (
+                c.registry_id,
+                c.pseudonym.as_str(),
+                cases::Representative {
+                    case_id,
+                    version: 1,
+                    centre_id: c.centre_id,
+                    row: &c.row,
+                    eligible,
+                    eligible_until,
+                },
+            )
+        })
+        .collect();
+    cases::set_representatives_many(conn, &representatives).await?;
+    Ok(outcomes)
 }
 
 /// Makes the version just written represent the patient in research counts, with the

@@ -37,3 +37,4 @@ mod shutdown;
 mod tls;
 mod validation;
 mod wire;
+mod write_runs;
