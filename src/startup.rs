@@ -520,6 +520,7 @@ impl Application {
             research_index,
             store,
             writer,
+            access: crate::service::access::AccessCache::new(),
         });
         let tls = tls_config(&args)?;
         let listener =

@@ -15,6 +15,7 @@
 //! - [`research`]: aggregates for researchers, where-is-the-expertise for physicians;
 //! - [`admin`]: the audit log for admins.
 
+pub mod access;
 pub mod admin;
 pub mod cases;
 pub mod consent;
@@ -61,6 +62,8 @@ pub struct Services {
     pub database: crate::health::DatabaseWatch,
     /// The clock of every decision (`crate::clock`).
     pub clock: Arc<dyn Clock>,
+    /// Key rows and registries, held while the access epoch stands (`access`).
+    pub access: access::AccessCache,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +161,8 @@ pub struct Call {
     peer: Peer,
     /// The principal's place among its calls in flight, held until the call is dropped.
     permit: Option<Arc<CallPermit>>,
+    /// The access epoch read at the start of the call (`access`).
+    epoch: Option<i64>,
 }
 
 impl Call {
@@ -176,6 +181,7 @@ impl Call {
             audited: false,
             peer: Peer::Unknown,
             permit: None,
+            epoch: None,
         }
     }
 
@@ -329,7 +335,8 @@ impl Services {
         Ok(principal)
     }
 
-    /// Checks a presented key against its row (read on every call: revocation, expiry and
+    /// Checks a presented key against its row (as the database holds it when the call
+    /// starts, through the access cache, `access`: revocation, expiry and
     /// disabling take effect at once). A key of an earlier version, hashed with Argon2id,
     /// is re-stored as HMAC once verified.
     pub async fn authenticate_key(
@@ -338,9 +345,17 @@ impl Services {
         certificate: Option<&str>,
         call: &mut Call,
     ) -> Result<Principal, ServiceError> {
-        self.verifier.counters().looked_up_key();
-        let Some(record) = self.store.load_key(&key.key_id).await? else {
-            return Err(AuthError::InvalidKey.into());
+        let epoch = self.access_epoch(call).await?;
+        let record = match self.access.key(epoch, &key.key_id) {
+            Some(record) => record,
+            None => {
+                self.verifier.counters().looked_up_key();
+                let Some(record) = self.store.load_key(&key.key_id).await? else {
+                    return Err(AuthError::InvalidKey.into());
+                };
+                self.access.hold_key(epoch, &key.key_id, &record);
+                record
+            }
         };
         // The key id is public (it names the key, it does not unlock it): a failed
         // attempt on a key that exists is recorded under it. (Ids that name no key are
@@ -387,6 +402,16 @@ impl Services {
         }
     }
 
+    /// The access epoch of the call: read from the database once, at its first need.
+    async fn access_epoch(&self, call: &mut Call) -> Result<i64, ServiceError> {
+        if let Some(epoch) = call.epoch {
+            return Ok(epoch);
+        }
+        let epoch = self.store.access_epoch().await?;
+        call.epoch = Some(epoch);
+        Ok(epoch)
+    }
+
     /// Authenticates and requires `role`.
     pub async fn authorize(
         &self,
@@ -414,11 +439,21 @@ impl Services {
             ServiceError::Invalid(v)
         })?;
         call.registry(code.as_str());
-        let registry = self
-            .store
-            .registry_by_code(code.as_str())
-            .await?
-            .ok_or_else(|| ServiceError::NotFound(format!("no registry {}", code.as_str())))?;
+        let epoch = self.access_epoch(call).await?;
+        let registry = match self.access.registry(epoch, code.as_str()) {
+            Some(registry) => registry,
+            None => {
+                let registry = self
+                    .store
+                    .registry_by_code(code.as_str())
+                    .await?
+                    .ok_or_else(|| {
+                        ServiceError::NotFound(format!("no registry {}", code.as_str()))
+                    })?;
+                self.access.hold_registry(epoch, &registry);
+                registry
+            }
+        };
         principal.require_registry(registry.id, &registry.code)?;
         Ok(registry)
     }

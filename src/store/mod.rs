@@ -477,6 +477,16 @@ impl Store {
         rows.iter().map(registry_from_row).collect()
     }
 
+    /// The access epoch: raised in the transaction of every change to the rows API keys
+    /// and registries are read from (triggers of migration 0014); what
+    /// `service::access` checks before it trusts what it holds.
+    pub async fn access_epoch(&self) -> Result<i64> {
+        Ok(sqlx::query("SELECT epoch FROM access_epoch WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
+    }
+
     pub async fn registry_by_code(&self, code: &str) -> Result<Option<Registry>> {
         let row = sqlx::query(
             "SELECT id, code, name, active_key_version, min_cell_count, protection_level FROM registries WHERE code = $1",

@@ -9,7 +9,17 @@
 //! Commands are partitioned over writers by a hash of the patient (registry, pseudonym), so
 //! all writes about one patient are applied in arrival order by one writer and never race
 //! each other. SQLite allows one writer at a time, so it gets one partition; PostgreSQL
-//! gets several.
+//! gets several. An audit entry sent alone (a read's, a refusal's) is about no patient's
+//! rows and goes to the writers in turn.
+//!
+//! Within a batch, a run of consecutive submissions about distinct patients (the common
+//! case under load, and every bulk stream) is applied with one statement per table
+//! ([`submit_run`]): their consent histories and existing cases are read in one
+//! statement each, each submission is decided on its own by the same rules in the same
+//! order as [`submit`], and what the accepted ones write goes in multi-row `INSERT`s
+//! (`tests/api/write_runs.rs` checks it writes what the commands one by one write). A
+//! patient seen twice starts a new run, so that the second sees what the first wrote;
+//! every other command is applied on its own, in order.
 //!
 //! That ordering ends at the process. On PostgreSQL several instances share the database,
 //! and each command reads consent, then writes, under READ COMMITTED: a withdrawal
@@ -42,6 +52,7 @@ use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use sqlx::{AnyConnection, Executor};
@@ -284,6 +295,8 @@ pub trait AfterCommit: Send + Sync {
 #[derive(Clone)]
 pub struct Writer {
     queues: Vec<mpsc::Sender<Job>>,
+    /// The writer the next audit-only command goes to.
+    next: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -327,7 +340,10 @@ impl Writer {
                 tx
             })
             .collect();
-        Writer { queues }
+        Writer {
+            queues,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Applies a case command and waits until it is durably committed (or refused).
@@ -354,10 +370,17 @@ impl Writer {
         command: Command,
         audit: Option<Entry>,
     ) -> Result<Output, WriteError> {
-        let (registry_id, pseudonym) = command.patient();
-        let mut h = DefaultHasher::new();
-        (registry_id, pseudonym).hash(&mut h);
-        let queue = &self.queues[(h.finish() % self.queues.len() as u64) as usize];
+        // Commands about a patient go to that patient's writer; an entry alone (a read, a
+        // refusal) to the next writer in turn, so reads never queue behind one of them.
+        let partition = if matches!(command, Command::Audit) {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            let (registry_id, pseudonym) = command.patient();
+            let mut h = DefaultHasher::new();
+            (registry_id, pseudonym).hash(&mut h);
+            h.finish() as usize
+        };
+        let queue = &self.queues[partition % self.queues.len()];
         let (tx, rx) = oneshot::channel();
         queue
             .send((command, audit, tx))

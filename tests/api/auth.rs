@@ -165,3 +165,63 @@ async fn another_centres_case_can_be_neither_read_nor_updated() {
     .await
     .unwrap();
 }
+
+/// Key rows and registries are held in memory (`service::access`) while the access epoch
+/// stands. Changes made past the service, straight in SQL as an operator (or another
+/// instance, or the admin CLI) would make them, apply to the next call all the same:
+/// the database's triggers raise the epoch.
+#[tokio::test]
+async fn changes_made_in_sql_past_the_service_apply_to_the_next_call() {
+    let app = TestApp::spawn().await;
+    app.centre("NL-AMC", "NL", &["ERN-EYE", "ERN-LUNG"]).await;
+    let token = app
+        .principal("dr-a", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let mut dr = app.client(Some(&token)).await;
+    let sql = |statement: &'static str| {
+        let pool = app.store.pool().clone();
+        async move { sqlx::query(statement).execute(&pool).await.unwrap() }
+    };
+    // Held after the first calls.
+    for i in 1..=3 {
+        dr.submit_case(submission("ERN-EYE", national("NL", &bsn(i))))
+            .await
+            .unwrap();
+    }
+    let lookups = app.auth.key_lookups();
+    dr.submit_case(submission("ERN-EYE", national("NL", &bsn(4))))
+        .await
+        .unwrap();
+    assert_eq!(app.auth.key_lookups(), lookups, "the key row is held");
+
+    // The centre leaves ERN-EYE: refused in ERN-EYE at once, still admitted to ERN-LUNG.
+    sql("DELETE FROM centre_registries WHERE registry_id = (SELECT id FROM registries WHERE code = 'ERN-EYE')").await;
+    let err = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(5))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(5))))
+        .await
+        .unwrap();
+
+    // The principal is disabled by hand: the next call is refused.
+    sql("UPDATE principals SET disabled_at = 1 WHERE name = 'dr-a'").await;
+    let err = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(6))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    sql("UPDATE principals SET disabled_at = NULL WHERE name = 'dr-a'").await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(6))))
+        .await
+        .unwrap();
+
+    // The key is revoked by hand: the next call is refused.
+    sql("UPDATE api_keys SET revoked_at = 1").await;
+    let err = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(7))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}

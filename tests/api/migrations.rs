@@ -72,6 +72,7 @@ const DIALECT_ONLY: &[DialectOnly] = &[
     DialectOnly {
         side: Side::Sqlite,
         facts: &[
+            "column access_epoch.id generated",
             "column audit_head.id generated",
             "column audit_log.seq generated",
             "column master_key.id generated",
