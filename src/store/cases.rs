@@ -587,6 +587,9 @@ pub(crate) async fn find_case(
     row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
+/// One case at version 1, one row at a time: what the writer did before runs
+/// ([`insert_cases_many`]); kept for the benches' per-row raw insert (`writer_sql`).
+#[cfg(feature = "fixtures")]
 pub(crate) async fn insert_case(
     conn: &mut AnyConnection,
     registry_id: i64,

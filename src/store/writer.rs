@@ -778,57 +778,20 @@ async fn record_attestation(
     Ok(ids)
 }
 
+/// A submission on its own: a run of one ([`submit_run`] holds the rules).
 async fn submit(
     conn: &mut AnyConnection,
     rules: &dyn ConsentRules,
     c: &SubmitCase,
     wrote: &mut Wrote,
 ) -> Result<Written, WriteError> {
-    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
-    let at = rules.effective_at(&events, c.now);
-    rules.may_store_case(&events, at)?;
-    if cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id)
-        .await?
-        .is_some()
-    {
-        return Err(WriteError::AlreadyExists);
-    }
-    wrote.consent_events = record_attestation(
-        conn,
-        c.registry_id,
-        &c.pseudonym,
-        &c.consent,
-        c.principal_id,
-        c.now,
-    )
-    .await?;
-    let case_id = cases::insert_case(
-        conn,
-        c.registry_id,
-        &c.pseudonym,
-        c.centre_id,
-        c.principal_id,
-        &c.row,
-        c.now,
-    )
-    .await?;
-    represent(
-        conn,
-        rules,
-        c.registry_id,
-        &c.pseudonym,
-        case_id,
-        1,
-        c.centre_id,
-        &c.row,
-        &events,
-        at,
-    )
-    .await?;
-    Ok(Written {
-        version: 1,
-        recorded_at: c.now,
-    })
+    let Some((result, written)) = submit_run(conn, rules, &[c]).await?.pop() else {
+        return Err(WriteError::Store(StoreError::Corrupt(
+            "a run of one submission answered nothing".into(),
+        )));
+    };
+    *wrote = written;
+    result
 }
 
 /// The end of the run of submissions that starts at `start`: consecutive `Submit`
