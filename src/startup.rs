@@ -518,6 +518,7 @@ impl Application {
             database: DatabaseWatch::new(database_url),
             clock,
             research_index,
+            epoch_reads: crate::service::access::EpochReads::of(store.clone()),
             store,
             writer,
             access: crate::service::access::AccessCache::new(),

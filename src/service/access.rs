@@ -19,11 +19,107 @@
 //!
 //! **Bounded.** Only rows that exist are held (a key id that names no key is not), at
 //! most [`CAPACITY`] of each kind; when full, everything is dropped and refilled by use.
+//!
+//! **One read of the epoch for many calls.** Under load, hundreds of calls start while
+//! one read of the epoch is under way. A call may use any read that *began after the
+//! call did* (it sees every change committed before the call started), so [`EpochReads`]
+//! keeps at most one read in flight: calls that arrive meanwhile wait for the next one,
+//! which starts as soon as the current one ends and answers them all. A call never uses a
+//! read that began before it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
-use crate::store::{KeyRecord, Registry};
+use tokio::sync::oneshot;
+
+use crate::store::{KeyRecord, Registry, Store};
+
+/// Reads the epoch from the database; `None` if the read failed (the caller then reads
+/// on its own, and gets the database's error).
+pub type ReadEpoch =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<i64>> + Send>> + Send + Sync>;
+
+/// Coalesced reads of the access epoch (see the module's doc).
+pub struct EpochReads {
+    read: ReadEpoch,
+    queue: Arc<Mutex<Queue>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Whether a reader task runs.
+    reading: bool,
+    /// Calls waiting for a read that begins after they arrived.
+    waiting: Vec<oneshot::Sender<Option<i64>>>,
+}
+
+impl EpochReads {
+    pub fn new(read: ReadEpoch) -> EpochReads {
+        EpochReads {
+            read,
+            queue: Arc::new(Mutex::new(Queue::default())),
+        }
+    }
+
+    /// Reads of `store`'s epoch.
+    pub fn of(store: Store) -> EpochReads {
+        EpochReads::new(Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.access_epoch().await.ok() })
+        }))
+    }
+
+    /// The epoch, from a read that began after this call; `None` if that read failed.
+    pub async fn read(&self) -> Option<i64> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let Ok(mut queue) = self.queue.lock() else {
+                return None;
+            };
+            queue.waiting.push(tx);
+            !std::mem::replace(&mut queue.reading, true)
+        };
+        if start {
+            let read = self.read.clone();
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                // Whatever happens to this task, the next call starts a reader again.
+                let _reset = ResetOnDrop(queue.clone());
+                loop {
+                    let batch = match queue.lock() {
+                        Ok(mut q) if !q.waiting.is_empty() => std::mem::take(&mut q.waiting),
+                        _ => break,
+                    };
+                    // Every call in `batch` arrived before this read begins.
+                    let epoch = read().await;
+                    for waiter in batch {
+                        let _ = waiter.send(epoch);
+                    }
+                }
+            });
+        }
+        rx.await.ok().flatten()
+    }
+}
+
+/// Marks the reader as stopped, under the queue's lock (so a call that queued just before
+/// is served by the reader it then starts).
+struct ResetOnDrop(Arc<Mutex<Queue>>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut queue) = self.0.lock() {
+            queue.reading = false;
+            // A reader that ends (or dies) with calls still queued hands them a failed
+            // read: each then reads on its own.
+            for waiter in queue.waiting.drain(..) {
+                let _ = waiter.send(None);
+            }
+        }
+    }
+}
 
 /// Most key rows (and registries) held.
 pub const CAPACITY: usize = 10_000;
@@ -31,6 +127,12 @@ pub const CAPACITY: usize = 10_000;
 #[derive(Default)]
 pub struct AccessCache {
     inner: Mutex<Held>,
+}
+
+impl std::fmt::Debug for EpochReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EpochReads")
+    }
 }
 
 #[derive(Default)]
@@ -117,6 +219,72 @@ mod tests {
     use super::*;
     use crate::auth::{Principal, Role};
     use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+
+    /// A database whose epoch reads wait for `gate` and return the value at their start.
+    struct FakeDb {
+        epoch: AtomicI64,
+        reads: AtomicUsize,
+        gate: Semaphore,
+    }
+
+    fn reads_of(db: &Arc<FakeDb>) -> EpochReads {
+        let db = db.clone();
+        EpochReads::new(Arc::new(move || {
+            let db = db.clone();
+            Box::pin(async move {
+                db.reads.fetch_add(1, Ordering::SeqCst);
+                let at_start = db.epoch.load(Ordering::SeqCst);
+                db.gate.acquire().await.ok()?.forget();
+                Some(at_start)
+            })
+        }))
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_reads_and_none_uses_a_read_begun_before_it() {
+        let db = Arc::new(FakeDb {
+            epoch: AtomicI64::new(1),
+            reads: AtomicUsize::new(0),
+            gate: Semaphore::new(0),
+        });
+        let reads = Arc::new(reads_of(&db));
+        // A first call: its read begins and waits at the gate.
+        let first = tokio::spawn({
+            let reads = reads.clone();
+            async move { reads.read().await }
+        });
+        while db.reads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // A change commits, then a hundred calls start: none may get the first read.
+        db.epoch.store(2, Ordering::SeqCst);
+        let later: Vec<_> = (0..100)
+            .map(|_| {
+                let reads = reads.clone();
+                tokio::spawn(async move { reads.read().await })
+            })
+            .collect();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        db.gate.add_permits(1000);
+        assert_eq!(first.await.unwrap(), Some(1));
+        for call in later {
+            assert_eq!(
+                call.await.unwrap(),
+                Some(2),
+                "a call used a read begun before it"
+            );
+        }
+        // The hundred shared one read (two at most, if the first ended early).
+        let n = db.reads.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&n), "{n} reads for 101 calls");
+        // And the reader stops when idle, and starts again for the next call.
+        db.epoch.store(3, Ordering::SeqCst);
+        assert_eq!(reads.read().await, Some(3));
+    }
 
     fn record(name: &str) -> KeyRecord {
         KeyRecord {

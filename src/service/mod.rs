@@ -64,6 +64,8 @@ pub struct Services {
     pub clock: Arc<dyn Clock>,
     /// Key rows and registries, held while the access epoch stands (`access`).
     pub access: access::AccessCache,
+    /// Reads of the access epoch, shared by the calls that start during one.
+    pub epoch_reads: access::EpochReads,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,7 +409,11 @@ impl Services {
         if let Some(epoch) = call.epoch {
             return Ok(epoch);
         }
-        let epoch = self.store.access_epoch().await?;
+        let epoch = match self.epoch_reads.read().await {
+            Some(epoch) => epoch,
+            // The shared read failed: read alone, for the database's own error.
+            None => self.store.access_epoch().await?,
+        };
         call.epoch = Some(epoch);
         Ok(epoch)
     }
