@@ -126,6 +126,69 @@ pub enum Command {
         #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
         master_passphrase_file: Option<PathBuf>,
     },
+    /// Bulk upload of cases from a CSV file in the template's columns (`--template`) or
+    /// JSON Lines of SubmitCaseRequest in the proto JSON form, streamed through
+    /// CaseService.SubmitCases. Every line is checked locally first; the result file
+    /// records each line's outcome, and a re-run skips the lines already accepted. The
+    /// API key comes from ERN_API_KEY or --api-key-file, never from a flag.
+    Upload(UploadArgs),
+}
+
+/// The format of an upload file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UploadFormat {
+    /// The CSV template (`upload --template`).
+    Csv,
+    /// JSON Lines: one SubmitCaseRequest per line, in the proto JSON form.
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UploadArgs {
+    /// The file to upload (`.csv` or `.jsonl`/`.ndjson`; see --format).
+    #[arg(required_unless_present = "template")]
+    pub file: Option<PathBuf>,
+    /// Print the CSV template (the header and an example row) and exit.
+    #[arg(long)]
+    pub template: bool,
+    /// The server: http://HOST:PORT, or https://HOST:PORT for TLS.
+    #[arg(long, env = "ERN_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Registry (ERN) code of every line of a CSV file, and of the JSON lines that name
+    /// none.
+    #[arg(long, env = "ERN_REGISTRY")]
+    pub registry: Option<String>,
+    /// The file's format. Default: from its extension (.jsonl and .ndjson are JSON Lines,
+    /// anything else CSV).
+    #[arg(long, value_enum)]
+    pub format: Option<UploadFormat>,
+    /// The result file (CSV: line, client reference, outcome, pseudonym, error). Default:
+    /// the input file's name with `.results.csv`. Also the record a re-run resumes from.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// Send the valid lines even when some lines are invalid (the invalid ones are
+    /// reported in the result file and not sent).
+    #[arg(long)]
+    pub send_valid: bool,
+    /// Check every line and report, but send nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// File whose first line is the API key (instead of the ERN_API_KEY variable).
+    #[arg(long, env = "ERN_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server's certificate by (https).
+    #[arg(long, env = "ERN_TLS_CA")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --client-key.
+    #[arg(long, env = "ERN_TLS_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "ERN_TLS_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Passes over the lines still to send that may end without progress (the server
+    /// unavailable, or rate limiting) before the upload gives up.
+    #[arg(long, default_value_t = 8)]
+    pub max_retries: u32,
 }
 
 #[derive(Debug, Clone, Args)]

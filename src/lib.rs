@@ -25,6 +25,7 @@ pub mod service;
 pub mod startup;
 pub mod store;
 pub mod synthetic;
+pub mod upload;
 
 /// Generated code of the public contract (`proto/ern_registry/v1`).
 pub mod proto {

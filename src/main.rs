@@ -68,6 +68,9 @@ async fn main() -> ExitCode {
             )
             .await
         }
+        Command::Upload(args) => ern_registry::upload::run(args)
+            .await
+            .map_err(|e| e as AnyError),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

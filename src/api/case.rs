@@ -19,9 +19,11 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::timestamp_to_proto;
 use super::{SharedState, audited, authorize, client_certificate, convert, rejection};
 use crate::auth::{PresentedKey, Principal, Role};
+use crate::consent::ConsentDecision;
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::outcome::Outcome;
 use crate::proto::{self, case_service_server::CaseService};
+use crate::pseudonym::PatientIdentity;
 use crate::ratelimit::{Limit, RateLimited};
 use crate::service::{Call, ServiceError, cases, parse_pseudonym};
 
@@ -72,14 +74,14 @@ fn parse_consent(
     }
 }
 
-/// One submission, start to finish, for an already authenticated physician.
-async fn submit_one(
-    state: &SharedState,
-    principal: &Principal,
-    mut request: proto::SubmitCaseRequest,
-    call: &mut Call,
-) -> Result<proto::SubmitCaseResponse, ServiceError> {
-    let access = cases::open(state, principal, &request.registry, "registry", call).await?;
+/// Converts and checks a submission's identifiers, record, consent attestation and client
+/// reference, reporting every field violation at once. The one check of a submission:
+/// the server runs it on every item, and `ern-registry upload` (`crate::upload`) on every
+/// line of a file before anything is sent.
+pub fn parse_submission(
+    request: &proto::SubmitCaseRequest,
+    now: DateTime<Utc>,
+) -> Result<(PatientIdentity, CaseRecord, Vec<ConsentDecision>), FieldViolations> {
     let mut violations = FieldViolations::new();
     let identity = match request.patient.as_ref() {
         None => {
@@ -94,20 +96,31 @@ async fn submit_one(
             }
         },
     };
-    // Parsed (and normalised into `identity`, itself wiped on drop): the identifiers of
-    // the request are overwritten here, not when the submission is done.
-    drop(request.patient.take());
-    let now = state.clock.now();
     let record = parse_record(request.record.as_ref(), now, &mut violations);
     let consent = parse_consent(&request.consent, now, &mut violations);
     violations.check(
         "client_reference",
         ClientReference::parse(&request.client_reference),
     );
-    let (Some(identity), Some(record)) = (identity, record) else {
-        return Err(ServiceError::Invalid(violations));
-    };
-    violations.into_result()?;
+    match (identity, record) {
+        (Some(identity), Some(record)) if violations.is_empty() => Ok((identity, record, consent)),
+        _ => Err(violations),
+    }
+}
+
+/// One submission, start to finish, for an already authenticated physician.
+async fn submit_one(
+    state: &SharedState,
+    principal: &Principal,
+    mut request: proto::SubmitCaseRequest,
+    call: &mut Call,
+) -> Result<proto::SubmitCaseResponse, ServiceError> {
+    let access = cases::open(state, principal, &request.registry, "registry", call).await?;
+    let parsed = parse_submission(&request, state.clock.now());
+    // Parsed (and normalised into the identity, itself wiped on drop): the identifiers of
+    // the request are overwritten here, not when the submission is done.
+    drop(request.patient.take());
+    let (identity, record, consent) = parsed?;
     let submission = cases::Submission {
         identity,
         record,

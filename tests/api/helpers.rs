@@ -137,11 +137,13 @@ impl TestApp {
     /// An app on a database the test prepared (e.g. as an earlier version left it), with
     /// its master key file at `dir/master.key`.
     pub async fn spawn_on(dir: TempDir, database_url: String) -> TestApp {
+        Self::spawn_on_with(ServeArgs::default(), dir, database_url).await
+    }
+
+    /// [`TestApp::spawn_on`] with `args`.
+    pub async fn spawn_on_with(args: ServeArgs, dir: TempDir, database_url: String) -> TestApp {
         init_logging();
-        Self::start(ServeArgs::default(), dir, database_url, |url| {
-            url.to_owned()
-        })
-        .await
+        Self::start(args, dir, database_url, |url| url.to_owned()).await
     }
 
     async fn start(

@@ -35,6 +35,7 @@ mod server_lock;
 mod service;
 mod shutdown;
 mod tls;
+mod upload;
 mod validation;
 mod wire;
 mod write_runs;

@@ -19,16 +19,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::helpers::*;
 
 /// A CA, a server certificate for localhost, and client certificates, as PEM files.
-struct Pki {
+pub struct Pki {
     _dir: tempfile::TempDir,
     issuer: CertifiedIssuer<'static, KeyPair>,
-    ca: PathBuf,
+    pub ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -56,7 +56,7 @@ impl Pki {
     }
 
     /// A client certificate (PEM) and its key, signed by the CA.
-    fn client(&self, name: &str) -> (String, String) {
+    pub fn client(&self, name: &str) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -65,7 +65,7 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
-    fn args(&self, mutual: bool) -> ServeArgs {
+    pub fn args(&self, mutual: bool) -> ServeArgs {
         ServeArgs {
             tls_cert: Some(self.server_cert.clone()),
             tls_key: Some(self.server_key.clone()),

@@ -1,0 +1,134 @@
+"""Physicians' submissions against a real server."""
+
+import datetime as dt
+
+import pytest
+
+import ern_registry
+from ern_registry import Client, consent, national, submission
+
+
+def record(**changes):
+    base = {
+        "birthYearMonth": "2015-06",
+        "sex": "SEX_FEMALE",
+        "status": "PATIENT_STATUS_ALIVE",
+        "onsetKind": "ONSET_KIND_DATE",
+        "onsetDate": "2015-09",
+        "diagnosis": {"orphacode": "ORPHA:586", "icd10": ["E84.0"]},
+        "diagnosisDate": "2016-03-14",
+        "hpoTerms": ["HP:0006528"],
+    }
+    base.update(changes)
+    return base
+
+
+INCLUSION = consent("registry_inclusion", given_at=dt.date(2024, 3, 1), form_version="ERN-LUNG-2024-01")
+
+
+def patient(n):
+    # The synthetic issuer XT; numbers far above those of the demo's patients.
+    return national("XT", f"SYN{900_000_000 + n:09d}")
+
+
+@pytest.fixture(scope="module")
+def physician(demo_server):
+    with Client(demo_server.address, api_key=demo_server.keys["dr-jansen"]) as client:
+        yield client
+
+
+def test_a_case_is_stored_read_back_and_not_stored_twice(physician):
+    stored = physician.submit_case(
+        registry="ERN-LUNG", patient=patient(1), record=record(), consent=[INCLUSION]
+    )
+    assert stored.pseudonym.startswith("R")
+    assert stored.version == 1
+    assert stored.recorded_at.tzinfo is not None
+    case = physician.get_case("ERN-LUNG", stored.pseudonym)
+    assert case.current.record.diagnosis.orphacode == "ORPHA:586"
+    assert case.centre == "NL-UMCU"
+    with pytest.raises(ern_registry.AlreadyExists) as raised:
+        physician.submit_case(registry="ERN-LUNG", patient=patient(1), record=record(), consent=[INCLUSION])
+    assert raised.value.resource_name == stored.pseudonym
+
+
+def test_an_update_makes_a_new_version_and_a_stale_one_is_aborted(physician):
+    stored = physician.submit_case(
+        registry="ERN-LUNG", patient=patient(4), record=record(), consent=[INCLUSION]
+    )
+    updated = physician.update_case("ERN-LUNG", stored.pseudonym, 1, record(hpoTerms=["HP:0002205"]))
+    assert (updated.pseudonym, updated.version) == (stored.pseudonym, 2)
+    case = physician.get_case("ERN-LUNG", stored.pseudonym, include_history=True)
+    assert list(case.current.record.hpo_terms) == ["HP:0002205"]
+    assert [v.version for v in case.history] == [1]
+    with pytest.raises(ern_registry.Aborted):
+        physician.update_case("ERN-LUNG", stored.pseudonym, 1, record())
+
+
+def test_every_invalid_field_is_reported(physician):
+    bad = record(birthYearMonth="2015-13", diagnosis={"orphacode": "558"}, hpoTerms=["HP:1"])
+    with pytest.raises(ern_registry.InvalidArgument) as raised:
+        physician.submit_case(registry="ERN-LUNG", patient=patient(2), record=bad, consent=[INCLUSION])
+    fields = {v.field for v in raised.value.field_violations}
+    assert {"record.birth_year_month", "record.diagnosis.orphacode", "record.hpo_terms[0]"} <= fields
+    assert "record.birth_year_month" in str(raised.value)
+
+
+def test_a_case_without_consent_is_consent_required(physician):
+    with pytest.raises(ern_registry.ConsentRequired) as raised:
+        physician.submit_case(registry="ERN-LUNG", patient=patient(3), record=record())
+    assert raised.value.scope == "REGISTRY_INCLUSION"
+    assert isinstance(raised.value, ern_registry.FailedPrecondition)
+
+
+def test_an_unknown_pseudonym_is_not_found(physician):
+    with pytest.raises(ern_registry.InvalidArgument):
+        physician.get_case("ERN-LUNG", "nonsense")
+
+
+def test_a_bulk_stream_answers_each_submission_in_order(physician):
+    def submissions():
+        for n in range(10, 40):
+            yield {
+                "registry": "ERN-LUNG",
+                "patient": patient(n),
+                "record": record() if n % 10 else record(sex="SEX_UNSPECIFIED"),
+                "consent": [INCLUSION],
+                "clientReference": f"bulk-{n}",
+            }
+
+    results = list(physician.submit_cases(submissions()))
+    assert [r.sequence for r in results] == list(range(30))
+    assert [r.client_reference for r in results] == [f"bulk-{n}" for n in range(10, 40)]
+    rejected = [r for r in results if not r.ok]
+    assert [r.client_reference for r in rejected] == ["bulk-10", "bulk-20", "bulk-30"]
+    for r in rejected:
+        assert isinstance(r.error, ern_registry.InvalidArgument)
+        assert [v.field for v in r.error.field_violations] == ["record.sex"]
+    assert all(r.submitted.pseudonym for r in results if r.ok)
+    # Sent again: every stored one is ALREADY_EXISTS, nothing stored twice.
+    again = list(physician.submit_cases(submissions()))
+    assert {type(r.error) for r in again if r.client_reference not in {"bulk-10", "bulk-20", "bulk-30"}} == {
+        ern_registry.AlreadyExists
+    }
+
+
+def test_a_stream_without_consent_reports_consent_required(physician):
+    results = list(
+        physician.submit_cases(
+            [submission(registry="ERN-LUNG", patient=patient(50), record=record(), clientReference="nc")]
+        )
+    )
+    assert isinstance(results[0].error, ern_registry.ConsentRequired)
+
+
+def test_submission_helpers_build_the_proto_json_form():
+    message = submission(
+        {"registry": "ERN-LUNG", "patient": national("NL", "111222333")},
+        record=record(),
+        consent=[consent("research_use", "refused", given_at=dt.datetime(2024, 3, 1, 10, 0), form_version="F")],
+    )
+    assert message.patient.national.issuing_country == "NL"
+    assert message.record.onset_date == "2015-09"
+    assert message.consent[0].state == ern_registry.v1.common_pb2.CONSENT_STATE_REFUSED
+    assert message.consent[0].given_at.ToDatetime() == dt.datetime(2024, 3, 1, 10, 0)

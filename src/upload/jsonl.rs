@@ -1,0 +1,90 @@
+//! JSON Lines input of `ern-registry upload`: one `SubmitCaseRequest` per line in the
+//! proto3 JSON form (what `buf curl` and `grpcurl` take: lowerCamelCase or the proto's
+//! field names, enum names, RFC 3339 timestamps). Pure: no I/O.
+//!
+//! prost has no JSON mapping; prost-reflect (already the descriptor reader of the proto
+//! compiler) implements the proto3 JSON mapping over the contract's descriptor set, and
+//! the dynamic message is then transcoded into the generated type.
+//!
+//! A line that does not parse is reported with its column only: the parser's own
+//! messages may quote the offending value, which may be an identifier.
+
+use std::sync::OnceLock;
+
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor};
+
+use crate::proto;
+
+fn descriptor() -> &'static MessageDescriptor {
+    static DESCRIPTOR: OnceLock<MessageDescriptor> = OnceLock::new();
+    DESCRIPTOR.get_or_init(|| {
+        DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptor set decodes")
+            .get_message_by_name("ern_registry.v1.SubmitCaseRequest")
+            .expect("the contract defines SubmitCaseRequest")
+    })
+}
+
+/// Reads one line. The error says where, never what.
+pub fn parse_line(line: &str) -> Result<proto::SubmitCaseRequest, String> {
+    let mut deserializer = serde_json::Deserializer::from_str(line);
+    let message = DynamicMessage::deserialize_with_options(
+        descriptor().clone(),
+        &mut deserializer,
+        &DeserializeOptions::new().deny_unknown_fields(true),
+    )
+    .and_then(|m| deserializer.end().map(|()| m))
+    .map_err(|e| {
+        format!(
+            "not a SubmitCaseRequest in the proto JSON form (at column {}; unknown fields, wrong types and malformed values are refused)",
+            e.column()
+        )
+    })?;
+    message
+        .transcode_to::<proto::SubmitCaseRequest>()
+        .map_err(|_| "not a SubmitCaseRequest".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_proto_json_form_with_either_field_names() {
+        let line = r#"{"registry":"ERN-LUNG","patient":{"national":{"issuingCountry":"XT","value":"SYN000000001"}},
+            "record":{"birthYearMonth":"2015-06","sex":"SEX_FEMALE","status":"PATIENT_STATUS_ALIVE",
+            "onset_kind":"ONSET_KIND_DATE","onsetDate":"2015-09","diagnosis":{"orphacode":"ORPHA:586","icd10":["E84.0"]},
+            "diagnosisDate":"2016-03-14","hpoTerms":["HP:0006528"]},
+            "consent":[{"scope":"CONSENT_SCOPE_REGISTRY_INCLUSION","state":"CONSENT_STATE_GRANTED",
+            "givenAt":"2024-03-01T10:00:00Z","formVersion":"F-1"}],"clientReference":"c-1"}"#
+            .replace('\n', "");
+        let request = parse_line(&line).unwrap();
+        assert_eq!(request.registry, "ERN-LUNG");
+        assert_eq!(request.client_reference, "c-1");
+        let record = request.record.as_ref().unwrap();
+        assert_eq!(record.onset_kind, proto::OnsetKind::Date as i32);
+        assert_eq!(record.hpo_terms, ["HP:0006528"]);
+        assert_eq!(
+            request.consent[0].given_at.as_ref().unwrap().seconds,
+            1_709_287_200
+        );
+        match request.patient.as_ref().unwrap().kind.as_ref().unwrap() {
+            proto::patient_identifiers::Kind::National(n) => assert_eq!(n.value, "SYN000000001"),
+            proto::patient_identifiers::Kind::Demographic(_) => panic!(),
+        }
+    }
+
+    #[test]
+    fn errors_never_quote_the_line() {
+        for line in [
+            r#"{"patient":{"national":{"value":123456782}}}"#,
+            r#"{"patient":{"national":{"value":"123456782", "bsn":"123456782"}}}"#,
+            r#"{"record":{"sex":"SEX_123456782"}}"#,
+            r#"{"registry":"123456782"} trailing"#,
+            "123456782",
+        ] {
+            let err = parse_line(line).unwrap_err();
+            assert!(!err.contains("123456782"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,820 @@
+//! `ern-registry upload`: a physician's bulk upload of existing cases, a thin client of
+//! `CaseService.SubmitCases`.
+//!
+//! The file (the CSV template of [`template`], or JSON Lines of `SubmitCaseRequest` in the
+//! proto JSON form, [`jsonl`]) is read and every line checked first, with the server's
+//! own check of a submission (`api::case::parse_submission`) plus what only a whole file
+//! shows (a client reference used twice, one that contains the identifier). Every
+//! problem is reported with its line and field before anything is sent; with
+//! `--send-valid` the valid lines go anyway. The lines then stream through one
+//! SubmitCases call, and each acknowledgement is appended to the result file
+//! ([`results`]) as it arrives: that file is the journal a re-run resumes from (lines
+//! whose client reference it records as accepted or already existing are skipped, and
+//! ALREADY_EXISTS from the server counts as done), so an interrupted run (Ctrl-C, a
+//! kill, a lost connection) loses nothing the server acknowledged. Rate limiting and an
+//! unavailable server pause the stream and resume it with backoff.
+//!
+//! Identifiers never leave the request messages: the terminal, the log and the result
+//! file carry line numbers, client references, pseudonyms, status codes and the checks'
+//! field paths and descriptions (which never echo a value). The API key is read from
+//! `ERN_API_KEY` or a file, never from the command line (where `ps` would show it).
+
+pub mod jsonl;
+pub mod results;
+pub mod template;
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{UploadArgs, UploadFormat};
+use crate::domain::{FieldViolations, RegistryCode};
+use crate::proto::{self, case_service_client::CaseServiceClient};
+use results::{Journal, Outcome, Row};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Submissions of one stream sent and not yet answered, at most (the server works on 64
+/// at a time).
+const WINDOW: usize = 256;
+
+/// The environment variable holding the API key.
+pub const API_KEY_ENV: &str = "ERN_API_KEY";
+
+/// One line of the input, read and checked.
+pub struct Line {
+    /// 1-based line number in the file.
+    pub number: u64,
+    pub client_reference: String,
+    /// The request to send; `None` when the line could not be read at all.
+    pub request: Option<proto::SubmitCaseRequest>,
+    /// Everything wrong with the line (empty: valid).
+    pub violations: FieldViolations,
+}
+
+/// Checks a request read from line `number`, after the violations found reading it
+/// (`read`): the registry, then the server's check of a submission, then that the client
+/// reference does not contain the patient's identifier. An empty client reference
+/// becomes `line:N`.
+pub fn check(
+    request: &mut proto::SubmitCaseRequest,
+    number: u64,
+    read: FieldViolations,
+    now: DateTime<Utc>,
+) -> FieldViolations {
+    if request.client_reference.is_empty() {
+        request.client_reference = format!("line:{number}");
+    }
+    let mut violations = read;
+    let already: Vec<String> = violations.iter().map(|v| v.field.clone()).collect();
+    if request.registry.is_empty() {
+        violations.push("registry", "is required (give --registry)");
+    } else {
+        violations.check("registry", RegistryCode::parse(&request.registry));
+    }
+    if let Err(found) = crate::api::case::parse_submission(request, now) {
+        for v in found.iter() {
+            // A cell that could not be read was reported as such; its field is then
+            // empty or unspecified, which the check would report again.
+            if !already.contains(&v.field) {
+                violations.push(v.field.clone(), v.description.clone());
+            }
+        }
+    }
+    if reference_contains_identifier(request) {
+        violations.push(
+            "client_reference",
+            "must not contain the patient's identifier or name",
+        );
+    }
+    violations
+}
+
+/// Whether the client reference contains the national identifier (separators ignored)
+/// or the family name: references are echoed in results and logs, identifiers never.
+fn reference_contains_identifier(request: &proto::SubmitCaseRequest) -> bool {
+    use proto::patient_identifiers::Kind;
+    let plain = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_alphanumeric())
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let reference = plain(&request.client_reference);
+    let needle = match request.patient.as_ref().and_then(|p| p.kind.as_ref()) {
+        Some(Kind::National(n)) => plain(&n.value),
+        Some(Kind::Demographic(d)) => plain(&d.family_name),
+        None => return false,
+    };
+    needle.chars().count() >= 3 && reference.contains(&needle)
+}
+
+/// Reads and checks every line of `text` in `format` (`registry` for the lines that name
+/// none). A client reference used by an earlier line is a violation of the later one.
+pub fn read_lines(
+    text: &str,
+    format: UploadFormat,
+    registry: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Line>, Error> {
+    let mut lines = Vec::new();
+    match format {
+        UploadFormat::Jsonl => {
+            for (at, raw) in text.lines().enumerate() {
+                let number = at as u64 + 1;
+                if raw.trim().is_empty() {
+                    continue;
+                }
+                lines.push(match jsonl::parse_line(raw) {
+                    Ok(mut request) => {
+                        if request.registry.is_empty() {
+                            request.registry = registry.unwrap_or_default().to_owned();
+                        }
+                        let violations = check(&mut request, number, FieldViolations::new(), now);
+                        Line {
+                            number,
+                            client_reference: request.client_reference.clone(),
+                            request: Some(request),
+                            violations,
+                        }
+                    }
+                    Err(message) => unreadable(number, message),
+                });
+            }
+        }
+        UploadFormat::Csv => {
+            let registry = registry.ok_or("a CSV file needs --registry (or ERN_REGISTRY)")?;
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(true)
+                .from_reader(text.as_bytes());
+            let header = template::Header::parse(
+                reader
+                    .headers()
+                    .map_err(|_| "the first line is not a CSV header")?,
+            )?;
+            for record in reader.records() {
+                match record {
+                    Ok(row) => {
+                        let number = row.position().map_or(0, |p| p.line());
+                        let (mut request, read) = template::parse_row(&header, &row, registry);
+                        let violations = check(&mut request, number, read, now);
+                        lines.push(Line {
+                            number,
+                            client_reference: request.client_reference.clone(),
+                            request: Some(request),
+                            violations,
+                        });
+                    }
+                    Err(err) => {
+                        let number = err.position().map_or(0, |p| p.line());
+                        let message = match err.kind() {
+                            csv::ErrorKind::UnequalLengths {
+                                expected_len, len, ..
+                            } => format!("the row has {len} cells, the header {expected_len}"),
+                            csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+                            _ => "cannot be read as CSV".to_owned(),
+                        };
+                        lines.push(unreadable(number, message));
+                    }
+                }
+            }
+        }
+    }
+    let mut first_use: HashMap<String, u64> = HashMap::new();
+    for line in &mut lines {
+        if line.client_reference.is_empty() {
+            continue;
+        }
+        if let Some(first) = first_use.get(&line.client_reference) {
+            line.violations
+                .push("client_reference", format!("already used on line {first}"));
+        } else {
+            first_use.insert(line.client_reference.clone(), line.number);
+        }
+    }
+    Ok(lines)
+}
+
+fn unreadable(number: u64, message: String) -> Line {
+    let mut violations = FieldViolations::new();
+    violations.push("(line)", message);
+    Line {
+        number,
+        client_reference: String::new(),
+        request: None,
+        violations,
+    }
+}
+
+/// `field: description; ...` of a line's violations.
+fn describe(violations: &FieldViolations) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The canonical name of a gRPC status code (`FAILED_PRECONDITION`).
+fn code_name(code: i32) -> String {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .map_or_else(|| format!("code {code}"), |name| (*name).to_owned())
+}
+
+/// The result file's default path: the input's, with `.results.csv` for its extension.
+pub fn default_results_path(input: &Path) -> PathBuf {
+    input.with_extension("results.csv")
+}
+
+/// The format of `path` when not given: JSON Lines for `.jsonl`/`.ndjson`, else CSV.
+pub fn format_of(path: &Path) -> UploadFormat {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl" | "ndjson") => UploadFormat::Jsonl,
+        _ => UploadFormat::Csv,
+    }
+}
+
+/// Reads the API key: `ERN_API_KEY`, or the first line of `file`.
+fn api_key(file: Option<&Path>) -> Result<SecretString, Error> {
+    let key = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the API key file {}: {e}", path.display()))?;
+            text.lines().next().unwrap_or("").trim().to_owned()
+        }
+        None => std::env::var(API_KEY_ENV)
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    };
+    if key.is_empty() {
+        return Err(format!(
+            "no API key: set {API_KEY_ENV} or pass --api-key-file (never the key itself on the command line)"
+        )
+        .into());
+    }
+    Ok(SecretString::from(key))
+}
+
+async fn channel(args: &UploadArgs) -> Result<Channel, Error> {
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
+        .map_err(|_| "--server is not a URL such as http://127.0.0.1:50051")?
+        .connect_timeout(Duration::from_secs(10));
+    let tls = args.server.starts_with("https://");
+    if tls {
+        let ca = args
+            .ca_cert
+            .as_ref()
+            .ok_or("an https server needs --ca-cert (the CA that signed its certificate)")?;
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(config)?;
+    } else if args.client_cert.is_some() || args.ca_cert.is_some() {
+        return Err("TLS options need an https:// server".into());
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// Progress on the terminal: lines done of those to send, rate, time left.
+struct Progress {
+    total: usize,
+    done: usize,
+    started: Instant,
+    drawn: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        let now = Instant::now();
+        Progress {
+            total,
+            done: 0,
+            started: now,
+            drawn: now,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn advance(&mut self) {
+        self.done += 1;
+        let every = if self.tty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if self.drawn.elapsed() >= every {
+            self.draw();
+        }
+    }
+
+    fn draw(&mut self) {
+        self.drawn = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = self.done as f64 / secs;
+        let left = self.total.saturating_sub(self.done);
+        let eta = if rate > 0.0 {
+            format!("{:.0} s", left as f64 / rate)
+        } else {
+            "?".to_owned()
+        };
+        let bar_width = 30;
+        let filled = (self.done * bar_width)
+            .checked_div(self.total)
+            .unwrap_or(bar_width);
+        let line = format!(
+            "[{}{}] {}/{} lines  {:.0}/s  ETA {}",
+            "#".repeat(filled),
+            "-".repeat(bar_width - filled),
+            self.done,
+            self.total,
+            rate,
+            eta
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&mut self) {
+        self.draw();
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// Counts of this run, for the summary.
+#[derive(Default)]
+struct Tally {
+    accepted: usize,
+    already: usize,
+    rejected: usize,
+}
+
+/// How a pass over the lines still to send ended.
+enum PassEnd {
+    /// The stream ended (every line sent was answered, or the pass was paused).
+    Finished,
+    /// The stream failed with a status worth retrying.
+    Retry(tonic::Status),
+}
+
+/// Runs the command.
+pub async fn run(args: UploadArgs) -> Result<(), Error> {
+    if args.template {
+        print!("{}", template::template());
+        return Ok(());
+    }
+    let path = args.file.clone().ok_or("give the file to upload")?;
+    let format = args.format.unwrap_or_else(|| format_of(&path));
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let results_path = args
+        .results
+        .clone()
+        .unwrap_or_else(|| default_results_path(&path));
+    let lines = read_lines(&text, format, args.registry.as_deref(), Utc::now())?;
+    drop(text);
+
+    let earlier = results::latest(&results::read(&results_path)?);
+    // A line is done when it is valid and its client reference was accepted (or found
+    // already there) in an earlier run; an invalid line is reported again, whatever an
+    // earlier run made of a line with its reference.
+    let done_before = |line: &Line| {
+        line.violations.is_empty()
+            && earlier
+                .get(&line.client_reference)
+                .is_some_and(|row| row.outcome.is_done())
+    };
+    // The row of each line, for the result file written at the end.
+    let mut final_rows: Vec<Option<Row>> = lines
+        .iter()
+        .map(|line| {
+            done_before(line).then(|| Row {
+                line: line.number,
+                ..earlier[&line.client_reference].clone()
+            })
+        })
+        .collect();
+    let skipped = final_rows.iter().filter(|r| r.is_some()).count();
+    let invalid: Vec<usize> = (0..lines.len())
+        .filter(|&i| !lines[i].violations.is_empty())
+        .collect();
+    for &i in &invalid {
+        let line = &lines[i];
+        for v in line.violations.iter() {
+            eprintln!("line {}: {}: {}", line.number, v.field, v.description);
+        }
+        final_rows[i] = Some(Row {
+            line: line.number,
+            client_reference: line.client_reference.clone(),
+            outcome: Outcome::Invalid,
+            pseudonym: String::new(),
+            error: describe(&line.violations),
+        });
+    }
+    let valid: Vec<usize> = (0..lines.len())
+        .filter(|&i| final_rows[i].is_none())
+        .collect();
+    eprintln!(
+        "{}: {} lines, {} valid to send, {} invalid, {} done in an earlier run",
+        path.display(),
+        lines.len(),
+        valid.len(),
+        invalid.len(),
+        skipped
+    );
+    if args.check {
+        return if invalid.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} invalid lines", invalid.len()).into())
+        };
+    }
+    let mut journal = Journal::open(&results_path)
+        .map_err(|e| format!("cannot write {}: {e}", results_path.display()))?;
+    for &i in &invalid {
+        journal.append(final_rows[i].as_ref().expect("an invalid line has its row"))?;
+    }
+    if !invalid.is_empty() && !args.send_valid {
+        journal.sync()?;
+        return Err(format!(
+            "{} invalid lines (listed above and in {}); nothing was sent. Fix them, or pass --send-valid to send the {} valid lines",
+            invalid.len(),
+            results_path.display(),
+            valid.len()
+        )
+        .into());
+    }
+
+    let key = api_key(args.api_key_file.as_deref())?;
+    let mut bearer: MetadataValue<Ascii> = format!("Bearer {}", key.expose_secret())
+        .parse()
+        .map_err(|_| "the API key is not valid header text")?;
+    bearer.set_sensitive(true);
+    drop(key);
+    let mut client = CaseServiceClient::new(channel(&args).await?);
+
+    let requests: Arc<Vec<proto::SubmitCaseRequest>> = Arc::new(
+        valid
+            .iter()
+            .map(|&i| {
+                lines[i]
+                    .request
+                    .clone()
+                    .expect("a valid line has its request")
+            })
+            .collect(),
+    );
+    let mut pending: Vec<usize> = (0..valid.len()).collect();
+    let mut progress = Progress::new(valid.len());
+    let mut tally = Tally::default();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    let mut fruitless = 0u32;
+    let mut last_synced = Instant::now();
+    while !pending.is_empty() && !interrupted.load(Ordering::SeqCst) {
+        let before = pending.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<proto::SubmitCaseRequest>(16);
+        // At most WINDOW submissions sent and not yet answered: when the server starts
+        // refusing (rate limiting), few are in flight, and a stream never sends the
+        // server's allowance of refused items (`--max-stream-invalid-items`).
+        let window = Arc::new(Semaphore::new(WINDOW));
+        let feeder = {
+            let requests = requests.clone();
+            let order = pending.clone();
+            let stop = stop.clone();
+            let interrupted = interrupted.clone();
+            let window = window.clone();
+            tokio::spawn(async move {
+                for i in order {
+                    let Ok(permit) = window.acquire().await else {
+                        break;
+                    };
+                    permit.forget();
+                    if stop.load(Ordering::SeqCst) || interrupted.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if tx.send(requests[i].clone()).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+        let end = match client.submit_cases(request).await {
+            Err(status) => PassEnd::Retry(status),
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                let mut still: Vec<usize> = Vec::new();
+                let mut answered = 0usize;
+                let end = loop {
+                    match stream.message().await {
+                        Ok(Some(result)) => {
+                            window.add_permits(1);
+                            let Some(&i) = pending.get(result.sequence as usize) else {
+                                break PassEnd::Retry(tonic::Status::internal(
+                                    "the server answered a submission that was not sent",
+                                ));
+                            };
+                            answered = answered.max(result.sequence as usize + 1);
+                            let line = &lines[valid[i]];
+                            let mut row = Row {
+                                line: line.number,
+                                client_reference: line.client_reference.clone(),
+                                outcome: Outcome::Accepted,
+                                pseudonym: String::new(),
+                                error: String::new(),
+                            };
+                            match result.outcome {
+                                Some(proto::submit_cases_result::Outcome::Accepted(a)) => {
+                                    row.pseudonym = a.pseudonym;
+                                    tally.accepted += 1;
+                                }
+                                Some(proto::submit_cases_result::Outcome::Rejected(r))
+                                    if r.code == tonic::Code::AlreadyExists as i32 =>
+                                {
+                                    row.outcome = Outcome::AlreadyExists;
+                                    tally.already += 1;
+                                }
+                                Some(proto::submit_cases_result::Outcome::Rejected(r))
+                                    if r.code == tonic::Code::ResourceExhausted as i32
+                                        || r.code == tonic::Code::Unavailable as i32 =>
+                                {
+                                    // Rate limited or the server busy: send it again
+                                    // in the next pass, after a pause.
+                                    stop.store(true, Ordering::SeqCst);
+                                    still.push(i);
+                                    continue;
+                                }
+                                Some(proto::submit_cases_result::Outcome::Rejected(r)) => {
+                                    let mut error = format!("{}: {}", code_name(r.code), r.message);
+                                    for v in &r.field_violations {
+                                        error
+                                            .push_str(&format!("; {}: {}", v.field, v.description));
+                                    }
+                                    row.outcome = Outcome::Rejected;
+                                    row.error = error;
+                                    tally.rejected += 1;
+                                }
+                                None => {
+                                    still.push(i);
+                                    continue;
+                                }
+                            }
+                            journal.append(&row)?;
+                            final_rows[valid[i]] = Some(row);
+                            progress.advance();
+                            if last_synced.elapsed() >= Duration::from_secs(1) {
+                                journal.sync()?;
+                                last_synced = Instant::now();
+                            }
+                        }
+                        Ok(None) => break PassEnd::Finished,
+                        Err(status) => break PassEnd::Retry(status),
+                    }
+                };
+                // Lines not answered in this pass (never sent, or the stream broke).
+                still.extend(pending.iter().skip(answered).copied());
+                pending = still;
+                end
+            }
+        };
+        feeder.abort();
+        journal.sync()?;
+        if let PassEnd::Retry(status) = &end {
+            use tonic::Code;
+            if matches!(
+                status.code(),
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::Unimplemented
+            ) {
+                progress.finish();
+                return Err(format!(
+                    "the server refused the upload: {}: {}. {} lines are still to send; re-run to resume",
+                    code_name(status.code() as i32),
+                    status.message(),
+                    pending.len()
+                )
+                .into());
+            }
+        }
+        if pending.is_empty() || interrupted.load(Ordering::SeqCst) {
+            break;
+        }
+        if pending.len() < before {
+            fruitless = 0;
+        } else {
+            fruitless += 1;
+        }
+        if fruitless > args.max_retries {
+            progress.finish();
+            let why = match &end {
+                PassEnd::Retry(status) => {
+                    format!("{}: {}", code_name(status.code() as i32), status.message())
+                }
+                PassEnd::Finished => "rate limited".to_owned(),
+            };
+            return Err(format!(
+                "no progress after {} attempts ({why}); {} lines are still to send: re-run to resume",
+                args.max_retries + 1,
+                pending.len()
+            )
+            .into());
+        }
+        let pause = Duration::from_secs(1 << fruitless.min(5));
+        let started = Instant::now();
+        while started.elapsed() < pause && !interrupted.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    progress.finish();
+    journal.sync()?;
+    let interrupted = interrupted.load(Ordering::SeqCst);
+    if !interrupted {
+        journal.rewrite(final_rows.into_iter().flatten())?;
+    }
+    eprintln!(
+        "accepted {}, already in the registry {}, rejected {}, invalid {}, done earlier {}, not sent {}; results in {}",
+        tally.accepted,
+        tally.already,
+        tally.rejected,
+        invalid.len(),
+        skipped,
+        pending.len(),
+        results_path.display()
+    );
+    if interrupted {
+        return Err(format!(
+            "interrupted: every acknowledged line is in {}; re-run the same command to upload the {} lines left",
+            results_path.display(),
+            pending.len()
+        )
+        .into());
+    }
+    if tally.rejected > 0 || !invalid.is_empty() {
+        return Err(format!(
+            "{} lines rejected by the server and {} invalid; see {}",
+            tally.rejected,
+            invalid.len(),
+            results_path.display()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn fields(v: &FieldViolations) -> Vec<&str> {
+        v.iter().map(|v| v.field.as_str()).collect()
+    }
+
+    #[test]
+    fn the_template_row_passes_the_servers_check() {
+        let text = template::template();
+        let lines = read_lines(&text, UploadFormat::Csv, Some("ERN-LUNG"), now()).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].violations.is_empty(), "{:?}", lines[0].violations);
+        assert_eq!(lines[0].number, 2);
+    }
+
+    #[test]
+    fn every_problem_of_every_line_is_reported_with_line_and_field() {
+        let text = format!(
+            "{}client_reference,national_id_country,national_id,birth_year_month,sex,status,onset_kind,orphacode,diagnosis_date\n\
+             ,NL,111222334,2015-06,female,alive,unknown,ORPHA:586,2016-03\n\
+             dup,NL,111222333,2015-13,female,alive,unknown,ORPHA:586,2016-03\n\
+             dup,NL,111222333,2015-06,female,alive,unknown,ORPHA:586,2016-03\n",
+            ""
+        );
+        let lines = read_lines(&text, UploadFormat::Csv, Some("ERN-LUNG"), now()).unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].number, 2);
+        assert_eq!(lines[0].client_reference, "line:2");
+        // The BSN's 11-check, and no consent is not a local matter (it may be on file).
+        assert_eq!(fields(&lines[0].violations), ["patient.national.value"]);
+        assert_eq!(fields(&lines[1].violations), ["record.birth_year_month"]);
+        assert_eq!(fields(&lines[2].violations), ["client_reference"]);
+        assert!(
+            lines[2]
+                .violations
+                .iter()
+                .next()
+                .unwrap()
+                .description
+                .contains("line 3")
+        );
+        for line in &lines {
+            for v in line.violations.iter() {
+                assert!(!v.description.contains("11122233"), "{v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_csv_needs_a_registry_and_json_lines_may_name_their_own() {
+        assert!(read_lines(&template::template(), UploadFormat::Csv, None, now()).is_err());
+        let line = r#"{"patient":{"national":{"issuingCountry":"XT","value":"SYN000000001"}},"record":{"birthYearMonth":"2015-06","sex":"SEX_FEMALE","status":"PATIENT_STATUS_ALIVE","onsetKind":"ONSET_KIND_UNKNOWN","diagnosis":{"orphacode":"ORPHA:586"},"diagnosisDate":"2016"}}"#;
+        let text = format!(
+            "{line}\n\n{}\nnot json\n",
+            line.replacen('{', r#"{"registry":"ERN-EYE","#, 1)
+        );
+        let lines = read_lines(&text, UploadFormat::Jsonl, None, now()).unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(fields(&lines[0].violations), ["registry"]);
+        assert_eq!(lines[1].number, 3);
+        assert!(lines[1].violations.is_empty(), "{:?}", lines[1].violations);
+        assert_eq!(lines[2].number, 4);
+        assert_eq!(fields(&lines[2].violations), ["(line)"]);
+        let lines = read_lines(&text, UploadFormat::Jsonl, Some("ERN-LUNG"), now()).unwrap();
+        assert!(lines[0].violations.is_empty());
+        assert_eq!(lines[0].request.as_ref().unwrap().registry, "ERN-LUNG");
+        assert_eq!(lines[1].request.as_ref().unwrap().registry, "ERN-EYE");
+    }
+
+    #[test]
+    fn a_reference_must_not_carry_the_identifier() {
+        let mut request = fixtures::submission("ERN-LUNG", fixtures::national("NL", "111.222.333"));
+        request.client_reference = "ref-111222333".into();
+        let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
+        assert_eq!(fields(&v), ["client_reference"]);
+    }
+
+    #[test]
+    fn codes_have_their_canonical_names() {
+        assert_eq!(code_name(9), "FAILED_PRECONDITION");
+        assert_eq!(code_name(16), "UNAUTHENTICATED");
+        assert_eq!(code_name(99), "code 99");
+    }
+
+    #[test]
+    fn the_results_file_sits_next_to_the_input() {
+        assert_eq!(
+            default_results_path(Path::new("/x/cases.csv")),
+            Path::new("/x/cases.results.csv")
+        );
+        assert_eq!(format_of(Path::new("a.ndjson")), UploadFormat::Jsonl);
+        assert_eq!(format_of(Path::new("a.CSV")), UploadFormat::Csv);
+    }
+}
