@@ -200,6 +200,7 @@ fn main() {
             orphacodes: vec!["ORPHA:558".into()],
             countries: vec![],
             registries: vec![],
+            ..Default::default()
         });
         request
             .metadata_mut()

@@ -288,6 +288,7 @@ fn queries() -> Vec<Query> {
     let cf = || proto::Filter {
         dimension: D::Diagnosis as i32,
         values: vec!["ORPHA:586".into()],
+        ..Default::default()
     };
     let count = |name, dims: &[D], filters| Query {
         name,
@@ -367,6 +368,7 @@ async fn call(client: &mut Client, q: &Query) -> (usize, u32) {
                     orphacodes: vec![code.to_string()],
                     countries: vec![],
                     registries: vec![REGISTRY.into()],
+                    ..Default::default()
                 })
                 .await
                 .expect("expertise")

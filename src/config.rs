@@ -106,6 +106,11 @@ pub enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Code releases (HPO, Orphanet, HGNC) that submissions are checked against and
+    /// research questions expand along. Importing and activating are recorded in the
+    /// audit log, so they need the master key. See docs/codes.md.
+    #[command(subcommand)]
+    Codes(CodesCommand),
     /// Fill a registry with synthetic patients (demo centres, fictitious BSNs, realistic
     /// distributions) through the same write path as submissions. For demos and
     /// benchmarks only: never on a registry with real patients.
@@ -431,6 +436,69 @@ pub struct MasterArgs {
     /// File holding the master passphrase (first line); see `serve --help`.
     #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
     pub master_passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CodesCommand {
+    /// Import a release from its published files. It is put in force for its system
+    /// unless --keep-current is given; releases imported before are kept.
+    Import {
+        #[command(subcommand)]
+        release: ImportRelease,
+        /// The release's version; default: what the files state (HPO: data-version;
+        /// Orphanet: the product's date; HGNC: the latest date_modified).
+        #[arg(long, global = true)]
+        version: Option<String>,
+        /// Keep the release in force as it is; activate this one later.
+        #[arg(long, global = true)]
+        keep_current: bool,
+        #[command(flatten)]
+        master: MasterArgs,
+    },
+    /// List the releases on file and which one of each system is in force.
+    List,
+    /// Put a release on file in force for its system.
+    Activate {
+        /// hpo, orphanet or hgnc.
+        #[arg(long)]
+        system: String,
+        #[arg(long)]
+        version: String,
+        #[command(flatten)]
+        master: MasterArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportRelease {
+    /// The Human Phenotype Ontology: hp.obo, optionally with phenotype.hpoa and
+    /// genes_to_phenotype.txt of the same release (checked against it).
+    Hpo {
+        /// hp.obo.
+        #[arg(long)]
+        obo: PathBuf,
+        /// phenotype.hpoa.
+        #[arg(long)]
+        hpoa: Option<PathBuf>,
+        /// genes_to_phenotype.txt.
+        #[arg(long)]
+        genes_to_phenotype: Option<PathBuf>,
+    },
+    /// The Orphanet nomenclature: en_product1.xml, optionally with classification files
+    /// (en_product3_*.xml; repeat) for the hierarchy of subtypes.
+    Orphanet {
+        /// en_product1.xml.
+        #[arg(long)]
+        product1: PathBuf,
+        /// en_product3_*.xml; repeatable.
+        #[arg(long = "classification")]
+        classifications: Vec<PathBuf>,
+    },
+    /// The HGNC complete set (hgnc_complete_set.txt, tab-separated).
+    Hgnc {
+        #[arg(long)]
+        tsv: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod clock;
+pub mod codes;
 pub mod config;
 pub mod connections;
 pub mod consent;

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use ern_registry::audit::{Anchor, AuditKey};
 use ern_registry::config::{
-    AdminCommand, AuditCommand, Cli, Command, GlobalArgs, LogFormat, MasterArgs,
+    AdminCommand, AuditCommand, Cli, CodesCommand, Command, GlobalArgs, ImportRelease, LogFormat,
+    MasterArgs,
 };
 use ern_registry::keys::{self, KdfFile, MasterSecret, Passphrase};
 use ern_registry::pseudonym::Pseudonymiser;
@@ -44,6 +45,7 @@ async fn main() -> ExitCode {
             master_passphrase_file,
         } => keygen(&cli.global, out, passphrase, master_passphrase_file),
         Command::Admin(cmd) => admin(&cli.global, cmd).await,
+        Command::Codes(cmd) => codes(&cli.global, cmd).await,
         Command::Audit(AuditCommand::Verify {
             master,
             expect_head,
@@ -279,6 +281,120 @@ async fn admin(global: &GlobalArgs, cmd: AdminCommand) -> Result<(), AnyError> {
     };
     store.close().await;
     result
+}
+
+/// `ern-registry codes ...`: importing and activating run as audited admin actions.
+async fn codes(global: &GlobalArgs, cmd: CodesCommand) -> Result<(), AnyError> {
+    let store = open(global).await?;
+    let result = match cmd {
+        CodesCommand::List => list_code_releases(&store).await,
+        CodesCommand::Import {
+            release,
+            version,
+            keep_current,
+            master,
+        } => {
+            let source = match release {
+                ImportRelease::Hpo {
+                    obo,
+                    hpoa,
+                    genes_to_phenotype,
+                } => ern_registry::codes::Source::Hpo {
+                    obo,
+                    hpoa,
+                    genes_to_phenotype,
+                },
+                ImportRelease::Orphanet {
+                    product1,
+                    classifications,
+                } => ern_registry::codes::Source::Orphanet {
+                    product1,
+                    classifications,
+                },
+                ImportRelease::Hgnc { tsv } => ern_registry::codes::Source::Hgnc { tsv },
+            };
+            import_codes(global, &store, &master, source, version, !keep_current).await
+        }
+        CodesCommand::Activate {
+            system,
+            version,
+            master,
+        } => match ern_registry::domain::CodeSystem::parse(&system) {
+            Some(system) => {
+                let action = AdminAction::ActivateCodes { system, version };
+                run_audited(global, &store, &master, action).await
+            }
+            None => Err("--system must be hpo, orphanet or hgnc".into()),
+        },
+    };
+    store.close().await;
+    result
+}
+
+async fn list_code_releases(store: &Store) -> Result<(), AnyError> {
+    let releases = store.code_releases().await?;
+    if releases.is_empty() {
+        println!("no code release on file: codes get format checks only");
+    }
+    for r in releases {
+        println!(
+            "{:<9} {:<14} {} dated {:<10} {:>7} codes  from {}",
+            r.system.as_str(),
+            r.version,
+            if r.in_force { "IN FORCE" } else { "        " },
+            r.released_on.as_deref().unwrap_or("unknown"),
+            r.terms,
+            r.source
+        );
+    }
+    Ok(())
+}
+
+/// Imports a code release (`service::admin::import_codes`: audited, like every admin
+/// action that changes something).
+async fn import_codes(
+    global: &GlobalArgs,
+    store: &Store,
+    master: &MasterArgs,
+    source: ern_registry::codes::Source,
+    version: Option<String>,
+    activate: bool,
+) -> Result<(), AnyError> {
+    let secret = master_secret(global, store, master, MasterUse::Write { may_create: false })
+        .await
+        .map_err(|e| {
+            format!(
+                "{e}\n(this command records itself in the audit log, so it needs the database's master key)"
+            )
+        })?;
+    let done =
+        admin_service::import_codes(store, &secret, &cli_principal(), source, version, activate)
+            .await?;
+    for line in done.lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Runs an admin action that changes something, with its audit entry.
+async fn run_audited(
+    global: &GlobalArgs,
+    store: &Store,
+    master: &MasterArgs,
+    action: AdminAction,
+) -> Result<(), AnyError> {
+    let secret = master_secret(global, store, master, MasterUse::Write { may_create: false })
+        .await
+        .map_err(|e| {
+            format!(
+                "{e}\n(this command records itself in the audit log, so it needs the database's master key)"
+            )
+        })?;
+    let done = admin_service::run_action(store, &secret, &cli_principal(), action).await?;
+    for line in done.lines {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 async fn list_registries(store: &Store) -> Result<(), AnyError> {

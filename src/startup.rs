@@ -489,6 +489,15 @@ impl Application {
             info!("research index off: research queries scan the database");
             None
         };
+        // The code releases in force; without one, codes get format checks only.
+        let codes = Arc::new(crate::service::Codes::new(Default::default()));
+        codes.refresh(&store).await?;
+        if codes.get().releases().next().is_none() {
+            info!(
+                mode = %codes.get().mode(),
+                "code validation: no code release in force (import one with `ern-registry codes import`)"
+            );
+        }
         let writer = Writer::start_with(
             store.clone(),
             writers,
@@ -522,6 +531,7 @@ impl Application {
             store,
             writer,
             access: crate::service::access::AccessCache::new(),
+            codes,
         });
         let tls = tls_config(&args)?;
         let listener =
@@ -555,6 +565,12 @@ impl Application {
 
     pub fn store(&self) -> &Store {
         &self.state.store
+    }
+
+    /// The code releases in force as the services hold them (tests refresh them at once
+    /// instead of waiting for the next look).
+    pub fn codes(&self) -> Arc<crate::service::Codes> {
+        self.state.codes.clone()
     }
 
     /// The hash of API keys (under this master secret's pepper): what `admin issue-key`
@@ -651,6 +667,12 @@ impl Application {
             idle_timeout: self.args.idle_timeout(),
         });
         let incoming = connections.incoming(self.listener, self.args.keepalive());
+        let code_refresh = tokio::spawn(
+            self.state
+                .codes
+                .clone()
+                .keep_fresh(self.state.store.clone()),
+        );
         let refusal_summary = Flusher::start(
             self.state.refusals.clone(),
             self.state.writer.clone(),
@@ -678,6 +700,7 @@ impl Application {
             .serve_with_incoming_shutdown(incoming, signal);
         let result = serve_until_deadline(serve, stopping, deadline_tx, grace).await;
         probe.abort();
+        code_refresh.abort();
         // The last summary of refused calls goes in before the writer drains.
         refusal_summary.finish().await;
         info!("server stopped; the writer finishes its queue");

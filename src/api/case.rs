@@ -131,6 +131,8 @@ async fn submit_one(
         pseudonym: stored.pseudonym.as_str().to_owned(),
         version: stored.version as u32,
         recorded_at: Some(timestamp_to_proto(stored.recorded_at)),
+        replaced_codes: convert::replacements_to_proto(&stored.replaced, "record"),
+        code_releases: stored.code_releases,
     })
 }
 
@@ -278,6 +280,7 @@ impl CaseApi {
                 recorded_at: Some(timestamp_to_proto(v.recorded_at)),
                 recorded_by: v.recorded_by.clone(),
                 record: Some(convert::case_record_to_proto(&v.record)),
+                code_releases: v.code_releases.clone().unwrap_or_default(),
             })
             .collect();
         let current = versions.pop();
@@ -334,6 +337,8 @@ impl CaseApi {
             pseudonym: stored.pseudonym.as_str().to_owned(),
             version: stored.version as u32,
             recorded_at: Some(timestamp_to_proto(stored.recorded_at)),
+            replaced_codes: convert::replacements_to_proto(&stored.replaced, "record"),
+            code_releases: stored.code_releases,
         }))
     }
 }

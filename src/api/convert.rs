@@ -111,6 +111,22 @@ pub fn case_record(r: &proto::CaseRecord, today: NaiveDate) -> Result<CaseRecord
 }
 
 /// A record for the wire.
+/// Codes stored as another, with their field paths under `prefix` (`record`).
+pub fn replacements_to_proto(
+    replaced: &[crate::domain::Replacement],
+    prefix: &str,
+) -> Vec<proto::CodeReplacement> {
+    replaced
+        .iter()
+        .map(|r| proto::CodeReplacement {
+            field: format!("{prefix}.{}", r.field),
+            given: r.given.clone(),
+            stored: r.stored.clone(),
+            note: r.note.clone(),
+        })
+        .collect()
+}
+
 pub fn case_record_to_proto(record: &CaseRecord) -> proto::CaseRecord {
     fn strings<T: std::fmt::Display>(items: &[T]) -> Vec<String> {
         items.iter().map(ToString::to_string).collect()

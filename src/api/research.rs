@@ -15,9 +15,9 @@ use crate::aggregate::{
     CountTable, DELAY_BANDS, Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS,
     MAX_EXPERTISE_CODES, MAX_FILTER_VALUES, Quantiles,
 };
-use crate::domain::{CountryCode, FieldViolations, ORPHA_UNDIAGNOSED, Orphacode};
+use crate::domain::{CountryCode, FieldViolations, HpoTerm, ORPHA_UNDIAGNOSED, Orphacode};
 use crate::proto::{self, research_service_server::ResearchService};
-use crate::service::research::{self, ResearchAccess};
+use crate::service::research::{self, Along, ResearchAccess};
 use crate::service::{Call, ServiceError};
 use crate::store::Registry;
 
@@ -35,7 +35,8 @@ impl Dimension {
     pub fn from_proto(value: i32) -> Option<Dimension> {
         use proto::Dimension as P;
         Some(match P::try_from(value).ok()? {
-            P::Unspecified => return None,
+            // A filter only (`parse_filters`): not a dimension of tables.
+            P::Unspecified | P::Phenotype => return None,
             P::Diagnosis => Dimension::Diagnosis,
             P::Sex => Dimension::Sex,
             P::OnsetAgeBand => Dimension::OnsetAgeBand,
@@ -74,6 +75,10 @@ fn parse_group_by(values: &[i32], max: usize, v: &mut FieldViolations) -> Vec<Di
     let mut dims = Vec::with_capacity(values.len());
     for (i, &value) in values.iter().enumerate() {
         match Dimension::from_proto(value) {
+            None if value == proto::Dimension::Phenotype as i32 => v.push(
+                format!("group_by[{i}]"),
+                "PHENOTYPE is a filter only: a patient has many terms",
+            ),
             None => v.push(format!("group_by[{i}]"), "is not a dimension"),
             Some(d) if !seen.insert(d) => v.push(format!("group_by[{i}]"), "is repeated"),
             Some(d) => dims.push(d),
@@ -82,15 +87,50 @@ fn parse_group_by(values: &[i32], max: usize, v: &mut FieldViolations) -> Vec<Di
     dims
 }
 
-fn parse_filters(filters: &[proto::Filter], v: &mut FieldViolations) -> Vec<Filter> {
-    if filters.len() > Dimension::ALL.len() {
+/// The PHENOTYPE filter: HPO terms (by format; a term no release knows matches what is
+/// stored under it), with or without their descendants.
+fn parse_phenotypes(f: &proto::Filter, field: &str, v: &mut FieldViolations) -> Along {
+    let mut along = Along {
+        phenotype_descendants: f.include_descendants,
+        ..Along::default()
+    };
+    if f.values.is_empty() || f.values.len() > MAX_FILTER_VALUES {
+        v.push(
+            format!("{field}.values"),
+            format!("give 1 to {MAX_FILTER_VALUES} values"),
+        );
+        return along;
+    }
+    for (j, text) in f.values.iter().enumerate() {
+        match HpoTerm::parse(text) {
+            Ok(t) if !along.phenotypes.contains(&t) => along.phenotypes.push(t),
+            Ok(_) => {}
+            Err(e) => v.push(format!("{field}.values[{j}]"), e.to_string()),
+        }
+    }
+    along
+}
+
+fn parse_filters(filters: &[proto::Filter], v: &mut FieldViolations) -> (Vec<Filter>, Along) {
+    let mut along = Along::default();
+    if filters.len() > Dimension::ALL.len() + 1 {
         v.push("filters", "at most one filter per dimension");
-        return Vec::new();
+        return (Vec::new(), along);
     }
     let mut seen = BTreeSet::new();
     let mut out = Vec::with_capacity(filters.len());
     for (i, f) in filters.iter().enumerate() {
         let field = format!("filters[{i}]");
+        if f.dimension == proto::Dimension::Phenotype as i32 {
+            if !along.phenotypes.is_empty() {
+                v.push(format!("{field}.dimension"), "has another filter already");
+                continue;
+            }
+            let phenotypes = parse_phenotypes(f, &field, v);
+            along.phenotypes = phenotypes.phenotypes;
+            along.phenotype_descendants = phenotypes.phenotype_descendants;
+            continue;
+        }
         let Some(dimension) = Dimension::from_proto(f.dimension) else {
             v.push(format!("{field}.dimension"), "is not a dimension");
             continue;
@@ -114,9 +154,26 @@ fn parse_filters(filters: &[proto::Filter], v: &mut FieldViolations) -> Vec<Filt
                 Err(_) => v.push(format!("{field}.values[{j}]"), "is too long"),
             }
         }
+        if f.include_descendants {
+            if dimension == Dimension::Diagnosis {
+                along.diagnosis_subtypes = true;
+            } else {
+                v.push(
+                    format!("{field}.include_descendants"),
+                    "only DIAGNOSIS and PHENOTYPE have descendants",
+                );
+            }
+        }
         out.push(Filter { dimension, values });
     }
-    out
+    (out, along)
+}
+
+fn code_names(names: Vec<(String, String)>) -> Vec<proto::CodeName> {
+    names
+        .into_iter()
+        .map(|(code, name)| proto::CodeName { code, name })
+        .collect()
 }
 
 fn cell(value: Option<u64>) -> Option<proto::Cell> {
@@ -186,6 +243,7 @@ fn table_to_proto(
         grand_total: cell(p.grand_total),
         suppressed: table.suppressed() as u32,
         as_of: Some(as_of),
+        names: Vec::new(),
     }
 }
 
@@ -198,14 +256,14 @@ impl ResearchApi {
         (registry, group_by, filters): (&str, &[i32], &[proto::Filter]),
         max: usize,
         call: &mut Call,
-    ) -> Result<(ResearchAccess, Vec<Dimension>, Vec<Filter>), ServiceError> {
+    ) -> Result<(ResearchAccess, Vec<Dimension>, Vec<Filter>, Along), ServiceError> {
         let principal = authenticate(&self.state, request, call).await?;
         let access = research::open(&self.state, &principal, registry, call).await?;
         let mut v = FieldViolations::new();
         let group_by = parse_group_by(group_by, max, &mut v);
-        let filters = parse_filters(filters, &mut v);
+        let (filters, along) = parse_filters(filters, &mut v);
         v.into_result()?;
-        Ok((access, group_by, filters))
+        Ok((access, group_by, filters, along))
     }
 
     async fn count_patients_inner(
@@ -214,7 +272,7 @@ impl ResearchApi {
         call: &mut Call,
     ) -> Result<Response<proto::CountTable>, Status> {
         let req = request.get_ref();
-        let (access, group_by, filters) = self
+        let (access, group_by, filters, along) = self
             .selection(
                 &request,
                 (&req.registry, &req.group_by, &req.filters),
@@ -223,13 +281,28 @@ impl ResearchApi {
             )
             .await?;
         let counted =
-            research::count_patients(&self.state, &access, group_by, filters, call).await?;
-        Ok(Response::new(table_to_proto(
+            research::count_patients(&self.state, &access, group_by, filters, &along, call).await?;
+        let mut names = Vec::new();
+        let table = &counted.table;
+        if let Some(d) = table.row_dimension {
+            names.extend(research::names(&self.state, d, &table.row_labels));
+        }
+        for (c, d) in table.column_dimensions.iter().enumerate() {
+            let labels: Vec<String> = table
+                .column_labels
+                .iter()
+                .filter_map(|values| values.get(c).cloned())
+                .collect();
+            names.extend(research::names(&self.state, *d, &labels));
+        }
+        let mut answer = table_to_proto(
             access.registry(),
             counted.table,
             counted.by_gene,
             timestamp_to_proto(counted.as_of),
-        )))
+        );
+        answer.names = code_names(names);
+        Ok(Response::new(answer))
     }
 
     async fn diagnostic_delay_inner(
@@ -238,7 +311,7 @@ impl ResearchApi {
         call: &mut Call,
     ) -> Result<Response<proto::DiagnosticDelayResponse>, Status> {
         let req = request.get_ref();
-        let (access, group_by, filters) = self
+        let (access, group_by, filters, along) = self
             .selection(
                 &request,
                 (&req.registry, &req.group_by, &req.filters),
@@ -247,8 +320,19 @@ impl ResearchApi {
             )
             .await?;
         let dimensions: Vec<i32> = group_by.iter().map(|d| d.to_proto()).collect();
+        let grouped = group_by.clone();
         let (table, now) =
-            research::diagnostic_delay(&self.state, &access, group_by, filters, call).await?;
+            research::diagnostic_delay(&self.state, &access, group_by, filters, &along, call)
+                .await?;
+        let mut names = Vec::new();
+        for (i, d) in grouped.iter().enumerate() {
+            let labels: Vec<String> = table
+                .groups
+                .iter()
+                .filter_map(|g| g.labels.get(i).cloned())
+                .collect();
+            names.extend(research::names(&self.state, *d, &labels));
+        }
         let registry = access.registry();
         Ok(Response::new(proto::DiagnosticDelayResponse {
             registry: registry.code.clone(),
@@ -279,6 +363,7 @@ impl ResearchApi {
             overall: quantiles(table.overall),
             suppressed: table.suppressed as u32,
             as_of: Some(timestamp_to_proto(now)),
+            names: code_names(names),
         }))
     }
 
@@ -291,13 +376,33 @@ impl ResearchApi {
         research::open_expertise(&self.state, &principal)?;
         let req = request.get_ref();
         let mut v = FieldViolations::new();
-        if req.orphacodes.is_empty() || req.orphacodes.len() > MAX_EXPERTISE_CODES {
+        let mut codes = BTreeSet::new();
+        let by_name = !req.disease_name_prefix.is_empty();
+        if by_name {
+            let prefix = req.disease_name_prefix.trim();
+            if !req.orphacodes.is_empty() {
+                v.push(
+                    "disease_name_prefix",
+                    "give Orphacodes or a disease name prefix, not both",
+                );
+            } else if !(3..=100).contains(&prefix.chars().count()) {
+                v.push("disease_name_prefix", "must be 3 to 100 characters");
+            } else {
+                for (code, _) in research::diseases_named(&self.state, prefix, MAX_EXPERTISE_CODES)?
+                {
+                    if let Ok(c) = Orphacode::parse(&code)
+                        && c.number() != ORPHA_UNDIAGNOSED
+                    {
+                        codes.insert(i64::from(c.number()));
+                    }
+                }
+            }
+        } else if req.orphacodes.is_empty() || req.orphacodes.len() > MAX_EXPERTISE_CODES {
             v.push(
                 "orphacodes",
                 format!("give 1 to {MAX_EXPERTISE_CODES} Orphacodes"),
             );
         }
-        let mut codes = BTreeSet::new();
         for (i, text) in req.orphacodes.iter().take(MAX_EXPERTISE_CODES).enumerate() {
             match Orphacode::parse(text) {
                 Ok(c) if c.number() == ORPHA_UNDIAGNOSED => v.push(
@@ -333,15 +438,35 @@ impl ResearchApi {
         v.into_result().map_err(ServiceError::from)?;
         let codes: Vec<i64> = codes.into_iter().collect();
         let countries: Vec<String> = countries.into_iter().collect();
-        let (centres, now) = research::find_expertise(
-            &self.state,
-            &principal,
-            &codes,
-            &countries,
-            &registries,
-            call,
-        )
-        .await?;
+        let diseases: Vec<proto::CodeName> = codes
+            .iter()
+            .map(|n| {
+                let code = format!("ORPHA:{n}");
+                let name = research::names(
+                    &self.state,
+                    Dimension::Diagnosis,
+                    std::slice::from_ref(&code),
+                )
+                .pop()
+                .map(|(_, name)| name)
+                .unwrap_or_default();
+                proto::CodeName { code, name }
+            })
+            .collect();
+        let (centres, now) = if codes.is_empty() {
+            // No disease has a name with the prefix: nowhere to look.
+            (Vec::new(), self.state.clock.now())
+        } else {
+            research::find_expertise(
+                &self.state,
+                &principal,
+                &codes,
+                &countries,
+                &registries,
+                call,
+            )
+            .await?
+        };
         Ok(Response::new(proto::FindExpertiseResponse {
             centres: centres
                 .into_iter()
@@ -359,6 +484,7 @@ impl ResearchApi {
                 .collect(),
             registries: registries.iter().map(|r| r.code.clone()).collect(),
             as_of: Some(timestamp_to_proto(now)),
+            diseases,
         }))
     }
 }

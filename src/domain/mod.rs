@@ -85,10 +85,12 @@ impl std::fmt::Display for FieldViolations {
 
 impl std::error::Error for FieldViolations {}
 
+mod catalog;
 mod codes;
 mod dates;
 mod record;
 
+pub use catalog::{AliasKind, CodeCatalog, CodeSystem, Lookup, Release, ReleaseInfo, Replacement};
 pub use codes::{
     CentreCode, ClientReference, CountryCode, DomainError, HgncSymbol, HgvsVariant, HpoTerm, Icd10,
     Icd11, IcfCode, ORPHA_UNDIAGNOSED, Omim, Orphacode, RegistryCode,

@@ -89,6 +89,23 @@ pub enum AdminAction {
     RevokeKey {
         key_id: String,
     },
+    /// `ern-registry codes import`: a code release from its published files, with the
+    /// version they state (or `version`), put in force unless `activate` is false.
+    /// Built by [`import_codes`] once the files are read and their rows written
+    /// (`staged`, or why not): this action gives the release its version and puts it in
+    /// force, in the audited transaction.
+    ImportCodes {
+        system: crate::domain::CodeSystem,
+        files: String,
+        staged: Result<crate::store::codes::Staged, String>,
+        version: Option<String>,
+        activate: bool,
+    },
+    /// `ern-registry codes activate`: put a release on file in force for its system.
+    ActivateCodes {
+        system: crate::domain::CodeSystem,
+        version: String,
+    },
 }
 
 /// Why an admin action was refused: the outcome its audit entry records, and the message.
@@ -210,6 +227,39 @@ pub async fn run_action(
     }
 }
 
+/// `ern-registry codes import`: reads the release files and writes their rows (a batch
+/// per short transaction, never in force: `store::codes::stage`), then runs
+/// [`AdminAction::ImportCodes`], which gives the release its version and puts it in force
+/// in one transaction with its audit entry. A refused import (files that do not parse, a
+/// version on file already) is recorded like any refused action, and its rows removed.
+pub async fn import_codes(
+    store: &Store,
+    secret: &MasterSecret,
+    operator: &str,
+    source: crate::codes::Source,
+    version: Option<String>,
+    activate: bool,
+) -> Result<Done, Refused> {
+    let (system, files) = (source.system(), source.describe());
+    let staged = crate::store::codes::stage(store, source, Utc::now().timestamp_millis()).await;
+    let release_id = staged.as_ref().ok().map(|s| s.release_id);
+    let action = AdminAction::ImportCodes {
+        system,
+        files,
+        staged: staged.map_err(|e| e.to_string()),
+        version,
+        activate,
+    };
+    let result = run_action(store, secret, operator, action).await;
+    if result.is_err()
+        && let Some(id) = release_id
+        && let Err(e) = crate::store::codes::discard(store, id).await
+    {
+        tracing::warn!(error = %e, release_id = id, "a refused code release was not removed");
+    }
+    result
+}
+
 /// The audit entry's action, registry and target of an admin action, as given.
 fn describe(action: &AdminAction) -> (&'static str, String, String) {
     let none = String::new;
@@ -243,6 +293,24 @@ fn describe(action: &AdminAction) -> (&'static str, String, String) {
             ("IssueKey", none(), format!("principal {principal}"))
         }
         AdminAction::RevokeKey { key_id } => ("RevokeKey", none(), format!("key {key_id}")),
+        AdminAction::ImportCodes {
+            system,
+            files,
+            version,
+            ..
+        } => (
+            "ImportCodes",
+            none(),
+            format!(
+                "{system} release {} from {files}",
+                version.as_deref().unwrap_or("(as the files state)"),
+            ),
+        ),
+        AdminAction::ActivateCodes { system, version } => (
+            "ActivateCodes",
+            none(),
+            format!("{system} release {version}"),
+        ),
     }
 }
 
@@ -387,6 +455,51 @@ async fn apply(
             }
             done.lines.push(format!(
                 "revoked key {key_id}; it is refused from the next call on"
+            ));
+        }
+        AdminAction::ImportCodes {
+            staged,
+            version,
+            activate,
+            ..
+        } => {
+            let staged = staged.map_err(|e| refused(Outcome::InvalidArgument, e))?;
+            let imported = crate::store::codes::finish(conn, &staged, version, activate).await?;
+            let info = &imported.info;
+            done.target = Some(format!(
+                "{} release {} ({} codes) from {}",
+                info.system, info.version, info.terms, info.source
+            ));
+            done.lines.push(format!(
+                "imported {} release {} (dated {}): {} codes, {} parent links, {} aliases, in {:.1} s",
+                info.system.name(),
+                info.version,
+                info.released_on.as_deref().unwrap_or("unknown"),
+                info.terms,
+                imported.parents,
+                imported.aliases,
+                staged.elapsed.as_secs_f64()
+            ));
+            done.lines.push(if info.in_force {
+                format!(
+                    "it is in force: running servers check {} codes against it within {} s",
+                    info.system.name(),
+                    super::CODE_REFRESH.as_secs()
+                )
+            } else {
+                format!(
+                    "not in force; put it in force with `ern-registry codes activate --system {} --version {}`",
+                    info.system, info.version
+                )
+            });
+        }
+        AdminAction::ActivateCodes { system, version } => {
+            crate::store::codes::set_in_force(conn, system, &version).await?;
+            done.lines.push(format!(
+                "{} release {version} is in force: running servers check {} codes against it within {} s",
+                system.name(),
+                system.name(),
+                super::CODE_REFRESH.as_secs()
             ));
         }
     }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use super::{Call, ServiceError, Services};
 use crate::auth::{CentreRef, Principal, Role};
 use crate::consent::ConsentDecision;
-use crate::domain::CaseRecord;
+use crate::domain::{CaseRecord, CodeCatalog, Replacement};
 use crate::pseudonym::{PatientIdentity, Pseudonym};
 use crate::store::cases;
 use crate::store::writer::{Command, SubmitCase, UpdateCase, WriteError};
@@ -83,6 +83,26 @@ pub struct Stored {
     pub pseudonym: Pseudonym,
     pub version: i64,
     pub recorded_at: DateTime<Utc>,
+    /// Codes stored as another (obsolete HPO terms as their replacement), with why.
+    pub replaced: Vec<Replacement>,
+    /// The code releases the record was checked against ('' : format checks only).
+    pub code_releases: String,
+}
+
+/// Checks `record` against the code releases in force (`domain::CodeCatalog`): unknown
+/// and obsolete codes are violations of their field (under `record.`), with a hint;
+/// obsolete HPO terms with a replacement are replaced. Returns the row to store, which
+/// keeps the releases' versions, and the replacements made.
+fn check_codes(
+    catalog: &CodeCatalog,
+    mut record: CaseRecord,
+) -> Result<(cases::CaseRow, Vec<Replacement>), ServiceError> {
+    let replaced = catalog
+        .check(&mut record)
+        .map_err(|v| ServiceError::Invalid(v.nest("record")))?;
+    let mut row = cases::to_row(&record);
+    row.code_releases = Some(catalog.versions());
+    Ok((row, replaced))
 }
 
 /// A case of the caller's centre as read back: versions oldest first, the last current.
@@ -100,6 +120,9 @@ pub struct VersionView {
     pub recorded_at: DateTime<Utc>,
     pub recorded_by: String,
     pub record: CaseRecord,
+    /// The code releases the version was checked against ('' : format checks only;
+    /// `None`: stored before code releases existed).
+    pub code_releases: Option<String>,
 }
 
 /// Submits a new case: derives the pseudonym (the identity is dropped right after), then
@@ -116,6 +139,9 @@ pub async fn submit(
         record,
         consent,
     } = submission;
+    // Checked before the pseudonym is derived: only a valid request derives one.
+    let codes = services.codes.get();
+    let (row, replaced) = check_codes(&codes, record)?;
     let pseudonym = services
         .derive_pseudonym(&access.principal, &access.registry, &identity)
         .await?;
@@ -126,7 +152,7 @@ pub async fn submit(
         centre_id: access.centre.id,
         principal_id: access.principal.id,
         consent,
-        row: cases::to_row(&record),
+        row,
         now: services.clock.now(),
     });
     match services
@@ -138,6 +164,8 @@ pub async fn submit(
             pseudonym,
             version: written.version,
             recorded_at: written.recorded_at,
+            replaced,
+            code_releases: codes.versions(),
         }),
         Err(WriteError::AlreadyExists) => Err(ServiceError::CaseExists {
             registry: access.registry.code.clone(),
@@ -154,6 +182,8 @@ pub async fn update(
     update: Update,
     call: &mut Call,
 ) -> Result<Stored, ServiceError> {
+    let codes = services.codes.get();
+    let (row, replaced) = check_codes(&codes, update.record)?;
     let command = Command::Update(UpdateCase {
         registry_id: access.registry.id,
         pseudonym: update.pseudonym.as_str().to_owned(),
@@ -161,7 +191,7 @@ pub async fn update(
         principal_id: access.principal.id,
         expected_version: update.expected_version,
         consent: update.consent,
-        row: cases::to_row(&update.record),
+        row,
         now: services.clock.now(),
     });
     match services
@@ -173,6 +203,8 @@ pub async fn update(
             pseudonym: update.pseudonym,
             version: written.version,
             recorded_at: written.recorded_at,
+            replaced,
+            code_releases: codes.versions(),
         }),
         Err(WriteError::NotFound) => Err(ServiceError::NotFound(format!(
             "no case of your centre with this pseudonym in {}",
@@ -221,6 +253,7 @@ pub async fn get(
                 recorded_at: v.recorded_at,
                 recorded_by: v.recorded_by.clone(),
                 record: cases::from_row(&v.row)?,
+                code_releases: v.row.code_releases.clone(),
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;

@@ -29,7 +29,7 @@ use crate::audit::Entry;
 use crate::auth::{AuthError, KeyVerifier, PresentedKey, Principal, Role, Verdict};
 use crate::clock::Clock;
 use crate::consent::InclusionRefused;
-use crate::domain::{FieldViolations, RegistryCode};
+use crate::domain::{CodeCatalog, FieldViolations, RegistryCode};
 use crate::outcome::Outcome;
 use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser};
 use crate::ratelimit::{CallGate, CallPermit, Peer, PrincipalLimiter, RateLimited};
@@ -66,6 +66,70 @@ pub struct Services {
     pub access: access::AccessCache,
     /// Reads of the access epoch, shared by the calls that start during one.
     pub epoch_reads: access::EpochReads,
+    /// The code releases in force, in memory (`domain::CodeCatalog`).
+    pub codes: Arc<Codes>,
+}
+
+/// How often a server looks whether another code release was put in force.
+pub const CODE_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The code releases in force, held in memory and swapped whole: a submission is checked
+/// against one catalog from start to end, and a catalog is never changed in place.
+/// [`Codes::refresh`] loads the releases in force again when they changed (another
+/// release put in force by `ern-registry codes`); a server calls it at start and every
+/// [`CODE_REFRESH`].
+pub struct Codes {
+    current: std::sync::RwLock<Arc<CodeCatalog>>,
+}
+
+impl Codes {
+    pub fn new(catalog: CodeCatalog) -> Codes {
+        Codes {
+            current: std::sync::RwLock::new(Arc::new(catalog)),
+        }
+    }
+
+    /// The catalog in force now.
+    pub fn get(&self) -> Arc<CodeCatalog> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Loads the releases in force if they are not the ones in memory; logs the
+    /// validation mode when it changes. Returns whether it changed.
+    pub async fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
+        let in_force = store.code_releases_in_force().await?;
+        if in_force == self.get().fingerprint() {
+            return Ok(false);
+        }
+        let catalog = store.load_code_catalog().await?;
+        info!(mode = %catalog.mode(), "code validation");
+        for release in catalog.releases() {
+            metrics::gauge!("ern_code_release_in_force",
+                "system" => release.info.system.as_str(),
+                "version" => release.info.version.clone())
+            .set(release.len() as f64);
+        }
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(catalog);
+        Ok(true)
+    }
+
+    /// Refreshes every [`CODE_REFRESH`] until the task is dropped.
+    pub async fn keep_fresh(self: Arc<Self>, store: Store) {
+        let mut tick = tokio::time::interval(CODE_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.refresh(&store).await {
+                warn!(error = %e, "code releases not reloaded; checking against the ones in memory");
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -23,10 +23,13 @@ use tracing::{info, warn};
 
 use super::{Call, ServiceError, Services};
 use crate::aggregate::suppress::Rules;
-use crate::aggregate::{self, CountTable, DelayTable, Dimension, Filter, QueryError, TableBuilder};
+use crate::aggregate::{
+    self, CountTable, DelayTable, Dimension, Filter, Key, QueryError, TableBuilder,
+};
 use crate::auth::{AuthError, Principal, Role};
+use crate::domain::{CodeCatalog, CodeSystem, HpoTerm};
 use crate::domain::{FieldViolations, RegistryCode};
-use crate::store::research::{ExpertiseRow, ResearchError, Selection};
+use crate::store::research::{ExpertiseRow, PhenotypeFilter, ResearchError, Selection};
 use crate::store::writer::AfterCommit;
 use crate::store::{Registry, Store, StoreError};
 
@@ -223,18 +226,108 @@ pub struct Counted {
     pub as_of: DateTime<Utc>,
 }
 
+/// What a question asks along the code releases in force.
+#[derive(Debug, Clone, Default)]
+pub struct Along {
+    /// The DIAGNOSIS filter's Orphacodes stand for themselves and all their subtypes
+    /// (the Orphanet classification of the release in force).
+    pub diagnosis_subtypes: bool,
+    /// Only patients with one of these HPO terms (or, with `phenotype_descendants`, a
+    /// term below one of them in the HPO release in force).
+    pub phenotypes: Vec<HpoTerm>,
+    pub phenotype_descendants: bool,
+}
+
+/// Expands the question's filters along the releases in force (`catalog`): the
+/// DIAGNOSIS filter's codes with their subtypes, the phenotypes with their descendants.
+/// FAILED_PRECONDITION when the release it needs is not in force (or gives no
+/// hierarchy). A code the release does not know expands to itself only (it matches what
+/// is stored under it, nothing else). Suppression works on the table as always: the
+/// expansion only decides which patients are counted.
+fn expand(
+    catalog: &CodeCatalog,
+    mut filters: Vec<Filter>,
+    along: &Along,
+) -> Result<(Vec<Filter>, Option<PhenotypeFilter>), ServiceError> {
+    if along.diagnosis_subtypes
+        && let Some(f) = filters
+            .iter_mut()
+            .find(|f| f.dimension == Dimension::Diagnosis)
+    {
+        let mut values: Vec<Key> = Vec::new();
+        for value in &f.values {
+            let codes = match value {
+                Key::Int(n) => catalog
+                    .expand(CodeSystem::Orphanet, &format!("ORPHA:{n}"), true)
+                    .ok_or_else(|| {
+                        ServiceError::Precondition(
+                            "no Orphanet release with its classifications is in force, so                              Orphacodes cannot stand for their subtypes: ask without                              include_descendants"
+                                .into(),
+                        )
+                    })?,
+                _ => Vec::new(),
+            };
+            let numbers = codes
+                .iter()
+                .filter_map(|c| c.strip_prefix("ORPHA:")?.parse::<i64>().ok());
+            for key in std::iter::once(value.clone()).chain(numbers.map(Key::Int)) {
+                if !values.contains(&key) {
+                    values.push(key);
+                }
+            }
+        }
+        f.values = values;
+    }
+    let phenotypes = if along.phenotypes.is_empty() {
+        None
+    } else {
+        let roots: Vec<String> = along.phenotypes.iter().map(|t| t.to_string()).collect();
+        if along.phenotype_descendants {
+            let Some(release) = catalog.release(CodeSystem::Hpo) else {
+                return Err(ServiceError::Precondition(
+                    "no HPO release is in force, so a term cannot stand for its                      descendants: ask without include_descendants"
+                        .into(),
+                ));
+            };
+            let mut terms: Vec<String> = Vec::new();
+            for root in &roots {
+                for t in release.descendants(root) {
+                    terms.push(t.to_owned());
+                }
+            }
+            terms.sort();
+            terms.dedup();
+            Some(PhenotypeFilter {
+                roots,
+                descendants_in: Some(release.info.id),
+                terms,
+            })
+        } else {
+            Some(PhenotypeFilter {
+                terms: roots.clone(),
+                roots,
+                descendants_in: None,
+            })
+        }
+    };
+    Ok((filters, phenotypes))
+}
+
 /// Counts consented patients grouped by `group_by`, filtered; protected.
 pub async fn count_patients(
     services: &Services,
     access: &ResearchAccess,
     group_by: Vec<Dimension>,
     filters: Vec<Filter>,
+    along: &Along,
     call: &mut Call,
 ) -> Result<Counted, ServiceError> {
+    let (filters, phenotypes) = expand(&services.codes.get(), filters, along)?;
     let selection = Selection {
         registry_id: access.registry.id,
         group_by,
         filters,
+        phenotypes,
         now: services.clock.now(),
     };
     let builder = match &services.research_index {
@@ -280,12 +373,15 @@ pub async fn diagnostic_delay(
     access: &ResearchAccess,
     group_by: Vec<Dimension>,
     filters: Vec<Filter>,
+    along: &Along,
     call: &mut Call,
 ) -> Result<(DelayTable, DateTime<Utc>), ServiceError> {
+    let (filters, phenotypes) = expand(&services.codes.get(), filters, along)?;
     let selection = Selection {
         registry_id: access.registry.id,
         group_by,
         filters,
+        phenotypes,
         now: services.clock.now(),
     };
     let rules = rules_of(&access.registry)?;
@@ -441,10 +537,55 @@ pub async fn find_expertise(
     Ok((centres, now))
 }
 
+/// The preferred label of each code among `labels` (published group values of
+/// `dimension`: "ORPHA:558", "CFTR"), from the release in force; codes it does not name
+/// are left out.
+pub fn names(
+    services: &Services,
+    dimension: Dimension,
+    labels: &[String],
+) -> Vec<(String, String)> {
+    let system = match dimension {
+        Dimension::Diagnosis => CodeSystem::Orphanet,
+        Dimension::Gene => CodeSystem::Hgnc,
+        _ => return Vec::new(),
+    };
+    let catalog = services.codes.get();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for label in labels {
+        if out.iter().any(|(c, _)| c == label) {
+            continue;
+        }
+        if let Some(name) = catalog.label(system, label) {
+            out.push((label.clone(), name.to_owned()));
+        }
+    }
+    out
+}
+
+/// Current Orphacodes whose preferred name starts with `prefix` (case-insensitive), with
+/// their names, at most `limit`: FAILED_PRECONDITION without an Orphanet release in force.
+pub fn diseases_named(
+    services: &Services,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<(String, String)>, ServiceError> {
+    let catalog = services.codes.get();
+    let release = catalog.release(CodeSystem::Orphanet).ok_or_else(|| {
+        ServiceError::Precondition(
+            "no Orphanet release is in force: search by Orphacode instead of by name".into(),
+        )
+    })?;
+    Ok(release
+        .search_labels(prefix, limit)
+        .into_iter()
+        .map(|(c, l)| (c.to_owned(), l.to_owned()))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Key;
 
     /// A one-way table with small cells, so protection has work to do.
     fn builder() -> TableBuilder {

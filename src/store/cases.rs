@@ -44,6 +44,9 @@ pub struct CaseRow {
     pub onset_age_days: Option<i64>,
     pub diagnosis_age_days: Option<i64>,
     pub delay_days: Option<i64>,
+    /// The code releases the record was checked against (`CodeCatalog::versions`): ''
+    /// for format checks only; `None` for a version stored before code releases existed.
+    pub code_releases: Option<String>,
 }
 
 /// One stored version of a case.
@@ -317,12 +320,13 @@ async fn insert_first_versions(
     conn: &mut AnyConnection,
     cases: &[(i64, &NewCase<'_>)],
 ) -> Result<()> {
-    const COLUMNS: usize = 24;
+    const COLUMNS: usize = 25;
     let sql = format!(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, \
              sex, status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, \
              orphacode, diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, \
-             genetic_findings, diagnosis_year, onset_age_days, diagnosis_age_days, delay_days) \
+             genetic_findings, diagnosis_year, onset_age_days, diagnosis_age_days, delay_days, \
+             code_releases) \
          VALUES {}",
         values_rows(cases.len(), COLUMNS)
     );
@@ -353,9 +357,36 @@ async fn insert_first_versions(
             .bind(row.diagnosis_year)
             .bind(row.onset_age_days)
             .bind(row.diagnosis_age_days)
-            .bind(row.delay_days);
+            .bind(row.delay_days)
+            .bind(row.code_releases.as_deref());
     }
     query.execute(&mut *conn).await?;
+    // The HPO terms too, for research questions along the ontology (the reference SQL),
+    // as `insert_version` writes them.
+    let terms: Vec<(i64, &str)> = cases
+        .iter()
+        .flat_map(|(case_id, c)| {
+            c.row
+                .hpo_terms
+                .split(' ')
+                .filter(|t| !t.is_empty())
+                .map(move |t| (*case_id, t))
+        })
+        .collect();
+    for chunk in terms.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO case_phenotypes (case_id, version, term) VALUES {}",
+            (0..chunk.len())
+                .map(|r| format!("(${}, 1, ${})", 1 + 2 * r, 2 + 2 * r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (case_id, term) in chunk {
+            query = query.bind(*case_id).bind(*term);
+        }
+        query.execute(&mut *conn).await?;
+    }
     let genes: Vec<(i64, &str)> = cases
         .iter()
         .flat_map(|(case_id, c)| c.row.genes.iter().map(move |g| (*case_id, g.as_str())))
@@ -462,9 +493,10 @@ pub(crate) async fn set_representative(
     sqlx::query(
         "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                orphacode, sex, status, diagnosis_year, onset_age_days, \
-                               diagnosis_age_days, delay_days, eligible, eligible_until, genes) \
+                               diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
+                               phenotypes) \
          VALUES ($1, $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15) \
+                 $9, $10, $11, $12, $13, $14, $15, $16) \
          ON CONFLICT (registry_id, pseudonym) DO UPDATE \
          SET case_id = excluded.case_id, version = excluded.version, \
              centre_id = excluded.centre_id, country = excluded.country, \
@@ -472,7 +504,7 @@ pub(crate) async fn set_representative(
              diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
              diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
              eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
-             genes = excluded.genes",
+             genes = excluded.genes, phenotypes = excluded.phenotypes",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -491,6 +523,7 @@ pub(crate) async fn set_representative(
     // The genes of the version too (as in `case_genes`): the research index reads them
     // with the row.
     .bind(genes_column(row))
+    .bind(row.hpo_terms.as_str())
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -502,7 +535,7 @@ pub(crate) async fn set_representatives_many(
     conn: &mut AnyConnection,
     representatives: &[(i64, &str, Representative<'_>)],
 ) -> Result<()> {
-    const COLUMNS: usize = 15;
+    const COLUMNS: usize = 16;
     for chunk in representatives.chunks(ROWS_PER_STATEMENT) {
         let rows = (0..chunk.len())
             .map(|r| {
@@ -524,7 +557,8 @@ pub(crate) async fn set_representatives_many(
         let sql = format!(
             "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                    orphacode, sex, status, diagnosis_year, onset_age_days, \
-                                   diagnosis_age_days, delay_days, eligible, eligible_until, genes) \
+                                   diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
+                                   phenotypes) \
              VALUES {rows} \
              ON CONFLICT (registry_id, pseudonym) DO UPDATE \
              SET case_id = excluded.case_id, version = excluded.version, \
@@ -533,7 +567,7 @@ pub(crate) async fn set_representatives_many(
                  diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
                  diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
                  eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
-                 genes = excluded.genes"
+                 genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
         let mut query = sqlx::query(&sql);
         for (registry_id, pseudonym, r) in chunk {
@@ -553,7 +587,8 @@ pub(crate) async fn set_representatives_many(
                 .bind(row.delay_days)
                 .bind(i64::from(r.eligible))
                 .bind(r.eligible_until.map(millis))
-                .bind(genes_column(row));
+                .bind(genes_column(row))
+                .bind(row.hpo_terms.as_str());
         }
         query.execute(&mut *conn).await?;
     }
@@ -627,9 +662,9 @@ pub(crate) async fn insert_version(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, sex, \
              status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, orphacode, \
              diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, genetic_findings, diagnosis_year, \
-             onset_age_days, diagnosis_age_days, delay_days) \
+             onset_age_days, diagnosis_age_days, delay_days, code_releases) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-                 $20, $21, $22, $23, $24)",
+                 $20, $21, $22, $23, $24, $25)",
     )
     .bind(case_id)
     .bind(version)
@@ -655,8 +690,18 @@ pub(crate) async fn insert_version(
     .bind(row.onset_age_days)
     .bind(row.diagnosis_age_days)
     .bind(row.delay_days)
+    .bind(row.code_releases.as_deref())
     .execute(&mut *conn)
     .await?;
+    // The HPO terms too, for research questions along the ontology (the reference SQL).
+    for term in row.hpo_terms.split(' ').filter(|t| !t.is_empty()) {
+        sqlx::query("INSERT INTO case_phenotypes (case_id, version, term) VALUES ($1, $2, $3)")
+            .bind(case_id)
+            .bind(version)
+            .bind(term)
+            .execute(&mut *conn)
+            .await?;
+    }
     for gene in &row.genes {
         sqlx::query("INSERT INTO case_genes (case_id, version, gene) VALUES ($1, $2, $3)")
             .bind(case_id)
@@ -691,7 +736,7 @@ pub async fn get_case(
                 v.status, v.date_of_death, v.first_contact_date, v.onset_kind, v.onset_date, \
                 v.undiagnosed, v.orphacode, v.diagnosis_date, v.icd10, v.icd11, v.omim, v.hpo_terms, \
                 v.icf_codes, v.genetic_findings, v.diagnosis_year, v.onset_age_days, \
-                v.diagnosis_age_days, v.delay_days \
+                v.diagnosis_age_days, v.delay_days, v.code_releases \
          FROM cases c \
          JOIN centres ce ON ce.id = c.centre_id \
          JOIN case_versions v ON v.case_id = c.id AND (v.version = c.current_version OR $5 = 1) \
@@ -744,6 +789,7 @@ pub async fn get_case(
                 onset_age_days: r.try_get(22)?,
                 diagnosis_age_days: r.try_get(23)?,
                 delay_days: r.try_get(24)?,
+                code_releases: r.try_get(25)?,
             },
         });
     }
@@ -807,6 +853,7 @@ pub fn to_row(r: &CaseRecord) -> CaseRow {
         onset_age_days: r.onset_age_days(),
         diagnosis_age_days: r.diagnosis_age_days(),
         delay_days: r.delay_days(),
+        code_releases: None,
     }
 }
 

@@ -135,6 +135,7 @@ pub(crate) async fn erase_patient(
     for sql in [
         "DELETE FROM patients WHERE registry_id = $1 AND pseudonym = $2",
         "DELETE FROM case_genes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
+        "DELETE FROM case_phenotypes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
         "DELETE FROM case_versions WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
         "DELETE FROM cases WHERE registry_id = $1 AND pseudonym = $2",
     ] {

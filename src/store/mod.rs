@@ -88,6 +88,7 @@ pub mod writer_sql {
 pub mod admin;
 pub mod audit;
 pub mod cases;
+pub mod codes;
 pub mod consent;
 pub mod consent_model;
 pub mod master;
@@ -323,7 +324,7 @@ pub(crate) fn values_rows(rows: usize, columns: usize) -> String {
 }
 
 /// The most rows one multi-row statement carries: at the widest row written
-/// (`case_versions`, 24 columns) 6,144 parameters, well inside SQLite's 32,766 and
+/// (`case_versions`, 25 columns) 6,400 parameters, well inside SQLite's 32,766 and
 /// PostgreSQL's 65,535.
 pub(crate) const ROWS_PER_STATEMENT: usize = 256;
 

@@ -57,8 +57,7 @@ const POSTGRES_POLL: Duration = Duration::from_millis(10);
 /// The tables an erasure deletes from (`consent::erase_patient`). Skips a table an
 /// autovacuum is busy with instead of queueing behind it; index entries are always
 /// removed (otherwise VACUUM may keep them when few pages changed).
-const POSTGRES_VACUUM: &str =
-    "VACUUM (INDEX_CLEANUP ON, SKIP_LOCKED) patients, case_genes, case_versions, cases";
+const POSTGRES_VACUUM: &str = "VACUUM (INDEX_CLEANUP ON, SKIP_LOCKED) patients, case_genes, case_phenotypes, case_versions, cases";
 
 /// Client transactions of this database that started before `$1` (microseconds since the
 /// epoch) and still hold a transaction id or a snapshot: dead rows they might see cannot be

@@ -26,7 +26,26 @@ pub struct Selection {
     pub registry_id: i64,
     pub group_by: Vec<Dimension>,
     pub filters: Vec<Filter>,
+    /// Only patients with one of these HPO terms (with the other filters: AND).
+    pub phenotypes: Option<PhenotypeFilter>,
     pub now: DateTime<Utc>,
+}
+
+/// "Patients with this HPO term, or any term below it": a patient counts when their
+/// representative version lists any of the terms.
+///
+/// The research index tests `terms`, the set `service::research` expands from the
+/// release in memory (`domain::CodeCatalog`). The SQL reference does not use `terms`: it
+/// expands `roots` itself, with a recursive query along `code_parents` of release
+/// `release_id`, so the two paths compute the set independently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhenotypeFilter {
+    /// The terms asked for.
+    pub roots: Vec<String>,
+    /// With descendants: the release (in force) whose hierarchy to follow.
+    pub descendants_in: Option<i64>,
+    /// `roots` and, with descendants, every term below them in the release.
+    pub terms: Vec<String>,
 }
 
 /// A centre with cases of the diagnoses searched, in one registry.
@@ -193,6 +212,37 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
             let cond = sql.one_of(&expression(f.dimension), &f.values);
             conditions.push(cond);
         }
+    }
+    if let Some(f) = &sel.phenotypes {
+        let roots: Vec<String> = f
+            .roots
+            .iter()
+            .filter_map(|t| sql.param(&Key::Text(t.clone())))
+            .collect();
+        let roots = if roots.is_empty() {
+            "NULL".to_string()
+        } else {
+            roots.join(", ")
+        };
+        let terms = match f.descendants_in {
+            None => roots,
+            Some(release) => {
+                let release = sql.param(&Key::Int(release)).expect("an integer binds");
+                format!(
+                    "WITH RECURSIVE d (code) AS ( \
+                         SELECT t.code FROM code_terms t \
+                         WHERE t.release_id = {release} AND t.code IN ({roots}) \
+                         UNION \
+                         SELECT c.code FROM code_parents c JOIN d ON c.parent = d.code \
+                         WHERE c.release_id = {release}) \
+                     SELECT code FROM d"
+                )
+            }
+        };
+        conditions.push(format!(
+            "EXISTS (SELECT 1 FROM case_phenotypes h WHERE h.case_id = p.case_id \
+             AND h.version = p.version AND h.term IN ({terms}))"
+        ));
     }
     let groups: Vec<String> = sel.group_by.iter().map(|d| expression(*d)).collect();
     let mut select: Vec<String> = groups.clone();
@@ -392,6 +442,7 @@ mod tests {
                     values: vec![Key::Int(0), Key::Missing],
                 },
             ],
+            phenotypes: None,
             now: Utc::now(),
         };
         let sql = grouped(&sel, "COUNT(*)", &[], "");

@@ -70,8 +70,8 @@ pub struct PatientRow {
     pub counted_until: Option<i64>,
     /// The row as read ([`patient_columns`]): the text fields are read from it.
     text: String,
-    /// Where the fields before sex, status, country and genes end.
-    cuts: [usize; 4],
+    /// Where the fields before sex, status, country, genes and phenotypes end.
+    cuts: [usize; 5],
 }
 
 impl PatientRow {
@@ -90,9 +90,16 @@ impl PatientRow {
 
     /// The gene symbols of the representative version (`patients.genes`).
     pub fn genes(&self) -> impl Iterator<Item = &str> {
-        self.text[self.cuts[3] + 1..]
+        self.text[self.cuts[3] + 1..self.cuts[4]]
             .split(' ')
             .filter(|g| !g.is_empty())
+    }
+
+    /// The HPO terms of the representative version (`patients.phenotypes`).
+    pub fn phenotypes(&self) -> impl Iterator<Item = &str> {
+        self.text[self.cuts[4] + 1..]
+            .split(' ')
+            .filter(|t| !t.is_empty())
     }
 }
 
@@ -138,7 +145,8 @@ pub enum Changes {
 /// copied and freed under the library's allocator lock, by two threads), and a load reads
 /// a million rows: one value per row takes half the time of six. [`patient_row`] unpacks
 /// it. Assumes slots below 2^32, years from -1 to 2^30 and delays below 2^32 months (the
-/// writer's values are far inside); sex, status, country and genes never hold a "|".
+/// writer's values are far inside); sex, status, country, genes and phenotypes never hold
+/// a "|".
 fn patient_columns() -> String {
     format!(
         "(p.registry_id * 4294967296 + p.slot) || '|' \
@@ -148,7 +156,8 @@ fn patient_columns() -> String {
              + COALESCE((p.delay_days * 48) / 1461 + 1, 0)) || '|' \
          || (CASE WHEN p.eligible = 0 THEN '' \
              ELSE CAST(COALESCE(p.eligible_until, 9223372036854775807) AS TEXT) END) || '|' \
-         || p.sex || '|' || p.status || '|' || p.country || '|' || p.genes",
+         || p.sex || '|' || p.status || '|' || p.country || '|' || p.genes || '|' \
+         || p.phenotypes",
         onset = super::research::age_band("p.onset_age_days"),
         diagnosis = super::research::age_band("p.diagnosis_age_days"),
     )
@@ -159,7 +168,7 @@ fn patient_row(r: &sqlx::any::AnyRow, at: usize) -> Result<PatientRow> {
     let corrupt = || StoreError::Corrupt("research row does not unpack".into());
     let text: String = r.try_get(at)?;
     let bars: Vec<usize> = text.match_indices('|').map(|(i, _)| i).collect();
-    let [a, b, c, d, e, f, g, h] = bars[..] else {
+    let [a, b, c, d, e, f, g, h, i] = bars[..] else {
         return Err(corrupt());
     };
     let number = |from: usize, to: usize| -> Result<Option<i64>> {
@@ -186,7 +195,7 @@ fn patient_row(r: &sqlx::any::AnyRow, at: usize) -> Result<PatientRow> {
         diagnosis_year: known((year_months >> 32) - 1),
         delay_months: known((year_months & 0xffff_ffff) - 1),
         counted_until,
-        cuts: [e, f, g, h],
+        cuts: [e, f, g, h, i],
         text,
     })
 }

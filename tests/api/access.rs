@@ -481,6 +481,7 @@ impl World {
                         orphacodes: vec!["ORPHA:586".into()],
                         countries: vec![],
                         registries: vec![registry],
+                        ..Default::default()
                     })
                     .await,
             ),

@@ -131,6 +131,7 @@ fn random_filters(rng: &mut StdRng) -> Vec<proto::Filter> {
     let filter = |dimension: Dimension, values: &[&str]| proto::Filter {
         dimension: dimension as i32,
         values: values.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     };
     match rng.gen_range(0..4) {
         0 => vec![filter(Dimension::Sex, &["female"])],
@@ -231,6 +232,7 @@ async fn an_lp_attacker_narrows_no_hidden_count_of_any_research_answer() {
                 orphacodes: CODES.iter().map(|s| s.to_string()).collect(),
                 countries: vec![],
                 registries: vec![registry.into()],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -84,6 +84,9 @@ pub struct TestApp {
     pub auth: std::sync::Arc<auth::AuthCounters>,
     /// The server's API key hash (its master secret's pepper).
     pub key_hasher: std::sync::Arc<auth::KeyHasher>,
+    /// The code releases the server checks against (refresh it after an import instead
+    /// of waiting for the server's next look).
+    pub codes: Arc<ern_registry::service::Codes>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -162,6 +165,7 @@ impl TestApp {
         let addr = app.local_addr();
         let store = app.store().clone();
         let (auth, key_hasher) = (app.auth_counters(), app.key_hasher());
+        let codes = app.codes();
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -178,9 +182,18 @@ impl TestApp {
             dir,
             auth,
             key_hasher,
+            codes,
             shutdown: Some(tx),
             server: Some(server),
         }
+    }
+
+    /// Stops this server and starts another with `args` on the same database and files.
+    pub async fn restarted_with(mut self, args: ServeArgs) -> TestApp {
+        self.stop_server().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let url = self.database_url.clone();
+        Self::start(args, dir, url, |u| u.to_owned()).await
     }
 
     /// Stops the server and waits until it has drained.

@@ -1607,6 +1607,7 @@ async fn upgrade_from(version: i64) {
         }),
         recorded_by: "dr-old".into(),
         record: Some(record),
+        code_releases: String::new(),
     };
     let mut first = record();
     first.hpo_terms.clear();

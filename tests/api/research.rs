@@ -117,6 +117,7 @@ fn filter(dimension: Dimension, values: &[&str]) -> proto::Filter {
     proto::Filter {
         dimension: dimension as i32,
         values: values.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     }
 }
 
@@ -470,6 +471,7 @@ async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
         orphacodes: vec!["ORPHA:586".into(), "ORPHA:244".into()],
         countries: vec![],
         registries: vec![],
+        ..Default::default()
     };
     let r = physician
         .find_expertise(req.clone())
@@ -501,6 +503,7 @@ async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
             orphacodes: vec!["ORPHA:244".into()],
             countries: vec!["NL".into()],
             registries: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()

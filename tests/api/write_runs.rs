@@ -110,7 +110,8 @@ fn commands(ids: &Ids, now: DateTime<Utc>) -> Vec<Command> {
                 record.genetic_findings.clear();
             }
         }
-        let row = to_row(&convert::case_record(&record, fixtures::today()).unwrap());
+        let mut row = to_row(&convert::case_record(&record, fixtures::today()).unwrap());
+        row.code_releases = (i % 2 == 0).then(|| "hpo:2025-01-16".to_string());
         let consent = match patient % 5 {
             // Inclusion and research use.
             0 | 1 => vec![
@@ -185,12 +186,14 @@ async fn dump(app: &TestApp) -> Vec<String> {
         "SELECT id, registry_id, pseudonym, centre_id, current_version, created_at, updated_at \
          FROM cases ORDER BY id",
         "SELECT case_id, version, recorded_at, recorded_by, sex, orphacode, genetic_findings, \
-                delay_days FROM case_versions ORDER BY case_id, version",
+                hpo_terms, code_releases, delay_days FROM case_versions ORDER BY case_id, version",
         "SELECT case_id, version, gene FROM case_genes ORDER BY case_id, version, gene",
+        "SELECT case_id, version, term FROM case_phenotypes ORDER BY case_id, version, term",
         // Not `slot`: slots are given per transaction, after its commands (one patient
         // created and erased within one batch never gets one).
         "SELECT registry_id, pseudonym, case_id, version, centre_id, country, orphacode, \
-                eligible, eligible_until, genes FROM patients ORDER BY registry_id, pseudonym",
+                eligible, eligible_until, genes, phenotypes FROM patients \
+         ORDER BY registry_id, pseudonym",
         "SELECT receipt_id, registry_id, pseudonym FROM erasures ORDER BY id",
     ];
     let mut rows = Vec::new();

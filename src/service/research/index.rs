@@ -41,7 +41,7 @@
 
 use std::borrow::Borrow;
 use std::borrow::BorrowMut;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -130,6 +130,8 @@ struct Columns {
     status: Vec<u16>,
     delay: Vec<u16>,
     genes: Vec<u32>,
+    /// Each slot's set of HPO terms (a code of `phenotype_sets`).
+    phenotypes: Vec<u32>,
     /// Cases at other centres than the representative one: (centre, diagnosis) codes.
     others: HashMap<u32, Vec<(u16, u16)>>,
     /// Slots with a research row.
@@ -143,6 +145,8 @@ struct Columns {
     delays: Dict<Option<i64>>,
     /// Sets of gene codes (of [`Data::gene_symbols`]), sorted.
     gene_sets: Dict<Vec<u32>>,
+    /// Sets of HPO term codes (of [`Data::phenotype_terms`]), sorted.
+    phenotype_sets: Dict<Vec<u32>>,
 }
 
 impl Columns {
@@ -150,6 +154,9 @@ impl Columns {
         let mut gene_sets = Dict::default();
         gene_sets.values.push(Vec::new());
         gene_sets.codes.insert(Vec::new(), NO_GENES);
+        let mut phenotype_sets = Dict::default();
+        phenotype_sets.values.push(Vec::new());
+        phenotype_sets.codes.insert(Vec::new(), NO_GENES);
         Columns {
             until: Vec::new(),
             diagnosis: Vec::new(),
@@ -162,6 +169,7 @@ impl Columns {
             status: Vec::new(),
             delay: Vec::new(),
             genes: Vec::new(),
+            phenotypes: Vec::new(),
             others: HashMap::new(),
             present: 0,
             diagnoses: Dict::default(),
@@ -172,6 +180,7 @@ impl Columns {
             statuses: Dict::default(),
             delays: Dict::default(),
             gene_sets,
+            phenotype_sets,
         }
     }
 
@@ -198,6 +207,7 @@ impl Columns {
             grow(column, len, 0);
         }
         grow(&mut self.genes, len, NO_GENES);
+        grow(&mut self.phenotypes, len, NO_GENES);
     }
 
     /// The nine columns of small codes, one entry per slot.
@@ -221,6 +231,7 @@ impl Columns {
             column.shrink_to_fit();
         }
         self.genes.shrink_to_fit();
+        self.phenotypes.shrink_to_fit();
         self.others.shrink_to_fit();
     }
 
@@ -231,11 +242,18 @@ impl Columns {
             }
             self.until[slot] = ABSENT;
             self.genes[slot] = NO_GENES;
+            self.phenotypes[slot] = NO_GENES;
         }
         self.others.remove(&(slot as u32));
     }
 
-    fn set(&mut self, slot: usize, row: &PatientRow, genes: u32) -> Result<(), StoreError> {
+    fn set(
+        &mut self,
+        slot: usize,
+        row: &PatientRow,
+        genes: u32,
+        phenotypes: u32,
+    ) -> Result<(), StoreError> {
         self.ensure(slot);
         let code16 = |code: u32| code as u16;
         let diagnosis = code16(
@@ -272,6 +290,7 @@ impl Columns {
         self.status[slot] = status;
         self.delay[slot] = delay;
         self.genes[slot] = genes;
+        self.phenotypes[slot] = phenotypes;
         Ok(())
     }
 
@@ -289,6 +308,7 @@ impl Columns {
                 + self.delay.capacity())
                 * 2
             + self.genes.capacity() * 4
+            + self.phenotypes.capacity() * 4
             + self.others.capacity() * (4 + 24 + 1)
             + self
                 .others
@@ -303,6 +323,7 @@ impl Columns {
             + self.statuses.bytes(string)
             + self.delays.bytes(|_| 0)
             + self.gene_sets.bytes(|s| s.capacity() * 4)
+            + self.phenotype_sets.bytes(|s| s.capacity() * 4)
     }
 }
 
@@ -312,6 +333,8 @@ struct Data {
     centres: HashMap<i64, CentreRow>,
     /// Gene symbols, for every registry.
     gene_symbols: Dict<String>,
+    /// HPO terms, for every registry.
+    phenotype_terms: Dict<String>,
     registries: HashMap<i64, Columns>,
 }
 
@@ -321,6 +344,7 @@ impl Data {
             applied,
             centres: centres.into_iter().map(|c| (c.id, c)).collect(),
             gene_symbols: Dict::default(),
+            phenotype_terms: Dict::default(),
             registries: HashMap::new(),
         }
     }
@@ -332,6 +356,7 @@ impl Data {
     fn bytes(&self) -> usize {
         self.registries.values().map(Columns::bytes).sum::<usize>()
             + self.gene_symbols.bytes(String::capacity)
+            + self.phenotype_terms.bytes(String::capacity)
             + self
                 .centres
                 .values()
@@ -351,6 +376,8 @@ struct Loader<D> {
     data: D,
     /// Gene codes of the row being applied.
     genes: Vec<u32>,
+    /// HPO term codes of the row being applied.
+    terms: Vec<u32>,
 }
 
 impl<D: BorrowMut<Data>> Loader<D> {
@@ -358,6 +385,7 @@ impl<D: BorrowMut<Data>> Loader<D> {
         Loader {
             data,
             genes: Vec::new(),
+            terms: Vec::new(),
         }
     }
 
@@ -392,6 +420,13 @@ impl<D: BorrowMut<Data>> IndexSink for Loader<D> {
         }
         self.genes.sort_unstable();
         self.genes.dedup();
+        self.terms.clear();
+        for term in row.phenotypes() {
+            self.terms
+                .push(data.phenotype_terms.code(term, u32::MAX, "phenotypes")?);
+        }
+        self.terms.sort_unstable();
+        self.terms.dedup();
         let columns = data
             .registries
             .entry(row.registry_id)
@@ -399,7 +434,11 @@ impl<D: BorrowMut<Data>> IndexSink for Loader<D> {
         let genes = columns
             .gene_sets
             .code(self.genes.as_slice(), u32::MAX, "gene sets")?;
-        columns.set(slot, &row, genes)
+        let phenotypes =
+            columns
+                .phenotype_sets
+                .code(self.terms.as_slice(), u32::MAX, "phenotype sets")?;
+        columns.set(slot, &row, genes, phenotypes)
     }
 
     fn other_case(
@@ -595,7 +634,7 @@ impl Index {
             }
             return Ok(table);
         };
-        let plan = Plan::new(columns, &data, &sel.group_by, &sel.filters, false)?;
+        let plan = Plan::new(columns, &data, sel, false)?;
         let Some(counts) = plan.scan(columns, sel.now.timestamp_millis()) else {
             return Err(QueryError::TooFine.into());
         };
@@ -616,7 +655,7 @@ impl Index {
         let Some(columns) = data.registries.get(&sel.registry_id) else {
             return Ok(builder);
         };
-        let plan = Plan::new(columns, &data, &sel.group_by, &sel.filters, true)?;
+        let plan = Plan::new(columns, &data, sel, true)?;
         let Some(counts) = plan.scan(columns, sel.now.timestamp_millis()) else {
             return Err(QueryError::TooFine.into());
         };
@@ -917,10 +956,10 @@ impl<'a> Plan<'a> {
     fn new(
         columns: &'a Columns,
         data: &Data,
-        group_by: &[Dimension],
-        filters: &[Filter],
+        sel: &Selection,
         by_months: bool,
     ) -> Result<Plan<'a>, QueryError> {
+        let (group_by, filters) = (&sel.group_by[..], &sel.filters[..]);
         let (centres, symbols) = (&data.centres, &data.gene_symbols);
         let filter_of = |dim: Dimension| filters.iter().find(|f| f.dimension == dim);
         // (column, each code's group or SKIP, the groups), for the grouped dimensions.
@@ -1020,6 +1059,27 @@ impl<'a> Plan<'a> {
                 .map(|ok| if ok { 0 } else { SKIP })
                 .collect();
             steps.push(Step::new(column, map, 0));
+        }
+        // Phenotypes: a slot's set of terms is in when it holds any term asked for.
+        if let Some(f) = &sel.phenotypes {
+            let wanted: HashSet<u32> = f
+                .terms
+                .iter()
+                .filter_map(|t| data.phenotype_terms.codes.get(t.as_str()).copied())
+                .collect();
+            let map = columns
+                .phenotype_sets
+                .values
+                .iter()
+                .map(|set| {
+                    if set.iter().any(|t| wanted.contains(t)) {
+                        0
+                    } else {
+                        SKIP
+                    }
+                })
+                .collect();
+            steps.push(Step::new(Column::Wide(&columns.phenotypes), map, 0));
         }
         Ok(Plan {
             steps,

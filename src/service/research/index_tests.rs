@@ -407,6 +407,7 @@ async fn compare(
                 registry_id,
                 group_by: group_by.clone(),
                 filters: filters.clone(),
+                phenotypes: None,
                 now,
             };
             let what = format!("{name}: {group_by:?} {filters:?} delay={delay} at {now}");
@@ -472,6 +473,7 @@ fn counted(index: &Index, registry_id: i64, now: DateTime<Utc>) -> u64 {
         registry_id,
         group_by: Vec::new(),
         filters: Vec::new(),
+        phenotypes: None,
         now,
     };
     let table = index
@@ -660,6 +662,7 @@ async fn a_consent_expiring_at_the_query_instant_is_not_counted() {
             registry_id,
             group_by: Vec::new(),
             filters: Vec::new(),
+            phenotypes: None,
             now,
         };
         let mut b = TableBuilder::new();

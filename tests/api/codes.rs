@@ -1,0 +1,505 @@
+//! Code releases (issue #18): `ern-registry codes import` of the published formats,
+//! validation against the release in force, questions along the ontology (the research
+//! index and the SQL reference give the same answers), names beside codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ern_registry::auth::Role;
+use ern_registry::config::ServeArgs;
+use ern_registry::proto::{self, Dimension, research_service_client::ResearchServiceClient};
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::helpers::*;
+
+type Research = ResearchServiceClient<InterceptedService<Channel, Bearer>>;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/codes")
+        .join(name)
+}
+
+impl TestApp {
+    /// Runs the real binary against this app's database and master key.
+    fn codes_cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .arg("codes")
+            .args(args)
+            .env("ERN_MASTER_KEY_FILE", self.dir.path().join("master.key"))
+            .env_remove("ERN_MASTER_PASSPHRASE")
+            .env_remove("ERN_MASTER_PASSPHRASE_FILE")
+            .output()
+            .expect("run the binary")
+    }
+
+    fn codes_ok(&self, args: &[&str]) -> String {
+        let out = self.codes_cli(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "codes {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Imports the three fixture releases (HPO with its annotation files, Orphanet with
+    /// a classification, HGNC) and lets the server take them up at once.
+    async fn import_fixture_releases(&self) {
+        let path = |n: &str| fixture(n).display().to_string();
+        self.codes_ok(&[
+            "import",
+            "hpo",
+            "--obo",
+            &path("hp.obo"),
+            "--hpoa",
+            &path("phenotype.hpoa"),
+            "--genes-to-phenotype",
+            &path("genes_to_phenotype.txt"),
+        ]);
+        self.codes_ok(&[
+            "import",
+            "orphanet",
+            "--product1",
+            &path("en_product1.xml"),
+            "--classification",
+            &path("en_product3_156.xml"),
+        ]);
+        self.codes_ok(&["import", "hgnc", "--tsv", &path("hgnc_complete_set.txt")]);
+        assert!(self.codes.refresh(&self.store).await.unwrap());
+    }
+
+    async fn researcher_client(&self, name: &str) -> Research {
+        let token = self
+            .principal(name, Role::Researcher, None, &["ERN-LUNG"])
+            .await;
+        let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+        ResearchServiceClient::with_interceptor(self.channel().await, bearer)
+    }
+}
+
+/// "field: description" of each violation of an INVALID_ARGUMENT status.
+fn described(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| {
+            b.field_violations
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The fixture submission with these HPO terms, Orphacode and gene.
+fn case(seed: u32, hpo: &[&str], orphacode: &str, gene: &str) -> proto::SubmitCaseRequest {
+    let mut req = submission("ERN-LUNG", national("NL", &bsn(seed)));
+    let rec = req.record.as_mut().unwrap();
+    rec.hpo_terms = hpo.iter().map(|t| t.to_string()).collect();
+    rec.diagnosis.as_mut().unwrap().orphacode = orphacode.into();
+    rec.genetic_findings[0].gene = gene.into();
+    rec.genetic_findings[0].variants.clear();
+    req
+}
+
+#[tokio::test]
+async fn without_a_release_codes_are_checked_by_format_only() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-format", "NL-AMC").await;
+    // A well-formed term and Orphacode that no release holds: accepted, as before.
+    let r = dr
+        .submit_case(case(1, &["HP:9999999"], "ORPHA:9999999", "ZZZ9"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.code_releases, "");
+    assert!(r.replaced_codes.is_empty());
+    let out = app.codes_ok(&["list"]);
+    assert!(out.contains("no code release on file"), "{out}");
+    assert!(logs().contains("format checks only"));
+}
+
+#[tokio::test]
+async fn submissions_are_checked_against_the_releases_in_force() {
+    let app = TestApp::spawn().await;
+    app.import_fixture_releases().await;
+    let listed = app.codes_ok(&["list"]);
+    for line in [
+        "hpo       2025-01-16     IN FORCE dated 2025-01-16",
+        "orphanet  2024-12-02     IN FORCE",
+        "hgnc      2025-02-25     IN FORCE",
+    ] {
+        assert!(listed.contains(line), "{listed}");
+    }
+    let mut dr = app.physician("dr-codes", "NL-AMC").await;
+
+    // Unknown, deprecated and renamed codes: INVALID_ARGUMENT on each field, with a hint
+    // and never the code sent.
+    let status = dr
+        .submit_case(case(
+            2,
+            &["HP:0001251", "HP:0030057"],
+            "ORPHA:99999",
+            "ABCC7",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let v = described(&status);
+    let has = |field: &str, text: &str| {
+        assert!(
+            v.iter().any(|x| x.starts_with(field) && x.contains(text)),
+            "{field} / {text}: {v:?}"
+        )
+    };
+    has(
+        "record.hpo_terms[0]",
+        "is not a code of HPO 2025-01-16; near matches: HP:0001250 (Seizure)",
+    );
+    has("record.hpo_terms[1]", "is obsolete in HPO 2025-01-16");
+    has(
+        "record.diagnosis.orphacode",
+        "use ORPHA:558 (Marfan syndrome) instead",
+    );
+    has(
+        "record.genetic_findings[0].gene",
+        "a previous symbol of CFTR (CF transmembrane conductance regulator)",
+    );
+    assert!(
+        !v.iter()
+            .any(|x| x.contains("HP:0001251") || x.contains("ABCC7"))
+    );
+    assert_eq!(app.count("cases").await, 0);
+
+    // An obsolete term with a replacement, and a merged id: stored as the current term,
+    // and the answer says so.
+    let r = dr
+        .submit_case(case(3, &["HP:0000057", "HP:0000624"], "ORPHA:558", "FBN1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.replaced_codes.len(), 2, "{:?}", r.replaced_codes);
+    let first = &r.replaced_codes[0];
+    assert_eq!(
+        (
+            first.field.as_str(),
+            first.given.as_str(),
+            first.stored.as_str()
+        ),
+        ("record.hpo_terms[0]", "HP:0000057", "HP:0008665")
+    );
+    assert!(
+        first
+            .note
+            .contains("replaced by HP:0008665 (Clitoral hypertrophy)")
+    );
+    assert_eq!(r.replaced_codes[1].stored, "HP:0000286");
+    assert_eq!(
+        r.code_releases,
+        "hpo 2025-01-16, orphanet 2024-12-02, hgnc 2025-02-25"
+    );
+    let stored = dr
+        .get_case(get_case("ERN-LUNG", &r.pseudonym))
+        .await
+        .unwrap()
+        .into_inner()
+        .case
+        .unwrap()
+        .current
+        .unwrap();
+    assert_eq!(
+        stored.record.unwrap().hpo_terms,
+        ["HP:0008665", "HP:0000286"]
+    );
+    assert_eq!(stored.code_releases, r.code_releases);
+
+    // Imports are audited like every admin action.
+    let methods: Vec<String> = sqlx::query_scalar(
+        "SELECT method FROM audit_log WHERE method = 'AdminCli/ImportCodes' AND outcome = 'OK'",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(methods.len(), 3);
+}
+
+#[tokio::test]
+async fn several_releases_are_kept_and_one_is_in_force() {
+    let app = TestApp::spawn().await;
+    app.import_fixture_releases().await;
+    let obo = fixture("hp.obo").display().to_string();
+    // The same release again, and a file that is no HPO release: refused, recorded in
+    // the audit log, and nothing of them stays on file.
+    let (releases, terms) = (
+        app.count("code_releases").await,
+        app.count("code_terms").await,
+    );
+    let out = app.codes_cli(&["import", "hpo", "--obo", &obo]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let not_obo = fixture("en_product1.xml").display().to_string();
+    let out = app.codes_cli(&["import", "hpo", "--obo", &not_obo]);
+    assert!(!out.status.success());
+    assert_eq!(app.count("code_releases").await, releases);
+    assert_eq!(app.count("code_terms").await, terms);
+    let refused: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM audit_log WHERE method = 'AdminCli/ImportCodes' AND outcome <> 'OK'",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    // Another version, kept beside the one in force.
+    app.codes_ok(&[
+        "import",
+        "hpo",
+        "--obo",
+        &obo,
+        "--version",
+        "2025-01-16-rerun",
+        "--keep-current",
+    ]);
+    let listed = app.codes_ok(&["list"]);
+    assert!(
+        listed.contains("hpo       2025-01-16     IN FORCE"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("hpo       2025-01-16-rerun         "),
+        "{listed}"
+    );
+    assert!(!app.codes.refresh(&app.store).await.unwrap());
+    app.codes_ok(&[
+        "activate",
+        "--system",
+        "hpo",
+        "--version",
+        "2025-01-16-rerun",
+    ]);
+    assert!(app.codes.refresh(&app.store).await.unwrap());
+    let mut dr = app.physician("dr-versions", "NL-AMC").await;
+    let r = dr
+        .submit_case(case(4, &["HP:0001250"], "ORPHA:586", "CFTR"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.code_releases.contains("hpo 2025-01-16-rerun"));
+    let out = app.codes_cli(&["activate", "--system", "hpo", "--version", "1999"]);
+    assert!(!out.status.success());
+}
+
+/// Counts of the cohort below, asked in every way along the ontology.
+async fn ontology_answers(research: &mut Research) -> Vec<String> {
+    let count =
+        |filters: Vec<proto::Filter>, group_by: Vec<Dimension>| proto::CountPatientsRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: group_by.into_iter().map(|d| d as i32).collect(),
+            filters,
+        };
+    let filter = |dimension: Dimension, values: &[&str], include_descendants: bool| proto::Filter {
+        dimension: dimension as i32,
+        values: values.iter().map(|s| s.to_string()).collect(),
+        include_descendants,
+    };
+    let mut answers = Vec::new();
+    let show = |t: proto::CountTable| {
+        let rows: Vec<String> = t
+            .rows
+            .iter()
+            .map(|r| format!("{}={:?}", r.label, r.cells[0].count))
+            .collect();
+        format!(
+            "total={:?} rows={rows:?} names={:?}",
+            t.grand_total.unwrap().count,
+            t.names
+                .iter()
+                .map(|n| format!("{} {}", n.code, n.name))
+                .collect::<Vec<_>>()
+        )
+    };
+    for request in [
+        count(
+            vec![filter(Dimension::Phenotype, &["HP:0001250"], true)],
+            vec![],
+        ),
+        count(
+            vec![filter(Dimension::Phenotype, &["HP:0001250"], false)],
+            vec![],
+        ),
+        count(
+            vec![filter(Dimension::Phenotype, &["HP:0007359"], true)],
+            vec![],
+        ),
+        count(
+            vec![filter(Dimension::Diagnosis, &["ORPHA:558"], true)],
+            vec![Dimension::Diagnosis],
+        ),
+        count(
+            vec![
+                filter(Dimension::Diagnosis, &["ORPHA:98249"], true),
+                filter(Dimension::Phenotype, &["HP:0000118"], true),
+            ],
+            vec![Dimension::Gene],
+        ),
+    ] {
+        answers.push(show(
+            research.count_patients(request).await.unwrap().into_inner(),
+        ));
+    }
+    let delay = research
+        .diagnostic_delay(proto::DiagnosticDelayRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: vec![Dimension::Diagnosis as i32],
+            filters: vec![filter(Dimension::Phenotype, &["HP:0001250"], true)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    answers.push(format!(
+        "delay total={:?} names={:?}",
+        delay.grand_total.unwrap().count,
+        delay.names
+    ));
+    answers
+}
+
+#[tokio::test]
+async fn research_follows_the_ontology_alike_on_the_index_and_in_sql() {
+    let app = TestApp::spawn().await;
+    app.import_fixture_releases().await;
+    let mut dr = app.physician("dr-onto", "NL-AMC").await;
+    let mut seed = 1000;
+    for (n, hpo, orpha, gene) in [
+        (5, "HP:0002069", "ORPHA:284963", "FBN1"),
+        (3, "HP:0002384", "ORPHA:284973", "FBN1"),
+        (6, "HP:0006528", "ORPHA:586", "CFTR"),
+    ] {
+        for _ in 0..n {
+            seed += 1;
+            dr.submit_case(case(seed, &[hpo], orpha, gene))
+                .await
+                .unwrap();
+        }
+    }
+    let mut research = app.researcher_client("res-onto").await;
+    let indexed = ontology_answers(&mut research).await;
+    let expected_first = [
+        // Seizure and everything below it: 5 + 3.
+        "total=Some(8) rows=[\"all=Some(8)\"] names=[]",
+        // The term alone: nobody is coded with exactly it (zero is published).
+        "total=Some(0) rows=[\"all=Some(0)\"] names=[]",
+        // Focal-onset seizure and below: the 3 only, below k: suppressed.
+        "total=None rows=[\"all=None\"] names=[]",
+    ];
+    assert_eq!(indexed[..3], expected_first, "{indexed:#?}");
+    // Marfan syndrome with its subtypes (5 and 3): the 3 is suppressed, and with it its
+    // complement, exactly as without the ontology; names beside the codes.
+    assert!(
+        indexed[3].starts_with("total=Some(8) rows=[\"ORPHA:284963=None\", \"ORPHA:284973=None\"]"),
+        "{indexed:#?}"
+    );
+    assert!(
+        indexed[3].contains("ORPHA:284963 Marfan syndrome type 1"),
+        "{indexed:#?}"
+    );
+    assert!(indexed[4].contains("FBN1 fibrillin 1"), "{indexed:#?}");
+    assert!(
+        indexed[5].starts_with("delay total=Some(8)"),
+        "{indexed:#?}"
+    );
+
+    // The SQL reference, on the same database, expands along the stored release itself.
+    let app = app
+        .restarted_with(ServeArgs {
+            research_index: false,
+            ..ServeArgs::default()
+        })
+        .await;
+    let token = app
+        .principal("res-onto-sql", Role::Researcher, None, &["ERN-LUNG"])
+        .await;
+    let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+    let mut research = ResearchServiceClient::with_interceptor(app.channel().await, bearer);
+    let scanned = ontology_answers(&mut research).await;
+    assert_eq!(indexed, scanned);
+}
+
+#[tokio::test]
+async fn expertise_is_found_by_disease_name() {
+    let app = TestApp::spawn().await;
+    app.import_fixture_releases().await;
+    let mut dr = app.physician("dr-name", "NL-AMC").await;
+    for seed in 0..3 {
+        dr.submit_case(case(2000 + seed, &["HP:0000286"], "ORPHA:558", "FBN1"))
+            .await
+            .unwrap();
+    }
+    let mut research = app.researcher_client("res-name").await;
+    let r = research
+        .find_expertise(proto::FindExpertiseRequest {
+            disease_name_prefix: "marfan".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let diseases: Vec<(String, String)> = r
+        .diseases
+        .iter()
+        .map(|d| (d.code.clone(), d.name.clone()))
+        .collect();
+    assert_eq!(
+        diseases,
+        [
+            ("ORPHA:558".to_string(), "Marfan syndrome".to_string()),
+            ("ORPHA:284963".into(), "Marfan syndrome type 1".into()),
+            ("ORPHA:284973".into(), "Marfan syndrome type 2".into()),
+        ]
+    );
+    assert_eq!(r.centres.len(), 1);
+    assert_eq!(r.centres[0].centre_code, "NL-AMC");
+    let status = research
+        .find_expertise(proto::FindExpertiseRequest {
+            disease_name_prefix: "ma".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn ontology_questions_need_the_release_in_force() {
+    let app = TestApp::spawn().await;
+    let mut research = app.researcher_client("res-none").await;
+    let status = research
+        .count_patients(proto::CountPatientsRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: vec![],
+            filters: vec![proto::Filter {
+                dimension: Dimension::Phenotype as i32,
+                values: vec!["HP:0001250".into()],
+                include_descendants: true,
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("no HPO release is in force"));
+    let status = research
+        .count_patients(proto::CountPatientsRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: vec![Dimension::Phenotype as i32],
+            filters: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
