@@ -123,6 +123,15 @@ pub enum AuthError {
     CertificateMismatch,
     #[error("you are not a member of the ERN that keeps registry {registry}")]
     ForeignRegistry { registry: String },
+    /// The web console: a wrong name, password or code (which one is not said).
+    #[error("wrong name, password or code")]
+    SignInFailed,
+    /// The web console: no session, or one that was ended (signed out, disabled).
+    #[error("you are not signed in")]
+    NoSession,
+    /// The web console: the session passed its idle or absolute time limit.
+    #[error("your session has expired; sign in again")]
+    SessionExpired,
 }
 
 impl Principal {

@@ -1,12 +1,13 @@
 //! The clock every decision reads: whether consent is in force or has expired, whether a
 //! key has expired, the instant a command applies the consent rules at, the "as of" of a
-//! research answer. One [`Clock`] per process, held by `service::Services`, so that tests
-//! (and drills) can move time forward instead of sleeping. The binary always runs on
-//! [`SystemClock`].
+//! research answer, when a web console session ends and until when failed sign-ins hold an
+//! account back (instants kept in the database, shared by every instance). One [`Clock`]
+//! per process, held by `service::Services`, so that tests (and drills) can move time
+//! forward instead of sleeping. The binary always runs on [`SystemClock`].
 //!
-//! Not covered, on purpose: timeouts, rate limits and back-off (monotonic `Instant`s: a
-//! wall clock that moves must not stretch or shorten them) and the time stamps of audit
-//! entries (when a call happened, not a decision).
+//! Not covered, on purpose: in-process timeouts, rate limits and back-off (monotonic
+//! `Instant`s: a wall clock that moves must not stretch or shorten them) and the time
+//! stamps of audit entries (when a call happened, not a decision).
 
 use std::sync::Mutex;
 

@@ -201,6 +201,20 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "ERN_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve the web console (HTML over HTTP/1.1, for consent officers, researchers and
+    /// physicians who sign in with a password and a TOTP code) on this address, e.g.
+    /// 127.0.0.1:8080. Off when unset. It serves plain HTTP: on loopback only, unless
+    /// --allow-plaintext is set for a TLS-terminating proxy in front. See docs/console.md.
+    #[arg(long, env = "ERN_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+    /// A console session without a request for this many minutes ends.
+    #[arg(long, env = "ERN_CONSOLE_IDLE_MINUTES", default_value_t = 15,
+          value_parser = clap::value_parser!(u32).range(1..=1440))]
+    pub console_idle_minutes: u32,
+    /// A console session ends this many hours after sign-in, whatever happens.
+    #[arg(long, env = "ERN_CONSOLE_SESSION_HOURS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=168))]
+    pub console_session_hours: u32,
     /// Master key file; created (mode 0600) on first start if missing.
     #[arg(long, env = "ERN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
@@ -357,6 +371,14 @@ impl ServeArgs {
         (self.keepalive_secs > 0).then(|| Duration::from_secs(self.keepalive_secs))
     }
 
+    /// How long console sessions live.
+    pub fn console_limits(&self) -> crate::service::console::SessionLimits {
+        crate::service::console::SessionLimits {
+            idle: chrono::Duration::minutes(i64::from(self.console_idle_minutes)),
+            absolute: chrono::Duration::hours(i64::from(self.console_session_hours)),
+        }
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -367,6 +389,9 @@ impl Default for ServeArgs {
     fn default() -> Self {
         ServeArgs {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            console_listen: None,
+            console_idle_minutes: 15,
+            console_session_hours: 8,
             master_key_file: None,
             require_master_key: false,
             max_message_bytes: 1024 * 1024,
@@ -607,6 +632,27 @@ pub enum AdminCommand {
     RevokeKey {
         #[arg(long)]
         key_id: String,
+        #[command(flatten)]
+        master: MasterArgs,
+    },
+    /// Set a principal's web console password (at least 12 characters), read from the
+    /// first line of standard input (or --password-file), hashed with Argon2id. Ends the
+    /// principal's console sessions.
+    SetPassword {
+        #[arg(long)]
+        principal: String,
+        /// Read the password from the first line of this file instead of standard input.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        master: MasterArgs,
+    },
+    /// Give a principal a new TOTP second factor for the web console; prints the otpauth
+    /// URI and a terminal QR code to scan into an authenticator app (shown once). Ends
+    /// the principal's console sessions.
+    EnrolTotp {
+        #[arg(long)]
+        principal: String,
         #[command(flatten)]
         master: MasterArgs,
     },

@@ -10,6 +10,7 @@ pub mod codes;
 pub mod config;
 pub mod connections;
 pub mod consent;
+pub mod console;
 pub mod data_dir;
 pub mod domain;
 /// Test data shared by unit tests, integration tests, benches and fuzz targets; never in a

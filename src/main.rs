@@ -474,6 +474,20 @@ async fn audited_admin(
             println!("expires: {}", at.to_rfc3339());
         }
     }
+    if let Some(uri) = done.totp_uri {
+        println!("otpauth URI (shown once): {}", uri.expose_secret());
+        match qrcode::QrCode::new(uri.expose_secret().as_bytes()) {
+            Ok(code) => println!(
+                "{}",
+                code.render::<qrcode::render::unicode::Dense1x2>()
+                    .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                    .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                    .quiet_zone(true)
+                    .build()
+            ),
+            Err(e) => eprintln!("(no QR code: {e}; type the URI instead)"),
+        }
+    }
     Ok(())
 }
 
@@ -531,7 +545,37 @@ fn admin_action(cmd: AdminCommand) -> Option<AdminAction> {
             expires_in_days,
         },
         AdminCommand::RevokeKey { key_id, .. } => AdminAction::RevokeKey { key_id },
+        AdminCommand::SetPassword {
+            principal,
+            password_file,
+            ..
+        } => AdminAction::SetPassword {
+            principal,
+            password: read_password(password_file.as_deref()),
+        },
+        AdminCommand::EnrolTotp { principal, .. } => AdminAction::EnrolTotp { principal },
     })
+}
+
+/// The first line of `file`, or of standard input, without its line ending (empty when
+/// neither can be read: refused as too short).
+fn read_password(file: Option<&std::path::Path>) -> secrecy::SecretString {
+    let mut text = zeroize::Zeroizing::new(String::new());
+    match file {
+        Some(path) => {
+            if let Ok(read) = std::fs::read_to_string(path) {
+                *text = read;
+            }
+        }
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("new console password (at least 12 characters), then Enter:");
+            }
+            let _ = std::io::stdin().read_line(&mut text);
+        }
+    }
+    let line = text.lines().next().unwrap_or("");
+    secrecy::SecretString::from(line.to_owned())
 }
 
 /// The master key arguments of an admin command that changes something.
@@ -546,6 +590,8 @@ fn admin_master(cmd: &AdminCommand) -> Option<&MasterArgs> {
         | AdminCommand::CreateCentre { master, .. }
         | AdminCommand::CreatePrincipal { master, .. }
         | AdminCommand::IssueKey { master, .. }
-        | AdminCommand::RevokeKey { master, .. } => Some(master),
+        | AdminCommand::RevokeKey { master, .. }
+        | AdminCommand::SetPassword { master, .. }
+        | AdminCommand::EnrolTotp { master, .. } => Some(master),
     }
 }

@@ -37,6 +37,8 @@ pub enum Limit {
     PeerRefusals { per_minute: u32 },
     /// `max` invalid items in one bulk stream.
     StreamInvalidItems { max: u32 },
+    /// Console sign-ins of one account held back after failures in a row.
+    SignInLocked,
 }
 
 impl std::fmt::Display for Limit {
@@ -56,6 +58,10 @@ impl std::fmt::Display for Limit {
             Limit::StreamInvalidItems { max } => write!(
                 f,
                 "this stream sent {max} invalid items and is ended; fix the items and open a new one"
+            ),
+            Limit::SignInLocked => write!(
+                f,
+                "too many failed sign-ins for this account: sign-in is held back for a while"
             ),
         }
     }

@@ -83,6 +83,8 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Console(String),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server: {0}")]
@@ -425,6 +427,8 @@ pub struct Application {
     _lock: Option<ServerLock>,
     local_addr: SocketAddr,
     listener: TcpListener,
+    /// The web console's listener (`--console-listen`), if it is on.
+    console: Option<TcpListener>,
     state: Arc<Services>,
     args: ServeArgs,
     tls: Option<ServerTlsConfig>,
@@ -525,6 +529,7 @@ impl Application {
                 std::time::Duration::from_millis(args.protection_budget_ms),
             ),
             database: DatabaseWatch::new(database_url),
+            console: crate::service::console::ConsoleAuth::new(&master, args.console_limits()),
             clock,
             research_index,
             epoch_reads: crate::service::access::EpochReads::of(store.clone()),
@@ -547,11 +552,24 @@ impl Application {
                 addr: args.listen,
                 source,
             })?;
+        let console = match args.console_listen {
+            Some(addr) => {
+                let listener = crate::console::bind(addr, args.allow_plaintext)
+                    .await
+                    .map_err(StartupError::Console)?;
+                if !addr.ip().is_loopback() {
+                    warn!(%addr, "serving the web console over PLAIN HTTP on a non-loopback address (--allow-plaintext): a TLS-terminating proxy must be in front");
+                }
+                Some(listener)
+            }
+            None => None,
+        };
         info!(%local_addr, backend = ?state.store.backend(), writers, "ern-registry ready");
         Ok(Application {
             _lock: lock,
             local_addr,
             listener,
+            console,
             state,
             args,
             tls,
@@ -561,6 +579,11 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The web console's bound address, when it is on.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn store(&self) -> &Store {
@@ -698,7 +721,23 @@ impl Application {
             .add_service(research)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, signal);
+        // The web console stops with gRPC: no new connections once `stopping` is set;
+        // requests in flight finish.
+        let console = self.console.map(|listener| {
+            tokio::spawn(crate::console::serve(
+                listener,
+                self.state.clone(),
+                stopping.clone(),
+            ))
+        });
         let result = serve_until_deadline(serve, stopping, deadline_tx, grace).await;
+        if let Some(console) = console
+            && tokio::time::timeout(grace + CLOSE_LIMIT, console)
+                .await
+                .is_err()
+        {
+            warn!("the web console did not stop within the grace; no longer waiting for it");
+        }
         probe.abort();
         code_refresh.abort();
         // The last summary of refused calls goes in before the writer drains.

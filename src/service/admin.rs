@@ -7,12 +7,15 @@ use chrono::{DateTime, Duration, Utc};
 use ring::rand::SystemRandom;
 use sqlx::AnyConnection;
 
-use super::{Call, ServiceError, Services};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{Call, ServiceError, Services, console};
 use crate::audit::{AuditKey, Entry, Stored};
 use crate::auth::{self, Principal, Role};
 use crate::keys::MasterSecret;
 use crate::outcome::Outcome;
 use crate::store::audit::AuditFilter;
+use crate::store::console as console_store;
 use crate::store::{Store, StoreError, admin};
 
 /// One page of the audit log, oldest first, and the sequence number to continue after
@@ -106,6 +109,16 @@ pub enum AdminAction {
         system: crate::domain::CodeSystem,
         version: String,
     },
+    /// Sets a principal's web console password (ends their console sessions).
+    SetPassword {
+        principal: String,
+        password: SecretString,
+    },
+    /// Gives a principal a new TOTP secret for the web console, shown once as an otpauth
+    /// URI (ends their console sessions).
+    EnrolTotp {
+        principal: String,
+    },
 }
 
 /// Why an admin action was refused: the outcome its audit entry records, and the message.
@@ -157,6 +170,8 @@ pub struct Done {
     pub lines: Vec<String>,
     target: Option<String>,
     pub key: Option<(auth::IssuedKey, Option<DateTime<Utc>>)>,
+    /// A TOTP enrolment's otpauth URI, to show once (text and QR code).
+    pub totp_uri: Option<SecretString>,
 }
 
 /// Which principals make sense: physicians belong to a centre (their registries are
@@ -311,6 +326,12 @@ fn describe(action: &AdminAction) -> (&'static str, String, String) {
             none(),
             format!("{system} release {version}"),
         ),
+        AdminAction::SetPassword { principal, .. } => {
+            ("SetPassword", none(), format!("principal {principal}"))
+        }
+        AdminAction::EnrolTotp { principal } => {
+            ("EnrolTotp", none(), format!("principal {principal}"))
+        }
     }
 }
 
@@ -501,6 +522,33 @@ async fn apply(
                 system.name(),
                 super::CODE_REFRESH.as_secs()
             ));
+        }
+        AdminAction::SetPassword {
+            principal,
+            password,
+        } => {
+            console::check_password(password.expose_secret())
+                .map_err(|m| refused(Outcome::InvalidArgument, m))?;
+            let id = admin::principal_id(conn, &principal).await?;
+            let hash = console::hash_password(password.expose_secret())
+                .map_err(|_| refused(Outcome::Internal, "no system randomness"))?;
+            console_store::set_password(conn, id, &hash, Utc::now()).await?;
+            console_store::end_sessions(conn, id).await?;
+            done.lines.push(format!(
+                "set the web console password of {principal} (Argon2id); their console sessions are ended"
+            ));
+        }
+        AdminAction::EnrolTotp { principal } => {
+            let id = admin::principal_id(conn, &principal).await?;
+            let (sealed, uri) = console::new_totp(secret, id, &principal)
+                .map_err(|_| refused(Outcome::Internal, "no system randomness"))?;
+            console_store::set_totp(conn, id, &sealed, Utc::now()).await?;
+            console_store::end_sessions(conn, id).await?;
+            done.lines.push(format!(
+                "enrolled a new TOTP second factor for {principal}; their console sessions are ended. \
+                 Scan the QR code (or type the URI) into their authenticator app now: it is shown once"
+            ));
+            done.totp_uri = Some(uri);
         }
     }
     Ok(done)

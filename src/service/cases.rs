@@ -41,6 +41,11 @@ impl CaseAccess {
 /// Requires that `principal` is a physician of a centre and may act on the registry
 /// `registry_code` (a malformed code is a violation of `field`, an unknown one NOT_FOUND,
 /// one outside the centre's ERNs PERMISSION_DENIED).
+/// Requires the physician role (the web console's form, before any case is read).
+pub fn require_physician(principal: &Principal) -> Result<(), ServiceError> {
+    Ok(principal.require_role(Role::Physician)?)
+}
+
 pub async fn open(
     services: &Services,
     principal: &Principal,

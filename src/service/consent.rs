@@ -432,6 +432,50 @@ pub async fn receipt(
     })
 }
 
+/// Consents to follow up: granted decisions in force in the officer's registries that
+/// expire within `days` from now, and those that expired in the last 90 days (at most
+/// [`EXPIRING_LIMIT`] each, soonest first).
+pub struct ExpiringLists {
+    pub at: DateTime<Utc>,
+    pub soon: Vec<crate::store::console::Expiring>,
+    pub expired: Vec<crate::store::console::Expiring>,
+}
+
+/// Most rows of each expiry list.
+pub const EXPIRING_LIMIT: i64 = 500;
+
+/// The expiry lists of an officer's registries (`ExpiringLists`).
+pub async fn expiring(
+    services: &Services,
+    principal: &Principal,
+    days: i64,
+    call: &mut Call,
+) -> Result<ExpiringLists, ServiceError> {
+    require_officer(principal)?;
+    let at = services.clock.now();
+    let registries: Vec<i64> = principal.registries.iter().copied().collect();
+    let soon = services
+        .store
+        .consents_expiring(
+            &registries,
+            at,
+            at + chrono::Duration::days(days),
+            EXPIRING_LIMIT,
+        )
+        .await?;
+    let expired = services
+        .store
+        .consents_expiring(
+            &registries,
+            at - chrono::Duration::days(90),
+            at,
+            EXPIRING_LIMIT,
+        )
+        .await?;
+    call.items(soon.len() + expired.len());
+    Ok(ExpiringLists { at, soon, expired })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,12 +13,14 @@
 //! - [`cases`]: physicians submit, update and read their centre's cases;
 //! - [`consent`]: consent officers record, read and withdraw consent, look up receipts;
 //! - [`research`]: aggregates for researchers, where-is-the-expertise for physicians;
-//! - [`admin`]: the audit log for admins.
+//! - [`admin`]: the audit log for admins;
+//! - [`console`]: sign-in for people (password, TOTP, sessions, CSRF, lockout).
 
 pub mod access;
 pub mod admin;
 pub mod cases;
 pub mod consent;
+pub mod console;
 pub mod research;
 
 use std::sync::Arc;
@@ -68,6 +70,8 @@ pub struct Services {
     pub epoch_reads: access::EpochReads,
     /// The code releases in force, in memory (`domain::CodeCatalog`).
     pub codes: Arc<Codes>,
+    /// The web console's sign-in keys and session limits (`console`).
+    pub console: console::ConsoleAuth,
 }
 
 /// How often a server looks whether another code release was put in force.
@@ -199,7 +203,10 @@ impl ServiceError {
             ServiceError::Auth(
                 AuthError::MissingCredentials
                 | AuthError::InvalidKey
-                | AuthError::CertificateMismatch,
+                | AuthError::CertificateMismatch
+                | AuthError::SignInFailed
+                | AuthError::NoSession
+                | AuthError::SessionExpired,
             ) => Outcome::Unauthenticated,
             ServiceError::Auth(_) => Outcome::PermissionDenied,
             ServiceError::Invalid(_) => Outcome::InvalidArgument,
@@ -527,6 +534,20 @@ impl Services {
         principal.require_registry(registry.id, &registry.code)?;
         Ok(registry)
     }
+}
+
+/// The registries `principal` may act on (its centre's ERNs' and its own), in order.
+pub async fn registries_of(
+    services: &Services,
+    principal: &Principal,
+) -> Result<Vec<Registry>, ServiceError> {
+    Ok(services
+        .store
+        .list_registries()
+        .await?
+        .into_iter()
+        .filter(|r| principal.registries.contains(&r.id))
+        .collect())
 }
 
 /// Parses a pseudonym of `registry`; one of another registry is a field violation.

@@ -409,13 +409,26 @@ pub async fn diagnostic_delay(
 
 /// Requires a physician or a researcher, and takes one question from the allowance.
 pub fn open_expertise(services: &Services, principal: &Principal) -> Result<(), ServiceError> {
+    require_expertise_role(principal)?;
+    take_question(services, principal)
+}
+
+/// Requires a physician or a researcher, taking nothing from the allowance (the web
+/// console's form, before a question is asked).
+pub fn require_expertise_role(principal: &Principal) -> Result<(), ServiceError> {
     if !matches!(principal.role, Role::Physician | Role::Researcher) {
         return Err(AuthError::WrongRole {
             needed: "physician or researcher",
         }
         .into());
     }
-    take_question(services, principal)
+    Ok(())
+}
+
+/// Requires the researcher role, taking nothing from the allowance (the web console's
+/// form, before a question is asked).
+pub fn require_researcher(principal: &Principal) -> Result<(), ServiceError> {
+    Ok(principal.require_role(Role::Researcher)?)
 }
 
 /// The registries `principal` may search for expertise: a researcher's own; for a

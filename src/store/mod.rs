@@ -91,6 +91,7 @@ pub mod cases;
 pub mod codes;
 pub mod consent;
 pub mod consent_model;
+pub mod console;
 pub mod master;
 pub mod purge;
 pub mod research;

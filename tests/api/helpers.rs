@@ -87,6 +87,8 @@ pub struct TestApp {
     /// The code releases the server checks against (refresh it after an import instead
     /// of waiting for the server's next look).
     pub codes: Arc<ern_registry::service::Codes>,
+    /// The web console's address, when the app was started with `console_listen`.
+    pub console: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -163,6 +165,7 @@ impl TestApp {
                 .await
                 .expect("application builds");
         let addr = app.local_addr();
+        let console = app.console_addr();
         let store = app.store().clone();
         let (auth, key_hasher) = (app.auth_counters(), app.key_hasher());
         let codes = app.codes();
@@ -183,6 +186,7 @@ impl TestApp {
             auth,
             key_hasher,
             codes,
+            console,
             shutdown: Some(tx),
             server: Some(server),
         }

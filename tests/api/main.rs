@@ -19,6 +19,8 @@ mod consent;
 mod consent_model;
 mod consent_oracle;
 mod consent_races;
+mod console;
+mod console_browser;
 mod demo;
 mod disclosure;
 mod durability;

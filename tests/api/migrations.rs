@@ -74,6 +74,7 @@ const DIALECT_ONLY: &[DialectOnly] = &[
         facts: &[
             "column access_epoch.id generated",
             "column audit_head.id generated",
+            "column console_credentials.principal_id generated",
             "column audit_log.seq generated",
             "column master_key.id generated",
             "column registries.id generated",
@@ -83,7 +84,8 @@ const DIALECT_ONLY: &[DialectOnly] = &[
         why: "an INTEGER PRIMARY KEY is SQLite's rowid, which takes the next number when none \
               is given; PostgreSQL's BIGINT key (no identity) does not. The service always \
               gives these: the registry's number, the chain's next sequence number, row 1, \
-              the research change's number (from the change counter).",
+              the research change's number (from the change counter), the principal whose \
+              console credentials a row holds.",
     },
     DialectOnly {
         side: Side::Postgres,

@@ -1,0 +1,1230 @@
+//! The web console: server-rendered HTML (maud) over HTTP/1.1 (axum), for the people who
+//! are not programmers: consent officers, researchers and physicians.
+//!
+//! It owns HTTP only: cookies, the CSRF check of every form, the security headers, form
+//! parsing and the pages. Every rule is the service layer's: a session yields a
+//! [`Principal`] (`service::console::session`), and each page calls the use case gRPC
+//! calls (`service::consent`, `service::research`), inside a [`Call`] that is audited
+//! the same way (`Console/<Action>` entries). No SQL and no policy here.
+//!
+//! Why this shape:
+//! - **No JavaScript.** Every page works with plain HTML forms; charts are SVG drawn on
+//!   the server (plotters). The Content-Security-Policy allows no script at all.
+//! - **POST for anything about a patient.** Identifiers, pseudonyms and receipt ids travel
+//!   in form bodies only, never in a URL (which browsers keep in history and servers and
+//!   proxies log); pages that show them are `no-store`.
+//! - **Cookies**: `__Host-` prefixed (no Domain, Path=/, Secure), HttpOnly,
+//!   SameSite=Strict; the session's token only, never who it is.
+
+mod chart;
+mod pages;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, NaiveDate, Utc};
+use maud::Markup;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::aggregate::{Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS};
+use crate::auth::{AuthError, Principal};
+use crate::consent::{self, AttestationItem, Decision, Scope};
+use crate::domain::{FieldViolations, Orphacode};
+use crate::outcome::Outcome;
+use crate::pseudonym::{DemographicInput, IdentifiersInput, NationalInput, PatientIdentity};
+use crate::ratelimit::Peer;
+use crate::service::consent as consent_service;
+use crate::service::console::{self as console_service, SignIn};
+use crate::service::research;
+use crate::service::{Call, ServiceError, Services, parse_pseudonym};
+use crate::store::consent::WithdrawalReason;
+
+pub use pages::Errors;
+
+/// The session cookie: the token only.
+pub const SESSION_COOKIE: &str = "__Host-ern-session";
+/// The pre-session cookie the sign-in form's CSRF token is bound to.
+pub const PRE_COOKIE: &str = "__Host-ern-pre";
+/// The Content-Security-Policy of every response.
+pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+                       frame-ancestors 'none'; base-uri 'none'";
+/// Most bytes of a form body.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+type St = Arc<Services>;
+
+/// The console's routes over the services.
+pub fn router(services: Arc<Services>) -> Router {
+    Router::new()
+        .route("/console.css", get(stylesheet))
+        .route("/", get(|| async { Redirect::to("/home") }))
+        .route("/sign-in", get(sign_in_page).post(sign_in))
+        .route("/sign-out", post(sign_out))
+        .route("/home", get(home))
+        .route("/officer", get(officer_find_page))
+        .route("/officer/patient", post(officer_patient))
+        .route("/officer/record", post(officer_record))
+        .route("/officer/withdraw", post(officer_withdraw))
+        .route("/officer/receipt", get(receipt_page).post(receipt_lookup))
+        .route("/officer/expiring", get(officer_expiring))
+        .route("/research", get(research_page))
+        .route("/research/count", post(research_count))
+        .route("/research/count.csv", post(research_count_csv))
+        .route("/research/delay", post(research_delay))
+        .route("/expertise", get(expertise_page).post(expertise))
+        .route("/cases", get(cases_page).post(case_read))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                pages::message("Not found", "There is no such page."),
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(services)
+}
+
+/// Binds the console's listener: plain HTTP, so on loopback only unless `allow_plaintext`
+/// (a TLS-terminating proxy in front).
+pub async fn bind(addr: SocketAddr, allow_plaintext: bool) -> Result<TcpListener, String> {
+    if !addr.ip().is_loopback() && !allow_plaintext {
+        return Err(format!(
+            "refusing the plain-HTTP web console on {addr}, which is not a loopback address: put \
+             a TLS-terminating proxy in front and set --allow-plaintext"
+        ));
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} for the console: {e}"))
+}
+
+/// Serves the console on `listener` until `stopping` turns true (then lets requests in
+/// flight finish).
+pub async fn serve(
+    listener: TcpListener,
+    services: Arc<Services>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let addr = listener.local_addr().ok();
+    info!(?addr, "serving the web console");
+    let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
+    let shutdown = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        warn!(error = %e, "the web console stopped with an error");
+    }
+}
+
+async fn security_headers(request: axum::extract::Request, next: Next) -> Response {
+    let is_css = request.uri().path() == "/console.css";
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    let set = |h: &mut HeaderMap, name: header::HeaderName, value: &'static str| {
+        h.insert(name, HeaderValue::from_static(value));
+    };
+    set(h, header::CONTENT_SECURITY_POLICY, CSP);
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(
+        h,
+        header::HeaderName::from_static("cross-origin-opener-policy"),
+        "same-origin",
+    );
+    set(
+        h,
+        header::HeaderName::from_static("cross-origin-resource-policy"),
+        "same-origin",
+    );
+    set(
+        h,
+        header::CACHE_CONTROL,
+        if is_css { "max-age=300" } else { "no-store" },
+    );
+    response
+}
+
+async fn stylesheet() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("console.css"),
+    )
+}
+
+// ----- Forms and cookies -----
+
+/// A parsed form body. Values are wiped when dropped (identifiers pass through here).
+pub struct Form(Vec<(String, Zeroizing<String>)>);
+
+impl Form {
+    fn parse(body: &[u8]) -> Form {
+        Form(
+            url::form_urlencoded::parse(body)
+                .map(|(k, v)| (k.into_owned(), Zeroizing::new(v.into_owned())))
+                .collect(),
+        )
+    }
+
+    /// The value of `name` (the first), trimmed; "" when absent.
+    pub fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.trim())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        !self.get(name).is_empty()
+    }
+
+    /// The form without the fields whose names `drop` accepts (to repeat it in hidden
+    /// fields).
+    fn hidden_except(&self, drop: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        self.0
+            .iter()
+            .filter(|(k, _)| !drop(k))
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+fn set_cookie(name: &str, value: &str, max_age: Option<i64>) -> HeaderValue {
+    let age = max_age.map_or(String::new(), |s| format!("; Max-Age={s}"));
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Strict{age}"
+    ))
+    .expect("cookie text is ASCII")
+}
+
+// ----- Sessions -----
+
+/// A signed-in request: who, the session's token (for CSRF) and the audited call.
+pub struct Ctx {
+    pub principal: Principal,
+    token: Zeroizing<String>,
+    pub csrf: String,
+    call: Call,
+}
+
+/// Authenticates the request by its session cookie, in a call named `Console/<action>`.
+async fn signed_in(
+    st: &St,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    action: &str,
+) -> Result<Ctx, Response> {
+    let mut call = Call::new(&format!("Console/{action}"));
+    let token = Zeroizing::new(cookie(headers, SESSION_COOKIE).unwrap_or("").to_owned());
+    match console_service::session(st, &token, Peer::of(Some(peer)), &mut call).await {
+        Ok(principal) => Ok(Ctx {
+            csrf: st.console.csrf_token(&token),
+            principal,
+            token,
+            call,
+        }),
+        Err(err) => {
+            let outcome = err.outcome();
+            let _ = st.record(call, outcome).await;
+            Err(match err {
+                ServiceError::Auth(AuthError::NoSession) => {
+                    Redirect::to("/sign-in").into_response()
+                }
+                ServiceError::Auth(AuthError::SessionExpired) => {
+                    sign_in_form(st, StatusCode::UNAUTHORIZED, Some(&err.to_string()), "")
+                }
+                other => error_page(&other),
+            })
+        }
+    }
+}
+
+/// A signed-in POST: the session, then the form's CSRF token.
+async fn signed_in_form(
+    st: &St,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    action: &str,
+    body: &Bytes,
+) -> Result<(Ctx, Form), Response> {
+    let ctx = signed_in(st, headers, peer, action).await?;
+    let form = Form::parse(body);
+    if !st.console.csrf_valid(&ctx.token, form.get("csrf")) {
+        warn!(
+            principal = ctx.principal.id,
+            action, "console form refused: CSRF token missing or wrong"
+        );
+        let _ = st.record(ctx.call, Outcome::PermissionDenied).await;
+        return Err((
+            StatusCode::FORBIDDEN,
+            pages::message(
+                "Form refused",
+                "This form did not come from this console session (its security token is missing or wrong). Go back, reload the page and try again.",
+            ),
+        )
+            .into_response());
+    }
+    Ok((ctx, form))
+}
+
+/// Records the call's audit entry with the page's outcome and answers the page (or, when
+/// the entry cannot be committed, an error: nothing is shown that the log does not show).
+async fn conclude(st: &St, call: Call, result: Result<Response, ServiceError>) -> Response {
+    let outcome = result
+        .as_ref()
+        .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
+    metrics::counter!("ern_console_requests_total", "action" => call.method().to_owned(), "outcome" => outcome.name())
+        .increment(1);
+    match (st.record(call, outcome).await, result) {
+        (Ok(()), Ok(page)) => page,
+        (Err(_), Ok(_)) => error_page(&ServiceError::Unavailable),
+        (_, Err(err)) => error_page(&err),
+    }
+}
+
+fn status_of(outcome: Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Ok => StatusCode::OK,
+        Outcome::InvalidArgument => StatusCode::BAD_REQUEST,
+        Outcome::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Outcome::PermissionDenied => StatusCode::FORBIDDEN,
+        Outcome::NotFound => StatusCode::NOT_FOUND,
+        Outcome::AlreadyExists | Outcome::Aborted | Outcome::FailedPrecondition => {
+            StatusCode::CONFLICT
+        }
+        Outcome::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Outcome::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The page of a failed action: the same message gRPC would give (internal failures
+/// logged with a reference, never shown).
+fn error_page(err: &ServiceError) -> Response {
+    let outcome = err.outcome();
+    let text = match err {
+        ServiceError::Internal(cause) if !cause.is_unavailable() => {
+            let mut bytes = [0u8; 6];
+            let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+            let reference = hex::encode(bytes);
+            tracing::error!(reference = %reference, error = %cause, "console: internal error");
+            format!("Internal error; quote reference {reference} to the operator.")
+        }
+        ServiceError::Invalid(v) => v
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    };
+    let title = match outcome {
+        Outcome::PermissionDenied => "Not allowed",
+        Outcome::NotFound => "Not found",
+        Outcome::ResourceExhausted => "Too many requests",
+        Outcome::Unauthenticated => "Not signed in",
+        Outcome::FailedPrecondition => "Cannot do this",
+        Outcome::InvalidArgument => "Invalid request",
+        Outcome::Unavailable => "Unavailable",
+        _ => "Error",
+    };
+    (status_of(outcome), pages::message(title, &text)).into_response()
+}
+
+fn html(status: StatusCode, markup: Markup) -> Response {
+    (status, markup).into_response()
+}
+
+// ----- Sign-in, sign-out, home -----
+
+fn sign_in_form(st: &St, status: StatusCode, error: Option<&str>, name: &str) -> Response {
+    let Ok(pre) = console_service::new_token() else {
+        return error_page(&ServiceError::Unavailable);
+    };
+    let csrf = st.console.csrf_token(pre.expose_secret());
+    let mut response = html(status, pages::sign_in(&csrf, error, name));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(PRE_COOKIE, pre.expose_secret(), Some(3600)),
+    );
+    response
+}
+
+async fn sign_in_page(State(st): State<St>) -> Response {
+    sign_in_form(&st, StatusCode::OK, None, "")
+}
+
+async fn sign_in(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form = Form::parse(&body);
+    let pre = cookie(&headers, PRE_COOKIE).unwrap_or("");
+    if pre.is_empty() || !st.console.csrf_valid(pre, form.get("csrf")) {
+        return sign_in_form(
+            &st,
+            StatusCode::FORBIDDEN,
+            Some("This sign-in form has expired or did not come from this console; try again."),
+            "",
+        );
+    }
+    let name = form.get("name").to_owned();
+    let password = SecretString::from(form.get("password").to_owned());
+    let mut call = Call::new("Console/SignIn");
+    let result = console_service::sign_in(
+        &st,
+        SignIn {
+            name: &name,
+            password: &password,
+            code: form.get("code"),
+            peer: Peer::of(Some(peer)),
+        },
+        &mut call,
+    )
+    .await;
+    let outcome = result
+        .as_ref()
+        .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
+    let recorded = st.record(call, outcome).await;
+    match (result, recorded) {
+        (Ok(session), Ok(())) => {
+            let mut response = Redirect::to("/home").into_response();
+            let h = response.headers_mut();
+            h.append(
+                header::SET_COOKIE,
+                set_cookie(SESSION_COOKIE, session.token.expose_secret(), None),
+            );
+            h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, "", Some(0)));
+            response
+        }
+        (Ok(session), Err(_)) => {
+            let _ = console_service::sign_out(&st, session.token.expose_secret()).await;
+            error_page(&ServiceError::Unavailable)
+        }
+        (Err(err), _) => {
+            let status = status_of(err.outcome());
+            sign_in_form(&st, status, Some(&err.to_string()), &name)
+        }
+    }
+}
+
+async fn sign_out(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (ctx, _form) = match signed_in_form(&st, &headers, peer, "SignOut", &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = console_service::sign_out(&st, &ctx.token).await;
+    let page = result.map(|()| {
+        let mut response = Redirect::to("/sign-in").into_response();
+        response
+            .headers_mut()
+            .append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", Some(0)));
+        response
+    });
+    conclude(&st, ctx.call, page).await
+}
+
+async fn home(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    match signed_in(&st, &headers, peer, "Home").await {
+        Ok(ctx) => html(StatusCode::OK, pages::home(&ctx)),
+        Err(r) => r,
+    }
+}
+
+// ----- Consent officers -----
+
+/// Registry codes the principal may act on.
+async fn registries_of(st: &St, principal: &Principal) -> Vec<String> {
+    crate::service::registries_of(st, principal)
+        .await
+        .map(|rs| rs.into_iter().map(|r| r.code).collect())
+        .unwrap_or_default()
+}
+
+async fn officer_find_page(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = match signed_in(&st, &headers, peer, "FindPatientForm").await {
+        Ok(ctx) => ctx,
+        Err(r) => return r,
+    };
+    if let Err(e) = consent_service::require_officer(&ctx.principal) {
+        return conclude(&st, ctx.call, Err(e)).await;
+    }
+    let registries = registries_of(&st, &ctx.principal).await;
+    html(
+        StatusCode::OK,
+        pages::officer_find(&ctx, &registries, &Form(Vec::new()), &Errors::default()),
+    )
+}
+
+/// The patient a find form names: identifiers (derived, rate limited) or a pseudonym.
+async fn resolve(
+    st: &St,
+    access: &consent_service::ConsentAccess,
+    form: &Form,
+) -> Result<crate::pseudonym::Pseudonym, ServiceError> {
+    match form.get("kind") {
+        "national" | "demographic" => {
+            let sex = crate::domain::Sex::parse_db(form.get("demographic.sex_at_birth")).ok_or(
+                crate::domain::DomainError::Format("female, male, undetermined or unknown"),
+            );
+            let input = if form.get("kind") == "national" {
+                IdentifiersInput::National(NationalInput {
+                    issuing_country: form.get("national.issuing_country"),
+                    value: form.get("national.value"),
+                })
+            } else {
+                IdentifiersInput::Demographic(DemographicInput {
+                    given_names: form.get("demographic.given_names"),
+                    family_name: form.get("demographic.family_name"),
+                    date_of_birth: form.get("demographic.date_of_birth"),
+                    sex_at_birth: sex,
+                    place_of_birth: form.get("demographic.place_of_birth"),
+                    country_of_birth: form.get("demographic.country_of_birth"),
+                })
+            };
+            let identity = PatientIdentity::parse(Some(input)).map_err(ServiceError::Invalid)?;
+            consent_service::resolve(st, access, identity).await
+        }
+        _ => parse_pseudonym(form.get("pseudonym"), access.registry()),
+    }
+}
+
+async fn officer_patient(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, "FindPatient", &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        let access = consent_service::open(
+            &st,
+            &ctx.principal,
+            form.get("registry"),
+            "registry",
+            &mut ctx.call,
+        )
+        .await?;
+        let pseudonym = resolve(&st, &access, &form).await?;
+        let view = consent_service::get(&st, &access, pseudonym, st.clock.now()).await?;
+        ctx.call.items(view.events.len());
+        Ok(view)
+    }
+    .await;
+    match result {
+        Ok(view) => {
+            let page = html(
+                StatusCode::OK,
+                pages::officer_patient(&ctx, form.get("registry"), &view, None, &Errors::default()),
+            );
+            conclude(&st, ctx.call, Ok(page)).await
+        }
+        Err(ServiceError::Invalid(v)) => {
+            let registries = registries_of(&st, &ctx.principal).await;
+            let page = html(
+                StatusCode::BAD_REQUEST,
+                pages::officer_find(&ctx, &registries, &form, &Errors::from(&v)),
+            );
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+    }
+}
+
+/// A calendar date from a date field, at midnight UTC; `Some(None)` when present but not
+/// a date.
+fn date_field(form: &Form, name: &str) -> Option<Option<DateTime<Utc>>> {
+    let text = form.get(name);
+    if text.is_empty() {
+        return None;
+    }
+    Some(
+        NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc()),
+    )
+}
+
+fn scope_named(name: &str) -> Option<Scope> {
+    Scope::ALL.into_iter().find(|s| s.as_str() == name)
+}
+
+async fn officer_record(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, "RecordConsent", &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        let access = consent_service::open(
+            &st,
+            &ctx.principal,
+            form.get("registry"),
+            "registry",
+            &mut ctx.call,
+        )
+        .await?;
+        let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
+        let now = consent_service::now_millis(&st);
+        let decision = match form.get("decision") {
+            "granted" => Some(Decision::Granted),
+            "refused" => Some(Decision::Refused),
+            _ => None,
+        };
+        let item = AttestationItem {
+            scope: scope_named(form.get("scope")),
+            decision,
+            given_at: date_field(&form, "given_at"),
+            form_version: form.get("form_version"),
+            expires_at: date_field(&form, "expires_at"),
+        };
+        let decisions = consent::check_attestation(&[item], now).map_err(|v| {
+            let mut out = FieldViolations::new();
+            for item in v.iter() {
+                let field = item.field.trim_start_matches("consent[0].");
+                let field = if field == "state" { "decision" } else { field };
+                out.push(field, item.description.clone());
+            }
+            ServiceError::Invalid(out)
+        })?;
+        let view = consent_service::record(
+            &st,
+            &access,
+            pseudonym.clone(),
+            decisions,
+            now,
+            &mut ctx.call,
+        )
+        .await?;
+        // The page shows the whole history again.
+        consent_service::get(&st, &access, pseudonym, now)
+            .await
+            .map(|full| (view, full))
+    }
+    .await;
+    match result {
+        Ok((_, full)) => {
+            let page = html(
+                StatusCode::OK,
+                pages::officer_patient(
+                    &ctx,
+                    form.get("registry"),
+                    &full,
+                    Some("The decision is recorded."),
+                    &Errors::default(),
+                ),
+            );
+            conclude(&st, ctx.call, Ok(page)).await
+        }
+        Err(ServiceError::Invalid(v)) => {
+            // The form again, the errors next to its fields, with the patient as on file.
+            let page = match reopen_patient(&st, &mut ctx, &form).await {
+                Ok(view) => html(
+                    StatusCode::BAD_REQUEST,
+                    pages::officer_patient(
+                        &ctx,
+                        form.get("registry"),
+                        &view,
+                        None,
+                        &Errors::from(&v),
+                    ),
+                ),
+                Err(e) => return conclude(&st, ctx.call, Err(e)).await,
+            };
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+    }
+}
+
+async fn reopen_patient(
+    st: &St,
+    ctx: &mut Ctx,
+    form: &Form,
+) -> Result<consent_service::ConsentView, ServiceError> {
+    let access = consent_service::open(
+        st,
+        &ctx.principal,
+        form.get("registry"),
+        "registry",
+        &mut ctx.call,
+    )
+    .await?;
+    let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
+    consent_service::get(st, &access, pseudonym, st.clock.now()).await
+}
+
+fn reason_named(name: &str) -> Option<WithdrawalReason> {
+    WithdrawalReason::parse_db(name)
+}
+
+async fn officer_withdraw(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form = Form::parse(&body);
+    let confirmed = form.get("confirm") == "yes";
+    let action = if confirmed {
+        "WithdrawConsent"
+    } else {
+        "ConfirmWithdrawal"
+    };
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, action, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        let access = consent_service::open(
+            &st,
+            &ctx.principal,
+            form.get("registry"),
+            "registry",
+            &mut ctx.call,
+        )
+        .await?;
+        let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
+        let scopes: Vec<Scope> = Scope::ALL
+            .into_iter()
+            .filter(|s| form.has(&format!("scope.{}", s.as_str())))
+            .collect();
+        let mut v = FieldViolations::new();
+        if scopes.is_empty() {
+            v.push("scopes", "choose at least one scope to withdraw");
+        }
+        let reason = reason_named(form.get("reason"));
+        if reason.is_none() {
+            v.push("reason", "choose the reason for the withdrawal");
+        }
+        v.into_result()?;
+        let reason = reason.expect("checked");
+        if !confirmed {
+            return Ok(html(
+                StatusCode::OK,
+                pages::confirm_withdrawal(&ctx, &access.registry().code, &pseudonym, &scopes, reason, &form),
+            ));
+        }
+        let withdrawn =
+            consent_service::withdraw(&st, &access, pseudonym.clone(), scopes, reason, &mut ctx.call)
+                .await?;
+        Ok(match withdrawn.receipt {
+            Some(receipt) => html(StatusCode::OK, pages::receipt(&ctx, &receipt, true)),
+            None => {
+                let full = consent_service::get(&st, &access, pseudonym, st.clock.now()).await?;
+                html(
+                    StatusCode::OK,
+                    pages::officer_patient(
+                        &ctx,
+                        &access.registry().code,
+                        &full,
+                        Some("The consent is withdrawn. No clinical data was erased (REGISTRY_INCLUSION was not withdrawn)."),
+                        &Errors::default(),
+                    ),
+                )
+            }
+        })
+    }
+    .await;
+    match result {
+        Err(ServiceError::Invalid(v)) => {
+            let page = match reopen_patient(&st, &mut ctx, &form).await {
+                Ok(view) => html(
+                    StatusCode::BAD_REQUEST,
+                    pages::officer_patient(
+                        &ctx,
+                        form.get("registry"),
+                        &view,
+                        None,
+                        &Errors::from(&v),
+                    ),
+                ),
+                Err(e) => return conclude(&st, ctx.call, Err(e)).await,
+            };
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        other => conclude(&st, ctx.call, other).await,
+    }
+}
+
+async fn receipt_page(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = match signed_in(&st, &headers, peer, "ReceiptForm").await {
+        Ok(ctx) => ctx,
+        Err(r) => return r,
+    };
+    if let Err(e) = consent_service::require_officer(&ctx.principal) {
+        return conclude(&st, ctx.call, Err(e)).await;
+    }
+    html(
+        StatusCode::OK,
+        pages::receipt_lookup(&ctx, "", &Errors::default()),
+    )
+}
+
+async fn receipt_lookup(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (ctx, form) = match signed_in_form(&st, &headers, peer, "GetErasureReceipt", &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let id = form.get("receipt_id");
+    if !consent_service::is_receipt_id(id) {
+        let mut v = FieldViolations::new();
+        v.push(
+            "receipt_id",
+            "must be a receipt id as issued: \"rcpt-\" and 32 hex digits",
+        );
+        let page = html(
+            StatusCode::BAD_REQUEST,
+            pages::receipt_lookup(&ctx, id, &Errors::from(&v)),
+        );
+        let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+        return page;
+    }
+    let result = consent_service::receipt(&st, &ctx.principal, id)
+        .await
+        .map(|r| html(StatusCode::OK, pages::receipt(&ctx, &r, false)));
+    conclude(&st, ctx.call, result).await
+}
+
+async fn officer_expiring(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let mut ctx = match signed_in(&st, &headers, peer, "ExpiringConsents").await {
+        Ok(ctx) => ctx,
+        Err(r) => return r,
+    };
+    // `?days=N` (1 to 365, default 30): about no patient, so a query string is fine.
+    let days = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "days")
+        .and_then(|(_, v)| v.parse::<i64>().ok())
+        .unwrap_or(30)
+        .clamp(1, 365);
+    let result = consent_service::expiring(&st, &ctx.principal, days, &mut ctx.call).await;
+    let page = result.map(|lists| html(StatusCode::OK, pages::expiring(&ctx, days, &lists)));
+    conclude(&st, ctx.call, page).await
+}
+
+// ----- Researchers -----
+
+/// What a research form asks: dimensions and filters, parsed with the API's field names
+/// (`group_by[i]`, `filters[i].values[j]`) and the domain's messages.
+fn selection(form: &Form, max: usize) -> Result<(Vec<Dimension>, Vec<Filter>), FieldViolations> {
+    let mut v = FieldViolations::new();
+    let mut dims = Vec::new();
+    for i in 0..max {
+        let name = form.get(&format!("group_by[{i}]"));
+        if name.is_empty() {
+            continue;
+        }
+        match Dimension::ALL.into_iter().find(|d| d.name() == name) {
+            None => v.push(format!("group_by[{i}]"), "is not a dimension"),
+            Some(d) if dims.contains(&d) => v.push(format!("group_by[{i}]"), "is repeated"),
+            Some(d) => dims.push(d),
+        }
+    }
+    let mut filters: Vec<Filter> = Vec::new();
+    for i in 0..2 {
+        let dim = form.get(&format!("filters[{i}].dimension"));
+        let values = form.get(&format!("filters[{i}].values"));
+        if dim.is_empty() && values.is_empty() {
+            continue;
+        }
+        let Some(dimension) = Dimension::ALL.into_iter().find(|d| d.name() == dim) else {
+            v.push(format!("filters[{i}].dimension"), "is not a dimension");
+            continue;
+        };
+        if filters.iter().any(|f| f.dimension == dimension) {
+            v.push(
+                format!("filters[{i}].dimension"),
+                "has another filter already",
+            );
+            continue;
+        }
+        let texts: Vec<&str> = values
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        if texts.is_empty() || texts.len() > crate::aggregate::MAX_FILTER_VALUES {
+            v.push(
+                format!("filters[{i}].values"),
+                format!(
+                    "give 1 to {} values, separated by commas",
+                    crate::aggregate::MAX_FILTER_VALUES
+                ),
+            );
+            continue;
+        }
+        let mut keys = Vec::new();
+        for text in texts {
+            match dimension.parse_value(text) {
+                Ok(k) => keys.push(k),
+                Err(msg) => {
+                    v.push(format!("filters[{i}].values"), msg);
+                }
+            }
+        }
+        filters.push(Filter {
+            dimension,
+            values: keys,
+        });
+    }
+    v.into_result().map(|()| (dims, filters))
+}
+
+async fn research_page(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = match signed_in(&st, &headers, peer, "ResearchForm").await {
+        Ok(ctx) => ctx,
+        Err(r) => return r,
+    };
+    if let Err(e) = research::require_researcher(&ctx.principal) {
+        return conclude(&st, ctx.call, Err(e)).await;
+    }
+    let registries = registries_of(&st, &ctx.principal).await;
+    html(
+        StatusCode::OK,
+        pages::research_form(&ctx, &registries, &Form(Vec::new()), &Errors::default()),
+    )
+}
+
+enum CountAs {
+    Page,
+    Csv,
+}
+
+async fn count(
+    st: &St,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    body: &Bytes,
+    how: CountAs,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(st, headers, peer, "CountPatients", body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        let access =
+            research::open(st, &ctx.principal, form.get("registry"), &mut ctx.call).await?;
+        let (dims, filters) = selection(&form, MAX_COUNT_DIMENSIONS)?;
+        let counted = research::count_patients(
+            st,
+            &access,
+            dims,
+            filters,
+            &research::Along::default(),
+            &mut ctx.call,
+        )
+        .await?;
+        Ok((access, counted))
+    }
+    .await;
+    match result {
+        Ok((access, counted)) => {
+            let page = match how {
+                CountAs::Page => html(
+                    StatusCode::OK,
+                    pages::count_table(&ctx, access.registry(), &counted, &form),
+                ),
+                CountAs::Csv => (
+                    [
+                        (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                        (
+                            header::CONTENT_DISPOSITION,
+                            "attachment; filename=\"ern-registry-counts.csv\"",
+                        ),
+                    ],
+                    pages::count_csv(access.registry(), &counted),
+                )
+                    .into_response(),
+            };
+            conclude(st, ctx.call, Ok(page)).await
+        }
+        Err(ServiceError::Invalid(v)) => {
+            let registries = registries_of(st, &ctx.principal).await;
+            let page = html(
+                StatusCode::BAD_REQUEST,
+                pages::research_form(&ctx, &registries, &form, &Errors::from(&v)),
+            );
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        Err(e) => conclude(st, ctx.call, Err(e)).await,
+    }
+}
+
+async fn research_count(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    count(&st, &headers, peer, &body, CountAs::Page).await
+}
+
+async fn research_count_csv(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    count(&st, &headers, peer, &body, CountAs::Csv).await
+}
+
+async fn research_delay(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, "DiagnosticDelay", &body).await
+    {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        let access =
+            research::open(&st, &ctx.principal, form.get("registry"), &mut ctx.call).await?;
+        let (dims, filters) = selection(&form, MAX_DELAY_DIMENSIONS)?;
+        let (table, as_of) = research::diagnostic_delay(
+            &st,
+            &access,
+            dims,
+            filters,
+            &research::Along::default(),
+            &mut ctx.call,
+        )
+        .await?;
+        Ok((access, table, as_of))
+    }
+    .await;
+    match result {
+        Ok((access, table, as_of)) => {
+            let svg = chart::delay_svg(&table);
+            let page = html(
+                StatusCode::OK,
+                pages::delay(&ctx, access.registry(), &table, as_of, &svg),
+            );
+            conclude(&st, ctx.call, Ok(page)).await
+        }
+        Err(ServiceError::Invalid(v)) => {
+            let registries = registries_of(&st, &ctx.principal).await;
+            let page = html(
+                StatusCode::BAD_REQUEST,
+                pages::research_form(&ctx, &registries, &form, &Errors::from(&v)),
+            );
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+    }
+}
+
+// ----- Where is the expertise (physicians, researchers) -----
+
+async fn expertise_page(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = match signed_in(&st, &headers, peer, "ExpertiseForm").await {
+        Ok(ctx) => ctx,
+        Err(r) => return r,
+    };
+    if let Err(e) = research::require_expertise_role(&ctx.principal) {
+        return conclude(&st, ctx.call, Err(e)).await;
+    }
+    html(
+        StatusCode::OK,
+        pages::expertise(&ctx, "", None, &Errors::default()),
+    )
+}
+
+async fn expertise(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, "FindExpertise", &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        research::open_expertise(&st, &ctx.principal)?;
+        let mut v = FieldViolations::new();
+        let mut codes = Vec::new();
+        for text in form
+            .get("orphacodes")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            match Orphacode::parse(text) {
+                Ok(c) => codes.push(i64::from(c.number())),
+                Err(e) => v.push("orphacodes", e.to_string()),
+            }
+        }
+        if codes.is_empty() && v.is_empty() {
+            v.push("orphacodes", "give at least one Orphacode (ORPHA:nnnn)");
+        }
+        let registries = research::expertise_registries(&st, &ctx.principal, &[], &mut v).await?;
+        v.into_result()?;
+        research::find_expertise(&st, &ctx.principal, &codes, &[], &registries, &mut ctx.call).await
+    }
+    .await;
+    match result {
+        Ok((centres, as_of)) => {
+            let page = html(
+                StatusCode::OK,
+                pages::expertise(
+                    &ctx,
+                    form.get("orphacodes"),
+                    Some((&centres, as_of)),
+                    &Errors::default(),
+                ),
+            );
+            conclude(&st, ctx.call, Ok(page)).await
+        }
+        Err(ServiceError::Invalid(v)) => {
+            let page = html(
+                StatusCode::BAD_REQUEST,
+                pages::expertise(&ctx, form.get("orphacodes"), None, &Errors::from(&v)),
+            );
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+    }
+}
+
+// ----- Physicians: their centre's cases -----
+
+async fn cases_page(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = match signed_in(&st, &headers, peer, "GetCaseForm").await {
+        Ok(ctx) => ctx,
+        Err(r) => return r,
+    };
+    if let Err(e) = crate::service::cases::require_physician(&ctx.principal) {
+        return conclude(&st, ctx.call, Err(e)).await;
+    }
+    let registries = registries_of(&st, &ctx.principal).await;
+    html(
+        StatusCode::OK,
+        pages::case_form(&ctx, &registries, "", &Errors::default()),
+    )
+}
+
+async fn case_read(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, "GetCase", &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = async {
+        let access = crate::service::cases::open(
+            &st,
+            &ctx.principal,
+            form.get("registry"),
+            "registry",
+            &mut ctx.call,
+        )
+        .await?;
+        let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
+        let view = crate::service::cases::get(&st, &access, pseudonym, true).await?;
+        ctx.call.items(view.versions.len());
+        Ok((access.registry().code.clone(), view))
+    }
+    .await;
+    match result {
+        Ok((registry, view)) => {
+            let page = html(StatusCode::OK, pages::case(&ctx, &registry, &view));
+            conclude(&st, ctx.call, Ok(page)).await
+        }
+        Err(ServiceError::Invalid(v)) => {
+            let registries = registries_of(&st, &ctx.principal).await;
+            let page = html(
+                StatusCode::BAD_REQUEST,
+                pages::case_form(&ctx, &registries, form.get("registry"), &Errors::from(&v)),
+            );
+            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+            page
+        }
+        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+    }
+}

@@ -1,0 +1,321 @@
+//! The SQL of the web console's sign-in and sessions (`console_credentials`,
+//! `console_sessions`, migration 0012), and the consent expiry lists officers follow up.
+//! No rule lives here: who may sign in, when a session ends and what is locked are
+//! `service::console`'s decisions; this module reads and writes the rows it is told to.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use sqlx::{AnyConnection, Row};
+
+use super::{Result, Store, StoreError, from_millis, millis};
+use crate::auth::{CentreRef, Principal, Role};
+use crate::consent::Scope;
+
+/// What a sign-in needs from a principal's console credentials.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub principal_id: i64,
+    pub disabled: bool,
+    /// Argon2id PHC string; `None`: no password set.
+    pub password_hash: Option<String>,
+    /// The TOTP secret, sealed; `None`: not enrolled.
+    pub totp_sealed: Option<String>,
+    pub totp_last_step: i64,
+    pub failures: i64,
+    /// Milliseconds; no sign-in before.
+    pub locked_until: i64,
+}
+
+/// A session row.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub principal_id: i64,
+    pub created_at: i64,
+    pub last_seen_at: i64,
+}
+
+/// A consent decision in force that expires (or expired) at `expires_at`.
+#[derive(Debug, Clone)]
+pub struct Expiring {
+    pub registry_code: String,
+    pub pseudonym: String,
+    pub scope: Scope,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// The console credentials of the principal named `name` (a principal without any
+    /// has a row of `None`s); `None` when there is no such principal.
+    pub async fn console_credentials(&self, name: &str) -> Result<Option<Credentials>> {
+        let row = sqlx::query(
+            "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
+                    COALESCE(c.totp_last_step, 0), COALESCE(c.failures, 0), COALESCE(c.locked_until, 0) \
+             FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
+             WHERE p.name = $1",
+        )
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(Credentials {
+                principal_id: r.try_get(0)?,
+                disabled: r.try_get::<Option<i64>, _>(1)?.is_some(),
+                password_hash: r.try_get(2)?,
+                totp_sealed: r.try_get(3)?,
+                totp_last_step: r.try_get(4)?,
+                failures: r.try_get(5)?,
+                locked_until: r.try_get(6)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Counts a failed sign-in; returns the failures since the last success.
+    pub async fn console_failure(&self, principal_id: i64) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE console_credentials SET failures = failures + 1 WHERE principal_id = $1 \
+             RETURNING failures",
+        )
+        .bind(principal_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0))
+    }
+
+    /// Holds sign-ins of the principal back until `until`.
+    pub async fn console_lock(&self, principal_id: i64, until: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE console_credentials SET locked_until = $2 WHERE principal_id = $1")
+            .bind(principal_id)
+            .bind(millis(until))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Records a successful sign-in with the code of time step `step`: clears the failures
+    /// and the lock. Returns false, changing nothing, when a code of this step or a later
+    /// one was accepted before (a replayed code).
+    pub async fn console_success(&self, principal_id: i64, step: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE console_credentials SET failures = 0, locked_until = 0, totp_last_step = $2 \
+             WHERE principal_id = $1 AND totp_last_step < $2",
+        )
+        .bind(principal_id)
+        .bind(step)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Starts a session: the hash of its token, for `principal_id`, at `now`.
+    pub async fn insert_console_session(
+        &self,
+        token_hash: &str,
+        principal_id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO console_sessions (token_hash, principal_id, created_at, last_seen_at) \
+             VALUES ($1, $2, $3, $3)",
+        )
+        .bind(token_hash)
+        .bind(principal_id)
+        .bind(millis(now))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn console_session(&self, token_hash: &str) -> Result<Option<SessionRow>> {
+        let row = sqlx::query(
+            "SELECT principal_id, created_at, last_seen_at FROM console_sessions WHERE token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(SessionRow {
+                principal_id: r.try_get(0)?,
+                created_at: r.try_get(1)?,
+                last_seen_at: r.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn touch_console_session(&self, token_hash: &str, now: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE console_sessions SET last_seen_at = $2 WHERE token_hash = $1")
+            .bind(token_hash)
+            .bind(millis(now))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_console_session(&self, token_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM console_sessions WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Ends the principal's sessions that started before `created_before` or were last
+    /// used before `seen_before` (expired ones), and, with `all`, every one.
+    pub async fn delete_console_sessions_of(
+        &self,
+        principal_id: i64,
+        created_before: DateTime<Utc>,
+        seen_before: DateTime<Utc>,
+        all: bool,
+    ) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM console_sessions WHERE principal_id = $1 \
+             AND ($4 OR created_at < $2 OR last_seen_at < $3)",
+        )
+        .bind(principal_id)
+        .bind(millis(created_before))
+        .bind(millis(seen_before))
+        .bind(all)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The principal `id` as authentication makes it (role, centre, registries), and
+    /// whether it is disabled.
+    pub async fn principal_by_id(&self, id: i64) -> Result<Option<(Principal, bool)>> {
+        let Some(row) = sqlx::query(
+            "SELECT p.name, p.role, p.disabled_at, c.id, c.code, c.country \
+             FROM principals p LEFT JOIN centres c ON c.id = p.centre_id WHERE p.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?
+        else {
+            return Ok(None);
+        };
+        let role: String = row.try_get(1)?;
+        let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt("unknown role".into()))?;
+        let centre = match row.try_get::<Option<i64>, _>(3)? {
+            None => None,
+            Some(cid) => Some(CentreRef {
+                id: cid,
+                code: row.try_get(4)?,
+                country: row.try_get(5)?,
+            }),
+        };
+        let registries: BTreeSet<i64> = sqlx::query(
+            "SELECT registry_id FROM principal_registries WHERE principal_id = $1 \
+             UNION SELECT registry_id FROM centre_registries WHERE centre_id = $2",
+        )
+        .bind(id)
+        .bind(centre.as_ref().map(|c| c.id))
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<std::result::Result<_, _>>()?;
+        let disabled = row.try_get::<Option<i64>, _>(2)?.is_some();
+        Ok(Some((
+            Principal {
+                id,
+                name: row.try_get(0)?,
+                role,
+                centre,
+                registries,
+            },
+            disabled,
+        )))
+    }
+
+    /// Granted decisions in force in `registries` whose expiry lies in `[from, to)`,
+    /// soonest first, at most `limit`.
+    pub async fn consents_expiring(
+        &self,
+        registries: &[i64],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Expiring>> {
+        let mut out = Vec::new();
+        for &registry_id in registries {
+            let rows = sqlx::query(
+                "SELECT r.code, c.pseudonym, c.scope, c.expires_at \
+                 FROM consent_current c JOIN registries r ON r.id = c.registry_id \
+                 WHERE c.registry_id = $1 AND c.state = 'granted' \
+                   AND c.expires_at IS NOT NULL AND c.expires_at >= $2 AND c.expires_at < $3 \
+                 ORDER BY c.expires_at, c.pseudonym LIMIT $4",
+            )
+            .bind(registry_id)
+            .bind(millis(from))
+            .bind(millis(to))
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
+            for r in rows {
+                let scope: String = r.try_get(2)?;
+                out.push(Expiring {
+                    registry_code: r.try_get(0)?,
+                    pseudonym: r.try_get(1)?,
+                    scope: Scope::parse_db(&scope)
+                        .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
+                    expires_at: from_millis(r.try_get(3)?)?,
+                });
+            }
+        }
+        out.sort_by_key(|e| e.expires_at);
+        out.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(out)
+    }
+}
+
+/// Sets (or replaces) a principal's console password; clears failures and the lock.
+pub async fn set_password(
+    conn: &mut AnyConnection,
+    principal_id: i64,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO console_credentials (principal_id, password_hash, updated_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (principal_id) DO UPDATE SET password_hash = excluded.password_hash, \
+         failures = 0, locked_until = 0, updated_at = excluded.updated_at",
+    )
+    .bind(principal_id)
+    .bind(hash)
+    .bind(millis(now))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets (or replaces) a principal's sealed TOTP secret.
+pub async fn set_totp(
+    conn: &mut AnyConnection,
+    principal_id: i64,
+    sealed: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO console_credentials (principal_id, totp_sealed, updated_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (principal_id) DO UPDATE SET totp_sealed = excluded.totp_sealed, \
+         totp_last_step = 0, updated_at = excluded.updated_at",
+    )
+    .bind(principal_id)
+    .bind(sealed)
+    .bind(millis(now))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Ends every console session of a principal (a new password or second factor).
+pub async fn end_sessions(conn: &mut AnyConnection, principal_id: i64) -> Result<()> {
+    sqlx::query("DELETE FROM console_sessions WHERE principal_id = $1")
+        .bind(principal_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,1204 @@
+//! The web console over HTTP, without a browser: sign-in with password and TOTP, sessions
+//! (cookie attributes, idle and absolute expiry, sign-out), CSRF, lockout, the security
+//! headers, every page and its refusals (no session, wrong role, wrong ERN, bad CSRF
+//! token, expired session), and that no identifier reaches a URL or the log.
+//! `console_browser.rs` drives the same pages in headless Chromium.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use chrono::Duration;
+use ern_registry::auth::Role;
+use ern_registry::clock::Clock;
+use ern_registry::config::ServeArgs;
+use ern_registry::keys::MasterSecret;
+use ern_registry::service::admin::{AdminAction, run_action};
+use ern_registry::service::console::{current_code, secret_of_uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::helpers::*;
+
+pub const PASSWORD: &str = "a long enough password";
+
+/// An app with the console on, on loopback.
+pub async fn console_app(args: ServeArgs) -> TestApp {
+    TestApp::spawn_with(ServeArgs {
+        console_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..args
+    })
+    .await
+}
+
+/// A principal with a console password and TOTP, set through the admin actions (as
+/// `admin set-password` and `admin enrol-totp` run them); returns their TOTP secret.
+pub async fn console_user(
+    app: &TestApp,
+    name: &str,
+    role: Role,
+    centre: Option<&str>,
+    erns: &[&str],
+) -> Vec<u8> {
+    let erns: Vec<String> = erns.iter().map(|s| s.to_string()).collect();
+    app.store
+        .create_principal(name, role, centre, &erns)
+        .await
+        .unwrap();
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    run_action(
+        &app.store,
+        &master,
+        "admin-cli:test",
+        AdminAction::SetPassword {
+            principal: name.into(),
+            password: SecretString::from(PASSWORD.to_owned()),
+        },
+    )
+    .await
+    .unwrap();
+    let done = run_action(
+        &app.store,
+        &master,
+        "admin-cli:test",
+        AdminAction::EnrolTotp {
+            principal: name.into(),
+        },
+    )
+    .await
+    .unwrap();
+    let uri = done.totp_uri.unwrap();
+    assert!(
+        uri.expose_secret()
+            .starts_with("otpauth://totp/ern-registry:")
+    );
+    secret_of_uri(uri.expose_secret()).unwrap()
+}
+
+pub struct Page {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Page {
+    /// The CSRF token of the page's first form.
+    pub fn csrf(&self) -> String {
+        let start = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .unwrap_or_else(|| panic!("no CSRF field in {}", self.body))
+            + 19;
+        self.body[start..start + 64].to_owned()
+    }
+
+    pub fn location(&self) -> Option<&str> {
+        self.headers.get("location").map(|v| v.to_str().unwrap())
+    }
+}
+
+/// A cookie-keeping HTTP/1.1 client of the console.
+pub struct Web {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    pub cookies: BTreeMap<String, String>,
+    /// Every Set-Cookie header received, as sent.
+    pub set_cookies: Vec<String>,
+    /// Every URL requested and every Location answered.
+    pub urls: Vec<String>,
+}
+
+impl Web {
+    pub fn new(addr: SocketAddr) -> Web {
+        Web {
+            base: format!("http://{addr}"),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            cookies: BTreeMap::new(),
+            set_cookies: Vec::new(),
+            urls: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, method: &str, path: &str, body: Option<String>) -> Page {
+        let url = format!("{}{path}", self.base);
+        self.urls.push(url.clone());
+        let mut req = hyper::Request::builder().method(method).uri(&url);
+        if !self.cookies.is_empty() {
+            let cookie = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            req = req.header("cookie", cookie);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/x-www-form-urlencoded");
+                Full::new(Bytes::from(b))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let response = self.client.request(req.body(body).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        for v in headers.get_all("set-cookie") {
+            let text = v.to_str().unwrap().to_owned();
+            let (pair, attrs) = text.split_once(';').unwrap_or((&text, ""));
+            let (name, value) = pair.split_once('=').unwrap();
+            if attrs.contains("Max-Age=0") {
+                self.cookies.remove(name);
+            } else {
+                self.cookies.insert(name.to_owned(), value.to_owned());
+            }
+            self.set_cookies.push(text.clone());
+        }
+        if let Some(l) = headers.get("location") {
+            self.urls.push(l.to_str().unwrap().to_owned());
+        }
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        Page {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Page {
+        self.send("GET", path, None).await
+    }
+
+    pub async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        self.send("POST", path, Some(body)).await
+    }
+
+    /// Signs in with the TOTP code of `secret` at the app's clock.
+    pub async fn sign_in(&mut self, app: &TestApp, name: &str, secret: &[u8]) -> Page {
+        let form = self.get("/sign-in").await;
+        let code = current_code(secret, app.clock.now());
+        self.post(
+            "/sign-in",
+            &[
+                ("csrf", &form.csrf()),
+                ("name", name),
+                ("password", PASSWORD),
+                ("code", &code),
+            ],
+        )
+        .await
+    }
+}
+
+/// Moves the clock to the next TOTP step (each code is good once).
+fn next_step(app: &TestApp) {
+    app.clock.advance(Duration::seconds(31));
+}
+
+async fn officer_app() -> (TestApp, Web, Vec<u8>) {
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(
+        &app,
+        "officer-eye",
+        Role::ConsentOfficer,
+        None,
+        &["ERN-EYE"],
+    )
+    .await;
+    let web = Web::new(app.console.unwrap());
+    (app, web, secret)
+}
+
+#[tokio::test]
+async fn the_console_is_off_unless_asked_for() {
+    let app = TestApp::spawn().await;
+    assert!(app.console.is_none());
+}
+
+#[tokio::test]
+async fn an_officer_signs_in_with_password_and_totp_and_gets_a_strict_session_cookie() {
+    let (app, mut web, secret) = officer_app().await;
+    let form = web.get("/sign-in").await;
+    assert_eq!(form.status, 200);
+    let pre = web.set_cookies.last().unwrap().clone();
+    assert!(pre.starts_with("__Host-ern-pre="), "{pre}");
+    let signed = web.sign_in(&app, "officer-eye", &secret).await;
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    assert_eq!(signed.location(), Some("/home"));
+    let cookie = web
+        .set_cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-ern-session="))
+        .unwrap();
+    for attr in ["Path=/", "Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+    assert!(!cookie.contains("Domain"), "{cookie}");
+    let home = web.get("/home").await;
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("officer-eye"));
+    assert!(home.body.contains("Find a patient"));
+    // Only the token's hash is on file.
+    let token = web.cookies["__Host-ern-session"].clone();
+    let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM console_sessions")
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_ne!(stored[0], token);
+    // The sign-in is in the audit log.
+    let methods: Vec<String> =
+        sqlx::query_scalar("SELECT method FROM audit_log WHERE principal = 'officer-eye'")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert!(
+        methods.contains(&"Console/SignIn".to_string()),
+        "{methods:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_code_is_refused_and_a_code_is_good_once() {
+    let (app, mut web, secret) = officer_app().await;
+    let form = web.get("/sign-in").await;
+    let code = current_code(&secret, app.clock.now());
+    let wrong = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", &form.csrf()),
+                ("name", "officer-eye"),
+                ("password", "not the password"),
+                ("code", &code),
+            ],
+        )
+        .await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("wrong name, password or code"));
+    assert!(!web.cookies.contains_key("__Host-ern-session"));
+    let form = web.get("/sign-in").await;
+    let bad_code = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", &form.csrf()),
+                ("name", "officer-eye"),
+                ("password", PASSWORD),
+                ("code", if code == "000000" { "111111" } else { "000000" }),
+            ],
+        )
+        .await;
+    assert_eq!(bad_code.status, 401);
+    let unknown = web.sign_in(&app, "nobody", &secret).await;
+    assert_eq!(unknown.status, 401);
+    assert!(unknown.body.contains("wrong name, password or code"));
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    // The same code again (same time step): refused.
+    let mut other = Web::new(app.console.unwrap());
+    assert_eq!(
+        other.sign_in(&app, "officer-eye", &secret).await.status,
+        401
+    );
+    next_step(&app);
+    assert_eq!(
+        other.sign_in(&app, "officer-eye", &secret).await.status,
+        303
+    );
+}
+
+#[tokio::test]
+async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
+    let (app, mut web, secret) = officer_app().await;
+    for _ in 0..5 {
+        let form = web.get("/sign-in").await;
+        let page = web
+            .post(
+                "/sign-in",
+                &[
+                    ("csrf", &form.csrf()),
+                    ("name", "officer-eye"),
+                    ("password", "guess guess guess"),
+                    ("code", "123456"),
+                ],
+            )
+            .await;
+        assert_eq!(page.status, 401);
+    }
+    let locked = web.sign_in(&app, "officer-eye", &secret).await;
+    assert_eq!(locked.status, 429, "{}", locked.body);
+    assert!(locked.body.contains("held back"));
+    // After the hold (1 minute at the fifth failure) the right credentials work again.
+    app.clock.advance(Duration::seconds(61));
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    let failures: i64 = sqlx::query_scalar("SELECT failures FROM console_credentials")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(failures, 0);
+    let outcomes: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM audit_log WHERE method = 'Console/SignIn' AND principal = 'officer-eye' ORDER BY seq",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap();
+    let mut expected = vec!["UNAUTHENTICATED"; 5];
+    expected.extend(["RESOURCE_EXHAUSTED", "OK"]);
+    assert_eq!(outcomes, expected);
+}
+
+#[tokio::test]
+async fn pages_without_a_session_send_the_browser_to_sign_in() {
+    let (app, mut web, _) = officer_app().await;
+    for path in [
+        "/home",
+        "/officer",
+        "/officer/receipt",
+        "/officer/expiring",
+        "/research",
+        "/expertise",
+    ] {
+        let page = web.get(path).await;
+        assert_eq!(page.status, 303, "{path}");
+        assert_eq!(page.location(), Some("/sign-in"), "{path}");
+    }
+    let posted = web
+        .post(
+            "/officer/patient",
+            &[("registry", "ERN-EYE"), ("kind", "pseudonym")],
+        )
+        .await;
+    assert_eq!(posted.status, 303);
+    web.cookies
+        .insert("__Host-ern-session".into(), "0".repeat(64));
+    assert_eq!(web.get("/home").await.status, 303);
+    drop(app);
+}
+
+#[tokio::test]
+async fn forms_without_the_sessions_csrf_token_are_refused() {
+    let (app, mut web, secret) = officer_app().await;
+    // Sign-in: no pre-session cookie, or a token of another one.
+    let form = web.get("/sign-in").await;
+    let token = form.csrf();
+    let mut stranger = Web::new(app.console.unwrap());
+    let code = current_code(&secret, app.clock.now());
+    let fields = [
+        ("csrf", token.as_str()),
+        ("name", "officer-eye"),
+        ("password", PASSWORD),
+        ("code", code.as_str()),
+    ];
+    assert_eq!(stranger.post("/sign-in", &fields).await.status, 403);
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    for csrf in ["", "nonsense", &"0".repeat(64), &token] {
+        let page = web
+            .post(
+                "/officer/patient",
+                &[
+                    ("csrf", csrf),
+                    ("registry", "ERN-EYE"),
+                    ("kind", "pseudonym"),
+                    ("pseudonym", "x"),
+                ],
+            )
+            .await;
+        assert_eq!(page.status, 403, "csrf {csrf:?}");
+        assert!(page.body.contains("security token"));
+    }
+    // Signing out needs the token too.
+    assert_eq!(web.post("/sign-out", &[("csrf", "")]).await.status, 403);
+    assert_eq!(web.get("/home").await.status, 200);
+    let refused: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE method = 'Console/FindPatient' AND outcome = 'PERMISSION_DENIED'",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(refused, 4);
+}
+
+#[tokio::test]
+async fn sessions_end_on_sign_out_when_idle_and_after_the_absolute_limit() {
+    let app = console_app(ServeArgs {
+        console_idle_minutes: 15,
+        console_session_hours: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let secret = console_user(
+        &app,
+        "officer-eye",
+        Role::ConsentOfficer,
+        None,
+        &["ERN-EYE"],
+    )
+    .await;
+    let mut web = Web::new(app.console.unwrap());
+    // Sign-out.
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    let token = web.cookies["__Host-ern-session"].clone();
+    let home = web.get("/home").await;
+    let out = web.post("/sign-out", &[("csrf", &home.csrf())]).await;
+    assert_eq!(out.status, 303);
+    assert!(!web.cookies.contains_key("__Host-ern-session"));
+    web.cookies.insert("__Host-ern-session".into(), token);
+    assert_eq!(web.get("/home").await.status, 303);
+    // Idle: 15 minutes without a request.
+    next_step(&app);
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    app.clock.advance(Duration::minutes(14));
+    assert_eq!(web.get("/home").await.status, 200);
+    app.clock.advance(Duration::minutes(15));
+    let expired = web.get("/home").await;
+    assert_eq!(expired.status, 401);
+    assert!(expired.body.contains("expired"));
+    assert_eq!(
+        web.get("/home").await.status,
+        303,
+        "an expired session is gone"
+    );
+    // Absolute: an hour after sign-in, however busy.
+    next_step(&app);
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    for _ in 0..4 {
+        app.clock.advance(Duration::minutes(14));
+        assert_eq!(web.get("/home").await.status, 200);
+    }
+    app.clock.advance(Duration::minutes(5));
+    assert_eq!(web.get("/home").await.status, 401);
+}
+
+#[tokio::test]
+async fn a_disabled_principal_loses_its_session_at_once() {
+    let (app, mut web, secret) = officer_app().await;
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    assert!(app.store.disable_principal("officer-eye").await.unwrap());
+    assert_eq!(web.get("/home").await.status, 303);
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let (app, mut web, secret) = officer_app().await;
+    let sign_in = web.get("/sign-in").await;
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let home = web.get("/home").await;
+    let missing = web.get("/no-such-page").await;
+    assert_eq!(missing.status, 404);
+    for page in [&sign_in, &home, &missing] {
+        let h = |n: &str| page.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            h("content-security-policy").as_deref(),
+            Some(
+                "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+            )
+        );
+        assert_eq!(h("x-frame-options").as_deref(), Some("DENY"));
+        assert_eq!(h("referrer-policy").as_deref(), Some("no-referrer"));
+        assert_eq!(h("x-content-type-options").as_deref(), Some("nosniff"));
+        assert_eq!(h("cache-control").as_deref(), Some("no-store"));
+        assert!(!page.body.contains("<script"));
+        assert!(!page.body.contains("style=\""));
+    }
+    let css = web.get("/console.css").await;
+    assert_eq!(css.status, 200);
+    assert!(
+        css.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/css")
+    );
+}
+
+/// The field of `page` named `field` is followed by its error message.
+fn error_next_to(page: &Page, field: &str, message: &str) -> bool {
+    let id = field.replace(['.', '[', ']'], "-");
+    let marker = format!("id=\"{id}-error\"");
+    page.body.find(&marker).is_some_and(|at| {
+        page.body[at..]
+            .split("</span>")
+            .next()
+            .unwrap()
+            .contains(message)
+    })
+}
+
+#[tokio::test]
+async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
+    let (app, mut web, secret) = officer_app().await;
+    let mut physician = app.physician("dr-eye", "NL-AMC").await;
+    let canary = bsn(424_242);
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let find = web.get("/officer").await;
+    assert_eq!(find.status, 200);
+    // A malformed BSN: the API's field violation, next to the field.
+    let bad = web
+        .post(
+            "/officer/patient",
+            &[
+                ("csrf", &find.csrf()),
+                ("kind", "national"),
+                ("registry", "ERN-EYE"),
+                ("national.issuing_country", "NL"),
+                ("national.value", "123456789"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        error_next_to(&bad, "national.value", "must be a valid BSN"),
+        "{}",
+        bad.body
+    );
+    assert!(
+        !bad.body.contains("123456789"),
+        "identifiers are not echoed"
+    );
+    // Found by BSN: nothing on file yet.
+    let found = web
+        .post(
+            "/officer/patient",
+            &[
+                ("csrf", &find.csrf()),
+                ("kind", "national"),
+                ("registry", "ERN-EYE"),
+                ("national.issuing_country", "NL"),
+                ("national.value", &canary),
+            ],
+        )
+        .await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    assert!(found.body.contains("No decision on file."));
+    assert!(!found.body.contains(&canary));
+    let pseudonym = {
+        let at = found.body.find("name=\"pseudonym\" value=\"").unwrap() + 24;
+        found.body[at..].split('"').next().unwrap().to_owned()
+    };
+    assert!(pseudonym.starts_with("R0"), "{pseudonym}");
+    // Record: a bad date is shown next to its field; then the decision is on file.
+    let today = app.clock.now().format("%Y-%m-%d").to_string();
+    let bad = web
+        .post(
+            "/officer/record",
+            &[
+                ("csrf", &found.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", &pseudonym),
+                ("scope", "registry_inclusion"),
+                ("decision", "granted"),
+                ("form_version", "v2"),
+                ("given_at", "2999-01-01"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("id=\"given_at-error\""), "{}", bad.body);
+    for scope in ["registry_inclusion", "research_use"] {
+        let recorded = web
+            .post(
+                "/officer/record",
+                &[
+                    ("csrf", &found.csrf()),
+                    ("registry", "ERN-EYE"),
+                    ("pseudonym", &pseudonym),
+                    ("scope", scope),
+                    ("decision", "granted"),
+                    ("form_version", "v2"),
+                    ("given_at", &today),
+                ],
+            )
+            .await;
+        assert_eq!(recorded.status, 200, "{}", recorded.body);
+        assert!(recorded.body.contains("The decision is recorded."));
+    }
+    // A physician's case, stored under that consent.
+    let mut submission = submission("ERN-EYE", national("NL", &canary));
+    submission.consent.clear();
+    physician.submit_case(submission).await.unwrap();
+    // Withdraw: first the confirmation, saying what is erased.
+    let confirm = web
+        .post(
+            "/officer/withdraw",
+            &[
+                ("csrf", &found.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", &pseudonym),
+                ("scope.registry_inclusion", "on"),
+                ("reason", "patient_request"),
+            ],
+        )
+        .await;
+    assert_eq!(confirm.status, 200, "{}", confirm.body);
+    assert!(
+        confirm
+            .body
+            .contains("This erases the patient&#39;s clinical data")
+            || confirm
+                .body
+                .contains("This erases the patient's clinical data"),
+        "{}",
+        confirm.body
+    );
+    assert!(confirm.body.contains("every case record of this pseudonym"));
+    assert_eq!(
+        app.count("cases").await,
+        1,
+        "nothing erased before confirming"
+    );
+    let receipt = web
+        .post(
+            "/officer/withdraw",
+            &[
+                ("csrf", &confirm.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", &pseudonym),
+                ("scope.registry_inclusion", "on"),
+                ("reason", "patient_request"),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(receipt.status, 200, "{}", receipt.body);
+    assert!(receipt.body.contains("Erasure receipt"));
+    assert_eq!(app.count("cases").await, 0);
+    let receipt_id = {
+        let at = receipt.body.find("rcpt-").unwrap();
+        receipt.body[at..at + 37].to_owned()
+    };
+    // Looked up later by its id (in the form body).
+    let lookup_form = web.get("/officer/receipt").await;
+    let again = web
+        .post(
+            "/officer/receipt",
+            &[("csrf", &lookup_form.csrf()), ("receipt_id", &receipt_id)],
+        )
+        .await;
+    assert_eq!(again.status, 200);
+    assert!(again.body.contains(&pseudonym));
+    let bad_id = web
+        .post(
+            "/officer/receipt",
+            &[("csrf", &lookup_form.csrf()), ("receipt_id", "rcpt-nope")],
+        )
+        .await;
+    assert_eq!(bad_id.status, 400);
+    assert!(error_next_to(&bad_id, "receipt_id", "must be a receipt id"));
+    // Audited as the console's actions, by the officer.
+    let methods: Vec<String> = sqlx::query_scalar(
+        "SELECT method FROM audit_log WHERE principal = 'officer-eye' AND outcome = 'OK' ORDER BY seq",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap();
+    for m in [
+        "Console/SignIn",
+        "Console/FindPatient",
+        "Console/RecordConsent",
+        "Console/ConfirmWithdrawal",
+        "Console/WithdrawConsent",
+        "Console/GetErasureReceipt",
+    ] {
+        assert!(methods.contains(&m.to_string()), "{m} not in {methods:?}");
+    }
+    // No identifier or pseudonym in any URL, and no identifier in the log.
+    for url in &web.urls {
+        assert!(
+            !url.contains(&canary) && !url.contains(&pseudonym) && !url.contains("rcpt-"),
+            "{url}"
+        );
+    }
+    assert!(!logs().contains(&canary), "the BSN reached the log");
+    assert!(
+        !logs().contains(&pseudonym),
+        "the pseudonym reached the log"
+    );
+}
+
+#[tokio::test]
+async fn expiring_consents_are_listed_for_follow_up() {
+    let (app, mut web, secret) = officer_app().await;
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let find = web.get("/officer").await;
+    let found = web
+        .post(
+            "/officer/patient",
+            &[
+                ("csrf", &find.csrf()),
+                ("kind", "national"),
+                ("registry", "ERN-EYE"),
+                ("national.issuing_country", "NL"),
+                ("national.value", &bsn(77)),
+            ],
+        )
+        .await;
+    let pseudonym = {
+        let at = found.body.find("name=\"pseudonym\" value=\"").unwrap() + 24;
+        found.body[at..].split('"').next().unwrap().to_owned()
+    };
+    let today = app.clock.now().format("%Y-%m-%d").to_string();
+    let in_ten_days = (app.clock.now() + Duration::days(10))
+        .format("%Y-%m-%d")
+        .to_string();
+    let recorded = web
+        .post(
+            "/officer/record",
+            &[
+                ("csrf", &found.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", &pseudonym),
+                ("scope", "recontact"),
+                ("decision", "granted"),
+                ("form_version", "v1"),
+                ("given_at", &today),
+                ("expires_at", &in_ten_days),
+            ],
+        )
+        .await;
+    assert_eq!(recorded.status, 200, "{}", recorded.body);
+    let soon = web.get("/officer/expiring?days=30").await;
+    assert_eq!(soon.status, 200);
+    let (upcoming, expired) = soon.body.split_once("Expired in the last 90 days").unwrap();
+    assert!(upcoming.contains(&pseudonym));
+    assert!(!expired.contains(&pseudonym));
+    let week = web.get("/officer/expiring?days=7").await;
+    assert!(
+        !week
+            .body
+            .split_once("Expired")
+            .unwrap()
+            .0
+            .contains(&pseudonym)
+    );
+    app.clock.advance(Duration::days(11));
+    next_step(&app);
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let later = web.get("/officer/expiring").await;
+    let (upcoming, expired) = later
+        .body
+        .split_once("Expired in the last 90 days")
+        .unwrap();
+    assert!(!upcoming.contains(&pseudonym));
+    assert!(expired.contains(&pseudonym));
+}
+
+#[tokio::test]
+async fn wrong_role_and_wrong_ern_are_refused_page_by_page() {
+    let app = console_app(ServeArgs::default()).await;
+    let officer = console_user(
+        &app,
+        "officer-eye",
+        Role::ConsentOfficer,
+        None,
+        &["ERN-EYE"],
+    )
+    .await;
+    let researcher =
+        console_user(&app, "researcher-eye", Role::Researcher, None, &["ERN-EYE"]).await;
+    app.centre("NL-AMC", "NL", &["ERN-EYE"]).await;
+    let physician = console_user(&app, "dr-eye", Role::Physician, Some("NL-AMC"), &[]).await;
+    let addr = app.console.unwrap();
+
+    let mut o = Web::new(addr);
+    o.sign_in(&app, "officer-eye", &officer).await;
+    assert_eq!(o.get("/research").await.status, 403);
+    assert_eq!(o.get("/expertise").await.status, 403);
+    assert_eq!(o.get("/cases").await.status, 403);
+    let home = o.get("/home").await;
+    // A registry of another ERN.
+    let foreign = o
+        .post(
+            "/officer/patient",
+            &[
+                ("csrf", &home.csrf()),
+                ("kind", "national"),
+                ("registry", "ERN-LUNG"),
+                ("national.issuing_country", "NL"),
+                ("national.value", &bsn(5)),
+            ],
+        )
+        .await;
+    assert_eq!(foreign.status, 403, "{}", foreign.body);
+    assert!(foreign.body.contains("ERN-LUNG"));
+    let counted = o
+        .post(
+            "/research/count",
+            &[("csrf", &home.csrf()), ("registry", "ERN-EYE")],
+        )
+        .await;
+    assert_eq!(counted.status, 403);
+
+    let mut r = Web::new(addr);
+    r.sign_in(&app, "researcher-eye", &researcher).await;
+    assert_eq!(r.get("/officer").await.status, 403);
+    assert_eq!(r.get("/officer/receipt").await.status, 403);
+    assert_eq!(r.get("/officer/expiring").await.status, 403);
+    assert_eq!(r.get("/cases").await.status, 403);
+    let home = r.get("/home").await;
+    let withdraw = r
+        .post(
+            "/officer/withdraw",
+            &[
+                ("csrf", &home.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", "x"),
+            ],
+        )
+        .await;
+    assert_eq!(withdraw.status, 403);
+    let lung = r
+        .post(
+            "/research/count",
+            &[("csrf", &home.csrf()), ("registry", "ERN-LUNG")],
+        )
+        .await;
+    assert_eq!(lung.status, 403);
+
+    let mut p = Web::new(addr);
+    p.sign_in(&app, "dr-eye", &physician).await;
+    assert_eq!(p.get("/research").await.status, 403);
+    assert_eq!(p.get("/officer").await.status, 403);
+    assert_eq!(p.get("/expertise").await.status, 200);
+    assert_eq!(p.get("/cases").await.status, 200);
+}
+
+/// `n` consented patients of ERN-EYE at centre NL-UMCU, submitted over gRPC: the
+/// fixture's record, two in three female, diagnosed 6 months to 9 years after onset.
+pub async fn cohort(app: &TestApp, n: u32) {
+    let mut physician = app.physician("dr-cohort", "NL-UMCU").await;
+    let diagnosed = [
+        "2016-03-14",
+        "2017-06-01",
+        "2016-01-10",
+        "2019-11-02",
+        "2024-08-30",
+    ];
+    for i in 0..n {
+        let mut request = submission("ERN-EYE", national("NL", &bsn(1000 + i)));
+        let record = request.record.as_mut().unwrap();
+        if i % 3 == 2 {
+            record.sex = ern_registry::proto::Sex::Male as i32;
+        }
+        record.diagnosis_date = diagnosed[i as usize % diagnosed.len()].into();
+        physician.submit_case(request).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(&app, "researcher-eye", Role::Researcher, None, &["ERN-EYE"]).await;
+    cohort(&app, 12).await;
+    let mut web = Web::new(app.console.unwrap());
+    web.sign_in(&app, "researcher-eye", &secret).await;
+    let form = web.get("/research").await;
+    assert_eq!(form.status, 200);
+    let fields = [
+        ("csrf", form.csrf()),
+        ("registry", "ERN-EYE".into()),
+        ("group_by[0]", "SEX".into()),
+        ("group_by[1]", "COUNTRY".into()),
+    ];
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let table = web.post("/research/count", &fields).await;
+    assert_eq!(table.status, 200, "{}", table.body);
+    assert!(
+        table.body.contains("k = <strong>5</strong>"),
+        "{}",
+        table.body
+    );
+    assert!(table.body.contains("as of"));
+    assert!(table.body.contains("cells suppressed"));
+    assert!(
+        table
+            .body
+            .contains("when it counts between 1 and 4 patients")
+    );
+    assert!(
+        table.body.contains(">12<"),
+        "the grand total: {}",
+        table.body
+    );
+    let csv = web.post("/research/count.csv", &fields).await;
+    assert_eq!(csv.status, 200);
+    assert!(
+        csv.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    assert!(
+        csv.headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment")
+    );
+    assert!(csv.body.starts_with("# registry ERN-EYE, k = 5"));
+    assert!(
+        csv.body.contains("\"SEX\",\"NL\",\"total\""),
+        "{}",
+        csv.body
+    );
+    let delay = web
+        .post(
+            "/research/delay",
+            &[
+                ("csrf", &form.csrf()),
+                ("registry", "ERN-EYE"),
+                ("group_by[0]", "SEX"),
+            ],
+        )
+        .await;
+    assert_eq!(delay.status, 200, "{}", delay.body);
+    assert!(delay.body.contains("<svg"), "the chart is inline SVG");
+    assert!(delay.body.contains("median"));
+    // A malformed filter: the domain's message, next to the field.
+    let bad = web
+        .post(
+            "/research/count",
+            &[
+                ("csrf", &form.csrf()),
+                ("registry", "ERN-EYE"),
+                ("group_by[0]", "SEX"),
+                ("filters[0].dimension", "COUNTRY"),
+                ("filters[0].values", "Netherlands"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        error_next_to(
+            &bad,
+            "filters[0].values",
+            "is not an ISO 3166-1 alpha-2 country code"
+        ),
+        "{}",
+        bad.body
+    );
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE principal = 'researcher-eye' AND method = 'Console/CountPatients' AND outcome = 'OK'",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(audited, 2);
+}
+
+#[tokio::test]
+async fn small_counts_show_as_suppressed() {
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(&app, "researcher-eye", Role::Researcher, None, &["ERN-EYE"]).await;
+    cohort(&app, 3).await;
+    let mut web = Web::new(app.console.unwrap());
+    web.sign_in(&app, "researcher-eye", &secret).await;
+    let form = web.get("/research").await;
+    let table = web
+        .post(
+            "/research/count",
+            &[
+                ("csrf", &form.csrf()),
+                ("registry", "ERN-EYE"),
+                ("group_by[0]", "SEX"),
+            ],
+        )
+        .await;
+    assert_eq!(table.status, 200);
+    assert!(
+        table.body.contains("class=\"suppressed\""),
+        "{}",
+        table.body
+    );
+    for n in 1..=4 {
+        assert!(
+            !table.body.contains(&format!("<td class=\"num\">{n}</td>")),
+            "{n} shown"
+        );
+    }
+}
+
+#[tokio::test]
+async fn physicians_and_researchers_find_the_expertise_in_bands() {
+    let app = console_app(ServeArgs::default()).await;
+    app.centre("NL-AMC", "NL", &["ERN-EYE"]).await;
+    let secret = console_user(&app, "dr-eye", Role::Physician, Some("NL-AMC"), &[]).await;
+    cohort(&app, 6).await;
+    let mut web = Web::new(app.console.unwrap());
+    web.sign_in(&app, "dr-eye", &secret).await;
+    let form = web.get("/expertise").await;
+    let found = web
+        .post(
+            "/expertise",
+            &[("csrf", &form.csrf()), ("orphacodes", "ORPHA:586")],
+        )
+        .await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    assert!(found.body.contains("NL-UMCU"));
+    assert!(found.body.contains("<h2>NL</h2>"));
+    let bad = web
+        .post(
+            "/expertise",
+            &[("csrf", &form.csrf()), ("orphacodes", "586")],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert!(error_next_to(&bad, "orphacodes", "Orphacode"));
+}
+
+#[tokio::test]
+async fn the_admin_command_line_sets_a_password_and_enrols_totp_with_a_qr_code() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let app = console_app(ServeArgs::default()).await;
+    app.store
+        .create_principal(
+            "officer-cli",
+            Role::ConsentOfficer,
+            None,
+            &["ERN-EYE".into()],
+        )
+        .await
+        .unwrap();
+    let admin = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+        cmd.args(["--database-url", &app.database_url, "admin"])
+            .args(args)
+            .arg("--master-key-file")
+            .arg(app.dir.path().join("master.key"))
+            .env_remove("ERN_MASTER_KEY_FILE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    // Too short: refused, and the refusal is audited.
+    let mut short = admin(&["set-password", "--principal", "officer-cli"])
+        .spawn()
+        .unwrap();
+    short.stdin.take().unwrap().write_all(b"short\n").unwrap();
+    let out = short.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 12 characters"));
+    let mut set = admin(&["set-password", "--principal", "officer-cli"])
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    let out = set.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = admin(&["enrol-totp", "--principal", "officer-cli"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let uri = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("otpauth URI (shown once): "))
+        .unwrap();
+    assert!(
+        stdout.contains('█') || stdout.contains('▀'),
+        "a terminal QR code: {stdout}"
+    );
+    let secret = secret_of_uri(uri).unwrap();
+    let mut web = Web::new(app.console.unwrap());
+    assert_eq!(web.sign_in(&app, "officer-cli", &secret).await.status, 303);
+    assert_eq!(web.get("/home").await.status, 200);
+    // A new second factor ends the sessions signed in with the old one.
+    let out = admin(&["enrol-totp", "--principal", "officer-cli"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(web.get("/home").await.status, 303);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let uri = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("otpauth URI (shown once): "))
+        .unwrap();
+    let secret = secret_of_uri(uri).unwrap();
+    let actions: Vec<(String, String)> = sqlx::query_as(
+        "SELECT method, outcome FROM audit_log WHERE target = 'principal officer-cli' ORDER BY seq",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        [
+            (
+                "AdminCli/SetPassword".to_string(),
+                "INVALID_ARGUMENT".to_string()
+            ),
+            ("AdminCli/SetPassword".into(), "OK".into()),
+            ("AdminCli/EnrolTotp".into(), "OK".into()),
+            ("AdminCli/EnrolTotp".into(), "OK".into()),
+        ]
+    );
+    // The stored hash is Argon2id; the TOTP secret is sealed (not its base32 text).
+    let (hash, sealed): (String, String) =
+        sqlx::query_as("SELECT password_hash, totp_sealed FROM console_credentials")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+    assert!(hash.starts_with("$argon2id$"));
+    let base32 = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    assert!(!sealed.contains(base32) && !sealed.contains(&hex::encode(&secret)));
+}
+
+#[tokio::test]
+async fn a_physician_reads_their_centres_case_by_pseudonym_and_no_other() {
+    let app = console_app(ServeArgs::default()).await;
+    let mut physician = app.physician("dr-grpc", "NL-AMC").await;
+    let submitted = physician
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(9))))
+        .await
+        .unwrap()
+        .into_inner();
+    let mine = console_user(&app, "dr-web", Role::Physician, Some("NL-AMC"), &[]).await;
+    app.centre("DE-CHA", "DE", &["ERN-EYE"]).await;
+    let theirs = console_user(&app, "dr-other", Role::Physician, Some("DE-CHA"), &[]).await;
+    let read = |name: &'static str, secret: Vec<u8>| {
+        let app = &app;
+        let pseudonym = submitted.pseudonym.clone();
+        async move {
+            let mut web = Web::new(app.console.unwrap());
+            web.sign_in(app, name, &secret).await;
+            let form = web.get("/cases").await;
+            assert_eq!(form.status, 200);
+            web.post(
+                "/cases",
+                &[
+                    ("csrf", &form.csrf()),
+                    ("registry", "ERN-EYE"),
+                    ("pseudonym", &pseudonym),
+                ],
+            )
+            .await
+        }
+    };
+    let page = read("dr-web", mine).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("ORPHA:586") && page.body.contains("CFTR"));
+    let other = read("dr-other", theirs).await;
+    assert_eq!(other.status, 404, "{}", other.body);
+    assert!(!other.body.contains("ORPHA:586"));
+}
