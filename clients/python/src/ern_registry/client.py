@@ -71,6 +71,10 @@ def call_with_retries(
     while True:
         number += 1
         remaining = None if deadline is None else max(0.0, deadline - clock())
+        if remaining is not None and remaining <= 0.0:
+            # Nothing is sent once the deadline has passed: the server would answer
+            # CANCELLED or DEADLINE_EXCEEDED depending on which side sees it first.
+            raise errors.DeadlineExceeded("the call's deadline passed before it was sent")
         try:
             return attempt(remaining)
         except grpc.RpcError as rpc_error:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from ern_registry.v1 import common_pb2 as ern__registry_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65rn_registry/v1/case.proto\x12\x0f\x65rn_registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x65rn_registry/v1/common.proto\"\xad\x03\n\nCaseRecord\x12\x18\n\x10\x62irth_year_month\x18\x01 \x01(\t\x12!\n\x03sex\x18\x02 \x01(\x0e\x32\x14.ern_registry.v1.Sex\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.ern_registry.v1.PatientStatus\x12\x15\n\rdate_of_death\x18\x04 \x01(\t\x12\x1a\n\x12\x66irst_contact_date\x18\x05 \x01(\t\x12.\n\nonset_kind\x18\x06 \x01(\x0e\x32\x1a.ern_registry.v1.OnsetKind\x12\x12\n\nonset_date\x18\x07 \x01(\t\x12\x13\n\x0bundiagnosed\x18\x08 \x01(\x08\x12-\n\tdiagnosis\x18\t \x01(\x0b\x32\x1a.ern_registry.v1.Diagnosis\x12\x16\n\x0e\x64iagnosis_date\x18\n \x01(\t\x12\x39\n\x10genetic_findings\x18\x0b \x03(\x0b\x32\x1f.ern_registry.v1.GeneticFinding\x12\x11\n\thpo_terms\x18\x0c \x03(\t\x12\x11\n\ticf_codes\x18\r \x03(\t\"J\n\tDiagnosis\x12\x11\n\torphacode\x18\x01 \x01(\t\x12\r\n\x05icd10\x18\x02 \x03(\t\x12\r\n\x05icd11\x18\x03 \x03(\t\x12\x0c\n\x04omim\x18\x04 \x03(\t\"0\n\x0eGeneticFinding\x12\x0c\n\x04gene\x18\x01 \x01(\t\x12\x10\n\x08variants\x18\x02 \x03(\t\"\xd2\x01\n\x11SubmitCaseRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x34\n\x07patient\x18\x02 \x01(\x0b\x32#.ern_registry.v1.PatientIdentifiers\x12+\n\x06record\x18\x03 \x01(\x0b\x32\x1b.ern_registry.v1.CaseRecord\x12.\n\x07\x63onsent\x18\x04 \x03(\x0b\x32\x1d.ern_registry.v1.ScopeConsent\x12\x18\n\x10\x63lient_reference\x18\x05 \x01(\t\"i\n\x12SubmitCaseResponse\x12\x11\n\tpseudonym\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x11SubmitCasesResult\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x18\n\x10\x63lient_reference\x18\x02 \x01(\t\x12\x37\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32#.ern_registry.v1.SubmitCaseResponseH\x00\x12.\n\x08rejected\x18\x04 \x01(\x0b\x32\x1a.ern_registry.v1.RejectionH\x00\x42\t\n\x07outcome\"e\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x1f.ern_registry.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"N\n\x0eGetCaseRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x17\n\x0finclude_history\x18\x03 \x01(\x08\"6\n\x0fGetCaseResponse\x12#\n\x04\x63\x61se\x18\x01 \x01(\x0b\x32\x15.ern_registry.v1.Case\"\xaa\x01\n\x04\x43\x61se\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x65ntre\x18\x03 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12-\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x1c.ern_registry.v1.CaseVersion\x12-\n\x07history\x18\x06 \x03(\x0b\x32\x1c.ern_registry.v1.CaseVersion\"\x91\x01\n\x0b\x43\x61seVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0brecorded_by\x18\x03 \x01(\t\x12+\n\x06record\x18\x04 \x01(\x0b\x32\x1b.ern_registry.v1.CaseRecord\"\xaf\x01\n\x11UpdateCaseRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\r\x12+\n\x06record\x18\x04 \x01(\x0b\x32\x1b.ern_registry.v1.CaseRecord\x12.\n\x07\x63onsent\x18\x05 \x03(\x0b\x32\x1d.ern_registry.v1.ScopeConsent\"i\n\x12UpdateCaseResponse\x12\x11\n\tpseudonym\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe4\x02\n\x0b\x43\x61seService\x12U\n\nSubmitCase\x12\".ern_registry.v1.SubmitCaseRequest\x1a#.ern_registry.v1.SubmitCaseResponse\x12Y\n\x0bSubmitCases\x12\".ern_registry.v1.SubmitCaseRequest\x1a\".ern_registry.v1.SubmitCasesResult(\x01\x30\x01\x12L\n\x07GetCase\x12\x1f.ern_registry.v1.GetCaseRequest\x1a .ern_registry.v1.GetCaseResponse\x12U\n\nUpdateCase\x12\".ern_registry.v1.UpdateCaseRequest\x1a#.ern_registry.v1.UpdateCaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65rn_registry/v1/case.proto\x12\x0f\x65rn_registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x65rn_registry/v1/common.proto\"\xad\x03\n\nCaseRecord\x12\x18\n\x10\x62irth_year_month\x18\x01 \x01(\t\x12!\n\x03sex\x18\x02 \x01(\x0e\x32\x14.ern_registry.v1.Sex\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.ern_registry.v1.PatientStatus\x12\x15\n\rdate_of_death\x18\x04 \x01(\t\x12\x1a\n\x12\x66irst_contact_date\x18\x05 \x01(\t\x12.\n\nonset_kind\x18\x06 \x01(\x0e\x32\x1a.ern_registry.v1.OnsetKind\x12\x12\n\nonset_date\x18\x07 \x01(\t\x12\x13\n\x0bundiagnosed\x18\x08 \x01(\x08\x12-\n\tdiagnosis\x18\t \x01(\x0b\x32\x1a.ern_registry.v1.Diagnosis\x12\x16\n\x0e\x64iagnosis_date\x18\n \x01(\t\x12\x39\n\x10genetic_findings\x18\x0b \x03(\x0b\x32\x1f.ern_registry.v1.GeneticFinding\x12\x11\n\thpo_terms\x18\x0c \x03(\t\x12\x11\n\ticf_codes\x18\r \x03(\t\"J\n\tDiagnosis\x12\x11\n\torphacode\x18\x01 \x01(\t\x12\r\n\x05icd10\x18\x02 \x03(\t\x12\r\n\x05icd11\x18\x03 \x03(\t\x12\x0c\n\x04omim\x18\x04 \x03(\t\"0\n\x0eGeneticFinding\x12\x0c\n\x04gene\x18\x01 \x01(\t\x12\x10\n\x08variants\x18\x02 \x03(\t\"\xd2\x01\n\x11SubmitCaseRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x34\n\x07patient\x18\x02 \x01(\x0b\x32#.ern_registry.v1.PatientIdentifiers\x12+\n\x06record\x18\x03 \x01(\x0b\x32\x1b.ern_registry.v1.CaseRecord\x12.\n\x07\x63onsent\x18\x04 \x03(\x0b\x32\x1d.ern_registry.v1.ScopeConsent\x12\x18\n\x10\x63lient_reference\x18\x05 \x01(\t\"\xba\x01\n\x12SubmitCaseResponse\x12\x11\n\tpseudonym\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0ereplaced_codes\x18\x04 \x03(\x0b\x32 .ern_registry.v1.CodeReplacement\x12\x15\n\rcode_releases\x18\x05 \x01(\t\"M\n\x0f\x43odeReplacement\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05given\x18\x02 \x01(\t\x12\x0e\n\x06stored\x18\x03 \x01(\t\x12\x0c\n\x04note\x18\x04 \x01(\t\"\xb3\x01\n\x11SubmitCasesResult\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x18\n\x10\x63lient_reference\x18\x02 \x01(\t\x12\x37\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32#.ern_registry.v1.SubmitCaseResponseH\x00\x12.\n\x08rejected\x18\x04 \x01(\x0b\x32\x1a.ern_registry.v1.RejectionH\x00\x42\t\n\x07outcome\"e\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x1f.ern_registry.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"N\n\x0eGetCaseRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x17\n\x0finclude_history\x18\x03 \x01(\x08\"6\n\x0fGetCaseResponse\x12#\n\x04\x63\x61se\x18\x01 \x01(\x0b\x32\x15.ern_registry.v1.Case\"\xaa\x01\n\x04\x43\x61se\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x65ntre\x18\x03 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12-\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x1c.ern_registry.v1.CaseVersion\x12-\n\x07history\x18\x06 \x03(\x0b\x32\x1c.ern_registry.v1.CaseVersion\"\xa8\x01\n\x0b\x43\x61seVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0brecorded_by\x18\x03 \x01(\t\x12+\n\x06record\x18\x04 \x01(\x0b\x32\x1b.ern_registry.v1.CaseRecord\x12\x15\n\rcode_releases\x18\x05 \x01(\t\"\xaf\x01\n\x11UpdateCaseRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\r\x12+\n\x06record\x18\x04 \x01(\x0b\x32\x1b.ern_registry.v1.CaseRecord\x12.\n\x07\x63onsent\x18\x05 \x03(\x0b\x32\x1d.ern_registry.v1.ScopeConsent\"\xba\x01\n\x12UpdateCaseResponse\x12\x11\n\tpseudonym\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0ereplaced_codes\x18\x04 \x03(\x0b\x32 .ern_registry.v1.CodeReplacement\x12\x15\n\rcode_releases\x18\x05 \x01(\t2\xe4\x02\n\x0b\x43\x61seService\x12U\n\nSubmitCase\x12\".ern_registry.v1.SubmitCaseRequest\x1a#.ern_registry.v1.SubmitCaseResponse\x12Y\n\x0bSubmitCases\x12\".ern_registry.v1.SubmitCaseRequest\x1a\".ern_registry.v1.SubmitCasesResult(\x01\x30\x01\x12L\n\x07GetCase\x12\x1f.ern_registry.v1.GetCaseRequest\x1a .ern_registry.v1.GetCaseResponse\x12U\n\nUpdateCase\x12\".ern_registry.v1.UpdateCaseRequest\x1a#.ern_registry.v1.UpdateCaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,26 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENETICFINDING']._serialized_end=666
   _globals['_SUBMITCASEREQUEST']._serialized_start=669
   _globals['_SUBMITCASEREQUEST']._serialized_end=879
-  _globals['_SUBMITCASERESPONSE']._serialized_start=881
-  _globals['_SUBMITCASERESPONSE']._serialized_end=986
-  _globals['_SUBMITCASESRESULT']._serialized_start=989
-  _globals['_SUBMITCASESRESULT']._serialized_end=1168
-  _globals['_REJECTION']._serialized_start=1170
-  _globals['_REJECTION']._serialized_end=1271
-  _globals['_FIELDVIOLATION']._serialized_start=1273
-  _globals['_FIELDVIOLATION']._serialized_end=1325
-  _globals['_GETCASEREQUEST']._serialized_start=1327
-  _globals['_GETCASEREQUEST']._serialized_end=1405
-  _globals['_GETCASERESPONSE']._serialized_start=1407
-  _globals['_GETCASERESPONSE']._serialized_end=1461
-  _globals['_CASE']._serialized_start=1464
-  _globals['_CASE']._serialized_end=1634
-  _globals['_CASEVERSION']._serialized_start=1637
-  _globals['_CASEVERSION']._serialized_end=1782
-  _globals['_UPDATECASEREQUEST']._serialized_start=1785
-  _globals['_UPDATECASEREQUEST']._serialized_end=1960
-  _globals['_UPDATECASERESPONSE']._serialized_start=1962
-  _globals['_UPDATECASERESPONSE']._serialized_end=2067
-  _globals['_CASESERVICE']._serialized_start=2070
-  _globals['_CASESERVICE']._serialized_end=2426
+  _globals['_SUBMITCASERESPONSE']._serialized_start=882
+  _globals['_SUBMITCASERESPONSE']._serialized_end=1068
+  _globals['_CODEREPLACEMENT']._serialized_start=1070
+  _globals['_CODEREPLACEMENT']._serialized_end=1147
+  _globals['_SUBMITCASESRESULT']._serialized_start=1150
+  _globals['_SUBMITCASESRESULT']._serialized_end=1329
+  _globals['_REJECTION']._serialized_start=1331
+  _globals['_REJECTION']._serialized_end=1432
+  _globals['_FIELDVIOLATION']._serialized_start=1434
+  _globals['_FIELDVIOLATION']._serialized_end=1486
+  _globals['_GETCASEREQUEST']._serialized_start=1488
+  _globals['_GETCASEREQUEST']._serialized_end=1566
+  _globals['_GETCASERESPONSE']._serialized_start=1568
+  _globals['_GETCASERESPONSE']._serialized_end=1622
+  _globals['_CASE']._serialized_start=1625
+  _globals['_CASE']._serialized_end=1795
+  _globals['_CASEVERSION']._serialized_start=1798
+  _globals['_CASEVERSION']._serialized_end=1966
+  _globals['_UPDATECASEREQUEST']._serialized_start=1969
+  _globals['_UPDATECASEREQUEST']._serialized_end=2144
+  _globals['_UPDATECASERESPONSE']._serialized_start=2147
+  _globals['_UPDATECASERESPONSE']._serialized_end=2333
+  _globals['_CASESERVICE']._serialized_start=2336
+  _globals['_CASESERVICE']._serialized_end=2692
 # @@protoc_insertion_point(module_scope)

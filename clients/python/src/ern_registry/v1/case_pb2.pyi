@@ -75,14 +75,30 @@ class SubmitCaseRequest(_message.Message):
     def __init__(self, registry: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientIdentifiers, _Mapping]] = ..., record: _Optional[_Union[CaseRecord, _Mapping]] = ..., consent: _Optional[_Iterable[_Union[_common_pb2.ScopeConsent, _Mapping]]] = ..., client_reference: _Optional[str] = ...) -> None: ...
 
 class SubmitCaseResponse(_message.Message):
-    __slots__ = ("pseudonym", "version", "recorded_at")
+    __slots__ = ("pseudonym", "version", "recorded_at", "replaced_codes", "code_releases")
     PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_CODES_FIELD_NUMBER: _ClassVar[int]
+    CODE_RELEASES_FIELD_NUMBER: _ClassVar[int]
     pseudonym: str
     version: int
     recorded_at: _timestamp_pb2.Timestamp
-    def __init__(self, pseudonym: _Optional[str] = ..., version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    replaced_codes: _containers.RepeatedCompositeFieldContainer[CodeReplacement]
+    code_releases: str
+    def __init__(self, pseudonym: _Optional[str] = ..., version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replaced_codes: _Optional[_Iterable[_Union[CodeReplacement, _Mapping]]] = ..., code_releases: _Optional[str] = ...) -> None: ...
+
+class CodeReplacement(_message.Message):
+    __slots__ = ("field", "given", "stored", "note")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    given: str
+    stored: str
+    note: str
+    def __init__(self, field: _Optional[str] = ..., given: _Optional[str] = ..., stored: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class SubmitCasesResult(_message.Message):
     __slots__ = ("sequence", "client_reference", "accepted", "rejected")
@@ -147,16 +163,18 @@ class Case(_message.Message):
     def __init__(self, registry: _Optional[str] = ..., pseudonym: _Optional[str] = ..., centre: _Optional[str] = ..., country: _Optional[str] = ..., current: _Optional[_Union[CaseVersion, _Mapping]] = ..., history: _Optional[_Iterable[_Union[CaseVersion, _Mapping]]] = ...) -> None: ...
 
 class CaseVersion(_message.Message):
-    __slots__ = ("version", "recorded_at", "recorded_by", "record")
+    __slots__ = ("version", "recorded_at", "recorded_by", "record", "code_releases")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
     RECORDED_BY_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    CODE_RELEASES_FIELD_NUMBER: _ClassVar[int]
     version: int
     recorded_at: _timestamp_pb2.Timestamp
     recorded_by: str
     record: CaseRecord
-    def __init__(self, version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recorded_by: _Optional[str] = ..., record: _Optional[_Union[CaseRecord, _Mapping]] = ...) -> None: ...
+    code_releases: str
+    def __init__(self, version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recorded_by: _Optional[str] = ..., record: _Optional[_Union[CaseRecord, _Mapping]] = ..., code_releases: _Optional[str] = ...) -> None: ...
 
 class UpdateCaseRequest(_message.Message):
     __slots__ = ("registry", "pseudonym", "expected_version", "record", "consent")
@@ -173,11 +191,15 @@ class UpdateCaseRequest(_message.Message):
     def __init__(self, registry: _Optional[str] = ..., pseudonym: _Optional[str] = ..., expected_version: _Optional[int] = ..., record: _Optional[_Union[CaseRecord, _Mapping]] = ..., consent: _Optional[_Iterable[_Union[_common_pb2.ScopeConsent, _Mapping]]] = ...) -> None: ...
 
 class UpdateCaseResponse(_message.Message):
-    __slots__ = ("pseudonym", "version", "recorded_at")
+    __slots__ = ("pseudonym", "version", "recorded_at", "replaced_codes", "code_releases")
     PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_CODES_FIELD_NUMBER: _ClassVar[int]
+    CODE_RELEASES_FIELD_NUMBER: _ClassVar[int]
     pseudonym: str
     version: int
     recorded_at: _timestamp_pb2.Timestamp
-    def __init__(self, pseudonym: _Optional[str] = ..., version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    replaced_codes: _containers.RepeatedCompositeFieldContainer[CodeReplacement]
+    code_releases: str
+    def __init__(self, pseudonym: _Optional[str] = ..., version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replaced_codes: _Optional[_Iterable[_Union[CodeReplacement, _Mapping]]] = ..., code_releases: _Optional[str] = ...) -> None: ...

@@ -25,43 +25,45 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65rn_registry/v1/research.proto\x12\x0f\x65rn_registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x06\x46ilter\x12-\n\tdimension\x18\x01 \x01(\x0e\x32\x1a.ern_registry.v1.Dimension\x12\x0e\n\x06values\x18\x02 \x03(\t\"$\n\x04\x43\x65ll\x12\x12\n\x05\x63ount\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_count\"\x80\x01\n\x14\x43ountPatientsRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12,\n\x08group_by\x18\x02 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12(\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x17.ern_registry.v1.Filter\"\xb7\x03\n\nCountTable\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x16\n\x0emin_cell_count\x18\x02 \x01(\r\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x31\n\rrow_dimension\x18\x04 \x01(\x0e\x32\x1a.ern_registry.v1.Dimension\x12\x35\n\x11\x63olumn_dimensions\x18\x05 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12+\n\x07\x63olumns\x18\x06 \x03(\x0b\x32\x1a.ern_registry.v1.ColumnKey\x12\'\n\x04rows\x18\x07 \x03(\x0b\x32\x19.ern_registry.v1.TableRow\x12,\n\rcolumn_totals\x18\x08 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12*\n\x0bgrand_total\x18\t \x01(\x0b\x32\x15.ern_registry.v1.Cell\x12\x12\n\nsuppressed\x18\n \x01(\r\x12)\n\x05\x61s_of\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10protection_level\x18\x0c \x01(\r\"\x1b\n\tColumnKey\x12\x0e\n\x06values\x18\x01 \x03(\t\"e\n\x08TableRow\x12\r\n\x05label\x18\x01 \x01(\t\x12$\n\x05\x63\x65lls\x18\x02 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12$\n\x05total\x18\x03 \x01(\x0b\x32\x15.ern_registry.v1.Cell\"\x82\x01\n\x16\x44iagnosticDelayRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12,\n\x08group_by\x18\x02 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12(\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x17.ern_registry.v1.Filter\"\x90\x03\n\x17\x44iagnosticDelayResponse\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x16\n\x0emin_cell_count\x18\x02 \x01(\r\x12,\n\x08group_by\x18\x03 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12\r\n\x05\x62\x61nds\x18\x04 \x03(\t\x12+\n\x06groups\x18\x05 \x03(\x0b\x32\x1b.ern_registry.v1.DelayGroup\x12*\n\x0b\x62\x61nd_totals\x18\x06 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12*\n\x0bgrand_total\x18\x07 \x01(\x0b\x32\x15.ern_registry.v1.Cell\x12\x30\n\x07overall\x18\x08 \x01(\x0b\x32\x1f.ern_registry.v1.DelayQuantiles\x12\x12\n\nsuppressed\x18\t \x01(\r\x12)\n\x05\x61s_of\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10protection_level\x18\x0b \x01(\r\"\x9c\x01\n\nDelayGroup\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12$\n\x05\x62\x61nds\x18\x02 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12$\n\x05total\x18\x03 \x01(\x0b\x32\x15.ern_registry.v1.Cell\x12\x32\n\tquantiles\x18\x04 \x01(\x0b\x32\x1f.ern_registry.v1.DelayQuantiles\"_\n\x0e\x44\x65layQuantiles\x12\x11\n\tp25_years\x18\x01 \x01(\x01\x12\x14\n\x0cmedian_years\x18\x02 \x01(\x01\x12\x11\n\tp75_years\x18\x03 \x01(\x01\x12\x11\n\tp90_years\x18\x04 \x01(\x01\"Q\n\x14\x46indExpertiseRequest\x12\x12\n\norphacodes\x18\x01 \x03(\t\x12\x11\n\tcountries\x18\x02 \x03(\t\x12\x12\n\nregistries\x18\x03 \x03(\t\"\x89\x01\n\x15\x46indExpertiseResponse\x12\x31\n\x07\x63\x65ntres\x18\x01 \x03(\x0b\x32 .ern_registry.v1.ExpertiseCentre\x12\x12\n\nregistries\x18\x02 \x03(\t\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x0f\x45xpertiseCentre\x12\x13\n\x0b\x63\x65ntre_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65ntre_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x03 \x01(\t\x12\x10\n\x08registry\x18\x04 \x01(\t\x12+\n\x06volume\x18\x05 \x01(\x0b\x32\x1b.ern_registry.v1.VolumeBand\"B\n\nVolumeBand\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x10\n\x03max\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05label\x18\x03 \x01(\tB\x06\n\x04_max*\x8f\x02\n\tDimension\x12\x19\n\x15\x44IMENSION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44IMENSION_DIAGNOSIS\x10\x01\x12\x11\n\rDIMENSION_SEX\x10\x02\x12\x1c\n\x18\x44IMENSION_ONSET_AGE_BAND\x10\x03\x12 \n\x1c\x44IMENSION_DIAGNOSIS_AGE_BAND\x10\x04\x12\x15\n\x11\x44IMENSION_COUNTRY\x10\x05\x12\x14\n\x10\x44IMENSION_CENTRE\x10\x06\x12\x1c\n\x18\x44IMENSION_DIAGNOSIS_YEAR\x10\x07\x12\x1c\n\x18\x44IMENSION_PATIENT_STATUS\x10\x08\x12\x12\n\x0e\x44IMENSION_GENE\x10\t2\xac\x02\n\x0fResearchService\x12S\n\rCountPatients\x12%.ern_registry.v1.CountPatientsRequest\x1a\x1b.ern_registry.v1.CountTable\x12\x64\n\x0f\x44iagnosticDelay\x12\'.ern_registry.v1.DiagnosticDelayRequest\x1a(.ern_registry.v1.DiagnosticDelayResponse\x12^\n\rFindExpertise\x12%.ern_registry.v1.FindExpertiseRequest\x1a&.ern_registry.v1.FindExpertiseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65rn_registry/v1/research.proto\x12\x0f\x65rn_registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x06\x46ilter\x12-\n\tdimension\x18\x01 \x01(\x0e\x32\x1a.ern_registry.v1.Dimension\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x1b\n\x13include_descendants\x18\x03 \x01(\x08\"&\n\x08\x43odeName\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"$\n\x04\x43\x65ll\x12\x12\n\x05\x63ount\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_count\"\x80\x01\n\x14\x43ountPatientsRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12,\n\x08group_by\x18\x02 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12(\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x17.ern_registry.v1.Filter\"\xe1\x03\n\nCountTable\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x16\n\x0emin_cell_count\x18\x02 \x01(\r\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x31\n\rrow_dimension\x18\x04 \x01(\x0e\x32\x1a.ern_registry.v1.Dimension\x12\x35\n\x11\x63olumn_dimensions\x18\x05 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12+\n\x07\x63olumns\x18\x06 \x03(\x0b\x32\x1a.ern_registry.v1.ColumnKey\x12\'\n\x04rows\x18\x07 \x03(\x0b\x32\x19.ern_registry.v1.TableRow\x12,\n\rcolumn_totals\x18\x08 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12*\n\x0bgrand_total\x18\t \x01(\x0b\x32\x15.ern_registry.v1.Cell\x12\x12\n\nsuppressed\x18\n \x01(\r\x12)\n\x05\x61s_of\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10protection_level\x18\x0c \x01(\r\x12(\n\x05names\x18\r \x03(\x0b\x32\x19.ern_registry.v1.CodeName\"\x1b\n\tColumnKey\x12\x0e\n\x06values\x18\x01 \x03(\t\"e\n\x08TableRow\x12\r\n\x05label\x18\x01 \x01(\t\x12$\n\x05\x63\x65lls\x18\x02 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12$\n\x05total\x18\x03 \x01(\x0b\x32\x15.ern_registry.v1.Cell\"\x82\x01\n\x16\x44iagnosticDelayRequest\x12\x10\n\x08registry\x18\x01 \x01(\t\x12,\n\x08group_by\x18\x02 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12(\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x17.ern_registry.v1.Filter\"\xba\x03\n\x17\x44iagnosticDelayResponse\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x16\n\x0emin_cell_count\x18\x02 \x01(\r\x12,\n\x08group_by\x18\x03 \x03(\x0e\x32\x1a.ern_registry.v1.Dimension\x12\r\n\x05\x62\x61nds\x18\x04 \x03(\t\x12+\n\x06groups\x18\x05 \x03(\x0b\x32\x1b.ern_registry.v1.DelayGroup\x12*\n\x0b\x62\x61nd_totals\x18\x06 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12*\n\x0bgrand_total\x18\x07 \x01(\x0b\x32\x15.ern_registry.v1.Cell\x12\x30\n\x07overall\x18\x08 \x01(\x0b\x32\x1f.ern_registry.v1.DelayQuantiles\x12\x12\n\nsuppressed\x18\t \x01(\r\x12)\n\x05\x61s_of\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10protection_level\x18\x0b \x01(\r\x12(\n\x05names\x18\x0c \x03(\x0b\x32\x19.ern_registry.v1.CodeName\"\x9c\x01\n\nDelayGroup\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12$\n\x05\x62\x61nds\x18\x02 \x03(\x0b\x32\x15.ern_registry.v1.Cell\x12$\n\x05total\x18\x03 \x01(\x0b\x32\x15.ern_registry.v1.Cell\x12\x32\n\tquantiles\x18\x04 \x01(\x0b\x32\x1f.ern_registry.v1.DelayQuantiles\"_\n\x0e\x44\x65layQuantiles\x12\x11\n\tp25_years\x18\x01 \x01(\x01\x12\x14\n\x0cmedian_years\x18\x02 \x01(\x01\x12\x11\n\tp75_years\x18\x03 \x01(\x01\x12\x11\n\tp90_years\x18\x04 \x01(\x01\"n\n\x14\x46indExpertiseRequest\x12\x12\n\norphacodes\x18\x01 \x03(\t\x12\x11\n\tcountries\x18\x02 \x03(\t\x12\x12\n\nregistries\x18\x03 \x03(\t\x12\x1b\n\x13\x64isease_name_prefix\x18\x04 \x01(\t\"\xb6\x01\n\x15\x46indExpertiseResponse\x12\x31\n\x07\x63\x65ntres\x18\x01 \x03(\x0b\x32 .ern_registry.v1.ExpertiseCentre\x12\x12\n\nregistries\x18\x02 \x03(\t\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64iseases\x18\x04 \x03(\x0b\x32\x19.ern_registry.v1.CodeName\"\x8b\x01\n\x0f\x45xpertiseCentre\x12\x13\n\x0b\x63\x65ntre_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65ntre_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x03 \x01(\t\x12\x10\n\x08registry\x18\x04 \x01(\t\x12+\n\x06volume\x18\x05 \x01(\x0b\x32\x1b.ern_registry.v1.VolumeBand\"B\n\nVolumeBand\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x10\n\x03max\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05label\x18\x03 \x01(\tB\x06\n\x04_max*\xa8\x02\n\tDimension\x12\x19\n\x15\x44IMENSION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44IMENSION_DIAGNOSIS\x10\x01\x12\x11\n\rDIMENSION_SEX\x10\x02\x12\x1c\n\x18\x44IMENSION_ONSET_AGE_BAND\x10\x03\x12 \n\x1c\x44IMENSION_DIAGNOSIS_AGE_BAND\x10\x04\x12\x15\n\x11\x44IMENSION_COUNTRY\x10\x05\x12\x14\n\x10\x44IMENSION_CENTRE\x10\x06\x12\x1c\n\x18\x44IMENSION_DIAGNOSIS_YEAR\x10\x07\x12\x1c\n\x18\x44IMENSION_PATIENT_STATUS\x10\x08\x12\x12\n\x0e\x44IMENSION_GENE\x10\t\x12\x17\n\x13\x44IMENSION_PHENOTYPE\x10\n2\xac\x02\n\x0fResearchService\x12S\n\rCountPatients\x12%.ern_registry.v1.CountPatientsRequest\x1a\x1b.ern_registry.v1.CountTable\x12\x64\n\x0f\x44iagnosticDelay\x12\'.ern_registry.v1.DiagnosticDelayRequest\x1a(.ern_registry.v1.DiagnosticDelayResponse\x12^\n\rFindExpertise\x12%.ern_registry.v1.FindExpertiseRequest\x1a&.ern_registry.v1.FindExpertiseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ern_registry.v1.research_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIMENSION']._serialized_start=2126
-  _globals['_DIMENSION']._serialized_end=2397
+  _globals['_DIMENSION']._serialized_start=2353
+  _globals['_DIMENSION']._serialized_end=2649
   _globals['_FILTER']._serialized_start=84
-  _globals['_FILTER']._serialized_end=155
-  _globals['_CELL']._serialized_start=157
-  _globals['_CELL']._serialized_end=193
-  _globals['_COUNTPATIENTSREQUEST']._serialized_start=196
-  _globals['_COUNTPATIENTSREQUEST']._serialized_end=324
-  _globals['_COUNTTABLE']._serialized_start=327
-  _globals['_COUNTTABLE']._serialized_end=766
-  _globals['_COLUMNKEY']._serialized_start=768
-  _globals['_COLUMNKEY']._serialized_end=795
-  _globals['_TABLEROW']._serialized_start=797
-  _globals['_TABLEROW']._serialized_end=898
-  _globals['_DIAGNOSTICDELAYREQUEST']._serialized_start=901
-  _globals['_DIAGNOSTICDELAYREQUEST']._serialized_end=1031
-  _globals['_DIAGNOSTICDELAYRESPONSE']._serialized_start=1034
-  _globals['_DIAGNOSTICDELAYRESPONSE']._serialized_end=1434
-  _globals['_DELAYGROUP']._serialized_start=1437
-  _globals['_DELAYGROUP']._serialized_end=1593
-  _globals['_DELAYQUANTILES']._serialized_start=1595
-  _globals['_DELAYQUANTILES']._serialized_end=1690
-  _globals['_FINDEXPERTISEREQUEST']._serialized_start=1692
-  _globals['_FINDEXPERTISEREQUEST']._serialized_end=1773
-  _globals['_FINDEXPERTISERESPONSE']._serialized_start=1776
-  _globals['_FINDEXPERTISERESPONSE']._serialized_end=1913
-  _globals['_EXPERTISECENTRE']._serialized_start=1916
-  _globals['_EXPERTISECENTRE']._serialized_end=2055
-  _globals['_VOLUMEBAND']._serialized_start=2057
-  _globals['_VOLUMEBAND']._serialized_end=2123
-  _globals['_RESEARCHSERVICE']._serialized_start=2400
-  _globals['_RESEARCHSERVICE']._serialized_end=2700
+  _globals['_FILTER']._serialized_end=184
+  _globals['_CODENAME']._serialized_start=186
+  _globals['_CODENAME']._serialized_end=224
+  _globals['_CELL']._serialized_start=226
+  _globals['_CELL']._serialized_end=262
+  _globals['_COUNTPATIENTSREQUEST']._serialized_start=265
+  _globals['_COUNTPATIENTSREQUEST']._serialized_end=393
+  _globals['_COUNTTABLE']._serialized_start=396
+  _globals['_COUNTTABLE']._serialized_end=877
+  _globals['_COLUMNKEY']._serialized_start=879
+  _globals['_COLUMNKEY']._serialized_end=906
+  _globals['_TABLEROW']._serialized_start=908
+  _globals['_TABLEROW']._serialized_end=1009
+  _globals['_DIAGNOSTICDELAYREQUEST']._serialized_start=1012
+  _globals['_DIAGNOSTICDELAYREQUEST']._serialized_end=1142
+  _globals['_DIAGNOSTICDELAYRESPONSE']._serialized_start=1145
+  _globals['_DIAGNOSTICDELAYRESPONSE']._serialized_end=1587
+  _globals['_DELAYGROUP']._serialized_start=1590
+  _globals['_DELAYGROUP']._serialized_end=1746
+  _globals['_DELAYQUANTILES']._serialized_start=1748
+  _globals['_DELAYQUANTILES']._serialized_end=1843
+  _globals['_FINDEXPERTISEREQUEST']._serialized_start=1845
+  _globals['_FINDEXPERTISEREQUEST']._serialized_end=1955
+  _globals['_FINDEXPERTISERESPONSE']._serialized_start=1958
+  _globals['_FINDEXPERTISERESPONSE']._serialized_end=2140
+  _globals['_EXPERTISECENTRE']._serialized_start=2143
+  _globals['_EXPERTISECENTRE']._serialized_end=2282
+  _globals['_VOLUMEBAND']._serialized_start=2284
+  _globals['_VOLUMEBAND']._serialized_end=2350
+  _globals['_RESEARCHSERVICE']._serialized_start=2652
+  _globals['_RESEARCHSERVICE']._serialized_end=2952
 # @@protoc_insertion_point(module_scope)

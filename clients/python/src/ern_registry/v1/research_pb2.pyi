@@ -22,6 +22,7 @@ class Dimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIMENSION_DIAGNOSIS_YEAR: _ClassVar[Dimension]
     DIMENSION_PATIENT_STATUS: _ClassVar[Dimension]
     DIMENSION_GENE: _ClassVar[Dimension]
+    DIMENSION_PHENOTYPE: _ClassVar[Dimension]
 DIMENSION_UNSPECIFIED: Dimension
 DIMENSION_DIAGNOSIS: Dimension
 DIMENSION_SEX: Dimension
@@ -32,14 +33,25 @@ DIMENSION_CENTRE: Dimension
 DIMENSION_DIAGNOSIS_YEAR: Dimension
 DIMENSION_PATIENT_STATUS: Dimension
 DIMENSION_GENE: Dimension
+DIMENSION_PHENOTYPE: Dimension
 
 class Filter(_message.Message):
-    __slots__ = ("dimension", "values")
+    __slots__ = ("dimension", "values", "include_descendants")
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DESCENDANTS_FIELD_NUMBER: _ClassVar[int]
     dimension: Dimension
     values: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, dimension: _Optional[_Union[Dimension, str]] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+    include_descendants: bool
+    def __init__(self, dimension: _Optional[_Union[Dimension, str]] = ..., values: _Optional[_Iterable[str]] = ..., include_descendants: _Optional[bool] = ...) -> None: ...
+
+class CodeName(_message.Message):
+    __slots__ = ("code", "name")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    name: str
+    def __init__(self, code: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Cell(_message.Message):
     __slots__ = ("count",)
@@ -58,7 +70,7 @@ class CountPatientsRequest(_message.Message):
     def __init__(self, registry: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ...) -> None: ...
 
 class CountTable(_message.Message):
-    __slots__ = ("registry", "min_cell_count", "unit", "row_dimension", "column_dimensions", "columns", "rows", "column_totals", "grand_total", "suppressed", "as_of", "protection_level")
+    __slots__ = ("registry", "min_cell_count", "unit", "row_dimension", "column_dimensions", "columns", "rows", "column_totals", "grand_total", "suppressed", "as_of", "protection_level", "names")
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
     MIN_CELL_COUNT_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +83,7 @@ class CountTable(_message.Message):
     SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
     PROTECTION_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     registry: str
     min_cell_count: int
     unit: str
@@ -83,7 +96,8 @@ class CountTable(_message.Message):
     suppressed: int
     as_of: _timestamp_pb2.Timestamp
     protection_level: int
-    def __init__(self, registry: _Optional[str] = ..., min_cell_count: _Optional[int] = ..., unit: _Optional[str] = ..., row_dimension: _Optional[_Union[Dimension, str]] = ..., column_dimensions: _Optional[_Iterable[_Union[Dimension, str]]] = ..., columns: _Optional[_Iterable[_Union[ColumnKey, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[TableRow, _Mapping]]] = ..., column_totals: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., grand_total: _Optional[_Union[Cell, _Mapping]] = ..., suppressed: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protection_level: _Optional[int] = ...) -> None: ...
+    names: _containers.RepeatedCompositeFieldContainer[CodeName]
+    def __init__(self, registry: _Optional[str] = ..., min_cell_count: _Optional[int] = ..., unit: _Optional[str] = ..., row_dimension: _Optional[_Union[Dimension, str]] = ..., column_dimensions: _Optional[_Iterable[_Union[Dimension, str]]] = ..., columns: _Optional[_Iterable[_Union[ColumnKey, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[TableRow, _Mapping]]] = ..., column_totals: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., grand_total: _Optional[_Union[Cell, _Mapping]] = ..., suppressed: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protection_level: _Optional[int] = ..., names: _Optional[_Iterable[_Union[CodeName, _Mapping]]] = ...) -> None: ...
 
 class ColumnKey(_message.Message):
     __slots__ = ("values",)
@@ -112,7 +126,7 @@ class DiagnosticDelayRequest(_message.Message):
     def __init__(self, registry: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ...) -> None: ...
 
 class DiagnosticDelayResponse(_message.Message):
-    __slots__ = ("registry", "min_cell_count", "group_by", "bands", "groups", "band_totals", "grand_total", "overall", "suppressed", "as_of", "protection_level")
+    __slots__ = ("registry", "min_cell_count", "group_by", "bands", "groups", "band_totals", "grand_total", "overall", "suppressed", "as_of", "protection_level", "names")
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
     MIN_CELL_COUNT_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +138,7 @@ class DiagnosticDelayResponse(_message.Message):
     SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
     PROTECTION_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     registry: str
     min_cell_count: int
     group_by: _containers.RepeatedScalarFieldContainer[Dimension]
@@ -135,7 +150,8 @@ class DiagnosticDelayResponse(_message.Message):
     suppressed: int
     as_of: _timestamp_pb2.Timestamp
     protection_level: int
-    def __init__(self, registry: _Optional[str] = ..., min_cell_count: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., bands: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[DelayGroup, _Mapping]]] = ..., band_totals: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., grand_total: _Optional[_Union[Cell, _Mapping]] = ..., overall: _Optional[_Union[DelayQuantiles, _Mapping]] = ..., suppressed: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protection_level: _Optional[int] = ...) -> None: ...
+    names: _containers.RepeatedCompositeFieldContainer[CodeName]
+    def __init__(self, registry: _Optional[str] = ..., min_cell_count: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., bands: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[DelayGroup, _Mapping]]] = ..., band_totals: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., grand_total: _Optional[_Union[Cell, _Mapping]] = ..., overall: _Optional[_Union[DelayQuantiles, _Mapping]] = ..., suppressed: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protection_level: _Optional[int] = ..., names: _Optional[_Iterable[_Union[CodeName, _Mapping]]] = ...) -> None: ...
 
 class DelayGroup(_message.Message):
     __slots__ = ("labels", "bands", "total", "quantiles")
@@ -162,24 +178,28 @@ class DelayQuantiles(_message.Message):
     def __init__(self, p25_years: _Optional[float] = ..., median_years: _Optional[float] = ..., p75_years: _Optional[float] = ..., p90_years: _Optional[float] = ...) -> None: ...
 
 class FindExpertiseRequest(_message.Message):
-    __slots__ = ("orphacodes", "countries", "registries")
+    __slots__ = ("orphacodes", "countries", "registries", "disease_name_prefix")
     ORPHACODES_FIELD_NUMBER: _ClassVar[int]
     COUNTRIES_FIELD_NUMBER: _ClassVar[int]
     REGISTRIES_FIELD_NUMBER: _ClassVar[int]
+    DISEASE_NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
     orphacodes: _containers.RepeatedScalarFieldContainer[str]
     countries: _containers.RepeatedScalarFieldContainer[str]
     registries: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, orphacodes: _Optional[_Iterable[str]] = ..., countries: _Optional[_Iterable[str]] = ..., registries: _Optional[_Iterable[str]] = ...) -> None: ...
+    disease_name_prefix: str
+    def __init__(self, orphacodes: _Optional[_Iterable[str]] = ..., countries: _Optional[_Iterable[str]] = ..., registries: _Optional[_Iterable[str]] = ..., disease_name_prefix: _Optional[str] = ...) -> None: ...
 
 class FindExpertiseResponse(_message.Message):
-    __slots__ = ("centres", "registries", "as_of")
+    __slots__ = ("centres", "registries", "as_of", "diseases")
     CENTRES_FIELD_NUMBER: _ClassVar[int]
     REGISTRIES_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
+    DISEASES_FIELD_NUMBER: _ClassVar[int]
     centres: _containers.RepeatedCompositeFieldContainer[ExpertiseCentre]
     registries: _containers.RepeatedScalarFieldContainer[str]
     as_of: _timestamp_pb2.Timestamp
-    def __init__(self, centres: _Optional[_Iterable[_Union[ExpertiseCentre, _Mapping]]] = ..., registries: _Optional[_Iterable[str]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    diseases: _containers.RepeatedCompositeFieldContainer[CodeName]
+    def __init__(self, centres: _Optional[_Iterable[_Union[ExpertiseCentre, _Mapping]]] = ..., registries: _Optional[_Iterable[str]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., diseases: _Optional[_Iterable[_Union[CodeName, _Mapping]]] = ...) -> None: ...
 
 class ExpertiseCentre(_message.Message):
     __slots__ = ("centre_code", "centre_name", "country", "registry", "volume")
