@@ -373,39 +373,12 @@ async fn insert_first_versions(
                 .map(move |t| (*case_id, t))
         })
         .collect();
-    for chunk in terms.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO case_phenotypes (case_id, version, term) VALUES {}",
-            (0..chunk.len())
-                .map(|r| format!("(${}, 1, ${})", 1 + 2 * r, 2 + 2 * r))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (case_id, term) in chunk {
-            query = query.bind(*case_id).bind(*term);
-        }
-        query.execute(&mut *conn).await?;
-    }
+    insert_first_version_values(conn, "case_phenotypes", "term", &terms).await?;
     let genes: Vec<(i64, &str)> = cases
         .iter()
         .flat_map(|(case_id, c)| c.row.genes.iter().map(move |g| (*case_id, g.as_str())))
         .collect();
-    for chunk in genes.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO case_genes (case_id, version, gene) VALUES {}",
-            (0..chunk.len())
-                .map(|r| format!("(${}, 1, ${})", 1 + 2 * r, 2 + 2 * r))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for (case_id, gene) in chunk {
-            query = query.bind(*case_id).bind(*gene);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
+    insert_first_version_values(conn, "case_genes", "gene", &genes).await
 }
 
 /// Appends one decision to the patient's consent history; returns its id.
@@ -526,6 +499,32 @@ pub(crate) async fn set_representative(
     .bind(row.hpo_terms.as_str())
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Rows `(case_id, 1, value)` of a table of a version's values (`case_genes`,
+/// `case_phenotypes`): one multi-row `INSERT` per chunk. `table` and `column` are
+/// literals of the callers, never input.
+async fn insert_first_version_values(
+    conn: &mut AnyConnection,
+    table: &str,
+    column: &str,
+    values: &[(i64, &str)],
+) -> Result<()> {
+    for chunk in values.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO {table} (case_id, version, {column}) VALUES {}",
+            (0..chunk.len())
+                .map(|r| format!("(${}, 1, ${})", 1 + 2 * r, 2 + 2 * r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (case_id, value) in chunk {
+            query = query.bind(*case_id).bind(*value);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
