@@ -84,12 +84,16 @@ pub const CODE_REFRESH: std::time::Duration = std::time::Duration::from_secs(10)
 /// [`CODE_REFRESH`].
 pub struct Codes {
     current: std::sync::RwLock<Arc<CodeCatalog>>,
+    /// Held for a whole refresh, so two refreshes (the periodic one and one asked for)
+    /// never interleave: a catalog read before a change cannot replace one read after it.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Codes {
     pub fn new(catalog: CodeCatalog) -> Codes {
         Codes {
             current: std::sync::RwLock::new(Arc::new(catalog)),
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -104,6 +108,7 @@ impl Codes {
     /// Loads the releases in force if they are not the ones in memory; logs the
     /// validation mode when it changes. Returns whether it changed.
     pub async fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let in_force = store.code_releases_in_force().await?;
         if in_force == self.get().fingerprint() {
             return Ok(false);
