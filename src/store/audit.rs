@@ -227,7 +227,8 @@ pub async fn append(conn: &mut AnyConnection, key: &AuditKey, pending: &[Pending
             "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
             values.join(", ")
         );
-        let mut query = sqlx::query(&sql);
+        // Its text varies with the number of rows: not kept in the statement cache.
+        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
         for r in chunk {
             query = query
                 .bind(r.seq)

@@ -134,7 +134,9 @@ pub(crate) async fn load_consent_many(
              WHERE registry_id = $1 AND pseudonym IN ({}) ORDER BY id",
             placeholders(2, pseudonyms.len())
         );
-        let mut query = sqlx::query(&sql).bind(registry_id);
+        let mut query = sqlx::query(&sql)
+            .persistent(super::cacheable(pseudonyms.len()))
+            .bind(registry_id);
         for pseudonym in &pseudonyms {
             query = query.bind(*pseudonym);
         }
@@ -162,7 +164,9 @@ pub(crate) async fn cases_of_many(
             "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym IN ({})",
             placeholders(2, pseudonyms.len())
         );
-        let mut query = sqlx::query(&sql).bind(registry_id);
+        let mut query = sqlx::query(&sql)
+            .persistent(super::cacheable(pseudonyms.len()))
+            .bind(registry_id);
         for pseudonym in &pseudonyms {
             query = query.bind(*pseudonym);
         }
@@ -203,7 +207,7 @@ pub(crate) async fn append_consent_many(
              VALUES {} RETURNING id, registry_id, pseudonym, scope",
             values_rows(chunk.len(), COLUMNS)
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
         for d in chunk {
             query = query
                 .bind(d.registry_id)
@@ -283,7 +287,7 @@ pub(crate) async fn insert_cases_many(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
         for c in chunk {
             query = query
                 .bind(c.registry_id)
@@ -330,7 +334,7 @@ async fn insert_first_versions(
          VALUES {}",
         values_rows(cases.len(), COLUMNS)
     );
-    let mut query = sqlx::query(&sql);
+    let mut query = sqlx::query(&sql).persistent(super::cacheable(cases.len()));
     for (case_id, c) in cases {
         let row = c.row;
         query = query
@@ -519,7 +523,7 @@ async fn insert_first_version_values(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
         for (case_id, value) in chunk {
             query = query.bind(*case_id).bind(*value);
         }
@@ -568,7 +572,7 @@ pub(crate) async fn set_representatives_many(
                  eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
         for (registry_id, pseudonym, r) in chunk {
             let row = r.row;
             query = query

@@ -324,7 +324,7 @@ impl Store {
                     "SELECT id, code, name, country FROM centres WHERE id IN ({})",
                     placeholders(1, ids.len())
                 );
-                let mut q = sqlx::query(&sql);
+                let mut q = sqlx::query(&sql).persistent(false);
                 for id in ids {
                     q = q.bind(*id);
                 }
@@ -474,7 +474,7 @@ async fn load_slots(
          ORDER BY 1",
         patient = patient_columns(),
     );
-    let mut q = sqlx::query(&sql).bind(registry_id);
+    let mut q = sqlx::query(&sql).persistent(false).bind(registry_id);
     for slot in slots {
         q = q.bind(*slot);
     }
@@ -541,7 +541,7 @@ async fn slots_of(
                 "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym IN ({})",
                 placeholders(2, chunk.len())
             );
-            let mut q = sqlx::query(&sql).bind(registry_id);
+            let mut q = sqlx::query(&sql).persistent(false).bind(registry_id);
             for p in chunk {
                 q = q.bind(*p);
             }
@@ -611,7 +611,10 @@ pub(super) async fn log_changes(
                  WHERE patients.registry_id = n.registry_id AND patients.pseudonym = n.pseudonym",
                 placeholders(3, chunk.len())
             );
-            let mut q = sqlx::query(&sql).bind(registry_id).bind(next);
+            let mut q = sqlx::query(&sql)
+                .persistent(false)
+                .bind(registry_id)
+                .bind(next);
             for p in chunk {
                 q = q.bind(p.as_str());
             }
@@ -639,7 +642,7 @@ pub(super) async fn log_changes(
             "INSERT INTO research_log (seq, registry_id, slot) VALUES {}",
             values.join(", ")
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
         for &(registry_id, slot) in chunk {
             seq += 1;
             q = q.bind(seq).bind(registry_id).bind(slot);
