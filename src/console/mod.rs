@@ -540,14 +540,7 @@ async fn officer_patient(
         Err(r) => return r,
     };
     let result = async {
-        let access = consent_service::open(
-            &st,
-            &ctx.principal,
-            form.get("registry"),
-            "registry",
-            &mut ctx.call,
-        )
-        .await?;
+        let access = consent_access(&st, &mut ctx, &form).await?;
         let pseudonym = resolve(&st, &access, &form).await?;
         let view = consent_service::get(&st, &access, pseudonym, st.clock.now()).await?;
         ctx.call.items(view.events.len());
@@ -605,14 +598,7 @@ async fn officer_record(
         Err(r) => return r,
     };
     let result = async {
-        let access = consent_service::open(
-            &st,
-            &ctx.principal,
-            form.get("registry"),
-            "registry",
-            &mut ctx.call,
-        )
-        .await?;
+        let access = consent_access(&st, &mut ctx, &form).await?;
         let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
         let now = consent_service::now_millis(&st);
         let decision = match form.get("decision") {
@@ -687,19 +673,28 @@ async fn officer_record(
     }
 }
 
-async fn reopen_patient(
+/// The consent officer's access to the registry the form names (field `registry`).
+async fn consent_access(
     st: &St,
     ctx: &mut Ctx,
     form: &Form,
-) -> Result<consent_service::ConsentView, ServiceError> {
-    let access = consent_service::open(
+) -> Result<consent_service::ConsentAccess, ServiceError> {
+    consent_service::open(
         st,
         &ctx.principal,
         form.get("registry"),
         "registry",
         &mut ctx.call,
     )
-    .await?;
+    .await
+}
+
+async fn reopen_patient(
+    st: &St,
+    ctx: &mut Ctx,
+    form: &Form,
+) -> Result<consent_service::ConsentView, ServiceError> {
+    let access = consent_access(st, ctx, form).await?;
     let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
     consent_service::get(st, &access, pseudonym, st.clock.now()).await
 }
@@ -726,14 +721,7 @@ async fn officer_withdraw(
         Err(r) => return r,
     };
     let result = async {
-        let access = consent_service::open(
-            &st,
-            &ctx.principal,
-            form.get("registry"),
-            "registry",
-            &mut ctx.call,
-        )
-        .await?;
+        let access = consent_access(&st, &mut ctx, &form).await?;
         let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
         let scopes: Vec<Scope> = Scope::ALL
             .into_iter()
