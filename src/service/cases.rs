@@ -8,6 +8,7 @@
 //! counted) and hand the write to the writer, which checks consent and commits durably
 //! before anything is answered.
 
+use crate::store::db::Db;
 use chrono::{DateTime, Utc};
 
 use super::{Call, ServiceError, Services};
@@ -235,7 +236,7 @@ pub async fn get(
         .await
         .map_err(StoreError::from)?;
     let stored = cases::get_case(
-        &mut conn,
+        &mut Db::Any(&mut conn),
         access.registry.id,
         pseudonym.as_str(),
         access.centre.id,

@@ -8,6 +8,7 @@
 //! but the recorder and the recorder's centre ([`recorder_visible_to`]): that name tells
 //! which centre treats the patient.
 
+use crate::store::db::Db;
 use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
 
@@ -272,7 +273,7 @@ async fn history(
         .acquire()
         .await
         .map_err(StoreError::from)?;
-    Ok(consent_store::history(&mut conn, registry_id, pseudonym).await?)
+    Ok(consent_store::history(&mut Db::Any(&mut conn), registry_id, pseudonym).await?)
 }
 
 /// Records an officer's decisions (granted or refused) for one patient, effective `now`
@@ -407,7 +408,7 @@ pub async fn receipt(
         .map_err(StoreError::from)?;
     let not_found =
         || ServiceError::NotFound("no erasure receipt with this id in your registries".into());
-    let erasure: Erasure = consent_store::erasure_by_receipt(&mut conn, receipt_id)
+    let erasure: Erasure = consent_store::erasure_by_receipt(&mut Db::Any(&mut conn), receipt_id)
         .await?
         .ok_or_else(not_found)?;
     // A receipt of a registry the officer does not serve is not theirs to see.

@@ -75,7 +75,7 @@ async fn append(conn: &mut AnyConnection, key: &AuditKey, entry: Entry) -> Resul
         entry,
         wrote: Wrote::default(),
     }];
-    audit_store::append(conn, key, &pending).await
+    audit_store::append(&mut conn.into(), key, &pending).await
 }
 
 /// Sets a registry's research threshold k or protection level.

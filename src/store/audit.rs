@@ -14,6 +14,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Connection, Executor, Row};
 use tokio_stream::StreamExt;
 
+use super::db::{self, Db};
 use super::{Backend, Result, Store, StoreError};
 use crate::audit::{
     ADOPTION_METHOD, AdoptionDigest, Anchor, AuditKey, Broken, CoveredRow, Covers, Entry, Head,
@@ -109,7 +110,7 @@ type Unreadable = (Option<i64>, &'static str);
 
 fn hash_row(
     table: Table,
-    row: &AnyRow,
+    row: &db::Row,
     offset: usize,
 ) -> std::result::Result<(i64, [u8; 32]), Unreadable> {
     enum Owned {
@@ -122,11 +123,11 @@ fn hash_row(
     for (i, (name, kind)) in columns(table).iter().enumerate() {
         let at = offset + i;
         let value = match kind {
-            Kind::Int => row.try_get::<i64, _>(at).map(Owned::Int),
+            Kind::Int => row.try_get::<i64>(at).map(Owned::Int),
             Kind::OptInt => row
-                .try_get::<Option<i64>, _>(at)
+                .try_get::<Option<i64>>(at)
                 .map(|v| v.map_or(Owned::Null, Owned::Int)),
-            Kind::Text => row.try_get::<String, _>(at).map(Owned::Text),
+            Kind::Text => row.try_get::<String>(at).map(Owned::Text),
         }
         .map_err(|_| (id, *name))?;
         if i == 0
@@ -160,15 +161,14 @@ fn corrupt(table: Table, (id, column): Unreadable) -> StoreError {
 /// its write inserted: they are tagged with the entry's number and their hashes go into
 /// the MACed entry. The first append after migration 0009 first adopts, in one entry,
 /// the rows written before rows were audited.
-pub async fn append(conn: &mut AnyConnection, key: &AuditKey, pending: &[Pending]) -> Result<()> {
+pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
-    let head = sqlx::query(
-        "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, mac, rows_adopted",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    let head =
+        db::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, mac, rows_adopted")
+            .fetch_one(&mut *conn)
+            .await?;
     let mut seq: i64 = head.try_get(0)?;
     let mut previous: String = head.try_get(1)?;
     let adopted: i64 = head.try_get(2)?;
@@ -228,7 +228,7 @@ pub async fn append(conn: &mut AnyConnection, key: &AuditKey, pending: &[Pending
             values.join(", ")
         );
         // Its text varies with the number of rows: not kept in the statement cache.
-        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
         for r in chunk {
             query = query
                 .bind(r.seq)
@@ -248,7 +248,7 @@ pub async fn append(conn: &mut AnyConnection, key: &AuditKey, pending: &[Pending
         }
         query.execute(&mut *conn).await?;
     }
-    sqlx::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
+    db::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
         .bind(seq)
         .bind(previous)
         .execute(&mut *conn)
@@ -260,7 +260,7 @@ pub async fn append(conn: &mut AnyConnection, key: &AuditKey, pending: &[Pending
 /// and returns their hashes per entry. Only rows not yet tagged are taken: a row is
 /// covered by exactly one entry.
 async fn tag_rows(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     first: i64,
     pending: &[Pending],
 ) -> Result<BTreeMap<i64, Vec<CoveredRow>>> {
@@ -291,7 +291,7 @@ async fn tag_rows(
                 ids = ids.join(", "),
                 columns = column_list(table),
             );
-            let tagged = sqlx::query(&sql)
+            let tagged = db::query(&sql)
                 .persistent(false)
                 .fetch_all(&mut *conn)
                 .await?;
@@ -321,11 +321,11 @@ async fn tag_rows(
 /// Tags the rows written before rows were audited (`audit_seq` 0, set by migration 0009)
 /// with entry `seq` and returns that entry, covering them all with one digest; `None`
 /// when there are none.
-async fn adopt(conn: &mut AnyConnection, seq: i64) -> Result<Option<Entry>> {
+async fn adopt(conn: &mut Db<'_>, seq: i64) -> Result<Option<Entry>> {
     let mut digest = AdoptionDigest::default();
     for table in Table::ALL {
         let t = table.sql();
-        sqlx::query(&format!(
+        db::query(&format!(
             "UPDATE {t} SET audit_seq = $1 WHERE audit_seq = 0"
         ))
         .bind(seq)
@@ -335,9 +335,8 @@ async fn adopt(conn: &mut AnyConnection, seq: i64) -> Result<Option<Entry>> {
             "SELECT {} FROM {t} WHERE audit_seq = $1 ORDER BY id",
             column_list(table)
         );
-        let mut rows = sqlx::query(&sql).bind(seq).fetch(&mut *conn);
-        while let Some(row) = rows.next().await {
-            let (_, hash) = hash_row(table, &row?, 0).map_err(|e| corrupt(table, e))?;
+        for row in db::query(&sql).bind(seq).fetch_all(&mut *conn).await? {
+            let (_, hash) = hash_row(table, &row, 0).map_err(|e| corrupt(table, e))?;
             digest.add(table, &hash);
         }
     }
@@ -666,7 +665,7 @@ async fn check_rows(
         );
         let mut stream = sqlx::query(&sql).bind(first).bind(last).fetch(&mut *conn);
         while let Some(row) = stream.next().await {
-            let row = row?;
+            let row = db::Row::Any(row?);
             let (id, hash) = match hash_row(table, &row, 1) {
                 Ok(hashed) => hashed,
                 Err((id, column)) => {
@@ -674,7 +673,7 @@ async fn check_rows(
                     return Ok(Err(Broken::RowUnreadable { table, id, column }));
                 }
             };
-            let Ok(seq) = row.try_get::<i64, _>(0) else {
+            let Ok(seq) = row.try_get::<i64>(0) else {
                 return Ok(Err(Broken::RowUnreadable {
                     table,
                     id,

@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::db::{self, Db, Row};
 use chrono::{DateTime, Utc};
-use sqlx::{AnyConnection, Row};
 
 use super::{
     ROWS_PER_STATEMENT, Result, StoreError, consent_model, from_millis, millis, placeholders,
@@ -68,11 +68,11 @@ pub struct StoredCase {
 
 /// The consent history of a patient in a registry.
 pub async fn load_consent(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<Vec<ConsentEvent>> {
-    let rows = sqlx::query(
+    let rows = db::query(
         "SELECT id, scope, state, given_at, expires_at FROM consent_events \
          WHERE registry_id = $1 AND pseudonym = $2 ORDER BY id",
     )
@@ -85,7 +85,7 @@ pub async fn load_consent(
 
 /// A `consent_events` row read as `id, scope, state, given_at, expires_at` from column
 /// `at` on.
-fn event_from_row(r: &sqlx::any::AnyRow, at: usize) -> Result<ConsentEvent> {
+fn event_from_row(r: &Row, at: usize) -> Result<ConsentEvent> {
     let scope: String = r.try_get(at + 1)?;
     let state: String = r.try_get(at + 2)?;
     Ok(ConsentEvent {
@@ -96,7 +96,7 @@ fn event_from_row(r: &sqlx::any::AnyRow, at: usize) -> Result<ConsentEvent> {
             .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
         given_at: from_millis(r.try_get(at + 3)?)?,
         expires_at: r
-            .try_get::<Option<i64>, _>(at + 4)?
+            .try_get::<Option<i64>>(at + 4)?
             .map(from_millis)
             .transpose()?,
     })
@@ -124,7 +124,7 @@ fn by_registry<'a>(patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<&'a str>)> {
 /// first as [`load_consent`] gives it: one statement per registry and chunk instead of
 /// one per patient. Patients with no history are absent.
 pub(crate) async fn load_consent_many(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     patients: &[(i64, &str)],
 ) -> Result<HashMap<(i64, String), Vec<ConsentEvent>>> {
     let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
@@ -134,7 +134,7 @@ pub(crate) async fn load_consent_many(
              WHERE registry_id = $1 AND pseudonym IN ({}) ORDER BY id",
             placeholders(2, pseudonyms.len())
         );
-        let mut query = sqlx::query(&sql)
+        let mut query = db::query(&sql)
             .persistent(super::cacheable(pseudonyms.len()))
             .bind(registry_id);
         for pseudonym in &pseudonyms {
@@ -155,7 +155,7 @@ pub(crate) async fn load_consent_many(
 /// The (registry id, pseudonym, centre id) of every case of the patients: one statement
 /// per registry and chunk.
 pub(crate) async fn cases_of_many(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     patients: &[(i64, &str)],
 ) -> Result<HashSet<(i64, String, i64)>> {
     let mut found = HashSet::new();
@@ -164,7 +164,7 @@ pub(crate) async fn cases_of_many(
             "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym IN ({})",
             placeholders(2, pseudonyms.len())
         );
-        let mut query = sqlx::query(&sql)
+        let mut query = db::query(&sql)
             .persistent(super::cacheable(pseudonyms.len()))
             .bind(registry_id);
         for pseudonym in &pseudonyms {
@@ -195,7 +195,7 @@ pub(crate) struct NewDecision<'a> {
 /// one upsert may not touch a `consent_current` row twice. (An attestation names each
 /// scope at most once, and the writer puts one command per patient in a run.)
 pub(crate) async fn append_consent_many(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     decisions: &[NewDecision<'_>],
 ) -> Result<Vec<i64>> {
     const COLUMNS: usize = 10;
@@ -207,7 +207,7 @@ pub(crate) async fn append_consent_many(
              VALUES {} RETURNING id, registry_id, pseudonym, scope",
             values_rows(chunk.len(), COLUMNS)
         );
-        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
         for d in chunk {
             query = query
                 .bind(d.registry_id)
@@ -262,7 +262,7 @@ pub(crate) struct NewCase<'a> {
 /// table and chunk. Returns the case ids in the order of `cases`, paired by the table's
 /// unique key (registry, patient, centre).
 pub(crate) async fn insert_cases_many(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     cases: &[NewCase<'_>],
 ) -> Result<Vec<i64>> {
     const COLUMNS: usize = 5;
@@ -287,7 +287,7 @@ pub(crate) async fn insert_cases_many(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
         for c in chunk {
             query = query
                 .bind(c.registry_id)
@@ -320,10 +320,7 @@ pub(crate) async fn insert_cases_many(
 }
 
 /// Version 1 of each new case, and its genes: one multi-row `INSERT` per table.
-async fn insert_first_versions(
-    conn: &mut AnyConnection,
-    cases: &[(i64, &NewCase<'_>)],
-) -> Result<()> {
+async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)]) -> Result<()> {
     const COLUMNS: usize = 25;
     let sql = format!(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, \
@@ -334,7 +331,7 @@ async fn insert_first_versions(
          VALUES {}",
         values_rows(cases.len(), COLUMNS)
     );
-    let mut query = sqlx::query(&sql).persistent(super::cacheable(cases.len()));
+    let mut query = db::query(&sql).persistent(super::cacheable(cases.len()));
     for (case_id, c) in cases {
         let row = c.row;
         query = query
@@ -387,7 +384,7 @@ async fn insert_first_versions(
 
 /// Appends one decision to the patient's consent history; returns its id.
 pub(crate) async fn append_consent(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     decision: &ConsentDecision,
@@ -395,7 +392,7 @@ pub(crate) async fn append_consent(
     source: Source,
     now: DateTime<Utc>,
 ) -> Result<i64> {
-    let row = sqlx::query(
+    let row = db::query(
         "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, form_version, \
                                      expires_at, recorded_by, recorded_at, source) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
@@ -421,13 +418,13 @@ pub(crate) async fn append_consent(
 /// Sets the research eligibility of the patient's research row (if it has one): what
 /// the consent rules make of the decisions in force (`store::writer::ConsentRules`).
 pub(crate) async fn set_eligibility(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     eligible: bool,
     until: Option<DateTime<Utc>>,
 ) -> Result<()> {
-    sqlx::query(
+    db::query(
         "UPDATE patients SET eligible = $1, eligible_until = $2 \
          WHERE registry_id = $3 AND pseudonym = $4",
     )
@@ -453,7 +450,7 @@ pub struct Representative<'a> {
 
 /// Makes `r` (just written) what represents the patient in research counts.
 pub(crate) async fn set_representative(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     r: Representative<'_>,
@@ -467,7 +464,7 @@ pub(crate) async fn set_representative(
         eligible_until,
     } = r;
     let until = eligible_until.map(millis);
-    sqlx::query(
+    db::query(
         "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                orphacode, sex, status, diagnosis_year, onset_age_days, \
                                diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
@@ -510,7 +507,7 @@ pub(crate) async fn set_representative(
 /// `case_phenotypes`): one multi-row `INSERT` per chunk. `table` and `column` are
 /// literals of the callers, never input.
 async fn insert_first_version_values(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     table: &str,
     column: &str,
     values: &[(i64, &str)],
@@ -523,7 +520,7 @@ async fn insert_first_version_values(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
         for (case_id, value) in chunk {
             query = query.bind(*case_id).bind(*value);
         }
@@ -535,7 +532,7 @@ async fn insert_first_version_values(
 /// [`set_representative`] for many patients at once (no patient twice): one multi-row
 /// upsert per chunk.
 pub(crate) async fn set_representatives_many(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     representatives: &[(i64, &str, Representative<'_>)],
 ) -> Result<()> {
     const COLUMNS: usize = 16;
@@ -572,7 +569,7 @@ pub(crate) async fn set_representatives_many(
                  eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
-        let mut query = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
         for (registry_id, pseudonym, r) in chunk {
             let row = r.row;
             query = query
@@ -609,12 +606,12 @@ fn genes_column(row: &CaseRow) -> String {
 
 /// The case of `centre_id` for this patient: (case id, current version).
 pub(crate) async fn find_case(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     centre_id: i64,
 ) -> Result<Option<(i64, i64)>> {
-    let row = sqlx::query(
+    let row = db::query(
         "SELECT id, current_version FROM cases WHERE registry_id = $1 AND pseudonym = $2 AND centre_id = $3",
     )
     .bind(registry_id)
@@ -629,7 +626,7 @@ pub(crate) async fn find_case(
 /// ([`insert_cases_many`]); kept for the benches' per-row raw insert (`writer_sql`).
 #[cfg(feature = "fixtures")]
 pub(crate) async fn insert_case(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     centre_id: i64,
@@ -637,7 +634,7 @@ pub(crate) async fn insert_case(
     row: &CaseRow,
     now: DateTime<Utc>,
 ) -> Result<i64> {
-    let case_id: i64 = sqlx::query(
+    let case_id: i64 = db::query(
         "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, updated_at) \
          VALUES ($1, $2, $3, 1, $4, $4) RETURNING id",
     )
@@ -654,14 +651,14 @@ pub(crate) async fn insert_case(
 
 /// Stores `row` as `version` of the case and makes it current.
 pub(crate) async fn insert_version(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     case_id: i64,
     version: i64,
     recorded_by: i64,
     row: &CaseRow,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    sqlx::query(
+    db::query(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, sex, \
              status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, orphacode, \
              diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, genetic_findings, diagnosis_year, \
@@ -698,7 +695,7 @@ pub(crate) async fn insert_version(
     .await?;
     // The HPO terms too, for research questions along the ontology (the reference SQL).
     for term in row.hpo_terms.split(' ').filter(|t| !t.is_empty()) {
-        sqlx::query("INSERT INTO case_phenotypes (case_id, version, term) VALUES ($1, $2, $3)")
+        db::query("INSERT INTO case_phenotypes (case_id, version, term) VALUES ($1, $2, $3)")
             .bind(case_id)
             .bind(version)
             .bind(term)
@@ -706,7 +703,7 @@ pub(crate) async fn insert_version(
             .await?;
     }
     for gene in &row.genes {
-        sqlx::query("INSERT INTO case_genes (case_id, version, gene) VALUES ($1, $2, $3)")
+        db::query("INSERT INTO case_genes (case_id, version, gene) VALUES ($1, $2, $3)")
             .bind(case_id)
             .bind(version)
             .bind(gene.as_str())
@@ -714,7 +711,7 @@ pub(crate) async fn insert_version(
             .await?;
     }
     if version > 1 {
-        sqlx::query("UPDATE cases SET current_version = $1, updated_at = $2 WHERE id = $3")
+        db::query("UPDATE cases SET current_version = $1, updated_at = $2 WHERE id = $3")
             .bind(version)
             .bind(millis(now))
             .bind(case_id)
@@ -727,7 +724,7 @@ pub(crate) async fn insert_version(
 /// Reads back the case of `centre_id` for a patient, only while REGISTRY_INCLUSION is in
 /// force at `now` (checked in the same statement). With `history`, every version.
 pub async fn get_case(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     centre_id: i64,
@@ -748,7 +745,7 @@ pub async fn get_case(
          ORDER BY v.version",
         consent_model::active_in_history("c", Scope::RegistryInclusion, "$4")
     );
-    let rows = sqlx::query(&sql)
+    let rows = db::query(&sql)
         .bind(registry_id)
         .bind(pseudonym)
         .bind(centre_id)
@@ -778,7 +775,7 @@ pub async fn get_case(
                 first_contact_date: r.try_get(9)?,
                 onset_kind: r.try_get(10)?,
                 onset_date: r.try_get(11)?,
-                undiagnosed: r.try_get::<i64, _>(12)? != 0,
+                undiagnosed: r.try_get::<i64>(12)? != 0,
                 orphacode: r.try_get(13)?,
                 diagnosis_date: r.try_get(14)?,
                 icd10: r.try_get(15)?,

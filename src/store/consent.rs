@@ -4,8 +4,8 @@
 //! from, so there is no instant at which the withdrawal is on file and the record still
 //! exists, nor the other way round.
 
+use super::db::{self, Db};
 use chrono::{DateTime, Utc};
-use sqlx::{AnyConnection, Row};
 
 use super::{Result, StoreError, from_millis, millis};
 use crate::consent::{Decision, Scope};
@@ -61,11 +61,11 @@ pub struct ConsentRecord {
 
 /// The full consent history of a patient in a registry, in the order recorded.
 pub async fn history(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<Vec<ConsentRecord>> {
-    let rows = sqlx::query(
+    let rows = db::query(
         "SELECT e.id, e.scope, e.state, e.given_at, e.form_version, e.expires_at, e.recorded_at, \
                 p.name, e.source, p.id, p.centre_id \
          FROM consent_events e JOIN principals p ON p.id = e.recorded_by \
@@ -87,10 +87,7 @@ pub async fn history(
                     .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
                 given_at: from_millis(r.try_get(3)?)?,
                 form_version: r.try_get(4)?,
-                expires_at: r
-                    .try_get::<Option<i64>, _>(5)?
-                    .map(from_millis)
-                    .transpose()?,
+                expires_at: r.try_get::<Option<i64>>(5)?.map(from_millis).transpose()?,
                 recorded_at: from_millis(r.try_get(6)?)?,
                 recorded_by: r.try_get(7)?,
                 source: r.try_get(8)?,
@@ -103,26 +100,26 @@ pub async fn history(
 
 /// Whether any centre holds a record of this patient in the registry.
 pub(crate) async fn has_cases(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<bool> {
-    let row = sqlx::query("SELECT COUNT(*) FROM cases WHERE registry_id = $1 AND pseudonym = $2")
+    let row = db::query("SELECT COUNT(*) FROM cases WHERE registry_id = $1 AND pseudonym = $2")
         .bind(registry_id)
         .bind(pseudonym)
         .fetch_one(&mut *conn)
         .await?;
-    Ok(row.try_get::<i64, _>(0)? > 0)
+    Ok(row.try_get::<i64>(0)? > 0)
 }
 
 /// Deletes every case of the patient in the registry with all versions and gene rows.
 /// Returns (cases, versions) erased.
 pub(crate) async fn erase_patient(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<(i64, i64)> {
-    let counts = sqlx::query(
+    let counts = db::query(
         "SELECT COUNT(DISTINCT c.id), COUNT(v.version) FROM cases c \
          LEFT JOIN case_versions v ON v.case_id = c.id \
          WHERE c.registry_id = $1 AND c.pseudonym = $2",
@@ -139,7 +136,7 @@ pub(crate) async fn erase_patient(
         "DELETE FROM case_versions WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
         "DELETE FROM cases WHERE registry_id = $1 AND pseudonym = $2",
     ] {
-        sqlx::query(sql)
+        db::query(sql)
             .bind(registry_id)
             .bind(pseudonym)
             .execute(&mut *conn)
@@ -168,7 +165,7 @@ pub struct Erasure {
 /// Inserts a tombstone; returns its id (the audit entry of the withdrawal covers it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert_erasure(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     receipt_id: &str,
     registry_id: i64,
     pseudonym: &str,
@@ -178,7 +175,7 @@ pub(crate) async fn insert_erasure(
     (cases, versions): (i64, i64),
     consent_event_id: i64,
 ) -> Result<i64> {
-    let row = sqlx::query(
+    let row = db::query(
         "INSERT INTO erasures (receipt_id, registry_id, pseudonym, erased_at, erased_by, reason, \
                                cases_erased, versions_erased, consent_event_id) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
@@ -194,14 +191,11 @@ pub(crate) async fn insert_erasure(
     .bind(consent_event_id)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(row.try_get(0)?)
+    row.try_get(0)
 }
 
-pub async fn erasure_by_receipt(
-    conn: &mut AnyConnection,
-    receipt_id: &str,
-) -> Result<Option<Erasure>> {
-    let row = sqlx::query(
+pub async fn erasure_by_receipt(conn: &mut Db<'_>, receipt_id: &str) -> Result<Option<Erasure>> {
+    let row = db::query(
         "SELECT x.receipt_id, x.registry_id, r.code, x.pseudonym, x.erased_at, p.name, x.reason, \
                 x.cases_erased, x.versions_erased, p.id, p.centre_id \
          FROM erasures x JOIN registries r ON r.id = x.registry_id JOIN principals p ON p.id = x.erased_by \

@@ -32,7 +32,7 @@
 //! `consent_current` and `patients` with the same rule written out by hand (migrations are
 //! frozen); `tests/api/research.rs` checks that backfill against what the writer keeps.
 
-use sqlx::AnyConnection;
+use super::db::{self, Db};
 
 use super::{Result, millis, values_rows};
 use crate::consent::{ConsentDecision, Decision, Scope};
@@ -135,7 +135,7 @@ pub fn research_eligible(alias: &str, now: &str) -> String {
 /// `event_id`: it becomes the scope's row unless the row on file supersedes it. Runs in the
 /// writer's transaction, with the append.
 pub(crate) async fn record_current(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     event_id: i64,
@@ -150,7 +150,7 @@ pub(crate) async fn record_current(
          WHERE {}",
         Order::current("excluded").supersedes(&Order::current("consent_current")),
     );
-    sqlx::query(&sql)
+    db::query(&sql)
         .bind(registry_id)
         .bind(pseudonym)
         .bind(decision.scope.as_str())
@@ -166,7 +166,7 @@ pub(crate) async fn record_current(
 /// [`record_current`] for many decisions just appended, in one multi-row upsert. No two
 /// may share (registry, patient, scope): one statement may not update a row twice.
 pub(crate) async fn record_current_many(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     decisions: &[(i64, &str, i64, &ConsentDecision)],
 ) -> Result<()> {
     if decisions.is_empty() {
@@ -182,7 +182,7 @@ pub(crate) async fn record_current_many(
         values_rows(decisions.len(), 7),
         Order::current("excluded").supersedes(&Order::current("consent_current")),
     );
-    let mut query = sqlx::query(&sql).persistent(super::cacheable(decisions.len()));
+    let mut query = db::query(&sql).persistent(super::cacheable(decisions.len()));
     for (registry_id, pseudonym, event_id, decision) in decisions {
         query = query
             .bind(*registry_id)

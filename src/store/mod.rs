@@ -33,7 +33,7 @@ pub mod writer_sql {
         now: DateTime<Utc>,
     ) -> Result<i64> {
         super::cases::insert_case(
-            conn,
+            &mut conn.into(),
             registry_id,
             pseudonym,
             centre_id,
@@ -54,7 +54,7 @@ pub mod writer_sql {
         now: DateTime<Utc>,
     ) -> Result<i64> {
         super::cases::append_consent(
-            conn,
+            &mut conn.into(),
             registry_id,
             pseudonym,
             decision,
@@ -71,7 +71,8 @@ pub mod writer_sql {
         pseudonym: &str,
         representative: Representative<'_>,
     ) -> Result<()> {
-        super::cases::set_representative(conn, registry_id, pseudonym, representative).await
+        super::cases::set_representative(&mut conn.into(), registry_id, pseudonym, representative)
+            .await
     }
 
     pub async fn set_eligibility(
@@ -81,7 +82,8 @@ pub mod writer_sql {
         eligible: bool,
         until: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        super::cases::set_eligibility(conn, registry_id, pseudonym, eligible, until).await
+        super::cases::set_eligibility(&mut conn.into(), registry_id, pseudonym, eligible, until)
+            .await
     }
 }
 
@@ -92,6 +94,7 @@ pub mod codes;
 pub mod consent;
 pub mod consent_model;
 pub mod console;
+pub mod db;
 pub mod master;
 pub mod purge;
 pub mod research;
@@ -122,6 +125,9 @@ pub enum Backend {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From the SQLite writer's own connection (`db::Db::Lite`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
@@ -149,6 +155,10 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(err) => unreachable_now(err),
+            // SQLite still busy after its busy timeout: another process holds the lock.
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
+                err.code == rusqlite::ErrorCode::DatabaseBusy
+            }
             _ => false,
         }
     }
@@ -305,6 +315,9 @@ pub struct KeyRecord {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The database file, on SQLite (not in memory): the writer opens its own
+    /// connection to it (`writer`).
+    sqlite_path: Option<std::path::PathBuf>,
 }
 
 /// `$from, $from+1, ...`: `n` numbered parameters, for an `IN (...)` list.
@@ -392,7 +405,15 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        let store = Store { pool, backend };
+        let sqlite_path = match backend {
+            Backend::Sqlite => crate::data_dir::sqlite_path(url),
+            Backend::Postgres => None,
+        };
+        let store = Store {
+            pool,
+            backend,
+            sqlite_path,
+        };
         store.durability().await?.check()?;
         Ok(store)
     }
@@ -424,6 +445,33 @@ impl Store {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The SQLite database file; `None` on PostgreSQL and for an in-memory database.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        self.sqlite_path.as_deref()
+    }
+
+    /// A connection of SQLite's own for the writer, with the settings of the pool's
+    /// connections ([`Store::connect`]), checked the same way.
+    pub(crate) fn open_sqlite_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
+             PRAGMA secure_delete = ON;",
+        )?;
+        // Statements of up to `cacheable` rows per table, and the rest of the write path.
+        conn.set_prepared_statement_cache_capacity(128);
+        let durability = Durability::Sqlite {
+            journal_mode: conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
+            synchronous: conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
+        };
+        durability.check()?;
+        Ok(conn)
     }
 
     pub async fn close(&self) {

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::{AnyConnection, Executor, Row};
 use tokio_stream::StreamExt;
 
+use super::db::{self, Db};
 use super::placeholders;
 use super::{Backend, Result, Store, StoreError};
 
@@ -512,7 +513,7 @@ pub(super) struct Before(BTreeMap<(i64, String), i64>);
 
 /// Reads the slots of `patients` (registry, pseudonym), inside the writer's transaction.
 pub(super) async fn slots_before(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     patients: &BTreeSet<(i64, &str)>,
 ) -> Result<Before> {
     let mut before = Before::default();
@@ -527,7 +528,7 @@ pub(super) async fn slots_before(
 /// (registry, pseudonym) → slot (NULL: a row created in this transaction) of the research
 /// rows of `patients` that exist.
 async fn slots_of(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     patients: &BTreeSet<(i64, &str)>,
 ) -> Result<Vec<((i64, String), Option<i64>)>> {
     let mut by_registry: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
@@ -541,7 +542,7 @@ async fn slots_of(
                 "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym IN ({})",
                 placeholders(2, chunk.len())
             );
-            let mut q = sqlx::query(&sql).persistent(false).bind(registry_id);
+            let mut q = db::query(&sql).persistent(false).bind(registry_id);
             for p in chunk {
                 q = q.bind(*p);
             }
@@ -557,7 +558,7 @@ async fn slots_of(
 /// of `changed` (registry, pseudonym): gives new rows their slots and logs every slot
 /// touched, under the change counter's lock (module doc).
 pub(super) async fn log_changes(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     before: &Before,
     changed: &BTreeSet<(i64, &str)>,
 ) -> Result<()> {
@@ -585,7 +586,7 @@ pub(super) async fn log_changes(
         return Ok(());
     }
     // The lock: held to the commit (module doc).
-    let row = sqlx::query(
+    let row = db::query(
         "UPDATE research_seq SET seq = seq + $1 WHERE id = 1 RETURNING seq, pruned_through",
     )
     .bind(count as i64)
@@ -594,7 +595,7 @@ pub(super) async fn log_changes(
     let (last, pruned_through): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
     for (registry_id, pseudonyms) in unnumbered {
         let largest: Option<i64> =
-            sqlx::query("SELECT MAX(slot) FROM patients WHERE registry_id = $1")
+            db::query("SELECT MAX(slot) FROM patients WHERE registry_id = $1")
                 .bind(registry_id)
                 .fetch_one(&mut *conn)
                 .await?
@@ -611,7 +612,7 @@ pub(super) async fn log_changes(
                  WHERE patients.registry_id = n.registry_id AND patients.pseudonym = n.pseudonym",
                 placeholders(3, chunk.len())
             );
-            let mut q = sqlx::query(&sql)
+            let mut q = db::query(&sql)
                 .persistent(false)
                 .bind(registry_id)
                 .bind(next);
@@ -642,7 +643,7 @@ pub(super) async fn log_changes(
             "INSERT INTO research_log (seq, registry_id, slot) VALUES {}",
             values.join(", ")
         );
-        let mut q = sqlx::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut q = db::query(&sql).persistent(super::cacheable(chunk.len()));
         for &(registry_id, slot) in chunk {
             seq += 1;
             q = q.bind(seq).bind(registry_id).bind(slot);
@@ -652,11 +653,11 @@ pub(super) async fn log_changes(
     if last / PRUNE_EVERY > (last - count as i64) / PRUNE_EVERY && last - LOG_KEPT > pruned_through
     {
         let through = last - LOG_KEPT;
-        sqlx::query("DELETE FROM research_log WHERE seq <= $1")
+        db::query("DELETE FROM research_log WHERE seq <= $1")
             .bind(through)
             .execute(&mut *conn)
             .await?;
-        sqlx::query("UPDATE research_seq SET pruned_through = $1 WHERE id = 1")
+        db::query("UPDATE research_seq SET pruned_through = $1 WHERE id = 1")
             .bind(through)
             .execute(&mut *conn)
             .await?;
@@ -691,7 +692,7 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<_>>()?;
     let changed: BTreeSet<(i64, &str)> = owned.iter().map(|(r, p)| (*r, p.as_str())).collect();
-    log_changes(&mut tx, &Before::default(), &changed).await?;
+    log_changes(&mut Db::Any(&mut tx), &Before::default(), &changed).await?;
     tx.commit().await?;
     Ok(owned.len() as u64)
 }

@@ -55,13 +55,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
-use sqlx::{AnyConnection, Executor};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
 use super::audit::{self as audit_store, Pending, Wrote};
 use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
+use super::db::Db;
 use super::millis;
 use super::purge::{self, Purger};
 use super::research_index;
@@ -328,12 +328,11 @@ impl Writer {
         let queues = (0..partitions)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let applier = Applier::start(&store, audit.clone(), rules.clone());
                 tokio::spawn(run(
-                    store.clone(),
+                    applier,
                     rx,
                     max_batch,
-                    audit.clone(),
-                    rules.clone(),
                     purger.clone(),
                     after_commit.clone(),
                 ));
@@ -390,12 +389,112 @@ impl Writer {
     }
 }
 
-async fn run(
-    store: Store,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
+/// What applies a writer's batches.
+enum Applier {
+    /// On PostgreSQL (and SQLite in memory): a pooled connection per transaction, on the
+    /// writer task itself.
+    Pool {
+        store: Store,
+        key: Arc<AuditKey>,
+        rules: Arc<dyn ConsentRules>,
+    },
+    /// On a SQLite file: the writer's own connection on a thread of its own
+    /// ([`lite_thread`]), which takes each batch whole and applies it with direct calls
+    /// into the engine. One hand-off per batch, none per statement.
+    Thread(std::sync::mpsc::Sender<(Vec<Job>, oneshot::Sender<Vec<Answer>>)>),
+}
+
+impl Applier {
+    fn start(store: &Store, key: Arc<AuditKey>, rules: Arc<dyn ConsentRules>) -> Applier {
+        let pool = |store: &Store, key, rules| Applier::Pool {
+            store: store.clone(),
+            key,
+            rules,
+        };
+        let Some(path) = store.sqlite_path() else {
+            return pool(store, key, rules);
+        };
+        let conn = match Store::open_sqlite_writer(path) {
+            Ok(conn) => conn,
+            Err(e) => {
+                // The pool's connections work (the store is connected): write through them.
+                error!(error = %e, "the writer's own SQLite connection failed to open; writing through the pool");
+                return pool(store, key, rules);
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("ern-writer".into())
+            .spawn({
+                let (key, rules) = (key.clone(), rules.clone());
+                move || lite_thread(conn, rx, key, rules)
+            });
+        match spawned {
+            Ok(_) => Applier::Thread(tx),
+            Err(e) => {
+                error!(error = %e, "the writer thread failed to start; writing through the pool");
+                pool(store, key, rules)
+            }
+        }
+    }
+
+    async fn apply(&self, jobs: Vec<Job>) -> Vec<Answer> {
+        match self {
+            Applier::Pool { store, key, rules } => {
+                apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await
+            }
+            Applier::Thread(thread) => {
+                let (done, answers) = oneshot::channel();
+                if thread.send((jobs, done)).is_err() {
+                    // The thread is gone (it panicked): the jobs' replies were dropped with
+                    // it, and their callers are told the writer stopped.
+                    error!("the writer thread has stopped");
+                    return Vec::new();
+                }
+                answers.await.unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// The SQLite writer's thread: applies each batch sent to it on its own connection, and
+/// hands the answers back. The write path's code is async (it is shared with PostgreSQL),
+/// but on this connection nothing in it waits: a current-thread runtime drives each
+/// batch to its end in one poll.
+fn lite_thread(
+    mut conn: rusqlite::Connection,
+    batches: std::sync::mpsc::Receiver<(Vec<Job>, oneshot::Sender<Vec<Answer>>)>,
     key: Arc<AuditKey>,
     rules: Arc<dyn ConsentRules>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "the writer thread has no runtime");
+            return;
+        }
+    };
+    while let Ok((jobs, done)) = batches.recv() {
+        let answers = runtime.block_on(apply_jobs(
+            &mut Target::Lite(&mut conn),
+            &key,
+            rules.as_ref(),
+            jobs,
+        ));
+        let _ = done.send(answers);
+    }
+}
+
+/// The connection a batch is applied on.
+enum Target<'a> {
+    Pool(&'a Store),
+    Lite(&'a mut rusqlite::Connection),
+}
+
+async fn run(
+    applier: Applier,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
     purger: Arc<Purger>,
     after_commit: Option<Arc<dyn AfterCommit>>,
 ) {
@@ -420,7 +519,7 @@ async fn run(
         }
         let jobs = std::mem::take(&mut batch);
         let about_patients = jobs.iter().any(|(c, _, _)| !matches!(c, Command::Audit));
-        let answers = apply_jobs(&store, &key, rules.as_ref(), jobs).await;
+        let answers = applier.apply(jobs).await;
         if let (true, Some(hook)) = (about_patients, &after_commit) {
             hook.after_commit().await;
         }
@@ -433,14 +532,14 @@ async fn run(
 
 /// Applies the jobs in one transaction or, if that fails, one transaction each.
 async fn apply_jobs(
-    store: &Store,
+    target: &mut Target<'_>,
     key: &AuditKey,
     rules: &dyn ConsentRules,
     jobs: Vec<Job>,
 ) -> Vec<Answer> {
     let commands: Vec<(&Command, Option<&Entry>)> =
         jobs.iter().map(|(c, a, _)| (c, a.as_ref())).collect();
-    match apply_batch(store, key, rules, &commands).await {
+    match apply_batch(target, key, rules, &commands).await {
         Ok(results) => jobs
             .into_iter()
             .zip(results)
@@ -451,7 +550,7 @@ async fn apply_jobs(
             let mut answers = Vec::with_capacity(1);
             if let Some((command, audit, reply)) = jobs.into_iter().next() {
                 let err = WriteError::Store(err);
-                audit_failure(store, key, &command, audit, &err).await;
+                audit_failure(target, key, &command, audit, &err).await;
                 answers.push(Answer::new(&command, reply, Err(err)));
             }
             answers
@@ -461,12 +560,12 @@ async fn apply_jobs(
             let mut answers = Vec::with_capacity(jobs.len());
             for (command, audit, reply) in jobs {
                 let result =
-                    match apply_batch(store, key, rules, &[(&command, audit.as_ref())]).await {
+                    match apply_batch(target, key, rules, &[(&command, audit.as_ref())]).await {
                         Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
                         Err(err) => {
                             error!(error = %err, "write failed");
                             let err = WriteError::Store(err);
-                            audit_failure(store, key, &command, audit, &err).await;
+                            audit_failure(target, key, &command, audit, &err).await;
                             Err(err)
                         }
                     };
@@ -484,7 +583,7 @@ async fn apply_jobs(
 /// record. If this append fails as well (the database is away, the log refuses writes),
 /// the failure is logged.
 async fn audit_failure(
-    store: &Store,
+    target: &mut Target<'_>,
     key: &AuditKey,
     command: &Command,
     audit: Option<Entry>,
@@ -500,13 +599,74 @@ async fn audit_failure(
         wrote: Wrote::default(),
     }];
     let appended = async {
-        let mut tx = store.pool().begin().await?;
-        audit_store::append(&mut tx, key, &pending).await?;
-        tx.commit().await?;
-        Ok::<(), StoreError>(())
+        let mut tx = Tx::begin(target).await?;
+        match audit_store::append(&mut tx.db(), key, &pending).await {
+            Ok(()) => tx.commit().await,
+            Err(err) => {
+                tx.rollback().await;
+                Err(err)
+            }
+        }
     };
     if let Err(e) = appended.await {
         warn!(error = %e, "audit entry of a failed write not committed");
+    }
+}
+
+/// A write transaction on a [`Target`].
+enum Tx<'a> {
+    Pool(sqlx::Transaction<'static, sqlx::Any>),
+    Lite(&'a mut rusqlite::Connection),
+}
+
+impl Tx<'_> {
+    async fn begin<'a>(target: &'a mut Target<'_>) -> Result<Tx<'a>, StoreError> {
+        Ok(match target {
+            Target::Pool(store) => Tx::Pool(store.pool().begin().await?),
+            Target::Lite(conn) => {
+                // IMMEDIATE: the write lock is taken here, so a statement of the batch
+                // never finds the database taken by another process (the admin CLI)
+                // half-way through.
+                conn.execute_batch("BEGIN IMMEDIATE")?;
+                Tx::Lite(conn)
+            }
+        })
+    }
+
+    fn db(&mut self) -> Db<'_> {
+        match self {
+            Tx::Pool(tx) => Db::Any(tx),
+            Tx::Lite(conn) => Db::Lite(conn),
+        }
+    }
+
+    /// Commits; on failure the transaction is rolled back before the error is returned.
+    async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Tx::Pool(tx) => Ok(tx.commit().await?),
+            Tx::Lite(conn) => {
+                let committed = conn.execute_batch("COMMIT");
+                if committed.is_err() {
+                    Tx::Lite(conn).rollback().await;
+                }
+                Ok(committed?)
+            }
+        }
+    }
+
+    /// Rolled back now, not when sqlx gets round to a dropped transaction: until then its
+    /// connection would keep SQLite's write lock, and the retry of the batch's jobs one by
+    /// one, on another connection, would find it locked.
+    async fn rollback(self) {
+        let rolled_back = match self {
+            Tx::Pool(tx) => tx.rollback().await.map_err(StoreError::from),
+            // A failed statement may have ended the transaction already.
+            Tx::Lite(conn) if conn.is_autocommit() => Ok(()),
+            Tx::Lite(conn) => conn.execute_batch("ROLLBACK").map_err(StoreError::from),
+        };
+        if let Err(e) = rolled_back {
+            warn!(error = %e, "rollback of a failed write transaction failed");
+        }
     }
 }
 
@@ -545,24 +705,23 @@ async fn deliver(purger: &Purger, answers: Vec<Answer>) {
 /// records the failure: [`audit_failure`]); refusals of single commands are in the `Ok`
 /// vector, and their entries record the refusal.
 async fn apply_batch(
-    store: &Store,
+    target: &mut Target<'_>,
     key: &AuditKey,
     rules: &dyn ConsentRules,
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
-    let mut tx = store.pool().begin().await?;
-    match apply_in(&mut tx, store.backend(), key, rules, commands).await {
+    let backend = match target {
+        Target::Pool(store) => store.backend(),
+        Target::Lite(_) => Backend::Sqlite,
+    };
+    let mut tx = Tx::begin(target).await?;
+    match apply_in(&mut tx.db(), backend, key, rules, commands).await {
         Ok(results) => {
             tx.commit().await?;
             Ok(results)
         }
         Err(err) => {
-            // Rolled back now, not when sqlx gets round to a dropped transaction: until
-            // then its connection would keep SQLite's write lock, and the retry of the
-            // batch's jobs one by one, on another connection, would find it locked.
-            if let Err(e) = tx.rollback().await {
-                warn!(error = %e, "rollback of a failed write transaction failed");
-            }
+            tx.rollback().await;
             Err(err)
         }
     }
@@ -570,7 +729,7 @@ async fn apply_batch(
 
 /// The body of [`apply_batch`], inside its transaction.
 async fn apply_in(
-    tx: &mut AnyConnection,
+    tx: &mut Db<'_>,
     backend: Backend,
     key: &AuditKey,
     rules: &dyn ConsentRules,
@@ -686,7 +845,7 @@ fn patients_of<'a>(
 /// Only commands that read or change a patient's consent or cases lock; an audit-only
 /// batch takes nothing.
 async fn lock_patients(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     backend: Backend,
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<(), StoreError> {
@@ -709,8 +868,7 @@ async fn lock_patients(
     for key in keys {
         let _ = write!(sql, " SELECT pg_advisory_xact_lock('{key}'::bigint);");
     }
-    conn.execute(sql.as_str()).await?;
-    Ok(())
+    conn.execute_raw(&sql).await
 }
 
 /// The advisory-lock key of a patient: the first 8 bytes of SHA-256 over a label, the
@@ -730,7 +888,7 @@ fn patient_lock_key(registry_id: i64, pseudonym: &str) -> i64 {
 
 /// The consent history with the attested decisions appended as if already on file.
 async fn consent_with(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     attested: &[ConsentDecision],
@@ -753,7 +911,7 @@ fn with_attested(events: &mut Vec<ConsentEvent>, attested: &[ConsentDecision]) {
 }
 
 async fn record_attestation(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
     attested: &[ConsentDecision],
@@ -780,7 +938,7 @@ async fn record_attestation(
 
 /// A submission on its own: a run of one ([`submit_run`] holds the rules).
 async fn submit(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     c: &SubmitCase,
     wrote: &mut Wrote,
@@ -814,7 +972,7 @@ fn submit_run_end(commands: &[(&Command, Option<&Entry>)], start: usize) -> usiz
 /// and existing cases are read at once, each submission is decided on its own, and what
 /// the accepted ones write goes in multi-row statements. Answers in the order of `run`.
 async fn submit_run(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     run: &[&SubmitCase],
 ) -> Result<Vec<(Result<Written, WriteError>, Wrote)>, StoreError> {
@@ -914,7 +1072,7 @@ async fn submit_run(
 /// eligibility its consent history gives.
 #[allow(clippy::too_many_arguments)]
 async fn represent(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     registry_id: i64,
     pseudonym: &str,
@@ -943,7 +1101,7 @@ async fn represent(
 }
 
 async fn update(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     c: &UpdateCase,
     wrote: &mut Wrote,
@@ -997,7 +1155,7 @@ async fn update(
 }
 
 async fn record_consent(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     c: &RecordConsent,
     wrote: &mut Wrote,
@@ -1031,7 +1189,7 @@ async fn record_consent(
 }
 
 async fn withdraw(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     c: &Withdraw,
     wrote: &mut Wrote,
@@ -1087,7 +1245,7 @@ async fn withdraw(
 /// Recomputes the research eligibility of the patient's research row (if it has one) from
 /// the decisions on file; after appending consent events without a case write.
 async fn refresh_eligibility(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
     registry_id: i64,
     pseudonym: &str,

@@ -16,6 +16,7 @@
 //!
 //! Runs on SQLite, and on PostgreSQL with `ERN_TEST_DATABASE_URL` (`scripts/test`).
 
+use ern_registry::store::db::Db;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -173,7 +174,7 @@ impl Model {
             .unwrap();
         tx.commit().await.unwrap();
         let mut conn = self.store.pool().acquire().await.unwrap();
-        let loaded = cases::load_consent(&mut conn, self.registry_id, &pseudonym)
+        let loaded = cases::load_consent(&mut Db::Any(&mut conn), self.registry_id, &pseudonym)
             .await
             .unwrap();
         assert_eq!(loaded, events, "the history reads back as written");
@@ -216,7 +217,7 @@ impl Model {
             .unwrap();
         let at = |i: usize| row.try_get::<i64, _>(i).unwrap() == 1;
         let case_read = cases::get_case(
-            &mut conn,
+            &mut Db::Any(&mut conn),
             self.registry_id,
             &p.pseudonym,
             self.centre_id,

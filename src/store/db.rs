@@ -1,0 +1,310 @@
+//! The connection the write path runs its statements on: a pooled sqlx connection (any
+//! reader, and the writer on PostgreSQL), or the SQLite writer's own rusqlite connection
+//! on its own thread (`super::writer`), where a statement is a direct call into the
+//! engine with no hand-off between threads.
+//!
+//! The repositories of the write path (`cases`, `consent`, `consent_model`, `audit`,
+//! `research_index`) are written once against [`Db`], with the same SQL for both: numbered
+//! parameters (`$1`), bound here by their number on either driver. Values are the ones the
+//! schema stores on both databases: integers (times in milliseconds, flags 0/1), text,
+//! blobs. On [`Db::Lite`] every future completes at its first poll: the statements run
+//! synchronously on the writer's thread.
+
+use rusqlite::types::{Value, ValueRef};
+use sqlx::any::AnyRow;
+use sqlx::{Any, AnyConnection, Executor, Row as _};
+
+use super::{Result, StoreError};
+
+/// A connection, or a transaction on one.
+pub enum Db<'c> {
+    Any(&'c mut AnyConnection),
+    Lite(&'c mut rusqlite::Connection),
+}
+
+impl<'c> Db<'c> {
+    /// Runs `sql`, which may hold several statements and takes no parameters.
+    pub async fn execute_raw(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Db::Any(conn) => {
+                conn.execute(sql).await?;
+            }
+            Db::Lite(conn) => conn.execute_batch(sql)?,
+        }
+        Ok(())
+    }
+
+    /// A shorter-lived handle on the same connection.
+    pub fn reborrow(&mut self) -> Db<'_> {
+        match self {
+            Db::Any(conn) => Db::Any(conn),
+            Db::Lite(conn) => Db::Lite(conn),
+        }
+    }
+}
+
+impl<'c> From<&'c mut AnyConnection> for Db<'c> {
+    fn from(conn: &'c mut AnyConnection) -> Self {
+        Db::Any(conn)
+    }
+}
+
+/// A parameter value. NULLs keep their type: PostgreSQL types a parameter by what is
+/// bound to it.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Blob(Option<Vec<u8>>),
+    Bool(Option<bool>),
+}
+
+pub trait IntoArg {
+    fn into_arg(self) -> Arg;
+}
+
+macro_rules! into_arg {
+    ($($t:ty => $variant:ident($conv:expr)),* $(,)?) => {
+        $(
+            impl IntoArg for $t {
+                fn into_arg(self) -> Arg {
+                    #[allow(clippy::redundant_closure_call)]
+                    Arg::$variant(Some(($conv)(self)))
+                }
+            }
+            impl IntoArg for Option<$t> {
+                fn into_arg(self) -> Arg {
+                    #[allow(clippy::redundant_closure_call)]
+                    Arg::$variant(self.map($conv))
+                }
+            }
+        )*
+    };
+}
+
+into_arg! {
+    i64 => Int(|v| v),
+    i32 => Int(i64::from),
+    bool => Bool(|v| v),
+    String => Text(|v| v),
+    &String => Text(|v: &String| v.clone()),
+    &str => Text(str::to_owned),
+    Vec<u8> => Blob(|v| v),
+    &Vec<u8> => Blob(|v: &Vec<u8>| v.clone()),
+    &[u8] => Blob(<[u8]>::to_vec),
+}
+
+/// A statement with its parameters, run by [`Query::execute`] or a `fetch_*`.
+pub struct Query<'q> {
+    sql: &'q str,
+    args: Vec<Arg>,
+    persistent: bool,
+}
+
+/// A statement, prepared once per connection and kept (see [`Query::persistent`]).
+pub fn query(sql: &str) -> Query<'_> {
+    Query {
+        sql,
+        args: Vec::new(),
+        persistent: true,
+    }
+}
+
+/// What a statement changed.
+#[derive(Debug, Clone, Copy)]
+pub struct Done {
+    rows_affected: u64,
+}
+
+impl Done {
+    pub fn rows_affected(&self) -> u64 {
+        self.rows_affected
+    }
+}
+
+impl<'q> Query<'q> {
+    /// Binds the next numbered parameter.
+    pub fn bind(mut self, value: impl IntoArg) -> Self {
+        self.args.push(value.into_arg());
+        self
+    }
+
+    /// Whether the prepared statement is kept in the connection's cache (see
+    /// `super::cacheable`).
+    pub fn persistent(mut self, keep: bool) -> Self {
+        self.persistent = keep;
+        self
+    }
+
+    fn sqlx(&self) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+        let mut q = sqlx::query(self.sql).persistent(self.persistent);
+        for arg in &self.args {
+            q = match arg.clone() {
+                Arg::Int(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+                Arg::Blob(v) => q.bind(v),
+                Arg::Bool(v) => q.bind(v),
+            };
+        }
+        q
+    }
+
+    pub async fn execute(self, db: &mut Db<'_>) -> Result<Done> {
+        match db {
+            Db::Any(conn) => {
+                let done = self.sqlx().execute(&mut **conn).await?;
+                Ok(Done {
+                    rows_affected: done.rows_affected(),
+                })
+            }
+            Db::Lite(conn) => {
+                let (_, rows_affected) = self.run_lite(conn, false)?;
+                Ok(Done { rows_affected })
+            }
+        }
+    }
+
+    pub async fn fetch_all(self, db: &mut Db<'_>) -> Result<Vec<Row>> {
+        match db {
+            Db::Any(conn) => Ok(self
+                .sqlx()
+                .fetch_all(&mut **conn)
+                .await?
+                .into_iter()
+                .map(Row::Any)
+                .collect()),
+            Db::Lite(conn) => Ok(self.run_lite(conn, true)?.0),
+        }
+    }
+
+    pub async fn fetch_optional(self, db: &mut Db<'_>) -> Result<Option<Row>> {
+        Ok(self.fetch_all(db).await?.into_iter().next())
+    }
+
+    pub async fn fetch_one(self, db: &mut Db<'_>) -> Result<Row> {
+        self.fetch_optional(db)
+            .await?
+            .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// Runs the statement on the engine directly; its rows when `rows`, and the number
+    /// of rows it changed.
+    fn run_lite(&self, conn: &rusqlite::Connection, rows: bool) -> Result<(Vec<Row>, u64)> {
+        if self.persistent {
+            let mut stmt = conn.prepare_cached(self.sql)?;
+            bind_and_step(conn, &mut stmt, &self.args, rows)
+        } else {
+            // Not cached: finalised when dropped, like sqlx's non-persistent statements.
+            let mut stmt = conn.prepare(self.sql)?;
+            bind_and_step(conn, &mut stmt, &self.args, rows)
+        }
+    }
+}
+
+/// Binds `args` by the parameters' numbers (`$3` takes the third, wherever it appears;
+/// an unnumbered `?` takes its position) and steps the statement to its end.
+fn bind_and_step(
+    conn: &rusqlite::Connection,
+    stmt: &mut rusqlite::Statement<'_>,
+    args: &[Arg],
+    rows: bool,
+) -> Result<(Vec<Row>, u64)> {
+    for index in 1..=stmt.parameter_count() {
+        let number = stmt
+            .parameter_name(index)
+            .and_then(|name| name.strip_prefix(['$', '?']))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(index);
+        let arg = args.get(number - 1).ok_or_else(|| {
+            StoreError::Corrupt(format!("statement parameter ${number} has no value bound"))
+        })?;
+        match arg {
+            Arg::Int(v) => stmt.raw_bind_parameter(index, v)?,
+            Arg::Text(v) => stmt.raw_bind_parameter(index, v)?,
+            Arg::Blob(v) => stmt.raw_bind_parameter(index, v)?,
+            Arg::Bool(v) => stmt.raw_bind_parameter(index, v.map(i64::from))?,
+        }
+    }
+    let columns = stmt.column_count();
+    let mut out = Vec::new();
+    let mut cursor = stmt.raw_query();
+    while let Some(row) = cursor.next()? {
+        if rows {
+            let mut values = Vec::with_capacity(columns);
+            for c in 0..columns {
+                values.push(Value::from(row.get_ref(c)?));
+            }
+            out.push(Row::Lite(values));
+        }
+    }
+    drop(cursor);
+    Ok((out, conn.changes()))
+}
+
+/// A result row of either driver.
+pub enum Row {
+    Any(AnyRow),
+    Lite(Vec<Value>),
+}
+
+impl Row {
+    /// Column `index` as a `T`.
+    pub fn try_get<T: Decode>(&self, index: usize) -> Result<T> {
+        match self {
+            Row::Any(row) => Ok(row.try_get::<T, _>(index)?),
+            Row::Lite(values) => {
+                let value = values.get(index).ok_or_else(|| {
+                    StoreError::Database(sqlx::Error::ColumnIndexOutOfBounds {
+                        index,
+                        len: values.len(),
+                    })
+                })?;
+                T::from_lite(value.into()).map_err(|expected| {
+                    StoreError::Database(sqlx::Error::ColumnDecode {
+                        index: index.to_string(),
+                        source: format!("expected {expected}").into(),
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// A column type readable from both drivers.
+pub trait Decode: Sized + for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> {
+    /// The value of an engine column, or what was expected instead.
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str>;
+}
+
+impl Decode for i64 {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        value.as_i64().map_err(|_| "an integer")
+    }
+}
+
+impl Decode for bool {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        value.as_i64().map(|v| v != 0).map_err(|_| "a boolean")
+    }
+}
+
+impl Decode for String {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        value.as_str().map(str::to_owned).map_err(|_| "UTF-8 text")
+    }
+}
+
+impl Decode for Vec<u8> {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        value.as_blob().map(<[u8]>::to_vec).map_err(|_| "a blob")
+    }
+}
+
+impl<T: Decode> Decode for Option<T> {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        match value {
+            ValueRef::Null => Ok(None),
+            other => T::from_lite(other).map(Some),
+        }
+    }
+}
