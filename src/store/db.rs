@@ -270,7 +270,8 @@ impl Row {
     }
 }
 
-/// A column type readable from both drivers.
+/// A column type readable from both drivers. Flags are read as integers (0/1): sqlx's
+/// `Any` driver does not read an integer column as a `bool`.
 pub trait Decode: Sized + for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> {
     /// The value of an engine column, or what was expected instead.
     fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str>;
@@ -279,12 +280,6 @@ pub trait Decode: Sized + for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any> {
 impl Decode for i64 {
     fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
         value.as_i64().map_err(|_| "an integer")
-    }
-}
-
-impl Decode for bool {
-    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
-        value.as_i64().map(|v| v != 0).map_err(|_| "a boolean")
     }
 }
 
@@ -306,5 +301,102 @@ impl<T: Decode> Decode for Option<T> {
             ValueRef::Null => Ok(None),
             other => T::from_lite(other).map(Some),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// The same statements through both connections give the same answers: parameters
+    /// bound by number (out of order, used twice), typed NULLs, flags, blobs, RETURNING,
+    /// rows changed, uncached statements, and a value of the wrong type refused.
+    #[tokio::test]
+    async fn both_connections_answer_alike() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut any = AnyConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT NOT NULL, b INTEGER, \
+             flag INTEGER NOT NULL, data BLOB)",
+        )
+        .execute(&mut any)
+        .await
+        .unwrap();
+        let mut lite = rusqlite::Connection::open(&path).unwrap();
+        let mut answers = Vec::new();
+        for (round, db) in [Db::Any(&mut any), Db::Lite(&mut lite)]
+            .iter_mut()
+            .enumerate()
+        {
+            let base = 10 * round as i64;
+            let inserted = query(
+                "INSERT INTO t (id, a, b, flag, data) VALUES ($2, $1, $3, $4, $5), \
+                 ($2 + 1, $1, NULL, $4, NULL) RETURNING id, a",
+            )
+            .bind("text")
+            .bind(base + 1)
+            .bind(None::<i64>)
+            .bind(true)
+            .bind(vec![0u8, 255])
+            .persistent(false)
+            .fetch_all(db)
+            .await
+            .unwrap();
+            let ids: Vec<(i64, String)> = inserted
+                .iter()
+                .map(|r| (r.try_get::<i64>(0).unwrap() - base, r.try_get(1).unwrap()))
+                .collect();
+            let done = query("UPDATE t SET b = $1 WHERE id > $2 AND id <= $2 + 2")
+                .bind(7i64)
+                .bind(base)
+                .execute(db)
+                .await
+                .unwrap();
+            let row = query("SELECT a, b, flag, data FROM t WHERE id = $1")
+                .bind(base + 1)
+                .fetch_one(db)
+                .await
+                .unwrap();
+            let read: (String, Option<i64>, i64, Option<Vec<u8>>) = (
+                row.try_get(0).unwrap(),
+                row.try_get(1).unwrap(),
+                row.try_get(2).unwrap(),
+                row.try_get(3).unwrap(),
+            );
+            assert!(row.try_get::<i64>(0).is_err(), "text read as an integer");
+            let none = query("SELECT a FROM t WHERE id = $1")
+                .bind(-1i64)
+                .fetch_optional(db)
+                .await
+                .unwrap();
+            answers.push((ids, done.rows_affected(), read, none.is_none()));
+        }
+        assert_eq!(answers[0], answers[1]);
+        assert_eq!(
+            answers[0],
+            (
+                vec![(1, "text".to_string()), (2, "text".to_string())],
+                2,
+                ("text".to_string(), Some(7), 1, Some(vec![0u8, 255])),
+                true
+            )
+        );
+    }
+
+    /// A parameter with no value bound is an error, not a NULL.
+    #[tokio::test]
+    async fn a_missing_parameter_is_an_error() {
+        let mut lite = rusqlite::Connection::open_in_memory().unwrap();
+        let err = query("SELECT $1, $2")
+            .bind(1i64)
+            .fetch_all(&mut Db::Lite(&mut lite))
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("$2"), "{err}");
     }
 }

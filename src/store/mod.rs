@@ -1,11 +1,12 @@
 //! Persistence: one SQL schema on SQLite (embedded default) and PostgreSQL (production).
 //!
-//! Both databases are reached through sqlx's `Any` driver, so every query is written once,
-//! in the common subset of both dialects (`$1` placeholders, integer milliseconds for
-//! instants, text for dates); the schema itself is kept per dialect under `migrations/`.
-//! Reads go straight to the pool. Writes of clinical data and consent go through the
-//! [`writer::Writer`], which batches concurrent requests into one transaction (group
-//! commit) and answers each only after the commit is durable.
+//! Every query is written once, in the common subset of both dialects (`$1` placeholders,
+//! integer milliseconds for instants, text for dates); the schema itself is kept per
+//! dialect under `migrations/`. Reads go straight to sqlx's `Any` pool. Writes of clinical
+//! data and consent go through the [`writer::Writer`], which batches concurrent requests
+//! into one transaction (group commit) and answers each only after the commit is durable;
+//! on a SQLite file it applies them on a connection of its own, on its own thread
+//! ([`db::Db::Lite`]), on PostgreSQL on the pool's.
 //!
 //! This module never sees a patient identifier: it stores pseudonyms, and it is the only
 //! module that speaks SQL.
@@ -937,5 +938,31 @@ mod unavailable_tests {
             .await
             .unwrap_err();
         assert!(!StoreError::Database(duplicate).is_unavailable());
+    }
+
+    /// The same through the SQLite writer's own connection (`db::Db::Lite`): SQLITE_BUSY
+    /// past the busy timeout is "not now", a constraint violation is not.
+    #[tokio::test]
+    async fn sqlite_busy_on_the_writers_connection_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let holder = rusqlite::Connection::open(&path).unwrap();
+        holder
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER PRIMARY KEY)")
+            .unwrap();
+        let mut writer = Store::open_sqlite_writer(&path).unwrap();
+        writer.execute_batch("PRAGMA busy_timeout = 0").unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let insert = |db: &mut db::Db<'_>| {
+            let q = db::query("INSERT INTO t VALUES ($1)").bind(1i64);
+            futures_util::FutureExt::now_or_never(q.execute(db)).expect("runs at once")
+        };
+        let busy = insert(&mut db::Db::Lite(&mut writer)).unwrap_err();
+        assert!(busy.is_unavailable(), "{busy}");
+        holder
+            .execute_batch("INSERT INTO t VALUES (1); COMMIT")
+            .unwrap();
+        let duplicate = insert(&mut db::Db::Lite(&mut writer)).unwrap_err();
+        assert!(!duplicate.is_unavailable(), "{duplicate}");
     }
 }
