@@ -214,7 +214,7 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
     }
     // Multi-row inserts: one statement per chunk, not per entry.
     const PARAMS: usize = 14;
-    for chunk in rows.chunks(INSERT_CHUNK) {
+    for chunk in conn.chunks(&rows, INSERT_CHUNK) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let p: Vec<String> = (1..=PARAMS)
@@ -227,8 +227,7 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
             "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
             values.join(", ")
         );
-        // Its text varies with the number of rows: not kept in the statement cache.
-        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
         for r in chunk {
             query = query
                 .bind(r.seq)
@@ -276,13 +275,14 @@ async fn tag_rows(
                     .map(move |&id| (id, first + i as i64))
             })
             .collect();
-        for chunk in pairs.chunks(TAG_CHUNK) {
-            // Integers formatted here, never input.
-            let cases: Vec<String> = chunk
-                .iter()
-                .map(|(id, seq)| format!("WHEN {id} THEN {seq}"))
+        for chunk in conn.chunks(&pairs, TAG_CHUNK) {
+            // `CASE id WHEN $1 THEN $2 WHEN $3 THEN $4 ... END WHERE id IN ($1, $3, ...)`.
+            let cases: Vec<String> = (0..chunk.len())
+                .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
                 .collect();
-            let ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
+            let ids: Vec<String> = (0..chunk.len())
+                .map(|i| format!("${}", 2 * i + 1))
+                .collect();
             let sql = format!(
                 "UPDATE {t} SET audit_seq = CASE id {cases} END \
                  WHERE id IN ({ids}) AND audit_seq IS NULL RETURNING audit_seq, {columns}",
@@ -291,10 +291,11 @@ async fn tag_rows(
                 ids = ids.join(", "),
                 columns = column_list(table),
             );
-            let tagged = db::query(&sql)
-                .persistent(false)
-                .fetch_all(&mut *conn)
-                .await?;
+            let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+            for &(id, seq) in chunk {
+                query = query.bind(id).bind(seq);
+            }
+            let tagged = query.fetch_all(&mut *conn).await?;
             if tagged.len() != chunk.len() {
                 return Err(StoreError::Corrupt(format!(
                     "{} of {} {table} rows written in this transaction could be tagged with their audit entry",

@@ -104,7 +104,7 @@ fn event_from_row(r: &Row, at: usize) -> Result<ConsentEvent> {
 
 /// The patients of `patients` grouped by registry, in chunks of at most
 /// [`ROWS_PER_STATEMENT`] pseudonyms (one `IN` list each).
-fn by_registry<'a>(patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<&'a str>)> {
+fn by_registry<'a>(conn: &Db<'_>, patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<&'a str>)> {
     let mut grouped: BTreeMap<i64, Vec<&'a str>> = BTreeMap::new();
     for &(registry_id, pseudonym) in patients {
         grouped.entry(registry_id).or_default().push(pseudonym);
@@ -112,8 +112,8 @@ fn by_registry<'a>(patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<&'a str>)> {
     grouped
         .into_iter()
         .flat_map(|(registry_id, pseudonyms)| {
-            pseudonyms
-                .chunks(ROWS_PER_STATEMENT)
+            conn.chunks(&pseudonyms, ROWS_PER_STATEMENT)
+                .into_iter()
                 .map(|chunk| (registry_id, chunk.to_vec()))
                 .collect::<Vec<_>>()
         })
@@ -128,14 +128,14 @@ pub(crate) async fn load_consent_many(
     patients: &[(i64, &str)],
 ) -> Result<HashMap<(i64, String), Vec<ConsentEvent>>> {
     let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
-    for (registry_id, pseudonyms) in by_registry(patients) {
+    for (registry_id, pseudonyms) in by_registry(conn, patients) {
         let sql = format!(
             "SELECT pseudonym, id, scope, state, given_at, expires_at FROM consent_events \
              WHERE registry_id = $1 AND pseudonym IN ({}) ORDER BY id",
             placeholders(2, pseudonyms.len())
         );
         let mut query = db::query(&sql)
-            .persistent(super::cacheable(pseudonyms.len()))
+            .persistent(conn.keeps(pseudonyms.len()))
             .bind(registry_id);
         for pseudonym in &pseudonyms {
             query = query.bind(*pseudonym);
@@ -159,13 +159,13 @@ pub(crate) async fn cases_of_many(
     patients: &[(i64, &str)],
 ) -> Result<HashSet<(i64, String, i64)>> {
     let mut found = HashSet::new();
-    for (registry_id, pseudonyms) in by_registry(patients) {
+    for (registry_id, pseudonyms) in by_registry(conn, patients) {
         let sql = format!(
             "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym IN ({})",
             placeholders(2, pseudonyms.len())
         );
         let mut query = db::query(&sql)
-            .persistent(super::cacheable(pseudonyms.len()))
+            .persistent(conn.keeps(pseudonyms.len()))
             .bind(registry_id);
         for pseudonym in &pseudonyms {
             query = query.bind(*pseudonym);
@@ -200,14 +200,14 @@ pub(crate) async fn append_consent_many(
 ) -> Result<Vec<i64>> {
     const COLUMNS: usize = 10;
     let mut ids = Vec::with_capacity(decisions.len());
-    for chunk in decisions.chunks(ROWS_PER_STATEMENT) {
+    for chunk in conn.chunks(decisions, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, \
                                          form_version, expires_at, recorded_by, recorded_at, source) \
              VALUES {} RETURNING id, registry_id, pseudonym, scope",
             values_rows(chunk.len(), COLUMNS)
         );
-        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
         for d in chunk {
             query = query
                 .bind(d.registry_id)
@@ -267,7 +267,7 @@ pub(crate) async fn insert_cases_many(
 ) -> Result<Vec<i64>> {
     const COLUMNS: usize = 5;
     let mut ids = Vec::with_capacity(cases.len());
-    for chunk in cases.chunks(ROWS_PER_STATEMENT) {
+    for chunk in conn.chunks(cases, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, \
                                 updated_at) \
@@ -287,7 +287,7 @@ pub(crate) async fn insert_cases_many(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
         for c in chunk {
             query = query
                 .bind(c.registry_id)
@@ -331,7 +331,7 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
          VALUES {}",
         values_rows(cases.len(), COLUMNS)
     );
-    let mut query = db::query(&sql).persistent(super::cacheable(cases.len()));
+    let mut query = db::query(&sql).persistent(conn.keeps(cases.len()));
     for (case_id, c) in cases {
         let row = c.row;
         query = query
@@ -512,7 +512,7 @@ async fn insert_first_version_values(
     column: &str,
     values: &[(i64, &str)],
 ) -> Result<()> {
-    for chunk in values.chunks(ROWS_PER_STATEMENT) {
+    for chunk in conn.chunks(values, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO {table} (case_id, version, {column}) VALUES {}",
             (0..chunk.len())
@@ -520,7 +520,7 @@ async fn insert_first_version_values(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
         for (case_id, value) in chunk {
             query = query.bind(*case_id).bind(*value);
         }
@@ -536,7 +536,7 @@ pub(crate) async fn set_representatives_many(
     representatives: &[(i64, &str, Representative<'_>)],
 ) -> Result<()> {
     const COLUMNS: usize = 16;
-    for chunk in representatives.chunks(ROWS_PER_STATEMENT) {
+    for chunk in conn.chunks(representatives, ROWS_PER_STATEMENT) {
         let rows = (0..chunk.len())
             .map(|r| {
                 let b = 1 + r * COLUMNS;
@@ -569,7 +569,7 @@ pub(crate) async fn set_representatives_many(
                  eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
-        let mut query = db::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
         for (registry_id, pseudonym, r) in chunk {
             let row = r.row;
             query = query

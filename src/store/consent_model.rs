@@ -182,7 +182,7 @@ pub(crate) async fn record_current_many(
         values_rows(decisions.len(), 7),
         Order::current("excluded").supersedes(&Order::current("consent_current")),
     );
-    let mut query = db::query(&sql).persistent(super::cacheable(decisions.len()));
+    let mut query = db::query(&sql).persistent(conn.keeps(decisions.len()));
     for (registry_id, pseudonym, event_id, decision) in decisions {
         query = query
             .bind(*registry_id)

@@ -34,6 +34,42 @@ impl<'c> Db<'c> {
         Ok(())
     }
 
+    /// The chunks a multi-row statement over `items` is cut into, one statement each.
+    ///
+    /// Through sqlx (`Any`), up to `max` rows each: every statement is a round trip, so
+    /// few and large; their text varies with the row count, so only small ones are kept
+    /// prepared ([`Db::keeps`], `super::cacheable`). On the SQLite writer's own connection
+    /// a statement is a direct call, and what costs is preparing one: chunks are powers of
+    /// two up to [`LITE_MAX_ROWS`], seven shapes per statement, each prepared once and
+    /// kept, so a batch parses nothing.
+    pub fn chunks<'a, T>(&self, items: &'a [T], max: usize) -> Vec<&'a [T]> {
+        match self {
+            Db::Any(_) => items.chunks(max.max(1)).collect(),
+            Db::Lite(_) => {
+                let mut out = Vec::new();
+                let mut rest = items;
+                while !rest.is_empty() {
+                    let n = rest.len().min(LITE_MAX_ROWS.min(max.max(1)));
+                    // The largest power of two not above n.
+                    let shape = 1 << (usize::BITS - 1 - n.leading_zeros());
+                    let (chunk, tail) = rest.split_at(shape);
+                    out.push(chunk);
+                    rest = tail;
+                }
+                out
+            }
+        }
+    }
+
+    /// Whether a statement of `rows` rows is kept prepared: through sqlx only small ones
+    /// (`super::cacheable`); on the writer's connection every shape [`Db::chunks`] makes.
+    pub fn keeps(&self, rows: usize) -> bool {
+        match self {
+            Db::Any(_) => super::cacheable(rows),
+            Db::Lite(_) => rows <= LITE_MAX_ROWS,
+        }
+    }
+
     /// A shorter-lived handle on the same connection.
     pub fn reborrow(&mut self) -> Db<'_> {
         match self {
@@ -48,6 +84,9 @@ impl<'c> From<&'c mut AnyConnection> for Db<'c> {
         Db::Any(conn)
     }
 }
+
+/// The most rows of one statement on the SQLite writer's connection ([`Db::chunks`]).
+pub const LITE_MAX_ROWS: usize = 64;
 
 /// A parameter value. NULLs keep their type: PostgreSQL types a parameter by what is
 /// bound to it.
@@ -190,34 +229,57 @@ impl<'q> Query<'q> {
     /// Runs the statement on the engine directly; its rows when `rows`, and the number
     /// of rows it changed.
     fn run_lite(&self, conn: &rusqlite::Connection, rows: bool) -> Result<(Vec<Row>, u64)> {
+        // `?N`, not `$N`: SQLite numbers `$N` parameters by first appearance, and finding a
+        // name's number costs a scan of the statement's names per parameter.
+        let sql = numbered(self.sql);
         if self.persistent {
-            let mut stmt = conn.prepare_cached(self.sql)?;
+            let mut stmt = conn.prepare_cached(&sql)?;
             bind_and_step(conn, &mut stmt, &self.args, rows)
         } else {
             // Not cached: finalised when dropped, like sqlx's non-persistent statements.
-            let mut stmt = conn.prepare(self.sql)?;
+            let mut stmt = conn.prepare(&sql)?;
             bind_and_step(conn, &mut stmt, &self.args, rows)
         }
     }
 }
 
-/// Binds `args` by the parameters' numbers (`$3` takes the third, wherever it appears;
-/// an unnumbered `?` takes its position) and steps the statement to its end.
+/// `sql` with every `$N` parameter written `?N` (same number; outside quoted text).
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quote: Option<char> = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) => {
+                out.push('?');
+                continue;
+            }
+            None => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Binds `args` to parameters `?1`, `?2`, ... and steps the statement to its end.
 fn bind_and_step(
     conn: &rusqlite::Connection,
     stmt: &mut rusqlite::Statement<'_>,
     args: &[Arg],
     rows: bool,
 ) -> Result<(Vec<Row>, u64)> {
-    for index in 1..=stmt.parameter_count() {
-        let number = stmt
-            .parameter_name(index)
-            .and_then(|name| name.strip_prefix(['$', '?']))
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(index);
-        let arg = args.get(number - 1).ok_or_else(|| {
-            StoreError::Corrupt(format!("statement parameter ${number} has no value bound"))
-        })?;
+    let count = stmt.parameter_count();
+    if count > args.len() {
+        return Err(StoreError::Corrupt(format!(
+            "statement parameter ${} has no value bound",
+            args.len() + 1
+        )));
+    }
+    for (i, arg) in args.iter().take(count).enumerate() {
+        let index = i + 1;
         match arg {
             Arg::Int(v) => stmt.raw_bind_parameter(index, v)?,
             Arg::Text(v) => stmt.raw_bind_parameter(index, v)?,
@@ -384,6 +446,50 @@ mod tests {
                 ("text".to_string(), Some(7), 1, Some(vec![0u8, 255])),
                 true
             )
+        );
+    }
+
+    #[test]
+    fn numbered_parameters_keep_their_numbers_outside_quoted_text() {
+        assert_eq!(
+            numbered("SELECT $2, '$1', \"a$3\", $10 || '|' FROM t WHERE x = $1"),
+            "SELECT ?2, '$1', \"a$3\", ?10 || '|' FROM t WHERE x = ?1"
+        );
+        assert_eq!(numbered("SELECT $ FROM t"), "SELECT $ FROM t");
+    }
+
+    /// The writer's connection cuts rows into power-of-two shapes (so few statements to
+    /// prepare), sqlx's into chunks of up to `max`; both keep every row, in order.
+    #[test]
+    fn chunks_cover_every_row_in_order() {
+        let mut lite = rusqlite::Connection::open_in_memory().unwrap();
+        let items: Vec<usize> = (0..300).collect();
+        for n in [0, 1, 2, 3, 63, 64, 65, 255, 300] {
+            let db = Db::Lite(&mut lite);
+            let chunks = db.chunks(&items[..n], 256);
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= 64)
+            );
+            assert_eq!(chunks.concat(), items[..n].to_vec());
+            assert!(chunks.iter().all(|c| db.keeps(c.len())));
+        }
+        assert_eq!(
+            Db::Lite(&mut lite)
+                .chunks(&items[..100], 256)
+                .iter()
+                .map(|c| c.len())
+                .collect::<Vec<_>>(),
+            vec![64, 32, 4]
+        );
+        assert_eq!(
+            Db::Lite(&mut lite)
+                .chunks(&items[..100], 8)
+                .iter()
+                .map(|c| c.len())
+                .collect::<Vec<_>>(),
+            vec![8; 12].into_iter().chain([4]).collect::<Vec<_>>()
         );
     }
 

@@ -537,12 +537,14 @@ async fn slots_of(
     }
     let mut out = Vec::new();
     for (registry_id, pseudonyms) in by_registry {
-        for chunk in pseudonyms.chunks(CHUNK) {
+        for chunk in conn.chunks(&pseudonyms, CHUNK) {
             let sql = format!(
                 "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym IN ({})",
                 placeholders(2, chunk.len())
             );
-            let mut q = db::query(&sql).persistent(false).bind(registry_id);
+            let mut q = db::query(&sql)
+                .persistent(conn.keeps(chunk.len()))
+                .bind(registry_id);
             for p in chunk {
                 q = q.bind(*p);
             }
@@ -601,7 +603,7 @@ pub(super) async fn log_changes(
                 .await?
                 .try_get(0)?;
         let mut next = largest.map_or(0, |s| s + 1);
-        for chunk in pseudonyms.chunks(CHUNK) {
+        for chunk in conn.chunks(&pseudonyms, CHUNK) {
             // Slots next, next + 1, ...: one per row, in pseudonym order.
             let sql = format!(
                 "UPDATE patients SET slot = n.slot \
@@ -613,7 +615,7 @@ pub(super) async fn log_changes(
                 placeholders(3, chunk.len())
             );
             let mut q = db::query(&sql)
-                .persistent(false)
+                .persistent(conn.keeps(chunk.len()))
                 .bind(registry_id)
                 .bind(next);
             for p in chunk {
@@ -635,7 +637,7 @@ pub(super) async fn log_changes(
     // names both, and a number goes unused (harmless: readers read after a number).
     let touched: Vec<(i64, i64)> = touched.into_iter().collect();
     let mut seq = last - touched.len() as i64;
-    for chunk in touched.chunks(CHUNK) {
+    for chunk in conn.chunks(&touched, CHUNK) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
             .collect();
@@ -643,7 +645,7 @@ pub(super) async fn log_changes(
             "INSERT INTO research_log (seq, registry_id, slot) VALUES {}",
             values.join(", ")
         );
-        let mut q = db::query(&sql).persistent(super::cacheable(chunk.len()));
+        let mut q = db::query(&sql).persistent(conn.keeps(chunk.len()));
         for &(registry_id, slot) in chunk {
             seq += 1;
             q = q.bind(seq).bind(registry_id).bind(slot);

@@ -483,6 +483,12 @@ fn lite_thread(
         ));
         let _ = done.send(answers);
     }
+    // Closed before the audit key goes: the server closes the pool once every writer has
+    // dropped its key (`startup`), and the last connection to close checkpoints the WAL.
+    if let Err((_, e)) = conn.close() {
+        warn!(error = %e, "the writer's SQLite connection did not close cleanly");
+    }
+    drop(key);
 }
 
 /// The connection a batch is applied on.
