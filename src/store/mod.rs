@@ -465,8 +465,9 @@ impl Store {
              PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
              PRAGMA secure_delete = ON;",
         )?;
-        // Statements of up to `cacheable` rows per table, and the rest of the write path.
-        conn.set_prepared_statement_cache_capacity(128);
+        // Every statement of the write path in each of its shapes (`db::Db::chunks`: seven
+        // per multi-row statement, about fifteen of those), with room to spare.
+        conn.set_prepared_statement_cache_capacity(256);
         let durability = Durability::Sqlite {
             journal_mode: conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
             synchronous: conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
