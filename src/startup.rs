@@ -493,6 +493,10 @@ impl Application {
             info!("research index off: research queries scan the database");
             None
         };
+        // Imports that died before finishing leave staged releases: removed (never in
+        // force, never activated; `store::codes::remove_abandoned`).
+        crate::store::codes::remove_abandoned(&store, chrono::Utc::now().timestamp_millis())
+            .await?;
         // The code releases in force; without one, codes get format checks only.
         let codes = Arc::new(crate::service::Codes::new(Default::default()));
         codes.refresh(&store).await?;

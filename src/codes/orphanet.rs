@@ -309,6 +309,13 @@ mod tests {
             obsolete: true,
             replaced_by: Some("ORPHA:558".into()),
         }));
+        // Obsolete without a "Moved to" or "Referred to": no replacement.
+        assert!(items.contains(&Item::Term {
+            code: "ORPHA:88888".into(),
+            label: "Obsolete entity without successor".into(),
+            obsolete: true,
+            replaced_by: None,
+        }));
         // The file is ISO-8859-1, as Orphadata publishes it.
         assert!(items.contains(&Item::Term {
             code: "ORPHA:289390".into(),

@@ -37,10 +37,11 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-use crate::aggregate::{Dimension, Filter, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS};
+use crate::aggregate::{Dimension, Filter, Key, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS};
 use crate::auth::{AuthError, Principal};
 use crate::consent::{self, AttestationItem, Decision, Scope};
-use crate::domain::{FieldViolations, Orphacode};
+use crate::domain::{CodeCatalog, CodeSystem};
+use crate::domain::{FieldViolations, HpoTerm, Orphacode};
 use crate::outcome::Outcome;
 use crate::pseudonym::{DemographicInput, IdentifiersInput, NationalInput, PatientIdentity};
 use crate::ratelimit::Peer;
@@ -77,7 +78,10 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/officer/record", post(officer_record))
         .route("/officer/withdraw", post(officer_withdraw))
         .route("/officer/receipt", get(receipt_page).post(receipt_lookup))
-        .route("/officer/expiring", get(officer_expiring))
+        .route(
+            "/officer/expiring",
+            get(officer_expiring).post(officer_expiring_next),
+        )
         .route("/research", get(research_page))
         .route("/research/count", post(research_count))
         .route("/research/count.csv", post(research_count_csv))
@@ -855,11 +859,68 @@ async fn officer_expiring(
     conclude(&st, ctx.call, page).await
 }
 
+/// The next page of one expiry list. POST, because the cursor (the last row shown)
+/// holds a pseudonym.
+async fn officer_expiring_next(
+    State(st): State<St>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut ctx, form) = match signed_in_form(&st, &headers, peer, "ExpiringConsents", &body).await
+    {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let days = form.get("days").parse::<i64>().unwrap_or(30).clamp(1, 365);
+    let list = match form.get("list") {
+        "soon" => Some(consent_service::ExpiryList::Soon),
+        "expired" => Some(consent_service::ExpiryList::Expired),
+        _ => None,
+    };
+    let cursor = (|| {
+        Some(crate::store::console::ExpiryCursor {
+            expires_at: form.get("after.expires_at").parse().ok()?,
+            registry_id: form.get("after.registry_id").parse().ok()?,
+            pseudonym: form.get("after.pseudonym").to_owned(),
+            scope: scope_named(form.get("after.scope"))?.as_str().to_owned(),
+        })
+    })();
+    let (Some(list), Some(cursor)) = (list, cursor) else {
+        let mut v = FieldViolations::new();
+        v.push(
+            "after",
+            "this page link is damaged; start again from the first page",
+        );
+        return conclude(&st, ctx.call, Err(ServiceError::Invalid(v))).await;
+    };
+    let result =
+        consent_service::expiring_next(&st, &ctx.principal, list, days, &cursor, &mut ctx.call)
+            .await;
+    let page = result.map(|(_, page)| {
+        html(
+            StatusCode::OK,
+            pages::expiring_more(&ctx, days, list, &page),
+        )
+    });
+    conclude(&st, ctx.call, page).await
+}
+
 // ----- Researchers -----
 
-/// What a research form asks: dimensions and filters, parsed with the API's field names
-/// (`group_by[i]`, `filters[i].values[j]`) and the domain's messages.
-fn selection(form: &Form, max: usize) -> Result<(Vec<Dimension>, Vec<Filter>), FieldViolations> {
+/// What a research form asks: dimensions, filters and what they stand for along the code
+/// releases in force, parsed with the API's field names (`group_by[i]`,
+/// `filters[i].values`, `filters[i].include_descendants`) and the domain's messages.
+///
+/// Unlike the API (where a code no release knows matches what is stored under it), a
+/// DIAGNOSIS or PHENOTYPE value the release in force does not know at all is an error
+/// next to its field, with the release's near matches: a person typing a code wants to
+/// hear about a typo.
+fn selection(
+    catalog: &CodeCatalog,
+    form: &Form,
+    max: usize,
+) -> Result<(Vec<Dimension>, Vec<Filter>, research::Along), FieldViolations> {
     let mut v = FieldViolations::new();
     let mut dims = Vec::new();
     for i in 0..max {
@@ -874,17 +935,25 @@ fn selection(form: &Form, max: usize) -> Result<(Vec<Dimension>, Vec<Filter>), F
         }
     }
     let mut filters: Vec<Filter> = Vec::new();
+    let mut along = research::Along::default();
+    let mut phenotype_filter = false;
     for i in 0..2 {
         let dim = form.get(&format!("filters[{i}].dimension"));
         let values = form.get(&format!("filters[{i}].values"));
+        let descendants = form.has(&format!("filters[{i}].include_descendants"));
         if dim.is_empty() && values.is_empty() {
             continue;
         }
-        let Some(dimension) = Dimension::ALL.into_iter().find(|d| d.name() == dim) else {
+        let field = format!("filters[{i}].values");
+        let phenotype = dim == PHENOTYPE;
+        let dimension = Dimension::ALL.into_iter().find(|d| d.name() == dim);
+        if dimension.is_none() && !phenotype {
             v.push(format!("filters[{i}].dimension"), "is not a dimension");
             continue;
-        };
-        if filters.iter().any(|f| f.dimension == dimension) {
+        }
+        if (phenotype && phenotype_filter)
+            || dimension.is_some_and(|d| filters.iter().any(|f| f.dimension == d))
+        {
             v.push(
                 format!("filters[{i}].dimension"),
                 "has another filter already",
@@ -898,7 +967,7 @@ fn selection(form: &Form, max: usize) -> Result<(Vec<Dimension>, Vec<Filter>), F
             .collect();
         if texts.is_empty() || texts.len() > crate::aggregate::MAX_FILTER_VALUES {
             v.push(
-                format!("filters[{i}].values"),
+                field,
                 format!(
                     "give 1 to {} values, separated by commas",
                     crate::aggregate::MAX_FILTER_VALUES
@@ -906,13 +975,49 @@ fn selection(form: &Form, max: usize) -> Result<(Vec<Dimension>, Vec<Filter>), F
             );
             continue;
         }
+        let unknown =
+            |system: CodeSystem, code: &str| research::not_in_release(catalog, system, code);
+        let Some(dimension) = dimension else {
+            phenotype_filter = true;
+            along.phenotype_descendants = descendants;
+            for text in texts {
+                match HpoTerm::parse(text) {
+                    Ok(t) => match unknown(CodeSystem::Hpo, t.as_str()) {
+                        Some(why) => v.push(field.clone(), why),
+                        None if !along.phenotypes.contains(&t) => along.phenotypes.push(t),
+                        None => {}
+                    },
+                    Err(e) => v.push(field.clone(), format!("{text}: {e}")),
+                }
+            }
+            continue;
+        };
         let mut keys = Vec::new();
         for text in texts {
             match dimension.parse_value(text) {
-                Ok(k) => keys.push(k),
-                Err(msg) => {
-                    v.push(format!("filters[{i}].values"), msg);
+                Ok(k) => {
+                    if dimension == Dimension::Diagnosis
+                        && let Key::Int(n) = k
+                        && n != i64::from(crate::domain::ORPHA_UNDIAGNOSED)
+                        && let Some(why) = unknown(CodeSystem::Orphanet, &format!("ORPHA:{n}"))
+                    {
+                        v.push(field.clone(), why);
+                    }
+                    keys.push(k);
                 }
+                Err(msg) => {
+                    v.push(field.clone(), msg);
+                }
+            }
+        }
+        if descendants {
+            if dimension == Dimension::Diagnosis {
+                along.diagnosis_subtypes = true;
+            } else {
+                v.push(
+                    format!("filters[{i}].include_descendants"),
+                    "only a diagnosis (its subtypes) or a phenotype (the terms below it) has descendants",
+                );
             }
         }
         filters.push(Filter {
@@ -920,7 +1025,24 @@ fn selection(form: &Form, max: usize) -> Result<(Vec<Dimension>, Vec<Filter>), F
             values: keys,
         });
     }
-    v.into_result().map(|()| (dims, filters))
+    v.into_result().map(|()| (dims, filters, along))
+}
+
+/// The filter dimension of HPO terms (a filter only, as in the API).
+pub const PHENOTYPE: &str = "PHENOTYPE";
+
+/// The names the releases in force give the codes among a table's labels, per dimension.
+fn code_names<'a>(
+    st: &St,
+    labelled: impl IntoIterator<Item = (Dimension, Vec<String>)> + 'a,
+) -> pages::CodeNames {
+    let mut out = pages::CodeNames::default();
+    for (dimension, labels) in labelled {
+        for (code, name) in research::names(st, dimension, &labels) {
+            out.insert(dimension, code, name);
+        }
+    }
+    out
 }
 
 async fn research_page(
@@ -961,26 +1083,35 @@ async fn count(
     let result = async {
         let access =
             research::open(st, &ctx.principal, form.get("registry"), &mut ctx.call).await?;
-        let (dims, filters) = selection(&form, MAX_COUNT_DIMENSIONS)?;
-        let counted = research::count_patients(
-            st,
-            &access,
-            dims,
-            filters,
-            &research::Along::default(),
-            &mut ctx.call,
-        )
-        .await?;
+        let (dims, filters, along) = selection(&st.codes.get(), &form, MAX_COUNT_DIMENSIONS)?;
+        let counted =
+            research::count_patients(st, &access, dims, filters, &along, &mut ctx.call).await?;
         Ok((access, counted))
     }
     .await;
     match result {
         Ok((access, counted)) => {
             let page = match how {
-                CountAs::Page => html(
-                    StatusCode::OK,
-                    pages::count_table(&ctx, access.registry(), &counted, &form),
-                ),
+                CountAs::Page => {
+                    let t = &counted.table;
+                    let mut labelled: Vec<(Dimension, Vec<String>)> = Vec::new();
+                    if let Some(d) = t.row_dimension {
+                        labelled.push((d, t.row_labels.clone()));
+                    }
+                    for (c, d) in t.column_dimensions.iter().enumerate() {
+                        let labels = t
+                            .column_labels
+                            .iter()
+                            .filter_map(|values| values.get(c).cloned())
+                            .collect();
+                        labelled.push((*d, labels));
+                    }
+                    let names = code_names(st, labelled);
+                    html(
+                        StatusCode::OK,
+                        pages::count_table(&ctx, access.registry(), &counted, &form, &names),
+                    )
+                }
                 CountAs::Csv => (
                     [
                         (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
@@ -1040,25 +1171,38 @@ async fn research_delay(
     let result = async {
         let access =
             research::open(&st, &ctx.principal, form.get("registry"), &mut ctx.call).await?;
-        let (dims, filters) = selection(&form, MAX_DELAY_DIMENSIONS)?;
-        let (table, as_of) = research::diagnostic_delay(
-            &st,
-            &access,
-            dims,
-            filters,
-            &research::Along::default(),
-            &mut ctx.call,
-        )
-        .await?;
-        Ok((access, table, as_of))
+        let (dims, filters, along) = selection(&st.codes.get(), &form, MAX_DELAY_DIMENSIONS)?;
+        let grouped = dims.clone();
+        let (table, as_of) =
+            research::diagnostic_delay(&st, &access, dims, filters, &along, &mut ctx.call).await?;
+        Ok((access, table, as_of, grouped))
     }
     .await;
     match result {
-        Ok((access, table, as_of)) => {
+        Ok((access, table, as_of, grouped)) => {
             let svg = chart::delay_svg(&table);
+            let names = code_names(
+                &st,
+                grouped.iter().enumerate().map(|(i, d)| {
+                    let labels = table
+                        .groups
+                        .iter()
+                        .filter_map(|g| g.labels.get(i).cloned())
+                        .collect();
+                    (*d, labels)
+                }),
+            );
             let page = html(
                 StatusCode::OK,
-                pages::delay(&ctx, access.registry(), &table, as_of, &svg),
+                pages::delay(
+                    &ctx,
+                    access.registry(),
+                    &table,
+                    &grouped,
+                    as_of,
+                    &svg,
+                    &names,
+                ),
             );
             conclude(&st, ctx.call, Ok(page)).await
         }
@@ -1214,5 +1358,156 @@ async fn case_read(
             page
         }
         Err(e) => conclude(&st, ctx.call, Err(e)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stylesheet's colours against WCAG 2.1: text at least 4.5:1 against its
+    //! background (1.4.3, AA), focus outlines at least 3:1 against what surrounds them
+    //! (1.4.11). The colours are read from `console.css` by selector, so a change of a
+    //! colour there is checked here.
+
+    const CSS: &str = include_str!("console.css");
+
+    /// The value of `property` in the rule whose selector list is exactly `selector`.
+    fn declared(selector: &str, property: &str) -> String {
+        for rule in CSS.split('}') {
+            let Some((selectors, body)) = rule.split_once('{') else {
+                continue;
+            };
+            let selectors = selectors.rsplit("*/").next().unwrap_or(selectors).trim();
+            if selectors != selector {
+                continue;
+            }
+            for decl in body.split(';') {
+                if let Some((p, v)) = decl.split_once(':')
+                    && p.trim() == property
+                {
+                    return v.trim().to_owned();
+                }
+            }
+        }
+        panic!("console.css has no {property} in a rule for {selector:?}");
+    }
+
+    /// The `#rgb` or `#rrggbb` colour in a value (the first one).
+    fn colour(value: &str) -> [f64; 3] {
+        let at = value
+            .find('#')
+            .unwrap_or_else(|| panic!("no colour in {value:?}"));
+        let hex: String = value[at + 1..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        let hex = match hex.len() {
+            3 => hex.chars().flat_map(|c| [c, c]).collect(),
+            6 => hex,
+            _ => panic!("not a colour: {value:?}"),
+        };
+        let byte = |i: usize| f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap());
+        [byte(0), byte(2), byte(4)]
+    }
+
+    /// WCAG 2.1 relative luminance.
+    fn luminance([r, g, b]: [f64; 3]) -> f64 {
+        let channel = |c: f64| {
+            let c = c / 255.0;
+            if c <= 0.039_28 {
+                c / 12.92
+            } else {
+                ((c + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+    }
+
+    fn contrast(a: [f64; 3], b: [f64; 3]) -> f64 {
+        let (la, lb) = (luminance(a), luminance(b));
+        (la.max(lb) + 0.05) / (la.min(lb) + 0.05)
+    }
+
+    #[test]
+    fn the_contrast_computation_matches_the_wcag_examples() {
+        let white = colour("#fff");
+        assert!((contrast(colour("#000"), white) - 21.0).abs() < 1e-9);
+        assert!((contrast(white, white) - 1.0).abs() < 1e-9);
+        // #767676 on white is the classic smallest grey that passes 4.5:1.
+        let grey = contrast(colour("#767676"), white);
+        assert!((4.5..4.6).contains(&grey), "{grey}");
+    }
+
+    #[test]
+    fn every_text_colour_of_the_stylesheet_is_readable_on_its_background() {
+        let body = colour(&declared("body", "color"));
+        let page = colour(&declared("body", "background"));
+        let header = colour(&declared("header", "background"));
+        let button = colour(&declared("button", "background"));
+        let pairs: Vec<(&str, [f64; 3], [f64; 3])> = vec![
+            ("body text", body, page),
+            ("links", colour(&declared("a", "color")), page),
+            ("header text", colour(&declared("header", "color")), header),
+            (
+                "header links and buttons",
+                colour(&declared("header a, header button", "color")),
+                header,
+            ),
+            ("buttons", colour(&declared("button", "color")), button),
+            (
+                "danger buttons",
+                colour(&declared("button", "color")),
+                colour(&declared("button.danger", "background")),
+            ),
+            (
+                "link-like buttons in the page",
+                colour(&declared("main button.link", "color")),
+                page,
+            ),
+            ("errors", colour(&declared(".error", "color")), page),
+            (
+                "errors in a warning",
+                colour(&declared(".error", "color")),
+                colour(&declared(".warning", "background")),
+            ),
+            (
+                "errors in a notice",
+                colour(&declared(".error", "color")),
+                colour(&declared(".notice", "background")),
+            ),
+            ("code names", colour(&declared(".name", "color")), page),
+            ("notices", body, colour(&declared(".notice", "background"))),
+            (
+                "warnings",
+                body,
+                colour(&declared(".warning", "background")),
+            ),
+            (
+                "suppressed cells",
+                colour(&declared("td.suppressed", "color")),
+                colour(&declared("td.suppressed", "background")),
+            ),
+            (
+                "the skip link",
+                colour(&declared(".skip", "color")),
+                colour(&declared(".skip", "background")),
+            ),
+        ];
+        for (what, fg, bg) in pairs {
+            let ratio = contrast(fg, bg);
+            assert!(ratio >= 4.5, "{what}: {ratio:.2}:1 is below 4.5:1");
+        }
+        // Focus outlines (offset from the control, so against the page or the header).
+        let focus = colour(&declared(
+            "a:focus, button:focus, input:focus, select:focus",
+            "outline",
+        ));
+        let header_focus = colour(&declared("header a:focus, header button:focus", "outline"));
+        for (what, ring, around) in [
+            ("focus in the page", focus, page),
+            ("focus in the header", header_focus, header),
+        ] {
+            let ratio = contrast(ring, around);
+            assert!(ratio >= 3.0, "{what}: {ratio:.2}:1 is below 3:1");
+        }
     }
 }

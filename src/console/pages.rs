@@ -7,16 +7,17 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use super::{Ctx, Form};
+use super::{Ctx, Form, PHENOTYPE};
 use crate::aggregate::{DELAY_BANDS, DelayTable, Dimension, MAX_COUNT_DIMENSIONS, Quantiles};
 use crate::auth::Role;
 use crate::consent::{Decision, Scope};
 use crate::domain::FieldViolations;
 use crate::pseudonym::Pseudonym;
-use crate::service::consent::{ConsentView, ExpiringLists, Receipt};
+use crate::service::consent::{ConsentView, EXPIRED_DAYS, ExpiringLists, ExpiryList, Receipt};
 use crate::service::research::{Counted, ExpertiseCentre};
 use crate::store::Registry;
 use crate::store::consent::WithdrawalReason;
+use crate::store::console::ExpiringPage;
 
 /// Field violations by form field name, shown next to the field.
 #[derive(Debug, Default)]
@@ -92,6 +93,8 @@ fn page(title: &str, ctx: Option<&Ctx>, body: Markup) -> Markup {
                 link rel="stylesheet" href="/console.css";
             }
             body {
+                // The first stop of the Tab key: past the navigation to the page's content.
+                a.skip href="#main" { "Skip to the content" }
                 header {
                     strong { "ERN registry console" }
                     @if let Some(ctx) = ctx {
@@ -123,7 +126,7 @@ fn page(title: &str, ctx: Option<&Ctx>, body: Markup) -> Markup {
                         }
                     }
                 }
-                main id="main" {
+                main id="main" tabindex="-1" {
                     h1 { (title) }
                     (body)
                 }
@@ -188,14 +191,16 @@ fn select_id(
     errors: &Errors,
 ) -> Markup {
     let error = errors.of(name);
+    let error_id = format!("{id}-error");
     html! {
         label for=(id) { (label) }
-        select id=(id) name=(name) aria-invalid=[error.as_ref().map(|_| "true")] {
+        select id=(id) name=(name) aria-invalid=[error.as_ref().map(|_| "true")]
+            aria-describedby=[error.as_ref().map(|_| error_id.as_str())] {
             @for (value, text) in options {
                 option value=(value) selected[value == chosen] { (text) }
             }
         }
-        @if let Some(e) = &error { span.error { (e) } }
+        @if let Some(e) = &error { span.error id=(error_id) { (e) } }
     }
 }
 
@@ -383,7 +388,7 @@ pub fn officer_patient(
         p { "Registry " strong { (registry) } ", pseudonym " span.pseudonym { (pseudonym) } }
         h2 { "Consent in force (" (time(view.at)) ")" }
         table {
-            thead { tr { th { "Scope" } th { "Decision" } th { "In force" } th { "Given at" } th { "Expires" } } }
+            thead { tr { th scope="col" { "Scope" } th scope="col" { "Decision" } th scope="col" { "In force" } th scope="col" { "Given at" } th scope="col" { "Expires" } } }
             tbody {
                 @for s in &view.in_force {
                     tr {
@@ -406,7 +411,7 @@ pub fn officer_patient(
             p { "No decision on file." }
         } @else {
             table {
-                thead { tr { th { "#" } th { "Scope" } th { "Decision" } th { "Given at" } th { "Expires" } th { "Form" } th { "Recorded" } th { "By" } } }
+                thead { tr { th scope="col" { "#" } th scope="col" { "Scope" } th scope="col" { "Decision" } th scope="col" { "Given at" } th scope="col" { "Expires" } th scope="col" { "Form" } th scope="col" { "Recorded" } th scope="col" { "By" } } }
                 tbody {
                     @for e in &view.events {
                         tr {
@@ -504,14 +509,14 @@ pub fn receipt(ctx: &Ctx, r: &Receipt, fresh: bool) -> Markup {
         div.receipt {
             h2 { "Erasure receipt" }
             table {
-                tr { th { "Receipt" } td.pseudonym { (r.receipt_id) } }
-                tr { th { "Registry" } td { (r.registry) } }
-                tr { th { "Pseudonym" } td.pseudonym { (r.pseudonym) } }
-                tr { th { "Erased at" } td { (time(r.erased_at)) } }
-                tr { th { "Erased by" } td { @if r.erased_by.is_empty() { "(an officer of another centre)" } @else { (r.erased_by) } } }
-                tr { th { "Reason" } td { (reason_label(r.reason)) } }
-                tr { th { "Case records erased" } td.num { (r.cases_erased) } }
-                tr { th { "Versions erased" } td.num { (r.versions_erased) } }
+                tr { th scope="row" { "Receipt" } td.pseudonym { (r.receipt_id) } }
+                tr { th scope="row" { "Registry" } td { (r.registry) } }
+                tr { th scope="row" { "Pseudonym" } td.pseudonym { (r.pseudonym) } }
+                tr { th scope="row" { "Erased at" } td { (time(r.erased_at)) } }
+                tr { th scope="row" { "Erased by" } td { @if r.erased_by.is_empty() { "(an officer of another centre)" } @else { (r.erased_by) } } }
+                tr { th scope="row" { "Reason" } td { (reason_label(r.reason)) } }
+                tr { th scope="row" { "Case records erased" } td.num { (r.cases_erased) } }
+                tr { th scope="row" { "Versions erased" } td.num { (r.versions_erased) } }
             }
             p { "The clinical data of this pseudonym in this registry was erased in the same transaction as the withdrawal and pushed out of the database files before this receipt was issued." }
         }
@@ -533,35 +538,55 @@ pub fn receipt_lookup(ctx: &Ctx, id: &str, errors: &Errors) -> Markup {
     )
 }
 
-pub fn expiring(ctx: &Ctx, days: i64, lists: &ExpiringLists) -> Markup {
-    let rows = |items: &[crate::store::console::Expiring]| {
-        html! {
-            @if items.is_empty() { p { "None." } } @else {
-                table {
-                    thead { tr { th { "Registry" } th { "Pseudonym" } th { "Scope" } th { "Expires" } th { "Open" } } }
-                    tbody {
-                        @for e in items {
-                            tr {
-                                td { (e.registry_code) }
-                                td.pseudonym { (e.pseudonym) }
-                                td { (e.scope.as_str()) }
-                                td { (date(e.expires_at)) }
-                                td {
-                                    form method="post" action="/officer/patient" {
-                                        (csrf(ctx))
-                                        input type="hidden" name="kind" value="pseudonym";
-                                        input type="hidden" name="registry" value=(e.registry_code);
-                                        input type="hidden" name="pseudonym" value=(e.pseudonym);
-                                        button.link type="submit" { "open" }
-                                    }
+/// One page of an expiry list: its rows, each with a button to open the patient, and a
+/// button to the next page when rows follow.
+fn expiry_rows(ctx: &Ctx, days: i64, list: ExpiryList, page: &ExpiringPage) -> Markup {
+    let name = match list {
+        ExpiryList::Soon => "soon",
+        ExpiryList::Expired => "expired",
+    };
+    html! {
+        @if page.items.is_empty() { p { "None." } } @else {
+            table {
+                thead { tr { th scope="col" { "Registry" } th scope="col" { "Pseudonym" } th scope="col" { "Scope" } th scope="col" { "Expires" } th scope="col" { "Open" } } }
+                tbody {
+                    @for e in &page.items {
+                        tr {
+                            td { (e.registry_code) }
+                            td.pseudonym { (e.pseudonym) }
+                            td { (e.scope.as_str()) }
+                            td { (date(e.expires_at)) }
+                            td {
+                                form method="post" action="/officer/patient" {
+                                    (csrf(ctx))
+                                    input type="hidden" name="kind" value="pseudonym";
+                                    input type="hidden" name="registry" value=(e.registry_code);
+                                    input type="hidden" name="pseudonym" value=(e.pseudonym);
+                                    button.link type="submit" { "open" }
                                 }
                             }
                         }
                     }
                 }
             }
+            @if let (true, Some(last)) = (page.more, page.items.last()) {
+                @let cursor = last.cursor();
+                form method="post" action="/officer/expiring" {
+                    (csrf(ctx))
+                    input type="hidden" name="list" value=(name);
+                    input type="hidden" name="days" value=(days);
+                    input type="hidden" name="after.expires_at" value=(cursor.expires_at);
+                    input type="hidden" name="after.registry_id" value=(cursor.registry_id);
+                    input type="hidden" name="after.pseudonym" value=(cursor.pseudonym);
+                    input type="hidden" name="after.scope" value=(cursor.scope);
+                    button type="submit" { "Next " (page.items.len()) " after " (date(last.expires_at)) }
+                }
+            }
         }
-    };
+    }
+}
+
+pub fn expiring(ctx: &Ctx, days: i64, lists: &ExpiringLists) -> Markup {
     page(
         "Expiring consents",
         Some(ctx),
@@ -573,11 +598,64 @@ pub fn expiring(ctx: &Ctx, days: i64, lists: &ExpiringLists) -> Markup {
                 button type="submit" { "Show" }
             }
             h2 { "Expiring in the next " (days) " days" }
-            (rows(&lists.soon))
-            h2 { "Expired in the last 90 days" }
-            (rows(&lists.expired))
+            (expiry_rows(ctx, days, ExpiryList::Soon, &lists.soon))
+            h2 { "Expired in the last " (EXPIRED_DAYS) " days" }
+            (expiry_rows(ctx, days, ExpiryList::Expired, &lists.expired))
         },
     )
+}
+
+/// A later page of one expiry list.
+pub fn expiring_more(ctx: &Ctx, days: i64, list: ExpiryList, rows: &ExpiringPage) -> Markup {
+    let title = match list {
+        ExpiryList::Soon => format!("Expiring in the next {days} days (continued)"),
+        ExpiryList::Expired => format!("Expired in the last {EXPIRED_DAYS} days (continued)"),
+    };
+    page(
+        "Expiring consents",
+        Some(ctx),
+        html! {
+            h2 { (title) }
+            (expiry_rows(ctx, days, list, rows))
+            p { a href={ "/officer/expiring?days=" (days) } { "Back to the first page" } }
+        },
+    )
+}
+
+/// The names the releases in force give to codes among a table's labels, per dimension
+/// (diagnoses and genes); shown beside the codes.
+#[derive(Debug, Default)]
+pub struct CodeNames(Vec<(Dimension, String, String)>);
+
+impl CodeNames {
+    pub fn insert(&mut self, dimension: Dimension, code: String, name: String) {
+        self.0.push((dimension, code, name));
+    }
+
+    fn get(&self, dimension: Dimension, code: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(d, c, _)| *d == dimension && c == code)
+            .map(|(_, _, n)| n.as_str())
+    }
+
+    /// A label with its name beside it, when the release gives one.
+    fn label(&self, dimension: Option<Dimension>, label: &str) -> Markup {
+        match dimension.and_then(|d| self.get(d, label)) {
+            Some(name) => html! { (label) " " span.name { (name) } },
+            None => html! { (label) },
+        }
+    }
+
+    /// Labels of several dimensions joined by " / ", each with its name.
+    fn labels(&self, dimensions: &[Dimension], labels: &[String]) -> Markup {
+        html! {
+            @for (i, l) in labels.iter().enumerate() {
+                @if i > 0 { " / " }
+                (self.label(dimensions.get(i).copied(), l))
+            }
+        }
+    }
 }
 
 fn dimension_options() -> Vec<(String, String)> {
@@ -601,7 +679,10 @@ pub fn research_form(ctx: &Ctx, registries: &[String], form: &Form, errors: &Err
     for i in 0..2 {
         shown.push(format!("filters[{i}].dimension"));
         shown.push(format!("filters[{i}].values"));
+        shown.push(format!("filters[{i}].include_descendants"));
     }
+    let mut filter_dims = dims.clone();
+    filter_dims.push((PHENOTYPE.to_string(), "phenotype (HPO term)".to_string()));
     let shown_refs: Vec<&str> = shown.iter().map(String::as_str).collect();
     page(
         "Research tables",
@@ -620,12 +701,24 @@ pub fn research_form(ctx: &Ctx, registries: &[String], form: &Form, errors: &Err
                     }
                 }
                 fieldset {
-                    legend { "Filters (values separated by commas, as the table labels them: ORPHA:558, female, NL, 2020, ...)" }
+                    legend { "Filters (values separated by commas, as the table labels them: ORPHA:558, female, NL, 2020, ...; phenotype: HPO terms such as HP:0001250)" }
                     @for i in 0..2 {
                         @let d = format!("filters[{i}].dimension");
                         @let v = format!("filters[{i}].values");
-                        (select(&format!("Filter {} dimension", i + 1), &d, &dims, form.get(&d), errors))
+                        @let x = format!("filters[{i}].include_descendants");
+                        @let x_id = x.replace(['.', '[', ']'], "-");
+                        (select(&format!("Filter {} dimension", i + 1), &d, &filter_dims, form.get(&d), errors))
                         (input(&format!("Filter {} values", i + 1), &v, "text", form.get(&v), errors))
+                        @let x_error = errors.of(&x);
+                        @let x_error_id = format!("{x_id}-error");
+                        div.check {
+                            input type="checkbox" id=(x_id) name=(x) value="on" checked[!form.get(&x).is_empty()]
+                                aria-invalid=[x_error.as_ref().map(|_| "true")]
+                                aria-describedby=[x_error.as_ref().map(|_| x_error_id.as_str())];
+                            " "
+                            label for=(x_id) { "Filter " (i + 1) ": also count the diagnoses' subtypes (Orphanet classification) or the terms below the phenotypes (HPO), in the releases in force" }
+                            @if let Some(e) = &x_error { " " span.error id=(x_error_id) { (e) } }
+                        }
                     }
                 }
                 button type="submit" { "Count patients" }
@@ -651,7 +744,13 @@ fn why_hidden(k: i64) -> String {
     )
 }
 
-pub fn count_table(ctx: &Ctx, registry: &Registry, counted: &Counted, form: &Form) -> Markup {
+pub fn count_table(
+    ctx: &Ctx,
+    registry: &Registry,
+    counted: &Counted,
+    form: &Form,
+    names: &CodeNames,
+) -> Markup {
     let t = &counted.table;
     let p = &t.protected;
     let ncols = t.column_labels.len();
@@ -674,7 +773,7 @@ pub fn count_table(ctx: &Ctx, registry: &Registry, counted: &Counted, form: &For
                 tr {
                     th scope="col" { (t.row_dimension.map_or("", |d| d.name())) }
                     @if one_way { th scope="col" { "count" } } @else {
-                        @for labels in &t.column_labels { th scope="col" { (labels.join(" / ")) } }
+                        @for labels in &t.column_labels { th scope="col" { (names.labels(&t.column_dimensions, labels)) } }
                         th scope="col" { "total" }
                     }
                 }
@@ -682,7 +781,7 @@ pub fn count_table(ctx: &Ctx, registry: &Registry, counted: &Counted, form: &For
             tbody {
                 @for (r, label) in t.row_labels.iter().enumerate() {
                     tr {
-                        th scope="row" { (label) }
+                        th scope="row" { (names.label(t.row_dimension, label)) }
                         @for c in &p.cells[r * ncols..(r + 1) * ncols] { (cell(*c)) }
                         @if !one_way { (cell(p.row_totals[r])) }
                     }
@@ -772,8 +871,10 @@ pub fn delay(
     ctx: &Ctx,
     registry: &Registry,
     table: &DelayTable,
+    grouped: &[Dimension],
     as_of: DateTime<Utc>,
     svg: &str,
+    names: &CodeNames,
 ) -> Markup {
     let body = html! {
         p {
@@ -798,7 +899,7 @@ pub fn delay(
             tbody {
                 @for g in &table.groups {
                     tr {
-                        th scope="row" { @if g.labels.is_empty() { "all" } @else { (g.labels.join(" / ")) } }
+                        th scope="row" { @if g.labels.is_empty() { "all" } @else { (names.labels(grouped, &g.labels)) } }
                         @for b in &g.bands { (cell(*b)) }
                         (cell(g.total))
                         (quantile_cells(g.quantiles))
@@ -845,7 +946,7 @@ pub fn expertise(
                 @for (country, list) in &by_country(centres) {
                     h2 { (country) }
                     table {
-                        thead { tr { th { "Centre" } th { "Name" } th { "Registry" } th { "Cases (band)" } } }
+                        thead { tr { th scope="col" { "Centre" } th scope="col" { "Name" } th scope="col" { "Registry" } th scope="col" { "Cases (band)" } } }
                         tbody {
                             @for c in list {
                                 tr { td { (c.centre_code) } td { (c.centre_name) } td { (c.registry) } td { (c.volume.label()) } }
@@ -894,7 +995,7 @@ pub fn case(ctx: &Ctx, registry: &str, view: &crate::service::cases::CaseView) -
         html! {
             p { "Registry " strong { (registry) } ", pseudonym " span.pseudonym { (view.pseudonym.as_str()) } ", centre " (view.centre_code) " (" (view.country) ")" }
             table {
-                thead { tr { th { "Version" } th { "Recorded" } th { "By" } th { "Born" } th { "Sex" } th { "Status" } th { "Diagnosis" } th { "Diagnosed" } th { "First contact" } th { "Genes" } th { "HPO" } } }
+                thead { tr { th scope="col" { "Version" } th scope="col" { "Recorded" } th scope="col" { "By" } th scope="col" { "Born" } th scope="col" { "Sex" } th scope="col" { "Status" } th scope="col" { "Diagnosis" } th scope="col" { "Diagnosed" } th scope="col" { "First contact" } th scope="col" { "Genes" } th scope="col" { "HPO" } } }
                 tbody {
                     @for v in view.versions.iter().rev() {
                         @let r = &v.record;

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 
-use super::codes::{HpoTerm, ORPHA_UNDIAGNOSED};
+use super::codes::{HpoTerm, ORPHA_UNDIAGNOSED, Orphacode};
 use super::record::CaseRecord;
 use super::{DomainError, FieldViolations};
 
@@ -190,6 +190,12 @@ impl Release {
     /// The preferred label of a code of the release.
     pub fn label(&self, code: &str) -> Option<&str> {
         self.terms.get(code).map(|t| t.label.as_str())
+    }
+
+    /// Whether the release holds `code` at all: as a code (current or obsolete) or as
+    /// another name of one (a merged id, a previous symbol, an alias).
+    pub fn knows(&self, code: &str) -> bool {
+        self.terms.contains_key(code) || self.aliases.contains_key(code)
     }
 
     /// `code` and every code below it in the hierarchy (subtypes at any depth), each once,
@@ -449,21 +455,37 @@ impl CodeCatalog {
     }
 
     /// Checks a (well-formed) record against the releases in force: every Orphacode, HPO
-    /// term and HGNC symbol must be a current code of its release. Obsolete HPO terms with
-    /// a replacement, and merged HPO ids, are replaced in `record` (returned as
-    /// [`Replacement`]s); a replacement already in the list is dropped as a duplicate.
+    /// term and HGNC symbol must be a current code of its release. Deprecated Orphacodes
+    /// and obsolete HPO terms with a replacement, and merged HPO ids, are replaced in
+    /// `record` (returned as [`Replacement`]s); an HPO replacement already in the list is
+    /// dropped as a duplicate.
     /// Field paths are relative to the record.
     pub fn check(&self, record: &mut CaseRecord) -> Result<Vec<Replacement>, FieldViolations> {
         let mut v = FieldViolations::new();
         let mut replaced = Vec::new();
-        if let (Some(release), Some(code)) = (
-            self.release(CodeSystem::Orphanet),
-            record.orphacode.as_ref(),
-        ) && code.number() != ORPHA_UNDIAGNOSED
-            && let Lookup::Rejected(why) | Lookup::Replaced { note: why, .. } =
-                release.lookup(code.as_str(), false)
+        if let (Some(release), Some(code)) =
+            (self.release(CodeSystem::Orphanet), record.orphacode.clone())
+            && code.number() != ORPHA_UNDIAGNOSED
         {
-            v.push("diagnosis.orphacode", why);
+            match release.lookup(code.as_str(), true) {
+                Lookup::Current => {}
+                Lookup::Replaced { by, note } => {
+                    if let Some(by_code) = v.check(
+                        "diagnosis.orphacode",
+                        Orphacode::parse(&by)
+                            .map_err(|_| DomainError::Rule("has a malformed replacement")),
+                    ) {
+                        replaced.push(Replacement {
+                            field: "diagnosis.orphacode".into(),
+                            given: code.to_string(),
+                            stored: by,
+                            note,
+                        });
+                        record.orphacode = Some(by_code);
+                    }
+                }
+                Lookup::Rejected(why) => v.push("diagnosis.orphacode", why),
+            }
         }
         if let Some(release) = self.release(CodeSystem::Hpo) {
             let mut terms: Vec<HpoTerm> = Vec::with_capacity(record.hpo_terms.len());
@@ -691,16 +713,26 @@ mod tests {
         }];
         let v = catalog.check(&mut r).unwrap_err();
         let all: Vec<_> = v.iter().collect();
-        assert_eq!(all[0].field, "diagnosis.orphacode");
-        assert!(
-            all[0]
-                .description
-                .contains("use ORPHA:558 (Marfan syndrome)")
-        );
-        assert_eq!(all[1].field, "genetic_findings[0].gene");
-        assert!(all[1].description.contains("an alias of CFTR"));
-        r.orphacode = Some(Orphacode::parse("ORPHA:558").unwrap());
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].field, "genetic_findings[0].gene");
+        assert!(all[0].description.contains("an alias of CFTR"));
+        // A deprecated Orphacode with a replacement is stored as its replacement, and
+        // the record says so.
         r.genetic_findings[0].gene = HgncSymbol::parse("CFTR").unwrap();
+        r.orphacode = Some(Orphacode::parse("ORPHA:1000").unwrap());
+        let replaced = catalog.check(&mut r).unwrap();
+        assert_eq!(r.orphacode.as_ref().unwrap().as_str(), "ORPHA:558");
+        assert_eq!(replaced.len(), 1);
+        assert_eq!(
+            (replaced[0].field.as_str(), replaced[0].given.as_str()),
+            ("diagnosis.orphacode", "ORPHA:1000")
+        );
+        assert!(
+            replaced[0]
+                .note
+                .contains("replaced by ORPHA:558 (Marfan syndrome)"),
+            "{replaced:?}"
+        );
         assert_eq!(catalog.check(&mut r), Ok(vec![]));
         // Product 1 alone gives no hierarchy: subtypes cannot be asked for.
         assert_eq!(

@@ -17,6 +17,7 @@ use crate::auth::{Principal, Role};
 use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope};
 use crate::pseudonym::{PatientIdentity, Pseudonym};
 use crate::store::consent::{self as consent_store, ConsentRecord, Erasure, WithdrawalReason};
+use crate::store::console::{ExpiringPage, ExpiryCursor};
 use crate::store::writer::{Command, ConsentRules, Output, RecordConsent, Withdraw};
 use crate::store::{Registry, StoreError};
 
@@ -434,18 +435,30 @@ pub async fn receipt(
 }
 
 /// Consents to follow up: granted decisions in force in the officer's registries that
-/// expire within `days` from now, and those that expired in the last 90 days (at most
-/// [`EXPIRING_LIMIT`] each, soonest first).
+/// expire within `days` from now, and those that expired in the last
+/// [`EXPIRED_DAYS`] days; a page of each ([`EXPIRING_PAGE`] rows, soonest first).
 pub struct ExpiringLists {
     pub at: DateTime<Utc>,
-    pub soon: Vec<crate::store::console::Expiring>,
-    pub expired: Vec<crate::store::console::Expiring>,
+    pub soon: ExpiringPage,
+    pub expired: ExpiringPage,
 }
 
-/// Most rows of each expiry list.
-pub const EXPIRING_LIMIT: i64 = 500;
+/// Which expiry list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryList {
+    /// Expiring within the next days asked for.
+    Soon,
+    /// Expired in the last [`EXPIRED_DAYS`] days.
+    Expired,
+}
 
-/// The expiry lists of an officer's registries (`ExpiringLists`).
+/// Rows of an expiry list per page.
+pub const EXPIRING_PAGE: i64 = 100;
+
+/// How far back the list of expired consents reaches.
+pub const EXPIRED_DAYS: i64 = 90;
+
+/// The first page of both expiry lists of an officer's registries (`ExpiringLists`).
 pub async fn expiring(
     services: &Services,
     principal: &Principal,
@@ -454,27 +467,45 @@ pub async fn expiring(
 ) -> Result<ExpiringLists, ServiceError> {
     require_officer(principal)?;
     let at = services.clock.now();
-    let registries: Vec<i64> = principal.registries.iter().copied().collect();
-    let soon = services
-        .store
-        .consents_expiring(
-            &registries,
-            at,
-            at + chrono::Duration::days(days),
-            EXPIRING_LIMIT,
-        )
-        .await?;
-    let expired = services
-        .store
-        .consents_expiring(
-            &registries,
-            at - chrono::Duration::days(90),
-            at,
-            EXPIRING_LIMIT,
-        )
-        .await?;
-    call.items(soon.len() + expired.len());
+    let soon = expiring_page(services, principal, ExpiryList::Soon, days, at, None).await?;
+    let expired = expiring_page(services, principal, ExpiryList::Expired, days, at, None).await?;
+    call.items(soon.items.len() + expired.items.len());
     Ok(ExpiringLists { at, soon, expired })
+}
+
+/// The page of one expiry list that follows `after` (the last row the officer saw).
+pub async fn expiring_next(
+    services: &Services,
+    principal: &Principal,
+    list: ExpiryList,
+    days: i64,
+    after: &ExpiryCursor,
+    call: &mut Call,
+) -> Result<(DateTime<Utc>, ExpiringPage), ServiceError> {
+    require_officer(principal)?;
+    let at = services.clock.now();
+    let page = expiring_page(services, principal, list, days, at, Some(after)).await?;
+    call.items(page.items.len());
+    Ok((at, page))
+}
+
+async fn expiring_page(
+    services: &Services,
+    principal: &Principal,
+    list: ExpiryList,
+    days: i64,
+    at: DateTime<Utc>,
+    after: Option<&ExpiryCursor>,
+) -> Result<ExpiringPage, ServiceError> {
+    let registries: Vec<i64> = principal.registries.iter().copied().collect();
+    let (from, to) = match list {
+        ExpiryList::Soon => (at, at + chrono::Duration::days(days)),
+        ExpiryList::Expired => (at - chrono::Duration::days(EXPIRED_DAYS), at),
+    };
+    Ok(services
+        .store
+        .consents_expiring(&registries, from, to, after, EXPIRING_PAGE)
+        .await?)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use crate::aggregate::{
     self, CountTable, DelayTable, Dimension, Filter, Key, QueryError, TableBuilder,
 };
 use crate::auth::{AuthError, Principal, Role};
-use crate::domain::{CodeCatalog, CodeSystem, HpoTerm};
+use crate::domain::{CodeCatalog, CodeSystem, HpoTerm, Lookup};
 use crate::domain::{FieldViolations, RegistryCode};
 use crate::store::research::{ExpertiseRow, PhenotypeFilter, ResearchError, Selection};
 use crate::store::writer::AfterCommit;
@@ -574,6 +574,22 @@ pub fn names(
         }
     }
     out
+}
+
+/// Why `code` is not a code of the release in force of `system` at all (neither a code,
+/// current or obsolete, nor another name of one): "HP:0001251 is not a code of HPO
+/// 2025-01-16; near matches: …". `None` when the release holds it, or when no release
+/// of `system` is in force (then nothing can be said). The web console refuses such
+/// filter values; the API counts them as codes nothing is stored under.
+pub fn not_in_release(catalog: &CodeCatalog, system: CodeSystem, code: &str) -> Option<String> {
+    let release = catalog.release(system)?;
+    if release.knows(code) {
+        return None;
+    }
+    match release.lookup(code, false) {
+        Lookup::Rejected(why) => Some(format!("{code} {why}")),
+        _ => None,
+    }
 }
 
 /// Current Orphacodes whose preferred name starts with `prefix` (case-insensitive), with

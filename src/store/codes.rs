@@ -8,7 +8,9 @@
 //! that appends the audit entry (`service::admin::run_action`) then gives it its version
 //! and puts it in force ([`finish`]), or, refused, it is removed ([`discard`]). So a
 //! running server's writes never wait for a whole import, and a release is only ever
-//! usable once complete and audited.
+//! usable once complete and audited. An import that dies between the two (a crash, a
+//! kill) leaves a staged release whose heartbeat (`staged_at`, raised with each batch)
+//! stops: [`remove_abandoned`] removes it at the next server start or import.
 
 use sqlx::{AnyConnection, Row};
 use tokio::sync::mpsc;
@@ -55,6 +57,7 @@ pub struct Imported {
 /// is not in force. On any error what was written is removed again.
 pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Staged> {
     let started = std::time::Instant::now();
+    remove_abandoned(store, now_millis).await?;
     let system = source.system();
     let described = source.describe();
     let (tx, mut rx) = mpsc::channel::<Message>(4);
@@ -98,8 +101,8 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                     // date only through its lines): `finish` gives the real one.
                     let id: i64 = sqlx::query(
                         "INSERT INTO code_releases (system, version, released_on, imported_at, \
-                                                    source, terms, in_force) \
-                         VALUES ($1, $2, $3, $4, $5, 0, 0) RETURNING id",
+                                                    source, terms, in_force, staged_at) \
+                         VALUES ($1, $2, $3, $4, $5, 0, 0, $4) RETURNING id",
                     )
                     .bind(system.as_str())
                     .bind(format!("(importing at {now_millis})"))
@@ -115,6 +118,12 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                     let id = release_id
                         .ok_or_else(|| StoreError::Invalid("items before the header".into()))?;
                     let counts = insert_items(&mut db, id, &items).await?;
+                    // The heartbeat: this import is alive (`remove_abandoned`).
+                    sqlx::query("UPDATE code_releases SET staged_at = $1 WHERE id = $2")
+                        .bind(chrono::Utc::now().timestamp_millis())
+                        .bind(id)
+                        .execute(&mut *db)
+                        .await?;
                     terms += counts.0;
                     parents += counts.1;
                     aliases += counts.2;
@@ -156,6 +165,42 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
         discard(store, id).await?;
     }
     outcome
+}
+
+/// How long a staged release may go without a committed batch before it counts as
+/// abandoned (its import crashed or was killed). A live import commits a batch every
+/// few seconds at most.
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Removes the releases whose import stopped without finishing: staged (never finished,
+/// never in force) and without a committed batch for [`ABANDONED_AFTER`] before
+/// `now_millis`. Returns what was removed ("hpo (importing at …)"), for the log. Run at
+/// a server's start and at the start of every import; an import still running in
+/// another process keeps its release (its heartbeat is recent).
+pub async fn remove_abandoned(store: &Store, now_millis: i64) -> Result<Vec<String>> {
+    let stale_before = now_millis - ABANDONED_AFTER.as_millis() as i64;
+    let rows = sqlx::query(
+        "SELECT id, system, version FROM code_releases \
+         WHERE staged_at IS NOT NULL AND staged_at < $1 AND in_force = 0 ORDER BY id",
+    )
+    .bind(stale_before)
+    .fetch_all(store.pool())
+    .await?;
+    let mut removed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: i64 = row.try_get(0)?;
+        let system: String = row.try_get(1)?;
+        let version: String = row.try_get(2)?;
+        discard(store, id).await?;
+        tracing::warn!(
+            release_id = id,
+            system = %system,
+            version = %version,
+            "removed a code release whose import stopped without finishing (a crash or a kill)"
+        );
+        removed.push(format!("{system} {version}"));
+    }
+    Ok(removed)
 }
 
 /// Removes a staged release and its rows.
@@ -200,8 +245,9 @@ pub async fn finish(
             system.name()
         )));
     }
-    sqlx::query(
-        "UPDATE code_releases SET version = $1, released_on = $2, terms = $3 WHERE id = $4",
+    let finished = sqlx::query(
+        "UPDATE code_releases SET version = $1, released_on = $2, terms = $3, staged_at = NULL \
+         WHERE id = $4 AND staged_at IS NOT NULL",
     )
     .bind(version.as_str())
     .bind(staged.header.released_on.as_deref())
@@ -209,6 +255,11 @@ pub async fn finish(
     .bind(staged.release_id)
     .execute(&mut *conn)
     .await?;
+    if finished.rows_affected() != 1 {
+        return Err(StoreError::Invalid(
+            "the imported rows are gone (removed as an abandoned import): import again".into(),
+        ));
+    }
     if activate {
         set_in_force(conn, system, &version).await?;
     }
@@ -333,11 +384,14 @@ pub async fn set_in_force(
     system: CodeSystem,
     version: &str,
 ) -> Result<()> {
-    let found = sqlx::query("SELECT id FROM code_releases WHERE system = $1 AND version = $2")
-        .bind(system.as_str())
-        .bind(version)
-        .fetch_optional(&mut *conn)
-        .await?;
+    // A staged release (an import not finished, or abandoned) is never put in force.
+    let found = sqlx::query(
+        "SELECT id FROM code_releases WHERE system = $1 AND version = $2 AND staged_at IS NULL",
+    )
+    .bind(system.as_str())
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await?;
     if found.is_none() {
         return Err(StoreError::NotFound(format!(
             "{} release {version}",

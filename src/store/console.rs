@@ -38,10 +38,41 @@ pub struct SessionRow {
 /// A consent decision in force that expires (or expired) at `expires_at`.
 #[derive(Debug, Clone)]
 pub struct Expiring {
+    pub registry_id: i64,
     pub registry_code: String,
     pub pseudonym: String,
     pub scope: Scope,
     pub expires_at: DateTime<Utc>,
+}
+
+impl Expiring {
+    /// The cursor of the page that starts after this row.
+    pub fn cursor(&self) -> ExpiryCursor {
+        ExpiryCursor {
+            expires_at: millis(self.expires_at),
+            registry_id: self.registry_id,
+            pseudonym: self.pseudonym.clone(),
+            scope: self.scope.as_str().to_owned(),
+        }
+    }
+}
+
+/// Where a page of an expiry list starts: after the row with these values (the list's
+/// order is expiry in milliseconds, registry id, pseudonym, scope).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiryCursor {
+    pub expires_at: i64,
+    pub registry_id: i64,
+    pub pseudonym: String,
+    pub scope: String,
+}
+
+/// A page of an expiry list.
+#[derive(Debug, Clone, Default)]
+pub struct ExpiringPage {
+    pub items: Vec<Expiring>,
+    /// Rows follow this page.
+    pub more: bool,
 }
 
 impl Store {
@@ -230,33 +261,59 @@ impl Store {
         )))
     }
 
-    /// Granted decisions in force in `registries` whose expiry lies in `[from, to)`,
-    /// soonest first, at most `limit`.
+    /// A page of the granted decisions in force in `registries` whose expiry lies in
+    /// `[from, to)`, in the order (expiry, registry, pseudonym, scope), starting after
+    /// `after` (the last row of the page before), at most `limit` rows; `more` tells
+    /// whether rows follow.
+    ///
+    /// One query per registry, each a range of the index `consent_current_expiry`
+    /// (migration 0015) read in its order and cut at `limit + 1` rows: the work is the
+    /// page's, whatever the size of the registry.
     pub async fn consents_expiring(
         &self,
         registries: &[i64],
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        after: Option<&ExpiryCursor>,
         limit: i64,
-    ) -> Result<Vec<Expiring>> {
-        let mut out = Vec::new();
+    ) -> Result<ExpiringPage> {
+        let mut items = Vec::new();
         for &registry_id in registries {
+            // Rows at the cursor's instant come after it in a later registry, after its
+            // (pseudonym, scope) in its own registry, and not at all in an earlier one.
+            let (low, at, relation, pseudonym, scope) = match after {
+                None => (millis(from), millis(from) - 1, 1, "", ""),
+                Some(c) => (
+                    millis(from).max(c.expires_at),
+                    c.expires_at,
+                    (registry_id - c.registry_id).signum(),
+                    c.pseudonym.as_str(),
+                    c.scope.as_str(),
+                ),
+            };
             let rows = sqlx::query(
                 "SELECT r.code, c.pseudonym, c.scope, c.expires_at \
                  FROM consent_current c JOIN registries r ON r.id = c.registry_id \
                  WHERE c.registry_id = $1 AND c.state = 'granted' \
-                   AND c.expires_at IS NOT NULL AND c.expires_at >= $2 AND c.expires_at < $3 \
-                 ORDER BY c.expires_at, c.pseudonym LIMIT $4",
+                   AND c.expires_at >= $2 AND c.expires_at < $3 \
+                   AND (c.expires_at > $4 OR (c.expires_at = $4 AND ($5 = 1 OR ($5 = 0 \
+                        AND (c.pseudonym > $6 OR (c.pseudonym = $6 AND c.scope > $7)))))) \
+                 ORDER BY c.expires_at, c.pseudonym, c.scope LIMIT $8",
             )
             .bind(registry_id)
-            .bind(millis(from))
+            .bind(low)
             .bind(millis(to))
-            .bind(limit)
+            .bind(at)
+            .bind(relation)
+            .bind(pseudonym)
+            .bind(scope)
+            .bind(limit + 1)
             .fetch_all(self.pool())
             .await?;
             for r in rows {
                 let scope: String = r.try_get(2)?;
-                out.push(Expiring {
+                items.push(Expiring {
+                    registry_id,
                     registry_code: r.try_get(0)?,
                     pseudonym: r.try_get(1)?,
                     scope: Scope::parse_db(&scope)
@@ -265,9 +322,18 @@ impl Store {
                 });
             }
         }
-        out.sort_by_key(|e| e.expires_at);
-        out.truncate(usize::try_from(limit).unwrap_or(0));
-        Ok(out)
+        items.sort_by(|a, b| {
+            (a.expires_at, a.registry_id, &a.pseudonym, a.scope.as_str()).cmp(&(
+                b.expires_at,
+                b.registry_id,
+                &b.pseudonym,
+                b.scope.as_str(),
+            ))
+        });
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let more = items.len() > limit;
+        items.truncate(limit);
+        Ok(ExpiringPage { items, more })
     }
 }
 

@@ -141,13 +141,13 @@ async fn submissions_are_checked_against_the_releases_in_force() {
     }
     let mut dr = app.physician("dr-codes", "NL-AMC").await;
 
-    // Unknown, deprecated and renamed codes: INVALID_ARGUMENT on each field, with a hint
-    // and never the code sent.
+    // Unknown, obsolete (without a replacement) and renamed codes: INVALID_ARGUMENT on
+    // each field, with a hint and never the code sent.
     let status = dr
         .submit_case(case(
             2,
             &["HP:0001251", "HP:0030057"],
-            "ORPHA:99999",
+            "ORPHA:88888",
             "ABCC7",
         ))
         .await
@@ -167,7 +167,7 @@ async fn submissions_are_checked_against_the_releases_in_force() {
     has("record.hpo_terms[1]", "is obsolete in HPO 2025-01-16");
     has(
         "record.diagnosis.orphacode",
-        "use ORPHA:558 (Marfan syndrome) instead",
+        "is obsolete in Orphanet 2024-12-02 and has no replacement; choose a current code",
     );
     has(
         "record.genetic_findings[0].gene",
@@ -179,15 +179,36 @@ async fn submissions_are_checked_against_the_releases_in_force() {
     );
     assert_eq!(app.count("cases").await, 0);
 
-    // An obsolete term with a replacement, and a merged id: stored as the current term,
-    // and the answer says so.
+    // A deprecated Orphacode "moved to" another, an obsolete term with a replacement,
+    // and a merged id: stored as the current codes, and the answer says so.
     let r = dr
-        .submit_case(case(3, &["HP:0000057", "HP:0000624"], "ORPHA:558", "FBN1"))
+        .submit_case(case(
+            3,
+            &["HP:0000057", "HP:0000624"],
+            "ORPHA:99999",
+            "FBN1",
+        ))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.replaced_codes.len(), 2, "{:?}", r.replaced_codes);
-    let first = &r.replaced_codes[0];
+    assert_eq!(r.replaced_codes.len(), 3, "{:?}", r.replaced_codes);
+    let orpha = &r.replaced_codes[0];
+    assert_eq!(
+        (
+            orpha.field.as_str(),
+            orpha.given.as_str(),
+            orpha.stored.as_str()
+        ),
+        ("record.diagnosis.orphacode", "ORPHA:99999", "ORPHA:558")
+    );
+    assert!(
+        orpha.note.contains(
+            "obsolete in Orphanet 2024-12-02, replaced by ORPHA:558 (Marfan syndrome); stored as ORPHA:558"
+        ),
+        "{}",
+        orpha.note
+    );
+    let first = &r.replaced_codes[1];
     assert_eq!(
         (
             first.field.as_str(),
@@ -201,7 +222,7 @@ async fn submissions_are_checked_against_the_releases_in_force() {
             .note
             .contains("replaced by HP:0008665 (Clitoral hypertrophy)")
     );
-    assert_eq!(r.replaced_codes[1].stored, "HP:0000286");
+    assert_eq!(r.replaced_codes[2].stored, "HP:0000286");
     assert_eq!(
         r.code_releases,
         "hpo 2025-01-16, orphanet 2024-12-02, hgnc 2025-02-25"
@@ -215,9 +236,12 @@ async fn submissions_are_checked_against_the_releases_in_force() {
         .unwrap()
         .current
         .unwrap();
+    let stored_record = stored.record.unwrap();
+    assert_eq!(stored_record.hpo_terms, ["HP:0008665", "HP:0000286"]);
     assert_eq!(
-        stored.record.unwrap().hpo_terms,
-        ["HP:0008665", "HP:0000286"]
+        stored_record.diagnosis.unwrap().orphacode,
+        "ORPHA:558",
+        "stored as the replacement"
     );
     assert_eq!(stored.code_releases, r.code_releases);
 
@@ -504,4 +528,255 @@ async fn ontology_questions_need_the_release_in_force() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn the_console_research_pages_filter_along_the_ontology_and_name_the_codes() {
+    use crate::console::{Web, console_app, console_user, error_next_to};
+    let app = console_app(ServeArgs::default()).await;
+    app.import_fixture_releases().await;
+    let mut dr = app.physician("dr-console-onto", "NL-AMC").await;
+    let mut seed = 3000;
+    for (n, hpo, orpha, gene) in [
+        (5, "HP:0002069", "ORPHA:284963", "FBN1"),
+        (3, "HP:0002384", "ORPHA:284973", "FBN1"),
+        (6, "HP:0006528", "ORPHA:586", "CFTR"),
+    ] {
+        for _ in 0..n {
+            seed += 1;
+            dr.submit_case(case(seed, &[hpo], orpha, gene))
+                .await
+                .unwrap();
+        }
+    }
+    let secret = console_user(&app, "res-console", Role::Researcher, None, &["ERN-LUNG"]).await;
+    let mut web = Web::new(app.console.unwrap());
+    web.sign_in(&app, "res-console", &secret).await;
+    let form = web.get("/research").await;
+    assert!(form.body.contains("value=\"PHENOTYPE\""), "{}", form.body);
+    assert!(
+        form.body
+            .contains("<label for=\"filters-0--include_descendants\">")
+    );
+    let csrf = form.csrf();
+    let ask = |path: &'static str, extra: Vec<(&'static str, &'static str)>| {
+        let mut fields = vec![
+            ("csrf", csrf.clone()),
+            ("registry", "ERN-LUNG".to_string()),
+            ("group_by[0]", "DIAGNOSIS".to_string()),
+        ];
+        fields.extend(extra.into_iter().map(|(k, v)| (k, v.to_string())));
+        (path, fields)
+    };
+    let post = async |web: &mut Web, (path, fields): (&str, Vec<(&str, String)>)| {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        web.post(path, &fields).await
+    };
+
+    // Marfan syndrome with its subtypes: both subtypes' rows, named; not cystic fibrosis.
+    let marfan = post(
+        &mut web,
+        ask(
+            "/research/count",
+            vec![
+                ("filters[0].dimension", "DIAGNOSIS"),
+                ("filters[0].values", "ORPHA:558"),
+                ("filters[0].include_descendants", "on"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(marfan.status, 200, "{}", marfan.body);
+    assert!(
+        marfan
+            .body
+            .contains("ORPHA:284963 <span class=\"name\">Marfan syndrome type 1</span>"),
+        "{}",
+        marfan.body
+    );
+    assert!(
+        marfan
+            .body
+            .contains("ORPHA:284973 <span class=\"name\">Marfan syndrome type 2</span>")
+    );
+    assert!(!marfan.body.contains("ORPHA:586"));
+    // The code alone: nobody is coded with exactly it.
+    let alone = post(
+        &mut web,
+        ask(
+            "/research/count",
+            vec![
+                ("filters[0].dimension", "DIAGNOSIS"),
+                ("filters[0].values", "ORPHA:558"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(alone.status, 200);
+    assert!(!alone.body.contains("ORPHA:284963"));
+
+    // Seizure and every term below it (5 + 3), in the count table and the delay chart.
+    let seizure = vec![
+        ("filters[0].dimension", "PHENOTYPE"),
+        ("filters[0].values", "HP:0001250"),
+        ("filters[0].include_descendants", "on"),
+    ];
+    let counted = post(&mut web, ask("/research/count", seizure.clone())).await;
+    assert_eq!(counted.status, 200, "{}", counted.body);
+    assert!(counted.body.contains("Marfan syndrome type 1"));
+    assert!(!counted.body.contains("Cystic fibrosis"));
+    let delay = post(&mut web, ask("/research/delay", seizure)).await;
+    assert_eq!(delay.status, 200, "{}", delay.body);
+    assert!(
+        delay
+            .body
+            .contains("ORPHA:284963 <span class=\"name\">Marfan syndrome type 1</span>")
+    );
+
+    // Codes the releases in force do not hold: an error next to the field, with the
+    // release's near matches; nothing counted.
+    let unknown = post(
+        &mut web,
+        ask(
+            "/research/count",
+            vec![
+                ("filters[0].dimension", "PHENOTYPE"),
+                ("filters[0].values", "HP:0001251"),
+                ("filters[1].dimension", "DIAGNOSIS"),
+                ("filters[1].values", "ORPHA:5580"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert!(
+        error_next_to(
+            &unknown,
+            "filters[0].values",
+            "HP:0001251 is not a code of HPO 2025-01-16; near matches: HP:0001250 (Seizure)"
+        ),
+        "{}",
+        unknown.body
+    );
+    assert!(
+        error_next_to(
+            &unknown,
+            "filters[1].values",
+            "ORPHA:5580 is not a code of Orphanet 2024-12-02; near matches: ORPHA:558 (Marfan syndrome)"
+        ),
+        "{}",
+        unknown.body
+    );
+    // Descendants of a dimension without any: next to the check box.
+    let sex = post(
+        &mut web,
+        ask(
+            "/research/count",
+            vec![
+                ("filters[0].dimension", "SEX"),
+                ("filters[0].values", "female"),
+                ("filters[0].include_descendants", "on"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(sex.status, 400);
+    assert!(error_next_to(
+        &sex,
+        "filters[0].include_descendants",
+        "only a diagnosis"
+    ));
+}
+
+/// Inserts what an import leaves when it dies before finishing: a staged release of
+/// `system` with a code, whose last batch was committed at `heartbeat` (ms); its id.
+async fn staged_release(app: &TestApp, system: &str, heartbeat: i64) -> i64 {
+    use sqlx::Row;
+    let id: i64 = sqlx::query(
+        "INSERT INTO code_releases (system, version, released_on, imported_at, source, terms, \
+                                    in_force, staged_at) \
+         VALUES ($1, $2, NULL, $3, 'a file', 0, 0, $3) RETURNING id",
+    )
+    .bind(system)
+    .bind(format!("(importing at {heartbeat})"))
+    .bind(heartbeat)
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap()
+    .try_get(0)
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO code_terms (release_id, code, label, obsolete, replaced_by) \
+         VALUES ($1, 'HP:0000001', 'All', 0, NULL)",
+    )
+    .bind(id)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    id
+}
+
+async fn release_exists(app: &TestApp, id: i64) -> bool {
+    sqlx::query("SELECT 1 FROM code_releases WHERE id = $1")
+        .bind(id)
+        .fetch_optional(app.store.pool())
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test]
+async fn an_import_that_died_is_removed_at_the_next_start_or_import_and_never_put_in_force() {
+    let app = TestApp::spawn().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let hour_ago = now - 3_600_000;
+    // A crashed import (no batch for an hour), and one another process is writing now.
+    let crashed = staged_release(&app, "hpo", hour_ago).await;
+    let running = staged_release(&app, "hgnc", now).await;
+    // Neither can be put in force.
+    for (system, at) in [("hpo", hour_ago), ("hgnc", now)] {
+        let out = app.codes_cli(&[
+            "activate",
+            "--system",
+            system,
+            "--version",
+            &format!("(importing at {at})"),
+        ]);
+        assert!(!out.status.success(), "{out:?}");
+    }
+    assert_eq!(
+        app.store.code_releases_in_force().await.unwrap(),
+        Vec::<i64>::new()
+    );
+
+    // A server start removes the crashed one with its rows, and keeps the live one.
+    let app = app.restarted_with(ServeArgs::default()).await;
+    assert!(!release_exists(&app, crashed).await);
+    assert!(release_exists(&app, running).await);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM code_terms WHERE release_id = $1")
+        .bind(crashed)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(logs().contains("removed a code release whose import stopped without finishing"));
+
+    // The next import removes one that died since, and goes ahead.
+    let crashed_again = staged_release(&app, "orphanet", hour_ago).await;
+    app.codes_ok(&[
+        "import",
+        "hgnc",
+        "--tsv",
+        &fixture("hgnc_complete_set.txt").display().to_string(),
+    ]);
+    assert!(!release_exists(&app, crashed_again).await);
+    let listed = app.codes_ok(&["list"]);
+    assert!(
+        listed.contains("hgnc      2025-02-25     IN FORCE"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&format!("(importing at {hour_ago})")),
+        "{listed}"
+    );
 }

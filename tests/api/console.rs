@@ -516,7 +516,7 @@ async fn every_response_carries_the_security_headers() {
 }
 
 /// The field of `page` named `field` is followed by its error message.
-fn error_next_to(page: &Page, field: &str, message: &str) -> bool {
+pub fn error_next_to(page: &Page, field: &str, message: &str) -> bool {
     let id = field.replace(['.', '[', ']'], "-");
     let marker = format!("id=\"{id}-error\"");
     page.body.find(&marker).is_some_and(|at| {
@@ -784,6 +784,139 @@ async fn expiring_consents_are_listed_for_follow_up() {
         .unwrap();
     assert!(!upcoming.contains(&pseudonym));
     assert!(expired.contains(&pseudonym));
+}
+
+/// The (registry, pseudonym, scope, expiry) rows of an expiry list page, in order.
+fn expiry_rows(body: &str) -> Vec<(String, String, String, String)> {
+    let mut out = Vec::new();
+    for row in body.split("<tr>").skip(1) {
+        let cells: Vec<&str> = row
+            .split("<td")
+            .skip(1)
+            .map(|c| {
+                let c = &c[c.find('>').unwrap() + 1..];
+                &c[..c.find("</td>").unwrap()]
+            })
+            .collect();
+        if cells.len() >= 4 {
+            out.push((
+                cells[0].to_owned(),
+                cells[1].to_owned(),
+                cells[2].to_owned(),
+                cells[3].to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+/// The fields of the page's "next" form of an expiry list, if any.
+fn next_form(body: &str) -> Option<Vec<(String, String)>> {
+    let start = body.find("name=\"list\"")?;
+    let form = &body[body[..start].rfind("<form")?..];
+    let form = &form[..form.find("</form>")?];
+    Some(
+        form.split("<input")
+            .skip(1)
+            .map(|i| {
+                let attr = |name: &str| {
+                    let at = i.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+                    i[at..].split('"').next().unwrap().to_owned()
+                };
+                (attr("name"), attr("value"))
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn expiry_lists_come_in_pages_in_a_stable_order_across_registries() {
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(
+        &app,
+        "officer-two",
+        Role::ConsentOfficer,
+        None,
+        &["ERN-EYE", "ERN-LUNG"],
+    )
+    .await;
+    let mut physician = app.physician("dr-expiry", "NL-UMCU").await;
+    // 230 research consents that expire: most at one and the same instant (ties the
+    // order must break the same way on every page), the others a day apart.
+    let tie = app.clock.now() + Duration::days(5);
+    let mut expected = 0;
+    for i in 0..230u32 {
+        let registry = if i % 2 == 0 { "ERN-EYE" } else { "ERN-LUNG" };
+        let mut request = submission(registry, national("NL", &bsn(5000 + i)));
+        let expires = if i % 4 == 0 {
+            tie + Duration::days(i64::from(i % 20))
+        } else {
+            tie
+        };
+        request.consent[1].expires_at =
+            Some(ern_registry::api::convert::timestamp_to_proto(expires));
+        physician.submit_case(request).await.unwrap();
+        expected += 1;
+    }
+    let mut web = Web::new(app.console.unwrap());
+    web.sign_in(&app, "officer-two", &secret).await;
+    let first = web.get("/officer/expiring?days=30").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let (soon, expired) = first
+        .body
+        .split_once("Expired in the last 90 days")
+        .unwrap();
+    assert!(expiry_rows(expired).is_empty());
+    let mut seen = expiry_rows(soon);
+    assert_eq!(seen.len(), 100, "a page holds 100 rows");
+    let mut next = next_form(&first.body);
+    let mut pages = 1;
+    while let Some(fields) = next {
+        let csrf = first.csrf();
+        let mut body: Vec<(&str, &str)> = vec![("csrf", &csrf)];
+        body.extend(
+            fields
+                .iter()
+                .filter(|(k, _)| k != "csrf")
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        let page = web.post("/officer/expiring", &body).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let rows = expiry_rows(&page.body);
+        assert!(rows.len() <= 100);
+        seen.extend(rows);
+        next = next_form(&page.body);
+        pages += 1;
+        assert!(pages < 10, "the pages do not end");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), expected, "every row once");
+    let distinct: std::collections::BTreeSet<_> = seen.iter().map(|r| (&r.0, &r.1)).collect();
+    assert_eq!(distinct.len(), expected, "no row twice");
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| (&a.3, &a.0, &a.1).cmp(&(&b.3, &b.0, &b.1)));
+    assert_eq!(
+        seen.iter().map(|r| &r.3).collect::<Vec<_>>(),
+        sorted.iter().map(|r| &r.3).collect::<Vec<_>>(),
+        "soonest first"
+    );
+    assert!(seen.iter().any(|r| r.0 == "ERN-EYE") && seen.iter().any(|r| r.0 == "ERN-LUNG"));
+    // No pseudonym in any URL: the next pages are POSTs.
+    for url in &web.urls {
+        assert!(seen.iter().all(|r| !url.contains(&r.1)), "{url}");
+    }
+    // A damaged page link is an error, not a list from somewhere.
+    let damaged = web
+        .post(
+            "/officer/expiring",
+            &[
+                ("csrf", &first.csrf()),
+                ("list", "soon"),
+                ("after.expires_at", "x"),
+            ],
+        )
+        .await;
+    assert_eq!(damaged.status, 400);
 }
 
 #[tokio::test]

@@ -8,6 +8,10 @@
 //! checked (HttpOnly, Secure over http://127.0.0.1, SameSite=Strict) and screenshots are
 //! saved to `target/console-screenshots/` (some are copied into docs/console/).
 //!
+//! A third test does an officer's errand with the keyboard alone (Tab, Enter and typing):
+//! sign in, open the expiry list from the navigation, open a patient from it, with a
+//! visible focus outline on every stop and the stops in reading order.
+//!
 //! Without chromedriver the tests say so loudly and pass, unless `CI` is set: then they
 //! fail (`scripts/test` installs chromium and chromium-driver).
 
@@ -18,6 +22,7 @@ use ern_registry::auth::Role;
 use ern_registry::clock::Clock;
 use ern_registry::config::ServeArgs;
 use ern_registry::service::console::current_code;
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::{Client, ClientBuilder, Locator};
 
 use crate::console::{PASSWORD, cohort, console_app, console_user};
@@ -310,5 +315,126 @@ async fn a_researcher_sees_a_table_and_the_delay_chart_in_chromium() {
         .unwrap();
     assert_eq!(bg, "rgba(18, 58, 94, 1)");
     shot(&c, "research-delay").await;
+    c.close().await.unwrap();
+}
+
+const TAB: char = '\u{E004}';
+const ENTER: char = '\u{E007}';
+
+/// Presses and releases one key, as a keyboard does (no element targeted).
+async fn press(c: &Client, key: char) {
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down { value: key })
+        .then(KeyAction::Up { value: key });
+    c.perform_actions(keys).await.unwrap();
+}
+
+/// Types into the focused element.
+async fn type_text(c: &Client, text: &str) {
+    for ch in text.chars() {
+        press(c, ch).await;
+    }
+}
+
+/// The focused element, described ("input#name", "a:Expiring consents"), after checking
+/// that its focus is visible (a solid outline of at least 2px).
+async fn focused(c: &Client) -> String {
+    let el = c.active_element().await.unwrap();
+    let tag = el.tag_name().await.unwrap();
+    let id = el.attr("id").await.unwrap().unwrap_or_default();
+    let text = el.text().await.unwrap_or_default();
+    let what = if id.is_empty() {
+        format!("{tag}:{}", text.trim())
+    } else {
+        format!("{tag}#{id}")
+    };
+    let style = el.css_value("outline-style").await.unwrap();
+    let width = el.css_value("outline-width").await.unwrap();
+    let px: f64 = width.trim_end_matches("px").parse().unwrap_or(0.0);
+    assert!(
+        style != "none" && px >= 2.0,
+        "no visible focus on {what}: outline {style} {width}"
+    );
+    what
+}
+
+/// Tabs (at most 40 times) until the focused element is `target`; returns every stop.
+async fn tab_to(c: &Client, target: &str) -> Vec<String> {
+    let mut stops = Vec::new();
+    for _ in 0..40 {
+        press(c, TAB).await;
+        let now = focused(c).await;
+        stops.push(now.clone());
+        if now == target {
+            return stops;
+        }
+    }
+    panic!("Tab never reached {target}: {stops:?}");
+}
+
+#[tokio::test]
+async fn an_officer_does_an_errand_with_the_keyboard_alone_in_chromium() {
+    let Some(driver) = driver() else { return };
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(
+        &app,
+        "officer-eye",
+        Role::ConsentOfficer,
+        None,
+        &["ERN-EYE"],
+    )
+    .await;
+    // A patient whose research consent expires in ten days.
+    let mut physician = app.physician("dr-keys", "NL-AMC").await;
+    let mut request = submission("ERN-EYE", national("NL", &bsn(4242)));
+    request.consent[1].expires_at = Some(ern_registry::api::convert::timestamp_to_proto(
+        app.clock.now() + chrono::Duration::days(10),
+    ));
+    physician.submit_case(request).await.unwrap();
+    let base = format!("http://{}", app.console.unwrap());
+    let c = browser(&driver).await;
+
+    // Sign in: the skip link first, then the fields in the order they are read.
+    c.goto(&format!("{base}/sign-in")).await.unwrap();
+    let stops = tab_to(&c, "input#name").await;
+    assert_eq!(stops, ["a:Skip to the content", "input#name"]);
+    type_text(&c, "officer-eye").await;
+    assert_eq!(tab_to(&c, "input#password").await, ["input#password"]);
+    type_text(&c, PASSWORD).await;
+    assert_eq!(tab_to(&c, "input#code").await, ["input#code"]);
+    type_text(&c, &current_code(&secret, app.clock.now())).await;
+    press(&c, ENTER).await;
+    expect_heading(&c, "Welcome").await;
+
+    // The navigation, in order, to the expiry list.
+    let stops = tab_to(&c, "a:Expiring consents").await;
+    assert_eq!(
+        stops,
+        [
+            "a:Skip to the content",
+            "a:Home",
+            "a:Find a patient",
+            "a:Expiring consents"
+        ]
+    );
+    press(&c, ENTER).await;
+    expect_heading(&c, "Expiring consents").await;
+    shot(&c, "keyboard-expiring").await;
+
+    // Past the rest of the header to the page's form, then the list's "open" button.
+    let stops = tab_to(&c, "button:open").await;
+    let at = |name: &str| {
+        stops
+            .iter()
+            .position(|s| s == name)
+            .unwrap_or_else(|| panic!("{name} not in {stops:?}"))
+    };
+    assert!(at("button:Sign out") < at("input#days"), "{stops:?}");
+    assert!(at("input#days") < at("button:Show"), "{stops:?}");
+    press(&c, ENTER).await;
+    expect_heading(&c, "Patient consent").await;
+    let page = c.source().await.unwrap();
+    assert!(page.contains("research_use") || page.contains("Research use"));
+    shot(&c, "keyboard-patient").await;
     c.close().await.unwrap();
 }
