@@ -325,7 +325,7 @@ impl Store {
                     "SELECT id, code, name, country FROM centres WHERE id IN ({})",
                     placeholders(1, ids.len())
                 );
-                let mut q = sqlx::query(&sql).persistent(false);
+                let mut q = sqlx::query(&sql).persistent(super::cacheable(ids.len()));
                 for id in ids {
                     q = q.bind(*id);
                 }
@@ -475,7 +475,11 @@ async fn load_slots(
          ORDER BY 1",
         patient = patient_columns(),
     );
-    let mut q = sqlx::query(&sql).persistent(false).bind(registry_id);
+    // Kept prepared when small (a catch-up after each commit of a quiet server names a
+    // slot or two): the statement is long, and parsing it was a cost of every commit.
+    let mut q = sqlx::query(&sql)
+        .persistent(super::cacheable(slots.len()))
+        .bind(registry_id);
     for slot in slots {
         q = q.bind(*slot);
     }
