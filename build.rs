@@ -18,6 +18,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("ern_registry_descriptor.bin"), fds.encode_to_vec())?;
+    // GA4GH Phenopacket v2, as published (proto/vendor/phenopackets, BSD-3-Clause): only
+    // its descriptors, for the schema's JSON form (prost-reflect); the Rust types come
+    // from the `phenopackets` crate, generated from the same files. Not served by
+    // reflection: the contract carries a phenopacket as JSON text.
+    let phenopackets = protox::compile(
+        ["phenopackets/schema/v2/phenopackets.proto"],
+        ["proto/vendor"],
+    )?;
+    fs::write(
+        out.join("phenopackets_descriptor.bin"),
+        phenopackets.encode_to_vec(),
+    )?;
     let builder = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -28,6 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             ".ern_registry.v1.NationalIdentifier",
             ".ern_registry.v1.DemographicIdentifiers",
+            // Its phenopacket text may carry an identifier in the fields the service
+            // ignores (`subject.id`): printed by its length only.
+            ".ern_registry.v1.SubmitPhenopacketRequest",
         ]);
     // Every message (and oneof) that can hold a patient identifier overwrites it when it
     // is dropped, on whatever path: an answer, an error, an early return, a cancelled

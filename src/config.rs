@@ -146,6 +146,9 @@ pub enum UploadFormat {
     Csv,
     /// JSON Lines: one SubmitCaseRequest per line, in the proto JSON form.
     Jsonl,
+    /// JSON Lines of GA4GH Phenopackets v2: one SubmitPhenopacketRequest per line, in
+    /// the proto JSON form, its `phenopacket` a JSON object or its text.
+    Phenopackets,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -164,7 +167,7 @@ pub struct UploadArgs {
     #[arg(long, env = "ERN_REGISTRY")]
     pub registry: Option<String>,
     /// The file's format. Default: from its extension (.jsonl and .ndjson are JSON Lines,
-    /// anything else CSV).
+    /// anything else CSV); phenopackets only when named.
     #[arg(long, value_enum)]
     pub format: Option<UploadFormat>,
     /// The result file (CSV: line, client reference, outcome, pseudonym, error). Default:

@@ -51,6 +51,23 @@ pub mod proto {
         }
     }
 
+    /// The phenopacket's text by its length: a client may have put an identifier in the
+    /// elements the service ignores (`id`, `subject.id`).
+    impl std::fmt::Debug for SubmitPhenopacketRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SubmitPhenopacketRequest")
+                .field("registry", &self.registry)
+                .field("patient", &self.patient)
+                .field(
+                    "phenopacket",
+                    &format_args!("<{} bytes, redacted>", self.phenopacket.len()),
+                )
+                .field("consent", &self.consent)
+                .field("client_reference", &self.client_reference)
+                .finish()
+        }
+    }
+
     impl std::fmt::Debug for DemographicIdentifiers {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("DemographicIdentifiers")
@@ -171,6 +188,19 @@ mod tests {
         };
         reference.zeroize();
         assert_eq!(reference, proto::PatientRef::default());
+    }
+
+    #[test]
+    fn a_phenopackets_text_never_prints() {
+        let mut request =
+            fixtures::phenopacket_submission("ERN-LUNG", fixtures::national("NL", fixtures::BSN));
+        request.phenopacket = request
+            .phenopacket
+            .replace("local-patient-17", fixtures::BSN);
+        let printed = format!("{request:?} {request:#?}");
+        assert!(!printed.contains(fixtures::BSN), "{printed}");
+        assert!(!printed.contains("local-case-17"), "{printed}");
+        assert!(printed.contains("bytes, redacted>"));
     }
 
     #[test]

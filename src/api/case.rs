@@ -17,7 +17,9 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::timestamp_to_proto;
-use super::{SharedState, audited, authorize, client_certificate, convert, rejection};
+use zeroize::Zeroize;
+
+use super::{SharedState, audited, authorize, client_certificate, convert, phenopacket, rejection};
 use crate::auth::{PresentedKey, Principal, Role};
 use crate::consent::ConsentDecision;
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
@@ -82,8 +84,27 @@ pub fn parse_submission(
     request: &proto::SubmitCaseRequest,
     now: DateTime<Utc>,
 ) -> Result<(PatientIdentity, CaseRecord, Vec<ConsentDecision>), FieldViolations> {
+    parse_parts(
+        request.patient.as_ref(),
+        |violations| parse_record(request.record.as_ref(), now, violations),
+        &request.consent,
+        &request.client_reference,
+        now,
+    )
+}
+
+/// [`parse_submission`] with the record parsed by `record` (which reports its own
+/// violations): the identifiers first, then the record, the consent attestation and the
+/// client reference.
+fn parse_parts(
+    patient: Option<&proto::PatientIdentifiers>,
+    record: impl FnOnce(&mut FieldViolations) -> Option<CaseRecord>,
+    consent: &[proto::ScopeConsent],
+    client_reference: &str,
+    now: DateTime<Utc>,
+) -> Result<(PatientIdentity, CaseRecord, Vec<ConsentDecision>), FieldViolations> {
     let mut violations = FieldViolations::new();
-    let identity = match request.patient.as_ref() {
+    let identity = match patient {
         None => {
             violations.push("patient", "is required");
             None
@@ -96,15 +117,52 @@ pub fn parse_submission(
             }
         },
     };
-    let record = parse_record(request.record.as_ref(), now, &mut violations);
-    let consent = parse_consent(&request.consent, now, &mut violations);
-    violations.check(
-        "client_reference",
-        ClientReference::parse(&request.client_reference),
-    );
+    let record = record(&mut violations);
+    let consent = parse_consent(consent, now, &mut violations);
+    violations.check("client_reference", ClientReference::parse(client_reference));
     match (identity, record) {
         (Some(identity), Some(record)) if violations.is_empty() => Ok((identity, record, consent)),
         _ => Err(violations),
+    }
+}
+
+/// Reads, maps and checks a phenopacket's JSON text as the record of a submission: the
+/// schema's JSON form, every element the record cannot hold, then the record's own
+/// checks, each violation named by the phenopacket's JSON path. Returns the paths too,
+/// for what the code releases find later. `ern-registry upload` runs it on every line of
+/// a phenopacket file before anything is sent.
+pub fn parse_phenopacket(
+    json: &str,
+    now: DateTime<Utc>,
+    violations: &mut FieldViolations,
+) -> Option<(CaseRecord, phenopacket::Mapped)> {
+    let mut parsed = match phenopacket::parse_json(json) {
+        Ok(parsed) => parsed,
+        Err(v) => {
+            violations.extend(v);
+            return None;
+        }
+    };
+    let mapped = phenopacket::to_record(&parsed);
+    // The ignored elements that may name the patient are overwritten here.
+    parsed.id.zeroize();
+    if let Some(subject) = parsed.subject.as_mut() {
+        subject.id.zeroize();
+        subject.alternate_ids.zeroize();
+    }
+    let mapped = match mapped {
+        Ok(mapped) => mapped,
+        Err(v) => {
+            violations.extend(v);
+            return None;
+        }
+    };
+    match convert::case_record(&mapped.record, now.date_naive()) {
+        Ok(record) => Some((record, mapped)),
+        Err(v) => {
+            violations.extend(mapped.rename(&v.nest("record")));
+            None
+        }
     }
 }
 
@@ -262,6 +320,115 @@ impl CaseApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
+    async fn submit_phenopacket_inner(
+        &self,
+        request: Request<proto::SubmitPhenopacketRequest>,
+        call: &mut Call,
+    ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
+        let principal = authorize(&self.state, &request, Role::Physician, call).await?;
+        let mut req = request.into_inner();
+        let access = cases::open(&self.state, &principal, &req.registry, "registry", call).await?;
+        let now = self.state.clock.now();
+        let mut paths = None;
+        let parsed = parse_parts(
+            req.patient.as_ref(),
+            |violations| {
+                let (record, mapped) = parse_phenopacket(&req.phenopacket, now, violations)?;
+                paths = Some(mapped);
+                Some(record)
+            },
+            &req.consent,
+            &req.client_reference,
+            now,
+        );
+        // As in SubmitCase: the identifiers (and the phenopacket's text, whose subject
+        // the client may have filled) are overwritten as soon as they are parsed.
+        drop(req.patient.take());
+        req.phenopacket.zeroize();
+        let (identity, record, consent) = parsed.map_err(ServiceError::from)?;
+        let paths = paths.expect("a parsed record has its paths");
+        let submission = cases::Submission {
+            identity,
+            record,
+            consent,
+        };
+        let stored = cases::submit(&self.state, &access, submission, call)
+            .await
+            .map_err(|e| match e {
+                ServiceError::Invalid(v) => ServiceError::Invalid(paths.rename(&v)),
+                e => e,
+            })?;
+        let mut replaced_codes = convert::replacements_to_proto(&stored.replaced, "record");
+        for replaced in &mut replaced_codes {
+            replaced.field = paths.path_of(&replaced.field);
+        }
+        Ok(Response::new(proto::SubmitCaseResponse {
+            pseudonym: stored.pseudonym.as_str().to_owned(),
+            version: stored.version as u32,
+            recorded_at: Some(timestamp_to_proto(stored.recorded_at)),
+            replaced_codes,
+            code_releases: stored.code_releases,
+        }))
+    }
+
+    async fn export_phenopackets_inner(
+        &self,
+        request: Request<proto::ExportPhenopacketsRequest>,
+        call: &mut Call,
+    ) -> Result<Response<proto::ExportPhenopacketsResponse>, Status> {
+        let principal = authorize(&self.state, &request, Role::Physician, call).await?;
+        let req = request.into_inner();
+        let access = cases::open(&self.state, &principal, &req.registry, "registry", call).await?;
+        let mut violations = FieldViolations::new();
+        let page_size = match req.page_size {
+            0 => cases::EXPORT_PAGE_DEFAULT,
+            n if n <= cases::EXPORT_PAGE_MAX => n,
+            _ => {
+                violations.push(
+                    "page_size",
+                    format!("must be at most {}", cases::EXPORT_PAGE_MAX),
+                );
+                cases::EXPORT_PAGE_DEFAULT
+            }
+        };
+        let mut after = String::new();
+        if !req.page_token.is_empty() {
+            match parse_pseudonym(&req.page_token, access.registry()) {
+                Ok(p) => after = p.as_str().to_owned(),
+                Err(_) => violations.push(
+                    "page_token",
+                    "is not a next_page_token of an export of this registry",
+                ),
+            }
+        }
+        violations.into_result().map_err(ServiceError::from)?;
+        let page = cases::export(&self.state, &access, &after, page_size, call).await?;
+        let catalog = self.state.codes.get();
+        let phenopackets = page
+            .iter()
+            .map(|case| {
+                let context = phenopacket::ExportContext {
+                    pseudonym: &case.pseudonym,
+                    recorded_at: case.version.recorded_at,
+                    recorded_by: &case.version.recorded_by,
+                    centre: access.centre_code(),
+                    code_releases: case.version.code_releases.as_deref(),
+                    catalog: Some(&catalog),
+                };
+                let record = convert::case_record_to_proto(&case.version.record);
+                phenopacket::to_json(&phenopacket::from_record(&record, &context))
+            })
+            .collect();
+        let next_page_token = match page.last() {
+            Some(last) if page.len() == page_size as usize => last.pseudonym.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ExportPhenopacketsResponse {
+            phenopackets,
+            next_page_token,
+        }))
+    }
+
     async fn get_case_inner(
         &self,
         request: Request<proto::GetCaseRequest>,
@@ -366,6 +533,30 @@ impl CaseService for CaseApi {
         request: Request<proto::GetCaseRequest>,
     ) -> Result<Response<proto::GetCaseResponse>, Status> {
         audited!(self, "CaseService/GetCase", get_case_inner, request)
+    }
+
+    async fn submit_phenopacket(
+        &self,
+        request: Request<proto::SubmitPhenopacketRequest>,
+    ) -> Result<Response<proto::SubmitCaseResponse>, Status> {
+        audited!(
+            self,
+            "CaseService/SubmitPhenopacket",
+            submit_phenopacket_inner,
+            request
+        )
+    }
+
+    async fn export_phenopackets(
+        &self,
+        request: Request<proto::ExportPhenopacketsRequest>,
+    ) -> Result<Response<proto::ExportPhenopacketsResponse>, Status> {
+        audited!(
+            self,
+            "CaseService/ExportPhenopackets",
+            export_phenopackets_inner,
+            request
+        )
     }
 
     async fn update_case(

@@ -270,3 +270,65 @@ pub async fn get(
         versions,
     })
 }
+
+/// Phenopackets per export page, when the caller names no size, and at most.
+pub const EXPORT_PAGE_DEFAULT: u32 = 50;
+pub const EXPORT_PAGE_MAX: u32 = 200;
+
+/// One case of an export page: its pseudonym and current version.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub pseudonym: String,
+    pub version: VersionView,
+}
+
+/// A page of the caller's centre's cases in the registry, current versions only, by
+/// pseudonym after `after` ('' : the first page). The same cases [`get`] reads: of the
+/// caller's centre, REGISTRY_INCLUSION in force now (filtered in the statement). The
+/// call's audit entry counts the cases returned.
+pub async fn export(
+    services: &Services,
+    access: &CaseAccess,
+    after: &str,
+    page_size: u32,
+    call: &mut Call,
+) -> Result<Vec<Exported>, ServiceError> {
+    let mut conn = services
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    let rows = cases::list_current(
+        &mut Db::Any(&mut conn),
+        access.registry.id,
+        access.centre.id,
+        services.clock.now(),
+        after,
+        i64::from(page_size),
+    )
+    .await?;
+    call.items(rows.len());
+    rows.into_iter()
+        .map(|(pseudonym, v)| {
+            Ok(Exported {
+                pseudonym,
+                version: VersionView {
+                    version: v.version,
+                    recorded_at: v.recorded_at,
+                    recorded_by: v.recorded_by,
+                    record: cases::from_row(&v.row)?,
+                    code_releases: v.row.code_releases,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()
+        .map_err(ServiceError::from)
+}
+
+impl CaseAccess {
+    /// Code of the caller's centre.
+    pub fn centre_code(&self) -> &str {
+        &self.centre.code
+    }
+}

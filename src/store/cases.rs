@@ -762,38 +762,81 @@ pub async fn get_case(
         versions: Vec::with_capacity(rows.len()),
     };
     for r in &rows {
-        let genetic_findings: String = r.try_get(20)?;
-        case.versions.push(StoredVersion {
-            version: r.try_get(2)?,
-            recorded_at: from_millis(r.try_get(3)?)?,
-            recorded_by: r.try_get(4)?,
-            row: CaseRow {
-                birth_year_month: r.try_get(5)?,
-                sex: r.try_get(6)?,
-                status: r.try_get(7)?,
-                date_of_death: r.try_get(8)?,
-                first_contact_date: r.try_get(9)?,
-                onset_kind: r.try_get(10)?,
-                onset_date: r.try_get(11)?,
-                undiagnosed: r.try_get::<i64>(12)? != 0,
-                orphacode: r.try_get(13)?,
-                diagnosis_date: r.try_get(14)?,
-                icd10: r.try_get(15)?,
-                icd11: r.try_get(16)?,
-                omim: r.try_get(17)?,
-                hpo_terms: r.try_get(18)?,
-                icf_codes: r.try_get(19)?,
-                genes: genes_of(&genetic_findings),
-                genetic_findings,
-                diagnosis_year: r.try_get(21)?,
-                onset_age_days: r.try_get(22)?,
-                diagnosis_age_days: r.try_get(23)?,
-                delay_days: r.try_get(24)?,
-                code_releases: r.try_get(25)?,
-            },
-        });
+        case.versions.push(version_from_row(r, 2)?);
     }
     Ok(Some(case))
+}
+
+/// A version read as `version, recorded_at, recorder name, birth_year_month, ...,
+/// code_releases` (the columns of [`get_case`]) from column `at` on.
+fn version_from_row(r: &Row, at: usize) -> Result<StoredVersion> {
+    let genetic_findings: String = r.try_get(at + 18)?;
+    Ok(StoredVersion {
+        version: r.try_get(at)?,
+        recorded_at: from_millis(r.try_get(at + 1)?)?,
+        recorded_by: r.try_get(at + 2)?,
+        row: CaseRow {
+            birth_year_month: r.try_get(at + 3)?,
+            sex: r.try_get(at + 4)?,
+            status: r.try_get(at + 5)?,
+            date_of_death: r.try_get(at + 6)?,
+            first_contact_date: r.try_get(at + 7)?,
+            onset_kind: r.try_get(at + 8)?,
+            onset_date: r.try_get(at + 9)?,
+            undiagnosed: r.try_get::<i64>(at + 10)? != 0,
+            orphacode: r.try_get(at + 11)?,
+            diagnosis_date: r.try_get(at + 12)?,
+            icd10: r.try_get(at + 13)?,
+            icd11: r.try_get(at + 14)?,
+            omim: r.try_get(at + 15)?,
+            hpo_terms: r.try_get(at + 16)?,
+            icf_codes: r.try_get(at + 17)?,
+            genes: genes_of(&genetic_findings),
+            genetic_findings,
+            diagnosis_year: r.try_get(at + 19)?,
+            onset_age_days: r.try_get(at + 20)?,
+            diagnosis_age_days: r.try_get(at + 21)?,
+            delay_days: r.try_get(at + 22)?,
+            code_releases: r.try_get(at + 23)?,
+        },
+    })
+}
+
+/// The current versions of a centre's cases in a registry whose REGISTRY_INCLUSION
+/// consent is in force at `now` (filtered in the same statement, as [`get_case`]), by
+/// pseudonym, the first `limit` after `after` ('' : from the start). Pseudonym, version.
+pub async fn list_current(
+    conn: &mut Db<'_>,
+    registry_id: i64,
+    centre_id: i64,
+    now: DateTime<Utc>,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<(String, StoredVersion)>> {
+    let sql = format!(
+        "SELECT c.pseudonym, v.version, v.recorded_at, p.name, v.birth_year_month, v.sex, \
+                v.status, v.date_of_death, v.first_contact_date, v.onset_kind, v.onset_date, \
+                v.undiagnosed, v.orphacode, v.diagnosis_date, v.icd10, v.icd11, v.omim, v.hpo_terms, \
+                v.icf_codes, v.genetic_findings, v.diagnosis_year, v.onset_age_days, \
+                v.diagnosis_age_days, v.delay_days, v.code_releases \
+         FROM cases c \
+         JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
+         JOIN principals p ON p.id = v.recorded_by \
+         WHERE c.registry_id = $1 AND c.centre_id = $2 AND c.pseudonym > $3 AND {} \
+         ORDER BY c.pseudonym LIMIT $5",
+        consent_model::active_in_history("c", Scope::RegistryInclusion, "$4")
+    );
+    let rows = db::query(&sql)
+        .bind(registry_id)
+        .bind(centre_id)
+        .bind(after)
+        .bind(millis(now))
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, version_from_row(r, 1)?)))
+        .collect()
 }
 
 /// Gene symbols of an encoded `genetic_findings` column ("GENE|variant GENE2").

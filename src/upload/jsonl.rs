@@ -1,6 +1,7 @@
-//! JSON Lines input of `ern-registry upload`: one `SubmitCaseRequest` per line in the
-//! proto3 JSON form (what `buf curl` and `grpcurl` take: lowerCamelCase or the proto's
-//! field names, enum names, RFC 3339 timestamps). Pure: no I/O.
+//! JSON Lines input of `ern-registry upload`: one `SubmitCaseRequest` (or, with
+//! `--format phenopackets`, one `SubmitPhenopacketRequest`) per line in the proto3 JSON
+//! form (what `buf curl` and `grpcurl` take: lowerCamelCase or the proto's field names,
+//! enum names, RFC 3339 timestamps). Pure: no I/O.
 //!
 //! prost has no JSON mapping; prost-reflect (already the descriptor reader of the proto
 //! compiler) implements the proto3 JSON mapping over the contract's descriptor set, and
@@ -15,21 +16,54 @@ use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageD
 
 use crate::proto;
 
-fn descriptor() -> &'static MessageDescriptor {
-    static DESCRIPTOR: OnceLock<MessageDescriptor> = OnceLock::new();
-    DESCRIPTOR.get_or_init(|| {
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
         DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET)
             .expect("the built-in descriptor set decodes")
-            .get_message_by_name("ern_registry.v1.SubmitCaseRequest")
-            .expect("the contract defines SubmitCaseRequest")
     })
+}
+
+fn descriptor() -> MessageDescriptor {
+    pool()
+        .get_message_by_name("ern_registry.v1.SubmitCaseRequest")
+        .expect("the contract defines SubmitCaseRequest")
+}
+
+/// Reads one line of a phenopacket file: a `SubmitPhenopacketRequest` whose
+/// `phenopacket` may be the phenopacket itself (a JSON object) rather than its text. The
+/// error says where, never what.
+pub fn parse_phenopacket_line(line: &str) -> Result<proto::SubmitPhenopacketRequest, String> {
+    let unreadable = |at: String| {
+        format!(
+            "not a SubmitPhenopacketRequest in the proto JSON form ({at}unknown fields, wrong types and malformed values are refused)"
+        )
+    };
+    let mut value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| unreadable(format!("at column {}; ", e.column())))?;
+    if let Some(inner) = value.get_mut("phenopacket")
+        && inner.is_object()
+    {
+        *inner = serde_json::Value::String(inner.to_string());
+    }
+    let message = DynamicMessage::deserialize_with_options(
+        pool()
+            .get_message_by_name("ern_registry.v1.SubmitPhenopacketRequest")
+            .expect("the contract defines SubmitPhenopacketRequest"),
+        &value,
+        &DeserializeOptions::new().deny_unknown_fields(true),
+    )
+    .map_err(|_| unreadable(String::new()))?;
+    message
+        .transcode_to::<proto::SubmitPhenopacketRequest>()
+        .map_err(|_| "not a SubmitPhenopacketRequest".to_owned())
 }
 
 /// Reads one line. The error says where, never what.
 pub fn parse_line(line: &str) -> Result<proto::SubmitCaseRequest, String> {
     let mut deserializer = serde_json::Deserializer::from_str(line);
     let message = DynamicMessage::deserialize_with_options(
-        descriptor().clone(),
+        descriptor(),
         &mut deserializer,
         &DeserializeOptions::new().deny_unknown_fields(true),
     )

@@ -1,8 +1,9 @@
 //! `ern-registry upload`: a physician's bulk upload of existing cases, a thin client of
 //! `CaseService.SubmitCases`.
 //!
-//! The file (the CSV template of [`template`], or JSON Lines of `SubmitCaseRequest` in the
-//! proto JSON form, [`jsonl`]) is read and every line checked first, with the server's
+//! The file (the CSV template of [`template`], JSON Lines of `SubmitCaseRequest` in the
+//! proto JSON form, [`jsonl`], or JSON Lines of `SubmitPhenopacketRequest`, each
+//! phenopacket mapped to its record with `api::case::parse_phenopacket`) is read and every line checked first, with the server's
 //! own check of a submission (`api::case::parse_submission`) plus what only a whole file
 //! shows (a client reference used twice, one that contains the identifier). Every
 //! problem is reported with its line and field before anything is sent; with
@@ -60,6 +61,9 @@ pub struct Line {
     pub request: Option<proto::SubmitCaseRequest>,
     /// Everything wrong with the line (empty: valid).
     pub violations: FieldViolations,
+    /// For a phenopacket, where each field of the record came from: the server's
+    /// violations of the record are reported at the phenopacket's elements.
+    pub paths: Option<crate::api::phenopacket::Mapped>,
 }
 
 /// Checks a request read from line `number`, after the violations found reading it
@@ -146,8 +150,21 @@ pub fn read_lines(
                             client_reference: request.client_reference.clone(),
                             request: Some(request),
                             violations,
+                            paths: None,
                         }
                     }
+                    Err(message) => unreadable(number, message),
+                });
+            }
+        }
+        UploadFormat::Phenopackets => {
+            for (at, raw) in text.lines().enumerate() {
+                let number = at as u64 + 1;
+                if raw.trim().is_empty() {
+                    continue;
+                }
+                lines.push(match jsonl::parse_phenopacket_line(raw) {
+                    Ok(request) => phenopacket_line(request, number, registry, now),
                     Err(message) => unreadable(number, message),
                 });
             }
@@ -173,6 +190,7 @@ pub fn read_lines(
                             client_reference: request.client_reference.clone(),
                             request: Some(request),
                             violations,
+                            paths: None,
                         });
                     }
                     Err(err) => {
@@ -205,6 +223,49 @@ pub fn read_lines(
     Ok(lines)
 }
 
+/// A line of a phenopacket file: the phenopacket mapped to the record (with the server's
+/// own mapping and checks, violations by JSON path), sent as the `SubmitCaseRequest` it
+/// amounts to.
+fn phenopacket_line(
+    mut given: proto::SubmitPhenopacketRequest,
+    number: u64,
+    registry: Option<&str>,
+    now: DateTime<Utc>,
+) -> Line {
+    let mut read = FieldViolations::new();
+    let paths = crate::api::case::parse_phenopacket(&given.phenopacket, now, &mut read)
+        .map(|(_, mapped)| mapped);
+    let record = paths.as_ref().map(|mapped| mapped.record.clone());
+    let unmapped = record.is_none();
+    let mut request = proto::SubmitCaseRequest {
+        registry: if given.registry.is_empty() {
+            registry.unwrap_or_default().to_owned()
+        } else {
+            std::mem::take(&mut given.registry)
+        },
+        patient: given.patient.take(),
+        record,
+        consent: std::mem::take(&mut given.consent),
+        client_reference: std::mem::take(&mut given.client_reference),
+    };
+    let mut violations = check(&mut request, number, read, now);
+    if unmapped {
+        // The phenopacket's violations stand for the record's.
+        let mut kept = FieldViolations::new();
+        for v in violations.iter().filter(|v| !v.field.starts_with("record")) {
+            kept.push(v.field.clone(), v.description.clone());
+        }
+        violations = kept;
+    }
+    Line {
+        number,
+        client_reference: request.client_reference.clone(),
+        request: Some(request),
+        violations,
+        paths,
+    }
+}
+
 fn unreadable(number: u64, message: String) -> Line {
     let mut violations = FieldViolations::new();
     violations.push("(line)", message);
@@ -213,6 +274,7 @@ fn unreadable(number: u64, message: String) -> Line {
         client_reference: String::new(),
         request: None,
         violations,
+        paths: None,
     }
 }
 
@@ -599,8 +661,14 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
                                 Some(proto::submit_cases_result::Outcome::Rejected(r)) => {
                                     let mut error = format!("{}: {}", code_name(r.code), r.message);
                                     for v in &r.field_violations {
-                                        error
-                                            .push_str(&format!("; {}: {}", v.field, v.description));
+                                        // A phenopacket's record: named by its element.
+                                        let field = match &line.paths {
+                                            Some(paths) if v.field.starts_with("record") => {
+                                                paths.path_of(&v.field)
+                                            }
+                                            _ => v.field.clone(),
+                                        };
+                                        error.push_str(&format!("; {}: {}", field, v.description));
                                     }
                                     row.outcome = Outcome::Rejected;
                                     row.error = error;
@@ -791,6 +859,46 @@ mod tests {
         assert!(lines[0].violations.is_empty());
         assert_eq!(lines[0].request.as_ref().unwrap().registry, "ERN-LUNG");
         assert_eq!(lines[1].request.as_ref().unwrap().registry, "ERN-EYE");
+    }
+
+    #[test]
+    fn phenopacket_lines_become_submissions_and_report_elements_by_json_path() {
+        let compact: serde_json::Value = serde_json::from_str(fixtures::PHENOPACKET).unwrap();
+        let line = |n: u32, bsn: &str, phenopacket: &serde_json::Value| {
+            serde_json::json!({
+                "patient": {"national": {"issuingCountry": "NL", "value": bsn}},
+                "phenopacket": phenopacket,
+                "consent": [{"scope": "CONSENT_SCOPE_REGISTRY_INCLUSION",
+                             "state": "CONSENT_STATE_GRANTED",
+                             "givenAt": "2024-03-01T10:00:00Z", "formVersion": "F-1"}],
+                "clientReference": format!("pp-{n}"),
+            })
+            .to_string()
+        };
+        let mut unmappable = compact.clone();
+        unmappable["phenotypicFeatures"][0]["excluded"] = true.into();
+        let text = format!(
+            "{}\n{}\n{}\n",
+            line(1, &fixtures::bsn(1), &compact),
+            // The phenopacket as its text works too.
+            line(2, &fixtures::bsn(2), &compact.to_string().into()),
+            line(3, "111222334", &unmappable),
+        );
+        let lines = read_lines(&text, UploadFormat::Phenopackets, Some("ERN-LUNG"), now()).unwrap();
+        assert_eq!(lines.len(), 3);
+        for line in &lines[..2] {
+            assert!(line.violations.is_empty(), "{:?}", line.violations);
+            let request = line.request.as_ref().unwrap();
+            assert_eq!(request.registry, "ERN-LUNG");
+            assert_eq!(request.record.as_ref().unwrap(), &fixtures::record());
+        }
+        assert_eq!(
+            fields(&lines[2].violations),
+            [
+                "phenopacket.phenotypicFeatures[0].excluded",
+                "patient.national.value"
+            ]
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ enum Rpc {
     SubmitCases,
     GetCase,
     UpdateCase,
+    SubmitPhenopacket,
+    ExportPhenopackets,
     RecordConsent,
     RecordConsents,
     WithdrawConsent,
@@ -142,6 +144,10 @@ const MATRIX: &[Row] = &[
     Row(Rpc::UpdateCase,        Target::LungA, [OK,   DENY, DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
     Row(Rpc::UpdateCase,        Target::LungB, [NOTF, DENY, DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
     Row(Rpc::UpdateCase,        Target::Eye,   [DENY, OK,   DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
+    Row(Rpc::SubmitPhenopacket, Target::LungA, [OK,   DENY, DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
+    Row(Rpc::SubmitPhenopacket, Target::Eye,   [DENY, OK,   DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
+    Row(Rpc::ExportPhenopackets, Target::LungA, [OK,  DENY, DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
+    Row(Rpc::ExportPhenopackets, Target::Eye,  [DENY, OK,   DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
     Row(Rpc::RecordConsent,     Target::LungA, [DENY, DENY, OK,   OK,   DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
     Row(Rpc::RecordConsent,     Target::LungB, [DENY, DENY, OK,   OK,   DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
     Row(Rpc::RecordConsent,     Target::Eye,   [DENY, DENY, DENY, DENY, DENY, DENY, DENY, UNAU, UNAU, UNAU, UNAU, UNAU, UNAU]),
@@ -415,6 +421,23 @@ impl World {
                 }
                 code_of(outcome)
             }
+            Rpc::SubmitPhenopacket => {
+                let patient = national("NL", &self.fresh_bsn());
+                code_of(
+                    cases
+                        .submit_phenopacket(phenopacket_submission(&registry, patient))
+                        .await,
+                )
+            }
+            Rpc::ExportPhenopackets => code_of(
+                cases
+                    .export_phenopackets(proto::ExportPhenopacketsRequest {
+                        registry,
+                        page_size: 0,
+                        page_token: String::new(),
+                    })
+                    .await,
+            ),
             Rpc::RecordConsent => code_of(consents.record_consent(recontact()).await),
             Rpc::RecordConsents => {
                 let request = proto::RecordConsentsRequest {
@@ -524,7 +547,12 @@ async fn every_cell_of_the_access_matrix_has_its_outcome() {
     // The allowed submissions really stored something; nothing refused did.
     let allowed_submissions = MATRIX
         .iter()
-        .filter(|Row(rpc, ..)| matches!(rpc, Rpc::SubmitCase | Rpc::SubmitCases))
+        .filter(|Row(rpc, ..)| {
+            matches!(
+                rpc,
+                Rpc::SubmitCase | Rpc::SubmitCases | Rpc::SubmitPhenopacket
+            )
+        })
         .flat_map(|Row(_, _, expected)| expected.iter())
         .filter(|&&code| code == OK)
         .count() as i64;

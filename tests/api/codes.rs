@@ -780,3 +780,103 @@ async fn an_import_that_died_is_removed_at_the_next_start_or_import_and_never_pu
         "{listed}"
     );
 }
+
+#[tokio::test]
+async fn a_phenopacket_is_checked_against_the_releases_and_exported_with_them() {
+    let app = TestApp::spawn().await;
+    app.import_fixture_releases().await;
+    let mut dr = app.physician("dr-pp", "NL-AMC").await;
+
+    // The release's verdict on a code names the phenopacket's element.
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(40)));
+    request.phenopacket = PHENOPACKET
+        .replace("\"HP:0006528\"", "\"HP:0001251\"")
+        .replace("\"ORPHA:586\"", "\"ORPHA:424242\"");
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    let v = described(&status);
+    assert!(
+        v.iter()
+            .any(|x| x
+                .starts_with("phenopacket.phenotypicFeatures[0].type.id: is not a code of HPO")),
+        "{v:?}"
+    );
+    assert!(
+        v.iter()
+            .any(|x| x.starts_with("phenopacket.diseases[0].term.id: ")),
+        "{v:?}"
+    );
+
+    // An obsolete term is stored as its replacement; the answer names the element.
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(41)));
+    request.phenopacket = PHENOPACKET.replace("\"HP:0006528\"", "\"HP:0000057\"");
+    let r = dr.submit_phenopacket(request).await.unwrap().into_inner();
+    assert_eq!(r.replaced_codes.len(), 1, "{:?}", r.replaced_codes);
+    assert_eq!(
+        r.replaced_codes[0].field,
+        "phenopacket.phenotypicFeatures[0].type.id"
+    );
+
+    // The export names the releases the record was checked against, and the labels.
+    let page = dr
+        .export_phenopackets(proto::ExportPhenopacketsRequest {
+            registry: "ERN-LUNG".into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let value: serde_json::Value = serde_json::from_str(&page.phenopackets[0]).unwrap();
+    let resources = value["metaData"]["resources"].as_array().unwrap();
+    let version = |prefix: &str| {
+        resources
+            .iter()
+            .find(|r| r["namespacePrefix"] == prefix)
+            .map(|r| r["version"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(version("HP").as_deref(), Some("2025-01-16"));
+    assert_eq!(version("ORPHA").as_deref(), Some("2024-12-02"));
+    assert_eq!(version("hgnc.symbol").as_deref(), Some("2025-02-25"));
+    assert_eq!(
+        value["phenotypicFeatures"][0]["type"]["id"], "HP:0008665",
+        "{value}"
+    );
+    assert_eq!(value["diseases"][0]["term"]["label"], "Cystic fibrosis");
+
+    // `upload --format phenopackets`: the server's verdict names the element too.
+    let key = app
+        .principal("dr-pp-upload", Role::Physician, Some("NL-AMC"), &[])
+        .await;
+    let mut phenopacket: serde_json::Value = serde_json::from_str(PHENOPACKET).unwrap();
+    phenopacket["phenotypicFeatures"][0]["type"]["id"] = "HP:0001251".into();
+    let line = serde_json::json!({
+        "registry": "ERN-LUNG",
+        "patient": {"national": {"issuingCountry": "NL", "value": bsn(42)}},
+        "phenopacket": phenopacket,
+        "consent": [{"scope": "CONSENT_SCOPE_REGISTRY_INCLUSION", "state": "CONSENT_STATE_GRANTED",
+                     "givenAt": GIVEN, "formVersion": FORM_VERSION}],
+        "clientReference": "pp-42",
+    });
+    let file = app.dir.path().join("phenopackets.jsonl");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+    command
+        .args(["upload", "--format", "phenopackets", "--server"])
+        .arg(format!("http://{}", app.addr))
+        .arg(&file)
+        .env("ERN_API_KEY", &key)
+        .env_remove("ERN_API_KEY_FILE")
+        .env_remove("ERN_REGISTRY")
+        .stdin(std::process::Stdio::null());
+    // Off the test's runtime, which serves the server.
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let results = std::fs::read_to_string(app.dir.path().join("phenopackets.results.csv")).unwrap();
+    assert!(
+        results.contains("pp-42,rejected,,INVALID_ARGUMENT: ")
+            && results.contains("phenopacket.phenotypicFeatures[0].type.id: is not a code of HPO"),
+        "{results}"
+    );
+}

@@ -31,6 +31,7 @@ mod master_key;
 mod migrations;
 mod officers;
 mod outage;
+mod phenopackets;
 mod privacy;
 mod pseudonyms;
 mod research;

@@ -1,6 +1,7 @@
 """Physicians' submissions against a real server."""
 
 import datetime as dt
+import itertools
 
 import pytest
 
@@ -132,3 +133,37 @@ def test_submission_helpers_build_the_proto_json_form():
     assert message.record.onset_date == "2015-09"
     assert message.consent[0].state == ern_registry.v1.common_pb2.CONSENT_STATE_REFUSED
     assert message.consent[0].given_at.ToDatetime() == dt.datetime(2024, 3, 1, 10, 0)
+
+
+PHENOPACKET = {
+    "id": "local-7",
+    "subject": {"id": "local-7", "dateOfBirth": "2015-06-17T00:00:00Z", "sex": "FEMALE",
+                "vitalStatus": {"status": "ALIVE"}},
+    "phenotypicFeatures": [{"type": {"id": "HP:0006528", "label": "Chronic lung disease"}}],
+    "diseases": [{"term": {"id": "ORPHA:586", "label": "Cystic fibrosis"},
+                  "onset": {"timestamp": "2015-09-02T00:00:00Z"}}],
+    "interpretations": [{"id": "i", "progressStatus": "SOLVED",
+                         "diagnosis": {"disease": {"id": "ORPHA:586"}}}],
+    "metaData": {"externalReferences": [{"id": "ern-registry:diagnosis-date", "description": "2016-03"}]},
+}
+
+
+def test_a_phenopacket_is_stored_as_a_record_and_exported_with_the_pseudonym(physician):
+    stored = physician.submit_phenopacket("ERN-LUNG", patient(5), PHENOPACKET, consent=[INCLUSION])
+    case = physician.get_case("ERN-LUNG", stored.pseudonym)
+    assert case.current.record.diagnosis.orphacode == "ORPHA:586"
+    assert case.current.record.onset_date == "2015-09-02"
+    assert case.current.record.diagnosis_date == "2016-03"
+    exported = list(itertools.islice(physician.export_phenopackets("ERN-LUNG", page_size=2), 3))
+    assert len(exported) == 3
+    for phenopacket in exported:
+        assert phenopacket["subject"]["id"] == phenopacket["id"]
+        assert phenopacket["id"].startswith("R013-")
+
+
+def test_an_unmappable_element_is_reported_by_its_json_path(physician):
+    bad = dict(PHENOPACKET, phenotypicFeatures=[{"type": {"id": "HP:0006528"}, "excluded": True}])
+    with pytest.raises(ern_registry.InvalidArgument) as raised:
+        physician.submit_phenopacket("ERN-LUNG", patient(6), bad, consent=[INCLUSION])
+    fields = [v.field for v in raised.value.field_violations]
+    assert fields == ["phenopacket.phenotypicFeatures[0].excluded"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import random
 import time
@@ -392,6 +393,55 @@ class Client:
                 yield _submission_result(result)
         except grpc.RpcError as rpc_error:
             raise errors.from_rpc_error(rpc_error) from None
+
+    def submit_phenopacket(
+        self,
+        registry: str,
+        patient: Mapping[str, Any],
+        phenopacket: str | Mapping[str, Any],
+        *,
+        consent: Iterable[Mapping[str, Any]] = (),
+        client_reference: str = "",
+        timeout: float | None | type[Ellipsis] = ...,
+    ) -> Submitted:
+        """Submits one case as a GA4GH Phenopacket v2 (its JSON text, or the parsed JSON
+        as a dict). The patient is identified by ``patient`` (as for :meth:`submit_case`),
+        never by the phenopacket, whose ``id`` and ``subject.id`` the server ignores.
+        Raises ``InvalidArgument`` with every element the case record cannot hold, by its
+        JSON path (``phenopacket.phenotypicFeatures[1].excluded``), and as
+        :meth:`submit_case` otherwise."""
+        request = case_pb2.SubmitPhenopacketRequest(
+            registry=registry,
+            phenopacket=phenopacket if isinstance(phenopacket, str) else json.dumps(phenopacket),
+            client_reference=client_reference,
+        )
+        json_format.ParseDict(dict(patient), request.patient)
+        for item in consent:
+            json_format.ParseDict(dict(item), request.consent.add())
+        response = self._unary(self._cases.SubmitPhenopacket, request, timeout, _WRITE_RETRY_ON)
+        return Submitted(response.pseudonym, response.version, _timestamp(response.recorded_at))
+
+    def export_phenopackets(
+        self,
+        registry: str,
+        *,
+        page_size: int = 0,
+        timeout: float | None | type[Ellipsis] = ...,
+    ) -> Iterator[dict[str, Any]]:
+        """Yields the caller's own centre's cases in ``registry`` as GA4GH Phenopackets v2
+        (parsed JSON), page by page (``page_size``: 1 to 200; 0, the server's 50), each
+        with the pseudonym as ``subject.id``."""
+        token = ""
+        while True:
+            request = case_pb2.ExportPhenopacketsRequest(
+                registry=registry, page_size=page_size, page_token=token
+            )
+            response = self._unary(self._cases.ExportPhenopackets, request, timeout)
+            for text in response.phenopackets:
+                yield json.loads(text)
+            token = response.next_page_token
+            if not token:
+                return
 
     def update_case(
         self,

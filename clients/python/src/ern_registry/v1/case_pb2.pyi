@@ -176,6 +176,38 @@ class CaseVersion(_message.Message):
     code_releases: str
     def __init__(self, version: _Optional[int] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recorded_by: _Optional[str] = ..., record: _Optional[_Union[CaseRecord, _Mapping]] = ..., code_releases: _Optional[str] = ...) -> None: ...
 
+class SubmitPhenopacketRequest(_message.Message):
+    __slots__ = ("registry", "patient", "phenopacket", "consent", "client_reference")
+    REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    PHENOPACKET_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    registry: str
+    patient: _common_pb2.PatientIdentifiers
+    phenopacket: str
+    consent: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScopeConsent]
+    client_reference: str
+    def __init__(self, registry: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.PatientIdentifiers, _Mapping]] = ..., phenopacket: _Optional[str] = ..., consent: _Optional[_Iterable[_Union[_common_pb2.ScopeConsent, _Mapping]]] = ..., client_reference: _Optional[str] = ...) -> None: ...
+
+class ExportPhenopacketsRequest(_message.Message):
+    __slots__ = ("registry", "page_size", "page_token")
+    REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    registry: str
+    page_size: int
+    page_token: str
+    def __init__(self, registry: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ExportPhenopacketsResponse(_message.Message):
+    __slots__ = ("phenopackets", "next_page_token")
+    PHENOPACKETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    phenopackets: _containers.RepeatedScalarFieldContainer[str]
+    next_page_token: str
+    def __init__(self, phenopackets: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class UpdateCaseRequest(_message.Message):
     __slots__ = ("registry", "pseudonym", "expected_version", "record", "consent")
     REGISTRY_FIELD_NUMBER: _ClassVar[int]

@@ -56,6 +56,16 @@ class CaseServiceStub:
                 request_serializer=ern__registry_dot_v1_dot_case__pb2.UpdateCaseRequest.SerializeToString,
                 response_deserializer=ern__registry_dot_v1_dot_case__pb2.UpdateCaseResponse.FromString,
                 _registered_method=True)
+        self.SubmitPhenopacket = channel.unary_unary(
+                '/ern_registry.v1.CaseService/SubmitPhenopacket',
+                request_serializer=ern__registry_dot_v1_dot_case__pb2.SubmitPhenopacketRequest.SerializeToString,
+                response_deserializer=ern__registry_dot_v1_dot_case__pb2.SubmitCaseResponse.FromString,
+                _registered_method=True)
+        self.ExportPhenopackets = channel.unary_unary(
+                '/ern_registry.v1.CaseService/ExportPhenopackets',
+                request_serializer=ern__registry_dot_v1_dot_case__pb2.ExportPhenopacketsRequest.SerializeToString,
+                response_deserializer=ern__registry_dot_v1_dot_case__pb2.ExportPhenopacketsResponse.FromString,
+                _registered_method=True)
 
 
 class CaseServiceServicer:
@@ -117,6 +127,33 @@ class CaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitPhenopacket(self, request, context):
+        """Submit one case as a GA4GH Phenopacket v2 (docs/standards.md maps each element).
+        The phenopacket is mapped to a CaseRecord, and the submission then runs exactly as
+        SubmitCase: the same checks (codes against the releases in force included),
+        consent, pseudonym derivation, rate limit, audit entry and answer. The patient is
+        identified by `patient`, as in SubmitCase, never by the phenopacket: its `id`,
+        `subject.id` and every `subjectOrBiosampleId` are ignored (not stored, not echoed),
+        and `subject.alternateIds` must be empty. INVALID_ARGUMENT with every field
+        violation at once; inside the phenopacket a violation names the element by its JSON
+        path, e.g. "phenopacket.phenotypicFeatures[1].excluded" (an element the case record
+        cannot hold) or "phenopacket.diseases[0].term.id" (a code that fails its check).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportPhenopackets(self, request, context):
+        """The caller's own centre's cases in a registry as GA4GH Phenopackets v2, one page at
+        a time, ordered by pseudonym. Only cases with REGISTRY_INCLUSION consent in force
+        at the time of the call are exported, each at its current version: the same cases
+        GetCase returns to the caller. Each phenopacket's `id` and `subject.id` are the
+        pseudonym; it holds no patient identifier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +176,16 @@ def add_CaseServiceServicer_to_server(servicer, server):
                     servicer.UpdateCase,
                     request_deserializer=ern__registry_dot_v1_dot_case__pb2.UpdateCaseRequest.FromString,
                     response_serializer=ern__registry_dot_v1_dot_case__pb2.UpdateCaseResponse.SerializeToString,
+            ),
+            'SubmitPhenopacket': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitPhenopacket,
+                    request_deserializer=ern__registry_dot_v1_dot_case__pb2.SubmitPhenopacketRequest.FromString,
+                    response_serializer=ern__registry_dot_v1_dot_case__pb2.SubmitCaseResponse.SerializeToString,
+            ),
+            'ExportPhenopackets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPhenopackets,
+                    request_deserializer=ern__registry_dot_v1_dot_case__pb2.ExportPhenopacketsRequest.FromString,
+                    response_serializer=ern__registry_dot_v1_dot_case__pb2.ExportPhenopacketsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -251,6 +298,60 @@ class CaseService:
             '/ern_registry.v1.CaseService/UpdateCase',
             ern__registry_dot_v1_dot_case__pb2.UpdateCaseRequest.SerializeToString,
             ern__registry_dot_v1_dot_case__pb2.UpdateCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitPhenopacket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ern_registry.v1.CaseService/SubmitPhenopacket',
+            ern__registry_dot_v1_dot_case__pb2.SubmitPhenopacketRequest.SerializeToString,
+            ern__registry_dot_v1_dot_case__pb2.SubmitCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPhenopackets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ern_registry.v1.CaseService/ExportPhenopackets',
+            ern__registry_dot_v1_dot_case__pb2.ExportPhenopacketsRequest.SerializeToString,
+            ern__registry_dot_v1_dot_case__pb2.ExportPhenopacketsResponse.FromString,
             options,
             channel_credentials,
             insecure,

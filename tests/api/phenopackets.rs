@@ -1,0 +1,382 @@
+//! GA4GH Phenopacket v2 in (`SubmitPhenopacket`) and out (`ExportPhenopackets`), against
+//! the real server: the same record as `SubmitCase`, the same rules, the pseudonym in
+//! place of every identifier.
+
+use ern_registry::api::phenopacket;
+use ern_registry::proto::{self, ConsentScope, ExportPhenopacketsRequest, GetCaseRequest};
+use sqlx::Row;
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn export(registry: &str, page_size: u32, page_token: &str) -> ExportPhenopacketsRequest {
+    ExportPhenopacketsRequest {
+        registry: registry.into(),
+        page_size,
+        page_token: page_token.into(),
+    }
+}
+
+/// The case record an exported phenopacket maps back to.
+fn record_of(json: &str) -> proto::CaseRecord {
+    phenopacket::to_record(&phenopacket::parse_json(json).unwrap())
+        .unwrap()
+        .record
+}
+
+#[tokio::test]
+async fn a_submitted_phenopacket_is_read_back_and_exported_as_the_same_record() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let resp = dr
+        .submit_phenopacket(phenopacket_submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.version, 1);
+    assert!(resp.pseudonym.starts_with("R013-V001-"));
+
+    // GetCase returns exactly the record SubmitCase would have stored.
+    let got = dr
+        .get_case(GetCaseRequest {
+            registry: "ERN-LUNG".into(),
+            pseudonym: resp.pseudonym.clone(),
+            include_history: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .case
+        .unwrap();
+    assert_eq!(got.current.unwrap().record.unwrap(), record());
+    // Same identifiers, same patient: SubmitCase now finds the case there.
+    let again = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+
+    let page = dr
+        .export_phenopackets(export("ERN-LUNG", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.phenopackets.len(), 1);
+    assert_eq!(page.next_page_token, "");
+    let json = &page.phenopackets[0];
+    assert_eq!(record_of(json), record());
+    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(value["id"], resp.pseudonym.as_str());
+    assert_eq!(value["subject"]["id"], resp.pseudonym.as_str());
+    assert_eq!(value["metaData"]["createdBy"], "dr-a");
+    assert_eq!(value["metaData"]["submittedBy"], "NL-AMC");
+    assert_eq!(value["metaData"]["phenopacketSchemaVersion"], "2.0");
+    // The client's own labels for the patient are not kept.
+    assert!(!json.contains("local-patient-17") && !json.contains("local-case-17"));
+
+    // Both calls are in the audit log, with their outcome.
+    let methods: Vec<(String, String)> = sqlx::query(
+        "SELECT method, outcome FROM audit_log WHERE method LIKE 'CaseService/%Phenopacket%' ORDER BY seq",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let methods: Vec<(&str, &str)> = methods
+        .iter()
+        .map(|(m, o)| (m.as_str(), o.as_str()))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            ("CaseService/SubmitPhenopacket", "OK"),
+            ("CaseService/ExportPhenopackets", "OK")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn every_unmappable_element_is_reported_by_its_json_path_and_nothing_is_stored() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let json = PHENOPACKET
+        .replace(
+            r#"{ "type": { "id": "HP:0006528", "label": "Chronic lung disease" } }"#,
+            r#"{ "type": { "id": "HP:0006528" }, "excluded": true }"#,
+        )
+        .replace("\"HP:0006528\"", "\"HP:6528\"")
+        .replace(
+            r#""sex": "FEMALE","#,
+            r#""sex": "FEMALE", "alternateIds": ["x"],"#,
+        );
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", "111222334"));
+    request.phenopacket = json;
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&status),
+        [
+            "patient.national.value",
+            "phenopacket.subject.alternateIds",
+            "phenopacket.phenotypicFeatures[0].excluded",
+        ]
+    );
+    // With the element fixed, the code's own check names the element too.
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(2)));
+    request.phenopacket = PHENOPACKET.replace("\"HP:0006528\"", "\"HP:6528\"");
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    assert_eq!(
+        violations(&status),
+        ["phenopacket.phenotypicFeatures[0].type.id"]
+    );
+    // Unknown fields and text that is no phenopacket, and the size bound.
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(2)));
+    request.phenopacket = PHENOPACKET.replace(r#""sex": "FEMALE","#, r#""bsn": "1","#);
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    assert_eq!(violations(&status), ["phenopacket.subject.bsn"]);
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(2)));
+    request.phenopacket = format!("{PHENOPACKET} ").repeat(150);
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    assert_eq!(violations(&status), ["phenopacket"]);
+    assert_eq!(app.count("cases").await, 0);
+    assert_eq!(app.count("consent_events").await, 0);
+}
+
+#[tokio::test]
+async fn a_phenopacket_without_consent_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(3)));
+    request.consent.clear();
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(app.count("cases").await, 0);
+}
+
+#[tokio::test]
+async fn a_physician_exports_only_their_own_centres_cases_with_consent_in_force() {
+    let app = TestApp::spawn().await;
+    let mut dr_a = app.physician("dr-a", "NL-AMC").await;
+    let mut dr_b = app.physician("dr-b", "NL-UMCU").await;
+    app.centre("BE-UZL", "BE", &["ERN-EYE"]).await;
+    let token = app
+        .principal(
+            "dr-c",
+            ern_registry::auth::Role::Physician,
+            Some("BE-UZL"),
+            &[],
+        )
+        .await;
+    let mut dr_c = app.client(Some(&token)).await;
+    let mut mine = Vec::new();
+    for seed in 10..13 {
+        let resp = dr_a
+            .submit_phenopacket(phenopacket_submission(
+                "ERN-LUNG",
+                national("NL", &bsn(seed)),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        mine.push(resp.pseudonym);
+    }
+    dr_b.submit_case(submission("ERN-LUNG", national("NL", &bsn(20))))
+        .await
+        .unwrap();
+    mine.sort();
+
+    // Two pages of two and one, by pseudonym; the other centre's case in neither.
+    let first = dr_a
+        .export_phenopackets(export("ERN-LUNG", 2, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.phenopackets.len(), 2);
+    assert_eq!(first.next_page_token, mine[1]);
+    let second = dr_a
+        .export_phenopackets(export("ERN-LUNG", 2, &first.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.phenopackets.len(), 1);
+    assert_eq!(second.next_page_token, "");
+    let subjects: Vec<String> = first
+        .phenopackets
+        .iter()
+        .chain(&second.phenopackets)
+        .map(|json| {
+            let value: serde_json::Value = serde_json::from_str(json).unwrap();
+            value["subject"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(subjects, mine);
+
+    // The other centre of the same ERN sees its own case only; a centre outside the ERN
+    // is refused.
+    let theirs = dr_b
+        .export_phenopackets(export("ERN-LUNG", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(theirs.phenopackets.len(), 1);
+    assert!(mine.iter().all(|p| !theirs.phenopackets[0].contains(p)));
+    let denied = dr_c
+        .export_phenopackets(export("ERN-LUNG", 0, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let bad = dr_a
+        .export_phenopackets(export("ERN-LUNG", 201, "not-a-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&bad), ["page_size", "page_token"]);
+
+    // A withdrawal takes the case out of the next export.
+    let mut officer = app.officer("co-lung", &["ERN-LUNG"]).await;
+    officer
+        .withdraw_consent(withdrawal(
+            "ERN-LUNG",
+            by_pseudonym(&mine[0]),
+            &[ConsentScope::RegistryInclusion],
+        ))
+        .await
+        .unwrap();
+    let after = dr_a
+        .export_phenopackets(export("ERN-LUNG", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.phenopackets.len(), 2);
+    assert!(after.phenopackets.iter().all(|j| !j.contains(&mine[0])));
+}
+
+#[tokio::test]
+async fn no_identifier_reaches_the_export_even_when_the_client_put_one_in_the_subject() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let canary = bsn(4242);
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &canary));
+    // A client's mistake: the BSN as the phenopacket's and the subject's id.
+    request.phenopacket = PHENOPACKET
+        .replace("local-patient-17", &canary)
+        .replace("local-case-17", &canary);
+    dr.submit_phenopacket(request).await.unwrap();
+    let person = person();
+    dr.submit_phenopacket(phenopacket_submission(
+        "ERN-LUNG",
+        demographic(person.clone()),
+    ))
+    .await
+    .unwrap();
+    let page = dr
+        .export_phenopackets(export("ERN-LUNG", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.phenopackets.len(), 2);
+    for json in &page.phenopackets {
+        assert!(!json.contains(&canary), "{json}");
+        for name in [
+            &person.given_names,
+            &person.family_name,
+            &person.place_of_birth,
+        ] {
+            assert!(!json.contains(name.as_str()), "{json}");
+        }
+        assert!(!json.contains(&person.date_of_birth), "{json}");
+    }
+    // Nor the database: the ignored ids were never stored.
+    let dumped: Vec<String> =
+        sqlx::query("SELECT CAST(hpo_terms AS TEXT) || genetic_findings FROM case_versions")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert!(dumped.iter().all(|row| !row.contains(&canary)));
+}
+
+#[tokio::test]
+async fn the_upload_tool_sends_a_file_of_phenopackets_and_reports_elements_by_path() {
+    let app = TestApp::spawn().await;
+    app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
+    let key = app
+        .principal(
+            "dr-a",
+            ern_registry::auth::Role::Physician,
+            Some("NL-AMC"),
+            &[],
+        )
+        .await;
+    let phenopacket: serde_json::Value = serde_json::from_str(PHENOPACKET).unwrap();
+    let mut unmappable = phenopacket.clone();
+    unmappable["phenotypicFeatures"][0]["excluded"] = true.into();
+    let line = |reference: &str, bsn: &str, phenopacket: &serde_json::Value| {
+        serde_json::json!({
+            "registry": "ERN-LUNG",
+            "patient": {"national": {"issuingCountry": "NL", "value": bsn}},
+            "phenopacket": phenopacket,
+            "consent": [{"scope": "CONSENT_SCOPE_REGISTRY_INCLUSION", "state": "CONSENT_STATE_GRANTED",
+                         "givenAt": GIVEN, "formVersion": FORM_VERSION}],
+            "clientReference": reference,
+        })
+        .to_string()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("cases.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{}\n",
+            line("pp-1", &bsn(31), &phenopacket),
+            line("pp-2", &bsn(32), &unmappable)
+        ),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+    command
+        .arg("upload")
+        .arg("--server")
+        .arg(format!("http://{}", app.addr))
+        .arg("--format")
+        .arg("phenopackets")
+        .arg("--send-valid")
+        .arg(&file)
+        .env_remove("ERN_API_KEY_FILE")
+        .env_remove("ERN_REGISTRY")
+        .env("ERN_API_KEY", &key)
+        .stdin(std::process::Stdio::null());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !output.status.success(),
+        "the invalid line is reported: {said}"
+    );
+    assert!(
+        said.contains("line 2: phenopacket.phenotypicFeatures[0].excluded"),
+        "{said}"
+    );
+    assert!(said.contains("accepted 1"), "{said}");
+    assert!(!said.contains(&bsn(31)) && !said.contains(&bsn(32)));
+    let results = std::fs::read_to_string(work.path().join("cases.results.csv")).unwrap();
+    assert!(results.contains("pp-1,accepted,R013-V001-"), "{results}");
+    assert!(results.contains("pp-2,invalid,"), "{results}");
+
+    let mut dr = app.client(Some(&key)).await;
+    let page = dr
+        .export_phenopackets(export("ERN-LUNG", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.phenopackets.len(), 1);
+    assert_eq!(record_of(&page.phenopackets[0]), record());
+}
