@@ -707,22 +707,7 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
                     ),
                     Some(genomic_interpretation::Call::Gene(mut gene)) => {
                         let cpath = format!("{gpath}.gene");
-                        add_gene(
-                            r,
-                            &mut paths,
-                            &mut genes,
-                            std::mem::take(&mut gene.symbol),
-                            format!("{cpath}.symbol"),
-                        );
-                        // The id and the name follow from the symbol.
-                        gene.value_id.clear();
-                        gene.description.clear();
-                        leftovers(
-                            &gene,
-                            "org.ga4gh.vrsatile.v1.GeneDescriptor",
-                            &cpath,
-                            &mut v,
-                        );
+                        take_gene(r, &mut paths, &mut genes, &mut gene, &cpath, &mut v);
                     }
                     Some(genomic_interpretation::Call::VariantInterpretation(mut vi)) => {
                         let vpath = format!("{gpath}.variantInterpretation");
@@ -741,23 +726,9 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
                                     }
                                     Some(mut gene) => {
                                         let cpath = format!("{dpath}.geneContext");
-                                        let at = add_gene(
-                                            r,
-                                            &mut paths,
-                                            &mut genes,
-                                            std::mem::take(&mut gene.symbol),
-                                            format!("{cpath}.symbol"),
-                                        );
-                                        // The id and the name follow from the symbol.
-                                        gene.value_id.clear();
-                                        gene.description.clear();
-                                        leftovers(
-                                            &gene,
-                                            "org.ga4gh.vrsatile.v1.GeneDescriptor",
-                                            &cpath,
-                                            &mut v,
-                                        );
-                                        Some(at)
+                                        Some(take_gene(
+                                            r, &mut paths, &mut genes, &mut gene, &cpath, &mut v,
+                                        ))
                                     }
                                 };
                                 let mut expressions =
@@ -829,6 +800,29 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
 }
 
 /// The finding of gene `symbol` (added, with the path it came from, when new).
+/// A gene descriptor at `path`: its symbol taken into the record ([`add_gene`]), the id
+/// and the name dropped (they follow from the symbol), anything else reported.
+fn take_gene(
+    r: &mut proto::CaseRecord,
+    paths: &mut Vec<(String, String)>,
+    genes: &mut Vec<(String, usize)>,
+    gene: &mut GeneDescriptor,
+    path: &str,
+    v: &mut FieldViolations,
+) -> usize {
+    let at = add_gene(
+        r,
+        paths,
+        genes,
+        std::mem::take(&mut gene.symbol),
+        format!("{path}.symbol"),
+    );
+    gene.value_id.clear();
+    gene.description.clear();
+    leftovers(gene, "org.ga4gh.vrsatile.v1.GeneDescriptor", path, v);
+    at
+}
+
 fn add_gene(
     r: &mut proto::CaseRecord,
     paths: &mut Vec<(String, String)>,
