@@ -86,11 +86,12 @@ class CaseServiceServicer:
         Codes are checked against the code releases in force (docs/codes.md): an Orphacode,
         HPO term or HGNC symbol the release does not hold as current is a violation of its
         field, described with a hint where the release gives one ("near matches: HP:0001250
-        (Seizure)", "is obsolete in Orphanet 2024-12-02; use ORPHA:558 (Marfan syndrome)
-        instead", "it is a previous symbol of CFTR (...)"). An obsolete HPO term with a
-        replacement (or a merged HPO id) is stored as its replacement, and the response
-        says so (`replaced_codes`). A system with no release in force gets format checks
-        only.
+        (Seizure)", "is obsolete in Orphanet 2024-12-02 and has no replacement; choose a
+        current code", "it is a previous symbol of CFTR (...)"). A deprecated Orphacode the
+        release gives a replacement for ("Moved to", else "Referred to"), an obsolete HPO
+        term with a replacement and a merged HPO id are stored as their replacement, and
+        the response says so (`replaced_codes`). A system with no release in force gets
+        format checks only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
