@@ -127,6 +127,14 @@ for label, fields in [
     ("researcher: count table, diagnosis, filter ORPHA:558 with its subtypes (names beside codes)",
      {"group_by[0]": "DIAGNOSIS", "filters[0].dimension": "DIAGNOSIS",
       "filters[0].values": "ORPHA:558", "filters[0].include_descendants": "on"}),
+    # These two need an HPO release in force (the largest set of terms below one term,
+    # and a common one); see docs/benchmarks.md.
+    ("researcher: count table, sex, filter HP:0000118 and every term below it",
+     {"group_by[0]": "SEX", "filters[0].dimension": "PHENOTYPE",
+      "filters[0].values": "HP:0000118", "filters[0].include_descendants": "on"}),
+    ("researcher: count table, diagnosis, filter HP:0001250 (seizure) and terms below",
+     {"group_by[0]": "DIAGNOSIS", "filters[0].dimension": "PHENOTYPE",
+      "filters[0].values": "HP:0001250", "filters[0].include_descendants": "on"}),
 ]:
     timed(label, researcher_web, "/research/count",
           dict(fields, csrf=r_csrf, registry="ERN-LUNG"))
