@@ -655,24 +655,7 @@ async fn officer_record(
             );
             conclude(&st, ctx.call, Ok(page)).await
         }
-        Err(ServiceError::Invalid(v)) => {
-            // The form again, the errors next to its fields, with the patient as on file.
-            let page = match reopen_patient(&st, &mut ctx, &form).await {
-                Ok(view) => html(
-                    StatusCode::BAD_REQUEST,
-                    pages::officer_patient(
-                        &ctx,
-                        form.get("registry"),
-                        &view,
-                        None,
-                        &Errors::from(&v),
-                    ),
-                ),
-                Err(e) => return conclude(&st, ctx.call, Err(e)).await,
-            };
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
-        }
+        Err(ServiceError::Invalid(v)) => refused_form(&st, ctx, &form, &v).await,
         Err(e) => conclude(&st, ctx.call, Err(e)).await,
     }
 }
@@ -691,6 +674,20 @@ async fn consent_access(
         &mut ctx.call,
     )
     .await
+}
+
+/// An officer's form refused as invalid: the patient's page again, the errors next to
+/// their fields, the patient as on file.
+async fn refused_form(st: &St, mut ctx: Ctx, form: &Form, v: &FieldViolations) -> Response {
+    let page = match reopen_patient(st, &mut ctx, form).await {
+        Ok(view) => html(
+            StatusCode::BAD_REQUEST,
+            pages::officer_patient(&ctx, form.get("registry"), &view, None, &Errors::from(v)),
+        ),
+        Err(e) => return conclude(st, ctx.call, Err(e)).await,
+    };
+    let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
+    page
 }
 
 async fn reopen_patient(
@@ -769,23 +766,7 @@ async fn officer_withdraw(
     }
     .await;
     match result {
-        Err(ServiceError::Invalid(v)) => {
-            let page = match reopen_patient(&st, &mut ctx, &form).await {
-                Ok(view) => html(
-                    StatusCode::BAD_REQUEST,
-                    pages::officer_patient(
-                        &ctx,
-                        form.get("registry"),
-                        &view,
-                        None,
-                        &Errors::from(&v),
-                    ),
-                ),
-                Err(e) => return conclude(&st, ctx.call, Err(e)).await,
-            };
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
-        }
+        Err(ServiceError::Invalid(v)) => refused_form(&st, ctx, &form, &v).await,
         other => conclude(&st, ctx.call, other).await,
     }
 }
