@@ -250,12 +250,19 @@ async fn checkpoint(pool: &AnyPool, wait: Duration) -> Result<(), Incomplete> {
         let attempt = checkpoint_once(&mut conn, attempt_wait).await;
         match attempt {
             Err(err) => break Err(Incomplete::from(err)),
-            Ok((_, -1, _)) => {
+            // Not busy, and no WAL.
+            Ok((0, -1, _)) => {
                 break Err(Incomplete(
                     "the database is not in WAL mode; checkpoint impossible".into(),
                 ));
             }
             Ok((0, _, _)) => break Ok(()),
+            // Busy before it began: another connection's checkpoint (the writer's
+            // checkpoint thread, `super::checkpoint`) holds the checkpoint lock, for which
+            // SQLite calls no busy handler. It is short: try again in a moment.
+            Ok((_, -1, _)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             Ok((_, log, copied)) if Instant::now() >= deadline => {
                 break Err(Incomplete(format!(
                     "the WAL checkpoint stayed busy for {} ms ({attempts} attempts; \
@@ -386,5 +393,43 @@ mod tests {
         );
         // The next erasure needs a pass of its own, and gets one.
         assert!(purger.after_erasure(&receipts).await.is_ok());
+    }
+
+    /// The writer's checkpoint thread (`super::super::checkpoint`) checkpoints on its own
+    /// connection at any moment: a pass that finds its checkpoint under way (SQLite says
+    /// "busy", with no WAL figures) waits for it instead of failing the withdrawal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_under_way_on_another_connection_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("p.db");
+        let url = format!("sqlite://{}?mode=rwc", db.display());
+        let store = Store::connect(&url, 4).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let checkpoints = std::sync::Arc::new(AtomicU64::new(0));
+        let other = std::thread::spawn({
+            let (db, stop, checkpoints) = (db.clone(), stop.clone(), checkpoints.clone());
+            move || {
+                let conn = rusqlite::Connection::open(&db).unwrap();
+                conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    conn.execute("INSERT INTO t (v) VALUES (randomblob(20000))", [])
+                        .unwrap();
+                    super::super::checkpoint::run(&conn, "PASSIVE").unwrap();
+                    checkpoints.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let purger = Purger::with_wait(store.clone(), Duration::from_secs(5));
+        let receipts = vec!["ER-test".to_string()];
+        for _ in 0..50 {
+            purger.after_erasure(&receipts).await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        other.join().unwrap();
+        assert!(checkpoints.load(Ordering::Relaxed) > 50);
     }
 }
