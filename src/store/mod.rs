@@ -91,6 +91,7 @@ pub mod writer_sql {
 pub mod admin;
 pub mod audit;
 pub mod cases;
+mod checkpoint;
 pub mod codes;
 pub mod consent;
 pub mod consent_model;
