@@ -36,8 +36,8 @@
 //!
 //! Raw limits, in this process, before the server starts, each on a second database with the
 //! server's schema (prepared by the same admin command line): the rows one submission writes
-//! (2 consent events, 2 current decisions, the case, its first version, its gene, its
-//! research row) for 256 submissions per durable transaction, one multi-row statement per
+//! (2 consent events, 2 current decisions, the case, its first version with the code
+//! releases it was checked against, its gene, its HPO terms, its research row) for 256 submissions per durable transaction, one multi-row statement per
 //! table (the statements of `store::cases::{append_consent_many, insert_cases_many,
 //! set_representatives_many}` and `consent_model::record_current_many`):
 //! - the SQLite engine alone (rusqlite, `prepare_cached`);
@@ -770,11 +770,12 @@ struct Sql {
     cases: String,
     versions: String,
     genes: String,
+    phenotypes: String,
     patients: String,
 }
 
 impl Sql {
-    fn new(mark: char, n: usize, genes_per_case: usize) -> Sql {
+    fn new(mark: char, n: usize, genes_per_case: usize, terms_per_case: usize) -> Sql {
         let rows = |n: usize, columns: usize| {
             (0..n)
                 .map(|r| {
@@ -828,8 +829,8 @@ impl Sql {
                  birth_year_month, sex, status, date_of_death, first_contact_date, onset_kind, \
                  onset_date, undiagnosed, orphacode, diagnosis_date, icd10, icd11, omim, \
                  hpo_terms, icf_codes, genetic_findings, diagnosis_year, onset_age_days, \
-                 diagnosis_age_days, delay_days) VALUES {}",
-                rows(n, 24)
+                 diagnosis_age_days, delay_days, code_releases) VALUES {}",
+                rows(n, 25)
             ),
             genes: format!(
                 "INSERT INTO case_genes (case_id, version, gene) VALUES {}",
@@ -839,10 +840,19 @@ impl Sql {
                     p(1)
                 ))
             ),
+            phenotypes: format!(
+                "INSERT INTO case_phenotypes (case_id, version, term) VALUES {}",
+                templated(n * terms_per_case, 2, &|p| format!(
+                    "({}, 1, {})",
+                    p(0),
+                    p(1)
+                ))
+            ),
             patients: format!(
                 "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, \
                  country, orphacode, sex, status, diagnosis_year, onset_age_days, \
-                 diagnosis_age_days, delay_days, eligible, eligible_until, genes) VALUES {} \
+                 diagnosis_age_days, delay_days, eligible, eligible_until, genes, phenotypes) \
+                 VALUES {} \
                  ON CONFLICT (registry_id, pseudonym) DO UPDATE \
                  SET case_id = excluded.case_id, version = excluded.version, \
                  centre_id = excluded.centre_id, country = excluded.country, \
@@ -851,8 +861,9 @@ impl Sql {
                  onset_age_days = excluded.onset_age_days, \
                  diagnosis_age_days = excluded.diagnosis_age_days, \
                  delay_days = excluded.delay_days, eligible = excluded.eligible, \
-                 eligible_until = excluded.eligible_until, genes = excluded.genes",
-                templated(n, 15, &|p| format!(
+                 eligible_until = excluded.eligible_until, genes = excluded.genes, \
+                 phenotypes = excluded.phenotypes",
+                templated(n, 16, &|p| format!(
                     "({}, {}, {}, {}, {}, (SELECT country FROM centres WHERE id = {}), {})",
                     p(0),
                     p(1),
@@ -860,7 +871,7 @@ impl Sql {
                     p(3),
                     p(4),
                     p(4),
-                    (5..15).map(p).collect::<Vec<_>>().join(", ")
+                    (5..16).map(p).collect::<Vec<_>>().join(", ")
                 ))
             ),
         }
@@ -875,6 +886,8 @@ struct RawRows {
     principal_id: i64,
     row: CaseRow,
     genes_column: String,
+    /// The record's HPO terms, one `case_phenotypes` row each.
+    terms: Vec<String>,
     given_at: i64,
     scopes: [&'static str; 2],
 }
@@ -889,7 +902,14 @@ impl RawRows {
         genes.sort_unstable();
         genes.dedup();
         let genes_column = genes.join(" ");
+        let terms = row
+            .hpo_terms
+            .split(' ')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
         RawRows {
+            terms,
             registry_id,
             centre_id,
             principal_id,
@@ -967,7 +987,7 @@ impl RawRows {
 
     fn versions(&self, case_ids: &[i64], now: i64) -> Vec<Val<'_>> {
         let r = &self.row;
-        let mut v = Vec::with_capacity(case_ids.len() * 24);
+        let mut v = Vec::with_capacity(case_ids.len() * 25);
         for id in case_ids {
             v.extend([
                 Val::I(*id),
@@ -994,7 +1014,18 @@ impl RawRows {
                 oi(r.onset_age_days),
                 oi(r.diagnosis_age_days),
                 oi(r.delay_days),
+                ot(r.code_releases.as_deref()),
             ]);
+        }
+        v
+    }
+
+    fn phenotypes(&self, case_ids: &[i64]) -> Vec<Val<'_>> {
+        let mut v = Vec::new();
+        for id in case_ids {
+            for term in &self.terms {
+                v.extend([Val::I(*id), Val::T(term)]);
+            }
         }
         v
     }
@@ -1011,7 +1042,7 @@ impl RawRows {
 
     fn patients<'a>(&'a self, pseudonyms: &'a [String], case_ids: &[i64]) -> Vec<Val<'a>> {
         let r = &self.row;
-        let mut v = Vec::with_capacity(pseudonyms.len() * 15);
+        let mut v = Vec::with_capacity(pseudonyms.len() * 16);
         for (p, id) in pseudonyms.iter().zip(case_ids) {
             v.extend([
                 Val::I(self.registry_id),
@@ -1029,6 +1060,7 @@ impl RawRows {
                 Val::I(1),
                 Val::NullI,
                 Val::T(&self.genes_column),
+                Val::T(&r.hpo_terms),
             ]);
         }
         v
@@ -1097,7 +1129,7 @@ fn raw_rusqlite(db: &Path, length: Duration) -> Raw {
         id("SELECT id FROM centres WHERE code = 'BENCH'"),
         id("SELECT id FROM principals WHERE name = 'bench'"),
     );
-    let sql = Sql::new('?', RAW_BATCH, rows.row.genes.len());
+    let sql = Sql::new('?', RAW_BATCH, rows.row.genes.len(), rows.terms.len());
     conn.set_prepared_statement_cache_capacity(16);
     let mut batch = 0u64;
     let one_batch = |conn: &mut rusqlite::Connection, batch: u64| {
@@ -1149,6 +1181,12 @@ fn raw_rusqlite(db: &Path, length: Duration) -> Raw {
                 .expect("prepare")
                 .execute(rusqlite::params_from_iter(rows.genes(&case_ids)))
                 .expect("insert genes");
+        }
+        if !rows.terms.is_empty() {
+            tx.prepare_cached(&sql.phenotypes)
+                .expect("prepare")
+                .execute(rusqlite::params_from_iter(rows.phenotypes(&case_ids)))
+                .expect("insert phenotypes");
         }
         tx.prepare_cached(&sql.patients)
             .expect("prepare")
@@ -1251,6 +1289,12 @@ where
         let values = rows.genes(&case_ids);
         bound::<DB>(&sql.genes, &values).execute(&mut *tx).await?;
     }
+    if !rows.terms.is_empty() {
+        let values = rows.phenotypes(&case_ids);
+        bound::<DB>(&sql.phenotypes, &values)
+            .execute(&mut *tx)
+            .await?;
+    }
     let values = rows.patients(pseudonyms, &case_ids);
     bound::<DB>(&sql.patients, &values)
         .execute(&mut *tx)
@@ -1272,7 +1316,7 @@ async fn raw_sqlx_sqlite(db: &Path, length: Duration) -> Raw {
         .expect("open the raw SQLite database");
     let (registry, centre, principal) = raw_ids::<sqlx::Sqlite>(&mut conn).await;
     let rows = RawRows::new(registry, centre, principal);
-    let sql = Sql::new('$', RAW_BATCH, rows.row.genes.len());
+    let sql = Sql::new('$', RAW_BATCH, rows.row.genes.len(), rows.terms.len());
     let run = |batch| raw_pseudonyms("SQLX", batch);
     sqlx_batch::<sqlx::Sqlite>(&mut conn, &sql, &rows, &run(0))
         .await
@@ -1313,7 +1357,7 @@ async fn raw_postgres(url: &str, length: Duration) -> Raw {
             .expect("synchronous_commit"),
     );
     let rows = RawRows::new(registry, centre, principal);
-    let sql = Sql::new('$', RAW_BATCH, rows.row.genes.len());
+    let sql = Sql::new('$', RAW_BATCH, rows.row.genes.len(), rows.terms.len());
     let run = |batch| raw_pseudonyms("PG", batch);
     sqlx_batch::<sqlx::Postgres>(&mut conn, &sql, &rows, &run(0))
         .await
@@ -1731,7 +1775,7 @@ async fn async_main() {
          p50/p99 are of successful calls as this client sees them; server CPU is the server \
          process's user + system time (`/proc/<pid>/stat`) during the figure, per call \
          answered. Raw figures: the rows one submission writes (2 consent events, 2 current \
-         decisions, the case, its first version, its gene, its research row), {RAW_BATCH} \
+         decisions, the case, its first version, its gene, its HPO terms, its research row), {RAW_BATCH} \
          submissions per durable transaction, one multi-row statement per table, in this \
          process before the server starts, on a second database with the server's schema \
          (no reads, no audit entries, no change log: the floor of storing the rows). \
