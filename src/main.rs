@@ -33,6 +33,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Prints a line on standard output. When the reader has gone (`... | head`), the process
+/// ends the way SIGPIPE ends other Unix tools (status 141, never success), instead of
+/// panicking; whatever the command did is already committed.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(141);
+            }
+            eprintln!("error: standard output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -133,7 +149,7 @@ fn keygen(
                 )
             })?;
         let (kdf, _) = KdfFile::create_new(&path, &passphrase)?;
-        println!(
+        say!(
             "wrote the master key parameters (Argon2id {}, fresh salt, check) to {} (mode \
              0600); back it up: the passphrase alone cannot recreate the master secret",
             kdf.params().cost(),
@@ -149,7 +165,7 @@ fn keygen(
         );
     }
     MasterSecret::create_new(&path)?;
-    println!(
+    say!(
         "wrote a new master key to {} (mode 0600); back it up and keep it secret",
         path.display()
     );
@@ -200,7 +216,7 @@ async fn demo(
     )
     .await?;
     drop(writer);
-    println!(
+    say!(
         "{registry}: wrote {} synthetic patients (numbers {} to {}) in {:.1} s",
         done.written,
         done.first,
@@ -227,24 +243,24 @@ async fn audit_verify(
     store.close().await;
     let verified = result.map_err(|broken| format!("audit log BROKEN: {broken}"))?;
     if head_only {
-        println!("{}", verified.anchor());
+        say!("{}", verified.anchor());
         return Ok(());
     }
-    println!(
+    say!(
         "audit log intact: {} entries, every consent event and erasure tombstone as its entry recorded it",
         verified.entries
     );
     if let Some(anchor) = expect_head {
-        println!("the anchored head {anchor} is in the log");
+        say!("the anchored head {anchor} is in the log");
     }
     if verified.unadopted > 0 {
-        println!(
+        say!(
             "{} consent events and tombstones written before rows were audited are not covered yet; the next write adopts them",
             verified.unadopted
         );
     }
-    println!("head: {}", verified.anchor());
-    println!(
+    say!("head: {}", verified.anchor());
+    say!(
         "record the head elsewhere (e.g. in your ticketing system) and pass it to `audit verify --expect-head` later: a log truncated since then, head and all, fails"
     );
     Ok(())
@@ -334,10 +350,10 @@ async fn codes(global: &GlobalArgs, cmd: CodesCommand) -> Result<(), AnyError> {
 async fn list_code_releases(store: &Store) -> Result<(), AnyError> {
     let releases = store.code_releases().await?;
     if releases.is_empty() {
-        println!("no code release on file: codes get format checks only");
+        say!("no code release on file: codes get format checks only");
     }
     for r in releases {
-        println!(
+        say!(
             "{:<9} {:<14} {} dated {:<10} {:>7} codes  from {}",
             r.system.as_str(),
             r.version,
@@ -371,7 +387,7 @@ async fn import_codes(
         admin_service::import_codes(store, &secret, &cli_principal(), source, version, activate)
             .await?;
     for line in done.lines {
-        println!("{line}");
+        say!("{line}");
     }
     Ok(())
 }
@@ -392,16 +408,20 @@ async fn run_audited(
         })?;
     let done = admin_service::run_action(store, &secret, &cli_principal(), action).await?;
     for line in done.lines {
-        println!("{line}");
+        say!("{line}");
     }
     Ok(())
 }
 
 async fn list_registries(store: &Store) -> Result<(), AnyError> {
     for r in store.list_registries().await? {
-        println!(
+        say!(
             "{:<22} key v{}  k={}  p={}  {}",
-            r.code, r.active_key_version, r.min_cell_count, r.protection_level, r.name
+            r.code,
+            r.active_key_version,
+            r.min_cell_count,
+            r.protection_level,
+            r.name
         );
     }
     Ok(())
@@ -462,22 +482,22 @@ async fn audited_admin(
     };
     let done = admin_service::run_action(store, &secret, &cli_principal(), action).await?;
     for line in done.lines {
-        println!("{line}");
+        say!("{line}");
     }
     if let Some((issued, expires_at)) = done.key {
-        println!(
+        say!(
             "api key (shown once, store it now): {}",
             issued.token.expose_secret()
         );
-        println!("key id: {}", issued.key_id);
+        say!("key id: {}", issued.key_id);
         if let Some(at) = expires_at {
-            println!("expires: {}", at.to_rfc3339());
+            say!("expires: {}", at.to_rfc3339());
         }
     }
     if let Some(uri) = done.totp_uri {
-        println!("otpauth URI (shown once): {}", uri.expose_secret());
+        say!("otpauth URI (shown once): {}", uri.expose_secret());
         match qrcode::QrCode::new(uri.expose_secret().as_bytes()) {
-            Ok(code) => println!(
+            Ok(code) => say!(
                 "{}",
                 code.render::<qrcode::render::unicode::Dense1x2>()
                     .dark_color(qrcode::render::unicode::Dense1x2::Light)

@@ -14,6 +14,7 @@ mod audit;
 mod audit_complete;
 mod auth;
 mod cases;
+mod cli;
 mod codes;
 mod consent;
 mod consent_model;
