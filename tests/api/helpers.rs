@@ -93,6 +93,45 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The names of the tests' PostgreSQL databases: this, the creation time in seconds since
+/// 1970, `_`, 16 random hex digits.
+const TEST_DATABASE_PREFIX: &str = "ern_test_";
+
+/// Once per test process: drops the test databases of earlier runs, those created more
+/// than an hour ago (no run lasts that long) or named before the creation time was in
+/// the name; one still in use is never dropped (DROP DATABASE refuses it). Tests leave
+/// their databases behind (a failing test's is worth a look), and
+/// a developer's PostgreSQL would otherwise collect them by the thousand.
+async fn drop_leftover_databases(conn: &mut sqlx::AnyConnection) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'ern\\_test\\_%'",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .expect("list test databases");
+        for name in names {
+            let created = name
+                .strip_prefix(TEST_DATABASE_PREFIX)
+                .and_then(|rest| rest.split_once('_'))
+                .and_then(|(secs, _)| secs.parse::<u64>().ok());
+            if created.is_some_and(|c| now.saturating_sub(c) < 3600) {
+                continue;
+            }
+            // Another run may be dropping it too, or still using an old-style one: skip.
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(&mut *conn)
+                .await;
+        }
+    })
+    .await;
+}
+
 /// A fresh database URL: a SQLite file in `dir`, or a new PostgreSQL database.
 pub async fn fresh_database(dir: &TempDir) -> String {
     match std::env::var("ERN_TEST_DATABASE_URL") {
@@ -101,10 +140,16 @@ pub async fn fresh_database(dir: &TempDir) -> String {
             let mut bytes = [0u8; 8];
             ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut bytes).unwrap();
             let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let name = format!("ern_test_{name}");
+            // Its creation time in the name, so that a later run can tell leftovers.
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_secs();
+            let name = format!("{TEST_DATABASE_PREFIX}{created}_{name}");
             let mut conn = sqlx::AnyConnection::connect(&admin_url)
                 .await
                 .expect("connect to test PostgreSQL");
+            drop_leftover_databases(&mut conn).await;
             sqlx::query(&format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)
                 .await
