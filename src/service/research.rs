@@ -29,6 +29,7 @@ use crate::aggregate::{
 use crate::auth::{AuthError, Principal, Role};
 use crate::domain::{CodeCatalog, CodeSystem, HpoTerm, Lookup};
 use crate::domain::{FieldViolations, RegistryCode};
+use crate::store::db::Db;
 use crate::store::research::{ExpertiseRow, PhenotypeFilter, ResearchError, Selection};
 use crate::store::writer::AfterCommit;
 use crate::store::{Registry, Store, StoreError};
@@ -94,9 +95,12 @@ impl ResearchIndex {
 struct CatchUp(Arc<index::Index>);
 
 impl AfterCommit for CatchUp {
-    fn after_commit(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn after_commit<'a>(
+        &'a self,
+        on: Option<Db<'a>>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            if let Err(e) = self.0.catch_up().await {
+            if let Err(e) = self.0.catch_up_on(on).await {
                 // Queries catch up before they answer: they will apply it, or fail.
                 warn!(error = %e, "research index: catching up after a commit failed");
             }

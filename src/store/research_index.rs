@@ -166,8 +166,12 @@ fn patient_columns() -> String {
 
 /// Unpacks the research row in column `at` of `r` ([`patient_columns`]).
 fn patient_row(r: &sqlx::any::AnyRow, at: usize) -> Result<PatientRow> {
+    unpack_patient(r.try_get(at)?)
+}
+
+/// Unpacks a research row's text ([`patient_columns`]).
+fn unpack_patient(text: String) -> Result<PatientRow> {
     let corrupt = || StoreError::Corrupt("research row does not unpack".into());
-    let text: String = r.try_get(at)?;
     let bars: Vec<usize> = text.match_indices('|').map(|(i, _)| i).collect();
     let [a, b, c, d, e, f, g, h, i] = bars[..] else {
         return Err(corrupt());
@@ -389,60 +393,88 @@ impl Store {
     /// is cleared in `sink`, then its row and other cases (if it still has a row) are
     /// given. A slot may be named more than once: the last state wins, as the rows are
     /// read after the log.
+    ///
+    /// Read through the pool, or with `on`: the SQLite writer's own connection, outside a
+    /// transaction, right after its commit (`super::writer`), where the reads are direct
+    /// calls into the engine instead of round trips to a pool connection's thread.
     pub async fn research_changes(
         &self,
         applied: i64,
         sink: &mut impl IndexSink,
+        on: Option<Db<'_>>,
     ) -> Result<Changes> {
-        let mut tx = snapshot(self).await?;
-        // The counter and the log after `applied`, in one statement (a row of NULLs when
-        // nothing was logged after it).
-        let rows = sqlx::query(
-            "SELECT s.seq, s.pruned_through, l.registry_id, l.slot FROM research_seq s \
-             LEFT JOIN research_log l ON l.seq > $1 WHERE s.id = 1",
-        )
-        .bind(applied)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(first) = rows.first() else {
-            return Err(StoreError::Corrupt(
-                "the research change counter is missing".into(),
-            ));
-        };
-        let (through, pruned_through): (i64, i64) = (first.try_get(0)?, first.try_get(1)?);
-        if through == applied {
-            tx.rollback().await?;
-            return Ok(Changes::None { through });
-        }
-        if pruned_through > applied || through < applied {
-            tx.rollback().await?;
-            return Ok(Changes::Reload);
-        }
-        let mut slots: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
-        for r in &rows {
-            if let (Some(registry_id), Some(slot)) = (
-                r.try_get::<Option<i64>, _>(2)?,
-                r.try_get::<Option<i64>, _>(3)?,
-            ) {
-                slots.entry(registry_id).or_default().insert(slot);
+        match on {
+            None => {
+                let mut tx = snapshot(self).await?;
+                let changes =
+                    changes_in(&mut Db::from(&mut *tx), self.backend(), applied, sink).await;
+                tx.rollback().await?;
+                changes
+            }
+            Some(mut db) => {
+                // One read transaction: one snapshot for the log and the rows.
+                db.execute_raw("BEGIN").await?;
+                let changes = changes_in(&mut db, self.backend(), applied, sink).await;
+                // Always ended: the writer's next batch begins its own transaction here.
+                db.execute_raw("ROLLBACK").await?;
+                changes
             }
         }
-        if slots.values().map(BTreeSet::len).sum::<usize>() > MOST_CHANGES {
-            tx.rollback().await?;
-            return Ok(Changes::Reload);
-        }
-        for (&registry_id, set) in &slots {
-            for &slot in set {
-                sink.clear(registry_id, slot);
-            }
-            let set: Vec<i64> = set.iter().copied().collect();
-            for chunk in set.chunks(CHUNK) {
-                load_slots(&mut tx, self.backend(), registry_id, chunk, sink).await?;
-            }
-        }
-        tx.rollback().await?;
-        Ok(Changes::Loaded { through })
     }
+}
+
+/// [`Store::research_changes`] in the snapshot of `db`'s open transaction.
+async fn changes_in(
+    db: &mut Db<'_>,
+    backend: Backend,
+    applied: i64,
+    sink: &mut impl IndexSink,
+) -> Result<Changes> {
+    // The counter and the log after `applied`, in one statement (a row of NULLs when
+    // nothing was logged after it).
+    let rows = db::query(
+        "SELECT s.seq, s.pruned_through, l.registry_id, l.slot FROM research_seq s \
+         LEFT JOIN research_log l ON l.seq > $1 WHERE s.id = 1",
+    )
+    .persistent(true)
+    .bind(applied)
+    .fetch_all(db)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Err(StoreError::Corrupt(
+            "the research change counter is missing".into(),
+        ));
+    };
+    let (through, pruned_through): (i64, i64) = (first.try_get(0)?, first.try_get(1)?);
+    if through == applied {
+        return Ok(Changes::None { through });
+    }
+    if pruned_through > applied || through < applied {
+        return Ok(Changes::Reload);
+    }
+    let mut slots: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+    for r in &rows {
+        if let (Some(registry_id), Some(slot)) =
+            (r.try_get::<Option<i64>>(2)?, r.try_get::<Option<i64>>(3)?)
+        {
+            slots.entry(registry_id).or_default().insert(slot);
+        }
+    }
+    if slots.values().map(BTreeSet::len).sum::<usize>() > MOST_CHANGES {
+        return Ok(Changes::Reload);
+    }
+    for (&registry_id, set) in &slots {
+        for &slot in set {
+            sink.clear(registry_id, slot);
+        }
+        let set: Vec<i64> = set.iter().copied().collect();
+        // Through the pool, chunks of up to CHUNK slots; on the writer's connection, the
+        // power-of-two shapes it keeps prepared.
+        for chunk in db.chunks(&set, CHUNK) {
+            load_slots(db, backend, registry_id, chunk, sink).await?;
+        }
+    }
+    Ok(Changes::Loaded { through })
 }
 
 /// The rows of `slots` of a registry, with their other cases, in one statement. On
@@ -450,7 +482,7 @@ impl Store {
 /// planner does: without statistics SQLite takes an equality on `registry_id` for a few
 /// rows and scanned the registry's rows (and cases) instead, at every catch-up.
 async fn load_slots(
-    conn: &mut AnyConnection,
+    db: &mut Db<'_>,
     backend: Backend,
     registry_id: i64,
     slots: &[i64],
@@ -477,18 +509,18 @@ async fn load_slots(
     );
     // Kept prepared when small (a catch-up after each commit of a quiet server names a
     // slot or two): the statement is long, and parsing it was a cost of every commit.
-    let mut q = sqlx::query(&sql)
-        .persistent(super::cacheable(slots.len()))
+    let mut q = db::query(&sql)
+        .persistent(db.keeps(slots.len()))
         .bind(registry_id);
     for slot in slots {
         q = q.bind(*slot);
     }
-    for row in q.fetch_all(&mut *conn).await? {
-        if row.try_get::<i64, _>(0)? == 0 {
-            sink.patient(patient_row(&row, 1)?)?;
+    for row in q.fetch_all(db).await? {
+        if row.try_get::<i64>(0)? == 0 {
+            sink.patient(unpack_patient(row.try_get(1)?)?)?;
             continue;
         }
-        let text: &str = row.try_get(1)?;
+        let text: String = row.try_get(1)?;
         let corrupt = || StoreError::Corrupt("another case does not unpack".into());
         let mut fields = text.split('|');
         let (Some(slot), Some(centre), Some(orphacode), None) =

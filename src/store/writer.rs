@@ -288,8 +288,14 @@ impl Answer {
 /// the batch's changes (from the change log, `super::research_index`) in the same
 /// critical section as the commit. It cannot fail the batch: the commit is done, and
 /// every research query catches up with the log before it answers anyway.
+///
+/// `on`: on a SQLite file, the writer's own connection (on its thread, outside any
+/// transaction), to read the changes on; otherwise `None`, to read them through the pool.
 pub trait AfterCommit: Send + Sync {
-    fn after_commit(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    fn after_commit<'a>(
+        &'a self,
+        on: Option<Db<'a>>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// Handle to the writer tasks; cheap to clone.
@@ -329,14 +335,9 @@ impl Writer {
         let queues = (0..partitions)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-                let applier = Applier::start(&store, audit.clone(), rules.clone());
-                tokio::spawn(run(
-                    applier,
-                    rx,
-                    max_batch,
-                    purger.clone(),
-                    after_commit.clone(),
-                ));
+                let applier =
+                    Applier::start(&store, audit.clone(), rules.clone(), after_commit.clone());
+                tokio::spawn(run(applier, rx, max_batch, purger.clone()));
                 tx
             })
             .collect();
@@ -398,6 +399,7 @@ enum Applier {
         store: Store,
         key: Arc<AuditKey>,
         rules: Arc<dyn ConsentRules>,
+        after_commit: Option<Arc<dyn AfterCommit>>,
     },
     /// On a SQLite file: the writer's own connection on a thread of its own
     /// ([`lite_thread`]), which takes each batch whole and applies it with direct calls
@@ -406,11 +408,17 @@ enum Applier {
 }
 
 impl Applier {
-    fn start(store: &Store, key: Arc<AuditKey>, rules: Arc<dyn ConsentRules>) -> Applier {
+    fn start(
+        store: &Store,
+        key: Arc<AuditKey>,
+        rules: Arc<dyn ConsentRules>,
+        after_commit: Option<Arc<dyn AfterCommit>>,
+    ) -> Applier {
         let pool = |store: &Store, key, rules| Applier::Pool {
             store: store.clone(),
             key,
             rules,
+            after_commit: after_commit.clone(),
         };
         let Some(path) = store.sqlite_path() else {
             return pool(store, key, rules);
@@ -428,8 +436,8 @@ impl Applier {
         let spawned = std::thread::Builder::new()
             .name("ern-writer".into())
             .spawn({
-                let (key, rules) = (key.clone(), rules.clone());
-                move || lite_thread(conn, checkpoints, rx, key, rules)
+                let (key, rules, after_commit) = (key.clone(), rules.clone(), after_commit.clone());
+                move || lite_thread(conn, checkpoints, rx, key, rules, after_commit)
             });
         match spawned {
             Ok(_) => Applier::Thread(tx),
@@ -440,10 +448,22 @@ impl Applier {
         }
     }
 
+    /// Applies `jobs` and, if they wrote about patients, tells the hook before returning
+    /// their answers.
     async fn apply(&self, jobs: Vec<Job>) -> Vec<Answer> {
         match self {
-            Applier::Pool { store, key, rules } => {
-                apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await
+            Applier::Pool {
+                store,
+                key,
+                rules,
+                after_commit,
+            } => {
+                let about_patients = about_patients(&jobs);
+                let answers = apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await;
+                if let (true, Some(hook)) = (about_patients, after_commit) {
+                    hook.after_commit(None).await;
+                }
+                answers
             }
             Applier::Thread(thread) => {
                 let (done, answers) = oneshot::channel();
@@ -462,15 +482,23 @@ impl Applier {
 /// The SQLite writer's thread: applies each batch sent to it on its own connection, and
 /// hands the answers back. The write path's code is async (it is shared with PostgreSQL),
 /// but on this connection nothing in it waits: a current-thread runtime drives each
-/// batch to its end in one poll.
+/// batch to its end in one poll. After a commit about patients the research index's hook
+/// reads the batch's changes on the same connection; only its rare trips to the pool
+/// (a centre it has not seen, a reload) wait.
 fn lite_thread(
     mut conn: rusqlite::Connection,
     checkpoints: Option<(checkpoint::Nudger, std::thread::JoinHandle<()>)>,
     batches: std::sync::mpsc::Receiver<(Vec<Job>, oneshot::Sender<Vec<Answer>>)>,
     key: Arc<AuditKey>,
     rules: Arc<dyn ConsentRules>,
+    after_commit: Option<Arc<dyn AfterCommit>>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+    // Timers on: the research index's catch-up may reach the pool (a new centre's
+    // labels, a reload), whose acquire has a timeout.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             error!(error = %e, "the writer thread has no runtime");
@@ -478,12 +506,17 @@ fn lite_thread(
         }
     };
     while let Ok((jobs, done)) = batches.recv() {
+        let about_patients = about_patients(&jobs);
         let answers = runtime.block_on(apply_jobs(
             &mut Target::Lite(&mut conn),
             &key,
             rules.as_ref(),
             jobs,
         ));
+        // The research index reads the batch's changes here too, on this connection.
+        if let (true, Some(hook)) = (about_patients, &after_commit) {
+            runtime.block_on(hook.after_commit(Some(Db::Lite(&mut conn))));
+        }
         if let Some((nudger, _)) = &checkpoints {
             nudger.nudge();
         }
@@ -534,13 +567,12 @@ enum Target<'a> {
     Lite(&'a mut rusqlite::Connection),
 }
 
-async fn run(
-    applier: Applier,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    purger: Arc<Purger>,
-    after_commit: Option<Arc<dyn AfterCommit>>,
-) {
+/// Whether a batch writes about patients (anything but audit entries of reads).
+fn about_patients(jobs: &[Job]) -> bool {
+    jobs.iter().any(|(c, _, _)| !matches!(c, Command::Audit))
+}
+
+async fn run(applier: Applier, mut rx: mpsc::Receiver<Job>, max_batch: usize, purger: Arc<Purger>) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     loop {
         let received = if purger.is_pending() {
@@ -561,11 +593,7 @@ async fn run(
             break;
         }
         let jobs = std::mem::take(&mut batch);
-        let about_patients = jobs.iter().any(|(c, _, _)| !matches!(c, Command::Audit));
         let answers = applier.apply(jobs).await;
-        if let (true, Some(hook)) = (about_patients, &after_commit) {
-            hook.after_commit().await;
-        }
         deliver(&purger, answers).await;
         purger.retry(false).await;
     }
@@ -667,6 +695,12 @@ impl Tx<'_> {
         Ok(match target {
             Target::Pool(store) => Tx::Pool(store.pool().begin().await?),
             Target::Lite(conn) => {
+                if !conn.is_autocommit() {
+                    // Left open by something that failed half-way (the research index's
+                    // read after the last commit): end it, or BEGIN would fail.
+                    warn!("the writer's connection was still in a transaction; rolled back");
+                    conn.execute_batch("ROLLBACK")?;
+                }
                 // IMMEDIATE: the write lock is taken here, so a statement of the batch
                 // never finds the database taken by another process (the admin CLI)
                 // half-way through.

@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::aggregate::{AGE_BANDS, DelayBuilder, Dimension, Filter, Key, QueryError, TableBuilder};
 use crate::domain::ORPHA_UNDIAGNOSED;
+use crate::store::db::Db;
 use crate::store::research::{ExpertiseRow, ResearchError, Selection};
 use crate::store::research_index::{CentreRow, Changes, IndexSink, PatientRow};
 use crate::store::{Store, StoreError};
@@ -588,6 +589,12 @@ impl Index {
     /// counter, the change log after the index's position and the rows of the slots it
     /// names, in one snapshot (`store::research_index`), then applies them at once.
     pub(super) async fn catch_up(&self) -> Result<(), StoreError> {
+        self.catch_up_on(None).await
+    }
+
+    /// [`Index::catch_up`], reading the changes on `on` (the SQLite writer's own
+    /// connection, right after its commit) instead of through the pool.
+    pub(super) async fn catch_up_on(&self, on: Option<Db<'_>>) -> Result<(), StoreError> {
         let _turn = self.turn.lock().await;
         if self.data.is_poisoned() {
             // An apply panicked half-way: start again from the database.
@@ -598,7 +605,11 @@ impl Index {
         }
         let applied = self.read().applied;
         let mut collected = Collected::default();
-        match self.store.research_changes(applied, &mut collected).await? {
+        match self
+            .store
+            .research_changes(applied, &mut collected, on)
+            .await?
+        {
             Changes::None { .. } => Ok(()),
             Changes::Reload => {
                 let fresh = load(&self.store).await?;
