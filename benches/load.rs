@@ -12,6 +12,9 @@
 //! `genes_to_phenotype.txt`) puts code releases in force on the server before it starts:
 //! that HPO release and the Orphanet and HGNC fixtures, so that submissions are validated
 //! against releases (issue #18's cost of validation: compare with a run without).
+//! `ERN_BENCH_PROFILE=N` runs only SubmitCase with N in flight, for `ERN_BENCH_SECONDS`,
+//! after printing the server's pid (to attach `perf record -p`), and prints its rate,
+//! latency and server CPU per call; no raw limits, nothing written.
 //!
 //! The server is the release binary (`CARGO_BIN_EXE_ern-registry`), started as a child
 //! process on a free loopback port, set up with its own admin command line (a centre and a
@@ -1515,26 +1518,32 @@ async fn async_main() {
         None => (None, None),
     };
 
+    // `ERN_BENCH_PROFILE=N`: one SubmitCase loop only (below), no raw limits.
+    let profile = std::env::var("ERN_BENCH_PROFILE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok());
     // Raw limits first, with the machine otherwise idle (no server yet).
     eprintln!("raw limits ...");
     let fsync = fsync_ms(tmp.path());
     let mut raws = Vec::new();
-    for d in &raw_dirs {
+    for d in raw_dirs.iter().filter(|_| profile.is_none()) {
         prepare(d, None);
     }
     let db = |d: &Path| d.join("registry.db");
     let (raw_dir, length) = (raw_dirs[0].clone(), measure());
-    raws.push(
-        tokio::task::spawn_blocking(move || raw_rusqlite(&db(&raw_dir), length))
-            .await
-            .expect("rusqlite raw insert"),
-    );
-    raws.push(raw_sqlx_sqlite(&db(&raw_dirs[1]), measure()).await);
-    if let Some(url) = &raw_pg_url {
-        let pg_dir = tmp.path().join("raw-pg");
-        std::fs::create_dir_all(&pg_dir).expect("dir");
-        prepare(&pg_dir, Some(url));
-        raws.push(raw_postgres(url, measure()).await);
+    if profile.is_none() {
+        raws.push(
+            tokio::task::spawn_blocking(move || raw_rusqlite(&db(&raw_dir), length))
+                .await
+                .expect("rusqlite raw insert"),
+        );
+        raws.push(raw_sqlx_sqlite(&db(&raw_dirs[1]), measure()).await);
+        if let Some(url) = &raw_pg_url {
+            let pg_dir = tmp.path().join("raw-pg");
+            std::fs::create_dir_all(&pg_dir).expect("dir");
+            prepare(&pg_dir, Some(url));
+            raws.push(raw_postgres(url, measure()).await);
+        }
     }
     for r in &raws {
         eprintln!("{}: {:.0}/s", r.name, r.per_second);
@@ -1583,6 +1592,34 @@ async fn async_main() {
     let mut four = Vec::new();
     for _ in 0..4 {
         four.push(target(connect(&server.url()).await));
+    }
+
+    // `ERN_BENCH_PROFILE=1 in flight` (or `=256`): only that SubmitCase loop, for
+    // ERN_BENCH_SECONDS, with the server's pid printed first (for `perf record -p`);
+    // nothing is written.
+    if let Some(in_flight) = profile {
+        eprintln!(
+            "profile: server pid {pid}; {in_flight} in flight for {} s",
+            seconds()
+        );
+        let _ = closed_loop(&four, Op::Submit, in_flight, warm_up()).await;
+        let cpu = cpu_seconds(pid, clock_ticks_per_second());
+        let mut samples = closed_loop(&four, Op::Submit, in_flight, measure()).await;
+        let cpu = cpu_seconds(pid, clock_ticks_per_second()) - cpu;
+        let (p50, p99) = (samples.percentile_ms(0.5), samples.percentile_ms(0.99));
+        eprintln!(
+            "profile: {} ok, {} failed, {:.0}/s, p50 {} ms, p99 {} ms, server CPU {:.3} ms per call",
+            samples.ok,
+            samples.failed(),
+            samples.ok as f64 / samples.elapsed,
+            fmt_ms(p50),
+            fmt_ms(p99),
+            cpu * 1e3 / samples.ok.max(1) as f64
+        );
+        drop(one);
+        drop(four);
+        server.stop();
+        return;
     }
 
     // Memory: sampled through the load phases.
