@@ -415,11 +415,15 @@ mod tests {
             move || {
                 let conn = rusqlite::Connection::open(&db).unwrap();
                 conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                // As the writer and its checkpoint thread do: a commit, a checkpoint of
+                // it, a pause (the writer waits while a purge runs, so a pass always
+                // gets its turn at the write lock).
                 while !stop.load(Ordering::Relaxed) {
                     conn.execute("INSERT INTO t (v) VALUES (randomblob(20000))", [])
                         .unwrap();
                     super::super::checkpoint::run(&conn, "PASSIVE").unwrap();
                     checkpoints.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
         });
