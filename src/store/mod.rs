@@ -470,6 +470,12 @@ impl Store {
         // indexes of its table, and at a million patients their pages no longer fit in 2
         // MiB (a profile of `demo` showed reads and cache spills in the writer).
         conn.execute_batch("PRAGMA cache_size = -32768")?;
+        // Statement journals in memory: a multi-row statement inside the batch's
+        // transaction keeps one (to undo just that statement if it fails), and with the
+        // default they spill to a temporary file past 64 KiB, a write per page (7% of the
+        // writer thread at 256 submissions in flight). They never carry durability: the
+        // WAL does.
+        conn.execute_batch("PRAGMA temp_store = MEMORY")?;
         // Every statement of the write path in each of its shapes (`db::Db::chunks`: seven
         // per multi-row statement, about fifteen of those), with room to spare.
         conn.set_prepared_statement_cache_capacity(256);
