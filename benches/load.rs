@@ -12,7 +12,8 @@
 //! `genes_to_phenotype.txt`) puts code releases in force on the server before it starts:
 //! that HPO release and the Orphanet and HGNC fixtures, so that submissions are validated
 //! against releases (issue #18's cost of validation: compare with a run without).
-//! `ERN_BENCH_PROFILE=N` runs only SubmitCase with N in flight, for `ERN_BENCH_SECONDS`,
+//! `ERN_BENCH_BIN=PATH` runs another build of the server binary (an earlier commit's, to
+//! compare). `ERN_BENCH_PROFILE=N` runs only SubmitCase with N in flight, for `ERN_BENCH_SECONDS`,
 //! after printing the server's pid (to attach `perf record -p`), and prints its rate,
 //! latency and server CPU per call; no raw limits, nothing written.
 //!
@@ -73,7 +74,13 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ern-registry");
+/// The server binary: this build's, or `ERN_BENCH_BIN` (another build of it, e.g. of an
+/// earlier commit, to compare in alternating runs on the same machine).
+fn bin() -> PathBuf {
+    std::env::var_os("ERN_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ern-registry")))
+}
 const REGISTRY: &str = "ERN-LUNG";
 /// Items of one bulk stream sent and not yet answered (the server works on 64 at once).
 const BULK_WINDOW: usize = 256;
@@ -117,7 +124,7 @@ fn next_submission() -> proto::SubmitCaseRequest {
 
 /// Runs the binary's command line (admin, keygen, demo) against a data dir / database.
 fn run_cli(data_dir: &Path, database_url: Option<&str>, args: &[&str]) -> String {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.arg("--data-dir").arg(data_dir);
     if let Some(url) = database_url {
         cmd.args(["--database-url", url]);
@@ -256,7 +263,7 @@ impl Server {
             .expect("a free port")
             .port();
         let log = data_dir.join("server.log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.arg("--data-dir").arg(data_dir);
         if let Some(url) = database_url {
             cmd.args(["--database-url", url]);

@@ -532,9 +532,20 @@ async fn async_main() {
         .fold(0.0, f64::max);
     let commonest = indexed[10].p95;
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    // The goals are for 1,000,000 patients, and p95 <= 500 ms at 10,000,000 (bench only);
+    // the start-up goal is for 1,000,000 only.
+    let budget_ms = if patients >= 10_000_000.0 { 500.0 } else { 50.0 };
+    let start_verdict = if (patients - 1_000_000.0).abs() < 1.0 {
+        verdict(load_seconds <= 5.0).to_string()
+    } else {
+        format!(
+            "not judged at this size (the goal is for 1,000,000 patients; {:.2} s per million here)",
+            load_seconds / (patients / 1_000_000.0).max(1e-9)
+        )
+    };
     out.push_str(&format!(
-        "\nGoals of issue #15: every count and delay call p95 <= 50 ms: {} (slowest p95 \
-         {worst_query:.1} ms); expertise for the commonest diagnosis p95 <= 50 ms: {} \
+        "\nGoals of issue #15: every count and delay call p95 <= {budget_ms:.0} ms: {} (slowest p95 \
+         {worst_query:.1} ms); expertise for the commonest diagnosis p95 <= {budget_ms:.0} ms: {} \
          ({commonest:.1} ms); index load at start-up <= 5 s: {} (two starts: the load took \
          {first_load:.2} s and {second_load:.2} s, the whole start {:.2} s and {:.2} s, using \
          {first_cpu:.1} s and {second_cpu:.1} s of CPU (all threads), while the machine's \
@@ -544,9 +555,9 @@ async fn async_main() {
          index's own accounting, {:.0} MiB for {patients} patients; the process's resident \
          memory grew by {:.0} MiB over the first start, which includes the database \
          connections' caches).\n",
-        verdict(worst_query <= 50.0),
-        verdict(commonest <= 50.0),
-        verdict(load_seconds <= 5.0),
+        verdict(worst_query <= budget_ms),
+        verdict(commonest <= budget_ms),
+        start_verdict,
         first_build.as_secs_f64(),
         build.as_secs_f64(),
         migrated.as_secs_f64(),
