@@ -534,7 +534,11 @@ async fn async_main() {
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     // The goals are for 1,000,000 patients, and p95 <= 500 ms at 10,000,000 (bench only);
     // the start-up goal is for 1,000,000 only.
-    let budget_ms = if patients >= 10_000_000.0 { 500.0 } else { 50.0 };
+    let budget_ms = if patients >= 10_000_000.0 {
+        500.0
+    } else {
+        50.0
+    };
     let start_verdict = if (patients - 1_000_000.0).abs() < 1.0 {
         verdict(load_seconds <= 5.0).to_string()
     } else {
