@@ -91,7 +91,6 @@ pub mod writer_sql {
 pub mod admin;
 pub mod audit;
 pub mod cases;
-mod checkpoint;
 pub mod codes;
 pub mod consent;
 pub mod consent_model;

@@ -60,7 +60,6 @@ use tracing::{error, warn};
 
 use super::audit::{self as audit_store, Pending, Wrote};
 use super::cases::{self, CaseRow};
-use super::checkpoint;
 use super::consent::{self as consent_store, WithdrawalReason};
 use super::db::Db;
 use super::millis;
@@ -431,13 +430,12 @@ impl Applier {
                 return pool(store, key, rules);
             }
         };
-        let checkpoints = checkpoint_thread(&conn, path);
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("ern-writer".into())
             .spawn({
                 let (key, rules, after_commit) = (key.clone(), rules.clone(), after_commit.clone());
-                move || lite_thread(conn, checkpoints, rx, key, rules, after_commit)
+                move || lite_thread(conn, rx, key, rules, after_commit)
             });
         match spawned {
             Ok(_) => Applier::Thread(tx),
@@ -487,7 +485,6 @@ impl Applier {
 /// (a centre it has not seen, a reload) wait.
 fn lite_thread(
     mut conn: rusqlite::Connection,
-    checkpoints: Option<(checkpoint::Nudger, std::thread::JoinHandle<()>)>,
     batches: std::sync::mpsc::Receiver<(Vec<Job>, oneshot::Sender<Vec<Answer>>)>,
     key: Arc<AuditKey>,
     rules: Arc<dyn ConsentRules>,
@@ -517,17 +514,7 @@ fn lite_thread(
         if let (true, Some(hook)) = (about_patients, &after_commit) {
             runtime.block_on(hook.after_commit(Some(Db::Lite(&mut conn))));
         }
-        if let Some((nudger, _)) = &checkpoints {
-            nudger.nudge();
-        }
         let _ = done.send(answers);
-    }
-    // The checkpoint thread ends once its nudger is gone, and closes its connection first.
-    if let Some((nudger, thread)) = checkpoints {
-        drop(nudger);
-        if thread.join().is_err() {
-            warn!("the checkpoint thread panicked");
-        }
     }
     // Closed before the audit key goes: the server closes the pool once every writer has
     // dropped its key (`startup`), and the last connection to close checkpoints the WAL.
@@ -535,30 +522,6 @@ fn lite_thread(
         warn!(error = %e, "the writer's SQLite connection did not close cleanly");
     }
     drop(key);
-}
-
-/// Moves the writer connection's WAL checkpoints to a thread of their own
-/// ([`checkpoint`]): turns the automatic checkpoint off on `conn` once that thread runs.
-/// If it cannot start, `conn` keeps SQLite's automatic checkpoint and nothing is lost but
-/// speed.
-fn checkpoint_thread(
-    conn: &rusqlite::Connection,
-    path: &std::path::Path,
-) -> Option<(checkpoint::Nudger, std::thread::JoinHandle<()>)> {
-    let started = Store::open_sqlite_writer(path)
-        .map_err(|e| e.to_string())
-        .and_then(|own| checkpoint::start(own).map_err(|e| e.to_string()));
-    let checkpoints = match started {
-        Ok(checkpoints) => checkpoints,
-        Err(e) => {
-            warn!(error = %e, "no checkpoint thread; the writer checkpoints its WAL itself");
-            return None;
-        }
-    };
-    if let Err(e) = conn.execute_batch("PRAGMA wal_autocheckpoint = 0") {
-        warn!(error = %e, "the writer's automatic checkpoint stays on");
-    }
-    Some(checkpoints)
 }
 
 /// The connection a batch is applied on.
