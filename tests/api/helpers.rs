@@ -335,6 +335,13 @@ impl TestApp {
 
     /// A centre in ERN-EYE and ERN-LUNG with a physician; returns the physician's client.
     pub async fn physician(&self, name: &str, centre: &str) -> Client {
+        let token = self.physician_key(name, centre).await;
+        self.client(Some(&token)).await
+    }
+
+    /// Creates a physician of `centre` (created in NL for ERN-EYE and ERN-LUNG if it does
+    /// not exist yet) and returns its API key.
+    pub async fn physician_key(&self, name: &str, centre: &str) -> String {
         if self
             .store
             .registry_by_code("ERN-EYE")
@@ -353,10 +360,8 @@ impl TestApp {
         if !exists {
             self.centre(centre, "NL", &["ERN-EYE", "ERN-LUNG"]).await;
         }
-        let token = self
-            .principal(name, Role::Physician, Some(centre), &[])
-            .await;
-        self.client(Some(&token)).await
+        self.principal(name, Role::Physician, Some(centre), &[])
+            .await
     }
 
     /// Counts rows of a table (tests only; the name is a literal).

@@ -161,14 +161,7 @@ async fn a_physician_exports_only_their_own_centres_cases_with_consent_in_force(
     let mut dr_a = app.physician("dr-a", "NL-AMC").await;
     let mut dr_b = app.physician("dr-b", "NL-UMCU").await;
     app.centre("BE-UZL", "BE", &["ERN-EYE"]).await;
-    let token = app
-        .principal(
-            "dr-c",
-            ern_registry::auth::Role::Physician,
-            Some("BE-UZL"),
-            &[],
-        )
-        .await;
+    let token = app.physician_key("dr-c", "BE-UZL").await;
     let mut dr_c = app.client(Some(&token)).await;
     let mut mine = Vec::new();
     for seed in 10..13 {
@@ -303,14 +296,7 @@ async fn no_identifier_reaches_the_export_even_when_the_client_put_one_in_the_su
 async fn the_upload_tool_sends_a_file_of_phenopackets_and_reports_elements_by_path() {
     let app = TestApp::spawn().await;
     app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
-    let key = app
-        .principal(
-            "dr-a",
-            ern_registry::auth::Role::Physician,
-            Some("NL-AMC"),
-            &[],
-        )
-        .await;
+    let key = app.physician_key("dr-a", "NL-AMC").await;
     let phenopacket: serde_json::Value = serde_json::from_str(PHENOPACKET).unwrap();
     let mut unmappable = phenopacket.clone();
     unmappable["phenotypicFeatures"][0]["excluded"] = true.into();
