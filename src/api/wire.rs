@@ -3,8 +3,8 @@
 //!
 //! tonic is lenient where the gRPC over HTTP/2 specification is not, and strict with the
 //! wrong code where the caller is at fault: it serves any `content-type`, answers a broken
-//! length prefix or a compressed flag without `grpc-encoding` with INTERNAL (the code of a
-//! server bug), an oversized message with OUT_OF_RANGE, an empty unary body with INTERNAL,
+//! length prefix, a compressed flag without `grpc-encoding` or an empty unary body with
+//! INTERNAL (the code of a server bug), an oversized message with OUT_OF_RANGE,
 //! and silently drops the second message of a unary call. This layer decides first:
 //!
 //! - a `content-type` that does not start with `application/grpc` is refused with HTTP 415
@@ -22,8 +22,10 @@
 //!   a response message over the limit (tonic's encoder says OUT_OF_RANGE) fails the call
 //!   with the same code;
 //! - a unary or server-streaming call (one request message by contract) with no message or
-//!   with a second one is UNIMPLEMENTED: the table's code for a request cardinality
-//!   violation.
+//!   with a second one is INVALID_ARGUMENT: the request body is malformed for its method,
+//!   and the caller's to fix. (gRPC's status-code table suggests UNIMPLEMENTED for such a
+//!   "cardinality violation", but that is also the code of a method that does not exist,
+//!   so a client could not tell its own malformed body from a missing method.)
 //!
 //! The framing is followed as the bytes pass, without buffering: the layer only counts.
 //! Its verdict reaches tonic as an error of the request body, which tonic gives the client
@@ -240,7 +242,7 @@ impl Framing {
                 continue;
             }
             if self.have == 0 && self.single && self.messages >= 1 {
-                return Err(Status::unimplemented(
+                return Err(Status::invalid_argument(
                     "this method takes exactly one request message; the call sent more",
                 ));
             }
@@ -306,7 +308,7 @@ impl Framing {
             )));
         }
         if self.single && self.messages == 0 {
-            return Err(Status::unimplemented(
+            return Err(Status::invalid_argument(
                 "this method takes exactly one request message; the call sent none",
             ));
         }
@@ -497,9 +499,12 @@ mod tests {
     #[test]
     fn a_single_request_method_takes_exactly_one_message() {
         let mut f = framing(true, 100);
-        assert_eq!(f.finish().unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(f.finish().unwrap_err().code(), tonic::Code::InvalidArgument);
         f.feed(&message(0, b"one")).unwrap();
         f.finish().unwrap();
-        assert_eq!(f.feed(&[0]).unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            f.feed(&[0]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

@@ -213,16 +213,21 @@ async fn a_unary_call_takes_exactly_one_request_message() {
     assert_eq!(answer.messages(), 1);
 
     let none = call(app.addr, CHECK, GRPC, &[], vec![]).await;
-    assert_eq!(none.code(), Code::Unimplemented, "{:?}", none.status());
+    assert_eq!(none.code(), Code::InvalidArgument, "{:?}", none.status());
     let empty_frame = call(app.addr, CHECK, GRPC, &[], vec![vec![]]).await;
-    assert_eq!(empty_frame.code(), Code::Unimplemented);
+    assert_eq!(empty_frame.code(), Code::InvalidArgument);
 
     let two_in_one_frame = [one.clone(), one.clone()].concat();
     let answer = call(app.addr, CHECK, GRPC, &[], vec![two_in_one_frame]).await;
-    assert_eq!(answer.code(), Code::Unimplemented, "{:?}", answer.status());
+    assert_eq!(
+        answer.code(),
+        Code::InvalidArgument,
+        "{:?}",
+        answer.status()
+    );
     assert_eq!(answer.messages(), 0, "the call is refused, not answered");
     let answer = call(app.addr, CHECK, GRPC, &[], vec![one.clone(), one.clone()]).await;
-    assert_eq!(answer.code(), Code::Unimplemented);
+    assert_eq!(answer.code(), Code::InvalidArgument);
 
     // Our own unary method: refused whatever the messages say (not a silent first-wins).
     let submit = framed(
@@ -238,7 +243,12 @@ async fn a_unary_call_takes_exactly_one_request_message() {
         vec![submit.clone(), submit.clone()],
     )
     .await;
-    assert_eq!(answer.code(), Code::Unimplemented, "{:?}", answer.status());
+    assert_eq!(
+        answer.code(),
+        Code::InvalidArgument,
+        "{:?}",
+        answer.status()
+    );
     assert_eq!(app.count("cases").await, 0, "nothing of it was stored");
 
     // A client-streaming method takes any number.
