@@ -655,4 +655,53 @@ mod tests {
         assert_eq!(table.protected.cells[0], None);
         assert_eq!(table.protected.grand_total, Some(76));
     }
+
+    /// The work runs on a thread of its own: while it blocks, a task of the same
+    /// (single-threaded) runtime still runs. Run inline, it would wait for that task for
+    /// ever (here: until its 5 s timeout, and fail).
+    #[tokio::test(flavor = "current_thread")]
+    async fn protection_work_does_not_block_the_runtime() {
+        let pool = ProtectionPool::new(1, Duration::from_secs(10));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other_task = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx.send(()).unwrap();
+        });
+        let got = pool
+            .run(move |_deadline| {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .map_err(|_| QueryError::Invalid("the runtime was blocked".into()))
+            })
+            .await;
+        assert!(got.is_ok(), "{got:?}");
+        other_task.await.unwrap();
+    }
+
+    /// At most `workers` tables are protected at once; a query that finds them all busy
+    /// until its deadline is refused as UNAVAILABLE (retry later), never queued past it.
+    #[tokio::test]
+    async fn a_query_finding_every_worker_busy_is_unavailable_at_its_deadline() {
+        let pool = Arc::new(ProtectionPool::new(1, Duration::from_millis(300)));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let busy = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                pool.run(move |_| {
+                    let _ = started_tx.send(());
+                    let _ = wait.recv_timeout(Duration::from_secs(10));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        started.await.unwrap();
+        let refused = pool.run(|_| Ok(())).await.unwrap_err();
+        assert!(matches!(refused, ServiceError::Busy(_)), "{refused:?}");
+        assert_eq!(refused.outcome(), crate::outcome::Outcome::Unavailable);
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        // The worker is free again.
+        pool.run(|_| Ok(())).await.unwrap();
+    }
 }
