@@ -21,7 +21,7 @@
 //! from a table file short of rewriting the table (`VACUUM FULL`, which locks the tables
 //! against every read and write for seconds on a large registry). A pass waits (bounded)
 //! until no transaction older than the erasure is still open, then runs `VACUUM` on the
-//! four tables the erasure deletes from, which prunes the dead rows and their index
+//! five tables the erasure deletes from, which prunes the dead rows and their index
 //! entries: no tool that reads tuples finds them any more, but their bytes stay in the
 //! pages' free space until new rows overwrite them. That is hygiene, not a claim a receipt
 //! makes, so a pass that cannot complete is logged and counted but does not fail the
