@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import filecmp
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -76,10 +77,15 @@ def main() -> int:
         if problems:
             print("run: python clients/python/generate_stubs.py", file=sys.stderr)
         return 1 if problems else 0
-    for p in committed():
-        p.unlink()
-    for p in generate(PACKAGE):
-        print(p.relative_to(HERE))
+    # Generated into a scratch directory first: a missing grpcio-tools or a protoc error
+    # leaves the committed stubs as they were.
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = generate(pathlib.Path(tmp))
+        for p in committed():
+            p.unlink()
+        for p in fresh:
+            shutil.copyfile(p, STUBS / p.name)
+            print((STUBS / p.name).relative_to(HERE))
     return 0
 
 
