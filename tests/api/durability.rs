@@ -67,16 +67,38 @@ async fn acknowledged_submissions_survive_kill_9() {
         channel,
         bearer.clone(),
     );
-    let mut acked = Vec::new();
-    for i in 0..50 {
-        let r = client
-            .submit_case(submission("ERN-EYE", national("NL", &bsn(9000 + i))))
-            .await
-            .unwrap();
-        acked.push(r.into_inner().pseudonym);
+    // Eight callers submit without pause; the server is killed while their calls are in
+    // flight. Every submission acknowledged before the kill must be stored; the ones cut
+    // off may or may not be.
+    const CALLERS: u32 = 8;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..CALLERS {
+        let mut client = client.clone();
+        let acked = acked.clone();
+        callers.spawn(async move {
+            for i in 0.. {
+                let patient = 9000 + caller * 10_000 + i;
+                match client
+                    .submit_case(submission("ERN-EYE", national("NL", &bsn(patient))))
+                    .await
+                {
+                    Ok(r) => acked.lock().unwrap().push(r.into_inner().pseudonym),
+                    Err(_) => return, // cut off by the kill
+                }
+            }
+        });
     }
-    server.kill().unwrap(); // SIGKILL
+    while acked.lock().unwrap().len() < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    server.kill().unwrap(); // SIGKILL, with calls in flight
     server.wait().unwrap();
+    // Each caller ends at its first failed call: the one the kill cut off.
+    while let Some(done) = callers.join_next().await {
+        done.unwrap();
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
 
     let port = free_port();
     let mut server = start(&dir, &url, port);
