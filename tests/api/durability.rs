@@ -63,7 +63,7 @@ async fn acknowledged_submissions_survive_kill_9() {
     let mut server = start(&dir, &url, port);
     let channel = wait_ready(port).await;
     let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
-    let mut client = ern_registry::proto::case_service_client::CaseServiceClient::with_interceptor(
+    let client = ern_registry::proto::case_service_client::CaseServiceClient::with_interceptor(
         channel,
         bearer.clone(),
     );

@@ -230,3 +230,247 @@ async fn a_database_outage_is_unavailable_with_a_retry_hint_and_not_serving_unti
         .expect("writes again once the database is back");
     app.stop().await;
 }
+
+/// A PostgreSQL cluster of the test's own (initdb + pg_ctl in a temp dir, loopback only),
+/// so that stopping it disturbs no other test. Needs `ERN_TEST_PG_BIN` (the directory of
+/// `initdb` and `pg_ctl`; `scripts/test` sets it) and, when the tests run as root,
+/// `ERN_TEST_PG_USER` (the user the cluster runs as: initdb refuses root).
+struct OwnPostgres {
+    bin: std::path::PathBuf,
+    user: Option<String>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn from_env() -> Option<OwnPostgres> {
+        let bin = std::env::var("ERN_TEST_PG_BIN")
+            .ok()
+            .filter(|b| !b.is_empty())?;
+        let user = std::env::var("ERN_TEST_PG_USER")
+            .ok()
+            .filter(|u| !u.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(user) = &user {
+            let chowned = std::process::Command::new("chown")
+                .arg(user)
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(chowned.success());
+        }
+        let pg = OwnPostgres {
+            bin: bin.into(),
+            user,
+            dir,
+            port: crate::helpers::free_port(),
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        pg.start();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let tool = self.bin.join(tool);
+        let mut command = match &self.user {
+            Some(user) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&tool);
+                c
+            }
+            None => std::process::Command::new(&tool),
+        };
+        let out = command.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            tool.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+    }
+
+    /// A real shutdown: sessions are told so (57P01) and the port closes.
+    fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(match &self.user {
+            Some(_) => "runuser".into(),
+            None => self.bin.join("pg_ctl"),
+        })
+        .args(match &self.user {
+            Some(user) => vec![
+                "-u".to_owned(),
+                user.clone(),
+                "--".to_owned(),
+                self.bin.join("pg_ctl").display().to_string(),
+            ],
+            None => vec![],
+        })
+        .args(["-D", &self.data(), "-m", "immediate", "stop"])
+        .output();
+    }
+}
+
+/// The real thing: PostgreSQL itself is stopped (`pg_ctl stop -m fast`) and started again
+/// while eight callers submit and read (a millisecond between calls). Every call that fails says
+/// UNAVAILABLE (never INTERNAL, CANCELLED or UNKNOWN), health is NOT_SERVING while the
+/// database is down and SERVING once it is back, and calls succeed again with no restart
+/// of the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_stopped_and_started_under_load_is_unavailable_then_served_again() {
+    let Some(pg) = OwnPostgres::from_env() else {
+        eprintln!("skipped: needs ERN_TEST_PG_BIN (scripts/test sets it)");
+        return;
+    };
+    let app = TestApp::spawn_on(tempfile::tempdir().unwrap(), pg.url()).await;
+    let token = app.physician_key("dr-restart", "NL-RESTART").await;
+    let mut dr = app.client(Some(&token)).await;
+    let pseudonym = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(6100))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut probe = HealthClient::new(app.channel().await);
+    until_health(&mut probe, ServingStatus::Serving, Duration::ZERO).await;
+
+    #[derive(Default)]
+    struct Seen {
+        ok: u64,
+        failed: Vec<Code>,
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..8u32 {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        let mut client = app.client(Some(&token)).await;
+        let pseudonym = pseudonym.clone();
+        callers.spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let result = if caller % 2 == 0 {
+                    i += 1;
+                    let patient = 6200 + caller * 100_000 + i;
+                    client
+                        .submit_case(submission("ERN-LUNG", national("NL", &bsn(patient))))
+                        .await
+                        .map(drop)
+                } else {
+                    client
+                        .get_case(get_case("ERN-LUNG", &pseudonym))
+                        .await
+                        .map(drop)
+                };
+                {
+                    let mut seen = seen.lock().unwrap();
+                    match result {
+                        Ok(()) => seen.ok += 1,
+                        Err(status) => seen.failed.push(status.code()),
+                    }
+                }
+                // A moment between calls, so that those refused at once while the
+                // database is known to be down do not spin.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    }
+    let ok_now = |seen: &Arc<Mutex<Seen>>| seen.lock().unwrap().ok;
+    let until_more_ok = |seen: Arc<Mutex<Seen>>, more: u64| async move {
+        let from = ok_now(&seen);
+        let started = Instant::now();
+        while ok_now(&seen) < from + more {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "calls did not succeed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    until_more_ok(seen.clone(), 50).await;
+
+    pg.stop();
+    until_health(
+        &mut probe,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+    )
+    .await;
+    let status = dr
+        .get_case(get_case("ERN-LUNG", &pseudonym))
+        .await
+        .unwrap_err();
+    assert_unavailable_with_retry_hint(&status);
+    // The callers see it too (a call that was waiting for a pool connection when the
+    // database went down ends when that wait does: the pool's 10 s acquire timeout).
+    let started = Instant::now();
+    while seen.lock().unwrap().failed.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the load never saw the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    pg.start();
+    until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
+    until_more_ok(seen.clone(), 50).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(done) = callers.join_next().await {
+        done.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let wrong: Vec<&Code> = seen
+        .failed
+        .iter()
+        .filter(|c| **c != Code::Unavailable)
+        .collect();
+    assert!(wrong.is_empty(), "outage answered as {wrong:?}");
+    drop(seen);
+    app.stop().await;
+}
