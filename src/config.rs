@@ -300,6 +300,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_STREAM_INVALID_ITEMS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_stream_invalid_items: u32,
+    /// Bulk-stream items of one principal processed at once, across all its open
+    /// streams; the next item is not read until one finishes (flow control holds the
+    /// client).
+    #[arg(long, env = "ERN_MAX_STREAM_ITEMS_IN_FLIGHT", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_stream_items_in_flight: u32,
     /// Connections open at once; further ones are closed on accept.
     #[arg(long, env = "ERN_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -412,6 +418,7 @@ impl Default for ServeArgs {
             refusal_summary_secs: 60,
             max_calls_in_flight: 64,
             max_stream_invalid_items: 1000,
+            max_stream_items_in_flight: 256,
             max_connections: 1024,
             max_connections_per_peer: 64,
             max_streams_per_connection: 200,

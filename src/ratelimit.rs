@@ -228,6 +228,48 @@ impl CallGate {
     }
 }
 
+/// Bulk-stream items of one principal processed at once, across all its open streams: at
+/// most `max`; the next item of any of its streams is not read until one finishes (HTTP/2
+/// flow control then holds the client back). Keyed by principal id; idle entries dropped.
+pub struct ItemGate {
+    max: u32,
+    slots: Mutex<HashMap<i64, Arc<Semaphore>>>,
+}
+
+impl ItemGate {
+    /// At most `max` (at least 1) items per principal at once.
+    pub fn new(max: u32) -> ItemGate {
+        ItemGate {
+            max: max.max(1),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one item of `principal`, waiting while `max` of its items are in
+    /// progress; freed when dropped.
+    pub async fn enter(&self, principal: i64) -> OwnedSemaphorePermit {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if slots.len() > GATE_PRUNE_ABOVE {
+                let max = self.max as usize;
+                slots.retain(|_, slot| slot.available_permits() < max);
+            }
+            slots
+                .entry(principal)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max as usize)))
+                .clone()
+        };
+        slot.acquire_owned()
+            .await
+            .expect("the gate's semaphores are never closed")
+    }
+
+    /// Principals with an entry (for tests).
+    pub fn tracked(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +294,31 @@ mod tests {
             out = fut => Some(out),
             () = std::future::ready(()) => None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_principals_items_wait_beyond_the_cap_across_its_streams() {
+        let gate = ItemGate::new(2);
+        let first = gate.enter(7).await;
+        let _second = gate.enter(7).await;
+        let mut third = Box::pin(gate.enter(7));
+        assert!(poll_once(&mut third).await.is_none(), "a third item waits");
+        // Another principal has its own.
+        let _other = gate.enter(8).await;
+        drop(first);
+        assert!(
+            poll_once(&mut third).await.is_some(),
+            "and goes once one is done"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_item_entries_are_dropped() {
+        let gate = ItemGate::new(1);
+        for principal in 0..(GATE_PRUNE_ABOVE as i64 + 10) {
+            drop(gate.enter(principal).await);
+        }
+        assert!(gate.tracked() <= GATE_PRUNE_ABOVE + 1, "{}", gate.tracked());
     }
 
     #[tokio::test]

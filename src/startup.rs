@@ -32,7 +32,7 @@ use crate::proto::case_service_server::CaseServiceServer;
 use crate::proto::consent_service_server::ConsentServiceServer;
 use crate::proto::research_service_server::ResearchServiceServer;
 use crate::pseudonym::Pseudonymiser;
-use crate::ratelimit::{CallGate, PrincipalLimiter};
+use crate::ratelimit::{CallGate, ItemGate, PrincipalLimiter};
 use crate::refusals::{Flusher, Refusals};
 use crate::service::Services;
 use crate::service::consent::RegistryConsentRules;
@@ -528,6 +528,7 @@ impl Application {
             refusals: Arc::new(Refusals::per_minute(args.refusals_per_peer_per_minute)),
             calls: CallGate::new(args.max_calls_in_flight),
             max_stream_invalid_items: args.max_stream_invalid_items,
+            stream_items: ItemGate::new(args.max_stream_items_in_flight),
             protection: crate::service::research::ProtectionPool::new(
                 args.protection_workers as usize,
                 std::time::Duration::from_millis(args.protection_budget_ms),

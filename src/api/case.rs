@@ -224,6 +224,7 @@ impl CaseApi {
             Arc::new(PresentedKey::from_metadata(request.metadata()).map_err(ServiceError::from)?);
         let certificate: Arc<Option<String>> = Arc::new(client_certificate(&request));
         let mut input = request.into_inner();
+        let principal_id = principal.id;
         let state = self.state.clone();
         // Submissions are processed concurrently, BULK_IN_FLIGHT at a time; their results
         // leave in the order the submissions came.
@@ -246,10 +247,14 @@ impl CaseApi {
                     Ok(r) => r.as_str().to_owned(),
                     Err(_) => String::new(),
                 };
+                // The principal's share of items in progress, across its streams: the
+                // next item is not read until one of them finishes.
+                let item_permit = state.stream_items.enter(principal_id).await;
                 let state = state.clone();
                 let key = key.clone();
                 let certificate = certificate.clone();
                 let handle = tokio::spawn(async move {
+                    let _item_permit = item_permit;
                     // Each item is audited on its own, with the write it makes.
                     let mut call = Call::new("CaseService/SubmitCases");
                     call.from_peer(peer);

@@ -34,7 +34,7 @@ use crate::consent::InclusionRefused;
 use crate::domain::{CodeCatalog, FieldViolations, RegistryCode};
 use crate::outcome::Outcome;
 use crate::pseudonym::{PatientIdentity, Pseudonym, Pseudonymiser};
-use crate::ratelimit::{CallGate, CallPermit, Peer, PrincipalLimiter, RateLimited};
+use crate::ratelimit::{CallGate, CallPermit, ItemGate, Peer, PrincipalLimiter, RateLimited};
 use crate::refusals::Refusals;
 use crate::store::writer::{Command, WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
@@ -56,6 +56,8 @@ pub struct Services {
     pub calls: CallGate,
     /// Invalid items a bulk stream may send before it is ended.
     pub max_stream_invalid_items: u32,
+    /// Bulk-stream items in progress per principal, across its streams.
+    pub stream_items: ItemGate,
     /// Where research tables are protected: off the async runtime, bounded, with a deadline.
     pub protection: research::ProtectionPool,
     /// The in-memory research index; `None`: research queries scan the database.

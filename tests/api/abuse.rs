@@ -441,6 +441,50 @@ async fn an_endless_stream_of_invalid_items_is_ended() {
     assert!(audited < i64::from(SENT) / 2, "{audited} items processed");
 }
 
+/// The per-principal cap on bulk items in progress is shared by the principal's streams:
+/// with room for one item at a time, two streams of one principal still both finish, every
+/// item accepted and answered in order (the cap holds items back, it loses none).
+#[tokio::test]
+async fn a_principals_streams_share_its_item_cap_and_lose_nothing() {
+    const ITEMS: u32 = 30;
+    let app = TestApp::spawn_with(ServeArgs {
+        max_stream_items_in_flight: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let token = app.physician_key("dr-a", "NL-AMC").await;
+    let mut streams = tokio::task::JoinSet::new();
+    for stream in 0..2u32 {
+        let mut dr = app.client(Some(&token)).await;
+        streams.spawn(async move {
+            let items: Vec<_> = (0..ITEMS)
+                .map(|i| submission("ERN-LUNG", national("NL", &bsn(7000 + stream * 1000 + i))))
+                .collect();
+            let mut results = dr
+                .submit_cases(tokio_stream::iter(items))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut sequences = Vec::new();
+            while let Some(result) = results.message().await.unwrap() {
+                assert!(
+                    matches!(result.outcome, Some(Outcome::Accepted(_))),
+                    "{result:?}"
+                );
+                sequences.push(result.sequence);
+            }
+            sequences
+        });
+    }
+    while let Some(sequences) = streams.join_next().await {
+        assert_eq!(
+            sequences.unwrap(),
+            (0..u64::from(ITEMS)).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(app.count("cases").await, i64::from(2 * ITEMS));
+}
+
 #[tokio::test]
 async fn connections_past_the_cap_are_closed_at_once() {
     let app = TestApp::spawn_with(ServeArgs {

@@ -464,13 +464,14 @@ async fn postgresql_stopped_and_started_under_load_is_unavailable_then_served_ag
     while let Some(done) = callers.join_next().await {
         done.unwrap();
     }
-    let seen = seen.lock().unwrap();
-    let wrong: Vec<&Code> = seen
+    let wrong: Vec<Code> = seen
+        .lock()
+        .unwrap()
         .failed
         .iter()
-        .filter(|c| **c != Code::Unavailable)
+        .copied()
+        .filter(|c| *c != Code::Unavailable)
         .collect();
     assert!(wrong.is_empty(), "outage answered as {wrong:?}");
-    drop(seen);
     app.stop().await;
 }
