@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
@@ -58,6 +59,8 @@ pub struct Refusals {
     per_minute: u32,
     allowances: Mutex<HashMap<Peer, Bucket>>,
     summary: Mutex<HashMap<SummaryKey, i64>>,
+    /// When the interval the summary counts began (the last drain, or the start).
+    interval_start: Mutex<DateTime<Utc>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,6 +74,7 @@ impl Refusals {
             per_minute: per_minute.max(1),
             allowances: Mutex::new(HashMap::new()),
             summary: Mutex::new(HashMap::new()),
+            interval_start: Mutex::new(Utc::now()),
         }
     }
 
@@ -173,7 +177,13 @@ impl Refusals {
 
     fn drain_at(&self, now: Instant) -> Vec<Entry> {
         self.prune(&mut lock(&self.allowances), now);
-        let counts = std::mem::take(&mut *lock(&self.summary));
+        let (counts, interval) = {
+            // Taken together, so that every count falls in exactly one interval.
+            let mut summary = lock(&self.summary);
+            let end = Utc::now();
+            let start = std::mem::replace(&mut *lock(&self.interval_start), end);
+            (std::mem::take(&mut *summary), interval_text(start, end))
+        };
         let mut entries: Vec<Entry> = counts
             .into_iter()
             .map(|(key, count)| Entry {
@@ -185,6 +195,7 @@ impl Refusals {
                 method: key.method,
                 outcome: key.outcome,
                 items: count,
+                target: interval.clone(),
                 ..Entry::default()
             })
             .collect();
@@ -237,6 +248,16 @@ impl Refusals {
             );
         }
     }
+}
+
+/// The interval a summary entry counts, as its audit `target`: `refused <start>/<end>`
+/// (an ISO 8601 interval, UTC, milliseconds).
+fn interval_text(start: DateTime<Utc>, end: DateTime<Utc>) -> String {
+    format!(
+        "refused {}/{}",
+        start.to_rfc3339_opts(SecondsFormat::Millis, true),
+        end.to_rfc3339_opts(SecondsFormat::Millis, true)
+    )
 }
 
 /// The task that flushes the summary periodically; [`Flusher::finish`] flushes once more
@@ -368,6 +389,35 @@ mod tests {
         );
         assert!(entries.iter().all(|e| e.principal_id.is_none()));
         assert!(r.drain().is_empty());
+    }
+
+    /// Each summary entry names the interval it counts; the intervals of successive
+    /// drains meet end to start, so every refusal is in exactly one.
+    #[test]
+    fn summary_entries_name_their_interval() {
+        let r = Refusals::per_minute(5);
+        let interval = |e: &Entry| {
+            let text = e.target.strip_prefix("refused ").expect("an interval");
+            let (start, end) = text.split_once('/').unwrap();
+            let parse = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc);
+            (parse(start), parse(end))
+        };
+        r.note(peer(1), "", "CaseService/GetCase", "UNAUTHENTICATED");
+        r.note(peer(2), "", "CaseService/GetCase", "UNAUTHENTICATED");
+        let first = r.drain();
+        assert_eq!(first.len(), 2);
+        let (start, end) = interval(&first[0]);
+        assert!(start <= end);
+        assert_eq!(interval(&first[1]), (start, end), "one interval per drain");
+        std::thread::sleep(Duration::from_millis(2));
+        r.note(peer(1), "", "CaseService/GetCase", "UNAUTHENTICATED");
+        let second = r.drain();
+        let (next_start, next_end) = interval(&second[0]);
+        assert_eq!(
+            next_start, end,
+            "the next interval starts where the last ended"
+        );
+        assert!(next_end > next_start);
     }
 
     #[test]

@@ -397,3 +397,31 @@ async fn demo_refuses_a_database_with_real_patients_whatever_the_key() {
         assert_eq!(app.count(table).await, count, "{table}");
     }
 }
+
+/// `--require-master-key`: even an empty database gets no new secret; the server refuses
+/// to start without the key file, and starts once it is there.
+#[tokio::test]
+async fn require_master_key_refuses_to_create_one_even_for_an_empty_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await;
+    let key = dir.path().join("master.key");
+    let strict = ServeArgs {
+        require_master_key: true,
+        ..args()
+    };
+    let err = refused(strict.clone(), &url, &key).await;
+    assert!(matches!(err, StartupError::Key(_)), "{err}");
+    assert!(!key.exists(), "a key was created");
+    // Without the flag, the empty database gets its key; with it, that key is used.
+    drop(
+        Application::build(args(), &url, &key)
+            .await
+            .expect("an empty database gets a new key"),
+    );
+    assert!(key.exists());
+    drop(
+        Application::build(strict, &url, &key)
+            .await
+            .expect("starts with the key in place"),
+    );
+}
