@@ -185,7 +185,7 @@ async fn a_type_confused_column_is_named_with_its_entry() {
     app.sql("UPDATE audit_log SET items = 'many' WHERE seq = 3")
         .await;
     let stderr = app.verify_fails(&[], "text in items");
-    assert!(stderr.contains("entry 3:"), "{stderr}");
+    assert!(stderr.contains("entry 3: its items"), "{stderr}");
     app.sql(&format!(
         "UPDATE audit_log SET items = {items} WHERE seq = 3"
     ))
@@ -194,7 +194,7 @@ async fn a_type_confused_column_is_named_with_its_entry() {
     app.sql("UPDATE audit_log SET principal = X'6472' WHERE seq = 2")
         .await;
     let stderr = app.verify_fails(&[], "blob in principal");
-    assert!(stderr.contains("entry 2:"), "{stderr}");
+    assert!(stderr.contains("entry 2: its principal"), "{stderr}");
     app.sql("UPDATE audit_log SET principal = 'dr-audit' WHERE seq = 2")
         .await;
     app.verify_passes(&[], "restored");
