@@ -25,6 +25,7 @@ mod console_browser;
 mod demo;
 mod disclosure;
 mod durability;
+mod every_method;
 mod file_modes;
 mod instance_races;
 mod malformed;

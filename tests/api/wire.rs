@@ -21,12 +21,12 @@ use crate::helpers::{TestApp, bsn, get_case, national, submission};
 const CHECK: &str = "/grpc.health.v1.Health/Check";
 const SUBMIT: &str = "/ern_registry.v1.CaseService/SubmitCase";
 const SUBMIT_MANY: &str = "/ern_registry.v1.CaseService/SubmitCases";
-const GRPC: Option<&str> = Some("application/grpc");
+pub(crate) const GRPC: Option<&str> = Some("application/grpc");
 
 type Headers<'a> = &'a [(&'a str, &'a str)];
 
 /// What came back for one raw call.
-struct Answer {
+pub(crate) struct Answer {
     http: StatusCode,
     headers: HeaderMap,
     data: Vec<u8>,
@@ -43,7 +43,7 @@ impl Answer {
             .unwrap_or_else(|| panic!("no grpc-status (HTTP {})", self.http))
     }
 
-    fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         self.status().code()
     }
 
@@ -60,7 +60,7 @@ impl Answer {
 }
 
 /// A length-prefixed gRPC message with compressed-flag `flag`.
-fn framed(flag: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn framed(flag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![flag];
     m.extend_from_slice(&(body.len() as u32).to_be_bytes());
     m.extend_from_slice(body);
@@ -76,7 +76,7 @@ fn health_check() -> Vec<u8> {
 
 /// One call over a fresh HTTP/2 connection: POST `path` with `content_type`, `headers`
 /// and the request body sent as `frames` (DATA frames; none: the headers end the stream).
-async fn call(
+pub(crate) async fn call(
     addr: SocketAddr,
     path: &str,
     content_type: Option<&str>,
