@@ -234,6 +234,36 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
             .expect_err(state);
         unary.push((state, observe(&err)));
     }
+    // ... and whatever the physician attests: a consent older than the withdrawal on
+    // file (it loses), a refusal, an inclusion that has expired.
+    let attested = [
+        (
+            "withdrawn, granted attested from before the withdrawal",
+            WITHDRAWN,
+            consent(S::RegistryInclusion, St::Granted, "2019-05-01T10:00:00Z"),
+        ),
+        (
+            "refused on file, refused attested",
+            REFUSED,
+            consent(S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
+        ),
+        (
+            "never registered, refused attested",
+            NEVER,
+            consent(S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
+        ),
+        ("never registered, an expired inclusion attested", NEVER, {
+            let mut c = consent(S::RegistryInclusion, St::Granted, "2020-01-01T00:00:00Z");
+            c.expires_at = Some(ts("2021-01-01T00:00:00Z"));
+            c
+        }),
+    ];
+    for (state, seed, decision) in attested {
+        let mut req = bare_submission(seed);
+        req.consent = vec![decision];
+        let err = attacker.submit_case(req).await.expect_err(state);
+        unary.push((state, observe(&err)));
+    }
     assert_all_alike("SubmitCase", &unary);
     let refusal = unary[0].1.clone();
     assert_eq!(
