@@ -423,36 +423,30 @@ fn sqlite_files_holding(app: &TestApp, needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// The receipt is the promise: when it arrives, the erased record is in no SQLite file,
-/// so a file-level backup taken from then on cannot hold it. Scanned while the server
-/// runs, with no shutdown and no checkpoint but the server's own.
-#[tokio::test]
-async fn erased_clinical_data_is_in_no_sqlite_file_when_the_receipt_arrives() {
-    let app = TestApp::spawn().await;
-    if !app.is_sqlite() {
-        return; // PostgreSQL: the next test.
-    }
+/// Markers of the erased patient's two record versions, and of a patient who stays.
+const ERASED: [&str; 2] = [
+    "NM_999123.4:c.4242_4243delinsGATTACA",
+    "NM_999123.4:c.5151_5152delinsCATTAG",
+];
+const KEPT: &str = "NM_999123.4:c.6161_6162delinsTAGCAT";
+
+/// Stores a patient with two versions of their record (each with an `ERASED` marker) and
+/// a patient who stays (`KEPT`); returns the first one's pseudonym.
+async fn two_versions_and_a_kept_patient(app: &TestApp) -> String {
     let mut dr = app.physician("dr-a", "NL-AMC").await;
     let with_variant = |patient: u32, variant: &str| {
         let mut req = submission("ERN-EYE", national("NL", &bsn(patient)));
         req.record.as_mut().unwrap().genetic_findings[0].variants = vec![variant.into()];
         req
     };
-    // Two versions of the erased record, each with its own marker, and a patient who
-    // stays: their marker shows that the scan does find what is still stored.
-    let erased = [
-        "NM_999123.4:c.4242_4243delinsGATTACA",
-        "NM_999123.4:c.5151_5152delinsCATTAG",
-    ];
-    let kept = "NM_999123.4:c.6161_6162delinsTAGCAT";
     let p = dr
-        .submit_case(with_variant(7, erased[0]))
+        .submit_case(with_variant(7, ERASED[0]))
         .await
         .unwrap()
         .into_inner()
         .pseudonym;
     let mut second = record();
-    second.genetic_findings[0].variants = vec![erased[1].into()];
+    second.genetic_findings[0].variants = vec![ERASED[1].into()];
     dr.update_case(proto::UpdateCaseRequest {
         registry: "ERN-EYE".into(),
         pseudonym: p.clone(),
@@ -462,32 +456,49 @@ async fn erased_clinical_data_is_in_no_sqlite_file_when_the_receipt_arrives() {
     })
     .await
     .unwrap();
-    dr.submit_case(with_variant(8, kept)).await.unwrap();
-    for marker in erased.iter().chain([&kept]) {
-        assert!(
-            !sqlite_files_holding(&app, marker).is_empty(),
-            "{marker} stored"
-        );
-    }
+    dr.submit_case(with_variant(8, KEPT)).await.unwrap();
+    p
+}
 
+/// Withdraws `pseudonym`'s inclusion and waits for the receipt (one case, two versions).
+async fn withdraw_until_the_receipt(app: &TestApp, pseudonym: &str) {
     let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
     let receipt = officer
-        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
+        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(pseudonym), INCLUSION))
         .await
         .unwrap()
         .into_inner()
         .receipt
         .expect("an erasure receipt");
     assert_eq!((receipt.cases_erased, receipt.versions_erased), (1, 2));
+}
 
-    for marker in erased {
+/// The receipt is the promise: when it arrives, the erased record is in no SQLite file,
+/// so a file-level backup taken from then on cannot hold it. Scanned while the server
+/// runs, with no shutdown and no checkpoint but the server's own. The kept patient's
+/// marker shows that the scan does find what is still stored.
+#[tokio::test]
+async fn erased_clinical_data_is_in_no_sqlite_file_when_the_receipt_arrives() {
+    let app = TestApp::spawn().await;
+    if !app.is_sqlite() {
+        return; // PostgreSQL: the next test.
+    }
+    let p = two_versions_and_a_kept_patient(&app).await;
+    for marker in ERASED.iter().chain([&KEPT]) {
+        assert!(
+            !sqlite_files_holding(&app, marker).is_empty(),
+            "{marker} stored"
+        );
+    }
+    withdraw_until_the_receipt(&app, &p).await;
+    for marker in ERASED {
         assert_eq!(
             sqlite_files_holding(&app, marker),
             Vec::<String>::new(),
             "erased data still on disk when the receipt arrived"
         );
     }
-    assert!(!sqlite_files_holding(&app, kept).is_empty());
+    assert!(!sqlite_files_holding(&app, KEPT).is_empty());
 }
 
 /// The tables a withdrawal erases from (`store::consent`), as `store::purge` vacuums them.
@@ -552,58 +563,20 @@ async fn erased_clinical_data_is_in_no_postgresql_tuple_when_the_receipt_arrives
         .execute(&mut pg)
         .await
         .expect("pageinspect (PostgreSQL's contrib) and a superuser for the test");
-    let mut dr = app.physician("dr-a", "NL-AMC").await;
-    let with_variant = |patient: u32, variant: &str| {
-        let mut req = submission("ERN-EYE", national("NL", &bsn(patient)));
-        req.record.as_mut().unwrap().genetic_findings[0].variants = vec![variant.into()];
-        req
-    };
-    let erased = [
-        "NM_999123.4:c.4242_4243delinsGATTACA",
-        "NM_999123.4:c.5151_5152delinsCATTAG",
-    ];
-    let kept = "NM_999123.4:c.6161_6162delinsTAGCAT";
-    let p = dr
-        .submit_case(with_variant(7, erased[0]))
-        .await
-        .unwrap()
-        .into_inner()
-        .pseudonym;
-    let mut second = record();
-    second.genetic_findings[0].variants = vec![erased[1].into()];
-    dr.update_case(proto::UpdateCaseRequest {
-        registry: "ERN-EYE".into(),
-        pseudonym: p.clone(),
-        expected_version: 1,
-        record: Some(second),
-        consent: vec![],
-    })
-    .await
-    .unwrap();
-    dr.submit_case(with_variant(8, kept)).await.unwrap();
-    for marker in erased.iter().chain([&kept]) {
+    let p = two_versions_and_a_kept_patient(&app).await;
+    for marker in ERASED.iter().chain([&KEPT]) {
         assert!(
             !postgres_tuples_holding(&mut pg, marker).await.is_empty(),
             "{marker} stored"
         );
     }
-
-    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
-    let receipt = officer
-        .withdraw_consent(withdrawal("ERN-EYE", by_pseudonym(&p), INCLUSION))
-        .await
-        .unwrap()
-        .into_inner()
-        .receipt
-        .expect("an erasure receipt");
-    assert_eq!((receipt.cases_erased, receipt.versions_erased), (1, 2));
-
-    for marker in erased {
+    withdraw_until_the_receipt(&app, &p).await;
+    for marker in ERASED {
         assert_eq!(
             postgres_tuples_holding(&mut pg, marker).await,
             Vec::<String>::new(),
             "an erased record's tuple is left when the receipt arrived"
         );
     }
-    assert!(!postgres_tuples_holding(&mut pg, kept).await.is_empty());
+    assert!(!postgres_tuples_holding(&mut pg, KEPT).await.is_empty());
 }

@@ -145,6 +145,24 @@ async fn until_health(
     }
 }
 
+/// Submits the case of patient `seed` and returns its pseudonym, with a health client
+/// that has seen the server SERVING.
+async fn first_case_and_a_serving_probe(
+    app: &TestApp,
+    dr: &mut crate::helpers::Client,
+    seed: u32,
+) -> (String, HealthClient<tonic::transport::Channel>) {
+    let pseudonym = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut probe = HealthClient::new(app.channel().await);
+    until_health(&mut probe, ServingStatus::Serving, Duration::ZERO).await;
+    (pseudonym, probe)
+}
+
 fn assert_unavailable_with_retry_hint(status: &tonic::Status) {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let retry = status
@@ -170,14 +188,7 @@ async fn a_database_outage_is_unavailable_with_a_retry_hint_and_not_serving_unti
     let proxy = Proxy::start(target(&admin_url).await).await;
     let app = TestApp::spawn_via(ServeArgs::default(), |url| through(url, proxy.addr)).await;
     let mut dr = app.physician("dr-outage", "NL-OUTAGE").await;
-    let pseudonym = dr
-        .submit_case(submission("ERN-LUNG", national("NL", &bsn(5100))))
-        .await
-        .unwrap()
-        .into_inner()
-        .pseudonym;
-    let mut probe = HealthClient::new(app.channel().await);
-    until_health(&mut probe, ServingStatus::Serving, Duration::ZERO).await;
+    let (pseudonym, mut probe) = first_case_and_a_serving_probe(&app, &mut dr, 5100).await;
 
     proxy.cut();
     // At once, before the probe has noticed: the pool's connections are dead and new ones
@@ -370,14 +381,7 @@ async fn postgresql_stopped_and_started_under_load_is_unavailable_then_served_ag
     let app = TestApp::spawn_on(tempfile::tempdir().unwrap(), pg.url()).await;
     let token = app.physician_key("dr-restart", "NL-RESTART").await;
     let mut dr = app.client(Some(&token)).await;
-    let pseudonym = dr
-        .submit_case(submission("ERN-LUNG", national("NL", &bsn(6100))))
-        .await
-        .unwrap()
-        .into_inner()
-        .pseudonym;
-    let mut probe = HealthClient::new(app.channel().await);
-    until_health(&mut probe, ServingStatus::Serving, Duration::ZERO).await;
+    let (pseudonym, mut probe) = first_case_and_a_serving_probe(&app, &mut dr, 6100).await;
 
     #[derive(Default)]
     struct Seen {
