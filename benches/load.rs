@@ -1711,6 +1711,7 @@ async fn async_main() {
         .await;
     server.check_alive();
     let to_read = Arc::new(submitted.lock().expect("lock").clone());
+    let mut rss_reads = (f64::NAN, f64::NAN);
     let get = if to_read.is_empty() {
         None
     } else {
@@ -1722,7 +1723,10 @@ async fn async_main() {
             })
             .collect();
         let n = to_read.len();
-        Some(
+        // The read-only phase adds no patient: what memory does here is not the registry
+        // growing (the research index, the page cache filling).
+        rss_reads.0 = rss_mib(pid);
+        let figure = Some(
             run.figure(
                 "GetCase, 64 in flight".into(),
                 format!("one connection, round robin over {n} cases submitted in this run"),
@@ -1730,7 +1734,9 @@ async fn async_main() {
                 |d| closed_loop(&readers, Op::Get, 64, d),
             )
             .await,
-        )
+        );
+        rss_reads.1 = rss_mib(pid);
+        figure
     };
     server.check_alive();
     sampler.abort();
@@ -1917,8 +1923,11 @@ async fn async_main() {
     out.push_str(&format!(
         "\nServer resident memory: {rss_start:.1} MiB at the start of the load phases, \
          {rss_mid:.1} MiB half-way, {rss_end:.1} MiB at the end, peak {rss_peak:.1} MiB, over \
-         {load_seconds:.0} s of load. Failed calls and rejected items: {}. Server log: {warnings} \
+         {load_seconds:.0} s of load; {:.1} MiB at the start and {:.1} MiB at the end of the \
+         read-only GetCase phase, which adds no patient. Failed calls and rejected items: {}. Server log: {warnings} \
          warnings, {log_errors} errors{}. The server {stopped}.\n",
+        rss_reads.0,
+        rss_reads.1,
         if failed == 0 {
             "none".to_string()
         } else {
@@ -2062,7 +2071,8 @@ async fn async_main() {
         "server memory under load".into(),
         "flat over 10 minutes".into(),
         format!(
-            "{rss_start:.1} MiB at the start, {rss_mid:.1} half-way, {rss_end:.1} at the end of {load_seconds:.0} s"
+            "{rss_start:.1} MiB at the start, {rss_mid:.1} half-way, {rss_end:.1} at the end of {load_seconds:.0} s; {:.1} -> {:.1} through the read-only phase",
+            rss_reads.0, rss_reads.1
         ),
         if load_seconds < 600.0 {
             "not judged (load shorter than 10 minutes)"
