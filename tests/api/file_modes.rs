@@ -105,3 +105,50 @@ async fn files_left_readable_are_made_private_and_a_readable_key_is_refused() {
         Ok(_) => panic!("started with a group-readable master key"),
     }
 }
+
+/// The command line opens the database too: `admin` and `audit verify` narrow database
+/// files an earlier version left readable, as `serve` does; `keygen` creates the missing
+/// directories of its key file 0700 and the key 0600.
+#[tokio::test]
+async fn the_command_line_narrows_modes_and_keygen_creates_private_directories() {
+    let mut app = TestApp::spawn().await;
+    if !app.is_sqlite() {
+        return; // The files are PostgreSQL's, not the service's.
+    }
+    let mut dr = app.physician("dr-modes", "NL-AMC").await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+    app.stop_server().await;
+    let db = app.dir.path().join("registry.db");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+            .env("ERN_LOG", "warn")
+            .arg("--data-dir")
+            .arg(app.dir.path())
+            .args(["--database-url", &app.database_url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for command in [&["admin", "list-registries"][..], &["audit", "verify"][..]] {
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        cli(command);
+        assert_eq!(mode(&db), 0o600, "after {command:?}");
+    }
+
+    let out = app.dir.path().join("new").join("keys").join("master.key");
+    cli(&["keygen", "--out", out.to_str().unwrap()]);
+    assert_eq!(mode(&out), 0o600);
+    for dir in [
+        out.parent().unwrap(),
+        out.parent().unwrap().parent().unwrap(),
+    ] {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    }
+}
