@@ -763,3 +763,47 @@ async fn rows_written_before_rows_were_audited_are_adopted_once() {
     let stderr = app.verify_fails(&[], "late adoption");
     assert!(stderr.contains(&format!("entry {}:", late[1])), "{stderr}");
 }
+
+/// An admin command run through sudo names both users: the process's, and the one who
+/// invoked sudo (`SUDO_USER`), so an entry says who was behind a shared root account.
+#[tokio::test]
+async fn an_admin_command_through_sudo_names_the_invoking_user() {
+    let app = TestApp::spawn().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+        .arg("--database-url")
+        .arg(&app.database_url)
+        .args([
+            "admin",
+            "create-centre",
+            "--code",
+            "NL-SUDO",
+            "--name",
+            "Sudo hospital",
+            "--country",
+            "NL",
+            "--ern",
+            "ERN-EYE",
+        ])
+        .env("ERN_MASTER_KEY_FILE", app.key_file())
+        .env("SUDO_USER", "operator-on-call")
+        .env_remove("ERN_MASTER_PASSPHRASE")
+        .env_remove("ERN_MASTER_PASSPHRASE_FILE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let principal: String = sqlx::query(
+        "SELECT principal FROM audit_log WHERE method = 'AdminCli/CreateCentre' ORDER BY seq DESC",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap()
+    .get(0);
+    assert!(
+        principal.starts_with("admin-cli:") && principal.ends_with(" (sudo from operator-on-call)"),
+        "{principal}"
+    );
+}
