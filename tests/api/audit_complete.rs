@@ -807,3 +807,72 @@ async fn an_admin_command_through_sudo_names_the_invoking_user() {
         "{principal}"
     );
 }
+
+/// An admin command prints what it made (an API key) only after its transaction with its
+/// audit entry committed: when the entry cannot be written, the command fails, nothing
+/// was created, and no key was shown.
+#[tokio::test]
+async fn an_admin_command_whose_entry_fails_shows_no_key_and_creates_nothing() {
+    let app = TestApp::spawn().await;
+    if app.is_sqlite() {
+        app.sql(
+            "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+             WHEN NEW.method = 'AdminCli/CreatePrincipal' \
+             BEGIN SELECT RAISE(ABORT, 'audit blocked'); END;",
+        )
+        .await;
+    } else {
+        app.sql(
+            "CREATE FUNCTION audit_fail() RETURNS trigger AS $$ \
+             BEGIN IF NEW.method = 'AdminCli/CreatePrincipal' THEN \
+             RAISE EXCEPTION 'audit blocked'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+             FOR EACH ROW EXECUTE FUNCTION audit_fail();",
+        )
+        .await;
+    }
+    let out = app.cli(&[
+        "admin",
+        "create-principal",
+        "--name",
+        "dr-unrecorded",
+        "--role",
+        "researcher",
+        "--ern",
+        "ERN-EYE",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        !stdout.contains("key id") && !stdout.contains("ern_"),
+        "a key was shown: {stdout}"
+    );
+    assert!(
+        app.ids("SELECT id FROM principals WHERE name = 'dr-unrecorded'")
+            .await
+            .is_empty()
+    );
+    // The same command, once its entry can be written, creates and shows the key.
+    app.sql(if app.is_sqlite() {
+        "DROP TRIGGER audit_fail"
+    } else {
+        "DROP TRIGGER audit_fail ON audit_log"
+    })
+    .await;
+    let out = app.cli(&[
+        "admin",
+        "create-principal",
+        "--name",
+        "dr-unrecorded",
+        "--role",
+        "researcher",
+        "--ern",
+        "ERN-EYE",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("key id"));
+}
