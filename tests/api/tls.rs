@@ -186,3 +186,24 @@ async fn plaintext_is_refused_off_loopback_unless_forced() {
     };
     Application::build(forced, &url, &key).await.unwrap();
 }
+
+/// A client that opens a connection to the TLS port and never completes the handshake is
+/// cut off at the handshake deadline (10 s), not held for ever (nor for the idle timeout).
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_at_its_deadline() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let app = TestApp::spawn_with(pki.args(false)).await;
+    let mut stalled = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(60), stalled.read(&mut byte))
+        .await
+        .expect("the server closes a stalled handshake");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(9),
+        "closed after {waited:?}: before the deadline"
+    );
+}
