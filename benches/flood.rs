@@ -109,6 +109,20 @@ fn main() {
         ],
     ));
     let key_id = real.split('_').nth(1).unwrap().to_string();
+    // Another physician's key for the warm-up, so that `real` is still fresh at the end.
+    let warm_key = token_of(&admin(
+        d,
+        &[
+            "admin",
+            "create-principal",
+            "--name",
+            "dr-warm",
+            "--role",
+            "physician",
+            "--centre",
+            "NL-AMC",
+        ],
+    ));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -144,9 +158,36 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let before = rss_mib(server.id()).unwrap_or(0.0);
 
+    // A legitimate warm-up first: 32 connections with a valid key for 5 s, so
+    // that what a flood leaves behind is compared with a server that has served as many
+    // connections, not with one that never had a caller.
+    let warm_end = Instant::now() + Duration::from_secs(5);
+    let warm_calls = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (url, warm_key) = (url.clone(), warm_key.clone());
+            tasks.push(tokio::spawn(async move {
+                let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+                let mut n = 0u64;
+                while Instant::now() < warm_end {
+                    call(channel.clone(), &warm_key).await;
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    let warmed = rss_mib(server.id()).unwrap_or(0.0);
+
     // 32 connections: half send wrong secrets for the real (public) key id, half garbage.
     let codes: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let peak = Arc::new(Mutex::new(before));
+    let peak = Arc::new(Mutex::new(warmed));
     let mut after_rounds = Vec::new();
     for _round in 0..2 {
         let end = Instant::now() + Duration::from_secs_f64(seconds);
@@ -234,6 +275,7 @@ fn main() {
          | calls sent | {total} ({:.0}/s) |\n\
          | answers | {} |\n\
          | server RSS before | {before:.1} MiB |\n\
+         | server RSS 10 s after a legitimate warm-up (another physician's valid key, 32 connections, 5 s, {warm_calls} calls) | {warmed:.1} MiB |\n\
          | server RSS peak during the flood | {:.1} MiB |\n\
          | server RSS 10 s after the first flood | {:.1} MiB |\n\
          | server RSS 10 s after a second, identical flood | {:.1} MiB |\n\
