@@ -19,6 +19,11 @@ impl TestApp {
 
     /// Runs the real binary against this app's database and master key.
     fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with(args, &[])
+    }
+
+    /// [`TestApp::cli`] with these environment variables set too.
+    fn cli_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_ern-registry"))
             .arg("--database-url")
             .arg(&self.database_url)
@@ -26,6 +31,7 @@ impl TestApp {
             .env("ERN_MASTER_KEY_FILE", self.key_file())
             .env_remove("ERN_MASTER_PASSPHRASE")
             .env_remove("ERN_MASTER_PASSPHRASE_FILE")
+            .envs(env.iter().copied())
             .output()
             .expect("run the binary")
     }
@@ -769,10 +775,8 @@ async fn rows_written_before_rows_were_audited_are_adopted_once() {
 #[tokio::test]
 async fn an_admin_command_through_sudo_names_the_invoking_user() {
     let app = TestApp::spawn().await;
-    let out = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
-        .arg("--database-url")
-        .arg(&app.database_url)
-        .args([
+    let out = app.cli_with(
+        &[
             "admin",
             "create-centre",
             "--code",
@@ -783,13 +787,9 @@ async fn an_admin_command_through_sudo_names_the_invoking_user() {
             "NL",
             "--ern",
             "ERN-EYE",
-        ])
-        .env("ERN_MASTER_KEY_FILE", app.key_file())
-        .env("SUDO_USER", "operator-on-call")
-        .env_remove("ERN_MASTER_PASSPHRASE")
-        .env_remove("ERN_MASTER_PASSPHRASE_FILE")
-        .output()
-        .unwrap();
+        ],
+        &[("SUDO_USER", "operator-on-call")],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -831,7 +831,7 @@ async fn an_admin_command_whose_entry_fails_shows_no_key_and_creates_nothing() {
         )
         .await;
     }
-    let out = app.cli(&[
+    const CREATE: &[&str] = &[
         "admin",
         "create-principal",
         "--name",
@@ -840,7 +840,8 @@ async fn an_admin_command_whose_entry_fails_shows_no_key_and_creates_nothing() {
         "researcher",
         "--ern",
         "ERN-EYE",
-    ]);
+    ];
+    let out = app.cli(CREATE);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(
@@ -859,16 +860,7 @@ async fn an_admin_command_whose_entry_fails_shows_no_key_and_creates_nothing() {
         "DROP TRIGGER audit_fail ON audit_log"
     })
     .await;
-    let out = app.cli(&[
-        "admin",
-        "create-principal",
-        "--name",
-        "dr-unrecorded",
-        "--role",
-        "researcher",
-        "--ern",
-        "ERN-EYE",
-    ]);
+    let out = app.cli(CREATE);
     assert!(
         out.status.success(),
         "{}",
