@@ -336,6 +336,12 @@ async fn type_text(c: &Client, text: &str) {
     }
 }
 
+/// Whether nothing has the focus (the document's `body` is the active element).
+async fn on_body(c: &Client) -> bool {
+    let el = c.active_element().await.unwrap();
+    el.tag_name().await.unwrap().eq_ignore_ascii_case("body")
+}
+
 /// The focused element, described ("input#name", "a:Expiring consents"), after checking
 /// that its focus is visible (a solid outline of at least 2px).
 async fn focused(c: &Client) -> String {
@@ -359,10 +365,23 @@ async fn focused(c: &Client) -> String {
 }
 
 /// Tabs (at most 40 times) until the focused element is `target`; returns every stop.
+///
+/// A Tab pressed while a page that has just loaded is not yet taking keys leaves the
+/// focus on `body`: on a loaded machine Chromium can drop that first key. Only then (the
+/// page had no focus before the first Tab, and still has none) is the Tab pressed again,
+/// at most 20 times; a Tab that moves the focus from an element to `body` still fails
+/// `focused`.
 async fn tab_to(c: &Client, target: &str) -> Vec<String> {
     let mut stops = Vec::new();
+    let unfocused_page = on_body(c).await;
     for _ in 0..40 {
         press(c, TAB).await;
+        let mut retries = 0;
+        while unfocused_page && stops.is_empty() && retries < 20 && on_body(c).await {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            press(c, TAB).await;
+            retries += 1;
+        }
         let now = focused(c).await;
         stops.push(now.clone());
         if now == target {
