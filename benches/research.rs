@@ -24,6 +24,7 @@
 #[path = "common/report.rs"]
 mod report;
 
+use ern_registry::store::db;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -59,17 +60,16 @@ async fn database_url() -> (String, &'static str, PathBuf) {
     std::fs::create_dir_all(&dir).expect("bench dir");
     match std::env::var("ERN_BENCH_DATABASE_URL") {
         Ok(admin) if !admin.is_empty() => {
-            sqlx::any::install_default_drivers();
             let name = "ern_bench_research";
-            let mut conn = sqlx::AnyConnection::connect(&admin).await.expect("connect");
-            let exists = sqlx::query("SELECT 1 FROM pg_database WHERE datname = $1")
+            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect");
+            let exists = db::query("SELECT 1 FROM pg_database WHERE datname = $1")
                 .bind(name)
                 .fetch_optional(&mut conn)
                 .await
                 .expect("look up database")
                 .is_some();
             if !exists {
-                sqlx::query(&format!("CREATE DATABASE {name}"))
+                db::query(&format!("CREATE DATABASE {name}"))
                     .execute(&mut conn)
                     .await
                     .expect("create");
@@ -143,12 +143,13 @@ async fn prepare(url: &str, dir: &std::path::Path, target: u32) -> (PathBuf, Dur
     {
         if have > 0 {
             eprintln!("adopting a registry without a kept master key: emptying its audit chain");
-            sqlx::raw_sql(
-                "DELETE FROM audit_log; UPDATE audit_head SET seq = 0, mac = '' WHERE id = 1",
-            )
-            .execute(store.pool())
-            .await
-            .expect("empty the audit chain");
+            store
+                .pool()
+                .execute_raw(
+                    "DELETE FROM audit_log; UPDATE audit_head SET seq = 0, mac = '' WHERE id = 1",
+                )
+                .await
+                .expect("empty the audit chain");
         }
         MasterSecret::load_or_create(&key_file).expect("create the bench key");
     }
@@ -180,7 +181,7 @@ async fn prepare(url: &str, dir: &std::path::Path, target: u32) -> (PathBuf, Dur
             done.written as f64 / started.elapsed().as_secs_f64()
         );
         if store.backend() == Backend::Postgres {
-            sqlx::query("ANALYZE")
+            db::query("ANALYZE")
                 .execute(store.pool())
                 .await
                 .expect("analyze");

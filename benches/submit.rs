@@ -16,6 +16,7 @@
 #[path = "common/report.rs"]
 mod report;
 
+use ern_registry::store::db;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -132,28 +133,21 @@ async fn bench_raw_insert(app: &Application) -> Figure {
     let record = ern_registry::api::convert::case_record(&fixtures::record(), fixtures::today())
         .expect("valid");
     let row = cases::to_row(&record);
-    let centre: i64 = sqlx::Row::get(
-        &sqlx::query("SELECT id FROM centres WHERE code = 'BENCH'")
-            .fetch_one(app.store().pool())
-            .await
-            .expect("centre"),
-        0,
-    );
-    let principal: i64 = sqlx::Row::get(
-        &sqlx::query("SELECT id FROM principals WHERE name = 'bench'")
-            .fetch_one(app.store().pool())
-            .await
-            .expect("principal"),
-        0,
-    );
-    let mut conn = app.store().pool().acquire().await.expect("conn");
+    let centre: i64 = db::query("SELECT id FROM centres WHERE code = 'BENCH'")
+        .fetch_scalar(app.store().pool())
+        .await
+        .expect("centre");
+    let principal: i64 = db::query("SELECT id FROM principals WHERE name = 'bench'")
+        .fetch_scalar(app.store().pool())
+        .await
+        .expect("principal");
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < seconds() {
-        let mut tx = conn.begin().await.expect("begin");
+        let mut tx = app.store().pool().begin().await.expect("begin");
         for _ in 0..512 {
             writer_sql::insert_case(
-                &mut tx,
+                &mut tx.db(),
                 12,
                 &format!("RAW-{n}"),
                 centre,
@@ -265,14 +259,13 @@ async fn bench_bulk(channel: Channel, token: &str, streams: usize) -> Figure {
 async fn database_url(dir: &std::path::Path) -> (String, &'static str) {
     match std::env::var("ERN_BENCH_DATABASE_URL") {
         Ok(admin) if !admin.is_empty() => {
-            sqlx::any::install_default_drivers();
             let name = format!("ern_bench_{}", std::process::id());
-            let mut conn = sqlx::AnyConnection::connect(&admin).await.expect("connect");
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect");
+            db::query(&format!("DROP DATABASE IF EXISTS {name}"))
                 .execute(&mut conn)
                 .await
                 .expect("drop");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
+            db::query(&format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)
                 .await
                 .expect("create");

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::{AnyConnection, Connection};
+use crate::store::StoreError;
+use crate::store::db::{self, Single};
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -72,7 +73,7 @@ impl DatabaseWatch {
         services: Vec<&'static str>,
         mut stopping: watch::Receiver<bool>,
     ) {
-        let mut conn: Option<AnyConnection> = None;
+        let mut conn: Option<Single> = None;
         let mut ticks = tokio::time::interval(PROBE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -121,12 +122,12 @@ impl DatabaseWatch {
         }
     }
 
-    async fn probe(&self, conn: &mut Option<AnyConnection>) -> Result<(), sqlx::Error> {
+    async fn probe(&self, conn: &mut Option<Single>) -> Result<(), StoreError> {
         let conn = match conn {
             Some(conn) => conn,
-            None => conn.insert(AnyConnection::connect(&self.inner.url).await?),
+            None => conn.insert(Single::connect(&self.inner.url).await?),
         };
-        sqlx::query("SELECT 1").execute(conn).await?;
+        db::query("SELECT 1").execute(&mut conn.db()).await?;
         Ok(())
     }
 }

@@ -3,9 +3,9 @@
 //! ...`): their rules, and the audit entry each is committed with, in its transaction
 //! ([`run_action`]).
 
+use crate::store::db::Db;
 use chrono::{DateTime, Duration, Utc};
 use ring::rand::SystemRandom;
-use sqlx::AnyConnection;
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -222,7 +222,7 @@ pub async fn run_action(
         ..Entry::default()
     };
     let mut tx = store.begin_admin().await?;
-    match apply(tx.conn(), secret, action).await {
+    match apply(&mut tx.conn(), secret, action).await {
         Ok(done) => {
             entry.outcome = Outcome::Ok.name().into();
             if let Some(target) = &done.target {
@@ -337,7 +337,7 @@ fn describe(action: &AdminAction) -> (&'static str, String, String) {
 
 /// Issues an API key for principal `principal_id` on `conn`; shown after the commit.
 async fn issue_key(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     secret: &MasterSecret,
     principal_id: i64,
     expires_in_days: Option<u32>,
@@ -358,7 +358,7 @@ async fn issue_key(
 }
 
 async fn apply(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     secret: &MasterSecret,
     action: AdminAction,
 ) -> Result<Done, Refused> {

@@ -8,7 +8,6 @@
 //! counted) and hand the write to the writer, which checks consent and commits durably
 //! before anything is answered.
 
-use crate::store::db::Db;
 use chrono::{DateTime, Utc};
 
 use super::{Call, ServiceError, Services};
@@ -229,14 +228,9 @@ pub async fn get(
     pseudonym: Pseudonym,
     include_history: bool,
 ) -> Result<CaseView, ServiceError> {
-    let mut conn = services
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
+    let mut conn = services.store.pool().acquire().await?;
     let stored = cases::get_case(
-        &mut Db::Any(&mut conn),
+        &mut conn.db(),
         access.registry.id,
         pseudonym.as_str(),
         access.centre.id,
@@ -293,14 +287,9 @@ pub async fn export(
     page_size: u32,
     call: &mut Call,
 ) -> Result<Vec<Exported>, ServiceError> {
-    let mut conn = services
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
+    let mut conn = services.store.pool().acquire().await?;
     let rows = cases::list_current(
-        &mut Db::Any(&mut conn),
+        &mut conn.db(),
         access.registry.id,
         access.centre.id,
         services.clock.now(),

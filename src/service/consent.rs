@@ -8,7 +8,6 @@
 //! but the recorder and the recorder's centre ([`recorder_visible_to`]): that name tells
 //! which centre treats the patient.
 
-use crate::store::db::Db;
 use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
 
@@ -16,10 +15,10 @@ use super::{Call, ServiceError, Services};
 use crate::auth::{Principal, Role};
 use crate::consent::{self, ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope};
 use crate::pseudonym::{PatientIdentity, Pseudonym};
+use crate::store::Registry;
 use crate::store::consent::{self as consent_store, ConsentRecord, Erasure, WithdrawalReason};
 use crate::store::console::{ExpiringPage, ExpiryCursor};
 use crate::store::writer::{Command, ConsentRules, Output, RecordConsent, Withdraw};
-use crate::store::{Registry, StoreError};
 
 /// The registry's consent rules as the writer applies them in its transaction
 /// (`store::writer::ConsentRules`): the rules of `crate::consent`, at the instant
@@ -268,13 +267,8 @@ async fn history(
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<Vec<ConsentRecord>, ServiceError> {
-    let mut conn = services
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
-    Ok(consent_store::history(&mut Db::Any(&mut conn), registry_id, pseudonym).await?)
+    let mut conn = services.store.pool().acquire().await?;
+    Ok(consent_store::history(&mut conn.db(), registry_id, pseudonym).await?)
 }
 
 /// Records an officer's decisions (granted or refused) for one patient, effective `now`
@@ -401,15 +395,10 @@ pub async fn receipt(
     receipt_id: &str,
 ) -> Result<Receipt, ServiceError> {
     require_officer(principal)?;
-    let mut conn = services
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
+    let mut conn = services.store.pool().acquire().await?;
     let not_found =
         || ServiceError::NotFound("no erasure receipt with this id in your registries".into());
-    let erasure: Erasure = consent_store::erasure_by_receipt(&mut Db::Any(&mut conn), receipt_id)
+    let erasure: Erasure = consent_store::erasure_by_receipt(&mut conn.db(), receipt_id)
         .await?
         .ok_or_else(not_found)?;
     // A receipt of a registry the officer does not serve is not theirs to see.

@@ -8,8 +8,8 @@
 //! refused action rolls back and its entry is appended alone, so refusals are in the
 //! chain too.
 
+use super::db::{self, Db, Tx};
 use chrono::{DateTime, Utc};
-use sqlx::{Any, AnyConnection, Row, Transaction};
 
 use super::audit::{self as audit_store, Pending, Wrote};
 use super::{
@@ -22,7 +22,7 @@ use crate::auth::Role;
 /// An admin action in progress: its transaction, committed with the action's audit
 /// entry ([`AdminAction::commit`]), or dropped (rolled back) when the action fails.
 pub struct AdminAction {
-    tx: Transaction<'static, Any>,
+    tx: Tx,
 }
 
 impl Store {
@@ -32,8 +32,8 @@ impl Store {
     /// holds appends back for the few milliseconds an action takes.
     pub async fn begin_admin(&self) -> Result<AdminAction> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-            .execute(&mut *tx)
+        db::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+            .execute(&mut tx)
             .await?;
         Ok(AdminAction { tx })
     }
@@ -42,7 +42,7 @@ impl Store {
     /// transaction of its own.
     pub async fn audit_alone(&self, key: &AuditKey, entry: Entry) -> Result<()> {
         let mut tx = self.pool().begin().await?;
-        append(&mut tx, key, entry).await?;
+        append(&mut tx.db(), key, entry).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -50,13 +50,13 @@ impl Store {
 
 impl AdminAction {
     /// The connection the action's statements run on.
-    pub fn conn(&mut self) -> &mut AnyConnection {
-        &mut self.tx
+    pub fn conn(&mut self) -> Db<'_> {
+        self.tx.db()
     }
 
     /// Appends the action's entry and commits both.
     pub async fn commit(mut self, key: &AuditKey, entry: Entry) -> Result<()> {
-        append(&mut self.tx, key, entry).await?;
+        append(&mut self.tx.db(), key, entry).await?;
         self.tx.commit().await?;
         Ok(())
     }
@@ -69,18 +69,18 @@ impl AdminAction {
     }
 }
 
-async fn append(conn: &mut AnyConnection, key: &AuditKey, entry: Entry) -> Result<()> {
+async fn append(conn: &mut Db<'_>, key: &AuditKey, entry: Entry) -> Result<()> {
     let pending = [Pending {
         at: millis(Utc::now()),
         entry,
         wrote: Wrote::default(),
     }];
-    audit_store::append(&mut conn.into(), key, &pending).await
+    audit_store::append(conn, key, &pending).await
 }
 
 /// Sets a registry's research threshold k or protection level.
 pub(super) async fn set_disclosure_setting(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     code: &str,
     setting: DisclosureSetting,
     value: i64,
@@ -103,7 +103,7 @@ pub(super) async fn set_disclosure_setting(
         )));
     }
     let sql = format!("UPDATE registries SET {column} = $1 WHERE code = $2");
-    let done = sqlx::query(&sql)
+    let done = db::query(&sql)
         .bind(value)
         .bind(code)
         .execute(&mut *conn)
@@ -115,24 +115,24 @@ pub(super) async fn set_disclosure_setting(
 }
 
 /// Sets a registry's minimum published cell count k (2..=100).
-pub async fn set_min_cell_count(conn: &mut AnyConnection, code: &str, k: i64) -> Result<()> {
+pub async fn set_min_cell_count(conn: &mut Db<'_>, code: &str, k: i64) -> Result<()> {
     set_disclosure_setting(conn, code, DisclosureSetting::MinCellCount, k).await
 }
 
 /// Sets a registry's protection level (1..=100).
-pub async fn set_protection_level(conn: &mut AnyConnection, code: &str, level: i64) -> Result<()> {
+pub async fn set_protection_level(conn: &mut Db<'_>, code: &str, level: i64) -> Result<()> {
     set_disclosure_setting(conn, code, DisclosureSetting::ProtectionLevel, level).await
 }
 
 /// Creates a centre that is a member of the ERNs keeping `registries`.
 pub async fn create_centre(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     code: &str,
     name: &str,
     country: &str,
     registries: &[String],
 ) -> Result<i64> {
-    let exists = sqlx::query("SELECT id FROM centres WHERE code = $1")
+    let exists = db::query("SELECT id FROM centres WHERE code = $1")
         .bind(code)
         .fetch_optional(&mut *conn)
         .await?;
@@ -141,7 +141,7 @@ pub async fn create_centre(
     }
     let id = insert_centre(conn, code, name, country).await?;
     for registry_id in resolve_registries(conn, registries).await? {
-        sqlx::query("INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2)")
+        db::query("INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2)")
             .bind(id)
             .bind(registry_id)
             .execute(&mut *conn)
@@ -153,13 +153,13 @@ pub async fn create_centre(
 /// Creates a principal (which shapes make sense is the service's rule:
 /// `service::admin::check_principal_shape`).
 pub async fn create_principal(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     name: &str,
     role: Role,
     centre: Option<&str>,
     registries: &[String],
 ) -> Result<i64> {
-    let exists = sqlx::query("SELECT id FROM principals WHERE name = $1")
+    let exists = db::query("SELECT id FROM principals WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?;
@@ -169,7 +169,7 @@ pub async fn create_principal(
     let centre_id: Option<i64> = match centre {
         None => None,
         Some(code) => Some(
-            sqlx::query("SELECT id FROM centres WHERE code = $1")
+            db::query("SELECT id FROM centres WHERE code = $1")
                 .bind(code)
                 .fetch_optional(&mut *conn)
                 .await?
@@ -177,7 +177,7 @@ pub async fn create_principal(
                 .try_get(0)?,
         ),
     };
-    let id: i64 = sqlx::query(
+    let id: i64 = db::query(
         "INSERT INTO principals (name, role, centre_id, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
     )
     .bind(name)
@@ -188,7 +188,7 @@ pub async fn create_principal(
     .await?
     .try_get(0)?;
     for registry_id in resolve_registries(conn, registries).await? {
-        sqlx::query("INSERT INTO principal_registries (principal_id, registry_id) VALUES ($1, $2)")
+        db::query("INSERT INTO principal_registries (principal_id, registry_id) VALUES ($1, $2)")
             .bind(id)
             .bind(registry_id)
             .execute(&mut *conn)
@@ -199,8 +199,8 @@ pub async fn create_principal(
 
 /// Starts a new key version for a registry: pseudonyms of patients it does not know
 /// yet carry the new version; known patients keep theirs. Returns the new version.
-pub async fn rotate_registry_key(conn: &mut AnyConnection, code: &str) -> Result<i64> {
-    let row = sqlx::query(
+pub async fn rotate_registry_key(conn: &mut Db<'_>, code: &str) -> Result<i64> {
+    let row = db::query(
         "UPDATE registries SET active_key_version = active_key_version + 1 \
          WHERE code = $1 AND active_key_version < 999 RETURNING active_key_version",
     )
@@ -215,24 +215,23 @@ pub async fn rotate_registry_key(conn: &mut AnyConnection, code: &str) -> Result
     }
 }
 
-pub async fn principal_id(conn: &mut AnyConnection, name: &str) -> Result<i64> {
-    sqlx::query("SELECT id FROM principals WHERE name = $1")
+pub async fn principal_id(conn: &mut Db<'_>, name: &str) -> Result<i64> {
+    db::query("SELECT id FROM principals WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("principal {name}")))?
         .try_get(0)
-        .map_err(Into::into)
 }
 
 pub async fn insert_api_key(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     key_id: &str,
     principal_id: i64,
     secret_hash: &str,
     expires_at: Option<DateTime<Utc>>,
 ) -> Result<()> {
-    sqlx::query(
+    db::query(
         "INSERT INTO api_keys (key_id, principal_id, secret_hash, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, $5)",
     )
@@ -247,9 +246,9 @@ pub async fn insert_api_key(
 }
 
 /// Revokes a key; returns whether a live key was revoked.
-pub async fn revoke_api_key(conn: &mut AnyConnection, key_id: &str) -> Result<bool> {
+pub async fn revoke_api_key(conn: &mut Db<'_>, key_id: &str) -> Result<bool> {
     let done =
-        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL")
+        db::query("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL")
             .bind(millis(Utc::now()))
             .bind(key_id)
             .execute(&mut *conn)
@@ -259,10 +258,10 @@ pub async fn revoke_api_key(conn: &mut AnyConnection, key_id: &str) -> Result<bo
 
 /// Disables a principal: every key of theirs is refused from the next call on (the
 /// keys stay on file, for the audit log's sake). Returns false if already disabled.
-pub async fn disable_principal(conn: &mut AnyConnection, name: &str) -> Result<bool> {
+pub async fn disable_principal(conn: &mut Db<'_>, name: &str) -> Result<bool> {
     let id = principal_id(conn, name).await?;
     let done =
-        sqlx::query("UPDATE principals SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL")
+        db::query("UPDATE principals SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL")
             .bind(millis(Utc::now()))
             .bind(id)
             .execute(&mut *conn)
@@ -271,13 +270,9 @@ pub async fn disable_principal(conn: &mut AnyConnection, name: &str) -> Result<b
 }
 
 /// Binds a client certificate (its SHA-256 fingerprint) to a principal.
-pub async fn bind_certificate(
-    conn: &mut AnyConnection,
-    principal: &str,
-    fingerprint: &str,
-) -> Result<()> {
+pub async fn bind_certificate(conn: &mut Db<'_>, principal: &str, fingerprint: &str) -> Result<()> {
     let id = principal_id(conn, principal).await?;
-    sqlx::query(
+    db::query(
         "INSERT INTO principal_certificates (principal_id, fingerprint, created_at) \
          VALUES ($1, $2, $3) ON CONFLICT (principal_id, fingerprint) DO NOTHING",
     )

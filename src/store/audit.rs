@@ -10,8 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Connection, Executor, Row};
 use tokio_stream::StreamExt;
 
 use super::db::{self, Db};
@@ -371,9 +369,9 @@ pub struct AuditFilter {
 
 /// An entry of the log as [`COLUMNS`] selects it; `Err` names the column that does not
 /// hold a value of its type.
-fn stored_from(row: &AnyRow) -> std::result::Result<Stored, &'static str> {
-    fn get<'r, T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>>(
-        row: &'r AnyRow,
+fn stored_from(row: &db::Row) -> std::result::Result<Stored, &'static str> {
+    fn get<T: db::Decode>(
+        row: &db::Row,
         i: usize,
         name: &'static str,
     ) -> std::result::Result<T, &'static str> {
@@ -399,10 +397,10 @@ fn stored_from(row: &AnyRow) -> std::result::Result<Stored, &'static str> {
     })
 }
 
-fn stored_or_corrupt(row: &AnyRow) -> Result<Stored> {
+fn stored_or_corrupt(row: &db::Row) -> Result<Stored> {
     stored_from(row).map_err(|column| {
         let seq = row
-            .try_get::<i64, _>(0)
+            .try_get::<i64>(0)
             .map_or_else(|_| "?".to_string(), |s| s.to_string());
         StoreError::Corrupt(format!("audit entry {seq}: its {column} is not readable"))
     })
@@ -470,7 +468,7 @@ impl Store {
             conditions.join(" AND "),
             filter.limit.clamp(1, 1000)
         );
-        let mut query = sqlx::query(&sql).bind(filter.after_seq);
+        let mut query = db::query(&sql).bind(filter.after_seq);
         for t in texts {
             query = query.bind(t);
         }
@@ -486,7 +484,7 @@ impl Store {
     /// the log was last written with. `None` for an empty
     /// log; `Some(false)` also when either entry is missing.
     pub async fn audit_head_verifies(&self, key: &AuditKey) -> Result<Option<bool>> {
-        let head = sqlx::query("SELECT seq, mac FROM audit_head WHERE id = 1")
+        let head = db::query("SELECT seq, mac FROM audit_head WHERE id = 1")
             .fetch_one(self.pool())
             .await?;
         let (head_seq, head_mac): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
@@ -495,7 +493,7 @@ impl Store {
         }
         let sql =
             format!("SELECT {COLUMNS} FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq");
-        let rows = sqlx::query(&sql)
+        let rows = db::query(&sql)
             .bind(head_seq - 1)
             .bind(head_seq)
             .fetch_all(self.pool())
@@ -530,20 +528,20 @@ impl Store {
         key: &AuditKey,
         anchor: Option<Anchor>,
     ) -> Result<std::result::Result<Verified, Broken>> {
-        let mut conn = self.pool().acquire().await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = self.pool().begin().await?;
         if self.backend() == Backend::Postgres {
-            tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            tx.db()
+                .execute_raw("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .await?;
         }
-        let result = verify_in(&mut tx, key, anchor).await;
+        let result = verify_in(&mut tx.db(), key, anchor).await;
         tx.rollback().await?;
         result
     }
 }
 
-async fn read_head(conn: &mut AnyConnection) -> Result<std::result::Result<Head, Broken>> {
-    let Some(row) = sqlx::query("SELECT seq, mac FROM audit_head WHERE id = 1")
+async fn read_head(conn: &mut Db<'_>) -> Result<std::result::Result<Head, Broken>> {
+    let Some(row) = db::query("SELECT seq, mac FROM audit_head WHERE id = 1")
         .fetch_optional(&mut *conn)
         .await?
     else {
@@ -554,10 +552,10 @@ async fn read_head(conn: &mut AnyConnection) -> Result<std::result::Result<Head,
     let unreadable = |column: &str| Broken::HeadUnreadable {
         problem: format!("its {column} is not readable as stored (type changed)"),
     };
-    let Ok(seq) = row.try_get::<i64, _>(0) else {
+    let Ok(seq) = row.try_get::<i64>(0) else {
         return Ok(Err(unreadable("seq")));
     };
-    let Ok(mac) = row.try_get::<String, _>(1) else {
+    let Ok(mac) = row.try_get::<String>(1) else {
         return Ok(Err(unreadable("mac")));
     };
     Ok(Ok(Head { seq, mac }))
@@ -574,7 +572,7 @@ macro_rules! broken {
 }
 
 async fn verify_in(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     key: &AuditKey,
     anchor: Option<Anchor>,
 ) -> Result<std::result::Result<Verified, Broken>> {
@@ -586,11 +584,11 @@ async fn verify_in(
     let mut after = i64::MIN;
     let sql = format!("SELECT {COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT {PAGE}");
     loop {
-        let page = sqlx::query(&sql).bind(after).fetch_all(&mut *conn).await?;
+        let page = db::query(&sql).bind(after).fetch_all(&mut *conn).await?;
         let Some(first) = page.first() else {
             break;
         };
-        let first = first.try_get::<i64, _>(0)?;
+        let first = first.try_get::<i64>(0)?;
         let mut rows = RowCheck::default();
         for row in &page {
             let stored = match stored_from(row) {
@@ -621,7 +619,7 @@ async fn verify_in(
              OR audit_seq <> CAST(audit_seq AS BIGINT) ORDER BY id LIMIT 1",
             table.sql()
         );
-        if let Some(row) = sqlx::query(&sql)
+        if let Some(row) = db::query(&sql)
             .bind(lowest)
             .bind(last)
             .fetch_optional(&mut *conn)
@@ -635,10 +633,10 @@ async fn verify_in(
     if lowest == 0 {
         for table in Table::ALL {
             let sql = format!("SELECT COUNT(*) FROM {} WHERE audit_seq = 0", table.sql());
-            unadopted += sqlx::query(&sql)
+            unadopted += db::query(&sql)
                 .fetch_one(&mut *conn)
                 .await?
-                .try_get::<i64, _>(0)?;
+                .try_get::<i64>(0)?;
         }
     }
     Ok(Ok(Verified {
@@ -652,7 +650,7 @@ async fn verify_in(
 /// Feeds `rows` every consent event and tombstone naming an entry from `first` to `last`,
 /// table by table, each in (entry, id) order.
 async fn check_rows(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     rows: &mut RowCheck,
     first: i64,
     last: i64,
@@ -664,9 +662,9 @@ async fn check_rows(
             column_list(table),
             table.sql()
         );
-        let mut stream = sqlx::query(&sql).bind(first).bind(last).fetch(&mut *conn);
+        let mut stream = db::query(&sql).bind(first).bind(last).fetch(&mut *conn);
         while let Some(row) = stream.next().await {
-            let row = db::Row::Any(row?);
+            let row = row?;
             let (id, hash) = match hash_row(table, &row, 1) {
                 Ok(hashed) => hashed,
                 Err((id, column)) => {

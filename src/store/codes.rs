@@ -12,7 +12,7 @@
 //! kill) leaves a staged release whose heartbeat (`staged_at`, raised with each batch)
 //! stops: [`remove_abandoned`] removes it at the next server start or import.
 
-use sqlx::{AnyConnection, Row};
+use super::db::{self, Db};
 use tokio::sync::mpsc;
 
 use super::{Result, Store, StoreError};
@@ -99,7 +99,7 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                 Message::Header(header) => {
                     // A placeholder version until the files are read whole (HGNC states its
                     // date only through its lines): `finish` gives the real one.
-                    let id: i64 = sqlx::query(
+                    let id: i64 = db::query(
                         "INSERT INTO code_releases (system, version, released_on, imported_at, \
                                                     source, terms, in_force, staged_at) \
                          VALUES ($1, $2, $3, $4, $5, 0, 0, $4) RETURNING id",
@@ -109,7 +109,7 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                     .bind(header.released_on.as_deref())
                     .bind(now_millis)
                     .bind(described.as_str())
-                    .fetch_one(&mut *db)
+                    .fetch_one(&mut db)
                     .await?
                     .try_get(0)?;
                     release_id = Some(id);
@@ -117,12 +117,12 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                 Message::Items(items) => {
                     let id = release_id
                         .ok_or_else(|| StoreError::Invalid("items before the header".into()))?;
-                    let counts = insert_items(&mut db, id, &items).await?;
+                    let counts = insert_items(&mut db.db(), id, &items).await?;
                     // The heartbeat: this import is alive (`remove_abandoned`).
-                    sqlx::query("UPDATE code_releases SET staged_at = $1 WHERE id = $2")
+                    db::query("UPDATE code_releases SET staged_at = $1 WHERE id = $2")
                         .bind(chrono::Utc::now().timestamp_millis())
                         .bind(id)
-                        .execute(&mut *db)
+                        .execute(&mut db)
                         .await?;
                     terms += counts.0;
                     parents += counts.1;
@@ -179,7 +179,7 @@ pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// another process keeps its release (its heartbeat is recent).
 pub async fn remove_abandoned(store: &Store, now_millis: i64) -> Result<Vec<String>> {
     let stale_before = now_millis - ABANDONED_AFTER.as_millis() as i64;
-    let rows = sqlx::query(
+    let rows = db::query(
         "SELECT id, system, version FROM code_releases \
          WHERE staged_at IS NOT NULL AND staged_at < $1 AND in_force = 0 ORDER BY id",
     )
@@ -212,7 +212,7 @@ pub async fn discard(store: &Store, release_id: i64) -> Result<()> {
         "DELETE FROM code_aliases WHERE release_id = $1",
         "DELETE FROM code_releases WHERE id = $1 AND in_force = 0",
     ] {
-        sqlx::query(sql).bind(release_id).execute(&mut *db).await?;
+        db::query(sql).bind(release_id).execute(&mut db).await?;
     }
     db.commit().await?;
     Ok(())
@@ -223,7 +223,7 @@ pub async fn discard(store: &Store, release_id: i64) -> Result<()> {
 /// date and size, and, with `activate`, puts it in force (the one in force before is
 /// kept, no longer in force).
 pub async fn finish(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     staged: &Staged,
     version: Option<String>,
     activate: bool,
@@ -234,7 +234,7 @@ pub async fn finish(
             "the files state no version: name one with --version".into(),
         ));
     };
-    let exists = sqlx::query("SELECT 1 FROM code_releases WHERE system = $1 AND version = $2")
+    let exists = db::query("SELECT 1 FROM code_releases WHERE system = $1 AND version = $2")
         .bind(system.as_str())
         .bind(version.as_str())
         .fetch_optional(&mut *conn)
@@ -245,7 +245,7 @@ pub async fn finish(
             system.name()
         )));
     }
-    let finished = sqlx::query(
+    let finished = db::query(
         "UPDATE code_releases SET version = $1, released_on = $2, terms = $3, staged_at = NULL \
          WHERE id = $4 AND staged_at IS NOT NULL",
     )
@@ -273,7 +273,7 @@ pub async fn finish(
 
 /// Inserts a batch of items; returns how many terms, parents and aliases it held.
 async fn insert_items(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     release_id: i64,
     items: &[Item],
 ) -> Result<(u64, u64, u64)> {
@@ -296,7 +296,7 @@ async fn insert_items(
             chunk.len(),
             " ON CONFLICT DO NOTHING",
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = db::query(&sql);
         for item in chunk {
             if let Item::Term {
                 code,
@@ -322,7 +322,7 @@ async fn insert_items(
             chunk.len(),
             " ON CONFLICT DO NOTHING",
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = db::query(&sql);
         for item in chunk {
             if let Item::Parent { code, parent } = item {
                 q = q.bind(release_id).bind(code.as_str()).bind(parent.as_str());
@@ -337,7 +337,7 @@ async fn insert_items(
             chunk.len(),
             " ON CONFLICT DO NOTHING",
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = db::query(&sql);
         for item in chunk {
             if let Item::Alias { alias, code, kind } = item {
                 q = q
@@ -379,13 +379,9 @@ fn values_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
 }
 
 /// Puts release `version` of `system` in force (and the one in force before out).
-pub async fn set_in_force(
-    conn: &mut AnyConnection,
-    system: CodeSystem,
-    version: &str,
-) -> Result<()> {
+pub async fn set_in_force(conn: &mut Db<'_>, system: CodeSystem, version: &str) -> Result<()> {
     // A staged release (an import not finished, or abandoned) is never put in force.
-    let found = sqlx::query(
+    let found = db::query(
         "SELECT id FROM code_releases WHERE system = $1 AND version = $2 AND staged_at IS NULL",
     )
     .bind(system.as_str())
@@ -398,11 +394,11 @@ pub async fn set_in_force(
             system.name()
         )));
     }
-    sqlx::query("UPDATE code_releases SET in_force = 0 WHERE system = $1 AND in_force = 1")
+    db::query("UPDATE code_releases SET in_force = 0 WHERE system = $1 AND in_force = 1")
         .bind(system.as_str())
         .execute(&mut *conn)
         .await?;
-    sqlx::query("UPDATE code_releases SET in_force = 1 WHERE system = $1 AND version = $2")
+    db::query("UPDATE code_releases SET in_force = 1 WHERE system = $1 AND version = $2")
         .bind(system.as_str())
         .bind(version)
         .execute(&mut *conn)
@@ -412,7 +408,7 @@ pub async fn set_in_force(
 
 const INFO_COLUMNS: &str = "id, system, version, released_on, imported_at, source, terms, in_force";
 
-fn info_row(r: &sqlx::any::AnyRow) -> Result<ReleaseInfo> {
+fn info_row(r: &db::Row) -> Result<ReleaseInfo> {
     let system: String = r.try_get(1)?;
     Ok(ReleaseInfo {
         id: r.try_get(0)?,
@@ -423,12 +419,12 @@ fn info_row(r: &sqlx::any::AnyRow) -> Result<ReleaseInfo> {
         imported_at_millis: r.try_get(4)?,
         source: r.try_get(5)?,
         terms: r.try_get(6)?,
-        in_force: r.try_get::<i64, _>(7)? == 1,
+        in_force: r.try_get::<i64>(7)? == 1,
     })
 }
 
-async fn release_info(conn: &mut AnyConnection, id: i64) -> Result<ReleaseInfo> {
-    let row = sqlx::query(&format!(
+async fn release_info(conn: &mut Db<'_>, id: i64) -> Result<ReleaseInfo> {
+    let row = db::query(&format!(
         "SELECT {INFO_COLUMNS} FROM code_releases WHERE id = $1"
     ))
     .bind(id)
@@ -440,7 +436,7 @@ async fn release_info(conn: &mut AnyConnection, id: i64) -> Result<ReleaseInfo> 
 impl Store {
     /// Every release on file, by system and import time.
     pub async fn code_releases(&self) -> Result<Vec<ReleaseInfo>> {
-        let rows = sqlx::query(&format!(
+        let rows = db::query(&format!(
             "SELECT {INFO_COLUMNS} FROM code_releases ORDER BY system, imported_at, id"
         ))
         .fetch_all(self.pool())
@@ -451,51 +447,50 @@ impl Store {
     /// The ids of the releases in force, ascending: cheap, to see whether the catalog in
     /// memory is still the one in force (`CodeCatalog::fingerprint`).
     pub async fn code_releases_in_force(&self) -> Result<Vec<i64>> {
-        let rows = sqlx::query("SELECT id FROM code_releases WHERE in_force = 1 ORDER BY id")
+        let rows = db::query("SELECT id FROM code_releases WHERE in_force = 1 ORDER BY id")
             .fetch_all(self.pool())
             .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        rows.iter().map(|r| r.try_get(0)).collect()
     }
 
     /// The releases in force, whole, as the catalog submissions are checked against.
     pub async fn load_code_catalog(&self) -> Result<CodeCatalog> {
         let mut conn = self.pool().acquire().await?;
-        let rows = sqlx::query(&format!(
+        let rows = db::query(&format!(
             "SELECT {INFO_COLUMNS} FROM code_releases WHERE in_force = 1 ORDER BY system"
         ))
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut conn)
         .await?;
         let mut releases = Vec::new();
         for row in &rows {
             let info = info_row(row)?;
             let id = info.id;
             let mut release = Release::new(info);
-            let terms = sqlx::query(
+            let terms = db::query(
                 "SELECT code, label, obsolete, replaced_by FROM code_terms WHERE release_id = $1",
             )
             .bind(id)
-            .fetch_all(&mut *conn)
+            .fetch_all(&mut conn)
             .await?;
             for t in &terms {
                 release.add_term(
                     t.try_get(0)?,
                     t.try_get(1)?,
-                    t.try_get::<i64, _>(2)? == 1,
+                    t.try_get::<i64>(2)? == 1,
                     t.try_get(3)?,
                 );
             }
-            let parents =
-                sqlx::query("SELECT code, parent FROM code_parents WHERE release_id = $1")
-                    .bind(id)
-                    .fetch_all(&mut *conn)
-                    .await?;
+            let parents = db::query("SELECT code, parent FROM code_parents WHERE release_id = $1")
+                .bind(id)
+                .fetch_all(&mut conn)
+                .await?;
             for p in &parents {
                 release.add_parent(p.try_get(0)?, p.try_get(1)?);
             }
             let aliases =
-                sqlx::query("SELECT alias, code, kind FROM code_aliases WHERE release_id = $1")
+                db::query("SELECT alias, code, kind FROM code_aliases WHERE release_id = $1")
                     .bind(id)
-                    .fetch_all(&mut *conn)
+                    .fetch_all(&mut conn)
                     .await?;
             for a in &aliases {
                 let kind: String = a.try_get(2)?;

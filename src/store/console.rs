@@ -5,8 +5,8 @@
 
 use std::collections::BTreeSet;
 
+use super::db::{self, Db};
 use chrono::{DateTime, Utc};
-use sqlx::{AnyConnection, Row};
 
 use super::{Result, Store, StoreError, from_millis, millis};
 use crate::auth::{CentreRef, Principal, Role};
@@ -79,7 +79,7 @@ impl Store {
     /// The console credentials of the principal named `name` (a principal without any
     /// has a row of `None`s); `None` when there is no such principal.
     pub async fn console_credentials(&self, name: &str) -> Result<Option<Credentials>> {
-        let row = sqlx::query(
+        let row = db::query(
             "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
                     COALESCE(c.totp_last_step, 0), COALESCE(c.failures, 0), COALESCE(c.locked_until, 0) \
              FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
@@ -91,7 +91,7 @@ impl Store {
         row.map(|r| {
             Ok(Credentials {
                 principal_id: r.try_get(0)?,
-                disabled: r.try_get::<Option<i64>, _>(1)?.is_some(),
+                disabled: r.try_get::<Option<i64>>(1)?.is_some(),
                 password_hash: r.try_get(2)?,
                 totp_sealed: r.try_get(3)?,
                 totp_last_step: r.try_get(4)?,
@@ -104,7 +104,7 @@ impl Store {
 
     /// Counts a failed sign-in; returns the failures since the last success.
     pub async fn console_failure(&self, principal_id: i64) -> Result<i64> {
-        let row = sqlx::query(
+        let row = db::query(
             "UPDATE console_credentials SET failures = failures + 1 WHERE principal_id = $1 \
              RETURNING failures",
         )
@@ -116,7 +116,7 @@ impl Store {
 
     /// Holds sign-ins of the principal back until `until`.
     pub async fn console_lock(&self, principal_id: i64, until: DateTime<Utc>) -> Result<()> {
-        sqlx::query("UPDATE console_credentials SET locked_until = $2 WHERE principal_id = $1")
+        db::query("UPDATE console_credentials SET locked_until = $2 WHERE principal_id = $1")
             .bind(principal_id)
             .bind(millis(until))
             .execute(self.pool())
@@ -128,7 +128,7 @@ impl Store {
     /// and the lock. Returns false, changing nothing, when a code of this step or a later
     /// one was accepted before (a replayed code).
     pub async fn console_success(&self, principal_id: i64, step: i64) -> Result<bool> {
-        let done = sqlx::query(
+        let done = db::query(
             "UPDATE console_credentials SET failures = 0, locked_until = 0, totp_last_step = $2 \
              WHERE principal_id = $1 AND totp_last_step < $2",
         )
@@ -146,7 +146,7 @@ impl Store {
         principal_id: i64,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        sqlx::query(
+        db::query(
             "INSERT INTO console_sessions (token_hash, principal_id, created_at, last_seen_at) \
              VALUES ($1, $2, $3, $3)",
         )
@@ -159,7 +159,7 @@ impl Store {
     }
 
     pub async fn console_session(&self, token_hash: &str) -> Result<Option<SessionRow>> {
-        let row = sqlx::query(
+        let row = db::query(
             "SELECT principal_id, created_at, last_seen_at FROM console_sessions WHERE token_hash = $1",
         )
         .bind(token_hash)
@@ -176,7 +176,7 @@ impl Store {
     }
 
     pub async fn touch_console_session(&self, token_hash: &str, now: DateTime<Utc>) -> Result<()> {
-        sqlx::query("UPDATE console_sessions SET last_seen_at = $2 WHERE token_hash = $1")
+        db::query("UPDATE console_sessions SET last_seen_at = $2 WHERE token_hash = $1")
             .bind(token_hash)
             .bind(millis(now))
             .execute(self.pool())
@@ -185,7 +185,7 @@ impl Store {
     }
 
     pub async fn delete_console_session(&self, token_hash: &str) -> Result<()> {
-        sqlx::query("DELETE FROM console_sessions WHERE token_hash = $1")
+        db::query("DELETE FROM console_sessions WHERE token_hash = $1")
             .bind(token_hash)
             .execute(self.pool())
             .await?;
@@ -201,7 +201,7 @@ impl Store {
         seen_before: DateTime<Utc>,
         all: bool,
     ) -> Result<()> {
-        sqlx::query(
+        db::query(
             "DELETE FROM console_sessions WHERE principal_id = $1 \
              AND ($4 OR created_at < $2 OR last_seen_at < $3)",
         )
@@ -217,7 +217,7 @@ impl Store {
     /// The principal `id` as authentication makes it (role, centre, registries), and
     /// whether it is disabled.
     pub async fn principal_by_id(&self, id: i64) -> Result<Option<(Principal, bool)>> {
-        let Some(row) = sqlx::query(
+        let Some(row) = db::query(
             "SELECT p.name, p.role, p.disabled_at, c.id, c.code, c.country \
              FROM principals p LEFT JOIN centres c ON c.id = p.centre_id WHERE p.id = $1",
         )
@@ -229,7 +229,7 @@ impl Store {
         };
         let role: String = row.try_get(1)?;
         let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt("unknown role".into()))?;
-        let centre = match row.try_get::<Option<i64>, _>(3)? {
+        let centre = match row.try_get::<Option<i64>>(3)? {
             None => None,
             Some(cid) => Some(CentreRef {
                 id: cid,
@@ -237,7 +237,7 @@ impl Store {
                 country: row.try_get(5)?,
             }),
         };
-        let registries: BTreeSet<i64> = sqlx::query(
+        let registries: BTreeSet<i64> = db::query(
             "SELECT registry_id FROM principal_registries WHERE principal_id = $1 \
              UNION SELECT registry_id FROM centre_registries WHERE centre_id = $2",
         )
@@ -246,9 +246,9 @@ impl Store {
         .fetch_all(self.pool())
         .await?
         .iter()
-        .map(|r| r.try_get::<i64, _>(0))
+        .map(|r| r.try_get::<i64>(0))
         .collect::<std::result::Result<_, _>>()?;
-        let disabled = row.try_get::<Option<i64>, _>(2)?.is_some();
+        let disabled = row.try_get::<Option<i64>>(2)?.is_some();
         Ok(Some((
             Principal {
                 id,
@@ -291,7 +291,7 @@ impl Store {
                     c.scope.as_str(),
                 ),
             };
-            let rows = sqlx::query(
+            let rows = db::query(
                 "SELECT r.code, c.pseudonym, c.scope, c.expires_at \
                  FROM consent_current c JOIN registries r ON r.id = c.registry_id \
                  WHERE c.registry_id = $1 AND c.state = 'granted' \
@@ -339,12 +339,12 @@ impl Store {
 
 /// Sets (or replaces) a principal's console password; clears failures and the lock.
 pub async fn set_password(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     principal_id: i64,
     hash: &str,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    sqlx::query(
+    db::query(
         "INSERT INTO console_credentials (principal_id, password_hash, updated_at) VALUES ($1, $2, $3) \
          ON CONFLICT (principal_id) DO UPDATE SET password_hash = excluded.password_hash, \
          failures = 0, locked_until = 0, updated_at = excluded.updated_at",
@@ -359,12 +359,12 @@ pub async fn set_password(
 
 /// Sets (or replaces) a principal's sealed TOTP secret.
 pub async fn set_totp(
-    conn: &mut AnyConnection,
+    conn: &mut Db<'_>,
     principal_id: i64,
     sealed: &str,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    sqlx::query(
+    db::query(
         "INSERT INTO console_credentials (principal_id, totp_sealed, updated_at) VALUES ($1, $2, $3) \
          ON CONFLICT (principal_id) DO UPDATE SET totp_sealed = excluded.totp_sealed, \
          totp_last_step = 0, updated_at = excluded.updated_at",
@@ -378,8 +378,8 @@ pub async fn set_totp(
 }
 
 /// Ends every console session of a principal (a new password or second factor).
-pub async fn end_sessions(conn: &mut AnyConnection, principal_id: i64) -> Result<()> {
-    sqlx::query("DELETE FROM console_sessions WHERE principal_id = $1")
+pub async fn end_sessions(conn: &mut Db<'_>, principal_id: i64) -> Result<()> {
+    db::query("DELETE FROM console_sessions WHERE principal_id = $1")
         .bind(principal_id)
         .execute(&mut *conn)
         .await?;

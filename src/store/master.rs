@@ -5,8 +5,8 @@
 //! composition root's (`startup::open_master_secret`); this module only answers the two
 //! questions it asks, and records the fingerprint once.
 
+use super::db;
 use chrono::Utc;
-use sqlx::Row;
 
 use super::{Result, Store, StoreError, millis};
 use crate::keys::Fingerprint;
@@ -30,7 +30,7 @@ const MASTER_DERIVED: [&str; 9] = [
 impl Store {
     /// The fingerprint recorded by the first start, if any.
     pub async fn master_fingerprint(&self) -> Result<Option<Fingerprint>> {
-        let Some(row) = sqlx::query("SELECT fingerprint FROM master_key WHERE id = 1")
+        let Some(row) = db::query("SELECT fingerprint FROM master_key WHERE id = 1")
             .fetch_optional(self.pool())
             .await?
         else {
@@ -48,7 +48,7 @@ impl Store {
         &self,
         fingerprint: &Fingerprint,
     ) -> Result<Fingerprint> {
-        sqlx::query(
+        db::query(
             "INSERT INTO master_key (id, fingerprint, recorded_at) VALUES (1, $1, $2) \
              ON CONFLICT (id) DO NOTHING",
         )
@@ -67,15 +67,11 @@ impl Store {
     pub async fn holds_master_derived_data(&self) -> Result<bool> {
         for table in MASTER_DERIVED {
             let sql = format!("SELECT 1 FROM {table} LIMIT 1");
-            if sqlx::query(&sql)
-                .fetch_optional(self.pool())
-                .await?
-                .is_some()
-            {
+            if db::query(&sql).fetch_optional(self.pool()).await?.is_some() {
                 return Ok(true);
             }
         }
-        let head: i64 = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
+        let head: i64 = db::query("SELECT seq FROM audit_head WHERE id = 1")
             .fetch_one(self.pool())
             .await?
             .try_get(0)?;

@@ -2,7 +2,8 @@
 //!
 //! Every query is written once, in the common subset of both dialects (`$1` placeholders,
 //! integer milliseconds for instants, text for dates); the schema itself is kept per
-//! dialect under `migrations/`. Reads go straight to sqlx's `Any` pool. Writes of clinical
+//! dialect under `migrations/`. Reads go to the pool of sqlx's native driver for the
+//! database (`db::Pool`), through `db::query`. Writes of clinical
 //! data and consent go through the [`writer::Writer`], which batches concurrent requests
 //! into one transaction (group commit) and answers each only after the commit is durable;
 //! on a SQLite file it applies them on a connection of its own, on its own thread
@@ -17,15 +18,15 @@
 /// statements are `pub(crate)` and only `store::writer` calls them, inside its transaction.
 #[cfg(feature = "fixtures")]
 pub mod writer_sql {
+    use super::db::Db;
     use chrono::{DateTime, Utc};
-    use sqlx::AnyConnection;
 
     use super::Result;
     use super::cases::{CaseRow, Representative};
     use crate::consent::{ConsentDecision, Source};
 
     pub async fn insert_case(
-        conn: &mut AnyConnection,
+        conn: &mut Db<'_>,
         registry_id: i64,
         pseudonym: &str,
         centre_id: i64,
@@ -34,7 +35,7 @@ pub mod writer_sql {
         now: DateTime<Utc>,
     ) -> Result<i64> {
         super::cases::insert_case(
-            &mut conn.into(),
+            conn,
             registry_id,
             pseudonym,
             centre_id,
@@ -46,7 +47,7 @@ pub mod writer_sql {
     }
 
     pub async fn append_consent(
-        conn: &mut AnyConnection,
+        conn: &mut Db<'_>,
         registry_id: i64,
         pseudonym: &str,
         decision: &ConsentDecision,
@@ -55,7 +56,7 @@ pub mod writer_sql {
         now: DateTime<Utc>,
     ) -> Result<i64> {
         super::cases::append_consent(
-            &mut conn.into(),
+            conn,
             registry_id,
             pseudonym,
             decision,
@@ -67,24 +68,22 @@ pub mod writer_sql {
     }
 
     pub async fn set_representative(
-        conn: &mut AnyConnection,
+        conn: &mut Db<'_>,
         registry_id: i64,
         pseudonym: &str,
         representative: Representative<'_>,
     ) -> Result<()> {
-        super::cases::set_representative(&mut conn.into(), registry_id, pseudonym, representative)
-            .await
+        super::cases::set_representative(conn, registry_id, pseudonym, representative).await
     }
 
     pub async fn set_eligibility(
-        conn: &mut AnyConnection,
+        conn: &mut Db<'_>,
         registry_id: i64,
         pseudonym: &str,
         eligible: bool,
         until: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        super::cases::set_eligibility(&mut conn.into(), registry_id, pseudonym, eligible, until)
-            .await
+        super::cases::set_eligibility(conn, registry_id, pseudonym, eligible, until).await
     }
 }
 
@@ -107,8 +106,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::Executor;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
+
+use db::{Db, Pool, query};
 
 use crate::auth::{CentreRef, Principal, Role};
 
@@ -314,7 +317,7 @@ pub struct KeyRecord {
 
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
     backend: Backend,
     /// The database file, on SQLite (not in memory): the writer opens its own
     /// connection to it (`writer`).
@@ -379,7 +382,6 @@ impl Store {
     /// synchronous commits (an acknowledged write survives a crash or power loss),
     /// foreign keys and a busy timeout for the admin CLI writing beside the server.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
-        sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -387,25 +389,33 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl);
         };
-        let options = AnyConnectOptions::from_str(url)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
-                             PRAGMA secure_delete = ON;",
-                        )
-                        .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
+        let pool = match backend {
+            Backend::Sqlite => Pool::Sqlite(
+                PoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .after_connect(|conn: &mut sqlx::SqliteConnection, _meta| {
+                        Box::pin(async move {
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
+                                 PRAGMA secure_delete = ON;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(SqliteConnectOptions::from_str(url)?)
+                    .await?,
+            ),
+            Backend::Postgres => Pool::Postgres(
+                PoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(PgConnectOptions::from_str(url)?)
+                    .await?,
+            ),
+        };
         let sqlite_path = match backend {
             Backend::Sqlite => crate::data_dir::sqlite_path(url),
             Backend::Postgres => None,
@@ -423,18 +433,15 @@ impl Store {
     /// mode and `synchronous` level; PostgreSQL's `fsync` and `synchronous_commit`.
     pub async fn durability(&self) -> Result<Durability> {
         let mut conn = self.pool.acquire().await?;
-        let text = |sql: &'static str| sqlx::query_scalar::<_, String>(sql);
         Ok(match self.backend {
             Backend::Sqlite => Durability::Sqlite {
-                journal_mode: text("PRAGMA journal_mode").fetch_one(&mut *conn).await?,
-                synchronous: sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
-                    .fetch_one(&mut *conn)
-                    .await?,
+                journal_mode: query("PRAGMA journal_mode").fetch_scalar(&mut conn).await?,
+                synchronous: query("PRAGMA synchronous").fetch_scalar(&mut conn).await?,
             },
             Backend::Postgres => Durability::Postgres {
-                fsync: text("SHOW fsync").fetch_one(&mut *conn).await?,
-                synchronous_commit: text("SHOW synchronous_commit")
-                    .fetch_one(&mut *conn)
+                fsync: query("SHOW fsync").fetch_scalar(&mut conn).await?,
+                synchronous_commit: query("SHOW synchronous_commit")
+                    .fetch_scalar(&mut conn)
                     .await?,
             },
         })
@@ -444,7 +451,7 @@ impl Store {
         self.backend
     }
 
-    pub fn pool(&self) -> &AnyPool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -494,14 +501,16 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         match self.backend {
             Backend::Sqlite => {
-                sqlx::migrate!("./migrations/sqlite")
-                    .run(&self.pool)
-                    .await?
+                let Pool::Sqlite(pool) = &self.pool else {
+                    unreachable!("a SQLite store has a SQLite pool")
+                };
+                sqlx::migrate!("./migrations/sqlite").run(pool).await?
             }
             Backend::Postgres => {
-                sqlx::migrate!("./migrations/postgres")
-                    .run(&self.pool)
-                    .await?
+                let Pool::Postgres(pool) = &self.pool else {
+                    unreachable!("a PostgreSQL store has a PostgreSQL pool")
+                };
+                sqlx::migrate!("./migrations/postgres").run(pool).await?
             }
         }
         self.seed_registries().await
@@ -525,7 +534,7 @@ impl Store {
                     i + 2
                 )));
             };
-            sqlx::query(
+            db::query(
                 "INSERT INTO registries (id, code, name, scope, created_at) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (id) DO NOTHING",
             )
@@ -534,7 +543,7 @@ impl Store {
             .bind(name.trim())
             .bind(scope.trim())
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         }
         tx.commit().await?;
@@ -542,7 +551,7 @@ impl Store {
     }
 
     pub async fn list_registries(&self) -> Result<Vec<Registry>> {
-        let rows = sqlx::query(
+        let rows = db::query(
             "SELECT id, code, name, active_key_version, min_cell_count, protection_level FROM registries ORDER BY id",
         )
         .fetch_all(&self.pool)
@@ -554,14 +563,14 @@ impl Store {
     /// and registries are read from (triggers of migration 0014); what
     /// `service::access` checks before it trusts what it holds.
     pub async fn access_epoch(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT epoch FROM access_epoch WHERE id = 1")
+        db::query("SELECT epoch FROM access_epoch WHERE id = 1")
             .fetch_one(&self.pool)
             .await?
-            .try_get(0)?)
+            .try_get(0)
     }
 
     pub async fn registry_by_code(&self, code: &str) -> Result<Option<Registry>> {
-        let row = sqlx::query(
+        let row = db::query(
             "SELECT id, code, name, active_key_version, min_cell_count, protection_level FROM registries WHERE code = $1",
         )
         .bind(code)
@@ -573,14 +582,14 @@ impl Store {
     /// Sets a registry's minimum published cell count k (2..=100).
     pub async fn set_min_cell_count(&self, code: &str, k: i64) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        admin::set_min_cell_count(&mut conn, code, k).await
+        admin::set_min_cell_count(&mut conn.db(), code, k).await
     }
 
     /// Sets a registry's protection level (1..=100): the least width of the interval an
     /// attacker can prove for any value a research answer hides.
     pub async fn set_protection_level(&self, code: &str, level: i64) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        admin::set_protection_level(&mut conn, code, level).await
+        admin::set_protection_level(&mut conn.db(), code, level).await
     }
 
     /// Creates a centre that is a member of the ERNs keeping `registries`.
@@ -592,7 +601,7 @@ impl Store {
         registries: &[String],
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let id = admin::create_centre(&mut tx, code, name, country, registries).await?;
+        let id = admin::create_centre(&mut tx.db(), code, name, country, registries).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -608,7 +617,7 @@ impl Store {
         registries: &[String],
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let id = admin::create_principal(&mut tx, name, role, centre, registries).await?;
+        let id = admin::create_principal(&mut tx.db(), name, role, centre, registries).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -623,21 +632,21 @@ impl Store {
         registry_id: i64,
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let id: i64 = match sqlx::query("SELECT id FROM centres WHERE code = $1")
+        let id: i64 = match db::query("SELECT id FROM centres WHERE code = $1")
             .bind(code)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await?
         {
             Some(row) => row.try_get(0)?,
-            None => insert_centre(&mut tx, code, name, country).await?,
+            None => insert_centre(&mut tx.db(), code, name, country).await?,
         };
-        sqlx::query(
+        db::query(
             "INSERT INTO centre_registries (centre_id, registry_id) VALUES ($1, $2) \
              ON CONFLICT (centre_id, registry_id) DO NOTHING",
         )
         .bind(id)
         .bind(registry_id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         tx.commit().await?;
         Ok(id)
@@ -661,33 +670,31 @@ impl Store {
              ORDER BY pseudonym LIMIT 1",
             params.join(", ")
         );
-        let mut query = sqlx::query(&sql).bind(registry_id);
+        let mut query = db::query(&sql).bind(registry_id);
         for c in candidates {
             query = query.bind(*c);
         }
-        Ok(query
+        query
             .fetch_optional(&self.pool)
             .await?
             .map(|r| r.try_get(0))
-            .transpose()?)
+            .transpose()
     }
 
     /// Starts a new key version for a registry: pseudonyms of patients it does not know
     /// yet carry the new version; known patients keep theirs. Returns the new version.
     pub async fn rotate_registry_key(&self, code: &str) -> Result<i64> {
         let mut conn = self.pool.acquire().await?;
-        admin::rotate_registry_key(&mut conn, code).await
+        admin::rotate_registry_key(&mut conn.db(), code).await
     }
 
     /// Patients (pseudonyms with a case) in a registry.
     pub async fn patients_in_registry(&self, registry_id: i64) -> Result<i64> {
-        Ok(
-            sqlx::query("SELECT COUNT(*) FROM patients WHERE registry_id = $1")
-                .bind(registry_id)
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?,
-        )
+        db::query("SELECT COUNT(*) FROM patients WHERE registry_id = $1")
+            .bind(registry_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)
     }
 
     /// The first kind of patient data recorded by a principal other than the admin
@@ -705,7 +712,7 @@ impl Store {
             ("an erasure", "erasures", "erased_by"),
         ];
         for (what, table, recorder) in checks {
-            let found = sqlx::query(&format!(
+            let found = db::query(&format!(
                 "SELECT 1 FROM {table} WHERE {recorder} NOT IN ({GENERATOR}) LIMIT 1"
             ))
             .bind(generator)
@@ -721,7 +728,7 @@ impl Store {
 
     /// The id and role of the principal `name`, if there is one.
     pub async fn principal_role(&self, name: &str) -> Result<Option<(i64, String)>> {
-        sqlx::query("SELECT id, role FROM principals WHERE name = $1")
+        db::query("SELECT id, role FROM principals WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -731,7 +738,7 @@ impl Store {
 
     pub async fn principal_id(&self, name: &str) -> Result<i64> {
         let mut conn = self.pool.acquire().await?;
-        admin::principal_id(&mut conn, name).await
+        admin::principal_id(&mut conn.db(), name).await
     }
 
     pub async fn insert_api_key(
@@ -742,13 +749,20 @@ impl Store {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        admin::insert_api_key(&mut conn, key_id, principal_id, secret_hash, expires_at).await
+        admin::insert_api_key(
+            &mut conn.db(),
+            key_id,
+            principal_id,
+            secret_hash,
+            expires_at,
+        )
+        .await
     }
 
     /// Replaces a key's stored hash (an Argon2 hash of an earlier version by its HMAC),
     /// if it is still `old`; returns whether it was replaced.
     pub async fn replace_key_hash(&self, key_id: &str, old: &str, new: &str) -> Result<bool> {
-        let done = sqlx::query(
+        let done = db::query(
             "UPDATE api_keys SET secret_hash = $1 WHERE key_id = $2 AND secret_hash = $3",
         )
         .bind(new)
@@ -762,14 +776,14 @@ impl Store {
     /// Revokes a key; returns whether a live key was revoked.
     pub async fn revoke_api_key(&self, key_id: &str) -> Result<bool> {
         let mut conn = self.pool.acquire().await?;
-        admin::revoke_api_key(&mut conn, key_id).await
+        admin::revoke_api_key(&mut conn.db(), key_id).await
     }
 
     /// Disables a principal: every key of theirs is refused from the next call on (the
     /// keys stay on file, for the audit log's sake). Returns false if already disabled.
     pub async fn disable_principal(&self, name: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let disabled = admin::disable_principal(&mut tx, name).await?;
+        let disabled = admin::disable_principal(&mut tx.db(), name).await?;
         tx.commit().await?;
         Ok(disabled)
     }
@@ -777,13 +791,13 @@ impl Store {
     /// Binds a client certificate (its SHA-256 fingerprint) to a principal.
     pub async fn bind_certificate(&self, principal: &str, fingerprint: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        admin::bind_certificate(&mut tx, principal, fingerprint).await?;
+        admin::bind_certificate(&mut tx.db(), principal, fingerprint).await?;
         tx.commit().await?;
         Ok(())
     }
 
     pub async fn load_key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
-        let Some(row) = sqlx::query(
+        let Some(row) = db::query(
             "SELECT k.secret_hash, k.expires_at, k.revoked_at, p.id, p.name, p.role, p.disabled_at, \
                     c.id, c.code, c.country \
              FROM api_keys k JOIN principals p ON p.id = k.principal_id \
@@ -799,7 +813,7 @@ impl Store {
         let principal_id: i64 = row.try_get(3)?;
         let role: String = row.try_get(5)?;
         let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt("unknown role".into()))?;
-        let centre = match row.try_get::<Option<i64>, _>(7)? {
+        let centre = match row.try_get::<Option<i64>>(7)? {
             None => None,
             Some(id) => Some(CentreRef {
                 id,
@@ -807,7 +821,7 @@ impl Store {
                 country: row.try_get(9)?,
             }),
         };
-        let registries: BTreeSet<i64> = sqlx::query(
+        let registries: BTreeSet<i64> = db::query(
             "SELECT registry_id FROM principal_registries WHERE principal_id = $1 \
              UNION SELECT registry_id FROM centre_registries WHERE centre_id = $2",
         )
@@ -816,22 +830,22 @@ impl Store {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| r.try_get::<i64, _>(0))
+        .map(|r| r.try_get::<i64>(0))
         .collect::<Result<_, _>>()?;
         let bound_certificates =
-            sqlx::query("SELECT fingerprint FROM principal_certificates WHERE principal_id = $1")
+            db::query("SELECT fingerprint FROM principal_certificates WHERE principal_id = $1")
                 .bind(principal_id)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
-                .map(|r| r.try_get::<String, _>(0))
+                .map(|r| r.try_get::<String>(0))
                 .collect::<Result<_, _>>()?;
         Ok(Some(KeyRecord {
             bound_certificates,
             secret_hash: row.try_get(0)?,
             expires_at: row.try_get(1)?,
             revoked_at: row.try_get(2)?,
-            principal_disabled: row.try_get::<Option<i64>, _>(6)?.is_some(),
+            principal_disabled: row.try_get::<Option<i64>>(6)?.is_some(),
             principal: Principal {
                 id: principal_id,
                 name: row.try_get(4)?,
@@ -843,13 +857,8 @@ impl Store {
     }
 }
 
-async fn insert_centre(
-    conn: &mut sqlx::AnyConnection,
-    code: &str,
-    name: &str,
-    country: &str,
-) -> Result<i64> {
-    Ok(sqlx::query(
+async fn insert_centre(conn: &mut Db<'_>, code: &str, name: &str, country: &str) -> Result<i64> {
+    db::query(
         "INSERT INTO centres (code, name, country, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
     )
     .bind(code)
@@ -858,10 +867,10 @@ async fn insert_centre(
     .bind(millis(Utc::now()))
     .fetch_one(&mut *conn)
     .await?
-    .try_get(0)?)
+    .try_get(0)
 }
 
-fn registry_from_row(row: &sqlx::any::AnyRow) -> Result<Registry> {
+fn registry_from_row(row: &db::Row) -> Result<Registry> {
     Ok(Registry {
         id: row.try_get(0)?,
         code: row.try_get(1)?,
@@ -872,10 +881,10 @@ fn registry_from_row(row: &sqlx::any::AnyRow) -> Result<Registry> {
     })
 }
 
-async fn resolve_registries(conn: &mut sqlx::AnyConnection, codes: &[String]) -> Result<Vec<i64>> {
+async fn resolve_registries(conn: &mut Db<'_>, codes: &[String]) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(codes.len());
     for code in codes {
-        let id: i64 = sqlx::query("SELECT id FROM registries WHERE code = $1")
+        let id: i64 = db::query("SELECT id FROM registries WHERE code = $1")
             .bind(code)
             .fetch_optional(&mut *conn)
             .await?
@@ -912,43 +921,42 @@ mod unavailable_tests {
         assert!(!StoreError::Corrupt("x".into()).is_unavailable());
     }
 
-    /// A real SQLITE_BUSY through the `Any` driver the service uses: another connection
-    /// holds the write lock past the busy timeout. A constraint violation is not
-    /// "unavailable": retrying it would fail the same way.
+    /// A real SQLITE_BUSY through the sqlx driver the service's pool uses: another
+    /// connection holds the write lock past the busy timeout. A constraint violation is
+    /// not "unavailable": retrying it would fail the same way.
     #[tokio::test]
     async fn sqlite_busy_is_unavailable() {
-        sqlx::any::install_default_drivers();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display());
-        let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
-        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        db::query("CREATE TABLE t (x INTEGER PRIMARY KEY)")
             .execute(&mut holder)
             .await
             .unwrap();
-        let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
-        sqlx::query("PRAGMA busy_timeout = 0")
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        db::query("PRAGMA busy_timeout = 0")
             .execute(&mut other)
             .await
             .unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
+        db::query("BEGIN IMMEDIATE")
             .execute(&mut holder)
             .await
             .unwrap();
-        let busy = sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut other)
-            .await
-            .unwrap_err();
-        assert!(StoreError::Database(busy).is_unavailable());
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut holder)
-            .await
-            .unwrap();
-        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
-        let duplicate = sqlx::query("INSERT INTO t VALUES (1)")
+        let busy = db::query("INSERT INTO t VALUES (1)")
             .execute(&mut other)
             .await
             .unwrap_err();
-        assert!(!StoreError::Database(duplicate).is_unavailable());
+        assert!(busy.is_unavailable());
+        db::query("INSERT INTO t VALUES (1)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        db::query("COMMIT").execute(&mut holder).await.unwrap();
+        let duplicate = db::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(!duplicate.is_unavailable());
     }
 
     /// The same through the SQLite writer's own connection (`db::Db::Lite`): SQLITE_BUSY
@@ -966,7 +974,7 @@ mod unavailable_tests {
         holder.execute_batch("BEGIN IMMEDIATE").unwrap();
         let insert = |db: &mut db::Db<'_>| {
             let q = db::query("INSERT INTO t VALUES ($1)").bind(1i64);
-            futures_util::FutureExt::now_or_never(q.execute(db)).expect("runs at once")
+            futures_util::FutureExt::now_or_never(q.execute(&mut *db)).expect("runs at once")
         };
         let busy = insert(&mut db::Db::Lite(&mut writer)).unwrap_err();
         assert!(busy.is_unavailable(), "{busy}");

@@ -34,11 +34,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use super::db::{self, Db, Pool};
 use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
 
-use super::{Backend, Store};
+use super::{Backend, Result as StoreResult, Store, StoreError};
 
 /// How long a withdrawal's reply may wait, on SQLite, for readers that keep the checkpoint
 /// from completing.
@@ -75,9 +75,9 @@ const POSTGRES_OLDER_TRANSACTIONS: &str = "SELECT COUNT(*) FROM pg_stat_activity
 #[error("{0}")]
 pub struct Incomplete(String);
 
-impl From<sqlx::Error> for Incomplete {
-    fn from(err: sqlx::Error) -> Self {
-        Incomplete(format!("database error: {err}"))
+impl From<StoreError> for Incomplete {
+    fn from(err: StoreError) -> Self {
+        Incomplete(err.to_string())
     }
 }
 
@@ -237,17 +237,19 @@ fn record(backend: &'static str, begun: Instant, ok: bool) {
 /// `PRAGMA wal_checkpoint(TRUNCATE)` until it completes (`busy` = 0) or `wait` is spent.
 /// Each attempt lets the connection's busy handler wait for readers and writers, for at
 /// most [`SQLITE_ATTEMPT_WAIT`]; the connection's own busy timeout is restored afterwards.
-async fn checkpoint(pool: &AnyPool, wait: Duration) -> Result<(), Incomplete> {
+async fn checkpoint(pool: &Pool, wait: Duration) -> Result<(), Incomplete> {
     let deadline = Instant::now() + wait;
     let mut conn = pool.acquire().await?;
-    let busy_timeout: i64 = conn.fetch_one("PRAGMA busy_timeout").await?.try_get(0)?;
+    let busy_timeout: i64 = db::query("PRAGMA busy_timeout")
+        .fetch_scalar(&mut conn)
+        .await?;
     let mut attempts = 0u32;
     let result = loop {
         attempts += 1;
         let attempt_wait = deadline
             .saturating_duration_since(Instant::now())
             .min(SQLITE_ATTEMPT_WAIT);
-        let attempt = checkpoint_once(&mut conn, attempt_wait).await;
+        let attempt = checkpoint_once(&mut conn.db(), attempt_wait).await;
         match attempt {
             Err(err) => break Err(Incomplete::from(err)),
             // Not busy, and no WAL.
@@ -276,7 +278,8 @@ async fn checkpoint(pool: &AnyPool, wait: Duration) -> Result<(), Incomplete> {
         }
     };
     if conn
-        .execute(format!("PRAGMA busy_timeout = {busy_timeout}").as_str())
+        .db()
+        .execute_raw(&format!("PRAGMA busy_timeout = {busy_timeout}"))
         .await
         .is_err()
     {
@@ -287,33 +290,31 @@ async fn checkpoint(pool: &AnyPool, wait: Duration) -> Result<(), Incomplete> {
 
 /// One `PRAGMA wal_checkpoint(TRUNCATE)` whose busy handler waits at most `wait`:
 /// (busy, WAL frames, frames copied back).
-async fn checkpoint_once(
-    conn: &mut AnyConnection,
-    wait: Duration,
-) -> Result<(i64, i64, i64), sqlx::Error> {
-    conn.execute(format!("PRAGMA busy_timeout = {}", wait.as_millis()).as_str())
+async fn checkpoint_once(conn: &mut Db<'_>, wait: Duration) -> StoreResult<(i64, i64, i64)> {
+    conn.execute_raw(&format!("PRAGMA busy_timeout = {}", wait.as_millis()))
         .await?;
-    let row = conn.fetch_one("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+    let row = db::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
 }
 
 /// Waits (bounded) until no transaction older than now is open, then VACUUMs the tables
 /// an erasure deletes from. `Ok(false)`: the wait ran out, so VACUUM may have kept the
 /// erased rows for an older snapshot.
-async fn vacuum(pool: &AnyPool) -> Result<bool, sqlx::Error> {
+async fn vacuum(pool: &Pool) -> StoreResult<bool> {
     let mut conn = pool.acquire().await?;
     let since: i64 =
-        sqlx::query("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
+        db::query("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
+            .fetch_scalar(&mut conn)
+            .await?;
     let deadline = Instant::now() + POSTGRES_HORIZON_WAIT;
     let horizon_passed = loop {
-        let older: i64 = sqlx::query(POSTGRES_OLDER_TRANSACTIONS)
+        let older: i64 = db::query(POSTGRES_OLDER_TRANSACTIONS)
             .bind(since)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
+            .fetch_scalar(&mut conn)
+            .await?;
         if older == 0 {
             break true;
         }
@@ -323,7 +324,7 @@ async fn vacuum(pool: &AnyPool) -> Result<bool, sqlx::Error> {
         tokio::time::sleep(POSTGRES_POLL).await;
     };
     // VACUUM cannot run in a transaction block: sent as a simple query, in autocommit.
-    conn.execute(POSTGRES_VACUUM).await?;
+    conn.db().execute_raw(POSTGRES_VACUUM).await?;
     Ok(horizon_passed)
 }
 
@@ -356,21 +357,22 @@ mod tests {
         let db = dir.path().join("p.db");
         let url = format!("sqlite://{}?mode=rwc", db.display());
         let store = Store::connect(&url, 4).await.unwrap();
-        sqlx::raw_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-            .execute(store.pool())
+        store
+            .pool()
+            .execute_raw("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
             .await
             .unwrap();
-        sqlx::query("INSERT INTO t (v) VALUES ($1), ('other')")
+        db::query("INSERT INTO t (v) VALUES ($1), ('other')")
             .bind(MARKER)
             .execute(store.pool())
             .await
             .unwrap();
-        let mut reader = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
         sqlx::raw_sql("BEGIN; SELECT COUNT(*) FROM t;")
             .execute(&mut reader)
             .await
             .unwrap();
-        sqlx::query("DELETE FROM t WHERE v = $1")
+        db::query("DELETE FROM t WHERE v = $1")
             .bind(MARKER)
             .execute(store.pool())
             .await
@@ -406,8 +408,9 @@ mod tests {
         let db = dir.path().join("p.db");
         let url = format!("sqlite://{}?mode=rwc", db.display());
         let store = Store::connect(&url, 4).await.unwrap();
-        sqlx::raw_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
-            .execute(store.pool())
+        store
+            .pool()
+            .execute_raw("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
             .await
             .unwrap();
         let stop = std::sync::Arc::new(AtomicBool::new(false));

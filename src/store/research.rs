@@ -7,10 +7,8 @@
 //! kept with every consent event). A query is one scan of one registry's rows. Filter
 //! values are always bound as parameters, never spliced into the SQL text.
 
+use super::db::{self, Query};
 use chrono::{DateTime, Utc};
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, Row};
 use tokio_stream::StreamExt;
 
 use super::{Result, Store, StoreError, consent_model, millis};
@@ -156,10 +154,7 @@ impl Sql {
         }
     }
 
-    fn bind<'q>(
-        &'q self,
-        query: Query<'q, Any, AnyArguments<'q>>,
-    ) -> Query<'q, Any, AnyArguments<'q>> {
+    fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
         self.binds.iter().fold(query, |q, b| match b {
             Bind::Int(n) => q.bind(*n),
             Bind::Text(s) => q.bind(s.as_str()),
@@ -286,18 +281,18 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
     sql
 }
 
-fn key_at(row: &sqlx::any::AnyRow, i: usize, dim: Dimension) -> Result<Key, sqlx::Error> {
+fn key_at(row: &db::Row, i: usize, dim: Dimension) -> Result<Key, StoreError> {
     Ok(if is_integer(dim) {
-        row.try_get::<Option<i64>, _>(i)?
+        row.try_get::<Option<i64>>(i)?
             .map_or(Key::Missing, Key::Int)
     } else {
-        row.try_get::<Option<String>, _>(i)?
+        row.try_get::<Option<String>>(i)?
             .map_or(Key::Missing, Key::Text)
     })
 }
 
 /// The group values of a row: its first columns, one per dimension grouped by.
-fn keys_of(row: &sqlx::any::AnyRow, group_by: &[Dimension]) -> Result<Vec<Key>, sqlx::Error> {
+fn keys_of(row: &db::Row, group_by: &[Dimension]) -> Result<Vec<Key>, StoreError> {
     group_by
         .iter()
         .enumerate()
@@ -305,7 +300,7 @@ fn keys_of(row: &sqlx::any::AnyRow, group_by: &[Dimension]) -> Result<Vec<Key>, 
         .collect()
 }
 
-fn count_at(row: &sqlx::any::AnyRow, i: usize) -> Result<u64, StoreError> {
+fn count_at(row: &db::Row, i: usize) -> Result<u64, StoreError> {
     let n: i64 = row.try_get(i)?;
     u64::try_from(n).map_err(|_| StoreError::Corrupt("negative count".into()))
 }
@@ -320,11 +315,13 @@ impl Store {
     ) -> Result<(), ResearchError> {
         let sql = grouped(sel, "COUNT(*)", &[], "");
         let query = sql.bind(
-            sqlx::query(&sql.text)
+            db::query(&sql.text)
                 .bind(sel.registry_id)
                 .bind(millis(sel.now)),
         );
-        let mut rows = query.fetch(self.pool());
+        let mut conn = self.pool().acquire().await?;
+        let mut db = conn.db();
+        let mut rows = query.fetch(&mut db);
         let n = sel.group_by.len();
         while let Some(row) = rows.next().await {
             let row = row?;
@@ -346,11 +343,13 @@ impl Store {
             "p.delay_days IS NOT NULL",
         );
         let query = sql.bind(
-            sqlx::query(&sql.text)
+            db::query(&sql.text)
                 .bind(sel.registry_id)
                 .bind(millis(sel.now)),
         );
-        let mut rows = query.fetch(self.pool());
+        let mut conn = self.pool().acquire().await?;
+        let mut db = conn.db();
+        let mut rows = query.fetch(&mut db);
         let n = sel.group_by.len();
         let mut builder = DelayBuilder::new(&sel.group_by);
         while let Some(row) = rows.next().await {
@@ -398,7 +397,7 @@ impl Store {
             inclusion = consent_model::active_current("c", Scope::RegistryInclusion, &now_param),
             research = consent_model::active_current("c", Scope::ResearchUse, &now_param),
         );
-        let mut query = sqlx::query(&sql).bind(millis(now));
+        let mut query = db::query(&sql).bind(millis(now));
         for code in orphacodes {
             query = query.bind(*code);
         }

@@ -34,7 +34,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use sqlx::{AnyConnection, Executor, Row};
 use tokio_stream::StreamExt;
 
 use super::db::{self, Db};
@@ -165,7 +164,7 @@ fn patient_columns() -> String {
 }
 
 /// Unpacks the research row in column `at` of `r` ([`patient_columns`]).
-fn patient_row(r: &sqlx::any::AnyRow, at: usize) -> Result<PatientRow> {
+fn patient_row(r: &db::Row, at: usize) -> Result<PatientRow> {
     unpack_patient(r.try_get(at)?)
 }
 
@@ -238,7 +237,7 @@ async fn load_part<S: IndexSink + Send>(
     sink: Arc<Mutex<S>>,
 ) -> Result<i64> {
     let mut tx = snapshot(&store).await?;
-    let (through, _) = counter(&mut tx).await?;
+    let (through, _) = counter(&mut tx.db()).await?;
     let lock = || sink.lock().unwrap_or_else(|e| e.into_inner());
     match part {
         Part::Patients { part } => {
@@ -246,10 +245,11 @@ async fn load_part<S: IndexSink + Send>(
                 "SELECT {} FROM patients p WHERE p.slot IS NOT NULL AND p.slot % $1 = $2",
                 patient_columns()
             );
-            let mut rows = sqlx::query(&sql)
+            let mut db = tx.db();
+            let mut rows = db::query(&sql)
                 .bind(LOAD_TASKS as i64)
                 .bind(part)
-                .fetch(&mut *tx);
+                .fetch(&mut db);
             let mut batch = Vec::with_capacity(LOAD_BATCH);
             while let Some(row) = rows.next().await {
                 batch.push(patient_row(&row?, 0)?);
@@ -268,7 +268,7 @@ async fn load_part<S: IndexSink + Send>(
         Part::Others => {
             // Patients with more than one case are few: found on the (registry,
             // pseudonym, centre) index first.
-            let rows = sqlx::query(
+            let rows = db::query(
                 "SELECT p.registry_id, p.slot, c.centre_id, v.orphacode \
                  FROM (SELECT registry_id, pseudonym FROM cases \
                        GROUP BY registry_id, pseudonym HAVING COUNT(*) > 1) m \
@@ -278,7 +278,7 @@ async fn load_part<S: IndexSink + Send>(
                  JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
                  WHERE p.slot IS NOT NULL",
             )
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut tx)
             .await?;
             let mut sink = lock();
             for row in rows {
@@ -297,18 +297,19 @@ async fn load_part<S: IndexSink + Send>(
 
 /// Opens a read-only transaction on one snapshot (PostgreSQL: REPEATABLE READ; SQLite's
 /// read transaction keeps the snapshot of its first read).
-async fn snapshot(store: &Store) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+async fn snapshot(store: &Store) -> Result<db::Tx> {
     let mut tx = store.pool().begin().await?;
     if store.backend() == Backend::Postgres {
-        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        tx.db()
+            .execute_raw("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
     }
     Ok(tx)
 }
 
 /// (change number, pruned through) of the counter.
-async fn counter(conn: &mut AnyConnection) -> Result<(i64, i64)> {
-    let row = sqlx::query("SELECT seq, pruned_through FROM research_seq WHERE id = 1")
+async fn counter(conn: &mut Db<'_>) -> Result<(i64, i64)> {
+    let row = db::query("SELECT seq, pruned_through FROM research_seq WHERE id = 1")
         .fetch_one(&mut *conn)
         .await?;
     Ok((row.try_get(0)?, row.try_get(1)?))
@@ -319,7 +320,7 @@ impl Store {
     pub async fn research_centres(&self, ids: Option<&[i64]>) -> Result<Vec<CentreRow>> {
         let rows = match ids {
             None => {
-                sqlx::query("SELECT id, code, name, country FROM centres")
+                db::query("SELECT id, code, name, country FROM centres")
                     .fetch_all(self.pool())
                     .await?
             }
@@ -329,7 +330,7 @@ impl Store {
                     "SELECT id, code, name, country FROM centres WHERE id IN ({})",
                     placeholders(1, ids.len())
                 );
-                let mut q = sqlx::query(&sql).persistent(super::cacheable(ids.len()));
+                let mut q = db::query(&sql).persistent(super::cacheable(ids.len()));
                 for id in ids {
                     q = q.bind(*id);
                 }
@@ -384,7 +385,7 @@ impl Store {
         if through == i64::MAX {
             // No rows at all: the counter now.
             let mut conn = self.pool().acquire().await?;
-            through = counter(&mut conn).await?.0;
+            through = counter(&mut conn.db()).await?.0;
         }
         Ok(through)
     }
@@ -406,8 +407,7 @@ impl Store {
         match on {
             None => {
                 let mut tx = snapshot(self).await?;
-                let changes =
-                    changes_in(&mut Db::from(&mut *tx), self.backend(), applied, sink).await;
+                let changes = changes_in(&mut tx.db(), self.backend(), applied, sink).await;
                 tx.rollback().await?;
                 changes
             }
@@ -438,7 +438,7 @@ async fn changes_in(
     )
     .persistent(true)
     .bind(applied)
-    .fetch_all(db)
+    .fetch_all(&mut *db)
     .await?;
     let Some(first) = rows.first() else {
         return Err(StoreError::Corrupt(
@@ -515,7 +515,7 @@ async fn load_slots(
     for slot in slots {
         q = q.bind(*slot);
     }
-    for row in q.fetch_all(db).await? {
+    for row in q.fetch_all(&mut *db).await? {
         if row.try_get::<i64>(0)? == 0 {
             sink.patient(unpack_patient(row.try_get(1)?)?)?;
             continue;
@@ -711,15 +711,16 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
     if store.backend() == Backend::Postgres {
         // As the writer's transactions: the counter's lock orders, READ COMMITTED reads
         // what was committed before it was granted.
-        tx.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        tx.db()
+            .execute_raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .await?;
     }
     // On the (registry, slot) index, registry by registry.
-    let rows = sqlx::query(
+    let rows = db::query(
         "SELECT registry_id, pseudonym FROM patients \
          WHERE registry_id IN (SELECT id FROM registries) AND slot IS NULL",
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut tx)
     .await?;
     if rows.is_empty() {
         tx.rollback().await?;
@@ -730,7 +731,7 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<_>>()?;
     let changed: BTreeSet<(i64, &str)> = owned.iter().map(|(r, p)| (*r, p.as_str())).collect();
-    log_changes(&mut Db::Any(&mut tx), &Before::default(), &changed).await?;
+    log_changes(&mut tx.db(), &Before::default(), &changed).await?;
     tx.commit().await?;
     Ok(owned.len() as u64)
 }

@@ -649,7 +649,7 @@ async fn audit_failure(
 
 /// A write transaction on a [`Target`].
 enum Tx<'a> {
-    Pool(sqlx::Transaction<'static, sqlx::Any>),
+    Pool(super::db::Tx),
     Lite(&'a mut rusqlite::Connection),
 }
 
@@ -675,7 +675,7 @@ impl Tx<'_> {
 
     fn db(&mut self) -> Db<'_> {
         match self {
-            Tx::Pool(tx) => Db::Any(tx),
+            Tx::Pool(tx) => tx.db(),
             Tx::Lite(conn) => Db::Lite(conn),
         }
     }
@@ -683,7 +683,7 @@ impl Tx<'_> {
     /// Commits; on failure the transaction is rolled back before the error is returned.
     async fn commit(self) -> Result<(), StoreError> {
         match self {
-            Tx::Pool(tx) => Ok(tx.commit().await?),
+            Tx::Pool(tx) => tx.commit().await,
             Tx::Lite(conn) => {
                 let committed = conn.execute_batch("COMMIT");
                 if committed.is_err() {
@@ -699,7 +699,7 @@ impl Tx<'_> {
     /// one, on another connection, would find it locked.
     async fn rollback(self) {
         let rolled_back = match self {
-            Tx::Pool(tx) => tx.rollback().await.map_err(StoreError::from),
+            Tx::Pool(tx) => tx.rollback().await,
             // A failed statement may have ended the transaction already.
             Tx::Lite(conn) if conn.is_autocommit() => Ok(()),
             Tx::Lite(conn) => conn.execute_batch("ROLLBACK").map_err(StoreError::from),

@@ -10,7 +10,7 @@ use ern_registry::config::ServeArgs;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::case_service_client::CaseServiceClient;
 use ern_registry::proto::submit_cases_result::Outcome;
-use sqlx::Row;
+use ern_registry::store::db;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,7 +78,7 @@ fn count(codes: &[Code], code: Code) -> usize {
 
 /// Audit entries without a principal: (principal, method, outcome, items), in order.
 async fn summary_rows(app: &TestApp) -> Vec<(String, String, String, i64)> {
-    sqlx::query(
+    db::query(
         "SELECT principal, method, outcome, items FROM audit_log WHERE principal_id IS NULL \
          ORDER BY principal, method, outcome",
     )
@@ -265,7 +265,7 @@ async fn make_legacy(app: &TestApp, token: &str) {
     })
     .await
     .unwrap();
-    sqlx::query("UPDATE api_keys SET secret_hash = $1 WHERE key_id = $2")
+    db::query("UPDATE api_keys SET secret_hash = $1 WHERE key_id = $2")
         .bind(phc)
         .bind(&token[4..20])
         .execute(app.store.pool())
@@ -274,7 +274,7 @@ async fn make_legacy(app: &TestApp, token: &str) {
 }
 
 async fn stored_hash(app: &TestApp, token: &str) -> String {
-    sqlx::query("SELECT secret_hash FROM api_keys WHERE key_id = $1")
+    db::query("SELECT secret_hash FROM api_keys WHERE key_id = $1")
         .bind(&token[4..20])
         .fetch_one(app.store.pool())
         .await
@@ -431,7 +431,7 @@ async fn an_endless_stream_of_invalid_items_is_ended() {
     assert_eq!(rejected, MAX);
     sender.abort();
     // Items already read when it ended may still finish; the rest were never processed.
-    let audited: i64 = sqlx::query(
+    let audited: i64 = db::query(
         "SELECT COUNT(*) FROM audit_log WHERE method = 'CaseService/SubmitCases' AND principal_id IS NOT NULL",
     )
     .fetch_one(app.store.pool())

@@ -5,7 +5,7 @@ use ern_registry::audit::{AuditKey, Broken};
 use ern_registry::auth::Role;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, admin_service_client::AdminServiceClient};
-use sqlx::Row;
+use ern_registry::store::db;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -35,7 +35,7 @@ impl TestApp {
     }
 
     async fn exec(&self, sql: &str) {
-        sqlx::raw_sql(sql).execute(self.store.pool()).await.unwrap();
+        self.store.pool().execute_raw(sql).await.unwrap();
     }
 }
 
@@ -134,7 +134,7 @@ async fn every_call_is_recorded_with_its_outcome_and_no_identifier() {
     assert_eq!(listings.len(), 2);
 
     // No identifier and no pseudonym anywhere in the log.
-    let rows = sqlx::query(
+    let rows = db::query(
         "SELECT principal, role, centre, method, registry, outcome, target, row_hashes, mac \
          FROM audit_log",
     )
@@ -155,7 +155,7 @@ async fn every_call_is_recorded_with_its_outcome_and_no_identifier() {
     // At shutdown the refused call goes into the chain as its peer's summary entry.
     let mut app = app;
     app.stop_server().await;
-    let refused: Vec<(String, String, String, i64)> = sqlx::query(
+    let refused: Vec<(String, String, String, i64)> = db::query(
         "SELECT principal, method, outcome, items FROM audit_log WHERE principal_id IS NULL",
     )
     .fetch_all(app.store.pool())
@@ -164,10 +164,10 @@ async fn every_call_is_recorded_with_its_outcome_and_no_identifier() {
     .iter()
     .map(|r| {
         (
-            r.get::<String, _>(0),
-            r.get::<String, _>(1),
-            r.get::<String, _>(2),
-            r.get::<i64, _>(3),
+            r.get::<String>(0),
+            r.get::<String>(1),
+            r.get::<String>(2),
+            r.get::<i64>(3),
         )
     })
     .collect();
@@ -258,7 +258,7 @@ async fn any_tampering_breaks_the_chain_at_the_first_entry_touched() {
         ("items", "items = items + 1"),
     ];
     for (column, set) in edits {
-        let before: String = sqlx::query(&format!(
+        let before: String = db::query(&format!(
             "SELECT CAST({column} AS TEXT) FROM audit_log WHERE seq = 3"
         ))
         .fetch_one(app.store.pool())

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use ern_registry::proto::{self, ConsentScope};
-use sqlx::Row;
+use ern_registry::store::db;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -37,19 +37,20 @@ impl TestApp {
     }
 
     async fn sql(&self, sql: &str) {
-        sqlx::raw_sql(sql)
-            .execute(self.store.pool())
+        self.store
+            .pool()
+            .execute_raw(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     async fn ids(&self, sql: &str) -> Vec<i64> {
-        sqlx::query(sql)
+        db::query(sql)
             .fetch_all(self.store.pool())
             .await
             .unwrap()
             .iter()
-            .map(|r| r.get::<i64, _>(0))
+            .map(|r| r.get::<i64>(0))
             .collect()
     }
 
@@ -463,15 +464,14 @@ async fn admin_cli_actions_are_audited_with_their_outcome() {
     ]);
     assert!(!bad_cert.status.success());
 
-    let rows = sqlx::query(
-        "SELECT principal, role, method, registry, outcome FROM audit_log ORDER BY seq",
-    )
-    .fetch_all(app.store.pool())
-    .await
-    .unwrap();
+    let rows =
+        db::query("SELECT principal, role, method, registry, outcome FROM audit_log ORDER BY seq")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
     let cli: Vec<(String, String, String, String)> = rows
         .iter()
-        .filter(|r| r.get::<String, _>(0).starts_with("admin-cli"))
+        .filter(|r| r.get::<String>(0).starts_with("admin-cli"))
         .map(|r| (r.get(1), r.get(2), r.get(3), r.get(4)))
         .collect();
     let expected = [
@@ -499,7 +499,7 @@ async fn admin_cli_actions_are_audited_with_their_outcome() {
     );
     assert!(cli.iter().all(|(role, ..)| role == "admin"));
     // What was acted on is named: the key revoked, the principal disabled.
-    let targets: Vec<String> = sqlx::query(
+    let targets: Vec<String> = db::query(
         "SELECT target FROM audit_log WHERE method IN ('AdminCli/RevokeKey', 'AdminCli/DisablePrincipal') ORDER BY seq",
     )
     .fetch_all(app.store.pool())
@@ -588,7 +588,7 @@ async fn a_write_whose_transaction_fails_still_leaves_its_entry() {
         .await
         .unwrap();
 
-    let outcomes: Vec<(String, String)> = sqlx::query(
+    let outcomes: Vec<(String, String)> = db::query(
         "SELECT principal, outcome FROM audit_log WHERE method = 'CaseService/SubmitCase' ORDER BY seq",
     )
     .fetch_all(app.store.pool())
@@ -633,7 +633,7 @@ async fn an_anchored_head_finds_a_truncated_or_rewritten_tail() {
         String::from_utf8_lossy(&out.stderr)
     );
     let anchor = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let mac6: String = sqlx::query("SELECT mac FROM audit_log WHERE seq = 6")
+    let mac6: String = db::query("SELECT mac FROM audit_log WHERE seq = 6")
         .fetch_one(app.store.pool())
         .await
         .unwrap()
@@ -714,14 +714,13 @@ async fn rows_written_before_rows_were_audited_are_adopted_once() {
     dr.submit_case(submission("ERN-EYE", national("NL", &bsn(2))))
         .await
         .unwrap();
-    let methods: Vec<(String, i64)> =
-        sqlx::query("SELECT method, items FROM audit_log ORDER BY seq")
-            .fetch_all(app.store.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+    let methods: Vec<(String, i64)> = db::query("SELECT method, items FROM audit_log ORDER BY seq")
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     assert_eq!(methods[0], ("AuditLog/AdoptRows".to_string(), 4));
     assert_eq!(methods[1].0, "CaseService/SubmitCase");
     app.verify_passes(&[], "adopted");
@@ -795,7 +794,7 @@ async fn an_admin_command_through_sudo_names_the_invoking_user() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let principal: String = sqlx::query(
+    let principal: String = db::query(
         "SELECT principal FROM audit_log WHERE method = 'AdminCli/CreateCentre' ORDER BY seq DESC",
     )
     .fetch_one(app.store.pool())

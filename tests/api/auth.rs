@@ -2,6 +2,7 @@
 
 use ern_registry::auth::Role;
 use ern_registry::proto::{GetCaseRequest, UpdateCaseRequest};
+use ern_registry::store::db;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -180,7 +181,7 @@ async fn changes_made_in_sql_past_the_service_apply_to_the_next_call() {
     let mut dr = app.client(Some(&token)).await;
     let sql = |statement: &'static str| {
         let pool = app.store.pool().clone();
-        async move { sqlx::query(statement).execute(&pool).await.unwrap() }
+        async move { db::query(statement).execute(&pool).await.unwrap() }
     };
     // Held after the first calls.
     for i in 1..=3 {

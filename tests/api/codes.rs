@@ -2,6 +2,7 @@
 //! validation against the release in force, questions along the ontology (the research
 //! index and the SQL reference give the same answers), names beside codes.
 
+use ern_registry::store::db;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -246,10 +247,10 @@ async fn submissions_are_checked_against_the_releases_in_force() {
     assert_eq!(stored.code_releases, r.code_releases);
 
     // Imports are audited like every admin action.
-    let methods: Vec<String> = sqlx::query_scalar(
+    let methods: Vec<String> = db::query(
         "SELECT method FROM audit_log WHERE method = 'AdminCli/ImportCodes' AND outcome = 'OK'",
     )
-    .fetch_all(app.store.pool())
+    .fetch_scalars(app.store.pool())
     .await
     .unwrap();
     assert_eq!(methods.len(), 3);
@@ -274,10 +275,10 @@ async fn several_releases_are_kept_and_one_is_in_force() {
     assert!(!out.status.success());
     assert_eq!(app.count("code_releases").await, releases);
     assert_eq!(app.count("code_terms").await, terms);
-    let refused: Vec<String> = sqlx::query_scalar(
+    let refused: Vec<String> = db::query(
         "SELECT outcome FROM audit_log WHERE method = 'AdminCli/ImportCodes' AND outcome <> 'OK'",
     )
-    .fetch_all(app.store.pool())
+    .fetch_scalars(app.store.pool())
     .await
     .unwrap();
     assert_eq!(refused.len(), 2, "{refused:?}");
@@ -691,8 +692,8 @@ async fn the_console_research_pages_filter_along_the_ontology_and_name_the_codes
 /// Inserts what an import leaves when it dies before finishing: a staged release of
 /// `system` with a code, whose last batch was committed at `heartbeat` (ms); its id.
 async fn staged_release(app: &TestApp, system: &str, heartbeat: i64) -> i64 {
-    use sqlx::Row;
-    let id: i64 = sqlx::query(
+    use ern_registry::store::db;
+    let id: i64 = db::query(
         "INSERT INTO code_releases (system, version, released_on, imported_at, source, terms, \
                                     in_force, staged_at) \
          VALUES ($1, $2, NULL, $3, 'a file', 0, 0, $3) RETURNING id",
@@ -705,7 +706,7 @@ async fn staged_release(app: &TestApp, system: &str, heartbeat: i64) -> i64 {
     .unwrap()
     .try_get(0)
     .unwrap();
-    sqlx::query(
+    db::query(
         "INSERT INTO code_terms (release_id, code, label, obsolete, replaced_by) \
          VALUES ($1, 'HP:0000001', 'All', 0, NULL)",
     )
@@ -717,7 +718,7 @@ async fn staged_release(app: &TestApp, system: &str, heartbeat: i64) -> i64 {
 }
 
 async fn release_exists(app: &TestApp, id: i64) -> bool {
-    sqlx::query("SELECT 1 FROM code_releases WHERE id = $1")
+    db::query("SELECT 1 FROM code_releases WHERE id = $1")
         .bind(id)
         .fetch_optional(app.store.pool())
         .await
@@ -753,9 +754,9 @@ async fn an_import_that_died_is_removed_at_the_next_start_or_import_and_never_pu
     let app = app.restarted_with(ServeArgs::default()).await;
     assert!(!release_exists(&app, crashed).await);
     assert!(release_exists(&app, running).await);
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM code_terms WHERE release_id = $1")
+    let left: i64 = db::query("SELECT COUNT(*) FROM code_terms WHERE release_id = $1")
         .bind(crashed)
-        .fetch_one(app.store.pool())
+        .fetch_scalar(app.store.pool())
         .await
         .unwrap();
     assert_eq!(left, 0);

@@ -16,7 +16,6 @@
 //!
 //! Runs on SQLite, and on PostgreSQL with `ERN_TEST_DATABASE_URL` (`scripts/test`).
 
-use ern_registry::store::db::Db;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,11 +24,11 @@ use ern_registry::auth::Role;
 use ern_registry::consent::{self, ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use ern_registry::service::consent::RegistryConsentRules;
 use ern_registry::store::cases::{self, CaseRow, Representative};
+use ern_registry::store::db;
 use ern_registry::store::writer::ConsentRules;
 use ern_registry::store::{Store, consent_model, millis, writer_sql};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use sqlx::Row;
 use tempfile::TempDir;
 
 use crate::helpers::fresh_database;
@@ -117,7 +116,7 @@ impl Model {
         let recorded = DateTime::from_timestamp_millis(1_750_000_000_000).unwrap();
         let mut tx = self.store.pool().begin().await.unwrap();
         let case_id = writer_sql::insert_case(
-            &mut tx,
+            &mut tx.db(),
             self.registry_id,
             &pseudonym,
             self.centre_id,
@@ -128,7 +127,7 @@ impl Model {
         .await
         .unwrap();
         writer_sql::set_representative(
-            &mut tx,
+            &mut tx.db(),
             self.registry_id,
             &pseudonym,
             Representative {
@@ -145,7 +144,7 @@ impl Model {
         let mut events = Vec::with_capacity(decisions.len());
         for d in decisions {
             let id = writer_sql::append_consent(
-                &mut tx,
+                &mut tx.db(),
                 self.registry_id,
                 &pseudonym,
                 d,
@@ -169,12 +168,12 @@ impl Model {
             Some(latest) => RegistryConsentRules.research_eligibility(&events, latest),
             None => (false, None),
         };
-        writer_sql::set_eligibility(&mut tx, self.registry_id, &pseudonym, eligible, until)
+        writer_sql::set_eligibility(&mut tx.db(), self.registry_id, &pseudonym, eligible, until)
             .await
             .unwrap();
         tx.commit().await.unwrap();
         let mut conn = self.store.pool().acquire().await.unwrap();
-        let loaded = cases::load_consent(&mut Db::Any(&mut conn), self.registry_id, &pseudonym)
+        let loaded = cases::load_consent(&mut conn.db(), self.registry_id, &pseudonym)
             .await
             .unwrap();
         assert_eq!(loaded, events, "the history reads back as written");
@@ -208,16 +207,16 @@ impl Model {
             columns.join(", ")
         );
         let mut conn = self.store.pool().acquire().await.unwrap();
-        let row = sqlx::query(&sql)
+        let row = db::query(&sql)
             .bind(self.registry_id)
             .bind(p.pseudonym.as_str())
             .bind(millis(now))
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await
             .unwrap();
-        let at = |i: usize| row.try_get::<i64, _>(i).unwrap() == 1;
+        let at = |i: usize| row.try_get::<i64>(i).unwrap() == 1;
         let case_read = cases::get_case(
-            &mut Db::Any(&mut conn),
+            &mut conn.db(),
             self.registry_id,
             &p.pseudonym,
             self.centre_id,

@@ -13,6 +13,7 @@ use ern_registry::auth::Role;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
 use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
+use ern_registry::store::db;
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -362,11 +363,11 @@ async fn a_physician_is_told_the_same_whatever_consent_is_on_file() {
     assert_all_alike("UpdateCase", &updates);
     assert_eq!(updates[0].1.code, Code::NotFound);
     // The audit log records the same outcome for all of them.
-    let outcomes: Vec<String> = sqlx::query_scalar(
+    let outcomes: Vec<String> = db::query(
         "SELECT outcome FROM audit_log \
          WHERE principal = 'dr-probe' AND method = 'CaseService/UpdateCase'",
     )
-    .fetch_all(app.store.pool())
+    .fetch_scalars(app.store.pool())
     .await
     .unwrap();
     assert_eq!(outcomes.len(), updates.len());

@@ -2,6 +2,7 @@
 //! or submission that starts after a withdrawal's reply sees the patient's record.
 //! Plus the consent rules that must refuse, one test each.
 
+use ern_registry::store::db;
 use std::time::Instant;
 
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
@@ -88,9 +89,9 @@ async fn withdrawals_race_submissions_and_reads() {
                 ),
                 Err(code) => assert_eq!(code, Code::FailedPrecondition),
             }
-            let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases WHERE pseudonym = $1")
+            let rows: i64 = db::query("SELECT COUNT(*) FROM cases WHERE pseudonym = $1")
                 .bind(&p)
-                .fetch_one(app.store.pool())
+                .fetch_scalar(app.store.pool())
                 .await
                 .unwrap();
             assert_eq!(rows, 0, "an erased record reappeared");

@@ -4,6 +4,7 @@
 //! token, expired session), and that no identifier reaches a URL or the log.
 //! `console_browser.rs` drives the same pages in headless Chromium.
 
+use ern_registry::store::db;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
@@ -245,16 +246,16 @@ async fn an_officer_signs_in_with_password_and_totp_and_gets_a_strict_session_co
     assert!(home.body.contains("Find a patient"));
     // Only the token's hash is on file.
     let token = web.cookies["__Host-ern-session"].clone();
-    let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM console_sessions")
-        .fetch_all(app.store.pool())
+    let stored: Vec<String> = db::query("SELECT token_hash FROM console_sessions")
+        .fetch_scalars(app.store.pool())
         .await
         .unwrap();
     assert_eq!(stored.len(), 1);
     assert_ne!(stored[0], token);
     // The sign-in is in the audit log.
     let methods: Vec<String> =
-        sqlx::query_scalar("SELECT method FROM audit_log WHERE principal = 'officer-eye'")
-            .fetch_all(app.store.pool())
+        db::query("SELECT method FROM audit_log WHERE principal = 'officer-eye'")
+            .fetch_scalars(app.store.pool())
             .await
             .unwrap();
     assert!(
@@ -336,15 +337,15 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     // After the hold (1 minute at the fifth failure) the right credentials work again.
     app.clock.advance(Duration::seconds(61));
     assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
-    let failures: i64 = sqlx::query_scalar("SELECT failures FROM console_credentials")
-        .fetch_one(app.store.pool())
+    let failures: i64 = db::query("SELECT failures FROM console_credentials")
+        .fetch_scalar(app.store.pool())
         .await
         .unwrap();
     assert_eq!(failures, 0);
-    let outcomes: Vec<String> = sqlx::query_scalar(
+    let outcomes: Vec<String> = db::query(
         "SELECT outcome FROM audit_log WHERE method = 'Console/SignIn' AND principal = 'officer-eye' ORDER BY seq",
     )
-    .fetch_all(app.store.pool())
+    .fetch_scalars(app.store.pool())
     .await
     .unwrap();
     let mut expected = vec!["UNAUTHENTICATED"; 5];
@@ -414,10 +415,10 @@ async fn forms_without_the_sessions_csrf_token_are_refused() {
     // Signing out needs the token too.
     assert_eq!(web.post("/sign-out", &[("csrf", "")]).await.status, 403);
     assert_eq!(web.get("/home").await.status, 200);
-    let refused: i64 = sqlx::query_scalar(
+    let refused: i64 = db::query(
         "SELECT COUNT(*) FROM audit_log WHERE method = 'Console/FindPatient' AND outcome = 'PERMISSION_DENIED'",
     )
-    .fetch_one(app.store.pool())
+    .fetch_scalar(app.store.pool())
     .await
     .unwrap();
     assert_eq!(refused, 4);
@@ -689,10 +690,10 @@ async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
     assert_eq!(bad_id.status, 400);
     assert!(error_next_to(&bad_id, "receipt_id", "must be a receipt id"));
     // Audited as the console's actions, by the officer.
-    let methods: Vec<String> = sqlx::query_scalar(
+    let methods: Vec<String> = db::query(
         "SELECT method FROM audit_log WHERE principal = 'officer-eye' AND outcome = 'OK' ORDER BY seq",
     )
-    .fetch_all(app.store.pool())
+    .fetch_scalars(app.store.pool())
     .await
     .unwrap();
     for m in [
@@ -1112,10 +1113,10 @@ async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
         "{}",
         bad.body
     );
-    let audited: i64 = sqlx::query_scalar(
+    let audited: i64 = db::query(
         "SELECT COUNT(*) FROM audit_log WHERE principal = 'researcher-eye' AND method = 'Console/CountPatients' AND outcome = 'OK'",
     )
-    .fetch_one(app.store.pool())
+    .fetch_scalar(app.store.pool())
     .await
     .unwrap();
     assert_eq!(audited, 2);
@@ -1262,12 +1263,15 @@ async fn the_admin_command_line_sets_a_password_and_enrols_totp_with_a_qr_code()
         .find_map(|l| l.strip_prefix("otpauth URI (shown once): "))
         .unwrap();
     let secret = secret_of_uri(uri).unwrap();
-    let actions: Vec<(String, String)> = sqlx::query_as(
+    let actions: Vec<(String, String)> = db::query(
         "SELECT method, outcome FROM audit_log WHERE target = 'principal officer-cli' ORDER BY seq",
     )
     .fetch_all(app.store.pool())
     .await
-    .unwrap();
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect();
     assert_eq!(
         actions,
         [
@@ -1281,11 +1285,11 @@ async fn the_admin_command_line_sets_a_password_and_enrols_totp_with_a_qr_code()
         ]
     );
     // The stored hash is Argon2id; the TOTP secret is sealed (not its base32 text).
-    let (hash, sealed): (String, String) =
-        sqlx::query_as("SELECT password_hash, totp_sealed FROM console_credentials")
-            .fetch_one(app.store.pool())
-            .await
-            .unwrap();
+    let row = db::query("SELECT password_hash, totp_sealed FROM console_credentials")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    let (hash, sealed): (String, String) = (row.get(0), row.get(1));
     assert!(hash.starts_with("$argon2id$"));
     let base32 = uri
         .split("secret=")

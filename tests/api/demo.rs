@@ -9,9 +9,9 @@ use chrono::Utc;
 use ern_registry::audit::AuditKey;
 use ern_registry::keys::MasterSecret;
 use ern_registry::pseudonym::{Pseudonymiser, SYNTHETIC_ISSUER};
+use ern_registry::store::db;
 use ern_registry::store::writer::Writer;
 use ern_registry::synthetic::{self, CENTRES, GENERATOR_PRINCIPAL, Generator, SyntheticError};
-use sqlx::Row;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -152,7 +152,7 @@ async fn synthetic_identifiers_take_the_real_path_and_a_physicians_case_is_not_s
         .into_inner();
     // Demo's patient 0 and the physician's are one patient of the registry.
     assert_eq!(lung_patients(&app).await, 10);
-    let same: i64 = sqlx::query("SELECT COUNT(*) FROM cases WHERE pseudonym = $1")
+    let same: i64 = db::query("SELECT COUNT(*) FROM cases WHERE pseudonym = $1")
         .bind(&submitted.pseudonym)
         .fetch_one(app.store.pool())
         .await
@@ -196,12 +196,12 @@ async fn the_registry_derivation_keeps_known_patients_and_demo_follows_key_rotat
     demo(&app, 4).await.unwrap();
     app.store.rotate_registry_key("ERN-LUNG").await.unwrap();
     demo(&app, 3).await.unwrap();
-    let versions: Vec<String> = sqlx::query("SELECT pseudonym FROM cases ORDER BY id")
+    let versions: Vec<String> = db::query("SELECT pseudonym FROM cases ORDER BY id")
         .fetch_all(app.store.pool())
         .await
         .unwrap()
         .iter()
-        .map(|row| row.get::<String, _>(0)[5..9].to_owned())
+        .map(|row| row.get::<String>(0)[5..9].to_owned())
         .collect();
     assert_eq!(
         versions,

@@ -1,5 +1,6 @@
 //! An acknowledged submission survives `kill -9` of the server process.
 
+use ern_registry::store::db;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -132,22 +133,22 @@ async fn every_connection_commits_durably() {
     }
     for conn in &mut held {
         if app.is_sqlite() {
-            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(&mut **conn)
+            let sync: i64 = db::query("PRAGMA synchronous")
+                .fetch_scalar(&mut *conn)
                 .await
                 .unwrap();
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(&mut **conn)
+            let journal: String = db::query("PRAGMA journal_mode")
+                .fetch_scalar(&mut *conn)
                 .await
                 .unwrap();
             assert_eq!((sync, journal.as_str()), (2, "wal"), "FULL and WAL");
         } else {
-            let fsync: String = sqlx::query_scalar("SHOW fsync")
-                .fetch_one(&mut **conn)
+            let fsync: String = db::query("SHOW fsync")
+                .fetch_scalar(&mut *conn)
                 .await
                 .unwrap();
-            let commit: String = sqlx::query_scalar("SHOW synchronous_commit")
-                .fetch_one(&mut **conn)
+            let commit: String = db::query("SHOW synchronous_commit")
+                .fetch_scalar(&mut *conn)
                 .await
                 .unwrap();
             assert_eq!(fsync, "on");

@@ -8,8 +8,8 @@
 //! the physician and the method, whatever its outcome.
 
 use ern_registry::proto::FILE_DESCRIPTOR_SET;
+use ern_registry::store::db;
 use prost::Message;
-use sqlx::Row;
 use tonic::Code;
 
 use crate::helpers::TestApp;
@@ -58,7 +58,7 @@ async fn every_method_refuses_the_anonymous_and_audits_every_call() {
     app.stop_server().await;
 
     let rows: Vec<(String, Option<i64>, String, String)> =
-        sqlx::query("SELECT method, principal_id, principal, outcome FROM audit_log")
+        db::query("SELECT method, principal_id, principal, outcome FROM audit_log")
             .fetch_all(app.store.pool())
             .await
             .unwrap()

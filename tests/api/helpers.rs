@@ -8,6 +8,7 @@
 //! The valid messages (record, submission, identifiers, consent) are the shared
 //! `ern_registry::fixtures`, re-exported here so that `use crate::helpers::*` brings both.
 
+use ern_registry::store::db;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -102,19 +103,18 @@ const TEST_DATABASE_PREFIX: &str = "ern_test_";
 /// the name; one still in use is never dropped (DROP DATABASE refuses it). Tests leave
 /// their databases behind (a failing test's is worth a look), and
 /// a developer's PostgreSQL would otherwise collect them by the thousand.
-async fn drop_leftover_databases(conn: &mut sqlx::AnyConnection) {
+async fn drop_leftover_databases(conn: &mut sqlx::PgConnection) {
     static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     DONE.get_or_init(|| async {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
             .as_secs();
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT datname::text FROM pg_database WHERE datname LIKE 'ern\\_test\\_%'",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .expect("list test databases");
+        let names: Vec<String> =
+            db::query("SELECT datname::text FROM pg_database WHERE datname LIKE 'ern\\_test\\_%'")
+                .fetch_scalars(&mut *conn)
+                .await
+                .expect("list test databases");
         for name in names {
             let created = name
                 .strip_prefix(TEST_DATABASE_PREFIX)
@@ -124,7 +124,7 @@ async fn drop_leftover_databases(conn: &mut sqlx::AnyConnection) {
                 continue;
             }
             // Another run may be dropping it too, or still using an old-style one: skip.
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            let _ = db::query(&format!("DROP DATABASE IF EXISTS {name}"))
                 .execute(&mut *conn)
                 .await;
         }
@@ -136,7 +136,6 @@ async fn drop_leftover_databases(conn: &mut sqlx::AnyConnection) {
 pub async fn fresh_database(dir: &TempDir) -> String {
     match std::env::var("ERN_TEST_DATABASE_URL") {
         Ok(admin_url) if !admin_url.is_empty() => {
-            sqlx::any::install_default_drivers();
             let mut bytes = [0u8; 8];
             ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut bytes).unwrap();
             let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -146,11 +145,11 @@ pub async fn fresh_database(dir: &TempDir) -> String {
                 .expect("clock after 1970")
                 .as_secs();
             let name = format!("{TEST_DATABASE_PREFIX}{created}_{name}");
-            let mut conn = sqlx::AnyConnection::connect(&admin_url)
+            let mut conn = sqlx::PgConnection::connect(&admin_url)
                 .await
                 .expect("connect to test PostgreSQL");
             drop_leftover_databases(&mut conn).await;
-            sqlx::query(&format!("CREATE DATABASE {name}"))
+            db::query(&format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)
                 .await
                 .expect("create test database");
@@ -351,7 +350,7 @@ impl TestApp {
         {
             panic!("registries not seeded");
         }
-        let exists = sqlx::query("SELECT 1 FROM centres WHERE code = $1")
+        let exists = db::query("SELECT 1 FROM centres WHERE code = $1")
             .bind(centre)
             .fetch_optional(self.store.pool())
             .await
@@ -366,12 +365,11 @@ impl TestApp {
 
     /// Counts rows of a table (tests only; the name is a literal).
     pub async fn count(&self, table: &str) -> i64 {
-        use sqlx::Row;
-        sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+        db::query(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(self.store.pool())
             .await
             .unwrap()
-            .try_get::<i64, _>(0)
+            .try_get::<i64>(0)
             .unwrap()
     }
 }

@@ -15,6 +15,7 @@
 //! PostgreSQL only (`ERN_TEST_DATABASE_URL`): on SQLite one server serves a data dir
 //! (`server_lock.rs`), so there is no second instance to race.
 
+use ern_registry::store::db;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,13 +96,13 @@ fn bearer(token: &str) -> Bearer {
 /// were stored or kept after a withdrawal without a newer consent; `filter` narrows the
 /// rows of `t`.
 async fn rows_without_inclusion(app: &TestApp, from: &str, filter: &str) -> i64 {
-    sqlx::query_scalar(&format!(
+    db::query(&format!(
         "SELECT COUNT(*) FROM {from} \
          WHERE {filter} AND NOT EXISTS (SELECT 1 FROM consent_current k \
                            WHERE k.registry_id = t.registry_id AND k.pseudonym = t.pseudonym \
                              AND k.scope = 'registry_inclusion' AND k.state = 'granted')"
     ))
-    .fetch_one(app.store.pool())
+    .fetch_scalar(app.store.pool())
     .await
     .unwrap()
 }

@@ -3,6 +3,7 @@
 //! (and `demo` and `audit verify`) with a message that says what to restore; a new secret
 //! is created only for an empty database.
 
+use ern_registry::store::db;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -224,7 +225,7 @@ async fn a_database_of_an_earlier_version_takes_the_fingerprint_of_the_key_in_us
         "recorded at first start"
     );
     // As an earlier version left it: data, no fingerprint.
-    sqlx::query("DELETE FROM master_key")
+    db::query("DELETE FROM master_key")
         .execute(app.store.pool())
         .await
         .unwrap();

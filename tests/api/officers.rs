@@ -1,6 +1,7 @@
 //! Consent officers: record, read and withdraw consent; withdrawal erases at once.
 
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
+use ern_registry::store::db;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -155,9 +156,9 @@ async fn withdrawing_inclusion_erases_every_version_at_once_with_a_receipt() {
         Code::NotFound
     );
     assert_eq!(app.count("cases").await, 2);
-    let left: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM case_versions v JOIN cases c ON c.id = v.case_id WHERE c.pseudonym = $1")
+    let left: i64 = db::query("SELECT COUNT(*) FROM case_versions v JOIN cases c ON c.id = v.case_id WHERE c.pseudonym = $1")
         .bind(&p)
-        .fetch_one(app.store.pool())
+        .fetch_scalar(app.store.pool())
         .await
         .unwrap();
     assert_eq!(left, 0);
@@ -559,7 +560,7 @@ async fn erased_clinical_data_is_in_no_postgresql_tuple_when_the_receipt_arrives
     let mut pg = sqlx::PgConnection::connect(&app.database_url)
         .await
         .unwrap();
-    sqlx::query("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    db::query("CREATE EXTENSION IF NOT EXISTS pageinspect")
         .execute(&mut pg)
         .await
         .expect("pageinspect (PostgreSQL's contrib) and a superuser for the test");

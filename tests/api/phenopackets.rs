@@ -4,7 +4,7 @@
 
 use ern_registry::api::phenopacket;
 use ern_registry::proto::{self, ConsentScope, ExportPhenopacketsRequest, GetCaseRequest};
-use sqlx::Row;
+use ern_registry::store::db;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -75,7 +75,7 @@ async fn a_submitted_phenopacket_is_read_back_and_exported_as_the_same_record() 
     assert!(!json.contains("local-patient-17") && !json.contains("local-case-17"));
 
     // Both calls are in the audit log, with their outcome.
-    let methods: Vec<(String, String)> = sqlx::query(
+    let methods: Vec<(String, String)> = db::query(
         "SELECT method, outcome FROM audit_log WHERE method LIKE 'CaseService/%Phenopacket%' ORDER BY seq",
     )
     .fetch_all(app.store.pool())
@@ -282,7 +282,7 @@ async fn no_identifier_reaches_the_export_even_when_the_client_put_one_in_the_su
     }
     // Nor the database: the ignored ids were never stored.
     let dumped: Vec<String> =
-        sqlx::query("SELECT CAST(hpo_terms AS TEXT) || genetic_findings FROM case_versions")
+        db::query("SELECT CAST(hpo_terms AS TEXT) || genetic_findings FROM case_versions")
             .fetch_all(app.store.pool())
             .await
             .unwrap()

@@ -1,7 +1,7 @@
 //! Identifiers never reach the database, the log, or an error message.
 
 use ern_registry::proto;
-use sqlx::Row;
+use ern_registry::store::db;
 
 use crate::helpers::*;
 
@@ -92,13 +92,13 @@ async fn canary_identifiers_are_never_stored_logged_or_echoed() {
         } else {
             format!("CAST({table} AS TEXT)")
         };
-        let rows = sqlx::query(&format!("SELECT {cols} FROM {table}"))
+        let rows = db::query(&format!("SELECT {cols} FROM {table}"))
             .fetch_all(app.store.pool())
             .await
             .unwrap();
         for row in rows {
             for i in 0..row.len() {
-                if let Ok(Some(s)) = row.try_get::<Option<String>, _>(i) {
+                if let Ok(Some(s)) = row.try_get::<Option<String>>(i) {
                     dump.extend_from_slice(s.as_bytes());
                 }
             }

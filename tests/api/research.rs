@@ -4,6 +4,7 @@ use ern_registry::auth::Role;
 use ern_registry::proto::{
     self, ConsentScope, ConsentState, Dimension, research_service_client::ResearchServiceClient,
 };
+use ern_registry::store::db;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -678,7 +679,6 @@ async fn research_queries_are_rate_limited_per_principal() {
 
 /// The research tables as rows of text, for comparison.
 async fn snapshot(app: &TestApp) -> Vec<String> {
-    use sqlx::Row;
     let mut out = Vec::new();
     for sql in [
         "SELECT registry_id, pseudonym, scope, event_id, state, given_at, expires_at \
@@ -688,16 +688,13 @@ async fn snapshot(app: &TestApp) -> Vec<String> {
                 eligible, eligible_until \
          FROM patients ORDER BY registry_id, pseudonym",
     ] {
-        for row in sqlx::query(sql).fetch_all(app.store.pool()).await.unwrap() {
+        for row in db::query(sql).fetch_all(app.store.pool()).await.unwrap() {
             let mut fields = Vec::new();
             for i in 0..row.len() {
                 let text = row
-                    .try_get::<Option<i64>, _>(i)
+                    .try_get::<Option<i64>>(i)
                     .map(|v| format!("{v:?}"))
-                    .or_else(|_| {
-                        row.try_get::<Option<String>, _>(i)
-                            .map(|v| format!("{v:?}"))
-                    })
+                    .or_else(|_| row.try_get::<Option<String>>(i).map(|v| format!("{v:?}")))
                     .unwrap();
                 fields.push(text);
             }
@@ -746,8 +743,9 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();
-    sqlx::raw_sql("DELETE FROM patients; DELETE FROM consent_current;")
-        .execute(app.store.pool())
+    app.store
+        .pool()
+        .execute_raw("DELETE FROM patients; DELETE FROM consent_current;")
         .await
         .unwrap();
     for statement in migration.split(';').map(str::trim) {
@@ -757,7 +755,7 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
             .collect::<Vec<_>>()
             .join("\n");
         if sql.trim_start().starts_with("INSERT INTO") {
-            sqlx::raw_sql(&sql).execute(app.store.pool()).await.unwrap();
+            app.store.pool().execute_raw(&sql).await.unwrap();
         }
     }
     assert_eq!(snapshot(&app).await, kept);
@@ -859,12 +857,13 @@ async fn the_genes_backfill_matches_what_the_writer_keeps() {
         .collect();
     dr.submit_case(req).await.unwrap();
     let genes = || async {
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT pseudonym, genes FROM patients ORDER BY pseudonym",
-        )
-        .fetch_all(app.store.pool())
-        .await
-        .unwrap()
+        db::query("SELECT pseudonym, genes FROM patients ORDER BY pseudonym")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get::<String>(0), row.get::<String>(1)))
+            .collect::<Vec<_>>()
     };
     let kept = genes().await;
     assert!(
@@ -883,7 +882,7 @@ async fn the_genes_backfill_matches_what_the_writer_keeps() {
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();
-    sqlx::query("UPDATE patients SET genes = 'stale'")
+    db::query("UPDATE patients SET genes = 'stale'")
         .execute(app.store.pool())
         .await
         .unwrap();
@@ -897,9 +896,6 @@ async fn the_genes_backfill_matches_what_the_writer_keeps() {
         })
         .find(|s| s.trim_start().starts_with("UPDATE patients SET genes"))
         .expect("the backfill of genes");
-    sqlx::raw_sql(&backfill)
-        .execute(app.store.pool())
-        .await
-        .unwrap();
+    app.store.pool().execute_raw(&backfill).await.unwrap();
     assert_eq!(genes().await, kept);
 }

@@ -17,10 +17,10 @@ use ern_registry::keys::MasterSecret;
 use ern_registry::service::consent::RegistryConsentRules;
 use ern_registry::store::cases::to_row;
 use ern_registry::store::consent::WithdrawalReason;
+use ern_registry::store::db;
 use ern_registry::store::writer::{
     Command, RecordConsent, SubmitCase, Withdraw, WriteError, Writer,
 };
-use sqlx::Row;
 
 use crate::helpers::*;
 
@@ -51,12 +51,12 @@ async fn setup(app: &TestApp) -> Ids {
         .await
         .unwrap();
     let centre = |code: &'static str| async move {
-        sqlx::query("SELECT id FROM centres WHERE code = $1")
+        db::query("SELECT id FROM centres WHERE code = $1")
             .bind(code)
             .fetch_one(app.store.pool())
             .await
             .unwrap()
-            .get::<i64, _>(0)
+            .get::<i64>(0)
     };
     Ids {
         registry: app
@@ -198,15 +198,12 @@ async fn dump(app: &TestApp) -> Vec<String> {
     ];
     let mut rows = Vec::new();
     for sql in queries {
-        for row in sqlx::query(sql).fetch_all(app.store.pool()).await.unwrap() {
-            let values: Vec<String> = (0..row.columns().len())
+        for row in db::query(sql).fetch_all(app.store.pool()).await.unwrap() {
+            let values: Vec<String> = (0..row.len())
                 .map(|i| {
-                    row.try_get::<Option<i64>, _>(i)
+                    row.try_get::<Option<i64>>(i)
                         .map(|v| format!("{v:?}"))
-                        .or_else(|_| {
-                            row.try_get::<Option<String>, _>(i)
-                                .map(|v| format!("{v:?}"))
-                        })
+                        .or_else(|_| row.try_get::<Option<String>>(i).map(|v| format!("{v:?}")))
                         .unwrap_or_else(|e| format!("<{e}>"))
                 })
                 .collect();

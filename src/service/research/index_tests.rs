@@ -13,6 +13,7 @@
 //!
 //! SQLite by default; with `ERN_TEST_DATABASE_URL` on PostgreSQL.
 
+use crate::store::db;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
@@ -55,10 +56,9 @@ const GENES: [&str; 5] = ["CFTR", "SCNN1A", "DNAH5", "BRCA2", "ABCA4"];
 async fn fresh_store(dir: &tempfile::TempDir) -> Store {
     let url = match std::env::var("ERN_TEST_DATABASE_URL") {
         Ok(admin) if !admin.is_empty() => {
-            sqlx::any::install_default_drivers();
             let name = format!("ern_index_{}", std::process::id() ^ rand::random::<u32>());
-            let mut conn = sqlx::AnyConnection::connect(&admin).await.unwrap();
-            sqlx::query(&format!("CREATE DATABASE {name}"))
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+            db::query(&format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)
                 .await
                 .unwrap();
@@ -279,7 +279,7 @@ impl World {
         // Updates: the version on file.
         for command in &mut commands {
             if let Command::Update(u) = command {
-                u.expected_version = sqlx::query_scalar(
+                u.expected_version = db::query(
                     "SELECT current_version FROM cases \
                      WHERE registry_id = $1 AND pseudonym = $2 AND centre_id = $3",
                 )
@@ -289,7 +289,7 @@ impl World {
                 .fetch_optional(self.store.pool())
                 .await
                 .unwrap()
-                .unwrap_or(1);
+                .map_or(1, |row| row.get(0));
             }
         }
         self.run(commands).await;
@@ -579,15 +579,15 @@ async fn the_index_answers_every_query_as_the_sql_reference_does() {
     let at = |t| counted(&live, w.registries[0], t) + counted(&live, w.registries[1], t);
     assert!(at(w.expiry - Duration::milliseconds(1)) > at(w.expiry));
     assert!(at(w.expiry) > at(w.expiry + Duration::milliseconds(1)));
-    let erased: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM erasures")
-        .fetch_one(w.store.pool())
+    let erased: i64 = db::query("SELECT COUNT(*) FROM erasures")
+        .fetch_scalar(w.store.pool())
         .await
         .unwrap();
-    let shared: i64 = sqlx::query_scalar(
+    let shared: i64 = db::query(
         "SELECT COUNT(*) FROM (SELECT pseudonym FROM cases GROUP BY registry_id, pseudonym \
          HAVING COUNT(*) > 1) x",
     )
-    .fetch_one(w.store.pool())
+    .fetch_scalar(w.store.pool())
     .await
     .unwrap();
     assert!(erased > 0 && shared > 0, "{erased} erased, {shared} shared");
@@ -706,7 +706,7 @@ async fn rows_of_an_earlier_version_get_slots_and_are_logged() {
     lagging.catch_up().await.unwrap();
     let before = lagging.size().patients;
     // As if restored from a dump of a version without slots.
-    sqlx::query("UPDATE patients SET slot = NULL")
+    db::query("UPDATE patients SET slot = NULL")
         .execute(w.store.pool())
         .await
         .unwrap();
