@@ -184,16 +184,24 @@ pub enum On<'r, 'c> {
     Pg(&'r mut PgConnection),
 }
 
-impl<'r> From<&'r mut SqliteConnection> for On<'r, 'static> {
-    fn from(conn: &'r mut SqliteConnection) -> Self {
-        On::Sqlite(conn)
-    }
+/// `From<&mut $t> for On` for each connection type, as its variant.
+macro_rules! on_from {
+    ($($t:ty => $variant:ident),* $(,)?) => {
+        $(
+            impl<'r> From<&'r mut $t> for On<'r, 'static> {
+                fn from(conn: &'r mut $t) -> Self {
+                    On::$variant(conn)
+                }
+            }
+        )*
+    };
 }
 
-impl<'r> From<&'r mut PgConnection> for On<'r, 'static> {
-    fn from(conn: &'r mut PgConnection) -> Self {
-        On::Pg(conn)
-    }
+on_from! {
+    Conn => Conn,
+    Tx => Tx,
+    SqliteConnection => Sqlite,
+    PgConnection => Pg,
 }
 
 /// `$query.$method(db)` on the connection `$on` names (one of the pool's, for `&Pool`).
@@ -219,18 +227,6 @@ impl<'r, 'c> From<&'r mut Db<'c>> for On<'r, 'c> {
 impl<'r> From<&'r Pool> for On<'r, 'static> {
     fn from(pool: &'r Pool) -> Self {
         On::Pool(pool)
-    }
-}
-
-impl<'r> From<&'r mut Conn> for On<'r, 'static> {
-    fn from(conn: &'r mut Conn) -> Self {
-        On::Conn(conn)
-    }
-}
-
-impl<'r> From<&'r mut Tx> for On<'r, 'static> {
-    fn from(tx: &'r mut Tx) -> Self {
-        On::Tx(tx)
     }
 }
 

@@ -588,15 +588,7 @@ async fn a_write_whose_transaction_fails_still_leaves_its_entry() {
         .await
         .unwrap();
 
-    let outcomes: Vec<(String, String)> = db::query(
-        "SELECT principal, outcome FROM audit_log WHERE method = 'CaseService/SubmitCase' ORDER BY seq",
-    )
-    .fetch_all(app.store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
+    let outcomes: Vec<(String, String)> = app.pairs("SELECT principal, outcome FROM audit_log WHERE method = 'CaseService/SubmitCase' ORDER BY seq").await;
     let count = |who: &str, outcome: &str| {
         outcomes
             .iter()
@@ -714,13 +706,9 @@ async fn rows_written_before_rows_were_audited_are_adopted_once() {
     dr.submit_case(submission("ERN-EYE", national("NL", &bsn(2))))
         .await
         .unwrap();
-    let methods: Vec<(String, i64)> = db::query("SELECT method, items FROM audit_log ORDER BY seq")
-        .fetch_all(app.store.pool())
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let methods: Vec<(String, i64)> = app
+        .pairs("SELECT method, items FROM audit_log ORDER BY seq")
+        .await;
     assert_eq!(methods[0], ("AuditLog/AdoptRows".to_string(), 4));
     assert_eq!(methods[1].0, "CaseService/SubmitCase");
     app.verify_passes(&[], "adopted");

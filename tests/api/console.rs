@@ -1263,15 +1263,7 @@ async fn the_admin_command_line_sets_a_password_and_enrols_totp_with_a_qr_code()
         .find_map(|l| l.strip_prefix("otpauth URI (shown once): "))
         .unwrap();
     let secret = secret_of_uri(uri).unwrap();
-    let actions: Vec<(String, String)> = db::query(
-        "SELECT method, outcome FROM audit_log WHERE target = 'principal officer-cli' ORDER BY seq",
-    )
-    .fetch_all(app.store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|row| (row.get(0), row.get(1)))
-    .collect();
+    let actions: Vec<(String, String)> = app.pairs("SELECT method, outcome FROM audit_log WHERE target = 'principal officer-cli' ORDER BY seq").await;
     assert_eq!(
         actions,
         [

@@ -8,7 +8,6 @@
 //! The valid messages (record, submission, identifiers, consent) are the shared
 //! `ern_registry::fixtures`, re-exported here so that `use crate::helpers::*` brings both.
 
-use ern_registry::store::db;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +19,7 @@ use ern_registry::config::ServeArgs;
 use ern_registry::proto::case_service_client::CaseServiceClient;
 use ern_registry::startup::Application;
 use ern_registry::store::Store;
+use ern_registry::store::db;
 use ring::rand::SystemRandom;
 use secrecy::ExposeSecret;
 use sqlx::Connection;
@@ -361,6 +361,17 @@ impl TestApp {
         }
         self.principal(name, Role::Physician, Some(centre), &[])
             .await
+    }
+
+    /// The first two columns of every row `sql` gives (tests only; no parameters).
+    pub async fn pairs<A: db::Decode, B: db::Decode>(&self, sql: &str) -> Vec<(A, B)> {
+        db::query(sql)
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
     }
 
     /// Counts rows of a table (tests only; the name is a literal).

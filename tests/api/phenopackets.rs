@@ -75,15 +75,7 @@ async fn a_submitted_phenopacket_is_read_back_and_exported_as_the_same_record() 
     assert!(!json.contains("local-patient-17") && !json.contains("local-case-17"));
 
     // Both calls are in the audit log, with their outcome.
-    let methods: Vec<(String, String)> = db::query(
-        "SELECT method, outcome FROM audit_log WHERE method LIKE 'CaseService/%Phenopacket%' ORDER BY seq",
-    )
-    .fetch_all(app.store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
+    let methods: Vec<(String, String)> = app.pairs("SELECT method, outcome FROM audit_log WHERE method LIKE 'CaseService/%Phenopacket%' ORDER BY seq").await;
     let methods: Vec<(&str, &str)> = methods
         .iter()
         .map(|(m, o)| (m.as_str(), o.as_str()))
