@@ -211,21 +211,16 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
         });
     }
     // Multi-row inserts: one statement per chunk, not per entry.
-    const PARAMS: usize = 14;
+    use db::Ty::{Int, Text};
+    const ROWS: db::Rows = db::Rows::of(&[
+        Int, Int, Int, Int, Text, Text, Text, Text, Text, Text, Int, Text, Text, Text,
+    ]);
     for chunk in conn.chunks(&rows, INSERT_CHUNK) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let p: Vec<String> = (1..=PARAMS)
-                    .map(|j| format!("${}", i * PARAMS + j))
-                    .collect();
-                format!("({})", p.join(", "))
-            })
-            .collect();
         let sql = format!(
-            "INSERT INTO audit_log ({COLUMNS}) VALUES {}",
-            values.join(", ")
+            "INSERT INTO audit_log ({COLUMNS}) {}",
+            ROWS.sql(conn, chunk.len())
         );
-        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+        let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for r in chunk {
             query = query
                 .bind(r.seq)
@@ -243,7 +238,7 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
                 .bind(r.entry.rows.as_str())
                 .bind(r.mac.as_str());
         }
-        query.execute(&mut *conn).await?;
+        query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }
     db::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
         .bind(seq)

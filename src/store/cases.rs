@@ -12,7 +12,6 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ROWS_PER_STATEMENT, Result, StoreError, consent_model, from_millis, millis, placeholders,
-    values_rows,
 };
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{
@@ -198,16 +197,17 @@ pub(crate) async fn append_consent_many(
     conn: &mut Db<'_>,
     decisions: &[NewDecision<'_>],
 ) -> Result<Vec<i64>> {
-    const COLUMNS: usize = 10;
+    use db::Ty::{Int, Text};
+    const ROWS: db::Rows = db::Rows::of(&[Int, Text, Text, Text, Int, Text, Int, Int, Int, Text]);
     let mut ids = Vec::with_capacity(decisions.len());
     for chunk in conn.chunks(decisions, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, \
                                          form_version, expires_at, recorded_by, recorded_at, source) \
-             VALUES {} RETURNING id, registry_id, pseudonym, scope",
-            values_rows(chunk.len(), COLUMNS)
+             {} RETURNING id, registry_id, pseudonym, scope",
+            ROWS.sql(conn, chunk.len())
         );
-        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+        let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for d in chunk {
             query = query
                 .bind(d.registry_id)
@@ -221,6 +221,7 @@ pub(crate) async fn append_consent_many(
                 .bind(millis(d.now))
                 .bind(d.source.as_str());
         }
+        let query = query.rows(conn, &ROWS)?;
         let mut returned: HashMap<(i64, String, String), i64> = HashMap::new();
         for row in query.fetch_all(&mut *conn).await? {
             let key = (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
@@ -265,29 +266,19 @@ pub(crate) async fn insert_cases_many(
     conn: &mut Db<'_>,
     cases: &[NewCase<'_>],
 ) -> Result<Vec<i64>> {
-    const COLUMNS: usize = 5;
+    use db::Ty::{Int, Text};
+    // current_version is 1.
+    const ROWS: db::Rows =
+        db::Rows::with_template(&[Int, Text, Int, Int, Int], "{0}, {1}, {2}, 1, {3}, {4}");
     let mut ids = Vec::with_capacity(cases.len());
     for chunk in conn.chunks(cases, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, \
                                 updated_at) \
-             VALUES {} RETURNING id, registry_id, pseudonym, centre_id",
-            (0..chunk.len())
-                .map(|r| {
-                    let b = 1 + r * COLUMNS;
-                    format!(
-                        "(${}, ${}, ${}, 1, ${}, ${})",
-                        b,
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
+             {} RETURNING id, registry_id, pseudonym, centre_id",
+            ROWS.sql(conn, chunk.len())
         );
-        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+        let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for c in chunk {
             query = query
                 .bind(c.registry_id)
@@ -296,6 +287,7 @@ pub(crate) async fn insert_cases_many(
                 .bind(millis(c.now))
                 .bind(millis(c.now));
         }
+        let query = query.rows(conn, &ROWS)?;
         let mut returned: HashMap<(i64, String, i64), i64> = HashMap::new();
         for row in query.fetch_all(&mut *conn).await? {
             returned.insert(
@@ -321,17 +313,21 @@ pub(crate) async fn insert_cases_many(
 
 /// Version 1 of each new case, and its genes: one multi-row `INSERT` per table.
 async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)]) -> Result<()> {
-    const COLUMNS: usize = 25;
+    use db::Ty::{Int, Text};
+    const ROWS: db::Rows = db::Rows::of(&[
+        Int, Int, Int, Int, Text, Text, Text, Text, Text, Text, Text, Int, Int, Text, Text, Text,
+        Text, Text, Text, Text, Int, Int, Int, Int, Text,
+    ]);
     let sql = format!(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, \
              sex, status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, \
              orphacode, diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, \
              genetic_findings, diagnosis_year, onset_age_days, diagnosis_age_days, delay_days, \
              code_releases) \
-         VALUES {}",
-        values_rows(cases.len(), COLUMNS)
+         {}",
+        ROWS.sql(conn, cases.len())
     );
-    let mut query = db::query(&sql).persistent(conn.keeps(cases.len()));
+    let mut query = db::query(&sql).persistent(ROWS.keeps(conn, cases.len()));
     for (case_id, c) in cases {
         let row = c.row;
         query = query
@@ -361,7 +357,7 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
             .bind(row.delay_days)
             .bind(row.code_releases.as_deref());
     }
-    query.execute(&mut *conn).await?;
+    query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     // The HPO terms too, for research questions along the ontology (the reference SQL),
     // as `insert_version` writes them.
     let terms: Vec<(i64, &str)> = cases
@@ -512,19 +508,18 @@ async fn insert_first_version_values(
     column: &str,
     values: &[(i64, &str)],
 ) -> Result<()> {
+    // Version 1.
+    const ROWS: db::Rows = db::Rows::with_template(&[db::Ty::Int, db::Ty::Text], "{0}, 1, {1}");
     for chunk in conn.chunks(values, ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO {table} (case_id, version, {column}) VALUES {}",
-            (0..chunk.len())
-                .map(|r| format!("(${}, 1, ${})", 1 + 2 * r, 2 + 2 * r))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "INSERT INTO {table} (case_id, version, {column}) {}",
+            ROWS.sql(conn, chunk.len())
         );
-        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+        let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for (case_id, value) in chunk {
             query = query.bind(*case_id).bind(*value);
         }
-        query.execute(&mut *conn).await?;
+        query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -535,31 +530,23 @@ pub(crate) async fn set_representatives_many(
     conn: &mut Db<'_>,
     representatives: &[(i64, &str, Representative<'_>)],
 ) -> Result<()> {
-    const COLUMNS: usize = 16;
+    use db::Ty::{Int, Text};
+    // The country is the centre's.
+    const ROWS: db::Rows = db::Rows::with_template(
+        &[
+            Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Int, Int, Text, Text,
+        ],
+        "{0}, {1}, {2}, {3}, {4}, (SELECT country FROM centres WHERE id = {4}), {5}, {6}, {7}, \
+         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}",
+    );
     for chunk in conn.chunks(representatives, ROWS_PER_STATEMENT) {
-        let rows = (0..chunk.len())
-            .map(|r| {
-                let b = 1 + r * COLUMNS;
-                let p = |i: usize| format!("${}", b + i);
-                format!(
-                    "({}, {}, {}, {}, {}, (SELECT country FROM centres WHERE id = {}), {})",
-                    p(0),
-                    p(1),
-                    p(2),
-                    p(3),
-                    p(4),
-                    p(4),
-                    (5..COLUMNS).map(p).collect::<Vec<_>>().join(", ")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = ROWS.sql(conn, chunk.len());
         let sql = format!(
             "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                    orphacode, sex, status, diagnosis_year, onset_age_days, \
                                    diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
                                    phenotypes) \
-             VALUES {rows} \
+             {rows} \
              ON CONFLICT (registry_id, pseudonym) DO UPDATE \
              SET case_id = excluded.case_id, version = excluded.version, \
                  centre_id = excluded.centre_id, country = excluded.country, \
@@ -569,7 +556,7 @@ pub(crate) async fn set_representatives_many(
                  eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
-        let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+        let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for (registry_id, pseudonym, r) in chunk {
             let row = r.row;
             query = query
@@ -590,7 +577,7 @@ pub(crate) async fn set_representatives_many(
                 .bind(genes_column(row))
                 .bind(row.hpo_terms.as_str());
         }
-        query.execute(&mut *conn).await?;
+        query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }
     Ok(())
 }

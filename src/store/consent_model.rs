@@ -34,7 +34,7 @@
 
 use super::db::{self, Db};
 
-use super::{Result, millis, values_rows};
+use super::{Result, millis};
 use crate::consent::{ConsentDecision, Decision, Scope};
 
 /// The order in which the decisions of one scope supersede each other: by the date given,
@@ -172,17 +172,19 @@ pub(crate) async fn record_current_many(
     if decisions.is_empty() {
         return Ok(());
     }
+    use db::Ty::{Int, Text};
+    const ROWS: db::Rows = db::Rows::of(&[Int, Text, Text, Int, Text, Int, Int]);
     let sql = format!(
         "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
-         VALUES {} \
+         {} \
          ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
          SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
              expires_at = excluded.expires_at \
          WHERE {}",
-        values_rows(decisions.len(), 7),
+        ROWS.sql(conn, decisions.len()),
         Order::current("excluded").supersedes(&Order::current("consent_current")),
     );
-    let mut query = db::query(&sql).persistent(conn.keeps(decisions.len()));
+    let mut query = db::query(&sql).persistent(ROWS.keeps(conn, decisions.len()));
     for (registry_id, pseudonym, event_id, decision) in decisions {
         query = query
             .bind(*registry_id)
@@ -193,6 +195,6 @@ pub(crate) async fn record_current_many(
             .bind(millis(decision.given_at))
             .bind(decision.expires_at.map(millis));
     }
-    query.execute(&mut *conn).await?;
+    query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     Ok(())
 }

@@ -356,6 +356,8 @@ pub struct Query<'q> {
     sql: &'q str,
     args: Vec<Arg>,
     persistent: bool,
+    /// PostgreSQL: the rows' values bound as one array per column ([`Query::rows`]).
+    arrays: Option<Vec<Array>>,
 }
 
 /// A statement, prepared once per connection and kept (see [`Query::persistent`]).
@@ -364,6 +366,120 @@ pub fn query(sql: &str) -> Query<'_> {
         sql,
         args: Vec::new(),
         persistent: true,
+        arrays: None,
+    }
+}
+
+/// The SQL type of a column of a multi-row statement ([`Rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    Int,
+    Text,
+    Blob,
+}
+
+impl Ty {
+    fn pg_array(self) -> &'static str {
+        match self {
+            Ty::Int => "bigint[]",
+            Ty::Text => "text[]",
+            Ty::Blob => "bytea[]",
+        }
+    }
+}
+
+/// One column's values of many rows, bound as one PostgreSQL array.
+#[derive(Debug, Clone)]
+enum Array {
+    Int(Vec<Option<i64>>),
+    Text(Vec<Option<String>>),
+    Blob(Vec<Option<Vec<u8>>>),
+}
+
+/// The rows of a multi-row statement (`INSERT INTO t (...) <rows> [ON CONFLICT ...]`), by
+/// the types of the values each row binds and, optionally, a row template where `{i}` is
+/// the row's value `i` (for constants and subqueries: `"{0}, 1, {1}"`).
+///
+/// On SQLite, and through the pool's SQLite connections, the rows are `VALUES (...), ...`,
+/// one parameter per value, row after row: the statement's text varies with the number of
+/// rows. On PostgreSQL they are `SELECT <template> FROM UNNEST($1::bigint[], ...)`, one
+/// array parameter per column: one statement text whatever the number of rows, prepared
+/// once per connection and kept, so a large batch is not parsed and planned afresh.
+/// The values are bound the same way on both (row after row, [`Query::bind`]);
+/// [`Query::rows`] turns them into the arrays on PostgreSQL.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows {
+    pub types: &'static [Ty],
+    pub template: Option<&'static str>,
+}
+
+impl Rows {
+    pub const fn of(types: &'static [Ty]) -> Rows {
+        Rows {
+            types,
+            template: None,
+        }
+    }
+
+    pub const fn with_template(types: &'static [Ty], template: &'static str) -> Rows {
+        Rows {
+            types,
+            template: Some(template),
+        }
+    }
+
+    /// The row template with value `i` written `value(i)`.
+    fn row(&self, value: impl Fn(usize) -> String) -> String {
+        match self.template {
+            None => (0..self.types.len())
+                .map(value)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Some(template) => {
+                let mut out = template.to_owned();
+                for i in 0..self.types.len() {
+                    out = out.replace(&format!("{{{i}}}"), &value(i));
+                }
+                out
+            }
+        }
+    }
+
+    /// The rows part of the statement for `n` rows on `db`.
+    pub fn sql(&self, db: &Db<'_>, n: usize) -> String {
+        let c = self.types.len();
+        match db {
+            Db::Pg(_) => {
+                let arrays = self
+                    .types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ty)| format!("${}::{}", i + 1, ty.pg_array()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let names = (0..c)
+                    .map(|i| format!("v{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "SELECT {} FROM UNNEST({arrays}) AS u({names})",
+                    self.row(|i| format!("u.v{i}"))
+                )
+            }
+            Db::Sqlite(_) | Db::Lite(_) => format!(
+                "VALUES {}",
+                (0..n)
+                    .map(|r| format!("({})", self.row(|i| format!("${}", 1 + r * c + i))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Whether the statement of `n` rows is kept prepared on `db`: on PostgreSQL always
+    /// (one text for any number of rows), elsewhere as [`Db::keeps`].
+    pub fn keeps(&self, db: &Db<'_>, n: usize) -> bool {
+        matches!(db, Db::Pg(_)) || db.keeps(n)
     }
 }
 
@@ -381,15 +497,35 @@ impl Done {
 
 /// `$query` as a statement of sqlx's driver for `$db`, its arguments bound in order.
 macro_rules! sqlx_query {
-    ($db:ty, $query:expr) => {{
+    (Sqlite, $query:expr) => {{
         let query = $query;
-        let mut q = sqlx::query::<$db>(query.sql).persistent(query.persistent);
+        let mut q = sqlx::query::<Sqlite>(query.sql).persistent(query.persistent);
         for arg in query.args {
             q = match arg {
                 Arg::Int(v) => q.bind(v),
                 Arg::Text(v) => q.bind(v),
                 Arg::Blob(v) => q.bind(v),
                 Arg::Bool(v) => q.bind(v),
+            };
+        }
+        q
+    }};
+    (Postgres, $query:expr) => {{
+        let query = $query;
+        let mut q = sqlx::query::<Postgres>(query.sql).persistent(query.persistent);
+        for arg in query.args {
+            q = match arg {
+                Arg::Int(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+                Arg::Blob(v) => q.bind(v),
+                Arg::Bool(v) => q.bind(v),
+            };
+        }
+        for array in query.arrays.into_iter().flatten() {
+            q = match array {
+                Array::Int(v) => q.bind(v),
+                Array::Text(v) => q.bind(v),
+                Array::Blob(v) => q.bind(v),
             };
         }
         q
@@ -401,6 +537,50 @@ impl<'q> Query<'q> {
     pub fn bind(mut self, value: impl IntoArg) -> Self {
         self.args.push(value.into_arg());
         self
+    }
+
+    /// The values bound so far, row after row, as the rows of `rows` on `db`: on
+    /// PostgreSQL one array per column ([`Rows`]), elsewhere unchanged. Refuses values that
+    /// do not make whole rows or do not match the column's type.
+    pub fn rows(mut self, db: &Db<'_>, rows: &Rows) -> Result<Self> {
+        let c = rows.types.len();
+        if c == 0 || !self.args.len().is_multiple_of(c) {
+            return Err(StoreError::Corrupt(format!(
+                "{} values bound for rows of {c}",
+                self.args.len()
+            )));
+        }
+        if !matches!(db, Db::Pg(_)) {
+            return Ok(self);
+        }
+        let n = self.args.len() / c;
+        let mut arrays: Vec<Array> = rows
+            .types
+            .iter()
+            .map(|ty| match ty {
+                Ty::Int => Array::Int(Vec::with_capacity(n)),
+                Ty::Text => Array::Text(Vec::with_capacity(n)),
+                Ty::Blob => Array::Blob(Vec::with_capacity(n)),
+            })
+            .collect();
+        for (k, arg) in std::mem::take(&mut self.args).into_iter().enumerate() {
+            let column = k % c;
+            match (&mut arrays[column], arg) {
+                (Array::Int(v), Arg::Int(x)) => v.push(x),
+                (Array::Int(v), Arg::Bool(x)) => v.push(x.map(i64::from)),
+                (Array::Text(v), Arg::Text(x)) => v.push(x),
+                (Array::Blob(v), Arg::Blob(x)) => v.push(x),
+                (_, other) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "value {} of a row is {other:?}, not of its column's type {:?}",
+                        column + 1,
+                        rows.types[column]
+                    )));
+                }
+            }
+        }
+        self.arrays = Some(arrays);
+        Ok(self)
     }
 
     /// Whether the prepared statement is kept in the connection's cache (see
@@ -882,6 +1062,92 @@ mod tests {
         assert_eq!(row.try_get::<Option<i64>>(4).unwrap(), Some(9_000_000_000));
         assert!(row.try_get::<i64>(5).is_err(), "text read as an integer");
         assert!(row.try_get::<i64>(3).is_err(), "NULL read as an integer");
+    }
+
+    /// A multi-row statement's rows: `VALUES` with a parameter per value on SQLite, one
+    /// array per column under `UNNEST` on PostgreSQL (the same text for any number of
+    /// rows); the template's constants and repeated values kept in both.
+    #[test]
+    fn rows_are_values_on_sqlite_and_arrays_on_postgresql() {
+        const ROWS: Rows = Rows::with_template(&[Ty::Int, Ty::Text], "{0}, 1, {1}, {0}");
+        let mut lite = rusqlite::Connection::open_in_memory().unwrap();
+        assert_eq!(
+            ROWS.sql(&Db::Lite(&mut lite), 2),
+            "VALUES ($1, 1, $2, $1), ($3, 1, $4, $3)"
+        );
+        assert_eq!(
+            Rows::of(&[Ty::Int, Ty::Blob]).sql(&Db::Lite(&mut lite), 1),
+            "VALUES ($1, $2)"
+        );
+    }
+
+    /// On PostgreSQL the rows go in as arrays, NULLs and all, and come back as bound; a
+    /// value of the wrong type, or values that do not make whole rows, are refused.
+    /// Runs on the PostgreSQL pass of `scripts/test` (`ERN_TEST_DATABASE_URL`).
+    #[tokio::test]
+    async fn postgresql_rows_go_in_as_arrays() {
+        let Ok(url) = std::env::var("ERN_TEST_DATABASE_URL") else {
+            return;
+        };
+        if url.is_empty() {
+            return;
+        }
+        const ROWS: Rows = Rows::with_template(&[Ty::Int, Ty::Text, Ty::Blob], "{0}, 7, {1}, {2}");
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let mut db = Db::Pg(&mut conn);
+        db.execute_raw(
+            "CREATE TEMPORARY TABLE rows_t (a BIGINT, k BIGINT NOT NULL, b TEXT, c BYTEA)",
+        )
+        .await
+        .unwrap();
+        let sql = format!(
+            "INSERT INTO rows_t (a, k, b, c) {} RETURNING a",
+            ROWS.sql(&db, 3)
+        );
+        assert_eq!(
+            sql,
+            format!(
+                "INSERT INTO rows_t (a, k, b, c) {} RETURNING a",
+                ROWS.sql(&db, 1)
+            )
+        );
+        assert!(ROWS.keeps(&db, 1000));
+        let inserted = query(&sql)
+            .bind(1i64)
+            .bind("x")
+            .bind(vec![1u8, 2])
+            .bind(None::<i64>)
+            .bind(None::<String>)
+            .bind(None::<Vec<u8>>)
+            .bind(true)
+            .bind("z")
+            .bind(Vec::<u8>::new())
+            .rows(&db, &ROWS)
+            .unwrap()
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(inserted.len(), 3);
+        let read: Vec<(Option<i64>, i64, Option<String>, Option<Vec<u8>>)> =
+            query("SELECT a, k, b, c FROM rows_t ORDER BY a NULLS LAST")
+                .fetch_all(&mut db)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+        assert_eq!(
+            read,
+            [
+                (Some(1), 7, Some("x".into()), Some(vec![1, 2])),
+                (Some(1), 7, Some("z".into()), Some(vec![])),
+                (None, 7, None, None),
+            ]
+        );
+        let wrong = query(&sql).bind("not a number").bind("x").bind(vec![0u8]);
+        assert!(wrong.rows(&db, &ROWS).is_err());
+        let partial = query(&sql).bind(1i64).bind("x");
+        assert!(partial.rows(&db, &ROWS).is_err());
     }
 
     /// A parameter with no value bound is an error, not a NULL.

@@ -332,15 +332,6 @@ pub(crate) fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// `($1, $2), ($3, $4), ...`: the `VALUES` rows of a multi-row statement, `rows` rows of
-/// `columns` parameters each, numbered from 1.
-pub(crate) fn values_rows(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", placeholders(1 + r * columns, columns)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The most rows one multi-row statement carries: at the widest row written
 /// (`case_versions`, 25 columns) 6,400 parameters, well inside SQLite's 32,766 and
 /// PostgreSQL's 65,535.

@@ -673,20 +673,18 @@ pub(super) async fn log_changes(
     // names both, and a number goes unused (harmless: readers read after a number).
     let touched: Vec<(i64, i64)> = touched.into_iter().collect();
     let mut seq = last - touched.len() as i64;
+    const ROWS: db::Rows = db::Rows::of(&[db::Ty::Int; 3]);
     for chunk in conn.chunks(&touched, CHUNK) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-            .collect();
         let sql = format!(
-            "INSERT INTO research_log (seq, registry_id, slot) VALUES {}",
-            values.join(", ")
+            "INSERT INTO research_log (seq, registry_id, slot) {}",
+            ROWS.sql(conn, chunk.len())
         );
-        let mut q = db::query(&sql).persistent(conn.keeps(chunk.len()));
+        let mut q = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for &(registry_id, slot) in chunk {
             seq += 1;
             q = q.bind(seq).bind(registry_id).bind(slot);
         }
-        q.execute(&mut *conn).await?;
+        q.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }
     if last / PRUNE_EVERY > (last - count as i64) / PRUNE_EVERY && last - LOG_KEPT > pruned_through
     {
