@@ -1128,14 +1128,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(inserted.len(), 3);
-        let read: Vec<(Option<i64>, i64, Option<String>, Option<Vec<u8>>)> =
-            query("SELECT a, k, b, c FROM rows_t ORDER BY a NULLS LAST")
-                .fetch_all(&mut db)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect();
+        type Read = (Option<i64>, i64, Option<String>, Option<Vec<u8>>);
+        let read: Vec<Read> = query("SELECT a, k, b, c FROM rows_t ORDER BY a NULLS LAST")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
         assert_eq!(
             read,
             [
