@@ -334,9 +334,11 @@ pub(crate) fn placeholders(from: usize, n: usize) -> String {
 
 /// The most rows one multi-row statement carries: at the widest row written
 /// (`case_versions`, 25 columns) 6,400 parameters, well inside SQLite's 32,766 and
-/// PostgreSQL's 65,535.
+/// PostgreSQL's 65,535 (there the rows of an `INSERT` are one array per column,
+/// `db::Rows`, so only the other multi-row statements count their parameters).
 ///
-/// Their text varies with the number of rows: see [`cacheable`].
+/// Their text varies with the number of rows, except the PostgreSQL `INSERT`s of
+/// `db::Rows`: see [`cacheable`].
 pub(crate) const ROWS_PER_STATEMENT: usize = 256;
 
 /// Whether a statement of `rows` rows (or list items) is kept in the connection's cache
