@@ -268,27 +268,39 @@ async fn tag_rows(
                     .map(move |&id| (id, first + i as i64))
             })
             .collect();
+        // (id, entry) pairs: on PostgreSQL two arrays (`db::Rows`), one statement text.
+        const PAIRS: db::Rows = db::Rows::of(&[db::Ty::Int, db::Ty::Int]);
         for chunk in conn.chunks(&pairs, TAG_CHUNK) {
-            // `CASE id WHEN $1 THEN $2 WHEN $3 THEN $4 ... END WHERE id IN ($1, $3, ...)`.
-            let cases: Vec<String> = (0..chunk.len())
-                .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
-                .collect();
-            let ids: Vec<String> = (0..chunk.len())
-                .map(|i| format!("${}", 2 * i + 1))
-                .collect();
-            let sql = format!(
-                "UPDATE {t} SET audit_seq = CASE id {cases} END \
-                 WHERE id IN ({ids}) AND audit_seq IS NULL RETURNING audit_seq, {columns}",
-                t = table.sql(),
-                cases = cases.join(" "),
-                ids = ids.join(", "),
-                columns = column_list(table),
-            );
-            let mut query = db::query(&sql).persistent(conn.keeps(chunk.len()));
+            let sql = if matches!(conn, Db::Pg(_)) {
+                format!(
+                    "UPDATE {t} SET audit_seq = u.tag_seq \
+                     FROM UNNEST($1::bigint[], $2::bigint[]) AS u(tag_id, tag_seq) \
+                     WHERE id = u.tag_id AND audit_seq IS NULL RETURNING audit_seq, {columns}",
+                    t = table.sql(),
+                    columns = column_list(table),
+                )
+            } else {
+                // `CASE id WHEN $1 THEN $2 WHEN $3 THEN $4 ... END WHERE id IN ($1, $3, ...)`.
+                let cases: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
+                    .collect();
+                let ids: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("${}", 2 * i + 1))
+                    .collect();
+                format!(
+                    "UPDATE {t} SET audit_seq = CASE id {cases} END \
+                     WHERE id IN ({ids}) AND audit_seq IS NULL RETURNING audit_seq, {columns}",
+                    t = table.sql(),
+                    cases = cases.join(" "),
+                    ids = ids.join(", "),
+                    columns = column_list(table),
+                )
+            };
+            let mut query = db::query(&sql).persistent(PAIRS.keeps(conn, chunk.len()));
             for &(id, seq) in chunk {
                 query = query.bind(id).bind(seq);
             }
-            let tagged = query.fetch_all(&mut *conn).await?;
+            let tagged = query.rows(conn, &PAIRS)?.fetch_all(&mut *conn).await?;
             if tagged.len() != chunk.len() {
                 return Err(StoreError::Corrupt(format!(
                     "{} of {} {table} rows written in this transaction could be tagged with their audit entry",
