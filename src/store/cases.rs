@@ -10,9 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::db::{self, Db, Row};
 use chrono::{DateTime, Utc};
 
-use super::{
-    ROWS_PER_STATEMENT, Result, StoreError, consent_model, from_millis, millis, placeholders,
-};
+use super::{ROWS_PER_STATEMENT, Result, StoreError, consent_model, from_millis, millis};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{
     CaseRecord, DomainError, FindingInput, OnsetKind, PartialDate, PatientStatus, RecordInput, Sex,
@@ -119,6 +117,9 @@ fn by_registry<'a>(conn: &Db<'_>, patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<
         .collect()
 }
 
+/// A list of pseudonyms (`IN (...)`, or one array on PostgreSQL).
+const PSEUDONYMS: db::List = db::List(db::Ty::Text);
+
 /// The consent histories of several patients (registry id, pseudonym), each oldest event
 /// first as [`load_consent`] gives it: one statement per registry and chunk instead of
 /// one per patient. Patients with no history are absent.
@@ -130,15 +131,16 @@ pub(crate) async fn load_consent_many(
     for (registry_id, pseudonyms) in by_registry(conn, patients) {
         let sql = format!(
             "SELECT pseudonym, id, scope, state, given_at, expires_at FROM consent_events \
-             WHERE registry_id = $1 AND pseudonym IN ({}) ORDER BY id",
-            placeholders(2, pseudonyms.len())
+             WHERE registry_id = $1 AND pseudonym {} ORDER BY id",
+            PSEUDONYMS.sql(conn, 2, pseudonyms.len())
         );
         let mut query = db::query(&sql)
-            .persistent(conn.keeps(pseudonyms.len()))
+            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
             .bind(registry_id);
         for pseudonym in &pseudonyms {
             query = query.bind(*pseudonym);
         }
+        let query = query.list(conn, 2, &PSEUDONYMS)?;
         for row in query.fetch_all(&mut *conn).await? {
             let pseudonym: String = row.try_get(0)?;
             let event = event_from_row(&row, 1)?;
@@ -160,15 +162,16 @@ pub(crate) async fn cases_of_many(
     let mut found = HashSet::new();
     for (registry_id, pseudonyms) in by_registry(conn, patients) {
         let sql = format!(
-            "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym IN ({})",
-            placeholders(2, pseudonyms.len())
+            "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym {}",
+            PSEUDONYMS.sql(conn, 2, pseudonyms.len())
         );
         let mut query = db::query(&sql)
-            .persistent(conn.keeps(pseudonyms.len()))
+            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
             .bind(registry_id);
         for pseudonym in &pseudonyms {
             query = query.bind(*pseudonym);
         }
+        let query = query.list(conn, 2, &PSEUDONYMS)?;
         for row in query.fetch_all(&mut *conn).await? {
             found.insert((registry_id, row.try_get(0)?, row.try_get(1)?));
         }

@@ -396,6 +396,36 @@ enum Array {
     Blob(Vec<Option<Vec<u8>>>),
 }
 
+/// A list of values a statement tests a column against, its last parameters: `IN ($k,
+/// $k+1, ...)` on SQLite, one parameter per value, and on PostgreSQL `= ANY($k::text[])`,
+/// one array, so the statement has one text whatever the number of values (prepared once
+/// per connection). The values are bound one by one either way; [`Query::list`] turns
+/// them into the array on PostgreSQL.
+#[derive(Debug, Clone, Copy)]
+pub struct List(pub Ty);
+
+impl List {
+    /// The test for `n` values whose first parameter is `$first`: `IN (...)` or `= ANY(...)`.
+    pub fn sql(&self, db: &Db<'_>, first: usize, n: usize) -> String {
+        match db {
+            Db::Pg(_) => format!("= ANY(${first}::{})", self.0.pg_array()),
+            Db::Sqlite(_) | Db::Lite(_) => format!(
+                "IN ({})",
+                (first..first + n)
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Whether the statement with `n` values is kept prepared on `db`: on PostgreSQL always
+    /// (one text for any number of values), elsewhere as [`Db::keeps`].
+    pub fn keeps(&self, db: &Db<'_>, n: usize) -> bool {
+        matches!(db, Db::Pg(_)) || db.keeps(n)
+    }
+}
+
 /// The rows of a multi-row statement (`INSERT INTO t (...) <rows> [ON CONFLICT ...]`), by
 /// the types of the values each row binds and, optionally, a row template where `{i}` is
 /// the row's value `i` (for constants and subqueries: `"{0}, 1, {1}"`).
@@ -580,6 +610,42 @@ impl<'q> Query<'q> {
             }
         }
         self.arrays = Some(arrays);
+        Ok(self)
+    }
+
+    /// The values bound from parameter `$first` on, the statement's last, as the values of
+    /// `list` on `db`: on PostgreSQL one array ([`List`]), elsewhere unchanged. Refuses a
+    /// value not of the list's type.
+    pub fn list(mut self, db: &Db<'_>, first: usize, list: &List) -> Result<Self> {
+        if first == 0 || first > self.args.len() + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "a list from parameter ${first} of a statement with {} values",
+                self.args.len()
+            )));
+        }
+        if !matches!(db, Db::Pg(_)) {
+            return Ok(self);
+        }
+        let values = self.args.split_off(first - 1);
+        let mut array = match list.0 {
+            Ty::Int => Array::Int(Vec::with_capacity(values.len())),
+            Ty::Text => Array::Text(Vec::with_capacity(values.len())),
+            Ty::Blob => Array::Blob(Vec::with_capacity(values.len())),
+        };
+        for value in values {
+            match (&mut array, value) {
+                (Array::Int(v), Arg::Int(x)) => v.push(x),
+                (Array::Text(v), Arg::Text(x)) => v.push(x),
+                (Array::Blob(v), Arg::Blob(x)) => v.push(x),
+                (_, other) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "a list value is {other:?}, not of the list's type {:?}",
+                        list.0
+                    )));
+                }
+            }
+        }
+        self.arrays.get_or_insert_with(Vec::new).push(array);
         Ok(self)
     }
 
@@ -1068,7 +1134,7 @@ mod tests {
     /// array per column under `UNNEST` on PostgreSQL (the same text for any number of
     /// rows); the template's constants and repeated values kept in both.
     #[test]
-    fn rows_are_values_on_sqlite_and_arrays_on_postgresql() {
+    fn rows_and_lists_are_parameters_on_sqlite_and_arrays_on_postgresql() {
         const ROWS: Rows = Rows::with_template(&[Ty::Int, Ty::Text], "{0}, 1, {1}, {0}");
         let mut lite = rusqlite::Connection::open_in_memory().unwrap();
         assert_eq!(
@@ -1078,6 +1144,10 @@ mod tests {
         assert_eq!(
             Rows::of(&[Ty::Int, Ty::Blob]).sql(&Db::Lite(&mut lite), 1),
             "VALUES ($1, $2)"
+        );
+        assert_eq!(
+            List(Ty::Text).sql(&Db::Lite(&mut lite), 2, 3),
+            "IN ($2, $3, $4)"
         );
     }
 
@@ -1143,6 +1213,30 @@ mod tests {
                 (Some(1), 7, Some("z".into()), Some(vec![])),
                 (None, 7, None, None),
             ]
+        );
+        // A list: `= ANY` of one array, one statement text for any number of values.
+        const TEXTS: List = List(Ty::Text);
+        assert_eq!(TEXTS.sql(&db, 2, 3), "= ANY($2::text[])");
+        let sql_list = format!(
+            "SELECT COUNT(*) FROM rows_t WHERE k = $1 AND b {}",
+            TEXTS.sql(&db, 2, 2)
+        );
+        let n: i64 = query(&sql_list)
+            .bind(7i64)
+            .bind("x")
+            .bind("z")
+            .list(&db, 2, &TEXTS)
+            .unwrap()
+            .fetch_scalar(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert!(
+            query(&sql_list)
+                .bind(7i64)
+                .bind(1i64)
+                .list(&db, 2, &TEXTS)
+                .is_err()
         );
         let wrong = query(&sql).bind("not a number").bind("x").bind(vec![0u8]);
         assert!(wrong.rows(&db, &ROWS).is_err());

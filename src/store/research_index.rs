@@ -477,6 +477,9 @@ async fn changes_in(
     Ok(Changes::Loaded { through })
 }
 
+/// A list of pseudonyms (`IN (...)`, or one array on PostgreSQL).
+const PSEUDONYMS: db::List = db::List(db::Ty::Text);
+
 /// The rows of `slots` of a registry, with their other cases, in one statement. On
 /// SQLite, `INDEXED BY` and `CROSS JOIN` make it start from the slots, as PostgreSQL's
 /// planner does: without statistics SQLite takes an equality on `registry_id` for a few
@@ -488,20 +491,21 @@ async fn load_slots(
     slots: &[i64],
     sink: &mut impl IndexSink,
 ) -> Result<()> {
-    let list = placeholders(2, slots.len());
+    const SLOTS: db::List = db::List(db::Ty::Int);
+    let list = SLOTS.sql(db, 2, slots.len());
     let by_slot = match backend {
         Backend::Sqlite => "patients p INDEXED BY patients_slot",
         Backend::Postgres => "patients p",
     };
     let sql = format!(
         "SELECT 0, {patient} FROM {by_slot} \
-         WHERE p.registry_id = $1 AND p.slot IN ({list}) \
+         WHERE p.registry_id = $1 AND p.slot {list} \
          UNION ALL \
          SELECT 1, CAST(p.slot AS TEXT) || '|' || c.centre_id || '|' \
                    || COALESCE(CAST(v.orphacode AS TEXT), '') \
          FROM {by_slot} CROSS JOIN cases c \
          JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
-         WHERE p.registry_id = $1 AND p.slot IN ({list}) \
+         WHERE p.registry_id = $1 AND p.slot {list} \
            AND c.registry_id = p.registry_id AND c.pseudonym = p.pseudonym \
            AND c.id <> p.case_id \
          ORDER BY 1",
@@ -510,11 +514,12 @@ async fn load_slots(
     // Kept prepared when small (a catch-up after each commit of a quiet server names a
     // slot or two): the statement is long, and parsing it was a cost of every commit.
     let mut q = db::query(&sql)
-        .persistent(db.keeps(slots.len()))
+        .persistent(SLOTS.keeps(db, slots.len()))
         .bind(registry_id);
     for slot in slots {
         q = q.bind(*slot);
     }
+    let q = q.list(db, 2, &SLOTS)?;
     for row in q.fetch_all(&mut *db).await? {
         if row.try_get::<i64>(0)? == 0 {
             sink.patient(unpack_patient(row.try_get(1)?)?)?;
@@ -575,15 +580,16 @@ async fn slots_of(
     for (registry_id, pseudonyms) in by_registry {
         for chunk in conn.chunks(&pseudonyms, CHUNK) {
             let sql = format!(
-                "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym IN ({})",
-                placeholders(2, chunk.len())
+                "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym {}",
+                PSEUDONYMS.sql(conn, 2, chunk.len())
             );
             let mut q = db::query(&sql)
-                .persistent(conn.keeps(chunk.len()))
+                .persistent(PSEUDONYMS.keeps(conn, chunk.len()))
                 .bind(registry_id);
             for p in chunk {
                 q = q.bind(*p);
             }
+            let q = q.list(conn, 2, &PSEUDONYMS)?;
             for row in q.fetch_all(&mut *conn).await? {
                 out.push(((registry_id, row.try_get(0)?), row.try_get(1)?));
             }
@@ -646,18 +652,18 @@ pub(super) async fn log_changes(
                  FROM (SELECT registry_id, pseudonym, \
                               $2 + ROW_NUMBER() OVER (ORDER BY pseudonym) - 1 AS slot \
                        FROM patients \
-                       WHERE registry_id = $1 AND slot IS NULL AND pseudonym IN ({})) AS n \
+                       WHERE registry_id = $1 AND slot IS NULL AND pseudonym {}) AS n \
                  WHERE patients.registry_id = n.registry_id AND patients.pseudonym = n.pseudonym",
-                placeholders(3, chunk.len())
+                PSEUDONYMS.sql(conn, 3, chunk.len())
             );
             let mut q = db::query(&sql)
-                .persistent(conn.keeps(chunk.len()))
+                .persistent(PSEUDONYMS.keeps(conn, chunk.len()))
                 .bind(registry_id)
                 .bind(next);
             for p in chunk {
                 q = q.bind(p.as_str());
             }
-            let done = q.execute(&mut *conn).await?;
+            let done = q.list(conn, 3, &PSEUDONYMS)?.execute(&mut *conn).await?;
             if done.rows_affected() != chunk.len() as u64 {
                 return Err(StoreError::Corrupt(
                     "research rows changed while their slots were given".into(),
