@@ -268,10 +268,11 @@ async fn tag_rows(
                     .map(move |&id| (id, first + i as i64))
             })
             .collect();
-        // (id, entry) pairs: on PostgreSQL two arrays (`db::Rows`), one statement text.
+        // (id, entry) pairs: in a large batch on PostgreSQL two arrays (`db::Rows`), one
+        // statement text.
         const PAIRS: db::Rows = db::Rows::of(&[db::Ty::Int, db::Ty::Int]);
         for chunk in conn.chunks(&pairs, TAG_CHUNK) {
-            let sql = if matches!(conn, Db::Pg(_)) {
+            let sql = if conn.arrays_for(chunk.len()) {
                 format!(
                     "UPDATE {t} SET audit_seq = u.tag_seq \
                      FROM UNNEST($1::bigint[], $2::bigint[]) AS u(tag_id, tag_seq) \
