@@ -290,6 +290,12 @@ impl<'c> Db<'c> {
         matches!(self, Db::Pg(_)) && !super::cacheable(n)
     }
 
+    /// Whether a statement over a batch of `n` rows or values ([`Rows`], [`List`]) is kept
+    /// prepared: always with arrays (one text for any size), else as [`Db::keeps`].
+    pub fn keeps_batch(&self, n: usize) -> bool {
+        self.arrays_for(n) || self.keeps(n)
+    }
+
     /// A shorter-lived handle on the same connection.
     pub fn reborrow(&mut self) -> Db<'_> {
         match self {
@@ -405,6 +411,29 @@ enum Array {
     Blob(Vec<Option<Vec<u8>>>),
 }
 
+impl Array {
+    fn new(ty: Ty, capacity: usize) -> Array {
+        match ty {
+            Ty::Int => Array::Int(Vec::with_capacity(capacity)),
+            Ty::Text => Array::Text(Vec::with_capacity(capacity)),
+            Ty::Blob => Array::Blob(Vec::with_capacity(capacity)),
+        }
+    }
+
+    /// Appends `value`, or gives it back when it is not of the array's type (a flag is an
+    /// integer, as the schema stores it).
+    fn push(&mut self, value: Arg) -> std::result::Result<(), Arg> {
+        match (self, value) {
+            (Array::Int(v), Arg::Int(x)) => v.push(x),
+            (Array::Int(v), Arg::Bool(x)) => v.push(x.map(i64::from)),
+            (Array::Text(v), Arg::Text(x)) => v.push(x),
+            (Array::Blob(v), Arg::Blob(x)) => v.push(x),
+            (_, other) => return Err(other),
+        }
+        Ok(())
+    }
+}
+
 /// A list of values a statement tests a column against, its last parameters: `IN ($k,
 /// $k+1, ...)`, one parameter per value, and for a longer list on PostgreSQL
 /// ([`Db::arrays_for`]) `= ANY($k::text[])`, one array, so the statement has one text
@@ -428,10 +457,9 @@ impl List {
         )
     }
 
-    /// Whether the statement with `n` values is kept prepared on `db`: always as an
-    /// array (one text for any number of values), else as [`Db::keeps`].
+    /// Whether the statement with `n` values is kept prepared ([`Db::keeps_batch`]).
     pub fn keeps(&self, db: &Db<'_>, n: usize) -> bool {
-        db.arrays_for(n) || db.keeps(n)
+        db.keeps_batch(n)
     }
 }
 
@@ -514,10 +542,9 @@ impl Rows {
         )
     }
 
-    /// Whether the statement of `n` rows is kept prepared on `db`: always as arrays (one
-    /// text for any number of rows), else as [`Db::keeps`].
+    /// Whether the statement of `n` rows is kept prepared ([`Db::keeps_batch`]).
     pub fn keeps(&self, db: &Db<'_>, n: usize) -> bool {
-        db.arrays_for(n) || db.keeps(n)
+        db.keeps_batch(n)
     }
 }
 
@@ -533,33 +560,16 @@ impl Done {
     }
 }
 
-/// `$query` as a statement of sqlx's driver for `$db`, its arguments bound in order.
+/// `$query` as a statement of sqlx's driver for `$db` (`Sqlite` or `Postgres`), its
+/// arguments bound in order, then its arrays (PostgreSQL only: [`Query::rows`]).
 macro_rules! sqlx_query {
-    (Sqlite, $query:expr) => {{
-        let query = $query;
-        let mut q = sqlx::query::<Sqlite>(query.sql).persistent(query.persistent);
-        for arg in query.args {
-            q = match arg {
-                Arg::Int(v) => q.bind(v),
-                Arg::Text(v) => q.bind(v),
-                Arg::Blob(v) => q.bind(v),
-                Arg::Bool(v) => q.bind(v),
-            };
-        }
-        q
+    (@arrays Sqlite, $q:ident, $arrays:ident) => {{
+        debug_assert!($arrays.is_none(), "arrays are bound on PostgreSQL only");
+        $q
     }};
-    (Postgres, $query:expr) => {{
-        let query = $query;
-        let mut q = sqlx::query::<Postgres>(query.sql).persistent(query.persistent);
-        for arg in query.args {
-            q = match arg {
-                Arg::Int(v) => q.bind(v),
-                Arg::Text(v) => q.bind(v),
-                Arg::Blob(v) => q.bind(v),
-                Arg::Bool(v) => q.bind(v),
-            };
-        }
-        for array in query.arrays.into_iter().flatten() {
+    (@arrays Postgres, $q:ident, $arrays:ident) => {{
+        let mut q = $q;
+        for array in $arrays.into_iter().flatten() {
             q = match array {
                 Array::Int(v) => q.bind(v),
                 Array::Text(v) => q.bind(v),
@@ -567,6 +577,24 @@ macro_rules! sqlx_query {
             };
         }
         q
+    }};
+    ($db:ident, $query:expr) => {{
+        let Query {
+            sql,
+            args,
+            persistent,
+            arrays,
+        } = $query;
+        let mut q = sqlx::query::<$db>(sql).persistent(persistent);
+        for arg in args {
+            q = match arg {
+                Arg::Int(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+                Arg::Blob(v) => q.bind(v),
+                Arg::Bool(v) => q.bind(v),
+            };
+        }
+        sqlx_query!(@arrays $db, q, arrays)
     }};
 }
 
@@ -592,30 +620,16 @@ impl<'q> Query<'q> {
         if !db.arrays_for(n) {
             return Ok(self);
         }
-        let mut arrays: Vec<Array> = rows
-            .types
-            .iter()
-            .map(|ty| match ty {
-                Ty::Int => Array::Int(Vec::with_capacity(n)),
-                Ty::Text => Array::Text(Vec::with_capacity(n)),
-                Ty::Blob => Array::Blob(Vec::with_capacity(n)),
-            })
-            .collect();
+        let mut arrays: Vec<Array> = rows.types.iter().map(|&ty| Array::new(ty, n)).collect();
         for (k, arg) in std::mem::take(&mut self.args).into_iter().enumerate() {
             let column = k % c;
-            match (&mut arrays[column], arg) {
-                (Array::Int(v), Arg::Int(x)) => v.push(x),
-                (Array::Int(v), Arg::Bool(x)) => v.push(x.map(i64::from)),
-                (Array::Text(v), Arg::Text(x)) => v.push(x),
-                (Array::Blob(v), Arg::Blob(x)) => v.push(x),
-                (_, other) => {
-                    return Err(StoreError::Corrupt(format!(
-                        "value {} of a row is {other:?}, not of its column's type {:?}",
-                        column + 1,
-                        rows.types[column]
-                    )));
-                }
-            }
+            arrays[column].push(arg).map_err(|other| {
+                StoreError::Corrupt(format!(
+                    "value {} of a row is {other:?}, not of its column's type {:?}",
+                    column + 1,
+                    rows.types[column]
+                ))
+            })?;
         }
         self.arrays = Some(arrays);
         Ok(self)
@@ -636,23 +650,14 @@ impl<'q> Query<'q> {
             return Ok(self);
         }
         let values = self.args.split_off(first - 1);
-        let mut array = match list.0 {
-            Ty::Int => Array::Int(Vec::with_capacity(values.len())),
-            Ty::Text => Array::Text(Vec::with_capacity(values.len())),
-            Ty::Blob => Array::Blob(Vec::with_capacity(values.len())),
-        };
+        let mut array = Array::new(list.0, values.len());
         for value in values {
-            match (&mut array, value) {
-                (Array::Int(v), Arg::Int(x)) => v.push(x),
-                (Array::Text(v), Arg::Text(x)) => v.push(x),
-                (Array::Blob(v), Arg::Blob(x)) => v.push(x),
-                (_, other) => {
-                    return Err(StoreError::Corrupt(format!(
-                        "a list value is {other:?}, not of the list's type {:?}",
-                        list.0
-                    )));
-                }
-            }
+            array.push(value).map_err(|other| {
+                StoreError::Corrupt(format!(
+                    "a list value is {other:?}, not of the list's type {:?}",
+                    list.0
+                ))
+            })?;
         }
         self.arrays.get_or_insert_with(Vec::new).push(array);
         Ok(self)
