@@ -55,32 +55,9 @@ impl Pool {
         }
     }
 
-    pub fn is_closed(&self) -> bool {
-        match self {
-            Pool::Sqlite(pool) => pool.is_closed(),
-            Pool::Postgres(pool) => pool.is_closed(),
-        }
-    }
-
     /// Runs `sql` (several statements, no parameters) on a connection of the pool.
     pub async fn execute_raw(&self, sql: &str) -> Result<()> {
         self.acquire().await?.db().execute_raw(sql).await
-    }
-
-    /// Connections open, in use or idle.
-    pub fn size(&self) -> u32 {
-        match self {
-            Pool::Sqlite(pool) => pool.size(),
-            Pool::Postgres(pool) => pool.size(),
-        }
-    }
-
-    /// Connections open and idle.
-    pub fn num_idle(&self) -> usize {
-        match self {
-            Pool::Sqlite(pool) => pool.num_idle(),
-            Pool::Postgres(pool) => pool.num_idle(),
-        }
     }
 }
 
@@ -118,13 +95,10 @@ impl Single {
     /// Connects to `url` (`sqlite:` or `postgres://`), with the driver's default settings.
     pub async fn connect(url: &str) -> Result<Single> {
         use sqlx::Connection as _;
-        if url.starts_with("sqlite:") {
-            Ok(Single::Sqlite(SqliteConnection::connect(url).await?))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Single::Postgres(PgConnection::connect(url).await?))
-        } else {
-            Err(StoreError::UnsupportedUrl)
-        }
+        Ok(match super::Backend::of_url(url)? {
+            super::Backend::Sqlite => Single::Sqlite(SqliteConnection::connect(url).await?),
+            super::Backend::Postgres => Single::Postgres(PgConnection::connect(url).await?),
+        })
     }
 
     pub fn db(&mut self) -> Db<'_> {
@@ -303,18 +277,6 @@ impl<'c> Db<'c> {
             Db::Pg(conn) => Db::Pg(conn),
             Db::Lite(conn) => Db::Lite(conn),
         }
-    }
-}
-
-impl<'c> From<&'c mut SqliteConnection> for Db<'c> {
-    fn from(conn: &'c mut SqliteConnection) -> Self {
-        Db::Sqlite(conn)
-    }
-}
-
-impl<'c> From<&'c mut PgConnection> for Db<'c> {
-    fn from(conn: &'c mut PgConnection) -> Self {
-        Db::Pg(conn)
     }
 }
 

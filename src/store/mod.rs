@@ -360,6 +360,17 @@ pub fn from_millis(ms: i64) -> Result<DateTime<Utc>> {
 }
 
 impl Backend {
+    /// The database a URL names: `sqlite:...` or `postgres://` / `postgresql://`.
+    pub fn of_url(url: &str) -> Result<Backend> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+
     /// Writer partitions by default: one on SQLite (a single-writer database), several on
     /// PostgreSQL.
     pub fn default_writers(self) -> usize {
@@ -375,13 +386,7 @@ impl Store {
     /// synchronous commits (an acknowledged write survives a crash or power loss),
     /// foreign keys and a busy timeout for the admin CLI writing beside the server.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
-            return Err(StoreError::UnsupportedUrl);
-        };
+        let backend = Backend::of_url(url)?;
         let pool = match backend {
             Backend::Sqlite => Pool::Sqlite(
                 PoolOptions::new()
