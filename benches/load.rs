@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use ern_registry::consent::{Decision, Scope, Source};
 use ern_registry::fixtures;
 use ern_registry::proto::{self, case_service_client::CaseServiceClient};
@@ -747,15 +747,22 @@ enum Val<'a> {
     T(&'a str),
     NullI,
     NullT,
+    /// An instant, in milliseconds: integer milliseconds on SQLite, a TIMESTAMPTZ on
+    /// PostgreSQL, as the schema keeps it (`store::db`).
+    At(i64),
+    NullAt,
+    /// A flag: 0/1 on SQLite, a BOOLEAN on PostgreSQL.
+    B(bool),
 }
 
 impl rusqlite::ToSql for Val<'_> {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
         use rusqlite::types::{Null, ToSqlOutput};
         Ok(match *self {
-            Val::I(i) => ToSqlOutput::from(i),
+            Val::I(i) | Val::At(i) => ToSqlOutput::from(i),
+            Val::B(b) => ToSqlOutput::from(i64::from(b)),
             Val::T(s) => ToSqlOutput::from(s),
-            Val::NullI | Val::NullT => ToSqlOutput::from(Null),
+            Val::NullI | Val::NullT | Val::NullAt => ToSqlOutput::from(Null),
         })
     }
 }
@@ -942,11 +949,11 @@ impl RawRows {
                     Val::T(p),
                     Val::T(scope),
                     Val::T(Decision::Granted.as_str()),
-                    Val::I(self.given_at),
+                    Val::At(self.given_at),
                     Val::T(fixtures::FORM_VERSION),
-                    Val::NullI,
+                    Val::NullAt,
                     Val::I(self.principal_id),
-                    Val::I(now),
+                    Val::At(now),
                     Val::T(Source::PhysicianAttestation.as_str()),
                 ]);
             }
@@ -973,8 +980,8 @@ impl RawRows {
                     Val::T(scope),
                     Val::I(id),
                     Val::T(Decision::Granted.as_str()),
-                    Val::I(self.given_at),
-                    Val::NullI,
+                    Val::At(self.given_at),
+                    Val::NullAt,
                 ]);
             }
         }
@@ -988,8 +995,8 @@ impl RawRows {
                 Val::I(self.registry_id),
                 Val::T(p),
                 Val::I(self.centre_id),
-                Val::I(now),
-                Val::I(now),
+                Val::At(now),
+                Val::At(now),
             ]);
         }
         v
@@ -1002,7 +1009,7 @@ impl RawRows {
             v.extend([
                 Val::I(*id),
                 Val::I(1),
-                Val::I(now),
+                Val::At(now),
                 Val::I(self.principal_id),
                 Val::T(&r.birth_year_month),
                 Val::T(&r.sex),
@@ -1011,7 +1018,7 @@ impl RawRows {
                 ot(r.first_contact_date.as_deref()),
                 Val::T(&r.onset_kind),
                 ot(r.onset_date.as_deref()),
-                Val::I(i64::from(r.undiagnosed)),
+                Val::B(r.undiagnosed),
                 oi(r.orphacode),
                 ot(r.diagnosis_date.as_deref()),
                 Val::T(&r.icd10),
@@ -1067,8 +1074,8 @@ impl RawRows {
                 oi(r.onset_age_days),
                 oi(r.diagnosis_age_days),
                 oi(r.delay_days),
-                Val::I(1),
-                Val::NullI,
+                Val::B(true),
+                Val::NullAt,
                 Val::T(&self.genes_column),
                 Val::T(&r.hpo_terms),
             ]);
@@ -1241,6 +1248,8 @@ where
     for<'q> String: sqlx::Decode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<i64>: sqlx::Encode<'q, DB>,
     for<'q> Option<&'q str>: sqlx::Encode<'q, DB>,
+    for<'q> Option<DateTime<Utc>>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<<DB as sqlx::Database>::Row>,
 {
     fn bound<'q, DB>(
@@ -1253,7 +1262,11 @@ where
         &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         Option<i64>: sqlx::Encode<'q, DB>,
         Option<&'q str>: sqlx::Encode<'q, DB>,
+        Option<DateTime<Utc>>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     {
+        // PostgreSQL's instants and flags are typed columns; SQLite's are integers.
+        let typed = DB::NAME == "PostgreSQL";
         let mut query = sqlx::query(sql);
         for v in values {
             query = match *v {
@@ -1261,6 +1274,12 @@ where
                 Val::T(s) => query.bind(s),
                 Val::NullI => query.bind(None::<i64>),
                 Val::NullT => query.bind(None::<&str>),
+                Val::At(ms) if typed => query.bind(DateTime::from_timestamp_millis(ms)),
+                Val::At(ms) => query.bind(ms),
+                Val::NullAt if typed => query.bind(None::<DateTime<Utc>>),
+                Val::NullAt => query.bind(None::<i64>),
+                Val::B(b) if typed => query.bind(b),
+                Val::B(b) => query.bind(i64::from(b)),
             };
         }
         query

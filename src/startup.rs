@@ -495,8 +495,7 @@ impl Application {
         };
         // Imports that died before finishing leave staged releases: removed (never in
         // force, never activated; `store::codes::remove_abandoned`).
-        crate::store::codes::remove_abandoned(&store, chrono::Utc::now().timestamp_millis())
-            .await?;
+        crate::store::codes::remove_abandoned(&store, chrono::Utc::now()).await?;
         // The code releases in force; without one, codes get format checks only.
         let codes = Arc::new(crate::service::Codes::new(Default::default()));
         codes.refresh(&store).await?;

@@ -9,7 +9,6 @@ use crate::domain::FieldViolations;
 use crate::proto::{self, admin_service_server::AdminService};
 use crate::service::{Call, ServiceError, admin};
 use crate::store::audit::AuditFilter;
-use crate::store::{from_millis, millis};
 
 /// Entries of one page when the request names no limit, and at most.
 const DEFAULT_PAGE: u32 = 100;
@@ -45,12 +44,12 @@ impl AdminApi {
             }
         }
         let mut time = |field: &str, t: &Option<prost_types::Timestamp>| match t {
-            None => 0,
+            None => None,
             Some(t) => match timestamp_from_proto(t) {
-                Some(t) => millis(t),
+                Some(t) => Some(t),
                 None => {
                     v.push(field, "is not a valid timestamp");
-                    0
+                    None
                 }
             },
         };
@@ -82,7 +81,7 @@ impl AdminApi {
             .into_iter()
             .map(|s| proto::AuditEntry {
                 seq: s.seq as u64,
-                at: from_millis(s.at).ok().map(timestamp_to_proto),
+                at: chrono::DateTime::from_timestamp_millis(s.at).map(timestamp_to_proto),
                 principal: s.entry.principal,
                 role: s.entry.role,
                 centre: s.entry.centre,

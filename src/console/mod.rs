@@ -861,7 +861,9 @@ async fn officer_expiring_next(
     };
     let cursor = (|| {
         Some(crate::store::console::ExpiryCursor {
-            expires_at: form.get("after.expires_at").parse().ok()?,
+            expires_at: chrono::DateTime::from_timestamp_millis(
+                form.get("after.expires_at").parse().ok()?,
+            )?,
             registry_id: form.get("after.registry_id").parse().ok()?,
             pseudonym: form.get("after.pseudonym").to_owned(),
             scope: scope_named(form.get("after.scope"))?.as_str().to_owned(),

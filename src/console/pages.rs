@@ -575,7 +575,7 @@ fn expiry_rows(ctx: &Ctx, days: i64, list: ExpiryList, page: &ExpiringPage) -> M
                     (csrf(ctx))
                     input type="hidden" name="list" value=(name);
                     input type="hidden" name="days" value=(days);
-                    input type="hidden" name="after.expires_at" value=(cursor.expires_at);
+                    input type="hidden" name="after.expires_at" value=(cursor.expires_at.timestamp_millis());
                     input type="hidden" name="after.registry_id" value=(cursor.registry_id);
                     input type="hidden" name="after.pseudonym" value=(cursor.pseudonym);
                     input type="hidden" name="after.scope" value=(cursor.scope);

@@ -65,7 +65,7 @@ pub struct ReleaseInfo {
     pub version: String,
     /// ISO date of the release, when the files give one.
     pub released_on: Option<String>,
-    pub imported_at_millis: i64,
+    pub imported_at: chrono::DateTime<chrono::Utc>,
     /// The files it was imported from (names only).
     pub source: String,
     pub terms: i64,
@@ -578,7 +578,7 @@ mod tests {
             system,
             version: "test".into(),
             released_on: None,
-            imported_at_millis: 0,
+            imported_at: chrono::DateTime::UNIX_EPOCH,
             source: String::new(),
             terms: 0,
             in_force: true,

@@ -256,7 +256,7 @@ pub async fn import_codes(
     activate: bool,
 ) -> Result<Done, Refused> {
     let (system, files) = (source.system(), source.describe());
-    let staged = crate::store::codes::stage(store, source, Utc::now().timestamp_millis()).await;
+    let staged = crate::store::codes::stage(store, source, Utc::now()).await;
     let release_id = staged.as_ref().ok().map(|s| s.release_id);
     let action = AdminAction::ImportCodes {
         system,

@@ -359,11 +359,9 @@ pub async fn sign_in(
     };
     call.entry.principal_id = Some(cred.principal_id);
     call.entry.principal = input.name.to_owned();
-    if cred.locked_until > now.timestamp_millis() {
+    if let Some(until) = cred.locked_until.filter(|until| *until > now) {
         services.refusals.charge(input.peer);
-        let retry_after = std::time::Duration::from_millis(
-            u64::try_from(cred.locked_until - now.timestamp_millis()).unwrap_or(0),
-        );
+        let retry_after = (until - now).to_std().unwrap_or_default();
         return Err(RateLimited {
             limit: Limit::SignInLocked,
             retry_after,
@@ -474,7 +472,7 @@ pub async fn session(
     };
     let now = services.clock.now();
     let limits = services.console.limits;
-    let ended = |at: i64, limit: Duration| now.timestamp_millis() - at >= limit.num_milliseconds();
+    let ended = |at: DateTime<Utc>, limit: Duration| now - at >= limit;
     if ended(row.created_at, limits.absolute) || ended(row.last_seen_at, limits.idle) {
         services.store.delete_console_session(&hash).await?;
         return Err(AuthError::SessionExpired.into());

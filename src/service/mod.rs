@@ -441,7 +441,7 @@ impl Services {
         // attempt on a key that exists is recorded under it. (Ids that name no key are
         // not: they are whatever the caller chose.)
         call.entry.principal = format!("key:{}", key.key_id);
-        let now = self.clock.now().timestamp_millis();
+        let now = self.clock.now();
         let live = record.revoked_at.is_none()
             && record.expires_at.is_none_or(|exp| exp > now)
             && !record.principal_disabled;

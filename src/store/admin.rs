@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use super::audit::{self as audit_store, Pending, Wrote};
 use super::{
     DisclosureSetting, MIN_CELL_COUNT_RANGE, PROTECTION_LEVEL_RANGE, Result, Store, StoreError,
-    insert_centre, millis, resolve_registries,
+    insert_centre, resolve_registries,
 };
 use crate::audit::{AuditKey, Entry};
 use crate::auth::Role;
@@ -71,7 +71,7 @@ impl AdminAction {
 
 async fn append(conn: &mut Db<'_>, key: &AuditKey, entry: Entry) -> Result<()> {
     let pending = [Pending {
-        at: millis(Utc::now()),
+        at: Utc::now().timestamp_millis(),
         entry,
         wrote: Wrote::default(),
     }];
@@ -183,7 +183,7 @@ pub async fn create_principal(
     .bind(name)
     .bind(role.as_str())
     .bind(centre_id)
-    .bind(millis(Utc::now()))
+    .bind(Utc::now())
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
@@ -238,8 +238,8 @@ pub async fn insert_api_key(
     .bind(key_id)
     .bind(principal_id)
     .bind(secret_hash)
-    .bind(millis(Utc::now()))
-    .bind(expires_at.map(millis))
+    .bind(Utc::now())
+    .bind(expires_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -249,7 +249,7 @@ pub async fn insert_api_key(
 pub async fn revoke_api_key(conn: &mut Db<'_>, key_id: &str) -> Result<bool> {
     let done =
         db::query("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL")
-            .bind(millis(Utc::now()))
+            .bind(Utc::now())
             .bind(key_id)
             .execute(&mut *conn)
             .await?;
@@ -262,7 +262,7 @@ pub async fn disable_principal(conn: &mut Db<'_>, name: &str) -> Result<bool> {
     let id = principal_id(conn, name).await?;
     let done =
         db::query("UPDATE principals SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL")
-            .bind(millis(Utc::now()))
+            .bind(Utc::now())
             .bind(id)
             .execute(&mut *conn)
             .await?;
@@ -278,7 +278,7 @@ pub async fn bind_certificate(conn: &mut Db<'_>, principal: &str, fingerprint: &
     )
     .bind(id)
     .bind(fingerprint)
-    .bind(millis(Utc::now()))
+    .bind(Utc::now())
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use tokio_stream::StreamExt;
 
 use super::db::{self, Db};
@@ -55,8 +56,11 @@ pub struct Pending {
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Int,
-    OptInt,
     Text,
+    /// An instant, hashed as its integer milliseconds since the Unix epoch (the value the
+    /// column held when the rows were first audited, on both databases).
+    Time,
+    OptTime,
 }
 
 /// The columns of a covered row, in the order they are hashed (the id first).
@@ -69,11 +73,11 @@ fn columns(table: Table) -> &'static [(&'static str, Kind)] {
             ("pseudonym", Text),
             ("scope", Text),
             ("state", Text),
-            ("given_at", Int),
+            ("given_at", Time),
             ("form_version", Text),
-            ("expires_at", OptInt),
+            ("expires_at", OptTime),
             ("recorded_by", Int),
-            ("recorded_at", Int),
+            ("recorded_at", Time),
             ("source", Text),
         ],
         Table::Erasures => &[
@@ -81,7 +85,7 @@ fn columns(table: Table) -> &'static [(&'static str, Kind)] {
             ("receipt_id", Text),
             ("registry_id", Int),
             ("pseudonym", Text),
-            ("erased_at", Int),
+            ("erased_at", Time),
             ("erased_by", Int),
             ("reason", Text),
             ("cases_erased", Int),
@@ -122,10 +126,13 @@ fn hash_row(
         let at = offset + i;
         let value = match kind {
             Kind::Int => row.try_get::<i64>(at).map(Owned::Int),
-            Kind::OptInt => row
-                .try_get::<Option<i64>>(at)
-                .map(|v| v.map_or(Owned::Null, Owned::Int)),
             Kind::Text => row.try_get::<String>(at).map(Owned::Text),
+            Kind::Time => row
+                .try_get::<DateTime<Utc>>(at)
+                .map(|t| Owned::Int(t.timestamp_millis())),
+            Kind::OptTime => row
+                .try_get::<Option<DateTime<Utc>>>(at)
+                .map(|v| v.map_or(Owned::Null, |t| Owned::Int(t.timestamp_millis()))),
         }
         .map_err(|_| (id, *name))?;
         if i == 0
@@ -211,9 +218,9 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
         });
     }
     // Multi-row inserts: one statement per chunk, not per entry.
-    use db::Ty::{Int, Text};
+    use db::Ty::{Int, Text, Time};
     const ROWS: db::Rows = db::Rows::of(&[
-        Int, Int, Int, Int, Text, Text, Text, Text, Text, Text, Int, Text, Text, Text,
+        Int, Time, Int, Int, Text, Text, Text, Text, Text, Text, Int, Text, Text, Text,
     ]);
     for chunk in conn.chunks(&rows, INSERT_CHUNK) {
         let sql = format!(
@@ -224,7 +231,7 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
         for r in chunk {
             query = query
                 .bind(r.seq)
-                .bind(r.at)
+                .bind(db::instant(r.at)?)
                 .bind(r.version)
                 .bind(r.entry.principal_id)
                 .bind(r.entry.principal.as_str())
@@ -368,8 +375,8 @@ pub struct AuditFilter {
     pub registry: String,
     pub outcome: String,
     /// Milliseconds, inclusive; 0 = open.
-    pub since: i64,
-    pub until: i64,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
     /// Entries after this sequence number (paging).
     pub after_seq: i64,
     pub limit: i64,
@@ -387,7 +394,7 @@ fn stored_from(row: &db::Row) -> std::result::Result<Stored, &'static str> {
     }
     Ok(Stored {
         seq: get(row, 0, "seq")?,
-        at: get(row, 1, "at")?,
+        at: get::<DateTime<Utc>>(row, 1, "at")?.timestamp_millis(),
         version: get(row, 2, "version")?,
         entry: Entry {
             principal_id: get(row, 3, "principal_id")?,
@@ -461,15 +468,15 @@ impl Store {
         }
         let mut n = texts.len() + 1;
         let mut times = Vec::new();
-        if filter.since > 0 {
+        if let Some(since) = filter.since {
             n += 1;
             conditions.push(format!("at >= ${n}"));
-            times.push(filter.since);
+            times.push(since);
         }
-        if filter.until > 0 {
+        if let Some(until) = filter.until {
             n += 1;
             conditions.push(format!("at <= ${n}"));
-            times.push(filter.until);
+            times.push(until);
         }
         let sql = format!(
             "SELECT {COLUMNS} FROM audit_log WHERE {} ORDER BY seq LIMIT {}",

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::db::{self, Db, Row};
 use chrono::{DateTime, Utc};
 
-use super::{ROWS_PER_STATEMENT, Result, StoreError, consent_model, from_millis, millis};
+use super::{ROWS_PER_STATEMENT, Result, StoreError, consent_model};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{
     CaseRecord, DomainError, FindingInput, OnsetKind, PartialDate, PatientStatus, RecordInput, Sex,
@@ -91,11 +91,8 @@ fn event_from_row(r: &Row, at: usize) -> Result<ConsentEvent> {
             .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
         decision: Decision::parse_db(&state)
             .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
-        given_at: from_millis(r.try_get(at + 3)?)?,
-        expires_at: r
-            .try_get::<Option<i64>>(at + 4)?
-            .map(from_millis)
-            .transpose()?,
+        given_at: r.try_get(at + 3)?,
+        expires_at: r.try_get(at + 4)?,
     })
 }
 
@@ -200,8 +197,9 @@ pub(crate) async fn append_consent_many(
     conn: &mut Db<'_>,
     decisions: &[NewDecision<'_>],
 ) -> Result<Vec<i64>> {
-    use db::Ty::{Int, Text};
-    const ROWS: db::Rows = db::Rows::of(&[Int, Text, Text, Text, Int, Text, Int, Int, Int, Text]);
+    use db::Ty::{Int, Text, Time};
+    const ROWS: db::Rows =
+        db::Rows::of(&[Int, Text, Text, Text, Time, Text, Time, Int, Time, Text]);
     let mut ids = Vec::with_capacity(decisions.len());
     for chunk in conn.chunks(decisions, ROWS_PER_STATEMENT) {
         let sql = format!(
@@ -217,11 +215,11 @@ pub(crate) async fn append_consent_many(
                 .bind(d.pseudonym)
                 .bind(d.decision.scope.as_str())
                 .bind(d.decision.decision.as_str())
-                .bind(millis(d.decision.given_at))
+                .bind(d.decision.given_at)
                 .bind(d.decision.form_version.as_str())
-                .bind(d.decision.expires_at.map(millis))
+                .bind(d.decision.expires_at)
                 .bind(d.recorded_by)
-                .bind(millis(d.now))
+                .bind(d.now)
                 .bind(d.source.as_str());
         }
         let query = query.rows(conn, &ROWS)?;
@@ -269,10 +267,10 @@ pub(crate) async fn insert_cases_many(
     conn: &mut Db<'_>,
     cases: &[NewCase<'_>],
 ) -> Result<Vec<i64>> {
-    use db::Ty::{Int, Text};
+    use db::Ty::{Int, Text, Time};
     // current_version is 1.
     const ROWS: db::Rows =
-        db::Rows::with_template(&[Int, Text, Int, Int, Int], "{0}, {1}, {2}, 1, {3}, {4}");
+        db::Rows::with_template(&[Int, Text, Int, Time, Time], "{0}, {1}, {2}, 1, {3}, {4}");
     let mut ids = Vec::with_capacity(cases.len());
     for chunk in conn.chunks(cases, ROWS_PER_STATEMENT) {
         let sql = format!(
@@ -287,8 +285,8 @@ pub(crate) async fn insert_cases_many(
                 .bind(c.registry_id)
                 .bind(c.pseudonym)
                 .bind(c.centre_id)
-                .bind(millis(c.now))
-                .bind(millis(c.now));
+                .bind(c.now)
+                .bind(c.now);
         }
         let query = query.rows(conn, &ROWS)?;
         let mut returned: HashMap<(i64, String, i64), i64> = HashMap::new();
@@ -316,9 +314,9 @@ pub(crate) async fn insert_cases_many(
 
 /// Version 1 of each new case, and its genes: one multi-row `INSERT` per table.
 async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)]) -> Result<()> {
-    use db::Ty::{Int, Text};
+    use db::Ty::{Bool, Int, Text, Time};
     const ROWS: db::Rows = db::Rows::of(&[
-        Int, Int, Int, Int, Text, Text, Text, Text, Text, Text, Text, Int, Int, Text, Text, Text,
+        Int, Int, Time, Int, Text, Text, Text, Text, Text, Text, Text, Bool, Int, Text, Text, Text,
         Text, Text, Text, Text, Int, Int, Int, Int, Text,
     ]);
     let sql = format!(
@@ -336,7 +334,7 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
         query = query
             .bind(*case_id)
             .bind(1_i64)
-            .bind(millis(c.now))
+            .bind(c.now)
             .bind(c.recorded_by)
             .bind(row.birth_year_month.as_str())
             .bind(row.sex.as_str())
@@ -345,7 +343,7 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
             .bind(row.first_contact_date.as_deref())
             .bind(row.onset_kind.as_str())
             .bind(row.onset_date.as_deref())
-            .bind(i64::from(row.undiagnosed))
+            .bind(row.undiagnosed)
             .bind(row.orphacode)
             .bind(row.diagnosis_date.as_deref())
             .bind(row.icd10.as_str())
@@ -400,11 +398,11 @@ pub(crate) async fn append_consent(
     .bind(pseudonym)
     .bind(decision.scope.as_str())
     .bind(decision.decision.as_str())
-    .bind(millis(decision.given_at))
+    .bind(decision.given_at)
     .bind(decision.form_version.as_str())
-    .bind(decision.expires_at.map(millis))
+    .bind(decision.expires_at)
     .bind(recorded_by)
-    .bind(millis(now))
+    .bind(now)
     .bind(source.as_str())
     .fetch_one(&mut *conn)
     .await?;
@@ -427,8 +425,8 @@ pub(crate) async fn set_eligibility(
         "UPDATE patients SET eligible = $1, eligible_until = $2 \
          WHERE registry_id = $3 AND pseudonym = $4",
     )
-    .bind(i64::from(eligible))
-    .bind(until.map(millis))
+    .bind(eligible)
+    .bind(until)
     .bind(registry_id)
     .bind(pseudonym)
     .execute(&mut *conn)
@@ -462,7 +460,6 @@ pub(crate) async fn set_representative(
         eligible,
         eligible_until,
     } = r;
-    let until = eligible_until.map(millis);
     db::query(
         "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
                                orphacode, sex, status, diagnosis_year, onset_age_days, \
@@ -491,8 +488,8 @@ pub(crate) async fn set_representative(
     .bind(row.onset_age_days)
     .bind(row.diagnosis_age_days)
     .bind(row.delay_days)
-    .bind(i64::from(eligible))
-    .bind(until)
+    .bind(eligible)
+    .bind(eligible_until)
     // The genes of the version too (as in `case_genes`): the research index reads them
     // with the row.
     .bind(genes_column(row))
@@ -533,11 +530,11 @@ pub(crate) async fn set_representatives_many(
     conn: &mut Db<'_>,
     representatives: &[(i64, &str, Representative<'_>)],
 ) -> Result<()> {
-    use db::Ty::{Int, Text};
+    use db::Ty::{Bool, Int, Text, Time};
     // The country is the centre's.
     const ROWS: db::Rows = db::Rows::with_template(
         &[
-            Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Int, Int, Text, Text,
+            Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Bool, Time, Text, Text,
         ],
         "{0}, {1}, {2}, {3}, {4}, (SELECT country FROM centres WHERE id = {4}), {5}, {6}, {7}, \
          {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}",
@@ -575,8 +572,8 @@ pub(crate) async fn set_representatives_many(
                 .bind(row.onset_age_days)
                 .bind(row.diagnosis_age_days)
                 .bind(row.delay_days)
-                .bind(i64::from(r.eligible))
-                .bind(r.eligible_until.map(millis))
+                .bind(r.eligible)
+                .bind(r.eligible_until)
                 .bind(genes_column(row))
                 .bind(row.hpo_terms.as_str());
         }
@@ -631,7 +628,7 @@ pub(crate) async fn insert_case(
     .bind(registry_id)
     .bind(pseudonym)
     .bind(centre_id)
-    .bind(millis(now))
+    .bind(now)
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
@@ -658,7 +655,7 @@ pub(crate) async fn insert_version(
     )
     .bind(case_id)
     .bind(version)
-    .bind(millis(now))
+    .bind(now)
     .bind(recorded_by)
     .bind(row.birth_year_month.as_str())
     .bind(row.sex.as_str())
@@ -667,7 +664,7 @@ pub(crate) async fn insert_version(
     .bind(row.first_contact_date.as_deref())
     .bind(row.onset_kind.as_str())
     .bind(row.onset_date.as_deref())
-    .bind(i64::from(row.undiagnosed))
+    .bind(row.undiagnosed)
     .bind(row.orphacode)
     .bind(row.diagnosis_date.as_deref())
     .bind(row.icd10.as_str())
@@ -703,7 +700,7 @@ pub(crate) async fn insert_version(
     if version > 1 {
         db::query("UPDATE cases SET current_version = $1, updated_at = $2 WHERE id = $3")
             .bind(version)
-            .bind(millis(now))
+            .bind(now)
             .bind(case_id)
             .execute(&mut *conn)
             .await?;
@@ -739,7 +736,7 @@ pub async fn get_case(
         .bind(registry_id)
         .bind(pseudonym)
         .bind(centre_id)
-        .bind(millis(now))
+        .bind(now)
         .bind(i64::from(history))
         .fetch_all(&mut *conn)
         .await?;
@@ -763,7 +760,7 @@ fn version_from_row(r: &Row, at: usize) -> Result<StoredVersion> {
     let genetic_findings: String = r.try_get(at + 18)?;
     Ok(StoredVersion {
         version: r.try_get(at)?,
-        recorded_at: from_millis(r.try_get(at + 1)?)?,
+        recorded_at: r.try_get(at + 1)?,
         recorded_by: r.try_get(at + 2)?,
         row: CaseRow {
             birth_year_month: r.try_get(at + 3)?,
@@ -773,7 +770,7 @@ fn version_from_row(r: &Row, at: usize) -> Result<StoredVersion> {
             first_contact_date: r.try_get(at + 7)?,
             onset_kind: r.try_get(at + 8)?,
             onset_date: r.try_get(at + 9)?,
-            undiagnosed: r.try_get::<i64>(at + 10)? != 0,
+            undiagnosed: r.try_get(at + 10)?,
             orphacode: r.try_get(at + 11)?,
             diagnosis_date: r.try_get(at + 12)?,
             icd10: r.try_get(at + 13)?,
@@ -820,7 +817,7 @@ pub async fn list_current(
         .bind(registry_id)
         .bind(centre_id)
         .bind(after)
-        .bind(millis(now))
+        .bind(now)
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;

@@ -13,6 +13,7 @@
 //! stops: [`remove_abandoned`] removes it at the next server start or import.
 
 use super::db::{self, Db};
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use super::{Result, Store, StoreError};
@@ -55,9 +56,9 @@ pub struct Imported {
 /// Reads the release in `source` and writes its rows, a batch per transaction (each
 /// short: a running server's writes go on between them), under a new release row that
 /// is not in force. On any error what was written is removed again.
-pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Staged> {
+pub async fn stage(store: &Store, source: Source, now: DateTime<Utc>) -> Result<Staged> {
     let started = std::time::Instant::now();
-    remove_abandoned(store, now_millis).await?;
+    remove_abandoned(store, now).await?;
     let system = source.system();
     let described = source.describe();
     let (tx, mut rx) = mpsc::channel::<Message>(4);
@@ -102,12 +103,12 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                     let id: i64 = db::query(
                         "INSERT INTO code_releases (system, version, released_on, imported_at, \
                                                     source, terms, in_force, staged_at) \
-                         VALUES ($1, $2, $3, $4, $5, 0, 0, $4) RETURNING id",
+                         VALUES ($1, $2, $3, $4, $5, 0, FALSE, $4) RETURNING id",
                     )
                     .bind(system.as_str())
-                    .bind(format!("(importing at {now_millis})"))
+                    .bind(format!("(importing at {})", now.timestamp_millis()))
                     .bind(header.released_on.as_deref())
-                    .bind(now_millis)
+                    .bind(now)
                     .bind(described.as_str())
                     .fetch_one(&mut db)
                     .await?
@@ -120,7 +121,7 @@ pub async fn stage(store: &Store, source: Source, now_millis: i64) -> Result<Sta
                     let counts = insert_items(&mut db.db(), id, &items).await?;
                     // The heartbeat: this import is alive (`remove_abandoned`).
                     db::query("UPDATE code_releases SET staged_at = $1 WHERE id = $2")
-                        .bind(chrono::Utc::now().timestamp_millis())
+                        .bind(Utc::now())
                         .bind(id)
                         .execute(&mut db)
                         .await?;
@@ -174,14 +175,14 @@ pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 
 /// Removes the releases whose import stopped without finishing: staged (never finished,
 /// never in force) and without a committed batch for [`ABANDONED_AFTER`] before
-/// `now_millis`. Returns what was removed ("hpo (importing at …)"), for the log. Run at
+/// `now`. Returns what was removed ("hpo (importing at …)"), for the log. Run at
 /// a server's start and at the start of every import; an import still running in
 /// another process keeps its release (its heartbeat is recent).
-pub async fn remove_abandoned(store: &Store, now_millis: i64) -> Result<Vec<String>> {
-    let stale_before = now_millis - ABANDONED_AFTER.as_millis() as i64;
+pub async fn remove_abandoned(store: &Store, now: DateTime<Utc>) -> Result<Vec<String>> {
+    let stale_before = now - ABANDONED_AFTER;
     let rows = db::query(
         "SELECT id, system, version FROM code_releases \
-         WHERE staged_at IS NOT NULL AND staged_at < $1 AND in_force = 0 ORDER BY id",
+         WHERE staged_at IS NOT NULL AND staged_at < $1 AND NOT in_force ORDER BY id",
     )
     .bind(stale_before)
     .fetch_all(store.pool())
@@ -210,7 +211,7 @@ pub async fn discard(store: &Store, release_id: i64) -> Result<()> {
         "DELETE FROM code_terms WHERE release_id = $1",
         "DELETE FROM code_parents WHERE release_id = $1",
         "DELETE FROM code_aliases WHERE release_id = $1",
-        "DELETE FROM code_releases WHERE id = $1 AND in_force = 0",
+        "DELETE FROM code_releases WHERE id = $1 AND NOT in_force",
     ] {
         db::query(sql).bind(release_id).execute(&mut db).await?;
     }
@@ -309,7 +310,7 @@ async fn insert_items(
                     .bind(release_id)
                     .bind(code.as_str())
                     .bind(label.as_str())
-                    .bind(i64::from(*obsolete))
+                    .bind(*obsolete)
                     .bind(replaced_by.as_deref());
             }
         }
@@ -394,11 +395,11 @@ pub async fn set_in_force(conn: &mut Db<'_>, system: CodeSystem, version: &str) 
             system.name()
         )));
     }
-    db::query("UPDATE code_releases SET in_force = 0 WHERE system = $1 AND in_force = 1")
+    db::query("UPDATE code_releases SET in_force = FALSE WHERE system = $1 AND in_force")
         .bind(system.as_str())
         .execute(&mut *conn)
         .await?;
-    db::query("UPDATE code_releases SET in_force = 1 WHERE system = $1 AND version = $2")
+    db::query("UPDATE code_releases SET in_force = TRUE WHERE system = $1 AND version = $2")
         .bind(system.as_str())
         .bind(version)
         .execute(&mut *conn)
@@ -416,10 +417,10 @@ fn info_row(r: &db::Row) -> Result<ReleaseInfo> {
             .ok_or_else(|| StoreError::Corrupt("unknown code system".into()))?,
         version: r.try_get(2)?,
         released_on: r.try_get(3)?,
-        imported_at_millis: r.try_get(4)?,
+        imported_at: r.try_get(4)?,
         source: r.try_get(5)?,
         terms: r.try_get(6)?,
-        in_force: r.try_get::<i64>(7)? == 1,
+        in_force: r.try_get(7)?,
     })
 }
 
@@ -447,7 +448,7 @@ impl Store {
     /// The ids of the releases in force, ascending: cheap, to see whether the catalog in
     /// memory is still the one in force (`CodeCatalog::fingerprint`).
     pub async fn code_releases_in_force(&self) -> Result<Vec<i64>> {
-        let rows = db::query("SELECT id FROM code_releases WHERE in_force = 1 ORDER BY id")
+        let rows = db::query("SELECT id FROM code_releases WHERE in_force ORDER BY id")
             .fetch_all(self.pool())
             .await?;
         rows.iter().map(|r| r.try_get(0)).collect()
@@ -457,7 +458,7 @@ impl Store {
     pub async fn load_code_catalog(&self) -> Result<CodeCatalog> {
         let mut conn = self.pool().acquire().await?;
         let rows = db::query(&format!(
-            "SELECT {INFO_COLUMNS} FROM code_releases WHERE in_force = 1 ORDER BY system"
+            "SELECT {INFO_COLUMNS} FROM code_releases WHERE in_force ORDER BY system"
         ))
         .fetch_all(&mut conn)
         .await?;
@@ -473,12 +474,7 @@ impl Store {
             .fetch_all(&mut conn)
             .await?;
             for t in &terms {
-                release.add_term(
-                    t.try_get(0)?,
-                    t.try_get(1)?,
-                    t.try_get::<i64>(2)? == 1,
-                    t.try_get(3)?,
-                );
+                release.add_term(t.try_get(0)?, t.try_get(1)?, t.try_get(2)?, t.try_get(3)?);
             }
             let parents = db::query("SELECT code, parent FROM code_parents WHERE release_id = $1")
                 .bind(id)

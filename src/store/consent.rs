@@ -7,7 +7,7 @@
 use super::db::{self, Db};
 use chrono::{DateTime, Utc};
 
-use super::{Result, StoreError, from_millis, millis};
+use super::{Result, StoreError};
 use crate::consent::{Decision, Scope};
 
 /// Why consent was withdrawn, as kept in the tombstone.
@@ -85,10 +85,10 @@ pub async fn history(
                     .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
                 decision: Decision::parse_db(&state)
                     .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
-                given_at: from_millis(r.try_get(3)?)?,
+                given_at: r.try_get(3)?,
                 form_version: r.try_get(4)?,
-                expires_at: r.try_get::<Option<i64>>(5)?.map(from_millis).transpose()?,
-                recorded_at: from_millis(r.try_get(6)?)?,
+                expires_at: r.try_get(5)?,
+                recorded_at: r.try_get(6)?,
                 recorded_by: r.try_get(7)?,
                 source: r.try_get(8)?,
                 recorder_id: r.try_get(9)?,
@@ -183,7 +183,7 @@ pub(crate) async fn insert_erasure(
     .bind(receipt_id)
     .bind(registry_id)
     .bind(pseudonym)
-    .bind(millis(erased_at))
+    .bind(erased_at)
     .bind(erased_by)
     .bind(reason.as_str())
     .bind(cases)
@@ -211,7 +211,7 @@ pub async fn erasure_by_receipt(conn: &mut Db<'_>, receipt_id: &str) -> Result<O
             registry_id: r.try_get(1)?,
             registry_code: r.try_get(2)?,
             pseudonym: r.try_get(3)?,
-            erased_at: from_millis(r.try_get(4)?)?,
+            erased_at: r.try_get(4)?,
             erased_by: r.try_get(5)?,
             eraser_id: r.try_get(9)?,
             eraser_centre: r.try_get(10)?,

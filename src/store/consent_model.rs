@@ -23,9 +23,9 @@
 //! nothing on file is dated after the clock that recorded it (a date given ahead of the
 //! clock is recorded as "now", a withdrawal at the latest date on file if that is later),
 //! so only clock skew between instances can date a decision after another instance's
-//! "now", and then for that skew only. Instants are integer milliseconds; a query binds its
-//! instant with [`super::millis`], which rounds down, and so agrees with the Rust rule
-//! for any instant, to the nanosecond, against times stored in whole milliseconds.
+//! "now", and then for that skew only. Instants are kept to the millisecond; a query's
+//! bound instant is rounded down to it (`db`), and so agrees with the Rust rule for any
+//! instant, to the nanosecond, against times stored in whole milliseconds.
 //!
 //! `tests/api/consent_model.rs` pins every predicate here to `crate::consent` on random
 //! consent histories, on SQLite and on PostgreSQL. Migration `0003_research` backfilled
@@ -34,7 +34,7 @@
 
 use super::db::{self, Db};
 
-use super::{Result, millis};
+use super::Result;
 use crate::consent::{ConsentDecision, Decision, Scope};
 
 /// The order in which the decisions of one scope supersede each other: by the date given,
@@ -126,7 +126,7 @@ pub fn active_current(alias: &str, scope: Scope, now: &str) -> String {
 /// from `consent::research_eligibility`) and the earlier of their expiries not passed.
 pub fn research_eligible(alias: &str, now: &str) -> String {
     format!(
-        "({alias}.eligible = 1 AND {unexpired})",
+        "({alias}.eligible AND {unexpired})",
         unexpired = unexpired(&format!("{alias}.eligible_until"), now),
     )
 }
@@ -156,8 +156,8 @@ pub(crate) async fn record_current(
         .bind(decision.scope.as_str())
         .bind(event_id)
         .bind(decision.decision.as_str())
-        .bind(millis(decision.given_at))
-        .bind(decision.expires_at.map(millis))
+        .bind(decision.given_at)
+        .bind(decision.expires_at)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -172,8 +172,8 @@ pub(crate) async fn record_current_many(
     if decisions.is_empty() {
         return Ok(());
     }
-    use db::Ty::{Int, Text};
-    const ROWS: db::Rows = db::Rows::of(&[Int, Text, Text, Int, Text, Int, Int]);
+    use db::Ty::{Int, Text, Time};
+    const ROWS: db::Rows = db::Rows::of(&[Int, Text, Text, Int, Text, Time, Time]);
     let sql = format!(
         "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
          {} \
@@ -192,8 +192,8 @@ pub(crate) async fn record_current_many(
             .bind(decision.scope.as_str())
             .bind(*event_id)
             .bind(decision.decision.as_str())
-            .bind(millis(decision.given_at))
-            .bind(decision.expires_at.map(millis));
+            .bind(decision.given_at)
+            .bind(decision.expires_at);
     }
     query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     Ok(())

@@ -6,9 +6,9 @@
 use std::collections::BTreeSet;
 
 use super::db::{self, Db};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{Result, Store, StoreError, from_millis, millis};
+use super::{Result, Store, StoreError};
 use crate::auth::{CentreRef, Principal, Role};
 use crate::consent::Scope;
 
@@ -23,16 +23,16 @@ pub struct Credentials {
     pub totp_sealed: Option<String>,
     pub totp_last_step: i64,
     pub failures: i64,
-    /// Milliseconds; no sign-in before.
-    pub locked_until: i64,
+    /// No sign-in before (`None`: not held back).
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 /// A session row.
 #[derive(Debug, Clone)]
 pub struct SessionRow {
     pub principal_id: i64,
-    pub created_at: i64,
-    pub last_seen_at: i64,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
 }
 
 /// A consent decision in force that expires (or expired) at `expires_at`.
@@ -49,7 +49,7 @@ impl Expiring {
     /// The cursor of the page that starts after this row.
     pub fn cursor(&self) -> ExpiryCursor {
         ExpiryCursor {
-            expires_at: millis(self.expires_at),
+            expires_at: self.expires_at,
             registry_id: self.registry_id,
             pseudonym: self.pseudonym.clone(),
             scope: self.scope.as_str().to_owned(),
@@ -58,10 +58,10 @@ impl Expiring {
 }
 
 /// Where a page of an expiry list starts: after the row with these values (the list's
-/// order is expiry in milliseconds, registry id, pseudonym, scope).
+/// order is expiry, registry id, pseudonym, scope; instants to the millisecond).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiryCursor {
-    pub expires_at: i64,
+    pub expires_at: DateTime<Utc>,
     pub registry_id: i64,
     pub pseudonym: String,
     pub scope: String,
@@ -81,7 +81,7 @@ impl Store {
     pub async fn console_credentials(&self, name: &str) -> Result<Option<Credentials>> {
         let row = db::query(
             "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
-                    COALESCE(c.totp_last_step, 0), COALESCE(c.failures, 0), COALESCE(c.locked_until, 0) \
+                    COALESCE(c.totp_last_step, 0), COALESCE(c.failures, 0), c.locked_until \
              FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
              WHERE p.name = $1",
         )
@@ -91,12 +91,15 @@ impl Store {
         row.map(|r| {
             Ok(Credentials {
                 principal_id: r.try_get(0)?,
-                disabled: r.try_get::<Option<i64>>(1)?.is_some(),
+                disabled: r.try_get::<Option<DateTime<Utc>>>(1)?.is_some(),
                 password_hash: r.try_get(2)?,
                 totp_sealed: r.try_get(3)?,
                 totp_last_step: r.try_get(4)?,
                 failures: r.try_get(5)?,
-                locked_until: r.try_get(6)?,
+                // The epoch (the column's default) is "not held back", as no row is.
+                locked_until: r
+                    .try_get::<Option<DateTime<Utc>>>(6)?
+                    .filter(|t| *t > DateTime::UNIX_EPOCH),
             })
         })
         .transpose()
@@ -118,7 +121,7 @@ impl Store {
     pub async fn console_lock(&self, principal_id: i64, until: DateTime<Utc>) -> Result<()> {
         db::query("UPDATE console_credentials SET locked_until = $2 WHERE principal_id = $1")
             .bind(principal_id)
-            .bind(millis(until))
+            .bind(until)
             .execute(self.pool())
             .await?;
         Ok(())
@@ -129,11 +132,12 @@ impl Store {
     /// one was accepted before (a replayed code).
     pub async fn console_success(&self, principal_id: i64, step: i64) -> Result<bool> {
         let done = db::query(
-            "UPDATE console_credentials SET failures = 0, locked_until = 0, totp_last_step = $2 \
+            "UPDATE console_credentials SET failures = 0, locked_until = $3, totp_last_step = $2 \
              WHERE principal_id = $1 AND totp_last_step < $2",
         )
         .bind(principal_id)
         .bind(step)
+        .bind(DateTime::UNIX_EPOCH)
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() == 1)
@@ -152,7 +156,7 @@ impl Store {
         )
         .bind(token_hash)
         .bind(principal_id)
-        .bind(millis(now))
+        .bind(now)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -178,7 +182,7 @@ impl Store {
     pub async fn touch_console_session(&self, token_hash: &str, now: DateTime<Utc>) -> Result<()> {
         db::query("UPDATE console_sessions SET last_seen_at = $2 WHERE token_hash = $1")
             .bind(token_hash)
-            .bind(millis(now))
+            .bind(now)
             .execute(self.pool())
             .await?;
         Ok(())
@@ -206,8 +210,8 @@ impl Store {
              AND ($4 OR created_at < $2 OR last_seen_at < $3)",
         )
         .bind(principal_id)
-        .bind(millis(created_before))
-        .bind(millis(seen_before))
+        .bind(created_before)
+        .bind(seen_before)
         .bind(all)
         .execute(self.pool())
         .await?;
@@ -248,7 +252,7 @@ impl Store {
         .iter()
         .map(|r| r.try_get::<i64>(0))
         .collect::<std::result::Result<_, _>>()?;
-        let disabled = row.try_get::<Option<i64>>(2)?.is_some();
+        let disabled = row.try_get::<Option<DateTime<Utc>>>(2)?.is_some();
         Ok(Some((
             Principal {
                 id,
@@ -282,9 +286,9 @@ impl Store {
             // Rows at the cursor's instant come after it in a later registry, after its
             // (pseudonym, scope) in its own registry, and not at all in an earlier one.
             let (low, at, relation, pseudonym, scope) = match after {
-                None => (millis(from), millis(from) - 1, 1, "", ""),
+                None => (from, from - TimeDelta::milliseconds(1), 1, "", ""),
                 Some(c) => (
-                    millis(from).max(c.expires_at),
+                    from.max(c.expires_at),
                     c.expires_at,
                     (registry_id - c.registry_id).signum(),
                     c.pseudonym.as_str(),
@@ -302,7 +306,7 @@ impl Store {
             )
             .bind(registry_id)
             .bind(low)
-            .bind(millis(to))
+            .bind(to)
             .bind(at)
             .bind(relation)
             .bind(pseudonym)
@@ -318,7 +322,7 @@ impl Store {
                     pseudonym: r.try_get(1)?,
                     scope: Scope::parse_db(&scope)
                         .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
-                    expires_at: from_millis(r.try_get(3)?)?,
+                    expires_at: r.try_get(3)?,
                 });
             }
         }
@@ -347,11 +351,11 @@ pub async fn set_password(
     db::query(
         "INSERT INTO console_credentials (principal_id, password_hash, updated_at) VALUES ($1, $2, $3) \
          ON CONFLICT (principal_id) DO UPDATE SET password_hash = excluded.password_hash, \
-         failures = 0, locked_until = 0, updated_at = excluded.updated_at",
+         failures = 0, locked_until = excluded.locked_until, updated_at = excluded.updated_at",
     )
     .bind(principal_id)
     .bind(hash)
-    .bind(millis(now))
+    .bind(now)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -371,7 +375,7 @@ pub async fn set_totp(
     )
     .bind(principal_id)
     .bind(sealed)
-    .bind(millis(now))
+    .bind(now)
     .execute(&mut *conn)
     .await?;
     Ok(())

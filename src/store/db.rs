@@ -5,15 +5,19 @@
 //! between threads.
 //!
 //! The repositories are written once against [`Db`], with the same SQL for all three:
-//! numbered parameters (`$1`), bound here by their number on each driver. Values are the
-//! ones the schema stores on both databases: integers (times in milliseconds, flags 0/1),
-//! text, blobs. There is no `Any` layer: arguments go to the driver as they are and rows
-//! come back as the driver's own, so nothing is converted twice. On [`Db::Lite`] every
+//! numbered parameters (`$1`), bound here by their number on each driver. Values are
+//! integers, text, blobs, instants and flags. An instant ([`DateTime<Utc>`], kept to the
+//! millisecond) is a `TIMESTAMPTZ` on PostgreSQL and integer milliseconds since the Unix
+//! epoch on SQLite, which has no time type; a flag is a `BOOLEAN` on PostgreSQL and 0/1 on
+//! SQLite. Both are converted here and nowhere else: a repository binds and reads
+//! `DateTime<Utc>` and `bool`. There is no `Any` layer: arguments go to the driver as they
+//! are and rows come back as the driver's own, so nothing is converted twice. On [`Db::Lite`] every
 //! future completes at its first poll: the statements run synchronously on the writer's
 //! thread.
 
 use std::pin::Pin;
 
+use chrono::{DateTime, Utc};
 use rusqlite::types::{Value, ValueRef};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgRow};
@@ -291,6 +295,21 @@ pub enum Arg {
     Text(Option<String>),
     Blob(Option<Vec<u8>>),
     Bool(Option<bool>),
+    /// An instant, to the millisecond (the precision the store keeps).
+    Time(Option<DateTime<Utc>>),
+}
+
+/// The instant `ms` milliseconds after the Unix epoch, for the instants kept as integer
+/// milliseconds in memory (an audit entry's time, which its MAC covers; the research
+/// index's expiries). One outside chrono's range (some 262,000 years) is refused.
+pub fn instant(ms: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| StoreError::Corrupt(format!("instant {ms} ms is out of range")))
+}
+
+/// `t` to the millisecond, rounded down, as the store keeps it on both databases.
+fn to_millisecond(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 pub trait IntoArg {
@@ -320,6 +339,7 @@ into_arg! {
     i64 => Int(|v| v),
     i32 => Int(i64::from),
     bool => Bool(|v| v),
+    DateTime<Utc> => Time(to_millisecond),
     String => Text(|v| v),
     &String => Text(|v: &String| v.clone()),
     &str => Text(str::to_owned),
@@ -353,6 +373,8 @@ pub enum Ty {
     Int,
     Text,
     Blob,
+    Bool,
+    Time,
 }
 
 impl Ty {
@@ -361,6 +383,8 @@ impl Ty {
             Ty::Int => "bigint[]",
             Ty::Text => "text[]",
             Ty::Blob => "bytea[]",
+            Ty::Bool => "boolean[]",
+            Ty::Time => "timestamptz[]",
         }
     }
 }
@@ -371,6 +395,8 @@ enum Array {
     Int(Vec<Option<i64>>),
     Text(Vec<Option<String>>),
     Blob(Vec<Option<Vec<u8>>>),
+    Bool(Vec<Option<bool>>),
+    Time(Vec<Option<DateTime<Utc>>>),
 }
 
 impl Array {
@@ -379,17 +405,19 @@ impl Array {
             Ty::Int => Array::Int(Vec::with_capacity(capacity)),
             Ty::Text => Array::Text(Vec::with_capacity(capacity)),
             Ty::Blob => Array::Blob(Vec::with_capacity(capacity)),
+            Ty::Bool => Array::Bool(Vec::with_capacity(capacity)),
+            Ty::Time => Array::Time(Vec::with_capacity(capacity)),
         }
     }
 
-    /// Appends `value`, or gives it back when it is not of the array's type (a flag is an
-    /// integer, as the schema stores it).
+    /// Appends `value`, or gives it back when it is not of the array's type.
     fn push(&mut self, value: Arg) -> std::result::Result<(), Arg> {
         match (self, value) {
             (Array::Int(v), Arg::Int(x)) => v.push(x),
-            (Array::Int(v), Arg::Bool(x)) => v.push(x.map(i64::from)),
             (Array::Text(v), Arg::Text(x)) => v.push(x),
             (Array::Blob(v), Arg::Blob(x)) => v.push(x),
+            (Array::Bool(v), Arg::Bool(x)) => v.push(x),
+            (Array::Time(v), Arg::Time(x)) => v.push(x),
             (_, other) => return Err(other),
         }
         Ok(())
@@ -536,10 +564,19 @@ macro_rules! sqlx_query {
                 Array::Int(v) => q.bind(v),
                 Array::Text(v) => q.bind(v),
                 Array::Blob(v) => q.bind(v),
+                Array::Bool(v) => q.bind(v),
+                Array::Time(v) => q.bind(v),
             };
         }
         q
     }};
+    // An instant: integer milliseconds on SQLite, a TIMESTAMPTZ on PostgreSQL.
+    (@time Sqlite, $q:ident, $t:ident) => {
+        $q.bind($t.map(|t| t.timestamp_millis()))
+    };
+    (@time Postgres, $q:ident, $t:ident) => {
+        $q.bind($t)
+    };
     ($db:ident, $query:expr) => {{
         let Query {
             sql,
@@ -554,6 +591,7 @@ macro_rules! sqlx_query {
                 Arg::Text(v) => q.bind(v),
                 Arg::Blob(v) => q.bind(v),
                 Arg::Bool(v) => q.bind(v),
+                Arg::Time(v) => sqlx_query!(@time $db, q, v),
             };
         }
         sqlx_query!(@arrays $db, q, arrays)
@@ -818,6 +856,7 @@ fn bind_and_step(
             Arg::Text(v) => stmt.raw_bind_parameter(index, v)?,
             Arg::Blob(v) => stmt.raw_bind_parameter(index, v)?,
             Arg::Bool(v) => stmt.raw_bind_parameter(index, v.map(i64::from))?,
+            Arg::Time(v) => stmt.raw_bind_parameter(index, v.map(|t| t.timestamp_millis()))?,
         }
     }
     let columns = stmt.column_count();
@@ -866,7 +905,7 @@ impl Row {
     /// Column `index` as a `T`.
     pub fn try_get<T: Decode>(&self, index: usize) -> Result<T> {
         match self {
-            Row::Sqlite(row) => Ok(row.try_get::<T, _>(index)?),
+            Row::Sqlite(row) => Ok(T::from_sqlite(row, index)?),
             Row::Pg(row) => Ok(T::from_pg(row, index)?),
             Row::Lite(values) => {
                 let value = values.get(index).ok_or_else(|| {
@@ -886,25 +925,28 @@ impl Row {
     }
 }
 
-/// A column type readable from every connection. Flags are read as integers (0/1), as
-/// the schema stores them on both databases.
-pub trait Decode:
-    Sized
-    + for<'r> sqlx::Decode<'r, Sqlite>
-    + sqlx::Type<Sqlite>
-    + for<'r> sqlx::Decode<'r, Postgres>
-    + sqlx::Type<Postgres>
-{
+/// A column type readable from every connection: integers, text, blobs, and the flags and
+/// instants the databases keep differently (see the module's doc).
+pub trait Decode: Sized {
     /// The value of an engine column, or what was expected instead.
     fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str>;
 
+    /// Column `index` of a row of sqlx's SQLite driver.
+    fn from_sqlite(row: &SqliteRow, index: usize) -> sqlx::Result<Self>;
+
     /// Column `index` of a PostgreSQL row.
-    fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self> {
-        row.try_get(index)
-    }
+    fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self>;
 }
 
 impl Decode for i64 {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        value.as_i64().map_err(|_| "an integer")
+    }
+
+    fn from_sqlite(row: &SqliteRow, index: usize) -> sqlx::Result<Self> {
+        row.try_get(index)
+    }
+
     /// Any integer column: PostgreSQL types an integer literal or a `CASE` of them
     /// (`SELECT 0`, `THEN 1 ELSE 0`) as INT4, the schema's columns are BIGINT.
     fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self> {
@@ -915,38 +957,84 @@ impl Decode for i64 {
             _ => row.try_get(index),
         }
     }
-
-    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
-        value.as_i64().map_err(|_| "an integer")
-    }
 }
 
-impl Decode for String {
-    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
-        value.as_str().map(str::to_owned).map_err(|_| "UTF-8 text")
-    }
+/// Types both sqlx drivers decode as the schema keeps them on both databases.
+macro_rules! decode_as_is {
+    ($($t:ty => $lite:expr, $expected:literal;)*) => {
+        $(
+            impl Decode for $t {
+                fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+                    #[allow(clippy::redundant_closure_call)]
+                    ($lite)(value).ok_or($expected)
+                }
+
+                fn from_sqlite(row: &SqliteRow, index: usize) -> sqlx::Result<Self> {
+                    row.try_get(index)
+                }
+
+                fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self> {
+                    row.try_get(index)
+                }
+            }
+        )*
+    };
 }
 
-impl Decode for Vec<u8> {
+decode_as_is! {
+    String => |v: ValueRef<'_>| v.as_str().ok().map(str::to_owned), "UTF-8 text";
+    Vec<u8> => |v: ValueRef<'_>| v.as_blob().ok().map(<[u8]>::to_vec), "a blob";
+    // A flag: 0 or 1 on SQLite (sqlx's driver reads any integer, as SQLite's own truth
+    // rule does), a BOOLEAN on PostgreSQL.
+    bool => |v: ValueRef<'_>| v.as_i64().ok().map(|i| i != 0), "a flag (an integer)";
+}
+
+/// An instant: integer milliseconds since the Unix epoch on SQLite, a `TIMESTAMPTZ` on
+/// PostgreSQL. (sqlx's own SQLite decoding would read an integer as *seconds*.)
+impl Decode for DateTime<Utc> {
     fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
-        value.as_blob().map(<[u8]>::to_vec).map_err(|_| "a blob")
+        let ms = value
+            .as_i64()
+            .map_err(|_| "an instant (integer milliseconds)")?;
+        DateTime::from_timestamp_millis(ms).ok_or("an instant in chrono's range")
+    }
+
+    fn from_sqlite(row: &SqliteRow, index: usize) -> sqlx::Result<Self> {
+        let ms: i64 = row.try_get(index)?;
+        DateTime::from_timestamp_millis(ms).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: index.to_string(),
+            source: format!("instant {ms} ms is out of range").into(),
+        })
+    }
+
+    fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self> {
+        row.try_get(index)
     }
 }
 
 impl<T: Decode> Decode for Option<T> {
+    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
+        match value {
+            ValueRef::Null => Ok(None),
+            other => T::from_lite(other).map(Some),
+        }
+    }
+
+    fn from_sqlite(row: &SqliteRow, index: usize) -> sqlx::Result<Self> {
+        use sqlx::ValueRef as _;
+        if row.try_get_raw(index)?.is_null() {
+            Ok(None)
+        } else {
+            T::from_sqlite(row, index).map(Some)
+        }
+    }
+
     fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self> {
         use sqlx::ValueRef as _;
         if row.try_get_raw(index)?.is_null() {
             Ok(None)
         } else {
             T::from_pg(row, index).map(Some)
-        }
-    }
-
-    fn from_lite(value: ValueRef<'_>) -> std::result::Result<Self, &'static str> {
-        match value {
-            ValueRef::Null => Ok(None),
-            other => T::from_lite(other).map(Some),
         }
     }
 }
@@ -1249,6 +1337,98 @@ mod tests {
             wrong_list = wrong_list.bind(i);
         }
         assert!(wrong_list.list(&db, 2, &TEXTS).is_err());
+    }
+
+    /// Instants and flags go in and come back alike on all three connections: an instant to
+    /// the millisecond, rounded down (as a comparison with a bound instant sees it too),
+    /// NULLs, before 1970; kept as integer milliseconds (not seconds, as sqlx's own SQLite
+    /// decoding would read them) and 0/1 on SQLite, as TIMESTAMPTZ and BOOLEAN on
+    /// PostgreSQL, in single rows and, on PostgreSQL, in arrays. PostgreSQL is tested when
+    /// `ERN_TEST_DATABASE_URL` is set (the second pass of `scripts/test`).
+    #[tokio::test]
+    async fn instants_and_flags_read_back_alike_on_every_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut pooled = SqliteConnection::connect(&url).await.unwrap();
+        let mut lite = rusqlite::Connection::open(&path).unwrap();
+        let mut pg = match std::env::var("ERN_TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(PgConnection::connect(&url).await.unwrap()),
+            _ => None,
+        };
+        Db::Sqlite(&mut pooled)
+            .execute_raw("CREATE TABLE times (id INTEGER, at INTEGER, until INTEGER, flag INTEGER)")
+            .await
+            .unwrap();
+        if let Some(pg) = pg.as_mut() {
+            Db::Pg(pg)
+                .execute_raw(
+                    "CREATE TEMPORARY TABLE times \
+                     (id BIGINT, at TIMESTAMPTZ, until TIMESTAMPTZ, flag BOOLEAN)",
+                )
+                .await
+                .unwrap();
+        }
+        let exact = DateTime::from_timestamp_millis(1_709_287_200_123).unwrap();
+        let at = exact + chrono::TimeDelta::nanoseconds(999_999);
+        let before_1970 = DateTime::from_timestamp_millis(-1).unwrap();
+        const ROWS: Rows = Rows::of(&[Ty::Int, Ty::Time, Ty::Time, Ty::Bool]);
+        let mut dbs = vec![Db::Sqlite(&mut pooled), Db::Lite(&mut lite)];
+        if let Some(pg) = pg.as_mut() {
+            dbs.push(Db::Pg(pg));
+        }
+        for db in &mut dbs {
+            db.execute_raw("DELETE FROM times").await.unwrap();
+            for n in [2usize, 12] {
+                let sql = format!(
+                    "INSERT INTO times (id, at, until, flag) {}",
+                    ROWS.sql(db, n)
+                );
+                let mut q = query(&sql);
+                for i in 0..n as i64 {
+                    let id = 100 * n as i64 + i;
+                    q = match i % 2 {
+                        0 => q.bind(id).bind(at).bind(None::<DateTime<Utc>>).bind(true),
+                        _ => q.bind(id).bind(before_1970).bind(Some(exact)).bind(false),
+                    };
+                }
+                q.rows(db, &ROWS).unwrap().execute(&mut *db).await.unwrap();
+            }
+            let rows = query("SELECT at, until, flag, id FROM times ORDER BY id")
+                .fetch_all(&mut *db)
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), 14);
+            for row in &rows {
+                let even = row.get::<i64>(3) % 2 == 0;
+                let (want_at, want_until) = if even {
+                    (exact, None)
+                } else {
+                    (before_1970, Some(exact))
+                };
+                assert_eq!(row.get::<DateTime<Utc>>(0), want_at);
+                assert_eq!(row.get::<Option<DateTime<Utc>>>(1), want_until);
+                assert_eq!(row.get::<bool>(2), even);
+            }
+            // A bound instant is rounded down too: `at` equals the instant `at` was bound
+            // from, nanoseconds and all.
+            let same: i64 = query("SELECT COUNT(*) FROM times WHERE at = $1 AND flag = $2")
+                .bind(at)
+                .bind(true)
+                .fetch_scalar(&mut *db)
+                .await
+                .unwrap();
+            assert_eq!(same, 7);
+        }
+        // SQLite keeps milliseconds and 0/1.
+        let raw: Vec<i64> = query("SELECT at FROM times WHERE flag = 1 ORDER BY id LIMIT 1")
+            .fetch_all(&mut Db::Lite(&mut lite))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(raw, [1_709_287_200_123]);
     }
 
     /// A parameter with no value bound is an error, not a NULL.

@@ -8,7 +8,7 @@
 use super::db;
 use chrono::Utc;
 
-use super::{Result, Store, StoreError, millis};
+use super::{Result, Store, StoreError};
 use crate::keys::Fingerprint;
 
 /// Tables whose rows depend on the master secret: pseudonyms (HMACs under keys derived
@@ -53,7 +53,7 @@ impl Store {
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(fingerprint.to_hex())
-        .bind(millis(Utc::now()))
+        .bind(Utc::now())
         .execute(self.pool())
         .await?;
         self.master_fingerprint()

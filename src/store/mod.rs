@@ -1,7 +1,9 @@
 //! Persistence: one SQL schema on SQLite (embedded default) and PostgreSQL (production).
 //!
 //! Every query is written once, in the common subset of both dialects (`$1` placeholders,
-//! integer milliseconds for instants, text for dates); the schema itself is kept per
+//! instants and flags bound and read as `DateTime<Utc>` and `bool`, which `db` keeps as
+//! `TIMESTAMPTZ` and `BOOLEAN` on PostgreSQL and as integer milliseconds and 0/1 on
+//! SQLite; text for dates); the schema itself is kept per
 //! dialect under `migrations/`. Reads go to the pool of sqlx's native driver for the
 //! database (`db::Pool`), through `db::query`. Writes of clinical
 //! data and consent go through the [`writer::Writer`], which batches concurrent requests
@@ -306,8 +308,8 @@ impl Registry {
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
     pub secret_hash: String,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
     pub principal_disabled: bool,
     pub principal: Principal,
     /// SHA-256 fingerprints (hex) of the client certificates bound to the principal; when
@@ -350,16 +352,17 @@ pub(crate) fn cacheable(rows: usize) -> bool {
     rows <= 8
 }
 
-pub fn millis(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-pub fn from_millis(ms: i64) -> Result<DateTime<Utc>> {
-    DateTime::from_timestamp_millis(ms)
-        .ok_or_else(|| StoreError::Corrupt("timestamp out of range".into()))
-}
-
 impl Backend {
+    /// SQL for the instant `expr` as integer milliseconds since the Unix epoch, for the
+    /// few statements that compute with an instant rather than compare it (the research
+    /// index's packed row). Exact: the store keeps instants to the millisecond.
+    pub fn millis_sql(self, expr: &str) -> String {
+        match self {
+            Backend::Sqlite => expr.to_owned(),
+            Backend::Postgres => format!("FLOOR(EXTRACT(EPOCH FROM {expr}) * 1000)::BIGINT"),
+        }
+    }
+
     /// The database a URL names: `sqlite:...` or `postgres://` / `postgresql://`.
     pub fn of_url(url: &str) -> Result<Backend> {
         if url.starts_with("sqlite:") {
@@ -515,7 +518,7 @@ impl Store {
     }
 
     async fn seed_registries(&self) -> Result<()> {
-        let now = millis(Utc::now());
+        let now = Utc::now();
         let mut tx = self.pool.begin().await?;
         for (i, line) in ERN_SEED
             .lines()
@@ -843,7 +846,7 @@ impl Store {
             secret_hash: row.try_get(0)?,
             expires_at: row.try_get(1)?,
             revoked_at: row.try_get(2)?,
-            principal_disabled: row.try_get::<Option<i64>>(6)?.is_some(),
+            principal_disabled: row.try_get::<Option<DateTime<Utc>>>(6)?.is_some(),
             principal: Principal {
                 id: principal_id,
                 name: row.try_get(4)?,
@@ -862,7 +865,7 @@ async fn insert_centre(conn: &mut Db<'_>, code: &str, name: &str, country: &str)
     .bind(code)
     .bind(name)
     .bind(country)
-    .bind(millis(Utc::now()))
+    .bind(Utc::now())
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)

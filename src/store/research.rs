@@ -11,7 +11,7 @@ use super::db::{self, Query};
 use chrono::{DateTime, Utc};
 use tokio_stream::StreamExt;
 
-use super::{Result, Store, StoreError, consent_model, millis};
+use super::{Result, Store, StoreError, consent_model};
 use crate::aggregate::{
     AGE_BANDS, DelayBuilder, Dimension, Filter, Key, QueryError, TableBuilder, age_band_start_days,
 };
@@ -314,11 +314,7 @@ impl Store {
         table: &mut TableBuilder,
     ) -> Result<(), ResearchError> {
         let sql = grouped(sel, "COUNT(*)", &[], "");
-        let query = sql.bind(
-            db::query(&sql.text)
-                .bind(sel.registry_id)
-                .bind(millis(sel.now)),
-        );
+        let query = sql.bind(db::query(&sql.text).bind(sel.registry_id).bind(sel.now));
         let mut conn = self.pool().acquire().await?;
         let mut db = conn.db();
         let mut rows = query.fetch(&mut db);
@@ -342,11 +338,7 @@ impl Store {
             &[months],
             "p.delay_days IS NOT NULL",
         );
-        let query = sql.bind(
-            db::query(&sql.text)
-                .bind(sel.registry_id)
-                .bind(millis(sel.now)),
-        );
+        let query = sql.bind(db::query(&sql.text).bind(sel.registry_id).bind(sel.now));
         let mut conn = self.pool().acquire().await?;
         let mut db = conn.db();
         let mut rows = query.fetch(&mut db);
@@ -397,7 +389,7 @@ impl Store {
             inclusion = consent_model::active_current("c", Scope::RegistryInclusion, &now_param),
             research = consent_model::active_current("c", Scope::ResearchUse, &now_param),
         );
-        let mut query = db::query(&sql).bind(millis(now));
+        let mut query = db::query(&sql).bind(now);
         for code in orphacodes {
             query = query.bind(*code);
         }

@@ -146,20 +146,21 @@ pub enum Changes {
 /// a million rows: one value per row takes half the time of six. [`patient_row`] unpacks
 /// it. Assumes slots below 2^32, years from -1 to 2^30 and delays below 2^32 months (the
 /// writer's values are far inside); sex, status, country, genes and phenotypes never hold
-/// a "|".
-fn patient_columns() -> String {
+/// a "|". The expiry is integer milliseconds on both databases ([`Backend::millis_sql`]).
+fn patient_columns(backend: Backend) -> String {
     format!(
         "(p.registry_id * 4294967296 + p.slot) || '|' \
          || (p.centre_id * 64 + COALESCE({onset}, 7) * 8 + COALESCE({diagnosis}, 7)) || '|' \
          || COALESCE(CAST(p.orphacode AS TEXT), '') || '|' \
          || ((COALESCE(p.diagnosis_year, -1) + 1) * 4294967296 \
              + COALESCE((p.delay_days * 48) / 1461 + 1, 0)) || '|' \
-         || (CASE WHEN p.eligible = 0 THEN '' \
-             ELSE CAST(COALESCE(p.eligible_until, 9223372036854775807) AS TEXT) END) || '|' \
+         || (CASE WHEN NOT p.eligible THEN '' \
+             ELSE CAST(COALESCE({until}, 9223372036854775807) AS TEXT) END) || '|' \
          || p.sex || '|' || p.status || '|' || p.country || '|' || p.genes || '|' \
          || p.phenotypes",
         onset = super::research::age_band("p.onset_age_days"),
         diagnosis = super::research::age_band("p.diagnosis_age_days"),
+        until = backend.millis_sql("p.eligible_until"),
     )
 }
 
@@ -243,7 +244,7 @@ async fn load_part<S: IndexSink + Send>(
         Part::Patients { part } => {
             let sql = format!(
                 "SELECT {} FROM patients p WHERE p.slot IS NOT NULL AND p.slot % $1 = $2",
-                patient_columns()
+                patient_columns(store.backend())
             );
             let mut db = tx.db();
             let mut rows = db::query(&sql)
@@ -509,7 +510,7 @@ async fn load_slots(
            AND c.registry_id = p.registry_id AND c.pseudonym = p.pseudonym \
            AND c.id <> p.case_id \
          ORDER BY 1",
-        patient = patient_columns(),
+        patient = patient_columns(backend),
     );
     // Kept prepared when small (a catch-up after each commit of a quiet server names a
     // slot or two): the statement is long, and parsing it was a cost of every commit.

@@ -62,7 +62,6 @@ use super::audit::{self as audit_store, Pending, Wrote};
 use super::cases::{self, CaseRow};
 use super::consent::{self as consent_store, WithdrawalReason};
 use super::db::Db;
-use super::millis;
 use super::purge::{self, Purger};
 use super::research_index;
 use super::{Backend, Store, StoreError};
@@ -628,7 +627,7 @@ async fn audit_failure(
     };
     entry.outcome = err.outcome().name().to_string();
     let pending = [Pending {
-        at: millis(Utc::now()),
+        at: Utc::now().timestamp_millis(),
         entry,
         wrote: Wrote::default(),
     }];
@@ -838,7 +837,7 @@ async fn apply_in(
                     entry.outcome = outcome.name().to_string();
                 }
                 entries.push(Pending {
-                    at: millis(Utc::now()),
+                    at: Utc::now().timestamp_millis(),
                     entry,
                     wrote,
                 });

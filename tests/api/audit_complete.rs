@@ -295,8 +295,9 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         &format!(
             "DROP TABLE IF EXISTS attack_copy; \
              CREATE TABLE attack_copy AS SELECT * FROM consent_events WHERE id = {research_of_second}; \
-             UPDATE attack_copy SET id = 9999, given_at = given_at + 1; \
-             INSERT INTO consent_events SELECT * FROM attack_copy;"
+             UPDATE attack_copy SET id = 9999, given_at = {later}; \
+             INSERT INTO consent_events SELECT * FROM attack_copy;",
+            later = app.one_ms_later("given_at"),
         ),
         "consent event 9999:",
         "DELETE FROM consent_events WHERE id = 9999",

@@ -179,9 +179,10 @@ async fn changes_made_in_sql_past_the_service_apply_to_the_next_call() {
         .principal("dr-a", Role::Physician, Some("NL-AMC"), &[])
         .await;
     let mut dr = app.client(Some(&token)).await;
-    let sql = |statement: &'static str| {
+    let sql = |statement: &str| {
         let pool = app.store.pool().clone();
-        async move { db::query(statement).execute(&pool).await.unwrap() }
+        let statement = statement.replace("{an instant}", &app.instant_sql(1));
+        async move { db::query(&statement).execute(&pool).await.unwrap() }
     };
     // Held after the first calls.
     for i in 1..=3 {
@@ -207,7 +208,7 @@ async fn changes_made_in_sql_past_the_service_apply_to_the_next_call() {
         .unwrap();
 
     // The principal is disabled by hand: the next call is refused.
-    sql("UPDATE principals SET disabled_at = 1 WHERE name = 'dr-a'").await;
+    sql("UPDATE principals SET disabled_at = {an instant} WHERE name = 'dr-a'").await;
     let err = dr
         .submit_case(submission("ERN-LUNG", national("NL", &bsn(6))))
         .await
@@ -219,7 +220,7 @@ async fn changes_made_in_sql_past_the_service_apply_to_the_next_call() {
         .unwrap();
 
     // The key is revoked by hand: the next call is refused.
-    sql("UPDATE api_keys SET revoked_at = 1").await;
+    sql("UPDATE api_keys SET revoked_at = {an instant}").await;
     let err = dr
         .submit_case(submission("ERN-LUNG", national("NL", &bsn(7))))
         .await

@@ -696,11 +696,11 @@ async fn staged_release(app: &TestApp, system: &str, heartbeat: i64) -> i64 {
     let id: i64 = db::query(
         "INSERT INTO code_releases (system, version, released_on, imported_at, source, terms, \
                                     in_force, staged_at) \
-         VALUES ($1, $2, NULL, $3, 'a file', 0, 0, $3) RETURNING id",
+         VALUES ($1, $2, NULL, $3, 'a file', 0, FALSE, $3) RETURNING id",
     )
     .bind(system)
     .bind(format!("(importing at {heartbeat})"))
-    .bind(heartbeat)
+    .bind(chrono::DateTime::from_timestamp_millis(heartbeat).unwrap())
     .fetch_one(app.store.pool())
     .await
     .unwrap()
@@ -708,7 +708,7 @@ async fn staged_release(app: &TestApp, system: &str, heartbeat: i64) -> i64 {
     .unwrap();
     db::query(
         "INSERT INTO code_terms (release_id, code, label, obsolete, replaced_by) \
-         VALUES ($1, 'HP:0000001', 'All', 0, NULL)",
+         VALUES ($1, 'HP:0000001', 'All', FALSE, NULL)",
     )
     .bind(id)
     .execute(app.store.pool())

@@ -26,7 +26,7 @@ use ern_registry::service::consent::RegistryConsentRules;
 use ern_registry::store::cases::{self, CaseRow, Representative};
 use ern_registry::store::db;
 use ern_registry::store::writer::ConsentRules;
-use ern_registry::store::{Store, consent_model, millis, writer_sql};
+use ern_registry::store::{Store, consent_model, writer_sql};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tempfile::TempDir;
@@ -210,7 +210,7 @@ impl Model {
         let row = db::query(&sql)
             .bind(self.registry_id)
             .bind(p.pseudonym.as_str())
-            .bind(millis(now))
+            .bind(now)
             .fetch_one(&mut conn)
             .await
             .unwrap();
@@ -259,7 +259,12 @@ impl Model {
                 .filter(|e| scopes.contains(&e.scope))
                 .all(|e| e.given_at <= now)
         };
-        let context = || format!("at {now:?} ({} ms), events {events:#?}", millis(now));
+        let context = || {
+            format!(
+                "at {now:?} ({} ms), events {events:#?}",
+                now.timestamp_millis()
+            )
+        };
         for (i, scope) in Scope::ALL.into_iter().enumerate() {
             prop_assert_eq!(
                 sql.history[i],

@@ -436,3 +436,27 @@ impl TestApp {
         )
     }
 }
+
+impl TestApp {
+    /// SQL for the instant `ms` milliseconds after the Unix epoch, as an operator writes it
+    /// on the test's database: a TIMESTAMPTZ on PostgreSQL, integer milliseconds on SQLite
+    /// (`store::db`).
+    pub fn instant_sql(&self, ms: i64) -> String {
+        match self.store.backend() {
+            ern_registry::store::Backend::Sqlite => ms.to_string(),
+            ern_registry::store::Backend::Postgres => {
+                format!("(TIMESTAMPTZ 'epoch' + {ms} * INTERVAL '1 millisecond')")
+            }
+        }
+    }
+
+    /// SQL for the instant in `column` one millisecond later.
+    pub fn one_ms_later(&self, column: &str) -> String {
+        match self.store.backend() {
+            ern_registry::store::Backend::Sqlite => format!("{column} + 1"),
+            ern_registry::store::Backend::Postgres => {
+                format!("{column} + INTERVAL '1 millisecond'")
+            }
+        }
+    }
+}

@@ -264,7 +264,7 @@ async fn withdrawals_on_one_instance_race_writes_on_another() {
     )
     .await;
     let research = rows_without_inclusion(&app, "patients t", "TRUE").await;
-    let eligible = rows_without_inclusion(&app, "patients t", "t.eligible = 1").await;
+    let eligible = rows_without_inclusion(&app, "patients t", "t.eligible").await;
     eprintln!(
         "{} submissions on A stored before the withdrawal on B, {} refused after it; \
          left after a withdrawal: {cases} cases, {versions} versions, {research} research rows \

@@ -104,12 +104,67 @@ struct Differences {
     unused: Vec<String>,
 }
 
+/// The facts of both sides with PostgreSQL's instants and flags stated as SQLite states
+/// them. SQLite has no time and no boolean type: the store keeps an instant there as
+/// integer milliseconds since the Unix epoch and a flag as 0/1, and `store::db` converts
+/// (migration 0017). So a TIMESTAMPTZ column is an integer one whose default the epoch is
+/// 0; a BOOLEAN column is an integer one whose defaults FALSE and TRUE are 0 and 1; and a
+/// SQLite CHECK that such a column is 0 or 1 says what the BOOLEAN type says. Any other
+/// difference in type, default or check stays one.
+fn in_sqlite_terms(sqlite: &Schema, postgres: &Schema) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut columns: BTreeMap<String, &str> = BTreeMap::new();
+    for fact in &postgres.facts {
+        for class in ["timestamp", "boolean"] {
+            if let Some(column) = fact
+                .strip_prefix("column ")
+                .and_then(|f| f.strip_suffix(&format!(" type {class}")))
+            {
+                columns.insert(column.to_string(), class);
+            }
+        }
+    }
+    let postgres_facts = postgres
+        .facts
+        .iter()
+        .map(|fact| {
+            for (column, class) in &columns {
+                let at = format!("column {column}");
+                let Some(rest) = fact.strip_prefix(&at) else {
+                    continue;
+                };
+                let said = match (*class, rest) {
+                    (_, r) if r == format!(" type {class}") => " type integer",
+                    ("boolean", " default false") => " default 0",
+                    ("boolean", " default true") => " default 1",
+                    ("timestamp", " default '1970-01-01 00:00:00+00'") => " default 0",
+                    _ => continue,
+                };
+                return format!("{at}{said}");
+            }
+            fact.clone()
+        })
+        .collect();
+    let sqlite_facts = sqlite
+        .facts
+        .iter()
+        .filter(|fact| {
+            !columns.iter().any(|(column, class)| {
+                let (table, name) = column.split_once('.').unwrap_or_default();
+                *class == "boolean" && **fact == format!("check {table} ({name}): 0, 1")
+            })
+        })
+        .cloned()
+        .collect();
+    (sqlite_facts, postgres_facts)
+}
+
 impl Differences {
     fn between(sqlite: &Schema, postgres: &Schema) -> Differences {
+        let (sqlite_facts, postgres_facts) = in_sqlite_terms(sqlite, postgres);
         let mut sqlite_only: BTreeSet<String> =
-            sqlite.facts.difference(&postgres.facts).cloned().collect();
+            sqlite_facts.difference(&postgres_facts).cloned().collect();
         let mut postgres_only: BTreeSet<String> =
-            postgres.facts.difference(&sqlite.facts).cloned().collect();
+            postgres_facts.difference(&sqlite_facts).cloned().collect();
         let mut unused = Vec::new();
         for entry in DIALECT_ONLY {
             let only = match entry.side {
@@ -1045,6 +1100,110 @@ async fn a_database_of_version_0005_keeps_its_data_and_its_audit_chain() {
     upgrade_from(5).await;
 }
 
+/// Migration 0017 (instants TIMESTAMPTZ, flags BOOLEAN on PostgreSQL; nothing to convert
+/// on SQLite) keeps every instant to the millisecond, at the edges too (before 1970, a
+/// millisecond either side of the epoch, year 9999), and every flag, and the store reads
+/// them back as the instants and flags they were. On whichever database the pass runs on.
+#[tokio::test]
+async fn migration_0017_keeps_every_instant_to_the_millisecond_and_every_flag() {
+    const INSTANTS: [i64; 6] = [
+        -86_400_001,
+        -1,
+        0,
+        1,
+        T0 + 123,
+        253_402_300_799_999, // 9999-12-31T23:59:59.999Z
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await;
+    let store = Store::connect(&url, 2).await.unwrap();
+    let mut earlier = Migrator::new(migrations_dir(store.backend()))
+        .await
+        .unwrap();
+    earlier.migrations.to_mut().retain(|m| m.version <= 16);
+    let pool = &any_pool(&url).await;
+    earlier.run(pool).await.unwrap();
+    exec(
+        pool,
+        "INSERT INTO registries (id, code, name, scope, created_at) \
+         VALUES (900, 'TEST-0017', 'not seeded', 'a test', 0); \
+         INSERT INTO principals (id, name, role, centre_id, created_at) \
+         VALUES (900, 'co-old', 'consent_officer', NULL, 0);",
+    )
+    .await;
+    for (i, ms) in INSTANTS.iter().enumerate() {
+        let expires = if i % 2 == 0 {
+            "NULL".to_string()
+        } else {
+            (ms + 1).to_string()
+        };
+        exec(
+            pool,
+            &format!(
+                "INSERT INTO consent_events (id, registry_id, pseudonym, scope, state, given_at, \
+                                             form_version, expires_at, recorded_by, recorded_at, \
+                                             source) \
+                 VALUES ({id}, 900, 'R900-P{i}', 'research_use', 'granted', {ms}, 'v1', \
+                         {expires}, 900, {ms}, 'physician_attestation'); \
+                 INSERT INTO code_releases (id, system, version, released_on, imported_at, \
+                                            source, terms, in_force, staged_at) \
+                 VALUES ({id}, 'hpo', 'v{i}', NULL, {ms}, 'a file', 1, {flag}, {staged}); \
+                 INSERT INTO code_terms (release_id, code, label, obsolete, replaced_by) \
+                 VALUES ({id}, 'HP:0000001', 'All', {flag}, NULL);",
+                id = i + 1,
+                flag = i64::from(i == 1),
+                staged = if i == 1 {
+                    "NULL".to_string()
+                } else {
+                    ms.to_string()
+                },
+            ),
+        )
+        .await;
+    }
+    let tables = [
+        ("consent_events", "id, given_at, expires_at, recorded_at"),
+        ("code_releases", "id, imported_at, in_force, staged_at"),
+        ("code_terms", "release_id, obsolete"),
+    ];
+    let mut before = Vec::new();
+    for (table, columns) in tables {
+        before.push(rows(pool, table, columns).await);
+    }
+    assert!(before[0].contains(&format!(
+        "6 | {} | 253402300800000 | {}",
+        INSTANTS[5], INSTANTS[5]
+    )));
+
+    store.migrate().await.unwrap();
+    for ((table, columns), rows_before) in tables.iter().zip(&before) {
+        assert_eq!(&rows(pool, table, columns).await, rows_before, "{table}");
+    }
+    // Read by the store as instants and flags.
+    use ern_registry::store::db;
+    let read = db::query("SELECT given_at, expires_at FROM consent_events ORDER BY id")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    for (i, (row, ms)) in read.iter().zip(INSTANTS).enumerate() {
+        let given: chrono::DateTime<chrono::Utc> = row.try_get(0).unwrap();
+        let expires: Option<chrono::DateTime<chrono::Utc>> = row.try_get(1).unwrap();
+        assert_eq!(given.timestamp_millis(), ms);
+        assert_eq!(
+            expires.map(|t| t.timestamp_millis()),
+            (i % 2 == 1).then_some(ms + 1)
+        );
+    }
+    let flags = db::query("SELECT in_force FROM code_releases ORDER BY id")
+        .fetch_scalars::<bool>(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(flags, [false, true, false, false, false, false]);
+    // The release in force is found by its partial index's own test, on both databases.
+    assert_eq!(store.code_releases_in_force().await.unwrap(), [2]);
+    store.close().await;
+}
+
 /// 2024-03-01T10:00:00Z, in milliseconds.
 const T0: i64 = 1_709_287_200_000;
 const HOUR: i64 = 3_600_000;
@@ -1057,10 +1216,39 @@ const MINUTE: i64 = 60_000;
 
 /// The rows of `table` as text (the `columns`' values joined by ` | `, NULL as `NULL`),
 /// sorted.
+///
+/// An instant reads as its integer milliseconds and a flag as 0 or 1 on both databases: as
+/// SQLite keeps them, and as PostgreSQL kept them before migration 0017 made them
+/// TIMESTAMPTZ and BOOLEAN. So a row reads the same before and after that conversion
+/// exactly when every value came through it unchanged.
 async fn rows(pool: &AnyPool, table: &str, columns: &str) -> Vec<String> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut conn = pool.acquire().await.unwrap();
+    if conn.backend_name() == "PostgreSQL" {
+        for row in sqlx::query(&format!(
+            "SELECT column_name::TEXT, data_type::TEXT FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = '{table}'"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        {
+            types.insert(row.get(0), row.get(1));
+        }
+    }
+    drop(conn);
     let values: Vec<String> = columns
         .split(", ")
-        .map(|c| format!("COALESCE(CAST(\"{c}\" AS TEXT), 'NULL')"))
+        .map(|c| {
+            let value = match types.get(c).map(String::as_str) {
+                Some("timestamp with time zone") => {
+                    format!("CAST(FLOOR(EXTRACT(EPOCH FROM \"{c}\") * 1000) AS BIGINT)")
+                }
+                Some("boolean") => format!("CAST(\"{c}\" AS INTEGER)"),
+                _ => format!("\"{c}\""),
+            };
+            format!("COALESCE(CAST({value} AS TEXT), 'NULL')")
+        })
         .collect();
     let sql = format!("SELECT {} FROM {table}", values.join(" || ' | ' || "));
     let mut rows: Vec<String> = sqlx::query(&sql)

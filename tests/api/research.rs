@@ -695,6 +695,12 @@ async fn snapshot(app: &TestApp) -> Vec<String> {
                     .try_get::<Option<i64>>(i)
                     .map(|v| format!("{v:?}"))
                     .or_else(|_| row.try_get::<Option<String>>(i).map(|v| format!("{v:?}")))
+                    // PostgreSQL's instants and flags (integers on SQLite).
+                    .or_else(|_| {
+                        row.try_get::<Option<chrono::DateTime<chrono::Utc>>>(i)
+                            .map(|v| format!("{v:?}"))
+                    })
+                    .or_else(|_| row.try_get::<Option<bool>>(i).map(|v| format!("{v:?}")))
                     .unwrap();
                 fields.push(text);
             }
@@ -748,6 +754,18 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
         .execute_raw("DELETE FROM patients; DELETE FROM consent_current;")
         .await
         .unwrap();
+    // On PostgreSQL, 0003 computed `eligible` as an integer, which 0017 turned into a
+    // BOOLEAN (the instants it copies are of the same type at both ends): the replay takes
+    // the same path.
+    if !app.is_sqlite() {
+        app.store
+            .pool()
+            .execute_raw(
+                "ALTER TABLE patients ALTER COLUMN eligible TYPE BIGINT USING eligible::INT",
+            )
+            .await
+            .unwrap();
+    }
     for statement in migration.split(';').map(str::trim) {
         let sql: String = statement
             .lines()
@@ -757,6 +775,15 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
         if sql.trim_start().starts_with("INSERT INTO") {
             app.store.pool().execute_raw(&sql).await.unwrap();
         }
+    }
+    if !app.is_sqlite() {
+        app.store
+            .pool()
+            .execute_raw(
+                "ALTER TABLE patients ALTER COLUMN eligible TYPE BOOLEAN USING eligible <> 0",
+            )
+            .await
+            .unwrap();
     }
     assert_eq!(snapshot(&app).await, kept);
 }
