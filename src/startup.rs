@@ -700,6 +700,10 @@ impl Application {
                 .clone()
                 .keep_fresh(self.state.store.clone()),
         );
+        // PostgreSQL only: the planner's statistics follow the registry's growth.
+        let statistics = tokio::spawn(crate::store::statistics::keep_current(
+            self.state.store.clone(),
+        ));
         let refusal_summary = Flusher::start(
             self.state.refusals.clone(),
             self.state.writer.clone(),
@@ -744,6 +748,7 @@ impl Application {
         }
         probe.abort();
         code_refresh.abort();
+        statistics.abort();
         // The last summary of refused calls goes in before the writer drains.
         refusal_summary.finish().await;
         info!("server stopped; the writer finishes its queue");

@@ -101,6 +101,7 @@ pub mod master;
 pub mod purge;
 pub mod research;
 pub mod research_index;
+pub mod statistics;
 pub mod writer;
 
 use std::collections::BTreeSet;

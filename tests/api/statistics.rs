@@ -1,0 +1,91 @@
+//! PostgreSQL's planner statistics follow the registry's growth (`store::statistics`): a
+//! table is analyzed once more than 500 rows, and more than a tenth of the rows its last
+//! analysis counted, changed since; not before, and not again until it changes that much
+//! once more. On SQLite there is nothing to do. Runs on whichever database the pass runs
+//! on; the rows are inserted in SQL, as an import would grow a table.
+
+use std::time::{Duration, Instant};
+
+use ern_registry::store::statistics::{MIN_CHANGES, refresh};
+use ern_registry::store::{Backend, Store, db};
+
+use crate::helpers::fresh_database;
+
+/// Waits until PostgreSQL's statistics count at least `changes` changes to `centres`
+/// since its last analysis (a backend reports its counts within about a second of its
+/// transaction). Bounded: the test fails rather than hang.
+async fn until_counted(store: &Store, changes: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counted: i64 = db::query(
+            "SELECT n_mod_since_analyze FROM pg_stat_user_tables \
+             WHERE schemaname = current_schema() AND relname = 'centres'",
+        )
+        .fetch_scalar(store.pool())
+        .await
+        .unwrap();
+        if counted >= changes {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL counted {counted} of {changes} changes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn add_centres(store: &Store, from: i64, n: i64) {
+    store
+        .pool()
+        .execute_raw(&format!(
+            "INSERT INTO centres (code, name, country, created_at) \
+             SELECT 'XX-' || i, 'centre ' || i, 'XX', CURRENT_TIMESTAMP \
+             FROM generate_series({from}, {}) AS i",
+            from + n - 1
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_table_is_analyzed_once_it_has_changed_enough_and_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await;
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    if store.backend() == Backend::Sqlite {
+        assert!(refresh(&store).await.unwrap().is_empty());
+        return;
+    }
+    // The seeded registries are fewer than the floor; nothing else changed.
+    refresh(&store).await.unwrap();
+    assert!(refresh(&store).await.unwrap().is_empty());
+
+    // Below the floor: left alone.
+    add_centres(&store, 0, MIN_CHANGES - 100).await;
+    until_counted(&store, MIN_CHANGES - 100).await;
+    assert!(refresh(&store).await.unwrap().is_empty());
+    // Past it: analyzed, and then not again.
+    add_centres(&store, MIN_CHANGES, 9_600).await;
+    until_counted(&store, 10_000).await;
+    assert_eq!(refresh(&store).await.unwrap(), ["centres"]);
+    let analyzed: Option<chrono::DateTime<chrono::Utc>> = db::query(
+        "SELECT last_analyze FROM pg_stat_user_tables \
+         WHERE schemaname = current_schema() AND relname = 'centres'",
+    )
+    .fetch_scalar(store.pool())
+    .await
+    .unwrap();
+    assert!(analyzed.is_some());
+    assert!(refresh(&store).await.unwrap().is_empty());
+
+    // 10,000 rows counted: 600 more changes are past the floor but not a tenth of them.
+    add_centres(&store, 20_000, 600).await;
+    until_counted(&store, 600).await;
+    assert!(refresh(&store).await.unwrap().is_empty());
+    add_centres(&store, 30_000, 500).await;
+    until_counted(&store, 1_100).await;
+    assert_eq!(refresh(&store).await.unwrap(), ["centres"]);
+    store.close().await;
+}
