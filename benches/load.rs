@@ -15,7 +15,9 @@
 //! `ERN_BENCH_BIN=PATH` runs another build of the server binary (an earlier commit's, to
 //! compare). `ERN_BENCH_PROFILE=N` runs only SubmitCase with N in flight, for `ERN_BENCH_SECONDS`,
 //! after printing the server's pid (to attach `perf record -p`), and prints its rate,
-//! latency and server CPU per call; no raw limits, nothing written.
+//! latency and server CPU per call; no raw limits, nothing written. With
+//! `ERN_BENCH_PROFILE_OP=get` that loop is GetCase, of the cases a SubmitCase phase stored
+//! first.
 //!
 //! The server is the release binary (`CARGO_BIN_EXE_ern-registry`), started as a child
 //! process on a free loopback port, set up with its own admin command line (a centre and a
@@ -1623,14 +1625,33 @@ async fn async_main() {
     // `ERN_BENCH_PROFILE=1 in flight` (or `=256`): only that SubmitCase loop, for
     // ERN_BENCH_SECONDS, with the server's pid printed first (for `perf record -p`);
     // nothing is written.
+    // With `ERN_BENCH_PROFILE_OP=get`, GetCase instead, 64 in flight on one connection, of
+    // the cases a SubmitCase warm-up of ERN_BENCH_SECONDS at 256 in flight stored first
+    // ("profile: reading" is printed when the reads start).
     if let Some(in_flight) = profile {
+        let get = std::env::var("ERN_BENCH_PROFILE_OP").is_ok_and(|op| op == "get");
         eprintln!(
             "profile: server pid {pid}; {in_flight} in flight for {} s",
             seconds()
         );
-        let _ = closed_loop(&four, Op::Submit, in_flight, warm_up()).await;
+        let (targets, op) = if get {
+            let _ = closed_loop(&four, Op::Submit, 256, measure()).await;
+            let to_read = Arc::new(submitted.lock().expect("lock").clone());
+            let readers: Vec<Target> = one
+                .iter()
+                .map(|t| Target {
+                    to_read: to_read.clone(),
+                    ..t.clone()
+                })
+                .collect();
+            eprintln!("profile: reading {} cases", to_read.len());
+            (readers, Op::Get)
+        } else {
+            (four.clone(), Op::Submit)
+        };
+        let _ = closed_loop(&targets, op, in_flight, warm_up()).await;
         let cpu = cpu_seconds(pid, clock_ticks_per_second());
-        let mut samples = closed_loop(&four, Op::Submit, in_flight, measure()).await;
+        let mut samples = closed_loop(&targets, op, in_flight, measure()).await;
         let cpu = cpu_seconds(pid, clock_ticks_per_second()) - cpu;
         let (p50, p99) = (samples.percentile_ms(0.5), samples.percentile_ms(0.99));
         eprintln!(

@@ -204,6 +204,9 @@ async fn demo(
         Arc::new(ern_registry::service::consent::RegistryConsentRules),
     );
     let pseudonymiser = Pseudonymiser::new(&master);
+    // PostgreSQL: the fill is the fast growth the planner's statistics must follow (the
+    // writer's lookups by pseudonym scan a registry without them); nothing on SQLite.
+    let statistics = tokio::spawn(ern_registry::store::statistics::keep_current(store.clone()));
     let started = std::time::Instant::now();
     let done = synthetic::populate(
         &store,
@@ -214,8 +217,12 @@ async fn demo(
         seed,
         |n| eprintln!("{n} patients written"),
     )
-    .await?;
+    .await;
+    statistics.abort();
+    let done = done?;
     drop(writer);
+    // The server that starts next finds statistics of the filled tables.
+    ern_registry::store::statistics::refresh(&store).await?;
     say!(
         "{registry}: wrote {} synthetic patients (numbers {} to {}) in {:.1} s",
         done.written,
