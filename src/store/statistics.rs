@@ -18,7 +18,9 @@
 //! autovacuum is analyzing is left to it). The check is one read of
 //! `pg_stat_user_tables`; an analysis samples at most 30,000 rows of a table (the default
 //! statistics target), so it costs tens of milliseconds whatever the size, and as the
-//! registry grows it runs ever less often. Not needed on SQLite, whose planner goes by
+//! registry grows it runs ever less often. Only the tables' owner (the role that ran the
+//! migrations, as in `deploy/`) or a superuser may analyze them; a server connected as
+//! another role leaves the statistics to autovacuum, as before. Not needed on SQLite, whose planner goes by
 //! the indexes themselves (a lookup that fills a unique index is taken as one row).
 
 use std::time::Duration;
@@ -45,6 +47,8 @@ pub async fn refresh(store: &Store) -> Result<Vec<String>> {
         "SELECT s.relname::TEXT FROM pg_stat_user_tables s \
          JOIN pg_class c ON c.oid = s.relid \
          WHERE s.schemaname = current_schema() \
+           AND (pg_has_role(c.relowner, 'MEMBER') \
+                OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) \
            AND s.n_mod_since_analyze > $1 \
            AND s.n_mod_since_analyze > 0.1 * GREATEST(c.reltuples, 0) \
          ORDER BY s.relname",
