@@ -537,6 +537,17 @@ enum Op {
     Get,
 }
 
+/// `targets` reading the cases `to_read`, round robin (GetCase).
+fn reading(targets: &[Target], to_read: &Arc<Vec<String>>) -> Vec<Target> {
+    targets
+        .iter()
+        .map(|t| Target {
+            to_read: to_read.clone(),
+            ..t.clone()
+        })
+        .collect()
+}
+
 /// One connection with what a call needs.
 #[derive(Clone)]
 struct Target {
@@ -1637,13 +1648,7 @@ async fn async_main() {
         let (targets, op) = if get {
             let _ = closed_loop(&four, Op::Submit, 256, measure()).await;
             let to_read = Arc::new(submitted.lock().expect("lock").clone());
-            let readers: Vec<Target> = one
-                .iter()
-                .map(|t| Target {
-                    to_read: to_read.clone(),
-                    ..t.clone()
-                })
-                .collect();
+            let readers = reading(&one, &to_read);
             eprintln!("profile: reading {} cases", to_read.len());
             (readers, Op::Get)
         } else {
@@ -1755,13 +1760,7 @@ async fn async_main() {
     let get = if to_read.is_empty() {
         None
     } else {
-        let readers: Vec<Target> = one
-            .iter()
-            .map(|t| Target {
-                to_read: to_read.clone(),
-                ..t.clone()
-            })
-            .collect();
+        let readers = reading(&one, &to_read);
         let n = to_read.len();
         // The read-only phase adds no patient: what memory does here is not the registry
         // growing (the research index, the page cache filling).
