@@ -3,81 +3,110 @@
 --
 -- Every instant becomes a TIMESTAMPTZ and every flag a BOOLEAN, so that the database says
 -- what its columns hold to whoever reads it in SQL (an operator, a backup check, a
--- reporting tool). Instants were integer milliseconds since the Unix epoch; the
--- conversion is exact (epoch + n milliseconds; TIMESTAMPTZ keeps microseconds), so every
--- stored instant, and every audit MAC computed over one, reads back the same. Flags were
--- 0/1 (CHECKed on two of the four). Each ALTER rewrites its table once; on a large
--- registry the upgrade takes about as long as copying `case_versions` and `audit_log`.
+-- reporting tool). Instants were integer milliseconds since the Unix epoch. The
+-- conversion is exact, so every stored instant, and every audit MAC computed over one,
+-- reads back the same: the epoch plus whole days plus the milliseconds of the day, two
+-- products PostgreSQL computes without rounding, with days of 24 hours (UTC, set for
+-- this migration). (One product of n milliseconds is a float8 one, rounded by up to 16
+-- microseconds after the year 4253, which read back a millisecond early.) Flags were 0/1
+-- (CHECKed on two of the four). Each ALTER rewrites its table once; on a large registry
+-- the upgrade takes about as long as copying `case_versions` and `audit_log`.
+
+SET LOCAL TimeZone = 'UTC';
 
 -- Instants.
 ALTER TABLE registries
     ALTER COLUMN created_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE centres
     ALTER COLUMN created_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE principals
     ALTER COLUMN created_at  TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN disabled_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + disabled_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (disabled_at / 86400000) * INTERVAL '1 day'
+              + (disabled_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE api_keys
     ALTER COLUMN created_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN expires_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + expires_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (expires_at / 86400000) * INTERVAL '1 day'
+              + (expires_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN revoked_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + revoked_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (revoked_at / 86400000) * INTERVAL '1 day'
+              + (revoked_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE principal_certificates
     ALTER COLUMN created_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE consent_events
     ALTER COLUMN given_at    TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + given_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (given_at / 86400000) * INTERVAL '1 day'
+              + (given_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN expires_at  TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + expires_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (expires_at / 86400000) * INTERVAL '1 day'
+              + (expires_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN recorded_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + recorded_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (recorded_at / 86400000) * INTERVAL '1 day'
+              + (recorded_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE consent_current
     ALTER COLUMN given_at   TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + given_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (given_at / 86400000) * INTERVAL '1 day'
+              + (given_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN expires_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + expires_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (expires_at / 86400000) * INTERVAL '1 day'
+              + (expires_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE cases
     ALTER COLUMN created_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN updated_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + updated_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (updated_at / 86400000) * INTERVAL '1 day'
+              + (updated_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE case_versions
     ALTER COLUMN recorded_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + recorded_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (recorded_at / 86400000) * INTERVAL '1 day'
+              + (recorded_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN undiagnosed TYPE BOOLEAN USING undiagnosed <> 0;
 ALTER TABLE erasures
     ALTER COLUMN erased_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + erased_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (erased_at / 86400000) * INTERVAL '1 day'
+              + (erased_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE patients
     ALTER COLUMN eligible       TYPE BOOLEAN USING eligible <> 0,
     ALTER COLUMN eligible_until TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + eligible_until * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (eligible_until / 86400000) * INTERVAL '1 day'
+              + (eligible_until % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE audit_log
     ALTER COLUMN at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (at / 86400000) * INTERVAL '1 day'
+              + (at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE master_key
     ALTER COLUMN recorded_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + recorded_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (recorded_at / 86400000) * INTERVAL '1 day'
+              + (recorded_at % 86400000) * INTERVAL '1 millisecond';
 -- `locked_until` 0 (the epoch) is "not held back", as before.
 ALTER TABLE console_credentials
     ALTER COLUMN locked_until DROP DEFAULT,
     ALTER COLUMN locked_until TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + locked_until * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (locked_until / 86400000) * INTERVAL '1 day'
+              + (locked_until % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN locked_until SET DEFAULT TIMESTAMPTZ 'epoch',
     ALTER COLUMN updated_at   TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + updated_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (updated_at / 86400000) * INTERVAL '1 day'
+              + (updated_at % 86400000) * INTERVAL '1 millisecond';
 ALTER TABLE console_sessions
     ALTER COLUMN created_at   TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + created_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (created_at / 86400000) * INTERVAL '1 day'
+              + (created_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN last_seen_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + last_seen_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (last_seen_at / 86400000) * INTERVAL '1 day'
+              + (last_seen_at % 86400000) * INTERVAL '1 millisecond';
 
 -- Flags of the code releases: the 0/1 CHECKs go (a BOOLEAN has no third value), and the
 -- partial index of the release in force is made again on the boolean.
@@ -88,9 +117,11 @@ ALTER TABLE code_releases
     ALTER COLUMN in_force TYPE BOOLEAN USING in_force <> 0,
     ALTER COLUMN in_force SET DEFAULT FALSE,
     ALTER COLUMN imported_at TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + imported_at * INTERVAL '1 millisecond',
+        USING TIMESTAMPTZ 'epoch' + (imported_at / 86400000) * INTERVAL '1 day'
+              + (imported_at % 86400000) * INTERVAL '1 millisecond',
     ALTER COLUMN staged_at   TYPE TIMESTAMPTZ
-        USING TIMESTAMPTZ 'epoch' + staged_at * INTERVAL '1 millisecond';
+        USING TIMESTAMPTZ 'epoch' + (staged_at / 86400000) * INTERVAL '1 day'
+              + (staged_at % 86400000) * INTERVAL '1 millisecond';
 CREATE UNIQUE INDEX code_releases_in_force ON code_releases (system) WHERE in_force;
 ALTER TABLE code_terms
     DROP CONSTRAINT code_terms_obsolete_check,

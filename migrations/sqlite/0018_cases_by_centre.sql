@@ -9,5 +9,7 @@
 -- UpdateCase: registry, pseudonym and centre) now fills this index as it fills the
 -- unique one, so the planner cannot take it for a scan of the centre's cases, which
 -- PostgreSQL did while a fast-growing table had no statistics yet (`store::statistics`).
+-- The index is built inside the migration's transaction: on a large registry, writes to
+-- `cases` wait for it (about as long as reading the table once).
 DROP INDEX cases_registry_centre;
 CREATE INDEX cases_registry_centre ON cases (registry_id, centre_id, pseudonym);

@@ -374,7 +374,7 @@ pub struct AuditFilter {
     pub method: String,
     pub registry: String,
     pub outcome: String,
-    /// Milliseconds, inclusive; 0 = open.
+    /// Inclusive bounds of the entries' times; `None`: open.
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
     /// Entries after this sequence number (paging).

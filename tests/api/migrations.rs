@@ -1106,12 +1106,17 @@ async fn a_database_of_version_0005_keeps_its_data_and_its_audit_chain() {
 /// them back as the instants and flags they were. On whichever database the pass runs on.
 #[tokio::test]
 async fn migration_0017_keeps_every_instant_to_the_millisecond_and_every_flag() {
-    const INSTANTS: [i64; 6] = [
+    const INSTANTS: [i64; 9] = [
         -86_400_001,
         -1,
         0,
         1,
         T0 + 123,
+        32_503_680_000_123, // 3000-01-01T00:00:00.123Z
+        // After the year 4253 a float8 product of n milliseconds rounds: these read back a
+        // millisecond early through one.
+        253_402_300_799_997,
+        253_402_300_799_001,
         253_402_300_799_999, // 9999-12-31T23:59:59.999Z
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -1171,8 +1176,8 @@ async fn migration_0017_keeps_every_instant_to_the_millisecond_and_every_flag() 
         before.push(rows(pool, table, columns).await);
     }
     assert!(before[0].contains(&format!(
-        "6 | {} | 253402300800000 | {}",
-        INSTANTS[5], INSTANTS[5]
+        "8 | {} | 253402300799002 | {}",
+        INSTANTS[7], INSTANTS[7]
     )));
 
     store.migrate().await.unwrap();
@@ -1198,7 +1203,8 @@ async fn migration_0017_keeps_every_instant_to_the_millisecond_and_every_flag() 
         .fetch_scalars::<bool>(store.pool())
         .await
         .unwrap();
-    assert_eq!(flags, [false, true, false, false, false, false]);
+    let expected: Vec<bool> = (0..INSTANTS.len()).map(|i| i == 1).collect();
+    assert_eq!(flags, expected);
     // The release in force is found by its partial index's own test, on both databases.
     assert_eq!(store.code_releases_in_force().await.unwrap(), [2]);
     store.close().await;
