@@ -25,7 +25,7 @@
 
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::db;
 use super::{Backend, Result, Store};
@@ -73,17 +73,29 @@ pub async fn refresh(store: &Store) -> Result<Vec<String>> {
 }
 
 /// Runs [`refresh`] every [`EVERY`] until the task is dropped (PostgreSQL only: returns at
-/// once on SQLite). A failure is logged and tried again at the next check.
+/// once on SQLite). A failure is tried again at the next check; the first of a run of
+/// failures is a warning, the rest (a database that is away, which the health probe
+/// reports) are not repeated every 5 s.
 pub async fn keep_current(store: Store) {
     if store.backend() != Backend::Postgres {
         return;
     }
     let mut ticks = tokio::time::interval(EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         ticks.tick().await;
-        if let Err(err) = refresh(&store).await {
-            warn!(error = %err, "planner statistics not refreshed; trying again later");
+        match refresh(&store).await {
+            Ok(_) if failing => {
+                failing = false;
+                info!("planner statistics refreshed again");
+            }
+            Ok(_) => {}
+            Err(err) if failing => debug!(error = %err, "planner statistics still not refreshed"),
+            Err(err) => {
+                failing = true;
+                warn!(error = %err, "planner statistics not refreshed; trying again every 5 s");
+            }
         }
     }
 }
