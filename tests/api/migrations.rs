@@ -1120,14 +1120,7 @@ async fn migration_0017_keeps_every_instant_to_the_millisecond_and_every_flag() 
         253_402_300_799_999, // 9999-12-31T23:59:59.999Z
     ];
     let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await;
-    let store = Store::connect(&url, 2).await.unwrap();
-    let mut earlier = Migrator::new(migrations_dir(store.backend()))
-        .await
-        .unwrap();
-    earlier.migrations.to_mut().retain(|m| m.version <= 16);
-    let pool = &any_pool(&url).await;
-    earlier.run(pool).await.unwrap();
+    let (_, store, pool) = &at_version(&dir, 16).await;
     exec(
         pool,
         "INSERT INTO registries (id, code, name, scope, created_at) \
@@ -1711,18 +1704,26 @@ async fn write_legacy(pool: &AnyPool, master: &MasterSecret, version: i64) -> Le
 
 /// A database of migration `version`, filled as that version filled it, migrated as the
 /// server migrates at start, then served.
-async fn upgrade_from(version: i64) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await;
-    let master = MasterSecret::create_new(&dir.path().join("master.key")).unwrap();
+/// A fresh database migrated up to `version` as the server of that version left it: its
+/// URL, a store on it (not migrated further) and a pool of sqlx's `Any` driver.
+async fn at_version(dir: &TempDir, version: i64) -> (String, Store, AnyPool) {
+    let url = fresh_database(dir).await;
     let store = Store::connect(&url, 2).await.unwrap();
     let mut earlier = Migrator::new(migrations_dir(store.backend()))
         .await
         .unwrap();
     earlier.migrations.to_mut().retain(|m| m.version <= version);
     assert_eq!(earlier.migrations.last().map(|m| m.version), Some(version));
-    let pool = &any_pool(&url).await;
-    earlier.run(pool).await.unwrap();
+    let pool = any_pool(&url).await;
+    earlier.run(&pool).await.unwrap();
+    (url, store, pool)
+}
+
+async fn upgrade_from(version: i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let master = MasterSecret::create_new(&dir.path().join("master.key")).unwrap();
+    let (url, store, pool) = at_version(&dir, version).await;
+    let pool = &pool;
     let legacy = write_legacy(pool, &master, version).await;
     let mut before = BTreeMap::new();
     for (table, columns) in schema(&url).await.columns {

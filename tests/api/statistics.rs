@@ -49,12 +49,18 @@ async fn add_centres(store: &Store, from: i64, n: i64) {
         .unwrap();
 }
 
+/// A fresh database of the pass, migrated: its URL and a store on it.
+async fn migrated(dir: &tempfile::TempDir) -> (String, Store) {
+    let url = fresh_database(dir).await;
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    (url, store)
+}
+
 #[tokio::test]
 async fn a_table_is_analyzed_once_it_has_changed_enough_and_not_before() {
     let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await;
-    let store = Store::connect(&url, 2).await.unwrap();
-    store.migrate().await.unwrap();
+    let (url, store) = migrated(&dir).await;
     if store.backend() == Backend::Sqlite {
         assert!(refresh(&store).await.unwrap().is_empty());
         return;
@@ -126,9 +132,7 @@ async fn a_table_is_analyzed_once_it_has_changed_enough_and_not_before() {
 #[tokio::test]
 async fn one_case_is_looked_up_by_all_three_columns_without_statistics() {
     let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database(&dir).await;
-    let store = Store::connect(&url, 1).await.unwrap();
-    store.migrate().await.unwrap();
+    let (_, store) = migrated(&dir).await;
     if store.backend() == Backend::Sqlite {
         return;
     }
