@@ -49,8 +49,7 @@ pub async fn refresh(store: &Store) -> Result<Vec<String>> {
         "SELECT s.relname::TEXT FROM pg_stat_user_tables s \
          JOIN pg_class c ON c.oid = s.relid \
          WHERE s.schemaname = current_schema() \
-           AND (pg_has_role(c.relowner, 'USAGE') \
-                OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) \
+           AND pg_has_role(c.relowner, 'USAGE') \
            AND s.n_mod_since_analyze > $1 \
            AND s.n_mod_since_analyze > 0.1 * GREATEST(c.reltuples, 0) \
          ORDER BY s.relname",
