@@ -23,7 +23,8 @@ pub struct Credentials {
     pub totp_sealed: Option<String>,
     pub totp_last_step: i64,
     pub failures: i64,
-    /// No sign-in before (`None`: not held back).
+    /// No sign-in before (`None`: no credentials yet; the column's default, the epoch:
+    /// not held back).
     pub locked_until: Option<DateTime<Utc>>,
 }
 
@@ -96,10 +97,7 @@ impl Store {
                 totp_sealed: r.try_get(3)?,
                 totp_last_step: r.try_get(4)?,
                 failures: r.try_get(5)?,
-                // The epoch (the column's default) is "not held back", as no row is.
-                locked_until: r
-                    .try_get::<Option<DateTime<Utc>>>(6)?
-                    .filter(|t| *t > DateTime::UNIX_EPOCH),
+                locked_until: r.try_get(6)?,
             })
         })
         .transpose()
