@@ -228,7 +228,7 @@ pub async fn get(
     pseudonym: Pseudonym,
     include_history: bool,
 ) -> Result<CaseView, ServiceError> {
-    let mut conn = services.store.pool().acquire().await?;
+    let mut conn = services.store.reader().await?;
     let stored = cases::get_case(
         &mut conn.db(),
         access.registry.id,
@@ -287,7 +287,7 @@ pub async fn export(
     page_size: u32,
     call: &mut Call,
 ) -> Result<Vec<Exported>, ServiceError> {
-    let mut conn = services.store.pool().acquire().await?;
+    let mut conn = services.store.reader().await?;
     let rows = cases::list_current(
         &mut conn.db(),
         access.registry.id,

@@ -267,7 +267,7 @@ async fn history(
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<Vec<ConsentRecord>, ServiceError> {
-    let mut conn = services.store.pool().acquire().await?;
+    let mut conn = services.store.reader().await?;
     Ok(consent_store::history(&mut conn.db(), registry_id, pseudonym).await?)
 }
 
@@ -395,7 +395,7 @@ pub async fn receipt(
     receipt_id: &str,
 ) -> Result<Receipt, ServiceError> {
     require_officer(principal)?;
-    let mut conn = services.store.pool().acquire().await?;
+    let mut conn = services.store.reader().await?;
     let not_found =
         || ServiceError::NotFound("no erasure receipt with this id in your registries".into());
     let erasure: Erasure = consent_store::erasure_by_receipt(&mut conn.db(), receipt_id)

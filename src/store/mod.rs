@@ -99,6 +99,7 @@ pub mod console;
 pub mod db;
 pub mod master;
 pub mod purge;
+pub mod readers;
 pub mod research;
 pub mod research_index;
 pub mod statistics;
@@ -325,6 +326,8 @@ pub struct Store {
     /// The database file, on SQLite (not in memory): the writer opens its own
     /// connection to it (`writer`).
     sqlite_path: Option<std::path::PathBuf>,
+    /// SQLite's own read-only connections to that file, for short reads (`readers`).
+    readers: Option<std::sync::Arc<readers::LiteReaders>>,
 }
 
 /// `$from, $from+1, ...`: `n` numbered parameters, for an `IN (...)` list.
@@ -422,10 +425,12 @@ impl Store {
             Backend::Sqlite => crate::data_dir::sqlite_path(url),
             Backend::Postgres => None,
         };
+        let readers = sqlite_path.as_deref().map(readers::LiteReaders::new);
         let store = Store {
             pool,
             backend,
             sqlite_path,
+            readers,
         };
         store.durability().await?.check()?;
         Ok(store)
@@ -455,6 +460,12 @@ impl Store {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// A connection for one short, bounded read on the request path: on SQLite one of its
+    /// own read-only connections, used in place; else one of the pool's (`readers`).
+    pub async fn reader(&self) -> Result<readers::Reader> {
+        readers::reader(self.readers.as_ref(), &self.pool).await
     }
 
     /// The SQLite database file; `None` on PostgreSQL and for an in-memory database.
