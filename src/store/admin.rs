@@ -174,7 +174,7 @@ pub async fn create_principal(
                 .fetch_optional(&mut *conn)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("centre {code}")))?
-                .try_get(0)?,
+                .try_get("id")?,
         ),
     };
     let id: i64 = db::query(
@@ -186,7 +186,7 @@ pub async fn create_principal(
     .bind(Utc::now())
     .fetch_one(&mut *conn)
     .await?
-    .try_get(0)?;
+    .try_get("id")?;
     for registry_id in resolve_registries(conn, registries).await? {
         db::query("INSERT INTO principal_registries (principal_id, registry_id) VALUES ($1, $2)")
             .bind(id)
@@ -208,7 +208,7 @@ pub async fn rotate_registry_key(conn: &mut Db<'_>, code: &str) -> Result<i64> {
     .fetch_optional(&mut *conn)
     .await?;
     match row {
-        Some(r) => Ok(r.try_get(0)?),
+        Some(r) => Ok(r.try_get("active_key_version")?),
         None => Err(StoreError::NotFound(format!(
             "registry {code} (or its key version is already 999)"
         ))),
@@ -221,7 +221,7 @@ pub async fn principal_id(conn: &mut Db<'_>, name: &str) -> Result<i64> {
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("principal {name}")))?
-        .try_get(0)
+        .try_get("id")
 }
 
 pub async fn insert_api_key(

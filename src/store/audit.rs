@@ -103,18 +103,14 @@ fn column_list(table: Table) -> String {
         .join(", ")
 }
 
-/// Decodes a covered row (its columns from `offset` on, as [`column_list`] selects them)
-/// and hashes it: (id, hash). Strict: a value of another type than the column's is an
+/// Decodes a covered row (its columns by name, as [`column_list`] selects them) and
+/// hashes it: (id, hash). Strict: a value of another type than the column's is an
 /// error naming the column (and the id, when that much is readable).
 /// A covered row's value that is not of its column's type: the row's id (if readable) and
 /// the column.
 type Unreadable = (Option<i64>, &'static str);
 
-fn hash_row(
-    table: Table,
-    row: &db::Row,
-    offset: usize,
-) -> std::result::Result<(i64, [u8; 32]), Unreadable> {
+fn hash_row(table: Table, row: &db::Row) -> std::result::Result<(i64, [u8; 32]), Unreadable> {
     enum Owned {
         Int(i64),
         Null,
@@ -122,19 +118,18 @@ fn hash_row(
     }
     let mut id = None;
     let mut values = Vec::with_capacity(columns(table).len());
-    for (i, (name, kind)) in columns(table).iter().enumerate() {
-        let at = offset + i;
+    for (i, &(name, kind)) in columns(table).iter().enumerate() {
         let value = match kind {
-            Kind::Int => row.try_get::<i64>(at).map(Owned::Int),
-            Kind::Text => row.try_get::<String>(at).map(Owned::Text),
+            Kind::Int => row.try_get::<i64>(name).map(Owned::Int),
+            Kind::Text => row.try_get::<String>(name).map(Owned::Text),
             Kind::Time => row
-                .try_get::<DateTime<Utc>>(at)
+                .try_get::<DateTime<Utc>>(name)
                 .map(|t| Owned::Int(t.timestamp_millis())),
             Kind::OptTime => row
-                .try_get::<Option<DateTime<Utc>>>(at)
+                .try_get::<Option<DateTime<Utc>>>(name)
                 .map(|v| v.map_or(Owned::Null, |t| Owned::Int(t.timestamp_millis()))),
         }
-        .map_err(|_| (id, *name))?;
+        .map_err(|_| (id, name))?;
         if i == 0
             && let Owned::Int(n) = value
         {
@@ -174,9 +169,9 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
         db::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, mac, rows_adopted")
             .fetch_one(&mut *conn)
             .await?;
-    let mut seq: i64 = head.try_get(0)?;
-    let mut previous: String = head.try_get(1)?;
-    let adopted: i64 = head.try_get(2)?;
+    let mut seq: i64 = head.try_get("seq")?;
+    let mut previous: String = head.try_get("mac")?;
+    let adopted: i64 = head.try_get("rows_adopted")?;
     let mut rows = Vec::with_capacity(pending.len() + 1);
     if adopted == 0
         && let Some(entry) = adopt(conn, seq + 1).await?
@@ -317,8 +312,8 @@ async fn tag_rows(
                 )));
             }
             for row in &tagged {
-                let seq: i64 = row.try_get(0)?;
-                let (id, hash) = hash_row(table, row, 1).map_err(|e| corrupt(table, e))?;
+                let seq: i64 = row.try_get("audit_seq")?;
+                let (id, hash) = hash_row(table, row).map_err(|e| corrupt(table, e))?;
                 covered
                     .entry(seq)
                     .or_default()
@@ -350,7 +345,7 @@ async fn adopt(conn: &mut Db<'_>, seq: i64) -> Result<Option<Entry>> {
             column_list(table)
         );
         for row in db::query(&sql).bind(seq).fetch_all(&mut *conn).await? {
-            let (_, hash) = hash_row(table, &row, 0).map_err(|e| corrupt(table, e))?;
+            let (_, hash) = hash_row(table, &row).map_err(|e| corrupt(table, e))?;
             digest.add(table, &hash);
         }
     }
@@ -387,35 +382,34 @@ pub struct AuditFilter {
 fn stored_from(row: &db::Row) -> std::result::Result<Stored, &'static str> {
     fn get<T: db::Decode>(
         row: &db::Row,
-        i: usize,
         name: &'static str,
     ) -> std::result::Result<T, &'static str> {
-        row.try_get(i).map_err(|_| name)
+        row.try_get(name).map_err(|_| name)
     }
     Ok(Stored {
-        seq: get(row, 0, "seq")?,
-        at: get::<DateTime<Utc>>(row, 1, "at")?.timestamp_millis(),
-        version: get(row, 2, "version")?,
+        seq: get(row, "seq")?,
+        at: get::<DateTime<Utc>>(row, "at")?.timestamp_millis(),
+        version: get(row, "version")?,
         entry: Entry {
-            principal_id: get(row, 3, "principal_id")?,
-            principal: get(row, 4, "principal")?,
-            role: get(row, 5, "role")?,
-            centre: get(row, 6, "centre")?,
-            method: get(row, 7, "method")?,
-            registry: get(row, 8, "registry")?,
-            outcome: get(row, 9, "outcome")?,
-            items: get(row, 10, "items")?,
-            target: get(row, 11, "target")?,
-            rows: get(row, 12, "row_hashes")?,
+            principal_id: get(row, "principal_id")?,
+            principal: get(row, "principal")?,
+            role: get(row, "role")?,
+            centre: get(row, "centre")?,
+            method: get(row, "method")?,
+            registry: get(row, "registry")?,
+            outcome: get(row, "outcome")?,
+            items: get(row, "items")?,
+            target: get(row, "target")?,
+            rows: get(row, "row_hashes")?,
         },
-        mac: get(row, 13, "mac")?,
+        mac: get(row, "mac")?,
     })
 }
 
 fn stored_or_corrupt(row: &db::Row) -> Result<Stored> {
     stored_from(row).map_err(|column| {
         let seq = row
-            .try_get::<i64>(0)
+            .try_get::<i64>("seq")
             .map_or_else(|_| "?".to_string(), |s| s.to_string());
         StoreError::Corrupt(format!("audit entry {seq}: its {column} is not readable"))
     })
@@ -502,7 +496,7 @@ impl Store {
         let head = db::query("SELECT seq, mac FROM audit_head WHERE id = 1")
             .fetch_one(self.pool())
             .await?;
-        let (head_seq, head_mac): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        let (head_seq, head_mac): (i64, String) = (head.try_get("seq")?, head.try_get("mac")?);
         if head_seq == 0 {
             return Ok(None);
         }
@@ -567,10 +561,10 @@ async fn read_head(conn: &mut Db<'_>) -> Result<std::result::Result<Head, Broken
     let unreadable = |column: &str| Broken::HeadUnreadable {
         problem: format!("its {column} is not readable as stored (type changed)"),
     };
-    let Ok(seq) = row.try_get::<i64>(0) else {
+    let Ok(seq) = row.try_get::<i64>("seq") else {
         return Ok(Err(unreadable("seq")));
     };
-    let Ok(mac) = row.try_get::<String>(1) else {
+    let Ok(mac) = row.try_get::<String>("mac") else {
         return Ok(Err(unreadable("mac")));
     };
     Ok(Ok(Head { seq, mac }))
@@ -603,13 +597,13 @@ async fn verify_in(
         let Some(first) = page.first() else {
             break;
         };
-        let first = first.try_get::<i64>(0)?;
+        let first = first.try_get::<i64>("seq")?;
         let mut rows = RowCheck::default();
         for row in &page {
             let stored = match stored_from(row) {
                 Ok(stored) => stored,
                 Err(column) => {
-                    let seq = row.try_get(0).unwrap_or(verifier.next_seq());
+                    let seq = row.try_get("seq").unwrap_or(verifier.next_seq());
                     return Ok(Err(Broken::Unreadable { seq, column }));
                 }
             };
@@ -640,18 +634,21 @@ async fn verify_in(
             .fetch_optional(&mut *conn)
             .await?
         {
-            let id = row.try_get(0)?;
+            let id = row.try_get("id")?;
             return Ok(Err(Broken::RowUncovered { table, id }));
         }
     }
     let mut unadopted = 0;
     if lowest == 0 {
         for table in Table::ALL {
-            let sql = format!("SELECT COUNT(*) FROM {} WHERE audit_seq = 0", table.sql());
+            let sql = format!(
+                "SELECT COUNT(*) AS n FROM {} WHERE audit_seq = 0",
+                table.sql()
+            );
             unadopted += db::query(&sql)
                 .fetch_one(&mut *conn)
                 .await?
-                .try_get::<i64>(0)?;
+                .try_get::<i64>("n")?;
         }
     }
     Ok(Ok(Verified {
@@ -680,14 +677,14 @@ async fn check_rows(
         let mut stream = db::query(&sql).bind(first).bind(last).fetch(&mut *conn);
         while let Some(row) = stream.next().await {
             let row = row?;
-            let (id, hash) = match hash_row(table, &row, 1) {
+            let (id, hash) = match hash_row(table, &row) {
                 Ok(hashed) => hashed,
                 Err((id, column)) => {
                     let id = id.unwrap_or_default();
                     return Ok(Err(Broken::RowUnreadable { table, id, column }));
                 }
             };
-            let Ok(seq) = row.try_get::<i64>(0) else {
+            let Ok(seq) = row.try_get::<i64>("audit_seq") else {
                 return Ok(Err(Broken::RowUnreadable {
                     table,
                     id,

@@ -77,22 +77,21 @@ pub async fn load_consent(
     .bind(pseudonym)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter().map(|r| event_from_row(r, 0)).collect()
+    rows.iter().map(event_from_row).collect()
 }
 
-/// A `consent_events` row read as `id, scope, state, given_at, expires_at` from column
-/// `at` on.
-fn event_from_row(r: &Row, at: usize) -> Result<ConsentEvent> {
-    let scope: String = r.try_get(at + 1)?;
-    let state: String = r.try_get(at + 2)?;
+/// A `consent_events` row's columns `id, scope, state, given_at, expires_at`.
+fn event_from_row(r: &Row) -> Result<ConsentEvent> {
+    let scope: String = r.try_get("scope")?;
+    let state: String = r.try_get("state")?;
     Ok(ConsentEvent {
-        seq: r.try_get(at)?,
+        seq: r.try_get("id")?,
         scope: Scope::parse_db(&scope)
             .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
         decision: Decision::parse_db(&state)
             .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
-        given_at: r.try_get(at + 3)?,
-        expires_at: r.try_get(at + 4)?,
+        given_at: r.try_get("given_at")?,
+        expires_at: r.try_get("expires_at")?,
     })
 }
 
@@ -139,8 +138,8 @@ pub(crate) async fn load_consent_many(
         }
         let query = query.list(conn, 2, &PSEUDONYMS)?;
         for row in query.fetch_all(&mut *conn).await? {
-            let pseudonym: String = row.try_get(0)?;
-            let event = event_from_row(&row, 1)?;
+            let pseudonym: String = row.try_get("pseudonym")?;
+            let event = event_from_row(&row)?;
             histories
                 .entry((registry_id, pseudonym))
                 .or_default()
@@ -170,7 +169,11 @@ pub(crate) async fn cases_of_many(
         }
         let query = query.list(conn, 2, &PSEUDONYMS)?;
         for row in query.fetch_all(&mut *conn).await? {
-            found.insert((registry_id, row.try_get(0)?, row.try_get(1)?));
+            found.insert((
+                registry_id,
+                row.try_get("pseudonym")?,
+                row.try_get("centre_id")?,
+            ));
         }
     }
     Ok(found)
@@ -225,8 +228,12 @@ pub(crate) async fn append_consent_many(
         let query = query.rows(conn, &ROWS)?;
         let mut returned: HashMap<(i64, String, String), i64> = HashMap::new();
         for row in query.fetch_all(&mut *conn).await? {
-            let key = (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
-            if returned.insert(key, row.try_get(0)?).is_some() {
+            let key = (
+                row.try_get("registry_id")?,
+                row.try_get("pseudonym")?,
+                row.try_get("scope")?,
+            );
+            if returned.insert(key, row.try_get("id")?).is_some() {
                 return Err(StoreError::Corrupt(
                     "two consent decisions of one scope for one patient in a run".into(),
                 ));
@@ -292,8 +299,12 @@ pub(crate) async fn insert_cases_many(
         let mut returned: HashMap<(i64, String, i64), i64> = HashMap::new();
         for row in query.fetch_all(&mut *conn).await? {
             returned.insert(
-                (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?),
-                row.try_get(0)?,
+                (
+                    row.try_get("registry_id")?,
+                    row.try_get("pseudonym")?,
+                    row.try_get("centre_id")?,
+                ),
+                row.try_get("id")?,
             );
         }
         let mut versions = Vec::with_capacity(chunk.len());
@@ -406,7 +417,7 @@ pub(crate) async fn append_consent(
     .bind(source.as_str())
     .fetch_one(&mut *conn)
     .await?;
-    let id: i64 = row.try_get(0)?;
+    let id: i64 = row.try_get("id")?;
     // Keep the decision in force per scope (what expertise searches read) in step.
     consent_model::record_current(conn, registry_id, pseudonym, id, decision).await?;
     Ok(id)
@@ -606,7 +617,8 @@ pub(crate) async fn find_case(
     .bind(centre_id)
     .fetch_optional(&mut *conn)
     .await?;
-    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    row.map(|r| Ok((r.try_get("id")?, r.try_get("current_version")?)))
+        .transpose()
 }
 
 /// One case at version 1, one row at a time: what the writer did before runs
@@ -631,7 +643,7 @@ pub(crate) async fn insert_case(
     .bind(now)
     .fetch_one(&mut *conn)
     .await?
-    .try_get(0)?;
+    .try_get("id")?;
     insert_version(conn, case_id, 1, recorded_by, row, now).await?;
     Ok(case_id)
 }
@@ -744,47 +756,47 @@ pub async fn get_case(
         return Ok(None);
     };
     let mut case = StoredCase {
-        centre_code: first.try_get(0)?,
-        country: first.try_get(1)?,
+        centre_code: first.try_get("code")?,
+        country: first.try_get("country")?,
         versions: Vec::with_capacity(rows.len()),
     };
     for r in &rows {
-        case.versions.push(version_from_row(r, 2)?);
+        case.versions.push(version_from_row(r)?);
     }
     Ok(Some(case))
 }
 
-/// A version read as `version, recorded_at, recorder name, birth_year_month, ...,
-/// code_releases` (the columns of [`get_case`]) from column `at` on.
-fn version_from_row(r: &Row, at: usize) -> Result<StoredVersion> {
-    let genetic_findings: String = r.try_get(at + 18)?;
+/// A version read from the columns of [`get_case`] and [`list_current`]: `version`,
+/// `recorded_at`, the recorder's `name`, `birth_year_month`, ..., `code_releases`.
+fn version_from_row(r: &Row) -> Result<StoredVersion> {
+    let genetic_findings: String = r.try_get("genetic_findings")?;
     Ok(StoredVersion {
-        version: r.try_get(at)?,
-        recorded_at: r.try_get(at + 1)?,
-        recorded_by: r.try_get(at + 2)?,
+        version: r.try_get("version")?,
+        recorded_at: r.try_get("recorded_at")?,
+        recorded_by: r.try_get("name")?,
         row: CaseRow {
-            birth_year_month: r.try_get(at + 3)?,
-            sex: r.try_get(at + 4)?,
-            status: r.try_get(at + 5)?,
-            date_of_death: r.try_get(at + 6)?,
-            first_contact_date: r.try_get(at + 7)?,
-            onset_kind: r.try_get(at + 8)?,
-            onset_date: r.try_get(at + 9)?,
-            undiagnosed: r.try_get(at + 10)?,
-            orphacode: r.try_get(at + 11)?,
-            diagnosis_date: r.try_get(at + 12)?,
-            icd10: r.try_get(at + 13)?,
-            icd11: r.try_get(at + 14)?,
-            omim: r.try_get(at + 15)?,
-            hpo_terms: r.try_get(at + 16)?,
-            icf_codes: r.try_get(at + 17)?,
+            birth_year_month: r.try_get("birth_year_month")?,
+            sex: r.try_get("sex")?,
+            status: r.try_get("status")?,
+            date_of_death: r.try_get("date_of_death")?,
+            first_contact_date: r.try_get("first_contact_date")?,
+            onset_kind: r.try_get("onset_kind")?,
+            onset_date: r.try_get("onset_date")?,
+            undiagnosed: r.try_get("undiagnosed")?,
+            orphacode: r.try_get("orphacode")?,
+            diagnosis_date: r.try_get("diagnosis_date")?,
+            icd10: r.try_get("icd10")?,
+            icd11: r.try_get("icd11")?,
+            omim: r.try_get("omim")?,
+            hpo_terms: r.try_get("hpo_terms")?,
+            icf_codes: r.try_get("icf_codes")?,
             genes: genes_of(&genetic_findings),
             genetic_findings,
-            diagnosis_year: r.try_get(at + 19)?,
-            onset_age_days: r.try_get(at + 20)?,
-            diagnosis_age_days: r.try_get(at + 21)?,
-            delay_days: r.try_get(at + 22)?,
-            code_releases: r.try_get(at + 23)?,
+            diagnosis_year: r.try_get("diagnosis_year")?,
+            onset_age_days: r.try_get("onset_age_days")?,
+            diagnosis_age_days: r.try_get("diagnosis_age_days")?,
+            delay_days: r.try_get("delay_days")?,
+            code_releases: r.try_get("code_releases")?,
         },
     })
 }
@@ -822,7 +834,7 @@ pub async fn list_current(
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
-        .map(|r| Ok((r.try_get(0)?, version_from_row(r, 1)?)))
+        .map(|r| Ok((r.try_get("pseudonym")?, version_from_row(r)?)))
         .collect()
 }
 

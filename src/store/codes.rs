@@ -112,7 +112,7 @@ pub async fn stage(store: &Store, source: Source, now: DateTime<Utc>) -> Result<
                     .bind(described.as_str())
                     .fetch_one(&mut db)
                     .await?
-                    .try_get(0)?;
+                    .try_get("id")?;
                     release_id = Some(id);
                 }
                 Message::Items(items) => {
@@ -189,9 +189,9 @@ pub async fn remove_abandoned(store: &Store, now: DateTime<Utc>) -> Result<Vec<S
     .await?;
     let mut removed = Vec::with_capacity(rows.len());
     for row in rows {
-        let id: i64 = row.try_get(0)?;
-        let system: String = row.try_get(1)?;
-        let version: String = row.try_get(2)?;
+        let id: i64 = row.try_get("id")?;
+        let system: String = row.try_get("system")?;
+        let version: String = row.try_get("version")?;
         discard(store, id).await?;
         tracing::warn!(
             release_id = id,
@@ -410,17 +410,17 @@ pub async fn set_in_force(conn: &mut Db<'_>, system: CodeSystem, version: &str) 
 const INFO_COLUMNS: &str = "id, system, version, released_on, imported_at, source, terms, in_force";
 
 fn info_row(r: &db::Row) -> Result<ReleaseInfo> {
-    let system: String = r.try_get(1)?;
+    let system: String = r.try_get("system")?;
     Ok(ReleaseInfo {
-        id: r.try_get(0)?,
+        id: r.try_get("id")?,
         system: CodeSystem::parse(&system)
             .ok_or_else(|| StoreError::Corrupt("unknown code system".into()))?,
-        version: r.try_get(2)?,
-        released_on: r.try_get(3)?,
-        imported_at: r.try_get(4)?,
-        source: r.try_get(5)?,
-        terms: r.try_get(6)?,
-        in_force: r.try_get(7)?,
+        version: r.try_get("version")?,
+        released_on: r.try_get("released_on")?,
+        imported_at: r.try_get("imported_at")?,
+        source: r.try_get("source")?,
+        terms: r.try_get("terms")?,
+        in_force: r.try_get("in_force")?,
     })
 }
 
@@ -451,7 +451,7 @@ impl Store {
         let rows = db::query("SELECT id FROM code_releases WHERE in_force ORDER BY id")
             .fetch_all(self.pool())
             .await?;
-        rows.iter().map(|r| r.try_get(0)).collect()
+        rows.iter().map(|r| r.try_get("id")).collect()
     }
 
     /// The releases in force, whole, as the catalog submissions are checked against.
@@ -474,14 +474,19 @@ impl Store {
             .fetch_all(&mut conn)
             .await?;
             for t in &terms {
-                release.add_term(t.try_get(0)?, t.try_get(1)?, t.try_get(2)?, t.try_get(3)?);
+                release.add_term(
+                    t.try_get("code")?,
+                    t.try_get("label")?,
+                    t.try_get("obsolete")?,
+                    t.try_get("replaced_by")?,
+                );
             }
             let parents = db::query("SELECT code, parent FROM code_parents WHERE release_id = $1")
                 .bind(id)
                 .fetch_all(&mut conn)
                 .await?;
             for p in &parents {
-                release.add_parent(p.try_get(0)?, p.try_get(1)?);
+                release.add_parent(p.try_get("code")?, p.try_get("parent")?);
             }
             let aliases =
                 db::query("SELECT alias, code, kind FROM code_aliases WHERE release_id = $1")
@@ -489,10 +494,10 @@ impl Store {
                     .fetch_all(&mut conn)
                     .await?;
             for a in &aliases {
-                let kind: String = a.try_get(2)?;
+                let kind: String = a.try_get("kind")?;
                 release.add_alias(
-                    a.try_get(0)?,
-                    a.try_get(1)?,
+                    a.try_get("alias")?,
+                    a.try_get("code")?,
                     AliasKind::parse(&kind)
                         .ok_or_else(|| StoreError::Corrupt("unknown alias kind".into()))?,
                 );

@@ -67,7 +67,7 @@ pub async fn history(
 ) -> Result<Vec<ConsentRecord>> {
     let rows = db::query(
         "SELECT e.id, e.scope, e.state, e.given_at, e.form_version, e.expires_at, e.recorded_at, \
-                p.name, e.source, p.id, p.centre_id \
+                p.name, e.source, p.id AS recorder_id, p.centre_id \
          FROM consent_events e JOIN principals p ON p.id = e.recorded_by \
          WHERE e.registry_id = $1 AND e.pseudonym = $2 ORDER BY e.id",
     )
@@ -77,22 +77,22 @@ pub async fn history(
     .await?;
     rows.iter()
         .map(|r| {
-            let scope: String = r.try_get(1)?;
-            let state: String = r.try_get(2)?;
+            let scope: String = r.try_get("scope")?;
+            let state: String = r.try_get("state")?;
             Ok(ConsentRecord {
-                id: r.try_get(0)?,
+                id: r.try_get("id")?,
                 scope: Scope::parse_db(&scope)
                     .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
                 decision: Decision::parse_db(&state)
                     .ok_or_else(|| StoreError::Corrupt("unknown consent state".into()))?,
-                given_at: r.try_get(3)?,
-                form_version: r.try_get(4)?,
-                expires_at: r.try_get(5)?,
-                recorded_at: r.try_get(6)?,
-                recorded_by: r.try_get(7)?,
-                source: r.try_get(8)?,
-                recorder_id: r.try_get(9)?,
-                recorder_centre: r.try_get(10)?,
+                given_at: r.try_get("given_at")?,
+                form_version: r.try_get("form_version")?,
+                expires_at: r.try_get("expires_at")?,
+                recorded_at: r.try_get("recorded_at")?,
+                recorded_by: r.try_get("name")?,
+                source: r.try_get("source")?,
+                recorder_id: r.try_get("recorder_id")?,
+                recorder_centre: r.try_get("centre_id")?,
             })
         })
         .collect()
@@ -104,12 +104,13 @@ pub(crate) async fn has_cases(
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<bool> {
-    let row = db::query("SELECT COUNT(*) FROM cases WHERE registry_id = $1 AND pseudonym = $2")
-        .bind(registry_id)
-        .bind(pseudonym)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(row.try_get::<i64>(0)? > 0)
+    let row =
+        db::query("SELECT COUNT(*) AS n FROM cases WHERE registry_id = $1 AND pseudonym = $2")
+            .bind(registry_id)
+            .bind(pseudonym)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(row.try_get::<i64>("n")? > 0)
 }
 
 /// Deletes every case of the patient in the registry with all versions and gene rows.
@@ -120,7 +121,7 @@ pub(crate) async fn erase_patient(
     pseudonym: &str,
 ) -> Result<(i64, i64)> {
     let counts = db::query(
-        "SELECT COUNT(DISTINCT c.id), COUNT(v.version) FROM cases c \
+        "SELECT COUNT(DISTINCT c.id) AS cases, COUNT(v.version) AS versions FROM cases c \
          LEFT JOIN case_versions v ON v.case_id = c.id \
          WHERE c.registry_id = $1 AND c.pseudonym = $2",
     )
@@ -128,7 +129,7 @@ pub(crate) async fn erase_patient(
     .bind(pseudonym)
     .fetch_one(&mut *conn)
     .await?;
-    let (cases, versions): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
+    let (cases, versions): (i64, i64) = (counts.try_get("cases")?, counts.try_get("versions")?);
     for sql in [
         "DELETE FROM patients WHERE registry_id = $1 AND pseudonym = $2",
         "DELETE FROM case_genes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
@@ -191,7 +192,7 @@ pub(crate) async fn insert_erasure(
     .bind(consent_event_id)
     .fetch_one(&mut *conn)
     .await?;
-    row.try_get(0)
+    row.try_get("id")
 }
 
 pub async fn erasure_by_receipt(conn: &mut Db<'_>, receipt_id: &str) -> Result<Option<Erasure>> {
@@ -205,20 +206,20 @@ pub async fn erasure_by_receipt(conn: &mut Db<'_>, receipt_id: &str) -> Result<O
     .fetch_optional(&mut *conn)
     .await?;
     row.map(|r| {
-        let reason: String = r.try_get(6)?;
+        let reason: String = r.try_get("reason")?;
         Ok(Erasure {
-            receipt_id: r.try_get(0)?,
-            registry_id: r.try_get(1)?,
-            registry_code: r.try_get(2)?,
-            pseudonym: r.try_get(3)?,
-            erased_at: r.try_get(4)?,
-            erased_by: r.try_get(5)?,
-            eraser_id: r.try_get(9)?,
-            eraser_centre: r.try_get(10)?,
+            receipt_id: r.try_get("receipt_id")?,
+            registry_id: r.try_get("registry_id")?,
+            registry_code: r.try_get("code")?,
+            pseudonym: r.try_get("pseudonym")?,
+            erased_at: r.try_get("erased_at")?,
+            erased_by: r.try_get("name")?,
+            eraser_id: r.try_get("id")?,
+            eraser_centre: r.try_get("centre_id")?,
             reason: WithdrawalReason::parse_db(&reason)
                 .ok_or_else(|| StoreError::Corrupt("unknown withdrawal reason".into()))?,
-            cases_erased: r.try_get(7)?,
-            versions_erased: r.try_get(8)?,
+            cases_erased: r.try_get("cases_erased")?,
+            versions_erased: r.try_get("versions_erased")?,
         })
     })
     .transpose()

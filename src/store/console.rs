@@ -82,7 +82,8 @@ impl Store {
     pub async fn console_credentials(&self, name: &str) -> Result<Option<Credentials>> {
         let row = db::query(
             "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
-                    COALESCE(c.totp_last_step, 0), COALESCE(c.failures, 0), c.locked_until \
+                    COALESCE(c.totp_last_step, 0) AS totp_last_step, \
+                    COALESCE(c.failures, 0) AS failures, c.locked_until \
              FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
              WHERE p.name = $1",
         )
@@ -91,13 +92,13 @@ impl Store {
         .await?;
         row.map(|r| {
             Ok(Credentials {
-                principal_id: r.try_get(0)?,
-                disabled: r.try_get::<Option<DateTime<Utc>>>(1)?.is_some(),
-                password_hash: r.try_get(2)?,
-                totp_sealed: r.try_get(3)?,
-                totp_last_step: r.try_get(4)?,
-                failures: r.try_get(5)?,
-                locked_until: r.try_get(6)?,
+                principal_id: r.try_get("id")?,
+                disabled: r.try_get::<Option<DateTime<Utc>>>("disabled_at")?.is_some(),
+                password_hash: r.try_get("password_hash")?,
+                totp_sealed: r.try_get("totp_sealed")?,
+                totp_last_step: r.try_get("totp_last_step")?,
+                failures: r.try_get("failures")?,
+                locked_until: r.try_get("locked_until")?,
             })
         })
         .transpose()
@@ -112,7 +113,7 @@ impl Store {
         .bind(principal_id)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0))
+        Ok(row.map(|r| r.try_get("failures")).transpose()?.unwrap_or(0))
     }
 
     /// Holds sign-ins of the principal back until `until`.
@@ -169,9 +170,9 @@ impl Store {
         .await?;
         row.map(|r| {
             Ok(SessionRow {
-                principal_id: r.try_get(0)?,
-                created_at: r.try_get(1)?,
-                last_seen_at: r.try_get(2)?,
+                principal_id: r.try_get("principal_id")?,
+                created_at: r.try_get("created_at")?,
+                last_seen_at: r.try_get("last_seen_at")?,
             })
         })
         .transpose()
@@ -229,14 +230,14 @@ impl Store {
         else {
             return Ok(None);
         };
-        let role: String = row.try_get(1)?;
+        let role: String = row.try_get("role")?;
         let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt("unknown role".into()))?;
-        let centre = match row.try_get::<Option<i64>>(3)? {
+        let centre = match row.try_get::<Option<i64>>("id")? {
             None => None,
             Some(cid) => Some(CentreRef {
                 id: cid,
-                code: row.try_get(4)?,
-                country: row.try_get(5)?,
+                code: row.try_get("code")?,
+                country: row.try_get("country")?,
             }),
         };
         let registries: BTreeSet<i64> = db::query(
@@ -248,13 +249,15 @@ impl Store {
         .fetch_all(self.pool())
         .await?
         .iter()
-        .map(|r| r.try_get::<i64>(0))
+        .map(|r| r.try_get::<i64>("registry_id"))
         .collect::<std::result::Result<_, _>>()?;
-        let disabled = row.try_get::<Option<DateTime<Utc>>>(2)?.is_some();
+        let disabled = row
+            .try_get::<Option<DateTime<Utc>>>("disabled_at")?
+            .is_some();
         Ok(Some((
             Principal {
                 id,
-                name: row.try_get(0)?,
+                name: row.try_get("name")?,
                 role,
                 centre,
                 registries,
@@ -313,14 +316,14 @@ impl Store {
             .fetch_all(self.pool())
             .await?;
             for r in rows {
-                let scope: String = r.try_get(2)?;
+                let scope: String = r.try_get("scope")?;
                 items.push(Expiring {
                     registry_id,
-                    registry_code: r.try_get(0)?,
-                    pseudonym: r.try_get(1)?,
+                    registry_code: r.try_get("code")?,
+                    pseudonym: r.try_get("pseudonym")?,
                     scope: Scope::parse_db(&scope)
                         .ok_or_else(|| StoreError::Corrupt("unknown consent scope".into()))?,
-                    expires_at: r.try_get(3)?,
+                    expires_at: r.try_get("expires_at")?,
                 });
             }
         }

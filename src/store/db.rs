@@ -14,8 +14,17 @@
 //! are and rows come back as the driver's own, so nothing is converted twice. On [`Db::Lite`] every
 //! future completes at its first poll: the statements run synchronously on the writer's
 //! thread.
+//!
+//! Repositories read a row's columns by name ([`Row::try_get`] with a [`Column`]), so a
+//! select list may change order without changing what is read. A name is the one the
+//! database reports: a plain `t.col` is `col`, an expression needs an alias (`COUNT(*) AS
+//! n`), in lower case. An unknown name is an error, and so is a name two columns share.
+//! Rows of the writer's own connection carry their statement's column names, one copy for
+//! all its rows. Only [`Query::fetch_scalar`] and [`Query::fetch_scalars`] read by
+//! number: the first column of a one-column result.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rusqlite::types::{Value, ValueRef};
@@ -861,6 +870,9 @@ fn bind_and_step(
     }
     let columns = stmt.column_count();
     let mut out = Vec::new();
+    // The column names, shared by the statement's rows: read at its first row, so a
+    // statement without rows costs nothing more.
+    let mut names: Option<Arc<[String]>> = None;
     let mut cursor = stmt.raw_query();
     while let Some(row) = cursor.next()? {
         if rows {
@@ -868,7 +880,14 @@ fn bind_and_step(
             for c in 0..columns {
                 values.push(Value::from(row.get_ref(c)?));
             }
-            out.push(Row::Lite(values));
+            let names = names.get_or_insert_with(|| {
+                let stmt: &rusqlite::Statement<'_> = row.as_ref();
+                stmt.column_names().into_iter().map(str::to_owned).collect()
+            });
+            out.push(Row::Lite {
+                names: Arc::clone(names),
+                values,
+            });
         }
     }
     drop(cursor);
@@ -879,7 +898,54 @@ fn bind_and_step(
 pub enum Row {
     Sqlite(SqliteRow),
     Pg(PgRow),
-    Lite(Vec<Value>),
+    /// A row of the SQLite writer's own connection: the statement's column names (one
+    /// copy for all its rows) and the row's values.
+    Lite {
+        names: Arc<[String]>,
+        values: Vec<Value>,
+    },
+}
+
+/// A column of a [`Row`]: its position (`usize`) or its name (`&str`). A name is
+/// compared exactly with the name the database reports: an alias as written (lower
+/// case, unquoted, reads the same on both databases), a plain `t.col` as `col`.
+pub trait Column: Copy + std::fmt::Display {
+    /// The column's position in `row`.
+    fn position(self, row: &Row) -> Result<usize>;
+}
+
+impl Column for usize {
+    fn position(self, _row: &Row) -> Result<usize> {
+        Ok(self)
+    }
+}
+
+/// A name no column has is an error, and so is one two columns have (`p.id, c.id`
+/// without aliases): a read must not depend on the order of the select list.
+impl Column for &str {
+    fn position(self, row: &Row) -> Result<usize> {
+        match row {
+            Row::Sqlite(r) => find(self, r.columns().iter().map(sqlx::Column::name)),
+            Row::Pg(r) => find(self, r.columns().iter().map(sqlx::Column::name)),
+            Row::Lite { names, .. } => find(self, names.iter().map(String::as_str)),
+        }
+    }
+}
+
+/// The position of the one column named `name` among `names`.
+fn find<'a>(name: &str, mut names: impl Iterator<Item = &'a str>) -> Result<usize> {
+    let Some(position) = names.position(|n| n == name) else {
+        return Err(StoreError::Database(sqlx::Error::ColumnNotFound(
+            name.to_owned(),
+        )));
+    };
+    if names.any(|n| n == name) {
+        return Err(StoreError::Database(sqlx::Error::ColumnDecode {
+            index: name.to_owned(),
+            source: "more than one column has this name".into(),
+        }));
+    }
+    Ok(position)
 }
 
 impl Row {
@@ -888,7 +954,7 @@ impl Row {
         match self {
             Row::Sqlite(row) => row.len(),
             Row::Pg(row) => row.len(),
-            Row::Lite(values) => values.len(),
+            Row::Lite { values, .. } => values.len(),
         }
     }
 
@@ -896,18 +962,28 @@ impl Row {
         self.len() == 0
     }
 
-    /// Column `index` as a `T`; panics when it is not one (for tests, like sqlx's).
-    pub fn get<T: Decode>(&self, index: usize) -> T {
-        self.try_get(index)
-            .unwrap_or_else(|e| panic!("column {index}: {e}"))
+    /// The column (by name or number) as a `T`; panics when it is not one (for tests,
+    /// like sqlx's).
+    pub fn get<T: Decode>(&self, column: impl Column) -> T {
+        self.try_get(column)
+            .unwrap_or_else(|e| panic!("column {column}: {e}"))
     }
 
-    /// Column `index` as a `T`.
-    pub fn try_get<T: Decode>(&self, index: usize) -> Result<T> {
+    /// The column (by name or number) as a `T`.
+    pub fn try_get<T: Decode>(&self, column: impl Column) -> Result<T> {
+        let index = column.position(self)?;
+        // A value that does not decode: the error names the column as it was asked for.
+        let named = |err: sqlx::Error| match err {
+            sqlx::Error::ColumnDecode { source, .. } => sqlx::Error::ColumnDecode {
+                index: column.to_string(),
+                source,
+            },
+            other => other,
+        };
         match self {
-            Row::Sqlite(row) => Ok(T::from_sqlite(row, index)?),
-            Row::Pg(row) => Ok(T::from_pg(row, index)?),
-            Row::Lite(values) => {
+            Row::Sqlite(row) => T::from_sqlite(row, index).map_err(|e| named(e).into()),
+            Row::Pg(row) => T::from_pg(row, index).map_err(|e| named(e).into()),
+            Row::Lite { values, .. } => {
                 let value = values.get(index).ok_or_else(|| {
                     StoreError::Database(sqlx::Error::ColumnIndexOutOfBounds {
                         index,
@@ -916,7 +992,7 @@ impl Row {
                 })?;
                 T::from_lite(value.into()).map_err(|expected| {
                     StoreError::Database(sqlx::Error::ColumnDecode {
-                        index: index.to_string(),
+                        index: column.to_string(),
                         source: format!("expected {expected}").into(),
                     })
                 })
@@ -1429,6 +1505,153 @@ mod tests {
             .map(|r| r.get(0))
             .collect();
         assert_eq!(raw, [1_709_287_200_123]);
+    }
+
+    /// A column read by name gives what it gives by number, on all three connections: a
+    /// plain column, a qualified one (`t.col` is `col`), an alias of an expression, NULLs,
+    /// instants and flags, the rows of a join and of `RETURNING`. A name no column has is
+    /// an error, and so is one two columns have. PostgreSQL is tested when
+    /// `ERN_TEST_DATABASE_URL` is set (the second pass of `scripts/test`).
+    #[tokio::test]
+    async fn columns_read_by_name_as_by_number_on_every_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut pooled = SqliteConnection::connect(&url).await.unwrap();
+        let mut lite = rusqlite::Connection::open(&path).unwrap();
+        let mut pg = match std::env::var("ERN_TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(PgConnection::connect(&url).await.unwrap()),
+            _ => None,
+        };
+        Db::Sqlite(&mut pooled)
+            .execute_raw(
+                "CREATE TABLE named (id INTEGER PRIMARY KEY, label TEXT, at INTEGER, \
+                 flag INTEGER, other INTEGER); \
+                 CREATE TABLE others (id INTEGER PRIMARY KEY, label TEXT)",
+            )
+            .await
+            .unwrap();
+        if let Some(pg) = pg.as_mut() {
+            Db::Pg(pg)
+                .execute_raw(
+                    "CREATE TEMPORARY TABLE named (id BIGINT PRIMARY KEY, label TEXT, \
+                     at TIMESTAMPTZ, flag BOOLEAN, other BIGINT); \
+                     CREATE TEMPORARY TABLE others (id BIGINT PRIMARY KEY, label TEXT)",
+                )
+                .await
+                .unwrap();
+        }
+        let at = DateTime::from_timestamp_millis(1_709_287_200_123).unwrap();
+        let mut dbs = vec![Db::Sqlite(&mut pooled), Db::Lite(&mut lite)];
+        if let Some(pg) = pg.as_mut() {
+            dbs.push(Db::Pg(pg));
+        }
+        for db in &mut dbs {
+            db.execute_raw("DELETE FROM named; DELETE FROM others")
+                .await
+                .unwrap();
+            let returned = query(
+                "INSERT INTO named (id, label, at, flag, other) \
+                 VALUES (1, 'one', $1, $2, 10), (2, NULL, $1, $3, 20) RETURNING id, label",
+            )
+            .bind(at)
+            .bind(true)
+            .bind(false)
+            .fetch_all(&mut *db)
+            .await
+            .unwrap();
+            let returned: Vec<(i64, Option<String>)> = returned
+                .iter()
+                .map(|r| (r.get("id"), r.get("label")))
+                .collect();
+            assert_eq!(returned.len(), 2);
+            assert!(returned.contains(&(1, Some("one".to_string()))));
+            assert!(returned.contains(&(2, None)));
+            query("INSERT INTO others (id, label) VALUES (10, 'ten'), (20, 'twenty')")
+                .execute(&mut *db)
+                .await
+                .unwrap();
+            let rows = query(
+                "SELECT t.id, t.label, t.at, t.flag, o.label AS other_label, \
+                        COUNT(*) OVER () AS n, t.id + 1 AS next_id \
+                 FROM named t JOIN others o ON o.id = t.other ORDER BY t.id",
+            )
+            .fetch_all(&mut *db)
+            .await
+            .unwrap();
+            assert_eq!(rows.len(), 2);
+            for row in &rows {
+                assert_eq!(row.get::<i64>("id"), row.get::<i64>(0));
+                assert_eq!(
+                    row.get::<Option<String>>("label"),
+                    row.get::<Option<String>>(1)
+                );
+                assert_eq!(row.get::<DateTime<Utc>>("at"), row.get::<DateTime<Utc>>(2));
+                assert_eq!(row.get::<bool>("flag"), row.get::<bool>(3));
+                assert_eq!(row.get::<String>("other_label"), row.get::<String>(4));
+                assert_eq!(row.get::<i64>("n"), row.get::<i64>(5));
+                assert_eq!(row.get::<i64>("next_id"), row.get::<i64>(6));
+            }
+            type Read = (i64, Option<String>, DateTime<Utc>, bool, String, i64, i64);
+            let read: Vec<Read> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get("id"),
+                        r.get("label"),
+                        r.get("at"),
+                        r.get("flag"),
+                        r.get("other_label"),
+                        r.get("n"),
+                        r.get("next_id"),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                read,
+                [
+                    (1, Some("one".into()), at, true, "ten".into(), 2, 2),
+                    (2, None, at, false, "twenty".into(), 2, 3),
+                ]
+            );
+            let row = &rows[0];
+            let unknown = row.try_get::<i64>("missing").unwrap_err();
+            assert!(
+                matches!(&unknown, StoreError::Database(sqlx::Error::ColumnNotFound(name)) if name == "missing"),
+                "{unknown}"
+            );
+            // Names compare exactly: `t.id` is `id`, not `t.id`; an alias is as written.
+            assert!(row.try_get::<i64>("t.id").is_err());
+            assert!(row.try_get::<i64>("NEXT_ID").is_err());
+            // A wrong type is an error naming the column as asked for.
+            let wrong = row.try_get::<i64>("other_label").unwrap_err();
+            assert!(wrong.to_string().contains("other_label"), "{wrong}");
+            // Two columns of one name: reading that name is an error.
+            let twice = query(
+                "SELECT t.label, o.label FROM named t JOIN others o ON o.id = t.other \
+                 WHERE t.id = 1",
+            )
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+            let ambiguous = twice.try_get::<String>("label").unwrap_err();
+            assert!(ambiguous.to_string().contains("label"), "{ambiguous}");
+            assert_eq!(twice.get::<String>(1), "ten");
+        }
+    }
+
+    /// `get` of an unknown name panics, naming it.
+    #[test]
+    #[should_panic(expected = "column missing")]
+    fn getting_an_unknown_name_panics_with_the_name() {
+        let mut lite = rusqlite::Connection::open_in_memory().unwrap();
+        let row = futures_util::FutureExt::now_or_never(
+            query("SELECT 1 AS one").fetch_one(&mut Db::Lite(&mut lite)),
+        )
+        .expect("runs at once")
+        .unwrap();
+        assert_eq!(row.get::<i64>("one"), 1);
+        row.get::<i64>("missing");
     }
 
     /// A parameter with no value bound is an error, not a NULL.

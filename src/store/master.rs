@@ -36,7 +36,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        let hex: String = row.try_get(0)?;
+        let hex: String = row.try_get("fingerprint")?;
         Fingerprint::from_hex(&hex).map(Some).ok_or_else(|| {
             StoreError::Corrupt("master key fingerprint is not 64 hex digits".into())
         })
@@ -74,7 +74,7 @@ impl Store {
         let head: i64 = db::query("SELECT seq FROM audit_head WHERE id = 1")
             .fetch_one(self.pool())
             .await?
-            .try_get(0)?;
+            .try_get("seq")?;
         Ok(head > 0)
     }
 }

@@ -579,7 +579,7 @@ impl Store {
         db::query("SELECT epoch FROM access_epoch WHERE id = 1")
             .fetch_one(&self.pool)
             .await?
-            .try_get(0)
+            .try_get("epoch")
     }
 
     pub async fn registry_by_code(&self, code: &str) -> Result<Option<Registry>> {
@@ -650,7 +650,7 @@ impl Store {
             .fetch_optional(&mut tx)
             .await?
         {
-            Some(row) => row.try_get(0)?,
+            Some(row) => row.try_get("id")?,
             None => insert_centre(&mut tx.db(), code, name, country).await?,
         };
         db::query(
@@ -690,7 +690,7 @@ impl Store {
         query
             .fetch_optional(&self.pool)
             .await?
-            .map(|r| r.try_get(0))
+            .map(|r| r.try_get("pseudonym"))
             .transpose()
     }
 
@@ -703,11 +703,11 @@ impl Store {
 
     /// Patients (pseudonyms with a case) in a registry.
     pub async fn patients_in_registry(&self, registry_id: i64) -> Result<i64> {
-        db::query("SELECT COUNT(*) FROM patients WHERE registry_id = $1")
+        db::query("SELECT COUNT(*) AS n FROM patients WHERE registry_id = $1")
             .bind(registry_id)
             .fetch_one(&self.pool)
             .await?
-            .try_get(0)
+            .try_get("n")
     }
 
     /// The first kind of patient data recorded by a principal other than the admin
@@ -745,7 +745,7 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .map(|row| Ok((row.try_get("id")?, row.try_get("role")?)))
             .transpose()
     }
 
@@ -811,8 +811,8 @@ impl Store {
 
     pub async fn load_key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
         let Some(row) = db::query(
-            "SELECT k.secret_hash, k.expires_at, k.revoked_at, p.id, p.name, p.role, p.disabled_at, \
-                    c.id, c.code, c.country \
+            "SELECT k.secret_hash, k.expires_at, k.revoked_at, p.id AS principal_id, p.name, p.role, \
+                    p.disabled_at, c.id AS centre_id, c.code, c.country \
              FROM api_keys k JOIN principals p ON p.id = k.principal_id \
              LEFT JOIN centres c ON c.id = p.centre_id \
              WHERE k.key_id = $1",
@@ -823,15 +823,15 @@ impl Store {
         else {
             return Ok(None);
         };
-        let principal_id: i64 = row.try_get(3)?;
-        let role: String = row.try_get(5)?;
+        let principal_id: i64 = row.try_get("principal_id")?;
+        let role: String = row.try_get("role")?;
         let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt("unknown role".into()))?;
-        let centre = match row.try_get::<Option<i64>>(7)? {
+        let centre = match row.try_get::<Option<i64>>("centre_id")? {
             None => None,
             Some(id) => Some(CentreRef {
                 id,
-                code: row.try_get(8)?,
-                country: row.try_get(9)?,
+                code: row.try_get("code")?,
+                country: row.try_get("country")?,
             }),
         };
         let registries: BTreeSet<i64> = db::query(
@@ -843,7 +843,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| r.try_get::<i64>(0))
+        .map(|r| r.try_get::<i64>("registry_id"))
         .collect::<Result<_, _>>()?;
         let bound_certificates =
             db::query("SELECT fingerprint FROM principal_certificates WHERE principal_id = $1")
@@ -851,17 +851,19 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
-                .map(|r| r.try_get::<String>(0))
+                .map(|r| r.try_get::<String>("fingerprint"))
                 .collect::<Result<_, _>>()?;
         Ok(Some(KeyRecord {
             bound_certificates,
-            secret_hash: row.try_get(0)?,
-            expires_at: row.try_get(1)?,
-            revoked_at: row.try_get(2)?,
-            principal_disabled: row.try_get::<Option<DateTime<Utc>>>(6)?.is_some(),
+            secret_hash: row.try_get("secret_hash")?,
+            expires_at: row.try_get("expires_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+            principal_disabled: row
+                .try_get::<Option<DateTime<Utc>>>("disabled_at")?
+                .is_some(),
             principal: Principal {
                 id: principal_id,
-                name: row.try_get(4)?,
+                name: row.try_get("name")?,
                 role,
                 centre,
                 registries,
@@ -880,17 +882,17 @@ async fn insert_centre(conn: &mut Db<'_>, code: &str, name: &str, country: &str)
     .bind(Utc::now())
     .fetch_one(&mut *conn)
     .await?
-    .try_get(0)
+    .try_get("id")
 }
 
 fn registry_from_row(row: &db::Row) -> Result<Registry> {
     Ok(Registry {
-        id: row.try_get(0)?,
-        code: row.try_get(1)?,
-        name: row.try_get(2)?,
-        active_key_version: row.try_get(3)?,
-        min_cell_count: row.try_get(4)?,
-        protection_level: row.try_get(5)?,
+        id: row.try_get("id")?,
+        code: row.try_get("code")?,
+        name: row.try_get("name")?,
+        active_key_version: row.try_get("active_key_version")?,
+        min_cell_count: row.try_get("min_cell_count")?,
+        protection_level: row.try_get("protection_level")?,
     })
 }
 
@@ -902,7 +904,7 @@ async fn resolve_registries(conn: &mut Db<'_>, codes: &[String]) -> Result<Vec<i
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("registry {code}")))?
-            .try_get(0)?;
+            .try_get("id")?;
         if !ids.contains(&id) {
             ids.push(id);
         }

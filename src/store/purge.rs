@@ -297,7 +297,11 @@ async fn checkpoint_once(conn: &mut Db<'_>, wait: Duration) -> StoreResult<(i64,
         .persistent(false)
         .fetch_one(&mut *conn)
         .await?;
-    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+    Ok((
+        row.try_get("busy")?,
+        row.try_get("log")?,
+        row.try_get("checkpointed")?,
+    ))
 }
 
 /// Waits (bounded) until no transaction older than now is open, then VACUUMs the tables

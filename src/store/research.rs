@@ -162,6 +162,11 @@ impl Sql {
     }
 }
 
+/// The name of the `i`th group value in the select list of [`grouped`].
+fn group_column(i: usize) -> String {
+    format!("group_{i}")
+}
+
 /// `SELECT <group values>, <extra> ... FROM <consented patients> WHERE ... GROUP BY ...`.
 fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_where: &str) -> Sql {
     let mut sql = Sql {
@@ -240,7 +245,11 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
         ));
     }
     let groups: Vec<String> = sel.group_by.iter().map(|d| expression(*d)).collect();
-    let mut select: Vec<String> = groups.clone();
+    let mut select: Vec<String> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| format!("{g} AS {}", group_column(i)))
+        .collect();
     select.push(extra_select.to_string());
     let mut group_by: Vec<String> = groups;
     group_by.extend(extra_group.iter().map(|s| s.to_string()));
@@ -281,27 +290,27 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
     sql
 }
 
-fn key_at(row: &db::Row, i: usize, dim: Dimension) -> Result<Key, StoreError> {
+fn key_at(row: &db::Row, column: &str, dim: Dimension) -> Result<Key, StoreError> {
     Ok(if is_integer(dim) {
-        row.try_get::<Option<i64>>(i)?
+        row.try_get::<Option<i64>>(column)?
             .map_or(Key::Missing, Key::Int)
     } else {
-        row.try_get::<Option<String>>(i)?
+        row.try_get::<Option<String>>(column)?
             .map_or(Key::Missing, Key::Text)
     })
 }
 
-/// The group values of a row: its first columns, one per dimension grouped by.
+/// The group values of a row ([`group_column`]), one per dimension grouped by.
 fn keys_of(row: &db::Row, group_by: &[Dimension]) -> Result<Vec<Key>, StoreError> {
     group_by
         .iter()
         .enumerate()
-        .map(|(i, d)| key_at(row, i, *d))
+        .map(|(i, d)| key_at(row, &group_column(i), *d))
         .collect()
 }
 
-fn count_at(row: &db::Row, i: usize) -> Result<u64, StoreError> {
-    let n: i64 = row.try_get(i)?;
+fn count_at(row: &db::Row, column: &str) -> Result<u64, StoreError> {
+    let n: i64 = row.try_get(column)?;
     u64::try_from(n).map_err(|_| StoreError::Corrupt("negative count".into()))
 }
 
@@ -313,15 +322,14 @@ impl Store {
         sel: &Selection,
         table: &mut TableBuilder,
     ) -> Result<(), ResearchError> {
-        let sql = grouped(sel, "COUNT(*)", &[], "");
+        let sql = grouped(sel, "COUNT(*) AS n", &[], "");
         let query = sql.bind(db::query(&sql.text).bind(sel.registry_id).bind(sel.now));
         let mut conn = self.pool().acquire().await?;
         let mut db = conn.db();
         let mut rows = query.fetch(&mut db);
-        let n = sel.group_by.len();
         while let Some(row) = rows.next().await {
             let row = row?;
-            table.add(keys_of(&row, &sel.group_by)?, count_at(&row, n)?)?;
+            table.add(keys_of(&row, &sel.group_by)?, count_at(&row, "n")?)?;
         }
         Ok(())
     }
@@ -334,7 +342,7 @@ impl Store {
         let months = "(p.delay_days * 48) / 1461";
         let sql = grouped(
             sel,
-            &format!("{months}, COUNT(*)"),
+            &format!("{months} AS months, COUNT(*) AS n"),
             &[months],
             "p.delay_days IS NOT NULL",
         );
@@ -342,12 +350,11 @@ impl Store {
         let mut conn = self.pool().acquire().await?;
         let mut db = conn.db();
         let mut rows = query.fetch(&mut db);
-        let n = sel.group_by.len();
         let mut builder = DelayBuilder::new(&sel.group_by);
         while let Some(row) = rows.next().await {
             let row = row?;
-            let m: i64 = row.try_get(n)?;
-            builder.add(keys_of(&row, &sel.group_by)?, m, count_at(&row, n + 1)?)?;
+            let m: i64 = row.try_get("months")?;
+            builder.add(keys_of(&row, &sel.group_by)?, m, count_at(&row, "n")?)?;
         }
         Ok(builder)
     }
@@ -379,7 +386,7 @@ impl Store {
             format!(" AND ce.country IN ({})", params(countries.len()))
         };
         let sql = format!(
-            "SELECT ce.code, ce.name, ce.country, c.registry_id, COUNT(*) \
+            "SELECT ce.code, ce.name, ce.country, c.registry_id, COUNT(*) AS n \
              FROM case_versions v \
              JOIN cases c ON c.id = v.case_id AND c.current_version = v.version \
              JOIN centres ce ON ce.id = c.centre_id \
@@ -403,11 +410,11 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok(ExpertiseRow {
-                    centre_code: r.try_get(0)?,
-                    centre_name: r.try_get(1)?,
-                    country: r.try_get(2)?,
-                    registry_id: r.try_get(3)?,
-                    cases: count_at(r, 4)?,
+                    centre_code: r.try_get("code")?,
+                    centre_name: r.try_get("name")?,
+                    country: r.try_get("country")?,
+                    registry_id: r.try_get("registry_id")?,
+                    cases: count_at(r, "n")?,
                 })
             })
             .collect()

@@ -164,9 +164,9 @@ fn patient_columns(backend: Backend) -> String {
     )
 }
 
-/// Unpacks the research row in column `at` of `r` ([`patient_columns`]).
-fn patient_row(r: &db::Row, at: usize) -> Result<PatientRow> {
-    unpack_patient(r.try_get(at)?)
+/// Unpacks the research row in column `packed` of `r` ([`patient_columns`]).
+fn patient_row(r: &db::Row) -> Result<PatientRow> {
+    unpack_patient(r.try_get("packed")?)
 }
 
 /// Unpacks a research row's text ([`patient_columns`]).
@@ -243,7 +243,7 @@ async fn load_part<S: IndexSink + Send>(
     match part {
         Part::Patients { part } => {
             let sql = format!(
-                "SELECT {} FROM patients p WHERE p.slot IS NOT NULL AND p.slot % $1 = $2",
+                "SELECT {} AS packed FROM patients p WHERE p.slot IS NOT NULL AND p.slot % $1 = $2",
                 patient_columns(store.backend())
             );
             let mut db = tx.db();
@@ -253,7 +253,7 @@ async fn load_part<S: IndexSink + Send>(
                 .fetch(&mut db);
             let mut batch = Vec::with_capacity(LOAD_BATCH);
             while let Some(row) = rows.next().await {
-                batch.push(patient_row(&row?, 0)?);
+                batch.push(patient_row(&row?)?);
                 if batch.len() == LOAD_BATCH {
                     let mut sink = lock();
                     for row in batch.drain(..) {
@@ -284,10 +284,10 @@ async fn load_part<S: IndexSink + Send>(
             let mut sink = lock();
             for row in rows {
                 sink.other_case(
-                    row.try_get(0)?,
-                    row.try_get(1)?,
-                    row.try_get(2)?,
-                    row.try_get(3)?,
+                    row.try_get("registry_id")?,
+                    row.try_get("slot")?,
+                    row.try_get("centre_id")?,
+                    row.try_get("orphacode")?,
                 )?;
             }
         }
@@ -313,7 +313,7 @@ async fn counter(conn: &mut Db<'_>) -> Result<(i64, i64)> {
     let row = db::query("SELECT seq, pruned_through FROM research_seq WHERE id = 1")
         .fetch_one(&mut *conn)
         .await?;
-    Ok((row.try_get(0)?, row.try_get(1)?))
+    Ok((row.try_get("seq")?, row.try_get("pruned_through")?))
 }
 
 impl Store {
@@ -341,10 +341,10 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok(CentreRow {
-                    id: r.try_get(0)?,
-                    code: r.try_get(1)?,
-                    name: r.try_get(2)?,
-                    country: r.try_get(3)?,
+                    id: r.try_get("id")?,
+                    code: r.try_get("code")?,
+                    name: r.try_get("name")?,
+                    country: r.try_get("country")?,
                 })
             })
             .collect()
@@ -446,7 +446,8 @@ async fn changes_in(
             "the research change counter is missing".into(),
         ));
     };
-    let (through, pruned_through): (i64, i64) = (first.try_get(0)?, first.try_get(1)?);
+    let (through, pruned_through): (i64, i64) =
+        (first.try_get("seq")?, first.try_get("pruned_through")?);
     if through == applied {
         return Ok(Changes::None { through });
     }
@@ -455,9 +456,10 @@ async fn changes_in(
     }
     let mut slots: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
     for r in &rows {
-        if let (Some(registry_id), Some(slot)) =
-            (r.try_get::<Option<i64>>(2)?, r.try_get::<Option<i64>>(3)?)
-        {
+        if let (Some(registry_id), Some(slot)) = (
+            r.try_get::<Option<i64>>("registry_id")?,
+            r.try_get::<Option<i64>>("slot")?,
+        ) {
             slots.entry(registry_id).or_default().insert(slot);
         }
     }
@@ -499,7 +501,7 @@ async fn load_slots(
         Backend::Postgres => "patients p",
     };
     let sql = format!(
-        "SELECT 0, {patient} FROM {by_slot} \
+        "SELECT 0 AS kind, {patient} AS packed FROM {by_slot} \
          WHERE p.registry_id = $1 AND p.slot {list} \
          UNION ALL \
          SELECT 1, CAST(p.slot AS TEXT) || '|' || c.centre_id || '|' \
@@ -522,11 +524,11 @@ async fn load_slots(
     }
     let q = q.list(db, 2, &SLOTS)?;
     for row in q.fetch_all(&mut *db).await? {
-        if row.try_get::<i64>(0)? == 0 {
-            sink.patient(unpack_patient(row.try_get(1)?)?)?;
+        if row.try_get::<i64>("kind")? == 0 {
+            sink.patient(patient_row(&row)?)?;
             continue;
         }
-        let text: String = row.try_get(1)?;
+        let text: String = row.try_get("packed")?;
         let corrupt = || StoreError::Corrupt("another case does not unpack".into());
         let mut fields = text.split('|');
         let (Some(slot), Some(centre), Some(orphacode), None) =
@@ -592,7 +594,10 @@ async fn slots_of(
             }
             let q = q.list(conn, 2, &PSEUDONYMS)?;
             for row in q.fetch_all(&mut *conn).await? {
-                out.push(((registry_id, row.try_get(0)?), row.try_get(1)?));
+                out.push((
+                    (registry_id, row.try_get("pseudonym")?),
+                    row.try_get("slot")?,
+                ));
             }
         }
     }
@@ -637,14 +642,14 @@ pub(super) async fn log_changes(
     .bind(count as i64)
     .fetch_one(&mut *conn)
     .await?;
-    let (last, pruned_through): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let (last, pruned_through): (i64, i64) = (row.try_get("seq")?, row.try_get("pruned_through")?);
     for (registry_id, pseudonyms) in unnumbered {
         let largest: Option<i64> =
-            db::query("SELECT MAX(slot) FROM patients WHERE registry_id = $1")
+            db::query("SELECT MAX(slot) AS largest FROM patients WHERE registry_id = $1")
                 .bind(registry_id)
                 .fetch_one(&mut *conn)
                 .await?
-                .try_get(0)?;
+                .try_get("largest")?;
         let mut next = largest.map_or(0, |s| s + 1);
         for chunk in conn.chunks(&pseudonyms, CHUNK) {
             // Slots next, next + 1, ...: one per row, in pseudonym order.
@@ -733,7 +738,7 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
     }
     let owned: Vec<(i64, String)> = rows
         .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| Ok((r.try_get("registry_id")?, r.try_get("pseudonym")?)))
         .collect::<Result<_>>()?;
     let changed: BTreeSet<(i64, &str)> = owned.iter().map(|(r, p)| (*r, p.as_str())).collect();
     log_changes(&mut tx.db(), &Before::default(), &changed).await?;

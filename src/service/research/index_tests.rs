@@ -289,7 +289,7 @@ impl World {
                 .fetch_optional(self.store.pool())
                 .await
                 .unwrap()
-                .map_or(1, |row| row.get(0));
+                .map_or(1, |row| row.get("current_version"));
             }
         }
         self.run(commands).await;
