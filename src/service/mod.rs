@@ -487,9 +487,16 @@ impl Services {
         if let Some(epoch) = call.epoch {
             return Ok(epoch);
         }
-        let epoch = match self.epoch_reads.read().await {
+        // Read in place on SQLite (a few microseconds, less than handing it to a shared
+        // read); shared between the calls that arrive while it runs elsewhere.
+        let shared = if self.store.reads_in_place() {
+            None
+        } else {
+            self.epoch_reads.read().await
+        };
+        let epoch = match shared {
             Some(epoch) => epoch,
-            // The shared read failed: read alone, for the database's own error.
+            // Or the shared read failed: read alone, for the database's own error.
             None => self.store.access_epoch().await?,
         };
         call.epoch = Some(epoch);

@@ -468,6 +468,12 @@ impl Store {
         readers::reader(self.readers.as_ref(), &self.pool).await
     }
 
+    /// Whether [`Store::reader`] reads in place (SQLite's own connections), so that a read
+    /// costs less than sharing it between calls would.
+    pub fn reads_in_place(&self) -> bool {
+        self.readers.is_some()
+    }
+
     /// The SQLite database file; `None` on PostgreSQL and for an in-memory database.
     pub fn sqlite_path(&self) -> Option<&std::path::Path> {
         self.sqlite_path.as_deref()
@@ -576,8 +582,9 @@ impl Store {
     /// and registries are read from (triggers of migration 0014); what
     /// `service::access` checks before it trusts what it holds.
     pub async fn access_epoch(&self) -> Result<i64> {
+        let mut reader = self.reader().await?;
         db::query("SELECT epoch FROM access_epoch WHERE id = 1")
-            .fetch_one(&self.pool)
+            .fetch_one(&mut reader.db())
             .await?
             .try_get("epoch")
     }

@@ -27,8 +27,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::db::{Conn, Db, Pool};
 use super::Result;
+use super::db::{Conn, Db, Pool};
 
 /// Most idle read-only connections kept between reads.
 pub const MAX_IDLE: usize = 8;
@@ -154,8 +154,8 @@ pub(crate) async fn reader(readers: Option<&Arc<LiteReaders>>, pool: &Pool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::db::query;
     use crate::store::Store;
+    use crate::store::db::query;
 
     async fn store(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display());
