@@ -287,7 +287,7 @@ pub async fn export(
     page_size: u32,
     call: &mut Call,
 ) -> Result<Vec<Exported>, ServiceError> {
-    let mut conn = services.store.reader().await?;
+    let mut conn = services.store.pool().acquire().await?;
     let rows = cases::list_current(
         &mut conn.db(),
         access.registry.id,

@@ -1,8 +1,9 @@
 //! Every statement the service runs, on the connection it runs on: a pooled connection of
-//! sqlx's native SQLite or PostgreSQL driver (readers, the admin CLI, and the writer on
-//! PostgreSQL), or the SQLite writer's own rusqlite connection on its own thread
-//! (`super::writer`), where a statement is a direct call into the engine with no hand-off
-//! between threads.
+//! sqlx's native SQLite or PostgreSQL driver (scans, the admin CLI, every read and the
+//! writer on PostgreSQL), or a rusqlite connection of SQLite's own, where a statement is a
+//! direct call into the engine with no hand-off between threads: the writer's, on its own
+//! thread (`super::writer`), and the read-only ones of the request path's short reads,
+//! used in place on the task that reads (`super::readers`).
 //!
 //! The repositories are written once against [`Db`], with the same SQL for all three:
 //! numbered parameters (`$1`), bound here by their number on each driver. Values are
@@ -12,14 +13,14 @@
 //! SQLite. Both are converted here and nowhere else: a repository binds and reads
 //! `DateTime<Utc>` and `bool`. There is no `Any` layer: arguments go to the driver as they
 //! are and rows come back as the driver's own, so nothing is converted twice. On [`Db::Lite`] every
-//! future completes at its first poll: the statements run synchronously on the writer's
-//! thread.
+//! future completes at its first poll: the statements run synchronously on the thread
+//! that polls it.
 //!
 //! Repositories read a row's columns by name ([`Row::try_get`] with a [`Column`]), so a
 //! select list may change order without changing what is read. A name is the one the
 //! database reports: a plain `t.col` is `col`, an expression needs an alias (`COUNT(*) AS
 //! n`), in lower case. An unknown name is an error, and so is a name two columns share.
-//! Rows of the writer's own connection carry their statement's column names, one copy for
+//! Rows of SQLite's own connections carry their statement's column names, one copy for
 //! all its rows. Only [`Query::fetch_scalar`] and [`Query::fetch_scalars`] read by
 //! number: the first column of a one-column result.
 
@@ -730,7 +731,8 @@ impl<'q> Query<'q> {
     }
 
     /// The rows one at a time, as the driver reads them (for scans too large to hold).
-    /// On the writer's connection the rows are read first: it never scans.
+    /// On SQLite's own connections ([`Db::Lite`]) the rows are read first: scans run on the
+    /// pool.
     pub fn fetch<'e>(
         self,
         db: &'e mut Db<'_>,

@@ -513,6 +513,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(readers) = &self.readers {
+            readers.close();
+        }
         self.pool.close().await;
     }
 

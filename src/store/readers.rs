@@ -1,5 +1,6 @@
-//! Short reads on the request path (a case, a page of an export, a consent history, a
-//! receipt) on SQLite's own read-only connections, run in place on the task that asks.
+//! Short reads on the request path (a case, a consent history, an erasure receipt, the
+//! access epoch of every call) on SQLite's own read-only connections, run in place on the
+//! task that asks.
 //!
 //! Through sqlx's SQLite driver every statement is handed to the connection's worker
 //! thread and its rows handed back: two thread switches and a copy of every value per
@@ -8,30 +9,44 @@
 //! writer already writes (`super::writer`): the statement is prepared once per connection
 //! and kept, and its rows are read as it steps.
 //!
-//! **Why in place is safe.** In WAL mode a reader never waits for the writer: it reads the
-//! last commit before it began, so a read costs what its pages cost, tens of microseconds
-//! for the reads above, each bounded (one case's versions, a page of at most
-//! `service::cases::EXPORT_PAGE_MAX` cases, one patient's consent history). That is less
-//! than the hand-off it replaces; a task that ran a long scan here would hold a runtime
-//! thread for as long, so scans (research, the audit log, exports of the whole registry)
-//! stay on sqlx's pool, which streams.
+//! **What may run here.** A read in place holds its runtime thread until it ends, so only
+//! reads found through a unique key and bounded by one patient go here: one case with its
+//! versions, one patient's consent history, one receipt, one row of the epoch. Each costs
+//! tens of microseconds when its pages are in the OS's cache, less than the hand-off it
+//! replaces (docs/benchmarks.md). Anything that walks many rows stays on sqlx's pool:
+//! research, the audit log, and ExportPhenopackets, whose page of at most 200 cases may
+//! have to pass over many cases whose consent ended.
+//!
+//! **What may keep it waiting.** In WAL mode a reader does not wait for the writer: it reads
+//! the last commit before it began. It waits only while another connection recovers the
+//! WAL after a crash, and then at most [`BUSY_TIMEOUT_MS`] (the call is answered
+//! UNAVAILABLE, to be retried). It waits for the disk like any read: a disk that hangs
+//! hangs the reads in place with the runtime threads they hold, where through sqlx it hung
+//! sqlx's threads (and the writer's thread either way).
 //!
 //! **Least privilege.** The connections are opened read-only: a statement that would write
 //! fails. They see every commit acknowledged before the read began, as sqlx's do.
 //!
-//! **How many.** A lease is taken for one read and given back when dropped. A read here
-//! never waits, so no more are out at once than there are runtime threads; at most
-//! [`MAX_IDLE`] are kept between reads and any others are closed. On PostgreSQL, reads take
-//! a connection of the pool instead ([`Reader::Pool`]).
+//! **How many.** A lease is taken for one read and given back when dropped; a connection
+//! left inside a transaction is closed instead. At most [`MAX_CONNECTIONS`] are open; when
+//! all are out, or one cannot be opened (the first failure is logged as a warning), the
+//! read takes a connection of sqlx's pool instead ([`Reader::Pool`]), as every read does on
+//! PostgreSQL. [`LiteReaders::close`] closes them when the store closes.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, warn};
 
 use super::Result;
 use super::db::{Conn, Db, Pool};
 
-/// Most idle read-only connections kept between reads.
-pub const MAX_IDLE: usize = 8;
+/// Most read-only connections open at once (the pool's default size, `--db-max-connections`).
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long a read in place waits for a lock (only held while the WAL is recovered).
+pub const BUSY_TIMEOUT_MS: u32 = 100;
 
 /// SQLite's page cache per read-only connection, in KiB (SQLite's default is 2 MiB).
 const CACHE_KIB: i64 = 8 * 1024;
@@ -39,15 +54,37 @@ const CACHE_KIB: i64 = 8 * 1024;
 /// The read-only connections of one SQLite database file.
 pub(crate) struct LiteReaders {
     path: PathBuf,
-    idle: Mutex<Vec<rusqlite::Connection>>,
+    state: Mutex<State>,
+    /// Whether a failure to open a connection was logged as a warning since the last open.
+    warned: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    idle: Vec<rusqlite::Connection>,
+    /// Connections open: idle, leased, or being opened.
+    open: usize,
+    closed: bool,
 }
 
 impl std::fmt::Debug for LiteReaders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state();
         f.debug_struct("LiteReaders")
             .field("path", &self.path)
-            .field("idle", &self.idle.lock().map(|idle| idle.len()).ok())
+            .field("idle", &state.idle.len())
+            .field("open", &state.open)
             .finish()
+    }
+}
+
+/// A connection being opened: counted in [`State::open`] until it is leased, or uncounted
+/// when dropped (the open failed, or the task asking was cancelled).
+struct Opening(Arc<LiteReaders>);
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.0.state().open -= 1;
     }
 }
 
@@ -55,35 +92,80 @@ impl LiteReaders {
     pub(crate) fn new(path: &Path) -> Arc<LiteReaders> {
         Arc::new(LiteReaders {
             path: path.to_owned(),
-            idle: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
+            warned: AtomicBool::new(false),
         })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An idle connection, or a new one (opened on a blocking thread: opening reads the
-    /// file's header and takes a shared-memory lock).
-    async fn lease(self: &Arc<Self>) -> Result<Lease> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let path = self.path.clone();
-                tokio::task::spawn_blocking(move || open(&path))
-                    .await
-                    .map_err(|e| {
-                        super::StoreError::Corrupt(format!("opening a read connection: {e}"))
-                    })??
+    /// file's header and maps its shared memory). `None` when closed, when
+    /// [`MAX_CONNECTIONS`] are out, or when a new one cannot be opened.
+    async fn lease(self: &Arc<Self>) -> Option<Lease> {
+        let opening = {
+            let mut state = self.state();
+            if state.closed {
+                return None;
             }
+            if let Some(conn) = state.idle.pop() {
+                return Some(Lease {
+                    conn: Some(conn),
+                    home: Arc::clone(self),
+                });
+            }
+            if state.open >= MAX_CONNECTIONS {
+                return None;
+            }
+            state.open += 1;
+            Opening(Arc::clone(self))
         };
-        Ok(Lease {
-            conn: Some(conn),
-            home: Arc::clone(self),
-        })
+        let path = self.path.clone();
+        match tokio::task::spawn_blocking(move || open(&path)).await {
+            Ok(Ok(conn)) => {
+                // Counted from here on by the lease.
+                std::mem::forget(opening);
+                self.warned.store(false, Ordering::Relaxed);
+                Some(Lease {
+                    conn: Some(conn),
+                    home: Arc::clone(self),
+                })
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                };
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    warn!(%error, "a read-only SQLite connection could not be opened; reads use the pool");
+                } else {
+                    debug!(%error, "a read-only SQLite connection could not be opened");
+                }
+                None
+            }
+        }
     }
 
-    /// Idle connections now (for tests).
+    /// Closes the idle connections; those leased close when given back.
+    pub(crate) fn close(&self) {
+        let idle = {
+            let mut state = self.state();
+            state.closed = true;
+            let idle = std::mem::take(&mut state.idle);
+            state.open -= idle.len();
+            idle
+        };
+        drop(idle);
+    }
+
+    /// (Idle, open) connections now (for tests).
     #[cfg(test)]
-    fn idle(&self) -> usize {
-        self.idle.lock().unwrap().len()
+    fn counts(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.idle.len(), state.open)
     }
 }
 
@@ -94,10 +176,8 @@ fn open(path: &Path) -> Result<rusqlite::Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    // The busy timeout of every other connection of the service: in WAL mode a reader is
-    // only kept waiting while a connection recovers the log after a crash.
     conn.execute_batch(&format!(
-        "PRAGMA busy_timeout = 10000; PRAGMA cache_size = -{CACHE_KIB};"
+        "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA cache_size = -{CACHE_KIB};"
     ))?;
     Ok(conn)
 }
@@ -113,11 +193,15 @@ impl Drop for Lease {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        let mut idle = self.home.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // A connection left inside a transaction (a read that failed half way cannot do
-        // that today, but a future one might) is not handed to the next read.
-        if idle.len() < MAX_IDLE && conn.is_autocommit() {
-            idle.push(conn);
+        let mut state = self.home.state();
+        // A connection left inside a transaction (no read here opens one, but a future
+        // one might) is not handed to the next read.
+        if !state.closed && conn.is_autocommit() {
+            state.idle.push(conn);
+        } else {
+            state.open -= 1;
+            drop(state);
+            drop(conn);
         }
     }
 }
@@ -143,12 +227,15 @@ impl Reader {
     }
 }
 
-/// A [`Reader`]: from `readers` when the database has them, else from `pool`.
+/// A [`Reader`]: from `readers` when the database has them and one is free, else from
+/// `pool`.
 pub(crate) async fn reader(readers: Option<&Arc<LiteReaders>>, pool: &Pool) -> Result<Reader> {
-    Ok(match readers {
-        Some(readers) => Reader::Lite(readers.lease().await?),
-        None => Reader::Pool(pool.acquire().await?),
-    })
+    if let Some(readers) = readers
+        && let Some(lease) = readers.lease().await
+    {
+        return Ok(Reader::Lite(lease));
+    }
+    Ok(Reader::Pool(pool.acquire().await?))
 }
 
 #[cfg(test)]
@@ -159,7 +246,7 @@ mod tests {
 
     async fn store(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display());
-        let store = Store::connect(&url, 4).await.unwrap();
+        let store = Store::connect(&url, 8).await.unwrap();
         store
             .pool()
             .execute_raw("CREATE TABLE t (x INTEGER NOT NULL)")
@@ -195,34 +282,79 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn leases_come_back_and_at_most_max_idle_are_kept() {
+    async fn leases_come_back_and_past_the_limit_reads_use_the_pool() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let readers = store.readers.clone().expect("a file database has readers");
         let first = store.reader().await.unwrap();
+        assert_eq!(readers.counts(), (0, 1));
         drop(first);
-        assert_eq!(readers.idle(), 1);
+        assert_eq!(readers.counts(), (1, 1));
         // The same connection again: no new one is opened.
         let again = store.reader().await.unwrap();
-        assert_eq!(readers.idle(), 0);
+        assert_eq!(readers.counts(), (0, 1));
         drop(again);
         let mut many = Vec::new();
-        for _ in 0..MAX_IDLE + 3 {
+        for _ in 0..MAX_CONNECTIONS + 3 {
             many.push(store.reader().await.unwrap());
         }
-        assert_eq!(readers.idle(), 0);
+        assert_eq!(readers.counts(), (0, MAX_CONNECTIONS));
+        let pooled = many.iter().filter(|r| matches!(r, Reader::Pool(_))).count();
+        assert_eq!(pooled, 3);
+        // A read on a pool connection answers alike.
+        let mut last = many.pop().unwrap();
+        assert!(matches!(last, Reader::Pool(_)));
+        let none: Option<i64> = query("SELECT SUM(x) FROM t")
+            .fetch_scalar(&mut last.db())
+            .await
+            .unwrap();
+        assert_eq!(none, None);
         drop(many);
-        assert_eq!(readers.idle(), MAX_IDLE);
+        assert_eq!(readers.counts(), (MAX_CONNECTIONS, MAX_CONNECTIONS));
     }
 
     #[tokio::test]
-    async fn a_connection_left_in_a_transaction_is_not_kept() {
+    async fn a_connection_left_in_a_transaction_is_closed() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let readers = store.readers.clone().unwrap();
         let mut reader = store.reader().await.unwrap();
         reader.db().execute_raw("BEGIN").await.unwrap();
         drop(reader);
-        assert_eq!(readers.idle(), 0);
+        assert_eq!(readers.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn closing_closes_the_idle_connections_and_those_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let readers = store.readers.clone().unwrap();
+        let idle = store.reader().await.unwrap();
+        let leased = store.reader().await.unwrap();
+        drop(idle);
+        assert_eq!(readers.counts(), (1, 2));
+        readers.close();
+        assert_eq!(readers.counts(), (0, 1));
+        drop(leased);
+        assert_eq!(readers.counts(), (0, 0));
+        // Reads after closing use the pool (closed too when the store closes).
+        assert!(matches!(store.reader().await.unwrap(), Reader::Pool(_)));
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_opened_sends_reads_to_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let missing = LiteReaders::new(&dir.path().join("missing.db"));
+        let mut reader = reader(Some(&missing), store.pool()).await.unwrap();
+        assert!(matches!(reader, Reader::Pool(_)));
+        assert_eq!(missing.counts(), (0, 0));
+        let rows: i64 = query("SELECT COUNT(*) FROM t")
+            .fetch_scalar(&mut reader.db())
+            .await
+            .unwrap();
+        assert_eq!(rows, 0);
+        // Read-only: it is not created either.
+        assert!(!dir.path().join("missing.db").exists());
     }
 }
