@@ -40,6 +40,7 @@ mod research;
 mod server_lock;
 mod service;
 mod shutdown;
+mod statements;
 mod statistics;
 mod tls;
 mod upload;
