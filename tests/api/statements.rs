@@ -8,7 +8,7 @@
 //! by parsing `src/` (`syn`), every `query("...")` / `db::query("...")` whose SQL is a
 //! literal, outside `#[cfg(test)]`. A statement in a match arm or `if` branch that names one
 //! backend (`Backend::Postgres`, `Db::Pg`, `Pool::Sqlite`, ...) is prepared on that backend
-//! only, and so is every statement of a function in [`POSTGRES_ONLY`]. Statements built
+//! only, and so is every statement of a function listed in [`BACKEND_ONLY`]. Statements built
 //! with `format!` are not found here; the suite runs them on both databases instead.
 
 use std::path::{Path, PathBuf};
@@ -19,13 +19,15 @@ use ern_registry::store::{Backend, Store};
 
 use crate::helpers::fresh_database;
 
-/// Functions that run on PostgreSQL only (file under `src/`, function; `*`: the whole
-/// file), whose statements are therefore prepared on PostgreSQL only.
-const POSTGRES_ONLY: &[(&str, &str)] = &[
+/// Functions that run on one backend only (file under `src/`, function, `*` for the whole
+/// file), whose statements are therefore prepared on that backend only.
+const BACKEND_ONLY: &[(&str, &str, Backend)] = &[
     // Planner statistics: PostgreSQL's catalog (`store::statistics`: nothing on SQLite).
-    ("store/statistics.rs", "*"),
+    ("store/statistics.rs", "*", Backend::Postgres),
     // The purge after an erasure: VACUUM on PostgreSQL, a WAL checkpoint on SQLite.
-    ("store/purge.rs", "vacuum"),
+    ("store/purge.rs", "vacuum", Backend::Postgres),
+    ("store/purge.rs", "checkpoint", Backend::Sqlite),
+    ("store/purge.rs", "checkpoint_once", Backend::Sqlite),
 ];
 
 /// The backend a piece of source is specific to, from the tokens of a match arm's pattern
@@ -68,11 +70,11 @@ struct Finder<'a> {
 impl Finder<'_> {
     fn only(&self) -> Option<Backend> {
         let file = self.file.to_string_lossy();
-        let postgres_only = POSTGRES_ONLY.iter().any(|(f, function)| {
+        let listed = BACKEND_ONLY.iter().find(|(f, function, _)| {
             *f == file && (*function == "*" || self.function.as_deref() == Some(*function))
         });
-        if postgres_only {
-            return Some(Backend::Postgres);
+        if let Some((_, _, backend)) = listed {
+            return Some(*backend);
         }
         self.only.iter().rev().find_map(|b| *b)
     }
