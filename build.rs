@@ -1,10 +1,16 @@
 //! Compiles the public contract in `proto/` with protox (pure Rust, no protoc to
-//! install) and writes the descriptor set that server reflection serves.
-use std::{env, fs, path::PathBuf};
+//! install) and writes the descriptor set that server reflection serves; checks every SQL
+//! statement written as a literal in `src/` against the SQLite schema of `migrations/`
+//! ([`check_statements`]).
+use std::{env, fs, path::Path, path::PathBuf};
 
 use prost::Message;
 
+#[path = "tests/common/sql_literals.rs"]
+mod sql_literals;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    check_statements()?;
     let files = [
         "proto/ern_registry/v1/common.proto",
         "proto/ern_registry/v1/case.proto",
@@ -64,3 +70,43 @@ const IDENTIFIER_TYPES: [&str; 4] = [
     ".ern_registry.v1.PatientIdentifiers",
     ".ern_registry.v1.PatientRef",
 ];
+
+/// Prepares every SQL statement written as a literal in `src/` that runs on SQLite (found
+/// by `tests/common/sql_literals.rs`) on an in-memory database built by applying
+/// `migrations/sqlite/` in order, and fails the build, naming each, if any does not
+/// prepare: a misspelt table or column, or one a migration dropped. Nothing is run. This is
+/// compile-time checking without a database or committed query data: the schema is the
+/// migrations'. PostgreSQL's are prepared by `tests/api/statements.rs` (its pass of
+/// `scripts/test`), and `tests/api/migrations.rs` holds the two schemas to each other.
+fn check_statements() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=src");
+    let conn = rusqlite::Connection::open_in_memory()?;
+    let mut migrations: Vec<PathBuf> = fs::read_dir("migrations/sqlite")?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    migrations.retain(|p| p.extension().is_some_and(|e| e == "sql"));
+    migrations.sort();
+    for migration in &migrations {
+        conn.execute_batch(&fs::read_to_string(migration)?)
+            .map_err(|e| format!("{}: {e}", migration.display()))?;
+    }
+    let statements = sql_literals::statements(Path::new("src"));
+    let failures: Vec<String> = statements
+        .iter()
+        .filter(|s| s.runs_on(sql_literals::Dialect::Sqlite))
+        .filter_map(|s| {
+            conn.prepare(&s.sql)
+                .err()
+                .map(|e| format!("  src/{}: {e}\n    {}", s.file.display(), s.sql))
+        })
+        .collect();
+    if !failures.is_empty() {
+        eprintln!(
+            "{} SQL statement(s) of src/ do not prepare on the schema of migrations/sqlite/:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -7,6 +7,8 @@ mod lp_attacker;
 /// The input-edge properties the fuzz targets check, run here with proptest (`malformed`).
 #[path = "../../fuzz/fuzz_targets/properties/mod.rs"]
 mod properties;
+#[path = "../common/sql_literals.rs"]
+mod sql_literals;
 
 mod abuse;
 mod access;
