@@ -468,10 +468,10 @@ impl Store {
         readers::reader(self.readers.as_ref(), &self.pool).await
     }
 
-    /// Whether [`Store::reader`] reads in place (SQLite's own connections), so that a read
-    /// costs less than sharing it between calls would.
+    /// Whether [`Store::reader`] would read in place now (SQLite's own connections), so
+    /// that a read costs less than sharing it between calls would.
     pub fn reads_in_place(&self) -> bool {
-        self.readers.is_some()
+        self.readers.as_ref().is_some_and(|r| r.in_place())
     }
 
     /// The SQLite database file; `None` on PostgreSQL and for an in-memory database.

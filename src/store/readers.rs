@@ -18,9 +18,10 @@
 //! have to pass over many cases whose consent ended.
 //!
 //! **What may keep it waiting.** In WAL mode a reader does not wait for the writer: it reads
-//! the last commit before it began. It waits only while another connection recovers the
-//! WAL after a crash, and then at most [`BUSY_TIMEOUT_MS`] (the call is answered
-//! UNAVAILABLE, to be retried). It waits for the disk like any read: a disk that hangs
+//! the last commit before it began. It waits for a lock only while another connection
+//! recovers the WAL after a crash, and then for at most [`BUSY_TIMEOUT_MS`] in SQLite's
+//! busy handler (the call is answered UNAVAILABLE, to be retried); SQLite's own retries
+//! when a read begins during a checkpoint's reset of the WAL are short and rare. It waits for the disk like any read: a disk that hangs
 //! hangs the reads in place with the runtime threads they hold, where through sqlx it hung
 //! sqlx's threads (and the writer's thread either way).
 //!
@@ -29,15 +30,16 @@
 //!
 //! **How many.** A lease is taken for one read and given back when dropped; a connection
 //! left inside a transaction is closed instead. At most [`MAX_CONNECTIONS`] are open; when
-//! all are out, or one cannot be opened (the first failure is logged as a warning), the
-//! read takes a connection of sqlx's pool instead ([`Reader::Pool`]), as every read does on
-//! PostgreSQL. [`LiteReaders::close`] closes them when the store closes.
+//! all are out, or one cannot be opened (the first failure is logged as a warning, and
+//! none is tried again for five seconds), the read takes a connection of sqlx's pool
+//! instead ([`Reader::Pool`]), as every read does on PostgreSQL. [`LiteReaders::close`]
+//! closes them when the store closes; dropping the store closes them too.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::Result;
 use super::db::{Conn, Db, Pool};
@@ -55,8 +57,6 @@ const CACHE_KIB: i64 = 8 * 1024;
 pub(crate) struct LiteReaders {
     path: PathBuf,
     state: Mutex<State>,
-    /// Whether a failure to open a connection was logged as a warning since the last open.
-    warned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -65,7 +65,13 @@ struct State {
     /// Connections open: idle, leased, or being opened.
     open: usize,
     closed: bool,
+    /// When the last open failed, if the one after it has not succeeded: for
+    /// [`RETRY_OPEN_AFTER`] reads go to the pool without trying again.
+    failed_at: Option<Instant>,
 }
+
+/// How long after a failed open reads use the pool before the next open is tried.
+const RETRY_OPEN_AFTER: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for LiteReaders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,13 +84,30 @@ impl std::fmt::Debug for LiteReaders {
     }
 }
 
-/// A connection being opened: counted in [`State::open`] until it is leased, or uncounted
-/// when dropped (the open failed, or the task asking was cancelled).
-struct Opening(Arc<LiteReaders>);
+/// A connection being opened, counted in [`State::open`]: the count is released when this
+/// is dropped, unless [`Opening::leased`] handed it to a lease. It travels with the open
+/// to its blocking thread and back, so a connection whose reader gave up waiting (the call
+/// was cancelled) is closed before its count is released.
+struct Opening {
+    home: Arc<LiteReaders>,
+    counted: bool,
+}
+
+impl Opening {
+    fn leased(mut self, conn: rusqlite::Connection) -> Lease {
+        self.counted = false;
+        Lease {
+            conn: Some(conn),
+            home: Arc::clone(&self.home),
+        }
+    }
+}
 
 impl Drop for Opening {
     fn drop(&mut self) {
-        self.0.state().open -= 1;
+        if self.counted {
+            self.home.state().open -= 1;
+        }
     }
 }
 
@@ -93,7 +116,6 @@ impl LiteReaders {
         Arc::new(LiteReaders {
             path: path.to_owned(),
             state: Mutex::new(State::default()),
-            warned: AtomicBool::new(false),
         })
     }
 
@@ -103,7 +125,8 @@ impl LiteReaders {
 
     /// An idle connection, or a new one (opened on a blocking thread: opening reads the
     /// file's header and maps its shared memory). `None` when closed, when
-    /// [`MAX_CONNECTIONS`] are out, or when a new one cannot be opened.
+    /// [`MAX_CONNECTIONS`] are out, or when a new one cannot be opened (and for
+    /// [`RETRY_OPEN_AFTER`] after that).
     async fn lease(self: &Arc<Self>) -> Option<Lease> {
         let opening = {
             let mut state = self.state();
@@ -116,37 +139,61 @@ impl LiteReaders {
                     home: Arc::clone(self),
                 });
             }
-            if state.open >= MAX_CONNECTIONS {
+            if state.open >= MAX_CONNECTIONS
+                || state
+                    .failed_at
+                    .is_some_and(|at| at.elapsed() < RETRY_OPEN_AFTER)
+            {
                 return None;
             }
             state.open += 1;
-            Opening(Arc::clone(self))
+            Opening {
+                home: Arc::clone(self),
+                counted: true,
+            }
         };
         let path = self.path.clone();
-        match tokio::task::spawn_blocking(move || open(&path)).await {
-            Ok(Ok(conn)) => {
-                // Counted from here on by the lease.
-                std::mem::forget(opening);
-                self.warned.store(false, Ordering::Relaxed);
-                Some(Lease {
-                    conn: Some(conn),
-                    home: Arc::clone(self),
-                })
-            }
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(_)) => unreachable!("matched above"),
-                };
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    warn!(%error, "a read-only SQLite connection could not be opened; reads use the pool");
-                } else {
-                    debug!(%error, "a read-only SQLite connection could not be opened");
+        // The result before the count: a tuple drops its fields in order.
+        let opened = tokio::task::spawn_blocking(move || (open(&path), opening)).await;
+        let error = match opened {
+            Ok((Ok(conn), opening)) => {
+                let mut state = self.state();
+                let warned = state.failed_at.take().is_some();
+                if state.closed {
+                    // Closed while it opened: not for a read after the close.
+                    drop(state);
+                    drop(conn);
+                    return None;
                 }
-                None
+                drop(state);
+                if warned {
+                    info!("read-only SQLite connections open again; short reads run in place");
+                }
+                return Some(opening.leased(conn));
             }
+            Ok((Err(e), _opening)) => e.to_string(),
+            // The blocking thread panicked or the runtime is shutting down.
+            Err(e) => e.to_string(),
+        };
+        let first = self.state().failed_at.replace(Instant::now()).is_none();
+        if first {
+            warn!(%error, "a read-only SQLite connection could not be opened; short reads use the pool");
+        } else {
+            debug!(%error, "a read-only SQLite connection could not be opened");
         }
+        None
+    }
+
+    /// Whether a read now would run in place: not closed, not backing off after a failed
+    /// open, and a connection idle or one more allowed.
+    pub(crate) fn in_place(&self) -> bool {
+        let state = self.state();
+        !state.closed
+            && (!state.idle.is_empty()
+                || (state.open < MAX_CONNECTIONS
+                    && state
+                        .failed_at
+                        .is_none_or(|at| at.elapsed() >= RETRY_OPEN_AFTER)))
     }
 
     /// Closes the idle connections; those leased close when given back.
@@ -333,7 +380,9 @@ mod tests {
         let leased = store.reader().await.unwrap();
         drop(idle);
         assert_eq!(readers.counts(), (1, 2));
+        assert!(readers.in_place());
         readers.close();
+        assert!(!readers.in_place());
         assert_eq!(readers.counts(), (0, 1));
         drop(leased);
         assert_eq!(readers.counts(), (0, 0));
@@ -349,6 +398,10 @@ mod tests {
         let mut reader = reader(Some(&missing), store.pool()).await.unwrap();
         assert!(matches!(reader, Reader::Pool(_)));
         assert_eq!(missing.counts(), (0, 0));
+        // Not tried again for a while: reads go straight to the pool.
+        assert!(missing.state().failed_at.is_some());
+        assert!(missing.lease().await.is_none());
+        assert!(!missing.in_place());
         let rows: i64 = query("SELECT COUNT(*) FROM t")
             .fetch_scalar(&mut reader.db())
             .await
@@ -356,5 +409,21 @@ mod tests {
         assert_eq!(rows, 0);
         // Read-only: it is not created either.
         assert!(!dir.path().join("missing.db").exists());
+    }
+
+    /// Dropping the store frees the readers and closes their connections, as dropping a
+    /// pool does (nothing keeps them alive: a connection opened for a lease holds no
+    /// reference once leased).
+    #[tokio::test]
+    async fn dropping_the_store_closes_its_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let weak = Arc::downgrade(store.readers.as_ref().unwrap());
+        let first = store.reader().await.unwrap();
+        let second = store.reader().await.unwrap();
+        drop((first, second));
+        assert_eq!(weak.upgrade().unwrap().counts(), (2, 2));
+        drop(store);
+        assert!(weak.upgrade().is_none());
     }
 }
