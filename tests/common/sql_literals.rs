@@ -1,15 +1,19 @@
 //! The SQL statements written as literals in the service's source, found by parsing it:
-//! every `query("...")` / `db::query("...")` whose SQL is a string literal, outside
-//! `#[cfg(test)]`, with the one database it runs on when the source says so. Used by
+//! every `query(...)` / `db::query(...)` and `.execute_raw(...)` whose SQL is a string
+//! literal, a `const` of the same file, or the variable of a `for` loop over an array of
+//! literals, outside `#[cfg(test)]`, with the one database it runs on when the source
+//! says so. Used by
 //! `build.rs`, which prepares each SQLite statement against the schema of
 //! `migrations/sqlite/` (so a statement the schema does not accept fails the build), and
 //! by `tests/api/statements.rs`, which prepares them on the database under test (SQLite,
 //! then PostgreSQL in the second pass of `scripts/test`).
 //!
-//! A statement in a match arm or `if` branch that names one backend (`Backend::Postgres`,
-//! `Db::Pg`, `Pool::Sqlite`, ...) runs on that backend only, and so does every statement of
-//! a function listed in [`BACKEND_ONLY`]. Statements built with `format!` are not found:
-//! the suite runs them on both databases instead.
+//! A statement in a match arm whose pattern names one backend (`Db::Pg(..)`,
+//! `Backend::Sqlite`, ...), or in an `if` branch whose condition plainly does
+//! (`backend == Backend::Postgres`, `if let Db::Lite(..) = ..`, `matches!`; see
+//! `condition_dialects`), runs on that backend only, and so does every statement of a
+//! function listed in [`BACKEND_ONLY`]. Statements built with `format!` are not found: the
+//! suite runs them on both databases instead.
 
 use std::path::{Path, PathBuf};
 
@@ -72,6 +76,10 @@ impl Statement {
 
 struct Finder<'a> {
     file: &'a Path,
+    /// The file's `const NAME: &str = "..."` items.
+    consts: std::collections::HashMap<String, String>,
+    /// The variables of enclosing `for x in ["...", ...]` loops, with their literals.
+    loops: Vec<(String, Vec<String>)>,
     /// The function being visited.
     function: Option<String>,
     /// The backend of the innermost enclosing arm or branch that names one.
@@ -91,6 +99,32 @@ impl Finder<'_> {
         self.only.iter().rev().find_map(|b| *b)
     }
 
+    /// Records the statement(s) `arg` names: a literal, a constant of the file, or the
+    /// variable of an enclosing loop over literals. Anything else (a `format!`, a
+    /// variable) is not a literal statement.
+    fn statement(&mut self, arg: &syn::Expr) {
+        let texts = match arg {
+            syn::Expr::Path(p) => p.path.get_ident().and_then(|name| {
+                let name = name.to_string();
+                self.loops
+                    .iter()
+                    .rev()
+                    .find(|(var, _)| *var == name)
+                    .map(|(_, literals)| literals.clone())
+                    .or_else(|| self.consts.get(&name).map(|sql| vec![sql.clone()]))
+            }),
+            other => string_literal(other).map(|sql| vec![sql]),
+        };
+        let only = self.only();
+        for sql in texts.into_iter().flatten() {
+            self.found.push(Statement {
+                file: self.file.to_owned(),
+                only,
+                sql,
+            });
+        }
+    }
+
     fn in_function(&mut self, name: &syn::Ident, visit: impl FnOnce(&mut Self)) {
         let outer = self.function.replace(name.to_string());
         visit(self);
@@ -98,13 +132,15 @@ impl Finder<'_> {
     }
 }
 
+/// `#[cfg(test)]` or `#[test]`: code that is not in the service's build.
 fn is_test_only(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| {
-        a.path().is_ident("cfg") && {
-            let tokens = a.meta.require_list().map(|l| l.tokens.to_string());
-            tokens.is_ok_and(|t| t.split(|c: char| !c.is_alphanumeric()).any(|w| w == "test"))
-        }
-    }) || attrs.iter().any(|a| a.path().is_ident("test"))
+        a.path().is_ident("test")
+            || (a.path().is_ident("cfg")
+                && a.meta
+                    .require_list()
+                    .is_ok_and(|l| l.tokens.to_string() == "test"))
+    })
 }
 
 impl<'ast> Visit<'ast> for Finder<'_> {
@@ -134,21 +170,46 @@ impl<'ast> Visit<'ast> for Finder<'_> {
     }
 
     fn visit_expr_if(&mut self, e: &'ast syn::ExprIf) {
-        let cond = &e.cond;
-        let only = dialect_of(&quote::quote!(#cond).to_string());
+        let (then, other) = condition_dialects(&e.cond);
         self.visit_expr(&e.cond);
-        self.only.push(only);
+        self.only.push(then);
         self.visit_block(&e.then_branch);
         self.only.pop();
-        if let Some((_, other)) = &e.else_branch {
-            // The other branch: the other backend, when the condition named one.
-            self.only.push(only.map(|d| match d {
-                Dialect::Postgres => Dialect::Sqlite,
-                Dialect::Sqlite => Dialect::Postgres,
-            }));
-            self.visit_expr(other);
+        if let Some((_, branch)) = &e.else_branch {
+            self.only.push(other);
+            self.visit_expr(branch);
             self.only.pop();
         }
+    }
+
+    fn visit_expr_for_loop(&mut self, l: &'ast syn::ExprForLoop) {
+        // `for sql in ["...", "..."] { query(sql) ... }`: each literal of the array is a
+        // statement wherever the loop's variable is one.
+        let bound = match (&*l.pat, &*l.expr) {
+            (syn::Pat::Ident(name), syn::Expr::Array(array)) => {
+                let literals: Option<Vec<String>> =
+                    array.elems.iter().map(string_literal).collect();
+                literals.map(|literals| (name.ident.to_string(), literals))
+            }
+            _ => None,
+        };
+        let pushed = bound.is_some();
+        if let Some(bound) = bound {
+            self.loops.push(bound);
+        }
+        syn::visit::visit_expr_for_loop(self, l);
+        if pushed {
+            self.loops.pop();
+        }
+    }
+
+    fn visit_expr_method_call(&mut self, call: &'ast syn::ExprMethodCall) {
+        if call.method == "execute_raw"
+            && let Some(arg) = call.args.first()
+        {
+            self.statement(arg);
+        }
+        syn::visit::visit_expr_method_call(self, call);
     }
 
     fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
@@ -158,18 +219,56 @@ impl<'ast> Visit<'ast> for Finder<'_> {
                 .segments
                 .last()
                 .is_some_and(|s| s.ident == "query")
-            && let Some(syn::Expr::Lit(syn::ExprLit {
-                lit: syn::Lit::Str(sql),
-                ..
-            })) = call.args.first()
+            && let Some(arg) = call.args.first()
         {
-            self.found.push(Statement {
-                file: self.file.to_owned(),
-                only: self.only(),
-                sql: sql.value(),
-            });
+            self.statement(arg);
         }
         syn::visit::visit_expr_call(self, call);
+    }
+}
+
+/// The text of a string literal expression.
+fn string_literal(e: &syn::Expr) -> Option<String> {
+    match e {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(s),
+            ..
+        }) => Some(s.value()),
+        _ => None,
+    }
+}
+
+/// The backends of an `if`'s two branches, from its condition: only a plain comparison of a
+/// backend (`x == Backend::Postgres`: the other branch is the other backend, `Backend` has
+/// two), or a pattern (`if let Db::Pg(..) = ..`, `matches!(.., Db::Pg(..))`: the other
+/// branch may be either). Anything else (negations, `&&`, `||`, calls) decides nothing.
+fn condition_dialects(cond: &syn::Expr) -> (Option<Dialect>, Option<Dialect>) {
+    let other = |d: Option<Dialect>| {
+        d.map(|d| match d {
+            Dialect::Postgres => Dialect::Sqlite,
+            Dialect::Sqlite => Dialect::Postgres,
+        })
+    };
+    match cond {
+        syn::Expr::Binary(b) if matches!(b.op, syn::BinOp::Eq(_)) => {
+            let (l, r) = (&b.left, &b.right);
+            let tokens = quote::quote!(#l == #r).to_string();
+            if tokens.contains("Backend") {
+                let d = dialect_of(&tokens);
+                (d, other(d))
+            } else {
+                (None, None)
+            }
+        }
+        syn::Expr::Let(l) => {
+            let pat = &l.pat;
+            (dialect_of(&quote::quote!(#pat).to_string()), None)
+        }
+        syn::Expr::Macro(m) if m.mac.path.is_ident("matches") => {
+            (dialect_of(&m.mac.tokens.to_string()), None)
+        }
+        syn::Expr::Paren(p) => condition_dialects(&p.expr),
+        _ => (None, None),
     }
 }
 
@@ -184,33 +283,68 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// What [`statements`] found.
+pub struct Found {
+    pub statements: Vec<Statement>,
+    /// Files `syn` could not parse (their statements are not in `statements`).
+    pub unparsed: Vec<PathBuf>,
+}
+
 /// Every literal statement under `src` (the service's `src/`).
-pub fn statements(src: &Path) -> Vec<Statement> {
+pub fn statements(src: &Path) -> Found {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     files.sort();
+    let mut unparsed = Vec::new();
+    let mut parsed = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        match syn::parse_file(&text) {
+            Ok(ast) => parsed.push((file, ast)),
+            Err(_) => unparsed.push(file),
+        }
+    }
+    // Files of `#[cfg(test)] mod name;` declarations: test code, in a file of its own.
+    let mut test_modules = std::collections::HashSet::new();
+    for (_, ast) in &parsed {
+        for item in &ast.items {
+            if let syn::Item::Mod(m) = item
+                && m.content.is_none()
+                && is_test_only(&m.attrs)
+            {
+                test_modules.insert(m.ident.to_string());
+            }
+        }
+    }
     let mut found = Vec::new();
-    for file in &files {
-        // Test-only files of the service (`#[cfg(test)] mod x;` elsewhere).
-        if file
-            .file_stem()
-            .is_some_and(|s| s.to_string_lossy().ends_with("tests"))
-        {
+    for (file, ast) in &parsed {
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+        if stem.is_some_and(|stem| test_modules.contains(&stem)) {
             continue;
         }
-        let text = std::fs::read_to_string(file).unwrap();
-        // A file that does not parse is the compiler's to report.
-        let Ok(parsed) = syn::parse_file(&text) else {
-            continue;
-        };
+        let consts = ast
+            .items
+            .iter()
+            .filter_map(|item| match item {
+                syn::Item::Const(c) => {
+                    string_literal(&c.expr).map(|sql| (c.ident.to_string(), sql))
+                }
+                _ => None,
+            })
+            .collect();
         let mut finder = Finder {
             file: file.strip_prefix(src).unwrap(),
+            consts,
+            loops: Vec::new(),
             function: None,
             only: Vec::new(),
             found: Vec::new(),
         };
-        finder.visit_file(&parsed);
+        finder.visit_file(ast);
         found.extend(finder.found);
     }
-    found
+    Found {
+        statements: found,
+        unparsed,
+    }
 }
