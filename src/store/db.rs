@@ -1417,6 +1417,23 @@ mod tests {
         assert!(wrong_list.list(&db, 2, &TEXTS).is_err());
     }
 
+    /// A database file in `dir` through sqlx's SQLite driver and through rusqlite, and the
+    /// PostgreSQL test database when `ERN_TEST_DATABASE_URL` is set (the second pass of
+    /// `scripts/test`).
+    async fn every_connection(
+        dir: &tempfile::TempDir,
+    ) -> (SqliteConnection, rusqlite::Connection, Option<PgConnection>) {
+        let path = dir.path().join("db.sqlite");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pooled = SqliteConnection::connect(&url).await.unwrap();
+        let lite = rusqlite::Connection::open(&path).unwrap();
+        let pg = match std::env::var("ERN_TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(PgConnection::connect(&url).await.unwrap()),
+            _ => None,
+        };
+        (pooled, lite, pg)
+    }
+
     /// Instants and flags go in and come back alike on all three connections: an instant to
     /// the millisecond, rounded down (as a comparison with a bound instant sees it too),
     /// NULLs, before 1970; kept as integer milliseconds (not seconds, as sqlx's own SQLite
@@ -1426,14 +1443,7 @@ mod tests {
     #[tokio::test]
     async fn instants_and_flags_read_back_alike_on_every_connection() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        let mut pooled = SqliteConnection::connect(&url).await.unwrap();
-        let mut lite = rusqlite::Connection::open(&path).unwrap();
-        let mut pg = match std::env::var("ERN_TEST_DATABASE_URL") {
-            Ok(url) if !url.is_empty() => Some(PgConnection::connect(&url).await.unwrap()),
-            _ => None,
-        };
+        let (mut pooled, mut lite, mut pg) = every_connection(&dir).await;
         Db::Sqlite(&mut pooled)
             .execute_raw("CREATE TABLE times (id INTEGER, at INTEGER, until INTEGER, flag INTEGER)")
             .await
@@ -1517,14 +1527,7 @@ mod tests {
     #[tokio::test]
     async fn columns_read_by_name_as_by_number_on_every_connection() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        let mut pooled = SqliteConnection::connect(&url).await.unwrap();
-        let mut lite = rusqlite::Connection::open(&path).unwrap();
-        let mut pg = match std::env::var("ERN_TEST_DATABASE_URL") {
-            Ok(url) if !url.is_empty() => Some(PgConnection::connect(&url).await.unwrap()),
-            _ => None,
-        };
+        let (mut pooled, mut lite, mut pg) = every_connection(&dir).await;
         Db::Sqlite(&mut pooled)
             .execute_raw(
                 "CREATE TABLE named (id INTEGER PRIMARY KEY, label TEXT, at INTEGER, \
