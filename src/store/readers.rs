@@ -65,9 +65,11 @@ struct State {
     /// Connections open: idle, leased, or being opened.
     open: usize,
     closed: bool,
-    /// When the last open failed, if the one after it has not succeeded: for
-    /// [`RETRY_OPEN_AFTER`] reads go to the pool without trying again.
+    /// When the last open failed, or a retry after one began: for [`RETRY_OPEN_AFTER`]
+    /// reads go to the pool without trying (one read retries per period).
     failed_at: Option<Instant>,
+    /// Whether the last open failed (the first failure of a run is a warning).
+    failing: bool,
 }
 
 /// How long after a failed open reads use the pool before the next open is tried.
@@ -147,6 +149,10 @@ impl LiteReaders {
                 return None;
             }
             state.open += 1;
+            if state.failed_at.is_some() {
+                // A retry after a failure: the others keep using the pool meanwhile.
+                state.failed_at = Some(Instant::now());
+            }
             Opening {
                 home: Arc::clone(self),
                 counted: true,
@@ -155,10 +161,11 @@ impl LiteReaders {
         let path = self.path.clone();
         // The result before the count: a tuple drops its fields in order.
         let opened = tokio::task::spawn_blocking(move || (open(&path), opening)).await;
-        let error = match opened {
+        let (error, opening) = match opened {
             Ok((Ok(conn), opening)) => {
                 let mut state = self.state();
-                let warned = state.failed_at.take().is_some();
+                state.failed_at = None;
+                let recovered = std::mem::replace(&mut state.failing, false);
                 if state.closed {
                     // Closed while it opened: not for a read after the close.
                     drop(state);
@@ -166,16 +173,23 @@ impl LiteReaders {
                     return None;
                 }
                 drop(state);
-                if warned {
+                if recovered {
                     info!("read-only SQLite connections open again; short reads run in place");
                 }
                 return Some(opening.leased(conn));
             }
-            Ok((Err(e), _opening)) => e.to_string(),
-            // The blocking thread panicked or the runtime is shutting down.
-            Err(e) => e.to_string(),
+            Ok((Err(e), opening)) => (e.to_string(), Some(opening)),
+            // The blocking thread panicked (its guard freed the slot), or the runtime is
+            // shutting down.
+            Err(e) => (e.to_string(), None),
         };
-        let first = self.state().failed_at.replace(Instant::now()).is_none();
+        // The back-off starts before the slot is freed, so no read opens in between.
+        let first = {
+            let mut state = self.state();
+            state.failed_at = Some(Instant::now());
+            !std::mem::replace(&mut state.failing, true)
+        };
+        drop(opening);
         if first {
             warn!(%error, "a read-only SQLite connection could not be opened; short reads use the pool");
         } else {
@@ -402,6 +416,13 @@ mod tests {
         assert!(missing.state().failed_at.is_some());
         assert!(missing.lease().await.is_none());
         assert!(!missing.in_place());
+        // After the back-off one read tries again; failing, it starts a new back-off.
+        missing.state().failed_at = Some(Instant::now() - RETRY_OPEN_AFTER * 2);
+        assert!(missing.in_place());
+        assert!(missing.lease().await.is_none());
+        assert!(!missing.in_place());
+        assert!(missing.state().failing);
+        assert_eq!(missing.counts(), (0, 0));
         let rows: i64 = query("SELECT COUNT(*) FROM t")
             .fetch_scalar(&mut reader.db())
             .await

@@ -103,7 +103,7 @@ impl Finder<'_> {
     /// variable of an enclosing loop over literals. Anything else (a `format!`, a
     /// variable) is not a literal statement.
     fn statement(&mut self, arg: &syn::Expr) {
-        let texts = match arg {
+        let texts = match unwrapped(arg) {
             syn::Expr::Path(p) => p.path.get_ident().and_then(|name| {
                 let name = name.to_string();
                 self.loops
@@ -185,10 +185,19 @@ impl<'ast> Visit<'ast> for Finder<'_> {
     fn visit_expr_for_loop(&mut self, l: &'ast syn::ExprForLoop) {
         // `for sql in ["...", "..."] { query(sql) ... }`: each literal of the array is a
         // statement wherever the loop's variable is one.
-        let bound = match (&*l.pat, &*l.expr) {
+        let bound = match (&*l.pat, unwrapped(&l.expr)) {
             (syn::Pat::Ident(name), syn::Expr::Array(array)) => {
-                let literals: Option<Vec<String>> =
-                    array.elems.iter().map(string_literal).collect();
+                let literals: Option<Vec<String>> = array
+                    .elems
+                    .iter()
+                    .map(|e| match unwrapped(e) {
+                        syn::Expr::Path(p) => p
+                            .path
+                            .get_ident()
+                            .and_then(|c| self.consts.get(&c.to_string()).cloned()),
+                        other => string_literal(other),
+                    })
+                    .collect();
                 literals.map(|literals| (name.ident.to_string(), literals))
             }
             _ => None,
@@ -227,6 +236,15 @@ impl<'ast> Visit<'ast> for Finder<'_> {
     }
 }
 
+/// `e` without the references and parentheses around it (`&SQL`, `(sql)`).
+fn unwrapped(e: &syn::Expr) -> &syn::Expr {
+    match e {
+        syn::Expr::Reference(r) => unwrapped(&r.expr),
+        syn::Expr::Paren(p) => unwrapped(&p.expr),
+        other => other,
+    }
+}
+
 /// The text of a string literal expression.
 fn string_literal(e: &syn::Expr) -> Option<String> {
     match e {
@@ -250,15 +268,18 @@ fn condition_dialects(cond: &syn::Expr) -> (Option<Dialect>, Option<Dialect>) {
         })
     };
     match cond {
+        // `x == Backend::X` (either side): the other branch is the other backend.
         syn::Expr::Binary(b) if matches!(b.op, syn::BinOp::Eq(_)) => {
-            let (l, r) = (&b.left, &b.right);
-            let tokens = quote::quote!(#l == #r).to_string();
-            if tokens.contains("Backend") {
-                let d = dialect_of(&tokens);
-                (d, other(d))
-            } else {
-                (None, None)
-            }
+            let backend = |e: &syn::Expr| match e {
+                syn::Expr::Path(p)
+                    if p.path.segments.len() == 2 && p.path.segments[0].ident == "Backend" =>
+                {
+                    dialect_of(&p.path.segments[1].ident.to_string())
+                }
+                _ => None,
+            };
+            let d = backend(&b.left).or_else(|| backend(&b.right));
+            (d, other(d))
         }
         syn::Expr::Let(l) => {
             let pat = &l.pat;
@@ -304,22 +325,31 @@ pub fn statements(src: &Path) -> Found {
             Err(_) => unparsed.push(file),
         }
     }
-    // Files of `#[cfg(test)] mod name;` declarations: test code, in a file of its own.
-    let mut test_modules = std::collections::HashSet::new();
-    for (_, ast) in &parsed {
+    // The files of `#[cfg(test)] mod name;` declarations (test code in a file of its own),
+    // with everything below them: `name.rs` or `name/mod.rs` beside a `mod.rs`, `lib.rs` or
+    // `main.rs`, else in the directory named after the declaring file.
+    let mut test_files: Vec<PathBuf> = Vec::new();
+    for (file, ast) in &parsed {
+        let dir = file.parent().unwrap_or(src);
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let base = match stem.as_deref() {
+            Some("mod" | "lib" | "main") | None => dir.to_owned(),
+            Some(stem) => dir.join(stem),
+        };
         for item in &ast.items {
             if let syn::Item::Mod(m) = item
                 && m.content.is_none()
                 && is_test_only(&m.attrs)
             {
-                test_modules.insert(m.ident.to_string());
+                let name = m.ident.to_string();
+                test_files.push(base.join(format!("{name}.rs")));
+                test_files.push(base.join(name));
             }
         }
     }
     let mut found = Vec::new();
     for (file, ast) in &parsed {
-        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
-        if stem.is_some_and(|stem| test_modules.contains(&stem)) {
+        if test_files.iter().any(|t| file.starts_with(t)) {
             continue;
         }
         let consts = ast
