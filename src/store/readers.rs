@@ -98,10 +98,7 @@ struct Opening {
 impl Opening {
     fn leased(mut self, conn: rusqlite::Connection) -> Lease {
         self.counted = false;
-        Lease {
-            conn: Some(conn),
-            home: Arc::clone(&self.home),
-        }
+        Lease::of(&self.home, conn)
     }
 }
 
@@ -136,10 +133,7 @@ impl LiteReaders {
                 return None;
             }
             if let Some(conn) = state.idle.pop() {
-                return Some(Lease {
-                    conn: Some(conn),
-                    home: Arc::clone(self),
-                });
+                return Some(Lease::of(self, conn));
             }
             if state.open >= MAX_CONNECTIONS
                 || state
@@ -247,6 +241,15 @@ fn open(path: &Path) -> Result<rusqlite::Connection> {
 pub struct Lease {
     conn: Option<rusqlite::Connection>,
     home: Arc<LiteReaders>,
+}
+
+impl Lease {
+    fn of(home: &Arc<LiteReaders>, conn: rusqlite::Connection) -> Lease {
+        Lease {
+            conn: Some(conn),
+            home: Arc::clone(home),
+        }
+    }
 }
 
 impl Drop for Lease {

@@ -40,17 +40,12 @@ const BACKEND_ONLY: &[(&str, &str, Dialect)] = &[
 /// The backend a piece of source is specific to, from the tokens of a match arm's pattern
 /// or an `if`'s condition.
 fn dialect_of(tokens: &str) -> Option<Dialect> {
-    let pg = ["Postgres", "Pg"].iter().any(|n| {
+    let names = |of: [&str; 2]| {
         tokens
             .split(|c: char| !c.is_alphanumeric())
-            .any(|t| t == *n)
-    });
-    let lite = ["Sqlite", "Lite"].iter().any(|n| {
-        tokens
-            .split(|c: char| !c.is_alphanumeric())
-            .any(|t| t == *n)
-    });
-    match (pg, lite) {
+            .any(|t| of.contains(&t))
+    };
+    match (names(["Postgres", "Pg"]), names(["Sqlite", "Lite"])) {
         (true, false) => Some(Dialect::Postgres),
         (false, true) => Some(Dialect::Sqlite),
         _ => None,
