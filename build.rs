@@ -1,7 +1,7 @@
 //! Compiles the public contract in `proto/` with protox (pure Rust, no protoc to
 //! install) and writes the descriptor set that server reflection serves; checks every SQL
-//! statement written as a literal in `src/` against the SQLite schema of `migrations/`
-//! ([`check_statements`]).
+//! statement written as a literal in `src/` against the SQLite schema of `migrations/`, with
+//! the values bound to it and the columns read from it ([`check_statements`]).
 use std::{env, fs, path::Path, path::PathBuf};
 
 use prost::Message;
@@ -74,7 +74,9 @@ const IDENTIFIER_TYPES: [&str; 4] = [
 /// Prepares every SQL statement written as a literal in `src/` that runs on SQLite (found
 /// by `tests/common/sql_literals.rs`) on an in-memory database built by applying
 /// `migrations/sqlite/` in order, and fails the build, naming each, if any does not
-/// prepare: a misspelt table or column, or one a migration dropped. Nothing is run. This is
+/// prepare (a misspelt table or column, or one a migration dropped), is given a number of
+/// values other than its parameters', or has a column read by name that it does not return
+/// (`sql_literals::check`). Nothing is run. This is
 /// compile-time checking without a database or committed query data: the schema is the
 /// migrations'. PostgreSQL's are prepared by `tests/api/statements.rs` (its pass of
 /// `scripts/test`), and `tests/api/migrations.rs` holds the two schemas to each other.
@@ -99,21 +101,22 @@ fn check_statements() -> Result<(), Box<dyn std::error::Error>> {
             file.strip_prefix("src").unwrap_or(file).display()
         );
     }
-    let failures: Vec<String> = found
-        .statements
-        .iter()
-        .filter(|s| s.runs_on(sql_literals::Dialect::Sqlite))
-        .filter_map(|s| {
-            conn.prepare(&s.sql)
-                .err()
-                .map(|e| format!("  src/{}: {e}\n    {}", s.file.display(), s.sql))
+    let report = sql_literals::check(&found, sql_literals::Dialect::Sqlite, |sql| {
+        let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
+        Ok(sql_literals::Shape {
+            params: statement.parameter_count(),
+            columns: statement
+                .column_names()
+                .into_iter()
+                .map(String::from)
+                .collect(),
         })
-        .collect();
-    if !failures.is_empty() {
+    });
+    if !report.failures.is_empty() {
         eprintln!(
-            "{} SQL statement(s) of src/ do not prepare on the schema of migrations/sqlite/:\n{}",
-            failures.len(),
-            failures.join("\n")
+            "{} problem(s) with the SQL statements of src/ on the schema of migrations/sqlite/:\n{}",
+            report.failures.len(),
+            report.failures.join("\n")
         );
         std::process::exit(1);
     }

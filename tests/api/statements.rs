@@ -1,15 +1,18 @@
 //! Every SQL statement written as a literal in the service's source is prepared against the
 //! real schema of the database under test, whether or not a test runs it: a misspelt table
 //! or column, a column a migration dropped, or a statement one dialect does not accept fails
-//! here, on SQLite in the first pass of `scripts/test` and on PostgreSQL in the second.
-//! (`build.rs` already prepares the SQLite ones against `migrations/sqlite/`; this checks
+//! here, on SQLite in the first pass of `scripts/test` and on PostgreSQL in the second; so
+//! does a statement given a number of values other than its parameters', and a column read
+//! by name that the function's statements do not return, or return twice.
+//! (`build.rs` already checks the SQLite ones against `migrations/sqlite/`; this checks
 //! them on a database the store migrated, and the PostgreSQL ones at all.) The statements
-//! are found by `common/sql_literals.rs`, which says how.
+//! are found by `common/sql_literals.rs`, which says how; [`finder`] holds it to a made-up
+//! source.
 
 use ern_registry::store::{Backend, Store};
 
 use crate::helpers::fresh_database;
-use crate::sql_literals::{Dialect, statements};
+use crate::sql_literals::{Dialect, Shape, check, statements};
 
 #[tokio::test]
 async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
@@ -19,48 +22,270 @@ async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
         "files not parsed, so not checked: {:?}",
         found.unparsed
     );
-    let statements = found.statements;
     // The finder finds the store's statements (a guard against it silently finding none).
     assert!(
-        statements.len() > 100,
+        found.statements.len() > 100,
         "only {} literal statements found under src/",
-        statements.len()
+        found.statements.len()
     );
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_database(&dir).await;
     let store = Store::connect(&url, 2).await.unwrap();
     store.migrate().await.unwrap();
     let backend = store.backend();
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    match backend {
+    let report = match backend {
         Backend::Sqlite => {
             let path = store.sqlite_path().expect("a file database").to_owned();
             let conn = rusqlite::Connection::open(&path).unwrap();
-            for s in statements.iter().filter(|s| s.runs_on(Dialect::Sqlite)) {
-                checked += 1;
-                // Prepared, never run: nothing is written.
-                if let Err(e) = conn.prepare(&s.sql) {
-                    failures.push(format!("{}: {e}\n    {}", s.file.display(), s.sql));
-                }
-            }
+            // Prepared, never run: nothing is written.
+            check(&found, Dialect::Sqlite, |sql| {
+                let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
+                Ok(Shape {
+                    params: statement.parameter_count(),
+                    columns: statement
+                        .column_names()
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
+                })
+            })
         }
         Backend::Postgres => {
-            use sqlx::{Connection as _, Executor as _};
+            use sqlx::{Column as _, Connection as _, Executor as _, Statement as _};
             let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-            for s in statements.iter().filter(|s| s.runs_on(Dialect::Postgres)) {
-                checked += 1;
-                if let Err(e) = (&mut conn).prepare(s.sql.as_str()).await {
-                    failures.push(format!("{}: {e}\n    {}", s.file.display(), s.sql));
-                }
+            let mut shapes = std::collections::HashMap::new();
+            for s in found
+                .statements
+                .iter()
+                .filter(|s| s.runs_on(Dialect::Postgres))
+            {
+                let shape = (&mut conn)
+                    .prepare(s.sql.as_str())
+                    .await
+                    .map(|statement| {
+                        (
+                            statement
+                                .parameters()
+                                .map_or(0, |p| p.either(|types| types.len(), |n| n)),
+                            statement
+                                .columns()
+                                .iter()
+                                .map(|c| c.name().to_owned())
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                    .map_err(|e| e.to_string());
+                shapes.insert(s.sql.clone(), shape);
             }
+            check(&found, Dialect::Postgres, |sql| {
+                let (params, columns) = shapes[sql].clone()?;
+                Ok(Shape { params, columns })
+            })
         }
-    }
+    };
+    eprintln!(
+        "{backend:?}: {} statements prepared, {} bind counts and {} named reads checked",
+        report.statements, report.binds, report.reads
+    );
+    // The guards of the other two checks, as above.
     assert!(
-        failures.is_empty(),
-        "{} of {checked} statements do not prepare on {backend:?}:\n{}",
-        failures.len(),
-        failures.join("\n")
+        report.binds > 80,
+        "only {} bind counts checked",
+        report.binds
+    );
+    assert!(
+        report.reads > 80,
+        "only {} named reads checked",
+        report.reads
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} problem(s) with the statements on {backend:?}:\n{}",
+        report.failures.len(),
+        report.failures.join("\n")
     );
     store.close().await;
+}
+
+/// The finder and the checks on a source made up for the purpose: each thing they must catch
+/// is caught, and what they must leave alone is left alone.
+mod finder {
+    use crate::sql_literals::{Dialect, Found, Report, Shape, check, statements};
+
+    /// The statements and reads of a `src/` holding `files` (path, text).
+    fn find(files: &[(&str, &str)]) -> Found {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, text) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        statements(dir.path())
+    }
+
+    /// `found` checked on an in-memory SQLite database with two small tables.
+    fn on_sqlite(found: &Found) -> Report {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT); \
+             CREATE TABLE u (id INTEGER PRIMARY KEY, t_id INTEGER);",
+        )
+        .unwrap();
+        check(found, Dialect::Sqlite, |sql| {
+            let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
+            Ok(Shape {
+                params: statement.parameter_count(),
+                columns: statement
+                    .column_names()
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            })
+        })
+    }
+
+    fn sqls(found: &Found) -> Vec<(&str, Option<Dialect>, Option<usize>)> {
+        found
+            .statements
+            .iter()
+            .map(|s| (s.sql.as_str(), s.only, s.binds))
+            .collect()
+    }
+
+    #[test]
+    fn finds_literals_constants_and_loops_but_not_tests_or_formats() {
+        let found = find(&[
+            (
+                "a.rs",
+                r#"
+                const TOP: &str = "SELECT 1";
+                struct S;
+                impl S {
+                    const ASSOC: &str = "SELECT 2";
+                    async fn f(&self) {
+                        const LOCAL: &str = "SELECT 3";
+                        db::query(TOP).fetch_one(c).await;
+                        query(Self::ASSOC).bind(1).fetch_one(c).await;
+                        query(&LOCAL).execute(c).await;
+                        query(S::ASSOC).fetch_one(c).await;
+                        for sql in ["SELECT 4 WHERE $1", TOP] {
+                            query(sql).bind(x).execute(c).await;
+                        }
+                        let mut q = query("SELECT 5");
+                        q = q.bind(1);
+                        q.execute(c).await;
+                        query(&format!("SELECT {}", 6)).execute(c).await;
+                        c.execute_raw("PRAGMA optimize").await;
+                    }
+                }
+                #[cfg(test)]
+                mod tests {
+                    fn t() { query("SELECT from test module").execute(c); }
+                }
+                #[cfg(test)]
+                mod more;
+                #[test]
+                fn t() { query("SELECT from test fn").execute(c); }
+                "#,
+            ),
+            (
+                "a/more.rs",
+                r#"fn t() { query("SELECT from test file").execute(c); }"#,
+            ),
+        ]);
+        assert_eq!(
+            sqls(&found),
+            [
+                ("SELECT 1", None, Some(0)),
+                ("SELECT 2", None, Some(1)),
+                ("SELECT 3", None, Some(0)),
+                ("SELECT 2", None, Some(0)),
+                ("SELECT 4 WHERE $1", None, Some(1)),
+                ("SELECT 1", None, Some(1)),
+                // Bound elsewhere than in the chain that runs it: not counted.
+                ("SELECT 5", None, None),
+                ("PRAGMA optimize", None, Some(0)),
+            ]
+        );
+        // The `format!` leaves the function open: its reads are not checked.
+        assert_eq!(found.open.len(), 1);
+        assert!(found.unparsed.is_empty());
+    }
+
+    #[test]
+    fn a_backend_named_by_an_arm_or_a_condition_is_the_only_one() {
+        let found = find(&[(
+            "b.rs",
+            r#"
+            fn f(db: Db, backend: Backend) {
+                match db {
+                    Db::Pg(c) => query("SELECT pg").execute(c),
+                    Db::Lite(c) => query("SELECT lite").execute(c),
+                }
+                if backend == Backend::Postgres {
+                    query("SELECT then").execute(c);
+                } else {
+                    query("SELECT else").execute(c);
+                }
+                if let Db::Lite(c) = db { query("SELECT let").execute(c); } else { query("SELECT either").execute(c); }
+                if !matches!(db, Db::Pg(_)) { query("SELECT negated").execute(c); }
+            }
+            "#,
+        )]);
+        let (pg, lite) = (Some(Dialect::Postgres), Some(Dialect::Sqlite));
+        assert_eq!(
+            sqls(&found),
+            [
+                ("SELECT pg", pg, Some(0)),
+                ("SELECT lite", lite, Some(0)),
+                ("SELECT then", pg, Some(0)),
+                ("SELECT else", lite, Some(0)),
+                ("SELECT let", lite, Some(0)),
+                ("SELECT either", None, Some(0)),
+                ("SELECT negated", None, Some(0)),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_checks_catch_a_bad_statement_a_wrong_bind_count_and_a_bad_read() {
+        let report = on_sqlite(&find(&[(
+            "c.rs",
+            r#"
+            fn good() {
+                let r = query("SELECT id, name FROM t WHERE id = $1").bind(1).fetch_one(c)?;
+                r.try_get::<i64>("id")?; r.try_get("name")?;
+            }
+            fn misspelt() { query("SELECT nme FROM t").fetch_one(c); }
+            fn too_few() { query("SELECT id FROM t WHERE id = $1 AND name = $2").bind(1).execute(c); }
+            fn too_many() { query("DELETE FROM t").bind(1).execute(c); }
+            fn unknown() { let r = query("SELECT id FROM t").fetch_one(c)?; r.try_get("name")?; }
+            fn shared() {
+                let r = query("SELECT t.id, u.id FROM t JOIN u ON u.t_id = t.id").fetch_one(c)?;
+                r.try_get("id")?;
+            }
+            fn open() {
+                query(&format!("SELECT {}", 1)).execute(c);
+                let r = query("SELECT id FROM t").fetch_one(c)?; r.try_get("anything")?;
+            }
+            fn handed_in(r: Row) { r.try_get("anything")?; }
+            "#,
+        )]));
+        let failures = report.failures.join("\n");
+        assert_eq!(report.failures.len(), 5, "{failures}");
+        for expected in [
+            "no such column: nme",
+            "1 value(s) bound to 2 parameter(s)",
+            "1 value(s) bound to 0 parameter(s)",
+            "\"name\" read by name is returned by no statement of `unknown`",
+            "\"id\" read by name is a name two columns share in the statement of `shared`",
+        ] {
+            assert!(
+                failures.contains(expected),
+                "{expected:?} not in:\n{failures}"
+            );
+        }
+        // `good`'s two reads, `unknown`'s and `shared`'s; not `open`'s or `handed_in`'s.
+        assert_eq!(report.reads, 4);
+    }
 }

@@ -1,19 +1,24 @@
 //! The SQL statements written as literals in the service's source, found by parsing it:
 //! every `query(...)` / `db::query(...)` and `.execute_raw(...)` whose SQL is a string
-//! literal, a `const` of the same file, or the variable of a `for` loop over an array of
-//! literals, outside `#[cfg(test)]`, with the one database it runs on when the source
-//! says so. Used by
-//! `build.rs`, which prepares each SQLite statement against the schema of
-//! `migrations/sqlite/` (so a statement the schema does not accept fails the build), and
-//! by `tests/api/statements.rs`, which prepares them on the database under test (SQLite,
-//! then PostgreSQL in the second pass of `scripts/test`).
+//! literal, a string `const` of the same file (wherever declared: `X`, `Self::X`,
+//! `Type::X`), the variable of a `for` loop over an array of these, or a `format!` of
+//! plain placeholders naming only these, outside `#[cfg(test)]`, with the one database it
+//! runs on when the source says so; with each, how many values the source binds to it.
+//! Also found: the columns each function reads by name, and which functions name which.
+//! [`check`] holds them to what a database says of each statement. Used by `build.rs`,
+//! which checks the SQLite statements against the schema of `migrations/sqlite/` (so a
+//! statement the schema does not accept, a wrong number of values or a column read that
+//! no statement returns fails the build), and by `tests/api/statements.rs`, which checks
+//! them on the database under test (SQLite, then PostgreSQL in the second pass of
+//! `scripts/test`).
 //!
 //! A statement in a match arm whose pattern names one backend (`Db::Pg(..)`,
 //! `Backend::Sqlite`, ...), or in an `if` branch whose condition plainly does
 //! (`backend == Backend::Postgres`, `if let Db::Lite(..) = ..`, `matches!`; see
 //! `condition_dialects`), runs on that backend only, and so does every statement of a
-//! function listed in [`BACKEND_ONLY`]. Statements built with `format!` are not found: the
-//! suite runs them on both databases instead.
+//! function listed in [`BACKEND_ONLY`]. Statements built from run-time values are not
+//! found, and a function with one has its reads left unchecked: the suite runs them on
+//! both databases instead.
 
 use std::path::{Path, PathBuf};
 
@@ -57,9 +62,42 @@ fn dialect_of(tokens: &str) -> Option<Dialect> {
 pub struct Statement {
     /// The file, under `src/`.
     pub file: PathBuf,
+    /// The function it is in (see [`Read::scope`]), if any.
+    pub scope: Option<Scope>,
     /// The one database it runs on, if only one.
     pub only: Option<Dialect>,
     pub sql: String,
+    /// How many values it is given: the `.bind(..)` calls chained between `query(..)` and
+    /// the call that runs it (`execute`, `fetch_*`), or none for `execute_raw`. `None` when
+    /// the source binds them some other way (a loop, `rows`, `list`).
+    pub binds: Option<usize>,
+}
+
+/// A function of the source, numbered in the order found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub id: usize,
+    /// Its name, for messages.
+    pub name: String,
+}
+
+/// A function naming another of its file (`helper(row)`, `.map(helper)`): the rows a
+/// helper without statements of its own reads are its callers'.
+#[derive(Debug)]
+pub struct Use {
+    pub file: PathBuf,
+    pub scope: Scope,
+    pub name: String,
+}
+
+/// A column read by name: `row.try_get("name")` (with or without a turbofish).
+#[derive(Debug)]
+pub struct Read {
+    pub file: PathBuf,
+    /// The function it is in: its rows are taken to be those of the function's own
+    /// statements.
+    pub scope: Scope,
+    pub column: String,
 }
 
 impl Statement {
@@ -71,22 +109,42 @@ impl Statement {
 
 struct Finder<'a> {
     file: &'a Path,
-    /// The file's `const NAME: &str = "..."` items.
+    /// The file's `const NAME: &str = "..."` items ([`Consts`]).
     consts: std::collections::HashMap<String, String>,
     /// The variables of enclosing `for x in ["...", ...]` loops, with their literals.
     loops: Vec<(String, Vec<String>)>,
     /// The function being visited.
-    function: Option<String>,
+    function: Option<Scope>,
+    /// The number the next function gets (unique across files).
+    next_scope: usize,
     /// The backend of the innermost enclosing arm or branch that names one.
     only: Vec<Option<Dialect>>,
+    /// `query(..)` calls seen as the root of a chain that runs them, with its binds.
+    binds: std::collections::HashMap<*const syn::ExprCall, usize>,
     found: Vec<Statement>,
+    reads: Vec<Read>,
+    uses: Vec<Use>,
+    /// Functions with a statement that is not a literal (`format!`, a variable).
+    open: std::collections::HashSet<usize>,
 }
+
+/// The calls that run a [`query`](../../src/store/db.rs) built by a chain of `.bind(..)`s.
+const RUNS: [&str; 7] = [
+    "execute",
+    "fetch",
+    "fetch_all",
+    "fetch_one",
+    "fetch_optional",
+    "fetch_scalar",
+    "fetch_scalars",
+];
 
 impl Finder<'_> {
     fn only(&self) -> Option<Dialect> {
         let file = self.file.to_string_lossy();
         let listed = BACKEND_ONLY.iter().find(|(f, function, _)| {
-            *f == file && (*function == "*" || self.function.as_deref() == Some(*function))
+            *f == file
+                && (*function == "*" || self.function.as_ref().is_some_and(|s| s.name == *function))
         });
         if let Some((_, _, backend)) = listed {
             return Some(*backend);
@@ -94,34 +152,107 @@ impl Finder<'_> {
         self.only.iter().rev().find_map(|b| *b)
     }
 
-    /// Records the statement(s) `arg` names: a literal, a constant of the file, or the
-    /// variable of an enclosing loop over literals. Anything else (a `format!`, a
-    /// variable) is not a literal statement.
-    fn statement(&mut self, arg: &syn::Expr) {
-        let texts = match unwrapped(arg) {
-            syn::Expr::Path(p) => p.path.get_ident().and_then(|name| {
-                let name = name.to_string();
-                self.loops
-                    .iter()
-                    .rev()
-                    .find(|(var, _)| *var == name)
-                    .map(|(_, literals)| literals.clone())
-                    .or_else(|| self.consts.get(&name).map(|sql| vec![sql.clone()]))
-            }),
-            other => string_literal(other).map(|sql| vec![sql]),
+    /// Records the statement(s) `arg` names: a literal, a constant of the file (`X`,
+    /// `Self::X`, `Type::X`), or the variable of an enclosing loop over literals. Anything
+    /// else (a `format!`, a variable) is not a literal statement, and the function's reads
+    /// are then not checked.
+    fn statement(&mut self, arg: &syn::Expr, binds: Option<usize>) {
+        let Some(texts) = self.texts(arg) else {
+            if let Some(scope) = &self.function {
+                self.open.insert(scope.id);
+            }
+            return;
         };
         let only = self.only();
-        for sql in texts.into_iter().flatten() {
+        for sql in texts {
             self.found.push(Statement {
                 file: self.file.to_owned(),
+                scope: self.function.clone(),
                 only,
                 sql,
+                binds,
             });
         }
     }
 
+    /// The text(s) `e` stands for: a literal, a constant (see [`Finder::constant`]), the
+    /// variable of an enclosing loop over literals (each of them), or a `format!` whose
+    /// every argument is one of these (each combination).
+    fn texts(&self, e: &syn::Expr) -> Option<Vec<String>> {
+        match unwrapped(e) {
+            syn::Expr::Path(p) => {
+                let loop_var = p.path.get_ident().and_then(|name| {
+                    self.loops
+                        .iter()
+                        .rev()
+                        .find(|(var, _)| name == var)
+                        .map(|(_, literals)| literals.clone())
+                });
+                loop_var.or_else(|| self.constant(&p.path).map(|sql| vec![sql]))
+            }
+            syn::Expr::Macro(m) if m.mac.path.is_ident("format") => self.format(&m.mac),
+            other => string_literal(other).map(|sql| vec![sql]),
+        }
+    }
+
+    /// The texts of a `format!` whose placeholders are all plain (`{}`, `{0}`, `{NAME}`, no
+    /// format spec) and whose arguments all have texts ([`Finder::texts`]): one per
+    /// combination of their texts.
+    fn format(&self, mac: &syn::Macro) -> Option<Vec<String>> {
+        use syn::parse::Parser;
+        let args = syn::punctuated::Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated
+            .parse2(mac.tokens.clone())
+            .ok()?;
+        let mut args = args.iter();
+        let template = string_literal(args.next()?)?;
+        let positional: Vec<Vec<String>> = args.map(|a| self.texts(a)).collect::<Option<_>>()?;
+        let mut texts = vec![String::new()];
+        let (mut chars, mut next) = (template.chars().peekable(), 0);
+        while let Some(c) = chars.next() {
+            let piece: Vec<String> = match c {
+                '{' if chars.peek() == Some(&'{') => vec![chars.next()?.to_string()],
+                '}' if chars.peek() == Some(&'}') => vec![chars.next()?.to_string()],
+                '{' => {
+                    let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    if name.is_empty() {
+                        next += 1;
+                        positional.get(next - 1)?.clone()
+                    } else if let Ok(i) = name.parse::<usize>() {
+                        positional.get(i)?.clone()
+                    } else {
+                        let ident = syn::parse_str::<syn::Path>(&name).ok()?;
+                        self.texts(&syn::parse_quote!(#ident))?
+                    }
+                }
+                '}' => return None,
+                c => vec![c.to_string()],
+            };
+            texts = texts
+                .iter()
+                .flat_map(|t| piece.iter().map(move |p| format!("{t}{p}")))
+                .collect();
+        }
+        Some(texts)
+    }
+
+    /// The text of the string constant `path` names: `X`, `Self::X` or `Type::X`, declared
+    /// anywhere in the file (one text per name; a name declared twice with two texts is
+    /// not resolved).
+    fn constant(&self, path: &syn::Path) -> Option<String> {
+        let last = &path.segments.last()?.ident;
+        if path.segments.len() > 2 {
+            return None;
+        }
+        self.consts.get(&last.to_string()).cloned()
+    }
+
     fn in_function(&mut self, name: &syn::Ident, visit: impl FnOnce(&mut Self)) {
-        let outer = self.function.replace(name.to_string());
+        let scope = Scope {
+            id: self.next_scope,
+            name: name.to_string(),
+        };
+        self.next_scope += 1;
+        let outer = self.function.replace(scope);
         visit(self);
         self.function = outer;
     }
@@ -139,6 +270,19 @@ fn is_test_only(attrs: &[syn::Attribute]) -> bool {
 }
 
 impl<'ast> Visit<'ast> for Finder<'_> {
+    fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
+        if let Some(scope) = &self.function
+            && let Some(name) = p.path.get_ident()
+        {
+            self.uses.push(Use {
+                file: self.file.to_owned(),
+                scope: scope.clone(),
+                name: name.to_string(),
+            });
+        }
+        syn::visit::visit_expr_path(self, p);
+    }
+
     fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
         if !is_test_only(&m.attrs) {
             syn::visit::visit_item_mod(self, m);
@@ -211,24 +355,56 @@ impl<'ast> Visit<'ast> for Finder<'_> {
         if call.method == "execute_raw"
             && let Some(arg) = call.args.first()
         {
-            self.statement(arg);
+            self.statement(arg, Some(0));
+        }
+        if call.method == "try_get"
+            && let [arg] = call.args.iter().collect::<Vec<_>>()[..]
+            && let Some(column) = string_literal(unwrapped(arg))
+            && let Some(scope) = &self.function
+        {
+            self.reads.push(Read {
+                file: self.file.to_owned(),
+                scope: scope.clone(),
+                column,
+            });
+        }
+        if RUNS.iter().any(|m| call.method == m) {
+            // `query(..).bind(a).bind(b).execute(..)`: two values.
+            let (mut on, mut binds) = (&*call.receiver, 0);
+            loop {
+                match on {
+                    syn::Expr::MethodCall(m) if m.method == "bind" => binds += 1,
+                    syn::Expr::MethodCall(m) if m.method == "persistent" => {}
+                    syn::Expr::Call(c) if is_query(c) => {
+                        self.binds.insert(c as *const _, binds);
+                        break;
+                    }
+                    _ => break,
+                }
+                let syn::Expr::MethodCall(m) = on else {
+                    unreachable!()
+                };
+                on = &m.receiver;
+            }
         }
         syn::visit::visit_expr_method_call(self, call);
     }
 
     fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
-        if let syn::Expr::Path(path) = &*call.func
-            && path
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| s.ident == "query")
+        if is_query(call)
             && let Some(arg) = call.args.first()
         {
-            self.statement(arg);
+            let binds = self.binds.remove(&(call as *const _));
+            self.statement(arg, binds);
         }
         syn::visit::visit_expr_call(self, call);
     }
+}
+
+/// `query(..)` or `db::query(..)`.
+fn is_query(call: &syn::ExprCall) -> bool {
+    matches!(&*call.func, syn::Expr::Path(path)
+        if path.path.segments.last().is_some_and(|s| s.ident == "query"))
 }
 
 /// `e` without the references and parentheses around it (`&SQL`, `(sql)`).
@@ -302,6 +478,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// What [`statements`] found.
 pub struct Found {
     pub statements: Vec<Statement>,
+    /// The columns read by name.
+    pub reads: Vec<Read>,
+    /// Functions named by functions.
+    pub uses: Vec<Use>,
+    /// Functions with a statement that is not a literal: their reads are not checked.
+    pub open: std::collections::HashSet<usize>,
     /// Files `syn` could not parse (their statements are not in `statements`).
     pub unparsed: Vec<PathBuf>,
 }
@@ -342,34 +524,213 @@ pub fn statements(src: &Path) -> Found {
             }
         }
     }
-    let mut found = Vec::new();
+    let (mut found, mut reads, mut uses, mut open, mut next_scope) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        std::collections::HashSet::new(),
+        0,
+    );
     for (file, ast) in &parsed {
         if test_files.iter().any(|t| file.starts_with(t)) {
             continue;
         }
-        let consts = ast
-            .items
-            .iter()
-            .filter_map(|item| match item {
-                syn::Item::Const(c) => {
-                    string_literal(&c.expr).map(|sql| (c.ident.to_string(), sql))
-                }
-                _ => None,
-            })
+        let mut consts = Consts::default();
+        consts.visit_file(ast);
+        let consts = consts
+            .texts
+            .into_iter()
+            .filter_map(|(name, texts)| (texts.len() == 1).then(|| (name, texts[0].clone())))
             .collect();
         let mut finder = Finder {
             file: file.strip_prefix(src).unwrap(),
             consts,
             loops: Vec::new(),
             function: None,
+            next_scope,
             only: Vec::new(),
+            binds: Default::default(),
             found: Vec::new(),
+            reads: Vec::new(),
+            uses: Vec::new(),
+            open: Default::default(),
         };
         finder.visit_file(ast);
+        next_scope = finder.next_scope;
         found.extend(finder.found);
+        reads.extend(finder.reads);
+        uses.extend(finder.uses);
+        open.extend(finder.open);
     }
     Found {
         statements: found,
+        reads,
+        uses,
+        open,
         unparsed,
     }
+}
+
+/// A file's string constants outside test code, wherever declared (module, function,
+/// `impl`), each name with its distinct texts.
+#[derive(Default)]
+struct Consts {
+    texts: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl Consts {
+    fn add(&mut self, name: &syn::Ident, value: &syn::Expr) {
+        if let Some(text) = string_literal(value) {
+            let texts = self.texts.entry(name.to_string()).or_default();
+            if !texts.contains(&text) {
+                texts.push(text);
+            }
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Consts {
+    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+        if !is_test_only(&m.attrs) {
+            syn::visit::visit_item_mod(self, m);
+        }
+    }
+
+    fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
+        if !is_test_only(&f.attrs) {
+            syn::visit::visit_item_fn(self, f);
+        }
+    }
+
+    fn visit_item_const(&mut self, c: &'ast syn::ItemConst) {
+        self.add(&c.ident, &c.expr);
+    }
+
+    fn visit_impl_item_const(&mut self, c: &'ast syn::ImplItemConst) {
+        self.add(&c.ident, &c.expr);
+    }
+}
+
+/// What a database says of a statement it prepared.
+pub struct Shape {
+    /// Its number of parameters.
+    pub params: usize,
+    /// The names of its result columns, in order.
+    pub columns: Vec<String>,
+}
+
+/// What [`check`] checked, and what failed.
+#[derive(Default)]
+pub struct Report {
+    pub statements: usize,
+    pub binds: usize,
+    pub reads: usize,
+    pub failures: Vec<String>,
+}
+
+/// Checks what `found` says of the source against what the database says of each statement
+/// that runs on `dialect` (`describe`: prepare it, never run it):
+/// - the statement prepares (its tables and columns exist, the dialect accepts it);
+/// - it is given as many values as it has parameters, where the source shows how many
+///   ([`Statement::binds`]);
+/// - every column a function reads by name ([`Read`]) is returned by one of the function's
+///   statements, and by that statement once (a name two columns share reads the first).
+///   A function's reads are checked when its statements are all literals that run on
+///   `dialect`, and it has at least one (rows handed in from elsewhere are not).
+pub fn check(
+    found: &Found,
+    dialect: Dialect,
+    mut describe: impl FnMut(&str) -> Result<Shape, String>,
+) -> Report {
+    use std::collections::HashMap;
+    let mut report = Report::default();
+    // Per function: the column lists of its statements, or `None` when one of them cannot
+    // be described on this dialect.
+    let mut functions: HashMap<usize, Option<Vec<Vec<String>>>> = HashMap::new();
+    for s in &found.statements {
+        let columns = if s.runs_on(dialect) {
+            report.statements += 1;
+            match describe(&s.sql) {
+                Ok(shape) => {
+                    if let Some(binds) = s.binds {
+                        report.binds += 1;
+                        if binds != shape.params {
+                            report.failures.push(format!(
+                                "src/{}: {} value(s) bound to {} parameter(s)\n    {}",
+                                s.file.display(),
+                                binds,
+                                shape.params,
+                                s.sql
+                            ));
+                        }
+                    }
+                    Some(shape.columns)
+                }
+                Err(e) => {
+                    report
+                        .failures
+                        .push(format!("src/{}: {e}\n    {}", s.file.display(), s.sql));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(scope) = &s.scope {
+            let entry = functions
+                .entry(scope.id)
+                .or_insert_with(|| Some(Vec::new()));
+            match (entry.as_mut(), columns) {
+                (Some(lists), Some(columns)) => lists.push(columns),
+                _ => *entry = None,
+            }
+        }
+    }
+    for read in &found.reads {
+        // The function's own statements, or, for a helper with none, each caller's in the
+        // file whose statements are known.
+        let own = functions.contains_key(&read.scope.id) || found.open.contains(&read.scope.id);
+        let readers: Vec<&Scope> = if own {
+            vec![&read.scope]
+        } else {
+            found
+                .uses
+                .iter()
+                .filter(|u| u.file == read.file && u.name == read.scope.name)
+                .map(|u| &u.scope)
+                .collect()
+        };
+        for reader in readers {
+            if found.open.contains(&reader.id) {
+                continue;
+            }
+            let Some(Some(lists)) = functions.get(&reader.id) else {
+                continue;
+            };
+            report.reads += 1;
+            let counts: Vec<usize> = lists
+                .iter()
+                .map(|columns| columns.iter().filter(|c| **c == read.column).count())
+                .collect();
+            let problem = if counts.contains(&1) {
+                continue;
+            } else if counts.iter().any(|&n| n > 1) {
+                "is a name two columns share in the statement of"
+            } else {
+                "is returned by no statement of"
+            };
+            let via = if reader.id == read.scope.id {
+                String::new()
+            } else {
+                format!(" (read by `{}`)", read.scope.name)
+            };
+            report.failures.push(format!(
+                "src/{}: the column \"{}\" read by name {problem} `{}`{via}",
+                read.file.display(),
+                read.column,
+                reader.name
+            ));
+        }
+    }
+    report
 }
