@@ -1,7 +1,8 @@
 //! Compiles the public contract in `proto/` with protox (pure Rust, no protoc to
 //! install) and writes the descriptor set that server reflection serves; checks every SQL
 //! statement written as a literal in `src/` against the SQLite schema of `migrations/`, with
-//! the values bound to it and the columns read from it ([`check_statements`]).
+//! the values bound to it and the columns read from it, by name and type
+//! ([`check_statements`]).
 use std::{env, fs, path::Path, path::PathBuf};
 
 use prost::Message;
@@ -75,8 +76,8 @@ const IDENTIFIER_TYPES: [&str; 4] = [
 /// by `tests/common/sql_literals.rs`) on an in-memory database built by applying
 /// `migrations/sqlite/` in order, and fails the build, naming each, if any does not
 /// prepare (a misspelt table or column, or one a migration dropped), is given a number of
-/// values other than its parameters', or has a column read by name that it does not return
-/// (`sql_literals::check`). Nothing is run. This is
+/// values other than its parameters', has a column read by name that it does not return, or
+/// one read as a Rust type other than its declared type (`sql_literals::check`). Nothing is run. This is
 /// compile-time checking without a database or committed query data: the schema is the
 /// migrations'. PostgreSQL's are prepared by `tests/api/statements.rs` (its pass of
 /// `scripts/test`), and `tests/api/migrations.rs` holds the two schemas to each other.
@@ -109,6 +110,11 @@ fn check_statements() -> Result<(), Box<dyn std::error::Error>> {
                 .column_names()
                 .into_iter()
                 .map(String::from)
+                .collect(),
+            types: statement
+                .columns()
+                .iter()
+                .map(|c| c.decl_type().map(String::from))
                 .collect(),
         })
     });

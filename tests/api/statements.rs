@@ -2,8 +2,9 @@
 //! real schema of the database under test, whether or not a test runs it: a misspelt table
 //! or column, a column a migration dropped, or a statement one dialect does not accept fails
 //! here, on SQLite in the first pass of `scripts/test` and on PostgreSQL in the second; so
-//! does a statement given a number of values other than its parameters', and a column read
-//! by name that the function's statements do not return, or return twice.
+//! does a statement given a number of values other than its parameters', a column read
+//! by name that the function's statements do not return, or return twice, and a column
+//! read as a Rust type other than its own.
 //! (`build.rs` already checks the SQLite ones against `migrations/sqlite/`; this checks
 //! them on a database the store migrated, and the PostgreSQL ones at all.) The statements
 //! are found by `common/sql_literals.rs`, which says how; [`finder`] holds it to a made-up
@@ -47,11 +48,18 @@ async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
                         .into_iter()
                         .map(String::from)
                         .collect(),
+                    types: statement
+                        .columns()
+                        .iter()
+                        .map(|c| c.decl_type().map(String::from))
+                        .collect(),
                 })
             })
         }
         Backend::Postgres => {
-            use sqlx::{Column as _, Connection as _, Executor as _, Statement as _};
+            use sqlx::{
+                Column as _, Connection as _, Executor as _, Statement as _, TypeInfo as _,
+            };
             let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
             let mut shapes = std::collections::HashMap::new();
             for s in found
@@ -72,20 +80,29 @@ async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
                                 .iter()
                                 .map(|c| c.name().to_owned())
                                 .collect::<Vec<_>>(),
+                            statement
+                                .columns()
+                                .iter()
+                                .map(|c| Some(c.type_info().name().to_owned()))
+                                .collect::<Vec<_>>(),
                         )
                     })
                     .map_err(|e| e.to_string());
                 shapes.insert(s.sql.clone(), shape);
             }
             check(&found, Dialect::Postgres, |sql| {
-                let (params, columns) = shapes[sql].clone()?;
-                Ok(Shape { params, columns })
+                let (params, columns, types) = shapes[sql].clone()?;
+                Ok(Shape {
+                    params,
+                    columns,
+                    types,
+                })
             })
         }
     };
     eprintln!(
-        "{backend:?}: {} statements prepared, {} bind counts and {} named reads checked",
-        report.statements, report.binds, report.reads
+        "{backend:?}: {} statements prepared, {} bind counts, {} named reads and {} of their types checked",
+        report.statements, report.binds, report.reads, report.typed
     );
     // The guards of the other two checks, as above.
     assert!(
@@ -110,7 +127,7 @@ async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
 /// The finder and the checks on a source made up for the purpose: each thing they must catch
 /// is caught, and what they must leave alone is left alone.
 mod finder {
-    use crate::sql_literals::{Dialect, Found, Report, Shape, check, statements};
+    use crate::sql_literals::{Dialect, Found, Report, Rust, Shape, check, statements};
 
     /// The statements and reads of a `src/` holding `files` (path, text).
     fn find(files: &[(&str, &str)]) -> Found {
@@ -139,6 +156,11 @@ mod finder {
                     .column_names()
                     .into_iter()
                     .map(String::from)
+                    .collect(),
+                types: statement
+                    .columns()
+                    .iter()
+                    .map(|c| c.decl_type().map(String::from))
                     .collect(),
             })
         })
@@ -287,5 +309,65 @@ mod finder {
         }
         // `good`'s two reads, `unknown`'s and `shared`'s; not `open`'s or `handed_in`'s.
         assert_eq!(report.reads, 4);
+    }
+
+    #[test]
+    fn a_read_whose_type_the_source_gives_is_held_to_the_column() {
+        let report = on_sqlite(&find(&[(
+            "d.rs",
+            r#"
+            struct Named { id: i64, name: Option<String> }
+            struct Wrong { id: String, name: i64 }
+            fn right() {
+                let r = query("SELECT id, name FROM t").fetch_one(c)?;
+                let id: i64 = r.try_get("id")?;
+                let (a, b): (i64, Option<String>) = (r.try_get("id")?, r.try_get("name")?);
+                Named { id: r.try_get("id")?, name: r.try_get("name")? };
+                r.try_get::<Option<DateTime<Utc>>>("id")?;
+                // An expression's type SQLite does not know: not checked.
+                let n: String = query("SELECT COUNT(*) AS n FROM t").fetch_one(c)?.try_get("n")?;
+            }
+            fn turbofish() { let r = query("SELECT name FROM t").fetch_one(c)?; r.try_get::<i64>("name")?; }
+            fn annotated() { let r = query("SELECT id FROM t").fetch_one(c)?; let x: String = r.try_get("id")?; }
+            fn tuple() {
+                let r = query("SELECT id, name FROM t").fetch_one(c)?;
+                let (a, b): (i64, bool) = (r.try_get("id")?, r.try_get("name")?);
+            }
+            fn field() { let r = query("SELECT id, name FROM t").fetch_one(c)?; Wrong { id: r.try_get("id")?, name: r.try_get("name")? }; }
+            "#,
+        )]));
+        let failures = report.failures.join("\n");
+        for expected in [
+            "\"name\" read by name is read as Int but is TEXT in a statement of `turbofish`",
+            "\"id\" read by name is read as Text but is INTEGER in a statement of `annotated`",
+            "\"name\" read by name is read as Bool but is TEXT in a statement of `tuple`",
+            "\"id\" read by name is read as Text but is INTEGER in a statement of `field`",
+            "\"name\" read by name is read as Int but is TEXT in a statement of `field`",
+        ] {
+            assert!(
+                failures.contains(expected),
+                "{expected:?} not in:\n{failures}"
+            );
+        }
+        assert_eq!(report.failures.len(), 5, "{failures}");
+        // `right`'s 6 (not `n`), and 6 in the others (`tuple`'s "id" is right).
+        assert_eq!(report.typed, 12);
+    }
+
+    #[test]
+    fn postgresql_types_tell_instants_and_flags_from_integers() {
+        let pg = Dialect::Postgres;
+        assert_eq!(Rust::Int.reads(pg, "INT8"), Some(true));
+        assert_eq!(Rust::Int.reads(pg, "INT4"), Some(true));
+        assert_eq!(Rust::Time.reads(pg, "INT8"), Some(false));
+        assert_eq!(Rust::Int.reads(pg, "TIMESTAMPTZ"), Some(false));
+        assert_eq!(Rust::Bool.reads(pg, "BOOL"), Some(true));
+        assert_eq!(Rust::Int.reads(pg, "BOOL"), Some(false));
+        assert_eq!(Rust::Blob.reads(pg, "BYTEA"), Some(true));
+        assert_eq!(Rust::Text.reads(pg, "JSONB"), None);
+        // On SQLite instants and flags are integers.
+        assert_eq!(Rust::Time.reads(Dialect::Sqlite, "INTEGER"), Some(true));
+        assert_eq!(Rust::Bool.reads(Dialect::Sqlite, "INTEGER"), Some(true));
+        assert_eq!(Rust::Text.reads(Dialect::Sqlite, "INTEGER"), Some(false));
     }
 }

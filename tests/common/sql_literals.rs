@@ -4,11 +4,12 @@
 //! `Type::X`), the variable of a `for` loop over an array of these, or a `format!` of
 //! plain placeholders naming only these, outside `#[cfg(test)]`, with the one database it
 //! runs on when the source says so; with each, how many values the source binds to it.
-//! Also found: the columns each function reads by name, and which functions name which.
-//! [`check`] holds them to what a database says of each statement. Used by `build.rs`,
-//! which checks the SQLite statements against the schema of `migrations/sqlite/` (so a
-//! statement the schema does not accept, a wrong number of values or a column read that
-//! no statement returns fails the build), and by `tests/api/statements.rs`, which checks
+//! Also found: the columns each function reads by name, with the Rust type where the source
+//! states it, and which functions name which. [`check`] holds them to what a database says
+//! of each statement. Used by `build.rs`, which checks the SQLite statements against the
+//! schema of `migrations/sqlite/` (so a statement the schema does not accept, a wrong
+//! number of values, a column read that no statement returns or one read as another type
+//! fails the build), and by `tests/api/statements.rs`, which checks
 //! them on the database under test (SQLite, then PostgreSQL in the second pass of
 //! `scripts/test`).
 //!
@@ -98,6 +99,68 @@ pub struct Read {
     /// statements.
     pub scope: Scope,
     pub column: String,
+    /// The Rust type it is read as, where the source says: a turbofish
+    /// (`try_get::<i64>(..)`), the type of the `let` it initialises (`let n: i64 =
+    /// r.try_get(..)?`, also element by element of a tuple), or the field of a struct of
+    /// the file it initialises (`Erasure { reason: r.try_get(..)?, .. }`).
+    pub rust: Option<Rust>,
+}
+
+/// A Rust type a column is read as ([`Decode`](../../src/store/db.rs)), without its
+/// `Option`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rust {
+    Int,
+    Text,
+    Blob,
+    Bool,
+    Time,
+}
+
+impl Rust {
+    /// The type `ty` (its tokens), if it is one of the types rows are read as.
+    fn of(ty: &str) -> Option<Rust> {
+        let ty: String = ty.chars().filter(|c| !c.is_whitespace()).collect();
+        let ty = ty
+            .strip_prefix("Option<")
+            .and_then(|t| t.strip_suffix('>'))
+            .unwrap_or(&ty);
+        match ty {
+            "i64" => Some(Rust::Int),
+            "String" => Some(Rust::Text),
+            "Vec<u8>" => Some(Rust::Blob),
+            "bool" => Some(Rust::Bool),
+            "DateTime<Utc>" | "chrono::DateTime<Utc>" | "chrono::DateTime<chrono::Utc>" => {
+                Some(Rust::Time)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a column the database types `sql` (SQLite: the declared type of a table's
+    /// column; PostgreSQL: the type's name) is read as this type; `None` when the type
+    /// says nothing (an expression on SQLite, a type not used here).
+    pub fn reads(self, dialect: Dialect, sql: &str) -> Option<bool> {
+        let sql = sql.to_ascii_uppercase();
+        let is = |kinds: &[Rust]| Some(kinds.contains(&self));
+        match dialect {
+            // SQLite keeps instants as integer milliseconds and flags as 0/1.
+            Dialect::Sqlite if sql.contains("INT") => is(&[Rust::Int, Rust::Bool, Rust::Time]),
+            Dialect::Sqlite if ["TEXT", "CHAR", "CLOB"].iter().any(|t| sql.contains(t)) => {
+                is(&[Rust::Text])
+            }
+            Dialect::Sqlite if sql.contains("BLOB") => is(&[Rust::Blob]),
+            Dialect::Postgres => match sql.as_str() {
+                "INT8" | "INT4" | "INT2" => is(&[Rust::Int]),
+                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => is(&[Rust::Text]),
+                "BYTEA" => is(&[Rust::Blob]),
+                "BOOL" => is(&[Rust::Bool]),
+                "TIMESTAMPTZ" => is(&[Rust::Time]),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 impl Statement {
@@ -119,6 +182,10 @@ struct Finder<'a> {
     next_scope: usize,
     /// The backend of the innermost enclosing arm or branch that names one.
     only: Vec<Option<Dialect>>,
+    /// The file's structs with named fields: each field's type (tokens).
+    structs: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
+    /// `try_get` calls whose type the code around them gives ([`Read::rust`]).
+    expected: std::collections::HashMap<*const syn::ExprMethodCall, String>,
     /// `query(..)` calls seen as the root of a chain that runs them, with its binds.
     binds: std::collections::HashMap<*const syn::ExprCall, usize>,
     found: Vec<Statement>,
@@ -270,6 +337,43 @@ fn is_test_only(attrs: &[syn::Attribute]) -> bool {
 }
 
 impl<'ast> Visit<'ast> for Finder<'_> {
+    fn visit_local(&mut self, local: &'ast syn::Local) {
+        // `let x: T = r.try_get(..)?;` and `let (a, b): (T, U) = (r.try_get(..)?, ..);`
+        if let (syn::Pat::Type(typed), Some(init)) = (&local.pat, &local.init) {
+            let pairs: Vec<(&syn::Type, &syn::Expr)> = match (&*typed.ty, unwrapped(&init.expr)) {
+                (syn::Type::Tuple(types), syn::Expr::Tuple(values))
+                    if types.elems.len() == values.elems.len() =>
+                {
+                    types.elems.iter().zip(values.elems.iter()).collect()
+                }
+                (ty, value) => vec![(ty, value)],
+            };
+            for (ty, value) in pairs {
+                if let Some(call) = try_get_call(value) {
+                    self.expected
+                        .insert(call as *const _, quote::quote!(#ty).to_string());
+                }
+            }
+        }
+        syn::visit::visit_local(self, local);
+    }
+
+    fn visit_expr_struct(&mut self, e: &'ast syn::ExprStruct) {
+        // `Name { field: r.try_get(..)?, .. }` with `Name` a struct of the file.
+        let name = e.path.segments.last().map(|s| s.ident.to_string());
+        if let Some(fields) = name.and_then(|n| self.structs.get(&n)) {
+            for field in &e.fields {
+                if let (syn::Member::Named(member), Some(call)) =
+                    (&field.member, try_get_call(&field.expr))
+                    && let Some(ty) = fields.get(&member.to_string())
+                {
+                    self.expected.insert(call as *const _, ty.clone());
+                }
+            }
+        }
+        syn::visit::visit_expr_struct(self, e);
+    }
+
     fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
         if let Some(scope) = &self.function
             && let Some(name) = p.path.get_ident()
@@ -362,10 +466,16 @@ impl<'ast> Visit<'ast> for Finder<'_> {
             && let Some(column) = string_literal(unwrapped(arg))
             && let Some(scope) = &self.function
         {
+            let turbofish = call.turbofish.as_ref().and_then(|t| match t.args.first() {
+                Some(syn::GenericArgument::Type(ty)) => Some(quote::quote!(#ty).to_string()),
+                _ => None,
+            });
+            let ty = turbofish.or_else(|| self.expected.remove(&(call as *const _)));
             self.reads.push(Read {
                 file: self.file.to_owned(),
                 scope: scope.clone(),
                 column,
+                rust: ty.as_deref().and_then(Rust::of),
             });
         }
         if RUNS.iter().any(|m| call.method == m) {
@@ -398,6 +508,15 @@ impl<'ast> Visit<'ast> for Finder<'_> {
             self.statement(arg, binds);
         }
         syn::visit::visit_expr_call(self, call);
+    }
+}
+
+/// The `try_get` call `e` is, with or without a `?` after it.
+fn try_get_call(e: &syn::Expr) -> Option<&syn::ExprMethodCall> {
+    match unwrapped(e) {
+        syn::Expr::Try(t) => try_get_call(&t.expr),
+        syn::Expr::MethodCall(m) if m.method == "try_get" => Some(m),
+        _ => None,
     }
 }
 
@@ -535,16 +654,17 @@ pub fn statements(src: &Path) -> Found {
         if test_files.iter().any(|t| file.starts_with(t)) {
             continue;
         }
-        let mut consts = Consts::default();
-        consts.visit_file(ast);
-        let consts = consts
-            .texts
+        let mut consts_and_structs = Consts::default();
+        consts_and_structs.visit_file(ast);
+        let consts = std::mem::take(&mut consts_and_structs.texts)
             .into_iter()
             .filter_map(|(name, texts)| (texts.len() == 1).then(|| (name, texts[0].clone())))
             .collect();
         let mut finder = Finder {
             file: file.strip_prefix(src).unwrap(),
             consts,
+            structs: consts_and_structs.structs,
+            expected: Default::default(),
             loops: Vec::new(),
             function: None,
             next_scope,
@@ -572,10 +692,13 @@ pub fn statements(src: &Path) -> Found {
 }
 
 /// A file's string constants outside test code, wherever declared (module, function,
-/// `impl`), each name with its distinct texts.
+/// `impl`), each name with its distinct texts; and its structs with named fields (a name
+/// declared twice is left out).
 #[derive(Default)]
 struct Consts {
     texts: std::collections::HashMap<String, Vec<String>>,
+    structs: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
+    twice: std::collections::HashSet<String>,
 }
 
 impl Consts {
@@ -609,6 +732,29 @@ impl<'ast> Visit<'ast> for Consts {
     fn visit_impl_item_const(&mut self, c: &'ast syn::ImplItemConst) {
         self.add(&c.ident, &c.expr);
     }
+
+    fn visit_item_struct(&mut self, s: &'ast syn::ItemStruct) {
+        let name = s.ident.to_string();
+        if let syn::Fields::Named(fields) = &s.fields
+            && !self.twice.contains(&name)
+        {
+            let fields = fields
+                .named
+                .iter()
+                .filter_map(|f| {
+                    let ty = &f.ty;
+                    Some((
+                        f.ident.as_ref()?.to_string(),
+                        quote::quote!(#ty).to_string(),
+                    ))
+                })
+                .collect();
+            if self.structs.insert(name.clone(), fields).is_some() {
+                self.structs.remove(&name);
+                self.twice.insert(name);
+            }
+        }
+    }
 }
 
 /// What a database says of a statement it prepared.
@@ -617,6 +763,8 @@ pub struct Shape {
     pub params: usize,
     /// The names of its result columns, in order.
     pub columns: Vec<String>,
+    /// Their types, where the database says (see [`Rust::reads`]).
+    pub types: Vec<Option<String>>,
 }
 
 /// What [`check`] checked, and what failed.
@@ -625,6 +773,8 @@ pub struct Report {
     pub statements: usize,
     pub binds: usize,
     pub reads: usize,
+    /// Reads whose Rust type was held to the column's type.
+    pub typed: usize,
     pub failures: Vec<String>,
 }
 
@@ -636,7 +786,9 @@ pub struct Report {
 /// - every column a function reads by name ([`Read`]) is returned by one of the function's
 ///   statements, and by that statement once (a name two columns share reads the first).
 ///   A function's reads are checked when its statements are all literals that run on
-///   `dialect`, and it has at least one (rows handed in from elsewhere are not).
+///   `dialect`, and it has at least one (rows handed in from elsewhere are not);
+/// - a read whose Rust type the source gives ([`Read::rust`]) reads a column of that type,
+///   where the database types the column ([`Rust::reads`]).
 pub fn check(
     found: &Found,
     dialect: Dialect,
@@ -646,7 +798,7 @@ pub fn check(
     let mut report = Report::default();
     // Per function: the column lists of its statements, or `None` when one of them cannot
     // be described on this dialect.
-    let mut functions: HashMap<usize, Option<Vec<Vec<String>>>> = HashMap::new();
+    let mut functions: HashMap<usize, Option<Vec<Shape>>> = HashMap::new();
     for s in &found.statements {
         let columns = if s.runs_on(dialect) {
             report.statements += 1;
@@ -664,7 +816,7 @@ pub fn check(
                             ));
                         }
                     }
-                    Some(shape.columns)
+                    Some(shape)
                 }
                 Err(e) => {
                     report
@@ -710,19 +862,37 @@ pub fn check(
             report.reads += 1;
             let counts: Vec<usize> = lists
                 .iter()
-                .map(|columns| columns.iter().filter(|c| **c == read.column).count())
+                .map(|shape| shape.columns.iter().filter(|c| **c == read.column).count())
                 .collect();
-            let problem = if counts.contains(&1) {
-                continue;
-            } else if counts.iter().any(|&n| n > 1) {
-                "is a name two columns share in the statement of"
-            } else {
-                "is returned by no statement of"
-            };
             let via = if reader.id == read.scope.id {
                 String::new()
             } else {
                 format!(" (read by `{}`)", read.scope.name)
+            };
+            let problem = if counts.contains(&1) {
+                // Its type, in each statement that returns it once.
+                let typed = lists.iter().filter_map(|shape| {
+                    let at = shape.columns.iter().position(|c| *c == read.column)?;
+                    let sql = shape.types.get(at)?.as_deref()?;
+                    Some((sql, read.rust?.reads(dialect, sql)?))
+                });
+                let mut wrong = None;
+                for (sql, right) in typed {
+                    report.typed += 1;
+                    if !right {
+                        wrong = Some(sql);
+                    }
+                }
+                match (wrong, read.rust) {
+                    (Some(sql), Some(rust)) => {
+                        format!("is read as {rust:?} but is {sql} in a statement of")
+                    }
+                    _ => continue,
+                }
+            } else if counts.iter().any(|&n| n > 1) {
+                "is a name two columns share in the statement of".to_owned()
+            } else {
+                "is returned by no statement of".to_owned()
             };
             report.failures.push(format!(
                 "src/{}: the column \"{}\" read by name {problem} `{}`{via}",
