@@ -119,7 +119,7 @@ const PSEUDONYMS: db::List = db::List(db::Ty::Text);
 /// The consent histories of several patients (registry id, pseudonym), each oldest event
 /// first as [`load_consent`] gives it: one statement per registry and chunk instead of
 /// one per patient. Patients with no history are absent.
-pub(crate) async fn load_consent_many(
+pub(in crate::store) async fn load_consent_many(
     conn: &mut Db<'_>,
     patients: &[(i64, &str)],
 ) -> Result<HashMap<(i64, String), Vec<ConsentEvent>>> {
@@ -151,7 +151,7 @@ pub(crate) async fn load_consent_many(
 
 /// The (registry id, pseudonym, centre id) of every case of the patients: one statement
 /// per registry and chunk.
-pub(crate) async fn cases_of_many(
+pub(in crate::store) async fn cases_of_many(
     conn: &mut Db<'_>,
     patients: &[(i64, &str)],
 ) -> Result<HashSet<(i64, String, i64)>> {
@@ -180,7 +180,7 @@ pub(crate) async fn cases_of_many(
 }
 
 /// A decision to append to a patient's history, for [`append_consent_many`].
-pub(crate) struct NewDecision<'a> {
+pub(in crate::store) struct NewDecision<'a> {
     pub registry_id: i64,
     pub pseudonym: &'a str,
     pub decision: &'a ConsentDecision,
@@ -196,7 +196,7 @@ pub(crate) struct NewDecision<'a> {
 /// `RETURNING` in no promised order and are paired with the decisions by that key, and
 /// one upsert may not touch a `consent_current` row twice. (An attestation names each
 /// scope at most once, and the writer puts one command per patient in a run.)
-pub(crate) async fn append_consent_many(
+pub(in crate::store) async fn append_consent_many(
     conn: &mut Db<'_>,
     decisions: &[NewDecision<'_>],
 ) -> Result<Vec<i64>> {
@@ -258,7 +258,7 @@ pub(crate) async fn append_consent_many(
 }
 
 /// A new case, for [`insert_cases_many`].
-pub(crate) struct NewCase<'a> {
+pub(in crate::store) struct NewCase<'a> {
     pub registry_id: i64,
     pub pseudonym: &'a str,
     pub centre_id: i64,
@@ -270,7 +270,7 @@ pub(crate) struct NewCase<'a> {
 /// [`insert_case`] for many cases at once (each at version 1): one multi-row `INSERT` per
 /// table and chunk. Returns the case ids in the order of `cases`, paired by the table's
 /// unique key (registry, patient, centre).
-pub(crate) async fn insert_cases_many(
+pub(in crate::store) async fn insert_cases_many(
     conn: &mut Db<'_>,
     cases: &[NewCase<'_>],
 ) -> Result<Vec<i64>> {
@@ -391,7 +391,7 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
 }
 
 /// Appends one decision to the patient's consent history; returns its id.
-pub(crate) async fn append_consent(
+pub(in crate::store) async fn append_consent(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -425,7 +425,7 @@ pub(crate) async fn append_consent(
 
 /// Sets the research eligibility of the patient's research row (if it has one): what
 /// the consent rules make of the decisions in force (`store::writer::ConsentRules`).
-pub(crate) async fn set_eligibility(
+pub(in crate::store) async fn set_eligibility(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -457,7 +457,7 @@ pub struct Representative<'a> {
 }
 
 /// Makes `r` (just written) what represents the patient in research counts.
-pub(crate) async fn set_representative(
+pub(in crate::store) async fn set_representative(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -537,7 +537,7 @@ async fn insert_first_version_values(
 
 /// [`set_representative`] for many patients at once (no patient twice): one multi-row
 /// upsert per chunk.
-pub(crate) async fn set_representatives_many(
+pub(in crate::store) async fn set_representatives_many(
     conn: &mut Db<'_>,
     representatives: &[(i64, &str, Representative<'_>)],
 ) -> Result<()> {
@@ -603,7 +603,7 @@ fn genes_column(row: &CaseRow) -> String {
 }
 
 /// The case of `centre_id` for this patient: (case id, current version).
-pub(crate) async fn find_case(
+pub(in crate::store) async fn find_case(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -624,7 +624,7 @@ pub(crate) async fn find_case(
 /// One case at version 1, one row at a time: what the writer did before runs
 /// ([`insert_cases_many`]); kept for the benches' per-row raw insert (`writer_sql`).
 #[cfg(feature = "fixtures")]
-pub(crate) async fn insert_case(
+pub(in crate::store) async fn insert_case(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -649,7 +649,7 @@ pub(crate) async fn insert_case(
 }
 
 /// Stores `row` as `version` of the case and makes it current.
-pub(crate) async fn insert_version(
+pub(in crate::store) async fn insert_version(
     conn: &mut Db<'_>,
     case_id: i64,
     version: i64,

@@ -99,7 +99,7 @@ pub async fn history(
 }
 
 /// Whether any centre holds a record of this patient in the registry.
-pub(crate) async fn has_cases(
+pub(in crate::store) async fn has_cases(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -115,7 +115,7 @@ pub(crate) async fn has_cases(
 
 /// Deletes every case of the patient in the registry with all versions and gene rows.
 /// Returns (cases, versions) erased.
-pub(crate) async fn erase_patient(
+pub(in crate::store) async fn erase_patient(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -165,7 +165,7 @@ pub struct Erasure {
 
 /// Inserts a tombstone; returns its id (the audit entry of the withdrawal covers it).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn insert_erasure(
+pub(in crate::store) async fn insert_erasure(
     conn: &mut Db<'_>,
     receipt_id: &str,
     registry_id: i64,

@@ -134,7 +134,7 @@ pub fn research_eligible(alias: &str, now: &str) -> String {
 /// Keeps `consent_current` in step with a decision just appended to the history as
 /// `event_id`: it becomes the scope's row unless the row on file supersedes it. Runs in the
 /// writer's transaction, with the append.
-pub(crate) async fn record_current(
+pub(in crate::store) async fn record_current(
     conn: &mut Db<'_>,
     registry_id: i64,
     pseudonym: &str,
@@ -165,7 +165,7 @@ pub(crate) async fn record_current(
 
 /// [`record_current`] for many decisions just appended, in one multi-row upsert. No two
 /// may share (registry, patient, scope): one statement may not update a row twice.
-pub(crate) async fn record_current_many(
+pub(in crate::store) async fn record_current_many(
     conn: &mut Db<'_>,
     decisions: &[(i64, &str, i64, &ConsentDecision)],
 ) -> Result<()> {

@@ -17,7 +17,8 @@
 /// The writer's own statements, for tests and benches that must put rows on file exactly
 /// as the writer does (`tests/api/consent_model.rs`, the raw-insert baseline of
 /// `benches/submit.rs`). Compiled only with the `fixtures` feature: in a normal build these
-/// statements are `pub(crate)` and only `store::writer` calls them, inside its transaction.
+/// statements are private to `store` (`pub(in crate::store)`) and only `store::writer` calls
+/// them, inside its transaction.
 #[cfg(feature = "fixtures")]
 pub mod writer_sql {
     use super::db::Db;
@@ -331,7 +332,7 @@ pub struct Store {
 }
 
 /// `$from, $from+1, ...`: `n` numbered parameters, for an `IN (...)` list.
-pub(crate) fn placeholders(from: usize, n: usize) -> String {
+pub(in crate::store) fn placeholders(from: usize, n: usize) -> String {
     (from..from + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
@@ -345,14 +346,14 @@ pub(crate) fn placeholders(from: usize, n: usize) -> String {
 ///
 /// Their text varies with the number of rows, except the PostgreSQL `INSERT`s of
 /// `db::Rows`: see [`cacheable`].
-pub(crate) const ROWS_PER_STATEMENT: usize = 256;
+pub(in crate::store) const ROWS_PER_STATEMENT: usize = 256;
 
 /// Whether a statement of `rows` rows (or list items) is kept in the connection's cache
 /// of prepared statements. Small ones are (a quiet server's batches of one are prepared
 /// once); large ones are prepared afresh each time, since one cached statement per row
 /// count, per connection, would hold megabytes (measured: server memory 163 MiB after 35 s
 /// of load with all of them kept, 70 MiB with none).
-pub(crate) fn cacheable(rows: usize) -> bool {
+pub(in crate::store) fn cacheable(rows: usize) -> bool {
     rows <= 8
 }
 
@@ -481,7 +482,7 @@ impl Store {
 
     /// A connection of SQLite's own for the writer, with the settings of the pool's
     /// connections ([`Store::connect`]), checked the same way.
-    pub(crate) fn open_sqlite_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
+    pub(in crate::store) fn open_sqlite_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
         let conn = rusqlite::Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,

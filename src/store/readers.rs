@@ -54,7 +54,7 @@ pub const BUSY_TIMEOUT_MS: u32 = 100;
 const CACHE_KIB: i64 = 8 * 1024;
 
 /// The read-only connections of one SQLite database file.
-pub(crate) struct LiteReaders {
+pub(in crate::store) struct LiteReaders {
     path: PathBuf,
     state: Mutex<State>,
 }
@@ -111,7 +111,7 @@ impl Drop for Opening {
 }
 
 impl LiteReaders {
-    pub(crate) fn new(path: &Path) -> Arc<LiteReaders> {
+    pub(in crate::store) fn new(path: &Path) -> Arc<LiteReaders> {
         Arc::new(LiteReaders {
             path: path.to_owned(),
             state: Mutex::new(State::default()),
@@ -194,7 +194,7 @@ impl LiteReaders {
 
     /// Whether a read now would run in place: not closed, not backing off after a failed
     /// open, and a connection idle or one more allowed.
-    pub(crate) fn in_place(&self) -> bool {
+    pub(in crate::store) fn in_place(&self) -> bool {
         let state = self.state();
         !state.closed
             && (!state.idle.is_empty()
@@ -205,7 +205,7 @@ impl LiteReaders {
     }
 
     /// Closes the idle connections; those leased close when given back.
-    pub(crate) fn close(&self) {
+    pub(in crate::store) fn close(&self) {
         let idle = {
             let mut state = self.state();
             state.closed = true;
@@ -293,7 +293,7 @@ impl Reader {
 
 /// A [`Reader`]: from `readers` when the database has them and one is free, else from
 /// `pool`.
-pub(crate) async fn reader(readers: Option<&Arc<LiteReaders>>, pool: &Pool) -> Result<Reader> {
+pub(in crate::store) async fn reader(readers: Option<&Arc<LiteReaders>>, pool: &Pool) -> Result<Reader> {
     if let Some(readers) = readers
         && let Some(lease) = readers.lease().await
     {
