@@ -482,7 +482,9 @@ impl Store {
 
     /// A connection of SQLite's own for the writer, with the settings of the pool's
     /// connections ([`Store::connect`]), checked the same way.
-    pub(in crate::store) fn open_sqlite_writer(path: &std::path::Path) -> Result<rusqlite::Connection> {
+    pub(in crate::store) fn open_sqlite_writer(
+        path: &std::path::Path,
+    ) -> Result<rusqlite::Connection> {
         let conn = rusqlite::Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,

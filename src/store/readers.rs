@@ -293,7 +293,10 @@ impl Reader {
 
 /// A [`Reader`]: from `readers` when the database has them and one is free, else from
 /// `pool`.
-pub(in crate::store) async fn reader(readers: Option<&Arc<LiteReaders>>, pool: &Pool) -> Result<Reader> {
+pub(in crate::store) async fn reader(
+    readers: Option<&Arc<LiteReaders>>,
+    pool: &Pool,
+) -> Result<Reader> {
     if let Some(readers) = readers
         && let Some(lease) = readers.lease().await
     {
