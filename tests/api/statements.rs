@@ -338,11 +338,11 @@ mod finder {
         )]));
         let failures = report.failures.join("\n");
         for expected in [
-            "\"name\" read by name is read as Int but is TEXT in a statement of `turbofish`",
-            "\"id\" read by name is read as Text but is INTEGER in a statement of `annotated`",
-            "\"name\" read by name is read as Bool but is TEXT in a statement of `tuple`",
-            "\"id\" read by name is read as Text but is INTEGER in a statement of `field`",
-            "\"name\" read by name is read as Int but is TEXT in a statement of `field`",
+            "\"name\" read by name is read as Int but is TEXT in the statements of `turbofish`",
+            "\"id\" read by name is read as Text but is INTEGER in the statements of `annotated`",
+            "\"name\" read by name is read as Bool but is TEXT in the statements of `tuple`",
+            "\"id\" read by name is read as Text but is INTEGER in the statements of `field`",
+            "\"name\" read by name is read as Int but is TEXT in the statements of `field`",
         ] {
             assert!(
                 failures.contains(expected),
@@ -369,5 +369,68 @@ mod finder {
         assert_eq!(Rust::Time.reads(Dialect::Sqlite, "INTEGER"), Some(true));
         assert_eq!(Rust::Bool.reads(Dialect::Sqlite, "INTEGER"), Some(true));
         assert_eq!(Rust::Text.reads(Dialect::Sqlite, "INTEGER"), Some(false));
+    }
+
+    /// What the review of the finder found it must not do: link a helper through a
+    /// variable of the same name, take a shadowed loop variable for its literals, resolve
+    /// another module's or another `impl`'s constant to this one's, type a struct literal
+    /// of another path by a struct of the file, or fail a read whose type one of the
+    /// function's statements has.
+    #[test]
+    fn what_the_finder_must_not_mistake() {
+        let found = find(&[(
+            "e.rs",
+            r#"
+            const SQL: &str = "SELECT id FROM t";
+            struct A;
+            impl A {
+                const SQL: &str = "SELECT name FROM t";
+                fn own() { query(Self::SQL).fetch_one(c); query(A::SQL).fetch_one(c); }
+                fn via_self(&self) { let r = query("SELECT id FROM t").fetch_one(c)?; self.helper(&r); }
+                fn helper(&self, r: &Row) { r.try_get("nothing")?; }
+            }
+            struct B;
+            impl B {
+                const SQL: &str = concat!("SELECT ", "1");
+                fn not_a_literal() { query(Self::SQL).fetch_one(c); }
+            }
+            fn other_module() { query(other::SQL).fetch_one(c); }
+            fn shadowed() {
+                for sql in ["SELECT id FROM t"] { let sql = sql.replace("id", "name"); query(&sql).fetch_one(c); }
+            }
+            fn centre(r: &Row) { r.try_get("code")?; }
+            fn rename(centre: i64) { query("UPDATE t SET name = 'x' WHERE id = $1").bind(centre).execute(c); }
+            struct Named { id: String }
+            fn other_path() { let r = query("SELECT id FROM t").fetch_one(c)?; pb::Named { id: r.try_get("id")? }; }
+            fn either() {
+                let a = query("SELECT id AS v FROM t").fetch_one(c)?;
+                let b = query("SELECT name AS v FROM t").fetch_one(c)?;
+                let v: String = b.try_get("v")?;
+            }
+            "#,
+        )]);
+        let texts: Vec<&str> = found.statements.iter().map(|s| s.sql.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "SELECT name FROM t",
+                "SELECT name FROM t",
+                "SELECT id FROM t",
+                "UPDATE t SET name = 'x' WHERE id = $1",
+                "SELECT id FROM t",
+                "SELECT id AS v FROM t",
+                "SELECT name AS v FROM t",
+            ]
+        );
+        // `not_a_literal`, `other_module` and `shadowed` are open.
+        assert_eq!(found.open.len(), 3);
+        let report = on_sqlite(&found);
+        // Only `via_self`'s helper is linked: "nothing" is no column of its statement.
+        assert_eq!(
+            report.failures,
+            [
+                "src/e.rs: the column \"nothing\" read by name is returned by no statement of `via_self` (read by `helper`)"
+            ]
+        );
     }
 }

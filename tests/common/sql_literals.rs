@@ -1,11 +1,11 @@
 //! The SQL statements written as literals in the service's source, found by parsing it:
 //! every `query(...)` / `db::query(...)` and `.execute_raw(...)` whose SQL is a string
-//! literal, a string `const` of the same file (wherever declared: `X`, `Self::X`,
-//! `Type::X`), the variable of a `for` loop over an array of these, or a `format!` of
+//! literal, a string `const` of the same file (see [`Finder::constant`]), the variable of a
+//! `for` loop over an array of these (until a `let` shadows it), or a `format!` of
 //! plain placeholders naming only these, outside `#[cfg(test)]`, with the one database it
 //! runs on when the source says so; with each, how many values the source binds to it.
 //! Also found: the columns each function reads by name, with the Rust type where the source
-//! states it, and which functions name which. [`check`] holds them to what a database says
+//! states it, and which functions call which. [`check`] holds them to what a database says
 //! of each statement. Used by `build.rs`, which checks the SQLite statements against the
 //! schema of `migrations/sqlite/` (so a statement the schema does not accept, a wrong
 //! number of values, a column read that no statement returns or one read as another type
@@ -82,8 +82,9 @@ pub struct Scope {
     pub name: String,
 }
 
-/// A function naming another of its file (`helper(row)`, `.map(helper)`): the rows a
-/// helper without statements of its own reads are its callers'.
+/// A function calling another of its file (`helper(row)`, `Self::helper(row)`,
+/// `self.helper(row)`, `.map(helper)`): the rows a helper without statements of its own
+/// reads are its callers'.
 #[derive(Debug)]
 pub struct Use {
     pub file: PathBuf,
@@ -102,7 +103,7 @@ pub struct Read {
     /// The Rust type it is read as, where the source says: a turbofish
     /// (`try_get::<i64>(..)`), the type of the `let` it initialises (`let n: i64 =
     /// r.try_get(..)?`, also element by element of a tuple), or the field of a struct of
-    /// the file it initialises (`Erasure { reason: r.try_get(..)?, .. }`).
+    /// the file, named plainly, it initialises (`Erasure { receipt_id: r.try_get(..)?, .. }`).
     pub rust: Option<Rust>,
 }
 
@@ -121,18 +122,19 @@ impl Rust {
     /// The type `ty` (its tokens), if it is one of the types rows are read as.
     fn of(ty: &str) -> Option<Rust> {
         let ty: String = ty.chars().filter(|c| !c.is_whitespace()).collect();
-        let ty = ty
-            .strip_prefix("Option<")
-            .and_then(|t| t.strip_suffix('>'))
+        let ty = ["Option<", "std::option::Option<"]
+            .iter()
+            .find_map(|o| ty.strip_prefix(o).and_then(|t| t.strip_suffix('>')))
             .unwrap_or(&ty);
         match ty {
             "i64" => Some(Rust::Int),
             "String" => Some(Rust::Text),
             "Vec<u8>" => Some(Rust::Blob),
             "bool" => Some(Rust::Bool),
-            "DateTime<Utc>" | "chrono::DateTime<Utc>" | "chrono::DateTime<chrono::Utc>" => {
-                Some(Rust::Time)
-            }
+            "DateTime<Utc>"
+            | "DateTime<chrono::Utc>"
+            | "chrono::DateTime<Utc>"
+            | "chrono::DateTime<chrono::Utc>" => Some(Rust::Time),
             _ => None,
         }
     }
@@ -152,7 +154,7 @@ impl Rust {
             Dialect::Sqlite if sql.contains("BLOB") => is(&[Rust::Blob]),
             Dialect::Postgres => match sql.as_str() {
                 "INT8" | "INT4" | "INT2" => is(&[Rust::Int]),
-                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => is(&[Rust::Text]),
+                "TEXT" | "VARCHAR" | "CHAR" | "NAME" => is(&[Rust::Text]),
                 "BYTEA" => is(&[Rust::Blob]),
                 "BOOL" => is(&[Rust::Bool]),
                 "TIMESTAMPTZ" => is(&[Rust::Time]),
@@ -174,8 +176,11 @@ struct Finder<'a> {
     file: &'a Path,
     /// The file's `const NAME: &str = "..."` items ([`Consts`]).
     consts: std::collections::HashMap<String, String>,
-    /// The variables of enclosing `for x in ["...", ...]` loops, with their literals.
-    loops: Vec<(String, Vec<String>)>,
+    /// The variables of enclosing `for x in ["...", ...]` loops, with their literals;
+    /// `None` once a `let` in the loop shadows one.
+    loops: Vec<(String, Option<Vec<String>>)>,
+    /// The type of the `impl` being visited (what `Self` names).
+    impl_type: Option<String>,
     /// The function being visited.
     function: Option<Scope>,
     /// The number the next function gets (unique across files).
@@ -255,7 +260,10 @@ impl Finder<'_> {
                         .find(|(var, _)| name == var)
                         .map(|(_, literals)| literals.clone())
                 });
-                loop_var.or_else(|| self.constant(&p.path).map(|sql| vec![sql]))
+                match loop_var {
+                    Some(literals) => literals,
+                    None => self.constant(&p.path).map(|sql| vec![sql]),
+                }
             }
             syn::Expr::Macro(m) if m.mac.path.is_ident("format") => self.format(&m.mac),
             other => string_literal(other).map(|sql| vec![sql]),
@@ -302,15 +310,59 @@ impl Finder<'_> {
         Some(texts)
     }
 
-    /// The text of the string constant `path` names: `X`, `Self::X` or `Type::X`, declared
-    /// anywhere in the file (one text per name; a name declared twice with two texts is
-    /// not resolved).
+    /// The text of the string constant `path` names: `X` declared outside any `impl` in
+    /// the file (at the top, in a function or a module), or `Self::X` / `Type::X` declared
+    /// in an `impl` of the file (see [`Consts`]; a name declared twice with two texts, or
+    /// once with something other than a literal, is not resolved, and neither is any other
+    /// path, such as `module::X`).
     fn constant(&self, path: &syn::Path) -> Option<String> {
-        let last = &path.segments.last()?.ident;
-        if path.segments.len() > 2 {
-            return None;
+        let names: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+        let key = match &names[..] {
+            [name] => name.clone(),
+            [ty, name] if ty == "Self" => format!("{}::{name}", self.impl_type.as_ref()?),
+            [ty, name] => format!("{ty}::{name}"),
+            _ => return None,
+        };
+        self.consts.get(&key).cloned()
+    }
+
+    /// `let x: T = r.try_get(..)?;` and `let (a, b): (T, U) = (r.try_get(..)?, ..);`: the
+    /// types the reads are expected to have ([`Read::rust`]).
+    fn expect_types(&mut self, local: &syn::Local) {
+        // `let x: T = r.try_get(..)?;` and `let (a, b): (T, U) = (r.try_get(..)?, ..);`
+        if let (syn::Pat::Type(typed), Some(init)) = (&local.pat, &local.init) {
+            let pairs: Vec<(&syn::Type, &syn::Expr)> = match (&*typed.ty, unwrapped(&init.expr)) {
+                (syn::Type::Tuple(types), syn::Expr::Tuple(values))
+                    if types.elems.len() == values.elems.len() =>
+                {
+                    types.elems.iter().zip(values.elems.iter()).collect()
+                }
+                (ty, value) => vec![(ty, value)],
+            };
+            for (ty, value) in pairs {
+                if let Some(call) = try_get_call(value) {
+                    self.expected
+                        .insert(call as *const _, quote::quote!(#ty).to_string());
+                }
+            }
         }
-        self.consts.get(&last.to_string()).cloned()
+    }
+
+    /// Records that the function being visited names the function `path` (`f` or
+    /// `Self::f`): a helper of the file it may hand its rows to.
+    fn uses_function(&mut self, path: &syn::Path) {
+        let name = match &path.segments.iter().collect::<Vec<_>>()[..] {
+            [f] => &f.ident,
+            [ty, f] if ty.ident == "Self" => &f.ident,
+            _ => return,
+        };
+        if let Some(scope) = &self.function {
+            self.uses.push(Use {
+                file: self.file.to_owned(),
+                scope: scope.clone(),
+                name: name.to_string(),
+            });
+        }
     }
 
     fn in_function(&mut self, name: &syn::Ident, visit: impl FnOnce(&mut Self)) {
@@ -337,30 +389,10 @@ fn is_test_only(attrs: &[syn::Attribute]) -> bool {
 }
 
 impl<'ast> Visit<'ast> for Finder<'_> {
-    fn visit_local(&mut self, local: &'ast syn::Local) {
-        // `let x: T = r.try_get(..)?;` and `let (a, b): (T, U) = (r.try_get(..)?, ..);`
-        if let (syn::Pat::Type(typed), Some(init)) = (&local.pat, &local.init) {
-            let pairs: Vec<(&syn::Type, &syn::Expr)> = match (&*typed.ty, unwrapped(&init.expr)) {
-                (syn::Type::Tuple(types), syn::Expr::Tuple(values))
-                    if types.elems.len() == values.elems.len() =>
-                {
-                    types.elems.iter().zip(values.elems.iter()).collect()
-                }
-                (ty, value) => vec![(ty, value)],
-            };
-            for (ty, value) in pairs {
-                if let Some(call) = try_get_call(value) {
-                    self.expected
-                        .insert(call as *const _, quote::quote!(#ty).to_string());
-                }
-            }
-        }
-        syn::visit::visit_local(self, local);
-    }
-
     fn visit_expr_struct(&mut self, e: &'ast syn::ExprStruct) {
         // `Name { field: r.try_get(..)?, .. }` with `Name` a struct of the file.
-        let name = e.path.segments.last().map(|s| s.ident.to_string());
+        // Only a plain name: `module::Name` or `Enum::Variant` may be another type.
+        let name = e.path.get_ident().map(|i| i.to_string());
         if let Some(fields) = name.and_then(|n| self.structs.get(&n)) {
             for field in &e.fields {
                 if let (syn::Member::Named(member), Some(call)) =
@@ -374,17 +406,22 @@ impl<'ast> Visit<'ast> for Finder<'_> {
         syn::visit::visit_expr_struct(self, e);
     }
 
-    fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
-        if let Some(scope) = &self.function
-            && let Some(name) = p.path.get_ident()
-        {
-            self.uses.push(Use {
-                file: self.file.to_owned(),
-                scope: scope.clone(),
-                name: name.to_string(),
-            });
+    fn visit_item_impl(&mut self, i: &'ast syn::ItemImpl) {
+        let outer = std::mem::replace(&mut self.impl_type, type_name(&i.self_ty));
+        syn::visit::visit_item_impl(self, i);
+        self.impl_type = outer;
+    }
+
+    fn visit_local(&mut self, local: &'ast syn::Local) {
+        self.expect_types(local);
+        syn::visit::visit_local(self, local);
+        // `let sql = ...;` inside `for sql in [..]`: from here `sql` is not the literals.
+        if let Some(name) = bound_ident(&local.pat) {
+            let name = name.to_string();
+            if self.loops.iter().any(|(var, _)| *var == name) {
+                self.loops.push((name, None));
+            }
         }
-        syn::visit::visit_expr_path(self, p);
     }
 
     fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
@@ -428,34 +465,39 @@ impl<'ast> Visit<'ast> for Finder<'_> {
     fn visit_expr_for_loop(&mut self, l: &'ast syn::ExprForLoop) {
         // `for sql in ["...", "..."] { query(sql) ... }`: each literal of the array is a
         // statement wherever the loop's variable is one.
-        let bound = match (&*l.pat, unwrapped(&l.expr)) {
-            (syn::Pat::Ident(name), syn::Expr::Array(array)) => {
-                let literals: Option<Vec<String>> = array
+        let depth = self.loops.len();
+        if let syn::Pat::Ident(name) = &*l.pat {
+            let literals = match unwrapped(&l.expr) {
+                syn::Expr::Array(array) => array
                     .elems
                     .iter()
                     .map(|e| match unwrapped(e) {
-                        syn::Expr::Path(p) => p
-                            .path
-                            .get_ident()
-                            .and_then(|c| self.consts.get(&c.to_string()).cloned()),
+                        syn::Expr::Path(p) => self.constant(&p.path),
                         other => string_literal(other),
                     })
-                    .collect();
-                literals.map(|literals| (name.ident.to_string(), literals))
-            }
-            _ => None,
-        };
-        let pushed = bound.is_some();
-        if let Some(bound) = bound {
-            self.loops.push(bound);
+                    .collect::<Option<Vec<String>>>(),
+                _ => None,
+            };
+            self.loops.push((name.ident.to_string(), literals));
         }
         syn::visit::visit_expr_for_loop(self, l);
-        if pushed {
-            self.loops.pop();
-        }
+        self.loops.truncate(depth);
     }
 
     fn visit_expr_method_call(&mut self, call: &'ast syn::ExprMethodCall) {
+        // `rows.iter().map(helper)`, `self.helper(row)`.
+        if ["map", "and_then", "filter_map", "flat_map"]
+            .iter()
+            .any(|m| call.method == m)
+            && let [syn::Expr::Path(p)] = call.args.iter().collect::<Vec<_>>()[..]
+        {
+            self.uses_function(&p.path);
+        }
+        if let syn::Expr::Path(p) = &*call.receiver
+            && p.path.is_ident("self")
+        {
+            self.uses_function(&syn::Path::from(call.method.clone()));
+        }
         if call.method == "execute_raw"
             && let Some(arg) = call.args.first()
         {
@@ -501,6 +543,10 @@ impl<'ast> Visit<'ast> for Finder<'_> {
     }
 
     fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
+        // `helper(row)`, `Self::helper(row)`.
+        if let syn::Expr::Path(p) = &*call.func {
+            self.uses_function(&p.path);
+        }
         if is_query(call)
             && let Some(arg) = call.args.first()
         {
@@ -508,6 +554,35 @@ impl<'ast> Visit<'ast> for Finder<'_> {
             self.statement(arg, binds);
         }
         syn::visit::visit_expr_call(self, call);
+    }
+}
+
+/// Whether a statement returns no rows, from its text: it neither selects nor returns
+/// (an `INSERT`/`UPDATE`/`DELETE` without `RETURNING`, a `SET`, a `PRAGMA` that sets).
+fn returns_nothing(sql: &str) -> bool {
+    let upper = sql.trim_start().to_ascii_uppercase();
+    let rows = ["SELECT", "RETURNING", "SHOW", "EXPLAIN"]
+        .iter()
+        .any(|word| upper.contains(word))
+        || upper.starts_with("VALUES")
+        || (upper.starts_with("PRAGMA") && !upper.contains('='));
+    !rows
+}
+
+/// The name a plain `let` binds (`let x`, `let x: T`).
+fn bound_ident(pat: &syn::Pat) -> Option<&syn::Ident> {
+    match pat {
+        syn::Pat::Ident(p) => Some(&p.ident),
+        syn::Pat::Type(t) => bound_ident(&t.pat),
+        _ => None,
+    }
+}
+
+/// The name of a type, by its last segment (`store::Store` is `Store`).
+fn type_name(ty: &syn::Type) -> Option<String> {
+    match ty {
+        syn::Type::Path(p) => p.path.segments.last().map(|s| s.ident.to_string()),
+        _ => None,
     }
 }
 
@@ -658,7 +733,10 @@ pub fn statements(src: &Path) -> Found {
         consts_and_structs.visit_file(ast);
         let consts = std::mem::take(&mut consts_and_structs.texts)
             .into_iter()
-            .filter_map(|(name, texts)| (texts.len() == 1).then(|| (name, texts[0].clone())))
+            .filter_map(|(name, texts)| match &texts[..] {
+                [Some(text)] => Some((name, text.clone())),
+                _ => None,
+            })
             .collect();
         let mut finder = Finder {
             file: file.strip_prefix(src).unwrap(),
@@ -666,6 +744,7 @@ pub fn statements(src: &Path) -> Found {
             structs: consts_and_structs.structs,
             expected: Default::default(),
             loops: Vec::new(),
+            impl_type: None,
             function: None,
             next_scope,
             only: Vec::new(),
@@ -691,23 +770,24 @@ pub fn statements(src: &Path) -> Found {
     }
 }
 
-/// A file's string constants outside test code, wherever declared (module, function,
-/// `impl`), each name with its distinct texts; and its structs with named fields (a name
-/// declared twice is left out).
+/// A file's string constants outside test code, wherever declared, each with its distinct
+/// texts (`None` for a value that is not a literal): `X` for one outside any `impl` (at
+/// the top, in a function or a module), `Type::X` for one in an `impl` of `Type`. Also the
+/// file's structs with named fields (a name declared twice is left out).
 #[derive(Default)]
 struct Consts {
-    texts: std::collections::HashMap<String, Vec<String>>,
+    texts: std::collections::HashMap<String, Vec<Option<String>>>,
     structs: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
     twice: std::collections::HashSet<String>,
+    impl_type: Option<String>,
 }
 
 impl Consts {
-    fn add(&mut self, name: &syn::Ident, value: &syn::Expr) {
-        if let Some(text) = string_literal(value) {
-            let texts = self.texts.entry(name.to_string()).or_default();
-            if !texts.contains(&text) {
-                texts.push(text);
-            }
+    fn add(&mut self, key: String, value: &syn::Expr) {
+        let text = string_literal(value);
+        let texts = self.texts.entry(key).or_default();
+        if !texts.contains(&text) {
+            texts.push(text);
         }
     }
 }
@@ -725,12 +805,21 @@ impl<'ast> Visit<'ast> for Consts {
         }
     }
 
+    fn visit_item_impl(&mut self, i: &'ast syn::ItemImpl) {
+        let outer = std::mem::replace(&mut self.impl_type, type_name(&i.self_ty));
+        syn::visit::visit_item_impl(self, i);
+        self.impl_type = outer;
+    }
+
     fn visit_item_const(&mut self, c: &'ast syn::ItemConst) {
-        self.add(&c.ident, &c.expr);
+        self.add(c.ident.to_string(), &c.expr);
+        syn::visit::visit_item_const(self, c);
     }
 
     fn visit_impl_item_const(&mut self, c: &'ast syn::ImplItemConst) {
-        self.add(&c.ident, &c.expr);
+        if let Some(ty) = &self.impl_type {
+            self.add(format!("{ty}::{}", c.ident), &c.expr);
+        }
     }
 
     fn visit_item_struct(&mut self, s: &'ast syn::ItemStruct) {
@@ -784,11 +873,12 @@ pub struct Report {
 /// - it is given as many values as it has parameters, where the source shows how many
 ///   ([`Statement::binds`]);
 /// - every column a function reads by name ([`Read`]) is returned by one of the function's
-///   statements, and by that statement once (a name two columns share reads the first).
-///   A function's reads are checked when its statements are all literals that run on
-///   `dialect`, and it has at least one (rows handed in from elsewhere are not);
-/// - a read whose Rust type the source gives ([`Read::rust`]) reads a column of that type,
-///   where the database types the column ([`Rust::reads`]).
+///   statements, and by that statement once (the runtime refuses a name two columns
+///   share). A function with statements is held to them, all of them literals that run on
+///   `dialect` (or return no rows); one with none, to those of each function of its file
+///   that calls it ([`Use`]);
+/// - a read whose Rust type the source gives ([`Read::rust`]) reads a column of that type
+///   in one of those statements, where the database types the column ([`Rust::reads`]).
 pub fn check(
     found: &Found,
     dialect: Dialect,
@@ -825,6 +915,14 @@ pub fn check(
                     None
                 }
             }
+        } else if returns_nothing(&s.sql) {
+            // Another backend's statement that returns no rows (`SET TRANSACTION ..`):
+            // no read comes from it.
+            Some(Shape {
+                params: 0,
+                columns: Vec::new(),
+                types: Vec::new(),
+            })
         } else {
             None
         };
@@ -876,16 +974,19 @@ pub fn check(
                     let sql = shape.types.get(at)?.as_deref()?;
                     Some((sql, read.rust?.reads(dialect, sql)?))
                 });
-                let mut wrong = None;
-                for (sql, right) in typed {
+                // Right if it is of that type in one of them (which statement a row comes
+                // from is not known): wrong only if it is of another type in all.
+                let (mut right, mut wrong) = (false, None);
+                for (sql, matches) in typed {
                     report.typed += 1;
-                    if !right {
+                    right |= matches;
+                    if !matches {
                         wrong = Some(sql);
                     }
                 }
-                match (wrong, read.rust) {
-                    (Some(sql), Some(rust)) => {
-                        format!("is read as {rust:?} but is {sql} in a statement of")
+                match (right, wrong, read.rust) {
+                    (false, Some(sql), Some(rust)) => {
+                        format!("is read as {rust:?} but is {sql} in the statements of")
                     }
                     _ => continue,
                 }
