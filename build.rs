@@ -103,20 +103,7 @@ fn check_statements() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let report = sql_literals::check(&found, sql_literals::Dialect::Sqlite, |sql| {
-        let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
-        Ok(sql_literals::Shape {
-            params: statement.parameter_count(),
-            columns: statement
-                .column_names()
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            types: statement
-                .columns()
-                .iter()
-                .map(|c| c.decl_type().map(String::from))
-                .collect(),
-        })
+        sql_literals::describe_sqlite(&conn, sql)
     });
     if !report.failures.is_empty() {
         eprintln!(

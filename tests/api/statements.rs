@@ -13,7 +13,7 @@
 use ern_registry::store::{Backend, Store};
 
 use crate::helpers::fresh_database;
-use crate::sql_literals::{Dialect, Shape, check, statements};
+use crate::sql_literals::{Dialect, Shape, check, describe_sqlite, statements};
 
 #[tokio::test]
 async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
@@ -39,22 +39,7 @@ async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
             let path = store.sqlite_path().expect("a file database").to_owned();
             let conn = rusqlite::Connection::open(&path).unwrap();
             // Prepared, never run: nothing is written.
-            check(&found, Dialect::Sqlite, |sql| {
-                let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
-                Ok(Shape {
-                    params: statement.parameter_count(),
-                    columns: statement
-                        .column_names()
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
-                    types: statement
-                        .columns()
-                        .iter()
-                        .map(|c| c.decl_type().map(String::from))
-                        .collect(),
-                })
-            })
+            check(&found, Dialect::Sqlite, |sql| describe_sqlite(&conn, sql))
         }
         Backend::Postgres => {
             use sqlx::{
@@ -127,7 +112,7 @@ async fn every_literal_statement_of_the_source_prepares_on_the_schema() {
 /// The finder and the checks on a source made up for the purpose: each thing they must catch
 /// is caught, and what they must leave alone is left alone.
 mod finder {
-    use crate::sql_literals::{Dialect, Found, Report, Rust, Shape, check, statements};
+    use crate::sql_literals::{Dialect, Found, Report, Rust, check, describe_sqlite, statements};
 
     /// The statements and reads of a `src/` holding `files` (path, text).
     fn find(files: &[(&str, &str)]) -> Found {
@@ -148,22 +133,7 @@ mod finder {
              CREATE TABLE u (id INTEGER PRIMARY KEY, t_id INTEGER);",
         )
         .unwrap();
-        check(found, Dialect::Sqlite, |sql| {
-            let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
-            Ok(Shape {
-                params: statement.parameter_count(),
-                columns: statement
-                    .column_names()
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
-                types: statement
-                    .columns()
-                    .iter()
-                    .map(|c| c.decl_type().map(String::from))
-                    .collect(),
-            })
-        })
+        check(found, Dialect::Sqlite, |sql| describe_sqlite(&conn, sql))
     }
 
     fn sqls(found: &Found) -> Vec<(&str, Option<Dialect>, Option<usize>)> {

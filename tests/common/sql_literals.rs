@@ -856,6 +856,24 @@ pub struct Shape {
     pub types: Vec<Option<String>>,
 }
 
+/// What SQLite says of `sql` prepared on `conn` (never run): for [`check`].
+pub fn describe_sqlite(conn: &rusqlite::Connection, sql: &str) -> Result<Shape, String> {
+    let statement = conn.prepare(sql).map_err(|e| e.to_string())?;
+    Ok(Shape {
+        params: statement.parameter_count(),
+        columns: statement
+            .column_names()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        types: statement
+            .columns()
+            .iter()
+            .map(|c| c.decl_type().map(String::from))
+            .collect(),
+    })
+}
+
 /// What [`check`] checked, and what failed.
 #[derive(Default)]
 pub struct Report {
