@@ -403,4 +403,75 @@ mod finder {
             ]
         );
     }
+
+    /// The second review's cases: a name bound again inside a loop hides the loop's
+    /// literals to the end of its block only; helpers are linked through each way of
+    /// calling them, to the function of that name of the right `impl`; another backend's
+    /// statement that returns no rows leaves the reads checked, one that may (any PRAGMA)
+    /// does not; a name declared once with a literal and once without is not resolved.
+    #[test]
+    fn scopes_helpers_and_the_other_backend() {
+        let found = find(&[(
+            "f.rs",
+            r#"
+            const SQL: &str = "SELECT id FROM t";
+            fn not_resolved() { const SQL: &str = concat!("SELECT ", "1"); query(SQL).fetch_one(c); }
+            fn nested_block() {
+                for sql in ["SELECT nme FROM t"] { if c { let sql = 1; } query(sql).execute(c); }
+            }
+            fn if_let() {
+                for sql in ["SELECT 1"] { if let Some(sql) = other { query(sql).bind(x).execute(c); } }
+            }
+            fn free_helper(r: &Row) { r.try_get("free")?; }
+            fn mapped(r: &Row) { r.try_get("mapped")?; }
+            fn calls() {
+                let r = query("SELECT id FROM t").fetch_one(c)?;
+                free_helper(&r);
+                rows.iter().map(mapped);
+            }
+            struct A;
+            impl A {
+                fn load() { let r = query("SELECT id FROM t").fetch_one(c)?; Self::from_row(&r); }
+                fn from_row(r: &Row) { r.try_get("id")?; }
+            }
+            struct B;
+            impl B {
+                fn load() { let r = query("SELECT name FROM t").fetch_one(c)?; B::from_row(&r); }
+                fn from_row(r: &Row) { r.try_get("name")?; r.try_get("b_only")?; }
+            }
+            fn other_backend_sets(db: Db) {
+                if let Db::Pg(c) = db { query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").execute(c); }
+                let r = query("SELECT id FROM t").fetch_one(c)?;
+                r.try_get("set")?;
+            }
+            fn other_backend_pragma(db: Db) {
+                if let Db::Pg(c) = db { query("PRAGMA journal_mode = WAL").fetch_one(c); }
+                let r = query("SELECT id FROM t").fetch_one(c)?;
+                r.try_get("journal_mode")?;
+            }
+            "#,
+        )]);
+        let report = on_sqlite(&found);
+        let failures = report.failures.join("\n");
+        for expected in [
+            // The misspelling after a block that shadowed `sql` is still prepared.
+            "no such column: nme",
+            "\"free\" read by name is returned by no statement of `calls` (read by `free_helper`)",
+            "\"mapped\" read by name is returned by no statement of `calls` (read by `mapped`)",
+            "\"b_only\" read by name is returned by no statement of `load` (read by `from_row`)",
+            "\"set\" read by name is returned by no statement of `other_backend_sets`",
+        ] {
+            assert!(
+                failures.contains(expected),
+                "{expected:?} not in:\n{failures}"
+            );
+        }
+        // Not: A's helper held to B's statement, `if_let`'s shadowed `sql` taken for
+        // "SELECT 1" (no parameter), the PRAGMA's function, `not_resolved`.
+        assert_eq!(report.failures.len(), 5, "{failures}");
+        assert!(
+            !found.statements.iter().any(|s| s.sql == "SELECT 1"),
+            "a shadowed loop variable or a constant declared without a literal was resolved"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The SQL statements written as literals in the service's source, found by parsing it:
 //! every `query(...)` / `db::query(...)` and `.execute_raw(...)` whose SQL is a string
 //! literal, a string `const` of the same file (see [`Finder::constant`]), the variable of a
-//! `for` loop over an array of these (until a `let` shadows it), or a `format!` of
+//! `for` loop over an array of these (not where a name bound in the loop hides it), or a
+//! `format!` of
 //! plain placeholders naming only these, outside `#[cfg(test)]`, with the one database it
 //! runs on when the source says so; with each, how many values the source binds to it.
 //! Also found: the columns each function reads by name, with the Rust type where the source
@@ -80,6 +81,8 @@ pub struct Scope {
     pub id: usize,
     /// Its name, for messages.
     pub name: String,
+    /// The type of the `impl` it is in; `None` for a free function.
+    pub owner: Option<String>,
 }
 
 /// A function calling another of its file (`helper(row)`, `Self::helper(row)`,
@@ -89,6 +92,8 @@ pub struct Scope {
 pub struct Use {
     pub file: PathBuf,
     pub scope: Scope,
+    /// The function called: its `impl`'s type (`None` for a free function) and name.
+    pub owner: Option<String>,
     pub name: String,
 }
 
@@ -351,15 +356,22 @@ impl Finder<'_> {
     /// Records that the function being visited names the function `path` (`f` or
     /// `Self::f`): a helper of the file it may hand its rows to.
     fn uses_function(&mut self, path: &syn::Path) {
-        let name = match &path.segments.iter().collect::<Vec<_>>()[..] {
-            [f] => &f.ident,
-            [ty, f] if ty.ident == "Self" => &f.ident,
+        let (owner, name) = match &path.segments.iter().collect::<Vec<_>>()[..] {
+            [f] => (None, &f.ident),
+            [ty, f] if ty.ident == "Self" => (self.impl_type.clone(), &f.ident),
+            [ty, f] => (Some(ty.ident.to_string()), &f.ident),
             _ => return,
         };
+        self.uses_method(owner, name);
+    }
+
+    /// Records that the function being visited calls `owner`'s function `name`.
+    fn uses_method(&mut self, owner: Option<String>, name: &syn::Ident) {
         if let Some(scope) = &self.function {
             self.uses.push(Use {
                 file: self.file.to_owned(),
                 scope: scope.clone(),
+                owner,
                 name: name.to_string(),
             });
         }
@@ -369,6 +381,7 @@ impl Finder<'_> {
         let scope = Scope {
             id: self.next_scope,
             name: name.to_string(),
+            owner: self.impl_type.clone(),
         };
         self.next_scope += 1;
         let outer = self.function.replace(scope);
@@ -414,14 +427,28 @@ impl<'ast> Visit<'ast> for Finder<'_> {
 
     fn visit_local(&mut self, local: &'ast syn::Local) {
         self.expect_types(local);
-        syn::visit::visit_local(self, local);
-        // `let sql = ...;` inside `for sql in [..]`: from here `sql` is not the literals.
-        if let Some(name) = bound_ident(&local.pat) {
-            let name = name.to_string();
-            if self.loops.iter().any(|(var, _)| *var == name) {
-                self.loops.push((name, None));
-            }
+        // The value first: `let sql = sql.replace(..)` reads the loop's `sql`.
+        if let Some(init) = &local.init {
+            self.visit_local_init(init);
         }
+        self.visit_pat(&local.pat);
+    }
+
+    /// A name bound inside a loop over literals (`let`, `if let`, a match arm, a closure's
+    /// parameter) that is the loop's variable: from here to the end of the block, the
+    /// name is not the literals.
+    fn visit_pat_ident(&mut self, p: &'ast syn::PatIdent) {
+        let name = p.ident.to_string();
+        if self.loops.iter().any(|(var, _)| *var == name) {
+            self.loops.push((name, None));
+        }
+        syn::visit::visit_pat_ident(self, p);
+    }
+
+    fn visit_block(&mut self, b: &'ast syn::Block) {
+        let depth = self.loops.len();
+        syn::visit::visit_block(self, b);
+        self.loops.truncate(depth);
     }
 
     fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
@@ -478,9 +505,14 @@ impl<'ast> Visit<'ast> for Finder<'_> {
                     .collect::<Option<Vec<String>>>(),
                 _ => None,
             };
+            self.visit_expr(&l.expr);
             self.loops.push((name.ident.to_string(), literals));
+        } else {
+            self.visit_expr(&l.expr);
+            self.visit_pat(&l.pat);
         }
-        syn::visit::visit_expr_for_loop(self, l);
+        // Not `syn::visit::visit_expr_for_loop`: the loop's own pattern is no shadow.
+        self.visit_block(&l.body);
         self.loops.truncate(depth);
     }
 
@@ -496,7 +528,7 @@ impl<'ast> Visit<'ast> for Finder<'_> {
         if let syn::Expr::Path(p) = &*call.receiver
             && p.path.is_ident("self")
         {
-            self.uses_function(&syn::Path::from(call.method.clone()));
+            self.uses_method(self.impl_type.clone(), &call.method);
         }
         if call.method == "execute_raw"
             && let Some(arg) = call.args.first()
@@ -558,24 +590,17 @@ impl<'ast> Visit<'ast> for Finder<'_> {
 }
 
 /// Whether a statement returns no rows, from its text: it neither selects nor returns
-/// (an `INSERT`/`UPDATE`/`DELETE` without `RETURNING`, a `SET`, a `PRAGMA` that sets).
+/// (an `INSERT`/`UPDATE`/`DELETE` without `RETURNING`, a `SET`); in doubt, it returns.
 fn returns_nothing(sql: &str) -> bool {
     let upper = sql.trim_start().to_ascii_uppercase();
+    // Any PRAGMA may answer a row, also one that sets (`journal_mode = WAL`).
     let rows = ["SELECT", "RETURNING", "SHOW", "EXPLAIN"]
         .iter()
         .any(|word| upper.contains(word))
-        || upper.starts_with("VALUES")
-        || (upper.starts_with("PRAGMA") && !upper.contains('='));
+        || ["VALUES", "PRAGMA", "TABLE"]
+            .iter()
+            .any(|word| upper.starts_with(word));
     !rows
-}
-
-/// The name a plain `let` binds (`let x`, `let x: T`).
-fn bound_ident(pat: &syn::Pat) -> Option<&syn::Ident> {
-    match pat {
-        syn::Pat::Ident(p) => Some(&p.ident),
-        syn::Pat::Type(t) => bound_ident(&t.pat),
-        _ => None,
-    }
 }
 
 /// The name of a type, by its last segment (`store::Store` is `Store`).
@@ -964,7 +989,9 @@ pub fn check(
             found
                 .uses
                 .iter()
-                .filter(|u| u.file == read.file && u.name == read.scope.name)
+                .filter(|u| {
+                    u.file == read.file && u.name == read.scope.name && u.owner == read.scope.owner
+                })
                 .map(|u| &u.scope)
                 .collect()
         };
