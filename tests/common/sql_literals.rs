@@ -2,9 +2,9 @@
 //! every `query(...)` / `db::query(...)` and `.execute_raw(...)` whose SQL is a string
 //! literal, a string `const` of the same file (see [`Finder::constant`]), the variable of a
 //! `for` loop over an array of these (not where a name bound in the loop hides it), or a
-//! `format!` of
-//! plain placeholders naming only these, outside `#[cfg(test)]`, with the one database it
-//! runs on when the source says so; with each, how many values the source binds to it.
+//! `format!` of plain placeholders naming only these, outside `#[cfg(test)]`, with the one
+//! database it runs on when the source says so; with each, how many values the source
+//! binds to it.
 //! Also found: the columns each function reads by name, with the Rust type where the source
 //! states it, and which functions call which. [`check`] holds them to what a database says
 //! of each statement. Used by `build.rs`, which checks the SQLite statements against the
