@@ -47,6 +47,9 @@
 //! table (the statements of `store::cases::{append_consent_many, insert_cases_many,
 //! set_representatives_many}` and `consent_model::record_current_many`):
 //! - the SQLite engine alone (rusqlite, `prepare_cached`);
+//! - the same with pseudonyms in increasing order, a bound that shows what the random
+//!   places cost (not a reference for the ratios: every other raw figure uses pseudonyms
+//!   of the server's shape, uniformly spread as an HMAC's are);
 //! - sqlx's native `SqliteConnection` (not `Any`);
 //! - PostgreSQL through sqlx's `PgConnection` (with `ERN_BENCH_DATABASE_URL`).
 //!
@@ -1108,10 +1111,34 @@ fn case_ids_in_order(pseudonyms: &[String], returned: HashMap<String, i64>) -> V
         .collect()
 }
 
+/// Where a raw batch's pseudonyms fall in the indexes keyed by them.
+#[derive(Clone, Copy, PartialEq)]
+enum Keys {
+    /// As the server's: 43 characters, `R001-V001-` and 33 of base32 from a hash, so
+    /// uniformly spread like an HMAC's and each one entering every pseudonym-keyed index at
+    /// a random place. These are the same rows a submission writes.
+    Random,
+    /// Increasing (`{driver}-{batch}-{i}`), so every index is appended to at its end: a
+    /// bound no registry's pseudonyms reach, kept to show what the random places cost.
+    InOrder,
+}
+
 /// Pseudonyms of one raw batch: distinct from every other batch and driver.
-fn raw_pseudonyms(prefix: &str, batch: u64) -> Vec<String> {
+fn raw_pseudonyms(prefix: &str, batch: u64, keys: Keys) -> Vec<String> {
     (0..RAW_BATCH)
-        .map(|i| format!("{prefix}-{batch:08}-{i:04}"))
+        .map(|i| match keys {
+            Keys::InOrder => format!("{prefix}-{batch:08}-{i:04}"),
+            Keys::Random => {
+                let tag = ring::digest::digest(
+                    &ring::digest::SHA256,
+                    format!("{prefix}-{batch}-{i}").as_bytes(),
+                );
+                let mut p = String::from("R001-V001-");
+                p.push_str(&data_encoding::BASE32_NOPAD.encode(&tag.as_ref()[..20]));
+                p.push('A');
+                p
+            }
+        })
         .collect()
 }
 
@@ -1119,6 +1146,8 @@ struct Raw {
     name: &'static str,
     per_second: f64,
     detail: String,
+    /// Rows as the server writes them ([`Keys::Random`]): a reference for the ratios.
+    reference: bool,
 }
 
 /// Ids of the bench's registry, centre and principal in a prepared database.
@@ -1145,12 +1174,13 @@ where
     (ids[0], ids[1], ids[2])
 }
 
-fn raw_rusqlite(db: &Path, length: Duration) -> Raw {
+fn raw_rusqlite(db: &Path, length: Duration, keys: Keys) -> Raw {
     let mut conn = rusqlite::Connection::open(db).expect("open the raw SQLite database");
-    // The server's pragmas (`Store::connect`).
+    // The pragmas of the server's writer (`Store::open_sqlite_writer`).
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-         PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;",
+         PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON; PRAGMA cache_size = -32768; \
+         PRAGMA temp_store = MEMORY;",
     )
     .expect("pragmas");
     let id = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).expect("id") };
@@ -1163,7 +1193,7 @@ fn raw_rusqlite(db: &Path, length: Duration) -> Raw {
     conn.set_prepared_statement_cache_capacity(16);
     let mut batch = 0u64;
     let one_batch = |conn: &mut rusqlite::Connection, batch: u64| {
-        let pseudonyms = raw_pseudonyms("RUSQLITE", batch);
+        let pseudonyms = raw_pseudonyms("RUSQLITE", batch, keys);
         let now = Utc::now().timestamp_millis();
         let tx = conn.transaction().expect("begin");
         for chunk in pseudonyms.chunks(DECISION_CHUNK) {
@@ -1236,12 +1266,23 @@ fn raw_rusqlite(db: &Path, length: Duration) -> Raw {
         batch += 1;
         n += RAW_BATCH as u64;
     }
+    let (name, order) = match keys {
+        Keys::Random => (
+            "raw: SQLite engine alone (rusqlite)",
+            "pseudonyms spread like the server's",
+        ),
+        Keys::InOrder => (
+            "raw: SQLite engine alone (rusqlite), pseudonyms in increasing order",
+            "not a reference: every pseudonym-keyed index appended to at its end, which no registry's pseudonyms do",
+        ),
+    };
     Raw {
-        name: "raw: SQLite engine alone (rusqlite)",
+        name,
         per_second: n as f64 / start.elapsed().as_secs_f64(),
         detail: format!(
-            "{n} submissions' rows, {RAW_BATCH} per transaction, prepare_cached, WAL, synchronous=FULL, in the bench process"
+            "{n} submissions' rows, {RAW_BATCH} per transaction, prepare_cached, WAL, synchronous=FULL, in the bench process; {order}"
         ),
+        reference: keys == Keys::Random,
     }
 }
 
@@ -1359,7 +1400,7 @@ async fn raw_sqlx_sqlite(db: &Path, length: Duration) -> Raw {
     let (registry, centre, principal) = raw_ids::<sqlx::Sqlite>(&mut conn).await;
     let rows = RawRows::new(registry, centre, principal);
     let sql = Sql::new('$', RAW_BATCH, rows.row.genes.len(), rows.terms.len());
-    let run = |batch| raw_pseudonyms("SQLX", batch);
+    let run = |batch| raw_pseudonyms("SQLX", batch, Keys::Random);
     sqlx_batch::<sqlx::Sqlite>(&mut conn, &sql, &rows, &run(0))
         .await
         .expect("raw batch (sqlx SQLite)");
@@ -1378,8 +1419,9 @@ async fn raw_sqlx_sqlite(db: &Path, length: Duration) -> Raw {
         name: "raw: sqlx SqliteConnection, batched",
         per_second: n as f64 / start.elapsed().as_secs_f64(),
         detail: format!(
-            "{n} submissions' rows, {RAW_BATCH} per transaction, native driver (its worker thread), WAL, synchronous=FULL"
+            "{n} submissions' rows, {RAW_BATCH} per transaction, native driver (its worker thread), WAL, synchronous=FULL; pseudonyms spread like the server's"
         ),
+        reference: true,
     }
 }
 
@@ -1400,7 +1442,7 @@ async fn raw_postgres(url: &str, length: Duration) -> Raw {
     );
     let rows = RawRows::new(registry, centre, principal);
     let sql = Sql::new('$', RAW_BATCH, rows.row.genes.len(), rows.terms.len());
-    let run = |batch| raw_pseudonyms("PG", batch);
+    let run = |batch| raw_pseudonyms("PG", batch, Keys::Random);
     sqlx_batch::<sqlx::Postgres>(&mut conn, &sql, &rows, &run(0))
         .await
         .expect("raw batch (PostgreSQL)");
@@ -1419,9 +1461,10 @@ async fn raw_postgres(url: &str, length: Duration) -> Raw {
         name: "raw: PostgreSQL, sqlx PgConnection, batched",
         per_second: n as f64 / start.elapsed().as_secs_f64(),
         detail: format!(
-            "{n} submissions' rows, {RAW_BATCH} per transaction, one connection; fsync={}, synchronous_commit={}",
+            "{n} submissions' rows, {RAW_BATCH} per transaction, one connection; fsync={}, synchronous_commit={}; pseudonyms spread like the server's",
             settings.0, settings.1
         ),
+        reference: true,
     }
 }
 
@@ -1540,7 +1583,11 @@ async fn async_main() {
     };
     let tmp = tempfile::tempdir().expect("tempdir");
     let server_dir = tmp.path().join("server");
-    let raw_dirs = [tmp.path().join("raw-rusqlite"), tmp.path().join("raw-sqlx")];
+    let raw_dirs = [
+        tmp.path().join("raw-rusqlite"),
+        tmp.path().join("raw-sqlx"),
+        tmp.path().join("raw-rusqlite-in-order"),
+    ];
     for d in std::iter::once(&server_dir).chain(&raw_dirs) {
         std::fs::create_dir_all(d).expect("dir");
     }
@@ -1572,11 +1619,19 @@ async fn async_main() {
     let (raw_dir, length) = (raw_dirs[0].clone(), measure());
     if profile.is_none() {
         raws.push(
-            tokio::task::spawn_blocking(move || raw_rusqlite(&db(&raw_dir), length))
+            tokio::task::spawn_blocking(move || raw_rusqlite(&db(&raw_dir), length, Keys::Random))
                 .await
                 .expect("rusqlite raw insert"),
         );
         raws.push(raw_sqlx_sqlite(&db(&raw_dirs[1]), measure()).await);
+        let (in_order_dir, length) = (raw_dirs[2].clone(), measure());
+        raws.push(
+            tokio::task::spawn_blocking(move || {
+                raw_rusqlite(&db(&in_order_dir), length, Keys::InOrder)
+            })
+            .await
+            .expect("rusqlite raw insert, keys in order"),
+        );
         if let Some(url) = &raw_pg_url {
             let pg_dir = tmp.path().join("raw-pg");
             std::fs::create_dir_all(&pg_dir).expect("dir");
@@ -1827,14 +1882,14 @@ async fn async_main() {
             .map_or(0.0, |r| r.per_second)
     } else {
         raws.iter()
-            .filter(|r| !r.name.contains("PostgreSQL"))
+            .filter(|r| r.reference && !r.name.contains("PostgreSQL"))
             .map(|r| r.per_second)
             .fold(0.0, f64::max)
     };
     let raw_ref_name = if postgres.is_some() {
         "PostgreSQL's raw batched insert"
     } else {
-        "the fastest SQLite raw batched insert"
+        "the fastest SQLite raw batched insert with pseudonyms spread like the server's"
     };
     let empty_rate = figures[empty].per_second();
     let prefix = format!(
