@@ -798,6 +798,7 @@ type RowTemplate = dyn Fn(&dyn Fn(usize) -> String) -> String;
 /// consent statements: `n` decisions, so the writer's chunks of 256 rows take two of them
 /// per 256 submissions, as in `append_consent_many`).
 struct Sql {
+    keys: String,
     events: String,
     current: String,
     cases: String,
@@ -827,34 +828,40 @@ impl Sql {
                 .join(", ")
         };
         Sql {
+            keys: format!(
+                "INSERT INTO patient_keys (registry_id, pseudonym) VALUES {} \
+                 RETURNING id, pseudonym",
+                rows(n, 2)
+            ),
             events: format!(
-                "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, \
-                 form_version, expires_at, recorded_by, recorded_at, source) VALUES {} \
+                "INSERT INTO consent_events (patient, registry_id, pseudonym, scope, state, \
+                 given_at, form_version, expires_at, recorded_by, recorded_at, source) VALUES {} \
                  RETURNING id, registry_id, pseudonym, scope",
-                rows(n, 10)
+                rows(n, 11)
             ),
             current: format!(
-                "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, \
-                 given_at, expires_at) VALUES {} \
-                 ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
+                "INSERT INTO consent_current (patient, registry_id, pseudonym, scope, event_id, \
+                 state, given_at, expires_at) VALUES {} \
+                 ON CONFLICT (patient, scope) DO UPDATE \
                  SET event_id = excluded.event_id, state = excluded.state, \
                  given_at = excluded.given_at, expires_at = excluded.expires_at \
                  WHERE (excluded.given_at > consent_current.given_at OR \
                  (excluded.given_at = consent_current.given_at AND \
                  excluded.event_id > consent_current.event_id))",
-                rows(n, 7)
+                rows(n, 8)
             ),
             cases: format!(
-                "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, \
+                "INSERT INTO cases (patient, registry_id, pseudonym, centre_id, current_version, \
                  created_at, updated_at) VALUES {} \
                  RETURNING id, registry_id, pseudonym, centre_id",
-                templated(n, 5, &|p| format!(
-                    "({}, {}, {}, 1, {}, {})",
+                templated(n, 6, &|p| format!(
+                    "({}, {}, {}, {}, 1, {}, {})",
                     p(0),
                     p(1),
                     p(2),
                     p(3),
-                    p(4)
+                    p(4),
+                    p(5)
                 ))
             ),
             versions: format!(
@@ -882,11 +889,11 @@ impl Sql {
                 ))
             ),
             patients: format!(
-                "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, \
-                 country, orphacode, sex, status, diagnosis_year, onset_age_days, \
+                "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, \
+                 centre_id, country, orphacode, sex, status, diagnosis_year, onset_age_days, \
                  diagnosis_age_days, delay_days, eligible, eligible_until, genes, phenotypes) \
                  VALUES {} \
-                 ON CONFLICT (registry_id, pseudonym) DO UPDATE \
+                 ON CONFLICT (registry_id, patient) DO UPDATE \
                  SET case_id = excluded.case_id, version = excluded.version, \
                  centre_id = excluded.centre_id, country = excluded.country, \
                  orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
@@ -896,15 +903,16 @@ impl Sql {
                  delay_days = excluded.delay_days, eligible = excluded.eligible, \
                  eligible_until = excluded.eligible_until, genes = excluded.genes, \
                  phenotypes = excluded.phenotypes",
-                templated(n, 16, &|p| format!(
-                    "({}, {}, {}, {}, {}, (SELECT country FROM centres WHERE id = {}), {})",
+                templated(n, 17, &|p| format!(
+                    "({}, {}, {}, {}, {}, {}, (SELECT country FROM centres WHERE id = {}), {})",
                     p(0),
                     p(1),
                     p(2),
                     p(3),
                     p(4),
-                    p(4),
-                    (5..16).map(p).collect::<Vec<_>>().join(", ")
+                    p(5),
+                    p(5),
+                    (6..17).map(p).collect::<Vec<_>>().join(", ")
                 ))
             ),
         }
@@ -956,11 +964,27 @@ impl RawRows {
         }
     }
 
-    fn events<'a>(&'a self, pseudonyms: &'a [String], now: i64) -> Vec<Val<'a>> {
-        let mut v = Vec::with_capacity(pseudonyms.len() * 20);
+    /// `patient_keys` rows, one per pseudonym.
+    fn keys<'a>(&'a self, pseudonyms: &'a [String]) -> Vec<Val<'a>> {
+        let mut v = Vec::with_capacity(pseudonyms.len() * 2);
+        for p in pseudonyms {
+            v.extend([Val::I(self.registry_id), Val::T(p)]);
+        }
+        v
+    }
+
+    /// `keys`: the patients' numbers by pseudonym, as `RETURNING` gave them.
+    fn events<'a>(
+        &'a self,
+        pseudonyms: &'a [String],
+        keys: &HashMap<String, i64>,
+        now: i64,
+    ) -> Vec<Val<'a>> {
+        let mut v = Vec::with_capacity(pseudonyms.len() * 22);
         for p in pseudonyms {
             for scope in self.scopes {
                 v.extend([
+                    Val::I(key_of(keys, p)),
                     Val::I(self.registry_id),
                     Val::T(p),
                     Val::T(scope),
@@ -981,9 +1005,10 @@ impl RawRows {
     fn current<'a>(
         &'a self,
         pseudonyms: &'a [String],
+        keys: &HashMap<String, i64>,
         ids: &HashMap<(String, String), i64>,
     ) -> Vec<Val<'a>> {
-        let mut v = Vec::with_capacity(pseudonyms.len() * 14);
+        let mut v = Vec::with_capacity(pseudonyms.len() * 16);
         for p in pseudonyms {
             for scope in self.scopes {
                 let id = ids
@@ -991,6 +1016,7 @@ impl RawRows {
                     .copied()
                     .expect("every inserted event came back with its id");
                 v.extend([
+                    Val::I(key_of(keys, p)),
                     Val::I(self.registry_id),
                     Val::T(p),
                     Val::T(scope),
@@ -1004,10 +1030,16 @@ impl RawRows {
         v
     }
 
-    fn cases<'a>(&'a self, pseudonyms: &'a [String], now: i64) -> Vec<Val<'a>> {
-        let mut v = Vec::with_capacity(pseudonyms.len() * 5);
+    fn cases<'a>(
+        &'a self,
+        pseudonyms: &'a [String],
+        keys: &HashMap<String, i64>,
+        now: i64,
+    ) -> Vec<Val<'a>> {
+        let mut v = Vec::with_capacity(pseudonyms.len() * 6);
         for p in pseudonyms {
             v.extend([
+                Val::I(key_of(keys, p)),
                 Val::I(self.registry_id),
                 Val::T(p),
                 Val::I(self.centre_id),
@@ -1073,12 +1105,18 @@ impl RawRows {
         v
     }
 
-    fn patients<'a>(&'a self, pseudonyms: &'a [String], case_ids: &[i64]) -> Vec<Val<'a>> {
+    fn patients<'a>(
+        &'a self,
+        pseudonyms: &'a [String],
+        keys: &HashMap<String, i64>,
+        case_ids: &[i64],
+    ) -> Vec<Val<'a>> {
         let r = &self.row;
-        let mut v = Vec::with_capacity(pseudonyms.len() * 16);
+        let mut v = Vec::with_capacity(pseudonyms.len() * 17);
         for (p, id) in pseudonyms.iter().zip(case_ids) {
             v.extend([
                 Val::I(self.registry_id),
+                Val::I(key_of(keys, p)),
                 Val::T(p),
                 Val::I(*id),
                 Val::I(1),
@@ -1098,6 +1136,13 @@ impl RawRows {
         }
         v
     }
+}
+
+/// The patient's number of `pseudonym`, from `patient_keys`' `RETURNING`.
+fn key_of(keys: &HashMap<String, i64>, pseudonym: &str) -> i64 {
+    *keys
+        .get(pseudonym)
+        .expect("every patient key came back with its number")
 }
 
 fn case_ids_in_order(pseudonyms: &[String], returned: HashMap<String, i64>) -> Vec<i64> {
@@ -1196,12 +1241,25 @@ fn raw_rusqlite(db: &Path, length: Duration, keys: Keys) -> Raw {
         let pseudonyms = raw_pseudonyms("RUSQLITE", batch, keys);
         let now = Utc::now().timestamp_millis();
         let tx = conn.transaction().expect("begin");
+        let mut keys = HashMap::with_capacity(RAW_BATCH);
+        {
+            let mut stmt = tx.prepare_cached(&sql.keys).expect("prepare");
+            let mut returned = stmt
+                .query(rusqlite::params_from_iter(rows.keys(&pseudonyms)))
+                .expect("insert patient keys");
+            while let Some(r) = returned.next().expect("row") {
+                keys.insert(
+                    r.get::<_, String>(1).expect("p"),
+                    r.get::<_, i64>(0).expect("id"),
+                );
+            }
+        }
         for chunk in pseudonyms.chunks(DECISION_CHUNK) {
             let mut ids = HashMap::with_capacity(RAW_BATCH);
             {
                 let mut stmt = tx.prepare_cached(&sql.events).expect("prepare");
                 let mut returned = stmt
-                    .query(rusqlite::params_from_iter(rows.events(chunk, now)))
+                    .query(rusqlite::params_from_iter(rows.events(chunk, &keys, now)))
                     .expect("insert events");
                 while let Some(r) = returned.next().expect("row") {
                     ids.insert(
@@ -1215,14 +1273,18 @@ fn raw_rusqlite(db: &Path, length: Duration, keys: Keys) -> Raw {
             }
             tx.prepare_cached(&sql.current)
                 .expect("prepare")
-                .execute(rusqlite::params_from_iter(rows.current(chunk, &ids)))
+                .execute(rusqlite::params_from_iter(rows.current(chunk, &keys, &ids)))
                 .expect("upsert current");
         }
         let mut cases = HashMap::with_capacity(RAW_BATCH);
         {
             let mut stmt = tx.prepare_cached(&sql.cases).expect("prepare");
             let mut returned = stmt
-                .query(rusqlite::params_from_iter(rows.cases(&pseudonyms, now)))
+                .query(rusqlite::params_from_iter(rows.cases(
+                    &pseudonyms,
+                    &keys,
+                    now,
+                )))
                 .expect("insert cases");
             while let Some(r) = returned.next().expect("row") {
                 cases.insert(
@@ -1250,9 +1312,11 @@ fn raw_rusqlite(db: &Path, length: Duration, keys: Keys) -> Raw {
         }
         tx.prepare_cached(&sql.patients)
             .expect("prepare")
-            .execute(rusqlite::params_from_iter(
-                rows.patients(&pseudonyms, &case_ids),
-            ))
+            .execute(rusqlite::params_from_iter(rows.patients(
+                &pseudonyms,
+                &keys,
+                &case_ids,
+            )))
             .expect("upsert research rows");
         tx.commit().expect("commit");
     };
@@ -1340,8 +1404,13 @@ where
     }
     let now = Utc::now().timestamp_millis();
     let mut tx = conn.begin().await?;
+    let values = rows.keys(pseudonyms);
+    let mut keys = HashMap::with_capacity(pseudonyms.len());
+    for r in bound::<DB>(&sql.keys, &values).fetch_all(&mut *tx).await? {
+        keys.insert(r.try_get::<String, usize>(1)?, r.try_get::<i64, usize>(0)?);
+    }
     for chunk in pseudonyms.chunks(DECISION_CHUNK) {
-        let values = rows.events(chunk, now);
+        let values = rows.events(chunk, &keys, now);
         let mut ids = HashMap::with_capacity(RAW_BATCH);
         for r in bound::<DB>(&sql.events, &values)
             .fetch_all(&mut *tx)
@@ -1355,10 +1424,10 @@ where
                 r.try_get::<i64, usize>(0)?,
             );
         }
-        let values = rows.current(chunk, &ids);
+        let values = rows.current(chunk, &keys, &ids);
         bound::<DB>(&sql.current, &values).execute(&mut *tx).await?;
     }
-    let values = rows.cases(pseudonyms, now);
+    let values = rows.cases(pseudonyms, &keys, now);
     let mut cases = HashMap::with_capacity(pseudonyms.len());
     for r in bound::<DB>(&sql.cases, &values).fetch_all(&mut *tx).await? {
         cases.insert(r.try_get::<String, usize>(2)?, r.try_get::<i64, usize>(0)?);
@@ -1378,7 +1447,7 @@ where
             .execute(&mut *tx)
             .await?;
     }
-    let values = rows.patients(pseudonyms, &case_ids);
+    let values = rows.patients(pseudonyms, &keys, &case_ids);
     bound::<DB>(&sql.patients, &values)
         .execute(&mut *tx)
         .await?;

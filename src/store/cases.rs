@@ -71,7 +71,8 @@ pub async fn load_consent(
 ) -> Result<Vec<ConsentEvent>> {
     let rows = db::query(
         "SELECT id, scope, state, given_at, expires_at FROM consent_events \
-         WHERE registry_id = $1 AND pseudonym = $2 ORDER BY id",
+         WHERE patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2) \
+         ORDER BY id",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -116,6 +117,72 @@ fn by_registry<'a>(conn: &Db<'_>, patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<
 /// A list of pseudonyms (`IN (...)`, or one array on PostgreSQL).
 const PSEUDONYMS: db::List = db::List(db::Ty::Text);
 
+/// The patient numbers of several patients (registry id, pseudonym), by the same key:
+/// those on file, and for the others a `patient_keys` row made now (migration 0019: the
+/// number every other table keys a patient by, given in order of first write). One
+/// statement per registry and chunk to find, one multi-row `INSERT` per chunk to make.
+pub(in crate::store) async fn patient_keys_many(
+    conn: &mut Db<'_>,
+    patients: &[(i64, &str)],
+) -> Result<HashMap<(i64, String), i64>> {
+    let mut keys: HashMap<(i64, String), i64> = HashMap::with_capacity(patients.len());
+    for (registry_id, pseudonyms) in by_registry(conn, patients) {
+        let sql = format!(
+            "SELECT id, pseudonym FROM patient_keys WHERE registry_id = $1 AND pseudonym {}",
+            PSEUDONYMS.sql(conn, 2, pseudonyms.len())
+        );
+        let mut query = db::query(&sql)
+            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
+            .bind(registry_id);
+        for pseudonym in &pseudonyms {
+            query = query.bind(*pseudonym);
+        }
+        let query = query.list(conn, 2, &PSEUDONYMS)?;
+        for row in query.fetch_all(&mut *conn).await? {
+            keys.insert((registry_id, row.try_get("pseudonym")?), row.try_get("id")?);
+        }
+    }
+    let mut seen = HashSet::new();
+    let missing: Vec<(i64, &str)> = patients
+        .iter()
+        .copied()
+        .filter(|&(r, p)| !keys.contains_key(&(r, p.to_owned())) && seen.insert((r, p)))
+        .collect();
+    use db::Ty::{Int, Text};
+    const ROWS: db::Rows = db::Rows::of(&[Int, Text]);
+    for chunk in conn.chunks(&missing, ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO patient_keys (registry_id, pseudonym) {} \
+             RETURNING id, registry_id, pseudonym",
+            ROWS.sql(conn, chunk.len())
+        );
+        let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
+        for (registry_id, pseudonym) in chunk {
+            query = query.bind(*registry_id).bind(*pseudonym);
+        }
+        let query = query.rows(conn, &ROWS)?;
+        for row in query.fetch_all(&mut *conn).await? {
+            keys.insert(
+                (row.try_get("registry_id")?, row.try_get("pseudonym")?),
+                row.try_get("id")?,
+            );
+        }
+    }
+    Ok(keys)
+}
+
+/// The patient number of one patient, made now if they have none ([`patient_keys_many`]).
+pub(in crate::store) async fn patient_key(
+    conn: &mut Db<'_>,
+    registry_id: i64,
+    pseudonym: &str,
+) -> Result<i64> {
+    patient_keys_many(conn, &[(registry_id, pseudonym)])
+        .await?
+        .remove(&(registry_id, pseudonym.to_owned()))
+        .ok_or_else(|| StoreError::Corrupt("a patient key was made but not returned".into()))
+}
+
 /// The consent histories of several patients (registry id, pseudonym), each oldest event
 /// first as [`load_consent`] gives it: one statement per registry and chunk instead of
 /// one per patient. Patients with no history are absent.
@@ -126,8 +193,9 @@ pub(in crate::store) async fn load_consent_many(
     let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
     for (registry_id, pseudonyms) in by_registry(conn, patients) {
         let sql = format!(
-            "SELECT pseudonym, id, scope, state, given_at, expires_at FROM consent_events \
-             WHERE registry_id = $1 AND pseudonym {} ORDER BY id",
+            "SELECT k.pseudonym, e.id, e.scope, e.state, e.given_at, e.expires_at \
+             FROM patient_keys k JOIN consent_events e ON e.patient = k.id \
+             WHERE k.registry_id = $1 AND k.pseudonym {} ORDER BY e.id",
             PSEUDONYMS.sql(conn, 2, pseudonyms.len())
         );
         let mut query = db::query(&sql)
@@ -158,7 +226,8 @@ pub(in crate::store) async fn cases_of_many(
     let mut found = HashSet::new();
     for (registry_id, pseudonyms) in by_registry(conn, patients) {
         let sql = format!(
-            "SELECT pseudonym, centre_id FROM cases WHERE registry_id = $1 AND pseudonym {}",
+            "SELECT k.pseudonym, c.centre_id FROM patient_keys k JOIN cases c ON c.patient = k.id \
+             WHERE k.registry_id = $1 AND k.pseudonym {}",
             PSEUDONYMS.sql(conn, 2, pseudonyms.len())
         );
         let mut query = db::query(&sql)
@@ -183,6 +252,8 @@ pub(in crate::store) async fn cases_of_many(
 pub(in crate::store) struct NewDecision<'a> {
     pub registry_id: i64,
     pub pseudonym: &'a str,
+    /// The patient's number ([`patient_keys_many`]).
+    pub patient: i64,
     pub decision: &'a ConsentDecision,
     pub recorded_by: i64,
     pub source: Source,
@@ -201,12 +272,13 @@ pub(in crate::store) async fn append_consent_many(
     decisions: &[NewDecision<'_>],
 ) -> Result<Vec<i64>> {
     use db::Ty::{Int, Text, Time};
-    const ROWS: db::Rows =
-        db::Rows::of(&[Int, Text, Text, Text, Time, Text, Time, Int, Time, Text]);
+    const ROWS: db::Rows = db::Rows::of(&[
+        Int, Int, Text, Text, Text, Time, Text, Time, Int, Time, Text,
+    ]);
     let mut ids = Vec::with_capacity(decisions.len());
     for chunk in conn.chunks(decisions, ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, \
+            "INSERT INTO consent_events (patient, registry_id, pseudonym, scope, state, given_at, \
                                          form_version, expires_at, recorded_by, recorded_at, source) \
              {} RETURNING id, registry_id, pseudonym, scope",
             ROWS.sql(conn, chunk.len())
@@ -214,6 +286,7 @@ pub(in crate::store) async fn append_consent_many(
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for d in chunk {
             query = query
+                .bind(d.patient)
                 .bind(d.registry_id)
                 .bind(d.pseudonym)
                 .bind(d.decision.scope.as_str())
@@ -250,7 +323,7 @@ pub(in crate::store) async fn append_consent_many(
                 StoreError::Corrupt("an inserted consent decision came back without its id".into())
             })?;
             ids.push(id);
-            current.push((d.registry_id, d.pseudonym, id, d.decision));
+            current.push((d.patient, d.registry_id, d.pseudonym, id, d.decision));
         }
         consent_model::record_current_many(conn, &current).await?;
     }
@@ -261,6 +334,8 @@ pub(in crate::store) async fn append_consent_many(
 pub(in crate::store) struct NewCase<'a> {
     pub registry_id: i64,
     pub pseudonym: &'a str,
+    /// The patient's number ([`patient_keys_many`]).
+    pub patient: i64,
     pub centre_id: i64,
     pub recorded_by: i64,
     pub row: &'a CaseRow,
@@ -276,19 +351,22 @@ pub(in crate::store) async fn insert_cases_many(
 ) -> Result<Vec<i64>> {
     use db::Ty::{Int, Text, Time};
     // current_version is 1.
-    const ROWS: db::Rows =
-        db::Rows::with_template(&[Int, Text, Int, Time, Time], "{0}, {1}, {2}, 1, {3}, {4}");
+    const ROWS: db::Rows = db::Rows::with_template(
+        &[Int, Int, Text, Int, Time, Time],
+        "{0}, {1}, {2}, {3}, 1, {4}, {5}",
+    );
     let mut ids = Vec::with_capacity(cases.len());
     for chunk in conn.chunks(cases, ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, \
-                                updated_at) \
+            "INSERT INTO cases (patient, registry_id, pseudonym, centre_id, current_version, \
+                                created_at, updated_at) \
              {} RETURNING id, registry_id, pseudonym, centre_id",
             ROWS.sql(conn, chunk.len())
         );
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for c in chunk {
             query = query
+                .bind(c.patient)
                 .bind(c.registry_id)
                 .bind(c.pseudonym)
                 .bind(c.centre_id)
@@ -400,11 +478,13 @@ pub(in crate::store) async fn append_consent(
     source: Source,
     now: DateTime<Utc>,
 ) -> Result<i64> {
+    let patient = patient_key(conn, registry_id, pseudonym).await?;
     let row = db::query(
-        "INSERT INTO consent_events (registry_id, pseudonym, scope, state, given_at, form_version, \
-                                     expires_at, recorded_by, recorded_at, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        "INSERT INTO consent_events (patient, registry_id, pseudonym, scope, state, given_at, \
+                                     form_version, expires_at, recorded_by, recorded_at, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
     )
+    .bind(patient)
     .bind(registry_id)
     .bind(pseudonym)
     .bind(decision.scope.as_str())
@@ -419,7 +499,7 @@ pub(in crate::store) async fn append_consent(
     .await?;
     let id: i64 = row.try_get("id")?;
     // Keep the decision in force per scope (what expertise searches read) in step.
-    consent_model::record_current(conn, registry_id, pseudonym, id, decision).await?;
+    consent_model::record_current(conn, patient, registry_id, pseudonym, id, decision).await?;
     Ok(id)
 }
 
@@ -434,7 +514,8 @@ pub(in crate::store) async fn set_eligibility(
 ) -> Result<()> {
     db::query(
         "UPDATE patients SET eligible = $1, eligible_until = $2 \
-         WHERE registry_id = $3 AND pseudonym = $4",
+         WHERE registry_id = $3 \
+           AND patient = (SELECT id FROM patient_keys WHERE registry_id = $3 AND pseudonym = $4)",
     )
     .bind(eligible)
     .bind(until)
@@ -472,13 +553,14 @@ pub(in crate::store) async fn set_representative(
         eligible_until,
     } = r;
     db::query(
-        "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
-                               orphacode, sex, status, diagnosis_year, onset_age_days, \
+        "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, centre_id, \
+                               country, orphacode, sex, status, diagnosis_year, onset_age_days, \
                                diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
                                phenotypes) \
-         VALUES ($1, $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
+         VALUES ($1, (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2), \
+                 $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
                  $9, $10, $11, $12, $13, $14, $15, $16) \
-         ON CONFLICT (registry_id, pseudonym) DO UPDATE \
+         ON CONFLICT (registry_id, patient) DO UPDATE \
          SET case_id = excluded.case_id, version = excluded.version, \
              centre_id = excluded.centre_id, country = excluded.country, \
              orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
@@ -539,26 +621,27 @@ async fn insert_first_version_values(
 /// upsert per chunk.
 pub(in crate::store) async fn set_representatives_many(
     conn: &mut Db<'_>,
-    representatives: &[(i64, &str, Representative<'_>)],
+    representatives: &[(i64, i64, &str, Representative<'_>)],
 ) -> Result<()> {
     use db::Ty::{Bool, Int, Text, Time};
     // The country is the centre's.
     const ROWS: db::Rows = db::Rows::with_template(
         &[
-            Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Bool, Time, Text, Text,
+            Int, Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Bool, Time, Text,
+            Text,
         ],
-        "{0}, {1}, {2}, {3}, {4}, (SELECT country FROM centres WHERE id = {4}), {5}, {6}, {7}, \
-         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}",
+        "{0}, {1}, {2}, {3}, {4}, {5}, (SELECT country FROM centres WHERE id = {5}), {6}, {7}, \
+         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}",
     );
     for chunk in conn.chunks(representatives, ROWS_PER_STATEMENT) {
         let rows = ROWS.sql(conn, chunk.len());
         let sql = format!(
-            "INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
-                                   orphacode, sex, status, diagnosis_year, onset_age_days, \
-                                   diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
-                                   phenotypes) \
+            "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, centre_id, \
+                                   country, orphacode, sex, status, diagnosis_year, \
+                                   onset_age_days, diagnosis_age_days, delay_days, eligible, \
+                                   eligible_until, genes, phenotypes) \
              {rows} \
-             ON CONFLICT (registry_id, pseudonym) DO UPDATE \
+             ON CONFLICT (registry_id, patient) DO UPDATE \
              SET case_id = excluded.case_id, version = excluded.version, \
                  centre_id = excluded.centre_id, country = excluded.country, \
                  orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
@@ -568,10 +651,11 @@ pub(in crate::store) async fn set_representatives_many(
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
-        for (registry_id, pseudonym, r) in chunk {
+        for (registry_id, patient, pseudonym, r) in chunk {
             let row = r.row;
             query = query
                 .bind(*registry_id)
+                .bind(*patient)
                 .bind(*pseudonym)
                 .bind(r.case_id)
                 .bind(r.version)
@@ -610,7 +694,9 @@ pub(in crate::store) async fn find_case(
     centre_id: i64,
 ) -> Result<Option<(i64, i64)>> {
     let row = db::query(
-        "SELECT id, current_version FROM cases WHERE registry_id = $1 AND pseudonym = $2 AND centre_id = $3",
+        "SELECT id, current_version FROM cases \
+         WHERE patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2) \
+           AND centre_id = $3",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -633,10 +719,13 @@ pub(in crate::store) async fn insert_case(
     row: &CaseRow,
     now: DateTime<Utc>,
 ) -> Result<i64> {
+    let patient = patient_key(conn, registry_id, pseudonym).await?;
     let case_id: i64 = db::query(
-        "INSERT INTO cases (registry_id, pseudonym, centre_id, current_version, created_at, updated_at) \
-         VALUES ($1, $2, $3, 1, $4, $4) RETURNING id",
+        "INSERT INTO cases (patient, registry_id, pseudonym, centre_id, current_version, \
+                            created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, 1, $5, $5) RETURNING id",
     )
+    .bind(patient)
     .bind(registry_id)
     .bind(pseudonym)
     .bind(centre_id)
@@ -740,7 +829,8 @@ pub async fn get_case(
          JOIN centres ce ON ce.id = c.centre_id \
          JOIN case_versions v ON v.case_id = c.id AND (v.version = c.current_version OR $5 = 1) \
          JOIN principals p ON p.id = v.recorded_by \
-         WHERE c.registry_id = $1 AND c.pseudonym = $2 AND c.centre_id = $3 AND {} \
+         WHERE c.patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2) \
+           AND c.centre_id = $3 AND {} \
          ORDER BY v.version",
         consent_model::active_in_history("c", Scope::RegistryInclusion, "$4")
     );

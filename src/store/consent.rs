@@ -69,7 +69,8 @@ pub async fn history(
         "SELECT e.id, e.scope, e.state, e.given_at, e.form_version, e.expires_at, e.recorded_at, \
                 p.name, e.source, p.id AS recorder_id, p.centre_id \
          FROM consent_events e JOIN principals p ON p.id = e.recorded_by \
-         WHERE e.registry_id = $1 AND e.pseudonym = $2 ORDER BY e.id",
+         WHERE e.patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2) \
+         ORDER BY e.id",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -104,12 +105,14 @@ pub(in crate::store) async fn has_cases(
     registry_id: i64,
     pseudonym: &str,
 ) -> Result<bool> {
-    let row =
-        db::query("SELECT COUNT(*) AS n FROM cases WHERE registry_id = $1 AND pseudonym = $2")
-            .bind(registry_id)
-            .bind(pseudonym)
-            .fetch_one(&mut *conn)
-            .await?;
+    let row = db::query(
+        "SELECT COUNT(*) AS n FROM cases \
+         WHERE patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2)",
+    )
+    .bind(registry_id)
+    .bind(pseudonym)
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(row.try_get::<i64>("n")? > 0)
 }
 
@@ -123,7 +126,7 @@ pub(in crate::store) async fn erase_patient(
     let counts = db::query(
         "SELECT COUNT(DISTINCT c.id) AS cases, COUNT(v.version) AS versions FROM cases c \
          LEFT JOIN case_versions v ON v.case_id = c.id \
-         WHERE c.registry_id = $1 AND c.pseudonym = $2",
+         WHERE c.patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2)",
     )
     .bind(registry_id)
     .bind(pseudonym)
@@ -131,11 +134,16 @@ pub(in crate::store) async fn erase_patient(
     .await?;
     let (cases, versions): (i64, i64) = (counts.try_get("cases")?, counts.try_get("versions")?);
     for sql in [
-        "DELETE FROM patients WHERE registry_id = $1 AND pseudonym = $2",
-        "DELETE FROM case_genes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
-        "DELETE FROM case_phenotypes WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
-        "DELETE FROM case_versions WHERE case_id IN (SELECT id FROM cases WHERE registry_id = $1 AND pseudonym = $2)",
-        "DELETE FROM cases WHERE registry_id = $1 AND pseudonym = $2",
+        "DELETE FROM patients WHERE registry_id = $1 \
+         AND patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2)",
+        "DELETE FROM case_genes WHERE case_id IN (SELECT id FROM cases WHERE patient = \
+         (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2))",
+        "DELETE FROM case_phenotypes WHERE case_id IN (SELECT id FROM cases WHERE patient = \
+         (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2))",
+        "DELETE FROM case_versions WHERE case_id IN (SELECT id FROM cases WHERE patient = \
+         (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2))",
+        "DELETE FROM cases \
+         WHERE patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2)",
     ] {
         db::query(sql)
             .bind(registry_id)

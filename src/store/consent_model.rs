@@ -92,15 +92,15 @@ fn active(alias: &str, now: &str) -> String {
 }
 
 /// SQL condition, from the history: `scope` is active at `now` (a parameter such as `$4`)
-/// for the patient `alias.registry_id, alias.pseudonym`; `consent::is_active` in SQL.
+/// for the patient `alias.patient` (the patient number, migration 0019);
+/// `consent::is_active` in SQL.
 /// Never NULL, so it may be negated.
 pub fn active_in_history(alias: &str, scope: Scope, now: &str) -> String {
     let x = Order::event("x");
     format!(
         "COALESCE((SELECT CASE WHEN {active} THEN 1 ELSE 0 END \
                    FROM consent_events x \
-                   WHERE x.registry_id = {alias}.registry_id AND x.pseudonym = {alias}.pseudonym \
-                     AND x.scope = '{scope}' AND x.given_at <= {now} \
+                   WHERE x.patient = {alias}.patient AND x.scope = '{scope}' AND x.given_at <= {now} \
                    {latest_first} LIMIT 1), 0) = 1",
         active = active("x", now),
         scope = scope.as_str(),
@@ -109,13 +109,12 @@ pub fn active_in_history(alias: &str, scope: Scope, now: &str) -> String {
 }
 
 /// SQL condition, from `consent_current`: `scope` is active at `now` for the patient
-/// `alias.registry_id, alias.pseudonym`. Equals [`active_in_history`] for any `now` not
+/// `alias.patient`. Equals [`active_in_history`] for any `now` not
 /// before the latest `given_at` of the scope on file (see the module documentation).
 pub fn active_current(alias: &str, scope: Scope, now: &str) -> String {
     format!(
         "EXISTS (SELECT 1 FROM consent_current k \
-                 WHERE k.registry_id = {alias}.registry_id AND k.pseudonym = {alias}.pseudonym \
-                   AND k.scope = '{scope}' AND {active})",
+                 WHERE k.patient = {alias}.patient AND k.scope = '{scope}' AND {active})",
         scope = scope.as_str(),
         active = active("k", now),
     )
@@ -136,21 +135,24 @@ pub fn research_eligible(alias: &str, now: &str) -> String {
 /// writer's transaction, with the append.
 pub(in crate::store) async fn record_current(
     conn: &mut Db<'_>,
+    patient: i64,
     registry_id: i64,
     pseudonym: &str,
     event_id: i64,
     decision: &ConsentDecision,
 ) -> Result<()> {
     let sql = format!(
-        "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
+        "INSERT INTO consent_current (patient, registry_id, pseudonym, scope, event_id, state, \
+                                      given_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (patient, scope) DO UPDATE \
          SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
              expires_at = excluded.expires_at \
          WHERE {}",
         Order::current("excluded").supersedes(&Order::current("consent_current")),
     );
     db::query(&sql)
+        .bind(patient)
         .bind(registry_id)
         .bind(pseudonym)
         .bind(decision.scope.as_str())
@@ -163,21 +165,23 @@ pub(in crate::store) async fn record_current(
     Ok(())
 }
 
-/// [`record_current`] for many decisions just appended, in one multi-row upsert. No two
-/// may share (registry, patient, scope): one statement may not update a row twice.
+/// [`record_current`] for many decisions just appended, in one multi-row upsert: each is
+/// (patient number, registry id, pseudonym, event id, decision). No two may share
+/// (patient, scope): one statement may not update a row twice.
 pub(in crate::store) async fn record_current_many(
     conn: &mut Db<'_>,
-    decisions: &[(i64, &str, i64, &ConsentDecision)],
+    decisions: &[(i64, i64, &str, i64, &ConsentDecision)],
 ) -> Result<()> {
     if decisions.is_empty() {
         return Ok(());
     }
     use db::Ty::{Int, Text, Time};
-    const ROWS: db::Rows = db::Rows::of(&[Int, Text, Text, Int, Text, Time, Time]);
+    const ROWS: db::Rows = db::Rows::of(&[Int, Int, Text, Text, Int, Text, Time, Time]);
     let sql = format!(
-        "INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, expires_at) \
+        "INSERT INTO consent_current (patient, registry_id, pseudonym, scope, event_id, state, \
+                                      given_at, expires_at) \
          {} \
-         ON CONFLICT (registry_id, pseudonym, scope) DO UPDATE \
+         ON CONFLICT (patient, scope) DO UPDATE \
          SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
              expires_at = excluded.expires_at \
          WHERE {}",
@@ -185,8 +189,9 @@ pub(in crate::store) async fn record_current_many(
         Order::current("excluded").supersedes(&Order::current("consent_current")),
     );
     let mut query = db::query(&sql).persistent(ROWS.keeps(conn, decisions.len()));
-    for (registry_id, pseudonym, event_id, decision) in decisions {
+    for (patient, registry_id, pseudonym, event_id, decision) in decisions {
         query = query
+            .bind(*patient)
             .bind(*registry_id)
             .bind(*pseudonym)
             .bind(decision.scope.as_str())

@@ -692,8 +692,10 @@ impl Store {
             .map(|i| format!("${}", i + 2))
             .collect();
         let sql = format!(
-            "SELECT pseudonym FROM consent_current WHERE registry_id = $1 AND pseudonym IN ({}) \
-             ORDER BY pseudonym LIMIT 1",
+            "SELECT k.pseudonym FROM patient_keys k \
+             WHERE k.registry_id = $1 AND k.pseudonym IN ({}) \
+               AND EXISTS (SELECT 1 FROM consent_current c WHERE c.patient = k.id) \
+             ORDER BY k.pseudonym LIMIT 1",
             params.join(", ")
         );
         let mut query = db::query(&sql).bind(registry_id);

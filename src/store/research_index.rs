@@ -267,14 +267,13 @@ async fn load_part<S: IndexSink + Send>(
             }
         }
         Part::Others => {
-            // Patients with more than one case are few: found on the (registry,
-            // pseudonym, centre) index first.
+            // Patients with more than one case are few: found on the (patient, centre)
+            // index first.
             let rows = db::query(
                 "SELECT p.registry_id, p.slot, c.centre_id, v.orphacode \
-                 FROM (SELECT registry_id, pseudonym FROM cases \
-                       GROUP BY registry_id, pseudonym HAVING COUNT(*) > 1) m \
-                 JOIN patients p ON p.registry_id = m.registry_id AND p.pseudonym = m.pseudonym \
-                 JOIN cases c ON c.registry_id = m.registry_id AND c.pseudonym = m.pseudonym \
+                 FROM (SELECT patient FROM cases GROUP BY patient HAVING COUNT(*) > 1) m \
+                 JOIN cases c ON c.patient = m.patient \
+                 JOIN patients p ON p.registry_id = c.registry_id AND p.patient = m.patient \
                      AND c.id <> p.case_id \
                  JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
                  WHERE p.slot IS NOT NULL",
@@ -509,7 +508,7 @@ async fn load_slots(
          FROM {by_slot} CROSS JOIN cases c \
          JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
          WHERE p.registry_id = $1 AND p.slot {list} \
-           AND c.registry_id = p.registry_id AND c.pseudonym = p.pseudonym \
+           AND c.patient = p.patient \
            AND c.id <> p.case_id \
          ORDER BY 1",
         patient = patient_columns(backend),
@@ -583,7 +582,9 @@ async fn slots_of(
     for (registry_id, pseudonyms) in by_registry {
         for chunk in conn.chunks(&pseudonyms, CHUNK) {
             let sql = format!(
-                "SELECT pseudonym, slot FROM patients WHERE registry_id = $1 AND pseudonym {}",
+                "SELECT k.pseudonym, p.slot FROM patient_keys k \
+                 JOIN patients p ON p.registry_id = k.registry_id AND p.patient = k.id \
+                 WHERE k.registry_id = $1 AND k.pseudonym {}",
                 PSEUDONYMS.sql(conn, 2, chunk.len())
             );
             let mut q = db::query(&sql)
@@ -655,11 +656,12 @@ pub(super) async fn log_changes(
             // Slots next, next + 1, ...: one per row, in pseudonym order.
             let sql = format!(
                 "UPDATE patients SET slot = n.slot \
-                 FROM (SELECT registry_id, pseudonym, \
-                              $2 + ROW_NUMBER() OVER (ORDER BY pseudonym) - 1 AS slot \
-                       FROM patients \
-                       WHERE registry_id = $1 AND slot IS NULL AND pseudonym {}) AS n \
-                 WHERE patients.registry_id = n.registry_id AND patients.pseudonym = n.pseudonym",
+                 FROM (SELECT p.registry_id, p.patient, \
+                              $2 + ROW_NUMBER() OVER (ORDER BY p.pseudonym) - 1 AS slot \
+                       FROM patient_keys k \
+                       JOIN patients p ON p.registry_id = k.registry_id AND p.patient = k.id \
+                       WHERE k.registry_id = $1 AND p.slot IS NULL AND k.pseudonym {}) AS n \
+                 WHERE patients.registry_id = n.registry_id AND patients.patient = n.patient",
                 PSEUDONYMS.sql(conn, 3, chunk.len())
             );
             let mut q = db::query(&sql)

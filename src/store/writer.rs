@@ -1048,13 +1048,30 @@ async fn submit_run(
     if accepted.is_empty() {
         return Ok(outcomes);
     }
+    // The patients' numbers, made for those new to the registry (in the order of the run,
+    // after every number given before: migration 0019).
+    let wanted: Vec<(i64, &str)> = accepted
+        .iter()
+        .map(|(i, _, _)| (run[*i].registry_id, run[*i].pseudonym.as_str()))
+        .collect();
+    let keys = cases::patient_keys_many(conn, &wanted).await?;
+    let patient_ids = wanted
+        .iter()
+        .map(|&(r, p)| {
+            keys.get(&(r, p.to_owned())).copied().ok_or_else(|| {
+                StoreError::Corrupt("a patient of the run came back without a number".into())
+            })
+        })
+        .collect::<Result<Vec<i64>, StoreError>>()?;
     let decisions: Vec<cases::NewDecision<'_>> = accepted
         .iter()
-        .flat_map(|(i, _, _)| {
+        .zip(&patient_ids)
+        .flat_map(|((i, _, _), &patient)| {
             let c = run[*i];
             c.consent.iter().map(move |decision| cases::NewDecision {
                 registry_id: c.registry_id,
                 pseudonym: &c.pseudonym,
+                patient,
                 decision,
                 recorded_by: c.principal_id,
                 source: Source::PhysicianAttestation,
@@ -1070,11 +1087,13 @@ async fn submit_run(
     }
     let new_cases: Vec<cases::NewCase<'_>> = accepted
         .iter()
-        .map(|(i, _, _)| {
+        .zip(&patient_ids)
+        .map(|((i, _, _), &patient)| {
             let c = run[*i];
             cases::NewCase {
                 registry_id: c.registry_id,
                 pseudonym: &c.pseudonym,
+                patient,
                 centre_id: c.centre_id,
                 recorded_by: c.principal_id,
                 row: &c.row,
@@ -1083,14 +1102,16 @@ async fn submit_run(
         })
         .collect();
     let case_ids = cases::insert_cases_many(conn, &new_cases).await?;
-    let representatives: Vec<(i64, &str, cases::Representative<'_>)> = accepted
+    let representatives: Vec<(i64, i64, &str, cases::Representative<'_>)> = accepted
         .iter()
         .zip(case_ids)
-        .map(|((i, events, at), case_id)| {
+        .zip(&patient_ids)
+        .map(|(((i, events, at), case_id), &patient)| {
             let c = run[*i];
             let (eligible, eligible_until) = rules.research_eligibility(events, *at);
             (
                 c.registry_id,
+                patient,
                 c.pseudonym.as_str(),
                 cases::Representative {
                     case_id,

@@ -94,6 +94,14 @@ const DIALECT_ONLY: &[DialectOnly] = &[
               declared NOT NULL (a documented legacy quirk); declaring it now takes a table \
               rebuild, and the one writer (Store::insert_api_key) binds a generated key id.",
     },
+    DialectOnly {
+        side: Side::Postgres,
+        facts: &["column consent_events.patient not null"],
+        why: "SQLite adds a column with a REFERENCES clause only without NOT NULL (migration \
+              0019), and rebuilding the history to declare it would rewrite every consent \
+              decision on file; the writer always binds the patient's number, and the \
+              upgrade test checks that the migration left no decision without one.",
+    },
 ];
 
 /// What one side states and the other does not, less [`DIALECT_ONLY`].
@@ -244,14 +252,13 @@ async fn the_sqlite_and_postgresql_migrations_make_the_same_schema() {
         "column consent_events.id generated",
         "column registries.protection_level default 1",
         "column audit_log.target default ''",
-        "primary key consent_current (registry_id, pseudonym, scope)",
-        "unique cases (registry_id, pseudonym, centre_id)",
+        "primary key consent_current (patient, scope)",
+        "unique cases (patient, centre_id)",
         "foreign key case_genes (case_id, version) -> case_versions (case_id, version) \
          on delete cascade on update no action",
         "check principals (role): 'admin', 'consent_officer', 'physician', 'researcher'",
         "check registries (id): 1, 999",
-        "index consent_events.consent_events_in_force (registry_id, pseudonym, scope, \
-         given_at, id)",
+        "index consent_events.consent_events_in_force (patient, scope, given_at, id)",
     ] {
         assert!(sqlite.facts.contains(fact), "SQLite lacks {fact:?}");
         assert!(postgres.facts.contains(fact), "PostgreSQL lacks {fact:?}");
@@ -1765,6 +1772,28 @@ async fn upgrade_from(version: i64) {
     // 0006: every registry at the least protection level.
     let sql = "SELECT COUNT(*) FROM registries WHERE protection_level <> 1";
     assert_eq!(scalar(pool, sql).await, 0);
+    // 0019: a number for every patient of before, and every row of the history, the
+    // decisions in force, the cases and the research rows carries its patient's.
+    let sql = "SELECT COUNT(*) FROM (SELECT registry_id, pseudonym FROM consent_events \
+               UNION SELECT registry_id, pseudonym FROM cases) AS p";
+    let patients = scalar(pool, sql).await;
+    assert!(patients > 1, "{patients} patients before");
+    assert_eq!(
+        scalar(pool, "SELECT COUNT(*) FROM patient_keys").await,
+        patients
+    );
+    for table in ["consent_events", "consent_current", "cases", "patients"] {
+        let sql = format!(
+            "SELECT COUNT(*) FROM {table} t WHERE t.patient IS NULL OR NOT EXISTS \
+             (SELECT 1 FROM patient_keys k WHERE k.id = t.patient \
+              AND k.registry_id = t.registry_id AND k.pseudonym = t.pseudonym)"
+        );
+        assert_eq!(
+            scalar(pool, &sql).await,
+            0,
+            "{table} without its patient's number"
+        );
+    }
     // 0007: no fingerprint yet (the first start records it).
     assert_eq!(scalar(pool, "SELECT COUNT(*) FROM master_key").await, 0);
     // 0004, 0009: entries of before are of version 1, without target or rows; every

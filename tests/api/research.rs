@@ -773,7 +773,16 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
             .collect::<Vec<_>>()
             .join("\n");
         if sql.trim_start().starts_with("INSERT INTO") {
-            app.store.pool().execute_raw(&sql).await.unwrap();
+            // Since migration 0019 both tables are keyed by the patient's number, which it
+            // filled from `patient_keys` as here: 0003's rows, each with its number.
+            let (insert, select) = sql.split_at(sql.find("SELECT").unwrap());
+            let insert = insert.replacen('(', "(patient, ", 1);
+            let keyed = format!(
+                "{insert} SELECT (SELECT k.id FROM patient_keys k \
+                 WHERE k.registry_id = r.registry_id AND k.pseudonym = r.pseudonym), r.* \
+                 FROM ({select}) r"
+            );
+            app.store.pool().execute_raw(&keyed).await.unwrap();
         }
     }
     if !app.is_sqlite() {
