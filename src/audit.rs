@@ -437,6 +437,10 @@ pub enum Broken {
     RowForeign { table: Table, id: i64, seq: i64 },
     #[error("{table} {id}: covered by no entry (inserted outside the service)")]
     RowUncovered { table: Table, id: i64 },
+    #[error(
+        "{table} {id}: filed under a patient number that is not its pseudonym's (its number or the patient keys were changed)"
+    )]
+    RowMisfiled { table: Table, id: i64 },
     #[error("{table} {id}: its {column} is not readable as stored (type changed)")]
     RowUnreadable {
         table: Table,

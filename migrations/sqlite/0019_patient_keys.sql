@@ -6,11 +6,12 @@
 -- patient at a random place, one page of its own per patient. A submission entered five
 -- such indexes (consent history, current consent, the case's unique key, the research
 -- row, the centre's cases), and the pages they dirtied were most of what a commit writes:
--- the same rows with pseudonyms in increasing order insert five times as fast. Now one
--- index is keyed by the pseudonym, `patient_keys`' own, and gives each patient an `id`
--- the first time anything is written about them; the history, the decisions in force, the
--- cases and the research rows are keyed by that number, which grows with every new patient,
--- so their indexes are appended to. A key row is never deleted or changed (an erasure
+-- the same rows with pseudonyms in increasing order inserted about five times as fast.
+-- `patient_keys` gives each patient an `id` the first time anything is written about them;
+-- the history, the decisions in force, the cases and the research rows are keyed by that
+-- number, which grows with every new patient, so their indexes are appended to. Two
+-- indexes stay keyed by the pseudonym: `patient_keys`' own, and `cases_registry_centre`
+-- (ExportPhenopackets pages a centre's cases in pseudonym order). A key row is never deleted or changed (an erasure
 -- keeps the consent history, which refers to it) and holds no more than the history
 -- already did. The tables keep their `pseudonym` column, so rows read back still carry it.
 CREATE TABLE patient_keys (

@@ -638,6 +638,25 @@ async fn verify_in(
             return Ok(Err(Broken::RowUncovered { table, id }));
         }
     }
+    // A consent decision is read by its patient's number (migration 0019), which its row
+    // hash does not cover: the number must be the one of the pseudonym it covers, or a
+    // decision could be moved to another patient, or hidden, without changing a hash.
+    if let Some(row) = db::query(
+        "SELECT e.id FROM consent_events e \
+         WHERE e.patient IS NULL OR NOT EXISTS (SELECT 1 FROM patient_keys k \
+             WHERE k.id = e.patient AND k.registry_id = e.registry_id \
+               AND k.pseudonym = e.pseudonym) \
+         ORDER BY e.id LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    {
+        let id = row.try_get("id")?;
+        return Ok(Err(Broken::RowMisfiled {
+            table: Table::ConsentEvents,
+            id,
+        }));
+    }
     let mut unadopted = 0;
     if lowest == 0 {
         for table in Table::ALL {

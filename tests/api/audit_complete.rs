@@ -303,6 +303,66 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         "DELETE FROM consent_events WHERE id = 9999",
     )
     .await;
+    // A decision moved to another patient: it is read by the patient's number (migration
+    // 0019), which its row hash does not cover.
+    attack(
+        &app,
+        "withdrawal moved to another patient",
+        &format!(
+            "UPDATE consent_events SET patient = \
+             (SELECT patient FROM attack_events WHERE id = {research_of_second}) \
+             WHERE id = {withdrawal_event}"
+        ),
+        &format!("consent event {withdrawal_event}: filed under a patient number"),
+        &format!(
+            "UPDATE consent_events SET patient = \
+             (SELECT patient FROM attack_events WHERE id = {withdrawal_event}) \
+             WHERE id = {withdrawal_event}"
+        ),
+    )
+    .await;
+    // Two patients' whole histories swapped, through their keys. `keys(a, b, c, d)`: the
+    // key of event `a`'s patient gives way, the key of event `b`'s patient takes event
+    // `c`'s pseudonym, then the first takes event `d`'s (pseudonyms as saved).
+    let keys = |a: i64, b: i64, c: i64, d: i64| {
+        let patient = |e: i64| format!("(SELECT patient FROM attack_events WHERE id = {e})");
+        let pseudonym = |e: i64| format!("(SELECT pseudonym FROM attack_events WHERE id = {e})");
+        format!(
+            "UPDATE patient_keys SET pseudonym = 'giving way' WHERE id = {}; \
+             UPDATE patient_keys SET pseudonym = {} WHERE id = {}; \
+             UPDATE patient_keys SET pseudonym = {} WHERE id = {};",
+            patient(a),
+            pseudonym(c),
+            patient(b),
+            pseudonym(d),
+            patient(a),
+        )
+    };
+    let (first, second) = (superseded, research_of_second);
+    attack(
+        &app,
+        "patient keys swapped",
+        &keys(first, second, first, second),
+        &format!("consent event {superseded}: filed under a patient number"),
+        &keys(first, second, second, first),
+    )
+    .await;
+    if app.is_sqlite() {
+        // SQLite's column may hold NULL (PostgreSQL's is NOT NULL): a decision with no
+        // number would be found by no lookup.
+        attack(
+            &app,
+            "withdrawal hidden",
+            &format!("UPDATE consent_events SET patient = NULL WHERE id = {withdrawal_event}"),
+            &format!("consent event {withdrawal_event}: filed under a patient number"),
+            &format!(
+                "UPDATE consent_events SET patient = \
+                 (SELECT patient FROM attack_events WHERE id = {withdrawal_event}) \
+                 WHERE id = {withdrawal_event}"
+            ),
+        )
+        .await;
+    }
     // The tombstone says less was erased; then it disappears altogether.
     attack(
         &app,

@@ -1107,6 +1107,172 @@ async fn a_database_of_version_0005_keeps_its_data_and_its_audit_chain() {
     upgrade_from(5).await;
 }
 
+/// Migration 0019 on SQLite builds `cases`, their versions, the versions' genes and HPO
+/// terms and the research rows anew (SQLite cannot drop a UNIQUE constraint), and the
+/// decisions in force too: every row of every table, every column of before included
+/// (the later ones: `code_releases`, `slot`, `genes`, `phenotypes`), keeps the values it
+/// had, the case ids the versions and research rows refer to among them, and every row
+/// carries its patient's number. On PostgreSQL the migration adds columns in place; the
+/// upgrades from 0002 and 0005 run through it there.
+#[tokio::test]
+async fn migration_0019_rebuilds_the_case_tables_without_losing_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, store, pool) = at_version(&dir, 18).await;
+    if store.backend() != Backend::Sqlite {
+        store.close().await;
+        return;
+    }
+    let pool = &pool;
+    // The registries as the first start seeds them (src/erns.csv).
+    for (i, line) in include_str!("../../src/erns.csv")
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+    {
+        let fields: Vec<&str> = line.splitn(3, ',').map(str::trim).collect();
+        sqlx::query(
+            "INSERT INTO registries (id, code, name, scope, created_at) VALUES ($1, $2, $3, $4, 0)",
+        )
+        .bind(i as i64 + 1)
+        .bind(fields[0])
+        .bind(fields[1])
+        .bind(fields[2])
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let r = scalar(pool, "SELECT id FROM registries WHERE code = 'ERN-LUNG'").await;
+    exec(
+        pool,
+        &format!(
+            "INSERT INTO centres (id, code, name, country, created_at) \
+             VALUES (1, 'NL-AMC', 'a', 'NL', 0), (2, 'BE-UZL', 'b', 'BE', 0); \
+         INSERT INTO principals (id, name, role, centre_id, created_at) \
+             VALUES (1, 'dr-a', 'physician', 1, 0), (2, 'dr-b', 'physician', 2, 0); \
+         INSERT INTO consent_events (id, registry_id, pseudonym, scope, state, given_at, \
+                 form_version, expires_at, recorded_by, recorded_at, source, audit_seq) VALUES \
+             (1, {r}, 'R001-V001-B', 'registry_inclusion', 'granted', 10, 'v1', NULL, 1, 11, \
+              'physician_attestation', 0), \
+             (2, {r}, 'R001-V001-B', 'research_use', 'granted', 10, 'v1', 99999, 1, 11, \
+              'physician_attestation', 0), \
+             (3, {r}, 'R001-V001-A', 'registry_inclusion', 'granted', 20, 'v2', NULL, 2, 21, \
+              'physician_attestation', NULL), \
+             (4, {r}, 'R001-V001-C', 'registry_inclusion', 'refused', 30, 'v2', NULL, 1, 31, \
+              'consent_officer', NULL); \
+         INSERT INTO consent_current (registry_id, pseudonym, scope, event_id, state, given_at, \
+                 expires_at) VALUES \
+             ({r}, 'R001-V001-B', 'registry_inclusion', 1, 'granted', 10, NULL), \
+             ({r}, 'R001-V001-B', 'research_use', 2, 'granted', 10, 99999), \
+             ({r}, 'R001-V001-A', 'registry_inclusion', 3, 'granted', 20, NULL), \
+             ({r}, 'R001-V001-C', 'registry_inclusion', 4, 'refused', 30, NULL); \
+         INSERT INTO cases (id, registry_id, pseudonym, centre_id, current_version, created_at, \
+                 updated_at) VALUES \
+             (5, {r}, 'R001-V001-B', 1, 2, 12, 40), (7, {r}, 'R001-V001-B', 2, 1, 13, 13), \
+             (9, {r}, 'R001-V001-A', 1, 1, 22, 22); \
+         INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, \
+                 birth_year_month, sex, status, date_of_death, first_contact_date, onset_kind, \
+                 onset_date, undiagnosed, orphacode, diagnosis_date, icd10, icd11, omim, \
+                 hpo_terms, icf_codes, genetic_findings, diagnosis_year, onset_age_days, \
+                 diagnosis_age_days, delay_days, code_releases) VALUES \
+             (5, 1, 12, 1, '2001-02', 'female', 'alive', NULL, '2010-01', 'date', '2003', 0, \
+              586, '2012-05-06', 'E84.0', 'CA25', '219700', 'HP:0001', 'b230', 'CFTR|c.1', \
+              2012, 700, 4100, 3400, NULL), \
+             (5, 2, 40, 1, '2001-02', 'female', 'deceased', '2020-01', '2010-01', 'date', \
+              '2003', 0, 586, '2012-05-06', 'E84.0', 'CA25', '219700', 'HP:0001 HP:0002', '', \
+              'CFTR|c.1|c.2 SCNN1A', 2012, 700, 4100, 3400, 'hpo=2025-01-16'), \
+             (7, 1, 13, 2, '2001-02', 'female', 'alive', NULL, NULL, 'unknown', NULL, 1, NULL, \
+              NULL, '', '', '', '', '', '', NULL, NULL, NULL, NULL, ''), \
+             (9, 1, 22, 2, '1999-12', 'male', 'alive', NULL, NULL, 'congenital', NULL, 0, 166, \
+              NULL, '', '', '', 'HP:0003', '', '', NULL, 0, NULL, NULL, NULL); \
+         INSERT INTO case_genes (case_id, version, gene) VALUES \
+             (5, 1, 'CFTR'), (5, 2, 'CFTR'), (5, 2, 'SCNN1A'); \
+         INSERT INTO case_phenotypes (case_id, version, term) VALUES \
+             (5, 1, 'HP:0001'), (5, 2, 'HP:0001'), (5, 2, 'HP:0002'), (9, 1, 'HP:0003'); \
+         INSERT INTO patients (registry_id, pseudonym, case_id, version, centre_id, country, \
+                 orphacode, sex, status, diagnosis_year, onset_age_days, diagnosis_age_days, \
+                 delay_days, eligible, eligible_until, slot, genes, phenotypes) VALUES \
+             ({r}, 'R001-V001-B', 5, 2, 1, 'NL', 586, 'female', 'deceased', 2012, 700, 4100, \
+              3400, 1, 99999, 0, 'CFTR SCNN1A', 'HP:0001 HP:0002'), \
+             ({r}, 'R001-V001-A', 9, 1, 1, 'NL', 166, 'male', 'alive', NULL, 0, NULL, NULL, 0, \
+              NULL, NULL, '', 'HP:0003');"
+        ),
+    )
+    .await;
+    let mut before = BTreeMap::new();
+    for (table, columns) in schema(&url).await.columns {
+        let columns = columns.join(", ");
+        let rows = rows(pool, &table, &columns).await;
+        before.insert(table, (columns, rows));
+    }
+    for table in [
+        "consent_events",
+        "consent_current",
+        "cases",
+        "case_versions",
+        "case_genes",
+        "case_phenotypes",
+        "patients",
+    ] {
+        assert!(!before[table].1.is_empty(), "{table} is empty");
+    }
+
+    store.migrate().await.unwrap();
+
+    for (table, (columns, rows_before)) in &before {
+        assert_eq!(
+            &rows(pool, table, columns).await,
+            rows_before,
+            "{table} changed in migration 0019"
+        );
+    }
+    // A number per patient, and each row with its patient's.
+    assert_eq!(
+        rows(pool, "patient_keys", "registry_id, pseudonym").await,
+        ["A", "B", "C"].map(|p| format!("{r} | R001-V001-{p}"))
+    );
+    for table in ["consent_events", "consent_current", "cases", "patients"] {
+        let sql = format!(
+            "SELECT COUNT(*) FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM patient_keys k \
+             WHERE k.id = t.patient AND k.registry_id = t.registry_id \
+               AND k.pseudonym = t.pseudonym)"
+        );
+        assert_eq!(
+            scalar(pool, &sql).await,
+            0,
+            "{table} without its patient's number"
+        );
+    }
+    // The rebuilt tables' foreign keys hold and point at the new tables: a case's versions,
+    // genes and HPO terms go with it.
+    assert_eq!(
+        scalar(pool, "SELECT COUNT(*) FROM pragma_foreign_key_check").await,
+        0
+    );
+    exec(
+        pool,
+        "DELETE FROM patients WHERE case_id = 7; DELETE FROM cases WHERE id = 7",
+    )
+    .await;
+    assert_eq!(
+        scalar(pool, "SELECT COUNT(*) FROM case_versions WHERE case_id = 7").await,
+        0
+    );
+    exec(pool, "DELETE FROM patients; DELETE FROM cases WHERE id = 5").await;
+    for table in ["case_versions", "case_genes", "case_phenotypes"] {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE case_id = 5");
+        assert_eq!(
+            scalar(pool, &sql).await,
+            0,
+            "{table} kept rows of a deleted case"
+        );
+    }
+    let sql = "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%before_keys%' \
+               OR sql LIKE '%before_keys%'";
+    assert_eq!(scalar(pool, sql).await, 0);
+    store.close().await;
+}
+
 /// Migration 0017 (instants TIMESTAMPTZ, flags BOOLEAN on PostgreSQL; nothing to convert
 /// on SQLite) keeps every instant to the millisecond, at the edges too (before 1970, a
 /// millisecond either side of the epoch, year 9999), and every flag, and the store reads
