@@ -438,9 +438,17 @@ pub enum Broken {
     #[error("{table} {id}: covered by no entry (inserted outside the service)")]
     RowUncovered { table: Table, id: i64 },
     #[error(
-        "{table} {id}: filed under a patient number that is not its pseudonym's (its number or the patient keys were changed)"
+        "{row}: filed under a patient number that is not its pseudonym's (its number or the patient keys were changed)"
     )]
-    RowMisfiled { table: Table, id: i64 },
+    RowMisfiled {
+        /// The row, as "consent event 7", "case 5", "decision in force of consent event
+        /// 7" or "research row of case 5".
+        row: String,
+    },
+    #[error(
+        "patient keys: a pseudonym of registry {registry_id} has {count} numbers (the keys' unique constraint was removed)"
+    )]
+    KeyDuplicated { registry_id: i64, count: i64 },
     #[error("{table} {id}: its {column} is not readable as stored (type changed)")]
     RowUnreadable {
         table: Table,

@@ -6,7 +6,8 @@
 //! read transaction on SQLite), so a server writing meanwhile cannot make rows and
 //! entries disagree; it pages through the chain by sequence number, and for each page
 //! reads the rows that name its entries (`audit_seq`, indexed), so memory stays flat
-//! however long the log.
+//! however long the log. Last, it checks that every row found by a patient's number
+//! (migration 0019) carries the number of its own pseudonym: a scan of those tables.
 
 use std::collections::BTreeMap;
 
@@ -521,8 +522,8 @@ impl Store {
 
     /// Verifies the whole log: every entry (not only those up to the head) in sequence
     /// order, the head both ways, every consent event and tombstone against the entry
-    /// that wrote it, and no such row covered by no entry. `Ok(Err(_))` names the first
-    /// problem found.
+    /// that wrote it, no such row covered by no entry, and every row found by a patient's
+    /// number filed under its own pseudonym's. `Ok(Err(_))` names the first problem found.
     pub async fn verify_audit(
         &self,
         key: &AuditKey,
@@ -638,24 +639,47 @@ async fn verify_in(
             return Ok(Err(Broken::RowUncovered { table, id }));
         }
     }
-    // A consent decision is read by its patient's number (migration 0019), which its row
-    // hash does not cover: the number must be the one of the pseudonym it covers, or a
-    // decision could be moved to another patient, or hidden, without changing a hash.
+    // Since migration 0019 the history, the decisions in force, the cases and the research
+    // rows are found by the patient's number, which no row hash covers (it did not exist
+    // when rows were first audited). Every such row's number must be the one
+    // `patient_keys` gives its own registry and pseudonym, and every pseudonym must have
+    // one number: otherwise a decision could be moved to another patient or hidden, or a
+    // record read or counted under another patient's consent, without changing a hash.
     if let Some(row) = db::query(
-        "SELECT e.id FROM consent_events e \
-         WHERE e.patient IS NULL OR NOT EXISTS (SELECT 1 FROM patient_keys k \
-             WHERE k.id = e.patient AND k.registry_id = e.registry_id \
-               AND k.pseudonym = e.pseudonym) \
-         ORDER BY e.id LIMIT 1",
+        "SELECT registry_id, COUNT(*) AS n FROM patient_keys \
+         GROUP BY registry_id, pseudonym HAVING COUNT(*) > 1 LIMIT 1",
     )
     .fetch_optional(&mut *conn)
     .await?
     {
-        let id = row.try_get("id")?;
-        return Ok(Err(Broken::RowMisfiled {
-            table: Table::ConsentEvents,
-            id,
+        return Ok(Err(Broken::KeyDuplicated {
+            registry_id: row.try_get("registry_id")?,
+            count: row.try_get("n")?,
         }));
+    }
+    for (table, row_id, name) in [
+        ("consent_events", "id", "consent event"),
+        ("cases", "id", "case"),
+        (
+            "consent_current",
+            "event_id",
+            "decision in force of consent event",
+        ),
+        ("patients", "case_id", "research row of case"),
+    ] {
+        let sql = format!(
+            "SELECT t.{row_id} AS row_id FROM {table} t \
+             WHERE t.patient IS NULL OR NOT EXISTS (SELECT 1 FROM patient_keys k \
+                 WHERE k.id = t.patient AND k.registry_id = t.registry_id \
+                   AND k.pseudonym = t.pseudonym) \
+             ORDER BY t.{row_id} LIMIT 1"
+        );
+        if let Some(row) = db::query(&sql).fetch_optional(&mut *conn).await? {
+            let id: i64 = row.try_get("row_id")?;
+            return Ok(Err(Broken::RowMisfiled {
+                row: format!("{name} {id}"),
+            }));
+        }
     }
     let mut unadopted = 0;
     if lowest == 0 {

@@ -24,6 +24,7 @@
 //! all its rows. Only [`Query::fetch_scalar`] and [`Query::fetch_scalars`] read by
 //! number: the first column of a one-column result.
 
+use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -448,13 +449,16 @@ impl List {
         if db.arrays_for(n) {
             return format!("= ANY(${first}::{})", self.0.pg_array());
         }
-        format!(
-            "IN ({})",
-            (first..first + n)
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        let mut out = String::with_capacity(6 + n * 6);
+        out.push_str("IN (");
+        for i in first..first + n {
+            if i > first {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "${i}");
+        }
+        out.push(')');
+        out
     }
 
     /// Whether the statement with `n` values is kept prepared ([`Db::keeps_batch`]).
@@ -496,21 +500,52 @@ impl Rows {
         }
     }
 
-    /// The row template with value `i` written `value(i)`.
-    fn row(&self, value: impl Fn(usize) -> String) -> String {
-        match self.template {
-            None => (0..self.types.len())
-                .map(value)
-                .collect::<Vec<_>>()
-                .join(", "),
-            Some(template) => {
-                let mut out = template.to_owned();
-                for i in 0..self.types.len() {
-                    out = out.replace(&format!("{{{i}}}"), &value(i));
+    /// Appends the row template to `out` with value `i` written by `value(out, i)`: one
+    /// pass over the template, no string per value (the writer builds these statements for
+    /// every batch, hundreds of values each). A `{` not followed by a value's number and
+    /// `}` is copied as it is.
+    fn push_row(&self, out: &mut String, value: impl Fn(&mut String, usize)) {
+        let Some(template) = self.template else {
+            for i in 0..self.types.len() {
+                if i > 0 {
+                    out.push_str(", ");
                 }
-                out
+                value(out, i);
+            }
+            return;
+        };
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let index = after.find('}').and_then(|close| {
+                let digits = &after[..close];
+                let i = digits.parse::<usize>().ok()?;
+                // Exactly the decimal form of `i`: no sign, no leading zero.
+                (digits.bytes().all(|b| b.is_ascii_digit())
+                    && !(digits.len() > 1 && digits.starts_with('0'))
+                    && i < self.types.len())
+                .then_some((close, i))
+            });
+            match index {
+                Some((close, i)) => {
+                    value(out, i);
+                    rest = &after[close + 1..];
+                }
+                None => {
+                    out.push('{');
+                    rest = after;
+                }
             }
         }
+        out.push_str(rest);
+    }
+
+    /// The row template with value `i` written `value(i)`.
+    fn row(&self, value: impl Fn(usize) -> String) -> String {
+        let mut out = String::new();
+        self.push_row(&mut out, |out, i| out.push_str(&value(i)));
+        out
     }
 
     /// The rows part of the statement for `n` rows on `db`.
@@ -533,13 +568,19 @@ impl Rows {
                 self.row(|i| format!("u.v{i}"))
             );
         }
-        format!(
-            "VALUES {}",
-            (0..n)
-                .map(|r| format!("({})", self.row(|i| format!("${}", 1 + r * c + i))))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        let mut out = String::with_capacity(8 + n * (c * 7 + 4));
+        out.push_str("VALUES ");
+        for r in 0..n {
+            if r > 0 {
+                out.push_str(", ");
+            }
+            out.push('(');
+            self.push_row(&mut out, |out, i| {
+                let _ = write!(out, "${}", 1 + r * c + i);
+            });
+            out.push(')');
+        }
+        out
     }
 
     /// Whether the statement of `n` rows is kept prepared ([`Db::keeps_batch`]).
@@ -1290,6 +1331,12 @@ mod tests {
         assert_eq!(
             List(Ty::Text).sql(&Db::Lite(&mut lite), 2, 3),
             "IN ($2, $3, $4)"
+        );
+        // Only `{i}` of a value `i` is a value; other braces stay as written.
+        const ODD: Rows = Rows::with_template(&[Ty::Int], "'{}', {x}, {1}, {+0}, {00}, {0}{0}, {");
+        assert_eq!(
+            ODD.sql(&Db::Lite(&mut lite), 2),
+            "VALUES ('{}', {x}, {1}, {+0}, {00}, $1$1, {), ('{}', {x}, {1}, {+0}, {00}, $2$2, {)"
         );
     }
 

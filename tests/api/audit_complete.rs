@@ -347,6 +347,58 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         &keys(first, second, second, first),
     )
     .await;
+    // A record moved to another patient: read and counted under that patient's consent.
+    let case = app.ids("SELECT id FROM cases").await[0];
+    let recontact = events[4];
+    attack(
+        &app,
+        "case moved to another patient",
+        &format!(
+            "UPDATE cases SET patient = \
+             (SELECT patient FROM attack_events WHERE id = {recontact}) WHERE id = {case}"
+        ),
+        &format!("case {case}: filed under a patient number"),
+        &format!(
+            "UPDATE cases SET patient = \
+             (SELECT patient FROM attack_events WHERE id = {research_of_second}) \
+             WHERE id = {case}"
+        ),
+    )
+    .await;
+    // A decision in force (what research counts read) moved to another patient.
+    attack(
+        &app,
+        "decision in force moved",
+        &format!(
+            "UPDATE consent_current SET patient = \
+             (SELECT patient FROM attack_events WHERE id = {research_of_second}) \
+             WHERE event_id = {recontact}"
+        ),
+        &format!("decision in force of consent event {recontact}: filed under"),
+        &format!(
+            "UPDATE consent_current SET patient = \
+             (SELECT patient FROM attack_events WHERE id = {recontact}) \
+             WHERE event_id = {recontact}"
+        ),
+    )
+    .await;
+    if !app.is_sqlite() {
+        // A second number for a pseudonym, once the keys' unique constraint is gone (on
+        // SQLite it cannot be dropped without rebuilding the table): a lookup would take
+        // one and hide the decisions filed under the other.
+        attack(
+            &app,
+            "a pseudonym with two numbers",
+            "ALTER TABLE patient_keys DROP CONSTRAINT patient_keys_registry_id_pseudonym_key; \
+             INSERT INTO patient_keys (registry_id, pseudonym) \
+             SELECT registry_id, pseudonym FROM patient_keys ORDER BY id LIMIT 1",
+            "patient keys: a pseudonym of registry",
+            "DELETE FROM patient_keys WHERE id = (SELECT MAX(id) FROM patient_keys); \
+             ALTER TABLE patient_keys ADD CONSTRAINT patient_keys_registry_id_pseudonym_key \
+             UNIQUE (registry_id, pseudonym)",
+        )
+        .await;
+    }
     if app.is_sqlite() {
         // SQLite's column may hold NULL (PostgreSQL's is NOT NULL): a decision with no
         // number would be found by no lookup.
