@@ -117,6 +117,31 @@ fn by_registry<'a>(conn: &Db<'_>, patients: &[(i64, &'a str)]) -> Vec<(i64, Vec<
 /// A list of pseudonyms (`IN (...)`, or one array on PostgreSQL).
 const PSEUDONYMS: db::List = db::List(db::Ty::Text);
 
+/// Runs `sql(list)`, a statement about one registry (`$1`) and a list of its pseudonyms
+/// (`list`, from `$2`), once per registry and chunk of `patients`; returns each row with
+/// its registry id.
+async fn by_pseudonyms(
+    conn: &mut Db<'_>,
+    patients: &[(i64, &str)],
+    sql: impl Fn(&str) -> String,
+) -> Result<Vec<(i64, Row)>> {
+    let mut out = Vec::new();
+    for (registry_id, pseudonyms) in by_registry(conn, patients) {
+        let sql = sql(&PSEUDONYMS.sql(conn, 2, pseudonyms.len()));
+        let mut query = db::query(&sql)
+            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
+            .bind(registry_id);
+        for pseudonym in &pseudonyms {
+            query = query.bind(*pseudonym);
+        }
+        let query = query.list(conn, 2, &PSEUDONYMS)?;
+        for row in query.fetch_all(&mut *conn).await? {
+            out.push((registry_id, row));
+        }
+    }
+    Ok(out)
+}
+
 /// The patient numbers of several patients (registry id, pseudonym), by the same key:
 /// those on file, and for the others a `patient_keys` row made now (migration 0019: the
 /// number every other table keys a patient by, given in order of first write). One
@@ -126,21 +151,14 @@ pub(in crate::store) async fn patient_keys_many(
     patients: &[(i64, &str)],
 ) -> Result<HashMap<(i64, String), i64>> {
     let mut keys: HashMap<(i64, String), i64> = HashMap::with_capacity(patients.len());
-    for (registry_id, pseudonyms) in by_registry(conn, patients) {
-        let sql = format!(
-            "SELECT id, pseudonym FROM patient_keys WHERE registry_id = $1 AND pseudonym {}",
-            PSEUDONYMS.sql(conn, 2, pseudonyms.len())
-        );
-        let mut query = db::query(&sql)
-            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
-            .bind(registry_id);
-        for pseudonym in &pseudonyms {
-            query = query.bind(*pseudonym);
-        }
-        let query = query.list(conn, 2, &PSEUDONYMS)?;
-        for row in query.fetch_all(&mut *conn).await? {
-            keys.insert((registry_id, row.try_get("pseudonym")?), row.try_get("id")?);
-        }
+    let found = by_pseudonyms(conn, patients, |list| {
+        format!(
+            "SELECT id, pseudonym FROM patient_keys WHERE registry_id = $1 AND pseudonym {list}"
+        )
+    })
+    .await?;
+    for (registry_id, row) in found {
+        keys.insert((registry_id, row.try_get("pseudonym")?), row.try_get("id")?);
     }
     let mut seen = HashSet::new();
     let missing: Vec<(i64, &str)> = patients
@@ -191,28 +209,21 @@ pub(in crate::store) async fn load_consent_many(
     patients: &[(i64, &str)],
 ) -> Result<HashMap<(i64, String), Vec<ConsentEvent>>> {
     let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
-    for (registry_id, pseudonyms) in by_registry(conn, patients) {
-        let sql = format!(
+    let found = by_pseudonyms(conn, patients, |list| {
+        format!(
             "SELECT k.pseudonym, e.id, e.scope, e.state, e.given_at, e.expires_at \
              FROM patient_keys k JOIN consent_events e ON e.patient = k.id \
-             WHERE k.registry_id = $1 AND k.pseudonym {} ORDER BY e.id",
-            PSEUDONYMS.sql(conn, 2, pseudonyms.len())
-        );
-        let mut query = db::query(&sql)
-            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
-            .bind(registry_id);
-        for pseudonym in &pseudonyms {
-            query = query.bind(*pseudonym);
-        }
-        let query = query.list(conn, 2, &PSEUDONYMS)?;
-        for row in query.fetch_all(&mut *conn).await? {
-            let pseudonym: String = row.try_get("pseudonym")?;
-            let event = event_from_row(&row)?;
-            histories
-                .entry((registry_id, pseudonym))
-                .or_default()
-                .push(event);
-        }
+             WHERE k.registry_id = $1 AND k.pseudonym {list} ORDER BY e.id"
+        )
+    })
+    .await?;
+    for (registry_id, row) in found {
+        let pseudonym: String = row.try_get("pseudonym")?;
+        let event = event_from_row(&row)?;
+        histories
+            .entry((registry_id, pseudonym))
+            .or_default()
+            .push(event);
     }
     Ok(histories)
 }
@@ -223,27 +234,20 @@ pub(in crate::store) async fn cases_of_many(
     conn: &mut Db<'_>,
     patients: &[(i64, &str)],
 ) -> Result<HashSet<(i64, String, i64)>> {
-    let mut found = HashSet::new();
-    for (registry_id, pseudonyms) in by_registry(conn, patients) {
-        let sql = format!(
+    let rows = by_pseudonyms(conn, patients, |list| {
+        format!(
             "SELECT k.pseudonym, c.centre_id FROM patient_keys k JOIN cases c ON c.patient = k.id \
-             WHERE k.registry_id = $1 AND k.pseudonym {}",
-            PSEUDONYMS.sql(conn, 2, pseudonyms.len())
-        );
-        let mut query = db::query(&sql)
-            .persistent(PSEUDONYMS.keeps(conn, pseudonyms.len()))
-            .bind(registry_id);
-        for pseudonym in &pseudonyms {
-            query = query.bind(*pseudonym);
-        }
-        let query = query.list(conn, 2, &PSEUDONYMS)?;
-        for row in query.fetch_all(&mut *conn).await? {
-            found.insert((
-                registry_id,
-                row.try_get("pseudonym")?,
-                row.try_get("centre_id")?,
-            ));
-        }
+             WHERE k.registry_id = $1 AND k.pseudonym {list}"
+        )
+    })
+    .await?;
+    let mut found = HashSet::new();
+    for (registry_id, row) in rows {
+        found.insert((
+            registry_id,
+            row.try_get("pseudonym")?,
+            row.try_get("centre_id")?,
+        ));
     }
     Ok(found)
 }

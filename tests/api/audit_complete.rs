@@ -303,22 +303,23 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         "DELETE FROM consent_events WHERE id = 9999",
     )
     .await;
+    // `refile(table, row, e)`: the rows of `table` matching `row` filed under the number
+    // of event `e`'s patient (as saved).
+    let refile = |table: &str, row: &str, e: i64| {
+        format!(
+            "UPDATE {table} SET patient = (SELECT patient FROM attack_events WHERE id = {e}) \
+             WHERE {row}"
+        )
+    };
     // A decision moved to another patient: it is read by the patient's number (migration
     // 0019), which its row hash does not cover.
+    let withdrawal_row = format!("id = {withdrawal_event}");
     attack(
         &app,
         "withdrawal moved to another patient",
-        &format!(
-            "UPDATE consent_events SET patient = \
-             (SELECT patient FROM attack_events WHERE id = {research_of_second}) \
-             WHERE id = {withdrawal_event}"
-        ),
+        &refile("consent_events", &withdrawal_row, research_of_second),
         &format!("consent event {withdrawal_event}: filed under a patient number"),
-        &format!(
-            "UPDATE consent_events SET patient = \
-             (SELECT patient FROM attack_events WHERE id = {withdrawal_event}) \
-             WHERE id = {withdrawal_event}"
-        ),
+        &refile("consent_events", &withdrawal_row, withdrawal_event),
     )
     .await;
     // Two patients' whole histories swapped, through their keys. `keys(a, b, c, d)`: the
@@ -350,36 +351,23 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
     // A record moved to another patient: read and counted under that patient's consent.
     let case = app.ids("SELECT id FROM cases").await[0];
     let recontact = events[4];
+    let case_row = format!("id = {case}");
     attack(
         &app,
         "case moved to another patient",
-        &format!(
-            "UPDATE cases SET patient = \
-             (SELECT patient FROM attack_events WHERE id = {recontact}) WHERE id = {case}"
-        ),
+        &refile("cases", &case_row, recontact),
         &format!("case {case}: filed under a patient number"),
-        &format!(
-            "UPDATE cases SET patient = \
-             (SELECT patient FROM attack_events WHERE id = {research_of_second}) \
-             WHERE id = {case}"
-        ),
+        &refile("cases", &case_row, research_of_second),
     )
     .await;
     // A decision in force (what research counts read) moved to another patient.
+    let current_row = format!("event_id = {recontact}");
     attack(
         &app,
         "decision in force moved",
-        &format!(
-            "UPDATE consent_current SET patient = \
-             (SELECT patient FROM attack_events WHERE id = {research_of_second}) \
-             WHERE event_id = {recontact}"
-        ),
+        &refile("consent_current", &current_row, research_of_second),
         &format!("decision in force of consent event {recontact}: filed under"),
-        &format!(
-            "UPDATE consent_current SET patient = \
-             (SELECT patient FROM attack_events WHERE id = {recontact}) \
-             WHERE event_id = {recontact}"
-        ),
+        &refile("consent_current", &current_row, recontact),
     )
     .await;
     if !app.is_sqlite() {
@@ -407,11 +395,7 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
             "withdrawal hidden",
             &format!("UPDATE consent_events SET patient = NULL WHERE id = {withdrawal_event}"),
             &format!("consent event {withdrawal_event}: filed under a patient number"),
-            &format!(
-                "UPDATE consent_events SET patient = \
-                 (SELECT patient FROM attack_events WHERE id = {withdrawal_event}) \
-                 WHERE id = {withdrawal_event}"
-            ),
+            &refile("consent_events", &withdrawal_row, withdrawal_event),
         )
         .await;
     }

@@ -1124,24 +1124,7 @@ async fn migration_0019_rebuilds_the_case_tables_without_losing_a_value() {
     }
     let pool = &pool;
     // The registries as the first start seeds them (src/erns.csv).
-    for (i, line) in include_str!("../../src/erns.csv")
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-    {
-        let fields: Vec<&str> = line.splitn(3, ',').map(str::trim).collect();
-        sqlx::query(
-            "INSERT INTO registries (id, code, name, scope, created_at) VALUES ($1, $2, $3, $4, 0)",
-        )
-        .bind(i as i64 + 1)
-        .bind(fields[0])
-        .bind(fields[1])
-        .bind(fields[2])
-        .execute(pool)
-        .await
-        .unwrap();
-    }
+    seed_registries(pool, 0).await;
     let r = scalar(pool, "SELECT id FROM registries WHERE code = 'ERN-LUNG'").await;
     exec(
         pool,
@@ -1560,8 +1543,9 @@ async fn case_version(pool: &AnyPool, case: i64, version: i64, at: i64, by: i64,
 /// the case erased, a tombstone) and C (research use refused; a case). From 0003 the writer
 /// also kept `consent_current` and `patients`, from 0004 an audit entry per call; from 0005
 /// a certificate could be bound.
-async fn write_legacy(pool: &AnyPool, master: &MasterSecret, version: i64) -> Legacy {
-    // The registries, seeded at first start as today (src/erns.csv); one with its own k.
+/// The registries as the first start seeds them (src/erns.csv), created at `at` (integer
+/// milliseconds: the databases of before migration 0017 and SQLite's).
+async fn seed_registries(pool: &AnyPool, at: i64) {
     for (i, line) in include_str!("../../src/erns.csv")
         .lines()
         .skip(1)
@@ -1576,11 +1560,16 @@ async fn write_legacy(pool: &AnyPool, master: &MasterSecret, version: i64) -> Le
         .bind(fields[0])
         .bind(fields[1])
         .bind(fields[2])
-        .bind(T0 - DAY)
+        .bind(at)
         .execute(pool)
         .await
         .unwrap();
     }
+}
+
+async fn write_legacy(pool: &AnyPool, master: &MasterSecret, version: i64) -> Legacy {
+    // The registries, seeded at first start as today (src/erns.csv); one with its own k.
+    seed_registries(pool, T0 - DAY).await;
     exec(
         pool,
         "UPDATE registries SET min_cell_count = 7 WHERE code = 'ERN-LUNG'",
