@@ -17,7 +17,11 @@
 //! after printing the server's pid (to attach `perf record -p`), and prints its rate,
 //! latency and server CPU per call; no raw limits, nothing written. With
 //! `ERN_BENCH_PROFILE_OP=get` that loop is GetCase, of the cases a SubmitCase phase stored
-//! first.
+//! first. `ERN_BENCH_SOAK_SECONDS=N` (off by default) ends the run with a soak of N seconds
+//! that adds no patient: UpdateCase (32 in flight) and GetCase (32 in flight) of the cases
+//! submitted earlier, with the server's resident memory sampled every second, so that what
+//! memory does is not the research index growing with new patients; the memory goal is
+//! then judged from it.
 //!
 //! The server is the release binary (`CARGO_BIN_EXE_ern-registry`), started as a child
 //! process on a free loopback port, set up with its own admin command line (a centre and a
@@ -65,7 +69,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -538,14 +542,21 @@ enum Op {
     Health,
     Submit,
     Get,
+    /// UpdateCase of the cases in `to_read`, round robin, each based on the version this
+    /// client last stored (`versions`).
+    Update,
 }
 
 /// `targets` reading the cases `to_read`, round robin (GetCase).
 fn reading(targets: &[Target], to_read: &Arc<Vec<String>>) -> Vec<Target> {
+    // One version per case, shared by the targets: a case may be updated over any of them.
+    let versions: Arc<Vec<AtomicU32>> =
+        Arc::new((0..to_read.len()).map(|_| AtomicU32::new(1)).collect());
     targets
         .iter()
         .map(|t| Target {
             to_read: to_read.clone(),
+            versions: versions.clone(),
             ..t.clone()
         })
         .collect()
@@ -558,8 +569,10 @@ struct Target {
     key: MetadataValue<Ascii>,
     /// Pseudonyms of accepted submissions (the first 200,000), for GetCase.
     submitted: Arc<Mutex<Vec<String>>>,
-    /// What GetCase reads, round robin.
+    /// What GetCase reads and UpdateCase updates, round robin.
     to_read: Arc<Vec<String>>,
+    /// The current version of each case of `to_read`, as this client last stored it.
+    versions: Arc<Vec<AtomicU32>>,
 }
 
 impl Target {
@@ -599,6 +612,23 @@ impl Target {
                         include_history: false,
                     }))
                     .await?;
+            }
+            Op::Update => {
+                let i = n as usize % self.to_read.len();
+                let mut record = fixtures::record();
+                // Another date of diagnosis each time: a new version that moves the research row.
+                record.diagnosis_date = format!("2016-{:02}-14", 1 + n % 12);
+                let answer = CaseServiceClient::new(self.channel.clone())
+                    .update_case(self.authorized(proto::UpdateCaseRequest {
+                        registry: REGISTRY.into(),
+                        pseudonym: self.to_read[i].clone(),
+                        expected_version: self.versions[i].load(Ordering::Relaxed),
+                        record: Some(record),
+                        consent: Vec::new(),
+                    }))
+                    .await?
+                    .into_inner();
+                self.versions[i].store(answer.version, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -692,6 +722,84 @@ async fn open_loop(targets: &[Target], rate: f64, length: Duration) -> (Samples,
     }
     samples.elapsed = start.elapsed().as_secs_f64();
     (samples, k)
+}
+
+/// `ERN_BENCH_SOAK_SECONDS`: the length of the soak (off when unset or 0).
+fn soak_seconds() -> Option<u64> {
+    std::env::var("ERN_BENCH_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+}
+
+/// What the soak measured: UpdateCase and GetCase together over the cases already stored,
+/// no new patient, with the server's resident memory sampled every second.
+struct Soak {
+    seconds: f64,
+    cases: usize,
+    updates: Samples,
+    reads: Samples,
+    /// (seconds since the soak began, resident MiB).
+    rss: Vec<(f64, f64)>,
+    /// Server CPU seconds during the soak.
+    cpu: f64,
+}
+
+impl Soak {
+    /// Resident memory nearest to `at` seconds into the soak.
+    fn rss_at(&self, at: f64) -> f64 {
+        self.rss
+            .iter()
+            .min_by(|a, b| (a.0 - at).abs().total_cmp(&(b.0 - at).abs()))
+            .map_or(f64::NAN, |s| s.1)
+    }
+}
+
+/// `length` of UpdateCase (32 in flight over the four connections) and GetCase (32 in
+/// flight over one) of the cases `to_read`: a registry in use whose patients are all
+/// known, so that what its memory does is not the research index growing with new patients.
+async fn soak(
+    one: &[Target],
+    four: &[Target],
+    to_read: &Arc<Vec<String>>,
+    pid: u32,
+    length: Duration,
+) -> Soak {
+    let updaters = reading(four, to_read);
+    let readers = reading(one, to_read);
+    let start = Instant::now();
+    let rss = Arc::new(Mutex::new(vec![(0.0, rss_mib(pid))]));
+    let sampler = {
+        let rss = rss.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = rss_mib(pid);
+                rss.lock()
+                    .expect("lock")
+                    .push((start.elapsed().as_secs_f64(), now));
+            }
+        })
+    };
+    let ticks = clock_ticks_per_second();
+    let cpu = cpu_seconds(pid, ticks);
+    let (updates, reads) = tokio::join!(
+        closed_loop(&updaters, Op::Update, 32, length),
+        closed_loop(&readers, Op::Get, 32, length)
+    );
+    let cpu = cpu_seconds(pid, ticks) - cpu;
+    sampler.abort();
+    let seconds = start.elapsed().as_secs_f64();
+    let mut rss = rss.lock().expect("lock").clone();
+    rss.push((seconds, rss_mib(pid)));
+    Soak {
+        seconds,
+        cases: to_read.len(),
+        updates,
+        reads,
+        rss,
+        cpu,
+    }
 }
 
 /// `streams` SubmitCases streams, each sending submissions until `length` is over, then
@@ -1623,6 +1731,55 @@ async fn connect(url: &str) -> Channel {
         .expect("connect to the server")
 }
 
+/// The soak's paragraph: its calls, and the server's memory minute by minute.
+fn soak_paragraph(soak: &mut Soak) -> String {
+    let seconds = soak.seconds;
+    let calls = |name: &str, detail: &str, samples: &mut Samples| {
+        let (p50, p99) = (samples.percentile_ms(0.5), samples.percentile_ms(0.99));
+        format!(
+            "{name} ({detail}): {} ok, {:.0}/s, p50 {} ms, p99 {} ms, {} failed{}",
+            samples.ok,
+            samples.ok as f64 / seconds,
+            fmt_ms(p50),
+            fmt_ms(p99),
+            samples.failed(),
+            samples
+                .first_error
+                .as_ref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        )
+    };
+    let updates = calls(
+        "UpdateCase",
+        "32 in flight over 4 connections, round robin, each a new version of its case",
+        &mut soak.updates,
+    );
+    let reads = calls("GetCase", "32 in flight, one connection", &mut soak.reads);
+    let per_minute: Vec<String> = (0..=(soak.seconds / 60.0).floor() as usize)
+        .map(|m| format!("{:.1}", soak.rss_at(m as f64 * 60.0)))
+        .collect();
+    let (low, high) = soak
+        .rss
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), s| {
+            (lo.min(s.1), hi.max(s.1))
+        });
+    format!(
+        "\nSoak, adding no patient (`ERN_BENCH_SOAK_SECONDS`): {:.0} s over the {} cases \
+         submitted in this run, {}; and {}. Server CPU {:.2} ms per call. Server resident \
+         memory, minute by minute from the soak's start: {} MiB (lowest {low:.1}, highest \
+         {high:.1}, at the end {:.1}).\n",
+        soak.seconds,
+        soak.cases,
+        updates,
+        reads,
+        soak.cpu * 1e3 / (soak.updates.ok + soak.reads.ok).max(1) as f64,
+        per_minute.join(", "),
+        soak.rss_at(soak.seconds),
+    )
+}
+
 fn fmt_ms(v: Option<f64>) -> String {
     v.map_or("–".into(), |ms| {
         if ms < 10.0 {
@@ -1750,6 +1907,7 @@ async fn async_main() {
         key: key.clone(),
         submitted: submitted.clone(),
         to_read: Arc::new(Vec::new()),
+        versions: Arc::new(Vec::new()),
     };
     let one = vec![target(connect(&server.url()).await)];
     let mut four = Vec::new();
@@ -1915,6 +2073,16 @@ async fn async_main() {
                 .total_cmp(&(b.0 - load_seconds / 2.0).abs())
         })
         .map_or(rss_start, |s| s.1);
+    // Optional: a soak of updates and reads that adds no patient.
+    let mut soak = match soak_seconds() {
+        Some(seconds) if !to_read.is_empty() => {
+            eprintln!("soak: {seconds} s of UpdateCase and GetCase, no new patient");
+            let soak = soak(&one, &four, &to_read, pid, Duration::from_secs(seconds)).await;
+            server.check_alive();
+            Some(soak)
+        }
+        _ => None,
+    };
     drop(one);
     drop(four);
     let stopped = server.stop();
@@ -2082,6 +2250,9 @@ async fn async_main() {
             detail
         ));
     }
+    if let Some(soak) = &mut soak {
+        out.push_str(&soak_paragraph(soak));
+    }
     let failed: u64 = run.figures.iter().map(|f| f.samples.failed()).sum();
     out.push_str(&format!(
         "\nServer resident memory: {rss_start:.1} MiB at the start of the load phases, \
@@ -2230,21 +2401,46 @@ async fn async_main() {
             ),
         });
     }
-    goals.push((
-        "server memory under load".into(),
-        "flat over 10 minutes".into(),
-        format!(
-            "{rss_start:.1} MiB at the start, {rss_mid:.1} half-way, {rss_end:.1} at the end of {load_seconds:.0} s; {:.1} -> {:.1} through the read-only phase",
-            rss_reads.0, rss_reads.1
+    let growing = format!(
+        "{rss_start:.1} MiB at the start, {rss_mid:.1} half-way, {rss_end:.1} at the end of {load_seconds:.0} s of phases that add patients; {:.1} -> {:.1} through the read-only phase",
+        rss_reads.0, rss_reads.1
+    );
+    goals.push(match &soak {
+        Some(soak) => {
+            let (start, half, end) = (
+                soak.rss_at(0.0),
+                soak.rss_at(soak.seconds / 2.0),
+                soak.rss_at(soak.seconds),
+            );
+            (
+                "server memory under load".into(),
+                "flat over 10 minutes".into(),
+                format!(
+                    "soak of {:.0} s adding no patient: {start:.1} MiB at the start, {half:.1} half-way, {end:.1} at the end; {growing}",
+                    soak.seconds
+                ),
+                if soak.seconds < 600.0 {
+                    "not judged (soak shorter than 10 minutes)"
+                } else if end <= half * 1.05 {
+                    "met while no patient is added (soak's end within 5% of its half-way); it grows with the patients stored"
+                } else {
+                    "not met (grew after half-way in the soak)"
+                },
+            )
+        }
+        None => (
+            "server memory under load".into(),
+            "flat over 10 minutes".into(),
+            growing,
+            if load_seconds < 600.0 {
+                "not judged (load shorter than 10 minutes; set ERN_BENCH_SOAK_SECONDS=600)"
+            } else if rss_end <= rss_mid * 1.05 {
+                "met (end within 5% of half-way)"
+            } else {
+                "not met (grew after half-way)"
+            },
         ),
-        if load_seconds < 600.0 {
-            "not judged (load shorter than 10 minutes)"
-        } else if rss_end <= rss_mid * 1.05 {
-            "met (end within 5% of half-way)"
-        } else {
-            "not met (grew after half-way)"
-        },
-    ));
+    });
     out.push_str(&format!(
         "\nGoals of issue #14 ({backend}), judged from this run:\n\n\
          | figure | goal | measured | met |\n|---|---|---|---|\n"
