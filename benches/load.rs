@@ -35,7 +35,8 @@
 //! - unary SubmitCase, 1 in flight, and 256 in flight over 4 connections;
 //! - open loop: SubmitCase sent on a fixed schedule at half the 256-in-flight rate, each
 //!   call its own task whatever the answers, latency counted from the *scheduled* send time
-//!   (no coordinated omission);
+//!   (no coordinated omission); then the empty call on the same schedule, the floor of that
+//!   latency (this client's scheduling and the transport);
 //! - bulk: 4 SubmitCases streams;
 //! - GetCase, 64 in flight, of cases submitted earlier in the run.
 //!
@@ -676,10 +677,11 @@ fn record_scheduled(samples: &mut Samples, joined: Scheduled) {
     }
 }
 
-/// SubmitCase on a fixed schedule, `rate` per second for `length`, each call its own task
-/// whatever the answers; latency from the scheduled send time. Calls still unanswered 60 s
-/// after the schedule's end are counted as errors. Returns the samples and the number sent.
-async fn open_loop(targets: &[Target], rate: f64, length: Duration) -> (Samples, u64) {
+/// `op` (SubmitCase, or the empty call as the floor) on a fixed schedule, `rate` per second
+/// for `length`, each call its own task whatever the answers; latency from the scheduled
+/// send time. Calls still unanswered 60 s after the schedule's end are counted as errors.
+/// Returns the samples and the number sent.
+async fn open_loop(targets: &[Target], op: Op, rate: f64, length: Duration) -> (Samples, u64) {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
@@ -695,7 +697,7 @@ async fn open_loop(targets: &[Target], rate: f64, length: Duration) -> (Samples,
         }
         let target = targets[k as usize % targets.len()].clone();
         calls.spawn(async move {
-            let result = target.call(Op::Submit, k).await;
+            let result = target.call(op, k).await;
             (due, Instant::now(), result)
         });
         k += 1;
@@ -2016,7 +2018,7 @@ async fn async_main() {
             |d| {
                 let (four, sent) = (&four, sent.clone());
                 async move {
-                    let (samples, n) = open_loop(four, rate, d).await;
+                    let (samples, n) = open_loop(four, Op::Submit, rate, d).await;
                     sent.store(n, Ordering::Relaxed);
                     samples
                 }
@@ -2027,6 +2029,19 @@ async fn async_main() {
         "half the 256-in-flight rate, on a fixed schedule over 4 connections (a task per call, {} sent), latency from the scheduled send time",
         sent.load(Ordering::Relaxed)
     );
+    server.check_alive();
+    // The floor of that figure: the same schedule and client, calls that do nothing.
+    let open_empty = run
+        .figure(
+            format!("open loop empty call at a fixed {rate:.0}/s"),
+            "the schedule of the row above, health checks: the client's and the transport's share of its latency".into(),
+            true,
+            |d| {
+                let four = &four;
+                async move { open_loop(four, Op::Health, rate, d).await.0 }
+            },
+        )
+        .await;
     server.check_alive();
     let bulk_fig = run
         .figure(
@@ -2130,7 +2145,7 @@ async fn async_main() {
     };
     let empty_rate = figures[empty].per_second();
     let prefix = format!(
-        "{}{}",
+        "{}{}{}",
         if postgres.is_some() {
             "ERN_BENCH_DATABASE_URL=postgres://... "
         } else {
@@ -2140,7 +2155,8 @@ async fn async_main() {
             "ERN_BENCH_CODES=DIR "
         } else {
             ""
-        }
+        },
+        soak_seconds().map_or_else(String::new, |s| format!("ERN_BENCH_SOAK_SECONDS={s} "))
     );
     let mut out = String::new();
     let date = Utc::now().format("%Y-%m-%d");
@@ -2209,7 +2225,7 @@ async fn async_main() {
             "–".into()
         };
         let mut detail = f.detail.clone();
-        if i == open {
+        if i == open || i == open_empty {
             detail.push_str(&format!(
                 "; p99.9 {} ms",
                 fmt_ms(f.samples.percentile_ms(0.999))
@@ -2305,7 +2321,12 @@ async fn async_main() {
         goals.push((
             format!("SubmitCase p99 at a fixed half load ({rate:.0}/s)"),
             "≤ 10 ms".into(),
-            format!("{} ms (achieved {:.0}/s)", fmt_ms(p99), figure_rows[open].0),
+            format!(
+                "{} ms (achieved {:.0}/s; the empty call on the same schedule: p99 {} ms)",
+                fmt_ms(p99),
+                figure_rows[open].0,
+                fmt_ms(figure_rows[open_empty].2)
+            ),
             judge(f(open).clean(), p99.is_some_and(|p| p <= 10.0)),
         ));
     } else {
