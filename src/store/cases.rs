@@ -823,8 +823,10 @@ pub async fn get_case(
     now: DateTime<Utc>,
     history: bool,
 ) -> Result<Option<StoredCase>> {
-    let sql = format!(
-        "SELECT ce.code, ce.country, v.version, v.recorded_at, p.name, v.birth_year_month, v.sex, \
+    // Built once: this read runs on every GetCase.
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT ce.code, ce.country, v.version, v.recorded_at, p.name, v.birth_year_month, v.sex, \
                 v.status, v.date_of_death, v.first_contact_date, v.onset_kind, v.onset_date, \
                 v.undiagnosed, v.orphacode, v.diagnosis_date, v.icd10, v.icd11, v.omim, v.hpo_terms, \
                 v.icf_codes, v.genetic_findings, v.diagnosis_year, v.onset_age_days, \
@@ -836,9 +838,10 @@ pub async fn get_case(
          WHERE c.patient = (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2) \
            AND c.centre_id = $3 AND {} \
          ORDER BY v.version",
-        consent_model::active_in_history("c", Scope::RegistryInclusion, "$4")
-    );
-    let rows = db::query(&sql)
+            consent_model::active_in_history("c", Scope::RegistryInclusion, "$4")
+        )
+    });
+    let rows = db::query(&SQL)
         .bind(registry_id)
         .bind(pseudonym)
         .bind(centre_id)
