@@ -555,7 +555,12 @@ async fn run(applier: Applier, mut rx: mpsc::Receiver<Job>, max_batch: usize, pu
             break;
         }
         let jobs = std::mem::take(&mut batch);
+        let started = std::time::Instant::now();
+        metrics::histogram!("ern_writer_batch_commands").record(jobs.len() as f64);
         let answers = applier.apply(jobs).await;
+        // Applied, committed and the research index caught up: what every command of the
+        // batch waited for after it was taken (a purge's wait is `ern_erasure_purge_seconds`).
+        metrics::histogram!("ern_writer_batch_seconds").record(started.elapsed().as_secs_f64());
         deliver(&purger, answers).await;
         purger.retry(false).await;
     }

@@ -135,6 +135,27 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
         "{text}"
     );
     assert!(text.contains("ern_rate_limited_total{limit=\"pseudonym_derivations\"}"));
+    // The writer's batches: how many commands each took, and how long each took to commit.
+    // At least the five accepted writes above (other tests of this binary add theirs).
+    let count = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name}_count missing: {text}"))
+    };
+    // A batch's size is recorded when it is taken, its time when it is done (another test's
+    // batch may be between the two).
+    let (batches, timed) = (
+        count("ern_writer_batch_commands"),
+        count("ern_writer_batch_seconds"),
+    );
+    assert!(timed >= 1.0 && timed <= batches, "{text}");
+    let commands = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ern_writer_batch_commands_sum "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("ern_writer_batch_commands_sum");
+    assert!(commands >= 5.0, "{text}");
 }
 
 /// GET /metrics over plain HTTP/1.1.
