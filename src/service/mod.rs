@@ -117,6 +117,16 @@ impl Codes {
         }
         let catalog = store.load_code_catalog().await?;
         info!(mode = %catalog.mode(), "code validation");
+        // A release no longer in force reads 0 (a series is never removed).
+        let previous = self.get();
+        for old in previous.releases() {
+            if !catalog.releases().any(|r| r.info.id == old.info.id) {
+                metrics::gauge!("ern_code_release_in_force",
+                    "system" => old.info.system.as_str(),
+                    "version" => old.info.version.clone())
+                .set(0.0);
+            }
+        }
         for release in catalog.releases() {
             metrics::gauge!("ern_code_release_in_force",
                 "system" => release.info.system.as_str(),
