@@ -380,11 +380,12 @@ impl Backend {
     }
 
     /// Writer partitions by default: one on SQLite (a single-writer database), two on
-    /// PostgreSQL. Every write transaction takes the audit chain's head last and holds it
-    /// to its commit, so on PostgreSQL one partition applies its commands while another
-    /// appends and commits; more partitions mostly wait for the head. Measured against
-    /// four (docs/benchmarks.md, 2026-12-05): more submissions per second, and half the
-    /// latency at half load.
+    /// PostgreSQL. Every write transaction, after its commands, takes the audit chain's
+    /// head and then the research change log's counter, and holds both to its commit, so
+    /// on PostgreSQL one partition applies its commands while another appends, logs and
+    /// commits; more partitions mostly wait for the head. Measured against four
+    /// (docs/benchmarks.md, 2026-12-05): more submissions and reads per second, and a
+    /// lower median latency at half load.
     pub fn default_writers(self) -> usize {
         match self {
             Backend::Sqlite => 1,

@@ -880,8 +880,8 @@ fn patients_of<'a>(
 ///
 /// One `pg_advisory_xact_lock` per patient ([`patient_lock_key`]), sorted and deduplicated,
 /// in one round trip: transactions that take their locks in one global order cannot
-/// deadlock on them, and nothing else is locked while waiting (the audit chain's head is
-/// locked last). The transaction is pinned to READ COMMITTED in the same round trip
+/// deadlock on them, and nothing else is locked while waiting (the audit chain's head and
+/// then the research change log's counter are locked after the commands). The transaction is pinned to READ COMMITTED in the same round trip
 /// whatever the server's default: each later statement then reads a snapshot taken after
 /// the lock was granted, so it sees everything the previous holder committed (PostgreSQL
 /// makes a commit visible before it releases the transaction's locks). Under REPEATABLE
