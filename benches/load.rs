@@ -729,6 +729,35 @@ async fn open_loop(targets: &[Target], op: Op, rate: f64, length: Duration) -> (
     (samples, k)
 }
 
+/// (seconds since `start`, resident MiB) of `pid`, now and then `every` until the task is
+/// aborted.
+type RssSamples = Arc<Mutex<Vec<(f64, f64)>>>;
+
+fn sample_rss(
+    pid: u32,
+    start: Instant,
+    every: Duration,
+) -> (RssSamples, tokio::task::JoinHandle<()>) {
+    let samples = Arc::new(Mutex::new(vec![(
+        start.elapsed().as_secs_f64(),
+        rss_mib(pid),
+    )]));
+    let task = {
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let now = rss_mib(pid);
+                samples
+                    .lock()
+                    .expect("lock")
+                    .push((start.elapsed().as_secs_f64(), now));
+            }
+        })
+    };
+    (samples, task)
+}
+
 /// `ERN_BENCH_SOAK_SECONDS`: the length of the soak (off when unset or 0).
 fn soak_seconds() -> Option<u64> {
     std::env::var("ERN_BENCH_SOAK_SECONDS")
@@ -776,19 +805,7 @@ async fn soak(
     let updaters = reading(four, to_read);
     let readers = reading(one, to_read);
     let start = Instant::now();
-    let rss = Arc::new(Mutex::new(vec![(0.0, rss_mib(pid))]));
-    let sampler = {
-        let rss = rss.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = rss_mib(pid);
-                rss.lock()
-                    .expect("lock")
-                    .push((start.elapsed().as_secs_f64(), now));
-            }
-        })
-    };
+    let (rss, sampler) = sample_rss(pid, start, Duration::from_secs(1));
     let ticks = clock_ticks_per_second();
     let cpu = cpu_seconds(pid, ticks);
     // `ERN_BENCH_SOAK_OPS=update` or `=get`: only that half (to tell which one a growth
@@ -1982,22 +1999,9 @@ async fn async_main() {
     }
 
     // Memory: sampled through the load phases.
-    let rss_start = rss_mib(pid);
     let load_start = Instant::now();
-    let rss_samples = Arc::new(Mutex::new(vec![(0.0, rss_start)]));
-    let sampler = {
-        let rss_samples = rss_samples.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let now = rss_mib(pid);
-                rss_samples
-                    .lock()
-                    .expect("lock")
-                    .push((load_start.elapsed().as_secs_f64(), now));
-            }
-        })
-    };
+    let (rss_samples, sampler) = sample_rss(pid, load_start, Duration::from_millis(250));
+    let rss_start = rss_samples.lock().expect("lock")[0].1;
 
     let mut run = Run {
         ticks: clock_ticks_per_second(),
