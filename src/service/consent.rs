@@ -45,8 +45,17 @@ impl ConsentRules for RegistryConsentRules {
         after: &[ConsentEvent],
         at: DateTime<Utc>,
     ) -> bool {
-        consent::is_active(before, Scope::RegistryInclusion, at)
-            && !consent::is_active(after, Scope::RegistryInclusion, at)
+        let inclusion = Scope::RegistryInclusion;
+        if consent::is_active(after, inclusion, at) {
+            return false;
+        }
+        // In force before and not after; or a refusal recorded now, also over an inclusion
+        // that had expired already (its record is hidden, not erased: only a withdrawal
+        // erases, and a refusal must not leave the record on file).
+        let decided = |events| consent::in_force(events, inclusion, at).map(|e| e.seq);
+        consent::is_active(before, inclusion, at)
+            || consent::in_force(after, inclusion, at)
+                .is_some_and(|e| e.decision == Decision::Refused && Some(e.seq) != decided(before))
     }
 
     fn research_eligibility(
@@ -523,7 +532,7 @@ mod tests {
         assert_eq!(effective_at(&[granted], t(3)), t(3));
     }
     #[test]
-    fn ending_inclusion_is_a_grant_in_force_before_and_not_after() {
+    fn ending_inclusion_is_a_grant_in_force_before_and_not_after_or_a_new_refusal() {
         let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
         let event = |seq, decision| ConsentEvent {
             seq,
@@ -537,6 +546,21 @@ mod tests {
         let rules = RegistryConsentRules;
         assert!(rules.ends_inclusion(&granted, &refused, t(3)));
         assert!(!rules.ends_inclusion(&granted, &granted, t(3)));
-        assert!(!rules.ends_inclusion(&[], &refused, t(3)));
+        // A refusal recorded now ends it too, whatever was in force before (the writer
+        // refuses it only while the registry holds a record).
+        assert!(rules.ends_inclusion(&[], &refused, t(3)));
+        // A grant that had expired: the record is hidden, and a refusal over it is one.
+        let expired = vec![ConsentEvent {
+            expires_at: Some(t(2)),
+            ..event(1, Decision::Granted)
+        }];
+        let expired_then_refused = vec![expired[0].clone(), event(2, Decision::Refused)];
+        assert!(rules.ends_inclusion(&expired, &expired_then_refused, t(3)));
+        assert!(!rules.ends_inclusion(&expired, &expired, t(3)));
+        // A refusal already on file, recorded again: nothing ends now.
+        assert!(!rules.ends_inclusion(&refused, &refused, t(3)));
+        // Another grant over the expired one, or a grant of another scope: not a refusal.
+        let regranted = vec![expired[0].clone(), event(2, Decision::Granted)];
+        assert!(!rules.ends_inclusion(&expired, &regranted, t(3)));
     }
 }

@@ -229,8 +229,9 @@ pub trait ConsentRules: Send + Sync + 'static {
     ) -> Result<(), InclusionRefused>;
 
     /// Whether officer decisions that take the history from `before` to `after` end the
-    /// patient's inclusion at `at`: refused (a withdrawal, with its erasure, must be used)
-    /// while the registry holds a record of the patient.
+    /// patient's inclusion at `at` (in force before and not after), or record a refusal of
+    /// it (also over an inclusion that had expired): refused (a withdrawal, with its
+    /// erasure, must be used) while the registry holds a record of the patient.
     fn ends_inclusion(
         &self,
         before: &[ConsentEvent],

@@ -264,6 +264,78 @@ async fn refusing_inclusion_over_a_stored_record_must_go_through_withdrawal() {
 }
 
 #[tokio::test]
+async fn refusing_inclusion_after_it_expired_must_go_through_withdrawal_too() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    // Inclusion granted until tomorrow; the record is stored.
+    let now = chrono::Utc::now();
+    let rfc3339 =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut req = submission("ERN-EYE", national("NL", &bsn(7)));
+    for c in &mut req.consent {
+        if c.scope == S::RegistryInclusion as i32 {
+            c.expires_at = Some(ts(&rfc3339(now + chrono::Duration::days(1))));
+        }
+    }
+    let pseudonym = dr.submit_case(req).await.unwrap().into_inner().pseudonym;
+    // Two days on, the inclusion has expired: the record is hidden, not erased.
+    app.clock.advance(chrono::Duration::days(2));
+    let hidden = dr
+        .get_case(get_case("ERN-EYE", &pseudonym))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+    assert_eq!(app.count("cases").await, 1);
+    // A refusal recorded over it would leave the record on file: refused as over a live
+    // inclusion, so that the refusal goes through withdrawal and its erasure.
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let events = app.count("consent_events").await;
+    let err = officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(7))),
+            decisions: vec![consent(
+                S::RegistryInclusion,
+                St::Refused,
+                &rfc3339(now + chrono::Duration::hours(36)),
+            )],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("withdraw"));
+    assert_eq!(
+        app.count("consent_events").await,
+        events,
+        "nothing recorded"
+    );
+    // Other decisions about the patient are still recorded.
+    officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(7))),
+            decisions: vec![consent(
+                S::Recontact,
+                St::Refused,
+                &rfc3339(now + chrono::Duration::hours(36)),
+            )],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap();
+    officer
+        .withdraw_consent(withdrawal(
+            "ERN-EYE",
+            by_identifiers(national("NL", &bsn(7))),
+            INCLUSION,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(app.count("cases").await, 0, "erased");
+}
+
+#[tokio::test]
 async fn officers_are_scoped_to_their_registries_and_role() {
     let app = TestApp::spawn().await;
     let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
