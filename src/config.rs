@@ -130,6 +130,10 @@ pub enum Command {
         /// File holding the master passphrase (first line); see `serve --help`.
         #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
         master_passphrase_file: Option<PathBuf>,
+        /// Argon2id parameter file of the passphrase, as `serve` is given it. Default:
+        /// master.kdf next to the master key file.
+        #[arg(long, env = "ERN_MASTER_KDF_FILE")]
+        master_kdf_file: Option<PathBuf>,
     },
     /// Bulk upload of cases from a CSV file in the template's columns (`--template`) or
     /// JSON Lines of SubmitCaseRequest in the proto JSON form, streamed through
@@ -471,6 +475,10 @@ pub struct MasterArgs {
     /// File holding the master passphrase (first line); see `serve --help`.
     #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
     pub master_passphrase_file: Option<PathBuf>,
+    /// Argon2id parameter file of the passphrase, as `serve` is given it. Default:
+    /// master.kdf next to the master key file.
+    #[arg(long, env = "ERN_MASTER_KDF_FILE")]
+    pub master_kdf_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -75,6 +75,7 @@ async fn main() -> ExitCode {
             seed,
             master_key_file,
             master_passphrase_file,
+            master_kdf_file,
         } => {
             demo(
                 &cli.global,
@@ -83,6 +84,7 @@ async fn main() -> ExitCode {
                 seed,
                 master_key_file,
                 master_passphrase_file,
+                master_kdf_file,
             )
             .await
         }
@@ -179,10 +181,11 @@ async fn demo(
     seed: u64,
     master_key_file: Option<std::path::PathBuf>,
     master_passphrase_file: Option<std::path::PathBuf>,
+    master_kdf_file: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
     let passphrase = Passphrase::from_env_or_file(master_passphrase_file.as_deref())?;
     let key_file = master_key_file.unwrap_or_else(|| global.data_dir.join("master.key"));
-    let kdf_file = KdfFile::default_path(&key_file);
+    let kdf_file = master_kdf_file.unwrap_or_else(|| KdfFile::default_path(&key_file));
     let store = startup::open_store(&global.database_url(), 4).await?;
     // Before the master secret, which a first start would create or record: a database
     // with real patients is refused with nothing written (`populate` checks again).
@@ -288,7 +291,10 @@ async fn master_secret(
         .master_key_file
         .clone()
         .unwrap_or_else(|| global.data_dir.join("master.key"));
-    let kdf_file = KdfFile::default_path(&key_file);
+    let kdf_file = master
+        .master_kdf_file
+        .clone()
+        .unwrap_or_else(|| KdfFile::default_path(&key_file));
     let passphrase = Passphrase::from_env_or_file(master.master_passphrase_file.as_deref())?;
     Ok(
         startup::open_master_secret(store, &key_file, &kdf_file, passphrase.as_ref(), usage)

@@ -65,6 +65,7 @@ fn binary() -> Command {
         .env_remove("ERN_MASTER_KEY_FILE")
         .env_remove("ERN_MASTER_PASSPHRASE")
         .env_remove("ERN_MASTER_PASSPHRASE_FILE")
+        .env_remove("ERN_MASTER_KDF_FILE")
         .env_remove("ERN_REQUIRE_MASTER_KEY");
     command
 }
@@ -212,6 +213,56 @@ async fn serve_refuses_a_lost_parameter_file_or_a_wrong_passphrase() {
     Application::build(with_passphrase(PASSPHRASE), &app.database_url, &key)
         .await
         .expect("starts with its own parameter file and passphrase");
+}
+
+/// The admin command line finds the passphrase's parameter file where `serve` is told
+/// it is (`--master-kdf-file`, `ERN_MASTER_KDF_FILE`), not only beside the key file.
+#[tokio::test]
+async fn admin_commands_take_the_parameter_file_serve_is_given() {
+    let app = app_with_a_patient(ServeArgs {
+        master_passphrase: Some(passphrase(PASSPHRASE)),
+        ..args()
+    })
+    .await;
+    let moved = app.dir.path().join("elsewhere.kdf");
+    std::fs::rename(KdfFile::default_path(&key_file(&app)), &moved).unwrap();
+    let verify = |kdf: Option<(&str, &Path)>| {
+        let mut command = binary();
+        command
+            .arg("--data-dir")
+            .arg(app.dir.path())
+            .args(["--database-url", &app.database_url, "audit", "verify"])
+            .env(
+                "ERN_MASTER_PASSPHRASE",
+                std::str::from_utf8(PASSPHRASE).unwrap(),
+            )
+            .env_remove("ERN_MASTER_KDF_FILE");
+        match kdf {
+            Some(("flag", path)) => {
+                command.arg("--master-kdf-file").arg(path);
+            }
+            Some((_, path)) => {
+                command.env("ERN_MASTER_KDF_FILE", path);
+            }
+            None => {}
+        }
+        command.output().unwrap()
+    };
+    for how in ["flag", "environment"] {
+        let out = verify(Some((how, &moved)));
+        assert!(
+            out.status.success(),
+            "{how}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Without it, the parameter file is looked for beside the key file, and not found.
+    let out = verify(None);
+    assert!(!out.status.success());
+    assert!(
+        !KdfFile::default_path(&key_file(&app)).exists(),
+        "no parameter file was created"
+    );
 }
 
 #[tokio::test]
