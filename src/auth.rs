@@ -20,8 +20,9 @@
 //! ([`Verdict::Busy`]) rather than queued: a flood against a key id not yet migrated costs
 //! at most one core, and no memory beyond that one run.
 //!
-//! The only memory kept per key is what a correct secret adds: [`KeyVerifier`] remembers
-//! the stored hash of keys verified in this process, so that a caller whose network
+//! The only memory kept per key is what a successful call adds: [`KeyVerifier`] remembers
+//! the stored hash of keys that authenticated a call in this process (right secret, live
+//! key, bound certificate presented), so that a caller whose network
 //! address has used up its allowance of refusals (`refusals`) can still be let through,
 //! without a database read, when it presents a valid key.
 //!
@@ -405,7 +406,6 @@ impl KeyVerifier {
                     .hasher
                     .verify(&key.key_id, key.secret.expose_secret(), &stored)
                 {
-                    self.remember(&key.key_id, stored);
                     Verdict::Valid
                 } else {
                     Verdict::Invalid
@@ -443,28 +443,39 @@ impl KeyVerifier {
         if !ok {
             return Verdict::Invalid;
         }
-        let migrated = self.hasher.hash(&key.key_id, key.secret.expose_secret());
-        if let Some(tag) = migrated.strip_prefix(HMAC_HASH_PREFIX).and_then(unhex32) {
-            self.remember(&key.key_id, tag);
-        }
-        Verdict::Migrate(migrated)
+        Verdict::Migrate(self.hasher.hash(&key.key_id, key.secret.expose_secret()))
     }
 
-    fn remember(&self, key_id: &str, stored: [u8; 32]) {
+    /// Remembers `key` as one that authenticated a call in this process: its secret
+    /// verified against `hmac_hash` (the stored HMAC hash, or the one a migration stores)
+    /// and the key was live. Only then: a key that verifies but is revoked, expired,
+    /// disabled or presented without its bound certificate is never remembered
+    /// ([`KeyVerifier::forget`] it instead), so it never passes the allowance of its
+    /// address (`refusals`).
+    pub fn remember(&self, key: &PresentedKey, hmac_hash: &str) {
+        let StoredHash::Hmac(stored) = StoredHash::parse(hmac_hash) else {
+            return;
+        };
+        let held = |known: &HashMap<String, [u8; 32]>| known.get(&key.key_id) == Some(&stored);
+        // Every authenticated call comes here: most find their key held already.
+        if self.known.read().is_ok_and(|known| held(&known)) {
+            return;
+        }
         if let Ok(mut known) = self.known.write() {
-            if known.get(key_id) == Some(&stored) {
+            if held(&known) {
                 return;
             }
             if known.len() >= KNOWN_CAPACITY {
                 known.clear();
             }
-            known.insert(key_id.to_owned(), stored);
+            known.insert(key.key_id.clone(), stored);
         }
     }
 
-    /// Whether `key` is one verified in this process, with its secret: no database read.
-    /// Says nothing about whether the key is still live (the caller then authenticates
-    /// in full); used to let a valid caller through while its address is refused.
+    /// Whether `key` is one that authenticated a call in this process ([`Self::remember`]),
+    /// with its secret: no database read. Says nothing about whether the key is still live
+    /// (the caller then authenticates in full, and a key found dead is forgotten); used to
+    /// let a valid caller through while its address is refused.
     pub fn known_good(&self, key: &PresentedKey) -> bool {
         let stored = self
             .known
@@ -482,7 +493,8 @@ impl KeyVerifier {
         self.known.read().map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Forgets a key (e.g. after its revocation in this process).
+    /// Forgets a key: one whose secret verified but which authenticates no call (revoked,
+    /// expired, disabled, or presented without its bound certificate).
     pub fn forget(&self, key_id: &str) {
         if let Ok(mut known) = self.known.write() {
             known.remove(key_id);
@@ -637,7 +649,16 @@ mod tests {
         }
         assert_eq!(verifier.known_keys(), 0);
         assert!(!verifier.known_good(&key));
-        verifier.verify(&key, &issued.secret_hash).await;
+        // Verifying alone remembers nothing: the caller remembers a key once it is found
+        // live as well.
+        assert!(matches!(
+            verifier.verify(&key, &issued.secret_hash).await,
+            Verdict::Valid
+        ));
+        assert_eq!(verifier.known_keys(), 0);
+        verifier.remember(&wrong(issued.token.expose_secret()), "argon2id$not-hmac");
+        assert_eq!(verifier.known_keys(), 0);
+        verifier.remember(&key, &issued.secret_hash);
         assert_eq!(verifier.known_keys(), 1);
         assert!(verifier.known_good(&key));
         assert!(!verifier.known_good(&wrong(issued.token.expose_secret())));

@@ -13,8 +13,9 @@
 //! - **Limited per peer.** Each refusal takes one from the peer's allowance (a token
 //!   bucket of `--refusals-per-peer-per-minute`, refilled at that rate). A peer with none
 //!   left is refused before anything else (RESOURCE_EXHAUSTED with the time to wait),
-//!   without a database read, unless it presents a key this process has already verified
-//!   (`KeyVerifier::known_good`): a valid caller behind the same address keeps working.
+//!   without a database read, unless it presents a key that authenticated a call in this
+//!   process and has not been found dead since (`KeyVerifier::known_good`): a valid caller
+//!   behind the same address keeps working.
 //!
 //! Memory follows the attack and then goes back: both tables are capped (past the cap,
 //! new peers share one [`Peer::Other`] entry), the summary is emptied at every flush, and

@@ -527,6 +527,7 @@ impl Application {
             refusals: Arc::new(Refusals::per_minute(args.refusals_per_peer_per_minute)),
             calls: CallGate::new(args.max_calls_in_flight),
             max_stream_invalid_items: args.max_stream_invalid_items,
+            stream_idle_timeout: args.request_timeout(),
             stream_items: ItemGate::new(args.max_stream_items_in_flight),
             protection: crate::service::research::ProtectionPool::new(
                 args.protection_workers as usize,
@@ -730,7 +731,8 @@ impl Application {
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, signal);
         // The web console stops with gRPC: no new connections once `stopping` is set;
-        // requests in flight finish.
+        // requests in flight finish, by the same deadline as gRPC's connections (grace +
+        // CLOSE_LIMIT after the signal), and are cut off there.
         let console = self.console.map(|listener| {
             tokio::spawn(crate::console::serve(
                 listener,
@@ -738,13 +740,36 @@ impl Application {
                 stopping.clone(),
             ))
         });
-        let result = serve_until_deadline(serve, stopping, deadline_tx, grace).await;
-        if let Some(console) = console
-            && tokio::time::timeout(grace + CLOSE_LIMIT, console)
+        // When the signal came (`None`: gRPC stopped without one, on an error).
+        let signal = stopping.clone();
+        let mut signalled = stopping.clone();
+        let stopped_at = tokio::spawn(async move {
+            signalled
+                .wait_for(|stop| *stop)
                 .await
-                .is_err()
-        {
-            warn!("the web console did not stop within the grace; no longer waiting for it");
+                .ok()
+                .map(|_| tokio::time::Instant::now())
+        });
+        let result = serve_until_deadline(serve, stopping, deadline_tx, grace).await;
+        if let Some(console) = console {
+            let abort = console.abort_handle();
+            let came = *signal.borrow();
+            let at = if came {
+                stopped_at.await.ok().flatten()
+            } else {
+                stopped_at.abort();
+                None
+            };
+            let cut_off = match at {
+                Some(at) => tokio::time::timeout_at(at + grace + CLOSE_LIMIT, console)
+                    .await
+                    .is_err(),
+                None => true,
+            };
+            if cut_off {
+                warn!("the web console did not stop by the deadline; its requests are cut off");
+                abort.abort();
+            }
         }
         probe.abort();
         code_refresh.abort();

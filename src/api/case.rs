@@ -218,6 +218,7 @@ impl CaseApi {
         let permit = call.take_permit();
         let peer = call.peer();
         let max_invalid = self.state.max_stream_invalid_items;
+        let idle_timeout = self.state.stream_idle_timeout;
         // The key is checked again for every item, so that a key revoked (or expired,
         // or its principal disabled) while the stream is open stops it at the next item.
         let key =
@@ -226,20 +227,37 @@ impl CaseApi {
         let mut input = request.into_inner();
         let principal_id = principal.id;
         let state = self.state.clone();
-        // Submissions are processed concurrently, BULK_IN_FLIGHT at a time; their results
-        // leave in the order the submissions came.
-        let (pending_tx, mut pending_rx) =
-            mpsc::channel::<(u64, String, tokio::task::JoinHandle<_>)>(BULK_IN_FLIGHT);
+        // Submissions are processed concurrently, at most BULK_IN_FLIGHT at a time (a slot
+        // is taken before an item's task starts and given back when it ends); their
+        // results leave in the order the submissions came.
+        let slots = Arc::new(tokio::sync::Semaphore::new(BULK_IN_FLIGHT));
+        // An error that ends the input goes the same way, after the results before it.
+        let (pending_tx, mut pending_rx) = mpsc::channel::<
+            Result<(u64, String, tokio::task::JoinHandle<_>), Status>,
+        >(BULK_IN_FLIGHT);
         let (out_tx, out_rx) = mpsc::channel(BULK_IN_FLIGHT);
-        let reader_out = out_tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut sequence = 0u64;
-            while let Some(item) = input.next().await {
-                let item = match item {
-                    Ok(item) => item,
-                    Err(status) => {
-                        let _ = reader_out.send(Err(status)).await;
+            loop {
+                // A stream that sends nothing for the call deadline is ended: an open
+                // stream holds one of the principal's calls in flight and its connection.
+                let item = match tokio::time::timeout(idle_timeout, input.next()).await {
+                    Ok(Some(Ok(item))) => item,
+                    Ok(None) => break,
+                    Ok(Some(Err(status))) => {
+                        let _ = pending_tx.send(Err(status)).await;
+                        break;
+                    }
+                    Err(_) => {
+                        metrics::counter!("ern_rate_limited_total", "limit" => "stream_idle")
+                            .increment(1);
+                        let _ = pending_tx
+                            .send(Err(Status::deadline_exceeded(format!(
+                                "no item for {} s: the stream is ended (every item sent before has its result above)",
+                                idle_timeout.as_secs()
+                            ))))
+                            .await;
                         break;
                     }
                 };
@@ -250,11 +268,15 @@ impl CaseApi {
                 // The principal's share of items in progress, across its streams: the
                 // next item is not read until one of them finishes.
                 let item_permit = state.stream_items.enter(principal_id).await;
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
                 let state = state.clone();
                 let key = key.clone();
                 let certificate = certificate.clone();
                 let handle = tokio::spawn(async move {
                     let _item_permit = item_permit;
+                    let _slot = slot;
                     // Each item is audited on its own, with the write it makes.
                     let mut call = Call::new("CaseService/SubmitCases");
                     call.from_peer(peer);
@@ -275,7 +297,7 @@ impl CaseApi {
                     }
                 });
                 if pending_tx
-                    .send((sequence, reference, handle))
+                    .send(Ok((sequence, reference, handle)))
                     .await
                     .is_err()
                 {
@@ -289,7 +311,14 @@ impl CaseApi {
         // key check and an audit entry per item.
         tokio::spawn(async move {
             let mut invalid = 0u32;
-            while let Some((sequence, client_reference, handle)) = pending_rx.recv().await {
+            while let Some(pending) = pending_rx.recv().await {
+                let (sequence, client_reference, handle) = match pending {
+                    Ok(item) => item,
+                    Err(status) => {
+                        let _ = out_tx.send(Err(status)).await;
+                        break;
+                    }
+                };
                 let outcome = match handle.await {
                     Ok(Ok(accepted)) => proto::submit_cases_result::Outcome::Accepted(accepted),
                     Ok(Err(err)) => {
@@ -319,6 +348,15 @@ impl CaseApi {
                     };
                     let _ = out_tx.send(Err(ServiceError::from(limited).into())).await;
                     break;
+                }
+            }
+            // Ended early (the invalid-items limit, or the client went away): the items
+            // already read are stopped where they stand. One whose write had reached the
+            // writer is still stored, with its audit entry; its result is not sent.
+            pending_rx.close();
+            while let Some(pending) = pending_rx.recv().await {
+                if let Ok((_, _, handle)) = pending {
+                    handle.abort();
                 }
             }
         });

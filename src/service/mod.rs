@@ -56,6 +56,8 @@ pub struct Services {
     pub calls: CallGate,
     /// Invalid items a bulk stream may send before it is ended.
     pub max_stream_invalid_items: u32,
+    /// How long a bulk stream may send no item before it is ended (`--request-timeout-secs`).
+    pub stream_idle_timeout: std::time::Duration,
     /// Bulk-stream items in progress per principal, across its streams.
     pub stream_items: ItemGate,
     /// Where research tables are protected: off the async runtime, bounded, with a deadline.
@@ -457,9 +459,12 @@ impl Services {
             && !record.principal_disabled;
         // Verify even a dead key, so that refusing it costs what refusing a wrong secret
         // costs.
+        // The HMAC hash a live key is remembered under (`KeyVerifier::remember`).
+        let mut hmac_hash = record.secret_hash.clone();
         let verified = match self.verifier.verify(key, &record.secret_hash).await {
             Verdict::Valid => true,
             Verdict::Migrate(hash) => {
+                hmac_hash = hash.clone();
                 match self
                     .store
                     .replace_key_hash(&key.key_id, &record.secret_hash, &hash)
@@ -478,18 +483,24 @@ impl Services {
             Verdict::Invalid => false,
             Verdict::Busy => return Err(ServiceError::Busy("API key verification is busy")),
         };
-        if verified && live {
-            call.by(&record.principal);
-            // A principal bound to client certificates must present one of them (mutual
-            // TLS): a stolen key alone is not enough.
-            let bound = &record.bound_certificates;
-            if !bound.is_empty() && !certificate.is_some_and(|c| bound.iter().any(|b| b == c)) {
-                return Err(AuthError::CertificateMismatch.into());
-            }
-            Ok(record.principal)
-        } else {
-            Err(AuthError::InvalidKey.into())
+        if !verified {
+            return Err(AuthError::InvalidKey.into());
         }
+        if !live {
+            // Its holder keeps nothing from having used it before (`refusals`).
+            self.verifier.forget(&key.key_id);
+            return Err(AuthError::InvalidKey.into());
+        }
+        call.by(&record.principal);
+        // A principal bound to client certificates must present one of them (mutual
+        // TLS): a stolen key alone is not enough.
+        let bound = &record.bound_certificates;
+        if !bound.is_empty() && !certificate.is_some_and(|c| bound.iter().any(|b| b == c)) {
+            self.verifier.forget(&key.key_id);
+            return Err(AuthError::CertificateMismatch.into());
+        }
+        self.verifier.remember(key, &hmac_hash);
+        Ok(record.principal)
     }
 
     /// The access epoch of the call: read from the database once, at its first need.

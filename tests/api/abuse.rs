@@ -180,6 +180,39 @@ async fn garbage_keys_are_summarised_per_peer_and_refused_without_the_database_p
 }
 
 #[tokio::test]
+async fn a_key_found_dead_gets_no_pass_through_its_addresss_allowance() {
+    const ALLOWANCE: usize = 20;
+    let app = TestApp::spawn_with(ServeArgs {
+        refusals_per_peer_per_minute: ALLOWANCE as u32,
+        ..ServeArgs::default()
+    })
+    .await;
+    // A physician whose key authenticated a call in this process, then was revoked (by
+    // another instance or the admin CLI: this process learns it at the key's next use).
+    let token = app.physician_key("dr-a", "NL-AMC").await;
+    let mut dr = app.client(Some(&token)).await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+    assert!(app.store.revoke_api_key(&token[4..20]).await.unwrap());
+    let (codes, _) = flood(&app, garbage_key).await;
+    assert!(count(&codes, Code::ResourceExhausted) > 0, "{codes:?}");
+
+    // Its first call after the revocation still passes the spent allowance (the key was
+    // live when this process last saw it) and is refused as dead; from then on it is
+    // refused by the allowance like any wrong key, without a database read.
+    let reads = app.auth.key_lookups();
+    let call = || get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA");
+    let first = dr.get_case(call()).await.unwrap_err();
+    assert_eq!(first.code(), Code::Unauthenticated);
+    for _ in 0..5 {
+        let status = dr.get_case(call()).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    assert!(app.auth.key_lookups() - reads <= 1);
+}
+
+#[tokio::test]
 async fn refusals_are_summarised_periodically() {
     let app = TestApp::spawn_with(ServeArgs {
         refusal_summary_secs: 1,
@@ -439,6 +472,42 @@ async fn an_endless_stream_of_invalid_items_is_ended() {
     .unwrap()
     .get(0);
     assert!(audited < i64::from(SENT) / 2, "{audited} items processed");
+}
+
+/// A bulk stream that sends nothing for the call deadline is ended (it holds one of the
+/// principal's calls in flight and its connection), after the results of what it sent.
+#[tokio::test]
+async fn a_bulk_stream_that_sends_nothing_is_ended_after_its_results() {
+    let app = TestApp::spawn_with(ServeArgs {
+        request_timeout_secs: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let (tx, rx) = mpsc::channel(4);
+    let mut results = dr
+        .submit_cases(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..3 {
+        tx.send(submission("ERN-LUNG", national("NL", &bsn(8100 + i))))
+            .await
+            .unwrap();
+    }
+    // Then nothing, with the stream left open (`tx` is kept).
+    for sequence in 0..3 {
+        let result = results.message().await.unwrap().expect("a result");
+        assert_eq!(result.sequence, sequence);
+        assert!(matches!(result.outcome, Some(Outcome::Accepted(_))));
+    }
+    let end = tokio::time::timeout(Duration::from_secs(30), results.message())
+        .await
+        .expect("ended well before 30 s")
+        .unwrap_err();
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
+    assert_eq!(app.count("cases").await, 3);
+    drop(tx);
 }
 
 /// The per-principal cap on bulk items in progress is shared by the principal's streams:
