@@ -1247,6 +1247,8 @@ async fn expertise(
                 Err(e) => v.push("orphacodes", e.to_string()),
             }
         }
+        codes.sort_unstable();
+        codes.dedup();
         if codes.is_empty() && v.is_empty() {
             v.push("orphacodes", "give at least one Orphacode (ORPHA:nnnn)");
         }

@@ -394,6 +394,11 @@ pub async fn sign_in(
         }
         return Err(AuthError::SignInFailed.into());
     };
+    // A principal bound to client certificates calls with one of them; the console sees
+    // none (said only to whoever gave the right password and code).
+    if cred.certificate_bound {
+        return Err(AuthError::CertificateMismatch.into());
+    }
     if !services
         .store
         .console_success(cred.principal_id, step)
@@ -484,6 +489,10 @@ pub async fn session(
             return Err(AuthError::NoSession.into());
         }
     };
+    if services.store.certificate_bound(principal.id).await? {
+        services.store.delete_console_session(&hash).await?;
+        return Err(AuthError::CertificateMismatch.into());
+    }
     services.store.touch_console_session(&hash, now).await?;
     call.by(&principal);
     let permit = services.calls.enter(principal.id).await.inspect_err(|_| {

@@ -502,6 +502,25 @@ pub async fn find_expertise(
     registries: &[Registry],
     call: &mut Call,
 ) -> Result<(Vec<ExpertiseCentre>, DateTime<Utc>), ServiceError> {
+    // The bounds every caller gets, whatever reads its question (gRPC checks them field
+    // by field first; the console's form comes here as it is).
+    let mut v = FieldViolations::new();
+    if orphacodes.is_empty() || orphacodes.len() > crate::aggregate::MAX_EXPERTISE_CODES {
+        v.push(
+            "orphacodes",
+            format!(
+                "give 1 to {} Orphacodes",
+                crate::aggregate::MAX_EXPERTISE_CODES
+            ),
+        );
+    }
+    if orphacodes.contains(&i64::from(crate::domain::ORPHA_UNDIAGNOSED)) {
+        v.push(
+            "orphacodes",
+            "ORPHA:616874 is the code of undiagnosed cases, not a diagnosis",
+        );
+    }
+    v.into_result()?;
     let now = services.clock.now();
     let ids: Vec<i64> = registries.iter().map(|r| r.id).collect();
     let rows: Vec<ExpertiseRow> = match &services.research_index {

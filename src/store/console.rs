@@ -26,6 +26,9 @@ pub struct Credentials {
     /// No sign-in before (`None`: no credentials yet; the column's default, the epoch:
     /// not held back).
     pub locked_until: Option<DateTime<Utc>>,
+    /// Bound to client certificates (`admin bind-certificate`): the console, which sees
+    /// none, may not sign it in.
+    pub certificate_bound: bool,
 }
 
 /// A session row.
@@ -83,7 +86,9 @@ impl Store {
         let row = db::query(
             "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
                     COALESCE(c.totp_last_step, 0) AS totp_last_step, \
-                    COALESCE(c.failures, 0) AS failures, c.locked_until \
+                    COALESCE(c.failures, 0) AS failures, c.locked_until, \
+                    EXISTS (SELECT 1 FROM principal_certificates b WHERE b.principal_id = p.id) \
+                      AS certificate_bound \
              FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
              WHERE p.name = $1",
         )
@@ -99,9 +104,22 @@ impl Store {
                 totp_last_step: r.try_get("totp_last_step")?,
                 failures: r.try_get("failures")?,
                 locked_until: r.try_get("locked_until")?,
+                certificate_bound: r.try_get("certificate_bound")?,
             })
         })
         .transpose()
+    }
+
+    /// Whether the principal is bound to client certificates (checked per console request:
+    /// a binding made after sign-in ends the session).
+    pub async fn certificate_bound(&self, principal_id: i64) -> Result<bool> {
+        let row = db::query(
+            "SELECT EXISTS (SELECT 1 FROM principal_certificates WHERE principal_id = $1) AS bound",
+        )
+        .bind(principal_id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get("bound")?)
     }
 
     /// Counts a failed sign-in; returns the failures since the last success.

@@ -483,6 +483,47 @@ async fn a_disabled_principal_loses_its_session_at_once() {
     assert_eq!(web.get("/home").await.status, 303);
 }
 
+/// A principal bound to client certificates calls with one of them (mutual TLS); the
+/// console sees no certificate, so it signs such a principal in never, and a session
+/// made before the binding ends at its next request.
+#[tokio::test]
+async fn a_principal_bound_to_certificates_cannot_use_the_console() {
+    let (app, mut web, secret) = officer_app().await;
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    assert_eq!(web.get("/home").await.status, 200);
+    app.store
+        .bind_certificate("officer-eye", &"ab".repeat(32))
+        .await
+        .unwrap();
+    let ended = web.get("/home").await;
+    assert_eq!(ended.status, 401, "{}", ended.body);
+    assert!(
+        ended.body.contains("bound client certificate"),
+        "{}",
+        ended.body
+    );
+    assert_eq!(web.get("/home").await.status, 303, "the session ended");
+    let sessions: Vec<i64> = db::query("SELECT COUNT(*) FROM console_sessions")
+        .fetch_scalars(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(sessions, [0]);
+    next_step(&app);
+    let mut fresh = Web::new(app.console.unwrap());
+    let refused = fresh.sign_in(&app, "officer-eye", &secret).await;
+    assert_ne!(refused.status, 303, "signed in");
+    assert!(
+        refused.body.contains("bound client certificate"),
+        "{}",
+        refused.body
+    );
+    let sessions: Vec<i64> = db::query("SELECT COUNT(*) FROM console_sessions")
+        .fetch_scalars(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(sessions, [0]);
+}
+
 #[tokio::test]
 async fn every_response_carries_the_security_headers() {
     let (app, mut web, secret) = officer_app().await;
