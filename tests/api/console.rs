@@ -1221,6 +1221,32 @@ async fn physicians_and_researchers_find_the_expertise_in_bands() {
         .await;
     assert_eq!(bad.status, 400);
     assert!(error_next_to(&bad, "orphacodes", "Orphacode"));
+    // gRPC's bounds: not the code of undiagnosed cases, at most 20 codes (repeats count once).
+    let undiagnosed = web
+        .post(
+            "/expertise",
+            &[("csrf", &form.csrf()), ("orphacodes", "ORPHA:616874")],
+        )
+        .await;
+    assert_eq!(undiagnosed.status, 400);
+    assert!(error_next_to(&undiagnosed, "orphacodes", "undiagnosed"));
+    let many: Vec<String> = (1..=21).map(|n| format!("ORPHA:{n}")).collect();
+    let too_many = web
+        .post(
+            "/expertise",
+            &[("csrf", &form.csrf()), ("orphacodes", &many.join(","))],
+        )
+        .await;
+    assert_eq!(too_many.status, 400);
+    assert!(error_next_to(&too_many, "orphacodes", "1 to 20"));
+    let repeated = vec!["ORPHA:586"; 30].join(",");
+    let once = web
+        .post(
+            "/expertise",
+            &[("csrf", &form.csrf()), ("orphacodes", &repeated)],
+        )
+        .await;
+    assert_eq!(once.status, 200, "{}", once.body);
 }
 
 #[tokio::test]
