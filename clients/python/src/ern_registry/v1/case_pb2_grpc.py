@@ -100,7 +100,13 @@ class CaseServiceServicer:
     def SubmitCases(self, request_iterator, context):
         """Bulk upload of a centre's existing cases: the client streams submissions, the server
         streams one result per submission, in order, as each is committed. A rejected
-        submission does not stop the stream.
+        submission does not stop the stream. At most 64 submissions of a stream are
+        processed at once. The stream is ended with DEADLINE_EXCEEDED when it sends no
+        submission for the call deadline (`--request-timeout-secs`, 30 s by default), and
+        with RESOURCE_EXHAUSTED after `--max-stream-invalid-items` invalid ones; either
+        comes after the results of everything sent before it, except that when the invalid
+        limit ends it, submissions read but not yet answered are stopped (one whose write had
+        begun may be stored: submit it again and ALREADY_EXISTS says so).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,10 +125,11 @@ class CaseServiceServicer:
         """Store a new version of a case of the caller's own centre. The previous versions are
         kept; the newest counts. `expected_version` guards against lost updates
         (ABORTED when another update came first). NOT_FOUND, with one message, when the
-        caller's centre has no case of this pseudonym (never had, or it was erased);
-        FAILED_PRECONDITION, with SubmitCase's refusal, when it has one at
-        `expected_version` but no REGISTRY_INCLUSION consent is in force (counting any
-        attested here).
+        caller's centre has no case of this pseudonym (never had, or it was erased) and
+        when it has one but no REGISTRY_INCLUSION consent is in force (counting any attested
+        here), whatever `expected_version` says: a record the caller may not see is not told
+        apart from an erased one. Consent attested here that is in force brings a lapsed
+        record back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
