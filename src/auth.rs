@@ -130,6 +130,12 @@ pub enum AuthError {
     /// The web console: no session, or one that was ended (signed out, disabled).
     #[error("you are not signed in")]
     NoSession,
+    /// The web console: the principal is bound to client certificates, which the console
+    /// cannot check.
+    #[error(
+        "this account is bound to client certificates: it works over gRPC with one of them, not in the web console"
+    )]
+    ConsoleCertificateBound,
     /// The web console: the session passed its idle or absolute time limit.
     #[error("your session has expired; sign in again")]
     SessionExpired,
@@ -369,12 +375,21 @@ impl AuthCounters {
     }
 }
 
+/// A key that authenticated a call ([`KeyVerifier::remember`]).
+#[derive(Clone, PartialEq, Eq)]
+struct Known {
+    /// Its stored HMAC hash.
+    hash: [u8; 32],
+    /// The bound client certificate it came with; `None`: its principal is bound to none.
+    certificate: Option<String>,
+}
+
 /// Verifies presented secrets against stored hashes.
 pub struct KeyVerifier {
     hasher: Arc<KeyHasher>,
     /// Key id → stored HMAC of keys verified in this process. Only a correct secret adds
     /// an entry, so its size follows the valid keys in use, not what callers send.
-    known: RwLock<HashMap<String, [u8; 32]>>,
+    known: RwLock<HashMap<String, Known>>,
     argon2: Arc<Semaphore>,
     counters: Arc<AuthCounters>,
 }
@@ -447,16 +462,21 @@ impl KeyVerifier {
     }
 
     /// Remembers `key` as one that authenticated a call in this process: its secret
-    /// verified against `hmac_hash` (the stored HMAC hash, or the one a migration stores)
-    /// and the key was live. Only then: a key that verifies but is revoked, expired,
-    /// disabled or presented without its bound certificate is never remembered
-    /// ([`KeyVerifier::forget`] it instead), so it never passes the allowance of its
-    /// address (`refusals`).
-    pub fn remember(&self, key: &PresentedKey, hmac_hash: &str) {
-        let StoredHash::Hmac(stored) = StoredHash::parse(hmac_hash) else {
+    /// verified against `hmac_hash` (the stored HMAC hash, or the one a migration stores),
+    /// the key was live, and `certificate` is the bound client certificate it came with
+    /// (`None` for a principal bound to none). Only then: a key that verifies but is
+    /// revoked, expired or disabled is never remembered ([`KeyVerifier::forget`] it
+    /// instead), and one presented without its bound certificate is not either, so neither
+    /// passes the allowance of its address (`refusals`).
+    pub fn remember(&self, key: &PresentedKey, hmac_hash: &str, certificate: Option<&str>) {
+        let StoredHash::Hmac(hash) = StoredHash::parse(hmac_hash) else {
             return;
         };
-        let held = |known: &HashMap<String, [u8; 32]>| known.get(&key.key_id) == Some(&stored);
+        let stored = Known {
+            hash,
+            certificate: certificate.map(str::to_owned),
+        };
+        let held = |known: &HashMap<String, Known>| known.get(&key.key_id) == Some(&stored);
         // Every authenticated call comes here: most find their key held already.
         if self.known.read().is_ok_and(|known| held(&known)) {
             return;
@@ -473,18 +493,25 @@ impl KeyVerifier {
     }
 
     /// Whether `key` is one that authenticated a call in this process ([`Self::remember`]),
-    /// with its secret: no database read. Says nothing about whether the key is still live
-    /// (the caller then authenticates in full, and a key found dead is forgotten); used to
-    /// let a valid caller through while its address is refused.
-    pub fn known_good(&self, key: &PresentedKey) -> bool {
+    /// with its secret and, for a principal bound to client certificates, over a
+    /// connection presenting the certificate it authenticated with: no database read.
+    /// Says nothing about whether the key is still live (the caller then authenticates in
+    /// full, and a key found dead is forgotten); used to let a valid caller through while
+    /// its address is refused.
+    pub fn known_good(&self, key: &PresentedKey, certificate: Option<&str>) -> bool {
         let stored = self
             .known
             .read()
-            .map(|m| m.get(&key.key_id).copied())
+            .map(|m| m.get(&key.key_id).cloned())
             .unwrap_or(None);
         stored.is_some_and(|stored| {
-            self.hasher
-                .verify(&key.key_id, key.secret.expose_secret(), &stored)
+            stored
+                .certificate
+                .as_deref()
+                .is_none_or(|bound| certificate == Some(bound))
+                && self
+                    .hasher
+                    .verify(&key.key_id, key.secret.expose_secret(), &stored.hash)
         })
     }
 
@@ -493,8 +520,10 @@ impl KeyVerifier {
         self.known.read().map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Forgets a key: one whose secret verified but which authenticates no call (revoked,
-    /// expired, disabled, or presented without its bound certificate).
+    /// Forgets a key: one whose secret verified but which authenticates no call any more
+    /// (revoked, expired, disabled). Not for one presented without its bound certificate:
+    /// whoever holds the certificate keeps the pass (a thief of the key alone must not be
+    /// able to take it from them).
     pub fn forget(&self, key_id: &str) {
         if let Ok(mut known) = self.known.write() {
             known.remove(key_id);
@@ -648,7 +677,7 @@ mod tests {
                 .await;
         }
         assert_eq!(verifier.known_keys(), 0);
-        assert!(!verifier.known_good(&key));
+        assert!(!verifier.known_good(&key, None));
         // Verifying alone remembers nothing: the caller remembers a key once it is found
         // live as well.
         assert!(matches!(
@@ -656,14 +685,24 @@ mod tests {
             Verdict::Valid
         ));
         assert_eq!(verifier.known_keys(), 0);
-        verifier.remember(&wrong(issued.token.expose_secret()), "argon2id$not-hmac");
+        verifier.remember(
+            &wrong(issued.token.expose_secret()),
+            "argon2id$not-hmac",
+            None,
+        );
         assert_eq!(verifier.known_keys(), 0);
-        verifier.remember(&key, &issued.secret_hash);
+        verifier.remember(&key, &issued.secret_hash, None);
         assert_eq!(verifier.known_keys(), 1);
-        assert!(verifier.known_good(&key));
-        assert!(!verifier.known_good(&wrong(issued.token.expose_secret())));
+        assert!(verifier.known_good(&key, None));
+        assert!(verifier.known_good(&key, Some("any")));
+        assert!(!verifier.known_good(&wrong(issued.token.expose_secret()), None));
         verifier.forget(&issued.key_id);
-        assert!(!verifier.known_good(&key));
+        assert!(!verifier.known_good(&key, None));
+        // A key of a principal bound to certificates passes only with the one it came with.
+        verifier.remember(&key, &issued.secret_hash, Some("cert-a"));
+        assert!(verifier.known_good(&key, Some("cert-a")));
+        assert!(!verifier.known_good(&key, Some("cert-b")));
+        assert!(!verifier.known_good(&key, None));
     }
 
     #[test]

@@ -85,8 +85,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Create a new master key file (mode 0600). Refuses to overwrite one.
     Keygen {
-        /// Where to write it. Default: <data dir>/master.key (with --passphrase:
-        /// <data dir>/master.kdf).
+        /// Where to write it. Default: where `serve` will look for it, given the same
+        /// environment: ERN_MASTER_KEY_FILE or <data dir>/master.key; with --passphrase,
+        /// ERN_MASTER_KDF_FILE, or master.kdf next to that key file.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Passphrase mode: write the Argon2id parameter file (fresh salt, cost, check)

@@ -133,12 +133,17 @@ fn keygen(
     passphrase_mode: bool,
     passphrase_file: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
-    let default_name = if passphrase_mode {
-        "master.kdf"
-    } else {
-        "master.key"
-    };
-    let path = out.unwrap_or_else(|| global.data_dir.join(default_name));
+    // Where `serve` looks, given the same environment.
+    let env_path = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
+    let key_file =
+        env_path("ERN_MASTER_KEY_FILE").unwrap_or_else(|| global.data_dir.join("master.key"));
+    let path = out.unwrap_or_else(|| {
+        if passphrase_mode {
+            env_path("ERN_MASTER_KDF_FILE").unwrap_or_else(|| KdfFile::default_path(&key_file))
+        } else {
+            key_file
+        }
+    });
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         ern_registry::data_dir::create_private_dir(dir)?;
     }

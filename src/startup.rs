@@ -710,6 +710,7 @@ impl Application {
             self.state.writer.clone(),
             Duration::from_secs(self.args.refusal_summary_secs),
         );
+        let console_deadline = deadline.clone();
         let mut server = Server::builder();
         if let Some(tls) = self.tls {
             server = server.tls_config(tls)?;
@@ -731,13 +732,14 @@ impl Application {
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, signal);
         // The web console stops with gRPC: no new connections once `stopping` is set;
-        // requests in flight finish, by the same deadline as gRPC's connections (grace +
-        // CLOSE_LIMIT after the signal), and are cut off there.
+        // requests in flight get the grace, then are answered 503 (`console::serve`), and
+        // the console is no longer waited for CLOSE_LIMIT later, as gRPC's connections.
         let console = self.console.map(|listener| {
             tokio::spawn(crate::console::serve(
                 listener,
                 self.state.clone(),
                 stopping.clone(),
+                console_deadline,
             ))
         });
         // When the signal came (`None`: gRPC stopped without one, on an error).

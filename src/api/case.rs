@@ -32,6 +32,75 @@ use crate::service::{Call, ServiceError, cases, parse_pseudonym};
 /// Submissions of one bulk stream processed concurrently (results stay in order).
 const BULK_IN_FLIGHT: usize = 64;
 
+/// What a bulk stream is waiting for: items read whose result has not been sent yet, and
+/// when it last read an item or sent a result. The stream is idle (its client's turn)
+/// only while no result is owed.
+struct StreamActivity {
+    unanswered: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl StreamActivity {
+    fn new() -> Self {
+        StreamActivity {
+            unanswered: 0.into(),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn read_one(&self) {
+        self.unanswered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.touch();
+    }
+
+    fn answered_one(&self) {
+        self.touch();
+        self.unanswered
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// When the stream has been idle for `limit`, if nothing changes before then.
+    fn idle_deadline(&self, limit: std::time::Duration) -> tokio::time::Instant {
+        let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let owed = self.unanswered.load(std::sync::atomic::Ordering::SeqCst) > 0;
+        // While a result is owed the server is the one to move: look again later.
+        if owed {
+            tokio::time::Instant::now() + limit
+        } else {
+            last + limit
+        }
+    }
+
+    /// The next item of `input`; `None` when the stream has been idle for `limit` (no item
+    /// read and no result owed).
+    async fn next<S: Stream + Unpin>(
+        &self,
+        input: &mut S,
+        limit: std::time::Duration,
+    ) -> Option<Option<S::Item>> {
+        let next = input.next();
+        tokio::pin!(next);
+        loop {
+            let deadline = self.idle_deadline(limit);
+            tokio::select! {
+                // An item that has come wins over a deadline passing at the same time.
+                biased;
+                item = &mut next => return Some(item),
+                () = tokio::time::sleep_until(deadline) => {
+                    if self.idle_deadline(limit) <= tokio::time::Instant::now() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub struct CaseApi {
     state: SharedState,
 }
@@ -236,20 +305,23 @@ impl CaseApi {
             Result<(u64, String, tokio::task::JoinHandle<_>), Status>,
         >(BULK_IN_FLIGHT);
         let (out_tx, out_rx) = mpsc::channel(BULK_IN_FLIGHT);
+        let activity = Arc::new(StreamActivity::new());
+        let answered = activity.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut sequence = 0u64;
             loop {
-                // A stream that sends nothing for the call deadline is ended: an open
-                // stream holds one of the principal's calls in flight and its connection.
-                let item = match tokio::time::timeout(idle_timeout, input.next()).await {
-                    Ok(Some(Ok(item))) => item,
-                    Ok(None) => break,
-                    Ok(Some(Err(status))) => {
+                // A stream that sends nothing for the call deadline, while it waits for no
+                // result, is ended: an open stream holds one of the principal's calls in
+                // flight and its connection.
+                let item = match activity.next(&mut input, idle_timeout).await {
+                    Some(Some(Ok(item))) => item,
+                    Some(None) => break,
+                    Some(Some(Err(status))) => {
                         let _ = pending_tx.send(Err(status)).await;
                         break;
                     }
-                    Err(_) => {
+                    None => {
                         metrics::counter!("ern_rate_limited_total", "limit" => "stream_idle")
                             .increment(1);
                         let _ = pending_tx
@@ -296,11 +368,12 @@ impl CaseApi {
                         _ => result,
                     }
                 });
-                if pending_tx
-                    .send(Ok((sequence, reference, handle)))
-                    .await
-                    .is_err()
+                activity.read_one();
+                if let Err(mpsc::error::SendError(Ok((_, _, handle)))) =
+                    pending_tx.send(Ok((sequence, reference, handle))).await
                 {
+                    // The results have stopped (ended early): so does this item.
+                    handle.abort();
                     break;
                 }
                 sequence += 1;
@@ -339,6 +412,7 @@ impl CaseApi {
                 if out_tx.send(Ok(result)).await.is_err() {
                     break;
                 }
+                answered.answered_one();
                 if invalid >= max_invalid {
                     metrics::counter!("ern_rate_limited_total", "limit" => "stream_invalid_items")
                         .increment(1);
@@ -621,4 +695,33 @@ fn is_invalid_item(err: &ServiceError) -> bool {
             | Outcome::Unauthenticated
             | Outcome::ResourceExhausted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A bulk stream is idle only while no result is owed: a client waiting for its
+    /// results is never ended for sending nothing, one owed nothing is.
+    #[tokio::test]
+    async fn a_stream_owed_a_result_is_not_idle() {
+        let limit = Duration::from_millis(100);
+        let activity = StreamActivity::new();
+        let mut silent = tokio_stream::pending::<u32>();
+        activity.read_one();
+        // Ten limits pass with a result owed: still waiting for the client's next item.
+        let waited = tokio::time::timeout(limit * 10, activity.next(&mut silent, limit)).await;
+        assert!(waited.is_err(), "ended while a result was owed");
+        // Answered: from then on the client's silence counts, and ends it.
+        activity.answered_one();
+        let ended =
+            tokio::time::timeout(Duration::from_secs(30), activity.next(&mut silent, limit))
+                .await
+                .expect("ended after the limit");
+        assert!(ended.is_none());
+        // An item that comes is passed on.
+        let mut one = tokio_stream::iter([7u32]);
+        assert_eq!(activity.next(&mut one, limit).await, Some(Some(7)));
+    }
 }

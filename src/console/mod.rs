@@ -119,10 +119,28 @@ pub async fn serve(
     listener: TcpListener,
     services: Arc<Services>,
     mut stopping: watch::Receiver<bool>,
+    deadline: watch::Receiver<bool>,
 ) {
     let addr = listener.local_addr().ok();
     info!(?addr, "serving the web console");
-    let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
+    // At the shutdown deadline (gRPC's: the grace after the signal), a request still
+    // running is answered 503 and its handler dropped, as gRPC's calls are ended then.
+    let cut_off = middleware::from_fn(move |request: axum::extract::Request, next: Next| {
+        let mut deadline = deadline.clone();
+        async move {
+            tokio::select! {
+                response = next.run(request) => response,
+                _ = deadline.wait_for(|passed| *passed) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is shutting down; try again in a moment",
+                )
+                    .into_response(),
+            }
+        }
+    });
+    let app = router(services)
+        .layer(cut_off)
+        .into_make_service_with_connect_info::<SocketAddr>();
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };

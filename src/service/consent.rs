@@ -557,10 +557,20 @@ mod tests {
         let expired_then_refused = vec![expired[0].clone(), event(2, Decision::Refused)];
         assert!(rules.ends_inclusion(&expired, &expired_then_refused, t(3)));
         assert!(!rules.ends_inclusion(&expired, &expired, t(3)));
-        // A refusal already on file, recorded again: nothing ends now.
+        // A call that adds no inclusion decision (the refusal in force was on file
+        // before): nothing ends now.
         assert!(!rules.ends_inclusion(&refused, &refused, t(3)));
-        // Another grant over the expired one, or a grant of another scope: not a refusal.
+        // Another grant over the expired one: not a refusal.
         let regranted = vec![expired[0].clone(), event(2, Decision::Granted)];
         assert!(!rules.ends_inclusion(&expired, &regranted, t(3)));
+        // A decision about another scope over the expired inclusion: not a refusal of it.
+        let other_scope = vec![
+            expired[0].clone(),
+            ConsentEvent {
+                scope: Scope::ResearchUse,
+                ..event(2, Decision::Refused)
+            },
+        ];
+        assert!(!rules.ends_inclusion(&expired, &other_scope, t(3)));
     }
 }

@@ -397,7 +397,7 @@ pub async fn sign_in(
     // A principal bound to client certificates calls with one of them; the console sees
     // none (said only to whoever gave the right password and code).
     if cred.certificate_bound {
-        return Err(AuthError::CertificateMismatch.into());
+        return Err(AuthError::ConsoleCertificateBound.into());
     }
     if !services
         .store
@@ -489,12 +489,12 @@ pub async fn session(
             return Err(AuthError::NoSession.into());
         }
     };
+    call.by(&principal);
     if services.store.certificate_bound(principal.id).await? {
         services.store.delete_console_session(&hash).await?;
-        return Err(AuthError::CertificateMismatch.into());
+        return Err(AuthError::ConsoleCertificateBound.into());
     }
     services.store.touch_console_session(&hash, now).await?;
-    call.by(&principal);
     let permit = services.calls.enter(principal.id).await.inspect_err(|_| {
         metrics::counter!("ern_rate_limited_total", "limit" => "calls_in_flight").increment(1);
     })?;

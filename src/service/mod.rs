@@ -56,7 +56,8 @@ pub struct Services {
     pub calls: CallGate,
     /// Invalid items a bulk stream may send before it is ended.
     pub max_stream_invalid_items: u32,
-    /// How long a bulk stream may send no item before it is ended (`--request-timeout-secs`).
+    /// How long a bulk stream owed no result may send no item before it is ended
+    /// (`--request-timeout-secs`).
     pub stream_idle_timeout: std::time::Duration,
     /// Bulk-stream items in progress per principal, across its streams.
     pub stream_items: ItemGate,
@@ -387,8 +388,9 @@ impl Services {
     /// principal's place among its calls in flight (held by `call`).
     ///
     /// A refusal takes one from the peer's allowance (`refusals`); a peer with none left
-    /// is refused here, before any database read, unless it presents a key this process
-    /// has verified (another caller behind the same address).
+    /// is refused here, before any database read, unless it presents a key that
+    /// authenticated a call in this process (`KeyVerifier::known_good`: another caller
+    /// behind the same address).
     pub async fn authenticate(
         &self,
         credentials: &Credentials,
@@ -398,7 +400,10 @@ impl Services {
         call.peer = peer;
         let key = &credentials.key;
         if let Err(limited) = self.refusals.check(peer)
-            && !key.as_ref().is_ok_and(|key| self.verifier.known_good(key))
+            && !key.as_ref().is_ok_and(|key| {
+                self.verifier
+                    .known_good(key, credentials.certificate.as_deref())
+            })
         {
             metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
             return Err(limited.into());
@@ -496,10 +501,10 @@ impl Services {
         // TLS): a stolen key alone is not enough.
         let bound = &record.bound_certificates;
         if !bound.is_empty() && !certificate.is_some_and(|c| bound.iter().any(|b| b == c)) {
-            self.verifier.forget(&key.key_id);
             return Err(AuthError::CertificateMismatch.into());
         }
-        self.verifier.remember(key, &hmac_hash);
+        let presented = certificate.filter(|_| !bound.is_empty());
+        self.verifier.remember(key, &hmac_hash, presented);
         Ok(record.principal)
     }
 

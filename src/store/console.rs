@@ -119,7 +119,7 @@ impl Store {
         .bind(principal_id)
         .fetch_one(self.pool())
         .await?;
-        Ok(row.try_get("bound")?)
+        row.try_get("bound")
     }
 
     /// Counts a failed sign-in; returns the failures since the last success.

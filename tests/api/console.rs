@@ -496,9 +496,9 @@ async fn a_principal_bound_to_certificates_cannot_use_the_console() {
         .await
         .unwrap();
     let ended = web.get("/home").await;
-    assert_eq!(ended.status, 401, "{}", ended.body);
+    assert_eq!(ended.status, 403, "{}", ended.body);
     assert!(
-        ended.body.contains("bound client certificate"),
+        ended.body.contains("bound to client certificates"),
         "{}",
         ended.body
     );
@@ -513,7 +513,7 @@ async fn a_principal_bound_to_certificates_cannot_use_the_console() {
     let refused = fresh.sign_in(&app, "officer-eye", &secret).await;
     assert_ne!(refused.status, 303, "signed in");
     assert!(
-        refused.body.contains("bound client certificate"),
+        refused.body.contains("not in the web console"),
         "{}",
         refused.body
     );

@@ -102,7 +102,8 @@ class CaseServiceServicer:
         streams one result per submission, in order, as each is committed. A rejected
         submission does not stop the stream. At most 64 submissions of a stream are
         processed at once. The stream is ended with DEADLINE_EXCEEDED when it sends no
-        submission for the call deadline (`--request-timeout-secs`, 30 s by default), and
+        submission for the call deadline (`--request-timeout-secs`, 30 s by default) while
+        every submission it sent has its result, and
         with RESOURCE_EXHAUSTED after `--max-stream-invalid-items` invalid ones; either
         comes after the results of everything sent before it, except that when the invalid
         limit ends it, submissions read but not yet answered are stopped (one whose write had
