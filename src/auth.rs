@@ -520,6 +520,21 @@ impl KeyVerifier {
         self.known.read().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Forgets `key_id` if it was remembered with no certificate, or with one not in
+    /// `bound`: its principal has been bound to certificates since (or to others), and
+    /// the key alone must not keep the pass.
+    pub fn forget_unless_bound_to(&self, key_id: &str, bound: &[String]) {
+        if let Ok(mut known) = self.known.write()
+            && known.get(key_id).is_some_and(|k| {
+                k.certificate
+                    .as_ref()
+                    .is_none_or(|c| !bound.iter().any(|b| b == c))
+            })
+        {
+            known.remove(key_id);
+        }
+    }
+
     /// Forgets a key: one whose secret verified but which authenticates no call any more
     /// (revoked, expired, disabled). Not for one presented without its bound certificate:
     /// whoever holds the certificate keeps the pass (a thief of the key alone must not be
@@ -702,6 +717,13 @@ mod tests {
         verifier.remember(&key, &issued.secret_hash, Some("cert-a"));
         assert!(verifier.known_good(&key, Some("cert-a")));
         assert!(!verifier.known_good(&key, Some("cert-b")));
+        assert!(!verifier.known_good(&key, None));
+        // Presented without it: the holder of cert-a keeps the pass.
+        verifier.forget_unless_bound_to(&issued.key_id, &["cert-a".into()]);
+        assert!(verifier.known_good(&key, Some("cert-a")));
+        // Remembered before its principal was bound: the binding takes the pass away.
+        verifier.remember(&key, &issued.secret_hash, None);
+        verifier.forget_unless_bound_to(&issued.key_id, &["cert-a".into()]);
         assert!(!verifier.known_good(&key, None));
     }
 

@@ -134,7 +134,11 @@ fn keygen(
     passphrase_file: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
     // Where `serve` looks, given the same environment.
-    let env_path = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
+    let env_path = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
     let key_file =
         env_path("ERN_MASTER_KEY_FILE").unwrap_or_else(|| global.data_dir.join("master.key"));
     let path = out.unwrap_or_else(|| {

@@ -314,7 +314,12 @@ impl CaseApi {
                 // A stream that sends nothing for the call deadline, while it waits for no
                 // result, is ended: an open stream holds one of the principal's calls in
                 // flight and its connection.
-                let item = match activity.next(&mut input, idle_timeout).await {
+                let next = tokio::select! {
+                    next = activity.next(&mut input, idle_timeout) => next,
+                    // The results have stopped (ended early): nothing more is read.
+                    () = pending_tx.closed() => break,
+                };
+                let item = match next {
                     Some(Some(Ok(item))) => item,
                     Some(None) => break,
                     Some(Some(Err(status))) => {

@@ -128,9 +128,16 @@ pub async fn serve(
     let cut_off = middleware::from_fn(move |request: axum::extract::Request, next: Next| {
         let mut deadline = deadline.clone();
         async move {
+            let passes = async move {
+                // The sender goes when gRPC has stopped, which may be before the deadline
+                // (no connection left): then `startup` bounds the wait instead.
+                if deadline.wait_for(|passed| *passed).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 response = next.run(request) => response,
-                _ = deadline.wait_for(|passed| *passed) => (
+                () = passes => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the server is shutting down; try again in a moment",
                 )
@@ -140,6 +147,8 @@ pub async fn serve(
     });
     let app = router(services)
         .layer(cut_off)
+        // The 503 above carries them too.
+        .layer(middleware::from_fn(security_headers))
         .into_make_service_with_connect_info::<SocketAddr>();
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;

@@ -501,6 +501,7 @@ impl Services {
         // TLS): a stolen key alone is not enough.
         let bound = &record.bound_certificates;
         if !bound.is_empty() && !certificate.is_some_and(|c| bound.iter().any(|b| b == c)) {
+            self.verifier.forget_unless_bound_to(&key.key_id, bound);
             return Err(AuthError::CertificateMismatch.into());
         }
         let presented = certificate.filter(|_| !bound.is_empty());
