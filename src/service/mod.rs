@@ -464,12 +464,12 @@ impl Services {
             && !record.principal_disabled;
         // Verify even a dead key, so that refusing it costs what refusing a wrong secret
         // costs.
-        // The HMAC hash a live key is remembered under (`KeyVerifier::remember`).
-        let mut hmac_hash = record.secret_hash.clone();
+        // A migrated key is remembered under its new HMAC hash (`KeyVerifier::remember`).
+        let mut migrated = None;
         let verified = match self.verifier.verify(key, &record.secret_hash).await {
             Verdict::Valid => true,
             Verdict::Migrate(hash) => {
-                hmac_hash = hash.clone();
+                migrated = Some(hash.clone());
                 match self
                     .store
                     .replace_key_hash(&key.key_id, &record.secret_hash, &hash)
@@ -505,7 +505,8 @@ impl Services {
             return Err(AuthError::CertificateMismatch.into());
         }
         let presented = certificate.filter(|_| !bound.is_empty());
-        self.verifier.remember(key, &hmac_hash, presented);
+        let hmac_hash = migrated.as_deref().unwrap_or(&record.secret_hash);
+        self.verifier.remember(key, hmac_hash, presented);
         Ok(record.principal)
     }
 
