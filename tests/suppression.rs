@@ -16,7 +16,9 @@ mod tables;
 
 use std::time::{Duration, Instant};
 
-use ern_registry::aggregate::suppress::{Protected, Rules, Table, attacker_intervals, protect};
+use ern_registry::aggregate::suppress::{
+    Arrangement, Protected, Rules, Table, attacker_intervals, protect, protect_arranged,
+};
 use lp_attacker::{Cell, Published, confirm, violations};
 use proptest::prelude::*;
 use tables::generated_cells;
@@ -250,4 +252,165 @@ fn lp_attacker_gets_nothing_from_larger_tables_that_need_many_complements() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The same table asked for in another layout: [A, B] and [B, A], columns reordered.
+
+/// `t` with rows and columns swapped.
+fn transpose(t: &Table) -> Table {
+    let cells = (0..t.cols)
+        .flat_map(|j| (0..t.rows).map(move |i| (i, j)))
+        .map(|(i, j)| t.cells[i * t.cols + j])
+        .collect();
+    Table::two_way(t.cols, t.rows, cells).unwrap()
+}
+
+fn run_arranged(t: &Table, arrangement: &Arrangement, k: u64, level: u64) -> Protected {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    protect_arranged(t, arrangement, Rules::new(k, level).unwrap(), deadline).unwrap()
+}
+
+/// The attacker's violations given both answers: `p` about `t`, and `q` about `t`'s
+/// transpose.
+fn attack_both(t: &Table, p: &Protected, q: &Protected, k: u64, level: u64) -> Vec<String> {
+    let both = published(t, p).combined(&published(&transpose(t), q).transposed());
+    let intervals = both.attack();
+    confirm(&t.cells, t.cols, &intervals);
+    violations(&t.cells, t.cols, &intervals, k, level)
+}
+
+/// A table whose two layouts get different patterns when protected as laid out: each
+/// answer alone is safe, and together they pin the small cell. Protected in one canonical
+/// arrangement, both answers hide the same cells and the attacker learns nothing more.
+#[test]
+fn asking_for_the_transposed_table_teaches_nothing_new() {
+    let t = Table::two_way(3, 3, vec![2, 10, 10, 12, 40, 10, 12, 10, 40]).unwrap();
+    let tt = transpose(&t);
+    let (k, level) = (5, 1);
+
+    // As laid out (what the service did): each answer is safe alone, not together.
+    let alone = run(&t, k, level);
+    let alone_t = run(&tt, k, level);
+    assert_eq!(attack(&t, &alone, k, level), Vec::<String>::new());
+    assert_eq!(attack(&tt, &alone_t, k, level), Vec::<String>::new());
+    let leaks = attack_both(&t, &alone, &alone_t, k, level);
+    assert!(
+        leaks.iter().any(|l| l.starts_with("Inner(0, 0) = 2")),
+        "the negative control: two layouts protected apart pin the small cell: {leaks:?}"
+    );
+
+    // In one arrangement: the transpose is asked for as rows and columns swapped.
+    let p = run_arranged(&t, &Arrangement::identity(&t), k, level);
+    let transposed = Arrangement {
+        rows: (0..tt.rows).collect(),
+        cols: (0..tt.cols).collect(),
+        transpose: true,
+    };
+    let q = run_arranged(&tt, &transposed, k, level);
+    assert_eq!(published(&tt, &q).transposed().cells, p.cells);
+    assert_eq!(attack_both(&t, &p, &q, k, level), Vec::<String>::new());
+}
+
+/// A layout of `t`: its rows and columns permuted, perhaps transposed, and the
+/// arrangement that takes that layout back to `t`'s.
+fn relayout(t: &Table, rows: &[usize], cols: &[usize], transpose: bool) -> (Table, Arrangement) {
+    // Cell (i, j) of the permuted table is t's (rows[i], cols[j]).
+    let mut cells = Vec::with_capacity(t.cells.len());
+    for &r in rows {
+        for &c in cols {
+            cells.push(t.cells[r * t.cols + c]);
+        }
+    }
+    let permuted = Table::two_way(t.rows, t.cols, cells).unwrap();
+    // Canonical row i (t's row i) is the permuted table's row rows⁻¹[i].
+    let inverse = |order: &[usize]| {
+        let mut inv = vec![0; order.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            inv[i] = pos;
+        }
+        inv
+    };
+    if transpose {
+        (
+            self::transpose(&permuted),
+            Arrangement {
+                rows: inverse(cols),
+                cols: inverse(rows),
+                transpose: true,
+            },
+        )
+    } else {
+        (
+            permuted,
+            Arrangement {
+                rows: inverse(rows),
+                cols: inverse(cols),
+                transpose: false,
+            },
+        )
+    }
+}
+
+fn permutation(n: usize) -> impl Strategy<Value = Vec<usize>> {
+    Just((0..n).collect::<Vec<usize>>()).prop_shuffle()
+}
+
+fn layout_of(t: Table) -> impl Strategy<Value = (Table, Vec<usize>, Vec<usize>, bool)> {
+    let (rows, cols) = (t.rows, t.cols);
+    (permutation(rows), permutation(cols), any::<bool>())
+        .prop_map(move |(r, c, tr)| (t.clone(), r, c, tr))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Any layout of a table, protected in its arrangement, hides exactly the cells (and
+    /// totals) that the table's own layout hides: answers in different layouts carry
+    /// nothing that one answer does not.
+    #[test]
+    fn every_layout_of_a_table_hides_the_same_cells(
+        (t, rows, cols, tr) in small_registry_table().prop_flat_map(layout_of),
+        k in 2u64..=6,
+    ) {
+        let p = run_arranged(&t, &Arrangement::identity(&t), k, 1);
+        let (other, arrangement) = relayout(&t, &rows, &cols, tr);
+        let q = run_arranged(&other, &arrangement, k, 1);
+        // q's cell (i, j) is t's (rows[i], cols[j]), or (rows[j], cols[i]) transposed.
+        for (i, &r) in rows.iter().enumerate() {
+            for (j, &c) in cols.iter().enumerate() {
+                let seen = if tr { q.cells[j * other.cols + i] } else { q.cells[i * other.cols + j] };
+                prop_assert_eq!(seen, p.cells[r * t.cols + c]);
+            }
+            let total = if tr { q.col_totals[i] } else { q.row_totals[i] };
+            prop_assert_eq!(total, p.row_totals[r]);
+        }
+        for (j, &c) in cols.iter().enumerate() {
+            let total = if tr { q.row_totals[j] } else { q.col_totals[j] };
+            prop_assert_eq!(total, p.col_totals[c]);
+        }
+        prop_assert_eq!(q.grand_total, p.grand_total);
+        prop_assert_eq!((q.primary, q.secondary), (p.primary, p.secondary));
+        prop_assert_eq!(attack(&t, &p, k, 1), Vec::<String>::new());
+    }
+}
+
+/// A table of one row is the one-way table of its cells: the same relations, and it gets
+/// the one-way table's pattern, so asking [A] or [A, B] with one B hides the same cells.
+#[test]
+fn a_table_of_one_column_is_protected_as_its_one_way_table() {
+    let cells = vec![3, 20, 10, 1, 9];
+    let one_way = run(&Table::one_way(cells.clone()), 5, 1);
+    let column = Table::two_way(5, 1, cells.clone()).unwrap();
+    let p = run_arranged(&column, &Arrangement::identity(&column), 5, 1);
+    assert_eq!(p.cells, one_way.cells);
+    assert_eq!(p.row_totals, one_way.cells, "each row total is its cell");
+    assert_eq!(p.col_totals, vec![one_way.grand_total]);
+    assert_eq!(p.grand_total, one_way.grand_total);
+    assert_eq!(attack(&column, &p, 5, 1), Vec::<String>::new());
+    let row = transpose(&column);
+    let q = run_arranged(&row, &Arrangement::identity(&row), 5, 1);
+    assert_eq!(q.cells, one_way.cells);
+    assert_eq!(q.col_totals, one_way.cells);
+    assert_eq!(attack(&row, &q, 5, 1), Vec::<String>::new());
 }

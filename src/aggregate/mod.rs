@@ -15,7 +15,7 @@ use crate::domain::{
 };
 use std::time::Instant;
 
-use suppress::{Protected, Rules, SuppressError, Table};
+use suppress::{Arrangement, Protected, Rules, SuppressError, Table};
 
 /// Most interior cells of a published table (rows × columns). Finer tables are refused:
 /// they are mostly suppressed anyway, and their protection would cost too much.
@@ -306,7 +306,19 @@ impl TableBuilder {
         } else {
             Table::two_way(nrows, ncols, cells)?
         };
-        let protected = suppress::protect(&table, rules, deadline)?;
+        // Protected in the arrangement of its dimensions in `Dimension` order: asking for
+        // [A, B] or [B, A], or [A, B, C] or [A, C, B], hides the same cells.
+        let mut arrangement = Arrangement::identity(&table);
+        if let Some(row_dim) = row_dim {
+            let canonical = canonical_order(&col_dims);
+            let mut cols: Vec<usize> = (0..col_order.len()).collect();
+            cols.sort_by_cached_key(|&c| canonical_keys(&col_order[c].0, &canonical));
+            if !cols.is_empty() {
+                arrangement.cols = cols;
+            }
+            arrangement.transpose = col_dims.iter().any(|&d| d < row_dim);
+        }
+        let protected = suppress::protect_arranged(&table, &arrangement, rules, deadline)?;
         let row_labels = match row_dim {
             Some(dim) => row_order.iter().map(|(key, _)| dim.label(key)).collect(),
             None => vec!["all".to_string()],
@@ -333,6 +345,19 @@ impl TableBuilder {
             protected,
         })
     }
+}
+
+/// The positions of `dims` in `Dimension` order: `keys` laid out by `dims` are read in
+/// that order by [`canonical_keys`].
+fn canonical_order(dims: &[Dimension]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..dims.len()).collect();
+    order.sort_by_key(|&i| dims[i]);
+    order
+}
+
+/// `keys` (one per dimension, in the order asked for) in `Dimension` order.
+fn canonical_keys(keys: &[Key], order: &[usize]) -> Vec<Key> {
+    order.iter().filter_map(|&i| keys.get(i).cloned()).collect()
 }
 
 /// Quantiles of the delay, in years.
@@ -437,11 +462,19 @@ pub struct DelayTable {
 
 /// Accumulates delay histograms group by group (the database returns them ordered by
 /// group, then months), keeping only the band counts and quantiles of finished groups.
+type DelayRow = (
+    Vec<Key>,
+    Vec<String>,
+    [u64; DELAY_BANDS.len()],
+    Option<Quantiles>,
+);
+
 #[derive(Debug)]
 pub struct DelayBuilder {
     group_by: Vec<Dimension>,
     current: Option<(Vec<Key>, DelayHistogram)>,
-    groups: Vec<(Vec<String>, [u64; DELAY_BANDS.len()], Option<Quantiles>)>,
+    /// Per group: its keys, labels, band counts and quantiles.
+    groups: Vec<DelayRow>,
     overall: BTreeMap<i64, u64>,
 }
 
@@ -481,7 +514,8 @@ impl DelayBuilder {
                 .zip(&keys)
                 .map(|(dim, key)| dim.label(key))
                 .collect();
-            self.groups.push((labels, hist.bands(), hist.quantiles()));
+            self.groups
+                .push((keys, labels, hist.bands(), hist.quantiles()));
         }
     }
 
@@ -498,14 +532,23 @@ impl DelayBuilder {
         }
         let rows = self.groups.len().max(1);
         let mut cells = Vec::with_capacity(rows * DELAY_BANDS.len());
-        for (_, bands, _) in &self.groups {
+        for (_, _, bands, _) in &self.groups {
             cells.extend_from_slice(bands);
         }
         if self.groups.is_empty() {
             cells.resize(DELAY_BANDS.len(), 0);
         }
         let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?;
-        let p = suppress::protect(&table, rules, deadline)?;
+        // Groups in the order of their keys by `Dimension`, however the dimensions were
+        // asked for: the same groups always get the same pattern.
+        let mut arrangement = Arrangement::identity(&table);
+        if !self.groups.is_empty() {
+            let canonical = canonical_order(&self.group_by);
+            let mut order: Vec<usize> = (0..self.groups.len()).collect();
+            order.sort_by_cached_key(|&g| canonical_keys(&self.groups[g].0, &canonical));
+            arrangement.rows = order;
+        }
+        let p = suppress::protect_arranged(&table, &arrangement, rules, deadline)?;
         let ncols = DELAY_BANDS.len();
         let publishable = |total: Option<u64>, bands: &[Option<u64>]| {
             total.is_some_and(|t| t >= rules.k()) && bands.iter().all(Option::is_some)
@@ -514,7 +557,7 @@ impl DelayBuilder {
             .groups
             .into_iter()
             .enumerate()
-            .map(|(i, (labels, _, quantiles))| {
+            .map(|(i, (_, labels, _, quantiles))| {
                 let bands = p.cells[i * ncols..(i + 1) * ncols].to_vec();
                 let total = p.row_totals[i];
                 DelayGroup {
@@ -746,6 +789,102 @@ mod tests {
         // BE has no male patients: a published zero.
         assert_eq!(t.protected.cells[1], Some(0));
         assert_eq!(t.protected.grand_total, Some(28));
+    }
+
+    /// The table of suppress's negative control (3 x 3, one small cell), as counted by the
+    /// database: by `first` then `second`, whichever order the question names them.
+    fn counted(dims: [Dimension; 2], by_sex_first: bool) -> CountTable {
+        let counts = [[2, 10, 10], [12, 40, 10], [12, 10, 40]];
+        let sexes = ["female", "male", "other"];
+        let countries = ["BE", "DE", "NL"];
+        let mut b = TableBuilder::new();
+        for (i, row) in counts.iter().enumerate() {
+            for (j, &n) in row.iter().enumerate() {
+                let (sex, country) = (Key::Text(sexes[i].into()), Key::Text(countries[j].into()));
+                let keys = if by_sex_first {
+                    vec![sex, country]
+                } else {
+                    vec![country, sex]
+                };
+                b.add(keys, n).unwrap();
+            }
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        b.finish(&dims, Rules::new(5, 1).unwrap(), deadline)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_table_asked_for_in_either_order_hides_the_same_cells() {
+        let by_sex = counted([Dimension::Sex, Dimension::Country], true);
+        let by_country = counted([Dimension::Country, Dimension::Sex], false);
+        assert_eq!(by_sex.row_dimension, Some(Dimension::Sex));
+        assert_eq!(by_country.row_dimension, Some(Dimension::Country));
+        let (a, b) = (&by_sex.protected, &by_country.protected);
+        for i in 0..3 {
+            for j in 0..3 {
+                assert_eq!(a.cells[i * 3 + j], b.cells[j * 3 + i], "cell ({i}, {j})");
+            }
+        }
+        assert_eq!(a.row_totals, b.col_totals);
+        assert_eq!(a.col_totals, b.row_totals);
+        assert_eq!(a.grand_total, b.grand_total);
+        assert_eq!(a.cells[0], None, "the small cell is hidden");
+    }
+
+    #[test]
+    fn delay_groups_get_the_same_pattern_whichever_dimension_comes_first() {
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let groups = [
+            ("female", "BE", [1, 5, 7, 5, 3]),
+            ("female", "NL", [9, 1, 3, 9, 8]),
+            ("male", "BE", [4, 3, 8, 1, 8]),
+            ("male", "NL", [9, 5, 5, 3, 0]),
+        ];
+        let months = [0, 24, 72, 150, 300];
+        let run = |sex_first: bool| {
+            let dims = if sex_first {
+                [Dimension::Sex, Dimension::Country]
+            } else {
+                [Dimension::Country, Dimension::Sex]
+            };
+            let mut order: Vec<_> = groups
+                .iter()
+                .map(|(sex, country, bands)| {
+                    let (s, c) = (Key::Text(sex.to_string()), Key::Text(country.to_string()));
+                    let keys = if sex_first { vec![s, c] } else { vec![c, s] };
+                    (keys, bands)
+                })
+                .collect();
+            // The database returns the groups ordered by the keys as asked.
+            order.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut b = DelayBuilder::new(&dims);
+            for (keys, bands) in order {
+                for (m, &n) in months.iter().zip(bands.iter()) {
+                    b.add(keys.clone(), *m, n).unwrap();
+                }
+            }
+            let t = b.finish(rules, deadline).unwrap();
+            // By (sex, country), whatever the order of the labels.
+            type Published = (Vec<String>, Vec<Option<u64>>, Option<u64>);
+            let mut by_group: Vec<Published> = t
+                .groups
+                .into_iter()
+                .map(|g| {
+                    let mut labels = g.labels;
+                    if !sex_first {
+                        labels.reverse();
+                    }
+                    (labels, g.bands, g.total)
+                })
+                .collect();
+            by_group.sort();
+            (by_group, t.band_totals, t.grand_total)
+        };
+        let (sex_first, country_first) = (run(true), run(false));
+        assert!(sex_first.0.iter().any(|g| g.1.contains(&None)));
+        assert_eq!(sex_first, country_first);
     }
 
     #[test]

@@ -46,7 +46,10 @@
 //! audit of the new pattern passes; its number of tries depends on the table alone, so
 //! the same table always gives the same answer. The pattern returned is thus always one
 //! proven in full; past the deadline the answer is refused
-//! ([`SuppressError::OutOfTime`]), never cut short or unproven.
+//! ([`SuppressError::OutOfTime`]), never cut short or unproven. Ties are broken by a
+//! cell's position, so the service protects every table through [`protect_arranged`]: in
+//! one arrangement fixed by its dimensions, so the same counts asked for in another layout
+//! (transposed, rows or columns reordered) hide exactly the same cells.
 //!
 //! Limits, on purpose: this protects *one* table against an attacker who knows the
 //! method's inputs but not the data. It does not protect against differencing between
@@ -276,6 +279,165 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
         grand_total: (!hidden.contains(grand)).then_some(values[grand]),
         primary,
         secondary: hidden_count - primary,
+    })
+}
+
+/// Where a table's rows and columns go in its canonical arrangement: the layout every
+/// question asking for the same table is protected in, however it orders its dimensions.
+///
+/// [`protect`] breaks ties by cell position, so the same counts laid out in another order
+/// (a transposed table, columns reordered) can get another pattern, and two answers that
+/// hide different cells of one table together reveal what each hides alone (a cell
+/// published by one answer closes the other's equations). Protected in one arrangement
+/// and mapped back, every such answer hides exactly the same cells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrangement {
+    /// The table's rows in canonical order: canonical row `i` is the table's row `rows[i]`
+    /// (its column `i` when transposed).
+    pub rows: Vec<usize>,
+    /// The table's columns in canonical order, likewise; `[0]` for a one-way table.
+    pub cols: Vec<usize>,
+    /// Whether the canonical table is the transpose: its rows are the table's columns.
+    pub transpose: bool,
+}
+
+impl Arrangement {
+    /// The table as it is.
+    pub fn identity(table: &Table) -> Arrangement {
+        Arrangement {
+            rows: (0..table.rows).collect(),
+            cols: (0..table.cols).collect(),
+            transpose: false,
+        }
+    }
+
+    fn check(&self, table: &Table) -> Result<(), SuppressError> {
+        let permutes = |order: &[usize], n: usize| {
+            let mut seen = vec![false; n];
+            order.len() == n
+                && order
+                    .iter()
+                    .all(|&i| i < n && !std::mem::replace(&mut seen[i], true))
+        };
+        let fits = permutes(&self.rows, table.rows)
+            && permutes(&self.cols, table.cols)
+            && (table.two_way || !self.transpose);
+        if fits {
+            Ok(())
+        } else {
+            Err(SuppressError::Internal(
+                "an arrangement that does not permute the table's rows and columns",
+            ))
+        }
+    }
+}
+
+/// Protects `table` in its canonical `arrangement` (see [`Arrangement`]) and maps the
+/// pattern back to the table's own layout. A two-way table of one row or one column is
+/// protected as the one-way table of its cells: its row (or column) totals repeat its
+/// cells and its one column (or row) total the grand total, so it publishes the same
+/// relations, and it then gets the same pattern as the one-way question.
+pub fn protect_arranged(
+    table: &Table,
+    arrangement: &Arrangement,
+    rules: Rules,
+    deadline: Instant,
+) -> Result<Protected, SuppressError> {
+    table.check()?;
+    arrangement.check(table)?;
+    let (rows, cols) = if arrangement.transpose {
+        (table.cols, table.rows)
+    } else {
+        (table.rows, table.cols)
+    };
+    // Canonical position (i, j) holds the table's cell `at(i, j)`.
+    let at = |i: usize, j: usize| -> usize {
+        if arrangement.transpose {
+            arrangement.rows[j] * table.cols + arrangement.cols[i]
+        } else {
+            arrangement.rows[i] * table.cols + arrangement.cols[j]
+        }
+    };
+    let mut cells = Vec::with_capacity(table.cells.len());
+    for i in 0..rows {
+        for j in 0..cols {
+            cells.push(table.cells[at(i, j)]);
+        }
+    }
+    let degenerate = !table.two_way || rows == 1 || cols == 1;
+    let canonical = if degenerate {
+        Table::one_way(cells)
+    } else {
+        Table::two_way(rows, cols, cells)?
+    };
+    let p = protect(&canonical, rules, deadline)?;
+
+    // Back to the table's layout. `shown[c]`: canonical cell `c` published.
+    let mut out_cells = vec![None; table.cells.len()];
+    for (c, shown) in p.cells.iter().enumerate() {
+        let (i, j) = if degenerate && rows == 1 {
+            (0, c)
+        } else {
+            (c / cols, c % cols)
+        };
+        out_cells[at(i, j)] = *shown;
+    }
+    // Canonical row totals and column totals, in canonical order.
+    let (canon_rows, canon_cols): (Vec<Option<u64>>, Vec<Option<u64>>) = if !degenerate {
+        (p.row_totals.clone(), p.col_totals.clone())
+    } else if !table.two_way {
+        (Vec::new(), Vec::new())
+    } else if rows == 1 {
+        (vec![p.grand_total], p.cells.clone())
+    } else {
+        (p.cells.clone(), vec![p.grand_total])
+    };
+    let (mut row_totals, mut col_totals) = if table.two_way {
+        (vec![None; table.rows], vec![None; table.cols])
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    if table.two_way {
+        // Canonical row `i` is the table's row `rows[i]`, or its column `cols[i]` when
+        // transposed; likewise for columns.
+        for (i, shown) in canon_rows.into_iter().enumerate() {
+            if arrangement.transpose {
+                col_totals[arrangement.cols[i]] = shown;
+            } else {
+                row_totals[arrangement.rows[i]] = shown;
+            }
+        }
+        for (j, shown) in canon_cols.into_iter().enumerate() {
+            if arrangement.transpose {
+                row_totals[arrangement.rows[j]] = shown;
+            } else {
+                col_totals[arrangement.cols[j]] = shown;
+            }
+        }
+    }
+    let layout = Layout::of(table);
+    let values = layout.values(&table.cells)?;
+    let shown: Vec<bool> = out_cells
+        .iter()
+        .chain(&row_totals)
+        .chain(&col_totals)
+        .chain(std::iter::once(&p.grand_total))
+        .map(Option::is_some)
+        .collect();
+    let hidden: Vec<u64> = values
+        .iter()
+        .zip(&shown)
+        .filter(|(_, shown)| !**shown)
+        .map(|(v, _)| *v)
+        .collect();
+    let primary = hidden.iter().filter(|&&v| v > 0 && v < rules.k).count();
+    Ok(Protected {
+        cells: out_cells,
+        row_totals,
+        col_totals,
+        grand_total: p.grand_total,
+        primary,
+        secondary: hidden.len() - primary,
     })
 }
 

@@ -102,6 +102,45 @@ impl Published {
         out
     }
 
+    /// The same answer read with rows and columns swapped (a two-way table).
+    pub fn transposed(&self) -> Published {
+        assert!(self.two_way, "only a two-way table has a transpose");
+        let cells = (0..self.cols)
+            .flat_map(|j| (0..self.rows).map(move |i| (i, j)))
+            .map(|(i, j)| self.cells[i * self.cols + j])
+            .collect();
+        Published {
+            rows: self.cols,
+            cols: self.rows,
+            two_way: true,
+            cells,
+            row_totals: self.col_totals.clone(),
+            col_totals: self.row_totals.clone(),
+            grand: self.grand,
+        }
+    }
+
+    /// What two answers about the same table publish together: a value either publishes.
+    pub fn combined(&self, other: &Published) -> Published {
+        assert_eq!(
+            (self.rows, self.cols, self.two_way),
+            (other.rows, other.cols, other.two_way),
+            "two answers about the same table, in the same layout"
+        );
+        let either = |a: &[Option<u64>], b: &[Option<u64>]| -> Vec<Option<u64>> {
+            a.iter().zip(b).map(|(x, y)| x.or(*y)).collect()
+        };
+        Published {
+            rows: self.rows,
+            cols: self.cols,
+            two_way: self.two_way,
+            cells: either(&self.cells, &other.cells),
+            row_totals: either(&self.row_totals, &other.row_totals),
+            col_totals: either(&self.col_totals, &other.col_totals),
+            grand: self.grand.or(other.grand),
+        }
+    }
+
     pub fn hidden(&self) -> Vec<Cell> {
         self.all_cells()
             .into_iter()
