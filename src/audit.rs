@@ -465,6 +465,10 @@ pub enum Broken {
     LateAdoption { seq: i64 },
     #[error("entry {seq}: its list of rows is not one the service writes")]
     RowsField { seq: i64 },
+    #[error(
+        "entry {seq}: a version-1 entry (its MAC covers neither target nor rows) names a target or rows (written outside the service)"
+    )]
+    UnsignedFields { seq: i64 },
 }
 
 /// The head row: the last sequence number and its MAC.
@@ -569,6 +573,13 @@ impl<'k> Verifier<'k> {
         }
         if !self.key.verify(&self.previous, stored) {
             return Err(Broken::Mac { seq: stored.seq });
+        }
+        // A version-1 MAC covers neither the target nor the rows: the service never wrote
+        // them with that version, so values there were put in by hand, and the rows they
+        // would vouch for are not vouched for by any MAC.
+        if stored.version == 1 && !(stored.entry.target.is_empty() && stored.entry.rows.is_empty())
+        {
+            return Err(Broken::UnsignedFields { seq: stored.seq });
         }
         if matches!(
             Covers::parse(&stored.entry.rows),
@@ -875,6 +886,32 @@ mod tests {
         let mut legacy = chain_of(&k, &[1, 1, 2]);
         legacy[1].version = 2;
         assert_eq!(verify(&k, &legacy), Err(Broken::Mac { seq: 2 }));
+    }
+
+    /// A version-1 MAC does not cover `target` and `rows`: an entry of that version that
+    /// names either was edited outside the service (for example to vouch for a consent
+    /// event inserted by hand), and is refused although its MAC still holds.
+    #[test]
+    fn a_version_1_entry_naming_a_target_or_rows_is_refused() {
+        let k = key();
+        type Edit = Box<dyn Fn(&mut Stored)>;
+        let edits: Vec<Edit> = vec![
+            Box::new(|e| e.entry.target = "key 0".into()),
+            Box::new(|e| e.entry.rows = "c1:00000000000000000000000000000000".into()),
+            Box::new(|e| e.entry.rows = "adopted c=1 e=0 00".into()),
+        ];
+        for edit in &edits {
+            let mut legacy = chain_of(&k, &[1, 1, 2]);
+            edit(&mut legacy[1]);
+            assert!(k.verify(&legacy[0].mac, &legacy[1]), "the MAC still holds");
+            assert_eq!(
+                verify(&k, &legacy),
+                Err(Broken::UnsignedFields { seq: 2 }),
+                "{:?}",
+                legacy[1].entry
+            );
+        }
+        assert_eq!(verify(&k, &chain_of(&k, &[1, 1, 2])), Ok(()));
     }
 
     #[test]
