@@ -76,6 +76,14 @@ impl From<ServiceError> for Status {
                 limited.to_string(),
                 ErrorDetails::with_retry_info(Some(limited.retry_after)),
             ),
+            ServiceError::Internal(crate::store::StoreError::CommitUnknown { ref cause }) => {
+                warn!(error = %cause, "outcome of a commit unknown");
+                Status::new(
+                    Code::Unavailable,
+                    "the database connection failed while the write was being committed: it \
+                     may or may not be stored; read it back before sending it again",
+                )
+            }
             ServiceError::Internal(ref cause) if cause.is_unavailable() => {
                 warn!(error = %cause, "database unreachable");
                 database_unreachable()

@@ -75,7 +75,8 @@ async fn append(conn: &mut Db<'_>, key: &AuditKey, entry: Entry) -> Result<()> {
         entry,
         wrote: Wrote::default(),
     }];
-    audit_store::append(conn, key, &pending).await
+    audit_store::append(conn, key, &pending).await?;
+    Ok(())
 }
 
 /// Sets a registry's research threshold k or protection level.

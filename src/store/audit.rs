@@ -162,9 +162,13 @@ fn corrupt(table: Table, (id, column): Unreadable) -> StoreError {
 /// its write inserted: they are tagged with the entry's number and their hashes go into
 /// the MACed entry. The first append after migration 0009 first adopts, in one entry,
 /// the rows written before rows were audited.
-pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> Result<()> {
+pub async fn append(
+    conn: &mut Db<'_>,
+    key: &AuditKey,
+    pending: &[Pending],
+) -> Result<Option<Head>> {
     if pending.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let head =
         db::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, mac, rows_adopted")
@@ -245,10 +249,24 @@ pub async fn append(conn: &mut Db<'_>, key: &AuditKey, pending: &[Pending]) -> R
     }
     db::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
         .bind(seq)
-        .bind(previous)
+        .bind(previous.as_str())
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(Some(Head { seq, mac: previous }))
+}
+
+/// Whether the entry `head` names is in the log with that MAC: after a COMMIT whose answer
+/// was lost (the connection broke), whether the transaction that appended it landed. No
+/// other transaction can write that MAC (it chains every entry before it).
+pub async fn holds(conn: &mut Db<'_>, head: &Head) -> Result<bool> {
+    let found = db::query("SELECT mac FROM audit_log WHERE seq = $1")
+        .bind(head.seq)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match found {
+        Some(row) => row.try_get::<String>("mac")? == head.mac,
+        None => false,
+    })
 }
 
 /// Tags the rows `pending` wrote with their entries' numbers (the first entry is `first`)

@@ -153,6 +153,9 @@ pub enum StoreError {
         "erasure {receipt} is committed, but its data may still be in the database files: {cause}"
     )]
     NotPurged { receipt: String, cause: String },
+    /// The database did not answer a COMMIT, and could not be asked whether it landed.
+    #[error("the outcome of a commit is unknown: {cause}")]
+    CommitUnknown { cause: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -164,6 +167,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(err) => unreachable_now(err),
+            StoreError::CommitUnknown { .. } => true,
             // SQLite still busy after its busy timeout: another process holds the lock.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
                 err.code == rusqlite::ErrorCode::DatabaseBusy

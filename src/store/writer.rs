@@ -584,6 +584,18 @@ async fn apply_jobs(
             .zip(results)
             .map(|((command, _, reply), result)| Answer::new(&command, reply, result))
             .collect(),
+        // Perhaps committed: applying the commands again could apply them twice, and an
+        // entry saying they failed could be false. Each caller is told the outcome is
+        // unknown.
+        Err(StoreError::CommitUnknown { cause }) => jobs
+            .into_iter()
+            .map(|(command, _, reply)| {
+                let err = StoreError::CommitUnknown {
+                    cause: cause.clone(),
+                };
+                Answer::new(&command, reply, Err(WriteError::Store(err)))
+            })
+            .collect(),
         Err(err) if jobs.len() == 1 => {
             error!(error = %err, "write failed");
             let mut answers = Vec::with_capacity(1);
@@ -640,7 +652,7 @@ async fn audit_failure(
     let appended = async {
         let mut tx = Tx::begin(target).await?;
         match audit_store::append(&mut tx.db(), key, &pending).await {
-            Ok(()) => tx.commit().await,
+            Ok(_) => tx.commit().await,
             Err(err) => {
                 tx.rollback().await;
                 Err(err)
@@ -760,17 +772,52 @@ async fn apply_batch(
         Target::Lite(_) => Backend::Sqlite,
     };
     let mut tx = Tx::begin(target).await?;
-    match apply_in(&mut tx.db(), backend, key, rules, commands).await {
-        Ok(results) => {
-            tx.commit().await?;
-            Ok(results)
-        }
+    let (results, head) = match apply_in(&mut tx.db(), backend, key, rules, commands).await {
+        Ok(applied) => applied,
         Err(err) => {
             tx.rollback().await;
-            Err(err)
+            return Err(err);
+        }
+    };
+    let Err(err) = tx.commit().await else {
+        return Ok(results);
+    };
+    // A COMMIT can fail after the database committed (PostgreSQL: the connection broke
+    // before its answer came). Answered as a failure, the batch would be applied again,
+    // one command at a time: consent events twice, a second entry per call. So ask the
+    // database whether the batch's last entry is in the log.
+    let Some(head) = head else {
+        return Err(err);
+    };
+    match landed(target, &head).await {
+        Ok(true) => {
+            warn!(error = %err, seq = head.seq, "COMMIT failed, but the batch is in the database: answered as committed");
+            Ok(results)
+        }
+        Ok(false) => Err(err),
+        Err(check) => {
+            error!(error = %err, check = %check, "COMMIT failed and whether it landed cannot be read");
+            Err(StoreError::CommitUnknown {
+                cause: err.to_string(),
+            })
         }
     }
 }
+
+/// Whether the audit entry `head` is in the log (see [`audit_store::holds`]), read on a
+/// connection other than the broken one where there is a pool.
+async fn landed(target: &mut Target<'_>, head: &crate::audit::Head) -> Result<bool, StoreError> {
+    match target {
+        Target::Pool(store) => {
+            let mut conn = store.pool().acquire().await?;
+            audit_store::holds(&mut conn.db(), head).await
+        }
+        Target::Lite(conn) => audit_store::holds(&mut Db::Lite(conn), head).await,
+    }
+}
+
+/// Each command's result, and the audit head the batch wrote (`None`: no entry).
+type Applied = (Vec<Result<Output, WriteError>>, Option<crate::audit::Head>);
 
 /// The body of [`apply_batch`], inside its transaction.
 async fn apply_in(
@@ -779,7 +826,7 @@ async fn apply_in(
     key: &AuditKey,
     rules: &dyn ConsentRules,
     commands: &[(&Command, Option<&Entry>)],
-) -> Result<Vec<Result<Output, WriteError>>, StoreError> {
+) -> Result<Applied, StoreError> {
     lock_patients(tx, backend, commands).await?;
     // Only a withdrawal deletes a research row (erasure), and with it the slot to log.
     let erasable = commands
@@ -855,10 +902,10 @@ async fn apply_in(
         }
         start = end;
     }
-    audit_store::append(tx, key, &entries).await?;
+    let head = audit_store::append(tx, key, &entries).await?;
     let changed = patients_of(commands, &results);
     research_index::log_changes(tx, &research, &changed).await?;
-    Ok(results)
+    Ok((results, head))
 }
 
 /// The patients of the commands that succeeded (a refused command writes nothing): the

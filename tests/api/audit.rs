@@ -21,7 +21,7 @@ impl TestApp {
         AdminServiceClient::with_interceptor(self.channel().await, bearer)
     }
 
-    fn audit_key(&self) -> AuditKey {
+    pub(crate) fn audit_key(&self) -> AuditKey {
         let master = MasterSecret::load(&self.dir.path().join("master.key")).unwrap();
         AuditKey::derive(&master)
     }

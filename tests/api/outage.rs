@@ -9,10 +9,12 @@
 //! timeout) is held by the store's `sqlite_busy_is_unavailable` unit test.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ern_registry::config::ServeArgs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -28,7 +30,49 @@ struct Proxy {
     /// `true` while cut; behind the same lock as the links, so that no link is opened
     /// between a cut's flag and its aborts.
     links: Arc<Mutex<(bool, Vec<JoinHandle<()>>)>>,
+    /// Armed by [`Proxy::lose_next_commit`].
+    lose_commit: Arc<AtomicBool>,
     accept: JoinHandle<()>,
+}
+
+/// Relays one connection. When `lose_commit` is armed, the next COMMIT a client sends
+/// reaches the database, but its answer never reaches the client: the link is closed
+/// after the database had time to commit (the connection broke "after COMMIT").
+async fn relay(client: TcpStream, server: TcpStream, lose_commit: Arc<AtomicBool>) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let mute = Arc::new(AtomicBool::new(false));
+    let muted = mute.clone();
+    let down = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+            // Muted: still read, so that the database is never held up writing.
+            if !muted.load(Ordering::SeqCst) && to_client.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let up = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+            // The simple query `COMMIT` (sqlx ends a transaction so): 'Q', its length, text.
+            const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+            let commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+            if commit && lose_commit.swap(false, Ordering::SeqCst) {
+                mute.store(true, Ordering::SeqCst);
+                let _ = to_server.write_all(&buf[..n]).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return;
+            }
+            if to_server.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
+    }
 }
 
 impl Proxy {
@@ -37,17 +81,20 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let links: Arc<Mutex<(bool, Vec<JoinHandle<()>>)>> = Arc::default();
         let shared = links.clone();
+        let lose_commit = Arc::new(AtomicBool::new(false));
+        let armed = lose_commit.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let mut links = shared.lock().unwrap();
                 if links.0 {
                     // Cut: the connection is closed at once.
                     drop(client);
                     continue;
                 }
+                let armed = armed.clone();
                 links.1.push(tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = TcpStream::connect(target).await {
+                        relay(client, server, armed).await;
                     }
                 }));
             }
@@ -55,8 +102,18 @@ impl Proxy {
         Proxy {
             addr,
             links,
+            lose_commit,
             accept,
         }
+    }
+
+    /// The next COMMIT reaches the database but its answer is lost with its connection.
+    fn lose_next_commit(&self) {
+        self.lose_commit.store(true, Ordering::SeqCst);
+    }
+
+    fn commit_lost(&self) -> bool {
+        !self.lose_commit.load(Ordering::SeqCst)
     }
 
     /// Closes every open connection; new ones are closed as soon as they are accepted.
@@ -239,6 +296,54 @@ async fn a_database_outage_is_unavailable_with_a_retry_hint_and_not_serving_unti
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(5101))))
         .await
         .expect("writes again once the database is back");
+    app.stop().await;
+}
+
+/// A COMMIT that reached PostgreSQL but whose answer was lost (the connection broke): the
+/// writer asks the database whether the batch landed, on another connection, and answers
+/// as committed. Applied again, it would have been stored twice or, alone, answered
+/// UNAVAILABLE with a second entry saying it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_answered_by_what_the_database_holds() {
+    let Some(admin_url) = std::env::var("ERN_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+        return;
+    };
+    let proxy = Proxy::start(target(&admin_url).await).await;
+    let app = TestApp::spawn_via(ServeArgs::default(), |url| through(url, proxy.addr)).await;
+    let mut dr = app.physician("dr-commit", "NL-COMMIT").await;
+    first_case_and_a_serving_probe(&app, &mut dr, 5200).await;
+    let submissions = "SELECT COUNT(*), COALESCE(SUM(CASE WHEN outcome = 'OK' THEN 1 ELSE 0 END), 0) \
+                       FROM audit_log WHERE method LIKE '%SubmitCase'";
+    let before: Vec<(i64, i64)> = app.pairs(submissions).await;
+    assert_eq!(before, vec![(1, 1)]);
+
+    proxy.lose_next_commit();
+    let stored = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(5201))))
+        .await
+        .expect("the database committed it: answered as stored");
+    assert!(
+        proxy.commit_lost(),
+        "the write's COMMIT went through the proxy"
+    );
+    assert_eq!(app.count("cases").await, 2);
+    // One entry for the call, saying OK: none for a failure that did not happen.
+    assert_eq!(app.pairs::<i64, i64>(submissions).await, vec![(2, 2)]);
+    // And the case is there, under the pseudonym returned.
+    dr.get_case(get_case("ERN-LUNG", &stored.into_inner().pseudonym))
+        .await
+        .expect("the case answered as stored is stored");
+    let head = app
+        .store
+        .verify_audit(&app.audit_key())
+        .await
+        .unwrap()
+        .expect("the audit chain verifies");
+    assert!(head.head_seq >= 2);
     app.stop().await;
 }
 
