@@ -235,9 +235,12 @@ fn table_to_proto(
             })
             .collect(),
         rows,
+        // One per column: a table that matched nobody has none (its protected form is a
+        // single zero cell, with a total for a column that is not published).
         column_totals: p
             .col_totals
             .iter()
+            .take(table.column_labels.len())
             .map(|c| proto::Cell { count: *c })
             .collect(),
         grand_total: cell(p.grand_total),
@@ -321,6 +324,7 @@ impl ResearchApi {
             .await?;
         let dimensions: Vec<i32> = group_by.iter().map(|d| d.to_proto()).collect();
         let grouped = group_by.clone();
+        let by_gene = group_by.contains(&Dimension::Gene);
         let (table, now) =
             research::diagnostic_delay(&self.state, &access, group_by, filters, &along, call)
                 .await?;
@@ -364,6 +368,12 @@ impl ResearchApi {
             suppressed: table.suppressed as u32,
             as_of: Some(timestamp_to_proto(now)),
             names: code_names(names),
+            unit: if by_gene {
+                "patient-gene pairs"
+            } else {
+                "patients"
+            }
+            .to_string(),
         }))
     }
 

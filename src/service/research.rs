@@ -359,7 +359,7 @@ pub async fn count_patients(
         principal = access.principal.id,
         registry = %access.registry.code,
         dimensions = selection.group_by.len(),
-        filters = selection.filters.len(),
+        filters = selection.filters.len() + usize::from(selection.phenotypes.is_some()),
         cells = table.protected.cells.len(),
         suppressed = table.suppressed(),
         "research count"
@@ -389,6 +389,10 @@ pub async fn diagnostic_delay(
         now: services.clock.now(),
     };
     let rules = rules_of(&access.registry)?;
+    let (dimensions, filters) = (
+        selection.group_by.len(),
+        selection.filters.len() + usize::from(selection.phenotypes.is_some()),
+    );
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -404,7 +408,10 @@ pub async fn diagnostic_delay(
     info!(
         principal = access.principal.id,
         registry = %access.registry.code,
+        dimensions,
+        filters,
         groups = table.groups.len(),
+        cells = table.groups.len() * crate::aggregate::DELAY_BANDS.len(),
         suppressed = table.suppressed,
         "research diagnostic delay"
     );
@@ -566,6 +573,7 @@ pub async fn find_expertise(
     info!(
         principal = principal.id,
         role = principal.role.as_str(),
+        registries = registries.len(),
         codes = orphacodes.len(),
         centres = centres.len(),
         "research expertise"

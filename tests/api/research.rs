@@ -247,6 +247,14 @@ async fn filters_narrow_the_table_and_gene_counts_pairs() {
     assert_eq!(t.unit, "patient-gene pairs");
     assert_eq!(grand_total(&t), Some(32));
 
+    // A table that matches nobody: no rows, no columns, no column totals; a total of 0.
+    let mut req = count_request(&[Dimension::Sex, Dimension::Country]);
+    req.filters = vec![filter(Dimension::Country, &["MT"])];
+    let t = researcher.count_patients(req).await.unwrap().into_inner();
+    assert!(t.rows.is_empty() && t.columns.is_empty(), "{t:?}");
+    assert_eq!(t.column_totals.len(), t.columns.len());
+    assert_eq!(grand_total(&t), Some(0));
+
     let mut req = count_request(&[Dimension::DiagnosisAgeBand, Dimension::OnsetAgeBand]);
     req.filters = vec![filter(Dimension::DiagnosisYear, &["2016"])];
     let t = researcher.count_patients(req).await.unwrap().into_inner();
@@ -432,6 +440,17 @@ async fn diagnostic_delay_in_bands_with_quantiles_only_for_fully_published_group
         .unwrap()
         .into_inner();
     assert_eq!(r.bands, ["<1y", "1-5y", "5-10y", "10-20y", ">20y"]);
+    assert_eq!(r.unit, "patients");
+    let by_gene = researcher
+        .diagnostic_delay(proto::DiagnosticDelayRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: vec![Dimension::Gene as i32],
+            filters: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_gene.unit, "patient-gene pairs");
     // 14 patients with a known delay; published only if it gives nothing away.
     assert!(r.grand_total.unwrap().count.is_none_or(|n| n == 14));
     let nl = r.groups.iter().find(|g| g.labels == ["NL"]).unwrap();

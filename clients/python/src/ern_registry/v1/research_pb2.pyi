@@ -126,7 +126,7 @@ class DiagnosticDelayRequest(_message.Message):
     def __init__(self, registry: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ...) -> None: ...
 
 class DiagnosticDelayResponse(_message.Message):
-    __slots__ = ("registry", "min_cell_count", "group_by", "bands", "groups", "band_totals", "grand_total", "overall", "suppressed", "as_of", "protection_level", "names")
+    __slots__ = ("registry", "min_cell_count", "group_by", "bands", "groups", "band_totals", "grand_total", "overall", "suppressed", "as_of", "protection_level", "names", "unit")
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
     MIN_CELL_COUNT_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class DiagnosticDelayResponse(_message.Message):
     AS_OF_FIELD_NUMBER: _ClassVar[int]
     PROTECTION_LEVEL_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
     registry: str
     min_cell_count: int
     group_by: _containers.RepeatedScalarFieldContainer[Dimension]
@@ -151,7 +152,8 @@ class DiagnosticDelayResponse(_message.Message):
     as_of: _timestamp_pb2.Timestamp
     protection_level: int
     names: _containers.RepeatedCompositeFieldContainer[CodeName]
-    def __init__(self, registry: _Optional[str] = ..., min_cell_count: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., bands: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[DelayGroup, _Mapping]]] = ..., band_totals: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., grand_total: _Optional[_Union[Cell, _Mapping]] = ..., overall: _Optional[_Union[DelayQuantiles, _Mapping]] = ..., suppressed: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protection_level: _Optional[int] = ..., names: _Optional[_Iterable[_Union[CodeName, _Mapping]]] = ...) -> None: ...
+    unit: str
+    def __init__(self, registry: _Optional[str] = ..., min_cell_count: _Optional[int] = ..., group_by: _Optional[_Iterable[_Union[Dimension, str]]] = ..., bands: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[DelayGroup, _Mapping]]] = ..., band_totals: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., grand_total: _Optional[_Union[Cell, _Mapping]] = ..., overall: _Optional[_Union[DelayQuantiles, _Mapping]] = ..., suppressed: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protection_level: _Optional[int] = ..., names: _Optional[_Iterable[_Union[CodeName, _Mapping]]] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class DelayGroup(_message.Message):
     __slots__ = ("labels", "bands", "total", "quantiles")
