@@ -446,10 +446,17 @@ impl Store {
     }
 
     /// The ids of the releases in force, ascending: cheap, to see whether the catalog in
-    /// memory is still the one in force (`CodeCatalog::fingerprint`).
+    /// memory is still the one in force (`CodeCatalog::fingerprint`). Asked every
+    /// `service::CODE_REFRESH`, so on SQLite it is read in place (`super::readers`: a
+    /// handful of rows) rather than on a connection of sqlx's pool. Through the pool, this
+    /// one read every ten seconds was what made the server's memory grow under load: each
+    /// found the database changed, read its pages afresh on a worker thread that did nothing
+    /// else, and that thread's malloc arena grew by them, about 25 KiB a minute per
+    /// connection (docs/benchmarks.md, "Memory over long soaks: the cause").
     pub async fn code_releases_in_force(&self) -> Result<Vec<i64>> {
+        let mut reader = self.reader().await?;
         let rows = db::query("SELECT id FROM code_releases WHERE in_force ORDER BY id")
-            .fetch_all(self.pool())
+            .fetch_all(&mut reader.db())
             .await?;
         rows.iter().map(|r| r.try_get("id")).collect()
     }
@@ -511,6 +518,24 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The refresh every ten seconds reads in place on SQLite, never on sqlx's pool: with
+    /// every connection of the pool taken, it still answers (through the pool it would
+    /// fail when the pool's acquire timeout ran out; and its reads there grew the memory of
+    /// sqlx's worker threads).
+    #[tokio::test]
+    async fn the_releases_in_force_are_read_without_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+        let store = Store::connect(&url, 2).await.unwrap();
+        store.migrate().await.unwrap();
+        let held = [
+            store.pool().acquire().await.unwrap(),
+            store.pool().acquire().await.unwrap(),
+        ];
+        assert_eq!(store.code_releases_in_force().await.unwrap(), Vec::<i64>::new());
+        drop(held);
+    }
 
     #[test]
     fn values_are_numbered_in_order() {

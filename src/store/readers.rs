@@ -11,7 +11,8 @@
 //!
 //! **What may run here.** A read in place holds its runtime thread until it ends, so only
 //! reads found through a unique key and bounded by one patient go here: one case with its
-//! versions, one patient's consent history, one receipt, one row of the epoch. Each costs
+//! versions, one patient's consent history, one receipt, one row of the epoch, and the
+//! ids of the code releases in force (a handful of rows, every ten seconds). Each costs
 //! tens of microseconds when its pages are in the OS's cache, less than the hand-off it
 //! replaces (docs/benchmarks.md). Anything that walks many rows stays on sqlx's pool:
 //! research, the audit log, and ExportPhenopackets, whose page of at most 200 cases may
