@@ -360,6 +360,11 @@ fn status_of(outcome: Outcome) -> StatusCode {
 fn error_page(err: &ServiceError) -> Response {
     let outcome = err.outcome();
     let text = match err {
+        ServiceError::Internal(crate::store::StoreError::CommitUnknown { .. }) => {
+            "The database connection failed while this was being saved: it may or may not \
+             be stored. Look it up before doing it again."
+                .to_string()
+        }
         ServiceError::Internal(cause) if !cause.is_unavailable() => {
             let mut bytes = [0u8; 6];
             let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);

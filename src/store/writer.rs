@@ -272,6 +272,10 @@ impl Answer {
                     erased: Some(_), ..
                 }),
             ) => Some(w.receipt_id.clone()),
+            // A withdrawal that may have committed gets its purge all the same.
+            (Command::Withdraw(w), Err(WriteError::Store(StoreError::CommitUnknown { .. }))) => {
+                Some(w.receipt_id.clone())
+            }
             _ => None,
         };
         Answer {
@@ -613,6 +617,8 @@ async fn apply_jobs(
                 let result =
                     match apply_batch(target, key, rules, &[(&command, audit.as_ref())]).await {
                         Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
+                        // Perhaps committed: no entry saying it failed (as above).
+                        Err(err @ StoreError::CommitUnknown { .. }) => Err(WriteError::Store(err)),
                         Err(err) => {
                             error!(error = %err, "write failed");
                             let err = WriteError::Store(err);
@@ -759,8 +765,10 @@ async fn deliver(purger: &Purger, answers: Vec<Answer>) {
 /// the chain's lock is held only briefly); each entry covers the consent events and
 /// tombstones its command inserted (`store::audit::append`). `Err` means the transaction
 /// failed as a whole and nothing was committed, audit entries included (the caller then
-/// records the failure: [`audit_failure`]); refusals of single commands are in the `Ok`
-/// vector, and their entries record the refusal.
+/// records the failure: [`audit_failure`]), except [`StoreError::CommitUnknown`]: a
+/// COMMIT PostgreSQL did not answer, and whether it landed could not be read (nothing to
+/// retry or record then). Refusals of single commands are in the `Ok` vector, and their
+/// entries record the refusal.
 async fn apply_batch(
     target: &mut Target<'_>,
     key: &AuditKey,
@@ -785,11 +793,17 @@ async fn apply_batch(
     // A COMMIT can fail after the database committed (PostgreSQL: the connection broke
     // before its answer came). Answered as a failure, the batch would be applied again,
     // one command at a time: consent events twice, a second entry per call. So ask the
-    // database whether the batch's last entry is in the log.
-    let Some(head) = head else {
+    // database whether the batch's last entry is in the log. Not on SQLite, where a failed
+    // COMMIT is final (and the check would read on the same connection), nor when
+    // PostgreSQL answered with an error (it refused the commit), nor for a batch that
+    // wrote no entry.
+    let (Target::Pool(store), Some(head)) = (&*target, head) else {
         return Err(err);
     };
-    match landed(target, &head).await {
+    if store.backend() != Backend::Postgres || !commit_may_have_landed(&err) {
+        return Err(err);
+    }
+    match landed(store, &head).await {
         Ok(true) => {
             warn!(error = %err, seq = head.seq, "COMMIT failed, but the batch is in the database: answered as committed");
             Ok(results)
@@ -804,16 +818,33 @@ async fn apply_batch(
     }
 }
 
-/// Whether the audit entry `head` is in the log (see [`audit_store::holds`]), read on a
-/// connection other than the broken one where there is a pool.
-async fn landed(target: &mut Target<'_>, head: &crate::audit::Head) -> Result<bool, StoreError> {
-    match target {
-        Target::Pool(store) => {
-            let mut conn = store.pool().acquire().await?;
-            audit_store::holds(&mut conn.db(), head).await
-        }
-        Target::Lite(conn) => audit_store::holds(&mut Db::Lite(conn), head).await,
-    }
+/// Whether a failed COMMIT may have committed: the database did not answer it (the
+/// connection broke or timed out). An error the database answered with is a refusal, and
+/// final.
+fn commit_may_have_landed(err: &StoreError) -> bool {
+    matches!(err, StoreError::Database(e) if !matches!(e, sqlx::Error::Database(_)))
+}
+
+/// How long [`landed`] waits for a transaction still committing.
+const LANDED_WAIT: &str = "5s";
+
+/// Whether the audit entry `head` is in the log (see [`audit_store::holds`]), read on
+/// another connection of the pool (PostgreSQL). The transaction whose COMMIT went
+/// unanswered may still be committing, holding the chain head's row lock: a share lock
+/// on that row waits for it to end (at most [`LANDED_WAIT`]; past that, an error: the
+/// outcome is unknown), so that a commit in progress is not taken for a failed one.
+async fn landed(store: &Store, head: &crate::audit::Head) -> Result<bool, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let mut db = tx.db();
+    db.execute_raw(&format!("SET LOCAL lock_timeout = '{LANDED_WAIT}'"))
+        .await?;
+    super::db::query("SELECT 1 FROM audit_head WHERE id = 1 FOR SHARE")
+        .fetch_one(&mut db)
+        .await?;
+    let held = audit_store::holds(&mut db, head).await?;
+    drop(db);
+    tx.rollback().await?;
+    Ok(held)
 }
 
 /// Each command's result, and the audit head the batch wrote (`None`: no entry).

@@ -9,7 +9,7 @@
 //! timeout) is held by the store's `sqlite_busy_is_unavailable` unit test.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,13 +32,20 @@ struct Proxy {
     links: Arc<Mutex<(bool, Vec<JoinHandle<()>>)>>,
     /// Armed by [`Proxy::lose_next_commit`].
     lose_commit: Arc<AtomicBool>,
+    /// How long the link stays open after the lost COMMIT is passed on, in ms.
+    lose_after: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
 /// Relays one connection. When `lose_commit` is armed, the next COMMIT a client sends
 /// reaches the database, but its answer never reaches the client: the link is closed
-/// after the database had time to commit (the connection broke "after COMMIT").
-async fn relay(client: TcpStream, server: TcpStream, lose_commit: Arc<AtomicBool>) {
+/// `lose_after` ms later (the connection broke "after COMMIT").
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    lose_commit: Arc<AtomicBool>,
+    lose_after: Arc<AtomicU64>,
+) {
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
     let mute = Arc::new(AtomicBool::new(false));
@@ -61,7 +68,8 @@ async fn relay(client: TcpStream, server: TcpStream, lose_commit: Arc<AtomicBool
             if commit && lose_commit.swap(false, Ordering::SeqCst) {
                 mute.store(true, Ordering::SeqCst);
                 let _ = to_server.write_all(&buf[..n]).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                let after = lose_after.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(after)).await;
                 return;
             }
             if to_server.write_all(&buf[..n]).await.is_err() {
@@ -83,6 +91,8 @@ impl Proxy {
         let shared = links.clone();
         let lose_commit = Arc::new(AtomicBool::new(false));
         let armed = lose_commit.clone();
+        let lose_after = Arc::new(AtomicU64::new(0));
+        let after = lose_after.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let mut links = shared.lock().unwrap();
@@ -91,10 +101,10 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                let armed = armed.clone();
+                let (armed, after) = (armed.clone(), after.clone());
                 links.1.push(tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(target).await {
-                        relay(client, server, armed).await;
+                        relay(client, server, armed, after).await;
                     }
                 }));
             }
@@ -103,12 +113,16 @@ impl Proxy {
             addr,
             links,
             lose_commit,
+            lose_after,
             accept,
         }
     }
 
-    /// The next COMMIT reaches the database but its answer is lost with its connection.
-    fn lose_next_commit(&self) {
+    /// The next COMMIT reaches the database but its answer is lost with its connection,
+    /// closed `after` it was passed on.
+    fn lose_next_commit(&self, after: Duration) {
+        self.lose_after
+            .store(after.as_millis() as u64, Ordering::SeqCst);
         self.lose_commit.store(true, Ordering::SeqCst);
     }
 
@@ -321,7 +335,8 @@ async fn a_commit_whose_answer_is_lost_is_answered_by_what_the_database_holds() 
     let before: Vec<(i64, i64)> = app.pairs(submissions).await;
     assert_eq!(before, vec![(1, 1)]);
 
-    proxy.lose_next_commit();
+    // Answer lost after the commit is done.
+    proxy.lose_next_commit(Duration::from_millis(500));
     let stored = dr
         .submit_case(submission("ERN-LUNG", national("NL", &bsn(5201))))
         .await
@@ -337,13 +352,40 @@ async fn a_commit_whose_answer_is_lost_is_answered_by_what_the_database_holds() 
     dr.get_case(get_case("ERN-LUNG", &stored.into_inner().pseudonym))
         .await
         .expect("the case answered as stored is stored");
+
+    // Answer lost while the commit is still under way (a deferred trigger makes it take a
+    // second): the check waits for it instead of taking it for a failure and applying the
+    // write again.
+    app.store
+        .pool()
+        .execute_raw(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON audit_log \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+        )
+        .await
+        .unwrap();
+    proxy.lose_next_commit(Duration::ZERO);
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(5202))))
+        .await
+        .expect("committed after its answer was lost: answered as stored");
+    assert!(proxy.commit_lost());
+    app.store
+        .pool()
+        .execute_raw("DROP TRIGGER slow_commit ON audit_log; DROP FUNCTION slow_commit()")
+        .await
+        .unwrap();
+    assert_eq!(app.count("cases").await, 3);
+    assert_eq!(app.pairs::<i64, i64>(submissions).await, vec![(3, 3)]);
+
     let head = app
         .store
         .verify_audit(&app.audit_key())
         .await
         .unwrap()
         .expect("the audit chain verifies");
-    assert!(head.head_seq >= 2);
+    assert!(head.head_seq >= 3);
     app.stop().await;
 }
 

@@ -42,6 +42,8 @@ const BACKEND_ONLY: &[(&str, &str, Dialect)] = &[
     ("store/purge.rs", "vacuum", Dialect::Postgres),
     ("store/purge.rs", "checkpoint", Dialect::Sqlite),
     ("store/purge.rs", "checkpoint_once", Dialect::Sqlite),
+    // Whether an unanswered COMMIT landed: asked on PostgreSQL only (`store::writer`).
+    ("store/writer.rs", "landed", Dialect::Postgres),
 ];
 
 /// The backend a piece of source is specific to, from the tokens of a match arm's pattern
