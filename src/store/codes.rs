@@ -533,7 +533,10 @@ mod tests {
             store.pool().acquire().await.unwrap(),
             store.pool().acquire().await.unwrap(),
         ];
-        assert_eq!(store.code_releases_in_force().await.unwrap(), Vec::<i64>::new());
+        assert_eq!(
+            store.code_releases_in_force().await.unwrap(),
+            Vec::<i64>::new()
+        );
         drop(held);
     }
 
