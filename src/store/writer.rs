@@ -842,7 +842,6 @@ async fn landed(store: &Store, head: &crate::audit::Head) -> Result<bool, StoreE
         .fetch_one(&mut db)
         .await?;
     let held = audit_store::holds(&mut db, head).await?;
-    drop(db);
     tx.rollback().await?;
     Ok(held)
 }
