@@ -803,7 +803,14 @@ async fn apply_batch(
     if store.backend() != Backend::Postgres || !commit_may_have_landed(&err) {
         return Err(err);
     }
-    match landed(store, &head).await {
+    let asked = tokio::time::timeout(LANDED_LIMIT, landed(store, &head))
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::CommitUnknown {
+                cause: format!("no answer within {} s", LANDED_LIMIT.as_secs()),
+            })
+        });
+    match asked {
         Ok(true) => {
             warn!(error = %err, seq = head.seq, "COMMIT failed, but the batch is in the database: answered as committed");
             Ok(results)
@@ -826,7 +833,11 @@ fn commit_may_have_landed(err: &StoreError) -> bool {
 }
 
 /// How long [`landed`] waits for a transaction still committing.
-const LANDED_WAIT: &str = "5s";
+const LANDED_WAIT: &str = "4s";
+/// How long [`landed`] may take in all, a connection included: while the database is
+/// down, the pool would wait its whole acquire timeout, and the calls queued behind this
+/// batch with it.
+const LANDED_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether the audit entry `head` is in the log (see [`audit_store::holds`]), read on
 /// another connection of the pool (PostgreSQL). The transaction whose COMMIT went
