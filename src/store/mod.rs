@@ -156,6 +156,10 @@ pub enum StoreError {
     /// The database did not answer a COMMIT, and could not be asked whether it landed.
     #[error("the outcome of a commit is unknown: {cause}")]
     CommitUnknown { cause: String },
+    /// A write not attempted on its own because its batch failed for want of the
+    /// database (`writer`): the batch's cause.
+    #[error("the database cannot be reached: {cause}")]
+    Unreachable { cause: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -167,7 +171,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(err) => unreachable_now(err),
-            StoreError::CommitUnknown { .. } => true,
+            StoreError::CommitUnknown { .. } | StoreError::Unreachable { .. } => true,
             // SQLite still busy after its busy timeout: another process holds the lock.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
                 err.code == rusqlite::ErrorCode::DatabaseBusy

@@ -461,11 +461,14 @@ impl Applier {
                 after_commit,
             } => {
                 let about_patients = about_patients(&jobs);
-                let answers = apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await;
-                if let (true, Some(hook)) = (about_patients, after_commit) {
+                let applied = apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await;
+                // Nothing committed, nothing to catch up with (and while the database is
+                // away the catch-up would wait for the pool, with this batch's callers).
+                if let (true, true, Some(hook)) = (about_patients, applied.committed, after_commit)
+                {
                     hook.after_commit(None).await;
                 }
-                answers
+                applied.answers
             }
             Applier::Thread(thread) => {
                 let (done, answers) = oneshot::channel();
@@ -508,17 +511,17 @@ fn lite_thread(
     };
     while let Ok((jobs, done)) = batches.recv() {
         let about_patients = about_patients(&jobs);
-        let answers = runtime.block_on(apply_jobs(
+        let applied = runtime.block_on(apply_jobs(
             &mut Target::Lite(&mut conn),
             &key,
             rules.as_ref(),
             jobs,
         ));
         // The research index reads the batch's changes here too, on this connection.
-        if let (true, Some(hook)) = (about_patients, &after_commit) {
+        if let (true, true, Some(hook)) = (about_patients, applied.committed, &after_commit) {
             runtime.block_on(hook.after_commit(Some(Db::Lite(&mut conn))));
         }
-        let _ = done.send(answers);
+        let _ = done.send(applied.answers);
     }
     // Closed before the audit key goes: the server closes the pool once every writer has
     // dropped its key (`startup`), and the last connection to close checkpoints the WAL.
@@ -573,34 +576,94 @@ async fn run(applier: Applier, mut rx: mpsc::Receiver<Job>, max_batch: usize, pu
     purger.retry(true).await;
 }
 
-/// Applies the jobs in one transaction or, if that fails, one transaction each.
+/// What [`apply_jobs`] answered, and whether any of its transactions committed.
+struct BatchAnswers {
+    answers: Vec<Answer>,
+    committed: bool,
+}
+
+/// How long the entries of a batch that failed for want of the database may take to
+/// append: the attempt is made once, and its callers wait for it.
+const FAILURE_ENTRIES_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Applies the jobs in one transaction or, if that fails, one transaction each; but when
+/// the batch failed because the database cannot be reached, every job is answered with
+/// that at once ([`Retry::None`]).
 async fn apply_jobs(
     target: &mut Target<'_>,
     key: &AuditKey,
     rules: &dyn ConsentRules,
     jobs: Vec<Job>,
-) -> Vec<Answer> {
+) -> BatchAnswers {
     let commands: Vec<(&Command, Option<&Entry>)> =
         jobs.iter().map(|(c, a, _)| (c, a.as_ref())).collect();
-    match apply_batch(target, key, rules, &commands).await {
-        Ok(results) => jobs
-            .into_iter()
-            .zip(results)
-            .map(|((command, _, reply), result)| Answer::new(&command, reply, result))
-            .collect(),
+    let err = match apply_batch(target, key, rules, &commands).await {
+        Ok(results) => {
+            let answers = jobs
+                .into_iter()
+                .zip(results)
+                .map(|((command, _, reply), result)| Answer::new(&command, reply, result))
+                .collect();
+            return BatchAnswers {
+                answers,
+                committed: true,
+            };
+        }
+        Err(err) => err,
+    };
+    drop(commands);
+    // Whether a command retried alone committed (a refusal commits its entry).
+    let mut committed = false;
+    let answers = match retry_after(&err) {
         // Perhaps committed: applying the commands again could apply them twice, and an
         // entry saying they failed could be false. Each caller is told the outcome is
         // unknown.
-        Err(StoreError::CommitUnknown { cause }) => jobs
+        Retry::None if matches!(err, StoreError::CommitUnknown { .. }) => jobs
             .into_iter()
             .map(|(command, _, reply)| {
                 let err = StoreError::CommitUnknown {
-                    cause: cause.clone(),
+                    cause: err.to_string(),
                 };
                 Answer::new(&command, reply, Err(WriteError::Store(err)))
             })
             .collect(),
-        Err(err) if jobs.len() == 1 => {
+        // The database cannot be reached (or, on SQLite, another process holds its lock):
+        // it would refuse each command alone the same way, after the same wait, and the
+        // calls queued behind this batch would wait for every one of those waits. The
+        // failed commands' entries are appended in one transaction, attempted once.
+        Retry::None => {
+            warn!(error = %err, batch = jobs.len(), "batch failed: the database cannot be reached");
+            let cause = err.to_string();
+            let unreachable = WriteError::Store(StoreError::Unreachable {
+                cause: cause.clone(),
+            });
+            let entries: Vec<Entry> = jobs
+                .iter()
+                .filter(|(command, _, _)| !matches!(command, Command::Audit))
+                .filter_map(|(_, audit, _)| audit.clone())
+                .collect();
+            if waited_for_database(&err) {
+                // It just waited as long as it may for the database: a second wait
+                // would end the same way.
+                if !entries.is_empty() {
+                    warn!(
+                        entries = entries.len(),
+                        "audit entries of failed writes not committed: the database cannot be reached"
+                    );
+                }
+            } else {
+                audit_failures(target, key, entries, unreachable.outcome()).await;
+            }
+            jobs.into_iter()
+                .map(|(command, _, reply)| {
+                    let err = WriteError::Store(StoreError::Unreachable {
+                        cause: cause.clone(),
+                    });
+                    Answer::new(&command, reply, Err(err))
+                })
+                .collect()
+        }
+        Retry::Each if jobs.len() == 1 => {
             error!(error = %err, "write failed");
             let mut answers = Vec::with_capacity(1);
             if let Some((command, audit, reply)) = jobs.into_iter().next() {
@@ -610,26 +673,142 @@ async fn apply_jobs(
             }
             answers
         }
-        Err(err) => {
+        Retry::Each => {
             warn!(error = %err, batch = jobs.len(), "batch failed; retrying one by one");
             let mut answers = Vec::with_capacity(jobs.len());
+            let mut unreachable: Option<String> = None;
+            let mut unrecorded = 0usize;
             for (command, audit, reply) in jobs {
+                // The database went away during the retries: the rest are answered so,
+                // and their entries cannot be appended either.
+                if let Some(cause) = &unreachable {
+                    let err = WriteError::Store(StoreError::Unreachable {
+                        cause: cause.clone(),
+                    });
+                    if audit.is_some() && !matches!(command, Command::Audit) {
+                        unrecorded += 1;
+                    }
+                    answers.push(Answer::new(&command, reply, Err(err)));
+                    continue;
+                }
                 let result =
                     match apply_batch(target, key, rules, &[(&command, audit.as_ref())]).await {
-                        Ok(mut r) => r.pop().unwrap_or(Err(WriteError::ShuttingDown)),
+                        Ok(mut r) => {
+                            committed = true;
+                            r.pop().unwrap_or(Err(WriteError::ShuttingDown))
+                        }
                         // Perhaps committed: no entry saying it failed (as above).
-                        Err(err @ StoreError::CommitUnknown { .. }) => Err(WriteError::Store(err)),
+                        Err(err @ StoreError::CommitUnknown { .. }) => {
+                            unreachable = Some(err.to_string());
+                            Err(WriteError::Store(err))
+                        }
                         Err(err) => {
                             error!(error = %err, "write failed");
+                            let away = retry_after(&err) == Retry::None;
+                            if away {
+                                unreachable = Some(err.to_string());
+                            }
+                            let waited = waited_for_database(&err);
                             let err = WriteError::Store(err);
-                            audit_failure(target, key, &command, audit, &err).await;
+                            if away && waited {
+                                if audit.is_some() && !matches!(command, Command::Audit) {
+                                    unrecorded += 1;
+                                }
+                            } else {
+                                audit_failure(target, key, &command, audit, &err).await;
+                            }
                             Err(err)
                         }
                     };
                 answers.push(Answer::new(&command, reply, result));
             }
+            if unrecorded > 0 {
+                warn!(
+                    entries = unrecorded,
+                    "audit entries of failed writes not committed: the database cannot be reached"
+                );
+            }
             answers
         }
+    };
+    BatchAnswers { answers, committed }
+}
+
+/// What to do after a batch's transaction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Apply each command in a transaction of its own: one of them may be what failed
+    /// the batch (a constraint, a value the database refused).
+    Each,
+    /// Retry nothing: the commit's outcome is unknown, or the database cannot be reached
+    /// now and would refuse every command alone as well.
+    None,
+}
+
+fn retry_after(err: &StoreError) -> Retry {
+    if err.is_unavailable() {
+        Retry::None
+    } else {
+        Retry::Each
+    }
+}
+
+/// Whether `err` ended a wait for the database to let the writer in: no connection of
+/// the pool within its timeout, the pool closed, or SQLite's write lock held by another
+/// process past the busy timeout.
+fn waited_for_database(err: &StoreError) -> bool {
+    match err {
+        StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => true,
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+            e.code == rusqlite::ErrorCode::DatabaseBusy
+        }
+        _ => false,
+    }
+}
+
+/// [`audit_failure`] for the entries of several commands that failed with `outcome`, in
+/// one transaction, attempted once and for at most [`FAILURE_ENTRIES_LIMIT`].
+async fn audit_failures(
+    target: &mut Target<'_>,
+    key: &AuditKey,
+    entries: Vec<Entry>,
+    outcome: Outcome,
+) {
+    let at = Utc::now().timestamp_millis();
+    let pending: Vec<Pending> = entries
+        .into_iter()
+        .map(|mut entry| {
+            entry.outcome = outcome.name().to_string();
+            Pending {
+                at,
+                entry,
+                wrote: Wrote::default(),
+            }
+        })
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    let count = pending.len();
+    let appended = async {
+        let mut tx = Tx::begin(target).await?;
+        match audit_store::append(&mut tx.db(), key, &pending).await {
+            Ok(_) => tx.commit().await,
+            Err(err) => {
+                tx.rollback().await;
+                Err(err)
+            }
+        }
+    };
+    match tokio::time::timeout(FAILURE_ENTRIES_LIMIT, appended).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, entries = count, "audit entries of failed writes not committed")
+        }
+        Err(_) => warn!(
+            entries = count,
+            "audit entries of failed writes not committed: no answer from the database in time"
+        ),
     }
 }
 
@@ -1417,6 +1596,28 @@ async fn refresh_eligibility(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_retried_command_by_command_only_when_the_database_answered() {
+        use std::io::{Error, ErrorKind};
+        let refused =
+            StoreError::Database(sqlx::Error::Io(Error::from(ErrorKind::ConnectionRefused)));
+        assert_eq!(retry_after(&refused), Retry::None);
+        assert!(!waited_for_database(&refused));
+        let no_connection = StoreError::Database(sqlx::Error::PoolTimedOut);
+        assert_eq!(retry_after(&no_connection), Retry::None);
+        assert!(waited_for_database(&no_connection));
+        let unknown = StoreError::CommitUnknown { cause: "x".into() };
+        assert_eq!(retry_after(&unknown), Retry::None);
+        // A statement the database refused: one command may be the cause.
+        let refusal = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+            None,
+        ));
+        assert_eq!(retry_after(&refusal), Retry::Each);
+        assert!(!waited_for_database(&refusal));
+        assert_eq!(retry_after(&StoreError::Corrupt("x".into())), Retry::Each);
+    }
 
     #[test]
     fn patient_lock_keys_are_fixed_by_their_definition() {

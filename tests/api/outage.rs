@@ -607,6 +607,11 @@ async fn postgresql_stopped_and_started_under_load_is_unavailable_then_served_ag
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Down for longer than the pool's acquire timeout, so that the writes that were
+    // queued when it stopped find no connection: the writer answers such a batch at once
+    // instead of retrying it write by write, each retry and each failure entry waiting
+    // the whole timeout again (which passed the 30 s request timeout: CANCELLED).
+    tokio::time::sleep(Duration::from_secs(12)).await;
 
     pg.start();
     until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;

@@ -273,3 +273,111 @@ async fn a_batch_with_runs_writes_what_the_commands_one_by_one_write() {
     }
     assert_eq!(dumps[0].len(), dumps[1].len());
 }
+
+/// Counts the writer's calls of its after-commit hook.
+#[derive(Default)]
+struct CountCommits(std::sync::atomic::AtomicUsize);
+
+impl ern_registry::store::writer::AfterCommit for CountCommits {
+    fn after_commit<'a>(
+        &'a self,
+        _on: Option<db::Db<'a>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async {})
+    }
+}
+
+/// Another process holds SQLite's write lock past the writer's busy timeout (as the
+/// database being away would on PostgreSQL): the batch fails for want of the database.
+/// Every command of it is answered UNAVAILABLE at once, none is retried alone (each
+/// retry, and each failure entry, would wait the whole busy timeout again, with the
+/// callers queued behind), and nothing is caught up after a commit that did not happen.
+/// Once the lock is released the same commands are applied. On a SQLite file whatever
+/// the suite's database: its lock is the fault injected (PostgreSQL's case, a stopped
+/// cluster, is in `outage`).
+#[tokio::test]
+async fn a_batch_that_cannot_reach_the_database_is_answered_at_once_without_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("registry.db").display()
+    );
+    let app = TestApp::spawn_on(dir, url).await;
+    let ids = setup(&app).await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let key = Arc::new(AuditKey::derive(&master));
+    let commits = Arc::new(CountCommits::default());
+    let writer = Writer::start_with(
+        app.store.clone(),
+        1,
+        512,
+        key.clone(),
+        Arc::new(RegistryConsentRules),
+        Some(commits.clone()),
+    );
+    let batch: Vec<Command> = commands(&ids, fixtures::now())
+        .into_iter()
+        .take(6)
+        .collect();
+
+    let path = app.store.sqlite_path().expect("a SQLite file").to_owned();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let refused = futures_util::future::join_all(
+        batch
+            .iter()
+            .cloned()
+            .map(|c| writer.execute(c, Some(entry()))),
+    )
+    .await;
+    for result in &refused {
+        let err = result.as_ref().map(drop).unwrap_err();
+        assert_eq!(
+            err.outcome(),
+            ern_registry::outcome::Outcome::Unavailable,
+            "{err}"
+        );
+        assert!(
+            matches!(
+                err,
+                WriteError::Store(ern_registry::store::StoreError::Unreachable { .. })
+            ),
+            "not answered from the batch's failure: {err:?}"
+        );
+    }
+    assert_eq!(commits.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+    let applied =
+        futures_util::future::join_all(batch.into_iter().map(|c| writer.execute(c, Some(entry()))))
+            .await;
+    assert!(
+        applied.iter().any(|r| r.is_ok()),
+        "{:?}",
+        applied.iter().map(summary).collect::<Vec<_>>()
+    );
+    assert!(applied.iter().all(|r| {
+        r.as_ref()
+            .err()
+            .is_none_or(|e| e.outcome() != ern_registry::outcome::Outcome::Unavailable)
+    }));
+    assert!(commits.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(
+        app.store.verify_audit(&key).await.map(|r| r.is_ok()).ok(),
+        Some(true)
+    );
+    drop(writer);
+    app.stop().await;
+}
+
+/// An audit entry for a writer command, as a call would carry.
+fn entry() -> ern_registry::audit::Entry {
+    ern_registry::audit::Entry {
+        method: "CaseService/SubmitCase".into(),
+        principal: "run-physician".into(),
+        outcome: "OK".into(),
+        ..Default::default()
+    }
+}
