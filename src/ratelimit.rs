@@ -37,7 +37,8 @@ pub enum Limit {
     PeerRefusals { per_minute: u32 },
     /// `max` invalid items in one bulk stream.
     StreamInvalidItems { max: u32 },
-    /// Console sign-ins of one account held back after failures in a row.
+    /// Console sign-ins with one name held back after failures in a row (whatever the
+    /// name names).
     SignInLocked,
 }
 
@@ -61,7 +62,7 @@ impl std::fmt::Display for Limit {
             ),
             Limit::SignInLocked => write!(
                 f,
-                "too many failed sign-ins for this account: sign-in is held back for a while"
+                "too many failed sign-ins with this name: sign-in is held back for a while"
             ),
         }
     }

@@ -532,7 +532,8 @@ async fn apply(
             let id = admin::principal_id(conn, &principal).await?;
             let hash = console::hash_password(password.expose_secret())
                 .map_err(|_| refused(Outcome::Internal, "no system randomness"))?;
-            console_store::set_password(conn, id, &hash, Utc::now()).await?;
+            let name_mac = console::name_mac(secret, &principal);
+            console_store::set_password(conn, id, &name_mac, &hash, Utc::now()).await?;
             console_store::end_sessions(conn, id).await?;
             done.lines.push(format!(
                 "set the web console password of {principal} (Argon2id); their console sessions are ended"

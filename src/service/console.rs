@@ -12,11 +12,14 @@
 //!   is sealed with AES-256-GCM under a key derived from the master secret (bound to the
 //!   principal's id), so a copy of the database alone does not give the second factor. A
 //!   code is accepted once: the step of the last accepted code is kept.
-//! - **Lockout**: after [`LOCK_AFTER`] failures in a row, each further failure holds the
-//!   account's sign-ins back for 1 minute, doubling up to 1 hour; refused while held, even
-//!   with the right password. The counter is in the database (every instance sees it),
-//!   timed by the services' clock. Failures also take from the network peer's allowance of
-//!   refusals (`refusals`), as a wrong API key does.
+//! - **Lockout**: after [`LOCK_AFTER`] failures in a row with one name, each further
+//!   failure holds sign-ins with that name back for 1 minute, doubling up to 1 hour;
+//!   refused while held, even with the right password. Counted per name tried, whether it
+//!   names a console user or not, so that being held back tells nothing about the name; a
+//!   name's count is forgotten [`FORGET_FAILURES_AFTER`] after its last failure (once its
+//!   hold has ended). The counter is in the database (every instance sees it), keyed by an
+//!   HMAC of the name ([`name_mac`]), timed by the services' clock. Failures also take
+//!   from the network peer's allowance of refusals (`refusals`), as a wrong API key does.
 //! - **Sessions** are rows keyed by the SHA-256 of a 256-bit random token (the cookie
 //!   holds the token, the database only its hash); they end on sign-out, after
 //!   `idle` without a request, `absolute` after sign-in, when the principal is disabled, or
@@ -51,6 +54,8 @@ pub const LOCK_AFTER: i64 = 5;
 pub const FIRST_LOCK: Duration = Duration::minutes(1);
 /// The longest hold.
 pub const MAX_LOCK: Duration = Duration::hours(1);
+/// How long after its last failure a name's failures are forgotten (once its hold ended).
+pub const FORGET_FAILURES_AFTER: Duration = Duration::hours(24);
 /// Passwords: at least this many characters.
 pub const MIN_PASSWORD_CHARS: usize = 12;
 const MAX_PASSWORD_CHARS: usize = 256;
@@ -64,6 +69,7 @@ pub const TOTP_ISSUER: &str = "ern-registry";
 const SALT: &[u8] = b"ern-registry";
 const SEAL_INFO: &[u8] = b"ern-registry console totp seal v1";
 const CSRF_INFO: &[u8] = b"ern-registry console csrf v1";
+const NAME_INFO: &[u8] = b"ern-registry console sign-in names v1";
 const SEALED_PREFIX: &str = "aes256gcm$";
 
 /// How long sessions live.
@@ -88,6 +94,8 @@ impl Default for SessionLimits {
 pub struct ConsoleAuth {
     seal: aead::LessSafeKey,
     csrf: hmac::Key,
+    /// Keys the names sign-in failures are counted under ([`name_mac`]).
+    names: hmac::Key,
     argon2: Arc<Semaphore>,
     pub limits: SessionLimits,
 }
@@ -124,11 +132,28 @@ fn sealing_key(master: &MasterSecret) -> aead::LessSafeKey {
     )
 }
 
+fn names_key(master: &MasterSecret) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, &derive(master, NAME_INFO, 32))
+}
+
+/// What failed sign-ins with `name` are counted under: its HMAC-SHA256 (hex) under a key
+/// derived from the master secret, so that the names tried (a mistyped name, a password
+/// typed into the name field) are not kept readable. For the admin command line, which
+/// clears a name's failures with a new password; the server uses [`ConsoleAuth`]'s key.
+pub fn name_mac(master: &MasterSecret, name: &str) -> String {
+    mac_of(&names_key(master), name)
+}
+
+fn mac_of(key: &hmac::Key, name: &str) -> String {
+    hex::encode(hmac::sign(key, name.as_bytes()).as_ref())
+}
+
 impl ConsoleAuth {
     pub fn new(master: &MasterSecret, limits: SessionLimits) -> ConsoleAuth {
         ConsoleAuth {
             seal: sealing_key(master),
             csrf: hmac::Key::new(hmac::HMAC_SHA256, &derive(master, CSRF_INFO, 32)),
+            names: names_key(master),
             argon2: Arc::new(Semaphore::new(MAX_CONCURRENT_SIGN_INS)),
             limits,
         }
@@ -350,16 +375,16 @@ pub async fn sign_in(
     })?;
     let auth = &services.console;
     let now = services.clock.now();
+    // Held back or not is decided per name tried, whether it names a console user or not,
+    // before any check: otherwise a name that is held back after five failures while
+    // others are not would tell which names are real.
+    let name_mac = mac_of(&auth.names, input.name);
     let credentials = services.store.console_credentials(input.name).await?;
-    let Some(cred) = credentials else {
-        // No such principal: the same Argon2 work as a wrong password, then refused.
-        verify_password(auth, input.password, decoy_hash()).await?;
-        services.refusals.charge(input.peer);
-        return Err(AuthError::SignInFailed.into());
-    };
-    call.entry.principal_id = Some(cred.principal_id);
-    call.entry.principal = input.name.to_owned();
-    if let Some(until) = cred.locked_until.filter(|until| *until > now) {
+    if let Some(cred) = &credentials {
+        call.entry.principal_id = Some(cred.principal_id);
+        call.entry.principal = input.name.to_owned();
+    }
+    if let Some(until) = services.store.sign_in_held(&name_mac, now).await? {
         services.refusals.charge(input.peer);
         let retry_after = (until - now).to_std().unwrap_or_default();
         return Err(RateLimited {
@@ -368,28 +393,34 @@ pub async fn sign_in(
         }
         .into());
     }
-    let hash = cred.password_hash.as_deref().unwrap_or(decoy_hash());
+    // No such principal, or no password: the same Argon2 work as a wrong password.
+    let hash = credentials
+        .as_ref()
+        .and_then(|c| c.password_hash.as_deref())
+        .unwrap_or(decoy_hash());
     let password_ok = verify_password(auth, input.password, hash).await?;
-    let step = match (&cred.totp_sealed, password_ok) {
-        (Some(sealed), true) if cred.password_hash.is_some() && !cred.disabled => {
-            open(&auth.seal, cred.principal_id, sealed)
-                .and_then(|secret| totp_step(&secret, input.code, now, cred.totp_last_step))
+    let step = match (&credentials, password_ok) {
+        (Some(cred), true) if cred.password_hash.is_some() && !cred.disabled => {
+            match &cred.totp_sealed {
+                Some(sealed) => open(&auth.seal, cred.principal_id, sealed)
+                    .and_then(|secret| totp_step(&secret, input.code, now, cred.totp_last_step)),
+                None => None,
+            }
         }
         _ => None,
     };
-    let Some(step) = step else {
+    let (Some(cred), Some(step)) = (credentials, step) else {
         services.refusals.charge(input.peer);
-        let failures = services.store.console_failure(cred.principal_id).await?;
+        let failures = services
+            .store
+            .sign_in_failed(&name_mac, now, now - FORGET_FAILURES_AFTER)
+            .await?;
         if let Some(hold) = lock_for(failures) {
-            services
-                .store
-                .console_lock(cred.principal_id, now + hold)
-                .await?;
+            services.store.hold_sign_ins(&name_mac, now + hold).await?;
             info!(
-                principal = cred.principal_id,
                 failures,
                 hold_secs = hold.num_seconds(),
-                "console sign-ins held back after failures"
+                "console sign-ins with one name held back after failures"
             );
         }
         return Err(AuthError::SignInFailed.into());
@@ -401,7 +432,7 @@ pub async fn sign_in(
     }
     if !services
         .store
-        .console_success(cred.principal_id, step)
+        .console_success(cred.principal_id, &name_mac, step)
         .await?
     {
         // A code used before (or raced by a sign-in with the same code).

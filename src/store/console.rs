@@ -1,5 +1,6 @@
 //! The SQL of the web console's sign-in and sessions (`console_credentials`,
-//! `console_sessions`, migration 0012), and the consent expiry lists officers follow up.
+//! `console_sessions`, migration 0012; `console_sign_in_failures`, migration 0020), and the
+//! consent expiry lists officers follow up.
 //! No rule lives here: who may sign in, when a session ends and what is locked are
 //! `service::console`'s decisions; this module reads and writes the rows it is told to.
 
@@ -22,10 +23,6 @@ pub struct Credentials {
     /// The TOTP secret, sealed; `None`: not enrolled.
     pub totp_sealed: Option<String>,
     pub totp_last_step: i64,
-    pub failures: i64,
-    /// No sign-in before (`None`: no credentials yet; the column's default, the epoch:
-    /// not held back).
-    pub locked_until: Option<DateTime<Utc>>,
     /// Bound to client certificates (`admin bind-certificate`): the console, which sees
     /// none, may not sign it in.
     pub certificate_bound: bool,
@@ -86,7 +83,6 @@ impl Store {
         let row = db::query(
             "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
                     COALESCE(c.totp_last_step, 0) AS totp_last_step, \
-                    COALESCE(c.failures, 0) AS failures, c.locked_until, \
                     EXISTS (SELECT 1 FROM principal_certificates b WHERE b.principal_id = p.id) \
                       AS certificate_bound \
              FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
@@ -102,8 +98,6 @@ impl Store {
                 password_hash: r.try_get("password_hash")?,
                 totp_sealed: r.try_get("totp_sealed")?,
                 totp_last_step: r.try_get("totp_last_step")?,
-                failures: r.try_get("failures")?,
-                locked_until: r.try_get("locked_until")?,
                 certificate_bound: r.try_get("certificate_bound")?,
             })
         })
@@ -122,42 +116,99 @@ impl Store {
         row.try_get("bound")
     }
 
-    /// Counts a failed sign-in; returns the failures since the last success.
-    pub async fn console_failure(&self, principal_id: i64) -> Result<i64> {
+    /// Until when sign-ins with the name whose MAC is `name_mac` are held back, if they
+    /// are at `now` (a hold whose row is forgotten counts for nothing).
+    pub async fn sign_in_held(
+        &self,
+        name_mac: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>> {
         let row = db::query(
-            "UPDATE console_credentials SET failures = failures + 1 WHERE principal_id = $1 \
-             RETURNING failures",
+            "SELECT locked_until FROM console_sign_in_failures \
+             WHERE name_mac = $1 AND locked_until > $2",
         )
-        .bind(principal_id)
+        .bind(name_mac)
+        .bind(now)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|r| r.try_get("failures")).transpose()?.unwrap_or(0))
+        row.map(|r| r.try_get("locked_until")).transpose()
     }
 
-    /// Holds sign-ins of the principal back until `until`.
-    pub async fn console_lock(&self, principal_id: i64, until: DateTime<Utc>) -> Result<()> {
-        db::query("UPDATE console_credentials SET locked_until = $2 WHERE principal_id = $1")
-            .bind(principal_id)
+    /// Counts a failed sign-in with the name whose MAC is `name_mac`, first forgetting
+    /// every name whose last failure is older than `forget_before` and whose hold has
+    /// ended; returns the failures of the name since it was last forgotten or cleared.
+    pub async fn sign_in_failed(
+        &self,
+        name_mac: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> Result<i64> {
+        let mut tx = self.pool().begin().await?;
+        db::query(
+            "DELETE FROM console_sign_in_failures \
+             WHERE last_failure_at < $1 AND locked_until <= $2",
+        )
+        .bind(forget_before)
+        .bind(now)
+        .execute(&mut tx)
+        .await?;
+        let row = db::query(
+            "INSERT INTO console_sign_in_failures (name_mac, failures, locked_until, last_failure_at) \
+             VALUES ($1, 1, $2, $3) \
+             ON CONFLICT (name_mac) DO UPDATE SET \
+               failures = console_sign_in_failures.failures + 1, \
+               last_failure_at = excluded.last_failure_at \
+             RETURNING failures",
+        )
+        .bind(name_mac)
+        .bind(DateTime::UNIX_EPOCH)
+        .bind(now)
+        .fetch_one(&mut tx)
+        .await?;
+        let failures = row.try_get("failures")?;
+        tx.commit().await?;
+        Ok(failures)
+    }
+
+    /// Holds sign-ins with the name whose MAC is `name_mac` back until `until`.
+    pub async fn hold_sign_ins(&self, name_mac: &str, until: DateTime<Utc>) -> Result<()> {
+        db::query("UPDATE console_sign_in_failures SET locked_until = $2 WHERE name_mac = $1")
+            .bind(name_mac)
             .bind(until)
             .execute(self.pool())
             .await?;
         Ok(())
     }
 
-    /// Records a successful sign-in with the code of time step `step`: clears the failures
-    /// and the lock. Returns false, changing nothing, when a code of this step or a later
-    /// one was accepted before (a replayed code).
-    pub async fn console_success(&self, principal_id: i64, step: i64) -> Result<bool> {
+    /// Records a successful sign-in with the name whose MAC is `name_mac`, of the
+    /// principal `principal_id` with the code of time step `step`: clears the name's
+    /// failures and hold. Returns false, changing nothing, when a code of this step or a
+    /// later one was accepted before (a replayed code).
+    pub async fn console_success(
+        &self,
+        principal_id: i64,
+        name_mac: &str,
+        step: i64,
+    ) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
         let done = db::query(
-            "UPDATE console_credentials SET failures = 0, locked_until = $3, totp_last_step = $2 \
+            "UPDATE console_credentials SET totp_last_step = $2 \
              WHERE principal_id = $1 AND totp_last_step < $2",
         )
         .bind(principal_id)
         .bind(step)
-        .bind(DateTime::UNIX_EPOCH)
-        .execute(self.pool())
+        .execute(&mut tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        db::query("DELETE FROM console_sign_in_failures WHERE name_mac = $1")
+            .bind(name_mac)
+            .execute(&mut tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Starts a session: the hash of its token, for `principal_id`, at `now`.
@@ -360,23 +411,29 @@ impl Store {
     }
 }
 
-/// Sets (or replaces) a principal's console password; clears failures and the lock.
+/// Sets (or replaces) a principal's console password; clears the failures and the hold
+/// of its name, whose MAC is `name_mac`.
 pub async fn set_password(
     conn: &mut Db<'_>,
     principal_id: i64,
+    name_mac: &str,
     hash: &str,
     now: DateTime<Utc>,
 ) -> Result<()> {
     db::query(
         "INSERT INTO console_credentials (principal_id, password_hash, updated_at) VALUES ($1, $2, $3) \
          ON CONFLICT (principal_id) DO UPDATE SET password_hash = excluded.password_hash, \
-         failures = 0, locked_until = excluded.locked_until, updated_at = excluded.updated_at",
+         updated_at = excluded.updated_at",
     )
     .bind(principal_id)
     .bind(hash)
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    db::query("DELETE FROM console_sign_in_failures WHERE name_mac = $1")
+        .bind(name_mac)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

@@ -337,11 +337,12 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     // After the hold (1 minute at the fifth failure) the right credentials work again.
     app.clock.advance(Duration::seconds(61));
     assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
-    let failures: i64 = db::query("SELECT failures FROM console_credentials")
+    // The success cleared the name's failures.
+    let rows: i64 = db::query("SELECT COUNT(*) FROM console_sign_in_failures")
         .fetch_scalar(app.store.pool())
         .await
         .unwrap();
-    assert_eq!(failures, 0);
+    assert_eq!(rows, 0);
     let outcomes: Vec<String> = db::query(
         "SELECT outcome FROM audit_log WHERE method = 'Console/SignIn' AND principal = 'officer-eye' ORDER BY seq",
     )
@@ -351,6 +352,99 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     let mut expected = vec!["UNAUTHENTICATED"; 5];
     expected.extend(["RESOURCE_EXHAUSTED", "OK"]);
     assert_eq!(outcomes, expected);
+}
+
+/// Five wrong guesses with `name`, then the answer to a sixth (status, body).
+async fn guessed_six_times(web: &mut Web, name: &str) -> (u16, String) {
+    for _ in 0..5 {
+        let form = web.get("/sign-in").await;
+        let page = web
+            .post(
+                "/sign-in",
+                &[
+                    ("csrf", &form.csrf()),
+                    ("name", name),
+                    ("password", "guess guess guess"),
+                    ("code", "123456"),
+                ],
+            )
+            .await;
+        assert_eq!(page.status, 401, "{name}: {}", page.body);
+    }
+    let form = web.get("/sign-in").await;
+    let page = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", &form.csrf()),
+                ("name", name),
+                ("password", "guess guess guess"),
+                ("code", "123456"),
+            ],
+        )
+        .await;
+    (page.status, page.body)
+}
+
+/// Being held back tells nothing about the name: a console user, a principal without
+/// console credentials and a name of nobody are held back alike after five failures, with
+/// the same page. The names tried are not kept readable, and a name's failures are
+/// forgotten a day after the last one, once its hold has ended.
+#[tokio::test]
+async fn every_name_is_held_back_alike_so_the_hold_tells_no_console_user_apart() {
+    let (app, mut web, _) = officer_app().await;
+    app.store
+        .create_principal("api-only", Role::Researcher, None, &["ERN-EYE".to_string()])
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for name in ["officer-eye", "api-only", "nobody-at-all"] {
+        let (status, body) = guessed_six_times(&mut web, name).await;
+        assert_eq!(status, 429, "{name}: {body}");
+        // The page's message, without the milliseconds to wait (the clock runs on).
+        let start = body.find("<p class=\"error\"").expect("an error message");
+        let message = &body[start..start + body[start..].find("</p>").unwrap()];
+        answers.push(message.replace(|c: char| c.is_ascii_digit(), ""));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
+    assert!(answers[0].contains("held back"));
+
+    let names: Vec<String> = db::query("SELECT name_mac FROM console_sign_in_failures")
+        .fetch_scalars(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 3);
+    for mac in &names {
+        assert_eq!(mac.len(), 64, "{mac}");
+        assert!(!mac.contains("officer") && !mac.contains("nobody") && !mac.contains("api"));
+    }
+
+    // A day after the last failure, its hold long over, a name starts afresh: one more
+    // failure is a plain refusal, not a hold.
+    app.clock.advance(Duration::hours(25));
+    for name in ["officer-eye", "nobody-at-all"] {
+        let form = web.get("/sign-in").await;
+        let page = web
+            .post(
+                "/sign-in",
+                &[
+                    ("csrf", &form.csrf()),
+                    ("name", name),
+                    ("password", "guess guess guess"),
+                    ("code", "123456"),
+                ],
+            )
+            .await;
+        assert_eq!(page.status, 401, "{name}: {}", page.body);
+    }
+    let counts: Vec<i64> =
+        db::query("SELECT failures FROM console_sign_in_failures ORDER BY failures")
+            .fetch_scalars(app.store.pool())
+            .await
+            .unwrap();
+    // "api-only" was forgotten with the others; the two tried again count one each.
+    assert_eq!(counts, vec![1, 1]);
 }
 
 #[tokio::test]
