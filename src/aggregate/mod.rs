@@ -285,7 +285,38 @@ impl TableBuilder {
             Some((r, c)) => (Some(*r), c.to_vec()),
             None => (None, Vec::new()),
         };
-        // Rows and columns in key order (BTreeMap): positions were assigned on arrival.
+        let grid = self.grid(!col_dims.is_empty())?;
+        let protected = grid.protect(row_dim, &col_dims, rules, deadline)?;
+        let row_labels = match row_dim {
+            Some(dim) => grid.rows.iter().map(|key| dim.label(key)).collect(),
+            None => vec!["all".to_string()],
+        };
+        let column_labels = if col_dims.is_empty() {
+            vec![Vec::new()]
+        } else {
+            grid.cols
+                .iter()
+                .map(|keys| {
+                    col_dims
+                        .iter()
+                        .zip(keys)
+                        .map(|(dim, key)| dim.label(key))
+                        .collect()
+                })
+                .collect()
+        };
+        Ok(CountTable {
+            row_dimension: row_dim,
+            column_dimensions: col_dims,
+            row_labels,
+            column_labels,
+            protected,
+        })
+    }
+
+    /// The table of the groups added: rows and columns in key order (positions were
+    /// assigned on arrival); two-way when there are column dimensions.
+    fn grid(self, two_way: bool) -> Result<Grid, QueryError> {
         let row_order: Vec<(Key, usize)> = self.rows.into_iter().collect();
         let col_order: Vec<(Vec<Key>, usize)> = self.cols.into_iter().collect();
         let mut row_pos = vec![0; row_order.len()];
@@ -301,48 +332,141 @@ impl TableBuilder {
         for (r, c, n) in self.counts {
             cells[row_pos[r] * ncols + col_pos[c]] += n;
         }
-        let table = if col_dims.is_empty() {
-            Table::one_way(cells)
-        } else {
+        let table = if two_way {
             Table::two_way(nrows, ncols, cells)?
-        };
-        // Protected in the arrangement of its dimensions in `Dimension` order: asking for
-        // [A, B] or [B, A], or [A, B, C] or [A, C, B], hides the same cells.
-        let mut arrangement = Arrangement::identity(&table);
-        if let Some(row_dim) = row_dim {
-            let canonical = canonical_order(&col_dims);
-            let mut cols: Vec<usize> = (0..col_order.len()).collect();
-            cols.sort_by_cached_key(|&c| canonical_keys(&col_order[c].0, &canonical));
-            if !cols.is_empty() {
-                arrangement.cols = cols;
-            }
-            arrangement.transpose = col_dims.iter().any(|&d| d < row_dim);
-        }
-        let protected = suppress::protect_arranged(&table, &arrangement, rules, deadline)?;
-        let row_labels = match row_dim {
-            Some(dim) => row_order.iter().map(|(key, _)| dim.label(key)).collect(),
-            None => vec!["all".to_string()],
-        };
-        let column_labels = if col_dims.is_empty() {
-            vec![Vec::new()]
         } else {
-            col_order
-                .iter()
-                .map(|(keys, _)| {
-                    col_dims
-                        .iter()
-                        .zip(keys)
-                        .map(|(dim, key)| dim.label(key))
-                        .collect()
-                })
-                .collect()
+            Table::one_way(cells)
         };
-        Ok(CountTable {
-            row_dimension: row_dim,
-            column_dimensions: col_dims,
-            row_labels,
-            column_labels,
-            protected,
+        Ok(Grid {
+            rows: row_order.into_iter().map(|(key, _)| key).collect(),
+            cols: col_order.into_iter().map(|(keys, _)| keys).collect(),
+            table,
+        })
+    }
+}
+
+/// A count table with the keys of its rows and columns, in key order.
+struct Grid {
+    rows: Vec<Key>,
+    cols: Vec<Vec<Key>>,
+    table: Table,
+}
+
+impl Grid {
+    /// Protects the table grouped by `row_dim` and `col_dims` (as asked) in the canonical
+    /// form of the counts it publishes, so that every question publishing the same counts
+    /// hides the same cells:
+    /// - its dimensions in `Dimension` order, not the order asked: [A, B] or [B, A], or
+    ///   [A, B, C] or [A, C, B], hide the same cells;
+    /// - a dimension with a single value in the table changes nothing it publishes, so it
+    ///   is left out of the arrangement: [A, B] and [A, B, C] with one value of C, or
+    ///   [C, A, B] with one value of C, are protected as [A, B].
+    fn protect(
+        &self,
+        row_dim: Option<Dimension>,
+        col_dims: &[Dimension],
+        rules: Rules,
+        deadline: Instant,
+    ) -> Result<Protected, QueryError> {
+        let mut arrangement = Arrangement::identity(&self.table);
+        let Some(row_dim) = row_dim else {
+            return Ok(suppress::protect_arranged(
+                &self.table,
+                &arrangement,
+                rules,
+                deadline,
+            )?);
+        };
+        // The column dimensions whose value differs between columns.
+        let varying: Vec<usize> = (0..col_dims.len())
+            .filter(|&i| {
+                self.cols
+                    .iter()
+                    .any(|keys| keys.get(i) != self.cols[0].get(i))
+            })
+            .collect();
+        if self.rows.len() == 1 && varying.len() >= 2 {
+            return self.protect_reshaped(col_dims, &varying, rules, deadline);
+        }
+        let canonical = canonical_order(col_dims);
+        let mut cols: Vec<usize> = (0..self.cols.len()).collect();
+        // A dimension of one value sorts nothing.
+        cols.sort_by_cached_key(|&c| canonical_keys(&self.cols[c], &canonical));
+        if !cols.is_empty() {
+            arrangement.cols = cols;
+        }
+        // Transposed when a column dimension comes first; one of a single value publishes
+        // nothing the table without it would not.
+        arrangement.transpose = varying.iter().any(|&i| col_dims[i] < row_dim);
+        Ok(suppress::protect_arranged(
+            &self.table,
+            &arrangement,
+            rules,
+            deadline,
+        )?)
+    }
+
+    /// A table of one row (its row dimension has a single value) whose columns vary in
+    /// two or more dimensions publishes its cells and their total: a subset of what the
+    /// table grouped by those dimensions alone publishes (that one adds its row and column
+    /// totals). So it is protected as that table, and hides the same cells as the question
+    /// asking for it: [C, A, B] with one value of C hides what [A, B] hides. Hiding what a
+    /// table with more published relations needs hidden is safe for one with fewer.
+    fn protect_reshaped(
+        &self,
+        col_dims: &[Dimension],
+        varying: &[usize],
+        rules: Rules,
+        deadline: Instant,
+    ) -> Result<Protected, QueryError> {
+        let mut reduced = TableBuilder::new();
+        for (c, keys) in self.cols.iter().enumerate() {
+            let keys = varying.iter().map(|&i| keys[i].clone()).collect();
+            reduced.add(keys, self.table.cells[c])?;
+        }
+        let dims: Vec<Dimension> = varying.iter().map(|&i| col_dims[i]).collect();
+        let grid = reduced.grid(true)?;
+        let p = grid.protect(Some(dims[0]), &dims[1..], rules, deadline)?;
+        let lost = || QueryError::from(SuppressError::Internal("a column of the reshaped table"));
+        let mut cells = Vec::with_capacity(self.cols.len());
+        for keys in &self.cols {
+            let r = grid
+                .rows
+                .binary_search(&keys[varying[0]])
+                .map_err(|_| lost())?;
+            let rest: Vec<Key> = varying[1..].iter().map(|&i| keys[i].clone()).collect();
+            let c = grid.cols.binary_search(&rest).map_err(|_| lost())?;
+            cells.push(p.cells[r * grid.cols.len() + c]);
+        }
+        // One row: its column totals are its cells, its row total the grand total.
+        let total: u64 = self.table.cells.iter().sum();
+        let values = self
+            .table
+            .cells
+            .iter()
+            .chain(&self.table.cells)
+            .chain([&total, &total]);
+        let shown = cells
+            .iter()
+            .chain(&cells)
+            .chain([&p.grand_total, &p.grand_total]);
+        let (mut primary, mut secondary) = (0, 0);
+        for (&v, shown) in values.zip(shown) {
+            if shown.is_none() {
+                if v > 0 && v < rules.k() {
+                    primary += 1;
+                } else {
+                    secondary += 1;
+                }
+            }
+        }
+        Ok(Protected {
+            col_totals: cells.clone(),
+            cells,
+            row_totals: vec![p.grand_total],
+            grand_total: p.grand_total,
+            primary,
+            secondary,
         })
     }
 }
@@ -830,6 +954,109 @@ mod tests {
         assert_eq!(a.col_totals, b.row_totals);
         assert_eq!(a.grand_total, b.grand_total);
         assert_eq!(a.cells[0], None, "the small cell is hidden");
+    }
+
+    /// The (sex, country) cells `table` hides, whatever its layout (a zero is never
+    /// hidden; a table of one row lists no column for it).
+    fn hidden_by_sex_and_country(
+        table: &CountTable,
+    ) -> std::collections::BTreeSet<(String, String)> {
+        let mut dims = vec![table.row_dimension.unwrap()];
+        dims.extend(&table.column_dimensions);
+        let ncols = table.column_labels.len();
+        let mut out = std::collections::BTreeSet::new();
+        for (r, row) in table.row_labels.iter().enumerate() {
+            for (c, labels) in table.column_labels.iter().enumerate() {
+                let mut all = vec![row.clone()];
+                all.extend(labels.iter().cloned());
+                let of = |dim| all[dims.iter().position(|d| *d == dim).unwrap()].clone();
+                let cell = (of(Dimension::Sex), of(Dimension::Country));
+                if table.protected.cells[r * ncols + c].is_none() {
+                    out.insert(cell);
+                }
+            }
+        }
+        out
+    }
+
+    /// `counts` (sex x country) grouped by `dims` (sex, country and a diagnosis of one
+    /// value, in any order), as the database returns the groups.
+    fn by_layout(counts: &[Vec<u64>], dims: &[Dimension], k: u64) -> CountTable {
+        let mut b = TableBuilder::new();
+        for (i, row) in counts.iter().enumerate() {
+            for (j, &n) in row.iter().enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let keys = dims
+                    .iter()
+                    .map(|dim| match dim {
+                        Dimension::Sex => Key::Text(format!("s{i}")),
+                        Dimension::Country => Key::Text(format!("C{j}")),
+                        _ => Key::Int(558),
+                    })
+                    .collect();
+                b.add(keys, n).unwrap();
+            }
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        b.finish(dims, Rules::new(k, 1).unwrap(), deadline).unwrap()
+    }
+
+    /// Every layout of a sex x country table, with and without a diagnosis of one value
+    /// (a filter to one disease, or a registry of one), anywhere in the question.
+    const LAYOUTS: [&[Dimension]; 8] = {
+        use Dimension::{Country as C, Diagnosis as D, Sex as S};
+        [
+            &[S, C],
+            &[C, S],
+            &[S, C, D],
+            &[S, D, C],
+            &[C, D, S],
+            &[D, S, C],
+            &[D, C, S],
+            &[C, S, D],
+        ]
+    };
+
+    #[test]
+    fn a_dimension_of_one_value_changes_no_hidden_cell() {
+        // The review's case: [SEX, COUNTRY] was not transposed, [SEX, COUNTRY, DIAGNOSIS]
+        // with one diagnosis was (DIAGNOSIS comes before SEX), and the two patterns of
+        // suppress's negative control together pinned the 2.
+        let counts = vec![vec![2, 10, 10], vec![12, 40, 10], vec![12, 10, 40]];
+        let base = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[0], 5));
+        assert!(base.contains(&("s0".to_string(), "C0".to_string())));
+        for dims in LAYOUTS {
+            let table = by_layout(&counts, dims, 5);
+            assert_eq!(hidden_by_sex_and_country(&table), base, "{dims:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn every_layout_with_or_without_a_constant_dimension_hides_the_same_cells(
+            counts in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![3 => 1u64..5, 2 => 5u64..40, 1 => proptest::strategy::Just(0u64)],
+                    2..=4,
+                ),
+                2..=4,
+            ),
+            k in 2u64..=6,
+        ) {
+            let width = counts[0].len();
+            let counts: Vec<Vec<u64>> = counts
+                .into_iter()
+                .map(|mut row| { row.resize(width, 1); row })
+                .collect();
+            let base = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[0], k));
+            for dims in LAYOUTS {
+                let table = by_layout(&counts, dims, k);
+                proptest::prop_assert_eq!(hidden_by_sex_and_country(&table), base.clone(), "{:?}", dims);
+            }
+        }
     }
 
     #[test]
