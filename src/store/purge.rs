@@ -53,6 +53,8 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// How long a PostgreSQL pass waits for transactions older than the erasure to end.
 const POSTGRES_HORIZON_WAIT: Duration = Duration::from_secs(5);
 const POSTGRES_POLL: Duration = Duration::from_millis(10);
+/// How long a PostgreSQL pass waits for a connection of the pool.
+const POSTGRES_CONNECTION_WAIT: Duration = Duration::from_secs(5);
 
 /// The tables an erasure deletes from (`consent::erase_patient`). Skips a table an
 /// autovacuum is busy with instead of queueing behind it; index entries are always
@@ -308,7 +310,16 @@ async fn checkpoint_once(conn: &mut Db<'_>, wait: Duration) -> StoreResult<(i64,
 /// an erasure deletes from. `Ok(false)`: the wait ran out, so VACUUM may have kept the
 /// erased rows for an older snapshot.
 async fn vacuum(pool: &Pool) -> StoreResult<bool> {
-    let mut conn = pool.acquire().await?;
+    // The writer waits for this pass (and every batch queued behind it): while the
+    // database is away, not for the pool's whole acquire timeout.
+    let mut conn = tokio::time::timeout(POSTGRES_CONNECTION_WAIT, pool.acquire())
+        .await
+        .map_err(|_| StoreError::Unreachable {
+            cause: format!(
+                "no connection for VACUUM within {} s",
+                POSTGRES_CONNECTION_WAIT.as_secs()
+            ),
+        })??;
     let since: i64 =
         db::query("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
             .fetch_scalar(&mut conn)

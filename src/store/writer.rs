@@ -290,7 +290,9 @@ impl Answer {
 /// caller of the batch is answered: how the research index (`service::research`) applies
 /// the batch's changes (from the change log, `super::research_index`) in the same
 /// critical section as the commit. It cannot fail the batch: the commit is done, and
-/// every research query catches up with the log before it answers anyway.
+/// every research query catches up with the log before it answers anyway. Not told
+/// when nothing committed, nor after a COMMIT whose outcome is unknown (PostgreSQL): if
+/// that one landed, the next commit's catch-up, or the next query's, applies it.
 ///
 /// `on`: on a SQLite file, the writer's own connection (on its thread, outside any
 /// transaction), to read the changes on; otherwise `None`, to read them through the pool.
@@ -621,9 +623,11 @@ async fn apply_jobs(
         Retry::None if matches!(err, StoreError::CommitUnknown { .. }) => jobs
             .into_iter()
             .map(|(command, _, reply)| {
-                let err = StoreError::CommitUnknown {
-                    cause: err.to_string(),
+                let cause = match &err {
+                    StoreError::CommitUnknown { cause } => cause.clone(),
+                    other => other.to_string(),
                 };
+                let err = StoreError::CommitUnknown { cause };
                 Answer::new(&command, reply, Err(WriteError::Store(err)))
             })
             .collect(),
@@ -790,26 +794,68 @@ async fn audit_failures(
         return;
     }
     let count = pending.len();
-    let appended = async {
-        let mut tx = Tx::begin(target).await?;
-        match audit_store::append(&mut tx.db(), key, &pending).await {
-            Ok(_) => tx.commit().await,
-            Err(err) => {
-                tx.rollback().await;
-                Err(err)
+    let appended = match target {
+        Target::Pool(store) => {
+            let deadline = tokio::time::Instant::now() + FAILURE_ENTRIES_LIMIT;
+            in_time(store, deadline, async |db: &mut Db<'_>| {
+                db.execute_raw("BEGIN").await?;
+                audit_store::append(db, key, &pending).await?;
+                db.execute_raw("COMMIT").await
+            })
+            .await
+        }
+        // On the writer's own connection every statement runs to its end when called: a
+        // timer could not cut one short. Only a busy database keeps one waiting (its busy
+        // timeout), and a batch that failed so is not recorded (`waited_for_database`).
+        Target::Lite(_) => {
+            let mut tx = match Tx::begin(target).await {
+                Ok(tx) => tx,
+                Err(e) => {
+                    warn!(error = %e, entries = count, "audit entries of failed writes not committed");
+                    return;
+                }
+            };
+            match audit_store::append(&mut tx.db(), key, &pending).await {
+                Ok(_) => tx.commit().await,
+                Err(err) => {
+                    tx.rollback().await;
+                    Err(err)
+                }
             }
         }
     };
-    match tokio::time::timeout(FAILURE_ENTRIES_LIMIT, appended).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            warn!(error = %e, entries = count, "audit entries of failed writes not committed")
-        }
-        Err(_) => warn!(
-            entries = count,
-            "audit entries of failed writes not committed: no answer from the database in time"
-        ),
+    if let Err(e) = appended {
+        warn!(error = %e, entries = count, "audit entries of failed writes not committed");
     }
+}
+
+/// Runs `work` on a connection of `store`'s pool by `deadline`, the wait for the connection
+/// included; past it, [`StoreError::Unreachable`]. `work` runs its own transaction with raw
+/// statements. A connection whose work did not end cleanly (an error, or the deadline
+/// passed while a statement was under way) is closed instead of going back to the pool: the
+/// work may have left a transaction open on it (sqlx does not roll back a transaction
+/// whose BEGIN was cut short), and the next user of the connection would run inside it.
+async fn in_time<T>(
+    store: &Store,
+    deadline: tokio::time::Instant,
+    work: impl AsyncFnOnce(&mut Db<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let late = || StoreError::Unreachable {
+        cause: "no answer from the database in time".into(),
+    };
+    let mut conn = tokio::time::timeout_at(deadline, store.pool().acquire())
+        .await
+        .map_err(|_| late())??;
+    let done = {
+        let mut db = conn.db();
+        tokio::time::timeout_at(deadline, work(&mut db))
+            .await
+            .unwrap_or_else(|_| Err(late()))
+    };
+    if done.is_err() {
+        conn.close_on_drop();
+    }
+    done
 }
 
 /// Appends the entry of a write whose transaction failed (and rolled back with the entry
@@ -825,28 +871,10 @@ async fn audit_failure(
     audit: Option<Entry>,
     err: &WriteError,
 ) {
-    let (Some(mut entry), false) = (audit, matches!(command, Command::Audit)) else {
+    let (Some(entry), false) = (audit, matches!(command, Command::Audit)) else {
         return;
     };
-    entry.outcome = err.outcome().name().to_string();
-    let pending = [Pending {
-        at: Utc::now().timestamp_millis(),
-        entry,
-        wrote: Wrote::default(),
-    }];
-    let appended = async {
-        let mut tx = Tx::begin(target).await?;
-        match audit_store::append(&mut tx.db(), key, &pending).await {
-            Ok(_) => tx.commit().await,
-            Err(err) => {
-                tx.rollback().await;
-                Err(err)
-            }
-        }
-    };
-    if let Err(e) = appended.await {
-        warn!(error = %e, "audit entry of a failed write not committed");
-    }
+    audit_failures(target, key, vec![entry], err.outcome()).await;
 }
 
 /// A write transaction on a [`Target`].
@@ -982,13 +1010,7 @@ async fn apply_batch(
     if store.backend() != Backend::Postgres || !commit_may_have_landed(&err) {
         return Err(err);
     }
-    let asked = tokio::time::timeout(LANDED_LIMIT, landed(store, &head))
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::CommitUnknown {
-                cause: format!("no answer within {} s", LANDED_LIMIT.as_secs()),
-            })
-        });
+    let asked = landed(store, &head).await;
     match asked {
         Ok(true) => {
             warn!(error = %err, seq = head.seq, "COMMIT failed, but the batch is in the database: answered as committed");
@@ -1024,16 +1046,23 @@ const LANDED_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// on that row waits for it to end (at most [`LANDED_WAIT`]; past that, an error: the
 /// outcome is unknown), so that a commit in progress is not taken for a failed one.
 async fn landed(store: &Store, head: &crate::audit::Head) -> Result<bool, StoreError> {
-    let mut tx = store.pool().begin().await?;
-    let mut db = tx.db();
-    db.execute_raw(&format!("SET LOCAL lock_timeout = '{LANDED_WAIT}'"))
-        .await?;
-    super::db::query("SELECT 1 FROM audit_head WHERE id = 1 FOR SHARE")
-        .fetch_one(&mut db)
-        .await?;
-    let held = audit_store::holds(&mut db, head).await?;
-    tx.rollback().await?;
-    Ok(held)
+    let deadline = tokio::time::Instant::now() + LANDED_LIMIT;
+    in_time(store, deadline, async |db: &mut Db<'_>| {
+        // READ COMMITTED whatever the server's default: after the wait for the lock, the
+        // check reads what committed meanwhile (under REPEATABLE READ the lock's wait would
+        // end in a serialization failure).
+        db.execute_raw("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        db.execute_raw(&format!("SET LOCAL lock_timeout = '{LANDED_WAIT}'"))
+            .await?;
+        super::db::query("SELECT 1 FROM audit_head WHERE id = 1 FOR SHARE")
+            .fetch_one(&mut *db)
+            .await?;
+        let held = audit_store::holds(db, head).await?;
+        db.execute_raw("ROLLBACK").await?;
+        Ok(held)
+    })
+    .await
 }
 
 /// Each command's result, and the audit head the batch wrote (`None`: no entry).

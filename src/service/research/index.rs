@@ -21,7 +21,8 @@
 //! patient only when `until` lies after its own instant, so an expiry takes effect at its
 //! millisecond with no write. Every other change (a withdrawal, a refusal, a new consent,
 //! an erasure) reaches the index through the change log before the query runs: the writer
-//! applies its own commits before it answers (`store::writer::AfterCommit`), and every
+//! applies its own commits before it answers (`store::writer::AfterCommit`; a COMMIT
+//! whose outcome is unknown is applied by the next catch-up if it landed), and every
 //! query first catches up with every change any instance committed
 //! ([`Index::catch_up`]; why that misses nothing: `store::research_index`).
 //!
