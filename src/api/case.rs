@@ -527,6 +527,7 @@ impl CaseApi {
         let page = cases::export(&self.state, &access, &after, page_size, call).await?;
         let catalog = self.state.codes.get();
         let phenopackets = page
+            .cases
             .iter()
             .map(|case| {
                 let context = phenopacket::ExportContext {
@@ -541,8 +542,8 @@ impl CaseApi {
                 phenopacket::to_json(&phenopacket::from_record(&record, &context))
             })
             .collect();
-        let next_page_token = match page.last() {
-            Some(last) if page.len() == page_size as usize => last.pseudonym.clone(),
+        let next_page_token = match page.cases.last() {
+            Some(last) if page.more => last.pseudonym.clone(),
             _ => String::new(),
         };
         Ok(Response::new(proto::ExportPhenopacketsResponse {

@@ -39,6 +39,7 @@ use phenopackets::schema::v2::core::{
 };
 use prost::Message;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor};
+use zeroize::Zeroize;
 
 use crate::domain::{CodeCatalog, CodeSystem, FieldViolations, PartialDate};
 use crate::proto;
@@ -431,7 +432,7 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
     ];
 
     // Never read: whatever they hold, the pseudonym replaces them.
-    rest.id.clear();
+    rest.id.zeroize();
 
     // metaData describes the document; only the registry's own references are read.
     let mut extensions: Vec<(usize, &ExternalReference)> = Vec::new();
@@ -474,13 +475,13 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
         ),
         Some(mut s) => {
             let path = format!("{ROOT}.subject");
-            s.id.clear();
+            s.id.zeroize();
             if !s.alternate_ids.is_empty() {
                 v.push(
                     format!("{path}.alternateIds"),
                     "must be empty: identify the patient with the request's `patient`; the registry stores no identifier",
                 );
-                s.alternate_ids.clear();
+                s.alternate_ids.zeroize();
             }
             match s.date_of_birth.take() {
                 None => v.push(
@@ -665,7 +666,7 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
     let mut interpretations = std::mem::take(&mut rest.interpretations).into_iter();
     if let Some(mut interp) = interpretations.next() {
         let path = format!("{ROOT}.interpretations[0]");
-        interp.id.clear();
+        interp.id.zeroize();
         r.undiagnosed = interp.progress_status == interpretation::ProgressStatus::Unsolved as i32;
         interp.progress_status = 0;
         if let Some(mut diagnosis) = interp.diagnosis.take() {
@@ -691,7 +692,7 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
                 .enumerate()
             {
                 let gpath = format!("{dpath}.genomicInterpretations[{j}]");
-                g.subject_or_biosample_id.clear();
+                g.subject_or_biosample_id.zeroize();
                 use genomic_interpretation::InterpretationStatus as S;
                 if let Ok(S::Rejected | S::Candidate) = S::try_from(g.interpretation_status) {
                     v.push(
@@ -715,7 +716,7 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
                             None => v.push(format!("{vpath}.variationDescriptor"), "is required"),
                             Some(mut vd) => {
                                 let dpath = format!("{vpath}.variationDescriptor");
-                                vd.id.clear();
+                                vd.id.zeroize();
                                 let at = match vd.gene_context.take() {
                                     None => {
                                         v.push(

@@ -269,6 +269,13 @@ pub async fn get(
 pub const EXPORT_PAGE_DEFAULT: u32 = 50;
 pub const EXPORT_PAGE_MAX: u32 = 200;
 
+/// A page of an export, and whether another follows.
+#[derive(Debug, Clone)]
+pub struct ExportPage {
+    pub cases: Vec<Exported>,
+    pub more: bool,
+}
+
 /// One case of an export page: its pseudonym and current version.
 #[derive(Debug, Clone)]
 pub struct Exported {
@@ -286,19 +293,24 @@ pub async fn export(
     after: &str,
     page_size: u32,
     call: &mut Call,
-) -> Result<Vec<Exported>, ServiceError> {
+) -> Result<ExportPage, ServiceError> {
     let mut conn = services.store.pool().acquire().await?;
-    let rows = cases::list_current(
+    // One more than the page: whether another page follows, so that the last page never
+    // carries a token that leads to an empty one.
+    let mut rows = cases::list_current(
         &mut conn.db(),
         access.registry.id,
         access.centre.id,
         services.clock.now(),
         after,
-        i64::from(page_size),
+        i64::from(page_size) + 1,
     )
     .await?;
+    let more = rows.len() > page_size as usize;
+    rows.truncate(page_size as usize);
     call.items(rows.len());
-    rows.into_iter()
+    let cases = rows
+        .into_iter()
         .map(|(pseudonym, v)| {
             Ok(Exported {
                 pseudonym,
@@ -311,8 +323,8 @@ pub async fn export(
                 },
             })
         })
-        .collect::<Result<Vec<_>, StoreError>>()
-        .map_err(ServiceError::from)
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(ExportPage { cases, more })
 }
 
 impl CaseAccess {

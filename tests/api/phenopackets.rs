@@ -197,6 +197,31 @@ async fn a_physician_exports_only_their_own_centres_cases_with_consent_in_force(
         })
         .collect();
     assert_eq!(subjects, mine);
+    // Three cases in a page of three, or in pages of one: the last page says it is the
+    // last (no token that leads to an empty page).
+    let whole = dr_a
+        .export_phenopackets(export("ERN-LUNG", 3, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(whole.phenopackets.len(), 3);
+    assert_eq!(whole.next_page_token, "");
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = dr_a
+            .export_phenopackets(export("ERN-LUNG", 1, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.phenopackets.len(), 1, "page {pages}");
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
 
     // The other centre of the same ERN sees its own case only; a centre outside the ERN
     // is refused.
