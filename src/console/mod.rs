@@ -424,6 +424,24 @@ async fn sign_in(
     let form = Form::parse(&body);
     let pre = cookie(&headers, PRE_COOKIE).unwrap_or("");
     if pre.is_empty() || !st.console.csrf_valid(pre, form.get("csrf")) {
+        // Refused before any check, as every form without its token is: audited (for a
+        // caller not signed in, in the per-address summary of refusals, `refusals`) and
+        // taken from the address's allowance of refused calls.
+        let peer = Peer::of(Some(peer));
+        let mut call = Call::new("Console/SignIn");
+        call.from_peer(peer);
+        if let Err(limited) = st.refusals.check(peer) {
+            metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
+            let _ = st.record(call, Outcome::ResourceExhausted).await;
+            return sign_in_form(
+                &st,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(&limited.to_string()),
+                "",
+            );
+        }
+        st.refusals.charge(peer);
+        let _ = st.record(call, Outcome::PermissionDenied).await;
         return sign_in_form(
             &st,
             StatusCode::FORBIDDEN,

@@ -516,6 +516,21 @@ async fn forms_without_the_sessions_csrf_token_are_refused() {
     .await
     .unwrap();
     assert_eq!(refused, 4);
+    // The sign-in refused for its token is audited too: before any session, in the
+    // summary of the address's refusals, written into the chain at shutdown at the latest.
+    let mut app = app;
+    app.stop_server().await;
+    let summary: Vec<(String, i64)> = db::query(
+        "SELECT outcome, items FROM audit_log \
+         WHERE principal_id IS NULL AND principal = 'peer:127.0.0.1' AND method = 'Console/SignIn'",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    assert_eq!(summary, [("PERMISSION_DENIED".to_string(), 1)]);
 }
 
 #[tokio::test]
