@@ -246,9 +246,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
     /// On SIGTERM or Ctrl-C: seconds that calls in flight and open streams get to finish
-    /// before they are ended with UNAVAILABLE. The writer then commits what it has queued
-    /// (at most 5 more seconds) and the process exits 0. Keep grace + 5 below the
-    /// orchestrator's kill timeout (30 s in Kubernetes and Docker).
+    /// before they are ended with UNAVAILABLE. Connections still open 2 s later are no
+    /// longer waited for; the writer then commits what it has queued (at most 5 more
+    /// seconds) and the process exits 0. Keep grace + 7 below the orchestrator's kill
+    /// timeout (30 s in Kubernetes and Docker).
     #[arg(long, env = "ERN_SHUTDOWN_GRACE_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_grace_secs: u64,

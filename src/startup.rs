@@ -776,15 +776,21 @@ impl Application {
         probe.abort();
         code_refresh.abort();
         statistics.abort();
-        // The last summary of refused calls goes in before the writer drains.
-        refusal_summary.finish().await;
+        // The last summary of refused calls goes in before the writer drains, within the
+        // same limit (its entries are writes like any other).
+        let flushed_by = Instant::now() + WRITER_FLUSH_LIMIT;
+        if tokio::time::timeout_at(flushed_by.into(), refusal_summary.finish())
+            .await
+            .is_err()
+        {
+            warn!("the last summary of refused calls was not written in time");
+        }
         info!("server stopped; the writer finishes its queue");
         // The writer tasks finish their queues when the last handle (in the state, which
         // tasks of streams ended at the deadline may still hold for a moment) goes; the
         // database is closed only after them, so that no queued write is cut off.
         let store = self.state.store.clone();
         drop(self.state);
-        let flushed_by = Instant::now() + WRITER_FLUSH_LIMIT;
         while self.writer_tasks.strong_count() > 0 {
             if Instant::now() > flushed_by {
                 error!(
@@ -813,8 +819,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a client may take over the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the writer may take to commit its queue, and the database to close, after
-/// the server has stopped.
+/// How long the last summary of refused calls, the writer's queue and the closing of the
+/// database may take together, after the server has stopped.
 pub const WRITER_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// How long connections may stay open after the grace (their calls have been ended)
