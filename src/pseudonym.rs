@@ -485,14 +485,7 @@ impl Pseudonymiser {
 
     /// The pseudonym of `identity` under one key version of a registry. To find a
     /// patient's pseudonym in a registry, use [`Self::candidates`].
-    ///
-    /// Synthetic identifiers are derived like any other, and counted in
-    /// `ern_synthetic_pseudonym_derivations_total`: a deployment sees synthetic patients
-    /// arrive.
     pub fn derive(&self, registry: RegistryRef<'_>, identity: &PatientIdentity) -> Pseudonym {
-        if identity.is_synthetic() {
-            metrics::counter!("ern_synthetic_pseudonym_derivations_total").increment(1);
-        }
         let key = self.registry_key(registry.code, registry.key_version);
         let tag = hmac::sign(&key, &identity.encode());
         Pseudonym::from_tag(registry.seq, registry.key_version, &tag.as_ref()[..20])
@@ -500,7 +493,14 @@ impl Pseudonymiser {
 
     /// The candidate pseudonyms of `identity` in the registry `active` refers to (its
     /// active key version): see [`Candidates`].
+    ///
+    /// Synthetic identifiers are derived like any other, and counted in
+    /// `ern_synthetic_pseudonym_derivations_total`, once per identity pseudonymised
+    /// (whatever the number of key versions): a deployment sees synthetic patients arrive.
     pub fn candidates(&self, active: RegistryRef<'_>, identity: &PatientIdentity) -> Candidates {
+        if identity.is_synthetic() {
+            metrics::counter!("ern_synthetic_pseudonym_derivations_total").increment(1);
+        }
         Candidates {
             current: self.derive(active, identity),
             older: (1..active.key_version)
