@@ -358,9 +358,11 @@ impl Grid {
     /// hides the same cells:
     /// - its dimensions in `Dimension` order, not the order asked: [A, B] or [B, A], or
     ///   [A, B, C] or [A, C, B], hide the same cells;
-    /// - a dimension with a single value in the table changes nothing it publishes, so it
-    ///   is left out of the arrangement: [A, B] and [A, B, C] with one value of C, or
-    ///   [C, A, B] with one value of C, are protected as [A, B].
+    /// - a column dimension whose value follows from the other column dimensions' (one
+    ///   value in the whole table, or a centre's country beside the centre) adds no
+    ///   column and no relation, so it is left out of the arrangement ([`distinguishing`]):
+    ///   [A, B] and [A, B, C] with one value of C, or [C, A, B] with one value of C, are
+    ///   protected as [A, B]; [SEX, COUNTRY, CENTRE] as [SEX, CENTRE].
     fn protect(
         &self,
         row_dim: Option<Dimension>,
@@ -377,27 +379,18 @@ impl Grid {
                 deadline,
             )?);
         };
-        // The column dimensions whose value differs between columns.
-        let varying: Vec<usize> = (0..col_dims.len())
-            .filter(|&i| {
-                self.cols
-                    .iter()
-                    .any(|keys| keys.get(i) != self.cols[0].get(i))
-            })
-            .collect();
-        if self.rows.len() == 1 && varying.len() >= 2 {
-            return self.protect_reshaped(col_dims, &varying, rules, deadline);
+        // The column dimensions that tell the columns apart, in `Dimension` order.
+        let kept = distinguishing(col_dims, &self.cols);
+        if self.rows.len() == 1 && kept.len() >= 2 {
+            return self.protect_reshaped(col_dims, &kept, rules, deadline);
         }
-        let canonical = canonical_order(col_dims);
         let mut cols: Vec<usize> = (0..self.cols.len()).collect();
-        // A dimension of one value sorts nothing.
-        cols.sort_by_cached_key(|&c| canonical_keys(&self.cols[c], &canonical));
+        cols.sort_by_cached_key(|&c| canonical_keys(&self.cols[c], &kept));
         if !cols.is_empty() {
             arrangement.cols = cols;
         }
-        // Transposed when a column dimension comes first; one of a single value publishes
-        // nothing the table without it would not.
-        arrangement.transpose = varying.iter().any(|&i| col_dims[i] < row_dim);
+        // Transposed when a column dimension that tells columns apart comes first.
+        arrangement.transpose = kept.iter().any(|&i| col_dims[i] < row_dim);
         Ok(suppress::protect_arranged(
             &self.table,
             &arrangement,
@@ -406,12 +399,14 @@ impl Grid {
         )?)
     }
 
-    /// A table of one row (its row dimension has a single value) whose columns vary in
-    /// two or more dimensions publishes its cells and their total: a subset of what the
-    /// table grouped by those dimensions alone publishes (that one adds its row and column
+    /// A table of one row (its row dimension has a single value) whose columns are told
+    /// apart by two or more dimensions (`varying`, in `Dimension` order) publishes its
+    /// cells and their total: a subset of what the table grouped by those dimensions alone
+    /// publishes, the first in `Dimension` order as rows (that one adds its row and column
     /// totals). So it is protected as that table, and hides the same cells as the question
-    /// asking for it: [C, A, B] with one value of C hides what [A, B] hides. Hiding what a
-    /// table with more published relations needs hidden is safe for one with fewer.
+    /// asking for it: [C, A, B] with one value of C hides what [A, B] hides, and so does
+    /// [C, B, A]. Hiding what a table with more published relations needs hidden is safe
+    /// for one with fewer.
     fn protect_reshaped(
         &self,
         col_dims: &[Dimension],
@@ -477,6 +472,37 @@ fn canonical_order(dims: &[Dimension]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..dims.len()).collect();
     order.sort_by_key(|&i| dims[i]);
     order
+}
+
+/// The positions, in `Dimension` order, of the dimensions of `dims` that tell the groups
+/// `keys` (one key per dimension each) apart. Going through `dims` in `Dimension` order, a
+/// dimension whose value follows from the other dimensions still kept (no two groups agree
+/// on those and differ on it) is left out: one with a single value, or a centre's country
+/// beside the centre. The groups, and so the relations a table publishes, are the same
+/// without it; only its labels differ. Of two dimensions that determine each other, the
+/// later in `Dimension` order stays.
+fn distinguishing(dims: &[Dimension], keys: &[Vec<Key>]) -> Vec<usize> {
+    use std::collections::hash_map::{Entry, HashMap};
+    let mut kept = canonical_order(dims);
+    for i in canonical_order(dims) {
+        let others: Vec<usize> = kept.iter().copied().filter(|&j| j != i).collect();
+        let mut seen: HashMap<Vec<&Key>, &Key> = HashMap::new();
+        let follows = keys.iter().all(|group| {
+            let at: Vec<&Key> = others.iter().filter_map(|&j| group.get(j)).collect();
+            match (group.get(i), seen.entry(at)) {
+                (Some(value), Entry::Occupied(e)) => *e.get() == value,
+                (Some(value), Entry::Vacant(e)) => {
+                    e.insert(value);
+                    true
+                }
+                (None, _) => true,
+            }
+        });
+        if follows {
+            kept.retain(|&j| j != i);
+        }
+    }
+    kept
 }
 
 /// `keys` (one per dimension, in the order asked for) in `Dimension` order.
@@ -667,7 +693,10 @@ impl DelayBuilder {
         // asked for: the same groups always get the same pattern.
         let mut arrangement = Arrangement::identity(&table);
         if !self.groups.is_empty() {
-            let canonical = canonical_order(&self.group_by);
+            // By the dimensions that tell the groups apart ([`distinguishing`]): grouped by
+            // [COUNTRY, CENTRE], the groups are the centres, in the order of [CENTRE].
+            let keys: Vec<Vec<Key>> = self.groups.iter().map(|g| g.0.clone()).collect();
+            let canonical = distinguishing(&self.group_by, &keys);
             let mut order: Vec<usize> = (0..self.groups.len()).collect();
             order.sort_by_cached_key(|&g| canonical_keys(&self.groups[g].0, &canonical));
             arrangement.rows = order;
@@ -969,8 +998,17 @@ mod tests {
             for (c, labels) in table.column_labels.iter().enumerate() {
                 let mut all = vec![row.clone()];
                 all.extend(labels.iter().cloned());
-                let of = |dim| all[dims.iter().position(|d| *d == dim).unwrap()].clone();
-                let cell = (of(Dimension::Sex), of(Dimension::Country));
+                let of = |dim| {
+                    dims.iter()
+                        .position(|d| *d == dim)
+                        .map(|at| all[at].clone())
+                };
+                // The centre of country Cj is Z(9 - j): centres sort the other way round.
+                let country = of(Dimension::Country).unwrap_or_else(|| {
+                    let centre = of(Dimension::Centre).unwrap();
+                    format!("C{}", 9 - centre[1..].parse::<u32>().unwrap())
+                });
+                let cell = (of(Dimension::Sex).unwrap(), country);
                 if table.protected.cells[r * ncols + c].is_none() {
                     out.insert(cell);
                 }
@@ -979,8 +1017,9 @@ mod tests {
         out
     }
 
-    /// `counts` (sex x country) grouped by `dims` (sex, country and a diagnosis of one
-    /// value, in any order), as the database returns the groups.
+    /// `counts` (sex x country) grouped by `dims` (sex, country, the one centre of each
+    /// country and a diagnosis of one value, in any order), as the database returns the
+    /// groups.
     fn by_layout(counts: &[Vec<u64>], dims: &[Dimension], k: u64) -> CountTable {
         let mut b = TableBuilder::new();
         for (i, row) in counts.iter().enumerate() {
@@ -993,6 +1032,7 @@ mod tests {
                     .map(|dim| match dim {
                         Dimension::Sex => Key::Text(format!("s{i}")),
                         Dimension::Country => Key::Text(format!("C{j}")),
+                        Dimension::Centre => Key::Text(format!("Z{}", 9 - j)),
                         _ => Key::Int(558),
                     })
                     .collect();
@@ -1019,6 +1059,21 @@ mod tests {
         ]
     };
 
+    /// The same counts by sex and centre, where each centre lies in one country: with the
+    /// country beside the centre, or a diagnosis of one value, anywhere.
+    const CENTRE_LAYOUTS: [&[Dimension]; 7] = {
+        use Dimension::{Centre as Z, Country as C, Diagnosis as D, Sex as S};
+        [
+            &[S, Z],
+            &[Z, S],
+            &[S, C, Z],
+            &[S, Z, C],
+            &[S, C, Z, D],
+            &[D, S, C, Z],
+            &[D, Z, C, S],
+        ]
+    };
+
     #[test]
     fn a_dimension_of_one_value_changes_no_hidden_cell() {
         // The review's case: [SEX, COUNTRY] was not transposed, [SEX, COUNTRY, DIAGNOSIS]
@@ -1036,7 +1091,7 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         #[test]
-        fn every_layout_with_or_without_a_constant_dimension_hides_the_same_cells(
+        fn every_layout_with_or_without_a_dimension_that_tells_nothing_apart_hides_the_same_cells(
             counts in proptest::collection::vec(
                 proptest::collection::vec(
                     proptest::prop_oneof![3 => 1u64..5, 2 => 5u64..40, 1 => proptest::strategy::Just(0u64)],
@@ -1053,6 +1108,11 @@ mod tests {
                 .collect();
             let base = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[0], k));
             for dims in LAYOUTS {
+                let table = by_layout(&counts, dims, k);
+                proptest::prop_assert_eq!(hidden_by_sex_and_country(&table), base.clone(), "{:?}", dims);
+            }
+            let base = hidden_by_sex_and_country(&by_layout(&counts, CENTRE_LAYOUTS[0], k));
+            for dims in CENTRE_LAYOUTS {
                 let table = by_layout(&counts, dims, k);
                 proptest::prop_assert_eq!(hidden_by_sex_and_country(&table), base.clone(), "{:?}", dims);
             }
