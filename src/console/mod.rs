@@ -466,7 +466,20 @@ async fn sign_in(
     let outcome = result
         .as_ref()
         .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
-    let recorded = st.record(call, outcome).await;
+    // A refused sign-in is answered without waiting for its entry: a principal's name is
+    // audited by a commit, any other name only counted in the address's summary, and the
+    // wait for one would tell the two apart. A session is given only once recorded.
+    let recorded = if result.is_ok() {
+        st.record(call, outcome).await
+    } else {
+        let st = st.clone();
+        tokio::spawn(async move {
+            if let Err(e) = st.record(call, outcome).await {
+                warn!(error = %e, "audit entry of a refused sign-in not committed");
+            }
+        });
+        Ok(())
+    };
     match (result, recorded) {
         (Ok(session), Ok(())) => {
             let mut response = Redirect::to("/home").into_response();

@@ -351,7 +351,8 @@ pub fn new_token() -> Result<SecretString, ServiceError> {
     Ok(SecretString::from(hex::encode(bytes.as_ref())))
 }
 
-/// How long the `failures`-th failure in a row holds the account back, if at all.
+/// How long the `failures`-th failure in a row with one name holds its sign-ins back, if
+/// at all.
 pub fn lock_for(failures: i64) -> Option<Duration> {
     if failures < LOCK_AFTER {
         return None;
@@ -413,10 +414,9 @@ pub async fn sign_in(
         services.refusals.charge(input.peer);
         let failures = services
             .store
-            .sign_in_failed(&name_mac, now, now - FORGET_FAILURES_AFTER)
+            .sign_in_failed(&name_mac, now, now - FORGET_FAILURES_AFTER, lock_for)
             .await?;
         if let Some(hold) = lock_for(failures) {
-            services.store.hold_sign_ins(&name_mac, now + hold).await?;
             info!(
                 failures,
                 hold_secs = hold.num_seconds(),

@@ -13,6 +13,9 @@ use super::{Result, Store, StoreError};
 use crate::auth::{CentreRef, Principal, Role};
 use crate::consent::Scope;
 
+/// Most forgotten names removed by one failed sign-in.
+pub const FORGET_AT_ONCE: i64 = 100;
+
 /// What a sign-in needs from a principal's console credentials.
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -134,22 +137,29 @@ impl Store {
         row.map(|r| r.try_get("locked_until")).transpose()
     }
 
-    /// Counts a failed sign-in with the name whose MAC is `name_mac`, first forgetting
-    /// every name whose last failure is older than `forget_before` and whose hold has
-    /// ended; returns the failures of the name since it was last forgotten or cleared.
+    /// Counts a failed sign-in with the name whose MAC is `name_mac` and, when
+    /// `hold_for` the new count says so, holds the name's sign-ins back until then (never
+    /// shortening a hold another instance set meanwhile), in one transaction. First
+    /// forgets up to [`FORGET_AT_ONCE`] names whose last failure is older than
+    /// `forget_before` and whose hold has ended (so that no one sign-in pays for a flood
+    /// of names a day before). Returns the name's failures since it was last forgotten or
+    /// cleared.
     pub async fn sign_in_failed(
         &self,
         name_mac: &str,
         now: DateTime<Utc>,
         forget_before: DateTime<Utc>,
+        hold_for: impl Fn(i64) -> Option<TimeDelta>,
     ) -> Result<i64> {
         let mut tx = self.pool().begin().await?;
         db::query(
-            "DELETE FROM console_sign_in_failures \
-             WHERE last_failure_at < $1 AND locked_until <= $2",
+            "DELETE FROM console_sign_in_failures WHERE name_mac IN \
+             (SELECT name_mac FROM console_sign_in_failures \
+              WHERE last_failure_at < $1 AND locked_until <= $2 LIMIT $3)",
         )
         .bind(forget_before)
         .bind(now)
+        .bind(FORGET_AT_ONCE)
         .execute(&mut tx)
         .await?;
         let row = db::query(
@@ -166,18 +176,18 @@ impl Store {
         .fetch_one(&mut tx)
         .await?;
         let failures = row.try_get("failures")?;
+        if let Some(hold) = hold_for(failures) {
+            db::query(
+                "UPDATE console_sign_in_failures SET locked_until = $2 \
+                 WHERE name_mac = $1 AND locked_until < $2",
+            )
+            .bind(name_mac)
+            .bind(now + hold)
+            .execute(&mut tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(failures)
-    }
-
-    /// Holds sign-ins with the name whose MAC is `name_mac` back until `until`.
-    pub async fn hold_sign_ins(&self, name_mac: &str, until: DateTime<Utc>) -> Result<()> {
-        db::query("UPDATE console_sign_in_failures SET locked_until = $2 WHERE name_mac = $1")
-            .bind(name_mac)
-            .bind(until)
-            .execute(self.pool())
-            .await?;
-        Ok(())
     }
 
     /// Records a successful sign-in with the name whose MAC is `name_mac`, of the
