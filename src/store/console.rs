@@ -139,11 +139,12 @@ impl Store {
 
     /// Counts a failed sign-in with the name whose MAC is `name_mac` and, when
     /// `hold_for` the new count says so, holds the name's sign-ins back until then (never
-    /// shortening a hold another instance set meanwhile), in one transaction. First
-    /// forgets up to [`FORGET_AT_ONCE`] names whose last failure is older than
-    /// `forget_before` and whose hold has ended (so that no one sign-in pays for a flood
-    /// of names a day before). Returns the name's failures since it was last forgotten or
-    /// cleared.
+    /// shortening a hold another instance set meanwhile), in one transaction. A name whose
+    /// last failure is older than `forget_before` and whose hold has ended is forgotten:
+    /// its count starts again at one. Such rows are also deleted, up to
+    /// [`FORGET_AT_ONCE`] per call (so that no one sign-in pays for a flood of names a day
+    /// before; a row changed meanwhile by another instance is not deleted). Returns the
+    /// name's failures since it was last forgotten or cleared.
     pub async fn sign_in_failed(
         &self,
         name_mac: &str,
@@ -155,7 +156,8 @@ impl Store {
         db::query(
             "DELETE FROM console_sign_in_failures WHERE name_mac IN \
              (SELECT name_mac FROM console_sign_in_failures \
-              WHERE last_failure_at < $1 AND locked_until <= $2 LIMIT $3)",
+              WHERE last_failure_at < $1 AND locked_until <= $2 LIMIT $3) \
+             AND last_failure_at < $1 AND locked_until <= $2",
         )
         .bind(forget_before)
         .bind(now)
@@ -166,13 +168,17 @@ impl Store {
             "INSERT INTO console_sign_in_failures (name_mac, failures, locked_until, last_failure_at) \
              VALUES ($1, 1, $2, $3) \
              ON CONFLICT (name_mac) DO UPDATE SET \
-               failures = console_sign_in_failures.failures + 1, \
+               failures = CASE \
+                 WHEN console_sign_in_failures.last_failure_at < $4 \
+                  AND console_sign_in_failures.locked_until <= $3 THEN 1 \
+                 ELSE console_sign_in_failures.failures + 1 END, \
                last_failure_at = excluded.last_failure_at \
              RETURNING failures",
         )
         .bind(name_mac)
         .bind(DateTime::UNIX_EPOCH)
         .bind(now)
+        .bind(forget_before)
         .fetch_one(&mut tx)
         .await?;
         let failures = row.try_get("failures")?;
