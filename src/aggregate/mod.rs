@@ -500,16 +500,7 @@ impl Grid {
             .chain(&row_totals)
             .chain(&col_totals)
             .chain([&p.grand_total]);
-        let (mut primary, mut secondary) = (0, 0);
-        for (&v, shown) in values.zip(shown) {
-            if shown.is_none() {
-                if v > 0 && v < rules.k() {
-                    primary += 1;
-                } else {
-                    secondary += 1;
-                }
-            }
-        }
+        let (primary, secondary) = hidden_counts(values, shown, rules);
         Ok(Protected {
             cells,
             row_totals,
@@ -566,16 +557,7 @@ impl Grid {
             .iter()
             .chain(&cells)
             .chain([&p.grand_total, &p.grand_total]);
-        let (mut primary, mut secondary) = (0, 0);
-        for (&v, shown) in values.zip(shown) {
-            if shown.is_none() {
-                if v > 0 && v < rules.k() {
-                    primary += 1;
-                } else {
-                    secondary += 1;
-                }
-            }
-        }
+        let (primary, secondary) = hidden_counts(values, shown, rules);
         Ok(Protected {
             col_totals: cells.clone(),
             cells,
@@ -585,6 +567,26 @@ impl Grid {
             secondary,
         })
     }
+}
+
+/// How many of the values `shown` hides are small (primary: 1 to k - 1) and how many are
+/// not (complementary), as [`suppress::protect_arranged`] counts them: cells and totals.
+fn hidden_counts<'a>(
+    values: impl Iterator<Item = &'a u64>,
+    shown: impl Iterator<Item = &'a Option<u64>>,
+    rules: Rules,
+) -> (usize, usize) {
+    let (mut primary, mut secondary) = (0, 0);
+    for (&v, shown) in values.zip(shown) {
+        if shown.is_none() {
+            if v > 0 && v < rules.k() {
+                primary += 1;
+            } else {
+                secondary += 1;
+            }
+        }
+    }
+    (primary, secondary)
 }
 
 /// The positions of `dims` in `Dimension` order: `keys` laid out by `dims` are read in

@@ -317,18 +317,7 @@ async fn a_wrong_password_or_code_is_refused_and_a_code_is_good_once() {
 async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     let (app, mut web, secret) = officer_app().await;
     for _ in 0..5 {
-        let form = web.get("/sign-in").await;
-        let page = web
-            .post(
-                "/sign-in",
-                &[
-                    ("csrf", &form.csrf()),
-                    ("name", "officer-eye"),
-                    ("password", "guess guess guess"),
-                    ("code", "123456"),
-                ],
-            )
-            .await;
+        let page = wrong_guess(&mut web, "officer-eye").await;
         assert_eq!(page.status, 401);
     }
     let locked = web.sign_in(&app, "officer-eye", &secret).await;
@@ -354,35 +343,28 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     assert_eq!(outcomes, expected);
 }
 
+/// A sign-in with `name` and a wrong password and code.
+async fn wrong_guess(web: &mut Web, name: &str) -> Page {
+    let form = web.get("/sign-in").await;
+    web.post(
+        "/sign-in",
+        &[
+            ("csrf", &form.csrf()),
+            ("name", name),
+            ("password", "guess guess guess"),
+            ("code", "123456"),
+        ],
+    )
+    .await
+}
+
 /// Five wrong guesses with `name`, then the answer to a sixth (status, body).
 async fn guessed_six_times(web: &mut Web, name: &str) -> (u16, String) {
     for _ in 0..5 {
-        let form = web.get("/sign-in").await;
-        let page = web
-            .post(
-                "/sign-in",
-                &[
-                    ("csrf", &form.csrf()),
-                    ("name", name),
-                    ("password", "guess guess guess"),
-                    ("code", "123456"),
-                ],
-            )
-            .await;
+        let page = wrong_guess(web, name).await;
         assert_eq!(page.status, 401, "{name}: {}", page.body);
     }
-    let form = web.get("/sign-in").await;
-    let page = web
-        .post(
-            "/sign-in",
-            &[
-                ("csrf", &form.csrf()),
-                ("name", name),
-                ("password", "guess guess guess"),
-                ("code", "123456"),
-            ],
-        )
-        .await;
+    let page = wrong_guess(web, name).await;
     (page.status, page.body)
 }
 
@@ -438,18 +420,7 @@ async fn every_name_is_held_back_alike_so_the_hold_tells_no_console_user_apart()
     }
     app.clock.advance(Duration::hours(25));
     for name in ["officer-eye", "nobody-at-all"] {
-        let form = web.get("/sign-in").await;
-        let page = web
-            .post(
-                "/sign-in",
-                &[
-                    ("csrf", &form.csrf()),
-                    ("name", name),
-                    ("password", "guess guess guess"),
-                    ("code", "123456"),
-                ],
-            )
-            .await;
+        let page = wrong_guess(&mut web, name).await;
         assert_eq!(page.status, 401, "{name}: {}", page.body);
     }
     let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
