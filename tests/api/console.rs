@@ -406,6 +406,7 @@ async fn every_name_is_held_back_alike_so_the_hold_tells_no_console_user_apart()
     // failure is a plain refusal, not a hold. Also when a flood of names left more
     // forgotten rows than one sign-in removes (100): the name's own count starts again.
     let long_ago = app.clock.now() - Duration::hours(48);
+    let mut tx = app.store.pool().begin().await.unwrap();
     for n in 0..250 {
         db::query(
             "INSERT INTO console_sign_in_failures (name_mac, failures, locked_until, last_failure_at) \
@@ -414,10 +415,11 @@ async fn every_name_is_held_back_alike_so_the_hold_tells_no_console_user_apart()
         .bind(format!("{n:064x}"))
         .bind(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
         .bind(long_ago)
-        .execute(app.store.pool())
+        .execute(&mut tx)
         .await
         .unwrap();
     }
+    tx.commit().await.unwrap();
     app.clock.advance(Duration::hours(25));
     for name in ["officer-eye", "nobody-at-all"] {
         let page = wrong_guess(&mut web, name).await;
