@@ -62,6 +62,16 @@ impl Pool {
         })
     }
 
+    /// A transaction begun with `start` (a BEGIN of its own, and on PostgreSQL any
+    /// statements that should run with it, sent as one simple query: one round trip; the
+    /// first that fails ends the transaction and is the error returned).
+    pub async fn begin_with(&self, start: String) -> Result<Tx> {
+        Ok(match self {
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with(start).await?),
+            Pool::Postgres(pool) => Tx::Postgres(pool.begin_with(start).await?),
+        })
+    }
+
     /// Closes every connection, waiting for those in use to come back.
     pub async fn close(&self) {
         match self {

@@ -298,13 +298,15 @@ async fn load_part<S: IndexSink + Send>(
 /// Opens a read-only transaction on one snapshot (PostgreSQL: REPEATABLE READ; SQLite's
 /// read transaction keeps the snapshot of its first read).
 async fn snapshot(store: &Store) -> Result<db::Tx> {
-    let mut tx = store.pool().begin().await?;
-    if store.backend() == Backend::Postgres {
-        tx.db()
-            .execute_raw("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await?;
+    match store.backend() {
+        Backend::Postgres => {
+            store
+                .pool()
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY".into())
+                .await
+        }
+        Backend::Sqlite => store.pool().begin().await,
     }
-    Ok(tx)
 }
 
 /// (change number, pruned through) of the counter.

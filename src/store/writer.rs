@@ -25,7 +25,7 @@
 //! and each command reads consent, then writes, under READ COMMITTED: a withdrawal
 //! committed by another instance between the two would leave a case stored (and counted in
 //! research) after its erasure. So every transaction first takes a transaction-scoped
-//! advisory lock per patient it touches ([`lock_patients`]), all at once and in key order
+//! advisory lock per patient it touches ([`begin_sql`]), all at once and in key order
 //! (no deadlock between batches), before its first read; the instance holding it commits
 //! before the next one reads. SQLite needs none: one server per database (`data_dir`), and
 //! its write lock makes a transaction that read a stale snapshot fail rather than write.
@@ -808,7 +808,7 @@ async fn audit_failures(
         // timer could not cut one short. Only a busy database keeps one waiting (its busy
         // timeout), and a batch that failed so is not recorded (`waited_for_database`).
         Target::Lite(_) => {
-            let mut tx = match Tx::begin(target).await {
+            let mut tx = match Tx::begin(target, None).await {
                 Ok(tx) => tx,
                 Err(e) => {
                     warn!(error = %e, entries = count, "audit entries of failed writes not committed");
@@ -884,9 +884,18 @@ enum Tx<'a> {
 }
 
 impl Tx<'_> {
-    async fn begin<'a>(target: &'a mut Target<'_>) -> Result<Tx<'a>, StoreError> {
+    /// Begins a write transaction. On PostgreSQL `start` is the whole opening of the
+    /// transaction ([`begin_sql`]), sent as one simple query: the BEGIN, its isolation level
+    /// and the patients' locks in one round trip.
+    async fn begin<'a>(
+        target: &'a mut Target<'_>,
+        start: Option<String>,
+    ) -> Result<Tx<'a>, StoreError> {
         Ok(match target {
-            Target::Pool(store) => Tx::Pool(store.pool().begin().await?),
+            Target::Pool(store) => Tx::Pool(match start {
+                Some(start) => store.pool().begin_with(start).await?,
+                None => store.pool().begin().await?,
+            }),
             Target::Lite(conn) => {
                 if !conn.is_autocommit() {
                     // Left open by something that failed half-way (the research index's
@@ -986,8 +995,8 @@ async fn apply_batch(
         Target::Pool(store) => store.backend(),
         Target::Lite(_) => Backend::Sqlite,
     };
-    let mut tx = Tx::begin(target).await?;
-    let (results, head) = match apply_in(&mut tx.db(), backend, key, rules, commands).await {
+    let mut tx = Tx::begin(target, begin_sql(backend, commands)).await?;
+    let (results, head) = match apply_in(&mut tx.db(), key, rules, commands).await {
         Ok(applied) => applied,
         Err(err) => {
             tx.rollback().await;
@@ -1071,12 +1080,10 @@ type Applied = (Vec<Result<Output, WriteError>>, Option<crate::audit::Head>);
 /// The body of [`apply_batch`], inside its transaction.
 async fn apply_in(
     tx: &mut Db<'_>,
-    backend: Backend,
     key: &AuditKey,
     rules: &dyn ConsentRules,
     commands: &[(&Command, Option<&Entry>)],
 ) -> Result<Applied, StoreError> {
-    lock_patients(tx, backend, commands).await?;
     // Only a withdrawal deletes a research row (erasure), and with it the slot to log.
     let erasable = commands
         .iter()
@@ -1175,23 +1182,20 @@ fn patients_of<'a>(
 /// instance, about the patients of `commands`, and makes them wait for it until it ends.
 /// Called first in the transaction, before any read.
 ///
-/// One `pg_advisory_xact_lock` per patient ([`patient_lock_key`]), sorted and deduplicated,
-/// in one round trip: transactions that take their locks in one global order cannot
+/// How a writer transaction begins on PostgreSQL (`None`: SQLite, a plain BEGIN): the
+/// BEGIN, pinned to READ COMMITTED whatever the server's default, and one
+/// `pg_advisory_xact_lock` per patient ([`patient_lock_key`]), sorted and deduplicated,
+/// all in one round trip. Transactions that take their locks in one global order cannot
 /// deadlock on them, and nothing else is locked while waiting (the audit chain's head and
-/// then the research change log's counter are locked after the commands). The transaction is pinned to READ COMMITTED in the same round trip
-/// whatever the server's default: each later statement then reads a snapshot taken after
-/// the lock was granted, so it sees everything the previous holder committed (PostgreSQL
-/// makes a commit visible before it releases the transaction's locks). Under REPEATABLE
-/// READ the snapshot would be the lock statement's own, taken before the wait.
-/// Only commands that read or change a patient's consent or cases lock; an audit-only
-/// batch takes nothing.
-async fn lock_patients(
-    conn: &mut Db<'_>,
-    backend: Backend,
-    commands: &[(&Command, Option<&Entry>)],
-) -> Result<(), StoreError> {
+/// then the research change log's counter are locked after the commands). Under READ
+/// COMMITTED each later statement reads a snapshot taken after the lock was granted, so it
+/// sees everything the previous holder committed (PostgreSQL makes a commit visible before
+/// it releases the transaction's locks); under REPEATABLE READ the snapshot would be the
+/// lock statement's own, taken before the wait. Only commands that read or change a
+/// patient's consent or cases lock; an audit-only batch takes nothing.
+fn begin_sql(backend: Backend, commands: &[(&Command, Option<&Entry>)]) -> Option<String> {
     if backend != Backend::Postgres {
-        return Ok(());
+        return None;
     }
     let mut keys = BTreeSet::new();
     for (command, _) in commands {
@@ -1200,16 +1204,15 @@ async fn lock_patients(
             keys.insert(patient_lock_key(registry_id, pseudonym));
         }
     }
-    if keys.is_empty() {
-        return Ok(());
-    }
-    // Integers formatted here, never input; quoted and cast so that i64::MIN parses too.
-    // Several statements in one string: sent as one simple query, run in this order.
-    let mut sql = String::from("SET TRANSACTION ISOLATION LEVEL READ COMMITTED;");
+    // READ COMMITTED whatever the server's default (the module doc). Integers formatted
+    // here, never input; quoted and cast so that i64::MIN parses too. Several statements
+    // in one string: sent as one simple query, run in this order, the first error ending
+    // it (and the transaction).
+    let mut sql = String::from("BEGIN ISOLATION LEVEL READ COMMITTED;");
     for key in keys {
         let _ = write!(sql, " SELECT pg_advisory_xact_lock('{key}'::bigint);");
     }
-    conn.execute_raw(&sql).await
+    Some(sql)
 }
 
 /// The advisory-lock key of a patient: the first 8 bytes of SHA-256 over a label, the
