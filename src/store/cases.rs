@@ -143,34 +143,30 @@ async fn by_pseudonyms(
 }
 
 /// The patient numbers of several patients (registry id, pseudonym), by the same key:
-/// those on file, and for the others a `patient_keys` row made now (migration 0019: the
-/// number every other table keys a patient by, given in order of first write). One
-/// statement per registry and chunk to find, one multi-row `INSERT` per chunk to make.
+/// for those new to the registry a `patient_keys` row made now (migration 0019: the number
+/// every other table keys a patient by, given in order of first write), and those on file
+/// as they are. One multi-row `INSERT` per chunk that makes the new ones and passes over
+/// the others (`ON CONFLICT DO NOTHING`), then one statement per registry and chunk to
+/// find the others, only if there are any: a batch of new patients takes one statement,
+/// not two. (On PostgreSQL a row passed over still takes a number from the identity
+/// sequence: numbers only grow, with gaps.)
 pub(in crate::store) async fn patient_keys_many(
     conn: &mut Db<'_>,
     patients: &[(i64, &str)],
 ) -> Result<HashMap<(i64, String), i64>> {
     let mut keys: HashMap<(i64, String), i64> = HashMap::with_capacity(patients.len());
-    let found = by_pseudonyms(conn, patients, |list| {
-        format!(
-            "SELECT id, pseudonym FROM patient_keys WHERE registry_id = $1 AND pseudonym {list}"
-        )
-    })
-    .await?;
-    for (registry_id, row) in found {
-        keys.insert((registry_id, row.try_get("pseudonym")?), row.try_get("id")?);
-    }
     let mut seen = HashSet::new();
-    let missing: Vec<(i64, &str)> = patients
+    let distinct: Vec<(i64, &str)> = patients
         .iter()
         .copied()
-        .filter(|&(r, p)| !keys.contains_key(&(r, p.to_owned())) && seen.insert((r, p)))
+        .filter(|&patient| seen.insert(patient))
         .collect();
     use db::Ty::{Int, Text};
     const ROWS: db::Rows = db::Rows::of(&[Int, Text]);
-    for chunk in conn.chunks(&missing, ROWS_PER_STATEMENT) {
+    for chunk in conn.chunks(&distinct, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO patient_keys (registry_id, pseudonym) {} \
+             ON CONFLICT (registry_id, pseudonym) DO NOTHING \
              RETURNING id, registry_id, pseudonym",
             ROWS.sql(conn, chunk.len())
         );
@@ -185,6 +181,22 @@ pub(in crate::store) async fn patient_keys_many(
                 row.try_get("id")?,
             );
         }
+    }
+    let on_file: Vec<(i64, &str)> = distinct
+        .into_iter()
+        .filter(|&(r, p)| !keys.contains_key(&(r, p.to_owned())))
+        .collect();
+    if on_file.is_empty() {
+        return Ok(keys);
+    }
+    let found = by_pseudonyms(conn, &on_file, |list| {
+        format!(
+            "SELECT id, pseudonym FROM patient_keys WHERE registry_id = $1 AND pseudonym {list}"
+        )
+    })
+    .await?;
+    for (registry_id, row) in found {
+        keys.insert((registry_id, row.try_get("pseudonym")?), row.try_get("id")?);
     }
     Ok(keys)
 }
