@@ -414,3 +414,48 @@ fn a_table_of_one_column_is_protected_as_its_one_way_table() {
     assert_eq!(q.col_totals, one_way.cells);
     assert_eq!(attack(&row, &q, 5, 1), Vec::<String>::new());
 }
+
+/// The first limit of docs/privacy.md, as it says: each answer is safe, but a complement
+/// asked for on its own is published, and with the first answer pins the small count.
+#[test]
+fn a_complement_asked_for_alone_pins_the_count_it_protected() {
+    // Grouped by sex: 40 female, 3 male, 12 unknown; k = 5.
+    let by_sex = Table::one_way(vec![40, 3, 12]);
+    let first = run(&by_sex, 5, 1);
+    assert_eq!(first.cells, vec![Some(40), None, None]);
+    assert_eq!(first.grand_total, Some(55));
+    assert!(attack(&by_sex, &first, 5, 1).is_empty(), "safe on its own");
+    // The same registry, no dimension, filtered to unknown sex: one count of 12.
+    let unknown = Table::one_way(vec![12]);
+    let second = run(&unknown, 5, 1);
+    assert_eq!(second.cells, vec![Some(12)]);
+    // Together: 55 - 40 - 12.
+    assert_eq!(55 - 40 - second.cells[0].unwrap(), 3);
+}
+
+/// docs/privacy.md: the interval of a small hidden count reaches k, but need not start at
+/// 1 (with k = 5, rows (4, 5) and (40, 1): the 4 lies between 4 and 8).
+#[test]
+fn the_interval_of_a_small_count_reaches_k_but_need_not_start_at_one() {
+    let t = Table::two_way(2, 2, vec![4, 5, 40, 1]).unwrap();
+    let p = run(&t, 5, 1);
+    assert!(attack(&t, &p, 5, 1).is_empty());
+    assert_eq!(p.cells[0], None);
+    let intervals = attacker_intervals(&t, &p).unwrap();
+    let four = intervals.iter().find(|(cell, _, _)| *cell == 0).unwrap();
+    assert_eq!((four.1, four.2), (4, Some(8)));
+}
+
+/// docs/privacy.md, limit 2: a count table by centre and the expertise bands together.
+/// 1, 10 and 30 patients of a diagnosis at centres A, B and C; k = 5.
+#[test]
+fn expertise_bands_and_a_count_table_by_centre_can_pin_a_count() {
+    let by_centre = Table::one_way(vec![1, 10, 30]);
+    let counts = run(&by_centre, 5, 1);
+    assert_eq!(counts.cells, vec![None, None, Some(30)]);
+    assert_eq!(counts.grand_total, Some(41));
+    // A + B = 11, and B's band says B >= 10.
+    let b = ern_registry::aggregate::volume_band(10, 5, 1);
+    assert_eq!((b.min, b.max), (10, Some(19)));
+    assert_eq!(41 - 30 - b.min, 1);
+}

@@ -30,11 +30,13 @@ class ResearchServiceStub:
 
     Only patients whose REGISTRY_INCLUSION and RESEARCH_USE consents are both in force at
     the moment of the query are counted. Every count from 1 to k-1 (k: the registry's
-    minimum cell count, default 5) is suppressed, and so are enough other cells that no
-    suppressed value can be narrowed down from what the answer publishes: for each one, the
-    interval an attacker can prove (by linear programming over every published cell, total
-    and zero, knowing hidden counts are at least 1) is at least the registry's protection
-    level wide, and reaches k for a count below k. An answer that cannot be proven so
+    minimum cell count, default 5) is suppressed, and so are enough other cells that what
+    the answer publishes pins no suppressed value: for each one, the interval an attacker
+    can prove from the answer (by linear programming over every published cell, total and
+    zero, knowing hidden counts are at least 1) is at least the registry's protection level
+    wide, and reaches k for a count below k. Answers are not audited against each other: a
+    suppressed count can be pinned by combining two answers, e.g. a complement asked for on
+    its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
     (UNAVAILABLE instead when every protection worker stayed busy: retry). See
     docs/privacy.md for what this protects against and what it does not.
@@ -68,11 +70,13 @@ class ResearchServiceServicer:
 
     Only patients whose REGISTRY_INCLUSION and RESEARCH_USE consents are both in force at
     the moment of the query are counted. Every count from 1 to k-1 (k: the registry's
-    minimum cell count, default 5) is suppressed, and so are enough other cells that no
-    suppressed value can be narrowed down from what the answer publishes: for each one, the
-    interval an attacker can prove (by linear programming over every published cell, total
-    and zero, knowing hidden counts are at least 1) is at least the registry's protection
-    level wide, and reaches k for a count below k. An answer that cannot be proven so
+    minimum cell count, default 5) is suppressed, and so are enough other cells that what
+    the answer publishes pins no suppressed value: for each one, the interval an attacker
+    can prove from the answer (by linear programming over every published cell, total and
+    zero, knowing hidden counts are at least 1) is at least the registry's protection level
+    wide, and reaches k for a count below k. Answers are not audited against each other: a
+    suppressed count can be pinned by combining two answers, e.g. a complement asked for on
+    its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
     (UNAVAILABLE instead when every protection worker stayed busy: retry). See
     docs/privacy.md for what this protects against and what it does not.
@@ -133,11 +137,13 @@ class ResearchService:
 
     Only patients whose REGISTRY_INCLUSION and RESEARCH_USE consents are both in force at
     the moment of the query are counted. Every count from 1 to k-1 (k: the registry's
-    minimum cell count, default 5) is suppressed, and so are enough other cells that no
-    suppressed value can be narrowed down from what the answer publishes: for each one, the
-    interval an attacker can prove (by linear programming over every published cell, total
-    and zero, knowing hidden counts are at least 1) is at least the registry's protection
-    level wide, and reaches k for a count below k. An answer that cannot be proven so
+    minimum cell count, default 5) is suppressed, and so are enough other cells that what
+    the answer publishes pins no suppressed value: for each one, the interval an attacker
+    can prove from the answer (by linear programming over every published cell, total and
+    zero, knowing hidden counts are at least 1) is at least the registry's protection level
+    wide, and reaches k for a count below k. Answers are not audited against each other: a
+    suppressed count can be pinned by combining two answers, e.g. a complement asked for on
+    its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
     (UNAVAILABLE instead when every protection worker stayed busy: retry). See
     docs/privacy.md for what this protects against and what it does not.
