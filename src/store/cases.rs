@@ -214,54 +214,46 @@ pub(in crate::store) async fn patient_key(
 }
 
 /// The consent histories of several patients (registry id, pseudonym), each oldest event
-/// first as [`load_consent`] gives it: one statement per registry and chunk instead of
-/// one per patient. Patients with no history are absent.
-pub(in crate::store) async fn load_consent_many(
+/// first as [`load_consent`] gives it (patients with no history are absent), and the
+/// (registry id, pseudonym, centre id) of every case they have: what a run of
+/// submissions is decided on, in one statement per registry and chunk (one round trip on
+/// PostgreSQL, not two).
+pub(in crate::store) async fn consent_and_cases_many(
     conn: &mut Db<'_>,
     patients: &[(i64, &str)],
-) -> Result<HashMap<(i64, String), Vec<ConsentEvent>>> {
+) -> Result<(
+    HashMap<(i64, String), Vec<ConsentEvent>>,
+    HashSet<(i64, String, i64)>,
+)> {
     let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
+    let mut cases = HashSet::new();
+    // Kind 0: a consent event (ordered by its id); 1: a case, by its centre.
     let found = by_pseudonyms(conn, patients, |list| {
         format!(
-            "SELECT k.pseudonym, e.id, e.scope, e.state, e.given_at, e.expires_at \
+            "SELECT 0 AS kind, k.pseudonym, e.id, e.scope, e.state, e.given_at, e.expires_at, \
+                    0 AS centre_id \
              FROM patient_keys k JOIN consent_events e ON e.patient = k.id \
-             WHERE k.registry_id = $1 AND k.pseudonym {list} ORDER BY e.id"
+             WHERE k.registry_id = $1 AND k.pseudonym {list} \
+             UNION ALL \
+             SELECT 1, k.pseudonym, 0, '', '', NULL, NULL, c.centre_id \
+             FROM patient_keys k JOIN cases c ON c.patient = k.id \
+             WHERE k.registry_id = $1 AND k.pseudonym {list} \
+             ORDER BY 1, 3"
         )
     })
     .await?;
     for (registry_id, row) in found {
         let pseudonym: String = row.try_get("pseudonym")?;
-        let event = event_from_row(&row)?;
-        histories
-            .entry((registry_id, pseudonym))
-            .or_default()
-            .push(event);
+        if row.try_get::<i64>("kind")? == 0 {
+            histories
+                .entry((registry_id, pseudonym))
+                .or_default()
+                .push(event_from_row(&row)?);
+        } else {
+            cases.insert((registry_id, pseudonym, row.try_get("centre_id")?));
+        }
     }
-    Ok(histories)
-}
-
-/// The (registry id, pseudonym, centre id) of every case of the patients: one statement
-/// per registry and chunk.
-pub(in crate::store) async fn cases_of_many(
-    conn: &mut Db<'_>,
-    patients: &[(i64, &str)],
-) -> Result<HashSet<(i64, String, i64)>> {
-    let rows = by_pseudonyms(conn, patients, |list| {
-        format!(
-            "SELECT k.pseudonym, c.centre_id FROM patient_keys k JOIN cases c ON c.patient = k.id \
-             WHERE k.registry_id = $1 AND k.pseudonym {list}"
-        )
-    })
-    .await?;
-    let mut found = HashSet::new();
-    for (registry_id, row) in rows {
-        found.insert((
-            registry_id,
-            row.try_get("pseudonym")?,
-            row.try_get("centre_id")?,
-        ));
-    }
-    Ok(found)
+    Ok((histories, cases))
 }
 
 /// A decision to append to a patient's history, for [`append_consent_many`].

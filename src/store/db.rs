@@ -62,14 +62,19 @@ impl Pool {
         })
     }
 
-    /// A transaction begun with `start` (a BEGIN of its own, and on PostgreSQL any
-    /// statements that should run with it, sent as one simple query: one round trip; the
-    /// first that fails ends the transaction and is the error returned).
-    pub async fn begin_with(&self, start: String) -> Result<Tx> {
-        Ok(match self {
-            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with(start).await?),
-            Pool::Postgres(pool) => Tx::Postgres(pool.begin_with(start).await?),
-        })
+    /// A transaction on a connection of the pool, begun by `start`: a BEGIN and the
+    /// statements that should run with it, sent as one simple query (one round trip on
+    /// PostgreSQL). sqlx is not told of it: it ends with [`RawTx::commit`] or
+    /// [`RawTx::rollback`], and its connection is closed instead of going back to the
+    /// pool if it does not end so, `start` failing half-way included (after a failed
+    /// statement PostgreSQL keeps the transaction open, aborted, until a ROLLBACK).
+    pub async fn begin_raw(&self, start: &str) -> Result<RawTx> {
+        let mut tx = RawTx {
+            conn: self.acquire().await?,
+            ended: false,
+        };
+        tx.conn.db().execute_raw(start).await?;
+        Ok(tx)
     }
 
     /// Closes every connection, waiting for those in use to come back.
@@ -162,6 +167,41 @@ impl Tx {
             Tx::Postgres(tx) => tx.rollback().await?,
         }
         Ok(())
+    }
+}
+
+/// A transaction begun and ended by raw statements ([`Pool::begin_raw`]).
+pub struct RawTx {
+    conn: Conn,
+    /// Ended by a COMMIT or ROLLBACK the database answered: the connection may go back.
+    ended: bool,
+}
+
+impl RawTx {
+    pub fn db(&mut self) -> Db<'_> {
+        self.conn.db()
+    }
+
+    pub async fn commit(mut self) -> Result<()> {
+        self.conn.db().execute_raw("COMMIT").await?;
+        self.ended = true;
+        Ok(())
+    }
+
+    pub async fn rollback(mut self) -> Result<()> {
+        self.conn.db().execute_raw("ROLLBACK").await?;
+        self.ended = true;
+        Ok(())
+    }
+}
+
+impl Drop for RawTx {
+    /// A connection whose transaction did not end cleanly never goes back to the pool:
+    /// the next user would run inside it.
+    fn drop(&mut self) {
+        if !self.ended {
+            self.conn.close_on_drop();
+        }
     }
 }
 
@@ -1321,6 +1361,58 @@ mod tests {
         assert_eq!(row.try_get::<Option<i64>>(4).unwrap(), Some(9_000_000_000));
         assert!(row.try_get::<i64>(5).is_err(), "text read as an integer");
         assert!(row.try_get::<i64>(3).is_err(), "NULL read as an integer");
+    }
+
+    /// A raw transaction whose opening fails half-way (PostgreSQL keeps it open, aborted),
+    /// or that is dropped without COMMIT or ROLLBACK, never hands its connection back to the
+    /// pool: with a pool of one connection, the next statement would fail "current
+    /// transaction is aborted" or run inside the transaction. Runs on the PostgreSQL pass
+    /// of `scripts/test` (`ERN_TEST_DATABASE_URL`).
+    #[tokio::test]
+    async fn a_raw_transaction_that_did_not_end_cleanly_closes_its_connection() {
+        let Ok(url) = std::env::var("ERN_TEST_DATABASE_URL") else {
+            return;
+        };
+        if url.is_empty() {
+            return;
+        }
+        let pool = Pool::Postgres(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .unwrap(),
+        );
+        let in_transaction = async |pool: &Pool| {
+            let mut conn = pool.acquire().await.unwrap();
+            // now() is the transaction's start: inside a transaction opened before, two
+            // statements a moment apart see the same instant.
+            let first: String = query("SELECT CAST(now() AS TEXT)")
+                .fetch_scalar(&mut conn)
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let second: String = query("SELECT CAST(now() AS TEXT)")
+                .fetch_scalar(&mut conn)
+                .await
+                .unwrap();
+            first == second
+        };
+        assert!(!in_transaction(&pool).await, "the check itself");
+        // Fails at its second statement: the first opened the transaction.
+        let failed = pool.begin_raw("BEGIN; SELECT 1 / 0;").await;
+        assert!(failed.is_err());
+        assert!(!in_transaction(&pool).await);
+        // Dropped without an end.
+        let mut tx = pool.begin_raw("BEGIN;").await.unwrap();
+        query("SELECT 1").execute(&mut tx.db()).await.unwrap();
+        drop(tx);
+        assert!(!in_transaction(&pool).await);
+        // Ended: its connection goes back, outside any transaction.
+        let tx = pool.begin_raw("BEGIN; SELECT 1;").await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(!in_transaction(&pool).await);
+        pool.close().await;
     }
 
     /// A multi-row statement's rows: `VALUES` with a parameter per value on SQLite, one

@@ -298,15 +298,13 @@ async fn load_part<S: IndexSink + Send>(
 /// Opens a read-only transaction on one snapshot (PostgreSQL: REPEATABLE READ; SQLite's
 /// read transaction keeps the snapshot of its first read).
 async fn snapshot(store: &Store) -> Result<db::Tx> {
-    match store.backend() {
-        Backend::Postgres => {
-            store
-                .pool()
-                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY".into())
-                .await
-        }
-        Backend::Sqlite => store.pool().begin().await,
+    let mut tx = store.pool().begin().await?;
+    if store.backend() == Backend::Postgres {
+        tx.db()
+            .execute_raw("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await?;
     }
+    Ok(tx)
 }
 
 /// (change number, pruned through) of the counter.
@@ -410,7 +408,11 @@ impl Store {
             None => {
                 let mut tx = snapshot(self).await?;
                 let changes = changes_in(&mut tx.db(), self.backend(), applied, sink).await;
-                tx.rollback().await?;
+                // Ended without waiting for it: sqlx rolls a dropped transaction back
+                // before its connection goes back to the pool, in a task of its own, and
+                // the writer's callers (who wait for this catch-up) do not wait for that
+                // round trip. The transaction only read.
+                drop(tx);
                 changes
             }
             Some(mut db) => {

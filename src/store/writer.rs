@@ -880,22 +880,25 @@ async fn audit_failure(
 /// A write transaction on a [`Target`].
 enum Tx<'a> {
     Pool(super::db::Tx),
+    /// On PostgreSQL: begun with [`begin_sql`].
+    Raw(super::db::RawTx),
     Lite(&'a mut rusqlite::Connection),
 }
 
 impl Tx<'_> {
     /// Begins a write transaction. On PostgreSQL `start` is the whole opening of the
     /// transaction ([`begin_sql`]), sent as one simple query: the BEGIN, its isolation level
-    /// and the patients' locks in one round trip.
+    /// and the patients' locks in one round trip, on a connection that is closed unless
+    /// the transaction ends cleanly.
     async fn begin<'a>(
         target: &'a mut Target<'_>,
         start: Option<String>,
     ) -> Result<Tx<'a>, StoreError> {
         Ok(match target {
-            Target::Pool(store) => Tx::Pool(match start {
-                Some(start) => store.pool().begin_with(start).await?,
-                None => store.pool().begin().await?,
-            }),
+            Target::Pool(store) => match start {
+                Some(start) => Tx::Raw(store.pool().begin_raw(&start).await?),
+                None => Tx::Pool(store.pool().begin().await?),
+            },
             Target::Lite(conn) => {
                 if !conn.is_autocommit() {
                     // Left open by something that failed half-way (the research index's
@@ -915,6 +918,7 @@ impl Tx<'_> {
     fn db(&mut self) -> Db<'_> {
         match self {
             Tx::Pool(tx) => tx.db(),
+            Tx::Raw(tx) => tx.db(),
             Tx::Lite(conn) => Db::Lite(conn),
         }
     }
@@ -923,6 +927,7 @@ impl Tx<'_> {
     async fn commit(self) -> Result<(), StoreError> {
         match self {
             Tx::Pool(tx) => tx.commit().await,
+            Tx::Raw(tx) => tx.commit().await,
             Tx::Lite(conn) => {
                 let committed = conn.execute_batch("COMMIT");
                 if committed.is_err() {
@@ -939,6 +944,7 @@ impl Tx<'_> {
     async fn rollback(self) {
         let rolled_back = match self {
             Tx::Pool(tx) => tx.rollback().await,
+            Tx::Raw(tx) => tx.rollback().await,
             // A failed statement may have ended the transaction already.
             Tx::Lite(conn) if conn.is_autocommit() => Ok(()),
             Tx::Lite(conn) => conn.execute_batch("ROLLBACK").map_err(StoreError::from),
@@ -1178,21 +1184,24 @@ fn patients_of<'a>(
         .collect()
 }
 
-/// On PostgreSQL, makes this transaction wait for every other transaction, of any
-/// instance, about the patients of `commands`, and makes them wait for it until it ends.
-/// Called first in the transaction, before any read.
-///
-/// How a writer transaction begins on PostgreSQL (`None`: SQLite, a plain BEGIN): the
-/// BEGIN, pinned to READ COMMITTED whatever the server's default, and one
-/// `pg_advisory_xact_lock` per patient ([`patient_lock_key`]), sorted and deduplicated,
-/// all in one round trip. Transactions that take their locks in one global order cannot
-/// deadlock on them, and nothing else is locked while waiting (the audit chain's head and
-/// then the research change log's counter are locked after the commands). Under READ
-/// COMMITTED each later statement reads a snapshot taken after the lock was granted, so it
-/// sees everything the previous holder committed (PostgreSQL makes a commit visible before
-/// it releases the transaction's locks); under REPEATABLE READ the snapshot would be the
-/// lock statement's own, taken before the wait. Only commands that read or change a
-/// patient's consent or cases lock; an audit-only batch takes nothing.
+/// How a writer transaction begins on PostgreSQL (`None`: SQLite, a plain BEGIN), in one
+/// round trip ([`super::db::Pool::begin_raw`]): BEGIN; the isolation level pinned to READ
+/// COMMITTED whatever the server's default; and one `pg_advisory_xact_lock` per patient
+/// ([`patient_lock_key`]), sorted and deduplicated, which makes this transaction wait for
+/// every other transaction, of any instance, about the same patients, and them for it
+/// until it ends. Transactions that take their locks in one global order cannot deadlock
+/// on them, and nothing else is locked while waiting (the audit chain's head and then the
+/// research change log's counter are locked after the commands). Under READ COMMITTED each
+/// later statement reads a snapshot taken after the lock was granted, so it sees
+/// everything the previous holder committed (PostgreSQL makes a commit visible before it
+/// releases the transaction's locks); under REPEATABLE READ the snapshot would be the lock
+/// statement's own, taken before the wait. `SET TRANSACTION`, not `BEGIN ISOLATION LEVEL`:
+/// on a connection found inside a transaction that already read (one whose end was lost),
+/// BEGIN is only a warning, but SET TRANSACTION fails, and so does the batch, rather than
+/// run in that transaction's snapshot. If any statement fails, the rest do not run, the
+/// error is the batch's, and the connection is closed, never returned to the pool inside
+/// the aborted transaction. Only commands that read or change a patient's consent or cases
+/// lock; an audit-only batch takes nothing.
 fn begin_sql(backend: Backend, commands: &[(&Command, Option<&Entry>)]) -> Option<String> {
     if backend != Backend::Postgres {
         return None;
@@ -1204,11 +1213,9 @@ fn begin_sql(backend: Backend, commands: &[(&Command, Option<&Entry>)]) -> Optio
             keys.insert(patient_lock_key(registry_id, pseudonym));
         }
     }
-    // READ COMMITTED whatever the server's default (the module doc). Integers formatted
-    // here, never input; quoted and cast so that i64::MIN parses too. Several statements
-    // in one string: sent as one simple query, run in this order, the first error ending
-    // it (and the transaction).
-    let mut sql = String::from("BEGIN ISOLATION LEVEL READ COMMITTED;");
+    // Integers formatted here, never input; quoted and cast so that i64::MIN parses too.
+    // Several statements in one string: one simple query, run in this order.
+    let mut sql = String::from("BEGIN; SET TRANSACTION ISOLATION LEVEL READ COMMITTED;");
     for key in keys {
         let _ = write!(sql, " SELECT pg_advisory_xact_lock('{key}'::bigint);");
     }
@@ -1324,8 +1331,7 @@ async fn submit_run(
         .iter()
         .map(|c| (c.registry_id, c.pseudonym.as_str()))
         .collect();
-    let mut histories = cases::load_consent_many(conn, &patients).await?;
-    let existing = cases::cases_of_many(conn, &patients).await?;
+    let (mut histories, existing) = cases::consent_and_cases_many(conn, &patients).await?;
     let mut outcomes: Vec<(Result<Written, WriteError>, Wrote)> = Vec::with_capacity(run.len());
     // The accepted submissions: index in `run`, history with the attestation, instant.
     let mut accepted = Vec::with_capacity(run.len());
