@@ -43,8 +43,8 @@
 //! published cells on it are hidden. Hiding a cell only frees the attacker's system, so a
 //! cell found safe stays safe and one pass proves the whole pattern. A final pass tries to
 //! publish complements again (largest first), keeping each published only when a full
-//! audit of the new pattern passes; its number of tries depends on the table alone, so
-//! the same table always gives the same answer. The pattern returned is thus always one
+//! audit of the new pattern passes; its number of tries depends on the table, k and p
+//! alone, so the same table always gives the same answer under the same rules. The pattern returned is thus always one
 //! proven in full; past the deadline the answer is refused
 //! ([`SuppressError::OutOfTime`]), never cut short or unproven. Ties are broken by a
 //! cell's position, so the service protects every table through [`protect_arranged`]: in
@@ -235,7 +235,8 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     // Greedy choices can hide more than needed: publish complements again, largest first,
     // keeping each published only when a full audit of the new pattern passes (so the
     // pattern returned is always one audited in full). The number of tries is a function
-    // of the table alone, so the same table always gives the same answer; past the
+    // of the table and the rules alone, so the same table always gives the same answer
+    // under the same rules; past the
     // deadline the answer is refused, never cut short.
     let mut complements: Vec<usize> = hidden.cells().filter(|&c| values[c] >= rules.k).collect();
     complements.sort_unstable_by_key(|&c| Reverse(preference(c)));
