@@ -326,6 +326,14 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     // After the hold (1 minute at the fifth failure) the right credentials work again.
     app.clock.advance(Duration::seconds(61));
     assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    // A sign-in that succeeds is in the log before its answer.
+    let ok: i64 = db::query(
+        "SELECT COUNT(*) FROM audit_log WHERE method = 'Console/SignIn' AND principal = 'officer-eye' AND outcome = 'OK'",
+    )
+    .fetch_scalar(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(ok, 1);
     // The success cleared the name's failures.
     let rows: i64 = db::query("SELECT COUNT(*) FROM console_sign_in_failures")
         .fetch_scalar(app.store.pool())
