@@ -1390,6 +1390,37 @@ mod tests {
         assert!(row.try_get::<i64>(3).is_err(), "NULL read as an integer");
     }
 
+    /// A pool of one PostgreSQL connection to `ERN_TEST_DATABASE_URL`; `None` when unset
+    /// (the SQLite pass of `scripts/test`).
+    async fn one_connection_pool() -> Option<Pool> {
+        let url = std::env::var("ERN_TEST_DATABASE_URL").ok()?;
+        if url.is_empty() {
+            return None;
+        }
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        Some(Pool::Postgres(pool))
+    }
+
+    /// Whether the pool's connection is inside a transaction begun before: now() is the
+    /// transaction's start, so two statements a moment apart see the same instant.
+    async fn in_open_transaction(pool: &Pool) -> bool {
+        let mut conn = pool.acquire().await.unwrap();
+        let mut at = Vec::with_capacity(2);
+        for _ in 0..2 {
+            let now: String = query("SELECT CAST(now() AS TEXT)")
+                .fetch_scalar(&mut conn)
+                .await
+                .unwrap();
+            at.push(now);
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        at[0] == at[1]
+    }
+
     /// A raw transaction whose opening fails half-way (PostgreSQL keeps it open, aborted),
     /// or that is dropped without COMMIT or ROLLBACK, never hands its connection back to the
     /// pool: with a pool of one connection, the next statement would fail "current
@@ -1397,48 +1428,23 @@ mod tests {
     /// of `scripts/test` (`ERN_TEST_DATABASE_URL`).
     #[tokio::test]
     async fn a_raw_transaction_that_did_not_end_cleanly_closes_its_connection() {
-        let Ok(url) = std::env::var("ERN_TEST_DATABASE_URL") else {
+        let Some(pool) = one_connection_pool().await else {
             return;
         };
-        if url.is_empty() {
-            return;
-        }
-        let pool = Pool::Postgres(
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&url)
-                .await
-                .unwrap(),
-        );
-        let in_transaction = async |pool: &Pool| {
-            let mut conn = pool.acquire().await.unwrap();
-            // now() is the transaction's start: inside a transaction opened before, two
-            // statements a moment apart see the same instant.
-            let first: String = query("SELECT CAST(now() AS TEXT)")
-                .fetch_scalar(&mut conn)
-                .await
-                .unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let second: String = query("SELECT CAST(now() AS TEXT)")
-                .fetch_scalar(&mut conn)
-                .await
-                .unwrap();
-            first == second
-        };
-        assert!(!in_transaction(&pool).await, "the check itself");
+        assert!(!in_open_transaction(&pool).await, "the check itself");
         // Fails at its second statement: the first opened the transaction.
         let failed = pool.begin_raw("BEGIN; SELECT 1 / 0;").await;
         assert!(failed.is_err());
-        assert!(!in_transaction(&pool).await);
+        assert!(!in_open_transaction(&pool).await);
         // Dropped without an end.
         let mut tx = pool.begin_raw("BEGIN;").await.unwrap();
         query("SELECT 1").execute(&mut tx.db()).await.unwrap();
         drop(tx);
-        assert!(!in_transaction(&pool).await);
+        assert!(!in_open_transaction(&pool).await);
         // Ended: its connection goes back, outside any transaction.
         let tx = pool.begin_raw("BEGIN; SELECT 1;").await.unwrap();
         tx.commit().await.unwrap();
-        assert!(!in_transaction(&pool).await);
+        assert!(!in_open_transaction(&pool).await);
         pool.close().await;
     }
 
@@ -1450,19 +1456,9 @@ mod tests {
     /// machine and in 3 to 5 of 5 on a busy one; with the task it cannot fail that way.
     #[tokio::test]
     async fn a_begin_cut_short_leaves_no_transaction_open_on_the_pool() {
-        let Ok(url) = std::env::var("ERN_TEST_DATABASE_URL") else {
+        let Some(pool) = one_connection_pool().await else {
             return;
         };
-        if url.is_empty() {
-            return;
-        }
-        let pool = Pool::Postgres(
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&url)
-                .await
-                .unwrap(),
-        );
         let mut cut = 0;
         for micros in (0..1500).step_by(3) {
             if micros % 300 == 0 {
@@ -1478,19 +1474,10 @@ mod tests {
                 Err(_) => cut += 1,
                 Ok(tx) => tx.unwrap().rollback().await.unwrap(),
             }
-            // now() is the transaction's start: inside a transaction left open, two
-            // statements a moment apart see the same instant.
-            let mut conn = pool.acquire().await.unwrap();
-            let first: String = query("SELECT CAST(now() AS TEXT)")
-                .fetch_scalar(&mut conn)
-                .await
-                .unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            let second: String = query("SELECT CAST(now() AS TEXT)")
-                .fetch_scalar(&mut conn)
-                .await
-                .unwrap();
-            assert_ne!(first, second, "a transaction left open after {micros} µs");
+            assert!(
+                !in_open_transaction(&pool).await,
+                "a transaction left open after {micros} µs"
+            );
         }
         assert!(cut > 0, "no BEGIN was cut short");
         pool.close().await;
