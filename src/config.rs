@@ -233,7 +233,7 @@ pub struct ServeArgs {
     /// Largest accepted request message, in bytes.
     #[arg(long, env = "ERN_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Writer tasks (group commit). Default: 1 on SQLite, 2 on PostgreSQL.
+    /// Group-commit writers. Default: 2 on PostgreSQL; SQLite always has one.
     #[arg(long, env = "ERN_WRITERS")]
     pub writers: Option<usize>,
     /// Most writes committed in one transaction.

@@ -432,7 +432,8 @@ pub struct Application {
     state: Arc<Services>,
     args: ServeArgs,
     tls: Option<ServerTlsConfig>,
-    /// Dead once every writer task has finished: each holds the audit key until it ends.
+    /// Dead once every writer has finished (a task, or on a SQLite file the thread
+    /// `ern-writer`): each holds the audit key until it ends.
     writer_tasks: Weak<AuditKey>,
 }
 
@@ -786,7 +787,7 @@ impl Application {
             warn!("the last summary of refused calls was not written in time");
         }
         info!("server stopped; the writer finishes its queue");
-        // The writer tasks finish their queues when the last handle (in the state, which
+        // The writers finish their queues when the last handle (in the state, which
         // tasks of streams ended at the deadline may still hold for a moment) goes; the
         // database is closed only after them, so that no queued write is cut off.
         let store = self.state.store.clone();

@@ -1,6 +1,7 @@
 //! The write path: group commit of concurrent submissions.
 //!
-//! Every write of clinical data or consent is a [`Command`] sent to a writer task. A
+//! Every write of clinical data or consent is a [`Command`] sent to a writer (a task; on a
+//! SQLite file the thread `ern-writer`, [`lite_thread`]). A
 //! writer takes whatever has queued up (up to `max_batch`), applies it in one transaction,
 //! commits (on SQLite with `synchronous = FULL`, so the commit is fsynced) and only then
 //! answers each caller. Under load, one fsync covers hundreds of submissions; when idle,
@@ -303,7 +304,7 @@ pub trait AfterCommit: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
-/// Handle to the writer tasks; cheap to clone.
+/// Handle to the writers; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
     queues: Vec<mpsc::Sender<Job>>,
@@ -312,7 +313,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts `partitions` writer tasks over `store`. They stop when every handle is
+    /// Starts `partitions` writers over `store`. They stop when every handle is
     /// dropped, after finishing what was queued.
     /// Audit entries are appended with the key `audit`.
     pub fn start(
@@ -340,9 +341,15 @@ impl Writer {
         let queues = (0..partitions)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-                let applier =
-                    Applier::start(&store, audit.clone(), rules.clone(), after_commit.clone());
-                tokio::spawn(run(applier, rx, max_batch, purger.clone()));
+                start_writer(
+                    &store,
+                    audit.clone(),
+                    rules.clone(),
+                    after_commit.clone(),
+                    rx,
+                    max_batch,
+                    purger.clone(),
+                );
                 tx
             })
             .collect();
@@ -399,62 +406,102 @@ impl Writer {
 /// What applies a writer's batches.
 enum Applier {
     /// On PostgreSQL (and SQLite in memory): a pooled connection per transaction, on the
-    /// writer task itself.
+    /// writer's task.
     Pool {
         store: Store,
         key: Arc<AuditKey>,
         rules: Arc<dyn ConsentRules>,
         after_commit: Option<Arc<dyn AfterCommit>>,
     },
-    /// On a SQLite file: the writer's own connection on a thread of its own
-    /// ([`lite_thread`]), which takes each batch whole and applies it with direct calls
-    /// into the engine. One hand-off per batch, none per statement.
-    Thread(std::sync::mpsc::Sender<(Vec<Job>, oneshot::Sender<Vec<Answer>>)>),
-}
-
-impl Applier {
-    fn start(
-        store: &Store,
+    /// On a SQLite file: the writer's own connection, on the thread of its own that runs
+    /// this writer's loop ([`lite_thread`]), applying each batch with direct calls into
+    /// the engine. No hand-off between threads per statement, nor per batch.
+    Lite {
+        /// Declared before `key`: dropped first (the server closes the pool once every
+        /// writer has dropped its key).
+        conn: rusqlite::Connection,
         key: Arc<AuditKey>,
         rules: Arc<dyn ConsentRules>,
         after_commit: Option<Arc<dyn AfterCommit>>,
-    ) -> Applier {
-        let pool = |store: &Store, key, rules| Applier::Pool {
+    },
+}
+
+/// Starts a writer's loop over `rx`: on a SQLite file on a thread of its own with its own
+/// connection ([`lite_thread`]); otherwise, or if that connection or thread cannot be
+/// had, as a task writing through the pool.
+fn start_writer(
+    store: &Store,
+    key: Arc<AuditKey>,
+    rules: Arc<dyn ConsentRules>,
+    after_commit: Option<Arc<dyn AfterCommit>>,
+    rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    purger: Arc<Purger>,
+) {
+    let pool = |rx, key, rules, after_commit, purger| {
+        let applier = Applier::Pool {
             store: store.clone(),
             key,
             rules,
-            after_commit: after_commit.clone(),
+            after_commit,
         };
-        let Some(path) = store.sqlite_path() else {
-            return pool(store, key, rules);
-        };
-        let conn = match Store::open_sqlite_writer(path) {
-            Ok(conn) => conn,
-            Err(e) => {
-                // The pool's connections work (the store is connected): write through them.
-                error!(error = %e, "the writer's own SQLite connection failed to open; writing through the pool");
-                return pool(store, key, rules);
+        tokio::spawn(async move { run(applier, rx, max_batch, purger).await.close() });
+    };
+    let Some(path) = store.sqlite_path() else {
+        return pool(rx, key, rules, after_commit, purger);
+    };
+    let conn = match Store::open_sqlite_writer(path) {
+        Ok(conn) => conn,
+        Err(e) => {
+            // The pool's connections work (the store is connected): write through them.
+            error!(error = %e, "the writer's own SQLite connection failed to open; writing through the pool");
+            return pool(rx, key, rules, after_commit, purger);
+        }
+    };
+    // Timers on: the purge's retries and the pool's acquire have timeouts.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "the writer thread's runtime failed to start; writing through the pool");
+            return pool(rx, key, rules, after_commit, purger);
+        }
+    };
+    // The loop's inputs are handed to the thread once it runs, so that they are still
+    // here for the pool's loop if it cannot start.
+    let (hand_over, inputs) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("ern-writer".into())
+        .spawn(move || {
+            if let Ok((rx, key, rules, after_commit, purger)) = inputs.recv() {
+                let applier = Applier::Lite {
+                    conn,
+                    key,
+                    rules,
+                    after_commit,
+                };
+                lite_thread(runtime, applier, rx, max_batch, purger);
             }
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        let spawned = std::thread::Builder::new()
-            .name("ern-writer".into())
-            .spawn({
-                let (key, rules, after_commit) = (key.clone(), rules.clone(), after_commit.clone());
-                move || lite_thread(conn, rx, key, rules, after_commit)
-            });
-        match spawned {
-            Ok(_) => Applier::Thread(tx),
-            Err(e) => {
-                error!(error = %e, "the writer thread failed to start; writing through the pool");
-                pool(store, key, rules)
-            }
+        });
+    match spawned {
+        Ok(_) => {
+            // The thread waits for this one message, with room for it.
+            let _ = hand_over.send((rx, key, rules, after_commit, purger));
+        }
+        Err(e) => {
+            error!(error = %e, "the writer thread failed to start; writing through the pool");
+            pool(rx, key, rules, after_commit, purger);
         }
     }
+}
 
+impl Applier {
     /// Applies `jobs` and, if they wrote about patients, tells the hook before returning
     /// their answers.
-    async fn apply(&self, jobs: Vec<Job>) -> Vec<Answer> {
+    async fn apply(&mut self, jobs: Vec<Job>) -> Vec<Answer> {
+        let about_patients = about_patients(&jobs);
         match self {
             Applier::Pool {
                 store,
@@ -462,7 +509,6 @@ impl Applier {
                 rules,
                 after_commit,
             } => {
-                let about_patients = about_patients(&jobs);
                 let applied = apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await;
                 // Nothing committed, nothing to catch up with (and while the database is
                 // away the catch-up would wait for the pool, with this batch's callers).
@@ -472,65 +518,82 @@ impl Applier {
                 }
                 applied.answers
             }
-            Applier::Thread(thread) => {
-                let (done, answers) = oneshot::channel();
-                if thread.send((jobs, done)).is_err() {
-                    // The thread is gone (it panicked): the jobs' replies were dropped with
-                    // it, and their callers are told the writer stopped.
-                    error!("the writer thread has stopped");
-                    return Vec::new();
+            Applier::Lite {
+                conn,
+                key,
+                rules,
+                after_commit,
+            } => {
+                let applied = apply_jobs(&mut Target::Lite(conn), key, rules.as_ref(), jobs).await;
+                // The research index reads the batch's changes here too, on this connection.
+                if let (true, true, Some(hook)) = (about_patients, applied.committed, after_commit)
+                {
+                    hook.after_commit(Some(Db::Lite(conn))).await;
                 }
-                answers.await.unwrap_or_default()
+                applied.answers
             }
+        }
+    }
+
+    /// Closes the writer's own connection, if it has one.
+    fn close(self) {
+        if let Applier::Lite { conn, key, .. } = self {
+            // Closed before the audit key goes: the server closes the pool once every
+            // writer has dropped its key (`startup`), and the last connection to close
+            // checkpoints the WAL.
+            if let Err((_, e)) = conn.close() {
+                warn!(error = %e, "the writer's SQLite connection did not close cleanly");
+            }
+            drop(key);
         }
     }
 }
 
-/// The SQLite writer's thread: applies each batch sent to it on its own connection, and
-/// hands the answers back. The write path's code is async (it is shared with PostgreSQL),
-/// but on this connection nothing in it waits: a current-thread runtime drives each
-/// batch to its end in one poll. After a commit about patients the research index's hook
-/// reads the batch's changes on the same connection; only its rare trips to the pool
-/// (a centre it has not seen, a reload) wait.
+/// The SQLite writer's thread: runs the writer's loop ([`run`]) on its own connection.
+/// Callers' commands arrive here straight from their tasks and are answered from here,
+/// so a submission alone crosses between threads twice (to this thread and back), not
+/// four times through a task in between. The write path's code is async (it is shared
+/// with PostgreSQL), but on this connection nothing in it waits: a current-thread runtime
+/// (`runtime`, timers only) drives each batch to its end. What does wait here is rare and
+/// was waited for by the loop before as well: a purge after an erasure (through the
+/// pool), and the research index's trips to the pool after a commit (a centre it has not
+/// seen, a reload). The tasks sqlx spawns to give a pool connection back run on this
+/// runtime, whenever the loop waits for commands; under a load that never lets it wait,
+/// such a connection stays out of the pool for a while (harmless: it holds no
+/// transaction).
+///
+/// If the loop panics, the writer stops as it would at shutdown: the queue is dropped,
+/// so every caller waiting or still to come is answered that the writer stopped, and a
+/// purge still pending gets its last attempt.
 fn lite_thread(
-    mut conn: rusqlite::Connection,
-    batches: std::sync::mpsc::Receiver<(Vec<Job>, oneshot::Sender<Vec<Answer>>)>,
-    key: Arc<AuditKey>,
-    rules: Arc<dyn ConsentRules>,
-    after_commit: Option<Arc<dyn AfterCommit>>,
+    runtime: tokio::runtime::Runtime,
+    applier: Applier,
+    rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    purger: Arc<Purger>,
 ) {
-    // Timers on: the research index's catch-up may reach the pool (a new centre's
-    // labels, a reload), whose acquire has a timeout.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            error!(error = %e, "the writer thread has no runtime");
-            return;
+    let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(run(applier, rx, max_batch, purger.clone()))
+    }));
+    let applier = match looped {
+        Ok(applier) => Some(applier),
+        Err(_) => {
+            // The applier went with the loop: `Applier::Lite` declares its connection
+            // before its key, so the connection was closed before the key was dropped.
+            error!("the writer thread has stopped: its loop panicked");
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime.block_on(purger.retry(true))
+            }));
+            None
         }
     };
-    while let Ok((jobs, done)) = batches.recv() {
-        let about_patients = about_patients(&jobs);
-        let applied = runtime.block_on(apply_jobs(
-            &mut Target::Lite(&mut conn),
-            &key,
-            rules.as_ref(),
-            jobs,
-        ));
-        // The research index reads the batch's changes here too, on this connection.
-        if let (true, true, Some(hook)) = (about_patients, applied.committed, &after_commit) {
-            runtime.block_on(hook.after_commit(Some(Db::Lite(&mut conn))));
-        }
-        let _ = done.send(applied.answers);
+    // The pool connections this runtime's tasks still hold are given back or closed
+    // first, while the audit key (which the server waits for before it closes the pool)
+    // is still held, except after a panic.
+    drop(runtime);
+    if let Some(applier) = applier {
+        applier.close();
     }
-    // Closed before the audit key goes: the server closes the pool once every writer has
-    // dropped its key (`startup`), and the last connection to close checkpoints the WAL.
-    if let Err((_, e)) = conn.close() {
-        warn!(error = %e, "the writer's SQLite connection did not close cleanly");
-    }
-    drop(key);
 }
 
 /// The connection a batch is applied on.
@@ -544,7 +607,14 @@ fn about_patients(jobs: &[Job]) -> bool {
     jobs.iter().any(|(c, _, _)| !matches!(c, Command::Audit))
 }
 
-async fn run(applier: Applier, mut rx: mpsc::Receiver<Job>, max_batch: usize, purger: Arc<Purger>) {
+/// A writer's loop: takes what has queued up, applies it, answers, until every handle is
+/// dropped; returns the applier to be closed.
+async fn run(
+    mut applier: Applier,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    purger: Arc<Purger>,
+) -> Applier {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     loop {
         let received = if purger.is_pending() {
@@ -576,6 +646,7 @@ async fn run(applier: Applier, mut rx: mpsc::Receiver<Job>, max_batch: usize, pu
     }
     // Shutting down: a last, full attempt at a purge still pending.
     purger.retry(true).await;
+    applier
 }
 
 /// What [`apply_jobs`] answered, and whether any of its transactions committed.

@@ -381,3 +381,78 @@ fn entry() -> ern_registry::audit::Entry {
         ..Default::default()
     }
 }
+
+/// Consent rules with a bug: they panic, inside the writer's loop.
+struct PanickingRules;
+
+impl ern_registry::store::writer::ConsentRules for PanickingRules {
+    fn effective_at(
+        &self,
+        _: &[ern_registry::consent::ConsentEvent],
+        _: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        panic!("a bug in the consent rules (this test's)")
+    }
+    fn may_store_case(
+        &self,
+        _: &[ern_registry::consent::ConsentEvent],
+        _: DateTime<Utc>,
+    ) -> Result<(), ern_registry::consent::InclusionRefused> {
+        panic!("a bug in the consent rules (this test's)")
+    }
+    fn ends_inclusion(
+        &self,
+        _: &[ern_registry::consent::ConsentEvent],
+        _: &[ern_registry::consent::ConsentEvent],
+        _: DateTime<Utc>,
+    ) -> bool {
+        panic!("a bug in the consent rules (this test's)")
+    }
+    fn research_eligibility(
+        &self,
+        _: &[ern_registry::consent::ConsentEvent],
+        _: DateTime<Utc>,
+    ) -> (bool, Option<DateTime<Utc>>) {
+        panic!("a bug in the consent rules (this test's)")
+    }
+}
+
+/// A writer whose loop panics (on SQLite the thread `ern-writer`, on PostgreSQL a task)
+/// stops as at shutdown: the call that met the bug and every later one are answered that
+/// the writer stopped (UNAVAILABLE), none is left waiting, and nothing was written.
+#[tokio::test]
+async fn a_writer_whose_loop_panics_answers_every_caller_that_it_stopped() {
+    let now = fixtures::now();
+    let app = TestApp::spawn().await;
+    let ids = setup(&app).await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let key = Arc::new(AuditKey::derive(&master));
+    let writer = Writer::start(app.store.clone(), 1, 512, key, Arc::new(PanickingRules));
+    let mut commands = commands(&ids, now).into_iter();
+    for _ in 0..3 {
+        let command = commands.next().unwrap();
+        let answered = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            writer.execute(command, None),
+        )
+        .await
+        .expect("answered, not left waiting");
+        assert!(
+            matches!(answered, Err(WriteError::ShuttingDown)),
+            "{:?}",
+            summary(&answered)
+        );
+        assert_eq!(
+            answered.unwrap_err().outcome(),
+            ern_registry::outcome::Outcome::Unavailable
+        );
+    }
+    let cases = db::query("SELECT COUNT(*) FROM cases")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+        .get::<i64>(0);
+    assert_eq!(cases, 0);
+    drop(writer);
+    app.stop().await;
+}
