@@ -941,6 +941,27 @@ async fn resolve_registries(conn: &mut Db<'_>, codes: &[String]) -> Result<Vec<i
 }
 
 #[cfg(test)]
+mod build_tests {
+    /// The SQLite linked in (sqlx's and rusqlite's alike) was built with the project's
+    /// `.cargo/config.toml`: without memory statistics, whose one process-wide mutex every
+    /// heap allocation and free of every connection took.
+    #[test]
+    fn sqlite_is_built_without_memory_statistics() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut statement = conn.prepare("PRAGMA compile_options").unwrap();
+        let options: Vec<String> = statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "LIBSQLITE3_FLAGS of .cargo/config.toml not applied: {options:?}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod unavailable_tests {
     use super::*;
     use sqlx::Connection;
