@@ -286,6 +286,8 @@ pub struct ServeArgs {
     /// peer (an IPv4 address, an IPv6 /64) may cause per minute, in bursts of as many.
     /// Beyond, its calls are refused with RESOURCE_EXHAUSTED and the time to wait, without
     /// a database read, unless they present a key this process has verified before.
+    /// Refusals of calls in flight together may overdraw it by up to five minutes of it,
+    /// repaid before the peer is let through again.
     #[arg(long, env = "ERN_REFUSALS_PER_PEER_PER_MINUTE", default_value_t = 300,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub refusals_per_peer_per_minute: u32,
@@ -335,7 +337,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub keepalive_secs: u64,
     /// Serve Prometheus metrics (plain HTTP, GET /metrics) on this address, e.g.
-    /// 127.0.0.1:9464. Off when unset.
+    /// 127.0.0.1:9464: a loopback address unless --allow-plaintext is set (they name
+    /// principals). Off when unset.
     #[arg(long, env = "ERN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// TLS certificate chain (PEM) of the service. With --tls-key, calls are served over
@@ -353,7 +356,7 @@ pub struct ServeArgs {
     pub tls_client_ca: Option<PathBuf>,
     /// Serve plaintext gRPC on a non-loopback address. Without TLS the service refuses to
     /// listen anywhere but loopback unless this is set (e.g. behind a TLS-terminating
-    /// proxy in the same pod).
+    /// proxy in the same pod). The same holds for the web console and the metrics.
     #[arg(long, env = "ERN_ALLOW_PLAINTEXT", default_value_t = false)]
     pub allow_plaintext: bool,
     /// File holding the master passphrase (first line, line ending stripped). With a

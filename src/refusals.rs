@@ -11,8 +11,9 @@
 //!   at shutdown) each count becomes one audit entry (`principal` = `peer:<address>`,
 //!   `items` = the number of calls). Authenticated calls are audited one by one as before.
 //! - **Limited per peer.** Each refusal takes one from the peer's allowance (a token
-//!   bucket of `--refusals-per-peer-per-minute`, refilled at that rate). A peer with none
-//!   left is refused before anything else (RESOURCE_EXHAUSTED with the time to wait),
+//!   bucket of `--refusals-per-peer-per-minute`, refilled at that rate; refusals of calls
+//!   in flight together can take it below zero, by at most five minutes of it, and are
+//!   repaid first). A peer with none left is refused before anything else (RESOURCE_EXHAUSTED with the time to wait),
 //!   without a database read, unless it presents a key that authenticated a call in this
 //!   process and has not been found dead since (`KeyVerifier::known_good`): a valid caller
 //!   behind the same address keeps working.
@@ -67,6 +68,14 @@ pub struct Refusals {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// How far into debt a peer's allowance may go, in minutes of its allowance: a peer that
+/// had that many refusals in flight at once is refused for at most this long after them
+/// (plus the time one refusal takes to come back). Short, because everyone behind the
+/// address waits too (the web console's sign-ins, and API keys not yet used in this
+/// process); long enough that a burst of calls in flight together is repaid at the
+/// allowance's rate rather than let through again at every refill.
+const MAX_DEBT_MINUTES: f64 = 5.0;
 
 impl Refusals {
     /// `per_minute` (at least 1) refusals per peer per minute, in bursts of as many.
@@ -140,7 +149,17 @@ impl Refusals {
             at: now,
         });
         self.refill(bucket, now);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+        // Below zero: calls that passed `check` together, while the allowance still had
+        // one, are all charged when they fail, and the peer waits until that is repaid.
+        // So a burst of concurrent calls exceeds the allowance once, not once per refill.
+        // Not the allowance peers past the cap share: a flood from many addresses would
+        // otherwise keep every new address out for as long.
+        let floor = if key == Peer::Other {
+            0.0
+        } else {
+            -self.capacity() * MAX_DEBT_MINUTES
+        };
+        bucket.tokens = (bucket.tokens - 1.0).max(floor);
     }
 
     /// Drops the peers whose allowance has refilled: they are as if never seen.
@@ -318,6 +337,44 @@ mod tests {
         r.check_at(peer(2), t0).unwrap();
         // One refill period later, one more refusal is allowed.
         r.check_at(peer(1), t0 + Duration::from_secs(20)).unwrap();
+    }
+
+    /// Calls that all passed the check while one refusal was left (in flight together)
+    /// are all charged: the peer waits until the overdraft is repaid.
+    #[test]
+    fn refusals_in_flight_together_are_repaid_before_the_next() {
+        let r = Refusals::per_minute(60);
+        let t0 = Instant::now();
+        for _ in 0..59 {
+            r.charge_at(peer(1), t0);
+        }
+        // One left: 100 calls pass the check together, then each fails.
+        for _ in 0..100 {
+            r.check_at(peer(1), t0).unwrap();
+        }
+        for _ in 0..100 {
+            r.charge_at(peer(1), t0);
+        }
+        // 99 overdrawn: refused for 100 s (one refusal a second), not one second.
+        let refused = r
+            .check_at(peer(1), t0 + Duration::from_secs(2))
+            .unwrap_err();
+        assert!(refused.retry_after > Duration::from_secs(95), "{refused:?}");
+        r.check_at(peer(1), t0 + Duration::from_secs(95))
+            .unwrap_err();
+        r.check_at(peer(1), t0 + Duration::from_secs(101)).unwrap();
+        // The overdraft is bounded: five minutes of the allowance at most.
+        for _ in 0..100_000 {
+            r.charge_at(peer(2), t0);
+        }
+        let refused = r.check_at(peer(2), t0).unwrap_err();
+        assert!(
+            refused.retry_after <= Duration::from_secs(301),
+            "{refused:?}"
+        );
+        r.check_at(peer(2), t0 + Duration::from_secs(299))
+            .unwrap_err();
+        r.check_at(peer(2), t0 + Duration::from_secs(302)).unwrap();
     }
 
     #[test]

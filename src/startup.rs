@@ -103,6 +103,12 @@ pub enum StartupError {
          --tls-key, or set --allow-plaintext if a proxy in front terminates TLS"
     )]
     Plaintext(SocketAddr),
+    #[error(
+        "refusing to serve metrics over plain HTTP on {0}, which is not a loopback address (they \
+         name principals): use a loopback address, or set --allow-plaintext if a proxy in front \
+         terminates TLS"
+    )]
+    PlaintextMetrics(SocketAddr),
 }
 
 /// The server's TLS configuration, from PEM files; `None` for plaintext, which is only
@@ -138,6 +144,19 @@ fn tls_config(args: &ServeArgs) -> Result<Option<ServerTlsConfig>, StartupError>
         info!("mutual TLS: client certificates required");
     }
     Ok(Some(config))
+}
+
+/// The metrics are plain HTTP and name principals: like plaintext gRPC and the console, on
+/// a loopback address only, unless `--allow-plaintext` (a proxy in front terminates TLS).
+fn check_metrics_address(addr: SocketAddr, allow_plaintext: bool) -> Result<(), StartupError> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !allow_plaintext {
+        return Err(StartupError::PlaintextMetrics(addr));
+    }
+    warn!(%addr, "serving metrics over PLAIN HTTP on a non-loopback address (--allow-plaintext)");
+    Ok(())
 }
 
 /// Serves Prometheus metrics on `addr` (process-wide: a second call in the same process,
@@ -465,6 +484,7 @@ impl Application {
             .map(|db| ServerLock::acquire(&db))
             .transpose()?;
         if let Some(addr) = args.metrics_listen {
+            check_metrics_address(addr, args.allow_plaintext)?;
             install_metrics(addr)?;
         }
         let store = open_store(database_url, args.db_max_connections).await?;
@@ -880,4 +900,23 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     info!("shutdown requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_served_off_loopback_only_when_forced() {
+        for loopback in ["127.0.0.1:9464", "[::1]:9464"] {
+            assert!(check_metrics_address(loopback.parse().unwrap(), false).is_ok());
+        }
+        let open: SocketAddr = "0.0.0.0:9464".parse().unwrap();
+        assert!(matches!(
+            check_metrics_address(open, false),
+            Err(StartupError::PlaintextMetrics(addr)) if addr == open
+        ));
+        assert!(check_metrics_address(open, true).is_ok());
+        assert!(check_metrics_address("10.1.2.3:9464".parse().unwrap(), false).is_err());
+    }
 }

@@ -187,6 +187,26 @@ async fn plaintext_is_refused_off_loopback_unless_forced() {
     Application::build(forced, &url, &key).await.unwrap();
 }
 
+/// The metrics (plain HTTP, naming principals) follow the same rule as plaintext gRPC.
+/// That forcing them with --allow-plaintext accepts them is tested in `startup::tests`,
+/// so that this test installs no exporter: the process has one, and this binary's
+/// metrics test needs it to be its own.
+#[tokio::test]
+async fn metrics_are_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(&dir).await;
+    let key = dir.path().join("master.key");
+    let args = ServeArgs {
+        metrics_listen: Some("0.0.0.0:0".parse().unwrap()),
+        ..Default::default()
+    };
+    match Application::build(args.clone(), &url, &key).await {
+        Err(StartupError::PlaintextMetrics(addr)) => assert_eq!(Some(addr), args.metrics_listen),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("metrics on 0.0.0.0 were accepted"),
+    }
+}
+
 /// A client that opens a connection to the TLS port and never completes the handshake is
 /// cut off at the handshake deadline (10 s), not held for ever (nor for the idle timeout).
 #[tokio::test]
