@@ -2,8 +2,10 @@
 //!
 //! Protobuf in and out; the rules (who may act, who sees a recorder's name, what a
 //! withdrawal erases) are in `crate::service::consent`. Identifiers in a `PatientRef` are
-//! wiped when it is dropped (`ZeroizeOnDrop`, set in build.rs): [`resolve_patient`] takes
-//! it and drops it as soon as the identity is parsed; every other exit drops it too.
+//! wiped when it is dropped (`ZeroizeOnDrop`, set in build.rs): [`parse_patient`] takes
+//! it and drops it as soon as the identity is parsed; every other exit drops it too. The
+//! identity (itself wiped on drop) is derived only once the whole request is valid
+//! ([`derive_patient`]): an invalid request spends none of the officer's allowance.
 
 use tonic::{Request, Response, Status};
 
@@ -33,15 +35,21 @@ impl ConsentApi {
     }
 }
 
-/// Resolves the patient of a request to a pseudonym of the registry: from identifiers
-/// (derived by the service) or from a pseudonym given. Takes the reference, so that its
-/// identifiers are wiped (dropped) before the derivation waits for anything.
-async fn resolve_patient(
-    state: &SharedState,
+/// The patient a request names, parsed: a pseudonym, or identifiers not yet derived.
+enum PatientKey {
+    Pseudonym(Pseudonym),
+    Identity(crate::pseudonym::PatientIdentity),
+}
+
+/// Parses the patient a request names; violations are added to `violations` (and `None`
+/// returned). Nothing is derived here: [`derive_patient`] derives, once the whole request
+/// is known to be valid, so that an invalid request spends none of the officer's
+/// derivation allowance.
+fn parse_patient(
     access: &ConsentAccess,
     patient: Option<proto::PatientRef>,
     violations: &mut FieldViolations,
-) -> Result<Option<Pseudonym>, ServiceError> {
+) -> Result<Option<PatientKey>, ServiceError> {
     use proto::patient_ref::Kind;
     let identity = match patient.as_ref().and_then(|p| p.kind.as_ref()) {
         None => {
@@ -50,7 +58,7 @@ async fn resolve_patient(
         }
         Some(Kind::Pseudonym(text)) => {
             return match parse_pseudonym(text, access.registry()) {
-                Ok(p) => Ok(Some(p)),
+                Ok(p) => Ok(Some(PatientKey::Pseudonym(p))),
                 Err(ServiceError::Invalid(v)) => {
                     violations.extend(v.nest("patient"));
                     Ok(None)
@@ -64,13 +72,23 @@ async fn resolve_patient(
     // the request are overwritten here.
     drop(patient);
     match identity {
-        Ok(identity) => Ok(Some(
-            consent_service::resolve(state, access, identity).await?,
-        )),
+        Ok(identity) => Ok(Some(PatientKey::Identity(identity))),
         Err(v) => {
             violations.extend(v.nest("patient.identifiers"));
             Ok(None)
         }
+    }
+}
+
+/// The pseudonym of a parsed patient: identifiers are derived (rate limited per principal).
+async fn derive_patient(
+    state: &SharedState,
+    access: &ConsentAccess,
+    patient: PatientKey,
+) -> Result<Pseudonym, ServiceError> {
+    match patient {
+        PatientKey::Pseudonym(p) => Ok(p),
+        PatientKey::Identity(identity) => consent_service::resolve(state, access, identity).await,
     }
 }
 
@@ -140,8 +158,7 @@ async fn record_one(
     let access =
         consent_service::open(state, principal, &request.registry, "registry", call).await?;
     let mut violations = FieldViolations::new();
-    let pseudonym =
-        resolve_patient(state, &access, request.patient.take(), &mut violations).await?;
+    let patient = parse_patient(&access, request.patient.take(), &mut violations)?;
     let now = consent_service::now_millis(state);
     let decisions = if request.decisions.is_empty() {
         violations.push("decisions", "at least one decision is required");
@@ -165,10 +182,11 @@ async fn record_one(
         "client_reference",
         ClientReference::parse(&request.client_reference),
     );
-    let Some(pseudonym) = pseudonym else {
+    let Some(patient) = patient else {
         return Err(ServiceError::Invalid(violations));
     };
     violations.into_result()?;
+    let pseudonym = derive_patient(state, &access, patient).await?;
     let view = consent_service::record(state, &access, pseudonym, decisions, now, call).await?;
     Ok(proto::RecordConsentResponse {
         pseudonym: view.pseudonym.as_str().to_owned(),
@@ -281,8 +299,7 @@ impl ConsentApi {
         let access =
             consent_service::open(&self.state, &principal, &req.registry, "registry", call).await?;
         let mut violations = FieldViolations::new();
-        let pseudonym =
-            resolve_patient(&self.state, &access, req.patient.take(), &mut violations).await?;
+        let patient = parse_patient(&access, req.patient.take(), &mut violations)?;
         let mut scopes = Vec::new();
         if req.scopes.is_empty() {
             violations.push("scopes", "at least one scope is required");
@@ -306,10 +323,11 @@ impl ConsentApi {
                 "is required: one of the WITHDRAWAL_REASON_ values",
             );
         }
-        let (Some(pseudonym), Some(reason)) = (pseudonym, reason) else {
+        let (Some(patient), Some(reason)) = (patient, reason) else {
             return Err(ServiceError::Invalid(violations).into());
         };
         violations.into_result().map_err(ServiceError::from)?;
+        let pseudonym = derive_patient(&self.state, &access, patient).await?;
         let withdrawn =
             consent_service::withdraw(&self.state, &access, pseudonym, scopes, reason, call)
                 .await?;

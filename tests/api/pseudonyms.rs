@@ -216,3 +216,70 @@ async fn after_a_key_rotation_new_patients_get_the_new_version_and_known_ones_ke
         .pseudonym;
     assert!(lung.starts_with("R013-V001-"), "{lung}");
 }
+
+/// An officer's invalid request names the patient by identifiers but derives nothing: the
+/// derivation allowance is spent only by requests that are valid as a whole.
+#[tokio::test]
+async fn an_invalid_consent_request_spends_no_derivation() {
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        derivations_per_minute: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut officer = app.officer("co-invalid", &["ERN-EYE"]).await;
+    for seed in 0..5 {
+        // No decision, then no scope and no reason: refused before any derivation.
+        let err = officer
+            .record_consent(ern_registry::proto::RecordConsentRequest {
+                registry: "ERN-EYE".into(),
+                patient: by_identifiers(national("NL", &bsn(seed))),
+                decisions: vec![],
+                client_reference: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+        let err = officer
+            .withdraw_consent(ern_registry::proto::WithdrawConsentRequest {
+                registry: "ERN-EYE".into(),
+                patient: by_identifiers(national("NL", &bsn(seed))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+    }
+    // The whole allowance is left: two valid requests derive.
+    for seed in 0..2 {
+        officer
+            .record_consent(ern_registry::proto::RecordConsentRequest {
+                registry: "ERN-EYE".into(),
+                patient: by_identifiers(national("NL", &bsn(seed))),
+                decisions: inclusion_granted(),
+                client_reference: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let err = officer
+        .record_consent(ern_registry::proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(9))),
+            decisions: inclusion_granted(),
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    app.stop().await;
+}
