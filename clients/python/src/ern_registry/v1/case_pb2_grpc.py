@@ -80,8 +80,10 @@ class CaseServiceServicer:
         message and one PreconditionFailure (type "CONSENT", subject "REGISTRY_INCLUSION"),
         the same whether nothing is on file or the patient refused, withdrew or let consent
         expire; consent officers see which with ConsentService.GetConsent.
-        INVALID_ARGUMENT (all field violations) for a bad record, ALREADY_EXISTS if the
-        centre already has a case for this patient in the registry (use UpdateCase).
+        INVALID_ARGUMENT (all field violations of the format checks; those against the code
+        releases below come in a second round, for a request that passes the first) for a
+        bad record, ALREADY_EXISTS if the centre already has a case for this patient in the
+        registry (use UpdateCase).
 
         Codes are checked against the code releases in force (docs/codes.md): an Orphacode,
         HPO term or HGNC symbol the release does not hold as current is a violation of its
@@ -144,7 +146,8 @@ class CaseServiceServicer:
         identified by `patient`, as in SubmitCase, never by the phenopacket: its `id`,
         `subject.id` and every `subjectOrBiosampleId` are ignored (not stored, not echoed),
         and `subject.alternateIds` must be empty. INVALID_ARGUMENT with every field
-        violation at once; inside the phenopacket a violation names the element by its JSON
+        violation of the format checks at once (code-release violations, as in SubmitCase,
+        in a second round); inside the phenopacket a violation names the element by its JSON
         path, e.g. "phenopacket.phenotypicFeatures[1].excluded" (an element the case record
         cannot hold) or "phenopacket.diseases[0].term.id" (a code that fails its check).
         """

@@ -72,8 +72,10 @@ class ConsentServiceServicer:
 
     def RecordConsent(self, request, context):
         """Record GRANTED or REFUSED decisions for one patient (append-only). A REFUSED
-        REGISTRY_INCLUSION while the registry holds the patient's record fails with
-        FAILED_PRECONDITION: use WithdrawConsent, which erases it and gives a receipt.
+        REGISTRY_INCLUSION that would end the inclusion in force (or refuse it over an
+        inclusion that expired) while the registry holds the patient's record fails with
+        FAILED_PRECONDITION: use WithdrawConsent, which erases it and gives a receipt. One
+        dated before the decision in force does not end it and is recorded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
