@@ -356,7 +356,8 @@ pub struct ServeArgs {
     pub tls_client_ca: Option<PathBuf>,
     /// Serve plaintext gRPC on a non-loopback address. Without TLS the service refuses to
     /// listen anywhere but loopback unless this is set (e.g. behind a TLS-terminating
-    /// proxy in the same pod). The same holds for the web console and the metrics.
+    /// proxy in the same pod). The web console and the metrics, always plain HTTP, need a
+    /// loopback address unless this is set, with or without TLS.
     #[arg(long, env = "ERN_ALLOW_PLAINTEXT", default_value_t = false)]
     pub allow_plaintext: bool,
     /// File holding the master passphrase (first line, line ending stripped). With a
