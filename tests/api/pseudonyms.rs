@@ -217,6 +217,19 @@ async fn after_a_key_rotation_new_patients_get_the_new_version_and_known_ones_ke
     assert!(lung.starts_with("R013-V001-"), "{lung}");
 }
 
+/// An officer's request for `seed`'s BSN in ERN-EYE with `decisions`.
+fn record_request(
+    seed: u32,
+    decisions: Vec<ern_registry::proto::ScopeConsent>,
+) -> ern_registry::proto::RecordConsentRequest {
+    ern_registry::proto::RecordConsentRequest {
+        registry: "ERN-EYE".into(),
+        patient: by_identifiers(national("NL", &bsn(seed))),
+        decisions,
+        client_reference: String::new(),
+    }
+}
+
 /// An officer's invalid request names the patient by identifiers but derives nothing: the
 /// derivation allowance is spent only by requests that are valid as a whole.
 #[tokio::test]
@@ -229,55 +242,32 @@ async fn an_invalid_consent_request_spends_no_derivation() {
     let mut officer = app.officer("co-invalid", &["ERN-EYE"]).await;
     for seed in 0..5 {
         // No decision, then no scope and no reason: refused before any derivation.
-        let err = officer
-            .record_consent(ern_registry::proto::RecordConsentRequest {
-                registry: "ERN-EYE".into(),
-                patient: by_identifiers(national("NL", &bsn(seed))),
-                decisions: vec![],
-                client_reference: String::new(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err.code(),
-            tonic::Code::InvalidArgument,
-            "{}",
-            err.message()
-        );
-        let err = officer
+        let no_decision = officer.record_consent(record_request(seed, vec![])).await;
+        let no_scope = officer
             .withdraw_consent(ern_registry::proto::WithdrawConsentRequest {
                 registry: "ERN-EYE".into(),
                 patient: by_identifiers(national("NL", &bsn(seed))),
                 ..Default::default()
             })
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err.code(),
-            tonic::Code::InvalidArgument,
-            "{}",
-            err.message()
-        );
+            .await;
+        for err in [no_decision.unwrap_err(), no_scope.unwrap_err()] {
+            assert_eq!(
+                err.code(),
+                tonic::Code::InvalidArgument,
+                "{}",
+                err.message()
+            );
+        }
     }
-    // The whole allowance is left: two valid requests derive.
+    // The whole allowance is left: two valid requests derive, the third is refused.
     for seed in 0..2 {
         officer
-            .record_consent(ern_registry::proto::RecordConsentRequest {
-                registry: "ERN-EYE".into(),
-                patient: by_identifiers(national("NL", &bsn(seed))),
-                decisions: inclusion_granted(),
-                client_reference: String::new(),
-            })
+            .record_consent(record_request(seed, inclusion_granted()))
             .await
             .unwrap();
     }
     let err = officer
-        .record_consent(ern_registry::proto::RecordConsentRequest {
-            registry: "ERN-EYE".into(),
-            patient: by_identifiers(national("NL", &bsn(9))),
-            decisions: inclusion_granted(),
-            client_reference: String::new(),
-        })
+        .record_consent(record_request(9, inclusion_granted()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
