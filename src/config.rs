@@ -575,7 +575,9 @@ pub enum AdminCommand {
     },
     /// Start a new key version for a registry's pseudonyms. Patients the registry does
     /// not know yet get pseudonyms of the new version; known patients keep theirs, so
-    /// every record stays linked. See docs/pseudonyms.md.
+    /// every record stays linked. Run it with no submissions or consent calls in flight: a
+    /// patient whose first decision is still being written when it lands can be
+    /// registered again under the new version (docs/pseudonyms.md, "Key rotation").
     RotateKey {
         /// Registry (ERN) code, e.g. ERN-EYE.
         #[arg(long)]
