@@ -403,27 +403,25 @@ impl Writer {
     }
 }
 
-/// What applies a writer's batches.
-enum Applier {
+/// What applies a writer's batches: where, and with which key, rules and hook.
+struct Applier {
+    /// Declared before `key`: dropped first (the server closes the pool once every writer
+    /// has dropped its key).
+    on: On,
+    key: Arc<AuditKey>,
+    rules: Arc<dyn ConsentRules>,
+    after_commit: Option<Arc<dyn AfterCommit>>,
+}
+
+/// The connections a writer applies its batches on.
+enum On {
     /// On PostgreSQL (and SQLite in memory): a pooled connection per transaction, on the
     /// writer's task.
-    Pool {
-        store: Store,
-        key: Arc<AuditKey>,
-        rules: Arc<dyn ConsentRules>,
-        after_commit: Option<Arc<dyn AfterCommit>>,
-    },
+    Pool(Store),
     /// On a SQLite file: the writer's own connection, on the thread of its own that runs
     /// this writer's loop ([`lite_thread`]), applying each batch with direct calls into
     /// the engine. No hand-off between threads per statement, nor per batch.
-    Lite {
-        /// Declared before `key`: dropped first (the server closes the pool once every
-        /// writer has dropped its key).
-        conn: rusqlite::Connection,
-        key: Arc<AuditKey>,
-        rules: Arc<dyn ConsentRules>,
-        after_commit: Option<Arc<dyn AfterCommit>>,
-    },
+    Lite(rusqlite::Connection),
 }
 
 /// Starts a writer's loop over `rx`: on a SQLite file on a thread of its own with its own
@@ -439,8 +437,8 @@ fn start_writer(
     purger: Arc<Purger>,
 ) {
     let pool = |rx, key, rules, after_commit, purger| {
-        let applier = Applier::Pool {
-            store: store.clone(),
+        let applier = Applier {
+            on: On::Pool(store.clone()),
             key,
             rules,
             after_commit,
@@ -476,8 +474,8 @@ fn start_writer(
         .name("ern-writer".into())
         .spawn(move || {
             if let Ok((rx, key, rules, after_commit, purger)) = inputs.recv() {
-                let applier = Applier::Lite {
-                    conn,
+                let applier = Applier {
+                    on: On::Lite(conn),
                     key,
                     rules,
                     after_commit,
@@ -502,50 +500,36 @@ impl Applier {
     /// their answers.
     async fn apply(&mut self, jobs: Vec<Job>) -> Vec<Answer> {
         let about_patients = about_patients(&jobs);
-        match self {
-            Applier::Pool {
-                store,
-                key,
-                rules,
-                after_commit,
-            } => {
-                let applied = apply_jobs(&mut Target::Pool(store), key, rules.as_ref(), jobs).await;
-                // Nothing committed, nothing to catch up with (and while the database is
-                // away the catch-up would wait for the pool, with this batch's callers).
-                if let (true, true, Some(hook)) = (about_patients, applied.committed, after_commit)
-                {
-                    hook.after_commit(None).await;
-                }
-                applied.answers
-            }
-            Applier::Lite {
-                conn,
-                key,
-                rules,
-                after_commit,
-            } => {
-                let applied = apply_jobs(&mut Target::Lite(conn), key, rules.as_ref(), jobs).await;
-                // The research index reads the batch's changes here too, on this connection.
-                if let (true, true, Some(hook)) = (about_patients, applied.committed, after_commit)
-                {
-                    hook.after_commit(Some(Db::Lite(conn))).await;
-                }
-                applied.answers
-            }
+        let mut target = match &mut self.on {
+            On::Pool(store) => Target::Pool(store),
+            On::Lite(conn) => Target::Lite(conn),
+        };
+        let applied = apply_jobs(&mut target, &self.key, self.rules.as_ref(), jobs).await;
+        // Nothing committed, nothing to catch up with (and while the database is away the
+        // catch-up would wait for the pool, with this batch's callers).
+        if let (true, true, Some(hook)) = (about_patients, applied.committed, &self.after_commit) {
+            // On SQLite's own connection the research index reads the batch's changes
+            // there too; otherwise through the pool.
+            let on = match target {
+                Target::Lite(conn) => Some(Db::Lite(conn)),
+                Target::Pool(_) => None,
+            };
+            hook.after_commit(on).await;
         }
+        applied.answers
     }
 
-    /// Closes the writer's own connection, if it has one.
+    /// Closes the writer's own connection, if it has one, then drops the audit key.
     fn close(self) {
-        if let Applier::Lite { conn, key, .. } = self {
+        if let On::Lite(conn) = self.on {
             // Closed before the audit key goes: the server closes the pool once every
             // writer has dropped its key (`startup`), and the last connection to close
             // checkpoints the WAL.
             if let Err((_, e)) = conn.close() {
                 warn!(error = %e, "the writer's SQLite connection did not close cleanly");
             }
-            drop(key);
         }
+        drop(self.key);
     }
 }
 
@@ -578,7 +562,7 @@ fn lite_thread(
     let applier = match looped {
         Ok(applier) => Some(applier),
         Err(_) => {
-            // The applier went with the loop: `Applier::Lite` declares its connection
+            // The applier went with the loop: `Applier` declares its connection
             // before its key, so the connection was closed before the key was dropped.
             error!("the writer thread has stopped: its loop panicked");
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
