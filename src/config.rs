@@ -575,9 +575,11 @@ pub enum AdminCommand {
     },
     /// Start a new key version for a registry's pseudonyms. Patients the registry does
     /// not know yet get pseudonyms of the new version; known patients keep theirs, so
-    /// every record stays linked. Run it with no submissions or consent calls in flight: a
-    /// patient whose first decision is still being written when it lands can be
-    /// registered again under the new version (docs/pseudonyms.md, "Key rotation").
+    /// every record stays linked. Safe with calls in flight: a call that would start a
+    /// patient under the old version after the rotation is refused with ABORTED, and sent
+    /// again it derives under the new one. On PostgreSQL it waits up to 2 s for the writes
+    /// in progress, and changes nothing if they do not end (docs/pseudonyms.md, "Key
+    /// rotation").
     RotateKey {
         /// Registry (ERN) code, e.g. ERN-EYE.
         #[arg(long)]

@@ -604,6 +604,21 @@ impl Pseudonym {
     }
 }
 
+/// The key version a pseudonym's prefix (`R<3 digits>-V<3 digits>-`) names, read from the
+/// prefix alone: for the writer, which takes pseudonyms as text parsed (or derived)
+/// earlier. `None` for text without that prefix.
+pub fn key_version_of(text: &str) -> Option<u16> {
+    let b = text.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let prefixed = b.len() >= 10
+        && b[0] == b'R'
+        && digits(1..4)
+        && &b[4..6] == b"-V"
+        && digits(6..9)
+        && b[9] == b'-';
+    prefixed.then(|| text[6..9].parse().ok()).flatten()
+}
+
 impl fmt::Display for Pseudonym {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -656,6 +671,23 @@ mod tests {
                 &identity,
             )
             .to_string()
+    }
+
+    #[test]
+    fn the_key_version_is_read_from_the_prefix_alone() {
+        let p = derive(&national("NL", BSN), "ERN-EYE", 9, 7);
+        assert_eq!(key_version_of(&p), Some(7));
+        assert_eq!(key_version_of("R013-V002-anything"), Some(2));
+        for text in [
+            "",
+            "R013-V002",
+            "R013-W002-x",
+            "R01x-V002-x",
+            "R013-V0x2-x",
+            "r013-V002-x",
+        ] {
+            assert_eq!(key_version_of(text), None, "{text:?}");
+        }
     }
 
     #[test]

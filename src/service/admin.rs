@@ -221,7 +221,26 @@ pub async fn run_action(
         items: 1,
         ..Entry::default()
     };
-    let mut tx = store.begin_admin().await?;
+    let rotation = matches!(action, AdminAction::RotateKey { .. });
+    let mut tx = match store.begin_admin(rotation).await {
+        Ok(tx) => tx,
+        Err(err) if rotation && err.is_lock_timeout() => {
+            let refusal = refused(
+                Outcome::Unavailable,
+                format!(
+                    "writes in progress did not end within {} (one may be stuck waiting for a \
+                     lock): nothing changed; run it again",
+                    crate::store::admin::ROTATION_LOCK_TIMEOUT
+                ),
+            );
+            entry.outcome = refusal.outcome.name().into();
+            if let Err(e) = store.audit_alone(&key, entry).await {
+                tracing::warn!(error = %e, "the refusal of an admin action could not be recorded in the audit log");
+            }
+            return Err(refusal);
+        }
+        Err(err) => return Err(err.into()),
+    };
     match apply(&mut tx.conn(), secret, action).await {
         Ok(done) => {
             entry.outcome = Outcome::Ok.name().into();

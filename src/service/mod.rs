@@ -174,6 +174,9 @@ pub enum ServiceError {
     VersionConflict { current: i64 },
     #[error("{0}")]
     Precondition(String),
+    /// Another change came first (ABORTED): sending the call again settles it.
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
     #[error("the service is shutting down; retry on another instance or later")]
@@ -211,6 +214,7 @@ impl From<WriteError> for ServiceError {
             WriteError::Store(err) => ServiceError::Internal(err),
             WriteError::ShuttingDown => ServiceError::Unavailable,
             e @ WriteError::UseWithdrawal => ServiceError::Precondition(e.to_string()),
+            e @ WriteError::KeyRotated => ServiceError::Conflict(e.to_string()),
         }
     }
 }
@@ -233,7 +237,7 @@ impl ServiceError {
             ServiceError::NotFound(_) => Outcome::NotFound,
             ServiceError::MissingConsent(_) => Outcome::FailedPrecondition,
             ServiceError::CaseExists { .. } => Outcome::AlreadyExists,
-            ServiceError::VersionConflict { .. } => Outcome::Aborted,
+            ServiceError::VersionConflict { .. } | ServiceError::Conflict(_) => Outcome::Aborted,
             ServiceError::Precondition(_) => Outcome::FailedPrecondition,
             ServiceError::RateLimited(_) => Outcome::ResourceExhausted,
             ServiceError::Unavailable | ServiceError::Busy(_) => Outcome::Unavailable,
@@ -618,6 +622,7 @@ mod tests {
             WriteError::Store(StoreError::Corrupt("x".into())),
             WriteError::ShuttingDown,
             WriteError::UseWithdrawal,
+            WriteError::KeyRotated,
         ];
         for e in errors {
             let outcome = e.outcome();

@@ -30,8 +30,16 @@ impl Store {
     /// the transaction a writer from its first statement, so a server committing beside it
     /// makes it wait (busy timeout) rather than fail on a stale read; on PostgreSQL it
     /// holds appends back for the few milliseconds an action takes.
-    pub async fn begin_admin(&self) -> Result<AdminAction> {
+    ///
+    /// `rotation`: the action rotates a registry's key ([`rotate_registry_key`]), and
+    /// takes the rotation lock before the head's ([`lock_rotation`]): a writer
+    /// transaction holds the former shared and takes the latter to append its entries,
+    /// so taken the other way round the two would wait for each other.
+    pub async fn begin_admin(&self, rotation: bool) -> Result<AdminAction> {
         let mut tx = self.pool().begin().await?;
+        if rotation {
+            lock_rotation(&mut tx.db()).await?;
+        }
         db::query("UPDATE audit_head SET seq = seq WHERE id = 1")
             .execute(&mut tx)
             .await?;
@@ -198,8 +206,37 @@ pub async fn create_principal(
     Ok(id)
 }
 
+/// How long a rotation waits for the writer transactions in progress (on PostgreSQL):
+/// while it waits, new ones wait behind it.
+pub const ROTATION_LOCK_TIMEOUT: &str = "2s";
+
+/// On PostgreSQL, takes the rotation lock (`super::writer::ROTATION_LOCK`) exclusively
+/// for the rest of the transaction on `conn`, before any other lock: it waits for the
+/// writer transactions in progress on every instance, and holds off new ones until the
+/// transaction ends. If they have not ended after [`ROTATION_LOCK_TIMEOUT`] (one stuck
+/// behind a lock of its own, say), the wait fails ([`StoreError::is_lock_timeout`])
+/// rather than keep every write waiting. Nothing to do on SQLite, where a transaction
+/// that writes is serialised with every other.
+pub async fn lock_rotation(conn: &mut Db<'_>) -> Result<()> {
+    if !matches!(conn, Db::Pg(_)) {
+        return Ok(());
+    }
+    let (a, b) = super::writer::ROTATION_LOCK;
+    // Constants, formatted: the two int4 arguments of this form of the function.
+    for sql in [
+        format!("SET LOCAL lock_timeout = '{ROTATION_LOCK_TIMEOUT}'"),
+        format!("SELECT pg_advisory_xact_lock({a}, {b})"),
+        "SET LOCAL lock_timeout TO DEFAULT".to_string(),
+    ] {
+        db::query(&sql).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Starts a new key version for a registry: pseudonyms of patients it does not know
 /// yet carry the new version; known patients keep theirs. Returns the new version.
+///
+/// Run in a transaction that took the rotation lock first ([`lock_rotation`]).
 pub async fn rotate_registry_key(conn: &mut Db<'_>, code: &str) -> Result<i64> {
     let row = db::query(
         "UPDATE registries SET active_key_version = active_key_version + 1 \

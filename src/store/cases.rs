@@ -215,19 +215,17 @@ pub(in crate::store) async fn patient_key(
 
 /// The consent histories of several patients (registry id, pseudonym), each oldest event
 /// first as [`load_consent`] gives it (patients with no history are absent), and the
-/// (registry id, pseudonym, centre id) of every case they have: what a run of
-/// submissions is decided on, in one statement per registry and chunk (one round trip on
-/// PostgreSQL, not two).
+/// (registry id, pseudonym, centre id) of every case they have, and each registry's
+/// active key version: what a run of submissions is decided on, in one statement per
+/// registry and chunk (one round trip on PostgreSQL, not three).
 pub(in crate::store) async fn consent_and_cases_many(
     conn: &mut Db<'_>,
     patients: &[(i64, &str)],
-) -> Result<(
-    HashMap<(i64, String), Vec<ConsentEvent>>,
-    HashSet<(i64, String, i64)>,
-)> {
-    let mut histories: HashMap<(i64, String), Vec<ConsentEvent>> = HashMap::new();
-    let mut cases = HashSet::new();
-    // Kind 0: a consent event (ordered by its id); 1: a case, by its centre.
+) -> Result<OnFile> {
+    let mut on_file = OnFile::default();
+    // Kind 0: a consent event (ordered by its id); 1: a case, by its centre; 2: the
+    // registry's active key version (in the id column), read in the same statement rather
+    // than in a round trip of its own.
     let found = by_pseudonyms(conn, patients, |list| {
         format!(
             "SELECT 0 AS kind, k.pseudonym, e.id, e.scope, e.state, e.given_at, e.expires_at, \
@@ -238,22 +236,57 @@ pub(in crate::store) async fn consent_and_cases_many(
              SELECT 1, k.pseudonym, 0, '', '', NULL, NULL, c.centre_id \
              FROM patient_keys k JOIN cases c ON c.patient = k.id \
              WHERE k.registry_id = $1 AND k.pseudonym {list} \
+             UNION ALL \
+             SELECT 2, '', r.active_key_version, '', '', NULL, NULL, 0 \
+             FROM registries r WHERE r.id = $1 \
              ORDER BY 1, 3"
         )
     })
     .await?;
     for (registry_id, row) in found {
-        let pseudonym: String = row.try_get("pseudonym")?;
-        if row.try_get::<i64>("kind")? == 0 {
-            histories
-                .entry((registry_id, pseudonym))
+        match row.try_get::<i64>("kind")? {
+            0 => on_file
+                .histories
+                .entry((registry_id, row.try_get("pseudonym")?))
                 .or_default()
-                .push(event_from_row(&row)?);
-        } else {
-            cases.insert((registry_id, pseudonym, row.try_get("centre_id")?));
+                .push(event_from_row(&row)?),
+            1 => {
+                on_file.cases.insert((
+                    registry_id,
+                    row.try_get("pseudonym")?,
+                    row.try_get("centre_id")?,
+                ));
+            }
+            _ => {
+                on_file.key_versions.insert(registry_id, row.try_get("id")?);
+            }
         }
     }
-    Ok((histories, cases))
+    Ok(on_file)
+}
+
+/// What [`consent_and_cases_many`] found.
+#[derive(Debug, Default)]
+pub(in crate::store) struct OnFile {
+    /// The consent history of each patient with one.
+    pub histories: HashMap<(i64, String), Vec<ConsentEvent>>,
+    /// (registry, pseudonym, centre) of each case.
+    pub cases: HashSet<(i64, String, i64)>,
+    /// The active key version of each registry asked about.
+    pub key_versions: HashMap<i64, i64>,
+}
+
+/// A registry's active key version, read in the caller's transaction.
+pub(in crate::store) async fn active_key_version(
+    conn: &mut Db<'_>,
+    registry_id: i64,
+) -> Result<Option<i64>> {
+    db::query("SELECT active_key_version FROM registries WHERE id = $1")
+        .bind(registry_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| r.try_get("active_key_version"))
+        .transpose()
 }
 
 /// A decision to append to a patient's history, for [`append_consent_many`].

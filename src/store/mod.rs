@@ -168,6 +168,12 @@ impl StoreError {
     /// Whether the error says the database cannot be reached *now*, so that the same call
     /// may well succeed in a moment (the API answers UNAVAILABLE with a retry hint, never
     /// INTERNAL): see [`unreachable_now`].
+    /// Whether a lock was not granted within the transaction's `lock_timeout`
+    /// (PostgreSQL's `lock_not_available`): the rotation lock, `admin::lock_rotation`.
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03"))
+    }
+
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(err) => unreachable_now(err),
@@ -402,10 +408,34 @@ impl Backend {
     }
 }
 
+/// The settings every PostgreSQL session of the service starts with, whatever the
+/// server's defaults (`docs/scaling.md`, "When an instance dies"):
+/// - a transaction left open by a client that no longer speaks (its host died, the
+///   network to it broke) is ended by the server after a minute, releasing its locks:
+///   the audit chain's head and its patients' locks, which every other instance's
+///   writers would otherwise wait for until the operating system gave the connection up
+///   (hours, by default). Nothing of the service leaves a transaction idle for long:
+///   its statements follow each other at the speed of the code between them;
+/// - the server probes an idle connection after 30 s, every 10 s, and drops it after 3
+///   unanswered probes (TCP keepalive; ignored on a Unix socket);
+/// - READ COMMITTED unless a transaction says otherwise: the writer's sets it itself;
+///   the others (an admin action, the entries of failed writes) append to the audit
+///   chain with `UPDATE … RETURNING` on its head, which under REPEATABLE READ would fail
+///   when another transaction appended first.
+const PG_SESSION: [(&str, &str); 5] = [
+    ("idle_in_transaction_session_timeout", "60s"),
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+    // A space in a startup option is escaped (sqlx passes the value as it is).
+    ("default_transaction_isolation", r"read\ committed"),
+];
+
 impl Store {
     /// Connects, applying per-connection settings: on SQLite WAL journaling, full
     /// synchronous commits (an acknowledged write survives a crash or power loss),
-    /// foreign keys and a busy timeout for the admin CLI writing beside the server.
+    /// foreign keys and a busy timeout for the admin CLI writing beside the server; on
+    /// PostgreSQL [`PG_SESSION`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
         let backend = Backend::of_url(url)?;
         let pool = match backend {
@@ -431,7 +461,7 @@ impl Store {
                 PoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(10))
-                    .connect_with(PgConnectOptions::from_str(url)?)
+                    .connect_with(PgConnectOptions::from_str(url)?.options(PG_SESSION))
                     .await?,
             ),
         };
@@ -725,8 +755,11 @@ impl Store {
     /// Starts a new key version for a registry: pseudonyms of patients it does not know
     /// yet carry the new version; known patients keep theirs. Returns the new version.
     pub async fn rotate_registry_key(&self, code: &str) -> Result<i64> {
-        let mut conn = self.pool.acquire().await?;
-        admin::rotate_registry_key(&mut conn.db(), code).await
+        let mut tx = self.pool.begin().await?;
+        admin::lock_rotation(&mut tx.db()).await?;
+        let version = admin::rotate_registry_key(&mut tx.db(), code).await?;
+        tx.commit().await?;
+        Ok(version)
     }
 
     /// Patients (pseudonyms with a case) in a registry.

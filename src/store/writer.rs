@@ -194,6 +194,13 @@ pub enum WriteError {
         "the registry holds this patient's record: withdraw REGISTRY_INCLUSION instead (erases it, with a receipt)"
     )]
     UseWithdrawal,
+    #[error(
+        "the registry's pseudonym key was rotated while this call was in flight, and the \
+         registry has nothing on file for the patient under the earlier key version: send \
+         the call again (a pseudonym taken from before the rotation: find the patient by \
+         identifiers again first)"
+    )]
+    KeyRotated,
 }
 
 impl WriteError {
@@ -204,7 +211,7 @@ impl WriteError {
             WriteError::Consent(_) | WriteError::UseWithdrawal => Outcome::FailedPrecondition,
             WriteError::AlreadyExists => Outcome::AlreadyExists,
             WriteError::NotFound => Outcome::NotFound,
-            WriteError::VersionConflict { .. } => Outcome::Aborted,
+            WriteError::VersionConflict { .. } | WriteError::KeyRotated => Outcome::Aborted,
             WriteError::Store(e) if e.is_unavailable() => Outcome::Unavailable,
             WriteError::Store(_) => Outcome::Internal,
             WriteError::ShuttingDown => Outcome::Unavailable,
@@ -1271,11 +1278,31 @@ fn begin_sql(backend: Backend, commands: &[(&Command, Option<&Entry>)]) -> Optio
     // Integers formatted here, never input; quoted and cast so that i64::MIN parses too.
     // Several statements in one string: one simple query, run in this order.
     let mut sql = String::from("BEGIN; SET TRANSACTION ISOLATION LEVEL READ COMMITTED;");
+    if !keys.is_empty() {
+        // First, before any patient's: the rotation lock, shared ([`ROTATION_LOCK`]).
+        let (a, b) = ROTATION_LOCK;
+        let _ = write!(sql, " SELECT pg_advisory_xact_lock_shared({a}, {b});");
+    }
     for key in keys {
         let _ = write!(sql, " SELECT pg_advisory_xact_lock('{key}'::bigint);");
     }
     Some(sql)
 }
+
+/// The PostgreSQL advisory lock (two-integer form: a space of its own, apart from the
+/// patients' single-integer keys) that orders key rotations against writer transactions.
+/// Every writer transaction about patients takes it shared, before its patients' locks;
+/// `admin rotate-key` takes it exclusively, first in its transaction, then raises the
+/// version (`super::admin::lock_rotation`). So a rotation waits for the transactions in
+/// progress, and those that begin after it wait for its commit: a transaction reads one
+/// active key version from start to end, and a patient it starts under the earlier
+/// version is committed before any call can derive under the new one ([`may_start`]).
+/// Shared holders do not wait for each other. No cycle can form: writers take this lock
+/// before any other, and the rotation takes it before any other (the audit chain's head
+/// after it, which writers take last), holding no patient's lock. A rotation gives up
+/// after `super::admin::ROTATION_LOCK_TIMEOUT` rather than hold every write back behind a
+/// transaction that does not end.
+pub const ROTATION_LOCK: (i32, i32) = (0x45524e52, 1);
 
 /// The advisory-lock key of a patient: the first 8 bytes of SHA-256 over a label, the
 /// registry id and the pseudonym. Defined here, not by `std`'s hasher (which may change
@@ -1386,7 +1413,11 @@ async fn submit_run(
         .iter()
         .map(|c| (c.registry_id, c.pseudonym.as_str()))
         .collect();
-    let (mut histories, existing) = cases::consent_and_cases_many(conn, &patients).await?;
+    let cases::OnFile {
+        mut histories,
+        cases: existing,
+        key_versions,
+    } = cases::consent_and_cases_many(conn, &patients).await?;
     let mut outcomes: Vec<(Result<Written, WriteError>, Wrote)> = Vec::with_capacity(run.len());
     // The accepted submissions: index in `run`, history with the attestation, instant.
     let mut accepted = Vec::with_capacity(run.len());
@@ -1394,10 +1425,15 @@ async fn submit_run(
         let mut events = histories
             .remove(&(c.registry_id, c.pseudonym.clone()))
             .unwrap_or_default();
+        let first = events.is_empty();
         with_attested(&mut events, &c.consent);
         let at = rules.effective_at(&events, c.now);
+        let starts = !first || may_start(&c.pseudonym, key_versions.get(&c.registry_id).copied());
+        // Consent first: a submission refused for consent gets that one answer whatever
+        // is on file (`docs/security.md`, "Refusals"), also during a rotation.
         let decided = match rules.may_store_case(&events, at) {
             Err(refused) => Err(WriteError::Consent(refused)),
+            Ok(()) if !starts => Err(WriteError::KeyRotated),
             Ok(()) if existing.contains(&(c.registry_id, c.pseudonym.clone(), c.centre_id)) => {
                 Err(WriteError::AlreadyExists)
             }
@@ -1580,6 +1616,37 @@ async fn update(
     })
 }
 
+/// Whether a command may record the first decision on file for `pseudonym`, given the
+/// registry's active key version read in the command's transaction: only under that
+/// version (`docs/pseudonyms.md`, "Key rotation"). Past a rotation, no patient can be
+/// started under an earlier version, so a call that derives under the new one and finds
+/// nothing on file under the earlier ones cannot be overtaken by one still in flight
+/// from before it (which would split the patient across two pseudonyms).
+fn may_start(pseudonym: &str, active: Option<i64>) -> bool {
+    match (crate::pseudonym::key_version_of(pseudonym), active) {
+        (Some(version), Some(active)) => i64::from(version) == active,
+        _ => false,
+    }
+}
+
+/// [`may_start`] for a command about one patient whose history on file is `history`.
+async fn check_start(
+    conn: &mut Db<'_>,
+    registry_id: i64,
+    pseudonym: &str,
+    history: &[ConsentEvent],
+) -> Result<(), WriteError> {
+    if !history.is_empty() {
+        return Ok(());
+    }
+    let active = cases::active_key_version(conn, registry_id).await?;
+    if may_start(pseudonym, active) {
+        Ok(())
+    } else {
+        Err(WriteError::KeyRotated)
+    }
+}
+
 async fn record_consent(
     conn: &mut Db<'_>,
     rules: &dyn ConsentRules,
@@ -1587,6 +1654,7 @@ async fn record_consent(
     wrote: &mut Wrote,
 ) -> Result<Output, WriteError> {
     let before = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
+    check_start(conn, c.registry_id, &c.pseudonym, &before).await?;
     let after = consent_with(conn, c.registry_id, &c.pseudonym, &c.decisions).await?;
     let at = rules.effective_at(&after, c.now);
     if rules.ends_inclusion(&before, &after, at)
@@ -1625,6 +1693,7 @@ async fn withdraw(
     // Dated no earlier than anything on file, so that it is in force from its commit on,
     // also over a decision another instance committed, dated after this call arrived.
     let history = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
+    check_start(conn, c.registry_id, &c.pseudonym, &history).await?;
     let given_at = rules.effective_at(&history, c.now);
     for &scope in &c.scopes {
         let decision = ConsentDecision {

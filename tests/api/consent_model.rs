@@ -103,7 +103,7 @@ impl Model {
     /// row's eligibility is refreshed from what is on file.
     async fn store(&self, decisions: &[ConsentDecision]) -> Stored {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let pseudonym = format!("R014-CM{n:08}");
+        let pseudonym = format!("R014-V001-CM{n:08}");
         let orphacode = 9_000_000 + n as i64;
         let row = CaseRow {
             birth_year_month: "2001-04".into(),

@@ -157,6 +157,53 @@ async fn every_connection_commits_durably() {
     }
 }
 
+/// Every PostgreSQL session of the service ends a transaction its client left idle (a
+/// dead host would otherwise hold the audit chain's head and its patients' locks, and
+/// every instance's writers behind them, for hours), probes idle connections and reads
+/// at READ COMMITTED unless told otherwise: also when the database's own defaults say
+/// otherwise (`store::PG_SESSION`).
+#[tokio::test]
+async fn every_postgresql_session_ends_abandoned_transactions_whatever_the_defaults() {
+    let app = TestApp::spawn().await;
+    if app.is_sqlite() {
+        return;
+    }
+    let database: String = db::query("SELECT current_database()")
+        .fetch_scalar(app.store.pool())
+        .await
+        .unwrap();
+    for sql in [
+        "SET default_transaction_isolation = 'repeatable read'",
+        "SET idle_in_transaction_session_timeout = 0",
+        "SET tcp_keepalives_idle = 7200",
+    ] {
+        db::query(&format!("ALTER DATABASE \"{database}\" {sql}"))
+            .execute(app.store.pool())
+            .await
+            .unwrap();
+    }
+    let store = ern_registry::store::Store::connect(&app.database_url, 4)
+        .await
+        .unwrap();
+    let mut conn = store.pool().acquire().await.unwrap();
+    for (name, expected) in [
+        ("default_transaction_isolation", "read committed"),
+        ("idle_in_transaction_session_timeout", "1min"),
+    ] {
+        let value: String = db::query(&format!("SHOW {name}"))
+            .fetch_scalar(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(value, expected, "{name}");
+    }
+    // Over TCP (the tests' server listens on loopback), the keepalive settings apply.
+    let idle: String = db::query("SHOW tcp_keepalives_idle")
+        .fetch_scalar(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(idle, "30");
+}
+
 #[test]
 fn settings_that_lose_acknowledged_writes_are_refused() {
     use ern_registry::store::Durability;

@@ -273,3 +273,54 @@ async fn an_invalid_consent_request_spends_no_derivation() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     app.stop().await;
 }
+
+/// A pseudonym taken before a key rotation (the web console's "Find a patient" shows one
+/// for a patient with nothing on file) cannot start that patient after it: ABORTED, with
+/// what to do, and nothing is written. Found again by identifiers, the patient starts
+/// under the new version. (The writer's side, for calls in flight across the rotation:
+/// `write_runs::no_patient_is_started_under_a_key_version_rotated_away`.)
+#[tokio::test]
+async fn a_pseudonym_of_a_rotated_key_version_starts_no_patient() {
+    use ern_registry::keys::MasterSecret;
+    use ern_registry::pseudonym::Pseudonymiser;
+
+    let app = TestApp::spawn().await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let eye = app
+        .store
+        .registry_by_code("ERN-EYE")
+        .await
+        .unwrap()
+        .unwrap();
+    let identity = ern_registry::api::convert::patient_identity(&national("NL", &bsn(5))).unwrap();
+    let found_before = Pseudonymiser::new(&master)
+        .derive(eye.key_ref().unwrap(), &identity)
+        .to_string();
+    assert!(found_before.starts_with("R009-V001-"), "{found_before}");
+    assert_eq!(app.store.rotate_registry_key("ERN-EYE").await.unwrap(), 2);
+
+    let mut officer = app.officer("co-old-pseudonym", &["ERN-EYE"]).await;
+    let mut request = record_request(5, inclusion_granted());
+    request.patient = by_pseudonym(&found_before);
+    let err = officer.record_consent(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    assert!(err.message().contains("rotated"), "{}", err.message());
+    let none = ern_registry::store::db::query("SELECT count(*) FROM patient_keys")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+        .get::<i64>(0);
+    assert_eq!(none, 0);
+
+    let recorded = officer
+        .record_consent(record_request(5, inclusion_granted()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        recorded.pseudonym.starts_with("R009-V002-"),
+        "{}",
+        recorded.pseudonym
+    );
+    app.stop().await;
+}

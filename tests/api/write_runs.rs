@@ -19,8 +19,9 @@ use ern_registry::store::cases::to_row;
 use ern_registry::store::consent::WithdrawalReason;
 use ern_registry::store::db;
 use ern_registry::store::writer::{
-    Command, RecordConsent, SubmitCase, Withdraw, WriteError, Writer,
+    AfterCommit, Command, RecordConsent, SubmitCase, Withdraw, WriteError, Writer,
 };
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::helpers::*;
 
@@ -89,7 +90,7 @@ fn commands(ids: &Ids, now: DateTime<Utc>) -> Vec<Command> {
     let mut out = Vec::new();
     for i in 0..40u32 {
         let patient = i % 15;
-        let pseudonym = format!("R013-run{patient:02}");
+        let pseudonym = format!("R013-V001-run{patient:02}");
         // Genes vary, so that multi-row gene inserts carry 0, 1 or 2 per case.
         record.genetic_findings.truncate(1);
         match i % 3 {
@@ -145,14 +146,14 @@ fn commands(ids: &Ids, now: DateTime<Utc>) -> Vec<Command> {
             // the submissions.
             17 => Command::RecordConsent(RecordConsent {
                 registry_id: ids.registry,
-                pseudonym: "R013-run02".into(),
+                pseudonym: "R013-V001-run02".into(),
                 principal_id: ids.officer,
                 decisions: vec![decision(Scope::ResearchUse, Decision::Granted, now, None)],
                 now,
             }),
             29 => Command::Withdraw(Withdraw {
                 registry_id: ids.registry,
-                pseudonym: "R013-run05".into(),
+                pseudonym: "R013-V001-run05".into(),
                 principal_id: ids.officer,
                 scopes: vec![Scope::RegistryInclusion],
                 reason: WithdrawalReason::PatientRequest,
@@ -453,6 +454,347 @@ async fn a_writer_whose_loop_panics_answers_every_caller_that_it_stopped() {
         .unwrap()
         .get::<i64>(0);
     assert_eq!(cases, 0);
+    drop(writer);
+    app.stop().await;
+}
+
+/// Told of every commit of the writer; while `hold` is set, holds the writer there (its
+/// loop, before it answers or takes more) until released, so that commands sent
+/// meanwhile queue and come as one batch.
+struct Gate {
+    hold: AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+    commits: AtomicUsize,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            hold: AtomicBool::new(false),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+            commits: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl AfterCommit for Gate {
+    fn after_commit<'a>(
+        &'a self,
+        _on: Option<db::Db<'a>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            if self.hold.load(Ordering::SeqCst) {
+                self.entered.notify_one();
+                let _ = self.release.acquire().await;
+            }
+        })
+    }
+}
+
+/// A call in flight across `admin rotate-key` (derived under the old key version, applied
+/// after the rotation) may not start a patient under the old version: a call after the
+/// rotation finds nothing on file under it and starts the same person under the new one,
+/// splitting them across two pseudonyms. So the writer starts a patient only under the
+/// registry's active version, read in its transaction (`store::writer::may_start`): alone
+/// and in a run, by submission, officer decision and withdrawal. Sent again, the call
+/// derives under the new version. A patient on file under the old version goes on there.
+#[tokio::test]
+async fn no_patient_is_started_under_a_key_version_rotated_away() {
+    use ern_registry::outcome::Outcome;
+    use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
+
+    let app = TestApp::spawn().await;
+    let ids = setup(&app).await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let gate = Arc::new(Gate::default());
+    let writer = Writer::start_with(
+        app.store.clone(),
+        1,
+        64,
+        Arc::new(AuditKey::derive(&master)),
+        Arc::new(RegistryConsentRules),
+        Some(gate.clone()),
+    );
+    let pseudonymiser = Pseudonymiser::new(&master);
+    let lung = app
+        .store
+        .registry_by_code("ERN-LUNG")
+        .await
+        .unwrap()
+        .unwrap();
+    let under = |seed: u32, key_version: u16| {
+        let identity = convert::patient_identity(&national("NL", &bsn(seed))).unwrap();
+        let registry = RegistryRef {
+            key_version,
+            ..lung.key_ref().unwrap()
+        };
+        pseudonymiser.derive(registry, &identity).to_string()
+    };
+    let now = fixtures::now();
+    let given = now - Duration::days(1);
+    let submit = |pseudonym: String, centre: usize| {
+        Command::Submit(SubmitCase {
+            registry_id: ids.registry,
+            pseudonym,
+            centre_id: ids.centres[centre],
+            principal_id: ids.physician,
+            consent: vec![decision(
+                Scope::RegistryInclusion,
+                Decision::Granted,
+                given,
+                None,
+            )],
+            row: to_row(&convert::case_record(&fixtures::record(), fixtures::today()).unwrap()),
+            now,
+        })
+    };
+    let record = |pseudonym: String| {
+        Command::RecordConsent(RecordConsent {
+            registry_id: ids.registry,
+            pseudonym,
+            principal_id: ids.officer,
+            decisions: vec![decision(Scope::ResearchUse, Decision::Granted, given, None)],
+            now,
+        })
+    };
+    let withdraw = |pseudonym: String| {
+        Command::Withdraw(Withdraw {
+            registry_id: ids.registry,
+            pseudonym,
+            principal_id: ids.officer,
+            scopes: vec![Scope::Recontact],
+            reason: WithdrawalReason::PatientRequest,
+            receipt_id: "ROTATED-RECEIPT".into(),
+            now,
+        })
+    };
+    let on_file = |pseudonym: String| {
+        let store = app.store.clone();
+        async move {
+            db::query("SELECT count(*) FROM patient_keys WHERE pseudonym = $1")
+                .bind(pseudonym.as_str())
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+                .get::<i64>(0)
+        }
+    };
+
+    // Patient 1 is on file under version 1 before the rotation.
+    writer.execute(submit(under(1, 1), 0), None).await.unwrap();
+    assert_eq!(app.store.rotate_registry_key("ERN-LUNG").await.unwrap(), 2);
+
+    // Patient 2, new, under version 1 after it: refused, whatever the command.
+    for command in [
+        submit(under(2, 1), 0),
+        record(under(2, 1)),
+        withdraw(under(2, 1)),
+    ] {
+        let err = writer.execute(command, None).await.unwrap_err();
+        assert!(matches!(err, WriteError::KeyRotated), "{err:?}");
+        assert_eq!(err.outcome(), Outcome::Aborted);
+    }
+    assert_eq!(on_file(under(2, 1)).await, 0);
+    // In a run of submissions too, next to ones that start under version 2: the writer
+    // is held after its commit of another command while the three queue, then takes
+    // them as one batch (one commit more).
+    gate.hold.store(true, Ordering::SeqCst);
+    let held = tokio::spawn({
+        let writer = writer.clone();
+        let command = record(under(5, 2));
+        async move { writer.execute(command, None).await }
+    });
+    gate.entered.notified().await;
+    let commits = gate.commits.load(Ordering::SeqCst);
+    let results = {
+        let mut run = std::pin::pin!(futures_util::future::join_all(
+            [
+                submit(under(3, 2), 0),
+                submit(under(2, 1), 1),
+                submit(under(4, 2), 0),
+            ]
+            .into_iter()
+            .map(|c| writer.execute(c, None)),
+        ));
+        // One poll sends all three into the queue.
+        std::future::poll_fn(|cx| {
+            assert!(run.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        gate.hold.store(false, Ordering::SeqCst);
+        gate.release.add_permits(1);
+        held.await.unwrap().unwrap();
+        run.await
+    };
+    // The held command's commit, then the three's.
+    assert_eq!(
+        gate.commits.load(Ordering::SeqCst),
+        commits + 1,
+        "one batch"
+    );
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[1], Err(WriteError::KeyRotated)),
+        "{results:?}"
+    );
+    // Sent again as a call after the rotation derives it: under version 2.
+    writer.execute(submit(under(2, 2), 0), None).await.unwrap();
+    assert_eq!(on_file(under(2, 1)).await, 0);
+    assert_eq!(on_file(under(2, 2)).await, 1);
+    // Patient 1 goes on under version 1: another centre's case, an officer's decision.
+    writer.execute(submit(under(1, 1), 1), None).await.unwrap();
+    writer.execute(record(under(1, 1)), None).await.unwrap();
+    assert_eq!(on_file(under(1, 2)).await, 0);
+    drop(writer);
+    app.stop().await;
+}
+
+/// Until its grant shows in `pg_locks`, waits for a transaction waiting for the rotation
+/// lock in `mode` (`ShareLock`: a writer; `ExclusiveLock`: a rotation).
+async fn waiting_for_rotation_lock(probe: &mut sqlx::PgConnection, mode: &str) {
+    use sqlx::Row as _;
+    let (a, b) = ern_registry::store::writer::ROTATION_LOCK;
+    for _ in 0..3000 {
+        let waiting: i64 = sqlx::query(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND classid = $1::oid AND objid = $2::oid AND objsubid = 2 AND mode = $3 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(i64::from(a))
+        .bind(i64::from(b))
+        .bind(mode)
+        .fetch_one(&mut *probe)
+        .await
+        .unwrap()
+        .get(0);
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no transaction came to wait for the rotation lock in {mode}");
+}
+
+/// On PostgreSQL a key rotation and the writers' transactions wait for each other
+/// (`store::writer::ROTATION_LOCK`), so that no transaction reads the active key version
+/// and commits a patient under it after a rotation has committed in between (another
+/// instance could by then have derived under the new version and found nothing). Here a
+/// transaction on a connection of the test's own holds the lock as each side would.
+#[tokio::test]
+async fn a_key_rotation_and_writer_transactions_wait_for_each_other() {
+    use sqlx::{Connection as _, Executor as _};
+    let app = TestApp::spawn().await;
+    if app.store.backend() != ern_registry::store::Backend::Postgres {
+        return;
+    }
+    let ids = setup(&app).await;
+    let (a, b) = ern_registry::store::writer::ROTATION_LOCK;
+    let mut holder = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut probe = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let version = || async {
+        app.store
+            .registry_by_code("ERN-LUNG")
+            .await
+            .unwrap()
+            .unwrap()
+            .active_key_version
+    };
+
+    let master = Arc::new(MasterSecret::load(&app.dir.path().join("master.key")).unwrap());
+    // `admin rotate-key` as the command line runs it, in a task.
+    let rotate = || {
+        let store = app.store.clone();
+        let master = master.clone();
+        tokio::spawn(async move {
+            ern_registry::service::admin::run_action(
+                &store,
+                &master,
+                "test-operator",
+                ern_registry::service::admin::AdminAction::RotateKey {
+                    registry: "ERN-LUNG".into(),
+                },
+            )
+            .await
+        })
+    };
+
+    // A writer's transaction in progress: the rotation waits for its end. Meanwhile the
+    // writer appends its audit entries (the chain's head, which the rotation's own entry
+    // needs too): taken in that order by both, the two would wait for each other.
+    holder.execute("BEGIN").await.unwrap();
+    holder
+        .execute(format!("SELECT pg_advisory_xact_lock_shared({a}, {b})").as_str())
+        .await
+        .unwrap();
+    let rotation = rotate();
+    waiting_for_rotation_lock(&mut probe, "ExclusiveLock").await;
+    assert_eq!(version().await, 1);
+    holder
+        .execute("UPDATE audit_head SET seq = seq WHERE id = 1")
+        .await
+        .unwrap();
+    holder.execute("COMMIT").await.unwrap();
+    assert!(rotation.await.unwrap().is_ok());
+    assert_eq!(version().await, 2);
+
+    // A writer's transaction that does not end: the rotation gives up (and with it the
+    // writes queued behind it go on), changing nothing, with a message saying so.
+    holder.execute("BEGIN").await.unwrap();
+    holder
+        .execute(format!("SELECT pg_advisory_xact_lock_shared({a}, {b})").as_str())
+        .await
+        .unwrap();
+    let refused = rotate().await.unwrap().err().expect("the rotation gave up");
+    assert_eq!(
+        refused.outcome,
+        ern_registry::outcome::Outcome::Unavailable,
+        "{}",
+        refused.message
+    );
+    assert!(
+        refused.message.contains("did not end"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(version().await, 2);
+    holder.execute("COMMIT").await.unwrap();
+
+    // A rotation in progress: a writer's transaction about a patient waits for its commit.
+    holder.execute("BEGIN").await.unwrap();
+    holder
+        .execute(format!("SELECT pg_advisory_xact_lock({a}, {b})").as_str())
+        .await
+        .unwrap();
+    let writer = Writer::start(
+        app.store.clone(),
+        1,
+        64,
+        Arc::new(AuditKey::derive(&master)),
+        Arc::new(RegistryConsentRules),
+    );
+    let now = fixtures::now();
+    let command = Command::RecordConsent(RecordConsent {
+        registry_id: ids.registry,
+        pseudonym: "R013-V002-waits".into(),
+        principal_id: ids.officer,
+        decisions: vec![decision(Scope::ResearchUse, Decision::Granted, now, None)],
+        now,
+    });
+    let write = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.execute(command, None).await }
+    });
+    waiting_for_rotation_lock(&mut probe, "ShareLock").await;
+    holder.execute("COMMIT").await.unwrap();
+    write.await.unwrap().unwrap();
     drop(writer);
     app.stop().await;
 }

@@ -83,7 +83,9 @@ class CaseServiceServicer:
         INVALID_ARGUMENT (all field violations of the format checks; those against the code
         releases below come in a second round, for a request that passes the first) for a
         bad record, ALREADY_EXISTS if the centre already has a case for this patient in the
-        registry (use UpdateCase).
+        registry (use UpdateCase). ABORTED (nothing stored) for a patient new to the registry
+        when its pseudonym key was rotated while the call was in flight: send it again
+        (docs/pseudonyms.md, "Key rotation").
 
         Codes are checked against the code releases in force (docs/codes.md): an Orphacode,
         HPO term or HGNC symbol the release does not hold as current is a violation of its

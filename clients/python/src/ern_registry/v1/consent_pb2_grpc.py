@@ -75,7 +75,11 @@ class ConsentServiceServicer:
         REGISTRY_INCLUSION that would end the inclusion in force (or refuse it over an
         inclusion that expired) while the registry holds the patient's record fails with
         FAILED_PRECONDITION: use WithdrawConsent, which erases it and gives a receipt. One
-        dated before the decision in force does not end it and is recorded.
+        dated before the decision in force does not end it and is recorded. The first
+        decision for a patient (here or in WithdrawConsent) is recorded only under the
+        registry's active pseudonym key version: ABORTED, nothing recorded, when the key
+        was rotated while the call was in flight (send it again) or the pseudonym given is
+        of an earlier version (name the patient by identifiers, or find them again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
