@@ -219,17 +219,27 @@ impl Form {
             .map_or("", |(_, v)| v.trim())
     }
 
+    /// The value of `name` (the first) as sent, untrimmed: a password, whose spaces are
+    /// part of it (`admin set-password` keeps them); "" when absent.
+    fn raw(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
     fn has(&self, name: &str) -> bool {
         !self.get(name).is_empty()
     }
 
     /// The form without the fields whose names `drop` accepts (to repeat it in hidden
     /// fields).
-    fn hidden_except(&self, drop: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+    /// The values are copies, wiped on drop like the form's own.
+    fn hidden_except(&self, drop: impl Fn(&str) -> bool) -> Vec<(String, Zeroizing<String>)> {
         self.0
             .iter()
             .filter(|(k, _)| !drop(k))
-            .map(|(k, v)| (k.clone(), v.to_string()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 }
@@ -336,6 +346,17 @@ async fn conclude(st: &St, call: Call, result: Result<Response, ServiceError>) -
         (Ok(()), Ok(page)) => page,
         (Err(_), Ok(_)) => error_page(&ServiceError::Unavailable),
         (_, Err(err)) => error_page(&err),
+    }
+}
+
+/// [`conclude`] for a form refused as invalid, answered with `page` (the form again, its
+/// errors next to the fields): shown only once its entry is committed, like any page.
+async fn conclude_invalid(st: &St, call: Call, page: Response) -> Response {
+    metrics::counter!("ern_console_requests_total", "action" => call.method().to_owned(), "outcome" => Outcome::InvalidArgument.name())
+        .increment(1);
+    match st.record(call, Outcome::InvalidArgument).await {
+        Ok(()) => page,
+        Err(_) => error_page(&ServiceError::Unavailable),
     }
 }
 
@@ -450,7 +471,7 @@ async fn sign_in(
         );
     }
     let name = form.get("name").to_owned();
-    let password = SecretString::from(form.get("password").to_owned());
+    let password = SecretString::from(form.raw("password").to_owned());
     let mut call = Call::new("Console/SignIn");
     let result = console_service::sign_in(
         &st,
@@ -628,8 +649,7 @@ async fn officer_patient(
                 StatusCode::BAD_REQUEST,
                 pages::officer_find(&ctx, &registries, &form, &Errors::from(&v)),
             );
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
+            conclude_invalid(&st, ctx.call, page).await
         }
         Err(e) => conclude(&st, ctx.call, Err(e)).await,
     }
@@ -749,8 +769,7 @@ async fn refused_form(st: &St, mut ctx: Ctx, form: &Form, v: &FieldViolations) -
         ),
         Err(e) => return conclude(st, ctx.call, Err(e)).await,
     };
-    let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-    page
+    conclude_invalid(st, ctx.call, page).await
 }
 
 async fn reopen_patient(
@@ -848,7 +867,7 @@ async fn receipt_page(
     }
     html(
         StatusCode::OK,
-        pages::receipt_lookup(&ctx, "", &Errors::default()),
+        pages::receipt_lookup(&ctx, &Errors::default()),
     )
 }
 
@@ -869,12 +888,12 @@ async fn receipt_lookup(
             "receipt_id",
             "must be a receipt id as issued: \"rcpt-\" and 32 hex digits",
         );
+        // Empty again, like every form with an error: what was typed is not shown back.
         let page = html(
             StatusCode::BAD_REQUEST,
-            pages::receipt_lookup(&ctx, id, &Errors::from(&v)),
+            pages::receipt_lookup(&ctx, &Errors::from(&v)),
         );
-        let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-        return page;
+        return conclude_invalid(&st, ctx.call, page).await;
     }
     let result = consent_service::receipt(&st, &ctx.principal, id)
         .await
@@ -1178,8 +1197,7 @@ async fn count(
                 StatusCode::BAD_REQUEST,
                 pages::research_form(&ctx, &registries, &form, &Errors::from(&v)),
             );
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
+            conclude_invalid(st, ctx.call, page).await
         }
         Err(e) => conclude(st, ctx.call, Err(e)).await,
     }
@@ -1258,8 +1276,7 @@ async fn research_delay(
                 StatusCode::BAD_REQUEST,
                 pages::research_form(&ctx, &registries, &form, &Errors::from(&v)),
             );
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
+            conclude_invalid(&st, ctx.call, page).await
         }
         Err(e) => conclude(&st, ctx.call, Err(e)).await,
     }
@@ -1338,8 +1355,7 @@ async fn expertise(
                 StatusCode::BAD_REQUEST,
                 pages::expertise(&ctx, form.get("orphacodes"), None, &Errors::from(&v)),
             );
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
+            conclude_invalid(&st, ctx.call, page).await
         }
         Err(e) => conclude(&st, ctx.call, Err(e)).await,
     }
@@ -1402,8 +1418,7 @@ async fn case_read(
                 StatusCode::BAD_REQUEST,
                 pages::case_form(&ctx, &registries, form.get("registry"), &Errors::from(&v)),
             );
-            let _ = st.record(ctx.call, Outcome::InvalidArgument).await;
-            page
+            conclude_invalid(&st, ctx.call, page).await
         }
         Err(e) => conclude(&st, ctx.call, Err(e)).await,
     }
@@ -1550,9 +1565,12 @@ mod tests {
             "outline",
         ));
         let header_focus = colour(&declared("header a:focus, header button:focus", "outline"));
+        let skip_focus = colour(&declared(".skip:focus", "outline"));
         for (what, ring, around) in [
             ("focus in the page", focus, page),
             ("focus in the header", header_focus, header),
+            // Shown at the top, over the header, outside it in the markup.
+            ("the skip link's focus", skip_focus, header),
         ] {
             let ratio = contrast(ring, around);
             assert!(ratio >= 3.0, "{what}: {ratio:.2}:1 is below 3:1");

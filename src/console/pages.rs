@@ -148,7 +148,10 @@ fn csrf(ctx: &Ctx) -> Markup {
     html! { input type="hidden" name="csrf" value=(ctx.csrf); }
 }
 
-/// A labelled text input with its error (if any) next to it.
+/// A labelled text input with its error (if any) next to it. The browser is asked not to
+/// keep what is typed (`autocomplete="off"`): these fields take patients' identifiers,
+/// pseudonyms and receipt ids, which a shared workstation's form history would offer to
+/// the next user.
 fn input(label: &str, name: &str, kind: &str, value: &str, errors: &Errors) -> Markup {
     let id = name.replace(['.', '[', ']'], "-");
     let error = errors.of(name);
@@ -156,10 +159,10 @@ fn input(label: &str, name: &str, kind: &str, value: &str, errors: &Errors) -> M
     html! {
         label for=(id) { (label) }
         @if let Some(e) = &error {
-            input id=(id) type=(kind) name=(name) value=(value) aria-invalid="true" aria-describedby=(error_id);
+            input id=(id) type=(kind) name=(name) value=(value) autocomplete="off" aria-invalid="true" aria-describedby=(error_id);
             span.error id=(error_id) { (e) }
         } @else {
-            input id=(id) type=(kind) name=(name) value=(value);
+            input id=(id) type=(kind) name=(name) value=(value) autocomplete="off";
         }
     }
 }
@@ -441,9 +444,10 @@ pub fn officer_patient(
         h2 { "Withdraw consent" }
         form.stack method="post" action="/officer/withdraw" {
             (patient_hidden(ctx, registry, pseudonym))
-            fieldset {
+            @let scopes_error = errors.of("scopes");
+            fieldset aria-describedby=[scopes_error.as_ref().map(|_| "scopes-error")] {
                 legend { "Scopes to withdraw" }
-                @if let Some(e) = errors.of("scopes") { p.error { (e) } }
+                @if let Some(e) = &scopes_error { p.error id="scopes-error" { (e) } }
                 @for s in Scope::ALL {
                     @let id = format!("w-{}", s.as_str());
                     div {
@@ -488,7 +492,7 @@ pub fn confirm_withdrawal(
             p.notice { "No clinical data is erased: REGISTRY_INCLUSION is not withdrawn. From now on the withdrawn scopes are no longer in force." }
         }
         form method="post" action="/officer/withdraw" {
-            @for (k, v) in &keep { input type="hidden" name=(k) value=(v); }
+            @for (k, v) in &keep { input type="hidden" name=(k) value=(v.as_str()); }
             input type="hidden" name="confirm" value="yes";
             button.danger type="submit" { @if erases { "Withdraw and erase" } @else { "Withdraw" } }
         }
@@ -524,14 +528,15 @@ pub fn receipt(ctx: &Ctx, r: &Receipt, fresh: bool) -> Markup {
     page("Erasure receipt", Some(ctx), body)
 }
 
-pub fn receipt_lookup(ctx: &Ctx, id: &str, errors: &Errors) -> Markup {
+/// The receipt lookup form, always empty (after an error too: nothing typed is shown back).
+pub fn receipt_lookup(ctx: &Ctx, errors: &Errors) -> Markup {
     page(
         "Erasure receipts",
         Some(ctx),
         html! {
             form.stack method="post" action="/officer/receipt" {
                 (csrf(ctx))
-                (input("Receipt id (rcpt-…)", "receipt_id", "text", id, errors))
+                (input("Receipt id (rcpt-…)", "receipt_id", "text", "", errors))
                 button type="submit" { "Show the receipt" }
             }
         },
@@ -694,7 +699,7 @@ pub fn research_form(ctx: &Ctx, registries: &[String], form: &Form, errors: &Err
                 (csrf(ctx))
                 (select("Registry", "registry", &regs, form.get("registry"), errors))
                 fieldset {
-                    legend { "Group by (1 to 4; the first is the rows; the diagnostic delay uses the first 3)" }
+                    legend { "Group by (up to 4, none for the total alone; the first is the rows; the diagnostic delay uses the first 3)" }
                     @for i in 0..MAX_COUNT_DIMENSIONS {
                         @let name = format!("group_by[{i}]");
                         (select(&format!("Dimension {}", i + 1), &name, &dims, form.get(&name), errors))
@@ -798,7 +803,7 @@ pub fn count_table(
             }
         }
         form method="post" action="/research/count.csv" {
-            @for (k, v) in &keep { input type="hidden" name=(k) value=(v); }
+            @for (k, v) in &keep { input type="hidden" name=(k) value=(v.as_str()); }
             button type="submit" { "Download as CSV" }
         }
         p { a href="/research" { "Ask another question" } }

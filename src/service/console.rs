@@ -403,7 +403,11 @@ pub async fn sign_in(
         .as_ref()
         .and_then(|c| c.password_hash.as_deref())
         .unwrap_or(decoy_hash());
-    let password_ok = verify_password(auth, input.password, hash).await?;
+    // Refused as busy (both Argon2 runs taken), the attempt is charged to the address as
+    // on gRPC: otherwise a flood behind a few slow attempts would be refused for free.
+    let password_ok = verify_password(auth, input.password, hash)
+        .await
+        .inspect_err(|_| services.refusals.charge(input.peer))?;
     let step = match (&credentials, password_ok) {
         (Some(cred), true) if cred.password_hash.is_some() && !cred.disabled => {
             match &cred.totp_sealed {

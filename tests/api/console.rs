@@ -387,6 +387,119 @@ async fn guessed_six_times(web: &mut Web, name: &str) -> (u16, String) {
     (page.status, page.body)
 }
 
+/// A password is taken as it was set: `admin set-password` keeps leading and trailing
+/// spaces, and so does the sign-in form (a password set so could never be used before).
+#[tokio::test]
+async fn a_password_with_spaces_at_its_ends_signs_in() {
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(&app, "padded", Role::ConsentOfficer, None, &["ERN-EYE"]).await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let padded = "  correct horse battery  ";
+    run_action(
+        &app.store,
+        &master,
+        "admin-cli:test",
+        AdminAction::SetPassword {
+            principal: "padded".into(),
+            password: SecretString::from(padded.to_owned()),
+        },
+    )
+    .await
+    .unwrap();
+    let mut web = Web::new(app.console.unwrap());
+    let sign_in = |password: &'static str| {
+        let code = current_code(&secret, app.clock.now());
+        (password, code)
+    };
+    // Trimmed, it is another password: refused.
+    let (password, code) = sign_in("correct horse battery");
+    let csrf = web.get("/sign-in").await.csrf();
+    let refused = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", &csrf),
+                ("name", "padded"),
+                ("password", password),
+                ("code", &code),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let (password, code) = sign_in(padded);
+    let csrf = web.get("/sign-in").await.csrf();
+    let home = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", &csrf),
+                ("name", "padded"),
+                ("password", password),
+                ("code", &code),
+            ],
+        )
+        .await;
+    assert_eq!(home.status, 303, "{}", home.body);
+    app.stop().await;
+}
+
+/// A sign-in refused because both Argon2 runs are taken (503) is charged to the address
+/// like any other refusal, as on gRPC: a flood sent behind a few slow attempts is not
+/// refused for free. Two dozen attempts at once, under as many names (no name is held
+/// back), against an allowance of 6 a minute: every one is charged, so the next attempt
+/// from the address is refused before any check.
+#[tokio::test]
+async fn sign_ins_refused_as_busy_are_charged_to_the_address() {
+    let app = console_app(ServeArgs {
+        refusals_per_peer_per_minute: 6,
+        ..Default::default()
+    })
+    .await;
+    let addr = app.console.unwrap();
+    let mut webs = Vec::new();
+    for _ in 0..24 {
+        let mut web = Web::new(addr);
+        let csrf = web.get("/sign-in").await.csrf();
+        webs.push((web, csrf));
+    }
+    let pages = futures_util::future::join_all(webs.iter_mut().enumerate().map(
+        |(i, (web, csrf))| async move {
+            let name = format!("nobody-{i}");
+            web.post(
+                "/sign-in",
+                &[
+                    ("csrf", csrf.as_str()),
+                    ("name", name.as_str()),
+                    ("password", "guess guess guess"),
+                    ("code", "123456"),
+                ],
+            )
+            .await
+        },
+    ))
+    .await;
+    let statuses: Vec<u16> = pages.iter().map(|p| p.status).collect();
+    assert!(
+        statuses.contains(&503),
+        "no attempt found both runs taken: {statuses:?}"
+    );
+    let mut web = Web::new(addr);
+    let csrf = web.get("/sign-in").await.csrf();
+    let next = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", csrf.as_str()),
+                ("name", "nobody-else"),
+                ("password", "guess guess guess"),
+                ("code", "123456"),
+            ],
+        )
+        .await;
+    assert_eq!(next.status, 429, "after {statuses:?}: {}", next.body);
+    app.stop().await;
+}
+
 /// Being held back tells nothing about the name: a console user, a principal without
 /// console credentials and a name of nobody are held back alike after five failures, with
 /// the same page. The names tried are not kept readable, and a name's failures are
@@ -671,6 +784,14 @@ async fn every_response_carries_the_security_headers() {
         assert_eq!(h("referrer-policy").as_deref(), Some("no-referrer"));
         assert_eq!(h("x-content-type-options").as_deref(), Some("nosniff"));
         assert_eq!(h("cache-control").as_deref(), Some("no-store"));
+        assert_eq!(
+            h("cross-origin-opener-policy").as_deref(),
+            Some("same-origin")
+        );
+        assert_eq!(
+            h("cross-origin-resource-policy").as_deref(),
+            Some("same-origin")
+        );
         assert!(!page.body.contains("<script"));
         assert!(!page.body.contains("style=\""));
     }
@@ -695,6 +816,109 @@ pub fn error_next_to(page: &Page, field: &str, message: &str) -> bool {
             .unwrap()
             .contains(message)
     })
+}
+
+async fn sql(app: &TestApp, sql: &str) {
+    app.store
+        .pool()
+        .execute_raw(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// An invalid form is answered with the form again and, for a patient's page, the
+/// patient's consent history: shown only once the refusal's audit entry is committed,
+/// like any page that reads (here the entry cannot be written, and the page is not shown).
+#[tokio::test]
+async fn an_invalid_form_shows_nothing_the_audit_log_does_not_record() {
+    let (app, mut web, secret) = officer_app().await;
+    let mut physician = app.physician("dr-eye", "NL-AMC").await;
+    let pseudonym = physician
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(31))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let find = web.get("/officer").await;
+    let csrf = find.csrf();
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("registry", "ERN-EYE"),
+        ("pseudonym", pseudonym.as_str()),
+        ("scope", "registry_inclusion"),
+        ("decision", "granted"),
+        ("form_version", "v2"),
+        ("given_at", "2999-01-01"),
+    ];
+    // Recorded: the form again, with the history (the physician's attestation).
+    let shown = web.post("/officer/record", &fields).await;
+    assert_eq!(shown.status, 400, "{}", shown.body);
+    assert!(shown.body.contains("<h2>History</h2>"), "{}", shown.body);
+    if app.is_sqlite() {
+        sql(
+            &app,
+            "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+             WHEN NEW.method = 'Console/RecordConsent' \
+             BEGIN SELECT RAISE(ABORT, 'audit blocked'); END;",
+        )
+        .await;
+    } else {
+        sql(
+            &app,
+            "CREATE FUNCTION audit_fail() RETURNS trigger AS $$ \
+             BEGIN IF NEW.method = 'Console/RecordConsent' THEN \
+             RAISE EXCEPTION 'audit blocked'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+             FOR EACH ROW EXECUTE FUNCTION audit_fail();",
+        )
+        .await;
+    }
+    let withheld = web.post("/officer/record", &fields).await;
+    assert_eq!(withheld.status, 503, "{}", withheld.body);
+    assert!(
+        !withheld.body.contains("<h2>History</h2>") && !withheld.body.contains(&pseudonym),
+        "{}",
+        withheld.body
+    );
+    app.stop().await;
+}
+
+/// The tag of the input named `name` on `page`.
+fn input_tag<'a>(page: &'a Page, name: &str) -> &'a str {
+    let at = page
+        .body
+        .find(&format!("name=\"{name}\""))
+        .unwrap_or_else(|| panic!("no input {name}"));
+    let start = page.body[..at].rfind('<').unwrap();
+    let end = at + page.body[at..].find('>').unwrap();
+    &page.body[start..=end]
+}
+
+/// What an officer types to find a patient (identifiers, a pseudonym) or a receipt is not
+/// kept in the browser's form history, for the next user of a shared workstation.
+#[tokio::test]
+async fn the_browser_is_asked_not_to_keep_identifiers_typed_into_the_console() {
+    let (app, mut web, secret) = officer_app().await;
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let find = web.get("/officer").await;
+    for name in [
+        "national.issuing_country",
+        "national.value",
+        "demographic.given_names",
+        "demographic.family_name",
+        "demographic.date_of_birth",
+        "demographic.place_of_birth",
+        "demographic.country_of_birth",
+        "pseudonym",
+    ] {
+        let tag = input_tag(&find, name);
+        assert!(tag.contains("autocomplete=\"off\""), "{tag}");
+    }
+    let receipts = web.get("/officer/receipt").await;
+    let tag = input_tag(&receipts, "receipt_id");
+    assert!(tag.contains("autocomplete=\"off\""), "{tag}");
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -789,6 +1013,29 @@ async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
     let mut submission = submission("ERN-EYE", national("NL", &canary));
     submission.consent.clear();
     physician.submit_case(submission).await.unwrap();
+    // Withdraw with no scope ticked: the error is tied to the check boxes' group.
+    let no_scope = web
+        .post(
+            "/officer/withdraw",
+            &[
+                ("csrf", &found.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", &pseudonym),
+                ("reason", "patient_request"),
+            ],
+        )
+        .await;
+    assert_eq!(no_scope.status, 400, "{}", no_scope.body);
+    assert!(
+        no_scope
+            .body
+            .contains("<fieldset aria-describedby=\"scopes-error\">")
+            && no_scope
+                .body
+                .contains("<p class=\"error\" id=\"scopes-error\">"),
+        "{}",
+        no_scope.body
+    );
     // Withdraw: first the confirmation, saying what is erased.
     let confirm = web
         .post(
