@@ -1566,11 +1566,13 @@ mod tests {
         ));
         let header_focus = colour(&declared("header a:focus, header button:focus", "outline"));
         let skip_focus = colour(&declared(".skip:focus", "outline"));
+        let skip = colour(&declared(".skip", "background"));
+        assert!(declared(".skip:focus", "outline-offset").starts_with('-'));
         for (what, ring, around) in [
             ("focus in the page", focus, page),
             ("focus in the header", header_focus, header),
-            // Shown at the top, over the header, outside it in the markup.
-            ("the skip link's focus", skip_focus, header),
+            // Drawn inside the link (a negative offset), whatever lies around it.
+            ("the skip link's focus", skip_focus, skip),
         ] {
             let ratio = contrast(ring, around);
             assert!(ratio >= 3.0, "{what}: {ratio:.2}:1 is below 3:1");

@@ -165,15 +165,15 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
-    /// Whether the error says the database cannot be reached *now*, so that the same call
-    /// may well succeed in a moment (the API answers UNAVAILABLE with a retry hint, never
-    /// INTERNAL): see [`unreachable_now`].
     /// Whether a lock was not granted within the transaction's `lock_timeout`
     /// (PostgreSQL's `lock_not_available`): the rotation lock, `admin::lock_rotation`.
     pub fn is_lock_timeout(&self) -> bool {
         matches!(self, StoreError::Database(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03"))
     }
 
+    /// Whether the error says the database cannot be reached *now*, so that the same call
+    /// may well succeed in a moment (the API answers UNAVAILABLE with a retry hint, never
+    /// INTERNAL): see [`unreachable_now`].
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(err) => unreachable_now(err),
@@ -417,13 +417,19 @@ impl Backend {
 ///   (hours, by default). Nothing of the service leaves a transaction idle for long:
 ///   its statements follow each other at the speed of the code between them;
 /// - the server probes an idle connection after 30 s, every 10 s, and drops it after 3
-///   unanswered probes (TCP keepalive; ignored on a Unix socket);
+///   unanswered probes (TCP keepalive), and drops one whose data it sent stays
+///   unacknowledged for 60 s (`tcp_user_timeout`: a backend sending to a dead client is
+///   busy, not idle in its transaction); both ignored on a Unix socket;
 /// - READ COMMITTED unless a transaction says otherwise: the writer's sets it itself;
 ///   the others (an admin action, the entries of failed writes) append to the audit
 ///   chain with `UPDATE … RETURNING` on its head, which under REPEATABLE READ would fail
 ///   when another transaction appended first.
-const PG_SESSION: [(&str, &str); 5] = [
+///
+/// They are sent as startup options (`-c name=value`), after any the database URL or
+/// `PGOPTIONS` gives, so they win over those.
+const PG_SESSION: [(&str, &str); 6] = [
     ("idle_in_transaction_session_timeout", "60s"),
+    ("tcp_user_timeout", "60000"),
     ("tcp_keepalives_idle", "30"),
     ("tcp_keepalives_interval", "10"),
     ("tcp_keepalives_count", "3"),

@@ -1104,6 +1104,10 @@ async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
         .await;
     assert_eq!(bad_id.status, 400);
     assert!(error_next_to(&bad_id, "receipt_id", "must be a receipt id"));
+    assert!(
+        !bad_id.body.contains("rcpt-nope"),
+        "what was typed is not shown back"
+    );
     // Audited as the console's actions, by the officer.
     let methods: Vec<String> = db::query(
         "SELECT method FROM audit_log WHERE principal = 'officer-eye' AND outcome = 'OK' ORDER BY seq",
