@@ -476,14 +476,14 @@ pub enum AuditCommand {
 pub struct MasterArgs {
     /// Master key file. Default: <data dir>/master.key (with a passphrase, its parameter
     /// file master.kdf beside it).
-    #[arg(long, env = "ERN_MASTER_KEY_FILE")]
+    #[arg(long, env = "ERN_MASTER_KEY_FILE", global = true)]
     pub master_key_file: Option<PathBuf>,
     /// File holding the master passphrase (first line); see `serve --help`.
-    #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE")]
+    #[arg(long, env = "ERN_MASTER_PASSPHRASE_FILE", global = true)]
     pub master_passphrase_file: Option<PathBuf>,
     /// Argon2id parameter file of the passphrase, as `serve` is given it. Default:
     /// master.kdf next to the master key file.
-    #[arg(long, env = "ERN_MASTER_KDF_FILE")]
+    #[arg(long, env = "ERN_MASTER_KDF_FILE", global = true)]
     pub master_kdf_file: Option<PathBuf>,
 }
 
@@ -521,7 +521,8 @@ pub enum CodesCommand {
 #[derive(Debug, Subcommand)]
 pub enum ImportRelease {
     /// The Human Phenotype Ontology: hp.obo, optionally with phenotype.hpoa and
-    /// genes_to_phenotype.txt of the same release (checked against it).
+    /// genes_to_phenotype.txt of the same release (phenotype.hpoa is checked against it by
+    /// its #version; genes_to_phenotype.txt carries none).
     Hpo {
         /// hp.obo.
         #[arg(long)]
@@ -717,6 +718,40 @@ mod tests {
             redact_url("sqlite://data/registry.db"),
             "sqlite://data/registry.db"
         );
+    }
+
+    /// The master-key flags are taken after the system word of `codes import` too, as
+    /// docs/codes.md writes them (global: also on the command that has a subcommand).
+    #[test]
+    fn codes_import_takes_the_master_key_flags_after_its_system() {
+        for args in [
+            [
+                "ern-registry",
+                "codes",
+                "import",
+                "hpo",
+                "--obo",
+                "hp.obo",
+                "--master-key-file",
+                "k",
+            ],
+            [
+                "ern-registry",
+                "codes",
+                "import",
+                "--master-key-file",
+                "k",
+                "hpo",
+                "--obo",
+                "hp.obo",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let Command::Codes(CodesCommand::Import { master, .. }) = cli.command else {
+                panic!("expected codes import")
+            };
+            assert_eq!(master.master_key_file, Some(PathBuf::from("k")), "{args:?}");
+        }
     }
 
     #[test]

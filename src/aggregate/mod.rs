@@ -255,6 +255,12 @@ impl TableBuilder {
         Self::default()
     }
 
+    /// How many groups were added.
+    #[cfg(test)]
+    pub(crate) fn groups(&self) -> usize {
+        self.counts.len()
+    }
+
     /// Adds one group; fails once the table could no longer be published.
     pub fn add(&mut self, mut keys: Vec<Key>, count: u64) -> Result<(), QueryError> {
         let row_key = if keys.is_empty() {

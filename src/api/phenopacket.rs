@@ -446,8 +446,19 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
     }
     let mut onset_extension = None;
     let mut status_extension = None;
+    let mut seen: Vec<&str> = Vec::new();
     for (i, reference) in extensions {
         let path = format!("{ROOT}.metaData.externalReferences[{i}].description");
+        // Each of the registry's references once: a second would silently replace the
+        // first.
+        if seen.contains(&reference.id.as_str()) {
+            v.push(
+                format!("{ROOT}.metaData.externalReferences[{i}].id"),
+                "is given twice: each of the registry's references appears once",
+            );
+            continue;
+        }
+        seen.push(reference.id.as_str());
         match reference.id.as_str() {
             EXT_DIAGNOSIS_DATE => {
                 r.diagnosis_date = reference.description.clone();
@@ -1235,6 +1246,19 @@ mod tests {
         assert!(convert::case_record(r, today()).is_ok());
         let text = format!("{r:?}");
         assert!(!text.contains("patient-7") && !text.contains("local-123"));
+    }
+
+    /// A registry reference given twice is a violation, not the last one winning.
+    #[test]
+    fn a_registry_reference_given_twice_is_a_violation() {
+        let json = CASE.replace(
+            r#"{ "id": "PMID:123", "description": "a paper" }"#,
+            r#"{ "id": "ern-registry:diagnosis-date", "description": "2017-01-01" }"#,
+        );
+        assert_eq!(
+            fields(&json),
+            ["phenopacket.metaData.externalReferences[1].id"]
+        );
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub enum Source {
         obo: PathBuf,
         /// `phenotype.hpoa`: checked to be of the same release (its `#version`).
         hpoa: Option<PathBuf>,
-        /// `genes_to_phenotype.txt`: checked to name only terms of the ontology.
+        /// `genes_to_phenotype.txt`: each line must name an `HP:` term (the file carries
+        /// no release to compare).
         genes_to_phenotype: Option<PathBuf>,
     },
     Orphanet {

@@ -38,6 +38,10 @@ use crate::store::{Registry, Store, StoreError};
 /// the writer's commits, and otherwise reachable only by the use cases of this module.
 pub struct ResearchIndex {
     index: Arc<index::Index>,
+    /// Scans of the index at once: one per core. A scan runs on a blocking thread; without
+    /// a bound, a flood of queries (each within its principal's limit, from many
+    /// principals) would take as many threads, and the memory of their counts, at once.
+    scans: Arc<tokio::sync::Semaphore>,
 }
 
 impl ResearchIndex {
@@ -65,8 +69,10 @@ impl ResearchIndex {
             seconds,
             "research index loaded"
         );
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Ok(ResearchIndex {
             index: Arc::new(index),
+            scans: Arc::new(tokio::sync::Semaphore::new(cores)),
         })
     }
 
@@ -82,13 +88,20 @@ impl ResearchIndex {
     ) -> Result<T, ResearchError> {
         self.index.catch_up().await?;
         let index = Arc::clone(&self.index);
-        tokio::task::spawn_blocking(move || query(&index))
-            .await
-            .map_err(|_| {
-                ResearchError::Store(StoreError::Invalid(
-                    "a research index query panicked".into(),
-                ))
-            })?
+        // Waits in turn (the call's deadline bounds the wait); never closed.
+        let permit = Arc::clone(&self.scans).acquire_owned().await.map_err(|_| {
+            ResearchError::Store(StoreError::Invalid("the research index is closed".into()))
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            query(&index)
+        })
+        .await
+        .map_err(|_| {
+            ResearchError::Store(StoreError::Invalid(
+                "a research index query panicked".into(),
+            ))
+        })?
     }
 }
 
@@ -265,7 +278,9 @@ fn expand(
                     .expand(CodeSystem::Orphanet, &format!("ORPHA:{n}"), true)
                     .ok_or_else(|| {
                         ServiceError::Precondition(
-                            "no Orphanet release with its classifications is in force, so                              Orphacodes cannot stand for their subtypes: ask without                              include_descendants"
+                            "no Orphanet release with its classifications is in force, so \
+                             Orphacodes cannot stand for their subtypes: ask without \
+                             include_descendants"
                                 .into(),
                         )
                     })?,
@@ -289,11 +304,21 @@ fn expand(
         if along.phenotype_descendants {
             let Some(release) = catalog.release(CodeSystem::Hpo) else {
                 return Err(ServiceError::Precondition(
-                    "no HPO release is in force, so a term cannot stand for its                      descendants: ask without include_descendants"
+                    "no HPO release is in force, so a term cannot stand for its \
+                     descendants: ask without include_descendants"
                         .into(),
                 ));
             };
-            let mut terms: Vec<String> = Vec::new();
+            // Each term asked for stands for itself (what is stored under it, also when the
+            // release does not know it), for the term the release stores it as (an
+            // alternative id, an obsolete term's replacement), and for the terms below.
+            let mut roots = roots;
+            for root in roots.clone() {
+                if let crate::domain::Lookup::Replaced { by, .. } = release.lookup(&root, true) {
+                    roots.push(by);
+                }
+            }
+            let mut terms: Vec<String> = roots.clone();
             for root in &roots {
                 for t in release.descendants(root) {
                     terms.push(t.to_owned());

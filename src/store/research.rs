@@ -224,24 +224,26 @@ fn grouped(sel: &Selection, extra_select: &str, extra_group: &[&str], extra_wher
         } else {
             roots.join(", ")
         };
-        let terms = match f.descendants_in {
-            None => roots,
+        // The roots themselves, also those the release does not know; with descendants,
+        // every term below them in the release.
+        let below = match f.descendants_in {
+            None => String::new(),
             Some(release) => {
                 let release = sql.param(&Key::Int(release)).expect("an integer binds");
                 format!(
-                    "WITH RECURSIVE d (code) AS ( \
+                    " OR h.term IN (WITH RECURSIVE d (code) AS ( \
                          SELECT t.code FROM code_terms t \
                          WHERE t.release_id = {release} AND t.code IN ({roots}) \
                          UNION \
                          SELECT c.code FROM code_parents c JOIN d ON c.parent = d.code \
                          WHERE c.release_id = {release}) \
-                     SELECT code FROM d"
+                     SELECT code FROM d)"
                 )
             }
         };
         conditions.push(format!(
             "EXISTS (SELECT 1 FROM case_phenotypes h WHERE h.case_id = p.case_id \
-             AND h.version = p.version AND h.term IN ({terms}))"
+             AND h.version = p.version AND (h.term IN ({roots}){below}))"
         ));
     }
     let groups: Vec<String> = sel.group_by.iter().map(|d| expression(*d)).collect();

@@ -375,6 +375,16 @@ async fn ontology_answers(research: &mut Research) -> Vec<String> {
             ],
             vec![Dimension::Gene],
         ),
+        // An alternative id of Seizure, with descendants: Seizure's.
+        count(
+            vec![filter(Dimension::Phenotype, &["HP:0001262"], true)],
+            vec![],
+        ),
+        // A term the release does not know, with descendants: what is stored under it.
+        count(
+            vec![filter(Dimension::Phenotype, &["HP:9999999"], true)],
+            vec![],
+        ),
     ] {
         answers.push(show(
             research.count_patients(request).await.unwrap().into_inner(),
@@ -400,8 +410,14 @@ async fn ontology_answers(research: &mut Research) -> Vec<String> {
 #[tokio::test]
 async fn research_follows_the_ontology_alike_on_the_index_and_in_sql() {
     let app = TestApp::spawn().await;
-    app.import_fixture_releases().await;
     let mut dr = app.physician("dr-onto", "NL-AMC").await;
+    // Stored before any release: a term no release knows.
+    for seed in 900..905 {
+        dr.submit_case(case(seed, &["HP:9999999"], "ORPHA:9999999", "ZZZ9"))
+            .await
+            .unwrap();
+    }
+    app.import_fixture_releases().await;
     let mut seed = 1000;
     for (n, hpo, orpha, gene) in [
         (5, "HP:0002069", "ORPHA:284963", "FBN1"),
@@ -438,7 +454,15 @@ async fn research_follows_the_ontology_alike_on_the_index_and_in_sql() {
     );
     assert!(indexed[4].contains("FBN1 fibrillin 1"), "{indexed:#?}");
     assert!(
-        indexed[5].starts_with("delay total=Some(8)"),
+        indexed[5].starts_with("total=Some(8)"),
+        "an alternative id stands for its term: {indexed:#?}"
+    );
+    assert!(
+        indexed[6].starts_with("total=Some(5)"),
+        "a term no release knows stands for itself: {indexed:#?}"
+    );
+    assert!(
+        indexed[7].starts_with("delay total=Some(8)"),
         "{indexed:#?}"
     );
 

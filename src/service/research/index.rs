@@ -36,7 +36,7 @@
 //! **Who reaches it.** This module is private to `service::research`: only the research
 //! use cases query it, and they protect every table before it leaves.
 //!
-//! **Memory.** 30 bytes per slot (an `i64` and nine `u16` and one `u32` codes), plus the
+//! **Memory.** 34 bytes per slot (an `i64`, nine `u16` and two `u32` codes), plus the
 //! growth room of the columns (at most an eighth), the dictionaries (small: one entry per
 //! distinct value) and the other cases of patients seen at several centres.
 
@@ -46,7 +46,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::aggregate::{AGE_BANDS, DelayBuilder, Dimension, Filter, Key, QueryError, TableBuilder};
+use crate::aggregate::{
+    AGE_BANDS, DelayBuilder, Dimension, Filter, Key, MAX_TABLE_CELLS, QueryError, TableBuilder,
+};
 use crate::domain::ORPHA_UNDIAGNOSED;
 use crate::store::db::Db;
 use crate::store::research::{ExpertiseRow, ResearchError, Selection};
@@ -638,6 +640,15 @@ impl Index {
 
     /// Counts consented patients per group (`sel.now` is the query's instant).
     pub(super) fn count(&self, sel: &Selection) -> Result<TableBuilder, ResearchError> {
+        self.count_within(sel, MAX_TABLE_CELLS)
+    }
+
+    /// [`Self::count`], refused as too fine past `max_cells` groups.
+    pub(super) fn count_within(
+        &self,
+        sel: &Selection,
+        max_cells: usize,
+    ) -> Result<TableBuilder, ResearchError> {
         let data = self.read();
         let mut table = TableBuilder::new();
         let Some(columns) = data.registries.get(&sel.registry_id) else {
@@ -647,14 +658,18 @@ impl Index {
             return Ok(table);
         };
         let plan = Plan::new(columns, &data, sel, false)?;
-        let Some(counts) = plan.scan(columns, sel.now.timestamp_millis()) else {
+        // More non-empty cells than a table may have is refused during the scan, not after
+        // a group per patient was built: a cell is one group, except by gene, where a cell
+        // (a set of genes) may add to groups of other cells.
+        let cap = (!plan.by_gene()).then_some(max_cells);
+        let Some(counts) = plan.scan(columns, sel.now.timestamp_millis(), cap) else {
             return Err(QueryError::TooFine.into());
         };
         if sel.group_by.is_empty() {
             table.add(Vec::new(), counts.get(0))?;
             return Ok(table);
         }
-        for (keys, n) in plan.groups(&counts) {
+        for (keys, n) in plan.groups(&counts, max_cells)? {
             table.add(keys, n)?;
         }
         Ok(table)
@@ -668,10 +683,11 @@ impl Index {
             return Ok(builder);
         };
         let plan = Plan::new(columns, &data, sel, true)?;
-        let Some(counts) = plan.scan(columns, sel.now.timestamp_millis()) else {
+        let Some(counts) = plan.scan(columns, sel.now.timestamp_millis(), None) else {
             return Err(QueryError::TooFine.into());
         };
-        for (mut keys, n) in plan.groups(&counts) {
+        // A group per (group, months): the builder bounds the groups it keeps.
+        for (mut keys, n) in plan.groups(&counts, usize::MAX)? {
             let Some(Key::Int(months)) = keys.pop() else {
                 return Err(QueryError::Invalid("delay group without months".into()).into());
             };
@@ -847,6 +863,14 @@ impl Counts {
     }
 
     /// Non-zero cells, ascending.
+    /// How many cells are not empty.
+    fn non_empty(&self) -> usize {
+        match self {
+            Counts::Dense(v) => v.iter().filter(|n| **n > 0).count(),
+            Counts::Sparse(m) => m.len(),
+        }
+    }
+
     fn cells(&self) -> Vec<(u64, u64)> {
         match self {
             Counts::Dense(v) => v
@@ -1100,31 +1124,47 @@ impl<'a> Plan<'a> {
         })
     }
 
-    /// Counts per cell; `None` never (kept for a counter that could not be allocated).
-    fn scan(&self, columns: &Columns, now: i64) -> Option<Counts> {
+    /// Whether a cell stands for a set of genes (grouped by gene).
+    fn by_gene(&self) -> bool {
+        self.groups.iter().any(|g| matches!(g, Groups::GeneSets(_)))
+    }
+
+    /// Counts per cell; `None` when more than `cap` cells are non-empty (the sparse
+    /// counter stops growing there; the dense one is bounded by `DENSE_CELLS`).
+    fn scan(&self, columns: &Columns, now: i64, cap: Option<usize>) -> Option<Counts> {
+        let cap = cap.unwrap_or(usize::MAX);
         if self.cells <= DENSE_CELLS {
             let mut counts = vec![0u64; self.cells as usize];
             scan(&columns.until, now, &self.steps, |cell| {
                 counts[cell as usize] += 1;
             });
-            Some(Counts::Dense(counts))
+            let counts = Counts::Dense(counts);
+            (counts.non_empty() <= cap).then_some(counts)
         } else {
             let mut counts: HashMap<u64, u64> = HashMap::new();
+            let mut over = false;
             scan(&columns.until, now, &self.steps, |cell| {
-                *counts.entry(cell).or_default() += 1;
+                if let Some(n) = counts.get_mut(&cell) {
+                    *n += 1;
+                } else if counts.len() < cap {
+                    counts.insert(cell, 1);
+                } else {
+                    over = true;
+                }
             });
-            Some(Counts::Sparse(counts))
+            (!over).then_some(Counts::Sparse(counts))
         }
     }
 
     /// The non-empty groups with their keys (in the order of the dimensions), ascending:
-    /// a gene set's count goes to each gene it stands for.
-    fn groups(&self, counts: &Counts) -> Vec<(Vec<Key>, u64)> {
+    /// a gene set's count goes to each gene it stands for. Refused (too fine) as soon as
+    /// there are more than `limit`.
+    fn groups(&self, counts: &Counts, limit: usize) -> Result<Vec<(Vec<Key>, u64)>, QueryError> {
         let strides: Vec<u64> = self.steps[..self.groups.len()]
             .iter()
             .map(|s| s.stride)
             .collect();
-        let by_gene = self.groups.iter().any(|g| matches!(g, Groups::GeneSets(_)));
+        let by_gene = self.by_gene();
         let mut out = Vec::new();
         let mut expanded: BTreeMap<Vec<Key>, u64> = BTreeMap::new();
         for (cell, n) in counts.cells() {
@@ -1158,11 +1198,14 @@ impl<'a> Plan<'a> {
             } else {
                 out.extend(combos.into_iter().map(|c| (c, n)));
             }
+            if out.len().max(expanded.len()) > limit {
+                return Err(QueryError::TooFine);
+            }
         }
         if by_gene {
             out.extend(expanded);
         }
-        out
+        Ok(out)
     }
 }
 
@@ -1171,12 +1214,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_costs_thirty_bytes_in_the_columns() {
+    fn a_slot_costs_thirty_four_bytes_in_the_columns() {
         let mut c = Columns::new();
         c.ensure(999);
         c.shrink();
-        let fixed =
-            c.until.capacity() * 8 + c.diagnosis.capacity() * 2 * 9 + c.genes.capacity() * 4;
-        assert_eq!(fixed, 1000 * 30);
+        let fixed = c.until.capacity() * 8
+            + c.diagnosis.capacity() * 2 * 9
+            + c.genes.capacity() * 4
+            + c.phenotypes.capacity() * 4;
+        assert_eq!(fixed, 1000 * 34);
     }
 }

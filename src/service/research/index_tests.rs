@@ -717,3 +717,41 @@ async fn rows_of_an_earlier_version_get_slots_and_are_logged() {
     let reloaded = Index::load(&w.store).await.unwrap();
     assert_eq!(reloaded.size().patients, before);
 }
+
+/// A table with more groups than a table may have is refused while it is counted: the
+/// scan stops keeping cells past the limit, and the groups are not all built first
+/// (here with a limit of 2 cells, far below what the table builder refuses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_too_fine_is_refused_while_it_is_counted() {
+    let (_dir, mut w, live, _) = world().await;
+    w.submit_new(60).await;
+    live.catch_up().await.unwrap();
+    let registry_id = w.registries[0];
+    let sel = |group_by: Vec<Dimension>| Selection {
+        registry_id,
+        group_by,
+        filters: Vec::new(),
+        phenotypes: None,
+        now: Utc::now(),
+    };
+    let refused = |result: Result<TableBuilder, crate::store::research::ResearchError>| {
+        matches!(
+            result,
+            Err(crate::store::research::ResearchError::Query(
+                crate::aggregate::QueryError::TooFine
+            ))
+        )
+    };
+    for dims in [vec![Dimension::Centre], vec![Dimension::Gene]] {
+        let groups = live.count(&sel(dims.clone())).unwrap().groups();
+        assert!(groups > 2, "{dims:?}: {groups} groups, more than 2 needed");
+        assert!(
+            refused(live.count_within(&sel(dims.clone()), 2)),
+            "{dims:?}"
+        );
+        assert!(
+            !refused(live.count_within(&sel(dims.clone()), groups)),
+            "{dims:?}"
+        );
+    }
+}
