@@ -328,7 +328,8 @@ pub struct ActivityService<S> {
     connections: Arc<Connections>,
 }
 
-fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+/// The peer of a request, from the connection information tonic puts in its extensions.
+pub(crate) fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
     let extensions = request.extensions();
     extensions
         .get::<TcpConnectInfo>()

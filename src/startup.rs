@@ -709,6 +709,7 @@ impl Application {
                 tonic_health::pb::FILE_DESCRIPTOR_SET,
             ],
             max,
+            Some(self.state.refusals.clone()),
         );
         let connections = Connections::new(ConnectionLimits {
             max_connections: self.args.max_connections as usize,

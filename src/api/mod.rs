@@ -153,11 +153,21 @@ pub async fn conclude<T>(
     )
     .increment(1);
     // Nothing can be recorded while the database is away, and trying would hold the
-    // refused caller until the pool gives up.
+    // refused caller until the pool gives up. (The wire layer counts it in the
+    // per-address summary: it carries no `wire::AUDITED` mark.)
     if outcome == Outcome::Unavailable && !services.database.is_reachable() {
         warn!(method = %call.method(), "call refused while the database is unreachable; not in the audit log");
         return result;
     }
+    // A failure recorded here (or counted in the summary of refusals) is marked, so that
+    // the wire layer does not count it again; the layer removes the mark.
+    let result = result.map_err(|mut status| {
+        status.metadata_mut().insert(
+            wire::AUDITED,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        status
+    });
     match services.record(call, outcome).await {
         Err(err) if result.is_ok() => {
             error!(error = %err, "audit entry not committed; the call fails");

@@ -30,6 +30,15 @@
 //! The framing is followed as the bytes pass, without buffering: the layer only counts.
 //! Its verdict reaches tonic as an error of the request body, which tonic gives the client
 //! as the call's status (for a streaming call, as the status that ends the stream).
+//!
+//! **Refusals no handler saw.** A call refused here, or by tonic before its handler runs
+//! (a body that is not a message of the method, an unknown method), or answered while
+//! the database is unreachable, has no audit entry of its own. This layer counts each in
+//! the per-address summary of refused calls (`refusals`, written to the audit log as
+//! every unauthenticated refusal is), and charges a refusal for the caller's fault
+//! (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, the HTTP 415) to the address's
+//! allowance. It tells them from a handler's failure by the header `x-ern-audited`, which
+//! `api::conclude` puts on every failure it recorded and this layer removes.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -44,6 +53,14 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http::{self, HeaderMap, HeaderValue, StatusCode, header};
+
+use crate::outcome::Outcome;
+use crate::ratelimit::Peer;
+use crate::refusals::Refusals;
+
+/// The header `api::conclude` marks a failure it recorded with; removed here before the
+/// answer leaves.
+pub const AUDITED: &str = "x-ern-audited";
 
 /// The content types of the contract: protobuf messages in gRPC framing.
 const GRPC: &str = "application/grpc";
@@ -62,17 +79,54 @@ struct Rules {
     /// Paths (`/package.Service/Method`) of methods that take exactly one request message.
     single_request: HashSet<String>,
     max_message_bytes: usize,
+    /// Where refusals no handler recorded are counted and charged (none: not counted).
+    refusals: Option<Arc<Refusals>>,
+}
+
+impl Rules {
+    /// Counts a call refused without an audit entry of its own, and charges the address
+    /// for the caller's faults.
+    fn refused(&self, peer: Peer, path: &str, outcome: Outcome) {
+        let Some(refusals) = &self.refusals else {
+            return;
+        };
+        refusals.note(peer, "", &method_of(path), outcome.name());
+        if matches!(
+            outcome,
+            Outcome::InvalidArgument | Outcome::ResourceExhausted | Outcome::Unimplemented
+        ) {
+            refusals.charge(peer);
+        }
+    }
+}
+
+/// "Service/Method" of a path `/package.Service/Method`, as audit entries name methods.
+fn method_of(path: &str) -> String {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((service, method)) => {
+            let service = service.rsplit('.').next().unwrap_or(service);
+            format!("{service}/{method}")
+        }
+        None => path.to_owned(),
+    }
 }
 
 impl WireContractLayer {
     /// The rules for the methods in `descriptor_sets` (encoded `FileDescriptorSet`s):
     /// those that are not client-streaming take exactly one request message. A path in no
     /// set is held to the framing rules only (tonic answers an unknown method itself).
-    pub fn new(descriptor_sets: &[&[u8]], max_message_bytes: usize) -> WireContractLayer {
+    /// Refusals no handler recorded are counted in `refusals`.
+    pub fn new(
+        descriptor_sets: &[&[u8]],
+        max_message_bytes: usize,
+        refusals: Option<Arc<Refusals>>,
+    ) -> WireContractLayer {
         WireContractLayer {
             rules: Arc::new(Rules {
                 single_request: single_request_methods(descriptor_sets),
                 max_message_bytes,
+                refusals,
             }),
         }
     }
@@ -140,7 +194,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let peer = Peer::of(crate::connections::remote_addr(&request));
+        let path = request.uri().path().to_owned();
         if let Some(refusal) = refuse_content_type(request.headers()) {
+            let outcome = match Status::from_header_map(refusal.headers()) {
+                Some(status) => crate::api::outcome_of(status.code()),
+                None => Outcome::InvalidArgument,
+            };
+            self.rules.refused(peer, &path, outcome);
             return Box::pin(std::future::ready(Ok(refusal)));
         }
         let single = self.rules.single_request.contains(request.uri().path());
@@ -167,9 +228,18 @@ where
             })
         });
         let limit = self.rules.max_message_bytes;
+        let rules = Arc::clone(&self.rules);
         let call = self.inner.call(request);
         Box::pin(async move {
-            let response = call.await?;
+            let mut response = call.await?;
+            // A failure answered in the headers (trailers-only) that no handler recorded.
+            let audited = response.headers_mut().remove(AUDITED).is_some();
+            if !audited
+                && let Some(status) = Status::from_header_map(response.headers())
+                && status.code() != tonic::Code::Ok
+            {
+                rules.refused(peer, &path, crate::api::outcome_of(status.code()));
+            }
             Ok(response.map(|body| Body::new(SizedResponse { inner: body, limit })))
         })
     }

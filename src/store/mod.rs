@@ -238,10 +238,12 @@ pub const PROTECTION_LEVEL_RANGE: std::ops::RangeInclusive<i64> = 1..=100;
 /// What the database does with a commit before it reports success.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Durability {
-    /// `synchronous`: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA.
+    /// `synchronous`: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA. `secure_delete`: 1 when deleted
+    /// content is overwritten (an erasure must not stay readable in free pages).
     Sqlite {
         journal_mode: String,
         synchronous: i64,
+        secure_delete: i64,
     },
     Postgres {
         fsync: String,
@@ -263,12 +265,19 @@ impl Durability {
             Durability::Sqlite {
                 journal_mode,
                 synchronous,
+                secure_delete,
             } => {
                 if !journal_mode.eq_ignore_ascii_case("wal") {
                     return unsafe_(format!("SQLite journal_mode is {journal_mode}, not wal"));
                 }
                 if *synchronous < 2 {
                     return unsafe_(format!("SQLite synchronous is {synchronous}, not FULL (2)"));
+                }
+                if *secure_delete != 1 {
+                    return Err(StoreError::Invalid(format!(
+                        "SQLite secure_delete is {secure_delete}, not 1: erased records would \
+                         stay readable in the file's free pages"
+                    )));
                 }
             }
             Durability::Postgres {
@@ -487,13 +496,17 @@ impl Store {
     }
 
     /// The durability settings in force on a connection of the pool: SQLite's journal
-    /// mode and `synchronous` level; PostgreSQL's `fsync` and `synchronous_commit`.
+    /// mode, `synchronous` level and `secure_delete`; PostgreSQL's `fsync` and
+    /// `synchronous_commit`.
     pub async fn durability(&self) -> Result<Durability> {
         let mut conn = self.pool.acquire().await?;
         Ok(match self.backend {
             Backend::Sqlite => Durability::Sqlite {
                 journal_mode: query("PRAGMA journal_mode").fetch_scalar(&mut conn).await?,
                 synchronous: query("PRAGMA synchronous").fetch_scalar(&mut conn).await?,
+                secure_delete: query("PRAGMA secure_delete")
+                    .fetch_scalar(&mut conn)
+                    .await?,
             },
             Backend::Postgres => Durability::Postgres {
                 fsync: query("SHOW fsync").fetch_scalar(&mut conn).await?,
@@ -559,6 +572,7 @@ impl Store {
         let durability = Durability::Sqlite {
             journal_mode: conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
             synchronous: conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
+            secure_delete: conn.query_row("PRAGMA secure_delete", [], |r| r.get(0))?,
         };
         durability.check()?;
         Ok(conn)

@@ -142,6 +142,11 @@ async fn every_connection_commits_durably() {
                 .await
                 .unwrap();
             assert_eq!((sync, journal.as_str()), (2, "wal"), "FULL and WAL");
+            let secure: i64 = db::query("PRAGMA secure_delete")
+                .fetch_scalar(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(secure, 1, "erasures overwrite what they delete");
         } else {
             let fsync: String = db::query("SHOW fsync")
                 .fetch_scalar(&mut *conn)
@@ -210,8 +215,18 @@ fn settings_that_lose_acknowledged_writes_are_refused() {
     let sqlite = |journal: &str, sync| Durability::Sqlite {
         journal_mode: journal.into(),
         synchronous: sync,
+        secure_delete: 1,
     };
     assert!(sqlite("wal", 2).check().is_ok());
+    let keeps_erased = Durability::Sqlite {
+        journal_mode: "wal".into(),
+        synchronous: 2,
+        secure_delete: 0,
+    };
+    assert!(
+        keeps_erased.check().is_err(),
+        "erased records would stay in free pages"
+    );
     assert!(sqlite("wal", 3).check().is_ok());
     assert!(
         sqlite("wal", 1).check().is_err(),

@@ -397,3 +397,91 @@ async fn still_serving(app: &TestApp) {
 fn proto_serving() -> i32 {
     tonic_health::pb::health_check_response::ServingStatus::Serving as i32
 }
+
+/// Calls refused before any handler ran (a body that is not a message of the method,
+/// broken framing, a content type that is not gRPC, an unknown method) are counted in
+/// the per-address summary of refused calls, as a wrong API key is, and charged to the
+/// address's allowance: a flood of malformed bodies is throttled and leaves a trace. A
+/// handler's own failure is recorded once, by the handler, and its mark does not leave
+/// the server.
+#[tokio::test]
+async fn refusals_no_handler_saw_are_counted_and_charged_to_the_address() {
+    let app = TestApp::spawn_with(ServeArgs {
+        refusals_per_peer_per_minute: 6,
+        ..ServeArgs::default()
+    })
+    .await;
+    let bearer = physician_token(&app).await;
+    let auth = [("authorization", bearer.as_str())];
+    // A handler's failure: recorded by the handler (its own audit entry), unmarked on the
+    // wire.
+    let missing = get_case("ERN-LUNG", "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    let answer = call(
+        app.addr,
+        "/ern_registry.v1.CaseService/GetCase",
+        GRPC,
+        &auth,
+        vec![framed(0, &missing.encode_to_vec())],
+    )
+    .await;
+    assert_ne!(answer.code(), Code::Ok);
+    assert!(!answer.headers.contains_key("x-ern-audited"));
+    // Six refusals no handler saw, from one address: its whole allowance.
+    let not_a_message = framed(0, &[0xff, 0xff, 0xff, 0xff]);
+    for _ in 0..3 {
+        let answer = call(app.addr, SUBMIT, GRPC, &auth, vec![not_a_message.clone()]).await;
+        assert_eq!(answer.code(), Code::InvalidArgument);
+    }
+    let answer = call(app.addr, SUBMIT, GRPC, &auth, vec![vec![0, 0, 0]]).await;
+    assert_eq!(answer.code(), Code::InvalidArgument);
+    let answer = call(app.addr, SUBMIT, Some("application/json"), &auth, vec![]).await;
+    assert_eq!(answer.http, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let answer = call(
+        app.addr,
+        "/ern_registry.v1.CaseService/NoSuchMethod",
+        GRPC,
+        &auth,
+        vec![not_a_message.clone()],
+    )
+    .await;
+    assert_eq!(answer.code(), Code::Unimplemented);
+    // The address is now refused before its key is read, as after wrong keys.
+    let reads = app.auth.key_lookups();
+    let status = app
+        .client(Some("ern_AAAAAAAAAAAAAAAA_not-a-real-secret-at-all"))
+        .await
+        .get_case(get_case(
+            "ERN-LUNG",
+            "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert_eq!(app.auth.key_lookups(), reads);
+    // At shutdown the counts go into the audit log, one entry per method and outcome.
+    let mut app = app;
+    app.stop_server().await;
+    let rows: Vec<(String, String, i64)> = ern_registry::store::db::query(
+        "SELECT method, outcome, items FROM audit_log WHERE principal_id IS NULL \
+         AND principal = 'peer:127.0.0.1' ORDER BY method, outcome",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect();
+    let expected = [
+        ("CaseService/GetCase", "RESOURCE_EXHAUSTED", 1),
+        ("CaseService/NoSuchMethod", "UNIMPLEMENTED", 1),
+        ("CaseService/SubmitCase", "INVALID_ARGUMENT", 4),
+        ("CaseService/SubmitCase", "UNIMPLEMENTED", 1),
+    ]
+    .map(|(m, o, n)| (m.to_string(), o.to_string(), n));
+    assert_eq!(rows, expected);
+}
