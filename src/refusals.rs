@@ -185,6 +185,7 @@ impl Refusals {
         if !summary.contains_key(&key) && summary.len() >= MAX_SUMMARY_KEYS {
             key.peer = Peer::Other;
             key.principal.clear();
+            key.method = "(other)".to_owned();
         }
         *summary.entry(key).or_insert(0) += 1;
     }
@@ -495,5 +496,22 @@ mod tests {
             .find(|e| e.principal == "peer:other")
             .unwrap();
         assert_eq!(other.items, 1000);
+    }
+
+    /// Past the cap, the method is folded too: made-up paths (counted by `api::wire`
+    /// under one label anyway) cannot add entries either.
+    #[test]
+    fn the_summary_is_capped_whatever_the_methods() {
+        let r = Refusals::per_minute(5);
+        for n in 0..(MAX_SUMMARY_KEYS as u32 + 1000) {
+            r.note(peer(n), "", &format!("Made/Up{n}"), "UNIMPLEMENTED");
+        }
+        let entries = r.drain();
+        assert_eq!(entries.len(), MAX_SUMMARY_KEYS + 1);
+        let other = entries
+            .iter()
+            .find(|e| e.principal == "peer:other")
+            .unwrap();
+        assert_eq!((other.method.as_str(), other.items), ("(other)", 1000));
     }
 }

@@ -536,7 +536,7 @@ impl Application {
         );
         let state = Arc::new(Services {
             verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master))),
-            pseudonymiser: Pseudonymiser::new(&master),
+            pseudonymiser: crate::service::Sealed::new(Pseudonymiser::new(&master)),
             research_limiter: PrincipalLimiter::per_minute(
                 "research queries",
                 args.research_queries_per_minute,

@@ -383,7 +383,7 @@ impl ResearchApi {
         call: &mut Call,
     ) -> Result<Response<proto::FindExpertiseResponse>, Status> {
         let principal = authenticate(&self.state, &request, call).await?;
-        research::open_expertise(&self.state, &principal)?;
+        let access = research::open_expertise(&self.state, &principal)?;
         let req = request.get_ref();
         let mut v = FieldViolations::new();
         let mut codes = BTreeSet::new();
@@ -443,7 +443,7 @@ impl ResearchApi {
         let registries = if req.registries.len() > 64 {
             Vec::new()
         } else {
-            research::expertise_registries(&self.state, &principal, &req.registries, &mut v).await?
+            research::expertise_registries(&self.state, &access, &req.registries, &mut v).await?
         };
         v.into_result().map_err(ServiceError::from)?;
         let codes: Vec<i64> = codes.into_iter().collect();
@@ -467,15 +467,8 @@ impl ResearchApi {
             // No disease has a name with the prefix: nowhere to look.
             (Vec::new(), self.state.clock.now())
         } else {
-            research::find_expertise(
-                &self.state,
-                &principal,
-                &codes,
-                &countries,
-                &registries,
-                call,
-            )
-            .await?
+            research::find_expertise(&self.state, &access, &codes, &countries, &registries, call)
+                .await?
         };
         Ok(Response::new(proto::FindExpertiseResponse {
             centres: centres

@@ -33,12 +33,14 @@
 //!
 //! **Refusals no handler saw.** A call refused here, or by tonic before its handler runs
 //! (a body that is not a message of the method, an unknown method), or answered while
-//! the database is unreachable, has no audit entry of its own. This layer counts each in
-//! the per-address summary of refused calls (`refusals`, written to the audit log as
-//! every unauthenticated refusal is), and charges a refusal for the caller's fault
-//! (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, the HTTP 415) to the address's
-//! allowance. It tells them from a handler's failure by the header `x-ern-audited`, which
-//! `api::conclude` puts on every failure it recorded and this layer removes.
+//! the database is unreachable, has no audit entry of its own, when the refusal is the
+//! whole answer (trailers-only: a stream that the handler had begun ends in trailers this
+//! layer does not read). This layer counts each in the per-address summary of refused
+//! calls (`refusals`, written to the audit log as every unauthenticated refusal is; a path
+//! that is no method of the service under one label), and charges a malformed request
+//! (INVALID_ARGUMENT, the HTTP 415) to the address's allowance. It tells them from a
+//! handler's failure by the header `x-ern-audited`, which `api::conclude` puts on every
+//! failure it handled and this layer removes.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -78,23 +80,31 @@ pub struct WireContractLayer {
 struct Rules {
     /// Paths (`/package.Service/Method`) of methods that take exactly one request message.
     single_request: HashSet<String>,
+    /// Paths of every method of the descriptor sets: a refusal of any other path is
+    /// counted under one label, so that a flood of made-up paths adds no summary entries.
+    known: HashSet<String>,
     max_message_bytes: usize,
     /// Where refusals no handler recorded are counted and charged (none: not counted).
     refusals: Option<Arc<Refusals>>,
 }
 
 impl Rules {
-    /// Counts a call refused without an audit entry of its own, and charges the address
-    /// for the caller's faults.
-    fn refused(&self, peer: Peer, path: &str, outcome: Outcome) {
+    /// Counts a call refused without an audit entry of its own; charges the address for
+    /// a malformed request (`charge`: HTTP 415, or INVALID_ARGUMENT). Not for
+    /// UNIMPLEMENTED (a newer client calling a method this version lacks) nor
+    /// RESOURCE_EXHAUSTED (a message over the limit, which clients retry), which everyone
+    /// behind the address would pay for.
+    fn refused(&self, peer: Peer, path: &str, outcome: Outcome, charge: bool) {
         let Some(refusals) = &self.refusals else {
             return;
         };
-        refusals.note(peer, "", &method_of(path), outcome.name());
-        if matches!(
-            outcome,
-            Outcome::InvalidArgument | Outcome::ResourceExhausted | Outcome::Unimplemented
-        ) {
+        let method = if self.known.contains(path) {
+            method_of(path)
+        } else {
+            "(unknown method)".to_owned()
+        };
+        refusals.note(peer, "", &method, outcome.name());
+        if charge || outcome == Outcome::InvalidArgument {
             refusals.charge(peer);
         }
     }
@@ -124,7 +134,8 @@ impl WireContractLayer {
     ) -> WireContractLayer {
         WireContractLayer {
             rules: Arc::new(Rules {
-                single_request: single_request_methods(descriptor_sets),
+                single_request: methods(descriptor_sets, true),
+                known: methods(descriptor_sets, false),
                 max_message_bytes,
                 refusals,
             }),
@@ -132,8 +143,9 @@ impl WireContractLayer {
     }
 }
 
-/// The paths of the methods of `descriptor_sets` that take one request message.
-fn single_request_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
+/// The paths of the methods of `descriptor_sets`; `single`: only those that take one
+/// request message.
+fn methods(descriptor_sets: &[&[u8]], single: bool) -> HashSet<String> {
     let mut paths = HashSet::new();
     for set in descriptor_sets {
         // The sets are compiled into the binary; `single_request_methods_are_known` holds
@@ -145,7 +157,7 @@ fn single_request_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
             let package = file.package();
             for service in &file.service {
                 for method in &service.method {
-                    if !method.client_streaming() {
+                    if !(single && method.client_streaming()) {
                         let service = match package {
                             "" => service.name().to_owned(),
                             package => format!("{package}.{}", service.name()),
@@ -197,11 +209,13 @@ where
         let peer = Peer::of(crate::connections::remote_addr(&request));
         let path = request.uri().path().to_owned();
         if let Some(refusal) = refuse_content_type(request.headers()) {
+            // Not gRPC at all (HTTP 415, charged), or gRPC in another message format.
+            let not_grpc = refusal.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE;
             let outcome = match Status::from_header_map(refusal.headers()) {
                 Some(status) => crate::api::outcome_of(status.code()),
                 None => Outcome::InvalidArgument,
             };
-            self.rules.refused(peer, &path, outcome);
+            self.rules.refused(peer, &path, outcome, not_grpc);
             return Box::pin(std::future::ready(Ok(refusal)));
         }
         let single = self.rules.single_request.contains(request.uri().path());
@@ -238,7 +252,7 @@ where
                 && let Some(status) = Status::from_header_map(response.headers())
                 && status.code() != tonic::Code::Ok
             {
-                rules.refused(peer, &path, crate::api::outcome_of(status.code()));
+                rules.refused(peer, &path, crate::api::outcome_of(status.code()), false);
             }
             Ok(response.map(|body| Body::new(SizedResponse { inner: body, limit })))
         })
@@ -517,14 +531,18 @@ mod tests {
 
     #[test]
     fn single_request_methods_are_known() {
-        let paths = single_request_methods(&[
+        let sets = [
             crate::proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ]);
+        ];
+        let paths = methods(&sets, true);
         assert!(paths.contains("/ern_registry.v1.CaseService/SubmitCase"));
         assert!(paths.contains("/grpc.health.v1.Health/Check"));
         assert!(paths.contains("/grpc.health.v1.Health/Watch"));
         assert!(!paths.contains("/ern_registry.v1.CaseService/SubmitCases"));
+        let all = methods(&sets, false);
+        assert!(all.contains("/ern_registry.v1.CaseService/SubmitCases"));
+        assert!(all.is_superset(&paths));
     }
 
     #[test]

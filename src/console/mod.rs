@@ -1313,7 +1313,7 @@ async fn expertise(
         Err(r) => return r,
     };
     let result = async {
-        research::open_expertise(&st, &ctx.principal)?;
+        let access = research::open_expertise(&st, &ctx.principal)?;
         let mut v = FieldViolations::new();
         let mut codes = Vec::new();
         for text in form
@@ -1332,9 +1332,9 @@ async fn expertise(
         if codes.is_empty() && v.is_empty() {
             v.push("orphacodes", "give at least one Orphacode (ORPHA:nnnn)");
         }
-        let registries = research::expertise_registries(&st, &ctx.principal, &[], &mut v).await?;
+        let registries = research::expertise_registries(&st, &access, &[], &mut v).await?;
         v.into_result()?;
-        research::find_expertise(&st, &ctx.principal, &codes, &[], &registries, &mut ctx.call).await
+        research::find_expertise(&st, &access, &codes, &[], &registries, &mut ctx.call).await
     }
     .await;
     match result {

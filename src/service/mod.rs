@@ -39,13 +39,41 @@ use crate::refusals::Refusals;
 use crate::store::writer::{Command, WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
 
+/// Charges `peer` one refusal when dropped armed: an authentication whose future is
+/// dropped before it ends (`Services::authenticate`).
+struct ChargedIfAbandoned<'a> {
+    refusals: &'a Refusals,
+    peer: crate::ratelimit::Peer,
+    armed: bool,
+}
+
+impl Drop for ChargedIfAbandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.refusals.charge(self.peer);
+        }
+    }
+}
+
+/// The service's pseudonymiser, sealed: any module can hold it (`startup` builds
+/// [`Services`]), only this one can derive with it, in [`Services::derive_pseudonym`],
+/// behind its rate limit. The compiler keeps `api` and `console` from deriving around it.
+pub struct Sealed(Pseudonymiser);
+
+impl Sealed {
+    pub fn new(pseudonymiser: Pseudonymiser) -> Sealed {
+        Sealed(pseudonymiser)
+    }
+}
+
 /// What the services share: the store, the writer, the key verifier, the pseudonymiser and
 /// the limits. One per process, behind an `Arc`.
 pub struct Services {
     pub store: Store,
     pub writer: Writer,
     pub verifier: KeyVerifier,
-    pub pseudonymiser: Pseudonymiser,
+    /// Reachable only through [`Services::derive_pseudonym`].
+    pub pseudonymiser: Sealed,
     /// Research queries per principal.
     pub research_limiter: PrincipalLimiter,
     /// Pseudonym derivations per principal.
@@ -380,7 +408,10 @@ impl Services {
         }
         metrics::counter!("ern_pseudonym_derivations_total", "principal" => principal.name.clone())
             .increment(1);
-        let candidates = self.pseudonymiser.candidates(registry.key_ref()?, identity);
+        let candidates = self
+            .pseudonymiser
+            .0
+            .candidates(registry.key_ref()?, identity);
         let known = self
             .store
             .known_pseudonym(registry.id, &candidates.older())
@@ -412,6 +443,13 @@ impl Services {
             metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
             return Err(limited.into());
         }
+        // Abandoned half-way (the client reset the stream, a deadline passed, perhaps while
+        // its key was read from the database), it costs the address as a failure would.
+        let mut pending = ChargedIfAbandoned {
+            refusals: &self.refusals,
+            peer,
+            armed: true,
+        };
         let result = match key {
             Ok(key) => {
                 self.authenticate_key(key, credentials.certificate.as_deref(), call)
@@ -419,6 +457,7 @@ impl Services {
             }
             Err(e) => Err(e.clone().into()),
         };
+        pending.armed = false;
         let principal = match result {
             Ok(principal) => principal,
             Err(err) => {
@@ -610,6 +649,26 @@ pub fn parse_pseudonym(text: &str, registry: &Registry) -> Result<Pseudonym, Ser
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An authentication dropped half-way is charged to its address; one that ended is
+    /// not charged by the guard (its outcome decides).
+    #[test]
+    fn an_abandoned_authentication_is_charged_to_its_address() {
+        let refusals = Refusals::per_minute(1);
+        let peer = crate::ratelimit::Peer::of(Some("192.0.2.7:1".parse().unwrap()));
+        drop(ChargedIfAbandoned {
+            refusals: &refusals,
+            peer,
+            armed: false,
+        });
+        assert!(refusals.check(peer).is_ok());
+        drop(ChargedIfAbandoned {
+            refusals: &refusals,
+            peer,
+            armed: true,
+        });
+        assert!(refusals.check(peer).is_err());
+    }
 
     /// The writer records a command's outcome in its audit entry itself: it must be the
     /// outcome the caller is answered with.

@@ -332,6 +332,19 @@ fn expand(
                 terms,
             })
         } else {
+            // Each term also for the term a release in force stores it as (an alternative
+            // id, an obsolete term's replacement): submissions store that one.
+            let mut roots = roots;
+            if let Some(release) = catalog.release(CodeSystem::Hpo) {
+                for root in roots.clone() {
+                    if let crate::domain::Lookup::Replaced { by, .. } = release.lookup(&root, true)
+                    {
+                        roots.push(by);
+                    }
+                }
+            }
+            roots.sort();
+            roots.dedup();
             Some(PhenotypeFilter {
                 terms: roots.clone(),
                 roots,
@@ -443,10 +456,22 @@ pub async fn diagnostic_delay(
     Ok((table, selection.now))
 }
 
+/// A physician's or researcher's access to "where is the expertise", one question taken
+/// from their allowance. Only [`open_expertise`] makes one.
+pub struct ExpertiseAccess {
+    principal: Principal,
+}
+
 /// Requires a physician or a researcher, and takes one question from the allowance.
-pub fn open_expertise(services: &Services, principal: &Principal) -> Result<(), ServiceError> {
+pub fn open_expertise(
+    services: &Services,
+    principal: &Principal,
+) -> Result<ExpertiseAccess, ServiceError> {
     require_expertise_role(principal)?;
-    take_question(services, principal)
+    take_question(services, principal)?;
+    Ok(ExpertiseAccess {
+        principal: principal.clone(),
+    })
 }
 
 /// Requires a physician or a researcher, taking nothing from the allowance (the web
@@ -473,10 +498,11 @@ pub fn require_researcher(principal: &Principal) -> Result<(), ServiceError> {
 /// `registries[i]`, one not allowed PERMISSION_DENIED).
 pub async fn expertise_registries(
     services: &Services,
-    principal: &Principal,
+    access: &ExpertiseAccess,
     asked: &[String],
     v: &mut FieldViolations,
 ) -> Result<Vec<Registry>, ServiceError> {
+    let principal = &access.principal;
     let all = services.store.list_registries().await?;
     let allowed: Vec<Registry> = match principal.role {
         Role::Physician => all,
@@ -528,7 +554,7 @@ pub struct ExpertiseCentre {
 /// count.
 pub async fn find_expertise(
     services: &Services,
-    principal: &Principal,
+    access: &ExpertiseAccess,
     orphacodes: &[i64],
     countries: &[String],
     registries: &[Registry],
@@ -596,8 +622,8 @@ pub async fn find_expertise(
     });
     call.items(centres.len());
     info!(
-        principal = principal.id,
-        role = principal.role.as_str(),
+        principal = access.principal.id,
+        role = access.principal.role.as_str(),
         registries = registries.len(),
         codes = orphacodes.len(),
         centres = centres.len(),
@@ -671,6 +697,45 @@ pub fn diseases_named(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A phenotype filter's term stands for itself (known to the release or not), for the
+    /// term the release stores it as (an alternative id), and with descendants for the
+    /// terms below that one: with and without descendants alike.
+    #[test]
+    fn a_phenotype_filter_follows_an_alternative_id_and_keeps_unknown_terms() {
+        use crate::domain::{AliasKind, Release, ReleaseInfo};
+        let mut hpo = Release::new(ReleaseInfo {
+            id: 7,
+            system: CodeSystem::Hpo,
+            version: "test".into(),
+            released_on: None,
+            imported_at: DateTime::UNIX_EPOCH,
+            source: String::new(),
+            terms: 0,
+            in_force: true,
+        });
+        hpo.add_term("HP:0001250".into(), "Seizure".into(), false, None);
+        hpo.add_term("HP:0002069".into(), "Tonic-clonic".into(), false, None);
+        hpo.add_parent("HP:0002069".into(), "HP:0001250".into());
+        hpo.add_alias("HP:0001262".into(), "HP:0001250".into(), AliasKind::AltId);
+        let catalog = CodeCatalog::new(vec![hpo]);
+        let terms = |asked: &str, descendants: bool| {
+            let along = Along {
+                diagnosis_subtypes: false,
+                phenotypes: vec![HpoTerm::parse(asked).unwrap()],
+                phenotype_descendants: descendants,
+            };
+            let (_, filter) = expand(&catalog, Vec::new(), &along).unwrap();
+            filter.unwrap().terms
+        };
+        assert_eq!(terms("HP:0001262", false), ["HP:0001250", "HP:0001262"]);
+        assert_eq!(
+            terms("HP:0001262", true),
+            ["HP:0001250", "HP:0001262", "HP:0002069"]
+        );
+        assert_eq!(terms("HP:9999999", false), ["HP:9999999"]);
+        assert_eq!(terms("HP:9999999", true), ["HP:9999999"]);
+    }
 
     /// A one-way table with small cells, so protection has work to do.
     fn builder() -> TableBuilder {

@@ -255,6 +255,8 @@ impl Durability {
     /// Refuses settings under which an acknowledged write could be lost in a crash or a
     /// power failure: SQLite must journal to a WAL with `synchronous` FULL or EXTRA (every
     /// commit fsynced); PostgreSQL must have `fsync` on and `synchronous_commit` not off.
+    /// And on SQLite settings under which an erasure would stay readable: `secure_delete`
+    /// must be on.
     pub fn check(&self) -> Result<()> {
         let unsafe_ = |what: String| {
             Err(StoreError::Invalid(format!(

@@ -862,7 +862,6 @@ impl Counts {
         }
     }
 
-    /// Non-zero cells, ascending.
     /// How many cells are not empty.
     fn non_empty(&self) -> usize {
         match self {
@@ -871,6 +870,7 @@ impl Counts {
         }
     }
 
+    /// Non-zero cells, ascending.
     fn cells(&self) -> Vec<(u64, u64)> {
         match self {
             Counts::Dense(v) => v
