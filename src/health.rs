@@ -60,6 +60,12 @@ impl DatabaseWatch {
         }
     }
 
+    /// As if the last probe had (not) been answered.
+    #[cfg(test)]
+    pub(crate) fn set_reachable(&self, reachable: bool) {
+        self.inner.reachable.store(reachable, Ordering::Release);
+    }
+
     /// Whether the database answered the last probe.
     pub fn is_reachable(&self) -> bool {
         self.inner.reachable.load(Ordering::Acquire)

@@ -707,6 +707,8 @@ impl Application {
             &[
                 crate::proto::FILE_DESCRIPTOR_SET,
                 tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ],
             max,
             Some(self.state.refusals.clone()),

@@ -464,7 +464,15 @@ impl ResearchApi {
             })
             .collect();
         let (centres, now) = if codes.is_empty() {
-            // No disease has a name with the prefix: nowhere to look.
+            // No disease has a name with the prefix: nowhere to look. Logged as any answer.
+            tracing::info!(
+                principal = principal.id,
+                role = principal.role.as_str(),
+                registries = registries.len(),
+                codes = 0,
+                centres = 0,
+                "research expertise"
+            );
             (Vec::new(), self.state.clock.now())
         } else {
             research::find_expertise(&self.state, &access, &codes, &countries, &registries, call)

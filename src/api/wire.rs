@@ -38,7 +38,10 @@
 //! layer does not read). This layer counts each in the per-address summary of refused
 //! calls (`refusals`, written to the audit log as every unauthenticated refusal is; a path
 //! that is no method of the service under one label), and charges a malformed request
-//! (INVALID_ARGUMENT, the HTTP 415) to the address's allowance. It tells them from a
+//! (INVALID_ARGUMENT, the HTTP 415) to the address's allowance. (A body that is not a
+//! message of the method is INVALID_ARGUMENT on the registry's own services; health uses
+//! tonic's codec, which answers it INTERNAL: counted, not charged; reflection ends its
+//! stream with OK on it: not counted.) It tells them from a
 //! handler's failure by the header `x-ern-audited`, which `api::conclude` puts on every
 //! failure it handled and this layer removes.
 

@@ -769,6 +769,7 @@ pub fn count_table(
     let body = html! {
         p {
             "Registry " strong { (registry.code) } ", k = " strong { (registry.min_cell_count) }
+            ", p = " strong { (registry.protection_level) }
             ", " strong { (t.suppressed()) } " cells suppressed, unit: " (unit)
             ", as of " (time(counted.as_of)) "."
         }
@@ -829,9 +830,10 @@ pub fn count_csv(registry: &Registry, counted: &Counted) -> String {
     let one_way = t.column_dimensions.is_empty();
     let v = |c: Option<u64>| c.map_or("suppressed".to_string(), |n| n.to_string());
     let mut out = format!(
-        "# registry {}, k = {}, suppressed = {}, as of {}\n",
+        "# registry {}, k = {}, p = {}, suppressed = {}, as of {}\n",
         registry.code,
         registry.min_cell_count,
+        registry.protection_level,
         t.suppressed(),
         counted.as_of.to_rfc3339()
     );
@@ -884,6 +886,7 @@ pub fn delay(
     let body = html! {
         p {
             "Registry " strong { (registry.code) } ", k = " strong { (registry.min_cell_count) }
+            ", p = " strong { (registry.protection_level) }
             ", " strong { (table.suppressed) } " cells suppressed, as of " (time(as_of)) "."
             " Delay from onset to diagnosis, patients per band; quantiles (years) only for groups whose every count is published."
         }

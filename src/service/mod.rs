@@ -39,18 +39,24 @@ use crate::refusals::Refusals;
 use crate::store::writer::{Command, WriteError, Writer};
 use crate::store::{Registry, Store, StoreError};
 
-/// Charges `peer` one refusal when dropped armed: an authentication whose future is
-/// dropped before it ends (`Services::authenticate`).
+/// Charges `peer` one refusal, and counts it (CANCELLED) in the summary of refused calls,
+/// when dropped armed: an authentication whose future is dropped before it ends
+/// (`Services::authenticate`). Not while the database is unreachable: a call abandoned
+/// then would not have been charged either (UNAVAILABLE).
 struct ChargedIfAbandoned<'a> {
     refusals: &'a Refusals,
+    database: &'a crate::health::DatabaseWatch,
     peer: crate::ratelimit::Peer,
+    method: &'a str,
     armed: bool,
 }
 
 impl Drop for ChargedIfAbandoned<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        if self.armed && self.database.is_reachable() {
             self.refusals.charge(self.peer);
+            self.refusals
+                .note(self.peer, "", self.method, Outcome::Cancelled.name());
         }
     }
 }
@@ -444,11 +450,18 @@ impl Services {
             return Err(limited.into());
         }
         // Abandoned half-way (the client reset the stream, a deadline passed, perhaps while
-        // its key was read from the database), it costs the address as a failure would.
+        // its key was read from the database), it costs the address as a failure would;
+        // unless its key authenticated a call in this process (it would have passed).
+        let method = call.method().to_owned();
         let mut pending = ChargedIfAbandoned {
             refusals: &self.refusals,
+            database: &self.database,
             peer,
-            armed: true,
+            method: &method,
+            armed: !key.as_ref().is_ok_and(|key| {
+                self.verifier
+                    .known_good(key, credentials.certificate.as_deref())
+            }),
         };
         let result = match key {
             Ok(key) => {
@@ -650,24 +663,35 @@ pub fn parse_pseudonym(text: &str, registry: &Registry) -> Result<Pseudonym, Ser
 mod tests {
     use super::*;
 
-    /// An authentication dropped half-way is charged to its address; one that ended is
-    /// not charged by the guard (its outcome decides).
+    /// An authentication dropped half-way is charged to its address and counted
+    /// (CANCELLED); one that ended is not charged by the guard (its outcome decides), nor
+    /// one dropped while the database is unreachable.
     #[test]
     fn an_abandoned_authentication_is_charged_to_its_address() {
         let refusals = Refusals::per_minute(1);
+        let database = crate::health::DatabaseWatch::new("sqlite::memory:");
         let peer = crate::ratelimit::Peer::of(Some("192.0.2.7:1".parse().unwrap()));
-        drop(ChargedIfAbandoned {
+        let guard = |armed| ChargedIfAbandoned {
             refusals: &refusals,
+            database: &database,
             peer,
-            armed: false,
-        });
+            method: "CaseService/GetCase",
+            armed,
+        };
+        drop(guard(false));
         assert!(refusals.check(peer).is_ok());
-        drop(ChargedIfAbandoned {
-            refusals: &refusals,
-            peer,
-            armed: true,
-        });
+        database.set_reachable(false);
+        drop(guard(true));
+        assert!(refusals.check(peer).is_ok());
+        database.set_reachable(true);
+        drop(guard(true));
         assert!(refusals.check(peer).is_err());
+        let counted: Vec<(String, i64)> = refusals
+            .drain()
+            .into_iter()
+            .map(|e| (e.outcome, e.items))
+            .collect();
+        assert_eq!(counted, [("CANCELLED".to_string(), 1)]);
     }
 
     /// The writer records a command's outcome in its audit entry itself: it must be the

@@ -492,7 +492,7 @@ pub fn require_researcher(principal: &Principal) -> Result<(), ServiceError> {
     Ok(principal.require_role(Role::Researcher)?)
 }
 
-/// The registries `principal` may search for expertise: a researcher's own; for a
+/// The registries the principal of `access` may search for expertise: a researcher's own; for a
 /// physician every registry (finding where expertise is, for a referral, is their use of
 /// it); restricted to `asked` when given (a malformed code is a violation of
 /// `registries[i]`, one not allowed PERMISSION_DENIED).

@@ -38,7 +38,8 @@ pub struct Selection {
 /// `release_id`, so the two paths compute the set independently.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PhenotypeFilter {
-    /// The terms asked for.
+    /// The terms asked for, and the terms the release in force stores any of them as (an
+    /// alternative id's term, an obsolete term's replacement).
     pub roots: Vec<String>,
     /// With descendants: the release (in force) whose hierarchy to follow.
     pub descendants_in: Option<i64>,

@@ -1331,6 +1331,25 @@ async fn consent_with(
     Ok(events)
 }
 
+/// Whether `attested` grants REGISTRY_INCLUSION with a date before the latest
+/// REGISTRY_INCLUSION decision on file: a grant that loses to a decision recorded after
+/// the date it claims.
+fn attested_before_a_later_decision(
+    on_file: &[ConsentEvent],
+    attested: &[ConsentDecision],
+) -> bool {
+    let latest = on_file
+        .iter()
+        .filter(|e| e.scope == Scope::RegistryInclusion)
+        .map(|e| e.given_at)
+        .max();
+    attested.iter().any(|d| {
+        d.scope == Scope::RegistryInclusion
+            && d.decision == Decision::Granted
+            && latest.is_some_and(|latest| d.given_at < latest)
+    })
+}
+
 /// Appends the attested decisions to a history read from file, as if already on file.
 fn with_attested(events: &mut Vec<ConsentEvent>, attested: &[ConsentDecision]) {
     let next = events.last().map_or(0, |e| e.seq) + 1;
@@ -1426,13 +1445,25 @@ async fn submit_run(
             .remove(&(c.registry_id, c.pseudonym.clone()))
             .unwrap_or_default();
         let first = events.is_empty();
+        let back_dated = attested_before_a_later_decision(&events, &c.consent);
         with_attested(&mut events, &c.consent);
         let at = rules.effective_at(&events, c.now);
         let starts = !first || may_start(&c.pseudonym, key_versions.get(&c.registry_id).copied());
         // Consent first: a submission refused for consent gets that one answer whatever
         // is on file (`docs/security.md`, "Refusals"), also during a rotation.
         let decided = match rules.may_store_case(&events, at) {
-            Err(refused) => Err(WriteError::Consent(refused)),
+            Err(refused) => {
+                if back_dated {
+                    // What a back-dated attestation can probe for (docs/consent.md, "What
+                    // a physician still learns"): seen by the operator, not the caller.
+                    metrics::counter!("ern_back_dated_attestation_refusals_total").increment(1);
+                    warn!(
+                        principal = c.principal_id,
+                        "a submission attesting an inclusion dated before a later decision on file was refused"
+                    );
+                }
+                Err(WriteError::Consent(refused))
+            }
             Ok(()) if !starts => Err(WriteError::KeyRotated),
             Ok(()) if existing.contains(&(c.registry_id, c.pseudonym.clone(), c.centre_id)) => {
                 Err(WriteError::AlreadyExists)
@@ -1568,6 +1599,9 @@ async fn update(
     c: &UpdateCase,
     wrote: &mut Wrote,
 ) -> Result<Written, WriteError> {
+    // The history is read first, whether or not the case exists, so that a case that
+    // does not exist and one without consent take the same steps.
+    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
     let Some((case_id, current)) =
         cases::find_case(conn, c.registry_id, &c.pseudonym, c.centre_id).await?
     else {
@@ -1578,7 +1612,6 @@ async fn update(
     // from an erased one, also not by a stale `expected_version`, and the audit entry says
     // NOT_FOUND too. An attestation sent with the update counts, so a renewed consent
     // still brings a lapsed record back.
-    let events = consent_with(conn, c.registry_id, &c.pseudonym, &c.consent).await?;
     let at = rules.effective_at(&events, c.now);
     if rules.may_store_case(&events, at).is_err() {
         return Err(WriteError::NotFound);
@@ -1779,6 +1812,45 @@ mod tests {
         assert_eq!(retry_after(&refusal), Retry::Each);
         assert!(!waited_for_database(&refusal));
         assert_eq!(retry_after(&StoreError::Corrupt("x".into())), Retry::Each);
+    }
+
+    #[test]
+    fn an_attested_grant_dated_before_a_later_inclusion_decision_is_recognised() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let event = |scope, decision, given: &str| ConsentEvent {
+            seq: 1,
+            scope,
+            decision,
+            given_at: at(given),
+            expires_at: None,
+        };
+        let grant = |scope, given: &str| ConsentDecision {
+            scope,
+            decision: Decision::Granted,
+            given_at: at(given),
+            form_version: "f".into(),
+            expires_at: None,
+        };
+        let withdrawn = [event(
+            Scope::RegistryInclusion,
+            Decision::Withdrawn,
+            "2024-01-01T00:00:00Z",
+        )];
+        let old = [grant(Scope::RegistryInclusion, "1990-01-01T00:00:00Z")];
+        let new = [grant(Scope::RegistryInclusion, "2025-01-01T00:00:00Z")];
+        assert!(attested_before_a_later_decision(&withdrawn, &old));
+        assert!(!attested_before_a_later_decision(&withdrawn, &new));
+        assert!(!attested_before_a_later_decision(&[], &old));
+        let other_scope = [event(
+            Scope::ResearchUse,
+            Decision::Withdrawn,
+            "2024-01-01T00:00:00Z",
+        )];
+        assert!(!attested_before_a_later_decision(&other_scope, &old));
+        assert!(!attested_before_a_later_decision(
+            &withdrawn,
+            &[grant(Scope::ResearchUse, "1990-01-01T00:00:00Z")]
+        ));
     }
 
     #[test]

@@ -898,23 +898,7 @@ async fn an_admin_command_through_sudo_names_the_invoking_user() {
 #[tokio::test]
 async fn an_admin_command_whose_entry_fails_shows_no_key_and_creates_nothing() {
     let app = TestApp::spawn().await;
-    if app.is_sqlite() {
-        app.sql(
-            "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
-             WHEN NEW.method = 'AdminCli/CreatePrincipal' \
-             BEGIN SELECT RAISE(ABORT, 'audit blocked'); END;",
-        )
-        .await;
-    } else {
-        app.sql(
-            "CREATE FUNCTION audit_fail() RETURNS trigger AS $$ \
-             BEGIN IF NEW.method = 'AdminCli/CreatePrincipal' THEN \
-             RAISE EXCEPTION 'audit blocked'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
-             FOR EACH ROW EXECUTE FUNCTION audit_fail();",
-        )
-        .await;
-    }
+    fail_audit_entries_of(&app, "AdminCli/CreatePrincipal").await;
     const CREATE: &[&str] = &[
         "admin",
         "create-principal",

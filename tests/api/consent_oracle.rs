@@ -558,3 +558,62 @@ async fn only_the_recorders_centre_sees_who_recorded_a_consent() {
     assert_eq!(withdrawal_event.source, "consent_officer");
     assert_eq!(withdrawal_event.recorded_by, "");
 }
+
+/// The limit "What a physician still learns" names (docs/consent.md): the
+/// REGISTRY_INCLUSION decision in force is the one given last, so an attested grant dated
+/// before a later refusal, withdrawal or expired grant on file loses to it. A grant dated
+/// far back is stored for a person with nothing on file, or with a later grant still in
+/// force, and refused for one withdrawn since; dated now, it is stored for that one too.
+/// This test holds the behaviour the doc states, so that a change to it is seen.
+#[tokio::test]
+async fn a_back_dated_attestation_tells_whether_a_later_decision_is_on_file() {
+    let app = TestApp::spawn().await;
+    let mut physician = app.physician("dr-backdate", "NL-AMC").await;
+    let mut other = app.physician("dr-elsewhere", "BE-UZL").await;
+    let mut officer = app.officer("co-backdate", &[REGISTRY]).await;
+    const NOTHING: u32 = 9_200;
+    const WITHDRAWN: u32 = 9_201;
+    const GRANTED_LATER: u32 = 9_202;
+    other
+        .submit_case(submission(REGISTRY, national("NL", &bsn(WITHDRAWN))))
+        .await
+        .unwrap();
+    officer
+        .withdraw_consent(withdrawal(
+            REGISTRY,
+            by_identifiers(national("NL", &bsn(WITHDRAWN))),
+            &[S::RegistryInclusion],
+        ))
+        .await
+        .unwrap();
+    officer
+        .record_consent(recording(GRANTED_LATER, inclusion_granted()))
+        .await
+        .unwrap();
+    let attesting = |seed, given_at: &str| {
+        let mut req = bare_submission(seed);
+        req.consent = vec![consent(S::RegistryInclusion, St::Granted, given_at)];
+        req
+    };
+    const FAR_BACK: &str = "1990-01-01T00:00:00Z";
+    physician
+        .submit_case(attesting(NOTHING, FAR_BACK))
+        .await
+        .unwrap();
+    physician
+        .submit_case(attesting(GRANTED_LATER, FAR_BACK))
+        .await
+        .unwrap();
+    let refused = physician
+        .submit_case(attesting(WITHDRAWN, FAR_BACK))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    // The date is what decides: the same patient, a grant given now.
+    let now = ern_registry::clock::Clock::now(&*app.clock).to_rfc3339();
+    physician
+        .submit_case(attesting(WITHDRAWN, &now))
+        .await
+        .unwrap();
+    app.stop().await;
+}

@@ -362,19 +362,24 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     assert_eq!(outcomes, expected);
 }
 
-/// A sign-in with `name` and a wrong password and code.
-async fn wrong_guess(web: &mut Web, name: &str) -> Page {
+/// A sign-in with `name`, `password` and `code`, on a fresh form.
+async fn signing_in(web: &mut Web, name: &str, password: &str, code: &str) -> Page {
     let form = web.get("/sign-in").await;
     web.post(
         "/sign-in",
         &[
             ("csrf", &form.csrf()),
             ("name", name),
-            ("password", "guess guess guess"),
-            ("code", "123456"),
+            ("password", password),
+            ("code", code),
         ],
     )
     .await
+}
+
+/// A sign-in with `name` and a wrong password and code.
+async fn wrong_guess(web: &mut Web, name: &str) -> Page {
+    signing_in(web, name, "guess guess guess", "123456").await
 }
 
 /// Five wrong guesses with `name`, then the answer to a sixth (status, body).
@@ -407,38 +412,11 @@ async fn a_password_with_spaces_at_its_ends_signs_in() {
     .await
     .unwrap();
     let mut web = Web::new(app.console.unwrap());
-    let sign_in = |password: &'static str| {
-        let code = current_code(&secret, app.clock.now());
-        (password, code)
-    };
+    let code = || current_code(&secret, app.clock.now());
     // Trimmed, it is another password: refused.
-    let (password, code) = sign_in("correct horse battery");
-    let csrf = web.get("/sign-in").await.csrf();
-    let refused = web
-        .post(
-            "/sign-in",
-            &[
-                ("csrf", &csrf),
-                ("name", "padded"),
-                ("password", password),
-                ("code", &code),
-            ],
-        )
-        .await;
+    let refused = signing_in(&mut web, "padded", "correct horse battery", &code()).await;
     assert_eq!(refused.status, 401, "{}", refused.body);
-    let (password, code) = sign_in(padded);
-    let csrf = web.get("/sign-in").await.csrf();
-    let home = web
-        .post(
-            "/sign-in",
-            &[
-                ("csrf", &csrf),
-                ("name", "padded"),
-                ("password", password),
-                ("code", &code),
-            ],
-        )
-        .await;
+    let home = signing_in(&mut web, "padded", padded, &code()).await;
     assert_eq!(home.status, 303, "{}", home.body);
     app.stop().await;
 }
@@ -483,19 +461,7 @@ async fn sign_ins_refused_as_busy_are_charged_to_the_address() {
         statuses.contains(&503),
         "no attempt found both runs taken: {statuses:?}"
     );
-    let mut web = Web::new(addr);
-    let csrf = web.get("/sign-in").await.csrf();
-    let next = web
-        .post(
-            "/sign-in",
-            &[
-                ("csrf", csrf.as_str()),
-                ("name", "nobody-else"),
-                ("password", "guess guess guess"),
-                ("code", "123456"),
-            ],
-        )
-        .await;
+    let next = wrong_guess(&mut Web::new(addr), "nobody-else").await;
     assert_eq!(next.status, 429, "after {statuses:?}: {}", next.body);
     app.stop().await;
 }
@@ -818,14 +784,6 @@ pub fn error_next_to(page: &Page, field: &str, message: &str) -> bool {
     })
 }
 
-async fn sql(app: &TestApp, sql: &str) {
-    app.store
-        .pool()
-        .execute_raw(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
 /// An invalid form is answered with the form again and, for a patient's page, the
 /// patient's consent history: shown only once the refusal's audit entry is committed,
 /// like any page that reads (here the entry cannot be written, and the page is not shown).
@@ -855,25 +813,7 @@ async fn an_invalid_form_shows_nothing_the_audit_log_does_not_record() {
     let shown = web.post("/officer/record", &fields).await;
     assert_eq!(shown.status, 400, "{}", shown.body);
     assert!(shown.body.contains("<h2>History</h2>"), "{}", shown.body);
-    if app.is_sqlite() {
-        sql(
-            &app,
-            "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
-             WHEN NEW.method = 'Console/RecordConsent' \
-             BEGIN SELECT RAISE(ABORT, 'audit blocked'); END;",
-        )
-        .await;
-    } else {
-        sql(
-            &app,
-            "CREATE FUNCTION audit_fail() RETURNS trigger AS $$ \
-             BEGIN IF NEW.method = 'Console/RecordConsent' THEN \
-             RAISE EXCEPTION 'audit blocked'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
-             FOR EACH ROW EXECUTE FUNCTION audit_fail();",
-        )
-        .await;
-    }
+    fail_audit_entries_of(&app, "Console/RecordConsent").await;
     let withheld = web.post("/officer/record", &fields).await;
     assert_eq!(withheld.status, 503, "{}", withheld.body);
     assert!(
@@ -1460,7 +1400,9 @@ async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
     let table = web.post("/research/count", &fields).await;
     assert_eq!(table.status, 200, "{}", table.body);
     assert!(
-        table.body.contains("k = <strong>5</strong>"),
+        table
+            .body
+            .contains("k = <strong>5</strong>, p = <strong>1</strong>"),
         "{}",
         table.body
     );
@@ -1490,7 +1432,7 @@ async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
             .unwrap()
             .starts_with("attachment")
     );
-    assert!(csv.body.starts_with("# registry ERN-EYE, k = 5"));
+    assert!(csv.body.starts_with("# registry ERN-EYE, k = 5, p = 1,"));
     assert!(
         csv.body.contains("\"SEX\",\"NL\",\"total\""),
         "{}",

@@ -460,3 +460,29 @@ impl TestApp {
         }
     }
 }
+
+/// Makes every audit entry of `method` fail to be written (a trigger named `audit_fail`
+/// on `audit_log`, on either database), as a full disk or a broken log would.
+pub async fn fail_audit_entries_of(app: &TestApp, method: &str) {
+    // `method` is the test's own constant, never input.
+    let sql = if app.is_sqlite() {
+        format!(
+            "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+             WHEN NEW.method = '{method}' \
+             BEGIN SELECT RAISE(ABORT, 'audit blocked'); END;"
+        )
+    } else {
+        format!(
+            "CREATE FUNCTION audit_fail() RETURNS trigger AS $$ \
+             BEGIN IF NEW.method = '{method}' THEN \
+             RAISE EXCEPTION 'audit blocked'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+             FOR EACH ROW EXECUTE FUNCTION audit_fail();"
+        )
+    };
+    app.store
+        .pool()
+        .execute_raw(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}

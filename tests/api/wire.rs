@@ -399,11 +399,12 @@ fn proto_serving() -> i32 {
 }
 
 /// Calls refused before any handler ran (a body that is not a message of the method,
-/// broken framing, a content type that is not gRPC, an unknown method) are counted in
-/// the per-address summary of refused calls, as a wrong API key is, and charged to the
-/// address's allowance: a flood of malformed bodies is throttled and leaves a trace. A
-/// handler's own failure is recorded once, by the handler, and its mark does not leave
-/// the server.
+/// broken framing, a content type that is not gRPC, an unknown method, a message over
+/// the limit) are counted in the per-address summary of refused calls, as a wrong API key
+/// is; the malformed ones (not gRPC, INVALID_ARGUMENT) are charged to the address's
+/// allowance, the others are not. A flood of malformed bodies is throttled and leaves a
+/// trace. A handler's own failure is recorded once, by the handler, and its mark does not
+/// leave the server.
 #[tokio::test]
 async fn refusals_no_handler_saw_are_counted_and_charged_to_the_address() {
     let app = TestApp::spawn_with(ServeArgs {
@@ -428,10 +429,24 @@ async fn refusals_no_handler_saw_are_counted_and_charged_to_the_address() {
     .await;
     assert_ne!(answer.code(), Code::Ok);
     assert!(!answer.headers.contains_key("x-ern-audited"));
-    // Refusals no handler saw, from one address: five malformed requests (its whole
-    // allowance), and two it counts without charging.
+    // Counted, not charged: methods this version does not have, a made-up path, a
+    // message over the limit (refused from its length prefix).
     let not_a_message = framed(0, &[0xff, 0xff, 0xff, 0xff]);
-    for _ in 0..3 {
+    for path in ["/ern_registry.v1.CaseService/NoSuchMethod", "/made.Up/Path"] {
+        let answer = call(app.addr, path, GRPC, &auth, vec![not_a_message.clone()]).await;
+        assert_eq!(answer.code(), Code::Unimplemented);
+    }
+    let answer = call(
+        app.addr,
+        SUBMIT,
+        GRPC,
+        &auth,
+        vec![vec![0, 0x7f, 0xff, 0xff, 0xff]],
+    )
+    .await;
+    assert_eq!(answer.code(), Code::ResourceExhausted);
+    // Charged: four malformed requests, four of the five the address may cause.
+    for _ in 0..2 {
         let answer = call(app.addr, SUBMIT, GRPC, &auth, vec![not_a_message.clone()]).await;
         assert_eq!(answer.code(), Code::InvalidArgument);
     }
@@ -439,10 +454,20 @@ async fn refusals_no_handler_saw_are_counted_and_charged_to_the_address() {
     assert_eq!(answer.code(), Code::InvalidArgument);
     let answer = call(app.addr, SUBMIT, Some("application/json"), &auth, vec![]).await;
     assert_eq!(answer.http, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    for path in ["/ern_registry.v1.CaseService/NoSuchMethod", "/made.Up/Path"] {
-        let answer = call(app.addr, path, GRPC, &auth, vec![not_a_message.clone()]).await;
-        assert_eq!(answer.code(), Code::Unimplemented);
-    }
+    // The fifth: a well-formed key that names no key, still looked up and refused.
+    let reads = app.auth.key_lookups();
+    let wrong_key = || async {
+        app.client(Some(&format!("ern_{:016x}_{:064x}", 0xdead_u64, 1)))
+            .await
+            .get_case(get_case(
+                "ERN-LUNG",
+                "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            ))
+            .await
+            .unwrap_err()
+    };
+    assert_eq!(wrong_key().await.code(), Code::Unauthenticated);
+    assert_eq!(app.auth.key_lookups(), reads + 1);
     // The address is now refused before its key is read, as after wrong keys.
     let reads = app.auth.key_lookups();
     let status = app
@@ -478,7 +503,9 @@ async fn refusals_no_handler_saw_are_counted_and_charged_to_the_address() {
     let expected = [
         ("(unknown method)", "UNIMPLEMENTED", 2),
         ("CaseService/GetCase", "RESOURCE_EXHAUSTED", 1),
-        ("CaseService/SubmitCase", "INVALID_ARGUMENT", 4),
+        ("CaseService/GetCase", "UNAUTHENTICATED", 1),
+        ("CaseService/SubmitCase", "INVALID_ARGUMENT", 3),
+        ("CaseService/SubmitCase", "RESOURCE_EXHAUSTED", 1),
         ("CaseService/SubmitCase", "UNIMPLEMENTED", 1),
     ]
     .map(|(m, o, n)| (m.to_string(), o.to_string(), n));
