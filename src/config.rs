@@ -285,7 +285,7 @@ pub struct ServeArgs {
     /// Calls refused before authentication (no key, a wrong or dead key) that one network
     /// peer (an IPv4 address, an IPv6 /64) may cause per minute, in bursts of as many.
     /// Malformed requests refused before any handler ran (not gRPC, broken framing, not a
-    /// message of the method) count against it too.
+    /// message of a method of the registry's services) count against it too.
     /// Beyond, its calls are refused with RESOURCE_EXHAUSTED and the time to wait, without
     /// a database read, unless they present a key this process has verified before.
     /// Refusals of calls in flight together may overdraw it by up to five minutes of it,

@@ -33,7 +33,8 @@
 //!
 //! **Refusals no handler saw.** A call refused here, or by tonic before its handler runs
 //! (a body that is not a message of the method, an unknown method), or answered while
-//! the database is unreachable, has no audit entry of its own, when the refusal is the
+//! the database is unreachable or UNAVAILABLE because its own audit entry could not be
+//! committed, has no audit entry of its own, when the refusal is the
 //! whole answer (trailers-only: a stream that the handler had begun ends in trailers this
 //! layer does not read). This layer counts each in the per-address summary of refused
 //! calls (`refusals`, written to the audit log as every unauthenticated refusal is; a path
