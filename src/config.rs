@@ -282,10 +282,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_DERIVATIONS_PER_MINUTE", default_value_t = 1200,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub derivations_per_minute: u32,
-    /// Calls refused before authentication (no key, a wrong or dead key) that one network
-    /// peer (an IPv4 address, an IPv6 /64) may cause per minute, in bursts of as many.
-    /// Malformed requests refused before any handler ran (not gRPC, broken framing, not a
-    /// message of a method of the registry's services) count against it too.
+    /// Calls refused before authentication (no key, a wrong or dead key), or abandoned
+    /// while authenticating with a key not known to this process, that one network peer
+    /// (an IPv4 address, an IPv6 /64) may cause per minute, in bursts of as many.
     /// Beyond, its calls are refused with RESOURCE_EXHAUSTED and the time to wait, without
     /// a database read, unless they present a key this process has verified before.
     /// Refusals of calls in flight together may overdraw it by up to five minutes of it,

@@ -289,7 +289,15 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn start(refusals: Arc<Refusals>, writer: Writer, every: Duration) -> Flusher {
+    /// Flushes every `every`, except while `database` says the database is unreachable:
+    /// the counts then wait (their interval grows) rather than be drained into writes
+    /// that fail and lost.
+    pub fn start(
+        refusals: Arc<Refusals>,
+        writer: Writer,
+        every: Duration,
+        database: crate::health::DatabaseWatch,
+    ) -> Flusher {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
@@ -297,7 +305,11 @@ impl Flusher {
             ticks.tick().await;
             loop {
                 tokio::select! {
-                    _ = ticks.tick() => refusals.flush(&writer).await,
+                    _ = ticks.tick() => {
+                        if database.is_reachable() {
+                            refusals.flush(&writer).await;
+                        }
+                    }
                     _ = &mut stopped => {
                         refusals.flush(&writer).await;
                         break;

@@ -733,6 +733,7 @@ impl Application {
             self.state.refusals.clone(),
             self.state.writer.clone(),
             Duration::from_secs(self.args.refusal_summary_secs),
+            self.state.database.clone(),
         );
         let console_deadline = deadline.clone();
         let mut server = Server::builder();

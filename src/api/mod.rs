@@ -159,15 +159,6 @@ pub async fn conclude<T>(
         warn!(method = %call.method(), "call refused while the database is unreachable; not in the audit log");
         return result;
     }
-    // A failure recorded here (or counted in the summary of refusals) is marked, so that
-    // the wire layer does not count it again; the layer removes the mark.
-    let result = result.map_err(|mut status| {
-        status.metadata_mut().insert(
-            wire::AUDITED,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
-        status
-    });
     match services.record(call, outcome).await {
         Err(err) if result.is_ok() => {
             error!(error = %err, "audit entry not committed; the call fails");
@@ -176,10 +167,19 @@ pub async fn conclude<T>(
             ))
         }
         Err(err) => {
+            // Unmarked: the wire layer counts it in the per-address summary instead.
             warn!(error = %err, "audit entry of a failed call not committed");
             result
         }
-        Ok(()) => result,
+        // A failure recorded (or counted in the summary of refusals) is marked, so that the
+        // wire layer does not count it again; the layer removes the mark.
+        Ok(()) => result.map_err(|mut status| {
+            status.metadata_mut().insert(
+                wire::AUDITED,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            status
+        }),
     }
 }
 

@@ -38,11 +38,9 @@
 //! whole answer (trailers-only: a stream that the handler had begun ends in trailers this
 //! layer does not read). This layer counts each in the per-address summary of refused
 //! calls (`refusals`, written to the audit log as every unauthenticated refusal is; a path
-//! that is no method of the service under one label), and charges a malformed request
-//! (INVALID_ARGUMENT, the HTTP 415) to the address's allowance. (A body that is not a
-//! message of the method is INVALID_ARGUMENT on the registry's own services; health uses
-//! tonic's codec, which answers it INTERNAL: counted, not charged; reflection ends its
-//! stream with OK on it: not counted.) It tells them from a
+//! that is no method of the service under one label). It charges nothing to the address's
+//! allowance of refusals (see `Rules::refused`). (Reflection ends its stream with OK on a
+//! body that is not a message: not counted.) It tells them from a
 //! handler's failure by the header `x-ern-audited`, which `api::conclude` puts on every
 //! failure it handled and this layer removes.
 
@@ -93,12 +91,11 @@ struct Rules {
 }
 
 impl Rules {
-    /// Counts a call refused without an audit entry of its own; charges the address for
-    /// a malformed request (`charge`: HTTP 415, or INVALID_ARGUMENT). Not for
-    /// UNIMPLEMENTED (a newer client calling a method this version lacks) nor
-    /// RESOURCE_EXHAUSTED (a message over the limit, which clients retry), which everyone
-    /// behind the address would pay for.
-    fn refused(&self, peer: Peer, path: &str, outcome: Outcome, charge: bool) {
+    /// Counts a call refused without an audit entry of its own. Nothing is charged to
+    /// the address's allowance of refusals: that allowance only gates authentication, so
+    /// a charge would not slow a flood of malformed requests, and everyone behind the
+    /// address (a hospital's NAT, its console sign-ins) would pay for one broken client.
+    fn refused(&self, peer: Peer, path: &str, outcome: Outcome) {
         let Some(refusals) = &self.refusals else {
             return;
         };
@@ -108,9 +105,6 @@ impl Rules {
             "(unknown method)".to_owned()
         };
         refusals.note(peer, "", &method, outcome.name());
-        if charge || outcome == Outcome::InvalidArgument {
-            refusals.charge(peer);
-        }
     }
 }
 
@@ -213,13 +207,11 @@ where
         let peer = Peer::of(crate::connections::remote_addr(&request));
         let path = request.uri().path().to_owned();
         if let Some(refusal) = refuse_content_type(request.headers()) {
-            // Not gRPC at all (HTTP 415, charged), or gRPC in another message format.
-            let not_grpc = refusal.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE;
             let outcome = match Status::from_header_map(refusal.headers()) {
                 Some(status) => crate::api::outcome_of(status.code()),
                 None => Outcome::InvalidArgument,
             };
-            self.rules.refused(peer, &path, outcome, not_grpc);
+            self.rules.refused(peer, &path, outcome);
             return Box::pin(std::future::ready(Ok(refusal)));
         }
         let single = self.rules.single_request.contains(request.uri().path());
@@ -256,7 +248,7 @@ where
                 && let Some(status) = Status::from_header_map(response.headers())
                 && status.code() != tonic::Code::Ok
             {
-                rules.refused(peer, &path, crate::api::outcome_of(status.code()), false);
+                rules.refused(peer, &path, crate::api::outcome_of(status.code()));
             }
             Ok(response.map(|body| Body::new(SizedResponse { inner: body, limit })))
         })

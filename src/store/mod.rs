@@ -436,17 +436,26 @@ impl Backend {
 ///   chain with `UPDATE … RETURNING` on its head, which under REPEATABLE READ would fail
 ///   when another transaction appended first.
 ///
-/// They are sent as startup options (`-c name=value`), after any the database URL or
-/// `PGOPTIONS` gives, so they win over those.
+/// They are set by `SET` on each new connection, after it is made, so they win over the
+/// URL's options, `PGOPTIONS` and the role's and database's defaults; and they pass
+/// through a connection pooler that refuses the `options` startup parameter (PgBouncer).
 const PG_SESSION: [(&str, &str); 6] = [
     ("idle_in_transaction_session_timeout", "60s"),
     ("tcp_user_timeout", "60000"),
     ("tcp_keepalives_idle", "30"),
     ("tcp_keepalives_interval", "10"),
     ("tcp_keepalives_count", "3"),
-    // A space in a startup option is escaped (sqlx passes the value as it is).
-    ("default_transaction_isolation", r"read\ committed"),
+    ("default_transaction_isolation", "read committed"),
 ];
+
+/// [`PG_SESSION`] as one simple query of `SET` statements (constants, formatted).
+fn pg_session_sql() -> String {
+    PG_SESSION
+        .iter()
+        .map(|(name, value)| format!("SET {name} = '{value}';"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 impl Store {
     /// Connects, applying per-connection settings: on SQLite WAL journaling, full
@@ -478,7 +487,15 @@ impl Store {
                 PoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(10))
-                    .connect_with(PgConnectOptions::from_str(url)?.options(PG_SESSION))
+                    .after_connect(|conn: &mut sqlx::PgConnection, _meta| {
+                        Box::pin(async move {
+                            // No arguments: sent as one simple query, all statements.
+                            let sql = pg_session_sql();
+                            conn.execute(sql.as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(PgConnectOptions::from_str(url)?)
                     .await?,
             ),
         };

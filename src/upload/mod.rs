@@ -650,10 +650,13 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
                                 }
                                 Some(proto::submit_cases_result::Outcome::Rejected(r))
                                     if r.code == tonic::Code::ResourceExhausted as i32
-                                        || r.code == tonic::Code::Unavailable as i32 =>
+                                        || r.code == tonic::Code::Unavailable as i32
+                                        || r.code == tonic::Code::Aborted as i32 =>
                                 {
-                                    // Rate limited or the server busy: send it again
-                                    // in the next pass, after a pause.
+                                    // Rate limited or the server busy, or (ABORTED, the
+                                    // one reason a submission is) the registry's key
+                                    // rotated while it was in flight: send it again in
+                                    // the next pass, after a pause.
                                     stop.store(true, Ordering::SeqCst);
                                     still.push(i);
                                     continue;

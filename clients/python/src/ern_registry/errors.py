@@ -164,7 +164,10 @@ class AlreadyExists(RegistryError):
 
 
 class Aborted(RegistryError):
-    """ABORTED: the case moved on since ``expected_version``; read it again."""
+    """ABORTED: another change came first. For an update, the case moved on since
+    ``expected_version``: read it again. For a submission or a first consent decision,
+    the registry's pseudonym key was rotated while the call was in flight: send it again
+    (a pseudonym taken from before the rotation: name the patient by identifiers)."""
 
     code = grpc.StatusCode.ABORTED
 
