@@ -293,7 +293,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub refusals_per_peer_per_minute: u32,
     /// Refused unauthenticated calls are audited as one entry per peer, method and outcome
-    /// with their number, written every this many seconds (and at shutdown).
+    /// with their number, written every this many seconds (held while the database is
+    /// unreachable) and at shutdown.
     #[arg(long, env = "ERN_REFUSAL_SUMMARY_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refusal_summary_secs: u64,

@@ -10,7 +10,8 @@
 //!   exists), method and outcome ([`Refusals::note`]); every `--refusal-summary-secs` (and
 //!   at shutdown) each count becomes one audit entry (`principal` = `peer:<address>`,
 //!   `items` = the number of calls). Authenticated calls are audited one by one as before.
-//! - **Limited per peer.** Each refusal takes one from the peer's allowance (a token
+//! - **Limited per peer.** Each refusal of authentication (and an authentication
+//!   abandoned half-way, `service::ChargedIfAbandoned`) takes one from the peer's allowance (a token
 //!   bucket of `--refusals-per-peer-per-minute`, refilled at that rate; refusals of calls
 //!   in flight together can take it below zero, by at most five minutes of it, and are
 //!   repaid first). A peer with none left is refused before anything else (RESOURCE_EXHAUSTED with the time to wait),

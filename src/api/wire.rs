@@ -33,8 +33,8 @@
 //!
 //! **Refusals no handler saw.** A call refused here, or by tonic before its handler runs
 //! (a body that is not a message of the method, an unknown method), or answered while
-//! the database is unreachable or UNAVAILABLE because its own audit entry could not be
-//! committed, has no audit entry of its own, when the refusal is the
+//! the database is unreachable, or whose own audit entry could not be committed (a
+//! success then answered UNAVAILABLE, or a failure), has no audit entry of its own, when the refusal is the
 //! whole answer (trailers-only: a stream that the handler had begun ends in trailers this
 //! layer does not read). This layer counts each in the per-address summary of refused
 //! calls (`refusals`, written to the audit log as every unauthenticated refusal is; a path
@@ -42,7 +42,7 @@
 //! allowance of refusals (see `Rules::refused`). (Reflection ends its stream with OK on a
 //! body that is not a message: not counted.) It tells them from a
 //! handler's failure by the header `x-ern-audited`, which `api::conclude` puts on every
-//! failure it handled and this layer removes.
+//! failure it recorded and this layer removes.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -86,7 +86,7 @@ struct Rules {
     /// counted under one label, so that a flood of made-up paths adds no summary entries.
     known: HashSet<String>,
     max_message_bytes: usize,
-    /// Where refusals no handler recorded are counted and charged (none: not counted).
+    /// Where refusals no handler recorded are counted (none: not counted).
     refusals: Option<Arc<Refusals>>,
 }
 

@@ -437,8 +437,8 @@ impl Backend {
 ///   when another transaction appended first.
 ///
 /// They are set by `SET` on each new connection, after it is made, so they win over the
-/// URL's options, `PGOPTIONS` and the role's and database's defaults; and they pass
-/// through a connection pooler that refuses the `options` startup parameter (PgBouncer).
+/// URL's options, `PGOPTIONS` and the role's and database's defaults, and need no
+/// `options` startup parameter (which PgBouncer refuses).
 const PG_SESSION: [(&str, &str); 6] = [
     ("idle_in_transaction_session_timeout", "60s"),
     ("tcp_user_timeout", "60000"),
