@@ -1382,6 +1382,59 @@ pub async fn cohort(app: &TestApp, n: u32) {
 }
 
 #[tokio::test]
+async fn a_researcher_sees_the_protection_level_in_force_beside_k() {
+    let app = console_app(ServeArgs::default()).await;
+    let secret = console_user(&app, "researcher-p", Role::Researcher, None, &["ERN-EYE"]).await;
+    cohort(&app, 12).await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    run_action(
+        &app.store,
+        &master,
+        "admin-cli:test",
+        AdminAction::SetProtectionLevel {
+            registry: "ERN-EYE".into(),
+            level: 3,
+        },
+    )
+    .await
+    .unwrap();
+    let mut web = Web::new(app.console.unwrap());
+    web.sign_in(&app, "researcher-p", &secret).await;
+    let form = web.get("/research").await;
+    let csrf = form.csrf();
+    let ask = [
+        ("csrf", csrf.as_str()),
+        ("registry", "ERN-EYE"),
+        ("group_by[0]", "SEX"),
+    ];
+    let table = web.post("/research/count", &ask).await;
+    assert_eq!(table.status, 200, "{}", table.body);
+    assert!(
+        table
+            .body
+            .contains("k = <strong>5</strong>, p = <strong>3</strong>"),
+        "{}",
+        table.body
+    );
+    let delay = web.post("/research/delay", &ask).await;
+    assert_eq!(delay.status, 200, "{}", delay.body);
+    assert!(
+        delay
+            .body
+            .contains("k = <strong>5</strong>, p = <strong>3</strong>"),
+        "{}",
+        delay.body
+    );
+    let csv = web.post("/research/count.csv", &ask).await;
+    assert!(
+        csv.body.starts_with("# registry ERN-EYE, k = 5, p = 3,"),
+        "{}",
+        csv.body
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
     let app = console_app(ServeArgs::default()).await;
     let secret = console_user(&app, "researcher-eye", Role::Researcher, None, &["ERN-EYE"]).await;
