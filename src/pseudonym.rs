@@ -571,13 +571,8 @@ impl Pseudonym {
 
     pub fn parse(s: &str) -> Result<Self, PseudonymError> {
         let b = s.as_bytes();
-        let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
         let shape = b.len() == PSEUDONYM_LEN
-            && b[0] == b'R'
-            && digits(1..4)
-            && &b[4..6] == b"-V"
-            && digits(6..9)
-            && b[9] == b'-'
+            && has_prefix(b)
             && b[10..].iter().all(|&c| value_of(c).is_some());
         if !shape {
             return Err(PseudonymError::Format);
@@ -608,15 +603,20 @@ impl Pseudonym {
 /// prefix alone: for the writer, which takes pseudonyms as text parsed (or derived)
 /// earlier. `None` for text without that prefix.
 pub fn key_version_of(text: &str) -> Option<u16> {
-    let b = text.as_bytes();
+    has_prefix(text.as_bytes())
+        .then(|| text[6..9].parse().ok())
+        .flatten()
+}
+
+/// Whether `b` starts with a pseudonym's prefix, `R<3 digits>-V<3 digits>-`.
+fn has_prefix(b: &[u8]) -> bool {
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    let prefixed = b.len() >= 10
+    b.len() >= 10
         && b[0] == b'R'
         && digits(1..4)
         && &b[4..6] == b"-V"
         && digits(6..9)
-        && b[9] == b'-';
-    prefixed.then(|| text[6..9].parse().ok()).flatten()
+        && b[9] == b'-'
 }
 
 impl fmt::Display for Pseudonym {

@@ -440,11 +440,14 @@ impl Services {
         let peer = credentials.peer;
         call.peer = peer;
         let key = &credentials.key;
+        // A key that authenticated a call in this process: it passes an exhausted
+        // allowance, and its call is not charged if abandoned.
+        let known_good = key.as_ref().is_ok_and(|key| {
+            self.verifier
+                .known_good(key, credentials.certificate.as_deref())
+        });
         if let Err(limited) = self.refusals.check(peer)
-            && !key.as_ref().is_ok_and(|key| {
-                self.verifier
-                    .known_good(key, credentials.certificate.as_deref())
-            })
+            && !known_good
         {
             metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
             return Err(limited.into());
@@ -458,10 +461,7 @@ impl Services {
             database: &self.database,
             peer,
             method: &method,
-            armed: !key.as_ref().is_ok_and(|key| {
-                self.verifier
-                    .known_good(key, credentials.certificate.as_deref())
-            }),
+            armed: !known_good,
         };
         let result = match key {
             Ok(key) => {
