@@ -14,7 +14,11 @@
 //! Verification is one HMAC, compared in constant time (`ring::hmac::verify`), on every
 //! call; nothing needs caching.
 //!
-//! Keys issued by earlier versions carry an Argon2id hash. Such a key is verified with
+//! Keys issued by earlier versions carry an Argon2id hash, which anyone who can write the
+//! table can make without the master secret: such hashes never match unless the operator
+//! accepts them while those keys are migrated (`serve --accept-argon2-key-hashes`,
+//! [`KeyVerifier::accepting_argon2`]), and then only at the costs earlier versions used
+//! ([`earlier_version_hash`]). Such a key is verified with
 //! Argon2id once and, on success, re-stored as HMAC ([`Verdict::Migrate`]). At most one
 //! Argon2 run goes on at a time, and a call that finds it busy is refused at once
 //! ([`Verdict::Busy`]) rather than queued: a flood against a key id not yet migrated costs
@@ -38,6 +42,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use ring::{hkdf, hmac, rand::SecureRandom};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
+use tracing::warn;
 use zeroize::Zeroizing;
 
 use crate::keys::MasterSecret;
@@ -233,11 +238,34 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Argon2id with the OWASP-recommended minimum (19 MiB, 2 passes, 1 lane): what keys of
-/// earlier versions were hashed with. Verification reads the parameters from the hash.
+/// The Argon2 memory cost (KiB), passes and lanes keys of earlier versions were hashed
+/// with: the OWASP-recommended minimum (19 MiB, 2 passes, 1 lane).
+const EARLIER_M_COST: u32 = 19 * 1024;
+const EARLIER_T_COST: u32 = 2;
+const EARLIER_P_COST: u32 = 1;
+
+/// Argon2id as keys of earlier versions were hashed. Verification reads the parameters
+/// from the hash, so only hashes [`earlier_version_hash`] accepts reach it.
 fn argon2() -> Argon2<'static> {
-    let params = Params::new(19 * 1024, 2, 1, None).expect("static Argon2 parameters are valid");
+    let params = Params::new(EARLIER_M_COST, EARLIER_T_COST, EARLIER_P_COST, None)
+        .expect("static Argon2 parameters are valid");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// `phc` parsed, if it is a hash an earlier version could have written: Argon2id, version
+/// 0x13, a 32-byte output, and costs no higher than [`argon2`]'s. A stored hash names its
+/// own costs, and a row written by hand could name gigabytes or hours: refused unread.
+fn earlier_version_hash(phc: &str) -> Option<PasswordHash<'_>> {
+    let parsed = PasswordHash::new(phc).ok()?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).ok()?;
+    let params = Params::try_from(&parsed).ok()?;
+    let fits = algorithm == Algorithm::Argon2id
+        && parsed.version == Some(Version::V0x13 as u32)
+        && parsed.hash.is_some_and(|h| h.len() == 32)
+        && params.m_cost() <= EARLIER_M_COST
+        && params.t_cost() <= EARLIER_T_COST
+        && params.p_cost() == EARLIER_P_COST;
+    fits.then_some(parsed)
 }
 
 /// The keyed hash of API key secrets: HMAC-SHA256 under a pepper derived from the master
@@ -387,6 +415,9 @@ struct Known {
 /// Verifies presented secrets against stored hashes.
 pub struct KeyVerifier {
     hasher: Arc<KeyHasher>,
+    /// Whether Argon2id hashes of earlier versions are verified (and migrated) at all
+    /// (`serve --accept-argon2-key-hashes`); otherwise they never match.
+    accepts_argon2: bool,
     /// Key id → stored HMAC of keys verified in this process. Only a correct secret adds
     /// an entry, so its size follows the valid keys in use, not what callers send.
     known: RwLock<HashMap<String, Known>>,
@@ -398,10 +429,18 @@ impl KeyVerifier {
     pub fn new(hasher: Arc<KeyHasher>) -> KeyVerifier {
         KeyVerifier {
             hasher,
+            accepts_argon2: false,
             known: RwLock::new(HashMap::new()),
             argon2: Arc::new(Semaphore::new(MAX_CONCURRENT_ARGON2)),
             counters: Arc::new(AuthCounters::default()),
         }
+    }
+
+    /// Whether Argon2id hashes of earlier versions are verified (off by default: a hash
+    /// anyone with write access to `api_keys` can make, without the master secret).
+    pub fn accepting_argon2(mut self, accepts: bool) -> KeyVerifier {
+        self.accepts_argon2 = accepts;
+        self
     }
 
     pub fn hasher(&self) -> &Arc<KeyHasher> {
@@ -426,12 +465,30 @@ impl KeyVerifier {
                     Verdict::Invalid
                 }
             }
-            StoredHash::Argon2(phc) => self.verify_argon2(key, phc).await,
+            StoredHash::Argon2(_) if !self.accepts_argon2 => {
+                metrics::counter!("ern_argon2_key_hash_refusals_total").increment(1);
+                warn!(
+                    key_id = %key.key_id,
+                    "an API key with an Argon2id hash of an earlier version was refused: reissue the key, or start with --accept-argon2-key-hashes while such keys are migrated"
+                );
+                Verdict::Invalid
+            }
+            StoredHash::Argon2(phc) => match earlier_version_hash(phc) {
+                Some(parsed) => self.verify_argon2(key, parsed).await,
+                None => {
+                    metrics::counter!("ern_argon2_key_hash_refusals_total").increment(1);
+                    warn!(
+                        key_id = %key.key_id,
+                        "an API key's stored Argon2 hash is not one an earlier version wrote (algorithm, version or costs): refused without running it"
+                    );
+                    Verdict::Invalid
+                }
+            },
             StoredHash::Unknown => Verdict::Invalid,
         }
     }
 
-    async fn verify_argon2(&self, key: &PresentedKey, phc: &str) -> Verdict {
+    async fn verify_argon2(&self, key: &PresentedKey, parsed: PasswordHash<'_>) -> Verdict {
         // Fail fast: a call that would wait for Argon2 is refused, never queued.
         let Ok(permit) = self.argon2.clone().try_acquire_owned() else {
             metrics::counter!("ern_argon2_busy_total").increment(1);
@@ -440,18 +497,14 @@ impl KeyVerifier {
         self.counters.argon2_runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("ern_argon2_verifications_total").increment(1);
         let secret = key.secret.clone();
-        let stored = phc.to_owned();
+        let stored = parsed.serialize();
         let ok = tokio::task::spawn_blocking(move || {
             // The permit goes with the work: a caller that gives up does not free it
             // while Argon2 still runs.
             let _permit = permit;
-            PasswordHash::new(&stored)
-                .map(|parsed| {
-                    argon2()
-                        .verify_password(secret.expose_secret().as_bytes(), &parsed)
-                        .is_ok()
-                })
-                .unwrap_or(false)
+            argon2()
+                .verify_password(secret.expose_secret().as_bytes(), &stored.password_hash())
+                .is_ok()
         })
         .await
         .unwrap_or(false);

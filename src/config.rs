@@ -304,6 +304,14 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_CALLS_IN_FLIGHT", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_calls_in_flight: u32,
+    /// Accept API keys whose stored hash is the Argon2id hash of an earlier version (each
+    /// is re-stored as HMAC on its next use). Off by default: whoever can write the
+    /// `api_keys` table could plant an Argon2id hash of a secret of their own, which needs
+    /// no master secret. Turn it on only while keys issued before the HMAC scheme are
+    /// being migrated (docs/security.md, "Keys of earlier versions").
+    #[arg(long, env = "ERN_ACCEPT_ARGON2_KEY_HASHES", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub accept_argon2_key_hashes: bool,
     /// Invalid items (rejected as INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND,
     /// UNAUTHENTICATED or RESOURCE_EXHAUSTED) one bulk stream may send before it is ended
     /// with RESOURCE_EXHAUSTED.
@@ -430,6 +438,7 @@ impl Default for ServeArgs {
             refusal_summary_secs: 60,
             max_calls_in_flight: 64,
             max_stream_invalid_items: 1000,
+            accept_argon2_key_hashes: false,
             max_stream_items_in_flight: 256,
             max_connections: 1024,
             max_connections_per_peer: 64,

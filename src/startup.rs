@@ -535,7 +535,8 @@ impl Application {
             research_index.as_ref().map(ResearchIndex::after_commit),
         );
         let state = Arc::new(Services {
-            verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master))),
+            verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master)))
+                .accepting_argon2(args.accept_argon2_key_hashes),
             pseudonymiser: crate::service::Sealed::new(Pseudonymiser::new(&master)),
             research_limiter: PrincipalLimiter::per_minute(
                 "research queries",

@@ -284,10 +284,16 @@ async fn wrong_secrets_for_a_real_key_cost_no_argon2_and_a_fresh_key_works() {
 
 /// Stores `token`'s secret the way an earlier version did: an Argon2id PHC string.
 async fn make_legacy(app: &TestApp, token: &str) {
+    plant_argon2(app, token, 19 * 1024).await;
+}
+
+/// Stores an Argon2id hash of `token`'s secret with a memory cost of `m_cost` KiB, as
+/// anyone with write access to `api_keys` can, without the master secret.
+async fn plant_argon2(app: &TestApp, token: &str, m_cost: u32) {
     use argon2::password_hash::{PasswordHasher, SaltString};
     let secret = token[21..].to_string();
     let phc = tokio::task::spawn_blocking(move || {
-        let params = argon2::Params::new(19 * 1024, 2, 1, None).unwrap();
+        let params = argon2::Params::new(m_cost, 2, 1, None).unwrap();
         let argon2 =
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let salt = SaltString::encode_b64(&[7u8; 16]).unwrap();
@@ -317,7 +323,11 @@ async fn stored_hash(app: &TestApp, token: &str) -> String {
 
 #[tokio::test]
 async fn a_key_of_an_earlier_version_is_verified_with_argon2_once_and_migrated() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(ServeArgs {
+        accept_argon2_key_hashes: true,
+        ..ServeArgs::default()
+    })
+    .await;
     app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
     let token = app
         .principal("dr-old", Role::Physician, Some("NL-AMC"), &[])
@@ -347,6 +357,7 @@ async fn a_flood_against_a_key_not_yet_migrated_runs_argon2_a_bounded_number_of_
     const ALLOWANCE: usize = 10;
     let app = TestApp::spawn_with(ServeArgs {
         refusals_per_peer_per_minute: ALLOWANCE as u32,
+        accept_argon2_key_hashes: true,
         ..ServeArgs::default()
     })
     .await;
@@ -688,4 +699,52 @@ async fn a_connection_with_an_open_stream_is_not_idle() {
         .unwrap();
     let result = results.message().await.unwrap().unwrap();
     assert!(matches!(result.outcome, Some(Outcome::Accepted(_))));
+}
+
+/// Whoever can write `api_keys` but holds no master secret can make an Argon2id hash of a
+/// secret of their own: by default such a hash never matches, and none runs Argon2.
+/// Accepted while keys of earlier versions are migrated, a hash whose costs are above
+/// those earlier versions used is refused unread (a planted row could name gigabytes).
+#[tokio::test]
+async fn an_argon2_hash_is_refused_unless_accepted_and_then_only_at_the_earlier_costs() {
+    for (accept, m_cost, works) in [
+        (false, 19 * 1024, false),
+        (true, 64 * 1024, false),
+        (true, 19 * 1024, true),
+    ] {
+        let app = TestApp::spawn_with(ServeArgs {
+            accept_argon2_key_hashes: accept,
+            ..ServeArgs::default()
+        })
+        .await;
+        app.centre("NL-AMC", "NL", &["ERN-LUNG"]).await;
+        let token = app
+            .principal("dr-planted", Role::Physician, Some("NL-AMC"), &[])
+            .await;
+        plant_argon2(&app, &token, m_cost).await;
+        let planted = stored_hash(&app, &token).await;
+        let mut dr = app.client(Some(&token)).await;
+        let answer = dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(31))))
+            .await;
+        if works {
+            answer.unwrap();
+            assert_eq!(app.auth.argon2_runs(), 1);
+            assert!(
+                stored_hash(&app, &token)
+                    .await
+                    .starts_with(HMAC_HASH_PREFIX)
+            );
+        } else {
+            let status = answer.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "accept {accept}, m {m_cost}"
+            );
+            assert_eq!(status.message(), "invalid API key");
+            assert_eq!(app.auth.argon2_runs(), 0, "accept {accept}, m {m_cost}");
+            assert_eq!(stored_hash(&app, &token).await, planted);
+        }
+    }
 }

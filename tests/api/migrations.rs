@@ -38,6 +38,7 @@ use std::path::PathBuf;
 
 use ern_registry::audit::AuditKey;
 use ern_registry::auth::{self, KeyHasher};
+use ern_registry::config::ServeArgs;
 use ern_registry::keys::MasterSecret;
 use ern_registry::proto;
 use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
@@ -1970,8 +1971,17 @@ async fn upgrade_from(version: i64) {
     assert_eq!(scalar(pool, &adopted_by(0)).await, legacy.rows_to_adopt);
     store.close().await;
 
-    // The server starts on it with the key in use, and records that key.
-    let app = TestApp::spawn_on(dir, url).await;
+    // The server starts on it with the key in use, and records that key; keys hashed with
+    // Argon2id as then are accepted while they are migrated (the operator's flag).
+    let app = TestApp::spawn_on_with(
+        ServeArgs {
+            accept_argon2_key_hashes: true,
+            ..ServeArgs::default()
+        },
+        dir,
+        url,
+    )
+    .await;
     assert_eq!(
         app.store.master_fingerprint().await.unwrap(),
         Some(master.fingerprint())
