@@ -33,9 +33,17 @@ pub async fn list_audit_entries(
     call: &mut Call,
 ) -> Result<AuditPage, ServiceError> {
     principal.require_role(Role::Admin)?;
-    let entries = services.store.audit_entries(filter).await?;
+    // One entry more than the page, to tell whether another page follows (a page that is
+    // exactly full and the last gives 0, not a token to an empty page).
+    let probe = AuditFilter {
+        limit: filter.limit.saturating_add(1),
+        ..filter.clone()
+    };
+    let mut entries = services.store.audit_entries(&probe).await?;
+    let more = i64::try_from(entries.len()).is_ok_and(|n| n > filter.limit);
+    entries.truncate(usize::try_from(filter.limit).unwrap_or(0));
     call.items(entries.len());
-    let next_after_seq = if i64::try_from(entries.len()).is_ok_and(|n| n == filter.limit) {
+    let next_after_seq = if more {
         entries.last().map_or(0, |e| e.seq as u64)
     } else {
         0

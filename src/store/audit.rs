@@ -464,7 +464,8 @@ impl Verified {
 }
 
 impl Store {
-    /// Audit entries matching `filter`, oldest first, at most `filter.limit`.
+    /// Audit entries matching `filter`, oldest first, at most `filter.limit` (1 to 1,001:
+    /// a page of at most 1,000 and one more, to tell whether another follows).
     pub async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<Stored>> {
         let mut conditions = vec!["seq > $1".to_string()];
         let mut texts: Vec<&str> = Vec::new();
@@ -494,7 +495,7 @@ impl Store {
         let sql = format!(
             "SELECT {COLUMNS} FROM audit_log WHERE {} ORDER BY seq LIMIT {}",
             conditions.join(" AND "),
-            filter.limit.clamp(1, 1000)
+            filter.limit.clamp(1, 1001)
         );
         let mut query = db::query(&sql).bind(filter.after_seq);
         for t in texts {

@@ -347,3 +347,59 @@ async fn deleting_or_swapping_entries_is_found_and_the_command_names_the_entry()
         })
     );
 }
+
+#[tokio::test]
+async fn a_listing_gives_a_next_page_only_when_one_follows() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-pages", "NL-AMC").await;
+    for n in 0..3 {
+        dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(7100 + n))))
+            .await
+            .unwrap();
+    }
+    let mut admin = app.admin("admin-pages").await;
+    let page = |limit: u32, after_seq: u64| proto::ListAuditEntriesRequest {
+        method: "CaseService/SubmitCase".into(),
+        limit,
+        after_seq,
+        ..Default::default()
+    };
+    // Exactly full and the last: no token to an empty page.
+    let full = admin
+        .list_audit_entries(page(3, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(full.entries.len(), 3);
+    assert_eq!(full.next_after_seq, 0);
+    // Pages of two: a token after the first, none after the second (one entry).
+    let first = admin
+        .list_audit_entries(page(2, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.entries.len(), 2);
+    assert_eq!(first.next_after_seq, first.entries[1].seq);
+    let second = admin
+        .list_audit_entries(page(2, first.next_after_seq))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.entries.len(), 1);
+    assert_eq!(second.entries[0].seq, full.entries[2].seq);
+    assert_eq!(second.next_after_seq, 0);
+    // Pages of one: tokens after the first two, none after the third.
+    let mut after = 0;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let p = admin
+            .list_audit_entries(page(1, after))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(p.entries.len(), 1);
+        tokens.push(p.next_after_seq);
+        after = p.entries[0].seq;
+    }
+    assert_eq!(tokens, [full.entries[0].seq, full.entries[1].seq, 0]);
+}
