@@ -186,7 +186,11 @@ impl Dimension {
                     return Ok(Key::Missing);
                 }
                 match s.parse::<i64>() {
-                    Ok(y) if (1900..=2200).contains(&y) && s.len() == 4 => Ok(Key::Int(y)),
+                    // Every year a record's diagnosis date may hold (from MIN_YEAR on),
+                    // so that any year a table publishes can be filtered on.
+                    Ok(y) if y >= i64::from(crate::domain::MIN_YEAR) && s.len() == 4 => {
+                        Ok(Key::Int(y))
+                    }
                     _ => bad("a year (YYYY) or \"unknown\""),
                 }
             }
@@ -937,6 +941,8 @@ mod tests {
             (Dimension::Country, "NL"),
             (Dimension::Centre, "NL-AMC"),
             (Dimension::DiagnosisYear, "2019"),
+            // The earliest year a record's date may hold.
+            (Dimension::DiagnosisYear, "1880"),
             (Dimension::DiagnosisYear, "unknown"),
             (Dimension::PatientStatus, "lost_to_follow_up"),
             (Dimension::Gene, "CFTR"),
@@ -951,6 +957,8 @@ mod tests {
             (Dimension::Sex, "F"),
             (Dimension::OnsetAgeBand, "0-1"),
             (Dimension::DiagnosisYear, "19"),
+            (Dimension::DiagnosisYear, "1879"),
+            (Dimension::DiagnosisYear, "+201"),
             (Dimension::Country, "nl'; DROP"),
             (Dimension::Gene, "cf tr"),
         ] {
