@@ -199,6 +199,27 @@ async fn broken_framing_is_invalid_argument_never_internal() {
         "{:?}",
         answer.status()
     );
+    // A message that is not a SubmitCaseRequest after one that is (case.proto): the
+    // stream ends with INVALID_ARGUMENT, after the result of the one before it.
+    let first = framed(
+        0,
+        &submission("ERN-LUNG", national("NL", &bsn(4001))).encode_to_vec(),
+    );
+    let answer = call(
+        app.addr,
+        SUBMIT_MANY,
+        GRPC,
+        &auth,
+        vec![first, framed(0, &[0xff, 0xff, 0xff, 0xff])],
+    )
+    .await;
+    assert_eq!(
+        answer.code(),
+        Code::InvalidArgument,
+        "{:?}",
+        answer.status()
+    );
+    assert_eq!(answer.messages(), 1, "the first item's result came first");
     still_serving(&app).await;
 }
 
