@@ -104,11 +104,16 @@ class CaseServiceServicer:
     def SubmitCases(self, request_iterator, context):
         """Bulk upload of a centre's existing cases: the client streams submissions, the server
         streams one result per submission, in order, as each is committed. A rejected
-        submission does not stop the stream. At most 64 submissions of a stream are
+        submission does not stop the stream; a message that cannot be decoded as a
+        SubmitCaseRequest (e.g. a string field that is not UTF-8) does: the stream ends with
+        INVALID_ARGUMENT after the results of everything sent before it. At most 64 submissions of a stream are
         processed at once. The stream is ended with DEADLINE_EXCEEDED when it sends no
         submission for the call deadline (`--request-timeout-secs`, 30 s by default) while
         every submission it sent has its result, and
-        with RESOURCE_EXHAUSTED after `--max-stream-invalid-items` invalid ones; either
+        with RESOURCE_EXHAUSTED after `--max-stream-invalid-items` invalid ones (rejected as
+        INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, UNAUTHENTICATED or RESOURCE_EXHAUSTED,
+        the last being the principal's pseudonym-derivation limit: a client that meets it
+        should slow down, not send on); any of these
         comes after the results of everything sent before it, except that when the invalid
         limit ends it, submissions read but not yet answered are stopped (one whose write had
         begun may be stored: submit it again and ALREADY_EXISTS says so).
