@@ -303,6 +303,19 @@ fn read_private(path: &Path, limit: u64) -> Result<Zeroizing<String>, KeyError> 
         path: path.to_path_buf(),
         source,
     };
+    let file = open_private(path)?;
+    // One byte more than the limit, so that a longer file is not read as its first part.
+    let mut text = Zeroizing::new(String::with_capacity(limit as usize + 64));
+    io::Read::read_to_string(&mut io::Read::take(file, limit + 1), &mut text).map_err(read_err)?;
+    Ok(text)
+}
+
+/// Opens `path` for reading, refusing a file that group or others may read.
+fn open_private(path: &Path) -> Result<File, KeyError> {
+    let read_err = |source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(read_err)?;
     #[cfg(unix)]
     {
@@ -312,9 +325,7 @@ fn read_private(path: &Path, limit: u64) -> Result<Zeroizing<String>, KeyError> 
             return Err(KeyError::Permissions(path.to_path_buf()));
         }
     }
-    let mut text = Zeroizing::new(String::with_capacity(limit as usize + 64));
-    io::Read::read_to_string(&mut io::Read::take(file, limit), &mut text).map_err(read_err)?;
-    Ok(text)
+    Ok(file)
 }
 
 /// Writes `contents` to a new file at `path` (mode 0600, fsynced), never replacing an
@@ -409,10 +420,9 @@ impl Passphrase {
         // Room for the longest line and its ending, allocated once: nothing is reallocated
         // (and left behind unwiped) while reading.
         const LIMIT: usize = MAX_PASSPHRASE_BYTES + 2;
-        let file = File::open(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // Refused if group or others may read it, as the key and parameter files are: with
+        // the parameter file it gives the master secret.
+        let file = open_private(path)?;
         let mut bytes = Zeroizing::new(Vec::with_capacity(LIMIT + 64));
         io::Read::read_to_end(&mut io::Read::take(file, LIMIT as u64 + 1), &mut bytes).map_err(
             |source| KeyError::Read {
@@ -574,8 +584,10 @@ impl KdfFile {
             params: KdfParams { cost, salt },
             check,
         };
-        // One spelling only (no leading zeros, no upper-case hex, single spaces).
-        if file.encode().trim_end() != text.trim_end() {
+        // One spelling only (no leading zeros, no upper-case hex, single spaces): the line
+        // as written, with or without its line ending, and nothing after it.
+        let canonical = file.encode();
+        if *text != canonical && *text != canonical.trim_end_matches('\n') {
             return Err(format());
         }
         Ok(file)
@@ -1058,6 +1070,11 @@ mod tests {
             good.replace(" check=", " checksum="),
             good.trim_end().to_owned() + " extra=1\n",
             good.replace(" p=1", ""),
+            good.clone() + "\n",
+            good.trim_end().to_owned() + " \n",
+            good.replace('\n', "\r\n"),
+            // Past the 512 bytes read: not taken as its first part.
+            good.clone() + "x".repeat(600).as_str(),
         ] {
             assert_ne!(malformed, good);
             write_private(&path, &malformed);
@@ -1081,21 +1098,33 @@ mod tests {
             ("correct horse battery staple\r\nsecond line\n", PASSPHRASE),
             (" spaces  are kept \n", b" spaces  are kept "),
         ] {
-            fs::write(&path, text).unwrap();
+            write_private(&path, text);
             let read = Passphrase::read_file(&path).unwrap();
             assert_eq!(read.expose_secret(), expected);
             assert_eq!(format!("{read:?}"), "Passphrase(..)");
         }
-        fs::write(&path, "too short\ncorrect horse battery staple\n").unwrap();
+        write_private(&path, "too short\ncorrect horse battery staple\n");
         assert!(matches!(
             Passphrase::read_file(&path),
             Err(KeyError::WeakPassphrase)
         ));
-        fs::write(&path, "x".repeat(5000)).unwrap();
+        write_private(&path, &"x".repeat(5000));
         assert!(matches!(
             Passphrase::read_file(&path),
             Err(KeyError::LongPassphrase)
         ));
+        // A file group or others may read is refused, as the key file is.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            write_private(&path, "correct horse battery staple\n");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+            assert!(matches!(
+                Passphrase::read_file(&path),
+                Err(KeyError::Permissions(_))
+            ));
+            write_private(&path, "correct horse battery staple\n");
+        }
         let from_env = || Some(Zeroizing::new(PASSPHRASE.to_vec()));
         assert!(matches!(
             Passphrase::resolve(from_env(), Some(&path)),

@@ -130,13 +130,17 @@ impl fmt::Debug for PatientIdentity {
 }
 
 /// Folds a name or place for keying: Unicode NFKD, diacritics dropped, letters that do
-/// not decompose mapped (ø→o, ß→ss, æ→ae, ...), lower case, and everything that is not a
-/// letter or digit (spaces, hyphens, apostrophes, dots) removed.
+/// not decompose mapped (ø→o, ß→ss, æ→ae, ...), lower case (Greek final ς as σ, the
+/// lower case of Σ wherever it stands), and everything that is not a letter or digit
+/// (spaces, hyphens, apostrophes, dots) removed, the apostrophes and primes Unicode
+/// counts as modifier letters (ʹ ʺ ʻ ʼ ʽ ʾ ʿ ˈ) included.
 pub fn normalise_text(s: &str) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::with_capacity(s.len()));
     for c in s.nfkd().filter(|c| !is_combining_mark(*c)) {
         for lower in c.to_lowercase() {
             match lower {
+                'ς' => out.push('σ'),
+                '\u{02B9}'..='\u{02BF}' | '\u{02C8}' => {}
                 'ø' => out.push('o'),
                 'ł' => out.push('l'),
                 'đ' | 'ð' => out.push('d'),
@@ -160,8 +164,14 @@ pub fn check_bsn(digits: &str) -> Option<String> {
     if !(8..=9).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let padded = format!("{digits:0>9}");
-    let d: Vec<i64> = padded.bytes().map(|b| i64::from(b - b'0')).collect();
+    // Sized once (nothing reallocated and left unwiped); the digits on the stack.
+    let mut padded = String::with_capacity(9);
+    padded.extend(std::iter::repeat_n('0', 9 - digits.len()));
+    padded.push_str(digits);
+    let mut d = [0i64; 9];
+    for (d, b) in d.iter_mut().zip(padded.bytes()) {
+        *d = i64::from(b - b'0');
+    }
     let sum: i64 = d[..8]
         .iter()
         .zip((2..=9).rev())
@@ -264,13 +274,23 @@ impl PatientIdentity {
             Some(IdentifiersInput::National(n)) => {
                 let issuer = issuer(&mut v, "national.issuing_country", n.issuing_country);
                 let value = bounded(&mut v, "national.value", n.value).and_then(|raw| {
-                    let compact: Zeroizing<String> = Zeroizing::new(
-                        raw.chars()
-                            .filter(|c| !matches!(c, ' ' | '.' | '-'))
-                            .map(|c| c.to_ascii_uppercase())
-                            .collect(),
-                    );
-                    if compact.is_empty() || !compact.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    // NFKD (full-width digits are digits), separators dropped: any space
+                    // (a tab, a no-break space), dots, dashes and hyphens of any kind.
+                    // Sized once and never grown past it (nothing left unwiped): a value
+                    // that would outgrow its own length is no identifier.
+                    let mut compact = Zeroizing::new(String::with_capacity(raw.len()));
+                    let mut letters_and_digits = true;
+                    for c in raw.nfkd() {
+                        if c.is_whitespace() || matches!(c, '.' | '-' | '\u{2010}'..='\u{2015}' | '\u{2212}') {
+                            continue;
+                        }
+                        if !c.is_ascii_alphanumeric() || compact.len() == compact.capacity() {
+                            letters_and_digits = false;
+                            break;
+                        }
+                        compact.push(c.to_ascii_uppercase());
+                    }
+                    if compact.is_empty() || !letters_and_digits {
                         v.push(
                             "national.value",
                             "must be letters and digits (spaces, dots and dashes are ignored)",
@@ -310,9 +330,12 @@ impl PatientIdentity {
                 let given_names = text_field(&mut v, "demographic.given_names", d.given_names);
                 let family_name = text_field(&mut v, "demographic.family_name", d.family_name);
                 let date_of_birth = bounded(&mut v, "demographic.date_of_birth", d.date_of_birth).and_then(|s| {
-                    let ok = s.len() == 10
-                        && NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                            .is_ok_and(|date| date.format("%Y-%m-%d").to_string() == s && date.year_ok());
+                    // The shape first (so that chrono's leniency, e.g. a sign or one-digit
+                    // month, is not relied on), then a real date: nothing formatted.
+                    let shaped = s.len() == 10
+                        && s.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+                    let ok = shaped
+                        && NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok_and(|date| date.year_ok());
                     if ok {
                         Some(Zeroizing::new(s.to_owned()))
                     } else {
@@ -390,9 +413,13 @@ trait YearOk {
 }
 
 impl YearOk for NaiveDate {
+    /// From [`MIN_YEAR`] on, and not after today anywhere on Earth: the UTC date plus one
+    /// day, so that a child born early in the day east of Greenwich (in CET, before 01:00)
+    /// is not refused as born in the future.
     fn year_ok(&self) -> bool {
         use chrono::Datelike;
-        self.year() >= MIN_YEAR && *self <= chrono::Utc::now().date_naive()
+        let latest = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+        self.year() >= MIN_YEAR && *self <= latest
     }
 }
 
@@ -712,9 +739,18 @@ mod tests {
         assert_eq!(*normalise_text("O'Brien, Jr."), "obrienjr");
         assert_eq!(
             *normalise_text("Δημήτρης"),
-            "δημητρης",
-            "other scripts are kept, accents dropped"
+            "δημητρησ",
+            "other scripts are kept, accents dropped, final sigma as Σ lower-cases"
         );
+        // A name written in capitals, as Greek documents often have it, is the same name.
+        assert_eq!(
+            normalise_text("ΠΑΠΑΔΟΠΟΥΛΟΣ"),
+            normalise_text("Παπαδόπουλος")
+        );
+        // Apostrophes typed as modifier letters (Ukrainian ʼ, ʻ, primes) go like ' does.
+        for apostrophe in ["'", "\u{2019}", "\u{02BC}", "\u{02BB}", "\u{02B9}"] {
+            assert_eq!(*normalise_text(&format!("Мар{apostrophe}яна")), "маряна");
+        }
     }
 
     #[test]
@@ -745,6 +781,27 @@ mod tests {
         let err =
             crate::api::convert::patient_identity(&national("XX", &"9".repeat(200))).unwrap_err();
         assert_eq!(err.len(), 2);
+        // Any space (tab, no-break space), any dash or hyphen, and full-width digits, as a
+        // value copied from a document or a spreadsheet may hold them.
+        for written in [
+            "\t123456782",
+            "123\u{00A0}456\u{00A0}782",
+            "123\u{2013}456\u{2010}782",
+            "１２３４５６７８２",
+        ] {
+            assert_eq!(
+                derive(&national("NL", written), "ERN-EYE", 9, 1),
+                a,
+                "{written:?}"
+            );
+        }
+        // What is neither a separator nor an ASCII letter or digit is refused.
+        for bad in ["123456782€", "12345678\u{0662}", "\u{FDFA}"] {
+            assert!(
+                crate::api::convert::patient_identity(&national("DE", bad)).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
@@ -771,6 +828,22 @@ mod tests {
             crate::api::convert::patient_identity(&demographic("a", "b", "2999-01-01", "c", "BE"))
                 .is_err()
         );
+        // Not after today anywhere: tomorrow by UTC is still today east of Greenwich; the
+        // day after is refused. Only the shape "YYYY-MM-DD" is taken.
+        let day = |days: i64| {
+            (chrono::Utc::now().date_naive() + chrono::Duration::days(days))
+                .format("%Y-%m-%d")
+                .to_string()
+        };
+        let born = |date: &str| {
+            crate::api::convert::patient_identity(&demographic("a", "b", date, "c", "BE"))
+        };
+        assert!(born(&day(1)).is_ok());
+        assert!(born(&day(2)).is_err());
+        for bad in ["2015-6-02", "+015-06-02", "2015/06/02", "1879-12-31"] {
+            assert!(born(bad).is_err(), "{bad}");
+        }
+        assert!(born("1880-01-01").is_ok());
         assert!(
             crate::api::convert::patient_identity(&proto::PatientIdentifiers { kind: None })
                 .is_err()

@@ -470,7 +470,7 @@ impl Application {
     /// [`Application::build`] with the clock every decision reads (tests move it forward
     /// instead of sleeping; `crate::clock`).
     pub async fn build_with_clock(
-        args: ServeArgs,
+        mut args: ServeArgs,
         database_url: &str,
         master_key_file: &Path,
         clock: Arc<dyn Clock>,
@@ -488,11 +488,14 @@ impl Application {
             install_metrics(addr)?;
         }
         let store = open_store(database_url, args.db_max_connections).await?;
+        // Taken out of the arguments the application keeps: used once, then wiped (a
+        // `secrecy` box) when this function returns.
+        let passphrase = args.master_passphrase.take();
         let master = open_master_secret(
             &store,
             master_key_file,
             &kdf_file,
-            args.master_passphrase.as_ref(),
+            passphrase.as_ref(),
             MasterUse::Write {
                 may_create: !args.require_master_key,
             },
