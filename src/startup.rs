@@ -552,6 +552,7 @@ impl Application {
             refusals: Arc::new(Refusals::per_minute(args.refusals_per_peer_per_minute)),
             calls: CallGate::new(args.max_calls_in_flight),
             max_stream_invalid_items: args.max_stream_invalid_items,
+            max_message_bytes: args.max_message_bytes,
             stream_idle_timeout: args.request_timeout(),
             stream_items: ItemGate::new(args.max_stream_items_in_flight),
             protection: crate::service::research::ProtectionPool::new(

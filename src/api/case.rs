@@ -27,7 +27,7 @@ use crate::outcome::Outcome;
 use crate::proto::{self, case_service_server::CaseService};
 use crate::pseudonym::PatientIdentity;
 use crate::ratelimit::{Limit, RateLimited};
-use crate::service::{Call, ServiceError, cases, parse_pseudonym};
+use crate::service::{Call, Running, ServiceError, cases, parse_pseudonym};
 
 /// Submissions of one bulk stream processed concurrently (results stay in order).
 const BULK_IN_FLIGHT: usize = 64;
@@ -354,21 +354,22 @@ impl CaseApi {
                 let handle = tokio::spawn(async move {
                     let _item_permit = item_permit;
                     let _slot = slot;
-                    // Each item is audited on its own, with the write it makes.
-                    let mut call = Call::new("CaseService/SubmitCases");
-                    call.from_peer(peer);
+                    // Each item is audited on its own, with the write it makes (an item
+                    // stopped before its write, as CANCELLED: `Running`).
+                    let mut running = Running::new(&state, Call::new("CaseService/SubmitCases"));
+                    running.call().from_peer(peer);
                     let result = match state
-                        .authenticate_key(&key, certificate.as_ref().as_deref(), &mut call)
+                        .authenticate_key(&key, certificate.as_ref().as_deref(), running.call())
                         .await
                     {
-                        Ok(principal) => submit_one(&state, &principal, item, &mut call).await,
+                        Ok(principal) => submit_one(&state, &principal, item, running.call()).await,
                         // `item` is dropped unread; its identifiers are wiped with it.
                         Err(e) => Err(e),
                     };
                     let code = result
                         .as_ref()
                         .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
-                    match state.record(call, code).await {
+                    match state.record(running.finish(), code).await {
                         Err(_) if result.is_ok() => Err(ServiceError::Unavailable),
                         _ => result,
                     }
@@ -648,7 +649,7 @@ impl CaseService for CaseApi {
         &self,
         request: Request<Streaming<proto::SubmitCaseRequest>>,
     ) -> Result<Response<Self::SubmitCasesStream>, Status> {
-        audited!(self, "CaseService/SubmitCases", submit_cases_inner, request)
+        audited!(stream self, "CaseService/SubmitCases", submit_cases_inner, request)
     }
 
     async fn get_case(

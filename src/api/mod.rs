@@ -121,16 +121,49 @@ fn incident_reference() -> String {
 /// The body of every RPC method: runs the handler `$inner` inside a [`Call`] named
 /// `$method` ("Service/Method") and concludes it (audit entry, metrics, status). While
 /// the database is unreachable the handler does not run: the call is refused at once.
+/// A one-message answer over `--max-message-bytes` is refused here, so that the call's
+/// entry records the refusal the caller gets (`stream`: a streaming answer, whose
+/// messages are checked as they leave).
 macro_rules! audited {
     ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
-        let mut call = $crate::service::Call::new($method);
+        // Dropped before it is concluded (the call abandoned), it records the call itself.
+        let mut running =
+            $crate::service::Running::new(&$self.state, $crate::service::Call::new($method));
         let result = if $self.state.database.is_reachable() {
-            $self.$inner($request, &mut call).await
+            $self.$inner($request, running.call()).await
         } else {
             Err($crate::api::database_unreachable())
         };
-        $crate::api::conclude(&$self.state, call, result).await
+        let result = result.and_then(|answer| $crate::api::within_limit(&$self.state, answer));
+        $crate::api::conclude(&$self.state, running.finish(), result).await
     }};
+    (stream $self:ident, $method:literal, $inner:ident, $request:ident) => {{
+        let mut running =
+            $crate::service::Running::new(&$self.state, $crate::service::Call::new($method));
+        let result = if $self.state.database.is_reachable() {
+            $self.$inner($request, running.call()).await
+        } else {
+            Err($crate::api::database_unreachable())
+        };
+        $crate::api::conclude(&$self.state, running.finish(), result).await
+    }};
+}
+
+/// `answer`, or RESOURCE_EXHAUSTED when its message is larger than `--max-message-bytes`
+/// (the transport would refuse to send it, after the call was recorded as answered).
+pub fn within_limit<T: prost::Message>(
+    services: &Services,
+    answer: tonic::Response<T>,
+) -> Result<tonic::Response<T>, Status> {
+    let size = answer.get_ref().encoded_len();
+    if size > services.max_message_bytes {
+        return Err(Status::resource_exhausted(format!(
+            "the answer would be {size} bytes, over the message limit of {} bytes \
+             (--max-message-bytes): ask for less (a smaller page, or no history)",
+            services.max_message_bytes
+        )));
+    }
+    Ok(answer)
 }
 pub(crate) use audited;
 

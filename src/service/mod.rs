@@ -90,6 +90,8 @@ pub struct Services {
     pub calls: CallGate,
     /// Invalid items a bulk stream may send before it is ended.
     pub max_stream_invalid_items: u32,
+    /// The largest message a call may receive or answer (`--max-message-bytes`).
+    pub max_message_bytes: usize,
     /// How long a bulk stream owed no result may send no item before it is ended
     /// (`--request-timeout-secs`).
     pub stream_idle_timeout: std::time::Duration,
@@ -358,6 +360,67 @@ impl Call {
     pub fn for_writer(&mut self) -> Option<Entry> {
         self.audited = true;
         Some(self.entry.clone())
+    }
+}
+
+/// A call while its handler runs. If it is dropped before it is concluded (the client
+/// reset the stream, its deadline or the server's passed, the server is shutting down)
+/// after its caller authenticated, its entry is appended with the outcome CANCELLED from
+/// a task of its own, so that an abandoned call leaves a trace as a finished one does;
+/// unless its entry went to the writer with a change (the writer appends it whatever
+/// becomes of the caller). A call abandoned before authentication is the refusal
+/// summary's (`ChargedIfAbandoned`).
+pub struct Running {
+    services: Arc<Services>,
+    call: Option<Call>,
+}
+
+impl Running {
+    pub fn new(services: &Arc<Services>, call: Call) -> Running {
+        Running {
+            services: services.clone(),
+            call: Some(call),
+        }
+    }
+
+    /// The call, for the handler to fill in.
+    pub fn call(&mut self) -> &mut Call {
+        self.call
+            .as_mut()
+            .expect("a running call is concluded once")
+    }
+
+    /// The call, to conclude: from here its concluding owns it.
+    pub fn finish(mut self) -> Call {
+        self.call.take().expect("a running call is concluded once")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        if call.audited || call.entry.principal_id.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            warn!(method = %call.method(), "a call abandoned at shutdown is not in the audit log");
+            return;
+        };
+        metrics::counter!(
+            "ern_calls_total",
+            "method" => call.method().to_owned(),
+            "outcome" => Outcome::Cancelled.name()
+        )
+        .increment(1);
+        let services = self.services.clone();
+        runtime.spawn(async move {
+            let method = call.method().to_owned();
+            if let Err(err) = services.record(call, Outcome::Cancelled).await {
+                warn!(%method, error = %err, "the audit entry of an abandoned call was not committed");
+            }
+        });
     }
 }
 

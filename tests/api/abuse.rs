@@ -748,3 +748,53 @@ async fn an_argon2_hash_is_refused_unless_accepted_and_then_only_at_the_earlier_
         }
     }
 }
+
+/// A call abandoned after its caller authenticated (here: its deadline passes while it
+/// waits for a place among the principal's calls in flight) leaves an audit entry of its
+/// own, CANCELLED, under its principal: abandoning a call is no way to leave no trace.
+#[tokio::test]
+async fn a_call_abandoned_after_authentication_is_audited_as_cancelled() {
+    let app = TestApp::spawn_with(ServeArgs {
+        max_calls_in_flight: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let dr = app.physician("dr-gone", "NL-AMC").await;
+    // An open bulk stream holds the principal's one place.
+    let (tx, rx) = mpsc::channel(1);
+    let stream = dr
+        .clone()
+        .submit_cases(ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(get_case(
+        "ERN-LUNG",
+        "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ));
+    request.set_timeout(Duration::from_millis(300));
+    let status = dr.clone().get_case(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    let entries = || async {
+        db::query("SELECT principal, outcome FROM audit_log WHERE method = 'CaseService/GetCase'")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<String>(0), r.get::<String>(1)))
+            .collect::<Vec<_>>()
+    };
+    // Appended by a task of its own once the call is dropped: wait for it.
+    let mut found = entries().await;
+    for _ in 0..100 {
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        found = entries().await;
+    }
+    assert_eq!(found, [("dr-gone".to_string(), "CANCELLED".to_string())]);
+    drop((tx, stream));
+}

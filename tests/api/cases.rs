@@ -1,5 +1,6 @@
 //! Submitting, reading back, updating and bulk-uploading cases.
 
+use ern_registry::config::ServeArgs;
 use ern_registry::proto::{self, GetCaseRequest, UpdateCaseRequest};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -208,4 +209,63 @@ async fn concurrent_submissions_are_all_committed() {
     }
     assert_eq!(app.count("cases").await, 100);
     assert_eq!(app.count("consent_events").await, 200);
+}
+
+/// An answer larger than `--max-message-bytes` (here a long history) is refused by the
+/// handler with RESOURCE_EXHAUSTED, and its audit entry says so: the log never shows a
+/// call as answered that the transport would have refused to send. Without the history it
+/// fits.
+#[tokio::test]
+async fn an_answer_over_the_message_limit_is_refused_and_audited_as_refused() {
+    let app = TestApp::spawn_with(ServeArgs {
+        max_message_bytes: 2048,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let p = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(3))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    for version in 1..16 {
+        dr.update_case(UpdateCaseRequest {
+            registry: "ERN-EYE".into(),
+            pseudonym: p.clone(),
+            expected_version: version,
+            record: Some(record()),
+            consent: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    let get = |include_history| GetCaseRequest {
+        registry: "ERN-EYE".into(),
+        pseudonym: p.clone(),
+        include_history,
+    };
+    let status = dr.get_case(get(true)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-message-bytes"),
+        "{status:?}"
+    );
+    dr.get_case(get(false)).await.unwrap();
+    let outcomes: Vec<(String, String)> = app
+        .pairs(
+            "SELECT method, outcome FROM audit_log \
+             WHERE method = 'CaseService/GetCase' ORDER BY seq",
+        )
+        .await;
+    assert_eq!(
+        outcomes,
+        [
+            (
+                "CaseService/GetCase".to_string(),
+                "RESOURCE_EXHAUSTED".to_string()
+            ),
+            ("CaseService/GetCase".to_string(), "OK".to_string()),
+        ]
+    );
 }
