@@ -699,10 +699,14 @@ mod tests {
     #[tokio::test]
     async fn a_legacy_argon2_hash_verifies_once_and_is_migrated() {
         let rng = SystemRandom::new();
-        let verifier = KeyVerifier::new(hasher(1));
-        let issued = issue_key(&rng, verifier.hasher()).unwrap();
+        let refusing = KeyVerifier::new(hasher(1));
+        let issued = issue_key(&rng, refusing.hasher()).unwrap();
         let legacy = legacy_hash(issued.token.expose_secret());
         let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
+        // Not accepted by default: the right secret does not match, and nothing runs.
+        assert_eq!(refusing.verify(&key, &legacy).await, Verdict::Invalid);
+        assert_eq!(refusing.counters().argon2_runs(), 0);
+        let verifier = KeyVerifier::new(hasher(1)).accepting_argon2(true);
         assert_eq!(
             verifier
                 .verify(&wrong(issued.token.expose_secret()), &legacy)
@@ -716,10 +720,37 @@ mod tests {
         assert_eq!(verifier.counters().argon2_runs(), 2);
     }
 
+    #[test]
+    fn only_hashes_an_earlier_version_could_have_written_are_run() {
+        let good = legacy_hash(&format!("ern_{:016x}_{:064x}", 1, 2));
+        assert!(
+            good.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{good}"
+        );
+        assert!(earlier_version_hash(&good).is_some());
+        // Edited in place: parsed only, never run.
+        for planted in [
+            good.replace("m=19456", "m=1048576"),
+            good.replace("t=2", "t=3"),
+            good.replace("p=1", "p=2"),
+            good.replace("$argon2id$", "$argon2i$"),
+            good.replace("$v=19$", "$v=16$"),
+            good.rsplit_once('$')
+                .map(|(head, _)| format!("{head}$AAAA"))
+                .unwrap(),
+        ] {
+            assert_ne!(planted, good);
+            assert!(earlier_version_hash(&planted).is_none(), "{planted}");
+        }
+        // Lower costs than the earlier versions' are ones they could not have written
+        // either, but cost the service less: taken.
+        assert!(earlier_version_hash(&good.replace("m=19456", "m=8192")).is_some());
+    }
+
     #[tokio::test]
     async fn argon2_is_refused_at_once_while_busy() {
         let rng = SystemRandom::new();
-        let verifier = KeyVerifier::new(hasher(1));
+        let verifier = KeyVerifier::new(hasher(1)).accepting_argon2(true);
         let issued = issue_key(&rng, verifier.hasher()).unwrap();
         let legacy = legacy_hash(issued.token.expose_secret());
         let held = verifier.argon2.clone().try_acquire_owned().unwrap();

@@ -272,7 +272,10 @@ pub fn check_attestation(
                 None
             }
             Some(Some(t)) => {
-                if given_at.is_some_and(|g| t <= g) {
+                // After the given_at sent, not the one recorded (a time ahead by the
+                // clock's skew is recorded as now).
+                let sent = item.given_at.flatten();
+                if sent.is_some_and(|g| t <= g) {
                     violations.push(path("expires_at"), "must be after given_at");
                 } else if t.year() > MAX_EXPIRY_YEAR {
                     violations.push(
@@ -430,5 +433,42 @@ mod tests {
             ev(2, Scope::RegistryInclusion, Decision::Refused, 0),
         ];
         assert_refused(&events, t(1), Some(Decision::Refused));
+    }
+}
+
+#[cfg(test)]
+mod attestation_tests {
+    use super::*;
+
+    fn item(given_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> AttestationItem<'static> {
+        AttestationItem {
+            scope: Some(Scope::RegistryInclusion),
+            decision: Some(Decision::Granted),
+            given_at: Some(Some(given_at)),
+            form_version: "F-1",
+            expires_at: Some(Some(expires_at)),
+        }
+    }
+
+    /// A given_at ahead of the clock by less than its skew is recorded as now; its expiry
+    /// is still compared with the time sent, so no expiry before the signature passes.
+    #[test]
+    fn an_expiry_is_after_the_given_at_sent_not_the_one_recorded() {
+        let now = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let ahead = now + Duration::minutes(4);
+        let err = check_attestation(&[item(ahead, now + Duration::minutes(2))], now).unwrap_err();
+        assert_eq!(
+            err.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
+            ["consent[0].expires_at"]
+        );
+        let ok = check_attestation(&[item(ahead, now + Duration::minutes(6))], now).unwrap();
+        assert_eq!(ok[0].given_at, now, "recorded as now");
+        assert!(
+            check_attestation(
+                &[item(now + Duration::minutes(6), now + Duration::days(1))],
+                now
+            )
+            .is_err()
+        );
     }
 }

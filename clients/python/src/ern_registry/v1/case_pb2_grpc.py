@@ -83,7 +83,10 @@ class CaseServiceServicer:
         INVALID_ARGUMENT (all field violations of the format checks; those against the code
         releases below come in a second round, for a request that passes the first) for a
         bad record, ALREADY_EXISTS if the centre already has a case for this patient in the
-        registry (use UpdateCase). ABORTED (nothing stored) for a patient new to the registry
+        registry (use UpdateCase). The registry is checked first: a malformed `registry` is
+        INVALID_ARGUMENT with that violation alone, an unknown one NOT_FOUND, one of an ERN
+        the caller is not a member of PERMISSION_DENIED (the same for SubmitPhenopacket,
+        UpdateCase and GetCase). ABORTED (nothing stored) for a patient new to the registry
         when its pseudonym key was rotated while the call was in flight: send it again
         (docs/pseudonyms.md, "Key rotation").
 
@@ -152,11 +155,12 @@ class CaseServiceServicer:
         consent, pseudonym derivation, rate limit, audit entry and answer. The patient is
         identified by `patient`, as in SubmitCase, never by the phenopacket: its `id`,
         `subject.id` and every `subjectOrBiosampleId` are ignored (not stored, not echoed),
-        and `subject.alternateIds` must be empty. INVALID_ARGUMENT with every field
-        violation of the format checks at once (code-release violations, as in SubmitCase,
-        in a second round); inside the phenopacket a violation names the element by its JSON
-        path, e.g. "phenopacket.phenotypicFeatures[1].excluded" (an element the case record
-        cannot hold) or "phenopacket.diseases[0].term.id" (a code that fails its check).
+        and `subject.alternateIds` must be empty. INVALID_ARGUMENT, in rounds: first every
+        element the case record cannot hold, e.g. "phenopacket.phenotypicFeatures[1].excluded"
+        (all of them at once); once every element maps, every violation of the record's
+        format checks at once, e.g. "phenopacket.diseases[0].term.id" (a code that fails its
+        check); then, as in SubmitCase, the code-release violations. Inside the phenopacket a
+        violation names the element by its JSON path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

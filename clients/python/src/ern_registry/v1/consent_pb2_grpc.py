@@ -86,8 +86,11 @@ class ConsentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordConsents(self, request, context):
-        """Record decisions for many patients (at most 1000) in one call. Each patient's
-        decisions are applied atomically; one result per entry, in request order.
+        """Record decisions for many patients (at most 1000) in one call. Each entry's
+        decisions are applied atomically; one result per entry, in request order. Entries
+        are applied concurrently, so two entries naming the same patient are applied in no
+        fixed order: put one patient's decisions in one entry (of decisions of one scope
+        given at the same instant, the one recorded last is in force).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
