@@ -230,8 +230,10 @@ pub struct ServeArgs {
     /// parameter file) is missing (production).
     #[arg(long, env = "ERN_REQUIRE_MASTER_KEY", default_value_t = false)]
     pub require_master_key: bool,
-    /// Largest accepted request message, in bytes.
-    #[arg(long, env = "ERN_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    /// Largest message a call may send or be answered with, in bytes (1 KiB to 64 MiB).
+    #[arg(long, env = "ERN_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::value_parser!(u64).range(1024..=64 * 1024 * 1024), |n| n as usize))]
     pub max_message_bytes: usize,
     /// Group-commit writers. Default: 2 on PostgreSQL; SQLite always has one.
     #[arg(long, env = "ERN_WRITERS")]

@@ -117,6 +117,9 @@ pub enum PatientIdentity {
         place_of_birth: Zeroizing<String>,
         #[zeroize(skip)]
         country_of_birth: CountryCode,
+        /// Given names, family name and place of birth as they were folded before
+        /// 2026-12-05, when that differs ([`PatientIdentity::as_folded_before`]).
+        folded_before: Option<[Zeroizing<String>; 3]>,
     },
 }
 
@@ -135,12 +138,28 @@ impl fmt::Debug for PatientIdentity {
 /// (spaces, hyphens, apostrophes, dots) removed, the apostrophes and primes Unicode
 /// counts as modifier letters (ʹ ʺ ʻ ʼ ʽ ʾ ʿ ˈ) included.
 pub fn normalise_text(s: &str) -> Zeroizing<String> {
-    let mut out = Zeroizing::new(String::with_capacity(s.len()));
+    fold(s, Fold::Current)
+}
+
+/// How names were folded: today, or before 2026-12-05 (Greek final ς and the
+/// modifier-letter apostrophes kept), which pseudonyms made then are still found by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    Current,
+    Before20261205,
+}
+
+fn fold(s: &str, how: Fold) -> Zeroizing<String> {
+    // Sized once, for at most three bytes out per byte of the decomposition (a lower
+    // case is at most that much longer): nothing is reallocated and left unwiped.
+    let decomposed: usize = s.nfkd().map(|c| c.len_utf8() * 3).sum();
+    let mut out = Zeroizing::new(String::with_capacity(decomposed));
+    let current = how == Fold::Current;
     for c in s.nfkd().filter(|c| !is_combining_mark(*c)) {
         for lower in c.to_lowercase() {
             match lower {
-                'ς' => out.push('σ'),
-                '\u{02B9}'..='\u{02BF}' | '\u{02C8}' => {}
+                'ς' if current => out.push('σ'),
+                '\u{02B9}'..='\u{02BF}' | '\u{02C8}' if current => {}
                 'ø' => out.push('o'),
                 'ł' => out.push('l'),
                 'đ' | 'ð' => out.push('d'),
@@ -168,7 +187,7 @@ pub fn check_bsn(digits: &str) -> Option<String> {
     let mut padded = String::with_capacity(9);
     padded.extend(std::iter::repeat_n('0', 9 - digits.len()));
     padded.push_str(digits);
-    let mut d = [0i64; 9];
+    let mut d = Zeroizing::new([0i64; 9]);
     for (d, b) in d.iter_mut().zip(padded.bytes()) {
         *d = i64::from(b - b'0');
     }
@@ -210,14 +229,19 @@ fn issuer(v: &mut FieldViolations, field: &str, s: &str) -> Option<Issuer> {
     country(v, field, s).map(Issuer::Country)
 }
 
-fn text_field(v: &mut FieldViolations, field: &str, s: &str) -> Option<Zeroizing<String>> {
+/// A name field folded today and as before 2026-12-05 ([`Fold`]).
+fn text_field(
+    v: &mut FieldViolations,
+    field: &str,
+    s: &str,
+) -> Option<(Zeroizing<String>, Zeroizing<String>)> {
     let s = bounded(v, field, s)?;
     let n = normalise_text(s);
     if n.is_empty() {
         v.push(field, "must contain letters or digits");
         return None;
     }
-    Some(n)
+    Some((n, fold(s, Fold::Before20261205)))
 }
 
 /// Identifiers as they arrive, before any check: borrowed from the request (which wipes
@@ -349,16 +373,48 @@ impl PatientIdentity {
                 let country_of_birth =
                     country(&mut v, "demographic.country_of_birth", d.country_of_birth);
                 v.into_result()?;
+                let (given_names, given_before) = given_names.expect("no violations");
+                let (family_name, family_before) = family_name.expect("no violations");
+                let (place_of_birth, place_before) = place_of_birth.expect("no violations");
+                let differs = *given_before != *given_names
+                    || *family_before != *family_name
+                    || *place_before != *place_of_birth;
                 Ok(PatientIdentity::Demographic {
-                    given_names: given_names.expect("no violations"),
-                    family_name: family_name.expect("no violations"),
+                    given_names,
+                    family_name,
                     date_of_birth: date_of_birth.expect("no violations"),
                     sex: sex.expect("no violations"),
-                    place_of_birth: place_of_birth.expect("no violations"),
+                    place_of_birth,
                     country_of_birth: country_of_birth.expect("no violations"),
+                    folded_before: differs.then_some([given_before, family_before, place_before]),
                 })
             }
         }
+    }
+
+    /// The same identifiers with their names folded as before 2026-12-05, when that
+    /// gives another encoding (a Greek final ς, a modifier-letter apostrophe): the
+    /// pseudonyms made then are looked up with it ([`Pseudonymiser::candidates`]).
+    pub fn as_folded_before(&self) -> Option<PatientIdentity> {
+        let PatientIdentity::Demographic {
+            date_of_birth,
+            sex,
+            country_of_birth,
+            folded_before: Some([given_names, family_name, place_of_birth]),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(PatientIdentity::Demographic {
+            given_names: given_names.clone(),
+            family_name: family_name.clone(),
+            date_of_birth: date_of_birth.clone(),
+            sex: *sex,
+            place_of_birth: place_of_birth.clone(),
+            country_of_birth: country_of_birth.clone(),
+            folded_before: None,
+        })
     }
 
     /// Whether these are synthetic identifiers ([`SYNTHETIC_ISSUER`]).
@@ -394,6 +450,7 @@ impl PatientIdentity {
                 sex,
                 place_of_birth,
                 country_of_birth,
+                folded_before: _,
             } => {
                 field(b"demographic");
                 field(given_names.as_bytes());
@@ -528,19 +585,21 @@ impl Pseudonymiser {
         if identity.is_synthetic() {
             metrics::counter!("ern_synthetic_pseudonym_derivations_total").increment(1);
         }
+        let at = |key_version| RegistryRef {
+            key_version,
+            ..active
+        };
+        let mut older: Vec<Pseudonym> = (1..active.key_version)
+            .map(|key_version| self.derive(at(key_version), identity))
+            .collect();
+        // Names folded as before 2026-12-05, at every version up to the active one: a
+        // patient registered then keeps the pseudonym made then.
+        if let Some(before) = identity.as_folded_before() {
+            older.extend((1..=active.key_version).map(|v| self.derive(at(v), &before)));
+        }
         Candidates {
             current: self.derive(active, identity),
-            older: (1..active.key_version)
-                .map(|key_version| {
-                    self.derive(
-                        RegistryRef {
-                            key_version,
-                            ..active
-                        },
-                        identity,
-                    )
-                })
-                .collect(),
+            older,
         }
     }
 }
@@ -750,6 +809,71 @@ mod tests {
         // Apostrophes typed as modifier letters (Ukrainian ʼ, ʻ, primes) go like ' does.
         for apostrophe in ["'", "\u{2019}", "\u{02BC}", "\u{02BB}", "\u{02B9}"] {
             assert_eq!(*normalise_text(&format!("Мар{apostrophe}яна")), "маряна");
+        }
+    }
+
+    /// A patient registered before 2026-12-05 under a name with a final ς keeps that
+    /// pseudonym: the fold of then is a candidate at every key version, and chosen when on
+    /// file. A name the change does not touch (capitals, plain apostrophes) has none.
+    #[test]
+    fn a_name_folded_as_before_2026_12_05_is_still_found() {
+        let pseudonymiser = Pseudonymiser::new(&master());
+        let at = |key_version| RegistryRef {
+            seq: 9,
+            code: "ERN-EYE",
+            key_version,
+        };
+        let typed = crate::api::convert::patient_identity(&demographic(
+            "Δημήτρης",
+            "Παπαδόπουλος",
+            "1978-03-25",
+            "Θεσσαλονίκη",
+            "GR",
+        ))
+        .unwrap();
+        // What the earlier fold made of it: the final ς kept.
+        let before = PatientIdentity::Demographic {
+            given_names: Zeroizing::new("δημητρης".into()),
+            family_name: Zeroizing::new("παπαδοπουλος".into()),
+            date_of_birth: Zeroizing::new("1978-03-25".into()),
+            sex: Sex::Female,
+            place_of_birth: Zeroizing::new("θεσσαλονικη".into()),
+            country_of_birth: CountryCode::parse("GR").unwrap(),
+            folded_before: None,
+        };
+        assert_eq!(typed.as_folded_before().unwrap().encode(), before.encode());
+        for active in 1..=3 {
+            let candidates = pseudonymiser.candidates(at(active), &typed);
+            for version in 1..=active {
+                let then = pseudonymiser.derive(at(version), &before);
+                assert!(
+                    candidates.older().contains(&then.as_str()),
+                    "v{version} of {active}"
+                );
+                let chosen = pseudonymiser
+                    .candidates(at(active), &typed)
+                    .choose(Some(then.as_str()));
+                assert_eq!(chosen, then);
+            }
+            // Nothing on file: today's fold at the active version.
+            assert_eq!(
+                candidates.choose(None),
+                pseudonymiser.derive(at(active), &typed)
+            );
+        }
+        for untouched in [
+            demographic(
+                "ΔΗΜΗΤΡΗΣ",
+                "ΠΑΠΑΔΟΠΟΥΛΟΣ",
+                "1978-03-25",
+                "ΘΕΣΣΑΛΟΝΙΚΗ",
+                "GR",
+            ),
+            demographic("Mar'yana", "O'Brien", "1978-03-25", "Kyiv", "UA"),
+        ] {
+            let identity = crate::api::convert::patient_identity(&untouched).unwrap();
+            assert!(identity.as_folded_before().is_none());
+            assert_eq!(pseudonymiser.candidates(at(2), &identity).older().len(), 1);
         }
     }
 

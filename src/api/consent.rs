@@ -280,6 +280,9 @@ impl ConsentApi {
                     ServiceError::Unavailable,
                 )),
             };
+            if matches!(outcome, proto::record_consents_result::Outcome::Recorded(_)) {
+                call.changed();
+            }
             results.push(proto::RecordConsentsResult {
                 index: index as u32,
                 client_reference,

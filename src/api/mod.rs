@@ -134,7 +134,9 @@ macro_rules! audited {
         } else {
             Err($crate::api::database_unreachable())
         };
-        let result = result.and_then(|answer| $crate::api::within_limit(&$self.state, answer));
+        let wrote = running.call().wrote();
+        let result =
+            result.and_then(|answer| $crate::api::within_limit(&$self.state, answer, wrote));
         $crate::api::conclude(&$self.state, running.finish(), result).await
     }};
     (stream $self:ident, $method:literal, $inner:ident, $request:ident) => {{
@@ -151,19 +153,29 @@ macro_rules! audited {
 
 /// `answer`, or RESOURCE_EXHAUSTED when its message is larger than `--max-message-bytes`
 /// (the transport would refuse to send it, after the call was recorded as answered).
+/// `wrote`: the call's change is committed (its entry with it), which the refusal says.
 pub fn within_limit<T: prost::Message>(
     services: &Services,
     answer: tonic::Response<T>,
+    wrote: bool,
 ) -> Result<tonic::Response<T>, Status> {
     let size = answer.get_ref().encoded_len();
-    if size > services.max_message_bytes {
-        return Err(Status::resource_exhausted(format!(
-            "the answer would be {size} bytes, over the message limit of {} bytes \
-             (--max-message-bytes): ask for less (a smaller page, or no history)",
-            services.max_message_bytes
-        )));
+    let max = services.max_message_bytes;
+    if size <= max {
+        return Ok(answer);
     }
-    Ok(answer)
+    Err(Status::resource_exhausted(if wrote {
+        format!(
+            "the call's change is committed, but its answer would be {size} bytes, over the \
+             message limit of {max} bytes (--max-message-bytes): do not send it again; read \
+             the result back instead"
+        )
+    } else {
+        format!(
+            "the answer would be {size} bytes, over the message limit of {max} bytes \
+             (--max-message-bytes): ask for less (a smaller page, or no history)"
+        )
+    }))
 }
 pub(crate) use audited;
 

@@ -200,9 +200,12 @@ fn optional_date(v: &mut FieldViolations, field: &str, s: &str) -> Option<Partia
 
 impl CaseRecord {
     /// Checks a record as it arrives. Reports every violation, with paths relative to the
-    /// record (`diagnosis.orphacode`, `hpo_terms[2]`); `today` is the latest date any date
-    /// of the record may name.
+    /// record (`diagnosis.orphacode`, `hpo_terms[2]`); `today` is the UTC date, and a
+    /// date of the record may name at most the day after it: a day that has begun
+    /// somewhere east of Greenwich (a birth at 00:30 in Europe on the 1st of a month is
+    /// not in the future there).
     pub fn validate(r: &RecordInput<'_>, today: NaiveDate) -> Result<Self, FieldViolations> {
+        let today = today.succ_opt().unwrap_or(today);
         let mut v = FieldViolations::new();
         let birth = v.check("birth_year_month", YearMonth::parse(r.birth_year_month));
         let sex = v.check("sex", r.sex);
@@ -431,5 +434,34 @@ impl CaseRecord {
     /// (e.g. newborn screening), `None` when either end is unknown.
     pub fn delay_days(&self) -> Option<i64> {
         Some((self.diagnosis_age_days()? - self.onset_age_days()?).max(0))
+    }
+}
+
+#[cfg(test)]
+mod future_tests {
+    use chrono::NaiveDate;
+
+    /// A date of a record may name the day after the UTC date (a day that has begun east
+    /// of Greenwich), not the day after that.
+    #[test]
+    fn a_date_may_name_the_day_after_the_utc_date_not_later() {
+        let today = NaiveDate::from_ymd_opt(2026, 11, 30).unwrap();
+        let future = |first_contact: &str| {
+            let mut record = crate::fixtures::record();
+            record.first_contact_date = first_contact.into();
+            crate::api::convert::case_record(&record, today)
+                .err()
+                .is_some_and(|v| {
+                    v.iter().any(|v| {
+                        v.field == "first_contact_date"
+                            && v.description == "must not be in the future"
+                    })
+                })
+        };
+        assert!(!future("2026-11-30"));
+        assert!(!future("2026-12-01"));
+        assert!(!future("2026-12"));
+        assert!(future("2026-12-02"));
+        assert!(future("2027"));
     }
 }

@@ -290,6 +290,8 @@ impl ServiceError {
 pub struct Call {
     entry: Entry,
     audited: bool,
+    /// Changes made by the call's parts, audited on their own ([`Call::changed`]).
+    changed: bool,
     /// Where the call came from (for refusals before authentication).
     peer: Peer,
     /// The principal's place among its calls in flight, held until the call is dropped.
@@ -312,6 +314,7 @@ impl Call {
                 ..Entry::default()
             },
             audited: false,
+            changed: false,
             peer: Peer::Unknown,
             permit: None,
             epoch: None,
@@ -356,6 +359,18 @@ impl Call {
         self.permit.take()
     }
 
+    /// Whether the call changed anything: its entry went to the writer with a change
+    /// ([`Call::for_writer`]), or it made changes of its own calls ([`Call::changed`]).
+    pub fn wrote(&self) -> bool {
+        self.audited || self.changed
+    }
+
+    /// The call's parts made changes, each audited on its own (the entries of
+    /// RecordConsents): the call's own entry is still its to append.
+    pub fn changed(&mut self) {
+        self.changed = true;
+    }
+
     /// The entry for the writer to append with the change (and its outcome).
     pub fn for_writer(&mut self) -> Option<Entry> {
         self.audited = true;
@@ -365,11 +380,18 @@ impl Call {
 
 /// A call while its handler runs. If it is dropped before it is concluded (the client
 /// reset the stream, its deadline or the server's passed, the server is shutting down)
-/// after its caller authenticated, its entry is appended with the outcome CANCELLED from
-/// a task of its own, so that an abandoned call leaves a trace as a finished one does;
-/// unless its entry went to the writer with a change (the writer appends it whatever
-/// becomes of the caller). A call abandoned before authentication is the refusal
-/// summary's (`ChargedIfAbandoned`).
+/// after its caller authenticated, it leaves a trace as a finished call does, with the
+/// outcome CANCELLED:
+/// - admitted among its principal's calls in flight, its entry is appended from a task
+///   of its own, which keeps the call's place until the entry is committed (so a caller
+///   that abandons calls in a loop waits for their entries like for any call);
+/// - abandoned while it waited for such a place (it holds none), or a bulk item (the
+///   stream holds the place), it is counted in its address's summary of refused calls
+///   under its principal's name: a count, not a row each;
+/// - unless its entry went to the writer with a change: the writer appends it, whatever
+///   becomes of the caller.
+///
+/// A call abandoned before authentication is the refusal summary's (`ChargedIfAbandoned`).
 pub struct Running {
     services: Arc<Services>,
     call: Option<Call>,
@@ -404,16 +426,23 @@ impl Drop for Running {
         if call.audited || call.entry.principal_id.is_none() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            warn!(method = %call.method(), "a call abandoned at shutdown is not in the audit log");
-            return;
-        };
         metrics::counter!(
             "ern_calls_total",
             "method" => call.method().to_owned(),
             "outcome" => Outcome::Cancelled.name()
         )
         .increment(1);
+        let runtime = tokio::runtime::Handle::try_current();
+        if call.permit.is_none() || runtime.is_err() {
+            self.services.refusals.note(
+                call.peer,
+                &call.entry.principal,
+                &call.entry.method,
+                Outcome::Cancelled.name(),
+            );
+            return;
+        }
+        let Ok(runtime) = runtime else { return };
         let services = self.services.clone();
         runtime.spawn(async move {
             let method = call.method().to_owned();

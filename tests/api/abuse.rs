@@ -8,6 +8,7 @@ use ern_registry::audit::AuditKey;
 use ern_registry::auth::{HMAC_HASH_PREFIX, Role};
 use ern_registry::config::ServeArgs;
 use ern_registry::keys::MasterSecret;
+use ern_registry::proto;
 use ern_registry::proto::case_service_client::CaseServiceClient;
 use ern_registry::proto::submit_cases_result::Outcome;
 use ern_registry::store::db;
@@ -749,18 +750,67 @@ async fn an_argon2_hash_is_refused_unless_accepted_and_then_only_at_the_earlier_
     }
 }
 
-/// A call abandoned after its caller authenticated (here: its deadline passes while it
-/// waits for a place among the principal's calls in flight) leaves an audit entry of its
-/// own, CANCELLED, under its principal: abandoning a call is no way to leave no trace.
+/// A call abandoned after its caller authenticated leaves a trace, CANCELLED, under its
+/// principal. Abandoned while it waits for a place among the principal's calls in flight
+/// (it holds none): counted in its address's summary, so that abandoning calls in a loop
+/// adds counts, not rows. Abandoned once admitted (here: waiting for the database pool,
+/// which the test holds): an audit entry of its own, appended while it keeps its place.
 #[tokio::test]
 async fn a_call_abandoned_after_authentication_is_audited_as_cancelled() {
     let app = TestApp::spawn_with(ServeArgs {
         max_calls_in_flight: 1,
+        db_max_connections: 1,
         ..ServeArgs::default()
     })
     .await;
-    let dr = app.physician("dr-gone", "NL-AMC").await;
-    // An open bulk stream holds the principal's one place.
+    let mut dr = app.physician("dr-gone", "NL-AMC").await;
+    let export = |millis| {
+        let mut request = tonic::Request::new(proto::ExportPhenopacketsRequest {
+            registry: "ERN-LUNG".into(),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_millis(millis));
+        request
+    };
+    // Its key known to the process (so that authentication reads no row).
+    dr.export_phenopackets(export(30_000)).await.unwrap();
+    let cancelled = |status: tonic::Status| {
+        assert!(
+            matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+            "{status:?}"
+        );
+    };
+    // Admitted, then waiting for the pool's one connection (SQLite: the access epoch is
+    // read in place, not from the pool).
+    if app.is_sqlite() {
+        let held = app.store.pool().acquire().await.unwrap();
+        cancelled(dr.export_phenopackets(export(300)).await.unwrap_err());
+        drop(held);
+        let rows = || async {
+            app.pairs::<String, String>(
+                "SELECT principal, outcome FROM audit_log \
+                 WHERE method = 'CaseService/ExportPhenopackets' ORDER BY seq",
+            )
+            .await
+        };
+        // Appended by a task of its own once the call is dropped: wait for it.
+        let mut found = rows().await;
+        for _ in 0..100 {
+            if found.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            found = rows().await;
+        }
+        assert_eq!(
+            found,
+            [
+                ("dr-gone".to_string(), "OK".to_string()),
+                ("dr-gone".to_string(), "CANCELLED".to_string())
+            ]
+        );
+    }
+    // Waiting for a place: an open bulk stream holds the principal's one.
     let (tx, rx) = mpsc::channel(1);
     let stream = dr
         .clone()
@@ -772,29 +822,18 @@ async fn a_call_abandoned_after_authentication_is_audited_as_cancelled() {
         "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
     ));
     request.set_timeout(Duration::from_millis(300));
-    let status = dr.clone().get_case(request).await.unwrap_err();
-    assert!(
-        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
-        "{status:?}"
-    );
-    let entries = || async {
-        db::query("SELECT principal, outcome FROM audit_log WHERE method = 'CaseService/GetCase'")
-            .fetch_all(app.store.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<String>(0), r.get::<String>(1)))
-            .collect::<Vec<_>>()
-    };
-    // Appended by a task of its own once the call is dropped: wait for it.
-    let mut found = entries().await;
-    for _ in 0..100 {
-        if !found.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        found = entries().await;
-    }
-    assert_eq!(found, [("dr-gone".to_string(), "CANCELLED".to_string())]);
+    cancelled(dr.get_case(request).await.unwrap_err());
     drop((tx, stream));
+    let mut app = app;
+    app.stop_server().await;
+    let rows = summary_rows(&app).await;
+    assert!(
+        rows.contains(&(
+            "peer:127.0.0.1 dr-gone".to_string(),
+            "CaseService/GetCase".to_string(),
+            "CANCELLED".to_string(),
+            1
+        )),
+        "{rows:?}"
+    );
 }
