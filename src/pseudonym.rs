@@ -241,7 +241,10 @@ fn text_field(
         v.push(field, "must contain letters or digits");
         return None;
     }
-    Some((n, fold(s, Fold::Before20261205)))
+    // Lower-cased as a text first, where a word-final Σ becomes ς (Unicode's Final_Sigma
+    // rule), so that a name registered as "Παπαδόπουλος" is found when sent in capitals.
+    let lowered = Zeroizing::new(s.to_lowercase());
+    Some((n, fold(&lowered, Fold::Before20261205)))
 }
 
 /// Identifiers as they arrive, before any check: borrowed from the request (which wipes
@@ -499,7 +502,8 @@ pub struct Candidates {
 }
 
 impl Candidates {
-    /// The older versions' pseudonyms, to look up among those with consent on file.
+    /// The older versions' pseudonyms, and those of the names folded as before
+    /// 2026-12-05 at every version, to look up among those with consent on file.
     pub fn older(&self) -> Vec<&str> {
         self.older.iter().map(Pseudonym::as_str).collect()
     }
@@ -861,15 +865,23 @@ mod tests {
                 pseudonymiser.derive(at(active), &typed)
             );
         }
+        // Sent in capitals, the name of a patient registered in lower case is found too.
+        let capitals = crate::api::convert::patient_identity(&demographic(
+            "ΔΗΜΗΤΡΗΣ",
+            "ΠΑΠΑΔΟΠΟΥΛΟΣ",
+            "1978-03-25",
+            "ΘΕΣΣΑΛΟΝΙΚΗ",
+            "GR",
+        ))
+        .unwrap();
+        assert_eq!(capitals.encode(), typed.encode());
+        assert_eq!(
+            capitals.as_folded_before().unwrap().encode(),
+            before.encode()
+        );
         for untouched in [
-            demographic(
-                "ΔΗΜΗΤΡΗΣ",
-                "ΠΑΠΑΔΟΠΟΥΛΟΣ",
-                "1978-03-25",
-                "ΘΕΣΣΑΛΟΝΙΚΗ",
-                "GR",
-            ),
             demographic("Mar'yana", "O'Brien", "1978-03-25", "Kyiv", "UA"),
+            demographic("Anna", "Jansen", "1978-03-25", "Athens", "GR"),
         ] {
             let identity = crate::api::convert::patient_identity(&untouched).unwrap();
             assert!(identity.as_folded_before().is_none());

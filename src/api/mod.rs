@@ -166,9 +166,10 @@ pub fn within_limit<T: prost::Message>(
     }
     Err(Status::resource_exhausted(if wrote {
         format!(
-            "the call's change is committed, but its answer would be {size} bytes, over the \
-             message limit of {max} bytes (--max-message-bytes): do not send it again; read \
-             the result back instead"
+            "the call's changes are committed (each result as it would have been \
+             answered), but its answer would be {size} bytes, over the message limit of {max} \
+             bytes (--max-message-bytes): raise the limit, or look the results up (a \
+             submission sent again is answered ALREADY_EXISTS with its pseudonym)"
         )
     } else {
         format!(

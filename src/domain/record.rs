@@ -458,8 +458,14 @@ mod future_tests {
                     })
                 })
         };
-        assert!(!future("2026-11-30"));
-        assert!(!future("2026-12-01"));
+        for accepted in ["2026-11-30", "2026-12-01", "2026-12"] {
+            let mut record = crate::fixtures::record();
+            record.first_contact_date = accepted.into();
+            assert!(
+                crate::api::convert::case_record(&record, today).is_ok(),
+                "{accepted}"
+            );
+        }
         assert!(!future("2026-12"));
         assert!(future("2026-12-02"));
         assert!(future("2027"));

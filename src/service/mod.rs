@@ -433,6 +433,9 @@ impl Drop for Running {
         )
         .increment(1);
         let runtime = tokio::runtime::Handle::try_current();
+        if runtime.is_err() {
+            warn!(method = %call.method(), "a call abandoned after the runtime stopped is counted in its address's summary, which may have been written already");
+        }
         if call.permit.is_none() || runtime.is_err() {
             self.services.refusals.note(
                 call.peer,

@@ -783,25 +783,30 @@ async fn a_call_abandoned_after_authentication_is_audited_as_cancelled() {
     // Admitted, then waiting for the pool's one connection (SQLite: the access epoch is
     // read in place, not from the pool).
     if app.is_sqlite() {
-        let held = app.store.pool().acquire().await.unwrap();
-        cancelled(dr.export_phenopackets(export(300)).await.unwrap_err());
-        drop(held);
-        let rows = || async {
-            app.pairs::<String, String>(
+        let mut held = app.store.pool().acquire().await.unwrap();
+        cancelled(dr.export_phenopackets(export(2000)).await.unwrap_err());
+        // Read on the held connection, which the export waits for: it cannot finish
+        // before the server drops it (its deadline, counted on the server, may end a
+        // moment after the client's).
+        let mut found = Vec::new();
+        for _ in 0..200 {
+            found = db::query(
                 "SELECT principal, outcome FROM audit_log \
                  WHERE method = 'CaseService/ExportPhenopackets' ORDER BY seq",
             )
+            .fetch_all(&mut held.db())
             .await
-        };
-        // Appended by a task of its own once the call is dropped: wait for it.
-        let mut found = rows().await;
-        for _ in 0..100 {
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<String>(0), r.get::<String>(1)))
+            .collect::<Vec<_>>();
             if found.len() == 2 {
                 break;
             }
+            // Appended by a task of its own once the call is dropped: wait for it.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            found = rows().await;
         }
+        drop(held);
         assert_eq!(
             found,
             [
@@ -821,7 +826,7 @@ async fn a_call_abandoned_after_authentication_is_audited_as_cancelled() {
         "ERN-LUNG",
         "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
     ));
-    request.set_timeout(Duration::from_millis(300));
+    request.set_timeout(Duration::from_millis(2000));
     cancelled(dr.get_case(request).await.unwrap_err());
     drop((tx, stream));
     let mut app = app;
