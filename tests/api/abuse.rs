@@ -746,6 +746,15 @@ async fn an_argon2_hash_is_refused_unless_accepted_and_then_only_at_the_earlier_
             assert_eq!(status.message(), "invalid API key");
             assert_eq!(app.auth.argon2_runs(), 0, "accept {accept}, m {m_cost}");
             assert_eq!(stored_hash(&app, &token).await, planted);
+            // Logged with the key id, for the operator (the log is shared by the tests of
+            // this process: the key id is this test's own).
+            let key_id = &token[4..20];
+            assert!(
+                logs()
+                    .lines()
+                    .any(|l| l.contains("Argon2") && l.contains(key_id)),
+                "accept {accept}, m {m_cost}"
+            );
         }
     }
 }
