@@ -125,7 +125,15 @@ fn incident_reference() -> String {
 /// entry records the refusal the caller gets (`stream`: a streaming answer, whose
 /// messages are checked as they leave).
 macro_rules! audited {
-    ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
+    ($self:ident, $method:literal, $inner:ident, $request:ident) => {
+        $crate::api::audited!(@run $self, $method, $inner, $request, |answer, wrote| {
+            $crate::api::within_limit(&$self.state, answer, wrote)
+        })
+    };
+    (stream $self:ident, $method:literal, $inner:ident, $request:ident) => {
+        $crate::api::audited!(@run $self, $method, $inner, $request, |answer, _| Ok(answer))
+    };
+    (@run $self:ident, $method:literal, $inner:ident, $request:ident, $check:expr) => {{
         // Dropped before it is concluded (the call abandoned), it records the call itself.
         let mut running =
             $crate::service::Running::new(&$self.state, $crate::service::Call::new($method));
@@ -135,22 +143,11 @@ macro_rules! audited {
             Err($crate::api::database_unreachable())
         };
         let wrote = running.call().wrote();
-        let result =
-            result.and_then(|answer| $crate::api::within_limit(&$self.state, answer, wrote));
-        $crate::api::conclude(&$self.state, running.finish(), result).await
-    }};
-    (stream $self:ident, $method:literal, $inner:ident, $request:ident) => {{
-        let mut running =
-            $crate::service::Running::new(&$self.state, $crate::service::Call::new($method));
-        let result = if $self.state.database.is_reachable() {
-            $self.$inner($request, running.call()).await
-        } else {
-            Err($crate::api::database_unreachable())
-        };
+        let result = result.and_then(|answer| $check(answer, wrote));
         $crate::api::conclude(&$self.state, running.finish(), result).await
     }};
 }
-
+pub(crate) use audited;
 /// `answer`, or RESOURCE_EXHAUSTED when its message is larger than `--max-message-bytes`
 /// (the transport would refuse to send it, after the call was recorded as answered).
 /// `wrote`: the call's change is committed (its entry with it), which the refusal says.
@@ -178,7 +175,6 @@ pub fn within_limit<T: prost::Message>(
         )
     }))
 }
-pub(crate) use audited;
 
 /// Appends the call's audit entry with its outcome, unless the writer appended it with
 /// the change, and passes the result on. A successful call whose entry cannot be
