@@ -7,6 +7,9 @@
 //! identity (itself wiped on drop) is derived only once the whole request is valid
 //! ([`derive_patient`]): an invalid request spends none of the officer's allowance.
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::convert::{timestamp as timestamp_from_proto, timestamp_to_proto};
@@ -148,12 +151,71 @@ fn receipt_to_proto(r: Receipt) -> proto::ErasureReceipt {
     }
 }
 
-/// One RecordConsent, start to finish, for an authenticated officer.
+/// The order of a RecordConsents call's entries per patient: an entry is recorded only
+/// once every earlier entry naming the same patient (by identifiers or by pseudonym) has
+/// finished; entries of different patients run concurrently. An entry's patient is known
+/// only once its pseudonym is derived, so each entry first waits for every earlier one to
+/// have derived its own (or failed), which costs one derivation's time, not a write's.
+struct PatientOrder {
+    turns: Vec<watch::Sender<Turn>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Turn {
+    /// Not yet known which patient the entry names.
+    Pending,
+    /// The entry names this (registry, pseudonym) and is being recorded.
+    Patient(i64, String),
+    /// Finished, or failed before naming a patient.
+    Done,
+}
+
+impl PatientOrder {
+    fn new(entries: usize) -> Arc<PatientOrder> {
+        Arc::new(PatientOrder {
+            turns: (0..entries)
+                .map(|_| watch::Sender::new(Turn::Pending))
+                .collect(),
+        })
+    }
+
+    /// Entry `index` names `patient`: waits until every earlier entry naming it is done.
+    async fn arrive(&self, index: usize, registry_id: i64, pseudonym: &str) {
+        let patient = Turn::Patient(registry_id, pseudonym.to_owned());
+        self.turns[index].send_replace(patient.clone());
+        for earlier in &self.turns[..index] {
+            let mut turn = earlier.subscribe();
+            let known = turn
+                .wait_for(|t| *t != Turn::Pending)
+                .await
+                .map(|t| t.clone());
+            if known.is_ok_and(|t| t == patient) {
+                let _ = turn.wait_for(|t| *t == Turn::Done).await;
+            }
+        }
+    }
+}
+
+/// Marks its entry done when dropped: finished, failed or stopped at any point.
+struct EntryTurn {
+    order: Arc<PatientOrder>,
+    index: usize,
+}
+
+impl Drop for EntryTurn {
+    fn drop(&mut self) {
+        self.order.turns[self.index].send_replace(Turn::Done);
+    }
+}
+
+/// One RecordConsent, start to finish, for an authenticated officer; `turn`: its place in
+/// a RecordConsents call ([`PatientOrder`]).
 async fn record_one(
     state: &SharedState,
     principal: &Principal,
     mut request: proto::RecordConsentRequest,
     call: &mut Call,
+    turn: Option<&EntryTurn>,
 ) -> Result<proto::RecordConsentResponse, ServiceError> {
     let access =
         consent_service::open(state, principal, &request.registry, "registry", call).await?;
@@ -187,6 +249,11 @@ async fn record_one(
     };
     violations.into_result()?;
     let pseudonym = derive_patient(state, &access, patient).await?;
+    if let Some(turn) = turn {
+        turn.order
+            .arrive(turn.index, access.registry().id, pseudonym.as_str())
+            .await;
+    }
     let view = consent_service::record(state, &access, pseudonym, decisions, now, call).await?;
     Ok(proto::RecordConsentResponse {
         pseudonym: view.pseudonym.as_str().to_owned(),
@@ -224,7 +291,7 @@ impl ConsentApi {
     ) -> Result<Response<proto::RecordConsentResponse>, Status> {
         let principal = authorize(&self.state, &request, Role::ConsentOfficer, call).await?;
         Ok(Response::new(
-            record_one(&self.state, &principal, request.into_inner(), call).await?,
+            record_one(&self.state, &principal, request.into_inner(), call, None).await?,
         ))
     }
 
@@ -243,23 +310,34 @@ impl ConsentApi {
             );
             return Err(ServiceError::Invalid(v).into());
         }
-        // Each patient is its own writer command (atomic per patient); they run
-        // concurrently and are grouped into transactions by the writer.
+        // Each entry is its own writer command (atomic per entry); entries of different
+        // patients run concurrently and are grouped into transactions by the writer, those
+        // of one patient one after another, in request order (`PatientOrder`).
+        let order = PatientOrder::new(entries.len());
         let handles: Vec<_> = entries
             .into_iter()
-            .map(|entry| {
+            .enumerate()
+            .map(|(index, entry)| {
                 let reference = ClientReference::parse(&entry.client_reference)
                     .map(|r| r.as_str().to_owned())
                     .unwrap_or_default();
                 let state = self.state.clone();
                 let principal = principal.clone();
+                let turn = EntryTurn {
+                    order: order.clone(),
+                    index,
+                };
                 (
                     reference,
                     tokio::spawn(async move {
                         // Each entry is audited on its own, with the write it makes.
                         let mut call = Call::new("ConsentService/RecordConsents");
                         call.by(&principal);
-                        let result = record_one(&state, &principal, entry, &mut call).await;
+                        let result =
+                            record_one(&state, &principal, entry, &mut call, Some(&turn)).await;
+                        // Its write is committed (or refused): the next entry of the same
+                        // patient may go.
+                        drop(turn);
                         let outcome = result
                             .as_ref()
                             .map_or_else(ServiceError::outcome, |_| Outcome::Ok);

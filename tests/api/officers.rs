@@ -484,6 +484,94 @@ async fn bulk_consent_is_atomic_per_patient_with_a_result_each() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// Entries of one RecordConsents call that name the same patient are recorded in request
+/// order, however each names them: here a grant by identifiers (derived first) and then a
+/// refusal by pseudonym (nothing to derive or look up, so it would reach the writer first
+/// if entries raced), both given at the same instant, where the one recorded last is in
+/// force.
+#[tokio::test]
+async fn bulk_entries_of_one_patient_are_recorded_in_request_order() {
+    const PATIENTS: u32 = 100;
+    let app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let mut pseudonyms = Vec::new();
+    for i in 0..PATIENTS {
+        let recorded = officer
+            .record_consent(proto::RecordConsentRequest {
+                registry: "ERN-EYE".into(),
+                patient: by_identifiers(national("NL", &bsn(5000 + i))),
+                decisions: vec![consent(
+                    S::RegistryInclusion,
+                    St::Granted,
+                    "2024-03-01T10:00:00Z",
+                )],
+                client_reference: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pseudonyms.push(recorded.pseudonym);
+    }
+    // After a rotation, an entry by identifiers also looks its patient up among the
+    // earlier version's pseudonyms (a database read) before it may be recorded: it takes
+    // longer to reach the writer than one by pseudonym.
+    assert_eq!(app.store.rotate_registry_key("ERN-EYE").await.unwrap(), 2);
+    let at = "2024-06-01T10:00:00Z";
+    let entries: Vec<_> = (0..PATIENTS)
+        .flat_map(|i| {
+            [
+                proto::RecordConsentRequest {
+                    registry: "ERN-EYE".into(),
+                    patient: by_identifiers(national("NL", &bsn(5000 + i))),
+                    decisions: vec![consent(S::RegistryInclusion, St::Granted, at)],
+                    client_reference: format!("grant-{i}"),
+                },
+                proto::RecordConsentRequest {
+                    registry: "ERN-EYE".into(),
+                    patient: by_pseudonym(&pseudonyms[i as usize]),
+                    decisions: vec![consent(S::RegistryInclusion, St::Refused, at)],
+                    client_reference: format!("refuse-{i}"),
+                },
+            ]
+        })
+        .collect();
+    let results = officer
+        .record_consents(proto::RecordConsentsRequest { entries })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(results.iter().all(|r| matches!(
+        r.outcome,
+        Some(proto::record_consents_result::Outcome::Recorded(_))
+    )));
+    for pseudonym in &pseudonyms {
+        let got = officer
+            .get_consent(proto::GetConsentRequest {
+                registry: "ERN-EYE".into(),
+                pseudonym: pseudonym.clone(),
+                at: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let sources: Vec<i32> = got.history.iter().map(|e| e.state).collect();
+        assert_eq!(
+            sources,
+            [St::Granted as i32, St::Granted as i32, St::Refused as i32],
+            "recorded in request order"
+        );
+        let inclusion = got
+            .in_force
+            .unwrap()
+            .scopes
+            .into_iter()
+            .find(|s| s.scope == S::RegistryInclusion as i32)
+            .unwrap();
+        assert_eq!(inclusion.state, St::Refused as i32);
+    }
+}
+
 /// Where `needle` occurs among the SQLite files (database, WAL, shared memory).
 fn sqlite_files_holding(app: &TestApp, needle: &str) -> Vec<String> {
     app.sqlite_files()

@@ -87,10 +87,10 @@ class ConsentServiceServicer:
 
     def RecordConsents(self, request, context):
         """Record decisions for many patients (at most 1000) in one call. Each entry's
-        decisions are applied atomically; one result per entry, in request order. Entries
-        are applied concurrently, so two entries naming the same patient are applied in no
-        fixed order: put one patient's decisions in one entry (of decisions of one scope
-        given at the same instant, the one recorded last is in force).
+        decisions are applied atomically; one result per entry, in request order. Entries of
+        different patients are applied concurrently; entries naming the same patient (by
+        identifiers or by pseudonym) are applied one after another, in request order (of
+        decisions of one scope given at the same instant, the one recorded last is in force).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
