@@ -187,6 +187,11 @@ pub struct AttestationItem<'a> {
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
 
+/// `t` to the millisecond (truncated), the precision instants are stored with.
+fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
 /// Checks the consent a physician attests with a submission. Only GRANTED and REFUSED may
 /// be attested (withdrawal is the consent officers' business); each scope at most once;
 /// `given_at` not in the future; `expires_at` after `given_at`.
@@ -250,7 +255,8 @@ pub fn check_attestation(
             }
             // A time slightly ahead of ours (clock skew) is recorded as now, so nothing
             // on file ever lies in the future and a withdrawal made now supersedes it.
-            Some(Some(t)) => Some(t.min(now)),
+            // To the millisecond, as it is stored: decided on what is kept.
+            Some(Some(t)) => Some(to_millis(t.min(now))),
         };
         let form_version = item.form_version.trim();
         if form_version.is_empty() {
@@ -275,7 +281,7 @@ pub fn check_attestation(
                 // After the given_at sent, not the one recorded (a time ahead by the
                 // clock's skew is recorded as now).
                 let sent = item.given_at.flatten();
-                if sent.is_some_and(|g| t <= g) {
+                if sent.is_some_and(|g| to_millis(t) <= to_millis(g)) {
                     violations.push(path("expires_at"), "must be after given_at");
                 } else if t.year() > MAX_EXPIRY_YEAR {
                     violations.push(
@@ -285,7 +291,7 @@ pub fn check_attestation(
                         ),
                     );
                 }
-                Some(t)
+                Some(to_millis(t))
             }
         };
         if let (Some(scope), Some(decision), Some(given_at)) = (scope, decision, given_at) {

@@ -472,7 +472,7 @@ impl ConsentApi {
             );
             return Err(ServiceError::Invalid(v).into());
         }
-        let receipt = consent_service::receipt(&self.state, &principal, &receipt_id).await?;
+        let receipt = consent_service::receipt(&self.state, &principal, &receipt_id, call).await?;
         Ok(Response::new(receipt_to_proto(receipt)))
     }
 }

@@ -534,14 +534,17 @@ async fn sign_out(
         Err(r) => return r,
     };
     let result = console_service::sign_out(&st, &ctx.token).await;
-    let page = result.map(|()| {
-        let mut response = Redirect::to("/sign-in").into_response();
+    let signed_out = result.is_ok();
+    let page = result.map(|()| Redirect::to("/sign-in").into_response());
+    let mut response = conclude(&st, ctx.call, page).await;
+    // The session is gone: its cookie is cleared whatever the answer (also the error page
+    // of a sign-out whose audit entry could not be committed).
+    if signed_out {
         response
             .headers_mut()
             .append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", Some(0)));
-        response
-    });
-    conclude(&st, ctx.call, page).await
+    }
+    response
 }
 
 async fn home(
@@ -895,10 +898,11 @@ async fn receipt_lookup(
         );
         return conclude_invalid(&st, ctx.call, page).await;
     }
-    let result = consent_service::receipt(&st, &ctx.principal, id)
+    let mut call = ctx.call.clone();
+    let result = consent_service::receipt(&st, &ctx.principal, id, &mut call)
         .await
         .map(|r| html(StatusCode::OK, pages::receipt(&ctx, &r, false)));
-    conclude(&st, ctx.call, result).await
+    conclude(&st, call, result).await
 }
 
 async fn officer_expiring(

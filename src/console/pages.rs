@@ -598,7 +598,7 @@ pub fn expiring(ctx: &Ctx, days: i64, lists: &ExpiringLists) -> Markup {
         html! {
             form method="get" action="/officer/expiring" {
                 label for="days" { "Expiring within (days) " }
-                input id="days" name="days" type="number" min="1" max="365" value=(days);
+                input id="days" name="days" type="number" min="1" max="365" autocomplete="off" value=(days);
                 " "
                 button type="submit" { "Show" }
             }

@@ -158,7 +158,8 @@ pub async fn submit(
         principal_id: access.principal.id,
         consent,
         row,
-        now: services.clock.now(),
+        // To the millisecond, as it is stored: decided on what is kept.
+        now: super::consent::now_millis(services),
     });
     match services
         .writer
@@ -197,7 +198,8 @@ pub async fn update(
         expected_version: update.expected_version,
         consent: update.consent,
         row,
-        now: services.clock.now(),
+        // To the millisecond, as it is stored: decided on what is kept.
+        now: super::consent::now_millis(services),
     });
     match services
         .writer

@@ -402,6 +402,7 @@ pub async fn receipt(
     services: &Services,
     principal: &Principal,
     receipt_id: &str,
+    call: &mut Call,
 ) -> Result<Receipt, ServiceError> {
     require_officer(principal)?;
     let mut conn = services.store.reader().await?;
@@ -414,6 +415,8 @@ pub async fn receipt(
     if !principal.registries.contains(&erasure.registry_id) {
         return Err(not_found());
     }
+    call.registry(&erasure.registry_code);
+    call.items(1);
     // Who erased it, as in the consent history: for the eraser's centre only.
     let shown = recorder_visible_to(principal, erasure.eraser_id, erasure.eraser_centre);
     Ok(Receipt {

@@ -418,7 +418,9 @@ pub async fn sign_in(
         }
         _ => None,
     };
-    let (Some(cred), Some(step)) = (credentials, step) else {
+    // A failure: charged to the address and counted for the name, whichever check failed
+    // (a wrong password or code, a code used before, a principal gone meanwhile).
+    let failed = || async {
         services.refusals.charge(input.peer);
         let failures = services
             .store
@@ -431,7 +433,10 @@ pub async fn sign_in(
                 "console sign-ins with one name held back after failures"
             );
         }
-        return Err(AuthError::SignInFailed.into());
+        Err::<NewSession, ServiceError>(AuthError::SignInFailed.into())
+    };
+    let (Some(cred), Some(step)) = (credentials, step) else {
+        return failed().await;
     };
     // A principal bound to client certificates calls with one of them; the console sees
     // none (said only to whoever gave the right password and code).
@@ -443,11 +448,12 @@ pub async fn sign_in(
         .console_success(cred.principal_id, &name_mac, step)
         .await?
     {
-        // A code used before (or raced by a sign-in with the same code).
-        return Err(AuthError::SignInFailed.into());
+        // A code used before (or raced by a sign-in with the same code): a failure like a
+        // wrong code, so that a used code and the right password learn nothing for free.
+        return failed().await;
     }
     let Some((principal, false)) = services.store.principal_by_id(cred.principal_id).await? else {
-        return Err(AuthError::SignInFailed.into());
+        return failed().await;
     };
     call.by(&principal);
     let limits = auth.limits;

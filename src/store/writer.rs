@@ -1350,6 +1350,16 @@ fn attested_before_a_later_decision(
     })
 }
 
+/// What a back-dated attestation can probe for (docs/consent.md, "What a physician still
+/// learns"): seen by the operator, not the caller.
+fn note_back_dated_refusal(principal_id: i64, what: &str) {
+    metrics::counter!("ern_back_dated_attestation_refusals_total").increment(1);
+    warn!(
+        principal = principal_id,
+        "{what} attesting an inclusion dated before a later decision on file was refused"
+    );
+}
+
 /// Appends the attested decisions to a history read from file, as if already on file.
 fn with_attested(events: &mut Vec<ConsentEvent>, attested: &[ConsentDecision]) {
     let next = events.last().map_or(0, |e| e.seq) + 1;
@@ -1454,13 +1464,7 @@ async fn submit_run(
         let decided = match rules.may_store_case(&events, at) {
             Err(refused) => {
                 if back_dated {
-                    // What a back-dated attestation can probe for (docs/consent.md, "What
-                    // a physician still learns"): seen by the operator, not the caller.
-                    metrics::counter!("ern_back_dated_attestation_refusals_total").increment(1);
-                    warn!(
-                        principal = c.principal_id,
-                        "a submission attesting an inclusion dated before a later decision on file was refused"
-                    );
+                    note_back_dated_refusal(c.principal_id, "a submission");
                 }
                 Err(WriteError::Consent(refused))
             }
@@ -1614,6 +1618,11 @@ async fn update(
     // still brings a lapsed record back.
     let at = rules.effective_at(&events, c.now);
     if rules.may_store_case(&events, at).is_err() {
+        // The attested decisions are the history's last (`with_attested`).
+        let on_file = &events[..events.len().saturating_sub(c.consent.len())];
+        if attested_before_a_later_decision(on_file, &c.consent) {
+            note_back_dated_refusal(c.principal_id, "an update");
+        }
         return Err(WriteError::NotFound);
     }
     if current != c.expected_version {
@@ -1721,14 +1730,27 @@ async fn withdraw(
     c: &Withdraw,
     wrote: &mut Wrote,
 ) -> Result<Output, WriteError> {
-    let mut events = Vec::with_capacity(c.scopes.len());
+    let mut events = Vec::with_capacity(Scope::ALL.len());
     let mut erased = None;
     // Dated no earlier than anything on file, so that it is in force from its commit on,
     // also over a decision another instance committed, dated after this call arrived.
     let history = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
     check_start(conn, c.registry_id, &c.pseudonym, &history).await?;
     let given_at = rules.effective_at(&history, c.now);
-    for &scope in &c.scopes {
+    // Leaving the registry ends the patient's other grants too: a research or recontact
+    // grant signed before the withdrawal must not come back into force with a later
+    // inclusion (docs/consent.md, "Withdrawal").
+    let mut scopes = c.scopes.clone();
+    if scopes.contains(&Scope::RegistryInclusion) {
+        for scope in [Scope::ResearchUse, Scope::Recontact] {
+            let granted = crate::consent::in_force(&history, scope, given_at)
+                .is_some_and(|e| e.decision == Decision::Granted);
+            if granted && !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+    }
+    for &scope in &scopes {
         let decision = ConsentDecision {
             scope,
             decision: Decision::Withdrawn,

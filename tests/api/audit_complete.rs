@@ -258,8 +258,12 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         .unwrap();
     app.verify_passes(&[], "intact");
     let events = app.ids("SELECT id FROM consent_events ORDER BY id").await;
-    assert_eq!(events.len(), 6, "2 + 2 attested, 1 recorded, 1 withdrawal");
-    let withdrawal_event = *events.last().unwrap();
+    assert_eq!(
+        events.len(),
+        7,
+        "2 + 2 attested, 1 recorded, the inclusion withdrawn and the research grant with it"
+    );
+    let withdrawal_event = events[5];
     // The first patient's inclusion grant: superseded by the withdrawal, so no other row
     // refers to it and it can be deleted.
     let superseded = events[0];
@@ -794,8 +798,9 @@ async fn rows_written_before_rows_were_audited_are_adopted_once() {
     )
     .await;
     let stdout = app.verify_passes(&[], "legacy rows before adoption");
+    // Two attested, the inclusion withdrawn with the research grant, and the tombstone.
     assert!(
-        stdout.contains("4 consent events and tombstones"),
+        stdout.contains("5 consent events and tombstones"),
         "{stdout}"
     );
 
@@ -806,13 +811,13 @@ async fn rows_written_before_rows_were_audited_are_adopted_once() {
     let methods: Vec<(String, i64)> = app
         .pairs("SELECT method, items FROM audit_log ORDER BY seq")
         .await;
-    assert_eq!(methods[0], ("AuditLog/AdoptRows".to_string(), 4));
+    assert_eq!(methods[0], ("AuditLog/AdoptRows".to_string(), 5));
     assert_eq!(methods[1].0, "CaseService/SubmitCase");
     app.verify_passes(&[], "adopted");
     let legacy = app
         .ids("SELECT id FROM consent_events WHERE audit_seq = 1")
         .await;
-    assert_eq!(legacy.len(), 3);
+    assert_eq!(legacy.len(), 4);
 
     // An adopted row edited: the adoption entry names it as a whole.
     attack(

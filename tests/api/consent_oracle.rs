@@ -617,3 +617,45 @@ async fn a_back_dated_attestation_tells_whether_a_later_decision_is_on_file() {
         .unwrap();
     app.stop().await;
 }
+
+/// A back-dated attestation sent with an update of a lapsed case is refused as NOT_FOUND,
+/// like any update without consent, and seen by the operator as a submission's is (log
+/// line and `ern_back_dated_attestation_refusals_total`).
+#[tokio::test]
+async fn a_back_dated_attestation_with_an_update_is_seen_by_the_operator() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-update-probe", "NL-AMC").await;
+    let mut request = submission(REGISTRY, national("NL", &bsn(9_300)));
+    let mut lapsing = consent(S::RegistryInclusion, St::Granted, "2024-03-01T10:00:00Z");
+    let soon = ern_registry::clock::Clock::now(&*app.clock) + chrono::Duration::days(1);
+    lapsing.expires_at = Some(ts(&soon.to_rfc3339()));
+    request.consent = vec![lapsing];
+    let pseudonym = dr
+        .submit_case(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    // Lapsed.
+    app.clock.advance(chrono::Duration::days(2));
+    let update = proto::UpdateCaseRequest {
+        registry: REGISTRY.into(),
+        pseudonym,
+        expected_version: 1,
+        record: Some(record()),
+        consent: vec![consent(
+            S::RegistryInclusion,
+            St::Granted,
+            "2020-01-01T00:00:00Z",
+        )],
+    };
+    let refused = dr.update_case(update).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    assert!(
+        logs().contains(
+            "an update attesting an inclusion dated before a later decision on file was refused"
+        ),
+        "{}",
+        logs()
+    );
+}

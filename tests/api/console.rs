@@ -303,12 +303,22 @@ async fn a_wrong_password_or_code_is_refused_and_a_code_is_good_once() {
     assert_eq!(unknown.status, 401);
     assert!(unknown.body.contains("wrong name, password or code"));
     assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
-    // The same code again (same time step): refused.
+    // The same code again (same time step): refused, and counted as a failure of the
+    // name like a wrong code (the right password with a used code learns nothing free).
+    let failures = || async {
+        app.pairs::<i64, i64>(
+            "SELECT COUNT(*), COALESCE(SUM(failures), 0) FROM console_sign_in_failures",
+        )
+        .await[0]
+            .1
+    };
+    let before = failures().await;
     let mut other = Web::new(app.console.unwrap());
     assert_eq!(
         other.sign_in(&app, "officer-eye", &secret).await.status,
         401
     );
+    assert_eq!(failures().await, before + 1);
     next_step(&app);
     assert_eq!(
         other.sign_in(&app, "officer-eye", &secret).await.status,

@@ -1,5 +1,6 @@
 //! Consent officers: record, read and withdraw consent; withdrawal erases at once.
 
+use ern_registry::clock::Clock;
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
 use ern_registry::store::db;
 use tonic::Code;
@@ -482,6 +483,84 @@ async fn bulk_consent_is_atomic_per_patient_with_a_result_each() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// Withdrawing REGISTRY_INCLUSION withdraws the patient's research and recontact grants
+/// with it: a research grant signed before the withdrawal does not come back into force
+/// when the patient is later included again on a new inclusion form only.
+#[tokio::test]
+async fn withdrawing_inclusion_ends_the_other_grants_too() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut request = submission("ERN-EYE", national("NL", &bsn(77)));
+    request
+        .consent
+        .push(consent(S::Recontact, St::Granted, "2024-03-01T10:00:00Z"));
+    let pseudonym = dr
+        .submit_case(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let withdrawn = officer
+        .withdraw_consent(withdrawal(
+            "ERN-EYE",
+            by_pseudonym(&pseudonym),
+            &[S::RegistryInclusion],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let state = |status: &proto::ConsentStatus, scope: S| {
+        let s = status
+            .scopes
+            .iter()
+            .find(|s| s.scope == scope as i32)
+            .unwrap();
+        (s.state, s.active)
+    };
+    let now = withdrawn.in_force.unwrap();
+    for scope in [S::RegistryInclusion, S::ResearchUse, S::Recontact] {
+        assert_eq!(
+            state(&now, scope),
+            (St::Withdrawn as i32, false),
+            "{scope:?}"
+        );
+    }
+    // Included again on a new form, inclusion only: no research use until it is granted
+    // again.
+    app.clock.advance(chrono::Duration::seconds(1));
+    let mut again = submission("ERN-EYE", national("NL", &bsn(77)));
+    again.consent = vec![consent(
+        S::RegistryInclusion,
+        St::Granted,
+        &app.clock.now().to_rfc3339(),
+    )];
+    assert_eq!(
+        dr.submit_case(again).await.unwrap().into_inner().pseudonym,
+        pseudonym
+    );
+    let got = officer
+        .get_consent(proto::GetConsentRequest {
+            registry: "ERN-EYE".into(),
+            pseudonym: pseudonym.clone(),
+            at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .in_force
+        .unwrap();
+    assert!(state(&got, S::RegistryInclusion).1);
+    assert_eq!(state(&got, S::ResearchUse), (St::Withdrawn as i32, false));
+    let eligible: Vec<(i64, i64)> = app
+        .pairs(
+            "SELECT p.eligible, 0 FROM patients p \
+             JOIN patient_keys k ON k.id = p.patient",
+        )
+        .await;
+    assert_eq!(eligible, [(0, 0)], "not counted in research");
 }
 
 /// Entries of one RecordConsents call that name the same patient are recorded in request
