@@ -209,19 +209,20 @@ impl Drop for EntryTurn {
 }
 
 /// One RecordConsent, start to finish, for an authenticated officer; `turn`: its place in
-/// a RecordConsents call ([`PatientOrder`]).
+/// a RecordConsents call ([`PatientOrder`]), whose entries share one time of the call (so
+/// that an entry recorded after another of its patient is never dated before it).
 async fn record_one(
     state: &SharedState,
     principal: &Principal,
     mut request: proto::RecordConsentRequest,
     call: &mut Call,
-    turn: Option<&EntryTurn>,
+    turn: Option<(&EntryTurn, chrono::DateTime<chrono::Utc>)>,
 ) -> Result<proto::RecordConsentResponse, ServiceError> {
     let access =
         consent_service::open(state, principal, &request.registry, "registry", call).await?;
     let mut violations = FieldViolations::new();
     let patient = parse_patient(&access, request.patient.take(), &mut violations)?;
-    let now = consent_service::now_millis(state);
+    let now = turn.map_or_else(|| consent_service::now_millis(state), |(_, now)| now);
     let decisions = if request.decisions.is_empty() {
         violations.push("decisions", "at least one decision is required");
         Vec::new()
@@ -249,7 +250,7 @@ async fn record_one(
     };
     violations.into_result()?;
     let pseudonym = derive_patient(state, &access, patient).await?;
-    if let Some(turn) = turn {
+    if let Some((turn, _)) = turn {
         turn.order
             .arrive(turn.index, access.registry().id, pseudonym.as_str())
             .await;
@@ -314,6 +315,7 @@ impl ConsentApi {
         // patients run concurrently and are grouped into transactions by the writer, those
         // of one patient one after another, in request order (`PatientOrder`).
         let order = PatientOrder::new(entries.len());
+        let now = consent_service::now_millis(&self.state);
         let handles: Vec<_> = entries
             .into_iter()
             .enumerate()
@@ -334,7 +336,8 @@ impl ConsentApi {
                         let mut call = Call::new("ConsentService/RecordConsents");
                         call.by(&principal);
                         let result =
-                            record_one(&state, &principal, entry, &mut call, Some(&turn)).await;
+                            record_one(&state, &principal, entry, &mut call, Some((&turn, now)))
+                                .await;
                         // Its write is committed (or refused): the next entry of the same
                         // patient may go.
                         drop(turn);

@@ -484,7 +484,8 @@ pub fn confirm_withdrawal(
                 p { strong { "This erases the patient's clinical data in " (registry) ", now and for good:" } }
                 ul {
                     li { "every case record of this pseudonym in " (registry) ", submitted by any centre, with all of its versions and gene rows;" }
-                    li { "the patient is no longer counted in any research result from the moment the withdrawal is committed." }
+                    li { "the patient is no longer counted in any research result from the moment the withdrawal is committed;" }
+                    li { "the patient's research-use and recontact grants in force are withdrawn with it (a later inclusion needs new ones)." }
                 }
                 p { "Kept: the consent history (append-only, with this withdrawal added) and an erasure tombstone (pseudonym, time, reason, the numbers erased; no clinical data). A later submission needs a consent given after this withdrawal. You get a printable erasure receipt." }
             }

@@ -307,7 +307,8 @@ async fn a_wrong_password_or_code_is_refused_and_a_code_is_good_once() {
     // name like a wrong code (the right password with a used code learns nothing free).
     let failures = || async {
         app.pairs::<i64, i64>(
-            "SELECT COUNT(*), COALESCE(SUM(failures), 0) FROM console_sign_in_failures",
+            "SELECT COUNT(*), CAST(COALESCE(SUM(failures), 0) AS BIGINT) \
+             FROM console_sign_in_failures",
         )
         .await[0]
             .1

@@ -556,8 +556,8 @@ async fn withdrawing_inclusion_ends_the_other_grants_too() {
     assert_eq!(state(&got, S::ResearchUse), (St::Withdrawn as i32, false));
     let eligible: Vec<(i64, i64)> = app
         .pairs(
-            "SELECT p.eligible, 0 FROM patients p \
-             JOIN patient_keys k ON k.id = p.patient",
+            "SELECT CAST(CASE WHEN p.eligible THEN 1 ELSE 0 END AS BIGINT), \
+                    CAST(0 AS BIGINT) FROM patients p JOIN patient_keys k ON k.id = p.patient",
         )
         .await;
     assert_eq!(eligible, [(0, 0)], "not counted in research");

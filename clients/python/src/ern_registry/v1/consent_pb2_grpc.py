@@ -99,7 +99,9 @@ class ConsentServiceServicer:
     def WithdrawConsent(self, request, context):
         """Withdraw consent, effective at once (at the time of the call). Withdrawing
         REGISTRY_INCLUSION erases every version of the patient's record in the registry in
-        the same transaction and returns an erasure receipt. On SQLite the receipt is sent
+        the same transaction and returns an erasure receipt; it also withdraws the
+        RESEARCH_USE and RECONTACT grants in force, and no research grant dated before it
+        counts again (a later inclusion needs a new one). On SQLite the receipt is sent
         only once the erased record is in no database file any more (a checked WAL
         checkpoint); if that cannot be confirmed the call fails with INTERNAL (the erasure
         itself is committed and the service keeps retrying the purge; the operator finds the
