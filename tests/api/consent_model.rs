@@ -298,7 +298,20 @@ impl Model {
             context()
         );
         if settled(&[Scope::RegistryInclusion, Scope::ResearchUse]) {
-            let counted = active(Scope::RegistryInclusion) && active(Scope::ResearchUse);
+            // A research grant dated before the latest withdrawal from the registry counts
+            // for nothing after it (docs/consent.md, "Erasure").
+            let left = events
+                .iter()
+                .filter(|e| {
+                    e.scope == Scope::RegistryInclusion
+                        && e.decision == consent::Decision::Withdrawn
+                        && e.given_at <= now
+                })
+                .map(|e| e.given_at)
+                .max();
+            let fresh = consent::in_force(events, Scope::ResearchUse, now)
+                .is_some_and(|e| left.is_none_or(|w| e.given_at >= w));
+            let counted = active(Scope::RegistryInclusion) && active(Scope::ResearchUse) && fresh;
             prop_assert_eq!(sql.eligible, counted, "research row, {}", context());
             prop_assert_eq!(sql.expertise, counted, "expertise, {}", context());
         }
