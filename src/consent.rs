@@ -351,6 +351,34 @@ mod tests {
         );
     }
 
+    /// A research grant dated before the patient's latest withdrawal from the registry
+    /// does not make them eligible again with a later inclusion, whenever it was recorded;
+    /// one dated at or after it does.
+    #[test]
+    fn a_research_grant_from_before_a_withdrawal_counts_for_nothing_after_it() {
+        use Decision::{Granted, Withdrawn};
+        use Scope::{RegistryInclusion as I, ResearchUse as R};
+        let left_and_back = vec![
+            ev(1, I, Granted, 0),
+            ev(2, I, Withdrawn, 10),
+            ev(3, I, Granted, 20),
+            // Recorded after the withdrawal, dated before it.
+            ev(4, R, Granted, 5),
+        ];
+        assert_eq!(research_eligibility(&left_and_back, t(30)), (false, None));
+        // Before the withdrawal it counted.
+        let before = [ev(1, I, Granted, 0), ev(4, R, Granted, 5)];
+        assert_eq!(research_eligibility(&before, t(6)), (true, None));
+        let mut renewed = left_and_back.clone();
+        renewed.push(ev(5, R, Granted, 20));
+        assert_eq!(research_eligibility(&renewed, t(30)), (true, None));
+        // Never withdrawn: a grant of any date counts.
+        assert_eq!(
+            research_eligibility(&[ev(1, I, Granted, 0), ev(2, R, Granted, -5)], t(1)),
+            (true, None)
+        );
+    }
+
     fn t(days: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_700_000_000, 0).unwrap() + Duration::days(days)
     }
@@ -453,53 +481,6 @@ mod tests {
             ev(2, Scope::RegistryInclusion, Decision::Refused, 0),
         ];
         assert_refused(&events, t(1), Some(Decision::Refused));
-    }
-}
-
-#[cfg(test)]
-mod eligibility_tests {
-    use super::*;
-
-    fn t(days: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_700_000_000, 0).unwrap() + Duration::days(days)
-    }
-
-    fn ev(seq: i64, scope: Scope, decision: Decision, given: i64) -> ConsentEvent {
-        ConsentEvent {
-            seq,
-            scope,
-            decision,
-            given_at: t(given),
-            expires_at: None,
-        }
-    }
-
-    /// A research grant dated before the patient's latest withdrawal from the registry
-    /// does not make them eligible again with a later inclusion, whenever it was recorded;
-    /// one dated at or after it does.
-    #[test]
-    fn a_research_grant_from_before_a_withdrawal_counts_for_nothing_after_it() {
-        use Decision::{Granted, Withdrawn};
-        use Scope::{RegistryInclusion as I, ResearchUse as R};
-        let left_and_back = vec![
-            ev(1, I, Granted, 0),
-            ev(2, I, Withdrawn, 10),
-            ev(3, I, Granted, 20),
-            // Recorded after the withdrawal, dated before it.
-            ev(4, R, Granted, 5),
-        ];
-        assert_eq!(research_eligibility(&left_and_back, t(30)), (false, None));
-        // Before the withdrawal it counted.
-        let before = [ev(1, I, Granted, 0), ev(4, R, Granted, 5)];
-        assert_eq!(research_eligibility(&before, t(6)), (true, None));
-        let mut renewed = left_and_back.clone();
-        renewed.push(ev(5, R, Granted, 20));
-        assert_eq!(research_eligibility(&renewed, t(30)), (true, None));
-        // Never withdrawn: a grant of any date counts.
-        assert_eq!(
-            research_eligibility(&[ev(1, I, Granted, 0), ev(2, R, Granted, -5)], t(1)),
-            (true, None)
-        );
     }
 }
 
