@@ -15,7 +15,6 @@ use super::{Result, Store, StoreError, consent_model};
 use crate::aggregate::{
     AGE_BANDS, DelayBuilder, Dimension, Filter, Key, QueryError, TableBuilder, age_band_start_days,
 };
-use crate::consent::Scope;
 use crate::domain::ORPHA_UNDIAGNOSED;
 
 /// What to count: a registry's consented patients, grouped and filtered.
@@ -393,11 +392,13 @@ impl Store {
              FROM case_versions v \
              JOIN cases c ON c.id = v.case_id AND c.current_version = v.version \
              JOIN centres ce ON ce.id = c.centre_id \
+             JOIN patients p ON p.registry_id = c.registry_id AND p.patient = c.patient \
              WHERE v.orphacode IN ({codes}) AND c.registry_id IN ({regs}){country_filter} \
-               AND {inclusion} AND {research} \
+               AND {eligible} \
              GROUP BY ce.code, ce.name, ce.country, c.registry_id",
-            inclusion = consent_model::active_current("c", Scope::RegistryInclusion, &now_param),
-            research = consent_model::active_current("c", Scope::ResearchUse, &now_param),
+            // The patient's research eligibility, as the writer keeps it on their research
+            // row (`consent::research_eligibility`, the rule counts and the index apply).
+            eligible = consent_model::research_eligible("p", &now_param),
         );
         let mut query = db::query(&sql).bind(now);
         for code in orphacodes {

@@ -101,7 +101,8 @@ class ConsentServiceServicer:
         REGISTRY_INCLUSION erases every version of the patient's record in the registry in
         the same transaction and returns an erasure receipt; it also withdraws the
         RESEARCH_USE and RECONTACT grants in force, and no research grant dated before it
-        counts again (a later inclusion needs a new one). On SQLite the receipt is sent
+        makes the patient count in research again (a later inclusion needs a new one;
+        GetConsent still shows such a grant as recorded). On SQLite the receipt is sent
         only once the erased record is in no database file any more (a checked WAL
         checkpoint); if that cannot be confirmed the call fails with INTERNAL (the erasure
         itself is committed and the service keeps retrying the purge; the operator finds the
