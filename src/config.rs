@@ -312,7 +312,7 @@ pub struct ServeArgs {
     /// no master secret. Turn it on only while keys issued before the HMAC scheme are
     /// being migrated (docs/security.md, "Keys of earlier versions").
     #[arg(long, env = "ERN_ACCEPT_ARGON2_KEY_HASHES", default_value_t = false,
-          action = clap::ArgAction::Set)]
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub accept_argon2_key_hashes: bool,
     /// Invalid items (rejected as INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND,
     /// UNAUTHENTICATED or RESOURCE_EXHAUSTED) one bulk stream may send before it is ended
@@ -775,5 +775,42 @@ mod tests {
         };
         assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
         assert!(cli.global.database_url().starts_with("sqlite://"));
+        assert!(!args.accept_argon2_key_hashes, "off by default");
+    }
+
+    /// `--accept-argon2-key-hashes` alone (as the log line and the README say) turns it
+    /// on; with a value, the value.
+    #[test]
+    fn the_argon2_acceptance_flag_takes_a_value_or_none() {
+        for (args, expected) in [
+            (
+                &["ern-registry", "serve", "--accept-argon2-key-hashes"][..],
+                true,
+            ),
+            (
+                &[
+                    "ern-registry",
+                    "serve",
+                    "--accept-argon2-key-hashes",
+                    "true",
+                ][..],
+                true,
+            ),
+            (
+                &[
+                    "ern-registry",
+                    "serve",
+                    "--accept-argon2-key-hashes",
+                    "false",
+                ][..],
+                false,
+            ),
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let Command::Serve(serve) = cli.command else {
+                panic!("expected serve")
+            };
+            assert_eq!(serve.accept_argon2_key_hashes, expected, "{args:?}");
+        }
     }
 }

@@ -118,8 +118,9 @@ pub enum PatientIdentity {
         #[zeroize(skip)]
         country_of_birth: CountryCode,
         /// Given names, family name and place of birth as they were folded before
-        /// 2026-12-05, when that differs ([`PatientIdentity::as_folded_before`]).
-        folded_before: Option<[Zeroizing<String>; 3]>,
+        /// 2026-12-05 (each as typed and lower-cased first), when that differs
+        /// ([`PatientIdentity::as_folded_before`]).
+        folded_before: Option<[[Zeroizing<String>; 2]; 3]>,
     },
 }
 
@@ -234,17 +235,24 @@ fn text_field(
     v: &mut FieldViolations,
     field: &str,
     s: &str,
-) -> Option<(Zeroizing<String>, Zeroizing<String>)> {
+) -> Option<(Zeroizing<String>, [Zeroizing<String>; 2])> {
     let s = bounded(v, field, s)?;
     let n = normalise_text(s);
     if n.is_empty() {
         v.push(field, "must contain letters or digits");
         return None;
     }
-    // Lower-cased as a text first, where a word-final Σ becomes ς (Unicode's Final_Sigma
-    // rule), so that a name registered as "Παπαδόπουλος" is found when sent in capitals.
+    // The earlier fold of the text as typed (what was stored for it then), and of the
+    // text lower-cased first, where a word-final Σ becomes ς (Unicode's Final_Sigma rule),
+    // so that a name registered as "Παπαδόπουλος" is found when sent in capitals.
     let lowered = Zeroizing::new(s.to_lowercase());
-    Some((n, fold(&lowered, Fold::Before20261205)))
+    Some((
+        n,
+        [
+            fold(s, Fold::Before20261205),
+            fold(&lowered, Fold::Before20261205),
+        ],
+    ))
 }
 
 /// Identifiers as they arrive, before any check: borrowed from the request (which wipes
@@ -379,9 +387,13 @@ impl PatientIdentity {
                 let (given_names, given_before) = given_names.expect("no violations");
                 let (family_name, family_before) = family_name.expect("no violations");
                 let (place_of_birth, place_before) = place_of_birth.expect("no violations");
-                let differs = *given_before != *given_names
-                    || *family_before != *family_name
-                    || *place_before != *place_of_birth;
+                let differs = [
+                    (&given_before, &given_names),
+                    (&family_before, &family_name),
+                    (&place_before, &place_of_birth),
+                ]
+                .iter()
+                .any(|(before, now)| before.iter().any(|b| **b != ***now));
                 Ok(PatientIdentity::Demographic {
                     given_names,
                     family_name,
@@ -396,28 +408,54 @@ impl PatientIdentity {
     }
 
     /// The same identifiers with their names folded as before 2026-12-05, when that
-    /// gives another encoding (a Greek final ς, a modifier-letter apostrophe): the
-    /// pseudonyms made then are looked up with it ([`Pseudonymiser::candidates`]).
-    pub fn as_folded_before(&self) -> Option<PatientIdentity> {
+    /// gives another encoding (a Greek final ς, a modifier-letter apostrophe): every
+    /// combination of each name folded today, as typed before or lower-cased first
+    /// before (at most 26 besides today's, each once), whose pseudonyms are looked up
+    /// ([`Pseudonymiser::candidates`]). A name registered with one field in capitals and
+    /// another not is found whichever way it is sent now.
+    pub fn as_folded_before<'a>(&'a self) -> Vec<PatientIdentity> {
         let PatientIdentity::Demographic {
+            given_names: now_given,
+            family_name: now_family,
             date_of_birth,
             sex,
+            place_of_birth: now_place,
             country_of_birth,
-            folded_before: Some([given_names, family_name, place_of_birth]),
-            ..
+            folded_before: Some([given, family, place]),
         } = self
         else {
-            return None;
+            return Vec::new();
         };
-        Some(PatientIdentity::Demographic {
-            given_names: given_names.clone(),
-            family_name: family_name.clone(),
-            date_of_birth: date_of_birth.clone(),
-            sex: *sex,
-            place_of_birth: place_of_birth.clone(),
-            country_of_birth: country_of_birth.clone(),
-            folded_before: None,
-        })
+        // Each field as folded today, or as before (as typed, lower-cased first): a field
+        // the change does not touch was stored as it folds today.
+        let choices = |now: &'a Zeroizing<String>, before: &'a [Zeroizing<String>; 2]| {
+            [now, &before[0], &before[1]]
+        };
+        let mut out: Vec<PatientIdentity> = Vec::new();
+        for g in choices(now_given, given) {
+            for f in choices(now_family, family) {
+                for p in choices(now_place, place) {
+                    let today = *g == *now_given && *f == *now_family && *p == *now_place;
+                    let seen = out.iter().any(|o| {
+                        matches!(o, PatientIdentity::Demographic { given_names, family_name, place_of_birth, .. }
+                            if *given_names == *g && *family_name == *f && *place_of_birth == *p)
+                    });
+                    if today || seen {
+                        continue;
+                    }
+                    out.push(PatientIdentity::Demographic {
+                        given_names: g.clone(),
+                        family_name: f.clone(),
+                        date_of_birth: date_of_birth.clone(),
+                        sex: *sex,
+                        place_of_birth: p.clone(),
+                        country_of_birth: country_of_birth.clone(),
+                        folded_before: None,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Whether these are synthetic identifiers ([`SYNTHETIC_ISSUER`]).
@@ -598,7 +636,7 @@ impl Pseudonymiser {
             .collect();
         // Names folded as before 2026-12-05, at every version up to the active one: a
         // patient registered then keeps the pseudonym made then.
-        if let Some(before) = identity.as_folded_before() {
+        for before in identity.as_folded_before() {
             older.extend((1..=active.key_version).map(|v| self.derive(at(v), &before)));
         }
         Candidates {
@@ -845,7 +883,13 @@ mod tests {
             country_of_birth: CountryCode::parse("GR").unwrap(),
             folded_before: None,
         };
-        assert_eq!(typed.as_folded_before().unwrap().encode(), before.encode());
+        let holds = |identity: &PatientIdentity, wanted: &PatientIdentity| {
+            identity
+                .as_folded_before()
+                .iter()
+                .any(|b| b.encode() == wanted.encode())
+        };
+        assert!(holds(&typed, &before));
         for active in 1..=3 {
             let candidates = pseudonymiser.candidates(at(active), &typed);
             for version in 1..=active {
@@ -875,16 +919,45 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(capitals.encode(), typed.encode());
-        assert_eq!(
-            capitals.as_folded_before().unwrap().encode(),
-            before.encode()
-        );
+        assert!(holds(&capitals, &before));
+        // Registered with the family name in capitals and the given name not: stored as
+        // "νικος" (final ς kept) and "παπαδοπουλοσ" (Σ lower-cased letter by letter).
+        let mixed = |given: &str, family: &str| {
+            crate::api::convert::patient_identity(&demographic(
+                given,
+                family,
+                "1978-03-25",
+                "Θεσσαλονίκη",
+                "GR",
+            ))
+            .unwrap()
+        };
+        let registered = PatientIdentity::Demographic {
+            given_names: Zeroizing::new("νικος".into()),
+            family_name: Zeroizing::new("παπαδοπουλοσ".into()),
+            date_of_birth: Zeroizing::new("1978-03-25".into()),
+            sex: Sex::Female,
+            place_of_birth: Zeroizing::new("θεσσαλονικη".into()),
+            country_of_birth: CountryCode::parse("GR").unwrap(),
+            folded_before: None,
+        };
+        for (given, family) in [
+            ("Νίκος", "ΠΑΠΑΔΟΠΟΥΛΟΣ"),
+            ("ΝΙΚΟΣ", "ΠΑΠΑΔΟΠΟΥΛΟΣ"),
+            ("Νίκος", "Παπαδόπουλος"),
+            ("ΝΙΚΟΣ", "Παπαδόπουλος"),
+        ] {
+            assert!(
+                holds(&mixed(given, family), &registered),
+                "{given} {family}"
+            );
+        }
         for untouched in [
             demographic("Mar'yana", "O'Brien", "1978-03-25", "Kyiv", "UA"),
             demographic("Anna", "Jansen", "1978-03-25", "Athens", "GR"),
         ] {
             let identity = crate::api::convert::patient_identity(&untouched).unwrap();
-            assert!(identity.as_folded_before().is_none());
+            assert!(identity.as_folded_before().is_empty());
             assert_eq!(pseudonymiser.candidates(at(2), &identity).older().len(), 1);
         }
     }

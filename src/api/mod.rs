@@ -161,19 +161,21 @@ pub fn within_limit<T: prost::Message>(
     if size <= max {
         return Ok(answer);
     }
-    Err(Status::resource_exhausted(if wrote {
-        format!(
+    if wrote {
+        // Not RESOURCE_EXHAUSTED, which clients retry as "nothing was done" (the Python
+        // client does): OUT_OF_RANGE, tonic's own code for an answer over its limit.
+        return Err(Status::out_of_range(format!(
             "the call's changes are committed (each result as it would have been \
              answered), but its answer would be {size} bytes, over the message limit of {max} \
-             bytes (--max-message-bytes): raise the limit, or look the results up (a \
-             submission sent again is answered ALREADY_EXISTS with its pseudonym)"
-        )
-    } else {
-        format!(
-            "the answer would be {size} bytes, over the message limit of {max} bytes \
-             (--max-message-bytes): ask for less (a smaller page, or no history)"
-        )
-    }))
+             bytes (--max-message-bytes): do not send it again as if nothing was done; raise \
+             the limit, or look the results up (a submission sent again is answered \
+             ALREADY_EXISTS with its pseudonym)"
+        )));
+    }
+    Err(Status::resource_exhausted(format!(
+        "the answer would be {size} bytes, over the message limit of {max} bytes \
+         (--max-message-bytes): ask for less (a smaller page, or no history)"
+    )))
 }
 
 /// Appends the call's audit entry with its outcome, unless the writer appended it with

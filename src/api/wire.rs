@@ -400,7 +400,8 @@ impl Framing {
 const TONIC_TOO_LARGE: &str = "Error, encoded message length too large";
 
 /// A response body whose status, if it is tonic's OUT_OF_RANGE for a message over the
-/// limit, is made RESOURCE_EXHAUSTED naming the limit (no handler answers OUT_OF_RANGE).
+/// limit, is made RESOURCE_EXHAUSTED naming the limit (a handler's OUT_OF_RANGE, for a
+/// committed write's answer over the limit, `api::within_limit`, has its own message).
 struct SizedResponse {
     inner: Body,
     limit: usize,

@@ -392,6 +392,8 @@ impl Call {
 ///   becomes of the caller.
 ///
 /// A call abandoned before authentication is the refusal summary's (`ChargedIfAbandoned`).
+/// Once [`Running::finish`] hands the call to its concluding, a drop while its entry waits
+/// for room in a full writer queue loses the entry (docs/architecture.md says so).
 pub struct Running {
     services: Arc<Services>,
     call: Option<Call>,

@@ -485,6 +485,38 @@ async fn bulk_consent_is_atomic_per_patient_with_a_result_each() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// A write whose answer is over `--max-message-bytes` once its changes are committed is
+/// answered OUT_OF_RANGE, saying so (not RESOURCE_EXHAUSTED, which clients retry as
+/// "nothing was done"), and its changes are on file.
+#[tokio::test]
+async fn a_committed_write_whose_answer_is_too_large_says_it_is_committed() {
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        max_message_bytes: 4096,
+        ..Default::default()
+    })
+    .await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let entries: Vec<_> = (0..40u32)
+        .map(|i| proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(national("NL", &bsn(6000 + i))),
+            decisions: vec![consent(
+                S::RegistryInclusion,
+                St::Granted,
+                "2024-03-01T10:00:00Z",
+            )],
+            client_reference: String::new(),
+        })
+        .collect();
+    let status = officer
+        .record_consents(proto::RecordConsentsRequest { entries })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("committed"), "{status:?}");
+    assert_eq!(app.count("consent_events").await, 40);
+}
+
 /// Withdrawing REGISTRY_INCLUSION withdraws the patient's research and recontact grants
 /// with it: a research grant signed before the withdrawal does not come back into force
 /// when the patient is later included again on a new inclusion form only.
