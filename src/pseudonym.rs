@@ -118,9 +118,9 @@ pub enum PatientIdentity {
         #[zeroize(skip)]
         country_of_birth: CountryCode,
         /// Given names, family name and place of birth as they were folded before
-        /// 2026-12-05 (each as typed and lower-cased first), when that differs
-        /// ([`PatientIdentity::as_folded_before`]).
-        folded_before: Option<[[Zeroizing<String>; 2]; 3]>,
+        /// 2026-12-05, each as typed and lower-cased first (six, in that order), when that
+        /// differs; empty otherwise ([`PatientIdentity::as_folded_before`]).
+        folded_before: Vec<Zeroizing<String>>,
     },
 }
 
@@ -401,7 +401,14 @@ impl PatientIdentity {
                     sex: sex.expect("no violations"),
                     place_of_birth,
                     country_of_birth: country_of_birth.expect("no violations"),
-                    folded_before: differs.then_some([given_before, family_before, place_before]),
+                    folded_before: if differs {
+                        [given_before, family_before, place_before]
+                            .into_iter()
+                            .flatten()
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
                 })
             }
         }
@@ -413,7 +420,7 @@ impl PatientIdentity {
     /// before (at most 26 besides today's, each once), whose pseudonyms are looked up
     /// ([`Pseudonymiser::candidates`]). A name registered with one field in capitals and
     /// another not is found whichever way it is sent now.
-    pub fn as_folded_before<'a>(&'a self) -> Vec<PatientIdentity> {
+    pub fn as_folded_before(&self) -> Vec<PatientIdentity> {
         let PatientIdentity::Demographic {
             given_names: now_given,
             family_name: now_family,
@@ -421,20 +428,20 @@ impl PatientIdentity {
             sex,
             place_of_birth: now_place,
             country_of_birth,
-            folded_before: Some([given, family, place]),
+            folded_before: before,
         } = self
         else {
             return Vec::new();
         };
+        let [g0, g1, f0, f1, p0, p1] = &before[..] else {
+            return Vec::new();
+        };
         // Each field as folded today, or as before (as typed, lower-cased first): a field
         // the change does not touch was stored as it folds today.
-        let choices = |now: &'a Zeroizing<String>, before: &'a [Zeroizing<String>; 2]| {
-            [now, &before[0], &before[1]]
-        };
         let mut out: Vec<PatientIdentity> = Vec::new();
-        for g in choices(now_given, given) {
-            for f in choices(now_family, family) {
-                for p in choices(now_place, place) {
+        for g in [now_given, g0, g1] {
+            for f in [now_family, f0, f1] {
+                for p in [now_place, p0, p1] {
                     let today = *g == *now_given && *f == *now_family && *p == *now_place;
                     let seen = out.iter().any(|o| {
                         matches!(o, PatientIdentity::Demographic { given_names, family_name, place_of_birth, .. }
@@ -450,7 +457,7 @@ impl PatientIdentity {
                         sex: *sex,
                         place_of_birth: p.clone(),
                         country_of_birth: country_of_birth.clone(),
-                        folded_before: None,
+                        folded_before: Vec::new(),
                     });
                 }
             }
@@ -881,7 +888,7 @@ mod tests {
             sex: Sex::Female,
             place_of_birth: Zeroizing::new("θεσσαλονικη".into()),
             country_of_birth: CountryCode::parse("GR").unwrap(),
-            folded_before: None,
+            folded_before: Vec::new(),
         };
         let holds = |identity: &PatientIdentity, wanted: &PatientIdentity| {
             identity
@@ -939,7 +946,7 @@ mod tests {
             sex: Sex::Female,
             place_of_birth: Zeroizing::new("θεσσαλονικη".into()),
             country_of_birth: CountryCode::parse("GR").unwrap(),
-            folded_before: None,
+            folded_before: Vec::new(),
         };
         for (given, family) in [
             ("Νίκος", "ΠΑΠΑΔΟΠΟΥΛΟΣ"),
