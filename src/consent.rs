@@ -167,6 +167,23 @@ pub fn research_eligibility(
     (true, until)
 }
 
+/// The scopes a withdrawal of `named` at `at` withdraws: those named and, when
+/// REGISTRY_INCLUSION is among them, the RESEARCH_USE and RECONTACT grants in force.
+/// Leaving the registry ends the patient's other grants too (docs/consent.md, "Erasure").
+pub fn withdrawn_scopes(events: &[ConsentEvent], named: &[Scope], at: DateTime<Utc>) -> Vec<Scope> {
+    let mut scopes = named.to_vec();
+    if scopes.contains(&Scope::RegistryInclusion) {
+        for scope in [Scope::ResearchUse, Scope::Recontact] {
+            let granted =
+                in_force(events, scope, at).is_some_and(|e| e.decision == Decision::Granted);
+            if granted && !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+    }
+    scopes
+}
+
 /// A record may not be stored: no REGISTRY_INCLUSION consent is in force.
 ///
 /// Deliberately says nothing about *why* (nothing on file, refused, withdrawn, expired):
@@ -349,6 +366,20 @@ mod tests {
             research_eligibility(&[inclusion, research, withdrawn], t(10)),
             (false, None)
         );
+    }
+
+    #[test]
+    fn withdrawing_inclusion_withdraws_the_other_grants_in_force() {
+        use Decision::{Granted, Refused};
+        use Scope::{Recontact as C, RegistryInclusion as I, ResearchUse as R};
+        let history = [
+            ev(1, I, Granted, 0),
+            ev(2, R, Granted, 0),
+            ev(3, C, Refused, 0),
+        ];
+        assert_eq!(withdrawn_scopes(&history, &[I], t(1)), [I, R]);
+        assert_eq!(withdrawn_scopes(&history, &[R], t(1)), [R]);
+        assert_eq!(withdrawn_scopes(&history, &[I, R], t(1)), [I, R]);
     }
 
     /// A research grant dated before the patient's latest withdrawal from the registry

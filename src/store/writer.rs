@@ -1737,19 +1737,7 @@ async fn withdraw(
     let history = cases::load_consent(conn, c.registry_id, &c.pseudonym).await?;
     check_start(conn, c.registry_id, &c.pseudonym, &history).await?;
     let given_at = rules.effective_at(&history, c.now);
-    // Leaving the registry ends the patient's other grants too: a research or recontact
-    // grant signed before the withdrawal must not come back into force with a later
-    // inclusion (docs/consent.md, "Withdrawal").
-    let mut scopes = c.scopes.clone();
-    if scopes.contains(&Scope::RegistryInclusion) {
-        for scope in [Scope::ResearchUse, Scope::Recontact] {
-            let granted = crate::consent::in_force(&history, scope, given_at)
-                .is_some_and(|e| e.decision == Decision::Granted);
-            if granted && !scopes.contains(&scope) {
-                scopes.push(scope);
-            }
-        }
-    }
+    let scopes = crate::consent::withdrawn_scopes(&history, &c.scopes, given_at);
     for &scope in &scopes {
         let decision = ConsentDecision {
             scope,
