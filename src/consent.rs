@@ -132,21 +132,24 @@ pub fn is_active(events: &[ConsentEvent], scope: Scope, at: DateTime<Utc>) -> bo
 }
 
 /// Research eligibility from a consent history: whether REGISTRY_INCLUSION and
-/// RESEARCH_USE are both granted in the decisions in force at `at`, and until when (the
-/// earlier of their expiries; `None`: no expiry). Expiry is left to the query, which
-/// compares it with its own time.
+/// RESEARCH_USE are both granted in the decisions in force at `at`, the research grant
+/// dated at or after the latest REGISTRY_INCLUSION decision that was not a grant (a
+/// withdrawal or a refusal), and until when (the earlier of their expiries; `None`: no
+/// expiry). Expiry is left to the query, which compares it with its own time.
 pub fn research_eligibility(
     events: &[ConsentEvent],
     at: DateTime<Utc>,
 ) -> (bool, Option<DateTime<Utc>>) {
     let mut until: Option<DateTime<Utc>> = None;
-    // The latest withdrawal from the registry: a research grant dated before it, whenever
-    // it was recorded, was signed for a stay in the registry that has ended.
+    // The latest time the patient left the registry or declined it (a REGISTRY_INCLUSION
+    // decision withdrawn or refused): a research grant dated before it, whenever it was
+    // recorded, was signed for a stay in the registry that has ended, or that the patient
+    // then declined, and does not carry over into a later inclusion.
     let left = events
         .iter()
         .filter(|e| {
             e.scope == Scope::RegistryInclusion
-                && e.decision == Decision::Withdrawn
+                && e.decision != Decision::Granted
                 && e.given_at <= at
         })
         .map(|e| e.given_at)
@@ -408,6 +411,39 @@ mod tests {
             research_eligibility(&[ev(1, I, Granted, 0), ev(2, R, Granted, -5)], t(1)),
             (true, None)
         );
+    }
+
+    /// A refusal of inclusion ends a stay in the registry as a withdrawal does: a research
+    /// grant dated before it does not carry over into a later inclusion. A refusal before
+    /// the research grant leaves it counting.
+    #[test]
+    fn a_research_grant_from_before_a_refusal_of_inclusion_counts_for_nothing_after_it() {
+        use Decision::{Granted, Refused};
+        use Scope::{RegistryInclusion as I, ResearchUse as R};
+        let declined_and_back = [
+            ev(1, I, Granted, 0),
+            ev(2, R, Granted, 1),
+            ev(3, I, Refused, 10),
+            ev(4, I, Granted, 20),
+        ];
+        assert_eq!(
+            research_eligibility(&declined_and_back, t(30)),
+            (false, None)
+        );
+        assert_eq!(research_eligibility(&declined_and_back, t(5)), (true, None));
+        let refused_first = [
+            ev(1, I, Refused, 0),
+            ev(2, R, Granted, 1),
+            ev(3, I, Granted, 2),
+        ];
+        assert_eq!(research_eligibility(&refused_first, t(3)), (true, None));
+        // The same day as the refusal counts, as for a withdrawal.
+        let same_day = [
+            ev(1, I, Refused, 0),
+            ev(2, R, Granted, 0),
+            ev(3, I, Granted, 0),
+        ];
+        assert_eq!(research_eligibility(&same_day, t(1)), (true, None));
     }
 
     fn t(days: i64) -> DateTime<Utc> {

@@ -298,13 +298,16 @@ impl Model {
             context()
         );
         if settled(&[Scope::RegistryInclusion, Scope::ResearchUse]) {
-            // A research grant dated before the latest withdrawal from the registry counts
-            // for nothing after it (docs/consent.md, "Erasure").
+            // A research grant dated before the latest withdrawal or refusal of inclusion
+            // counts for nothing after it (docs/consent.md, "Erasure").
             let left = events
                 .iter()
                 .filter(|e| {
                     e.scope == Scope::RegistryInclusion
-                        && e.decision == consent::Decision::Withdrawn
+                        && matches!(
+                            e.decision,
+                            consent::Decision::Withdrawn | consent::Decision::Refused
+                        )
                         && e.given_at <= now
                 })
                 .map(|e| e.given_at)

@@ -595,6 +595,156 @@ async fn withdrawing_inclusion_ends_the_other_grants_too() {
     assert_eq!(eligible, [(0, 0)], "not counted in research");
 }
 
+/// A refusal of inclusion ends a stay in the registry as a withdrawal does: the patient's
+/// research grant from before it does not count once they are included again, until a
+/// new one is given; a research grant given after a refusal counts.
+#[tokio::test]
+async fn a_research_grant_from_before_a_refusal_of_inclusion_does_not_count_after_it() {
+    let app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let (declined, refused_first) = (
+        declined_then_included(&mut officer, &mut dr, 81).await,
+        refused_then_granted(&mut officer, &mut dr, 82).await,
+    );
+    assert_eq!(
+        eligibility(&app).await,
+        [(declined.clone(), 0), (refused_first.clone(), 1)]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    );
+    // A new research grant, given after the refusal, counts.
+    officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_pseudonym(&declined),
+            decisions: vec![consent(S::ResearchUse, St::Granted, "2024-06-01T10:00:00Z")],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(eligibility(&app).await[&declined], 1);
+}
+
+/// Migration 0021 recomputes the research eligibility that an earlier version stored for
+/// a patient who left the registry, or declined it, after their research grant and was
+/// included again: no longer counted, and the change is logged for the research index of
+/// any running instance. Other patients keep theirs.
+#[tokio::test]
+async fn migration_0021_ends_the_eligibility_stored_for_a_research_grant_from_before_leaving() {
+    let mut app = TestApp::spawn().await;
+    let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let declined = declined_then_included(&mut officer, &mut dr, 83).await;
+    let refused_first = refused_then_granted(&mut officer, &mut dr, 84).await;
+    let never_left = dr
+        .submit_case(submission("ERN-EYE", national("NL", &bsn(85))))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    app.stop_server().await;
+    // As an earlier version stored them: every one of them counted.
+    let pool = app.store.pool();
+    db::query("UPDATE patients SET eligible = TRUE")
+        .execute(pool)
+        .await
+        .unwrap();
+    let seq_before = research_seq(&app).await;
+    db::query("DELETE FROM _sqlx_migrations WHERE version = 21")
+        .execute(pool)
+        .await
+        .unwrap();
+    app.store.migrate().await.unwrap();
+    let expected = [(declined.clone(), 0), (refused_first, 1), (never_left, 1)];
+    assert_eq!(eligibility(&app).await, expected.into_iter().collect());
+    // One change logged, for the declined patient's slot, numbered after every change
+    // before.
+    assert_eq!(research_seq(&app).await, seq_before + 1);
+    let logged: Vec<(i64, String)> = app
+        .pairs(&format!(
+            "SELECT CAST(l.seq AS BIGINT), k.pseudonym FROM research_log l \
+             JOIN patients p ON p.registry_id = l.registry_id AND p.slot = l.slot \
+             JOIN patient_keys k ON k.id = p.patient WHERE l.seq > {seq_before}"
+        ))
+        .await;
+    assert_eq!(logged, [(seq_before + 1, declined)]);
+}
+
+/// Research grant and inclusion at GIVEN, inclusion refused on 2024-04-01 (no record yet,
+/// so a refusal may be recorded), then a case submitted with inclusion granted on
+/// 2024-05-01 and no research decision: the patient's pseudonym.
+async fn declined_then_included(officer: &mut OfficerClient, dr: &mut Client, n: u32) -> String {
+    let patient = national("NL", &bsn(n));
+    for (scope, state, at) in [
+        (S::RegistryInclusion, St::Granted, GIVEN),
+        (S::ResearchUse, St::Granted, GIVEN),
+        (S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
+    ] {
+        officer
+            .record_consent(proto::RecordConsentRequest {
+                registry: "ERN-EYE".into(),
+                patient: by_identifiers(patient.clone()),
+                decisions: vec![consent(scope, state, at)],
+                client_reference: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut back = submission("ERN-EYE", patient);
+    back.consent = vec![consent(
+        S::RegistryInclusion,
+        St::Granted,
+        "2024-05-01T10:00:00Z",
+    )];
+    dr.submit_case(back).await.unwrap().into_inner().pseudonym
+}
+
+/// Inclusion refused at GIVEN, then a case submitted with inclusion and research granted
+/// on 2024-05-01: the patient's pseudonym.
+async fn refused_then_granted(officer: &mut OfficerClient, dr: &mut Client, n: u32) -> String {
+    let patient = national("NL", &bsn(n));
+    officer
+        .record_consent(proto::RecordConsentRequest {
+            registry: "ERN-EYE".into(),
+            patient: by_identifiers(patient.clone()),
+            decisions: vec![consent(S::RegistryInclusion, St::Refused, GIVEN)],
+            client_reference: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut request = submission("ERN-EYE", patient);
+    request.consent = vec![
+        consent(S::RegistryInclusion, St::Granted, "2024-05-01T10:00:00Z"),
+        consent(S::ResearchUse, St::Granted, "2024-05-01T10:00:00Z"),
+    ];
+    dr.submit_case(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym
+}
+
+/// The number of the research index's latest change.
+async fn research_seq(app: &TestApp) -> i64 {
+    let row = db::query("SELECT CAST(seq AS BIGINT) AS seq FROM research_seq")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    row.try_get::<i64>("seq").unwrap()
+}
+
+/// Every research row's eligibility (1 or 0), by the patient's pseudonym.
+async fn eligibility(app: &TestApp) -> std::collections::BTreeMap<String, i64> {
+    app.pairs(
+        "SELECT k.pseudonym, CAST(CASE WHEN p.eligible THEN 1 ELSE 0 END AS BIGINT) \
+         FROM patients p JOIN patient_keys k ON k.id = p.patient",
+    )
+    .await
+    .into_iter()
+    .collect()
+}
+
 /// Entries of one RecordConsents call that name the same patient are recorded in request
 /// order, however each names them: here a grant by identifiers (derived first) and then a
 /// refusal by pseudonym (nothing to derive or look up, so it would reach the writer first

@@ -75,7 +75,10 @@ class ConsentServiceServicer:
         REGISTRY_INCLUSION that would end the inclusion in force (or refuse it over an
         inclusion that expired) while the registry holds the patient's record fails with
         FAILED_PRECONDITION: use WithdrawConsent, which erases it and gives a receipt. One
-        dated before the decision in force does not end it and is recorded. The first
+        dated before the decision in force does not end it and is recorded. A REFUSED
+        REGISTRY_INCLUSION ends the patient's research use as a withdrawal does: no
+        research grant dated before it makes the patient count in research after a later
+        inclusion (GetConsent still shows such a grant as recorded). The first
         decision for a patient (here or in WithdrawConsent) is recorded only under the
         registry's active pseudonym key version: ABORTED, nothing recorded, when the key
         was rotated while the call was in flight (send it again) or the pseudonym given is
