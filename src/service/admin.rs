@@ -108,7 +108,7 @@ pub enum AdminAction {
     ImportCodes {
         system: crate::domain::CodeSystem,
         files: String,
-        staged: Result<crate::store::codes::Staged, String>,
+        staged: Result<crate::store::codes::Staged, Refused>,
         version: Option<String>,
         activate: bool,
     },
@@ -130,7 +130,7 @@ pub enum AdminAction {
 }
 
 /// Why an admin action was refused: the outcome its audit entry records, and the message.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Refused {
     pub outcome: Outcome,
     pub message: String,
@@ -288,7 +288,7 @@ pub async fn import_codes(
     let action = AdminAction::ImportCodes {
         system,
         files,
-        staged: staged.map_err(|e| e.to_string()),
+        staged: staged.map_err(Refused::from),
         version,
         activate,
     };
@@ -511,7 +511,9 @@ async fn apply(
             activate,
             ..
         } => {
-            let staged = staged.map_err(|e| refused(Outcome::InvalidArgument, e))?;
+            // Refused with the outcome of why: files that hold no valid release, or a
+            // database that failed while their rows were written.
+            let staged = staged?;
             let imported = crate::store::codes::finish(conn, &staged, version, activate).await?;
             let info = &imported.info;
             done.target = Some(format!(

@@ -180,9 +180,13 @@ pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// another process keeps its release (its heartbeat is recent).
 pub async fn remove_abandoned(store: &Store, now: DateTime<Utc>) -> Result<Vec<String>> {
     let stale_before = now - ABANDONED_AFTER;
+    // One statement that decides and deletes: an import that finishes, or commits a batch,
+    // after a separate SELECT would otherwise lose its rows. `ON DELETE CASCADE` removes
+    // the release's codes, hierarchy and aliases with it.
     let rows = db::query(
-        "SELECT id, system, version FROM code_releases \
-         WHERE staged_at IS NOT NULL AND staged_at < $1 AND NOT in_force ORDER BY id",
+        "DELETE FROM code_releases \
+         WHERE staged_at IS NOT NULL AND staged_at < $1 AND NOT in_force \
+         RETURNING id, system, version",
     )
     .bind(stale_before)
     .fetch_all(store.pool())
@@ -192,7 +196,6 @@ pub async fn remove_abandoned(store: &Store, now: DateTime<Utc>) -> Result<Vec<S
         let id: i64 = row.try_get("id")?;
         let system: String = row.try_get("system")?;
         let version: String = row.try_get("version")?;
-        discard(store, id).await?;
         tracing::warn!(
             release_id = id,
             system = %system,
@@ -201,22 +204,24 @@ pub async fn remove_abandoned(store: &Store, now: DateTime<Utc>) -> Result<Vec<S
         );
         removed.push(format!("{system} {version}"));
     }
+    removed.sort();
     Ok(removed)
 }
 
-/// Removes a staged release and its rows.
-pub async fn discard(store: &Store, release_id: i64) -> Result<()> {
-    let mut db = store.pool().begin().await?;
-    for sql in [
-        "DELETE FROM code_terms WHERE release_id = $1",
-        "DELETE FROM code_parents WHERE release_id = $1",
-        "DELETE FROM code_aliases WHERE release_id = $1",
-        "DELETE FROM code_releases WHERE id = $1 AND NOT in_force",
-    ] {
-        db::query(sql).bind(release_id).execute(&mut db).await?;
-    }
-    db.commit().await?;
-    Ok(())
+/// Removes a release and its rows if it is still staged: never finished, so never in
+/// force. A finished release (its import's commit landed although its answer was lost,
+/// say) is left as it is. Returns whether it was removed.
+pub async fn discard(store: &Store, release_id: i64) -> Result<bool> {
+    // The release row's condition and its removal are one statement, and `ON DELETE
+    // CASCADE` takes the codes, hierarchy and aliases with it, in the same transaction: a
+    // release that finished is never emptied.
+    let done = db::query(
+        "DELETE FROM code_releases WHERE id = $1 AND staged_at IS NOT NULL AND NOT in_force",
+    )
+    .bind(release_id)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Finishes a staged release on `conn` (the audited admin transaction): its version

@@ -750,6 +750,52 @@ async fn release_exists(app: &TestApp, id: i64) -> bool {
         .is_some()
 }
 
+/// Removing a refused or abandoned import never touches a finished release: neither the
+/// import's clean-up after an error whose commit landed all the same (its answer lost),
+/// nor the sweep of abandoned imports, however late, takes a finished release's rows.
+/// A staged release goes with its rows.
+#[tokio::test]
+async fn a_finished_release_is_never_discarded() {
+    use ern_registry::store::codes;
+    let app = TestApp::spawn().await;
+    app.import_fixture_releases().await;
+    let terms = |id: i64| {
+        let pool = app.store.pool();
+        async move {
+            let n: i64 = db::query("SELECT COUNT(*) FROM code_terms WHERE release_id = $1")
+                .bind(id)
+                .fetch_scalar(pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let in_force = app.store.code_releases_in_force().await.unwrap();
+    assert_eq!(in_force.len(), 3, "{in_force:?}");
+    let mut before = Vec::new();
+    for &id in &in_force {
+        let n = terms(id).await;
+        assert!(n > 0, "release {id} holds no code");
+        assert!(!codes::discard(&app.store, id).await.unwrap());
+        before.push(n);
+    }
+    let a_day_later = chrono::Utc::now() + chrono::Duration::days(1);
+    assert_eq!(
+        codes::remove_abandoned(&app.store, a_day_later).await.unwrap(),
+        Vec::<String>::new()
+    );
+    for (&id, n) in in_force.iter().zip(before) {
+        assert!(release_exists(&app, id).await);
+        assert_eq!(terms(id).await, n, "release {id}");
+    }
+    assert_eq!(app.store.code_releases_in_force().await.unwrap(), in_force);
+
+    let staged = staged_release(&app, "orphanet", chrono::Utc::now().timestamp_millis()).await;
+    assert!(codes::discard(&app.store, staged).await.unwrap());
+    assert!(!release_exists(&app, staged).await);
+    assert_eq!(terms(staged).await, 0);
+}
+
 #[tokio::test]
 async fn an_import_that_died_is_removed_at_the_next_start_or_import_and_never_put_in_force() {
     let app = TestApp::spawn().await;
