@@ -731,6 +731,13 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
             .execute_raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .await?;
     }
+    // The counter's lock first, then the rows without a slot: another instance starting at
+    // the same time numbers them first, or after this one commits, and finds none left
+    // (rather than the same rows, whose numbering it would then take for a concurrent
+    // change).
+    db::query("UPDATE research_seq SET seq = seq WHERE id = 1")
+        .execute(&mut tx)
+        .await?;
     // On the (registry, slot) index, registry by registry.
     let rows = db::query(
         "SELECT registry_id, pseudonym FROM patients \

@@ -781,7 +781,9 @@ async fn a_finished_release_is_never_discarded() {
     }
     let a_day_later = chrono::Utc::now() + chrono::Duration::days(1);
     assert_eq!(
-        codes::remove_abandoned(&app.store, a_day_later).await.unwrap(),
+        codes::remove_abandoned(&app.store, a_day_later)
+            .await
+            .unwrap(),
         Vec::<String>::new()
     );
     for (&id, n) in in_force.iter().zip(before) {

@@ -718,6 +718,31 @@ async fn rows_of_an_earlier_version_get_slots_and_are_logged() {
     assert_eq!(reloaded.size().patients, before);
 }
 
+/// Two instances starting at once both number the rows without a slot: each row is
+/// numbered once, by one of them, and neither fails (the second waits for the counter's
+/// lock and then finds none left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_together_number_each_row_once() {
+    let (_dir, mut w, _, lagging) = world().await;
+    w.submit_new(20).await;
+    lagging.catch_up().await.unwrap();
+    let before = lagging.size().patients;
+    for round in 0..5 {
+        db::query("UPDATE patients SET slot = NULL")
+            .execute(w.store.pool())
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            research_index::number_unnumbered(&w.store),
+            research_index::number_unnumbered(&w.store)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!((a + b) as usize, before, "round {round}: {a} and {b}");
+        lagging.catch_up().await.unwrap();
+        assert_eq!(lagging.size().patients, before);
+    }
+}
+
 /// A table with more groups than a table may have is refused while it is counted: the
 /// scan stops keeping cells past the limit, and the groups are not all built first
 /// (here with a limit of 2 cells, far below what the table builder refuses).
