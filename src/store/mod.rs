@@ -178,13 +178,23 @@ impl StoreError {
         match self {
             StoreError::Database(err) => unreachable_now(err),
             StoreError::CommitUnknown { .. } | StoreError::Unreachable { .. } => true,
-            // SQLite still busy after its busy timeout: another process holds the lock.
+            // SQLite still busy after its busy timeout (another process holds the lock),
+            // the disk full, failing, or the file gone: see `unreachable_now`.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
-                err.code == rusqlite::ErrorCode::DatabaseBusy
+                sqlite_not_now(err.extended_code)
             }
             _ => false,
         }
     }
+}
+
+/// Whether a SQLite result code (extended; its low byte is the primary code) says the
+/// database cannot be written or read *now* rather than that the statement is wrong:
+/// SQLITE_BUSY (5) past the busy timeout, SQLITE_IOERR (10, the disk failing or the file
+/// gone), SQLITE_FULL (13, the disk full), SQLITE_CANTOPEN (14, a file that cannot be
+/// opened). Each may pass once the operator acts; nothing of the call was stored.
+fn sqlite_not_now(extended_code: i32) -> bool {
+    matches!(extended_code & 0xff, 5 | 10 | 13 | 14)
 }
 
 /// Whether a database error means "not reachable now" rather than "wrong": no connection
@@ -192,7 +202,8 @@ impl StoreError {
 /// (I/O errors of those kinds), PostgreSQL shutting down, restarting or recovering
 /// (SQLSTATE class 08 connection exceptions; 57P01 admin shutdown, 57P02 crash shutdown,
 /// 57P03 cannot connect now; 53300 too many connections, which sqlx itself retries) or
-/// SQLite still busy after its busy timeout (another process holds the write lock).
+/// SQLite still busy after its busy timeout (another process holds the write lock), its
+/// disk full or failing ([`sqlite_not_now`]).
 pub fn unreachable_now(err: &sqlx::Error) -> bool {
     use sqlx::error::DatabaseError;
     use std::io::ErrorKind;
@@ -217,11 +228,10 @@ pub fn unreachable_now(err: &sqlx::Error) -> bool {
                 let code = pg.code();
                 code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
             } else if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
-                // The extended result code; its low byte is the primary code, SQLITE_BUSY = 5.
                 sqlite
                     .code()
                     .and_then(|code| code.parse::<i32>().ok())
-                    .is_some_and(|code| code & 0xff == 5)
+                    .is_some_and(sqlite_not_now)
             } else {
                 false
             }
@@ -1093,6 +1103,43 @@ mod unavailable_tests {
             .await
             .unwrap_err();
         assert!(!duplicate.is_unavailable());
+    }
+
+    /// A full disk (here: the database's page limit reached, which SQLite reports as
+    /// SQLITE_FULL, as it does for a full disk) is "not now", through either driver: the
+    /// caller gets UNAVAILABLE and may send it again once there is room.
+    #[tokio::test]
+    async fn sqlite_full_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        db::query("CREATE TABLE t (x TEXT)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        db::query("PRAGMA max_page_count = 3")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let full = db::query("INSERT INTO t VALUES (zeroblob(100000))")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(full.is_unavailable(), "{full}");
+        let lite = rusqlite::Connection::open(&path).unwrap();
+        lite.pragma_update(None, "max_page_count", 3).unwrap();
+        let full = lite
+            .execute("INSERT INTO t VALUES (zeroblob(100000))", [])
+            .unwrap_err();
+        assert!(StoreError::Sqlite(full).is_unavailable());
+        assert!(
+            !StoreError::Sqlite(
+                lite.execute("INSERT INTO missing VALUES (1)", [])
+                    .unwrap_err()
+            )
+            .is_unavailable()
+        );
     }
 
     /// The same through the SQLite writer's own connection (`db::Db::Lite`): SQLITE_BUSY
