@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::drain::DrainLayer;
 use crate::api::wire::WireContractLayer;
@@ -537,6 +537,9 @@ impl Application {
             Arc::new(RegistryConsentRules),
             research_index.as_ref().map(ResearchIndex::after_commit),
         );
+        if writer.purge_at_start().await {
+            debug!("database files purged at start");
+        }
         let state = Arc::new(Services {
             verifier: KeyVerifier::new(Arc::new(KeyHasher::derive(&master)))
                 .accepting_argon2(args.accept_argon2_key_hashes),

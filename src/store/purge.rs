@@ -183,6 +183,11 @@ impl Purger {
         }
     }
 
+    /// The database the passes run on.
+    pub fn backend(&self) -> Backend {
+        self.store.backend()
+    }
+
     /// Whether an erasure waits for its purge (SQLite, after a failed pass).
     pub fn is_pending(&self) -> bool {
         self.pending.load(Ordering::SeqCst)

@@ -317,6 +317,8 @@ pub struct Writer {
     queues: Vec<mpsc::Sender<Job>>,
     /// The writer the next audit-only command goes to.
     next: Arc<AtomicUsize>,
+    /// Physical erasure after erasures (`purge`), shared by the partitions.
+    purger: Arc<Purger>,
 }
 
 impl Writer {
@@ -363,7 +365,25 @@ impl Writer {
         Writer {
             queues,
             next: Arc::new(AtomicUsize::new(0)),
+            purger,
         }
+    }
+
+    /// On SQLite, purges the database files at start, before the first call is served:
+    /// a process killed between an erasure's commit and its purge left the erased bytes
+    /// in the WAL (`purge`), and the erasure's receipt can be read back with
+    /// `GetErasureReceipt`. `false`: the checkpoint could not complete (another process
+    /// reading the database, say); it was logged, and the writer retries it every few
+    /// seconds as after any erasure. On PostgreSQL nothing to do (`true`): its pass is
+    /// hygiene, not a claim a receipt makes.
+    pub async fn purge_at_start(&self) -> bool {
+        if self.purger.backend() != Backend::Sqlite {
+            return true;
+        }
+        self.purger
+            .after_erasure(&["(any erasure before this start)".to_owned()])
+            .await
+            .is_ok()
     }
 
     /// Applies a case command and waits until it is durably committed (or refused).

@@ -1,6 +1,7 @@
 //! Consent officers: record, read and withdraw consent; withdrawal erases at once.
 
 use ern_registry::clock::Clock;
+use ern_registry::config::ServeArgs;
 use ern_registry::proto::{self, ConsentScope as S, ConsentState as St};
 use ern_registry::store::db;
 use tonic::Code;
@@ -921,6 +922,47 @@ async fn erased_clinical_data_is_in_no_sqlite_file_when_the_receipt_arrives() {
         );
     }
     assert!(!sqlite_files_holding(&app, KEPT).is_empty());
+}
+
+/// A process killed between an erasure's commit and its purge leaves the erased bytes in
+/// the WAL; the receipt can still be read back. The next start purges the files before
+/// its port opens. Here the WAL is left so by a connection that deletes a row and is then
+/// leaked (no checkpoint at its close), as a killed server would leave it.
+#[tokio::test]
+async fn a_start_purges_what_a_killed_process_left_in_the_wal() {
+    const CANARY: &str = "left-in-the-wal-by-a-killed-process-7f3a";
+    let mut app = TestApp::spawn().await;
+    if !app.is_sqlite() {
+        return; // PostgreSQL: its purge makes no claim (docs/consent.md).
+    }
+    app.stop_server().await;
+    let path = app
+        .database_url
+        .trim_start_matches("sqlite://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA secure_delete = ON; PRAGMA wal_autocheckpoint = 0; \
+         CREATE TABLE killed_canary (x TEXT); \
+         INSERT INTO killed_canary VALUES ('{CANARY}'); \
+         DELETE FROM killed_canary; DROP TABLE killed_canary;"
+    ))
+    .unwrap();
+    // Killed: no close, so no checkpoint.
+    std::mem::forget(conn);
+    assert!(
+        !sqlite_files_holding(&app, CANARY).is_empty(),
+        "the WAL holds the deleted row before the start"
+    );
+    let app = app.restarted_with(ServeArgs::default()).await;
+    assert_eq!(
+        sqlite_files_holding(&app, CANARY),
+        Vec::<String>::new(),
+        "still on disk when the port opened"
+    );
 }
 
 /// The tables a withdrawal erases from (`store::consent`), as `store::purge` vacuums them.
