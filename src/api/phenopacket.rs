@@ -799,7 +799,20 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
         }
         leftovers(&interp, &core("Interpretation"), &path, &mut v);
     }
-    for (i, _) in interpretations.enumerate() {
+    for (i, mut extra) in interpretations.enumerate() {
+        // Refused, but its ids are wiped as the first one's are.
+        extra.id.zeroize();
+        if let Some(diagnosis) = extra.diagnosis.as_mut() {
+            for g in &mut diagnosis.genomic_interpretations {
+                g.subject_or_biosample_id.zeroize();
+                if let Some(genomic_interpretation::Call::VariantInterpretation(vi)) =
+                    g.call.as_mut()
+                    && let Some(vd) = vi.variation_descriptor.as_mut()
+                {
+                    vd.id.zeroize();
+                }
+            }
+        }
         v.push(
             format!("{ROOT}.interpretations[{}]", i + 1),
             "cannot be stored: the record holds one diagnosis (one interpretation)",
