@@ -187,63 +187,7 @@ pub fn submission(registry: &str, patient: proto::PatientIdentifiers) -> proto::
 /// [`record`] as a GA4GH Phenopacket v2, in the schema's JSON form, as a client writes one
 /// (labels, a full date of birth, a local `subject.id`, the variant in `hgvs.c` syntax):
 /// it maps to exactly [`record`].
-pub const PHENOPACKET: &str = r#"{
-  "id": "local-case-17",
-  "subject": {
-    "id": "local-patient-17",
-    "dateOfBirth": "2015-06-17T00:00:00Z",
-    "sex": "FEMALE",
-    "vitalStatus": { "status": "ALIVE" }
-  },
-  "phenotypicFeatures": [
-    { "type": { "id": "HP:0006528", "label": "Chronic lung disease" } },
-    { "type": { "id": "ICF:b440", "label": "Respiration functions" } }
-  ],
-  "diseases": [
-    {
-      "term": { "id": "ORPHA:586", "label": "Cystic fibrosis" },
-      "onset": { "interval": { "start": "2015-09-01T00:00:00Z", "end": "2015-09-30T23:59:59Z" } }
-    },
-    { "term": { "id": "ICD10:E84.0", "label": "Cystic fibrosis with pulmonary manifestations" } },
-    { "term": { "id": "ICD11:CA25" } },
-    { "term": { "id": "OMIM:219700", "label": "Cystic fibrosis" } }
-  ],
-  "interpretations": [
-    {
-      "id": "local-interpretation-1",
-      "progressStatus": "SOLVED",
-      "diagnosis": {
-        "disease": { "id": "ORPHA:586", "label": "Cystic fibrosis" },
-        "genomicInterpretations": [
-          {
-            "subjectOrBiosampleId": "local-patient-17",
-            "interpretationStatus": "CAUSATIVE",
-            "variantInterpretation": {
-              "variationDescriptor": {
-                "id": "var-1",
-                "geneContext": { "valueId": "HGNC:1884", "symbol": "CFTR" },
-                "expressions": [ { "syntax": "hgvs.c", "value": "NM_000492.4:c.1521_1523del" } ]
-              }
-            }
-          }
-        ]
-      }
-    }
-  ],
-  "metaData": {
-    "created": "2024-03-01T10:00:00Z",
-    "createdBy": "Dr. Example",
-    "resources": [
-      { "id": "hp", "name": "human phenotype ontology", "url": "http://purl.obolibrary.org/obo/hp.owl",
-        "version": "2025-01-16", "namespacePrefix": "HP", "iriPrefix": "http://purl.obolibrary.org/obo/HP_" }
-    ],
-    "phenopacketSchemaVersion": "2.0",
-    "externalReferences": [
-      { "id": "ern-registry:diagnosis-date", "description": "2016-03-14" },
-      { "id": "ern-registry:first-contact-date", "description": "2016-02" }
-    ]
-  }
-}"#;
+pub const PHENOPACKET: &str = include_str!("../docs/examples/phenopacket.json");
 
 /// A valid SubmitPhenopacket of [`PHENOPACKET`] for `patient` to `registry`, with
 /// [`inclusion_granted`] and no client reference.

@@ -239,7 +239,7 @@ async fn demo(
         "{registry}: wrote {} synthetic patients (numbers {} to {}) in {:.1} s",
         done.written,
         done.first,
-        u64::from(done.first) + done.written,
+        (u64::from(done.first) + done.written).saturating_sub(1),
         started.elapsed().as_secs_f64()
     );
     store.close().await;
