@@ -10,6 +10,12 @@
 -- `consent_current`, the latest on file) is dated before such a decision on file. Each
 -- change is logged as the writer logs its own (`research_log`, numbered under
 -- `research_seq`), so that a running instance's research index applies it too.
+--
+-- Writers of earlier instances wait while the rows are chosen and changed (an instance
+-- of this version does not run before its migrations): no commit comes between a row
+-- chosen and its change, and none adds a row the choice misses.
+LOCK TABLE patients IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE TEMP TABLE ern_0021_ended ON COMMIT DROP AS
 SELECT p.registry_id, p.patient, p.slot
 FROM patients p
@@ -23,7 +29,7 @@ UPDATE patients SET eligible = FALSE, eligible_until = NULL
 WHERE EXISTS (SELECT 1 FROM ern_0021_ended e
               WHERE e.registry_id = patients.registry_id AND e.patient = patients.patient);
 
--- The counter first: its row lock orders this change after any writer's.
+-- The counter before the log: its row lock orders these numbers after any writer's.
 UPDATE research_seq
 SET seq = seq + (SELECT COUNT(*) FROM ern_0021_ended WHERE slot IS NOT NULL)
 WHERE id = 1;

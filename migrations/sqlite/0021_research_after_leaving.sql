@@ -10,6 +10,11 @@
 -- `consent_current`, the latest on file) is dated before such a decision on file. Each
 -- change is logged as the writer logs its own (`research_log`, numbered under
 -- `research_seq`), so that a running instance's research index applies it too.
+--
+-- The counter's row first: on SQLite that takes the write lock before anything is read,
+-- so no other process's commit can come between the rows chosen and their change.
+UPDATE research_seq SET seq = seq WHERE id = 1;
+
 CREATE TEMP TABLE ern_0021_ended AS
 SELECT p.registry_id, p.patient, p.slot
 FROM patients p
@@ -23,7 +28,7 @@ UPDATE patients SET eligible = 0, eligible_until = NULL
 WHERE EXISTS (SELECT 1 FROM ern_0021_ended e
               WHERE e.registry_id = patients.registry_id AND e.patient = patients.patient);
 
--- The counter first: its row lock orders this change after any writer's.
+-- The counter before the log: its row lock orders these numbers after any writer's.
 UPDATE research_seq
 SET seq = seq + (SELECT COUNT(*) FROM ern_0021_ended WHERE slot IS NOT NULL)
 WHERE id = 1;

@@ -107,7 +107,7 @@ pub fn database_unreachable() -> Status {
     Status::with_error_details(
         Code::Unavailable,
         "the database cannot serve calls now (unreachable, locked by another process, or its \
-         disk full or failing); retry in a moment",
+         disk full); retry in a moment",
         ErrorDetails::with_retry_info(Some(crate::health::PROBE_EVERY)),
     )
 }

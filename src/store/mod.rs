@@ -179,7 +179,7 @@ impl StoreError {
             StoreError::Database(err) => unreachable_now(err),
             StoreError::CommitUnknown { .. } | StoreError::Unreachable { .. } => true,
             // SQLite still busy after its busy timeout (another process holds the lock),
-            // the disk full, failing, or the file gone: see `unreachable_now`.
+            // its disk full, or its file not to be opened: see `unreachable_now`.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
                 sqlite_not_now(err.extended_code)
             }
@@ -190,11 +190,13 @@ impl StoreError {
 
 /// Whether a SQLite result code (extended; its low byte is the primary code) says the
 /// database cannot be written or read *now* rather than that the statement is wrong:
-/// SQLITE_BUSY (5) past the busy timeout, SQLITE_IOERR (10, the disk failing or the file
-/// gone), SQLITE_FULL (13, the disk full), SQLITE_CANTOPEN (14, a file that cannot be
-/// opened). Each may pass once the operator acts; nothing of the call was stored.
+/// SQLITE_BUSY (5) past the busy timeout, SQLITE_FULL (13, the disk full), SQLITE_CANTOPEN
+/// (14, a file that cannot be opened). Each may pass once the operator acts. Not
+/// SQLITE_IOERR: it may be one bad sector under one command (the writer then retries the
+/// batch's commands one by one), a damaged file system (an incident, not an outage), or a
+/// failed sync after which the WAL may still hold the commit.
 fn sqlite_not_now(extended_code: i32) -> bool {
-    matches!(extended_code & 0xff, 5 | 10 | 13 | 14)
+    matches!(extended_code & 0xff, 5 | 13 | 14)
 }
 
 /// Whether a database error means "not reachable now" rather than "wrong": no connection
@@ -203,7 +205,7 @@ fn sqlite_not_now(extended_code: i32) -> bool {
 /// (SQLSTATE class 08 connection exceptions; 57P01 admin shutdown, 57P02 crash shutdown,
 /// 57P03 cannot connect now; 53300 too many connections, which sqlx itself retries) or
 /// SQLite still busy after its busy timeout (another process holds the write lock), its
-/// disk full or failing ([`sqlite_not_now`]).
+/// disk full or its file not to be opened ([`sqlite_not_now`]).
 pub fn unreachable_now(err: &sqlx::Error) -> bool {
     use sqlx::error::DatabaseError;
     use std::io::ErrorKind;

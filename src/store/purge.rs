@@ -183,6 +183,33 @@ impl Purger {
         }
     }
 
+    /// The pass at a server's start (SQLite): `false` when the checkpoint could not
+    /// complete, which leaves the purge pending (logged; [`Purger::retry`] takes it up).
+    pub async fn at_start(&self) -> bool {
+        let mut state = self.state.lock().await;
+        let pass = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        match checkpoint(self.store.pool(), self.sqlite_wait).await {
+            Ok(()) => {
+                state.completed = pass;
+                true
+            }
+            Err(err) => {
+                state
+                    .unpurged
+                    .push("(any erasure before this start)".to_owned());
+                state.last_retry = Some(Instant::now());
+                self.pending.store(true, Ordering::SeqCst);
+                error!(
+                    error = %err,
+                    "ERASURE NOT PURGED: the checkpoint at start could not complete; data \
+                     erased before a kill or crash may still be in the SQLite WAL or database \
+                     file; retried every few seconds"
+                );
+                false
+            }
+        }
+    }
+
     /// The database the passes run on.
     pub fn backend(&self) -> Backend {
         self.store.backend()

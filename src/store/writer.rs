@@ -380,10 +380,25 @@ impl Writer {
         if self.purger.backend() != Backend::Sqlite {
             return true;
         }
-        self.purger
-            .after_erasure(&["(any erasure before this start)".to_owned()])
-            .await
-            .is_ok()
+        if self.purger.at_start().await {
+            return true;
+        }
+        // The writers retry a pending purge only when they wake for work: an idle server
+        // must retry too.
+        let purger = Arc::downgrade(&self.purger);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(purge::RETRY_EVERY).await;
+                let Some(purger) = purger.upgrade() else {
+                    return;
+                };
+                if !purger.is_pending() {
+                    return;
+                }
+                purger.retry(false).await;
+            }
+        });
+        false
     }
 
     /// Applies a case command and waits until it is durably committed (or refused).

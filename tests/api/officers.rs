@@ -638,6 +638,32 @@ async fn migration_0021_ends_the_eligibility_stored_for_a_research_grant_from_be
     let mut dr = app.physician("dr-a", "NL-AMC").await;
     let declined = declined_then_included(&mut officer, &mut dr, 83).await;
     let refused_first = refused_then_granted(&mut officer, &mut dr, 84).await;
+    // Research granted at the very instant of the refusal: it counts (at or after).
+    let same_instant = {
+        let patient = national("NL", &bsn(86));
+        for (scope, state, at) in [
+            (S::RegistryInclusion, St::Granted, GIVEN),
+            (S::ResearchUse, St::Granted, "2024-04-01T10:00:00Z"),
+            (S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
+        ] {
+            officer
+                .record_consent(proto::RecordConsentRequest {
+                    registry: "ERN-EYE".into(),
+                    patient: by_identifiers(patient.clone()),
+                    decisions: vec![consent(scope, state, at)],
+                    client_reference: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+        let mut back = submission("ERN-EYE", patient);
+        back.consent = vec![consent(
+            S::RegistryInclusion,
+            St::Granted,
+            "2024-05-01T10:00:00Z",
+        )];
+        dr.submit_case(back).await.unwrap().into_inner().pseudonym
+    };
     let never_left = dr
         .submit_case(submission("ERN-EYE", national("NL", &bsn(85))))
         .await
@@ -645,20 +671,39 @@ async fn migration_0021_ends_the_eligibility_stored_for_a_research_grant_from_be
         .into_inner()
         .pseudonym;
     app.stop_server().await;
-    // As an earlier version stored them: every one of them counted.
+    // As an earlier version stored them: every one of them counted, until some instant.
     let pool = app.store.pool();
-    db::query("UPDATE patients SET eligible = TRUE")
-        .execute(pool)
-        .await
-        .unwrap();
+    let until = app.instant_sql(4_102_444_800_000);
+    db::query(&format!(
+        "UPDATE patients SET eligible = TRUE, eligible_until = {until}"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
     let seq_before = research_seq(&app).await;
     db::query("DELETE FROM _sqlx_migrations WHERE version = 21")
         .execute(pool)
         .await
         .unwrap();
     app.store.migrate().await.unwrap();
-    let expected = [(declined.clone(), 0), (refused_first, 1), (never_left, 1)];
+    let expected = [
+        (declined.clone(), 0),
+        (refused_first, 1),
+        (same_instant, 1),
+        (never_left, 1),
+    ];
     assert_eq!(eligibility(&app).await, expected.into_iter().collect());
+    let without_end: Vec<(String, i64)> = app
+        .pairs(
+            "SELECT k.pseudonym, CAST(0 AS BIGINT) FROM patients p \
+             JOIN patient_keys k ON k.id = p.patient WHERE p.eligible_until IS NULL",
+        )
+        .await;
+    assert_eq!(
+        without_end,
+        [(declined.clone(), 0)],
+        "the ended row keeps no end"
+    );
     // One change logged, for the declined patient's slot, numbered after every change
     // before.
     assert_eq!(research_seq(&app).await, seq_before + 1);
@@ -927,42 +972,71 @@ async fn erased_clinical_data_is_in_no_sqlite_file_when_the_receipt_arrives() {
 /// A process killed between an erasure's commit and its purge leaves the erased bytes in
 /// the WAL; the receipt can still be read back. The next start purges the files before
 /// its port opens. Here the WAL is left so by a connection that deletes a row and is then
-/// leaked (no checkpoint at its close), as a killed server would leave it.
+/// leaked (no checkpoint at its close), as a killed server would leave it. When another
+/// process's read transaction keeps that checkpoint from completing, the server starts
+/// all the same and, idle, purges once the reader is gone.
 #[tokio::test]
 async fn a_start_purges_what_a_killed_process_left_in_the_wal() {
-    const CANARY: &str = "left-in-the-wal-by-a-killed-process-7f3a";
-    let mut app = TestApp::spawn().await;
-    if !app.is_sqlite() {
-        return; // PostgreSQL: its purge makes no claim (docs/consent.md).
+    for reader_at_start in [false, true] {
+        let canary = format!("left-in-the-wal-by-a-killed-process-{reader_at_start}");
+        let mut app = TestApp::spawn().await;
+        if !app.is_sqlite() {
+            return; // PostgreSQL: its purge makes no claim (docs/consent.md).
+        }
+        app.stop_server().await;
+        let path = app
+            .database_url
+            .trim_start_matches("sqlite://")
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA secure_delete = ON; PRAGMA wal_autocheckpoint = 0; \
+             CREATE TABLE killed_canary (x TEXT); \
+             INSERT INTO killed_canary VALUES ('{canary}'); \
+             DELETE FROM killed_canary; DROP TABLE killed_canary;"
+        ))
+        .unwrap();
+        // Killed: no close, so no checkpoint.
+        std::mem::forget(conn);
+        assert!(
+            !sqlite_files_holding(&app, &canary).is_empty(),
+            "the WAL holds the deleted row before the start"
+        );
+        let reader = reader_at_start.then(|| {
+            let reader = rusqlite::Connection::open(&path).unwrap();
+            reader
+                .execute_batch("BEGIN; SELECT COUNT(*) FROM registries;")
+                .unwrap();
+            reader
+        });
+        let app = app.restarted_with(ServeArgs::default()).await;
+        let Some(reader) = reader else {
+            assert_eq!(
+                sqlite_files_holding(&app, &canary),
+                Vec::<String>::new(),
+                "still on disk when the port opened"
+            );
+            continue;
+        };
+        assert!(
+            logs().contains("the checkpoint at start could not complete"),
+            "the failed purge is logged"
+        );
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        // No call: the retry comes from the server on its own.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !sqlite_files_holding(&app, &canary).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not purged 30 s after the reader ended"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
-    app.stop_server().await;
-    let path = app
-        .database_url
-        .trim_start_matches("sqlite://")
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(&format!(
-        "PRAGMA secure_delete = ON; PRAGMA wal_autocheckpoint = 0; \
-         CREATE TABLE killed_canary (x TEXT); \
-         INSERT INTO killed_canary VALUES ('{CANARY}'); \
-         DELETE FROM killed_canary; DROP TABLE killed_canary;"
-    ))
-    .unwrap();
-    // Killed: no close, so no checkpoint.
-    std::mem::forget(conn);
-    assert!(
-        !sqlite_files_holding(&app, CANARY).is_empty(),
-        "the WAL holds the deleted row before the start"
-    );
-    let app = app.restarted_with(ServeArgs::default()).await;
-    assert_eq!(
-        sqlite_files_holding(&app, CANARY),
-        Vec::<String>::new(),
-        "still on disk when the port opened"
-    );
 }
 
 /// The tables a withdrawal erases from (`store::consent`), as `store::purge` vacuums them.
