@@ -297,6 +297,18 @@ impl TableBuilder {
         };
         let grid = self.grid(!col_dims.is_empty())?;
         let protected = grid.protect(row_dim, &col_dims, rules, deadline)?;
+        if protected.publishes_no_count() {
+            // Every count hidden (the table's patients are few): its rows and columns
+            // would only say which categories they have ("the three counted here are all
+            // deceased"), so none is listed. Only the hidden total remains.
+            return Ok(CountTable {
+                row_dimension: row_dim,
+                column_dimensions: col_dims,
+                row_labels: Vec::new(),
+                column_labels: Vec::new(),
+                protected: Protected::hidden_total(),
+            });
+        }
         let row_labels = match row_dim {
             Some(dim) => grid.rows.iter().map(|key| dim.label(key)).collect(),
             None => vec!["all".to_string()],
@@ -857,11 +869,25 @@ impl DelayBuilder {
                 }
             })
             .collect();
+        if p.publishes_no_count() {
+            // As for a count table: no group listed, every band total hidden.
+            return Ok(DelayTable {
+                groups: Vec::new(),
+                band_totals: vec![None; ncols],
+                grand_total: None,
+                overall: None,
+                suppressed: ncols + 1,
+            });
+        }
+        // Grouped by gene, the table counts (patient, gene) pairs: a patient with several
+        // genes is in several groups and counts several times in the totals, so a
+        // published grand total does not mean k patients. No overall quantiles then.
+        let by_patient = !self.group_by.contains(&Dimension::Gene);
         Ok(DelayTable {
             groups,
             overall: overall
                 .quantiles()
-                .filter(|_| publishable(p.grand_total, &p.col_totals)),
+                .filter(|_| by_patient && publishable(p.grand_total, &p.col_totals)),
             band_totals: p.col_totals,
             grand_total: p.grand_total,
             suppressed: p.primary + p.secondary,
@@ -1017,6 +1043,72 @@ mod tests {
         assert_eq!(female.quantiles.is_some(), shown(female));
         let all = t.grand_total.is_some() && t.band_totals.iter().all(Option::is_some);
         assert_eq!(t.overall.is_some(), all);
+    }
+
+    /// The audit's counter-example: three patients who each carry the same two genes,
+    /// grouped by gene. The table counts six (patient, gene) pairs, so its published grand
+    /// total and band total say nothing about there being k patients: no overall quantiles
+    /// (they would give the three patients' delays to within a month).
+    #[test]
+    fn grouped_by_gene_no_overall_quantiles() {
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut b = DelayBuilder::new(&[Dimension::Gene]);
+        for gene in ["G1", "G2"] {
+            for months in [24, 36, 48] {
+                b.add(vec![Key::Text(gene.into())], months, 1).unwrap();
+            }
+        }
+        let t = b.finish(rules, deadline).unwrap();
+        assert_eq!(t.grand_total, Some(6), "the pairs' total is published");
+        assert_eq!(t.overall, None);
+        // The same delays by sex (one group of six patients): the overall quantiles are
+        // published, for six patients.
+        let mut b = DelayBuilder::new(&[Dimension::Sex]);
+        for months in [24, 24, 36, 36, 48, 48] {
+            b.add(vec![Key::Text("female".into())], months, 1).unwrap();
+        }
+        assert!(b.finish(rules, deadline).unwrap().overall.is_some());
+    }
+
+    /// A table whose total is hidden lists no row and no column: asked for the patients of
+    /// one small country alone, the categories listed would say what they all have (only
+    /// "deceased" listed: all deceased). Only the hidden total remains. The same in a
+    /// delay table. (Zeros beside a hidden count in a larger table stay published: a limit,
+    /// docs/privacy.md.)
+    #[test]
+    fn a_table_whose_total_is_hidden_lists_no_category() {
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let k = |s: &str| Key::Text(s.into());
+        for two_way in [false, true] {
+            let mut b = TableBuilder::new();
+            let dims = if two_way {
+                b.add(vec![k("MT"), k("deceased")], 2).unwrap();
+                vec![Dimension::Country, Dimension::PatientStatus]
+            } else {
+                b.add(vec![k("deceased")], 2).unwrap();
+                vec![Dimension::PatientStatus]
+            };
+            let t = b.finish(&dims, rules, deadline).unwrap();
+            assert_eq!(t.protected.grand_total, None);
+            assert!(
+                t.row_labels.is_empty() && t.column_labels.is_empty(),
+                "{t:?}"
+            );
+            assert!(t.protected.cells.is_empty(), "{t:?}");
+            assert_eq!(t.suppressed(), 1);
+        }
+        let mut b = DelayBuilder::new(&[Dimension::Sex]);
+        b.add(vec![k("female")], 3, 3).unwrap();
+        let t = b.finish(rules, deadline).unwrap();
+        assert!(t.groups.is_empty(), "{:?}", t.groups);
+        assert!(
+            t.band_totals.iter().all(Option::is_none),
+            "{:?}",
+            t.band_totals
+        );
+        assert_eq!((t.grand_total, t.overall), (None, None));
     }
 
     #[test]
@@ -1312,9 +1404,17 @@ mod tests {
             // The one-row layouts publish cells and their total, the same as each other;
             // protected as [SEX, COUNTRY] when both tell the groups apart, else as the
             // one-way table of the one that does.
-            let one_row = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[6], k, 1));
+            let one_row_table = by_layout(&counts, LAYOUTS[6], k, 1);
+            let one_row = hidden_by_sex_and_country(&one_row_table);
             let other = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[7], k, 1));
             proptest::prop_assert_eq!(&one_row, &other);
+            // A one-row answer whose every count is hidden lists nothing (it publishes
+            // less than the two-way answer, never more).
+            let collapsed = one_row_table.row_labels.is_empty();
+            if collapsed {
+                proptest::prop_assert!(one_row_table.protected.cells.is_empty());
+                proptest::prop_assert_eq!(one_row_table.protected.grand_total, None);
+            }
             let groups: Vec<Vec<Key>> = counts
                 .iter()
                 .enumerate()
@@ -1324,7 +1424,7 @@ mod tests {
                     })
                 })
                 .collect();
-            if distinguishing(&[Dimension::Sex, Dimension::Country], &groups).len() == 2 {
+            if !collapsed && distinguishing(&[Dimension::Sex, Dimension::Country], &groups).len() == 2 {
                 proptest::prop_assert_eq!(&one_row, &base);
             }
             // Two centres per country: the country follows from the centre, and unless the

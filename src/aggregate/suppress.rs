@@ -172,6 +172,33 @@ pub struct Protected {
     pub secondary: usize,
 }
 
+impl Protected {
+    /// A table that publishes nothing but its hidden grand total: no cell, no line.
+    pub fn hidden_total() -> Protected {
+        Protected {
+            cells: Vec::new(),
+            row_totals: Vec::new(),
+            col_totals: Vec::new(),
+            grand_total: None,
+            primary: 0,
+            secondary: 1,
+        }
+    }
+
+    /// Whether the table publishes no count but zeros: every count of patients it holds
+    /// is hidden. Then its rows and columns would only say which categories its patients
+    /// fall in (all of them, with "deceased" the only status listed: all deceased).
+    pub fn publishes_no_count(&self) -> bool {
+        self.cells
+            .iter()
+            .chain(&self.row_totals)
+            .chain(&self.col_totals)
+            .chain(std::iter::once(&self.grand_total))
+            .all(|v| v.is_none_or(|v| v == 0))
+            && self.grand_total.is_none()
+    }
+}
+
 /// Why a table cannot be published. The first four are the caller's to fix;
 /// `OutOfTime` asks for a coarser question; `Internal` is a bug, reported rather than
 /// publishing.

@@ -13,6 +13,7 @@ mod index;
 #[cfg(test)]
 mod index_tests;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -581,38 +582,53 @@ pub async fn find_expertise(
     v.into_result()?;
     let now = services.clock.now();
     let ids: Vec<i64> = registries.iter().map(|r| r.id).collect();
-    let rows: Vec<ExpertiseRow> = match &services.research_index {
-        Some(index) => {
-            let (codes, countries) = (orphacodes.to_vec(), countries.to_vec());
-            let at = now.timestamp_millis();
-            index
-                .query(move |i| Ok(i.expertise(&codes, &ids, &countries, at)))
-                .await?
+    // Each code is counted on its own and given its band; a centre's volume over several
+    // codes is the sum of those bands (the sum of their lower bounds to the sum of their
+    // upper bounds). So an answer is a function of the one-code answers: the band of a
+    // union of codes, asked for with overlapping sets ({A, B}, {A, C}, {B, C}), would pin
+    // a code's count below k (docs/privacy.md, "Where is the expertise").
+    let mut by_centre: BTreeMap<(String, i64), ExpertiseCentre> = BTreeMap::new();
+    for &code in orphacodes {
+        let rows: Vec<ExpertiseRow> = match &services.research_index {
+            Some(index) => {
+                let (ids, countries) = (ids.clone(), countries.to_vec());
+                let at = now.timestamp_millis();
+                index
+                    .query(move |i| Ok(i.expertise(&[code], &ids, &countries, at)))
+                    .await?
+            }
+            None => {
+                services
+                    .store
+                    .expertise(&[code], &ids, countries, now)
+                    .await?
+            }
+        };
+        for row in rows {
+            let Some(registry) = registries.iter().find(|r| r.id == row.registry_id) else {
+                continue;
+            };
+            let band = aggregate::volume_band(
+                row.cases,
+                registry.min_cell_count as u64,
+                registry.protection_level as u64,
+            );
+            by_centre
+                .entry((row.centre_code.clone(), row.registry_id))
+                .and_modify(|c| {
+                    c.volume.min += band.min;
+                    c.volume.max = c.volume.max.zip(band.max).map(|(a, b)| a + b);
+                })
+                .or_insert(ExpertiseCentre {
+                    volume: band,
+                    centre_code: row.centre_code,
+                    centre_name: row.centre_name,
+                    country: row.country,
+                    registry: registry.code.clone(),
+                });
         }
-        None => {
-            services
-                .store
-                .expertise(orphacodes, &ids, countries, now)
-                .await?
-        }
-    };
-    let mut centres: Vec<ExpertiseCentre> = rows
-        .into_iter()
-        .filter_map(|row| {
-            let registry = registries.iter().find(|r| r.id == row.registry_id)?;
-            Some(ExpertiseCentre {
-                volume: aggregate::volume_band(
-                    row.cases,
-                    registry.min_cell_count as u64,
-                    registry.protection_level as u64,
-                ),
-                centre_code: row.centre_code,
-                centre_name: row.centre_name,
-                country: row.country,
-                registry: registry.code.clone(),
-            })
-        })
-        .collect();
+    }
+    let mut centres: Vec<ExpertiseCentre> = by_centre.into_values().collect();
     centres.sort_by(|a, b| {
         b.volume
             .min

@@ -25,6 +25,18 @@ fn broken(intervals: &[Interval], k: u64, p: u64, hidden: &mut usize) -> Vec<Str
 }
 
 fn count_view(t: &proto::CountTable) -> Published {
+    if t.rows.is_empty() {
+        // Its total hidden, a table lists no row and no column: the total alone.
+        return Published {
+            rows: 0,
+            cols: 0,
+            two_way: false,
+            cells: vec![],
+            row_totals: vec![],
+            col_totals: vec![],
+            grand: t.grand_total.as_ref().unwrap().count,
+        };
+    }
     let two_way = !t.column_dimensions.is_empty();
     let cols = t.columns.len().max(1);
     Published {
@@ -50,6 +62,19 @@ fn count_view(t: &proto::CountTable) -> Published {
 }
 
 fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
+    let grand = d.grand_total.as_ref().unwrap().count;
+    if d.groups.is_empty() && grand.is_none() {
+        // Its total hidden, a delay table lists no group: the band totals and their sum.
+        return Published {
+            rows: d.band_totals.len(),
+            cols: 1,
+            two_way: false,
+            cells: d.band_totals.iter().map(|c| c.count).collect(),
+            row_totals: vec![],
+            col_totals: vec![],
+            grand,
+        };
+    }
     Published {
         rows: d.groups.len().max(1),
         cols: d.bands.len(),

@@ -78,6 +78,10 @@ impl Published {
     /// `sum(parts) == total`, every relation the table satisfies.
     fn relations(&self) -> Vec<(Vec<Cell>, Cell)> {
         let mut out = Vec::new();
+        if self.rows == 0 {
+            // A table that lists nothing but its total: no relation.
+            return out;
+        }
         if self.two_way {
             for i in 0..self.rows {
                 out.push((
