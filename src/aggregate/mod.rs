@@ -239,6 +239,22 @@ pub struct CountTable {
 }
 
 impl CountTable {
+    /// The answer that lists no row and no column, only the hidden total (docs/privacy.md,
+    /// "Small groups").
+    pub fn collapsed(group_by: &[Dimension]) -> CountTable {
+        let (row_dimension, column_dimensions) = match group_by.split_first() {
+            Some((r, c)) => (Some(*r), c.to_vec()),
+            None => (None, Vec::new()),
+        };
+        CountTable {
+            row_dimension,
+            column_dimensions,
+            row_labels: Vec::new(),
+            column_labels: Vec::new(),
+            protected: Protected::hidden_total(),
+        }
+    }
+
     /// Cells and totals suppressed.
     pub fn suppressed(&self) -> usize {
         self.protected.primary + self.protected.secondary
@@ -263,6 +279,12 @@ impl TableBuilder {
     #[cfg(test)]
     pub(crate) fn groups(&self) -> usize {
         self.counts.len()
+    }
+
+    /// The sum of every group's count: the patients counted, when the groups are not by
+    /// gene.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|&(_, _, n)| n).sum()
     }
 
     /// Adds one group; fails once the table could no longer be published.
@@ -298,16 +320,10 @@ impl TableBuilder {
         let grid = self.grid(!col_dims.is_empty())?;
         let protected = grid.protect(row_dim, &col_dims, rules, deadline)?;
         if protected.publishes_no_count() {
-            // Every count hidden (the table's patients are few): its rows and columns
-            // would only say which categories they have ("the three counted here are all
-            // deceased"), so none is listed. Only the hidden total remains.
-            return Ok(CountTable {
-                row_dimension: row_dim,
-                column_dimensions: col_dims,
-                row_labels: Vec::new(),
-                column_labels: Vec::new(),
-                protected: Protected::hidden_total(),
-            });
+            // Every count hidden: its rows and columns would only say which categories
+            // its patients have ("the three counted here are all deceased"), so none is
+            // listed. Only the hidden total remains.
+            return Ok(CountTable::collapsed(group_by));
         }
         let row_labels = match row_dim {
             Some(dim) => grid.rows.iter().map(|key| dim.label(key)).collect(),
@@ -758,6 +774,20 @@ pub struct DelayTable {
     pub suppressed: usize,
 }
 
+impl DelayTable {
+    /// The answer that lists no group and publishes no band total, only the hidden grand
+    /// total (docs/privacy.md, "Small groups").
+    pub fn collapsed() -> DelayTable {
+        DelayTable {
+            groups: Vec::new(),
+            band_totals: Vec::new(),
+            grand_total: None,
+            overall: None,
+            suppressed: 1,
+        }
+    }
+}
+
 /// Accumulates delay histograms group by group (the database returns them ordered by
 /// group, then months), keeping only the band counts and quantiles of finished groups.
 type DelayRow = (
@@ -784,6 +814,11 @@ impl DelayBuilder {
             groups: Vec::new(),
             overall: BTreeMap::new(),
         }
+    }
+
+    /// The patients added (pairs, when grouped by gene).
+    pub fn total(&self) -> u64 {
+        self.overall.values().sum()
     }
 
     /// Adds `count` patients with a delay of `months` in the group `keys`.
@@ -870,14 +905,8 @@ impl DelayBuilder {
             })
             .collect();
         if p.publishes_no_count() {
-            // As for a count table: no group listed, every band total hidden.
-            return Ok(DelayTable {
-                groups: Vec::new(),
-                band_totals: vec![None; ncols],
-                grand_total: None,
-                overall: None,
-                suppressed: ncols + 1,
-            });
+            // As for a count table: no group listed.
+            return Ok(DelayTable::collapsed());
         }
         // Grouped by gene, the table counts (patient, gene) pairs: a patient with several
         // genes is in several groups and counts several times in the totals, so a

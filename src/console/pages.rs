@@ -742,6 +742,9 @@ fn cell(value: Option<u64>) -> Markup {
     }
 }
 
+/// Said above a table that lists no category (docs/privacy.md, "Small groups").
+const COLLAPSED: &str = "Every count of this question is suppressed, so no row or column is listed: they would only tell which categories its few patients fall in. Ask about a larger group.";
+
 /// Why a cell is hidden, in one sentence.
 fn why_hidden(k: i64) -> String {
     format!(
@@ -775,6 +778,9 @@ pub fn count_table(
             ", as of " (time(counted.as_of)) "."
         }
         p.notice { (why_hidden(registry.min_cell_count)) }
+        @if t.row_labels.is_empty() {
+            p.notice { (COLLAPSED) }
+        }
         table {
             thead {
                 tr {
@@ -896,6 +902,9 @@ pub fn delay(
             (PreEscaped(svg))
             figcaption { "Patients per delay band and group; a suppressed count is drawn as no bar and marked with an \"s\". The same numbers are in the table below." }
         }
+        @if table.groups.is_empty() && table.grand_total.is_none() {
+            p.notice { (COLLAPSED) }
+        }
         table {
             thead {
                 tr {
@@ -950,7 +959,7 @@ pub fn expertise(
             button type="submit" { "Find centres" }
         }
         @if let Some((centres, as_of)) = found {
-            p { "As of " (time(as_of)) ". Volumes are bands of consented cases, never exact numbers." }
+            p { "As of " (time(as_of)) ". Volumes are bands of consented cases, never exact numbers; over several codes, the sum of each code's band." }
             @if centres.is_empty() { p { "No centre has consented cases of these diagnoses." } } @else {
                 @for (country, list) in &by_country(centres) {
                     h2 { (country) }

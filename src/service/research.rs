@@ -389,10 +389,14 @@ pub async fn count_patients(
     };
     let rules = rules_of(&access.registry)?;
     let group_by = selection.group_by.clone();
-    let table = services
-        .protection
-        .run(move |deadline| builder.finish(&group_by, rules, deadline))
-        .await?;
+    let table = if few_behind_pairs(services, &selection, rules, false).await? {
+        CountTable::collapsed(&group_by)
+    } else {
+        services
+            .protection
+            .run(move |deadline| builder.finish(&group_by, rules, deadline))
+            .await?
+    };
     call.items(table.protected.cells.len());
     info!(
         principal = access.principal.id,
@@ -408,6 +412,45 @@ pub async fn count_patients(
         by_gene: selection.group_by.contains(&Dimension::Gene),
         as_of: selection.now,
     })
+}
+
+/// Whether a table grouped by gene counts fewer than k patients. Grouped by gene it counts
+/// (patient, gene) pairs, so its totals can be published (a total of 6 for 3 patients of
+/// 2 genes each, every cell hidden) while its patients are fewer than k, and its rows and
+/// columns would list their genes and categories. Such a table is answered as one whose
+/// every count is hidden: no row, column or group (docs/privacy.md, "Small groups"). The
+/// patients are counted with the same filters and no dimension: all of them for a count
+/// table, those with a known delay for a delay table (`delay`).
+async fn few_behind_pairs(
+    services: &Services,
+    selection: &Selection,
+    rules: Rules,
+    delay: bool,
+) -> Result<bool, ServiceError> {
+    if !selection.group_by.contains(&Dimension::Gene) {
+        return Ok(false);
+    }
+    let patients = Selection {
+        group_by: Vec::new(),
+        ..selection.clone()
+    };
+    let counted = match (&services.research_index, delay) {
+        (Some(index), false) => index.query(move |i| i.count(&patients)).await?.total(),
+        (Some(index), true) => index
+            .query(move |i| i.diagnostic_delay(&patients))
+            .await?
+            .total(),
+        (None, false) => {
+            let mut builder = TableBuilder::new();
+            services
+                .store
+                .count_patients(&patients, &mut builder)
+                .await?;
+            builder.total()
+        }
+        (None, true) => services.store.diagnostic_delay(&patients).await?.total(),
+    };
+    Ok(counted < rules.k())
 }
 
 /// Diagnostic delay per group, protected; quantiles only for fully published groups.
@@ -439,10 +482,14 @@ pub async fn diagnostic_delay(
         }
         None => services.store.diagnostic_delay(&selection).await?,
     };
-    let table = services
-        .protection
-        .run(move |deadline| builder.finish(rules, deadline))
-        .await?;
+    let table = if few_behind_pairs(services, &selection, rules, true).await? {
+        DelayTable::collapsed()
+    } else {
+        services
+            .protection
+            .run(move |deadline| builder.finish(rules, deadline))
+            .await?
+    };
     call.items(table.groups.len());
     info!(
         principal = access.principal.id,
@@ -587,8 +634,11 @@ pub async fn find_expertise(
     // upper bounds). So an answer is a function of the one-code answers: the band of a
     // union of codes, asked for with overlapping sets ({A, B}, {A, C}, {B, C}), would pin
     // a code's count below k (docs/privacy.md, "Where is the expertise").
+    let mut codes = orphacodes.to_vec();
+    codes.sort_unstable();
+    codes.dedup();
     let mut by_centre: BTreeMap<(String, i64), ExpertiseCentre> = BTreeMap::new();
-    for &code in orphacodes {
+    for code in codes {
         let rows: Vec<ExpertiseRow> = match &services.research_index {
             Some(index) => {
                 let (ids, countries) = (ids.clone(), countries.to_vec());

@@ -605,7 +605,7 @@ async fn a_research_grant_from_before_a_refusal_of_inclusion_does_not_count_afte
     let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
     let mut dr = app.physician("dr-a", "NL-AMC").await;
     let (declined, refused_first) = (
-        declined_then_included(&mut officer, &mut dr, 81).await,
+        declined_then_included(&mut officer, &mut dr, 81, GIVEN).await,
         refused_then_granted(&mut officer, &mut dr, 82).await,
     );
     assert_eq!(
@@ -636,34 +636,11 @@ async fn migration_0021_ends_the_eligibility_stored_for_a_research_grant_from_be
     let mut app = TestApp::spawn().await;
     let mut officer = app.officer("co-eye", &["ERN-EYE"]).await;
     let mut dr = app.physician("dr-a", "NL-AMC").await;
-    let declined = declined_then_included(&mut officer, &mut dr, 83).await;
+    let declined = declined_then_included(&mut officer, &mut dr, 83, GIVEN).await;
     let refused_first = refused_then_granted(&mut officer, &mut dr, 84).await;
     // Research granted at the very instant of the refusal: it counts (at or after).
-    let same_instant = {
-        let patient = national("NL", &bsn(86));
-        for (scope, state, at) in [
-            (S::RegistryInclusion, St::Granted, GIVEN),
-            (S::ResearchUse, St::Granted, "2024-04-01T10:00:00Z"),
-            (S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
-        ] {
-            officer
-                .record_consent(proto::RecordConsentRequest {
-                    registry: "ERN-EYE".into(),
-                    patient: by_identifiers(patient.clone()),
-                    decisions: vec![consent(scope, state, at)],
-                    client_reference: String::new(),
-                })
-                .await
-                .unwrap();
-        }
-        let mut back = submission("ERN-EYE", patient);
-        back.consent = vec![consent(
-            S::RegistryInclusion,
-            St::Granted,
-            "2024-05-01T10:00:00Z",
-        )];
-        dr.submit_case(back).await.unwrap().into_inner().pseudonym
-    };
+    let same_instant =
+        declined_then_included(&mut officer, &mut dr, 86, "2024-04-01T10:00:00Z").await;
     let never_left = dr
         .submit_case(submission("ERN-EYE", national("NL", &bsn(85))))
         .await
@@ -717,14 +694,19 @@ async fn migration_0021_ends_the_eligibility_stored_for_a_research_grant_from_be
     assert_eq!(logged, [(seq_before + 1, declined)]);
 }
 
-/// Research grant and inclusion at GIVEN, inclusion refused on 2024-04-01 (no record yet,
-/// so a refusal may be recorded), then a case submitted with inclusion granted on
-/// 2024-05-01 and no research decision: the patient's pseudonym.
-async fn declined_then_included(officer: &mut OfficerClient, dr: &mut Client, n: u32) -> String {
+/// Inclusion at GIVEN, research granted at `research_at`, inclusion refused on 2024-04-01
+/// (no record yet, so a refusal may be recorded), then a case submitted with inclusion
+/// granted on 2024-05-01 and no research decision: the patient's pseudonym.
+async fn declined_then_included(
+    officer: &mut OfficerClient,
+    dr: &mut Client,
+    n: u32,
+    research_at: &str,
+) -> String {
     let patient = national("NL", &bsn(n));
     for (scope, state, at) in [
         (S::RegistryInclusion, St::Granted, GIVEN),
-        (S::ResearchUse, St::Granted, GIVEN),
+        (S::ResearchUse, St::Granted, research_at),
         (S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
     ] {
         officer

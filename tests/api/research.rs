@@ -519,7 +519,8 @@ async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
             ("BE-UZL", "ERN-LUNG", "10-19")
         ]
     );
-    let mut summed: std::collections::BTreeMap<String, (u32, Option<u32>)> = Default::default();
+    let mut summed: std::collections::BTreeMap<(String, String), (u32, Option<u32>)> =
+        Default::default();
     for code in &req.orphacodes {
         let one = physician
             .find_expertise(proto::FindExpertiseRequest {
@@ -531,19 +532,17 @@ async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
             .into_inner();
         for c in one.centres {
             let band = c.volume.unwrap();
-            let entry = summed.entry(c.centre_code).or_insert((0, Some(0)));
+            let entry = summed
+                .entry((c.centre_code, c.registry))
+                .or_insert((0, Some(0)));
             entry.0 += band.min;
             entry.1 = entry.1.zip(band.max).map(|(a, b)| a + b);
         }
     }
     for c in &r.centres {
         let band = c.volume.as_ref().unwrap();
-        assert_eq!(
-            summed[&c.centre_code],
-            (band.min, band.max),
-            "{}",
-            c.centre_code
-        );
+        let at = (c.centre_code.clone(), c.registry.clone());
+        assert_eq!(summed[&at], (band.min, band.max), "{at:?}");
     }
     assert_eq!(r.registries.len(), 24, "a physician searches every ERN");
 
@@ -982,4 +981,64 @@ async fn the_genes_backfill_matches_what_the_writer_keeps() {
         .expect("the backfill of genes");
     app.store.pool().execute_raw(&backfill).await.unwrap();
     assert_eq!(genes().await, kept);
+}
+
+/// Grouped by gene, a table counts (patient, gene) pairs: three patients with two genes
+/// each make six pairs, a total that could be published (each gene's 3 hidden, its
+/// interval reaching k = 5) while the patients are fewer than k, and the rows would list
+/// their genes. Such a table is answered as one whose every count is hidden: no row, no
+/// group. The same question over more patients lists its genes.
+#[tokio::test]
+async fn a_few_patients_behind_many_gene_pairs_list_no_gene() {
+    let app = TestApp::spawn().await;
+    let mut patients = cohort();
+    patients.truncate(19); // NL-AMC's cystic fibrosis patients, one gene each
+    populate(&app, &patients).await;
+    let mut be = app.physician("dr-be2", "BE-UZL").await;
+    for seed in 900..903 {
+        let mut req = request_for(&patient(seed, "BE-UZL", "ORPHA:244", proto::Sex::Female));
+        req.record.as_mut().unwrap().genetic_findings = ["CFTR", "DNAH5"]
+            .into_iter()
+            .map(|g| proto::GeneticFinding {
+                gene: g.into(),
+                variants: vec![],
+            })
+            .collect();
+        be.submit_case(req).await.unwrap();
+    }
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let only_be = vec![filter(Dimension::Centre, &["BE-UZL"])];
+    let counted = researcher
+        .count_patients(proto::CountPatientsRequest {
+            filters: only_be.clone(),
+            ..count_request(&[Dimension::Gene])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(counted.rows.is_empty(), "{counted:?}");
+    assert_eq!(counted.grand_total.unwrap().count, None);
+    assert_eq!(counted.suppressed, 1);
+    let delay = researcher
+        .diagnostic_delay(proto::DiagnosticDelayRequest {
+            registry: "ERN-LUNG".into(),
+            group_by: vec![Dimension::Gene as i32],
+            filters: only_be,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        delay.groups.is_empty() && delay.band_totals.is_empty(),
+        "{delay:?}"
+    );
+    assert_eq!(delay.grand_total.unwrap().count, None);
+    // Over every patient, the genes are listed.
+    let all = researcher
+        .count_patients(count_request(&[Dimension::Gene]))
+        .await
+        .unwrap()
+        .into_inner();
+    let genes: Vec<&str> = all.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(genes, ["CFTR", "DNAH5"], "{all:?}");
 }
