@@ -637,46 +637,45 @@ pub async fn find_expertise(
     let mut codes = orphacodes.to_vec();
     codes.sort_unstable();
     codes.dedup();
-    let mut by_centre: BTreeMap<(String, i64), ExpertiseCentre> = BTreeMap::new();
-    for code in codes {
-        let rows: Vec<ExpertiseRow> = match &services.research_index {
-            Some(index) => {
-                let (ids, countries) = (ids.clone(), countries.to_vec());
-                let at = now.timestamp_millis();
-                index
-                    .query(move |i| Ok(i.expertise(&[code], &ids, &countries, at)))
-                    .await?
-            }
-            None => {
-                services
-                    .store
-                    .expertise(&[code], &ids, countries, now)
-                    .await?
-            }
-        };
-        for row in rows {
-            let Some(registry) = registries.iter().find(|r| r.id == row.registry_id) else {
-                continue;
-            };
-            let band = aggregate::volume_band(
-                row.cases,
-                registry.min_cell_count as u64,
-                registry.protection_level as u64,
-            );
-            by_centre
-                .entry((row.centre_code.clone(), row.registry_id))
-                .and_modify(|c| {
-                    c.volume.min += band.min;
-                    c.volume.max = c.volume.max.zip(band.max).map(|(a, b)| a + b);
-                })
-                .or_insert(ExpertiseCentre {
-                    volume: band,
-                    centre_code: row.centre_code,
-                    centre_name: row.centre_name,
-                    country: row.country,
-                    registry: registry.code.clone(),
-                });
+    // Counted per centre, registry and code, in one scan (or one statement).
+    let rows: Vec<ExpertiseRow> = match &services.research_index {
+        Some(index) => {
+            let (codes, countries) = (codes.clone(), countries.to_vec());
+            let at = now.timestamp_millis();
+            index
+                .query(move |i| Ok(i.expertise(&codes, &ids, &countries, at)))
+                .await?
         }
+        None => {
+            services
+                .store
+                .expertise(&codes, &ids, countries, now)
+                .await?
+        }
+    };
+    let mut by_centre: BTreeMap<(String, i64), ExpertiseCentre> = BTreeMap::new();
+    for row in rows {
+        let Some(registry) = registries.iter().find(|r| r.id == row.registry_id) else {
+            continue;
+        };
+        let band = aggregate::volume_band(
+            row.cases,
+            registry.min_cell_count as u64,
+            registry.protection_level as u64,
+        );
+        by_centre
+            .entry((row.centre_code.clone(), row.registry_id))
+            .and_modify(|c| {
+                c.volume.min += band.min;
+                c.volume.max = c.volume.max.zip(band.max).map(|(a, b)| a + b);
+            })
+            .or_insert(ExpertiseCentre {
+                volume: band,
+                centre_code: row.centre_code,
+                centre_name: row.centre_name,
+                country: row.country,
+                registry: registry.code.clone(),
+            });
     }
     let mut centres: Vec<ExpertiseCentre> = by_centre.into_values().collect();
     centres.sort_by(|a, b| {

@@ -53,6 +53,8 @@ pub struct ExpertiseRow {
     pub centre_name: String,
     pub country: String,
     pub registry_id: i64,
+    /// The diagnosis these cases have: each code is counted on its own.
+    pub orphacode: i64,
     pub cases: u64,
 }
 
@@ -362,7 +364,8 @@ impl Store {
     }
 
     /// Centres with cases (current versions) of any of `orphacodes` in `registries`,
-    /// optionally only in `countries`, counting cases of consented patients.
+    /// optionally only in `countries`, counting cases of consented patients per centre,
+    /// registry and code.
     pub async fn expertise(
         &self,
         orphacodes: &[i64],
@@ -388,14 +391,14 @@ impl Store {
             format!(" AND ce.country IN ({})", params(countries.len()))
         };
         let sql = format!(
-            "SELECT ce.code, ce.name, ce.country, c.registry_id, COUNT(*) AS n \
+            "SELECT ce.code, ce.name, ce.country, c.registry_id, v.orphacode, COUNT(*) AS n \
              FROM case_versions v \
              JOIN cases c ON c.id = v.case_id AND c.current_version = v.version \
              JOIN centres ce ON ce.id = c.centre_id \
              JOIN patients p ON p.registry_id = c.registry_id AND p.patient = c.patient \
              WHERE v.orphacode IN ({codes}) AND c.registry_id IN ({regs}){country_filter} \
                AND {eligible} \
-             GROUP BY ce.code, ce.name, ce.country, c.registry_id",
+             GROUP BY ce.code, ce.name, ce.country, c.registry_id, v.orphacode",
             // The patient's research eligibility, as the writer keeps it on their research
             // row (`consent::research_eligibility`, the rule counts and the index apply).
             eligible = consent_model::research_eligible("p", &now_param),
@@ -418,6 +421,7 @@ impl Store {
                     centre_name: r.try_get("name")?,
                     country: r.try_get("country")?,
                     registry_id: r.try_get("registry_id")?,
+                    orphacode: r.try_get("orphacode")?,
                     cases: count_at(r, "n")?,
                 })
             })

@@ -711,11 +711,13 @@ impl Index {
             let Some(columns) = data.registries.get(&registry_id) else {
                 continue;
             };
-            let wanted: Vec<bool> = columns
+            // Each diagnosis value's place among the codes asked for, if asked for: cases
+            // are counted per centre and code.
+            let wanted: Vec<Option<usize>> = columns
                 .diagnoses
                 .values
                 .iter()
-                .map(|code| code.is_some_and(|c| orphacodes.contains(&c)))
+                .map(|code| code.and_then(|c| orphacodes.iter().position(|&o| o == c)))
                 .collect();
             let centre_ok: Vec<bool> = columns
                 .centres
@@ -727,11 +729,15 @@ impl Index {
                         .is_some_and(|c| countries.is_empty() || countries.contains(&c.country))
                 })
                 .collect();
-            let mut cases = vec![0u64; columns.centres.values.len()];
+            let ncentres = columns.centres.values.len();
+            let mut cases = vec![0u64; ncentres * orphacodes.len()];
             let diagnosis = Step::new(
                 Column::Narrow(&columns.diagnosis),
-                wanted.iter().map(|&w| if w { 0 } else { SKIP }).collect(),
-                0,
+                wanted
+                    .iter()
+                    .map(|w| w.map_or(SKIP, |j| j as u64))
+                    .collect(),
+                ncentres as u64,
             );
             let centre = Step::new(
                 Column::Narrow(&columns.centre),
@@ -750,15 +756,18 @@ impl Index {
                     continue;
                 }
                 for &(centre, diagnosis) in others {
-                    if wanted[diagnosis as usize] && centre_ok[centre as usize] {
-                        cases[centre as usize] += 1;
+                    if let Some(j) = wanted[diagnosis as usize]
+                        && centre_ok[centre as usize]
+                    {
+                        cases[j * ncentres + centre as usize] += 1;
                     }
                 }
             }
-            for (code, &n) in cases.iter().enumerate() {
+            for (cell, &n) in cases.iter().enumerate() {
                 if n == 0 {
                     continue;
                 }
+                let (j, code) = (cell / ncentres, cell % ncentres);
                 let Some(centre) = data.centres.get(&columns.centres.values[code]) else {
                     continue;
                 };
@@ -767,6 +776,7 @@ impl Index {
                     centre_name: centre.name.clone(),
                     country: centre.country.clone(),
                     registry_id,
+                    orphacode: orphacodes[j],
                     cases: n,
                 });
             }

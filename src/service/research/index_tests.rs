@@ -450,12 +450,11 @@ async fn compare(
                 let countries: Vec<String> = countries.iter().map(|s| s.to_string()).collect();
                 let mut reference = store.expertise(codes, regs, &countries, now).await.unwrap();
                 let mut ours = index.expertise(codes, regs, &countries, now.timestamp_millis());
-                reference.sort_by(|a, b| {
-                    (&a.centre_code, a.registry_id).cmp(&(&b.centre_code, b.registry_id))
-                });
-                ours.sort_by(|a, b| {
-                    (&a.centre_code, a.registry_id).cmp(&(&b.centre_code, b.registry_id))
-                });
+                let key = |r: &crate::store::research::ExpertiseRow| {
+                    (r.centre_code.clone(), r.registry_id, r.orphacode)
+                };
+                reference.sort_by_key(key);
+                ours.sort_by_key(key);
                 assert_eq!(
                     ours, reference,
                     "{name}: expertise {codes:?} {countries:?} {regs:?} at {now}"
