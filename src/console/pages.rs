@@ -778,7 +778,7 @@ pub fn count_table(
             ", as of " (time(counted.as_of)) "."
         }
         p.notice { (why_hidden(registry.min_cell_count)) }
-        @if t.row_labels.is_empty() {
+        @if t.row_labels.is_empty() && p.grand_total.is_none() {
             p.notice { (COLLAPSED) }
         }
         table {
@@ -925,7 +925,11 @@ pub fn delay(
                 }
                 tr {
                     th scope="row" { "total" }
-                    @for b in &table.band_totals { (cell(*b)) }
+                    @if table.band_totals.is_empty() {
+                        @for _ in DELAY_BANDS { (cell(None)) }
+                    } @else {
+                        @for b in &table.band_totals { (cell(*b)) }
+                    }
                     (cell(table.grand_total))
                     (quantile_cells(table.overall))
                 }

@@ -373,6 +373,9 @@ pub async fn count_patients(
         phenotypes,
         now: services.clock.now(),
     };
+    let rules = rules_of(&access.registry)?;
+    // Just before the table and just after it (they are two reads): see `few_behind_pairs`.
+    let few_before = few_behind_pairs(services, &selection, rules, false).await?;
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -387,9 +390,8 @@ pub async fn count_patients(
             builder
         }
     };
-    let rules = rules_of(&access.registry)?;
     let group_by = selection.group_by.clone();
-    let table = if few_behind_pairs(services, &selection, rules, false).await? {
+    let table = if few_before || few_behind_pairs(services, &selection, rules, false).await? {
         CountTable::collapsed(&group_by)
     } else {
         services
@@ -420,7 +422,11 @@ pub async fn count_patients(
 /// columns would list their genes and categories. Such a table is answered as one whose
 /// every count is hidden: no row, column or group (docs/privacy.md, "Small groups"). The
 /// patients are counted with the same filters and no dimension: all of them for a count
-/// table, those with a known delay for a delay table (`delay`).
+/// table, those with a known delay for a delay table (`delay`). The count and the table
+/// are separate reads, so the caller counts just before the table and just after it, and
+/// collapses if either is below k: only patients leaving and others arriving between the
+/// two counts, within one call, could let a table of fewer than k through. None counted
+/// is no small group (the table of nobody is published, as any other).
 async fn few_behind_pairs(
     services: &Services,
     selection: &Selection,
@@ -450,7 +456,7 @@ async fn few_behind_pairs(
         }
         (None, true) => services.store.diagnostic_delay(&patients).await?.total(),
     };
-    Ok(counted < rules.k())
+    Ok(counted > 0 && counted < rules.k())
 }
 
 /// Diagnostic delay per group, protected; quantiles only for fully published groups.
@@ -475,6 +481,7 @@ pub async fn diagnostic_delay(
         selection.group_by.len(),
         selection.filters.len() + usize::from(selection.phenotypes.is_some()),
     );
+    let few_before = few_behind_pairs(services, &selection, rules, true).await?;
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -482,7 +489,7 @@ pub async fn diagnostic_delay(
         }
         None => services.store.diagnostic_delay(&selection).await?,
     };
-    let table = if few_behind_pairs(services, &selection, rules, true).await? {
+    let table = if few_before || few_behind_pairs(services, &selection, rules, true).await? {
         DelayTable::collapsed()
     } else {
         services

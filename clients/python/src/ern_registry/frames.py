@@ -133,7 +133,9 @@ def delay_table(answer: research_pb2.DiagnosticDelayResponse) -> pd.DataFrame:
             counts.append([_count(c) for c in group.bands] + [_count(group.total)])
             quantiles.append(quantile_row(group.quantiles if group.HasField("quantiles") else None))
     keys.append(_key([TOTAL], width))
-    counts.append([_count(c) for c in answer.band_totals] + [_count(answer.grand_total)])
+    # A table whose every count is suppressed lists no band total (docs/privacy.md).
+    band_totals = [_count(c) for c in answer.band_totals] or [pd.NA] * len(bands)
+    counts.append(band_totals + [_count(answer.grand_total)])
     quantiles.append(quantile_row(answer.overall if answer.HasField("overall") else None))
     index = _index(keys, dims) if dims else pd.Index(keys, dtype=object)
     frame = pd.DataFrame(counts, index=index, columns=bands + [TOTAL], dtype="Int64")
