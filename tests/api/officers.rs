@@ -703,12 +703,33 @@ async fn declined_then_included(
     n: u32,
     research_at: &str,
 ) -> String {
-    let patient = national("NL", &bsn(n));
-    for (scope, state, at) in [
+    let decisions = [
         (S::RegistryInclusion, St::Granted, GIVEN),
         (S::ResearchUse, St::Granted, research_at),
         (S::RegistryInclusion, St::Refused, "2024-04-01T10:00:00Z"),
-    ] {
+    ];
+    decided_then_included(officer, dr, n, &decisions, &[S::RegistryInclusion]).await
+}
+
+/// Inclusion refused at GIVEN, then a case submitted with inclusion and research granted
+/// on 2024-05-01: the patient's pseudonym.
+async fn refused_then_granted(officer: &mut OfficerClient, dr: &mut Client, n: u32) -> String {
+    let decisions = [(S::RegistryInclusion, St::Refused, GIVEN)];
+    let attested = [S::RegistryInclusion, S::ResearchUse];
+    decided_then_included(officer, dr, n, &decisions, &attested).await
+}
+
+/// The officer's `decisions` for patient `n`, one call each, then a case submitted
+/// attesting `attested` granted on 2024-05-01: the patient's pseudonym.
+async fn decided_then_included(
+    officer: &mut OfficerClient,
+    dr: &mut Client,
+    n: u32,
+    decisions: &[(S, St, &str)],
+    attested: &[S],
+) -> String {
+    let patient = national("NL", &bsn(n));
+    for &(scope, state, at) in decisions {
         officer
             .record_consent(proto::RecordConsentRequest {
                 registry: "ERN-EYE".into(),
@@ -719,33 +740,11 @@ async fn declined_then_included(
             .await
             .unwrap();
     }
-    let mut back = submission("ERN-EYE", patient);
-    back.consent = vec![consent(
-        S::RegistryInclusion,
-        St::Granted,
-        "2024-05-01T10:00:00Z",
-    )];
-    dr.submit_case(back).await.unwrap().into_inner().pseudonym
-}
-
-/// Inclusion refused at GIVEN, then a case submitted with inclusion and research granted
-/// on 2024-05-01: the patient's pseudonym.
-async fn refused_then_granted(officer: &mut OfficerClient, dr: &mut Client, n: u32) -> String {
-    let patient = national("NL", &bsn(n));
-    officer
-        .record_consent(proto::RecordConsentRequest {
-            registry: "ERN-EYE".into(),
-            patient: by_identifiers(patient.clone()),
-            decisions: vec![consent(S::RegistryInclusion, St::Refused, GIVEN)],
-            client_reference: String::new(),
-        })
-        .await
-        .unwrap();
     let mut request = submission("ERN-EYE", patient);
-    request.consent = vec![
-        consent(S::RegistryInclusion, St::Granted, "2024-05-01T10:00:00Z"),
-        consent(S::ResearchUse, St::Granted, "2024-05-01T10:00:00Z"),
-    ];
+    request.consent = attested
+        .iter()
+        .map(|&scope| consent(scope, St::Granted, "2024-05-01T10:00:00Z"))
+        .collect();
     dr.submit_case(request)
         .await
         .unwrap()
