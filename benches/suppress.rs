@@ -16,13 +16,15 @@ mod tables;
 use tables::generated_cells;
 
 fn main() {
-    let mixes: [(&str, [u64; 4]); 6] = [
+    let mixes: [(&str, [u64; 4]); 7] = [
         ("mostly zeros", [70, 15, 10, 5]),
         ("skewed", [40, 30, 20, 10]),
         ("mostly small", [10, 60, 25, 5]),
         ("few small among large", [0, 3, 7, 90]),
         ("one percent small", [0, 1, 0, 99]),
         ("zeros and lone small cells", [80, 3, 0, 17]),
+        // Many rows of a few patients each: their zeros are hidden with their totals.
+        ("sparse rows of few patients", [95, 4, 1, 0]),
     ];
     let mut out = format!(
         "\n## Protecting a 200 x 60 table, {}\n\n`cargo bench --bench suppress` (in-process, \

@@ -2,18 +2,24 @@
 //! suppression, audited by the attacker's own linear program.
 //!
 //! A researcher receives counts of patients, with row totals, column totals and a grand
-//! total. Every count in `1..k` is hidden (*primary* suppression), margins included; zeros
-//! are published. Hiding small cells is not enough: an attacker who takes everything the
-//! table publishes — every additivity relation, every published value, and the fact that a
-//! hidden count is a whole number of at least 1 (zeros are never hidden) — can bound each
-//! hidden cell by linear programming, and combining equations often pins cells that no
-//! single equation pins. So further cells are hidden (*complementary* suppression) until,
-//! for every hidden cell, the interval the attacker can prove is wide enough:
+//! total. Every count in `1..k` is hidden (*primary* suppression), margins included. A zero
+//! that can be 0 is hidden when a total of a line it is part of is hidden, unless it is
+//! 0 by a public fact or another of its totals is a published 0 (the *zero rule*, see
+//! [`Network`]): beside a small group's hidden total, a published zero would say what all
+//! its patients have ("alive 0, deceased hidden, lost 0": all deceased). Hiding small
+//! cells is not enough: an attacker who takes everything the table publishes — every
+//! additivity relation, every published value, and the fact that a hidden count is a
+//! whole number, at least 0 where the zero rule may have hidden a zero and at least 1
+//! elsewhere — can bound each hidden cell by linear programming, and combining equations
+//! often pins cells that no single equation pins. So further cells are hidden
+//! (*complementary* suppression) until, for every hidden cell, the interval the attacker
+//! can prove is wide enough:
 //!
 //! - **sliding protection**: its upper bound minus its lower bound is at least the
 //!   registry's protection level `p` (`p >= 1`: no hidden value is ever pinned);
-//! - **upper protection** of every primary cell: the attacker's upper bound is at least
-//!   `k`, so no answer proves that a hidden count is below the threshold.
+//! - **upper protection** of every primary cell and every hidden zero: the attacker's
+//!   upper bound is at least `k`, so no answer proves that a hidden count is below the
+//!   threshold, nor that a small group has none of a category.
 //!
 //! These are the protection levels of tau-Argus and sdcTable (HITAS/OPT: an upper,
 //! lower and sliding protection level per sensitive cell, checked against the attacker's
@@ -27,7 +33,7 @@
 //! column of `z` sums to zero: the constraint matrix is that of a bipartite network and
 //! totally unimodular. A change of the hidden values that keeps every equation is a
 //! *circulation* on that network (published values are fixed, so only hidden cells are
-//! edges; a hidden cell can grow without limit and shrink to 1). The largest increase of a
+//! edges; a hidden cell can grow without limit and shrink to its least value, 0 or 1). The largest increase of a
 //! hidden cell that the attacker cannot rule out is therefore the maximum flow around a
 //! cycle through it, and likewise the largest decrease: that is the attacker's LP optimum,
 //! computed in integers by augmenting paths, with no floating point to mislead (the LP's
@@ -73,6 +79,14 @@ const PRUNE_WORK: usize = 200_000;
 
 /// A frequency table of non-negative counts. `cols == 1` with `two_way == false` is a
 /// one-way table: its cells and a grand total (no row/column totals are published).
+///
+/// What anyone knows about its zeros is part of the table, since the attacker knows it
+/// too: an interior cell of a two-way table may be 0; a row total (or the cell of a
+/// one-way table) may be 0 only when rows are listed whether or not they hold a count
+/// (`empty_rows`, e.g. the five delay bands), likewise a column total (`empty_cols`);
+/// otherwise a listed row holds at least 1. `structural` marks interior cells that are 0
+/// by a public fact (a centre lies in one country): they are published as 0, never
+/// hidden.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub rows: usize,
@@ -81,6 +95,12 @@ pub struct Table {
     pub two_way: bool,
     /// Row-major, `rows * cols` counts.
     pub cells: Vec<u64>,
+    /// Rows are listed even when they hold no count.
+    pub empty_rows: bool,
+    /// Columns are listed even when they hold no count.
+    pub empty_cols: bool,
+    /// Per interior cell, whether it is 0 by a public fact; empty: none is.
+    pub structural: Vec<bool>,
 }
 
 impl Table {
@@ -91,7 +111,31 @@ impl Table {
             cols: 1,
             two_way: false,
             cells,
+            empty_rows: false,
+            empty_cols: false,
+            structural: Vec::new(),
         }
+    }
+
+    /// The same table, its rows (`rows`) and columns (`cols`) listed even when they hold
+    /// no count.
+    pub fn listing_empty(mut self, rows: bool, cols: bool) -> Table {
+        self.empty_rows = rows;
+        self.empty_cols = cols;
+        self
+    }
+
+    /// The same table with the interior cells that are 0 by a public fact marked; every
+    /// marked cell must be 0.
+    pub fn with_structural_zeros(mut self, structural: Vec<bool>) -> Result<Table, SuppressError> {
+        self.structural = structural;
+        self.check()?;
+        Ok(self)
+    }
+
+    /// Whether interior cell `c` is 0 by a public fact.
+    fn is_structural(&self, c: usize) -> bool {
+        self.structural.get(c).copied().unwrap_or(false)
     }
 
     /// A two-way table with row totals, column totals and a grand total; `cells` is
@@ -102,6 +146,9 @@ impl Table {
             cols,
             two_way: true,
             cells,
+            empty_rows: false,
+            empty_cols: false,
+            structural: Vec::new(),
         };
         table.check()?;
         Ok(table)
@@ -121,6 +168,18 @@ impl Table {
             return Err(SuppressError::TooLarge {
                 cells: self.cells.len(),
             });
+        }
+        let structural_fits = self.structural.is_empty()
+            || (self.structural.len() == self.cells.len()
+                && self
+                    .structural
+                    .iter()
+                    .zip(&self.cells)
+                    .all(|(&s, &v)| !s || v == 0));
+        if !structural_fits {
+            return Err(SuppressError::Internal(
+                "structural zeros that do not fit the table's cells",
+            ));
         }
         Ok(())
     }
@@ -240,13 +299,19 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     let mut audit = Audit::new(&network, rules);
     let preference = |cell: usize| (values[cell], layout.class(cell), cell);
 
-    let primary_cells: Vec<bool> = values.iter().map(|&v| v > 0 && v < rules.k).collect();
-    let primary = primary_cells.iter().filter(|&&h| h).count();
-    let mut hidden = Hidden::new(&network, primary_cells);
+    let primary_cells: Vec<usize> = (0..values.len())
+        .filter(|&c| values[c] > 0 && values[c] < rules.k)
+        .collect();
+    let primary = primary_cells.len();
+    let mut hidden = Hidden::new(&network, vec![false; values.len()]);
+    for &c in &primary_cells {
+        hidden.hide(&network, c);
+    }
 
     // One pass: a cell found safe stays safe as more cells are hidden, since every hidden
-    // cell only adds an edge to the attacker's network. So when the pass ends, every
-    // hidden cell is proven safe in the final pattern.
+    // cell only adds an edge to the attacker's network, and a hidden total only lowers
+    // the floor of the cells of its lines. So when the pass ends, every hidden cell is
+    // proven safe in the final pattern.
     let mut queue: Vec<usize> = hidden.cells().collect();
     let mut next = 0;
     while next < queue.len() {
@@ -270,10 +335,16 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     let hidden_now = hidden.cells().count().max(1);
     let tries = PRUNE_ATTEMPTS.min(PRUNE_WORK / hidden_now);
     for cell in complements.into_iter().take(tries) {
-        hidden.publish(&network, cell);
-        let neighbours: Vec<usize> = [network.from[cell], network.to[cell]]
+        let published = hidden.publish(&network, cell);
+        let mut nodes: Vec<usize> = published
             .iter()
-            .flat_map(|&n| hidden.adjacent[n].iter().copied())
+            .flat_map(|&c| [network.from[c], network.to[c]])
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let neighbours: Vec<usize> = nodes
+            .into_iter()
+            .flat_map(|n| hidden.adjacent[n].iter().copied())
             .collect();
         let safe = audit
             .all_safe(&hidden, &neighbours, deadline)
@@ -387,16 +458,33 @@ pub fn protect_arranged(
         }
     };
     let mut cells = Vec::with_capacity(table.cells.len());
+    let mut structural = Vec::new();
     for i in 0..rows {
         for j in 0..cols {
             cells.push(table.cells[at(i, j)]);
+            if !table.structural.is_empty() {
+                structural.push(table.is_structural(at(i, j)));
+            }
         }
     }
+    // Which canonical lines are listed even when they hold no count.
+    let (empty_rows, empty_cols) = if arrangement.transpose {
+        (table.empty_cols, table.empty_rows)
+    } else {
+        (table.empty_rows, table.empty_cols)
+    };
     let degenerate = !table.two_way || rows == 1 || cols == 1;
-    let canonical = if degenerate {
-        Table::one_way(cells)
+    let canonical = if !table.two_way {
+        Table::one_way(cells).listing_empty(empty_rows, false)
+    } else if rows == 1 {
+        // Its cells are its column totals.
+        Table::one_way(cells).listing_empty(empty_cols, false)
+    } else if cols == 1 {
+        Table::one_way(cells).listing_empty(empty_rows, false)
     } else {
         Table::two_way(rows, cols, cells)?
+            .listing_empty(empty_rows, empty_cols)
+            .with_structural_zeros(structural)?
     };
     let p = protect(&canonical, rules, deadline)?;
 
@@ -511,7 +599,13 @@ struct Layout {
     rows: usize,
     cols: usize,
     two_way: bool,
+    empty_rows: bool,
+    empty_cols: bool,
+    structural: Vec<bool>,
 }
+
+/// No cell: the missing second parent of a cell in one line only.
+const NONE: usize = usize::MAX;
 
 impl Layout {
     fn of(table: &Table) -> Layout {
@@ -519,6 +613,43 @@ impl Layout {
             rows: table.rows,
             cols: table.cols,
             two_way: table.two_way,
+            empty_rows: table.empty_rows,
+            empty_cols: table.empty_cols,
+            structural: (0..table.cells.len())
+                .map(|c| table.is_structural(c))
+                .collect(),
+        }
+    }
+
+    /// The totals of the lines `cell` is a part of (not the total of): an interior cell's
+    /// row and column totals, a row or column total's grand total; a one-way cell's grand
+    /// total. [`NONE`] where there is none.
+    fn parents(&self, cell: usize) -> [usize; 2] {
+        let grand = self.grand();
+        if cell == grand {
+            [NONE, NONE]
+        } else if !self.two_way || cell >= self.interior() {
+            [grand, NONE]
+        } else {
+            let (r, j) = self.coordinates(cell);
+            [self.interior() + r, self.interior() + self.rows + j]
+        }
+    }
+
+    /// Whether anyone may take `cell` to be 0 when it is hidden: an interior cell of a
+    /// two-way table; a one-way cell or a row total when rows are listed whether or not
+    /// they hold a count; a column total likewise. Anything else lists at least 1.
+    fn may_be_zero(&self, cell: usize) -> bool {
+        if cell == self.grand() {
+            false
+        } else if !self.two_way {
+            self.empty_rows
+        } else if cell < self.interior() {
+            true
+        } else if cell < self.interior() + self.rows {
+            self.empty_rows
+        } else {
+            self.empty_cols
         }
     }
 
@@ -584,17 +715,32 @@ const UNBOUNDED: Amount = i128::MAX / 4;
 
 /// The attacker's system as a network. Node numbering: two-way, the extended rows
 /// `0..=rows` and then the extended columns; one-way, the single equation (0) and a node
-/// without an equation (1). Every non-zero value is an edge `from -> to` whose flow is
-/// `sign * (change of the value)`; only hidden values are edges of the attacker's system,
-/// the others are candidates for hiding.
+/// without an equation (1). Every non-zero value, and every zero the zero rule can hide,
+/// is an edge `from -> to` whose flow is `sign * (change of the value)`; only hidden
+/// values are edges of the attacker's system, the others are candidates for hiding.
+///
+/// **The zero rule.** A zero that may be 0 ([`Layout::may_be_zero`]) and is not
+/// structural is hidden exactly when a total of a line it is part of is hidden and no
+/// other is a published 0 ([`Hidden::zero_rule`]), and published otherwise. So a hidden cell in such a line may be 0 (its least value is 0),
+/// and any other hidden cell is at least 1: the attacker reads both from the pattern.
+/// Zeros are never hidden for any other reason, and published zeros are never chosen as
+/// complements. Hiding a total thus hides the zeros of its lines, which need protecting
+/// like every hidden count: no answer proves the few patients of a hidden row to have
+/// none of a category.
 struct Network<'a> {
     values: &'a [u64],
     from: Vec<usize>,
     to: Vec<usize>,
     sign: Vec<i8>,
-    /// Per node, the non-zero cells incident to it.
+    /// Per node, the cells incident to it that can ever be hidden.
     incident: Vec<Vec<usize>>,
     class: Vec<u8>,
+    /// Per cell, its parents ([`Layout::parents`]).
+    parents: Vec<[usize; 2]>,
+    /// Per cell, whether it may be 0 when hidden ([`Layout::may_be_zero`]).
+    may_be_zero: Vec<bool>,
+    /// Per total, the zeros the zero rule hides while it is hidden.
+    zeros_under: Vec<Vec<usize>>,
 }
 
 impl<'a> Network<'a> {
@@ -612,6 +758,9 @@ impl<'a> Network<'a> {
             sign: vec![1; n],
             incident: vec![Vec::new(); nodes],
             class: (0..n).map(|c| layout.class(c)).collect(),
+            parents: (0..n).map(|c| layout.parents(c)).collect(),
+            may_be_zero: (0..n).map(|c| layout.may_be_zero(c)).collect(),
+            zeros_under: vec![Vec::new(); n],
         };
         for (c, &value) in values.iter().enumerate() {
             let (from, to, sign) = if layout.two_way {
@@ -625,7 +774,18 @@ impl<'a> Network<'a> {
             net.from[c] = from;
             net.to[c] = to;
             net.sign[c] = sign;
-            if value > 0 {
+            let hideable_zero = value == 0
+                && net.may_be_zero[c]
+                && !layout.structural.get(c).copied().unwrap_or(false)
+                && net.parents[c][0] != NONE;
+            if hideable_zero {
+                for parent in net.parents[c] {
+                    if parent != NONE {
+                        net.zeros_under[parent].push(c);
+                    }
+                }
+            }
+            if value > 0 || hideable_zero {
                 net.incident[from].push(c);
                 net.incident[to].push(c);
             }
@@ -633,10 +793,20 @@ impl<'a> Network<'a> {
         net
     }
 
+    /// The least value the attacker knows hidden cell `c` to have under `hidden`: 0 when
+    /// it may be 0 and a total of its lines is hidden (the zero rule would have hidden it
+    /// as a zero), else 1.
+    fn floor(&self, c: usize, hidden: &Hidden) -> u64 {
+        let under_hidden = self.parents[c]
+            .iter()
+            .any(|&p| p != NONE && hidden.contains(p));
+        u64::from(!(self.may_be_zero[c] && under_hidden))
+    }
+
     /// Capacity of cell `c` in the forward (`from -> to`) or backward direction before any
-    /// flow: a value can grow without bound and shrink to 1.
-    fn capacity(&self, c: usize, forward: bool) -> Amount {
-        let slack = Amount::from(self.values[c]) - 1;
+    /// flow: a value can grow without bound and shrink to its floor.
+    fn capacity(&self, c: usize, forward: bool, hidden: &Hidden) -> Amount {
+        let slack = Amount::from(self.values[c]) - Amount::from(self.floor(c, hidden));
         if (self.sign[c] > 0) == forward {
             UNBOUNDED
         } else {
@@ -675,20 +845,64 @@ impl Hidden {
         self.is[c]
     }
 
-    fn hide(&mut self, net: &Network<'_>, c: usize) {
-        if !self.is[c] {
-            self.is[c] = true;
+    fn set(&mut self, net: &Network<'_>, c: usize, hide: bool) -> bool {
+        if self.is[c] == hide {
+            return false;
+        }
+        self.is[c] = hide;
+        if hide {
             self.adjacent[net.from[c]].push(c);
             self.adjacent[net.to[c]].push(c);
-        }
-    }
-
-    fn publish(&mut self, net: &Network<'_>, c: usize) {
-        if self.is[c] {
-            self.is[c] = false;
+        } else {
             self.adjacent[net.from[c]].retain(|&x| x != c);
             self.adjacent[net.to[c]].retain(|&x| x != c);
         }
+        true
+    }
+
+    /// Hides `c` and whatever zeros the zero rule then hides; returns every cell hidden.
+    fn hide(&mut self, net: &Network<'_>, c: usize) -> Vec<usize> {
+        self.change(net, c, true)
+    }
+
+    /// Publishes `c` and whatever zeros the zero rule then publishes; returns every cell
+    /// published.
+    fn publish(&mut self, net: &Network<'_>, c: usize) -> Vec<usize> {
+        self.change(net, c, false)
+    }
+
+    fn change(&mut self, net: &Network<'_>, c: usize, hide: bool) -> Vec<usize> {
+        let mut changed = Vec::new();
+        let mut next = vec![c];
+        if self.set(net, c, hide) {
+            changed.push(c);
+        }
+        // A zero total (a delay band no patient is in) can itself fall under the rule:
+        // its own zeros follow it.
+        while let Some(total) = next.pop() {
+            for &z in &net.zeros_under[total] {
+                if self.set(net, z, self.zero_rule(net, z)) {
+                    changed.push(z);
+                    next.push(z);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Whether the zero rule hides zero `z`: a total of its lines is hidden, and none is a
+    /// published 0 (that one already says `z` is 0: a column no patient is in).
+    fn zero_rule(&self, net: &Network<'_>, z: usize) -> bool {
+        let parents = net.parents[z].iter().filter(|&&p| p != NONE);
+        let mut under_hidden = false;
+        for &p in parents {
+            if self.is[p] {
+                under_hidden = true;
+            } else if net.values[p] == 0 {
+                return false;
+            }
+        }
+        under_hidden
     }
 
     fn cells(&self) -> impl Iterator<Item = usize> + '_ {
@@ -722,8 +936,8 @@ impl<'n, 'a> Flows<'n, 'a> {
         }
     }
 
-    fn residual(&self, c: usize, forward: bool) -> Amount {
-        let cap = self.net.capacity(c, forward);
+    fn residual(&self, c: usize, forward: bool, hidden: &Hidden) -> Amount {
+        let cap = self.net.capacity(c, forward, hidden);
         if cap >= UNBOUNDED {
             return UNBOUNDED;
         }
@@ -795,7 +1009,7 @@ impl<'n, 'a> Flows<'n, 'a> {
                     continue;
                 }
                 let (other, forward) = self.net.across(c, node);
-                if self.seen[other] == self.stamp || self.residual(c, forward) <= 0 {
+                if self.seen[other] == self.stamp || self.residual(c, forward, hidden) <= 0 {
                     continue;
                 }
                 self.seen[other] = self.stamp;
@@ -805,7 +1019,7 @@ impl<'n, 'a> Flows<'n, 'a> {
                     let mut n = t;
                     while n != s {
                         let (c, forward) = self.parent[n].expect("on the path");
-                        bottleneck = bottleneck.min(self.residual(c, forward));
+                        bottleneck = bottleneck.min(self.residual(c, forward, hidden));
                         n = if forward {
                             self.net.from[c]
                         } else {
@@ -837,9 +1051,9 @@ impl<'n, 'a> Flows<'n, 'a> {
         self.max_flow(s, t, c, hidden, limit)
     }
 
-    /// How far below its value, up to `limit` (and never below 1).
+    /// How far below its value, up to `limit` (and never below its floor).
     fn down(&mut self, c: usize, hidden: &Hidden, limit: Amount) -> Amount {
-        let slack = Amount::from(self.net.values[c]) - 1;
+        let slack = Amount::from(self.net.values[c]) - Amount::from(self.net.floor(c, hidden));
         let limit = limit.min(slack);
         if limit <= 0 {
             return 0;
@@ -863,12 +1077,14 @@ impl<'n, 'a> Audit<'n, 'a> {
         }
     }
 
-    /// How much room above its value cell `c` needs: `k - value` for a primary cell
-    /// (upper protection), then at least what the sliding protection still lacks given
-    /// `down`.
+    /// How much room above its value cell `c` needs: `k - value` for a primary cell or a
+    /// hidden zero (upper protection), then at least what the sliding protection still
+    /// lacks given `down`.
     fn needed_up(&self, c: usize, down: Amount) -> Amount {
         let value = self.flows.net.values[c];
         let k = Amount::from(self.rules.k);
+        // A hidden zero is protected as a small count is: an interval that stops below k
+        // would tell it apart from one (every small count's reaches k), so it would say 0.
         let upper = if value < self.rules.k {
             k - Amount::from(value)
         } else {
@@ -900,8 +1116,15 @@ impl<'n, 'a> Audit<'n, 'a> {
         first: &[usize],
         deadline: Instant,
     ) -> Result<bool, SuppressError> {
-        let rest = hidden.cells().filter(|c| !first.contains(c));
-        for (i, c) in first.iter().copied().chain(rest).enumerate() {
+        // `first` may repeat cells: each is checked once.
+        let mut checked = vec![false; hidden.is.len()];
+        let first = first
+            .iter()
+            .copied()
+            .filter(|&c| !std::mem::replace(&mut checked[c], true));
+        let first: Vec<usize> = first.collect();
+        let rest = hidden.cells().filter(|&c| !checked[c]);
+        for (i, c) in first.into_iter().chain(rest).enumerate() {
             if i % 16 == 0 && Instant::now() >= deadline {
                 return Err(SuppressError::OutOfTime {
                     budget: Duration::ZERO,
@@ -944,8 +1167,7 @@ impl<'n, 'a> Audit<'n, 'a> {
                 return Err(SuppressError::Internal("an augmenting path was missed"));
             }
             for cell in path {
-                hidden.hide(self.flows.net, cell);
-                added.push(cell);
+                added.extend(hidden.hide(self.flows.net, cell));
             }
         }
     }
@@ -979,9 +1201,12 @@ impl<'n, 'a> Audit<'n, 'a> {
                 }
                 let (other, forward) = net.across(c, node);
                 let room = if hidden.contains(c) {
-                    self.flows.residual(c, forward)
+                    self.flows.residual(c, forward, hidden)
+                } else if net.values[c] == 0 {
+                    // A published zero stays published: the zero rule alone hides zeros.
+                    continue;
                 } else {
-                    net.capacity(c, forward)
+                    net.capacity(c, forward, hidden)
                 };
                 if room <= 0 {
                     continue;
@@ -1124,8 +1349,11 @@ mod tests {
         assert_eq!(p.cells, vec![None; 4]);
         assert_eq!(p.row_totals, vec![None, None]);
         assert_eq!(p.col_totals, vec![None, None]);
-        // With G = 4 published, four hidden cells that are each at least 1 are all 1.
-        assert_eq!(p.grand_total, None);
+        // Every row and column total is hidden, so every cell may be 0 (the zero rule would
+        // have hidden a 0 there): with G = 4 published, each cell lies in [0, 3] and each
+        // total in [1, 3], which reaches k. (Were hidden cells known to be at least 1,
+        // G = 4 would pin all four to 1.)
+        assert_eq!(p.grand_total, Some(4));
         assert_safe(&t, &p, 3, 1);
     }
 
@@ -1140,14 +1368,17 @@ mod tests {
     }
 
     #[test]
-    fn k_above_every_count_hides_everything_but_the_zeros() {
+    fn k_above_every_count_hides_everything_zeros_included() {
+        // The zero's row and column totals are hidden, so the zero is too: published, it
+        // would say that the few patients of its row have none of its column.
         let t = Table::two_way(2, 2, vec![0, 4, 5, 6]).unwrap();
         let p = run(&t, 100, 1);
-        assert_eq!(p.cells, vec![Some(0), None, None, None]);
+        assert_eq!(p.cells, vec![None, None, None, None]);
         assert_eq!(p.row_totals, vec![None, None]);
         assert_eq!(p.col_totals, vec![None, None]);
         assert_eq!(p.grand_total, None);
-        assert_eq!((p.primary, p.secondary), (8, 0));
+        assert_eq!((p.primary, p.secondary), (8, 1));
+        assert_safe(&t, &p, 100, 1);
     }
 
     #[test]
@@ -1222,6 +1453,9 @@ mod tests {
             cols: 2,
             two_way: false,
             cells: vec![1, 2],
+            empty_rows: false,
+            empty_cols: false,
+            structural: Vec::new(),
         };
         assert!(matches!(
             protect(&not_one_way, rules(5, 1), soon()),

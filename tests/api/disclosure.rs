@@ -31,6 +31,9 @@ fn count_view(t: &proto::CountTable) -> Published {
             rows: 0,
             cols: 0,
             two_way: false,
+            empty_rows: false,
+            empty_cols: false,
+            one_row: false,
             cells: vec![],
             row_totals: vec![],
             col_totals: vec![],
@@ -43,6 +46,14 @@ fn count_view(t: &proto::CountTable) -> Published {
         rows: t.rows.len(),
         cols,
         two_way,
+        // Rows and columns are listed only when some patient has them, but a table of one
+        // row also lists, hidden, the zeros of the table of its dimensions (any hidden
+        // cell of it may be 0; for a row protected as the one-way table of its cells, that
+        // makes this attacker weaker than the real one, who would know them at least 1:
+        // tests/suppression.rs covers one-way tables).
+        empty_rows: false,
+        empty_cols: false,
+        one_row: two_way && t.rows.len() == 1,
         cells: t
             .rows
             .iter()
@@ -69,6 +80,9 @@ fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
             rows: d.band_totals.len(),
             cols: 1,
             two_way: false,
+            empty_rows: true,
+            empty_cols: false,
+            one_row: false,
             cells: d.band_totals.iter().map(|c| c.count).collect(),
             row_totals: vec![],
             col_totals: vec![],
@@ -79,6 +93,10 @@ fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
         rows: d.groups.len().max(1),
         cols: d.bands.len(),
         two_way: true,
+        // Every band is listed; a group only when some patient is in it.
+        empty_rows: false,
+        empty_cols: true,
+        one_row: false,
         cells: if d.groups.is_empty() {
             vec![Some(0); d.bands.len()]
         } else {

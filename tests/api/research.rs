@@ -390,12 +390,12 @@ async fn the_threshold_is_per_registry_and_set_by_an_admin() {
 async fn diagnostic_delay_in_bands_with_quantiles_only_for_fully_published_groups() {
     let app = TestApp::spawn().await;
     let mut patients = Vec::new();
-    // 6 NL patients diagnosed within a year; 5 NL patients after about 3 years;
-    // 3 BE patients after about 12 years.
-    for i in 0..6 {
+    // 8 NL patients diagnosed within a year; 7 NL patients after about 3 years;
+    // 3 BE patients after about 12 years; 5 DE patients in each of those three bands.
+    for i in 0..8 {
         patients.push(patient(200 + i, "NL-AMC", "ORPHA:586", proto::Sex::Female));
     }
-    for i in 0..5 {
+    for i in 0..7 {
         let mut p = patient(300 + i, "NL-AMC", "ORPHA:586", proto::Sex::Female);
         p.diagnosis = "2018-09";
         patients.push(p);
@@ -404,6 +404,18 @@ async fn diagnostic_delay_in_bands_with_quantiles_only_for_fully_published_group
         let mut p = patient(400 + i, "BE-UZL", "ORPHA:586", proto::Sex::Male);
         p.diagnosis = "2026-01";
         patients.push(p);
+    }
+    for (i, diagnosis) in ["2016-03-14", "2018-09", "2026-01"].iter().enumerate() {
+        for j in 0..5 {
+            let mut p = patient(
+                600 + 10 * i as u32 + j,
+                "DE-CHA",
+                "ORPHA:586",
+                proto::Sex::Male,
+            );
+            p.diagnosis = diagnosis;
+            patients.push(p);
+        }
     }
     // Unknown onset: no delay, not in this table.
     let mut unknown = patient(500, "NL-AMC", "ORPHA:586", proto::Sex::Female);
@@ -418,13 +430,15 @@ async fn diagnostic_delay_in_bands_with_quantiles_only_for_fully_published_group
         .unwrap()
         .onset_kind = proto::OnsetKind::Unknown as i32;
     app.centre("BE-UZL", "BE", &["ERN-EYE", "ERN-LUNG"]).await;
+    app.centre("DE-CHA", "DE", &["ERN-LUNG"]).await;
     let mut nl = app.physician("dr-nl", "NL-AMC").await;
     let mut be = app.physician("dr-be", "BE-UZL").await;
+    let mut de = app.physician("dr-de", "DE-CHA").await;
     for (p, req) in patients.iter().zip(requests) {
-        let client = if p.centre == "NL-AMC" {
-            &mut nl
-        } else {
-            &mut be
+        let client = match p.centre {
+            "NL-AMC" => &mut nl,
+            "BE-UZL" => &mut be,
+            _ => &mut de,
         };
         client.submit_case(req).await.unwrap();
     }
@@ -451,13 +465,21 @@ async fn diagnostic_delay_in_bands_with_quantiles_only_for_fully_published_group
         .unwrap()
         .into_inner();
     assert_eq!(by_gene.unit, "patient-gene pairs");
-    // 14 patients with a known delay; published only if it gives nothing away.
-    assert!(r.grand_total.unwrap().count.is_none_or(|n| n == 14));
+    // 33 patients with a known delay; published only if it gives nothing away.
+    assert!(r.grand_total.unwrap().count.is_none_or(|n| n == 33));
     let nl = r.groups.iter().find(|g| g.labels == ["NL"]).unwrap();
     let be = r.groups.iter().find(|g| g.labels == ["BE"]).unwrap();
-    // NL's total (11) is hidden as a complement: with it and the grand total, BE's 3
-    // could be worked out.
+    let de = r.groups.iter().find(|g| g.labels == ["DE"]).unwrap();
     assert_eq!(be.total.unwrap().count, None);
+    // BE's zeros are hidden with its total (published, "<1y 0" and "1-5y 0" would say
+    // its few patients all waited longer), and DE's counts hide with them, as their
+    // complements: the cheapest. NL's group is published whole, with its quantiles.
+    for band in [0, 1] {
+        assert_eq!(be.bands[band].count, None, "BE's zero in band {band}");
+    }
+    assert_eq!(de.total.unwrap().count, None);
+    assert_eq!(de.quantiles, None);
+    assert!(nl.bands.iter().all(|b| b.count.is_some()), "{nl:?}");
     let q = nl.quantiles.unwrap();
     assert!(
         q.median_years < 1.0 && q.p90_years > 2.5 && q.p90_years < 3.5,

@@ -1,8 +1,11 @@
 //! The attacker of a published table, written independently of `aggregate::suppress`.
 //!
 //! It takes only what an answer publishes — the shape, every published cell and total,
-//! the published zeros — plus what anyone knows about counts: a hidden count is a whole
-//! number of at least 1 (zeros are published, so a hidden cell is never 0). For every
+//! the published zeros — plus what anyone knows about counts and the zero rule: a hidden
+//! count is a whole number, at least 0 when it may be 0 (an interior cell of a two-way
+//! table, a one-way cell or a total of a line listed even when empty) and a total of a
+//! line it is part of is hidden (the service hides zeros there), and at least 1 otherwise
+//! (a zero there would be published). For every
 //! hidden cell it solves two linear programs with a general LP solver (good_lp with
 //! microlp: a simplex method in floating point, nothing in common with the service's
 //! integer network flows): the least and the greatest value the cell can take. The
@@ -32,6 +35,14 @@ pub struct Published {
     pub rows: usize,
     pub cols: usize,
     pub two_way: bool,
+    /// Rows (a one-way table's cells) are listed even when they hold no count.
+    pub empty_rows: bool,
+    /// Columns are listed even when they hold no count (the delay bands).
+    pub empty_cols: bool,
+    /// Every hidden cell and column total may be 0: a one-row answer, which lists, hidden,
+    /// the zeros of the larger table it is protected as (the attacker cannot tell them
+    /// from counts). Its row total, the grand total, is at least 1.
+    pub one_row: bool,
     /// Row-major.
     pub cells: Vec<Option<u64>>,
     pub row_totals: Vec<Option<u64>>,
@@ -117,6 +128,9 @@ impl Published {
             rows: self.cols,
             cols: self.rows,
             two_way: true,
+            empty_rows: self.empty_cols,
+            empty_cols: self.empty_rows,
+            one_row: false,
             cells,
             row_totals: self.col_totals.clone(),
             col_totals: self.row_totals.clone(),
@@ -138,6 +152,9 @@ impl Published {
             rows: self.rows,
             cols: self.cols,
             two_way: self.two_way,
+            empty_rows: self.empty_rows,
+            empty_cols: self.empty_cols,
+            one_row: self.one_row,
             cells: either(&self.cells, &other.cells),
             row_totals: either(&self.row_totals, &other.row_totals),
             col_totals: either(&self.col_totals, &other.col_totals),
@@ -152,13 +169,48 @@ impl Published {
             .collect()
     }
 
+    /// The least value a hidden `cell` can have: 0 when it may be 0 and a total of a line
+    /// it is part of is hidden, else 1.
+    pub fn floor(&self, cell: Cell) -> u64 {
+        if self.one_row && matches!(cell, Cell::Inner(..) | Cell::Col(_)) {
+            return 0;
+        }
+        let under_hidden = self.parents(cell).iter().any(|&p| self.value(p).is_none());
+        u64::from(!(self.may_be_zero(cell) && under_hidden))
+    }
+
+    /// The totals of the lines `cell` is a part of.
+    pub fn parents(&self, cell: Cell) -> Vec<Cell> {
+        match cell {
+            Cell::Inner(i, j) if self.two_way => vec![Cell::Row(i), Cell::Col(j)],
+            Cell::Grand => vec![],
+            _ => vec![Cell::Grand],
+        }
+    }
+
+    /// Whether `cell` can be 0 in a table listed this way.
+    pub fn may_be_zero(&self, cell: Cell) -> bool {
+        match cell {
+            Cell::Inner(..) if !self.two_way => self.empty_rows,
+            Cell::Inner(..) => true,
+            Cell::Row(_) => self.empty_rows,
+            Cell::Col(_) => self.empty_cols,
+            Cell::Grand => false,
+        }
+    }
+
+    /// A published value.
+    pub fn shown(&self, cell: Cell) -> Option<u64> {
+        self.value(cell)
+    }
+
     /// One LP: optimise `target` (maximise or minimise) over the hidden cells.
     fn optimise(&self, target: Cell, maximise: bool) -> Result<f64, ResolutionError> {
         let mut vars = variables!();
         let hidden = self.hidden();
         let var: Vec<(Cell, Variable)> = hidden
             .iter()
-            .map(|&c| (c, vars.add(variable().min(1.0))))
+            .map(|&c| (c, vars.add(variable().min(self.floor(c) as f64))))
             .collect();
         let term = |c: Cell| -> Expression {
             match self.value(c) {
@@ -199,7 +251,7 @@ impl Published {
                 };
                 Interval {
                     cell,
-                    lo: (lo - TOLERANCE).ceil().max(1.0) as u64,
+                    lo: (lo - TOLERANCE).ceil().max(self.floor(cell) as f64) as u64,
                     hi,
                 }
             })
@@ -230,7 +282,7 @@ pub fn confirm(cells: &[u64], cols: usize, intervals: &[Interval]) {
 }
 
 /// Every way the intervals break the rules (k, protection level p): a hidden cell
-/// narrower than p, or a hidden count below k proven below k.
+/// narrower than p, or a hidden count below k (a zero included) proven below k.
 pub fn violations(
     cells: &[u64],
     cols: usize,
