@@ -157,20 +157,63 @@ fn count() -> impl Strategy<Value = u64> {
 }
 
 fn table() -> impl Strategy<Value = Table> {
-    (any::<bool>(), 1usize..=7, 1usize..=6, any::<(bool, bool)>()).prop_flat_map(
-        |(two_way, rows, cols, (empty_rows, empty_cols))| {
-            let cols = if two_way { cols } else { 1 };
-            proptest::collection::vec(count(), rows * cols).prop_map(move |cells| {
-                if two_way {
-                    Table::two_way(rows, cols, cells)
-                        .unwrap()
-                        .listing_empty(empty_rows, empty_cols)
-                } else {
-                    Table::one_way(cells).listing_empty(empty_rows, false)
-                }
-            })
-        },
+    (
+        any::<bool>(),
+        1usize..=7,
+        1usize..=6,
+        any::<(bool, bool)>(),
+        any::<(bool, bool)>(),
     )
+        .prop_flat_map(
+            |(two_way, rows, cols, (empty_rows, empty_cols), (pair_rows, pair_cols))| {
+                let cols = if two_way { cols } else { 1 };
+                proptest::collection::vec(count(), rows * cols).prop_map(move |cells| {
+                    if two_way {
+                        Table::two_way(rows, cols, cells)
+                            .unwrap()
+                            .listing_empty(empty_rows, empty_cols)
+                            .counting_pairs(pair_rows, pair_cols)
+                    } else {
+                        Table::one_way(cells)
+                            .listing_empty(empty_rows, false)
+                            .counting_pairs(pair_rows, false)
+                    }
+                })
+            },
+        )
+}
+
+/// The pair rule: no total of pairs (other than 0) is published while its line publishes no
+/// count.
+fn pair_rule_holds(t: &Table, view: &Published) -> bool {
+    let holds = |total: Option<u64>, line: Vec<Cell>| {
+        total.is_none_or(|v| v == 0) || line.iter().any(|&c| view.shown(c).is_some_and(|v| v > 0))
+    };
+    let totals: Vec<Cell> = if t.two_way {
+        (0..t.rows)
+            .map(Cell::Row)
+            .chain((0..t.cols).map(Cell::Col))
+            .collect()
+    } else {
+        (0..t.rows).map(|i| Cell::Inner(i, 0)).collect()
+    };
+    let grand_ok = !(t.pair_rows || t.pair_cols) || holds(view.grand, totals);
+    let rows_ok = !t.two_way
+        || !t.pair_rows
+        || (0..t.rows).all(|i| {
+            holds(
+                view.row_totals[i],
+                (0..t.cols).map(|j| Cell::Inner(i, j)).collect(),
+            )
+        });
+    let cols_ok = !t.pair_cols
+        || (0..t.cols).all(|j| {
+            holds(
+                view.col_totals[j],
+                (0..t.rows).map(|i| Cell::Inner(i, j)).collect(),
+            )
+        });
+    grand_ok && rows_ok && cols_ok
 }
 
 proptest! {
@@ -200,6 +243,7 @@ proptest! {
             }
         }
         prop_assert_eq!(p.primary + p.secondary, view.hidden().len());
+        prop_assert!(pair_rule_holds(&t, &view), "the pair rule broken: {:?}", p);
 
         let found = attack(&t, &p, k, level);
         prop_assert!(found.is_empty(), "k={} p={}: {:?} from {:?}", k, level, found, p);

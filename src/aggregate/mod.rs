@@ -416,6 +416,15 @@ impl Grid {
             let p = suppress::protect_arranged(&self.table, &arrangement, rules, deadline)?;
             return Ok((p, self.cols.clone()));
         };
+        // Grouped by gene, the totals of the lines that are not by gene count (patient,
+        // gene) pairs: the pair rule (`suppress::Table::counting_pairs`).
+        let gene_cols = col_dims.contains(&Dimension::Gene);
+        let gene_rows = row_dim == Dimension::Gene;
+        let (pair_rows, pair_cols) = if col_dims.is_empty() {
+            (gene_rows, false)
+        } else {
+            (gene_cols, gene_rows)
+        };
         // The column dimensions that tell the columns apart, in `Dimension` order.
         let kept = distinguishing(col_dims, &self.cols);
         let reshaped = (self.rows.len() == 1 && !self.cols.is_empty())
@@ -445,7 +454,11 @@ impl Grid {
             let p = self.protect_diagonal(row_dim, col_dims, rules, deadline)?;
             return Ok((p, self.cols.clone()));
         }
-        let table = self.table.clone().with_structural_zeros(structural)?;
+        let table = self
+            .table
+            .clone()
+            .counting_pairs(pair_rows, pair_cols)
+            .with_structural_zeros(structural)?;
         let mut cols: Vec<usize> = (0..self.cols.len()).collect();
         cols.sort_by_cached_key(|&c| canonical_keys(&self.cols[c], &kept));
         if !cols.is_empty() {
@@ -1012,7 +1025,11 @@ impl DelayBuilder {
             cells.resize(DELAY_BANDS.len(), 0);
         }
         // Every band is listed, with or without patients; a group only when it has some.
-        let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?.listing_empty(false, true);
+        // Grouped by gene, a band's total counts (patient, gene) pairs; a group's, patients.
+        let by_gene = self.group_by.contains(&Dimension::Gene);
+        let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?
+            .listing_empty(false, true)
+            .counting_pairs(false, by_gene);
         // Groups in the order of their keys by `Dimension`, however the dimensions were
         // asked for: the same groups always get the same pattern.
         let mut arrangement = Arrangement::identity(&table);
@@ -1216,21 +1233,33 @@ mod tests {
     }
 
     /// The audit's counter-example: three patients who each carry the same two genes,
-    /// grouped by gene. The table counts six (patient, gene) pairs, so its published grand
-    /// total and band total say nothing about there being k patients: no overall quantiles
-    /// (they would give the three patients' delays to within a month).
+    /// grouped by gene. The table counts six (patient, gene) pairs, so a grand total of 6
+    /// would say nothing about there being k patients, and overall quantiles would give
+    /// the three patients' delays to within a month. Now the pair rule hides the band
+    /// total and the grand total (their lines publish no count): the answer lists
+    /// nothing. Where a grand total by gene is published, there are still no overall
+    /// quantiles: it counts pairs.
     #[test]
     fn grouped_by_gene_no_overall_quantiles() {
         let rules = Rules::new(5, 1).unwrap();
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let mut b = DelayBuilder::new(&[Dimension::Gene]);
-        for gene in ["G1", "G2"] {
-            for months in [24, 36, 48] {
-                b.add(vec![Key::Text(gene.into())], months, 1).unwrap();
+        let by_gene = |months: &[i64]| {
+            let mut b = DelayBuilder::new(&[Dimension::Gene]);
+            for gene in ["G1", "G2"] {
+                for &m in months {
+                    b.add(vec![Key::Text(gene.into())], m, 1).unwrap();
+                }
             }
-        }
-        let t = b.finish(rules, deadline).unwrap();
-        assert_eq!(t.grand_total, Some(6), "the pairs' total is published");
+            b.finish(rules, deadline).unwrap()
+        };
+        let t = by_gene(&[24, 36, 48]);
+        assert_eq!(
+            t,
+            DelayTable::collapsed(),
+            "three patients: no count published"
+        );
+        let t = by_gene(&[24, 30, 36, 40, 44, 48]);
+        assert_eq!(t.grand_total, Some(12), "the pairs' total is published");
         assert_eq!(t.overall, None);
         // The same delays by sex (one group of six patients): the overall quantiles are
         // published, for six patients.
@@ -1387,6 +1416,52 @@ mod tests {
             ],
             "{columns:?}"
         );
+    }
+
+    /// Grouped by gene, a row's total counts (patient, gene) pairs: Malta's three patients,
+    /// each with CFTR and DNAH5, make a row total of 6, which k = 5 would publish, and with
+    /// it "SERPINA1 0". The pair rule hides a pair total whose row publishes no count, and
+    /// the zero rule then the row's zeros.
+    #[test]
+    fn a_few_patients_with_several_genes_do_not_list_the_genes_they_lack() {
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let k = |s: &str| Key::Text(s.into());
+        let mut b = TableBuilder::new();
+        for (country, gene, n) in [
+            ("DE", "CFTR", 20),
+            ("DE", "DNAH5", 12),
+            ("DE", "SERPINA1", 8),
+            ("FR", "CFTR", 15),
+            ("FR", "DNAH5", 9),
+            ("FR", "SERPINA1", 6),
+            ("MT", "CFTR", 3),
+            ("MT", "DNAH5", 3),
+        ] {
+            b.add(vec![k(country), k(gene)], n).unwrap();
+        }
+        let t = b
+            .finish(&[Dimension::Country, Dimension::Gene], rules, deadline)
+            .unwrap();
+        assert_eq!(t.row_labels, ["DE", "FR", "MT"]);
+        assert_eq!(&t.protected.cells[6..9], [None, None, None], "{t:?}");
+        assert_eq!(t.protected.row_totals[2], None);
+        // Asked the other way round, the columns are the pair lines.
+        let mut b = TableBuilder::new();
+        for (gene, n) in [("CFTR", 3), ("DNAH5", 3)] {
+            b.add(vec![k(gene), k("MT")], n).unwrap();
+        }
+        for (gene, n) in [("CFTR", 20), ("DNAH5", 12), ("SERPINA1", 8)] {
+            b.add(vec![k(gene), k("DE")], n).unwrap();
+        }
+        let t = b
+            .finish(&[Dimension::Gene, Dimension::Country], rules, deadline)
+            .unwrap();
+        let mt = t.column_labels.iter().position(|c| c[0] == "MT").unwrap();
+        let ncols = t.column_labels.len();
+        let serpina1 = t.row_labels.iter().position(|r| r == "SERPINA1").unwrap();
+        assert_eq!(t.protected.cells[serpina1 * ncols + mt], None, "{t:?}");
+        assert_eq!(t.protected.col_totals[mt], None);
     }
 
     /// The same for the bands of a delay table, and the zeros that stay published: a

@@ -101,6 +101,11 @@ pub struct Table {
     pub empty_cols: bool,
     /// Per interior cell, whether it is 0 by a public fact; empty: none is.
     pub structural: Vec<bool>,
+    /// Row totals count (patient, gene) pairs, not patients (a one-way table: its grand
+    /// total does). See [`Table::counting_pairs`].
+    pub pair_rows: bool,
+    /// Column totals count (patient, gene) pairs.
+    pub pair_cols: bool,
 }
 
 impl Table {
@@ -114,7 +119,23 @@ impl Table {
             empty_rows: false,
             empty_cols: false,
             structural: Vec::new(),
+            pair_rows: false,
+            pair_cols: false,
         }
+    }
+
+    /// The same table, its row totals (`rows`; a one-way table's grand total) or column
+    /// totals (`cols`) counting (patient, gene) pairs: grouped by gene, a patient with two
+    /// genes is in two cells of a row that is not by gene. Such a total can reach k for
+    /// fewer than k patients, so the *pair rule* hides it whenever its line publishes no
+    /// count but zeros (every cell of a line of fewer than k patients is below k), and the
+    /// zero rule then hides the line's zeros: three patients with genes A and B do not
+    /// publish that they have no other gene. The grand total of a table by gene counts
+    /// pairs too, and is hidden when no row or column total other than 0 is published.
+    pub fn counting_pairs(mut self, rows: bool, cols: bool) -> Table {
+        self.pair_rows = rows;
+        self.pair_cols = cols && self.two_way;
+        self
     }
 
     /// The same table, its rows (`rows`) and columns (`cols`) listed even when they hold
@@ -149,6 +170,8 @@ impl Table {
             empty_rows: false,
             empty_cols: false,
             structural: Vec::new(),
+            pair_rows: false,
+            pair_cols: false,
         };
         table.check()?;
         Ok(table)
@@ -314,14 +337,25 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     // proven safe in the final pattern.
     let mut queue: Vec<usize> = hidden.cells().collect();
     let mut next = 0;
-    while next < queue.len() {
-        if Instant::now() >= deadline {
-            return Err(out_of_time());
+    loop {
+        while next < queue.len() {
+            if Instant::now() >= deadline {
+                return Err(out_of_time());
+            }
+            let cell = queue[next];
+            next += 1;
+            let newly = audit.make_safe(cell, &mut hidden)?;
+            queue.extend(newly);
         }
-        let cell = queue[next];
-        next += 1;
-        let newly = audit.make_safe(cell, &mut hidden)?;
-        queue.extend(newly);
+        // Totals of pairs over lines that now show no count go too (only hiding more, so
+        // what was proven stays proven); their cells and zeros are then checked.
+        let forced = layout.pair_rule(&values, &hidden);
+        if forced.is_empty() {
+            break;
+        }
+        for total in forced {
+            queue.extend(hidden.hide(&network, total));
+        }
     }
 
     // Greedy choices can hide more than needed: publish complements again, largest first,
@@ -346,9 +380,10 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
             .into_iter()
             .flat_map(|n| hidden.adjacent[n].iter().copied())
             .collect();
-        let safe = audit
-            .all_safe(&hidden, &neighbours, deadline)
-            .map_err(|_| out_of_time())?;
+        let safe = layout.pair_rule(&values, &hidden).is_empty()
+            && audit
+                .all_safe(&hidden, &neighbours, deadline)
+                .map_err(|_| out_of_time())?;
         if !safe {
             hidden.hide(&network, cell);
         }
@@ -473,17 +508,29 @@ pub fn protect_arranged(
     } else {
         (table.empty_rows, table.empty_cols)
     };
+    let (pair_rows, pair_cols) = if arrangement.transpose {
+        (table.pair_cols, table.pair_rows)
+    } else {
+        (table.pair_rows, table.pair_cols)
+    };
     let degenerate = !table.two_way || rows == 1 || cols == 1;
     let canonical = if !table.two_way {
-        Table::one_way(cells).listing_empty(empty_rows, false)
+        Table::one_way(cells)
+            .listing_empty(empty_rows, false)
+            .counting_pairs(table.pair_rows, false)
     } else if rows == 1 {
-        // Its cells are its column totals.
-        Table::one_way(cells).listing_empty(empty_cols, false)
+        // Its cells are its column totals, its total the row's.
+        Table::one_way(cells)
+            .listing_empty(empty_cols, false)
+            .counting_pairs(pair_rows, false)
     } else if cols == 1 {
-        Table::one_way(cells).listing_empty(empty_rows, false)
+        Table::one_way(cells)
+            .listing_empty(empty_rows, false)
+            .counting_pairs(pair_cols, false)
     } else {
         Table::two_way(rows, cols, cells)?
             .listing_empty(empty_rows, empty_cols)
+            .counting_pairs(pair_rows, pair_cols)
             .with_structural_zeros(structural)?
     };
     let p = protect(&canonical, rules, deadline)?;
@@ -602,6 +649,8 @@ struct Layout {
     empty_rows: bool,
     empty_cols: bool,
     structural: Vec<bool>,
+    pair_rows: bool,
+    pair_cols: bool,
 }
 
 /// No cell: the missing second parent of a cell in one line only.
@@ -618,7 +667,54 @@ impl Layout {
             structural: (0..table.cells.len())
                 .map(|c| table.is_structural(c))
                 .collect(),
+            pair_rows: table.pair_rows,
+            pair_cols: table.pair_cols,
         }
+    }
+
+    /// The totals the pair rule ([`Table::counting_pairs`]) hides under `hidden`: a
+    /// published total that counts pairs whose line publishes no count but zeros.
+    fn pair_rule(&self, values: &[u64], hidden: &Hidden) -> Vec<usize> {
+        // Whether published total `total` must go: other than 0, and no cell of its line
+        // shows a count.
+        let breaks = |total: usize, line: &mut dyn Iterator<Item = usize>| {
+            if values[total] == 0 || hidden.contains(total) {
+                return false;
+            }
+            for c in line {
+                if values[c] > 0 && !hidden.contains(c) {
+                    return false;
+                }
+            }
+            true
+        };
+        let mut out = Vec::new();
+        let grand = self.grand();
+        if !self.two_way {
+            if self.pair_rows && breaks(grand, &mut (0..self.interior())) {
+                out.push(grand);
+            }
+            return out;
+        }
+        let (interior, rows, cols) = (self.interior(), self.rows, self.cols);
+        if self.pair_rows {
+            for r in 0..rows {
+                if breaks(interior + r, &mut (r * cols..(r + 1) * cols)) {
+                    out.push(interior + r);
+                }
+            }
+        }
+        if self.pair_cols {
+            for j in 0..cols {
+                if breaks(interior + rows + j, &mut (0..rows).map(|r| r * cols + j)) {
+                    out.push(interior + rows + j);
+                }
+            }
+        }
+        if (self.pair_rows || self.pair_cols) && breaks(grand, &mut (interior..grand)) {
+            out.push(grand);
+        }
+        out
     }
 
     /// The totals of the lines `cell` is a part of (not the total of): an interior cell's
@@ -1456,6 +1552,8 @@ mod tests {
             empty_rows: false,
             empty_cols: false,
             structural: Vec::new(),
+            pair_rows: false,
+            pair_cols: false,
         };
         assert!(matches!(
             protect(&not_one_way, rules(5, 1), soon()),

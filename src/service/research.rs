@@ -374,8 +374,6 @@ pub async fn count_patients(
         now: services.clock.now(),
     };
     let rules = rules_of(&access.registry)?;
-    // Just before the table and just after it (they are two reads): see `few_behind_pairs`.
-    let few_before = few_behind_pairs(services, &selection, rules, false).await?;
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -391,14 +389,12 @@ pub async fn count_patients(
         }
     };
     let group_by = selection.group_by.clone();
-    let table = if few_before || few_behind_pairs(services, &selection, rules, false).await? {
-        CountTable::collapsed(&group_by)
-    } else {
-        services
-            .protection
-            .run(move |deadline| builder.finish(&group_by, rules, deadline))
-            .await?
-    };
+    // Grouped by gene, a table of fewer than k patients publishes no count (the pair rule
+    // of `aggregate::suppress`): it lists no row or column, as every such table.
+    let table = services
+        .protection
+        .run(move |deadline| builder.finish(&group_by, rules, deadline))
+        .await?;
     call.items(table.protected.cells.len());
     info!(
         principal = access.principal.id,
@@ -414,49 +410,6 @@ pub async fn count_patients(
         by_gene: selection.group_by.contains(&Dimension::Gene),
         as_of: selection.now,
     })
-}
-
-/// Whether a table grouped by gene counts fewer than k patients. Grouped by gene it counts
-/// (patient, gene) pairs, so its totals can be published (a total of 6 for 3 patients of
-/// 2 genes each, every cell hidden) while its patients are fewer than k, and its rows and
-/// columns would list their genes and categories. Such a table is answered as one whose
-/// every count is hidden: no row, column or group (docs/privacy.md, "Small groups"). The
-/// patients are counted with the same filters and no dimension: all of them for a count
-/// table, those with a known delay for a delay table (`delay`). The count and the table
-/// are separate reads, so the caller counts just before the table and just after it, and
-/// collapses if either is below k: only patients leaving and others arriving between the
-/// two counts, within one call, could let a table of fewer than k through. None counted
-/// is no small group (the table of nobody is published, as any other).
-async fn few_behind_pairs(
-    services: &Services,
-    selection: &Selection,
-    rules: Rules,
-    delay: bool,
-) -> Result<bool, ServiceError> {
-    if !selection.group_by.contains(&Dimension::Gene) {
-        return Ok(false);
-    }
-    let patients = Selection {
-        group_by: Vec::new(),
-        ..selection.clone()
-    };
-    let counted = match (&services.research_index, delay) {
-        (Some(index), false) => index.query(move |i| i.count(&patients)).await?.total(),
-        (Some(index), true) => index
-            .query(move |i| i.diagnostic_delay(&patients))
-            .await?
-            .total(),
-        (None, false) => {
-            let mut builder = TableBuilder::new();
-            services
-                .store
-                .count_patients(&patients, &mut builder)
-                .await?;
-            builder.total()
-        }
-        (None, true) => services.store.diagnostic_delay(&patients).await?.total(),
-    };
-    Ok(counted > 0 && counted < rules.k())
 }
 
 /// Diagnostic delay per group, protected; quantiles only for fully published groups.
@@ -481,7 +434,6 @@ pub async fn diagnostic_delay(
         selection.group_by.len(),
         selection.filters.len() + usize::from(selection.phenotypes.is_some()),
     );
-    let few_before = few_behind_pairs(services, &selection, rules, true).await?;
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -489,14 +441,10 @@ pub async fn diagnostic_delay(
         }
         None => services.store.diagnostic_delay(&selection).await?,
     };
-    let table = if few_before || few_behind_pairs(services, &selection, rules, true).await? {
-        DelayTable::collapsed()
-    } else {
-        services
-            .protection
-            .run(move |deadline| builder.finish(rules, deadline))
-            .await?
-    };
+    let table = services
+        .protection
+        .run(move |deadline| builder.finish(rules, deadline))
+        .await?;
     call.items(table.groups.len());
     info!(
         principal = access.principal.id,
