@@ -282,7 +282,8 @@ struct Query {
 enum Kind {
     Count(Vec<D>, Vec<proto::Filter>),
     Delay(Vec<D>),
-    Expertise(&'static str),
+    /// FindExpertise over these codes (each counted and banded on its own, then summed).
+    Expertise(&'static [&'static str]),
 }
 
 fn queries() -> Vec<Query> {
@@ -327,11 +328,26 @@ fn queries() -> Vec<Query> {
         ),
         Query {
             name: "expertise: ORPHA:586 (commonest)",
-            kind: Kind::Expertise("ORPHA:586"),
+            kind: Kind::Expertise(&["ORPHA:586"]),
         },
         Query {
             name: "expertise: ORPHA:104 (rarest)",
-            kind: Kind::Expertise("ORPHA:104"),
+            kind: Kind::Expertise(&["ORPHA:104"]),
+        },
+        Query {
+            name: "expertise: 10 codes (the ten commonest)",
+            kind: Kind::Expertise(&[
+                "ORPHA:586",
+                "ORPHA:244",
+                "ORPHA:60",
+                "ORPHA:558",
+                "ORPHA:636",
+                "ORPHA:791",
+                "ORPHA:98896",
+                "ORPHA:70",
+                "ORPHA:355",
+                "ORPHA:324",
+            ]),
         },
     ]
 }
@@ -363,10 +379,10 @@ async fn call(client: &mut Client, q: &Query) -> (usize, u32) {
                 .into_inner();
             (r.groups.len() * r.bands.len(), r.suppressed)
         }
-        Kind::Expertise(code) => {
+        Kind::Expertise(codes) => {
             let r = client
                 .find_expertise(proto::FindExpertiseRequest {
-                    orphacodes: vec![code.to_string()],
+                    orphacodes: codes.iter().map(|c| c.to_string()).collect(),
                     countries: vec![],
                     registries: vec![REGISTRY.into()],
                     ..Default::default()
