@@ -281,12 +281,6 @@ impl TableBuilder {
         self.counts.len()
     }
 
-    /// The sum of every group's count: the patients counted, when the groups are not by
-    /// gene.
-    pub fn total(&self) -> u64 {
-        self.counts.iter().map(|&(_, _, n)| n).sum()
-    }
-
     /// Adds one group; fails once the table could no longer be published.
     pub fn add(&mut self, mut keys: Vec<Key>, count: u64) -> Result<(), QueryError> {
         let row_key = if keys.is_empty() {
@@ -450,6 +444,9 @@ impl Grid {
                 .iter()
                 .zip(&structural)
                 .all(|(&n, &s)| n > 0 || s);
+        // (No table by gene is diagonal with public zeros: only a centre and its country
+        // make public zeros, and a patient of two genes fills two cells of a row. So the
+        // diagonal path needs no pair rule.)
         if zeros_public && self.is_diagonal() {
             let p = self.protect_diagonal(row_dim, col_dims, rules, deadline)?;
             return Ok((p, self.cols.clone()));
@@ -730,20 +727,29 @@ impl Grid {
         columns.sort_by(|a, b| a.0.cmp(&b.0));
         let cells: Vec<Option<u64>> = columns.iter().map(|c| c.2).collect();
         let values: Vec<u64> = columns.iter().map(|c| c.1).collect();
+        // The pair rule for the row itself: by more than one gene, its total counts
+        // (patient, gene) pairs, and a row that publishes no count does not publish it
+        // either (the reshaped table may, beside totals the row does not show). Hiding
+        // more than that table's pattern asks publishes less: still safe.
+        let by_genes = varying.iter().any(|&i| col_dims[i] == Dimension::Gene);
+        let shows_a_count = cells.iter().any(|c| c.is_some_and(|v| v > 0));
+        let grand_total = p
+            .grand_total
+            .filter(|&g| g == 0 || !by_genes || shows_a_count);
         // One row: its column totals are its cells, its row total the grand total.
         let total: u64 = values.iter().sum();
         let all_values = values.iter().chain(&values).chain([&total, &total]);
         let shown = cells
             .iter()
             .chain(&cells)
-            .chain([&p.grand_total, &p.grand_total]);
+            .chain([&grand_total, &grand_total]);
         let (primary, secondary) = hidden_counts(all_values, shown, rules);
         Ok((
             Protected {
                 col_totals: cells.clone(),
                 cells,
-                row_totals: vec![p.grand_total],
-                grand_total: p.grand_total,
+                row_totals: vec![grand_total],
+                grand_total,
                 primary,
                 secondary,
             },
@@ -967,11 +973,6 @@ impl DelayBuilder {
             groups: Vec::new(),
             overall: BTreeMap::new(),
         }
-    }
-
-    /// The patients added (pairs, when grouped by gene).
-    pub fn total(&self) -> u64 {
-        self.overall.values().sum()
     }
 
     /// Adds `count` patients with a delay of `months` in the group `keys`.
@@ -1462,6 +1463,63 @@ mod tests {
         let serpina1 = t.row_labels.iter().position(|r| r == "SERPINA1").unwrap();
         assert_eq!(t.protected.cells[serpina1 * ncols + mt], None, "{t:?}");
         assert_eq!(t.protected.col_totals[mt], None);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// What replaced the separate count of a gene table's patients: 1 to k-1 patients
+        /// with one to three genes each publish no count in any layout (by gene alone, by
+        /// gene and country either way round, as columns beside sex, as one row, and in a
+        /// delay table), so the answer lists nothing.
+        #[test]
+        fn a_table_by_gene_of_fewer_than_k_patients_publishes_no_count(
+            k in 2u64..=8,
+            patients in proptest::collection::vec(
+                (0usize..3, 0usize..2, proptest::collection::btree_set(0usize..4, 1..=3), 0i64..400),
+                1..8,
+            ),
+        ) {
+            let patients: Vec<_> = patients.into_iter().take(k as usize - 1).collect();
+            let rules = Rules::new(k, 1).unwrap();
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            type Patient = (usize, usize, std::collections::BTreeSet<usize>, i64);
+            let value = |dim: Dimension, p: &Patient, gene: usize| match dim {
+                Dimension::Country => Key::Text(["DE", "FR", "MT"][p.0].into()),
+                Dimension::Sex => Key::Text(["female", "male"][p.1].into()),
+                Dimension::Gene => Key::Text(format!("G{gene}")),
+                _ => Key::Int(586),
+            };
+            use Dimension::{Country as C, Diagnosis as D, Gene as G, Sex as S};
+            let layouts: [&[Dimension]; 7] = [&[G], &[C, G], &[G, C], &[C, S, G], &[D, C, G], &[D, G, C], &[S, G]];
+            for dims in layouts {
+                let mut b = TableBuilder::new();
+                for p in &patients {
+                    for &g in &p.2 {
+                        b.add(dims.iter().map(|&d| value(d, p, g)).collect(), 1).unwrap();
+                    }
+                }
+                let t = b.finish(dims, rules, deadline).unwrap();
+                proptest::prop_assert!(
+                    t.row_labels.is_empty() && t.protected.grand_total.is_none(),
+                    "{:?}: {:?}", dims, t
+                );
+            }
+            for dims in [&[G][..], &[C, G], &[G, C]] {
+                let mut groups: BTreeMap<(Vec<Key>, i64), u64> = BTreeMap::new();
+                for p in &patients {
+                    for &g in &p.2 {
+                        let keys = dims.iter().map(|&d| value(d, p, g)).collect();
+                        *groups.entry((keys, p.3)).or_default() += 1;
+                    }
+                }
+                let mut b = DelayBuilder::new(dims);
+                for ((keys, months), n) in groups {
+                    b.add(keys, months, n).unwrap();
+                }
+                let t = b.finish(rules, deadline).unwrap();
+                proptest::prop_assert_eq!(t, DelayTable::collapsed(), "{:?}", dims);
+            }
+        }
     }
 
     /// The same for the bands of a delay table, and the zeros that stay published: a

@@ -6,7 +6,10 @@
 //! that can be 0 is hidden when a total of a line it is part of is hidden, unless it is
 //! 0 by a public fact or another of its totals is a published 0 (the *zero rule*, see
 //! [`Network`]): beside a small group's hidden total, a published zero would say what all
-//! its patients have ("alive 0, deceased hidden, lost 0": all deceased). Hiding small
+//! its patients have ("alive 0, deceased hidden, lost 0": all deceased). Grouped by gene,
+//! a total that counts (patient, gene) pairs is hidden when its line publishes no count
+//! other than 0 (the *pair rule*, [`Table::counting_pairs`]): a few patients with several
+//! genes each can make a pair total of k or more. Hiding small
 //! cells is not enough: an attacker who takes everything the table publishes — every
 //! additivity relation, every published value, and the fact that a hidden count is a
 //! whole number, at least 0 where the zero rule may have hidden a zero and at least 1
@@ -48,8 +51,8 @@
 //! nothing, a published one its value, so small interior cells go before totals), and the
 //! published cells on it are hidden. Hiding a cell only frees the attacker's system, so a
 //! cell found safe stays safe and one pass proves the whole pattern. A final pass tries to
-//! publish complements again (largest first), keeping each published only when a full
-//! audit of the new pattern passes; its number of tries depends on the table, k and p
+//! publish complements again (largest first), keeping each published only when the pair
+//! rule still holds and a full audit of the new pattern passes; its number of tries depends on the table, k and p
 //! alone, so the same table always gives the same answer under the same rules. The pattern returned is thus always one
 //! proven in full; past the deadline the answer is refused
 //! ([`SuppressError::OutOfTime`]), never cut short or unproven. Ties are broken by a
@@ -368,8 +371,19 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
     complements.sort_unstable_by_key(|&c| Reverse(preference(c)));
     let hidden_now = hidden.cells().count().max(1);
     let tries = PRUNE_ATTEMPTS.min(PRUNE_WORK / hidden_now);
-    for cell in complements.into_iter().take(tries) {
+    let counts_pairs = layout.pair_rows || layout.pair_cols;
+    let mut tried = 0;
+    for cell in complements {
+        if tried == tries {
+            break;
+        }
         let published = hidden.publish(&network, cell);
+        if counts_pairs && !layout.pair_rule(&values, &hidden).is_empty() {
+            // A total the pair rule keeps hidden: not a try (no audit ran).
+            hidden.hide(&network, cell);
+            continue;
+        }
+        tried += 1;
         let mut nodes: Vec<usize> = published
             .iter()
             .flat_map(|&c| [network.from[c], network.to[c]])
@@ -380,10 +394,9 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
             .into_iter()
             .flat_map(|n| hidden.adjacent[n].iter().copied())
             .collect();
-        let safe = layout.pair_rule(&values, &hidden).is_empty()
-            && audit
-                .all_safe(&hidden, &neighbours, deadline)
-                .map_err(|_| out_of_time())?;
+        let safe = audit
+            .all_safe(&hidden, &neighbours, deadline)
+            .map_err(|_| out_of_time())?;
         if !safe {
             hidden.hide(&network, cell);
         }
