@@ -444,9 +444,9 @@ impl Grid {
                 .iter()
                 .zip(&structural)
                 .all(|(&n, &s)| n > 0 || s);
-        // (No table by gene is diagonal with public zeros: only a centre and its country
-        // make public zeros, and a patient of two genes fills two cells of a row. So the
-        // diagonal path needs no pair rule.)
+        // (A table by gene is diagonal only when no patient in it has two genes, which
+        // would fill two cells of a row: its totals then count patients, and the diagonal
+        // path needs no pair rule.)
         if zeros_public && self.is_diagonal() {
             let p = self.protect_diagonal(row_dim, col_dims, rules, deadline)?;
             return Ok((p, self.cols.clone()));
@@ -1468,9 +1468,9 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
         /// What replaced the separate count of a gene table's patients: 1 to k-1 patients
-        /// with one to three genes each publish no count in any layout (by gene alone, by
-        /// gene and country either way round, as columns beside sex, as one row, and in a
-        /// delay table), so the answer lists nothing.
+        /// with one to three genes each publish no count in ten layouts (by gene alone, by
+        /// gene and country either way round, as columns beside sex, as one row, and three
+        /// delay tables), so the answer lists nothing.
         #[test]
         fn a_table_by_gene_of_fewer_than_k_patients_publishes_no_count(
             k in 2u64..=8,

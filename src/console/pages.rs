@@ -743,12 +743,12 @@ fn cell(value: Option<u64>) -> Markup {
 }
 
 /// Said above a table that lists no category (docs/privacy.md, "Small groups").
-const COLLAPSED: &str = "Every count of this question is suppressed, so no row or column is listed: they would only tell which categories its few patients fall in. Ask about a larger group.";
+const COLLAPSED: &str = "Every count of this question is suppressed, so no row or column is listed: they would only tell which categories its patients fall in. Ask about a larger group.";
 
 /// Why a cell is hidden, in one sentence.
 fn why_hidden(k: i64) -> String {
     format!(
-        "A cell reads \"suppressed\" when it counts between 1 and {} patients, or when showing it would let someone work such a count out from the other cells and the totals.",
+        "A cell reads \"suppressed\" when it counts between 1 and {} patients, when it is a 0 beside a suppressed total of its row or column (it would tell what a small group lacks), or when showing it would let someone work such a count out from the other cells and the totals.",
         k - 1
     )
 }

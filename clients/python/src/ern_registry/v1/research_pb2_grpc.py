@@ -33,8 +33,9 @@ class ResearchServiceStub:
     minimum cell count, default 5) is suppressed, and so are enough other cells that what
     the answer publishes pins no suppressed value: for each one, the interval an attacker
     can prove from the answer (by linear programming over every published cell, total and
-    zero, knowing hidden counts are at least 1) is at least the registry's protection level
-    wide, and reaches k for a count below k. Answers are not audited against each other: a
+    zero, knowing which hidden counts may be 0) is at least the registry's protection level
+    wide, and reaches k for a count below k and a hidden zero. Answers are not audited
+    against each other: a
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
@@ -73,8 +74,9 @@ class ResearchServiceServicer:
     minimum cell count, default 5) is suppressed, and so are enough other cells that what
     the answer publishes pins no suppressed value: for each one, the interval an attacker
     can prove from the answer (by linear programming over every published cell, total and
-    zero, knowing hidden counts are at least 1) is at least the registry's protection level
-    wide, and reaches k for a count below k. Answers are not audited against each other: a
+    zero, knowing which hidden counts may be 0) is at least the registry's protection level
+    wide, and reaches k for a count below k and a hidden zero. Answers are not audited
+    against each other: a
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
@@ -140,8 +142,9 @@ class ResearchService:
     minimum cell count, default 5) is suppressed, and so are enough other cells that what
     the answer publishes pins no suppressed value: for each one, the interval an attacker
     can prove from the answer (by linear programming over every published cell, total and
-    zero, knowing hidden counts are at least 1) is at least the registry's protection level
-    wide, and reaches k for a count below k. Answers are not audited against each other: a
+    zero, knowing which hidden counts may be 0) is at least the registry's protection level
+    wide, and reaches k for a count below k and a hidden zero. Answers are not audited
+    against each other: a
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
