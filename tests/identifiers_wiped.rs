@@ -196,3 +196,36 @@ fn a_panic_unwinding_past_a_request_leaves_no_identifier() {
     panic::set_hook(hook);
     assert_wiped("unwound", outcome);
 }
+
+/// A phenopacket's interpretations past the first are refused (the record holds one
+/// diagnosis), and their ids are wiped as the first one's are: the copy `to_record` works
+/// on frees no identifier of theirs.
+#[test]
+fn a_refused_extra_interpretation_leaves_no_identifier() {
+    let json = r#"{
+      "id": "p1",
+      "subject": { "id": "s1", "sex": "FEMALE" },
+      "interpretations": [
+        { "id": "i1", "progressStatus": "SOLVED",
+          "diagnosis": { "disease": { "id": "ORPHA:586", "label": "Cystic fibrosis" } } },
+        { "id": "xq7canary-interpretation", "progressStatus": "SOLVED",
+          "diagnosis": { "disease": { "id": "ORPHA:586", "label": "Cystic fibrosis" },
+            "genomicInterpretations": [ { "subjectOrBiosampleId": "xq7canary-subject",
+              "interpretationStatus": "CAUSATIVE",
+              "variantInterpretation": { "variationDescriptor": { "id": "xq7canary-variant" } } } ] } }
+      ],
+      "metaData": { "created": "2026-01-01T00:00:00Z", "createdBy": "x", "phenopacketSchemaVersion": "2.0" }
+    }"#;
+    let phenopacket = ern_registry::api::phenopacket::parse_json(json).expect("parses");
+    let mut refused = false;
+    let freed = watch(|| {
+        let mapped = ern_registry::api::phenopacket::to_record(&phenopacket);
+        refused = mapped
+            .as_ref()
+            .err()
+            .is_some_and(|v| format!("{v:?}").contains("phenopacket.interpretations[1]"));
+        drop(mapped);
+    });
+    assert!(refused, "the second interpretation is refused");
+    assert_wiped("a refused extra interpretation", freed);
+}
