@@ -1380,6 +1380,45 @@ mod tests {
         );
     }
 
+    /// Limit 7 of docs/privacy.md, as documented: a small group inside a row is not a line
+    /// of the table, so its zeros stay published. Germany's three men are all deceased;
+    /// Germany's total and the "male, alive" column total are published, and so is the 0
+    /// that says none of them is alive.
+    #[test]
+    fn a_small_group_inside_a_row_still_shows_its_zeros() {
+        let rules = Rules::new(5, 1).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let k = |s: &str| Key::Text(s.into());
+        let mut b = TableBuilder::new();
+        for (country, sex, status, n) in [
+            ("DE", "female", "alive", 20),
+            ("DE", "female", "deceased", 10),
+            ("DE", "male", "deceased", 3),
+            ("FR", "female", "alive", 15),
+            ("FR", "female", "deceased", 9),
+            ("FR", "male", "alive", 12),
+            ("FR", "male", "deceased", 8),
+        ] {
+            b.add(vec![k(country), k(sex), k(status)], n).unwrap();
+        }
+        let dims = [Dimension::Country, Dimension::Sex, Dimension::PatientStatus];
+        let t = b.finish(&dims, rules, deadline).unwrap();
+        let male_alive = t
+            .column_labels
+            .iter()
+            .position(|c| c == &["male", "alive"])
+            .unwrap();
+        let male_deceased = t
+            .column_labels
+            .iter()
+            .position(|c| c == &["male", "deceased"])
+            .unwrap();
+        assert_eq!(t.row_labels[0], "DE");
+        assert_eq!(t.protected.cells[male_deceased], None, "the three men");
+        assert_eq!(t.protected.cells[male_alive], Some(0), "none of them alive");
+        assert_eq!(t.protected.row_totals[0], Some(33));
+    }
+
     /// One row in sparse data: the status follows from the country in these groups (all 40
     /// Germans alive, the 3 Maltese deceased), yet the row is reshaped by both, so that
     /// "MT alive" is listed, hidden, and the row does not say that all Maltese patients
