@@ -378,7 +378,9 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
             break;
         }
         let published = hidden.publish(&network, cell);
-        if counts_pairs && !layout.pair_rule(&values, &hidden).is_empty() {
+        // Publishing a cell can break the pair rule only for that cell's own line, when
+        // it is a total (it shows a count otherwise, and the zeros it publishes show none).
+        if counts_pairs && layout.pair_forces(cell, &values, &hidden) {
             // A total the pair rule keeps hidden: not a try (no audit ran).
             hidden.hide(&network, cell);
             continue;
@@ -685,49 +687,54 @@ impl Layout {
         }
     }
 
-    /// The totals the pair rule ([`Table::counting_pairs`]) hides under `hidden`: a
-    /// published total that counts pairs whose line publishes no count but zeros.
+    /// The cells of the line whose total is `total`, when that total counts pairs
+    /// ([`Table::counting_pairs`]): a row's or column's cells, or for the grand total the
+    /// row and column totals (a one-way table's cells).
+    fn pair_line(&self, total: usize) -> Option<Vec<usize>> {
+        let (interior, grand) = (self.interior(), self.grand());
+        if total == grand {
+            let by_gene = self.pair_rows || self.pair_cols;
+            return by_gene.then(|| {
+                if self.two_way {
+                    (interior..grand).collect()
+                } else {
+                    (0..interior).collect()
+                }
+            });
+        }
+        if !self.two_way || total < interior {
+            return None;
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        if total < interior + rows {
+            let r = total - interior;
+            self.pair_rows.then(|| (r * cols..(r + 1) * cols).collect())
+        } else {
+            let j = total - interior - rows;
+            self.pair_cols
+                .then(|| (0..rows).map(|r| r * cols + j).collect())
+        }
+    }
+
+    /// Whether the pair rule hides `total` under `hidden`: a published total other than 0
+    /// that counts pairs, whose line publishes no count. (A total of 0 says its line is
+    /// empty, and publishes nothing else.)
+    fn pair_forces(&self, total: usize, values: &[u64], hidden: &Hidden) -> bool {
+        if values[total] == 0 || hidden.contains(total) {
+            return false;
+        }
+        self.pair_line(total).is_some_and(|line| {
+            !line
+                .into_iter()
+                .any(|c| values[c] > 0 && !hidden.contains(c))
+        })
+    }
+
+    /// The totals the pair rule hides under `hidden` ([`Layout::pair_forces`]).
     fn pair_rule(&self, values: &[u64], hidden: &Hidden) -> Vec<usize> {
-        // Whether published total `total` must go: other than 0, and no cell of its line
-        // shows a count.
-        let breaks = |total: usize, line: &mut dyn Iterator<Item = usize>| {
-            if values[total] == 0 || hidden.contains(total) {
-                return false;
-            }
-            for c in line {
-                if values[c] > 0 && !hidden.contains(c) {
-                    return false;
-                }
-            }
-            true
-        };
-        let mut out = Vec::new();
-        let grand = self.grand();
-        if !self.two_way {
-            if self.pair_rows && breaks(grand, &mut (0..self.interior())) {
-                out.push(grand);
-            }
-            return out;
-        }
-        let (interior, rows, cols) = (self.interior(), self.rows, self.cols);
-        if self.pair_rows {
-            for r in 0..rows {
-                if breaks(interior + r, &mut (r * cols..(r + 1) * cols)) {
-                    out.push(interior + r);
-                }
-            }
-        }
-        if self.pair_cols {
-            for j in 0..cols {
-                if breaks(interior + rows + j, &mut (0..rows).map(|r| r * cols + j)) {
-                    out.push(interior + rows + j);
-                }
-            }
-        }
-        if (self.pair_rows || self.pair_cols) && breaks(grand, &mut (interior..grand)) {
-            out.push(grand);
-        }
-        out
+        (self.interior()..=self.grand())
+            .filter(|&total| self.pair_forces(total, values, hidden))
+            .collect()
     }
 
     /// The totals of the lines `cell` is a part of (not the total of): an interior cell's
