@@ -52,9 +52,10 @@
 //! published cells on it are hidden. Hiding a cell only frees the attacker's system, so a
 //! cell found safe stays safe and one pass proves the whole pattern. A final pass tries to
 //! publish complements again (largest first), keeping each published only when the pair
-//! rule still holds and a full audit of the new pattern passes; its number of tries depends on the table, k and p
-//! alone, so the same table always gives the same answer under the same rules. The pattern returned is thus always one
-//! proven in full; past the deadline the answer is refused
+//! rule still holds and a full audit of the new pattern passes; its number of tries, and
+//! the edges its searches may look at ([`PRUNE_VISITS`]), depend on the table, k and p
+//! alone, so the same table always gives the same answer under the same rules. The
+//! pattern returned is thus always one proven in full; past the deadline the answer is refused
 //! ([`SuppressError::OutOfTime`]), never cut short or unproven. Ties are broken by a
 //! cell's position, so the service protects every table through [`protect_arranged`]: in
 //! one arrangement fixed by its dimensions, so the same counts asked for in another layout
@@ -79,6 +80,10 @@ pub const MAX_LEVEL: u64 = 1_000;
 /// audits all those tries may take together (each try audits every hidden cell).
 const PRUNE_ATTEMPTS: usize = 256;
 const PRUNE_WORK: usize = 200_000;
+/// Most edges the prune's flow searches may look at, all tries together: a count of work,
+/// not of time, so the same table gets the same answer. Many hidden zeros needing room
+/// for k each make a cell audit costly; past this the remaining complements stay hidden.
+const PRUNE_VISITS: u64 = 400_000_000;
 
 /// A frequency table of non-negative counts. `cols == 1` with `two_way == false` is a
 /// one-way table: its cells and a grand total (no row/column totals are published).
@@ -363,18 +368,19 @@ pub fn protect(table: &Table, rules: Rules, deadline: Instant) -> Result<Protect
 
     // Greedy choices can hide more than needed: publish complements again, largest first,
     // keeping each published only when a full audit of the new pattern passes (so the
-    // pattern returned is always one audited in full). The number of tries is a function
-    // of the table and the rules alone, so the same table always gives the same answer
-    // under the same rules; past the
-    // deadline the answer is refused, never cut short.
+    // pattern returned is always one audited in full). The number of tries, and the work
+    // of their searches, are functions of the table and the rules alone, so the same table
+    // always gives the same answer under the same rules; past the deadline the answer is
+    // refused, never cut short.
     let mut complements: Vec<usize> = hidden.cells().filter(|&c| values[c] >= rules.k).collect();
     complements.sort_unstable_by_key(|&c| Reverse(preference(c)));
     let hidden_now = hidden.cells().count().max(1);
     let tries = PRUNE_ATTEMPTS.min(PRUNE_WORK / hidden_now);
     let counts_pairs = layout.pair_rows || layout.pair_cols;
     let mut tried = 0;
+    let visits_before = audit.flows.visits;
     for cell in complements {
-        if tried == tries {
+        if tried == tries || audit.flows.visits - visits_before > PRUNE_VISITS {
             break;
         }
         let published = hidden.publish(&network, cell);
@@ -1037,6 +1043,8 @@ struct Flows<'n, 'a> {
     parent: Vec<Option<(usize, bool)>>,
     seen: Vec<u32>,
     stamp: u32,
+    /// Edges looked at by the searches so far.
+    visits: u64,
 }
 
 impl<'n, 'a> Flows<'n, 'a> {
@@ -1049,6 +1057,7 @@ impl<'n, 'a> Flows<'n, 'a> {
             parent: vec![None; nodes],
             seen: vec![0; nodes],
             stamp: 0,
+            visits: 0,
         }
     }
 
@@ -1120,6 +1129,7 @@ impl<'n, 'a> Flows<'n, 'a> {
         let mut queue = std::collections::VecDeque::from([s]);
         self.seen[s] = self.stamp;
         while let Some(node) = queue.pop_front() {
+            self.visits += hidden.adjacent[node].len() as u64;
             for &c in &hidden.adjacent[node] {
                 if c == skip {
                     continue;
