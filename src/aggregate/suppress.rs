@@ -5,7 +5,7 @@
 //! total. Every count in `1..k` is hidden (*primary* suppression), margins included. A zero
 //! that can be 0 is hidden when a total of a line it is part of is hidden, unless it is
 //! 0 by a public fact or another of its totals is a published 0 (the *zero rule*, see
-//! [`Network`]): beside a small group's hidden total, a published zero would say what all
+//! `Network`): beside a small group's hidden total, a published zero would say what all
 //! its patients have ("alive 0, deceased hidden, lost 0": all deceased). Grouped by gene,
 //! a total that counts (patient, gene) pairs is hidden when its line publishes no count
 //! other than 0 (the *pair rule*, [`Table::counting_pairs`]): a few patients with several
@@ -53,7 +53,7 @@
 //! cell found safe stays safe and one pass proves the whole pattern. A final pass tries to
 //! publish complements again (largest first), keeping each published only when the pair
 //! rule still holds and a full audit of the new pattern passes; its number of tries, and
-//! the edges its searches may look at ([`PRUNE_VISITS`]), depend on the table, k and p
+//! the edges its searches may look at (`PRUNE_VISITS`), depend on the table, k and p
 //! alone, so the same table always gives the same answer under the same rules. The
 //! pattern returned is thus always one proven in full; past the deadline the answer is refused
 //! ([`SuppressError::OutOfTime`]), never cut short or unproven. Ties are broken by a
