@@ -1143,6 +1143,12 @@ pub fn volume_band(cases: u64, k: u64, protection: u64) -> VolumeBand {
 mod tests {
     use super::*;
 
+    /// The default rules (k = 5, p = 1) and a deadline no test here comes near.
+    fn k5_with_time() -> (Rules, Instant) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        (Rules::new(5, 1).unwrap(), deadline)
+    }
+
     #[test]
     fn labels_round_trip_through_filters() {
         let cases = [
@@ -1212,8 +1218,7 @@ mod tests {
 
     #[test]
     fn quantiles_only_for_groups_whose_total_and_bands_are_all_published() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let mut b = DelayBuilder::new(&[Dimension::Sex]);
         let key = |s: &str| vec![Key::Text(s.into())];
         // female: 40 patients, every band well filled; male: 30, two in the last band.
@@ -1242,8 +1247,7 @@ mod tests {
     /// quantiles: it counts pairs.
     #[test]
     fn grouped_by_gene_no_overall_quantiles() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let by_gene = |months: &[i64]| {
             let mut b = DelayBuilder::new(&[Dimension::Gene]);
             for gene in ["G1", "G2"] {
@@ -1278,8 +1282,7 @@ mod tests {
     /// `a_small_group_shares_no_category_through_its_zeros`.)
     #[test]
     fn a_table_whose_total_is_hidden_lists_no_category() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let k = |s: &str| Key::Text(s.into());
         for two_way in [false, true] {
             let mut b = TableBuilder::new();
@@ -1315,8 +1318,7 @@ mod tests {
     /// say "none" again.
     #[test]
     fn a_small_group_shares_no_category_through_its_zeros() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let k = |s: &str| Key::Text(s.into());
         let statuses = ["alive", "deceased", "lost_to_follow_up"];
         let counts = [("DE", [20, 12, 8]), ("FR", [15, 9, 6]), ("MT", [0, 3, 0])];
@@ -1386,8 +1388,7 @@ mod tests {
     /// that says none of them is alive.
     #[test]
     fn a_small_group_inside_a_row_still_shows_its_zeros() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let k = |s: &str| Key::Text(s.into());
         let mut b = TableBuilder::new();
         for (country, sex, status, n) in [
@@ -1425,8 +1426,7 @@ mod tests {
     /// are deceased (before, it was protected as the one-way table of its two columns).
     #[test]
     fn a_sparse_row_lists_the_zeros_of_its_small_groups() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let k = |s: &str| Key::Text(s.into());
         let mut b = TableBuilder::new();
         b.add(vec![Key::Int(586), k("DE"), k("alive")], 40).unwrap();
@@ -1464,8 +1464,7 @@ mod tests {
     /// the zero rule then the row's zeros.
     #[test]
     fn a_few_patients_with_several_genes_do_not_list_the_genes_they_lack() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let k = |s: &str| Key::Text(s.into());
         let mut b = TableBuilder::new();
         for (country, gene, n) in [
@@ -1566,8 +1565,7 @@ mod tests {
     /// a centre's count outside its own country (a public fact).
     #[test]
     fn zeros_are_hidden_with_a_small_group_unless_they_are_public() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let k = |s: &str| Key::Text(s.into());
         let mut b = DelayBuilder::new(&[Dimension::Country]);
         // Months 6 (<1y), 36 (1-5y) and 144 (10-20y); no one in 5-10y or >20y.
@@ -1664,8 +1662,7 @@ mod tests {
         b.add(vec![k("NL"), k("male")], 7).unwrap();
         b.add(vec![k("BE"), k("female")], 9).unwrap();
         b.add(vec![k("NL"), k("female")], 12).unwrap();
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let t = b
             .finish(&[Dimension::Country, Dimension::Sex], rules, deadline)
             .unwrap();
@@ -1990,8 +1987,7 @@ mod tests {
 
     #[test]
     fn delay_groups_get_the_same_pattern_whichever_dimension_comes_first() {
-        let rules = Rules::new(5, 1).unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (rules, deadline) = k5_with_time();
         let groups = [
             ("female", "BE", [1, 5, 7, 5, 3]),
             ("female", "NL", [9, 1, 3, 9, 8]),
