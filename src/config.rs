@@ -241,6 +241,12 @@ pub struct ServeArgs {
     /// Most writes committed in one transaction.
     #[arg(long, env = "ERN_MAX_BATCH", default_value_t = 512)]
     pub max_batch: usize,
+    /// Commands each writer holds waiting for its next transaction (1 to 1,000,000); a
+    /// call finds it full only under an overload, and waits for room.
+    #[arg(long, env = "ERN_WRITER_QUEUE", default_value_t = 8192,
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::value_parser!(u64).range(1..=1_000_000), |n| n as usize))]
+    pub writer_queue: usize,
     /// Database connection pool size.
     #[arg(long, env = "ERN_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
@@ -428,6 +434,7 @@ impl Default for ServeArgs {
             max_message_bytes: 1024 * 1024,
             writers: None,
             max_batch: 512,
+            writer_queue: 8192,
             db_max_connections: 16,
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,

@@ -529,10 +529,11 @@ impl Application {
                 "code validation: no code release in force (import one with `ern-registry codes import`)"
             );
         }
-        let writer = Writer::start_with(
+        let writer = Writer::start_queued(
             store.clone(),
             writers,
             args.max_batch,
+            args.writer_queue,
             audit_key,
             Arc::new(RegistryConsentRules),
             research_index.as_ref().map(ResearchIndex::after_commit),

@@ -183,7 +183,7 @@ pub fn within_limit<T: prost::Message>(
 /// the change, and passes the result on. A successful call whose entry cannot be
 /// committed fails: nothing is answered that the log does not show.
 pub async fn conclude<T>(
-    services: &Services,
+    services: &Arc<Services>,
     call: Call,
     result: Result<tonic::Response<T>, Status>,
 ) -> Result<tonic::Response<T>, Status> {

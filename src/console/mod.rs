@@ -48,7 +48,7 @@ use crate::ratelimit::Peer;
 use crate::service::consent as consent_service;
 use crate::service::console::{self as console_service, SignIn};
 use crate::service::research;
-use crate::service::{Call, ServiceError, Services, parse_pseudonym};
+use crate::service::{Call, Running, ServiceError, Services, parse_pseudonym};
 use crate::store::consent::WithdrawalReason;
 
 pub use pages::Errors;
@@ -266,12 +266,22 @@ fn set_cookie(name: &str, value: &str, max_age: Option<i64>) -> HeaderValue {
 
 // ----- Sessions -----
 
-/// A signed-in request: who, the session's token (for CSRF) and the audited call.
+/// A signed-in request: who, the session's token (for CSRF) and the audited call. The
+/// call is under a [`Running`] guard: a request whose handler is dropped before it
+/// concludes (its connection closed, the server's shutdown cut it off) is recorded as
+/// CANCELLED, as a gRPC call is.
 pub struct Ctx {
     pub principal: Principal,
     token: Zeroizing<String>,
     pub csrf: String,
-    call: Call,
+    call: Running,
+}
+
+impl Ctx {
+    /// A page that only shows an empty form: not audited (docs/console.md).
+    fn unaudited(&mut self) {
+        drop(self.call.take());
+    }
 }
 
 /// Authenticates the request by its session cookie, in a call named `Console/<action>`.
@@ -281,9 +291,9 @@ async fn signed_in(
     peer: SocketAddr,
     action: &str,
 ) -> Result<Ctx, Response> {
-    let mut call = Call::new(&format!("Console/{action}"));
+    let mut call = Running::new(st, Call::new(&format!("Console/{action}")));
     let token = Zeroizing::new(cookie(headers, SESSION_COOKIE).unwrap_or("").to_owned());
-    match console_service::session(st, &token, Peer::of(Some(peer)), &mut call).await {
+    match console_service::session(st, &token, Peer::of(Some(peer)), call.call()).await {
         Ok(principal) => Ok(Ctx {
             csrf: st.console.csrf_token(&token),
             principal,
@@ -292,7 +302,7 @@ async fn signed_in(
         }),
         Err(err) => {
             let outcome = err.outcome();
-            let _ = st.record(call, outcome).await;
+            let _ = st.record(call.finish(), outcome).await;
             Err(match err {
                 ServiceError::Auth(AuthError::NoSession) => {
                     Redirect::to("/sign-in").into_response()
@@ -321,7 +331,9 @@ async fn signed_in_form(
             principal = ctx.principal.id,
             action, "console form refused: CSRF token missing or wrong"
         );
-        let _ = st.record(ctx.call, Outcome::PermissionDenied).await;
+        let _ = st
+            .record(ctx.call.finish(), Outcome::PermissionDenied)
+            .await;
         return Err((
             StatusCode::FORBIDDEN,
             pages::message(
@@ -536,7 +548,7 @@ async fn sign_out(
     let result = console_service::sign_out(&st, &ctx.token).await;
     let signed_out = result.is_ok();
     let page = result.map(|()| Redirect::to("/sign-in").into_response());
-    let mut response = conclude(&st, ctx.call, page).await;
+    let mut response = conclude(&st, ctx.call.finish(), page).await;
     // The session is gone: its cookie is cleared whatever the answer (also the error page
     // of a sign-out whose audit entry could not be committed).
     if signed_out {
@@ -553,7 +565,10 @@ async fn home(
     headers: HeaderMap,
 ) -> Response {
     match signed_in(&st, &headers, peer, "Home").await {
-        Ok(ctx) => html(StatusCode::OK, pages::home(&ctx)),
+        Ok(mut ctx) => {
+            ctx.unaudited();
+            html(StatusCode::OK, pages::home(&ctx))
+        }
         Err(r) => r,
     }
 }
@@ -573,13 +588,14 @@ async fn officer_find_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = match signed_in(&st, &headers, peer, "FindPatientForm").await {
+    let mut ctx = match signed_in(&st, &headers, peer, "FindPatientForm").await {
         Ok(ctx) => ctx,
         Err(r) => return r,
     };
     if let Err(e) = consent_service::require_officer(&ctx.principal) {
-        return conclude(&st, ctx.call, Err(e)).await;
+        return conclude(&st, ctx.call.finish(), Err(e)).await;
     }
+    ctx.unaudited();
     let registries = registries_of(&st, &ctx.principal).await;
     html(
         StatusCode::OK,
@@ -634,7 +650,7 @@ async fn officer_patient(
         let access = consent_access(&st, &mut ctx, &form).await?;
         let pseudonym = resolve(&st, &access, &form).await?;
         let view = consent_service::get(&st, &access, pseudonym, st.clock.now()).await?;
-        ctx.call.items(view.events.len());
+        ctx.call.call().items(view.events.len());
         Ok(view)
     }
     .await;
@@ -644,7 +660,7 @@ async fn officer_patient(
                 StatusCode::OK,
                 pages::officer_patient(&ctx, form.get("registry"), &view, None, &Errors::default()),
             );
-            conclude(&st, ctx.call, Ok(page)).await
+            conclude(&st, ctx.call.finish(), Ok(page)).await
         }
         Err(ServiceError::Invalid(v)) => {
             let registries = registries_of(&st, &ctx.principal).await;
@@ -652,9 +668,9 @@ async fn officer_patient(
                 StatusCode::BAD_REQUEST,
                 pages::officer_find(&ctx, &registries, &form, &Errors::from(&v)),
             );
-            conclude_invalid(&st, ctx.call, page).await
+            conclude_invalid(&st, ctx.call.finish(), page).await
         }
-        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+        Err(e) => conclude(&st, ctx.call.finish(), Err(e)).await,
     }
 }
 
@@ -718,7 +734,7 @@ async fn officer_record(
             pseudonym.clone(),
             decisions,
             now,
-            &mut ctx.call,
+            ctx.call.call(),
         )
         .await?;
         // The page shows the whole history again.
@@ -739,10 +755,10 @@ async fn officer_record(
                     &Errors::default(),
                 ),
             );
-            conclude(&st, ctx.call, Ok(page)).await
+            conclude(&st, ctx.call.finish(), Ok(page)).await
         }
         Err(ServiceError::Invalid(v)) => refused_form(&st, ctx, &form, &v).await,
-        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+        Err(e) => conclude(&st, ctx.call.finish(), Err(e)).await,
     }
 }
 
@@ -757,7 +773,7 @@ async fn consent_access(
         &ctx.principal,
         form.get("registry"),
         "registry",
-        &mut ctx.call,
+        ctx.call.call(),
     )
     .await
 }
@@ -770,9 +786,9 @@ async fn refused_form(st: &St, mut ctx: Ctx, form: &Form, v: &FieldViolations) -
             StatusCode::BAD_REQUEST,
             pages::officer_patient(&ctx, form.get("registry"), &view, None, &Errors::from(v)),
         ),
-        Err(e) => return conclude(st, ctx.call, Err(e)).await,
+        Err(e) => return conclude(st, ctx.call.finish(), Err(e)).await,
     };
-    conclude_invalid(st, ctx.call, page).await
+    conclude_invalid(st, ctx.call.finish(), page).await
 }
 
 async fn reopen_patient(
@@ -830,7 +846,7 @@ async fn officer_withdraw(
             ));
         }
         let withdrawn =
-            consent_service::withdraw(&st, &access, pseudonym.clone(), scopes, reason, &mut ctx.call)
+            consent_service::withdraw(&st, &access, pseudonym.clone(), scopes, reason, ctx.call.call())
                 .await?;
         Ok(match withdrawn.receipt {
             Some(receipt) => html(StatusCode::OK, pages::receipt(&ctx, &receipt, true)),
@@ -852,7 +868,7 @@ async fn officer_withdraw(
     .await;
     match result {
         Err(ServiceError::Invalid(v)) => refused_form(&st, ctx, &form, &v).await,
-        other => conclude(&st, ctx.call, other).await,
+        other => conclude(&st, ctx.call.finish(), other).await,
     }
 }
 
@@ -861,13 +877,14 @@ async fn receipt_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = match signed_in(&st, &headers, peer, "ReceiptForm").await {
+    let mut ctx = match signed_in(&st, &headers, peer, "ReceiptForm").await {
         Ok(ctx) => ctx,
         Err(r) => return r,
     };
     if let Err(e) = consent_service::require_officer(&ctx.principal) {
-        return conclude(&st, ctx.call, Err(e)).await;
+        return conclude(&st, ctx.call.finish(), Err(e)).await;
     }
+    ctx.unaudited();
     html(
         StatusCode::OK,
         pages::receipt_lookup(&ctx, &Errors::default()),
@@ -880,10 +897,11 @@ async fn receipt_lookup(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (ctx, form) = match signed_in_form(&st, &headers, peer, "GetErasureReceipt", &body).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (mut ctx, form) =
+        match signed_in_form(&st, &headers, peer, "GetErasureReceipt", &body).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     let id = form.get("receipt_id");
     if !consent_service::is_receipt_id(id) {
         let mut v = FieldViolations::new();
@@ -896,9 +914,9 @@ async fn receipt_lookup(
             StatusCode::BAD_REQUEST,
             pages::receipt_lookup(&ctx, &Errors::from(&v)),
         );
-        return conclude_invalid(&st, ctx.call, page).await;
+        return conclude_invalid(&st, ctx.call.finish(), page).await;
     }
-    let mut call = ctx.call.clone();
+    let mut call = ctx.call.take();
     let result = consent_service::receipt(&st, &ctx.principal, id, &mut call)
         .await
         .map(|r| html(StatusCode::OK, pages::receipt(&ctx, &r, false)));
@@ -921,9 +939,9 @@ async fn officer_expiring(
         .and_then(|(_, v)| v.parse::<i64>().ok())
         .unwrap_or(30)
         .clamp(1, 365);
-    let result = consent_service::expiring(&st, &ctx.principal, days, &mut ctx.call).await;
+    let result = consent_service::expiring(&st, &ctx.principal, days, ctx.call.call()).await;
     let page = result.map(|lists| html(StatusCode::OK, pages::expiring(&ctx, days, &lists)));
-    conclude(&st, ctx.call, page).await
+    conclude(&st, ctx.call.finish(), page).await
 }
 
 /// The next page of one expiry list. POST, because the cursor (the last row shown)
@@ -961,10 +979,10 @@ async fn officer_expiring_next(
             "after",
             "this page link is damaged; start again from the first page",
         );
-        return conclude(&st, ctx.call, Err(ServiceError::Invalid(v))).await;
+        return conclude(&st, ctx.call.finish(), Err(ServiceError::Invalid(v))).await;
     };
     let result =
-        consent_service::expiring_next(&st, &ctx.principal, list, days, &cursor, &mut ctx.call)
+        consent_service::expiring_next(&st, &ctx.principal, list, days, &cursor, ctx.call.call())
             .await;
     let page = result.map(|(_, page)| {
         html(
@@ -972,7 +990,7 @@ async fn officer_expiring_next(
             pages::expiring_more(&ctx, days, list, &page),
         )
     });
-    conclude(&st, ctx.call, page).await
+    conclude(&st, ctx.call.finish(), page).await
 }
 
 // ----- Researchers -----
@@ -1119,13 +1137,14 @@ async fn research_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = match signed_in(&st, &headers, peer, "ResearchForm").await {
+    let mut ctx = match signed_in(&st, &headers, peer, "ResearchForm").await {
         Ok(ctx) => ctx,
         Err(r) => return r,
     };
     if let Err(e) = research::require_researcher(&ctx.principal) {
-        return conclude(&st, ctx.call, Err(e)).await;
+        return conclude(&st, ctx.call.finish(), Err(e)).await;
     }
+    ctx.unaudited();
     let registries = registries_of(&st, &ctx.principal).await;
     html(
         StatusCode::OK,
@@ -1151,10 +1170,10 @@ async fn count(
     };
     let result = async {
         let access =
-            research::open(st, &ctx.principal, form.get("registry"), &mut ctx.call).await?;
+            research::open(st, &ctx.principal, form.get("registry"), ctx.call.call()).await?;
         let (dims, filters, along) = selection(&st.codes.get(), &form, MAX_COUNT_DIMENSIONS)?;
         let counted =
-            research::count_patients(st, &access, dims, filters, &along, &mut ctx.call).await?;
+            research::count_patients(st, &access, dims, filters, &along, ctx.call.call()).await?;
         Ok((access, counted))
     }
     .await;
@@ -1193,7 +1212,7 @@ async fn count(
                 )
                     .into_response(),
             };
-            conclude(st, ctx.call, Ok(page)).await
+            conclude(st, ctx.call.finish(), Ok(page)).await
         }
         Err(ServiceError::Invalid(v)) => {
             let registries = registries_of(st, &ctx.principal).await;
@@ -1201,9 +1220,9 @@ async fn count(
                 StatusCode::BAD_REQUEST,
                 pages::research_form(&ctx, &registries, &form, &Errors::from(&v)),
             );
-            conclude_invalid(st, ctx.call, page).await
+            conclude_invalid(st, ctx.call.finish(), page).await
         }
-        Err(e) => conclude(st, ctx.call, Err(e)).await,
+        Err(e) => conclude(st, ctx.call.finish(), Err(e)).await,
     }
 }
 
@@ -1238,11 +1257,12 @@ async fn research_delay(
     };
     let result = async {
         let access =
-            research::open(&st, &ctx.principal, form.get("registry"), &mut ctx.call).await?;
+            research::open(&st, &ctx.principal, form.get("registry"), ctx.call.call()).await?;
         let (dims, filters, along) = selection(&st.codes.get(), &form, MAX_DELAY_DIMENSIONS)?;
         let grouped = dims.clone();
         let (table, as_of) =
-            research::diagnostic_delay(&st, &access, dims, filters, &along, &mut ctx.call).await?;
+            research::diagnostic_delay(&st, &access, dims, filters, &along, ctx.call.call())
+                .await?;
         Ok((access, table, as_of, grouped))
     }
     .await;
@@ -1272,7 +1292,7 @@ async fn research_delay(
                     &names,
                 ),
             );
-            conclude(&st, ctx.call, Ok(page)).await
+            conclude(&st, ctx.call.finish(), Ok(page)).await
         }
         Err(ServiceError::Invalid(v)) => {
             let registries = registries_of(&st, &ctx.principal).await;
@@ -1280,9 +1300,9 @@ async fn research_delay(
                 StatusCode::BAD_REQUEST,
                 pages::research_form(&ctx, &registries, &form, &Errors::from(&v)),
             );
-            conclude_invalid(&st, ctx.call, page).await
+            conclude_invalid(&st, ctx.call.finish(), page).await
         }
-        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+        Err(e) => conclude(&st, ctx.call.finish(), Err(e)).await,
     }
 }
 
@@ -1293,13 +1313,14 @@ async fn expertise_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = match signed_in(&st, &headers, peer, "ExpertiseForm").await {
+    let mut ctx = match signed_in(&st, &headers, peer, "ExpertiseForm").await {
         Ok(ctx) => ctx,
         Err(r) => return r,
     };
     if let Err(e) = research::require_expertise_role(&ctx.principal) {
-        return conclude(&st, ctx.call, Err(e)).await;
+        return conclude(&st, ctx.call.finish(), Err(e)).await;
     }
+    ctx.unaudited();
     html(
         StatusCode::OK,
         pages::expertise(&ctx, "", None, &Errors::default()),
@@ -1338,7 +1359,7 @@ async fn expertise(
         }
         let registries = research::expertise_registries(&st, &access, &[], &mut v).await?;
         v.into_result()?;
-        research::find_expertise(&st, &access, &codes, &[], &registries, &mut ctx.call).await
+        research::find_expertise(&st, &access, &codes, &[], &registries, ctx.call.call()).await
     }
     .await;
     match result {
@@ -1352,16 +1373,16 @@ async fn expertise(
                     &Errors::default(),
                 ),
             );
-            conclude(&st, ctx.call, Ok(page)).await
+            conclude(&st, ctx.call.finish(), Ok(page)).await
         }
         Err(ServiceError::Invalid(v)) => {
             let page = html(
                 StatusCode::BAD_REQUEST,
                 pages::expertise(&ctx, form.get("orphacodes"), None, &Errors::from(&v)),
             );
-            conclude_invalid(&st, ctx.call, page).await
+            conclude_invalid(&st, ctx.call.finish(), page).await
         }
-        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+        Err(e) => conclude(&st, ctx.call.finish(), Err(e)).await,
     }
 }
 
@@ -1372,13 +1393,14 @@ async fn cases_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = match signed_in(&st, &headers, peer, "GetCaseForm").await {
+    let mut ctx = match signed_in(&st, &headers, peer, "GetCaseForm").await {
         Ok(ctx) => ctx,
         Err(r) => return r,
     };
     if let Err(e) = crate::service::cases::require_physician(&ctx.principal) {
-        return conclude(&st, ctx.call, Err(e)).await;
+        return conclude(&st, ctx.call.finish(), Err(e)).await;
     }
+    ctx.unaudited();
     let registries = registries_of(&st, &ctx.principal).await;
     html(
         StatusCode::OK,
@@ -1402,19 +1424,19 @@ async fn case_read(
             &ctx.principal,
             form.get("registry"),
             "registry",
-            &mut ctx.call,
+            ctx.call.call(),
         )
         .await?;
         let pseudonym = parse_pseudonym(form.get("pseudonym"), access.registry())?;
         let view = crate::service::cases::get(&st, &access, pseudonym, true).await?;
-        ctx.call.items(view.versions.len());
+        ctx.call.call().items(view.versions.len());
         Ok((access.registry().code.clone(), view))
     }
     .await;
     match result {
         Ok((registry, view)) => {
             let page = html(StatusCode::OK, pages::case(&ctx, &registry, &view));
-            conclude(&st, ctx.call, Ok(page)).await
+            conclude(&st, ctx.call.finish(), Ok(page)).await
         }
         Err(ServiceError::Invalid(v)) => {
             let registries = registries_of(&st, &ctx.principal).await;
@@ -1422,9 +1444,9 @@ async fn case_read(
                 StatusCode::BAD_REQUEST,
                 pages::case_form(&ctx, &registries, form.get("registry"), &Errors::from(&v)),
             );
-            conclude_invalid(&st, ctx.call, page).await
+            conclude_invalid(&st, ctx.call.finish(), page).await
         }
-        Err(e) => conclude(&st, ctx.call, Err(e)).await,
+        Err(e) => conclude(&st, ctx.call.finish(), Err(e)).await,
     }
 }
 

@@ -161,11 +161,7 @@ pub async fn submit(
         // To the millisecond, as it is stored: decided on what is kept.
         now: super::consent::now_millis(services),
     });
-    match services
-        .writer
-        .execute_case(command, call.for_writer())
-        .await
-    {
+    match services.write_case(command, call).await {
         Ok(written) => Ok(Stored {
             pseudonym,
             version: written.version,
@@ -201,11 +197,7 @@ pub async fn update(
         // To the millisecond, as it is stored: decided on what is kept.
         now: super::consent::now_millis(services),
     });
-    match services
-        .writer
-        .execute_case(command, call.for_writer())
-        .await
-    {
+    match services.write_case(command, call).await {
         Ok(written) => Ok(Stored {
             pseudonym: update.pseudonym,
             version: written.version,

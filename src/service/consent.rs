@@ -297,7 +297,7 @@ pub async fn record(
         decisions,
         now,
     });
-    let ids = match services.writer.execute(command, call.for_writer()).await? {
+    let ids = match services.write(command, call).await? {
         Output::Consent(ids) => ids,
         _ => return Err(ServiceError::Unavailable),
     };
@@ -351,7 +351,7 @@ pub async fn withdraw(
         receipt_id: receipt_id.clone(),
         now,
     });
-    let erased = match services.writer.execute(command, call.for_writer()).await? {
+    let erased = match services.write(command, call).await? {
         Output::Withdrawn { erased, .. } => erased,
         _ => return Err(ServiceError::Unavailable),
     };

@@ -392,11 +392,16 @@ impl Call {
 ///   becomes of the caller.
 ///
 /// A call abandoned before authentication is the refusal summary's (`ChargedIfAbandoned`).
-/// Once [`Running::finish`] hands the call to its concluding, a drop while its entry waits
-/// for room in a full writer queue loses the entry (docs/architecture.md says so).
+/// Once [`Running::finish`] hands the call to its concluding, [`Services::record`] keeps
+/// this guard over it until its entry has room in a writer's queue: a drop while the
+/// entry waits for room leaves the same trace. A change's entry goes to the writer only
+/// with the change ([`Services::write`]): a drop while the change waits for room leaves
+/// it too.
 pub struct Running {
     services: Arc<Services>,
     call: Option<Call>,
+    /// The call's outcome is already in the metrics (it was concluded).
+    counted: bool,
 }
 
 impl Running {
@@ -404,7 +409,14 @@ impl Running {
         Running {
             services: services.clone(),
             call: Some(call),
+            counted: false,
         }
+    }
+
+    /// The call, taken out: from here whoever took it answers for its entry, and a drop
+    /// of this guard does nothing (a page shown without an entry of its own: a form).
+    pub fn take(&mut self) -> Call {
+        self.call.take().expect("a running call is concluded once")
     }
 
     /// The call, for the handler to fill in.
@@ -428,12 +440,14 @@ impl Drop for Running {
         if call.audited || call.entry.principal_id.is_none() {
             return;
         }
-        metrics::counter!(
-            "ern_calls_total",
-            "method" => call.method().to_owned(),
-            "outcome" => Outcome::Cancelled.name()
-        )
-        .increment(1);
+        if !self.counted {
+            metrics::counter!(
+                "ern_calls_total",
+                "method" => call.method().to_owned(),
+                "outcome" => Outcome::Cancelled.name()
+            )
+            .increment(1);
+        }
         let runtime = tokio::runtime::Handle::try_current();
         if runtime.is_err() {
             warn!(method = %call.method(), "a call abandoned after the runtime stopped is counted in its address's summary, which may have been written already");
@@ -468,8 +482,34 @@ pub struct Credentials {
 }
 
 impl Services {
+    /// Hands a change to its writer with the call's entry, and waits until both are
+    /// committed (or the change refused, its entry with the refusal). The entry goes only
+    /// once the change has room in the writer's queue: a call dropped while it waits for
+    /// room is still the [`Running`] guard's to record (CANCELLED), as nothing was handed
+    /// over; from the hand-over on, the writer appends the entry with the change's outcome.
+    pub async fn write(
+        &self,
+        command: Command,
+        call: &mut Call,
+    ) -> Result<crate::store::writer::Output, WriteError> {
+        let room = self.writer.room(&command).await?;
+        room.execute(command, call.for_writer()).await
+    }
+
+    /// [`Services::write`] of a case command.
+    pub async fn write_case(
+        &self,
+        command: Command,
+        call: &mut Call,
+    ) -> Result<crate::store::writer::Written, WriteError> {
+        self.write(command, call).await?.into_case()
+    }
+
     /// Appends the entry of a call that did not reach the writer (a read, a refusal).
-    pub async fn record(&self, call: Call, outcome: Outcome) -> Result<(), WriteError> {
+    /// Until the entry has room in a writer's queue the call stays under a [`Running`]
+    /// guard: dropped while it waits (the caller gone, its answer not sent), the call is
+    /// recorded as abandoned, CANCELLED, as [`Running`] says.
+    pub async fn record(self: &Arc<Self>, call: Call, outcome: Outcome) -> Result<(), WriteError> {
         if call.audited {
             return Ok(());
         }
@@ -484,9 +524,22 @@ impl Services {
             );
             return Ok(());
         }
-        let mut entry = call.entry;
+        let mut waiting = Running {
+            services: self.clone(),
+            call: Some(call),
+            counted: true,
+        };
+        let room = self.writer.room(&Command::Audit).await;
+        // From here nothing waits: the entry is handed over, or the queue is closed (the
+        // writers are gone; a second try from the guard would fail the same way).
+        // The call (its place among its principal's calls in flight) is kept until the
+        // entry is committed.
+        let mut call = waiting.take();
+        let room = room?;
+        let mut entry = std::mem::take(&mut call.entry);
         entry.outcome = outcome.name().into();
-        self.writer.execute(Command::Audit, Some(entry)).await?;
+        room.execute(Command::Audit, Some(entry)).await?;
+        drop(call);
         Ok(())
     }
 

@@ -70,7 +70,7 @@ use crate::audit::{AuditKey, Entry};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source};
 use crate::outcome::Outcome;
 
-/// Queue length per writer before senders wait (back-pressure).
+/// Queue length per writer before senders wait (back-pressure); `serve --writer-queue`.
 const QUEUE_DEPTH: usize = 8192;
 
 /// Stores a new case of a centre, with the physician's consent attestation.
@@ -174,6 +174,18 @@ pub enum Output {
         erased: Option<(i64, i64)>,
     },
     Audited,
+}
+
+impl Output {
+    /// The answer to a case command.
+    pub fn into_case(self) -> Result<Written, WriteError> {
+        match self {
+            Output::Case(w) => Ok(w),
+            _ => Err(WriteError::Store(StoreError::Corrupt(
+                "writer answered a case command with another output".into(),
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,12 +356,34 @@ impl Writer {
         rules: Arc<dyn ConsentRules>,
         after_commit: Option<Arc<dyn AfterCommit>>,
     ) -> Writer {
+        Self::start_queued(
+            store,
+            partitions,
+            max_batch,
+            QUEUE_DEPTH,
+            audit,
+            rules,
+            after_commit,
+        )
+    }
+
+    /// [`Writer::start_with`], each writer holding up to `queue` commands for its next
+    /// transaction (`serve --writer-queue`).
+    pub fn start_queued(
+        store: Store,
+        partitions: usize,
+        max_batch: usize,
+        queue: usize,
+        audit: Arc<AuditKey>,
+        rules: Arc<dyn ConsentRules>,
+        after_commit: Option<Arc<dyn AfterCommit>>,
+    ) -> Writer {
         let partitions = partitions.max(1);
         let max_batch = max_batch.max(1);
         let purger = Arc::new(Purger::new(store.clone()));
         let queues = (0..partitions)
             .map(|_| {
-                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let (tx, rx) = mpsc::channel(queue.max(1));
                 start_writer(
                     &store,
                     audit.clone(),
@@ -407,12 +441,7 @@ impl Writer {
         command: Command,
         audit: Option<Entry>,
     ) -> Result<Written, WriteError> {
-        match self.execute(command, audit).await? {
-            Output::Case(w) => Ok(w),
-            _ => Err(WriteError::Store(StoreError::Corrupt(
-                "writer answered a case command with another output".into(),
-            ))),
-        }
+        self.execute(command, audit).await?.into_case()
     }
 
     /// Applies `command` and waits until it is durably committed (or refused), together
@@ -420,11 +449,22 @@ impl Writer {
     /// command's outcome, whether the command succeeds or is refused. A command that
     /// erased returns once the erased data is purged; if the purge cannot be confirmed
     /// (SQLite), it returns `StoreError::NotPurged` although the erasure is committed.
+    ///
+    /// Dropped while it waits for room in a full queue, the command and its entry are
+    /// dropped with it: a caller that must leave a trace takes the [`Writer::room`] first.
     pub async fn execute(
         &self,
         command: Command,
         audit: Option<Entry>,
     ) -> Result<Output, WriteError> {
+        self.room(&command).await?.execute(command, audit).await
+    }
+
+    /// Waits for room for `command` in its writer's queue (8,192 commands each). Until
+    /// the room is taken, nothing is handed over: a caller dropped while it waits still
+    /// has its command and entry, and can record what became of them. [`Room::execute`]
+    /// then hands them over at once, with no further wait for room.
+    pub async fn room(&self, command: &Command) -> Result<Room<'_>, WriteError> {
         // Commands about a patient go to that patient's writer; an entry alone (a read, a
         // refusal) to the next writer in turn, so reads never queue behind one of them.
         let partition = if matches!(command, Command::Audit) {
@@ -435,12 +475,40 @@ impl Writer {
             (registry_id, pseudonym).hash(&mut h);
             h.finish() as usize
         };
-        let queue = &self.queues[partition % self.queues.len()];
-        let (tx, rx) = oneshot::channel();
-        queue
-            .send((command, audit, tx))
+        let partition = partition % self.queues.len();
+        let permit = self.queues[partition]
+            .reserve()
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
+        Ok(Room {
+            permit,
+            #[cfg(debug_assertions)]
+            audit_only: matches!(command, Command::Audit),
+        })
+    }
+}
+
+/// Room for one command in its writer's queue ([`Writer::room`]), taken for a command
+/// that is then handed over with [`Room::execute`].
+pub struct Room<'a> {
+    permit: mpsc::Permit<'a, Job>,
+    #[cfg(debug_assertions)]
+    audit_only: bool,
+}
+
+impl Room<'_> {
+    /// Hands `command` (the command the room was taken for) and its entry to the writer
+    /// and waits until they are durably committed, as [`Writer::execute`]. From here the
+    /// writer applies them whatever becomes of the caller.
+    pub async fn execute(
+        self,
+        command: Command,
+        audit: Option<Entry>,
+    ) -> Result<Output, WriteError> {
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(self.audit_only, matches!(command, Command::Audit));
+        let (tx, rx) = oneshot::channel();
+        self.permit.send((command, audit, tx));
         rx.await.map_err(|_| WriteError::ShuttingDown)?
     }
 }

@@ -851,3 +851,99 @@ async fn a_call_abandoned_after_authentication_is_audited_as_cancelled() {
         "{rows:?}"
     );
 }
+
+/// A call whose audit entry waits for room in a full writer queue (an overload) and that
+/// is abandoned meanwhile (here: its deadline) still leaves its entry, CANCELLED: nothing
+/// was handed over before the room was taken, so the call's guard records it. The writer
+/// is held by a lock on the database (SQLite: another connection's write transaction;
+/// PostgreSQL: the audit chain head's row), with one command in its transaction and one
+/// in its queue of one.
+#[tokio::test]
+async fn a_call_abandoned_while_the_writer_queue_is_full_is_audited_as_cancelled() {
+    let app = TestApp::spawn_with(ServeArgs {
+        writers: Some(1),
+        writer_queue: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut first = app.physician("dr-first", "NL-AMC").await;
+    let mut late = app.physician("dr-late", "NL-AMC").await;
+    let read = |millis| {
+        let mut request = tonic::Request::new(get_case(
+            "ERN-LUNG",
+            "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ));
+        request.set_timeout(Duration::from_millis(millis));
+        request
+    };
+    // Keys known to the process: authentication reads nothing and writes nothing.
+    for client in [&mut first, &mut late] {
+        let status = client.get_case(read(30_000)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+
+    let writer = HeldWriter::hold(&app).await;
+    // One entry in the writer's transaction, one in its queue, then the late call's
+    // waits for room until its deadline ends it.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = first.clone();
+        held.push(tokio::spawn(
+            async move { client.get_case(read(30_000)).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = late.get_case(read(1000)).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    // A change waits for room too, with its entry: neither is handed over, and the call's
+    // guard records it.
+    let mut request = tonic::Request::new(submission("ERN-LUNG", national("NL", &bsn(7))));
+    request.set_timeout(Duration::from_millis(1000));
+    let status = late.submit_case(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    // The server ends the call at its own deadline, a moment after the client.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.release().await;
+    for call in held {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    let mut outcomes = Vec::new();
+    for _ in 0..100 {
+        outcomes = db::query(
+            "SELECT method, outcome FROM audit_log WHERE principal = 'dr-late' ORDER BY seq",
+        )
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r.get::<String>(0), r.get::<String>(1)))
+        .collect::<Vec<_>>();
+        if outcomes.len() == 3 {
+            break;
+        }
+        // Appended by a task of its own once the call is dropped: wait for it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        outcomes,
+        [
+            "CaseService/GetCase INVALID_ARGUMENT",
+            "CaseService/GetCase CANCELLED",
+            "CaseService/SubmitCase CANCELLED"
+        ]
+    );
+    // The abandoned submission was not applied.
+    let cases: i64 = db::query("SELECT COUNT(*) FROM cases")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cases, 0);
+}

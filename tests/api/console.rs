@@ -1785,3 +1785,134 @@ async fn a_physician_reads_their_centres_case_by_pseudonym_and_no_other() {
     assert_eq!(other.status, 404, "{}", other.body);
     assert!(!other.body.contains("ORPHA:586"));
 }
+
+/// A console request whose handler is dropped before it concludes (the browser closed
+/// the connection) is audited, CANCELLED, as a gRPC call is. Here the handler waits with
+/// its change for room in a full writer queue (an overload; the writer is held, with one
+/// command in its transaction and one in its queue of one): the change never got room,
+/// so the decision is not recorded, and the request's entry says CANCELLED. PostgreSQL
+/// only: on SQLite the lock that holds the writer holds the session's own write (its
+/// last-seen time) too, so the request would wait there, before its place among its
+/// principal's calls (and be counted in the address's summary, as a gRPC call waiting
+/// for its place is).
+#[tokio::test]
+async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
+    use tokio::io::AsyncWriteExt;
+    let app = console_app(ServeArgs {
+        writers: Some(1),
+        writer_queue: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    if app.is_sqlite() {
+        return;
+    }
+    let secret = console_user(
+        &app,
+        "officer-eye",
+        Role::ConsentOfficer,
+        None,
+        &["ERN-EYE"],
+    )
+    .await;
+    app.clock.freeze_at(app.clock.now());
+    let mut web = Web::new(app.console.unwrap());
+    let physician = app.physician("dr-eye", "NL-AMC").await;
+    web.sign_in(&app, "officer-eye", &secret).await;
+    let find = web.get("/officer").await;
+    let found = web
+        .post(
+            "/officer/patient",
+            &[
+                ("csrf", &find.csrf()),
+                ("kind", "national"),
+                ("registry", "ERN-EYE"),
+                ("national.issuing_country", "NL"),
+                ("national.value", &bsn(4242)),
+            ],
+        )
+        .await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    let pseudonym = {
+        let at = found.body.find("name=\"pseudonym\" value=\"").unwrap() + 24;
+        found.body[at..].split('"').next().unwrap().to_owned()
+    };
+    let read = || get_case("ERN-EYE", "R012-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    // The physician's key known to the process: its calls write nothing but their entry.
+    let status = physician.clone().get_case(read()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    let writer = HeldWriter::hold(&app).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = physician.clone();
+        held.push(tokio::spawn(async move { client.get_case(read()).await }));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let today = app.clock.now().format("%Y-%m-%d").to_string();
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("csrf", found.csrf().as_str()),
+            ("registry", "ERN-EYE"),
+            ("pseudonym", &pseudonym),
+            ("scope", "registry_inclusion"),
+            ("decision", "granted"),
+            ("form_version", "v2"),
+            ("given_at", &today),
+        ])
+        .finish();
+    let cookie = web
+        .cookies
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut browser = tokio::net::TcpStream::connect(app.console.unwrap())
+        .await
+        .unwrap();
+    browser
+        .write_all(
+            format!(
+                "POST /officer/record HTTP/1.1\r\nhost: localhost\r\ncookie: {cookie}\r\n\
+                 content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The handler waits for room; then the browser goes.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(browser);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    writer.release().await;
+    for call in held {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    let mut outcomes = Vec::new();
+    for _ in 0..100 {
+        outcomes = db::query(
+            "SELECT outcome FROM audit_log \
+             WHERE principal = 'officer-eye' AND method = 'Console/RecordConsent'",
+        )
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String>(0))
+        .collect::<Vec<_>>();
+        if !outcomes.is_empty() {
+            break;
+        }
+        // Appended by a task of its own once the handler is dropped: wait for it.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(outcomes, ["CANCELLED"]);
+    let events: i64 = db::query("SELECT COUNT(*) FROM consent_events")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 0, "the abandoned decision was not recorded");
+}

@@ -486,3 +486,37 @@ pub async fn fail_audit_entries_of(app: &TestApp, method: &str) {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
+
+/// The server's writer held: its next transaction cannot take a lock it needs until
+/// [`HeldWriter::release`] (SQLite: another connection's write transaction, for up to the
+/// writer's busy timeout of 10 s; PostgreSQL: the audit chain head's row).
+pub enum HeldWriter {
+    Sqlite(rusqlite::Connection),
+    Postgres(db::Conn),
+}
+
+impl HeldWriter {
+    pub async fn hold(app: &TestApp) -> HeldWriter {
+        if let Some(path) = app.store.sqlite_path() {
+            let other = rusqlite::Connection::open(path).unwrap();
+            other.execute_batch("BEGIN IMMEDIATE").unwrap();
+            return HeldWriter::Sqlite(other);
+        }
+        let mut conn = app.store.pool().acquire().await.unwrap();
+        db::query("BEGIN").execute(&mut conn.db()).await.unwrap();
+        db::query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_all(&mut conn.db())
+            .await
+            .unwrap();
+        HeldWriter::Postgres(conn)
+    }
+
+    pub async fn release(self) {
+        match self {
+            HeldWriter::Sqlite(other) => other.execute_batch("ROLLBACK").unwrap(),
+            HeldWriter::Postgres(mut conn) => {
+                db::query("ROLLBACK").execute(&mut conn.db()).await.unwrap();
+            }
+        }
+    }
+}
