@@ -243,7 +243,7 @@ pub struct ServeArgs {
     pub max_batch: usize,
     /// Commands each writer holds waiting for its next transaction (1 to 1,000,000); a
     /// call finds it full only under an overload, and waits for room.
-    #[arg(long, env = "ERN_WRITER_QUEUE", default_value_t = 8192,
+    #[arg(long, env = "ERN_WRITER_QUEUE", default_value_t = crate::store::writer::QUEUE_DEPTH,
           value_parser = clap::builder::TypedValueParser::map(
               clap::value_parser!(u64).range(1..=1_000_000), |n| n as usize))]
     pub writer_queue: usize,
@@ -434,7 +434,7 @@ impl Default for ServeArgs {
             max_message_bytes: 1024 * 1024,
             writers: None,
             max_batch: 512,
-            writer_queue: 8192,
+            writer_queue: crate::store::writer::QUEUE_DEPTH,
             db_max_connections: 16,
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,

@@ -642,6 +642,11 @@ impl Application {
         self.state.verifier.counters().clone()
     }
 
+    /// The commands waiting in the writers' queues (it does not keep the writers open).
+    pub fn writer_backlog(&self) -> crate::store::writer::Backlog {
+        self.state.writer.backlog()
+    }
+
     /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting
     /// connections, gives calls in flight and open streams `--shutdown-grace-secs` to
     /// finish and ends those still open with UNAVAILABLE ([`DrainLayer`]), lets the writer

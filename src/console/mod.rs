@@ -280,7 +280,7 @@ pub struct Ctx {
 impl Ctx {
     /// A page that only shows an empty form: not audited (docs/console.md).
     fn unaudited(&mut self) {
-        drop(self.call.take());
+        self.call.disarm();
     }
 }
 
@@ -291,7 +291,7 @@ async fn signed_in(
     peer: SocketAddr,
     action: &str,
 ) -> Result<Ctx, Response> {
-    let mut call = Running::new(st, Call::new(&format!("Console/{action}")));
+    let mut call = Running::console(st, Call::new(&format!("Console/{action}")));
     let token = Zeroizing::new(cookie(headers, SESSION_COOKIE).unwrap_or("").to_owned());
     match console_service::session(st, &token, Peer::of(Some(peer)), call.call()).await {
         Ok(principal) => Ok(Ctx {
@@ -916,11 +916,10 @@ async fn receipt_lookup(
         );
         return conclude_invalid(&st, ctx.call.finish(), page).await;
     }
-    let mut call = ctx.call.take();
-    let result = consent_service::receipt(&st, &ctx.principal, id, &mut call)
+    let result = consent_service::receipt(&st, &ctx.principal, id, ctx.call.call())
         .await
         .map(|r| html(StatusCode::OK, pages::receipt(&ctx, &r, false)));
-    conclude(&st, call, result).await
+    conclude(&st, ctx.call.finish(), result).await
 }
 
 async fn officer_expiring(

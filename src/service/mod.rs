@@ -400,22 +400,51 @@ impl Call {
 pub struct Running {
     services: Arc<Services>,
     call: Option<Call>,
-    /// The call's outcome is already in the metrics (it was concluded).
-    counted: bool,
+    /// The metric a call abandoned here is counted in.
+    counter: Counter,
+    /// Whether a drop records the call (see [`Running::disarm`]).
+    armed: bool,
+}
+
+/// Where [`Running`] counts a call it records as abandoned.
+enum Counter {
+    /// `ern_calls_total`: a gRPC call.
+    Calls,
+    /// `ern_console_requests_total`: a web console request.
+    Console,
+    /// Nowhere: the call was concluded, and counted with its outcome then.
+    Counted,
 }
 
 impl Running {
+    /// A gRPC call.
     pub fn new(services: &Arc<Services>, call: Call) -> Running {
+        Running::counted_in(services, call, Counter::Calls)
+    }
+
+    /// A web console request.
+    pub fn console(services: &Arc<Services>, call: Call) -> Running {
+        Running::counted_in(services, call, Counter::Console)
+    }
+
+    fn counted_in(services: &Arc<Services>, call: Call, counter: Counter) -> Running {
         Running {
             services: services.clone(),
             call: Some(call),
-            counted: false,
+            counter,
+            armed: true,
         }
     }
 
-    /// The call, taken out: from here whoever took it answers for its entry, and a drop
-    /// of this guard does nothing (a page shown without an entry of its own: a form).
-    pub fn take(&mut self) -> Call {
+    /// From here a drop records nothing (a page that only shows an empty form, which is
+    /// not audited); the call, and its place among its principal's calls in flight, are
+    /// kept until the guard goes.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// The call, taken out: from here whoever took it answers for its entry.
+    fn take(&mut self) -> Call {
         self.call.take().expect("a running call is concluded once")
     }
 
@@ -437,16 +466,23 @@ impl Drop for Running {
         let Some(call) = self.call.take() else {
             return;
         };
-        if call.audited || call.entry.principal_id.is_none() {
+        if !self.armed || call.audited || call.entry.principal_id.is_none() {
             return;
         }
-        if !self.counted {
-            metrics::counter!(
+        match self.counter {
+            Counter::Calls => metrics::counter!(
                 "ern_calls_total",
                 "method" => call.method().to_owned(),
                 "outcome" => Outcome::Cancelled.name()
             )
-            .increment(1);
+            .increment(1),
+            Counter::Console => metrics::counter!(
+                "ern_console_requests_total",
+                "action" => call.method().to_owned(),
+                "outcome" => Outcome::Cancelled.name()
+            )
+            .increment(1),
+            Counter::Counted => {}
         }
         let runtime = tokio::runtime::Handle::try_current();
         if runtime.is_err() {
@@ -492,8 +528,8 @@ impl Services {
         command: Command,
         call: &mut Call,
     ) -> Result<crate::store::writer::Output, WriteError> {
-        let room = self.writer.room(&command).await?;
-        room.execute(command, call.for_writer()).await
+        let room = self.writer.room(command).await?;
+        room.execute(call.for_writer()).await
     }
 
     /// [`Services::write`] of a case command.
@@ -524,12 +560,8 @@ impl Services {
             );
             return Ok(());
         }
-        let mut waiting = Running {
-            services: self.clone(),
-            call: Some(call),
-            counted: true,
-        };
-        let room = self.writer.room(&Command::Audit).await;
+        let mut waiting = Running::counted_in(self, call, Counter::Counted);
+        let room = self.writer.room(Command::Audit).await;
         // From here nothing waits: the entry is handed over, or the queue is closed (the
         // writers are gone; a second try from the guard would fail the same way).
         // The call (its place among its principal's calls in flight) is kept until the
@@ -538,7 +570,7 @@ impl Services {
         let room = room?;
         let mut entry = std::mem::take(&mut call.entry);
         entry.outcome = outcome.name().into();
-        room.execute(Command::Audit, Some(entry)).await?;
+        room.execute(Some(entry)).await?;
         drop(call);
         Ok(())
     }

@@ -70,8 +70,9 @@ use crate::audit::{AuditKey, Entry};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, InclusionRefused, Scope, Source};
 use crate::outcome::Outcome;
 
-/// Queue length per writer before senders wait (back-pressure); `serve --writer-queue`.
-const QUEUE_DEPTH: usize = 8192;
+/// Queue length per writer before senders wait (back-pressure): the default of `serve
+/// --writer-queue`.
+pub const QUEUE_DEPTH: usize = 8192;
 
 /// Stores a new case of a centre, with the physician's consent attestation.
 #[derive(Debug, Clone)]
@@ -457,14 +458,15 @@ impl Writer {
         command: Command,
         audit: Option<Entry>,
     ) -> Result<Output, WriteError> {
-        self.room(&command).await?.execute(command, audit).await
+        self.room(command).await?.execute(audit).await
     }
 
-    /// Waits for room for `command` in its writer's queue (8,192 commands each). Until
-    /// the room is taken, nothing is handed over: a caller dropped while it waits still
-    /// has its command and entry, and can record what became of them. [`Room::execute`]
-    /// then hands them over at once, with no further wait for room.
-    pub async fn room(&self, command: &Command) -> Result<Room<'_>, WriteError> {
+    /// Waits for room for `command` in its writer's queue (`serve --writer-queue`
+    /// commands each). Until the room is taken, nothing is handed over: a caller dropped
+    /// while it waits still has the command's audit entry, and can record what became of
+    /// the call. [`Room::execute`] then hands the command over at once, with no further
+    /// wait for room.
+    pub async fn room(&self, command: Command) -> Result<Room<'_>, WriteError> {
         // Commands about a patient go to that patient's writer; an entry alone (a read, a
         // refusal) to the next writer in turn, so reads never queue behind one of them.
         let partition = if matches!(command, Command::Audit) {
@@ -480,36 +482,46 @@ impl Writer {
             .reserve()
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
-        Ok(Room {
-            permit,
-            #[cfg(debug_assertions)]
-            audit_only: matches!(command, Command::Audit),
-        })
+        Ok(Room { permit, command })
+    }
+
+    /// The commands waiting in the writers' queues, read without keeping them open.
+    pub fn backlog(&self) -> Backlog {
+        Backlog(self.queues.iter().map(mpsc::Sender::downgrade).collect())
     }
 }
 
-/// Room for one command in its writer's queue ([`Writer::room`]), taken for a command
-/// that is then handed over with [`Room::execute`].
+/// Room for a command in its writer's queue ([`Writer::room`]), with the command.
 pub struct Room<'a> {
     permit: mpsc::Permit<'a, Job>,
-    #[cfg(debug_assertions)]
-    audit_only: bool,
+    command: Command,
 }
 
 impl Room<'_> {
-    /// Hands `command` (the command the room was taken for) and its entry to the writer
-    /// and waits until they are durably committed, as [`Writer::execute`]. From here the
-    /// writer applies them whatever becomes of the caller.
-    pub async fn execute(
-        self,
-        command: Command,
-        audit: Option<Entry>,
-    ) -> Result<Output, WriteError> {
-        #[cfg(debug_assertions)]
-        debug_assert_eq!(self.audit_only, matches!(command, Command::Audit));
+    /// Hands the command and its entry to the writer and waits until they are durably
+    /// committed, as [`Writer::execute`]. From here the writer applies them whatever
+    /// becomes of the caller.
+    pub async fn execute(self, audit: Option<Entry>) -> Result<Output, WriteError> {
         let (tx, rx) = oneshot::channel();
-        self.permit.send((command, audit, tx));
+        self.permit.send((self.command, audit, tx));
         rx.await.map_err(|_| WriteError::ShuttingDown)?
+    }
+}
+
+/// The writers' queues, seen from outside ([`Writer::backlog`]): holding it does not keep
+/// a writer running.
+#[derive(Clone)]
+pub struct Backlog(Vec<mpsc::WeakSender<Job>>);
+
+impl Backlog {
+    /// Commands waiting in each writer's queue, and the queue's size (none once the
+    /// writers have stopped).
+    pub fn queued(&self) -> Vec<(usize, usize)> {
+        self.0
+            .iter()
+            .filter_map(mpsc::WeakSender::upgrade)
+            .map(|q| (q.max_capacity() - q.capacity(), q.max_capacity()))
+            .collect()
     }
 }
 

@@ -883,16 +883,14 @@ async fn a_call_abandoned_while_the_writer_queue_is_full_is_audited_as_cancelled
     }
 
     let writer = HeldWriter::hold(&app).await;
-    // One entry in the writer's transaction, one in its queue, then the late call's
-    // waits for room until its deadline ends it.
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut client = first.clone();
-        held.push(tokio::spawn(
-            async move { client.get_case(read(30_000)).await },
-        ));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    // Entries in the writer's transaction and its queue, then the late call's waits for
+    // room until its deadline ends it.
+    let held = writer
+        .fill(&app, || {
+            let mut client = first.clone();
+            async move { client.get_case(read(30_000)).await }
+        })
+        .await;
     let status = late.get_case(read(1000)).await.unwrap_err();
     assert!(
         matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),

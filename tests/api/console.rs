@@ -1843,12 +1843,12 @@ async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
     let writer = HeldWriter::hold(&app).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut client = physician.clone();
-        held.push(tokio::spawn(async move { client.get_case(read()).await }));
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
+    let held = writer
+        .fill(&app, || {
+            let mut client = physician.clone();
+            async move { client.get_case(read()).await }
+        })
+        .await;
     let today = app.clock.now().format("%Y-%m-%d").to_string();
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs([
@@ -1867,6 +1867,8 @@ async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join("; ");
+    let signed_in_at = app.clock.now();
+    app.clock.advance(Duration::seconds(1));
     let mut browser = tokio::net::TcpStream::connect(app.console.unwrap())
         .await
         .unwrap();
@@ -1881,8 +1883,22 @@ async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
         )
         .await
         .unwrap();
-    // The handler waits for room; then the browser goes.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The handler waits for room once its session is checked (its last-seen time
+    // written, at the clock moved on a second), then the browser goes.
+    for _ in 0..200 {
+        let touched: i64 =
+            db::query("SELECT COUNT(*) FROM console_sessions WHERE last_seen_at > $1")
+                .bind(signed_in_at)
+                .fetch_one(app.store.pool())
+                .await
+                .unwrap()
+                .get(0);
+        if touched == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     drop(browser);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     writer.release().await;

@@ -90,6 +90,8 @@ pub struct TestApp {
     pub codes: Arc<ern_registry::service::Codes>,
     /// The web console's address, when the app was started with `console_listen`.
     pub console: Option<SocketAddr>,
+    /// The commands waiting in the server's writer queues.
+    pub backlog: ern_registry::store::writer::Backlog,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -213,6 +215,7 @@ impl TestApp {
         let store = app.store().clone();
         let (auth, key_hasher) = (app.auth_counters(), app.key_hasher());
         let codes = app.codes();
+        let backlog = app.writer_backlog();
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -231,6 +234,7 @@ impl TestApp {
             key_hasher,
             codes,
             console,
+            backlog,
             shutdown: Some(tx),
             server: Some(server),
         }
@@ -509,6 +513,40 @@ impl HeldWriter {
             .await
             .unwrap();
         HeldWriter::Postgres(conn)
+    }
+
+    /// Fills the held writer's queue with calls made by `call`, each in a task of its own
+    /// (held until the writer is released): once it returns, a command finds no room.
+    /// A call goes at a time, each given time to reach the writer (its transaction, or
+    /// its queue) before the next, until the queue is full.
+    pub async fn fill<F, Fut>(
+        &self,
+        app: &TestApp,
+        mut call: F,
+    ) -> Vec<tokio::task::JoinHandle<Fut::Output>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let full = || {
+            let queues = app.backlog.queued();
+            !queues.is_empty() && queues.iter().all(|&(waiting, size)| waiting == size)
+        };
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            held.push(tokio::spawn(call()));
+            for _ in 0..100 {
+                if full() {
+                    return held;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        panic!(
+            "the writer's queue did not fill: {:?}",
+            app.backlog.queued()
+        );
     }
 
     pub async fn release(self) {
