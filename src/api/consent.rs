@@ -7,9 +7,6 @@
 //! identity (itself wiped on drop) is derived only once the whole request is valid
 //! ([`derive_patient`]): an invalid request spends none of the officer's allowance.
 
-use std::sync::Arc;
-
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::convert::{timestamp as timestamp_from_proto, timestamp_to_proto};
@@ -20,7 +17,8 @@ use crate::outcome::Outcome;
 use crate::proto::{self, consent_service_server::ConsentService};
 use crate::pseudonym::Pseudonym;
 use crate::service::consent::{
-    self as consent_service, ConsentAccess, ConsentView, EventView, Receipt, ScopeStatus,
+    self as consent_service, ConsentAccess, ConsentView, EntryTurn, EventView, PatientOrder,
+    Receipt, ScopeStatus,
 };
 use crate::service::{Call, ServiceError, parse_pseudonym};
 use crate::store::consent::WithdrawalReason;
@@ -151,63 +149,6 @@ fn receipt_to_proto(r: Receipt) -> proto::ErasureReceipt {
     }
 }
 
-/// The order of a RecordConsents call's entries per patient: an entry is recorded only
-/// once every earlier entry naming the same patient (by identifiers or by pseudonym) has
-/// finished; entries of different patients run concurrently. An entry's patient is known
-/// only once its pseudonym is derived, so each entry first waits for every earlier one to
-/// have derived its own (or failed), which costs one derivation's time, not a write's.
-struct PatientOrder {
-    turns: Vec<watch::Sender<Turn>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Turn {
-    /// Not yet known which patient the entry names.
-    Pending,
-    /// The entry names this (registry, pseudonym) and is being recorded.
-    Patient(i64, String),
-    /// Finished, or failed before naming a patient.
-    Done,
-}
-
-impl PatientOrder {
-    fn new(entries: usize) -> Arc<PatientOrder> {
-        Arc::new(PatientOrder {
-            turns: (0..entries)
-                .map(|_| watch::Sender::new(Turn::Pending))
-                .collect(),
-        })
-    }
-
-    /// Entry `index` names `patient`: waits until every earlier entry naming it is done.
-    async fn arrive(&self, index: usize, registry_id: i64, pseudonym: &str) {
-        let patient = Turn::Patient(registry_id, pseudonym.to_owned());
-        self.turns[index].send_replace(patient.clone());
-        for earlier in &self.turns[..index] {
-            let mut turn = earlier.subscribe();
-            let known = turn
-                .wait_for(|t| *t != Turn::Pending)
-                .await
-                .map(|t| t.clone());
-            if known.is_ok_and(|t| t == patient) {
-                let _ = turn.wait_for(|t| *t == Turn::Done).await;
-            }
-        }
-    }
-}
-
-/// Marks its entry done when dropped: finished, failed or stopped at any point.
-struct EntryTurn {
-    order: Arc<PatientOrder>,
-    index: usize,
-}
-
-impl Drop for EntryTurn {
-    fn drop(&mut self) {
-        self.order.turns[self.index].send_replace(Turn::Done);
-    }
-}
-
 /// One RecordConsent, start to finish, for an authenticated officer; `turn`: its place in
 /// a RecordConsents call ([`PatientOrder`]), whose entries share one time of the call (so
 /// that an entry recorded after another of its patient is never dated before it).
@@ -250,12 +191,9 @@ async fn record_one(
     };
     violations.into_result()?;
     let pseudonym = derive_patient(state, &access, patient).await?;
-    if let Some((turn, _)) = turn {
-        turn.order
-            .arrive(turn.index, access.registry().id, pseudonym.as_str())
-            .await;
-    }
-    let view = consent_service::record(state, &access, pseudonym, decisions, now, call).await?;
+    let turn = turn.map(|(turn, _)| turn);
+    let view =
+        consent_service::record(state, &access, pseudonym, decisions, now, turn, call).await?;
     Ok(proto::RecordConsentResponse {
         pseudonym: view.pseudonym.as_str().to_owned(),
         recorded: view.events.iter().map(event_to_proto).collect(),
@@ -325,10 +263,7 @@ impl ConsentApi {
                     .unwrap_or_default();
                 let state = self.state.clone();
                 let principal = principal.clone();
-                let turn = EntryTurn {
-                    order: order.clone(),
-                    index,
-                };
+                let turn = order.turn(index);
                 (
                     reference,
                     tokio::spawn(async move {

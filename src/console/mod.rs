@@ -734,6 +734,7 @@ async fn officer_record(
             pseudonym.clone(),
             decisions,
             now,
+            None,
             ctx.call.call(),
         )
         .await?;

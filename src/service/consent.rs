@@ -8,8 +8,11 @@
 //! but the recorder and the recorder's centre ([`recorder_visible_to`]): that name tells
 //! which centre treats the patient.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use ring::rand::SecureRandom;
+use tokio::sync::watch;
 
 use super::{Call, ServiceError, Services};
 use crate::auth::{Principal, Role};
@@ -280,16 +283,90 @@ async fn history(
     Ok(consent_store::history(&mut conn.db(), registry_id, pseudonym).await?)
 }
 
+/// The order of a bulk call's entries per patient (RecordConsents): an entry is recorded only
+/// once every earlier entry naming the same patient (by identifiers or by pseudonym) has
+/// finished; entries of different patients run concurrently. An entry's patient is known
+/// only once its pseudonym is derived, so each entry first waits for every earlier one to
+/// have derived its own (or failed), which costs one derivation's time, not a write's.
+pub struct PatientOrder {
+    turns: Vec<watch::Sender<Turn>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Turn {
+    /// Not yet known which patient the entry names.
+    Pending,
+    /// The entry names this (registry, pseudonym) and is being recorded.
+    Patient(i64, String),
+    /// Finished, or failed before naming a patient.
+    Done,
+}
+
+impl PatientOrder {
+    pub fn new(entries: usize) -> Arc<PatientOrder> {
+        Arc::new(PatientOrder {
+            turns: (0..entries)
+                .map(|_| watch::Sender::new(Turn::Pending))
+                .collect(),
+        })
+    }
+
+    /// Entry `index`'s place: [`record`] waits there for its turn.
+    pub fn turn(self: &Arc<Self>, index: usize) -> EntryTurn {
+        EntryTurn {
+            order: self.clone(),
+            index,
+        }
+    }
+
+    /// Entry `index` names `patient`: waits until every earlier entry naming it is done.
+    async fn arrive(&self, index: usize, registry_id: i64, pseudonym: &str) {
+        let patient = Turn::Patient(registry_id, pseudonym.to_owned());
+        self.turns[index].send_replace(patient.clone());
+        for earlier in &self.turns[..index] {
+            let mut turn = earlier.subscribe();
+            let known = turn
+                .wait_for(|t| *t != Turn::Pending)
+                .await
+                .map(|t| t.clone());
+            if known.is_ok_and(|t| t == patient) {
+                let _ = turn.wait_for(|t| *t == Turn::Done).await;
+            }
+        }
+    }
+}
+
+/// An entry's place in its call's [`PatientOrder`]. Marks its entry done when dropped:
+/// finished, failed or stopped at any point.
+pub struct EntryTurn {
+    order: Arc<PatientOrder>,
+    index: usize,
+}
+
+impl Drop for EntryTurn {
+    fn drop(&mut self) {
+        self.order.turns[self.index].send_replace(Turn::Done);
+    }
+}
+
 /// Records an officer's decisions (granted or refused) for one patient, effective `now`
 /// (given at, at the latest, now); answers the decisions recorded and those in force.
+/// An entry of a bulk call first waits for its `turn`: every earlier entry of the call
+/// naming the same patient is done.
 pub async fn record(
     services: &Services,
     access: &ConsentAccess,
     pseudonym: Pseudonym,
     decisions: Vec<ConsentDecision>,
     now: DateTime<Utc>,
+    turn: Option<&EntryTurn>,
     call: &mut Call,
 ) -> Result<ConsentView, ServiceError> {
+    if let Some(turn) = turn {
+        turn.order
+            .arrive(turn.index, access.registry.id, pseudonym.as_str())
+            .await;
+    }
     let command = Command::RecordConsent(RecordConsent {
         registry_id: access.registry.id,
         pseudonym: pseudonym.as_str().to_owned(),
@@ -512,6 +589,45 @@ async fn expiring_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries of one patient go one after another in the call's order; an entry of
+    /// another patient does not wait for them; an entry waits for earlier ones only to
+    /// name their patient, and one that fails before naming any lets the others go.
+    #[tokio::test]
+    async fn a_bulk_calls_entries_of_one_patient_take_turns_in_order() {
+        async fn soon<F: std::future::Future>(f: F) -> Option<F::Output> {
+            tokio::time::timeout(std::time::Duration::from_millis(200), f)
+                .await
+                .ok()
+        }
+        let order = PatientOrder::new(4);
+        let turns: Vec<EntryTurn> = (0..4).map(|i| order.turn(i)).collect();
+        // Entry 3 (patient A of registry 1) waits while entry 0 has not named its patient.
+        let mut last = Box::pin(order.arrive(3, 1, "A"));
+        assert!(soon(last.as_mut()).await.is_none(), "entry 0 not yet named");
+        // Entry 0 names the same patient: entry 3 waits for it to be done.
+        assert!(soon(order.arrive(0, 1, "A")).await.is_some());
+        assert!(soon(last.as_mut()).await.is_none(), "entry 0 not done");
+        // Entries 1 (patient B) and 2 (the same pseudonym in another registry: another
+        // patient) go at once, although entry 0 is not done; entry 3 does not wait for
+        // them to be done.
+        assert!(soon(order.arrive(1, 1, "B")).await.is_some());
+        assert!(soon(order.arrive(2, 2, "A")).await.is_some());
+        assert!(
+            soon(last.as_mut()).await.is_none(),
+            "entry 0 still not done"
+        );
+        let mut turns = turns.into_iter();
+        drop(turns.next());
+        assert!(soon(last.as_mut()).await.is_some(), "entry 0 done");
+        // An entry that fails before naming its patient lets the later ones go.
+        let order = PatientOrder::new(2);
+        let (failed, _later) = (order.turn(0), order.turn(1));
+        let mut waiting = Box::pin(order.arrive(1, 1, "A"));
+        assert!(soon(waiting.as_mut()).await.is_none());
+        drop(failed);
+        assert!(soon(waiting.as_mut()).await.is_some());
+    }
 
     #[test]
     fn consent_applies_at_the_latest_date_on_file_when_it_is_later() {
