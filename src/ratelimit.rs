@@ -231,7 +231,9 @@ impl CallGate {
 
 /// Bulk-stream items of one principal processed at once, across all its open streams: at
 /// most `max`; the next item of any of its streams is not read until one finishes (HTTP/2
-/// flow control then holds the client back). Keyed by principal id; idle entries dropped.
+/// flow control then holds the client back). Also a principal's research tables under
+/// protection (`service::research::ProtectionPool`, one at a time). Keyed by principal
+/// id; idle entries dropped.
 pub struct ItemGate {
     max: u32,
     slots: Mutex<HashMap<i64, Arc<Semaphore>>>,

@@ -30,6 +30,7 @@ use crate::aggregate::{
 use crate::auth::{AuthError, Principal, Role};
 use crate::domain::{CodeCatalog, CodeSystem, HpoTerm, Lookup};
 use crate::domain::{FieldViolations, RegistryCode};
+use crate::ratelimit::ItemGate;
 use crate::store::db::Db;
 use crate::store::research::{ExpertiseRow, PhenotypeFilter, ResearchError, Selection};
 use crate::store::writer::AfterCommit;
@@ -124,35 +125,50 @@ impl AfterCommit for CatchUp {
 
 /// Where research tables are protected: a bounded pool of blocking threads, so that one
 /// large table cannot stall other calls on the async runtime, and a deadline per query.
-/// A table not proven safe by its deadline is never published (fail closed).
+/// A table not proven safe by its deadline is never published (fail closed). Each
+/// principal's tables are protected one at a time: its others wait for their turn apart
+/// from everyone else's, so one principal's questions hold at most one worker, and take
+/// at most one place in the queue for the workers.
 pub struct ProtectionPool {
     permits: Arc<tokio::sync::Semaphore>,
+    /// One protection at a time per principal.
+    turns: ItemGate,
     budget: Duration,
 }
 
 impl ProtectionPool {
-    /// At most `workers` protections at once, each given `budget` from the moment it asks
-    /// (waiting for a worker counts).
+    /// At most `workers` protections at once, one per principal, each given `budget`
+    /// from the moment it asks (waiting for its turn and for a worker counts).
     pub fn new(workers: usize, budget: Duration) -> Self {
         ProtectionPool {
             permits: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
+            turns: ItemGate::new(1),
             budget,
         }
     }
 
-    /// Runs `work` (given its deadline) on a blocking thread.
+    /// Runs `work` (given its deadline) on a blocking thread, once `principal`'s earlier
+    /// protections are done and a worker is free.
     pub async fn run<T: Send + 'static>(
         &self,
+        principal: i64,
         work: impl FnOnce(Instant) -> Result<T, QueryError> + Send + 'static,
     ) -> Result<T, ServiceError> {
         let deadline = Instant::now() + self.budget;
+        let turn = tokio::time::timeout_at(deadline.into(), self.turns.enter(principal))
+            .await
+            .map_err(|_| {
+                ServiceError::Busy(
+                    "your earlier research questions are still being protected (one at a time per researcher)",
+                )
+            })?;
         let permit =
             tokio::time::timeout_at(deadline.into(), Arc::clone(&self.permits).acquire_owned())
                 .await
                 .map_err(|_| ServiceError::Busy("every research worker is busy"))?
                 .map_err(|_| ServiceError::Unavailable)?;
         let joined = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _held = (turn, permit);
             work(deadline)
         })
         .await
@@ -393,7 +409,9 @@ pub async fn count_patients(
     // of `aggregate::suppress`): it lists no row or column, as every such table.
     let table = services
         .protection
-        .run(move |deadline| builder.finish(&group_by, rules, deadline))
+        .run(access.principal.id, move |deadline| {
+            builder.finish(&group_by, rules, deadline)
+        })
         .await?;
     call.items(table.protected.cells.len());
     info!(
@@ -443,7 +461,9 @@ pub async fn diagnostic_delay(
     };
     let table = services
         .protection
-        .run(move |deadline| builder.finish(rules, deadline))
+        .run(access.principal.id, move |deadline| {
+            builder.finish(rules, deadline)
+        })
         .await?;
     call.items(table.groups.len());
     info!(
@@ -772,7 +792,9 @@ mod tests {
         let rules = Rules::new(5, 1).unwrap();
         let b = builder();
         let err = pool
-            .run(move |deadline| b.finish(&[Dimension::Sex], rules, deadline))
+            .run(1, move |deadline| {
+                b.finish(&[Dimension::Sex], rules, deadline)
+            })
             .await
             .unwrap_err();
         assert_eq!(err.outcome(), crate::outcome::Outcome::FailedPrecondition);
@@ -786,7 +808,9 @@ mod tests {
         let rules = Rules::new(5, 1).unwrap();
         let b = builder();
         let table = pool
-            .run(move |deadline| b.finish(&[Dimension::Sex], rules, deadline))
+            .run(1, move |deadline| {
+                b.finish(&[Dimension::Sex], rules, deadline)
+            })
             .await
             .unwrap();
         assert_eq!(table.protected.cells[0], None);
@@ -805,7 +829,7 @@ mod tests {
             tx.send(()).unwrap();
         });
         let got = pool
-            .run(move |_deadline| {
+            .run(1, move |_deadline| {
                 rx.recv_timeout(Duration::from_secs(5))
                     .map_err(|_| QueryError::Invalid("the runtime was blocked".into()))
             })
@@ -824,7 +848,7 @@ mod tests {
         let busy = {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move {
-                pool.run(move |_| {
+                pool.run(1, move |_| {
                     let _ = started_tx.send(());
                     let _ = wait.recv_timeout(Duration::from_secs(10));
                     Ok(())
@@ -833,12 +857,55 @@ mod tests {
             })
         };
         started.await.unwrap();
-        let refused = pool.run(|_| Ok(())).await.unwrap_err();
+        let refused = pool.run(2, |_| Ok(())).await.unwrap_err();
         assert!(matches!(refused, ServiceError::Busy(_)), "{refused:?}");
         assert_eq!(refused.outcome(), crate::outcome::Outcome::Unavailable);
         release.send(()).unwrap();
         busy.await.unwrap().unwrap();
         // The worker is free again.
-        pool.run(|_| Ok(())).await.unwrap();
+        pool.run(2, |_| Ok(())).await.unwrap();
+    }
+
+    /// One principal's tables are protected one at a time: however many of its heavy
+    /// questions are in flight, they hold one worker, and another principal's question
+    /// gets the other at once; its own next one waits for its turn, and is refused at its
+    /// deadline if the first is still running.
+    #[tokio::test]
+    async fn one_principals_questions_hold_one_worker_however_many_it_asks() {
+        let pool = Arc::new(ProtectionPool::new(2, Duration::from_millis(300)));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Arc::new(std::sync::Mutex::new(wait));
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let heavy: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, wait, started_tx) =
+                    (Arc::clone(&pool), Arc::clone(&wait), started_tx.clone());
+                tokio::spawn(async move {
+                    pool.run(1, move |_| {
+                        let _ = started_tx.send(());
+                        let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(10));
+                        Ok(())
+                    })
+                    .await
+                })
+            })
+            .collect();
+        started.recv().await.unwrap();
+        // Principal 2 is not kept waiting by principal 1's other two questions.
+        pool.run(2, |_| Ok(())).await.unwrap();
+        // Principal 1's others wait for its turn, past their deadline.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        release.send(()).unwrap();
+        let mut outcomes: Vec<bool> = Vec::new();
+        for task in heavy {
+            outcomes.push(task.await.unwrap().is_ok());
+        }
+        outcomes.sort();
+        assert_eq!(
+            outcomes,
+            [false, false, true],
+            "one ran, two timed out waiting"
+        );
+        assert!(started.try_recv().is_err(), "only one of principal 1's ran");
     }
 }

@@ -39,7 +39,8 @@ class ResearchServiceStub:
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
-    (UNAVAILABLE instead when every protection worker stayed busy: retry). See
+    (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
+    earlier questions were still being protected: one at a time per caller; retry). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
@@ -80,7 +81,8 @@ class ResearchServiceServicer:
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
-    (UNAVAILABLE instead when every protection worker stayed busy: retry). See
+    (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
+    earlier questions were still being protected: one at a time per caller; retry). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
@@ -148,7 +150,8 @@ class ResearchService:
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
-    (UNAVAILABLE instead when every protection worker stayed busy: retry). See
+    (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
+    earlier questions were still being protected: one at a time per caller; retry). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
