@@ -279,9 +279,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_RESEARCH_INDEX", default_value_t = true,
           action = clap::ArgAction::Set)]
     pub research_index: bool,
-    /// Research tables protected at once, each on a blocking thread off the async runtime,
-    /// one at a time per principal; further queries wait for their turn and a worker
-    /// within their budget.
+    /// Research tables protected at once, each on a blocking thread off the async runtime;
+    /// one question at a time per principal. Further queries wait for their turn and a
+    /// worker within their budget.
     #[arg(long, env = "ERN_PROTECTION_WORKERS", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     pub protection_workers: u64,

@@ -213,9 +213,15 @@ impl CallGate {
                     admitted: Arc::new(Semaphore::new(2 * self.max as usize)),
                 })
             });
-            (slot.running.clone(), slot.admitted.clone())
+            // Admitted under the lock: a slot holding an admission is never pruned, so a
+            // principal never gets a second slot while this call waits to run.
+            let admitted = slot
+                .admitted
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| self.refused())?;
+            (slot.running.clone(), admitted)
         };
-        let admitted = admitted.try_acquire_owned().map_err(|_| self.refused())?;
         let running = running.acquire_owned().await.map_err(|_| self.refused())?;
         Ok(CallPermit {
             _running: running,
@@ -254,8 +260,12 @@ impl ItemGate {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             if slots.len() > GATE_PRUNE_ABOVE {
+                // Kept while in use, and while a caller that took it out waits for it (it
+                // holds a handle): pruned then, the principal would get a second one.
                 let max = self.max as usize;
-                slots.retain(|_, slot| slot.available_permits() < max);
+                slots.retain(|_, slot| {
+                    slot.available_permits() < max || Arc::strong_count(slot) > 1
+                });
             }
             slots
                 .entry(principal)

@@ -126,19 +126,27 @@ impl AfterCommit for CatchUp {
 /// Where research tables are protected: a bounded pool of blocking threads, so that one
 /// large table cannot stall other calls on the async runtime, and a deadline per query.
 /// A table not proven safe by its deadline is never published (fail closed). Each
-/// principal's tables are protected one at a time: its others wait for their turn apart
-/// from everyone else's, so one principal's questions hold at most one worker, and take
-/// at most one place in the queue for the workers.
+/// principal's questions take turns ([`ProtectionPool::turn`], before they are counted):
+/// its others wait apart from everyone else's, so one principal's questions hold at most
+/// one worker, take at most one place in the queue for the workers, and do no counting
+/// while they wait.
 pub struct ProtectionPool {
     permits: Arc<tokio::sync::Semaphore>,
-    /// One protection at a time per principal.
+    /// One question at a time per principal.
     turns: ItemGate,
     budget: Duration,
 }
 
+/// A principal's turn for one question ([`ProtectionPool::turn`]), held until its table
+/// is protected (or the question fails).
+pub struct Turn {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 impl ProtectionPool {
-    /// At most `workers` protections at once, one per principal, each given `budget`
-    /// from the moment it asks (waiting for its turn and for a worker counts).
+    /// At most `workers` protections at once, one question per principal at a time, each
+    /// given `budget` to wait for its turn, and `budget` from the moment it asks for a
+    /// worker (waiting for one counts) to be protected.
     pub fn new(workers: usize, budget: Duration) -> Self {
         ProtectionPool {
             permits: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
@@ -147,26 +155,36 @@ impl ProtectionPool {
         }
     }
 
-    /// Runs `work` (given its deadline) on a blocking thread, once `principal`'s earlier
-    /// protections are done and a worker is free.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        principal: i64,
-        work: impl FnOnce(Instant) -> Result<T, QueryError> + Send + 'static,
-    ) -> Result<T, ServiceError> {
-        let deadline = Instant::now() + self.budget;
-        let turn = tokio::time::timeout_at(deadline.into(), self.turns.enter(principal))
+    /// Waits until `principal`'s earlier questions are done, at most the budget.
+    pub async fn turn(&self, principal: i64) -> Result<Turn, ServiceError> {
+        tokio::time::timeout(self.budget, self.turns.enter(principal))
             .await
+            .map(|permit| Turn { _permit: permit })
             .map_err(|_| {
                 ServiceError::Busy(
-                    "your earlier research questions are still being protected (one at a time per researcher)",
+                    "your earlier research questions are still being answered (one at a time per researcher); retry",
                 )
-            })?;
+            })
+    }
+
+    /// Runs `work` (given its deadline) on a blocking thread, in `turn`, once a worker is
+    /// free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        turn: Turn,
+        work: impl FnOnce(Instant) -> Result<T, QueryError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let asked = Instant::now();
+        let deadline = asked + self.budget;
         let permit =
             tokio::time::timeout_at(deadline.into(), Arc::clone(&self.permits).acquire_owned())
                 .await
                 .map_err(|_| ServiceError::Busy("every research worker is busy"))?
                 .map_err(|_| ServiceError::Unavailable)?;
+        // Waiting for a worker took from the budget: a table not proven safe in what was
+        // left may be provable alone, so that is not the table's fault. (A wait of a
+        // millisecond or less is none.)
+        let waited = asked.elapsed() > (self.budget / 4).max(Duration::from_millis(1));
         let joined = tokio::task::spawn_blocking(move || {
             let _held = (turn, permit);
             work(deadline)
@@ -175,7 +193,12 @@ impl ProtectionPool {
         .map_err(|_| {
             ServiceError::Internal(StoreError::Invalid("table protection panicked".into()))
         })?;
-        joined.map_err(|e| ServiceError::from(ResearchError::Query(e)))
+        joined.map_err(|e| match e {
+            QueryError::Unprovable if waited => ServiceError::Busy(
+                "the table could not be proven safe in the time left after waiting for a research worker; retry",
+            ),
+            e => ServiceError::from(ResearchError::Query(e)),
+        })
     }
 }
 
@@ -382,6 +405,8 @@ pub async fn count_patients(
     call: &mut Call,
 ) -> Result<Counted, ServiceError> {
     let (filters, phenotypes) = expand(&services.codes.get(), filters, along)?;
+    // The principal's earlier questions are answered first; this one is counted after.
+    let turn = services.protection.turn(access.principal.id).await?;
     let selection = Selection {
         registry_id: access.registry.id,
         group_by,
@@ -409,7 +434,7 @@ pub async fn count_patients(
     // of `aggregate::suppress`): it lists no row or column, as every such table.
     let table = services
         .protection
-        .run(access.principal.id, move |deadline| {
+        .run(turn, move |deadline| {
             builder.finish(&group_by, rules, deadline)
         })
         .await?;
@@ -440,6 +465,8 @@ pub async fn diagnostic_delay(
     call: &mut Call,
 ) -> Result<(DelayTable, DateTime<Utc>), ServiceError> {
     let (filters, phenotypes) = expand(&services.codes.get(), filters, along)?;
+    // The principal's earlier questions are answered first; this one is counted after.
+    let turn = services.protection.turn(access.principal.id).await?;
     let selection = Selection {
         registry_id: access.registry.id,
         group_by,
@@ -461,9 +488,7 @@ pub async fn diagnostic_delay(
     };
     let table = services
         .protection
-        .run(access.principal.id, move |deadline| {
-            builder.finish(rules, deadline)
-        })
+        .run(turn, move |deadline| builder.finish(rules, deadline))
         .await?;
     call.items(table.groups.len());
     info!(
@@ -792,7 +817,7 @@ mod tests {
         let rules = Rules::new(5, 1).unwrap();
         let b = builder();
         let err = pool
-            .run(1, move |deadline| {
+            .run(pool.turn(1).await.unwrap(), move |deadline| {
                 b.finish(&[Dimension::Sex], rules, deadline)
             })
             .await
@@ -808,7 +833,7 @@ mod tests {
         let rules = Rules::new(5, 1).unwrap();
         let b = builder();
         let table = pool
-            .run(1, move |deadline| {
+            .run(pool.turn(1).await.unwrap(), move |deadline| {
                 b.finish(&[Dimension::Sex], rules, deadline)
             })
             .await
@@ -829,7 +854,7 @@ mod tests {
             tx.send(()).unwrap();
         });
         let got = pool
-            .run(1, move |_deadline| {
+            .run(pool.turn(1).await.unwrap(), move |_deadline| {
                 rx.recv_timeout(Duration::from_secs(5))
                     .map_err(|_| QueryError::Invalid("the runtime was blocked".into()))
             })
@@ -848,7 +873,8 @@ mod tests {
         let busy = {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move {
-                pool.run(1, move |_| {
+                let turn = pool.turn(1).await.unwrap();
+                pool.run(turn, move |_| {
                     let _ = started_tx.send(());
                     let _ = wait.recv_timeout(Duration::from_secs(10));
                     Ok(())
@@ -857,13 +883,16 @@ mod tests {
             })
         };
         started.await.unwrap();
-        let refused = pool.run(2, |_| Ok(())).await.unwrap_err();
+        let turn = pool.turn(2).await.unwrap();
+        let refused = pool.run(turn, |_| Ok(())).await.unwrap_err();
         assert!(matches!(refused, ServiceError::Busy(_)), "{refused:?}");
         assert_eq!(refused.outcome(), crate::outcome::Outcome::Unavailable);
         release.send(()).unwrap();
         busy.await.unwrap().unwrap();
         // The worker is free again.
-        pool.run(2, |_| Ok(())).await.unwrap();
+        pool.run(pool.turn(2).await.unwrap(), |_| Ok(()))
+            .await
+            .unwrap();
     }
 
     /// One principal's tables are protected one at a time: however many of its heavy
@@ -881,7 +910,8 @@ mod tests {
                 let (pool, wait, started_tx) =
                     (Arc::clone(&pool), Arc::clone(&wait), started_tx.clone());
                 tokio::spawn(async move {
-                    pool.run(1, move |_| {
+                    let turn = pool.turn(1).await?;
+                    pool.run(turn, move |_| {
                         let _ = started_tx.send(());
                         let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(10));
                         Ok(())
@@ -892,8 +922,10 @@ mod tests {
             .collect();
         started.recv().await.unwrap();
         // Principal 2 is not kept waiting by principal 1's other two questions.
-        pool.run(2, |_| Ok(())).await.unwrap();
-        // Principal 1's others wait for its turn, past their deadline.
+        pool.run(pool.turn(2).await.unwrap(), |_| Ok(()))
+            .await
+            .unwrap();
+        // Principal 1's others wait for their turn, past their budget.
         tokio::time::sleep(Duration::from_millis(400)).await;
         release.send(()).unwrap();
         let mut outcomes: Vec<bool> = Vec::new();
@@ -907,5 +939,40 @@ mod tests {
             "one ran, two timed out waiting"
         );
         assert!(started.try_recv().is_err(), "only one of principal 1's ran");
+    }
+
+    /// A table not proven safe after a long wait for a worker may be provable alone: the
+    /// caller is told to retry (UNAVAILABLE), not to ask a coarser question.
+    #[tokio::test]
+    async fn a_table_not_proven_after_waiting_for_a_worker_is_busy_not_too_fine() {
+        let pool = Arc::new(ProtectionPool::new(1, Duration::from_millis(400)));
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let busy = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let turn = pool.turn(1).await.unwrap();
+                pool.run(turn, move |_| {
+                    let _ = started_tx.send(());
+                    std::thread::sleep(Duration::from_millis(200));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        started.await.unwrap();
+        let turn = pool.turn(2).await.unwrap();
+        let err = pool
+            .run(turn, |_| Err::<(), _>(QueryError::Unprovable))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ServiceError::Busy(_)), "{err:?}");
+        busy.await.unwrap().unwrap();
+        // Without the wait, the same failure asks for a coarser question.
+        let turn = pool.turn(2).await.unwrap();
+        let err = pool
+            .run(turn, |_| Err::<(), _>(QueryError::Unprovable))
+            .await
+            .unwrap_err();
+        assert_eq!(err.outcome(), crate::outcome::Outcome::FailedPrecondition);
     }
 }

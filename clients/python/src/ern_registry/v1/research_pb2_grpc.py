@@ -40,7 +40,7 @@ class ResearchServiceStub:
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
     (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
-    earlier questions were still being protected: one at a time per caller; retry). See
+    earlier questions were still being answered: one at a time per caller; retry). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
@@ -82,7 +82,7 @@ class ResearchServiceServicer:
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
     (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
-    earlier questions were still being protected: one at a time per caller; retry). See
+    earlier questions were still being answered: one at a time per caller; retry). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
@@ -151,7 +151,7 @@ class ResearchService:
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
     (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
-    earlier questions were still being protected: one at a time per caller; retry). See
+    earlier questions were still being answered: one at a time per caller; retry). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
