@@ -241,8 +241,9 @@ pub struct ServeArgs {
     /// Most writes committed in one transaction.
     #[arg(long, env = "ERN_MAX_BATCH", default_value_t = 512)]
     pub max_batch: usize,
-    /// Commands each writer holds waiting for its next transaction (1 to 1,000,000); a
-    /// call finds it full only under an overload, and waits for room.
+    /// Commands waiting in each writer's queue (1 to 1,000,000; a transaction takes up to
+    /// `--max-batch` of them); a call finds it full only under an overload, and waits for
+    /// room.
     #[arg(long, env = "ERN_WRITER_QUEUE", default_value_t = crate::store::writer::QUEUE_DEPTH,
           value_parser = clap::builder::TypedValueParser::map(
               clap::value_parser!(u64).range(1..=1_000_000), |n| n as usize))]

@@ -39,8 +39,9 @@ class ResearchServiceStub:
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
-    (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
-    earlier questions were still being answered: one at a time per caller; retry). See
+    (UNAVAILABLE instead, retry: when every protection worker stayed busy, when the table
+    could not be proven in the time left after waiting for one, or when the caller's own
+    earlier count or delay questions were still being answered: one at a time). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
@@ -81,8 +82,9 @@ class ResearchServiceServicer:
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
-    (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
-    earlier questions were still being answered: one at a time per caller; retry). See
+    (UNAVAILABLE instead, retry: when every protection worker stayed busy, when the table
+    could not be proven in the time left after waiting for one, or when the caller's own
+    earlier count or delay questions were still being answered: one at a time). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
@@ -150,8 +152,9 @@ class ResearchService:
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
     within the time allowed is not given: FAILED_PRECONDITION, ask a coarser question
-    (UNAVAILABLE instead when every protection worker stayed busy, or the caller's own
-    earlier questions were still being answered: one at a time per caller; retry). See
+    (UNAVAILABLE instead, retry: when every protection worker stayed busy, when the table
+    could not be proven in the time left after waiting for one, or when the caller's own
+    earlier count or delay questions were still being answered: one at a time). See
     docs/privacy.md for what this protects against and what it does not.
     """
 
