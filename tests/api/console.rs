@@ -179,6 +179,28 @@ impl Web {
         self.send("POST", path, Some(body)).await
     }
 
+    /// Finds a patient of `registry` by BSN on the officer's find form; the page found and
+    /// the patient's pseudonym.
+    pub async fn find_by_bsn(&mut self, registry: &str, bsn: &str) -> (Page, String) {
+        let find = self.get("/officer").await;
+        let found = self
+            .post(
+                "/officer/patient",
+                &[
+                    ("csrf", &find.csrf()),
+                    ("kind", "national"),
+                    ("registry", registry),
+                    ("national.issuing_country", "NL"),
+                    ("national.value", bsn),
+                ],
+            )
+            .await;
+        assert_eq!(found.status, 200, "{}", found.body);
+        let at = found.body.find("name=\"pseudonym\" value=\"").unwrap() + 24;
+        let pseudonym = found.body[at..].split('"').next().unwrap().to_owned();
+        (found, pseudonym)
+    }
+
     /// Signs in with the TOTP code of `secret` at the app's clock.
     pub async fn sign_in(&mut self, app: &TestApp, name: &str, secret: &[u8]) -> Page {
         let form = self.get("/sign-in").await;
@@ -202,7 +224,11 @@ fn next_step(app: &TestApp) {
 }
 
 async fn officer_app() -> (TestApp, Web, Vec<u8>) {
-    let app = console_app(ServeArgs::default()).await;
+    officer_app_with(ServeArgs::default()).await
+}
+
+async fn officer_app_with(args: ServeArgs) -> (TestApp, Web, Vec<u8>) {
+    let app = console_app(args).await;
     let secret = console_user(
         &app,
         "officer-eye",
@@ -1097,23 +1123,7 @@ async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
 async fn expiring_consents_are_listed_for_follow_up() {
     let (app, mut web, secret) = officer_app().await;
     web.sign_in(&app, "officer-eye", &secret).await;
-    let find = web.get("/officer").await;
-    let found = web
-        .post(
-            "/officer/patient",
-            &[
-                ("csrf", &find.csrf()),
-                ("kind", "national"),
-                ("registry", "ERN-EYE"),
-                ("national.issuing_country", "NL"),
-                ("national.value", &bsn(77)),
-            ],
-        )
-        .await;
-    let pseudonym = {
-        let at = found.body.find("name=\"pseudonym\" value=\"").unwrap() + 24;
-        found.body[at..].split('"').next().unwrap().to_owned()
-    };
+    let (found, pseudonym) = web.find_by_bsn("ERN-EYE", &bsn(77)).await;
     let today = app.clock.now().format("%Y-%m-%d").to_string();
     let in_ten_days = (app.clock.now() + Duration::days(10))
         .format("%Y-%m-%d")
@@ -1798,7 +1808,7 @@ async fn a_physician_reads_their_centres_case_by_pseudonym_and_no_other() {
 #[tokio::test]
 async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
     use tokio::io::AsyncWriteExt;
-    let app = console_app(ServeArgs {
+    let (app, mut web, secret) = officer_app_with(ServeArgs {
         writers: Some(1),
         writer_queue: 1,
         ..ServeArgs::default()
@@ -1808,36 +1818,9 @@ async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
         eprintln!("skipped on SQLite: the lock that holds the writer holds the session's write");
         return;
     }
-    let secret = console_user(
-        &app,
-        "officer-eye",
-        Role::ConsentOfficer,
-        None,
-        &["ERN-EYE"],
-    )
-    .await;
-    app.clock.freeze_at(app.clock.now());
-    let mut web = Web::new(app.console.unwrap());
     let physician = app.physician("dr-eye", "NL-AMC").await;
     web.sign_in(&app, "officer-eye", &secret).await;
-    let find = web.get("/officer").await;
-    let found = web
-        .post(
-            "/officer/patient",
-            &[
-                ("csrf", &find.csrf()),
-                ("kind", "national"),
-                ("registry", "ERN-EYE"),
-                ("national.issuing_country", "NL"),
-                ("national.value", &bsn(4242)),
-            ],
-        )
-        .await;
-    assert_eq!(found.status, 200, "{}", found.body);
-    let pseudonym = {
-        let at = found.body.find("name=\"pseudonym\" value=\"").unwrap() + 24;
-        found.body[at..].split('"').next().unwrap().to_owned()
-    };
+    let (found, pseudonym) = web.find_by_bsn("ERN-EYE", &bsn(4242)).await;
     let read = || get_case("ERN-EYE", "R012-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
     // The physician's key known to the process: its calls write nothing but their entry.
     let status = physician.clone().get_case(read()).await.unwrap_err();
