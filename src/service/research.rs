@@ -863,26 +863,36 @@ mod tests {
         other_task.await.unwrap();
     }
 
+    /// Principal 1's protection running `work` on a worker: returns once it has started.
+    async fn busy_worker(
+        pool: &Arc<ProtectionPool>,
+        work: impl FnOnce() + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<(), ServiceError>> {
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let pool = Arc::clone(pool);
+        let busy = tokio::spawn(async move {
+            let turn = pool.turn(1).await.unwrap();
+            pool.run(turn, move |_| {
+                let _ = started_tx.send(());
+                work();
+                Ok(())
+            })
+            .await
+        });
+        started.await.unwrap();
+        busy
+    }
+
     /// At most `workers` tables are protected at once; a query that finds them all busy
     /// until its deadline is refused as UNAVAILABLE (retry later), never queued past it.
     #[tokio::test]
     async fn a_query_finding_every_worker_busy_is_unavailable_at_its_deadline() {
         let pool = Arc::new(ProtectionPool::new(1, Duration::from_millis(300)));
         let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-        let busy = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                let turn = pool.turn(1).await.unwrap();
-                pool.run(turn, move |_| {
-                    let _ = started_tx.send(());
-                    let _ = wait.recv_timeout(Duration::from_secs(10));
-                    Ok(())
-                })
-                .await
-            })
-        };
-        started.await.unwrap();
+        let busy = busy_worker(&pool, move || {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        })
+        .await;
         let turn = pool.turn(2).await.unwrap();
         let refused = pool.run(turn, |_| Ok(())).await.unwrap_err();
         assert!(matches!(refused, ServiceError::Busy(_)), "{refused:?}");
@@ -946,20 +956,7 @@ mod tests {
     #[tokio::test]
     async fn a_table_not_proven_after_waiting_for_a_worker_is_busy_not_too_fine() {
         let pool = Arc::new(ProtectionPool::new(1, Duration::from_millis(400)));
-        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-        let busy = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                let turn = pool.turn(1).await.unwrap();
-                pool.run(turn, move |_| {
-                    let _ = started_tx.send(());
-                    std::thread::sleep(Duration::from_millis(200));
-                    Ok(())
-                })
-                .await
-            })
-        };
-        started.await.unwrap();
+        let busy = busy_worker(&pool, || std::thread::sleep(Duration::from_millis(200))).await;
         let turn = pool.turn(2).await.unwrap();
         let err = pool
             .run(turn, |_| Err::<(), _>(QueryError::Unprovable))
