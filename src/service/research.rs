@@ -78,7 +78,8 @@ impl ResearchIndex {
         })
     }
 
-    /// What the writer calls after each commit, before it answers: the index catches up.
+    /// What the writer calls after each commit, once it has answered: the index catches
+    /// up (unless a query's catch-up is under way).
     pub fn after_commit(&self) -> Arc<dyn AfterCommit> {
         Arc::new(CatchUp(Arc::clone(&self.index)))
     }
@@ -115,7 +116,7 @@ impl AfterCommit for CatchUp {
         on: Option<Db<'a>>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            if let Err(e) = self.0.catch_up_on(on).await {
+            if let Err(e) = self.0.catch_up_after_commit(on).await {
                 // Queries catch up before they answer: they will apply it, or fail.
                 warn!(error = %e, "research index: catching up after a commit failed");
             }

@@ -45,7 +45,8 @@
 //! change log (`super::research_index`): a transaction reads its patients' research slots
 //! before its commands and, as its last statements, numbers and logs the slots it changed
 //! under one counter's lock, so that the log's numbers commit in order. After the commit,
-//! before answering, the writer lets its own index catch up ([`AfterCommit`]).
+//! once it has answered the batch, the writer lets its own index catch up
+//! ([`AfterCommit`]).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -307,11 +308,12 @@ impl Answer {
     }
 }
 
-/// Told by the writer after every commit of a batch that wrote about patients, before any
-/// caller of the batch is answered: how the research index (`service::research`) applies
-/// the batch's changes (from the change log, `super::research_index`) in the same
-/// critical section as the commit. It cannot fail the batch: the commit is done, and
-/// every research query catches up with the log before it answers anyway. Not told
+/// Told by the writer after every commit of a batch that wrote about patients, once the
+/// batch's callers are answered and before it takes the next batch: how the research
+/// index (`service::research`) applies the batch's changes (from the change log,
+/// `super::research_index`) on the writer's own thread. It cannot fail the batch: the
+/// commit is done, and every research query catches up with the log before it counts
+/// anyway (so the index may also leave it to the next query). Not told
 /// when nothing committed, nor after a COMMIT whose outcome is unknown (PostgreSQL): if
 /// that one landed, the next commit's catch-up, or the next query's, applies it.
 ///
@@ -348,7 +350,7 @@ impl Writer {
         Self::start_with(store, partitions, max_batch, audit, rules, None)
     }
 
-    /// [`Writer::start`], telling `after_commit` of every commit before answering.
+    /// [`Writer::start`], telling `after_commit` of every commit once it has answered.
     pub fn start_with(
         store: Store,
         partitions: usize,
@@ -617,10 +619,15 @@ fn start_writer(
     }
 }
 
+/// A batch applied: its answers, and whether the hook is to be told of its commit.
+struct Batch {
+    answers: Vec<Answer>,
+    catch_up: bool,
+}
+
 impl Applier {
-    /// Applies `jobs` and, if they wrote about patients, tells the hook before returning
-    /// their answers.
-    async fn apply(&mut self, jobs: Vec<Job>) -> Vec<Answer> {
+    /// Applies `jobs`; [`Batch::catch_up`] if they wrote about patients and committed.
+    async fn apply(&mut self, jobs: Vec<Job>) -> Batch {
         let about_patients = about_patients(&jobs);
         let mut target = match &mut self.on {
             On::Pool(store) => Target::Pool(store),
@@ -628,17 +635,23 @@ impl Applier {
         };
         let applied = apply_jobs(&mut target, &self.key, self.rules.as_ref(), jobs).await;
         // Nothing committed, nothing to catch up with (and while the database is away the
-        // catch-up would wait for the pool, with this batch's callers).
-        if let (true, true, Some(hook)) = (about_patients, applied.committed, &self.after_commit) {
-            // On SQLite's own connection the research index reads the batch's changes
-            // there too; otherwise through the pool.
-            let on = match target {
-                Target::Lite(conn) => Some(Db::Lite(conn)),
-                Target::Pool(_) => None,
+        // catch-up would wait for the pool).
+        Batch {
+            catch_up: about_patients && applied.committed && self.after_commit.is_some(),
+            answers: applied.answers,
+        }
+    }
+
+    /// Tells the hook of a commit: on SQLite's own connection the research index reads
+    /// the batch's changes there too; otherwise through the pool.
+    async fn catch_up(&mut self) {
+        if let Some(hook) = &self.after_commit {
+            let on = match &mut self.on {
+                On::Lite(conn) => Some(Db::Lite(conn)),
+                On::Pool(_) => None,
             };
             hook.after_commit(on).await;
         }
-        applied.answers
     }
 
     /// Closes the writer's own connection, if it has one, then drops the audit key.
@@ -743,11 +756,16 @@ async fn run(
         let jobs = std::mem::take(&mut batch);
         let started = std::time::Instant::now();
         metrics::histogram!("ern_writer_batch_commands").record(jobs.len() as f64);
-        let answers = applier.apply(jobs).await;
-        // Applied, committed and the research index caught up: what every command of the
-        // batch waited for after it was taken (a purge's wait is `ern_erasure_purge_seconds`).
+        let applied = applier.apply(jobs).await;
+        // Applied and committed: what every command of the batch waited for after it was
+        // taken (a purge's wait is `ern_erasure_purge_seconds`).
         metrics::histogram!("ern_writer_batch_seconds").record(started.elapsed().as_secs_f64());
-        deliver(&purger, answers).await;
+        deliver(&purger, applied.answers).await;
+        // Then the research index catches up, while the callers already have their answers
+        // (a query catches up before it counts in any case).
+        if applied.catch_up {
+            applier.catch_up().await;
+        }
         purger.retry(false).await;
     }
     // Shutting down: a last, full attempt at a purge still pending.

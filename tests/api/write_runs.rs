@@ -364,6 +364,9 @@ async fn a_batch_that_cannot_reach_the_database_is_answered_at_once_without_retr
             .err()
             .is_none_or(|e| e.outcome() != ern_registry::outcome::Outcome::Unavailable)
     }));
+    // The hook is told after the answers: an entry of its own, answered once the writer
+    // has taken its next batch, comes after it.
+    writer.execute(Command::Audit, Some(entry())).await.unwrap();
     assert!(commits.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert_eq!(
         app.store.verify_audit(&key).await.map(|r| r.is_ok()).ok(),
@@ -459,8 +462,8 @@ async fn a_writer_whose_loop_panics_answers_every_caller_that_it_stopped() {
 }
 
 /// Told of every commit of the writer; while `hold` is set, holds the writer there (its
-/// loop, before it answers or takes more) until released, so that commands sent
-/// meanwhile queue and come as one batch.
+/// loop, once it has answered the batch and before it takes more) until released, so
+/// that commands sent meanwhile queue and come as one batch.
 struct Gate {
     hold: AtomicBool,
     entered: tokio::sync::Notify,
@@ -630,6 +633,9 @@ async fn no_patient_is_started_under_a_key_version_rotated_away() {
         held.await.unwrap().unwrap();
         run.await
     };
+    // The hook is told of a commit once its batch is answered: an entry's answer comes
+    // after it.
+    writer.execute(Command::Audit, Some(entry())).await.unwrap();
     // The held command's commit, then the three's.
     assert_eq!(
         gate.commits.load(Ordering::SeqCst),

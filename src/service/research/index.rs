@@ -21,9 +21,10 @@
 //! patient only when `until` lies after its own instant, so an expiry takes effect at its
 //! millisecond with no write. Every other change (a withdrawal, a refusal, a new consent,
 //! an erasure) reaches the index through the change log before the query runs: the writer
-//! applies its own commits before it answers (`store::writer::AfterCommit`; a COMMIT
-//! whose outcome is unknown is applied by the next catch-up if it landed), and every
-//! query first catches up with every change any instance committed
+//! applies its own commits once it has answered them, unless another catch-up is under
+//! way (`store::writer::AfterCommit`; a COMMIT whose outcome is unknown is applied by the
+//! next catch-up if it landed), and every query first catches up with every change any
+//! instance committed
 //! ([`Index::catch_up`]; why that misses nothing: `store::research_index`).
 //!
 //! **What it holds.** No pseudonym and no identifier. An entry is found by its *slot*, a
@@ -580,6 +581,12 @@ impl Index {
         self.data.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes the catch-up turn as a query's catch-up does, and holds it until dropped.
+    #[cfg(test)]
+    pub(super) async fn hold_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turn.lock().await
+    }
+
     pub(super) fn size(&self) -> Size {
         let data = self.read();
         Size {
@@ -592,13 +599,27 @@ impl Index {
     /// counter, the change log after the index's position and the rows of the slots it
     /// names, in one snapshot (`store::research_index`), then applies them at once.
     pub(super) async fn catch_up(&self) -> Result<(), StoreError> {
-        self.catch_up_on(None).await
+        let turn = self.turn.lock().await;
+        self.catch_up_holding(turn, None).await
     }
 
-    /// [`Index::catch_up`], reading the changes on `on` (the SQLite writer's own
-    /// connection, right after its commit) instead of through the pool.
-    pub(super) async fn catch_up_on(&self, on: Option<Db<'_>>) -> Result<(), StoreError> {
-        let _turn = self.turn.lock().await;
+    /// [`Index::catch_up`] after the writer's commit, reading the changes on `on` (the
+    /// SQLite writer's own connection, right after its commit) instead of through the
+    /// pool; skipped while another catch-up is under way, so that the writer never waits
+    /// for a query's (the next query catches up before it counts in any case).
+    pub(super) async fn catch_up_after_commit(&self, on: Option<Db<'_>>) -> Result<(), StoreError> {
+        match self.turn.try_lock() {
+            Ok(turn) => self.catch_up_holding(turn, on).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Catches up while holding the turn (one catch-up at a time per instance).
+    async fn catch_up_holding(
+        &self,
+        _turn: tokio::sync::MutexGuard<'_, ()>,
+        on: Option<Db<'_>>,
+    ) -> Result<(), StoreError> {
         if self.data.is_poisoned() {
             // An apply panicked half-way: start again from the database.
             let fresh = load(&self.store).await?;

@@ -540,6 +540,10 @@ async fn the_index_answers_every_query_as_the_sql_reference_does() {
     for round in 0..3 {
         w.submit_new(if round == 0 { 120 } else { 40 }).await;
         w.change(60).await;
+        // The writer's index applied what it could after its commits (it catches up
+        // once it has answered, and leaves it to the next query while one catches up);
+        // a query catches up first.
+        live.catch_up().await.unwrap();
         lagging.catch_up().await.unwrap();
         let e = w.expiry;
         let instants = [
@@ -592,6 +596,28 @@ async fn the_index_answers_every_query_as_the_sql_reference_does() {
     assert!(erased > 0 && shared > 0, "{erased} erased, {shared} shared");
 }
 
+/// A query's catch-up under way never holds up the writer: batches committed meanwhile
+/// are answered, and the writer goes on to the next, leaving their changes to the next
+/// catch-up (which every query makes before it counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_never_waits_for_a_catch_up_under_way() {
+    let (_dir, mut w, live, _) = world().await;
+    let before = live.size().patients;
+    let turn = live.hold_turn().await;
+    for _ in 0..2 {
+        // Two rounds: the writer neither waits before answering nor after.
+        tokio::time::timeout(StdDuration::from_secs(60), w.submit_new(20))
+            .await
+            .expect("the writer waited for the catch-up under way");
+    }
+    assert_eq!(live.size().patients, before, "left to the next catch-up");
+    drop(turn);
+    live.catch_up().await.unwrap();
+    let loaded = Index::load(&w.store).await.unwrap().size().patients;
+    assert!(loaded > before, "{loaded}");
+    assert_eq!(live.size().patients, loaded);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consent_expiring_at_the_query_instant_is_not_counted() {
     let (_dir, mut w, live, _) = world().await;
@@ -640,7 +666,7 @@ async fn a_consent_expiring_at_the_query_instant_is_not_counted() {
         }
     }
     w.run(commands).await;
-    // No catch-up asked for: the writer applied its commits before answering.
+    live.catch_up().await.unwrap();
     let at = |t: DateTime<Utc>| counted(&live, registry_id, t);
     assert_eq!(at(expiry - Duration::milliseconds(2)), 16);
     assert_eq!(
@@ -689,6 +715,7 @@ async fn a_consent_expiring_at_the_query_instant_is_not_counted() {
         withdraw(13, Scope::RegistryInclusion),
     ];
     w.run(commands).await;
+    live.catch_up().await.unwrap();
     assert_eq!(at(expiry + Duration::milliseconds(1)), 2);
     assert_eq!(at(Utc::now()), 14);
     assert_eq!(
