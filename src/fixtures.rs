@@ -54,7 +54,7 @@ pub fn bsn(seed: u32) -> String {
     let first = 10_000_000 + (seed % 9_000_000) * 10;
     (first..first + 10)
         .flat_map(|prefix| (0..10).map(move |check| format!("{prefix}{check}")))
-        .find_map(|digits| crate::pseudonym::check_bsn(&digits))
+        .find_map(|digits| crate::pseudonym::check_bsn(&digits).map(|bsn| bsn.to_string()))
         .expect("one of ten prefixes has a check digit")
 }
 

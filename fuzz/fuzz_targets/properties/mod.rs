@@ -140,7 +140,10 @@ pub fn string_parsers(s: &str) {
     if let Some(bsn) = check_bsn(s) {
         assert_eq!(bsn.len(), 9, "a BSN has 9 digits");
         assert!(bsn.ends_with(s), "a BSN is only left-padded");
-        assert_eq!(check_bsn(&bsn).as_deref(), Some(bsn.as_str()));
+        assert_eq!(
+            check_bsn(&bsn).as_deref().map(String::as_str),
+            Some(bsn.as_str())
+        );
     }
     let folded = normalise_text(s);
     assert!(

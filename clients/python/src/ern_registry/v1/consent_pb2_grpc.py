@@ -71,9 +71,10 @@ class ConsentServiceServicer:
     """
 
     def RecordConsent(self, request, context):
-        """Record GRANTED or REFUSED decisions for one patient (append-only). A REFUSED
-        REGISTRY_INCLUSION that would end the inclusion in force (or refuse it over an
-        inclusion that expired) while the registry holds the patient's record fails with
+        """Record GRANTED or REFUSED decisions for one patient (append-only). A
+        REGISTRY_INCLUSION decision that would end the inclusion in force (a REFUSED one, or
+        a GRANTED one dated after it whose expiry has already passed), or a REFUSED one over
+        an inclusion that expired, while the registry holds the patient's record fails with
         FAILED_PRECONDITION: use WithdrawConsent, which erases it and gives a receipt. One
         dated before the decision in force does not end it and is recorded. A REFUSED
         REGISTRY_INCLUSION ends the patient's research use as a withdrawal does: no
@@ -119,7 +120,7 @@ class ConsentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetConsent(self, request, context):
-        """The consent history of a pseudonym (oldest first) and the state in force at a time.
+        """The consent history of a pseudonym (in the order recorded) and the state in force at a time.
         Who recorded each decision is shown only to that recorder and to principals of the
         recorder's centre; any other officer sees the role it was recorded in (`source`)
         and the dates, with `recorded_by` and `form_version` empty.
