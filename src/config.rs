@@ -258,7 +258,8 @@ pub struct ServeArgs {
     /// before they are ended with UNAVAILABLE. Connections still open 2 s later are no
     /// longer waited for; the writer then commits what it has queued (at most 5 more
     /// seconds) and the process exits 0. Keep grace + 7 below the orchestrator's kill
-    /// timeout (30 s in Kubernetes and Docker).
+    /// timeout (30 s in Kubernetes; 10 s for `docker stop` unless raised with
+    /// `docker run --stop-timeout`).
     #[arg(long, env = "ERN_SHUTDOWN_GRACE_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_grace_secs: u64,

@@ -432,7 +432,7 @@ impl Backend {
 }
 
 /// The settings every PostgreSQL session of the service starts with, whatever the
-/// server's defaults (`docs/scaling.md`, "When an instance dies"):
+/// server's defaults (`docs/scaling.md`, "Several instances", "Why it is safe"):
 /// - a transaction left open by a client that no longer speaks (its host died, the
 ///   network to it broke) is ended by the server after a minute, releasing its locks:
 ///   the audit chain's head and its patients' locks, which every other instance's
