@@ -128,8 +128,20 @@ pub fn parse_json(json: &str) -> Result<Phenopacket, FieldViolations> {
     })
 }
 
-/// Reports every key of `value` that is not a field of `message`, by its path, and looks
-/// into the nested messages.
+/// Whether an unknown key may be named in a violation's path: an ASCII letter, then at
+/// most 63 ASCII letters, digits or underscores, with no three digits in a row (every
+/// field name of the schema has that shape; a number that may be an identifier has not).
+fn field_name_shaped(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.first().is_some_and(u8::is_ascii_alphabetic)
+        && b.len() <= 64
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        && !b.windows(3).any(|w| w.iter().all(u8::is_ascii_digit))
+}
+
+/// Reports every key of `value` that is not a field of `message`, by its path (or, for a
+/// key not shaped like a field name, without it: [`field_name_shaped`]), and looks into
+/// the nested messages.
 fn unknown_fields(
     value: &serde_json::Value,
     message: &MessageDescriptor,
@@ -144,8 +156,15 @@ fn unknown_fields(
             .get_field_by_json_name(key)
             .or_else(|| message.get_field_by_name(key));
         let Some(field) = field else {
+            // Named as sent only when it has the shape of a field name: a key is text the
+            // caller chose, and may hold what the path must not carry (an identifier).
+            let shown = if field_name_shaped(key) {
+                key.as_str()
+            } else {
+                "(a key not shaped like a field name)"
+            };
             v.push(
-                format!("{path}.{key}"),
+                format!("{path}.{shown}"),
                 format!("is not a field of {}", message.full_name()),
             );
             continue;
@@ -1324,6 +1343,21 @@ mod tests {
             ),
             ["phenopacket.foo", "phenopacket.subject.nationalId"]
         );
+        // A key that is no field name's shape is not echoed: it may be an identifier.
+        for key in [
+            "111222333",
+            "NL111222333",
+            "Jan Jansen",
+            "j@example.org",
+            &"a".repeat(65),
+        ] {
+            let json = format!(r#"{{"subject": {{"{key}": 1}}}}"#);
+            assert_eq!(
+                fields(&json),
+                ["phenopacket.subject.(a key not shaped like a field name)"],
+                "{key}"
+            );
+        }
         for bad in [
             r#"{"subject": {"sex": "SOMETHING-111222333"}}"#,
             r#"{"subject": {"dateOfBirth": "111222333"}}"#,
