@@ -672,6 +672,9 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
         }
         leftovers(&d, &core("Disease"), &path, &mut v);
     }
+    // Where the onset of a case without an Orphacode came from, if it did: an Orphacode
+    // given only in the interpretation is refused beside it too (below).
+    let mut onset_reference: Option<String> = None;
     if let Some((ext_path, text)) = onset_extension {
         if orpha_path.is_some() {
             v.push(
@@ -688,7 +691,8 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
                 }
             }
             paths.push(("record.onset_kind".into(), ext_path.clone()));
-            paths.push(("record.onset_date".into(), ext_path));
+            paths.push(("record.onset_date".into(), ext_path.clone()));
+            onset_reference = Some(ext_path);
         }
     }
 
@@ -704,6 +708,12 @@ pub fn to_record(phenopacket: &Phenopacket) -> Result<Mapped, FieldViolations> {
             if let Some(disease) = diagnosis.disease.take() {
                 let record_code = &mut r.diagnosis.get_or_insert_with(Default::default).orphacode;
                 if disease.id.starts_with("ORPHA:") && record_code.is_empty() {
+                    if let Some(ext_path) = onset_reference.take() {
+                        v.push(
+                            ext_path,
+                            "must not be given with an Orphanet disease: its onset is the disease's onset",
+                        );
+                    }
                     *record_code = disease.id;
                     paths.push((
                         "record.diagnosis.orphacode".into(),
@@ -1291,6 +1301,33 @@ mod tests {
             fields(&json),
             ["phenopacket.metaData.externalReferences[1].id"]
         );
+    }
+
+    /// The onset reference is for a case without an Orphacode: beside an Orphacode given
+    /// in `diseases`, or only in the interpretation's diagnosis, it is a violation.
+    #[test]
+    fn an_onset_reference_beside_an_orphacode_is_a_violation() {
+        let json = |diseases: &str, diagnosis: &str| {
+            format!(
+                r#"{{"subject": {{"dateOfBirth": "2015-06-01T00:00:00Z", "vitalStatus": {{"status": "ALIVE"}}}},
+                     "diseases": [{diseases}],
+                     "interpretations": [{{"id": "x", "progressStatus": "SOLVED",
+                                           "diagnosis": {{"disease": {diagnosis}}}}}],
+                     "metaData": {{"externalReferences": [
+                         {{"id": "ern-registry:onset", "description": "antenatal"}}]}}}}"#
+            )
+        };
+        let orpha = r#"{ "id": "ORPHA:586" }"#;
+        for (diseases, diagnosis) in [
+            (format!(r#"{{ "term": {orpha} }}"#), orpha),
+            (String::new(), orpha),
+        ] {
+            assert_eq!(
+                fields(&json(&diseases, diagnosis)),
+                ["phenopacket.metaData.externalReferences[0].description"],
+                "{diseases} / {diagnosis}"
+            );
+        }
     }
 
     #[test]
