@@ -178,6 +178,29 @@ fn fold(s: &str, how: Fold) -> Zeroizing<String> {
     out
 }
 
+/// A national identifier's value as it is pseudonymised: decomposed with NFKD (full-width
+/// digits are digits), separators dropped (any white space, dots, the ASCII dash, U+2010
+/// to U+2015 and the minus sign), upper-cased. `None` unless what is left is one or more
+/// ASCII letters and digits.
+///
+/// Counted and checked in one pass that stops at the first character refused, then
+/// written into a string sized to it and never grown (nothing left unwiped: each
+/// character kept is one ASCII byte, and a valid value's characters decompose into the
+/// NFKD iterator's inline buffer).
+pub fn compact_national(raw: &str) -> Option<Zeroizing<String>> {
+    let kept = |c: &char| {
+        !(c.is_whitespace() || matches!(c, '.' | '-' | '\u{2010}'..='\u{2015}' | '\u{2212}'))
+    };
+    let len = raw
+        .nfkd()
+        .filter(kept)
+        .try_fold(0usize, |n, c| c.is_ascii_alphanumeric().then_some(n + 1))
+        .filter(|&n| n > 0)?;
+    let mut compact = Zeroizing::new(String::with_capacity(len));
+    compact.extend(raw.nfkd().filter(kept).map(|c| c.to_ascii_uppercase()));
+    Some(compact)
+}
+
 /// Checks a Dutch citizen service number (BSN): 9 digits (8 are left-padded with a 0)
 /// passing the 11-check. Returns the 9-digit form. The padded copy is wiped when dropped,
 /// also when the check fails (a mistyped BSN is mostly a real one).
@@ -310,31 +333,13 @@ impl PatientIdentity {
             Some(IdentifiersInput::National(n)) => {
                 let issuer = issuer(&mut v, "national.issuing_country", n.issuing_country);
                 let value = bounded(&mut v, "national.value", n.value).and_then(|raw| {
-                    // NFKD (full-width digits are digits), separators dropped: any space
-                    // (a tab, a no-break space), dots, ASCII dashes, U+2010 to U+2015 and
-                    // the minus sign. Sized once, to the characters kept, and never grown
-                    // past it (nothing left unwiped): each one kept is one ASCII byte.
-                    let kept = |c: &char| {
-                        !(c.is_whitespace()
-                            || matches!(c, '.' | '-' | '\u{2010}'..='\u{2015}' | '\u{2212}'))
-                    };
-                    let mut compact =
-                        Zeroizing::new(String::with_capacity(raw.nfkd().filter(kept).count()));
-                    let mut letters_and_digits = true;
-                    for c in raw.nfkd().filter(kept) {
-                        if !c.is_ascii_alphanumeric() {
-                            letters_and_digits = false;
-                            break;
-                        }
-                        compact.push(c.to_ascii_uppercase());
-                    }
-                    if compact.is_empty() || !letters_and_digits {
+                    let Some(compact) = compact_national(raw) else {
                         v.push(
                             "national.value",
                             "must be letters and digits (spaces, dots and dashes are ignored)",
                         );
                         return None;
-                    }
+                    };
                     match &issuer {
                         Some(Issuer::Country(c)) if c.as_str() == "NL" => {
                             let bsn = check_bsn(&compact);

@@ -79,7 +79,7 @@ impl ResearchIndex {
     }
 
     /// What the writer calls after each commit, once it has answered: the index catches
-    /// up (unless a query's catch-up is under way).
+    /// up (unless another catch-up, a query's or another writer's, is under way).
     pub fn after_commit(&self) -> Arc<dyn AfterCommit> {
         Arc::new(CatchUp(Arc::clone(&self.index)))
     }

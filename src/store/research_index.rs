@@ -396,7 +396,7 @@ impl Store {
     /// read after the log.
     ///
     /// Read through the pool, or with `on`: the SQLite writer's own connection, outside a
-    /// transaction, right after its commit (`super::writer`), where the reads are direct
+    /// transaction, after its commit and its answers (`super::writer`), where the reads are direct
     /// calls into the engine instead of round trips to a pool connection's thread.
     pub async fn research_changes(
         &self,
@@ -410,8 +410,8 @@ impl Store {
                 let changes = changes_in(&mut tx.db(), self.backend(), applied, sink).await;
                 // Ended without waiting for it: sqlx rolls a dropped transaction back
                 // before its connection goes back to the pool, in a task of its own, and
-                // the writer's callers (who wait for this catch-up) do not wait for that
-                // round trip. The transaction only read.
+                // the writer's next batch (which waits for this catch-up) does not wait for
+                // that round trip. The transaction only read.
                 drop(tx);
                 changes
             }

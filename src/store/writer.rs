@@ -311,11 +311,12 @@ impl Answer {
 /// Told by the writer after every commit of a batch that wrote about patients, once the
 /// batch's callers are answered and before it takes the next batch: how the research
 /// index (`service::research`) applies the batch's changes (from the change log,
-/// `super::research_index`) on the writer's own thread. It cannot fail the batch: the
-/// commit is done, and every research query catches up with the log before it counts
-/// anyway (so the index may also leave it to the next query). Not told
-/// when nothing committed, nor after a COMMIT whose outcome is unknown (PostgreSQL): if
-/// that one landed, the next commit's catch-up, or the next query's, applies it.
+/// `super::research_index`) on the writer's thread (or its task, through the pool). It
+/// cannot fail the batch: the commit is done, and every research query catches up with
+/// the log before it counts anyway (so the index may also leave it to the next query).
+/// Not told when nothing committed, nor after a COMMIT whose outcome is unknown
+/// (PostgreSQL): if that one landed, the next commit's catch-up, or the next query's,
+/// applies it.
 ///
 /// `on`: on a SQLite file, the writer's own connection (on its thread, outside any
 /// transaction), to read the changes on; otherwise `None`, to read them through the pool.

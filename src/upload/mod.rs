@@ -104,12 +104,14 @@ pub fn check(
     violations
 }
 
-/// Whether the client reference contains the national identifier (separators ignored)
-/// or the family name: references are echoed in results and logs, identifiers never.
+/// Whether the client reference contains the national identifier (separators, case and
+/// compatibility forms such as full-width digits ignored: both compared after NFKD) or
+/// the family name: references are echoed in results and logs, identifiers never.
 fn reference_contains_identifier(request: &proto::SubmitCaseRequest) -> bool {
     use proto::patient_identifiers::Kind;
+    use unicode_normalization::UnicodeNormalization;
     let plain = |s: &str| -> String {
-        s.chars()
+        s.nfkd()
             .filter(|c| c.is_alphanumeric())
             .flat_map(char::to_lowercase)
             .collect()
@@ -907,6 +909,13 @@ mod tests {
     #[test]
     fn a_reference_must_not_carry_the_identifier() {
         let mut request = fixtures::submission("ERN-LUNG", fixtures::national("NL", "111.222.333"));
+        request.client_reference = "ref-111222333".into();
+        let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
+        assert_eq!(fields(&v), ["client_reference"]);
+        // The value in full-width digits, compared as the service reads it (a reference
+        // itself must be ASCII).
+        let mut request =
+            fixtures::submission("ERN-LUNG", fixtures::national("NL", "１１１２２２３３３"));
         request.client_reference = "ref-111222333".into();
         let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
         assert_eq!(fields(&v), ["client_reference"]);

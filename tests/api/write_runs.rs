@@ -347,9 +347,13 @@ async fn a_batch_that_cannot_reach_the_database_is_answered_at_once_without_retr
             "not answered from the batch's failure: {err:?}"
         );
     }
+    other.execute_batch("ROLLBACK").unwrap();
+    // The hook would be told after the answers: an entry of its own, answered once the
+    // writer (one partition: entries alone go to each partition in turn) has taken its
+    // next batch, comes after it.
+    writer.execute(Command::Audit, Some(entry())).await.unwrap();
     assert_eq!(commits.0.load(std::sync::atomic::Ordering::SeqCst), 0);
 
-    other.execute_batch("ROLLBACK").unwrap();
     drop(other);
     let applied =
         futures_util::future::join_all(batch.into_iter().map(|c| writer.execute(c, Some(entry()))))
@@ -364,8 +368,7 @@ async fn a_batch_that_cannot_reach_the_database_is_answered_at_once_without_retr
             .err()
             .is_none_or(|e| e.outcome() != ern_registry::outcome::Outcome::Unavailable)
     }));
-    // The hook is told after the answers: an entry of its own, answered once the writer
-    // has taken its next batch, comes after it.
+    // After the hook, as above.
     writer.execute(Command::Audit, Some(entry())).await.unwrap();
     assert!(commits.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert_eq!(
@@ -604,6 +607,9 @@ async fn no_patient_is_started_under_a_key_version_rotated_away() {
     // In a run of submissions too, next to ones that start under version 2: the writer
     // is held after its commit of another command while the three queue, then takes
     // them as one batch (one commit more).
+    // The hooks of the commits before are done (an entry's answer comes after them; one
+    // partition), so the gate holds the next command's.
+    writer.execute(Command::Audit, Some(entry())).await.unwrap();
     gate.hold.store(true, Ordering::SeqCst);
     let held = tokio::spawn({
         let writer = writer.clone();
@@ -634,7 +640,7 @@ async fn no_patient_is_started_under_a_key_version_rotated_away() {
         run.await
     };
     // The hook is told of a commit once its batch is answered: an entry's answer comes
-    // after it.
+    // after it (one partition).
     writer.execute(Command::Audit, Some(entry())).await.unwrap();
     // The held command's commit, then the three's.
     assert_eq!(

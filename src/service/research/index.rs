@@ -600,27 +600,34 @@ impl Index {
     /// names, in one snapshot (`store::research_index`), then applies them at once.
     pub(super) async fn catch_up(&self) -> Result<(), StoreError> {
         let turn = self.turn.lock().await;
-        self.catch_up_holding(turn, None).await
+        self.catch_up_holding(turn, None, true).await
     }
 
     /// [`Index::catch_up`] after the writer's commit, reading the changes on `on` (the
     /// SQLite writer's own connection, right after its commit) instead of through the
     /// pool; skipped while another catch-up is under way, so that the writer never waits
-    /// for a query's (the next query catches up before it counts in any case).
+    /// for a query's, and when the index must be loaded again (poisoned by a panic, or
+    /// too far behind), which takes seconds at a million patients: the next query does
+    /// it, as it catches up before it counts in any case.
     pub(super) async fn catch_up_after_commit(&self, on: Option<Db<'_>>) -> Result<(), StoreError> {
         match self.turn.try_lock() {
-            Ok(turn) => self.catch_up_holding(turn, on).await,
+            Ok(turn) => self.catch_up_holding(turn, on, false).await,
             Err(_) => Ok(()),
         }
     }
 
-    /// Catches up while holding the turn (one catch-up at a time per instance).
+    /// Catches up while holding the turn (one catch-up at a time per instance); loads the
+    /// index again where it must be only if `may_reload` (otherwise leaves it as it is).
     async fn catch_up_holding(
         &self,
         _turn: tokio::sync::MutexGuard<'_, ()>,
         on: Option<Db<'_>>,
+        may_reload: bool,
     ) -> Result<(), StoreError> {
         if self.data.is_poisoned() {
+            if !may_reload {
+                return Ok(());
+            }
             // An apply panicked half-way: start again from the database.
             let fresh = load(&self.store).await?;
             *self.write() = fresh;
@@ -635,6 +642,7 @@ impl Index {
             .await?
         {
             Changes::None { .. } => Ok(()),
+            Changes::Reload if !may_reload => Ok(()),
             Changes::Reload => {
                 let fresh = load(&self.store).await?;
                 *self.write() = fresh;

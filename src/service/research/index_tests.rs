@@ -5,8 +5,8 @@
 //! without expiry, refused, withdrawn (research use only, or inclusion: erasure), and
 //! re-consent. Then every query the service answers (CountPatients by each dimension
 //! and each pair, with and without filters; DiagnosticDelay; FindExpertise) is put to
-//! the SQL reference and to three indexes: the writer's own (never asked to catch up:
-//! the writer keeps it), one that only catches up before each round (another instance),
+//! the SQL reference and to three indexes: the writer's own (the writer applies its commits
+//! to it; a query's catch-up applies what it skipped), one that only catches up before each round (another instance),
 //! and one loaded afresh at the end (a restart). Each at several instants: now, and just
 //! before, at and after an instant at which consents expire. Tables are compared after
 //! protection, as the service would publish them.
@@ -484,6 +484,11 @@ fn counted(index: &Index, registry_id: i64, now: DateTime<Utc>) -> u64 {
 }
 
 async fn world() -> (tempfile::TempDir, World, Arc<Index>, Index) {
+    world_of(None).await
+}
+
+/// [`world`], with `partitions` writers instead of the backend's default.
+async fn world_of(partitions: Option<usize>) -> (tempfile::TempDir, World, Arc<Index>, Index) {
     let dir = tempfile::tempdir().unwrap();
     let store = fresh_store(&dir).await;
     let mut registries = Vec::new();
@@ -511,7 +516,7 @@ async fn world() -> (tempfile::TempDir, World, Arc<Index>, Index) {
     let hook: Arc<dyn AfterCommit> = Arc::new(CatchUp(Arc::clone(&live)));
     let writer = Writer::start_with(
         store.clone(),
-        store.backend().default_writers(),
+        partitions.unwrap_or(store.backend().default_writers()),
         64,
         Arc::new(AuditKey::derive(&master)),
         Arc::new(crate::service::consent::RegistryConsentRules),
@@ -594,6 +599,30 @@ async fn the_index_answers_every_query_as_the_sql_reference_does() {
     .await
     .unwrap();
     assert!(erased > 0 && shared > 0, "{erased} erased, {shared} shared");
+}
+
+/// The writer applies its own commits to its index once it has answered them: with no
+/// other catch-up under way, the index holds every change before any query catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_applies_its_commits_to_its_index() {
+    // One partition: an entry alone is then answered only after the hook of every batch
+    // before it has returned.
+    let (_dir, mut w, live, _) = world_of(Some(1)).await;
+    w.submit_new(40).await;
+    w.change(30).await;
+    w.writer
+        .execute(Command::Audit, Some(crate::audit::Entry::default()))
+        .await
+        .unwrap();
+    let loaded = Index::load(&w.store).await.unwrap();
+    assert_eq!(live.size().patients, loaded.size().patients);
+    let now = Utc::now();
+    for &registry_id in &w.registries {
+        assert_eq!(
+            counted(&live, registry_id, now),
+            counted(&loaded, registry_id, now)
+        );
+    }
 }
 
 /// A query's catch-up under way never holds up the writer: batches committed meanwhile
@@ -697,8 +726,9 @@ async fn a_consent_expiring_at_the_query_instant_is_not_counted() {
             .unwrap();
         assert_eq!(reference.protected.grand_total, Some(at(now)), "at {t} ms");
     }
-    // Withdrawals answered to their caller are out of the index at once: research use
-    // of one patient without expiry, inclusion (erasure) of another.
+    // Withdrawals answered to their caller are out of the index once it has caught up, as
+    // every query does first: research use of one patient without expiry, inclusion
+    // (erasure) of another.
     let withdraw = |n: u32, scope: Scope| {
         Command::Withdraw(Withdraw {
             registry_id,
