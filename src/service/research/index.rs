@@ -22,7 +22,7 @@
 //! millisecond with no write. Every other change (a withdrawal, a refusal, a new consent,
 //! an erasure) reaches the index through the change log before the query runs: the writer
 //! applies its own commits once it has answered them, unless another catch-up is under
-//! way (`store::writer::AfterCommit`; a COMMIT whose outcome is unknown is applied by the
+//! way or the index must be loaded again (left to the next query) (`store::writer::AfterCommit`; a COMMIT whose outcome is unknown is applied by the
 //! next catch-up if it landed), and every query first catches up with every change any
 //! instance committed
 //! ([`Index::catch_up`]; why that misses nothing: `store::research_index`).
@@ -558,8 +558,10 @@ pub(super) struct Size {
 pub(super) struct Index {
     store: Store,
     data: RwLock<Data>,
-    /// One catch-up at a time: each reads from the position the last one reached.
-    turn: tokio::sync::Mutex<()>,
+    /// One catch-up at a time: each reads from the position the last one reached. Holds
+    /// whether the index must be loaded again (found by a catch-up that may not reload:
+    /// the writer's, which then reads nothing more until a query's has reloaded it).
+    turn: tokio::sync::Mutex<bool>,
 }
 
 impl Index {
@@ -569,7 +571,7 @@ impl Index {
         Ok(Index {
             store: store.clone(),
             data: RwLock::new(data),
-            turn: tokio::sync::Mutex::new(()),
+            turn: tokio::sync::Mutex::new(false),
         })
     }
 
@@ -583,7 +585,7 @@ impl Index {
 
     /// Takes the catch-up turn as a query's catch-up does, and holds it until dropped.
     #[cfg(test)]
-    pub(super) async fn hold_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(super) async fn hold_turn(&self) -> tokio::sync::MutexGuard<'_, bool> {
         self.turn.lock().await
     }
 
@@ -608,24 +610,33 @@ impl Index {
     /// pool; skipped while another catch-up is under way, so that the writer never waits
     /// for a query's, and when the index must be loaded again (poisoned by a panic, or
     /// too far behind), which takes seconds at a million patients: the next query does
-    /// it, as it catches up before it counts in any case.
+    /// it, as it catches up before it counts in any case. Once a reload is found due, the
+    /// writer reads no more changes (each read would stop at the same verdict) until a
+    /// query has reloaded.
     pub(super) async fn catch_up_after_commit(&self, on: Option<Db<'_>>) -> Result<(), StoreError> {
         match self.turn.try_lock() {
-            Ok(turn) => self.catch_up_holding(turn, on, false).await,
-            Err(_) => Ok(()),
+            Ok(turn) if !*turn => self.catch_up_holding(turn, on, false).await,
+            _ => Ok(()),
         }
     }
 
     /// Catches up while holding the turn (one catch-up at a time per instance); loads the
-    /// index again where it must be only if `may_reload` (otherwise leaves it as it is).
+    /// index again where it must be only if `may_reload` (otherwise marks the reload due
+    /// in the turn, and leaves the index as it is).
     async fn catch_up_holding(
         &self,
-        _turn: tokio::sync::MutexGuard<'_, ()>,
+        mut reload_due: tokio::sync::MutexGuard<'_, bool>,
         on: Option<Db<'_>>,
         may_reload: bool,
     ) -> Result<(), StoreError> {
+        if may_reload {
+            // A query's catch-up: it reloads if it must, so none is due after it (if it
+            // fails, the writer finds out again).
+            *reload_due = false;
+        }
         if self.data.is_poisoned() {
             if !may_reload {
+                *reload_due = true;
                 return Ok(());
             }
             // An apply panicked half-way: start again from the database.
@@ -642,7 +653,10 @@ impl Index {
             .await?
         {
             Changes::None { .. } => Ok(()),
-            Changes::Reload if !may_reload => Ok(()),
+            Changes::Reload if !may_reload => {
+                *reload_due = true;
+                Ok(())
+            }
             Changes::Reload => {
                 let fresh = load(&self.store).await?;
                 *self.write() = fresh;

@@ -625,6 +625,42 @@ async fn the_writer_applies_its_commits_to_its_index() {
     }
 }
 
+/// Once a catch-up of the writer's finds the index must be loaded again, the writer
+/// reads no more changes (each read would come to the same verdict, at the cost of the
+/// whole log behind the index) until a query's catch-up has reloaded it; then it applies
+/// its commits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reload_found_due_the_writer_leaves_the_index_to_the_queries() {
+    let (_dir, mut w, live, _) = world_of(Some(1)).await;
+    let barrier = |w: &World| {
+        let writer = w.writer.clone();
+        async move {
+            // An entry alone: answered after the hook of every batch before it.
+            writer
+                .execute(Command::Audit, Some(crate::audit::Entry::default()))
+                .await
+                .unwrap();
+        }
+    };
+    let before = live.size().patients;
+    *live.hold_turn().await = true;
+    w.submit_new(20).await;
+    barrier(&w).await;
+    assert_eq!(live.size().patients, before, "no change read by the writer");
+    live.catch_up().await.unwrap();
+    let caught_up = live.size().patients;
+    assert!(caught_up > before);
+    w.submit_new(20).await;
+    barrier(&w).await;
+    let loaded = Index::load(&w.store).await.unwrap().size().patients;
+    assert!(loaded > caught_up);
+    assert_eq!(
+        live.size().patients,
+        loaded,
+        "the writer applies its commits again"
+    );
+}
+
 /// A query's catch-up under way never holds up the writer: batches committed meanwhile
 /// are answered, and the writer goes on to the next, leaving their changes to the next
 /// catch-up (which every query makes before it counts).
