@@ -36,7 +36,7 @@ use ern_registry::domain::{
 };
 use ern_registry::fixtures::{self, now, today};
 use ern_registry::proto;
-use ern_registry::pseudonym::{Pseudonym, check_bsn, normalise_text};
+use ern_registry::pseudonym::{Pseudonym, check_bsn, compact_national, normalise_text};
 
 /// Shortest identifier (in characters) the leak check looks for; shorter strings occur
 /// in any English sentence.
@@ -144,6 +144,18 @@ pub fn string_parsers(s: &str) {
             check_bsn(&bsn).as_deref().map(String::as_str),
             Some(bsn.as_str())
         );
+    }
+    if let Some(compact) = compact_national(s) {
+        assert!(
+            !compact.is_empty()
+                && compact
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()),
+            "a national value is ASCII letters (upper case) and digits"
+        );
+        // Sized once to what it holds and never grown: no unwiped copy left behind.
+        assert_eq!(compact.capacity(), compact.len());
+        assert_eq!(compact_national(&compact).as_deref(), Some(&*compact));
     }
     let folded = normalise_text(s);
     assert!(
