@@ -536,7 +536,9 @@ impl Application {
             args.writer_queue,
             audit_key,
             Arc::new(RegistryConsentRules),
-            research_index.as_ref().map(ResearchIndex::after_commit),
+            research_index
+                .as_ref()
+                .map(|index| index.after_commit(&store)),
         );
         if writer.purge_at_start().await {
             debug!("database files purged at start");

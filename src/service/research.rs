@@ -79,9 +79,22 @@ impl ResearchIndex {
     }
 
     /// What the writer calls after each commit, once it has answered: the index catches
-    /// up (unless another catch-up, a query's or another writer's, is under way).
-    pub fn after_commit(&self) -> Arc<dyn AfterCommit> {
-        Arc::new(CatchUp(Arc::clone(&self.index)))
+    /// up (unless another catch-up, a query's or another writer's, is under way, or the
+    /// index must be loaded again: then a task of the runtime this is called on catches
+    /// up as soon as it may, [`index::follow_up`]). On PostgreSQL that task also catches
+    /// up every [`FOLLOW_UP_EVERY`], for the commits of other instances.
+    pub fn after_commit(&self, store: &Store) -> Arc<dyn AfterCommit> {
+        let (left, waiting) = tokio::sync::mpsc::channel(1);
+        let every = (store.backend() == crate::store::Backend::Postgres).then_some(FOLLOW_UP_EVERY);
+        tokio::spawn(index::follow_up(
+            Arc::downgrade(&self.index),
+            waiting,
+            every,
+        ));
+        Arc::new(CatchUp {
+            index: Arc::clone(&self.index),
+            left: Some(left),
+        })
     }
 
     /// Catches up, then runs `query` on the index off the async runtime.
@@ -108,7 +121,17 @@ impl ResearchIndex {
     }
 }
 
-struct CatchUp(Arc<index::Index>);
+/// How often an instance's research index on PostgreSQL catches up with the other
+/// instances' commits when no query does (an erasure on one instance leaves the others'
+/// memory within this, `docs/privacy.md`).
+pub const FOLLOW_UP_EVERY: Duration = Duration::from_secs(10);
+
+struct CatchUp {
+    index: Arc<index::Index>,
+    /// Told when the writer leaves its changes: `None` in tests of the index that leave
+    /// them to the queries.
+    left: Option<tokio::sync::mpsc::Sender<()>>,
+}
 
 impl AfterCommit for CatchUp {
     fn after_commit<'a>(
@@ -116,9 +139,17 @@ impl AfterCommit for CatchUp {
         on: Option<Db<'a>>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            if let Err(e) = self.0.catch_up_after_commit(on).await {
-                // Queries catch up before they answer: they will apply it, or fail.
-                warn!(error = %e, "research index: catching up after a commit failed");
+            let caught_up = match self.index.catch_up_after_commit(on).await {
+                Ok(caught_up) => caught_up,
+                Err(e) => {
+                    // Queries catch up before they answer: they will apply it, or fail.
+                    warn!(error = %e, "research index: catching up after a commit failed");
+                    false
+                }
+            };
+            if !caught_up && let Some(left) = &self.left {
+                // Full: a follow-up is pending already, and will read this commit too.
+                let _ = left.try_send(());
             }
         })
     }

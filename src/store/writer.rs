@@ -313,7 +313,7 @@ impl Answer {
 /// index (`service::research`) applies the batch's changes (from the change log,
 /// `super::research_index`) on the writer's thread (or its task, through the pool). It
 /// cannot fail the batch: the commit is done, and every research query catches up with
-/// the log before it counts anyway (so the index may also leave it to the next query).
+/// the log before it counts anyway (so the index may also leave it to be applied later).
 /// Not told when nothing committed, nor after a COMMIT whose outcome is unknown
 /// (PostgreSQL): if that one landed, the next commit's catch-up, or the next query's,
 /// applies it.

@@ -22,7 +22,9 @@
 //! millisecond with no write. Every other change (a withdrawal, a refusal, a new consent,
 //! an erasure) reaches the index through the change log before the query runs: the writer
 //! applies its own commits once it has answered them, unless another catch-up is under
-//! way or the index must be loaded again (left to the next query) (`store::writer::AfterCommit`; a COMMIT whose outcome is unknown is applied by the
+//! way or the index must be loaded again (left to [`follow_up`], which catches up as soon
+//! as it may, and on PostgreSQL every few seconds for the other instances' commits)
+//! (`store::writer::AfterCommit`; a COMMIT whose outcome is unknown is applied by the
 //! next catch-up if it landed), and every query first catches up with every change any
 //! instance committed
 //! ([`Index::catch_up`]; why that misses nothing: `store::research_index`).
@@ -246,6 +248,11 @@ impl Columns {
                 self.present -= 1;
             }
             self.until[slot] = ABSENT;
+            // The slot as if never used: an erased patient's coded values do not stay
+            // in memory beside the slot (a query skips an absent slot in any case).
+            for column in self.code_columns() {
+                column[slot] = 0;
+            }
             self.genes[slot] = NO_GENES;
             self.phenotypes[slot] = NO_GENES;
         }
@@ -602,21 +609,26 @@ impl Index {
     /// names, in one snapshot (`store::research_index`), then applies them at once.
     pub(super) async fn catch_up(&self) -> Result<(), StoreError> {
         let turn = self.turn.lock().await;
-        self.catch_up_holding(turn, None, true).await
+        self.catch_up_holding(turn, None, true).await.map(drop)
     }
 
     /// [`Index::catch_up`] after the writer's commit, reading the changes on `on` (the
     /// SQLite writer's own connection, right after its commit) instead of through the
     /// pool; skipped while another catch-up is under way, so that the writer never waits
     /// for a query's, and when the index must be loaded again (poisoned by a panic, or
-    /// too far behind), which takes seconds at a million patients: the next query does
-    /// it, as it catches up before it counts in any case. Once a reload is found due, the
-    /// writer reads no more changes (each read would stop at the same verdict) until a
-    /// query has reloaded.
-    pub(super) async fn catch_up_after_commit(&self, on: Option<Db<'_>>) -> Result<(), StoreError> {
+    /// too far behind), which takes seconds at a million patients: [`follow_up`] (or the
+    /// next query, which catches up before it counts in any case) does it. Once a reload
+    /// is found due, the writer reads no more changes (each read would stop at the same
+    /// verdict) until the index has been reloaded.
+    ///
+    /// `Ok(false)`: the changes were left (to a query, or to [`follow_up`]).
+    pub(super) async fn catch_up_after_commit(
+        &self,
+        on: Option<Db<'_>>,
+    ) -> Result<bool, StoreError> {
         match self.turn.try_lock() {
             Ok(turn) if !*turn => self.catch_up_holding(turn, on, false).await,
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 
@@ -628,7 +640,7 @@ impl Index {
         mut reload_due: tokio::sync::MutexGuard<'_, bool>,
         on: Option<Db<'_>>,
         may_reload: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         if may_reload {
             // A query's catch-up: it reloads if it must, so none is due after it (if it
             // fails, the writer finds out again).
@@ -637,13 +649,13 @@ impl Index {
         if self.data.is_poisoned() {
             if !may_reload {
                 *reload_due = true;
-                return Ok(());
+                return Ok(false);
             }
             // An apply panicked half-way: start again from the database.
             let fresh = load(&self.store).await?;
             *self.write() = fresh;
             self.data.clear_poison();
-            return Ok(());
+            return Ok(true);
         }
         let applied = self.read().applied;
         let mut collected = Collected::default();
@@ -652,15 +664,15 @@ impl Index {
             .research_changes(applied, &mut collected, on)
             .await?
         {
-            Changes::None { .. } => Ok(()),
+            Changes::None { .. } => Ok(true),
             Changes::Reload if !may_reload => {
                 *reload_due = true;
-                Ok(())
+                Ok(false)
             }
             Changes::Reload => {
                 let fresh = load(&self.store).await?;
                 *self.write() = fresh;
-                Ok(())
+                Ok(true)
             }
             Changes::Loaded { through } => {
                 let known = {
@@ -676,7 +688,7 @@ impl Index {
                 data.centres.extend(centres.into_iter().map(|c| (c.id, c)));
                 collected.apply(&mut Loader::new(&mut *data))?;
                 data.applied = through;
-                Ok(())
+                Ok(true)
             }
         }
     }
@@ -1262,6 +1274,59 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// Catches up the index whenever the writer left its changes (a query's catch-up held
+/// the turn, or a reload is due), and every `every` if given (on PostgreSQL, for the
+/// changes other instances commit), so that no change, an erasure least of all, waits in
+/// the database for the next research query: erased values leave memory a catch-up after
+/// the erasure, whether or not anyone asks a question. A failed catch-up is tried again,
+/// after a second and then at most every 30 s, until one succeeds. Ends when every sender
+/// of `left` is dropped (the writers stopped) or the index is.
+pub(super) async fn follow_up(
+    index: std::sync::Weak<Index>,
+    mut left: tokio::sync::mpsc::Receiver<()>,
+    every: Option<std::time::Duration>,
+) {
+    use std::time::Duration;
+    let mut tick = every.map(|every| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+    let mut retry: Option<Duration> = None;
+    loop {
+        let woken = match (retry, tick.as_mut()) {
+            (Some(after), _) => {
+                tokio::time::sleep(after).await;
+                true
+            }
+            (None, Some(tick)) => tokio::select! {
+                left = left.recv() => left.is_some(),
+                _ = tick.tick() => true,
+            },
+            (None, None) => left.recv().await.is_some(),
+        };
+        let Some(index) = index.upgrade().filter(|_| woken) else {
+            return;
+        };
+        match index.catch_up().await {
+            Ok(()) => {
+                if retry.is_some() {
+                    tracing::info!("research index: caught up again");
+                }
+                retry = None;
+            }
+            Err(e) => {
+                if retry.is_none() {
+                    tracing::warn!(error = %e, "research index: catching up failed; trying again");
+                }
+                retry = Some(retry.map_or(Duration::from_secs(1), |r| {
+                    (r * 2).min(Duration::from_secs(30))
+                }));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1276,5 +1341,32 @@ mod tests {
             + c.genes.capacity() * 4
             + c.phenotypes.capacity() * 4;
         assert_eq!(fixed, 1000 * 34);
+    }
+
+    /// An erased patient's coded values leave memory when the erasure is applied: the
+    /// slot is left as a slot never used.
+    #[test]
+    fn a_cleared_slot_keeps_none_of_its_values() {
+        let mut c = Columns::new();
+        c.ensure(7);
+        c.until[7] = i64::MAX;
+        c.present = 1;
+        for (i, column) in c.code_columns().into_iter().enumerate() {
+            column[7] = i as u16 + 1;
+        }
+        c.genes[7] = 3;
+        c.phenotypes[7] = 4;
+        c.others.insert(7, vec![(1, 1)]);
+        c.clear(7);
+        let mut never_used = Columns::new();
+        never_used.ensure(7);
+        assert_eq!(c.until, never_used.until);
+        assert_eq!(c.present, 0);
+        for (a, b) in c.code_columns().into_iter().zip(never_used.code_columns()) {
+            assert_eq!(a, b);
+        }
+        assert_eq!(c.genes, never_used.genes);
+        assert_eq!(c.phenotypes, never_used.phenotypes);
+        assert!(c.others.is_empty());
     }
 }

@@ -489,6 +489,15 @@ async fn world() -> (tempfile::TempDir, World, Arc<Index>, Index) {
 
 /// [`world`], with `partitions` writers instead of the backend's default.
 async fn world_of(partitions: Option<usize>) -> (tempfile::TempDir, World, Arc<Index>, Index) {
+    world_with(partitions, false).await
+}
+
+/// [`world_of`]; with `follow_up`, what the writer leaves is caught up by
+/// [`super::index::follow_up`] as in the service (otherwise only by the queries).
+async fn world_with(
+    partitions: Option<usize>,
+    follow_up: bool,
+) -> (tempfile::TempDir, World, Arc<Index>, Index) {
     let dir = tempfile::tempdir().unwrap();
     let store = fresh_store(&dir).await;
     let mut registries = Vec::new();
@@ -513,7 +522,19 @@ async fn world_of(partitions: Option<usize>) -> (tempfile::TempDir, World, Arc<I
     let live = Arc::new(Index::load(&store).await.unwrap());
     let lagging = Index::load(&store).await.unwrap();
     let master = MasterSecret::generate(&ring::rand::SystemRandom::new()).unwrap();
-    let hook: Arc<dyn AfterCommit> = Arc::new(CatchUp(Arc::clone(&live)));
+    let left = follow_up.then(|| {
+        let (left, waiting) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(super::index::follow_up(
+            Arc::downgrade(&live),
+            waiting,
+            None,
+        ));
+        left
+    });
+    let hook: Arc<dyn AfterCommit> = Arc::new(CatchUp {
+        index: Arc::clone(&live),
+        left,
+    });
     let writer = Writer::start_with(
         store.clone(),
         partitions.unwrap_or(store.backend().default_writers()),
@@ -659,6 +680,75 @@ async fn after_a_reload_found_due_the_writer_leaves_the_index_to_the_queries() {
         loaded,
         "the writer applies its commits again"
     );
+}
+
+/// What the writer leaves to others (a query's catch-up held the turn, or a reload was
+/// due) is applied by the follow-up as soon as it may, with no query asked: an erased
+/// patient's values do not wait in memory for the next research question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_writer_leaves_is_applied_without_a_query() {
+    let (_dir, mut w, live, lagging) = world_with(Some(1), true).await;
+    // Another instance's index, which the writer never tells: caught up every 50 ms.
+    let lagging = Arc::new(lagging);
+    let (_no_writer, waiting) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(super::index::follow_up(
+        Arc::downgrade(&lagging),
+        waiting,
+        Some(StdDuration::from_millis(50)),
+    ));
+    let barrier = |w: &World| {
+        let writer = w.writer.clone();
+        async move {
+            // An entry alone: answered after the hook of every batch before it.
+            writer
+                .execute(Command::Audit, Some(crate::audit::Entry::default()))
+                .await
+                .unwrap();
+        }
+    };
+    // The index as loaded afresh, as the index itself holds it (no catch-up).
+    let settles = |live: Arc<Index>, store: Store, registries: Vec<i64>| async move {
+        let loaded = Index::load(&store).await.unwrap();
+        let now = Utc::now();
+        let same = |a: &Index, b: &Index| {
+            a.size().patients == b.size().patients
+                && registries
+                    .iter()
+                    .all(|&r| counted(a, r, now) == counted(b, r, now))
+        };
+        let started = Instant::now();
+        while !same(&live, &loaded) {
+            assert!(
+                started.elapsed() < StdDuration::from_secs(60),
+                "what the writer left was not applied"
+            );
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+        loaded.size().patients
+    };
+    w.submit_new(60).await;
+    barrier(&w).await;
+    let before = live.size().patients;
+
+    // A query's catch-up holds the turn while erasures and other changes commit.
+    let turn = live.hold_turn().await;
+    w.change(40).await;
+    barrier(&w).await;
+    assert_eq!(live.size().patients, before, "left by the writer");
+    drop(turn);
+    let after = settles(Arc::clone(&live), w.store.clone(), w.registries.clone()).await;
+    assert!(
+        after < before,
+        "erasures among the changes: {after} of {before}"
+    );
+    settles(Arc::clone(&lagging), w.store.clone(), w.registries.clone()).await;
+
+    // A reload found due: the follow-up loads the index again.
+    *live.hold_turn().await = true;
+    w.change(40).await;
+    barrier(&w).await;
+    settles(Arc::clone(&live), w.store.clone(), w.registries.clone()).await;
+    settles(Arc::clone(&lagging), w.store.clone(), w.registries.clone()).await;
 }
 
 /// A query's catch-up under way never holds up the writer: batches committed meanwhile
