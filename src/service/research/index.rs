@@ -23,7 +23,7 @@
 //! an erasure) reaches the index through the change log before the query runs: the writer
 //! applies its own commits once it has answered them, unless another catch-up is under
 //! way or the index must be loaded again (left to [`follow_up`], which catches up as soon
-//! as it may, and on PostgreSQL every few seconds for the other instances' commits)
+//! as it may, and on PostgreSQL every `FOLLOW_UP_EVERY` for the other instances' commits)
 //! (`store::writer::AfterCommit`; a COMMIT whose outcome is unknown is applied by the
 //! next catch-up if it landed), and every query first catches up with every change any
 //! instance committed
@@ -47,6 +47,7 @@ use std::borrow::Borrow;
 use std::borrow::BorrowMut;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::aggregate::{
@@ -567,8 +568,16 @@ pub(super) struct Index {
     data: RwLock<Data>,
     /// One catch-up at a time: each reads from the position the last one reached. Holds
     /// whether the index must be loaded again (found by a catch-up that may not reload:
-    /// the writer's, which then reads nothing more until a query's has reloaded it).
+    /// the writer's, which then reads nothing more until a catch-up that may reload, a
+    /// query's or [`follow_up`]'s, has begun).
     turn: tokio::sync::Mutex<bool>,
+    /// Catch-ups begun: each takes the next number once it has the turn.
+    begun: AtomicU64,
+    /// The number of the last catch-up that succeeded.
+    succeeded: AtomicU64,
+    /// The largest number of `begun` seen by the writer when it left a commit to others:
+    /// a catch-up numbered above it began after that commit, and read it.
+    left_behind: AtomicU64,
 }
 
 impl Index {
@@ -579,6 +588,9 @@ impl Index {
             store: store.clone(),
             data: RwLock::new(data),
             turn: tokio::sync::Mutex::new(false),
+            begun: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            left_behind: AtomicU64::new(0),
         })
     }
 
@@ -588,6 +600,12 @@ impl Index {
 
     fn write(&self) -> RwLockWriteGuard<'_, Data> {
         self.data.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Catch-ups begun so far.
+    #[cfg(test)]
+    pub(super) fn begun(&self) -> u64 {
+        self.begun.load(Ordering::SeqCst)
     }
 
     /// Takes the catch-up turn as a query's catch-up does, and holds it until dropped.
@@ -621,21 +639,58 @@ impl Index {
     /// is found due, the writer reads no more changes (each read would stop at the same
     /// verdict) until the index has been reloaded.
     ///
-    /// `Ok(false)`: the changes were left (to a query, or to [`follow_up`]).
+    /// `Ok(false)`, or an error: the changes were left (to [`Index::catch_up_left`], or
+    /// to a query).
     pub(super) async fn catch_up_after_commit(
         &self,
         on: Option<Db<'_>>,
     ) -> Result<bool, StoreError> {
-        match self.turn.try_lock() {
+        let caught_up = match self.turn.try_lock() {
             Ok(turn) if !*turn => self.catch_up_holding(turn, on, false).await,
             _ => Ok(false),
+        };
+        if !matches!(caught_up, Ok(true)) {
+            // Read after the commit: the catch-up holding the turn now, or the one that
+            // just failed, has this number or a lower one.
+            self.left_behind
+                .fetch_max(self.begun.load(Ordering::SeqCst), Ordering::SeqCst);
         }
+        caught_up
+    }
+
+    /// [`Index::catch_up`] for the commits the writer left: nothing to do if a catch-up
+    /// that began after the last of them has succeeded since (a query's, say).
+    pub(super) async fn catch_up_left(&self) -> Result<(), StoreError> {
+        let turn = self.turn.lock().await;
+        if !*turn
+            && !self.data.is_poisoned()
+            && self.succeeded.load(Ordering::SeqCst) > self.left_behind.load(Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        self.catch_up_holding(turn, None, true).await.map(drop)
     }
 
     /// Catches up while holding the turn (one catch-up at a time per instance); loads the
     /// index again where it must be only if `may_reload` (otherwise marks the reload due
     /// in the turn, and leaves the index as it is).
+    ///
+    /// `Ok(true)`: the index holds every change committed before the catch-up began.
     async fn catch_up_holding(
+        &self,
+        reload_due: tokio::sync::MutexGuard<'_, bool>,
+        on: Option<Db<'_>>,
+        may_reload: bool,
+    ) -> Result<bool, StoreError> {
+        let number = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let caught_up = self.catch_up_numbered(reload_due, on, may_reload).await;
+        if matches!(caught_up, Ok(true)) {
+            self.succeeded.store(number, Ordering::SeqCst);
+        }
+        caught_up
+    }
+
+    async fn catch_up_numbered(
         &self,
         mut reload_due: tokio::sync::MutexGuard<'_, bool>,
         on: Option<Db<'_>>,
@@ -1275,12 +1330,14 @@ impl<'a> Plan<'a> {
 }
 
 /// Catches up the index whenever the writer left its changes (a query's catch-up held
-/// the turn, or a reload is due), and every `every` if given (on PostgreSQL, for the
-/// changes other instances commit), so that no change, an erasure least of all, waits in
-/// the database for the next research query: erased values leave memory a catch-up after
-/// the erasure, whether or not anyone asks a question. A failed catch-up is tried again,
-/// after a second and then at most every 30 s, until one succeeds. Ends when every sender
-/// of `left` is dropped (the writers stopped) or the index is.
+/// the turn, or a reload is due, or its catch-up failed: [`Index::catch_up_left`]), and
+/// every `every` if given (on PostgreSQL [`super::FOLLOW_UP_EVERY`], for the changes other
+/// instances commit), so that no change, an erasure least of all, waits in the database
+/// for the next research query: erased values leave the index a catch-up after the
+/// erasure, whether or not anyone asks a question. A catch-up that fails (or panics: the
+/// next one then loads the index again) is tried again after a second, then at most
+/// every 30 s, until one succeeds. Ends when every sender of `left` is dropped (the
+/// writers stopped) or the index is.
 pub(super) async fn follow_up(
     index: std::sync::Weak<Index>,
     mut left: tokio::sync::mpsc::Receiver<()>,
@@ -1294,21 +1351,41 @@ pub(super) async fn follow_up(
     });
     let mut retry: Option<Duration> = None;
     loop {
+        // `Some(true)`: the writer left changes; `Some(false)`: a tick or a retry.
         let woken = match (retry, tick.as_mut()) {
             (Some(after), _) => {
                 tokio::time::sleep(after).await;
-                true
+                Some(false)
             }
             (None, Some(tick)) => tokio::select! {
-                left = left.recv() => left.is_some(),
-                _ = tick.tick() => true,
+                biased;
+                left = left.recv() => left.map(|()| true),
+                _ = tick.tick() => Some(false),
             },
-            (None, None) => left.recv().await.is_some(),
+            (None, None) => left.recv().await.map(|()| true),
         };
-        let Some(index) = index.upgrade().filter(|_| woken) else {
+        let (Some(writer_left), false) = (woken, left.is_closed()) else {
             return;
         };
-        match index.catch_up().await {
+        let Some(index) = index.upgrade() else {
+            return;
+        };
+        // On a task of its own, so that a panic (an apply that failed half-way) ends
+        // that catch-up and not this loop.
+        let caught_up = tokio::spawn(async move {
+            if writer_left {
+                index.catch_up_left().await
+            } else {
+                index.catch_up().await
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Invalid(
+                "a research index catch-up panicked".into(),
+            ))
+        });
+        match caught_up {
             Ok(()) => {
                 if retry.is_some() {
                     tracing::info!("research index: caught up again");

@@ -743,12 +743,62 @@ async fn what_the_writer_leaves_is_applied_without_a_query() {
     );
     settles(Arc::clone(&lagging), w.store.clone(), w.registries.clone()).await;
 
-    // A reload found due: the follow-up loads the index again.
+    // A reload marked due: the writer reads nothing; the follow-up catches up.
     *live.hold_turn().await = true;
     w.change(40).await;
     barrier(&w).await;
     settles(Arc::clone(&live), w.store.clone(), w.registries.clone()).await;
     settles(Arc::clone(&lagging), w.store.clone(), w.registries.clone()).await;
+
+    // The log pruned past the index's position while a query's catch-up holds the turn:
+    // only a reload brings the index up to date, and the follow-up does it.
+    let turn = live.hold_turn().await;
+    w.change(40).await;
+    barrier(&w).await;
+    db::query("UPDATE research_seq SET pruned_through = seq WHERE id = 1")
+        .execute(w.store.pool())
+        .await
+        .unwrap();
+    drop(turn);
+    settles(Arc::clone(&live), w.store.clone(), w.registries.clone()).await;
+    settles(Arc::clone(&lagging), w.store.clone(), w.registries.clone()).await;
+}
+
+/// The follow-up reads the log only for commits that no catch-up begun since has read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_reads_nothing_a_later_catch_up_has_read() {
+    let (_dir, mut w, live, _) = world_of(Some(1)).await;
+    let barrier = |w: &World| {
+        let writer = w.writer.clone();
+        async move {
+            writer
+                .execute(Command::Audit, Some(crate::audit::Entry::default()))
+                .await
+                .unwrap();
+        }
+    };
+    w.submit_new(10).await;
+    barrier(&w).await;
+    let turn = live.hold_turn().await;
+    w.submit_new(10).await;
+    barrier(&w).await;
+    drop(turn);
+    let begun = live.begun();
+    live.catch_up_left().await.unwrap();
+    assert_eq!(live.begun(), begun + 1, "left by the writer: read");
+    live.catch_up_left().await.unwrap();
+    assert_eq!(live.begun(), begun + 1, "read since: nothing to read");
+
+    let turn = live.hold_turn().await;
+    w.submit_new(10).await;
+    barrier(&w).await;
+    drop(turn);
+    live.catch_up().await.unwrap();
+    let begun = live.begun();
+    live.catch_up_left().await.unwrap();
+    assert_eq!(live.begun(), begun, "a query's catch-up read it");
+    let loaded = Index::load(&w.store).await.unwrap();
+    assert_eq!(live.size().patients, loaded.size().patients);
 }
 
 /// A query's catch-up under way never holds up the writer: batches committed meanwhile
