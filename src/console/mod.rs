@@ -148,17 +148,56 @@ pub async fn serve(
     let app = router(services)
         .layer(cut_off)
         // The 503 above carries them too.
-        .layer(middleware::from_fn(security_headers))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let shutdown = async move {
+        .layer(middleware::from_fn(security_headers));
+    // HTTP/1.1 only, one request at a time per connection: a request whose client goes
+    // away ends with its connection (`docs/console.md`, sign-in). axum's `serve` would
+    // also answer cleartext HTTP/2, where one connection runs many requests and resets
+    // each at no cost.
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(async move {
         let _ = stopping.wait_for(|s| *s).await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        warn!(error = %e, "the web console stopped with an error");
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // A connection reset before it was taken: nothing to do. Anything
+                    // else (out of file descriptors, say) lasts a while: wait, then go on.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                    ) {
+                        warn!(error = %e, "the web console cannot accept connections; trying again in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                // A router is always ready.
+                tower_service::Service::call(&mut app.clone(), request)
+            },
+        );
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "a web console connection ended with an error");
+            }
+        });
     }
+    // No new connections; requests in flight finish, idle connections close.
+    drop(listener);
+    connections.shutdown().await;
 }
 
 async fn security_headers(request: axum::extract::Request, next: Next) -> Response {

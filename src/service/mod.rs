@@ -686,6 +686,9 @@ impl Services {
             None => {
                 self.verifier.counters().looked_up_key();
                 let Some(record) = self.store.load_key(&key.key_id).await? else {
+                    // A key deleted since it was verified here no longer passes an
+                    // address's spent allowance either.
+                    self.verifier.forget(&key.key_id);
                     return Err(AuthError::InvalidKey.into());
                 };
                 self.access.hold_key(epoch, &key.key_id, &record);

@@ -575,7 +575,7 @@ pub fn require_researcher(principal: &Principal) -> Result<(), ServiceError> {
 /// The registries the principal of `access` may search for expertise: a researcher's own; for a
 /// physician every registry (finding where expertise is, for a referral, is their use of
 /// it); restricted to `asked` when given (a malformed code is a violation of
-/// `registries[i]`, one not allowed PERMISSION_DENIED).
+/// `registries[i]`, one no registry has NOT_FOUND, one not allowed PERMISSION_DENIED).
 pub async fn expertise_registries(
     services: &Services,
     access: &ExpertiseAccess,
@@ -584,6 +584,18 @@ pub async fn expertise_registries(
 ) -> Result<Vec<Registry>, ServiceError> {
     let principal = &access.principal;
     let all = services.store.list_registries().await?;
+    // A code no registry has is NOT_FOUND before membership is looked at, as for every
+    // other call that names a registry (`docs/security.md`).
+    for code in asked {
+        if let Ok(code) = RegistryCode::parse(code)
+            && !all.iter().any(|r| r.code == code.as_str())
+        {
+            return Err(ServiceError::NotFound(format!(
+                "no registry {}",
+                code.as_str()
+            )));
+        }
+    }
     let allowed: Vec<Registry> = match principal.role {
         Role::Physician => all,
         Role::Researcher => all

@@ -182,6 +182,17 @@ async fn garbage_keys_are_summarised_per_peer_and_refused_without_the_database_p
 
 #[tokio::test]
 async fn a_key_found_dead_gets_no_pass_through_its_addresss_allowance() {
+    a_key_gone_gets_no_pass(false).await;
+}
+
+/// As a revoked key: one whose row was deleted (by an operator in SQL) since this process
+/// verified it.
+#[tokio::test]
+async fn a_key_deleted_gets_no_pass_through_its_addresss_allowance() {
+    a_key_gone_gets_no_pass(true).await;
+}
+
+async fn a_key_gone_gets_no_pass(deleted: bool) {
     const ALLOWANCE: usize = 20;
     let app = TestApp::spawn_with(ServeArgs {
         refusals_per_peer_per_minute: ALLOWANCE as u32,
@@ -195,7 +206,16 @@ async fn a_key_found_dead_gets_no_pass_through_its_addresss_allowance() {
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
         .await
         .unwrap();
-    assert!(app.store.revoke_api_key(&token[4..20]).await.unwrap());
+    if deleted {
+        let gone = ern_registry::store::db::query("DELETE FROM api_keys WHERE key_id = $1")
+            .bind(&token[4..20])
+            .execute(app.store.pool())
+            .await
+            .unwrap();
+        assert_eq!(gone.rows_affected(), 1);
+    } else {
+        assert!(app.store.revoke_api_key(&token[4..20]).await.unwrap());
+    }
     let (codes, _) = flood(&app, garbage_key).await;
     assert!(count(&codes, Code::ResourceExhausted) > 0, "{codes:?}");
 

@@ -2,7 +2,7 @@
 
 use ern_registry::auth::Role;
 use ern_registry::proto::{GetCaseRequest, UpdateCaseRequest};
-use ern_registry::store::db;
+use ern_registry::store::{Backend, db};
 use tonic::Code;
 
 use crate::helpers::*;
@@ -218,6 +218,20 @@ async fn changes_made_in_sql_past_the_service_apply_to_the_next_call() {
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(6))))
         .await
         .unwrap();
+
+    // The centre's grants emptied at once (PostgreSQL: TRUNCATE, which fires no DELETE
+    // trigger; SQLite has none): the next call is refused.
+    let empty = if app.store.backend() == Backend::Postgres {
+        "TRUNCATE centre_registries"
+    } else {
+        "DELETE FROM centre_registries"
+    };
+    sql(empty).await;
+    let err = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(7))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // The key is revoked by hand: the next call is refused.
     sql("UPDATE api_keys SET revoked_at = {an instant}").await;

@@ -244,6 +244,32 @@ async fn officer_app_with(args: ServeArgs) -> (TestApp, Web, Vec<u8>) {
     (app, web, secret)
 }
 
+/// HTTP/1.1 only: a client speaking HTTP/2 from the first byte (prior knowledge, no TLS)
+/// is not served, so no connection carries more than one request at a time (a request
+/// whose client goes away ends with its connection: `docs/console.md`, sign-in). An
+/// HTTP/1.1 request on the same listener is answered.
+#[tokio::test]
+async fn the_console_speaks_http1_only() {
+    let app = console_app(ServeArgs::default()).await;
+    let addr = app.console.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let refused = async {
+        let (mut h2, connection) = h2::client::handshake(tcp).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(format!("http://{addr}/sign-in"))
+            .body(())
+            .unwrap();
+        let (response, _) = h2.send_request(request, true)?;
+        response.await
+    };
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), refused)
+        .await
+        .expect("the console neither answered nor closed the connection");
+    assert!(outcome.is_err(), "HTTP/2 was served: {outcome:?}");
+    let mut web = Web::new(addr);
+    assert_eq!(web.get("/sign-in").await.status, 200);
+}
+
 #[tokio::test]
 async fn the_console_is_off_unless_asked_for() {
     let app = TestApp::spawn().await;

@@ -90,6 +90,21 @@ const DIALECT_ONLY: &[DialectOnly] = &[
     },
     DialectOnly {
         side: Side::Postgres,
+        facts: &[
+            "trigger api_keys.api_keys_access_truncate",
+            "trigger centre_registries.centre_registries_access_truncate",
+            "trigger centres.centres_access_truncate",
+            "trigger principal_certificates.principal_certificates_access_truncate",
+            "trigger principal_registries.principal_registries_access_truncate",
+            "trigger principals.principals_access_truncate",
+            "trigger registries.registries_access_truncate",
+        ],
+        why: "PostgreSQL's TRUNCATE fires no DELETE trigger, so the access epoch has triggers \
+              on TRUNCATE too (migration 0022); SQLite has no TRUNCATE, and its DELETE fires \
+              the row triggers.",
+    },
+    DialectOnly {
+        side: Side::Postgres,
         facts: &["column api_keys.key_id not null"],
         why: "SQLite lets a PRIMARY KEY other than an INTEGER one hold NULL unless it is \
               declared NOT NULL (a documented legacy quirk); declaring it now takes a table \

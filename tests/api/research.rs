@@ -594,6 +594,12 @@ async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
     asks_lung.registries = vec!["ERN-LUNG".into()];
     let err = eye.find_expertise(asks_lung).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // A code no registry has is NOT_FOUND, as for every call that names a registry.
+    let mut asks_nothing = req.clone();
+    asks_nothing.registries = vec!["ERN-NOPE".into()];
+    let err = eye.find_expertise(asks_nothing).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(err.message(), "no registry ERN-NOPE");
 
     // Consent officers have no business here.
     let officer_token = app
