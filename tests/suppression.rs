@@ -540,3 +540,91 @@ fn the_shrunk_cases_of_the_zero_and_pair_rules() {
         (vec![Some(0)], vec![Some(0)], Some(0))
     );
 }
+
+/// A table by diagnosis year and age band at diagnosis, of `counts` per (year, band): the
+/// years 2022, 2024 and 2026 and unknown as rows, the bands <1, 5-11, 18-39, 40-64 and
+/// unknown as columns. By the rules every record passes (public), a case has both or
+/// neither: the unknown row holds only the unknown band, and the unknown band only the
+/// unknown row.
+fn year_by_band(counts: &[u64]) -> (Vec<u64>, usize) {
+    use ern_registry::aggregate::Key;
+    let years = [Key::Int(2022), Key::Int(2024), Key::Int(2026), Key::Missing];
+    let bands = [Key::Int(0), Key::Int(2), Key::Int(4), Key::Int(5), Key::Missing];
+    let mut cells = Vec::new();
+    for (r, year) in years.iter().enumerate() {
+        for (c, band) in bands.iter().enumerate() {
+            let known = (*year == Key::Missing) == (*band == Key::Missing);
+            cells.push(if known { counts[r * bands.len() + c] } else { 0 });
+        }
+    }
+    (cells, bands.len())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The attacker who also knows the rules records pass (an undiagnosed case has no
+    /// diagnosis year and no age band at diagnosis, a diagnosed one has both) learns
+    /// nothing from a table by diagnosis year and age band: the zeros those rules make
+    /// are published as zeros, and no complement relies on one.
+    #[test]
+    fn the_zeros_the_validation_rules_make_protect_nothing(
+        counts in proptest::collection::vec(0u64..=25, 20),
+        k in 2u64..=8,
+        level in 1u64..=3,
+    ) {
+        use ern_registry::aggregate::{Dimension, Key, TableBuilder};
+        let (mut cells, cols) = year_by_band(&counts);
+        // Every row and column has a patient, so the table lists them all.
+        for r in 0..4 {
+            let c = if r == 3 { 4 } else { r };
+            cells[r * cols + c] = cells[r * cols + c].max(1);
+        }
+        cells[3] = cells[3].max(1);
+        let years = [Key::Int(2022), Key::Int(2024), Key::Int(2026), Key::Missing];
+        let bands = [Key::Int(0), Key::Int(2), Key::Int(4), Key::Int(5), Key::Missing];
+        let mut builder = TableBuilder::new();
+        for (at, &n) in cells.iter().enumerate() {
+            if n > 0 {
+                builder
+                    .add(vec![years[at / cols].clone(), bands[at % cols].clone()], n)
+                    .unwrap();
+            }
+        }
+        let dims = [Dimension::DiagnosisYear, Dimension::DiagnosisAgeBand];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let table = builder.finish(&dims, Rules::new(k, level).unwrap(), deadline).unwrap();
+        if table.row_labels.is_empty() {
+            // Collapsed: nothing published but a hidden total.
+            return Ok(());
+        }
+        prop_assert_eq!(table.row_labels.len(), 4);
+        prop_assert_eq!(table.column_labels.len(), cols);
+        let p = &table.protected;
+        // What the attacker knows besides what is published: the impossible cells are 0.
+        let mut known = p.cells.clone();
+        for (at, shown) in known.iter_mut().enumerate() {
+            let (year, band) = (&years[at / cols], &bands[at % cols]);
+            if (*year == Key::Missing) != (*band == Key::Missing) {
+                prop_assert_eq!(*shown, Some(0), "an impossible cell is published as 0");
+                *shown = Some(0);
+            }
+        }
+        let view = Published {
+            rows: 4,
+            cols,
+            two_way: true,
+            empty_rows: false,
+            empty_cols: false,
+            one_row: false,
+            cells: known,
+            row_totals: p.row_totals.clone(),
+            col_totals: p.col_totals.clone(),
+            grand: p.grand_total,
+        };
+        let intervals = view.attack();
+        confirm(&cells, cols, &intervals);
+        let found = violations(&cells, cols, &intervals, k, level);
+        prop_assert!(found.is_empty(), "k={} p={}: {:?} from {:?} of {:?}", k, level, found, p, cells);
+    }
+}

@@ -376,6 +376,53 @@ impl TableBuilder {
     }
 }
 
+/// Whether the values of one group (a dimension's value each) cannot be a patient's, by
+/// the rules every record passes on its way in (`domain::record`), which are public: a
+/// diagnosis date is required of a diagnosed case and refused for an undiagnosed one, the
+/// diagnosis year and the age band at diagnosis both come from it, and a birth is in
+/// `MIN_YEAR` or later. So:
+/// - undiagnosed goes with an unknown diagnosis year and age band at diagnosis, and any
+///   other diagnosis with a known one of each;
+/// - the diagnosis year is unknown exactly when the age band at diagnosis is;
+/// - no one is diagnosed in year y at an age that needs a birth before `MIN_YEAR`
+///   (counted generously: a year of 366 days from the first day of `MIN_YEAR` to the last
+///   of y).
+///
+/// A cell whose count is 0 and whose values are impossible is a zero anyone knows: it is
+/// published as 0 and never hides anything ([`suppress::Table::with_structural_zeros`]).
+/// Only certainties are listed here: a cell taken for impossible that was merely empty
+/// would be a zero published that the zero rule hides.
+fn impossible(values: &[(Dimension, &Key)]) -> bool {
+    let of = |dim: Dimension| values.iter().find(|(d, _)| *d == dim).map(|(_, k)| *k);
+    let (diagnosis, year, band) = (
+        of(Dimension::Diagnosis),
+        of(Dimension::DiagnosisYear),
+        of(Dimension::DiagnosisAgeBand),
+    );
+    let dated = |key: &Key| *key != Key::Missing;
+    if let Some(diagnosis) = diagnosis {
+        let undiagnosed = *diagnosis == Key::Int(ORPHA_UNDIAGNOSED.into());
+        if [year, band]
+            .into_iter()
+            .flatten()
+            .any(|key| dated(key) == undiagnosed)
+        {
+            return true;
+        }
+    }
+    match (year, band) {
+        (Some(year), Some(band)) if dated(year) != dated(band) => true,
+        (Some(Key::Int(year)), Some(Key::Int(band))) => {
+            let most_days = (year - i64::from(crate::domain::MIN_YEAR) + 1).max(0) * 366;
+            usize::try_from(*band)
+                .ok()
+                .filter(|&b| b < AGE_BANDS.len())
+                .is_some_and(|b| age_band_start_days(b) > most_days)
+        }
+        _ => false,
+    }
+}
+
 /// A count table with the keys of its rows and columns, in key order.
 struct Grid {
     rows: Vec<Key>,
@@ -467,12 +514,41 @@ impl Grid {
         Ok((p, self.cols.clone()))
     }
 
-    /// The cells that are 0 by a public fact: a centre lies in one country, so with the
-    /// country as rows and the centre among the columns (or the other way round), a
-    /// centre's count in any other country is 0. A centre's country is read from the
-    /// groups (every centre a table lists has patients in its own country only). Empty
-    /// when the table has no such pair of dimensions.
+    /// The cells that are 0 by a public fact, empty when there are none:
+    /// - a combination the rules every record passes forbid ([`impossible`]): an
+    ///   undiagnosed case with a diagnosis year, a diagnosed one without, ...;
+    /// - a centre lies in one country, so with the country as rows and the centre among
+    ///   the columns (or the other way round), a centre's count in any other country is 0
+    ///   ([`Grid::centre_zeros`]).
     fn structural_zeros(&self, row_dim: Dimension, col_dims: &[Dimension]) -> Vec<bool> {
+        let ncols = self.table.cols;
+        let mut zeros = self.centre_zeros(row_dim, col_dims);
+        if zeros.is_empty() {
+            zeros = vec![false; self.table.cells.len()];
+        }
+        if !self.rows.is_empty() && !self.cols.is_empty() {
+            for (at, zero) in zeros.iter_mut().enumerate() {
+                if self.table.cells[at] != 0 || *zero {
+                    continue;
+                }
+                let (row, cols) = (&self.rows[at / ncols], &self.cols[at % ncols]);
+                let values: Vec<(Dimension, &Key)> = std::iter::once((row_dim, row))
+                    .chain(col_dims.iter().copied().zip(cols))
+                    .collect();
+                *zero = impossible(&values);
+            }
+        }
+        if zeros.iter().any(|&z| z) {
+            zeros
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// [`Grid::structural_zeros`] of a centre in another country than its own. A centre's
+    /// country is read from the groups (every centre a table lists has patients in its own
+    /// country only). Empty when the table has no such pair of dimensions.
+    fn centre_zeros(&self, row_dim: Dimension, col_dims: &[Dimension]) -> Vec<bool> {
         let centre_in_cols = col_dims.iter().position(|&d| d == Dimension::Centre);
         let country_in_cols = col_dims.iter().position(|&d| d == Dimension::Country);
         // Whether the rows are the countries, and where the other is in the columns' keys.
@@ -1142,6 +1218,36 @@ pub fn volume_band(cases: u64, k: u64, protection: u64) -> VolumeBand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_combinations_the_record_rules_forbid_are_impossible() {
+        use Dimension::*;
+        let undiagnosed = Key::Int(ORPHA_UNDIAGNOSED.into());
+        let cf = Key::Int(586);
+        let (y2020, y1943, y1950) = (Key::Int(2020), Key::Int(1943), Key::Int(1950));
+        let (infant, senior) = (Key::Int(0), Key::Int(6));
+        let m = Key::Missing;
+        let cases: [(&[(Dimension, &Key)], bool); 14] = [
+            (&[(Diagnosis, &undiagnosed), (DiagnosisYear, &y2020)], true),
+            (&[(Diagnosis, &undiagnosed), (DiagnosisYear, &m)], false),
+            (&[(Diagnosis, &undiagnosed), (DiagnosisAgeBand, &infant)], true),
+            (&[(Diagnosis, &undiagnosed), (DiagnosisAgeBand, &m)], false),
+            (&[(Diagnosis, &cf), (DiagnosisYear, &m)], true),
+            (&[(Diagnosis, &cf), (DiagnosisAgeBand, &m)], true),
+            (&[(Diagnosis, &cf), (DiagnosisYear, &y2020)], false),
+            (&[(DiagnosisYear, &m), (DiagnosisAgeBand, &infant)], true),
+            (&[(DiagnosisYear, &y2020), (DiagnosisAgeBand, &m)], true),
+            (&[(DiagnosisYear, &m), (DiagnosisAgeBand, &m)], false),
+            // 65 or older in 1943 needs a birth before 1880; in 1950 it does not.
+            (&[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &senior)], true),
+            (&[(DiagnosisYear, &y1950), (DiagnosisAgeBand, &senior)], false),
+            (&[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &infant)], false),
+            (&[(Sex, &m), (Diagnosis, &cf), (Country, &m)], false),
+        ];
+        for (values, expected) in cases {
+            assert_eq!(impossible(values), expected, "{values:?}");
+        }
+    }
 
     /// The default rules (k = 5, p = 1) and a deadline no test here comes near.
     fn k5_with_time() -> (Rules, Instant) {

@@ -42,6 +42,27 @@ fn count_view(t: &proto::CountTable) -> Published {
     }
     let two_way = !t.column_dimensions.is_empty();
     let cols = t.columns.len().max(1);
+    // What the attacker knows besides what is published: the rules every record passes
+    // (an undiagnosed case has no diagnosis year or age band at diagnosis, a diagnosed one
+    // has both), so the cells they forbid are 0.
+    let dims: Vec<Dimension> = std::iter::once(t.row_dimension)
+        .chain(t.column_dimensions.iter().copied())
+        .map(|d| Dimension::try_from(d).unwrap())
+        .collect();
+    let forbidden = |row: &str, column: &[String]| {
+        let values: Vec<(Dimension, &str)> = dims
+            .iter()
+            .copied()
+            .zip(std::iter::once(row).chain(column.iter().map(String::as_str)))
+            .collect();
+        let of = |d: Dimension| values.iter().find(|(x, _)| *x == d).map(|(_, v)| *v);
+        let dated = |v: &str| v != "unknown";
+        let undiagnosed = of(Dimension::Diagnosis).map(|v| v == "undiagnosed");
+        let (year, band) = (of(Dimension::DiagnosisYear), of(Dimension::DiagnosisAgeBand));
+        undiagnosed.is_some_and(|u| [year, band].into_iter().flatten().any(|v| dated(v) == u))
+            || matches!((year, band), (Some(y), Some(b)) if dated(y) != dated(b))
+    };
+    let no_columns = vec![String::new()];
     Published {
         rows: t.rows.len(),
         cols,
@@ -57,7 +78,17 @@ fn count_view(t: &proto::CountTable) -> Published {
         cells: t
             .rows
             .iter()
-            .flat_map(|r| r.cells.iter().map(|c| c.count))
+            .flat_map(|r| {
+                r.cells.iter().enumerate().map(|(j, c)| {
+                    let column = t.columns.get(j).map_or(&no_columns, |k| &k.values);
+                    if two_way && forbidden(&r.label, column) {
+                        assert_eq!(c.count, Some(0), "a forbidden cell is published as 0");
+                        Some(0)
+                    } else {
+                        c.count
+                    }
+                })
+            })
             .collect(),
         row_totals: if two_way {
             t.rows
@@ -121,7 +152,7 @@ fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
 const CODES: [&str; 4] = ["ORPHA:586", "ORPHA:244", "ORPHA:1899", "ORPHA:98896"];
 const GENES: [Option<&str>; 3] = [Some("CFTR"), Some("DNAH5"), None];
 const CENTRES: [&str; 3] = ["NL-AMC", "BE-UZL", "DE-CHA"];
-const DIMENSIONS: [Dimension; 8] = [
+const DIMENSIONS: [Dimension; 9] = [
     Dimension::Diagnosis,
     Dimension::Sex,
     Dimension::OnsetAgeBand,
@@ -130,6 +161,7 @@ const DIMENSIONS: [Dimension; 8] = [
     Dimension::Centre,
     Dimension::DiagnosisYear,
     Dimension::Gene,
+    Dimension::PatientStatus,
 ];
 
 /// A random case: small categories, so that tables have many small cells.
@@ -150,6 +182,18 @@ fn random_case(rng: &mut StdRng, registry: &str, seed: u32) -> proto::SubmitCase
     dx.icd10.clear();
     dx.icd11.clear();
     dx.omim.clear();
+    if rng.gen_range(0..6) == 0 {
+        // Undiagnosed: no diagnosis code and no diagnosis date, an HPO term instead.
+        dx.orphacode.clear();
+        rec.undiagnosed = true;
+        rec.diagnosis_date.clear();
+        rec.hpo_terms = vec!["HP:0006528".into()];
+    }
+    rec.status = [
+        proto::PatientStatus::Alive,
+        proto::PatientStatus::Deceased,
+        proto::PatientStatus::LostToFollowUp,
+    ][rng.gen_range(0..3)] as i32;
     rec.genetic_findings = match GENES[rng.gen_range(0..GENES.len())] {
         Some(g) => vec![proto::GeneticFinding {
             gene: g.into(),
