@@ -549,12 +549,22 @@ fn the_shrunk_cases_of_the_zero_and_pair_rules() {
 fn year_by_band(counts: &[u64]) -> (Vec<u64>, usize) {
     use ern_registry::aggregate::Key;
     let years = [Key::Int(2022), Key::Int(2024), Key::Int(2026), Key::Missing];
-    let bands = [Key::Int(0), Key::Int(2), Key::Int(4), Key::Int(5), Key::Missing];
+    let bands = [
+        Key::Int(0),
+        Key::Int(2),
+        Key::Int(4),
+        Key::Int(5),
+        Key::Missing,
+    ];
     let mut cells = Vec::new();
     for (r, year) in years.iter().enumerate() {
         for (c, band) in bands.iter().enumerate() {
             let known = (*year == Key::Missing) == (*band == Key::Missing);
-            cells.push(if known { counts[r * bands.len() + c] } else { 0 });
+            cells.push(if known {
+                counts[r * bands.len() + c]
+            } else {
+                0
+            });
         }
     }
     (cells, bands.len())

@@ -1230,7 +1230,10 @@ mod tests {
         let cases: [(&[(Dimension, &Key)], bool); 14] = [
             (&[(Diagnosis, &undiagnosed), (DiagnosisYear, &y2020)], true),
             (&[(Diagnosis, &undiagnosed), (DiagnosisYear, &m)], false),
-            (&[(Diagnosis, &undiagnosed), (DiagnosisAgeBand, &infant)], true),
+            (
+                &[(Diagnosis, &undiagnosed), (DiagnosisAgeBand, &infant)],
+                true,
+            ),
             (&[(Diagnosis, &undiagnosed), (DiagnosisAgeBand, &m)], false),
             (&[(Diagnosis, &cf), (DiagnosisYear, &m)], true),
             (&[(Diagnosis, &cf), (DiagnosisAgeBand, &m)], true),
@@ -1239,9 +1242,18 @@ mod tests {
             (&[(DiagnosisYear, &y2020), (DiagnosisAgeBand, &m)], true),
             (&[(DiagnosisYear, &m), (DiagnosisAgeBand, &m)], false),
             // 65 or older in 1943 needs a birth before 1880; in 1950 it does not.
-            (&[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &senior)], true),
-            (&[(DiagnosisYear, &y1950), (DiagnosisAgeBand, &senior)], false),
-            (&[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &infant)], false),
+            (
+                &[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &senior)],
+                true,
+            ),
+            (
+                &[(DiagnosisYear, &y1950), (DiagnosisAgeBand, &senior)],
+                false,
+            ),
+            (
+                &[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &infant)],
+                false,
+            ),
             (&[(Sex, &m), (Diagnosis, &cf), (Country, &m)], false),
         ];
         for (values, expected) in cases {

@@ -521,13 +521,14 @@ async fn sign_in(
             "",
         );
     }
-    let name = form.get("name").to_owned();
+    // Wiped when done, as the other form values (a password typed into the name field).
+    let name = Zeroizing::new(form.get("name").to_owned());
     let password = SecretString::from(form.raw("password").to_owned());
     let mut call = Call::new("Console/SignIn");
     let result = console_service::sign_in(
         &st,
         SignIn {
-            name: &name,
+            name: name.as_str(),
             password: &password,
             code: form.get("code"),
             peer: Peer::of(Some(peer)),

@@ -58,7 +58,10 @@ fn count_view(t: &proto::CountTable) -> Published {
         let of = |d: Dimension| values.iter().find(|(x, _)| *x == d).map(|(_, v)| *v);
         let dated = |v: &str| v != "unknown";
         let undiagnosed = of(Dimension::Diagnosis).map(|v| v == "undiagnosed");
-        let (year, band) = (of(Dimension::DiagnosisYear), of(Dimension::DiagnosisAgeBand));
+        let (year, band) = (
+            of(Dimension::DiagnosisYear),
+            of(Dimension::DiagnosisAgeBand),
+        );
         undiagnosed.is_some_and(|u| [year, band].into_iter().flatten().any(|v| dated(v) == u))
             || matches!((year, band), (Some(y), Some(b)) if dated(y) != dated(b))
     };
