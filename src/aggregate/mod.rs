@@ -423,6 +423,49 @@ fn impossible(values: &[(Dimension, &Key)]) -> bool {
     }
 }
 
+/// The whole months of diagnostic delay a patient of a delay group can have, `(least,
+/// most)` (`None`: no bound), by the group's values: the delay is the age at diagnosis
+/// less the age at onset (0 when the diagnosis came first), in days, and whole months are
+/// `days * 48 / 1461` (`store::research`); the age bands bound both ages, the diagnosis
+/// year bounds the age at diagnosis as in [`impossible`]. A day of slack each way, so
+/// that only certainties rule a band out.
+fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i64>) {
+    let of = |dim: Dimension| {
+        group_by
+            .iter()
+            .position(|&d| d == dim)
+            .and_then(|i| match keys.get(i) {
+                Some(Key::Int(n)) => Some(*n),
+                _ => None,
+            })
+    };
+    // A band's first and last day (`None`: the last band has no end).
+    let band_days = |band: i64| {
+        usize::try_from(band)
+            .ok()
+            .filter(|&b| b < AGE_BANDS.len())
+            .map(|b| {
+                let last = (b + 1 < AGE_BANDS.len()).then(|| age_band_start_days(b + 1) - 1);
+                (age_band_start_days(b), last)
+            })
+    };
+    let (mut diagnosis_first, mut diagnosis_last) = (0, None);
+    if let Some((first, last)) = of(Dimension::DiagnosisAgeBand).and_then(band_days) {
+        (diagnosis_first, diagnosis_last) = (first, last);
+    }
+    if let Some(year) = of(Dimension::DiagnosisYear) {
+        let most = (year - i64::from(crate::domain::MIN_YEAR) + 1).max(0) * 366;
+        diagnosis_last = Some(diagnosis_last.map_or(most, |last: i64| last.min(most)));
+    }
+    let (onset_first, onset_last) = of(Dimension::OnsetAgeBand)
+        .and_then(band_days)
+        .unwrap_or((0, None));
+    let least_days = onset_last.map_or(0, |last| (diagnosis_first - last - 1).max(0));
+    let most_days = diagnosis_last.map(|last| (last - onset_first + 1).max(0));
+    let months = |days: i64| days * 48 / 1461;
+    (months(least_days), most_days.map(months))
+}
+
 /// A count table with the keys of its rows and columns, in key order.
 struct Grid {
     rows: Vec<Key>,
@@ -1104,9 +1147,27 @@ impl DelayBuilder {
         // Every band is listed, with or without patients; a group only when it has some.
         // Grouped by gene, a band's total counts (patient, gene) pairs; a group's, patients.
         let by_gene = self.group_by.contains(&Dimension::Gene);
+        // The bands a group's own values rule out (a delay never exceeds the age at
+        // diagnosis, ...): zeros anyone can work out, published as such.
+        let mut structural = Vec::new();
+        for (keys, _, bands, _) in &self.groups {
+            let (least, most) = delay_months_possible(&self.group_by, keys);
+            for (band, &n) in bands.iter().enumerate() {
+                let from = delay_band_start_months(band);
+                let until =
+                    (band + 1 < DELAY_BANDS.len()).then(|| delay_band_start_months(band + 1));
+                let outside = most.is_some_and(|most| most < from)
+                    || until.is_some_and(|until| until <= least);
+                structural.push(n == 0 && outside);
+            }
+        }
+        if !structural.contains(&true) {
+            structural.clear();
+        }
         let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?
             .listing_empty(false, true)
-            .counting_pairs(false, by_gene);
+            .counting_pairs(false, by_gene)
+            .with_structural_zeros(structural)?;
         // Groups in the order of their keys by `Dimension`, however the dimensions were
         // asked for: the same groups always get the same pattern.
         let mut arrangement = Arrangement::identity(&table);
@@ -1218,6 +1279,32 @@ pub fn volume_band(cases: u64, k: u64, protection: u64) -> VolumeBand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delay_group_rules_out_the_bands_its_ages_forbid() {
+        use Dimension::*;
+        // Diagnosed before the age of 1: under 12 months of delay.
+        assert_eq!(
+            delay_months_possible(&[DiagnosisAgeBand], &[Key::Int(0)]),
+            (0, Some(11))
+        );
+        // Onset before 1, diagnosis at 18 to 39: at least 17 years (204 months) and
+        // under 40 years.
+        let (least, most) = delay_months_possible(
+            &[OnsetAgeBand, DiagnosisAgeBand],
+            &[Key::Int(0), Key::Int(4)],
+        );
+        assert_eq!(least, 204);
+        assert!(most.is_some_and(|m| (479..=480).contains(&m)), "{most:?}");
+        // Nothing known: every band possible; a gene or a sex tells nothing.
+        assert_eq!(
+            delay_months_possible(&[Sex, Gene], &[Key::Text("female".into()), Key::Missing]),
+            (0, None)
+        );
+        // Diagnosed in 1890: at most 11 years (a birth in 1880 at the earliest).
+        let (_, most) = delay_months_possible(&[DiagnosisYear], &[Key::Int(1890)]);
+        assert!(most.is_some_and(|m| m < 12 * 12), "{most:?}");
+    }
 
     #[test]
     fn the_combinations_the_record_rules_forbid_are_impossible() {

@@ -106,8 +106,50 @@ fn count_view(t: &proto::CountTable) -> Published {
     }
 }
 
+/// The bands of delay a group cannot have, as anyone can work them out from its labels: a
+/// delay (days) is the age at diagnosis less the age at onset, or 0; whole months are
+/// days * 48 / 1461; an age band bounds an age, and a diagnosis year the age at diagnosis
+/// (no birth before 1880). Generous by a day each way, as the service.
+fn delay_bands_ruled_out(dims: &[Dimension], labels: &[String]) -> Vec<bool> {
+    use ern_registry::aggregate::{
+        AGE_BANDS, DELAY_BANDS, age_band_start_days, delay_band_start_months,
+    };
+    let label = |dim: Dimension| {
+        dims.iter()
+            .position(|&d| d == dim)
+            .map(|i| labels[i].as_str())
+    };
+    let band =
+        |dim: Dimension| label(dim).and_then(|l| AGE_BANDS.iter().position(|(name, _)| *name == l));
+    let first = |b: usize| age_band_start_days(b);
+    let last = |b: usize| (b + 1 < AGE_BANDS.len()).then(|| age_band_start_days(b + 1) - 1);
+    let mut diagnosis = (0i64, None::<i64>);
+    if let Some(b) = band(Dimension::DiagnosisAgeBand) {
+        diagnosis = (first(b), last(b));
+    }
+    if let Some(year) = label(Dimension::DiagnosisYear).and_then(|y| y.parse::<i64>().ok()) {
+        let most = (year - 1880 + 1).max(0) * 366;
+        diagnosis.1 = Some(diagnosis.1.map_or(most, |l| l.min(most)));
+    }
+    let onset = band(Dimension::OnsetAgeBand).map_or((0, None), |b| (first(b), last(b)));
+    let least = onset.1.map_or(0, |l| (diagnosis.0 - l - 1).max(0)) * 48 / 1461;
+    let most = diagnosis.1.map(|l| (l - onset.0 + 1).max(0) * 48 / 1461);
+    (0..DELAY_BANDS.len())
+        .map(|b| {
+            let from = delay_band_start_months(b);
+            let until = (b + 1 < DELAY_BANDS.len()).then(|| delay_band_start_months(b + 1));
+            most.is_some_and(|m| m < from) || until.is_some_and(|u| u <= least)
+        })
+        .collect()
+}
+
 fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
     let grand = d.grand_total.as_ref().unwrap().count;
+    let dims: Vec<Dimension> = d
+        .group_by
+        .iter()
+        .map(|&x| Dimension::try_from(x).unwrap())
+        .collect();
     if d.groups.is_empty() && grand.is_none() {
         // Its total hidden, a delay table lists no group: the band totals and their sum.
         return Published {
@@ -136,7 +178,18 @@ fn delay_view(d: &proto::DiagnosticDelayResponse) -> Published {
         } else {
             d.groups
                 .iter()
-                .flat_map(|g| g.bands.iter().map(|c| c.count))
+                .flat_map(|g| {
+                    // What the attacker knows besides what is published.
+                    let ruled_out = delay_bands_ruled_out(&dims, &g.labels);
+                    g.bands.iter().zip(ruled_out).map(|(c, out)| {
+                        if out {
+                            assert_eq!(c.count, Some(0), "a band ruled out is published as 0");
+                            Some(0)
+                        } else {
+                            c.count
+                        }
+                    })
+                })
                 .collect()
         },
         row_totals: if d.groups.is_empty() {
