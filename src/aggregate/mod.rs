@@ -400,8 +400,8 @@ fn impossible(values: &[(Dimension, &Key)]) -> bool {
         of(Dimension::DiagnosisAgeBand),
     );
     let dated = |key: &Key| *key != Key::Missing;
-    if let Some(diagnosis) = diagnosis {
-        let undiagnosed = *diagnosis == Key::Int(ORPHA_UNDIAGNOSED.into());
+    if let Some(Key::Int(code)) = diagnosis {
+        let undiagnosed = *code == i64::from(ORPHA_UNDIAGNOSED);
         if [year, band]
             .into_iter()
             .flatten()
@@ -412,13 +412,10 @@ fn impossible(values: &[(Dimension, &Key)]) -> bool {
     }
     match (year, band) {
         (Some(year), Some(band)) if dated(year) != dated(band) => true,
-        (Some(Key::Int(year)), Some(Key::Int(band))) => {
-            let most_days = (year - i64::from(crate::domain::MIN_YEAR) + 1).max(0) * 366;
-            usize::try_from(*band)
-                .ok()
-                .filter(|&b| b < AGE_BANDS.len())
-                .is_some_and(|b| age_band_start_days(b) > most_days)
-        }
+        (Some(Key::Int(year)), Some(Key::Int(band))) => usize::try_from(*band)
+            .ok()
+            .filter(|&b| b < AGE_BANDS.len())
+            .is_some_and(|b| age_band_start_days(b) > most_age_days(*year)),
         _ => false,
     }
 }
@@ -454,7 +451,7 @@ fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i
         (diagnosis_first, diagnosis_last) = (first, last);
     }
     if let Some(year) = of(Dimension::DiagnosisYear) {
-        let most = (year - i64::from(crate::domain::MIN_YEAR) + 1).max(0) * 366;
+        let most = most_age_days(year);
         diagnosis_last = Some(diagnosis_last.map_or(most, |last: i64| last.min(most)));
     }
     let (onset_first, onset_last) = of(Dimension::OnsetAgeBand)
@@ -464,6 +461,21 @@ fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i
     let most_days = diagnosis_last.map(|last| (last - onset_first + 1).max(0));
     let months = |days: i64| days * 48 / 1461;
     (months(least_days), most_days.map(months))
+}
+
+/// The greatest age at diagnosis, in days, of a diagnosis in `year`: from the earliest
+/// birth (the middle of January of `MIN_YEAR`, a birth being a year and month taken at
+/// its midpoint) to the last day of `year` (`domain::record`).
+fn most_age_days(year: i64) -> i64 {
+    let first_birth = chrono::NaiveDate::from_ymd_opt(crate::domain::MIN_YEAR, 1, 16);
+    let last_day = i32::try_from(year)
+        .ok()
+        .and_then(|y| chrono::NaiveDate::from_ymd_opt(y, 12, 31));
+    match (first_birth, last_day) {
+        (Some(birth), Some(last)) => (last - birth).num_days().max(0),
+        // A year no date has: nothing ruled out.
+        _ => i64::MAX,
+    }
 }
 
 /// A count table with the keys of its rows and columns, in key order.
@@ -570,15 +582,25 @@ impl Grid {
             zeros = vec![false; self.table.cells.len()];
         }
         if !self.rows.is_empty() && !self.cols.is_empty() {
-            for (at, zero) in zeros.iter_mut().enumerate() {
-                if self.table.cells[at] != 0 || *zero {
-                    continue;
+            let ruled_out: Vec<bool> = (0..self.table.cells.len())
+                .map(|at| {
+                    let (row, cols) = (&self.rows[at / ncols], &self.cols[at % ncols]);
+                    let values: Vec<(Dimension, &Key)> = std::iter::once((row_dim, row))
+                        .chain(col_dims.iter().copied().zip(cols))
+                        .collect();
+                    impossible(&values)
+                })
+                .collect();
+            // A count where the rules say none can be (a record no version of the
+            // service would have written): no zero of this table is taken for public.
+            let consistent = ruled_out
+                .iter()
+                .zip(&self.table.cells)
+                .all(|(&out, &n)| !out || n == 0);
+            if consistent {
+                for (zero, out) in zeros.iter_mut().zip(ruled_out) {
+                    *zero |= out;
                 }
-                let (row, cols) = (&self.rows[at / ncols], &self.cols[at % ncols]);
-                let values: Vec<(Dimension, &Key)> = std::iter::once((row_dim, row))
-                    .chain(col_dims.iter().copied().zip(cols))
-                    .collect();
-                *zero = impossible(&values);
             }
         }
         if zeros.iter().any(|&z| z) {
@@ -1150,6 +1172,7 @@ impl DelayBuilder {
         // The bands a group's own values rule out (a delay never exceeds the age at
         // diagnosis, ...): zeros anyone can work out, published as such.
         let mut structural = Vec::new();
+        let mut consistent = true;
         for (keys, _, bands, _) in &self.groups {
             let (least, most) = delay_months_possible(&self.group_by, keys);
             for (band, &n) in bands.iter().enumerate() {
@@ -1158,10 +1181,13 @@ impl DelayBuilder {
                     (band + 1 < DELAY_BANDS.len()).then(|| delay_band_start_months(band + 1));
                 let outside = most.is_some_and(|most| most < from)
                     || until.is_some_and(|until| until <= least);
-                structural.push(n == 0 && outside);
+                // A patient in a band the rules rule out (no version of the service
+                // writes one): no zero of this table is taken for public.
+                consistent &= !outside || n == 0;
+                structural.push(outside);
             }
         }
-        if !structural.contains(&true) {
+        if !consistent || !structural.contains(&true) {
             structural.clear();
         }
         let table = Table::two_way(rows, DELAY_BANDS.len(), cells)?
@@ -1314,7 +1340,7 @@ mod tests {
         let (y2020, y1943, y1950) = (Key::Int(2020), Key::Int(1943), Key::Int(1950));
         let (infant, senior) = (Key::Int(0), Key::Int(6));
         let m = Key::Missing;
-        let cases: [(&[(Dimension, &Key)], bool); 14] = [
+        let cases: [(&[(Dimension, &Key)], bool); 16] = [
             (&[(Diagnosis, &undiagnosed), (DiagnosisYear, &y2020)], true),
             (&[(Diagnosis, &undiagnosed), (DiagnosisYear, &m)], false),
             (
@@ -1328,7 +1354,21 @@ mod tests {
             (&[(DiagnosisYear, &m), (DiagnosisAgeBand, &infant)], true),
             (&[(DiagnosisYear, &y2020), (DiagnosisAgeBand, &m)], true),
             (&[(DiagnosisYear, &m), (DiagnosisAgeBand, &m)], false),
-            // 65 or older in 1943 needs a birth before 1880; in 1950 it does not.
+            // 65 or older in 1944 needs a birth before 1880; in 1945 it does not.
+            (
+                &[
+                    (DiagnosisYear, &Key::Int(1944)),
+                    (DiagnosisAgeBand, &senior),
+                ],
+                true,
+            ),
+            (
+                &[
+                    (DiagnosisYear, &Key::Int(1945)),
+                    (DiagnosisAgeBand, &senior),
+                ],
+                false,
+            ),
             (
                 &[(DiagnosisYear, &y1943), (DiagnosisAgeBand, &senior)],
                 true,

@@ -154,29 +154,40 @@ pub async fn serve(
     // also answer cleartext HTTP/2, where one connection runs many requests and resets
     // each at no cost.
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    // Owned here: aborting this task (`startup`, past the shutdown's limit) ends every
+    // connection with it, so no request outlives it.
+    let mut tasks = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(async move {
         let _ = stopping.wait_for(|s| *s).await;
     });
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // A connection reset before it was taken: nothing to do. Anything
-                    // else (out of file descriptors, say) lasts a while: wait, then go on.
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionAborted
-                            | std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::ConnectionRefused
-                    ) {
-                        warn!(error = %e, "the web console cannot accept connections; trying again in 1 s");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            biased;
             () = &mut shutdown => break,
+            // Reaps the connections that ended.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // A connection reset before it was taken: nothing to do. Anything else
+                // (out of file descriptors, say) lasts a while: wait, then go on.
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) {
+                    warn!(error = %e, "the web console cannot accept connections; trying again in 1 s");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+                continue;
+            }
         };
         let app = app.clone();
         let service = hyper::service::service_fn(
@@ -186,10 +197,12 @@ pub async fn serve(
                 tower_service::Service::call(&mut app.clone(), request)
             },
         );
+        // No timeouts of its own, as before: slow clients are the proxy's to cut off
+        // (`docs/console.md`).
         let connection = hyper::server::conn::http1::Builder::new()
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = connections.watch(connection);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "a web console connection ended with an error");
             }
@@ -198,6 +211,7 @@ pub async fn serve(
     // No new connections; requests in flight finish, idle connections close.
     drop(listener);
     connections.shutdown().await;
+    while tasks.join_next().await.is_some() {}
 }
 
 async fn security_headers(request: axum::extract::Request, next: Next) -> Response {

@@ -473,7 +473,19 @@ impl CodeCatalog {
                     if let Some(by_code) = v.check(
                         "diagnosis.orphacode",
                         Orphacode::parse(&by)
-                            .map_err(|_| DomainError::Rule("has a malformed replacement")),
+                            .map_err(|_| DomainError::Rule("has a malformed replacement"))
+                            .and_then(|by| {
+                                // A diagnosed case is never stored as undiagnosed: that
+                                // needs no diagnosis date, and research tables rest on it
+                                // (`aggregate::impossible`).
+                                if by.number() == ORPHA_UNDIAGNOSED {
+                                    Err(DomainError::Rule(
+                                        "is deprecated in the release in force and replaced by ORPHA:616874 (undiagnosed): give the diagnosis a current code, or submit the case as undiagnosed",
+                                    ))
+                                } else {
+                                    Ok(by)
+                                }
+                            }),
                     ) {
                         replaced.push(Replacement {
                             field: "diagnosis.orphacode".into(),
@@ -734,6 +746,28 @@ mod tests {
             "{replaced:?}"
         );
         assert_eq!(catalog.check(&mut r), Ok(vec![]));
+        // Never replaced by "undiagnosed": a diagnosed case keeps its diagnosis date, and
+        // an undiagnosed one has none.
+        let mut orpha = Release::new(info(CodeSystem::Orphanet, 4));
+        orpha.add_term(
+            "ORPHA:616874".into(),
+            "Rare disorder without a determined diagnosis after full investigation".into(),
+            false,
+            None,
+        );
+        orpha.add_term(
+            "ORPHA:1001".into(),
+            "old".into(),
+            true,
+            Some("ORPHA:616874".into()),
+        );
+        let to_undiagnosed = CodeCatalog::new(vec![orpha]);
+        r.orphacode = Some(Orphacode::parse("ORPHA:1001").unwrap());
+        let v = to_undiagnosed.check(&mut r).unwrap_err();
+        let all: Vec<_> = v.iter().collect();
+        assert_eq!(all[0].field, "diagnosis.orphacode");
+        assert!(all[0].description.contains("ORPHA:616874"), "{all:?}");
+        assert_eq!(r.orphacode.as_ref().unwrap().as_str(), "ORPHA:1001");
         // Product 1 alone gives no hierarchy: subtypes cannot be asked for.
         assert_eq!(
             catalog.expand(CodeSystem::Orphanet, "ORPHA:558", true),
