@@ -458,8 +458,10 @@ fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i
         .and_then(band_days)
         .unwrap_or((0, None));
     let least_days = onset_last.map_or(0, |last| (diagnosis_first - last - 1).max(0));
-    let most_days = diagnosis_last.map(|last| (last - onset_first + 1).max(0));
-    let months = |days: i64| days * 48 / 1461;
+    // Saturating: "no bound" is `i64::MAX` days ([`most_age_days`]).
+    let most_days =
+        diagnosis_last.map(|last| last.saturating_sub(onset_first).saturating_add(1).max(0));
+    let months = |days: i64| days.saturating_mul(48) / 1461;
     (months(least_days), most_days.map(months))
 }
 
@@ -591,8 +593,9 @@ impl Grid {
                     impossible(&values)
                 })
                 .collect();
-            // A count where the rules say none can be (a record no version of the
-            // service would have written): no zero of this table is taken for public.
+            // A count where the rules say none can be (a record stored so by an earlier
+            // version: a code release could replace a diagnosis by ORPHA:616874 until
+            // 2026-12-06): no zero of this table is taken for public.
             let consistent = ruled_out
                 .iter()
                 .zip(&self.table.cells)

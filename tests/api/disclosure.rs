@@ -128,7 +128,10 @@ fn delay_bands_ruled_out(dims: &[Dimension], labels: &[String]) -> Vec<bool> {
         diagnosis = (first(b), last(b));
     }
     if let Some(year) = label(Dimension::DiagnosisYear).and_then(|y| y.parse::<i64>().ok()) {
-        let most = (year - 1880 + 1).max(0) * 366;
+        // From the middle of January 1880 (a birth month's midpoint) to the year's end.
+        let first_birth = chrono::NaiveDate::from_ymd_opt(1880, 1, 16).unwrap();
+        let last_day = chrono::NaiveDate::from_ymd_opt(year as i32, 12, 31).unwrap();
+        let most = (last_day - first_birth).num_days().max(0);
         diagnosis.1 = Some(diagnosis.1.map_or(most, |l| l.min(most)));
     }
     let onset = band(Dimension::OnsetAgeBand).map_or((0, None), |b| (first(b), last(b)));
