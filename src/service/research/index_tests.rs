@@ -631,10 +631,7 @@ async fn the_writer_applies_its_commits_to_its_index() {
     let (_dir, mut w, live, _) = world_of(Some(1)).await;
     w.submit_new(40).await;
     w.change(30).await;
-    w.writer
-        .execute(Command::Audit, Some(crate::audit::Entry::default()))
-        .await
-        .unwrap();
+    barrier(&w).await;
     let loaded = Index::load(&w.store).await.unwrap();
     assert_eq!(live.size().patients, loaded.size().patients);
     let now = Utc::now();
@@ -646,6 +643,15 @@ async fn the_writer_applies_its_commits_to_its_index() {
     }
 }
 
+/// An audit entry alone, through one partition's writer: answered only after the
+/// after-commit hook of every batch before it has returned.
+async fn barrier(w: &World) {
+    w.writer
+        .execute(Command::Audit, Some(crate::audit::Entry::default()))
+        .await
+        .unwrap();
+}
+
 /// Once a catch-up of the writer's finds the index must be loaded again, the writer
 /// reads no more changes (each read would come to the same verdict, at the cost of the
 /// whole log behind the index) until a query's catch-up has reloaded it; then it applies
@@ -653,16 +659,6 @@ async fn the_writer_applies_its_commits_to_its_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reload_found_due_the_writer_leaves_the_index_to_the_queries() {
     let (_dir, mut w, live, _) = world_of(Some(1)).await;
-    let barrier = |w: &World| {
-        let writer = w.writer.clone();
-        async move {
-            // An entry alone: answered after the hook of every batch before it.
-            writer
-                .execute(Command::Audit, Some(crate::audit::Entry::default()))
-                .await
-                .unwrap();
-        }
-    };
     let before = live.size().patients;
     *live.hold_turn().await = true;
     w.submit_new(20).await;
@@ -696,16 +692,6 @@ async fn what_the_writer_leaves_is_applied_without_a_query() {
         waiting,
         Some(StdDuration::from_millis(50)),
     ));
-    let barrier = |w: &World| {
-        let writer = w.writer.clone();
-        async move {
-            // An entry alone: answered after the hook of every batch before it.
-            writer
-                .execute(Command::Audit, Some(crate::audit::Entry::default()))
-                .await
-                .unwrap();
-        }
-    };
     // The index as loaded afresh, as the index itself holds it (no catch-up).
     let settles = |live: Arc<Index>, store: Store, registries: Vec<i64>| async move {
         let loaded = Index::load(&store).await.unwrap();
@@ -768,15 +754,6 @@ async fn what_the_writer_leaves_is_applied_without_a_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_up_reads_nothing_a_later_catch_up_has_read() {
     let (_dir, mut w, live, _) = world_of(Some(1)).await;
-    let barrier = |w: &World| {
-        let writer = w.writer.clone();
-        async move {
-            writer
-                .execute(Command::Audit, Some(crate::audit::Entry::default()))
-                .await
-                .unwrap();
-        }
-    };
     w.submit_new(10).await;
     barrier(&w).await;
     let turn = live.hold_turn().await;
