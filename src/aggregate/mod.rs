@@ -385,8 +385,7 @@ impl TableBuilder {
 ///   other diagnosis with a known one of each;
 /// - the diagnosis year is unknown exactly when the age band at diagnosis is;
 /// - no one is diagnosed in year y at an age that needs a birth before `MIN_YEAR`
-///   (counted generously: a year of 366 days from the first day of `MIN_YEAR` to the last
-///   of y).
+///   ([`most_age_days`]).
 ///
 /// A cell whose count is 0 and whose values are impossible is a zero anyone knows: it is
 /// published as 0 and never hides anything ([`suppress::Table::with_structural_zeros`]).
@@ -412,10 +411,9 @@ fn impossible(values: &[(Dimension, &Key)]) -> bool {
     }
     match (year, band) {
         (Some(year), Some(band)) if dated(year) != dated(band) => true,
-        (Some(Key::Int(year)), Some(Key::Int(band))) => usize::try_from(*band)
-            .ok()
-            .filter(|&b| b < AGE_BANDS.len())
-            .is_some_and(|b| age_band_start_days(b) > most_age_days(*year)),
+        (Some(Key::Int(year)), Some(Key::Int(band))) => {
+            age_band_days(*band).is_some_and(|(first, _)| first > most_age_days(*year))
+        }
         _ => false,
     }
 }
@@ -436,18 +434,8 @@ fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i
                 _ => None,
             })
     };
-    // A band's first and last day (`None`: the last band has no end).
-    let band_days = |band: i64| {
-        usize::try_from(band)
-            .ok()
-            .filter(|&b| b < AGE_BANDS.len())
-            .map(|b| {
-                let last = (b + 1 < AGE_BANDS.len()).then(|| age_band_start_days(b + 1) - 1);
-                (age_band_start_days(b), last)
-            })
-    };
     let (mut diagnosis_first, mut diagnosis_last) = (0, None);
-    if let Some((first, last)) = of(Dimension::DiagnosisAgeBand).and_then(band_days) {
+    if let Some((first, last)) = of(Dimension::DiagnosisAgeBand).and_then(age_band_days) {
         (diagnosis_first, diagnosis_last) = (first, last);
     }
     if let Some(year) = of(Dimension::DiagnosisYear) {
@@ -455,7 +443,7 @@ fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i
         diagnosis_last = Some(diagnosis_last.map_or(most, |last: i64| last.min(most)));
     }
     let (onset_first, onset_last) = of(Dimension::OnsetAgeBand)
-        .and_then(band_days)
+        .and_then(age_band_days)
         .unwrap_or((0, None));
     let least_days = onset_last.map_or(0, |last| (diagnosis_first - last - 1).max(0));
     // Saturating: "no bound" is `i64::MAX` days ([`most_age_days`]).
@@ -463,6 +451,16 @@ fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i
         diagnosis_last.map(|last| last.saturating_sub(onset_first).saturating_add(1).max(0));
     let months = |days: i64| days.saturating_mul(48) / 1461;
     (months(least_days), most_days.map(months))
+}
+
+/// The first and last day of age of an age band's index (`None` for the last band's end,
+/// which has none); `None` for an index that is no band.
+fn age_band_days(band: i64) -> Option<(i64, Option<i64>)> {
+    let b = usize::try_from(band)
+        .ok()
+        .filter(|&b| b < AGE_BANDS.len())?;
+    let last = (b + 1 < AGE_BANDS.len()).then(|| age_band_start_days(b + 1) - 1);
+    Some((age_band_start_days(b), last))
 }
 
 /// The greatest age at diagnosis, in days, of a diagnosis in `year`: from the earliest
