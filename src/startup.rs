@@ -520,6 +520,20 @@ impl Application {
         // Imports that died before finishing leave staged releases: removed (never in
         // force, never activated; `store::codes::remove_abandoned`).
         crate::store::codes::remove_abandoned(&store, chrono::Utc::now()).await?;
+        // Records an earlier version stored against the record rules: reported, never
+        // changed (what was sent is not on file; `store::cases::diagnosed_as_undiagnosed`).
+        let (versions, current) = crate::store::cases::diagnosed_as_undiagnosed(&store).await?;
+        if versions > 0 {
+            metrics::gauge!("ern_case_versions_unreadable").set(versions as f64);
+            warn!(
+                versions,
+                current,
+                "case versions stored as ORPHA:616874 (undiagnosed) with a diagnosis by a code \
+                 release's replacement (versions of 2026-12-03 to 2026-12-06) cannot be read \
+                 back: have their centres update the current ones with a current Orphacode \
+                 (docs/codes.md)"
+            );
+        }
         // The code releases in force; without one, codes get format checks only.
         let codes = Arc::new(crate::service::Codes::new(Default::default()));
         codes.refresh(&store).await?;

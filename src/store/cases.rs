@@ -850,6 +850,28 @@ pub(in crate::store) async fn insert_version(
     Ok(())
 }
 
+/// Case versions stored as ORPHA:616874 (undiagnosed) for a case with a diagnosis: from
+/// 2026-12-03 until 2026-12-06 a code release that replaced a deprecated Orphacode by
+/// 616874 stored a submitted diagnosis so (now refused, `domain::catalog`). Such a version
+/// cannot be read back (`Corrupt`), and research tables counting it take none of their
+/// zeros for public by the record rules (`aggregate::impossible`). Returns how many
+/// versions, and how many of them are their case's current one; read at start-up (on the
+/// Orphacode index).
+pub async fn diagnosed_as_undiagnosed(store: &super::Store) -> Result<(i64, i64)> {
+    let row = db::query(
+        "SELECT COUNT(*) AS versions, \
+                COALESCE(SUM(CASE WHEN c.current_version = v.version THEN 1 ELSE 0 END), 0) \
+                  AS current \
+         FROM case_versions v JOIN cases c ON c.id = v.case_id \
+         WHERE v.orphacode = $1 AND v.undiagnosed = $2",
+    )
+    .bind(i64::from(crate::domain::ORPHA_UNDIAGNOSED))
+    .bind(false)
+    .fetch_one(store.pool())
+    .await?;
+    Ok((row.try_get("versions")?, row.try_get("current")?))
+}
+
 /// Reads back the case of `centre_id` for a patient, only while REGISTRY_INCLUSION is in
 /// force at `now` (checked in the same statement). With `history`, every version.
 pub async fn get_case(

@@ -983,3 +983,75 @@ async fn a_phenopacket_is_checked_against_the_releases_and_exported_with_them() 
         "{results}"
     );
 }
+
+/// A case version an earlier version stored as ORPHA:616874 (undiagnosed) with a
+/// diagnosis (a code release's replacement, 2026-12-03 to 2026-12-06) is reported at
+/// start-up and is not read back as a record; an update by its centre makes the case's
+/// current version readable again (its history still holds the broken version).
+#[tokio::test]
+async fn a_diagnosis_stored_as_undiagnosed_is_reported_at_start_up() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-legacy", "NL-AMC").await;
+    let first = dr
+        .submit_case(case(71, &["HP:0006528"], "ORPHA:586", "CFTR"))
+        .await
+        .unwrap()
+        .into_inner();
+    dr.submit_case(case(72, &["HP:0006528"], "ORPHA:586", "CFTR"))
+        .await
+        .unwrap();
+    // As such a version stored it: the code replaced, the diagnosis date kept.
+    db::query(
+        "UPDATE case_versions SET orphacode = 616874 \
+         WHERE case_id IN (SELECT id FROM cases WHERE pseudonym = $1)",
+    )
+    .bind(&first.pseudonym)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let app = app.restarted_with(ServeArgs::default()).await;
+    assert!(
+        logs().contains("current Orphacode (docs/codes.md) versions=1 current=1"),
+        "{}",
+        logs()
+    );
+    let mut dr = app.physician("dr-legacy-2", "NL-AMC").await;
+    let status = dr
+        .get_case(get_case("ERN-LUNG", &first.pseudonym))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    // The centre sends the case again, with a current code: it reads back.
+    dr.update_case(proto::UpdateCaseRequest {
+        registry: "ERN-LUNG".into(),
+        pseudonym: first.pseudonym.clone(),
+        expected_version: 1,
+        record: case(71, &["HP:0006528"], "ORPHA:586", "CFTR").record,
+        consent: vec![],
+    })
+    .await
+    .unwrap();
+    let current_only = proto::GetCaseRequest {
+        include_history: false,
+        ..get_case("ERN-LUNG", &first.pseudonym)
+    };
+    let back = dr.get_case(current_only).await.unwrap().into_inner();
+    let current = back.case.unwrap().current.unwrap();
+    assert_eq!(
+        current.record.unwrap().diagnosis.unwrap().orphacode,
+        "ORPHA:586"
+    );
+    // The history still holds the version that breaks the rules.
+    let status = dr
+        .get_case(get_case("ERN-LUNG", &first.pseudonym))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    drop(dr);
+    app.restarted_with(ServeArgs::default()).await;
+    assert!(
+        logs().contains("current Orphacode (docs/codes.md) versions=1 current=0"),
+        "{}",
+        logs()
+    );
+}
