@@ -175,21 +175,66 @@ fn unknown_fields(
             );
             continue;
         };
-        let prost_reflect::Kind::Message(inner) = field.kind() else {
-            continue;
-        };
-        if inner.full_name().starts_with("google.protobuf.") {
+        let path = format!("{path}.{}", field.json_name());
+        if field.is_map() {
+            // A map is an object of entries: its keys are the caller's text, never fields;
+            // its values are checked as the entry's value field.
+            let (serde_json::Value::Object(entries), prost_reflect::Kind::Message(entry)) =
+                (item, field.kind())
+            else {
+                continue;
+            };
+            let Some(value_field) = entry.get_field(2) else {
+                continue;
+            };
+            for item in entries.values() {
+                // Named by the map alone: a key may hold what a path must not carry.
+                check_value(item, &value_field.kind(), &format!("{path}{{}}"), v);
+            }
             continue;
         }
-        let path = format!("{path}.{}", field.json_name());
         match item {
-            serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items) if field.is_list() => {
                 for (i, item) in items.iter().enumerate() {
-                    unknown_fields(item, &inner, &format!("{path}[{i}]"), v);
+                    check_value(item, &field.kind(), &format!("{path}[{i}]"), v);
                 }
             }
-            item => unknown_fields(item, &inner, &path, v),
+            item => check_value(item, &field.kind(), &path, v),
         }
+    }
+}
+
+/// [`unknown_fields`] of a field's value of kind `kind`: the fields of a nested message,
+/// and an enumeration given by number, which must be one of its values (the schema's JSON
+/// form allows numbers; one that names no value would be read as the default).
+fn check_value(
+    item: &serde_json::Value,
+    kind: &prost_reflect::Kind,
+    path: &str,
+    v: &mut FieldViolations,
+) {
+    match kind {
+        prost_reflect::Kind::Message(inner) if !inner.full_name().starts_with("google.protobuf.") => {
+            unknown_fields(item, inner, path, v);
+        }
+        prost_reflect::Kind::Enum(values) => {
+            if let serde_json::Value::Number(n) = item {
+                let known = n
+                    .as_i64()
+                    .and_then(|n| i32::try_from(n).ok())
+                    .is_some_and(|n| values.get_value(n).is_some());
+                if !known {
+                    v.push(
+                        path,
+                        format!(
+                            "is not a value of {} (give the value's name)",
+                            values.full_name()
+                        ),
+                    );
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1414,6 +1459,51 @@ mod tests {
         }
         let big = format!(r#"{{"id": "{}"}}"#, "a".repeat(MAX_PHENOPACKET_BYTES));
         assert!(violations(&big)[0].1.contains("at most"));
+    }
+
+    #[test]
+    fn an_enumeration_number_must_name_a_value_and_map_keys_are_no_fields() {
+        // Numbers are the schema's JSON form too, but one that names no value would be
+        // read as the default (sex unknown, a diagnosis solved): refused at its path.
+        let json = CASE
+            .replace(r#""sex": "FEMALE""#, r#""sex": 5"#)
+            .replace(r#""status": "ALIVE""#, r#""status": 1"#);
+        assert_eq!(fields(&json), ["phenopacket.subject.sex"]);
+        assert!(violations(&json)[0].1.contains("is not a value of"));
+        let known = CASE.replace(r#""sex": "FEMALE""#, r#""sex": 1"#);
+        assert_eq!(
+            to_record(&parse_json(&known).unwrap()).unwrap().record,
+            to_record(&parse_json(CASE).unwrap()).unwrap().record,
+            "1 is FEMALE"
+        );
+        let statuses = CASE.replace(
+            r#""metaData""#,
+            r#""interpretations": [ { "id": "a", "progressStatus": 77,
+                 "diagnosis": { "disease": { "id": "ORPHA:586" },
+                   "genomicInterpretations": [ { "subjectOrBiosampleId": "x",
+                     "interpretationStatus": 42 } ] } } ],
+               "metaData""#,
+        );
+        assert_eq!(
+            fields(&statuses),
+            [
+                "phenopacket.interpretations[0].diagnosis.genomicInterpretations[0].interpretationStatus",
+                "phenopacket.interpretations[0].progressStatus"
+            ]
+        );
+        // A map's keys are the caller's text, not fields: the element is refused as what
+        // it is, and no key is echoed.
+        let files = CASE.replace(
+            r#""metaData""#,
+            r#""files": [ { "uri": "file://x.vcf",
+                 "individualToFileIdentifiers": { "BSN111222333": "sample1" },
+                 "fileAttributes": { "genomeAssembly": "GRCh38" } } ],
+               "metaData""#,
+        );
+        assert_eq!(fields(&files), ["phenopacket.files"]);
+        for (_, description) in violations(&files) {
+            assert!(!description.contains("111222333"), "{description}");
+        }
     }
 
     #[test]

@@ -277,7 +277,8 @@ pub async fn finish(
     })
 }
 
-/// Inserts a batch of items; returns how many terms, parents and aliases it held.
+/// Inserts a batch of items; returns how many terms, parents and aliases it added (a code,
+/// link or alias met again is not counted twice).
 async fn insert_items(
     conn: &mut Db<'_>,
     release_id: i64,
@@ -295,6 +296,7 @@ async fn insert_items(
     }
     // A code met again (an Orphanet classification node already in product 1) keeps its
     // first row; the same for a link or an alias given twice.
+    let mut added = (0u64, 0u64, 0u64);
     for chunk in terms.chunks(ROWS_PER_STATEMENT) {
         let sql = values_sql(
             "INSERT INTO code_terms (release_id, code, label, obsolete, replaced_by) VALUES ",
@@ -319,7 +321,7 @@ async fn insert_items(
                     .bind(replaced_by.as_deref());
             }
         }
-        q.execute(&mut *conn).await?;
+        added.0 += q.execute(&mut *conn).await?.rows_affected();
     }
     for chunk in parents.chunks(ROWS_PER_STATEMENT) {
         let sql = values_sql(
@@ -334,7 +336,7 @@ async fn insert_items(
                 q = q.bind(release_id).bind(code.as_str()).bind(parent.as_str());
             }
         }
-        q.execute(&mut *conn).await?;
+        added.1 += q.execute(&mut *conn).await?.rows_affected();
     }
     for chunk in aliases.chunks(ROWS_PER_STATEMENT) {
         let sql = values_sql(
@@ -353,13 +355,9 @@ async fn insert_items(
                     .bind(kind.as_str());
             }
         }
-        q.execute(&mut *conn).await?;
+        added.2 += q.execute(&mut *conn).await?.rows_affected();
     }
-    Ok((
-        terms.len() as u64,
-        parents.len() as u64,
-        aliases.len() as u64,
-    ))
+    Ok(added)
 }
 
 /// `head` followed by `rows` groups of `width` placeholders, then `tail`.

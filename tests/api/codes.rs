@@ -140,6 +140,22 @@ async fn submissions_are_checked_against_the_releases_in_force() {
     ] {
         assert!(listed.contains(line), "{listed}");
     }
+    // The codes listed are the codes stored: an Orphanet classification node already in
+    // product 1 is counted once.
+    for (system, release_terms) in app
+        .pairs::<String, i64>("SELECT system, terms FROM code_releases")
+        .await
+    {
+        let stored: i64 = db::query(
+            "SELECT COUNT(*) FROM code_terms t JOIN code_releases r ON r.id = t.release_id \
+             WHERE r.system = $1",
+        )
+        .bind(&system)
+        .fetch_scalar(app.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(release_terms, stored, "{system}");
+    }
     let mut dr = app.physician("dr-codes", "NL-AMC").await;
 
     // Unknown, obsolete (without a replacement) and renamed codes: INVALID_ARGUMENT on
