@@ -173,6 +173,24 @@ pub fn lock_path(db: &Path) -> PathBuf {
     db.with_extension("lock")
 }
 
+/// `db` with every symbolic link resolved (of the file, or of its directory while the
+/// file does not exist yet): the lock is taken beside the file itself, so a second server
+/// given another path to the same file (through a link) finds it held. A hard link is a
+/// second name of its own and is not detected.
+fn resolved(db: &Path) -> PathBuf {
+    if let Ok(path) = db.canonicalize() {
+        return path;
+    }
+    let dir = match db.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match (dir.canonicalize(), db.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => db.to_path_buf(),
+    }
+}
+
 /// The exclusive lock of one server on a SQLite database, held until dropped.
 #[derive(Debug)]
 pub struct ServerLock {
@@ -188,8 +206,8 @@ impl ServerLock {
     /// and writes this process's id into it; refuses, naming the holder, if another
     /// process (or another server in this one) holds it.
     pub fn acquire(db: &Path) -> Result<ServerLock, DataDirError> {
-        let path = lock_path(db);
-        create_parent(&path)?;
+        create_parent(db)?;
+        let path = lock_path(&resolved(db));
         let lock_err = |source| DataDirError::Lock {
             path: path.clone(),
             source,

@@ -214,7 +214,9 @@ fn check_value(
     v: &mut FieldViolations,
 ) {
     match kind {
-        prost_reflect::Kind::Message(inner) if !inner.full_name().starts_with("google.protobuf.") => {
+        prost_reflect::Kind::Message(inner)
+            if !inner.full_name().starts_with("google.protobuf.") =>
+        {
             unknown_fields(item, inner, path, v);
         }
         prost_reflect::Kind::Enum(values) => {

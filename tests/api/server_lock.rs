@@ -51,7 +51,7 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         command
     })
     .await;
-    let lock = app.dir.path().join("registry.lock");
+    let lock = app.dir.path().canonicalize().unwrap().join("registry.lock");
     assert!(
         stderr.contains(&format!(
             "another ern-registry server (pid {}) is serving",
@@ -67,6 +67,27 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         Err(other) => panic!("{other}"),
         Ok(_) => panic!("a second server started"),
     }
+
+    // Nor through a symbolic link to the database (the lock is taken beside the file the
+    // link resolves to), nor through a linked directory.
+    let via_file = app.dir.path().join("elsewhere");
+    std::fs::create_dir(&via_file).unwrap();
+    std::os::unix::fs::symlink(
+        app.dir.path().join("registry.db"),
+        via_file.join("registry.db"),
+    )
+    .unwrap();
+    let via_dir = app.dir.path().join("linked");
+    std::os::unix::fs::symlink(app.dir.path(), &via_dir).unwrap();
+    for linked in [&via_file, &via_dir] {
+        let url = format!("sqlite://{}?mode=rwc", linked.join("registry.db").display());
+        match Application::build(args(), &url, &key).await {
+            Err(StartupError::DataFiles(DataDirError::Locked { .. })) => {}
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a second server started through {}", linked.display()),
+        }
+    }
+    assert!(!via_file.join("registry.lock").exists());
 
     // The first one serves on, and an admin command runs beside it.
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
