@@ -251,6 +251,13 @@ impl From<WriteError> for ServiceError {
             WriteError::ShuttingDown => ServiceError::Unavailable,
             e @ WriteError::UseWithdrawal => ServiceError::Precondition(e.to_string()),
             e @ WriteError::KeyRotated => ServiceError::Conflict(e.to_string()),
+            // Only a pseudonym given by the caller (a consent call's `patient`) can be of
+            // a version the registry does not have: a derived one is of the active one.
+            e @ WriteError::UnknownKeyVersion => {
+                let mut v = FieldViolations::new();
+                v.push("patient.pseudonym", e.to_string());
+                ServiceError::Invalid(v)
+            }
         }
     }
 }
@@ -891,6 +898,7 @@ mod tests {
             WriteError::ShuttingDown,
             WriteError::UseWithdrawal,
             WriteError::KeyRotated,
+            WriteError::UnknownKeyVersion,
         ];
         for e in errors {
             let outcome = e.outcome();

@@ -215,6 +215,11 @@ pub enum WriteError {
          identifiers again first)"
     )]
     KeyRotated,
+    #[error(
+        "is of a pseudonym key version this registry does not have: give the patient's \
+         identifiers, or a pseudonym as an answer of this registry gave it"
+    )]
+    UnknownKeyVersion,
 }
 
 impl WriteError {
@@ -226,6 +231,7 @@ impl WriteError {
             WriteError::AlreadyExists => Outcome::AlreadyExists,
             WriteError::NotFound => Outcome::NotFound,
             WriteError::VersionConflict { .. } | WriteError::KeyRotated => Outcome::Aborted,
+            WriteError::UnknownKeyVersion => Outcome::InvalidArgument,
             WriteError::Store(e) if e.is_unavailable() => Outcome::Unavailable,
             WriteError::Store(_) => Outcome::Internal,
             WriteError::ShuttingDown => Outcome::Unavailable,
@@ -1592,21 +1598,27 @@ async fn submit_run(
         let back_dated = attested_before_a_later_decision(&events, &c.consent);
         with_attested(&mut events, &c.consent);
         let at = rules.effective_at(&events, c.now);
-        let starts = !first || may_start(&c.pseudonym, key_versions.get(&c.registry_id).copied());
+        let starts = if first {
+            may_start(&c.pseudonym, key_versions.get(&c.registry_id).copied())
+        } else {
+            Ok(())
+        };
         // Consent first: a submission refused for consent gets that one answer whatever
         // is on file (`docs/security.md`, "Refusals"), also during a rotation.
-        let decided = match rules.may_store_case(&events, at) {
-            Err(refused) => {
+        let decided = match (rules.may_store_case(&events, at), starts) {
+            (Err(refused), _) => {
                 if back_dated {
                     note_back_dated_refusal(c.principal_id, "a submission");
                 }
                 Err(WriteError::Consent(refused))
             }
-            Ok(()) if !starts => Err(WriteError::KeyRotated),
-            Ok(()) if existing.contains(&(c.registry_id, c.pseudonym.clone(), c.centre_id)) => {
+            (Ok(()), Err(cannot_start)) => Err(cannot_start),
+            (Ok(()), Ok(()))
+                if existing.contains(&(c.registry_id, c.pseudonym.clone(), c.centre_id)) =>
+            {
                 Err(WriteError::AlreadyExists)
             }
-            Ok(()) => {
+            (Ok(()), Ok(())) => {
                 accepted.push((i, events, at));
                 Ok(Written {
                     version: 1,
@@ -1798,10 +1810,13 @@ async fn update(
 /// started under an earlier version, so a call that derives under the new one and finds
 /// nothing on file under the earlier ones cannot be overtaken by one still in flight
 /// from before it (which would split the patient across two pseudonyms).
-fn may_start(pseudonym: &str, active: Option<i64>) -> bool {
+/// A pseudonym of a later version than the active one (or of a registry without one) was
+/// never given by this registry: [`WriteError::UnknownKeyVersion`], as no retry helps.
+fn may_start(pseudonym: &str, active: Option<i64>) -> Result<(), WriteError> {
     match (crate::pseudonym::key_version_of(pseudonym), active) {
-        (Some(version), Some(active)) => i64::from(version) == active,
-        _ => false,
+        (Some(version), Some(active)) if i64::from(version) == active => Ok(()),
+        (Some(version), Some(active)) if i64::from(version) < active => Err(WriteError::KeyRotated),
+        _ => Err(WriteError::UnknownKeyVersion),
     }
 }
 
@@ -1816,11 +1831,7 @@ async fn check_start(
         return Ok(());
     }
     let active = cases::active_key_version(conn, registry_id).await?;
-    if may_start(pseudonym, active) {
-        Ok(())
-    } else {
-        Err(WriteError::KeyRotated)
-    }
+    may_start(pseudonym, active)
 }
 
 async fn record_consent(

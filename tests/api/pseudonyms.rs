@@ -311,6 +311,29 @@ async fn a_pseudonym_of_a_rotated_key_version_starts_no_patient() {
         .unwrap()
         .get::<i64>(0);
     assert_eq!(none, 0);
+    // One of a version the registry does not have yet: no retry helps, so INVALID_ARGUMENT
+    // on the pseudonym, and nothing is written.
+    let ahead = Pseudonymiser::new(&master)
+        .derive(
+            ern_registry::pseudonym::RegistryRef {
+                key_version: 3,
+                ..eye.key_ref().unwrap()
+            },
+            &identity,
+        )
+        .to_string();
+    let mut request = record_request(5, inclusion_granted());
+    request.patient = by_pseudonym(&ahead);
+    let err = officer.record_consent(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(violations(&err), ["patient.pseudonym"], "{}", err.message());
+    assert!(!err.message().contains("rotated"), "{}", err.message());
+    let none = ern_registry::store::db::query("SELECT count(*) FROM patient_keys")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+        .get::<i64>(0);
+    assert_eq!(none, 0);
 
     let recorded = officer
         .record_consent(record_request(5, inclusion_granted()))

@@ -83,7 +83,9 @@ class ConsentServiceServicer:
         decision for a patient (here or in WithdrawConsent) is recorded only under the
         registry's active pseudonym key version: ABORTED, nothing recorded, when the key
         was rotated while the call was in flight (send it again) or the pseudonym given is
-        of an earlier version (name the patient by identifiers, or find them again).
+        of an earlier version (name the patient by identifiers, or find them again);
+        INVALID_ARGUMENT on patient.pseudonym, nothing recorded, for a pseudonym of a
+        version the registry does not have.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
