@@ -112,8 +112,8 @@ pub enum Command {
     /// audit log, so they need the master key. See docs/codes.md.
     #[command(subcommand)]
     Codes(CodesCommand),
-    /// Fill a registry with synthetic patients (demo centres, fictitious BSNs, realistic
-    /// distributions) through the same write path as submissions. For demos and
+    /// Fill a registry with synthetic patients (demo centres, identifiers of the synthetic
+    /// issuer XT, realistic distributions) through the same write path as submissions. For demos and
     /// benchmarks only: never on a registry with real patients.
     Demo {
         /// Registry (ERN) code.
