@@ -151,6 +151,10 @@ fn side_file(db: &Path, suffix: &str) -> PathBuf {
 /// if missing, and narrows the database and its side files to 0600 if they are wider.
 pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
     create_parent(db)?;
+    // The file a link names, created and narrowed as itself (`create_new` through a
+    // link whose target is missing fails, and SQLite would then create it by the umask).
+    let db = &resolved(db);
+    create_parent(db)?;
     match private_options().write(true).create_new(true).open(db) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -173,21 +177,38 @@ pub fn lock_path(db: &Path) -> PathBuf {
     db.with_extension("lock")
 }
 
-/// `db` with every symbolic link resolved (of the file, or of its directory while the
-/// file does not exist yet): the lock is taken beside the file itself, so a second server
-/// given another path to the same file (through a link) finds it held. A hard link is a
-/// second name of its own and is not detected.
-fn resolved(db: &Path) -> PathBuf {
-    if let Ok(path) = db.canonicalize() {
-        return path;
+/// The most symbolic links followed from a database path ([`resolved`]), as the kernel's
+/// own bound on a path lookup.
+const MAX_LINKS: usize = 40;
+
+/// `db` with every symbolic link resolved: the file's own (followed even while its target
+/// does not exist yet, as SQLite will create the target) and its directories'. The lock
+/// is taken, and the files are created and narrowed, at that path, so a second server
+/// given another path to the same file (through a link) finds the lock held. A hard link
+/// is a second name of its own and is not detected. Paths that cannot be resolved (a
+/// directory not there yet, a loop of links) are returned as far as they were resolved.
+pub fn resolved(db: &Path) -> PathBuf {
+    let mut path = db.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let is_link = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            break;
+        }
+        let Ok(target) = fs::read_link(&path) else {
+            break;
+        };
+        path = match path.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
     }
-    let dir = match db.parent() {
+    let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    match (dir.canonicalize(), db.file_name()) {
+    match (dir.canonicalize(), path.file_name()) {
         (Ok(dir), Some(name)) => dir.join(name),
-        _ => db.to_path_buf(),
+        _ => path,
     }
 }
 
@@ -208,6 +229,7 @@ impl ServerLock {
     pub fn acquire(db: &Path) -> Result<ServerLock, DataDirError> {
         create_parent(db)?;
         let path = lock_path(&resolved(db));
+        create_parent(&path)?;
         let lock_err = |source| DataDirError::Lock {
             path: path.clone(),
             source,
@@ -259,6 +281,45 @@ impl ServerLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_path_is_resolved_through_links_also_to_a_file_not_there_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let real = root.join("real");
+        fs::create_dir(&real).unwrap();
+        let db = real.join("registry.db");
+        // A link to a file that does not exist yet, a relative one, a link to a link, a
+        // linked directory: each resolves to the file SQLite will open.
+        let links = root.join("links");
+        fs::create_dir(&links).unwrap();
+        std::os::unix::fs::symlink(&db, links.join("absolute.db")).unwrap();
+        std::os::unix::fs::symlink("../real/registry.db", links.join("relative.db")).unwrap();
+        std::os::unix::fs::symlink(links.join("relative.db"), links.join("twice.db")).unwrap();
+        std::os::unix::fs::symlink(&real, root.join("linked")).unwrap();
+        for path in [
+            links.join("absolute.db"),
+            links.join("relative.db"),
+            links.join("twice.db"),
+            root.join("linked/registry.db"),
+            db.clone(),
+        ] {
+            assert_eq!(resolved(&path), db, "{}", path.display());
+        }
+        // Created through the link, as itself and private.
+        prepare_sqlite_files(&links.join("twice.db")).unwrap();
+        assert!(fs::symlink_metadata(&db).unwrap().file_type().is_file());
+        #[cfg(unix)]
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&db).unwrap().permissions())
+                & 0o777,
+            0o600
+        );
+        // A loop ends.
+        std::os::unix::fs::symlink(links.join("b.db"), links.join("a.db")).unwrap();
+        std::os::unix::fs::symlink(links.join("a.db"), links.join("b.db")).unwrap();
+        let _ = resolved(&links.join("a.db"));
+    }
 
     #[test]
     fn sqlite_urls_name_their_file() {

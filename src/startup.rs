@@ -523,8 +523,8 @@ impl Application {
         // Records an earlier version stored against the record rules: reported, never
         // changed (what was sent is not on file; `store::cases::diagnosed_as_undiagnosed`).
         let (versions, current) = crate::store::cases::diagnosed_as_undiagnosed(&store).await?;
-        if versions > 0 {
-            metrics::gauge!("ern_case_versions_unreadable").set(versions as f64);
+        if current > 0 {
+            metrics::gauge!("ern_cases_unreadable").set(current as f64);
             warn!(
                 versions,
                 current,
@@ -532,6 +532,12 @@ impl Application {
                  release's replacement (versions of 2026-12-03 to 2026-12-06) cannot be read \
                  back: have their centres update the current ones with a current Orphacode \
                  (docs/codes.md)"
+            );
+        } else if versions > 0 {
+            info!(
+                versions,
+                "earlier case versions stored as ORPHA:616874 (undiagnosed) with a diagnosis \
+                 stay in their cases' histories, which cannot be read back (docs/codes.md)"
             );
         }
         // The code releases in force; without one, codes get format checks only.

@@ -791,7 +791,8 @@ async fn officer_record(
             None,
             ctx.call.call(),
         )
-        .await?;
+        .await
+        .map_err(on_the_form)?;
         // The page shows the whole history again.
         consent_service::get(&st, &access, pseudonym, now)
             .await
@@ -860,6 +861,22 @@ fn reason_named(name: &str) -> Option<WithdrawalReason> {
     WithdrawalReason::parse_db(name)
 }
 
+/// A consent call's violations named as the officer's form names its fields: the API's
+/// `patient.pseudonym` is the form's `pseudonym`.
+fn on_the_form(e: ServiceError) -> ServiceError {
+    match e {
+        ServiceError::Invalid(v) => {
+            let mut out = FieldViolations::new();
+            for item in v.iter() {
+                let field = item.field.strip_prefix("patient.").unwrap_or(&item.field);
+                out.push(field, item.description.clone());
+            }
+            ServiceError::Invalid(out)
+        }
+        other => other,
+    }
+}
+
 async fn officer_withdraw(
     State(st): State<St>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -902,7 +919,8 @@ async fn officer_withdraw(
         }
         let withdrawn =
             consent_service::withdraw(&st, &access, pseudonym.clone(), scopes, reason, ctx.call.call())
-                .await?;
+                .await
+                .map_err(on_the_form)?;
         Ok(match withdrawn.receipt {
             Some(receipt) => html(StatusCode::OK, pages::receipt(&ctx, &receipt, true)),
             None => {

@@ -1612,6 +1612,16 @@ async fn submit_run(
                 }
                 Err(WriteError::Consent(refused))
             }
+            // A submission's pseudonym is derived under the active version read by the
+            // call: one the registry never had means the database went back (a restore
+            // to before a rotation), not a caller's mistake.
+            (Ok(()), Err(WriteError::UnknownKeyVersion)) => {
+                Err(WriteError::Store(StoreError::Corrupt(
+                    "a submission's pseudonym is of a key version the registry does not have \
+                     (was the database restored to before a key rotation?)"
+                        .into(),
+                )))
+            }
             (Ok(()), Err(cannot_start)) => Err(cannot_start),
             (Ok(()), Ok(()))
                 if existing.contains(&(c.registry_id, c.pseudonym.clone(), c.centre_id)) =>
@@ -1810,12 +1820,15 @@ async fn update(
 /// started under an earlier version, so a call that derives under the new one and finds
 /// nothing on file under the earlier ones cannot be overtaken by one still in flight
 /// from before it (which would split the patient across two pseudonyms).
-/// A pseudonym of a later version than the active one (or of a registry without one) was
-/// never given by this registry: [`WriteError::UnknownKeyVersion`], as no retry helps.
+/// A pseudonym of a version the registry never had (0, or above the active one; or of a
+/// registry without one) was never given by it: [`WriteError::UnknownKeyVersion`], as no
+/// retry helps.
 fn may_start(pseudonym: &str, active: Option<i64>) -> Result<(), WriteError> {
     match (crate::pseudonym::key_version_of(pseudonym), active) {
         (Some(version), Some(active)) if i64::from(version) == active => Ok(()),
-        (Some(version), Some(active)) if i64::from(version) < active => Err(WriteError::KeyRotated),
+        (Some(version), Some(active)) if version >= 1 && i64::from(version) < active => {
+            Err(WriteError::KeyRotated)
+        }
         _ => Err(WriteError::UnknownKeyVersion),
     }
 }

@@ -997,6 +997,52 @@ async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
         .await;
     assert_eq!(bad.status, 400);
     assert!(bad.body.contains("id=\"given_at-error\""), "{}", bad.body);
+    // A pseudonym of a key version the registry does not have: said of the page's
+    // pseudonym (a hidden field), as the form names it.
+    let never = {
+        use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
+        let master =
+            ern_registry::keys::MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+        let eye = app
+            .store
+            .registry_by_code("ERN-EYE")
+            .await
+            .unwrap()
+            .unwrap();
+        let identity =
+            ern_registry::api::convert::patient_identity(&national("NL", &canary)).unwrap();
+        Pseudonymiser::new(&master)
+            .derive(
+                RegistryRef {
+                    key_version: 3,
+                    ..eye.key_ref().unwrap()
+                },
+                &identity,
+            )
+            .to_string()
+    };
+    let unknown = web
+        .post(
+            "/officer/record",
+            &[
+                ("csrf", &found.csrf()),
+                ("registry", "ERN-EYE"),
+                ("pseudonym", &never),
+                ("scope", "registry_inclusion"),
+                ("decision", "granted"),
+                ("form_version", "v2"),
+                ("given_at", &today),
+            ],
+        )
+        .await;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert!(
+        unknown
+            .body
+            .contains("<p class=\"error\">pseudonym: is of a pseudonym key version"),
+        "{}",
+        unknown.body
+    );
     for scope in ["registry_inclusion", "research_use"] {
         let recorded = web
             .post(

@@ -311,23 +311,52 @@ async fn a_pseudonym_of_a_rotated_key_version_starts_no_patient() {
         .unwrap()
         .get::<i64>(0);
     assert_eq!(none, 0);
-    // One of a version the registry does not have yet: no retry helps, so INVALID_ARGUMENT
-    // on the pseudonym, and nothing is written.
-    let ahead = Pseudonymiser::new(&master)
-        .derive(
-            ern_registry::pseudonym::RegistryRef {
-                key_version: 3,
-                ..eye.key_ref().unwrap()
-            },
-            &identity,
-        )
-        .to_string();
-    let mut request = record_request(5, inclusion_granted());
-    request.patient = by_pseudonym(&ahead);
-    let err = officer.record_consent(request).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert_eq!(violations(&err), ["patient.pseudonym"], "{}", err.message());
-    assert!(!err.message().contains("rotated"), "{}", err.message());
+    // One of a version the registry does not have (0, or above the active one): no retry
+    // helps, so INVALID_ARGUMENT on the pseudonym, whatever the call, and nothing is
+    // written.
+    for version in [0, 3] {
+        let never = Pseudonymiser::new(&master)
+            .derive(
+                ern_registry::pseudonym::RegistryRef {
+                    key_version: version,
+                    ..eye.key_ref().unwrap()
+                },
+                &identity,
+            )
+            .to_string();
+        let mut request = record_request(5, inclusion_granted());
+        request.patient = by_pseudonym(&never);
+        let withdrawn = officer
+            .withdraw_consent(ern_registry::proto::WithdrawConsentRequest {
+                registry: "ERN-EYE".into(),
+                patient: by_pseudonym(&never),
+                scopes: vec![ern_registry::proto::ConsentScope::Recontact as i32],
+                reason: ern_registry::proto::WithdrawalReason::PatientRequest as i32,
+            })
+            .await;
+        let bulk = officer
+            .record_consents(ern_registry::proto::RecordConsentsRequest {
+                entries: vec![request.clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let recorded = officer.record_consent(request).await;
+        for err in [recorded.unwrap_err(), withdrawn.unwrap_err()] {
+            assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+            assert_eq!(violations(&err), ["patient.pseudonym"], "{}", err.message());
+            assert!(!err.message().contains("rotated"), "{}", err.message());
+        }
+        let Some(ern_registry::proto::record_consents_result::Outcome::Rejected(rejected)) =
+            &bulk.results[0].outcome
+        else {
+            panic!("{bulk:?}");
+        };
+        assert!(
+            format!("{rejected:?}").contains("patient.pseudonym"),
+            "{rejected:?}"
+        );
+    }
     let none = ern_registry::store::db::query("SELECT count(*) FROM patient_keys")
         .fetch_one(app.store.pool())
         .await

@@ -115,3 +115,31 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
             .expect("starts once the first has stopped"),
     );
 }
+
+/// The first start through a link whose database does not exist yet locks the file the
+/// link names: a second server given that file's own path finds the lock held.
+#[tokio::test]
+async fn a_link_to_a_database_not_there_yet_takes_the_files_lock() {
+    if std::env::var("ERN_TEST_DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
+        return; // SQLite only
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    let links = dir.path().join("links");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&links).unwrap();
+    std::os::unix::fs::symlink("../real/registry.db", links.join("registry.db")).unwrap();
+    let url =
+        |d: &std::path::Path| format!("sqlite://{}?mode=rwc", d.join("registry.db").display());
+    let key = dir.path().join("master.key");
+    let first = Application::build(args(), &url(&links), &key)
+        .await
+        .expect("the first server starts through the link");
+    assert!(real.join("registry.db").is_file());
+    match Application::build(args(), &url(&real), &key).await {
+        Err(StartupError::DataFiles(DataDirError::Locked { .. })) => {}
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a second server started on the file the link names"),
+    }
+    drop(first);
+}

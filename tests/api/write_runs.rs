@@ -604,18 +604,29 @@ async fn no_patient_is_started_under_a_key_version_rotated_away() {
         assert_eq!(err.outcome(), Outcome::Aborted);
     }
     assert_eq!(on_file(under(2, 1)).await, 0);
-    // Under a version the registry does not have yet: refused as invalid (no retry can
-    // help), whatever the command.
-    for command in [
-        submit(under(6, 3), 0),
-        record(under(6, 3)),
-        withdraw(under(6, 3)),
-    ] {
-        let err = writer.execute(command, None).await.unwrap_err();
-        assert!(matches!(err, WriteError::UnknownKeyVersion), "{err:?}");
-        assert_eq!(err.outcome(), Outcome::InvalidArgument);
+    // Under a version the registry does not have (0, or above the active one): refused
+    // as invalid, as no retry can help; a submission, whose pseudonym the call derived
+    // under the active version, as the database's fault (it went back).
+    for version in [0, 3] {
+        for command in [record(under(6, version)), withdraw(under(6, version))] {
+            let err = writer.execute(command, None).await.unwrap_err();
+            assert!(matches!(err, WriteError::UnknownKeyVersion), "{err:?}");
+            assert_eq!(err.outcome(), Outcome::InvalidArgument);
+        }
+        let err = writer
+            .execute(submit(under(6, version), 0), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WriteError::Store(ern_registry::store::StoreError::Corrupt(_))
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.outcome(), Outcome::Internal);
+        assert_eq!(on_file(under(6, version)).await, 0);
     }
-    assert_eq!(on_file(under(6, 3)).await, 0);
     // In a run of submissions too, next to ones that start under version 2: the writer
     // is held after its commit of another command while the three queue, then takes
     // them as one batch (one commit more).

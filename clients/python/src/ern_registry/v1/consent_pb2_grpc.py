@@ -85,7 +85,7 @@ class ConsentServiceServicer:
         was rotated while the call was in flight (send it again) or the pseudonym given is
         of an earlier version (name the patient by identifiers, or find them again);
         INVALID_ARGUMENT on patient.pseudonym, nothing recorded, for a pseudonym of a
-        version the registry does not have.
+        version the registry never had (V000, or above the active one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
