@@ -34,9 +34,19 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
 use tonic::codegen::http;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::ratelimit::Peer;
+
+/// How long accepting pauses when the process is out of file descriptors.
+const DESCRIPTORS_PAUSE: Duration = Duration::from_millis(100);
+/// How often that is logged at most.
+const DESCRIPTORS_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether an accept failed for want of file descriptors (the process's or the system's).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
 
 /// The caps and the idle timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +62,8 @@ pub struct Connections {
     limits: ConnectionLimits,
     epoch: Instant,
     open: Mutex<Open>,
+    /// When running out of file descriptors was last logged (ms since `epoch`; 0: never).
+    descriptors_warned: AtomicU64,
 }
 
 #[derive(Default)]
@@ -82,6 +94,7 @@ impl Connections {
             },
             epoch: Instant::now(),
             open: Mutex::new(Open::default()),
+            descriptors_warned: AtomicU64::new(0),
         })
     }
 
@@ -102,13 +115,45 @@ impl Connections {
         tcp_keepalive: Option<Duration>,
     ) -> impl Stream<Item = io::Result<Tracked>> + Send + 'static {
         let connections = self.clone();
-        TcpIncoming::from(listener)
+        let accepted = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .with_keepalive(tcp_keepalive)
-            .filter_map(move |accepted| match accepted {
-                Ok(stream) => connections.admit(stream).map(Ok),
-                Err(e) => Some(Err(e)),
-            })
+            .with_keepalive(tcp_keepalive);
+        accepted.then(move |accepted| {
+            let connections = connections.clone();
+            async move {
+                match accepted {
+                    Ok(stream) => connections.admit(stream).map(Ok),
+                    // Out of file descriptors: the next accept would fail at once too,
+                    // and tonic tries again without a pause (a core busy, nothing
+                    // accepted). Wait a moment, say so at most every 10 s, go on.
+                    Err(e) if out_of_descriptors(&e) => {
+                        metrics::counter!("ern_connections_refused_total", "limit" => "file_descriptors")
+                            .increment(1);
+                        connections.warn_out_of_descriptors(&e);
+                        tokio::time::sleep(DESCRIPTORS_PAUSE).await;
+                        None
+                    }
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        })
+        .filter_map(|admitted| admitted)
+    }
+
+    /// Logs that accepting failed for want of file descriptors, at most every
+    /// [`DESCRIPTORS_WARN_EVERY`].
+    fn warn_out_of_descriptors(&self, e: &io::Error) {
+        let now = self.now_ms();
+        let last = self.descriptors_warned.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= DESCRIPTORS_WARN_EVERY.as_millis() as u64 {
+            self.descriptors_warned.store(now.max(1), Ordering::Relaxed);
+            warn!(
+                error = %e,
+                open = self.open(),
+                "cannot accept gRPC connections: out of file descriptors (raise the open-files \
+                 limit, or lower --max-connections); trying again every 100 ms"
+            );
+        }
     }
 
     /// Admits `stream` if the caps allow, else closes it.

@@ -479,6 +479,7 @@ impl Application {
             .master_kdf_file
             .clone()
             .unwrap_or_else(|| KdfFile::default_path(master_key_file));
+        raise_open_files_limit(u64::from(args.max_connections));
         // One server per SQLite database: locked before anything else touches it.
         let lock = data_dir::sqlite_path(database_url)
             .map(|db| ServerLock::acquire(&db))
@@ -748,7 +749,11 @@ impl Application {
             ],
             max,
             Some(self.state.refusals.clone()),
-        );
+        )
+        .limiting_unproven(crate::api::wire::Unproven::new({
+            let state = self.state.clone();
+            move |key| state.verifier.knows_secret(key)
+        }));
         let connections = Connections::new(ConnectionLimits {
             max_connections: self.args.max_connections as usize,
             max_per_peer: self.args.max_connections_per_peer as usize,
@@ -940,6 +945,63 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     info!("shutdown requested");
+}
+
+/// File descriptors kept beside `--max-connections`: the database and its pool, the
+/// console's and the metrics' connections, the log, the lock and key files.
+const DESCRIPTORS_RESERVED: u64 = 256;
+
+/// Raises the process's soft limit of open files to its hard limit (many systems start
+/// a service at a soft limit of 1,024, no more than `--max-connections`' default, and
+/// every connection is a descriptor), and warns when the limit leaves fewer than
+/// [`DESCRIPTORS_RESERVED`] beside the connections allowed (running out, the server stops
+/// accepting connections until some close: `connections`).
+fn raise_open_files_limit(max_connections: u64) {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `getrlimit` writes this process's limit into the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            // Linux refuses an unlimited soft limit of open files: its own ceiling then.
+            let target = if limit.rlim_max == libc::RLIM_INFINITY {
+                1 << 20
+            } else {
+                limit.rlim_max
+            };
+            let raised = libc::rlimit {
+                rlim_cur: target.max(limit.rlim_cur),
+                rlim_max: limit.rlim_max,
+            };
+            // SAFETY: `setrlimit` reads the struct it is given.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                debug!(
+                    from = limit.rlim_cur,
+                    to = raised.rlim_cur,
+                    "open-files limit raised"
+                );
+                limit = raised;
+            }
+        }
+        let needed = max_connections.saturating_add(DESCRIPTORS_RESERVED);
+        // `rlim_t` is not `u64` on every Unix.
+        #[allow(clippy::unnecessary_cast)]
+        let soft = limit.rlim_cur as u64;
+        if soft < needed {
+            warn!(
+                open_files = soft,
+                max_connections,
+                "the open-files limit leaves too few descriptors beside --max-connections \
+                 (at least {DESCRIPTORS_RESERVED} more are needed): raise it (ulimit -n, \
+                 LimitNOFILE=) or lower --max-connections"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,17 @@
 //!   "cardinality violation", but that is also the code of a method that does not exist,
 //!   so a client could not tell its own malformed body from a missing method.)
 //!
+//! - **calls not yet authenticated hold little**: tonic reads a unary call's whole message
+//!   before its handler can check the key, so a caller without a valid key could open
+//!   many calls, send all but the last byte of a large message each, and keep the
+//!   memory for the call's deadline. A call of one request message whose key has not
+//!   authenticated a call in this process ([`Unproven`]) takes a place before its body is
+//!   read: at most [`UNPROVEN_PER_PEER`] at once per address (an IPv4 address or an IPv6
+//!   /64) and [`UNPROVEN_TOTAL`] in all; past either, RESOURCE_EXHAUSTED at once, its body
+//!   unread. A key that authenticated a call here (its secret checked against the one
+//!   remembered, `auth::KeyVerifier::knows_secret`) passes; its calls are bounded by
+//!   the principal's calls in flight once authenticated.
+//!
 //! The framing is followed as the bytes pass, without buffering: the layer only counts.
 //! Its verdict reaches tonic as an error of the request body, which tonic gives the client
 //! as the call's status (for a streaming call, as the status that ends the stream).
@@ -73,6 +84,180 @@ const GRPC_PROTO: &str = "application/grpc+proto";
 /// The gRPC message prefix: a compressed flag and a big-endian length.
 const PREFIX: usize = 5;
 
+/// Calls of one request message from one address (`ratelimit::Peer`) not yet
+/// authenticated in this process whose body may be read at once.
+pub const UNPROVEN_PER_PEER: usize = 32;
+/// The same, from all addresses: with `--max-message-bytes` of 1 MiB, at most 256 MiB
+/// of such bodies.
+pub const UNPROVEN_TOTAL: usize = 256;
+/// Such calls that may wait for a place, their bodies unread, per address and in all.
+pub const UNPROVEN_WAITING_PER_PEER: usize = 256;
+pub const UNPROVEN_WAITING_TOTAL: usize = 4096;
+
+/// The places of calls not yet authenticated (module documentation).
+pub struct Unproven {
+    /// Whether a presented key authenticated a call in this process.
+    proven: Box<dyn Fn(&crate::auth::PresentedKey) -> bool + Send + Sync>,
+    counts: std::sync::Mutex<Counts>,
+    /// Told when a place is given back.
+    freed: tokio::sync::Notify,
+    limits: [usize; 4],
+}
+
+#[derive(Default)]
+struct Counts {
+    running: usize,
+    running_from: std::collections::HashMap<Peer, usize>,
+    waiting: usize,
+    waiting_from: std::collections::HashMap<Peer, usize>,
+}
+
+/// Adds `by` (1 or -1) to `peer`'s count in `from` and to `total`.
+fn count(
+    total: &mut usize,
+    from: &mut std::collections::HashMap<Peer, usize>,
+    peer: Peer,
+    up: bool,
+) {
+    let n = from.entry(peer).or_insert(0);
+    if up {
+        *n += 1;
+        *total += 1;
+    } else {
+        *n = n.saturating_sub(1);
+        *total = total.saturating_sub(1);
+        if *n == 0 {
+            from.remove(&peer);
+        }
+    }
+}
+
+impl Unproven {
+    pub fn new(
+        proven: impl Fn(&crate::auth::PresentedKey) -> bool + Send + Sync + 'static,
+    ) -> Unproven {
+        Unproven::with_limits(
+            proven,
+            [
+                UNPROVEN_PER_PEER,
+                UNPROVEN_TOTAL,
+                UNPROVEN_WAITING_PER_PEER,
+                UNPROVEN_WAITING_TOTAL,
+            ],
+        )
+    }
+
+    /// `limits`: places per address and in all, then waiting calls per address and in all.
+    pub fn with_limits(
+        proven: impl Fn(&crate::auth::PresentedKey) -> bool + Send + Sync + 'static,
+        limits: [usize; 4],
+    ) -> Unproven {
+        Unproven {
+            proven: Box::new(proven),
+            counts: std::sync::Mutex::new(Counts::default()),
+            freed: tokio::sync::Notify::new(),
+            limits,
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the call presents a key that authenticated a call in this process.
+    fn proves(&self, headers: &HeaderMap) -> bool {
+        crate::auth::PresentedKey::from_headers(headers).is_ok_and(|key| (self.proven)(&key))
+    }
+
+    /// A place for a call from `peer`: at once if one is free, else after waiting for one
+    /// (its body unread meanwhile); `Err(())` when too many wait already.
+    async fn enter(self: Arc<Self>, peer: Peer) -> Result<Place, ()> {
+        let [per_peer, total, waiting_per_peer, waiting_total] = self.limits;
+        let take = |counts: &mut Counts| {
+            let from = counts.running_from.get(&peer).copied().unwrap_or(0);
+            let free = counts.running < total && from < per_peer;
+            if free {
+                count(&mut counts.running, &mut counts.running_from, peer, true);
+            }
+            free
+        };
+        {
+            let mut counts = self.counts();
+            if take(&mut counts) {
+                return Ok(Place {
+                    unproven: self.clone(),
+                    peer,
+                });
+            }
+            let from = counts.waiting_from.get(&peer).copied().unwrap_or(0);
+            if counts.waiting >= waiting_total || from >= waiting_per_peer {
+                return Err(());
+            }
+            let Counts {
+                waiting,
+                waiting_from,
+                ..
+            } = &mut *counts;
+            count(waiting, waiting_from, peer, true);
+        }
+        let _waiting = Waiting {
+            unproven: &self,
+            peer,
+        };
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if take(&mut self.counts()) {
+                return Ok(Place {
+                    unproven: self.clone(),
+                    peer,
+                });
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A waiting call, counted until dropped (given a place, or abandoned).
+struct Waiting<'a> {
+    unproven: &'a Unproven,
+    peer: Peer,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.unproven.counts();
+        let Counts {
+            waiting,
+            waiting_from,
+            ..
+        } = &mut *counts;
+        count(waiting, waiting_from, self.peer, false);
+    }
+}
+
+/// A place of [`Unproven`], given back when dropped (the call answered or abandoned).
+struct Place {
+    unproven: Arc<Unproven>,
+    peer: Peer,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        {
+            let mut counts = self.unproven.counts();
+            let Counts {
+                running,
+                running_from,
+                ..
+            } = &mut *counts;
+            count(running, running_from, self.peer, false);
+        }
+        self.unproven.freed.notify_waiters();
+    }
+}
+
 /// Enforces the wire contract in front of every route (see the module documentation).
 #[derive(Clone)]
 pub struct WireContractLayer {
@@ -88,6 +273,8 @@ struct Rules {
     max_message_bytes: usize,
     /// Where refusals no handler recorded are counted (none: not counted).
     refusals: Option<Arc<Refusals>>,
+    /// The places of calls not yet authenticated (none: not limited).
+    unproven: Option<Arc<Unproven>>,
 }
 
 impl Rules {
@@ -136,6 +323,19 @@ impl WireContractLayer {
                 known: methods(descriptor_sets, false),
                 max_message_bytes,
                 refusals,
+                unproven: None,
+            }),
+        }
+    }
+
+    /// The same, with calls not yet authenticated limited by `unproven`.
+    pub fn limiting_unproven(self, unproven: Unproven) -> WireContractLayer {
+        let rules = Arc::try_unwrap(self.rules)
+            .unwrap_or_else(|_| unreachable!("a new layer's rules are not shared yet"));
+        WireContractLayer {
+            rules: Arc::new(Rules {
+                unproven: Some(Arc::new(unproven)),
+                ..rules
             }),
         }
     }
@@ -191,7 +391,7 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S> Service<http::Request<Body>> for WireContract<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -215,6 +415,13 @@ where
             return Box::pin(std::future::ready(Ok(refusal)));
         }
         let single = self.rules.single_request.contains(request.uri().path());
+        // A call not yet authenticated waits for a place before its body is read.
+        let unproven = match &self.rules.unproven {
+            Some(unproven) if single && !unproven.proves(request.headers()) => {
+                Some(Arc::clone(unproven))
+            }
+            _ => None,
+        };
         // A compressed message needs a `grpc-encoding` other than identity; one tonic does
         // not support is refused by tonic (UNIMPLEMENTED) before the body is read.
         let encoded = request
@@ -239,9 +446,29 @@ where
         });
         let limit = self.rules.max_message_bytes;
         let rules = Arc::clone(&self.rules);
-        let call = self.inner.call(request);
+        // The service made ready by `poll_ready` takes the call, when it is let in.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let mut response = call.await?;
+            let place = match unproven {
+                Some(unproven) => match unproven.enter(peer).await {
+                    Ok(place) => Some(place),
+                    Err(()) => {
+                        metrics::counter!("ern_rate_limited_total", "limit" => "unauthenticated_calls")
+                            .increment(1);
+                        rules.refused(peer, &path, Outcome::ResourceExhausted);
+                        return Ok(Status::resource_exhausted(
+                            "too many calls from your address wait to be authenticated: retry \
+                             in a moment",
+                        )
+                        .into_http());
+                    }
+                },
+                None => None,
+            };
+            let mut response = inner.call(request).await?;
+            // The request was read (or given up): its place is free.
+            drop(place);
             // A failure answered in the headers (trailers-only) that no handler recorded.
             let audited = response.headers_mut().remove(AUDITED).is_some();
             if !audited

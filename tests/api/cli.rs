@@ -24,3 +24,81 @@ fn output_into_a_closed_pipe_ends_quietly_and_unsuccessfully() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(141), "{stderr}");
 }
+
+/// A server out of file descriptors says so (at most every 10 s), pauses its accepting
+/// instead of retrying at once, and accepts again once connections close. Started with
+/// an open-files limit of 96 (soft and hard: it cannot raise it), it also warns at start
+/// that the limit leaves too few beside `--max-connections`.
+#[tokio::test]
+async fn a_server_out_of_file_descriptors_says_so_and_accepts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::helpers::free_port();
+    let log = dir.path().join("server.log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 96 && exec \"$0\" --data-dir '{}' serve --listen 127.0.0.1:{port} --max-connections-per-peer 1000 2> '{}'",
+            dir.path().display(),
+            log.display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_ern-registry"))
+        .env("ERN_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .env_remove("ERN_MASTER_KEY_FILE")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let health = || async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map_err(|e| e.to_string())
+            .map(|_| ())
+    };
+    let mut up = false;
+    for _ in 0..100 {
+        if health().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    // More connections than descriptors are left.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        if let Ok(tcp) = tokio::net::TcpStream::connect(addr).await {
+            held.push(tcp);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let during = std::fs::read_to_string(&log).unwrap();
+    let warned = during
+        .matches("cannot accept gRPC connections: out of file descriptors")
+        .count();
+    assert!((1..=2).contains(&warned), "warned {warned} times: {during}");
+    assert!(
+        during.contains("the open-files limit leaves too few descriptors"),
+        "{during}"
+    );
+    drop(held);
+    let mut again = false;
+    for _ in 0..50 {
+        if health().await.is_ok() {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(again, "{}", std::fs::read_to_string(&log).unwrap());
+}

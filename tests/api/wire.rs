@@ -523,3 +523,145 @@ async fn refusals_no_handler_saw_are_counted_not_charged() {
     .map(|(m, o, n)| (m.to_string(), o.to_string(), n));
     assert_eq!(rows, expected);
 }
+
+/// Opens `n` calls of `path` on one new HTTP/2 connection, each with `headers` and the
+/// body `body` sent without ending the stream (so a partial message stays partial), and
+/// returns their answers to come (the connection lives as long as the task it runs on).
+async fn hold(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+    headers: impl Fn(usize) -> Vec<(String, String)>,
+    body: &[u8],
+    end: bool,
+) -> (
+    Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut held = Vec::new();
+    for i in 0..n {
+        let mut client = client.clone().ready().await.unwrap();
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}{path}"))
+            .header("te", "trailers")
+            .header("content-type", "application/grpc");
+        for (name, value) in headers(i) {
+            request = request.header(name, value);
+        }
+        let (response, mut stream) = client
+            .send_request(request.body(()).unwrap(), false)
+            .unwrap();
+        stream.send_data(Bytes::copy_from_slice(body), end).unwrap();
+        held.push((response, stream));
+    }
+    (held, connection)
+}
+
+/// A caller without a valid key cannot make the server hold many request bodies: calls
+/// of one request message whose key has not authenticated a call in this process have
+/// their body read in at most `UNPROVEN_PER_PEER` places per address at once; others
+/// wait, their bodies unread, and past `UNPROVEN_WAITING_PER_PEER` waiting the next is
+/// refused RESOURCE_EXHAUSTED at once. A key that authenticated a call here passes, and
+/// the waiting calls go on as the places come back.
+#[tokio::test]
+async fn calls_not_yet_authenticated_hold_few_request_bodies() {
+    use ern_registry::api::wire::{UNPROVEN_PER_PEER, UNPROVEN_WAITING_PER_PEER};
+    let app = TestApp::spawn().await;
+    let token = physician_token(&app).await;
+    // The physician's key authenticates one call first.
+    let mut dr = app.client(Some(token.trim_start_matches("Bearer "))).await;
+    let _ = dr
+        .get_case(get_case(
+            "ERN-LUNG",
+            "R013-V001-0000000000000000000000000000000000",
+        ))
+        .await;
+    // Calls that announce a 1,000-byte message and send 10 bytes of it, held open: no
+    // key, or a made-up one.
+    let mut partial = framed(0, &[7u8; 1000]);
+    partial.truncate(15);
+    let made_up = |i: usize| {
+        if i % 2 == 1 {
+            vec![(
+                "authorization".to_owned(),
+                format!("Bearer ern_{:016x}_{}", i, "0".repeat(64)),
+            )]
+        } else {
+            Vec::new()
+        }
+    };
+    let (placed, placed_connection) = hold(
+        app.addr,
+        SUBMIT,
+        UNPROVEN_PER_PEER,
+        made_up,
+        &partial,
+        false,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Whole health checks without a key now wait (two connections, within the streams
+    // each may carry).
+    let check = framed(0, &health_check());
+    let half = UNPROVEN_WAITING_PER_PEER / 2;
+    let (mut waiting, first) = hold(app.addr, CHECK, half, |_| Vec::new(), &check, true).await;
+    let (more, second) = hold(
+        app.addr,
+        CHECK,
+        UNPROVEN_WAITING_PER_PEER - half,
+        |_| Vec::new(),
+        &check,
+        true,
+    )
+    .await;
+    waiting.extend(more);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (response, _) = waiting.pop().unwrap();
+    let mut response = std::pin::pin!(response);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), response.as_mut())
+            .await
+            .is_err(),
+        "a call without a proven key waits while the address's places are taken"
+    );
+    // One more is refused at once, whatever its body.
+    let refused = call(app.addr, CHECK, GRPC, &[], vec![check.clone()]).await;
+    assert_eq!(
+        refused.code(),
+        Code::ResourceExhausted,
+        "{:?}",
+        refused.status()
+    );
+    // A key that authenticated here passes (its call is answered as usual).
+    let passed = call(
+        app.addr,
+        CHECK,
+        GRPC,
+        &[("authorization", token.as_str())],
+        vec![check.clone()],
+    )
+    .await;
+    assert_eq!(passed.code(), Code::Ok, "{:?}", passed.status());
+    // The held calls end: the waiting ones are answered.
+    drop(placed);
+    placed_connection.abort();
+    let answer = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("a waiting call goes on once places come back")
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    for (response, _) in waiting {
+        tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("every waiting call goes on")
+            .unwrap();
+    }
+    first.abort();
+    second.abort();
+}
