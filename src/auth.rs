@@ -216,24 +216,6 @@ impl PresentedKey {
             .ok_or(AuthError::MissingCredentials)?
             .to_str()
             .map_err(|_| AuthError::InvalidKey)?;
-        PresentedKey::from_authorization(value)
-    }
-
-    /// From the HTTP request's headers, as [`Self::from_metadata`] (before tonic reads
-    /// the request: `api::wire`).
-    pub fn from_headers(
-        headers: &tonic::codegen::http::HeaderMap,
-    ) -> Result<PresentedKey, AuthError> {
-        let value = headers
-            .get("authorization")
-            .ok_or(AuthError::MissingCredentials)?
-            .to_str()
-            .map_err(|_| AuthError::InvalidKey)?;
-        PresentedKey::from_authorization(value)
-    }
-
-    /// From the value of an `authorization` header: `Bearer <key>`.
-    fn from_authorization(value: &str) -> Result<PresentedKey, AuthError> {
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
@@ -570,32 +552,19 @@ impl KeyVerifier {
     /// full, and a key found dead is forgotten); used to let a valid caller through while
     /// its address is refused.
     pub fn known_good(&self, key: &PresentedKey, certificate: Option<&str>) -> bool {
-        self.verified(key, Some(certificate))
-    }
-
-    /// Whether `key`'s secret is that of a key that authenticated a call in this process,
-    /// whatever the connection's certificate (`api::wire`'s gate on calls not yet
-    /// authenticated, which bounds memory, not access: the call authenticates in full).
-    pub fn knows_secret(&self, key: &PresentedKey) -> bool {
-        self.verified(key, None)
-    }
-
-    /// [`Self::known_good`]; `certificate` `None`: not checked.
-    fn verified(&self, key: &PresentedKey, certificate: Option<Option<&str>>) -> bool {
         let stored = self
             .known
             .read()
             .map(|m| m.get(&key.key_id).cloned())
             .unwrap_or(None);
         stored.is_some_and(|stored| {
-            certificate.is_none_or(|certificate| {
-                stored
-                    .certificate
-                    .as_deref()
-                    .is_none_or(|bound| certificate == Some(bound))
-            }) && self
-                .hasher
-                .verify(&key.key_id, key.secret.expose_secret(), &stored.hash)
+            stored
+                .certificate
+                .as_deref()
+                .is_none_or(|bound| certificate == Some(bound))
+                && self
+                    .hasher
+                    .verify(&key.key_id, key.secret.expose_secret(), &stored.hash)
         })
     }
 

@@ -43,9 +43,13 @@ const DESCRIPTORS_PAUSE: Duration = Duration::from_millis(100);
 /// How often that is logged at most.
 const DESCRIPTORS_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// Whether an accept failed for want of file descriptors (the process's or the system's).
+/// Whether an accept failed for want of file descriptors (the process's or the system's)
+/// or of kernel memory for the socket: the next accept would fail the same way at once.
 fn out_of_descriptors(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(23 | 24))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// The caps and the idle timeout.

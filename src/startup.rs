@@ -750,10 +750,7 @@ impl Application {
             max,
             Some(self.state.refusals.clone()),
         )
-        .limiting_unproven(crate::api::wire::Unproven::new({
-            let state = self.state.clone();
-            move |key| state.verifier.knows_secret(key)
-        }));
+        .limiting_unfinished(crate::api::wire::Unfinished::new());
         let connections = Connections::new(ConnectionLimits {
             max_connections: self.args.max_connections as usize,
             max_per_peer: self.args.max_connections_per_peer as usize,
@@ -978,14 +975,27 @@ fn raise_open_files_limit(max_connections: u64) {
                 rlim_cur: target.max(limit.rlim_cur),
                 rlim_max: limit.rlim_max,
             };
-            // SAFETY: `setrlimit` reads the struct it is given.
-            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            // Where the target is refused (macOS caps it at `kern.maxfilesperproc`),
+            // 10,240, the common ceiling there.
+            for cur in [
+                raised.rlim_cur,
+                raised.rlim_cur.min(10_240).max(limit.rlim_cur),
+            ] {
+                let raised = libc::rlimit {
+                    rlim_cur: cur,
+                    ..raised
+                };
+                // SAFETY: `setrlimit` reads the struct it is given.
+                if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                    debug!(from = limit.rlim_cur, to = cur, "open-files limit raised");
+                    limit = raised;
+                    break;
+                }
                 debug!(
-                    from = limit.rlim_cur,
-                    to = raised.rlim_cur,
-                    "open-files limit raised"
+                    to = cur,
+                    error = %std::io::Error::last_os_error(),
+                    "the open-files limit could not be raised"
                 );
-                limit = raised;
             }
         }
         let needed = max_connections.saturating_add(DESCRIPTORS_RESERVED);

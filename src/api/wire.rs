@@ -27,16 +27,16 @@
 //!   "cardinality violation", but that is also the code of a method that does not exist,
 //!   so a client could not tell its own malformed body from a missing method.)
 //!
-//! - **calls not yet authenticated hold little**: tonic reads a unary call's whole message
-//!   before its handler can check the key, so a caller without a valid key could open
-//!   many calls, send all but the last byte of a large message each, and keep the
-//!   memory for the call's deadline. A call of one request message whose key has not
-//!   authenticated a call in this process ([`Unproven`]) takes a place before its body is
-//!   read: at most [`UNPROVEN_PER_PEER`] at once per address (an IPv4 address or an IPv6
-//!   /64) and [`UNPROVEN_TOTAL`] in all; past either, RESOURCE_EXHAUSTED at once, its body
-//!   unread. A key that authenticated a call here (its secret checked against the one
-//!   remembered, `auth::KeyVerifier::knows_secret`) passes; its calls are bounded by
-//!   the principal's calls in flight once authenticated.
+//! - **unfinished messages are bounded per address and in all** ([`Unfinished`]): tonic
+//!   buffers a request message until its last byte arrives, and reads a unary call's
+//!   message before its handler checks the key, so a caller without a valid key could
+//!   open many calls, send all but the last byte of a large message each, and keep the
+//!   memory for the call's deadline. The bytes received of messages not yet complete are
+//!   counted: at most [`UNFINISHED_PER_PEER`] per address (an IPv4 address or an IPv6
+//!   /64) and [`UNFINISHED_TOTAL`] in all. A frame that would go past either fails its
+//!   call with RESOURCE_EXHAUSTED. A message that arrives whole in one frame (most calls:
+//!   HTTP/2 frames carry 16 KiB) is never counted, so a flood of unfinished messages
+//!   cannot refuse small calls.
 //!
 //! The framing is followed as the bytes pass, without buffering: the layer only counts.
 //! Its verdict reaches tonic as an error of the request body, which tonic gives the client
@@ -84,177 +84,83 @@ const GRPC_PROTO: &str = "application/grpc+proto";
 /// The gRPC message prefix: a compressed flag and a big-endian length.
 const PREFIX: usize = 5;
 
-/// Calls of one request message from one address (`ratelimit::Peer`) not yet
-/// authenticated in this process whose body may be read at once.
-pub const UNPROVEN_PER_PEER: usize = 32;
-/// The same, from all addresses: with `--max-message-bytes` of 1 MiB, at most 256 MiB
-/// of such bodies.
-pub const UNPROVEN_TOTAL: usize = 256;
-/// Such calls that may wait for a place, their bodies unread, per address and in all.
-pub const UNPROVEN_WAITING_PER_PEER: usize = 256;
-pub const UNPROVEN_WAITING_TOTAL: usize = 4096;
+/// Bytes of unfinished request messages one address may have received at once.
+pub const UNFINISHED_PER_PEER: usize = 64 << 20;
+/// The same, from all addresses.
+pub const UNFINISHED_TOTAL: usize = 256 << 20;
 
-/// The places of calls not yet authenticated (module documentation).
-pub struct Unproven {
-    /// Whether a presented key authenticated a call in this process.
-    proven: Box<dyn Fn(&crate::auth::PresentedKey) -> bool + Send + Sync>,
-    counts: std::sync::Mutex<Counts>,
-    /// Told when a place is given back.
-    freed: tokio::sync::Notify,
-    limits: [usize; 4],
+/// The bytes of unfinished request messages, per address and in all (module doc).
+pub struct Unfinished {
+    counts: std::sync::Mutex<(usize, std::collections::HashMap<Peer, usize>)>,
+    per_peer: usize,
+    total: usize,
 }
 
-#[derive(Default)]
-struct Counts {
-    running: usize,
-    running_from: std::collections::HashMap<Peer, usize>,
-    waiting: usize,
-    waiting_from: std::collections::HashMap<Peer, usize>,
+impl Default for Unfinished {
+    fn default() -> Self {
+        Unfinished::new()
+    }
 }
 
-/// Adds `by` (1 or -1) to `peer`'s count in `from` and to `total`.
-fn count(
-    total: &mut usize,
-    from: &mut std::collections::HashMap<Peer, usize>,
+impl Unfinished {
+    pub fn new() -> Unfinished {
+        Unfinished::with_limits(UNFINISHED_PER_PEER, UNFINISHED_TOTAL)
+    }
+
+    pub fn with_limits(per_peer: usize, total: usize) -> Unfinished {
+        Unfinished {
+            counts: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+            per_peer,
+            total,
+        }
+    }
+}
+
+/// One call's share of [`Unfinished`]: the bytes of its message under way.
+struct Held {
+    unfinished: Arc<Unfinished>,
     peer: Peer,
-    up: bool,
-) {
-    let n = from.entry(peer).or_insert(0);
-    if up {
-        *n += 1;
-        *total += 1;
-    } else {
-        *n = n.saturating_sub(1);
-        *total = total.saturating_sub(1);
-        if *n == 0 {
-            from.remove(&peer);
-        }
-    }
+    bytes: usize,
 }
 
-impl Unproven {
-    pub fn new(
-        proven: impl Fn(&crate::auth::PresentedKey) -> bool + Send + Sync + 'static,
-    ) -> Unproven {
-        Unproven::with_limits(
-            proven,
-            [
-                UNPROVEN_PER_PEER,
-                UNPROVEN_TOTAL,
-                UNPROVEN_WAITING_PER_PEER,
-                UNPROVEN_WAITING_TOTAL,
-            ],
-        )
-    }
-
-    /// `limits`: places per address and in all, then waiting calls per address and in all.
-    pub fn with_limits(
-        proven: impl Fn(&crate::auth::PresentedKey) -> bool + Send + Sync + 'static,
-        limits: [usize; 4],
-    ) -> Unproven {
-        Unproven {
-            proven: Box::new(proven),
-            counts: std::sync::Mutex::new(Counts::default()),
-            freed: tokio::sync::Notify::new(),
-            limits,
+impl Held {
+    /// Makes the call's share `bytes`; `Err(())`, unchanged, if that goes past a limit.
+    fn set(&mut self, bytes: usize) -> Result<(), ()> {
+        if bytes == self.bytes {
+            return Ok(());
         }
-    }
-
-    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether the call presents a key that authenticated a call in this process.
-    fn proves(&self, headers: &HeaderMap) -> bool {
-        crate::auth::PresentedKey::from_headers(headers).is_ok_and(|key| (self.proven)(&key))
-    }
-
-    /// A place for a call from `peer`: at once if one is free, else after waiting for one
-    /// (its body unread meanwhile); `Err(())` when too many wait already.
-    async fn enter(self: Arc<Self>, peer: Peer) -> Result<Place, ()> {
-        let [per_peer, total, waiting_per_peer, waiting_total] = self.limits;
-        let take = |counts: &mut Counts| {
-            let from = counts.running_from.get(&peer).copied().unwrap_or(0);
-            let free = counts.running < total && from < per_peer;
-            if free {
-                count(&mut counts.running, &mut counts.running_from, peer, true);
-            }
-            free
-        };
-        {
-            let mut counts = self.counts();
-            if take(&mut counts) {
-                return Ok(Place {
-                    unproven: self.clone(),
-                    peer,
-                });
-            }
-            let from = counts.waiting_from.get(&peer).copied().unwrap_or(0);
-            if counts.waiting >= waiting_total || from >= waiting_per_peer {
+        let limits = (self.unfinished.per_peer, self.unfinished.total);
+        let mut counts = self
+            .unfinished
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (total, per_peer) = &mut *counts;
+        let from = per_peer.get(&self.peer).copied().unwrap_or(0);
+        let (from, all) = if bytes > self.bytes {
+            let more = bytes - self.bytes;
+            if from + more > limits.0 || *total + more > limits.1 {
                 return Err(());
             }
-            let Counts {
-                waiting,
-                waiting_from,
-                ..
-            } = &mut *counts;
-            count(waiting, waiting_from, peer, true);
-        }
-        let _waiting = Waiting {
-            unproven: &self,
-            peer,
+            (from + more, *total + more)
+        } else {
+            let less = self.bytes - bytes;
+            (from.saturating_sub(less), total.saturating_sub(less))
         };
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if take(&mut self.counts()) {
-                return Ok(Place {
-                    unproven: self.clone(),
-                    peer,
-                });
-            }
-            freed.await;
+        *total = all;
+        if from == 0 {
+            per_peer.remove(&self.peer);
+        } else {
+            per_peer.insert(self.peer, from);
         }
+        self.bytes = bytes;
+        Ok(())
     }
 }
 
-/// A waiting call, counted until dropped (given a place, or abandoned).
-struct Waiting<'a> {
-    unproven: &'a Unproven,
-    peer: Peer,
-}
-
-impl Drop for Waiting<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
-        let mut counts = self.unproven.counts();
-        let Counts {
-            waiting,
-            waiting_from,
-            ..
-        } = &mut *counts;
-        count(waiting, waiting_from, self.peer, false);
-    }
-}
-
-/// A place of [`Unproven`], given back when dropped (the call answered or abandoned).
-struct Place {
-    unproven: Arc<Unproven>,
-    peer: Peer,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        {
-            let mut counts = self.unproven.counts();
-            let Counts {
-                running,
-                running_from,
-                ..
-            } = &mut *counts;
-            count(running, running_from, self.peer, false);
-        }
-        self.unproven.freed.notify_waiters();
+        let _ = self.set(0);
     }
 }
 
@@ -273,8 +179,8 @@ struct Rules {
     max_message_bytes: usize,
     /// Where refusals no handler recorded are counted (none: not counted).
     refusals: Option<Arc<Refusals>>,
-    /// The places of calls not yet authenticated (none: not limited).
-    unproven: Option<Arc<Unproven>>,
+    /// The bound on unfinished messages (none: not bounded).
+    unfinished: Option<Arc<Unfinished>>,
 }
 
 impl Rules {
@@ -323,18 +229,18 @@ impl WireContractLayer {
                 known: methods(descriptor_sets, false),
                 max_message_bytes,
                 refusals,
-                unproven: None,
+                unfinished: None,
             }),
         }
     }
 
-    /// The same, with calls not yet authenticated limited by `unproven`.
-    pub fn limiting_unproven(self, unproven: Unproven) -> WireContractLayer {
+    /// The same, with unfinished messages bounded by `unfinished`.
+    pub fn limiting_unfinished(self, unfinished: Unfinished) -> WireContractLayer {
         let rules = Arc::try_unwrap(self.rules)
             .unwrap_or_else(|_| unreachable!("a new layer's rules are not shared yet"));
         WireContractLayer {
             rules: Arc::new(Rules {
-                unproven: Some(Arc::new(unproven)),
+                unfinished: Some(Arc::new(unfinished)),
                 ..rules
             }),
         }
@@ -391,7 +297,7 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S> Service<http::Request<Body>> for WireContract<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -415,13 +321,6 @@ where
             return Box::pin(std::future::ready(Ok(refusal)));
         }
         let single = self.rules.single_request.contains(request.uri().path());
-        // A call not yet authenticated waits for a place before its body is read.
-        let unproven = match &self.rules.unproven {
-            Some(unproven) if single && !unproven.proves(request.headers()) => {
-                Some(Arc::clone(unproven))
-            }
-            _ => None,
-        };
         // A compressed message needs a `grpc-encoding` other than identity; one tonic does
         // not support is refused by tonic (UNIMPLEMENTED) before the body is read.
         let encoded = request
@@ -435,40 +334,27 @@ where
             prefix: [0; PREFIX],
             have: 0,
             remaining: 0,
+            length: 0,
             messages: 0,
         };
+        let held = self.rules.unfinished.as_ref().map(|unfinished| Held {
+            unfinished: Arc::clone(unfinished),
+            peer,
+            bytes: 0,
+        });
         let request = request.map(|body| {
             Body::new(FramedBody {
                 inner: body,
                 framing,
                 done: false,
+                held,
             })
         });
         let limit = self.rules.max_message_bytes;
         let rules = Arc::clone(&self.rules);
-        // The service made ready by `poll_ready` takes the call, when it is let in.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let call = self.inner.call(request);
         Box::pin(async move {
-            let place = match unproven {
-                Some(unproven) => match unproven.enter(peer).await {
-                    Ok(place) => Some(place),
-                    Err(()) => {
-                        metrics::counter!("ern_rate_limited_total", "limit" => "unauthenticated_calls")
-                            .increment(1);
-                        rules.refused(peer, &path, Outcome::ResourceExhausted);
-                        return Ok(Status::resource_exhausted(
-                            "too many calls from your address wait to be authenticated: retry \
-                             in a moment",
-                        )
-                        .into_http());
-                    }
-                },
-                None => None,
-            };
-            let mut response = inner.call(request).await?;
-            // The request was read (or given up): its place is free.
-            drop(place);
+            let mut response = call.await?;
             // A failure answered in the headers (trailers-only) that no handler recorded.
             let audited = response.headers_mut().remove(AUDITED).is_some();
             if !audited
@@ -534,6 +420,8 @@ struct Framing {
     have: usize,
     /// Bytes of the current message still to come.
     remaining: usize,
+    /// The length of the current message.
+    length: usize,
     /// Messages whose prefix has arrived.
     messages: usize,
 }
@@ -596,7 +484,17 @@ impl Framing {
         }
         self.messages += 1;
         self.remaining = len;
+        self.length = len;
         Ok(())
+    }
+
+    /// Bytes received of the message under way (its prefix included); 0 between messages.
+    fn unfinished(&self) -> usize {
+        if self.remaining > 0 {
+            PREFIX + self.length - self.remaining
+        } else {
+            self.have
+        }
     }
 
     /// The verdict at the end of the body.
@@ -675,14 +573,35 @@ struct FramedBody {
     framing: Framing,
     /// The body has ended or failed: nothing more is read.
     done: bool,
+    /// Its share of the bound on unfinished messages (none: not bounded).
+    held: Option<Held>,
 }
 
 impl FramedBody {
     /// Ends the body with `status` (its remaining bytes are not read).
     fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.done = true;
+        self.held = None;
         self.inner = Body::empty();
         Poll::Ready(Some(Err(status)))
+    }
+
+    /// Counts the bytes of the message under way; `Err` past a limit.
+    fn hold_unfinished(&mut self) -> Result<(), Status> {
+        let unfinished = self.framing.unfinished();
+        let over = self
+            .held
+            .as_mut()
+            .is_some_and(|held| held.set(unfinished).is_err());
+        if over {
+            metrics::counter!("ern_rate_limited_total", "limit" => "unfinished_messages")
+                .increment(1);
+            return Err(Status::resource_exhausted(
+                "the service holds too many unfinished request messages from your address \
+                 (or from all): retry in a moment",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -700,7 +619,10 @@ impl http_body::Body for FramedBody {
         match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 let checked = match frame.data_ref() {
-                    Some(data) => self.framing.feed(data),
+                    Some(data) => self
+                        .framing
+                        .feed(data)
+                        .and_then(|()| self.hold_unfinished()),
                     // Trailers end the body.
                     None => self.framing.finish(),
                 };
@@ -711,10 +633,12 @@ impl http_body::Body for FramedBody {
             }
             Some(Err(status)) => {
                 self.done = true;
+                self.held = None;
                 Poll::Ready(Some(Err(status)))
             }
             None => {
                 self.done = true;
+                self.held = None;
                 match self.framing.finish() {
                     Ok(()) => Poll::Ready(None),
                     Err(status) => self.fail(status),
@@ -742,6 +666,7 @@ mod tests {
             prefix: [0; PREFIX],
             have: 0,
             remaining: 0,
+            length: 0,
             messages: 0,
         }
     }

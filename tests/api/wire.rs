@@ -563,105 +563,62 @@ async fn hold(
     (held, connection)
 }
 
-/// A caller without a valid key cannot make the server hold many request bodies: calls
-/// of one request message whose key has not authenticated a call in this process have
-/// their body read in at most `UNPROVEN_PER_PEER` places per address at once; others
-/// wait, their bodies unread, and past `UNPROVEN_WAITING_PER_PEER` waiting the next is
-/// refused RESOURCE_EXHAUSTED at once. A key that authenticated a call here passes, and
-/// the waiting calls go on as the places come back.
+/// A caller cannot make the server hold many unfinished request messages: the bytes
+/// received of messages not yet complete are bounded per address
+/// (`UNFINISHED_PER_PEER`, 64 MiB); a frame past it fails its call with
+/// RESOURCE_EXHAUSTED, while a message that arrives whole in one frame is never counted,
+/// and the bytes come back when the held calls end.
 #[tokio::test]
-async fn calls_not_yet_authenticated_hold_few_request_bodies() {
-    use ern_registry::api::wire::{UNPROVEN_PER_PEER, UNPROVEN_WAITING_PER_PEER};
+async fn unfinished_request_messages_are_bounded_per_address() {
+    use ern_registry::api::wire::UNFINISHED_PER_PEER;
     let app = TestApp::spawn().await;
-    let token = physician_token(&app).await;
-    // The physician's key authenticates one call first.
-    let mut dr = app.client(Some(token.trim_start_matches("Bearer "))).await;
-    let _ = dr
-        .get_case(get_case(
-            "ERN-LUNG",
-            "R013-V001-0000000000000000000000000000000000",
-        ))
-        .await;
-    // Calls that announce a 1,000-byte message and send 10 bytes of it, held open: no
-    // key, or a made-up one.
-    let mut partial = framed(0, &[7u8; 1000]);
-    partial.truncate(15);
-    let made_up = |i: usize| {
-        if i % 2 == 1 {
-            vec![(
-                "authorization".to_owned(),
-                format!("Bearer ern_{:016x}_{}", i, "0".repeat(64)),
-            )]
-        } else {
-            Vec::new()
+    // Messages of 1,000,000 bytes, all but the last byte sent, no key: more than the
+    // bound holds.
+    let size = 1_000_000;
+    let fit = UNFINISHED_PER_PEER / (size + 5);
+    let mut partial = framed(0, &vec![7u8; size]);
+    partial.pop();
+    let (held, connection) = hold(app.addr, SUBMIT, fit + 3, |_| Vec::new(), &partial, false).await;
+    // Each call's answer, if any comes within 2 s (all at once).
+    let (responses, streams): (Vec<_>, Vec<_>) = held.into_iter().unzip();
+    let answers = futures_util::future::join_all(
+        responses
+            .into_iter()
+            .map(|r| tokio::time::timeout(Duration::from_secs(2), r)),
+    )
+    .await;
+    let mut refused = 0;
+    let mut waiting = Vec::new();
+    for (answer, stream) in answers.into_iter().zip(streams) {
+        match answer {
+            Ok(Ok(answer)) => {
+                let status = tonic::Status::from_header_map(answer.headers())
+                    .expect("a trailers-only refusal");
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => waiting.push(stream),
         }
-    };
-    let (placed, placed_connection) = hold(
-        app.addr,
-        SUBMIT,
-        UNPROVEN_PER_PEER,
-        made_up,
-        &partial,
-        false,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Whole health checks without a key now wait (two connections, within the streams
-    // each may carry).
-    let check = framed(0, &health_check());
-    let half = UNPROVEN_WAITING_PER_PEER / 2;
-    let (mut waiting, first) = hold(app.addr, CHECK, half, |_| Vec::new(), &check, true).await;
-    let (more, second) = hold(
-        app.addr,
-        CHECK,
-        UNPROVEN_WAITING_PER_PEER - half,
-        |_| Vec::new(),
-        &check,
-        true,
-    )
-    .await;
-    waiting.extend(more);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (response, _) = waiting.pop().unwrap();
-    let mut response = std::pin::pin!(response);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), response.as_mut())
-            .await
-            .is_err(),
-        "a call without a proven key waits while the address's places are taken"
-    );
-    // One more is refused at once, whatever its body.
-    let refused = call(app.addr, CHECK, GRPC, &[], vec![check.clone()]).await;
-    assert_eq!(
-        refused.code(),
-        Code::ResourceExhausted,
-        "{:?}",
-        refused.status()
-    );
-    // A key that authenticated here passes (its call is answered as usual).
-    let passed = call(
-        app.addr,
-        CHECK,
-        GRPC,
-        &[("authorization", token.as_str())],
-        vec![check.clone()],
-    )
-    .await;
-    assert_eq!(passed.code(), Code::Ok, "{:?}", passed.status());
-    // The held calls end: the waiting ones are answered.
-    drop(placed);
-    placed_connection.abort();
-    let answer = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .expect("a waiting call goes on once places come back")
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::OK);
-    for (response, _) in waiting {
-        tokio::time::timeout(Duration::from_secs(10), response)
-            .await
-            .expect("every waiting call goes on")
-            .unwrap();
     }
-    first.abort();
-    second.abort();
+    assert!(refused >= 3, "refused {refused}");
+    assert!(waiting.len() <= fit, "{} held", waiting.len());
+    // A message whole in one frame is not counted: a health check passes.
+    let check = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+    assert_eq!(check.code(), Code::Ok, "{:?}", check.status());
+    // Once the held calls end, a large message from the address is read again (and
+    // refused for what it is: not a request of the method).
+    drop(waiting);
+    connection.abort();
+    let mut code = Code::ResourceExhausted;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let whole = framed(0, &vec![7u8; size]);
+        let frames: Vec<Vec<u8>> = whole.chunks(16 * 1024).map(<[u8]>::to_vec).collect();
+        code = call(app.addr, SUBMIT, GRPC, &[], frames).await.code();
+        if code != Code::ResourceExhausted {
+            break;
+        }
+    }
+    assert_eq!(code, Code::InvalidArgument);
 }
