@@ -63,15 +63,21 @@ async fn a_server_out_of_file_descriptors_says_so_and_accepts_again() {
             .map_err(|e| e.to_string())
             .map(|_| ())
     };
-    let mut up = false;
-    for _ in 0..100 {
-        if health().await.is_ok() {
-            up = true;
-            break;
+    // Whether a health check succeeds within `tries` tenths of a second.
+    let answers = |tries: usize| async move {
+        for _ in 0..tries {
+            if health().await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(up, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        false
+    };
+    assert!(
+        answers(100).await,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     // More connections than descriptors are left.
     let mut held = Vec::new();
     for _ in 0..120 {
@@ -90,14 +96,7 @@ async fn a_server_out_of_file_descriptors_says_so_and_accepts_again() {
         "{during}"
     );
     drop(held);
-    let mut again = false;
-    for _ in 0..50 {
-        if health().await.is_ok() {
-            again = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let again = answers(50).await;
     let _ = child.kill();
     let _ = child.wait();
     assert!(again, "{}", std::fs::read_to_string(&log).unwrap());

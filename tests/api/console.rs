@@ -999,28 +999,9 @@ async fn an_officer_finds_records_withdraws_and_gets_a_printable_receipt() {
     assert!(bad.body.contains("id=\"given_at-error\""), "{}", bad.body);
     // A pseudonym of a key version the registry does not have: said of the page's
     // pseudonym (a hidden field), as the form names it.
-    let never = {
-        use ern_registry::pseudonym::{Pseudonymiser, RegistryRef};
-        let master =
-            ern_registry::keys::MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
-        let eye = app
-            .store
-            .registry_by_code("ERN-EYE")
-            .await
-            .unwrap()
-            .unwrap();
-        let identity =
-            ern_registry::api::convert::patient_identity(&national("NL", &canary)).unwrap();
-        Pseudonymiser::new(&master)
-            .derive(
-                RegistryRef {
-                    key_version: 3,
-                    ..eye.key_ref().unwrap()
-                },
-                &identity,
-            )
-            .to_string()
-    };
+    let never = app
+        .pseudonym_under("ERN-EYE", &national("NL", &canary), 3)
+        .await;
     let unknown = web
         .post(
             "/officer/record",

@@ -379,6 +379,35 @@ impl TestApp {
     }
 
     /// Counts rows of a table (tests only; the name is a literal).
+    /// The pseudonym of the patient named by `ids` in `registry` under key version
+    /// `key_version` (whether or not the registry has that version), with this app's
+    /// master key.
+    pub async fn pseudonym_under(
+        &self,
+        registry: &str,
+        ids: &ern_registry::proto::PatientIdentifiers,
+        key_version: u16,
+    ) -> String {
+        let master =
+            ern_registry::keys::MasterSecret::load(&self.dir.path().join("master.key")).unwrap();
+        let registry = self
+            .store
+            .registry_by_code(registry)
+            .await
+            .unwrap()
+            .unwrap();
+        let identity = ern_registry::api::convert::patient_identity(ids).unwrap();
+        ern_registry::pseudonym::Pseudonymiser::new(&master)
+            .derive(
+                ern_registry::pseudonym::RegistryRef {
+                    key_version,
+                    ..registry.key_ref().unwrap()
+                },
+                &identity,
+            )
+            .to_string()
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         db::query(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(self.store.pool())

@@ -305,25 +305,14 @@ async fn a_pseudonym_of_a_rotated_key_version_starts_no_patient() {
     let err = officer.record_consent(request).await.unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{}", err.message());
     assert!(err.message().contains("rotated"), "{}", err.message());
-    let none = ern_registry::store::db::query("SELECT count(*) FROM patient_keys")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap()
-        .get::<i64>(0);
-    assert_eq!(none, 0);
+    assert_eq!(app.count("patient_keys").await, 0);
     // One of a version the registry does not have (0, or above the active one): no retry
     // helps, so INVALID_ARGUMENT on the pseudonym, whatever the call, and nothing is
     // written.
     for version in [0, 3] {
-        let never = Pseudonymiser::new(&master)
-            .derive(
-                ern_registry::pseudonym::RegistryRef {
-                    key_version: version,
-                    ..eye.key_ref().unwrap()
-                },
-                &identity,
-            )
-            .to_string();
+        let never = app
+            .pseudonym_under("ERN-EYE", &national("NL", &bsn(5)), version)
+            .await;
         let mut request = record_request(5, inclusion_granted());
         request.patient = by_pseudonym(&never);
         let withdrawn = officer
@@ -357,12 +346,7 @@ async fn a_pseudonym_of_a_rotated_key_version_starts_no_patient() {
             "{rejected:?}"
         );
     }
-    let none = ern_registry::store::db::query("SELECT count(*) FROM patient_keys")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap()
-        .get::<i64>(0);
-    assert_eq!(none, 0);
+    assert_eq!(app.count("patient_keys").await, 0);
 
     let recorded = officer
         .record_consent(record_request(5, inclusion_granted()))
