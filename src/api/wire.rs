@@ -31,12 +31,16 @@
 //!   buffers a request message until its last byte arrives, and reads a unary call's
 //!   message before its handler checks the key, so a caller without a valid key could
 //!   open many calls, send all but the last byte of a large message each, and keep the
-//!   memory for the call's deadline. The bytes received of messages not yet complete are
-//!   counted: at most [`UNFINISHED_PER_PEER`] per address (an IPv4 address or an IPv6
-//!   /64) and [`UNFINISHED_TOTAL`] in all. A frame that would go past either fails its
-//!   call with RESOURCE_EXHAUSTED. A message that arrives whole in one frame (most calls:
-//!   HTTP/2 frames carry 16 KiB) is never counted, so a flood of unfinished messages
-//!   cannot refuse small calls.
+//!   memory for the call's deadline (or send it whole and never end the body: tonic keeps
+//!   a unary call's message until then). A message's announced length (tonic reserves
+//!   it when the prefix arrives) is counted from its prefix until it is complete, and for
+//!   a method of one message until the body ends: at most [`UNFINISHED_PER_PEER`] per
+//!   address (an IPv4 address or an IPv6 /64) and [`UNFINISHED_TOTAL`] in all. A frame
+//!   that would go past either fails its call with RESOURCE_EXHAUSTED (a reflection
+//!   stream so failed ends with OK: tonic-reflection ends its stream on a request error).
+//!   A message of at most [`SMALL_MESSAGE`] bytes (most calls) is never counted, so a
+//!   flood cannot refuse small calls; larger ones from every address can be refused
+//!   while a few addresses hold the total.
 //!
 //! The framing is followed as the bytes pass, without buffering: the layer only counts.
 //! Its verdict reaches tonic as an error of the request body, which tonic gives the client
@@ -84,7 +88,10 @@ const GRPC_PROTO: &str = "application/grpc+proto";
 /// The gRPC message prefix: a compressed flag and a big-endian length.
 const PREFIX: usize = 5;
 
-/// Bytes of unfinished request messages one address may have received at once.
+/// Messages up to this length are not counted against [`Unfinished`] (an HTTP/2 frame's
+/// default size).
+pub const SMALL_MESSAGE: usize = 16 << 10;
+/// Bytes of unfinished request messages of one address at once.
 pub const UNFINISHED_PER_PEER: usize = 64 << 20;
 /// The same, from all addresses.
 pub const UNFINISHED_TOTAL: usize = 256 << 20;
@@ -488,12 +495,18 @@ impl Framing {
         Ok(())
     }
 
-    /// Bytes received of the message under way (its prefix included); 0 between messages.
+    /// What the message under way holds of the server's memory, counted against
+    /// [`Unfinished`]: the length its prefix announces (tonic reserves it at once), from
+    /// the prefix until the message is complete, and for a method of one message until
+    /// the body ends (tonic keeps the message until then). A message of at most
+    /// [`SMALL_MESSAGE`] bytes counts nothing: its cost is of the order of an open
+    /// stream's own, which the stream caps bound.
     fn unfinished(&self) -> usize {
-        if self.remaining > 0 {
-            PREFIX + self.length - self.remaining
+        let under_way = self.remaining > 0 || (self.single && self.messages >= 1);
+        if under_way && self.length > SMALL_MESSAGE {
+            PREFIX + self.length
         } else {
-            self.have
+            0
         }
     }
 
@@ -624,7 +637,10 @@ impl http_body::Body for FramedBody {
                         .feed(data)
                         .and_then(|()| self.hold_unfinished()),
                     // Trailers end the body.
-                    None => self.framing.finish(),
+                    None => {
+                        self.held = None;
+                        self.framing.finish()
+                    }
                 };
                 match checked {
                     Ok(()) => Poll::Ready(Some(Ok(frame))),
@@ -669,6 +685,29 @@ mod tests {
             length: 0,
             messages: 0,
         }
+    }
+
+    /// A message's announced length counts from its prefix: until it is complete, and for
+    /// a method of one message until the body ends; a small message never counts.
+    #[test]
+    fn an_unfinished_message_counts_its_announced_length() {
+        let big = message(0, &[7; 20_000]);
+        for single in [true, false] {
+            let mut f = framing(single, 1 << 20);
+            f.feed(&big[..3]).unwrap();
+            assert_eq!(f.unfinished(), 0, "a prefix under way");
+            f.feed(&big[3..10]).unwrap();
+            assert_eq!(f.unfinished(), 20_005, "announced, not received");
+            f.feed(&big[10..]).unwrap();
+            let kept = if single { 20_005 } else { 0 };
+            assert_eq!(f.unfinished(), kept, "complete, single {single}");
+        }
+        let small = message(0, &[7; SMALL_MESSAGE]);
+        let mut f = framing(true, 1 << 20);
+        f.feed(&small[..10]).unwrap();
+        assert_eq!(f.unfinished(), 0);
+        f.feed(&small[10..]).unwrap();
+        assert_eq!(f.unfinished(), 0);
     }
 
     fn message(flag: u8, body: &[u8]) -> Vec<u8> {

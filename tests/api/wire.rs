@@ -534,6 +534,7 @@ async fn hold(
     headers: impl Fn(usize) -> Vec<(String, String)>,
     body: &[u8],
     end: bool,
+    pause: Duration,
 ) -> (
     Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)>,
     tokio::task::JoinHandle<()>,
@@ -559,27 +560,16 @@ async fn hold(
             .unwrap();
         stream.send_data(Bytes::copy_from_slice(body), end).unwrap();
         held.push((response, stream));
+        tokio::time::sleep(pause).await;
     }
     (held, connection)
 }
 
-/// A caller cannot make the server hold many unfinished request messages: the bytes
-/// received of messages not yet complete are bounded per address
-/// (`UNFINISHED_PER_PEER`, 64 MiB); a frame past it fails its call with
-/// RESOURCE_EXHAUSTED, while a message that arrives whole in one frame is never counted,
-/// and the bytes come back when the held calls end.
-#[tokio::test]
-async fn unfinished_request_messages_are_bounded_per_address() {
-    use ern_registry::api::wire::UNFINISHED_PER_PEER;
-    let app = TestApp::spawn().await;
-    // Messages of 1,000,000 bytes, all but the last byte sent, no key: more than the
-    // bound holds.
-    let size = 1_000_000;
-    let fit = UNFINISHED_PER_PEER / (size + 5);
-    let mut partial = framed(0, &vec![7u8; size]);
-    partial.pop();
-    let (held, connection) = hold(app.addr, SUBMIT, fit + 3, |_| Vec::new(), &partial, false).await;
-    // Each call's answer, if any comes within 2 s (all at once).
+/// Of held calls: how many were refused (RESOURCE_EXHAUSTED, the only answer expected)
+/// within 2 s, and the streams of those still waiting.
+async fn refused_and_waiting(
+    held: Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)>,
+) -> (usize, Vec<h2::SendStream<Bytes>>) {
     let (responses, streams): (Vec<_>, Vec<_>) = held.into_iter().unzip();
     let answers = futures_util::future::join_all(
         responses
@@ -601,6 +591,35 @@ async fn unfinished_request_messages_are_bounded_per_address() {
             Err(_) => waiting.push(stream),
         }
     }
+    (refused, waiting)
+}
+
+/// A caller cannot make the server hold many unfinished request messages: the bytes
+/// received of messages not yet complete are bounded per address
+/// (`UNFINISHED_PER_PEER`, 64 MiB); a frame past it fails its call with
+/// RESOURCE_EXHAUSTED, while a message that arrives whole in one frame is never counted,
+/// and the bytes come back when the held calls end.
+#[tokio::test]
+async fn unfinished_request_messages_are_bounded_per_address() {
+    use ern_registry::api::wire::UNFINISHED_PER_PEER;
+    let app = TestApp::spawn().await;
+    // Messages of 1,000,000 bytes, all but the last byte sent, no key: more than the
+    // bound holds.
+    let size = 1_000_000;
+    let fit = UNFINISHED_PER_PEER / (size + 5);
+    let mut partial = framed(0, &vec![7u8; size]);
+    partial.pop();
+    let (held, connection) = hold(
+        app.addr,
+        SUBMIT,
+        fit + 3,
+        |_| Vec::new(),
+        &partial,
+        false,
+        Duration::ZERO,
+    )
+    .await;
+    let (refused, waiting) = refused_and_waiting(held).await;
     assert!(refused >= 3, "refused {refused}");
     assert!(waiting.len() <= fit, "{} held", waiting.len());
     // A message whole in one frame is not counted: a health check passes.
@@ -621,4 +640,30 @@ async fn unfinished_request_messages_are_bounded_per_address() {
         }
     }
     assert_eq!(code, Code::InvalidArgument);
+
+    // A unary message sent whole but its body never ended is kept by tonic until then:
+    // counted as well (one call after another, each message complete before the next; a
+    // valid request, which tonic decodes and then waits for the body's end).
+    let whole = framed(
+        0,
+        &proto::SubmitCaseRequest {
+            registry: "R".repeat(size - 10),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let (held, connection) = hold(
+        app.addr,
+        SUBMIT,
+        fit + 3,
+        |_| Vec::new(),
+        &whole,
+        false,
+        Duration::from_millis(30),
+    )
+    .await;
+    let (refused, streams) = refused_and_waiting(held).await;
+    assert!(refused >= 3, "refused {refused}");
+    drop(streams);
+    connection.abort();
 }
