@@ -35,12 +35,13 @@
 //!   a unary call's message until then). A message's announced length (tonic reserves
 //!   it when the prefix arrives) is counted from its prefix until it is complete, and for
 //!   a method of one message until the body ends: at most [`UNFINISHED_PER_PEER`] per
-//!   address (an IPv4 address or an IPv6 /64) and [`UNFINISHED_TOTAL`] in all. A frame
-//!   that would go past either fails its call with RESOURCE_EXHAUSTED (a reflection
+//!   address (an IPv4 address or an IPv6 /64), and [`UNFINISHED_TOTAL`] in all of
+//!   messages over [`SMALL_MESSAGE`] (so that many addresses together cannot refuse small
+//!   calls; larger ones from every address can be refused while a few hold the total). A
+//!   frame that would go past either fails its call with RESOURCE_EXHAUSTED (a reflection
 //!   stream so failed ends with OK: tonic-reflection ends its stream on a request error).
-//!   A message of at most [`SMALL_MESSAGE`] bytes (most calls) is never counted, so a
-//!   flood cannot refuse small calls; larger ones from every address can be refused
-//!   while a few addresses hold the total.
+//!   Health and reflection requests, which need no key and are names, are held to
+//!   [`SMALL_MESSAGE`].
 //!
 //! The framing is followed as the bytes pass, without buffering: the layer only counts.
 //! Its verdict reaches tonic as an error of the request body, which tonic gives the client
@@ -123,20 +124,25 @@ impl Unfinished {
     }
 }
 
-/// One call's share of [`Unfinished`]: the bytes of its message under way.
+/// One call's share of [`Unfinished`]: the bytes of its message under way, counted per
+/// address whatever the message's size, and in all only for a message over
+/// [`SMALL_MESSAGE`] (so that many addresses together cannot refuse small calls).
 struct Held {
     unfinished: Arc<Unfinished>,
     peer: Peer,
     bytes: usize,
+    /// Whether `bytes` count in all too.
+    large: bool,
 }
 
 impl Held {
-    /// Makes the call's share `bytes`; `Err(())`, unchanged, if that goes past a limit.
-    fn set(&mut self, bytes: usize) -> Result<(), ()> {
-        if bytes == self.bytes {
+    /// Makes the call's share `bytes` (`large`: counted in all too); `Err(())`, unchanged,
+    /// if that goes past a limit.
+    fn set(&mut self, bytes: usize, large: bool) -> Result<(), ()> {
+        if bytes == self.bytes && large == self.large {
             return Ok(());
         }
-        let limits = (self.unfinished.per_peer, self.unfinished.total);
+        let (per_peer_limit, total_limit) = (self.unfinished.per_peer, self.unfinished.total);
         let mut counts = self
             .unfinished
             .counts
@@ -144,30 +150,30 @@ impl Held {
             .unwrap_or_else(|e| e.into_inner());
         let (total, per_peer) = &mut *counts;
         let from = per_peer.get(&self.peer).copied().unwrap_or(0);
-        let (from, all) = if bytes > self.bytes {
-            let more = bytes - self.bytes;
-            if from + more > limits.0 || *total + more > limits.1 {
-                return Err(());
-            }
-            (from + more, *total + more)
-        } else {
-            let less = self.bytes - bytes;
-            (from.saturating_sub(less), total.saturating_sub(less))
-        };
-        *total = all;
-        if from == 0 {
+        let was_in_all = if self.large { self.bytes } else { 0 };
+        let in_all = if large { bytes } else { 0 };
+        let from_now = from - self.bytes + bytes;
+        let total_now = *total - was_in_all + in_all;
+        if (bytes > self.bytes && from_now > per_peer_limit)
+            || (in_all > was_in_all && total_now > total_limit)
+        {
+            return Err(());
+        }
+        *total = total_now;
+        if from_now == 0 {
             per_peer.remove(&self.peer);
         } else {
-            per_peer.insert(self.peer, from);
+            per_peer.insert(self.peer, from_now);
         }
         self.bytes = bytes;
+        self.large = large;
         Ok(())
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let _ = self.set(0);
+        let _ = self.set(0, false);
     }
 }
 
@@ -334,10 +340,17 @@ where
             .headers()
             .get("grpc-encoding")
             .is_some_and(|v| v.as_bytes() != b"identity");
+        // Health and reflection requests are names: no more than a small message (their
+        // streams need no key, and tonic keeps a stream's largest message while it is open).
+        let limit = if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
+            self.rules.max_message_bytes.min(SMALL_MESSAGE)
+        } else {
+            self.rules.max_message_bytes
+        };
         let framing = Framing {
             single,
             encoded,
-            limit: self.rules.max_message_bytes,
+            limit,
             prefix: [0; PREFIX],
             have: 0,
             remaining: 0,
@@ -348,6 +361,7 @@ where
             unfinished: Arc::clone(unfinished),
             peer,
             bytes: 0,
+            large: false,
         });
         let request = request.map(|body| {
             Body::new(FramedBody {
@@ -498,16 +512,10 @@ impl Framing {
     /// What the message under way holds of the server's memory, counted against
     /// [`Unfinished`]: the length its prefix announces (tonic reserves it at once), from
     /// the prefix until the message is complete, and for a method of one message until
-    /// the body ends (tonic keeps the message until then). A message of at most
-    /// [`SMALL_MESSAGE`] bytes counts nothing: its cost is of the order of an open
-    /// stream's own, which the stream caps bound.
+    /// the body ends (tonic keeps the message until then).
     fn unfinished(&self) -> usize {
         let under_way = self.remaining > 0 || (self.single && self.messages >= 1);
-        if under_way && self.length > SMALL_MESSAGE {
-            PREFIX + self.length
-        } else {
-            0
-        }
+        if under_way { self.length } else { 0 }
     }
 
     /// The verdict at the end of the body.
@@ -602,10 +610,11 @@ impl FramedBody {
     /// Counts the bytes of the message under way; `Err` past a limit.
     fn hold_unfinished(&mut self) -> Result<(), Status> {
         let unfinished = self.framing.unfinished();
+        let large = unfinished > SMALL_MESSAGE;
         let over = self
             .held
             .as_mut()
-            .is_some_and(|held| held.set(unfinished).is_err());
+            .is_some_and(|held| held.set(unfinished, large).is_err());
         if over {
             metrics::counter!("ern_rate_limited_total", "limit" => "unfinished_messages")
                 .increment(1);
@@ -688,7 +697,7 @@ mod tests {
     }
 
     /// A message's announced length counts from its prefix: until it is complete, and for
-    /// a method of one message until the body ends; a small message never counts.
+    /// a method of one message until the body ends.
     #[test]
     fn an_unfinished_message_counts_its_announced_length() {
         let big = message(0, &[7; 20_000]);
@@ -697,17 +706,41 @@ mod tests {
             f.feed(&big[..3]).unwrap();
             assert_eq!(f.unfinished(), 0, "a prefix under way");
             f.feed(&big[3..10]).unwrap();
-            assert_eq!(f.unfinished(), 20_005, "announced, not received");
+            assert_eq!(f.unfinished(), 20_000, "announced, not received");
             f.feed(&big[10..]).unwrap();
-            let kept = if single { 20_005 } else { 0 };
+            let kept = if single { 20_000 } else { 0 };
             assert_eq!(f.unfinished(), kept, "complete, single {single}");
         }
-        let small = message(0, &[7; SMALL_MESSAGE]);
-        let mut f = framing(true, 1 << 20);
-        f.feed(&small[..10]).unwrap();
-        assert_eq!(f.unfinished(), 0);
-        f.feed(&small[10..]).unwrap();
-        assert_eq!(f.unfinished(), 0);
+    }
+
+    /// A small message counts per address only: many addresses together cannot refuse
+    /// small calls, and one address cannot hold more than its share of either.
+    #[test]
+    fn small_messages_count_per_address_only() {
+        let unfinished = Arc::new(Unfinished::with_limits(100, 50));
+        let held = |peer: u8| Held {
+            unfinished: Arc::clone(&unfinished),
+            peer: Peer::of(Some(std::net::SocketAddr::from(([10, 0, 0, peer], 1)))),
+            bytes: 0,
+            large: false,
+        };
+        let (mut a, mut b, mut c) = (held(1), held(2), held(3));
+        a.set(50, true).unwrap();
+        assert!(
+            b.set(1, true).is_err(),
+            "the total is full for large messages"
+        );
+        b.set(90, false).unwrap();
+        c.set(100, false).unwrap();
+        assert!(
+            a.set(51, false).is_ok(),
+            "a small share of address 1 is its own"
+        );
+        assert!(a.set(101, false).is_err(), "past the address's share");
+        drop(a);
+        b.set(10, false).unwrap();
+        b.set(50, true).unwrap();
+        assert_eq!(unfinished.counts.lock().unwrap().0, 50);
     }
 
     fn message(flag: u8, body: &[u8]) -> Vec<u8> {

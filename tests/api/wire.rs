@@ -524,9 +524,9 @@ async fn refusals_no_handler_saw_are_counted_not_charged() {
     assert_eq!(rows, expected);
 }
 
-/// Opens `n` calls of `path` on one new HTTP/2 connection, each with `headers` and the
-/// body `body` sent without ending the stream (so a partial message stays partial), and
-/// returns their answers to come (the connection lives as long as the task it runs on).
+/// Opens `n` calls of `path` on one new HTTP/2 connection, `pause` apart, each with
+/// `headers` and the body `body` (the stream ended with it if `end`), and returns their
+/// answers to come (the connection lives as long as the task it runs on).
 async fn hold(
     addr: SocketAddr,
     path: &str,
@@ -594,11 +594,11 @@ async fn refused_and_waiting(
     (refused, waiting)
 }
 
-/// A caller cannot make the server hold many unfinished request messages: the bytes
-/// received of messages not yet complete are bounded per address
-/// (`UNFINISHED_PER_PEER`, 64 MiB); a frame past it fails its call with
-/// RESOURCE_EXHAUSTED, while a message that arrives whole in one frame is never counted,
-/// and the bytes come back when the held calls end.
+/// A caller cannot make the server hold many unfinished request messages: a message's
+/// announced length counts from its prefix until it is complete (for a unary call, until
+/// its body ends), at most `UNFINISHED_PER_PEER` (64 MiB) per address; a frame past it
+/// fails its call with RESOURCE_EXHAUSTED, and the share comes back when the held calls
+/// end.
 #[tokio::test]
 async fn unfinished_request_messages_are_bounded_per_address() {
     use ern_registry::api::wire::UNFINISHED_PER_PEER;
@@ -622,7 +622,7 @@ async fn unfinished_request_messages_are_bounded_per_address() {
     let (refused, waiting) = refused_and_waiting(held).await;
     assert!(refused >= 3, "refused {refused}");
     assert!(waiting.len() <= fit, "{} held", waiting.len());
-    // A message whole in one frame is not counted: a health check passes.
+    // A small call still fits what is left of the address's share.
     let check = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
     assert_eq!(check.code(), Code::Ok, "{:?}", check.status());
     // Once the held calls end, a large message from the address is read again (and
@@ -666,4 +666,39 @@ async fn unfinished_request_messages_are_bounded_per_address() {
     assert!(refused >= 3, "refused {refused}");
     drop(streams);
     connection.abort();
+}
+
+/// Health and reflection take no key and their requests are names: a request message over
+/// 16 KiB is refused from its prefix (their streams stay open, and tonic keeps a stream's
+/// largest message while it is).
+#[tokio::test]
+async fn health_and_reflection_take_small_messages_only() {
+    let app = TestApp::spawn().await;
+    let big = || vec![framed(0, &vec![0u8; 20_000])];
+    let answer = call(app.addr, CHECK, GRPC, &[], big()).await;
+    let status = answer.status();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("16384"), "{status:?}");
+    // Reflection ends its stream (with OK: tonic-reflection ends it so on a request
+    // error) and answers nothing; the same question with a short host is answered.
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let ask = |host: String| {
+        vec![framed(
+            0,
+            &ServerReflectionRequest {
+                host,
+                message_request: Some(server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                )),
+            }
+            .encode_to_vec(),
+        )]
+    };
+    let answer = call(app.addr, reflection, GRPC, &[], ask("h".repeat(20_000))).await;
+    assert_eq!(answer.messages(), 0);
+    let answer = call(app.addr, reflection, GRPC, &[], ask("h".into())).await;
+    assert_eq!(answer.messages(), 1);
+    let fine = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+    assert_eq!(fine.code(), Code::Ok);
 }
