@@ -187,7 +187,7 @@ const MAX_LINKS: usize = 40;
 /// given another path to the same file (through a link) finds the lock held. A hard link
 /// is a second name of its own and is not detected. Paths that cannot be resolved (a
 /// directory not there yet, a loop of links) are returned as far as they were resolved.
-pub fn resolved(db: &Path) -> PathBuf {
+fn resolved(db: &Path) -> PathBuf {
     let mut path = db.to_path_buf();
     for _ in 0..MAX_LINKS {
         let is_link = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());

@@ -749,8 +749,8 @@ impl Application {
             ],
             max,
             Some(self.state.refusals.clone()),
-        )
-        .limiting_unfinished(crate::api::wire::Unfinished::new());
+            Some(crate::api::wire::Unfinished::new()),
+        );
         let connections = Connections::new(ConnectionLimits {
             max_connections: self.args.max_connections as usize,
             max_per_peer: self.args.max_connections_per_peer as usize,

@@ -230,11 +230,13 @@ impl WireContractLayer {
     /// The rules for the methods in `descriptor_sets` (encoded `FileDescriptorSet`s):
     /// those that are not client-streaming take exactly one request message. A path in no
     /// set is held to the framing rules only (tonic answers an unknown method itself).
-    /// Refusals no handler recorded are counted in `refusals`.
+    /// Refusals no handler recorded are counted in `refusals`; unfinished messages are
+    /// bounded by `unfinished`.
     pub fn new(
         descriptor_sets: &[&[u8]],
         max_message_bytes: usize,
         refusals: Option<Arc<Refusals>>,
+        unfinished: Option<Unfinished>,
     ) -> WireContractLayer {
         WireContractLayer {
             rules: Arc::new(Rules {
@@ -242,19 +244,7 @@ impl WireContractLayer {
                 known: methods(descriptor_sets, false),
                 max_message_bytes,
                 refusals,
-                unfinished: None,
-            }),
-        }
-    }
-
-    /// The same, with unfinished messages bounded by `unfinished`.
-    pub fn limiting_unfinished(self, unfinished: Unfinished) -> WireContractLayer {
-        let rules = Arc::try_unwrap(self.rules)
-            .unwrap_or_else(|_| unreachable!("a new layer's rules are not shared yet"));
-        WireContractLayer {
-            rules: Arc::new(Rules {
-                unfinished: Some(Arc::new(unfinished)),
-                ..rules
+                unfinished: unfinished.map(Arc::new),
             }),
         }
     }
