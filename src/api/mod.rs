@@ -135,6 +135,10 @@ macro_rules! audited {
         $crate::api::audited!(@run $self, $method, $inner, $request, |answer, _| Ok(answer))
     };
     (@run $self:ident, $method:literal, $inner:ident, $request:ident, $check:expr) => {{
+        // From here the call is the handler's to record, not the wire layer's.
+        if let Some(seen) = $request.extensions().get::<$crate::api::wire::Seen>() {
+            seen.mark();
+        }
         // Dropped before it is concluded (the call abandoned), it records the call itself.
         let mut running =
             $crate::service::Running::new(&$self.state, $crate::service::Call::new($method));

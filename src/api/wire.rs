@@ -58,12 +58,16 @@
 //! allowance of refusals (see `Rules::refused`). (Reflection ends its stream with OK on a
 //! body that is not a message: not counted.) It tells them from a
 //! handler's failure by the header `x-ern-audited`, which `api::conclude` puts on every
-//! failure it recorded and this layer removes.
+//! failure it recorded and this layer removes. A call that ends before any handler took
+//! it (reset, its connection closed, or ended by the server's deadline while its body
+//! had not come) is counted as CANCELLED ([`Abandoned`]; a handler marks the calls it
+//! takes with [`Seen`]).
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http_body::Frame;
@@ -353,29 +357,81 @@ where
             bytes: 0,
             large: false,
         });
-        let request = request.map(|body| {
+        let cut = Arc::new(AtomicBool::new(false));
+        let mut request = request.map(|body| {
             Body::new(FramedBody {
                 inner: body,
                 framing,
                 done: false,
                 held,
+                cut: Arc::clone(&cut),
             })
         });
+        let seen = Seen::default();
+        request.extensions_mut().insert(seen.clone());
         let limit = self.rules.max_message_bytes;
-        let rules = Arc::clone(&self.rules);
+        let mut abandoned = Abandoned {
+            rules: Arc::clone(&self.rules),
+            peer,
+            path,
+            seen,
+            cut,
+            armed: true,
+        };
         let call = self.inner.call(request);
         Box::pin(async move {
             let mut response = call.await?;
+            abandoned.armed = false;
             // A failure answered in the headers (trailers-only) that no handler recorded.
             let audited = response.headers_mut().remove(AUDITED).is_some();
             if !audited
                 && let Some(status) = Status::from_header_map(response.headers())
                 && status.code() != tonic::Code::Ok
             {
-                rules.refused(peer, &path, crate::api::outcome_of(status.code()));
+                let outcome = if abandoned.cut.load(Ordering::Relaxed) {
+                    Outcome::Cancelled
+                } else {
+                    crate::api::outcome_of(status.code())
+                };
+                abandoned.rules.refused(peer, &abandoned.path, outcome);
             }
             Ok(response.map(|body| Body::new(SizedResponse { inner: body, limit })))
         })
+    }
+}
+
+/// Marks a call that a handler of the service took (`api::audited!`): from then on the
+/// handler records the call, abandoned or not (`service::Running`).
+#[derive(Clone, Default)]
+pub struct Seen(Arc<AtomicBool>);
+
+impl Seen {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A call whose answer is still to come: dropped so (the client reset the stream or
+/// closed its connection, or the server's deadline passed) before any handler took it,
+/// it is counted as CANCELLED in the summary of refused calls. (Before a handler runs,
+/// tonic reads a unary call's whole body: a call whose body never came would otherwise
+/// leave no trace.) So is a call that tonic answered because its body was `cut`.
+struct Abandoned {
+    rules: Arc<Rules>,
+    peer: Peer,
+    path: String,
+    seen: Seen,
+    /// The transport ended the request body (a reset, a closed connection).
+    cut: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.armed && !self.seen.0.load(Ordering::Relaxed) {
+            self.rules
+                .refused(self.peer, &self.path, Outcome::Cancelled);
+        }
     }
 }
 
@@ -586,6 +642,8 @@ struct FramedBody {
     done: bool,
     /// Its share of the bound on unfinished messages (none: not bounded).
     held: Option<Held>,
+    /// Set when the transport ends the body (`Abandoned`).
+    cut: Arc<AtomicBool>,
 }
 
 impl FramedBody {
@@ -647,6 +705,11 @@ impl http_body::Body for FramedBody {
                 }
             }
             Some(Err(status)) => {
+                // The transport ended the body: the client reset the stream or its
+                // connection closed. tonic answers INTERNAL or UNKNOWN, as for a fault of
+                // the server; no answer reaches such a client, and the summary of refused
+                // calls counts it as CANCELLED (`Abandoned`).
+                self.cut.store(true, Ordering::Relaxed);
                 self.done = true;
                 self.held = None;
                 Poll::Ready(Some(Err(status)))

@@ -524,6 +524,88 @@ async fn refusals_no_handler_saw_are_counted_not_charged() {
     assert_eq!(rows, expected);
 }
 
+/// Calls that end before any handler took them are counted as CANCELLED in the summary
+/// of refused calls: one the client reset half-way through its message, one whose
+/// connection closed half-way, one whose body never came until the server's deadline.
+/// (tonic called the first two INTERNAL and UNKNOWN, as for a fault of the server, and
+/// the third left no trace.)
+#[tokio::test]
+async fn calls_abandoned_before_a_handler_are_counted_cancelled() {
+    let app = TestApp::spawn_with(ServeArgs {
+        request_timeout_secs: 1,
+        refusal_summary_secs: 3600,
+        ..ServeArgs::default()
+    })
+    .await;
+    let bearer = physician_token(&app).await;
+    let open = |end: bool| {
+        let bearer = bearer.clone();
+        let addr = app.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+            let connection = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let mut client = client.ready().await.unwrap();
+            let request = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{addr}{SUBMIT}"))
+                .header("te", "trailers")
+                .header("content-type", "application/grpc")
+                .header("authorization", bearer.as_str())
+                .body(())
+                .unwrap();
+            let (response, mut body) = client.send_request(request, false).unwrap();
+            if !end {
+                // Half a message: its prefix announces 100 bytes, 10 come.
+                let mut partial = vec![0, 0, 0, 0, 100];
+                partial.extend_from_slice(&[0; 10]);
+                body.send_data(Bytes::from(partial), false).unwrap();
+            }
+            (client, connection, response, body)
+        }
+    };
+    // Reset by the client.
+    let (_client, _connection, _response, mut body) = open(false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    body.send_reset(h2::Reason::CANCEL);
+    // The connection closed.
+    let (client, connection, response, body) = open(false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    connection.abort();
+    drop((client, response, body));
+    // No body until the deadline: the server ends the call.
+    let (_client, _connection, response, _body) = open(true).await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("the server answers")
+        .unwrap();
+    let status = tonic::Status::from_header_map(answer.headers()).expect("a trailers-only answer");
+    assert_eq!(status.code(), Code::Cancelled, "{}", status.message());
+    still_serving(&app).await;
+    let mut app = app;
+    app.stop_server().await;
+    let rows: Vec<(String, String, i64)> = ern_registry::store::db::query(
+        "SELECT method, outcome, CAST(SUM(items) AS BIGINT) FROM audit_log WHERE principal_id IS NULL \
+         AND principal = 'peer:127.0.0.1' GROUP BY method, outcome ORDER BY method, outcome",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect();
+    assert_eq!(
+        rows,
+        [(
+            "CaseService/SubmitCase".to_string(),
+            "CANCELLED".to_string(),
+            3
+        )]
+    );
+}
+
 /// Opens `n` calls of `path` on one new HTTP/2 connection, `pause` apart, each with
 /// `headers` and the body `body` (the stream ended with it if `end`), and returns their
 /// answers to come (the connection lives as long as the task it runs on).
