@@ -603,7 +603,7 @@ proptest! {
         }
         let dims = [Dimension::DiagnosisYear, Dimension::DiagnosisAgeBand];
         let deadline = Instant::now() + Duration::from_secs(60);
-        let table = builder.finish(&dims, Rules::new(k, level).unwrap(), deadline).unwrap();
+        let table = builder.finish(&dims, &ern_registry::aggregate::Known::nothing(), Rules::new(k, level).unwrap(), deadline).unwrap();
         if table.row_labels.is_empty() {
             // Collapsed: nothing published but a hidden total.
             return Ok(());

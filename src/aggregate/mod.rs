@@ -8,7 +8,7 @@
 
 pub mod suppress;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::domain::{
     CentreCode, CountryCode, HgncSymbol, ORPHA_UNDIAGNOSED, Orphacode, PatientStatus, Sex,
@@ -299,11 +299,13 @@ impl TableBuilder {
         Ok(())
     }
 
-    /// Builds and protects the table; `group_by` is what the keys were grouped by. Gives
-    /// up at `deadline`: a table not proven safe by then is not published.
+    /// Builds and protects the table; `group_by` is what the keys were grouped by,
+    /// `known` what the question says of all its patients (its filters). Gives up at
+    /// `deadline`: a table not proven safe by then is not published.
     pub fn finish(
         self,
         group_by: &[Dimension],
+        known: &Known,
         rules: Rules,
         deadline: Instant,
     ) -> Result<CountTable, QueryError> {
@@ -311,7 +313,8 @@ impl TableBuilder {
             Some((r, c)) => (Some(*r), c.to_vec()),
             None => (None, Vec::new()),
         };
-        let grid = self.grid(!col_dims.is_empty())?;
+        let mut grid = self.grid(!col_dims.is_empty())?;
+        grid.known = known.clone();
         let (protected, cols) = grid.protect(row_dim, &col_dims, rules, deadline)?;
         if protected.publishes_no_count() {
             // Every count hidden: its rows and columns would only say which categories
@@ -372,6 +375,7 @@ impl TableBuilder {
             rows: row_order.into_iter().map(|(key, _)| key).collect(),
             cols: col_order.into_iter().map(|(keys, _)| keys).collect(),
             table,
+            known: Known::nothing(),
         })
     }
 }
@@ -391,13 +395,29 @@ impl TableBuilder {
 /// published as 0 and never hides anything ([`suppress::Table::with_structural_zeros`]).
 /// Only certainties are listed here: a cell taken for impossible that was merely empty
 /// would be a zero published that the zero rule hides.
-fn impossible(values: &[(Dimension, &Key)]) -> bool {
-    let of = |dim: Dimension| values.iter().find(|(d, _)| *d == dim).map(|(_, k)| *k);
-    let (diagnosis, year, band) = (
-        of(Dimension::Diagnosis),
-        of(Dimension::DiagnosisYear),
-        of(Dimension::DiagnosisAgeBand),
-    );
+///
+/// The question itself says more of every patient it counts: its filters (a table
+/// filtered to diagnoses in 1920 has no one diagnosed at 65 or older), and a table
+/// reshaped from one row the values that row shares. A cell is impossible when it is so
+/// with every value `known` allows of the dimensions the cell does not fix.
+fn impossible(values: &[(Dimension, &Key)], known: &Known) -> bool {
+    let years = known.options(Dimension::DiagnosisYear, values, Reduce::Latest);
+    let bands = known.options(Dimension::DiagnosisAgeBand, values, Reduce::Youngest);
+    known
+        .options(Dimension::Diagnosis, values, Reduce::UndiagnosedOrNot)
+        .iter()
+        .all(|diagnosis| {
+            years.iter().all(|year| {
+                bands
+                    .iter()
+                    .all(|band| impossible_one(diagnosis.as_ref(), year.as_ref(), band.as_ref()))
+            })
+        })
+}
+
+/// [`impossible`] of one diagnosis, diagnosis year and age band at diagnosis (`None`:
+/// any).
+fn impossible_one(diagnosis: Option<&Key>, year: Option<&Key>, band: Option<&Key>) -> bool {
     let dated = |key: &Key| *key != Key::Missing;
     if let Some(Key::Int(code)) = diagnosis {
         let undiagnosed = *code == i64::from(ORPHA_UNDIAGNOSED);
@@ -418,33 +438,156 @@ fn impossible(values: &[(Dimension, &Key)]) -> bool {
     }
 }
 
-/// The whole months of diagnostic delay a patient of a delay group can have, `(least,
-/// most)` (`None`: no bound), by the group's values: the delay is the age at diagnosis
-/// less the age at onset (0 when the diagnosis came first), in days, and whole months are
-/// `days * 48 / 1461` (`store::research`); the age bands bound both ages, the diagnosis
-/// year bounds the age at diagnosis as in [`impossible`]. A day of slack each way, so
-/// that only certainties rule a band out.
-fn delay_months_possible(group_by: &[Dimension], keys: &[Key]) -> (i64, Option<i64>) {
-    let of = |dim: Dimension| {
-        group_by
+/// What a question says of every patient it counts, beside a cell's own values: per
+/// dimension, the values they can have (its filters' values; for a table reshaped from
+/// one row, that row's values). An attacker knows it (they asked), so a zero it makes
+/// certain is public ([`impossible`], [`delay_bands_possible`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known(Vec<(Dimension, BTreeSet<Key>)>);
+
+/// Which of many values [`Known::options`] keeps, where the others cannot change the
+/// answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduce {
+    /// Every value.
+    None,
+    /// An unknown year, else the latest (a later year allows every age an earlier one
+    /// does, and more).
+    Latest,
+    /// An unknown band, and the youngest (its first day is the lowest age).
+    Youngest,
+    /// One undiagnosed code and one other, and an unknown one (all others alike).
+    UndiagnosedOrNot,
+}
+
+impl Known {
+    /// Nothing known beside the cells' values.
+    pub fn nothing() -> Known {
+        Known::default()
+    }
+
+    /// What `filters` say (two filters of one dimension: the values both allow).
+    pub fn from_filters(filters: &[Filter]) -> Known {
+        let mut known = Known::default();
+        for filter in filters {
+            known.restrict(filter.dimension, filter.values.iter().cloned().collect());
+        }
+        known
+    }
+
+    fn restrict(&mut self, dim: Dimension, values: BTreeSet<Key>) {
+        match self.0.iter_mut().find(|(d, _)| *d == dim) {
+            Some((_, allowed)) => allowed.retain(|v| values.contains(v)),
+            None => self.0.push((dim, values)),
+        }
+    }
+
+    /// The same, and every patient's `dim` is `value`.
+    fn with(&self, dim: Dimension, value: &Key) -> Known {
+        let mut known = self.clone();
+        known.restrict(dim, BTreeSet::from([value.clone()]));
+        known
+    }
+
+    /// The values a patient of the cell `values` can have along `dim`: the cell's own,
+    /// else those known (reduced by `reduce`), else any (`None`).
+    fn options(
+        &self,
+        dim: Dimension,
+        values: &[(Dimension, &Key)],
+        reduce: Reduce,
+    ) -> Vec<Option<Key>> {
+        if let Some((_, key)) = values.iter().find(|(d, _)| *d == dim) {
+            return vec![Some((*key).clone())];
+        }
+        let Some((_, allowed)) = self.0.iter().find(|(d, _)| *d == dim) else {
+            return vec![None];
+        };
+        let ints = allowed.iter().filter_map(|k| match k {
+            Key::Int(n) => Some(*n),
+            _ => None,
+        });
+        let others = allowed
             .iter()
-            .position(|&d| d == dim)
-            .and_then(|i| match keys.get(i) {
-                Some(Key::Int(n)) => Some(*n),
-                _ => None,
-            })
+            .filter(|k| !matches!(k, Key::Int(_)))
+            .cloned();
+        let kept: Vec<Key> = match reduce {
+            Reduce::None => allowed.iter().cloned().collect(),
+            Reduce::Latest => ints.max().map(Key::Int).into_iter().chain(others).collect(),
+            Reduce::Youngest => ints.min().map(Key::Int).into_iter().chain(others).collect(),
+            Reduce::UndiagnosedOrNot => {
+                let undiagnosed = i64::from(ORPHA_UNDIAGNOSED);
+                let (yes, no): (Vec<i64>, Vec<i64>) = ints.partition(|&n| n == undiagnosed);
+                yes.first()
+                    .into_iter()
+                    .chain(no.first())
+                    .map(|&n| Key::Int(n))
+                    .chain(others)
+                    .collect()
+            }
+        };
+        kept.into_iter().map(Some).collect()
+    }
+}
+
+/// Which delay bands a patient of the delay group `keys` (grouped by `group_by`) can be
+/// in, by the group's values and what the question says of all its patients (`known`):
+/// a band is possible when some ages and year `known` allows give it
+/// ([`delay_months_between`]); with a filter on two age bands far apart, the bands
+/// between are not.
+fn delay_bands_possible(
+    group_by: &[Dimension],
+    keys: &[Key],
+    known: &Known,
+) -> [bool; DELAY_BANDS.len()] {
+    let cell: Vec<(Dimension, &Key)> = group_by.iter().copied().zip(keys).collect();
+    let int = |key: &Option<Key>| match key {
+        Some(Key::Int(n)) => Some(*n),
+        _ => None,
     };
+    let mut possible = [false; DELAY_BANDS.len()];
+    for diagnosis in known.options(Dimension::DiagnosisAgeBand, &cell, Reduce::None) {
+        for onset in known.options(Dimension::OnsetAgeBand, &cell, Reduce::None) {
+            for year in known.options(Dimension::DiagnosisYear, &cell, Reduce::Latest) {
+                let (least, most) = delay_months_between(int(&diagnosis), int(&onset), int(&year));
+                if most.is_some_and(|most| most < least) {
+                    continue;
+                }
+                for (band, possible) in possible.iter_mut().enumerate() {
+                    let from = delay_band_start_months(band);
+                    let until =
+                        (band + 1 < DELAY_BANDS.len()).then(|| delay_band_start_months(band + 1));
+                    let outside = most.is_some_and(|most| most < from)
+                        || until.is_some_and(|until| until <= least);
+                    *possible |= !outside;
+                }
+            }
+        }
+    }
+    possible
+}
+
+/// The whole months of diagnostic delay a patient can have, `(least, most)` (`None`: no
+/// bound), by the age band at diagnosis, the age band at onset and the diagnosis year
+/// (`None`: unknown or any): the delay is the age at diagnosis less the age at onset (0
+/// when the diagnosis came first), in days, and whole months are `days * 48 / 1461`
+/// (`store::research`); the age bands bound both ages, the diagnosis year bounds the age
+/// at diagnosis as in [`impossible`]. A day of slack each way, so that only certainties
+/// rule a band out.
+fn delay_months_between(
+    diagnosis_band: Option<i64>,
+    onset_band: Option<i64>,
+    year: Option<i64>,
+) -> (i64, Option<i64>) {
     let (mut diagnosis_first, mut diagnosis_last) = (0, None);
-    if let Some((first, last)) = of(Dimension::DiagnosisAgeBand).and_then(age_band_days) {
+    if let Some((first, last)) = diagnosis_band.and_then(age_band_days) {
         (diagnosis_first, diagnosis_last) = (first, last);
     }
-    if let Some(year) = of(Dimension::DiagnosisYear) {
+    if let Some(year) = year {
         let most = most_age_days(year);
         diagnosis_last = Some(diagnosis_last.map_or(most, |last: i64| last.min(most)));
     }
-    let (onset_first, onset_last) = of(Dimension::OnsetAgeBand)
-        .and_then(age_band_days)
-        .unwrap_or((0, None));
+    let (onset_first, onset_last) = onset_band.and_then(age_band_days).unwrap_or((0, None));
     let least_days = onset_last.map_or(0, |last| (diagnosis_first - last - 1).max(0));
     // Saturating: "no bound" is `i64::MAX` days ([`most_age_days`]).
     let most_days =
@@ -483,6 +626,8 @@ struct Grid {
     rows: Vec<Key>,
     cols: Vec<Vec<Key>>,
     table: Table,
+    /// What the question says of all its patients ([`Known`]).
+    known: Known,
 }
 
 impl Grid {
@@ -527,7 +672,7 @@ impl Grid {
             .then(|| self.reshaped_dimensions(col_dims, &kept))
             .filter(|(varying, _)| varying.len() >= 2);
         if let Some((varying, labels)) = reshaped {
-            match self.protect_reshaped(col_dims, &varying, &labels, rules, deadline) {
+            match self.protect_reshaped(row_dim, col_dims, &varying, &labels, rules, deadline) {
                 // The table of those dimensions would be refused as too large (its cells
                 // are every combination of their values, most of them zeros here), so
                 // no question gets it: the row is protected as the one-way table it is.
@@ -588,7 +733,7 @@ impl Grid {
                     let values: Vec<(Dimension, &Key)> = std::iter::once((row_dim, row))
                         .chain(col_dims.iter().copied().zip(cols))
                         .collect();
-                    impossible(&values)
+                    impossible(&values, &self.known)
                 })
                 .collect();
             // A count where the rules say none can be (a record stored so by an earlier
@@ -807,6 +952,7 @@ impl Grid {
     /// has, so it is kept among the dimensions of the reshaped table.
     fn protect_reshaped(
         &self,
+        row_dim: Dimension,
         col_dims: &[Dimension],
         varying: &[usize],
         labels: &[(usize, Label)],
@@ -832,7 +978,15 @@ impl Grid {
             reduced.add(keys, self.table.cells[c])?;
         }
         let dims: Vec<Dimension> = varying.iter().map(|&i| col_dims[i]).collect();
-        let grid = reduced.grid(true)?;
+        let mut grid = reduced.grid(true)?;
+        // Every column shares the row's value and the fixed ones: known of all.
+        let mut known = self.known.with(row_dim, &self.rows[0]);
+        for (i, label) in labels {
+            if let Label::Fixed(key) = label {
+                known = known.with(col_dims[*i], key);
+            }
+        }
+        grid.known = known;
         let (p, _) = grid.protect(Some(dims[0]), &dims[1..], rules, deadline)?;
         let lost = || QueryError::from(SuppressError::Internal("a column of the reshaped table"));
         let ncols = grid.cols.len();
@@ -1153,7 +1307,12 @@ impl DelayBuilder {
     /// the overall quantiles only when the grand total and every band total are. Their
     /// presence then follows from published values alone and tells an attacker nothing
     /// about a hidden count; their values bound only published counts.
-    pub fn finish(mut self, rules: Rules, deadline: Instant) -> Result<DelayTable, QueryError> {
+    pub fn finish(
+        mut self,
+        known: &Known,
+        rules: Rules,
+        deadline: Instant,
+    ) -> Result<DelayTable, QueryError> {
         self.close_group();
         let mut overall = DelayHistogram::default();
         for (m, n) in &self.overall {
@@ -1170,18 +1329,15 @@ impl DelayBuilder {
         // Every band is listed, with or without patients; a group only when it has some.
         // Grouped by gene, a band's total counts (patient, gene) pairs; a group's, patients.
         let by_gene = self.group_by.contains(&Dimension::Gene);
-        // The bands a group's own values rule out (a delay never exceeds the age at
-        // diagnosis, ...): zeros anyone can work out, published as such.
+        // The bands a group's own values and the question's filters rule out (a delay
+        // never exceeds the age at diagnosis, ...): zeros anyone can work out, published
+        // as such.
         let mut structural = Vec::new();
         let mut consistent = true;
         for (keys, _, bands, _) in &self.groups {
-            let (least, most) = delay_months_possible(&self.group_by, keys);
-            for (band, &n) in bands.iter().enumerate() {
-                let from = delay_band_start_months(band);
-                let until =
-                    (band + 1 < DELAY_BANDS.len()).then(|| delay_band_start_months(band + 1));
-                let outside = most.is_some_and(|most| most < from)
-                    || until.is_some_and(|until| until <= least);
+            let possible = delay_bands_possible(&self.group_by, keys, known);
+            for (&n, possible) in bands.iter().zip(possible) {
+                let outside = !possible;
                 // A patient in a band the rules rule out (no version of the service
                 // writes one): no zero of this table is taken for public.
                 consistent &= !outside || n == 0;
@@ -1311,26 +1467,113 @@ mod tests {
     fn a_delay_group_rules_out_the_bands_its_ages_forbid() {
         use Dimension::*;
         // Diagnosed before the age of 1: under 12 months of delay.
-        assert_eq!(
-            delay_months_possible(&[DiagnosisAgeBand], &[Key::Int(0)]),
-            (0, Some(11))
-        );
+        assert_eq!(delay_months_between(Some(0), None, None), (0, Some(11)));
         // Onset before 1, diagnosis at 18 to 39: at least 17 years (204 months) and
         // under 40 years.
-        let (least, most) = delay_months_possible(
-            &[OnsetAgeBand, DiagnosisAgeBand],
-            &[Key::Int(0), Key::Int(4)],
-        );
+        let (least, most) = delay_months_between(Some(4), Some(0), None);
         assert_eq!(least, 204);
         assert!(most.is_some_and(|m| (479..=480).contains(&m)), "{most:?}");
         // Nothing known: every band possible; a gene or a sex tells nothing.
         assert_eq!(
-            delay_months_possible(&[Sex, Gene], &[Key::Text("female".into()), Key::Missing]),
-            (0, None)
+            delay_bands_possible(
+                &[Sex, Gene],
+                &[Key::Text("female".into()), Key::Missing],
+                &Known::nothing()
+            ),
+            [true; DELAY_BANDS.len()]
         );
         // Diagnosed in 1890: at most 11 years (a birth in 1880 at the earliest).
-        let (_, most) = delay_months_possible(&[DiagnosisYear], &[Key::Int(1890)]);
+        let (_, most) = delay_months_between(None, None, Some(1890));
         assert!(most.is_some_and(|m| m < 12 * 12), "{most:?}");
+    }
+
+    /// What the question's filters say is known too: grouped by the age at diagnosis and
+    /// filtered to an onset before 1, the group diagnosed at 40 to 64 has waited over 20
+    /// years (the claims audit's attack pinned a hidden 2 with it); filtered to two age
+    /// bands far apart, the delays between them are impossible; a filter of many years
+    /// allows what its latest does.
+    #[test]
+    fn the_filters_rule_out_delay_bands_as_the_groups_values_do() {
+        use Dimension::*;
+        let onset_infant = Known::from_filters(&[Filter {
+            dimension: OnsetAgeBand,
+            values: vec![Key::Int(0)],
+        }]);
+        assert_eq!(
+            delay_bands_possible(&[DiagnosisAgeBand], &[Key::Int(5)], &onset_infant),
+            [false, false, false, false, true]
+        );
+        assert_eq!(
+            delay_bands_possible(&[DiagnosisAgeBand], &[Key::Int(5)], &Known::nothing()),
+            [true; DELAY_BANDS.len()]
+        );
+        let far_apart = Known::from_filters(&[Filter {
+            dimension: DiagnosisAgeBand,
+            values: vec![Key::Int(0), Key::Int(6)],
+        }]);
+        assert_eq!(
+            delay_bands_possible(&[OnsetAgeBand], &[Key::Int(0)], &far_apart),
+            [true, false, false, false, true]
+        );
+        // Two filters of one dimension: the values both allow.
+        let both = Known::from_filters(&[
+            Filter {
+                dimension: DiagnosisAgeBand,
+                values: vec![Key::Int(0), Key::Int(6)],
+            },
+            Filter {
+                dimension: DiagnosisAgeBand,
+                values: vec![Key::Int(0)],
+            },
+        ]);
+        assert_eq!(
+            delay_bands_possible(&[Sex], &[Key::Text("female".into())], &both),
+            [true, false, false, false, false]
+        );
+        // Years: an unknown one allows anything, else the latest decides.
+        let years = |values: Vec<Key>| {
+            Known::from_filters(&[Filter {
+                dimension: DiagnosisYear,
+                values,
+            }])
+        };
+        assert_eq!(
+            delay_bands_possible(&[], &[], &years(vec![Key::Int(1890), Key::Int(1885)])),
+            [true, true, true, true, false]
+        );
+        assert_eq!(
+            delay_bands_possible(&[], &[], &years(vec![Key::Int(1890), Key::Int(2020)])),
+            [true; DELAY_BANDS.len()]
+        );
+        // Count cells: diagnosed at 65 or older is impossible for diagnoses in 1890 and
+        // 1920, possible once 1950 is allowed too.
+        let senior = Key::Int(6);
+        let cell = [(DiagnosisAgeBand, &senior)];
+        assert!(impossible(
+            &cell,
+            &years(vec![Key::Int(1890), Key::Int(1920)])
+        ));
+        assert!(!impossible(
+            &cell,
+            &years(vec![Key::Int(1890), Key::Int(1950)])
+        ));
+        // An undiagnosed filter: no cell with a diagnosis year is possible; with another
+        // diagnosis allowed too, it is.
+        let undiagnosed = |also: Option<i64>| {
+            Known::from_filters(&[Filter {
+                dimension: Diagnosis,
+                values: std::iter::once(i64::from(ORPHA_UNDIAGNOSED))
+                    .chain(also)
+                    .map(Key::Int)
+                    .collect(),
+            }])
+        };
+        let y2020 = Key::Int(2020);
+        assert!(impossible(&[(DiagnosisYear, &y2020)], &undiagnosed(None)));
+        assert!(!impossible(
+            &[(DiagnosisYear, &y2020)],
+            &undiagnosed(Some(586))
+        ));
     }
 
     #[test]
@@ -1385,7 +1628,11 @@ mod tests {
             (&[(Sex, &m), (Diagnosis, &cf), (Country, &m)], false),
         ];
         for (values, expected) in cases {
-            assert_eq!(impossible(values), expected, "{values:?}");
+            assert_eq!(
+                impossible(values, &Known::nothing()),
+                expected,
+                "{values:?}"
+            );
         }
     }
 
@@ -1474,7 +1721,7 @@ mod tests {
         for (band_months, n) in [(0, 10), (24, 10), (72, 5), (150, 3), (300, 2)] {
             b.add(key("male"), band_months, n).unwrap();
         }
-        let t = b.finish(rules, deadline).unwrap();
+        let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
         let (female, male) = (&t.groups[0], &t.groups[1]);
         assert!(male.bands.iter().any(Option::is_none));
         assert_eq!(male.quantiles, None, "a hidden band: no quantiles");
@@ -1501,7 +1748,7 @@ mod tests {
                     b.add(vec![Key::Text(gene.into())], m, 1).unwrap();
                 }
             }
-            b.finish(rules, deadline).unwrap()
+            b.finish(&Known::nothing(), rules, deadline).unwrap()
         };
         let t = by_gene(&[24, 36, 48]);
         assert_eq!(
@@ -1518,7 +1765,12 @@ mod tests {
         for months in [24, 24, 36, 36, 48, 48] {
             b.add(vec![Key::Text("female".into())], months, 1).unwrap();
         }
-        assert!(b.finish(rules, deadline).unwrap().overall.is_some());
+        assert!(
+            b.finish(&Known::nothing(), rules, deadline)
+                .unwrap()
+                .overall
+                .is_some()
+        );
     }
 
     /// A table whose total is hidden lists no row and no column: asked for the patients of
@@ -1539,7 +1791,7 @@ mod tests {
                 b.add(vec![k("deceased")], 2).unwrap();
                 vec![Dimension::PatientStatus]
             };
-            let t = b.finish(&dims, rules, deadline).unwrap();
+            let t = b.finish(&dims, &Known::nothing(), rules, deadline).unwrap();
             assert_eq!(t.protected.grand_total, None);
             assert!(
                 t.row_labels.is_empty() && t.column_labels.is_empty(),
@@ -1550,7 +1802,7 @@ mod tests {
         }
         let mut b = DelayBuilder::new(&[Dimension::Sex]);
         b.add(vec![k("female")], 3, 3).unwrap();
-        let t = b.finish(rules, deadline).unwrap();
+        let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
         assert!(t.groups.is_empty(), "{:?}", t.groups);
         assert!(t.band_totals.is_empty(), "{:?}", t.band_totals);
         assert_eq!((t.grand_total, t.overall, t.suppressed), (None, None, 1));
@@ -1583,6 +1835,7 @@ mod tests {
         let t = b
             .finish(
                 &[Dimension::Country, Dimension::PatientStatus],
+                &Known::nothing(),
                 rules,
                 deadline,
             )
@@ -1607,6 +1860,7 @@ mod tests {
                     Dimension::Country,
                     Dimension::PatientStatus,
                 ],
+                &Known::nothing(),
                 rules,
                 deadline,
             )
@@ -1649,7 +1903,7 @@ mod tests {
             b.add(vec![k(country), k(sex), k(status)], n).unwrap();
         }
         let dims = [Dimension::Country, Dimension::Sex, Dimension::PatientStatus];
-        let t = b.finish(&dims, rules, deadline).unwrap();
+        let t = b.finish(&dims, &Known::nothing(), rules, deadline).unwrap();
         let male_alive = t
             .column_labels
             .iter()
@@ -1683,7 +1937,7 @@ mod tests {
             Dimension::Country,
             Dimension::PatientStatus,
         ];
-        let t = b.finish(&dims, rules, deadline).unwrap();
+        let t = b.finish(&dims, &Known::nothing(), rules, deadline).unwrap();
         let columns: Vec<(String, Option<u64>)> = t
             .column_labels
             .iter()
@@ -1726,7 +1980,12 @@ mod tests {
             b.add(vec![k(country), k(gene)], n).unwrap();
         }
         let t = b
-            .finish(&[Dimension::Country, Dimension::Gene], rules, deadline)
+            .finish(
+                &[Dimension::Country, Dimension::Gene],
+                &Known::nothing(),
+                rules,
+                deadline,
+            )
             .unwrap();
         assert_eq!(t.row_labels, ["DE", "FR", "MT"]);
         assert_eq!(&t.protected.cells[6..9], [None, None, None], "{t:?}");
@@ -1740,7 +1999,12 @@ mod tests {
             b.add(vec![k(gene), k("DE")], n).unwrap();
         }
         let t = b
-            .finish(&[Dimension::Gene, Dimension::Country], rules, deadline)
+            .finish(
+                &[Dimension::Gene, Dimension::Country],
+                &Known::nothing(),
+                rules,
+                deadline,
+            )
             .unwrap();
         let mt = t.column_labels.iter().position(|c| c[0] == "MT").unwrap();
         let ncols = t.column_labels.len();
@@ -1782,7 +2046,7 @@ mod tests {
                         b.add(dims.iter().map(|&d| value(d, p, g)).collect(), 1).unwrap();
                     }
                 }
-                let t = b.finish(dims, rules, deadline).unwrap();
+                let t = b.finish(dims, &Known::nothing(), rules, deadline).unwrap();
                 proptest::prop_assert!(
                     t.row_labels.is_empty() && t.protected.grand_total.is_none(),
                     "{:?}: {:?}", dims, t
@@ -1800,7 +2064,7 @@ mod tests {
                 for ((keys, months), n) in groups {
                     b.add(keys, months, n).unwrap();
                 }
-                let t = b.finish(rules, deadline).unwrap();
+                let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
                 proptest::prop_assert_eq!(t, DelayTable::collapsed(), "{:?}", dims);
             }
         }
@@ -1826,7 +2090,7 @@ mod tests {
         ] {
             b.add(vec![k(country)], months, n).unwrap();
         }
-        let t = b.finish(rules, deadline).unwrap();
+        let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
         let malta = &t.groups[2];
         assert_eq!(malta.labels, ["MT"]);
         assert_eq!(
@@ -1843,7 +2107,12 @@ mod tests {
             b.add(vec![k(country), k(centre)], n).unwrap();
         }
         let t = b
-            .finish(&[Dimension::Country, Dimension::Centre], rules, deadline)
+            .finish(
+                &[Dimension::Country, Dimension::Centre],
+                &Known::nothing(),
+                rules,
+                deadline,
+            )
             .unwrap();
         assert_eq!(t.row_labels, ["DE", "MT"]);
         assert_eq!(t.protected.cells[2], Some(0), "DE at MT-A");
@@ -1910,7 +2179,12 @@ mod tests {
         b.add(vec![k("NL"), k("female")], 12).unwrap();
         let (rules, deadline) = k5_with_time();
         let t = b
-            .finish(&[Dimension::Country, Dimension::Sex], rules, deadline)
+            .finish(
+                &[Dimension::Country, Dimension::Sex],
+                &Known::nothing(),
+                rules,
+                deadline,
+            )
             .unwrap();
         assert_eq!(t.row_labels, ["BE", "NL"]);
         assert_eq!(t.column_labels, [vec!["female"], vec!["male"]]);
@@ -1938,8 +2212,13 @@ mod tests {
             }
         }
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        b.finish(&dims, Rules::new(5, 1).unwrap(), deadline)
-            .unwrap()
+        b.finish(
+            &dims,
+            &Known::nothing(),
+            Rules::new(5, 1).unwrap(),
+            deadline,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -2020,7 +2299,8 @@ mod tests {
             }
         }
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        b.finish(dims, Rules::new(k, 1).unwrap(), deadline).unwrap()
+        b.finish(dims, &Known::nothing(), Rules::new(k, 1).unwrap(), deadline)
+            .unwrap()
     }
 
     /// Every layout of a sex x country table, with and without a diagnosis of one value
@@ -2069,7 +2349,12 @@ mod tests {
         let dims = [Dimension::Diagnosis, Dimension::Centre, Dimension::Gene];
         let deadline = Instant::now() + std::time::Duration::from_secs(30);
         let t = b
-            .finish(&dims, Rules::new(5, 1).unwrap(), deadline)
+            .finish(
+                &dims,
+                &Known::nothing(),
+                Rules::new(5, 1).unwrap(),
+                deadline,
+            )
             .unwrap();
         assert_eq!(t.row_labels.len(), 1);
         assert_eq!(t.column_labels.len(), 220);
@@ -2209,7 +2494,7 @@ mod tests {
                         .collect();
                     b.add(keys, n).unwrap();
                 }
-                let t = b.finish(dims, Rules::new(k, 1).unwrap(), deadline).unwrap();
+                let t = b.finish(dims, &Known::nothing(), Rules::new(k, 1).unwrap(), deadline).unwrap();
                 let ncols = t.column_labels.len();
                 let mut out = std::collections::BTreeSet::new();
                 for (r, row) in t.row_labels.iter().enumerate() {
@@ -2263,7 +2548,7 @@ mod tests {
                     b.add(keys.clone(), *m, n).unwrap();
                 }
             }
-            let t = b.finish(rules, deadline).unwrap();
+            let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
             // By (sex, country), whatever the order of the labels.
             type Published = (Vec<String>, Vec<Option<u64>>, Option<u64>);
             let mut by_group: Vec<Published> = t

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use super::{Call, ServiceError, Services};
 use crate::aggregate::suppress::Rules;
 use crate::aggregate::{
-    self, CountTable, DelayTable, Dimension, Filter, Key, QueryError, TableBuilder,
+    self, CountTable, DelayTable, Dimension, Filter, Key, Known, QueryError, TableBuilder,
 };
 use crate::auth::{AuthError, Principal, Role};
 use crate::domain::{CodeCatalog, CodeSystem, HpoTerm, Lookup};
@@ -462,12 +462,13 @@ pub async fn count_patients(
         }
     };
     let group_by = selection.group_by.clone();
+    let known = Known::from_filters(&selection.filters);
     // Grouped by gene, a table of fewer than k patients publishes no count (the pair rule
     // of `aggregate::suppress`): it lists no row or column, as every such table.
     let table = services
         .protection
         .run(turn, move |deadline| {
-            builder.finish(&group_by, rules, deadline)
+            builder.finish(&group_by, &known, rules, deadline)
         })
         .await?;
     call.items(table.protected.cells.len());
@@ -511,6 +512,7 @@ pub async fn diagnostic_delay(
         selection.group_by.len(),
         selection.filters.len() + usize::from(selection.phenotypes.is_some()),
     );
+    let known = Known::from_filters(&selection.filters);
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -520,7 +522,9 @@ pub async fn diagnostic_delay(
     };
     let table = services
         .protection
-        .run(turn, move |deadline| builder.finish(rules, deadline))
+        .run(turn, move |deadline| {
+            builder.finish(&known, rules, deadline)
+        })
         .await?;
     call.items(table.groups.len());
     info!(
@@ -862,7 +866,7 @@ mod tests {
         let b = builder();
         let err = pool
             .run(pool.turn(1).await.unwrap(), move |deadline| {
-                b.finish(&[Dimension::Sex], rules, deadline)
+                b.finish(&[Dimension::Sex], &Known::nothing(), rules, deadline)
             })
             .await
             .unwrap_err();
@@ -878,7 +882,7 @@ mod tests {
         let b = builder();
         let table = pool
             .run(pool.turn(1).await.unwrap(), move |deadline| {
-                b.finish(&[Dimension::Sex], rules, deadline)
+                b.finish(&[Dimension::Sex], &Known::nothing(), rules, deadline)
             })
             .await
             .unwrap();

@@ -27,7 +27,7 @@ use sqlx::Connection;
 use super::CatchUp;
 use super::index::Index;
 use crate::aggregate::suppress::Rules;
-use crate::aggregate::{Dimension, Filter, Key, TableBuilder};
+use crate::aggregate::{Dimension, Filter, Key, Known, TableBuilder};
 use crate::audit::AuditKey;
 use crate::auth::Role;
 use crate::consent::{ConsentDecision, Decision, Scope};
@@ -416,11 +416,17 @@ async fn compare(
                     .diagnostic_delay(&sel)
                     .await
                     .map_err(|e| e.to_string())
-                    .and_then(|b| b.finish(rules(), deadline()).map_err(|e| e.to_string()));
+                    .and_then(|b| {
+                        b.finish(&Known::nothing(), rules(), deadline())
+                            .map_err(|e| e.to_string())
+                    });
                 let ours = index
                     .diagnostic_delay(&sel)
                     .map_err(|e| e.to_string())
-                    .and_then(|b| b.finish(rules(), deadline()).map_err(|e| e.to_string()));
+                    .and_then(|b| {
+                        b.finish(&Known::nothing(), rules(), deadline())
+                            .map_err(|e| e.to_string())
+                    });
                 assert_eq!(ours, reference, "{what}");
             } else {
                 let mut b = TableBuilder::new();
@@ -429,11 +435,11 @@ async fn compare(
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|()| {
-                        b.finish(&group_by, rules(), deadline())
+                        b.finish(&group_by, &Known::nothing(), rules(), deadline())
                             .map_err(|e| e.to_string())
                     });
                 let ours = index.count(&sel).map_err(|e| e.to_string()).and_then(|b| {
-                    b.finish(&group_by, rules(), deadline())
+                    b.finish(&group_by, &Known::nothing(), rules(), deadline())
                         .map_err(|e| e.to_string())
                 });
                 assert_eq!(ours, reference, "{what}");
@@ -478,7 +484,12 @@ fn counted(index: &Index, registry_id: i64, now: DateTime<Utc>) -> u64 {
     let table = index
         .count(&sel)
         .unwrap()
-        .finish(&[], Rules::new(2, 1).unwrap(), deadline())
+        .finish(
+            &[],
+            &Known::nothing(),
+            Rules::new(2, 1).unwrap(),
+            deadline(),
+        )
         .unwrap();
     table.protected.grand_total.unwrap()
 }
@@ -875,7 +886,12 @@ async fn a_consent_expiring_at_the_query_instant_is_not_counted() {
         let mut b = TableBuilder::new();
         w.store.count_patients(&sel, &mut b).await.unwrap();
         let reference = b
-            .finish(&[], Rules::new(2, 1).unwrap(), deadline())
+            .finish(
+                &[],
+                &Known::nothing(),
+                Rules::new(2, 1).unwrap(),
+                deadline(),
+            )
             .unwrap();
         assert_eq!(reference.protected.grand_total, Some(at(now)), "at {t} ms");
     }
