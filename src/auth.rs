@@ -37,7 +37,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::password_hash::PasswordHash;
 use argon2::{Algorithm, Argon2, Params, Version};
 use ring::{hkdf, hmac, rand::SecureRandom};
 use secrecy::{ExposeSecret, SecretString};
@@ -244,12 +244,17 @@ const EARLIER_M_COST: u32 = 19 * 1024;
 const EARLIER_T_COST: u32 = 2;
 const EARLIER_P_COST: u32 = 1;
 
-/// Argon2id as keys of earlier versions were hashed. Verification reads the parameters
-/// from the hash, so only hashes [`earlier_version_hash`] accepts reach it.
+/// The costs keys of earlier versions were hashed with: the highest a stored key hash may
+/// name ([`earlier_version_hash`]).
+fn earlier_params() -> Params {
+    Params::new(EARLIER_M_COST, EARLIER_T_COST, EARLIER_P_COST, None)
+        .expect("static Argon2 parameters are valid")
+}
+
+/// Argon2id as keys of earlier versions were hashed.
+#[cfg(test)]
 fn argon2() -> Argon2<'static> {
-    let params = Params::new(EARLIER_M_COST, EARLIER_T_COST, EARLIER_P_COST, None)
-        .expect("static Argon2 parameters are valid");
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, earlier_params())
 }
 
 /// `phc` parsed, if it is a hash an earlier version could have written: Argon2id, version
@@ -266,6 +271,154 @@ fn earlier_version_hash(phc: &str) -> Option<PasswordHash<'_>> {
         && params.t_cost() <= EARLIER_T_COST
         && params.p_cost() == EARLIER_P_COST;
     fits.then_some(parsed)
+}
+
+/// Argon2id verifications on threads of their own, each reusing one block buffer.
+///
+/// Run on tokio's blocking pool, each verification allocated its memory (19 MiB) on
+/// whichever of up to 512 threads took it, and glibc kept those allocations in the
+/// threads' arenas: after a flood of console sign-ins about 300 MB stayed resident. Here
+/// `threads` long-lived threads (started at the first run) each keep one buffer, wiped
+/// after every run, so what Argon2 holds is at most `threads` buffers of the costs
+/// allowed. A run starts only when a thread is free ([`Argon2Runner::try_verify`]):
+/// nothing queues.
+pub struct Argon2Runner {
+    threads: usize,
+    /// The highest costs a stored hash may name: a row written by hand could name
+    /// gigabytes or hours, and is refused unread.
+    max: Params,
+    free: Arc<Semaphore>,
+    jobs: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Argon2Job>>>,
+}
+
+struct Argon2Job {
+    password: Zeroizing<Vec<u8>>,
+    phc: String,
+    answer: tokio::sync::oneshot::Sender<bool>,
+    /// A thread's place, given back when the run ends (not when its caller gives up).
+    _free: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Argon2Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Argon2Runner")
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Argon2Runner {
+    /// `threads` runs at once, of hashes whose costs are at most `max`'s.
+    pub fn new(threads: usize, max: Params) -> Argon2Runner {
+        Argon2Runner {
+            threads,
+            max,
+            free: Arc::new(Semaphore::new(threads)),
+            jobs: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether `password` matches the PHC string `phc` (false for one that is not
+    /// Argon2id v0x13 within the costs allowed); `None` at once when every thread is busy.
+    /// The run goes on to its end if the future is dropped.
+    pub fn try_verify(
+        &self,
+        password: &[u8],
+        phc: &str,
+    ) -> Option<impl Future<Output = bool> + Send + 'static> {
+        let free = Arc::clone(&self.free).try_acquire_owned().ok()?;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job = Argon2Job {
+            password: Zeroizing::new(password.to_vec()),
+            phc: phc.to_owned(),
+            answer,
+            _free: free,
+        };
+        let jobs = self.jobs.get_or_init(|| {
+            let (sender, receiver) = std::sync::mpsc::channel::<Argon2Job>();
+            let receiver = Arc::new(std::sync::Mutex::new(receiver));
+            for i in 0..self.threads {
+                let receiver = Arc::clone(&receiver);
+                let max = self.max.clone();
+                // The thread ends when the runner (its sender) is dropped.
+                let spawned = std::thread::Builder::new()
+                    .name(format!("argon2-{i}"))
+                    .spawn(move || {
+                        let mut blocks = Vec::new();
+                        loop {
+                            let job = match receiver.lock() {
+                                Ok(receiver) => receiver.recv(),
+                                Err(_) => return,
+                            };
+                            let Ok(job) = job else { return };
+                            let Argon2Job {
+                                password,
+                                phc,
+                                answer,
+                                _free,
+                            } = job;
+                            let ok = argon2_verify(&mut blocks, &max, &password, &phc);
+                            // The place is free before the answer: a caller that tries
+                            // again once answered finds it free.
+                            drop(_free);
+                            let _ = answer.send(ok);
+                        }
+                    });
+                if let Err(err) = spawned {
+                    warn!(error = %err, "an Argon2 thread could not be started");
+                }
+            }
+            std::sync::Mutex::new(sender)
+        });
+        let sent = jobs
+            .lock()
+            .map(|jobs| jobs.send(job).is_ok())
+            .unwrap_or(false);
+        Some(async move { sent && answered.await.unwrap_or(false) })
+    }
+}
+
+/// Whether `password` matches `phc`, computed in `blocks` (grown to the hash's memory
+/// cost, kept, and wiped after the run); false for a hash that is not Argon2id v0x13
+/// within `max`'s costs.
+fn argon2_verify(
+    blocks: &mut Vec<argon2::Block>,
+    max: &Params,
+    password: &[u8],
+    phc: &str,
+) -> bool {
+    use zeroize::Zeroize;
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    let fits = Algorithm::try_from(parsed.algorithm) == Ok(Algorithm::Argon2id)
+        && parsed.version == Some(Version::V0x13 as u32)
+        && params.m_cost() <= max.m_cost()
+        && params.t_cost() <= max.t_cost()
+        && params.p_cost() <= max.p_cost();
+    if !fits {
+        return false;
+    }
+    let mut salt_bytes = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+    let count = params.block_count();
+    if blocks.len() < count {
+        blocks.resize(count, argon2::Block::default());
+    }
+    let mut out = Zeroizing::new(vec![0u8; expected.len()]);
+    let computed = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password_into_with_memory(password, salt, &mut out, &mut blocks[..count]);
+    blocks[..count].iter_mut().for_each(Zeroize::zeroize);
+    // `Output`'s equality is constant-time.
+    computed.is_ok() && argon2::password_hash::Output::new(&out).is_ok_and(|out| out == expected)
 }
 
 /// The keyed hash of API key secrets: HMAC-SHA256 under a pepper derived from the master
@@ -421,7 +574,7 @@ pub struct KeyVerifier {
     /// Key id → stored HMAC of keys verified in this process. Only a correct secret adds
     /// an entry, so its size follows the valid keys in use, not what callers send.
     known: RwLock<HashMap<String, Known>>,
-    argon2: Arc<Semaphore>,
+    argon2: Argon2Runner,
     counters: Arc<AuthCounters>,
 }
 
@@ -431,7 +584,7 @@ impl KeyVerifier {
             hasher,
             accepts_argon2: false,
             known: RwLock::new(HashMap::new()),
-            argon2: Arc::new(Semaphore::new(MAX_CONCURRENT_ARGON2)),
+            argon2: Argon2Runner::new(MAX_CONCURRENT_ARGON2, earlier_params()),
             counters: Arc::new(AuthCounters::default()),
         }
     }
@@ -489,26 +642,18 @@ impl KeyVerifier {
     }
 
     async fn verify_argon2(&self, key: &PresentedKey, parsed: PasswordHash<'_>) -> Verdict {
-        // Fail fast: a call that would wait for Argon2 is refused, never queued.
-        let Ok(permit) = self.argon2.clone().try_acquire_owned() else {
+        // Fail fast: a call that would wait for Argon2 is refused, never queued. The run
+        // goes on if the caller gives up, and holds its place until it ends.
+        let Some(run) = self
+            .argon2
+            .try_verify(key.secret.expose_secret().as_bytes(), &parsed.to_string())
+        else {
             metrics::counter!("ern_argon2_busy_total").increment(1);
             return Verdict::Busy;
         };
         self.counters.argon2_runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("ern_argon2_verifications_total").increment(1);
-        let secret = key.secret.clone();
-        let stored = parsed.serialize();
-        let ok = tokio::task::spawn_blocking(move || {
-            // The permit goes with the work: a caller that gives up does not free it
-            // while Argon2 still runs.
-            let _permit = permit;
-            argon2()
-                .verify_password(secret.expose_secret().as_bytes(), &stored.password_hash())
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if !ok {
+        if !run.await {
             return Verdict::Invalid;
         }
         Verdict::Migrate(self.hasher.hash(&key.key_id, key.secret.expose_secret()))
@@ -603,6 +748,72 @@ impl KeyVerifier {
 mod tests {
     use super::*;
     use ring::rand::SystemRandom;
+
+    fn phc(algorithm: Algorithm, m_cost: u32, t_cost: u32, password: &str) -> String {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let params = Params::new(m_cost, t_cost, 1, None).unwrap();
+        Argon2::new(algorithm, Version::V0x13, params)
+            .hash_password(
+                password.as_bytes(),
+                &SaltString::encode_b64(&[7u8; 16]).unwrap(),
+            )
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn argon2_runs_in_one_reused_buffer_and_only_within_the_costs_allowed() {
+        let max = Params::new(64, 2, 1, None).unwrap();
+        let mut blocks = Vec::new();
+        let right = phc(Algorithm::Argon2id, 64, 2, "correct horse");
+        assert!(argon2_verify(&mut blocks, &max, b"correct horse", &right));
+        assert_eq!(blocks.len(), 64);
+        let buffer = blocks.as_ptr();
+        assert!(!argon2_verify(&mut blocks, &max, b"correct horsf", &right));
+        // A smaller hash runs in the same buffer, which is wiped after every run.
+        let small = phc(Algorithm::Argon2id, 32, 1, "battery");
+        assert!(argon2_verify(&mut blocks, &max, b"battery", &small));
+        assert_eq!(blocks.as_ptr(), buffer);
+        assert!(blocks.iter().all(|b| b.as_ref().iter().all(|&w| w == 0)));
+        // Costs above those allowed, another algorithm, garbage: no match, nothing run.
+        let mut untouched = Vec::new();
+        for refused in [
+            phc(Algorithm::Argon2id, 128, 2, "correct horse"),
+            phc(Algorithm::Argon2id, 64, 3, "correct horse"),
+            phc(Algorithm::Argon2i, 64, 2, "correct horse"),
+            phc(Algorithm::Argon2d, 64, 2, "correct horse"),
+            "$argon2id$v=19$m=4194304,t=2,p=1$BwcHBwcHBwcHBwcHBwcHBw$AAAA".to_owned(),
+            "not a hash".to_owned(),
+        ] {
+            assert!(
+                !argon2_verify(&mut untouched, &max, b"correct horse", &refused),
+                "{refused}"
+            );
+        }
+        assert!(untouched.is_empty());
+    }
+
+    #[tokio::test]
+    async fn argon2_runs_never_queue_and_keep_their_place_until_they_end() {
+        let runner = Argon2Runner::new(1, Params::default());
+        let hash = phc(Algorithm::Argon2id, Params::DEFAULT_M_COST, 2, "pw");
+        let first = runner.try_verify(b"pw", &hash).expect("a free thread");
+        // The one thread is taken: refused at once, not queued.
+        assert!(runner.try_verify(b"pw", &hash).is_none());
+        // A caller that gives up does not free the thread while its run goes on.
+        drop(first);
+        assert!(runner.try_verify(b"pw", &hash).is_none());
+        let mut next = None;
+        for _ in 0..200 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            next = runner.try_verify(b"pw", &hash);
+            if next.is_some() {
+                break;
+            }
+        }
+        assert!(next.expect("free again once the run ended").await);
+        assert!(!runner.try_verify(b"pv", &hash).unwrap().await);
+    }
 
     #[test]
     fn role_round_trips_and_accepts_dashes() {
@@ -753,7 +964,9 @@ mod tests {
         let verifier = KeyVerifier::new(hasher(1)).accepting_argon2(true);
         let issued = issue_key(&rng, verifier.hasher()).unwrap();
         let legacy = legacy_hash(issued.token.expose_secret());
-        let held = verifier.argon2.clone().try_acquire_owned().unwrap();
+        let held = Arc::clone(&verifier.argon2.free)
+            .try_acquire_owned()
+            .unwrap();
         let key = PresentedKey::parse(issued.token.expose_secret()).unwrap();
         assert_eq!(verifier.verify(&key, &legacy).await, Verdict::Busy);
         assert_eq!(verifier.counters().argon2_runs(), 0);

@@ -223,6 +223,17 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_CONSOLE_SESSION_HOURS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=168))]
     pub console_session_hours: u32,
+    /// Web console connections open at once, from everyone together (behind a proxy
+    /// every user has its address); further ones are closed on accept. A request not
+    /// answered within --request-timeout-secs (its body included) is answered 503.
+    #[arg(long, env = "ERN_CONSOLE_MAX_CONNECTIONS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub console_max_connections: u32,
+    /// A web console connection that does not send a request's headers within this many
+    /// seconds (idle between requests included) is closed.
+    #[arg(long, env = "ERN_CONSOLE_HEADER_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub console_header_timeout_secs: u64,
     /// Master key file; created (mode 0600) on first start if missing.
     #[arg(long, env = "ERN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
@@ -432,6 +443,8 @@ impl Default for ServeArgs {
             console_listen: None,
             console_idle_minutes: 15,
             console_session_hours: 8,
+            console_max_connections: 128,
+            console_header_timeout_secs: 30,
             master_key_file: None,
             require_master_key: false,
             max_message_bytes: 1024 * 1024,

@@ -61,8 +61,17 @@ pub struct ConnectionLimits {
     pub idle_timeout: Option<Duration>,
 }
 
+/// Which listener a [`Connections`] serves: it names the log lines and the labels of
+/// `ern_connections_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Grpc,
+    Console,
+}
+
 /// The open connections, shared by the listener and the layer.
 pub struct Connections {
+    listener: Listener,
     limits: ConnectionLimits,
     epoch: Instant,
     open: Mutex<Open>,
@@ -90,7 +99,12 @@ fn lock(m: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
 
 impl Connections {
     pub fn new(limits: ConnectionLimits) -> Arc<Connections> {
+        Connections::of(Listener::Grpc, limits)
+    }
+
+    pub fn of(listener: Listener, limits: ConnectionLimits) -> Arc<Connections> {
         Arc::new(Connections {
+            listener,
             limits: ConnectionLimits {
                 max_connections: limits.max_connections.max(1),
                 max_per_peer: limits.max_per_peer.max(1),
@@ -122,41 +136,87 @@ impl Connections {
         let accepted = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(tcp_keepalive);
-        accepted.then(move |accepted| {
-            let connections = connections.clone();
-            async move {
-                match accepted {
-                    Ok(stream) => connections.admit(stream).map(Ok),
-                    // Out of file descriptors: the next accept would fail at once too,
-                    // and tonic tries again without a pause (a core busy, nothing
-                    // accepted). Wait a moment, say so at most every 10 s, go on.
-                    Err(e) if out_of_descriptors(&e) => {
-                        metrics::counter!("ern_connections_refused_total", "limit" => "file_descriptors")
-                            .increment(1);
-                        connections.warn_out_of_descriptors(&e);
-                        tokio::time::sleep(DESCRIPTORS_PAUSE).await;
-                        None
+        accepted
+            .then(move |accepted| {
+                let connections = connections.clone();
+                async move {
+                    match accepted {
+                        Ok(stream) => connections.admit(stream).map(Ok),
+                        // Out of file descriptors: the next accept would fail at once too,
+                        // and tonic tries again without a pause (a core busy, nothing
+                        // accepted). Wait a moment, say so at most every 10 s, go on.
+                        Err(e) if out_of_descriptors(&e) => {
+                            connections.out_of_descriptors(&e);
+                            tokio::time::sleep(DESCRIPTORS_PAUSE).await;
+                            None
+                        }
+                        Err(e) => Some(Err(e)),
                     }
-                    Err(e) => Some(Err(e)),
                 }
-            }
-        })
-        .filter_map(|admitted| admitted)
+            })
+            .filter_map(|admitted| admitted)
     }
 
-    /// Logs that accepting failed for want of file descriptors, at most every
-    /// [`DESCRIPTORS_WARN_EVERY`].
-    fn warn_out_of_descriptors(&self, e: &io::Error) {
+    /// The label of `ern_connections_refused_total` for `limit` on this listener.
+    fn label(&self, limit: &'static str) -> &'static str {
+        match (self.listener, limit) {
+            (Listener::Grpc, limit) => limit,
+            (Listener::Console, "file_descriptors") => "console_file_descriptors",
+            (Listener::Console, _) => "console_connections",
+        }
+    }
+
+    /// Counts an accept that failed for want of file descriptors, and logs it at most
+    /// every [`DESCRIPTORS_WARN_EVERY`].
+    fn out_of_descriptors(&self, e: &io::Error) {
+        metrics::counter!("ern_connections_refused_total", "limit" => self.label("file_descriptors"))
+            .increment(1);
         let now = self.now_ms();
         let last = self.descriptors_warned.load(Ordering::Relaxed);
         if last == 0 || now.saturating_sub(last) >= DESCRIPTORS_WARN_EVERY.as_millis() as u64 {
             self.descriptors_warned.store(now.max(1), Ordering::Relaxed);
+            let (what, cap) = match self.listener {
+                Listener::Grpc => ("gRPC", "--max-connections"),
+                Listener::Console => ("web console", "--console-max-connections"),
+            };
             warn!(
                 error = %e,
                 open = self.open(),
-                "cannot accept gRPC connections: out of file descriptors (raise the open-files \
-                 limit, or lower --max-connections); trying again every 100 ms"
+                "cannot accept {what} connections: out of file descriptors (raise the \
+                 open-files limit, or lower {cap}); trying again every 100 ms"
             );
+        }
+    }
+
+    /// Accepts the next connection of `listener` that the caps admit (for a listener not
+    /// served through [`Connections::incoming`]). Pauses when out of file descriptors,
+    /// as `incoming` does, and 1 s after any other failure to accept but a connection
+    /// reset before it was taken; `None` never: it waits until one is admitted.
+    pub async fn accept(self: &Arc<Self>, listener: &TcpListener) -> Tracked {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    if let Some(admitted) = self.admit(stream) {
+                        return admitted;
+                    }
+                }
+                Err(e) if out_of_descriptors(&e) => {
+                    self.out_of_descriptors(&e);
+                    tokio::time::sleep(DESCRIPTORS_PAUSE).await;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => {
+                    warn!(error = %e, listener = ?self.listener, "cannot accept connections; trying again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
     }
 
@@ -180,7 +240,8 @@ impl Connections {
             };
             if let Some(reason) = refused {
                 drop(open);
-                metrics::counter!("ern_connections_refused_total", "limit" => reason).increment(1);
+                metrics::counter!("ern_connections_refused_total", "limit" => self.label(reason))
+                    .increment(1);
                 debug!(%peer, reason, "connection refused");
                 return None;
             }
@@ -233,6 +294,11 @@ pub struct Tracked {
 }
 
 impl Tracked {
+    /// The address of the connection's peer.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        self.remote
+    }
+
     /// Whether the connection has been without a call for the idle timeout. Registers
     /// the waker for the moment it would be.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {

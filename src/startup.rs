@@ -479,7 +479,13 @@ impl Application {
             .master_kdf_file
             .clone()
             .unwrap_or_else(|| KdfFile::default_path(master_key_file));
-        raise_open_files_limit(u64::from(args.max_connections));
+        // The console's connections are counted beside gRPC's: out of descriptors, the
+        // console would shut gRPC out too.
+        let console_connections = match args.console_listen {
+            Some(_) => u64::from(args.console_max_connections),
+            None => 0,
+        };
+        raise_open_files_limit(u64::from(args.max_connections) + console_connections);
         // One server per SQLite database: locked before anything else touches it.
         let lock = data_dir::sqlite_path(database_url)
             .map(|db| ServerLock::acquire(&db))
@@ -801,6 +807,13 @@ impl Application {
             tokio::spawn(crate::console::serve(
                 listener,
                 self.state.clone(),
+                crate::console::ConsoleLimits {
+                    max_connections: self.args.console_max_connections as usize,
+                    request_timeout: self.args.request_timeout(),
+                    header_timeout: std::time::Duration::from_secs(
+                        self.args.console_header_timeout_secs,
+                    ),
+                },
                 stopping.clone(),
                 console_deadline,
             ))
@@ -944,15 +957,16 @@ pub async fn shutdown_signal() {
     info!("shutdown requested");
 }
 
-/// File descriptors kept beside `--max-connections`: the database and its pool, the
-/// console's and the metrics' connections, the log, the lock and key files.
+/// File descriptors kept beside the connections allowed: the database and its pool, the
+/// metrics' connections, the log, the lock and key files.
 const DESCRIPTORS_RESERVED: u64 = 256;
 
 /// Raises the process's soft limit of open files to its hard limit (many systems start
 /// a service at a soft limit of 1,024, no more than `--max-connections`' default, and
 /// every connection is a descriptor), and warns when the limit leaves fewer than
-/// [`DESCRIPTORS_RESERVED`] beside the connections allowed (running out, the server stops
-/// accepting connections until some close: `connections`).
+/// [`DESCRIPTORS_RESERVED`] beside the `max_connections` allowed (gRPC's and the
+/// console's; running out, the server stops accepting connections until some close:
+/// `connections`).
 fn raise_open_files_limit(max_connections: u64) {
     #[cfg(unix)]
     {
@@ -1007,8 +1021,8 @@ fn raise_open_files_limit(max_connections: u64) {
                 open_files = soft,
                 max_connections,
                 "the open-files limit leaves too few descriptors beside --max-connections \
-                 (at least {DESCRIPTORS_RESERVED} more are needed): raise it (ulimit -n, \
-                 LimitNOFILE=) or lower --max-connections"
+                 and --console-max-connections (at least {DESCRIPTORS_RESERVED} more are \
+                 needed): raise it (ulimit -n, LimitNOFILE=) or lower them"
             );
         }
     }

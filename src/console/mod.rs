@@ -39,6 +39,7 @@ use zeroize::Zeroizing;
 
 use crate::aggregate::{Dimension, Filter, Key, MAX_COUNT_DIMENSIONS, MAX_DELAY_DIMENSIONS};
 use crate::auth::{AuthError, Principal};
+use crate::connections::{ConnectionLimits, Connections, Listener};
 use crate::consent::{self, AttestationItem, Decision, Scope};
 use crate::domain::{CodeCatalog, CodeSystem};
 use crate::domain::{FieldViolations, HpoTerm, Orphacode};
@@ -99,6 +100,18 @@ pub fn router(services: Arc<Services>) -> Router {
         .with_state(services)
 }
 
+/// The console's own limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsoleLimits {
+    /// Connections open at once (`--console-max-connections`).
+    pub max_connections: usize,
+    /// A request not answered within it is answered 503 (`--request-timeout-secs`).
+    pub request_timeout: std::time::Duration,
+    /// A connection that sends no request's headers within it (idle between requests
+    /// included) is closed (`--console-header-timeout-secs`).
+    pub header_timeout: std::time::Duration,
+}
+
 /// Binds the console's listener: plain HTTP, so on loopback only unless `allow_plaintext`
 /// (a TLS-terminating proxy in front).
 pub async fn bind(addr: SocketAddr, allow_plaintext: bool) -> Result<TcpListener, String> {
@@ -118,11 +131,40 @@ pub async fn bind(addr: SocketAddr, allow_plaintext: bool) -> Result<TcpListener
 pub async fn serve(
     listener: TcpListener,
     services: Arc<Services>,
+    limits: ConsoleLimits,
     mut stopping: watch::Receiver<bool>,
     deadline: watch::Receiver<bool>,
 ) {
     let addr = listener.local_addr().ok();
     info!(?addr, "serving the web console");
+    let admitted = Connections::of(
+        Listener::Console,
+        ConnectionLimits {
+            max_connections: limits.max_connections,
+            // Behind the proxy every user has its address: one cap for all.
+            max_per_peer: limits.max_connections,
+            // Between requests, hyper's header timeout closes an idle connection.
+            idle_timeout: None,
+        },
+    );
+    // A request not answered in time (a slow body, a slow database) is answered 503
+    // and its handler dropped, as gRPC's deadline ends a call.
+    let request_timeout = limits.request_timeout;
+    let timed = middleware::from_fn(
+        move |request: axum::extract::Request, next: Next| async move {
+            match tokio::time::timeout(request_timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the request was not answered within {} s; try again",
+                        request_timeout.as_secs()
+                    ),
+                )
+                    .into_response(),
+            }
+        },
+    );
     // At the shutdown deadline (gRPC's: the grace after the signal), a request still
     // running is answered 503 and its handler dropped, as gRPC's calls are ended then.
     let cut_off = middleware::from_fn(move |request: axum::extract::Request, next: Next| {
@@ -146,6 +188,7 @@ pub async fn serve(
         }
     });
     let app = router(services)
+        .layer(timed)
         .layer(cut_off)
         // The 503 above carries them too.
         .layer(middleware::from_fn(security_headers));
@@ -161,33 +204,17 @@ pub async fn serve(
         let _ = stopping.wait_for(|s| *s).await;
     });
     loop {
-        let accepted = tokio::select! {
+        let stream = tokio::select! {
             biased;
             () = &mut shutdown => break,
             // Reaps the connections that ended.
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            accepted = listener.accept() => accepted,
+            // Past the cap a connection is closed at once; out of file descriptors,
+            // accepting pauses (`connections`).
+            stream = admitted.accept(&listener) => stream,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // A connection reset before it was taken: nothing to do. Anything else
-                // (out of file descriptors, say) lasts a while: wait, then go on.
-                if !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionRefused
-                ) {
-                    warn!(error = %e, "the web console cannot accept connections; trying again in 1 s");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    }
-                }
-                continue;
-            }
+        let Some(peer) = stream.remote() else {
+            continue;
         };
         let app = app.clone();
         let service = hyper::service::service_fn(
@@ -197,9 +224,11 @@ pub async fn serve(
                 tower_service::Service::call(&mut app.clone(), request)
             },
         );
-        // No timeouts of its own, as before: slow clients are the proxy's to cut off
-        // (`docs/console.md`).
+        // A request's headers (the first, or the next on a kept-alive connection) must
+        // arrive within the header timeout; its body within the request timeout (`timed`).
         let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = connections.watch(connection);
         tasks.spawn(async move {

@@ -6,8 +6,10 @@
 //!
 //! - **Password**: Argon2id (19 MiB, 2 passes: `Argon2::default()`), a fresh salt each;
 //!   a person's password has little entropy, unlike an API key's secret, so here the slow
-//!   hash earns its cost. At most [`MAX_CONCURRENT_SIGN_INS`] Argon2 runs at once; a
-//!   sign-in that finds them taken is refused at once (UNAVAILABLE), never queued.
+//!   hash earns its cost. At most [`MAX_CONCURRENT_SIGN_INS`] Argon2 runs at once, on
+//!   threads of their own that keep their memory ([`Argon2Runner`]); a sign-in that finds
+//!   them taken is refused at once (UNAVAILABLE), never queued. A stored hash that names
+//!   higher costs, or another algorithm, matches no password.
 //! - **TOTP** (RFC 6238: SHA-1, 6 digits, 30 s, one step of drift either way). The secret
 //!   is sealed with AES-256-GCM under a key derived from the master secret (bound to the
 //!   principal's id), so a copy of the database alone does not give the second factor. A
@@ -31,18 +33,17 @@
 use std::sync::{Arc, OnceLock};
 
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHasher, SaltString};
 use chrono::{DateTime, Duration, Utc};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{aead, digest, hkdf, hmac};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Semaphore;
 use totp_rs::{Algorithm, TOTP};
 use tracing::info;
 use zeroize::Zeroizing;
 
 use super::{Call, ServiceError, Services};
-use crate::auth::{AuthError, Principal};
+use crate::auth::{Argon2Runner, AuthError, Principal};
 use crate::keys::MasterSecret;
 use crate::ratelimit::{Limit, Peer, RateLimited};
 
@@ -96,7 +97,7 @@ pub struct ConsoleAuth {
     csrf: hmac::Key,
     /// Keys the names sign-in failures are counted under ([`name_mac`]).
     names: hmac::Key,
-    argon2: Arc<Semaphore>,
+    argon2: Argon2Runner,
     pub limits: SessionLimits,
 }
 
@@ -158,7 +159,8 @@ impl ConsoleAuth {
             seal: sealing_key(master),
             csrf: hmac::Key::new(hmac::HMAC_SHA256, &derive(master, CSRF_INFO, 32)),
             names: names_key(master),
-            argon2: Arc::new(Semaphore::new(MAX_CONCURRENT_SIGN_INS)),
+            // Passwords are hashed at `Argon2::default()`'s costs ([`hash_password`]).
+            argon2: Argon2Runner::new(MAX_CONCURRENT_SIGN_INS, argon2::Params::default()),
             limits,
         }
     }
@@ -482,25 +484,14 @@ async fn verify_password(
     password: &SecretString,
     hash: &str,
 ) -> Result<bool, ServiceError> {
-    let Ok(permit) = auth.argon2.clone().try_acquire_owned() else {
+    let Some(run) = auth
+        .argon2
+        .try_verify(password.expose_secret().as_bytes(), hash)
+    else {
         metrics::counter!("ern_argon2_busy_total").increment(1);
         return Err(ServiceError::Busy("sign-in is busy"));
     };
-    let password = password.clone();
-    let hash = hash.to_owned();
-    let ok = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        PasswordHash::new(&hash)
-            .map(|parsed| {
-                Argon2::default()
-                    .verify_password(password.expose_secret().as_bytes(), &parsed)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false);
-    Ok(ok)
+    Ok(run.await)
 }
 
 /// The principal of a live session, after the same checks an API key gets on every call

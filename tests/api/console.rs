@@ -1969,3 +1969,107 @@ async fn a_console_request_abandoned_mid_way_is_audited_as_cancelled() {
         .get(0);
     assert_eq!(events, 0, "the abandoned decision was not recorded");
 }
+
+/// The console's connections are capped, from everyone together (past the cap a
+/// connection is closed at once, and gRPC is served meanwhile: its descriptors are not
+/// the console's to take); a connection that sends no headers in time is closed, and a
+/// request whose body does not come in time is answered 503.
+#[tokio::test]
+async fn console_connections_are_capped_and_slow_clients_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let closed_within = |mut tcp: tokio::net::TcpStream, secs: u64| async move {
+        let mut buf = [0u8; 4096];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(secs), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        read.is_ok()
+    };
+    // The cap, with a header timeout long enough to tell it apart.
+    let app = console_app(ServeArgs {
+        console_max_connections: 3,
+        console_header_timeout_secs: 600,
+        ..ServeArgs::default()
+    })
+    .await;
+    let addr = app.console.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /sign-in HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    // Each is admitted before the next arrives: a request on the third's way is taken.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(fourth, 10).await,
+        "a connection past the cap was kept open"
+    );
+    app.client(None)
+        .await
+        .get_case(get_case(
+            "ERN-LUNG",
+            "R013-V001-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ))
+        .await
+        .expect_err("no key: refused, but served");
+    // A place comes back when a connection closes.
+    held.pop();
+    let mut answered = false;
+    for _ in 0..50 {
+        let mut web = Web::new(addr);
+        if tokio::time::timeout(std::time::Duration::from_secs(2), web.get("/sign-in"))
+            .await
+            .is_ok_and(|page| page.status == 200)
+        {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(answered, "no place came back");
+    drop(held);
+
+    // Slow clients.
+    let app = console_app(ServeArgs {
+        console_header_timeout_secs: 1,
+        request_timeout_secs: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let addr = app.console.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /sign-in HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(tcp, 20).await,
+        "a connection that never finished its headers was kept open"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"POST /sign-in HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nname=a",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tcp.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "a request whose body never came was not answered"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+}
