@@ -288,7 +288,8 @@ pub struct Argon2Runner {
     /// gigabytes or hours, and is refused unread.
     max: Params,
     free: Arc<Semaphore>,
-    jobs: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Argon2Job>>>,
+    /// The threads' queue, once they are started (at the first run).
+    jobs: std::sync::Mutex<Option<std::sync::mpsc::Sender<Argon2Job>>>,
 }
 
 struct Argon2Job {
@@ -314,7 +315,7 @@ impl Argon2Runner {
             threads,
             max,
             free: Arc::new(Semaphore::new(threads)),
-            jobs: std::sync::OnceLock::new(),
+            jobs: std::sync::Mutex::new(None),
         }
     }
 
@@ -334,9 +335,26 @@ impl Argon2Runner {
             answer,
             _free: free,
         };
-        let jobs = self.jobs.get_or_init(|| {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.is_none() {
+            *jobs = self.start_threads();
+        }
+        // No thread could be started, or none is left: busy (started again at the next
+        // run), never a wrong password.
+        if jobs.as_ref()?.send(job).is_err() {
+            *jobs = None;
+            return None;
+        }
+        drop(jobs);
+        Some(async move { answered.await.unwrap_or(false) })
+    }
+
+    /// Starts the threads; `None` when none could be.
+    fn start_threads(&self) -> Option<std::sync::mpsc::Sender<Argon2Job>> {
+        {
             let (sender, receiver) = std::sync::mpsc::channel::<Argon2Job>();
             let receiver = Arc::new(std::sync::Mutex::new(receiver));
+            let mut started = 0;
             for i in 0..self.threads {
                 let receiver = Arc::clone(&receiver);
                 let max = self.max.clone();
@@ -364,17 +382,13 @@ impl Argon2Runner {
                             let _ = answer.send(ok);
                         }
                     });
-                if let Err(err) = spawned {
-                    warn!(error = %err, "an Argon2 thread could not be started");
+                match spawned {
+                    Ok(_) => started += 1,
+                    Err(err) => warn!(error = %err, "an Argon2 thread could not be started"),
                 }
             }
-            std::sync::Mutex::new(sender)
-        });
-        let sent = jobs
-            .lock()
-            .map(|jobs| jobs.send(job).is_ok())
-            .unwrap_or(false);
-        Some(async move { sent && answered.await.unwrap_or(false) })
+            (started > 0).then_some(sender)
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! statuses and lets calls fail fast while the database is away.
 //!
 //! Every call needs the database (keys are read on every call, every call is audited), so
-//! the service is only as available as its database. A probe runs `SELECT 1` every
-//! [`PROBE_EVERY`] on a connection of its own, outside the pool, so that a pool busy
+//! the service is only as available as its database. A probe runs `SELECT 1` (on
+//! PostgreSQL: reads `transaction_read_only`, and a database that takes no writes fails
+//! it) every [`PROBE_EVERY`] on a connection of its own, outside the pool, so that a pool busy
 //! with real work is never taken for a dead database. When a probe fails (an error, or no
 //! answer within [`PROBE_TIMEOUT`]), every service's health status, and the server's
 //! (`""`), turns NOT_SERVING and calls are refused at once with UNAVAILABLE and a retry
@@ -133,7 +134,27 @@ impl DatabaseWatch {
             Some(conn) => conn,
             None => conn.insert(Single::connect(&self.inner.url).await?),
         };
-        db::query("SELECT 1").execute(&mut conn.db()).await?;
+        match conn {
+            Single::Sqlite(_) => {
+                db::query("SELECT 1").execute(&mut conn.db()).await?;
+            }
+            // A PostgreSQL that answers but takes no writes (a standby after a failover,
+            // `default_transaction_read_only`) fails every call too: every call is
+            // audited.
+            Single::Postgres(_) => {
+                let read_only: String =
+                    db::query("SELECT current_setting('transaction_read_only')")
+                        .fetch_scalar(&mut conn.db())
+                        .await?;
+                if read_only == "on" {
+                    return Err(StoreError::Unreachable {
+                        cause: "the database is read-only (a standby, or \
+                                default_transaction_read_only)"
+                            .into(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 }

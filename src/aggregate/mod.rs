@@ -503,26 +503,35 @@ impl Known {
         let Some((_, allowed)) = self.0.iter().find(|(d, _)| *d == dim) else {
             return vec![None];
         };
-        let ints = allowed.iter().filter_map(|k| match k {
-            Key::Int(n) => Some(*n),
-            _ => None,
-        });
-        let others = allowed
-            .iter()
-            .filter(|k| !matches!(k, Key::Int(_)))
-            .cloned();
+        // Keys sort integers first, then texts, then `Missing`: no value is scanned twice
+        // (a diagnosis filter may hold thousands of codes, asked of every cell).
+        let text = Key::Text(String::new());
+        let others = || allowed.range(&text..).cloned();
         let kept: Vec<Key> = match reduce {
             Reduce::None => allowed.iter().cloned().collect(),
-            Reduce::Latest => ints.max().map(Key::Int).into_iter().chain(others).collect(),
-            Reduce::Youngest => ints.min().map(Key::Int).into_iter().chain(others).collect(),
+            Reduce::Latest => allowed
+                .range(..&text)
+                .next_back()
+                .cloned()
+                .into_iter()
+                .chain(others())
+                .collect(),
+            Reduce::Youngest => allowed
+                .range(..&text)
+                .next()
+                .cloned()
+                .into_iter()
+                .chain(others())
+                .collect(),
             Reduce::UndiagnosedOrNot => {
-                let undiagnosed = i64::from(ORPHA_UNDIAGNOSED);
-                let (yes, no): (Vec<i64>, Vec<i64>) = ints.partition(|&n| n == undiagnosed);
-                yes.first()
+                let undiagnosed = Key::Int(i64::from(ORPHA_UNDIAGNOSED));
+                let other = allowed.range(..&text).find(|k| **k != undiagnosed).cloned();
+                allowed
+                    .contains(&undiagnosed)
+                    .then_some(undiagnosed)
                     .into_iter()
-                    .chain(no.first())
-                    .map(|&n| Key::Int(n))
-                    .chain(others)
+                    .chain(other)
+                    .chain(others())
                     .collect()
             }
         };
@@ -545,10 +554,22 @@ fn delay_bands_possible(
         Some(Key::Int(n)) => Some(*n),
         _ => None,
     };
+    // A patient with a delay has both dates: no value of these is unknown, and a band
+    // and year that cannot go together (`impossible_one`) hold no one. (A filter that
+    // also allows "unknown", or an impossible value, adds no patient to a delay table,
+    // so it must not make any band possible.)
+    let missing = |key: &Option<Key>| *key == Some(Key::Missing);
     let mut possible = [false; DELAY_BANDS.len()];
     for diagnosis in known.options(Dimension::DiagnosisAgeBand, &cell, Reduce::None) {
         for onset in known.options(Dimension::OnsetAgeBand, &cell, Reduce::None) {
             for year in known.options(Dimension::DiagnosisYear, &cell, Reduce::Latest) {
+                if missing(&diagnosis)
+                    || missing(&onset)
+                    || missing(&year)
+                    || impossible_one(None, year.as_ref(), diagnosis.as_ref())
+                {
+                    continue;
+                }
                 let (least, most) = delay_months_between(int(&diagnosis), int(&onset), int(&year));
                 if most.is_some_and(|most| most < least) {
                     continue;
@@ -1530,7 +1551,36 @@ mod tests {
             delay_bands_possible(&[Sex], &[Key::Text("female".into())], &both),
             [true, false, false, false, false]
         );
-        // Years: an unknown one allows anything, else the latest decides.
+        // "unknown" in a filter adds no patient with a delay (both dates are known), so
+        // it takes nothing back (the review's attack on the first version of this).
+        let onset_infant_or_unknown = Known::from_filters(&[Filter {
+            dimension: OnsetAgeBand,
+            values: vec![Key::Int(0), Key::Missing],
+        }]);
+        assert_eq!(
+            delay_bands_possible(
+                &[DiagnosisAgeBand],
+                &[Key::Int(5)],
+                &onset_infant_or_unknown
+            ),
+            [false, false, false, false, true]
+        );
+        // Nor does a value no patient of the others can have: 65 or older in 1920.
+        let impossible_too = Known::from_filters(&[
+            Filter {
+                dimension: DiagnosisAgeBand,
+                values: vec![Key::Int(0), Key::Int(6)],
+            },
+            Filter {
+                dimension: DiagnosisYear,
+                values: vec![Key::Int(1920)],
+            },
+        ]);
+        assert_eq!(
+            delay_bands_possible(&[], &[], &impossible_too),
+            [true, false, false, false, false]
+        );
+        // Years: the latest decides (an unknown one adds no one).
         let years = |values: Vec<Key>| {
             Known::from_filters(&[Filter {
                 dimension: DiagnosisYear,
@@ -1539,6 +1589,10 @@ mod tests {
         };
         assert_eq!(
             delay_bands_possible(&[], &[], &years(vec![Key::Int(1890), Key::Int(1885)])),
+            [true, true, true, true, false]
+        );
+        assert_eq!(
+            delay_bands_possible(&[], &[], &years(vec![Key::Int(1890), Key::Missing])),
             [true, true, true, true, false]
         );
         assert_eq!(

@@ -265,6 +265,28 @@ async fn submit_one(
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<proto::SubmitCasesResult, Status>> + Send>>;
 
+/// A stream of results that tells its producer to start when it is first polled: tonic
+/// polls a response's stream only once the handler has answered, so work that must
+/// follow the handler's audit entry waits for this.
+struct StartedOnPoll<S> {
+    inner: S,
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<S: Stream + Unpin> Stream for StartedOnPoll<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
 impl CaseApi {
     async fn submit_case_inner(
         &self,
@@ -307,8 +329,16 @@ impl CaseApi {
         let (out_tx, out_rx) = mpsc::channel(BULK_IN_FLIGHT);
         let activity = Arc::new(StreamActivity::new());
         let answered = activity.clone();
+        // Nothing is read before the stream's opening is recorded: the results are
+        // polled only once this handler's answer (after its audit entry) went out. A
+        // stream whose entry could not be committed is answered UNAVAILABLE and stores
+        // nothing of what it sent.
+        let (go, started) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let _permit = permit;
+            if started.await.is_err() {
+                return;
+            }
             let mut sequence = 0u64;
             loop {
                 // A stream that sends nothing for the call deadline, while it waits for no
@@ -440,7 +470,10 @@ impl CaseApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(StartedOnPoll {
+            inner: ReceiverStream::new(out_rx),
+            go: Some(go),
+        })))
     }
 
     async fn submit_phenopacket_inner(

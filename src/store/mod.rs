@@ -203,7 +203,9 @@ fn sqlite_not_now(extended_code: i32) -> bool {
 /// to be had (pool timeout, pool closed at shutdown), a connection refused, reset or cut
 /// (I/O errors of those kinds), PostgreSQL shutting down, restarting or recovering
 /// (SQLSTATE class 08 connection exceptions; 57P01 admin shutdown, 57P02 crash shutdown,
-/// 57P03 cannot connect now; 53300 too many connections, which sqlx itself retries) or
+/// 57P03 cannot connect now), out of resources (class 53: disk full, out of memory, too
+/// many connections, which sqlx itself retries), read-only (25006: a standby after a
+/// failover, or `default_transaction_read_only`), or
 /// SQLite still busy after its busy timeout (another process holds the write lock), its
 /// disk full or its file not to be opened ([`sqlite_not_now`]).
 pub fn unreachable_now(err: &sqlx::Error) -> bool {
@@ -228,7 +230,9 @@ pub fn unreachable_now(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
                 let code = pg.code();
-                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
             } else if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
                 sqlite
                     .code()

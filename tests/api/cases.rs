@@ -269,3 +269,42 @@ async fn an_answer_over_the_message_limit_is_refused_and_audited_as_refused() {
         ]
     );
 }
+
+/// A bulk stream whose own audit entry (written when it opens) cannot be committed is
+/// answered UNAVAILABLE and stores nothing it sent: its submissions are read only once
+/// its opening is recorded. (They were read and stored before, while the caller was told
+/// to retry: a claims audit's fault injection on PostgreSQL.)
+#[tokio::test]
+async fn a_stream_whose_opening_is_not_recorded_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    // The stream's own entry names no registry; its submissions' entries do.
+    let sql = if app.is_sqlite() {
+        "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+         WHEN NEW.method = 'CaseService/SubmitCases' AND NEW.registry = '' \
+         BEGIN SELECT RAISE(ABORT, 'audit blocked'); END;"
+    } else {
+        "CREATE FUNCTION audit_fail() RETURNS trigger AS $$ \
+         BEGIN IF NEW.method = 'CaseService/SubmitCases' AND NEW.registry = '' THEN \
+         RAISE EXCEPTION 'audit blocked'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER audit_fail BEFORE INSERT ON audit_log \
+         FOR EACH ROW EXECUTE FUNCTION audit_fail();"
+    };
+    app.store.pool().execute_raw(sql).await.unwrap();
+    let before = app.count("cases").await;
+    let requests: Vec<_> = (0..20u32)
+        .map(|i| submission("ERN-EYE", national("NL", &bsn(7000 + i))))
+        .collect();
+    let status = match dr.submit_cases(tokio_stream::iter(requests)).await {
+        Err(status) => status,
+        Ok(results) => {
+            let mut results = results.into_inner();
+            let first = results.next().await;
+            panic!("the stream was served: {first:?}")
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Nothing is read after the answer either.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(app.count("cases").await, before);
+}

@@ -631,3 +631,98 @@ async fn postgresql_stopped_and_started_under_load_is_unavailable_then_served_ag
     assert!(wrong.is_empty(), "outage answered as {wrong:?}");
     app.stop().await;
 }
+
+/// A PostgreSQL that answers but takes no writes (a standby after a failover; here
+/// `default_transaction_read_only` on the database) fails every call (each is audited):
+/// health turns NOT_SERVING and calls are UNAVAILABLE with a retry hint, never INTERNAL;
+/// writable again, the server serves again without a restart. (They were INTERNAL, with
+/// health SERVING, before: a claims audit's fault injection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_unavailable_and_not_serving_until_it_takes_writes() {
+    let Some(admin_url) = std::env::var("ERN_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"))
+    else {
+        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+        return;
+    };
+    let app = TestApp::spawn().await;
+    let token = app.physician_key("dr-readonly", "NL-READONLY").await;
+    let mut dr = app.client(Some(&token)).await;
+    let (pseudonym, mut probe) = first_case_and_a_serving_probe(&app, &mut dr, 6900).await;
+    let database = app
+        .database_url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let admin = ern_registry::store::Store::connect(&admin_url, 1)
+        .await
+        .unwrap();
+    // New sessions of the database are read-only; the server's are ended, so its pool
+    // and its probe open new ones.
+    let set = |on: bool| {
+        format!(
+            "ALTER DATABASE \"{database}\" SET default_transaction_read_only = {}",
+            if on { "on" } else { "off" }
+        )
+    };
+    let cut = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' \
+         AND pid <> pg_backend_pid()"
+    );
+    for sql in [set(true), cut.clone()] {
+        ern_registry::store::db::query(&sql)
+            .execute(admin.pool())
+            .await
+            .unwrap();
+    }
+    until_health(
+        &mut probe,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Calls get UNAVAILABLE: refused at once while the probe says so, and those that
+    // reached the database before (its error, 25006, is one of "not now").
+    for i in 0..5 {
+        let status = dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(6901 + i))))
+            .await
+            .unwrap_err();
+        assert_unavailable_with_retry_hint(&status);
+    }
+    let status = dr
+        .get_case(get_case("ERN-LUNG", &pseudonym))
+        .await
+        .unwrap_err();
+    assert_unavailable_with_retry_hint(&status);
+    for sql in [set(false), cut] {
+        ern_registry::store::db::query(&sql)
+            .execute(admin.pool())
+            .await
+            .unwrap();
+    }
+    until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
+    let mut answered = None;
+    for _ in 0..100 {
+        match dr.get_case(get_case("ERN-LUNG", &pseudonym)).await {
+            Ok(answer) => {
+                answered = Some(answer);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(answered.is_some(), "not served again");
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(6999))))
+        .await
+        .unwrap();
+    app.stop().await;
+}
