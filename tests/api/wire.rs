@@ -419,6 +419,22 @@ fn proto_serving() -> i32 {
     tonic_health::pb::health_check_response::ServingStatus::Serving as i32
 }
 
+/// The summary of refused calls from 127.0.0.1 the server writes when it stops: (method,
+/// outcome, calls), in that order.
+async fn refusal_summary_at_shutdown(mut app: TestApp) -> Vec<(String, String, i64)> {
+    app.stop_server().await;
+    ern_registry::store::db::query(
+        "SELECT method, outcome, CAST(SUM(items) AS BIGINT) FROM audit_log WHERE principal_id IS NULL \
+         AND principal = 'peer:127.0.0.1' GROUP BY method, outcome ORDER BY method, outcome",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
 /// Calls refused before any handler ran (a body that is not a message of the method,
 /// broken framing, a content type that is not gRPC, an unknown method, a message over
 /// the limit) are counted in the per-address summary of refused calls, as a wrong API key
@@ -499,18 +515,7 @@ async fn refusals_no_handler_saw_are_counted_not_charged() {
     );
     assert_eq!(app.auth.key_lookups(), reads + 1);
     // At shutdown the counts go into the audit log, one entry per method and outcome.
-    let mut app = app;
-    app.stop_server().await;
-    let rows: Vec<(String, String, i64)> = ern_registry::store::db::query(
-        "SELECT method, outcome, CAST(SUM(items) AS BIGINT) FROM audit_log WHERE principal_id IS NULL \
-         AND principal = 'peer:127.0.0.1' GROUP BY method, outcome ORDER BY method, outcome",
-    )
-    .fetch_all(app.store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2)))
-    .collect();
+    let rows = refusal_summary_at_shutdown(app).await;
     // Made-up paths under one label, whatever they are.
     let expected = [
         ("(unknown method)", "UNIMPLEMENTED", 2),
@@ -584,18 +589,7 @@ async fn calls_abandoned_before_a_handler_are_counted_cancelled() {
     let status = tonic::Status::from_header_map(answer.headers()).expect("a trailers-only answer");
     assert_eq!(status.code(), Code::Cancelled, "{}", status.message());
     still_serving(&app).await;
-    let mut app = app;
-    app.stop_server().await;
-    let rows: Vec<(String, String, i64)> = ern_registry::store::db::query(
-        "SELECT method, outcome, CAST(SUM(items) AS BIGINT) FROM audit_log WHERE principal_id IS NULL \
-         AND principal = 'peer:127.0.0.1' GROUP BY method, outcome ORDER BY method, outcome",
-    )
-    .fetch_all(app.store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2)))
-    .collect();
+    let rows = refusal_summary_at_shutdown(app).await;
     assert_eq!(
         rows,
         [(
