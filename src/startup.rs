@@ -202,7 +202,7 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
     );
     metrics::describe_counter!(
         "ern_argon2_busy_total",
-        "Calls refused at once because the one Argon2id run allowed at a time was taken"
+        "Argon2id checks (API keys of earlier versions, console sign-ins) refused at once because every run allowed was taken"
     );
     info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())

@@ -1690,6 +1690,37 @@ mod tests {
         }
     }
 
+    /// A small selection in two groups, with a band no group can have (over 20 years of
+    /// delay, diagnosed at 5 to 11): answered as every small selection is (the hidden
+    /// total alone), not refused as an internal error. The band's total was hidden by the
+    /// zero rule with the grand total and could never be protected, so whether the answer
+    /// failed told whether every patient of the selection was diagnosed before 12 (a
+    /// claims audit). Also when the filters rule the band out.
+    #[test]
+    fn a_small_selection_with_a_band_no_group_can_have_is_answered() {
+        use Dimension::*;
+        let (rules, deadline) = k5_with_time();
+        let group = |b: &mut DelayBuilder, sex: &str, n: u64| {
+            b.add(vec![Key::Int(2), Key::Text(sex.into())], 108, n)
+                .unwrap();
+        };
+        let mut b = DelayBuilder::new(&[DiagnosisAgeBand, Sex]);
+        group(&mut b, "female", 2);
+        group(&mut b, "male", 1);
+        let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
+        assert_eq!(t.grand_total, None);
+        assert!(t.groups.iter().all(|g| g.total.is_none()), "{t:?}");
+        let mut b = DelayBuilder::new(&[Sex]);
+        b.add(vec![Key::Text("female".into())], 108, 2).unwrap();
+        b.add(vec![Key::Text("male".into())], 108, 1).unwrap();
+        let known = Known::from_filters(&[Filter {
+            dimension: DiagnosisAgeBand,
+            values: vec![Key::Int(2)],
+        }]);
+        let t = b.finish(&known, rules, deadline).unwrap();
+        assert_eq!(t.grand_total, None);
+    }
+
     /// The default rules (k = 5, p = 1) and a deadline no test here comes near.
     fn k5_with_time() -> (Rules, Instant) {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);

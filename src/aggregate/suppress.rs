@@ -685,12 +685,38 @@ impl Layout {
             two_way: table.two_way,
             empty_rows: table.empty_rows,
             empty_cols: table.empty_cols,
-            structural: (0..table.cells.len())
-                .map(|c| table.is_structural(c))
-                .collect(),
+            structural: Layout::structural_of(table),
             pair_rows: table.pair_rows,
             pair_cols: table.pair_cols,
         }
+    }
+
+    /// Per cell, interior then totals: whether it is 0 by a public fact. A total whose
+    /// every cell is so is too (a delay band no group of the table can have): published
+    /// as 0, never hidden by the zero rule, which could never protect it (every cell of
+    /// its line is a published 0), and a table with a small hidden total was refused as
+    /// an internal error (a claims audit: the error itself told that every patient of the
+    /// small selection was, say, diagnosed before 18).
+    fn structural_of(table: &Table) -> Vec<bool> {
+        let interior: Vec<bool> = (0..table.cells.len())
+            .map(|c| table.is_structural(c))
+            .collect();
+        if table.structural.is_empty() || !table.two_way || table.rows == 0 || table.cols == 0 {
+            return interior;
+        }
+        let (rows, cols) = (table.rows, table.cols);
+        let row_totals: Vec<bool> = (0..rows)
+            .map(|r| (0..cols).all(|j| interior[r * cols + j]))
+            .collect();
+        let col_totals: Vec<bool> = (0..cols)
+            .map(|j| (0..rows).all(|r| interior[r * cols + j]))
+            .collect();
+        let grand = interior.iter().all(|&s| s);
+        let mut all = interior;
+        all.extend(row_totals);
+        all.extend(col_totals);
+        all.push(grand);
+        all
     }
 
     /// The cells of the line whose total is `total`, when that total counts pairs
