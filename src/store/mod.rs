@@ -205,7 +205,9 @@ fn sqlite_not_now(extended_code: i32) -> bool {
 /// (SQLSTATE class 08 connection exceptions; 57P01 admin shutdown, 57P02 crash shutdown,
 /// 57P03 cannot connect now), out of resources (class 53: disk full, out of memory, too
 /// many connections, which sqlx itself retries), read-only (25006: a standby after a
-/// failover, or `default_transaction_read_only`), or
+/// failover, or `default_transaction_read_only`), a lock not granted in time (55P03: the
+/// writer's `lock_timeout`, `writer::WRITER_LOCK_WAIT`; the transaction is rolled back),
+/// or
 /// SQLite still busy after its busy timeout (another process holds the write lock), its
 /// disk full or its file not to be opened ([`sqlite_not_now`]).
 pub fn unreachable_now(err: &sqlx::Error) -> bool {
@@ -232,7 +234,7 @@ pub fn unreachable_now(err: &sqlx::Error) -> bool {
                 let code = pg.code();
                 code.starts_with("08")
                     || code.starts_with("53")
-                    || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "25006" | "55P03")
             } else if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
                 sqlite
                     .code()

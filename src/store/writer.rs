@@ -1252,6 +1252,10 @@ fn commit_may_have_landed(err: &StoreError) -> bool {
 
 /// How long [`landed`] waits for a transaction still committing.
 const LANDED_WAIT: &str = "4s";
+
+/// The longest a PostgreSQL writer transaction waits for a lock ([`begin_sql`]): well
+/// within `--request-timeout-secs` (30 s by default) with a failure entry's own wait.
+pub const WRITER_LOCK_WAIT: &str = "10s";
 /// How long [`landed`] may take in all, a connection included: while the database is
 /// down, the pool would wait its whole acquire timeout, and the calls queued behind this
 /// batch with it.
@@ -1404,6 +1408,12 @@ fn patients_of<'a>(
 /// error is the batch's, and the connection is closed, never returned to the pool inside
 /// the aborted transaction. Only commands that read or change a patient's consent or cases
 /// lock; an audit-only batch takes nothing.
+///
+/// No lock is waited for longer than [`WRITER_LOCK_WAIT`]: a table or row held by
+/// something else (an operator's `LOCK TABLE`, a stuck session) fails the batch with
+/// `lock_not_available`, rolled back, and its callers get UNAVAILABLE within their
+/// deadline; waiting without a limit, they got CANCELLED at the deadline while their
+/// writes committed once the lock was released (a fault injection).
 fn begin_sql(backend: Backend, commands: &[(&Command, Option<&Entry>)]) -> Option<String> {
     if backend != Backend::Postgres {
         return None;
@@ -1417,7 +1427,10 @@ fn begin_sql(backend: Backend, commands: &[(&Command, Option<&Entry>)]) -> Optio
     }
     // Integers formatted here, never input; quoted and cast so that i64::MIN parses too.
     // Several statements in one string: one simple query, run in this order.
-    let mut sql = String::from("BEGIN; SET TRANSACTION ISOLATION LEVEL READ COMMITTED;");
+    let mut sql = format!(
+        "BEGIN; SET TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+         SET LOCAL lock_timeout = '{WRITER_LOCK_WAIT}';"
+    );
     if !keys.is_empty() {
         // First, before any patient's: the rotation lock, shared ([`ROTATION_LOCK`]).
         let (a, b) = ROTATION_LOCK;

@@ -726,3 +726,40 @@ async fn a_read_only_database_is_unavailable_and_not_serving_until_it_takes_writ
         .unwrap();
     app.stop().await;
 }
+
+/// A lock the writer cannot get (here the audit chain head's row, held by another
+/// session) fails its batch after the writer's lock wait (`writer::WRITER_LOCK_WAIT`),
+/// rolled back: the caller gets UNAVAILABLE within its deadline, and nothing is stored
+/// when the lock is released. (The writer waited without a limit before: the caller got
+/// CANCELLED at its deadline, and the write committed once the lock went: a fault
+/// injection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_the_writer_cannot_get_fails_its_write_within_the_deadline() {
+    if !std::env::var("ERN_TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+        return;
+    }
+    let app = TestApp::spawn().await;
+    let token = app.physician_key("dr-locked", "NL-LOCKED").await;
+    let mut dr = app.client(Some(&token)).await;
+    let (_, _probe) = first_case_and_a_serving_probe(&app, &mut dr, 7100).await;
+    let cases = app.count("cases").await;
+    let writer = crate::helpers::HeldWriter::hold(&app).await;
+    let started = Instant::now();
+    let status = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(7101))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    writer.release().await;
+    assert_eq!(app.count("cases").await, cases);
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(7101))))
+        .await
+        .unwrap();
+    app.stop().await;
+}
