@@ -351,44 +351,42 @@ impl Argon2Runner {
 
     /// Starts the threads; `None` when none could be.
     fn start_threads(&self) -> Option<std::sync::mpsc::Sender<Argon2Job>> {
-        {
-            let (sender, receiver) = std::sync::mpsc::channel::<Argon2Job>();
-            let receiver = Arc::new(std::sync::Mutex::new(receiver));
-            let mut started = 0;
-            for i in 0..self.threads {
-                let receiver = Arc::clone(&receiver);
-                let max = self.max.clone();
-                // The thread ends when the runner (its sender) is dropped.
-                let spawned = std::thread::Builder::new()
-                    .name(format!("argon2-{i}"))
-                    .spawn(move || {
-                        let mut blocks = Vec::new();
-                        loop {
-                            let job = match receiver.lock() {
-                                Ok(receiver) => receiver.recv(),
-                                Err(_) => return,
-                            };
-                            let Ok(job) = job else { return };
-                            let Argon2Job {
-                                password,
-                                phc,
-                                answer,
-                                _free,
-                            } = job;
-                            let ok = argon2_verify(&mut blocks, &max, &password, &phc);
-                            // The place is free before the answer: a caller that tries
-                            // again once answered finds it free.
-                            drop(_free);
-                            let _ = answer.send(ok);
-                        }
-                    });
-                match spawned {
-                    Ok(_) => started += 1,
-                    Err(err) => warn!(error = %err, "an Argon2 thread could not be started"),
-                }
+        let (sender, receiver) = std::sync::mpsc::channel::<Argon2Job>();
+        let receiver = Arc::new(std::sync::Mutex::new(receiver));
+        let mut started = 0;
+        for i in 0..self.threads {
+            let (receiver, max) = (Arc::clone(&receiver), self.max.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || run_argon2_jobs(&receiver, &max));
+            match spawned {
+                Ok(_) => started += 1,
+                Err(err) => warn!(error = %err, "an Argon2 thread could not be started"),
             }
-            (started > 0).then_some(sender)
         }
+        (started > 0).then_some(sender)
+    }
+}
+
+/// An Argon2 thread: runs the jobs it takes in one buffer of its own, until the runner
+/// (the queue's sender) is dropped.
+fn run_argon2_jobs(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Argon2Job>>, max: &Params) {
+    let mut blocks = Vec::new();
+    loop {
+        let Ok(Ok(job)) = jobs.lock().map(|jobs| jobs.recv()) else {
+            return;
+        };
+        let Argon2Job {
+            password,
+            phc,
+            answer,
+            _free,
+        } = job;
+        let ok = argon2_verify(&mut blocks, max, &password, &phc);
+        // The place is free before the answer: a caller that tries again once answered
+        // finds it free.
+        drop(_free);
+        let _ = answer.send(ok);
     }
 }
 
