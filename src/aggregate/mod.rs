@@ -678,17 +678,20 @@ impl Grid {
             let p = suppress::protect_arranged(&self.table, &arrangement, rules, deadline)?;
             return Ok((p, self.cols.clone()));
         };
+        // The column dimensions that tell the columns apart, in `Dimension` order.
+        let kept = distinguishing(col_dims, &self.cols);
         // Grouped by gene, the totals of the lines that are not by gene count (patient,
-        // gene) pairs: the pair rule (`suppress::Table::counting_pairs`).
-        let gene_cols = col_dims.contains(&Dimension::Gene);
-        let gene_rows = row_dim == Dimension::Gene;
+        // gene) pairs: the pair rule (`suppress::Table::counting_pairs`). Only where the
+        // gene tells lines apart: a gene of one value (a filter to one gene), or one that
+        // follows from the other columns' values (no patient is then in two columns of a
+        // row), adds no pair, and the table is protected as the one without it.
+        let gene_cols = kept.iter().any(|&i| col_dims[i] == Dimension::Gene);
+        let gene_rows = row_dim == Dimension::Gene && self.rows.len() > 1;
         let (pair_rows, pair_cols) = if col_dims.is_empty() {
             (gene_rows, false)
         } else {
             (gene_cols, gene_rows)
         };
-        // The column dimensions that tell the columns apart, in `Dimension` order.
-        let kept = distinguishing(col_dims, &self.cols);
         let reshaped = (self.rows.len() == 1 && !self.cols.is_empty())
             .then(|| self.reshaped_dimensions(col_dims, &kept))
             .filter(|(varying, _)| varying.len() >= 2);
@@ -1349,7 +1352,15 @@ impl DelayBuilder {
         }
         // Every band is listed, with or without patients; a group only when it has some.
         // Grouped by gene, a band's total counts (patient, gene) pairs; a group's, patients.
-        let by_gene = self.group_by.contains(&Dimension::Gene);
+        // Only where the gene tells groups apart ([`distinguishing`]): a gene of one value
+        // (a filter to one gene) adds no pair, nor does one that follows from the other
+        // dimensions' values (no patient is then in two groups), and the table is
+        // protected as the one grouped without it.
+        let keys: Vec<Vec<Key>> = self.groups.iter().map(|g| g.0.clone()).collect();
+        let canonical = distinguishing(&self.group_by, &keys);
+        let by_gene = canonical
+            .iter()
+            .any(|&i| self.group_by[i] == Dimension::Gene);
         // The bands a group's own values and the question's filters rule out (a delay
         // never exceeds the age at diagnosis, ...): zeros anyone can work out, published
         // as such.
@@ -1378,8 +1389,6 @@ impl DelayBuilder {
         if !self.groups.is_empty() {
             // By the dimensions that tell the groups apart ([`distinguishing`]): grouped by
             // [COUNTRY, CENTRE], the groups are the centres, in the order of [CENTRE].
-            let keys: Vec<Vec<Key>> = self.groups.iter().map(|g| g.0.clone()).collect();
-            let canonical = distinguishing(&self.group_by, &keys);
             let mut order: Vec<usize> = (0..self.groups.len()).collect();
             order.sort_by_cached_key(|&g| canonical_keys(&self.groups[g].0, &canonical));
             arrangement.rows = order;
@@ -2155,6 +2164,64 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// A delay table grouped by sex, or by sex and a gene of one value (a filter to one
+        /// gene, in either order), counts patients in every band total: the same bands,
+        /// totals and groups hidden (the third privacy round: the gene took the pair rule
+        /// with it, and the two answers together pinned hidden bands).
+        #[test]
+        fn a_gene_of_one_value_changes_no_hidden_delay_band(
+            counts in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![3 => 1u64..5, 2 => 5u64..40, 1 => proptest::strategy::Just(0u64)],
+                    5,
+                ),
+                2..=4,
+            ),
+            k in 2u64..=6,
+        ) {
+            use Dimension::{Gene as G, Sex as S};
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            // One delay in each band: <1, 1-5, 5-10, 10-20 and over 20 years.
+            let months = [6, 36, 84, 180, 300];
+            let hidden = |dims: &[Dimension]| {
+                let mut b = DelayBuilder::new(dims);
+                for (i, row) in counts.iter().enumerate() {
+                    for (j, &n) in row.iter().enumerate().filter(|(_, n)| **n > 0) {
+                        let keys = dims
+                            .iter()
+                            .map(|d| match d {
+                                S => Key::Text(format!("s{i}")),
+                                _ => Key::Text("DMD".into()),
+                            })
+                            .collect();
+                        b.add(keys, months[j], n).unwrap();
+                    }
+                }
+                let t = b.finish(&Known::nothing(), Rules::new(k, 1).unwrap(), deadline).unwrap();
+                let mut cells = std::collections::BTreeSet::new();
+                for g in &t.groups {
+                    let sex = g.labels.iter().find(|l| l.starts_with('s')).unwrap().clone();
+                    for (band, n) in g.bands.iter().enumerate() {
+                        if n.is_none() {
+                            cells.insert((sex.clone(), band));
+                        }
+                    }
+                    if g.total.is_none() {
+                        cells.insert((sex, usize::MAX));
+                    }
+                }
+                let totals: Vec<bool> = t.band_totals.iter().map(Option::is_none).collect();
+                (cells, totals, t.grand_total.is_none())
+            };
+            let base = hidden(&[S]);
+            for dims in [&[G, S][..], &[S, G]] {
+                proptest::prop_assert_eq!(hidden(dims), base.clone(), "{:?}", dims);
+            }
+        }
+    }
+
     /// The same for the bands of a delay table, and the zeros that stay published: a
     /// band no patient is in (its total a published 0 already says so of everyone), and
     /// a centre's count outside its own country (a public fact).
@@ -2377,6 +2444,7 @@ mod tests {
                         Dimension::Sex => Key::Text(format!("s{i}")),
                         Dimension::Country => Key::Text(format!("C{}", j / per_country)),
                         Dimension::Centre => Key::Text(format!("Z{}", 9 - j)),
+                        Dimension::Gene => Key::Text("DMD".into()),
                         _ => Key::Int(558),
                     })
                     .collect();
@@ -2404,6 +2472,23 @@ mod tests {
             &[D, C, S],
         ]
     };
+
+    /// [`LAYOUTS`] with a gene of one value (a filter to one gene) for the diagnosis: the
+    /// table then counts patients, as [SEX, COUNTRY] with that filter does, so no total of
+    /// it counts (patient, gene) pairs.
+    fn gene_layouts() -> Vec<Vec<Dimension>> {
+        LAYOUTS
+            .iter()
+            .map(|dims| {
+                dims.iter()
+                    .map(|&d| match d {
+                        Dimension::Diagnosis => Dimension::Gene,
+                        d => d,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 
     /// The same counts by sex and centre, where each centre lies in one country: with the
     /// country beside the centre, or a diagnosis of one value after them. (With the
@@ -2488,6 +2573,11 @@ mod tests {
             let table = by_layout(&counts, dims, 5, 1);
             assert_eq!(hidden_by_sex_and_country(&table), base, "{dims:?}");
         }
+        // The third round's attack: a gene of one value took the pair rule with it.
+        for dims in gene_layouts() {
+            let table = by_layout(&counts, &dims, 5, 1);
+            assert_eq!(hidden_by_sex_and_country(&table), base, "{dims:?}");
+        }
     }
 
     proptest::proptest! {
@@ -2514,6 +2604,14 @@ mod tests {
                 let table = by_layout(&counts, dims, k, 1);
                 proptest::prop_assert_eq!(hidden_by_sex_and_country(&table), base.clone(), "{:?}", dims);
             }
+            // So do they with a gene of one value instead of the diagnosis.
+            let genes = gene_layouts();
+            for dims in &genes[..6] {
+                let table = by_layout(&counts, dims, k, 1);
+                proptest::prop_assert_eq!(hidden_by_sex_and_country(&table), base.clone(), "{:?}", dims);
+            }
+            let gene_row = hidden_by_sex_and_country(&by_layout(&counts, &genes[6], k, 1));
+            proptest::prop_assert_eq!(&gene_row, &hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[6], k, 1)));
             // The one-row layouts publish cells and their total, the same as each other;
             // protected as [SEX, COUNTRY], also when one of them follows from the other in
             // these groups (sparse data: that one could not label the zeros the table
