@@ -10,6 +10,7 @@
 //! (migration 0019) carries the number of its own pseudonym: a scan of those tables.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use tokio_stream::StreamExt;
@@ -302,19 +303,27 @@ async fn tag_rows(
                     columns = column_list(table),
                 )
             } else {
-                // `CASE id WHEN $1 THEN $2 WHEN $3 THEN $4 ... END WHERE id IN ($1, $3, ...)`.
-                let cases: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
-                    .collect();
-                let ids: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("${}", 2 * i + 1))
-                    .collect();
+                // The pairs as a table of `VALUES` joined on the row's id: one lookup per
+                // pair. (A `CASE id WHEN $1 THEN $2 ...` of the whole chunk was tested
+                // against every row it updated: quadratic, a third of this statement's
+                // time for a chunk of 500.) Every value cast, so that PostgreSQL types them.
+                let mut pairs = String::with_capacity(chunk.len() * 48);
+                for i in 0..chunk.len() {
+                    if i > 0 {
+                        pairs.push_str(", ");
+                    }
+                    let _ = write!(
+                        pairs,
+                        "(CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                        2 * i + 1,
+                        2 * i + 2
+                    );
+                }
                 format!(
-                    "UPDATE {t} SET audit_seq = CASE id {cases} END \
-                     WHERE id IN ({ids}) AND audit_seq IS NULL RETURNING audit_seq, {columns}",
+                    "UPDATE {t} SET audit_seq = u.tag_seq \
+                     FROM (SELECT column1 AS tag_id, column2 AS tag_seq FROM (VALUES {pairs}) AS v) AS u \
+                     WHERE id = u.tag_id AND audit_seq IS NULL RETURNING audit_seq, {columns}",
                     t = table.sql(),
-                    cases = cases.join(" "),
-                    ids = ids.join(", "),
                     columns = column_list(table),
                 )
             };
