@@ -51,6 +51,7 @@ use crate::service::console::{self as console_service, SignIn};
 use crate::service::research;
 use crate::service::{Call, Running, ServiceError, Services, parse_pseudonym};
 use crate::store::consent::WithdrawalReason;
+use crate::store::writer::WriteError;
 
 pub use pages::Errors;
 
@@ -384,7 +385,7 @@ async fn signed_in(
         }),
         Err(err) => {
             let outcome = err.outcome();
-            let _ = st.record(call.finish(), outcome).await;
+            let _ = record(st, call.finish(), outcome).await;
             Err(match err {
                 ServiceError::Auth(AuthError::NoSession) => {
                     Redirect::to("/sign-in").into_response()
@@ -413,9 +414,7 @@ async fn signed_in_form(
             principal = ctx.principal.id,
             action, "console form refused: CSRF token missing or wrong"
         );
-        let _ = st
-            .record(ctx.call.finish(), Outcome::PermissionDenied)
-            .await;
+        let _ = record(st, ctx.call.finish(), Outcome::PermissionDenied).await;
         return Err((
             StatusCode::FORBIDDEN,
             pages::message(
@@ -428,15 +427,24 @@ async fn signed_in_form(
     Ok((ctx, form))
 }
 
+/// Appends a console request's audit entry ([`Services::record`]: one by one, or in its
+/// address's summary of refusals for a caller not signed in) and counts it in
+/// `ern_console_requests_total` with its outcome: every request that is audited is
+/// counted, sign-ins and refused forms included. (One abandoned before its entry is
+/// counted CANCELLED by its [`Running`] guard.)
+async fn record(st: &St, call: Call, outcome: Outcome) -> Result<(), WriteError> {
+    metrics::counter!("ern_console_requests_total", "action" => call.method().to_owned(), "outcome" => outcome.name())
+        .increment(1);
+    st.record(call, outcome).await
+}
+
 /// Records the call's audit entry with the page's outcome and answers the page (or, when
 /// the entry cannot be committed, an error: nothing is shown that the log does not show).
 async fn conclude(st: &St, call: Call, result: Result<Response, ServiceError>) -> Response {
     let outcome = result
         .as_ref()
         .map_or_else(ServiceError::outcome, |_| Outcome::Ok);
-    metrics::counter!("ern_console_requests_total", "action" => call.method().to_owned(), "outcome" => outcome.name())
-        .increment(1);
-    match (st.record(call, outcome).await, result) {
+    match (record(st, call, outcome).await, result) {
         (Ok(()), Ok(page)) => page,
         (Err(_), Ok(_)) => error_page(&ServiceError::Unavailable),
         (_, Err(err)) => error_page(&err),
@@ -446,9 +454,7 @@ async fn conclude(st: &St, call: Call, result: Result<Response, ServiceError>) -
 /// [`conclude`] for a form refused as invalid, answered with `page` (the form again, its
 /// errors next to the fields): shown only once its entry is committed, like any page.
 async fn conclude_invalid(st: &St, call: Call, page: Response) -> Response {
-    metrics::counter!("ern_console_requests_total", "action" => call.method().to_owned(), "outcome" => Outcome::InvalidArgument.name())
-        .increment(1);
-    match st.record(call, Outcome::InvalidArgument).await {
+    match record(st, call, Outcome::InvalidArgument).await {
         Ok(()) => page,
         Err(_) => error_page(&ServiceError::Unavailable),
     }
@@ -547,7 +553,7 @@ async fn sign_in(
         call.from_peer(peer);
         if let Err(limited) = st.refusals.check(peer) {
             metrics::counter!("ern_rate_limited_total", "limit" => "peer_refusals").increment(1);
-            let _ = st.record(call, Outcome::ResourceExhausted).await;
+            let _ = record(&st, call, Outcome::ResourceExhausted).await;
             return sign_in_form(
                 &st,
                 StatusCode::TOO_MANY_REQUESTS,
@@ -556,7 +562,7 @@ async fn sign_in(
             );
         }
         st.refusals.charge(peer);
-        let _ = st.record(call, Outcome::PermissionDenied).await;
+        let _ = record(&st, call, Outcome::PermissionDenied).await;
         return sign_in_form(
             &st,
             StatusCode::FORBIDDEN,
@@ -586,11 +592,11 @@ async fn sign_in(
     // audited by a commit, any other name only counted in the address's summary, and the
     // wait for one would tell the two apart. A session is given only once recorded.
     let recorded = if result.is_ok() {
-        st.record(call, outcome).await
+        record(&st, call, outcome).await
     } else {
         let st = st.clone();
         tokio::spawn(async move {
-            if let Err(e) = st.record(call, outcome).await {
+            if let Err(e) = record(&st, call, outcome).await {
                 warn!(error = %e, "audit entry of a refused sign-in not committed");
             }
         });

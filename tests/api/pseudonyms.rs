@@ -86,6 +86,7 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
     let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
         derivations_per_minute: 3,
         metrics_listen: Some(metrics),
+        console_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
     })
     .await;
@@ -149,6 +150,58 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
     assert!(grew("ern_writer_batch_commands_sum ") >= 5.0, "{text}");
     assert!(grew("ern_writer_batch_commands_count ") >= 1.0, "{text}");
     assert!(grew("ern_writer_batch_seconds_count ") >= 1.0, "{text}");
+
+    // Web console requests, each with its outcome: sign-ins refused and accepted, and a
+    // form refused for its missing security token (the claims audit found only pages
+    // that ended in a service answer counted).
+    use crate::console::{Web, console_user};
+    use ern_registry::clock::Clock;
+    use ern_registry::service::console::current_code;
+    let secret = console_user(
+        &app,
+        "officer-metrics",
+        ern_registry::auth::Role::ConsentOfficer,
+        None,
+        &["ERN-EYE"],
+    )
+    .await;
+    app.clock.freeze_at(app.clock.now());
+    let mut web = Web::new(app.console.unwrap());
+    let form = web.get("/sign-in").await;
+    let wrong = web
+        .post(
+            "/sign-in",
+            &[
+                ("csrf", &form.csrf()),
+                ("name", "officer-metrics"),
+                ("password", "not the password at all"),
+                ("code", &current_code(&secret, app.clock.now())),
+            ],
+        )
+        .await;
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    app.clock.advance(chrono::Duration::seconds(31));
+    let signed_in = web.sign_in(&app, "officer-metrics", &secret).await;
+    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    let refused = web.post("/officer/patient", &[("kind", "national")]).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let text = scrape(metrics).await.unwrap();
+    let console = |action: &str, outcome: &str| {
+        text.lines().any(|l| {
+            l.starts_with("ern_console_requests_total{")
+                && l.contains(&format!("action=\"Console/{action}\""))
+                && l.contains(&format!("outcome=\"{outcome}\""))
+                && l.ends_with(" 1")
+        })
+    };
+    assert!(console("SignIn", "UNAUTHENTICATED"), "{text}");
+    assert!(console("SignIn", "OK"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ern_console_requests_total{")
+                && l.contains("outcome=\"PERMISSION_DENIED\"")),
+        "{text}"
+    );
 }
 
 /// GET /metrics over plain HTTP/1.1.
