@@ -560,24 +560,37 @@ impl CaseApi {
         violations.into_result().map_err(ServiceError::from)?;
         let page = cases::export(&self.state, &access, &after, page_size, call).await?;
         let catalog = self.state.codes.get();
-        let phenopackets = page
-            .cases
-            .iter()
-            .map(|case| {
-                let context = phenopacket::ExportContext {
-                    pseudonym: &case.pseudonym,
-                    recorded_at: case.version.recorded_at,
-                    recorded_by: &case.version.recorded_by,
-                    centre: access.centre_code(),
-                    code_releases: case.version.code_releases.as_deref(),
-                    catalog: Some(&catalog),
-                };
-                let record = convert::case_record_to_proto(&case.version.record);
-                phenopacket::to_json(&phenopacket::from_record(&record, &context))
-            })
-            .collect();
-        let next_page_token = match page.cases.last() {
-            Some(last) if page.more => last.pseudonym.clone(),
+        // The page ends early where the next phenopacket would take the answer past the
+        // message limit (a case's phenopacket can be ten times its record): the answer
+        // is sent, with the token of its last case, and no page larger than the limit is
+        // built. A first phenopacket over the limit alone is refused by `within_limit`.
+        let max = self.state.max_message_bytes;
+        // The token's field: at most a pseudonym, under 128 bytes.
+        let mut size = 2 + 128;
+        let mut phenopackets = Vec::new();
+        for case in &page.cases {
+            let context = phenopacket::ExportContext {
+                pseudonym: &case.pseudonym,
+                recorded_at: case.version.recorded_at,
+                recorded_by: &case.version.recorded_by,
+                centre: access.centre_code(),
+                code_releases: case.version.code_releases.as_deref(),
+                catalog: Some(&catalog),
+            };
+            let record = convert::case_record_to_proto(&case.version.record);
+            let json = phenopacket::to_json(&phenopacket::from_record(&record, &context));
+            size +=
+                1 + prost::encoding::encoded_len_varint(json.len() as u64) as usize + json.len();
+            if size > max && !phenopackets.is_empty() {
+                break;
+            }
+            phenopackets.push(json);
+        }
+        let sent = phenopackets.len();
+        call.items(sent);
+        let more = page.more || sent < page.cases.len();
+        let next_page_token = match page.cases.get(sent.wrapping_sub(1)) {
+            Some(last) if more => last.pseudonym.clone(),
             _ => String::new(),
         };
         Ok(Response::new(proto::ExportPhenopacketsResponse {

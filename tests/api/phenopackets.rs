@@ -387,3 +387,66 @@ async fn the_upload_tool_sends_a_file_of_phenopackets_and_reports_elements_by_pa
     assert_eq!(page.phenopackets.len(), 1);
     assert_eq!(record_of(&page.phenopackets[0]), record());
 }
+
+/// A page whose phenopackets would take the answer past `--max-message-bytes` ends early,
+/// with the token of its last case, so that a client paging with a large `page_size` gets
+/// every case once, each answer within the limit, and no page larger than the limit is
+/// built (the defences audit: a page of 200 built 65 MB before it was refused).
+#[tokio::test]
+async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        max_message_bytes: 8192,
+        ..Default::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut mine = Vec::new();
+    for seed in 30..42 {
+        let p = dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed))))
+            .await
+            .unwrap()
+            .into_inner()
+            .pseudonym;
+        mine.push(p);
+    }
+    mine.sort();
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = dr
+            .export_phenopackets(export("ERN-LUNG", 200, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(!page.phenopackets.is_empty());
+        assert!(
+            prost::Message::encoded_len(&page) <= 8192,
+            "{}",
+            prost::Message::encoded_len(&page)
+        );
+        for json in &page.phenopackets {
+            let value: serde_json::Value = serde_json::from_str(json).unwrap();
+            seen.push(value["subject"]["id"].as_str().unwrap().to_owned());
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert_eq!(&page.next_page_token, seen.last().unwrap());
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, mine, "every case once, in pseudonym order");
+    assert!(pages >= 2, "{pages} pages");
+    // Each call's audit entry counts the phenopackets it answered.
+    let items: i64 = db::query(
+        "SELECT COALESCE(SUM(items), 0) AS n FROM audit_log WHERE method LIKE '%ExportPhenopackets'",
+    )
+    .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
+    .await
+    .unwrap()
+    .try_get("n")
+    .unwrap();
+    assert_eq!(items, 12);
+}
