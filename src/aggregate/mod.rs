@@ -1419,8 +1419,9 @@ impl DelayBuilder {
         }
         // Grouped by gene, the table counts (patient, gene) pairs: a patient with several
         // genes is in several groups and counts several times in the totals, so a
-        // published grand total does not mean k patients. No overall quantiles then.
-        let by_patient = !self.group_by.contains(&Dimension::Gene);
+        // published grand total does not mean k patients. No overall quantiles then (a
+        // gene that tells no groups apart counts no pair, above).
+        let by_patient = !by_gene;
         Ok(DelayTable {
             groups,
             overall: overall
@@ -2432,6 +2433,17 @@ mod tests {
         k: u64,
         per_country: usize,
     ) -> CountTable {
+        by_layout_of_genes(counts, dims, k, per_country, |_| Key::Text("DMD".into()))
+    }
+
+    /// [`by_layout`] with the gene of column `j` given by `gene_of(j)`.
+    fn by_layout_of_genes(
+        counts: &[Vec<u64>],
+        dims: &[Dimension],
+        k: u64,
+        per_country: usize,
+        gene_of: impl Fn(usize) -> Key,
+    ) -> CountTable {
         let mut b = TableBuilder::new();
         for (i, row) in counts.iter().enumerate() {
             for (j, &n) in row.iter().enumerate() {
@@ -2444,7 +2456,7 @@ mod tests {
                         Dimension::Sex => Key::Text(format!("s{i}")),
                         Dimension::Country => Key::Text(format!("C{}", j / per_country)),
                         Dimension::Centre => Key::Text(format!("Z{}", 9 - j)),
-                        Dimension::Gene => Key::Text("DMD".into()),
+                        Dimension::Gene => gene_of(j),
                         _ => Key::Int(558),
                     })
                     .collect();
@@ -2573,10 +2585,77 @@ mod tests {
             let table = by_layout(&counts, dims, 5, 1);
             assert_eq!(hidden_by_sex_and_country(&table), base, "{dims:?}");
         }
-        // The third round's attack: a gene of one value took the pair rule with it.
-        for dims in gene_layouts() {
-            let table = by_layout(&counts, &dims, 5, 1);
-            assert_eq!(hidden_by_sex_and_country(&table), base, "{dims:?}");
+        // The third round's attack: a gene of one value took the pair rule with it. In
+        // the second table a line has every cell hidden, so that the rule would hide its
+        // total (the review's case, found by the property below).
+        for (counts, k) in [(counts, 5), (vec![vec![1, 2, 1], vec![1, 0, 1]], 2)] {
+            let base = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[0], k, 1));
+            for dims in gene_layouts() {
+                let table = by_layout(&counts, &dims, k, 1);
+                assert_eq!(
+                    hidden_by_sex_and_country(&table),
+                    base,
+                    "{dims:?} {counts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_gene_that_follows_from_the_other_columns_changes_no_hidden_cell() {
+        use Dimension::{Country as C, Gene as G, Sex as S};
+        // One gene per country: among the columns, the gene follows from the country, so
+        // no patient is in two columns of a row and the table counts patients, as [SEX,
+        // COUNTRY] does (count tables; the delay tables below).
+        let gene_of = |j: usize| Key::Text(format!("G{j}"));
+        for (counts, k) in [
+            (vec![vec![1, 2, 1], vec![1, 0, 1]], 2),
+            (vec![vec![2, 10, 10], vec![12, 40, 10], vec![12, 10, 40]], 5),
+            (vec![vec![1, 1, 3], vec![4, 2, 1], vec![1, 3, 3]], 5),
+        ] {
+            let base = hidden_by_sex_and_country(&by_layout(&counts, &[S, C], k, 1));
+            for dims in [&[S, C, G][..], &[S, G, C]] {
+                let table = by_layout_of_genes(&counts, dims, k, 1, gene_of);
+                assert_eq!(
+                    hidden_by_sex_and_country(&table),
+                    base,
+                    "{dims:?} {counts:?}"
+                );
+            }
+            // Delay tables grouped by country, with its gene either way round.
+            let months = [6, 36, 84];
+            let delay = |dims: &[Dimension]| {
+                let mut b = DelayBuilder::new(dims);
+                for j in 0..3 {
+                    for (band, row) in counts.iter().enumerate() {
+                        if row[j] > 0 {
+                            let keys = dims
+                                .iter()
+                                .map(|d| match d {
+                                    C => Key::Text(format!("C{j}")),
+                                    _ => gene_of(j),
+                                })
+                                .collect();
+                            b.add(keys, months[band], row[j]).unwrap();
+                        }
+                    }
+                }
+                let deadline = Instant::now() + std::time::Duration::from_secs(10);
+                let t = b
+                    .finish(&Known::nothing(), Rules::new(k, 1).unwrap(), deadline)
+                    .unwrap();
+                let hidden: Vec<Vec<bool>> = t
+                    .groups
+                    .iter()
+                    .map(|g| g.bands.iter().map(Option::is_none).collect())
+                    .collect();
+                let totals: Vec<bool> = t.band_totals.iter().map(Option::is_none).collect();
+                (hidden, totals, t.grand_total.is_none(), t.overall.is_some())
+            };
+            let base = delay(&[C]);
+            for dims in [&[C, G][..], &[G, C]] {
+                assert_eq!(delay(dims), base, "{dims:?} {counts:?}");
+            }
         }
     }
 

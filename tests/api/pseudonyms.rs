@@ -153,10 +153,23 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
 
     // Web console requests, each with its outcome: sign-ins refused and accepted, and a
     // form refused for its missing security token (the claims audit found only pages
-    // that ended in a service answer counted).
+    // that ended in a service answer counted). The recorder is the process's: other
+    // tests' sign-ins may add to the same counters, so each is compared with its value
+    // before, and a refused sign-in is counted in a task of its own, so it is waited for.
     use crate::console::{Web, console_user};
     use ern_registry::clock::Clock;
     use ern_registry::service::console::current_code;
+    let counted = |text: &str, action: &str, outcome: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("ern_console_requests_total{")
+                    && l.contains(&format!("action=\"Console/{action}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = scrape(metrics).await.unwrap();
     let secret = console_user(
         &app,
         "officer-metrics",
@@ -185,21 +198,21 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
     assert_eq!(signed_in.status, 303, "{}", signed_in.body);
     let refused = web.post("/officer/patient", &[("kind", "national")]).await;
     assert_eq!(refused.status, 403, "{}", refused.body);
-    let text = scrape(metrics).await.unwrap();
-    let console = |action: &str, outcome: &str| {
-        text.lines().any(|l| {
-            l.starts_with("ern_console_requests_total{")
-                && l.contains(&format!("action=\"Console/{action}\""))
-                && l.contains(&format!("outcome=\"{outcome}\""))
-                && l.ends_with(" 1")
-        })
+    let grew = |text: &str, action: &str, outcome: &str| {
+        counted(text, action, outcome) - counted(&before, action, outcome)
     };
-    assert!(console("SignIn", "UNAUTHENTICATED"), "{text}");
-    assert!(console("SignIn", "OK"), "{text}");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = scrape(metrics).await.unwrap();
+        if grew(&text, "SignIn", "UNAUTHENTICATED") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(grew(&text, "SignIn", "UNAUTHENTICATED") >= 1.0, "{text}");
+    assert!(grew(&text, "SignIn", "OK") >= 1.0, "{text}");
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("ern_console_requests_total{")
-                && l.contains("outcome=\"PERMISSION_DENIED\"")),
+        grew(&text, "FindPatient", "PERMISSION_DENIED") >= 1.0,
         "{text}"
     );
 }
