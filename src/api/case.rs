@@ -587,6 +587,20 @@ impl CaseApi {
             phenopackets.push(json);
         }
         let sent = phenopackets.len();
+        if sent == 1 && size > max {
+            // One phenopacket over the limit on its own: the page cannot hold it, and a
+            // smaller page would not help. The answer names the case (the caller's own
+            // centre's), so that the export can go on past it and the case be read with
+            // GetCase.
+            call.items(0);
+            let first = &page.cases[0].pseudonym;
+            return Err(Status::resource_exhausted(format!(
+                "the phenopacket of case {first} alone would make an answer of about {size} \
+                 bytes, over the message limit of {max} bytes (--max-message-bytes): read \
+                 that case with GetCase, and go on with page_token = \"{first}\" to export \
+                 the cases after it, or raise the limit"
+            )));
+        }
         call.items(sent);
         let more = page.more || sent < page.cases.len();
         let next_page_token = match page.cases.get(sent.wrapping_sub(1)) {

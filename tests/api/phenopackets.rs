@@ -450,3 +450,63 @@ async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
     .unwrap();
     assert_eq!(items, 12);
 }
+
+/// A case whose phenopacket alone is over the message limit is refused with
+/// RESOURCE_EXHAUSTED, the message naming it and the page_token that goes on after it, so
+/// that the export is never stuck there; the refusal's audit entry counts no item.
+#[tokio::test]
+async fn an_export_goes_on_past_a_case_too_large_for_one_answer() {
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        max_message_bytes: 1024,
+        ..Default::default()
+    })
+    .await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let mut mine = Vec::new();
+    for seed in 50..53 {
+        let p = dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed))))
+            .await
+            .unwrap()
+            .into_inner()
+            .pseudonym;
+        mine.push(p);
+    }
+    mine.sort();
+    let mut token = String::new();
+    for expected in &mine {
+        let err = dr
+            .export_phenopackets(export("ERN-LUNG", 200, &token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(
+            err.message().contains(expected.as_str()),
+            "{}",
+            err.message()
+        );
+        assert!(
+            err.message()
+                .contains(&format!("page_token = \"{expected}\"")),
+            "{}",
+            err.message()
+        );
+        token = expected.clone();
+    }
+    // Past the last case: an empty last page.
+    let last = dr
+        .export_phenopackets(export("ERN-LUNG", 200, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(last.phenopackets.is_empty() && last.next_page_token.is_empty());
+    let items: i64 = db::query(
+        "SELECT COALESCE(SUM(items), 0) AS n FROM audit_log WHERE method LIKE '%ExportPhenopackets'",
+    )
+    .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
+    .await
+    .unwrap()
+    .try_get("n")
+    .unwrap();
+    assert_eq!(items, 0);
+}
