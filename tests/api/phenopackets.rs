@@ -441,7 +441,8 @@ async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
     assert!(pages >= 2, "{pages} pages");
     // Each call's audit entry counts the phenopackets it answered.
     let items: i64 = db::query(
-        "SELECT COALESCE(SUM(items), 0) AS n FROM audit_log WHERE method LIKE '%ExportPhenopackets'",
+        "SELECT CAST(COALESCE(SUM(items), 0) AS BIGINT) AS n FROM audit_log \
+         WHERE method LIKE '%ExportPhenopackets'",
     )
     .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
     .await
@@ -501,7 +502,8 @@ async fn an_export_goes_on_past_a_case_too_large_for_one_answer() {
         .into_inner();
     assert!(last.phenopackets.is_empty() && last.next_page_token.is_empty());
     let items: i64 = db::query(
-        "SELECT COALESCE(SUM(items), 0) AS n FROM audit_log WHERE method LIKE '%ExportPhenopackets'",
+        "SELECT CAST(COALESCE(SUM(items), 0) AS BIGINT) AS n FROM audit_log \
+         WHERE method LIKE '%ExportPhenopackets'",
     )
     .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
     .await
