@@ -388,20 +388,20 @@ async fn the_upload_tool_sends_a_file_of_phenopackets_and_reports_elements_by_pa
     assert_eq!(record_of(&page.phenopackets[0]), record());
 }
 
-/// A page whose phenopackets would take the answer past `--max-message-bytes` ends early,
-/// with the token of its last case, so that a client paging with a large `page_size` gets
-/// every case once, each answer within the limit, and no page larger than the limit is
-/// built (the defences audit: a page of 200 built 65 MB before it was refused).
-#[tokio::test]
-async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
+/// An app whose messages are at most `max_message_bytes`, a physician of NL-AMC, and the
+/// pseudonyms of the ERN-LUNG cases they submitted (one per seed), sorted.
+async fn export_app(
+    max_message_bytes: usize,
+    seeds: std::ops::Range<u32>,
+) -> (TestApp, Client, Vec<String>) {
     let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
-        max_message_bytes: 8192,
+        max_message_bytes,
         ..Default::default()
     })
     .await;
     let mut dr = app.physician("dr-a", "NL-AMC").await;
     let mut mine = Vec::new();
-    for seed in 30..42 {
+    for seed in seeds {
         let p = dr
             .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed))))
             .await
@@ -411,6 +411,29 @@ async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
         mine.push(p);
     }
     mine.sort();
+    (app, dr, mine)
+}
+
+/// The items the ExportPhenopackets calls' audit entries count, together.
+async fn exported_items(app: &TestApp) -> i64 {
+    db::query(
+        "SELECT CAST(COALESCE(SUM(items), 0) AS BIGINT) AS n FROM audit_log \
+         WHERE method LIKE '%ExportPhenopackets'",
+    )
+    .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
+    .await
+    .unwrap()
+    .try_get("n")
+    .unwrap()
+}
+
+/// A page whose phenopackets would take the answer past `--max-message-bytes` ends early,
+/// with the token of its last case, so that a client paging with a large `page_size` gets
+/// every case once, each answer within the limit, and no page larger than the limit is
+/// built (the defences audit: a page of 200 built 65 MB before it was refused).
+#[tokio::test]
+async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
+    let (app, mut dr, mine) = export_app(8192, 30..42).await;
     let mut token = String::new();
     let mut seen = Vec::new();
     let mut pages = 0;
@@ -440,15 +463,7 @@ async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
     assert_eq!(seen, mine, "every case once, in pseudonym order");
     assert!(pages >= 2, "{pages} pages");
     // Each call's audit entry counts the phenopackets it answered.
-    let items: i64 = db::query(
-        "SELECT CAST(COALESCE(SUM(items), 0) AS BIGINT) AS n FROM audit_log \
-         WHERE method LIKE '%ExportPhenopackets'",
-    )
-    .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
-    .await
-    .unwrap()
-    .try_get("n")
-    .unwrap();
+    let items = exported_items(&app).await;
     assert_eq!(items, 12);
 }
 
@@ -457,23 +472,7 @@ async fn an_export_page_ends_before_the_message_limit_and_the_next_goes_on() {
 /// that the export is never stuck there; the refusal's audit entry counts no item.
 #[tokio::test]
 async fn an_export_goes_on_past_a_case_too_large_for_one_answer() {
-    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
-        max_message_bytes: 1024,
-        ..Default::default()
-    })
-    .await;
-    let mut dr = app.physician("dr-a", "NL-AMC").await;
-    let mut mine = Vec::new();
-    for seed in 50..53 {
-        let p = dr
-            .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed))))
-            .await
-            .unwrap()
-            .into_inner()
-            .pseudonym;
-        mine.push(p);
-    }
-    mine.sort();
+    let (app, mut dr, mine) = export_app(1024, 50..53).await;
     let mut token = String::new();
     for expected in &mine {
         let err = dr
@@ -501,14 +500,6 @@ async fn an_export_goes_on_past_a_case_too_large_for_one_answer() {
         .unwrap()
         .into_inner();
     assert!(last.phenopackets.is_empty() && last.next_page_token.is_empty());
-    let items: i64 = db::query(
-        "SELECT CAST(COALESCE(SUM(items), 0) AS BIGINT) AS n FROM audit_log \
-         WHERE method LIKE '%ExportPhenopackets'",
-    )
-    .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
-    .await
-    .unwrap()
-    .try_get("n")
-    .unwrap();
+    let items = exported_items(&app).await;
     assert_eq!(items, 0);
 }
