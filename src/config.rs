@@ -358,6 +358,17 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_STREAMS_PER_CONNECTION", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_streams_per_connection: u32,
+    /// Bytes of answers one peer (an IPv4 address, an IPv6 /64) may leave unread (not yet
+    /// taken by its HTTP/2 windows and written to its connections) before its new calls
+    /// are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ERN_MAX_UNREAD_BYTES_PER_PEER", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
+    pub max_unread_bytes_per_peer: u64,
+    /// Calls without a key (health, reflection) under way at once from one peer; past it
+    /// RESOURCE_EXHAUSTED. A health Watch stream counts while it is open.
+    #[arg(long, env = "ERN_MAX_KEYLESS_CALLS_PER_PEER", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_keyless_calls_per_peer: u32,
     /// A connection without any call for this many seconds is closed (0: never).
     #[arg(long, env = "ERN_IDLE_TIMEOUT_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
@@ -468,6 +479,8 @@ impl Default for ServeArgs {
             max_connections: 1024,
             max_connections_per_peer: 64,
             max_streams_per_connection: 200,
+            max_unread_bytes_per_peer: 64 << 20,
+            max_keyless_calls_per_peer: 32,
             idle_timeout_secs: 300,
             keepalive_secs: 60,
             metrics_listen: None,

@@ -16,6 +16,25 @@
 //!   Idle is measured in calls, not bytes, because the server's own keepalive pings make
 //!   an idle connection exchange bytes forever.
 //!
+//! - **Answers not yet read are bounded per peer.** An answer waits in the server's
+//!   memory until the client's HTTP/2 window takes it and its bytes reach the socket; a
+//!   client that grants no window (or never reads its socket) could otherwise have the
+//!   server hold every answer it asks for. Every call's response body is counted as its
+//!   data frames are produced, and each connection's socket counts what is written: the
+//!   difference, per connection and summed per peer, is what the peer has not read. A new
+//!   call from a peer holding `--max-unread-bytes-per-peer` or more is refused with
+//!   RESOURCE_EXHAUSTED before any handler runs (by [`AdmissionLayer`], inside the wire
+//!   contract's layer, which counts the refusal in the per-address summary). Calls already
+//!   admitted still answer, so a peer can go past the bound by the answers of the calls it
+//!   had in flight when it crossed it (each at most `--max-message-bytes`). The count
+//!   takes every byte written as read, framing, response headers and acknowledgements of
+//!   the client's PINGs included: a client that reads its socket but opens no window earns
+//!   that much room (`docs/security.md` says so).
+//! - **Calls without a key are capped per peer.** Health and reflection need no key;
+//!   reflection's answers are tens of kilobytes, and tonic-reflection keeps two of them per
+//!   stream while a client reads none. At most `--max-keyless-calls-per-peer` of them are
+//!   under way from one peer (until each response body ends); past it, RESOURCE_EXHAUSTED.
+//!
 //! The tables are keyed by open connections (bounded by the cap) and emptied as they close.
 
 use std::collections::HashMap;
@@ -23,7 +42,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,6 +78,12 @@ pub struct ConnectionLimits {
     pub max_per_peer: usize,
     /// `None`: connections may stay idle.
     pub idle_timeout: Option<Duration>,
+    /// Bytes of answers a peer may leave unread before its new calls are refused (`None`:
+    /// not bounded).
+    pub max_unread_per_peer: Option<u64>,
+    /// Calls without a key (health, reflection) under way from one peer (`None`: not
+    /// capped).
+    pub max_keyless_per_peer: Option<usize>,
 }
 
 /// Which listener a [`Connections`] serves: it names the log lines and the labels of
@@ -82,8 +107,24 @@ pub struct Connections {
 #[derive(Default)]
 struct Open {
     total: usize,
-    per_peer: HashMap<Peer, usize>,
+    per_peer: HashMap<Peer, PeerEntry>,
     by_addr: HashMap<SocketAddr, Arc<Activity>>,
+}
+
+/// One peer's open connections and what they hold for it.
+struct PeerEntry {
+    connections: usize,
+    load: Arc<PeerLoad>,
+}
+
+/// What a peer's connections hold for it, summed over them.
+#[derive(Default)]
+struct PeerLoad {
+    /// Bytes of answers produced for the peer and not yet written to its sockets (signed:
+    /// a connection's release may pass an addition still on its way).
+    unread: AtomicI64,
+    /// Calls without a key under way.
+    keyless: AtomicUsize,
 }
 
 /// Calls under way on one connection, and when the last one ended.
@@ -91,6 +132,89 @@ struct Activity {
     active: AtomicUsize,
     /// Milliseconds since `Connections::epoch`.
     last: AtomicU64,
+    /// Bytes of answers produced for this connection and not yet written to its socket.
+    unread: AtomicU64,
+    /// The connection has closed: what is produced for it now is released at once.
+    closed: AtomicBool,
+    peer: Arc<PeerLoad>,
+}
+
+impl Activity {
+    /// `n` bytes of an answer are produced for the connection.
+    fn produced(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.unread.fetch_add(n, Ordering::SeqCst);
+        self.peer.unread.fetch_add(n as i64, Ordering::SeqCst);
+        // Produced after the socket was dropped: never to be written. Whichever of this
+        // and `release` takes the bytes off the connection gives them back to the peer.
+        if self.closed.load(Ordering::SeqCst) {
+            self.release();
+        }
+    }
+
+    /// `n` bytes were written to the socket. They include HTTP/2 framing and TLS, which no
+    /// answer counted: the connection's count stops at zero.
+    fn written(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(before) = self
+            .unread
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                (u > 0).then(|| u.saturating_sub(n))
+            })
+        {
+            self.peer
+                .unread
+                .fetch_sub(before.min(n) as i64, Ordering::SeqCst);
+        }
+    }
+
+    /// Gives back to the peer whatever the connection still counts (it closed).
+    fn release(&self) {
+        let left = self.unread.swap(0, Ordering::SeqCst);
+        self.peer.unread.fetch_sub(left as i64, Ordering::SeqCst);
+    }
+}
+
+/// Why a call was refused before a handler saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crowded {
+    /// The peer has this many bytes of answers or more unread.
+    Unread(u64),
+    /// The peer has this many calls without a key under way.
+    Keyless(usize),
+}
+
+impl Crowded {
+    /// The label of `ern_rate_limited_total`.
+    pub fn limit(self) -> &'static str {
+        match self {
+            Crowded::Unread(_) => "unread_answers",
+            Crowded::Keyless(_) => "keyless_calls",
+        }
+    }
+
+    pub fn status(self) -> tonic::Status {
+        tonic::Status::resource_exhausted(match self {
+            Crowded::Unread(limit) => format!(
+                "this address has {limit} bytes or more of answers it has not read \
+                 (--max-unread-bytes-per-peer); read them, or end their calls, before calling \
+                 again"
+            ),
+            Crowded::Keyless(limit) => format!(
+                "{limit} calls without a key (health, reflection) are already under way from \
+                 this address (--max-keyless-calls-per-peer); end one before starting another"
+            ),
+        })
+    }
+}
+
+/// Whether a call of `path` needs no key: health and reflection.
+fn keyless(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
 }
 
 fn lock(m: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
@@ -109,6 +233,8 @@ impl Connections {
                 max_connections: limits.max_connections.max(1),
                 max_per_peer: limits.max_per_peer.max(1),
                 idle_timeout: limits.idle_timeout.filter(|t| !t.is_zero()),
+                max_unread_per_peer: limits.max_unread_per_peer,
+                max_keyless_per_peer: limits.max_keyless_per_peer,
             },
             epoch: Instant::now(),
             open: Mutex::new(Open::default()),
@@ -224,13 +350,12 @@ impl Connections {
     fn admit(self: &Arc<Self>, stream: TcpStream) -> Option<Tracked> {
         let remote = stream.peer_addr().ok();
         let peer = Peer::of(remote);
-        let activity = Arc::new(Activity {
-            active: AtomicUsize::new(0),
-            last: AtomicU64::new(self.now_ms()),
-        });
-        {
+        let activity = {
             let mut open = lock(&self.open);
-            let from_peer = open.per_peer.get(&peer).copied().unwrap_or(0);
+            let from_peer = open
+                .per_peer
+                .get(&peer)
+                .map_or(0, |entry| entry.connections);
             let refused = if open.total >= self.limits.max_connections {
                 Some("max_connections")
             } else if from_peer >= self.limits.max_per_peer {
@@ -246,11 +371,23 @@ impl Connections {
                 return None;
             }
             open.total += 1;
-            *open.per_peer.entry(peer).or_insert(0) += 1;
+            let entry = open.per_peer.entry(peer).or_insert_with(|| PeerEntry {
+                connections: 0,
+                load: Arc::default(),
+            });
+            entry.connections += 1;
+            let activity = Arc::new(Activity {
+                active: AtomicUsize::new(0),
+                last: AtomicU64::new(self.now_ms()),
+                unread: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+                peer: entry.load.clone(),
+            });
             if let Some(addr) = remote {
                 open.by_addr.insert(addr, activity.clone());
             }
-        }
+            activity
+        };
         let idle = self
             .limits
             .idle_timeout
@@ -266,6 +403,13 @@ impl Connections {
         })
     }
 
+    /// Bytes of answers the peer of `addr` has not read (0 for a connection not open).
+    pub fn unread(&self, addr: SocketAddr) -> u64 {
+        lock(&self.open).by_addr.get(&addr).map_or(0, |activity| {
+            activity.peer.unread.load(Ordering::SeqCst).max(0) as u64
+        })
+    }
+
     /// Marks a call under way on the connection from `addr`, until the guard drops.
     fn begin(self: &Arc<Self>, addr: SocketAddr) -> Option<CallGuard> {
         let activity = lock(&self.open).by_addr.get(&addr)?.clone();
@@ -276,9 +420,45 @@ impl Connections {
         })
     }
 
-    /// The layer that tells connections when calls begin and end.
+    /// The layer that tells connections when calls begin and end, and counts their
+    /// answers' bytes as the bodies produce them.
     pub fn layer(self: &Arc<Self>) -> ActivityLayer {
         ActivityLayer(self.clone())
+    }
+
+    /// The layer that refuses a call from a peer past the caps on unread answers and
+    /// calls without a key (inside [`Connections::layer`], which tells it the connection).
+    pub fn admission_layer(self: &Arc<Self>) -> AdmissionLayer {
+        AdmissionLayer(self.clone())
+    }
+
+    /// Admits a call of `path` on the connection of `activity`: `Ok(Some(guard))` holds a
+    /// call without a key until the guard drops.
+    fn admit_call(&self, activity: &Activity, path: &str) -> Result<Option<KeylessGuard>, Crowded> {
+        if let Some(limit) = self.limits.max_unread_per_peer
+            && activity.peer.unread.load(Ordering::SeqCst) >= limit as i64
+        {
+            return Err(Crowded::Unread(limit));
+        }
+        if !keyless(path) {
+            return Ok(None);
+        }
+        let peer = activity.peer.clone();
+        let before = peer.keyless.fetch_add(1, Ordering::SeqCst);
+        let guard = KeylessGuard(peer);
+        match self.limits.max_keyless_per_peer {
+            Some(limit) if before >= limit => Err(Crowded::Keyless(limit)),
+            _ => Ok(Some(guard)),
+        }
+    }
+}
+
+/// A call without a key under way, counted for its peer until dropped.
+struct KeylessGuard(Arc<PeerLoad>);
+
+impl Drop for KeylessGuard {
+    fn drop(&mut self) {
+        self.0.keyless.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -329,11 +509,14 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        // What was never written never will be: the peer's share comes back.
+        self.activity.closed.store(true, Ordering::SeqCst);
+        self.activity.release();
         let mut open = lock(&self.connections.open);
         open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(entry) = open.per_peer.get_mut(&self.peer) {
+            entry.connections -= 1;
+            if entry.connections == 0 {
                 open.per_peer.remove(&self.peer);
             }
         }
@@ -382,7 +565,11 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.activity.written(n as u64);
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -398,7 +585,11 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.activity.written(n as u64);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -469,8 +660,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let guard = remote_addr(&request).and_then(|addr| self.connections.begin(addr));
+        if let Some(guard) = &guard {
+            request
+                .extensions_mut()
+                .insert(OnConnection(guard.activity.clone()));
+        }
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -487,13 +683,114 @@ where
     }
 }
 
-/// A response body that keeps its call counted as under way until it ends.
+/// A response body that keeps its call counted as under way until it ends, and counts
+/// its data as produced for the connection.
 struct GuardedBody {
     body: tonic::body::Body,
     _guard: CallGuard,
 }
 
 impl http_body::Body for GuardedBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            self._guard.activity.produced(data.len() as u64);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connection a call came on: put in the request's extensions by [`ActivityService`]
+/// for [`AdmissionService`].
+#[derive(Clone)]
+struct OnConnection(Arc<Activity>);
+
+/// Refuses calls from a peer past the caps on unread answers and calls without a key
+/// (module documentation).
+#[derive(Clone)]
+pub struct AdmissionLayer(Arc<Connections>);
+
+impl<S> tower_layer::Layer<S> for AdmissionLayer {
+    type Service = AdmissionService<S>;
+
+    fn layer(&self, inner: S) -> AdmissionService<S> {
+        AdmissionService {
+            inner,
+            connections: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AdmissionService<S> {
+    inner: S,
+    connections: Arc<Connections>,
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for AdmissionService<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let Some(OnConnection(activity)) = request.extensions_mut().remove::<OnConnection>() else {
+            return Box::pin(self.inner.call(request));
+        };
+        match self.connections.admit_call(&activity, request.uri().path()) {
+            Err(crowded) => {
+                metrics::counter!("ern_rate_limited_total", "limit" => crowded.limit())
+                    .increment(1);
+                debug!(peer = %Peer::of(remote_addr(&request)), limit = crowded.limit(), "call refused");
+                Box::pin(std::future::ready(Ok(crowded.status().into_http())))
+            }
+            Ok(None) => Box::pin(self.inner.call(request)),
+            Ok(Some(guard)) => {
+                let response = self.inner.call(request);
+                Box::pin(async move {
+                    Ok(response.await?.map(|body| {
+                        tonic::body::Body::new(KeylessBody {
+                            body,
+                            _guard: guard,
+                        })
+                    }))
+                })
+            }
+        }
+    }
+}
+
+/// A response body that keeps its call without a key counted until it ends.
+struct KeylessBody {
+    body: tonic::body::Body,
+    _guard: KeylessGuard,
+}
+
+impl http_body::Body for KeylessBody {
     type Data = tonic::codegen::Bytes;
     type Error = tonic::Status;
 
@@ -517,6 +814,98 @@ impl http_body::Body for GuardedBody {
 mod tests {
     use super::*;
 
+    fn activity(peer: &Arc<PeerLoad>) -> Activity {
+        Activity {
+            active: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+            unread: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            peer: peer.clone(),
+        }
+    }
+
+    fn unread(peer: &PeerLoad) -> i64 {
+        peer.unread.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn unread_bytes_are_what_was_produced_and_not_written_summed_per_peer() {
+        let peer = Arc::new(PeerLoad::default());
+        let (a, b) = (activity(&peer), activity(&peer));
+        // Framing written while nothing is unread does not go below zero.
+        a.written(100);
+        assert_eq!(unread(&peer), 0);
+        a.produced(1_000);
+        b.produced(500);
+        assert_eq!(unread(&peer), 1_500);
+        a.written(400);
+        assert_eq!(unread(&peer), 1_100);
+        // More written than the connection had (framing, TLS): its count stops at zero,
+        // the other connection's stays.
+        a.written(10_000);
+        assert_eq!(unread(&peer), 500);
+        // A connection that closes gives back what it held, and what is produced for it
+        // after it closed.
+        b.closed.store(true, Ordering::SeqCst);
+        b.release();
+        assert_eq!(unread(&peer), 0);
+        b.produced(700);
+        assert_eq!(unread(&peer), 0);
+        assert_eq!(b.unread.load(Ordering::SeqCst), 0);
+    }
+
+    fn limited(unread: Option<u64>, keyless: Option<usize>) -> Arc<Connections> {
+        Connections::new(ConnectionLimits {
+            max_connections: 10,
+            max_per_peer: 10,
+            idle_timeout: None,
+            max_unread_per_peer: unread,
+            max_keyless_per_peer: keyless,
+        })
+    }
+
+    #[test]
+    fn calls_are_refused_past_the_unread_bound_and_the_keyless_cap() {
+        const CHECK: &str = "/grpc.health.v1.Health/Check";
+        const REFLECT: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+        const SUBMIT: &str = "/ern_registry.v1.CaseService/SubmitCase";
+        let connections = limited(Some(1_000), Some(2));
+        let peer = Arc::new(PeerLoad::default());
+        let a = activity(&peer);
+        a.produced(999);
+        assert!(connections.admit_call(&a, SUBMIT).unwrap().is_none());
+        a.produced(1);
+        assert_eq!(
+            connections.admit_call(&a, SUBMIT).err(),
+            Some(Crowded::Unread(1_000))
+        );
+        assert_eq!(
+            connections.admit_call(&a, CHECK).err(),
+            Some(Crowded::Unread(1_000))
+        );
+        a.written(1);
+        let first = connections.admit_call(&a, CHECK).unwrap().unwrap();
+        let second = connections.admit_call(&a, REFLECT).unwrap().unwrap();
+        assert_eq!(
+            connections.admit_call(&a, CHECK).err(),
+            Some(Crowded::Keyless(2))
+        );
+        // A refused call holds no place; calls with a key are not counted.
+        assert_eq!(peer.keyless.load(Ordering::SeqCst), 2);
+        assert!(connections.admit_call(&a, SUBMIT).unwrap().is_none());
+        drop(first);
+        let third = connections.admit_call(&a, CHECK).unwrap();
+        assert!(third.is_some());
+        drop((second, third));
+        assert_eq!(peer.keyless.load(Ordering::SeqCst), 0);
+        // Unbounded where no limit is set.
+        let open = limited(None, None);
+        a.produced(1 << 40);
+        for _ in 0..100 {
+            std::mem::forget(open.admit_call(&a, CHECK).unwrap());
+        }
+    }
+
     async fn connect(addr: SocketAddr) -> TcpStream {
         TcpStream::connect(addr).await.unwrap()
     }
@@ -529,6 +918,8 @@ mod tests {
             max_connections: 10,
             max_per_peer: 2,
             idle_timeout: None,
+            max_unread_per_peer: None,
+            max_keyless_per_peer: None,
         });
         let mut incoming = Box::pin(connections.incoming(listener, None));
         let _a = connect(addr).await;

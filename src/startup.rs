@@ -761,6 +761,8 @@ impl Application {
             max_connections: self.args.max_connections as usize,
             max_per_peer: self.args.max_connections_per_peer as usize,
             idle_timeout: self.args.idle_timeout(),
+            max_unread_per_peer: Some(self.args.max_unread_bytes_per_peer),
+            max_keyless_per_peer: Some(self.args.max_keyless_calls_per_peer as usize),
         });
         let incoming = connections.incoming(self.listener, self.args.keepalive());
         let code_refresh = tokio::spawn(
@@ -792,6 +794,7 @@ impl Application {
             .layer(connections.layer())
             .layer(DrainLayer::new(deadline))
             .layer(wire)
+            .layer(connections.admission_layer())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -146,6 +146,10 @@ pub async fn serve(
             max_per_peer: limits.max_connections,
             // Between requests, hyper's header timeout closes an idle connection.
             idle_timeout: None,
+            // Pages are small, each connection has one request at a time, and hyper
+            // stops reading a connection while its answer waits (HTTP/1.1).
+            max_unread_per_peer: None,
+            max_keyless_per_peer: None,
         },
     );
     // A request not answered in time (a slow body, a slow database) is answered 503

@@ -758,7 +758,7 @@ async fn health_and_reflection_take_small_messages_only() {
     // Reflection ends its stream (with OK: tonic-reflection ends it so on a request
     // error) and answers nothing; the same question with a short host is answered.
     use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
-    let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let reflection = REFLECTION;
     let ask = |host: String| {
         vec![framed(
             0,
@@ -777,4 +777,191 @@ async fn health_and_reflection_take_small_messages_only() {
     assert_eq!(answer.messages(), 1);
     let fine = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
     assert_eq!(fine.code(), Code::Ok);
+}
+
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// A reflection question over `client` whose answer (the descriptor of the case service's
+/// file, tens of kilobytes) is not yet read: the response's body, whose data waits for
+/// the stream's window. (A health check's answer is smaller than the response headers
+/// the server writes, which count as read: see `connections`.)
+async fn unread_answer(
+    addr: SocketAddr,
+    client: &h2::client::SendRequest<Bytes>,
+) -> h2::RecvStream {
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    let mut client = client.clone().ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{REFLECTION}"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let question = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            server_reflection_request::MessageRequest::FileContainingSymbol(
+                "ern_registry.v1.CaseService".into(),
+            ),
+        ),
+    };
+    body.send_data(Bytes::from(framed(0, &question.encode_to_vec())), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("the headers come whatever the window")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body()
+}
+
+/// A connection whose streams have no HTTP/2 window (the server may send headers, no
+/// data), and a sender that opens their windows to the size sent.
+async fn windowless(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::sync::mpsc::UnboundedSender<u32>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, mut connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let (window, mut sizes) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let driver = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut connection => break,
+                Some(size) = sizes.recv() => connection.set_initial_window_size(size).unwrap(),
+            }
+        }
+    });
+    (client, window, driver)
+}
+
+/// Health checks from 127.0.0.1 until one is answered `code` (at most 5 s); its status.
+async fn check_until(addr: SocketAddr, code: Code) -> tonic::Status {
+    let mut status = None;
+    for _ in 0..250 {
+        let answer = call(addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+        if answer.code() == code {
+            return answer.status();
+        }
+        status = Some(answer.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never {code:?}: {status:?}")
+}
+
+/// A client that reads none of its answers cannot have the server hold them without
+/// bound: once its address has `--max-unread-bytes-per-peer` of answers unread, its new
+/// calls are refused (RESOURCE_EXHAUSTED, before any handler, on any of its connections,
+/// counted in the summary of refused calls); reading them, or closing the connection
+/// that holds them, gives the place back.
+#[tokio::test]
+async fn answers_an_address_leaves_unread_are_bounded() {
+    let app = TestApp::spawn_with(ServeArgs {
+        // One byte: a single unread answer is over it.
+        max_unread_bytes_per_peer: 1,
+        refusal_summary_secs: 3600,
+        ..ServeArgs::default()
+    })
+    .await;
+    // Before: calls are answered.
+    check_until(app.addr, Code::Ok).await;
+    let (client, window, driver) = windowless(app.addr).await;
+    let mut body = unread_answer(app.addr, &client).await;
+    let refused = check_until(app.addr, Code::ResourceExhausted).await;
+    assert!(
+        refused.message().contains("--max-unread-bytes-per-peer"),
+        "{refused:?}"
+    );
+    // The client opens its window and reads the answer: the address may call again.
+    window.send(1 << 20).unwrap();
+    let mut answer = Vec::new();
+    while let Some(data) = tokio::time::timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("the answer comes once the window opens")
+    {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        answer.extend_from_slice(&data);
+    }
+    assert!(answer.len() > 10_000, "{} bytes", answer.len());
+    check_until(app.addr, Code::Ok).await;
+    // An answer left unread on a connection that then closes is given back too.
+    let (client, _window, closing) = windowless(app.addr).await;
+    let _body = unread_answer(app.addr, &client).await;
+    check_until(app.addr, Code::ResourceExhausted).await;
+    drop(client);
+    closing.abort();
+    check_until(app.addr, Code::Ok).await;
+    driver.abort();
+    let rows = refusal_summary_at_shutdown(app).await;
+    let refused = rows
+        .iter()
+        .find(|(method, outcome, _)| method == "Health/Check" && outcome == "RESOURCE_EXHAUSTED")
+        .map(|row| row.2);
+    assert!(refused >= Some(2), "{rows:?}");
+}
+
+/// Health and reflection take no key: at most `--max-keyless-calls-per-peer` of them are
+/// under way from one address (an open Watch stream counts); the next is refused, and
+/// one ending gives its place back. Calls with a key are not counted.
+#[tokio::test]
+async fn calls_without_a_key_are_capped_per_address() {
+    use tonic_health::pb::health_client::HealthClient;
+    let app = TestApp::spawn_with(ServeArgs {
+        max_keyless_calls_per_peer: 2,
+        ..ServeArgs::default()
+    })
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let watch = || HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = health.watch(watch()).await.unwrap().into_inner();
+        // Each has its first status.
+        assert!(stream.message().await.unwrap().is_some());
+        open.push(stream);
+    }
+    let status = health.watch(watch()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-keyless-calls-per-peer"),
+        "{status:?}"
+    );
+    let status = health.check(watch()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // A call with a key is not one of them.
+    let mut dr = app.physician("dr-keyless", "NL-AMC").await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
+        .await
+        .unwrap();
+    // One Watch ends: its place comes back.
+    drop(open.pop());
+    let mut answered = None;
+    for _ in 0..250 {
+        match health.check(watch()).await {
+            Ok(answer) => {
+                answered = Some(answer.into_inner().status);
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered, Some(proto_serving()));
 }
