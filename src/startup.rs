@@ -588,6 +588,7 @@ impl Application {
             max_message_bytes: args.max_message_bytes,
             stream_idle_timeout: args.request_timeout(),
             stream_items: ItemGate::new(args.max_stream_items_in_flight),
+            exports: ItemGate::new(crate::service::cases::EXPORTS_AT_ONCE),
             protection: crate::service::research::ProtectionPool::new(
                 args.protection_workers as usize,
                 std::time::Duration::from_millis(args.protection_budget_ms),
@@ -669,6 +670,11 @@ impl Application {
     /// Counts of authentication work (Argon2 runs, key reads).
     pub fn auth_counters(&self) -> Arc<AuthCounters> {
         self.state.verifier.counters().clone()
+    }
+
+    /// The services the handlers share (for tests that hold one of their gates).
+    pub fn services(&self) -> Arc<Services> {
+        self.state.clone()
     }
 
     /// The commands waiting in the writers' queues (it does not keep the writers open).

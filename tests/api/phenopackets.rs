@@ -503,3 +503,49 @@ async fn an_export_goes_on_past_a_case_too_large_for_one_answer() {
     let items = exported_items(&app).await;
     assert_eq!(items, 0);
 }
+
+/// The id of the principal named `name`.
+async fn principal_id(app: &TestApp, name: &str) -> i64 {
+    db::query("SELECT id FROM principals WHERE name = $1")
+        .bind(name)
+        .fetch_one(&mut app.store.pool().acquire().await.unwrap().db())
+        .await
+        .unwrap()
+        .try_get("id")
+        .unwrap()
+}
+
+/// One principal reads at most `EXPORTS_AT_ONCE` export pages from the database at once
+/// (each holds a pool connection while it walks its cases): with its turns taken, its
+/// next export waits (here until its deadline), while another principal's goes on; a
+/// turn given back lets it through. (A defences audit saw one physician's 64 exports in
+/// flight take the whole pool.)
+#[tokio::test]
+async fn one_principals_exports_wait_for_a_turn_and_others_do_not() {
+    use ern_registry::service::cases::EXPORTS_AT_ONCE;
+    let (app, mut dr, mine) = export_app(1 << 20, 60..63).await;
+    let mut other = app.physician("dr-b", "NL-UMCG").await;
+    let id = principal_id(&app, "dr-a").await;
+    let mut turns = Vec::new();
+    for _ in 0..EXPORTS_AT_ONCE {
+        turns.push(app.services.exports.enter(id).await);
+    }
+    let mut waiting = tonic::Request::new(export("ERN-LUNG", 10, ""));
+    waiting.set_timeout(std::time::Duration::from_millis(500));
+    let status = dr.export_phenopackets(waiting).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    other
+        .export_phenopackets(export("ERN-LUNG", 10, ""))
+        .await
+        .unwrap();
+    turns.pop();
+    let page = dr
+        .export_phenopackets(export("ERN-LUNG", 10, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.phenopackets.len(), mine.len());
+}
