@@ -358,10 +358,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_STREAMS_PER_CONNECTION", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_streams_per_connection: u32,
-    /// Bytes of answers one peer (an IPv4 address, an IPv6 /64) may leave unread (not yet
-    /// taken by its HTTP/2 windows and written to its connections) before its new calls
-    /// are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "ERN_MAX_UNREAD_BYTES_PER_PEER", default_value_t = 64 << 20,
+    /// Bytes of answers one peer (an IPv4 address, an IPv6 /64) may leave unread (held by
+    /// the server until its HTTP/2 windows take them and they are written to its
+    /// connections) before its new calls are refused with RESOURCE_EXHAUSTED. The default
+    /// is what one principal's calls running and waiting (2 x --max-calls-in-flight) can
+    /// have on their way at the largest message (--max-message-bytes).
+    #[arg(long, env = "ERN_MAX_UNREAD_BYTES_PER_PEER", default_value_t = 128 << 20,
           value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
     pub max_unread_bytes_per_peer: u64,
     /// Calls without a key (health, reflection) under way at once from one peer; past it
@@ -479,7 +481,7 @@ impl Default for ServeArgs {
             max_connections: 1024,
             max_connections_per_peer: 64,
             max_streams_per_connection: 200,
-            max_unread_bytes_per_peer: 64 << 20,
+            max_unread_bytes_per_peer: 128 << 20,
             max_keyless_calls_per_peer: 32,
             idle_timeout_secs: 300,
             keepalive_secs: 60,

@@ -15,21 +15,20 @@
 //!   `--idle-timeout-secs` is closed: its reads report end of file, and HTTP/2 closes it.
 //!   Idle is measured in calls, not bytes, because the server's own keepalive pings make
 //!   an idle connection exchange bytes forever.
-//!
 //! - **Answers not yet read are bounded per peer.** An answer waits in the server's
 //!   memory until the client's HTTP/2 window takes it and its bytes reach the socket; a
 //!   client that grants no window (or never reads its socket) could otherwise have the
-//!   server hold every answer it asks for. Every call's response body is counted as its
-//!   data frames are produced, and each connection's socket counts what is written: the
-//!   difference, per connection and summed per peer, is what the peer has not read. A new
-//!   call from a peer holding `--max-unread-bytes-per-peer` or more is refused with
-//!   RESOURCE_EXHAUSTED before any handler runs (by [`AdmissionLayer`], inside the wire
-//!   contract's layer, which counts the refusal in the per-address summary). Calls already
-//!   admitted still answer, so a peer can go past the bound by the answers of the calls it
-//!   had in flight when it crossed it (each at most `--max-message-bytes`). The count
-//!   takes every byte written as read, framing, response headers and acknowledgements of
-//!   the client's PINGs included: a client that reads its socket but opens no window earns
-//!   that much room (`docs/security.md` says so).
+//!   server hold every answer it asks for. Every data chunk of a response body is counted
+//!   for its peer from when the body produces it until the chunk is dropped: when HTTP/2
+//!   has written the last of it to the socket, or the stream is reset, or the connection
+//!   closes ([`Unread`]). The count is of memory held: what the client sends lowers it only
+//!   when the memory goes with it (a reset does, a PING does not). A new call from a peer holding
+//!   `--max-unread-bytes-per-peer` or more is refused with RESOURCE_EXHAUSTED before any
+//!   handler runs (by [`AdmissionLayer`], inside the wire contract's layer, which counts
+//!   the refusal in the per-address summary). Calls already admitted still answer, so a
+//!   peer can go past the bound by the answers of the calls admitted before it crossed it
+//!   (each at most `--max-message-bytes`; for each principal at most its calls running and
+//!   waiting, `ratelimit::CallGate`).
 //! - **Calls without a key are capped per peer.** Health and reflection need no key;
 //!   reflection's answers are tens of kilobytes, and tonic-reflection keeps two of them per
 //!   stream while a client reads none. At most `--max-keyless-calls-per-peer` of them are
@@ -42,7 +41,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -120,9 +119,8 @@ struct PeerEntry {
 /// What a peer's connections hold for it, summed over them.
 #[derive(Default)]
 struct PeerLoad {
-    /// Bytes of answers produced for the peer and not yet written to its sockets (signed:
-    /// a connection's release may pass an addition still on its way).
-    unread: AtomicI64,
+    /// Bytes of answers produced for the peer and not yet dropped by the transport.
+    unread: AtomicU64,
     /// Calls without a key under way.
     keyless: AtomicUsize,
 }
@@ -132,50 +130,41 @@ struct Activity {
     active: AtomicUsize,
     /// Milliseconds since `Connections::epoch`.
     last: AtomicU64,
-    /// Bytes of answers produced for this connection and not yet written to its socket.
-    unread: AtomicU64,
-    /// The connection has closed: what is produced for it now is released at once.
-    closed: AtomicBool,
     peer: Arc<PeerLoad>,
 }
 
-impl Activity {
-    /// `n` bytes of an answer are produced for the connection.
-    fn produced(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        self.unread.fetch_add(n, Ordering::SeqCst);
-        self.peer.unread.fetch_add(n as i64, Ordering::SeqCst);
-        // Produced after the socket was dropped: never to be written. Whichever of this
-        // and `release` takes the bytes off the connection gives them back to the peer.
-        if self.closed.load(Ordering::SeqCst) {
-            self.release();
-        }
-    }
+/// One data chunk of an answer, counted for its peer until the transport drops it (the
+/// owner of the `Bytes` HTTP/2 is given: dropped when the last of it is written, or its
+/// stream or connection ends).
+struct Unread {
+    data: tonic::codegen::Bytes,
+    peer: Arc<PeerLoad>,
+}
 
-    /// `n` bytes were written to the socket. They include HTTP/2 framing and TLS, which no
-    /// answer counted: the connection's count stops at zero.
-    fn written(&self, n: u64) {
-        if n == 0 {
-            return;
+impl Unread {
+    fn wrap(data: tonic::codegen::Bytes, peer: &Arc<PeerLoad>) -> tonic::codegen::Bytes {
+        if data.is_empty() {
+            return data;
         }
-        if let Ok(before) = self
+        peer.unread.fetch_add(data.len() as u64, Ordering::SeqCst);
+        tonic::codegen::Bytes::from_owner(Unread {
+            data,
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl AsRef<[u8]> for Unread {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        self.peer
             .unread
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
-                (u > 0).then(|| u.saturating_sub(n))
-            })
-        {
-            self.peer
-                .unread
-                .fetch_sub(before.min(n) as i64, Ordering::SeqCst);
-        }
-    }
-
-    /// Gives back to the peer whatever the connection still counts (it closed).
-    fn release(&self) {
-        let left = self.unread.swap(0, Ordering::SeqCst);
-        self.peer.unread.fetch_sub(left as i64, Ordering::SeqCst);
+            .fetch_sub(self.data.len() as u64, Ordering::SeqCst);
     }
 }
 
@@ -200,9 +189,10 @@ impl Crowded {
     pub fn status(self) -> tonic::Status {
         tonic::Status::resource_exhausted(match self {
             Crowded::Unread(limit) => format!(
-                "this address has {limit} bytes or more of answers it has not read \
-                 (--max-unread-bytes-per-peer); read them, or end their calls, before calling \
-                 again"
+                "this address has {limit} bytes or more of answers it has not read yet \
+                 (--max-unread-bytes-per-peer; answers still on their way count): read them, \
+                 or end their calls, before calling again, and have fewer large answers under \
+                 way at once"
             ),
             Crowded::Keyless(limit) => format!(
                 "{limit} calls without a key (health, reflection) are already under way from \
@@ -379,8 +369,6 @@ impl Connections {
             let activity = Arc::new(Activity {
                 active: AtomicUsize::new(0),
                 last: AtomicU64::new(self.now_ms()),
-                unread: AtomicU64::new(0),
-                closed: AtomicBool::new(false),
                 peer: entry.load.clone(),
             });
             if let Some(addr) = remote {
@@ -400,13 +388,6 @@ impl Connections {
             activity,
             idle,
             closed: false,
-        })
-    }
-
-    /// Bytes of answers the peer of `addr` has not read (0 for a connection not open).
-    pub fn unread(&self, addr: SocketAddr) -> u64 {
-        lock(&self.open).by_addr.get(&addr).map_or(0, |activity| {
-            activity.peer.unread.load(Ordering::SeqCst).max(0) as u64
         })
     }
 
@@ -436,7 +417,7 @@ impl Connections {
     /// call without a key until the guard drops.
     fn admit_call(&self, activity: &Activity, path: &str) -> Result<Option<KeylessGuard>, Crowded> {
         if let Some(limit) = self.limits.max_unread_per_peer
-            && activity.peer.unread.load(Ordering::SeqCst) >= limit as i64
+            && activity.peer.unread.load(Ordering::SeqCst) >= limit
         {
             return Err(Crowded::Unread(limit));
         }
@@ -509,9 +490,6 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        // What was never written never will be: the peer's share comes back.
-        self.activity.closed.store(true, Ordering::SeqCst);
-        self.activity.release();
         let mut open = lock(&self.connections.open);
         open.total = open.total.saturating_sub(1);
         if let Some(entry) = open.per_peer.get_mut(&self.peer) {
@@ -565,11 +543,7 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            self.activity.written(n as u64);
-        }
-        written
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -585,11 +559,7 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            self.activity.written(n as u64);
-        }
-        written
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -684,7 +654,7 @@ where
 }
 
 /// A response body that keeps its call counted as under way until it ends, and counts
-/// its data as produced for the connection.
+/// its data for the peer until the transport drops it ([`Unread`]).
 struct GuardedBody {
     body: tonic::body::Body,
     _guard: CallGuard,
@@ -698,13 +668,11 @@ impl http_body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &frame
-            && let Some(data) = frame.data_ref()
-        {
-            self._guard.activity.produced(data.len() as u64);
-        }
-        frame
+        let this = &mut *self;
+        let peer = &this._guard.activity.peer;
+        Pin::new(&mut this.body)
+            .poll_frame(cx)
+            .map_ok(|frame| frame.map_data(|data| Unread::wrap(data, peer)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -818,40 +786,38 @@ mod tests {
         Activity {
             active: AtomicUsize::new(0),
             last: AtomicU64::new(0),
-            unread: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
             peer: peer.clone(),
         }
     }
 
-    fn unread(peer: &PeerLoad) -> i64 {
+    fn unread(peer: &PeerLoad) -> u64 {
         peer.unread.load(Ordering::SeqCst)
     }
 
+    fn answer(bytes: usize, peer: &Arc<PeerLoad>) -> tonic::codegen::Bytes {
+        Unread::wrap(tonic::codegen::Bytes::from(vec![7u8; bytes]), peer)
+    }
+
     #[test]
-    fn unread_bytes_are_what_was_produced_and_not_written_summed_per_peer() {
+    fn an_answers_bytes_count_until_the_last_of_them_is_dropped() {
         let peer = Arc::new(PeerLoad::default());
-        let (a, b) = (activity(&peer), activity(&peer));
-        // Framing written while nothing is unread does not go below zero.
-        a.written(100);
-        assert_eq!(unread(&peer), 0);
-        a.produced(1_000);
-        b.produced(500);
+        let a = answer(1_000, &peer);
+        let b = answer(500, &peer);
         assert_eq!(unread(&peer), 1_500);
-        a.written(400);
-        assert_eq!(unread(&peer), 1_100);
-        // More written than the connection had (framing, TLS): its count stops at zero,
-        // the other connection's stays.
-        a.written(10_000);
+        assert_eq!(&a[..3], &[7, 7, 7]);
+        // A slice of a chunk (a frame's worth) keeps the whole chunk, and its count.
+        let mut rest = a.clone();
+        let frame = rest.split_to(400);
+        drop(a);
+        assert_eq!(unread(&peer), 1_500);
+        drop((frame, rest));
         assert_eq!(unread(&peer), 500);
-        // A connection that closes gives back what it held, and what is produced for it
-        // after it closed.
-        b.closed.store(true, Ordering::SeqCst);
-        b.release();
+        drop(b);
         assert_eq!(unread(&peer), 0);
-        b.produced(700);
+        // Empty chunks are not wrapped.
+        let empty = Unread::wrap(tonic::codegen::Bytes::new(), &peer);
+        assert!(empty.is_empty());
         assert_eq!(unread(&peer), 0);
-        assert_eq!(b.unread.load(Ordering::SeqCst), 0);
     }
 
     fn limited(unread: Option<u64>, keyless: Option<usize>) -> Arc<Connections> {
@@ -872,9 +838,9 @@ mod tests {
         let connections = limited(Some(1_000), Some(2));
         let peer = Arc::new(PeerLoad::default());
         let a = activity(&peer);
-        a.produced(999);
+        let most = answer(999, &peer);
         assert!(connections.admit_call(&a, SUBMIT).unwrap().is_none());
-        a.produced(1);
+        let last = answer(1, &peer);
         assert_eq!(
             connections.admit_call(&a, SUBMIT).err(),
             Some(Crowded::Unread(1_000))
@@ -883,7 +849,7 @@ mod tests {
             connections.admit_call(&a, CHECK).err(),
             Some(Crowded::Unread(1_000))
         );
-        a.written(1);
+        drop(last);
         let first = connections.admit_call(&a, CHECK).unwrap().unwrap();
         let second = connections.admit_call(&a, REFLECT).unwrap().unwrap();
         assert_eq!(
@@ -900,7 +866,7 @@ mod tests {
         assert_eq!(peer.keyless.load(Ordering::SeqCst), 0);
         // Unbounded where no limit is set.
         let open = limited(None, None);
-        a.produced(1 << 40);
+        let _held = (most, answer(1 << 20, &peer));
         for _ in 0..100 {
             std::mem::forget(open.admit_call(&a, CHECK).unwrap());
         }

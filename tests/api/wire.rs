@@ -783,8 +783,7 @@ const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionI
 
 /// A reflection question over `client` whose answer (the descriptor of the case service's
 /// file, tens of kilobytes) is not yet read: the response's body, whose data waits for
-/// the stream's window. (A health check's answer is smaller than the response headers
-/// the server writes, which count as read: see `connections`.)
+/// the stream's window.
 async fn unread_answer(
     addr: SocketAddr,
     client: &h2::client::SendRequest<Bytes>,
@@ -818,13 +817,14 @@ async fn unread_answer(
 }
 
 /// A connection whose streams have no HTTP/2 window (the server may send headers, no
-/// data), and a sender that opens their windows to the size sent.
+/// data), a sender that opens their windows to the size sent, and its PINGs.
 async fn windowless(
     addr: SocketAddr,
 ) -> (
     h2::client::SendRequest<Bytes>,
     tokio::sync::mpsc::UnboundedSender<u32>,
     tokio::task::JoinHandle<()>,
+    h2::PingPong,
 ) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (client, mut connection) = h2::client::Builder::new()
@@ -832,6 +832,7 @@ async fn windowless(
         .handshake::<_, Bytes>(tcp)
         .await
         .unwrap();
+    let pings = connection.ping_pong().expect("the first taker");
     let (window, mut sizes) = tokio::sync::mpsc::unbounded_channel::<u32>();
     let driver = tokio::spawn(async move {
         loop {
@@ -841,7 +842,7 @@ async fn windowless(
             }
         }
     });
-    (client, window, driver)
+    (client, window, driver, pings)
 }
 
 /// Health checks from 127.0.0.1 until one is answered `code` (at most 5 s); its status.
@@ -861,8 +862,9 @@ async fn check_until(addr: SocketAddr, code: Code) -> tonic::Status {
 /// A client that reads none of its answers cannot have the server hold them without
 /// bound: once its address has `--max-unread-bytes-per-peer` of answers unread, its new
 /// calls are refused (RESOURCE_EXHAUSTED, before any handler, on any of its connections,
-/// counted in the summary of refused calls); reading them, or closing the connection
-/// that holds them, gives the place back.
+/// counted in the summary of refused calls). What is counted is the answers' memory:
+/// PINGs the server answers earn nothing; reading the answers, resetting their streams,
+/// or closing the connection that holds them gives the room back.
 #[tokio::test]
 async fn answers_an_address_leaves_unread_are_bounded() {
     let app = TestApp::spawn_with(ServeArgs {
@@ -874,12 +876,25 @@ async fn answers_an_address_leaves_unread_are_bounded() {
     .await;
     // Before: calls are answered.
     check_until(app.addr, Code::Ok).await;
-    let (client, window, driver) = windowless(app.addr).await;
+    let (client, window, driver, mut pings) = windowless(app.addr).await;
     let mut body = unread_answer(app.addr, &client).await;
     let refused = check_until(app.addr, Code::ResourceExhausted).await;
     assert!(
         refused.message().contains("--max-unread-bytes-per-peer"),
         "{refused:?}"
+    );
+    // The server's answers to PINGs (written, read by the client; more bytes than the
+    // answer, below) change nothing: the answer is still in memory.
+    const PINGS: usize = 4_000;
+    for _ in 0..PINGS {
+        pings.ping(h2::Ping::opaque()).await.unwrap();
+    }
+    let check = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+    assert_eq!(
+        check.code(),
+        Code::ResourceExhausted,
+        "{:?}",
+        check.status()
     );
     // The client opens its window and reads the answer: the address may call again.
     window.send(1 << 20).unwrap();
@@ -893,21 +908,32 @@ async fn answers_an_address_leaves_unread_are_bounded() {
         answer.extend_from_slice(&data);
     }
     assert!(answer.len() > 10_000, "{} bytes", answer.len());
+    // A PING's acknowledgement is a 17-byte frame.
+    assert!(answer.len() < PINGS * 17, "{} bytes", answer.len());
     check_until(app.addr, Code::Ok).await;
-    // An answer left unread on a connection that then closes is given back too.
-    let (client, _window, closing) = windowless(app.addr).await;
+    // An answer whose stream the client resets (a cancelled call) is given back, the
+    // connection still open.
+    let (client, _window, resetting, _pings) = windowless(app.addr).await;
+    let body = unread_answer(app.addr, &client).await;
+    check_until(app.addr, Code::ResourceExhausted).await;
+    drop(body);
+    check_until(app.addr, Code::Ok).await;
+    assert!(!resetting.is_finished());
+    // And one left unread on a connection that then closes.
+    let (client, _window, closing, _pings) = windowless(app.addr).await;
     let _body = unread_answer(app.addr, &client).await;
     check_until(app.addr, Code::ResourceExhausted).await;
     drop(client);
     closing.abort();
     check_until(app.addr, Code::Ok).await;
     driver.abort();
+    resetting.abort();
     let rows = refusal_summary_at_shutdown(app).await;
     let refused = rows
         .iter()
         .find(|(method, outcome, _)| method == "Health/Check" && outcome == "RESOURCE_EXHAUSTED")
         .map(|row| row.2);
-    assert!(refused >= Some(2), "{rows:?}");
+    assert!(refused >= Some(4), "{rows:?}");
 }
 
 /// Health and reflection take no key: at most `--max-keyless-calls-per-peer` of them are
