@@ -642,9 +642,11 @@ where
             let response = response.await?;
             Ok(match guard {
                 Some(guard) => response.map(|body| {
+                    let unread = Some(guard.activity.peer.clone());
                     tonic::body::Body::new(GuardedBody {
                         body,
                         _guard: guard,
+                        unread,
                     })
                 }),
                 None => response,
@@ -653,14 +655,16 @@ where
     }
 }
 
-/// A response body that keeps its call counted as under way until it ends, and counts
-/// its data for the peer until the transport drops it ([`Unread`]).
-struct GuardedBody {
+/// A response body that holds `_guard` (its call counted as under way, or as a call
+/// without a key) until it ends, and counts its data for the peer `unread` until the
+/// transport drops it ([`Unread`]).
+struct GuardedBody<G> {
     body: tonic::body::Body,
-    _guard: CallGuard,
+    _guard: G,
+    unread: Option<Arc<PeerLoad>>,
 }
 
-impl http_body::Body for GuardedBody {
+impl<G: Unpin> http_body::Body for GuardedBody<G> {
     type Data = tonic::codegen::Bytes;
     type Error = tonic::Status;
 
@@ -669,10 +673,11 @@ impl http_body::Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        let peer = &this._guard.activity.peer;
-        Pin::new(&mut this.body)
-            .poll_frame(cx)
-            .map_ok(|frame| frame.map_data(|data| Unread::wrap(data, peer)))
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &this.unread {
+            Some(peer) => frame.map_ok(|frame| frame.map_data(|data| Unread::wrap(data, peer))),
+            None => frame,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -741,40 +746,15 @@ where
                 let response = self.inner.call(request);
                 Box::pin(async move {
                     Ok(response.await?.map(|body| {
-                        tonic::body::Body::new(KeylessBody {
+                        tonic::body::Body::new(GuardedBody {
                             body,
                             _guard: guard,
+                            unread: None,
                         })
                     }))
                 })
             }
         }
-    }
-}
-
-/// A response body that keeps its call without a key counted until it ends.
-struct KeylessBody {
-    body: tonic::body::Body,
-    _guard: KeylessGuard,
-}
-
-impl http_body::Body for KeylessBody {
-    type Data = tonic::codegen::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 
