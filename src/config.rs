@@ -366,11 +366,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_UNREAD_BYTES_PER_PEER", default_value_t = 128 << 20,
           value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
     pub max_unread_bytes_per_peer: u64,
-    /// Calls without a key (health, reflection) under way at once from one peer; past it
-    /// RESOURCE_EXHAUSTED. A health Watch stream counts while it is open.
-    #[arg(long, env = "ERN_MAX_KEYLESS_CALLS_PER_PEER", default_value_t = 32,
+    /// Reflection calls (which need no key) under way at once from one peer; past it
+    /// RESOURCE_EXHAUSTED. A reflection stream counts while it is open.
+    #[arg(long, env = "ERN_MAX_REFLECTION_CALLS_PER_PEER", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub max_keyless_calls_per_peer: u32,
+    pub max_reflection_calls_per_peer: u32,
     /// A connection without any call for this many seconds is closed (0: never).
     #[arg(long, env = "ERN_IDLE_TIMEOUT_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
@@ -482,7 +482,7 @@ impl Default for ServeArgs {
             max_connections_per_peer: 64,
             max_streams_per_connection: 200,
             max_unread_bytes_per_peer: 128 << 20,
-            max_keyless_calls_per_peer: 32,
+            max_reflection_calls_per_peer: 32,
             idle_timeout_secs: 300,
             keepalive_secs: 60,
             metrics_listen: None,

@@ -28,11 +28,19 @@
 //!   the refusal in the per-address summary). Calls already admitted still answer, so a
 //!   peer can go past the bound by the answers of the calls admitted before it crossed it
 //!   (each at most `--max-message-bytes`; for each principal at most its calls running and
-//!   waiting, `ratelimit::CallGate`).
-//! - **Calls without a key are capped per peer.** Health and reflection need no key;
-//!   reflection's answers are tens of kilobytes, and tonic-reflection keeps two of them per
-//!   stream while a client reads none. At most `--max-keyless-calls-per-peer` of them are
-//!   under way from one peer (until each response body ends); past it, RESOURCE_EXHAUSTED.
+//!   waiting, `ratelimit::CallGate`). With TLS a chunk counts until rustls takes it; a
+//!   chunk under 256 bytes h2 copies into its write buffer and drops at once. The count
+//!   relies on hyper (since 1.13) taking a response's next chunk before the window has
+//!   room for it and holding it until it has (`wire::answers_an_address_leaves_unread_are_bounded`
+//!   fails if that changes). A connection whose peer address cannot be read is not
+//!   counted (nor idle-timed; `TcpStream::peer_addr` fails only for a socket already
+//!   closed).
+//! - **Reflection calls are capped per peer.** Reflection needs no key, its answers are
+//!   tens of kilobytes, and while a client reads none tonic-reflection keeps two of them
+//!   per stream besides the one counted above. At most `--max-reflection-calls-per-peer`
+//!   are under way from one peer (until each response body ends); past it,
+//!   RESOURCE_EXHAUSTED. (Health answers are a few bytes: a client-side health check keeps
+//!   a `Watch` open per channel, and those are not capped here.)
 //!
 //! The tables are keyed by open connections (bounded by the cap) and emptied as they close.
 
@@ -82,7 +90,7 @@ pub struct ConnectionLimits {
     pub max_unread_per_peer: Option<u64>,
     /// Calls without a key (health, reflection) under way from one peer (`None`: not
     /// capped).
-    pub max_keyless_per_peer: Option<usize>,
+    pub max_reflection_per_peer: Option<usize>,
 }
 
 /// Which listener a [`Connections`] serves: it names the log lines and the labels of
@@ -121,8 +129,8 @@ struct PeerEntry {
 struct PeerLoad {
     /// Bytes of answers produced for the peer and not yet dropped by the transport.
     unread: AtomicU64,
-    /// Calls without a key under way.
-    keyless: AtomicUsize,
+    /// Reflection calls under way.
+    reflection: AtomicUsize,
 }
 
 /// Calls under way on one connection, and when the last one ended.
@@ -173,8 +181,8 @@ impl Drop for Unread {
 pub enum Crowded {
     /// The peer has this many bytes of answers or more unread.
     Unread(u64),
-    /// The peer has this many calls without a key under way.
-    Keyless(usize),
+    /// The peer has this many reflection calls under way.
+    Reflection(usize),
 }
 
 impl Crowded {
@@ -182,10 +190,11 @@ impl Crowded {
     pub fn limit(self) -> &'static str {
         match self {
             Crowded::Unread(_) => "unread_answers",
-            Crowded::Keyless(_) => "keyless_calls",
+            Crowded::Reflection(_) => "reflection_calls",
         }
     }
 
+    /// The refusal the caller gets: RESOURCE_EXHAUSTED, naming the flag.
     pub fn status(self) -> tonic::Status {
         tonic::Status::resource_exhausted(match self {
             Crowded::Unread(limit) => format!(
@@ -194,17 +203,17 @@ impl Crowded {
                  or end their calls, before calling again, and have fewer large answers under \
                  way at once"
             ),
-            Crowded::Keyless(limit) => format!(
-                "{limit} calls without a key (health, reflection) are already under way from \
-                 this address (--max-keyless-calls-per-peer); end one before starting another"
+            Crowded::Reflection(limit) => format!(
+                "{limit} reflection calls are already under way from this address \
+                 (--max-reflection-calls-per-peer); end one before starting another"
             ),
         })
     }
 }
 
-/// Whether a call of `path` needs no key: health and reflection.
-fn keyless(path: &str) -> bool {
-    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+/// Whether a call of `path` is one of the reflection service's (which needs no key).
+fn reflection(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.")
 }
 
 fn lock(m: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
@@ -224,7 +233,7 @@ impl Connections {
                 max_per_peer: limits.max_per_peer.max(1),
                 idle_timeout: limits.idle_timeout.filter(|t| !t.is_zero()),
                 max_unread_per_peer: limits.max_unread_per_peer,
-                max_keyless_per_peer: limits.max_keyless_per_peer,
+                max_reflection_per_peer: limits.max_reflection_per_peer,
             },
             epoch: Instant::now(),
             open: Mutex::new(Open::default()),
@@ -414,32 +423,36 @@ impl Connections {
     }
 
     /// Admits a call of `path` on the connection of `activity`: `Ok(Some(guard))` holds a
-    /// call without a key until the guard drops.
-    fn admit_call(&self, activity: &Activity, path: &str) -> Result<Option<KeylessGuard>, Crowded> {
+    /// reflection call until the guard drops.
+    fn admit_call(
+        &self,
+        activity: &Activity,
+        path: &str,
+    ) -> Result<Option<ReflectionGuard>, Crowded> {
         if let Some(limit) = self.limits.max_unread_per_peer
             && activity.peer.unread.load(Ordering::SeqCst) >= limit
         {
             return Err(Crowded::Unread(limit));
         }
-        if !keyless(path) {
+        if !reflection(path) {
             return Ok(None);
         }
         let peer = activity.peer.clone();
-        let before = peer.keyless.fetch_add(1, Ordering::SeqCst);
-        let guard = KeylessGuard(peer);
-        match self.limits.max_keyless_per_peer {
-            Some(limit) if before >= limit => Err(Crowded::Keyless(limit)),
+        let before = peer.reflection.fetch_add(1, Ordering::SeqCst);
+        let guard = ReflectionGuard(peer);
+        match self.limits.max_reflection_per_peer {
+            Some(limit) if before >= limit => Err(Crowded::Reflection(limit)),
             _ => Ok(Some(guard)),
         }
     }
 }
 
-/// A call without a key under way, counted for its peer until dropped.
-struct KeylessGuard(Arc<PeerLoad>);
+/// A reflection call under way, counted for its peer until dropped.
+struct ReflectionGuard(Arc<PeerLoad>);
 
-impl Drop for KeylessGuard {
+impl Drop for ReflectionGuard {
     fn drop(&mut self) {
-        self.0.keyless.fetch_sub(1, Ordering::SeqCst);
+        self.0.reflection.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -710,6 +723,7 @@ impl<S> tower_layer::Layer<S> for AdmissionLayer {
     }
 }
 
+/// The service of [`AdmissionLayer`].
 #[derive(Clone)]
 pub struct AdmissionService<S> {
     inner: S,
@@ -800,20 +814,22 @@ mod tests {
         assert_eq!(unread(&peer), 0);
     }
 
-    fn limited(unread: Option<u64>, keyless: Option<usize>) -> Arc<Connections> {
+    fn limited(unread: Option<u64>, reflection: Option<usize>) -> Arc<Connections> {
         Connections::new(ConnectionLimits {
             max_connections: 10,
             max_per_peer: 10,
             idle_timeout: None,
             max_unread_per_peer: unread,
-            max_keyless_per_peer: keyless,
+            max_reflection_per_peer: reflection,
         })
     }
 
     #[test]
-    fn calls_are_refused_past_the_unread_bound_and_the_keyless_cap() {
+    fn calls_are_refused_past_the_unread_bound_and_the_reflection_cap() {
         const CHECK: &str = "/grpc.health.v1.Health/Check";
         const REFLECT: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+        const REFLECT_ALPHA: &str =
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
         const SUBMIT: &str = "/ern_registry.v1.CaseService/SubmitCase";
         let connections = limited(Some(1_000), Some(2));
         let peer = Arc::new(PeerLoad::default());
@@ -821,35 +837,37 @@ mod tests {
         let most = answer(999, &peer);
         assert!(connections.admit_call(&a, SUBMIT).unwrap().is_none());
         let last = answer(1, &peer);
-        assert_eq!(
-            connections.admit_call(&a, SUBMIT).err(),
-            Some(Crowded::Unread(1_000))
-        );
-        assert_eq!(
-            connections.admit_call(&a, CHECK).err(),
-            Some(Crowded::Unread(1_000))
-        );
+        // At the bound: every call is refused, with a key or without.
+        for path in [SUBMIT, CHECK, REFLECT] {
+            assert_eq!(
+                connections.admit_call(&a, path).err(),
+                Some(Crowded::Unread(1_000))
+            );
+        }
         drop(last);
-        let first = connections.admit_call(&a, CHECK).unwrap().unwrap();
-        let second = connections.admit_call(&a, REFLECT).unwrap().unwrap();
+        let first = connections.admit_call(&a, REFLECT).unwrap().unwrap();
+        let second = connections.admit_call(&a, REFLECT_ALPHA).unwrap().unwrap();
         assert_eq!(
-            connections.admit_call(&a, CHECK).err(),
-            Some(Crowded::Keyless(2))
+            connections.admit_call(&a, REFLECT).err(),
+            Some(Crowded::Reflection(2))
         );
-        // A refused call holds no place; calls with a key are not counted.
-        assert_eq!(peer.keyless.load(Ordering::SeqCst), 2);
-        assert!(connections.admit_call(&a, SUBMIT).unwrap().is_none());
+        // A refused call holds no place; health and calls with a key are not counted.
+        assert_eq!(peer.reflection.load(Ordering::SeqCst), 2);
+        for path in [SUBMIT, CHECK] {
+            assert!(connections.admit_call(&a, path).unwrap().is_none());
+        }
         drop(first);
-        let third = connections.admit_call(&a, CHECK).unwrap();
+        let third = connections.admit_call(&a, REFLECT).unwrap();
         assert!(third.is_some());
         drop((second, third));
-        assert_eq!(peer.keyless.load(Ordering::SeqCst), 0);
+        assert_eq!(peer.reflection.load(Ordering::SeqCst), 0);
         // Unbounded where no limit is set.
         let open = limited(None, None);
         let _held = (most, answer(1 << 20, &peer));
-        for _ in 0..100 {
-            std::mem::forget(open.admit_call(&a, CHECK).unwrap());
-        }
+        let guards: Vec<_> = (0..100)
+            .map(|_| open.admit_call(&a, REFLECT).unwrap())
+            .collect();
+        assert!(guards.iter().all(Option::is_some));
     }
 
     async fn connect(addr: SocketAddr) -> TcpStream {
@@ -865,7 +883,7 @@ mod tests {
             max_per_peer: 2,
             idle_timeout: None,
             max_unread_per_peer: None,
-            max_keyless_per_peer: None,
+            max_reflection_per_peer: None,
         });
         let mut incoming = Box::pin(connections.incoming(listener, None));
         let _a = connect(addr).await;

@@ -588,7 +588,7 @@ impl Application {
             max_message_bytes: args.max_message_bytes,
             stream_idle_timeout: args.request_timeout(),
             stream_items: ItemGate::new(args.max_stream_items_in_flight),
-            exports: ItemGate::new(crate::service::cases::EXPORTS_AT_ONCE),
+            exports: Arc::new(ItemGate::new(crate::service::cases::EXPORTS_AT_ONCE)),
             protection: crate::service::research::ProtectionPool::new(
                 args.protection_workers as usize,
                 std::time::Duration::from_millis(args.protection_budget_ms),
@@ -672,9 +672,10 @@ impl Application {
         self.state.verifier.counters().clone()
     }
 
-    /// The services the handlers share (for tests that hold one of their gates).
-    pub fn services(&self) -> Arc<Services> {
-        self.state.clone()
+    /// The turns of export pages per principal (for tests that hold one; not the
+    /// services themselves, which the writers outlive only once every holder is gone).
+    pub fn export_turns(&self) -> Arc<ItemGate> {
+        self.state.exports.clone()
     }
 
     /// The commands waiting in the writers' queues (it does not keep the writers open).
@@ -768,7 +769,7 @@ impl Application {
             max_per_peer: self.args.max_connections_per_peer as usize,
             idle_timeout: self.args.idle_timeout(),
             max_unread_per_peer: Some(self.args.max_unread_bytes_per_peer),
-            max_keyless_per_peer: Some(self.args.max_keyless_calls_per_peer as usize),
+            max_reflection_per_peer: Some(self.args.max_reflection_calls_per_peer as usize),
         });
         let incoming = connections.incoming(self.listener, self.args.keepalive());
         let code_refresh = tokio::spawn(

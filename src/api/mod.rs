@@ -41,8 +41,8 @@ impl From<ServiceError> for Status {
         match err {
             ServiceError::Invalid(violations) => {
                 let mut details = ErrorDetails::new();
-                for v in violations.iter() {
-                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                for (field, description) in answered_violations(&violations) {
+                    details.add_bad_request_violation(field, description);
                 }
                 let message = ServiceError::Invalid(violations).to_string();
                 Status::with_error_details(code, message, details)
@@ -99,6 +99,35 @@ impl From<ServiceError> for Status {
             other => Status::new(code, other.to_string()),
         }
     }
+}
+
+/// Field violations listed in one answer at most: a request of a few kilobytes with every
+/// entry invalid has over 1,500, about 234 KB of details that travel in the answer's
+/// headers (which no flow control holds back); a defences audit of 2026-12-06 made the
+/// server hold 3.7 GB with them from one address.
+pub const MAX_VIOLATIONS_ANSWERED: usize = 100;
+
+/// The violations an answer lists, as (field, description): the first
+/// [`MAX_VIOLATIONS_ANSWERED`], and past them one more entry, under the next field, that
+/// says how many were left out. The message counts them all.
+fn answered_violations(
+    violations: &crate::domain::FieldViolations,
+) -> impl Iterator<Item = (String, String)> + '_ {
+    let left_out = violations.len().saturating_sub(MAX_VIOLATIONS_ANSWERED);
+    let listed = violations
+        .iter()
+        .take(MAX_VIOLATIONS_ANSWERED)
+        .map(|v| (v.field.clone(), v.description.clone()));
+    let rest = violations.iter().nth(MAX_VIOLATIONS_ANSWERED).map(|next| {
+        (
+            next.field.clone(),
+            format!(
+                "and {left_out} more invalid field(s) from here on, not listed (an answer \
+                     lists at most {MAX_VIOLATIONS_ANSWERED}): fix those above and send again"
+            ),
+        )
+    });
+    listed.chain(rest)
 }
 
 /// The answer to a call the database cannot serve now: UNAVAILABLE, with the time after
@@ -283,12 +312,8 @@ pub fn client_certificate<T>(request: &tonic::Request<T>) -> Option<String> {
 pub fn rejection(err: ServiceError) -> crate::proto::Rejection {
     let code = err.outcome().number();
     let field_violations = match &err {
-        ServiceError::Invalid(v) => v
-            .iter()
-            .map(|v| crate::proto::FieldViolation {
-                field: v.field.clone(),
-                description: v.description.clone(),
-            })
+        ServiceError::Invalid(v) => answered_violations(v)
+            .map(|(field, description)| crate::proto::FieldViolation { field, description })
             .collect(),
         _ => Vec::new(),
     };
@@ -304,6 +329,47 @@ pub fn rejection(err: ServiceError) -> crate::proto::Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_lists_at_most_so_many_violations_and_says_how_many_more() {
+        let many = |n: usize| {
+            let mut v = crate::domain::FieldViolations::new();
+            for i in 0..n {
+                v.push(format!("hpo_terms[{i}]"), "is not an HPO term");
+            }
+            ServiceError::Invalid(v)
+        };
+        let status = Status::from(many(1_536));
+        assert!(
+            status.message().contains("1536 invalid field(s)"),
+            "{}",
+            status.message()
+        );
+        let listed = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(listed.len(), MAX_VIOLATIONS_ANSWERED + 1);
+        assert_eq!(listed[99].field, "hpo_terms[99]");
+        assert_eq!(listed[100].field, "hpo_terms[100]");
+        assert!(
+            listed[100].description.starts_with("and 1436 more"),
+            "{}",
+            listed[100].description
+        );
+        let bulk = rejection(many(1_536));
+        assert_eq!(bulk.field_violations.len(), MAX_VIOLATIONS_ANSWERED + 1);
+        assert_eq!(
+            bulk.field_violations[100].description,
+            listed[100].description
+        );
+        // Up to the cap, every violation and nothing more.
+        for n in [1, MAX_VIOLATIONS_ANSWERED] {
+            let listed = Status::from(many(n))
+                .get_details_bad_request()
+                .unwrap()
+                .field_violations;
+            assert_eq!(listed.len(), n);
+            assert!(listed.iter().all(|v| v.description == "is not an HPO term"));
+        }
+    }
 
     #[test]
     fn every_outcome_is_its_grpc_code_and_back() {

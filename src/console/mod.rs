@@ -146,10 +146,11 @@ pub async fn serve(
             max_per_peer: limits.max_connections,
             // Between requests, hyper's header timeout closes an idle connection.
             idle_timeout: None,
-            // Pages are small, each connection has one request at a time, and hyper
-            // stops reading a connection while its answer waits (HTTP/1.1).
+            // Used by the gRPC listener's layers only, which the console does not install
+            // (HTTP/1.1: one request at a time per connection, the next not read while
+            // an answer waits).
             max_unread_per_peer: None,
-            max_keyless_per_peer: None,
+            max_reflection_per_peer: None,
         },
     );
     // A request not answered in time (a slow body, a slow database) is answered 503

@@ -263,12 +263,10 @@ pub async fn get(
 pub const EXPORT_PAGE_DEFAULT: u32 = 50;
 pub const EXPORT_PAGE_MAX: u32 = 200;
 
-/// Export pages one principal has read from the database at once; its further export
-/// calls wait for a turn (within their deadline). A page holds a connection of the
-/// database pool while it walks up to 201 current cases, and without this one
-/// principal's 64 calls in flight took the whole pool (16): in a defences audit of
-/// 2026-12-06, 41 of them failed UNAVAILABLE and another principal's GetCase waited 4.5
-/// to 7.5 s.
+/// Export pages one principal reads from the database at once; its further export calls
+/// wait for a turn (within their deadline). A page holds a connection of the database
+/// pool while it walks up to 201 current cases: without turns, one principal's calls in
+/// flight (64) could take the whole pool (16; `docs/security.md`).
 pub const EXPORTS_AT_ONCE: u32 = 2;
 
 /// A page of an export, and whether another follows.

@@ -98,7 +98,7 @@ pub struct Services {
     /// Bulk-stream items in progress per principal, across its streams.
     pub stream_items: ItemGate,
     /// Export pages being read per principal ([`cases::EXPORTS_AT_ONCE`]).
-    pub exports: ItemGate,
+    pub exports: Arc<ItemGate>,
     /// Where research tables are protected: off the async runtime, bounded, with a deadline.
     pub protection: research::ProtectionPool,
     /// The in-memory research index; `None`: research queries scan the database.

@@ -92,8 +92,8 @@ pub struct TestApp {
     pub console: Option<SocketAddr>,
     /// The commands waiting in the server's writer queues.
     pub backlog: ern_registry::store::writer::Backlog,
-    /// The services the server's handlers share.
-    pub services: Arc<ern_registry::service::Services>,
+    /// The server's turns of export pages per principal.
+    pub export_turns: Arc<ern_registry::ratelimit::ItemGate>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -218,7 +218,7 @@ impl TestApp {
         let (auth, key_hasher) = (app.auth_counters(), app.key_hasher());
         let codes = app.codes();
         let backlog = app.writer_backlog();
-        let services = app.services();
+        let export_turns = app.export_turns();
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run_until_stopped(async {
@@ -238,7 +238,7 @@ impl TestApp {
             codes,
             console,
             backlog,
-            services,
+            export_turns,
             shutdown: Some(tx),
             server: Some(server),
         }

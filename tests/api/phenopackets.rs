@@ -528,7 +528,7 @@ async fn one_principals_exports_wait_for_a_turn_and_others_do_not() {
     let id = principal_id(&app, "dr-a").await;
     let mut turns = Vec::new();
     for _ in 0..EXPORTS_AT_ONCE {
-        turns.push(app.services.exports.enter(id).await);
+        turns.push(app.export_turns.enter(id).await);
     }
     let mut waiting = tonic::Request::new(export("ERN-LUNG", 10, ""));
     waiting.set_timeout(std::time::Duration::from_millis(500));

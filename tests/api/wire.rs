@@ -781,13 +781,14 @@ async fn health_and_reflection_take_small_messages_only() {
 
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 
-/// A reflection question over `client` whose answer (the descriptor of the case service's
-/// file, tens of kilobytes) is not yet read: the response's body, whose data waits for
-/// the stream's window.
-async fn unread_answer(
+/// A reflection question over `client` (the descriptor of the case service's file, tens of
+/// kilobytes), the stream ended after it if `end`: the response (its headers) and the
+/// request's stream.
+async fn ask_reflection(
     addr: SocketAddr,
     client: &h2::client::SendRequest<Bytes>,
-) -> h2::RecvStream {
+    end: bool,
+) -> (http::Response<h2::RecvStream>, h2::SendStream<Bytes>) {
     use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
     let mut client = client.clone().ready().await.unwrap();
     let request = http::Request::builder()
@@ -806,14 +807,45 @@ async fn unread_answer(
             ),
         ),
     };
-    body.send_data(Bytes::from(framed(0, &question.encode_to_vec())), true)
+    body.send_data(Bytes::from(framed(0, &question.encode_to_vec())), end)
         .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
         .expect("the headers come whatever the window")
         .unwrap();
+    (response, body)
+}
+
+/// A reflection answer over `client` that is not yet read: the response's body, whose
+/// data waits for the stream's window.
+async fn unread_answer(
+    addr: SocketAddr,
+    client: &h2::client::SendRequest<Bytes>,
+) -> h2::RecvStream {
+    let (response, _) = ask_reflection(addr, client, true).await;
     assert_eq!(response.status(), StatusCode::OK);
+    assert!(tonic::Status::from_header_map(response.headers()).is_none());
     response.into_body()
+}
+
+/// The size of the reflection answer [`unread_answer`] leaves unread, read whole over a
+/// connection of its own.
+async fn reflection_answer_size(addr: SocketAddr) -> usize {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let (response, _) = ask_reflection(addr, &client, true).await;
+    let mut body = response.into_body();
+    let mut size = 0;
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        size += data.len();
+    }
+    driver.abort();
+    size
 }
 
 /// A connection whose streams have no HTTP/2 window (the server may send headers, no
@@ -845,18 +877,29 @@ async fn windowless(
     (client, window, driver, pings)
 }
 
-/// Health checks from 127.0.0.1 until one is answered `code` (at most 5 s); its status.
-async fn check_until(addr: SocketAddr, code: Code) -> tonic::Status {
+/// Health checks from 127.0.0.1 until one is answered `code` (at most 5 s); a refusal must
+/// be for unread answers.
+async fn check_until(addr: SocketAddr, code: Code) {
     let mut status = None;
     for _ in 0..250 {
         let answer = call(addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+        if answer.code() == Code::ResourceExhausted {
+            assert_unread_refusal(&answer.status());
+        }
         if answer.code() == code {
-            return answer.status();
+            return;
         }
         status = Some(answer.status());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("never {code:?}: {status:?}")
+}
+
+fn assert_unread_refusal(status: &tonic::Status) {
+    assert!(
+        status.message().contains("--max-unread-bytes-per-peer"),
+        "{status:?}"
+    );
 }
 
 /// A client that reads none of its answers cannot have the server hold them without
@@ -877,16 +920,12 @@ async fn answers_an_address_leaves_unread_are_bounded() {
     // Before: calls are answered.
     check_until(app.addr, Code::Ok).await;
     let (client, window, driver, mut pings) = windowless(app.addr).await;
+    let size = reflection_answer_size(app.addr).await;
     let mut body = unread_answer(app.addr, &client).await;
-    let refused = check_until(app.addr, Code::ResourceExhausted).await;
-    assert!(
-        refused.message().contains("--max-unread-bytes-per-peer"),
-        "{refused:?}"
-    );
-    // The server's answers to PINGs (written, read by the client; more bytes than the
-    // answer, below) change nothing: the answer is still in memory.
-    const PINGS: usize = 4_000;
-    for _ in 0..PINGS {
+    check_until(app.addr, Code::ResourceExhausted).await;
+    // The server's answers to PINGs (written, read by the client; each a 17-byte frame,
+    // more bytes in all than the answer) change nothing: the answer is still in memory.
+    for _ in 0..size / 17 + 100 {
         pings.ping(h2::Ping::opaque()).await.unwrap();
     }
     let check = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
@@ -896,6 +935,7 @@ async fn answers_an_address_leaves_unread_are_bounded() {
         "{:?}",
         check.status()
     );
+    assert_unread_refusal(&check.status());
     // The client opens its window and reads the answer: the address may call again.
     window.send(1 << 20).unwrap();
     let mut answer = Vec::new();
@@ -907,9 +947,7 @@ async fn answers_an_address_leaves_unread_are_bounded() {
         let _ = body.flow_control().release_capacity(data.len());
         answer.extend_from_slice(&data);
     }
-    assert!(answer.len() > 10_000, "{} bytes", answer.len());
-    // A PING's acknowledgement is a 17-byte frame.
-    assert!(answer.len() < PINGS * 17, "{} bytes", answer.len());
+    assert_eq!(answer.len(), size);
     check_until(app.addr, Code::Ok).await;
     // An answer whose stream the client resets (a cancelled call) is given back, the
     // connection still open.
@@ -936,58 +974,56 @@ async fn answers_an_address_leaves_unread_are_bounded() {
     assert!(refused >= Some(4), "{rows:?}");
 }
 
-/// Health and reflection take no key: at most `--max-keyless-calls-per-peer` of them are
-/// under way from one address (an open Watch stream counts); the next is refused, and
-/// one ending gives its place back. Calls with a key are not counted.
+/// Reflection takes no key: at most `--max-reflection-calls-per-peer` reflection calls are
+/// under way from one address (an open stream counts); the next is refused, and one
+/// ending gives its place back. Health checks and calls with a key are not counted.
 #[tokio::test]
-async fn calls_without_a_key_are_capped_per_address() {
-    use tonic_health::pb::health_client::HealthClient;
+async fn reflection_calls_are_capped_per_address() {
     let app = TestApp::spawn_with(ServeArgs {
-        max_keyless_calls_per_peer: 2,
+        max_reflection_calls_per_peer: 2,
         ..ServeArgs::default()
     })
     .await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let watch = || HealthCheckRequest {
-        service: String::new(),
-    };
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    // Two streams, each with its question, left open.
     let mut open = Vec::new();
     for _ in 0..2 {
-        let mut stream = health.watch(watch()).await.unwrap().into_inner();
-        // Each has its first status.
-        assert!(stream.message().await.unwrap().is_some());
-        open.push(stream);
+        let (response, stream) = ask_reflection(app.addr, &client, false).await;
+        assert!(tonic::Status::from_header_map(response.headers()).is_none());
+        open.push((response, stream));
     }
-    let status = health.watch(watch()).await.unwrap_err();
+    let (refused, _) = ask_reflection(app.addr, &client, false).await;
+    let status = tonic::Status::from_header_map(refused.headers()).expect("a refusal");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
-        status.message().contains("--max-keyless-calls-per-peer"),
+        status.message().contains("--max-reflection-calls-per-peer"),
         "{status:?}"
     );
-    let status = health.check(watch()).await.unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    // A call with a key is not one of them.
-    let mut dr = app.physician("dr-keyless", "NL-AMC").await;
+    // Health checks and calls with a key are not counted.
+    let check = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+    assert_eq!(check.code(), Code::Ok, "{:?}", check.status());
+    let mut dr = app.physician("dr-reflection", "NL-AMC").await;
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(1))))
         .await
         .unwrap();
-    // One Watch ends: its place comes back.
+    // One stream ends (the client resets it): its place comes back.
     drop(open.pop());
-    let mut answered = None;
+    let mut admitted = false;
     for _ in 0..250 {
-        match health.check(watch()).await {
-            Ok(answer) => {
-                answered = Some(answer.into_inner().status);
+        let (response, _stream) = ask_reflection(app.addr, &client, true).await;
+        match tonic::Status::from_header_map(response.headers()) {
+            None => {
+                admitted = true;
                 break;
             }
-            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+            Some(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(answered, Some(proto_serving()));
+    assert!(admitted);
+    driver.abort();
 }
