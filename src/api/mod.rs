@@ -101,29 +101,22 @@ impl From<ServiceError> for Status {
     }
 }
 
-/// Field violations listed in one answer at most: a request of a few kilobytes with every
-/// entry invalid has over 1,500, about 234 KB of details that travel in the answer's
-/// headers (which no flow control holds back); a defences audit of 2026-12-06 made the
-/// server hold 3.7 GB with them from one address.
-pub const MAX_VIOLATIONS_ANSWERED: usize = 100;
-
-/// The violations an answer lists, as (field, description): the first
-/// [`MAX_VIOLATIONS_ANSWERED`], and past them one more entry, under the next field, that
-/// says how many were left out. The message counts them all.
+/// The violations an answer lists, as (field, description): those `violations` listed
+/// (at most [`crate::domain::MAX_LISTED_VIOLATIONS`]), then, when some were not, one more
+/// entry under the first of their fields that says how many. The message counts them all.
 fn answered_violations(
     violations: &crate::domain::FieldViolations,
 ) -> impl Iterator<Item = (String, String)> + '_ {
-    let left_out = violations.len().saturating_sub(MAX_VIOLATIONS_ANSWERED);
     let listed = violations
         .iter()
-        .take(MAX_VIOLATIONS_ANSWERED)
         .map(|v| (v.field.clone(), v.description.clone()));
-    let rest = violations.iter().nth(MAX_VIOLATIONS_ANSWERED).map(|next| {
+    let rest = violations.omitted().map(|(field, omitted)| {
         (
-            next.field.clone(),
+            field.to_owned(),
             format!(
-                "and {left_out} more invalid field(s) from here on, not listed (an answer \
-                     lists at most {MAX_VIOLATIONS_ANSWERED}): fix those above and send again"
+                "and {omitted} more invalid field(s) from here on, not listed (an answer lists \
+                 at most {}): fix those above and send again",
+                crate::domain::MAX_LISTED_VIOLATIONS
             ),
         )
     });
@@ -346,7 +339,7 @@ mod tests {
             status.message()
         );
         let listed = status.get_details_bad_request().unwrap().field_violations;
-        assert_eq!(listed.len(), MAX_VIOLATIONS_ANSWERED + 1);
+        assert_eq!(listed.len(), crate::domain::MAX_LISTED_VIOLATIONS + 1);
         assert_eq!(listed[99].field, "hpo_terms[99]");
         assert_eq!(listed[100].field, "hpo_terms[100]");
         assert!(
@@ -355,13 +348,16 @@ mod tests {
             listed[100].description
         );
         let bulk = rejection(many(1_536));
-        assert_eq!(bulk.field_violations.len(), MAX_VIOLATIONS_ANSWERED + 1);
+        assert_eq!(
+            bulk.field_violations.len(),
+            crate::domain::MAX_LISTED_VIOLATIONS + 1
+        );
         assert_eq!(
             bulk.field_violations[100].description,
             listed[100].description
         );
         // Up to the cap, every violation and nothing more.
-        for n in [1, MAX_VIOLATIONS_ANSWERED] {
+        for n in [1, crate::domain::MAX_LISTED_VIOLATIONS] {
             let listed = Status::from(many(n))
                 .get_details_bad_request()
                 .unwrap()

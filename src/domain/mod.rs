@@ -16,9 +16,41 @@ pub struct FieldViolation {
     pub description: String,
 }
 
-/// All the field violations of one request.
+/// Violations one request's answer lists at most; the rest are counted. A request of a few
+/// kilobytes with every entry invalid has over 1,500, and an answer's details travel in
+/// its headers, which no HTTP/2 flow control holds back (`docs/security.md`).
+pub const MAX_LISTED_VIOLATIONS: usize = 100;
+
+/// Bytes a violation's field path keeps at most: its start and its end around "…". A
+/// phenopacket's JSON paths nest as deep as its JSON (`VariationSet.members` is
+/// recursive).
+pub const MAX_FIELD_PATH: usize = 160;
+
+/// All the field violations of one request: the first [`MAX_LISTED_VIOLATIONS`] listed,
+/// the rest counted, with the field of the first of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldViolations(Vec<FieldViolation>);
+pub struct FieldViolations {
+    listed: Vec<FieldViolation>,
+    omitted: usize,
+    first_omitted: Option<String>,
+}
+
+/// `field` cut to [`MAX_FIELD_PATH`] bytes: its start and its end around "…".
+fn short_path(field: String) -> String {
+    if field.len() <= MAX_FIELD_PATH {
+        return field;
+    }
+    const HEAD: usize = MAX_FIELD_PATH / 2 - 8;
+    const TAIL: usize = MAX_FIELD_PATH / 2;
+    let head = (0..=HEAD)
+        .rev()
+        .find(|&i| field.is_char_boundary(i))
+        .unwrap_or(0);
+    let tail = (field.len() - TAIL..field.len())
+        .find(|&i| field.is_char_boundary(i))
+        .unwrap_or(field.len());
+    format!("{}…{}", &field[..head], &field[tail..])
+}
 
 impl FieldViolations {
     pub fn new() -> Self {
@@ -26,10 +58,16 @@ impl FieldViolations {
     }
 
     pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        });
+        let field = short_path(field.into());
+        if self.listed.len() < MAX_LISTED_VIOLATIONS {
+            self.listed.push(FieldViolation {
+                field,
+                description: description.into(),
+            });
+        } else {
+            self.omitted += 1;
+            self.first_omitted.get_or_insert(field);
+        }
     }
 
     /// Records the error of a parse result under `field`, returning the value if any.
@@ -49,37 +87,53 @@ impl FieldViolations {
 
     /// Prefixes every field path with `prefix.` (for nested messages).
     pub fn nest(mut self, prefix: &str) -> Self {
-        for v in &mut self.0 {
-            v.field = format!("{prefix}.{}", v.field);
+        for v in &mut self.listed {
+            v.field = short_path(format!("{prefix}.{}", v.field));
+        }
+        if let Some(field) = &mut self.first_omitted {
+            *field = short_path(format!("{prefix}.{field}"));
         }
         self
     }
 
     pub fn extend(&mut self, other: FieldViolations) {
-        self.0.extend(other.0);
+        for v in other.listed {
+            self.push(v.field, v.description);
+        }
+        if let Some(field) = other.first_omitted {
+            self.first_omitted.get_or_insert(field);
+        }
+        self.omitted += other.omitted;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
+    /// Every violation, listed or not.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.listed.len() + self.omitted
     }
 
+    /// The listed violations.
     pub fn iter(&self) -> impl Iterator<Item = &FieldViolation> {
-        self.0.iter()
+        self.listed.iter()
+    }
+
+    /// The violations not listed: the field of the first, and how many.
+    pub fn omitted(&self) -> Option<(&str, usize)> {
+        self.first_omitted.as_deref().map(|f| (f, self.omitted))
     }
 
     /// `Ok(())` when there is nothing to report.
     pub fn into_result(self) -> Result<(), FieldViolations> {
-        if self.0.is_empty() { Ok(()) } else { Err(self) }
+        if self.is_empty() { Ok(()) } else { Err(self) }
     }
 }
 
 impl std::fmt::Display for FieldViolations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} invalid field(s)", self.0.len())
+        write!(f, "{} invalid field(s)", self.len())
     }
 }
 
@@ -101,3 +155,57 @@ pub use record::{
     MAX_ICD11, MAX_ICF_CODES, MAX_OMIM, MAX_VARIANTS_PER_GENE, Onset, OnsetKind, PatientStatus,
     RecordInput, Sex,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_past_the_cap_are_counted_not_kept() {
+        let mut v = FieldViolations::new();
+        for i in 0..1_536 {
+            v.push(format!("hpo_terms[{i}]"), "is not an HPO term");
+        }
+        assert_eq!(v.len(), 1_536);
+        assert_eq!(v.iter().count(), MAX_LISTED_VIOLATIONS);
+        assert_eq!(v.omitted(), Some(("hpo_terms[100]", 1_436)));
+        // Nested and merged, the counts and the first omitted field follow.
+        let mut all = FieldViolations::new();
+        all.push("registry", "is required");
+        all.extend(v.nest("record"));
+        assert_eq!(all.len(), 1_537);
+        assert_eq!(all.iter().count(), MAX_LISTED_VIOLATIONS);
+        assert_eq!(all.iter().last().unwrap().field, "record.hpo_terms[98]");
+        assert_eq!(all.omitted(), Some(("record.hpo_terms[99]", 1_437)));
+        assert_eq!(all.to_string(), "1537 invalid field(s)");
+        // Under the cap nothing is omitted.
+        let mut few = FieldViolations::new();
+        few.push("a", "b");
+        assert_eq!(few.omitted(), None);
+        assert!(FieldViolations::new().into_result().is_ok());
+    }
+
+    #[test]
+    fn a_long_field_path_keeps_its_start_and_its_end() {
+        let deep = format!("phenopacket{}.unknownKey", ".members[0]".repeat(40));
+        let mut v = FieldViolations::new();
+        v.push(deep.clone(), "is not a field of the message");
+        let kept = &v.iter().next().unwrap().field;
+        assert!(kept.len() <= MAX_FIELD_PATH, "{} bytes", kept.len());
+        assert!(kept.starts_with("phenopacket.members[0]"), "{kept}");
+        assert!(kept.ends_with(".members[0].unknownKey"), "{kept}");
+        assert!(kept.contains('…'));
+        // Nesting cuts again; multi-byte characters are cut at their boundaries.
+        let nested = v.nest(&"ü".repeat(200));
+        let kept = &nested.iter().next().unwrap().field;
+        assert!(kept.len() <= MAX_FIELD_PATH, "{} bytes", kept.len());
+        assert!(
+            kept.starts_with("üü") && kept.ends_with(".unknownKey"),
+            "{kept}"
+        );
+        // A short path is kept whole.
+        let mut short = FieldViolations::new();
+        short.push("record.sex", "is required");
+        assert_eq!(short.iter().next().unwrap().field, "record.sex");
+    }
+}

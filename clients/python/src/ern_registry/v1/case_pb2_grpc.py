@@ -160,8 +160,9 @@ class CaseServiceServicer:
         (all of them at once); once every element maps, every violation of the record's
         format checks at once, e.g. "phenopacket.diseases[0].term.id" (a code that fails its
         check); then, as in SubmitCase, the code-release violations. Inside the phenopacket a
-        violation names the element by its JSON path. An answer lists at most 100 violations,
-        then one entry, under the next field, saying how many more were left out.
+        violation names the element by its JSON path, cut to its first and last bytes past
+        160. An answer lists at most 100 violations, then one entry, under the next field,
+        saying how many more were left out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
