@@ -298,16 +298,13 @@ impl Mapped {
     /// `violations` of the record (paths under `record.`) named by the phenopacket's
     /// elements instead.
     pub fn rename(&self, violations: &FieldViolations) -> FieldViolations {
-        let mut out = FieldViolations::new();
-        for v in violations.iter() {
-            let field = if v.field.starts_with("record") {
-                self.path_of(&v.field)
+        violations.clone().map_fields(|field| {
+            if field.starts_with("record") {
+                self.path_of(field)
             } else {
-                v.field.clone()
-            };
-            out.push(field, v.description.clone());
-        }
-        out
+                field.to_owned()
+            }
+        })
     }
 }
 

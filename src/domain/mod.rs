@@ -86,13 +86,25 @@ impl FieldViolations {
     }
 
     /// Prefixes every field path with `prefix.` (for nested messages).
-    pub fn nest(mut self, prefix: &str) -> Self {
+    pub fn nest(self, prefix: &str) -> Self {
+        self.map_fields(|field| format!("{prefix}.{field}"))
+    }
+
+    /// Every field path (the first omitted one's too) as `f` names it.
+    pub fn map_fields(mut self, mut f: impl FnMut(&str) -> String) -> Self {
         for v in &mut self.listed {
-            v.field = short_path(format!("{prefix}.{}", v.field));
+            v.field = short_path(f(&v.field));
         }
         if let Some(field) = &mut self.first_omitted {
-            *field = short_path(format!("{prefix}.{field}"));
+            *field = short_path(f(field));
         }
+        self
+    }
+
+    /// The listed violations `keep` keeps; the omitted ones stay counted (unseen, they
+    /// cannot be told apart).
+    pub fn retain(mut self, keep: impl FnMut(&FieldViolation) -> bool) -> Self {
+        self.listed.retain(keep);
         self
     }
 
@@ -178,6 +190,11 @@ mod tests {
         assert_eq!(all.iter().last().unwrap().field, "record.hpo_terms[98]");
         assert_eq!(all.omitted(), Some(("record.hpo_terms[99]", 1_437)));
         assert_eq!(all.to_string(), "1537 invalid field(s)");
+        // Renamed or filtered, the omitted ones stay counted.
+        let renamed = all.map_fields(|f| f.replace("record.hpo_terms", "features"));
+        assert_eq!(renamed.omitted(), Some(("features[99]", 1_437)));
+        let kept = renamed.retain(|v| v.field != "registry");
+        assert_eq!((kept.len(), kept.iter().count()), (1_536, 99));
         // Under the cap nothing is omitted.
         let mut few = FieldViolations::new();
         few.push("a", "b");

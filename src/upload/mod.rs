@@ -87,13 +87,9 @@ pub fn check(
         violations.check("registry", RegistryCode::parse(&request.registry));
     }
     if let Err(found) = crate::api::case::parse_submission(request, now) {
-        for v in found.iter() {
-            // A cell that could not be read was reported as such; its field is then
-            // empty or unspecified, which the check would report again.
-            if !already.contains(&v.field) {
-                violations.push(v.field.clone(), v.description.clone());
-            }
-        }
+        // A cell that could not be read was reported as such; its field is then empty or
+        // unspecified, which the check would report again.
+        violations.extend(found.retain(|v| !already.contains(&v.field)));
     }
     if reference_contains_identifier(request) {
         violations.push(
@@ -253,11 +249,7 @@ fn phenopacket_line(
     let mut violations = check(&mut request, number, read, now);
     if unmapped {
         // The phenopacket's violations stand for the record's.
-        let mut kept = FieldViolations::new();
-        for v in violations.iter().filter(|v| !v.field.starts_with("record")) {
-            kept.push(v.field.clone(), v.description.clone());
-        }
-        violations = kept;
+        violations = violations.retain(|v| !v.field.starts_with("record"));
     }
     Line {
         number,
@@ -280,13 +272,22 @@ fn unreadable(number: u64, message: String) -> Line {
     }
 }
 
-/// `field: description; ...` of a line's violations.
+/// `field: description; ...` of a line's violations, and how many more were not listed.
 fn describe(violations: &FieldViolations) -> String {
     violations
         .iter()
         .map(|v| format!("{}: {}", v.field, v.description))
+        .chain(violations.omitted().map(not_listed))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `field: and N more, not listed`, for the violations past those a line lists.
+fn not_listed((field, omitted): (&str, usize)) -> String {
+    format!(
+        "{field}: and {omitted} more from here on, not listed (at most {} are)",
+        crate::domain::MAX_LISTED_VIOLATIONS
+    )
 }
 
 /// The canonical name of a gRPC status code (`FAILED_PRECONDITION`).
@@ -506,6 +507,9 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
         let line = &lines[i];
         for v in line.violations.iter() {
             eprintln!("line {}: {}: {}", line.number, v.field, v.description);
+        }
+        if let Some(omitted) = line.violations.omitted() {
+            eprintln!("line {}: {}", line.number, not_listed(omitted));
         }
         final_rows[i] = Some(Row {
             line: line.number,

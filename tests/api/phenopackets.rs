@@ -6,6 +6,7 @@ use ern_registry::api::phenopacket;
 use ern_registry::proto::{self, ConsentScope, ExportPhenopacketsRequest, GetCaseRequest};
 use ern_registry::store::db;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::helpers::*;
 
@@ -548,4 +549,39 @@ async fn one_principals_exports_wait_for_a_turn_and_others_do_not() {
         .unwrap()
         .into_inner();
     assert_eq!(page.phenopackets.len(), mine.len());
+}
+
+/// A phenopacket with more violations than an answer lists: its record's violations,
+/// named by the phenopacket's elements, are counted in full, the first 100 listed, then
+/// one entry saying how many more (the renaming to JSON paths keeps the count).
+#[tokio::test]
+async fn a_phenopacket_with_many_violations_lists_the_first_and_counts_them_all() {
+    let app = TestApp::spawn().await;
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let features: Vec<String> = (0..256)
+        .map(|i| format!(r#"{{ "type": {{ "id": "HP:{i}" }} }}"#))
+        .collect();
+    let mut request = phenopacket_submission("ERN-LUNG", national("NL", &bsn(7)));
+    request.phenopacket = PHENOPACKET.replace(
+        r#"{ "type": { "id": "HP:0006528", "label": "Chronic lung disease" } }"#,
+        &features.join(", "),
+    );
+    assert_ne!(request.phenopacket, PHENOPACKET);
+    let status = dr.submit_phenopacket(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("256 invalid field(s)"),
+        "{}",
+        status.message()
+    );
+    let listed = violations(&status);
+    assert_eq!(listed.len(), 101);
+    assert_eq!(listed[0], "phenopacket.phenotypicFeatures[0].type.id");
+    assert_eq!(listed[100], "phenopacket.phenotypicFeatures[100].type.id");
+    let details = status.get_details_bad_request().unwrap().field_violations;
+    assert!(
+        details[100].description.starts_with("and 156 more"),
+        "{}",
+        details[100].description
+    );
 }
