@@ -25,10 +25,14 @@
 //!   when the memory goes with it (a reset does, a PING does not). A new call from a peer holding
 //!   `--max-unread-bytes-per-peer` or more is refused with RESOURCE_EXHAUSTED before any
 //!   handler runs (by [`AdmissionLayer`], inside the wire contract's layer, which counts
-//!   the refusal in the per-address summary). Calls already admitted still answer, so a
-//!   peer can go past the bound by the answers of the calls admitted before it crossed it
-//!   (each at most `--max-message-bytes`; for each principal at most its calls running and
-//!   waiting, `ratelimit::CallGate`). With TLS a chunk counts until rustls takes it; a
+//!   the refusal in the per-address summary). A call that changes nothing ([`READS`])
+//!   admitted before its peer reached the bound, or a stream of one already open, does
+//!   not go past it either: a chunk its body produces while the peer holds the bound or
+//!   more is dropped and the answer ends with RESOURCE_EXHAUSTED ([`GuardedBody`]), so a
+//!   peer holds at most the bound and one chunk of reads' answers. A write's answer is
+//!   always sent, because it tells the client whether its change was made; writes admitted
+//!   before the bound still answer (small answers; for each principal at most its calls
+//!   running and waiting, `ratelimit::CallGate`). With TLS a chunk counts until rustls takes it; a
 //!   chunk under 256 bytes h2 copies into its write buffer and drops at once. The count
 //!   relies on hyper (since 1.13) taking a response's next chunk before the window has
 //!   room for it and holding it until it has (`wire::answers_an_address_leaves_unread_are_bounded`
@@ -51,7 +55,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -150,15 +154,29 @@ struct Unread {
 }
 
 impl Unread {
-    fn wrap(data: tonic::codegen::Bytes, peer: &Arc<PeerLoad>) -> tonic::codegen::Bytes {
+    /// `data`, counted for `peer`; or, when the peer already holds `bound` bytes or more
+    /// (the chunk that crosses the bound is kept: a peer holds at most the bound and one
+    /// chunk), `Err` with nothing counted and the data dropped.
+    fn within(
+        data: tonic::codegen::Bytes,
+        peer: &Arc<PeerLoad>,
+        bound: Option<u64>,
+    ) -> Result<tonic::codegen::Bytes, u64> {
         if data.is_empty() {
-            return data;
+            return Ok(data);
         }
-        peer.unread.fetch_add(data.len() as u64, Ordering::SeqCst);
-        tonic::codegen::Bytes::from_owner(Unread {
+        let len = data.len() as u64;
+        let before = peer.unread.fetch_add(len, Ordering::SeqCst);
+        if let Some(bound) = bound
+            && before >= bound
+        {
+            peer.unread.fetch_sub(len, Ordering::SeqCst);
+            return Err(bound);
+        }
+        Ok(tonic::codegen::Bytes::from_owner(Unread {
             data,
             peer: peer.clone(),
-        })
+        }))
     }
 }
 
@@ -209,6 +227,45 @@ impl Crowded {
             ),
         })
     }
+}
+
+/// The methods that change nothing, whose answers are not kept for a peer at the bound
+/// ([`GuardedBody`]): every method the server serves is either here or in [`WRITES`]
+/// (`every_method_is_a_read_or_a_write`).
+pub const READS: [&str; 12] = [
+    "/ern_registry.v1.CaseService/GetCase",
+    "/ern_registry.v1.CaseService/ExportPhenopackets",
+    "/ern_registry.v1.ConsentService/GetConsent",
+    "/ern_registry.v1.ConsentService/GetErasureReceipt",
+    "/ern_registry.v1.ResearchService/CountPatients",
+    "/ern_registry.v1.ResearchService/DiagnosticDelay",
+    "/ern_registry.v1.ResearchService/FindExpertise",
+    "/ern_registry.v1.AdminService/ListAuditEntries",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The methods that change something: their answers are always sent, whatever the peer
+/// holds, because they tell the client whether its change was made.
+pub const WRITES: [&str; 7] = [
+    "/ern_registry.v1.CaseService/SubmitCase",
+    "/ern_registry.v1.CaseService/SubmitCases",
+    "/ern_registry.v1.CaseService/UpdateCase",
+    "/ern_registry.v1.CaseService/SubmitPhenopacket",
+    "/ern_registry.v1.ConsentService/RecordConsent",
+    "/ern_registry.v1.ConsentService/RecordConsents",
+    "/ern_registry.v1.ConsentService/WithdrawConsent",
+];
+
+/// The refusal of an answer not kept: RESOURCE_EXHAUSTED, naming the flag.
+fn not_kept(bound: u64) -> tonic::Status {
+    tonic::Status::resource_exhausted(format!(
+        "this address had {bound} bytes or more of answers it has not read yet \
+         (--max-unread-bytes-per-peer) when this answer was ready, so it was not kept: read \
+         your answers, or end their calls, then ask again; this method changes nothing"
+    ))
 }
 
 /// Whether a call of `path` is one of the reflection service's (which needs no key).
@@ -650,6 +707,11 @@ where
                 .extensions_mut()
                 .insert(OnConnection(guard.activity.clone()));
         }
+        let bound = self
+            .connections
+            .limits
+            .max_unread_per_peer
+            .filter(|_| READS.contains(&request.uri().path()));
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -657,9 +719,10 @@ where
                 Some(guard) => response.map(|body| {
                     let unread = Some(guard.activity.peer.clone());
                     tonic::body::Body::new(GuardedBody {
-                        body,
+                        body: Some(body),
                         _guard: guard,
                         unread,
+                        bound,
                     })
                 }),
                 None => response,
@@ -670,11 +733,16 @@ where
 
 /// A response body that holds `_guard` (its call counted as under way, or as a call
 /// without a key) until it ends, and counts its data for the peer `unread` until the
-/// transport drops it ([`Unread`]).
+/// transport drops it ([`Unread`]). With a `bound` (an answer of one of the [`READS`]),
+/// a chunk produced while the peer holds that many bytes or more is dropped and the
+/// answer ends there with RESOURCE_EXHAUSTED: a call admitted before its peer reached the
+/// bound adds at most one chunk past it.
 struct GuardedBody<G> {
-    body: tonic::body::Body,
+    /// `None` once ended by the bound.
+    body: Option<tonic::body::Body>,
     _guard: G,
     unread: Option<Arc<PeerLoad>>,
+    bound: Option<u64>,
 }
 
 impl<G: Unpin> http_body::Body for GuardedBody<G> {
@@ -686,19 +754,46 @@ impl<G: Unpin> http_body::Body for GuardedBody<G> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
-        match &this.unread {
-            Some(peer) => frame.map_ok(|frame| frame.map_data(|data| Unread::wrap(data, peer))),
-            None => frame,
-        }
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        let Some(peer) = &this.unread else {
+            return Poll::Ready(frame);
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => match Unread::within(data, peer, this.bound) {
+                Ok(data) => http_body::Frame::data(data),
+                Err(bound) => {
+                    // The handler's work is dropped with the body; its audit entry says
+                    // what it answered.
+                    this.body = None;
+                    metrics::counter!("ern_rate_limited_total", "limit" => "unread_answers")
+                        .increment(1);
+                    debug!(limit = "unread_answers", "answer not kept");
+                    let mut trailers = http::HeaderMap::new();
+                    let _ = not_kept(bound).add_header(&mut trailers);
+                    http_body::Frame::trailers(trailers)
+                }
+            },
+            Err(frame) => frame,
+        };
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.body.as_ref().is_none_or(|body| body.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Some(body) => body.size_hint(),
+            None => http_body::SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -761,9 +856,10 @@ where
                 Box::pin(async move {
                     Ok(response.await?.map(|body| {
                         tonic::body::Body::new(GuardedBody {
-                            body,
+                            body: Some(body),
                             _guard: guard,
                             unread: None,
+                            bound: None,
                         })
                     }))
                 })
@@ -789,7 +885,51 @@ mod tests {
     }
 
     fn answer(bytes: usize, peer: &Arc<PeerLoad>) -> tonic::codegen::Bytes {
-        Unread::wrap(tonic::codegen::Bytes::from(vec![7u8; bytes]), peer)
+        Unread::within(tonic::codegen::Bytes::from(vec![7u8; bytes]), peer, None).unwrap()
+    }
+
+    #[test]
+    fn every_method_is_a_read_or_a_write() {
+        let served = crate::api::wire::methods(
+            &[
+                crate::proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+            false,
+        );
+        let listed: std::collections::HashSet<String> =
+            READS.iter().chain(&WRITES).map(|m| m.to_string()).collect();
+        assert_eq!(listed.len(), READS.len() + WRITES.len(), "listed twice");
+        assert_eq!(served, listed);
+    }
+
+    #[test]
+    fn a_bounded_answer_past_the_bound_is_dropped_and_not_counted() {
+        let peer = Arc::new(PeerLoad::default());
+        let chunk = || tonic::codegen::Bytes::from(vec![1u8; 600]);
+        // Under the bound: kept, even the chunk that crosses it.
+        let a = Unread::within(chunk(), &peer, Some(1_000)).unwrap();
+        let b = Unread::within(chunk(), &peer, Some(1_000)).unwrap();
+        assert_eq!(unread(&peer), 1_200);
+        // At or past it: dropped, nothing counted.
+        assert_eq!(Unread::within(chunk(), &peer, Some(1_000)), Err(1_000));
+        assert_eq!(unread(&peer), 1_200);
+        // Without a bound (a write's answer): always kept.
+        let c = Unread::within(chunk(), &peer, None).unwrap();
+        assert_eq!(unread(&peer), 1_800);
+        drop((a, c));
+        assert_eq!(unread(&peer), 600);
+        let d = Unread::within(chunk(), &peer, Some(1_000)).unwrap();
+        assert_eq!(unread(&peer), 1_200);
+        drop((b, d));
+        assert_eq!(unread(&peer), 0);
+        assert!(
+            not_kept(1_000)
+                .message()
+                .contains("--max-unread-bytes-per-peer")
+        );
     }
 
     #[test]
@@ -809,7 +949,7 @@ mod tests {
         drop(b);
         assert_eq!(unread(&peer), 0);
         // Empty chunks are not wrapped.
-        let empty = Unread::wrap(tonic::codegen::Bytes::new(), &peer);
+        let empty = Unread::within(tonic::codegen::Bytes::new(), &peer, Some(0)).unwrap();
         assert!(empty.is_empty());
         assert_eq!(unread(&peer), 0);
     }

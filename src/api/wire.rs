@@ -256,7 +256,7 @@ impl WireContractLayer {
 
 /// The paths of the methods of `descriptor_sets`; `single`: only those that take one
 /// request message.
-fn methods(descriptor_sets: &[&[u8]], single: bool) -> HashSet<String> {
+pub(crate) fn methods(descriptor_sets: &[&[u8]], single: bool) -> HashSet<String> {
     let mut paths = HashSet::new();
     for set in descriptor_sets {
         // The sets are compiled into the binary; `single_request_methods_are_known` holds

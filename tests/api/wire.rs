@@ -974,6 +974,74 @@ async fn answers_an_address_leaves_unread_are_bounded() {
     assert!(refused >= Some(4), "{rows:?}");
 }
 
+/// A read admitted before its address reached the bound does not add its answer past it:
+/// the answer is dropped and the call ends with RESOURCE_EXHAUSTED naming the flag (its
+/// headers and trailers need no window). The answer left unread is the only one held: once
+/// it is read the address may call again.
+#[tokio::test]
+async fn a_read_admitted_before_the_bound_does_not_answer_past_it() {
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    let app = TestApp::spawn_with(ServeArgs {
+        max_unread_bytes_per_peer: 1,
+        ..ServeArgs::default()
+    })
+    .await;
+    let (client, window, driver, _pings) = windowless(app.addr).await;
+    // A reflection stream admitted now, while the address holds nothing: no question yet.
+    let mut ready = client.clone().ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{REFLECTION}", app.addr))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (early, mut question) = ready.send_request(request, false).unwrap();
+    let early = tokio::time::timeout(Duration::from_secs(10), early)
+        .await
+        .expect("the headers come whatever the window")
+        .unwrap();
+    assert!(tonic::Status::from_header_map(early.headers()).is_none());
+    // Another answer left unread takes the address to the bound.
+    let mut held = unread_answer(app.addr, &client).await;
+    check_until(app.addr, Code::ResourceExhausted).await;
+    // The early stream asks now: its answer is not kept.
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            server_reflection_request::MessageRequest::FileContainingSymbol(
+                "ern_registry.v1.CaseService".into(),
+            ),
+        ),
+    };
+    question
+        .send_data(Bytes::from(framed(0, &ask.encode_to_vec())), true)
+        .unwrap();
+    let mut early = early.into_body();
+    let trailers = tokio::time::timeout(Duration::from_secs(10), early.trailers())
+        .await
+        .expect("trailers need no window")
+        .unwrap()
+        .expect("the call ends in trailers");
+    let status = tonic::Status::from_header_map(&trailers).expect("a status");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-unread-bytes-per-peer"),
+        "{status:?}"
+    );
+    // Only the first answer is held: read it, and the address is answered again.
+    window.send(1 << 20).unwrap();
+    while let Some(data) = tokio::time::timeout(Duration::from_secs(10), held.data())
+        .await
+        .expect("the answer comes once the window opens")
+    {
+        let data = data.unwrap();
+        let _ = held.flow_control().release_capacity(data.len());
+    }
+    check_until(app.addr, Code::Ok).await;
+    driver.abort();
+}
+
 /// Reflection takes no key: at most `--max-reflection-calls-per-peer` reflection calls are
 /// under way from one address (an open stream counts); the next is refused, and one
 /// ending gives its place back. Health checks and calls with a key are not counted.
