@@ -366,6 +366,14 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_UNREAD_BYTES_PER_PEER", default_value_t = 128 << 20,
           value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
     pub max_unread_bytes_per_peer: u64,
+    /// Bytes of answers all peers together may leave unread. At or past it, a peer holding
+    /// more than its share (this over --max-connections) gets no answer of a call that
+    /// changes nothing (a read, a research query, health, reflection): new ones are refused
+    /// and those produced are dropped, with RESOURCE_EXHAUSTED. Writes' answers are always
+    /// sent. The server holds at most about twice this in answers.
+    #[arg(long, env = "ERN_MAX_UNREAD_BYTES", default_value_t = 512 << 20,
+          value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
+    pub max_unread_bytes: u64,
     /// Reflection calls (which need no key) under way at once from one peer; past it
     /// RESOURCE_EXHAUSTED. A reflection stream counts while it is open.
     #[arg(long, env = "ERN_MAX_REFLECTION_CALLS_PER_PEER", default_value_t = 32,
@@ -482,6 +490,7 @@ impl Default for ServeArgs {
             max_connections_per_peer: 64,
             max_streams_per_connection: 200,
             max_unread_bytes_per_peer: 128 << 20,
+            max_unread_bytes: 512 << 20,
             max_reflection_calls_per_peer: 32,
             idle_timeout_secs: 300,
             keepalive_secs: 60,

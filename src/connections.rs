@@ -32,7 +32,12 @@
 //!   peer holds at most the bound and one chunk of reads' answers. A write's answer is
 //!   always sent, because it tells the client whether its change was made; writes admitted
 //!   before the bound still answer (small answers; for each principal at most its calls
-//!   running and waiting, `ratelimit::CallGate`). With TLS a chunk counts until rustls takes it; a
+//!   running and waiting, `ratelimit::CallGate`). The same count summed over every peer
+//!   is bounded by `--max-unread-bytes` ([`Bounds`]): while all peers together hold it or
+//!   more, a peer holding more than its share (the bound over `--max-connections`) is
+//!   refused reads and their answers as above, so many peers (an IPv6 /64 each is cheap)
+//!   hold at most about twice that bound together, and peers within their share are still
+//!   served. With TLS a chunk counts until rustls takes it; a
 //!   chunk under 256 bytes h2 copies into its write buffer and drops at once. The count
 //!   relies on hyper (since 1.13) taking a response's next chunk before the window has
 //!   room for it and holding it until it has (`wire::answers_an_address_leaves_unread_are_bounded`
@@ -92,6 +97,9 @@ pub struct ConnectionLimits {
     /// Bytes of answers a peer may leave unread before its new calls are refused (`None`:
     /// not bounded).
     pub max_unread_per_peer: Option<u64>,
+    /// Bytes of answers all peers together may leave unread before the reads of those
+    /// holding more than their share are refused (`None`: not bounded).
+    pub max_unread_all: Option<u64>,
     /// Calls without a key (health, reflection) under way from one peer (`None`: not
     /// capped).
     pub max_reflection_per_peer: Option<usize>,
@@ -113,6 +121,8 @@ pub struct Connections {
     open: Mutex<Open>,
     /// When running out of file descriptors was last logged (ms since `epoch`; 0: never).
     descriptors_warned: AtomicU64,
+    /// Bytes of answers held unread for every peer together.
+    unread_all: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -135,6 +145,38 @@ struct PeerLoad {
     unread: AtomicU64,
     /// Reflection calls under way.
     reflection: AtomicUsize,
+    /// The same bytes summed over every peer of the listener (shared).
+    all: Arc<AtomicU64>,
+}
+
+/// The bounds on answers held unread that a read's answer is held to (a write's is
+/// counted, never refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bounds {
+    /// `--max-unread-bytes-per-peer`.
+    per_peer: Option<u64>,
+    /// `--max-unread-bytes`, and a peer's share of it (the bound over
+    /// `--max-connections`): while every peer together holds the bound or more, a peer
+    /// holding more than its share is refused.
+    all: Option<(u64, u64)>,
+}
+
+impl Bounds {
+    /// Why `len` more bytes (0: a new call) may not be held for a peer that holds
+    /// `peer` bytes, while all peers hold `all`; `None`: they may.
+    fn refuses(self, peer: u64, all: u64, len: u64) -> Option<Crowded> {
+        if let Some(limit) = self.per_peer
+            && peer >= limit
+        {
+            return Some(Crowded::Unread(limit));
+        }
+        match self.all {
+            Some((limit, share)) if all >= limit && peer + len > share => {
+                Some(Crowded::UnreadAll(limit))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Calls under way on one connection, and when the last one ended.
@@ -154,24 +196,24 @@ struct Unread {
 }
 
 impl Unread {
-    /// `data`, counted for `peer`; or, when the peer already holds `bound` bytes or more
-    /// (the chunk that crosses the bound is kept: a peer holds at most the bound and one
-    /// chunk), `Err` with nothing counted and the data dropped.
+    /// `data`, counted for `peer` (and all peers); or, when `bounds` refuse it, `Err` with
+    /// nothing counted and the data dropped. The chunk that crosses the peer's bound is
+    /// kept: a peer holds at most its bound and one chunk.
     fn within(
         data: tonic::codegen::Bytes,
         peer: &Arc<PeerLoad>,
-        bound: Option<u64>,
-    ) -> Result<tonic::codegen::Bytes, u64> {
+        bounds: Option<Bounds>,
+    ) -> Result<tonic::codegen::Bytes, Crowded> {
         if data.is_empty() {
             return Ok(data);
         }
         let len = data.len() as u64;
         let before = peer.unread.fetch_add(len, Ordering::SeqCst);
-        if let Some(bound) = bound
-            && before >= bound
-        {
+        let all_before = peer.all.fetch_add(len, Ordering::SeqCst);
+        if let Some(crowded) = bounds.and_then(|b| b.refuses(before, all_before, len)) {
             peer.unread.fetch_sub(len, Ordering::SeqCst);
-            return Err(bound);
+            peer.all.fetch_sub(len, Ordering::SeqCst);
+            return Err(crowded);
         }
         Ok(tonic::codegen::Bytes::from_owner(Unread {
             data,
@@ -188,9 +230,9 @@ impl AsRef<[u8]> for Unread {
 
 impl Drop for Unread {
     fn drop(&mut self) {
-        self.peer
-            .unread
-            .fetch_sub(self.data.len() as u64, Ordering::SeqCst);
+        let len = self.data.len() as u64;
+        self.peer.unread.fetch_sub(len, Ordering::SeqCst);
+        self.peer.all.fetch_sub(len, Ordering::SeqCst);
     }
 }
 
@@ -199,6 +241,9 @@ impl Drop for Unread {
 pub enum Crowded {
     /// The peer has this many bytes of answers or more unread.
     Unread(u64),
+    /// All peers together have this many bytes of answers or more unread, and this peer
+    /// more than its share of them.
+    UnreadAll(u64),
     /// The peer has this many reflection calls under way.
     Reflection(usize),
 }
@@ -208,6 +253,7 @@ impl Crowded {
     pub fn limit(self) -> &'static str {
         match self {
             Crowded::Unread(_) => "unread_answers",
+            Crowded::UnreadAll(_) => "unread_answers_all",
             Crowded::Reflection(_) => "reflection_calls",
         }
     }
@@ -221,11 +267,25 @@ impl Crowded {
                  or end their calls, before calling again, and have fewer large answers under \
                  way at once"
             ),
+            Crowded::UnreadAll(limit) => format!(
+                "the server holds {limit} bytes or more of answers its clients have not read \
+                 yet (--max-unread-bytes), and this address holds more than its share of them: \
+                 read your answers, or end their calls, before asking again"
+            ),
             Crowded::Reflection(limit) => format!(
                 "{limit} reflection calls are already under way from this address \
                  (--max-reflection-calls-per-peer); end one before starting another"
             ),
         })
+    }
+
+    /// The end of an answer not kept (it changes nothing): RESOURCE_EXHAUSTED.
+    fn not_kept(self) -> tonic::Status {
+        let status = self.status();
+        tonic::Status::resource_exhausted(format!(
+            "this answer was ready but not kept, and the call changed nothing: {}",
+            status.message()
+        ))
     }
 }
 
@@ -259,15 +319,6 @@ pub const WRITES: [&str; 7] = [
     "/ern_registry.v1.ConsentService/WithdrawConsent",
 ];
 
-/// The refusal of an answer not kept: RESOURCE_EXHAUSTED, naming the flag.
-fn not_kept(bound: u64) -> tonic::Status {
-    tonic::Status::resource_exhausted(format!(
-        "this address had {bound} bytes or more of answers it has not read yet \
-         (--max-unread-bytes-per-peer) when this answer was ready, so it was not kept: read \
-         your answers, or end their calls, then ask again; this method changes nothing"
-    ))
-}
-
 /// Whether a call of `path` is one of the reflection service's (which needs no key).
 fn reflection(path: &str) -> bool {
     path.starts_with("/grpc.reflection.")
@@ -290,11 +341,13 @@ impl Connections {
                 max_per_peer: limits.max_per_peer.max(1),
                 idle_timeout: limits.idle_timeout.filter(|t| !t.is_zero()),
                 max_unread_per_peer: limits.max_unread_per_peer,
+                max_unread_all: limits.max_unread_all,
                 max_reflection_per_peer: limits.max_reflection_per_peer,
             },
             epoch: Instant::now(),
             open: Mutex::new(Open::default()),
             descriptors_warned: AtomicU64::new(0),
+            unread_all: Arc::default(),
         })
     }
 
@@ -427,9 +480,13 @@ impl Connections {
                 return None;
             }
             open.total += 1;
+            let all = &self.unread_all;
             let entry = open.per_peer.entry(peer).or_insert_with(|| PeerEntry {
                 connections: 0,
-                load: Arc::default(),
+                load: Arc::new(PeerLoad {
+                    all: all.clone(),
+                    ..PeerLoad::default()
+                }),
             });
             entry.connections += 1;
             let activity = Arc::new(Activity {
@@ -455,6 +512,17 @@ impl Connections {
             idle,
             closed: false,
         })
+    }
+
+    /// The bounds on answers held unread.
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            per_peer: self.limits.max_unread_per_peer,
+            all: self.limits.max_unread_all.map(|limit| {
+                let share = limit / self.limits.max_connections.max(1) as u64;
+                (limit, share)
+            }),
+        }
     }
 
     /// Marks a call under way on the connection from `addr`, until the guard drops.
@@ -486,10 +554,18 @@ impl Connections {
         activity: &Activity,
         path: &str,
     ) -> Result<Option<ReflectionGuard>, Crowded> {
-        if let Some(limit) = self.limits.max_unread_per_peer
-            && activity.peer.unread.load(Ordering::SeqCst) >= limit
-        {
-            return Err(Crowded::Unread(limit));
+        let mut bounds = self.bounds();
+        if !READS.contains(&path) {
+            // A write's answer is small and always sent: only its peer's bound applies.
+            bounds.all = None;
+        }
+        let peer = &activity.peer;
+        let held = (
+            peer.unread.load(Ordering::SeqCst),
+            peer.all.load(Ordering::SeqCst),
+        );
+        if let Some(crowded) = bounds.refuses(held.0, held.1, 0) {
+            return Err(crowded);
         }
         if !reflection(path) {
             return Ok(None);
@@ -707,11 +783,8 @@ where
                 .extensions_mut()
                 .insert(OnConnection(guard.activity.clone()));
         }
-        let bound = self
-            .connections
-            .limits
-            .max_unread_per_peer
-            .filter(|_| READS.contains(&request.uri().path()));
+        let bounds =
+            Some(self.connections.bounds()).filter(|_| READS.contains(&request.uri().path()));
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -722,7 +795,7 @@ where
                         body: Some(body),
                         _guard: guard,
                         unread,
-                        bound,
+                        bounds,
                     })
                 }),
                 None => response,
@@ -742,7 +815,7 @@ struct GuardedBody<G> {
     body: Option<tonic::body::Body>,
     _guard: G,
     unread: Option<Arc<PeerLoad>>,
-    bound: Option<u64>,
+    bounds: Option<Bounds>,
 }
 
 impl<G: Unpin> http_body::Body for GuardedBody<G> {
@@ -766,17 +839,17 @@ impl<G: Unpin> http_body::Body for GuardedBody<G> {
             other => return Poll::Ready(other),
         };
         let frame = match frame.into_data() {
-            Ok(data) => match Unread::within(data, peer, this.bound) {
+            Ok(data) => match Unread::within(data, peer, this.bounds) {
                 Ok(data) => http_body::Frame::data(data),
-                Err(bound) => {
+                Err(crowded) => {
                     // The handler's work is dropped with the body; its audit entry says
                     // what it answered.
                     this.body = None;
-                    metrics::counter!("ern_rate_limited_total", "limit" => "unread_answers")
+                    metrics::counter!("ern_rate_limited_total", "limit" => crowded.limit())
                         .increment(1);
-                    debug!(limit = "unread_answers", "answer not kept");
+                    debug!(limit = crowded.limit(), "answer not kept");
                     let mut trailers = http::HeaderMap::new();
-                    let _ = not_kept(bound).add_header(&mut trailers);
+                    let _ = crowded.not_kept().add_header(&mut trailers);
                     http_body::Frame::trailers(trailers)
                 }
             },
@@ -859,7 +932,7 @@ where
                             body: Some(body),
                             _guard: guard,
                             unread: None,
-                            bound: None,
+                            bounds: None,
                         })
                     }))
                 })
@@ -905,30 +978,103 @@ mod tests {
         assert_eq!(served, listed);
     }
 
+    const PER_PEER: Bounds = Bounds {
+        per_peer: Some(1_000),
+        all: None,
+    };
+
     #[test]
     fn a_bounded_answer_past_the_bound_is_dropped_and_not_counted() {
         let peer = Arc::new(PeerLoad::default());
         let chunk = || tonic::codegen::Bytes::from(vec![1u8; 600]);
         // Under the bound: kept, even the chunk that crosses it.
-        let a = Unread::within(chunk(), &peer, Some(1_000)).unwrap();
-        let b = Unread::within(chunk(), &peer, Some(1_000)).unwrap();
+        let a = Unread::within(chunk(), &peer, Some(PER_PEER)).unwrap();
+        let b = Unread::within(chunk(), &peer, Some(PER_PEER)).unwrap();
         assert_eq!(unread(&peer), 1_200);
         // At or past it: dropped, nothing counted.
-        assert_eq!(Unread::within(chunk(), &peer, Some(1_000)), Err(1_000));
+        assert_eq!(
+            Unread::within(chunk(), &peer, Some(PER_PEER)),
+            Err(Crowded::Unread(1_000))
+        );
         assert_eq!(unread(&peer), 1_200);
-        // Without a bound (a write's answer): always kept.
+        assert_eq!(peer.all.load(Ordering::SeqCst), 1_200);
+        // Without bounds (a write's answer): always kept.
         let c = Unread::within(chunk(), &peer, None).unwrap();
         assert_eq!(unread(&peer), 1_800);
         drop((a, c));
         assert_eq!(unread(&peer), 600);
-        let d = Unread::within(chunk(), &peer, Some(1_000)).unwrap();
+        let d = Unread::within(chunk(), &peer, Some(PER_PEER)).unwrap();
         assert_eq!(unread(&peer), 1_200);
         drop((b, d));
         assert_eq!(unread(&peer), 0);
+        assert_eq!(peer.all.load(Ordering::SeqCst), 0);
+        let status = Crowded::Unread(1_000).not_kept();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("--max-unread-bytes-per-peer"));
+    }
+
+    #[test]
+    fn past_the_bound_over_all_peers_only_those_past_their_share_are_refused() {
+        let bounds = Bounds {
+            per_peer: Some(1_000_000),
+            all: Some((10_000, 1_000)),
+        };
+        // Below the bound over all: anyone may hold more than a share.
+        assert_eq!(bounds.refuses(5_000, 9_999, 4_000), None);
+        // At or past it: a peer that would hold more than its share is refused, a new call
+        // (no bytes yet) from one that holds more than its share too.
+        assert_eq!(
+            bounds.refuses(0, 10_000, 1_001),
+            Some(Crowded::UnreadAll(10_000))
+        );
+        assert_eq!(
+            bounds.refuses(1_001, 10_000, 0),
+            Some(Crowded::UnreadAll(10_000))
+        );
+        // Within its share, it is not.
+        assert_eq!(bounds.refuses(600, 10_000, 400), None);
+        assert_eq!(bounds.refuses(1_000, 12_000, 0), None);
+        // The peer's own bound comes first.
+        assert_eq!(
+            bounds.refuses(1_000_000, 0, 0),
+            Some(Crowded::Unread(1_000_000))
+        );
+        // Two peers sharing the count over all: the second, holding nothing, may take
+        // its share once the first has filled the bound, no more.
+        let all = Arc::new(AtomicU64::new(0));
+        let load = || {
+            Arc::new(PeerLoad {
+                all: all.clone(),
+                ..PeerLoad::default()
+            })
+        };
+        let (first, second) = (load(), load());
+        let chunk = |n: usize| tonic::codegen::Bytes::from(vec![0u8; n]);
+        let held = Unread::within(chunk(10_000), &first, Some(bounds)).unwrap();
+        assert_eq!(
+            Unread::within(chunk(10), &first, Some(bounds)),
+            Err(Crowded::UnreadAll(10_000))
+        );
+        let small = Unread::within(chunk(1_000), &second, Some(bounds)).unwrap();
+        assert_eq!(
+            Unread::within(chunk(1), &second, Some(bounds)),
+            Err(Crowded::UnreadAll(10_000))
+        );
+        // A write's answer is counted, never refused.
+        let write = Unread::within(chunk(50), &first, None).unwrap();
+        assert_eq!(all.load(Ordering::SeqCst), 11_050);
+        drop((held, small, write));
+        assert_eq!(all.load(Ordering::SeqCst), 0);
+        let status = Crowded::UnreadAll(10_000).not_kept();
         assert!(
-            not_kept(1_000)
+            status.message().contains("(--max-unread-bytes)"),
+            "{status:?}"
+        );
+        assert!(
+            Crowded::UnreadAll(10_000)
+                .status()
                 .message()
-                .contains("--max-unread-bytes-per-peer")
+                .contains("share")
         );
     }
 
@@ -949,7 +1095,11 @@ mod tests {
         drop(b);
         assert_eq!(unread(&peer), 0);
         // Empty chunks are not wrapped.
-        let empty = Unread::within(tonic::codegen::Bytes::new(), &peer, Some(0)).unwrap();
+        let bounds = Bounds {
+            per_peer: Some(0),
+            all: Some((0, 0)),
+        };
+        let empty = Unread::within(tonic::codegen::Bytes::new(), &peer, Some(bounds)).unwrap();
         assert!(empty.is_empty());
         assert_eq!(unread(&peer), 0);
     }
@@ -960,8 +1110,44 @@ mod tests {
             max_per_peer: 10,
             idle_timeout: None,
             max_unread_per_peer: unread,
+            max_unread_all: None,
             max_reflection_per_peer: reflection,
         })
+    }
+
+    #[test]
+    fn past_the_bound_over_all_peers_writes_are_admitted_and_reads_refused() {
+        let connections = Connections::new(ConnectionLimits {
+            max_connections: 10,
+            max_per_peer: 10,
+            idle_timeout: None,
+            max_unread_per_peer: Some(1 << 30),
+            max_unread_all: Some(1_000),
+            max_reflection_per_peer: None,
+        });
+        let peer = Arc::new(PeerLoad {
+            all: connections.unread_all.clone(),
+            ..PeerLoad::default()
+        });
+        let a = activity(&peer);
+        let _held = answer(1_000, &peer);
+        for read in READS {
+            assert_eq!(
+                connections.admit_call(&a, read).err(),
+                Some(Crowded::UnreadAll(1_000)),
+                "{read}"
+            );
+        }
+        for write in WRITES {
+            assert!(connections.admit_call(&a, write).is_ok(), "{write}");
+        }
+        // Another peer, within its share (1,000 over 10 connections), is admitted.
+        let other = Arc::new(PeerLoad {
+            all: connections.unread_all.clone(),
+            ..PeerLoad::default()
+        });
+        let _small = answer(100, &other);
+        assert!(connections.admit_call(&activity(&other), READS[0]).is_ok());
     }
 
     #[test]
@@ -1023,6 +1209,7 @@ mod tests {
             max_per_peer: 2,
             idle_timeout: None,
             max_unread_per_peer: None,
+            max_unread_all: None,
             max_reflection_per_peer: None,
         });
         let mut incoming = Box::pin(connections.incoming(listener, None));

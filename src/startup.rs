@@ -769,6 +769,7 @@ impl Application {
             max_per_peer: self.args.max_connections_per_peer as usize,
             idle_timeout: self.args.idle_timeout(),
             max_unread_per_peer: Some(self.args.max_unread_bytes_per_peer),
+            max_unread_all: Some(self.args.max_unread_bytes),
             max_reflection_per_peer: Some(self.args.max_reflection_calls_per_peer as usize),
         });
         let incoming = connections.incoming(self.listener, self.args.keepalive());

@@ -150,6 +150,7 @@ pub async fn serve(
             // (HTTP/1.1: one request at a time per connection, the next not read while
             // an answer waits).
             max_unread_per_peer: None,
+            max_unread_all: None,
             max_reflection_per_peer: None,
         },
     );

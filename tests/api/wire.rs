@@ -1042,6 +1042,129 @@ async fn a_read_admitted_before_the_bound_does_not_answer_past_it() {
     driver.abort();
 }
 
+/// An HTTP/2 connection to `addr` from the loopback address `source` (another peer than
+/// 127.0.0.1), with its driver.
+async fn connect_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("any 127.0.0.0/8 address is the loopback");
+    let tcp = socket.connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, driver)
+}
+
+/// A reflection answer asked and read whole from `source`: its size, or its status.
+async fn reflection_from(source: [u8; 4], addr: SocketAddr) -> Result<usize, tonic::Status> {
+    let (client, driver) = connect_from(source, addr).await;
+    let (response, _) = ask_reflection(addr, &client, true).await;
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return Err(status);
+    }
+    let mut body = response.into_body();
+    let mut size = 0;
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        size += data.len();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    driver.abort();
+    match tonic::Status::from_header_map(&trailers) {
+        Some(status) if status.code() != Code::Ok => Err(status),
+        _ => Ok(size),
+    }
+}
+
+/// Answers left unread are bounded over every address too (`--max-unread-bytes`): once
+/// all addresses together hold it, an address holding more than its share
+/// (`--max-unread-bytes` over `--max-connections`) has its reads refused and their
+/// answers dropped, while other addresses' small answers still pass; their large ones are
+/// not kept either, until the holder reads.
+#[tokio::test]
+async fn answers_left_unread_are_bounded_over_all_addresses() {
+    const OTHER: [u8; 4] = [127, 0, 0, 2];
+    let app = TestApp::spawn_with(ServeArgs {
+        max_connections: 8,
+        // A share of 2 KiB per connection: less than a reflection answer, more than a
+        // health check's.
+        max_unread_bytes: 8 * 2048,
+        ..ServeArgs::default()
+    })
+    .await;
+    let size = reflection_answer_size(app.addr).await;
+    assert!(size > 8 * 2048, "{size}");
+    assert_eq!(reflection_from(OTHER, app.addr).await.ok(), Some(size));
+    // 127.0.0.1 leaves one unread: all addresses together are at the bound.
+    let (client, window, driver, _pings) = windowless(app.addr).await;
+    let mut held = unread_answer(app.addr, &client).await;
+    let all_bound = |status: &tonic::Status| {
+        status.code() == Code::ResourceExhausted
+            && status.message().contains("(--max-unread-bytes)")
+    };
+    let mut refused = None;
+    for _ in 0..250 {
+        let check = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())]).await;
+        if check.code() != Code::Ok {
+            refused = Some(check.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("the holder is refused");
+    assert!(all_bound(&refused), "{refused:?}");
+    // Another address: a health check passes, a reflection answer is not kept.
+    let (other, other_driver) = connect_from(OTHER, app.addr).await;
+    let mut ready = other.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{CHECK}", app.addr))
+        .header("te", "trailers")
+        .header("content-type", GRPC.unwrap())
+        .body(())
+        .unwrap();
+    let (response, mut body) = ready.send_request(request, false).unwrap();
+    body.send_data(Bytes::from(framed(0, &health_check())), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert!(tonic::Status::from_header_map(response.headers()).is_none());
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    let trailers = body.trailers().await.unwrap().unwrap();
+    assert_eq!(
+        tonic::Status::from_header_map(&trailers).map(|s| s.code()),
+        Some(Code::Ok)
+    );
+    other_driver.abort();
+    let status = reflection_from(OTHER, app.addr).await.unwrap_err();
+    assert!(all_bound(&status), "{status:?}");
+    assert!(status.message().contains("not kept"), "{status:?}");
+    // The holder reads its answer: the other address is answered in full again.
+    window.send(1 << 20).unwrap();
+    while let Some(data) = held.data().await {
+        let _ = held.flow_control().release_capacity(data.unwrap().len());
+    }
+    let mut answered = None;
+    for _ in 0..250 {
+        answered = Some(reflection_from(OTHER, app.addr).await);
+        if answered
+            .as_ref()
+            .is_some_and(|a| a.as_ref().ok() == Some(&size))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered.and_then(Result::ok), Some(size));
+    driver.abort();
+}
+
 /// Reflection takes no key: at most `--max-reflection-calls-per-peer` reflection calls are
 /// under way from one address (an open stream counts); the next is refused, and one
 /// ending gives its place back. Health checks and calls with a key are not counted.
