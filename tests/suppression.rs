@@ -637,4 +637,91 @@ proptest! {
         let found = violations(&cells, cols, &intervals, k, level);
         prop_assert!(found.is_empty(), "k={} p={}: {:?} from {:?} of {:?}", k, level, found, p, cells);
     }
+
+    /// The same with the rule that no date is in the future: asked on 6 December 2026,
+    /// of diagnoses in 2022, no one diagnosed at 12-17 (born in 2004 or later) had onset at
+    /// 40-64 (in 2044 or later). An attacker who sets those cells to 0 learns nothing
+    /// more: the service publishes them as zeros, and no complement relies on one
+    /// (privaudit5's break: such a cell hid a count of 1 behind an interval of [0, 1]).
+    #[test]
+    fn the_zeros_no_date_in_the_future_makes_protect_nothing(
+        counts in proptest::collection::vec(0u64..=12, 56),
+        k in 2u64..=8,
+        level in 1u64..=3,
+    ) {
+        use ern_registry::aggregate::{Dimension, Filter, Key, Known, TableBuilder};
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+        let first_day = chrono::NaiveDate::from_ymd_opt(2022, 1, 1).unwrap();
+        // The attacker's own reading of the rule: whole years of the bands, a birth no
+        // earlier than 1 January 2022 less the band's upper age, an onset's midpoint at
+        // most half a year after the day of the question.
+        let starts = [0i64, 1, 5, 12, 18, 40, 65];
+        let impossible = |band: usize, onset: Option<usize>| {
+            let (Some(next), Some(onset)) = (starts.get(band + 1), onset) else {
+                return false;
+            };
+            let earliest_onset = first_day - chrono::Days::new((*next as f64 * 365.25) as u64)
+                + chrono::Days::new((starts[onset] as f64 * 365.25) as u64);
+            earliest_onset > today + chrono::Days::new(186)
+        };
+        let onsets: Vec<Option<usize>> = (0..7).map(Some).chain([None]).collect();
+        let cols = onsets.len();
+        let mut cells: Vec<u64> = (0..7 * cols)
+            .map(|at| if impossible(at / cols, onsets[at % cols]) { 0 } else { counts[at] })
+            .collect();
+        // Every row and column has a patient, so the table lists them all.
+        for c in 0..cols {
+            cells[6 * cols + c] = cells[6 * cols + c].max(1);
+        }
+        for r in 0..7 {
+            cells[r * cols] = cells[r * cols].max(1);
+        }
+        let mut builder = TableBuilder::new();
+        for (at, &n) in cells.iter().enumerate() {
+            let onset = onsets[at % cols].map_or(Key::Missing, |o| Key::Int(o as i64));
+            if n > 0 {
+                builder.add(vec![Key::Int((at / cols) as i64), onset], n).unwrap();
+            }
+        }
+        let dims = [Dimension::DiagnosisAgeBand, Dimension::OnsetAgeBand];
+        let known = Known::from_filters(&[Filter {
+            dimension: Dimension::DiagnosisYear,
+            values: vec![Key::Int(2022)],
+        }])
+        .asked_on(today);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let table = builder.finish(&dims, &known, Rules::new(k, level).unwrap(), deadline).unwrap();
+        if table.row_labels.is_empty() {
+            return Ok(());
+        }
+        prop_assert_eq!(table.row_labels.len(), 7);
+        prop_assert_eq!(table.column_labels.len(), cols);
+        let p = &table.protected;
+        let mut view_cells = p.cells.clone();
+        let mut ruled_out = 0;
+        for (at, shown) in view_cells.iter_mut().enumerate() {
+            if impossible(at / cols, onsets[at % cols]) {
+                prop_assert_eq!(*shown, Some(0), "an impossible cell is published as 0");
+                *shown = Some(0);
+                ruled_out += 1;
+            }
+        }
+        prop_assert!(ruled_out >= 5, "{}", ruled_out);
+        let view = Published {
+            rows: 7,
+            cols,
+            two_way: true,
+            empty_rows: false,
+            empty_cols: false,
+            one_row: false,
+            cells: view_cells,
+            row_totals: p.row_totals.clone(),
+            col_totals: p.col_totals.clone(),
+            grand: p.grand_total,
+        };
+        let intervals = view.attack();
+        confirm(&cells, cols, &intervals);
+        let found = violations(&cells, cols, &intervals, k, level);
+        prop_assert!(found.is_empty(), "k={} p={}: {:?} from {:?} of {:?}", k, level, found, p, cells);
+    }
 }

@@ -8,6 +8,7 @@
 
 pub mod suppress;
 
+use chrono::NaiveDate;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::domain::{
@@ -389,7 +390,12 @@ impl TableBuilder {
 ///   other diagnosis with a known one of each;
 /// - the diagnosis year is unknown exactly when the age band at diagnosis is;
 /// - no one is diagnosed in year y at an age that needs a birth before `MIN_YEAR`
-///   ([`most_age_days`]).
+///   ([`most_age_days`]);
+/// - no date is in the future when the record is stored, so not on the day of the
+///   question either: no diagnosis in a year that has not begun, and no one diagnosed in
+///   year y at an age that puts their onset, at the age of its band, after that day
+///   ([`needs_a_future_date`]: diagnosed at 12-17 in 2022, a birth in 2004 or later, with
+///   onset at 40-64 would be in 2044 or later).
 ///
 /// A cell whose count is 0 and whose values are impossible is a zero anyone knows: it is
 /// published as 0 and never hides anything ([`suppress::Table::with_structural_zeros`]).
@@ -401,18 +407,76 @@ impl TableBuilder {
 /// reshaped from one row the values that row shares. A cell is impossible when it is so
 /// with every value `known` allows of the dimensions the cell does not fix.
 fn impossible(values: &[(Dimension, &Key)], known: &Known) -> bool {
-    let years = known.options(Dimension::DiagnosisYear, values, Reduce::Latest);
-    let bands = known.options(Dimension::DiagnosisAgeBand, values, Reduce::Youngest);
+    // Every year and band: an early year and a young band rule out by the earliest birth,
+    // a late year and an old band by the present, so no one of them stands for the others.
+    let years = known.options(Dimension::DiagnosisYear, values, Reduce::None);
+    let bands = known.options(Dimension::DiagnosisAgeBand, values, Reduce::None);
+    let onsets = known.options(Dimension::OnsetAgeBand, values, Reduce::Youngest);
     known
         .options(Dimension::Diagnosis, values, Reduce::UndiagnosedOrNot)
         .iter()
         .all(|diagnosis| {
             years.iter().all(|year| {
-                bands
-                    .iter()
-                    .all(|band| impossible_one(diagnosis.as_ref(), year.as_ref(), band.as_ref()))
+                bands.iter().all(|band| {
+                    impossible_one(diagnosis.as_ref(), year.as_ref(), band.as_ref())
+                        || onsets.iter().all(|onset| {
+                            needs_a_future_date(
+                                known.today,
+                                year.as_ref(),
+                                band.as_ref(),
+                                onset.as_ref(),
+                            )
+                        })
+                })
             })
         })
+}
+
+/// Days past the day of a question that a date stored before it can stand for: a record's
+/// dates may begin on the day after its submission (`domain::record`, for time zones), and
+/// a date known to the year stands for its midpoint, 182 days after its first day (ages
+/// are counted between midpoints); and two days of slack, so that only certainties count.
+const LATEST_MIDPOINT_DAYS: u64 = 1 + 182 + 2;
+
+/// Whether a patient diagnosed in `year`, at an age in the band `band`, with onset at an
+/// age in the band `onset` (`None`: any, or unknown) needs a date after `today`, which no
+/// record stored by then has ([`impossible`]): a diagnosis in a year that begins after it,
+/// or an onset whose age puts it after it. Diagnosed in year y at an age of at most `a`
+/// days, a patient was born (their birth's midpoint) on 1 January of y less `a` days or
+/// later; an onset at `o` days of age or more is then that much later, and its midpoint is
+/// at most [`LATEST_MIDPOINT_DAYS`] after the day of the question.
+fn needs_a_future_date(
+    today: Option<NaiveDate>,
+    year: Option<&Key>,
+    band: Option<&Key>,
+    onset: Option<&Key>,
+) -> bool {
+    let (Some(today), Some(Key::Int(year))) = (today, year) else {
+        return false;
+    };
+    let Some(first_day) = i32::try_from(*year)
+        .ok()
+        .and_then(|y| NaiveDate::from_ymd_opt(y, 1, 1))
+    else {
+        return false;
+    };
+    let latest = |days: u64| today.checked_add_days(chrono::Days::new(days));
+    // A diagnosis date may begin on the day after the submission, no later.
+    if latest(3).is_some_and(|latest| first_day > latest) {
+        return true;
+    }
+    let (Some(Key::Int(band)), Some(Key::Int(onset))) = (band, onset) else {
+        return false;
+    };
+    let (Some((_, Some(oldest))), Some((onset_first, _))) =
+        (age_band_days(*band), age_band_days(*onset))
+    else {
+        return false;
+    };
+    let Some(latest) = latest(LATEST_MIDPOINT_DAYS) else {
+        return false;
+    };
+    (first_day - latest).num_days() + onset_first - oldest > 0
 }
 
 /// [`impossible`] of one diagnosis, diagnosis year and age band at diagnosis (`None`:
@@ -443,7 +507,12 @@ fn impossible_one(diagnosis: Option<&Key>, year: Option<&Key>, band: Option<&Key
 /// one row, that row's values). An attacker knows it (they asked), so a zero it makes
 /// certain is public ([`impossible`], [`delay_bands_possible`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Known(Vec<(Dimension, BTreeSet<Key>)>);
+pub struct Known {
+    values: Vec<(Dimension, BTreeSet<Key>)>,
+    /// The day of the question (UTC): no record stored before it has a date after it
+    /// ([`needs_a_future_date`]; `None`: not used).
+    today: Option<NaiveDate>,
+}
 
 /// Which of many values [`Known::options`] keeps, where the others cannot change the
 /// answer.
@@ -451,9 +520,6 @@ pub struct Known(Vec<(Dimension, BTreeSet<Key>)>);
 enum Reduce {
     /// Every value.
     None,
-    /// An unknown year, else the latest (a later year allows every age an earlier one
-    /// does, and more).
-    Latest,
     /// An unknown band, and the youngest (its first day is the lowest age).
     Youngest,
     /// One undiagnosed code and one other, and an unknown one (all others alike).
@@ -466,6 +532,14 @@ impl Known {
         Known::default()
     }
 
+    /// The same, of a question asked on `today` (UTC).
+    pub fn asked_on(self, today: NaiveDate) -> Known {
+        Known {
+            today: Some(today),
+            ..self
+        }
+    }
+
     /// What `filters` say (two filters of one dimension: the values both allow).
     pub fn from_filters(filters: &[Filter]) -> Known {
         let mut known = Known::default();
@@ -476,9 +550,9 @@ impl Known {
     }
 
     fn restrict(&mut self, dim: Dimension, values: BTreeSet<Key>) {
-        match self.0.iter_mut().find(|(d, _)| *d == dim) {
+        match self.values.iter_mut().find(|(d, _)| *d == dim) {
             Some((_, allowed)) => allowed.retain(|v| values.contains(v)),
-            None => self.0.push((dim, values)),
+            None => self.values.push((dim, values)),
         }
     }
 
@@ -500,7 +574,7 @@ impl Known {
         if let Some((_, key)) = values.iter().find(|(d, _)| *d == dim) {
             return vec![Some((*key).clone())];
         }
-        let Some((_, allowed)) = self.0.iter().find(|(d, _)| *d == dim) else {
+        let Some((_, allowed)) = self.values.iter().find(|(d, _)| *d == dim) else {
             return vec![None];
         };
         // Keys sort integers first, then texts, then `Missing`: no value is scanned twice
@@ -509,13 +583,6 @@ impl Known {
         let others = || allowed.range(&text..).cloned();
         let kept: Vec<Key> = match reduce {
             Reduce::None => allowed.iter().cloned().collect(),
-            Reduce::Latest => allowed
-                .range(..&text)
-                .next_back()
-                .cloned()
-                .into_iter()
-                .chain(others())
-                .collect(),
             Reduce::Youngest => allowed
                 .range(..&text)
                 .next()
@@ -562,11 +629,17 @@ fn delay_bands_possible(
     let mut possible = [false; DELAY_BANDS.len()];
     for diagnosis in known.options(Dimension::DiagnosisAgeBand, &cell, Reduce::None) {
         for onset in known.options(Dimension::OnsetAgeBand, &cell, Reduce::None) {
-            for year in known.options(Dimension::DiagnosisYear, &cell, Reduce::Latest) {
+            for year in known.options(Dimension::DiagnosisYear, &cell, Reduce::None) {
                 if missing(&diagnosis)
                     || missing(&onset)
                     || missing(&year)
                     || impossible_one(None, year.as_ref(), diagnosis.as_ref())
+                    || needs_a_future_date(
+                        known.today,
+                        year.as_ref(),
+                        diagnosis.as_ref(),
+                        onset.as_ref(),
+                    )
                 {
                     continue;
                 }
@@ -1698,6 +1771,130 @@ mod tests {
                 "{values:?}"
             );
         }
+    }
+
+    /// No record has a date after the day it was stored: asked on 6 December 2026, a
+    /// diagnosis at 12-17 in 2022 (a birth in 2004 or later) with onset at 40-64 (2044 or
+    /// later) is impossible; at 65+ (no upper age) or with onset unknown it is not; a
+    /// diagnosis in 2027 is impossible whatever the bands, until the last days of 2026 (a
+    /// date may begin the day after its submission). With several years, the cell is impossible
+    /// only when it is so in every one (2019 and 2022 together; 1944 by the earliest
+    /// birth and 2040 by the present, though 1990 between them is possible).
+    #[test]
+    fn no_date_after_the_day_of_the_question() {
+        use Dimension::*;
+        let today = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+        let band =
+            |label: &str| Key::Int(AGE_BANDS.iter().position(|b| b.0 == label).unwrap() as i64);
+        let (teen, adult, senior, infant) = (band("12-17"), band("40-64"), band("65+"), band("<1"));
+        let asked = |filters: &[(Dimension, Vec<Key>)]| {
+            Known::from_filters(
+                &filters
+                    .iter()
+                    .map(|(dimension, values)| Filter {
+                        dimension: *dimension,
+                        values: values.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .asked_on(today)
+        };
+        let y = |year: i64| Key::Int(year);
+        let cell = [(DiagnosisAgeBand, &teen), (OnsetAgeBand, &adult)];
+        assert!(impossible(&cell, &asked(&[(DiagnosisYear, vec![y(2022)])])));
+        // Not without the day of the question.
+        let filter_2022 = Known::from_filters(&[Filter {
+            dimension: DiagnosisYear,
+            values: vec![y(2022)],
+        }]);
+        assert!(!impossible(&cell, &filter_2022));
+        // 12-17 in 1990: onset at 40-64 in 2013 or later, possible.
+        assert!(!impossible(
+            &cell,
+            &asked(&[(DiagnosisYear, vec![y(1990)])])
+        ));
+        assert!(impossible(
+            &cell,
+            &asked(&[(DiagnosisYear, vec![y(2019), y(2022)])])
+        ));
+        assert!(!impossible(
+            &cell,
+            &asked(&[(DiagnosisYear, vec![y(1990), y(2022)])])
+        ));
+        let senior_cell = [(DiagnosisAgeBand, &senior), (OnsetAgeBand, &adult)];
+        assert!(!impossible(
+            &senior_cell,
+            &asked(&[(DiagnosisYear, vec![y(2022)])])
+        ));
+        let unknown_onset = [(DiagnosisAgeBand, &teen), (OnsetAgeBand, &Key::Missing)];
+        assert!(!impossible(
+            &unknown_onset,
+            &asked(&[(DiagnosisYear, vec![y(2022)])])
+        ));
+        // An onset filter that allows a young onset keeps the cell possible.
+        let teen_2022 = [(DiagnosisAgeBand, &teen), (DiagnosisYear, &y(2022))];
+        assert!(impossible(
+            &teen_2022,
+            &asked(&[(OnsetAgeBand, vec![adult.clone()])])
+        ));
+        assert!(!impossible(
+            &teen_2022,
+            &asked(&[(OnsetAgeBand, vec![infant.clone(), adult.clone()])])
+        ));
+        // The diagnosis year itself.
+        let any = [(Sex, &Key::Text("female".into()))];
+        assert!(impossible(&any, &asked(&[(DiagnosisYear, vec![y(2028)])])));
+        assert!(impossible(&any, &asked(&[(DiagnosisYear, vec![y(2027)])])));
+        // On 30 December a diagnosis dated 1 January may already be stored (it may begin
+        // the day after the submission's date in UTC, and a slack of two days).
+        let new_year = Known::from_filters(&[Filter {
+            dimension: DiagnosisYear,
+            values: vec![y(2027)],
+        }])
+        .asked_on(NaiveDate::from_ymd_opt(2026, 12, 30).unwrap());
+        assert!(!impossible(&any, &new_year));
+        // 65+ in 1944 needs a birth before 1880, and 2040 is in the future: both
+        // impossible, 1990 between them is not.
+        let seniors = [(DiagnosisAgeBand, &senior)];
+        assert!(impossible(
+            &seniors,
+            &asked(&[(DiagnosisYear, vec![y(1944), y(2040)])])
+        ));
+        assert!(!impossible(
+            &seniors,
+            &asked(&[(DiagnosisYear, vec![y(1944), y(1990), y(2040)])])
+        ));
+        // The boundary: an onset midpoint can be at most about half a year ahead. Diagnosed
+        // at <1 in 2026 (born 2025 or later) with onset at 1-4: 2026, possible; at 5-11:
+        // 2030 or later, impossible.
+        let y2026 = asked(&[(DiagnosisYear, vec![y(2026)])]);
+        assert!(!impossible(
+            &[(DiagnosisAgeBand, &infant), (OnsetAgeBand, &band("1-4"))],
+            &y2026
+        ));
+        assert!(impossible(
+            &[(DiagnosisAgeBand, &infant), (OnsetAgeBand, &band("5-11"))],
+            &y2026
+        ));
+        // Delay groups: a diagnosis at 12-17 in 2022 with onset at 40-64 adds no band.
+        let delay = asked(&[(DiagnosisYear, vec![y(2022)])]);
+        assert_eq!(
+            delay_bands_possible(
+                &[DiagnosisAgeBand, OnsetAgeBand],
+                &[teen.clone(), adult.clone()],
+                &delay
+            ),
+            [false; DELAY_BANDS.len()]
+        );
+        assert!(
+            delay_bands_possible(
+                &[DiagnosisAgeBand, OnsetAgeBand],
+                &[teen.clone(), adult],
+                &filter_2022
+            )
+            .iter()
+            .any(|&b| b)
+        );
     }
 
     /// A small selection in two groups, with a band no group can have (over 20 years of

@@ -462,7 +462,7 @@ pub async fn count_patients(
         }
     };
     let group_by = selection.group_by.clone();
-    let known = Known::from_filters(&selection.filters);
+    let known = Known::from_filters(&selection.filters).asked_on(selection.now.date_naive());
     // Grouped by gene, a table of fewer than k patients publishes no count (the pair rule
     // of `aggregate::suppress`): it lists no row or column, as every such table.
     let table = services
@@ -512,7 +512,7 @@ pub async fn diagnostic_delay(
         selection.group_by.len(),
         selection.filters.len() + usize::from(selection.phenotypes.is_some()),
     );
-    let known = Known::from_filters(&selection.filters);
+    let known = Known::from_filters(&selection.filters).asked_on(selection.now.date_naive());
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();

@@ -86,8 +86,40 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
             Dimension::Diagnosis,
             Dimension::DiagnosisYear,
             Dimension::DiagnosisAgeBand,
+            Dimension::OnsetAgeBand,
         ],
     );
+    // And that no date is in the future: diagnosed in year y at an age below the band's
+    // end, born after 1 January of y less that age; an onset at the onset band's start
+    // or later is that much later, and its midpoint at most half a year (and a day) past
+    // today. Whole years, generous by a few days as the service.
+    let today = chrono::Utc::now().date_naive();
+    let band_start = |label: &str| {
+        ern_registry::aggregate::AGE_BANDS
+            .iter()
+            .position(|b| b.0 == label)
+    };
+    let years_days = |years: u32| chrono::Days::new((f64::from(years) * 365.25) as u64);
+    let future = |year: Option<&str>, band: Option<&str>, onset: Option<&str>| {
+        let Some(first_day) = year
+            .and_then(|y| y.parse::<i32>().ok())
+            .and_then(|y| chrono::NaiveDate::from_ymd_opt(y, 1, 1))
+        else {
+            return false;
+        };
+        if first_day > today + chrono::Days::new(3) {
+            return true;
+        }
+        let bands = ern_registry::aggregate::AGE_BANDS;
+        let (Some(band), Some(onset)) = (band.and_then(band_start), onset.and_then(band_start))
+        else {
+            return false;
+        };
+        let Some(next) = bands.get(band + 1) else {
+            return false;
+        };
+        first_day - years_days(next.1) + years_days(bands[onset].1) > today + chrono::Days::new(186)
+    };
     let forbidden_with = |row: &str, column: &[String], known: &[(Dimension, String)]| {
         let values: Vec<(Dimension, &str)> = dims
             .iter()
@@ -104,6 +136,7 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
         );
         undiagnosed.is_some_and(|u| [year, band].into_iter().flatten().any(|v| dated(v) == u))
             || matches!((year, band), (Some(y), Some(b)) if dated(y) != dated(b))
+            || future(year, band, of(Dimension::OnsetAgeBand))
     };
     let forbidden = |row: &str, column: &[String]| {
         combinations
@@ -361,7 +394,7 @@ fn random_filters(rng: &mut StdRng) -> Vec<proto::Filter> {
         values: values.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    match rng.gen_range(0..8) {
+    match rng.gen_range(0..9) {
         0 => vec![filter(Dimension::Sex, &["female"])],
         1 => vec![filter(Dimension::Country, &["NL", "BE"])],
         2 => vec![filter(Dimension::Diagnosis, &CODES[..2])],
@@ -373,6 +406,9 @@ fn random_filters(rng: &mut StdRng) -> Vec<proto::Filter> {
             filter(Dimension::OnsetAgeBand, &["1-4", "5-11"]),
             filter(Dimension::DiagnosisYear, &["2010", "2015", "2020"]),
         ],
+        // Recent years, where an old onset with a young diagnosis needs a future date (a
+        // privacy audit pinned a count of 1 through such cells).
+        6 => vec![filter(Dimension::DiagnosisYear, &["2024", "2025", "2026"])],
         _ => vec![],
     }
 }
