@@ -762,7 +762,9 @@ impl Application {
             ],
             max,
             Some(self.state.refusals.clone()),
-            Some(crate::api::wire::Unfinished::new()),
+            Some(crate::api::wire::Unfinished::new(
+                self.args.max_connections as usize,
+            )),
         );
         let connections = Connections::new(ConnectionLimits {
             max_connections: self.args.max_connections as usize,
@@ -798,6 +800,7 @@ impl Application {
             .timeout(self.args.request_timeout())
             .http2_keepalive_interval(self.args.keepalive())
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .max_concurrent_streams(self.args.max_streams_per_connection)
             .layer(connections.layer())
             .layer(DrainLayer::new(deadline))
@@ -902,6 +905,12 @@ impl Application {
 
 /// How long an HTTP/2 keepalive PING may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The largest header block a request may have, as HTTP/2 counts it (each field's name
+/// and value and 32 bytes; `SETTINGS_MAX_HEADER_LIST_SIZE`). hyper's default is 16 KiB; a
+/// gRPC request's fields are a few hundred bytes (a key, a deadline, a user agent, a
+/// trace context), and a call waiting for its message holds them (`api::wire`).
+const MAX_HEADER_LIST_BYTES: u32 = 8 << 10;
 
 /// How long a client may take over the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -26,13 +26,24 @@ pub const MAX_LISTED_VIOLATIONS: usize = 100;
 /// recursive).
 pub const MAX_FIELD_PATH: usize = 160;
 
-/// All the field violations of one request: the first [`MAX_LISTED_VIOLATIONS`] listed,
-/// the rest counted, with the field of the first of them.
+/// Bytes of field paths and descriptions one request's answer lists at most: a deep
+/// phenopacket's paths and a code release's hints (near terms with their labels) make
+/// some violations a few hundred bytes, and 100 of them 22 KB of details (measured
+/// 2026-12-06), sent in the answer's headers.
+pub const MAX_LISTED_BYTES: usize = 8 << 10;
+
+/// All the field violations of one request: the first ones listed, at most
+/// [`MAX_LISTED_VIOLATIONS`] of at most [`MAX_LISTED_BYTES`] in all, the rest counted,
+/// with the field of the first of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldViolations {
     listed: Vec<FieldViolation>,
     omitted: usize,
     first_omitted: Option<String>,
+}
+
+fn size(v: &FieldViolation) -> usize {
+    v.field.len() + v.description.len()
 }
 
 /// `field` cut to [`MAX_FIELD_PATH`] bytes: its start and its end around "…".
@@ -59,14 +70,35 @@ impl FieldViolations {
 
     pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
         let field = short_path(field.into());
-        if self.listed.len() < MAX_LISTED_VIOLATIONS {
-            self.listed.push(FieldViolation {
-                field,
-                description: description.into(),
-            });
+        let description = description.into();
+        let listed: usize = self.listed.iter().map(size).sum();
+        if self.omitted == 0
+            && self.listed.len() < MAX_LISTED_VIOLATIONS
+            && listed + field.len() + description.len() <= MAX_LISTED_BYTES
+        {
+            self.listed.push(FieldViolation { field, description });
         } else {
             self.omitted += 1;
             self.first_omitted.get_or_insert(field);
+        }
+    }
+
+    /// Moves the last listed violations past [`MAX_LISTED_BYTES`] to the omitted ones
+    /// (after their paths grew).
+    fn within_budget(&mut self) {
+        let mut listed = 0;
+        let keep = self
+            .listed
+            .iter()
+            .take_while(|v| {
+                listed += size(v);
+                listed <= MAX_LISTED_BYTES
+            })
+            .count();
+        if keep < self.listed.len() {
+            let cut: Vec<FieldViolation> = self.listed.drain(keep..).collect();
+            self.omitted += cut.len();
+            self.first_omitted = cut.into_iter().next().map(|v| v.field);
         }
     }
 
@@ -98,6 +130,7 @@ impl FieldViolations {
         if let Some(field) = &mut self.first_omitted {
             *field = short_path(f(field));
         }
+        self.within_budget();
         self
     }
 
@@ -200,6 +233,37 @@ mod tests {
         few.push("a", "b");
         assert_eq!(few.omitted(), None);
         assert!(FieldViolations::new().into_result().is_ok());
+    }
+
+    #[test]
+    fn the_listed_violations_keep_to_a_byte_budget() {
+        let listed_bytes = |v: &FieldViolations| v.iter().map(size).sum::<usize>();
+        let mut v = FieldViolations::new();
+        let hint = "is not a term of the release in force; near terms: ".repeat(4);
+        for i in 0..100 {
+            v.push(format!("record.hpo_terms[{i}]"), hint.clone());
+        }
+        assert_eq!(v.len(), 100);
+        let listed = v.iter().count();
+        assert!(listed < 100 && listed > 30, "{listed}");
+        assert!(listed_bytes(&v) <= MAX_LISTED_BYTES);
+        assert_eq!(
+            v.omitted(),
+            Some((format!("record.hpo_terms[{listed}]").as_str(), 100 - listed))
+        );
+        // A small one after them is not listed out of order.
+        v.push("registry", "is required");
+        assert_eq!(v.iter().count(), listed);
+        // Paths that grow when nested are held to the budget again.
+        let nested = v.nest(&"x".repeat(150));
+        assert!(listed_bytes(&nested) <= MAX_LISTED_BYTES);
+        assert!(nested.iter().count() < listed);
+        assert_eq!(nested.len(), 101);
+        let first = nested.omitted().unwrap().0.to_string();
+        assert!(
+            first.ends_with(&format!(".record.hpo_terms[{}]", nested.iter().count())),
+            "{first}"
+        );
     }
 
     #[test]

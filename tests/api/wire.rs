@@ -634,7 +634,10 @@ async fn hold(
         let (response, mut stream) = client
             .send_request(request.body(()).unwrap(), false)
             .unwrap();
-        stream.send_data(Bytes::copy_from_slice(body), end).unwrap();
+        // No body and not ended: no DATA frame (h2 counts empty ones as a flood).
+        if !body.is_empty() || end {
+            stream.send_data(Bytes::copy_from_slice(body), end).unwrap();
+        }
         held.push((response, stream));
         tokio::time::sleep(pause).await;
     }
@@ -742,6 +745,105 @@ async fn unfinished_request_messages_are_bounded_per_address() {
     assert!(refused >= 3, "refused {refused}");
     drop(streams);
     connection.abort();
+}
+
+/// A call that sends its headers and no body waits for its message until the deadline,
+/// holding its header fields and its stream: that counts too (`wire::request_cost`), so
+/// one address without a key holds at most `UNFINISHED_PER_PEER` of such calls; past it
+/// they are refused at once, while another address is still served. A request with more
+/// header fields than `MAX_HEADER_FIELDS` is refused at once (a defences audit held
+/// 597 MB with 6.9 MB of header blocks naming one field 440 times, 2026-12-06).
+#[tokio::test]
+async fn header_only_calls_are_bounded_per_address() {
+    use ern_registry::api::wire::{CALL_COST, FIELD_COST, MAX_HEADER_FIELDS, UNFINISHED_PER_PEER};
+    let app = TestApp::spawn().await;
+    let many: Vec<(String, String)> = (0..MAX_HEADER_FIELDS)
+        .map(|i| (format!("x-f{i}"), String::new()))
+        .collect();
+    let (held, connection) = hold(
+        app.addr,
+        SUBMIT,
+        1,
+        |_| many.clone(),
+        &[],
+        false,
+        Duration::ZERO,
+    )
+    .await;
+    let (response, _stream) = held.into_iter().next().unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("refused at once")
+        .unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("a refusal");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("header fields"), "{status:?}");
+    connection.abort();
+
+    // Headers of about 7 KB each, no body: what one address may hold.
+    let pad = "p".repeat(7_000);
+    let cost =
+        CALL_COST + (2 + 8 + FIELD_COST) + (12 + 16 + FIELD_COST) + (5 + pad.len() + FIELD_COST);
+    let fit = UNFINISHED_PER_PEER / cost;
+    let mut all = Vec::new();
+    let mut connections = Vec::new();
+    for _ in 0..fit.div_ceil(200) + 1 {
+        let (held, connection) = hold(
+            app.addr,
+            SUBMIT,
+            200,
+            |_| vec![("x-pad".to_string(), pad.clone())],
+            &[],
+            false,
+            Duration::ZERO,
+        )
+        .await;
+        all.extend(held);
+        connections.push(connection);
+    }
+    let sent = all.len();
+    let (refused, waiting) = refused_and_waiting(all).await;
+    assert!(
+        waiting.len() <= fit,
+        "{} of {sent} held, {fit} fit",
+        waiting.len()
+    );
+    assert!(refused >= sent - fit, "refused {refused} of {sent}");
+    // Another address is served meanwhile.
+    let (other, driver) = connect_from([127, 0, 0, 2], app.addr).await;
+    let mut ready = other.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{CHECK}", app.addr))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (response, mut body) = ready.send_request(request, false).unwrap();
+    body.send_data(Bytes::from(framed(0, &health_check())), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(tonic::Status::from_header_map(response.headers()).is_none());
+    driver.abort();
+    // Once the held calls end, the address is served again.
+    drop(waiting);
+    for connection in connections {
+        connection.abort();
+    }
+    let mut code = Code::ResourceExhausted;
+    for _ in 0..50 {
+        code = call(app.addr, CHECK, GRPC, &[], vec![framed(0, &health_check())])
+            .await
+            .code();
+        if code == Code::Ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, Code::Ok);
 }
 
 /// Health and reflection take no key and their requests are names: a request message over
