@@ -374,6 +374,13 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_UNREAD_BYTES", default_value_t = 512 << 20,
           value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
     pub max_unread_bytes: u64,
+    /// SQLite: free bytes the file system holding the database must keep. With less, the
+    /// health probe fails (NOT_SERVING) and calls are refused at once with UNAVAILABLE, as
+    /// when the database is away, until there is room again (checked every second). 0:
+    /// not checked. Ignored on PostgreSQL (its server's disk is not this host's).
+    #[arg(long, env = "ERN_MIN_FREE_DISK_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 50))]
+    pub min_free_disk_bytes: u64,
     /// Reflection calls (which need no key) under way at once from one peer; past it
     /// RESOURCE_EXHAUSTED. A reflection stream counts while it is open.
     #[arg(long, env = "ERN_MAX_REFLECTION_CALLS_PER_PEER", default_value_t = 32,
@@ -491,6 +498,7 @@ impl Default for ServeArgs {
             max_streams_per_connection: 200,
             max_unread_bytes_per_peer: 128 << 20,
             max_unread_bytes: 512 << 20,
+            min_free_disk_bytes: 64 << 20,
             max_reflection_calls_per_peer: 32,
             idle_timeout_secs: 300,
             keepalive_secs: 60,

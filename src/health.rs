@@ -9,7 +9,9 @@
 //! answer within [`PROBE_TIMEOUT`]), every service's health status, and the server's
 //! (`""`), turns NOT_SERVING and calls are refused at once with UNAVAILABLE and a retry
 //! hint (`api::database_unreachable`) instead of waiting for the pool's connection
-//! timeout; the next successful probe turns them back to SERVING. This module never
+//! timeout; the next successful probe turns them back to SERVING. On SQLite, whose
+//! `SELECT 1` reads no page, the probe also fails while the file system holding the
+//! database has less than `--min-free-disk-bytes` free ([`check_room`]). This module never
 //! touches data: it only asks the database whether it is there.
 
 use std::fmt;
@@ -39,6 +41,9 @@ struct Inner {
     /// May hold a password: never printed.
     url: String,
     reachable: AtomicBool,
+    /// SQLite's database file and the free bytes its file system must keep
+    /// (`--min-free-disk-bytes`; `None`: not checked).
+    room: Option<(std::path::PathBuf, u64)>,
 }
 
 impl fmt::Debug for DatabaseWatch {
@@ -53,10 +58,20 @@ impl DatabaseWatch {
     /// A watch of the database at `url`, taken to be reachable (the server just connected
     /// to it) until a probe says otherwise.
     pub fn new(url: &str) -> DatabaseWatch {
+        DatabaseWatch::keeping_free(url, 0)
+    }
+
+    /// The same, and on SQLite the file system holding the database must keep `min_free`
+    /// bytes free (0: not checked): with less, the probe fails, as for a database away.
+    pub fn keeping_free(url: &str, min_free: u64) -> DatabaseWatch {
+        let room = crate::data_dir::sqlite_path(url)
+            .filter(|_| min_free > 0)
+            .map(|path| (path, min_free));
         DatabaseWatch {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
                 reachable: AtomicBool::new(true),
+                room,
             }),
         }
     }
@@ -137,6 +152,9 @@ impl DatabaseWatch {
         match conn {
             Single::Sqlite(_) => {
                 db::query("SELECT 1").execute(&mut conn.db()).await?;
+                if let Some((path, min_free)) = &self.inner.room {
+                    check_room(path, *min_free)?;
+                }
             }
             // A PostgreSQL that answers but takes no writes (a standby after a failover,
             // `default_transaction_read_only`) fails every call too: every call is
@@ -156,5 +174,52 @@ impl DatabaseWatch {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether the file system holding `database` has `min_free` bytes free for this process
+/// (`statvfs`: blocks available to unprivileged users). SELECT 1 reads no page, so it
+/// cannot tell a full disk; every call writes its audit entry, so a disk without room
+/// fails them all. A file system that cannot be asked is not taken for full.
+fn check_room(database: &std::path::Path, min_free: u64) -> Result<(), StoreError> {
+    let dir = match database.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let Ok(stat) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if free < min_free {
+        return Err(StoreError::Unreachable {
+            cause: format!(
+                "the disk holding the database has {free} bytes free, under \
+                 --min-free-disk-bytes ({min_free}): calls would fail to write their audit \
+                 entries; free some room"
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_checked_on_the_databases_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("registry.db");
+        assert!(check_room(&database, 1).is_ok());
+        let err = check_room(&database, u64::MAX).unwrap_err();
+        assert!(err.to_string().contains("--min-free-disk-bytes"), "{err}");
+        // A relative path without a directory is the working directory's.
+        assert!(check_room(std::path::Path::new("registry.db"), 1).is_ok());
+        // Only SQLite files are checked, and only with a bound.
+        let watch = |url: &str, min: u64| DatabaseWatch::keeping_free(url, min).inner.room.clone();
+        assert!(watch("sqlite://data/r.db?mode=rwc", 1).is_some());
+        assert!(watch("sqlite://data/r.db?mode=rwc", 0).is_none());
+        assert!(watch("sqlite::memory:", 1).is_none());
+        assert!(watch("postgres://u@h/db", 1).is_none());
     }
 }

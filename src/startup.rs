@@ -593,7 +593,7 @@ impl Application {
                 args.protection_workers as usize,
                 std::time::Duration::from_millis(args.protection_budget_ms),
             ),
-            database: DatabaseWatch::new(database_url),
+            database: DatabaseWatch::keeping_free(database_url, args.min_free_disk_bytes),
             console: crate::service::console::ConsoleAuth::new(&master, args.console_limits()),
             clock,
             research_index,

@@ -763,3 +763,83 @@ async fn a_lock_the_writer_cannot_get_fails_its_write_within_the_deadline() {
         .unwrap();
     app.stop().await;
 }
+
+/// SQLite: SELECT 1 reads no page, so the probe also asks how much room the database's
+/// file system has (`--min-free-disk-bytes`): with less, health is NOT_SERVING and calls are
+/// UNAVAILABLE with a retry hint at once (every call writes its audit entry); once there
+/// is room again, SERVING and calls succeed, with no restart. The test takes room with a
+/// file of its own beside the database, with margins for what other tests write meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_without_room_is_unavailable_and_not_serving_until_there_is_room() {
+    if std::env::var("ERN_TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+        eprintln!("skipped: SQLite only (PostgreSQL's disk is its server's)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let free = || {
+        let stat = rustix::fs::statvfs(dir.path()).unwrap();
+        stat.f_bavail * stat.f_frsize
+    };
+    const MIB: u64 = 1 << 20;
+    let before = free();
+    if before < 1024 * MIB {
+        eprintln!("skipped: needs 1 GiB free in the temporary directory");
+        return;
+    }
+    let app = TestApp::spawn_with(ServeArgs {
+        min_free_disk_bytes: before - 128 * MIB,
+        ..ServeArgs::default()
+    })
+    .await;
+    let database = ern_registry::data_dir::sqlite_path(&app.database_url).unwrap();
+    let same_disk = rustix::fs::statvfs(database.parent().unwrap())
+        .unwrap()
+        .f_fsid
+        == rustix::fs::statvfs(dir.path()).unwrap().f_fsid;
+    assert!(
+        same_disk,
+        "the test's file must take room on the database's disk"
+    );
+    let token = app.physician_key("dr-room", "NL-ROOM").await;
+    let mut dr = app.client(Some(&token)).await;
+    let (pseudonym, mut probe) = first_case_and_a_serving_probe(&app, &mut dr, 7100).await;
+    // Take 512 MiB: under the bound by about 384 MiB.
+    let filler = dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![1u8; MIB as usize];
+        for _ in 0..512 {
+            file.write_all(&chunk).unwrap();
+        }
+        file.sync_all().unwrap();
+    }
+    until_health(
+        &mut probe,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+    )
+    .await;
+    let status = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(7101))))
+        .await
+        .unwrap_err();
+    assert_unavailable_with_retry_hint(&status);
+    assert!(status.message().contains("disk full"), "{status:?}");
+    let status = dr
+        .get_case(get_case("ERN-LUNG", &pseudonym))
+        .await
+        .unwrap_err();
+    assert_unavailable_with_retry_hint(&status);
+    std::fs::remove_file(&filler).unwrap();
+    until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
+    let mut answered = false;
+    for _ in 0..50 {
+        if dr.get_case(get_case("ERN-LUNG", &pseudonym)).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered);
+}
