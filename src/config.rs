@@ -366,11 +366,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ERN_MAX_UNREAD_BYTES_PER_PEER", default_value_t = 128 << 20,
           value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
     pub max_unread_bytes_per_peer: u64,
-    /// Bytes of answers all peers together may leave unread. At or past it, a peer holding
-    /// more than its share (this over --max-connections) gets no answer of a call that
-    /// changes nothing (a read, a research query, health, reflection): new ones are refused
-    /// and those produced are dropped, with RESOURCE_EXHAUSTED. Writes' answers are always
-    /// sent. The server holds at most about twice this in answers.
+    /// Bytes of answers all peers together may leave unread. At or past it, a peer already
+    /// holding more than its share (this over --max-connections) gets no answer of a call
+    /// that changes nothing (a read, a research query, health, reflection): new ones are
+    /// refused and those produced are dropped, with RESOURCE_EXHAUSTED; a peer within its
+    /// share still gets its next answer. Writes' answers are always sent. Reads' answers
+    /// held stay under this plus, per connection, its share and one answer chunk.
     #[arg(long, env = "ERN_MAX_UNREAD_BYTES", default_value_t = 512 << 20,
           value_parser = clap::value_parser!(u64).range(65_536..=1 << 40))]
     pub max_unread_bytes: u64,

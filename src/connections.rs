@@ -34,10 +34,10 @@
 //!   before the bound still answer (small answers; for each principal at most its calls
 //!   running and waiting, `ratelimit::CallGate`). The same count summed over every peer
 //!   is bounded by `--max-unread-bytes` ([`Bounds`]): while all peers together hold it or
-//!   more, a peer holding more than its share (the bound over `--max-connections`) is
-//!   refused reads and their answers as above, so many peers (an IPv6 /64 each is cheap)
-//!   hold at most about twice that bound together, and peers within their share are still
-//!   served. With TLS a chunk counts until rustls takes it; a
+//!   more, a peer already holding more than its share (the bound over `--max-connections`)
+//!   is refused reads and their answers as above, and a peer within its share still gets
+//!   its next answer; so many peers (an IPv6 /64 each is cheap) hold in reads' answers at
+//!   most that bound and, per connection, its share and one answer chunk. With TLS a chunk counts until rustls takes it; a
 //!   chunk under 256 bytes h2 copies into its write buffer and drops at once. The count
 //!   relies on hyper (since 1.13) taking a response's next chunk before the window has
 //!   room for it and holding it until it has (`wire::answers_an_address_leaves_unread_are_bounded`
@@ -47,7 +47,8 @@
 //! - **Reflection calls are capped per peer.** Reflection needs no key, its answers are
 //!   tens of kilobytes, and while a client reads none tonic-reflection keeps two of them
 //!   per stream besides the one counted above. At most `--max-reflection-calls-per-peer`
-//!   are under way from one peer (until each response body ends); past it,
+//!   are under way from one peer (until each response body ends), and
+//!   [`REFLECTION_CALLS_IN_ALL`] from every peer together; past either,
 //!   RESOURCE_EXHAUSTED. (Health answers are a few bytes: a client-side health check keeps
 //!   a `Watch` open per channel, and those are not capped here.)
 //!
@@ -123,6 +124,8 @@ pub struct Connections {
     descriptors_warned: AtomicU64,
     /// Bytes of answers held unread for every peer together.
     unread_all: Arc<AtomicU64>,
+    /// Reflection calls under way from every peer together.
+    reflection_all: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -157,23 +160,22 @@ struct Bounds {
     per_peer: Option<u64>,
     /// `--max-unread-bytes`, and a peer's share of it (the bound over
     /// `--max-connections`): while every peer together holds the bound or more, a peer
-    /// holding more than its share is refused.
+    /// holding more than its share is refused (one within it still gets its next answer,
+    /// whatever its size).
     all: Option<(u64, u64)>,
 }
 
 impl Bounds {
-    /// Why `len` more bytes (0: a new call) may not be held for a peer that holds
-    /// `peer` bytes, while all peers hold `all`; `None`: they may.
-    fn refuses(self, peer: u64, all: u64, len: u64) -> Option<Crowded> {
+    /// Why more bytes may not be held for a peer that holds `peer` bytes, while all peers
+    /// hold `all`; `None`: they may.
+    fn refuses(self, peer: u64, all: u64) -> Option<Crowded> {
         if let Some(limit) = self.per_peer
             && peer >= limit
         {
             return Some(Crowded::Unread(limit));
         }
         match self.all {
-            Some((limit, share)) if all >= limit && peer + len > share => {
-                Some(Crowded::UnreadAll(limit))
-            }
+            Some((limit, share)) if all >= limit && peer > share => Some(Crowded::UnreadAll(limit)),
             _ => None,
         }
     }
@@ -208,13 +210,26 @@ impl Unread {
             return Ok(data);
         }
         let len = data.len() as u64;
-        let before = peer.unread.fetch_add(len, Ordering::SeqCst);
-        let all_before = peer.all.fetch_add(len, Ordering::SeqCst);
-        if let Some(crowded) = bounds.and_then(|b| b.refuses(before, all_before, len)) {
-            peer.unread.fetch_sub(len, Ordering::SeqCst);
-            peer.all.fetch_sub(len, Ordering::SeqCst);
-            return Err(crowded);
+        match bounds {
+            // Checked and added in one step for the peer, so that a chunk refused never
+            // counts, even for a moment.
+            Some(bounds) => {
+                let mut refused = None;
+                let added = peer
+                    .unread
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                        refused = bounds.refuses(held, peer.all.load(Ordering::SeqCst));
+                        refused.is_none().then_some(held + len)
+                    });
+                if added.is_err() {
+                    return Err(refused.expect("refused"));
+                }
+            }
+            None => {
+                peer.unread.fetch_add(len, Ordering::SeqCst);
+            }
         }
+        peer.all.fetch_add(len, Ordering::SeqCst);
         Ok(tonic::codegen::Bytes::from_owner(Unread {
             data,
             peer: peer.clone(),
@@ -246,6 +261,8 @@ pub enum Crowded {
     UnreadAll(u64),
     /// The peer has this many reflection calls under way.
     Reflection(usize),
+    /// Every peer together has this many reflection calls under way.
+    ReflectionAll(usize),
 }
 
 impl Crowded {
@@ -255,6 +272,7 @@ impl Crowded {
             Crowded::Unread(_) => "unread_answers",
             Crowded::UnreadAll(_) => "unread_answers_all",
             Crowded::Reflection(_) => "reflection_calls",
+            Crowded::ReflectionAll(_) => "reflection_calls_all",
         }
     }
 
@@ -275,6 +293,10 @@ impl Crowded {
             Crowded::Reflection(limit) => format!(
                 "{limit} reflection calls are already under way from this address \
                  (--max-reflection-calls-per-peer); end one before starting another"
+            ),
+            Crowded::ReflectionAll(limit) => format!(
+                "{limit} reflection calls are already under way on this server, from every \
+                 address together; try again in a moment"
             ),
         })
     }
@@ -348,6 +370,7 @@ impl Connections {
             open: Mutex::new(Open::default()),
             descriptors_warned: AtomicU64::new(0),
             unread_all: Arc::default(),
+            reflection_all: Arc::default(),
         })
     }
 
@@ -564,7 +587,7 @@ impl Connections {
             peer.unread.load(Ordering::SeqCst),
             peer.all.load(Ordering::SeqCst),
         );
-        if let Some(crowded) = bounds.refuses(held.0, held.1, 0) {
+        if let Some(crowded) = bounds.refuses(held.0, held.1) {
             return Err(crowded);
         }
         if !reflection(path) {
@@ -572,20 +595,31 @@ impl Connections {
         }
         let peer = activity.peer.clone();
         let before = peer.reflection.fetch_add(1, Ordering::SeqCst);
-        let guard = ReflectionGuard(peer);
+        let in_all = self.reflection_all.fetch_add(1, Ordering::SeqCst);
+        let guard = ReflectionGuard(peer, self.reflection_all.clone());
         match self.limits.max_reflection_per_peer {
             Some(limit) if before >= limit => Err(Crowded::Reflection(limit)),
+            Some(_) if in_all >= REFLECTION_CALLS_IN_ALL => {
+                Err(Crowded::ReflectionAll(REFLECTION_CALLS_IN_ALL))
+            }
             _ => Ok(Some(guard)),
         }
     }
 }
 
-/// A reflection call under way, counted for its peer until dropped.
-struct ReflectionGuard(Arc<PeerLoad>);
+/// Reflection calls under way from every peer together (with the cap per peer on):
+/// tonic-reflection keeps about 70 KB for a stream whose client reads nothing, counted
+/// per peer only (a defences audit held 945 MB from 400 addresses without a key,
+/// 2026-12-06). A tool's calls, not the registry's: a few at a time.
+pub const REFLECTION_CALLS_IN_ALL: usize = 256;
+
+/// A reflection call under way, counted for its peer and in all until dropped.
+struct ReflectionGuard(Arc<PeerLoad>, Arc<AtomicUsize>);
 
 impl Drop for ReflectionGuard {
     fn drop(&mut self) {
         self.0.reflection.fetch_sub(1, Ordering::SeqCst);
+        self.1.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -1020,27 +1054,22 @@ mod tests {
             all: Some((10_000, 1_000)),
         };
         // Below the bound over all: anyone may hold more than a share.
-        assert_eq!(bounds.refuses(5_000, 9_999, 4_000), None);
-        // At or past it: a peer that would hold more than its share is refused, a new call
-        // (no bytes yet) from one that holds more than its share too.
+        assert_eq!(bounds.refuses(5_000, 9_999), None);
+        // At or past it: a peer that holds more than its share is refused.
         assert_eq!(
-            bounds.refuses(0, 10_000, 1_001),
+            bounds.refuses(1_001, 10_000),
             Some(Crowded::UnreadAll(10_000))
         );
-        assert_eq!(
-            bounds.refuses(1_001, 10_000, 0),
-            Some(Crowded::UnreadAll(10_000))
-        );
-        // Within its share, it is not.
-        assert_eq!(bounds.refuses(600, 10_000, 400), None);
-        assert_eq!(bounds.refuses(1_000, 12_000, 0), None);
+        // Within its share, it is not, whatever the size of what it is given next.
+        assert_eq!(bounds.refuses(1_000, 12_000), None);
+        assert_eq!(bounds.refuses(0, 12_000), None);
         // The peer's own bound comes first.
         assert_eq!(
-            bounds.refuses(1_000_000, 0, 0),
+            bounds.refuses(1_000_000, 0),
             Some(Crowded::Unread(1_000_000))
         );
-        // Two peers sharing the count over all: the second, holding nothing, may take
-        // its share once the first has filled the bound, no more.
+        // Two peers sharing the count over all: the second, holding nothing, gets an
+        // answer larger than its share once the first has filled the bound, then no more.
         let all = Arc::new(AtomicU64::new(0));
         let load = || {
             Arc::new(PeerLoad {
@@ -1055,14 +1084,16 @@ mod tests {
             Unread::within(chunk(10), &first, Some(bounds)),
             Err(Crowded::UnreadAll(10_000))
         );
-        let small = Unread::within(chunk(1_000), &second, Some(bounds)).unwrap();
+        // Refused, it was not counted.
+        assert_eq!(all.load(Ordering::SeqCst), 10_000);
+        let small = Unread::within(chunk(1_500), &second, Some(bounds)).unwrap();
         assert_eq!(
             Unread::within(chunk(1), &second, Some(bounds)),
             Err(Crowded::UnreadAll(10_000))
         );
         // A write's answer is counted, never refused.
         let write = Unread::within(chunk(50), &first, None).unwrap();
-        assert_eq!(all.load(Ordering::SeqCst), 11_050);
+        assert_eq!(all.load(Ordering::SeqCst), 11_550);
         drop((held, small, write));
         assert_eq!(all.load(Ordering::SeqCst), 0);
         let status = Crowded::UnreadAll(10_000).not_kept();
@@ -1187,6 +1218,26 @@ mod tests {
         assert!(third.is_some());
         drop((second, third));
         assert_eq!(peer.reflection.load(Ordering::SeqCst), 0);
+        // Every peer together: at most REFLECTION_CALLS_IN_ALL, each peer under its cap.
+        let crowd = limited(None, Some(2));
+        let peers: Vec<Arc<PeerLoad>> = (0..REFLECTION_CALLS_IN_ALL / 2 + 1)
+            .map(|_| Arc::new(PeerLoad::default()))
+            .collect();
+        let mut under_way = Vec::new();
+        for peer in &peers[..REFLECTION_CALLS_IN_ALL / 2] {
+            for _ in 0..2 {
+                under_way.push(crowd.admit_call(&activity(peer), REFLECT).unwrap());
+            }
+        }
+        let last = activity(&peers[REFLECTION_CALLS_IN_ALL / 2]);
+        assert_eq!(
+            crowd.admit_call(&last, REFLECT).err(),
+            Some(Crowded::ReflectionAll(REFLECTION_CALLS_IN_ALL))
+        );
+        assert!(crowd.admit_call(&last, CHECK).unwrap().is_none());
+        under_way.pop();
+        assert!(crowd.admit_call(&last, REFLECT).unwrap().is_some());
+        drop(under_way);
         // Unbounded where no limit is set.
         let open = limited(None, None);
         let _held = (most, answer(1 << 20, &peer));

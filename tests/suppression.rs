@@ -652,17 +652,19 @@ proptest! {
         use ern_registry::aggregate::{Dimension, Filter, Key, Known, TableBuilder};
         let today = chrono::NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
         let first_day = chrono::NaiveDate::from_ymd_opt(2022, 1, 1).unwrap();
-        // The attacker's own reading of the rule: whole years of the bands, a birth no
-        // earlier than 1 January 2022 less the band's upper age, an onset's midpoint at
-        // most half a year after the day of the question.
-        let starts = [0i64, 1, 5, 12, 18, 40, 65];
+        // The attacker's own reading of the rule: bands in days (years of 365.25 days,
+        // rounded), a birth no earlier than 1 January 2022 less the band's last day, an
+        // onset's midpoint no later than that of a date beginning two days after the
+        // question (the month's midpoint here: 16 December 2026).
+        let starts = [0f64, 1., 5., 12., 18., 40., 65.];
+        let start = |i: usize| chrono::Days::new((starts[i] * 365.25).round() as u64);
+        let latest = chrono::NaiveDate::from_ymd_opt(2026, 12, 16).unwrap();
         let impossible = |band: usize, onset: Option<usize>| {
-            let (Some(next), Some(onset)) = (starts.get(band + 1), onset) else {
+            let (Some(_), Some(onset)) = (starts.get(band + 1), onset) else {
                 return false;
             };
-            let earliest_onset = first_day - chrono::Days::new((*next as f64 * 365.25) as u64)
-                + chrono::Days::new((starts[onset] as f64 * 365.25) as u64);
-            earliest_onset > today + chrono::Days::new(186)
+            let earliest_onset = first_day - start(band + 1) + chrono::Days::new(1) + start(onset);
+            earliest_onset > latest
         };
         let onsets: Vec<Option<usize>> = (0..7).map(Some).chain([None]).collect();
         let cols = onsets.len();

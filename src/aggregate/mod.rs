@@ -432,19 +432,40 @@ fn impossible(values: &[(Dimension, &Key)], known: &Known) -> bool {
         })
 }
 
-/// Days past the day of a question that a date stored before it can stand for: a record's
-/// dates may begin on the day after its submission (`domain::record`, for time zones), and
-/// a date known to the year stands for its midpoint, 182 days after its first day (ages
-/// are counted between midpoints); and two days of slack, so that only certainties count.
-const LATEST_MIDPOINT_DAYS: u64 = 1 + 182 + 2;
+/// Days past the day of a question on which a date stored before it may begin: a record's
+/// dates may begin on the day after its submission (`domain::record`, for time zones),
+/// and a day more, so that only certainties count.
+const LATEST_FIRST_DAY: u64 = 2;
+
+/// The latest midpoint a date stored before `today` (UTC) can have, ages being counted
+/// between midpoints: a date may begin at most [`LATEST_FIRST_DAY`] days later, and known
+/// to the day, the month or the year it stands for that day, its month's midpoint or its
+/// year's (2 July, or 1 July in a leap year). So about half a year ahead in the first half
+/// of a year, a fortnight at most in the second (`None`: past the calendar's end).
+fn latest_midpoint(today: NaiveDate) -> Option<NaiveDate> {
+    let day = today.checked_add_days(chrono::Days::new(LATEST_FIRST_DAY))?;
+    let midpoint = |text: String| {
+        crate::domain::PartialDate::parse(&text)
+            .ok()
+            .map(|date| date.midpoint())
+    };
+    [
+        Some(day),
+        midpoint(day.format("%Y-%m").to_string()),
+        midpoint(day.format("%Y").to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+}
 
 /// Whether a patient diagnosed in `year`, at an age in the band `band`, with onset at an
 /// age in the band `onset` (`None`: any, or unknown) needs a date after `today`, which no
 /// record stored by then has ([`impossible`]): a diagnosis in a year that begins after it,
 /// or an onset whose age puts it after it. Diagnosed in year y at an age of at most `a`
 /// days, a patient was born (their birth's midpoint) on 1 January of y less `a` days or
-/// later; an onset at `o` days of age or more is then that much later, and its midpoint is
-/// at most [`LATEST_MIDPOINT_DAYS`] after the day of the question.
+/// later (a diagnosis's midpoint is in its year); an onset at `o` days of age or more has
+/// its midpoint that much later, which is at most [`latest_midpoint`].
 fn needs_a_future_date(
     today: Option<NaiveDate>,
     year: Option<&Key>,
@@ -460,9 +481,11 @@ fn needs_a_future_date(
     else {
         return false;
     };
-    let latest = |days: u64| today.checked_add_days(chrono::Days::new(days));
-    // A diagnosis date may begin on the day after the submission, no later.
-    if latest(3).is_some_and(|latest| first_day > latest) {
+    // A diagnosis date begins at most LATEST_FIRST_DAY days after the question.
+    if today
+        .checked_add_days(chrono::Days::new(LATEST_FIRST_DAY))
+        .is_some_and(|latest| first_day > latest)
+    {
         return true;
     }
     let (Some(Key::Int(band)), Some(Key::Int(onset))) = (band, onset) else {
@@ -473,7 +496,7 @@ fn needs_a_future_date(
     else {
         return false;
     };
-    let Some(latest) = latest(LATEST_MIDPOINT_DAYS) else {
+    let Some(latest) = latest_midpoint(today) else {
         return false;
     };
     (first_day - latest).num_days() + onset_first - oldest > 0
@@ -627,12 +650,19 @@ fn delay_bands_possible(
     // so it must not make any band possible.)
     let missing = |key: &Option<Key>| *key == Some(Key::Missing);
     let mut possible = [false; DELAY_BANDS.len()];
+    let years = known.options(Dimension::DiagnosisYear, &cell, Reduce::None);
     for diagnosis in known.options(Dimension::DiagnosisAgeBand, &cell, Reduce::None) {
         for onset in known.options(Dimension::OnsetAgeBand, &cell, Reduce::None) {
-            for year in known.options(Dimension::DiagnosisYear, &cell, Reduce::None) {
+            if possible.iter().all(|&p| p) {
+                return possible;
+            }
+            // The latest year that is not ruled out allows every delay an earlier one
+            // does (a later year allows an older age at diagnosis, and the onset does not
+            // depend on it): newest first, and the first admissible one is enough.
+            for year in years.iter().rev() {
                 if missing(&diagnosis)
                     || missing(&onset)
-                    || missing(&year)
+                    || missing(year)
                     || impossible_one(None, year.as_ref(), diagnosis.as_ref())
                     || needs_a_future_date(
                         known.today,
@@ -643,7 +673,7 @@ fn delay_bands_possible(
                 {
                     continue;
                 }
-                let (least, most) = delay_months_between(int(&diagnosis), int(&onset), int(&year));
+                let (least, most) = delay_months_between(int(&diagnosis), int(&onset), int(year));
                 if most.is_some_and(|most| most < least) {
                     continue;
                 }
@@ -655,6 +685,7 @@ fn delay_bands_possible(
                         || until.is_some_and(|until| until <= least);
                     *possible |= !outside;
                 }
+                break;
             }
         }
     }
@@ -1895,6 +1926,111 @@ mod tests {
             .iter()
             .any(|&b| b)
         );
+    }
+
+    /// The latest midpoint of a stored date: a fortnight ahead in December (a date of the
+    /// month), half a year ahead from the last days of December to the end of June (a
+    /// date of the year, 2 July; 1 July in a leap year).
+    #[test]
+    fn the_latest_midpoint_follows_the_calendar() {
+        let d = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).unwrap();
+        assert_eq!(latest_midpoint(d(2026, 12, 6)), Some(d(2026, 12, 16)));
+        assert_eq!(latest_midpoint(d(2026, 12, 29)), Some(d(2026, 12, 31)));
+        assert_eq!(latest_midpoint(d(2026, 12, 30)), Some(d(2027, 7, 2)));
+        assert_eq!(latest_midpoint(d(2027, 3, 1)), Some(d(2027, 7, 2)));
+        assert_eq!(latest_midpoint(d(2028, 3, 1)), Some(d(2028, 7, 1)));
+        assert_eq!(latest_midpoint(d(2027, 7, 20)), Some(d(2027, 7, 22)));
+    }
+
+    /// The rule's edge, exactly: a diagnosis at 12-17 in 2022 puts the birth's midpoint on
+    /// 1 January 2022 less the band's last day or later, and an onset at 40-64 that many
+    /// days later: ruled out on exactly the days whose latest midpoint is before that.
+    #[test]
+    fn the_future_rule_holds_to_its_edge() {
+        let first_day = NaiveDate::from_ymd_opt(2022, 1, 1).unwrap();
+        let (Some((_, Some(oldest))), Some((onset_first, _))) =
+            (age_band_days(3), age_band_days(5))
+        else {
+            panic!("bands");
+        };
+        let earliest_onset = first_day + chrono::Duration::days(onset_first - oldest);
+        let on = |today: NaiveDate| {
+            needs_a_future_date(
+                Some(today),
+                Some(&Key::Int(2022)),
+                Some(&Key::Int(3)),
+                Some(&Key::Int(5)),
+            )
+        };
+        let mut both = (false, false);
+        let mut today = earliest_onset - chrono::Days::new(400);
+        while today < earliest_onset + chrono::Days::new(10) {
+            let ruled_out = latest_midpoint(today).unwrap() < earliest_onset;
+            assert_eq!(on(today), ruled_out, "{today}");
+            both = (both.0 || ruled_out, both.1 || !ruled_out);
+            today = today.succ_opt().unwrap();
+        }
+        assert_eq!(both, (true, true));
+        // The diagnosis year: not before the last two days of the year before.
+        let year =
+            |today: NaiveDate| needs_a_future_date(Some(today), Some(&Key::Int(2027)), None, None);
+        assert!(!year(NaiveDate::from_ymd_opt(2026, 12, 30).unwrap()));
+        assert!(year(NaiveDate::from_ymd_opt(2026, 12, 29).unwrap()));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+        /// Sound, at the rule's edge: a record valid on the day it was stored is in no cell
+        /// the rule rules out, asked that day or later. In the midpoints the ages are
+        /// counted between (any day for the birth, wider than real births, which are
+        /// mid-month). Generated tight: a diagnosis early in its year at the end of its
+        /// band, an onset at the start of an older band, known to the day, month or year,
+        /// stored on the first day that onset and that diagnosis allow.
+        #[test]
+        fn no_valid_record_is_in_a_cell_the_future_rule_rules_out(
+            year in 1950i32..=2040,
+            asked_after in 0i64..=1,
+            diagnosis_band in 0usize..6,
+            onset_above in 1usize..6,
+            late in 0i64..=1,
+            young in 0i64..=1,
+            early in proptest::prop_oneof![0i64..=1, 0i64..=400],
+            precision in 0u8..3,
+        ) {
+            use crate::domain::PartialDate;
+            let onset_band = (diagnosis_band + onset_above).min(AGE_BANDS.len() - 1);
+            proptest::prop_assume!(onset_band > diagnosis_band);
+            let january = NaiveDate::from_ymd_opt(year, 1, 1).unwrap();
+            let diagnosis_mid = january + chrono::Duration::days(early);
+            let oldest = age_band_start_days(diagnosis_band + 1) - 1;
+            let born = diagnosis_mid - chrono::Duration::days(oldest - young);
+            let wanted = born + chrono::Duration::days(age_band_start_days(onset_band) + late);
+            // The onset: the first date of that precision whose midpoint is `wanted` or later.
+            let text = |day: NaiveDate| match precision {
+                0 => day.format("%Y").to_string(),
+                1 => day.format("%Y-%m").to_string(),
+                _ => day.format("%Y-%m-%d").to_string(),
+            };
+            let mut onset = PartialDate::parse(&text(wanted)).unwrap();
+            if onset.midpoint() < wanted {
+                onset = PartialDate::parse(&text(onset.latest().succ_opt().unwrap())).unwrap();
+            }
+            // Stored on the day before its first day (a date may begin the day after its
+            // submission), and no earlier than the day before the diagnosis's year begins.
+            let stored = (onset.earliest() - chrono::Days::new(1)).max(january - chrono::Days::new(1));
+            let today = stored + chrono::Duration::days(asked_after);
+            let band = |days: i64| {
+                (0..AGE_BANDS.len()).rev().find(|&i| days >= age_band_start_days(i)).unwrap() as i64
+            };
+            let (d, o) = (
+                Key::Int(band((diagnosis_mid - born).num_days().max(0))),
+                Key::Int(band((onset.midpoint() - born).num_days().max(0))),
+            );
+            proptest::prop_assert!(
+                !needs_a_future_date(Some(today), Some(&Key::Int(i64::from(year))), Some(&d), Some(&o)),
+                "stored {stored}, asked {today}: {year} {d:?} {o:?}, onset {onset}"
+            );
+        }
     }
 
     /// A small selection in two groups, with a band no group can have (over 20 years of

@@ -102,7 +102,8 @@ impl From<ServiceError> for Status {
 }
 
 /// The violations an answer lists, as (field, description): those `violations` listed
-/// (at most [`crate::domain::MAX_LISTED_VIOLATIONS`]), then, when some were not, one more
+/// (at most [`crate::domain::MAX_LISTED_VIOLATIONS`], of at most
+/// [`crate::domain::MAX_LISTED_BYTES`]), then, when some were not, one more
 /// entry under the first of their fields that says how many. The message counts them all.
 fn answered_violations(
     violations: &crate::domain::FieldViolations,
@@ -115,8 +116,10 @@ fn answered_violations(
             field.to_owned(),
             format!(
                 "and {omitted} more invalid field(s) from here on, not listed (an answer lists \
-                 at most {}): fix those above and send again",
-                crate::domain::MAX_LISTED_VIOLATIONS
+                 at most {}, of at most {} bytes of paths and descriptions): fix those above \
+                 and send again",
+                crate::domain::MAX_LISTED_VIOLATIONS,
+                crate::domain::MAX_LISTED_BYTES
             ),
         )
     });

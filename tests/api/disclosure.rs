@@ -91,15 +91,24 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
     );
     // And that no date is in the future: diagnosed in year y at an age below the band's
     // end, born after 1 January of y less that age; an onset at the onset band's start
-    // or later is that much later, and its midpoint at most half a year (and a day) past
-    // today. Whole years, generous by a few days as the service.
+    // or later is that much later, and its midpoint no later than that of a date that
+    // begins two days after today (the day, its month's midpoint or its year's).
     let today = chrono::Utc::now().date_naive();
+    let first = today + chrono::Days::new(2);
+    let midpoint = |from: chrono::NaiveDate, to: chrono::NaiveDate| from + (to - from) / 2;
+    let month_first = chrono::Datelike::with_day(&first, 1).unwrap();
+    let month_last = (month_first + chrono::Months::new(1)).pred_opt().unwrap();
+    let year_first = chrono::Datelike::with_ordinal(&first, 1).unwrap();
+    let year_last = (year_first + chrono::Months::new(12)).pred_opt().unwrap();
+    let latest = first
+        .max(midpoint(month_first, month_last))
+        .max(midpoint(year_first, year_last));
     let band_start = |label: &str| {
         ern_registry::aggregate::AGE_BANDS
             .iter()
             .position(|b| b.0 == label)
     };
-    let years_days = |years: u32| chrono::Days::new((f64::from(years) * 365.25) as u64);
+    let years_days = |years: u32| chrono::Days::new((f64::from(years) * 365.25).round() as u64);
     let future = |year: Option<&str>, band: Option<&str>, onset: Option<&str>| {
         let Some(first_day) = year
             .and_then(|y| y.parse::<i32>().ok())
@@ -107,7 +116,7 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
         else {
             return false;
         };
-        if first_day > today + chrono::Days::new(3) {
+        if first_day > first {
             return true;
         }
         let bands = ern_registry::aggregate::AGE_BANDS;
@@ -118,7 +127,7 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
         let Some(next) = bands.get(band + 1) else {
             return false;
         };
-        first_day - years_days(next.1) + years_days(bands[onset].1) > today + chrono::Days::new(186)
+        first_day - years_days(next.1) + chrono::Days::new(1) + years_days(bands[onset].1) > latest
     };
     let forbidden_with = |row: &str, column: &[String], known: &[(Dimension, String)]| {
         let values: Vec<(Dimension, &str)> = dims

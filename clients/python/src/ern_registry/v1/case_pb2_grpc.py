@@ -81,8 +81,9 @@ class CaseServiceServicer:
         the same whether nothing is on file or the patient refused, withdrew or let consent
         expire; consent officers see which with ConsentService.GetConsent.
         INVALID_ARGUMENT (all field violations of the format checks, the first 100 listed (at
-        most 8 KiB of paths and descriptions) and then one entry saying how many more; those against the code releases below come in
-        a second round, for a request that passes the first) for a
+        most 4 KiB of paths and descriptions) and then one entry saying how many more; those
+        against the code releases below come in a second round, for a request that passes the
+        first) for a
         bad record, ALREADY_EXISTS if the centre already has a case for this patient in the
         registry (use UpdateCase). The registry is checked first: a malformed `registry` is
         INVALID_ARGUMENT with that violation alone, an unknown one NOT_FOUND, one of an ERN
@@ -162,7 +163,7 @@ class CaseServiceServicer:
         format checks at once, e.g. "phenopacket.diseases[0].term.id" (a code that fails its
         check); then, as in SubmitCase, the code-release violations. Inside the phenopacket a
         violation names the element by its JSON path; a path over 160 bytes keeps its first
-        72 and last 80 around "…". An answer lists at most 100 violations (at most 8 KiB of
+        72 and last 80 around "…". An answer lists at most 100 violations (at most 4 KiB of
         paths and descriptions), then one entry, under the next field, saying how many more
         were left out.
         """
