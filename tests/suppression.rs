@@ -546,6 +546,35 @@ fn the_shrunk_cases_of_the_zero_and_pair_rules() {
 /// unknown as columns. By the rules every record passes (public), a case has both or
 /// neither: the unknown row holds only the unknown band, and the unknown band only the
 /// unknown row.
+/// The attacker's intervals of a protected two-way table of `rows` x `cols`, whose cells
+/// it sees as `seen` (the published ones and those it knows), checked against the truth
+/// `cells`, and the protection they break.
+fn attack_two_way(
+    p: &Protected,
+    rows: usize,
+    cols: usize,
+    seen: Vec<Option<u64>>,
+    cells: &[u64],
+    k: u64,
+    level: u64,
+) -> Vec<String> {
+    let view = Published {
+        rows,
+        cols,
+        two_way: true,
+        empty_rows: false,
+        empty_cols: false,
+        one_row: false,
+        cells: seen,
+        row_totals: p.row_totals.clone(),
+        col_totals: p.col_totals.clone(),
+        grand: p.grand_total,
+    };
+    let intervals = view.attack();
+    confirm(cells, cols, &intervals);
+    violations(cells, cols, &intervals, k, level)
+}
+
 fn year_by_band(counts: &[u64]) -> (Vec<u64>, usize) {
     use ern_registry::aggregate::Key;
     let years = [Key::Int(2022), Key::Int(2024), Key::Int(2026), Key::Missing];
@@ -620,21 +649,7 @@ proptest! {
                 *shown = Some(0);
             }
         }
-        let view = Published {
-            rows: 4,
-            cols,
-            two_way: true,
-            empty_rows: false,
-            empty_cols: false,
-            one_row: false,
-            cells: known,
-            row_totals: p.row_totals.clone(),
-            col_totals: p.col_totals.clone(),
-            grand: p.grand_total,
-        };
-        let intervals = view.attack();
-        confirm(&cells, cols, &intervals);
-        let found = violations(&cells, cols, &intervals, k, level);
+        let found = attack_two_way(p, 4, cols, known, &cells, k, level);
         prop_assert!(found.is_empty(), "k={} p={}: {:?} from {:?} of {:?}", k, level, found, p, cells);
     }
 
@@ -709,21 +724,7 @@ proptest! {
             }
         }
         prop_assert!(ruled_out >= 5, "{}", ruled_out);
-        let view = Published {
-            rows: 7,
-            cols,
-            two_way: true,
-            empty_rows: false,
-            empty_cols: false,
-            one_row: false,
-            cells: view_cells,
-            row_totals: p.row_totals.clone(),
-            col_totals: p.col_totals.clone(),
-            grand: p.grand_total,
-        };
-        let intervals = view.attack();
-        confirm(&cells, cols, &intervals);
-        let found = violations(&cells, cols, &intervals, k, level);
+        let found = attack_two_way(p, 7, cols, view_cells, &cells, k, level);
         prop_assert!(found.is_empty(), "k={} p={}: {:?} from {:?} of {:?}", k, level, found, p, cells);
     }
 }

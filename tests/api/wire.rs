@@ -762,18 +762,20 @@ async fn header_only_calls_are_bounded_per_address() {
     let fields = |n: usize| -> Vec<(String, String)> {
         (0..n).map(|i| (format!("x-f{i}"), String::new())).collect()
     };
-    let most = fields(MAX_HEADER_FIELDS - 2);
-    let (held, connection) = hold(
-        app.addr,
-        SUBMIT,
-        1,
-        |_| most.clone(),
-        &[],
-        false,
-        Duration::ZERO,
-    )
-    .await;
-    let (response, _stream) = held.into_iter().next().unwrap();
+    let header_only = |headers: Vec<(String, String)>| async move {
+        let (held, connection) = hold(
+            app.addr,
+            SUBMIT,
+            1,
+            |_| headers.clone(),
+            &[],
+            false,
+            Duration::ZERO,
+        )
+        .await;
+        (held.into_iter().next().unwrap(), connection)
+    };
+    let ((response, _stream), connection) = header_only(fields(MAX_HEADER_FIELDS - 2)).await;
     assert!(
         tokio::time::timeout(Duration::from_secs(1), response)
             .await
@@ -781,18 +783,7 @@ async fn header_only_calls_are_bounded_per_address() {
         "64 fields are read"
     );
     connection.abort();
-    let many = fields(MAX_HEADER_FIELDS - 1);
-    let (held, connection) = hold(
-        app.addr,
-        SUBMIT,
-        1,
-        |_| many.clone(),
-        &[],
-        false,
-        Duration::ZERO,
-    )
-    .await;
-    let (response, _stream) = held.into_iter().next().unwrap();
+    let ((response, _stream), connection) = header_only(fields(MAX_HEADER_FIELDS - 1)).await;
     let response = tokio::time::timeout(Duration::from_secs(5), response)
         .await
         .expect("refused at once")
