@@ -855,13 +855,26 @@ impl Grid {
             zeros = vec![false; self.table.cells.len()];
         }
         if !self.rows.is_empty() && !self.cols.is_empty() {
+            // Only these dimensions' values decide: each combination of them is worked
+            // out once (a table by sex, country and centre beside them repeats them).
+            const DECIDING: [Dimension; 4] = [
+                Dimension::Diagnosis,
+                Dimension::DiagnosisYear,
+                Dimension::DiagnosisAgeBand,
+                Dimension::OnsetAgeBand,
+            ];
+            let mut decided: std::collections::HashMap<Vec<(Dimension, &Key)>, bool> =
+                std::collections::HashMap::new();
             let ruled_out: Vec<bool> = (0..self.table.cells.len())
                 .map(|at| {
                     let (row, cols) = (&self.rows[at / ncols], &self.cols[at % ncols]);
                     let values: Vec<(Dimension, &Key)> = std::iter::once((row_dim, row))
                         .chain(col_dims.iter().copied().zip(cols))
+                        .filter(|(dim, _)| DECIDING.contains(dim))
                         .collect();
-                    impossible(&values, &self.known)
+                    *decided
+                        .entry(values)
+                        .or_insert_with_key(|values| impossible(values, &self.known))
                 })
                 .collect();
             // A count where the rules say none can be (a record stored so by an earlier
