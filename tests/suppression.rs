@@ -669,7 +669,7 @@ proptest! {
         let first_day = chrono::NaiveDate::from_ymd_opt(2022, 1, 1).unwrap();
         // The attacker's own reading of the rule: bands in days (years of 365.25 days,
         // rounded), a birth no earlier than 1 January 2022 less the band's last day, an
-        // onset's midpoint no later than that of a date beginning two days after the
+        // onset's midpoint no later than that of a date beginning the day after the
         // question (the month's midpoint here: 16 December 2026).
         let starts = [0f64, 1., 5., 12., 18., 40., 65.];
         let start = |i: usize| chrono::Days::new((starts[i] * 365.25).round() as u64);

@@ -432,16 +432,22 @@ fn impossible(values: &[(Dimension, &Key)], known: &Known) -> bool {
         })
 }
 
-/// Days past the day of a question on which a date stored before it may begin: a record's
-/// dates may begin on the day after its submission (`domain::record`, for time zones),
-/// and a day more, so that only certainties count.
-const LATEST_FIRST_DAY: u64 = 2;
+/// Days past the day a record was stored (UTC) on which its dates may begin
+/// (`domain::record`, for time zones). `today` is read after the records are counted
+/// (`service::research`), so every one was stored on it or before. (An instance whose
+/// clock runs ahead of another's could store, just after midnight, a record another
+/// counts just before: its cell is then one the rule rules out, and the table takes none
+/// of its zeros for public, `Grid::structural_zeros`; no zero is published wrongly.)
+/// A day more would not be only a day: on 30 December it would reach 1 January, and with
+/// it the next year's midpoint (a privacy audit pinned counts through that day).
+const LATEST_FIRST_DAY: u64 = 1;
 
-/// The latest midpoint a date stored before `today` (UTC) can have, ages being counted
-/// between midpoints: a date may begin at most [`LATEST_FIRST_DAY`] days later, and known
-/// to the day, the month or the year it stands for that day, its month's midpoint or its
-/// year's (2 July, or 1 July in a leap year). So about half a year ahead in the first half
-/// of a year, a fortnight at most in the second (`None`: past the calendar's end).
+/// The latest midpoint a date stored on `today` (UTC) or before can have, ages being
+/// counted between midpoints: a date may begin at most [`LATEST_FIRST_DAY`] days later,
+/// and known to the day, the month or the year it stands for that day, its month's
+/// midpoint or its year's (2 July, or 1 July in a leap year). So half a year ahead from 31
+/// December to the end of June, at most 16 days ahead from July to 30 December (`None`:
+/// past the calendar's end).
 fn latest_midpoint(today: NaiveDate) -> Option<NaiveDate> {
     let day = today.checked_add_days(chrono::Days::new(LATEST_FIRST_DAY))?;
     let midpoint = |text: String| {
@@ -1889,14 +1895,17 @@ mod tests {
         let any = [(Sex, &Key::Text("female".into()))];
         assert!(impossible(&any, &asked(&[(DiagnosisYear, vec![y(2028)])])));
         assert!(impossible(&any, &asked(&[(DiagnosisYear, vec![y(2027)])])));
-        // On 30 December a diagnosis dated 1 January may already be stored (it may begin
-        // the day after the submission's date in UTC, and a slack of two days).
-        let new_year = Known::from_filters(&[Filter {
-            dimension: DiagnosisYear,
-            values: vec![y(2027)],
-        }])
-        .asked_on(NaiveDate::from_ymd_opt(2026, 12, 30).unwrap());
-        assert!(!impossible(&any, &new_year));
+        // On 31 December a diagnosis dated 1 January may already be stored (a date may
+        // begin the day after the submission's date in UTC); on the 30th not.
+        let new_year = |day| {
+            Known::from_filters(&[Filter {
+                dimension: DiagnosisYear,
+                values: vec![y(2027)],
+            }])
+            .asked_on(NaiveDate::from_ymd_opt(2026, 12, day).unwrap())
+        };
+        assert!(!impossible(&any, &new_year(31)));
+        assert!(impossible(&any, &new_year(30)));
         // 65+ in 1944 needs a birth before 1880, and 2040 is in the future: both
         // impossible, 1990 between them is not.
         let seniors = [(DiagnosisAgeBand, &senior)];
@@ -1941,18 +1950,21 @@ mod tests {
         );
     }
 
-    /// The latest midpoint of a stored date: a fortnight ahead in December (a date of the
-    /// month), half a year ahead from the last days of December to the end of June (a
-    /// date of the year, 2 July; 1 July in a leap year).
+    /// The latest midpoint of a stored date: about a fortnight ahead in early December (a
+    /// date of the month), half a year ahead from 31 December to the end of June (a date
+    /// of the year, 2 July; 1 July in a leap year), the next day at the end of a month.
     #[test]
     fn the_latest_midpoint_follows_the_calendar() {
         let d = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).unwrap();
         assert_eq!(latest_midpoint(d(2026, 12, 6)), Some(d(2026, 12, 16)));
-        assert_eq!(latest_midpoint(d(2026, 12, 29)), Some(d(2026, 12, 31)));
-        assert_eq!(latest_midpoint(d(2026, 12, 30)), Some(d(2027, 7, 2)));
+        assert_eq!(latest_midpoint(d(2026, 12, 29)), Some(d(2026, 12, 30)));
+        assert_eq!(latest_midpoint(d(2026, 12, 30)), Some(d(2026, 12, 31)));
+        assert_eq!(latest_midpoint(d(2026, 12, 31)), Some(d(2027, 7, 2)));
         assert_eq!(latest_midpoint(d(2027, 3, 1)), Some(d(2027, 7, 2)));
         assert_eq!(latest_midpoint(d(2028, 3, 1)), Some(d(2028, 7, 1)));
-        assert_eq!(latest_midpoint(d(2027, 7, 20)), Some(d(2027, 7, 22)));
+        assert_eq!(latest_midpoint(d(2027, 7, 20)), Some(d(2027, 7, 21)));
+        assert_eq!(latest_midpoint(d(2024, 7, 30)), Some(d(2024, 7, 31)));
+        assert_eq!(latest_midpoint(d(2024, 7, 31)), Some(d(2024, 8, 16)));
     }
 
     /// The rule's edge, exactly: a diagnosis at 12-17 in 2022 puts the birth's midpoint on
@@ -1984,11 +1996,11 @@ mod tests {
             today = today.succ_opt().unwrap();
         }
         assert_eq!(both, (true, true));
-        // The diagnosis year: not before the last two days of the year before.
+        // The diagnosis year: not before the last day of the year before.
         let year =
             |today: NaiveDate| needs_a_future_date(Some(today), Some(&Key::Int(2027)), None, None);
-        assert!(!year(NaiveDate::from_ymd_opt(2026, 12, 30).unwrap()));
-        assert!(year(NaiveDate::from_ymd_opt(2026, 12, 29).unwrap()));
+        assert!(!year(NaiveDate::from_ymd_opt(2026, 12, 31).unwrap()));
+        assert!(year(NaiveDate::from_ymd_opt(2026, 12, 30).unwrap()));
     }
 
     proptest::proptest! {

@@ -263,6 +263,13 @@ fn rules_of(registry: &Registry) -> Result<Rules, ServiceError> {
     .map_err(|e| ServiceError::Internal(StoreError::Invalid(e.to_string())))
 }
 
+/// The day (UTC) by which every record a scan just counted was stored: read after the
+/// scan, so that a record committed after the question's `as_of` (across midnight) is
+/// covered too; the future-date rule needs it (`aggregate::needs_a_future_date`).
+fn after_the_scan(services: &Services) -> chrono::NaiveDate {
+    services.clock.now().date_naive()
+}
+
 /// Takes one question from the principal's research allowance.
 fn take_question(services: &Services, principal: &Principal) -> Result<(), ServiceError> {
     services
@@ -462,7 +469,7 @@ pub async fn count_patients(
         }
     };
     let group_by = selection.group_by.clone();
-    let known = Known::from_filters(&selection.filters).asked_on(selection.now.date_naive());
+    let known = Known::from_filters(&selection.filters).asked_on(after_the_scan(services));
     // Grouped by gene, a table of fewer than k patients publishes no count (the pair rule
     // of `aggregate::suppress`): it lists no row or column, as every such table.
     let table = services
@@ -512,7 +519,6 @@ pub async fn diagnostic_delay(
         selection.group_by.len(),
         selection.filters.len() + usize::from(selection.phenotypes.is_some()),
     );
-    let known = Known::from_filters(&selection.filters).asked_on(selection.now.date_naive());
     let builder = match &services.research_index {
         Some(index) => {
             let sel = selection.clone();
@@ -520,6 +526,7 @@ pub async fn diagnostic_delay(
         }
         None => services.store.diagnostic_delay(&selection).await?,
     };
+    let known = Known::from_filters(&selection.filters).asked_on(after_the_scan(services));
     let table = services
         .protection
         .run(turn, move |deadline| {

@@ -92,9 +92,9 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
     // And that no date is in the future: diagnosed in year y at an age below the band's
     // end, born after 1 January of y less that age; an onset at the onset band's start
     // or later is that much later, and its midpoint no later than that of a date that
-    // begins two days after today (the day, its month's midpoint or its year's).
+    // begins the day after today (the day, its month's midpoint or its year's).
     let today = chrono::Utc::now().date_naive();
-    let first = today + chrono::Days::new(2);
+    let first = today + chrono::Days::new(1);
     let midpoint = |from: chrono::NaiveDate, to: chrono::NaiveDate| from + (to - from) / 2;
     let month_first = chrono::Datelike::with_day(&first, 1).unwrap();
     let month_last = (month_first + chrono::Months::new(1)).pred_opt().unwrap();
