@@ -445,9 +445,9 @@ const LATEST_FIRST_DAY: u64 = 1;
 /// The latest midpoint a date stored on `today` (UTC) or before can have, ages being
 /// counted between midpoints: a date may begin at most [`LATEST_FIRST_DAY`] days later,
 /// and known to the day, the month or the year it stands for that day, its month's
-/// midpoint or its year's (2 July, or 1 July in a leap year). So half a year ahead from 31
-/// December to the end of June, at most 16 days ahead from July to 30 December (`None`:
-/// past the calendar's end).
+/// midpoint or its year's (2 July, or 1 July in a leap year). So the year's midpoint from
+/// 31 December to the end of June (half a year ahead at first, a few days by late June),
+/// and at most 16 days ahead from then to 30 December (`None`: past the calendar's end).
 fn latest_midpoint(today: NaiveDate) -> Option<NaiveDate> {
     let day = today.checked_add_days(chrono::Days::new(LATEST_FIRST_DAY))?;
     let midpoint = |text: String| {
