@@ -1162,21 +1162,35 @@ async fn a_read_admitted_before_the_bound_does_not_answer_past_it() {
 }
 
 /// An HTTP/2 connection to `addr` from the loopback address `source` (another peer than
-/// 127.0.0.1), with its driver.
-async fn connect_from(
+/// 127.0.0.1), with its driver. `window`: the streams' initial HTTP/2 window (0: the
+/// server may send headers, no data).
+async fn connect_from_with(
     source: [u8; 4],
     addr: SocketAddr,
+    window: u32,
 ) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket
         .bind(SocketAddr::from((source, 0)))
         .expect("any 127.0.0.0/8 address is the loopback");
     let tcp = socket.connect(addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
     (client, driver)
+}
+
+/// [`connect_from_with`] the default window.
+async fn connect_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    connect_from_with(source, addr, 65_535).await
 }
 
 /// A reflection answer asked and read whole from `source`: its size, or its status.
@@ -1239,7 +1253,7 @@ async fn answers_left_unread_are_bounded_over_all_addresses() {
     // Another address, within its share, gets a whole answer larger than its share.
     assert_eq!(reflection_from(OTHER, app.addr).await.ok(), Some(size));
     // Once it leaves one unread too, it holds more than its share: refused.
-    let (other, other_driver) = connect_from_windowless(OTHER, app.addr).await;
+    let (other, other_driver) = connect_from_with(OTHER, app.addr, 0).await;
     let other_held = unread_answer(app.addr, &other).await;
     let mut status = None;
     for _ in 0..250 {
@@ -1274,26 +1288,6 @@ async fn answers_left_unread_are_bounded_over_all_addresses() {
     assert_eq!(answered.and_then(Result::ok), Some(size));
     driver.abort();
     other_driver.abort();
-}
-
-/// A connection from `source` whose streams have no HTTP/2 window: the server may send
-/// headers, no data.
-async fn connect_from_windowless(
-    source: [u8; 4],
-    addr: SocketAddr,
-) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((source, 0))).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    (client, driver)
 }
 
 /// Reflection takes no key: at most `--max-reflection-calls-per-peer` reflection calls are
