@@ -10,6 +10,17 @@
 //!   `--max-connections-per-peer` from its peer (`ratelimit::Peer`: an IPv4 address or an
 //!   IPv6 /64). Past either cap the connection is closed at once, before TLS or HTTP/2:
 //!   one address cannot take every place.
+//! - **Places without a key are given up at the cap** (`evict_without_key`, the gRPC
+//!   listener). Health checks and reflection need no key, and a health `Watch` never
+//!   ends, so connections without a key could otherwise hold every place (sixteen
+//!   addresses did, 2026-12-06). A connection is a key holder's while a call on it has
+//!   authenticated within the idle timeout ([`Connections::key_holder`], from
+//!   `api::authenticate`/`authorize` and each item of a `SubmitCases` stream). At the cap
+//!   in all, a new connection takes the place of the oldest connection on which no call
+//!   has authenticated, else of the one whose last authenticated call is the longest ago
+//!   past the idle timeout; that one is out of the counts at once, and its reads end and
+//!   its writes fail, so HTTP/2 closes it. Only when every place is a key holder's is the
+//!   new connection closed.
 //! - [`ActivityLayer`] counts, per connection, the calls under way (a call lasts until its
 //!   response body ends, so an open stream counts), and a connection with no call for
 //!   `--idle-timeout-secs` is closed: its reads report end of file, and HTTP/2 closes it.
@@ -54,16 +65,17 @@
 //!
 //! The tables are keyed by open connections (bounded by the cap) and emptied as they close.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -104,6 +116,12 @@ pub struct ConnectionLimits {
     /// Calls without a key (health, reflection) under way from one peer (`None`: not
     /// capped).
     pub max_reflection_per_peer: Option<usize>,
+    /// At the cap on connections, close a connection without a key to admit a new one,
+    /// instead of closing the new one: the oldest on which no call has authenticated,
+    /// else the one whose last authenticated call is the longest ago, if that is more
+    /// than `idle_timeout` ago ([`Connections::key_holder`] marks a connection when a
+    /// call on it authenticates).
+    pub evict_without_key: bool,
 }
 
 /// Which listener a [`Connections`] serves: it names the log lines and the labels of
@@ -133,6 +151,37 @@ struct Open {
     total: usize,
     per_peer: HashMap<Peer, PeerEntry>,
     by_addr: HashMap<SocketAddr, Arc<Activity>>,
+    /// The connections on which no call has authenticated yet, oldest first (by their
+    /// number of admission): those a new connection may take the place of.
+    without_key: BTreeMap<u64, Arc<Activity>>,
+    /// The number the next admitted connection gets.
+    admitted: u64,
+}
+
+impl Open {
+    /// Takes `activity`'s connection out of the counts (once: a connection evicted is
+    /// not counted again when it drops).
+    fn release(&mut self, activity: &Arc<Activity>) {
+        if activity.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.total = self.total.saturating_sub(1);
+        if let Some(entry) = self.per_peer.get_mut(&activity.from) {
+            entry.connections -= 1;
+            if entry.connections == 0 {
+                self.per_peer.remove(&activity.from);
+            }
+        }
+        if let Some(addr) = activity.remote
+            && self
+                .by_addr
+                .get(&addr)
+                .is_some_and(|a| Arc::ptr_eq(a, activity))
+        {
+            self.by_addr.remove(&addr);
+        }
+        self.without_key.remove(&activity.number);
+    }
 }
 
 /// One peer's open connections and what they hold for it.
@@ -187,6 +236,43 @@ struct Activity {
     /// Milliseconds since `Connections::epoch`.
     last: AtomicU64,
     peer: Arc<PeerLoad>,
+    /// Its number of admission (the order of age).
+    number: u64,
+    /// Its peer and address, for the counts.
+    from: Peer,
+    remote: Option<SocketAddr>,
+    /// When a call on it last authenticated (milliseconds since `Connections::epoch`,
+    /// plus one; 0: never). Recently, it keeps its place at the cap.
+    keyed: AtomicU64,
+    /// It gave its place to a newer connection: its reads end and its writes fail.
+    evicted: AtomicBool,
+    /// Taken out of the counts (on eviction or when it drops).
+    released: AtomicBool,
+    /// The task reading the connection, woken when it is evicted.
+    reader: AtomicWaker,
+}
+
+impl Activity {
+    fn new(
+        number: u64,
+        from: Peer,
+        remote: Option<SocketAddr>,
+        peer: Arc<PeerLoad>,
+        now: u64,
+    ) -> Activity {
+        Activity {
+            active: AtomicUsize::new(0),
+            last: AtomicU64::new(now),
+            peer,
+            number,
+            from,
+            remote,
+            keyed: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+        }
+    }
 }
 
 /// One data chunk of an answer, counted for its peer until the transport drops it (the
@@ -365,6 +451,7 @@ impl Connections {
                 max_unread_per_peer: limits.max_unread_per_peer,
                 max_unread_all: limits.max_unread_all,
                 max_reflection_per_peer: limits.max_reflection_per_peer,
+                evict_without_key: limits.evict_without_key,
             },
             epoch: Instant::now(),
             open: Mutex::new(Open::default()),
@@ -478,7 +565,9 @@ impl Connections {
         }
     }
 
-    /// Admits `stream` if the caps allow, else closes it.
+    /// Admits `stream` if the caps allow, else closes it. At the cap on connections in
+    /// all (not the one per peer), with `evict_without_key`, the oldest connection on
+    /// which no call has authenticated gives its place to `stream`.
     fn admit(self: &Arc<Self>, stream: TcpStream) -> Option<Tracked> {
         let remote = stream.peer_addr().ok();
         let peer = Peer::of(remote);
@@ -488,10 +577,10 @@ impl Connections {
                 .per_peer
                 .get(&peer)
                 .map_or(0, |entry| entry.connections);
-            let refused = if open.total >= self.limits.max_connections {
-                Some("max_connections")
-            } else if from_peer >= self.limits.max_per_peer {
+            let refused = if from_peer >= self.limits.max_per_peer {
                 Some("max_connections_per_peer")
+            } else if open.total >= self.limits.max_connections && !self.evict_one(&mut open) {
+                Some("max_connections")
             } else {
                 None
             };
@@ -512,13 +601,20 @@ impl Connections {
                 }),
             });
             entry.connections += 1;
-            let activity = Arc::new(Activity {
-                active: AtomicUsize::new(0),
-                last: AtomicU64::new(self.now_ms()),
-                peer: entry.load.clone(),
-            });
+            let load = entry.load.clone();
+            open.admitted += 1;
+            let activity = Arc::new(Activity::new(
+                open.admitted,
+                peer,
+                remote,
+                load,
+                self.now_ms(),
+            ));
             if let Some(addr) = remote {
                 open.by_addr.insert(addr, activity.clone());
+            }
+            if self.limits.evict_without_key {
+                open.without_key.insert(activity.number, activity.clone());
             }
             activity
         };
@@ -535,6 +631,53 @@ impl Connections {
             idle,
             closed: false,
         })
+    }
+
+    /// Evicts a connection without a key, if the limits allow it and there is one: the
+    /// oldest on which no call has authenticated, else the one whose last authenticated
+    /// call is the longest ago, if that is longer than the idle timeout (a revoked key
+    /// keeps no place for longer). It is out of the counts at once, and its task is woken
+    /// to close it. Whether one was.
+    fn evict_one(&self, open: &mut Open) -> bool {
+        if !self.limits.evict_without_key {
+            return false;
+        }
+        let oldest = match open.without_key.pop_first() {
+            Some((_, oldest)) => oldest,
+            None => {
+                let Some(lapse) = self.limits.idle_timeout else {
+                    return false;
+                };
+                let before = self
+                    .now_ms()
+                    .saturating_sub(lapse.as_millis() as u64)
+                    .saturating_add(1);
+                let lapsed = open
+                    .by_addr
+                    .values()
+                    .filter(|a| a.keyed.load(Ordering::SeqCst) < before)
+                    .min_by_key(|a| a.keyed.load(Ordering::SeqCst));
+                match lapsed {
+                    Some(lapsed) => lapsed.clone(),
+                    None => return false,
+                }
+            }
+        };
+        open.release(&oldest);
+        oldest.evicted.store(true, Ordering::SeqCst);
+        oldest.reader.wake();
+        metrics::counter!("ern_connections_evicted_total").increment(1);
+        debug!(peer = %oldest.from, "connection without a key closed for a new one");
+        true
+    }
+
+    /// Marks the connection of a request (its `extensions`) as one on which a call has
+    /// just authenticated: it keeps its place at the cap on connections for the idle
+    /// timeout (`evict_without_key`).
+    pub fn key_holder(extensions: &http::Extensions) {
+        if let Some(on) = extensions.get::<OnConnectionKeyed>() {
+            on.authenticated();
+        }
     }
 
     /// The bounds on answers held unread.
@@ -634,7 +777,25 @@ pub struct Tracked {
     closed: bool,
 }
 
+/// What writing to an evicted connection fails with.
+fn evicted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed for a new one: no call on it had authenticated",
+    )
+}
+
 impl Tracked {
+    /// Whether the connection gave its place to a newer one. Registers the waker for the
+    /// moment it does.
+    fn evicted(&self, cx: &mut Context<'_>) -> bool {
+        if !self.connections.limits.evict_without_key {
+            return false;
+        }
+        self.activity.reader.register(cx.waker());
+        self.activity.evicted.load(Ordering::SeqCst)
+    }
+
     /// The address of the connection's peer.
     pub fn remote(&self) -> Option<SocketAddr> {
         self.remote
@@ -670,22 +831,7 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        let mut open = lock(&self.connections.open);
-        open.total = open.total.saturating_sub(1);
-        if let Some(entry) = open.per_peer.get_mut(&self.peer) {
-            entry.connections -= 1;
-            if entry.connections == 0 {
-                open.per_peer.remove(&self.peer);
-            }
-        }
-        if let Some(addr) = self.remote
-            && open
-                .by_addr
-                .get(&addr)
-                .is_some_and(|a| Arc::ptr_eq(a, &self.activity))
-        {
-            open.by_addr.remove(&addr);
-        }
+        lock(&self.connections.open).release(&self.activity);
     }
 }
 
@@ -704,6 +850,9 @@ impl AsyncRead for Tracked {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.evicted(cx) {
+            this.closed = true;
+        }
         if this.closed || this.idle_expired(cx) {
             if !this.closed {
                 debug!(peer = %this.peer, "idle connection closed");
@@ -723,6 +872,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.activity.evicted.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(evicted()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -739,6 +891,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.activity.evicted.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(evicted()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -816,6 +971,10 @@ where
             request
                 .extensions_mut()
                 .insert(OnConnection(guard.activity.clone()));
+            request.extensions_mut().insert(OnConnectionKeyed(
+                self.connections.clone(),
+                guard.activity.clone(),
+            ));
         }
         let bounds =
             Some(self.connections.bounds()).filter(|_| READS.contains(&request.uri().path()));
@@ -909,6 +1068,27 @@ impl<G: Unpin> http_body::Body for GuardedBody<G> {
 #[derive(Clone)]
 struct OnConnection(Arc<Activity>);
 
+/// The connection a call came on, for [`Connections::key_holder`] (in the request's
+/// extensions until the handler; a stream's handler may keep it for its items).
+#[derive(Clone)]
+pub struct OnConnectionKeyed(Arc<Connections>, Arc<Activity>);
+
+impl OnConnectionKeyed {
+    /// The connection of a request (its `extensions`), if it is tracked.
+    pub fn of(extensions: &http::Extensions) -> Option<OnConnectionKeyed> {
+        extensions.get::<OnConnectionKeyed>().cloned()
+    }
+
+    /// A call on the connection has just authenticated.
+    pub fn authenticated(&self) {
+        let OnConnectionKeyed(connections, activity) = self;
+        let now = connections.now_ms() + 1;
+        if activity.keyed.swap(now, Ordering::SeqCst) == 0 {
+            lock(&connections.open).without_key.remove(&activity.number);
+        }
+    }
+}
+
 /// Refuses calls from a peer past the caps on unread answers and calls without a key
 /// (module documentation).
 #[derive(Clone)]
@@ -980,11 +1160,7 @@ mod tests {
     use super::*;
 
     fn activity(peer: &Arc<PeerLoad>) -> Activity {
-        Activity {
-            active: AtomicUsize::new(0),
-            last: AtomicU64::new(0),
-            peer: peer.clone(),
-        }
+        Activity::new(1, Peer::of(None), None, peer.clone(), 0)
     }
 
     fn unread(peer: &PeerLoad) -> u64 {
@@ -1143,6 +1319,7 @@ mod tests {
             max_unread_per_peer: unread,
             max_unread_all: None,
             max_reflection_per_peer: reflection,
+            evict_without_key: false,
         })
     }
 
@@ -1155,6 +1332,7 @@ mod tests {
             max_unread_per_peer: Some(1 << 30),
             max_unread_all: Some(1_000),
             max_reflection_per_peer: None,
+            evict_without_key: false,
         });
         let peer = Arc::new(PeerLoad {
             all: connections.unread_all.clone(),
@@ -1262,6 +1440,7 @@ mod tests {
             max_unread_per_peer: None,
             max_unread_all: None,
             max_reflection_per_peer: None,
+            evict_without_key: true,
         });
         let mut incoming = Box::pin(connections.incoming(listener, None));
         let _a = connect(addr).await;
@@ -1282,5 +1461,120 @@ mod tests {
         let _fourth = incoming.next().await.unwrap().unwrap();
         assert_eq!(connections.open(), 2);
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
+    /// At the cap, the oldest connection on which no call has authenticated gives its
+    /// place to a new one (its reads end, its writes fail); a connection marked as a key
+    /// holder keeps its place, and when every place is a key holder's, the new one is
+    /// closed.
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_connection_without_a_key_gives_its_place() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(ConnectionLimits {
+            max_connections: 2,
+            max_per_peer: 10,
+            idle_timeout: None,
+            max_unread_per_peer: None,
+            max_unread_all: None,
+            max_reflection_per_peer: None,
+            evict_without_key: true,
+        });
+        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let mut accept = async || {
+            let client = connect(addr).await;
+            (client, incoming.next().await.unwrap().unwrap())
+        };
+        let keyed = |tracked: &Tracked| {
+            let mut extensions = http::Extensions::new();
+            extensions.insert(OnConnectionKeyed(
+                tracked.connections.clone(),
+                tracked.activity.clone(),
+            ));
+            Connections::key_holder(&extensions);
+        };
+        let (_a, mut first) = accept().await;
+        let (_b, second) = accept().await;
+        keyed(&second);
+        assert_eq!(connections.open(), 2);
+        // A third is admitted; the first (no key) is closed for it: end of file for its
+        // reader, an error for its writer; the key holder stays.
+        let (_c, third) = accept().await;
+        assert_eq!(connections.open(), 2);
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), first.read(&mut byte))
+            .await
+            .expect("the evicted connection's read ends");
+        assert_eq!(read.unwrap(), 0);
+        assert!(first.write_all(b"x").await.is_err());
+        assert!(!second.activity.evicted.load(Ordering::SeqCst));
+        // Dropping the evicted connection does not count it out twice.
+        drop(first);
+        assert_eq!(connections.open(), 2);
+        // Once both places are key holders', a new connection is closed at once.
+        keyed(&third);
+        let mut d = connect(addr).await;
+        let read = tokio::select! {
+            _ = incoming.next() => panic!("a connection past the cap was admitted"),
+            read = d.read(&mut byte) => read,
+        };
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(connections.open(), 2);
+        assert!(!third.activity.evicted.load(Ordering::SeqCst));
+        // A key holder's place comes back when it closes.
+        drop(second);
+        assert_eq!(connections.open(), 1);
+    }
+
+    /// A key holder keeps its place for the idle timeout after its last authenticated
+    /// call; past it, at the cap, the one whose last authenticated call is the longest
+    /// ago gives its place (so a revoked key holds none for long).
+    #[tokio::test]
+    async fn a_key_holders_place_lapses_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(ConnectionLimits {
+            max_connections: 2,
+            max_per_peer: 10,
+            idle_timeout: Some(Duration::from_millis(300)),
+            max_unread_per_peer: None,
+            max_unread_all: None,
+            max_reflection_per_peer: None,
+            evict_without_key: true,
+        });
+        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let mut accept = async || {
+            let client = connect(addr).await;
+            (client, incoming.next().await.unwrap().unwrap())
+        };
+        let keyed = |tracked: &Tracked| {
+            let mut extensions = http::Extensions::new();
+            extensions.insert(OnConnectionKeyed(
+                tracked.connections.clone(),
+                tracked.activity.clone(),
+            ));
+            Connections::key_holder(&extensions);
+        };
+        let (_a, first) = accept().await;
+        let (_b, second) = accept().await;
+        keyed(&first);
+        keyed(&second);
+        // Within the timeout both keep their places.
+        let mut c = connect(addr).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::select! {
+            _ = incoming.next() => panic!("a key holder gave its place within the timeout"),
+            read = tokio::io::AsyncReadExt::read(&mut c, &mut byte) => read,
+        };
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // Past it, the one that authenticated longest ago gives its place.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        keyed(&second);
+        let _d = connect(addr).await;
+        let _fourth = incoming.next().await.unwrap().unwrap();
+        assert!(first.activity.evicted.load(Ordering::SeqCst));
+        assert!(!second.activity.evicted.load(Ordering::SeqCst));
+        assert_eq!(connections.open(), 2);
     }
 }

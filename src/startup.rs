@@ -773,6 +773,9 @@ impl Application {
             max_unread_per_peer: Some(self.args.max_unread_bytes_per_peer),
             max_unread_all: Some(self.args.max_unread_bytes),
             max_reflection_per_peer: Some(self.args.max_reflection_calls_per_peer as usize),
+            // A connection without a key (health, reflection, or nothing yet) gives its
+            // place to a new one at the cap: callers without a key cannot hold every place.
+            evict_without_key: true,
         });
         let incoming = connections.incoming(self.listener, self.args.keepalive());
         let code_refresh = tokio::spawn(

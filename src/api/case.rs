@@ -21,6 +21,7 @@ use zeroize::Zeroize;
 
 use super::{SharedState, audited, authorize, client_certificate, convert, phenopacket, rejection};
 use crate::auth::{PresentedKey, Principal, Role};
+use crate::connections::OnConnectionKeyed;
 use crate::consent::ConsentDecision;
 use crate::domain::{CaseRecord, ClientReference, FieldViolations};
 use crate::outcome::Outcome;
@@ -315,6 +316,8 @@ impl CaseApi {
         let key =
             Arc::new(PresentedKey::from_metadata(request.metadata()).map_err(ServiceError::from)?);
         let certificate: Arc<Option<String>> = Arc::new(client_certificate(&request));
+        // Each item authenticated keeps the connection's place at the cap on connections.
+        let connection = OnConnectionKeyed::of(request.extensions());
         let mut input = request.into_inner();
         let principal_id = principal.id;
         let state = self.state.clone();
@@ -381,6 +384,7 @@ impl CaseApi {
                 let state = state.clone();
                 let key = key.clone();
                 let certificate = certificate.clone();
+                let connection = connection.clone();
                 let handle = tokio::spawn(async move {
                     let _item_permit = item_permit;
                     let _slot = slot;
@@ -392,7 +396,12 @@ impl CaseApi {
                         .authenticate_key(&key, certificate.as_ref().as_deref(), running.call())
                         .await
                     {
-                        Ok(principal) => submit_one(&state, &principal, item, running.call()).await,
+                        Ok(principal) => {
+                            if let Some(connection) = &connection {
+                                connection.authenticated();
+                            }
+                            submit_one(&state, &principal, item, running.call()).await
+                        }
                         // `item` is dropped unread; its identifiers are wiped with it.
                         Err(e) => Err(e),
                     };

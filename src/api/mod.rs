@@ -28,6 +28,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tracing::{error, warn};
 
 use crate::auth::{PresentedKey, Principal, Role};
+use crate::connections::Connections;
 use crate::consent::InclusionRefused;
 use crate::outcome::Outcome;
 use crate::ratelimit::Peer;
@@ -267,23 +268,31 @@ pub fn credentials<T>(request: &tonic::Request<T>) -> Credentials {
     }
 }
 
-/// Authenticates the caller of `request` ([`Services::authenticate`]).
+/// Authenticates the caller of `request` ([`Services::authenticate`]). Its connection
+/// then keeps its place at the cap on connections ([`Connections::key_holder`]).
 pub async fn authenticate<T>(
     services: &Services,
     request: &tonic::Request<T>,
     call: &mut Call,
 ) -> Result<Principal, ServiceError> {
-    services.authenticate(&credentials(request), call).await
+    let principal = services.authenticate(&credentials(request), call).await?;
+    Connections::key_holder(request.extensions());
+    Ok(principal)
 }
 
-/// Authenticates the caller of `request` and requires `role`.
+/// Authenticates the caller of `request` and requires `role` (its connection then keeps
+/// its place, as with [`authenticate`]).
 pub async fn authorize<T>(
     services: &Services,
     request: &tonic::Request<T>,
     role: Role,
     call: &mut Call,
 ) -> Result<Principal, ServiceError> {
-    services.authorize(&credentials(request), role, call).await
+    let principal = services
+        .authorize(&credentials(request), role, call)
+        .await?;
+    Connections::key_holder(request.extensions());
+    Ok(principal)
 }
 
 /// The gRPC status code of an outcome.

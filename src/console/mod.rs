@@ -152,6 +152,8 @@ pub async fn serve(
             max_unread_per_peer: None,
             max_unread_all: None,
             max_reflection_per_peer: None,
+            // Its users sign in per request (a session cookie), not per connection.
+            evict_without_key: false,
         },
     );
     // A request not answered in time (a slow body, a slow database) is answered 503

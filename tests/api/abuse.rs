@@ -586,6 +586,21 @@ async fn a_principals_streams_share_its_item_cap_and_lose_nothing() {
     assert_eq!(app.count("cases").await, i64::from(2 * ITEMS));
 }
 
+/// Whether the server closes `tcp` within 20 s (end of file or an error; what it sends
+/// before, its HTTP/2 SETTINGS, is read and dropped).
+async fn closed_by_the_server(tcp: &mut tokio::net::TcpStream) -> bool {
+    let mut bytes = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(1..) = tcp.read(&mut bytes).await {}
+    })
+    .await
+    .is_ok()
+}
+
+/// At the cap on connections a connection on which no call has authenticated gives its
+/// place to a new one, oldest first; key holders' connections keep theirs, and once every
+/// place is a key holder's a new connection is closed at once. Places come back when
+/// connections close.
 #[tokio::test]
 async fn connections_past_the_cap_are_closed_at_once() {
     let app = TestApp::spawn_with(ServeArgs {
@@ -593,36 +608,89 @@ async fn connections_past_the_cap_are_closed_at_once() {
         ..ServeArgs::default()
     })
     .await;
-    let held = [
-        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
-        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
-    ];
-    // The two are admitted (a call over each would work); a third is closed.
+    let mut first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // A physician connects: the oldest connection without a key gives its place.
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    // Served: authenticated (without a key, UNAUTHENTICATED comes first), then refused
+    // for the pseudonym's form.
+    let missing = || get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA");
+    let code = dr.get_case(missing()).await.unwrap_err().code();
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(closed_by_the_server(&mut first).await);
+    // A second: the other gives its place.
+    let mut other = app.physician("dr-b", "NL-AMC").await;
+    let code = other.get_case(missing()).await.unwrap_err().code();
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(closed_by_the_server(&mut second).await);
+    // Every place is a key holder's: a third connection is closed at once, and both
+    // key holders are still served.
     let mut third = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let mut byte = [0u8; 64];
-    let read = tokio::time::timeout(Duration::from_secs(20), third.read(&mut byte))
-        .await
-        .expect("the third connection is closed by the server");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(closed_by_the_server(&mut third).await);
+    for client in [&mut dr, &mut other] {
+        let code = client.get_case(missing()).await.unwrap_err().code();
+        assert_eq!(code, Code::InvalidArgument);
+    }
     // Places come back when connections close.
-    drop(held);
+    drop((dr, other));
     let channel = Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
         .connect_lazy();
     let mut anonymous = CaseServiceClient::new(channel);
+    // (Until the server sees them close, a new connection is closed at accept: the client
+    // says UNAVAILABLE or CANCELLED, as the moment of the close falls.)
     let mut code = Code::Unavailable;
     for _ in 0..100 {
-        code = anonymous
-            .get_case(get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA"))
-            .await
-            .unwrap_err()
-            .code();
-        if code != Code::Unavailable {
+        code = anonymous.get_case(missing()).await.unwrap_err().code();
+        if code == Code::Unauthenticated {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(code, Code::Unauthenticated);
+}
+
+/// Health `Watch` streams need no key and never end: connections holding them can no
+/// longer take every place. At the cap, a physician's new connection takes the place of
+/// the oldest watcher, whose stream ends; the other watchers go on.
+#[tokio::test]
+async fn health_watchers_without_a_key_cannot_hold_every_place() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let app = TestApp::spawn_with(ServeArgs {
+        max_connections: 3,
+        ..ServeArgs::default()
+    })
+    .await;
+    let mut watches = Vec::new();
+    for _ in 0..3 {
+        let mut health = HealthClient::new(app.channel().await);
+        let mut watch = health
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(watch.message().await.unwrap().is_some());
+        watches.push((health, watch));
+    }
+    let mut dr = app.physician("dr-a", "NL-AMC").await;
+    let code = dr
+        .get_case(get_case("ERN-LUNG", "P01-01-AAAAAAAAAAAAAAAAAAAAAAAA"))
+        .await
+        .unwrap_err()
+        .code();
+    // Authenticated (then refused for the pseudonym's form): the physician was served.
+    assert_eq!(code, Code::InvalidArgument);
+    // The oldest watcher's stream ends (its connection closed); the two others are still
+    // open, with nothing new to say.
+    let ended = tokio::time::timeout(Duration::from_secs(20), watches[0].1.message())
+        .await
+        .expect("the oldest watch ends");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    for (_, watch) in &mut watches[1..] {
+        let more = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
+        assert!(more.is_err(), "{more:?}");
+    }
 }
 
 /// Reads one HTTP/2 frame: (type, flags, payload); `None` at end of file.
