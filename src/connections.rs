@@ -130,6 +130,7 @@ pub struct ConnectionLimits {
 pub enum Listener {
     Grpc,
     Console,
+    Metrics,
 }
 
 /// The open connections, shared by the listener and the layer.
@@ -508,6 +509,8 @@ impl Connections {
             (Listener::Grpc, limit) => limit,
             (Listener::Console, "file_descriptors") => "console_file_descriptors",
             (Listener::Console, _) => "console_connections",
+            (Listener::Metrics, "file_descriptors") => "metrics_file_descriptors",
+            (Listener::Metrics, _) => "metrics_connections",
         }
     }
 
@@ -523,6 +526,7 @@ impl Connections {
             let (what, cap) = match self.listener {
                 Listener::Grpc => ("gRPC", "--max-connections"),
                 Listener::Console => ("web console", "--console-max-connections"),
+                Listener::Metrics => ("metrics", "--max-connections"),
             };
             warn!(
                 error = %e,

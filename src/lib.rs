@@ -13,6 +13,7 @@ pub mod consent;
 pub mod console;
 pub mod data_dir;
 pub mod domain;
+pub mod exporter;
 /// Test data shared by unit tests, integration tests, benches and fuzz targets; never in a
 /// normal build (see the module documentation).
 #[cfg(any(test, feature = "fixtures"))]

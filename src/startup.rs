@@ -159,22 +159,30 @@ fn check_metrics_address(addr: SocketAddr, allow_plaintext: bool) -> Result<(), 
     Ok(())
 }
 
-/// Serves Prometheus metrics on `addr` (process-wide: a second call in the same process,
-/// as in tests, keeps the first exporter).
+/// Serves Prometheus metrics on `addr` (`exporter`: the recorder is process-wide, so a
+/// second call in the same process, as in tests, keeps the first and serves nothing).
 fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
     use metrics_exporter_prometheus::{BuildError, PrometheusBuilder};
-    match PrometheusBuilder::new().with_http_listener(addr).install() {
-        Ok(()) => {}
+    let failed = |reason: String| StartupError::Metrics { addr, reason };
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| failed(e.to_string()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| failed(e.to_string()))?;
+    let listener = TcpListener::from_std(listener).map_err(|e| failed(e.to_string()))?;
+    match PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            crate::exporter::keep_up(handle.clone());
+            tokio::spawn(crate::exporter::serve(
+                listener,
+                handle,
+                crate::exporter::Limits::default(),
+            ));
+        }
         Err(BuildError::FailedToSetGlobalRecorder(_)) => {
             warn!(%addr, "a metrics exporter is already installed in this process");
             return Ok(());
         }
-        Err(e) => {
-            return Err(StartupError::Metrics {
-                addr,
-                reason: e.to_string(),
-            });
-        }
+        Err(e) => return Err(failed(e.to_string())),
     }
     metrics::describe_counter!(
         "ern_calls_total",
@@ -485,7 +493,13 @@ impl Application {
             Some(_) => u64::from(args.console_max_connections),
             None => 0,
         };
-        raise_open_files_limit(u64::from(args.max_connections) + console_connections);
+        let metrics_connections = match args.metrics_listen {
+            Some(_) => crate::exporter::MAX_CONNECTIONS as u64,
+            None => 0,
+        };
+        raise_open_files_limit(
+            u64::from(args.max_connections) + console_connections + metrics_connections,
+        );
         // One server per SQLite database: locked before anything else touches it.
         let lock = data_dir::sqlite_path(database_url)
             .map(|db| ServerLock::acquire(&db))
@@ -980,8 +994,8 @@ pub async fn shutdown_signal() {
     info!("shutdown requested");
 }
 
-/// File descriptors kept beside the connections allowed: the database and its pool, the
-/// metrics' connections, the log, the lock and key files.
+/// File descriptors kept beside the connections allowed (gRPC's, the console's and the
+/// metrics listener's): the database and its pool, the log, the lock and key files.
 const DESCRIPTORS_RESERVED: u64 = 256;
 
 /// Raises the process's soft limit of open files to its hard limit (many systems start

@@ -1,0 +1,255 @@
+//! The Prometheus metrics' listener (`--metrics-listen`): `GET /metrics` over plain
+//! HTTP/1.1, served with the caps of the service's other listeners.
+//!
+//! The exporter crate's own HTTP listener has no cap on connections and no timeout, and
+//! retries a failed accept at once, logging each failure: a defences audit of 2026-12-07
+//! took every file descriptor through it from one address without a key (gRPC then
+//! refused everyone) and had it log 1.8 GB of warnings in 47 s. Here the recorder is the
+//! crate's, and the listener is the service's:
+//!
+//! - at most [`MAX_CONNECTIONS`] connections in all (a scraper needs one; past it a
+//!   connection is closed on accept, `ern_connections_refused_total{limit=
+//!   "metrics_connections"}`), counted beside the other listeners' in the open-files limit
+//!   (`startup`);
+//! - out of file descriptors, accepting pauses 100 ms at a time with a warning at most
+//!   every 10 s (`connections::Connections::accept`);
+//! - a request's headers within [`HEADER_TIMEOUT`], and a connection lasts at most
+//!   [`CONNECTION_LIFETIME`] (a scraper reconnects), so a client that sends nothing, or
+//!   never reads its answer, gives its place back.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, Response, StatusCode, header};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::connections::{ConnectionLimits, Connections, Listener};
+
+/// Connections to the metrics listener open at once, from everyone together.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a request's headers may take (the first, or the next on a kept-alive
+/// connection).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may last, whatever it does.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How often the recorder's upkeep runs (what the crate's own listener does for it).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The listener's limits (tests shorten them).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            lifetime: CONNECTION_LIFETIME,
+        }
+    }
+}
+
+/// Runs the recorder's upkeep every few seconds, for as long as the process runs.
+pub fn keep_up(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP_EVERY).await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+/// Serves `handle`'s metrics on `listener` under `limits`, for as long as the process
+/// runs.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, limits: Limits) {
+    let admitted = Connections::of(
+        Listener::Metrics,
+        ConnectionLimits {
+            max_connections: limits.max_connections,
+            max_per_peer: limits.max_connections,
+            // The lifetime bounds an idle connection.
+            idle_timeout: None,
+            // The gRPC listener's layers only.
+            max_unread_per_peer: None,
+            max_unread_all: None,
+            max_reflection_per_peer: None,
+            evict_without_key: false,
+        },
+    );
+    let handle = Arc::new(handle);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            // Reaps the connections that ended.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            stream = admitted.accept(&listener) => stream,
+        };
+        let handle = handle.clone();
+        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let answer = answer(&handle, &request);
+            async move { Ok::<_, Infallible>(answer) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let lifetime = limits.lifetime;
+        tasks.spawn(async move {
+            // Past its lifetime the connection is dropped, and closed with it.
+            let _ = tokio::time::timeout(lifetime, connection).await;
+        });
+    }
+}
+
+/// The answer to `request`: the metrics for `GET /metrics`, else 404 or 405.
+fn answer<B>(handle: &PrometheusHandle, request: &Request<B>) -> Response<Body> {
+    let plain = |status: StatusCode, text: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Body::from(text))
+            .unwrap_or_default()
+    };
+    if request.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: the metrics are at /metrics\n",
+        );
+    }
+    if request.method() != Method::GET {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from(handle.render()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A listener serving a recorder of `counters` counters besides `ern_test_total`.
+    async fn start(limits: Limits, counters: usize) -> SocketAddr {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("ern_test_total").increment(3);
+            for i in 0..counters {
+                metrics::counter!("ern_test_many_total", "n" => i.to_string()).increment(1);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, handle, limits));
+        addr
+    }
+
+    /// What the server sends on `tcp` until it closes it (within 10 s).
+    async fn until_closed(tcp: &mut TcpStream) -> Option<String> {
+        let mut all = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all)).await;
+        read.ok()
+            .map(|_| String::from_utf8_lossy(&all).into_owned())
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.ok()?;
+        until_closed(&mut tcp).await
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_at_their_path_only() {
+        let addr = start(Limits::default(), 0).await;
+        let answer = get(addr, "/metrics").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("ern_test_total 3"), "{answer}");
+        let answer = get(addr, "/").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+
+    /// Past the cap a connection is closed at once; one that sends nothing is closed after
+    /// the header timeout, and its place comes back.
+    #[tokio::test]
+    async fn connections_are_capped_and_silent_ones_cut_off() {
+        let addr = start(
+            Limits {
+                max_connections: 2,
+                header_timeout: Duration::from_millis(300),
+                lifetime: Duration::from_secs(60),
+            },
+            0,
+        )
+        .await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let _other = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Both places taken: a third connection is closed without an answer.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(until_closed(&mut third).await.as_deref(), Some(""));
+        // The silent one is closed after the header timeout.
+        assert!(until_closed(&mut silent).await.is_some());
+        // Its place comes back.
+        let mut answer = None;
+        for _ in 0..50 {
+            answer = get(addr, "/metrics").await;
+            if answer
+                .as_deref()
+                .is_some_and(|a| a.starts_with("HTTP/1.1 200"))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
+    }
+
+    /// A client that never reads an answer larger than the sockets' buffers holds its
+    /// connection for its lifetime at most: the answer is cut there.
+    #[tokio::test]
+    async fn a_connection_that_never_reads_is_closed_after_its_lifetime() {
+        let addr = start(
+            Limits {
+                max_connections: 2,
+                header_timeout: Duration::from_secs(60),
+                lifetime: Duration::from_secs(1),
+            },
+            100_000,
+        )
+        .await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let answer = until_closed(&mut tcp).await.expect("closed");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(length > 1 << 20, "{length}");
+        assert!(body.len() < length, "{} of {length}", body.len());
+    }
+}
