@@ -9,7 +9,10 @@
 //!   principal is counted in memory per peer, principal text (`key:<id>` when the key id
 //!   exists), method and outcome ([`Refusals::note`]); every `--refusal-summary-secs` (and
 //!   at shutdown) each count becomes one audit entry (`principal` = `peer:<address>`,
-//!   `items` = the number of calls). Authenticated calls are audited one by one as before.
+//!   `items` = the number of calls). At most [`MAX_KEYS_PER_PEER`] counts per peer and
+//!   [`MAX_SUMMARY_KEYS`] in all per interval; past them, counts are folded, so refused
+//!   calls add a bounded number of audit rows whatever they vary. Authenticated calls are
+//!   audited one by one as before.
 //! - **Limited per peer.** Each refusal of authentication (and an authentication
 //!   abandoned half-way, `service::ChargedIfAbandoned`) takes one from the peer's allowance (a token
 //!   bucket of `--refusals-per-peer-per-minute`, refilled at that rate; refusals of calls
@@ -39,8 +42,25 @@ use crate::store::writer::{Command, Writer};
 /// Most peers with an allowance in use; past it, new peers share [`Peer::Other`].
 const MAX_PEERS: usize = 100_000;
 /// Most distinct summary counts per interval; past it, new ones are kept under
-/// [`Peer::Other`] (and without a key id).
-const MAX_SUMMARY_KEYS: usize = 10_000;
+/// [`Peer::Other`] (and without a key id). With the per-peer cap below, at most about
+/// this many audit rows per interval, however many addresses refuse calls: 1,000 rows of
+/// about 250 bytes a minute at the default interval, about 360 MB a day at the worst.
+const MAX_SUMMARY_KEYS: usize = 1_000;
+/// Most distinct summary counts of one peer per interval; past it, its further ones are
+/// kept in one count of its own, without a key id, method or outcome (a caller without a
+/// key that varies the method and the outcome made about one row per call before,
+/// 2026-12-07).
+const MAX_KEYS_PER_PEER: usize = 8;
+/// The method and outcome of a folded count.
+const FOLDED: &str = "(other)";
+
+/// The counts of one interval.
+#[derive(Default)]
+struct Summary {
+    counts: HashMap<SummaryKey, i64>,
+    /// Distinct counts per peer (folded ones not counted).
+    keys_per_peer: HashMap<Peer, usize>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SummaryKey {
@@ -61,7 +81,7 @@ struct Bucket {
 pub struct Refusals {
     per_minute: u32,
     allowances: Mutex<HashMap<Peer, Bucket>>,
-    summary: Mutex<HashMap<SummaryKey, i64>>,
+    summary: Mutex<Summary>,
     /// When the interval the summary counts began (the last drain, or the start).
     interval_start: Mutex<DateTime<Utc>>,
 }
@@ -84,7 +104,7 @@ impl Refusals {
         Refusals {
             per_minute: per_minute.max(1),
             allowances: Mutex::new(HashMap::new()),
-            summary: Mutex::new(HashMap::new()),
+            summary: Mutex::new(Summary::default()),
             interval_start: Mutex::new(Utc::now()),
         }
     }
@@ -174,21 +194,38 @@ impl Refusals {
         }
     }
 
-    /// Counts a call that ended without an authenticated principal.
+    /// Counts a call that ended without an authenticated principal. A peer's count past
+    /// its [`MAX_KEYS_PER_PEER`] distinct ones is folded into one of its own; past
+    /// [`MAX_SUMMARY_KEYS`] in all, into [`Peer::Other`]'s.
     pub fn note(&self, peer: Peer, principal: &str, method: &str, outcome: &str) {
         let mut summary = lock(&self.summary);
+        let Summary {
+            counts,
+            keys_per_peer,
+        } = &mut *summary;
         let mut key = SummaryKey {
             peer,
             principal: principal.to_owned(),
             method: method.to_owned(),
             outcome: outcome.to_owned(),
         };
-        if !summary.contains_key(&key) && summary.len() >= MAX_SUMMARY_KEYS {
-            key.peer = Peer::Other;
-            key.principal.clear();
-            key.method = "(other)".to_owned();
+        if !counts.contains_key(&key) {
+            let of_peer = keys_per_peer.get(&peer).copied().unwrap_or(0);
+            if of_peer >= MAX_KEYS_PER_PEER {
+                key.principal.clear();
+                key.method = FOLDED.to_owned();
+                key.outcome = FOLDED.to_owned();
+            }
+            if !counts.contains_key(&key) && counts.len() >= MAX_SUMMARY_KEYS {
+                key.peer = Peer::Other;
+                key.principal.clear();
+                key.method = FOLDED.to_owned();
+            }
+            if !counts.contains_key(&key) && key.method != FOLDED {
+                *keys_per_peer.entry(key.peer).or_insert(0) += 1;
+            }
         }
-        *summary.entry(key).or_insert(0) += 1;
+        *counts.entry(key).or_insert(0) += 1;
     }
 
     /// Takes the counts noted so far as audit entries (one per peer, principal, method and
@@ -204,7 +241,8 @@ impl Refusals {
             let mut summary = lock(&self.summary);
             let end = Utc::now();
             let start = std::mem::replace(&mut *lock(&self.interval_start), end);
-            (std::mem::take(&mut *summary), interval_text(start, end))
+            let Summary { counts, .. } = std::mem::take(&mut *summary);
+            (counts, interval_text(start, end))
         };
         let mut entries: Vec<Entry> = counts
             .into_iter()
@@ -494,6 +532,7 @@ mod tests {
 
     #[test]
     fn the_summary_is_capped() {
+        assert!(MAX_SUMMARY_KEYS >= 100);
         let r = Refusals::per_minute(5);
         for n in 0..(MAX_SUMMARY_KEYS as u32 + 1000) {
             r.note(peer(n), "", "CaseService/GetCase", "UNAUTHENTICATED");
@@ -526,5 +565,37 @@ mod tests {
             .find(|e| e.principal == "peer:other")
             .unwrap();
         assert_eq!((other.method.as_str(), other.items), ("(other)", 1000));
+    }
+
+    /// One peer varying the method and the outcome adds at most [`MAX_KEYS_PER_PEER`]
+    /// counts, then one folded count; every call is still counted, and another peer
+    /// keeps counts of its own.
+    #[test]
+    fn one_peers_counts_are_capped_whatever_it_varies() {
+        let r = Refusals::per_minute(5);
+        let outcomes = ["UNAUTHENTICATED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"];
+        for n in 0..300 {
+            r.note(
+                peer(1),
+                "",
+                &format!("CaseService/M{}", n % 15),
+                outcomes[n % 3],
+            );
+        }
+        r.note(peer(2), "key:7", "CaseService/GetCase", "UNAUTHENTICATED");
+        let entries = r.drain();
+        let first = format!("peer:{}", peer(1));
+        let of = |p: &str| entries.iter().filter(|e| e.principal == p).count();
+        assert_eq!(of(&first), MAX_KEYS_PER_PEER + 1, "{entries:?}");
+        let folded = entries
+            .iter()
+            .find(|e| e.method == FOLDED)
+            .expect("a folded count");
+        assert_eq!(
+            (folded.principal.as_str(), folded.outcome.as_str()),
+            (first.as_str(), FOLDED)
+        );
+        assert_eq!(entries.iter().map(|e| e.items).sum::<i64>(), 301);
+        assert_eq!(of(&format!("peer:{} key:7", peer(2))), 1);
     }
 }

@@ -105,7 +105,10 @@ class ConsentServiceServicer:
     def WithdrawConsent(self, request, context):
         """Withdraw consent, effective at once (at the time of the call). Withdrawing
         REGISTRY_INCLUSION erases every version of the patient's record in the registry in
-        the same transaction and returns an erasure receipt; it also withdraws the
+        the same transaction and returns an erasure receipt (the patient is the pseudonym
+        named or derived: records filed under another identifier of the same person, such
+        as another country's national number, are another pseudonym and need a withdrawal
+        of their own; docs/pseudonyms.md); it also withdraws the
         RESEARCH_USE and RECONTACT grants in force, and no research grant dated before it
         makes the patient count in research again (a later inclusion needs a new one;
         GetConsent still shows such a grant as recorded). On SQLite the receipt is sent
