@@ -13,6 +13,14 @@
 //! `SELECT 1` reads no page, the probe also fails while the file system holding the
 //! database has less than `--min-free-disk-bytes` free ([`check_room`]). This module never
 //! touches data: it only asks the database whether it is there.
+//!
+//! On PostgreSQL the same probe reads the database server's clock, and the process's clock
+//! is compared with it ([`skew_ms`]): instances date consent decisions by their own
+//! clocks, so one that runs behind or ahead of the others can order a decision wrongly
+//! (`docs/scaling.md`, "The command's clock"). A skew past [`MAX_SKEW`] is a warning
+//! (when it begins, every ten minutes while it lasts, and when it ends), and every probe
+//! sets `ern_clock_skew_seconds`; health does not change for it (the database's clock may
+//! be the one that is wrong).
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,6 +38,24 @@ use tracing::{info, warn};
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long a probe (a connection, if one is needed, and `SELECT 1`) may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A clock skew to the database's past which the probe warns.
+pub const MAX_SKEW: Duration = Duration::from_secs(1);
+/// How often a skew that lasts is warned of again.
+const SKEW_WARN_EVERY: Duration = Duration::from_secs(600);
+
+/// The skew of this process's clock to the database's (milliseconds, positive when the
+/// database's is ahead), from the database's reading `database` taken between the local
+/// readings `before` and `after` (milliseconds since the epoch); `None` when it cannot be
+/// told from the round trip's own length (the skew is within half of it). The skew is
+/// measured from the round trip's midpoint, less that half: what it is at least.
+pub fn skew_ms(before: i64, database: i64, after: i64) -> Option<i64> {
+    let half = (after - before).max(0) / 2;
+    let off = database - (before + half);
+    match off.abs() - half {
+        beyond if beyond > 0 => Some(beyond * off.signum()),
+        _ => None,
+    }
+}
 
 /// Whether the database answered its last probe; cheap to clone and to read.
 #[derive(Clone)]
@@ -96,6 +122,7 @@ impl DatabaseWatch {
         mut stopping: watch::Receiver<bool>,
     ) {
         let mut conn: Option<Single> = None;
+        let mut skew = SkewWarnings::default();
         let mut ticks = tokio::time::interval(PROBE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -105,7 +132,10 @@ impl DatabaseWatch {
             }
             let outcome = tokio::time::timeout(PROBE_TIMEOUT, self.probe(&mut conn)).await;
             let reachable = match outcome {
-                Ok(Ok(())) => true,
+                Ok(Ok(measured)) => {
+                    skew.observe(measured, tokio::time::Instant::now());
+                    true
+                }
                 Ok(Err(error)) => {
                     conn = None;
                     if self.is_reachable() {
@@ -144,7 +174,9 @@ impl DatabaseWatch {
         }
     }
 
-    async fn probe(&self, conn: &mut Option<Single>) -> Result<(), StoreError> {
+    /// Probes once; on PostgreSQL, returns the clock skew measured (`skew_ms`; `Some(0)`
+    /// when within the round trip).
+    async fn probe(&self, conn: &mut Option<Single>) -> Result<Option<i64>, StoreError> {
         let conn = match conn {
             Some(conn) => conn,
             None => conn.insert(Single::connect(&self.inner.url).await?),
@@ -160,10 +192,15 @@ impl DatabaseWatch {
             // `default_transaction_read_only`) fails every call too: every call is
             // audited.
             Single::Postgres(_) => {
-                let read_only: String =
-                    db::query("SELECT current_setting('transaction_read_only')")
-                        .fetch_scalar(&mut conn.db())
-                        .await?;
+                let before = chrono::Utc::now().timestamp_millis();
+                let row = db::query(
+                    "SELECT current_setting('transaction_read_only') AS read_only, \
+                     CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) AS now_ms",
+                )
+                .fetch_one(&mut conn.db())
+                .await?;
+                let after = chrono::Utc::now().timestamp_millis();
+                let read_only: String = row.try_get("read_only")?;
                 if read_only == "on" {
                     return Err(StoreError::Unreachable {
                         cause: "the database is read-only (a standby, or \
@@ -171,9 +208,53 @@ impl DatabaseWatch {
                             .into(),
                     });
                 }
+                let database: i64 = row.try_get("now_ms")?;
+                return Ok(Some(skew_ms(before, database, after).unwrap_or(0)));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+}
+
+/// The warnings of a clock skew: when it passes [`MAX_SKEW`], every
+/// [`SKEW_WARN_EVERY`] while it lasts, and when it ends.
+#[derive(Default)]
+struct SkewWarnings {
+    /// Since when the skew has been past the bound, and when it was last warned of.
+    past: Option<(tokio::time::Instant, tokio::time::Instant)>,
+}
+
+impl SkewWarnings {
+    /// Takes the skew a probe measured at `now`.
+    fn observe(&mut self, measured: Option<i64>, now: tokio::time::Instant) {
+        let Some(skew) = measured else {
+            return;
+        };
+        metrics::gauge!("ern_clock_skew_seconds").set(skew as f64 / 1000.0);
+        let past = skew.unsigned_abs() > MAX_SKEW.as_millis() as u64;
+        match (past, &mut self.past) {
+            (true, Some((_, warned))) if now.duration_since(*warned) < SKEW_WARN_EVERY => {}
+            (true, state) => {
+                let since = state.map_or(now, |(since, _)| since);
+                *state = Some((since, now));
+                warn!(
+                    skew_ms = skew,
+                    "this instance's clock differs from the database server's by more than \
+                     {} s (positive: the database's is ahead): consent decisions are dated by \
+                     each instance's clock, so keep every instance's and the database's clock \
+                     synchronised (NTP; docs/scaling.md)",
+                    MAX_SKEW.as_secs()
+                );
+            }
+            (false, state @ Some(_)) => {
+                *state = None;
+                info!(
+                    skew_ms = skew,
+                    "clock within the bound of the database server's again"
+                );
+            }
+            (false, None) => {}
+        }
     }
 }
 
@@ -221,5 +302,43 @@ mod tests {
         assert!(watch("sqlite://data/r.db?mode=rwc", 0).is_none());
         assert!(watch("sqlite::memory:", 1).is_none());
         assert!(watch("postgres://u@h/db", 1).is_none());
+    }
+
+    #[test]
+    fn the_skew_is_what_the_round_trip_cannot_explain() {
+        // The database read 1,000 during a round trip from 0 to 10: it is at least 990
+        // ahead (had it read at 10).
+        assert_eq!(skew_ms(0, 1_000, 10), Some(990));
+        // Behind by at least 500.
+        assert_eq!(skew_ms(1_000, 500, 1_010), Some(-500));
+        // Within the round trip: no skew can be told.
+        assert_eq!(skew_ms(0, 3, 10), None);
+        assert_eq!(skew_ms(0, 10, 10), None);
+        assert_eq!(skew_ms(0, 0, 10), None);
+        // A slow round trip hides a small skew; not a large one.
+        assert_eq!(skew_ms(0, 2_000, 3_000), None);
+        assert_eq!(skew_ms(0, 5_000, 3_000), Some(2_000));
+        // A clock that went backwards between the readings counts as no round trip.
+        assert_eq!(skew_ms(10, 2_000, 0), Some(1_990));
+    }
+
+    #[test]
+    fn a_skew_is_warned_of_when_it_begins_again_while_it_lasts_and_when_it_ends() {
+        let start = tokio::time::Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut warnings = SkewWarnings::default();
+        warnings.observe(Some(900), at(0));
+        assert!(warnings.past.is_none());
+        warnings.observe(Some(-1_500), at(1));
+        assert_eq!(warnings.past, Some((at(1), at(1))));
+        warnings.observe(Some(-1_500), at(61));
+        assert_eq!(warnings.past, Some((at(1), at(1))), "not warned again yet");
+        warnings.observe(Some(2_000), at(601));
+        assert_eq!(warnings.past, Some((at(1), at(601))), "warned again");
+        // A probe without a reading (SQLite) changes nothing; one within the bound ends it.
+        warnings.observe(None, at(602));
+        assert!(warnings.past.is_some());
+        warnings.observe(Some(0), at(603));
+        assert!(warnings.past.is_none());
     }
 }
