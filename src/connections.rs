@@ -13,14 +13,16 @@
 //! - **Places without a key are given up at the cap** (`evict_without_key`, the gRPC
 //!   listener). Health checks and reflection need no key, and a health `Watch` never
 //!   ends, so connections without a key could otherwise hold every place (sixteen
-//!   addresses did, 2026-12-06). A connection is a key holder's while a call on it has
-//!   authenticated within the idle timeout ([`Connections::key_holder`], from
+//!   addresses did, 2026-12-06). A connection is a key holder's while a call on it that
+//!   authenticated is under way or ended within the idle timeout ([`Connections::key_holder`], from
 //!   `api::authenticate`/`authorize` and each item of a `SubmitCases` stream). At the cap
 //!   in all, a new connection takes the place of the oldest connection on which no call
 //!   has authenticated, else of the one whose last authenticated call is the longest ago
-//!   past the idle timeout; that one is out of the counts at once, and its reads end and
-//!   its writes fail, so HTTP/2 closes it. Only when every place is a key holder's is the
-//!   new connection closed.
+//!   past the idle timeout with no authenticated call under way; that one is out of the
+//!   counts at once, and its reads end and its writes fail, so HTTP/2 closes it (a call it
+//!   had read is answered UNAVAILABLE). Only when every place is a key holder's is the
+//!   new connection closed. (The metrics listener evicts too: none of its connections
+//!   holds a key.)
 //! - [`ActivityLayer`] counts, per connection, the calls under way (a call lasts until its
 //!   response body ends, so an open stream counts), and a connection with no call for
 //!   `--idle-timeout-secs` is closed: its reads report end of file, and HTTP/2 closes it.
@@ -161,7 +163,8 @@ struct Open {
 
 impl Open {
     /// Takes `activity`'s connection out of the counts (once: a connection evicted is
-    /// not counted again when it drops).
+    /// not counted again when it drops). It stays known by its address until it drops,
+    /// so that a call arriving on it meanwhile is still seen (and refused: evicted).
     fn release(&mut self, activity: &Arc<Activity>) {
         if activity.released.swap(true, Ordering::SeqCst) {
             return;
@@ -173,6 +176,12 @@ impl Open {
                 self.per_peer.remove(&activity.from);
             }
         }
+        self.without_key.remove(&activity.number);
+    }
+
+    /// The connection dropped: out of the counts if it still was, and forgotten.
+    fn dropped(&mut self, activity: &Arc<Activity>) {
+        self.release(activity);
         if let Some(addr) = activity.remote
             && self
                 .by_addr
@@ -181,7 +190,6 @@ impl Open {
         {
             self.by_addr.remove(&addr);
         }
-        self.without_key.remove(&activity.number);
     }
 }
 
@@ -242,9 +250,13 @@ struct Activity {
     /// Its peer and address, for the counts.
     from: Peer,
     remote: Option<SocketAddr>,
-    /// When a call on it last authenticated (milliseconds since `Connections::epoch`,
-    /// plus one; 0: never). Recently, it keeps its place at the cap.
+    /// When a call on it last authenticated, or one that had authenticated ended
+    /// (milliseconds since `Connections::epoch`, plus one; 0: never). Recently, it keeps
+    /// its place at the cap.
     keyed: AtomicU64,
+    /// Calls under way on it that have authenticated: while there is one, it keeps its
+    /// place at the cap.
+    keyed_calls: AtomicUsize,
     /// It gave its place to a newer connection: its reads end and its writes fail.
     evicted: AtomicBool,
     /// Taken out of the counts (on eviction or when it drops).
@@ -269,6 +281,7 @@ impl Activity {
             from,
             remote,
             keyed: AtomicU64::new(0),
+            keyed_calls: AtomicUsize::new(0),
             evicted: AtomicBool::new(false),
             released: AtomicBool::new(false),
             reader: AtomicWaker::new(),
@@ -510,6 +523,7 @@ impl Connections {
             (Listener::Console, "file_descriptors") => "console_file_descriptors",
             (Listener::Console, _) => "console_connections",
             (Listener::Metrics, "file_descriptors") => "metrics_file_descriptors",
+            // No cap per peer, and eviction at the cap in all: never refused.
             (Listener::Metrics, _) => "metrics_connections",
         }
     }
@@ -617,7 +631,10 @@ impl Connections {
             if let Some(addr) = remote {
                 open.by_addr.insert(addr, activity.clone());
             }
-            if self.limits.evict_without_key {
+            // A connection whose peer address cannot be read (`peer_addr` fails only for a
+            // socket already closed) has no calls tracked, so it could never show a key:
+            // not taken for one without.
+            if self.limits.evict_without_key && remote.is_some() {
                 open.without_key.insert(activity.number, activity.clone());
             }
             activity
@@ -646,8 +663,17 @@ impl Connections {
         if !self.limits.evict_without_key {
             return false;
         }
-        let oldest = match open.without_key.pop_first() {
-            Some((_, oldest)) => oldest,
+        // A connection marked a key holder's just now may still be in the table (it is
+        // marked before it is taken out): skipped.
+        let mut oldest = None;
+        while let Some((_, candidate)) = open.without_key.pop_first() {
+            if candidate.keyed.load(Ordering::SeqCst) == 0 {
+                oldest = Some(candidate);
+                break;
+            }
+        }
+        let oldest = match oldest {
+            Some(oldest) => oldest,
             None => {
                 let Some(lapse) = self.limits.idle_timeout else {
                     return false;
@@ -659,7 +685,11 @@ impl Connections {
                 let lapsed = open
                     .by_addr
                     .values()
-                    .filter(|a| a.keyed.load(Ordering::SeqCst) < before)
+                    .filter(|a| {
+                        !a.released.load(Ordering::SeqCst)
+                            && a.keyed_calls.load(Ordering::SeqCst) == 0
+                            && a.keyed.load(Ordering::SeqCst) < before
+                    })
                     .min_by_key(|a| a.keyed.load(Ordering::SeqCst));
                 match lapsed {
                     Some(lapsed) => lapsed.clone(),
@@ -702,6 +732,7 @@ impl Connections {
         Some(CallGuard {
             activity,
             connections: self.clone(),
+            authenticated: Arc::default(),
         })
     }
 
@@ -835,7 +866,7 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        lock(&self.connections.open).release(&self.activity);
+        lock(&self.connections.open).dropped(&self.activity);
     }
 }
 
@@ -910,13 +941,19 @@ impl AsyncWrite for Tracked {
 struct CallGuard {
     activity: Arc<Activity>,
     connections: Arc<Connections>,
+    /// The call has authenticated ([`OnConnectionKeyed::authenticated`]).
+    authenticated: Arc<AtomicBool>,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.activity
-            .last
-            .store(self.connections.now_ms(), Ordering::SeqCst);
+        let now = self.connections.now_ms();
+        if self.authenticated.load(Ordering::SeqCst) {
+            // A key holder's place lapses from the end of its last authenticated call.
+            self.activity.keyed.store(now + 1, Ordering::SeqCst);
+            self.activity.keyed_calls.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.activity.last.store(now, Ordering::SeqCst);
         self.activity.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -960,6 +997,7 @@ impl<S, B> tonic::codegen::Service<http::Request<B>> for ActivityService<S>
 where
     S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -972,12 +1010,21 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let guard = remote_addr(&request).and_then(|addr| self.connections.begin(addr));
         if let Some(guard) = &guard {
+            if guard.activity.evicted.load(Ordering::SeqCst) {
+                // Read before the connection gave its place, not served on it.
+                let status = tonic::Status::unavailable(
+                    "this connection was closed for a new one (no call on it had \
+                     authenticated); connect again",
+                );
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
             request
                 .extensions_mut()
                 .insert(OnConnection(guard.activity.clone()));
             request.extensions_mut().insert(OnConnectionKeyed(
                 self.connections.clone(),
                 guard.activity.clone(),
+                guard.authenticated.clone(),
             ));
         }
         let bounds =
@@ -1075,7 +1122,7 @@ struct OnConnection(Arc<Activity>);
 /// The connection a call came on, for [`Connections::key_holder`] (in the request's
 /// extensions until the handler; a stream's handler may keep it for its items).
 #[derive(Clone)]
-pub struct OnConnectionKeyed(Arc<Connections>, Arc<Activity>);
+pub struct OnConnectionKeyed(Arc<Connections>, Arc<Activity>, Arc<AtomicBool>);
 
 impl OnConnectionKeyed {
     /// The connection of a request (its `extensions`), if it is tracked.
@@ -1083,9 +1130,13 @@ impl OnConnectionKeyed {
         extensions.get::<OnConnectionKeyed>().cloned()
     }
 
-    /// A call on the connection has just authenticated.
+    /// The call has just authenticated (again, for each item of a stream): the
+    /// connection keeps its place while the call lasts, and for the idle timeout after.
     pub fn authenticated(&self) {
-        let OnConnectionKeyed(connections, activity) = self;
+        let OnConnectionKeyed(connections, activity, call) = self;
+        if !call.swap(true, Ordering::SeqCst) {
+            activity.keyed_calls.fetch_add(1, Ordering::SeqCst);
+        }
         let now = connections.now_ms() + 1;
         if activity.keyed.swap(now, Ordering::SeqCst) == 0 {
             lock(&connections.open).without_key.remove(&activity.number);
@@ -1490,14 +1541,7 @@ mod tests {
             let client = connect(addr).await;
             (client, incoming.next().await.unwrap().unwrap())
         };
-        let keyed = |tracked: &Tracked| {
-            let mut extensions = http::Extensions::new();
-            extensions.insert(OnConnectionKeyed(
-                tracked.connections.clone(),
-                tracked.activity.clone(),
-            ));
-            Connections::key_holder(&extensions);
-        };
+        let keyed = |tracked: &Tracked| drop(authenticated_call(tracked));
         let (_a, mut first) = accept().await;
         let (_b, second) = accept().await;
         keyed(&second);
@@ -1531,9 +1575,27 @@ mod tests {
         assert_eq!(connections.open(), 1);
     }
 
-    /// A key holder keeps its place for the idle timeout after its last authenticated
-    /// call; past it, at the cap, the one whose last authenticated call is the longest
-    /// ago gives its place (so a revoked key holds none for long).
+    /// A call on `tracked`'s connection that authenticated, under way until the guard
+    /// drops.
+    fn authenticated_call(tracked: &Tracked) -> CallGuard {
+        let call = tracked
+            .connections
+            .begin(tracked.remote().unwrap())
+            .expect("a tracked connection");
+        let mut extensions = http::Extensions::new();
+        extensions.insert(OnConnectionKeyed(
+            tracked.connections.clone(),
+            tracked.activity.clone(),
+            call.authenticated.clone(),
+        ));
+        Connections::key_holder(&extensions);
+        call
+    }
+
+    /// A key holder keeps its place while an authenticated call on it is under way, and
+    /// for the idle timeout after its last one ended; past it, at the cap, the one whose
+    /// last authenticated call ended longest ago gives its place (so a revoked key holds
+    /// none for long).
     #[tokio::test]
     async fn a_key_holders_place_lapses_after_the_idle_timeout() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1541,29 +1603,20 @@ mod tests {
         let connections = Connections::new(ConnectionLimits {
             max_connections: 2,
             max_per_peer: 10,
-            idle_timeout: Some(Duration::from_millis(300)),
+            idle_timeout: Some(Duration::from_secs(2)),
             max_unread_per_peer: None,
             max_unread_all: None,
             max_reflection_per_peer: None,
             evict_without_key: true,
         });
         let mut incoming = Box::pin(connections.incoming(listener, None));
-        let mut accept = async || {
-            let client = connect(addr).await;
-            (client, incoming.next().await.unwrap().unwrap())
-        };
-        let keyed = |tracked: &Tracked| {
-            let mut extensions = http::Extensions::new();
-            extensions.insert(OnConnectionKeyed(
-                tracked.connections.clone(),
-                tracked.activity.clone(),
-            ));
-            Connections::key_holder(&extensions);
-        };
-        let (_a, first) = accept().await;
-        let (_b, second) = accept().await;
-        keyed(&first);
-        keyed(&second);
+        let _a = connect(addr).await;
+        let first = incoming.next().await.unwrap().unwrap();
+        let _b = connect(addr).await;
+        let second = incoming.next().await.unwrap().unwrap();
+        // The first's call goes on; the second's ended.
+        let call = authenticated_call(&first);
+        drop(authenticated_call(&second));
         // Within the timeout both keep their places.
         let mut c = connect(addr).await;
         let mut byte = [0u8; 1];
@@ -1572,13 +1625,54 @@ mod tests {
             read = tokio::io::AsyncReadExt::read(&mut c, &mut byte) => read,
         };
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-        // Past it, the one that authenticated longest ago gives its place.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        keyed(&second);
+        // Past it, the second gives its place; the first, whose call is under way, not.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
         let _d = connect(addr).await;
-        let _fourth = incoming.next().await.unwrap().unwrap();
-        assert!(first.activity.evicted.load(Ordering::SeqCst));
-        assert!(!second.activity.evicted.load(Ordering::SeqCst));
+        let fourth = incoming.next().await.unwrap().unwrap();
+        assert!(second.activity.evicted.load(Ordering::SeqCst));
+        assert!(!first.activity.evicted.load(Ordering::SeqCst));
+        // The call ends: the first keeps its place for the timeout from then on, and the
+        // fourth (no key) gives its place to the next.
+        drop(call);
+        let _e = connect(addr).await;
+        let _fifth = incoming.next().await.unwrap().unwrap();
+        assert!(fourth.activity.evicted.load(Ordering::SeqCst));
+        assert!(!first.activity.evicted.load(Ordering::SeqCst));
         assert_eq!(connections.open(), 2);
+    }
+
+    /// A connection whose call has just authenticated, and that is still in the table of
+    /// connections without a key (marked before it is taken out), is not evicted.
+    #[tokio::test]
+    async fn a_connection_marked_a_key_holders_is_never_evicted_from_the_table() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(ConnectionLimits {
+            max_connections: 1,
+            max_per_peer: 10,
+            idle_timeout: None,
+            max_unread_per_peer: None,
+            max_unread_all: None,
+            max_reflection_per_peer: None,
+            evict_without_key: true,
+        });
+        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let _a = connect(addr).await;
+        let first = incoming.next().await.unwrap().unwrap();
+        // As `authenticated` leaves it between its two steps.
+        first.activity.keyed.store(1, Ordering::SeqCst);
+        assert!(
+            lock(&connections.open)
+                .without_key
+                .contains_key(&first.activity.number)
+        );
+        let mut b = connect(addr).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::select! {
+            _ = incoming.next() => panic!("a key holder gave its place"),
+            read = tokio::io::AsyncReadExt::read(&mut b, &mut byte) => read,
+        };
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert!(!first.activity.evicted.load(Ordering::SeqCst));
     }
 }

@@ -7,10 +7,12 @@
 //! refused everyone) and had it log 1.8 GB of warnings in 47 s. Here the recorder is the
 //! crate's, and the listener is the service's:
 //!
-//! - at most [`MAX_CONNECTIONS`] connections in all (a scraper needs one; past it a
-//!   connection is closed on accept, `ern_connections_refused_total{limit=
-//!   "metrics_connections"}`), counted beside the other listeners' in the open-files limit
-//!   (`startup`);
+//! - at most [`MAX_CONNECTIONS`] connections in all (a scraper needs one), counted beside
+//!   the other listeners' in the open-files limit (`startup`); at the cap, the oldest
+//!   connection gives its place to the new one (`connections`' eviction: no metrics
+//!   connection holds a key), so whoever holds the places cannot keep a scraper out;
+//! - the metrics are rendered at most once per [`RENDER_EVERY`] (a client asking in a loop
+//!   gets the same text), so clients cannot keep a core busy rendering;
 //! - out of file descriptors, accepting pauses 100 ms at a time with a warning at most
 //!   every 10 s (`connections::Connections::accept`);
 //! - a request's headers within [`HEADER_TIMEOUT`], and a connection lasts at most
@@ -37,6 +39,30 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// How often the recorder's upkeep runs (what the crate's own listener does for it).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long a rendering of the metrics is served again.
+pub const RENDER_EVERY: Duration = Duration::from_secs(1);
+
+/// The recorder's handle and its last rendering.
+struct Rendered {
+    handle: PrometheusHandle,
+    last: std::sync::Mutex<Option<(tokio::time::Instant, Arc<str>)>>,
+}
+
+impl Rendered {
+    /// The metrics as of at most [`RENDER_EVERY`] ago.
+    fn text(&self) -> Arc<str> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        match &*last {
+            Some((at, text)) if now.duration_since(*at) < RENDER_EVERY => text.clone(),
+            _ => {
+                let text: Arc<str> = self.handle.render().into();
+                *last = Some((now, text.clone()));
+                text
+            }
+        }
+    }
+}
 
 /// The listener's limits (tests shorten them).
 #[derive(Debug, Clone, Copy)]
@@ -73,17 +99,23 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, limits: Limi
         Listener::Metrics,
         ConnectionLimits {
             max_connections: limits.max_connections,
-            max_per_peer: limits.max_connections,
+            // No cap per peer (a scraper and an attacker may share an address, as on
+            // loopback): at the cap in all the oldest connection gives its place instead.
+            max_per_peer: usize::MAX,
             // The lifetime bounds an idle connection.
             idle_timeout: None,
             // The gRPC listener's layers only.
             max_unread_per_peer: None,
             max_unread_all: None,
             max_reflection_per_peer: None,
-            evict_without_key: false,
+            // No metrics connection holds a key: at the cap, the oldest gives its place.
+            evict_without_key: true,
         },
     );
-    let handle = Arc::new(handle);
+    let handle = Arc::new(Rendered {
+        handle,
+        last: std::sync::Mutex::new(None),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -109,7 +141,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, limits: Limi
 }
 
 /// The answer to `request`: the metrics for `GET /metrics`, else 404 or 405.
-fn answer<B>(handle: &PrometheusHandle, request: &Request<B>) -> Response<Body> {
+fn answer<B>(handle: &Rendered, request: &Request<B>) -> Response<Body> {
     let plain = |status: StatusCode, text: &'static str| {
         Response::builder()
             .status(status)
@@ -132,7 +164,7 @@ fn answer<B>(handle: &PrometheusHandle, request: &Request<B>) -> Response<Body> 
             "text/plain; version=0.0.4; charset=utf-8",
         )
         .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::from(handle.render()))
+        .body(Body::from(handle.text().to_string()))
         .unwrap_or_default()
 }
 
@@ -160,12 +192,16 @@ mod tests {
         addr
     }
 
-    /// What the server sends on `tcp` until it closes it (within 10 s).
-    async fn until_closed(tcp: &mut TcpStream) -> Option<String> {
+    /// What the server sends on `tcp` until it closes it, if it does within `within`.
+    async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<String> {
         let mut all = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all)).await;
+        let read = tokio::time::timeout(within, tcp.read_to_end(&mut all)).await;
         read.ok()
             .map(|_| String::from_utf8_lossy(&all).into_owned())
+    }
+
+    async fn until_closed(tcp: &mut TcpStream) -> Option<String> {
+        closed_within(tcp, Duration::from_secs(10)).await
     }
 
     async fn get(addr: SocketAddr, path: &str) -> Option<String> {
@@ -185,10 +221,9 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     }
 
-    /// Past the cap a connection is closed at once; one that sends nothing is closed after
-    /// the header timeout, and its place comes back.
+    /// A connection that sends nothing is closed after the header timeout.
     #[tokio::test]
-    async fn connections_are_capped_and_silent_ones_cut_off() {
+    async fn a_silent_connection_is_cut_off() {
         let addr = start(
             Limits {
                 max_connections: 2,
@@ -199,57 +234,86 @@ mod tests {
         )
         .await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
-        let _other = TcpStream::connect(addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // Both places taken: a third connection is closed without an answer.
-        let mut third = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(until_closed(&mut third).await.as_deref(), Some(""));
-        // The silent one is closed after the header timeout.
-        assert!(until_closed(&mut silent).await.is_some());
-        // Its place comes back.
-        let mut answer = None;
-        for _ in 0..50 {
-            answer = get(addr, "/metrics").await;
-            if answer
-                .as_deref()
-                .is_some_and(|a| a.starts_with("HTTP/1.1 200"))
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(10))
+                .await
+                .is_some()
+        );
     }
 
-    /// A client that never reads an answer larger than the sockets' buffers holds its
-    /// connection for its lifetime at most: the answer is cut there.
+    /// At the cap, the oldest connection gives its place to the new one: whoever holds
+    /// every place cannot keep a scraper out.
     #[tokio::test]
-    async fn a_connection_that_never_reads_is_closed_after_its_lifetime() {
+    async fn at_the_cap_the_oldest_connection_gives_its_place() {
+        let addr = start(
+            Limits {
+                max_connections: 2,
+                header_timeout: Duration::from_secs(60),
+                lifetime: Duration::from_secs(60),
+            },
+            0,
+        )
+        .await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A scraper is answered, and the oldest is closed for it (at once, not after the
+        // header timeout); the second is still open.
+        let answer = get(addr, "/metrics").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            closed_within(&mut first, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+        assert!(
+            closed_within(&mut second, Duration::from_millis(300))
+                .await
+                .is_none()
+        );
+    }
+
+    /// A connection lasts its lifetime at most, whatever it does: one whose request never
+    /// ends is closed then, long before the header timeout.
+    #[tokio::test]
+    async fn a_connection_is_closed_after_its_lifetime() {
         let addr = start(
             Limits {
                 max_connections: 2,
                 header_timeout: Duration::from_secs(60),
                 lifetime: Duration::from_secs(1),
             },
-            100_000,
+            0,
         )
         .await;
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut tcp = socket.connect(addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let answer = until_closed(&mut tcp).await.expect("closed");
-        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(length > 1 << 20, "{length}");
-        assert!(body.len() < length, "{} of {length}", body.len());
+        assert!(
+            closed_within(&mut tcp, Duration::from_secs(10))
+                .await
+                .is_some()
+        );
+    }
+
+    /// The metrics are rendered at most once per [`RENDER_EVERY`].
+    #[test]
+    fn a_rendering_is_served_again_for_a_moment() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let rendered = Rendered {
+            handle: recorder.handle(),
+            last: std::sync::Mutex::new(None),
+        };
+        let before = rendered.text();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("ern_test_total").increment(1);
+        });
+        assert!(Arc::ptr_eq(&before, &rendered.text()));
+        let mut last = rendered.last.lock().unwrap();
+        let at = &mut last.as_mut().unwrap().0;
+        *at = at.checked_sub(RENDER_EVERY).unwrap();
+        drop(last);
+        assert!(rendered.text().contains("ern_test_total 1"));
     }
 }

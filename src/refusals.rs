@@ -220,6 +220,7 @@ impl Refusals {
                 key.peer = Peer::Other;
                 key.principal.clear();
                 key.method = FOLDED.to_owned();
+                key.outcome = FOLDED.to_owned();
             }
             if !counts.contains_key(&key) && key.method != FOLDED {
                 *keys_per_peer.entry(key.peer).or_insert(0) += 1;
@@ -549,13 +550,14 @@ mod tests {
         assert_eq!(other.items, 1000);
     }
 
-    /// Past the cap, the method is folded too: made-up paths (counted by `api::wire`
-    /// under one label anyway) cannot add entries either.
+    /// Past the cap, the method and the outcome are folded too: made-up paths (counted by
+    /// `api::wire` under one label anyway) and outcomes cannot add entries either.
     #[test]
     fn the_summary_is_capped_whatever_the_methods() {
         let r = Refusals::per_minute(5);
         for n in 0..(MAX_SUMMARY_KEYS as u32 + 1000) {
-            r.note(peer(n), "", &format!("Made/Up{n}"), "UNIMPLEMENTED");
+            let outcome = ["UNIMPLEMENTED", "UNAUTHENTICATED", "CANCELLED"][n as usize % 3];
+            r.note(peer(n), "", &format!("Made/Up{n}"), outcome);
         }
         let entries = r.drain();
         assert_eq!(entries.len(), MAX_SUMMARY_KEYS + 1);
@@ -578,7 +580,7 @@ mod tests {
                 peer(1),
                 "",
                 &format!("CaseService/M{}", n % 15),
-                outcomes[n % 3],
+                outcomes[(n / 15) % 3],
             );
         }
         r.note(peer(2), "key:7", "CaseService/GetCase", "UNAUTHENTICATED");

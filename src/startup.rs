@@ -179,7 +179,11 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
             ));
         }
         Err(BuildError::FailedToSetGlobalRecorder(_)) => {
-            warn!(%addr, "a metrics exporter is already installed in this process");
+            warn!(
+                %addr,
+                "a metrics recorder is already installed in this process: nothing is served \
+                 on this address (the first server's listener serves the metrics)"
+            );
             return Ok(());
         }
         Err(e) => return Err(failed(e.to_string())),
@@ -203,6 +207,14 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
     metrics::describe_counter!(
         "ern_connections_idle_closed_total",
         "Connections closed after the idle timeout without a call"
+    );
+    metrics::describe_counter!(
+        "ern_connections_evicted_total",
+        "Connections without a key closed at the cap to give their place to a new connection"
+    );
+    metrics::describe_gauge!(
+        "ern_clock_skew_seconds",
+        "PostgreSQL: the database server's clock minus this instance's, beyond the probe's round trip"
     );
     metrics::describe_counter!(
         "ern_argon2_verifications_total",

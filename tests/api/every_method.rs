@@ -40,7 +40,13 @@ fn methods() -> Vec<(String, String)> {
 async fn every_method_refuses_the_anonymous_and_audits_every_call() {
     let methods = methods();
     assert!(methods.len() >= 15, "{methods:?}");
-    let mut app = TestApp::spawn().await;
+    // One interval of the refusals' summary for the whole test (its per-address cap counts
+    // per interval).
+    let mut app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        refusal_summary_secs: 3600,
+        ..Default::default()
+    })
+    .await;
     let token = format!("Bearer {}", app.physician_key("dr-every", "NL-EVERY").await);
     let empty = || vec![framed(0, &[])];
 

@@ -218,8 +218,14 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
 }
 
 /// GET /metrics over plain HTTP/1.1.
+/// The metrics as of now: a rendering is served again for `exporter::RENDER_EVERY`, so
+/// this waits that long first (and a little more).
 async fn scrape(addr: std::net::SocketAddr) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::sleep(
+        ern_registry::exporter::RENDER_EVERY + std::time::Duration::from_millis(100),
+    )
+    .await;
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
