@@ -17,12 +17,14 @@
 //!   authenticated is under way or ended within the idle timeout ([`Connections::key_holder`], from
 //!   `api::authenticate`/`authorize` and each item of a `SubmitCases` stream). At the cap
 //!   in all, a new connection takes the place of the oldest connection on which no call
-//!   has authenticated, else of the one whose last authenticated call is the longest ago
-//!   past the idle timeout with no authenticated call under way; that one is out of the
+//!   has authenticated, of the address holding the most such; else of the one whose last
+//!   authenticated call is the longest ago past the idle timeout with no authenticated
+//!   call under way; else of a principal holding more than `--max-connections-per-peer`
+//!   places (one key from many addresses cannot hold them all); that one is out of the
 //!   counts at once, and its reads end and its writes fail, so HTTP/2 closes it (a call it
-//!   had read is answered UNAVAILABLE). Only when every place is a key holder's is the
-//!   new connection closed. (The metrics listener evicts too: none of its connections
-//!   holds a key.)
+//!   had read is answered UNAVAILABLE). Only when none of these is found is the new
+//!   connection closed. (The metrics listener evicts too: none of its connections holds a
+//!   key.)
 //! - [`ActivityLayer`] counts, per connection, the calls under way (a call lasts until its
 //!   response body ends, so an open stream counts), and a connection with no call for
 //!   `--idle-timeout-secs` is closed: its reads report end of file, and HTTP/2 closes it.
@@ -72,7 +74,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -154,9 +156,8 @@ struct Open {
     total: usize,
     per_peer: HashMap<Peer, PeerEntry>,
     by_addr: HashMap<SocketAddr, Arc<Activity>>,
-    /// The connections on which no call has authenticated yet, oldest first (by their
-    /// number of admission): those a new connection may take the place of.
-    without_key: BTreeMap<u64, Arc<Activity>>,
+    /// Per principal, the open connections it last authenticated a call on.
+    per_principal: HashMap<i64, usize>,
     /// The number the next admitted connection gets.
     admitted: u64,
 }
@@ -172,11 +173,20 @@ impl Open {
         self.total = self.total.saturating_sub(1);
         if let Some(entry) = self.per_peer.get_mut(&activity.from) {
             entry.connections -= 1;
+            entry.without_key.remove(&activity.number);
             if entry.connections == 0 {
                 self.per_peer.remove(&activity.from);
             }
         }
-        self.without_key.remove(&activity.number);
+        let principal = activity.principal.load(Ordering::SeqCst);
+        if principal != 0
+            && let Some(held) = self.per_principal.get_mut(&principal)
+        {
+            *held -= 1;
+            if *held == 0 {
+                self.per_principal.remove(&principal);
+            }
+        }
     }
 
     /// The connection dropped: out of the counts if it still was, and forgotten.
@@ -197,6 +207,9 @@ impl Open {
 struct PeerEntry {
     connections: usize,
     load: Arc<PeerLoad>,
+    /// Its connections on which no call has authenticated yet, oldest first (by their
+    /// number of admission): those a new connection may take the place of.
+    without_key: BTreeMap<u64, Arc<Activity>>,
 }
 
 /// What a peer's connections hold for it, summed over them.
@@ -257,6 +270,9 @@ struct Activity {
     /// Calls under way on it that have authenticated: while there is one, it keeps its
     /// place at the cap.
     keyed_calls: AtomicUsize,
+    /// The principal whose call last authenticated on it (0: none yet). Changed under the
+    /// lock of `Open`, which counts it in `per_principal`.
+    principal: AtomicI64,
     /// It gave its place to a newer connection: its reads end and its writes fail.
     evicted: AtomicBool,
     /// Taken out of the counts (on eviction or when it drops).
@@ -282,6 +298,7 @@ impl Activity {
             remote,
             keyed: AtomicU64::new(0),
             keyed_calls: AtomicUsize::new(0),
+            principal: AtomicI64::new(0),
             evicted: AtomicBool::new(false),
             released: AtomicBool::new(false),
             reader: AtomicWaker::new(),
@@ -611,31 +628,27 @@ impl Connections {
             }
             open.total += 1;
             let all = &self.unread_all;
+            let number = open.admitted + 1;
             let entry = open.per_peer.entry(peer).or_insert_with(|| PeerEntry {
                 connections: 0,
                 load: Arc::new(PeerLoad {
                     all: all.clone(),
                     ..PeerLoad::default()
                 }),
+                without_key: BTreeMap::new(),
             });
             entry.connections += 1;
             let load = entry.load.clone();
-            open.admitted += 1;
-            let activity = Arc::new(Activity::new(
-                open.admitted,
-                peer,
-                remote,
-                load,
-                self.now_ms(),
-            ));
-            if let Some(addr) = remote {
-                open.by_addr.insert(addr, activity.clone());
-            }
+            let activity = Arc::new(Activity::new(number, peer, remote, load, self.now_ms()));
             // A connection whose peer address cannot be read (`peer_addr` fails only for a
             // socket already closed) has no calls tracked, so it could never show a key:
             // not taken for one without.
             if self.limits.evict_without_key && remote.is_some() {
-                open.without_key.insert(activity.number, activity.clone());
+                entry.without_key.insert(number, activity.clone());
+            }
+            open.admitted = number;
+            if let Some(addr) = remote {
+                open.by_addr.insert(addr, activity.clone());
             }
             activity
         };
@@ -655,62 +668,100 @@ impl Connections {
     }
 
     /// Evicts a connection without a key, if the limits allow it and there is one: the
-    /// oldest on which no call has authenticated, else the one whose last authenticated
-    /// call is the longest ago, if that is longer than the idle timeout (a revoked key
-    /// keeps no place for longer). It is out of the counts at once, and its task is woken
-    /// to close it. Whether one was.
+    /// oldest on which no call has authenticated, of the address holding the most such
+    /// connections; else the one whose last authenticated call ended the longest ago, if
+    /// that is longer than the idle timeout and none is under way (a revoked key keeps no
+    /// place for longer); else one of a principal holding more places than
+    /// `max_per_peer`, the one whose last authenticated call ended the longest ago, with
+    /// none under way. It is out of the counts at once, and its task is woken to close
+    /// it. Whether one was.
     fn evict_one(&self, open: &mut Open) -> bool {
         if !self.limits.evict_without_key {
             return false;
         }
-        // A connection marked a key holder's just now may still be in the table (it is
-        // marked before it is taken out): skipped.
-        let mut oldest = None;
-        while let Some((_, candidate)) = open.without_key.pop_first() {
-            if candidate.keyed.load(Ordering::SeqCst) == 0 {
-                oldest = Some(candidate);
-                break;
-            }
-        }
-        let oldest = match oldest {
+        let oldest = match self.without_key(open) {
             Some(oldest) => oldest,
-            None => {
-                let Some(lapse) = self.limits.idle_timeout else {
-                    return false;
-                };
-                let before = self
-                    .now_ms()
-                    .saturating_sub(lapse.as_millis() as u64)
-                    .saturating_add(1);
-                let lapsed = open
-                    .by_addr
-                    .values()
-                    .filter(|a| {
-                        !a.released.load(Ordering::SeqCst)
-                            && a.keyed_calls.load(Ordering::SeqCst) == 0
-                            && a.keyed.load(Ordering::SeqCst) < before
-                    })
-                    .min_by_key(|a| a.keyed.load(Ordering::SeqCst));
-                match lapsed {
-                    Some(lapsed) => lapsed.clone(),
-                    None => return false,
-                }
-            }
+            None => match self.lapsed(open).or_else(|| self.past_its_share(open)) {
+                Some(one) => one,
+                None => return false,
+            },
         };
         open.release(&oldest);
         oldest.evicted.store(true, Ordering::SeqCst);
         oldest.reader.wake();
         metrics::counter!("ern_connections_evicted_total").increment(1);
-        debug!(peer = %oldest.from, "connection without a key closed for a new one");
+        debug!(peer = %oldest.from, "connection closed at the cap for a new one");
         true
     }
 
-    /// Marks the connection of a request (its `extensions`) as one on which a call has
-    /// just authenticated: it keeps its place at the cap on connections for the idle
-    /// timeout (`evict_without_key`).
-    pub fn key_holder(extensions: &http::Extensions) {
+    /// The oldest connection on which no call has authenticated, of the address holding
+    /// the most (so that many connections from one address give their places before a
+    /// client's one new connection, whatever their age), taken out of its table.
+    fn without_key(&self, open: &mut Open) -> Option<Arc<Activity>> {
+        loop {
+            let entry = open
+                .per_peer
+                .values_mut()
+                .filter(|entry| !entry.without_key.is_empty())
+                .max_by_key(|entry| {
+                    let oldest = entry.without_key.keys().next().copied().unwrap_or(0);
+                    (entry.without_key.len(), std::cmp::Reverse(oldest))
+                })?;
+            while let Some((_, candidate)) = entry.without_key.pop_first() {
+                // One marked a key holder's just now may still be in the table (it is
+                // marked before it is taken out): skipped.
+                if candidate.keyed.load(Ordering::SeqCst) == 0 {
+                    return Some(candidate);
+                }
+            }
+        }
+    }
+
+    /// The key holder's connection whose last authenticated call ended the longest ago,
+    /// more than the idle timeout ago, with none under way.
+    fn lapsed(&self, open: &Open) -> Option<Arc<Activity>> {
+        let lapse = self.limits.idle_timeout?;
+        let before = self
+            .now_ms()
+            .saturating_sub(lapse.as_millis() as u64)
+            .saturating_add(1);
+        open.by_addr
+            .values()
+            .filter(|a| {
+                !a.released.load(Ordering::SeqCst)
+                    && a.keyed_calls.load(Ordering::SeqCst) == 0
+                    && a.keyed.load(Ordering::SeqCst) < before
+            })
+            .min_by_key(|a| a.keyed.load(Ordering::SeqCst))
+            .cloned()
+    }
+
+    /// Of the principal holding the most places, if more than `max_per_peer`: its
+    /// connection whose last authenticated call ended the longest ago, with none under
+    /// way (one key cannot keep every other principal out).
+    fn past_its_share(&self, open: &Open) -> Option<Arc<Activity>> {
+        let (&principal, _) = open
+            .per_principal
+            .iter()
+            .filter(|&(_, &held)| held > self.limits.max_per_peer)
+            .max_by_key(|&(_, &held)| held)?;
+        open.by_addr
+            .values()
+            .filter(|a| {
+                !a.released.load(Ordering::SeqCst)
+                    && a.principal.load(Ordering::SeqCst) == principal
+                    && a.keyed_calls.load(Ordering::SeqCst) == 0
+            })
+            .min_by_key(|a| a.keyed.load(Ordering::SeqCst))
+            .cloned()
+    }
+
+    /// Marks the connection of a request (its `extensions`) as one on which a call of
+    /// `principal` has just authenticated: it keeps its place at the cap on connections
+    /// while the call lasts and for the idle timeout after (`evict_without_key`).
+    pub fn key_holder(extensions: &http::Extensions, principal: i64) {
         if let Some(on) = extensions.get::<OnConnectionKeyed>() {
-            on.authenticated();
+            on.authenticated(principal);
         }
     }
 
@@ -1130,16 +1181,38 @@ impl OnConnectionKeyed {
         extensions.get::<OnConnectionKeyed>().cloned()
     }
 
-    /// The call has just authenticated (again, for each item of a stream): the
-    /// connection keeps its place while the call lasts, and for the idle timeout after.
-    pub fn authenticated(&self) {
+    /// The call has just authenticated as `principal` (again, for each item of a
+    /// stream): the connection keeps its place while the call lasts, and for the idle
+    /// timeout after, unless its principal holds more than its share.
+    pub fn authenticated(&self, principal: i64) {
         let OnConnectionKeyed(connections, activity, call) = self;
         if !call.swap(true, Ordering::SeqCst) {
             activity.keyed_calls.fetch_add(1, Ordering::SeqCst);
         }
-        let now = connections.now_ms() + 1;
-        if activity.keyed.swap(now, Ordering::SeqCst) == 0 {
-            lock(&connections.open).without_key.remove(&activity.number);
+        // Marked before the tables change (under their lock), so an eviction between the
+        // two skips it.
+        activity
+            .keyed
+            .store(connections.now_ms() + 1, Ordering::SeqCst);
+        if activity.principal.load(Ordering::SeqCst) == principal {
+            return;
+        }
+        let mut open = lock(&connections.open);
+        let before = activity.principal.swap(principal, Ordering::SeqCst);
+        if before == principal || activity.released.load(Ordering::SeqCst) {
+            return;
+        }
+        if before != 0
+            && let Some(held) = open.per_principal.get_mut(&before)
+        {
+            *held -= 1;
+            if *held == 0 {
+                open.per_principal.remove(&before);
+            }
+        }
+        *open.per_principal.entry(principal).or_insert(0) += 1;
+        if let Some(entry) = open.per_peer.get_mut(&activity.from) {
+            entry.without_key.remove(&activity.number);
         }
     }
 }
@@ -1484,19 +1557,24 @@ mod tests {
         TcpStream::connect(addr).await.unwrap()
     }
 
+    /// That the server closes `client` at once, admitting nothing (`why` says otherwise).
+    async fn closed_on_accept<S>(incoming: &mut S, client: &mut TcpStream, why: &str)
+    where
+        S: Stream<Item = io::Result<Tracked>> + Unpin,
+    {
+        let mut byte = [0u8; 1];
+        let read = tokio::select! {
+            _ = incoming.next() => panic!("{why}"),
+            read = tokio::io::AsyncReadExt::read(client, &mut byte) => read,
+        };
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
     #[tokio::test]
     async fn connections_past_the_caps_are_closed_and_places_come_back() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Connections::new(ConnectionLimits {
-            max_connections: 10,
-            max_per_peer: 2,
-            idle_timeout: None,
-            max_unread_per_peer: None,
-            max_unread_all: None,
-            max_reflection_per_peer: None,
-            evict_without_key: true,
-        });
+        let connections = capped(10, 2);
         let mut incoming = Box::pin(connections.incoming(listener, None));
         let _a = connect(addr).await;
         let first = incoming.next().await.unwrap().unwrap();
@@ -1505,17 +1583,17 @@ mod tests {
         assert_eq!(connections.open(), 2);
         // A third from the same address is closed at once.
         let mut c = connect(addr).await;
-        let mut byte = [0u8; 1];
-        let read = tokio::select! {
-            _ = incoming.next() => panic!("a third connection from one peer was admitted"),
-            read = tokio::io::AsyncReadExt::read(&mut c, &mut byte) => read,
-        };
+        closed_on_accept(
+            &mut incoming,
+            &mut c,
+            "a third connection from one peer was admitted",
+        )
+        .await;
         // When one closes, its place comes back.
         drop(first);
         let _d = connect(addr).await;
         let _fourth = incoming.next().await.unwrap().unwrap();
         assert_eq!(connections.open(), 2);
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 
     /// At the cap, the oldest connection on which no call has authenticated gives its
@@ -1527,21 +1605,13 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Connections::new(ConnectionLimits {
-            max_connections: 2,
-            max_per_peer: 10,
-            idle_timeout: None,
-            max_unread_per_peer: None,
-            max_unread_all: None,
-            max_reflection_per_peer: None,
-            evict_without_key: true,
-        });
+        let connections = capped(2, 10);
         let mut incoming = Box::pin(connections.incoming(listener, None));
         let mut accept = async || {
             let client = connect(addr).await;
             (client, incoming.next().await.unwrap().unwrap())
         };
-        let keyed = |tracked: &Tracked| drop(authenticated_call(tracked));
+        let keyed = |tracked: &Tracked| drop(authenticated_call(tracked, 1));
         let (_a, mut first) = accept().await;
         let (_b, second) = accept().await;
         keyed(&second);
@@ -1563,11 +1633,12 @@ mod tests {
         // Once both places are key holders', a new connection is closed at once.
         keyed(&third);
         let mut d = connect(addr).await;
-        let read = tokio::select! {
-            _ = incoming.next() => panic!("a connection past the cap was admitted"),
-            read = d.read(&mut byte) => read,
-        };
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        closed_on_accept(
+            &mut incoming,
+            &mut d,
+            "a connection past the cap was admitted",
+        )
+        .await;
         assert_eq!(connections.open(), 2);
         assert!(!third.activity.evicted.load(Ordering::SeqCst));
         // A key holder's place comes back when it closes.
@@ -1577,7 +1648,7 @@ mod tests {
 
     /// A call on `tracked`'s connection that authenticated, under way until the guard
     /// drops.
-    fn authenticated_call(tracked: &Tracked) -> CallGuard {
+    fn authenticated_call(tracked: &Tracked, principal: i64) -> CallGuard {
         let call = tracked
             .connections
             .begin(tracked.remote().unwrap())
@@ -1588,7 +1659,7 @@ mod tests {
             tracked.activity.clone(),
             call.authenticated.clone(),
         ));
-        Connections::key_holder(&extensions);
+        Connections::key_holder(&extensions, principal);
         call
     }
 
@@ -1615,16 +1686,16 @@ mod tests {
         let _b = connect(addr).await;
         let second = incoming.next().await.unwrap().unwrap();
         // The first's call goes on; the second's ended.
-        let call = authenticated_call(&first);
-        drop(authenticated_call(&second));
+        let call = authenticated_call(&first, 1);
+        drop(authenticated_call(&second, 2));
         // Within the timeout both keep their places.
         let mut c = connect(addr).await;
-        let mut byte = [0u8; 1];
-        let read = tokio::select! {
-            _ = incoming.next() => panic!("a key holder gave its place within the timeout"),
-            read = tokio::io::AsyncReadExt::read(&mut c, &mut byte) => read,
-        };
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        closed_on_accept(
+            &mut incoming,
+            &mut c,
+            "a key holder gave its place within the timeout",
+        )
+        .await;
         // Past it, the second gives its place; the first, whose call is under way, not.
         tokio::time::sleep(Duration::from_millis(2_500)).await;
         let _d = connect(addr).await;
@@ -1647,32 +1718,111 @@ mod tests {
     async fn a_connection_marked_a_key_holders_is_never_evicted_from_the_table() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Connections::new(ConnectionLimits {
-            max_connections: 1,
-            max_per_peer: 10,
-            idle_timeout: None,
-            max_unread_per_peer: None,
-            max_unread_all: None,
-            max_reflection_per_peer: None,
-            evict_without_key: true,
-        });
+        let connections = capped(1, 10);
         let mut incoming = Box::pin(connections.incoming(listener, None));
         let _a = connect(addr).await;
         let first = incoming.next().await.unwrap().unwrap();
         // As `authenticated` leaves it between its two steps.
         first.activity.keyed.store(1, Ordering::SeqCst);
         assert!(
-            lock(&connections.open)
+            lock(&connections.open).per_peer[&first.peer]
                 .without_key
                 .contains_key(&first.activity.number)
         );
         let mut b = connect(addr).await;
-        let mut byte = [0u8; 1];
-        let read = tokio::select! {
-            _ = incoming.next() => panic!("a key holder gave its place"),
-            read = tokio::io::AsyncReadExt::read(&mut b, &mut byte) => read,
-        };
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        closed_on_accept(&mut incoming, &mut b, "a key holder gave its place").await;
         assert!(!first.activity.evicted.load(Ordering::SeqCst));
+    }
+
+    /// A connection to `addr` from the loopback address `source` (another peer).
+    async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    fn capped(max_connections: usize, max_per_peer: usize) -> Arc<Connections> {
+        Connections::new(ConnectionLimits {
+            max_connections,
+            max_per_peer,
+            idle_timeout: None,
+            max_unread_per_peer: None,
+            max_unread_all: None,
+            max_reflection_per_peer: None,
+            evict_without_key: true,
+        })
+    }
+
+    /// Of the connections without a key, the address holding the most gives one first,
+    /// whatever their age: a client's one new connection is not the first to go.
+    #[tokio::test]
+    async fn the_address_holding_most_places_without_a_key_gives_one_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = capped(3, 10);
+        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let _a = connect_from([127, 0, 0, 3], addr).await;
+        let lone = incoming.next().await.unwrap().unwrap();
+        let _b = connect_from([127, 0, 0, 2], addr).await;
+        let many_first = incoming.next().await.unwrap().unwrap();
+        let _c = connect_from([127, 0, 0, 2], addr).await;
+        let many_second = incoming.next().await.unwrap().unwrap();
+        let _d = connect_from([127, 0, 0, 4], addr).await;
+        let _new = incoming.next().await.unwrap().unwrap();
+        assert!(many_first.activity.evicted.load(Ordering::SeqCst));
+        assert!(!many_second.activity.evicted.load(Ordering::SeqCst));
+        assert!(
+            !lone.activity.evicted.load(Ordering::SeqCst),
+            "the oldest, alone"
+        );
+    }
+
+    /// One principal holding more places than `max_per_peer`, all in use by its key,
+    /// gives one to a new connection; at its share, it keeps them.
+    #[tokio::test]
+    async fn a_principal_past_its_share_gives_a_place() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = capped(3, 2);
+        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let mut held = Vec::new();
+        for source in 2..5u8 {
+            let client = connect_from([127, 0, 0, source], addr).await;
+            let tracked = incoming.next().await.unwrap().unwrap();
+            drop(authenticated_call(&tracked, 7));
+            held.push((client, tracked));
+        }
+        assert_eq!(lock(&connections.open).per_principal[&7], 3);
+        // A fourth takes the place of one of the principal's connections (the one whose
+        // last call ended the longest ago; here in the same millisecond, maybe).
+        let evicted = |held: &[(TcpStream, Tracked)]| {
+            held.iter()
+                .filter(|(_, t)| t.activity.evicted.load(Ordering::SeqCst))
+                .count()
+        };
+        let _e = connect_from([127, 0, 0, 5], addr).await;
+        let fourth = incoming.next().await.unwrap().unwrap();
+        assert_eq!(evicted(&held), 1);
+        assert_eq!(lock(&connections.open).per_principal[&7], 2);
+        // Now it holds its share: the next is closed at once, whoever it is (the fourth
+        // has a key of its own).
+        drop(authenticated_call(&fourth, 8));
+        let mut f = connect_from([127, 0, 0, 6], addr).await;
+        closed_on_accept(
+            &mut incoming,
+            &mut f,
+            "a principal within its share gave its place",
+        )
+        .await;
+        assert_eq!(evicted(&held), 1);
+        // Its counts go when its connections do.
+        drop(held);
+        let open = lock(&connections.open);
+        assert!(
+            !open.per_principal.contains_key(&7),
+            "{:?}",
+            open.per_principal
+        );
+        assert_eq!(open.per_principal[&8], 1);
     }
 }

@@ -398,7 +398,7 @@ impl CaseApi {
                     {
                         Ok(principal) => {
                             if let Some(connection) = &connection {
-                                connection.authenticated();
+                                connection.authenticated(principal.id);
                             }
                             submit_one(&state, &principal, item, running.call()).await
                         }

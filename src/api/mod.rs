@@ -276,7 +276,7 @@ pub async fn authenticate<T>(
     call: &mut Call,
 ) -> Result<Principal, ServiceError> {
     let principal = services.authenticate(&credentials(request), call).await?;
-    Connections::key_holder(request.extensions());
+    Connections::key_holder(request.extensions(), principal.id);
     Ok(principal)
 }
 
@@ -291,7 +291,7 @@ pub async fn authorize<T>(
     let principal = services
         .authorize(&credentials(request), role, call)
         .await?;
-    Connections::key_holder(request.extensions());
+    Connections::key_holder(request.extensions(), principal.id);
     Ok(principal)
 }
 
