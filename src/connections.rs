@@ -158,6 +158,8 @@ struct Open {
     by_addr: HashMap<SocketAddr, Arc<Activity>>,
     /// Per principal, the open connections it last authenticated a call on.
     per_principal: HashMap<i64, usize>,
+    /// Connections in the peers' `without_key` tables, all together.
+    without_key: usize,
     /// The number the next admitted connection gets.
     admitted: u64,
 }
@@ -173,7 +175,9 @@ impl Open {
         self.total = self.total.saturating_sub(1);
         if let Some(entry) = self.per_peer.get_mut(&activity.from) {
             entry.connections -= 1;
-            entry.without_key.remove(&activity.number);
+            if entry.without_key.remove(&activity.number).is_some() {
+                self.without_key -= 1;
+            }
             if entry.connections == 0 {
                 self.per_peer.remove(&activity.from);
             }
@@ -501,6 +505,21 @@ impl Connections {
         lock(&self.open).total
     }
 
+    /// Sets the gauges of open connections, and of those without a key, from `open`
+    /// (under its lock, so they are never set out of order).
+    fn publish(&self, open: &Open) {
+        let listener = match self.listener {
+            Listener::Grpc => "grpc",
+            Listener::Console => "console",
+            Listener::Metrics => "metrics",
+        };
+        metrics::gauge!("ern_connections_open", "listener" => listener).set(open.total as f64);
+        if self.limits.evict_without_key {
+            metrics::gauge!("ern_connections_without_key", "listener" => listener)
+                .set(open.without_key as f64);
+        }
+    }
+
     /// The listener's connections, past the caps, with TCP keepalive probes after
     /// `tcp_keepalive` of silence.
     pub fn incoming(
@@ -645,11 +664,13 @@ impl Connections {
             // not taken for one without.
             if self.limits.evict_without_key && remote.is_some() {
                 entry.without_key.insert(number, activity.clone());
+                open.without_key += 1;
             }
             open.admitted = number;
             if let Some(addr) = remote {
                 open.by_addr.insert(addr, activity.clone());
             }
+            self.publish(&open);
             activity
         };
         let idle = self
@@ -698,9 +719,13 @@ impl Connections {
     /// the most (so that many connections from one address give their places before a
     /// client's one new connection, whatever their age), taken out of its table.
     fn without_key(&self, open: &mut Open) -> Option<Arc<Activity>> {
+        let Open {
+            per_peer,
+            without_key: count,
+            ..
+        } = open;
         loop {
-            let entry = open
-                .per_peer
+            let entry = per_peer
                 .values_mut()
                 .filter(|entry| !entry.without_key.is_empty())
                 .max_by_key(|entry| {
@@ -708,6 +733,7 @@ impl Connections {
                     (entry.without_key.len(), std::cmp::Reverse(oldest))
                 })?;
             while let Some((_, candidate)) = entry.without_key.pop_first() {
+                *count -= 1;
                 // One marked a key holder's just now may still be in the table (it is
                 // marked before it is taken out): skipped.
                 if candidate.keyed.load(Ordering::SeqCst) == 0 {
@@ -917,7 +943,9 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        lock(&self.connections.open).dropped(&self.activity);
+        let mut open = lock(&self.connections.open);
+        open.dropped(&self.activity);
+        self.connections.publish(&open);
     }
 }
 
@@ -1211,9 +1239,12 @@ impl OnConnectionKeyed {
             }
         }
         *open.per_principal.entry(principal).or_insert(0) += 1;
-        if let Some(entry) = open.per_peer.get_mut(&activity.from) {
-            entry.without_key.remove(&activity.number);
+        if let Some(entry) = open.per_peer.get_mut(&activity.from)
+            && entry.without_key.remove(&activity.number).is_some()
+        {
+            open.without_key -= 1;
         }
+        connections.publish(&open);
     }
 }
 
@@ -1767,14 +1798,21 @@ mod tests {
         let many_first = incoming.next().await.unwrap().unwrap();
         let _c = connect_from([127, 0, 0, 2], addr).await;
         let many_second = incoming.next().await.unwrap().unwrap();
+        assert_eq!(lock(&connections.open).without_key, 3);
         let _d = connect_from([127, 0, 0, 4], addr).await;
-        let _new = incoming.next().await.unwrap().unwrap();
+        let new = incoming.next().await.unwrap().unwrap();
         assert!(many_first.activity.evicted.load(Ordering::SeqCst));
+        assert_eq!(lock(&connections.open).without_key, 3);
         assert!(!many_second.activity.evicted.load(Ordering::SeqCst));
         assert!(
             !lone.activity.evicted.load(Ordering::SeqCst),
             "the oldest, alone"
         );
+        // Marked, dropped: the count follows.
+        drop(authenticated_call(&new, 1));
+        assert_eq!(lock(&connections.open).without_key, 2);
+        drop(many_second);
+        assert_eq!(lock(&connections.open).without_key, 1);
     }
 
     /// One principal holding more places than `max_per_peer`, all in use by its key,

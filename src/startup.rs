@@ -213,6 +213,14 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
         "Connections without a key closed at the cap to give their place to a new connection"
     );
     metrics::describe_gauge!(
+        "ern_connections_open",
+        "Connections open now, by listener (grpc, console, metrics)"
+    );
+    metrics::describe_gauge!(
+        "ern_connections_without_key",
+        "Connections open now on which no call has authenticated (the places a new connection may take at the cap), by listener"
+    );
+    metrics::describe_gauge!(
         "ern_clock_skew_seconds",
         "PostgreSQL: the database server's clock minus this instance's, beyond the probe's round trip"
     );
