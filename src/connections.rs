@@ -17,10 +17,12 @@
 //!   authenticated is under way or ended within the idle timeout ([`Connections::key_holder`], from
 //!   `api::authenticate`/`authorize` and each item of a `SubmitCases` stream). At the cap
 //!   in all, a new connection takes the place of the oldest connection on which no call
-//!   has authenticated, of the address holding the most such; else of the one whose last
-//!   authenticated call is the longest ago past the idle timeout with no authenticated
-//!   call under way; else of a principal holding more than `--max-connections-per-peer`
-//!   places (one key from many addresses cannot hold them all); that one is out of the
+//!   has authenticated, of the address holding the most such (two or more); else of the
+//!   one whose last authenticated call is the longest ago past the idle timeout with no
+//!   authenticated call under way; else of a principal holding more than
+//!   `--max-connections-per-peer` places (one key from many addresses cannot hold them
+//!   all); else of the oldest connection without a key alone at its address; that one is
+//!   out of the
 //!   counts at once, and its reads end and its writes fail, so HTTP/2 closes it (a call it
 //!   had read is answered UNAVAILABLE). Only when none of these is found is the new
 //!   connection closed. (The metrics listener evicts too: none of its connections holds a
@@ -688,24 +690,30 @@ impl Connections {
         })
     }
 
-    /// Evicts a connection without a key, if the limits allow it and there is one: the
-    /// oldest on which no call has authenticated, of the address holding the most such
-    /// connections; else the one whose last authenticated call ended the longest ago, if
-    /// that is longer than the idle timeout and none is under way (a revoked key keeps no
-    /// place for longer); else one of a principal holding more places than
-    /// `max_per_peer`, the one whose last authenticated call ended the longest ago, with
-    /// none under way. It is out of the counts at once, and its task is woken to close
+    /// Evicts a connection, if the limits allow it and there is one to take, in this
+    /// order: the oldest on which no call has authenticated of the address holding the
+    /// most such connections, two or more; else the one whose last authenticated call
+    /// ended the longest ago, if that is longer than the idle timeout and none is under
+    /// way (a revoked key keeps no place for longer); else one of a principal holding
+    /// more places than `max_per_peer`, the one whose last authenticated call ended the
+    /// longest ago, with none under way; else the oldest connection without a key alone
+    /// at its address. It is out of the counts at once, and its task is woken to close
     /// it. Whether one was.
     fn evict_one(&self, open: &mut Open) -> bool {
         if !self.limits.evict_without_key {
             return false;
         }
-        let oldest = match self.without_key(open) {
-            Some(oldest) => oldest,
-            None => match self.lapsed(open).or_else(|| self.past_its_share(open)) {
-                Some(one) => one,
-                None => return false,
-            },
+        // A connection without a key alone at its address comes last: otherwise one that
+        // reconnects whenever it is closed takes every new connection's place in turn,
+        // before a principal holding more than its share gives one (a defences
+        // re-attack, 2026-12-07).
+        let Some(oldest) = self
+            .without_key(open, 2)
+            .or_else(|| self.lapsed(open))
+            .or_else(|| self.past_its_share(open))
+            .or_else(|| self.without_key(open, 1))
+        else {
+            return false;
         };
         open.release(&oldest);
         oldest.evicted.store(true, Ordering::SeqCst);
@@ -716,9 +724,10 @@ impl Connections {
     }
 
     /// The oldest connection on which no call has authenticated, of the address holding
-    /// the most (so that many connections from one address give their places before a
-    /// client's one new connection, whatever their age), taken out of its table.
-    fn without_key(&self, open: &mut Open) -> Option<Arc<Activity>> {
+    /// the most, if it holds at least `at_least` (so that many connections from one
+    /// address give their places before a client's one new connection, whatever their
+    /// age), taken out of its table.
+    fn without_key(&self, open: &mut Open, at_least: usize) -> Option<Arc<Activity>> {
         let Open {
             per_peer,
             without_key: count,
@@ -727,7 +736,7 @@ impl Connections {
         loop {
             let entry = per_peer
                 .values_mut()
-                .filter(|entry| !entry.without_key.is_empty())
+                .filter(|entry| entry.without_key.len() >= at_least.max(1))
                 .max_by_key(|entry| {
                     let oldest = entry.without_key.keys().next().copied().unwrap_or(0);
                     (entry.without_key.len(), std::cmp::Reverse(oldest))
@@ -1862,5 +1871,37 @@ mod tests {
             open.per_principal
         );
         assert_eq!(open.per_principal[&8], 1);
+    }
+
+    /// A connection without a key alone at its address gives its place only after a
+    /// principal past its share has given one: one that reconnects whenever it is closed
+    /// cannot take every new connection's place in turn while one key holds the rest.
+    #[tokio::test]
+    async fn one_connection_without_a_key_alone_at_its_address_goes_last() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = capped(3, 1);
+        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let mut keyed = Vec::new();
+        for source in 2..4u8 {
+            let client = connect_from([127, 0, 0, source], addr).await;
+            let tracked = incoming.next().await.unwrap().unwrap();
+            drop(authenticated_call(&tracked, 7));
+            keyed.push((client, tracked));
+        }
+        let _c = connect_from([127, 0, 0, 4], addr).await;
+        let alone = incoming.next().await.unwrap().unwrap();
+        let _d = connect_from([127, 0, 0, 5], addr).await;
+        let _new = incoming.next().await.unwrap().unwrap();
+        assert!(!alone.activity.evicted.load(Ordering::SeqCst));
+        let evicted = keyed
+            .iter()
+            .filter(|(_, t)| t.activity.evicted.load(Ordering::SeqCst))
+            .count();
+        assert_eq!(evicted, 1);
+        // The principal now holds its share (1): the next takes the one alone.
+        let _e = connect_from([127, 0, 0, 6], addr).await;
+        let _next = incoming.next().await.unwrap().unwrap();
+        assert!(alone.activity.evicted.load(Ordering::SeqCst));
     }
 }
