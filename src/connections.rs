@@ -1612,10 +1612,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_past_the_caps_are_closed_and_places_come_back() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = capped(10, 2);
-        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let (addr, connections, mut incoming) = serving(10, 2).await;
         let _a = connect(addr).await;
         let first = incoming.next().await.unwrap().unwrap();
         let _b = connect(addr).await;
@@ -1643,10 +1640,7 @@ mod tests {
     #[tokio::test]
     async fn at_the_cap_the_oldest_connection_without_a_key_gives_its_place() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = capped(2, 10);
-        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let (addr, connections, mut incoming) = serving(2, 10).await;
         let mut accept = async || {
             let client = connect(addr).await;
             (client, incoming.next().await.unwrap().unwrap())
@@ -1756,10 +1750,7 @@ mod tests {
     /// connections without a key (marked before it is taken out), is not evicted.
     #[tokio::test]
     async fn a_connection_marked_a_key_holders_is_never_evicted_from_the_table() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = capped(1, 10);
-        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let (addr, connections, mut incoming) = serving(1, 10).await;
         let _a = connect(addr).await;
         let first = incoming.next().await.unwrap().unwrap();
         // As `authenticated` leaves it between its two steps.
@@ -1781,6 +1772,31 @@ mod tests {
         socket.connect(addr).await.unwrap()
     }
 
+    /// The incoming connections of a listener on a free loopback port, admitted by
+    /// [`capped`] limits.
+    type Incoming = Pin<Box<dyn Stream<Item = io::Result<Tracked>> + Send>>;
+
+    async fn serving(
+        max_connections: usize,
+        max_per_peer: usize,
+    ) -> (SocketAddr, Arc<Connections>, Incoming) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = capped(max_connections, max_per_peer);
+        let incoming = Box::pin(connections.incoming(listener, None));
+        (addr, connections, incoming)
+    }
+
+    /// A connection from `source`, and the server's side of it once admitted.
+    async fn accept_from(
+        source: [u8; 4],
+        addr: SocketAddr,
+        incoming: &mut Incoming,
+    ) -> (TcpStream, Tracked) {
+        let client = connect_from(source, addr).await;
+        (client, incoming.next().await.unwrap().unwrap())
+    }
+
     fn capped(max_connections: usize, max_per_peer: usize) -> Arc<Connections> {
         Connections::new(ConnectionLimits {
             max_connections,
@@ -1797,19 +1813,12 @@ mod tests {
     /// whatever their age: a client's one new connection is not the first to go.
     #[tokio::test]
     async fn the_address_holding_most_places_without_a_key_gives_one_first() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = capped(3, 10);
-        let mut incoming = Box::pin(connections.incoming(listener, None));
-        let _a = connect_from([127, 0, 0, 3], addr).await;
-        let lone = incoming.next().await.unwrap().unwrap();
-        let _b = connect_from([127, 0, 0, 2], addr).await;
-        let many_first = incoming.next().await.unwrap().unwrap();
-        let _c = connect_from([127, 0, 0, 2], addr).await;
-        let many_second = incoming.next().await.unwrap().unwrap();
+        let (addr, connections, mut incoming) = serving(3, 10).await;
+        let (_a, lone) = accept_from([127, 0, 0, 3], addr, &mut incoming).await;
+        let (_b, many_first) = accept_from([127, 0, 0, 2], addr, &mut incoming).await;
+        let (_c, many_second) = accept_from([127, 0, 0, 2], addr, &mut incoming).await;
         assert_eq!(lock(&connections.open).without_key, 3);
-        let _d = connect_from([127, 0, 0, 4], addr).await;
-        let new = incoming.next().await.unwrap().unwrap();
+        let (_d, new) = accept_from([127, 0, 0, 4], addr, &mut incoming).await;
         assert!(many_first.activity.evicted.load(Ordering::SeqCst));
         assert_eq!(lock(&connections.open).without_key, 3);
         assert!(!many_second.activity.evicted.load(Ordering::SeqCst));
@@ -1828,14 +1837,10 @@ mod tests {
     /// gives one to a new connection; at its share, it keeps them.
     #[tokio::test]
     async fn a_principal_past_its_share_gives_a_place() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = capped(3, 2);
-        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let (addr, connections, mut incoming) = serving(3, 2).await;
         let mut held = Vec::new();
         for source in 2..5u8 {
-            let client = connect_from([127, 0, 0, source], addr).await;
-            let tracked = incoming.next().await.unwrap().unwrap();
+            let (client, tracked) = accept_from([127, 0, 0, source], addr, &mut incoming).await;
             drop(authenticated_call(&tracked, 7));
             held.push((client, tracked));
         }
@@ -1847,8 +1852,7 @@ mod tests {
                 .filter(|(_, t)| t.activity.evicted.load(Ordering::SeqCst))
                 .count()
         };
-        let _e = connect_from([127, 0, 0, 5], addr).await;
-        let fourth = incoming.next().await.unwrap().unwrap();
+        let (_e, fourth) = accept_from([127, 0, 0, 5], addr, &mut incoming).await;
         assert_eq!(evicted(&held), 1);
         assert_eq!(lock(&connections.open).per_principal[&7], 2);
         // Now it holds its share: the next is closed at once, whoever it is (the fourth
@@ -1878,21 +1882,15 @@ mod tests {
     /// cannot take every new connection's place in turn while one key holds the rest.
     #[tokio::test]
     async fn one_connection_without_a_key_alone_at_its_address_goes_last() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = capped(3, 1);
-        let mut incoming = Box::pin(connections.incoming(listener, None));
+        let (addr, _connections, mut incoming) = serving(3, 1).await;
         let mut keyed = Vec::new();
         for source in 2..4u8 {
-            let client = connect_from([127, 0, 0, source], addr).await;
-            let tracked = incoming.next().await.unwrap().unwrap();
+            let (client, tracked) = accept_from([127, 0, 0, source], addr, &mut incoming).await;
             drop(authenticated_call(&tracked, 7));
             keyed.push((client, tracked));
         }
-        let _c = connect_from([127, 0, 0, 4], addr).await;
-        let alone = incoming.next().await.unwrap().unwrap();
-        let _d = connect_from([127, 0, 0, 5], addr).await;
-        let _new = incoming.next().await.unwrap().unwrap();
+        let (_c, alone) = accept_from([127, 0, 0, 4], addr, &mut incoming).await;
+        let (_d, _new) = accept_from([127, 0, 0, 5], addr, &mut incoming).await;
         assert!(!alone.activity.evicted.load(Ordering::SeqCst));
         let evicted = keyed
             .iter()
@@ -1900,8 +1898,7 @@ mod tests {
             .count();
         assert_eq!(evicted, 1);
         // The principal now holds its share (1): the next takes the one alone.
-        let _e = connect_from([127, 0, 0, 6], addr).await;
-        let _next = incoming.next().await.unwrap().unwrap();
+        let (_e, _next) = accept_from([127, 0, 0, 6], addr, &mut incoming).await;
         assert!(alone.activity.evicted.load(Ordering::SeqCst));
     }
 }
