@@ -763,9 +763,13 @@ impl Connections {
         open.by_addr
             .values()
             .filter(|a| {
+                // Only a key holder's place lapses: one that never had a key (0) is
+                // taken by its own rules.
+                let keyed = a.keyed.load(Ordering::SeqCst);
                 !a.released.load(Ordering::SeqCst)
                     && a.keyed_calls.load(Ordering::SeqCst) == 0
-                    && a.keyed.load(Ordering::SeqCst) < before
+                    && keyed != 0
+                    && keyed < before
             })
             .min_by_key(|a| a.keyed.load(Ordering::SeqCst))
             .cloned()
@@ -1801,7 +1805,9 @@ mod tests {
         Connections::new(ConnectionLimits {
             max_connections,
             max_per_peer,
-            idle_timeout: None,
+            // Long, so that places lapse by it only where a test waits for them (the
+            // server's default is 300 s).
+            idle_timeout: Some(Duration::from_secs(300)),
             max_unread_per_peer: None,
             max_unread_all: None,
             max_reflection_per_peer: None,
