@@ -176,18 +176,25 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    /// A listener serving a recorder of `counters` counters besides `ern_test_total`.
-    async fn start(limits: Limits, counters: usize) -> SocketAddr {
+    /// A listener of at most `max_connections`, with these timeouts, serving a recorder
+    /// that holds `ern_test_total 3`.
+    async fn start(
+        max_connections: usize,
+        header_timeout: Duration,
+        lifetime: Duration,
+    ) -> SocketAddr {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             metrics::counter!("ern_test_total").increment(3);
-            for i in 0..counters {
-                metrics::counter!("ern_test_many_total", "n" => i.to_string()).increment(1);
-            }
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections,
+            header_timeout,
+            lifetime,
+        };
         tokio::spawn(serve(listener, handle, limits));
         addr
     }
@@ -213,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_are_served_at_their_path_only() {
-        let addr = start(Limits::default(), 0).await;
+        let addr = start(MAX_CONNECTIONS, HEADER_TIMEOUT, CONNECTION_LIFETIME).await;
         let answer = get(addr, "/metrics").await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("ern_test_total 3"), "{answer}");
@@ -224,15 +231,7 @@ mod tests {
     /// A connection that sends nothing is closed after the header timeout.
     #[tokio::test]
     async fn a_silent_connection_is_cut_off() {
-        let addr = start(
-            Limits {
-                max_connections: 2,
-                header_timeout: Duration::from_millis(300),
-                lifetime: Duration::from_secs(60),
-            },
-            0,
-        )
-        .await;
+        let addr = start(2, Duration::from_millis(300), Duration::from_secs(60)).await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
         assert!(
             closed_within(&mut silent, Duration::from_secs(10))
@@ -245,15 +244,7 @@ mod tests {
     /// every place cannot keep a scraper out.
     #[tokio::test]
     async fn at_the_cap_the_oldest_connection_gives_its_place() {
-        let addr = start(
-            Limits {
-                max_connections: 2,
-                header_timeout: Duration::from_secs(60),
-                lifetime: Duration::from_secs(60),
-            },
-            0,
-        )
-        .await;
+        let addr = start(2, Duration::from_secs(60), Duration::from_secs(60)).await;
         let mut first = TcpStream::connect(addr).await.unwrap();
         let mut second = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -277,15 +268,7 @@ mod tests {
     /// ends is closed then, long before the header timeout.
     #[tokio::test]
     async fn a_connection_is_closed_after_its_lifetime() {
-        let addr = start(
-            Limits {
-                max_connections: 2,
-                header_timeout: Duration::from_secs(60),
-                lifetime: Duration::from_secs(1),
-            },
-            0,
-        )
-        .await;
+        let addr = start(2, Duration::from_secs(60), Duration::from_secs(1)).await;
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
             .await
