@@ -593,14 +593,16 @@ pub(in crate::store) async fn set_representative(
         eligible,
         eligible_until,
     } = r;
-    db::query(
+    // A new row's slot ([`slots_at_insert`]): the largest in use plus one. A row on file
+    // keeps its own (not updated below).
+    let sql = format!(
         "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, centre_id, \
                                country, orphacode, sex, status, diagnosis_year, onset_age_days, \
                                diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
-                               phenotypes) \
+                               phenotypes, slot) \
          VALUES ($1, (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2), \
                  $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15, $16) \
+                 $9, $10, $11, $12, $13, $14, $15, $16, {slot}) \
          ON CONFLICT (registry_id, patient) DO UPDATE \
          SET case_id = excluded.case_id, version = excluded.version, \
              centre_id = excluded.centre_id, country = excluded.country, \
@@ -609,27 +611,33 @@ pub(in crate::store) async fn set_representative(
              diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
              eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
              genes = excluded.genes, phenotypes = excluded.phenotypes",
-    )
-    .bind(registry_id)
-    .bind(pseudonym)
-    .bind(case_id)
-    .bind(version)
-    .bind(centre_id)
-    .bind(row.orphacode)
-    .bind(row.sex.as_str())
-    .bind(row.status.as_str())
-    .bind(row.diagnosis_year)
-    .bind(row.onset_age_days)
-    .bind(row.diagnosis_age_days)
-    .bind(row.delay_days)
-    .bind(eligible)
-    .bind(eligible_until)
-    // The genes of the version too (as in `case_genes`): the research index reads them
-    // with the row.
-    .bind(genes_column(row))
-    .bind(row.hpo_terms.as_str())
-    .execute(&mut *conn)
-    .await?;
+        slot = if slots_at_insert(conn) {
+            "(SELECT COALESCE(MAX(slot) + 1, 0) FROM patients WHERE registry_id = $1)"
+        } else {
+            "NULL"
+        }
+    );
+    db::query(&sql)
+        .bind(registry_id)
+        .bind(pseudonym)
+        .bind(case_id)
+        .bind(version)
+        .bind(centre_id)
+        .bind(row.orphacode)
+        .bind(row.sex.as_str())
+        .bind(row.status.as_str())
+        .bind(row.diagnosis_year)
+        .bind(row.onset_age_days)
+        .bind(row.diagnosis_age_days)
+        .bind(row.delay_days)
+        .bind(eligible)
+        .bind(eligible_until)
+        // The genes of the version too (as in `case_genes`): the research index reads them
+        // with the row.
+        .bind(genes_column(row))
+        .bind(row.hpo_terms.as_str())
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -658,21 +666,52 @@ async fn insert_first_version_values(
     Ok(())
 }
 
+/// Whether a research row gets its slot (`research_index`) in the statement that inserts
+/// it: on SQLite, where one writer at a time holds the database's write lock from the
+/// start of its transaction, so the largest slot in use plus one is free to the commit.
+/// Not on PostgreSQL, whose writers, of every instance, run side by side: there
+/// `research_index::log_changes` gives slots at the end of the transaction, under the
+/// change counter's lock (as it does for any row still without one).
+pub(in crate::store) fn slots_at_insert(conn: &Db<'_>) -> bool {
+    !matches!(conn, Db::Pg(_))
+}
+
+/// The first free slot of each of `registries`, the largest in use plus one, for rows
+/// inserted with their slots ([`slots_at_insert`]).
+pub(in crate::store) async fn next_slots(
+    conn: &mut Db<'_>,
+    registries: impl IntoIterator<Item = i64>,
+) -> Result<HashMap<i64, i64>> {
+    let mut next = HashMap::new();
+    for registry_id in registries {
+        let row = db::query(
+            "SELECT COALESCE(MAX(slot) + 1, 0) AS next FROM patients WHERE registry_id = $1",
+        )
+        .bind(registry_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        next.insert(registry_id, row.try_get("next")?);
+    }
+    Ok(next)
+}
+
 /// [`set_representative`] for many patients at once (no patient twice): one multi-row
-/// upsert per chunk.
+/// upsert per chunk. Each is (registry id, patient number, pseudonym, slot, what
+/// represents them), the slot being the one a new row gets ([`slots_at_insert`]; `None`:
+/// given by `research_index::log_changes`). A row on file keeps its own.
 pub(in crate::store) async fn set_representatives_many(
     conn: &mut Db<'_>,
-    representatives: &[(i64, i64, &str, Representative<'_>)],
+    representatives: &[(i64, i64, &str, Option<i64>, Representative<'_>)],
 ) -> Result<()> {
     use db::Ty::{Bool, Int, Text, Time};
     // The country is the centre's.
     const ROWS: db::Rows = db::Rows::with_template(
         &[
             Int, Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Bool, Time, Text,
-            Text,
+            Text, Int,
         ],
         "{0}, {1}, {2}, {3}, {4}, {5}, (SELECT country FROM centres WHERE id = {5}), {6}, {7}, \
-         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}",
+         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}",
     );
     for chunk in conn.chunks(representatives, ROWS_PER_STATEMENT) {
         let rows = ROWS.sql(conn, chunk.len());
@@ -680,7 +719,7 @@ pub(in crate::store) async fn set_representatives_many(
             "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, centre_id, \
                                    country, orphacode, sex, status, diagnosis_year, \
                                    onset_age_days, diagnosis_age_days, delay_days, eligible, \
-                                   eligible_until, genes, phenotypes) \
+                                   eligible_until, genes, phenotypes, slot) \
              {rows} \
              ON CONFLICT (registry_id, patient) DO UPDATE \
              SET case_id = excluded.case_id, version = excluded.version, \
@@ -692,7 +731,7 @@ pub(in crate::store) async fn set_representatives_many(
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
-        for (registry_id, patient, pseudonym, r) in chunk {
+        for (registry_id, patient, pseudonym, slot, r) in chunk {
             let row = r.row;
             query = query
                 .bind(*registry_id)
@@ -711,7 +750,8 @@ pub(in crate::store) async fn set_representatives_many(
                 .bind(r.eligible)
                 .bind(r.eligible_until)
                 .bind(genes_column(row))
-                .bind(row.hpo_terms.as_str());
+                .bind(row.hpo_terms.as_str())
+                .bind(*slot);
         }
         query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }

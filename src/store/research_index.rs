@@ -4,9 +4,14 @@
 //! **Slots.** Every research row (`patients`) has a `slot`, a number per registry given
 //! by the writer when it creates the row and kept while the row lives. An instance keeps
 //! each patient's codes at their slot, so it can apply a change without holding the
-//! patient's pseudonym. A slot is the largest in use plus one, given under the change
-//! counter's lock (below), so two writers, of any instances, never give the same one; a
-//! slot freed by an erasure may be given again (readers re-read the slot either way).
+//! patient's pseudonym. A slot is the largest in use plus one. On PostgreSQL it is given
+//! at the end of the transaction, under the change counter's lock (below), so two
+//! writers, of any instances, never give the same one. On SQLite, where one writer at a
+//! time holds the database's write lock from the start of its transaction, the row gets
+//! it in the statement that inserts it (`cases::slots_at_insert`): an index entry written
+//! once, not moved by an `UPDATE` after the `INSERT` (a page less per submission
+//! committed alone). A slot freed by an erasure may be given again (readers re-read the
+//! slot either way).
 //!
 //! **The change log.** A writer transaction that changed research rows (a submission,
 //! an update, a consent decision or a withdrawal that succeeded) ends, after its audit
@@ -610,8 +615,9 @@ async fn slots_of(
 }
 
 /// The last statements of a writer transaction whose commands changed the research rows
-/// of `changed` (registry, pseudonym): gives new rows their slots and logs every slot
-/// touched, under the change counter's lock (module doc).
+/// of `changed` (registry, pseudonym): gives rows without a slot theirs (every new row on
+/// PostgreSQL; on SQLite, where rows get theirs as they are inserted, none) and logs every
+/// slot touched, under the change counter's lock (module doc).
 pub(super) async fn log_changes(
     conn: &mut Db<'_>,
     before: &Before,

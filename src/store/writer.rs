@@ -48,7 +48,7 @@
 //! once it has answered the batch, the writer lets its own index catch up
 //! ([`AfterCommit`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -1708,17 +1708,48 @@ async fn submit_run(
         })
         .collect();
     let case_ids = cases::insert_cases_many(conn, &new_cases).await?;
-    let representatives: Vec<(i64, i64, &str, cases::Representative<'_>)> = accepted
+    // Slots for the research rows the run creates, where rows get them as they are
+    // inserted: a patient with no case on file has no research row (the row represents
+    // one of their cases and goes with the last of them). Were one there all the same, it
+    // would keep its slot and the number given here would go unused.
+    let new_rows: Vec<bool> = accepted
+        .iter()
+        .map(|(i, _, _)| {
+            let c = run[*i];
+            !existing
+                .iter()
+                .any(|(r, p, _)| *r == c.registry_id && *p == c.pseudonym)
+        })
+        .collect();
+    let mut next_slots = if cases::slots_at_insert(conn) && new_rows.contains(&true) {
+        let registries: BTreeSet<i64> = accepted
+            .iter()
+            .map(|(i, _, _)| run[*i].registry_id)
+            .collect();
+        cases::next_slots(conn, registries).await?
+    } else {
+        HashMap::new()
+    };
+    let representatives: Vec<(i64, i64, &str, Option<i64>, cases::Representative<'_>)> = accepted
         .iter()
         .zip(case_ids)
         .zip(&patient_ids)
-        .map(|(((i, events, at), case_id), &patient)| {
+        .zip(new_rows)
+        .map(|((((i, events, at), case_id), &patient), new_row)| {
             let c = run[*i];
             let (eligible, eligible_until) = rules.research_eligibility(events, *at);
+            let slot = next_slots
+                .get_mut(&c.registry_id)
+                .filter(|_| new_row)
+                .map(|next| {
+                    *next += 1;
+                    *next - 1
+                });
             (
                 c.registry_id,
                 patient,
                 c.pseudonym.as_str(),
+                slot,
                 cases::Representative {
                     case_id,
                     version: 1,

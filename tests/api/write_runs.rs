@@ -190,8 +190,8 @@ async fn dump(app: &TestApp) -> Vec<String> {
                 hpo_terms, code_releases, delay_days FROM case_versions ORDER BY case_id, version",
         "SELECT case_id, version, gene FROM case_genes ORDER BY case_id, version, gene",
         "SELECT case_id, version, term FROM case_phenotypes ORDER BY case_id, version, term",
-        // Not `slot`: slots are given per transaction, after its commands (one patient
-        // created and erased within one batch never gets one).
+        // Not `slot`: slots depend on how the commands are grouped into transactions (a
+        // slot freed by an erasure may be given again, `slots_follow_...` below).
         "SELECT registry_id, pseudonym, case_id, version, centre_id, country, orphacode, \
                 eligible, eligible_until, genes, phenotypes FROM patients \
          ORDER BY registry_id, pseudonym",
@@ -273,6 +273,160 @@ async fn a_batch_with_runs_writes_what_the_commands_one_by_one_write() {
         assert_eq!(one_by_one, batched);
     }
     assert_eq!(dumps[0].len(), dumps[1].len());
+}
+
+/// The slots of new research rows (`store::research_index`), for six new patients queued
+/// together in decreasing pseudonym order and one patient on file coming back from a
+/// second centre: on SQLite each row gets its slot as it is inserted, the largest in use
+/// plus one, so in the order of the submissions; on PostgreSQL at the end of each
+/// transaction, in pseudonym order. On both, the row on file keeps its slot, no slot is
+/// given twice, and the change log names every slot the submissions touched, once,
+/// after the numbers before them.
+#[tokio::test]
+async fn new_research_rows_get_unique_slots_and_every_one_is_logged() {
+    let app = TestApp::spawn().await;
+    let ids = setup(&app).await;
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let key = Arc::new(AuditKey::derive(&master));
+    let writer = Writer::start(
+        app.store.clone(),
+        1,
+        512,
+        key.clone(),
+        Arc::new(RegistryConsentRules),
+    );
+    let now = fixtures::now();
+    let given = now - Duration::days(30);
+    let submit = |pseudonym: &str, centre: usize| {
+        Command::Submit(SubmitCase {
+            registry_id: ids.registry,
+            pseudonym: pseudonym.into(),
+            centre_id: ids.centres[centre],
+            principal_id: ids.physician,
+            consent: vec![
+                decision(Scope::RegistryInclusion, Decision::Granted, given, None),
+                decision(Scope::ResearchUse, Decision::Granted, given, None),
+            ],
+            row: to_row(&convert::case_record(&fixtures::record(), fixtures::today()).unwrap()),
+            now,
+        })
+    };
+    let store = &app.store;
+    let registry = ids.registry;
+    // Three patients on file, in a batch of their own.
+    for result in futures_util::future::join_all(
+        ["R013-V001-slot-a", "R013-V001-slot-b", "R013-V001-slot-m"]
+            .map(|p| writer.execute(submit(p, 0), None)),
+    )
+    .await
+    {
+        result.unwrap();
+    }
+    let before = slots(store, registry).await;
+    assert_eq!(
+        before
+            .iter()
+            .map(|(_, s)| s.unwrap())
+            .collect::<std::collections::BTreeSet<_>>(),
+        (0..3).collect(),
+        "{before:?}"
+    );
+    let seq_before = seq(store).await;
+
+    // Six new patients, queued in decreasing pseudonym order, and patient "m" again from
+    // the second centre, in the middle.
+    let mut batch: Vec<Command> = ["z", "y", "x"]
+        .iter()
+        .map(|p| submit(&format!("R013-V001-slot-{p}"), 0))
+        .collect();
+    batch.push(submit("R013-V001-slot-m", 1));
+    batch.extend(
+        ["w", "v", "u"]
+            .iter()
+            .map(|p| submit(&format!("R013-V001-slot-{p}"), 0)),
+    );
+    for result in
+        futures_util::future::join_all(batch.into_iter().map(|c| writer.execute(c, None))).await
+    {
+        result.unwrap();
+    }
+
+    let after: std::collections::BTreeMap<String, i64> = slots(store, registry)
+        .await
+        .into_iter()
+        .map(|(p, s)| (p, s.expect("every research row has a slot")))
+        .collect();
+    for (pseudonym, slot) in &before {
+        assert_eq!(Some(after[pseudonym]), *slot, "{pseudonym} kept its slot");
+    }
+    let new: Vec<i64> = ["z", "y", "x", "w", "v", "u"]
+        .iter()
+        .map(|p| after[&format!("R013-V001-slot-{p}")])
+        .collect();
+    if app.store.backend() == ern_registry::store::Backend::Sqlite {
+        // In the order of the run, however the writer cut it into transactions.
+        assert_eq!(new, (3..9).collect::<Vec<_>>(), "{after:?}");
+    } else {
+        // In pseudonym order within a transaction (the writer may have taken the first
+        // command alone).
+        let mut sorted = new.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (3..9).collect::<Vec<_>>(), "{after:?}");
+    }
+
+    // Logged: the six new slots and the slot of "m" (its row now represents the second
+    // centre's case), each once, numbered after the counter's value before the batch.
+    let log = logged(store, registry, seq_before).await;
+    let mut slots_logged: Vec<i64> = log.iter().map(|&(_, slot)| slot).collect();
+    slots_logged.sort_unstable();
+    let mut want: Vec<i64> = (3..9).chain([after["R013-V001-slot-m"]]).collect();
+    want.sort_unstable();
+    assert_eq!(slots_logged, want, "{log:?}");
+    let seq_after = seq(store).await;
+    assert!(
+        log.iter().all(|&(n, _)| n > seq_before && n <= seq_after),
+        "{log:?} not within ({seq_before}, {seq_after}]"
+    );
+    assert_eq!(
+        app.store.verify_audit(&key).await.map(|r| r.is_ok()).ok(),
+        Some(true)
+    );
+    drop(writer);
+    app.stop().await;
+}
+
+/// (pseudonym, slot) of the research rows of a registry.
+async fn slots(store: &ern_registry::store::Store, registry: i64) -> Vec<(String, Option<i64>)> {
+    db::query("SELECT pseudonym, slot FROM patients WHERE registry_id = $1 ORDER BY pseudonym")
+        .bind(registry)
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<String>(0), r.get::<Option<i64>>(1)))
+        .collect()
+}
+
+/// (number, slot) of the change log's rows of a registry numbered after `after`.
+async fn logged(store: &ern_registry::store::Store, registry: i64, after: i64) -> Vec<(i64, i64)> {
+    db::query("SELECT seq, slot FROM research_log WHERE registry_id = $1 AND seq > $2")
+        .bind(registry)
+        .bind(after)
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<i64>(0), r.get::<i64>(1)))
+        .collect()
+}
+
+/// The change counter.
+async fn seq(store: &ern_registry::store::Store) -> i64 {
+    db::query("SELECT seq FROM research_seq WHERE id = 1")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get::<i64>(0)
 }
 
 /// Counts the writer's calls of its after-commit hook.
