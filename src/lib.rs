@@ -20,6 +20,7 @@ pub mod exporter;
 pub mod fixtures;
 pub mod health;
 pub mod keys;
+pub mod logging;
 pub mod outcome;
 pub mod pseudonym;
 pub mod ratelimit;

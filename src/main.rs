@@ -33,7 +33,10 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        // A line that cannot be written is dropped and counted, never a panic of the
+        // thread that logs (`ern_registry::logging`).
+        .with_writer(ern_registry::logging::LogSink)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

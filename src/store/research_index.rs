@@ -616,7 +616,7 @@ async fn slots_of(
 
 /// The last statements of a writer transaction whose commands changed the research rows
 /// of `changed` (registry, pseudonym): gives rows without a slot theirs (every new row on
-/// PostgreSQL; on SQLite, where rows get theirs as they are inserted, none) and logs every
+/// PostgreSQL; on SQLite, where rows get theirs as they are inserted, none as a rule) and logs every
 /// slot touched, under the change counter's lock (module doc).
 pub(super) async fn log_changes(
     conn: &mut Db<'_>,

@@ -591,3 +591,64 @@ impl HeldWriter {
         }
     }
 }
+
+/// The server binary as a child process on a [`TestApp`]'s files (its database and master
+/// key; the app's own server stopped first), on a port of its own; killed when dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts `serve`, with `configure` adding to its command (environment, standard
+    /// error), and waits until it takes connections: then a channel to it.
+    pub async fn start(
+        app: &TestApp,
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> (ServerProcess, Channel) {
+        let port = free_port();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", &app.database_url)
+            .env("ERN_DATA_DIR", app.dir.path())
+            .env_remove("ERN_MASTER_PASSPHRASE")
+            .env_remove("ERN_MASTER_PASSPHRASE_FILE")
+            .env_remove("ERN_MASTER_KEY_FILE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        configure(&mut command);
+        let mut server = ServerProcess {
+            child: command.spawn().expect("the binary starts"),
+        };
+        let started = std::time::Instant::now();
+        loop {
+            let connected = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await;
+            if let Ok(channel) = connected {
+                return (server, channel);
+            }
+            if let Some(exit) = server.child.try_wait().unwrap() {
+                panic!("the server exited before it listened: {exit}");
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the server did not listen"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills it at once (SIGKILL: no shutdown, nothing flushed) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

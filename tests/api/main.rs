@@ -30,6 +30,7 @@ mod durability;
 mod every_method;
 mod file_modes;
 mod instance_races;
+mod log_failures;
 mod malformed;
 mod master_key;
 mod migrations;
