@@ -81,7 +81,7 @@ impl From<ServiceError> for Status {
                 warn!(error = %cause, "outcome of a commit unknown");
                 Status::new(
                     Code::Unavailable,
-                    "the database connection failed while the write was being committed: it \
+                    "the write's commit failed without a final answer from the database: it \
                      may or may not be stored; read it back before sending it again",
                 )
             }

@@ -490,8 +490,8 @@ fn error_page(err: &ServiceError) -> Response {
     let outcome = err.outcome();
     let text = match err {
         ServiceError::Internal(crate::store::StoreError::CommitUnknown { .. }) => {
-            "The database connection failed while this was being saved: it may or may not \
-             be stored. Look it up before doing it again."
+            "Saving this failed without a final answer from the database: it may or may \
+             not be stored. Look it up before doing it again."
                 .to_string()
         }
         ServiceError::Internal(cause) if !cause.is_unavailable() => {

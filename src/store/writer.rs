@@ -1214,13 +1214,23 @@ async fn apply_batch(
     let Err(err) = tx.commit().await else {
         return Ok(results);
     };
+    if backend == Backend::Sqlite {
+        return Err(match overwrite_failed_commit(target).await {
+            Ok(()) => err,
+            Err(barrier) => {
+                error!(error = %err, barrier = %barrier, "COMMIT failed, and the write after it as well: whether the batch is stored is unknown until a write succeeds or the service restarts");
+                StoreError::CommitUnknown {
+                    cause: err.to_string(),
+                }
+            }
+        });
+    }
     // A COMMIT can fail after the database committed (PostgreSQL: the connection broke
     // before its answer came). Answered as a failure, the batch would be applied again,
     // one command at a time: consent events twice, a second entry per call. So ask the
-    // database whether the batch's last entry is in the log. Not on SQLite, where a failed
-    // COMMIT is final (and the check would read on the same connection), nor when
-    // PostgreSQL answered with an error (it refused the commit), nor for a batch that
-    // wrote no entry.
+    // database whether the batch's last entry is in the log. Not on SQLite, whose failed
+    // COMMIT is made final above, nor when PostgreSQL answered with an error (it refused
+    // the commit), nor for a batch that wrote no entry.
     let (Target::Pool(store), Some(head)) = (&*target, head) else {
         return Err(err);
     };
@@ -1239,6 +1249,30 @@ async fn apply_batch(
             Err(StoreError::CommitUnknown {
                 cause: err.to_string(),
             })
+        }
+    }
+}
+
+/// Makes a failed SQLite COMMIT final. The COMMIT may have failed after the batch's pages
+/// were written to the WAL, its commit frame included (the sync failed): SQLite then
+/// leaves the WAL's index as it was, so other connections do not see the batch and the
+/// next write transaction writes its pages over it. Until one does, a restart (whose
+/// recovery reads the WAL itself) would bring the batch back, with audit entries saying
+/// its writes succeeded, though their callers were told they failed (fault audit of
+/// 2026-12-07). So a write follows at once, before anyone is answered: `commit_barrier`'s
+/// count raised and committed, durably. `Ok`: the failed batch can no longer come back.
+/// `Err`: that write failed too, and whether the batch is stored stays unknown until
+/// some write succeeds or the service restarts.
+async fn overwrite_failed_commit(target: &mut Target<'_>) -> Result<(), StoreError> {
+    let mut tx = Tx::begin(target, None).await?;
+    let raised = super::db::query("UPDATE commit_barrier SET count = count + 1 WHERE id = 1")
+        .execute(&mut tx.db())
+        .await;
+    match raised {
+        Ok(_) => tx.commit().await,
+        Err(err) => {
+            tx.rollback().await;
+            Err(err)
         }
     }
 }

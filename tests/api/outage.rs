@@ -843,3 +843,134 @@ async fn a_disk_without_room_is_unavailable_and_not_serving_until_there_is_room(
     }
     assert!(answered);
 }
+
+/// A failing disk under SQLite's WAL, in the server binary (a shim loaded with
+/// LD_PRELOAD, `tests/fixtures/fail_wal_sync.c`). A COMMIT whose sync fails has written
+/// the batch's pages, its commit frame included, to the WAL: SQLite leaves the WAL's index
+/// as it was, but a restart would bring the batch back until a later write overwrites it
+/// (fault audit of 2026-12-07: answered INTERNAL, then stored after a restart with an entry
+/// saying OK). So the writer writes at once after a failed COMMIT (`commit_barrier`),
+/// before answering:
+/// - one sync fails: that write succeeds, the submission is answered as failed, and after
+///   a kill and a restart it is not stored (its failure entry is);
+/// - every sync fails and, after the first, every write: that write fails too, and the
+///   caller is told the outcome is unknown (UNAVAILABLE, "may or may not be stored"), not
+///   that it failed. After a kill and a restart it may be either; the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sqlite_commit_is_final_or_answered_as_unknown() {
+    use crate::helpers::{Bearer, ServerProcess};
+    use ern_registry::proto::case_service_client::CaseServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("registry.db").display()
+    );
+    let mut app = TestApp::spawn_on(dir, url).await;
+    app.centre("NL-WAL", "NL", &["ERN-LUNG"]).await;
+    let token = app
+        .principal(
+            "dr-wal",
+            ern_registry::auth::Role::Physician,
+            Some("NL-WAL"),
+            &[],
+        )
+        .await;
+    app.stop_server().await;
+    // No connection of the test's may keep the WAL's index open: the restart must be the
+    // first to open the database again, and so read the WAL (SQLite's recovery).
+    app.store.close().await;
+
+    let shim = app.dir.path().join("fail_wal_sync.so");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&shim)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fail_wal_sync.c"
+        ))
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) builds the fault shim");
+    assert!(built.success(), "the fault shim did not build");
+    let ctl = app.dir.path().join("fail-wal-sync");
+    let (mut server, channel) = ServerProcess::start(&app, |command| {
+        command
+            .env("LD_PRELOAD", &shim)
+            .env("FAIL_WAL_SYNC", &ctl)
+            .stderr(std::process::Stdio::null());
+    })
+    .await;
+    let bearer = Bearer(Some(format!("Bearer {token}").parse().unwrap()));
+    let mut client = CaseServiceClient::with_interceptor(channel, bearer);
+    let patient = |seed| submission("ERN-LUNG", national("NL", &bsn(seed)));
+    client.submit_case(patient(6300)).await.unwrap();
+
+    std::fs::write(&ctl, "once").unwrap();
+    let failed = client.submit_case(patient(6301)).await.unwrap_err();
+    assert!(!ctl.exists(), "no sync of the WAL failed");
+    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+
+    std::fs::write(&ctl, "sticky").unwrap();
+    let unknown = client.submit_case(patient(6302)).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::Unavailable, "{unknown:?}");
+    assert!(
+        unknown.message().contains("may or may not be stored"),
+        "{unknown:?}"
+    );
+    server.kill();
+    std::fs::remove_file(&ctl).unwrap();
+
+    app.store = ern_registry::store::Store::connect(&app.database_url, 2)
+        .await
+        .unwrap();
+    let stored = |seed: u32| {
+        let app = &app;
+        async move {
+            let pseudonym = app
+                .pseudonym_under("ERN-LUNG", &national("NL", &bsn(seed)), 1)
+                .await;
+            ern_registry::store::db::query("SELECT COUNT(*) FROM cases WHERE pseudonym = $1")
+                .bind(pseudonym)
+                .fetch_one(app.store.pool())
+                .await
+                .unwrap()
+                .get::<i64>(0)
+        }
+    };
+    assert_eq!(stored(6300).await, 1);
+    assert_eq!(
+        stored(6301).await,
+        0,
+        "a write answered as failed came back"
+    );
+    let maybe = stored(6302).await;
+    let outcomes: Vec<String> = ern_registry::store::db::query(
+        "SELECT outcome FROM audit_log WHERE method LIKE '%SubmitCase' ORDER BY seq",
+    )
+    .fetch_all(app.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String>(0))
+    .collect();
+    let ok = if maybe == 1 { 2 } else { 1 };
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "OK").count(),
+        ok,
+        "{outcomes:?} (6302 stored: {maybe})"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "INTERNAL").count(),
+        1,
+        "{outcomes:?}"
+    );
+    let master =
+        ern_registry::keys::MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let key = ern_registry::audit::AuditKey::derive(&master);
+    assert_eq!(
+        app.store.verify_audit(&key).await.map(|r| r.is_ok()).ok(),
+        Some(true)
+    );
+    app.store.close().await;
+}
