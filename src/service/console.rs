@@ -22,8 +22,11 @@
 //!   hold has ended). The counter is in the database (every instance sees it), keyed by an
 //!   HMAC of the name ([`name_mac`]), timed by the services' clock. Failures also take
 //!   from the network peer's allowance of refusals (`refusals`), as a wrong API key does.
-//! - **Sessions** are rows keyed by the SHA-256 of a 256-bit random token (the cookie
-//!   holds the token, the database only its hash); they end on sign-out, after
+//! - **Sessions** are rows keyed by the HMAC-SHA256 of a 256-bit random token under a key
+//!   derived from the master secret (the cookie holds the token, the database only its
+//!   MAC), so that whoever can write to the database but lacks the master secret cannot
+//!   plant a session (a defences audit of 2026-12-07 did, when the key was a plain
+//!   SHA-256, and signed in as any officer); they end on sign-out, after
 //!   `idle` without a request, `absolute` after sign-in, when the principal is disabled, or
 //!   when its password or second factor is set again.
 //! - **CSRF**: each form carries HMAC-SHA256(key from the master secret, session token),
@@ -36,7 +39,7 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, SaltString};
 use chrono::{DateTime, Duration, Utc};
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::{aead, digest, hkdf, hmac};
+use ring::{aead, hkdf, hmac};
 use secrecy::{ExposeSecret, SecretString};
 use totp_rs::{Algorithm, TOTP};
 use tracing::info;
@@ -71,6 +74,7 @@ const SALT: &[u8] = b"ern-registry";
 const SEAL_INFO: &[u8] = b"ern-registry console totp seal v1";
 const CSRF_INFO: &[u8] = b"ern-registry console csrf v1";
 const NAME_INFO: &[u8] = b"ern-registry console sign-in names v1";
+const SESSION_INFO: &[u8] = b"ern-registry console sessions v1";
 const SEALED_PREFIX: &str = "aes256gcm$";
 
 /// How long sessions live.
@@ -97,6 +101,8 @@ pub struct ConsoleAuth {
     csrf: hmac::Key,
     /// Keys the names sign-in failures are counted under ([`name_mac`]).
     names: hmac::Key,
+    /// Keys sessions' rows by their tokens ([`token_hash`]).
+    sessions: hmac::Key,
     argon2: Argon2Runner,
     pub limits: SessionLimits,
 }
@@ -159,6 +165,7 @@ impl ConsoleAuth {
             seal: sealing_key(master),
             csrf: hmac::Key::new(hmac::HMAC_SHA256, &derive(master, CSRF_INFO, 32)),
             names: names_key(master),
+            sessions: hmac::Key::new(hmac::HMAC_SHA256, &derive(master, SESSION_INFO, 32)),
             // Passwords are hashed at `Argon2::default()`'s costs ([`hash_password`]).
             argon2: Argon2Runner::new(MAX_CONCURRENT_SIGN_INS, argon2::Params::default()),
             limits,
@@ -340,8 +347,10 @@ pub struct NewSession {
     pub principal: Principal,
 }
 
-fn token_hash(token: &str) -> String {
-    hex::encode(digest::digest(&digest::SHA256, token.as_bytes()))
+/// The key of a session's row: the HMAC-SHA256 (hex) of its token under a key derived
+/// from the master secret.
+fn token_hash(auth: &ConsoleAuth, token: &str) -> String {
+    mac_of(&auth.sessions, token)
 }
 
 fn is_token(token: &str) -> bool {
@@ -473,7 +482,7 @@ pub async fn sign_in(
     let token = new_token()?;
     services
         .store
-        .insert_console_session(&token_hash(token.expose_secret()), principal.id, now)
+        .insert_console_session(&token_hash(auth, token.expose_secret()), principal.id, now)
         .await?;
     info!(principal = principal.id, "console sign-in");
     Ok(NewSession { token, principal })
@@ -507,7 +516,7 @@ pub async fn session(
     if !is_token(token) {
         return Err(AuthError::NoSession.into());
     }
-    let hash = token_hash(token);
+    let hash = token_hash(&services.console, token);
     let Some(row) = services.store.console_session(&hash).await? else {
         return Err(AuthError::NoSession.into());
     };
@@ -543,7 +552,7 @@ pub async fn sign_out(services: &Services, token: &str) -> Result<(), ServiceErr
     if is_token(token) {
         services
             .store
-            .delete_console_session(&token_hash(token))
+            .delete_console_session(&token_hash(&services.console, token))
             .await?;
     }
     Ok(())

@@ -319,6 +319,49 @@ async fn an_officer_signs_in_with_password_and_totp_and_gets_a_strict_session_co
     );
 }
 
+/// A session's row is keyed by an HMAC of its token under a key from the master secret:
+/// whoever can write to the database, without that secret, cannot plant one. A row for
+/// the officer keyed by the SHA-256 of a token of the attacker's (what rows were keyed by
+/// until 2026-12-07, when a defences audit signed in so as any officer) opens nothing;
+/// the officer's own session still works.
+#[tokio::test]
+async fn a_session_planted_in_the_database_opens_nothing() {
+    let (app, mut web, secret) = officer_app().await;
+    web.get("/sign-in").await;
+    assert_eq!(web.sign_in(&app, "officer-eye", &secret).await.status, 303);
+    let officer: i64 = db::query("SELECT id FROM principals WHERE name = 'officer-eye'")
+        .fetch_scalars(app.store.pool())
+        .await
+        .unwrap()[0];
+    let token = "5a".repeat(32);
+    let sha256 = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ));
+    let now = app.instant_sql(app.clock.now().timestamp_millis());
+    db::query(&format!(
+        "INSERT INTO console_sessions (token_hash, principal_id, created_at, last_seen_at) \
+         VALUES ($1, $2, {now}, {now})"
+    ))
+    .bind(sha256)
+    .bind(officer)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let mut planted = Web::new(app.console.unwrap());
+    planted
+        .cookies
+        .insert("__Host-ern-session".into(), token.clone());
+    let home = planted.get("/home").await;
+    assert_ne!(
+        home.status, 200,
+        "a planted session was served:\n{}",
+        home.body
+    );
+    assert!(!home.body.contains("officer-eye"), "{}", home.body);
+    assert_eq!(web.get("/home").await.status, 200);
+}
+
 #[tokio::test]
 async fn a_wrong_password_or_code_is_refused_and_a_code_is_good_once() {
     let (app, mut web, secret) = officer_app().await;
