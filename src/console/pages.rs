@@ -802,7 +802,9 @@ pub fn count_table(
                 @if !one_way {
                     tr {
                         th scope="row" { "total" }
-                        @for c in &p.col_totals { (cell(*c)) }
+                        // One per column, as the API gives them: a table that matched
+                        // nobody has none (`api::research`).
+                        @for c in p.col_totals.iter().take(ncols) { (cell(*c)) }
                         (cell(p.grand_total))
                     }
                 } @else {
@@ -864,7 +866,7 @@ pub fn count_csv(registry: &Registry, counted: &Counted) -> String {
     }
     let mut total = vec![csv_field("total")];
     if !one_way {
-        total.extend(p.col_totals.iter().map(|c| v(*c)));
+        total.extend(p.col_totals.iter().take(ncols).map(|c| v(*c)));
     }
     total.push(v(p.grand_total));
     out.push_str(&total.join(","));

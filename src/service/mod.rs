@@ -794,7 +794,9 @@ impl Services {
     }
 
     /// Resolves a registry named in a request and checks the caller may act on it.
-    /// A malformed code is a field violation; an unknown one NOT_FOUND.
+    /// A malformed code is a field violation; an unknown one NOT_FOUND, without the code:
+    /// neither the answer nor the call's audit entry repeats what the caller typed there
+    /// until it names a registry (it could be an identifier typed in the wrong field).
     pub async fn registry_for(
         &self,
         call: &mut Call,
@@ -807,7 +809,6 @@ impl Services {
             v.push(field, e.to_string());
             ServiceError::Invalid(v)
         })?;
-        call.registry(code.as_str());
         let epoch = self.access_epoch(call).await?;
         let registry = match self.access.registry(epoch, code.as_str()) {
             Some(registry) => registry,
@@ -816,17 +817,20 @@ impl Services {
                     .store
                     .registry_by_code(code.as_str())
                     .await?
-                    .ok_or_else(|| {
-                        ServiceError::NotFound(format!("no registry {}", code.as_str()))
-                    })?;
+                    .ok_or_else(|| ServiceError::NotFound(NO_SUCH_REGISTRY.into()))?;
                 self.access.hold_registry(epoch, &registry);
                 registry
             }
         };
+        call.registry(&registry.code);
         principal.require_registry(registry.id, &registry.code)?;
         Ok(registry)
     }
 }
+
+/// The NOT_FOUND of a registry code that no registry has: without the code
+/// ([`Services::registry_for`]).
+pub const NO_SUCH_REGISTRY: &str = "no registry has that code";
 
 /// The registries `principal` may act on (its centre's ERNs' and its own), in order.
 pub async fn registries_of(

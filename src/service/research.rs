@@ -601,10 +601,7 @@ pub async fn expertise_registries(
         if let Ok(code) = RegistryCode::parse(code)
             && !all.iter().any(|r| r.code == code.as_str())
         {
-            return Err(ServiceError::NotFound(format!(
-                "no registry {}",
-                code.as_str()
-            )));
+            return Err(ServiceError::NotFound(super::NO_SUCH_REGISTRY.into()));
         }
     }
     let allowed: Vec<Registry> = match principal.role {

@@ -1611,6 +1611,35 @@ async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
         "{}",
         csv.body
     );
+    // A table that matched nobody (no centre in Norway): no column, so no column total, as
+    // the API answers it (a privacy audit of 2026-12-07 found a stray "0" under the one
+    // header).
+    let nobody = [
+        ("csrf", form.csrf()),
+        ("registry", "ERN-EYE".into()),
+        ("group_by[0]", "SEX".into()),
+        ("filters[0].dimension", "COUNTRY".into()),
+        ("filters[0].values", "NO".into()),
+    ];
+    let nobody: Vec<(&str, &str)> = nobody.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let empty = web.post("/research/count.csv", &nobody).await;
+    assert_eq!(empty.status, 200, "{}", empty.body);
+    let lines: Vec<&str> = empty.body.lines().skip(1).collect();
+    assert_eq!(
+        lines,
+        ["\"SEX\",\"count\"", "\"total\",0"],
+        "{}",
+        empty.body
+    );
+    let page = web.post("/research/count", &nobody).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let total_row = page
+        .body
+        .split("<th scope=\"row\">total</th>")
+        .nth(1)
+        .unwrap();
+    let total_row = &total_row[..total_row.find("</tr>").unwrap()];
+    assert_eq!(total_row.matches("<td").count(), 1, "{}", page.body);
     let delay = web
         .post(
             "/research/delay",
@@ -1653,7 +1682,8 @@ async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
     .fetch_scalar(app.store.pool())
     .await
     .unwrap();
-    assert_eq!(audited, 2);
+    // The two tables above and the two of the table that matched nobody.
+    assert_eq!(audited, 4);
 }
 
 #[tokio::test]

@@ -599,7 +599,7 @@ async fn expertise_is_shown_in_volume_bands_to_physicians_and_researchers() {
     asks_nothing.registries = vec!["ERN-NOPE".into()];
     let err = eye.find_expertise(asks_nothing).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(err.message(), "no registry ERN-NOPE");
+    assert_eq!(err.message(), "no registry has that code");
 
     // Consent officers have no business here.
     let officer_token = app

@@ -191,7 +191,8 @@ async fn dump(app: &TestApp) -> Vec<String> {
         "SELECT case_id, version, gene FROM case_genes ORDER BY case_id, version, gene",
         "SELECT case_id, version, term FROM case_phenotypes ORDER BY case_id, version, term",
         // Not `slot`: slots depend on how the commands are grouped into transactions (a
-        // slot freed by an erasure may be given again, `slots_follow_...` below).
+        // slot freed by an erasure may be given again; `new_research_rows_get_unique_...`
+        // below).
         "SELECT registry_id, pseudonym, case_id, version, centre_id, country, orphacode, \
                 eligible, eligible_until, genes, phenotypes FROM patients \
          ORDER BY registry_id, pseudonym",
