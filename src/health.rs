@@ -14,6 +14,13 @@
 //! database has less than `--min-free-disk-bytes` free ([`check_room`]). This module never
 //! touches data: it only asks the database whether it is there.
 //!
+//! A writer whose loop has ended while the service runs (a panic in it: the writer then
+//! stops as at shutdown, `store::writer`) stores nothing more until a restart: the probe
+//! counts it as failed, so health is NOT_SERVING and calls are refused at once, and an
+//! error is logged once, saying to restart. (Until 2026-12-07 health stayed SERVING and
+//! every write was answered "shutting down": a fault audit killed the writer's thread
+//! with a log write that failed.)
+//!
 //! On PostgreSQL the same probe reads the database server's clock, and the process's clock
 //! is compared with it ([`skew_ms`]): instances date consent decisions by their own
 //! clocks, so one that runs behind or ahead of the others can order a decision wrongly
@@ -32,7 +39,9 @@ use crate::store::db::{self, Single};
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+use crate::store::writer::Backlog;
 
 /// How often the database is probed; also the retry hint of a refused call.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -114,13 +123,16 @@ impl DatabaseWatch {
     }
 
     /// Probes every [`PROBE_EVERY`] until `stopping` turns true (or its sender goes), and
-    /// reports each change to `reporter` for `services` (and the server, `""`).
+    /// reports each change to `reporter` for `services` (and the server, `""`). A probe
+    /// also fails once a writer of `writers` has stopped (module doc).
     pub async fn run(
         self,
         reporter: HealthReporter,
         services: Vec<&'static str>,
         mut stopping: watch::Receiver<bool>,
+        writers: Backlog,
     ) {
+        let mut writer_stopped = false;
         let mut conn: Option<Single> = None;
         let mut skew = SkewWarnings::default();
         let mut ticks = tokio::time::interval(PROBE_EVERY);
@@ -155,12 +167,23 @@ impl DatabaseWatch {
             if *stopping.borrow() {
                 break;
             }
+            if !writer_stopped && writers.stopped() {
+                writer_stopped = true;
+                error!(
+                    "a writer has stopped while the service runs: no write can be stored; \
+                     health NOT_SERVING until the service is restarted"
+                );
+            }
+            let reachable = reachable && !writer_stopped;
             if self.inner.reachable.swap(reachable, Ordering::AcqRel) == reachable {
                 continue;
             }
             let status = if reachable {
                 info!("database reachable again: health SERVING");
                 ServingStatus::Serving
+            } else if writer_stopped {
+                // Said above.
+                ServingStatus::NotServing
             } else {
                 warn!(
                     "database unreachable: health NOT_SERVING; calls are refused with \
@@ -286,6 +309,49 @@ fn check_room(database: &std::path::Path, min_free: u64) -> Result<(), StoreErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that has stopped while the service runs turns health NOT_SERVING (and
+    /// calls are refused at once: `is_reachable`), though the database answers.
+    #[tokio::test]
+    async fn a_stopped_writer_turns_health_not_serving() {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_server::Health;
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("h.db").display());
+        let reporter = HealthReporter::new();
+        let server = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let watch = DatabaseWatch::new(&url);
+        let (_stop, stopping) = watch::channel(false);
+        tokio::spawn(watch.clone().run(
+            reporter,
+            Vec::new(),
+            stopping,
+            Backlog::of_a_stopped_writer(),
+        ));
+        let status = || async {
+            server
+                .check(tonic::Request::new(HealthCheckRequest {
+                    service: String::new(),
+                }))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        };
+        // Reachable at first (`new`); the first probe, at once, finds the writer stopped.
+        for _ in 0..20 {
+            if !watch.is_reachable() {
+                break;
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        assert!(!watch.is_reachable());
+        assert_eq!(status().await, ServingStatus::NotServing as i32);
+    }
 
     #[test]
     fn room_is_checked_on_the_databases_file_system() {

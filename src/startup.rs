@@ -772,6 +772,7 @@ impl Application {
             health_reporter.clone(),
             services.clone(),
             stopping.clone(),
+            self.state.writer.backlog(),
         ));
         let grace = self.args.shutdown_grace();
         let signal = async move {

@@ -532,6 +532,22 @@ impl Backlog {
             .map(|q| (q.max_capacity() - q.capacity(), q.max_capacity()))
             .collect()
     }
+
+    /// Whether a writer's loop has ended (its queue closed, or every handle on it gone):
+    /// at shutdown, or after a panic in the loop ([`lite_thread`]). Until the service
+    /// stops, no write can then be stored, and health says so (`health`).
+    pub fn stopped(&self) -> bool {
+        self.0
+            .iter()
+            .any(|q| q.upgrade().is_none_or(|q| q.is_closed()))
+    }
+
+    /// The backlog of a writer whose loop has ended, for tests of what follows.
+    #[cfg(test)]
+    pub(crate) fn of_a_stopped_writer() -> Backlog {
+        let (queue, _) = mpsc::channel::<Job>(1);
+        Backlog(vec![queue.downgrade()])
+    }
 }
 
 /// What applies a writer's batches: where, and with which key, rules and hook.
@@ -690,7 +706,8 @@ impl Applier {
 ///
 /// If the loop panics, the writer stops as it would at shutdown: the queue is dropped,
 /// so every caller waiting or still to come is answered that the writer stopped, and a
-/// purge still pending gets its last attempt.
+/// purge still pending gets its last attempt. Health then turns NOT_SERVING until the
+/// service is restarted ([`Backlog::stopped`], `health`).
 fn lite_thread(
     runtime: tokio::runtime::Runtime,
     applier: Applier,

@@ -581,7 +581,8 @@ impl ern_registry::store::writer::ConsentRules for PanickingRules {
 
 /// A writer whose loop panics (on SQLite the thread `ern-writer`, on PostgreSQL a task)
 /// stops as at shutdown: the call that met the bug and every later one are answered that
-/// the writer stopped (UNAVAILABLE), none is left waiting, and nothing was written.
+/// the writer stopped (UNAVAILABLE), none is left waiting, and nothing was written. Its
+/// backlog says it stopped, which turns health NOT_SERVING (`health`).
 #[tokio::test]
 async fn a_writer_whose_loop_panics_answers_every_caller_that_it_stopped() {
     let now = fixtures::now();
@@ -590,6 +591,7 @@ async fn a_writer_whose_loop_panics_answers_every_caller_that_it_stopped() {
     let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
     let key = Arc::new(AuditKey::derive(&master));
     let writer = Writer::start(app.store.clone(), 1, 512, key, Arc::new(PanickingRules));
+    assert!(!writer.backlog().stopped());
     let mut commands = commands(&ids, now).into_iter();
     for _ in 0..3 {
         let command = commands.next().unwrap();
@@ -615,6 +617,7 @@ async fn a_writer_whose_loop_panics_answers_every_caller_that_it_stopped() {
         .unwrap()
         .get::<i64>(0);
     assert_eq!(cases, 0);
+    assert!(writer.backlog().stopped());
     drop(writer);
     app.stop().await;
 }
