@@ -86,7 +86,10 @@ impl From<ServiceError> for Status {
                 )
             }
             ServiceError::Internal(ref cause) if cause.is_unavailable() => {
-                warn!(error = %cause, "database unreachable");
+                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+                if let Some(calls) = WARNING.due() {
+                    warn!(error = %cause, calls, "database unreachable (calls answered so since the last such line)");
+                }
                 database_unreachable()
             }
             ServiceError::Internal(ref cause) => {
@@ -231,7 +234,10 @@ pub async fn conclude<T>(
     // refused caller until the pool gives up. (The wire layer counts it in the
     // per-address summary: it carries no `wire::AUDITED` mark.)
     if outcome == Outcome::Unavailable && !services.database.is_reachable() {
-        warn!(method = %call.method(), "call refused while the database is unreachable; not in the audit log");
+        static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+        if let Some(calls) = WARNING.due() {
+            warn!(method = %call.method(), calls, "calls refused while the database is unreachable (since the last such line); not in the audit log");
+        }
         return result;
     }
     match services.record(call, outcome).await {
@@ -243,7 +249,10 @@ pub async fn conclude<T>(
         }
         Err(err) => {
             // Unmarked: the wire layer counts it in the per-address summary instead.
-            warn!(error = %err, "audit entry of a failed call not committed");
+            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+            if let Some(calls) = WARNING.due() {
+                warn!(error = %err, calls, "audit entries of failed calls not committed (since the last such line)");
+            }
             result
         }
         // A failure recorded (or counted in the summary of refusals) is marked, so that the

@@ -855,7 +855,10 @@ async fn apply_jobs(
         // calls queued behind this batch would wait for every one of those waits. The
         // failed commands' entries are appended in one transaction, attempted once.
         Retry::None => {
-            warn!(error = %err, batch = jobs.len(), "batch failed: the database cannot be reached");
+            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+            if let Some(batches) = WARNING.due() {
+                warn!(error = %err, batch = jobs.len(), batches, "batches failed: the database cannot be reached (since the last such line)");
+            }
             let cause = err.to_string();
             let unreachable = WriteError::Store(StoreError::Unreachable {
                 cause: cause.clone(),
@@ -869,10 +872,7 @@ async fn apply_jobs(
                 // It just waited as long as it may for the database: a second wait
                 // would end the same way.
                 if !entries.is_empty() {
-                    warn!(
-                        entries = entries.len(),
-                        "audit entries of failed writes not committed: the database cannot be reached"
-                    );
+                    note_unrecorded(entries.len());
                 }
             } else {
                 audit_failures(target, key, entries, unreachable.outcome()).await;
@@ -946,15 +946,25 @@ async fn apply_jobs(
                 answers.push(Answer::new(&command, reply, result));
             }
             if unrecorded > 0 {
-                warn!(
-                    entries = unrecorded,
-                    "audit entries of failed writes not committed: the database cannot be reached"
-                );
+                note_unrecorded(unrecorded);
             }
             answers
         }
     };
     BatchAnswers { answers, committed }
+}
+
+/// Logs that `entries` audit entries of failed writes could not be committed, the database
+/// being away: at most one line every `logging::OUTAGE_LINE_EVERY`, with the batches since.
+fn note_unrecorded(entries: usize) {
+    static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+    if let Some(batches) = WARNING.due() {
+        warn!(
+            entries,
+            batches,
+            "audit entries of failed writes not committed: the database cannot be reached (batches since the last such line)"
+        );
+    }
 }
 
 /// What to do after a batch's transaction failed.
