@@ -585,14 +585,6 @@ pub(in crate::store) async fn set_representative(
     pseudonym: &str,
     r: Representative<'_>,
 ) -> Result<()> {
-    let Representative {
-        case_id,
-        version,
-        centre_id,
-        row,
-        eligible,
-        eligible_until,
-    } = r;
     // A new row's slot ([`slots_at_insert`]): the largest in use plus one. A row on file
     // keeps its own (not updated below).
     let sql = format!(
@@ -617,27 +609,8 @@ pub(in crate::store) async fn set_representative(
             "NULL"
         }
     );
-    db::query(&sql)
-        .bind(registry_id)
-        .bind(pseudonym)
-        .bind(case_id)
-        .bind(version)
-        .bind(centre_id)
-        .bind(row.orphacode)
-        .bind(row.sex.as_str())
-        .bind(row.status.as_str())
-        .bind(row.diagnosis_year)
-        .bind(row.onset_age_days)
-        .bind(row.diagnosis_age_days)
-        .bind(row.delay_days)
-        .bind(eligible)
-        .bind(eligible_until)
-        // The genes of the version too (as in `case_genes`): the research index reads them
-        // with the row.
-        .bind(genes_column(row))
-        .bind(row.hpo_terms.as_str())
-        .execute(&mut *conn)
-        .await?;
+    let query = db::query(&sql).bind(registry_id).bind(pseudonym);
+    bind_representative(query, &r).execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -732,30 +705,35 @@ pub(in crate::store) async fn set_representatives_many(
         );
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for (registry_id, patient, pseudonym, slot, r) in chunk {
-            let row = r.row;
-            query = query
-                .bind(*registry_id)
-                .bind(*patient)
-                .bind(*pseudonym)
-                .bind(r.case_id)
-                .bind(r.version)
-                .bind(r.centre_id)
-                .bind(row.orphacode)
-                .bind(row.sex.as_str())
-                .bind(row.status.as_str())
-                .bind(row.diagnosis_year)
-                .bind(row.onset_age_days)
-                .bind(row.diagnosis_age_days)
-                .bind(row.delay_days)
-                .bind(r.eligible)
-                .bind(r.eligible_until)
-                .bind(genes_column(row))
-                .bind(row.hpo_terms.as_str())
-                .bind(*slot);
+            query = query.bind(*registry_id).bind(*patient).bind(*pseudonym);
+            query = bind_representative(query, r).bind(*slot);
         }
         query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Binds what represents a patient, in the order of `patients`' columns from `case_id` to
+/// `phenotypes` (the country is read from the centre, not bound).
+fn bind_representative<'q>(query: db::Query<'q>, r: &Representative<'_>) -> db::Query<'q> {
+    let row = r.row;
+    query
+        .bind(r.case_id)
+        .bind(r.version)
+        .bind(r.centre_id)
+        .bind(row.orphacode)
+        .bind(row.sex.as_str())
+        .bind(row.status.as_str())
+        .bind(row.diagnosis_year)
+        .bind(row.onset_age_days)
+        .bind(row.diagnosis_age_days)
+        .bind(row.delay_days)
+        .bind(r.eligible)
+        .bind(r.eligible_until)
+        // The genes of the version too (as in `case_genes`): the research index reads them
+        // with the row.
+        .bind(genes_column(row))
+        .bind(row.hpo_terms.as_str())
 }
 
 /// The `patients.genes` value of a row: its gene symbols, sorted, deduplicated, separated

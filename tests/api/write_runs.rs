@@ -230,15 +230,7 @@ async fn a_batch_with_runs_writes_what_the_commands_one_by_one_write() {
     for max_batch in [1, 512] {
         let app = TestApp::spawn().await;
         let ids = setup(&app).await;
-        let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
-        let key = Arc::new(AuditKey::derive(&master));
-        let writer = Writer::start(
-            app.store.clone(),
-            1,
-            max_batch,
-            key.clone(),
-            Arc::new(RegistryConsentRules),
-        );
+        let (writer, key) = writer_of(&app, max_batch);
         // All queued before the writer looks: join_all polls (and so enqueues) in order,
         // and the writer takes up to `max_batch` at a time.
         let results = futures_util::future::join_all(
@@ -287,15 +279,7 @@ async fn a_batch_with_runs_writes_what_the_commands_one_by_one_write() {
 async fn new_research_rows_get_unique_slots_and_every_one_is_logged() {
     let app = TestApp::spawn().await;
     let ids = setup(&app).await;
-    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
-    let key = Arc::new(AuditKey::derive(&master));
-    let writer = Writer::start(
-        app.store.clone(),
-        1,
-        512,
-        key.clone(),
-        Arc::new(RegistryConsentRules),
-    );
+    let (writer, key) = writer_of(&app, 512);
     let now = fixtures::now();
     let given = now - Duration::days(30);
     let submit = |pseudonym: &str, centre: usize| {
@@ -394,6 +378,21 @@ async fn new_research_rows_get_unique_slots_and_every_one_is_logged() {
     );
     drop(writer);
     app.stop().await;
+}
+
+/// One writer on `app`'s store with the service's consent rules, taking batches of up to
+/// `max_batch`, and its audit key.
+fn writer_of(app: &TestApp, max_batch: usize) -> (Writer, Arc<AuditKey>) {
+    let master = MasterSecret::load(&app.dir.path().join("master.key")).unwrap();
+    let key = Arc::new(AuditKey::derive(&master));
+    let writer = Writer::start(
+        app.store.clone(),
+        1,
+        max_batch,
+        key.clone(),
+        Arc::new(RegistryConsentRules),
+    );
+    (writer, key)
 }
 
 /// (pseudonym, slot) of the research rows of a registry.
