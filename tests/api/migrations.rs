@@ -75,6 +75,7 @@ const DIALECT_ONLY: &[DialectOnly] = &[
         facts: &[
             "column access_epoch.id generated",
             "column audit_head.id generated",
+            "column commit_barrier.id generated",
             "column console_credentials.principal_id generated",
             "column audit_log.seq generated",
             "column master_key.id generated",
