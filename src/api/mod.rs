@@ -78,7 +78,10 @@ impl From<ServiceError> for Status {
                 ErrorDetails::with_retry_info(Some(limited.retry_after)),
             ),
             ServiceError::Internal(crate::store::StoreError::CommitUnknown { ref cause }) => {
-                warn!(error = %cause, "outcome of a commit unknown");
+                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+                if let Some(calls) = WARNING.due() {
+                    warn!(error = %cause, calls, "outcome of a commit unknown (calls answered so since the last such line)");
+                }
                 Status::new(
                     Code::Unavailable,
                     "the write's commit failed without a final answer from the database: it \
@@ -224,25 +227,42 @@ pub async fn conclude<T>(
         Ok(_) => Outcome::Ok,
         Err(status) => outcome_of(status.code()),
     };
-    metrics::counter!(
-        "ern_calls_total",
-        "method" => call.method().to_owned(),
-        "outcome" => outcome.name()
-    )
-    .increment(1);
+    // Counted with the outcome the caller gets (a call whose entry cannot be committed
+    // fails): below, once that is known.
+    let count = |method: &str, outcome: Outcome| {
+        metrics::counter!(
+            "ern_calls_total",
+            "method" => method.to_owned(),
+            "outcome" => outcome.name()
+        )
+        .increment(1);
+    };
     // Nothing can be recorded while the database is away, and trying would hold the
     // refused caller until the pool gives up. (The wire layer counts it in the
     // per-address summary: it carries no `wire::AUDITED` mark.)
     if outcome == Outcome::Unavailable && !services.database.is_reachable() {
+        count(call.method(), outcome);
         static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
         if let Some(calls) = WARNING.due() {
             warn!(method = %call.method(), calls, "calls refused while the database is unreachable (since the last such line); not in the audit log");
         }
         return result;
     }
-    match services.record(call, outcome).await {
+    let method = call.method().to_owned();
+    let recorded = services.record(call, outcome).await;
+    count(
+        &method,
+        match (&recorded, &result) {
+            (Err(_), Ok(_)) => Outcome::Unavailable,
+            _ => outcome,
+        },
+    );
+    match recorded {
         Err(err) if result.is_ok() => {
-            error!(error = %err, "audit entry not committed; the call fails");
+            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+            if let Some(calls) = WARNING.due() {
+                error!(error = %err, calls, "audit entries not committed; the calls fail (since the last such line)");
+            }
             Err(Status::unavailable(
                 "the call could not be recorded in the audit log; retry later",
             ))

@@ -1040,7 +1040,7 @@ async fn audit_failures(
             let mut tx = match Tx::begin(target, None).await {
                 Ok(tx) => tx,
                 Err(e) => {
-                    warn!(error = %e, entries = count, "audit entries of failed writes not committed");
+                    note_failure_entries_lost(&e, count);
                     return;
                 }
             };
@@ -1054,7 +1054,16 @@ async fn audit_failures(
         }
     };
     if let Err(e) = appended {
-        warn!(error = %e, entries = count, "audit entries of failed writes not committed");
+        note_failure_entries_lost(&e, count);
+    }
+}
+
+/// Logs that the entries of failed writes could not be committed: at most one line every
+/// `logging::OUTAGE_LINE_EVERY`, with the times since.
+fn note_failure_entries_lost(error: &StoreError, entries: usize) {
+    static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+    if let Some(times) = WARNING.due() {
+        warn!(%error, entries, times, "audit entries of failed writes not committed (times since the last such line)");
     }
 }
 
@@ -1245,7 +1254,10 @@ async fn apply_batch(
         return Err(match overwrite_failed_commit(target).await {
             Ok(()) => err,
             Err(barrier) => {
-                error!(error = %err, barrier = %barrier, "COMMIT failed, and the write after it as well: whether the batch is stored is unknown until a write succeeds or the service restarts");
+                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+                if let Some(batches) = WARNING.due() {
+                    error!(error = %err, barrier = %barrier, batches, "COMMIT failed, and the write after it as well: whether the batch is stored is unknown until a write succeeds or the service restarts (batches since the last such line)");
+                }
                 StoreError::CommitUnknown {
                     cause: err.to_string(),
                 }
@@ -1292,9 +1304,13 @@ async fn apply_batch(
 /// some write succeeds or the service restarts.
 async fn overwrite_failed_commit(target: &mut Target<'_>) -> Result<(), StoreError> {
     let mut tx = Tx::begin(target, None).await?;
-    let raised = super::db::query("UPDATE commit_barrier SET count = count + 1 WHERE id = 1")
-        .execute(&mut tx.db())
-        .await;
+    // An upsert: a row removed by hand is put back rather than nothing written.
+    let raised = super::db::query(
+        "INSERT INTO commit_barrier (id, count) VALUES (1, 1) \
+         ON CONFLICT (id) DO UPDATE SET count = commit_barrier.count + 1",
+    )
+    .execute(&mut tx.db())
+    .await;
     match raised {
         Ok(_) => tx.commit().await,
         Err(err) => {
