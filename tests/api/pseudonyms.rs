@@ -215,6 +215,43 @@ async fn derivation_is_rate_limited_per_principal_and_counted_in_metrics() {
         grew(&text, "FindPatient", "PERMISSION_DENIED") >= 1.0,
         "{text}"
     );
+
+    // A call whose audit entry cannot be committed fails (UNAVAILABLE), and is counted so,
+    // not as the OK its handler made of it (a fault re-check of 2026-12-07). The receipt of
+    // a withdrawal, read back while this app's entries of that method fail.
+    let receipt = officer
+        .withdraw_consent(withdrawal(
+            "ERN-EYE",
+            by_identifiers(national("NL", &bsn(0))),
+            &[ern_registry::proto::ConsentScope::RegistryInclusion],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .receipt
+        .expect("a receipt")
+        .receipt_id;
+    fail_audit_entries_of(&app, "ConsentService/GetErasureReceipt").await;
+    let calls = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("ern_calls_total{")
+                    && l.contains("method=\"ConsentService/GetErasureReceipt\"")
+                    && l.contains("outcome=\"UNAVAILABLE\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = scrape(metrics).await.unwrap();
+    let refused = officer
+        .get_erasure_receipt(ern_registry::proto::GetErasureReceiptRequest {
+            receipt_id: receipt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let text = scrape(metrics).await.unwrap();
+    assert!(calls(&text) - calls(&before) >= 1.0, "{text}");
 }
 
 /// GET /metrics over plain HTTP/1.1.
