@@ -314,13 +314,14 @@ pub(in crate::store) async fn append_consent_many(
 ) -> Result<Vec<i64>> {
     use db::Ty::{Int, Text, Time};
     const ROWS: db::Rows = db::Rows::of(&[
-        Int, Int, Text, Text, Text, Time, Text, Time, Int, Time, Text,
+        Int, Int, Text, Text, Text, Time, Text, Time, Int, Time, Text, Int,
     ]);
     let mut ids = Vec::with_capacity(decisions.len());
     for chunk in conn.chunks(decisions, ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO consent_events (patient, registry_id, pseudonym, scope, state, given_at, \
-                                         form_version, expires_at, recorded_by, recorded_at, source) \
+                                         form_version, expires_at, recorded_by, recorded_at, source, \
+                                         audit_seq) \
              {} RETURNING id, registry_id, pseudonym, scope",
             ROWS.sql(conn, chunk.len())
         );
@@ -337,7 +338,8 @@ pub(in crate::store) async fn append_consent_many(
                 .bind(d.decision.expires_at)
                 .bind(d.recorded_by)
                 .bind(d.now)
-                .bind(d.source.as_str());
+                .bind(d.source.as_str())
+                .bind(super::audit::UNTAGGED);
         }
         let query = query.rows(conn, &ROWS)?;
         let mut returned: HashMap<(i64, String, String), i64> = HashMap::new();
@@ -522,8 +524,9 @@ pub(in crate::store) async fn append_consent(
     let patient = patient_key(conn, registry_id, pseudonym).await?;
     let row = db::query(
         "INSERT INTO consent_events (patient, registry_id, pseudonym, scope, state, given_at, \
-                                     form_version, expires_at, recorded_by, recorded_at, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+                                     form_version, expires_at, recorded_by, recorded_at, source, \
+                                     audit_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
     )
     .bind(patient)
     .bind(registry_id)
@@ -536,6 +539,7 @@ pub(in crate::store) async fn append_consent(
     .bind(recorded_by)
     .bind(now)
     .bind(source.as_str())
+    .bind(super::audit::UNTAGGED)
     .fetch_one(&mut *conn)
     .await?;
     let id: i64 = row.try_get("id")?;

@@ -186,8 +186,8 @@ pub(in crate::store) async fn insert_erasure(
 ) -> Result<i64> {
     let row = db::query(
         "INSERT INTO erasures (receipt_id, registry_id, pseudonym, erased_at, erased_by, reason, \
-                               cases_erased, versions_erased, consent_event_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                               cases_erased, versions_erased, consent_event_id, audit_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
     )
     .bind(receipt_id)
     .bind(registry_id)
@@ -198,6 +198,7 @@ pub(in crate::store) async fn insert_erasure(
     .bind(cases)
     .bind(versions)
     .bind(consent_event_id)
+    .bind(super::audit::UNTAGGED)
     .fetch_one(&mut *conn)
     .await?;
     row.try_get("id")
