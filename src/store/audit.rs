@@ -28,6 +28,8 @@ use crate::audit::{
 /// index `(audit_seq, id)` then takes the row at its end, where its entry's number puts it
 /// a moment later, so the tag moves it within one page instead of from the NULLs at the
 /// index's start to its end (two pages written per commit; measured on SQLite, 2026-12-07).
+/// Every insert binds it (the column has no default): a row inserted without it (NULL)
+/// would not be tagged, and its batch would fail with `tag_rows`' error, loudly.
 pub(in crate::store) const UNTAGGED: i64 = i64::MAX;
 
 /// Entries per INSERT statement (14 parameters each: well inside both databases' limits).
