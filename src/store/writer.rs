@@ -48,7 +48,7 @@
 //! once it has answered the batch, the writer lets its own index catch up
 //! ([`AfterCommit`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -1789,19 +1789,18 @@ async fn submit_run(
     // inserted: a patient with no case on file has no research row (the row represents
     // one of their cases and goes with the last of them). Were one there all the same, it
     // would keep its slot and the number given here would go unused.
+    let with_a_case: HashSet<(i64, &str)> =
+        existing.iter().map(|(r, p, _)| (*r, p.as_str())).collect();
     let new_rows: Vec<bool> = accepted
         .iter()
-        .map(|(i, _, _)| {
-            let c = run[*i];
-            !existing
-                .iter()
-                .any(|(r, p, _)| *r == c.registry_id && *p == c.pseudonym)
-        })
+        .map(|(i, _, _)| !with_a_case.contains(&(run[*i].registry_id, run[*i].pseudonym.as_str())))
         .collect();
     let mut next_slots = if cases::slots_at_insert(conn) && new_rows.contains(&true) {
         let registries: BTreeSet<i64> = accepted
             .iter()
-            .map(|(i, _, _)| run[*i].registry_id)
+            .zip(&new_rows)
+            .filter(|(_, new)| **new)
+            .map(|((i, _, _), _)| run[*i].registry_id)
             .collect();
         cases::next_slots(conn, registries).await?
     } else {
