@@ -1451,9 +1451,10 @@ impl DelayBuilder {
 
     /// Protects the band table and decides which quantiles may be published: only a
     /// group whose total and every band count are published (so at least k patients), and
-    /// the overall quantiles only when the grand total and every band total are. Their
-    /// presence then follows from published values alone and tells an attacker nothing
-    /// about a hidden count; their values bound only published counts.
+    /// the overall quantiles only when every count of the table is (every group's total
+    /// and bands, the band totals and the grand total). Their presence then follows from
+    /// published values alone and tells an attacker nothing about a hidden count; their
+    /// values bound only published counts.
     pub fn finish(
         mut self,
         known: &Known,
@@ -1521,7 +1522,7 @@ impl DelayBuilder {
         let publishable = |total: Option<u64>, bands: &[Option<u64>]| {
             total.is_some_and(|t| t >= rules.k()) && bands.iter().all(Option::is_some)
         };
-        let groups = self
+        let groups: Vec<DelayGroup> = self
             .groups
             .into_iter()
             .enumerate()
@@ -1545,11 +1546,21 @@ impl DelayBuilder {
         // published grand total does not mean k patients. No overall quantiles then (a
         // gene that tells no groups apart counts no pair, above).
         let by_patient = !by_gene;
+        // The overall quantiles are of every counted patient, those of hidden cells too:
+        // each is a count of delays above and below a value, and with what the groups
+        // rule out (no delay longer than the age at diagnosis) that bounds hidden cells
+        // the audit left wide (the privacy audit of 2026-12-07 proved a hidden count
+        // under k from one answer, and pinned a hidden zero). So only when nothing of
+        // the table is hidden; the same quantiles of a table with hidden cells are
+        // linked to it (limit 2), never part of the one answer.
+        let nothing_hidden = groups.iter().all(|g| {
+            g.total.is_some() && g.bands.iter().all(Option::is_some)
+        });
         Ok(DelayTable {
             groups,
-            overall: overall
-                .quantiles()
-                .filter(|_| by_patient && publishable(p.grand_total, &p.col_totals)),
+            overall: overall.quantiles().filter(|_| {
+                by_patient && nothing_hidden && publishable(p.grand_total, &p.col_totals)
+            }),
             band_totals: p.col_totals,
             grand_total: p.grand_total,
             suppressed: p.primary + p.secondary,
@@ -2180,8 +2191,51 @@ mod tests {
         assert_eq!(male.quantiles, None, "a hidden band: no quantiles");
         let shown = |g: &DelayGroup| g.total.is_some() && g.bands.iter().all(Option::is_some);
         assert_eq!(female.quantiles.is_some(), shown(female));
-        let all = t.grand_total.is_some() && t.band_totals.iter().all(Option::is_some);
-        assert_eq!(t.overall.is_some(), all);
+        // The grand total and every band total are published, but a cell of the men is
+        // hidden: no overall quantiles (they are of the hidden cells' delays too).
+        assert!(t.grand_total.is_some() && t.band_totals.iter().all(Option::is_some));
+        assert_eq!(t.overall, None, "{t:?}");
+        // The men's two last bands filled: nothing hidden, the overall quantiles shown.
+        let mut b = DelayBuilder::new(&[Dimension::Sex]);
+        for (band_months, n) in [(0, 8), (24, 8), (72, 8), (150, 8), (300, 8)] {
+            b.add(key("female"), band_months, n).unwrap();
+            b.add(key("male"), band_months, n).unwrap();
+        }
+        let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
+        assert!(t.groups.iter().all(shown));
+        assert!(t.overall.is_some(), "{t:?}");
+    }
+
+    /// The privacy audit of 2026-12-07: grouped by age at diagnosis and age at onset, the
+    /// overall p75 said that at least a quarter of the delays were of 12.1 years or more;
+    /// the groups diagnosed at 5 to 11 cannot have such delays, so the other groups held
+    /// them, and their 10-20 year cells, hidden with an interval up to k, were proven to
+    /// hold at most one patient together. Overall quantiles are now only given when no
+    /// count of the table is hidden, whatever the band totals.
+    #[test]
+    fn no_overall_quantiles_beside_a_hidden_cell() {
+        let (rules, deadline) = k5_with_time();
+        let dims = [Dimension::DiagnosisAgeBand, Dimension::OnsetAgeBand];
+        // Age bands by their index in AGE_BANDS.
+        let key = |diagnosis: &str, onset: &str| {
+            let band = |s: &str| Key::Int(AGE_BANDS.iter().position(|b| b.0 == s).unwrap() as i64);
+            vec![band(diagnosis), band(onset)]
+        };
+        let mut b = DelayBuilder::new(&dims);
+        // Diagnosed at 5-11: short delays, and one of 10 to 20 years (hidden).
+        for (months, n) in [(3, 9), (30, 8), (80, 7), (125, 1)] {
+            b.add(key("5-11", "<1"), months, n).unwrap();
+        }
+        // Diagnosed at 40-64: long delays.
+        for (months, n) in [(3, 6), (30, 6), (80, 6), (150, 9), (300, 12)] {
+            b.add(key("40-64", "18-39"), months, n).unwrap();
+        }
+        let t = b.finish(&Known::nothing(), rules, deadline).unwrap();
+        assert!(
+            t.groups.iter().any(|g| g.bands.iter().any(Option::is_none)),
+            "{t:?}"
+        );
+        assert_eq!(t.overall, None, "{t:?}");
     }
 
     /// The audit's counter-example: three patients who each carry the same two genes,

@@ -897,7 +897,7 @@ pub fn delay(
             "Registry " strong { (registry.code) } ", k = " strong { (registry.min_cell_count) }
             ", p = " strong { (registry.protection_level) }
             ", " strong { (table.suppressed) } " cells suppressed, as of " (time(as_of)) "."
-            " Delay from onset to diagnosis, patients per band; quantiles (years) only for groups whose every count is published."
+            " Delay from onset to diagnosis, patients per band; quantiles (years) only for groups whose every count is published, and for all patients only when no count is hidden."
         }
         p.notice { (why_hidden(registry.min_cell_count)) }
         figure.chart {

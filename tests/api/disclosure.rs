@@ -504,8 +504,13 @@ async fn an_lp_attacker_narrows_no_hidden_count_of_any_research_answer() {
                     && g.bands.iter().all(|b| b.count.is_some());
                 assert_eq!(g.quantiles.is_some(), all_shown, "{g:?}");
             }
+            // Overall quantiles only when no count of the table is hidden.
             let all_shown = d.grand_total.as_ref().unwrap().count.is_some()
-                && d.band_totals.iter().all(|b| b.count.is_some());
+                && d.band_totals.iter().all(|b| b.count.is_some())
+                && d.groups.iter().all(|g| {
+                    g.total.as_ref().unwrap().count.is_some()
+                        && g.bands.iter().all(|b| b.count.is_some())
+                });
             assert_eq!(d.overall.is_some(), all_shown);
             answers += 1;
         }
