@@ -128,18 +128,30 @@ fn hash_row(table: Table, row: &db::Row) -> std::result::Result<(i64, [u8; 32]),
         Null,
         Text(String),
     }
+    // An instant as the hash covers it: whole milliseconds, as the store writes every
+    // instant on both databases. PostgreSQL keeps microseconds, and its SQL orders by
+    // them (which decision of the same day is in force): a stored instant with a part
+    // of a millisecond was written by someone else, so it is hashed as what it is, and
+    // the row fails its hash (a defences audit of 2026-12-07 moved a grant 500 us past
+    // a refusal of the same instant, putting the grant in force, and the row had hashed
+    // as before).
+    let instant = |t: DateTime<Utc>| {
+        if t.timestamp_subsec_nanos() % 1_000_000 == 0 {
+            Owned::Int(t.timestamp_millis())
+        } else {
+            Owned::Text(t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+        }
+    };
     let mut id = None;
     let mut values = Vec::with_capacity(columns(table).len());
     for (i, &(name, kind)) in columns(table).iter().enumerate() {
         let value = match kind {
             Kind::Int => row.try_get::<i64>(name).map(Owned::Int),
             Kind::Text => row.try_get::<String>(name).map(Owned::Text),
-            Kind::Time => row
-                .try_get::<DateTime<Utc>>(name)
-                .map(|t| Owned::Int(t.timestamp_millis())),
+            Kind::Time => row.try_get::<DateTime<Utc>>(name).map(instant),
             Kind::OptTime => row
                 .try_get::<Option<DateTime<Utc>>>(name)
-                .map(|v| v.map_or(Owned::Null, |t| Owned::Int(t.timestamp_millis()))),
+                .map(|v| v.map_or(Owned::Null, instant)),
         }
         .map_err(|_| (id, name))?;
         if i == 0

@@ -307,6 +307,25 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         "DELETE FROM consent_events WHERE id = 9999",
     )
     .await;
+    // A decision dated a part of a millisecond later (PostgreSQL keeps microseconds, and
+    // orders decisions of the same instant by them; the store writes whole milliseconds).
+    if !app.is_sqlite() {
+        attack(
+            &app,
+            "event dated 500 microseconds later",
+            &format!(
+                "UPDATE consent_events SET given_at = given_at + INTERVAL '500 microseconds' \
+                 WHERE id = {superseded}"
+            ),
+            &format!("consent event {superseded}:"),
+            &format!(
+                "UPDATE consent_events SET given_at = \
+                 (SELECT given_at FROM attack_events WHERE id = {superseded}) \
+                 WHERE id = {superseded}"
+            ),
+        )
+        .await;
+    }
     // `refile(table, row, e)`: the rows of `table` matching `row` filed under the number
     // of event `e`'s patient (as saved).
     let refile = |table: &str, row: &str, e: i64| {
