@@ -1553,9 +1553,9 @@ impl DelayBuilder {
         // under k from one answer, and pinned a hidden zero). So only when nothing of
         // the table is hidden; the same quantiles of a table with hidden cells are
         // linked to it (limit 2), never part of the one answer.
-        let nothing_hidden = groups.iter().all(|g| {
-            g.total.is_some() && g.bands.iter().all(Option::is_some)
-        });
+        let nothing_hidden = groups
+            .iter()
+            .all(|g| g.total.is_some() && g.bands.iter().all(Option::is_some));
         Ok(DelayTable {
             groups,
             overall: overall.quantiles().filter(|_| {

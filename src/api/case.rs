@@ -28,7 +28,7 @@ use crate::outcome::Outcome;
 use crate::proto::{self, case_service_server::CaseService};
 use crate::pseudonym::PatientIdentity;
 use crate::ratelimit::{Limit, RateLimited};
-use crate::service::{Call, Running, ServiceError, cases, parse_pseudonym};
+use crate::service::{Call, Running, ServiceError, Turns, cases, parse_pseudonym};
 
 /// Submissions of one bulk stream processed concurrently (results stay in order).
 const BULK_IN_FLIGHT: usize = 64;
@@ -343,6 +343,8 @@ impl CaseApi {
                 return;
             }
             let mut sequence = 0u64;
+            // The items' writes reach the writer in the stream's order (`Turn`).
+            let mut turns = Turns::default();
             loop {
                 // A stream that sends nothing for the call deadline, while it waits for no
                 // result, is ended: an open stream holds one of the principal's calls in
@@ -385,6 +387,7 @@ impl CaseApi {
                 let key = key.clone();
                 let certificate = certificate.clone();
                 let connection = connection.clone();
+                let turn = turns.next_turn();
                 let handle = tokio::spawn(async move {
                     let _item_permit = item_permit;
                     let _slot = slot;
@@ -392,6 +395,7 @@ impl CaseApi {
                     // stopped before its write, as CANCELLED: `Running`).
                     let mut running = Running::new(&state, Call::new("CaseService/SubmitCases"));
                     running.call().from_peer(peer);
+                    running.call().in_turn(turn);
                     let result = match state
                         .authenticate_key(&key, certificate.as_ref().as_deref(), running.call())
                         .await
@@ -405,6 +409,7 @@ impl CaseApi {
                         // `item` is dropped unread; its identifiers are wiped with it.
                         Err(e) => Err(e),
                     };
+                    running.call().end_turn();
                     let code = result
                         .as_ref()
                         .map_or_else(ServiceError::outcome, |_| Outcome::Ok);

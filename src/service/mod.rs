@@ -295,7 +295,7 @@ impl ServiceError {
 /// The audit record of one call, filled in as the handler learns who and what. Every
 /// call is concluded with [`api::conclude`], which appends it (unless the writer
 /// already did, in the transaction of the change it records).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Call {
     entry: Entry,
     audited: bool,
@@ -307,6 +307,48 @@ pub struct Call {
     permit: Option<Arc<CallPermit>>,
     /// The access epoch read at the start of the call (`access`).
     epoch: Option<i64>,
+    /// Its place in its stream's order of writes ([`Turn`]), for a bulk item.
+    turn: Option<Turn>,
+}
+
+/// An item's place in the order of its stream's writes: the items of a `SubmitCases`
+/// stream run side by side, but each hands its write to the writer only after the item
+/// before it has handed over its own, or has ended without one. So the writer applies
+/// them in the stream's order, and of two items about one patient the first is the one
+/// stored (a defences audit of 2026-12-07 saw the later one stored and the first refused
+/// ALREADY_EXISTS, on a server just started).
+#[derive(Debug)]
+pub struct Turn {
+    before: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Dropped (with the item's call, or once its write is handed over), it lets the
+    /// next item go.
+    _handed: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The turns of a stream's items, one after the other.
+#[derive(Default)]
+pub struct Turns {
+    last: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Turns {
+    /// The next item's turn.
+    pub fn next_turn(&mut self) -> Turn {
+        let (handed, next) = tokio::sync::oneshot::channel();
+        Turn {
+            before: self.last.replace(next),
+            _handed: handed,
+        }
+    }
+}
+
+impl Turn {
+    /// Waits until the item before has handed over its write or ended.
+    async fn wait(&mut self) {
+        if let Some(before) = self.before.take() {
+            let _ = before.await;
+        }
+    }
 }
 
 impl Call {
@@ -327,6 +369,7 @@ impl Call {
             peer: Peer::Unknown,
             permit: None,
             epoch: None,
+            turn: None,
         }
     }
 
@@ -360,6 +403,17 @@ impl Call {
     /// Sets the peer (for the items of a stream, which are calls of their own).
     pub fn from_peer(&mut self, peer: Peer) {
         self.peer = peer;
+    }
+
+    /// Gives the call (a bulk item) its place in its stream's order of writes.
+    pub fn in_turn(&mut self, turn: Turn) {
+        self.turn = Some(turn);
+    }
+
+    /// Gives up the call's turn (a bulk item that has written, or will not write): the
+    /// next item goes, without waiting for this one's audit entry.
+    pub fn end_turn(&mut self) {
+        self.turn = None;
     }
 
     /// Takes the principal's in-flight place out of the call, for a stream to hold while
@@ -537,8 +591,15 @@ impl Services {
         command: Command,
         call: &mut Call,
     ) -> Result<crate::store::writer::Output, WriteError> {
+        // A bulk item waits for its turn; handed over, it gives the next item its turn.
+        let mut turn = call.turn.take();
+        if let Some(turn) = &mut turn {
+            turn.wait().await;
+        }
         let room = self.writer.room(command).await?;
-        room.execute(call.for_writer()).await
+        let answer = room.hand_over(call.for_writer());
+        drop(turn);
+        answer.await
     }
 
     /// [`Services::write`] of a case command.

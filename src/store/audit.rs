@@ -136,7 +136,7 @@ fn hash_row(table: Table, row: &db::Row) -> std::result::Result<(i64, [u8; 32]),
     // a refusal of the same instant, putting the grant in force, and the row had hashed
     // as before).
     let instant = |t: DateTime<Utc>| {
-        if t.timestamp_subsec_nanos() % 1_000_000 == 0 {
+        if t.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
             Owned::Int(t.timestamp_millis())
         } else {
             Owned::Text(t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))

@@ -511,9 +511,18 @@ impl Room<'_> {
     /// committed, as [`Writer::execute`]. From here the writer applies them whatever
     /// becomes of the caller.
     pub async fn execute(self, audit: Option<Entry>) -> Result<Output, WriteError> {
+        self.hand_over(audit).await
+    }
+
+    /// [`Room::execute`] in two steps: the command is in the writer's queue when this
+    /// returns, and the future returned waits for its answer.
+    pub fn hand_over(
+        self,
+        audit: Option<Entry>,
+    ) -> impl std::future::Future<Output = Result<Output, WriteError>> {
         let (tx, rx) = oneshot::channel();
         self.permit.send((self.command, audit, tx));
-        rx.await.map_err(|_| WriteError::ShuttingDown)?
+        async move { rx.await.map_err(|_| WriteError::ShuttingDown)? }
     }
 }
 

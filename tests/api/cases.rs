@@ -191,6 +191,62 @@ async fn bulk_upload_returns_one_result_per_record_in_order() {
     assert_eq!(app.count("cases").await, 192);
 }
 
+/// Items about one patient in one stream are applied in the stream's order: the first
+/// is stored and the second is ALREADY_EXISTS, never the other way round (the items run
+/// side by side, and a defences audit of 2026-12-07 saw the later one stored on a server
+/// just started). Each patient is sent twice in a row, with other patients between the
+/// pairs, on a fresh server, in several streams at once.
+#[tokio::test]
+async fn items_about_one_patient_are_applied_in_the_streams_order() {
+    const PAIRS: u32 = 150;
+    let app = TestApp::spawn().await;
+    let token = app.physician_key("dr-a", "NL-AMC").await;
+    let mut streams = tokio::task::JoinSet::new();
+    for stream in 0..3u32 {
+        let mut dr = app.client(Some(&token)).await;
+        streams.spawn(async move {
+            let mut requests = Vec::new();
+            for i in 0..PAIRS {
+                let patient = national("NL", &bsn(20_000 + stream * 1000 + i));
+                for copy in ["first", "second"] {
+                    let mut req =
+                        submission(["ERN-EYE", "ERN-LUNG"][(i % 2) as usize], patient.clone());
+                    req.client_reference = format!("{i}-{copy}");
+                    requests.push(req);
+                }
+            }
+            let mut results = dr
+                .submit_cases(tokio_stream::iter(requests))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(r) = results.next().await {
+                let r = r.unwrap();
+                let code = match r.outcome.unwrap() {
+                    proto::submit_cases_result::Outcome::Accepted(_) => Code::Ok as i32,
+                    proto::submit_cases_result::Outcome::Rejected(rej) => rej.code,
+                };
+                out.push((r.client_reference, code));
+            }
+            out
+        });
+    }
+    while let Some(results) = streams.join_next().await {
+        let results = results.unwrap();
+        assert_eq!(results.len(), 2 * PAIRS as usize);
+        for (reference, code) in results {
+            let expected = if reference.ends_with("-first") {
+                Code::Ok
+            } else {
+                Code::AlreadyExists
+            };
+            assert_eq!(code, expected as i32, "{reference}");
+        }
+    }
+    assert_eq!(app.count("cases").await, i64::from(3 * PAIRS));
+}
+
 #[tokio::test]
 async fn concurrent_submissions_are_all_committed() {
     let app = TestApp::spawn().await;

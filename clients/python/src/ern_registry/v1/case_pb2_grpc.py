@@ -108,7 +108,9 @@ class CaseServiceServicer:
 
     def SubmitCases(self, request_iterator, context):
         """Bulk upload of a centre's existing cases: the client streams submissions, the server
-        streams one result per submission, in order, as each is committed. A rejected
+        streams one result per submission, in order, as each is committed. Submissions are
+        applied in the stream's order too: of two about the same patient, the first is
+        stored and the second is ALREADY_EXISTS (the second if the first was refused). A rejected
         submission does not stop the stream; a message that cannot be decoded as a
         SubmitCaseRequest (e.g. a string field that is not UTF-8) does: the stream ends with
         INVALID_ARGUMENT after the results of everything sent before it. At most 64 submissions of a stream are
