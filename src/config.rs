@@ -176,7 +176,9 @@ pub struct UploadArgs {
     #[arg(long, value_enum)]
     pub format: Option<UploadFormat>,
     /// The result file (CSV: line, client reference, outcome, pseudonym, error). Default:
-    /// the input file's name with `.results.csv`. Also the record a re-run resumes from.
+    /// the input file's name with `.results.csv` for `.csv` (`cases.results.csv`), after
+    /// its extension otherwise (`cases.jsonl.results.csv`). Also the record a re-run
+    /// resumes from.
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Send the valid lines even when some lines are invalid (the invalid ones are

@@ -10,7 +10,8 @@
 //! `--send-valid` the valid lines go anyway. The lines then stream through one
 //! SubmitCases call, and each acknowledgement is appended to the result file
 //! ([`results`]) as it arrives: that file is the journal a re-run resumes from (lines
-//! whose client reference it records as accepted or already existing are skipped, and
+//! whose number and client reference it records together as accepted or already
+//! existing are skipped, and
 //! ALREADY_EXISTS from the server counts as done), so an interrupted run (Ctrl-C, a
 //! kill, a lost connection) loses nothing the server acknowledged. Rate limiting and an
 //! unavailable server pause the stream and resume it with backoff.
@@ -114,11 +115,19 @@ fn reference_contains_identifier(request: &proto::SubmitCaseRequest) -> bool {
     };
     let reference = plain(&request.client_reference);
     let needle = match request.patient.as_ref().and_then(|p| p.kind.as_ref()) {
-        Some(Kind::National(n)) => plain(&n.value),
+        // Leading zeros too (a BSN of 012345672 is the one of 12345672).
+        Some(Kind::National(n)) => plain(&n.value).trim_start_matches('0').to_owned(),
         Some(Kind::Demographic(d)) => plain(&d.family_name),
         None => return false,
     };
     needle.chars().count() >= 3 && reference.contains(&needle)
+}
+
+/// [`reference_contains_identifier`] of a line read (false for a line not read at all).
+fn reference_contains_identifier_of(line: &Line) -> bool {
+    line.request
+        .as_ref()
+        .is_some_and(reference_contains_identifier)
 }
 
 /// Reads and checks every line of `text` in `format` (`registry` for the lines that name
@@ -318,8 +327,14 @@ fn code_name(code: i32) -> String {
 }
 
 /// The result file's default path: the input's, with `.results.csv` for its extension.
+/// `cases.csv` gives `cases.results.csv`; any other extension is kept (`cases.jsonl`
+/// gives `cases.jsonl.results.csv`), so that files of the same name in two formats do not
+/// share one journal.
 pub fn default_results_path(input: &Path) -> PathBuf {
-    input.with_extension("results.csv")
+    match input.extension().and_then(|e| e.to_str()) {
+        None | Some("csv") => input.with_extension("results.csv"),
+        Some(extension) => input.with_extension(format!("{extension}.results.csv")),
+    }
 }
 
 /// The format of `path` when not given: JSON Lines for `.jsonl`/`.ndjson`, else CSV.
@@ -483,22 +498,13 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
     // A line is done when it is valid and its client reference was accepted (or found
     // already there) in an earlier run; an invalid line is reported again, whatever an
     // earlier run made of a line with its reference.
-    let done_before = |line: &Line| {
-        line.violations.is_empty()
-            && earlier
-                .get(&line.client_reference)
-                .is_some_and(|row| row.outcome.is_done())
+    let earlier_row = |line: &Line| {
+        earlier
+            .get(&(line.number, line.client_reference.clone()))
+            .filter(|row| line.violations.is_empty() && row.outcome.is_done())
     };
     // The row of each line, for the result file written at the end.
-    let mut final_rows: Vec<Option<Row>> = lines
-        .iter()
-        .map(|line| {
-            done_before(line).then(|| Row {
-                line: line.number,
-                ..earlier[&line.client_reference].clone()
-            })
-        })
-        .collect();
+    let mut final_rows: Vec<Option<Row>> = lines.iter().map(|l| earlier_row(l).cloned()).collect();
     let skipped = final_rows.iter().filter(|r| r.is_some()).count();
     let invalid: Vec<usize> = (0..lines.len())
         .filter(|&i| !lines[i].violations.is_empty())
@@ -513,7 +519,18 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
         }
         final_rows[i] = Some(Row {
             line: line.number,
-            client_reference: line.client_reference.clone(),
+            // A reference that holds the identifier is not written (the line is refused
+            // for it, and the result file holds no identifier).
+            client_reference: if line
+                .violations
+                .iter()
+                .any(|v| v.field == "client_reference")
+                && reference_contains_identifier_of(line)
+            {
+                String::new()
+            } else {
+                line.client_reference.clone()
+            },
             outcome: Outcome::Invalid,
             pseudonym: String::new(),
             error: describe(&line.violations),

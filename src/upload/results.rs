@@ -1,8 +1,8 @@
 //! The result file of an upload: one CSV row per line of the input, `line,
 //! client_reference, outcome, pseudonym, error`. It is also the journal a re-run resumes
 //! from: a row is appended and flushed the moment the server acknowledges the line, so
-//! an interrupted run loses no acknowledged line, and the next run skips every client
-//! reference recorded as `accepted` or `already_exists`. A run that ends (not interrupted)
+//! an interrupted run loses no acknowledged line, and the next run skips every line whose
+//! number and client reference are recorded together as `accepted` or `already_exists`. A run that ends (not interrupted)
 //! rewrites the file with one row per line of the input, in line order.
 //!
 //! It holds no identifier: line numbers, the client's own references, pseudonyms, status
@@ -97,20 +97,24 @@ pub fn read(path: &Path) -> io::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The row that tells what became of each client reference: the last one recording it
-/// done (accepted or already there), else the last one. (A later line may repeat a
-/// reference and be refused for it: that does not undo the upload of the first.)
-pub fn latest(rows: &[Row]) -> HashMap<String, Row> {
-    let mut by_reference: HashMap<String, Row> = HashMap::new();
+/// The row that tells what became of each line, by its line number and client reference:
+/// the last one recording it done (accepted or already there), else the last one. A line
+/// is known by both: a reference recorded done at another line number may have been
+/// given since to another patient's line (an audit of 2026-12-07 renamed the reference
+/// of a stored line and saw the next run skip, as done, the line that then had the old
+/// reference), so such a line is sent again, and ALREADY_EXISTS counts it done.
+pub fn latest(rows: &[Row]) -> HashMap<(u64, String), Row> {
+    let mut by_line: HashMap<(u64, String), Row> = HashMap::new();
     for row in rows {
-        let keep_done = by_reference
-            .get(&row.client_reference)
+        let at = (row.line, row.client_reference.clone());
+        let keep_done = by_line
+            .get(&at)
             .is_some_and(|earlier| earlier.outcome.is_done() && !row.outcome.is_done());
         if !keep_done {
-            by_reference.insert(row.client_reference.clone(), row.clone());
+            by_line.insert(at, row.clone());
         }
     }
-    by_reference
+    by_line
 }
 
 /// The result file, open for appending.
@@ -216,12 +220,21 @@ mod tests {
         let rows = read(&path).unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0], row(2, "b", Outcome::Invalid));
+        let at = |line: u64, reference: &str| (line, reference.to_owned());
         let latest = latest(&rows);
-        assert_eq!(latest["b"].outcome, Outcome::AlreadyExists);
-        // A later refusal of a repeated reference does not undo an upload.
+        assert_eq!(latest[&at(2, "b")].outcome, Outcome::AlreadyExists);
+        // A later refusal of the same line does not undo its upload.
         let mut repeated = rows.clone();
+        repeated.push(row(1, "a", Outcome::Rejected));
+        assert_eq!(
+            super::latest(&repeated)[&at(1, "a")].outcome,
+            Outcome::Accepted
+        );
+        // The reference at another line is another line.
         repeated.push(row(9, "a", Outcome::Invalid));
-        assert_eq!(super::latest(&repeated)["a"].outcome, Outcome::Accepted);
+        let latest = super::latest(&repeated);
+        assert_eq!(latest[&at(9, "a")].outcome, Outcome::Invalid);
+        assert_eq!(latest[&at(1, "a")].outcome, Outcome::Accepted);
         journal
             .rewrite([
                 row(1, "a", Outcome::Accepted),

@@ -496,7 +496,7 @@ async fn the_template_and_json_lines_upload_with_a_key_file() {
     let checked = run(command).await;
     assert!(!checked.status.success());
     assert!(text(&checked).contains("line 4: (line): not a SubmitCaseRequest"));
-    assert!(!work.path().join("cases.results.csv").exists());
+    assert!(!work.path().join("cases.jsonl.results.csv").exists());
 
     let mut command = upload(&app, None);
     command.arg(&jsonl).arg("--api-key-file").arg(&key_file);
@@ -520,7 +520,7 @@ async fn the_template_and_json_lines_upload_with_a_key_file() {
     let said = text(&sent);
     assert!(!sent.status.success(), "the invalid line is still reported");
     assert!(said.contains("accepted 1, already in the registry 1, rejected 0, invalid 1"));
-    let outcomes: Vec<(String, String)> = rows(&work.path().join("cases.results.csv"))
+    let outcomes: Vec<(String, String)> = rows(&work.path().join("cases.jsonl.results.csv"))
         .into_iter()
         .map(|r| (r[0].clone(), r[2].clone()))
         .collect();
@@ -537,6 +537,90 @@ async fn the_template_and_json_lines_upload_with_a_key_file() {
             assert!(!text(output).contains(id));
         }
     }
+    app.stop().await;
+}
+
+/// A line is done for a re-run only at its own line number: a reference recorded done
+/// and since given to another patient's line (the stored line renamed, its duplicate
+/// kept) is sent again, and stored. A reference refused for holding the patient's
+/// identifier (leading zeros of a BSN ignored) is not written to the result file.
+/// (Both from a defences audit of 2026-12-07.)
+#[tokio::test]
+async fn a_reference_renamed_is_no_other_lines_and_one_with_the_identifier_is_not_written() {
+    let app = TestApp::spawn().await;
+    app.centre("NL-REN", "NL", &["ERN-LUNG"]).await;
+    let key = app
+        .principal("dr-rename", Role::Physician, Some("NL-REN"), &[])
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let key_file = work.path().join("api-key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let line = |country: &str, value: &str, reference: &str| {
+        format!(
+            r#"{{"registry":"ERN-LUNG","patient":{{"national":{{"issuingCountry":"{country}","value":"{value}"}}}},"record":{{"birthYearMonth":"2015-06","sex":"SEX_FEMALE","status":"PATIENT_STATUS_ALIVE","onsetKind":"ONSET_KIND_UNKNOWN","diagnosis":{{"orphacode":"ORPHA:586"}},"diagnosisDate":"2016","hpoTerms":["HP:0006528"]}},"consent":[{{"scope":"CONSENT_SCOPE_REGISTRY_INCLUSION","state":"CONSENT_STATE_GRANTED","givenAt":"2024-03-01T10:00:00Z","formVersion":"F-1"}}],"clientReference":"{reference}"}}"#
+        )
+    };
+    let jsonl = work.path().join("cases.jsonl");
+    let send = || {
+        let mut command = upload(&app, None);
+        command
+            .arg(&jsonl)
+            .arg("--send-valid")
+            .arg("--api-key-file")
+            .arg(&key_file);
+        command
+    };
+    let results = work.path().join("cases.jsonl.results.csv");
+    // Patient A as c-1; patient B with the same reference (invalid: a reference used
+    // twice); references holding the identifier, one without the BSN's leading zero.
+    std::fs::write(
+        &jsonl,
+        [
+            line("XT", "SYN900000021", "c-1"),
+            line("XT", "SYN900000022", "c-1"),
+            line("XT", "SYN900000023", "ref-syn900000023"),
+            line("NL", "012345672", "pat-12345672"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let first = run(send()).await;
+    assert!(
+        text(&first).contains("accepted 1, already in the registry 0, rejected 0, invalid 3"),
+        "{}",
+        text(&first)
+    );
+    let written = std::fs::read_to_string(&results).unwrap();
+    for identifier in ["900000023", "12345672"] {
+        assert!(!written.contains(identifier), "{written}");
+        assert!(!text(&first).contains(identifier));
+    }
+    let references: Vec<String> = rows(&results).into_iter().map(|r| r[1].clone()).collect();
+    assert_eq!(references, ["c-1", "c-1", "", ""]);
+    assert_eq!(app.count("cases").await, 1);
+
+    // The stored line renamed, patient B's line keeping c-1: B is sent and stored, A is
+    // already there.
+    std::fs::write(
+        &jsonl,
+        [
+            line("XT", "SYN900000021", "c-1a"),
+            line("XT", "SYN900000022", "c-1"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let second = run(send()).await;
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(
+        text(&second).contains("accepted 1, already in the registry 1"),
+        "{}",
+        text(&second)
+    );
+    assert_eq!(app.count("cases").await, 2);
+    // Run again: both lines done, nothing sent.
+    let third = run(send()).await;
+    assert!(text(&third).contains("done earlier 2"), "{}", text(&third));
     app.stop().await;
 }
 
