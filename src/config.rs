@@ -261,8 +261,9 @@ pub struct ServeArgs {
           value_parser = clap::builder::TypedValueParser::map(
               clap::value_parser!(u64).range(1..=1_000_000), |n| n as usize))]
     pub writer_queue: usize,
-    /// Database connection pool size.
-    #[arg(long, env = "ERN_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    /// Database connection pool size (1 to 1,024).
+    #[arg(long, env = "ERN_DB_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub db_max_connections: u32,
     /// Deadline for any one call, in seconds.
     #[arg(long, env = "ERN_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
@@ -834,6 +835,21 @@ mod tests {
         assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
         assert!(cli.global.database_url().starts_with("sqlite://"));
         assert!(!args.accept_argon2_key_hashes, "off by default");
+    }
+
+    /// A pool of no connections was a panic at start (a defences audit of 2026-12-07);
+    /// now a range error, as for the other limits.
+    #[test]
+    fn the_pool_size_is_range_checked() {
+        for bad in ["0", "1025"] {
+            let err = Cli::try_parse_from(["ern-registry", "serve", "--db-max-connections", bad])
+                .err()
+                .unwrap_or_else(|| panic!("--db-max-connections {bad} accepted"));
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        }
+        assert!(
+            Cli::try_parse_from(["ern-registry", "serve", "--db-max-connections", "1"]).is_ok()
+        );
     }
 
     /// `--accept-argon2-key-hashes` alone (as the log line and the README say) turns it

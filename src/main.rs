@@ -69,7 +69,7 @@ async fn main() -> ExitCode {
             out,
             passphrase,
             master_passphrase_file,
-        } => keygen(&cli.global, out, passphrase, master_passphrase_file),
+        } => keygen(&cli.global, out, passphrase, master_passphrase_file).await,
         Command::Admin(cmd) => admin(&cli.global, cmd).await,
         Command::Codes(cmd) => codes(&cli.global, cmd).await,
         Command::Audit(AuditCommand::Verify {
@@ -137,12 +137,52 @@ async fn serve(
     Ok(())
 }
 
-fn keygen(
+/// Refuses a new secret where `serve` would take it for a database already bound to one
+/// (a fingerprint recorded, or rows made with a secret): its key file is to be restored
+/// from backup, not replaced (a defences audit of 2026-12-07 deleted `master.key` and got
+/// a new one beside the database, which every command then refused). A SQLite file not
+/// there yet is new; a database that cannot be read is not taken for new.
+async fn refuse_if_bound(global: &GlobalArgs) -> Result<(), AnyError> {
+    let url = global.database_url();
+    if ern_registry::data_dir::sqlite_path(&url).is_some_and(|db| !db.exists()) {
+        return Ok(());
+    }
+    let cannot = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot check that the database ({}) is new: {e}; keygen makes a master secret \
+             only for a new database (give --out PATH to write one elsewhere)",
+            global.database_url_redacted()
+        )
+    };
+    let store = startup::open_store(&url, 1).await.map_err(|e| cannot(&e))?;
+    let bound = match store.master_fingerprint().await {
+        Ok(Some(_)) => Ok(true),
+        Ok(None) => store.holds_master_derived_data().await,
+        Err(e) => Err(e),
+    };
+    store.close().await;
+    if bound.map_err(|e| cannot(&e))? {
+        return Err(format!(
+            "the database ({}) is bound to a master secret already: restore the key file (or \
+             the passphrase's parameter file) it was made with from backup; a new one would \
+             be refused by every command (give --out PATH to write a secret elsewhere)",
+            global.database_url_redacted()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn keygen(
     global: &GlobalArgs,
     out: Option<std::path::PathBuf>,
     passphrase_mode: bool,
     passphrase_file: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
+    // Where `serve` would look: only for a new database.
+    if out.is_none() {
+        refuse_if_bound(global).await?;
+    }
     // Where `serve` looks, given the same environment.
     let env_path = |name: &str| {
         std::env::var_os(name)

@@ -460,6 +460,8 @@ pub async fn open_master_secret(
 /// Opens the database and migrates it. For SQLite, first creates its directory (0700) and
 /// file (0600) if missing and narrows the modes of existing data files (`data_dir`).
 pub async fn open_store(database_url: &str, max_connections: u32) -> Result<Store, StartupError> {
+    // A URL refused before any file is made for it.
+    crate::store::Backend::of_url(database_url)?;
     if let Some(db) = data_dir::sqlite_path(database_url) {
         data_dir::prepare_sqlite_files(&db)?;
     }
@@ -520,7 +522,9 @@ impl Application {
         raise_open_files_limit(
             u64::from(args.max_connections) + console_connections + metrics_connections,
         );
-        // One server per SQLite database: locked before anything else touches it.
+        // One server per SQLite database: locked before anything else touches it (and a
+        // URL whose lock could be elsewhere refused first).
+        crate::store::Backend::of_url(database_url)?;
         let lock = data_dir::sqlite_path(database_url)
             .map(|db| ServerLock::acquire(&db))
             .transpose()?;

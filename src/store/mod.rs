@@ -141,6 +141,12 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
     UnsupportedUrl,
+    #[error(
+        "a SQLite database URL names its file as a plain path, sqlite://PATH (no file: URI, no \
+         percent-encoding): the server's lock beside the file must be the one every server \
+         of that database takes"
+    )]
+    SqliteUrlNotAPath,
     #[error("{0} already exists")]
     AlreadyExists(String),
     #[error("{0} not found")]
@@ -413,7 +419,18 @@ impl Backend {
 
     /// The database a URL names: `sqlite:...` or `postgres://` / `postgresql://`.
     pub fn of_url(url: &str) -> Result<Backend> {
-        if url.starts_with("sqlite:") {
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            // The lock file (`data_dir::sqlite_path`) is found from the path as written;
+            // SQLite would read a `file:` URI, and sqlx decodes `%XX`, so either could name
+            // the database by a path whose lock is elsewhere (a defences audit of
+            // 2026-12-07 served one database from two servers so).
+            let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+            if path.starts_with("file:") || path.contains('%') {
+                return Err(StoreError::SqliteUrlNotAPath);
+            }
             Ok(Backend::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)

@@ -133,6 +133,59 @@ async fn serve_refuses_a_missing_key_file_instead_of_creating_one() {
         .expect("starts with its own key");
 }
 
+/// `keygen` does not make a key where `serve` would take it for a database bound to
+/// another (a defences audit of 2026-12-07 deleted `master.key` and got a new one);
+/// `--out` writes one elsewhere, and a database not there yet gets one.
+#[tokio::test]
+async fn keygen_refuses_a_new_key_for_a_database_bound_to_one() {
+    let app = app_with_a_patient(args()).await;
+    let key = key_file(&app);
+    let backup = app.dir.path().join("backup.key");
+    std::fs::rename(&key, &backup).unwrap();
+    let keygen = |extra: &[&str]| {
+        let mut command = binary();
+        command
+            .arg("--data-dir")
+            .arg(app.dir.path())
+            .args(["--database-url", &app.database_url, "keygen"])
+            .args(extra)
+            .env_remove("ERN_MASTER_KEY_FILE");
+        command
+    };
+    let stderr = must_refuse(keygen(&[])).await;
+    assert!(
+        stderr.contains("is bound to a master secret already"),
+        "{stderr}"
+    );
+    assert!(!key.exists(), "a new key was written");
+    let elsewhere = app.dir.path().join("elsewhere.key");
+    let made = keygen(&["--out", elsewhere.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    assert!(elsewhere.exists());
+    // A new data directory gets its key.
+    let fresh = tempfile::tempdir().unwrap();
+    let made = binary()
+        .arg("--data-dir")
+        .arg(fresh.path())
+        .arg("keygen")
+        .env_remove("DATABASE_URL")
+        .env_remove("ERN_MASTER_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    assert!(fresh.path().join("master.key").exists());
+}
+
 #[tokio::test]
 async fn serve_refuses_another_key() {
     let app = app_with_a_patient(args()).await;

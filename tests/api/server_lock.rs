@@ -88,6 +88,30 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         }
     }
     assert!(!via_file.join("registry.lock").exists());
+    // Nor through a `file:` URI or a percent-encoded path, which SQLite and sqlx read as
+    // the same file but whose lock would be elsewhere: refused before any file is made
+    // (a defences audit of 2026-12-07 served the database from two servers so).
+    let dir = app.dir.path().display().to_string();
+    let cwd_before: Vec<_> = std::fs::read_dir(".")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for url in [
+        format!("sqlite://file:{dir}/registry.db"),
+        format!("sqlite:file:{dir}/registry.db?mode=rwc"),
+        format!("sqlite://{dir}/registry%2Edb"),
+    ] {
+        match Application::build(args(), &url, &key).await {
+            Err(StartupError::Store(ern_registry::store::StoreError::SqliteUrlNotAPath)) => {}
+            Err(other) => panic!("{url}: {other}"),
+            Ok(_) => panic!("a second server started through {url}"),
+        }
+    }
+    let cwd_after: Vec<_> = std::fs::read_dir(".")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cwd_before, cwd_after, "no file made for a refused URL");
 
     // The first one serves on, and an admin command runs beside it.
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
