@@ -59,6 +59,11 @@ macro_rules! say {
     }};
 }
 
+/// mimalloc instead of glibc's malloc for the Rust side of the process (docs/benchmarks.md,
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
