@@ -194,12 +194,19 @@ async fn bulk_upload_returns_one_result_per_record_in_order() {
 /// Items about one patient in one stream are applied in the stream's order: the first
 /// is stored and the second is ALREADY_EXISTS, never the other way round (the items run
 /// side by side, and a defences audit of 2026-12-07 saw the later one stored on a server
-/// just started). Each patient is sent twice in a row, with other patients between the
-/// pairs, on a fresh server, in several streams at once.
+/// just started). Each patient is sent twice, with an item refused before its write (an
+/// invalid record) between the two, on a fresh server whose writer takes one command at a
+/// time from a queue of one (an overload: a re-check saw the second stored in 100 of 100
+/// such streams when the refused item let it go early), in several streams at once.
 #[tokio::test]
 async fn items_about_one_patient_are_applied_in_the_streams_order() {
-    const PAIRS: u32 = 150;
-    let app = TestApp::spawn().await;
+    const PAIRS: u32 = 100;
+    let app = TestApp::spawn_with(ServeArgs {
+        writer_queue: 1,
+        max_batch: 1,
+        ..ServeArgs::default()
+    })
+    .await;
     let token = app.physician_key("dr-a", "NL-AMC").await;
     let mut streams = tokio::task::JoinSet::new();
     for stream in 0..3u32 {
@@ -208,10 +215,13 @@ async fn items_about_one_patient_are_applied_in_the_streams_order() {
             let mut requests = Vec::new();
             for i in 0..PAIRS {
                 let patient = national("NL", &bsn(20_000 + stream * 1000 + i));
-                for copy in ["first", "second"] {
+                for copy in ["first", "invalid", "second"] {
                     let mut req =
                         submission(["ERN-EYE", "ERN-LUNG"][(i % 2) as usize], patient.clone());
                     req.client_reference = format!("{i}-{copy}");
+                    if copy == "invalid" {
+                        req.record.as_mut().unwrap().birth_year_month = "1700-01".into();
+                    }
                     requests.push(req);
                 }
             }
@@ -234,10 +244,12 @@ async fn items_about_one_patient_are_applied_in_the_streams_order() {
     }
     while let Some(results) = streams.join_next().await {
         let results = results.unwrap();
-        assert_eq!(results.len(), 2 * PAIRS as usize);
+        assert_eq!(results.len(), 3 * PAIRS as usize);
         for (reference, code) in results {
             let expected = if reference.ends_with("-first") {
                 Code::Ok
+            } else if reference.ends_with("-invalid") {
+                Code::InvalidArgument
             } else {
                 Code::AlreadyExists
             };
