@@ -17,7 +17,7 @@
 //! after printing the server's pid (to attach `perf record -p`), and prints its rate,
 //! latency and server CPU per call; no raw limits, nothing written. With
 //! `ERN_BENCH_PROFILE_OP=get` that loop is GetCase, of the cases a SubmitCase phase stored
-//! first. `ERN_BENCH_SOAK_SECONDS=N` (off by default) ends the run with a soak of N seconds
+//! first; with `=health`, empty calls (health checks) on one connection. `ERN_BENCH_SOAK_SECONDS=N` (off by default) ends the run with a soak of N seconds
 //! that adds no patient: UpdateCase (32 in flight) and GetCase (32 in flight) of the cases
 //! submitted earlier, with the server's resident memory sampled every second, so that what
 //! memory does is not the research index growing with new patients; the memory goal is
@@ -1980,14 +1980,18 @@ async fn async_main() {
     // nothing is written.
     // With `ERN_BENCH_PROFILE_OP=get`, GetCase instead, 64 in flight on one connection, of
     // the cases a SubmitCase warm-up of ERN_BENCH_SECONDS at 256 in flight stored first
-    // ("profile: reading" is printed when the reads start).
+    // ("profile: reading" is printed when the reads start). With `=health`, empty calls
+    // (health checks) on one connection: the transport's floor at that many in flight.
     if let Some(in_flight) = profile {
-        let get = std::env::var("ERN_BENCH_PROFILE_OP").is_ok_and(|op| op == "get");
+        let profile_op = std::env::var("ERN_BENCH_PROFILE_OP").unwrap_or_default();
+        let get = profile_op == "get";
         eprintln!(
             "profile: server pid {pid}; {in_flight} in flight for {} s",
             seconds()
         );
-        let (targets, op) = if get {
+        let (targets, op) = if profile_op == "health" {
+            (one.clone(), Op::Health)
+        } else if get {
             let _ = closed_loop(&four, Op::Submit, 256, measure()).await;
             let to_read = Arc::new(submitted.lock().expect("lock").clone());
             let readers = reading(&one, &to_read);

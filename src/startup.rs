@@ -466,6 +466,10 @@ pub async fn open_store(database_url: &str, max_connections: u32) -> Result<Stor
         data_dir::prepare_sqlite_files(&db)?;
     }
     let store = Store::connect(database_url, max_connections).await?;
+    if let Err(err) = store.check_opened_file().await {
+        store.close().await;
+        return Err(err.into());
+    }
     store.migrate().await?;
     Ok(store)
 }
@@ -827,6 +831,8 @@ impl Application {
         let statistics = tokio::spawn(crate::store::statistics::keep_current(
             self.state.store.clone(),
         ));
+        // SQLite only: the WAL checkpointed beside the writer.
+        let checkpoints = tokio::spawn(crate::store::wal::keep_short(self.state.store.clone()));
         let refusal_summary = Flusher::start(
             self.state.refusals.clone(),
             self.state.writer.clone(),
@@ -908,6 +914,7 @@ impl Application {
         probe.abort();
         code_refresh.abort();
         statistics.abort();
+        checkpoints.abort();
         // The last summary of refused calls goes in before the writer drains, within the
         // same limit (its entries are writes like any other).
         let flushed_by = Instant::now() + WRITER_FLUSH_LIMIT;

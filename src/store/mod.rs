@@ -104,6 +104,7 @@ pub mod readers;
 pub mod research;
 pub mod research_index;
 pub mod statistics;
+pub mod wal;
 pub mod writer;
 
 use std::collections::BTreeSet;
@@ -142,11 +143,16 @@ pub enum StoreError {
     #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
     UnsupportedUrl,
     #[error(
-        "a SQLite database URL names its file as a plain path, sqlite://PATH (no file: URI, no \
-         percent-encoding): the server's lock beside the file must be the one every server \
-         of that database takes"
+        "a SQLite database URL names its file as a plain path, sqlite://PATH (no file: URI or \
+         other scheme, no percent-encoding, not ending in .lock): the server's lock beside \
+         the file must be the one every server of that database takes"
     )]
     SqliteUrlNotAPath,
+    #[error(
+        "SQLite opened another file ({opened}) than the URL names ({named}); give the \
+         database as a plain path, sqlite://PATH"
+    )]
+    OpenedAnotherFile { named: String, opened: String },
     #[error("{0} already exists")]
     AlreadyExists(String),
     #[error("{0} not found")]
@@ -427,8 +433,14 @@ impl Backend {
             // SQLite would read a `file:` URI, and sqlx decodes `%XX`, so either could name
             // the database by a path whose lock is elsewhere (a defences audit of
             // 2026-12-07 served one database from two servers so).
+            // A scheme left in the path (`sqlite:sqlite:…`: sqlx strips every one), a URI
+            // (`file:`), `%XX`, or a name whose lock would be the file itself.
             let path = rest.split_once('?').map_or(rest, |(path, _)| path);
-            if path.starts_with("file:") || path.contains('%') {
+            let first = path.split('/').find(|c| !c.is_empty()).unwrap_or("");
+            if (first.contains(':') && path != ":memory:")
+                || path.contains('%')
+                || path.ends_with(".lock")
+            {
                 return Err(StoreError::SqliteUrlNotAPath);
             }
             Ok(Backend::Sqlite)
@@ -596,6 +608,43 @@ impl Store {
         self.sqlite_path.as_deref()
     }
 
+    /// Checks that the file SQLite opened (`PRAGMA database_list`) is the one the URL
+    /// names ([`Store::sqlite_path`], where the server's lock was taken): the same file
+    /// (device and inode), whatever the spelling of its path. A URL SQLite or sqlx reads
+    /// otherwise than `data_dir::sqlite_path` does is refused so, whichever form it takes
+    /// (a re-check of 2026-12-07 served one database from two servers through
+    /// `sqlite:sqlite:…`, after `file:` and `%XX` were refused).
+    pub async fn check_opened_file(&self) -> Result<()> {
+        let Some(named) = self.sqlite_path.as_deref() else {
+            return Ok(());
+        };
+        let rows = db::query("PRAGMA database_list")
+            .persistent(false)
+            .fetch_all(self.pool())
+            .await?;
+        let mut opened = String::new();
+        for row in &rows {
+            if row.try_get::<String>("name")? == "main" {
+                opened = row.try_get::<String>("file")?;
+            }
+        }
+        let same = {
+            use std::os::unix::fs::MetadataExt;
+            match (std::fs::metadata(named), std::fs::metadata(&opened)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(StoreError::OpenedAnotherFile {
+                named: named.display().to_string(),
+                opened,
+            })
+        }
+    }
+
     /// A connection of SQLite's own for the writer, with the settings of the pool's
     /// connections ([`Store::connect`]), checked the same way.
     pub(in crate::store) fn open_sqlite_writer(
@@ -620,6 +669,8 @@ impl Store {
         // writer thread at 256 submissions in flight). They never carry durability: the
         // WAL does.
         conn.execute_batch("PRAGMA temp_store = MEMORY")?;
+        // No checkpoint inside a batch's commit: `wal` runs them beside the writer.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
         // Every statement of the write path in each of its shapes (`db::Db::chunks`: seven
         // per multi-row statement, about fifteen of those), with room to spare.
         conn.set_prepared_statement_cache_capacity(256);
@@ -1065,6 +1116,63 @@ mod build_tests {
             options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
             "LIBSQLITE3_FLAGS of .cargo/config.toml not applied: {options:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    /// The URLs whose lock `data_dir::sqlite_path` would find elsewhere than beside the
+    /// file SQLite opens are refused; plain paths, with or without sqlx's options, are not.
+    #[test]
+    fn only_plain_sqlite_paths_are_taken() {
+        for url in [
+            "sqlite://file:d1/registry.db",
+            "sqlite:file:d1/registry.db?mode=rwc",
+            "sqlite://d1/registry%2Edb",
+            "sqlite:sqlite:d1/registry.db",
+            "sqlite://sqlite://d1/registry.db",
+            "sqlite://sqlite:file:d1/registry.db",
+            "sqlite://d1/registry.lock",
+        ] {
+            assert!(
+                matches!(Backend::of_url(url), Err(StoreError::SqliteUrlNotAPath)),
+                "{url}"
+            );
+        }
+        for url in [
+            "sqlite://d1/registry.db?mode=rwc",
+            "sqlite:d1/registry.db",
+            "sqlite:///tmp/a:b/registry.db",
+            "sqlite::memory:",
+        ] {
+            assert!(matches!(Backend::of_url(url), Ok(Backend::Sqlite)), "{url}");
+        }
+    }
+
+    /// A store whose URL names one file while SQLite opened another is refused, whatever
+    /// made the two differ.
+    #[tokio::test]
+    async fn the_file_opened_must_be_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+        std::fs::write(&b, b"").unwrap();
+        let mut store = Store::connect(&format!("sqlite://{}?mode=rwc", a.display()), 1)
+            .await
+            .unwrap();
+        store.check_opened_file().await.unwrap();
+        store.sqlite_path = Some(b.clone());
+        assert!(matches!(
+            store.check_opened_file().await,
+            Err(StoreError::OpenedAnotherFile { .. })
+        ));
+        // Through a symbolic link: the same file.
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        store.sqlite_path = Some(link);
+        store.check_opened_file().await.unwrap();
+        store.close().await;
     }
 }
 

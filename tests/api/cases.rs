@@ -376,3 +376,40 @@ async fn a_stream_whose_opening_is_not_recorded_stores_nothing() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(app.count("cases").await, before);
 }
+
+/// The WAL is copied back into the database file by the server's checkpoints beside the
+/// writer (`store::wal`; the writer's own connection does not checkpoint): after a few
+/// hundred submissions the database file grows within seconds, and the cases read back.
+#[tokio::test]
+async fn the_wal_is_checkpointed_beside_the_writer() {
+    let app = TestApp::spawn().await;
+    if !app.is_sqlite() {
+        return;
+    }
+    let db = app.dir.path().join("registry.db");
+    let before = std::fs::metadata(&db).unwrap().len();
+    let mut dr = app.physician("dr-wal", "NL-AMC").await;
+    let requests: Vec<_> = (0..400u32)
+        .map(|i| submission("ERN-LUNG", national("NL", &bsn(40_000 + i))))
+        .collect();
+    let mut results = dr
+        .submit_cases(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(r) = results.next().await {
+        assert!(matches!(
+            r.unwrap().outcome,
+            Some(proto::submit_cases_result::Outcome::Accepted(_))
+        ));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::metadata(&db).unwrap().len() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file did not grow: no checkpoint ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.count("cases").await, 400);
+}

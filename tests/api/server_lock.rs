@@ -100,6 +100,8 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         format!("sqlite://file:{dir}/registry.db"),
         format!("sqlite:file:{dir}/registry.db?mode=rwc"),
         format!("sqlite://{dir}/registry%2Edb"),
+        format!("sqlite:sqlite:{dir}/registry.db"),
+        format!("sqlite://sqlite://{dir}/registry.db"),
     ] {
         match Application::build(args(), &url, &key).await {
             Err(StartupError::Store(ern_registry::store::StoreError::SqliteUrlNotAPath)) => {}
@@ -112,6 +114,9 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(cwd_before, cwd_after, "no file made for a refused URL");
+    for made in ["file:", "sqlite:"] {
+        assert!(!std::path::Path::new(made).exists(), "{made} made");
+    }
 
     // The first one serves on, and an admin command runs beside it.
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
