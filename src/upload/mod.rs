@@ -114,20 +114,51 @@ fn reference_contains_identifier(request: &proto::SubmitCaseRequest) -> bool {
             .collect()
     };
     let reference = plain(&request.client_reference);
-    let needle = match request.patient.as_ref().and_then(|p| p.kind.as_ref()) {
+    let needles: Vec<String> = match request.patient.as_ref().and_then(|p| p.kind.as_ref()) {
         // Leading zeros too (a BSN of 012345672 is the one of 12345672).
-        Some(Kind::National(n)) => plain(&n.value).trim_start_matches('0').to_owned(),
-        Some(Kind::Demographic(d)) => plain(&d.family_name),
+        Some(Kind::National(n)) => vec![plain(&n.value).trim_start_matches('0').to_owned()],
+        // The whole family name and each of its words ("vries" of "de Vries"), with
+        // diacritics dropped ("muller") and spelt out ("mueller", "gross" of "Groß").
+        Some(Kind::Demographic(d)) => {
+            let spelt_out = |s: &str| -> String {
+                let mut out = String::with_capacity(s.len());
+                for c in s.chars() {
+                    match c {
+                        'ä' | 'Ä' => out.push_str("ae"),
+                        'ö' | 'Ö' => out.push_str("oe"),
+                        'ü' | 'Ü' => out.push_str("ue"),
+                        'ß' | 'ẞ' => out.push_str("ss"),
+                        c => out.push(c),
+                    }
+                }
+                out
+            };
+            let name = d.family_name.as_str();
+            std::iter::once(name)
+                .chain(name.split(|c: char| !c.is_alphanumeric()))
+                .flat_map(|word| [plain(word), plain(&spelt_out(word))])
+                .collect()
+        }
         None => return false,
     };
-    needle.chars().count() >= 3 && reference.contains(&needle)
+    needles
+        .iter()
+        .any(|needle| needle.chars().count() >= 3 && reference.contains(needle.as_str()))
 }
 
-/// [`reference_contains_identifier`] of a line read (false for a line not read at all).
-fn reference_contains_identifier_of(line: &Line) -> bool {
-    line.request
+/// Whether a line's client reference may be written: it was checked against the line's
+/// patient identifiers (the line names a patient) and nothing was found wrong with it.
+fn reference_is_checked(line: &Line) -> bool {
+    let named = line
+        .request
         .as_ref()
-        .is_some_and(reference_contains_identifier)
+        .and_then(|r| r.patient.as_ref())
+        .is_some_and(|p| p.kind.is_some());
+    named
+        && !line
+            .violations
+            .iter()
+            .any(|v| v.field == "client_reference")
 }
 
 /// Reads and checks every line of `text` in `format` (`registry` for the lines that name
@@ -498,10 +529,14 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
     // A line is done when it is valid and its client reference was accepted (or found
     // already there) in an earlier run; an invalid line is reported again, whatever an
     // earlier run made of a line with its reference.
+    // A line without a reference of its own (`line:N`) is known by its number alone,
+    // which a line inserted above changes: it is sent again (a re-check of 2026-12-07
+    // added a patient at the top of such a file and saw the run skip it as done).
     let earlier_row = |line: &Line| {
+        let given = line.client_reference != format!("line:{}", line.number);
         earlier
             .get(&(line.number, line.client_reference.clone()))
-            .filter(|row| line.violations.is_empty() && row.outcome.is_done())
+            .filter(|row| given && line.violations.is_empty() && row.outcome.is_done())
     };
     // The row of each line, for the result file written at the end.
     let mut final_rows: Vec<Option<Row>> = lines.iter().map(|l| earlier_row(l).cloned()).collect();
@@ -519,17 +554,14 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
         }
         final_rows[i] = Some(Row {
             line: line.number,
-            // A reference that holds the identifier is not written (the line is refused
-            // for it, and the result file holds no identifier).
-            client_reference: if line
-                .violations
-                .iter()
-                .any(|v| v.field == "client_reference")
-                && reference_contains_identifier_of(line)
-            {
-                String::new()
-            } else {
+            // The reference of an invalid line is written only when it was checked
+            // against the line's identifiers and passed: a line with no patient (both
+            // kinds of identifier given, or neither) or refused for its reference leaves
+            // it out (the result file holds no identifier).
+            client_reference: if reference_is_checked(line) {
                 line.client_reference.clone()
+            } else {
+                String::new()
             },
             outcome: Outcome::Invalid,
             pseudonym: String::new(),
@@ -938,6 +970,26 @@ mod tests {
         let mut request =
             fixtures::submission("ERN-LUNG", fixtures::national("NL", "１１１２２２３３３"));
         request.client_reference = "ref-111222333".into();
+        let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
+        assert_eq!(fields(&v), ["client_reference"]);
+        // A word of the family name, with its diacritics dropped or spelt out; a BSN
+        // without its leading zero.
+        for (family, reference) in [
+            ("de Vries", "vries-77"),
+            ("Müller", "mueller-5"),
+            ("Müller", "muller-5"),
+            ("Groß", "gross-9"),
+            ("van der Berg-Smit", "smit-2"),
+        ] {
+            let mut person = fixtures::person();
+            person.family_name = family.into();
+            let mut request = fixtures::submission("ERN-LUNG", fixtures::demographic(person));
+            request.client_reference = reference.into();
+            let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
+            assert_eq!(fields(&v), ["client_reference"], "{family} {reference}");
+        }
+        let mut request = fixtures::submission("ERN-LUNG", fixtures::national("NL", "012345672"));
+        request.client_reference = "pat-12345672".into();
         let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
         assert_eq!(fields(&v), ["client_reference"]);
     }

@@ -596,7 +596,7 @@ async fn a_reference_renamed_is_no_other_lines_and_one_with_the_identifier_is_no
         assert!(!text(&first).contains(identifier));
     }
     let references: Vec<String> = rows(&results).into_iter().map(|r| r[1].clone()).collect();
-    assert_eq!(references, ["c-1", "c-1", "", ""]);
+    assert_eq!(references, ["c-1", "", "", ""]);
     assert_eq!(app.count("cases").await, 1);
 
     // The stored line renamed, patient B's line keeping c-1: B is sent and stored, A is
@@ -621,6 +621,46 @@ async fn a_reference_renamed_is_no_other_lines_and_one_with_the_identifier_is_no
     // Run again: both lines done, nothing sent.
     let third = run(send()).await;
     assert!(text(&third).contains("done earlier 2"), "{}", text(&third));
+
+    // Lines without references are known by their numbers alone: a patient added at the
+    // top is sent, not taken for the line that was there (a re-check of 2026-12-07).
+    let unreferenced = |value: &str| line("XT", value, "").replace(r#","clientReference":"""#, "");
+    std::fs::write(
+        &jsonl,
+        [unreferenced("SYN900000031"), unreferenced("SYN900000032")].join("\n"),
+    )
+    .unwrap();
+    std::fs::remove_file(&results).unwrap();
+    let fourth = run(send()).await;
+    assert!(text(&fourth).contains("accepted 2"), "{}", text(&fourth));
+    std::fs::write(
+        &jsonl,
+        [
+            unreferenced("SYN900000033"),
+            unreferenced("SYN900000031"),
+            unreferenced("SYN900000032"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let fifth = run(send()).await;
+    assert!(
+        text(&fifth).contains("accepted 1, already in the registry 2"),
+        "{}",
+        text(&fifth)
+    );
+    assert_eq!(app.count("cases").await, 5);
+
+    // A line naming a patient both ways (refused: no patient read) keeps its reference out.
+    let both = line("XT", "SYN900000034", "bsn-900000034").replace(
+        r#""patient":{"#,
+        r#""patient":{"demographic":{"givenNames":"Jan","familyName":"Pietersma","dateOfBirth":"1980-01-01","sexAtBirth":"SEX_MALE","placeOfBirth":"Utrecht","countryOfBirth":"NL"},"#,
+    );
+    std::fs::write(&jsonl, both).unwrap();
+    let sixth = run(send()).await;
+    assert!(!sixth.status.success());
+    let written = std::fs::read_to_string(&results).unwrap();
+    assert!(!written.contains("900000034"), "{written}");
     app.stop().await;
 }
 
