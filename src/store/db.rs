@@ -1203,8 +1203,30 @@ impl Decode for DateTime<Utc> {
         })
     }
 
+    /// In the binary form (microseconds since 2000-01-01) with checked arithmetic: sqlx's
+    /// own decoding adds without a check and panics on an instant past chrono's range
+    /// (`infinity`, the year 290000), which anyone who can write to the database could
+    /// store (a re-check of 2026-12-07 stopped a writer partition and `audit verify` so).
     fn from_pg(row: &PgRow, index: usize) -> sqlx::Result<Self> {
-        row.try_get(index)
+        use sqlx::ValueRef as _;
+        let raw = row.try_get_raw(index)?;
+        if raw.is_null() || raw.format() != sqlx::postgres::PgValueFormat::Binary {
+            // NULL is the caller's error to report; the text form is parsed with checks.
+            return row.try_get(index);
+        }
+        let undecodable = |what: &str| sqlx::Error::ColumnDecode {
+            index: index.to_string(),
+            source: what.to_owned().into(),
+        };
+        let bytes: [u8; 8] = raw
+            .as_bytes()
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| undecodable("an instant is 8 bytes"))?;
+        let micros = i64::from_be_bytes(bytes);
+        DateTime::from_timestamp(946_684_800, 0)
+            .and_then(|epoch| epoch.checked_add_signed(chrono::TimeDelta::microseconds(micros)))
+            .ok_or_else(|| undecodable("an instant out of range (infinity?)"))
     }
 }
 

@@ -326,6 +326,21 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         )
         .await;
     }
+    // A decision dated at infinity (past chrono's range): named, not a panic.
+    if !app.is_sqlite() {
+        attack(
+            &app,
+            "event dated at infinity",
+            &format!("UPDATE consent_events SET given_at = 'infinity' WHERE id = {superseded}"),
+            &format!("consent event {superseded}:"),
+            &format!(
+                "UPDATE consent_events SET given_at = \
+                 (SELECT given_at FROM attack_events WHERE id = {superseded}) \
+                 WHERE id = {superseded}"
+            ),
+        )
+        .await;
+    }
     // `refile(table, row, e)`: the rows of `table` matching `row` filed under the number
     // of event `e`'s patient (as saved).
     let refile = |table: &str, row: &str, e: i64| {
