@@ -831,8 +831,6 @@ impl Application {
         let statistics = tokio::spawn(crate::store::statistics::keep_current(
             self.state.store.clone(),
         ));
-        // SQLite only: the WAL checkpointed beside the writer.
-        let checkpoints = tokio::spawn(crate::store::wal::keep_short(self.state.store.clone()));
         let refusal_summary = Flusher::start(
             self.state.refusals.clone(),
             self.state.writer.clone(),
@@ -914,7 +912,6 @@ impl Application {
         probe.abort();
         code_refresh.abort();
         statistics.abort();
-        checkpoints.abort();
         // The last summary of refused calls goes in before the writer drains, within the
         // same limit (its entries are writes like any other).
         let flushed_by = Instant::now() + WRITER_FLUSH_LIMIT;

@@ -104,7 +104,6 @@ pub mod readers;
 pub mod research;
 pub mod research_index;
 pub mod statistics;
-pub mod wal;
 pub mod writer;
 
 use std::collections::BTreeSet;
@@ -669,8 +668,6 @@ impl Store {
         // writer thread at 256 submissions in flight). They never carry durability: the
         // WAL does.
         conn.execute_batch("PRAGMA temp_store = MEMORY")?;
-        // No checkpoint inside a batch's commit: `wal` runs them beside the writer.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
         // Every statement of the write path in each of its shapes (`db::Db::chunks`: seven
         // per multi-row statement, about fifteen of those), with room to spare.
         conn.set_prepared_statement_cache_capacity(256);
