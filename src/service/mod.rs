@@ -369,8 +369,11 @@ impl Turns {
 impl Turn {
     /// Waits until the item before has handed over its write or ended.
     async fn wait(&mut self) {
-        if let Some(before) = self.before.take() {
+        // Kept in place while it waits: a wait cut short (the item cancelled) still has
+        // its `Drop` wait for the item before.
+        if let Some(before) = &mut self.before {
             let _ = before.await;
+            self.before = None;
         }
     }
 }

@@ -143,8 +143,9 @@ pub enum StoreError {
     UnsupportedUrl,
     #[error(
         "a SQLite database URL names its file as a plain path, sqlite://PATH (no file: URI or \
-         other scheme, no percent-encoding, not ending in .lock): the server's lock beside \
-         the file must be the one every server of that database takes"
+         other scheme, no ':' in its first component, no percent-encoding, not ending in \
+         .lock; of the options only mode and cache): the server's lock beside the file must \
+         be the one every server of that database takes"
     )]
     SqliteUrlNotAPath,
     #[error(
@@ -434,7 +435,23 @@ impl Backend {
             // 2026-12-07 served one database from two servers so).
             // A scheme left in the path (`sqlite:sqlite:…`: sqlx strips every one), a URI
             // (`file:`), `%XX`, or a name whose lock would be the file itself.
-            let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            // Of sqlx's options only the open mode and the cache: another VFS or
+            // `immutable` would open the file without the locks every server shares.
+            let allowed = |option: &str| {
+                matches!(
+                    option,
+                    "" | "mode=rw"
+                        | "mode=rwc"
+                        | "mode=ro"
+                        | "mode=memory"
+                        | "cache=shared"
+                        | "cache=private"
+                )
+            };
+            if !query.split('&').all(allowed) {
+                return Err(StoreError::SqliteUrlNotAPath);
+            }
             let first = path.split('/').find(|c| !c.is_empty()).unwrap_or("");
             if (first.contains(':') && path != ":memory:")
                 || path.contains('%')
@@ -1132,6 +1149,9 @@ mod url_tests {
             "sqlite://sqlite://d1/registry.db",
             "sqlite://sqlite:file:d1/registry.db",
             "sqlite://d1/registry.lock",
+            "sqlite://d1/registry.db?vfs=unix-excl",
+            "sqlite://d1/registry.db?mode=rwc&immutable=true",
+            "sqlite://d1/registry.db?mode=%6Demory",
         ] {
             assert!(
                 matches!(Backend::of_url(url), Err(StoreError::SqliteUrlNotAPath)),

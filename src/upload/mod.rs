@@ -101,60 +101,94 @@ pub fn check(
     violations
 }
 
-/// Whether the client reference contains the national identifier (separators, case and
-/// compatibility forms such as full-width digits ignored: both compared after NFKD) or
-/// the family name: references are echoed in results and logs, identifiers never.
-fn reference_contains_identifier(request: &proto::SubmitCaseRequest) -> bool {
+/// What a client reference must not contain, as compared ([`plain`]): the national
+/// identifier (leading zeros too: a BSN of 012345672 is the one of 12345672), or the whole
+/// family name and each of its words of 4 characters or more ("vries" of "de Vries"; the
+/// particles van, der, ten are shorter), with diacritics dropped ("muller", "moller") and
+/// spelt out ("mueller", "moeller", "gross" of "Groß"). Only needles of 3 characters or
+/// more; none for a line that names no patient.
+fn identifier_needles(request: &proto::SubmitCaseRequest) -> Vec<String> {
     use proto::patient_identifiers::Kind;
     use unicode_normalization::UnicodeNormalization;
-    let plain = |s: &str| -> String {
-        s.nfkd()
-            .filter(|c| c.is_alphanumeric())
-            .flat_map(char::to_lowercase)
-            .collect()
-    };
-    let reference = plain(&request.client_reference);
-    let needles: Vec<String> = match request.patient.as_ref().and_then(|p| p.kind.as_ref()) {
-        // Leading zeros too (a BSN of 012345672 is the one of 12345672).
+    let needles = match request.patient.as_ref().and_then(|p| p.kind.as_ref()) {
         Some(Kind::National(n)) => vec![plain(&n.value).trim_start_matches('0').to_owned()],
-        // The whole family name and each of its words ("vries" of "de Vries"), with
-        // diacritics dropped ("muller") and spelt out ("mueller", "gross" of "Groß").
         Some(Kind::Demographic(d)) => {
-            let spelt_out = |s: &str| -> String {
-                let mut out = String::with_capacity(s.len());
-                for c in s.chars() {
-                    match c {
-                        'ä' | 'Ä' => out.push_str("ae"),
-                        'ö' | 'Ö' => out.push_str("oe"),
-                        'ü' | 'Ü' => out.push_str("ue"),
-                        'ß' | 'ẞ' => out.push_str("ss"),
-                        c => out.push(c),
-                    }
-                }
-                out
-            };
-            let name = d.family_name.as_str();
-            std::iter::once(name)
-                .chain(name.split(|c: char| !c.is_alphanumeric()))
-                .flat_map(|word| [plain(word), plain(&spelt_out(word))])
+            // Composed first, so that a name sent decomposed is spelt out the same way.
+            let name: String = d.family_name.nfc().collect();
+            let words = name
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| w.chars().count() >= 4);
+            std::iter::once(name.as_str())
+                .chain(words)
+                .flat_map(|word| [plain(&dropped(word)), plain(&spelt_out(word))])
                 .collect()
         }
-        None => return false,
+        None => Vec::new(),
     };
     needles
-        .iter()
-        .any(|needle| needle.chars().count() >= 3 && reference.contains(needle.as_str()))
+        .into_iter()
+        .filter(|needle| needle.chars().count() >= 3)
+        .collect()
 }
 
-/// Whether a line's client reference may be written: it was checked against the line's
-/// patient identifiers (the line names a patient) and nothing was found wrong with it.
+/// Letters NFKD does not take apart, without their strokes (ø → o, æ → ae).
+fn dropped(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            'ø' | 'Ø' => "o".into(),
+            'æ' | 'Æ' => "ae".into(),
+            'œ' | 'Œ' => "oe".into(),
+            'ł' | 'Ł' => "l".into(),
+            'đ' | 'Đ' => "d".into(),
+            'ß' | 'ẞ' => "ss".into(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// Umlauts and strokes spelt out (ü → ue, ø → oe, ß → ss).
+fn spelt_out(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            'ä' | 'Ä' | 'æ' | 'Æ' => "ae".into(),
+            'ö' | 'Ö' | 'ø' | 'Ø' | 'œ' | 'Œ' => "oe".into(),
+            'ü' | 'Ü' => "ue".into(),
+            'ß' | 'ẞ' => "ss".into(),
+            'ł' | 'Ł' => "l".into(),
+            'đ' | 'Đ' => "d".into(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// A text as references and identifiers are compared: compatibility forms taken apart
+/// (NFKD: full-width digits, diacritics as marks), only letters and digits, lower case.
+fn plain(s: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    s.nfkd()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Whether the client reference contains the patient's identifier ([`identifier_needles`]):
+/// references are echoed in results and logs, identifiers never.
+fn reference_contains_identifier(request: &proto::SubmitCaseRequest) -> bool {
+    let reference = plain(&request.client_reference);
+    identifier_needles(request)
+        .iter()
+        .any(|needle| reference.contains(needle.as_str()))
+}
+
+/// Whether a line's client reference may be written: it was checked against an identifier
+/// of the line's patient (an empty one, as an identifier typed into another column leaves,
+/// checks nothing) and nothing was found wrong with it.
 fn reference_is_checked(line: &Line) -> bool {
-    let named = line
+    let checked = line
         .request
         .as_ref()
-        .and_then(|r| r.patient.as_ref())
-        .is_some_and(|p| p.kind.is_some());
-    named
+        .is_some_and(|r| !identifier_needles(r).is_empty());
+    checked
         && !line
             .violations
             .iter()
@@ -980,6 +1014,9 @@ mod tests {
             ("Müller", "muller-5"),
             ("Groß", "gross-9"),
             ("van der Berg-Smit", "smit-2"),
+            ("Møller", "moller-1"),
+            ("Møller", "moeller-1"),
+            ("Mu\u{308}ller", "mueller-3"),
         ] {
             let mut person = fixtures::person();
             person.family_name = family.into();
@@ -992,6 +1029,17 @@ mod tests {
         request.client_reference = "pat-12345672".into();
         let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
         assert_eq!(fields(&v), ["client_reference"]);
+        // A particle of three letters is no needle: "ten Cate" may be "patient-17".
+        let mut person = fixtures::person();
+        person.family_name = "ten Cate".into();
+        let mut request = fixtures::submission("ERN-LUNG", fixtures::demographic(person));
+        request.client_reference = "patient-17".into();
+        let v = check(&mut request, 1, FieldViolations::new(), fixtures::now());
+        assert!(fields(&v).is_empty(), "{:?}", fields(&v));
+        // An empty identifier checks nothing: such a line's reference is not written.
+        let mut request = fixtures::submission("ERN-LUNG", fixtures::national("NL", ""));
+        request.client_reference = "123456782".into();
+        assert!(identifier_needles(&request).is_empty());
     }
 
     #[test]
