@@ -307,39 +307,30 @@ async fn consent_history_and_erasure_tombstones_are_tamper_evident() {
         "DELETE FROM consent_events WHERE id = 9999",
     )
     .await;
-    // A decision dated a part of a millisecond later (PostgreSQL keeps microseconds, and
-    // orders decisions of the same instant by them; the store writes whole milliseconds).
+    // PostgreSQL only (it keeps microseconds, and orders decisions of the same instant by
+    // them; the store writes whole milliseconds): a decision dated a part of a millisecond
+    // later, and one dated past chrono's range (named, not a panic).
     if !app.is_sqlite() {
-        attack(
-            &app,
-            "event dated 500 microseconds later",
-            &format!(
-                "UPDATE consent_events SET given_at = given_at + INTERVAL '500 microseconds' \
-                 WHERE id = {superseded}"
+        for (what, date) in [
+            (
+                "dated 500 microseconds later",
+                "given_at + INTERVAL '500 microseconds'",
             ),
-            &format!("consent event {superseded}:"),
-            &format!(
-                "UPDATE consent_events SET given_at = \
-                 (SELECT given_at FROM attack_events WHERE id = {superseded}) \
-                 WHERE id = {superseded}"
-            ),
-        )
-        .await;
-    }
-    // A decision dated at infinity (past chrono's range): named, not a panic.
-    if !app.is_sqlite() {
-        attack(
-            &app,
-            "event dated at infinity",
-            &format!("UPDATE consent_events SET given_at = 'infinity' WHERE id = {superseded}"),
-            &format!("consent event {superseded}:"),
-            &format!(
-                "UPDATE consent_events SET given_at = \
-                 (SELECT given_at FROM attack_events WHERE id = {superseded}) \
-                 WHERE id = {superseded}"
-            ),
-        )
-        .await;
+            ("dated at infinity", "'infinity'"),
+        ] {
+            attack(
+                &app,
+                what,
+                &format!("UPDATE consent_events SET given_at = {date} WHERE id = {superseded}"),
+                &format!("consent event {superseded}:"),
+                &format!(
+                    "UPDATE consent_events SET given_at = \
+                     (SELECT given_at FROM attack_events WHERE id = {superseded}) \
+                     WHERE id = {superseded}"
+                ),
+            )
+            .await;
+        }
     }
     // `refile(table, row, e)`: the rows of `table` matching `row` filed under the number
     // of event `e`'s patient (as saved).

@@ -442,16 +442,35 @@ async fn a_mixed_file_of_ten_thousand_lines_is_checked_sent_interrupted_and_resu
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_template_and_json_lines_upload_with_a_key_file() {
-    let app = TestApp::spawn().await;
-    app.centre("NL-TPL", "NL", &["ERN-LUNG"]).await;
+/// A physician of a new centre `centre` (in ERN-LUNG) and a temporary working directory
+/// holding its API key in the file `api-key`.
+async fn physician_with_key_file(
+    app: &TestApp,
+    centre: &str,
+    name: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    app.centre(centre, "NL", &["ERN-LUNG"]).await;
     let key = app
-        .principal("dr-template", Role::Physician, Some("NL-TPL"), &[])
+        .principal(name, Role::Physician, Some(centre), &[])
         .await;
     let work = tempfile::tempdir().unwrap();
     let key_file = work.path().join("api-key");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    (work, key_file)
+}
+
+/// A JSON line of a valid submission to ERN-LUNG for the national identifier `value` of
+/// `country`, with `reference`.
+fn json_line(country: &str, value: &str, reference: &str) -> String {
+    format!(
+        r#"{{"registry":"ERN-LUNG","patient":{{"national":{{"issuingCountry":"{country}","value":"{value}"}}}},"record":{{"birthYearMonth":"2015-06","sex":"SEX_FEMALE","status":"PATIENT_STATUS_ALIVE","onsetKind":"ONSET_KIND_UNKNOWN","diagnosis":{{"orphacode":"ORPHA:586"}},"diagnosisDate":"2016","hpoTerms":["HP:0006528"]}},"consent":[{{"scope":"CONSENT_SCOPE_REGISTRY_INCLUSION","state":"CONSENT_STATE_GRANTED","givenAt":"2024-03-01T10:00:00Z","formVersion":"F-1"}}],"clientReference":"{reference}"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_and_json_lines_upload_with_a_key_file() {
+    let app = TestApp::spawn().await;
+    let (work, key_file) = physician_with_key_file(&app, "NL-TPL", "dr-template").await;
 
     // The template: a header and an example row that the server accepts.
     let mut command = upload(&app, None);
@@ -475,11 +494,7 @@ async fn the_template_and_json_lines_upload_with_a_key_file() {
 
     // JSON Lines in the proto JSON form: the template's patient again (ALREADY_EXISTS
     // counts as done), a new one, a blank line, a line that is not JSON.
-    let line = |value: &str, reference: &str| {
-        format!(
-            r#"{{"registry":"ERN-LUNG","patient":{{"national":{{"issuingCountry":"XT","value":"{value}"}}}},"record":{{"birthYearMonth":"2015-06","sex":"SEX_FEMALE","status":"PATIENT_STATUS_ALIVE","onsetKind":"ONSET_KIND_UNKNOWN","diagnosis":{{"orphacode":"ORPHA:586"}},"diagnosisDate":"2016","hpoTerms":["HP:0006528"]}},"consent":[{{"scope":"CONSENT_SCOPE_REGISTRY_INCLUSION","state":"CONSENT_STATE_GRANTED","givenAt":"2024-03-01T10:00:00Z","formVersion":"F-1"}}],"clientReference":"{reference}"}}"#
-        )
-    };
+    let line = |value: &str, reference: &str| json_line("XT", value, reference);
     let jsonl = work.path().join("cases.jsonl");
     std::fs::write(
         &jsonl,
@@ -548,18 +563,8 @@ async fn the_template_and_json_lines_upload_with_a_key_file() {
 #[tokio::test]
 async fn a_reference_renamed_is_no_other_lines_and_one_with_the_identifier_is_not_written() {
     let app = TestApp::spawn().await;
-    app.centre("NL-REN", "NL", &["ERN-LUNG"]).await;
-    let key = app
-        .principal("dr-rename", Role::Physician, Some("NL-REN"), &[])
-        .await;
-    let work = tempfile::tempdir().unwrap();
-    let key_file = work.path().join("api-key");
-    std::fs::write(&key_file, format!("{key}\n")).unwrap();
-    let line = |country: &str, value: &str, reference: &str| {
-        format!(
-            r#"{{"registry":"ERN-LUNG","patient":{{"national":{{"issuingCountry":"{country}","value":"{value}"}}}},"record":{{"birthYearMonth":"2015-06","sex":"SEX_FEMALE","status":"PATIENT_STATUS_ALIVE","onsetKind":"ONSET_KIND_UNKNOWN","diagnosis":{{"orphacode":"ORPHA:586"}},"diagnosisDate":"2016","hpoTerms":["HP:0006528"]}},"consent":[{{"scope":"CONSENT_SCOPE_REGISTRY_INCLUSION","state":"CONSENT_STATE_GRANTED","givenAt":"2024-03-01T10:00:00Z","formVersion":"F-1"}}],"clientReference":"{reference}"}}"#
-        )
-    };
+    let (work, key_file) = physician_with_key_file(&app, "NL-REN", "dr-rename").await;
+    let line = json_line;
     let jsonl = work.path().join("cases.jsonl");
     let send = || {
         let mut command = upload(&app, None);
