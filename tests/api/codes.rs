@@ -992,7 +992,8 @@ async fn a_phenopacket_is_checked_against_the_releases_and_exported_with_them() 
         .await
         .unwrap();
     assert!(!output.status.success());
-    let results = std::fs::read_to_string(app.dir.path().join("phenopackets.results.csv")).unwrap();
+    let results =
+        std::fs::read_to_string(app.dir.path().join("phenopackets.jsonl.results.csv")).unwrap();
     assert!(
         results.contains("pp-42,rejected,,INVALID_ARGUMENT: ")
             && results.contains("phenopacket.phenotypicFeatures[0].type.id: is not a code of HPO"),

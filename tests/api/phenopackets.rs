@@ -375,7 +375,7 @@ async fn the_upload_tool_sends_a_file_of_phenopackets_and_reports_elements_by_pa
     );
     assert!(said.contains("accepted 1"), "{said}");
     assert!(!said.contains(&bsn(31)) && !said.contains(&bsn(32)));
-    let results = std::fs::read_to_string(work.path().join("cases.results.csv")).unwrap();
+    let results = std::fs::read_to_string(work.path().join("cases.jsonl.results.csv")).unwrap();
     assert!(results.contains("pp-1,accepted,R013-V001-"), "{results}");
     assert!(results.contains("pp-2,invalid,"), "{results}");
 
