@@ -44,6 +44,8 @@ const BACKEND_ONLY: &[(&str, &str, Dialect)] = &[
     ("store/purge.rs", "checkpoint_once", Dialect::Sqlite),
     // Whether an unanswered COMMIT landed: asked on PostgreSQL only (`store::writer`).
     ("store/writer.rs", "landed", Dialect::Postgres),
+    // The file SQLite opened, against the one the server's lock was taken beside.
+    ("store/mod.rs", "check_opened_file", Dialect::Sqlite),
 ];
 
 /// The backend a piece of source is specific to, from the tokens of a match arm's pattern
