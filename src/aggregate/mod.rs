@@ -3112,8 +3112,16 @@ mod tests {
             let other = hidden_by_sex_and_country(&by_layout(&counts, LAYOUTS[7], k, 1));
             proptest::prop_assert_eq!(&one_row, &other);
             // A one-row answer whose every count is hidden lists nothing (it publishes
-            // less than the two-way answer, never more).
-            let collapsed = one_row_table.row_labels.is_empty();
+            // less than the two-way answer, never more). Without any patient the answer
+            // is the published zero, in every layout.
+            let nobody = counts.iter().flatten().all(|&n| n == 0);
+            if nobody {
+                for dims in LAYOUTS.iter().copied().chain(genes.iter().map(Vec::as_slice)) {
+                    let table = by_layout(&counts, dims, k, 1);
+                    proptest::prop_assert_eq!(table.protected.grand_total, Some(0), "{:?}", dims);
+                }
+            }
+            let collapsed = one_row_table.row_labels.is_empty() && !nobody;
             if collapsed {
                 proptest::prop_assert!(one_row_table.protected.cells.is_empty());
                 proptest::prop_assert_eq!(one_row_table.protected.grand_total, None);
