@@ -120,7 +120,12 @@ fn identifier_needles(request: &proto::SubmitCaseRequest) -> Vec<String> {
                 .filter(|w| w.chars().count() >= 4);
             std::iter::once(name.as_str())
                 .chain(words)
-                .flat_map(|word| [plain(&dropped(word)), plain(&spelt_out(word))])
+                .flat_map(|word| {
+                    [
+                        plain(&transliterated(word, false)),
+                        plain(&transliterated(word, true)),
+                    ]
+                })
                 .collect()
         }
         None => Vec::new(),
@@ -131,31 +136,22 @@ fn identifier_needles(request: &proto::SubmitCaseRequest) -> Vec<String> {
         .collect()
 }
 
-/// Letters NFKD does not take apart, without their strokes (ø → o, æ → ae).
-fn dropped(s: &str) -> String {
+/// Letters NFKD does not take apart, written with plain letters: without their strokes
+/// (ø → o, æ → ae, ß → ss), or with umlauts and strokes spelt out (`spell_out`: ü → ue,
+/// ø → oe). Umlauts not spelt out are left to NFKD, which drops their marks.
+fn transliterated(s: &str, spell_out: bool) -> String {
     s.chars()
         .map(|c| match c {
+            'ä' | 'Ä' if spell_out => "ae".into(),
+            'ö' | 'Ö' if spell_out => "oe".into(),
+            'ü' | 'Ü' if spell_out => "ue".into(),
+            'ø' | 'Ø' if spell_out => "oe".into(),
             'ø' | 'Ø' => "o".into(),
             'æ' | 'Æ' => "ae".into(),
             'œ' | 'Œ' => "oe".into(),
             'ł' | 'Ł' => "l".into(),
             'đ' | 'Đ' => "d".into(),
             'ß' | 'ẞ' => "ss".into(),
-            c => c.to_string(),
-        })
-        .collect()
-}
-
-/// Umlauts and strokes spelt out (ü → ue, ø → oe, ß → ss).
-fn spelt_out(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            'ä' | 'Ä' | 'æ' | 'Æ' => "ae".into(),
-            'ö' | 'Ö' | 'ø' | 'Ø' | 'œ' | 'Œ' => "oe".into(),
-            'ü' | 'Ü' => "ue".into(),
-            'ß' | 'ẞ' => "ss".into(),
-            'ł' | 'Ł' => "l".into(),
-            'đ' | 'Đ' => "d".into(),
             c => c.to_string(),
         })
         .collect()
