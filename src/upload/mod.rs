@@ -250,7 +250,7 @@ pub fn read_lines(
             for record in reader.records() {
                 match record {
                     Ok(row) => {
-                        let number = row.position().map_or(0, |p| p.line());
+                        let number = row.position().map_or(0, |p| line_at(text, p.byte()));
                         let (mut request, read) = template::parse_row(&header, &row, registry);
                         let violations = check(&mut request, number, read, now);
                         lines.push(Line {
@@ -262,7 +262,7 @@ pub fn read_lines(
                         });
                     }
                     Err(err) => {
-                        let number = err.position().map_or(0, |p| p.line());
+                        let number = err.position().map_or(0, |p| line_at(text, p.byte()));
                         let message = match err.kind() {
                             csv::ErrorKind::UnequalLengths {
                                 expected_len, len, ..
@@ -289,6 +289,19 @@ pub fn read_lines(
         }
     }
     Ok(lines)
+}
+
+/// The 1-based line, as an editor numbers it, of the CSV record that starts at `byte`.
+/// The csv crate's own line number is one short after a CRLF line end (it counts the
+/// `\n` only as it starts the next record) and after blank lines it skips; the record's
+/// byte offset may point at that `\n` or those lines, so they are stepped over first.
+fn line_at(text: &str, byte: u64) -> u64 {
+    let bytes = text.as_bytes();
+    let mut at = usize::try_from(byte).unwrap_or(usize::MAX).min(bytes.len());
+    while at < bytes.len() && matches!(bytes[at], b'\r' | b'\n') {
+        at += 1;
+    }
+    1 + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 /// A line of a phenopacket file: the phenopacket mapped to the record (with the server's
@@ -925,6 +938,38 @@ mod tests {
             for v in line.violations.iter() {
                 assert!(!v.description.contains("11122233"), "{v:?}");
             }
+        }
+    }
+
+    /// Line numbers are the file's, whatever its line ends (CRLF is the CSV standard's
+    /// and Excel's) and with blank lines between rows; a quoted cell may span lines.
+    #[test]
+    fn csv_line_numbers_are_the_files_with_crlf_and_blank_lines() {
+        let header = "client_reference,national_id_country,national_id,birth_year_month,sex,status,onset_kind,orphacode,diagnosis_date";
+        let row = |reference: &str, month: &str| {
+            format!("{reference},NL,111222333,2015-{month},female,alive,unknown,ORPHA:586,2016-03")
+        };
+        let rows = [
+            row("a", "06"),
+            String::new(),
+            row("b", "13"),
+            row("\"c\nd\"", "06"),
+            row("e", "13"),
+        ];
+        for end in ["\n", "\r\n"] {
+            let mut text = format!("{header}{end}");
+            for r in &rows {
+                text.push_str(r);
+                text.push_str(end);
+            }
+            text.push_str("f,NL,1,2,3");
+            text.push_str(end);
+            let lines = read_lines(&text, UploadFormat::Csv, Some("ERN-LUNG"), now()).unwrap();
+            let numbers: Vec<u64> = lines.iter().map(|l| l.number).collect();
+            assert_eq!(numbers, [2, 4, 5, 7, 8], "{end:?}");
+            assert_eq!(fields(&lines[1].violations), ["record.birth_year_month"], "{end:?}");
+            assert_eq!(fields(&lines[3].violations), ["record.birth_year_month"], "{end:?}");
+            assert!(lines[4].request.is_none(), "{end:?}");
         }
     }
 
