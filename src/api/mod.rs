@@ -17,6 +17,7 @@ pub mod codec;
 pub mod consent;
 pub mod convert;
 pub mod drain;
+pub mod json;
 pub mod phenopacket;
 pub mod research;
 pub mod wire;

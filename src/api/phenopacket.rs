@@ -95,17 +95,37 @@ pub fn parse_json(json: &str) -> Result<Phenopacket, FieldViolations> {
         v.push(ROOT, "is required: a Phenopacket v2 as JSON text");
         return Err(v);
     }
-    let value: serde_json::Value = match serde_json::from_str(json) {
-        Ok(value) => value,
-        Err(e) => {
-            v.push(
-                ROOT,
-                format!("is not JSON (line {}, column {})", e.line(), e.column()),
-            );
-            return Err(v);
-        }
-    };
+    let value: serde_json::Value =
+        match super::json::check_unique_keys(json).and_then(|()| serde_json::from_str(json)) {
+            Ok(value) => value,
+            Err(e) if super::json::is_repeated_key(&e) => {
+                v.push(
+                    ROOT,
+                    format!(
+                        "names a key twice in one object (line {}, column {}): give each key \
+                         once (a repeated key's values are not merged, and none is dropped \
+                         silently)",
+                        e.line(),
+                        e.column()
+                    ),
+                );
+                return Err(v);
+            }
+            Err(e) => {
+                v.push(
+                    ROOT,
+                    format!("is not JSON (line {}, column {})", e.line(), e.column()),
+                );
+                return Err(v);
+            }
+        };
     unknown_fields(&value, &descriptor(PHENOPACKET), ROOT, &mut v);
+    for path in super::json::fields_given_twice(&value, &descriptor(PHENOPACKET)) {
+        v.push(
+            format!("{ROOT}.{path}"),
+            "is given twice, by its JSON name and its proto name: give it once",
+        );
+    }
     v.into_result()?;
     let message = DynamicMessage::deserialize_with_options(
         descriptor(PHENOPACKET),
@@ -1460,6 +1480,34 @@ mod tests {
         assert!(violations(&big)[0].1.contains("at most"));
     }
 
+    /// A repeated key kept only its last value (a claims audit: a second
+    /// `phenotypicFeatures` dropped the first list; `"excluded"` twice was read by the
+    /// second): refused, by position, and a field given by both its names, by path.
+    #[test]
+    fn a_key_or_a_field_given_twice_is_refused() {
+        for twice in [
+            r#"{"id": "a", "phenotypicFeatures": [{"type": {"id": "HP:0006528"}}], "phenotypicFeatures": [{"type": {"id": "HP:0000286"}}]}"#,
+            r#"{"id": "a", "measurements": [{"assay": {"id": "LOINC:1"}}], "measurements": []}"#,
+            r#"{"id": "a", "phenotypicFeatures": [{"type": {"id": "HP:0006528"}, "excluded": true, "excluded": false}]}"#,
+            r#"{"subject": {"id": "111222333", "id": "111222334"}}"#,
+        ] {
+            let found = violations(twice);
+            assert_eq!(found.len(), 1, "{twice}");
+            assert_eq!(found[0].0, "phenopacket");
+            assert!(found[0].1.contains("names a key twice"), "{}", found[0].1);
+            assert!(!found[0].1.contains("11122233"), "{}", found[0].1);
+        }
+        assert_eq!(
+            fields(
+                r#"{"id": "a", "phenotypicFeatures": [{"type": {"id": "HP:0006528"}}], "phenotypic_features": [], "subject": {"dateOfBirth": "2015-06-01T00:00:00Z", "date_of_birth": "2015-07-01T00:00:00Z"}}"#
+            ),
+            [
+                "phenopacket.phenotypicFeatures",
+                "phenopacket.subject.dateOfBirth"
+            ]
+        );
+    }
+
     #[test]
     fn an_enumeration_number_must_name_a_value_and_map_keys_are_no_fields() {
         // Numbers are the schema's JSON form too, but one that names no value would be
@@ -1475,14 +1523,12 @@ mod tests {
             to_record(&parse_json(CASE).unwrap()).unwrap().record,
             "1 is FEMALE"
         );
-        let statuses = CASE.replace(
-            r#""metaData""#,
-            r#""interpretations": [ { "id": "a", "progressStatus": 77,
-                 "diagnosis": { "disease": { "id": "ORPHA:586" },
-                   "genomicInterpretations": [ { "subjectOrBiosampleId": "x",
-                     "interpretationStatus": 42 } ] } } ],
-               "metaData""#,
-        );
+        let statuses = CASE
+            .replace(r#""progressStatus": "SOLVED""#, r#""progressStatus": 77"#)
+            .replace(
+                r#""interpretationStatus": "CAUSATIVE""#,
+                r#""interpretationStatus": 42"#,
+            );
         assert_eq!(
             fields(&statuses),
             [

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor};
 
+use crate::api::json::{check_unique_keys, fields_given_twice, is_repeated_key};
 use crate::proto;
 
 fn pool() -> &'static DescriptorPool {
@@ -39,17 +40,31 @@ pub fn parse_phenopacket_line(line: &str) -> Result<proto::SubmitPhenopacketRequ
             "not a SubmitPhenopacketRequest in the proto JSON form ({at}unknown fields, wrong types and malformed values are refused)"
         )
     };
-    let mut value: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| unreadable(format!("at column {}; ", e.column())))?;
+    let mut value: serde_json::Value = check_unique_keys(line)
+        .and_then(|()| serde_json::from_str(line))
+        .map_err(|e| {
+            let repeated = if is_repeated_key(&e) {
+                "an object names a key twice: give each key once; "
+            } else {
+                ""
+            };
+            unreadable(format!("at column {}; {repeated}", e.column()))
+        })?;
     if let Some(inner) = value.get_mut("phenopacket")
         && inner.is_object()
     {
         *inner = serde_json::Value::String(inner.to_string());
     }
+    let request = pool()
+        .get_message_by_name("ern_registry.v1.SubmitPhenopacketRequest")
+        .expect("the contract defines SubmitPhenopacketRequest");
+    if let Some(path) = fields_given_twice(&value, &request).first() {
+        return Err(unreadable(format!(
+            "{path} is given twice, by its JSON name and its proto name: give it once; "
+        )));
+    }
     let message = DynamicMessage::deserialize_with_options(
-        pool()
-            .get_message_by_name("ern_registry.v1.SubmitPhenopacketRequest")
-            .expect("the contract defines SubmitPhenopacketRequest"),
+        request,
         &value,
         &DeserializeOptions::new().deny_unknown_fields(true),
     )
@@ -61,6 +76,25 @@ pub fn parse_phenopacket_line(line: &str) -> Result<proto::SubmitPhenopacketRequ
 
 /// Reads one line. The error says where, never what.
 pub fn parse_line(line: &str) -> Result<proto::SubmitCaseRequest, String> {
+    check_unique_keys(line).map_err(|e| {
+        format!(
+            "not a SubmitCaseRequest in the proto JSON form (at column {}; {})",
+            e.column(),
+            if is_repeated_key(&e) {
+                "an object names a key twice: give each key once"
+            } else {
+                "not JSON"
+            }
+        )
+    })?;
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
+        && let Some(path) = fields_given_twice(&value, &descriptor()).first()
+    {
+        return Err(format!(
+            "not a SubmitCaseRequest in the proto JSON form ({path} is given twice, by its JSON \
+             name and its proto name: give it once)"
+        ));
+    }
     let mut deserializer = serde_json::Deserializer::from_str(line);
     let message = DynamicMessage::deserialize_with_options(
         descriptor(),
@@ -82,6 +116,29 @@ pub fn parse_line(line: &str) -> Result<proto::SubmitCaseRequest, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// serde_json keeps a repeated key's last value; the line is refused instead, and a
+    /// field given by both its names too.
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        let base = r#"{"registry":"ERN-LUNG","patient":{"national":{"issuingCountry":"XT","value":"SYN000000001"}},"clientReference":"c-1"}"#;
+        parse_line(base).unwrap();
+        for twice in [
+            r#"{"registry":"ERN-LUNG","registry":"ERN-EYE"}"#,
+            r#"{"clientReference":"c-1","client_reference":"c-2"}"#,
+            r#"{"patient":{"national":{"value":"SYN000000001","value":"SYN000000002"}}}"#,
+        ] {
+            let e = parse_line(twice).unwrap_err();
+            assert!(e.contains("twice") && !e.contains("SYN"), "{e}");
+        }
+        for twice in [
+            r#"{"registry":"ERN-LUNG","phenopacket":{"id":"a","id":"b"}}"#,
+            r#"{"registry":"ERN-LUNG","clientReference":"a","client_reference":"b","phenopacket":"{}"}"#,
+        ] {
+            let e = parse_phenopacket_line(twice).unwrap_err();
+            assert!(e.contains("twice"), "{e}");
+        }
+    }
 
     #[test]
     fn reads_the_proto_json_form_with_either_field_names() {

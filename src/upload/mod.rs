@@ -967,8 +967,16 @@ mod tests {
             let lines = read_lines(&text, UploadFormat::Csv, Some("ERN-LUNG"), now()).unwrap();
             let numbers: Vec<u64> = lines.iter().map(|l| l.number).collect();
             assert_eq!(numbers, [2, 4, 5, 7, 8], "{end:?}");
-            assert_eq!(fields(&lines[1].violations), ["record.birth_year_month"], "{end:?}");
-            assert_eq!(fields(&lines[3].violations), ["record.birth_year_month"], "{end:?}");
+            assert_eq!(
+                fields(&lines[1].violations),
+                ["record.birth_year_month"],
+                "{end:?}"
+            );
+            assert_eq!(
+                fields(&lines[3].violations),
+                ["record.birth_year_month"],
+                "{end:?}"
+            );
             assert!(lines[4].request.is_none(), "{end:?}");
         }
     }
