@@ -34,7 +34,9 @@ class ResearchServiceStub:
     the answer publishes pins no suppressed value: for each one, the interval an attacker
     can prove from the answer (by linear programming over every published cell, total and
     zero, knowing which hidden counts may be 0) is at least the registry's protection level
-    wide, and reaches k for a count below k and a hidden zero. Answers are not audited
+    wide, and reaches k for a count below k and a hidden zero. An answer whose only count
+    is its total (no dimension), hidden, protects no other count: it says 1 to k-1
+    patients (none is published as 0). Answers are not audited
     against each other: a
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
@@ -77,7 +79,9 @@ class ResearchServiceServicer:
     the answer publishes pins no suppressed value: for each one, the interval an attacker
     can prove from the answer (by linear programming over every published cell, total and
     zero, knowing which hidden counts may be 0) is at least the registry's protection level
-    wide, and reaches k for a count below k and a hidden zero. Answers are not audited
+    wide, and reaches k for a count below k and a hidden zero. An answer whose only count
+    is its total (no dimension), hidden, protects no other count: it says 1 to k-1
+    patients (none is published as 0). Answers are not audited
     against each other: a
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
@@ -147,7 +151,9 @@ class ResearchService:
     the answer publishes pins no suppressed value: for each one, the interval an attacker
     can prove from the answer (by linear programming over every published cell, total and
     zero, knowing which hidden counts may be 0) is at least the registry's protection level
-    wide, and reaches k for a count below k and a hidden zero. Answers are not audited
+    wide, and reaches k for a count below k and a hidden zero. An answer whose only count
+    is its total (no dimension), hidden, protects no other count: it says 1 to k-1
+    patients (none is published as 0). Answers are not audited
     against each other: a
     suppressed count can be pinned by combining two answers, e.g. a complement asked for on
     its own, or the same table's margin. An answer that cannot be proven so
