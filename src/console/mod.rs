@@ -323,6 +323,11 @@ impl Form {
         !self.get(name).is_empty()
     }
 
+    /// Every field's name, in the order sent, repeated ones as often as sent.
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
+
     /// The form without the fields whose names `drop` accepts (to repeat it in hidden
     /// fields).
     /// The values are copies, wiped on drop like the form's own.
@@ -1110,6 +1115,65 @@ async fn officer_expiring_next(
 
 // ----- Researchers -----
 
+/// Filters a research form takes (`filters[0]`, `filters[1]`).
+pub(crate) const FORM_FILTERS: usize = 2;
+
+/// Refuses a research form's field the form does not have (a third filter, a dimension
+/// past `max`) or that is given twice: read only as far as the form goes, such a
+/// request was answered as another question than the one posted (a privacy audit of
+/// 2026-12-07 posted three filters and got the count of the first two). The field the
+/// caller named is not echoed.
+fn selection_fields_known(form: &Form, max: usize, v: &mut FieldViolations) {
+    let index = |key: &str, prefix: &str| {
+        key.strip_prefix(prefix)
+            .and_then(|rest| rest.split_once(']'))
+            .map(|(n, rest)| (n.parse::<usize>().ok(), rest.to_owned()))
+    };
+    let (mut dimensions, mut filters, mut twice) = (false, false, false);
+    let mut seen = std::collections::HashSet::new();
+    for key in form.keys() {
+        let group = index(key, "group_by[");
+        let filter = index(key, "filters[");
+        if let Some((n, rest)) = &group {
+            dimensions |= !n.is_some_and(|n| n < max) || !rest.is_empty();
+        }
+        if let Some((n, rest)) = &filter {
+            filters |= !n.is_some_and(|n| n < FORM_FILTERS)
+                || !matches!(
+                    rest.as_str(),
+                    ".dimension" | ".values" | ".include_descendants"
+                );
+        }
+        if (group.is_some() || filter.is_some() || key == "registry") && !seen.insert(key) {
+            twice = true;
+        }
+    }
+    if dimensions {
+        v.push(
+            "group_by",
+            format!(
+                "the form takes at most {max} dimensions, group_by[0] to group_by[{}]",
+                max - 1
+            ),
+        );
+    }
+    if filters {
+        v.push(
+            "filters",
+            format!(
+                "the form takes at most {FORM_FILTERS} filters, filters[0] and filters[1], each \
+                 a dimension, values and include_descendants; ask through the API for more"
+            ),
+        );
+    }
+    if twice {
+        v.push(
+            "form",
+            "a field of the question is given twice: give each once",
+        );
+    }
+}
+
 /// What a research form asks: dimensions, filters and what they stand for along the code
 /// releases in force, parsed with the API's field names (`group_by[i]`,
 /// `filters[i].values`, `filters[i].include_descendants`) and the domain's messages.
@@ -1124,6 +1188,7 @@ fn selection(
     max: usize,
 ) -> Result<(Vec<Dimension>, Vec<Filter>, research::Along), FieldViolations> {
     let mut v = FieldViolations::new();
+    selection_fields_known(form, max, &mut v);
     let mut dims = Vec::new();
     for i in 0..max {
         let name = form.get(&format!("group_by[{i}]"));
@@ -1139,7 +1204,7 @@ fn selection(
     let mut filters: Vec<Filter> = Vec::new();
     let mut along = research::Along::default();
     let mut phenotype_filter = false;
-    for i in 0..2 {
+    for i in 0..FORM_FILTERS {
         let dim = form.get(&format!("filters[{i}].dimension"));
         let values = form.get(&format!("filters[{i}].values"));
         let descendants = form.has(&format!("filters[{i}].include_descendants"));

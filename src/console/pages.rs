@@ -682,7 +682,7 @@ pub fn research_form(ctx: &Ctx, registries: &[String], form: &Form, errors: &Err
     for i in 0..MAX_COUNT_DIMENSIONS {
         shown.push(format!("group_by[{i}]"));
     }
-    for i in 0..2 {
+    for i in 0..super::FORM_FILTERS {
         shown.push(format!("filters[{i}].dimension"));
         shown.push(format!("filters[{i}].values"));
         shown.push(format!("filters[{i}].include_descendants"));
@@ -708,7 +708,7 @@ pub fn research_form(ctx: &Ctx, registries: &[String], form: &Form, errors: &Err
                 }
                 fieldset {
                     legend { "Filters (values separated by commas, as the table labels them: ORPHA:558, female, NL, 2020, ...; phenotype: HPO terms such as HP:0001250)" }
-                    @for i in 0..2 {
+                    @for i in 0..super::FORM_FILTERS {
                         @let d = format!("filters[{i}].dimension");
                         @let v = format!("filters[{i}].values");
                         @let x = format!("filters[{i}].include_descendants");

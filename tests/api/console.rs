@@ -1676,6 +1676,55 @@ async fn a_researcher_counts_downloads_csv_and_sees_the_delay_chart() {
         "{}",
         bad.body
     );
+    // A field the form does not have, or one given twice, is refused rather than read
+    // as far as the form goes (a privacy audit of 2026-12-07 posted a third filter and
+    // was answered without it), for counts and delays alike.
+    let csrf = form.csrf();
+    let base = [
+        ("csrf", csrf.as_str()),
+        ("registry", "ERN-EYE"),
+        ("filters[0].dimension", "SEX"),
+        ("filters[0].values", "female"),
+    ];
+    for (extra, message) in [
+        (
+            [
+                ("filters[2].dimension", "COUNTRY"),
+                ("filters[2].values", "NL"),
+            ],
+            "at most 2 filters",
+        ),
+        (
+            [
+                ("filters[1].dimension", "COUNTRY"),
+                ("filters[1].valuez", "NL"),
+            ],
+            "at most 2 filters",
+        ),
+        (
+            [("group_by[0]", "SEX"), ("group_by[9]", "COUNTRY")],
+            "at most",
+        ),
+        (
+            [("group_by[0]", "SEX"), ("group_by[0]", "COUNTRY")],
+            "given twice",
+        ),
+        (
+            [("filters[0].values", "male"), ("group_by[0]", "COUNTRY")],
+            "given twice",
+        ),
+    ] {
+        let fields: Vec<(&str, &str)> = base.iter().chain(&extra).copied().collect();
+        for path in ["/research/count", "/research/count.csv", "/research/delay"] {
+            let refused = web.post(path, &fields).await;
+            assert_eq!(refused.status, 400, "{path} {extra:?}: {}", refused.body);
+            assert!(
+                refused.body.contains(message),
+                "{path} {extra:?}: {}",
+                refused.body
+            );
+        }
+    }
     let audited: i64 = db::query(
         "SELECT COUNT(*) FROM audit_log WHERE principal = 'researcher-eye' AND method = 'Console/CountPatients' AND outcome = 'OK'",
     )
