@@ -14,7 +14,9 @@
 //!   both start, then fail each other's writes with "database is locked". `serve` takes an
 //!   exclusive lock on `<database>.lock` (e.g. `registry.lock` beside `registry.db`) for
 //!   its whole life and writes its process id into it, so a second server stops at start
-//!   and names the first. The lock is the operating system's (`flock` on Unix): it goes
+//!   and names the first; and it locks the database file itself too, before SQLite opens
+//!   it, so that moving or deleting the lock file does not let a second server in. The
+//!   lock is the operating system's (`flock` on Unix): it goes
 //!   with the process, also after `kill -9`, and a stale file with an old process id means
 //!   nothing. Admin commands do not take it (short transactions, SQLite's busy timeout),
 //!   and nothing here applies to PostgreSQL, where several servers are the scale-out design.
@@ -48,6 +50,13 @@ pub enum DataDirError {
         lock: PathBuf,
         holder: Holder,
     },
+    #[error(
+        "another ern-registry server is serving {database}: it holds the database file \
+         itself locked, though its lock file {lock} was moved or deleted while it ran. Stop \
+         it first (two servers on one SQLite database fail each other's writes); admin \
+         commands may run beside it"
+    )]
+    DatabaseLocked { database: PathBuf, lock: PathBuf },
 }
 
 /// The process id a lock file names, if it names one.
@@ -185,7 +194,8 @@ const MAX_LINKS: usize = 40;
 /// does not exist yet, as SQLite will create the target) and its directories'. The lock
 /// is taken, and the files are created and narrowed, at that path, so a second server
 /// given another path to the same file (through a link) finds the lock held. A hard link
-/// is a second name of its own and is not detected. Paths that cannot be resolved (a
+/// is a second name of its own, with a lock file of its own: the lock on the database
+/// file itself ([`ServerLock::hold_database`]) catches it. Paths that cannot be resolved (a
 /// directory not there yet, a loop of links) are returned as far as they were resolved.
 fn resolved(db: &Path) -> PathBuf {
     let mut path = db.to_path_buf();
@@ -212,10 +222,15 @@ fn resolved(db: &Path) -> PathBuf {
     }
 }
 
-/// The exclusive lock of one server on a SQLite database, held until dropped.
+/// The exclusive lock of one server on a SQLite database, held until dropped: on its
+/// lock file, and on the database file itself ([`ServerLock::hold_database`]).
 #[derive(Debug)]
 pub struct ServerLock {
     _file: File,
+    /// The database file, opened and `flock`ed by this server. Dropped only after the
+    /// database is closed: closing any descriptor of a file ends every POSIX (`fcntl`)
+    /// lock the process holds on it, SQLite's own included.
+    database: Option<File>,
 }
 
 /// How often, and how far apart, a busy lock is tried again before the start is refused.
@@ -274,7 +289,52 @@ impl ServerLock {
             .and_then(|()| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.flush())
             .map_err(lock_err)?;
-        Ok(ServerLock { _file: file })
+        Ok(ServerLock {
+            _file: file,
+            database: None,
+        })
+    }
+
+    /// Also locks the database file `db` itself (created 0600 if missing, as
+    /// [`prepare_sqlite_files`] does), before SQLite opens it: the lock file can be moved
+    /// or deleted while its server runs (a defences audit of 2026-12-07 moved it aside and
+    /// started a second server, which took a new one), the database file cannot without
+    /// taking the database from its server. So a second server finds the file itself
+    /// held, through any of its names, hard links included. `flock` on Linux: independent
+    /// of SQLite's `fcntl` locks, on a local file system.
+    pub fn hold_database(&mut self, db: &Path) -> Result<(), DataDirError> {
+        prepare_sqlite_files(db)?;
+        let path = resolved(db);
+        let file = OpenOptions::new()
+            .read(true)
+            .open(&path)
+            .map_err(|source| DataDirError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        let mut tries = 0;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(LOCK_RETRY_PAUSE);
+                }
+                Err(TryLockError::WouldBlock) => {
+                    // Nothing of SQLite is open on it in this process yet, so closing
+                    // this descriptor takes no lock of SQLite's.
+                    return Err(DataDirError::DatabaseLocked {
+                        database: db.to_path_buf(),
+                        lock: lock_path(&path),
+                    });
+                }
+                Err(TryLockError::Error(source)) => {
+                    return Err(DataDirError::Lock { path, source });
+                }
+            }
+        }
+        self.database = Some(file);
+        Ok(())
     }
 }
 

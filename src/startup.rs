@@ -530,7 +530,11 @@ impl Application {
         // URL whose lock could be elsewhere refused first).
         crate::store::Backend::of_url(database_url)?;
         let lock = data_dir::sqlite_path(database_url)
-            .map(|db| ServerLock::acquire(&db))
+            .map(|db| {
+                let mut lock = ServerLock::acquire(&db)?;
+                lock.hold_database(&db)?;
+                Ok::<_, DataDirError>(lock)
+            })
             .transpose()?;
         if let Some(addr) = args.metrics_listen {
             check_metrics_address(addr, args.allow_plaintext)?;

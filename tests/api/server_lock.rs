@@ -118,6 +118,37 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         assert!(!std::path::Path::new(made).exists(), "{made} made");
     }
 
+    // Nor with its lock file moved aside or deleted while it runs, nor through a hard
+    // link to the database (a lock file of its own beside it): the database file itself
+    // is locked (a defences audit of 2026-12-07 moved the lock file and started a second
+    // server).
+    let hard = app.dir.path().join("hard");
+    std::fs::create_dir(&hard).unwrap();
+    std::fs::hard_link(app.dir.path().join("registry.db"), hard.join("registry.db")).unwrap();
+    let moved = app.dir.path().join("registry.lock.moved");
+    std::fs::rename(&lock, &moved).unwrap();
+    for data_dir in [app.dir.path(), hard.as_path()] {
+        let stderr = must_refuse({
+            let mut command = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+            command
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(["serve", "--listen"])
+                .arg(format!("127.0.0.1:{}", free_port()))
+                .env("ERN_LOG", "warn")
+                .env_remove("DATABASE_URL")
+                .env_remove("ERN_MASTER_KEY_FILE");
+            command
+        })
+        .await;
+        assert!(
+            stderr.contains("holds the database file itself locked"),
+            "{}: {stderr}",
+            data_dir.display()
+        );
+    }
+    std::fs::rename(&moved, &lock).unwrap();
+
     // The first one serves on, and an admin command runs beside it.
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
         .await
