@@ -323,9 +323,9 @@ impl Form {
         !self.get(name).is_empty()
     }
 
-    /// Every field's name, in the order sent, repeated ones as often as sent.
-    fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(k, _)| k.as_str())
+    /// Every field as sent (name and value), in order, repeated ones as often as sent.
+    fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// The form without the fields whose names `drop` accepts (to repeat it in hidden
@@ -1118,51 +1118,52 @@ async fn officer_expiring_next(
 /// Filters a research form takes (`filters[0]`, `filters[1]`).
 pub(crate) const FORM_FILTERS: usize = 2;
 
-/// Refuses a research form's field the form does not have (a third filter, a dimension
-/// past `max`) or that is given twice: read only as far as the form goes, such a
-/// request was answered as another question than the one posted (a privacy audit of
-/// 2026-12-07 posted three filters and got the count of the first two). The field the
-/// caller named is not echoed.
+/// Refuses a research question posted with a field the form does not have (a third
+/// filter, `filters[01]`, `Filters[1]`), a dimension past `max` (the delay takes fewer
+/// than the form shows; an empty one is the form's own unused select), or a field given
+/// twice: read only as far as the form goes, such a request was answered as another
+/// question than the one posted (a privacy audit of 2026-12-07 posted three filters and
+/// got the count of the first two). Names are compared exactly with the form's; the
+/// field the caller named is not echoed.
 fn selection_fields_known(form: &Form, max: usize, v: &mut FieldViolations) {
-    let index = |key: &str, prefix: &str| {
-        key.strip_prefix(prefix)
-            .and_then(|rest| rest.split_once(']'))
-            .map(|(n, rest)| (n.parse::<usize>().ok(), rest.to_owned()))
-    };
-    let (mut dimensions, mut filters, mut twice) = (false, false, false);
+    let mut known: Vec<String> = vec!["csrf".into(), "registry".into()];
+    known.extend((0..MAX_COUNT_DIMENSIONS.max(max)).map(|i| format!("group_by[{i}]")));
+    for i in 0..FORM_FILTERS {
+        for part in ["dimension", "values", "include_descendants"] {
+            known.push(format!("filters[{i}].{part}"));
+        }
+    }
+    let (mut unknown, mut dimensions, mut twice) = (false, false, false);
     let mut seen = std::collections::HashSet::new();
-    for key in form.keys() {
-        let group = index(key, "group_by[");
-        let filter = index(key, "filters[");
-        if let Some((n, rest)) = &group {
-            dimensions |= !n.is_some_and(|n| n < max) || !rest.is_empty();
-        }
-        if let Some((n, rest)) = &filter {
-            filters |= !n.is_some_and(|n| n < FORM_FILTERS)
-                || !matches!(
-                    rest.as_str(),
-                    ".dimension" | ".values" | ".include_descendants"
-                );
-        }
-        if (group.is_some() || filter.is_some() || key == "registry") && !seen.insert(key) {
+    for (key, value) in form.fields() {
+        if !known.iter().any(|k| k == key) {
+            unknown = true;
+        } else if !seen.insert(key) {
             twice = true;
+        } else if !value.trim().is_empty()
+            && (max..MAX_COUNT_DIMENSIONS.max(max)).any(|i| key == format!("group_by[{i}]"))
+        {
+            dimensions = true;
         }
+    }
+    if unknown {
+        v.push(
+            "form",
+            format!(
+                "has a field the research form does not have: it takes a registry, \
+                 group_by[0] to group_by[{}] and at most {FORM_FILTERS} filters, filters[0] \
+                 and filters[1], each a dimension, values and include_descendants (ask \
+                 through the API for more)",
+                MAX_COUNT_DIMENSIONS - 1
+            ),
+        );
     }
     if dimensions {
         v.push(
             "group_by",
             format!(
-                "the form takes at most {max} dimensions, group_by[0] to group_by[{}]",
+                "this table takes at most {max} dimensions, group_by[0] to group_by[{}]",
                 max - 1
-            ),
-        );
-    }
-    if filters {
-        v.push(
-            "filters",
-            format!(
-                "the form takes at most {FORM_FILTERS} filters, filters[0] and filters[1], each \
-                 a dimension, values and include_descendants; ask through the API for more"
             ),
         );
     }
