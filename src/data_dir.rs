@@ -52,11 +52,20 @@ pub enum DataDirError {
     },
     #[error(
         "another ern-registry server is serving {database}: it holds the database file \
-         itself locked, though its lock file {lock} was moved or deleted while it ran. Stop \
-         it first (two servers on one SQLite database fail each other's writes); admin \
-         commands may run beside it"
+         itself locked, reached here under another name (a hard link) or with its lock \
+         file {lock} moved or deleted while it ran. Stop it first (two servers on one \
+         SQLite database fail each other's writes); admin commands may run beside it"
     )]
     DatabaseLocked { database: PathBuf, lock: PathBuf },
+    #[error(
+        "{database} is missing or empty, but {side} is there: the database was moved or \
+         deleted while a server used it (that server may still be running, writing to \
+         that file), or files were left behind. Not started: SQLite would take the file \
+         for a stale one and delete it, with every write in it not yet copied into the \
+         database. Put the database back; only if no server uses it and the database was \
+         deleted on purpose, remove {database}-wal and {database}-shm"
+    )]
+    WalWithoutDatabase { database: PathBuf, side: PathBuf },
 }
 
 /// The process id a lock file names, if it names one.
@@ -298,13 +307,35 @@ impl ServerLock {
     /// Also locks the database file `db` itself (created 0600 if missing, as
     /// [`prepare_sqlite_files`] does), before SQLite opens it: the lock file can be moved
     /// or deleted while its server runs (a defences audit of 2026-12-07 moved it aside and
-    /// started a second server, which took a new one), the database file cannot without
-    /// taking the database from its server. So a second server finds the file itself
-    /// held, through any of its names, hard links included. `flock` on Linux: independent
+    /// started a second server, which took a new one). So a second server finds the file
+    /// itself held, through any of its names, hard links included; and one whose database
+    /// was renamed away from under the first finds that server's `-wal` or `-shm` beside a
+    /// missing or empty file, and is refused too. `flock` on Linux: independent
     /// of SQLite's `fcntl` locks, on a local file system.
     pub fn hold_database(&mut self, db: &Path) -> Result<(), DataDirError> {
-        prepare_sqlite_files(db)?;
         let path = resolved(db);
+        // A database renamed away while its server runs leaves that server's `-wal` and
+        // `-shm` under the old name (it writes on through them). A server started there
+        // would create a new database, and SQLite, finding a WAL beside an empty database,
+        // deletes it: the re-check of 2026-12-07 lost 32 acknowledged writes so. SQLite
+        // itself never leaves these files beside a missing or empty database (switching
+        // to WAL writes the header first).
+        let empty = match fs::metadata(&path) {
+            Ok(meta) => meta.len() == 0,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        if empty {
+            for suffix in ["-wal", "-shm"] {
+                let side = side_file(&path, suffix);
+                if fs::symlink_metadata(&side).is_ok() {
+                    return Err(DataDirError::WalWithoutDatabase {
+                        database: path.clone(),
+                        side,
+                    });
+                }
+            }
+        }
+        prepare_sqlite_files(db)?;
         let file = OpenOptions::new()
             .read(true)
             .open(&path)
@@ -341,6 +372,42 @@ impl ServerLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server is not started beside a WAL whose database is gone or empty (renamed
+    /// away while its server ran): SQLite would delete that server's WAL.
+    #[test]
+    fn a_wal_or_shm_without_its_database_is_not_started_beside() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("registry.db");
+        for (suffix, database) in [
+            ("-wal", None),
+            ("-shm", None),
+            ("-wal", Some(&b""[..])),
+            ("-shm", Some(&b""[..])),
+        ] {
+            let _ = fs::remove_file(&db);
+            if let Some(content) = database {
+                fs::write(&db, content).unwrap();
+            }
+            let side = side_file(&db, suffix);
+            fs::write(&side, b"frames").unwrap();
+            let mut lock = ServerLock::acquire(&db).unwrap();
+            match lock.hold_database(&db) {
+                Err(DataDirError::WalWithoutDatabase { side: named, .. }) => {
+                    assert_eq!(named, side.canonicalize().unwrap());
+                }
+                other => panic!("{suffix} {database:?}: {other:?}"),
+            }
+            assert_eq!(fs::read(&side).unwrap(), b"frames", "left as it was");
+            fs::remove_file(&side).unwrap();
+            drop(lock);
+        }
+        // A database with its WAL (a server stopped by kill -9) is held as usual.
+        fs::write(&db, [0u8; 4096]).unwrap();
+        fs::write(side_file(&db, "-wal"), b"frames").unwrap();
+        let mut lock = ServerLock::acquire(&db).unwrap();
+        lock.hold_database(&db).unwrap();
+    }
 
     #[test]
     fn a_database_path_is_resolved_through_links_also_to_a_file_not_there_yet() {
