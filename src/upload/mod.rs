@@ -291,17 +291,25 @@ pub fn read_lines(
     Ok(lines)
 }
 
-/// The 1-based line, as an editor numbers it, of the CSV record that starts at `byte`.
-/// The csv crate's own line number is one short after a CRLF line end (it counts the
-/// `\n` only as it starts the next record) and after blank lines it skips; the record's
-/// byte offset may point at that `\n` or those lines, so they are stepped over first.
+/// The 1-based line, as an editor numbers it, of the CSV record that starts at `byte`:
+/// LF, CRLF and a lone CR (old Mac files, Excel's "CSV (Macintosh)") each end a line, as
+/// they end a record for the csv crate. Its own line number counts LF only, and is one
+/// short after a CRLF (it counts the LF only as it starts the next record) and after the
+/// blank lines it skips; the record's byte offset may point at that LF or those lines, so
+/// they are stepped over first.
 fn line_at(text: &str, byte: u64) -> u64 {
     let bytes = text.as_bytes();
     let mut at = usize::try_from(byte).unwrap_or(usize::MAX).min(bytes.len());
     while at < bytes.len() && matches!(bytes[at], b'\r' | b'\n') {
         at += 1;
     }
-    1 + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64
+    let before = &bytes[..at];
+    let ends = before
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && before.get(i + 1) != Some(&b'\n')))
+        .count();
+    1 + ends as u64
 }
 
 /// A line of a phenopacket file: the phenopacket mapped to the record (with the server's
@@ -956,7 +964,7 @@ mod tests {
             row("\"c\nd\"", "06"),
             row("e", "13"),
         ];
-        for end in ["\n", "\r\n"] {
+        for end in ["\n", "\r\n", "\r"] {
             let mut text = format!("{header}{end}");
             for r in &rows {
                 text.push_str(r);
