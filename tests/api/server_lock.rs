@@ -18,6 +18,21 @@ fn args() -> ServeArgs {
     }
 }
 
+/// `serve` of the real binary, as an operator would start it, on `data_dir` (its default
+/// database there), on a port of its own.
+fn serve(data_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["serve", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .env("ERN_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .env_remove("ERN_MASTER_KEY_FILE");
+    command
+}
+
 #[tokio::test]
 async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let mut app = TestApp::spawn().await;
@@ -38,19 +53,7 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
 
     // The real binary, as an operator would start it, on the same data dir (the TestApp's
     // database is the default one there), on a port of its own.
-    let stderr = must_refuse({
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
-        command
-            .arg("--data-dir")
-            .arg(app.dir.path())
-            .args(["serve", "--listen"])
-            .arg(format!("127.0.0.1:{}", free_port()))
-            .env("ERN_LOG", "warn")
-            .env_remove("DATABASE_URL")
-            .env_remove("ERN_MASTER_KEY_FILE");
-        command
-    })
-    .await;
+    let stderr = must_refuse(serve(app.dir.path())).await;
     let lock = app.dir.path().canonicalize().unwrap().join("registry.lock");
     assert!(
         stderr.contains(&format!(
@@ -128,19 +131,7 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let moved = app.dir.path().join("registry.lock.moved");
     std::fs::rename(&lock, &moved).unwrap();
     for data_dir in [app.dir.path(), hard.as_path()] {
-        let stderr = must_refuse({
-            let mut command = Command::new(env!("CARGO_BIN_EXE_ern-registry"));
-            command
-                .arg("--data-dir")
-                .arg(data_dir)
-                .args(["serve", "--listen"])
-                .arg(format!("127.0.0.1:{}", free_port()))
-                .env("ERN_LOG", "warn")
-                .env_remove("DATABASE_URL")
-                .env_remove("ERN_MASTER_KEY_FILE");
-            command
-        })
-        .await;
+        let stderr = must_refuse(serve(data_dir)).await;
         assert!(
             stderr.contains("holds the database file itself locked"),
             "{}: {stderr}",
