@@ -246,6 +246,23 @@ pub struct ServerLock {
 const LOCK_RETRIES: u32 = 20;
 const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// `flock`s `file`, trying a busy lock again for a short while before giving up. A lock
+/// just released can look held for a moment: a process that forks (to start a child)
+/// while another thread drops the lock keeps a copy of its descriptor until the child
+/// execs.
+fn try_lock_a_while(file: &File) -> Result<(), TryLockError> {
+    let mut tries = 0;
+    loop {
+        match file.try_lock() {
+            Err(TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
+                tries += 1;
+                std::thread::sleep(LOCK_RETRY_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
 impl ServerLock {
     /// Takes the lock of `db` (creating its directory and the lock file, 0700 and 0600)
     /// and writes this process's id into it; refuses, naming the holder, if another
@@ -266,21 +283,7 @@ impl ServerLock {
             .open(&path)
             .map_err(lock_err)?;
         make_private(&path)?;
-        // A lock just released can look held for a moment: a process that forks (to start
-        // a child) while another thread drops the lock keeps a copy of its descriptor
-        // until the child execs. So a busy lock is tried again for a short while before
-        // the start is refused.
-        let mut tries = 0;
-        let locked = loop {
-            match file.try_lock() {
-                Err(TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
-                    tries += 1;
-                    std::thread::sleep(LOCK_RETRY_PAUSE);
-                }
-                other => break other,
-            }
-        };
-        match locked {
+        match try_lock_a_while(&file) {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut text = String::new();
@@ -343,25 +346,18 @@ impl ServerLock {
                 path: path.clone(),
                 source,
             })?;
-        let mut tries = 0;
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
-                    tries += 1;
-                    std::thread::sleep(LOCK_RETRY_PAUSE);
-                }
-                Err(TryLockError::WouldBlock) => {
-                    // Nothing of SQLite is open on it in this process yet, so closing
-                    // this descriptor takes no lock of SQLite's.
-                    return Err(DataDirError::DatabaseLocked {
-                        database: db.to_path_buf(),
-                        lock: lock_path(&path),
-                    });
-                }
-                Err(TryLockError::Error(source)) => {
-                    return Err(DataDirError::Lock { path, source });
-                }
+        match try_lock_a_while(&file) {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                // Nothing of SQLite is open on it in this process yet, so closing this
+                // descriptor takes no lock of SQLite's.
+                return Err(DataDirError::DatabaseLocked {
+                    database: db.to_path_buf(),
+                    lock: lock_path(&path),
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(DataDirError::Lock { path, source });
             }
         }
         self.database = Some(file);
