@@ -5,7 +5,7 @@
 //! second value where another reader takes the first. JSON says keys SHOULD be unique,
 //! so such text is malformed, and what it means is not for the server to guess.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use prost_reflect::{Kind, MessageDescriptor};
@@ -29,27 +29,50 @@ pub fn is_repeated_key(error: &serde_json::Error) -> bool {
     error.is_data() && error.to_string().starts_with(REPEATED)
 }
 
-/// The paths (by JSON field names, `[i]` for list items) of every field that an object
-/// of `value`, read as `message` in the proto3 JSON form, gives twice: by its JSON name
-/// and by its proto name (`clientReference` and `client_reference`), which the JSON form
-/// accepts alike and prost-reflect reads as the last given. Keys that name no field are
-/// left to the reader's refusal of unknown fields; a map's keys are the caller's text.
-pub fn fields_given_twice(value: &serde_json::Value, message: &MessageDescriptor) -> Vec<String> {
-    let mut paths = Vec::new();
-    given_twice(value, message, "", &mut paths);
-    paths
+/// A field an object gives twice, or a second member of one oneof (see
+/// [`fields_given_twice`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenTwice {
+    /// The field's path by JSON field names, `[i]` for list items, `{}` for map values.
+    pub path: String,
+    /// What is wrong, to follow the path: names only the schema's fields and oneofs.
+    pub problem: String,
+}
+
+impl fmt::Display for GivenTwice {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} {}", self.path, self.problem)
+    }
+}
+
+/// Every field that an object of `value`, read as `message` in the proto3 JSON form,
+/// gives twice: by its JSON name and by its proto name (`clientReference` and
+/// `client_reference`), which the JSON form accepts alike and prost-reflect reads as the
+/// last given; and every second member of one oneof given in one object (a phenopacket
+/// `onset` with both `age` and `interval`), which the reader refuses only with a message
+/// that names nothing (the member named at the path is the later in key order). Keys that name no field are left to the reader's refusal of
+/// unknown fields; a map's keys are the caller's text; a member given as `null` is not
+/// given (the JSON form's reading of null).
+pub fn fields_given_twice(
+    value: &serde_json::Value,
+    message: &MessageDescriptor,
+) -> Vec<GivenTwice> {
+    let mut found = Vec::new();
+    given_twice(value, message, "", &mut found);
+    found
 }
 
 fn given_twice(
     value: &serde_json::Value,
     message: &MessageDescriptor,
     path: &str,
-    paths: &mut Vec<String>,
+    found: &mut Vec<GivenTwice>,
 ) {
     let serde_json::Value::Object(map) = value else {
         return;
     };
     let mut seen = HashSet::new();
+    let mut oneofs: HashMap<String, String> = HashMap::new();
     for (key, item) in map {
         let Some(field) = message
             .get_field_by_json_name(key)
@@ -63,7 +86,27 @@ fn given_twice(
             format!("{path}.{}", field.json_name())
         };
         if !seen.insert(field.number()) {
-            paths.push(path.clone());
+            found.push(GivenTwice {
+                path: path.clone(),
+                problem: "is given twice, by its JSON name and its proto name: give it once"
+                    .to_owned(),
+            });
+        } else if let Some(oneof) = field.containing_oneof().filter(|o| !o.is_synthetic())
+            && !item.is_null()
+        {
+            match oneofs.get(oneof.name()) {
+                Some(first) => found.push(GivenTwice {
+                    path: path.clone(),
+                    problem: format!(
+                        "is given with `{first}`, another member of the oneof `{}`: give one \
+                         of them",
+                        oneof.name()
+                    ),
+                }),
+                None => {
+                    oneofs.insert(oneof.name().to_owned(), field.json_name().to_owned());
+                }
+            }
         }
         let Kind::Message(inner) = field.kind() else {
             continue;
@@ -76,15 +119,15 @@ fn given_twice(
             };
             if let Kind::Message(entry_value) = value_field.kind() {
                 for entry in entries.values() {
-                    given_twice(entry, &entry_value, &format!("{path}{{}}"), paths);
+                    given_twice(entry, &entry_value, &format!("{path}{{}}"), found);
                 }
             }
         } else if let (serde_json::Value::Array(items), true) = (item, field.is_list()) {
             for (i, item) in items.iter().enumerate() {
-                given_twice(item, &inner, &format!("{path}[{i}]"), paths);
+                given_twice(item, &inner, &format!("{path}[{i}]"), found);
             }
         } else {
-            given_twice(item, &inner, &path, paths);
+            given_twice(item, &inner, &path, found);
         }
     }
 }

@@ -120,11 +120,8 @@ pub fn parse_json(json: &str) -> Result<Phenopacket, FieldViolations> {
             }
         };
     unknown_fields(&value, &descriptor(PHENOPACKET), ROOT, &mut v);
-    for path in super::json::fields_given_twice(&value, &descriptor(PHENOPACKET)) {
-        v.push(
-            format!("{ROOT}.{path}"),
-            "is given twice, by its JSON name and its proto name: give it once",
-        );
+    for twice in super::json::fields_given_twice(&value, &descriptor(PHENOPACKET)) {
+        v.push(format!("{ROOT}.{}", twice.path), twice.problem);
     }
     v.into_result()?;
     let message = DynamicMessage::deserialize_with_options(
@@ -1505,6 +1502,25 @@ mod tests {
                 "phenopacket.phenotypicFeatures",
                 "phenopacket.subject.dateOfBirth"
             ]
+        );
+        // Two members of one oneof were refused by a message that named nothing (a
+        // claims audit): now by the second member's path, naming the first.
+        let onset = r#"{"id": "a", "phenotypicFeatures": [{"type": {"id": "HP:0006528"}, "onset": {"age": {"iso8601duration": "P3Y"}, "interval": {"start": "2015-01-01T00:00:00Z"}}}]}"#;
+        assert_eq!(
+            fields(onset),
+            ["phenopacket.phenotypicFeatures[0].onset.interval"]
+        );
+        let problem = &violations(onset)[0].1;
+        assert!(
+            problem.contains("given with `age`, another member of the oneof `element`"),
+            "{problem}"
+        );
+        // A member given as null is not given: the other one is read.
+        let null = onset.replace(r#""age": {"iso8601duration": "P3Y"}"#, r#""age": null"#);
+        assert!(
+            violations(&null).iter().all(|(_, p)| !p.contains("oneof")),
+            "{:?}",
+            violations(&null)
         );
     }
 

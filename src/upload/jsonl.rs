@@ -58,10 +58,8 @@ pub fn parse_phenopacket_line(line: &str) -> Result<proto::SubmitPhenopacketRequ
     let request = pool()
         .get_message_by_name("ern_registry.v1.SubmitPhenopacketRequest")
         .expect("the contract defines SubmitPhenopacketRequest");
-    if let Some(path) = fields_given_twice(&value, &request).first() {
-        return Err(unreadable(format!(
-            "{path} is given twice, by its JSON name and its proto name: give it once; "
-        )));
+    if let Some(twice) = fields_given_twice(&value, &request).first() {
+        return Err(unreadable(format!("{twice}; ")));
     }
     let message = DynamicMessage::deserialize_with_options(
         request,
@@ -88,11 +86,10 @@ pub fn parse_line(line: &str) -> Result<proto::SubmitCaseRequest, String> {
         )
     })?;
     if let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
-        && let Some(path) = fields_given_twice(&value, &descriptor()).first()
+        && let Some(twice) = fields_given_twice(&value, &descriptor()).first()
     {
         return Err(format!(
-            "not a SubmitCaseRequest in the proto JSON form ({path} is given twice, by its JSON \
-             name and its proto name: give it once)"
+            "not a SubmitCaseRequest in the proto JSON form ({twice})"
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_str(line);
@@ -131,6 +128,14 @@ mod tests {
             let e = parse_line(twice).unwrap_err();
             assert!(e.contains("twice") && !e.contains("SYN"), "{e}");
         }
+        // Both kinds of identifier in one line: named by path, not "not JSON".
+        let e = parse_line(r#"{"patient":{"national":{"value":"SYN000000001"},"demographic":{"givenName":"SYNA"}}}"#).unwrap_err();
+        assert!(
+            e.contains(
+                "patient.national is given with `demographic`, another member of the oneof `kind`"
+            ) && !e.contains("SYN"),
+            "{e}"
+        );
         for twice in [
             r#"{"registry":"ERN-LUNG","phenopacket":{"id":"a","id":"b"}}"#,
             r#"{"registry":"ERN-LUNG","clientReference":"a","client_reference":"b","phenopacket":"{}"}"#,
