@@ -235,7 +235,8 @@ fn resolved(db: &Path) -> PathBuf {
 /// lock file, and on the database file itself ([`ServerLock::hold_database`]).
 #[derive(Debug)]
 pub struct ServerLock {
-    _file: File,
+    /// The lock file, holding this process's id while the lock is held.
+    file: File,
     /// The database file, opened and `flock`ed by this server. Dropped only after the
     /// database is closed: closing any descriptor of a file ends every POSIX (`fcntl`)
     /// lock the process holds on it, SQLite's own included.
@@ -302,7 +303,7 @@ impl ServerLock {
             .and_then(|()| file.flush())
             .map_err(lock_err)?;
         Ok(ServerLock {
-            _file: file,
+            file,
             database: None,
         })
     }
@@ -365,6 +366,15 @@ impl ServerLock {
     }
 }
 
+impl Drop for ServerLock {
+    /// Empties the lock file while it is still held, so no process id is left in it once
+    /// its server is gone (a refused start included: one whose database file was held
+    /// through a hard link left its id beside the link).
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,7 +406,14 @@ mod tests {
             }
             assert_eq!(fs::read(&side).unwrap(), b"frames", "left as it was");
             fs::remove_file(&side).unwrap();
+            let lock_file = lock_path(&resolved(&db));
+            assert_eq!(
+                fs::read_to_string(&lock_file).unwrap(),
+                format!("{}\n", std::process::id())
+            );
             drop(lock);
+            // A refused start leaves no process id behind.
+            assert_eq!(fs::read_to_string(&lock_file).unwrap(), "");
         }
         // A database with its WAL (a server stopped by kill -9) is held as usual.
         fs::write(&db, [0u8; 4096]).unwrap();
