@@ -60,8 +60,8 @@ pub enum StartupError {
     },
     #[error(
         "the master secret from {origin} is not the one this database was made with (its \
-         fingerprint is {found}, the database's is {recorded}). {remedy}. Refusing to \
-         start: another secret would give every patient new pseudonyms and break the audit \
+         fingerprint is {found}, the database's is {recorded}). {remedy}. Nothing was \
+         done: another secret would give every patient new pseudonyms and break the audit \
          chain",
         remedy = .origin.remedy()
     )]
@@ -328,7 +328,7 @@ impl MasterOrigin {
         match self {
             MasterOrigin::KeyFile(path) => format!(
                 "Restore the master key file this database was made with from your backup to \
-                 {} (mode 0600) and start again",
+                 {} (mode 0600) and run the command again",
                 path.display()
             ),
             MasterOrigin::Passphrase { kdf_file } => format!(
@@ -526,6 +526,18 @@ impl Application {
         raise_open_files_limit(
             u64::from(args.max_connections) + console_connections + metrics_connections,
         );
+        // What the arguments alone refuse (a plaintext address that is not loopback, TLS
+        // files that cannot be read) is refused before any file is made: a claims audit
+        // of 2026-12-07 found a new master key and database left behind by a start
+        // refused for its address.
+        let tls = tls_config(&args)?;
+        if let Some(addr) = args.metrics_listen {
+            check_metrics_address(addr, args.allow_plaintext)?;
+        }
+        if let Some(addr) = args.console_listen {
+            crate::console::check_address(addr, args.allow_plaintext)
+                .map_err(StartupError::Console)?;
+        }
         // One server per SQLite database: locked before anything else touches it (and a
         // URL whose lock could be elsewhere refused first).
         crate::store::Backend::of_url(database_url)?;
@@ -537,7 +549,6 @@ impl Application {
             })
             .transpose()?;
         if let Some(addr) = args.metrics_listen {
-            check_metrics_address(addr, args.allow_plaintext)?;
             install_metrics(addr)?;
         }
         let store = open_store(database_url, args.db_max_connections).await?;
@@ -649,7 +660,6 @@ impl Application {
             access: crate::service::access::AccessCache::new(),
             codes,
         });
-        let tls = tls_config(&args)?;
         let listener =
             TcpListener::bind(args.listen)
                 .await

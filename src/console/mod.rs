@@ -116,15 +116,22 @@ pub struct ConsoleLimits {
 /// Binds the console's listener: plain HTTP, so on loopback only unless `allow_plaintext`
 /// (a TLS-terminating proxy in front).
 pub async fn bind(addr: SocketAddr, allow_plaintext: bool) -> Result<TcpListener, String> {
+    check_address(addr, allow_plaintext)?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} for the console: {e}"))
+}
+
+/// Refuses a console address that is not loopback unless `allow_plaintext` (the console
+/// is plain HTTP: a TLS-terminating proxy must be in front).
+pub fn check_address(addr: SocketAddr, allow_plaintext: bool) -> Result<(), String> {
     if !addr.ip().is_loopback() && !allow_plaintext {
         return Err(format!(
             "refusing the plain-HTTP web console on {addr}, which is not a loopback address: put \
              a TLS-terminating proxy in front and set --allow-plaintext"
         ));
     }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} for the console: {e}"))
+    Ok(())
 }
 
 /// Serves the console on `listener` until `stopping` turns true (then lets requests in

@@ -399,6 +399,8 @@ pub async fn sign_in(
     if let Some(cred) = &credentials {
         call.entry.principal_id = Some(cred.principal_id);
         call.entry.principal = input.name.to_owned();
+        call.entry.role = cred.role.clone();
+        call.entry.centre = cred.centre.clone();
     }
     if let Some(until) = services.store.sign_in_held(&name_mac, now).await? {
         services.refusals.charge(input.peer);

@@ -20,6 +20,10 @@ pub const FORGET_AT_ONCE: i64 = 100;
 #[derive(Debug, Clone)]
 pub struct Credentials {
     pub principal_id: i64,
+    /// The principal's role and centre (code, empty for none), for the audit entry of a
+    /// refused sign-in too.
+    pub role: String,
+    pub centre: String,
     pub disabled: bool,
     /// Argon2id PHC string; `None`: no password set.
     pub password_hash: Option<String>,
@@ -84,11 +88,13 @@ impl Store {
     /// has a row of `None`s); `None` when there is no such principal.
     pub async fn console_credentials(&self, name: &str) -> Result<Option<Credentials>> {
         let row = db::query(
-            "SELECT p.id, p.disabled_at, c.password_hash, c.totp_sealed, \
+            "SELECT p.id, p.role, p.disabled_at, c.password_hash, c.totp_sealed, \
                     COALESCE(c.totp_last_step, 0) AS totp_last_step, \
+                    COALESCE(ce.code, '') AS centre, \
                     EXISTS (SELECT 1 FROM principal_certificates b WHERE b.principal_id = p.id) \
                       AS certificate_bound \
              FROM principals p LEFT JOIN console_credentials c ON c.principal_id = p.id \
+             LEFT JOIN centres ce ON ce.id = p.centre_id \
              WHERE p.name = $1",
         )
         .bind(name)
@@ -97,6 +103,8 @@ impl Store {
         row.map(|r| {
             Ok(Credentials {
                 principal_id: r.try_get("id")?,
+                role: r.try_get("role")?,
+                centre: r.try_get("centre")?,
                 disabled: r.try_get::<Option<DateTime<Utc>>>("disabled_at")?.is_some(),
                 password_hash: r.try_get("password_hash")?,
                 totp_sealed: r.try_get("totp_sealed")?,

@@ -469,6 +469,15 @@ async fn failed_sign_ins_hold_the_account_back_even_with_the_right_password() {
     let mut expected = vec!["OK", "RESOURCE_EXHAUSTED"];
     expected.extend(["UNAUTHENTICATED"; 5]);
     assert_eq!(outcomes, expected);
+    // Each entry, refused ones too, names the principal's role (a claims audit of
+    // 2026-12-07 found the refused ones without it).
+    let roles: Vec<String> = db::query(
+        "SELECT DISTINCT role FROM audit_log WHERE method = 'Console/SignIn' AND principal = 'officer-eye'",
+    )
+    .fetch_scalars(app.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(roles, ["consent_officer"]);
 }
 
 /// A sign-in with `name`, `password` and `code`, on a fresh form.

@@ -423,6 +423,11 @@ async fn audit_verify_checks_the_key_too() {
         stderr.contains("is not the one this database was made with"),
         "{stderr}"
     );
+    // Said for this command, not in `serve`'s words (a claims audit of 2026-12-07).
+    assert!(
+        stderr.contains("run the command again") && !stderr.contains("start"),
+        "{stderr}"
+    );
     let own = run(&app, &["audit", "verify"], &key_file(&app))
         .output()
         .unwrap();

@@ -187,6 +187,51 @@ async fn plaintext_is_refused_off_loopback_unless_forced() {
     Application::build(forced, &url, &key).await.unwrap();
 }
 
+/// A start refused for its addresses or its TLS files makes no file: no master key, no
+/// database, no lock (a claims audit of 2026-12-07 found a new key and database left
+/// behind by `serve --listen 0.0.0.0:…`).
+#[tokio::test]
+async fn a_start_refused_for_its_arguments_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let url = format!("sqlite://{}", data.join("registry.db").display());
+    let key = data.join("master.key");
+    let refused = [
+        ServeArgs {
+            listen: "0.0.0.0:0".parse().unwrap(),
+            ..Default::default()
+        },
+        ServeArgs {
+            console_listen: Some("0.0.0.0:0".parse().unwrap()),
+            ..Default::default()
+        },
+        ServeArgs {
+            tls_cert: Some(dir.path().join("missing.crt")),
+            tls_key: Some(dir.path().join("missing.key")),
+            ..Default::default()
+        },
+    ];
+    for args in refused {
+        let Err(err) = Application::build(args.clone(), &url, &key).await else {
+            panic!("{args:?} was accepted");
+        };
+        assert!(
+            matches!(
+                err,
+                StartupError::Plaintext(_)
+                    | StartupError::Console(_)
+                    | StartupError::TlsFile { .. }
+            ),
+            "{err}"
+        );
+        assert!(
+            !data.exists(),
+            "{err}: left {:?}",
+            std::fs::read_dir(&data).map(|d| d.count())
+        );
+    }
+}
+
 /// The metrics (plain HTTP, naming principals) follow the same rule as plaintext gRPC.
 /// That forcing them with --allow-plaintext accepts them is tested in `startup::tests`,
 /// so that this test installs no exporter: the process has one, and this binary's
