@@ -60,7 +60,7 @@ pub enum DataDirError {
     #[error(
         "{database} is missing or empty, but {side} is there: the database was moved or \
          deleted while a server used it (that server may still be running, writing to \
-         that file), or files were left behind. Not started: SQLite would take the file \
+         that file), or files were left behind. Not opened: SQLite would take the file \
          for a stale one and delete it, with every write in it not yet copied into the \
          database. Put the database back; only if no server uses it and the database was \
          deleted on purpose, remove {database}-wal and {database}-shm"
@@ -172,6 +172,7 @@ pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
     // The file a link names, created and narrowed as itself (`create_new` through a
     // link whose target is missing fails, and SQLite would then create it by the umask).
     let db = &resolved(db);
+    refuse_wal_without_database(db)?;
     create_parent(db)?;
     match private_options().write(true).create_new(true).open(db) {
         Ok(_) => {}
@@ -186,6 +187,34 @@ pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
     make_private(db)?;
     for suffix in ["-wal", "-shm", "-journal"] {
         make_private(&side_file(db, suffix))?;
+    }
+    Ok(())
+}
+
+/// Refuses a database `path` (resolved) that is missing or empty while its `-wal` or
+/// `-shm` is there. A database renamed away while its server runs leaves that server's
+/// `-wal` and `-shm` under the old name (it writes on through them). A server started
+/// there would create a new database, and SQLite, finding a WAL beside an empty
+/// database, deletes it: the re-check of 2026-12-07 lost 32 acknowledged writes so, and a
+/// defences audit the next round lost 26 of 300 the same way through `audit verify`, an
+/// admin command and `demo`, which is why every command checks it (through
+/// [`prepare_sqlite_files`]), not only `serve`. SQLite itself never leaves these files
+/// beside a missing or empty database (switching to WAL writes the header first).
+fn refuse_wal_without_database(path: &Path) -> Result<(), DataDirError> {
+    let empty = match fs::metadata(path) {
+        Ok(meta) => meta.len() == 0,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    };
+    if empty {
+        for suffix in ["-wal", "-shm"] {
+            let side = side_file(path, suffix);
+            if fs::symlink_metadata(&side).is_ok() {
+                return Err(DataDirError::WalWithoutDatabase {
+                    database: path.to_path_buf(),
+                    side,
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -318,27 +347,6 @@ impl ServerLock {
     /// of SQLite's `fcntl` locks, on a local file system.
     pub fn hold_database(&mut self, db: &Path) -> Result<(), DataDirError> {
         let path = resolved(db);
-        // A database renamed away while its server runs leaves that server's `-wal` and
-        // `-shm` under the old name (it writes on through them). A server started there
-        // would create a new database, and SQLite, finding a WAL beside an empty database,
-        // deletes it: the re-check of 2026-12-07 lost 32 acknowledged writes so. SQLite
-        // itself never leaves these files beside a missing or empty database (switching
-        // to WAL writes the header first).
-        let empty = match fs::metadata(&path) {
-            Ok(meta) => meta.len() == 0,
-            Err(e) => e.kind() == io::ErrorKind::NotFound,
-        };
-        if empty {
-            for suffix in ["-wal", "-shm"] {
-                let side = side_file(&path, suffix);
-                if fs::symlink_metadata(&side).is_ok() {
-                    return Err(DataDirError::WalWithoutDatabase {
-                        database: path.clone(),
-                        side,
-                    });
-                }
-            }
-        }
         prepare_sqlite_files(db)?;
         let file = OpenOptions::new()
             .read(true)

@@ -511,6 +511,23 @@ const PG_SESSION: [(&str, &str); 6] = [
     ("default_transaction_isolation", "read committed"),
 ];
 
+/// The options of the SQLite URL `url`. A database file already there (the server's is
+/// made by `data_dir::prepare_sqlite_files` before it connects) is never created again by
+/// a connection the pool opens later: if the file is renamed away while the server runs,
+/// such a connection would otherwise make a new empty database under the old name, beside
+/// the `-wal` the server writes on through, and SQLite would take that WAL for a stale
+/// one and delete it (a defences audit of 2026-12-07 lost acknowledged writes so through
+/// another command). It fails instead ("unable to open database file").
+fn sqlite_options(url: &str) -> Result<SqliteConnectOptions> {
+    let options = SqliteConnectOptions::from_str(url)?;
+    Ok(
+        match crate::data_dir::sqlite_path(url).is_some_and(|db| db.exists()) {
+            true => options.create_if_missing(false),
+            false => options,
+        },
+    )
+}
+
 /// [`PG_SESSION`] as one simple query of `SET` statements (constants, formatted).
 fn pg_session_sql() -> String {
     PG_SESSION
@@ -543,7 +560,7 @@ impl Store {
                             Ok(())
                         })
                     })
-                    .connect_with(SqliteConnectOptions::from_str(url)?)
+                    .connect_with(sqlite_options(url)?)
                     .await?,
             ),
             Backend::Postgres => Pool::Postgres(
@@ -1189,6 +1206,33 @@ mod url_tests {
         std::os::unix::fs::symlink(&a, &link).unwrap();
         store.sqlite_path = Some(link);
         store.check_opened_file().await.unwrap();
+        store.close().await;
+    }
+
+    /// A connection the pool opens after its database file was renamed away does not
+    /// make a new database under the old name (beside the `-wal` its server writes on
+    /// through, which SQLite would then delete).
+    #[tokio::test]
+    async fn a_later_connection_does_not_recreate_a_database_renamed_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("registry.db");
+        std::fs::write(&db, b"").unwrap();
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", db.display()), 4)
+            .await
+            .unwrap();
+        // Every connection the pool has open is held, so the next one is opened anew.
+        let Pool::Sqlite(pool) = store.pool() else {
+            unreachable!("a SQLite URL")
+        };
+        let mut held = Vec::new();
+        while pool.num_idle() > 0 {
+            held.push(store.pool().acquire().await.unwrap());
+        }
+        assert!(pool.size() < 4);
+        std::fs::rename(&db, dir.path().join("away.db")).unwrap();
+        assert!(store.pool().acquire().await.is_err());
+        assert!(!db.exists(), "a new database was made");
+        drop(held);
         store.close().await;
     }
 }

@@ -140,6 +140,48 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     }
     std::fs::rename(&moved, &lock).unwrap();
 
+    // Nor does any command open the database's name once the database was renamed away
+    // from under its server, which writes on through its open files and its `-wal`
+    // under the old name: SQLite would create a new database there and delete that WAL
+    // (a defences audit of 2026-12-07 lost acknowledged writes so, through `audit
+    // verify`, an admin command and `demo`, where only `serve` was refused).
+    let db = app.dir.path().join("registry.db");
+    let away = app.dir.path().join("registry.db.away");
+    std::fs::rename(&db, &away).unwrap();
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(3))))
+        .await
+        .expect("serves on through its open files");
+    let wal = app.dir.path().join("registry.db-wal");
+    assert!(wal.exists());
+    let commands: [&[&str]; 3] = [
+        &["audit", "verify"],
+        &["admin", "list-registries"],
+        &["demo", "--patients", "10"],
+    ];
+    for command in commands {
+        let output = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+            .args(command)
+            .arg("--data-dir")
+            .arg(app.dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("ERN_MASTER_KEY_FILE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command:?} ran");
+        assert!(
+            stderr.contains("is missing or empty, but"),
+            "{command:?}: {stderr}"
+        );
+        assert!(!db.exists(), "{command:?} made a new database");
+        assert!(wal.exists(), "{command:?} deleted the WAL");
+    }
+    // `serve` is refused by the lock file first, the first server's.
+    let stderr = must_refuse(serve(app.dir.path())).await;
+    assert!(stderr.contains("is serving"), "{stderr}");
+    assert!(!db.exists() && wal.exists(), "serve: {stderr}");
+    std::fs::rename(&away, &db).unwrap();
+
     // The first one serves on, and an admin command runs beside it.
     dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
         .await
@@ -158,8 +200,9 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     );
     assert!(String::from_utf8_lossy(&admin.stdout).contains("ERN-LUNG"));
 
-    // Once it has stopped, the next one starts.
+    // Once it has stopped, the next one starts, with every case.
     app.stop_server().await;
+    assert_eq!(app.count("cases").await, 3);
     drop(
         Application::build(args(), &app.database_url, &key)
             .await
