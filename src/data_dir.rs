@@ -52,8 +52,7 @@ pub enum DataDirError {
     },
     #[error(
         "another ern-registry server is serving {database}: it holds the database file \
-         itself locked, reached here under another name (a hard link) or with its lock \
-         file {lock} moved or deleted while it ran. Stop it first (two servers on one \
+         itself locked, with its lock file {lock} moved or deleted while it ran. Stop it first (two servers on one \
          SQLite database fail each other's writes); admin commands may run beside it"
     )]
     DatabaseLocked { database: PathBuf, lock: PathBuf },
@@ -66,6 +65,14 @@ pub enum DataDirError {
          deleted on purpose, remove {database}-wal and {database}-shm"
     )]
     WalWithoutDatabase { database: PathBuf, side: PathBuf },
+    #[error(
+        "{database} has {names} names (hard links, as `cp -al` or `rsync --link-dest` make): \
+         SQLite keeps its -wal beside the name it opens, so a server or command through \
+         another name would write a WAL of its own into the same database and corrupt it. \
+         Not opened: keep one name (remove the other links; copy a database to back it up, \
+         with `sqlite3 … .backup` or with the server stopped)"
+    )]
+    HardLinked { database: PathBuf, names: u64 },
 }
 
 /// The process id a lock file names, if it names one.
@@ -175,7 +182,16 @@ pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
     refuse_wal_without_database(db)?;
     create_parent(db)?;
     match private_options().write(true).create_new(true).open(db) {
-        Ok(_) => {}
+        Ok(_) => {
+            // Made just now, so it was missing a moment ago: if it was there at the check
+            // and renamed away since, its server's `-wal` is beside the new file now (a
+            // re-check of 2026-12-07 renamed it in that moment, and SQLite deleted the
+            // WAL). The new, empty file is removed again and the open refused.
+            if let Err(refused) = refuse_wal_without_database(db) {
+                let _ = fs::remove_file(db);
+                return Err(refused);
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(source) => {
             return Err(DataDirError::CreateFile {
@@ -184,6 +200,7 @@ pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
             });
         }
     }
+    refuse_hard_links(db)?;
     make_private(db)?;
     for suffix in ["-wal", "-shm", "-journal"] {
         make_private(&side_file(db, suffix))?;
@@ -219,6 +236,30 @@ fn refuse_wal_without_database(path: &Path) -> Result<(), DataDirError> {
     Ok(())
 }
 
+/// Refuses a database file with more than one name (a hard link, as `cp -al` or `rsync
+/// --link-dest` make). SQLite keeps its `-wal` and `-shm` beside the name it opened, so
+/// a command or server through another name writes a WAL of its own into the same
+/// database: a re-check of 2026-12-07 ran admin commands through a hard link beside a
+/// loaded server, whose principals never reached the server's view of the database, and
+/// the next ones failed with "database disk image is malformed".
+fn refuse_hard_links(db: &Path) -> Result<(), DataDirError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = fs::metadata(db)
+            && meta.nlink() > 1
+        {
+            return Err(DataDirError::HardLinked {
+                database: db.to_path_buf(),
+                names: meta.nlink(),
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = db;
+    Ok(())
+}
+
 /// The lock file of a database: `registry.db` → `registry.lock`.
 pub fn lock_path(db: &Path) -> PathBuf {
     db.with_extension("lock")
@@ -232,8 +273,8 @@ const MAX_LINKS: usize = 40;
 /// does not exist yet, as SQLite will create the target) and its directories'. The lock
 /// is taken, and the files are created and narrowed, at that path, so a second server
 /// given another path to the same file (through a link) finds the lock held. A hard link
-/// is a second name of its own, with a lock file of its own: the lock on the database
-/// file itself ([`ServerLock::hold_database`]) catches it. Paths that cannot be resolved (a
+/// is a second name of its own, with a lock file of its own: a database file with more
+/// than one name is not opened at all ([`prepare_sqlite_files`]). Paths that cannot be resolved (a
 /// directory not there yet, a loop of links) are returned as far as they were resolved.
 fn resolved(db: &Path) -> PathBuf {
     let mut path = db.to_path_buf();
@@ -341,9 +382,9 @@ impl ServerLock {
     /// [`prepare_sqlite_files`] does), before SQLite opens it: the lock file can be moved
     /// or deleted while its server runs (a defences audit of 2026-12-07 moved it aside and
     /// started a second server, which took a new one). So a second server finds the file
-    /// itself held, through any of its names, hard links included; and one whose database
-    /// was renamed away from under the first finds that server's `-wal` or `-shm` beside a
-    /// missing or empty file, and is refused too. `flock` on Linux: independent
+    /// itself held (a hard link, a second name, is refused before: [`prepare_sqlite_files`]);
+    /// and one whose database was renamed away from under the first finds that server's
+    /// `-wal` or `-shm` beside a missing or empty file, and is refused too. `flock` on Linux: independent
     /// of SQLite's `fcntl` locks, on a local file system.
     pub fn hold_database(&mut self, db: &Path) -> Result<(), DataDirError> {
         let path = resolved(db);
@@ -428,6 +469,25 @@ mod tests {
         fs::write(side_file(&db, "-wal"), b"frames").unwrap();
         let mut lock = ServerLock::acquire(&db).unwrap();
         lock.hold_database(&db).unwrap();
+    }
+
+    /// A database file with a second name is not opened: SQLite would keep a WAL beside
+    /// each name.
+    #[test]
+    fn a_database_with_a_hard_link_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("registry.db");
+        prepare_sqlite_files(&db).unwrap();
+        let other = dir.path().join("backup.db");
+        fs::hard_link(&db, &other).unwrap();
+        for name in [&db, &other] {
+            match prepare_sqlite_files(name) {
+                Err(DataDirError::HardLinked { names: 2, .. }) => {}
+                other => panic!("{}: {other:?}", name.display()),
+            }
+        }
+        fs::remove_file(&other).unwrap();
+        prepare_sqlite_files(&db).unwrap();
     }
 
     #[test]

@@ -281,19 +281,25 @@ impl SkewWarnings {
     }
 }
 
+/// The bytes free for this process (`statvfs`: blocks available to unprivileged users)
+/// on the file system holding the file `database`; `None` if it cannot be asked.
+pub fn free_bytes(database: &std::path::Path) -> Option<u64> {
+    let dir = match database.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// Whether the file system holding `database` has `min_free` bytes free for this process
 /// (`statvfs`: blocks available to unprivileged users). SELECT 1 reads no page, so it
 /// cannot tell a full disk; every call writes its audit entry, so a disk without room
 /// fails them all. A file system that cannot be asked is not taken for full.
 fn check_room(database: &std::path::Path, min_free: u64) -> Result<(), StoreError> {
-    let dir = match database.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    };
-    let Ok(stat) = rustix::fs::statvfs(dir) else {
+    let Some(free) = free_bytes(database) else {
         return Ok(());
     };
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     if free < min_free {
         return Err(StoreError::Unreachable {
             cause: format!(

@@ -78,6 +78,15 @@ pub enum StartupError {
         remedy = .origin.remedy()
     )]
     MasterAuditMismatch { origin: MasterOrigin },
+    #[error(
+        "cannot open the database {database}: {source}. The disk holding it has {free} bytes \
+         free: free some room and run the command again"
+    )]
+    NoRoom {
+        database: PathBuf,
+        free: u64,
+        source: StoreError,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -465,13 +474,39 @@ pub async fn open_store(database_url: &str, max_connections: u32) -> Result<Stor
     if let Some(db) = data_dir::sqlite_path(database_url) {
         data_dir::prepare_sqlite_files(&db)?;
     }
-    let store = Store::connect(database_url, max_connections).await?;
-    if let Err(err) = store.check_opened_file().await {
-        store.close().await;
-        return Err(err.into());
+    let opened = async {
+        let store = Store::open_prepared(database_url, max_connections).await?;
+        if let Err(err) = store.check_opened_file().await {
+            store.close().await;
+            return Err(err);
+        }
+        store.migrate().await?;
+        Ok(store)
+    };
+    opened.await.map_err(|err| {
+        let db = data_dir::sqlite_path(database_url);
+        let free = db.as_deref().and_then(crate::health::free_bytes);
+        no_room(err, db, free)
+    })
+}
+
+/// Under this many bytes free, a SQLite database that cannot be opened is said to be on a
+/// full disk: SQLite needs room for its `-wal` and `-shm` (32 KiB) before anything else.
+const START_ROOM: u64 = 1 << 20;
+
+/// `err`, said as a full disk when the disk holding the SQLite database `db` has less than
+/// [`START_ROOM`] bytes `free`: SQLite's own words for it at open are "disk I/O error"
+/// (it cannot size its `-shm`), and sqlx's after its retries "pool timed out" (a defences
+/// audit of 2026-12-07 found a start on a full disk said nothing of the disk).
+fn no_room(err: StoreError, db: Option<PathBuf>, free: Option<u64>) -> StartupError {
+    match (db, free) {
+        (Some(database), Some(free)) if free < START_ROOM => StartupError::NoRoom {
+            database,
+            free,
+            source: err,
+        },
+        _ => err.into(),
     }
-    store.migrate().await?;
-    Ok(store)
 }
 
 pub struct Application {
@@ -548,6 +583,37 @@ impl Application {
                 Ok::<_, DataDirError>(lock)
             })
             .transpose()?;
+        // The listeners are bound once the lock is held (so that a second server started
+        // with the same flags hears of the first by its lock, not of a port in use), and
+        // before the master key and the database are made: a port in use refused a start
+        // only after it had made a new master key and database (a re-check of
+        // 2026-12-07), whose fingerprint then refused the intended key. Connections that
+        // arrive meanwhile wait in the listeners' backlogs until the server runs.
+        let listener =
+            TcpListener::bind(args.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: args.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                addr: args.listen,
+                source,
+            })?;
+        let console = match args.console_listen {
+            Some(addr) => {
+                let listener = crate::console::bind(addr, args.allow_plaintext)
+                    .await
+                    .map_err(StartupError::Console)?;
+                if !addr.ip().is_loopback() {
+                    warn!(%addr, "serving the web console over PLAIN HTTP on a non-loopback address (--allow-plaintext): a TLS-terminating proxy must be in front");
+                }
+                Some(listener)
+            }
+            None => None,
+        };
         if let Some(addr) = args.metrics_listen {
             install_metrics(addr)?;
         }
@@ -660,31 +726,6 @@ impl Application {
             access: crate::service::access::AccessCache::new(),
             codes,
         });
-        let listener =
-            TcpListener::bind(args.listen)
-                .await
-                .map_err(|source| StartupError::Listen {
-                    addr: args.listen,
-                    source,
-                })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Listen {
-                addr: args.listen,
-                source,
-            })?;
-        let console = match args.console_listen {
-            Some(addr) => {
-                let listener = crate::console::bind(addr, args.allow_plaintext)
-                    .await
-                    .map_err(StartupError::Console)?;
-                if !addr.ip().is_loopback() {
-                    warn!(%addr, "serving the web console over PLAIN HTTP on a non-loopback address (--allow-plaintext): a TLS-terminating proxy must be in front");
-                }
-                Some(listener)
-            }
-            None => None,
-        };
         info!(%local_addr, backend = ?state.store.backend(), writers, "ern-registry ready");
         Ok(Application {
             _lock: lock,
@@ -1111,6 +1152,37 @@ fn raise_open_files_limit(max_connections: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SQLite database that cannot be opened on a disk without room is said to be on a
+    /// full disk; with room, or on PostgreSQL, or where the disk cannot be asked, the
+    /// error is SQLite's own.
+    #[test]
+    fn a_database_that_cannot_be_opened_on_a_full_disk_says_so() {
+        let db = PathBuf::from("/data/registry.db");
+        let failed = || StoreError::Unreachable {
+            cause: "disk I/O error".into(),
+        };
+        let err = no_room(failed(), Some(db.clone()), Some(4096));
+        assert!(
+            matches!(err, StartupError::NoRoom { free: 4096, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("/data/registry.db")
+                && text.contains("disk I/O error")
+                && text.contains("has 4096 bytes free: free some room"),
+            "{text}"
+        );
+        for (database, free) in [
+            (Some(db.clone()), Some(START_ROOM)),
+            (Some(db), None),
+            (None, Some(0)),
+        ] {
+            let err = no_room(failed(), database, free);
+            assert!(matches!(err, StartupError::Store(_)), "{err}");
+        }
+    }
 
     #[test]
     fn metrics_are_served_off_loopback_only_when_forced() {

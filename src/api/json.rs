@@ -50,7 +50,8 @@ impl fmt::Display for GivenTwice {
 /// `client_reference`), which the JSON form accepts alike and prost-reflect reads as the
 /// last given; and every second member of one oneof given in one object (a phenopacket
 /// `onset` with both `age` and `interval`), which the reader refuses only with a message
-/// that names nothing (the member named at the path is the later in key order). Keys that name no field are left to the reader's refusal of
+/// that names nothing (the path is one member's, the message names the other: which is
+/// which follows the keys' sorted order, not the order they were written in). Keys that name no field are left to the reader's refusal of
 /// unknown fields; a map's keys are the caller's text; a member given as `null` is not
 /// given (the JSON form's reading of null).
 pub fn fields_given_twice(

@@ -511,21 +511,23 @@ const PG_SESSION: [(&str, &str); 6] = [
     ("default_transaction_isolation", "read committed"),
 ];
 
-/// The options of the SQLite URL `url`. A database file already there (the server's is
-/// made by `data_dir::prepare_sqlite_files` before it connects) is never created again by
-/// a connection the pool opens later: if the file is renamed away while the server runs,
-/// such a connection would otherwise make a new empty database under the old name, beside
-/// the `-wal` the server writes on through, and SQLite would take that WAL for a stale
-/// one and delete it (a defences audit of 2026-12-07 lost acknowledged writes so through
+/// The options of the SQLite URL `url`. Unless `create`, and for a database file already
+/// there when this is asked, the file is never created by a connection the pool opens
+/// (later ones included): if the file is renamed away while a server runs, such a
+/// connection would otherwise make a new empty database under the old name, beside the
+/// `-wal` the server writes on through, and SQLite would take that WAL for a stale one
+/// and delete it (a defences audit of 2026-12-07 lost acknowledged writes so through
 /// another command). It fails instead ("unable to open database file").
-fn sqlite_options(url: &str) -> Result<SqliteConnectOptions> {
+fn sqlite_options(url: &str, create: bool) -> Result<SqliteConnectOptions> {
     let options = SqliteConnectOptions::from_str(url)?;
-    Ok(
-        match crate::data_dir::sqlite_path(url).is_some_and(|db| db.exists()) {
-            true => options.create_if_missing(false),
-            false => options,
-        },
-    )
+    // No file (an in-memory database): nothing to create.
+    let Some(db) = crate::data_dir::sqlite_path(url) else {
+        return Ok(options);
+    };
+    Ok(match create && !db.exists() {
+        true => options,
+        false => options.create_if_missing(false),
+    })
 }
 
 /// [`PG_SESSION`] as one simple query of `SET` statements (constants, formatted).
@@ -542,7 +544,23 @@ impl Store {
     /// synchronous commits (an acknowledged write survives a crash or power loss),
     /// foreign keys and a busy timeout for the admin CLI writing beside the server; on
     /// PostgreSQL [`PG_SESSION`].
+    /// A SQLite file is created if missing when this connects (tests; the commands use
+    /// [`Store::open_prepared`]).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        Self::connect_creating(url, max_connections, true).await
+    }
+
+    /// [`Store::connect`] to a SQLite file already made (`data_dir::prepare_sqlite_files`),
+    /// which no connection creates again: if the file is renamed away before or while the
+    /// pool opens a connection, that connection fails ("unable to open database file")
+    /// instead of making a new empty database beside the `-wal` a server writes on
+    /// through, which SQLite would take for a stale one and delete (a re-check of
+    /// 2026-12-07 renamed it between a command's check and its open).
+    pub async fn open_prepared(url: &str, max_connections: u32) -> Result<Store> {
+        Self::connect_creating(url, max_connections, false).await
+    }
+
+    async fn connect_creating(url: &str, max_connections: u32, create: bool) -> Result<Store> {
         let backend = Backend::of_url(url)?;
         let pool = match backend {
             Backend::Sqlite => Pool::Sqlite(
@@ -560,7 +578,7 @@ impl Store {
                             Ok(())
                         })
                     })
-                    .connect_with(sqlite_options(url)?)
+                    .connect_with(sqlite_options(url, create)?)
                     .await?,
             ),
             Backend::Postgres => Pool::Postgres(

@@ -125,20 +125,37 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     // link to the database (a lock file of its own beside it): the database file itself
     // is locked (a defences audit of 2026-12-07 moved the lock file and started a second
     // server).
-    let hard = app.dir.path().join("hard");
-    std::fs::create_dir(&hard).unwrap();
-    std::fs::hard_link(app.dir.path().join("registry.db"), hard.join("registry.db")).unwrap();
     let moved = app.dir.path().join("registry.lock.moved");
     std::fs::rename(&lock, &moved).unwrap();
-    for data_dir in [app.dir.path(), hard.as_path()] {
-        let stderr = must_refuse(serve(data_dir)).await;
-        assert!(
-            stderr.contains("holds the database file itself locked"),
-            "{}: {stderr}",
-            data_dir.display()
-        );
-    }
+    let stderr = must_refuse(serve(app.dir.path())).await;
+    assert!(
+        stderr.contains("holds the database file itself locked"),
+        "{stderr}"
+    );
     std::fs::rename(&moved, &lock).unwrap();
+    // A database file with a second name (a hard link) is opened by no command: SQLite
+    // keeps a WAL beside each name, and a re-check of 2026-12-07 corrupted the database
+    // with admin commands through a hard link beside the server.
+    let hard = app.dir.path().join("hard");
+    std::fs::create_dir(&hard).unwrap();
+    std::fs::copy(app.dir.path().join("master.key"), hard.join("master.key")).unwrap();
+    std::fs::hard_link(app.dir.path().join("registry.db"), hard.join("registry.db")).unwrap();
+    let stderr = must_refuse(serve(&hard)).await;
+    assert!(stderr.contains("has 2 names (hard links"), "{stderr}");
+    for data_dir in [hard.as_path(), app.dir.path()] {
+        let output = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+            .args(["admin", "list-registries", "--data-dir"])
+            .arg(data_dir)
+            .env_remove("DATABASE_URL")
+            .env_remove("ERN_MASTER_KEY_FILE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{}: ran", data_dir.display());
+        assert!(stderr.contains("has 2 names (hard links"), "{stderr}");
+    }
+    assert!(!hard.join("registry.db-wal").exists(), "a second WAL");
+    std::fs::remove_file(hard.join("registry.db")).unwrap();
 
     // Nor does any command open the database's name once the database was renamed away
     // from under its server, which writes on through its open files and its `-wal`

@@ -230,6 +230,31 @@ async fn a_start_refused_for_its_arguments_leaves_no_file() {
             std::fs::read_dir(&data).map(|d| d.count())
         );
     }
+    // A port in use is found once the lock is held (a second server with the same flags
+    // hears of the first by its lock), before the master key and the database are made
+    // (a re-check of 2026-12-07: a new key's fingerprint then refused the intended one).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let in_use = ServeArgs {
+        listen: taken.local_addr().unwrap(),
+        ..Default::default()
+    };
+    match Application::build(in_use, &url, &key).await {
+        Err(StartupError::Listen { .. }) => {}
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a port in use was taken"),
+    }
+    assert!(!key.exists(), "a master key was made");
+    let db = data.join("registry.db");
+    assert_eq!(
+        std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0),
+        0,
+        "a database was made"
+    );
+    // Then the start with a free port makes them.
+    Application::build(ServeArgs::default(), &url, &key)
+        .await
+        .expect("starts");
+    assert!(key.exists());
 }
 
 /// The metrics (plain HTTP, naming principals) follow the same rule as plaintext gRPC.
