@@ -73,6 +73,12 @@ pub enum DataDirError {
          with `sqlite3 … .backup` or with the server stopped)"
     )]
     HardLinked { database: PathBuf, names: u64 },
+    #[error(
+        "{database} is missing, but a server holds its lock {lock}: the database it serves \
+         was moved or deleted while it runs (it writes on through its open file). Not made \
+         anew: put the database back, or stop that server first"
+    )]
+    MissingWhileServed { database: PathBuf, lock: PathBuf },
 }
 
 /// The process id a lock file names, if it names one.
@@ -174,30 +180,44 @@ fn side_file(db: &Path, suffix: &str) -> PathBuf {
 
 /// Before SQLite opens `db`: creates its directory (0700) and the database file (0600)
 /// if missing, and narrows the database and its side files to 0600 if they are wider.
+/// Refuses a database missing or empty beside a `-wal` or `-shm`, one with a hard link,
+/// and, for a missing one, making it while a server holds its lock.
 pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
+    prepare(db, false)
+}
+
+/// [`prepare_sqlite_files`], by a caller that holds the database's server lock already
+/// (`lock_held`: `serve`) or not.
+fn prepare(db: &Path, lock_held: bool) -> Result<(), DataDirError> {
     create_parent(db)?;
     // The file a link names, created and narrowed as itself (`create_new` through a
     // link whose target is missing fails, and SQLite would then create it by the umask).
     let db = &resolved(db);
     refuse_wal_without_database(db)?;
     create_parent(db)?;
-    match private_options().write(true).create_new(true).open(db) {
-        Ok(_) => {
-            // Made just now, so it was missing a moment ago: if it was there at the check
-            // and renamed away since, its server's `-wal` is beside the new file now (a
-            // re-check of 2026-12-07 renamed it in that moment, and SQLite deleted the
-            // WAL). The new, empty file is removed again and the open refused.
-            if let Err(refused) = refuse_wal_without_database(db) {
-                let _ = fs::remove_file(db);
-                return Err(refused);
+    if matches!(fs::symlink_metadata(db), Err(e) if e.kind() == io::ErrorKind::NotFound) {
+        // A missing database is made only under its server lock: a server that holds it
+        // serves a database that was there, so it was moved or deleted since. Held until
+        // the file is made and checked again.
+        let _lock = match lock_held {
+            true => None,
+            false => Some(lock_to_make(db)?),
+        };
+        match private_options().write(true).create_new(true).open(db) {
+            // Made just now: if a `-wal` or `-shm` has appeared beside it since the
+            // check, the database was renamed away in that moment. Refused; the new empty
+            // file is left, not removed by its name (a re-check of 2026-12-07 had the
+            // database renamed back in between, and a removal by name deleted it), and
+            // every command refuses it beside that WAL until the database is put back
+            // over it.
+            Ok(_) => refuse_wal_without_database(db)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(DataDirError::CreateFile {
+                    path: db.to_path_buf(),
+                    source,
+                });
             }
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(DataDirError::CreateFile {
-                path: db.to_path_buf(),
-                source,
-            });
         }
     }
     refuse_hard_links(db)?;
@@ -206,6 +226,32 @@ pub fn prepare_sqlite_files(db: &Path) -> Result<(), DataDirError> {
         make_private(&side_file(db, suffix))?;
     }
     Ok(())
+}
+
+/// The lock file of the missing database `db`, locked by this process to make the file;
+/// refused if a server holds it.
+fn lock_to_make(db: &Path) -> Result<File, DataDirError> {
+    let path = lock_path(db);
+    let lock_err = |source| DataDirError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = private_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(lock_err)?;
+    make_private(&path)?;
+    match try_lock_a_while(&file) {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(DataDirError::MissingWhileServed {
+            database: db.to_path_buf(),
+            lock: path,
+        }),
+        Err(TryLockError::Error(source)) => Err(lock_err(source)),
+    }
 }
 
 /// Refuses a database `path` (resolved) that is missing or empty while its `-wal` or
@@ -388,7 +434,7 @@ impl ServerLock {
     /// of SQLite's `fcntl` locks, on a local file system.
     pub fn hold_database(&mut self, db: &Path) -> Result<(), DataDirError> {
         let path = resolved(db);
-        prepare_sqlite_files(db)?;
+        prepare(db, true)?;
         let file = OpenOptions::new()
             .read(true)
             .open(&path)
@@ -469,6 +515,28 @@ mod tests {
         fs::write(side_file(&db, "-wal"), b"frames").unwrap();
         let mut lock = ServerLock::acquire(&db).unwrap();
         lock.hold_database(&db).unwrap();
+    }
+
+    /// A missing database is not made while a server holds its lock (its database was
+    /// moved away while it ran); made once the lock is free.
+    #[test]
+    fn a_missing_database_is_not_made_while_a_server_holds_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("registry.db");
+        let server = ServerLock::acquire(&db).unwrap();
+        match prepare_sqlite_files(&db) {
+            Err(DataDirError::MissingWhileServed { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(!db.exists());
+        drop(server);
+        prepare_sqlite_files(&db).unwrap();
+        assert!(db.exists());
+        // And the server holding the lock makes it itself.
+        fs::remove_file(&db).unwrap();
+        let mut server = ServerLock::acquire(&db).unwrap();
+        server.hold_database(&db).unwrap();
+        assert!(db.exists());
     }
 
     /// A database file with a second name is not opened: SQLite would keep a WAL beside
