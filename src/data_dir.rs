@@ -236,14 +236,7 @@ fn lock_to_make(db: &Path) -> Result<File, DataDirError> {
         path: path.clone(),
         source,
     };
-    let file = private_options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(lock_err)?;
-    make_private(&path)?;
+    let file = open_lock_file(&path)?;
     match try_lock_a_while(&file) {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(DataDirError::MissingWhileServed {
@@ -363,6 +356,23 @@ pub struct ServerLock {
 const LOCK_RETRIES: u32 = 20;
 const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Opens the lock file `path` for reading and writing, made 0600 if missing (its content
+/// kept), and narrowed to 0600 if wider.
+fn open_lock_file(path: &Path) -> Result<File, DataDirError> {
+    let file = private_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| DataDirError::Lock {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    make_private(path)?;
+    Ok(file)
+}
+
 /// `flock`s `file`, trying a busy lock again for a short while before giving up. A lock
 /// just released can look held for a moment: a process that forks (to start a child)
 /// while another thread drops the lock keeps a copy of its descriptor until the child
@@ -392,14 +402,7 @@ impl ServerLock {
             path: path.clone(),
             source,
         };
-        let mut file = private_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(lock_err)?;
-        make_private(&path)?;
+        let mut file = open_lock_file(&path)?;
         match try_lock_a_while(&file) {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
