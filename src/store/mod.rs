@@ -219,7 +219,10 @@ fn sqlite_not_now(extended_code: i32) -> bool {
 /// many connections, which sqlx itself retries), read-only (25006: a standby after a
 /// failover, or `default_transaction_read_only`), a lock not granted in time (55P03: the
 /// writer's `lock_timeout`, `writer::WRITER_LOCK_WAIT`; the transaction is rolled back),
-/// or
+/// the database refusing new sessions (55000: "not currently accepting connections", an
+/// operator's `ALLOW_CONNECTIONS false`; 3D000: "does not exist", renamed or dropped while
+/// the server runs: a new connection of the pool fails so; the server's own statements
+/// raise neither), or
 /// SQLite still busy after its busy timeout (another process holds the write lock), its
 /// disk full or its file not to be opened ([`sqlite_not_now`]).
 pub fn unreachable_now(err: &sqlx::Error) -> bool {
@@ -246,7 +249,10 @@ pub fn unreachable_now(err: &sqlx::Error) -> bool {
                 let code = pg.code();
                 code.starts_with("08")
                     || code.starts_with("53")
-                    || matches!(code, "57P01" | "57P02" | "57P03" | "25006" | "55P03")
+                    || matches!(
+                        code,
+                        "57P01" | "57P02" | "57P03" | "25006" | "55P03" | "55000" | "3D000"
+                    )
             } else if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
                 sqlite
                     .code()

@@ -727,6 +727,103 @@ async fn a_read_only_database_is_unavailable_and_not_serving_until_it_takes_writ
     app.stop().await;
 }
 
+/// A PostgreSQL database that refuses new sessions is "not reachable now", as a stopped
+/// server is: "does not exist" (3D000: renamed or dropped under the server) and "not
+/// currently accepting connections" (55000: `ALLOW_CONNECTIONS false`) are both
+/// classified so, and calls while the database refuses them are UNAVAILABLE with a retry
+/// hint, never INTERNAL; once it takes sessions again, the server serves again. (Both
+/// were INTERNAL, one error log line per call, for the calls that reached the database
+/// before health turned NOT_SERVING and for every item of an open stream: a defences
+/// audit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_sessions_is_unavailable_not_internal() {
+    use sqlx::Connection as _;
+    let Some(admin_url) = std::env::var("ERN_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"))
+    else {
+        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+        return;
+    };
+    let admin = ern_registry::store::Store::connect(&admin_url, 1)
+        .await
+        .unwrap();
+    let run = |sql: String| {
+        let admin = admin.clone();
+        async move {
+            ern_registry::store::db::query(&sql)
+                .execute(admin.pool())
+                .await
+                .unwrap();
+        }
+    };
+    let url_of = |database: &str| {
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(database);
+        url.to_string()
+    };
+    let refusing = format!("ern_refusing_{}", std::process::id());
+    run(format!("DROP DATABASE IF EXISTS {refusing}")).await;
+    run(format!("CREATE DATABASE {refusing}")).await;
+    run(format!("ALTER DATABASE {refusing} ALLOW_CONNECTIONS false")).await;
+    for (what, database) in [("missing", "ern_no_such_database"), ("refusing", &refusing)] {
+        let err = sqlx::PgConnection::connect(&url_of(database))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: connected"));
+        assert!(
+            ern_registry::store::unreachable_now(&err),
+            "{what}: {err} taken for a fault"
+        );
+    }
+    run(format!("ALTER DATABASE {refusing} ALLOW_CONNECTIONS true")).await;
+    run(format!("DROP DATABASE {refusing}")).await;
+
+    let app = TestApp::spawn().await;
+    let token = app.physician_key("dr-refused", "NL-REFUSED").await;
+    let mut dr = app.client(Some(&token)).await;
+    let (pseudonym, mut probe) = first_case_and_a_serving_probe(&app, &mut dr, 7200).await;
+    let database = url::Url::parse(&app.database_url).unwrap().path()[1..].to_owned();
+    let allow = |on: bool| format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {on}");
+    let cut = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' \
+         AND pid <> pg_backend_pid()"
+    );
+    run(allow(false)).await;
+    run(cut.clone()).await;
+    // At once, before health says so: these reach the database's refusal.
+    for i in 0..5 {
+        let status = dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(7201 + i))))
+            .await
+            .unwrap_err();
+        assert_unavailable_with_retry_hint(&status);
+    }
+    until_health(
+        &mut probe,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+    )
+    .await;
+    run(allow(true)).await;
+    until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
+    let mut answered = None;
+    for _ in 0..100 {
+        match dr.get_case(get_case("ERN-LUNG", &pseudonym)).await {
+            Ok(answer) => {
+                answered = Some(answer);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(answered.is_some(), "not served again");
+    app.stop().await;
+}
+
 /// A lock the writer cannot get (here the audit chain head's row, held by another
 /// session) fails its batch after the writer's lock wait (`writer::WRITER_LOCK_WAIT`),
 /// rolled back: the caller gets UNAVAILABLE within its deadline, and nothing is stored
