@@ -405,6 +405,10 @@ pub enum Broken {
     Stray { seq: i64, expected: i64 },
     #[error("entry {seq}: its {column} is not readable as stored (type changed)")]
     Unreadable { seq: i64, column: &'static str },
+    #[error(
+        "entry {seq}: its time holds a part of a millisecond, which the service never writes (changed outside the service)"
+    )]
+    PartOfAMillisecond { seq: i64 },
     #[error("the head: {problem}")]
     HeadUnreadable { problem: String },
     #[error(

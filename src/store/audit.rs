@@ -658,6 +658,14 @@ async fn verify_in(
                     return Ok(Err(Broken::Unreadable { seq, column }));
                 }
             };
+            // The MAC covers whole milliseconds, all the service writes; PostgreSQL keeps
+            // microseconds, so a time moved within its millisecond is told here.
+            if row
+                .try_get::<DateTime<Utc>>("at")
+                .is_ok_and(|at| at.timestamp_subsec_nanos() % 1_000_000 != 0)
+            {
+                return Ok(Err(Broken::PartOfAMillisecond { seq: stored.seq }));
+            }
             broken!(verifier.check(&stored));
             broken!(rows.expect(&stored));
             after = stored.seq;
