@@ -191,7 +191,7 @@ class Client:
     ``address``: ``host:port``, or ``http://host:port`` / ``https://host:port``
     (https implies TLS). ``api_key``: defaults to the ``ERN_API_KEY`` environment
     variable. TLS: ``tls=True`` (or an https address) with ``root_certificates`` (PEM
-    path or bytes; default: the system's roots), and for mutual TLS
+    path or bytes; default: gRPC's bundled roots), and for mutual TLS
     ``client_certificate`` and ``client_key``. ``timeout``: the default deadline of a
     call in seconds, retries included (``None``: no deadline); each method takes its
     own ``timeout`` too.
