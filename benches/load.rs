@@ -1030,8 +1030,8 @@ impl Sql {
                  birth_year_month, sex, status, date_of_death, first_contact_date, onset_kind, \
                  onset_date, undiagnosed, orphacode, diagnosis_date, icd10, icd11, omim, \
                  hpo_terms, icf_codes, genetic_findings, diagnosis_year, onset_age_days, \
-                 diagnosis_age_days, delay_days, code_releases) VALUES {}",
-                rows(n, 25)
+                 diagnosis_age_days, delay_days, delay_months, code_releases) VALUES {}",
+                rows(n, 26)
             ),
             genes: format!(
                 "INSERT INTO case_genes (case_id, version, gene) VALUES {}",
@@ -1052,7 +1052,8 @@ impl Sql {
             patients: format!(
                 "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, \
                  centre_id, country, orphacode, sex, status, diagnosis_year, onset_age_days, \
-                 diagnosis_age_days, delay_days, eligible, eligible_until, genes, phenotypes) \
+                 diagnosis_age_days, delay_days, delay_months, eligible, eligible_until, genes, \
+                 phenotypes) \
                  VALUES {} \
                  ON CONFLICT (registry_id, patient) DO UPDATE \
                  SET case_id = excluded.case_id, version = excluded.version, \
@@ -1061,10 +1062,11 @@ impl Sql {
                  diagnosis_year = excluded.diagnosis_year, \
                  onset_age_days = excluded.onset_age_days, \
                  diagnosis_age_days = excluded.diagnosis_age_days, \
-                 delay_days = excluded.delay_days, eligible = excluded.eligible, \
+                 delay_days = excluded.delay_days, delay_months = excluded.delay_months, \
+                 eligible = excluded.eligible, \
                  eligible_until = excluded.eligible_until, genes = excluded.genes, \
                  phenotypes = excluded.phenotypes",
-                templated(n, 17, &|p| format!(
+                templated(n, 18, &|p| format!(
                     "({}, {}, {}, {}, {}, {}, (SELECT country FROM centres WHERE id = {}), {})",
                     p(0),
                     p(1),
@@ -1073,7 +1075,7 @@ impl Sql {
                     p(4),
                     p(5),
                     p(5),
-                    (6..17).map(p).collect::<Vec<_>>().join(", ")
+                    (6..18).map(p).collect::<Vec<_>>().join(", ")
                 ))
             ),
         }
@@ -1213,7 +1215,7 @@ impl RawRows {
 
     fn versions(&self, case_ids: &[i64], now: i64) -> Vec<Val<'_>> {
         let r = &self.row;
-        let mut v = Vec::with_capacity(case_ids.len() * 25);
+        let mut v = Vec::with_capacity(case_ids.len() * 26);
         for id in case_ids {
             v.extend([
                 Val::I(*id),
@@ -1240,6 +1242,7 @@ impl RawRows {
                 oi(r.onset_age_days),
                 oi(r.diagnosis_age_days),
                 oi(r.delay_days),
+                oi(r.delay_months),
                 ot(r.code_releases.as_deref()),
             ]);
         }
@@ -1273,7 +1276,7 @@ impl RawRows {
         case_ids: &[i64],
     ) -> Vec<Val<'a>> {
         let r = &self.row;
-        let mut v = Vec::with_capacity(pseudonyms.len() * 17);
+        let mut v = Vec::with_capacity(pseudonyms.len() * 18);
         for (p, id) in pseudonyms.iter().zip(case_ids) {
             v.extend([
                 Val::I(self.registry_id),
@@ -1289,6 +1292,7 @@ impl RawRows {
                 oi(r.onset_age_days),
                 oi(r.diagnosis_age_days),
                 oi(r.delay_days),
+                oi(r.delay_months),
                 Val::B(true),
                 Val::NullAt,
                 Val::T(&self.genes_column),

@@ -641,6 +641,15 @@ impl Application {
         };
         let audit_key = Arc::new(AuditKey::derive(&master));
         let writer_tasks = Arc::downgrade(&audit_key);
+        // Research rows stored before their delays were kept in whole months (migration
+        // 0026): filled in before research is answered, with or without the index.
+        let filled = crate::store::research_index::fill_delay_months(&store).await?;
+        if filled > 0 {
+            info!(
+                rows = filled,
+                "filled in the diagnostic delay in whole months of research rows stored before it was kept"
+            );
+        }
         let research_index = if args.research_index {
             Some(ResearchIndex::load(&store).await?)
         } else {

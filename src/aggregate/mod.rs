@@ -701,10 +701,14 @@ fn delay_bands_possible(
 /// The whole months of diagnostic delay a patient can have, `(least, most)` (`None`: no
 /// bound), by the age band at diagnosis, the age band at onset and the diagnosis year
 /// (`None`: unknown or any): the delay is the age at diagnosis less the age at onset (0
-/// when the diagnosis came first), in days, and whole months are `days * 48 / 1461`
-/// (`store::research`); the age bands bound both ages, the diagnosis year bounds the age
+/// when the diagnosis came first), in days; the age bands bound both ages, the diagnosis year bounds the age
 /// at diagnosis as in [`impossible`]. A day of slack each way, so that only certainties
-/// rule a band out.
+/// rule a band out. The delay in whole calendar months stays within what its days allow
+/// (`domain::least_whole_months`, `domain::most_whole_months`), and those bound it here;
+/// the most, of the days without the slack day (every age is a whole number of days
+/// within its band's, so the delay is at most the last day of the diagnosis band less
+/// the first of the onset band: one day more would take a group diagnosed before 1,
+/// 364 days at most, to a year).
 fn delay_months_between(
     diagnosis_band: Option<i64>,
     onset_band: Option<i64>,
@@ -723,8 +727,10 @@ fn delay_months_between(
     // Saturating: "no bound" is `i64::MAX` days ([`most_age_days`]).
     let most_days =
         diagnosis_last.map(|last| last.saturating_sub(onset_first).saturating_add(1).max(0));
-    let months = |days: i64| days.saturating_mul(48) / 1461;
-    (months(least_days), most_days.map(months))
+    (
+        crate::domain::least_whole_months(least_days),
+        most_days.map(|days| crate::domain::most_whole_months(days.saturating_sub(1))),
+    )
 }
 
 /// The first and last day of age of an age band's index (`None` for the last band's end,
@@ -1634,10 +1640,10 @@ mod tests {
         // Diagnosed before the age of 1: under 12 months of delay.
         assert_eq!(delay_months_between(Some(0), None, None), (0, Some(11)));
         // Onset before 1, diagnosis at 18 to 39: at least 17 years (204 months) and
-        // under 40 years.
+        // under 41 (14,609 days hold 40 years of 365 days, and 11 months).
         let (least, most) = delay_months_between(Some(4), Some(0), None);
         assert_eq!(least, 204);
-        assert!(most.is_some_and(|m| (479..=480).contains(&m)), "{most:?}");
+        assert_eq!(most, Some(40 * 12 + 11));
         // Nothing known: every band possible; a gene or a sex tells nothing.
         assert_eq!(
             delay_bands_possible(

@@ -144,6 +144,21 @@ impl PartialDate {
         self.earliest() + Days::new((span / 2) as u64)
     }
 
+    /// The day whole months are counted from and to: the date's own day, the 15th of its
+    /// month for a month, the 1st of July for a year. The same day of every month and
+    /// year, unlike [`PartialDate::midpoint`] (the 16th of a month of 31 days, the 15th of
+    /// one of 30; the 2nd of July, or the 1st in a leap year), so that January 2010 to
+    /// January 2015, or 2012 to 2017, are 60 whole months. At most a day from the
+    /// midpoint.
+    pub fn month_anchor(&self) -> NaiveDate {
+        let (month, day) = match (self.month, self.day) {
+            (Some(m), Some(d)) => (m, d),
+            (Some(m), None) => (m, 15),
+            _ => (7, 1),
+        };
+        NaiveDate::from_ymd_opt(self.year, month, day).expect("checked at parse")
+    }
+
     /// True when every day this date can stand for lies before every day of `other`.
     pub fn definitely_before(&self, other: &PartialDate) -> bool {
         self.latest() < other.earliest()
@@ -153,6 +168,19 @@ impl PartialDate {
     pub fn is_future(&self, today: NaiveDate) -> bool {
         self.earliest() > today
     }
+}
+
+/// The whole calendar months from `from` to `to` (0 when `to` is not after `from`): a
+/// month is whole when `to` has reached `from`'s day of the month (January 31st to
+/// February 28th is none, to March 1st one; February 29th to February 28th of the next year
+/// is 11).
+pub fn whole_months(from: NaiveDate, to: NaiveDate) -> i64 {
+    if to <= from {
+        return 0;
+    }
+    let months =
+        i64::from(to.year() - from.year()) * 12 + i64::from(to.month()) - i64::from(from.month());
+    months - i64::from(to.day() < from.day())
 }
 
 impl fmt::Display for PartialDate {

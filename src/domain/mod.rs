@@ -204,7 +204,7 @@ pub use dates::{MIN_YEAR, PartialDate, YearMonth};
 pub use record::{
     CaseRecord, FindingInput, GeneticFinding, MAX_GENETIC_FINDINGS, MAX_HPO_TERMS, MAX_ICD10,
     MAX_ICD11, MAX_ICF_CODES, MAX_OMIM, MAX_VARIANTS_PER_GENE, Onset, OnsetKind, PatientStatus,
-    RecordInput, Sex,
+    RecordInput, Sex, delay_months_of, least_whole_months, most_whole_months,
 };
 
 #[cfg(test)]

@@ -430,10 +430,179 @@ impl CaseRecord {
             .map(|d| (d.midpoint() - birth).num_days().max(0))
     }
 
+    /// Diagnostic delay, onset to diagnosis, in whole calendar months
+    /// ([`super::dates::whole_months`], partial dates at their
+    /// [`PartialDate::month_anchor`], an onset before birth or at it counted from the
+    /// birth's); 0 when the diagnosis came first, `None` when either end is unknown. What
+    /// research answers band and take quantiles of.
+    pub fn delay_months(&self) -> Option<i64> {
+        delay_months_of(self.birth, self.onset, self.diagnosis_date)
+    }
+
     /// Diagnostic delay, onset to diagnosis, in days; 0 when the diagnosis came first
     /// (e.g. newborn screening), `None` when either end is unknown.
     pub fn delay_days(&self) -> Option<i64> {
         Some((self.diagnosis_age_days()? - self.onset_age_days()?).max(0))
+    }
+}
+
+/// [`CaseRecord::delay_months`] of a record born in `birth`, with `onset` and diagnosed on
+/// `diagnosis`.
+pub fn delay_months_of(
+    birth: YearMonth,
+    onset: Onset,
+    diagnosis: Option<PartialDate>,
+) -> Option<i64> {
+    let record_birth = birth.as_partial().midpoint();
+    let age = |d: NaiveDate| (d - record_birth).num_days().max(0);
+    let anchor_birth = birth.as_partial().month_anchor();
+    let (onset_age, onset) = match onset {
+        Onset::Antenatal | Onset::AtBirth => (0, anchor_birth),
+        Onset::Date(d) => (age(d.midpoint()), d.month_anchor().max(anchor_birth)),
+        Onset::Unknown => return None,
+    };
+    let diagnosis = diagnosis?;
+    let days = (age(diagnosis.midpoint()) - onset_age).max(0);
+    let months = super::dates::whole_months(onset, diagnosis.month_anchor().max(anchor_birth));
+    // Within what the delay in days allows: the anchors are a day from the midpoints at
+    // most, and where the precisions of the two ends differ the months could otherwise
+    // say a year the days do not (an onset in March 2010, at its 16th, to a diagnosis
+    // on 15 March 2011 is 364 days), and research answers band ages by the days.
+    Some(months.clamp(least_whole_months(days), most_whole_months(days)))
+}
+
+/// The fewest whole calendar months `days` days hold whatever day they start on: 12 for
+/// each whole year of the most days a year can take (`365 Y + ceil(Y / 4)` for Y years,
+/// with their leap days), nothing for the rest.
+pub fn least_whole_months(days: i64) -> i64 {
+    let days = days.max(0);
+    let mut years = days / 365;
+    while years > 0 && 365 * years + (years + 3) / 4 > days {
+        years -= 1;
+    }
+    12 * years
+}
+
+/// The most whole calendar months `days` days can hold: Y years take at least `365 Y`
+/// days, and the rest of a year at most 11 months.
+pub fn most_whole_months(days: i64) -> i64 {
+    12 * (days.max(0) / 365) + 11
+}
+
+#[cfg(test)]
+mod delay_tests {
+    use super::*;
+
+    fn months(birth: &str, onset: &str, diagnosis: &str) -> Option<i64> {
+        let onset = match onset {
+            "antenatal" => Onset::Antenatal,
+            "birth" => Onset::AtBirth,
+            "" => Onset::Unknown,
+            date => Onset::Date(PartialDate::parse(date).unwrap()),
+        };
+        let diagnosis = (!diagnosis.is_empty()).then(|| PartialDate::parse(diagnosis).unwrap());
+        delay_months_of(YearMonth::parse(birth).unwrap(), onset, diagnosis)
+    }
+
+    /// Whole years are whole years whatever the leap days between and the precision of
+    /// the dates: a delay of exactly five years is 60 months (in the band "5-10y").
+    #[test]
+    fn whole_years_are_whole_years_at_every_precision() {
+        for (onset, diagnosis, expected) in [
+            ("2010-03-15", "2015-03-15", 60), // one leap day between: 1,826 days
+            ("2011-03-01", "2016-03-01", 60), // two: 1,827 days
+            ("2010-01", "2015-01", 60),
+            ("2012", "2017", 60), // midpoints 1 and 2 July
+            ("2013-05-10", "2014-05-10", 12),
+            ("2005-06-01", "2015-06-01", 120),
+            ("1999-12-31", "2019-12-31", 240),
+            ("2010-03-16", "2015-03-15", 59), // a day short
+            ("2010-01", "2014-12", 59),
+            ("2012", "2016", 48),
+            ("2010-01-31", "2010-02-28", 0),
+            ("2010-01-31", "2010-03-01", 1),
+            ("2012-02-29", "2013-02-28", 11),
+            ("2012-02-29", "2013-03-01", 12),
+            ("2010-01-15", "2010-01", 0), // the 15th: the same day
+            ("2010-01-14", "2010-02", 1),
+        ] {
+            assert_eq!(
+                months("1990-01", onset, diagnosis),
+                Some(expected),
+                "{onset} to {diagnosis}"
+            );
+        }
+    }
+
+    /// The months never say a year the days do not: an onset dated by its month to a
+    /// diagnosis on a day before that month's middle is cut to the days' 11 months.
+    #[test]
+    fn the_months_stay_within_what_the_days_allow() {
+        assert_eq!(months("1990-01", "2010-03", "2011-03-15"), Some(11));
+        let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state % n
+        };
+        for _ in 0..20_000 {
+            let date = |next: &mut dyn FnMut(u64) -> u64| {
+                let year = 1990 + next(30) as i32;
+                match next(3) {
+                    0 => format!("{year}"),
+                    1 => format!("{year}-{:02}", 1 + next(12)),
+                    _ => {
+                        let d = NaiveDate::from_ymd_opt(year, 1, 1).unwrap()
+                            + chrono::Days::new(next(365));
+                        d.format("%Y-%m-%d").to_string()
+                    }
+                }
+            };
+            let (birth, onset, diagnosis) = ("1990-01", date(&mut next), date(&mut next));
+            let m = months(birth, &onset, &diagnosis).unwrap();
+            let b = YearMonth::parse(birth).unwrap().as_partial().midpoint();
+            let age = |d: &str| {
+                (PartialDate::parse(d).unwrap().midpoint() - b)
+                    .num_days()
+                    .max(0)
+            };
+            let days = (age(&diagnosis) - age(&onset)).max(0);
+            assert!(
+                least_whole_months(days) <= m && m <= most_whole_months(days),
+                "{onset} to {diagnosis}: {m} months, {days} days"
+            );
+        }
+        // The bounds themselves: a span of Y years and its leap days, from any day.
+        let start = NaiveDate::from_ymd_opt(1896, 1, 1).unwrap();
+        for offset in 0..(4 * 366) {
+            let from = start + chrono::Days::new(offset);
+            for years in [1_u32, 4, 5, 17, 20] {
+                // Around the year's end, where a whole year begins.
+                for extra in 0..40_u64 {
+                    let to = from + chrono::Days::new(u64::from(years) * 365 - 20 + extra);
+                    let days = (to - from).num_days();
+                    let whole = super::super::dates::whole_months(from, to);
+                    assert!(
+                        least_whole_months(days) <= whole && whole <= most_whole_months(days),
+                        "{from} to {to}: {whole} months in {days} days"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_diagnosis_first_or_at_birth_and_unknown_ends() {
+        // Diagnosed before the onset (newborn screening): 0.
+        assert_eq!(months("2010-01", "2012-05", "2010-02"), Some(0));
+        // Onset at birth or before: from the birth's 15th.
+        assert_eq!(months("2010-01", "birth", "2011-01"), Some(12));
+        assert_eq!(months("2010-01", "antenatal", "2011-01-14"), Some(11));
+        // A date before the birth counts from the birth.
+        assert_eq!(months("2010-09", "2010", "2011-09-15"), Some(12));
+        assert_eq!(months("2010-01", "", "2011-01"), None);
+        assert_eq!(months("2010-01", "birth", ""), None);
     }
 }
 

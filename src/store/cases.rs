@@ -13,7 +13,8 @@ use chrono::{DateTime, Utc};
 use super::{ROWS_PER_STATEMENT, Result, StoreError, consent_model};
 use crate::consent::{ConsentDecision, ConsentEvent, Decision, Scope, Source};
 use crate::domain::{
-    CaseRecord, DomainError, FindingInput, OnsetKind, PartialDate, PatientStatus, RecordInput, Sex,
+    CaseRecord, DomainError, FindingInput, Onset, OnsetKind, PartialDate, PatientStatus,
+    RecordInput, Sex,
 };
 
 /// A case record as stored: plain column values. Built from and turned back into the
@@ -41,6 +42,10 @@ pub struct CaseRow {
     pub onset_age_days: Option<i64>,
     pub diagnosis_age_days: Option<i64>,
     pub delay_days: Option<i64>,
+    /// The delay in whole calendar months (`CaseRecord::delay_months`): what research
+    /// answers band. `None` also for a version stored before it was kept, until the
+    /// start-up fills it in (`research_index::fill_delay_months`).
+    pub delay_months: Option<i64>,
     /// The code releases the record was checked against (`CodeCatalog::versions`): ''
     /// for format checks only; `None` for a version stored before code releases existed.
     pub code_releases: Option<String>,
@@ -449,14 +454,14 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
     use db::Ty::{Bool, Int, Text, Time};
     const ROWS: db::Rows = db::Rows::of(&[
         Int, Int, Time, Int, Text, Text, Text, Text, Text, Text, Text, Bool, Int, Text, Text, Text,
-        Text, Text, Text, Text, Int, Int, Int, Int, Text,
+        Text, Text, Text, Text, Int, Int, Int, Int, Int, Text,
     ]);
     let sql = format!(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, \
              sex, status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, \
              orphacode, diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, \
              genetic_findings, diagnosis_year, onset_age_days, diagnosis_age_days, delay_days, \
-             code_releases) \
+             delay_months, code_releases) \
          {}",
         ROWS.sql(conn, cases.len())
     );
@@ -488,9 +493,10 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
             .bind(row.onset_age_days)
             .bind(row.diagnosis_age_days)
             .bind(row.delay_days)
+            .bind(row.delay_months)
             .bind(row.code_releases.as_deref());
     }
-    query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
+    let query = query.rows(conn, &ROWS)?;
     // The HPO terms too, for research questions along the ontology (the reference SQL),
     // as `insert_version` writes them.
     let terms: Vec<(i64, &str)> = cases
@@ -503,11 +509,12 @@ async fn insert_first_versions(conn: &mut Db<'_>, cases: &[(i64, &NewCase<'_>)])
                 .map(move |t| (*case_id, t))
         })
         .collect();
-    insert_first_version_values(conn, "case_phenotypes", "term", &terms).await?;
     let genes: Vec<(i64, &str)> = cases
         .iter()
         .flat_map(|(case_id, c)| c.row.genes.iter().map(move |g| (*case_id, g.as_str())))
         .collect();
+    query.execute(&mut *conn).await?;
+    insert_first_version_values(conn, "case_phenotypes", "term", &terms).await?;
     insert_first_version_values(conn, "case_genes", "gene", &genes).await
 }
 
@@ -594,17 +601,18 @@ pub(in crate::store) async fn set_representative(
     let sql = format!(
         "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, centre_id, \
                                country, orphacode, sex, status, diagnosis_year, onset_age_days, \
-                               diagnosis_age_days, delay_days, eligible, eligible_until, genes, \
-                               phenotypes, slot) \
+                               diagnosis_age_days, delay_days, delay_months, eligible, \
+                               eligible_until, genes, phenotypes, slot) \
          VALUES ($1, (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2), \
                  $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15, $16, {slot}) \
+                 $9, $10, $11, $12, $13, $14, $15, $16, $17, {slot}) \
          ON CONFLICT (registry_id, patient) DO UPDATE \
          SET case_id = excluded.case_id, version = excluded.version, \
              centre_id = excluded.centre_id, country = excluded.country, \
              orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
              diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
              diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
+             delay_months = excluded.delay_months, \
              eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
              genes = excluded.genes, phenotypes = excluded.phenotypes",
         slot = if slots_at_insert(conn) {
@@ -684,19 +692,19 @@ pub(in crate::store) async fn set_representatives_many(
     // The country is the centre's.
     const ROWS: db::Rows = db::Rows::with_template(
         &[
-            Int, Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Bool, Time, Text,
-            Text, Int,
+            Int, Int, Text, Int, Int, Int, Int, Text, Text, Int, Int, Int, Int, Int, Bool, Time,
+            Text, Text, Int,
         ],
         "{0}, {1}, {2}, {3}, {4}, {5}, (SELECT country FROM centres WHERE id = {5}), {6}, {7}, \
-         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}",
+         {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}",
     );
     for chunk in conn.chunks(representatives, ROWS_PER_STATEMENT) {
         let rows = ROWS.sql(conn, chunk.len());
         let sql = format!(
             "INSERT INTO patients (registry_id, patient, pseudonym, case_id, version, centre_id, \
                                    country, orphacode, sex, status, diagnosis_year, \
-                                   onset_age_days, diagnosis_age_days, delay_days, eligible, \
-                                   eligible_until, genes, phenotypes, slot) \
+                                   onset_age_days, diagnosis_age_days, delay_days, delay_months, \
+                                   eligible, eligible_until, genes, phenotypes, slot) \
              {rows} \
              ON CONFLICT (registry_id, patient) DO UPDATE \
              SET case_id = excluded.case_id, version = excluded.version, \
@@ -704,6 +712,7 @@ pub(in crate::store) async fn set_representatives_many(
                  orphacode = excluded.orphacode, sex = excluded.sex, status = excluded.status, \
                  diagnosis_year = excluded.diagnosis_year, onset_age_days = excluded.onset_age_days, \
                  diagnosis_age_days = excluded.diagnosis_age_days, delay_days = excluded.delay_days, \
+                 delay_months = excluded.delay_months, \
                  eligible = excluded.eligible, eligible_until = excluded.eligible_until, \
                  genes = excluded.genes, phenotypes = excluded.phenotypes"
         );
@@ -732,6 +741,7 @@ fn bind_representative<'q>(query: db::Query<'q>, r: &Representative<'_>) -> db::
         .bind(row.onset_age_days)
         .bind(row.diagnosis_age_days)
         .bind(row.delay_days)
+        .bind(row.delay_months)
         .bind(r.eligible)
         .bind(r.eligible_until)
         // The genes of the version too (as in `case_genes`): the research index reads them
@@ -813,9 +823,9 @@ pub(in crate::store) async fn insert_version(
         "INSERT INTO case_versions (case_id, version, recorded_at, recorded_by, birth_year_month, sex, \
              status, date_of_death, first_contact_date, onset_kind, onset_date, undiagnosed, orphacode, \
              diagnosis_date, icd10, icd11, omim, hpo_terms, icf_codes, genetic_findings, diagnosis_year, \
-             onset_age_days, diagnosis_age_days, delay_days, code_releases) \
+             onset_age_days, diagnosis_age_days, delay_days, delay_months, code_releases) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-                 $20, $21, $22, $23, $24, $25)",
+                 $20, $21, $22, $23, $24, $25, $26)",
     )
     .bind(case_id)
     .bind(version)
@@ -841,6 +851,7 @@ pub(in crate::store) async fn insert_version(
     .bind(row.onset_age_days)
     .bind(row.diagnosis_age_days)
     .bind(row.delay_days)
+    .bind(row.delay_months)
     .bind(row.code_releases.as_deref())
     .execute(&mut *conn)
     .await?;
@@ -911,7 +922,7 @@ pub async fn get_case(
                 v.status, v.date_of_death, v.first_contact_date, v.onset_kind, v.onset_date, \
                 v.undiagnosed, v.orphacode, v.diagnosis_date, v.icd10, v.icd11, v.omim, v.hpo_terms, \
                 v.icf_codes, v.genetic_findings, v.diagnosis_year, v.onset_age_days, \
-                v.diagnosis_age_days, v.delay_days, v.code_releases \
+                v.diagnosis_age_days, v.delay_days, v.delay_months, v.code_releases \
          FROM cases c \
          JOIN centres ce ON ce.id = c.centre_id \
          JOIN case_versions v ON v.case_id = c.id AND (v.version = c.current_version OR $5 = 1) \
@@ -974,6 +985,7 @@ fn version_from_row(r: &Row) -> Result<StoredVersion> {
             onset_age_days: r.try_get("onset_age_days")?,
             diagnosis_age_days: r.try_get("diagnosis_age_days")?,
             delay_days: r.try_get("delay_days")?,
+            delay_months: r.try_get("delay_months")?,
             code_releases: r.try_get("code_releases")?,
         },
     })
@@ -995,7 +1007,7 @@ pub async fn list_current(
                 v.status, v.date_of_death, v.first_contact_date, v.onset_kind, v.onset_date, \
                 v.undiagnosed, v.orphacode, v.diagnosis_date, v.icd10, v.icd11, v.omim, v.hpo_terms, \
                 v.icf_codes, v.genetic_findings, v.diagnosis_year, v.onset_age_days, \
-                v.diagnosis_age_days, v.delay_days, v.code_releases \
+                v.diagnosis_age_days, v.delay_days, v.delay_months, v.code_releases \
          FROM cases c \
          JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
          JOIN principals p ON p.id = v.recorded_by \
@@ -1073,8 +1085,37 @@ pub fn to_row(r: &CaseRecord) -> CaseRow {
         onset_age_days: r.onset_age_days(),
         diagnosis_age_days: r.diagnosis_age_days(),
         delay_days: r.delay_days(),
+        delay_months: r.delay_months(),
         code_releases: None,
     }
+}
+
+/// The delay in whole calendar months (`CaseRecord::delay_months`) of a stored version's
+/// columns; a column that does not parse is reported as corruption.
+pub(in crate::store) fn delay_months_of_columns(
+    birth_year_month: &str,
+    onset_kind: &str,
+    onset_date: Option<&str>,
+    diagnosis_date: Option<&str>,
+) -> Result<Option<i64>> {
+    let corrupt = || StoreError::Corrupt("case_versions row does not parse".into());
+    let date = |d: Option<&str>| {
+        d.filter(|d| !d.is_empty())
+            .map(|d| PartialDate::parse(d).map_err(|_| corrupt()))
+            .transpose()
+    };
+    let birth = crate::domain::YearMonth::parse(birth_year_month).map_err(|_| corrupt())?;
+    let onset = match OnsetKind::parse_db(onset_kind).ok_or_else(corrupt)? {
+        OnsetKind::Antenatal => Onset::Antenatal,
+        OnsetKind::AtBirth => Onset::AtBirth,
+        OnsetKind::Date => Onset::Date(date(onset_date)?.ok_or_else(corrupt)?),
+        OnsetKind::Unknown => Onset::Unknown,
+    };
+    Ok(crate::domain::delay_months_of(
+        birth,
+        onset,
+        date(diagnosis_date)?,
+    ))
 }
 
 /// Rebuilds the domain record from stored columns, re-checking everything

@@ -342,13 +342,13 @@ impl Store {
     /// group, streamed in group order into the delay table.
     /// The histograms are returned unprotected: protection runs off the async runtime.
     pub async fn diagnostic_delay(&self, sel: &Selection) -> Result<DelayBuilder, ResearchError> {
-        // Whole months: days × 12 / 365.25, in integer arithmetic on both databases.
-        let months = "(p.delay_days * 48) / 1461";
+        // Whole calendar months, as the writer stored them (`CaseRecord::delay_months`).
+        let months = "p.delay_months";
         let sql = grouped(
             sel,
             &format!("{months} AS months, COUNT(*) AS n"),
             &[months],
-            "p.delay_days IS NOT NULL",
+            "p.delay_months IS NOT NULL",
         );
         let query = sql.bind(db::query(&sql.text).bind(sel.registry_id).bind(sel.now));
         let mut conn = self.pool().acquire().await?;

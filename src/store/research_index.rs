@@ -158,7 +158,7 @@ fn patient_columns(backend: Backend) -> String {
          || (p.centre_id * 64 + COALESCE({onset}, 7) * 8 + COALESCE({diagnosis}, 7)) || '|' \
          || COALESCE(CAST(p.orphacode AS TEXT), '') || '|' \
          || ((COALESCE(p.diagnosis_year, -1) + 1) * 4294967296 \
-             + COALESCE((p.delay_days * 48) / 1461 + 1, 0)) || '|' \
+             + COALESCE(p.delay_months + 1, 0)) || '|' \
          || (CASE WHEN NOT p.eligible THEN '' \
              ELSE CAST(COALESCE({until}, 9223372036854775807) AS TEXT) END) || '|' \
          || p.sex || '|' || p.status || '|' || p.country || '|' || p.genes || '|' \
@@ -763,4 +763,105 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
     log_changes(&mut tx.db(), &Before::default(), &changed).await?;
     tx.commit().await?;
     Ok(owned.len() as u64)
+}
+
+/// Research rows per transaction of [`fill_delay_months`].
+const FILL_ROUND: i64 = 5_000;
+
+/// Fills in the delay in whole calendar months of research rows stored before it was kept
+/// (migration 0026), from the dates of the version that represents each, and logs them
+/// (another instance's index catches up). Versions stored before keep none: only research
+/// rows are read for it. Called at start-up, before the index is loaded and research is
+/// answered; a no-op once done. Rounds of [`FILL_ROUND`] rows, each a transaction under
+/// the change counter's lock (as [`number_unnumbered`]): instances starting together fill
+/// each row once. Returns the number of rows filled in.
+pub async fn fill_delay_months(store: &Store) -> Result<u64> {
+    let mut filled = 0u64;
+    let mut after: (i64, i64) = (i64::MIN, i64::MIN);
+    loop {
+        let mut tx = store.pool().begin().await?;
+        if store.backend() == Backend::Postgres {
+            tx.db()
+                .execute_raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .await?;
+        }
+        db::query("UPDATE research_seq SET seq = seq WHERE id = 1")
+            .execute(&mut tx)
+            .await?;
+        let rows = db::query(
+            "SELECT p.registry_id, p.patient, p.pseudonym, v.birth_year_month, v.onset_kind, \
+                    v.onset_date, v.diagnosis_date \
+             FROM patients p \
+             JOIN case_versions v ON v.case_id = p.case_id AND v.version = p.version \
+             WHERE p.delay_days IS NOT NULL AND p.delay_months IS NULL \
+               AND (p.registry_id > $1 OR (p.registry_id = $1 AND p.patient > $2)) \
+             ORDER BY p.registry_id, p.patient LIMIT $3",
+        )
+        .bind(after.0)
+        .bind(after.1)
+        .bind(FILL_ROUND)
+        .fetch_all(&mut tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            tx.rollback().await?;
+            return Ok(filled);
+        };
+        after = (last.try_get("registry_id")?, last.try_get("patient")?);
+        let mut values: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
+        let mut pseudonyms: Vec<(i64, String)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let months = super::cases::delay_months_of_columns(
+                &row.try_get::<String>("birth_year_month")?,
+                &row.try_get::<String>("onset_kind")?,
+                row.try_get::<Option<String>>("onset_date")?.as_deref(),
+                row.try_get::<Option<String>>("diagnosis_date")?.as_deref(),
+            )?;
+            // A row with a delay in days has both dates.
+            let months = months.ok_or_else(|| {
+                StoreError::Corrupt(
+                    "a research row has a delay in days but its version has no onset or \
+                     diagnosis date"
+                        .into(),
+                )
+            })?;
+            let registry_id: i64 = row.try_get("registry_id")?;
+            values.push((registry_id, row.try_get("patient")?, months));
+            pseudonyms.push((registry_id, row.try_get("pseudonym")?));
+        }
+        for chunk in values.chunks(CHUNK) {
+            let mut triples = String::with_capacity(chunk.len() * 64);
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    triples.push_str(", ");
+                }
+                triples.push_str(&format!(
+                    "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                    3 * i + 1,
+                    3 * i + 2,
+                    3 * i + 3
+                ));
+            }
+            let sql = format!(
+                "UPDATE patients SET delay_months = u.months \
+                 FROM (SELECT column1 AS registry_id, column2 AS patient, column3 AS months \
+                       FROM (VALUES {triples}) AS v) AS u \
+                 WHERE patients.registry_id = u.registry_id AND patients.patient = u.patient"
+            );
+            let mut q = db::query(&sql).persistent(false);
+            for &(registry_id, patient, months) in chunk {
+                q = q.bind(registry_id).bind(patient).bind(months);
+            }
+            let done = q.execute(&mut tx).await?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Err(StoreError::Corrupt(
+                    "research rows changed while their delays were filled in".into(),
+                ));
+            }
+        }
+        let changed: BTreeSet<(i64, &str)> =
+            pseudonyms.iter().map(|(r, p)| (*r, p.as_str())).collect();
+        log_changes(&mut tx.db(), &Before::default(), &changed).await?;
+        tx.commit().await?;
+        filled += values.len() as u64;
+    }
 }

@@ -194,9 +194,11 @@ fn count_view(t: &proto::CountTable, filters: &[proto::Filter]) -> Published {
 }
 
 /// The bands of delay a group cannot have, as anyone can work them out from its labels: a
-/// delay (days) is the age at diagnosis less the age at onset, or 0; whole months are
-/// days * 48 / 1461; an age band bounds an age, and a diagnosis year the age at diagnosis
-/// (no birth before 1880). Generous by a day each way, as the service.
+/// delay (days) is the age at diagnosis less the age at onset, or 0; its whole calendar
+/// months are at least 12 for each year of 366 days (365 Y + ceil(Y / 4) for Y years) and
+/// at most 11 more than 12 for each year of 365; an age band bounds an age, and a
+/// diagnosis year the age at diagnosis (no birth before 1880). Generous by a day on the
+/// least, as the service.
 fn delay_bands_ruled_out(dims: &[Dimension], labels: &[String]) -> Vec<bool> {
     use ern_registry::aggregate::{
         AGE_BANDS, DELAY_BANDS, age_band_start_days, delay_band_start_months,
@@ -222,8 +224,13 @@ fn delay_bands_ruled_out(dims: &[Dimension], labels: &[String]) -> Vec<bool> {
         diagnosis.1 = Some(diagnosis.1.map_or(most, |l| l.min(most)));
     }
     let onset = band(Dimension::OnsetAgeBand).map_or((0, None), |b| (first(b), last(b)));
-    let least = onset.1.map_or(0, |l| (diagnosis.0 - l - 1).max(0)) * 48 / 1461;
-    let most = diagnosis.1.map(|l| (l - onset.0 + 1).max(0) * 48 / 1461);
+    let least_days = onset.1.map_or(0, |l| (diagnosis.0 - l - 1).max(0));
+    let least = 12
+        * (0..=least_days / 365)
+            .rev()
+            .find(|&y| 365 * y + (y + 3) / 4 <= least_days)
+            .unwrap_or(0);
+    let most = diagnosis.1.map(|l| 12 * ((l - onset.0).max(0) / 365) + 11);
     if most.is_some_and(|m| m < least) {
         // No one can have these values together.
         return vec![true; DELAY_BANDS.len()];

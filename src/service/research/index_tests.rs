@@ -107,6 +107,7 @@ impl World {
         if rng.gen_bool(0.1) {
             row.onset_age_days = None;
             row.delay_days = None;
+            row.delay_months = None;
         }
         let genes = rng.gen_range(0..4);
         let mut chosen: Vec<&str> = GENES.choose_multiple(rng, genes).copied().collect();
@@ -941,6 +942,73 @@ async fn rows_of_an_earlier_version_get_slots_and_are_logged() {
     assert_eq!(lagging.size().patients, before);
     let reloaded = Index::load(&w.store).await.unwrap();
     assert_eq!(reloaded.size().patients, before);
+}
+
+/// Research rows stored before the delay in whole months was kept (migration 0026) get
+/// it at the next start, from their versions' dates, the same as the writer gives, and
+/// the changes are logged for other instances' indexes; two instances starting together
+/// fill each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_of_an_earlier_version_are_filled_in_and_logged() {
+    let (_dir, mut w, _, lagging) = world().await;
+    w.submit_new(60).await;
+    lagging.catch_up().await.unwrap();
+    let months = || async {
+        db::query(
+            "SELECT registry_id, patient, delay_days, delay_months FROM patients \
+             ORDER BY registry_id, patient",
+        )
+        .fetch_all(w.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<i64>("patient"),
+                r.get::<Option<i64>>("delay_days"),
+                r.get::<Option<i64>>("delay_months"),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let written = months().await;
+    let with_delay = written.iter().filter(|(_, d, _)| d.is_some()).count();
+    assert!(with_delay > 20, "{with_delay} of {}", written.len());
+    assert!(
+        written.iter().all(|(_, d, m)| d.is_some() == m.is_some()),
+        "the writer keeps both or neither"
+    );
+    let counter = || async {
+        db::query("SELECT seq FROM research_seq WHERE id = 1")
+            .fetch_one(w.store.pool())
+            .await
+            .unwrap()
+            .get::<i64>("seq")
+    };
+    for round in 0..3 {
+        db::query("UPDATE patients SET delay_months = NULL")
+            .execute(w.store.pool())
+            .await
+            .unwrap();
+        let logged = counter().await;
+        let filled = if round == 0 {
+            research_index::fill_delay_months(&w.store).await.unwrap()
+        } else {
+            let (a, b) = tokio::join!(
+                research_index::fill_delay_months(&w.store),
+                research_index::fill_delay_months(&w.store)
+            );
+            a.unwrap() + b.unwrap()
+        };
+        assert_eq!(filled as usize, with_delay, "round {round}");
+        assert_eq!(months().await, written, "round {round}");
+        assert_eq!(counter().await - logged, with_delay as i64, "round {round}");
+        assert_eq!(
+            research_index::fill_delay_months(&w.store).await.unwrap(),
+            0
+        );
+        lagging.catch_up().await.unwrap();
+    }
 }
 
 /// Two instances starting at once both number the rows without a slot: each row is
