@@ -245,11 +245,26 @@ pub async fn append(
     const ROWS: db::Rows = db::Rows::of(&[
         Int, Time, Int, Int, Text, Text, Text, Text, Text, Text, Int, Text, Text, Text,
     ]);
-    for chunk in conn.chunks(&rows, INSERT_CHUNK) {
-        let sql = format!(
-            "INSERT INTO audit_log ({COLUMNS}) {}",
-            ROWS.sql(conn, chunk.len())
-        );
+    let chunks = conn.chunks(&rows, INSERT_CHUNK);
+    // On PostgreSQL the last chunk's statement moves the head too, to its last entry (one
+    // round trip less per batch: a data-modifying `WITH`, which SQLite does not have).
+    let head_with_last = matches!(conn, Db::Pg(_));
+    let last = chunks.len() - 1;
+    for (k, chunk) in chunks.into_iter().enumerate() {
+        let sql = if head_with_last && k == last {
+            format!(
+                "WITH entries AS (INSERT INTO audit_log ({COLUMNS}) {} RETURNING seq, mac) \
+                 UPDATE audit_head SET seq = e.seq, mac = e.mac, rows_adopted = 1 \
+                 FROM (SELECT seq, mac FROM entries ORDER BY seq DESC LIMIT 1) AS e \
+                 WHERE id = 1",
+                ROWS.sql(conn, chunk.len())
+            )
+        } else {
+            format!(
+                "INSERT INTO audit_log ({COLUMNS}) {}",
+                ROWS.sql(conn, chunk.len())
+            )
+        };
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for r in chunk {
             query = query
@@ -268,13 +283,20 @@ pub async fn append(
                 .bind(r.entry.rows.as_str())
                 .bind(r.mac.as_str());
         }
-        query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
+        let done = query.rows(conn, &ROWS)?.execute(&mut *conn).await?;
+        if head_with_last && k == last && done.rows_affected() != 1 {
+            return Err(StoreError::Corrupt(
+                "the audit chain's head was not moved to its last entry".into(),
+            ));
+        }
     }
-    db::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
-        .bind(seq)
-        .bind(previous.as_str())
-        .execute(&mut *conn)
-        .await?;
+    if !head_with_last {
+        db::query("UPDATE audit_head SET seq = $1, mac = $2, rows_adopted = 1 WHERE id = 1")
+            .bind(seq)
+            .bind(previous.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(Some(Head { seq, mac: previous }))
 }
 

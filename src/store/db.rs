@@ -220,6 +220,22 @@ impl RawTx {
         self.ended = true;
         Ok(())
     }
+
+    /// Rolls the transaction back in a task of its own, for a caller that only read and
+    /// need not wait for that round trip. The connection goes back to the pool once the
+    /// ROLLBACK was answered, and is closed if it failed (or if the runtime is shutting
+    /// down and the task never runs).
+    pub fn rollback_in_background(self) {
+        use tracing::Instrument as _;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(
+                async move {
+                    let _ = self.rollback().await;
+                }
+                .instrument(tracing::Span::current()),
+            );
+        }
+    }
 }
 
 impl Drop for RawTx {
@@ -784,6 +800,33 @@ impl<'q> Query<'q> {
                 StoreError::Corrupt(format!(
                     "a list value is {other:?}, not of the list's type {:?}",
                     list.0
+                ))
+            })?;
+        }
+        self.arrays.get_or_insert_with(Vec::new).push(array);
+        Ok(self)
+    }
+
+    /// Binds `values` as one PostgreSQL array of `ty`, after every value bound one by one
+    /// and every array bound before it (whatever [`Query::rows`] or [`Query::list`] made
+    /// of them): its parameter is numbered after theirs. PostgreSQL only: refused on
+    /// SQLite, which has no arrays. Refuses a value not of `ty`.
+    pub fn bind_array<T: IntoArg>(
+        mut self,
+        db: &Db<'_>,
+        ty: Ty,
+        values: impl ExactSizeIterator<Item = T>,
+    ) -> Result<Self> {
+        if !matches!(db, Db::Pg(_)) {
+            return Err(StoreError::Corrupt(
+                "an array bound to a statement for SQLite".into(),
+            ));
+        }
+        let mut array = Array::new(ty, values.len());
+        for value in values {
+            array.push(value.into_arg()).map_err(|other| {
+                StoreError::Corrupt(format!(
+                    "an array value is {other:?}, not of the array's type {ty:?}"
                 ))
             })?;
         }

@@ -283,7 +283,7 @@ async fn load_part<S: IndexSink + Send>(
                  JOIN case_versions v ON v.case_id = c.id AND v.version = c.current_version \
                  WHERE p.slot IS NOT NULL",
             )
-            .fetch_all(&mut tx)
+            .fetch_all(&mut tx.db())
             .await?;
             let mut sink = lock();
             for row in rows {
@@ -301,15 +301,23 @@ async fn load_part<S: IndexSink + Send>(
 }
 
 /// Opens a read-only transaction on one snapshot (PostgreSQL: REPEATABLE READ; SQLite's
-/// read transaction keeps the snapshot of its first read).
-async fn snapshot(store: &Store) -> Result<db::Tx> {
-    let mut tx = store.pool().begin().await?;
-    if store.backend() == Backend::Postgres {
-        tx.db()
-            .execute_raw("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await?;
-    }
-    Ok(tx)
+/// read transaction keeps the snapshot of its first read). On PostgreSQL the BEGIN and
+/// its modes go as one simple query, one round trip (the catch-up after each commit is on
+/// the path of a submission's answer). `SET TRANSACTION`, not `BEGIN ISOLATION LEVEL`, for
+/// the writer's reason (`writer::begin_sql`): on a connection found inside a transaction
+/// that already read, it fails instead of reading that transaction's snapshot. A
+/// connection whose transaction does not end in a ROLLBACK the database answered is
+/// closed, not put back into the pool ([`db::RawTx`]).
+async fn snapshot(store: &Store) -> Result<db::RawTx> {
+    store
+        .pool()
+        .begin_raw(match store.backend() {
+            Backend::Postgres => {
+                "BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+            }
+            Backend::Sqlite => "BEGIN",
+        })
+        .await
 }
 
 /// (change number, pruned through) of the counter.
@@ -413,11 +421,10 @@ impl Store {
             None => {
                 let mut tx = snapshot(self).await?;
                 let changes = changes_in(&mut tx.db(), self.backend(), applied, sink).await;
-                // Ended without waiting for it: sqlx rolls a dropped transaction back
-                // before its connection goes back to the pool, in a task of its own, and
-                // the writer's next batch (which waits for this catch-up) does not wait for
-                // that round trip. The transaction only read.
-                drop(tx);
+                // Ended without waiting for it, in a task of its own: the writer's next
+                // batch (which waits for this catch-up) does not wait for that round trip.
+                // The transaction only read.
+                tx.rollback_in_background();
                 changes
             }
             Some(mut db) => {
