@@ -736,21 +736,11 @@ pub(super) async fn log_changes(
 /// slots, e.g. restored from a dump of an earlier version) and logs them. Called at
 /// start-up, before the index is loaded.
 pub async fn number_unnumbered(store: &Store) -> Result<u64> {
-    let mut tx = store.pool().begin().await?;
-    if store.backend() == Backend::Postgres {
-        // As the writer's transactions: the counter's lock orders, READ COMMITTED reads
-        // what was committed before it was granted.
-        tx.db()
-            .execute_raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .await?;
-    }
     // The counter's lock first, then the rows without a slot: another instance starting at
     // the same time numbers them first, or after this one commits, and finds none left
     // (rather than the same rows, whose numbering it would then take for a concurrent
     // change).
-    db::query("UPDATE research_seq SET seq = seq WHERE id = 1")
-        .execute(&mut tx)
-        .await?;
+    let mut tx = under_the_counters_lock(store).await?;
     // On the (registry, slot) index, registry by registry.
     let rows = db::query(
         "SELECT registry_id, pseudonym FROM patients \
@@ -772,6 +762,22 @@ pub async fn number_unnumbered(store: &Store) -> Result<u64> {
     Ok(owned.len() as u64)
 }
 
+/// A transaction holding the change counter's lock, for a start-up step that changes
+/// research rows and logs them. As the writer's transactions: the counter's lock orders,
+/// and on PostgreSQL READ COMMITTED reads what was committed before it was granted.
+async fn under_the_counters_lock(store: &Store) -> Result<db::Tx> {
+    let mut tx = store.pool().begin().await?;
+    if store.backend() == Backend::Postgres {
+        tx.db()
+            .execute_raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await?;
+    }
+    db::query("UPDATE research_seq SET seq = seq WHERE id = 1")
+        .execute(&mut tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Research rows per transaction of [`fill_delay_months`].
 const FILL_ROUND: i64 = 5_000;
 
@@ -786,15 +792,7 @@ pub async fn fill_delay_months(store: &Store) -> Result<u64> {
     let mut filled = 0u64;
     let mut after: (i64, i64) = (i64::MIN, i64::MIN);
     loop {
-        let mut tx = store.pool().begin().await?;
-        if store.backend() == Backend::Postgres {
-            tx.db()
-                .execute_raw("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                .await?;
-        }
-        db::query("UPDATE research_seq SET seq = seq WHERE id = 1")
-            .execute(&mut tx)
-            .await?;
+        let mut tx = under_the_counters_lock(store).await?;
         let rows = db::query(
             "SELECT p.registry_id, p.patient, p.pseudonym, v.birth_year_month, v.onset_kind, \
                     v.onset_date, v.diagnosis_date \

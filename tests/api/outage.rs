@@ -639,11 +639,7 @@ async fn postgresql_stopped_and_started_under_load_is_unavailable_then_served_ag
 /// health SERVING, before: a claims audit's fault injection.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_database_is_unavailable_and_not_serving_until_it_takes_writes() {
-    let Some(admin_url) = std::env::var("ERN_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| u.starts_with("postgres"))
-    else {
-        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+    let Some(admin_url) = postgres_admin_url() else {
         return;
     };
     let app = TestApp::spawn().await;
@@ -707,24 +703,38 @@ async fn a_read_only_database_is_unavailable_and_not_serving_until_it_takes_writ
             .unwrap();
     }
     until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
-    let mut answered = None;
+    served_again(&mut dr, &pseudonym).await;
+    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(6999))))
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+/// The PostgreSQL server's URL the tests run against (`ERN_TEST_DATABASE_URL`), or `None`
+/// (said on stderr) when they run on SQLite.
+fn postgres_admin_url() -> Option<String> {
+    let url = std::env::var("ERN_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"));
+    if url.is_none() {
+        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+    }
+    url
+}
+
+/// Reads the case until it is served (UNAVAILABLE meanwhile, nothing else), for 10 s at
+/// most.
+async fn served_again(dr: &mut crate::helpers::Client, pseudonym: &str) {
     for _ in 0..100 {
-        match dr.get_case(get_case("ERN-LUNG", &pseudonym)).await {
-            Ok(answer) => {
-                answered = Some(answer);
-                break;
-            }
+        match dr.get_case(get_case("ERN-LUNG", pseudonym)).await {
+            Ok(_) => return,
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    assert!(answered.is_some(), "not served again");
-    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(6999))))
-        .await
-        .unwrap();
-    app.stop().await;
+    panic!("not served again");
 }
 
 /// A PostgreSQL database that refuses new sessions is "not reachable now", as a stopped
@@ -738,11 +748,7 @@ async fn a_read_only_database_is_unavailable_and_not_serving_until_it_takes_writ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_refusing_sessions_is_unavailable_not_internal() {
     use sqlx::Connection as _;
-    let Some(admin_url) = std::env::var("ERN_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| u.starts_with("postgres"))
-    else {
-        eprintln!("skipped: needs PostgreSQL (ERN_TEST_DATABASE_URL)");
+    let Some(admin_url) = postgres_admin_url() else {
         return;
     };
     let admin = ern_registry::store::Store::connect(&admin_url, 1)
@@ -807,20 +813,7 @@ async fn a_database_refusing_sessions_is_unavailable_not_internal() {
     .await;
     run(allow(true)).await;
     until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
-    let mut answered = None;
-    for _ in 0..100 {
-        match dr.get_case(get_case("ERN-LUNG", &pseudonym)).await {
-            Ok(answer) => {
-                answered = Some(answer);
-                break;
-            }
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    assert!(answered.is_some(), "not served again");
+    served_again(&mut dr, &pseudonym).await;
     app.stop().await;
 }
 
