@@ -643,11 +643,17 @@ impl Application {
         let writer_tasks = Arc::downgrade(&audit_key);
         // Research rows stored before their delays were kept in whole months (migration
         // 0026): filled in before research is answered, with or without the index.
-        let filled = crate::store::research_index::fill_delay_months(&store).await?;
-        if filled > 0 {
+        let delays = crate::store::research_index::fill_delay_months(&store).await?;
+        if delays.filled > 0 {
             info!(
-                rows = filled,
+                rows = delays.filled,
                 "filled in the diagnostic delay in whole months of research rows stored before it was kept"
+            );
+        }
+        if delays.unreadable > 0 {
+            warn!(
+                rows = delays.unreadable,
+                "research rows with a diagnostic delay whose record's dates do not parse (changed outside the service): left without a delay in months, in no delay table"
             );
         }
         let research_index = if args.research_index {

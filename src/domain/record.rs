@@ -592,6 +592,17 @@ mod delay_tests {
         }
     }
 
+    /// The proto's examples of the birth month (`DiagnosticDelayResponse.bands`): the
+    /// days count from the middle of the birth month, the 16th of January.
+    #[test]
+    fn an_onset_early_in_the_birth_month_counts_from_its_middle() {
+        assert_eq!(months("2010-01", "birth", "2011-01-15"), Some(11));
+        assert_eq!(months("2010-01", "2010-01-05", "2011-01-15"), Some(11));
+        assert_eq!(months("2010-01", "birth", "2011-01-16"), Some(12));
+        assert_eq!(months("2010-01", "2010-01-05", "2015-01-10"), Some(59));
+        assert_eq!(months("1990-01", "2010-03", "2011-03-15"), Some(11));
+    }
+
     #[test]
     fn a_diagnosis_first_or_at_birth_and_unknown_ends() {
         // Diagnosed before the onset (newborn screening): 0.

@@ -787,9 +787,10 @@ const FILL_ROUND: i64 = 5_000;
 /// rows are read for it. Called at start-up, before the index is loaded and research is
 /// answered; a no-op once done. Rounds of [`FILL_ROUND`] rows, each a transaction under
 /// the change counter's lock (as [`number_unnumbered`]): instances starting together fill
-/// each row once. Returns the number of rows filled in.
-pub async fn fill_delay_months(store: &Store) -> Result<u64> {
-    let mut filled = 0u64;
+/// each row once. A row whose version's dates do not parse is left without months and
+/// counted ([`DelaysFilled::unreadable`]).
+pub async fn fill_delay_months(store: &Store) -> Result<DelaysFilled> {
+    let mut done = DelaysFilled::default();
     let mut after: (i64, i64) = (i64::MIN, i64::MIN);
     loop {
         let mut tx = under_the_counters_lock(store).await?;
@@ -809,9 +810,9 @@ pub async fn fill_delay_months(store: &Store) -> Result<u64> {
         .await?;
         let Some(last) = rows.last() else {
             tx.rollback().await?;
-            return Ok(filled);
+            return Ok(done);
         };
-        if filled == 0 {
+        if done == DelaysFilled::default() {
             // Once, after the upgrade: about 15,000 rows a second on SQLite (measured),
             // a minute for a million.
             tracing::info!(
@@ -823,20 +824,19 @@ pub async fn fill_delay_months(store: &Store) -> Result<u64> {
         let mut values: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
         let mut pseudonyms: Vec<(i64, String)> = Vec::with_capacity(rows.len());
         for row in &rows {
+            // A row with a delay in days has both dates, and its version's columns parse;
+            // one that does not (changed outside the service) keeps no months, so it is in
+            // no delay table, and is counted, not a reason to refuse the start.
             let months = super::cases::delay_months_of_columns(
                 &row.try_get::<String>("birth_year_month")?,
                 &row.try_get::<String>("onset_kind")?,
                 row.try_get::<Option<String>>("onset_date")?.as_deref(),
                 row.try_get::<Option<String>>("diagnosis_date")?.as_deref(),
-            )?;
-            // A row with a delay in days has both dates.
-            let months = months.ok_or_else(|| {
-                StoreError::Corrupt(
-                    "a research row has a delay in days but its version has no onset or \
-                     diagnosis date"
-                        .into(),
-                )
-            })?;
+            );
+            let Ok(Some(months)) = months else {
+                done.unreadable += 1;
+                continue;
+            };
             let registry_id: i64 = row.try_get("registry_id")?;
             values.push((registry_id, row.try_get("patient")?, months));
             pseudonyms.push((registry_id, row.try_get("pseudonym")?));
@@ -875,6 +875,16 @@ pub async fn fill_delay_months(store: &Store) -> Result<u64> {
             pseudonyms.iter().map(|(r, p)| (*r, p.as_str())).collect();
         log_changes(&mut tx.db(), &Before::default(), &changed).await?;
         tx.commit().await?;
-        filled += values.len() as u64;
+        done.filled += values.len() as u64;
     }
+}
+
+/// What [`fill_delay_months`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DelaysFilled {
+    /// Research rows given their delay in months.
+    pub filled: u64,
+    /// Research rows with a delay in days whose version's dates do not parse (changed
+    /// outside the service): left without months, in no delay table.
+    pub unreadable: u64,
 }

@@ -992,23 +992,51 @@ async fn delays_of_an_earlier_version_are_filled_in_and_logged() {
             .unwrap();
         let logged = counter().await;
         let filled = if round == 0 {
-            research_index::fill_delay_months(&w.store).await.unwrap()
+            research_index::fill_delay_months(&w.store)
+                .await
+                .unwrap()
+                .filled
         } else {
             let (a, b) = tokio::join!(
                 research_index::fill_delay_months(&w.store),
                 research_index::fill_delay_months(&w.store)
             );
-            a.unwrap() + b.unwrap()
+            a.unwrap().filled + b.unwrap().filled
         };
         assert_eq!(filled as usize, with_delay, "round {round}");
         assert_eq!(months().await, written, "round {round}");
         assert_eq!(counter().await - logged, with_delay as i64, "round {round}");
         assert_eq!(
             research_index::fill_delay_months(&w.store).await.unwrap(),
-            0
+            Default::default()
         );
         lagging.catch_up().await.unwrap();
     }
+    // A version whose dates do not parse (changed outside the service) leaves its row
+    // without months and is counted; the others are filled, and the start goes on.
+    db::query("UPDATE patients SET delay_months = NULL")
+        .execute(w.store.pool())
+        .await
+        .unwrap();
+    db::query(
+        "UPDATE case_versions SET onset_date = '2010-13' WHERE onset_kind = 'date' AND \
+         case_id = (SELECT MIN(p.case_id) FROM patients p JOIN case_versions v \
+                    ON v.case_id = p.case_id AND v.version = p.version \
+                    WHERE p.delay_days IS NOT NULL AND v.onset_kind = 'date')",
+    )
+    .execute(w.store.pool())
+    .await
+    .unwrap();
+    let done = research_index::fill_delay_months(&w.store).await.unwrap();
+    assert_eq!((done.filled as usize, done.unreadable), (with_delay - 1, 1));
+    assert_eq!(
+        months()
+            .await
+            .iter()
+            .filter(|(_, _, m)| m.is_some())
+            .count(),
+        with_delay - 1
+    );
 }
 
 /// Two instances starting at once both number the rows without a slot: each row is
