@@ -504,27 +504,31 @@ enum Array {
 }
 
 impl Array {
-    fn new(ty: Ty, capacity: usize) -> Array {
-        match ty {
-            Ty::Int => Array::Int(Vec::with_capacity(capacity)),
-            Ty::Text => Array::Text(Vec::with_capacity(capacity)),
-            Ty::Blob => Array::Blob(Vec::with_capacity(capacity)),
-            Ty::Bool => Array::Bool(Vec::with_capacity(capacity)),
-            Ty::Time => Array::Time(Vec::with_capacity(capacity)),
+    /// An array of `ty` holding `values`; refused (`what` names it in the error) when a
+    /// value is not of `ty`.
+    fn of(ty: Ty, values: impl ExactSizeIterator<Item = Arg>, what: &str) -> Result<Array> {
+        let mut array = match ty {
+            Ty::Int => Array::Int(Vec::with_capacity(values.len())),
+            Ty::Text => Array::Text(Vec::with_capacity(values.len())),
+            Ty::Blob => Array::Blob(Vec::with_capacity(values.len())),
+            Ty::Bool => Array::Bool(Vec::with_capacity(values.len())),
+            Ty::Time => Array::Time(Vec::with_capacity(values.len())),
+        };
+        for value in values {
+            match (&mut array, value) {
+                (Array::Int(v), Arg::Int(x)) => v.push(x),
+                (Array::Text(v), Arg::Text(x)) => v.push(x),
+                (Array::Blob(v), Arg::Blob(x)) => v.push(x),
+                (Array::Bool(v), Arg::Bool(x)) => v.push(x),
+                (Array::Time(v), Arg::Time(x)) => v.push(x),
+                (_, other) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{what} value is {other:?}, not of the type {ty:?}"
+                    )));
+                }
+            }
         }
-    }
-
-    /// Appends `value`, or gives it back when it is not of the array's type.
-    fn push(&mut self, value: Arg) -> std::result::Result<(), Arg> {
-        match (self, value) {
-            (Array::Int(v), Arg::Int(x)) => v.push(x),
-            (Array::Text(v), Arg::Text(x)) => v.push(x),
-            (Array::Blob(v), Arg::Blob(x)) => v.push(x),
-            (Array::Bool(v), Arg::Bool(x)) => v.push(x),
-            (Array::Time(v), Arg::Time(x)) => v.push(x),
-            (_, other) => return Err(other),
-        }
-        Ok(())
+        Ok(array)
     }
 }
 
@@ -764,17 +768,22 @@ impl<'q> Query<'q> {
         if !db.arrays_for(n) {
             return Ok(self);
         }
-        let mut arrays: Vec<Array> = rows.types.iter().map(|&ty| Array::new(ty, n)).collect();
+        let mut columns: Vec<Vec<Arg>> = (0..c).map(|_| Vec::with_capacity(n)).collect();
         for (k, arg) in std::mem::take(&mut self.args).into_iter().enumerate() {
-            let column = k % c;
-            arrays[column].push(arg).map_err(|other| {
-                StoreError::Corrupt(format!(
-                    "value {} of a row is {other:?}, not of its column's type {:?}",
-                    column + 1,
-                    rows.types[column]
-                ))
-            })?;
+            columns[k % c].push(arg);
         }
+        let arrays = columns
+            .into_iter()
+            .zip(rows.types.iter())
+            .enumerate()
+            .map(|(k, (values, &ty))| {
+                Array::of(
+                    ty,
+                    values.into_iter(),
+                    &format!("column {} of a row", k + 1),
+                )
+            })
+            .collect::<Result<Vec<Array>>>()?;
         self.arrays = Some(arrays);
         Ok(self)
     }
@@ -794,15 +803,7 @@ impl<'q> Query<'q> {
             return Ok(self);
         }
         let values = self.args.split_off(first - 1);
-        let mut array = Array::new(list.0, values.len());
-        for value in values {
-            array.push(value).map_err(|other| {
-                StoreError::Corrupt(format!(
-                    "a list value is {other:?}, not of the list's type {:?}",
-                    list.0
-                ))
-            })?;
-        }
+        let array = Array::of(list.0, values.into_iter(), "a list")?;
         self.arrays.get_or_insert_with(Vec::new).push(array);
         Ok(self)
     }
@@ -822,14 +823,7 @@ impl<'q> Query<'q> {
                 "an array bound to a statement for SQLite".into(),
             ));
         }
-        let mut array = Array::new(ty, values.len());
-        for value in values {
-            array.push(value.into_arg()).map_err(|other| {
-                StoreError::Corrupt(format!(
-                    "an array value is {other:?}, not of the array's type {ty:?}"
-                ))
-            })?;
-        }
+        let array = Array::of(ty, values.map(IntoArg::into_arg), "an array")?;
         self.arrays.get_or_insert_with(Vec::new).push(array);
         Ok(self)
     }
