@@ -113,8 +113,9 @@ def count_table(table: research_pb2.CountTable) -> pd.DataFrame:
 def delay_table(answer: research_pb2.DiagnosticDelayResponse) -> pd.DataFrame:
     """A DiagnosticDelayResponse as a DataFrame: one row per group and a ``total`` row;
     a column per delay band, ``total``, and the quantiles in years (``p25_years``,
-    ``median_years``, ``p75_years``, ``p90_years``; NaN where the server gives none,
-    which it does only for groups whose counts are all published)."""
+    ``median_years``, ``p75_years``, ``p90_years``; NaN where the server gives none:
+    it gives them only for groups whose counts are all published, and for the ``total``
+    row only when every count of the table is published)."""
     dims = [dimension_name(d) for d in answer.group_by]
     bands = list(answer.bands)
     width = len(dims)
