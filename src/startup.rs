@@ -642,12 +642,13 @@ impl Application {
         let audit_key = Arc::new(AuditKey::derive(&master));
         let writer_tasks = Arc::downgrade(&audit_key);
         // Research rows stored before their delays were kept in whole months (migration
-        // 0026): filled in before research is answered, with or without the index.
+        // 0026), or whose ages a later rule changed (0027): filled in before research is
+        // answered, with or without the index.
         let delays = crate::store::research_index::fill_delay_months(&store).await?;
         if delays.filled > 0 {
             info!(
                 rows = delays.filled,
-                "filled in the diagnostic delay in whole months of research rows stored before it was kept"
+                "filled in the diagnostic delay in whole months (and the ages) of research rows stored before it was kept, or whose ages a later rule changed"
             );
         }
         if delays.unreadable > 0 {

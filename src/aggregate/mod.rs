@@ -469,7 +469,7 @@ fn latest_midpoint(today: NaiveDate) -> Option<NaiveDate> {
 /// age in the band `onset` (`None`: any, or unknown) needs a date after `today`, which no
 /// record stored by then has ([`impossible`]): a diagnosis in a year that begins after it,
 /// or an onset whose age puts it after it. Diagnosed in year y at an age of at most `a`
-/// days, a patient was born (their birth's midpoint) on 1 January of y less `a` days or
+/// days, a patient was born (the day their ages count from, `domain::birth_midpoint`) on 1 January of y less `a` days or
 /// later (a diagnosis's midpoint is in its year); an onset at `o` days of age or more has
 /// its midpoint that much later, which is at most [`latest_midpoint`].
 fn needs_a_future_date(
@@ -744,10 +744,10 @@ fn age_band_days(band: i64) -> Option<(i64, Option<i64>)> {
 }
 
 /// The greatest age at diagnosis, in days, of a diagnosis in `year`: from the earliest
-/// birth (the middle of January of `MIN_YEAR`, a birth being a year and month taken at
-/// its midpoint) to the last day of `year` (`domain::record`).
+/// day ages count from (1 January of `MIN_YEAR`: a birth in January `MIN_YEAR` with an
+/// onset on its 1st, `domain::birth_midpoint`) to the last day of `year`.
 fn most_age_days(year: i64) -> i64 {
-    let first_birth = chrono::NaiveDate::from_ymd_opt(crate::domain::MIN_YEAR, 1, 16);
+    let first_birth = chrono::NaiveDate::from_ymd_opt(crate::domain::MIN_YEAR, 1, 1);
     let last_day = i32::try_from(year)
         .ok()
         .and_then(|y| chrono::NaiveDate::from_ymd_opt(y, 12, 31));
@@ -1778,6 +1778,34 @@ mod tests {
             &[(DiagnosisYear, &y2020)],
             &undiagnosed(Some(586))
         ));
+    }
+
+    /// The earliest day ages count from is 1 January 1880 (born in January 1880 with an
+    /// onset dated on its 1st, `domain::birth_midpoint`), not the birth month's middle:
+    /// such a patient, diagnosed on the last day of any year, is in no cell ruled out.
+    #[test]
+    fn the_earliest_possible_record_is_in_no_cell_ruled_out() {
+        use crate::domain::{Onset, PartialDate, YearMonth, diagnosis_age_days_of};
+        let birth = YearMonth::parse("1880-01").unwrap();
+        let onset = Onset::Date(PartialDate::parse("1880-01-01").unwrap());
+        for year in 1880..=2000 {
+            let diagnosis = PartialDate::parse(&format!("{year}-12-31")).unwrap();
+            let days = diagnosis_age_days_of(birth, onset, Some(diagnosis)).unwrap();
+            let band = (0..AGE_BANDS.len())
+                .rev()
+                .find(|&i| days >= age_band_start_days(i))
+                .unwrap();
+            assert!(
+                !impossible(
+                    &[
+                        (Dimension::DiagnosisYear, &Key::Int(year.into())),
+                        (Dimension::DiagnosisAgeBand, &Key::Int(band as i64)),
+                    ],
+                    &Known::nothing()
+                ),
+                "diagnosed on {diagnosis} at {days} days"
+            );
+        }
     }
 
     #[test]

@@ -121,6 +121,11 @@ impl PartialDate {
         self.year
     }
 
+    /// Whether the date is known to the day.
+    pub fn is_day(&self) -> bool {
+        self.day.is_some()
+    }
+
     /// The first day the date can stand for.
     pub fn earliest(&self) -> NaiveDate {
         NaiveDate::from_ymd_opt(self.year, self.month.unwrap_or(1), self.day.unwrap_or(1))

@@ -200,11 +200,12 @@ pub use codes::{
     CentreCode, ClientReference, CountryCode, DomainError, HgncSymbol, HgvsVariant, HpoTerm, Icd10,
     Icd11, IcfCode, ORPHA_UNDIAGNOSED, Omim, Orphacode, RegistryCode,
 };
-pub use dates::{MIN_YEAR, PartialDate, YearMonth};
+pub use dates::{MIN_YEAR, PartialDate, YearMonth, whole_months};
 pub use record::{
     CaseRecord, FindingInput, GeneticFinding, MAX_GENETIC_FINDINGS, MAX_HPO_TERMS, MAX_ICD10,
     MAX_ICD11, MAX_ICF_CODES, MAX_OMIM, MAX_VARIANTS_PER_GENE, Onset, OnsetKind, PatientStatus,
-    RecordInput, Sex, delay_months_of, least_whole_months, most_whole_months,
+    RecordInput, Sex, birth_anchor, birth_midpoint, delay_months_of, diagnosis_age_days_of,
+    least_whole_months, most_whole_months, onset_age_days_of,
 };
 
 #[cfg(test)]

@@ -412,29 +412,23 @@ impl CaseRecord {
         })
     }
 
-    /// Estimated age at onset in days (midpoints of partial dates); 0 for onset before
-    /// or at birth, `None` when unknown.
+    /// Estimated age at onset in days (midpoints of partial dates, from
+    /// [`birth_midpoint`]); 0 for onset before or at birth, `None` when unknown.
     pub fn onset_age_days(&self) -> Option<i64> {
-        let birth = self.birth.as_partial().midpoint();
-        match self.onset {
-            Onset::Antenatal | Onset::AtBirth => Some(0),
-            Onset::Date(d) => Some((d.midpoint() - birth).num_days().max(0)),
-            Onset::Unknown => None,
-        }
+        onset_age_days_of(self.birth, self.onset)
     }
 
-    /// Estimated age at diagnosis in days (0 for a prenatal diagnosis).
+    /// Estimated age at diagnosis in days (midpoints, from [`birth_midpoint`]; 0 for a
+    /// prenatal diagnosis).
     pub fn diagnosis_age_days(&self) -> Option<i64> {
-        let birth = self.birth.as_partial().midpoint();
-        self.diagnosis_date
-            .map(|d| (d.midpoint() - birth).num_days().max(0))
+        diagnosis_age_days_of(self.birth, self.onset, self.diagnosis_date)
     }
 
     /// Diagnostic delay, onset to diagnosis, in whole calendar months
     /// ([`super::dates::whole_months`], partial dates at their
     /// [`PartialDate::month_anchor`], an onset before birth or at it counted from the
-    /// birth's); 0 when the diagnosis came first, `None` when either end is unknown. What
-    /// research answers band and take quantiles of.
+    /// birth's, [`birth_anchor`]); 0 when the diagnosis came first, `None` when either end
+    /// is unknown. What research answers band and take quantiles of.
     pub fn delay_months(&self) -> Option<i64> {
         delay_months_of(self.birth, self.onset, self.diagnosis_date)
     }
@@ -446,6 +440,30 @@ impl CaseRecord {
     }
 }
 
+/// [`CaseRecord::onset_age_days`] of a record born in `birth` with `onset`.
+pub fn onset_age_days_of(birth: YearMonth, onset: Onset) -> Option<i64> {
+    match onset {
+        Onset::Antenatal | Onset::AtBirth => Some(0),
+        Onset::Date(d) => Some(
+            (d.midpoint() - birth_midpoint(birth, onset))
+                .num_days()
+                .max(0),
+        ),
+        Onset::Unknown => None,
+    }
+}
+
+/// [`CaseRecord::diagnosis_age_days`] of a record born in `birth`, with `onset`, diagnosed
+/// on `diagnosis`.
+pub fn diagnosis_age_days_of(
+    birth: YearMonth,
+    onset: Onset,
+    diagnosis: Option<PartialDate>,
+) -> Option<i64> {
+    let birth = birth_midpoint(birth, onset);
+    diagnosis.map(|d| (d.midpoint() - birth).num_days().max(0))
+}
+
 /// [`CaseRecord::delay_months`] of a record born in `birth`, with `onset` and diagnosed on
 /// `diagnosis`.
 pub fn delay_months_of(
@@ -453,9 +471,9 @@ pub fn delay_months_of(
     onset: Onset,
     diagnosis: Option<PartialDate>,
 ) -> Option<i64> {
-    let record_birth = birth.as_partial().midpoint();
+    let record_birth = birth_midpoint(birth, onset);
     let age = |d: NaiveDate| (d - record_birth).num_days().max(0);
-    let anchor_birth = birth.as_partial().month_anchor();
+    let anchor_birth = birth_anchor(birth, onset);
     let (onset_age, onset) = match onset {
         Onset::Antenatal | Onset::AtBirth => (0, anchor_birth),
         Onset::Date(d) => (age(d.midpoint()), d.month_anchor().max(anchor_birth)),
@@ -469,6 +487,35 @@ pub fn delay_months_of(
     // say a year the days do not (an onset in March 2010, at its 16th, to a diagnosis
     // on 15 March 2011 is 364 days), and research answers band ages by the days.
     Some(months.clamp(least_whole_months(days), most_whole_months(days)))
+}
+
+/// The day a record's ages count from: the midpoint of the birth month, or an onset dated
+/// to a day before it in the birth month (the patient was born by then). Born in January
+/// 2010 with an onset on 5 January 2010: ages, and the delay in days, count from the 5th,
+/// not the 16th, so a diagnosis on 10 January 2015 is at 5 years and after 5 years.
+pub fn birth_midpoint(birth: YearMonth, onset: Onset) -> NaiveDate {
+    an_onset_in_the_birth_month_before(birth, onset, birth.as_partial().midpoint())
+}
+
+/// The day whole months count from when the onset is at or before birth: the birth
+/// month's [`PartialDate::month_anchor`] (its 15th), or an onset dated to a day before it
+/// in the birth month, as [`birth_midpoint`].
+pub fn birth_anchor(birth: YearMonth, onset: Onset) -> NaiveDate {
+    an_onset_in_the_birth_month_before(birth, onset, birth.as_partial().month_anchor())
+}
+
+/// `onset`'s day when it is dated to a day of the birth month before `day`, else `day`.
+fn an_onset_in_the_birth_month_before(birth: YearMonth, onset: Onset, day: NaiveDate) -> NaiveDate {
+    match onset {
+        Onset::Date(d)
+            if d.is_day()
+                && d.earliest() >= birth.as_partial().earliest()
+                && d.earliest() < day =>
+        {
+            d.earliest()
+        }
+        _ => day,
+    }
 }
 
 /// The fewest whole calendar months `days` days hold whatever day they start on: 12 for
@@ -561,7 +608,10 @@ mod delay_tests {
             };
             let (birth, onset, diagnosis) = ("1990-01", date(&mut next), date(&mut next));
             let m = months(birth, &onset, &diagnosis).unwrap();
-            let b = YearMonth::parse(birth).unwrap().as_partial().midpoint();
+            let b = birth_midpoint(
+                YearMonth::parse(birth).unwrap(),
+                Onset::Date(PartialDate::parse(&onset).unwrap()),
+            );
             let age = |d: &str| {
                 (PartialDate::parse(d).unwrap().midpoint() - b)
                     .num_days()
@@ -592,15 +642,46 @@ mod delay_tests {
         }
     }
 
-    /// The proto's examples of the birth month (`DiagnosticDelayResponse.bands`): the
-    /// days count from the middle of the birth month, the 16th of January.
+    /// The proto's examples of the birth month (`DiagnosticDelayResponse.bands`): an onset
+    /// at birth counts from the middle of the birth month (days from the 16th of January,
+    /// months from the 15th); an onset dated to a day before it in the birth month counts
+    /// from that day, and so do the ages (the patient was born by then).
     #[test]
-    fn an_onset_early_in_the_birth_month_counts_from_its_middle() {
+    fn an_onset_early_in_the_birth_month_counts_from_its_day() {
         assert_eq!(months("2010-01", "birth", "2011-01-15"), Some(11));
-        assert_eq!(months("2010-01", "2010-01-05", "2011-01-15"), Some(11));
         assert_eq!(months("2010-01", "birth", "2011-01-16"), Some(12));
-        assert_eq!(months("2010-01", "2010-01-05", "2015-01-10"), Some(59));
+        assert_eq!(months("2010-01", "2010-01-05", "2011-01-15"), Some(12));
+        assert_eq!(months("2010-01", "2010-01-05", "2011-01-04"), Some(11));
+        assert_eq!(months("2010-01", "2010-01-05", "2015-01-10"), Some(60));
+        assert_eq!(months("2010-01", "2010-01-05", "2015-01-04"), Some(59));
+        // Later in the birth month, or to the month: as any onset date.
+        assert_eq!(months("2010-01", "2010-01-20", "2015-01-19"), Some(59));
+        assert_eq!(months("2010-01", "2010-01-20", "2015-01-20"), Some(60));
+        assert_eq!(months("2010-01", "2010-01", "2015-01-10"), Some(59));
+        // Before the birth month (antenatal), or a year: from the birth's middle.
+        assert_eq!(months("2010-02", "2010-01-05", "2015-02-10"), Some(59));
+        assert_eq!(months("2010-07", "2010", "2015-07-14"), Some(59));
         assert_eq!(months("1990-01", "2010-03", "2011-03-15"), Some(11));
+        // The ages count from the onset's day too: 5 years at diagnosis, onset at 0.
+        let record = |onset: &str, diagnosis: &str| {
+            let mut r = crate::fixtures::record();
+            r.birth_year_month = "2010-01".into();
+            r.onset_kind = crate::proto::OnsetKind::Date as i32;
+            r.onset_date = onset.into();
+            r.diagnosis_date = diagnosis.into();
+            crate::api::convert::case_record(
+                &r,
+                chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            )
+            .unwrap()
+        };
+        let r = record("2010-01-05", "2015-01-10");
+        assert_eq!(r.onset_age_days(), Some(0));
+        assert_eq!(r.diagnosis_age_days(), Some(1831));
+        assert_eq!(r.delay_days(), Some(1831));
+        let r = record("2010-01-20", "2015-01-10");
+        assert_eq!(r.onset_age_days(), Some(4));
+        assert_eq!(r.diagnosis_age_days(), Some(1820));
     }
 
     #[test]

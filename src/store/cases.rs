@@ -1124,14 +1124,24 @@ pub fn to_row(r: &CaseRecord) -> CaseRow {
     }
 }
 
-/// The delay in whole calendar months (`CaseRecord::delay_months`) of a stored version's
-/// columns; a column that does not parse is reported as corruption.
-pub(in crate::store) fn delay_months_of_columns(
+/// What research reads of a version, derived from its dates: the ages at onset and at
+/// diagnosis, the delay in days and in whole months ([`CaseRow`]'s columns of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::store) struct Derived {
+    pub onset_age_days: Option<i64>,
+    pub diagnosis_age_days: Option<i64>,
+    pub delay_days: Option<i64>,
+    pub delay_months: Option<i64>,
+}
+
+/// [`Derived`] of a stored version's columns, as [`to_row`] gives them; a column that does
+/// not parse is reported as corruption.
+pub(in crate::store) fn derived_of_columns(
     birth_year_month: &str,
     onset_kind: &str,
     onset_date: Option<&str>,
     diagnosis_date: Option<&str>,
-) -> Result<Option<i64>> {
+) -> Result<Derived> {
     let corrupt = || StoreError::Corrupt("case_versions row does not parse".into());
     let date = |d: Option<&str>| {
         d.filter(|d| !d.is_empty())
@@ -1145,11 +1155,17 @@ pub(in crate::store) fn delay_months_of_columns(
         OnsetKind::Date => Onset::Date(date(onset_date)?.ok_or_else(corrupt)?),
         OnsetKind::Unknown => Onset::Unknown,
     };
-    Ok(crate::domain::delay_months_of(
-        birth,
-        onset,
-        date(diagnosis_date)?,
-    ))
+    let diagnosis = date(diagnosis_date)?;
+    let onset_age_days = crate::domain::onset_age_days_of(birth, onset);
+    let diagnosis_age_days = crate::domain::diagnosis_age_days_of(birth, onset, diagnosis);
+    Ok(Derived {
+        onset_age_days,
+        diagnosis_age_days,
+        delay_days: onset_age_days
+            .zip(diagnosis_age_days)
+            .map(|(onset, diagnosis)| (diagnosis - onset).max(0)),
+        delay_months: crate::domain::delay_months_of(birth, onset, diagnosis),
+    })
 }
 
 /// Rebuilds the domain record from stored columns, re-checking everything

@@ -782,13 +782,16 @@ async fn under_the_counters_lock(store: &Store) -> Result<db::Tx> {
 const FILL_ROUND: i64 = 5_000;
 
 /// Fills in the delay in whole calendar months of research rows stored before it was kept
-/// (migration 0026), from the dates of the version that represents each, and logs them
-/// (another instance's index catches up). Versions stored before keep none: only research
-/// rows are read for it. Called at start-up, before the index is loaded and research is
-/// answered; a no-op once done. Rounds of [`FILL_ROUND`] rows, each a transaction under
-/// the change counter's lock (as [`number_unnumbered`]): instances starting together fill
-/// each row once. A row whose version's dates do not parse is left without months and
-/// counted ([`DelaysFilled::unreadable`]).
+/// (migration 0026), or whose ages a later rule changed (migration 0027: an onset dated to
+/// a day early in the birth month, `domain::birth_midpoint`), from the dates of the version
+/// that represents each: the months, and the ages at onset and at diagnosis and the delay
+/// in days with them, as the writer gives them (`cases::to_row`); and logs them (another
+/// instance's index catches up). Versions stored before keep theirs: only research rows
+/// are read for research. Called at start-up, before the index is loaded and research is
+/// answered; a no-op once done. Rounds of [`FILL_ROUND`] rows, each a transaction under the
+/// change counter's lock (as [`number_unnumbered`]): instances starting together fill each
+/// row once. A row whose version's dates do not parse is left without months and counted
+/// ([`DelaysFilled::unreadable`]).
 pub async fn fill_delay_months(store: &Store) -> Result<DelaysFilled> {
     let mut done = DelaysFilled::default();
     let mut after: (i64, i64) = (i64::MIN, i64::MIN);
@@ -813,56 +816,70 @@ pub async fn fill_delay_months(store: &Store) -> Result<DelaysFilled> {
             return Ok(done);
         };
         if done == DelaysFilled::default() {
-            // Once, after the upgrade: about 15,000 rows a second on SQLite (measured),
+            // Once, after an upgrade: about 15,000 rows a second on SQLite (measured),
             // a minute for a million.
             tracing::info!(
                 "filling in the diagnostic delay in whole months of research rows stored \
-                 before it was kept (once, after the upgrade; research is answered after it)"
+                 before it was kept, or whose ages a later rule changed (once, after the \
+                 upgrade; research is answered after it)"
             );
         }
         after = (last.try_get("registry_id")?, last.try_get("patient")?);
-        let mut values: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
+        let mut values: Vec<(i64, i64, [i64; 4])> = Vec::with_capacity(rows.len());
         let mut pseudonyms: Vec<(i64, String)> = Vec::with_capacity(rows.len());
         for row in &rows {
             // A row with a delay in days has both dates, and its version's columns parse;
             // one that does not (changed outside the service) keeps no months, so it is in
             // no delay table, and is counted, not a reason to refuse the start.
-            let months = super::cases::delay_months_of_columns(
+            let derived = super::cases::derived_of_columns(
                 &row.try_get::<String>("birth_year_month")?,
                 &row.try_get::<String>("onset_kind")?,
                 row.try_get::<Option<String>>("onset_date")?.as_deref(),
                 row.try_get::<Option<String>>("diagnosis_date")?.as_deref(),
             );
-            let Ok(Some(months)) = months else {
+            let Ok(super::cases::Derived {
+                onset_age_days: Some(onset),
+                diagnosis_age_days: Some(diagnosis),
+                delay_days: Some(days),
+                delay_months: Some(months),
+            }) = derived
+            else {
                 done.unreadable += 1;
                 continue;
             };
             let registry_id: i64 = row.try_get("registry_id")?;
-            values.push((registry_id, row.try_get("patient")?, months));
+            values.push((
+                registry_id,
+                row.try_get("patient")?,
+                [onset, diagnosis, days, months],
+            ));
             pseudonyms.push((registry_id, row.try_get("pseudonym")?));
         }
         for chunk in values.chunks(CHUNK) {
-            let mut triples = String::with_capacity(chunk.len() * 64);
+            const COLUMNS: usize = 6;
+            let mut tuples = String::with_capacity(chunk.len() * 128);
             for i in 0..chunk.len() {
-                if i > 0 {
-                    triples.push_str(", ");
+                tuples.push_str(if i > 0 { ", (" } else { "(" });
+                for c in 1..=COLUMNS {
+                    let sep = if c < COLUMNS { ", " } else { ")" };
+                    tuples.push_str(&format!("CAST(${} AS BIGINT){sep}", COLUMNS * i + c));
                 }
-                triples.push_str(&format!(
-                    "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                    3 * i + 1,
-                    3 * i + 2,
-                    3 * i + 3
-                ));
             }
             let sql = format!(
-                "UPDATE patients SET delay_months = u.months \
-                 FROM (SELECT column1 AS registry_id, column2 AS patient, column3 AS months \
-                       FROM (VALUES {triples}) AS v) AS u \
+                "UPDATE patients SET onset_age_days = u.onset_age, \
+                        diagnosis_age_days = u.diagnosis_age, delay_days = u.days, \
+                        delay_months = u.months \
+                 FROM (SELECT column1 AS registry_id, column2 AS patient, column3 AS onset_age, \
+                              column4 AS diagnosis_age, column5 AS days, column6 AS months \
+                       FROM (VALUES {tuples}) AS v) AS u \
                  WHERE patients.registry_id = u.registry_id AND patients.patient = u.patient"
             );
             let mut q = db::query(&sql).persistent(false);
-            for &(registry_id, patient, months) in chunk {
-                q = q.bind(registry_id).bind(patient).bind(months);
+            for &(registry_id, patient, derived) in chunk {
+                q = q.bind(registry_id).bind(patient);
+                for value in derived {
+                    q = q.bind(value);
+                }
             }
             let done = q.execute(&mut tx).await?;
             if done.rows_affected() != chunk.len() as u64 {

@@ -217,8 +217,9 @@ fn delay_bands_ruled_out(dims: &[Dimension], labels: &[String]) -> Vec<bool> {
         diagnosis = (first(b), last(b));
     }
     if let Some(year) = label(Dimension::DiagnosisYear).and_then(|y| y.parse::<i64>().ok()) {
-        // From the middle of January 1880 (a birth month's midpoint) to the year's end.
-        let first_birth = chrono::NaiveDate::from_ymd_opt(1880, 1, 16).unwrap();
+        // From 1 January 1880 (born then, with an onset dated on the day: the earliest day
+        // ages count from) to the year's end.
+        let first_birth = chrono::NaiveDate::from_ymd_opt(1880, 1, 1).unwrap();
         let last_day = chrono::NaiveDate::from_ymd_opt(year as i32, 12, 31).unwrap();
         let most = (last_day - first_birth).num_days().max(0);
         diagnosis.1 = Some(diagnosis.1.map_or(most, |l| l.min(most)));

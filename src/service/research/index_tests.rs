@@ -92,7 +92,17 @@ fn ms(t: DateTime<Utc>) -> DateTime<Utc> {
 impl World {
     fn row(&mut self) -> CaseRow {
         let n = self.rng.gen_range(0..100_000);
-        let p = self.generator.patient(n);
+        let mut p = self.generator.patient(n);
+        if self.rng.gen_bool(0.15) {
+            // An onset dated to a day of the birth month: ages count from it when it is
+            // before the month's middle (`domain::birth_midpoint`).
+            p.record.onset_kind = crate::proto::OnsetKind::Date as i32;
+            p.record.onset_date = format!(
+                "{}-{:02}",
+                p.record.birth_year_month,
+                self.rng.gen_range(1..=28)
+            );
+        }
         let record = crate::api::convert::case_record(&p.record, Utc::now().date_naive()).unwrap();
         let mut row = cases::to_row(&record);
         let rng = &mut self.rng;
@@ -944,19 +954,48 @@ async fn rows_of_an_earlier_version_get_slots_and_are_logged() {
     assert_eq!(reloaded.size().patients, before);
 }
 
-/// Research rows stored before the delay in whole months was kept (migration 0026) get
-/// it at the next start, from their versions' dates, the same as the writer gives, and
-/// the changes are logged for other instances' indexes; two instances starting together
-/// fill each row once.
+/// What the service derived from a version's dates before migration 0027: ages from the
+/// middle of the birth month whatever the onset, months from its 15th ([onset age,
+/// diagnosis age, delay in days, delay in months]).
+fn derived_before_0027(birth: &str, kind: &str, onset: Option<&str>, diagnosis: &str) -> [i64; 4] {
+    use crate::domain::{PartialDate, YearMonth, least_whole_months, most_whole_months};
+    let birth = YearMonth::parse(birth).unwrap().as_partial();
+    let age = |d: chrono::NaiveDate| (d - birth.midpoint()).num_days().max(0);
+    let (onset_age, onset_anchor) = match (kind, onset) {
+        ("date", Some(onset)) => {
+            let onset = PartialDate::parse(onset).unwrap();
+            (
+                age(onset.midpoint()),
+                onset.month_anchor().max(birth.month_anchor()),
+            )
+        }
+        _ => (0, birth.month_anchor()),
+    };
+    let diagnosis = PartialDate::parse(diagnosis).unwrap();
+    let diagnosis_age = age(diagnosis.midpoint());
+    let days = (diagnosis_age - onset_age).max(0);
+    let months = crate::domain::whole_months(
+        onset_anchor,
+        diagnosis.month_anchor().max(birth.month_anchor()),
+    )
+    .clamp(least_whole_months(days), most_whole_months(days));
+    [onset_age, diagnosis_age, days, months]
+}
+
+/// Research rows stored before the delay in whole months was kept (migration 0026), or
+/// with ages from the middle of the birth month where an onset dated earlier in it now
+/// counts (0027), get it at the next start, from their versions' dates, the same as the
+/// writer gives, and the changes are logged for other instances' indexes; two instances
+/// starting together fill each row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delays_of_an_earlier_version_are_filled_in_and_logged() {
     let (_dir, mut w, _, lagging) = world().await;
-    w.submit_new(60).await;
+    w.submit_new(80).await;
     lagging.catch_up().await.unwrap();
     let months = || async {
         db::query(
-            "SELECT registry_id, patient, delay_days, delay_months FROM patients \
-             ORDER BY registry_id, patient",
+            "SELECT registry_id, patient, onset_age_days, diagnosis_age_days, delay_days, \
+                    delay_months FROM patients ORDER BY registry_id, patient",
         )
         .fetch_all(w.store.pool())
         .await
@@ -967,17 +1006,78 @@ async fn delays_of_an_earlier_version_are_filled_in_and_logged() {
                 r.get::<i64>("patient"),
                 r.get::<Option<i64>>("delay_days"),
                 r.get::<Option<i64>>("delay_months"),
+                (
+                    r.get::<Option<i64>>("onset_age_days"),
+                    r.get::<Option<i64>>("diagnosis_age_days"),
+                ),
             )
         })
         .collect::<Vec<_>>()
     };
     let written = months().await;
-    let with_delay = written.iter().filter(|(_, d, _)| d.is_some()).count();
+    let with_delay = written.iter().filter(|(_, d, _, _)| d.is_some()).count();
     assert!(with_delay > 20, "{with_delay} of {}", written.len());
     assert!(
-        written.iter().all(|(_, d, m)| d.is_some() == m.is_some()),
+        written
+            .iter()
+            .all(|(_, d, m, _)| d.is_some() == m.is_some()),
         "the writer keeps both or neither"
     );
+    // Migration 0027 on rows as the rule before it left them: every row the new rule
+    // changes loses its months there, and the start gives each what the writer does.
+    let versions = db::query(
+        "SELECT p.registry_id, p.patient, v.birth_year_month, v.onset_kind, v.onset_date, \
+                v.diagnosis_date \
+         FROM patients p JOIN case_versions v ON v.case_id = p.case_id AND v.version = p.version \
+         WHERE p.delay_days IS NOT NULL",
+    )
+    .fetch_all(w.store.pool())
+    .await
+    .unwrap();
+    let mut changed = 0;
+    for v in &versions {
+        let before = derived_before_0027(
+            &v.get::<String>("birth_year_month"),
+            &v.get::<String>("onset_kind"),
+            v.get::<Option<String>>("onset_date").as_deref(),
+            &v.get::<String>("diagnosis_date"),
+        );
+        let done = db::query(
+            "UPDATE patients SET onset_age_days = $3, diagnosis_age_days = $4, \
+                    delay_days = $5, delay_months = $6 \
+             WHERE registry_id = $1 AND patient = $2 AND (onset_age_days <> $3 \
+               OR diagnosis_age_days <> $4 OR delay_days <> $5 OR delay_months <> $6)",
+        )
+        .bind(v.get::<i64>("registry_id"))
+        .bind(v.get::<i64>("patient"))
+        .bind(before[0])
+        .bind(before[1])
+        .bind(before[2])
+        .bind(before[3])
+        .execute(w.store.pool())
+        .await
+        .unwrap();
+        changed += done.rows_affected();
+    }
+    assert!(changed >= 3, "{changed} rows the rule changes");
+    assert_ne!(months().await, written);
+    let migration = match w.store.backend() {
+        crate::store::Backend::Sqlite => {
+            include_str!("../../../migrations/sqlite/0027_ages_from_an_early_onset.sql")
+        }
+        crate::store::Backend::Postgres => {
+            include_str!("../../../migrations/postgres/0027_ages_from_an_early_onset.sql")
+        }
+    };
+    db::query(migration).execute(w.store.pool()).await.unwrap();
+    let filled = research_index::fill_delay_months(&w.store).await.unwrap();
+    assert!(filled.filled >= changed, "{filled:?}, {changed} changed");
+    assert!(
+        (filled.filled as usize) < with_delay,
+        "{filled:?}: only onsets in the birth month"
+    );
+    assert_eq!(months().await, written, "as the writer gives");
+    lagging.catch_up().await.unwrap();
     let counter = || async {
         db::query("SELECT seq FROM research_seq WHERE id = 1")
             .fetch_one(w.store.pool())
@@ -1033,7 +1133,7 @@ async fn delays_of_an_earlier_version_are_filled_in_and_logged() {
         months()
             .await
             .iter()
-            .filter(|(_, _, m)| m.is_some())
+            .filter(|(_, _, m, _)| m.is_some())
             .count(),
         with_delay - 1
     );
