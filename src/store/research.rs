@@ -2,7 +2,7 @@
 //! filtered there; only the groups (at most a table's worth) come back, as a stream.
 //!
 //! A patient is counted once per registry, through their research row (`patients`: the
-//! values of the case written last, kept by the writer), and only while both
+//! values of the case that first entered the registry, kept by the writer), and only while both
 //! REGISTRY_INCLUSION and RESEARCH_USE are in force at `now` (the row's eligibility,
 //! kept with every consent event). A query is one scan of one registry's rows. Filter
 //! values are always bound as parameters, never spliced into the SQL text.

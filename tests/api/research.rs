@@ -355,6 +355,82 @@ async fn a_patient_seen_at_two_centres_counts_once() {
     assert_eq!(grand_total(&t), Some(6));
 }
 
+/// A physician who submits a case for a patient another centre treats, and a researcher
+/// who asks before and after, learn nothing of that centre's record: the case that first
+/// entered the registry keeps representing the patient (every count the same). The
+/// representing centre's update changes what is counted; the other centre's update of its
+/// own case does not. (Until 2026-12-07 the case written last represented the patient,
+/// and a privacy audit read the first centre's record off the difference.)
+#[tokio::test]
+async fn another_centres_case_does_not_change_what_represents_the_patient() {
+    let app = TestApp::spawn().await;
+    populate(&app, &cohort()).await;
+    let mut researcher = app.researcher("res-lung", &["ERN-LUNG"]).await;
+    let mut by = async |dimension: Dimension| -> Vec<u64> {
+        published(
+            &researcher
+                .count_patients(count_request(&[dimension]))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    };
+    let tables = [Dimension::Sex, Dimension::Centre, Dimension::Diagnosis];
+    let mut before = Vec::new();
+    for d in tables {
+        before.push(by(d).await);
+    }
+    // 9 male, 23 female (12 + 3 + 8 with BE's); BE-UZL 10, NL-AMC 22.
+    assert_eq!(before[0], [9, 23, 32], "{before:?}");
+    assert_eq!(before[1], [10, 22, 32], "{before:?}");
+
+    // BE's physician submits NL's patient 101 (CF, female) as PCD, male.
+    let mut be = app.physician("dr-be-2", "BE-UZL").await;
+    let mut other = patient(101, "BE-UZL", "ORPHA:244", proto::Sex::Male);
+    other.gene = None;
+    let pseudonym = be
+        .submit_case(request_for(&other))
+        .await
+        .unwrap()
+        .into_inner()
+        .pseudonym;
+    let mut after = Vec::new();
+    for d in tables {
+        after.push(by(d).await);
+    }
+    assert_eq!(after, before, "another centre's case changes no count");
+    // BE updates its own case: still nothing.
+    let mut changed = request_for(&patient(101, "BE-UZL", "ORPHA:586", proto::Sex::Male));
+    be.update_case(proto::UpdateCaseRequest {
+        registry: "ERN-LUNG".into(),
+        pseudonym: pseudonym.clone(),
+        expected_version: 1,
+        record: changed.record.take(),
+        consent: vec![],
+    })
+    .await
+    .unwrap();
+    let mut after = Vec::new();
+    for d in tables {
+        after.push(by(d).await);
+    }
+    assert_eq!(after, before, "nor its update");
+    // NL updates the case that represents the patient: counted as updated.
+    let mut nl = app.physician("dr-nl-2", "NL-AMC").await;
+    let mut changed = request_for(&patient(101, "NL-AMC", "ORPHA:586", proto::Sex::Male));
+    nl.update_case(proto::UpdateCaseRequest {
+        registry: "ERN-LUNG".into(),
+        pseudonym,
+        expected_version: 1,
+        record: changed.record.take(),
+        consent: vec![],
+    })
+    .await
+    .unwrap();
+    assert_eq!(by(Dimension::Sex).await, [10, 22, 32]);
+    assert_eq!(by(Dimension::Centre).await, before[1]);
+}
+
 #[tokio::test]
 async fn the_threshold_is_per_registry_and_set_by_an_admin() {
     let app = TestApp::spawn().await;
@@ -800,9 +876,12 @@ async fn the_migration_backfill_matches_what_the_writer_keeps() {
         ))
         .await
         .unwrap();
+    // A patient new to the registry from the second centre. (Of a patient with cases at
+    // two centres, 0003 took the case written last, the rule until 2026-12-07; the writer
+    // now keeps the first: such rows of an upgraded registry stay as they were.)
     let mut be = app.physician("dr-be-2", "BE-UZL").await;
     be.submit_case(request_for(&patient(
-        102,
+        150,
         "BE-UZL",
         "ORPHA:244",
         proto::Sex::Male,

@@ -359,8 +359,9 @@ async fn new_research_rows_get_unique_slots_and_every_one_is_logged() {
         assert_eq!(sorted, (3..9).collect::<Vec<_>>(), "{after:?}");
     }
 
-    // Logged: the six new slots and the slot of "m" (its row now represents the second
-    // centre's case), each once, numbered after the counter's value before the batch.
+    // Logged: the six new slots and the slot of "m" (its row is written again: the
+    // eligibility the second centre's attestation gives; the first centre's case still
+    // represents it), each once, numbered after the counter's value before the batch.
     let log = logged(store, registry, seq_before).await;
     let mut slots_logged: Vec<i64> = log.iter().map(|&(_, slot)| slot).collect();
     slots_logged.sort_unstable();

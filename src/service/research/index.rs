@@ -1,7 +1,7 @@
 //! The research index: research queries answered from memory.
 //!
 //! Per registry, one entry per research row (`patients`: the patient, represented by the
-//! case written last), stored as columns of small integer codes, one column per
+//! case that first entered the registry), stored as columns of small integer codes, one column per
 //! dimension: diagnosis, sex, onset and diagnosis age bands, country, centre, diagnosis
 //! year, patient status, diagnostic delay (whole months) and the set of genes; beside
 //! them the instant until which the patient may be counted, and the patient's cases at
