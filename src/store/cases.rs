@@ -630,21 +630,37 @@ pub struct Representative<'a> {
 /// attestation gives: were it to take the row's place, a physician submitting a case for
 /// a patient another centre treats, and a researcher asking before and after, would read
 /// that centre's record off the difference (a privacy audit did, 7 of 7 patients).
-const ON_FILE: &str = "ON CONFLICT (registry_id, patient) DO UPDATE SET \
-    version = CASE WHEN patients.case_id = excluded.case_id THEN excluded.version ELSE patients.version END, \
-    centre_id = CASE WHEN patients.case_id = excluded.case_id THEN excluded.centre_id ELSE patients.centre_id END, \
-    country = CASE WHEN patients.case_id = excluded.case_id THEN excluded.country ELSE patients.country END, \
-    orphacode = CASE WHEN patients.case_id = excluded.case_id THEN excluded.orphacode ELSE patients.orphacode END, \
-    sex = CASE WHEN patients.case_id = excluded.case_id THEN excluded.sex ELSE patients.sex END, \
-    status = CASE WHEN patients.case_id = excluded.case_id THEN excluded.status ELSE patients.status END, \
-    diagnosis_year = CASE WHEN patients.case_id = excluded.case_id THEN excluded.diagnosis_year ELSE patients.diagnosis_year END, \
-    onset_age_days = CASE WHEN patients.case_id = excluded.case_id THEN excluded.onset_age_days ELSE patients.onset_age_days END, \
-    diagnosis_age_days = CASE WHEN patients.case_id = excluded.case_id THEN excluded.diagnosis_age_days ELSE patients.diagnosis_age_days END, \
-    delay_days = CASE WHEN patients.case_id = excluded.case_id THEN excluded.delay_days ELSE patients.delay_days END, \
-    delay_months = CASE WHEN patients.case_id = excluded.case_id THEN excluded.delay_months ELSE patients.delay_months END, \
-    genes = CASE WHEN patients.case_id = excluded.case_id THEN excluded.genes ELSE patients.genes END, \
-    phenotypes = CASE WHEN patients.case_id = excluded.case_id THEN excluded.phenotypes ELSE patients.phenotypes END, \
-    eligible = excluded.eligible, eligible_until = excluded.eligible_until";
+static ON_FILE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    const OF_THE_CASE: [&str; 13] = [
+        "version",
+        "centre_id",
+        "country",
+        "orphacode",
+        "sex",
+        "status",
+        "diagnosis_year",
+        "onset_age_days",
+        "diagnosis_age_days",
+        "delay_days",
+        "delay_months",
+        "genes",
+        "phenotypes",
+    ];
+    let kept: Vec<String> = OF_THE_CASE
+        .iter()
+        .map(|c| {
+            format!(
+                "{c} = CASE WHEN patients.case_id = excluded.case_id \
+                 THEN excluded.{c} ELSE patients.{c} END"
+            )
+        })
+        .collect();
+    format!(
+        "ON CONFLICT (registry_id, patient) DO UPDATE SET {}, \
+         eligible = excluded.eligible, eligible_until = excluded.eligible_until",
+        kept.join(", ")
+    )
+});
 
 /// Makes `r` (just written) what represents the patient in research counts, unless
 /// another case of theirs does ([`ON_FILE`]); their eligibility either way.
@@ -664,7 +680,8 @@ pub(in crate::store) async fn set_representative(
          VALUES ($1, (SELECT id FROM patient_keys WHERE registry_id = $1 AND pseudonym = $2), \
                  $2, $3, $4, $5, (SELECT country FROM centres WHERE id = $5), $6, $7, $8, \
                  $9, $10, $11, $12, $13, $14, $15, $16, $17, {slot}) \
-         {ON_FILE}",
+         {on_file}",
+        on_file = *ON_FILE,
         slot = if slots_at_insert(conn) {
             "(SELECT COALESCE(MAX(slot) + 1, 0) FROM patients WHERE registry_id = $1)"
         } else {
@@ -755,7 +772,8 @@ pub(in crate::store) async fn set_representatives_many(
                                    country, orphacode, sex, status, diagnosis_year, \
                                    onset_age_days, diagnosis_age_days, delay_days, delay_months, \
                                    eligible, eligible_until, genes, phenotypes, slot) \
-             {rows} {ON_FILE}"
+             {rows} {on_file}",
+            on_file = *ON_FILE
         );
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for (registry_id, patient, pseudonym, slot, r) in chunk {
