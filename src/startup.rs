@@ -918,6 +918,8 @@ impl Application {
             .http2_keepalive_interval(self.args.keepalive())
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .max_concurrent_streams(self.args.max_streams_per_connection)
             .layer(connections.layer())
             .layer(DrainLayer::new(deadline))
@@ -1028,6 +1030,24 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// gRPC request's fields are a few hundred bytes (a key, a deadline, a user agent, a
 /// trace context), and a call waiting for its message holds them (`api::wire`).
 const MAX_HEADER_LIST_BYTES: u32 = 8 << 10;
+
+/// How much of one stream's request body HTTP/2 lets a client send ahead of what the
+/// service has read (the connection's window stays 1 MiB). h2 allows a connection's
+/// unread DATA frames at most half its window in framing overhead (256 bytes less each
+/// frame's payload, for payloads under 256 bytes), then closes it with GOAWAY
+/// ENHANCE_YOUR_CALM "too_many_data_frames". Clients such as grpcio send each message of
+/// a stream in a frame of its own, so with a stream window of 1 MiB, one `SubmitCases`
+/// stream of small items (about 130 bytes) that the service falls behind on (a lock held
+/// for a moment) had its connection closed, every call on it failing (a defences audit of
+/// 2026-12-07: 0.4 s after another process took SQLite's write lock). With 64 KiB per
+/// stream, a stream's unread frames stay under that budget for any frame of 29 bytes or
+/// more (every valid item is larger), and so do about eight streams of such small items
+/// at once on one connection (more share the connection's window and may reach it:
+/// open a connection for every few, or send larger messages).
+const STREAM_WINDOW_BYTES: u32 = 64 << 10;
+/// The connection's window: what every stream of a connection together may send ahead
+/// (hyper's default, stated: `docs/security.md` relies on it).
+const CONNECTION_WINDOW_BYTES: u32 = 1 << 20;
 
 /// How long a client may take over the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -167,3 +167,72 @@ def test_an_unmappable_element_is_reported_by_its_json_path(physician):
         physician.submit_phenopacket("ERN-LUNG", patient(6), bad, consent=[INCLUSION])
     fields = [v.field for v in raised.value.field_violations]
     assert fields == ["phenopacket.phenotypicFeatures[0].excluded"]
+
+
+@pytest.fixture(scope="module")
+def bulk_server(ern_binary, tmp_path_factory):
+    """A server of its own, without the derivation limit: a physician of NL-UMCU."""
+    from conftest import Server
+
+    server = Server(tmp_path_factory.mktemp("bulk"))
+    server.cli("keygen")
+    server.cli(
+        "admin", "create-centre", "--code", "NL-UMCU", "--name", "UMC Utrecht",
+        "--country", "NL", "--ern", "ERN-LUNG",
+    )
+    server.principal("dr-bulk", "physician", "--centre", "NL-UMCU")
+    server.start("--derivations-per-minute", "1000000")
+    yield server
+    server.stop()
+
+
+def test_a_stream_of_small_items_the_server_falls_behind_on_keeps_its_connection(bulk_server):
+    """grpcio sends each message of a stream in a DATA frame of its own, and h2 closes a
+    connection whose unread small frames pass its budget (GOAWAY "too_many_data_frames").
+    With another process holding SQLite's write lock for 3 s, the server falls behind a
+    stream of about 8,000 small items: every item is still answered (before the stream
+    window was bounded, a defences audit of 2026-12-07 saw the connection closed 0.4 s
+    after such a lock was taken)."""
+    import sqlite3
+    import threading
+
+    def submissions():
+        for n in range(8000):
+            yield {
+                "registry": "ERN-LUNG",
+                "patient": national("XT", f"SYN{700_000_000 + n:09d}"),
+                "record": {
+                    "birthYearMonth": "2015-06",
+                    "sex": "SEX_FEMALE",
+                    "status": "PATIENT_STATUS_ALIVE",
+                    "onsetKind": "ONSET_KIND_UNKNOWN",
+                    "diagnosis": {"orphacode": "ORPHA:586"},
+                    "diagnosisDate": "2016-03",
+                },
+                "consent": [consent("registry_inclusion", given_at=dt.date(2024, 3, 1), form_version="F1")],
+            }
+
+    sample = submission(next(submissions())).ByteSize()
+    assert sample < 170, f"{sample} bytes: too large to fill h2's small-frame budget"
+    physician = Client(bulk_server.address, api_key=bulk_server.keys["dr-bulk"])
+    physician.submit_case(next(submissions()))  # a valid item (the stream's first: ALREADY_EXISTS)
+    held = threading.Event()
+
+    def hold_the_write_lock():
+        db = sqlite3.connect(bulk_server.data_dir / "registry.db", timeout=30, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        held.set()
+        threading.Event().wait(3)
+        db.execute("ROLLBACK")
+        db.close()
+
+    locker = threading.Thread(target=hold_the_write_lock)
+    locker.start()
+    held.wait(30)
+    try:
+        results = list(physician.submit_cases(submissions(), timeout=300))
+    finally:
+        locker.join()
+        physician.close()
+    assert len(results) == 8000
+    assert all(r.ok or not isinstance(r.error, ern_registry.Unavailable) for r in results)
