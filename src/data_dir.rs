@@ -79,6 +79,13 @@ pub enum DataDirError {
          anew: put the database back, or stop that server first"
     )]
     MissingWhileServed { database: PathBuf, lock: PathBuf },
+    #[error(
+        "{shm} is missing while a server serves {database}: it was deleted under that \
+         server, which goes on through its own copy, so a command here would make a new one \
+         and write past the server's view of the database (losing or corrupting writes). \
+         Not opened: restart the server first (it refuses writes until then)"
+    )]
+    ShmMissingWhileServed { database: PathBuf, shm: PathBuf },
 }
 
 /// The process id a lock file names, if it names one.
@@ -221,6 +228,9 @@ fn prepare(db: &Path, lock_held: bool) -> Result<(), DataDirError> {
         }
     }
     refuse_hard_links(db)?;
+    if !lock_held {
+        refuse_shm_missing_while_served(db)?;
+    }
     make_private(db)?;
     for suffix in ["-wal", "-shm", "-journal"] {
         make_private(&side_file(db, suffix))?;
@@ -273,6 +283,88 @@ fn refuse_wal_without_database(path: &Path) -> Result<(), DataDirError> {
         }
     }
     Ok(())
+}
+
+/// Refuses to open `db` (resolved) beside a server while its `-wal` is there and its
+/// `-shm` is not. The `-shm` is the WAL's index, through which every connection of every
+/// process agrees on what the WAL holds; one deleted under a running server stays that
+/// server's (it has it mapped), and SQLite here would make a new one, so the two would
+/// each write the WAL as if alone. A defences audit of 2026-12-07 deleted it under a
+/// loaded server and then ran admin commands: a revocation reported done and lost, keys
+/// issued and missing, "database disk image is malformed", in 3 of 5 runs. (The server
+/// notices the deletion itself and refuses writes: [`OpenFiles`].) Without a server, a
+/// `-wal` without its `-shm` is what SQLite recovers from at open.
+fn refuse_shm_missing_while_served(db: &Path) -> Result<(), DataDirError> {
+    let (wal, shm) = (side_file(db, "-wal"), side_file(db, "-shm"));
+    if fs::symlink_metadata(&wal).is_err() || fs::symlink_metadata(&shm).is_ok() {
+        return Ok(());
+    }
+    // Held by a server: its lock file, or the database file itself (`hold_database`).
+    let held = |path: &Path| {
+        File::open(path)
+            .ok()
+            .is_some_and(|file| matches!(file.try_lock(), Err(TryLockError::WouldBlock)))
+    };
+    if held(&lock_path(db)) || held(db) {
+        return Err(DataDirError::ShmMissingWhileServed {
+            database: db.to_path_buf(),
+            shm,
+        });
+    }
+    Ok(())
+}
+
+/// The files of a SQLite database a server has open, by device and inode: the database
+/// and its `-shm`. Taken once the server's connections are open; [`OpenFiles::check`]
+/// then tells whether either was deleted, moved or replaced since. SQLite does not notice:
+/// a deleted database is written on through its open descriptor (a defences audit of
+/// 2026-12-07 had 11,674 writes acknowledged into a deleted file, every one lost at the
+/// restart), and a deleted `-shm` leaves this server and any other process each with an
+/// index of its own ([`refuse_shm_missing_while_served`]). SQLite removes neither while
+/// a connection is open, and the server's writer keeps one open for its whole life.
+#[derive(Debug, Clone)]
+pub struct OpenFiles {
+    files: [(PathBuf, (u64, u64)); 2],
+}
+
+impl OpenFiles {
+    /// The identity of `db`'s files now (`None`: either cannot be read).
+    pub fn of(db: &Path) -> Option<OpenFiles> {
+        let db = resolved(db);
+        let id = |path: PathBuf| file_id(&path).map(|id| (path, id));
+        Some(OpenFiles {
+            files: [id(db.clone())?, id(side_file(&db, "-shm"))?],
+        })
+    }
+
+    /// `Err` (what to tell the operator) when a file is no longer the one it was.
+    pub fn check(&self) -> Result<(), String> {
+        for (path, id) in &self.files {
+            if file_id(path) != Some(*id) {
+                return Err(format!(
+                    "{} was deleted, moved or replaced while the server runs: its writes would \
+                     not reach the database (or not be seen by other processes). Writes are \
+                     refused, and health is NOT_SERVING, while it is so: put the file back if \
+                     it was moved, else restart the server",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A file's device and inode (`None`: not there, or not to be read).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        fs::metadata(path).ok().map(|_| (0, 0))
+    }
 }
 
 /// Refuses a database file with more than one name (a hard link, as `cp -al` or `rsync

@@ -79,6 +79,9 @@ struct Inner {
     /// SQLite's database file and the free bytes its file system must keep
     /// (`--min-free-disk-bytes`; `None`: not checked).
     room: Option<(std::path::PathBuf, u64)>,
+    /// SQLite's database file and `-shm` as the server opened them: a probe fails once
+    /// either was deleted, moved or replaced (`None`: not SQLite, or not to be read).
+    files: Option<crate::data_dir::OpenFiles>,
 }
 
 impl fmt::Debug for DatabaseWatch {
@@ -98,6 +101,8 @@ impl DatabaseWatch {
 
     /// The same, and on SQLite the file system holding the database must keep `min_free`
     /// bytes free (0: not checked): with less, the probe fails, as for a database away.
+    /// On SQLite the database's files are taken as they are now (the server has them
+    /// open), and a probe fails once one of them is another ([`crate::data_dir::OpenFiles`]).
     pub fn keeping_free(url: &str, min_free: u64) -> DatabaseWatch {
         let room = crate::data_dir::sqlite_path(url)
             .filter(|_| min_free > 0)
@@ -107,6 +112,8 @@ impl DatabaseWatch {
                 url: url.to_owned(),
                 reachable: AtomicBool::new(true),
                 room,
+                files: crate::data_dir::sqlite_path(url)
+                    .and_then(|path| crate::data_dir::OpenFiles::of(&path)),
             }),
         }
     }
@@ -200,6 +207,12 @@ impl DatabaseWatch {
     /// Probes once; on PostgreSQL, returns the clock skew measured (`skew_ms`; `Some(0)`
     /// when within the round trip).
     async fn probe(&self, conn: &mut Option<Single>) -> Result<Option<i64>, StoreError> {
+        // Before any connection is made: a new one would make a new `-shm`.
+        if let Some(files) = &self.inner.files {
+            files
+                .check()
+                .map_err(|cause| StoreError::FilesChanged { cause })?;
+        }
         let conn = match conn {
             Some(conn) => conn,
             None => conn.insert(Single::connect(&self.inner.url).await?),

@@ -172,6 +172,10 @@ pub enum StoreError {
     /// database (`writer`): the batch's cause.
     #[error("the database cannot be reached: {cause}")]
     Unreachable { cause: String },
+    /// A SQLite database's file or `-shm` was deleted, moved or replaced under the server
+    /// (`data_dir::OpenFiles`): writes are refused until it restarts.
+    #[error("{cause}")]
+    FilesChanged { cause: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -189,7 +193,9 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(err) => unreachable_now(err),
-            StoreError::CommitUnknown { .. } | StoreError::Unreachable { .. } => true,
+            StoreError::CommitUnknown { .. }
+            | StoreError::Unreachable { .. }
+            | StoreError::FilesChanged { .. } => true,
             // SQLite still busy after its busy timeout (another process holds the lock),
             // its disk full, or its file not to be opened: see `unreachable_now`.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {

@@ -576,8 +576,10 @@ enum On {
     Pool(Store),
     /// On a SQLite file: the writer's own connection, on the thread of its own that runs
     /// this writer's loop ([`lite_thread`]), applying each batch with direct calls into
-    /// the engine. No hand-off between threads per statement, nor per batch.
-    Lite(rusqlite::Connection),
+    /// the engine. No hand-off between threads per statement, nor per batch. With the
+    /// identity of the database's files when it opened (`None`: not to be read), checked
+    /// before each batch.
+    Lite(rusqlite::Connection, Option<crate::data_dir::OpenFiles>),
 }
 
 /// Starts a writer's loop over `rx`: on a SQLite file on a thread of its own with its own
@@ -605,7 +607,7 @@ fn start_writer(
         return pool(rx, key, rules, after_commit, purger);
     };
     let conn = match Store::open_sqlite_writer(path) {
-        Ok(conn) => conn,
+        Ok(conn) => (conn, crate::data_dir::OpenFiles::of(path)),
         Err(e) => {
             // The pool's connections work (the store is connected): write through them.
             error!(error = %e, "the writer's own SQLite connection failed to open; writing through the pool");
@@ -631,7 +633,7 @@ fn start_writer(
         .spawn(move || {
             if let Ok((rx, key, rules, after_commit, purger)) = inputs.recv() {
                 let applier = Applier {
-                    on: On::Lite(conn),
+                    on: On::Lite(conn.0, conn.1),
                     key,
                     rules,
                     after_commit,
@@ -661,9 +663,17 @@ impl Applier {
     /// Applies `jobs`; [`Batch::catch_up`] if they wrote about patients and committed.
     async fn apply(&mut self, jobs: Vec<Job>) -> Batch {
         let about_patients = about_patients(&jobs);
+        if let On::Lite(_, Some(files)) = &self.on
+            && let Err(cause) = files.check()
+        {
+            return Batch {
+                answers: refuse_all(jobs, &cause),
+                catch_up: false,
+            };
+        }
         let mut target = match &mut self.on {
             On::Pool(store) => Target::Pool(store),
-            On::Lite(conn) => Target::Lite(conn),
+            On::Lite(conn, _) => Target::Lite(conn),
         };
         let applied = apply_jobs(&mut target, &self.key, self.rules.as_ref(), jobs).await;
         // Nothing committed, nothing to catch up with (and while the database is away the
@@ -679,7 +689,7 @@ impl Applier {
     async fn catch_up(&mut self) {
         if let Some(hook) = &self.after_commit {
             let on = match &mut self.on {
-                On::Lite(conn) => Some(Db::Lite(conn)),
+                On::Lite(conn, _) => Some(Db::Lite(conn)),
                 On::Pool(_) => None,
             };
             hook.after_commit(on).await;
@@ -688,7 +698,7 @@ impl Applier {
 
     /// Closes the writer's own connection, if it has one, then drops the audit key.
     fn close(self) {
-        if let On::Lite(conn) = self.on {
+        if let On::Lite(conn, _) = self.on {
             // Closed before the audit key goes: the server closes the pool once every
             // writer has dropped its key (`startup`), and the last connection to close
             // checkpoints the WAL.
@@ -804,6 +814,31 @@ async fn run(
     // Shutting down: a last, full attempt at a purge still pending.
     purger.retry(true).await;
     applier
+}
+
+/// Answers every job that its files changed under the server (`cause`,
+/// `data_dir::OpenFiles`), writing nothing: not even the entries of the refused calls,
+/// which would go where the writes would.
+fn refuse_all(jobs: Vec<Job>, cause: &str) -> Vec<Answer> {
+    static ERROR: crate::logging::Throttled = crate::logging::Throttled::new();
+    if let Some(batches) = ERROR.due() {
+        error!(error = %cause, batches, "the database's files changed under the server: writes refused, nothing written (batches since the last such line)");
+    }
+    let entries = jobs
+        .iter()
+        .filter(|(command, audit, _)| audit.is_some() && !matches!(command, Command::Audit))
+        .count();
+    if entries > 0 {
+        note_unrecorded(entries);
+    }
+    jobs.into_iter()
+        .map(|(command, _, reply)| {
+            let err = WriteError::Store(StoreError::FilesChanged {
+                cause: cause.to_owned(),
+            });
+            Answer::new(&command, reply, Err(err))
+        })
+        .collect()
 }
 
 /// What [`apply_jobs`] answered, and whether any of its transactions committed.

@@ -934,6 +934,64 @@ async fn a_disk_without_room_is_unavailable_and_not_serving_until_there_is_room(
     assert!(answered);
 }
 
+/// SQLite's database file or its `-shm` moved away under the running server (a defences
+/// audit of 2026-12-07 deleted them: writes acknowledged into a file that was gone, and
+/// with a new `-shm` an admin command's revocation reported done and lost): the next write
+/// is refused UNAVAILABLE at once and health turns NOT_SERVING; an admin command beside
+/// the server without its `-shm` is refused; with the file back, the server serves again
+/// and what it acknowledged before is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_files_moved_under_the_server_refuse_writes_while_they_are_away() {
+    if std::env::var("ERN_TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+        eprintln!("skipped: SQLite only");
+        return;
+    }
+    for (seed, suffix) in [(7300u32, "-shm"), (7400, "")] {
+        let app = TestApp::spawn().await;
+        let database = ern_registry::data_dir::sqlite_path(&app.database_url).unwrap();
+        let token = app.physician_key("dr-files", "NL-FILES").await;
+        let mut dr = app.client(Some(&token)).await;
+        let (pseudonym, mut probe) = first_case_and_a_serving_probe(&app, &mut dr, seed).await;
+        let mut name = database.clone().into_os_string();
+        name.push(suffix);
+        let file = std::path::PathBuf::from(name);
+        let aside = file.with_extension("aside");
+        std::fs::rename(&file, &aside).unwrap();
+        if suffix == "-shm" {
+            let refused = ern_registry::data_dir::prepare_sqlite_files(&database).unwrap_err();
+            assert!(
+                matches!(
+                    refused,
+                    ern_registry::data_dir::DataDirError::ShmMissingWhileServed { .. }
+                ),
+                "{refused}"
+            );
+        }
+        let status = dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed + 1))))
+            .await
+            .unwrap_err();
+        assert_unavailable_with_retry_hint(&status);
+        until_health(
+            &mut probe,
+            ServingStatus::NotServing,
+            Duration::from_secs(10),
+        )
+        .await;
+        std::fs::rename(&aside, &file).unwrap();
+        until_health(&mut probe, ServingStatus::Serving, Duration::from_secs(10)).await;
+        dr.get_case(get_case("ERN-LUNG", &pseudonym)).await.unwrap();
+        dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(seed + 2))))
+            .await
+            .unwrap();
+        // Refused, not stored.
+        dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(seed + 1))))
+            .await
+            .unwrap();
+        app.stop().await;
+    }
+}
+
 /// A failing disk under SQLite's WAL, in the server binary (a shim loaded with
 /// LD_PRELOAD, `tests/fixtures/fail_wal_sync.c`). A COMMIT whose sync fails has written
 /// the batch's pages, its commit frame included, to the WAL: SQLite leaves the WAL's index
