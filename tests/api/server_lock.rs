@@ -165,9 +165,14 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let db = app.dir.path().join("registry.db");
     let away = app.dir.path().join("registry.db.away");
     std::fs::rename(&db, &away).unwrap();
-    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(3))))
+    // Its writes are refused while its database is away (`data_dir::OpenFiles`): they
+    // would go into a file no one finds (a defences audit of 2026-12-07 had 11,674
+    // acknowledged so).
+    let refused = dr
+        .submit_case(submission("ERN-LUNG", national("NL", &bsn(3))))
         .await
-        .expect("serves on through its open files");
+        .expect_err("no write acknowledged into a database moved away");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     let wal = app.dir.path().join("registry.db-wal");
     assert!(wal.exists());
     let commands: [&[&str]; 3] = [
@@ -199,9 +204,25 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     assert!(!db.exists() && wal.exists(), "serve: {stderr}");
     std::fs::rename(&away, &db).unwrap();
 
-    // The first one serves on, and an admin command runs beside it.
-    dr.submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
-        .await
+    // The first one serves on once its health probe has seen the file back, and an admin
+    // command runs beside it.
+    let mut served = None;
+    for _ in 0..100 {
+        match dr
+            .submit_case(submission("ERN-LUNG", national("NL", &bsn(2))))
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => {
+                served = Some(other);
+                break;
+            }
+        }
+    }
+    served
+        .expect("served again within 10 s")
         .expect("the first server still serves");
     let admin = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
         .arg("--data-dir")
@@ -219,7 +240,7 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
 
     // Once it has stopped, the next one starts, with every case.
     app.stop_server().await;
-    assert_eq!(app.count("cases").await, 3);
+    assert_eq!(app.count("cases").await, 2);
     drop(
         Application::build(args(), &app.database_url, &key)
             .await
