@@ -80,9 +80,9 @@ pub enum DataDirError {
     )]
     MissingWhileServed { database: PathBuf, lock: PathBuf },
     #[error(
-        "{shm} is missing while a server serves {database}: it was deleted under that \
-         server, which goes on through its own copy, so a command here would make a new one \
-         and write past the server's view of the database (losing or corrupting writes). \
+        "{shm} is missing, or not the one, while a server serves {database}: it was deleted \
+         (or replaced) under that server, which goes on through its own, so a command here \
+         would write past the server's view of the database (losing or corrupting writes). \
          Not opened: restart the server first (it refuses writes until then)"
     )]
     ShmMissingWhileServed { database: PathBuf, shm: PathBuf },
@@ -286,7 +286,8 @@ fn refuse_wal_without_database(path: &Path) -> Result<(), DataDirError> {
 }
 
 /// Refuses to open `db` (resolved) beside a server while its `-wal` is there and its
-/// `-shm` is not. The `-shm` is the WAL's index, through which every connection of every
+/// `-shm` is not, or is another than the one the server noted in its lock file
+/// ([`ServerLock::record`]). The `-shm` is the WAL's index, through which every connection of every
 /// process agrees on what the WAL holds; one deleted under a running server stays that
 /// server's (it has it mapped), and SQLite here would make a new one, so the two would
 /// each write the WAL as if alone. A defences audit of 2026-12-07 deleted it under a
@@ -296,22 +297,38 @@ fn refuse_wal_without_database(path: &Path) -> Result<(), DataDirError> {
 /// `-wal` without its `-shm` is what SQLite recovers from at open.
 fn refuse_shm_missing_while_served(db: &Path) -> Result<(), DataDirError> {
     let (wal, shm) = (side_file(db, "-wal"), side_file(db, "-shm"));
-    if fs::symlink_metadata(&wal).is_err() || fs::symlink_metadata(&shm).is_ok() {
+    if fs::symlink_metadata(&wal).is_err() {
         return Ok(());
     }
+    let lock = lock_path(db);
     // Held by a server: its lock file, or the database file itself (`hold_database`).
     let held = |path: &Path| {
         File::open(path)
             .ok()
             .is_some_and(|file| matches!(file.try_lock(), Err(TryLockError::WouldBlock)))
     };
-    if held(&lock_path(db)) || held(db) {
-        return Err(DataDirError::ShmMissingWhileServed {
-            database: db.to_path_buf(),
-            shm,
-        });
+    let refused = || DataDirError::ShmMissingWhileServed {
+        database: db.to_path_buf(),
+        shm: shm.clone(),
+    };
+    match file_id(&shm) {
+        None if held(&lock) || held(db) => Err(refused()),
+        None => Ok(()),
+        // One the server did not open (made anew after it was deleted: a re-check of
+        // 2026-12-07 had a `sqlite3` query make it, and a revocation was lost).
+        Some(id) => match servers_shm(&lock) {
+            Some(servers) if servers != id && held(&lock) => Err(refused()),
+            _ => Ok(()),
+        },
     }
-    Ok(())
+}
+
+/// The `-shm` identity a server noted in its lock file ([`ServerLock::record`]).
+fn servers_shm(lock: &Path) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(lock).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("shm "))?;
+    let (dev, ino) = line.trim().split_once(' ')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
 /// The files of a SQLite database a server has open, by device and inode: the database
@@ -499,11 +516,11 @@ impl ServerLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut text = String::new();
-                let _ = (&file).take(32).read_to_string(&mut text);
+                let _ = (&file).take(64).read_to_string(&mut text);
                 return Err(DataDirError::Locked {
                     database: db.to_path_buf(),
                     lock: path,
-                    holder: Holder(text.trim().parse().ok()),
+                    holder: Holder(text.lines().next().and_then(|l| l.trim().parse().ok())),
                 });
             }
             Err(TryLockError::Error(source)) => return Err(lock_err(source)),
@@ -517,6 +534,15 @@ impl ServerLock {
             file,
             database: None,
         })
+    }
+
+    /// Notes the identity of the database's `-shm` (`files`) in the lock file, after the
+    /// process id: "shm DEVICE INODE". An admin command beside the server compares the
+    /// `-shm` it finds with it ([`refuse_shm_missing_while_served`]).
+    pub fn record(&mut self, files: &OpenFiles) -> io::Result<()> {
+        let (_, (dev, ino)) = &files.files[1];
+        writeln!(self.file, "shm {dev} {ino}")?;
+        self.file.flush()
     }
 
     /// Also locks the database file `db` itself (created 0600 if missing, as

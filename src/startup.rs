@@ -576,7 +576,7 @@ impl Application {
         // One server per SQLite database: locked before anything else touches it (and a
         // URL whose lock could be elsewhere refused first).
         crate::store::Backend::of_url(database_url)?;
-        let lock = data_dir::sqlite_path(database_url)
+        let mut lock = data_dir::sqlite_path(database_url)
             .map(|db| {
                 let mut lock = ServerLock::acquire(&db)?;
                 lock.hold_database(&db)?;
@@ -744,7 +744,17 @@ impl Application {
         });
         info!(%local_addr, backend = ?state.store.backend(), writers, "ern-registry ready");
         Ok(Application {
-            _lock: lock,
+            _lock: {
+                // Admin commands compare the `-shm` they find with the server's
+                // (`data_dir::refuse_shm_not_the_servers`).
+                if let (Some(lock), Some(db)) = (lock.as_mut(), data_dir::sqlite_path(database_url))
+                    && let Some(files) = data_dir::OpenFiles::of(&db)
+                    && let Err(e) = lock.record(&files)
+                {
+                    warn!(error = %e, "could not note the database's -shm in the lock file: admin commands will not tell a replaced one");
+                }
+                lock
+            },
             local_addr,
             listener,
             console,

@@ -966,6 +966,18 @@ async fn database_files_moved_under_the_server_refuse_writes_while_they_are_away
                 ),
                 "{refused}"
             );
+            // Nor with another one in its place (a copy, as a `sqlite3` query would make
+            // one anew: a re-check of 2026-12-07 lost a revocation so).
+            std::fs::copy(&aside, &file).unwrap();
+            let refused = ern_registry::data_dir::prepare_sqlite_files(&database).unwrap_err();
+            assert!(
+                matches!(
+                    refused,
+                    ern_registry::data_dir::DataDirError::ShmMissingWhileServed { .. }
+                ),
+                "{refused}"
+            );
+            std::fs::remove_file(&file).unwrap();
         }
         let status = dr
             .submit_case(submission("ERN-LUNG", national("NL", &bsn(seed + 1))))
