@@ -912,6 +912,9 @@ impl Application {
         let statistics = tokio::spawn(crate::store::statistics::keep_current(
             self.state.store.clone(),
         ));
+        // What outage warnings counted after their last line is written within
+        // `logging::OUTAGE_LINE_EVERY`, not only when the same warning comes again.
+        let pending_warnings = tokio::spawn(crate::logging::flush_pending_every());
         let refusal_summary = Flusher::start(
             self.state.refusals.clone(),
             self.state.writer.clone(),
@@ -1027,6 +1030,8 @@ impl Application {
         if tokio::time::timeout(closing, store.close()).await.is_err() {
             warn!("the database connections did not close in time");
         }
+        pending_warnings.abort();
+        crate::logging::flush_pending(true);
         info!("database closed");
         result
     }

@@ -79,7 +79,10 @@ impl From<ServiceError> for Status {
                 ErrorDetails::with_retry_info(Some(limited.retry_after)),
             ),
             ServiceError::Internal(crate::store::StoreError::CommitUnknown { ref cause }) => {
-                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+                    tracing::Level::WARN,
+                    "outcome of a commit unknown",
+                );
                 if let Some(calls) = WARNING.due() {
                     warn!(error = %cause, calls, "outcome of a commit unknown (calls answered so since the last such line)");
                 }
@@ -90,7 +93,8 @@ impl From<ServiceError> for Status {
                 )
             }
             ServiceError::Internal(ref cause) if cause.is_unavailable() => {
-                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+                static WARNING: crate::logging::Throttled =
+                    crate::logging::Throttled::new(tracing::Level::WARN, "database unreachable");
                 if let Some(calls) = WARNING.due() {
                     warn!(error = %cause, calls, "database unreachable (calls answered so since the last such line)");
                 }
@@ -243,7 +247,10 @@ pub async fn conclude<T>(
     // per-address summary: it carries no `wire::AUDITED` mark.)
     if outcome == Outcome::Unavailable && !services.database.is_reachable() {
         count(call.method(), outcome);
-        static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+        static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+            tracing::Level::WARN,
+            "calls refused while the database is unreachable; not in the audit log",
+        );
         if let Some(calls) = WARNING.due() {
             warn!(method = %call.method(), calls, "calls refused while the database is unreachable (since the last such line); not in the audit log");
         }
@@ -260,7 +267,10 @@ pub async fn conclude<T>(
     );
     match recorded {
         Err(err) if result.is_ok() => {
-            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+                tracing::Level::ERROR,
+                "audit entries not committed; the calls fail",
+            );
             if let Some(calls) = WARNING.due() {
                 error!(error = %err, calls, "audit entries not committed; the calls fail (since the last such line)");
             }
@@ -270,7 +280,10 @@ pub async fn conclude<T>(
         }
         Err(err) => {
             // Unmarked: the wire layer counts it in the per-address summary instead.
-            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+                tracing::Level::WARN,
+                "audit entries of failed calls not committed",
+            );
             if let Some(calls) = WARNING.due() {
                 warn!(error = %err, calls, "audit entries of failed calls not committed (since the last such line)");
             }

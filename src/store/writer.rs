@@ -820,7 +820,10 @@ async fn run(
 /// `data_dir::OpenFiles`), writing nothing: not even the entries of the refused calls,
 /// which would go where the writes would.
 fn refuse_all(jobs: Vec<Job>, cause: &str) -> Vec<Answer> {
-    static ERROR: crate::logging::Throttled = crate::logging::Throttled::new();
+    static ERROR: crate::logging::Throttled = crate::logging::Throttled::new(
+        tracing::Level::ERROR,
+        "the database's files changed under the server: writes refused, nothing written",
+    );
     if let Some(batches) = ERROR.due() {
         error!(error = %cause, batches, "the database's files changed under the server: writes refused, nothing written (batches since the last such line)");
     }
@@ -899,7 +902,10 @@ async fn apply_jobs(
         // calls queued behind this batch would wait for every one of those waits. The
         // failed commands' entries are appended in one transaction, attempted once.
         Retry::None => {
-            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+            static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+                tracing::Level::WARN,
+                "batches failed: the database cannot be reached",
+            );
             if let Some(batches) = WARNING.due() {
                 warn!(error = %err, batch = jobs.len(), batches, "batches failed: the database cannot be reached (since the last such line)");
             }
@@ -1001,7 +1007,10 @@ async fn apply_jobs(
 /// Logs that `entries` audit entries of failed writes could not be committed, the database
 /// being away: at most one line every `logging::OUTAGE_LINE_EVERY`, with the batches since.
 fn note_unrecorded(entries: usize) {
-    static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+    static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+        tracing::Level::WARN,
+        "audit entries of failed writes not committed: the database cannot be reached",
+    );
     if let Some(batches) = WARNING.due() {
         warn!(
             entries,
@@ -1105,7 +1114,10 @@ async fn audit_failures(
 /// Logs that the entries of failed writes could not be committed: at most one line every
 /// `logging::OUTAGE_LINE_EVERY`, with the times since.
 fn note_failure_entries_lost(error: &StoreError, entries: usize) {
-    static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+    static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+        tracing::Level::WARN,
+        "audit entries of failed writes not committed",
+    );
     if let Some(times) = WARNING.due() {
         warn!(%error, entries, times, "audit entries of failed writes not committed (times since the last such line)");
     }
@@ -1298,7 +1310,10 @@ async fn apply_batch(
         return Err(match overwrite_failed_commit(target).await {
             Ok(()) => err,
             Err(barrier) => {
-                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new();
+                static WARNING: crate::logging::Throttled = crate::logging::Throttled::new(
+                    tracing::Level::ERROR,
+                    "COMMIT failed, and the write after it as well: whether a batch is stored is unknown",
+                );
                 if let Some(batches) = WARNING.due() {
                     error!(error = %err, barrier = %barrier, batches, "COMMIT failed, and the write after it as well: whether the batch is stored is unknown until a write succeeds or the service restarts (batches since the last such line)");
                 }
