@@ -16,7 +16,9 @@
 //! **The change log.** A writer transaction that changed research rows (a submission,
 //! an update, a consent decision or a withdrawal that succeeded) ends, after its audit
 //! entries and just before its commit, by raising the one-row counter `research_seq` by
-//! the number of slots it touched and writing one `research_log` row per slot: the
+//! a number for each slot it touched (on PostgreSQL, for each it may have touched,
+//! counted in the statement that takes the lock) and writing one `research_log` row per
+//! slot: the
 //! slots its patients have after it and, for the patients it withdraws, the slots they had
 //! before ([`slots_before`], read under the patients' locks before any command runs: a
 //! withdrawal of inclusion deletes the row, and with it the slot; nothing else does). A
@@ -633,6 +635,9 @@ pub(super) async fn log_changes(
     if changed.is_empty() {
         return Ok(());
     }
+    if matches!(conn, Db::Pg(_)) {
+        return log_changes_pg(conn, before, changed).await;
+    }
     let mut touched: BTreeSet<(i64, i64)> = BTreeSet::new();
     for &(registry_id, pseudonym) in changed {
         if let Some(&slot) = before.0.get(&(registry_id, pseudonym.to_owned())) {
@@ -717,8 +722,13 @@ pub(super) async fn log_changes(
         }
         q.rows(conn, &ROWS)?.execute(&mut *conn).await?;
     }
-    if last / PRUNE_EVERY > (last - count as i64) / PRUNE_EVERY && last - LOG_KEPT > pruned_through
-    {
+    prune_if_due(conn, last, count as i64, pruned_through).await
+}
+
+/// Prunes the log to its last [`LOG_KEPT`] rows when the counter, raised by `count` to
+/// `last`, passed a multiple of [`PRUNE_EVERY`].
+async fn prune_if_due(conn: &mut Db<'_>, last: i64, count: i64, pruned_through: i64) -> Result<()> {
+    if last / PRUNE_EVERY > (last - count) / PRUNE_EVERY && last - LOG_KEPT > pruned_through {
         let through = last - LOG_KEPT;
         db::query("DELETE FROM research_log WHERE seq <= $1")
             .bind(through)
@@ -730,6 +740,98 @@ pub(super) async fn log_changes(
             .await?;
     }
     Ok(())
+}
+
+/// [`log_changes`] on PostgreSQL in two statements where it takes five (issue 14: a
+/// round trip each): the counter's lock, raised by a number for every slot the
+/// transaction may have touched (the rows of `changed` and the slots `before` names,
+/// counted in the statement); then, in one statement under the lock, the slots of the
+/// rows without one (the largest in use plus one, read after the lock was taken, so no
+/// other writer can give the same), and the log rows of every slot touched, each once. A
+/// slot named twice (a withdrawal that kept the row) leaves a number unused, as an
+/// erasure's freed slot given again does.
+async fn log_changes_pg(
+    conn: &mut Db<'_>,
+    before: &Before,
+    changed: &BTreeSet<(i64, &str)>,
+) -> Result<()> {
+    let gone: Vec<(i64, i64)> = changed
+        .iter()
+        .filter_map(|&(registry_id, pseudonym)| {
+            before
+                .0
+                .get(&(registry_id, pseudonym.to_owned()))
+                .map(|&slot| (registry_id, slot))
+        })
+        .collect();
+    // The lock: held to the commit (module doc). Not taken when nothing is touched.
+    let Some(row) = db::query(
+        "WITH c AS (SELECT COUNT(*) AS n \
+                    FROM UNNEST($2::bigint[], $3::text[]) AS w(registry_id, pseudonym) \
+                    JOIN patient_keys k \
+                      ON k.registry_id = w.registry_id AND k.pseudonym = w.pseudonym \
+                    JOIN patients p ON p.registry_id = k.registry_id AND p.patient = k.id) \
+         UPDATE research_seq SET seq = seq + $1 + c.n FROM c \
+         WHERE id = 1 AND $1 + c.n > 0 \
+         RETURNING seq, pruned_through, $1 + c.n AS reserved",
+    )
+    .bind(gone.len() as i64)
+    .bind_array(conn, db::Ty::Int, changed.iter().map(|c| c.0))?
+    .bind_array(conn, db::Ty::Text, changed.iter().map(|c| c.1))?
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(());
+    };
+    let (last, pruned_through, reserved): (i64, i64, i64) = (
+        row.try_get("seq")?,
+        row.try_get("pruned_through")?,
+        row.try_get("reserved")?,
+    );
+    let row = db::query(
+        "WITH w AS (SELECT * FROM UNNEST($2::bigint[], $3::text[]) AS w(registry_id, pseudonym)), \
+         rows AS (SELECT p.registry_id, p.patient, p.pseudonym, p.slot FROM w \
+                  JOIN patient_keys k \
+                    ON k.registry_id = w.registry_id AND k.pseudonym = w.pseudonym \
+                  JOIN patients p ON p.registry_id = k.registry_id AND p.patient = k.id), \
+         fresh AS (SELECT r.registry_id, r.patient, \
+                          COALESCE((SELECT MAX(q.slot) FROM patients q \
+                                    WHERE q.registry_id = r.registry_id), -1) \
+                          + ROW_NUMBER() OVER (PARTITION BY r.registry_id \
+                                               ORDER BY r.pseudonym) AS slot \
+                   FROM rows r WHERE r.slot IS NULL), \
+         numbered AS (UPDATE patients SET slot = fresh.slot FROM fresh \
+                      WHERE patients.registry_id = fresh.registry_id \
+                        AND patients.patient = fresh.patient AND patients.slot IS NULL \
+                      RETURNING patients.registry_id, patients.slot), \
+         touched AS (SELECT registry_id, slot FROM numbered \
+                     UNION SELECT registry_id, slot FROM rows WHERE slot IS NOT NULL \
+                     UNION SELECT * FROM UNNEST($4::bigint[], $5::bigint[])), \
+         logged AS (INSERT INTO research_log (seq, registry_id, slot) \
+                    SELECT $1 + ROW_NUMBER() OVER (ORDER BY registry_id, slot), registry_id, slot \
+                    FROM touched RETURNING seq) \
+         SELECT (SELECT COUNT(*) FROM fresh) AS fresh, \
+                (SELECT COUNT(*) FROM numbered) AS numbered, \
+                (SELECT COUNT(*) FROM logged) AS logged",
+    )
+    .bind(last - reserved)
+    .bind_array(conn, db::Ty::Int, changed.iter().map(|c| c.0))?
+    .bind_array(conn, db::Ty::Text, changed.iter().map(|c| c.1))?
+    .bind_array(conn, db::Ty::Int, gone.iter().map(|g| g.0))?
+    .bind_array(conn, db::Ty::Int, gone.iter().map(|g| g.1))?
+    .fetch_one(&mut *conn)
+    .await?;
+    let (fresh, numbered, logged): (i64, i64, i64) = (
+        row.try_get("fresh")?,
+        row.try_get("numbered")?,
+        row.try_get("logged")?,
+    );
+    if numbered != fresh || logged > reserved {
+        return Err(StoreError::Corrupt(
+            "research rows changed while their slots were given".into(),
+        ));
+    }
+    prune_if_due(conn, last, reserved, pruned_through).await
 }
 
 /// Gives a slot to every research row without one (rows written before the writer gave

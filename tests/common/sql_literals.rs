@@ -44,6 +44,12 @@ const BACKEND_ONLY: &[(&str, &str, Dialect)] = &[
     ("store/purge.rs", "checkpoint_once", Dialect::Sqlite),
     // Whether an unanswered COMMIT landed: asked on PostgreSQL only (`store::writer`).
     ("store/writer.rs", "landed", Dialect::Postgres),
+    // The change log in two statements, with arrays (`store::research_index`).
+    (
+        "store/research_index.rs",
+        "log_changes_pg",
+        Dialect::Postgres,
+    ),
     // The file SQLite opened, against the one the server's lock was taken beside.
     ("store/mod.rs", "check_opened_file", Dialect::Sqlite),
 ];
