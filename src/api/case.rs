@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
+use tonic_types::StatusExt;
 
 use super::convert::timestamp_to_proto;
 use zeroize::Zeroize;
@@ -32,6 +33,10 @@ use crate::service::{Call, Running, ServiceError, Turns, cases, parse_pseudonym}
 
 /// Submissions of one bulk stream processed concurrently (results stay in order).
 const BULK_IN_FLIGHT: usize = 64;
+
+/// The `ErrorInfo` reason of an export page refused because its first phenopacket alone
+/// is over the message limit (its metadata's `page_token` goes on after that case).
+pub const OVER_MESSAGE_LIMIT: &str = "PHENOPACKET_OVER_MESSAGE_LIMIT";
 
 /// What a bulk stream is waiting for: items read whose result has not been sent yet, and
 /// when it last read an item or sent a result. The stream is idle (its client's turn)
@@ -593,14 +598,20 @@ impl CaseApi {
             };
             let record = convert::case_record_to_proto(&case.version.record);
             let json = phenopacket::to_json(&phenopacket::from_record(&record, &context));
-            size +=
-                1 + prost::encoding::encoded_len_varint(json.len() as u64) as usize + json.len();
-            if size > max && !phenopackets.is_empty() {
+            let with_it = size
+                + 1
+                + prost::encoding::encoded_len_varint(json.len() as u64) as usize
+                + json.len();
+            if with_it > max && !phenopackets.is_empty() {
                 break;
             }
+            size = with_it;
             phenopackets.push(json);
         }
         let sent = phenopackets.len();
+        // (`size` is the answer's with what it holds: a first phenopacket that fits, the
+        // next not, makes a page of one, not a refusal; until 2026-12-07 the refusal
+        // named the case that fitted, a claims audit found.)
         if sent == 1 && size > max {
             // One phenopacket over the limit on its own: the page cannot hold it, and a
             // smaller page would not help. The answer names the case (the caller's own
@@ -608,12 +619,29 @@ impl CaseApi {
             // GetCase.
             call.items(0);
             let first = &page.cases[0].pseudonym;
-            return Err(Status::resource_exhausted(format!(
-                "the phenopacket of case {first} alone would make an answer of about {size} \
-                 bytes, over the message limit of {max} bytes (--max-message-bytes): read \
-                 that case with GetCase, and go on with page_token = \"{first}\" to export \
-                 the cases after it, or raise the limit"
-            )));
+            // Told from a rate limit (RetryInfo, worth a retry) by its details: a retry
+            // would get the same answer (the Python client raises `TooLarge`).
+            let mut details = tonic_types::ErrorDetails::with_error_info(
+                OVER_MESSAGE_LIMIT,
+                "ern-registry",
+                [("page_token".to_owned(), first.clone())],
+            );
+            details.set_resource_info(
+                "case",
+                first.clone(),
+                req.registry.clone(),
+                "its phenopacket alone is over the message limit",
+            );
+            return Err(Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "the phenopacket of case {first} alone would make an answer of about \
+                     {size} bytes, over the message limit of {max} bytes \
+                     (--max-message-bytes): read that case with GetCase, and go on with \
+                     page_token = \"{first}\" to export the cases after it, or raise the limit"
+                ),
+                details,
+            ));
         }
         call.items(sent);
         let more = page.more || sent < page.cases.len();

@@ -505,6 +505,116 @@ async fn an_export_goes_on_past_a_case_too_large_for_one_answer() {
     assert_eq!(items, 0);
 }
 
+/// A page whose first phenopacket fits and whose second is over the limit on its own is
+/// that first phenopacket alone, with its token; the next page is the refusal naming the
+/// large case. (Until 2026-12-07 the first page was refused, naming the case that fitted:
+/// the size compared was the one with the large case in it, a claims audit found.)
+#[tokio::test]
+async fn a_case_that_fits_before_one_too_large_is_exported_not_refused() {
+    let (_app, mut dr, mut mine) = export_app(8192, 70..78).await;
+    // Cases too large for one answer (four genes of sixteen variants each), until one
+    // sorts right after a small one: their pseudonyms' order cannot be chosen.
+    let mut large = std::collections::BTreeSet::new();
+    let mut seed = 80;
+    let at = loop {
+        let mut request = submission("ERN-LUNG", national("NL", &bsn(seed)));
+        seed += 1;
+        let record = request.record.as_mut().unwrap();
+        record.genetic_findings = ["CFTR", "FBN1", "TP53", "BRCA1"]
+            .iter()
+            .map(|gene| proto::GeneticFinding {
+                gene: (*gene).into(),
+                variants: (0..16)
+                    .map(|i| format!("NM_000492.4:c.{}_{}del", 1000 + i, 2000 + i))
+                    .collect(),
+            })
+            .collect();
+        let pseudonym = dr
+            .submit_case(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .pseudonym;
+        large.insert(pseudonym.clone());
+        mine.push(pseudonym);
+        mine.sort();
+        if let Some(k) =
+            (1..mine.len()).find(|&k| large.contains(&mine[k]) && !large.contains(&mine[k - 1]))
+        {
+            break k;
+        }
+        assert!(seed < 90, "ten large cases, none after a small one");
+    };
+    let start = if at >= 2 {
+        mine[at - 2].clone()
+    } else {
+        String::new()
+    };
+    let page = dr
+        .export_phenopackets(export("ERN-LUNG", 200, &start))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.phenopackets.len(), 1);
+    assert_eq!(page.next_page_token, mine[at - 1]);
+    let refused = dr
+        .export_phenopackets(export("ERN-LUNG", 200, &page.next_page_token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains(&format!("page_token = \"{}\"", mine[at])),
+        "{}",
+        refused.message()
+    );
+    // Told from a rate limit by its details: no RetryInfo, the reason and the token.
+    let details = refused.get_error_details();
+    assert!(details.retry_info().is_none());
+    let info = details.error_info().expect("an ErrorInfo");
+    assert_eq!(info.reason, ern_registry::api::case::OVER_MESSAGE_LIMIT);
+    assert_eq!(info.metadata.get("page_token"), Some(&mine[at]));
+    assert_eq!(details.resource_info().unwrap().resource_name, mine[at]);
+    // A whole walk exports every small case once and is refused at each large one.
+    let (mut token, mut seen, mut refusals) = (String::new(), Vec::new(), Vec::new());
+    loop {
+        match dr
+            .export_phenopackets(export("ERN-LUNG", 200, &token))
+            .await
+        {
+            Ok(page) => {
+                let page = page.into_inner();
+                for json in &page.phenopackets {
+                    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+                    seen.push(value["subject"]["id"].as_str().unwrap().to_owned());
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                let named = mine
+                    .iter()
+                    .find(|p| status.message().contains(&format!("page_token = \"{p}\"")))
+                    .expect("the refusal names a case")
+                    .clone();
+                refusals.push(named.clone());
+                token = named;
+            }
+        }
+    }
+    let small: Vec<String> = mine
+        .iter()
+        .filter(|p| !large.contains(*p))
+        .cloned()
+        .collect();
+    assert_eq!(seen, small);
+    assert_eq!(refusals, large.into_iter().collect::<Vec<_>>());
+}
+
 /// The id of the principal named `name`.
 async fn principal_id(app: &TestApp, name: &str) -> i64 {
     db::query("SELECT id FROM principals WHERE name = $1")

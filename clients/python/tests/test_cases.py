@@ -236,3 +236,56 @@ def test_a_stream_of_small_items_the_server_falls_behind_on_keeps_its_connection
         physician.close()
     assert len(results) == 8000
     assert all(r.ok or not isinstance(r.error, ern_registry.Unavailable) for r in results)
+
+
+@pytest.fixture(scope="module")
+def small_messages_server(ern_binary, tmp_path_factory):
+    """A server of its own whose messages are at most 8 KiB: a physician of NL-UMCU."""
+    from conftest import Server
+
+    server = Server(tmp_path_factory.mktemp("small"))
+    server.cli("keygen")
+    server.cli(
+        "admin", "create-centre", "--code", "NL-UMCU", "--name", "UMC Utrecht",
+        "--country", "NL", "--ern", "ERN-LUNG",
+    )
+    server.principal("dr-small", "physician", "--centre", "NL-UMCU")
+    server.start("--max-message-bytes", "8192")
+    yield server
+    server.stop()
+
+
+def test_an_export_goes_on_past_a_case_too_large_for_one_answer(small_messages_server):
+    """A case whose phenopacket alone is over the message limit raises TooLarge at once
+    (not RateLimited after retries), naming it; the export goes on from its page_token."""
+    server = small_messages_server
+    with Client(server.address, api_key=server.keys["dr-small"]) as physician:
+        small = {
+            physician.submit_case(
+                registry="ERN-LUNG", patient=patient(500 + n), record=record(), consent=[INCLUSION]
+            ).pseudonym
+            for n in range(6)
+        }
+        findings = [
+            {"gene": gene, "variants": [f"NM_000492.4:c.{1000 + i}_{2000 + i}del" for i in range(16)]}
+            for gene in ("CFTR", "FBN1", "TP53", "BRCA1")
+        ]
+        large = physician.submit_case(
+            registry="ERN-LUNG",
+            patient=patient(600),
+            record=record(geneticFindings=findings),
+            consent=[INCLUSION],
+        ).pseudonym
+        seen, token, refused = [], "", []
+        while True:
+            try:
+                for phenopacket in physician.export_phenopackets(
+                    "ERN-LUNG", page_size=200, page_token=token
+                ):
+                    seen.append(phenopacket["subject"]["id"])
+                break
+            except ern_registry.TooLarge as too_large:
+                refused.append(too_large.resource_name)
+                token = too_large.page_token
+        assert refused == [large]
+        assert seen == sorted(small)

@@ -150,3 +150,21 @@ def test_rate_limited_calls_carry_the_delay_and_are_retried(limited_server):
     # The default policy waits the delay out and gets the answer.
     with Client(limited_server.address, api_key=key) as client:
         assert list(client.count_patients("ERN-LUNG").index) == ["total"]
+
+
+def test_a_page_over_the_message_limit_is_too_large_and_not_retried():
+    info = error_details_pb2.ErrorInfo(
+        reason="PHENOPACKET_OVER_MESSAGE_LIMIT",
+        domain="ern-registry",
+        metadata={"page_token": "R013-V001-ABC"},
+    )
+    resource = error_details_pb2.ResourceInfo(resource_type="case", resource_name="R013-V001-ABC")
+    too_large = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too large", [info, resource])
+    with pytest.raises(ern_registry.TooLarge) as raised:
+        run([too_large, "ok"])
+    assert raised.value.page_token == "R013-V001-ABC"
+    assert raised.value.resource_name == "R013-V001-ABC"
+    assert not isinstance(raised.value, ern_registry.RateLimited)
+    # A rate limit is still retried.
+    limited = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [retry_info(1)])
+    assert run([limited, "ok"])[0] == "ok"

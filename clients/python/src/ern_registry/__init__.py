@@ -34,6 +34,7 @@ from .errors import (
     PermissionDenied,
     RateLimited,
     RegistryError,
+    TooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "AlreadyExists",
     "Aborted",
     "RateLimited",
+    "TooLarge",
     "Unavailable",
     "DeadlineExceeded",
     "Internal",

@@ -80,7 +80,7 @@ def call_with_retries(
             return attempt(remaining)
         except grpc.RpcError as rpc_error:
             error = errors.from_rpc_error(rpc_error)
-        if error.code not in codes or number >= policy.max_attempts:
+        if error.code not in codes or not error.retryable or number >= policy.max_attempts:
             raise error
         pause = policy.backoff(number) * random.uniform(0.5, 1.0)
         if error.retry_delay is not None:
@@ -426,12 +426,17 @@ class Client:
         registry: str,
         *,
         page_size: int = 0,
+        page_token: str = "",
         timeout: float | None | type[Ellipsis] = ...,
     ) -> Iterator[dict[str, Any]]:
         """Yields the caller's own centre's cases in ``registry`` as GA4GH Phenopackets v2
         (parsed JSON), page by page (``page_size``: 1 to 200; 0, the server's 50), each
-        with the pseudonym as ``subject.id``."""
-        token = ""
+        with the pseudonym as ``subject.id``, from after ``page_token`` (a pseudonym; empty:
+        from the first). A case whose phenopacket alone is over the server's message limit
+        raises :class:`~ern_registry.errors.TooLarge`, whose ``page_token`` goes on after
+        it (pass it here) and whose ``resource_name`` is the case to read with
+        ``get_case``."""
+        token = page_token
         while True:
             request = case_pb2.ExportPhenopacketsRequest(
                 registry=registry, page_size=page_size, page_token=token

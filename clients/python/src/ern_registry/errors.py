@@ -63,6 +63,8 @@ class RegistryError(Exception):
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    #: Whether a retry may get another answer (when the policy retries its code).
+    retryable: bool = True
 
     def __init__(
         self,
@@ -179,6 +181,27 @@ class RateLimited(RegistryError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TooLarge(RegistryError):
+    """RESOURCE_EXHAUSTED, not a rate limit: an export page whose first phenopacket alone
+    is over the server's message limit (ErrorInfo reason
+    ``PHENOPACKET_OVER_MESSAGE_LIMIT``). Retrying gets the same answer, so it is not
+    retried. ``resource_name`` is that case's pseudonym (read it with ``get_case``), and
+    ``page_token`` goes on after it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retryable = False
+
+    @property
+    def resource_name(self) -> str:
+        info = self._detail(error_details_pb2.ResourceInfo)
+        return info.resource_name if info is not None else ""
+
+    @property
+    def page_token(self) -> str:
+        info = self.error_info
+        return info.metadata.get("page_token", "") if info is not None else ""
+
+
 class Unavailable(RegistryError):
     """UNAVAILABLE: the server (or its database) cannot answer now; retry."""
 
@@ -211,6 +234,9 @@ _BY_CODE: dict[grpc.StatusCode, type[RegistryError]] = {
         Internal,
     )
 }
+
+#: The ErrorInfo reason of :class:`TooLarge`.
+OVER_MESSAGE_LIMIT = "PHENOPACKET_OVER_MESSAGE_LIMIT"
 
 _DETAIL_TYPES = (
     error_details_pb2.BadRequest,
@@ -249,6 +275,11 @@ def from_code(code: grpc.StatusCode, message: str, details: list[Any] | None = N
         for d in details or []
     ):
         cls = ConsentRequired
+    if cls is RateLimited and any(
+        isinstance(d, error_details_pb2.ErrorInfo) and d.reason == OVER_MESSAGE_LIMIT
+        for d in details or []
+    ):
+        cls = TooLarge
     return cls(message, code=code, details=details)
 
 
