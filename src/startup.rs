@@ -241,9 +241,28 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
         "ern_argon2_busy_total",
         "Argon2id checks (API keys of earlier versions, console sign-ins) refused at once because every run allowed was taken"
     );
+    // Counters without labels are exported from the start, at 0, so that an alert on one
+    // (`ern_synthetic_pseudonym_derivations_total` should stay at 0 on a clinical
+    // deployment) has a series before the first occurrence; a labelled series appears
+    // at its first count (a claims audit of 2026-12-07 found these absent after a start).
+    for name in ZERO_FROM_THE_START {
+        metrics::counter!(*name).increment(0);
+    }
     info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
 }
+
+/// The counters without labels, exported at 0 from the start (`install_metrics`).
+pub const ZERO_FROM_THE_START: &[&str] = &[
+    "ern_synthetic_pseudonym_derivations_total",
+    "ern_log_lines_lost_total",
+    "ern_back_dated_attestation_refusals_total",
+    "ern_argon2_verifications_total",
+    "ern_argon2_busy_total",
+    "ern_argon2_key_hash_refusals_total",
+    "ern_connections_idle_closed_total",
+    "ern_connections_evicted_total",
+];
 
 /// Creates the directory a file will live in, if needed (0700).
 fn ensure_parent(path: &Path) -> Result<(), StartupError> {

@@ -101,3 +101,49 @@ async fn a_server_out_of_file_descriptors_says_so_and_accepts_again() {
     let _ = child.wait();
     assert!(again, "{}", std::fs::read_to_string(&log).unwrap());
 }
+
+/// The counters without labels are exported at 0 from the start (an alert on one has a
+/// series before its first occurrence); before 2026-12-07 they appeared only then.
+#[tokio::test]
+async fn counters_without_labels_are_exported_at_zero_from_the_start() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics) = (crate::helpers::free_port(), crate::helpers::free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ern-registry"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .env("ERN_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .env_remove("ERN_MASTER_KEY_FILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let scrape = || -> std::io::Result<String> {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", metrics))?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let mut text = String::new();
+    for _ in 0..200 {
+        match scrape() {
+            Ok(t) if t.starts_with("HTTP/1.1 200") => {
+                text = t;
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for name in ern_registry::startup::ZERO_FROM_THE_START {
+        assert!(
+            text.lines().any(|l| l == format!("{name} 0")),
+            "{name} not at 0: {text}"
+        );
+    }
+}
