@@ -365,12 +365,17 @@ pub fn rejection(err: ServiceError) -> crate::proto::Rejection {
             .collect(),
         _ => Vec::new(),
     };
+    let existing_case = match &err {
+        ServiceError::CaseExists { pseudonym, .. } => pseudonym.clone(),
+        _ => String::new(),
+    };
     // The same message the unary call would carry (internal errors get logged there).
     let message = Status::from(err).message().to_owned();
     crate::proto::Rejection {
         code,
         message,
         field_violations,
+        existing_case,
     }
 }
 

@@ -395,17 +395,23 @@ impl CentreCode {
 }
 
 code_type!(
-    /// A client's own label for a submission (0 to 64 of `A-Z a-z 0-9 - _ . :`). It must
+    /// A client's own label for a submission (0 to 64 of `A-Z a-z 0-9 - _ . :`, not
+    /// starting with `-`). It must
     /// not contain patient identifiers; the character set keeps names out.
     ClientReference
 );
 
 impl ClientReference {
-    const FORMAT: &'static str = "at most 64 characters of letters, digits and \"-_.:\"";
+    const FORMAT: &'static str = "at most 64 characters of letters, digits and \"-_.:\", \
+        not starting with \"-\" (a spreadsheet would read it as a formula)";
     const MAX: usize = 64;
 
+    /// Refused too when it starts with `-`: an upload's result file (CSV) writes it as
+    /// given, and a spreadsheet reads `-A1:B2` as a formula (a defences audit of
+    /// 2026-12-07; the other formula starts, `=+@`, are not in the character set).
     pub fn parse(s: &str) -> Result<Self, DomainError> {
         if s.len() <= Self::MAX
+            && !s.starts_with('-')
             && all(s, |b| {
                 b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
             })
@@ -542,6 +548,9 @@ mod tests {
         assert!(ClientReference::parse("batch-7:row.12").is_ok());
         assert!(ClientReference::parse("has spaces").is_err());
         assert!(ClientReference::parse(&"a".repeat(65)).is_err());
+        // A spreadsheet would read it as a formula; inside, a dash is fine.
+        assert!(ClientReference::parse("-A1:B2").is_err());
+        assert!(ClientReference::parse("A1-B2").is_ok());
     }
 
     #[test]

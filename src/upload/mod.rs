@@ -247,10 +247,11 @@ pub fn read_lines(
                     .headers()
                     .map_err(|_| "the first line is not a CSV header")?,
             )?;
+            let mut numbers = LineNumbers::of(text);
             for record in reader.records() {
                 match record {
                     Ok(row) => {
-                        let number = row.position().map_or(0, |p| line_at(text, p.byte()));
+                        let number = row.position().map_or(0, |p| numbers.line_at(p.byte()));
                         let (mut request, read) = template::parse_row(&header, &row, registry);
                         let violations = check(&mut request, number, read, now);
                         lines.push(Line {
@@ -262,7 +263,7 @@ pub fn read_lines(
                         });
                     }
                     Err(err) => {
-                        let number = err.position().map_or(0, |p| line_at(text, p.byte()));
+                        let number = err.position().map_or(0, |p| numbers.line_at(p.byte()));
                         let message = match err.kind() {
                             csv::ErrorKind::UnequalLengths {
                                 expected_len, len, ..
@@ -291,25 +292,71 @@ pub fn read_lines(
     Ok(lines)
 }
 
+/// The file's text; refused when it is not UTF-8, naming the first line that is not (the
+/// whole file is refused: its lines are numbered and checked together, and a file in
+/// another encoding, Latin-1 from an old spreadsheet, has such bytes on many lines).
+fn utf8_text(bytes: Vec<u8>) -> Result<String, String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = LineNumbers::of(std::str::from_utf8(valid).unwrap_or_default())
+            .line_at(valid.len() as u64);
+        format!(
+            "line {line} is not valid UTF-8 (byte {} of the file): save the file as UTF-8 \
+             and run the upload again; nothing was sent",
+            valid.len() + 1
+        )
+    })
+}
+
 /// The 1-based line, as an editor numbers it, of the CSV record that starts at `byte`:
 /// LF, CRLF and a lone CR (old Mac files, Excel's "CSV (Macintosh)") each end a line, as
 /// they end a record for the csv crate. Its own line number counts LF only, and is one
 /// short after a CRLF (it counts the LF only as it starts the next record) and after the
 /// blank lines it skips; the record's byte offset may point at that LF or those lines, so
 /// they are stepped over first.
-fn line_at(text: &str, byte: u64) -> u64 {
-    let bytes = text.as_bytes();
-    let mut at = usize::try_from(byte).unwrap_or(usize::MAX).min(bytes.len());
-    while at < bytes.len() && matches!(bytes[at], b'\r' | b'\n') {
-        at += 1;
+struct LineNumbers<'a> {
+    bytes: &'a [u8],
+    /// Where the last record started (after the line ends stepped over), and the line
+    /// ends before it: a record's line is counted on from the one before, so numbering a
+    /// file is linear in its size (it counted from the file's start for every record: a
+    /// defences audit of 2026-12-07 measured 22 s for 20,000 lines, 4.2 MB).
+    at: usize,
+    ends: u64,
+}
+
+impl<'a> LineNumbers<'a> {
+    fn of(text: &'a str) -> LineNumbers<'a> {
+        LineNumbers {
+            bytes: text.as_bytes(),
+            at: 0,
+            ends: 0,
+        }
     }
-    let before = &bytes[..at];
-    let ends = before
-        .iter()
-        .enumerate()
-        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && before.get(i + 1) != Some(&b'\n')))
-        .count();
-    1 + ends as u64
+
+    fn line_at(&mut self, byte: u64) -> u64 {
+        let bytes = self.bytes;
+        let mut at = usize::try_from(byte).unwrap_or(usize::MAX).min(bytes.len());
+        while at < bytes.len() && matches!(bytes[at], b'\r' | b'\n') {
+            at += 1;
+        }
+        if at < self.at {
+            // Not after the last one (the reader's records come in order): from the start.
+            self.at = 0;
+            self.ends = 0;
+        }
+        // `at` is at a byte that ends no line (or the end), so a CR just before it is a
+        // lone one, and a CRLF is never split between two counts.
+        let from = self.at;
+        self.ends += bytes[from..at]
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| {
+                b == b'\n' || (b == b'\r' && bytes.get(from + i + 1) != Some(&b'\n'))
+            })
+            .count() as u64;
+        self.at = at;
+        1 + self.ends
+    }
 }
 
 /// A line of a phenopacket file: the phenopacket mapped to the record (with the server's
@@ -567,8 +614,8 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
     }
     let path = args.file.clone().ok_or("give the file to upload")?;
     let format = args.format.unwrap_or_else(|| format_of(&path));
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = utf8_text(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let results_path = args
         .results
         .clone()
@@ -752,6 +799,7 @@ pub async fn run(args: UploadArgs) -> Result<(), Error> {
                                     if r.code == tonic::Code::AlreadyExists as i32 =>
                                 {
                                     row.outcome = Outcome::AlreadyExists;
+                                    row.pseudonym = r.existing_case;
                                     tally.already += 1;
                                 }
                                 Some(proto::submit_cases_result::Outcome::Rejected(r))
@@ -905,6 +953,56 @@ mod tests {
 
     fn fields(v: &FieldViolations) -> Vec<&str> {
         v.iter().map(|v| v.field.as_str()).collect()
+    }
+
+    /// The line of `byte` counted from the start, as an editor counts: the reference.
+    fn counted_from_the_start(text: &str, byte: usize) -> u64 {
+        let bytes = text.as_bytes();
+        let mut at = byte.min(bytes.len());
+        while at < bytes.len() && matches!(bytes[at], b'\r' | b'\n') {
+            at += 1;
+        }
+        let mut line = 1;
+        let mut i = 0;
+        while i < at {
+            if bytes[i] == b'\n' || (bytes[i] == b'\r' && bytes.get(i + 1) != Some(&b'\n')) {
+                line += 1;
+            }
+            i += 1;
+        }
+        line
+    }
+
+    #[test]
+    fn a_file_not_in_utf8_is_refused_naming_its_first_such_line() {
+        assert_eq!(utf8_text(b"a,b\r\nc,d\n".to_vec()).unwrap(), "a,b\r\nc,d\n");
+        let refused = utf8_text(b"a,b\r\nc,d\ne,M\xfcller\nf,\xff\n".to_vec()).unwrap_err();
+        assert!(
+            refused.starts_with("line 3 is not valid UTF-8 (byte 13 "),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn line_numbers_counted_on_are_those_counted_from_the_start() {
+        let text = "h1,h2\r\na,b\n\nc,d\re,f\r\n\r\ng,\"x\ny\"\rh,i\n";
+        // In order, as the reader's records come, at every byte.
+        let mut numbers = LineNumbers::of(text);
+        for byte in 0..=text.len() + 2 {
+            assert_eq!(
+                numbers.line_at(byte as u64),
+                counted_from_the_start(text, byte),
+                "byte {byte}"
+            );
+        }
+        // Out of order: counted again from the start.
+        for byte in [20, 3, 17, 0, text.len()] {
+            assert_eq!(
+                numbers.line_at(byte as u64),
+                counted_from_the_start(text, byte),
+                "byte {byte}"
+            );
+        }
     }
 
     #[test]

@@ -535,7 +535,11 @@ async fn the_template_and_json_lines_upload_with_a_key_file() {
     let said = text(&sent);
     assert!(!sent.status.success(), "the invalid line is still reported");
     assert!(said.contains("accepted 1, already in the registry 1, rejected 0, invalid 1"));
-    let outcomes: Vec<(String, String)> = rows(&work.path().join("cases.jsonl.results.csv"))
+    let result_rows = rows(&work.path().join("cases.jsonl.results.csv"));
+    // The case already on file is named, as the template run's row named it.
+    assert_eq!(result_rows[0][3], template_rows[0][3]);
+    assert!(!result_rows[0][3].is_empty());
+    let outcomes: Vec<(String, String)> = result_rows
         .into_iter()
         .map(|r| (r[0].clone(), r[2].clone()))
         .collect();

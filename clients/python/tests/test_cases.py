@@ -112,6 +112,9 @@ def test_a_bulk_stream_answers_each_submission_in_order(physician):
     assert {type(r.error) for r in again if r.client_reference not in {"bulk-10", "bulk-20", "bulk-30"}} == {
         ern_registry.AlreadyExists
     }
+    # Each naming the case on file, as a unary call's answer does.
+    stored = {r.client_reference: r.submitted.pseudonym for r in results if r.ok}
+    assert {r.client_reference: r.error.resource_name for r in again if r.client_reference in stored} == stored
 
 
 def test_a_stream_without_consent_reports_consent_required(physician):

@@ -521,6 +521,10 @@ def _submission_result(result: case_pb2.SubmitCasesResult) -> SubmissionResult:
                 ]
             )
         )
+    if r.existing_case:
+        from google.rpc import error_details_pb2
+
+        details.append(error_details_pb2.ResourceInfo(resource_type="case", resource_name=r.existing_case))
     return SubmissionResult(
         result.sequence, result.client_reference, error=errors.from_code(code, r.message, details)
     )

@@ -113,14 +113,16 @@ class SubmitCasesResult(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., client_reference: _Optional[str] = ..., accepted: _Optional[_Union[SubmitCaseResponse, _Mapping]] = ..., rejected: _Optional[_Union[Rejection, _Mapping]] = ...) -> None: ...
 
 class Rejection(_message.Message):
-    __slots__ = ("code", "message", "field_violations")
+    __slots__ = ("code", "message", "field_violations", "existing_case")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_CASE_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     field_violations: _containers.RepeatedCompositeFieldContainer[FieldViolation]
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field_violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ...) -> None: ...
+    existing_case: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field_violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ..., existing_case: _Optional[str] = ...) -> None: ...
 
 class FieldViolation(_message.Message):
     __slots__ = ("field", "description")
