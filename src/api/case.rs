@@ -584,10 +584,21 @@ impl CaseApi {
         // is sent, with the token of its last case, and no page larger than the limit is
         // built. A first phenopacket over the limit alone is refused by `within_limit`.
         let max = self.state.max_message_bytes;
-        // The token's field: at most a pseudonym, under 128 bytes.
-        let mut size = 2 + 128;
+        // Each phenopacket's field, and the token's: the last case's pseudonym when more
+        // follow, else nothing (the answer's exact size: until 2026-12-07 the token was
+        // taken as 130 bytes, and a phenopacket within 87 bytes of the limit was refused,
+        // a re-check found).
+        let field = |n: usize| 1 + prost::encoding::encoded_len_varint(n as u64) as usize + n;
+        let token = |i: usize| {
+            if page.more || i + 1 < page.cases.len() {
+                field(page.cases[i].pseudonym.len())
+            } else {
+                0
+            }
+        };
+        let mut size = 0;
         let mut phenopackets = Vec::new();
-        for case in &page.cases {
+        for (i, case) in page.cases.iter().enumerate() {
             let context = phenopacket::ExportContext {
                 pseudonym: &case.pseudonym,
                 recorded_at: case.version.recorded_at,
@@ -598,17 +609,17 @@ impl CaseApi {
             };
             let record = convert::case_record_to_proto(&case.version.record);
             let json = phenopacket::to_json(&phenopacket::from_record(&record, &context));
-            let with_it = size
-                + 1
-                + prost::encoding::encoded_len_varint(json.len() as u64) as usize
-                + json.len();
-            if with_it > max && !phenopackets.is_empty() {
+            let with_it = size + field(json.len());
+            if with_it + token(i) > max && !phenopackets.is_empty() {
                 break;
             }
             size = with_it;
             phenopackets.push(json);
         }
         let sent = phenopackets.len();
+        if sent > 0 {
+            size += token(sent - 1);
+        }
         // (`size` is the answer's with what it holds: a first phenopacket that fits, the
         // next not, makes a page of one, not a refusal; until 2026-12-07 the refusal
         // named the case that fitted, a claims audit found.)

@@ -615,6 +615,54 @@ async fn a_case_that_fits_before_one_too_large_is_exported_not_refused() {
     assert_eq!(refusals, large.into_iter().collect::<Vec<_>>());
 }
 
+/// A page's size is the answer's own: a phenopacket whose answer is exactly the message
+/// limit is sent, one byte over is refused (until 2026-12-07 the token was taken as 130
+/// bytes, and a phenopacket within 87 bytes of the limit was refused, a re-check found).
+#[tokio::test]
+async fn a_phenopacket_exactly_at_the_message_limit_is_sent() {
+    let (app, mut dr, mine) = export_app(1 << 20, 95..98).await;
+    let one = dr
+        .export_phenopackets(export("ERN-LUNG", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.next_page_token, mine[0]);
+    let exact = prost::Message::encoded_len(&one);
+    let app = app
+        .restarted_with(ern_registry::config::ServeArgs {
+            max_message_bytes: exact,
+            ..Default::default()
+        })
+        .await;
+    let mut dr = app.physician("dr-exact", "NL-AMC").await;
+    let page = dr
+        .export_phenopackets(export("ERN-LUNG", 200, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page, one, "the first phenopacket alone, at the limit");
+    let app = app
+        .restarted_with(ern_registry::config::ServeArgs {
+            max_message_bytes: exact - 1,
+            ..Default::default()
+        })
+        .await;
+    let mut dr = app.physician("dr-over", "NL-AMC").await;
+    let refused = dr
+        .export_phenopackets(export("ERN-LUNG", 200, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains(&format!(
+            "about {exact} bytes, over the message limit of {}",
+            exact - 1
+        )),
+        "{}",
+        refused.message()
+    );
+}
+
 /// The id of the principal named `name`.
 async fn principal_id(app: &TestApp, name: &str) -> i64 {
     db::query("SELECT id FROM principals WHERE name = $1")
