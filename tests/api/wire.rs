@@ -756,7 +756,13 @@ async fn unfinished_request_messages_are_bounded_per_address() {
 #[tokio::test]
 async fn header_only_calls_are_bounded_per_address() {
     use ern_registry::api::wire::{CALL_COST, FIELD_COST, MAX_HEADER_FIELDS, UNFINISHED_PER_PEER};
-    let app = TestApp::spawn().await;
+    // The held calls must outlive the time it takes to open them all: on a loaded machine
+    // that passed the default 30 s deadline, and the first were answered CANCELLED.
+    let app = TestApp::spawn_with(ern_registry::config::ServeArgs {
+        request_timeout_secs: 600,
+        ..Default::default()
+    })
+    .await;
     // `hold` sends `te` and `content-type` besides: 64 fields in all wait for their
     // message, 65 are refused.
     let fields = |n: usize| -> Vec<(String, String)> {
