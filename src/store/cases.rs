@@ -321,15 +321,30 @@ pub(in crate::store) async fn append_consent_many(
     const ROWS: db::Rows = db::Rows::of(&[
         Int, Int, Text, Text, Text, Time, Text, Time, Int, Time, Text, Int,
     ]);
+    // On PostgreSQL the current decisions follow in the same statement, a data-modifying
+    // `WITH` (one round trip, not two); on SQLite, which has none, in a second statement
+    // on the writer's own connection (no round trip).
+    let together = matches!(conn, Db::Pg(_));
     let mut ids = Vec::with_capacity(decisions.len());
     for chunk in conn.chunks(decisions, ROWS_PER_STATEMENT) {
-        let sql = format!(
+        let insert = format!(
             "INSERT INTO consent_events (patient, registry_id, pseudonym, scope, state, given_at, \
                                          form_version, expires_at, recorded_by, recorded_at, source, \
                                          audit_seq) \
-             {} RETURNING id, registry_id, pseudonym, scope",
+             {}",
             ROWS.sql(conn, chunk.len())
         );
+        let sql = if together {
+            format!(
+                "WITH ev AS ({insert} RETURNING id, patient, registry_id, pseudonym, scope, state, \
+                                                given_at, expires_at), \
+                      cur AS ({}) \
+                 SELECT id, registry_id, pseudonym, scope FROM ev",
+                consent_model::current_of_inserted("ev")
+            )
+        } else {
+            format!("{insert} RETURNING id, registry_id, pseudonym, scope")
+        };
         let mut query = db::query(&sql).persistent(ROWS.keeps(conn, chunk.len()));
         for d in chunk {
             query = query
@@ -373,7 +388,9 @@ pub(in crate::store) async fn append_consent_many(
             ids.push(id);
             current.push((d.patient, d.registry_id, d.pseudonym, id, d.decision));
         }
-        consent_model::record_current_many(conn, &current).await?;
+        if !together {
+            consent_model::record_current_many(conn, &current).await?;
+        }
     }
     Ok(ids)
 }

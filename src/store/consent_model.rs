@@ -168,6 +168,32 @@ pub(in crate::store) async fn record_current(
 /// [`record_current`] for many decisions just appended, in one multi-row upsert: each is
 /// (patient number, registry id, pseudonym, event id, decision). No two may share
 /// (patient, scope): one statement may not update a row twice.
+/// The `ON CONFLICT` clause of an insert into `consent_current`: a patient's row of a
+/// scope takes the new decision unless the one it holds supersedes it.
+fn current_unless_superseded() -> String {
+    format!(
+        "ON CONFLICT (patient, scope) DO UPDATE \
+         SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
+             expires_at = excluded.expires_at \
+         WHERE {}",
+        Order::current("excluded").supersedes(&Order::current("consent_current")),
+    )
+}
+
+/// [`record_current_many`] as a part of a PostgreSQL data-modifying `WITH`, for the
+/// events the part named `events` inserted (its `RETURNING` gives `id, patient,
+/// registry_id, pseudonym, scope, state, given_at, expires_at`): the history and the
+/// current decisions in one round trip (`cases::append_consent_many`; issue 14).
+pub(in crate::store) fn current_of_inserted(events: &str) -> String {
+    format!(
+        "INSERT INTO consent_current (patient, registry_id, pseudonym, scope, event_id, state, \
+                                      given_at, expires_at) \
+         SELECT patient, registry_id, pseudonym, scope, id, state, given_at, expires_at \
+         FROM {events} {}",
+        current_unless_superseded(),
+    )
+}
+
 pub(in crate::store) async fn record_current_many(
     conn: &mut Db<'_>,
     decisions: &[(i64, i64, &str, i64, &ConsentDecision)],
@@ -180,13 +206,9 @@ pub(in crate::store) async fn record_current_many(
     let sql = format!(
         "INSERT INTO consent_current (patient, registry_id, pseudonym, scope, event_id, state, \
                                       given_at, expires_at) \
-         {} \
-         ON CONFLICT (patient, scope) DO UPDATE \
-         SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
-             expires_at = excluded.expires_at \
-         WHERE {}",
+         {} {}",
         ROWS.sql(conn, decisions.len()),
-        Order::current("excluded").supersedes(&Order::current("consent_current")),
+        current_unless_superseded(),
     );
     let mut query = db::query(&sql).persistent(ROWS.keeps(conn, decisions.len()));
     for (patient, registry_id, pseudonym, event_id, decision) in decisions {
