@@ -172,19 +172,26 @@ def test_an_unmappable_element_is_reported_by_its_json_path(physician):
     assert fields == ["phenopacket.phenotypicFeatures[0].excluded"]
 
 
-@pytest.fixture(scope="module")
-def bulk_server(ern_binary, tmp_path_factory):
-    """A server of its own, without the derivation limit: a physician of NL-UMCU."""
+def own_server(tmp_path_factory, physician: str, *serve_args: str):
+    """A server of its own, started with ``serve_args``: a physician of NL-UMCU in
+    ERN-LUNG named ``physician``. Stop it with ``.stop()``."""
     from conftest import Server
 
-    server = Server(tmp_path_factory.mktemp("bulk"))
+    server = Server(tmp_path_factory.mktemp(physician))
     server.cli("keygen")
     server.cli(
         "admin", "create-centre", "--code", "NL-UMCU", "--name", "UMC Utrecht",
         "--country", "NL", "--ern", "ERN-LUNG",
     )
-    server.principal("dr-bulk", "physician", "--centre", "NL-UMCU")
-    server.start("--derivations-per-minute", "1000000")
+    server.principal(physician, "physician", "--centre", "NL-UMCU")
+    server.start(*serve_args)
+    return server
+
+
+@pytest.fixture(scope="module")
+def bulk_server(ern_binary, tmp_path_factory):
+    """A server of its own, without the derivation limit: a physician of NL-UMCU."""
+    server = own_server(tmp_path_factory, "dr-bulk", "--derivations-per-minute", "1000000")
     yield server
     server.stop()
 
@@ -244,16 +251,7 @@ def test_a_stream_of_small_items_the_server_falls_behind_on_keeps_its_connection
 @pytest.fixture(scope="module")
 def small_messages_server(ern_binary, tmp_path_factory):
     """A server of its own whose messages are at most 8 KiB: a physician of NL-UMCU."""
-    from conftest import Server
-
-    server = Server(tmp_path_factory.mktemp("small"))
-    server.cli("keygen")
-    server.cli(
-        "admin", "create-centre", "--code", "NL-UMCU", "--name", "UMC Utrecht",
-        "--country", "NL", "--ern", "ERN-LUNG",
-    )
-    server.principal("dr-small", "physician", "--centre", "NL-UMCU")
-    server.start("--max-message-bytes", "8192")
+    server = own_server(tmp_path_factory, "dr-small", "--max-message-bytes", "8192")
     yield server
     server.stop()
 
