@@ -26,7 +26,7 @@ use secrecy::ExposeSecret;
 use unicode_normalization::{UnicodeNormalization, char::is_combining_mark};
 use zeroize::Zeroizing;
 
-use crate::domain::{CountryCode, FieldViolations, MIN_YEAR, Sex};
+use crate::domain::{CountryCode, DomainError, FieldViolations, MIN_YEAR, Sex};
 use crate::keys::MasterSecret;
 
 /// Domain separation of the HMAC input.
@@ -242,8 +242,19 @@ fn bounded<'a>(v: &mut FieldViolations, field: &str, s: &'a str) -> Option<&'a s
 
 fn country(v: &mut FieldViolations, field: &str, s: &str) -> Option<CountryCode> {
     let upper = Zeroizing::new(s.trim().to_ascii_uppercase());
-    v.check(field, CountryCode::parse(&upper))
+    // Either case is taken here (`docs/pseudonyms.md`), so the code's own message ("in
+    // upper case") would mislead.
+    v.check(
+        field,
+        CountryCode::parse(&upper).map_err(|e| match e {
+            DomainError::Format(_) => DomainError::Format(IDENTIFIER_COUNTRY),
+            other => other,
+        }),
+    )
 }
+
+/// What an identifier's country must be.
+const IDENTIFIER_COUNTRY: &str = "an ISO 3166-1 alpha-2 country code, e.g. \"NL\" (either case)";
 
 /// A national identifier's issuer: a country, or [`SYNTHETIC_ISSUER`] (only here: it is
 /// no country of birth, centre or research dimension).
@@ -1008,6 +1019,13 @@ mod tests {
         let err =
             crate::api::convert::patient_identity(&national("XX", &"9".repeat(200))).unwrap_err();
         assert_eq!(err.len(), 2);
+        // Either case is taken, and the message does not ask for upper case.
+        let issuer = err
+            .iter()
+            .find(|v| v.field == "national.issuing_country")
+            .unwrap_or_else(|| panic!("{err:?}"));
+        assert!(issuer.description.contains("(either case)"), "{issuer:?}");
+        assert!(!issuer.description.contains("upper case"), "{issuer:?}");
         // Any space (tab, no-break space), any dash or hyphen, and full-width digits, as a
         // value copied from a document or a spreadsheet may hold them.
         for written in [
