@@ -28,7 +28,8 @@ pub const OUTAGE_LINE_EVERY: Duration = Duration::from_secs(10);
 /// A warning written at most once every [`OUTAGE_LINE_EVERY`] (a `static` per place that
 /// logs it): [`Throttled::due`] says when, and how many times it happened since the line
 /// before. What happened after the last line is written by [`flush_pending`] once a line
-/// is due again (the server runs [`flush_pending_every`]), and at shutdown, so that the
+/// is due again (the server runs [`flush_pending_every`]: within 11 s of the last line),
+/// and at shutdown, so that the
 /// count of an outage's last moments does not wait for the next outage (a defences audit
 /// of 2026-12-07: "calls=1" logged for an incident of 2,315 such answers, the rest never).
 pub struct Throttled {
@@ -78,24 +79,35 @@ impl Throttled {
     }
 
     fn due_at(&self, now_ms: i64, every_ms: i64) -> Option<u64> {
+        // An occurrence takes a due line itself, so that the line carries what it says
+        // (its error); only the occurrences it covers are in `since` (those that found no
+        // line due), which is what [`flush_pending`] takes: after a quiet spell (`since`
+        // 0) the timer never takes the line of a new incident.
+        if self.take_line(now_ms, every_ms) {
+            return Some(self.since.swap(0, Ordering::Relaxed) + 1);
+        }
         self.since.fetch_add(1, Ordering::Relaxed);
-        self.take_at(now_ms, every_ms)
+        None
     }
 
-    /// The occurrences not yet written, when a line is due at `now_ms` (`every_ms` after
-    /// the last; at once with `every_ms` 0); the line is then taken.
-    fn take_at(&self, now_ms: i64, every_ms: i64) -> Option<u64> {
-        if self.since.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
+    /// Whether a line is due at `now_ms` (`every_ms` after the last; at once with
+    /// `every_ms` 0) and this caller takes it: one caller wins a line, the others count on.
+    fn take_line(&self, now_ms: i64, every_ms: i64) -> bool {
         let last = self.last_ms.load(Ordering::Relaxed);
         if last != i64::MIN && now_ms.saturating_sub(last) < every_ms {
-            return None;
+            return false;
         }
-        // One caller wins the line; the others count on.
         self.last_ms
             .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .ok()?;
+            .is_ok()
+    }
+
+    /// The occurrences not yet written, when there are some and a line is due at `now_ms`;
+    /// the line is then taken.
+    fn take_at(&self, now_ms: i64, every_ms: i64) -> Option<u64> {
+        if self.since.load(Ordering::Relaxed) == 0 || !self.take_line(now_ms, every_ms) {
+            return None;
+        }
         Some(self.since.swap(0, Ordering::Relaxed)).filter(|&times| times > 0)
     }
 }
@@ -133,9 +145,15 @@ pub fn flush_pending(all: bool) {
     }
 }
 
-/// Runs [`flush_pending`] every [`OUTAGE_LINE_EVERY`], until dropped.
+/// How often the server looks for counts to write ([`flush_pending_every`]): a count is
+/// written at most this long after its line is due.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs [`flush_pending`] every [`FLUSH_EVERY`] (a few atomic reads per warning that
+/// occurred), until dropped: what came after a warning's last line is written within
+/// [`OUTAGE_LINE_EVERY`] and [`FLUSH_EVERY`] of that line.
 pub async fn flush_pending_every() {
-    let mut tick = tokio::time::interval(OUTAGE_LINE_EVERY);
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -213,6 +231,7 @@ mod tests {
         assert_eq!(warning.due_at(1, 10_000), None);
         assert_eq!(warning.due_at(2, 10_000), None);
         // The timer's flush before a line is due writes nothing; once due, the two since.
+        // (A new occurrence then would have taken the line itself, with the two.)
         assert_eq!(warning.take_at(9_999, 10_000), None);
         assert_eq!(warning.take_at(10_000, 10_000), Some(2));
         assert_eq!(warning.take_at(30_000, 10_000), None, "each counted once");
@@ -221,6 +240,10 @@ mod tests {
         // At shutdown, everything pending, due or not.
         assert_eq!(warning.take_at(15_001, 0), Some(1));
         assert_eq!(warning.take_at(15_002, 0), None);
+        // After a quiet spell the timer takes nothing, and the next occurrence its own
+        // line (with its error): the timer never takes a new incident's first line.
+        assert_eq!(warning.take_at(40_000, 10_000), None);
+        assert_eq!(warning.due_at(40_001, 10_000), Some(1));
     }
 
     #[test]

@@ -931,8 +931,9 @@ impl Application {
         let statistics = tokio::spawn(crate::store::statistics::keep_current(
             self.state.store.clone(),
         ));
-        // What outage warnings counted after their last line is written within
-        // `logging::OUTAGE_LINE_EVERY`, not only when the same warning comes again.
+        // What outage warnings counted after their last line is written once a line is
+        // due (within 11 s of that line: `logging::flush_pending_every`), not only when
+        // the same warning comes again.
         let pending_warnings = tokio::spawn(crate::logging::flush_pending_every());
         let refusal_summary = Flusher::start(
             self.state.refusals.clone(),
