@@ -144,12 +144,8 @@ pub(in crate::store) async fn record_current(
     let sql = format!(
         "INSERT INTO consent_current (patient, registry_id, pseudonym, scope, event_id, state, \
                                       given_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (patient, scope) DO UPDATE \
-         SET event_id = excluded.event_id, state = excluded.state, given_at = excluded.given_at, \
-             expires_at = excluded.expires_at \
-         WHERE {}",
-        Order::current("excluded").supersedes(&Order::current("consent_current")),
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) {}",
+        current_unless_superseded(),
     );
     db::query(&sql)
         .bind(patient)
@@ -165,9 +161,6 @@ pub(in crate::store) async fn record_current(
     Ok(())
 }
 
-/// [`record_current`] for many decisions just appended, in one multi-row upsert: each is
-/// (patient number, registry id, pseudonym, event id, decision). No two may share
-/// (patient, scope): one statement may not update a row twice.
 /// The `ON CONFLICT` clause of an insert into `consent_current`: a patient's row of a
 /// scope takes the new decision unless the one it holds supersedes it.
 fn current_unless_superseded() -> String {
@@ -194,6 +187,9 @@ pub(in crate::store) fn current_of_inserted(events: &str) -> String {
     )
 }
 
+/// [`record_current`] for many decisions just appended, in one multi-row upsert: each is
+/// (patient number, registry id, pseudonym, event id, decision). No two may share
+/// (patient, scope): one statement may not update a row twice.
 pub(in crate::store) async fn record_current_many(
     conn: &mut Db<'_>,
     decisions: &[(i64, i64, &str, i64, &ConsentDecision)],

@@ -18,12 +18,11 @@
 //! entries and just before its commit, by raising the one-row counter `research_seq` by
 //! a number for each slot it touched (on PostgreSQL, for each it may have touched,
 //! counted in the statement that takes the lock) and writing one `research_log` row per
-//! slot: the
-//! slots its patients have after it and, for the patients it withdraws, the slots they had
-//! before ([`slots_before`], read under the patients' locks before any command runs: a
-//! withdrawal of inclusion deletes the row, and with it the slot; nothing else does). A
-//! log row names a registry and a slot, nothing else: no pseudonym, no clinical value, so
-//! it needs no erasure. (A number may go unused; readers only read after a number.)
+//! slot: the slots its patients have after it and, for the patients it withdraws, the
+//! slots they had before ([`slots_before`], read under the patients' locks before any
+//! command runs: a withdrawal of inclusion deletes the row, and with it the slot; nothing
+//! else does). A log row names a registry and a slot, nothing else: no pseudonym, no
+//! clinical value, so it needs no erasure. (A number may go unused; readers only read after a number.)
 //!
 //! **Why a reader misses nothing.** The counter's row lock is held from that `UPDATE`
 //! to the commit, so these transactions commit one after the other in the order of their
@@ -781,6 +780,16 @@ async fn log_changes_pg(
     .fetch_optional(&mut *conn)
     .await?
     else {
+        // Nothing touched (no lock taken) — unless the counter's row is missing.
+        let counters: i64 = db::query("SELECT COUNT(*) AS n FROM research_seq WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("n")?;
+        if counters != 1 {
+            return Err(StoreError::Corrupt(
+                "the research change counter's row is missing".into(),
+            ));
+        }
         return Ok(());
     };
     let (last, pruned_through, reserved): (i64, i64, i64) = (
