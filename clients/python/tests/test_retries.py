@@ -168,3 +168,20 @@ def test_a_page_over_the_message_limit_is_too_large_and_not_retried():
     # A rate limit is still retried.
     limited = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", [retry_info(1)])
     assert run([limited, "ok"])[0] == "ok"
+
+
+def test_the_channel_receives_answers_of_any_size_unless_told(monkeypatch):
+    """The server bounds its answers; grpcio's 4 MiB default would refuse a larger one as
+    RESOURCE_EXHAUSTED, which reads as a rate limit. A limit the caller gives is kept."""
+    seen = []
+
+    def channel(target, options=None):
+        seen.append(dict(options or []))
+        return grpc.insecure_channel.__wrapped__(target, options=options)
+
+    channel.__wrapped__ = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", channel)
+    Client("127.0.0.1:9", api_key="k").close()
+    Client("127.0.0.1:9", api_key="k", options=[("grpc.max_receive_message_length", 1024)]).close()
+    assert seen[0]["grpc.max_receive_message_length"] == -1
+    assert seen[1]["grpc.max_receive_message_length"] == 1024

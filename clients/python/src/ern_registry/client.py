@@ -230,15 +230,21 @@ class Client:
             raise ValueError("mutual TLS needs both client_certificate and client_key")
         if tls is None:
             tls = root_certificates is not None or client_certificate is not None
+        # The server bounds its answers (--max-message-bytes); grpcio's own default of
+        # 4 MiB would refuse a larger one as RESOURCE_EXHAUSTED, which reads as a rate
+        # limit and is retried in vain. A limit given in `options` is kept.
+        channel_options = list(options)
+        if not any(name == "grpc.max_receive_message_length" for name, _ in channel_options):
+            channel_options.append(("grpc.max_receive_message_length", -1))
         if tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(root_certificates),
                 private_key=_read(client_key),
                 certificate_chain=_read(client_certificate),
             )
-            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         else:
-            self._channel = grpc.insecure_channel(target, options=list(options))
+            self._channel = grpc.insecure_channel(target, options=channel_options)
         self.timeout = timeout
         self.retry = retry
         self._cases = case_pb2_grpc.CaseServiceStub(self._channel)

@@ -30,6 +30,7 @@ __all__ = [
     "AlreadyExists",
     "Aborted",
     "RateLimited",
+    "TooLarge",
     "Unavailable",
     "DeadlineExceeded",
     "Internal",
