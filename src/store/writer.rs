@@ -834,13 +834,15 @@ fn refuse_all(jobs: Vec<Job>, cause: &str) -> Vec<Answer> {
     if entries > 0 {
         note_unrecorded(entries);
     }
+    answer_all(jobs, || StoreError::FilesChanged {
+        cause: cause.to_owned(),
+    })
+}
+
+/// Answers every job with the error `error` makes (one per job: errors are not `Clone`).
+fn answer_all(jobs: Vec<Job>, error: impl Fn() -> StoreError) -> Vec<Answer> {
     jobs.into_iter()
-        .map(|(command, _, reply)| {
-            let err = WriteError::Store(StoreError::FilesChanged {
-                cause: cause.to_owned(),
-            });
-            Answer::new(&command, reply, Err(err))
-        })
+        .map(|(command, _, reply)| Answer::new(&command, reply, Err(WriteError::Store(error()))))
         .collect()
 }
 
@@ -886,17 +888,15 @@ async fn apply_jobs(
         // Perhaps committed: applying the commands again could apply them twice, and an
         // entry saying they failed could be false. Each caller is told the outcome is
         // unknown.
-        Retry::None if matches!(err, StoreError::CommitUnknown { .. }) => jobs
-            .into_iter()
-            .map(|(command, _, reply)| {
-                let cause = match &err {
-                    StoreError::CommitUnknown { cause } => cause.clone(),
-                    other => other.to_string(),
-                };
-                let err = StoreError::CommitUnknown { cause };
-                Answer::new(&command, reply, Err(WriteError::Store(err)))
+        Retry::None if matches!(err, StoreError::CommitUnknown { .. }) => {
+            let cause = match &err {
+                StoreError::CommitUnknown { cause } => cause.clone(),
+                other => other.to_string(),
+            };
+            answer_all(jobs, || StoreError::CommitUnknown {
+                cause: cause.clone(),
             })
-            .collect(),
+        }
         // The database cannot be reached (or, on SQLite, another process holds its lock):
         // it would refuse each command alone the same way, after the same wait, and the
         // calls queued behind this batch would wait for every one of those waits. The
@@ -927,14 +927,9 @@ async fn apply_jobs(
             } else {
                 audit_failures(target, key, entries, unreachable.outcome()).await;
             }
-            jobs.into_iter()
-                .map(|(command, _, reply)| {
-                    let err = WriteError::Store(StoreError::Unreachable {
-                        cause: cause.clone(),
-                    });
-                    Answer::new(&command, reply, Err(err))
-                })
-                .collect()
+            answer_all(jobs, || StoreError::Unreachable {
+                cause: cause.clone(),
+            })
         }
         Retry::Each if jobs.len() == 1 => {
             error!(error = %err, "write failed");
