@@ -180,6 +180,15 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
     let listener = TcpListener::from_std(listener).map_err(|e| failed(e.to_string()))?;
     match PrometheusBuilder::new().install_recorder() {
         Ok(handle) => {
+            // Counters without labels are exported from the start, at 0, so that an
+            // alert on one (`ern_synthetic_pseudonym_derivations_total` should stay at 0
+            // on a clinical deployment) has a series before the first occurrence; a
+            // labelled series appears at its first count (a claims audit of 2026-12-07
+            // found these absent after a start). Before the listener serves: its first
+            // rendering, kept for a second, has them.
+            for name in ZERO_FROM_THE_START {
+                metrics::counter!(*name).increment(0);
+            }
             crate::exporter::keep_up(handle.clone());
             tokio::spawn(crate::exporter::serve(
                 listener,
@@ -241,13 +250,6 @@ fn install_metrics(addr: SocketAddr) -> Result<(), StartupError> {
         "ern_argon2_busy_total",
         "Argon2id checks (API keys of earlier versions, console sign-ins) refused at once because every run allowed was taken"
     );
-    // Counters without labels are exported from the start, at 0, so that an alert on one
-    // (`ern_synthetic_pseudonym_derivations_total` should stay at 0 on a clinical
-    // deployment) has a series before the first occurrence; a labelled series appears
-    // at its first count (a claims audit of 2026-12-07 found these absent after a start).
-    for name in ZERO_FROM_THE_START {
-        metrics::counter!(*name).increment(0);
-    }
     info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
 }
